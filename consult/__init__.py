@@ -1,0 +1,1 @@
+"""radmesh consult."""
