@@ -66,7 +66,6 @@ def decode(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> Any:
             raw=False,
             strict_map_key=True,
             object_pairs_hook=_no_duplicates,
-            max_buffer_size=max_size,
         )
     except EncodingError:
         raise

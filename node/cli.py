@@ -1,0 +1,84 @@
+"""The ``radmesh`` command line.
+
+Each command group lives in a module under :mod:`node.commands` with a
+``register(subparsers)`` function; handlers take the parsed arguments and
+return an exit code. Errors from any radmesh package are printed as one
+readable line and exit with status 1; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from crypto.errors import CryptoError
+
+COMMAND_MODULES = (
+    "node.commands.identity",
+    "node.commands.demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="radmesh",
+        description="Peer-to-peer, end-to-end encrypted teleradiology consultations.",
+    )
+    parser.add_argument(
+        "--home",
+        metavar="DIR",
+        help="node home directory (default: $RADMESH_HOME or the platform data directory)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    errors: list[type[Exception]] = [CryptoError]
+    for module, name in (
+        ("node.errors", "NodeError"),
+        ("registry.errors", "RegistryError"),
+        ("peer_transport.errors", "TransportError"),
+        ("consult.errors", "ConsultError"),
+    ):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        if args.command is None and "node.commands.tui" in COMMAND_MODULES:
+            args = parser.parse_args([*(argv or sys.argv[1:]), "tui"])
+            handler = args.handler
+        else:
+            parser.print_help()
+            return 2
+    try:
+        code: int = handler(args)
+    except _user_errors() as exc:
+        print(f"radmesh: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("radmesh: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""``radmesh demo``: what works so far, on one machine, under a demo directory."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+from crypto.identity import Identity
+from crypto.safety import safety_number
+from node.config import NodeConfig, NodeHome
+from node.keystore import load_identity, save_identity
+
+DEMO_NODES: tuple[tuple[str, str, str, list[str], list[str]], ...] = (
+    ("rural", "Rural Hospital CT", "St. Brigid's Rural Hospital", ["referrer"], []),
+    ("neurorad", "Dr. A. Okafor", "Neuroradiology Consult Group", ["radiologist"], ["neuro"]),
+    ("neurosurg", "Dr. M. Lindqvist", "University Neurosurgery", ["surgeon"], ["neurosurgery"]),
+)
+
+
+def _make_node(root: Path, spec: tuple[str, str, str, list[str], list[str]]) -> Identity:
+    key, name, institution, roles, subs = spec
+    home = NodeHome(root / key)
+    if home.exists():
+        return load_identity(home.key_path, passphrase=None)
+    identity = Identity.generate()
+    save_identity(home.key_path, identity, None)
+    home.save_config(
+        NodeConfig(display_name=name, institution=institution, roles=roles, subspecialties=subs)
+    )
+    return identity
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    root = Path(args.dir).resolve()
+    if args.fresh and root.exists():
+        shutil.rmtree(root)
+    print(f"radmesh demo in {root}")
+    identities = {spec[0]: _make_node(root, spec) for spec in DEMO_NODES}
+    for spec in DEMO_NODES:
+        print(f"  {spec[1]:<22} {identities[spec[0]].node_id}")
+    a, b = identities["rural"], identities["neurorad"]
+    print("Safety number, rural hospital <-> neuroradiologist, as each side computes it:")
+    print(f"  rural:    {safety_number(a.node_id, b.node_id)}")
+    print(f"  neurorad: {safety_number(b.node_id, a.node_id)}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the demo scenario on this machine",
+        description="Create demo nodes under DIR and show what radmesh does.",
+    )
+    p.add_argument("--dir", default="demo", help="demo directory (default: ./demo)")
+    p.add_argument("--fresh", action="store_true", help="delete the demo directory first")
+    p.set_defaults(handler=cmd_demo)

@@ -1,0 +1,226 @@
+"""``radmesh init``, ``radmesh id`` and ``radmesh org ...``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from crypto.identity import Identity, NodeId
+from crypto.org import (
+    NodeCertificate,
+    RevocationList,
+    issue_certificate,
+    sign_revocations,
+    verify_revocations,
+)
+from crypto.safety import safety_number
+from node.config import NodeConfig, NodeHome, resolve_home
+from node.errors import HomeError, KeyFileError
+from node.keystore import PASSPHRASE_ENV, load_identity, save_identity
+
+ORG_KEY_NAME = "org.key"
+CERT_NAME = "node.cert"
+
+
+def home_of(args: argparse.Namespace) -> NodeHome:
+    return NodeHome(resolve_home(args.home))
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _new_passphrase(args: argparse.Namespace) -> str | None:
+    if args.no_passphrase:
+        return None
+    env = os.environ.get(PASSPHRASE_ENV)
+    if env:
+        return env
+    if not sys.stdin.isatty():
+        raise KeyFileError(
+            f"no passphrase: set {PASSPHRASE_ENV}, run interactively, or pass --no-passphrase "
+            "to store the key unencrypted (0600)"
+        )
+    first = getpass.getpass("New key file passphrase: ")
+    if first != getpass.getpass("Repeat passphrase: "):
+        raise KeyFileError("the two passphrases differ; run `radmesh init` again")
+    if not first:
+        raise KeyFileError("empty passphrase; use --no-passphrase to opt out explicitly")
+    return first
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    if home.key_path.exists() and not args.force:
+        raise HomeError(f"{home.root} already has an identity; use --force to replace it")
+    config = NodeConfig(
+        display_name=args.name,
+        institution=args.institution,
+        country=args.country,
+        roles=_csv(args.roles),
+        subspecialties=_csv(args.subspecialties),
+        jurisdictions=_csv(args.jurisdictions),
+        languages=_csv(args.languages) or ["en"],
+    )
+    identity = Identity.generate()
+    save_identity(home.key_path, identity, _new_passphrase(args))
+    home.save_config(config)
+    print(f"Initialised radmesh node in {home.root}")
+    print(f"Node id: {identity.node_id}")
+    return 0
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    home.require()
+    identity = load_identity(home.key_path)
+    print(f"Node id: {identity.node_id}")
+    if args.peer:
+        peer_id = NodeId.parse(args.peer)
+        print(f"Peer id: {peer_id}")
+        print(f"Safety number: {safety_number(identity.node_id, peer_id)}")
+        print("Read it aloud with the other side: the numbers must match exactly.")
+    if args.show_key:
+        print(f"Public key: {identity.public_key.hex()}")
+    return 0
+
+
+def _org_identity(args: argparse.Namespace) -> Identity:
+    path = Path(args.org_dir) / ORG_KEY_NAME
+    return load_identity(path)
+
+
+def cmd_org_init(args: argparse.Namespace) -> int:
+    directory = Path(args.org_dir)
+    path = directory / ORG_KEY_NAME
+    if path.exists() and not args.force:
+        raise HomeError(f"{path} already exists; use --force to replace it")
+    org = Identity.generate()
+    save_identity(path, org, _new_passphrase(args))
+    (directory / "org.pub").write_text(org.public_key.hex() + "\n")
+    print(f"Organisation key created in {directory}")
+    print(f"Organisation public key: {org.public_key.hex()}")
+    return 0
+
+
+def cmd_org_sign(args: argparse.Namespace) -> int:
+    org = _org_identity(args)
+    node_key = bytes.fromhex(args.node_key)
+    now = int(time.time())
+    cert = NodeCertificate(
+        node_key=node_key,
+        org_key=org.public_key,
+        institution=args.institution,
+        display_name=args.name,
+        roles=tuple(_csv(args.roles)),
+        subspecialties=tuple(_csv(args.subspecialties)),
+        jurisdictions=tuple(_csv(args.jurisdictions)),
+        languages=tuple(_csv(args.languages)),
+        not_before=now,
+        not_after=now + args.days * 86400,
+    )
+    data = issue_certificate(org, cert)
+    Path(args.out).write_bytes(data)
+    print(f"Certificate for {NodeId.from_public_key(node_key)} written to {args.out}")
+    print(f"Serial: {cert.serial.hex()}  valid {args.days} days")
+    return 0
+
+
+def cmd_org_revoke(args: argparse.Namespace) -> int:
+    org = _org_identity(args)
+    list_path = Path(args.org_dir) / "revocations.bin"
+    previous = (
+        verify_revocations(list_path.read_bytes(), org.public_key) if list_path.exists() else None
+    )
+    serials = set(previous.revoked_serials) if previous else set()
+    nodes = set(previous.revoked_node_keys) if previous else set()
+    for cert_path in args.cert:
+        cert = _load_cert_unchecked(Path(cert_path))
+        if cert.org_key != org.public_key:
+            raise HomeError(f"{cert_path} was not issued by this organisation")
+        serials.add(cert.serial)
+    nodes.update(bytes.fromhex(key) for key in args.node_key)
+    listing = RevocationList(
+        org.public_key,
+        (previous.sequence + 1) if previous else 1,
+        int(time.time()),
+        frozenset(serials),
+        frozenset(nodes),
+    )
+    list_path.write_bytes(sign_revocations(org, listing))
+    print(
+        f"Revocation list #{listing.sequence} written to {list_path}: "
+        f"{len(serials)} certificate(s), {len(nodes)} node key(s) revoked"
+    )
+    return 0
+
+
+def _load_cert_unchecked(path: Path) -> NodeCertificate:
+    from crypto.envelope import SignedEnvelope
+    from crypto.org import CERT_TYPE
+
+    return NodeCertificate.from_body(SignedEnvelope.from_wire(path.read_bytes()).verify(CERT_TYPE))
+
+
+def _add_profile(parser: argparse.ArgumentParser, *, name_default: str) -> None:
+    parser.add_argument("--name", default=name_default, help="display name")
+    parser.add_argument("--institution", default="", help="institution name")
+    parser.add_argument("--roles", default="", help="comma-separated roles")
+    parser.add_argument("--subspecialties", default="", help="comma-separated subspecialties")
+    parser.add_argument("--jurisdictions", default="", help="comma-separated licence countries")
+    parser.add_argument("--languages", default="en", help="comma-separated languages")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "init",
+        help="create a node identity and configuration",
+        description="Create a node identity and configuration in the home.",
+    )
+    _add_profile(p, name_default="radmesh node")
+    p.add_argument("--country", default="", help="ISO country code")
+    p.add_argument(
+        "--no-passphrase",
+        action="store_true",
+        help="store the key unencrypted (0600); for servers with disk encryption",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing identity")
+    p.set_defaults(handler=cmd_init)
+
+    p = sub.add_parser(
+        "id",
+        help="show this node's id, or the safety number with a peer",
+        description="Show this node's id; with --peer-key, the safety number.",
+    )
+    p.add_argument("--peer", metavar="ID", help="peer node id: print the pair's safety number")
+    p.add_argument("--show-key", action="store_true", help="also print the public key")
+    p.set_defaults(handler=cmd_id)
+
+    org = sub.add_parser(
+        "org",
+        help="organisation keys: init, sign, revoke",
+        description="Manage an organisation key that certifies member nodes.",
+    )
+    org_sub = org.add_subparsers(dest="org_command", metavar="ORG_COMMAND", required=True)
+    p = org_sub.add_parser("init", help="create an organisation key")
+    p.add_argument("org_dir", help="directory for the organisation key")
+    p.add_argument("--no-passphrase", action="store_true", help="store the key unencrypted")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(handler=cmd_org_init)
+    p = org_sub.add_parser("sign", help="issue a certificate for a member node")
+    p.add_argument("org_dir")
+    p.add_argument("node_key", help="the member node's public key (hex)")
+    _add_profile(p, name_default="")
+    p.add_argument("--days", type=int, default=365, help="validity in days")
+    p.add_argument("--out", default=CERT_NAME, help="where to write the certificate")
+    p.set_defaults(handler=cmd_org_sign)
+    p = org_sub.add_parser("revoke", help="revoke certificates or node keys")
+    p.add_argument("org_dir")
+    p.add_argument("--cert", action="append", default=[], help="certificate file to revoke")
+    p.add_argument("--node-key", action="append", default=[], help="node public key (hex)")
+    p.set_defaults(handler=cmd_org_revoke)

@@ -1,0 +1,152 @@
+"""Where a node lives on disk and how it is configured.
+
+A node home is one directory: ``config.toml``, ``identity.key`` and the data
+the node keeps (store, audit log, trust store). ``--home DIR`` or
+``RADMESH_HOME`` choose it, so several nodes can run on one machine; the
+default is the platform's data directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import tomli_w
+
+from node.errors import ConfigError, HomeError
+
+HOME_ENV = "RADMESH_HOME"
+CONFIG_NAME = "config.toml"
+KEY_NAME = "identity.key"
+
+
+def default_home() -> Path:
+    return Path(platformdirs.user_data_dir("radmesh", appauthor=False))
+
+
+def resolve_home(explicit: str | os.PathLike[str] | None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get(HOME_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    return default_home()
+
+
+@dataclass
+class DicomConfig:
+    ae_title: str = "RADMESH"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    enabled: bool = False
+    # Calling AE titles allowed to send to the node; empty refuses everyone.
+    allowed_calling_aets: list[str] = field(default_factory=list)
+    pacs_host: str = ""
+    pacs_port: int = 0
+    pacs_ae_title: str = ""
+
+
+@dataclass
+class NetworkConfig:
+    registries: list[str] = field(default_factory=list)
+    # ICE servers come only from here or from registries, never aiortc's default.
+    ice_servers: list[str] = field(default_factory=list)
+    mdns: bool = True
+    mdns_interfaces: list[str] = field(default_factory=list)  # empty: all interfaces
+    listen_host: str = "0.0.0.0"  # noqa: S104 - the LAN endpoint is meant to be reachable
+    listen_port: int = 0
+
+
+@dataclass
+class NodeConfig:
+    display_name: str = "radmesh node"
+    institution: str = ""
+    country: str = ""
+    roles: list[str] = field(default_factory=list)
+    subspecialties: list[str] = field(default_factory=list)
+    jurisdictions: list[str] = field(default_factory=list)
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    timezone: str = "UTC"
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(asdict(self))
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = CONFIG_NAME) -> NodeConfig:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
+        config: NodeConfig = _build(cls, raw, source)
+        return config
+
+
+def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    defaults = cls()
+    for name, value in raw.items():
+        expected = getattr(defaults, name)
+        if isinstance(expected, DicomConfig | NetworkConfig):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: [{name}] must be a table")
+            kwargs[name] = _build(type(expected), value, f"{where} [{name}]")
+        elif type(value) is not type(expected):
+            raise ConfigError(
+                f"{where}: {name} must be {type(expected).__name__}, not {type(value).__name__}"
+            )
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class NodeHome:
+    """Paths inside one node's home directory."""
+
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def key_path(self) -> Path:
+        return self.root / KEY_NAME
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    def exists(self) -> bool:
+        return self.config_path.is_file() and self.key_path.is_file()
+
+    def require(self) -> None:
+        if not self.root.is_dir():
+            raise HomeError(
+                f"no radmesh node at {self.root}: run `radmesh --home {self.root} init` first"
+            )
+        if not self.exists():
+            raise HomeError(
+                f"{self.root} is not a complete radmesh home (config.toml or identity.key "
+                "missing): run `radmesh init` there, or point --home at the right directory"
+            )
+
+    def load_config(self) -> NodeConfig:
+        self.require()
+        return NodeConfig.from_toml(self.config_path.read_text(), str(self.config_path))
+
+    def save_config(self, config: NodeConfig) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(config.to_toml())
+        tmp.replace(self.config_path)
