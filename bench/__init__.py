@@ -1,0 +1,1 @@
+"""radmesh benchmarks: not tests; each prints its figures and ratios to a baseline."""
