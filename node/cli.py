@@ -19,6 +19,7 @@ from crypto.errors import CryptoError
 COMMAND_MODULES = (
     "node.commands.identity",
     "node.commands.demo",
+    "node.commands.doctor",
 )
 
 

@@ -156,3 +156,22 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
             main([name, "--help"])
         assert exited.value.code == 0
         assert "usage: radmesh" in capsys.readouterr().out
+
+
+def test_doctor_reports_missing_home_and_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--home", str(tmp_path / "none"), "doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] node home" in out
+    assert "radmesh init" in out
+
+
+def test_doctor_flags_a_world_readable_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "a"
+    main(["--home", str(home), "init", "--no-passphrase"])
+    (home / "identity.key").chmod(0o644)
+    assert main(["--home", str(home), "doctor"]) == 1
+    assert "chmod 600" in capsys.readouterr().out
