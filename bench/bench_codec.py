@@ -1,0 +1,150 @@
+"""Wire codec: compression ratio and encode/decode speed, JPEG-LS vs zstd-only vs raw.
+
+Run: ``python -m bench codec``. Data: a synthetic CT series with HU-like anatomy
+and scanner noise (not flat images), and incompressible random 16-bit data.
+Also the home of the synthetic CT generator used by the transfer tests and bench.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from node import wirecodec
+
+Array = np.ndarray[Any, Any]
+
+
+def ct_slice_hu(rng: np.random.Generator, z: float, size: int = 512, noise: float = 12.0) -> Array:
+    """One axial slice in Hounsfield units: air, fat, soft tissue, lungs, bone, noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    hu = np.full((size, size), -1000.0, dtype=np.float32)
+    body = (xx / 0.42) ** 2 + (yy / (0.30 + 0.02 * np.sin(z))) ** 2 < 1
+    hu[body] = -100.0  # subcutaneous fat
+    inner = (xx / 0.38) ** 2 + (yy / 0.26) ** 2 < 1
+    hu[inner] = 40.0  # soft tissue
+    for side in (-1, 1):
+        lung = ((xx - side * 0.17) / 0.13) ** 2 + ((yy + 0.02) / (0.18 + 0.03 * np.cos(z))) ** 2
+        hu[lung < 1] = -850.0
+    vessels = rng.integers(0, size, size=(40, 2))
+    for cy, cx in vessels:
+        r = rng.uniform(0.004, 0.012)
+        hu[(yy - cy / size + 0.5) ** 2 + (xx - cx / size + 0.5) ** 2 < r * r] += 600.0
+    spine = (xx / 0.05) ** 2 + ((yy - 0.18) / 0.05) ** 2
+    hu[spine < 1] = 300.0
+    hu[(spine < 1) & (spine > 0.6)] = 1200.0
+    fov = xx**2 + yy**2 < 0.245
+    hu += rng.normal(0.0, noise, size=hu.shape).astype(np.float32)
+    hu[~fov] = -1024.0  # outside the reconstruction circle: padding, no noise
+    return hu
+
+
+def ct_instance(
+    rng: np.random.Generator,
+    study_uid: str,
+    series_uid: str,
+    index: int,
+    size: int = 512,
+    noise: float = 12.0,
+) -> bytes:
+    """A complete CT Image Storage file (12 bits stored, unsigned, intercept -1024)."""
+    hu = ct_slice_hu(rng, index * 0.05, size, noise)
+    stored = np.clip(np.rint(hu + 1024.0), 0, 4095).astype("<u2")
+    return _file(stored, study_uid, series_uid, index, bits_stored=12, signed=False)
+
+
+def _file(
+    pixels: Array, study_uid: str, series_uid: str, index: int, bits_stored: int, signed: bool
+) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    sop_uid = generate_uid()
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.Modality = "CT"
+    ds.PatientName = "Synthetic^Phantom"
+    ds.PatientID = "SYN0001"
+    ds.SeriesNumber = 2
+    ds.InstanceNumber = index + 1
+    ds.ImagePositionPatient = [-250.0, -250.0, -index * 1.25]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.SliceThickness = 1.25
+    ds.PixelSpacing = [0.9765625, 0.9765625]
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.WindowCenter = 40
+    ds.WindowWidth = 400
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.PixelData = pixels.tobytes()
+    buffer = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return bytes(buffer.getvalue())
+
+
+def ct_series(n: int, seed: int = 1, size: int = 512, noise: float = 12.0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    study, series = generate_uid(), generate_uid()
+    return [ct_instance(rng, study, series, i, size, noise) for i in range(n)]
+
+
+def random_instance(seed: int, size: int = 512) -> bytes:
+    """Incompressible: uniformly random 16-bit pixel values."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 1 << 16, size=(size, size), dtype=np.uint16).astype("<u2")
+    return _file(pixels, generate_uid(), generate_uid(), 0, bits_stored=16, signed=False)
+
+
+def _measure(
+    files: list[bytes], enc: Callable[[bytes], wirecodec.WireInstance]
+) -> tuple[float, float, float]:
+    total = sum(len(f) for f in files)
+    t0 = time.perf_counter()
+    wires = [enc(f) for f in files]
+    t1 = time.perf_counter()
+    for w in wires:
+        wirecodec.decode(w)
+    t2 = time.perf_counter()
+    wire = sum(w.wire_size for w in wires)
+    return total / wire, total / (t1 - t0) / 1e6, total / (t2 - t1) / 1e6
+
+
+def main() -> None:
+    ct = ct_series(40)
+    noise = [random_instance(s) for s in range(10)]
+    rows = [
+        ("CT 40x512x512", "jpegls+zstd (encode verifies)", ct, wirecodec.encode),
+        ("CT 40x512x512", "zstd-3 whole file", ct, wirecodec.encode_plain),
+        ("random 10x512x512", "codec (falls back)", noise, wirecodec.encode),
+        ("random 10x512x512", "zstd-3 whole file", noise, wirecodec.encode_plain),
+    ]
+    print(f"{'data':20} {'method':32} {'ratio':>7} {'enc MB/s':>9} {'dec MB/s':>9}")
+    for data, method, files, enc in rows:
+        ratio, enc_speed, dec_speed = _measure(files, enc)
+        print(f"{data:20} {method:32} {ratio:7.2f} {enc_speed:9.1f} {dec_speed:9.1f}")
+    print("raw baseline: ratio 1.00, no CPU")
+    jls = _measure(ct, wirecodec.encode)[0]
+    zs = _measure(ct, wirecodec.encode_plain)[0]
+    print(f"CT: JPEG-LS codec sends {jls / zs:.2f}x less than zstd-only, {jls:.2f}x less than raw")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Lossless wire codec for DICOM instances: what goes over the link decides the speed.
+
+``encode(original)`` gives a :class:`WireInstance`; ``decode(wire)`` gives the
+original file back, byte for byte. Three encodings:
+
+- ``jpegls``: the pixel value bytes of an eligible instance (uncompressed little
+  endian, 8 or 16 bits allocated, one sample per pixel) are coded per frame with
+  JPEG-LS lossless (CharLS); everything else (preamble, meta, every element, the
+  pixel element's header) is the *residual*, coded with zstd, and the position
+  of the pixel values in the original file is recorded.
+- ``zstd``: the whole file with zstd, for everything else (already-compressed
+  transfer syntaxes, big endian, colour, odd layouts) and for any instance whose
+  JPEG-LS form does not round-trip.
+- ``raw``: the file as it is, when zstd does not make it smaller.
+
+Pixel values are mapped to JPEG-LS samples as ``(value - minimum) mod 2**bits``
+in the pixel's own width, so signed data, garbage high bits beyond BitsStored
+and any value range are all representable; the precision given to CharLS is the
+bit length of the actual value range, which is what makes noisy CT small.
+``encode`` always decodes its own output and compares SHA-256 before trusting
+it; the hash also travels with the instance so the receiver checks it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import jpeg_ls
+import msgpack
+import numpy as np
+import pydicom
+import zstandard
+from pydicom.tag import BaseTag
+
+from node.errors import NodeError
+
+WIRE_VERSION = 1
+PIXEL_DATA_TAG = 0x7FE00010
+UNCOMPRESSED_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+#: Transfer syntaxes whose pixel data is not compressed (zstd may still help).
+UNCOMPRESSED = UNCOMPRESSED_LE | {"1.2.840.10008.1.2.2"}
+MAX_WIRE_SIZE = 2 << 30  # 2 GiB: the largest instance a node accepts
+ZSTD_LEVEL = 3
+ZSTD_FAST_LEVEL = 1
+#: Below this ratio of coded to original size, compression is not worth its CPU.
+WORTH_IT = 0.97
+
+
+class WireCodecError(NodeError):
+    """An instance could not be encoded or decoded."""
+
+
+class CorruptInstance(WireCodecError):
+    """A wire instance does not decode to the bytes it claims to carry."""
+
+
+class BadInstance(WireCodecError):
+    """A file is not a DICOM instance the node can send (unreadable or truncated)."""
+
+
+class Encoding(StrEnum):
+    JPEGLS = "jpegls"
+    ZSTD = "zstd"
+    RAW = "raw"
+
+
+@dataclass(frozen=True)
+class PixelLayout:
+    """Where the pixel values sit in the original file and how they were mapped."""
+
+    offset: int
+    length: int
+    rows: int
+    columns: int
+    frames: int
+    bytes_per_sample: int  # 1 or 2
+    shift: int  # subtracted (mod 2**(8*bytes_per_sample)) before coding
+    precision: int  # bits per JPEG-LS sample, 2..16
+
+    def to_list(self) -> list[int]:
+        return [
+            self.offset,
+            self.length,
+            self.rows,
+            self.columns,
+            self.frames,
+            self.bytes_per_sample,
+            self.shift,
+            self.precision,
+        ]
+
+    @classmethod
+    def from_list(cls, raw: Any) -> PixelLayout:
+        if not (isinstance(raw, list) and len(raw) == 8 and all(type(v) is int for v in raw)):
+            raise CorruptInstance("wire instance: malformed pixel layout")
+        layout = cls(*raw)
+        samples = layout.rows * layout.columns * layout.frames
+        if (
+            layout.bytes_per_sample not in (1, 2)
+            or not 2 <= layout.precision <= 8 * layout.bytes_per_sample
+            or min(layout.offset, layout.rows, layout.columns, layout.frames, layout.shift) < 0
+            or samples * layout.bytes_per_sample != layout.length
+        ):
+            raise CorruptInstance("wire instance: inconsistent pixel layout")
+        return layout
+
+
+@dataclass(frozen=True)
+class WireInstance:
+    encoding: Encoding
+    original_size: int
+    sha256: bytes
+    body: bytes  # zstd residual (jpegls), zstd file (zstd) or the file (raw)
+    layout: PixelLayout | None = None
+    frames: tuple[bytes, ...] = ()  # one JPEG-LS codestream per frame
+
+    @property
+    def wire_size(self) -> int:
+        return len(self.body) + sum(len(f) for f in self.frames)
+
+    def to_wire(self) -> bytes:
+        packed: bytes = msgpack.packb(
+            [
+                WIRE_VERSION,
+                self.encoding.value,
+                self.original_size,
+                self.sha256,
+                self.body,
+                self.layout.to_list() if self.layout else None,
+                list(self.frames),
+            ],
+            use_bin_type=True,
+        )
+        return packed
+
+    @classmethod
+    def from_wire(cls, data: bytes, max_size: int = MAX_WIRE_SIZE) -> WireInstance:
+        if len(data) > max_size:
+            raise CorruptInstance(f"wire instance of {len(data)} bytes exceeds {max_size}")
+        try:
+            raw = msgpack.unpackb(
+                data,
+                raw=False,
+                strict_map_key=True,
+                max_bin_len=max_size,
+                max_str_len=64,
+                max_array_len=1 << 20,
+                max_map_len=0,
+                max_ext_len=0,
+            )
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise CorruptInstance(f"wire instance is not valid msgpack: {exc}") from exc
+        if not (isinstance(raw, list) and len(raw) == 7):
+            raise CorruptInstance("wire instance: wrong shape")
+        version, encoding, size, sha, body, layout, frames = raw
+        if version != WIRE_VERSION:
+            raise CorruptInstance(f"wire instance version {version!r} is not supported")
+        if encoding not in {e.value for e in Encoding}:
+            raise CorruptInstance(f"wire instance: unknown encoding {encoding!r}")
+        if not (
+            type(size) is int
+            and 0 <= size <= MAX_WIRE_SIZE
+            and isinstance(sha, bytes)
+            and len(sha) == 32
+            and isinstance(body, bytes)
+            and isinstance(frames, list)
+            and all(isinstance(f, bytes) for f in frames)
+        ):
+            raise CorruptInstance("wire instance: wrong field types")
+        parsed_layout = None if layout is None else PixelLayout.from_list(layout)
+        if (encoding == Encoding.JPEGLS) != (parsed_layout is not None):
+            raise CorruptInstance("wire instance: pixel layout does not match encoding")
+        if parsed_layout is not None and len(frames) != parsed_layout.frames:
+            raise CorruptInstance("wire instance: frame count does not match layout")
+        return cls(Encoding(encoding), size, sha, body, parsed_layout, tuple(frames))
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+# -- decoding -----------------------------------------------------------------------------
+
+
+def _unzstd(data: bytes, expected: int) -> bytes:
+    # The declared content size is checked before anything is allocated: no zip bombs.
+    try:
+        declared = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise CorruptInstance(f"zstd frame is damaged: {exc}") from exc
+    if declared != expected:
+        raise CorruptInstance(f"zstd frame declares {declared} bytes, expected {expected}")
+    try:
+        out: bytes = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected)
+    except zstandard.ZstdError as exc:
+        raise CorruptInstance(f"zstd frame is damaged: {exc}") from exc
+    if len(out) != expected:
+        raise CorruptInstance("zstd frame decoded to the wrong size")
+    return out
+
+
+def _decode_pixels(layout: PixelLayout, frames: tuple[bytes, ...]) -> np.ndarray[Any, Any]:
+    dtype = np.dtype("<u2") if layout.bytes_per_sample == 2 else np.dtype("u1")
+    per_frame = layout.rows * layout.columns
+    out = np.empty(per_frame * layout.frames, dtype=dtype)
+    shift = dtype.type(layout.shift)
+    for i, stream in enumerate(frames):
+        try:
+            buf, meta = jpeg_ls.decode_buffer(stream)
+        except Exception as exc:  # CharLS raises plain RuntimeError/ValueError
+            raise CorruptInstance(f"JPEG-LS frame {i} is damaged: {exc}") from exc
+        if (meta.get("height"), meta.get("width")) != (layout.rows, layout.columns):
+            raise CorruptInstance(f"JPEG-LS frame {i} has the wrong dimensions")
+        coded = np.dtype("<u2") if layout.precision > 8 else np.dtype("u1")
+        if len(buf) != per_frame * coded.itemsize:
+            raise CorruptInstance(f"JPEG-LS frame {i} decoded to the wrong size")
+        samples = np.frombuffer(buf, dtype=coded)
+        target = out[i * per_frame : (i + 1) * per_frame]
+        np.add(samples, shift, out=target, casting="unsafe")  # wraps mod 2**bits
+    return out
+
+
+def decode(wire: WireInstance) -> bytes:
+    """Rebuild the original file and check its SHA-256; raise :class:`CorruptInstance`."""
+    if wire.encoding is Encoding.RAW:
+        data = wire.body
+    elif wire.encoding is Encoding.ZSTD:
+        data = _unzstd(wire.body, wire.original_size)
+    else:
+        layout = wire.layout
+        if layout is None:
+            raise CorruptInstance("wire instance: JPEG-LS encoding without a pixel layout")
+        residual = _unzstd(wire.body, wire.original_size - layout.length)
+        if layout.offset > len(residual):
+            raise CorruptInstance("wire instance: pixel offset is past the end of the file")
+        pixels = _decode_pixels(layout, wire.frames)
+        data = b"".join((residual[: layout.offset], pixels.tobytes(), residual[layout.offset :]))
+    if len(data) != wire.original_size or sha256(data) != wire.sha256:
+        raise CorruptInstance("instance does not match its hash after decoding")
+    return data
+
+
+# -- encoding -----------------------------------------------------------------------------
+
+
+def _parse(data: bytes) -> pydicom.Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return pydicom.dcmread(io.BytesIO(data), defer_size=256, force=False)
+        except Exception as exc:  # pydicom raises many types for damaged files
+            raise BadInstance(f"not a readable DICOM file: {exc}") from exc
+
+
+def _pixel_layout(ds: pydicom.Dataset, size: int) -> tuple[PixelLayout, np.dtype[Any]] | None:
+    """The layout of eligible pixel data, or None when the instance is not eligible."""
+    try:
+        return _eligible_layout(ds, size)
+    except (ValueError, TypeError, AttributeError, KeyError):  # malformed attribute values
+        return None
+
+
+def _eligible_layout(ds: pydicom.Dataset, size: int) -> tuple[PixelLayout, np.dtype[Any]] | None:
+    syntax = _syntax(ds)
+    raw = ds._dict.get(BaseTag(PIXEL_DATA_TAG))
+    if syntax not in UNCOMPRESSED_LE or raw is None:
+        return None
+    tell = getattr(raw, "value_tell", None)
+    length = getattr(raw, "length", None)
+    if not isinstance(tell, int) or not isinstance(length, int) or tell + length > size:
+        return None
+    bits = ds.get("BitsAllocated")
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if (
+        ds.get("SamplesPerPixel", 1) != 1
+        or bits not in (8, 16)
+        or ds.get("PixelRepresentation", 0) not in (0, 1)
+        or not rows
+        or not columns
+        or frames < 1
+    ):
+        return None
+    width = bits // 8
+    if rows * columns * frames * width != length:  # odd padding, short data: not for us
+        return None
+    dtype = np.dtype("<u2") if width == 2 else np.dtype("u1")
+    return PixelLayout(tell, length, rows, columns, frames, width, 0, 2), dtype
+
+
+def _encode_pixels(data: bytes, layout: PixelLayout, dtype: np.dtype[Any]) -> WireInstance | None:
+    values = np.frombuffer(
+        data, dtype=dtype, count=layout.length // dtype.itemsize, offset=layout.offset
+    )
+    ulow, uhigh = int(values.min()), int(values.max())
+    # Signed data (or data with garbage high bits) may have a smaller range when read
+    # as two's complement: take whichever view has the smaller span.
+    signed = values.view(np.dtype("<i2") if dtype.itemsize == 2 else np.dtype("i1"))
+    slow, shigh = int(signed.min()), int(signed.max())
+    mask = (1 << (8 * dtype.itemsize)) - 1
+    if shigh - slow < uhigh - ulow:
+        low, span = slow & mask, shigh - slow
+    else:
+        low, span = ulow, uhigh - ulow
+    precision = max(2, int(span).bit_length())
+    coded = np.dtype("<u2") if precision > 8 else np.dtype("u1")
+    samples = np.subtract(values, dtype.type(low), dtype=dtype)  # wraps mod 2**bits
+    if coded != dtype:
+        samples = samples.astype(coded)
+    per_frame = layout.rows * layout.columns
+    frames = []
+    total = 0
+    for i in range(layout.frames):
+        frame = samples[i * per_frame : (i + 1) * per_frame].tobytes()
+        stream = bytes(jpeg_ls.encode_buffer(frame, layout.rows, layout.columns, 1, precision))
+        total += len(stream)
+        if total > layout.length * WORTH_IT:
+            return None  # noise does not compress: zstd or raw is cheaper to decode
+        frames.append(stream)
+    residual = data[: layout.offset] + data[layout.offset + layout.length :]
+    body = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(residual)
+    final = PixelLayout(
+        layout.offset,
+        layout.length,
+        layout.rows,
+        layout.columns,
+        layout.frames,
+        layout.bytes_per_sample,
+        low,
+        precision,
+    )
+    return WireInstance(Encoding.JPEGLS, len(data), sha256(data), body, final, tuple(frames))
+
+
+def encode_plain(data: bytes, digest: bytes | None = None, level: int = ZSTD_LEVEL) -> WireInstance:
+    """zstd of the whole file, or the file itself when zstd does not pay."""
+    digest = digest or sha256(data)
+    body = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+    if len(body) < len(data) * WORTH_IT:
+        return WireInstance(Encoding.ZSTD, len(data), digest, body)
+    return WireInstance(Encoding.RAW, len(data), digest, data)
+
+
+def _syntax(ds: pydicom.Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(getattr(meta, "TransferSyntaxUID", ""))
+
+
+def encode(data: bytes) -> WireInstance:
+    """Encode a file for the wire; the result is verified to decode to ``data``.
+
+    Any file round-trips: what is not an eligible DICOM image goes as zstd or raw.
+    Use :func:`describe` to refuse files that should not be sent at all.
+    """
+    digest = sha256(data)
+    try:
+        ds = _parse(data)
+    except BadInstance:
+        return encode_plain(data, digest)
+    found = _pixel_layout(ds, len(data))
+    if found is not None:
+        try:
+            candidate = _encode_pixels(data, *found)
+        except (RuntimeError, ValueError):  # CharLS refused the frame: send it plainly
+            candidate = None
+        if candidate is not None:
+            try:
+                if decode(candidate) == data:
+                    return candidate
+            except CorruptInstance:
+                pass
+    level = ZSTD_LEVEL if _syntax(ds) in UNCOMPRESSED else ZSTD_FAST_LEVEL
+    return encode_plain(data, digest, level)
