@@ -248,7 +248,7 @@ def decode(wire: WireInstance) -> bytes:
 # -- encoding -----------------------------------------------------------------------------
 
 
-def _parse(data: bytes) -> pydicom.Dataset:
+def parse_dicom(data: bytes) -> pydicom.Dataset:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -266,7 +266,7 @@ def _pixel_layout(ds: pydicom.Dataset, size: int) -> tuple[PixelLayout, np.dtype
 
 
 def _eligible_layout(ds: pydicom.Dataset, size: int) -> tuple[PixelLayout, np.dtype[Any]] | None:
-    syntax = _syntax(ds)
+    syntax = transfer_syntax(ds)
     raw = ds._dict.get(BaseTag(PIXEL_DATA_TAG))
     if syntax not in UNCOMPRESSED_LE or raw is None:
         return None
@@ -346,7 +346,7 @@ def encode_plain(data: bytes, digest: bytes | None = None, level: int = ZSTD_LEV
     return WireInstance(Encoding.RAW, len(data), digest, data)
 
 
-def _syntax(ds: pydicom.Dataset) -> str:
+def transfer_syntax(ds: pydicom.Dataset) -> str:
     meta = getattr(ds, "file_meta", None)
     return str(getattr(meta, "TransferSyntaxUID", ""))
 
@@ -359,7 +359,7 @@ def encode(data: bytes) -> WireInstance:
     """
     digest = sha256(data)
     try:
-        ds = _parse(data)
+        ds = parse_dicom(data)
     except BadInstance:
         return encode_plain(data, digest)
     found = _pixel_layout(ds, len(data))
@@ -374,5 +374,5 @@ def encode(data: bytes) -> WireInstance:
                     return candidate
             except CorruptInstance:
                 pass
-    level = ZSTD_LEVEL if _syntax(ds) in UNCOMPRESSED else ZSTD_FAST_LEVEL
+    level = ZSTD_LEVEL if transfer_syntax(ds) in UNCOMPRESSED else ZSTD_FAST_LEVEL
     return encode_plain(data, digest, level)

@@ -1,0 +1,782 @@
+"""Study transfer protocol, sans-IO: messages in, messages and events out, time passed in.
+
+The sender offers a study as a signed manifest ("study-manifest"): every instance
+with its UIDs, original size and SHA-256, transfer syntax, place in its series and
+the size of its wire encoding (:mod:`node.wirecodec`). The receiver *pulls*: it
+skips instances it already has (same hash), then requests chunks of the wire
+encodings, at most ``window`` chunks outstanding (the window is the credit; a
+request is the application-level ack of what came before it). Every chunk carries
+its own BLAKE2b hash; a damaged chunk is rejected and requested again, never
+written. A chunk nobody asked for, or one that does not fit the declared size, is
+rejected. When all chunks of an instance are verified the runner asks the receiver
+to assemble it: decode, compare size and SHA-256 with the manifest, and only then
+hand it to the store.
+
+What the receiver has verified (finished instances, verified chunks of unfinished
+ones) lives in a :class:`Spool` directory: part files plus a small state file
+rewritten atomically after each verified chunk, so after a dropped connection or
+a killed process at most the chunks that were in flight are requested again.
+
+Priority: :meth:`Receiver.prioritise` puts an instance (the slice on screen) ahead
+of the queue; the rest follows in series order. Pause, resume and cancel are
+transitions of a table-driven state machine; an illegal one raises
+:class:`IllegalTransition`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from pydicom.tag import BaseTag
+
+from crypto import canonical
+from crypto.envelope import SignedEnvelope
+from crypto.errors import CryptoError
+from crypto.identity import Identity
+from node import wirecodec
+
+MANIFEST_TYPE = "study-manifest"
+CHUNK_SIZE = 60 * 1024  # leaves room for headers under aiortc's 64 KiB message limit
+MAX_CHUNK_MESSAGE = CHUNK_SIZE + 512
+MAX_CONTROL_MESSAGE = 16 * 1024
+MAX_MANIFEST_SIZE = 16 << 20
+MAX_INSTANCES = 100_000
+MAX_SEQS_PER_REQUEST = 256
+CHUNK_DIGEST_SIZE = 16
+TRANSFER_ID_SIZE = 16
+DEFAULT_WINDOW = 32
+DEFAULT_TIMEOUT = 5.0  # seconds before an unanswered chunk request is repeated
+MAX_ACTIVE_INSTANCES = 16  # part files open at once on the receiver
+MAX_INSTANCE_ATTEMPTS = 2  # an instance whose hash fails twice fails the transfer
+
+
+class TransferError(Exception):
+    """Base of the study transfer errors."""
+
+
+class LocalTransferError(TransferError):
+    """This node used the protocol wrongly (a bug here, not the peer's fault)."""
+
+
+class IllegalTransition(LocalTransferError):
+    """An action is not allowed in the transfer's current state."""
+
+
+class RemoteTransferError(TransferError):
+    """The peer sent something wrong; the transfer cannot trust it."""
+
+
+class MalformedMessage(RemoteTransferError):
+    """A transfer message could not be parsed."""
+
+
+class ChunkRejected(RemoteTransferError):
+    """A chunk was damaged, not requested, or does not fit the declared size."""
+
+
+class InstanceRejected(RemoteTransferError):
+    """An assembled instance does not match what the manifest declared."""
+
+
+class ManifestMismatch(RemoteTransferError):
+    """The peer's manifest and the data it sends disagree; the transfer is stopped."""
+
+
+# -- manifest ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    sop_instance_uid: str
+    series_instance_uid: str
+    series_number: int
+    instance_number: int
+    transfer_syntax: str
+    size: int
+    sha256: bytes
+    wire_size: int
+
+    def to_value(self) -> list[Any]:
+        return [
+            self.sop_instance_uid,
+            self.series_instance_uid,
+            self.series_number,
+            self.instance_number,
+            self.transfer_syntax,
+            self.size,
+            self.sha256,
+            self.wire_size,
+        ]
+
+    @classmethod
+    def from_value(cls, raw: Any) -> ManifestEntry:
+        types = (str, str, int, int, str, int, bytes, int)
+        if not (
+            isinstance(raw, list)
+            and len(raw) == len(types)
+            and all(type(v) is t for v, t in zip(raw, types, strict=True))
+        ):
+            raise MalformedMessage("manifest entry has the wrong fields")
+        entry = cls(*raw)
+        if (
+            len(entry.sha256) != 32
+            or not 0 <= entry.size <= wirecodec.MAX_WIRE_SIZE
+            or not 0 < entry.wire_size <= wirecodec.MAX_WIRE_SIZE
+            or max(len(entry.sop_instance_uid), len(entry.series_instance_uid)) > 64
+        ):
+            raise MalformedMessage("manifest entry has out-of-range values")
+        return entry
+
+    def chunk_count(self, chunk_size: int) -> int:
+        return math.ceil(self.wire_size / chunk_size)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    transfer_id: bytes
+    study_instance_uid: str
+    entries: tuple[ManifestEntry, ...]
+    chunk_size: int = CHUNK_SIZE
+    deidentified: bool = False
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "id": self.transfer_id,
+            "study": self.study_instance_uid,
+            "entries": [e.to_value() for e in self.entries],
+            "chunk": self.chunk_size,
+            "deid": self.deidentified,
+        }
+
+    @classmethod
+    def from_value(cls, raw: Any) -> Manifest:
+        if not isinstance(raw, dict) or set(raw) != {"id", "study", "entries", "chunk", "deid"}:
+            raise MalformedMessage("manifest has the wrong fields")
+        tid, study, entries, chunk, deid = (
+            raw[k] for k in ("id", "study", "entries", "chunk", "deid")
+        )
+        if not (
+            isinstance(tid, bytes)
+            and len(tid) == TRANSFER_ID_SIZE
+            and isinstance(study, str)
+            and isinstance(entries, list)
+            and len(entries) <= MAX_INSTANCES
+            and type(chunk) is int
+            and 1024 <= chunk <= CHUNK_SIZE
+            and isinstance(deid, bool)
+        ):
+            raise MalformedMessage("manifest has wrong field types or sizes")
+        return cls(tid, study, tuple(ManifestEntry.from_value(e) for e in entries), chunk, deid)
+
+    def sign(self, identity: Identity) -> bytes:
+        return SignedEnvelope.create(identity, MANIFEST_TYPE, self.to_value()).to_wire()
+
+    @classmethod
+    def open(cls, data: bytes) -> tuple[bytes, Manifest]:
+        """Verify a signed manifest; return (signer public key, manifest)."""
+        try:
+            envelope = SignedEnvelope.from_wire(data, MAX_MANIFEST_SIZE)
+            value = envelope.verify(MANIFEST_TYPE)
+        except CryptoError as exc:
+            raise MalformedMessage(f"study manifest refused: {exc}") from exc
+        return envelope.signer, cls.from_value(value)
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.size for e in self.entries)
+
+
+def describe_instance(data: bytes) -> tuple[str, str, str, int, int, str]:
+    """(study, series, SOP instance UID, series number, instance number, syntax) of a file.
+
+    Raises :class:`node.wirecodec.BadInstance` for files that must not be sent:
+    unreadable, truncated, or without the UIDs a receiver needs.
+    """
+    ds = wirecodec.parse_dicom(data)
+    try:
+        study = str(ds.StudyInstanceUID)
+        series = str(ds.SeriesInstanceUID)
+        sop = str(ds.SOPInstanceUID)
+        series_number = int(ds.get("SeriesNumber") or 0)
+        instance_number = int(ds.get("InstanceNumber") or 0)
+    except (AttributeError, ValueError, TypeError) as exc:
+        raise wirecodec.BadInstance(f"DICOM file lacks study/series/instance UIDs: {exc}") from exc
+    pixel = ds._dict.get(BaseTag(wirecodec.PIXEL_DATA_TAG))
+    tell, length = getattr(pixel, "value_tell", None), getattr(pixel, "length", None)
+    if (
+        isinstance(tell, int)
+        and isinstance(length, int)
+        and length != 0xFFFFFFFF
+        and tell + length > len(data)
+    ):
+        raise wirecodec.BadInstance(f"DICOM file {sop} is truncated: pixel data runs past its end")
+    return study, series, sop, series_number, instance_number, wirecodec.transfer_syntax(ds)
+
+
+def prepare_instance(data: bytes) -> tuple[ManifestEntry, str, bytes]:
+    """Describe and encode one file: (manifest entry, study UID, wire bytes)."""
+    study, series, sop, series_number, instance_number, syntax = describe_instance(data)
+    wire = wirecodec.encode(data).to_wire()
+    entry = ManifestEntry(
+        sop, series, series_number, instance_number, syntax, len(data), wirecodec.sha256(data),
+        len(wire),
+    )  # fmt: skip
+    return entry, study, wire
+
+
+def build_manifest(
+    entries: Iterable[ManifestEntry],
+    study_instance_uid: str,
+    deidentified: bool = False,
+    transfer_id: bytes | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> Manifest:
+    """A manifest in series order (series number, series UID, instance number)."""
+    ordered = sorted(
+        entries, key=lambda e: (e.series_number, e.series_instance_uid, e.instance_number)
+    )
+    tid = transfer_id or secrets.token_bytes(TRANSFER_ID_SIZE)
+    return Manifest(tid, study_instance_uid, tuple(ordered), chunk_size, deidentified)
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+def chunk_digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=CHUNK_DIGEST_SIZE).digest()
+
+
+@dataclass(frozen=True)
+class Request:
+    """Receiver -> sender: send these chunks of this instance."""
+
+    transfer_id: bytes
+    index: int
+    seqs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Sender -> receiver (bulk channel): bytes [seq*chunk_size, ...) of a wire encoding."""
+
+    transfer_id: bytes
+    index: int
+    seq: int
+    digest: bytes
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Cancel:
+    transfer_id: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Receiver -> sender: every instance is stored; the sender may drop its cache."""
+
+    transfer_id: bytes
+
+
+Message = Request | Chunk | Cancel | Finished
+
+
+def to_wire(message: Message) -> bytes:
+    if isinstance(message, Request):
+        value: list[Any] = ["req", message.transfer_id, message.index, list(message.seqs)]
+    elif isinstance(message, Chunk):
+        value = ["chunk", message.transfer_id, message.index, message.seq, message.digest]
+        value.append(message.data)
+    elif isinstance(message, Cancel):
+        value = ["cancel", message.transfer_id, message.reason[:200]]
+    else:
+        value = ["fin", message.transfer_id]
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
+
+
+def _ints(values: Any) -> bool:
+    return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
+
+
+def from_wire(data: bytes) -> Message:
+    if len(data) > MAX_CHUNK_MESSAGE:
+        raise MalformedMessage(f"transfer message of {len(data)} bytes is over the limit")
+    try:
+        raw = msgpack.unpackb(
+            data, raw=False, max_bin_len=CHUNK_SIZE, max_str_len=256, max_array_len=512
+        )
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise MalformedMessage(f"transfer message is not valid msgpack: {exc}") from exc
+    if not isinstance(raw, list) or not raw or not isinstance(raw[0], str):
+        raise MalformedMessage("transfer message has the wrong shape")
+    kind, args = raw[0], raw[1:]
+    if not args or not isinstance(args[0], bytes) or len(args[0]) != TRANSFER_ID_SIZE:
+        raise MalformedMessage("transfer message lacks a transfer id")
+    if kind == "req" and len(args) == 3 and _ints(args[1:2]) and _ints(args[2]):
+        if len(args[2]) > MAX_SEQS_PER_REQUEST:
+            raise MalformedMessage("chunk request asks for too many chunks at once")
+        return Request(args[0], args[1], tuple(args[2]))
+    if (
+        kind == "chunk"
+        and len(args) == 5
+        and _ints(args[1:3])
+        and isinstance(args[3], bytes)
+        and isinstance(args[4], bytes)
+    ):
+        return Chunk(args[0], args[1], args[2], args[3], args[4])
+    if kind == "cancel" and len(args) == 2 and isinstance(args[1], str):
+        return Cancel(args[0], args[1])
+    if kind == "fin" and len(args) == 1:
+        return Finished(args[0])
+    raise MalformedMessage(f"unknown or malformed transfer message {kind!r}")
+
+
+# -- state machine -------------------------------------------------------------------------
+
+
+class State(StrEnum):
+    OFFERED = "offered"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETE = "complete"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+class Event(StrEnum):
+    ACCEPT = "accept"
+    DATA = "data"  # a chunk arrived or an instance was stored
+    PAUSE = "pause"
+    RESUME = "resume"
+    CANCEL = "cancel"
+    FAIL = "fail"
+    FINISH = "finish"
+
+
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.OFFERED, Event.ACCEPT): State.RUNNING,
+    (State.OFFERED, Event.CANCEL): State.CANCELLED,
+    (State.RUNNING, Event.DATA): State.RUNNING,
+    (State.RUNNING, Event.PAUSE): State.PAUSED,
+    (State.RUNNING, Event.CANCEL): State.CANCELLED,
+    (State.RUNNING, Event.FAIL): State.FAILED,
+    (State.RUNNING, Event.FINISH): State.COMPLETE,
+    (State.PAUSED, Event.DATA): State.PAUSED,  # chunks already in flight still land
+    (State.PAUSED, Event.RESUME): State.RUNNING,
+    (State.PAUSED, Event.CANCEL): State.CANCELLED,
+    (State.PAUSED, Event.FAIL): State.FAILED,
+    (State.PAUSED, Event.FINISH): State.COMPLETE,
+}
+
+
+@dataclass
+class Machine:
+    state: State = State.OFFERED
+
+    def fire(self, event: Event) -> State:
+        new = TRANSITIONS.get((self.state, event))
+        if new is None:
+            raise IllegalTransition(f"cannot {event.value} a transfer that is {self.state.value}")
+        self.state = new
+        return new
+
+
+# -- spool: part files and the persisted receiver state ------------------------------------
+
+
+class Spool:
+    """A directory holding one transfer's manifest, state file and part files."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _part(self, index: int) -> Path:
+        return self.root / f"{index}.part"
+
+    def write_chunk(self, index: int, offset: int, data: bytes) -> None:
+        path = self._part(index)
+        mode = "r+b" if path.exists() else "w+b"
+        with path.open(mode) as f:
+            f.seek(offset)
+            f.write(data)
+
+    def read_part(self, index: int) -> bytes:
+        return self._part(index).read_bytes()
+
+    def drop_part(self, index: int) -> None:
+        self._part(index).unlink(missing_ok=True)
+
+    def save(self, name: str, data: bytes) -> None:
+        tmp = self.root / f".{name}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.root / name)  # atomic: a crash leaves the old or the new file
+
+    def load(self, name: str) -> bytes | None:
+        path = self.root / name
+        return path.read_bytes() if path.exists() else None
+
+
+# -- progress ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    bytes_done: int  # original bytes of instances stored (or already present)
+    bytes_total: int
+    instances_done: int
+    instances_total: int
+    rate: float  # original bytes per second, smoothed
+    eta: float | None  # seconds, None while unknown
+
+    @property
+    def fraction(self) -> float:
+        return self.bytes_done / self.bytes_total if self.bytes_total else 1.0
+
+
+# -- sender --------------------------------------------------------------------------------
+
+
+class Sender:
+    """Answers chunk requests for one offered study. Stateless apart from a small cache."""
+
+    def __init__(self, manifest: Manifest, source: Callable[[int], bytes]) -> None:
+        self.manifest = manifest
+        self.machine = Machine()
+        self._source = source
+        self._cached: tuple[int, bytes] | None = None
+        self.chunks_sent = 0
+
+    def _wire(self, index: int) -> bytes:
+        if self._cached is None or self._cached[0] != index:
+            wire = self._source(index)
+            if len(wire) != self.manifest.entries[index].wire_size:
+                raise LocalTransferError(f"wire encoding of instance {index} changed size")
+            self._cached = (index, wire)
+        return self._cached[1]
+
+    def receive(self, message: Message) -> list[Chunk]:
+        if message.transfer_id != self.manifest.transfer_id:
+            raise MalformedMessage("message for another transfer")
+        if isinstance(message, Cancel):
+            self.machine.fire(Event.CANCEL)
+            return []
+        if isinstance(message, Finished):
+            self.machine.fire(Event.FINISH)
+            self._cached = None
+            return []
+        if not isinstance(message, Request):
+            raise MalformedMessage("the sender only takes requests, cancel and finished")
+        if self.machine.state is State.OFFERED:
+            self.machine.fire(Event.ACCEPT)
+        self.machine.fire(Event.DATA)
+        if not 0 <= message.index < len(self.manifest.entries):
+            raise MalformedMessage(f"request for instance {message.index}, not in the manifest")
+        entry = self.manifest.entries[message.index]
+        size = self.manifest.chunk_size
+        if any(s >= entry.chunk_count(size) for s in message.seqs):
+            raise MalformedMessage("request for a chunk past the end of the instance")
+        wire = self._wire(message.index)
+        out = []
+        for seq in message.seqs:
+            data = wire[seq * size : (seq + 1) * size]
+            out.append(
+                Chunk(self.manifest.transfer_id, message.index, seq, chunk_digest(data), data)
+            )
+        self.chunks_sent += len(out)
+        return out
+
+
+# -- receiver ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Partial:
+    count: int
+    verified: set[int] = field(default_factory=set)
+    outstanding: dict[int, float] = field(default_factory=dict)  # seq -> requested at
+
+
+STATE_FILE = "state"
+MANIFEST_FILE = "manifest"
+
+
+class Receiver:
+    """Pulls one study. Drive it with :meth:`poll` (requests to send) and :meth:`receive`."""
+
+    def __init__(
+        self,
+        signed_manifest: bytes,
+        spool: Spool,
+        have: Callable[[bytes], bool] = lambda _h: False,
+        window: int = DEFAULT_WINDOW,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.sender_key, self.manifest = Manifest.open(signed_manifest)
+        self.spool = spool
+        self.window = window
+        self.timeout = timeout
+        self.machine = Machine()
+        self.done: set[int] = set()
+        self.ready: set[int] = set()  # every chunk verified, waiting to be assembled
+        self._partials: dict[int, _Partial] = {}
+        self._attempts: dict[int, int] = {}
+        self._priority: list[int] = []
+        self.chunks_received = 0
+        self.chunks_requested = 0
+        self.chunks_rerequested = 0
+        self.chunks_rejected = 0
+        self._rate = 0.0
+        self._last: tuple[float, int] | None = None
+        self._restore(signed_manifest)
+        for i, entry in enumerate(self.manifest.entries):
+            if i not in self.done and have(entry.sha256):
+                self.done.add(i)  # already in the store: never requested
+
+    # persistence
+
+    def _restore(self, signed_manifest: bytes) -> None:
+        self.spool.save(MANIFEST_FILE, signed_manifest)
+        raw = self.spool.load(STATE_FILE)
+        if raw is None:
+            return
+        try:
+            state = canonical.decode(raw, MAX_MANIFEST_SIZE)
+            if state["id"] != self.manifest.transfer_id:
+                return
+            total = len(self.manifest.entries)
+            self.done = {i for i in state["done"] if 0 <= i < total}
+            for key, seqs in state["parts"].items():
+                index = int(key)
+                if 0 <= index < total and index not in self.done:
+                    count = self.manifest.entries[index].chunk_count(self.manifest.chunk_size)
+                    verified = {s for s in seqs if 0 <= s < count}
+                    self._partials[index] = _Partial(count, verified)
+                    if len(verified) == count:
+                        self.ready.add(index)
+        except (CryptoError, KeyError, TypeError, ValueError, AttributeError):
+            self.done, self._partials = set(), {}  # unreadable state: start over, safely
+
+    def _persist(self) -> None:
+        state = {
+            "id": self.manifest.transfer_id,
+            "done": sorted(self.done),
+            "parts": {str(i): sorted(p.verified) for i, p in self._partials.items()},
+        }
+        self.spool.save(STATE_FILE, canonical.encode(state))
+
+    @classmethod
+    def resume(cls, spool: Spool, **kwargs: Any) -> Receiver:
+        """Reopen a transfer from its spool after a restart."""
+        signed = spool.load(MANIFEST_FILE)
+        if signed is None:
+            raise LocalTransferError(f"no transfer to resume in {spool.root}")
+        return cls(signed, spool, **kwargs)
+
+    # control
+
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+    def accept(self) -> None:
+        self.machine.fire(Event.ACCEPT)
+        if len(self.done) == len(self.manifest.entries):
+            self.machine.fire(Event.FINISH)
+
+    def pause(self) -> None:
+        self.machine.fire(Event.PAUSE)
+
+    def resume_transfer(self) -> None:
+        self.machine.fire(Event.RESUME)
+
+    def cancel(self, reason: str = "cancelled by the receiver") -> Cancel:
+        self.machine.fire(Event.CANCEL)
+        for index in list(self._partials):
+            self.spool.drop_part(index)
+        return Cancel(self.manifest.transfer_id, reason)
+
+    def prioritise(self, index: int) -> None:
+        """Fetch this instance next (the slice on screen), ahead of the series order."""
+        if not 0 <= index < len(self.manifest.entries):
+            raise LocalTransferError(f"instance {index} is not in this study")
+        if index in self._priority:
+            self._priority.remove(index)
+        self._priority.insert(0, index)
+
+    def index_of(self, sop_instance_uid: str) -> int:
+        for i, entry in enumerate(self.manifest.entries):
+            if entry.sop_instance_uid == sop_instance_uid:
+                return i
+        raise LocalTransferError(f"instance {sop_instance_uid} is not in this study")
+
+    # requests
+
+    def _order(self) -> Iterable[int]:
+        seen = set()
+        for index in [*self._priority, *self._partials, *range(len(self.manifest.entries))]:
+            if index not in seen:
+                seen.add(index)
+                yield index
+
+    def _outstanding(self) -> int:
+        return sum(len(p.outstanding) for p in self._partials.values())
+
+    def poll(self, now: float) -> list[Request]:
+        """The chunk requests to send now (new ones within the window, and timed-out ones)."""
+        if self.state is not State.RUNNING:
+            return []
+        requests: list[Request] = []
+        budget = self.window - self._outstanding()
+        for partial_index, active in self._partials.items():
+            stale = [s for s, t in active.outstanding.items() if now - t >= self.timeout]
+            if stale:
+                for s in stale:
+                    active.outstanding[s] = now
+                self.chunks_rerequested += len(stale)
+                requests.append(Request(self.manifest.transfer_id, partial_index, tuple(stale)))
+        for index in self._order():
+            if budget <= 0:
+                break
+            if index in self.done or index in self.ready:
+                continue
+            partial = self._partials.get(index)
+            if partial is None:
+                if len(self._partials) >= MAX_ACTIVE_INSTANCES and index not in self._priority:
+                    continue
+                entry = self.manifest.entries[index]
+                partial = _Partial(entry.chunk_count(self.manifest.chunk_size))
+                self._partials[index] = partial
+            wanted = [
+                s
+                for s in range(partial.count)
+                if s not in partial.verified and s not in partial.outstanding
+            ][: min(budget, MAX_SEQS_PER_REQUEST)]
+            if not wanted:
+                continue
+            for s in wanted:
+                partial.outstanding[s] = now
+            budget -= len(wanted)
+            self.chunks_requested += len(wanted)
+            requests.append(Request(self.manifest.transfer_id, index, tuple(wanted)))
+        return requests
+
+    def receive(self, chunk: Chunk, now: float) -> int | None:
+        """Verify and spool a chunk. Returns the instance index once all its chunks are in.
+
+        Raises :class:`ChunkRejected` (the chunk is not written; it will be requested
+        again when its request times out, or at once for a damaged one).
+        """
+        if self.state in (State.COMPLETE, State.CANCELLED, State.FAILED):
+            raise ChunkRejected(f"chunk arrived after the transfer was {self.state.value}")
+        self.machine.fire(Event.DATA)
+        if chunk.transfer_id != self.manifest.transfer_id:
+            raise ChunkRejected("chunk belongs to another transfer")
+        partial = self._partials.get(chunk.index)
+        if partial is None or chunk.seq not in partial.outstanding:
+            self.chunks_rejected += 1
+            raise ChunkRejected(
+                f"chunk {chunk.seq} of instance {chunk.index} was not requested "
+                "(duplicate, out of place or already verified); ignored"
+            )
+        entry = self.manifest.entries[chunk.index]
+        size = self.manifest.chunk_size
+        expected = min(size, entry.wire_size - chunk.seq * size)
+        if len(chunk.data) != expected:
+            self.chunks_rejected += 1
+            raise ChunkRejected(
+                f"chunk {chunk.seq} of instance {entry.sop_instance_uid} has {len(chunk.data)} "
+                f"bytes where the manifest implies {expected}: the instance is not the size "
+                "the sender declared"
+            )
+        if chunk_digest(chunk.data) != chunk.digest:
+            self.chunks_rejected += 1
+            del partial.outstanding[chunk.seq]  # ask again at the next poll
+            raise ChunkRejected(
+                f"chunk {chunk.seq} of instance {entry.sop_instance_uid} is damaged "
+                "(hash mismatch); not written, requested again"
+            )
+        self.spool.write_chunk(chunk.index, chunk.seq * size, chunk.data)
+        del partial.outstanding[chunk.seq]
+        partial.verified.add(chunk.seq)
+        self.chunks_received += 1
+        self._persist()
+        if len(partial.verified) == partial.count:
+            self.ready.add(chunk.index)
+            return chunk.index
+        return None
+
+    def assemble(self, index: int) -> bytes:
+        """Decode a fully received instance and check it against the manifest.
+
+        CPU-heavy (JPEG-LS decode): a runner may call it in a worker thread. On
+        mismatch the instance is requested again from scratch; the second time the
+        transfer fails with :class:`ManifestMismatch`.
+        """
+        if index not in self.ready:
+            raise LocalTransferError(f"instance {index} is not fully received")
+        entry = self.manifest.entries[index]
+        try:
+            wire = wirecodec.WireInstance.from_wire(self.spool.read_part(index), entry.wire_size)
+            if wire.original_size != entry.size or wire.sha256 != entry.sha256:
+                raise wirecodec.CorruptInstance("its size or hash differs from the manifest")
+            data = wirecodec.decode(wire)
+        except (wirecodec.WireCodecError, OSError) as exc:
+            self.ready.discard(index)
+            self._partials.pop(index, None)
+            self.spool.drop_part(index)
+            self._attempts[index] = self._attempts.get(index, 0) + 1
+            self._persist()
+            if self._attempts[index] >= MAX_INSTANCE_ATTEMPTS:
+                self.machine.fire(Event.FAIL)
+                raise ManifestMismatch(
+                    f"instance {entry.sop_instance_uid} arrived twice but never matched the "
+                    f"signed manifest ({exc}). The sender's copy changed or the peer is "
+                    "misbehaving: ask them to share the study again."
+                ) from exc
+            raise InstanceRejected(
+                f"instance {entry.sop_instance_uid} does not match the manifest ({exc}); "
+                "fetching it again"
+            ) from exc
+        return data
+
+    def stored(self, index: int, now: float) -> Finished | None:
+        """The instance is committed to the store. Returns Finished when the study is."""
+        self.machine.fire(Event.DATA)
+        self.ready.discard(index)
+        self._partials.pop(index, None)
+        if index in self._priority:
+            self._priority.remove(index)
+        self.done.add(index)
+        self.spool.drop_part(index)
+        self._persist()
+        size = self.manifest.entries[index].size
+        if self._last is not None and now > self._last[0]:
+            instant = size / (now - self._last[0])
+            self._rate = instant if self._rate == 0 else 0.8 * self._rate + 0.2 * instant
+        self._last = (now, size)
+        if len(self.done) == len(self.manifest.entries):
+            self.machine.fire(Event.FINISH)
+            return Finished(self.manifest.transfer_id)
+        return None
+
+    def progress(self) -> Progress:
+        entries = self.manifest.entries
+        done_bytes = sum(entries[i].size for i in self.done)
+        total = self.manifest.total_size
+        eta = (total - done_bytes) / self._rate if self._rate > 0 else None
+        return Progress(done_bytes, total, len(self.done), len(entries), self._rate, eta)
+
+    def missing(self) -> Sequence[int]:
+        return [i for i in range(len(self.manifest.entries)) if i not in self.done]

@@ -1,0 +1,368 @@
+"""The sans-IO transfer protocol delivers studies byte-exact over a bad link, and resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from bench.bench_codec import ct_series
+from crypto.identity import Identity
+from node import wirecodec
+from peer_transport import transfer as tr
+from peer_transport.transfer import (
+    Chunk,
+    ChunkRejected,
+    IllegalTransition,
+    InstanceRejected,
+    MalformedMessage,
+    ManifestMismatch,
+    Receiver,
+    Request,
+    Sender,
+    Spool,
+    State,
+)
+
+SMALL_CHUNK = 4096  # several chunks per small instance, so chunking is exercised
+
+
+def _sample(name: str) -> bytes:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"{name} ships with pydicom"
+    return Path(str(path)).read_bytes()
+
+
+def _study(n_ct: int = 6, seed: int = 1) -> list[bytes]:
+    # Generated CT (JPEG-LS path) plus shipped samples with other encodings.
+    files = ct_series(n_ct, seed=seed, size=96)
+    files += [_sample("MR_small_bigendian.dcm"), _sample("JPEG2000.dcm"), _sample("CT_small.dcm")]
+    return files
+
+
+@dataclasses.dataclass
+class Offer:
+    signed: bytes
+    manifest: tr.Manifest
+    wires: list[bytes]
+    originals: list[bytes]
+
+
+def _offer(files: list[bytes], identity: Identity, lie: int | None = None) -> Offer:
+    prepared = [tr.prepare_instance(f) for f in files]
+    entries = [p[0] for p in prepared]
+    if lie is not None:
+        entries[lie] = dataclasses.replace(entries[lie], sha256=bytes(32))
+    manifest = tr.build_manifest(entries, prepared[0][1], chunk_size=SMALL_CHUNK)
+    by_uid = {p[0].sop_instance_uid: (p[2], f) for p, f in zip(prepared, files, strict=True)}
+    wires = [by_uid[e.sop_instance_uid][0] for e in manifest.entries]
+    originals = [by_uid[e.sop_instance_uid][1] for e in manifest.entries]
+    return Offer(manifest.sign(identity), manifest, wires, originals)
+
+
+class Link:
+    """One direction of a bad link: drops, duplicates, corrupts, delays (so reorders)."""
+
+    def __init__(
+        self, rng: random.Random, loss: float, dup: float, corrupt: float, max_delay: float
+    ) -> None:
+        self.rng, self.loss, self.dup, self.corrupt, self.max_delay = (
+            rng,
+            loss,
+            dup,
+            corrupt,
+            max_delay,
+        )
+        self.queue: list[tuple[float, int, bytes]] = []
+        self.lost_units = 0  # chunks that will never arrive intact because of this link
+        self.counter = 0
+
+    def send(self, message: tr.Message, now: float) -> None:
+        units = len(message.seqs) if isinstance(message, Request) else 1
+        if self.rng.random() < self.loss:
+            self.lost_units += units if isinstance(message, Request | Chunk) else 0
+            return
+        copies = 2 if self.rng.random() < self.dup else 1
+        for copy in range(copies):
+            wire = bytearray(tr.to_wire(message))
+            if isinstance(message, Chunk) and self.rng.random() < self.corrupt:
+                wire[-1 - self.rng.randrange(min(len(message.data), 64))] ^= 0x01
+                self.lost_units += 1 if copy == 0 else 0
+            self.counter += 1
+            self.queue.append(
+                (now + self.rng.uniform(0, self.max_delay), self.counter, bytes(wire))
+            )
+
+    def deliver(self, now: float) -> list[tr.Message]:
+        due = sorted(item for item in self.queue if item[0] <= now)
+        self.queue = [item for item in self.queue if item[0] > now]
+        return [tr.from_wire(item[2]) for item in due]
+
+
+@dataclasses.dataclass
+class Outcome:
+    stored: dict[int, bytes]
+    order: list[int]
+    rejected: int
+
+
+def _drive(
+    receiver: Receiver,
+    sender: Sender,
+    up: Link,
+    down: Link,
+    now: float = 0.0,
+    max_steps: int = 5000,
+    stop_after: int | None = None,
+    on_step: object = None,
+) -> tuple[Outcome, float]:
+    outcome = Outcome({}, [], 0)
+    for _ in range(max_steps):
+        for request in receiver.poll(now):
+            up.send(request, now)
+        for message in up.deliver(now):
+            for chunk in sender.receive(message):
+                down.send(chunk, now)
+        for message in down.deliver(now):
+            assert isinstance(message, Chunk)
+            try:
+                index = receiver.receive(message, now)
+            except ChunkRejected:
+                outcome.rejected += 1
+                continue
+            if index is not None:
+                outcome.stored[index] = receiver.assemble(index)
+                outcome.order.append(index)
+                if receiver.stored(index, now) is not None:
+                    return outcome, now
+                if stop_after is not None and len(outcome.order) >= stop_after:
+                    return outcome, now
+        if callable(on_step):
+            on_step(receiver, outcome)
+        now += 0.05
+    raise AssertionError("transfer did not finish within the step budget")
+
+
+def _pair(offer: Offer, spool: Spool, **kwargs: object) -> tuple[Receiver, Sender]:
+    receiver = Receiver(offer.signed, spool, window=8, timeout=1.0, **kwargs)  # type: ignore[arg-type]
+    receiver.accept()
+    return receiver, Sender(offer.manifest, offer.wires.__getitem__)
+
+
+def _total_chunks(manifest: tr.Manifest, indices: object = None) -> int:
+    return sum(e.chunk_count(manifest.chunk_size) for e in manifest.entries)
+
+
+@pytest.fixture(scope="module")
+def offer() -> Offer:
+    return _offer(_study(), Identity.generate())
+
+
+def test_clean_link_delivers_every_instance_byte_exact(offer: Offer, tmp_path: Path) -> None:
+    receiver, sender = _pair(offer, Spool(tmp_path))
+    rng = random.Random(0)
+    outcome, _ = _drive(receiver, sender, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0))
+    assert outcome.stored == dict(enumerate(offer.originals))
+    assert receiver.state is State.COMPLETE
+    assert receiver.chunks_requested == _total_chunks(offer.manifest)
+    assert outcome.order == sorted(outcome.order)  # series order on a clean link
+    assert not list(tmp_path.glob("*.part"))  # nothing partial left behind
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lossy_reordering_link_completes_with_bounded_resends(
+    offer: Offer, tmp_path: Path, seed: int
+) -> None:
+    rng = random.Random(seed)
+    up = Link(rng, loss=0.1, dup=0.1, corrupt=0.0, max_delay=0.3)
+    down = Link(rng, loss=0.1, dup=0.1, corrupt=0.1, max_delay=0.3)
+    receiver, sender = _pair(offer, Spool(tmp_path))
+    outcome, _ = _drive(receiver, sender, up, down)
+    assert outcome.stored == dict(enumerate(offer.originals))
+    lost = up.lost_units + down.lost_units
+    assert lost > 0, "the fake link must actually lose something for this test to mean much"
+    resent = receiver.chunks_requested + receiver.chunks_rerequested
+    resent -= _total_chunks(offer.manifest)
+    assert 0 <= resent <= lost  # one resend per chunk lost or damaged, never more
+
+
+def test_instances_already_held_are_never_requested(offer: Offer, tmp_path: Path) -> None:
+    held = {offer.manifest.entries[i].sha256 for i in (0, 2)}
+    receiver, sender = _pair(offer, Spool(tmp_path), have=held.__contains__)
+    requested: set[int] = set()
+    real_poll = receiver.poll
+
+    def spy(now: float) -> list[Request]:
+        requests = real_poll(now)
+        requested.update(r.index for r in requests)
+        return requests
+
+    receiver.poll = spy  # type: ignore[method-assign]
+    rng = random.Random(1)
+    outcome, _ = _drive(receiver, sender, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0))
+    assert requested == set(range(len(offer.wires))) - {0, 2}
+    assert set(outcome.stored) == requested
+    assert receiver.progress().instances_done == len(offer.wires)
+
+
+def test_prioritised_instance_overtakes_the_queue(tmp_path: Path) -> None:
+    offer = _offer(ct_series(14, seed=3, size=96), Identity.generate())
+    receiver, sender = _pair(offer, Spool(tmp_path))
+    rng = random.Random(2)
+    link_up, link_down = Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0)
+    first, now = _drive(receiver, sender, link_up, link_down, stop_after=1)
+    last = len(offer.wires) - 1
+    receiver.prioritise(last)
+    rest, _ = _drive(receiver, sender, link_up, link_down, now=now)
+    # Only instances already in flight (window of 8 chunks) may finish before it.
+    assert rest.order.index(last) <= 3
+    assert rest.order.index(last) < rest.order.index(last - 1)
+    assert {**first.stored, **rest.stored} == dict(enumerate(offer.originals))
+
+
+def test_receiver_killed_mid_transfer_resumes_from_its_spool(offer: Offer, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    receiver, sender = _pair(offer, spool)
+    rng = random.Random(3)
+    up, down = Link(rng, 0, 0, 0, 0.1), Link(rng, 0, 0, 0, 0.1)
+    half = len(offer.wires) // 2
+    first, now = _drive(receiver, sender, up, down, stop_after=half)
+    # A few more steps so an instance is part-way through, then "kill -9": the
+    # receiver object, the link contents and everything in flight are gone.
+    for _ in range(2):
+        for r in receiver.poll(now):
+            for c in sender.receive(r):
+                receiver.receive(c, now)
+    before = receiver.chunks_requested
+    in_flight = receiver._outstanding()
+    partial_verified = sum(len(p.verified) for p in receiver._partials.values())
+    assert partial_verified > 0, "the kill must land inside a partly received instance"
+    del receiver
+
+    revived = Receiver.resume(Spool(tmp_path / "spool"), window=8, timeout=1.0)
+    assert revived.done == set(first.order)
+    revived.accept()
+    fresh = Sender(offer.manifest, offer.wires.__getitem__)
+    rest, _ = _drive(revived, fresh, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0), now=now)
+    assert {**first.stored, **rest.stored} == dict(enumerate(offer.originals))
+    total = _total_chunks(offer.manifest)
+    assert before + revived.chunks_requested <= total + in_flight
+
+
+def test_damaged_chunk_is_rejected_not_written_and_fetched_again(
+    offer: Offer, tmp_path: Path
+) -> None:
+    receiver, sender = _pair(offer, Spool(tmp_path))
+    request = receiver.poll(0.0)[0]
+    chunk = sender.receive(request)[0]
+    bad = dataclasses.replace(chunk, data=b"\xff" + chunk.data[1:])
+    with pytest.raises(ChunkRejected, match="damaged"):
+        receiver.receive(bad, 0.0)
+    assert not (tmp_path / f"{chunk.index}.part").exists()
+    again = [r for r in receiver.poll(0.1) if r.index == chunk.index]
+    assert any(chunk.seq in r.seqs for r in again)
+
+
+def test_unrequested_or_duplicate_chunk_is_rejected(offer: Offer, tmp_path: Path) -> None:
+    receiver, sender = _pair(offer, Spool(tmp_path))
+    chunk = sender.receive(receiver.poll(0.0)[0])[0]
+    receiver.receive(chunk, 0.0)
+    with pytest.raises(ChunkRejected, match="not requested"):
+        receiver.receive(chunk, 0.0)
+    stray = sender.receive(Request(offer.manifest.transfer_id, len(offer.wires) - 1, (0,)))[0]
+    with pytest.raises(ChunkRejected, match="not requested"):
+        receiver.receive(stray, 0.0)
+
+
+def test_instance_larger_than_declared_is_rejected(offer: Offer, tmp_path: Path) -> None:
+    receiver, sender = _pair(offer, Spool(tmp_path))
+    chunk = sender.receive(receiver.poll(0.0)[0])[0]
+    longer = chunk.data + b"extra"
+    bigger = dataclasses.replace(chunk, data=longer, digest=tr.chunk_digest(longer))
+    with pytest.raises(ChunkRejected, match="not the size the sender declared"):
+        receiver.receive(bigger, 0.0)
+
+
+def test_manifest_that_lies_about_a_hash_fails_the_transfer(tmp_path: Path) -> None:
+    offer = _offer(ct_series(2, seed=5, size=64), Identity.generate(), lie=1)
+    receiver, sender = _pair(offer, Spool(tmp_path))
+    rng = random.Random(4)
+    with pytest.raises(InstanceRejected, match="does not match the manifest"):
+        _drive(receiver, sender, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0))
+    with pytest.raises(ManifestMismatch, match="share the study again"):
+        _drive(receiver, sender, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0))
+    assert receiver.state is State.FAILED
+    assert 1 not in receiver.done
+
+
+def test_tampered_manifest_is_refused(offer: Offer, tmp_path: Path) -> None:
+    signed = bytearray(offer.signed)
+    signed[len(signed) // 2] ^= 0x01
+    with pytest.raises(MalformedMessage):
+        Receiver(bytes(signed), Spool(tmp_path))
+
+
+def test_pause_stops_requests_and_cancel_tells_the_sender(offer: Offer, tmp_path: Path) -> None:
+    receiver, sender = _pair(offer, Spool(tmp_path))
+    assert receiver.poll(0.0)
+    receiver.pause()
+    assert receiver.poll(10.0) == []
+    with pytest.raises(IllegalTransition, match="cannot pause a transfer that is paused"):
+        receiver.pause()
+    receiver.resume_transfer()
+    assert receiver.poll(20.0)  # timed-out requests go out again
+    cancel = receiver.cancel()
+    sender.receive(tr.from_wire(tr.to_wire(cancel)))
+    assert sender.machine.state is State.CANCELLED
+    assert not list(tmp_path.glob("*.part"))
+    with pytest.raises(IllegalTransition):
+        receiver.accept()
+
+
+def test_progress_reports_bytes_instances_rate_and_eta(offer: Offer, tmp_path: Path) -> None:
+    receiver, sender = _pair(offer, Spool(tmp_path))
+    seen: list[tr.Progress] = []
+    rng = random.Random(5)
+    _drive(
+        receiver,
+        sender,
+        Link(rng, 0, 0, 0, 0),
+        Link(rng, 0, 0, 0, 0),
+        on_step=lambda r, _o: seen.append(r.progress()),
+    )
+    middle = [p for p in seen if 0 < p.instances_done < p.instances_total]
+    assert middle
+    assert all(a.bytes_done <= b.bytes_done for a, b in itertools.pairwise(seen))
+    assert any(p.rate > 0 and p.eta is not None and p.eta > 0 for p in middle)
+    assert receiver.progress().fraction == 1.0
+
+
+def test_message_wire_format_is_stable() -> None:
+    tid = bytes(range(16))
+    request = Request(tid, 3, (0, 1, 300))
+    golden = bytes.fromhex(
+        "94"  # array of 4
+        "a3726571"  # "req"
+        "c410" + tid.hex() +  # bin 16: transfer id
+        "03"  # instance index 3
+        "93" "00" "01" "cd012c"  # array of 3 seqs: 0, 1, 300 (uint16)
+    )  # fmt: skip
+    assert tr.to_wire(request) == golden
+    assert tr.from_wire(golden) == request
+    chunk = Chunk(tid, 1, 2, tr.chunk_digest(b"abc"), b"abc")
+    assert tr.from_wire(tr.to_wire(chunk)) == chunk
+    with pytest.raises(MalformedMessage, match="over the limit"):
+        tr.from_wire(b"\x00" * (tr.MAX_CHUNK_MESSAGE + 1))
+    with pytest.raises(MalformedMessage):
+        tr.from_wire(b"\x93\xa3req\x01\x02")
+
+
+def test_truncated_file_is_reported_not_sent() -> None:
+    with pytest.raises(wirecodec.BadInstance, match="truncated"):
+        tr.prepare_instance(_sample("MR_small.dcm")[:-1000])
+    with pytest.raises(wirecodec.BadInstance):
+        tr.prepare_instance(b"not dicom at all" * 20)
