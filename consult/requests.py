@@ -1,0 +1,409 @@
+"""Consult requests: the signed request, its state machine, routing and turnaround.
+
+Everything here is pure: time is passed in (``now``, seconds since the epoch),
+audit goes to a callback, and persistence lives in :mod:`consult.store`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from consult.errors import IllegalTransition, LocalConsultError, MalformedMessage
+from crypto.envelope import SignedEnvelope
+from crypto.errors import CryptoError
+from crypto.identity import Identity, NodeId
+
+REQUEST_TYPE = "consult-request"
+MAX_REQUEST_WIRE = 64 * 1024
+MAX_QUESTION_CHARS = 8000
+MAX_FIELD_CHARS = 200
+
+
+class Priority(StrEnum):
+    STAT = "stat"
+    URGENT = "urgent"
+    ROUTINE = "routine"
+
+
+class State(StrEnum):
+    REQUESTED = "requested"
+    OFFERED = "offered"
+    ACCEPTED = "accepted"
+    DECLINED = "declined"
+    TRANSFERRING = "transferring"
+    IN_REVIEW = "in_review"
+    REPORTED = "reported"
+    ACKNOWLEDGED = "acknowledged"
+    WITHDRAWN = "withdrawn"
+    EXPIRED = "expired"
+
+
+class Event(StrEnum):
+    OFFER = "offer"
+    ACCEPT = "accept"
+    DECLINE = "decline"
+    START_TRANSFER = "start_transfer"
+    TRANSFER_DONE = "transfer_done"
+    BEGIN_REVIEW = "begin_review"  # the consultant already holds the study
+    REPORT = "report"
+    ACKNOWLEDGE = "acknowledge"
+    WITHDRAW = "withdraw"
+    EXPIRE = "expire"
+
+
+S, E = State, Event
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (S.REQUESTED, E.OFFER): S.OFFERED,
+    (S.REQUESTED, E.ACCEPT): S.ACCEPTED,  # sent straight to a chosen peer
+    (S.REQUESTED, E.DECLINE): S.DECLINED,
+    (S.REQUESTED, E.WITHDRAW): S.WITHDRAWN,
+    (S.REQUESTED, E.EXPIRE): S.EXPIRED,
+    (S.OFFERED, E.ACCEPT): S.ACCEPTED,
+    (S.OFFERED, E.DECLINE): S.DECLINED,
+    (S.OFFERED, E.WITHDRAW): S.WITHDRAWN,  # requester cancelled, or another consultant won
+    (S.OFFERED, E.EXPIRE): S.EXPIRED,
+    (S.DECLINED, E.OFFER): S.OFFERED,  # the requester routes it to someone else
+    (S.DECLINED, E.WITHDRAW): S.WITHDRAWN,
+    (S.DECLINED, E.EXPIRE): S.EXPIRED,
+    (S.ACCEPTED, E.START_TRANSFER): S.TRANSFERRING,
+    (S.ACCEPTED, E.BEGIN_REVIEW): S.IN_REVIEW,
+    (S.ACCEPTED, E.WITHDRAW): S.WITHDRAWN,
+    (S.TRANSFERRING, E.TRANSFER_DONE): S.IN_REVIEW,
+    (S.TRANSFERRING, E.WITHDRAW): S.WITHDRAWN,
+    (S.IN_REVIEW, E.REPORT): S.REPORTED,
+    (S.IN_REVIEW, E.WITHDRAW): S.WITHDRAWN,
+    (S.REPORTED, E.ACKNOWLEDGE): S.ACKNOWLEDGED,
+}
+# Once accepted, a passing deadline does not expire the case: a late report is
+# still worth more than none, and turnaround stats show the lateness.
+TERMINAL: frozenset[State] = frozenset(
+    s for s in State if not any(src == s for src, _ in TRANSITIONS)
+)
+OPEN_STATES: frozenset[State] = frozenset(State) - TERMINAL
+
+
+def next_state(state: State, event: Event) -> State:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(state.value, event.value) from None
+
+
+def _text(raw: Mapping[str, Any], key: str, limit: int = MAX_FIELD_CHARS) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or len(value) > limit:
+        raise MalformedMessage(f"consult request field {key!r} must be text of at most {limit}")
+    return value
+
+
+def _int(raw: Mapping[str, Any], key: str) -> int:
+    value = raw.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MalformedMessage(f"consult request field {key!r} must be a non-negative integer")
+    return value
+
+
+@dataclass(frozen=True)
+class ConsultRequest:
+    id: str
+    study_uid: str  # pseudonymised unless deidentified is False
+    question: str
+    priority: Priority
+    subspecialty: str
+    jurisdiction: str  # where the patient is, so where the consultant needs a licence
+    language: str
+    deadline: int
+    requester: NodeId
+    deidentified: bool
+    created_at: int
+
+    def __post_init__(self) -> None:
+        if len(self.question) > MAX_QUESTION_CHARS:
+            raise LocalConsultError(
+                f"the clinical question is {len(self.question)} characters; "
+                f"keep it under {MAX_QUESTION_CHARS}"
+            )
+        if self.deadline < self.created_at:
+            raise LocalConsultError("the deadline is before the request was made")
+
+    @classmethod
+    def new(
+        cls,
+        *,
+        requester: NodeId,
+        study_uid: str,
+        question: str,
+        priority: Priority,
+        subspecialty: str,
+        jurisdiction: str,
+        language: str,
+        deadline: int,
+        now: int,
+        deidentified: bool = True,
+    ) -> ConsultRequest:
+        return cls(
+            uuid.uuid4().hex,
+            study_uid,
+            question,
+            priority,
+            subspecialty.lower(),
+            jurisdiction.upper(),
+            language.lower(),
+            deadline,
+            requester,
+            deidentified,
+            now,
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "study": self.study_uid,
+            "q": self.question,
+            "prio": self.priority.value,
+            "sub": self.subspecialty,
+            "jur": self.jurisdiction,
+            "lang": self.language,
+            "deadline": self.deadline,
+            "requester": self.requester.digest,
+            "deid": self.deidentified,
+            "created": self.created_at,
+        }
+
+    @classmethod
+    def from_body(cls, raw: Any) -> ConsultRequest:
+        if not isinstance(raw, dict):
+            raise MalformedMessage("a consult request must be a map")
+        requester = raw.get("requester")
+        if not isinstance(requester, bytes) or len(requester) != 32:
+            raise MalformedMessage("consult request has no valid requester id")
+        deid = raw.get("deid")
+        if not isinstance(deid, bool):
+            raise MalformedMessage("consult request field 'deid' must be true or false")
+        try:
+            priority = Priority(_text(raw, "prio"))
+        except ValueError as exc:
+            raise MalformedMessage("consult request priority must be stat/urgent/routine") from exc
+        try:
+            return cls(
+                id=_text(raw, "id", 64),
+                study_uid=_text(raw, "study", 64),
+                question=_text(raw, "q", MAX_QUESTION_CHARS),
+                priority=priority,
+                subspecialty=_text(raw, "sub"),
+                jurisdiction=_text(raw, "jur"),
+                language=_text(raw, "lang"),
+                deadline=_int(raw, "deadline"),
+                requester=NodeId(requester),
+                deidentified=deid,
+                created_at=_int(raw, "created"),
+            )
+        except LocalConsultError as exc:
+            raise MalformedMessage(f"consult request is inconsistent: {exc}") from exc
+
+    def to_wire(self, requester: Identity) -> bytes:
+        """Signed by the requester; only the requester's own key may sign it."""
+        if requester.node_id != self.requester:
+            raise LocalConsultError("a consult request can only be signed by its requester")
+        return SignedEnvelope.create(requester, REQUEST_TYPE, self.to_body()).to_wire()
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> ConsultRequest:
+        """Check size, signature and that the signer is the named requester."""
+        if len(data) > MAX_REQUEST_WIRE:
+            raise MalformedMessage(
+                f"consult request is {len(data)} bytes, limit is {MAX_REQUEST_WIRE}"
+            )
+        try:
+            envelope = SignedEnvelope.from_wire(data, MAX_REQUEST_WIRE)
+            body = envelope.verify(REQUEST_TYPE)
+        except CryptoError as exc:
+            raise MalformedMessage(f"consult request does not verify: {exc}") from exc
+        request = cls.from_body(body)
+        if envelope.signer_id != request.requester:
+            raise MalformedMessage("consult request is signed by a node other than its requester")
+        return request
+
+
+@dataclass(frozen=True)
+class Transition:
+    at: int
+    event: Event
+    source: State
+    target: State
+    actor: str = ""  # node id text of who caused it, when known
+
+
+AuditHook = Callable[[str, Transition], None]
+
+
+def _no_audit(consult_id: str, transition: Transition) -> None:
+    return None
+
+
+@dataclass
+class ConsultCase:
+    """A request and where it is in its life; every transition is kept and audited."""
+
+    request: ConsultRequest
+    state: State = State.REQUESTED
+    history: list[Transition] = field(default_factory=list)
+    audit: AuditHook = _no_audit
+
+    def apply(self, event: Event, now: int, actor: str = "") -> Transition:
+        target = next_state(self.state, event)
+        transition = Transition(now, event, self.state, target, actor)
+        self.audit(self.request.id, transition)
+        self.history.append(transition)
+        self.state = target
+        return transition
+
+    def expire_if_due(self, now: int, actor: str = "") -> Transition | None:
+        if now > self.request.deadline and (self.state, Event.EXPIRE) in TRANSITIONS:
+            return self.apply(Event.EXPIRE, now, actor)
+        return None
+
+    def turnaround(self) -> int | None:
+        """Seconds from request to report, once reported."""
+        for transition in self.history:
+            if transition.target == State.REPORTED:
+                return transition.at - self.request.created_at
+        return None
+
+    def time_in(self, state: State, now: int) -> int:
+        """Total seconds spent in ``state`` (up to ``now`` if still there)."""
+        total, entered = 0, self.request.created_at if state == State.REQUESTED else None
+        for transition in self.history:
+            if transition.source == state and entered is not None:
+                total += transition.at - entered
+                entered = None
+            if transition.target == state:
+                entered = transition.at
+        if entered is not None:
+            total += now - entered
+        return total
+
+
+@dataclass(frozen=True)
+class TurnaroundStats:
+    priority: Priority
+    reported: int
+    median_s: float | None
+    p90_s: float | None
+    max_s: int | None
+    late: int  # reported after the deadline
+
+
+def turnaround_by_priority(cases: Iterable[ConsultCase]) -> dict[Priority, TurnaroundStats]:
+    times: dict[Priority, list[int]] = {p: [] for p in Priority}
+    late: dict[Priority, int] = dict.fromkeys(Priority, 0)
+    for case in cases:
+        seconds = case.turnaround()
+        if seconds is None:
+            continue
+        times[case.request.priority].append(seconds)
+        if case.request.created_at + seconds > case.request.deadline:
+            late[case.request.priority] += 1
+    result = {}
+    for priority, values in times.items():
+        values.sort()
+        result[priority] = TurnaroundStats(
+            priority,
+            len(values),
+            statistics.median(values) if values else None,
+            values[min(len(values) - 1, int(0.9 * len(values)))] if values else None,
+            values[-1] if values else None,
+            late[priority],
+        )
+    return result
+
+
+# --- routing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What routing needs to know about a possible consultant (from a registry record)."""
+
+    node_id: NodeId
+    display_name: str
+    subspecialties: tuple[str, ...]
+    jurisdictions: tuple[str, ...]  # where the consultant holds a licence
+    languages: tuple[str, ...]
+    online: bool
+    available: bool = True  # the consultant's own "taking cases" switch
+
+
+def rank_consultants(request: ConsultRequest, candidates: Iterable[Candidate]) -> list[Candidate]:
+    """Consultants who may take the case, best first: online, then same language, then name.
+
+    A candidate qualifies with the wanted subspecialty and a licence for the
+    jurisdiction the patient is in; the requester never consults itself.
+    """
+    wanted = request.subspecialty.lower()
+    origin = request.jurisdiction.upper()
+    eligible = [
+        c
+        for c in candidates
+        if c.node_id != request.requester
+        and c.available
+        and wanted in {s.lower() for s in c.subspecialties}
+        and origin in {j.upper() for j in c.jurisdictions}
+    ]
+    language = request.language.lower()
+    return sorted(
+        eligible,
+        key=lambda c: (
+            not c.online,
+            language not in {lang.lower() for lang in c.languages},
+            c.display_name.lower(),
+            c.node_id.digest,
+        ),
+    )
+
+
+@dataclass
+class OfferRound:
+    """Offer one request to several consultants: the first to accept wins.
+
+    Sans-IO: the caller sends the offers and the withdrawals this returns.
+    """
+
+    request_id: str
+    offered: tuple[NodeId, ...]
+    winner: NodeId | None = None
+    declined: set[NodeId] = field(default_factory=set)
+
+    @classmethod
+    def start(cls, request_id: str, ranked: Sequence[Candidate], fan_out: int) -> OfferRound:
+        if fan_out < 1:
+            raise LocalConsultError("offer a consult to at least one consultant")
+        chosen = tuple(c.node_id for c in ranked[:fan_out])
+        if not chosen:
+            raise LocalConsultError(
+                "no consultant qualifies (subspecialty, licence for the origin, available): "
+                "widen the subspecialty or send it to a chosen peer"
+            )
+        return cls(request_id, chosen)
+
+    def on_accept(self, node: NodeId) -> tuple[bool, list[NodeId]]:
+        """Return (this node won, nodes to tell the request was withdrawn)."""
+        if node not in self.offered:
+            return False, []
+        if self.winner is not None:
+            return False, [node] if node != self.winner else []
+        self.winner = node
+        return True, [n for n in self.offered if n != node and n not in self.declined]
+
+    def on_decline(self, node: NodeId) -> None:
+        if node in self.offered:
+            self.declined.add(node)
+
+    @property
+    def all_declined(self) -> bool:
+        return self.winner is None and self.declined >= set(self.offered)

@@ -1,0 +1,204 @@
+"""The node's consult database: SQLite in the node data dir, so requests survive restarts.
+
+Each request is stored as its canonical body (and the signed bytes when it came
+from a peer); each transition is a row, written in the same transaction as the
+new state, so the history and the state can never disagree after a crash.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+from consult.errors import LocalConsultError, UnknownConsult
+from consult.requests import (
+    TRANSITIONS,
+    AuditHook,
+    ConsultCase,
+    ConsultRequest,
+    Event,
+    Priority,
+    State,
+    Transition,
+    _no_audit,
+)
+from crypto import canonical
+
+DB_NAME = "consult.sqlite3"
+ROLES = ("requester", "consultant")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    body BLOB NOT NULL,
+    wire BLOB,
+    role TEXT NOT NULL,
+    peer TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    consult_id TEXT NOT NULL REFERENCES requests(id),
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    source TEXT NOT NULL,
+    target TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    PRIMARY KEY (consult_id, seq)
+);
+CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
+"""
+_PRIORITY_ORDER = {p: i for i, p in enumerate(Priority)}
+
+
+class ConsultDB:
+    def __init__(self, path: Path, audit: AuditHook = _no_audit) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._audit = audit
+
+    @classmethod
+    def in_data_dir(cls, data_dir: Path, audit: AuditHook = _no_audit) -> ConsultDB:
+        return cls(data_dir / DB_NAME, audit)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ConsultDB:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def add(
+        self,
+        request: ConsultRequest,
+        *,
+        role: str,
+        now: int,
+        wire: bytes | None = None,
+        peer: str = "",
+    ) -> ConsultCase:
+        if role not in ROLES:
+            raise LocalConsultError(f"role must be one of {ROLES}, not {role!r}")
+        try:
+            self._db.execute(
+                "INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    request.id,
+                    canonical.encode(request.to_body()),
+                    wire,
+                    role,
+                    peer,
+                    State.REQUESTED.value,
+                    request.priority.value,
+                    request.created_at,
+                    now,
+                ),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise LocalConsultError(f"consult {request.id} is already on this node") from exc
+        return ConsultCase(request, audit=self._audit)
+
+    def _load(self, row: tuple[str, bytes, str]) -> ConsultCase:
+        consult_id, body, state = row
+        case = ConsultCase(
+            ConsultRequest.from_body(canonical.decode(body)), State(state), audit=self._audit
+        )
+        for at, event, source, target, actor in self._db.execute(
+            "SELECT at, event, source, target, actor FROM transitions "
+            "WHERE consult_id = ? ORDER BY seq",
+            (consult_id,),
+        ):
+            case.history.append(Transition(at, Event(event), State(source), State(target), actor))
+        return case
+
+    def resolve(self, id_or_prefix: str) -> str:
+        """A full id from an unambiguous prefix (people type the first few characters)."""
+        rows = self._db.execute(
+            "SELECT id FROM requests WHERE id LIKE ? ESCAPE '\\' LIMIT 2",
+            (id_or_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",),
+        ).fetchall()
+        if not rows or not id_or_prefix:
+            raise UnknownConsult(id_or_prefix)
+        if len(rows) > 1:
+            raise LocalConsultError(f"{id_or_prefix!r} matches several consults: type more of it")
+        return str(rows[0][0])
+
+    def get(self, consult_id: str) -> ConsultCase:
+        row = self._db.execute(
+            "SELECT id, body, state FROM requests WHERE id = ?", (consult_id,)
+        ).fetchone()
+        if row is None:
+            raise UnknownConsult(consult_id)
+        return self._load(row)
+
+    def info(self, consult_id: str) -> tuple[str, str, bytes | None]:
+        """(role, peer, signed wire bytes) of a stored consult."""
+        row = self._db.execute(
+            "SELECT role, peer, wire FROM requests WHERE id = ?", (consult_id,)
+        ).fetchone()
+        if row is None:
+            raise UnknownConsult(consult_id)
+        return row[0], row[1], row[2]
+
+    def apply(self, consult_id: str, event: Event, now: int, actor: str = "") -> Transition:
+        """Apply ``event`` and persist the new state and the transition atomically."""
+        with self._transaction():
+            case = self.get(consult_id)
+            transition = case.apply(event, now, actor)
+            self._db.execute(
+                "INSERT INTO transitions VALUES (?,?,?,?,?,?,?)",
+                (
+                    consult_id,
+                    len(case.history),
+                    transition.at,
+                    transition.event.value,
+                    transition.source.value,
+                    transition.target.value,
+                    transition.actor,
+                ),
+            )
+            self._db.execute(
+                "UPDATE requests SET state = ?, updated_at = ? WHERE id = ?",
+                (case.state.value, now, consult_id),
+            )
+        return transition
+
+    def cases(self, states: Iterable[State] | None = None) -> list[ConsultCase]:
+        """Cases, most urgent first (STAT before urgent before routine), then oldest first."""
+        rows = self._db.execute("SELECT id, body, state FROM requests").fetchall()
+        wanted = None if states is None else {s.value for s in states}
+        cases = [self._load(r) for r in rows if wanted is None or r[2] in wanted]
+        cases.sort(key=lambda c: (_PRIORITY_ORDER[c.request.priority], c.request.created_at))
+        return cases
+
+    def expire_due(self, now: int) -> list[str]:
+        """Expire every open request whose deadline has passed; return their ids."""
+        expired = []
+        for case in self.cases():
+            if now > case.request.deadline and (case.state, Event.EXPIRE) in TRANSITIONS:
+                self.apply(case.request.id, Event.EXPIRE, now)
+                expired.append(case.request.id)
+        return expired
