@@ -288,7 +288,45 @@ class Finished:
     transfer_id: bytes
 
 
-Message = Request | Chunk | Cancel | Finished
+@dataclass(frozen=True)
+class OfferPart:
+    """Sender -> receiver: part of the signed manifest (it may exceed one message)."""
+
+    transfer_id: bytes
+    part: int
+    total: int
+    data: bytes
+
+
+Message = Request | Chunk | Cancel | Finished | OfferPart
+
+
+def offer_parts(signed_manifest: bytes, transfer_id: bytes) -> list[OfferPart]:
+    pieces = [
+        signed_manifest[i : i + CHUNK_SIZE] for i in range(0, len(signed_manifest), CHUNK_SIZE)
+    ]
+    return [OfferPart(transfer_id, i, len(pieces), p) for i, p in enumerate(pieces)]
+
+
+class OfferAssembler:
+    """Collects the parts of a signed manifest, bounded by MAX_MANIFEST_SIZE."""
+
+    def __init__(self) -> None:
+        self._parts: dict[int, bytes] = {}
+        self._id: bytes | None = None
+
+    def add(self, part: OfferPart) -> bytes | None:
+        if part.total * CHUNK_SIZE > MAX_MANIFEST_SIZE or not 0 <= part.part < part.total:
+            raise MalformedMessage("study manifest offer is too large or malformed")
+        if self._id not in (None, part.transfer_id):
+            self._parts.clear()  # a new offer replaces an unfinished one
+        self._id = part.transfer_id
+        self._parts[part.part] = part.data
+        if len(self._parts) < part.total:
+            return None
+        data = b"".join(self._parts[i] for i in range(part.total))
+        self._parts.clear()
+        return data
 
 
 def to_wire(message: Message) -> bytes:
@@ -299,6 +337,8 @@ def to_wire(message: Message) -> bytes:
         value.append(message.data)
     elif isinstance(message, Cancel):
         value = ["cancel", message.transfer_id, message.reason[:200]]
+    elif isinstance(message, OfferPart):
+        value = ["offer", message.transfer_id, message.part, message.total, message.data]
     else:
         value = ["fin", message.transfer_id]
     packed: bytes = msgpack.packb(value, use_bin_type=True)
@@ -337,6 +377,8 @@ def from_wire(data: bytes) -> Message:
         return Chunk(args[0], args[1], args[2], args[3], args[4])
     if kind == "cancel" and len(args) == 2 and isinstance(args[1], str):
         return Cancel(args[0], args[1])
+    if kind == "offer" and len(args) == 4 and _ints(args[1:3]) and isinstance(args[3], bytes):
+        return OfferPart(args[0], args[1], args[2], args[3])
     if kind == "fin" and len(args) == 1:
         return Finished(args[0])
     raise MalformedMessage(f"unknown or malformed transfer message {kind!r}")
@@ -717,39 +759,51 @@ class Receiver:
             return chunk.index
         return None
 
-    def assemble(self, index: int) -> bytes:
+    def verify_part(self, index: int) -> bytes:
         """Decode a fully received instance and check it against the manifest.
 
-        CPU-heavy (JPEG-LS decode): a runner may call it in a worker thread. On
-        mismatch the instance is requested again from scratch; the second time the
-        transfer fails with :class:`ManifestMismatch`.
+        Reads only (safe in a worker thread: JPEG-LS decoding is the CPU-heavy part).
+        Raises :class:`node.wirecodec.WireCodecError` or OSError; pass it to
+        :meth:`reject_part`.
         """
         if index not in self.ready:
             raise LocalTransferError(f"instance {index} is not fully received")
         entry = self.manifest.entries[index]
+        wire = wirecodec.WireInstance.from_wire(self.spool.read_part(index), entry.wire_size)
+        if wire.original_size != entry.size or wire.sha256 != entry.sha256:
+            raise wirecodec.CorruptInstance("its size or hash differs from the manifest")
+        return wirecodec.decode(wire)
+
+    def reject_part(self, index: int, exc: Exception) -> TransferError:
+        """Forget a received instance that failed :meth:`verify_part`; return the error.
+
+        The instance is requested again from scratch; the second failure fails the
+        transfer (:class:`ManifestMismatch`).
+        """
+        entry = self.manifest.entries[index]
+        self.ready.discard(index)
+        self._partials.pop(index, None)
+        self.spool.drop_part(index)
+        self._attempts[index] = self._attempts.get(index, 0) + 1
+        self._persist()
+        if self._attempts[index] >= MAX_INSTANCE_ATTEMPTS:
+            self.machine.fire(Event.FAIL)
+            return ManifestMismatch(
+                f"instance {entry.sop_instance_uid} arrived twice but never matched the "
+                f"signed manifest ({exc}). The sender's copy changed or the peer is "
+                "misbehaving: ask them to share the study again."
+            )
+        return InstanceRejected(
+            f"instance {entry.sop_instance_uid} does not match the manifest ({exc}); "
+            "fetching it again"
+        )
+
+    def assemble(self, index: int) -> bytes:
+        """:meth:`verify_part`, raising the transfer error of :meth:`reject_part`."""
         try:
-            wire = wirecodec.WireInstance.from_wire(self.spool.read_part(index), entry.wire_size)
-            if wire.original_size != entry.size or wire.sha256 != entry.sha256:
-                raise wirecodec.CorruptInstance("its size or hash differs from the manifest")
-            data = wirecodec.decode(wire)
+            return self.verify_part(index)
         except (wirecodec.WireCodecError, OSError) as exc:
-            self.ready.discard(index)
-            self._partials.pop(index, None)
-            self.spool.drop_part(index)
-            self._attempts[index] = self._attempts.get(index, 0) + 1
-            self._persist()
-            if self._attempts[index] >= MAX_INSTANCE_ATTEMPTS:
-                self.machine.fire(Event.FAIL)
-                raise ManifestMismatch(
-                    f"instance {entry.sop_instance_uid} arrived twice but never matched the "
-                    f"signed manifest ({exc}). The sender's copy changed or the peer is "
-                    "misbehaving: ask them to share the study again."
-                ) from exc
-            raise InstanceRejected(
-                f"instance {entry.sop_instance_uid} does not match the manifest ({exc}); "
-                "fetching it again"
-            ) from exc
-        return data
+            raise self.reject_part(index, exc) from exc
 
     def stored(self, index: int, now: float) -> Finished | None:
         """The instance is committed to the store. Returns Finished when the study is."""

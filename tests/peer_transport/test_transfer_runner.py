@@ -1,0 +1,116 @@
+"""The transfer runner moves a study through a link into a store, byte-exact."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import bench_transfer as rtc_link
+from bench.bench_codec import ct_series
+from crypto.identity import Identity
+from node import wirecodec
+from peer_transport import transfer as tr
+from peer_transport.transfer_runner import PreparedStudy, StudyReceiver, StudySender
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.by_hash: dict[str, bytes] = {}
+
+    def has_hash(self, content_hash: str) -> bool:
+        return content_hash in self.by_hash
+
+    def add_bytes(self, data: bytes, *, source: str) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        self.by_hash[digest] = data
+        return digest
+
+
+class MemoryLink:
+    """In-memory link with a bounded bulk queue: send_bulk waits when it is full."""
+
+    def __init__(self) -> None:
+        self.peer: MemoryLink | None = None
+        self.on_control: Any = None
+        self.on_bulk: Any = None
+        self.bulk_queue: asyncio.Queue[bytes] = asyncio.Queue(8)
+        self.pump: asyncio.Task[None] | None = None
+
+    async def send_control(self, data: bytes) -> None:
+        assert self.peer is not None
+        self.peer.on_control(data)
+
+    async def send_bulk(self, data: bytes) -> None:
+        assert self.peer is not None
+        await self.peer.bulk_queue.put(data)
+
+    def start(self) -> None:
+        async def deliver() -> None:
+            while True:
+                self.on_bulk(await self.bulk_queue.get())
+
+        self.pump = asyncio.create_task(deliver())
+
+
+def _memory_pair() -> tuple[MemoryLink, MemoryLink]:
+    a, b = MemoryLink(), MemoryLink()
+    a.peer, b.peer = b, a
+    return a, b
+
+
+async def test_in_memory_transfer_stores_every_instance_and_reports_progress(
+    tmp_path: Path,
+) -> None:
+    files = ct_series(5, seed=11, size=128)
+    study = await PreparedStudy.from_files(files, Identity.generate())
+    a, b = _memory_pair()
+    store = MemoryStore()
+    seen: list[tr.Progress] = []
+    receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a", seen.append)
+    sender = StudySender(study, a)
+    a.on_control, b.on_control, b.on_bulk = sender.on_control, receiver.on_control, receiver.on_bulk
+    b.start()
+    try:
+        progress, state = await asyncio.wait_for(asyncio.gather(receiver.run(), sender.run()), 20)
+    finally:
+        assert b.pump is not None
+        b.pump.cancel()
+    assert state is tr.State.COMPLETE
+    assert sorted(store.by_hash.values()) == sorted(files)
+    assert progress.instances_done == 5
+    assert [p.instances_done for p in seen] == [1, 2, 3, 4, 5]
+
+
+async def test_files_from_two_studies_are_refused() -> None:
+    files = ct_series(1, seed=1, size=32) + ct_series(1, seed=2, size=32)
+    with pytest.raises(wirecodec.BadInstance, match="2 studies"):
+        await PreparedStudy.from_files(files, Identity.generate())
+
+
+@pytest.mark.slow
+async def test_real_aiortc_loopback_transfers_a_ct_study_byte_exact(tmp_path: Path) -> None:
+    files = ct_series(12, seed=21, size=512)
+    study = await PreparedStudy.from_files(files, Identity.generate())
+    pc_a, link_a, pc_b, link_b = await rtc_link.pair()
+    store = MemoryStore()
+    receiver = StudyReceiver(link_b, tmp_path / "spool", store, "peer-a")
+    sender = StudySender(study, link_a)
+    link_a.attach(sender.on_control, lambda _d: None)
+    link_b.attach(receiver.on_control, receiver.on_bulk)
+    try:
+        wanted = study.manifest.entries[-1].sop_instance_uid
+        progress, state, _ = await asyncio.wait_for(
+            asyncio.gather(receiver.run(), sender.run(), receiver.instance(wanted)), 60
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await pc_a.close()
+            await pc_b.close()
+    assert state is tr.State.COMPLETE
+    assert sorted(store.by_hash.values()) == sorted(files)
+    assert progress.bytes_done == sum(len(f) for f in files)
