@@ -1,0 +1,325 @@
+"""The viewer's pixel pipeline: pure numpy, no Textual.
+
+stored pixels -> modality LUT (rescale slope/intercept) -> resample onto the
+display grid -> VOI window (DICOM linear function) -> optional invert -> grey.
+
+Resampling happens *before* windowing, so a 512x512 slice shown in a 200x120
+pixel viewport costs a 24k-element window, not a 262k-element one.
+
+Image coordinates are (x, y) = (column, row) with pixel centres on integers,
+as in :mod:`consult.measure`: pixel 0 covers [-0.5, 0.5). Display pixels are
+square; each terminal cell shows two of them stacked (half-block rendering),
+so cell (col, row) holds display pixels (col, 2*row) and (col, 2*row+1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+Grey = npt.NDArray[np.uint8]
+Floats = npt.NDArray[np.float32]
+RGB = tuple[int, int, int]
+Point = tuple[float, float]
+Resample = Literal["nearest", "area"]
+
+MIN_ZOOM = 0.25
+MAX_ZOOM = 16.0
+
+
+@dataclass(frozen=True)
+class Window:
+    center: float
+    width: float
+
+    def __post_init__(self) -> None:
+        if not self.width >= 1:
+            raise ValueError(f"window width must be at least 1, got {self.width}")
+
+    def adjusted(self, d_center: float, d_width: float) -> Window:
+        return Window(self.center + d_center, max(1.0, self.width + d_width))
+
+
+# Number keys 1-8 pick these, in this order.
+PRESETS: tuple[tuple[str, Window], ...] = (
+    ("brain", Window(40, 80)),
+    ("subdural", Window(75, 215)),
+    ("stroke", Window(40, 40)),
+    ("bone", Window(500, 2000)),
+    ("lung", Window(-600, 1500)),
+    ("abdomen", Window(50, 400)),
+    ("liver", Window(60, 160)),
+    ("mediastinum", Window(50, 350)),
+)
+
+
+def modality_lut(stored: npt.NDArray[Any], slope: float = 1.0, intercept: float = 0.0) -> Floats:
+    """Stored values to modality units (HU for CT): ``stored * slope + intercept``."""
+    out = stored.astype(np.float32, copy=True)
+    if slope != 1.0:
+        out *= np.float32(slope)
+    if intercept != 0.0:
+        out += np.float32(intercept)
+    return out
+
+
+def voi_linear(values: npt.NDArray[Any], window: Window, invert: bool = False) -> Grey:
+    """DICOM PS3.3 C.11.2.1.2.1 linear VOI function onto 0..255.
+
+    below c - 0.5 - (w-1)/2 -> 0; above c - 0.5 + (w-1)/2 -> 255;
+    otherwise ((x - (c - 0.5)) / (w - 1) + 0.5) * 255, rounded.
+    """
+    c, w = window.center, window.width
+    x = values.astype(np.float32, copy=False)
+    if w == 1:
+        grey = np.where(x <= c - 0.5, np.float32(0), np.float32(255))
+    else:
+        grey = (x - np.float32(c - 0.5)) * np.float32(1.0 / (w - 1)) + np.float32(0.5)
+        np.clip(grey, 0, 1, out=grey)
+        grey *= np.float32(255)
+        grey += np.float32(0.5)
+    out = grey.astype(np.uint8)
+    if invert:
+        np.subtract(255, out, out=out)
+    return out
+
+
+def window_from_data(values: npt.NDArray[Any]) -> Window:
+    """A starting window covering the 1st..99th percentile, for images without a preset."""
+    lo, hi = np.percentile(values, [1, 99])
+    return Window(float(lo + hi) / 2, max(1.0, float(hi - lo)))
+
+
+def window_from_drag(start: Window, dx: float, dy: float, sensitivity: float) -> Window:
+    """Drag right widens the window, drag down raises the level (the common convention)."""
+    return start.adjusted(dy * sensitivity, dx * sensitivity)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the image sits in a viewport of ``grid`` display pixels (w, h).
+
+    ``center`` is the image coordinate shown in the middle of the viewport;
+    ``spacing`` is (row_mm, col_mm) so non-square pixels keep their true shape.
+    """
+
+    image_shape: tuple[int, int]  # rows, cols
+    grid: tuple[int, int]  # display pixels: width, height (height = 2 x cell rows)
+    spacing: tuple[float, float] = (1.0, 1.0)
+    zoom: float = 1.0
+    center: Point | None = None
+
+    @classmethod
+    def for_cells(cls, image_shape: tuple[int, int], cells: tuple[int, int], **kw: Any) -> Geometry:
+        return cls(image_shape, (max(1, cells[0]), max(1, 2 * cells[1])), **kw)
+
+    @property
+    def view_center(self) -> Point:
+        if self.center is not None:
+            return self.center
+        rows, cols = self.image_shape
+        return ((cols - 1) / 2, (rows - 1) / 2)
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Display pixels per image pixel along x and y."""
+        rows, cols = self.image_shape
+        row_mm, col_mm = self.spacing
+        fit = min(self.grid[0] / (cols * col_mm), self.grid[1] / (rows * row_mm))
+        return fit * self.zoom * col_mm, fit * self.zoom * row_mm
+
+    def image_to_display(self, p: Point) -> Point:
+        sx, sy = self.scale
+        cx, cy = self.view_center
+        return (p[0] - cx) * sx + self.grid[0] / 2, (p[1] - cy) * sy + self.grid[1] / 2
+
+    def display_to_image(self, d: Point) -> Point:
+        sx, sy = self.scale
+        cx, cy = self.view_center
+        return (d[0] - self.grid[0] / 2) / sx + cx, (d[1] - self.grid[1] / 2) / sy + cy
+
+    def image_to_cell(self, p: Point) -> tuple[int, int]:
+        dx, dy = self.image_to_display(p)
+        return math.floor(dx), math.floor(dy / 2)
+
+    def cell_to_image(self, col: int, row: int) -> Point:
+        """The image point under the middle of a terminal cell (for mouse hits)."""
+        return self.display_to_image((col + 0.5, 2 * row + 1.0))
+
+    def zoomed(self, factor: float) -> Geometry:
+        return replace(self, zoom=min(MAX_ZOOM, max(MIN_ZOOM, self.zoom * factor)))
+
+    def panned(self, d_cols: float, d_rows: float) -> Geometry:
+        """Move the view by a number of *display* pixels."""
+        sx, sy = self.scale
+        cx, cy = self.view_center
+        return replace(self, center=(cx + d_cols / sx, cy + d_rows / sy))
+
+    def sample_axes(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Image x of each display column centre and image y of each display row centre."""
+        xs = self.display_to_image_axis(np.arange(self.grid[0], dtype=np.float64) + 0.5, axis=0)
+        ys = self.display_to_image_axis(np.arange(self.grid[1], dtype=np.float64) + 0.5, axis=1)
+        return xs, ys
+
+    def display_to_image_axis(
+        self, d: npt.NDArray[np.float64], axis: int
+    ) -> npt.NDArray[np.float64]:
+        s = self.scale[axis]
+        c = self.view_center[axis]
+        return (d - self.grid[axis] / 2) / s + c
+
+
+def resample(modality: Floats, geom: Geometry, mode: Resample = "nearest") -> tuple[Floats, Any]:
+    """Values on the display grid (h, w) and a boolean mask of where the image is.
+
+    ``nearest`` picks the pixel under each display pixel centre; ``area`` averages
+    every image pixel whose centre falls in the display pixel's footprint (used
+    when the image is shrunk, so fine detail averages instead of aliasing).
+    """
+    rows, cols = modality.shape
+    xs, ys = geom.sample_axes()
+    ix = np.floor(xs + 0.5).astype(np.intp)
+    iy = np.floor(ys + 0.5).astype(np.intp)
+    okx = (ix >= 0) & (ix < cols)
+    oky = (iy >= 0) & (iy < rows)
+    mask = oky[:, None] & okx[None, :]
+    sx, sy = geom.scale
+    if mode == "area" and (sx < 1 or sy < 1):
+        out = _area_average(modality, xs, ys, sx, sy)
+    else:
+        out = modality[np.clip(iy, 0, rows - 1)[:, None], np.clip(ix, 0, cols - 1)[None, :]]
+    return out, mask
+
+
+def _area_average(
+    modality: Floats,
+    xs: npt.NDArray[np.float64],
+    ys: npt.NDArray[np.float64],
+    sx: float,
+    sy: float,
+) -> Floats:
+    rows, cols = modality.shape
+    integral = np.zeros((rows + 1, cols + 1), dtype=np.float64)
+    np.cumsum(np.cumsum(modality, axis=0, dtype=np.float64), axis=1, out=integral[1:, 1:])
+    half_x, half_y = 0.5 / sx, 0.5 / sy
+    # Pixel centres p with lo <= p < hi: indices ceil(lo) .. ceil(hi) - 1.
+    x0 = np.clip(np.ceil(xs - half_x), 0, cols).astype(np.intp)
+    x1 = np.clip(np.ceil(xs + half_x), 0, cols).astype(np.intp)
+    y0 = np.clip(np.ceil(ys - half_y), 0, rows).astype(np.intp)
+    y1 = np.clip(np.ceil(ys + half_y), 0, rows).astype(np.intp)
+    x1 = np.maximum(x1, np.minimum(x0 + 1, cols))
+    y1 = np.maximum(y1, np.minimum(y0 + 1, rows))
+    total = (
+        integral[y1[:, None], x1[None, :]]
+        - integral[y0[:, None], x1[None, :]]
+        - integral[y1[:, None], x0[None, :]]
+        + integral[y0[:, None], x0[None, :]]
+    )
+    count = (y1 - y0)[:, None] * (x1 - x0)[None, :]
+    return (total / np.maximum(count, 1)).astype(np.float32)
+
+
+def render_grey(
+    modality: Floats,
+    geom: Geometry,
+    window: Window,
+    invert: bool = False,
+    mode: Resample = "nearest",
+) -> Grey:
+    """The display grid (h, w) in 0..255; outside the image is black."""
+    values, mask = resample(modality, geom, mode)
+    grey = voi_linear(values, window, invert)
+    grey[~mask] = 0
+    return grey
+
+
+def to_rgb(grey: Grey) -> npt.NDArray[np.uint8]:
+    return np.repeat(grey[:, :, None], 3, axis=2)
+
+
+# --- overlays, drawn in display pixels so half-blocks keep their precision ---
+
+
+def draw_line(rgb: npt.NDArray[np.uint8], a: Point, b: Point, color: RGB) -> None:
+    """A 1-pixel line between two display points, clipped to the grid."""
+    h, w = rgb.shape[:2]
+    span = _clip_span(a, b, w, h)
+    if span is None:
+        return
+    t0, t1 = span
+    length = max(abs(b[0] - a[0]), abs(b[1] - a[1])) * (t1 - t0)
+    t = np.linspace(t0, t1, int(length) + 2)
+    x = np.floor(a[0] + (b[0] - a[0]) * t).astype(np.intp)
+    y = np.floor(a[1] + (b[1] - a[1]) * t).astype(np.intp)
+    ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    rgb[y[ok], x[ok]] = color
+
+
+def _clip_span(a: Point, b: Point, w: int, h: int) -> tuple[float, float] | None:
+    """The part [t0, t1] of the segment a + t(b - a) inside the grid (Liang-Barsky)."""
+    t0, t1 = 0.0, 1.0
+    for p, q in (
+        (-(b[0] - a[0]), a[0] + 1),
+        (b[0] - a[0], w - a[0]),
+        (-(b[1] - a[1]), a[1] + 1),
+        (b[1] - a[1], h - a[1]),
+    ):
+        if p == 0:
+            if q < 0:
+                return None
+            continue
+        r = q / p
+        if p < 0:
+            t0 = max(t0, r)
+        else:
+            t1 = min(t1, r)
+    return (t0, t1) if t0 <= t1 else None
+
+
+def draw_ellipse(
+    rgb: npt.NDArray[np.uint8], center: Point, rx: float, ry: float, color: RGB
+) -> None:
+    """The outline of an axis-aligned ellipse given in display pixels."""
+    h, w = rgb.shape[:2]
+    n = int(min(4 * (w + h), max(16, 2 * math.pi * max(rx, ry) * 1.5)))
+    t = np.linspace(0.0, 2 * math.pi, n, endpoint=False)
+    x = np.floor(center[0] + rx * np.cos(t)).astype(np.intp)
+    y = np.floor(center[1] + ry * np.sin(t)).astype(np.intp)
+    ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    rgb[y[ok], x[ok]] = color
+
+
+def draw_cross(rgb: npt.NDArray[np.uint8], p: Point, color: RGB, arm: int = 2) -> None:
+    draw_line(rgb, (p[0] - arm, p[1]), (p[0] + arm, p[1]), color)
+    draw_line(rgb, (p[0], p[1] - arm), (p[0], p[1] + arm), color)
+
+
+def draw_arrow(rgb: npt.NDArray[np.uint8], tail: Point, head: Point, color: RGB) -> None:
+    draw_line(rgb, tail, head, color)
+    angle = math.atan2(head[1] - tail[1], head[0] - tail[0])
+    for side in (-1, 1):
+        wing = angle + math.pi + side * 0.5
+        draw_line(rgb, head, (head[0] + 3 * math.cos(wing), head[1] + 3 * math.sin(wing)), color)
+
+
+def position_mm(
+    p: Point,
+    spacing: tuple[float, float],
+    origin: tuple[float, float, float] | None = None,
+    orientation: tuple[float, ...] | None = None,
+) -> tuple[float, float, float] | tuple[float, float]:
+    """Patient position (mm) of image point p: DICOM Image Position/Orientation when known,
+    otherwise just the in-plane offset from the first pixel."""
+    row_mm, col_mm = spacing
+    if origin is None or orientation is None or len(orientation) != 6:
+        return p[0] * col_mm, p[1] * row_mm
+    rx, ry, rz, cx, cy, cz = orientation
+    return (
+        origin[0] + rx * col_mm * p[0] + cx * row_mm * p[1],
+        origin[1] + ry * col_mm * p[0] + cy * row_mm * p[1],
+        origin[2] + rz * col_mm * p[0] + cz * row_mm * p[1],
+    )
