@@ -407,3 +407,61 @@ class OfferRound:
     @property
     def all_declined(self) -> bool:
         return self.winner is None and self.declined >= set(self.offered)
+
+
+RESPONSE_TYPE = "consult-response"
+MAX_RESPONSE_WIRE = 8 * 1024
+RESPONSE_EVENTS = frozenset({Event.ACCEPT, Event.DECLINE, Event.WITHDRAW, Event.ACKNOWLEDGE})
+
+
+@dataclass(frozen=True)
+class ConsultResponse:
+    """A signed answer about a request: a consultant accepts or declines, the requester
+    withdraws (cancelled, or someone else won) or acknowledges the report."""
+
+    consult_id: str
+    responder: NodeId
+    event: Event
+    at: int
+    reason: str = ""
+
+    def to_wire(self, responder: Identity) -> bytes:
+        if responder.node_id != self.responder:
+            raise LocalConsultError("a consult response can only be signed by its responder")
+        if self.event not in RESPONSE_EVENTS:
+            raise LocalConsultError(f"{self.event.value!r} is not something a peer answers")
+        body = {
+            "id": self.consult_id,
+            "by": self.responder.digest,
+            "event": self.event.value,
+            "at": self.at,
+            "reason": self.reason,
+        }
+        return SignedEnvelope.create(responder, RESPONSE_TYPE, body).to_wire()
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> ConsultResponse:
+        if len(data) > MAX_RESPONSE_WIRE:
+            raise MalformedMessage(
+                f"consult response is {len(data)} bytes, limit is {MAX_RESPONSE_WIRE}"
+            )
+        try:
+            envelope = SignedEnvelope.from_wire(data, MAX_RESPONSE_WIRE)
+            raw = envelope.verify(RESPONSE_TYPE)
+        except CryptoError as exc:
+            raise MalformedMessage(f"consult response does not verify: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise MalformedMessage("a consult response must be a map")
+        by = raw.get("by")
+        try:
+            event = Event(_text(raw, "event"))
+        except ValueError as exc:
+            raise MalformedMessage("consult response has an unknown event") from exc
+        if not isinstance(by, bytes) or len(by) != 32 or event not in RESPONSE_EVENTS:
+            raise MalformedMessage("consult response has a bad responder or event")
+        response = cls(
+            _text(raw, "id", 64), NodeId(by), event, _int(raw, "at"), _text(raw, "reason", 2000)
+        )
+        if envelope.signer_id != response.responder:
+            raise MalformedMessage("consult response is signed by a node other than its responder")
+        return response

@@ -30,6 +30,7 @@ from typing import Any
 import pycrdt
 
 from consult.errors import LocalConsultError, MalformedMessage, NotAuthor
+from consult.ywire import read_varuint, varuint
 
 MAX_UPDATE_MESSAGE = 256 * 1024  # one local edit
 MAX_SYNC_MESSAGE = 16 * 1024 * 1024  # a full state for a late joiner
@@ -145,26 +146,6 @@ class SyncKind(IntEnum):
     UPDATE = 2  # "here is an edit"
 
 
-def _varuint(num: int) -> bytes:
-    out = bytearray()
-    while num > 127:
-        out.append(128 | (num & 127))
-        num >>= 7
-    out.append(num)
-    return bytes(out)
-
-
-def _read_varuint(data: bytes, offset: int) -> tuple[int, int]:
-    value = shift = 0
-    for index in range(offset, min(len(data), offset + 5)):
-        byte = data[index]
-        value |= (byte & 127) << shift
-        shift += 7
-        if byte < 128:
-            return value, index + 1
-    raise MalformedMessage("live message has a bad length field")
-
-
 @dataclass(frozen=True)
 class SyncMessage:
     """One y-protocols sync message: byte 0 (sync), kind, varuint length, payload."""
@@ -173,7 +154,7 @@ class SyncMessage:
     payload: bytes
 
     def to_wire(self) -> bytes:
-        return bytes([0, self.kind]) + _varuint(len(self.payload)) + self.payload
+        return bytes([0, self.kind]) + varuint(len(self.payload)) + self.payload
 
     @classmethod
     def from_wire(cls, data: bytes) -> SyncMessage:
@@ -188,7 +169,7 @@ class SyncMessage:
             raise MalformedMessage(
                 f"live update is {len(data)} bytes, limit is {MAX_UPDATE_MESSAGE}"
             )
-        length, start = _read_varuint(data, 2)
+        length, start = read_varuint(data, 2)
         if start + length != len(data):
             raise MalformedMessage("live message length does not match its payload")
         return cls(kind, data[start:])
