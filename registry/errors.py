@@ -1,0 +1,61 @@
+"""Errors raised by :mod:`registry`.
+
+Local errors are our own mistakes or refusals (a record that does not verify, a
+limit we enforce); remote errors come from a registry or peer that answered
+badly or not at all. Every message says what happened and what to do.
+"""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base of every error raised by the registry package."""
+
+
+class RecordError(RegistryError):
+    """A node record is malformed, badly signed, expired or stale."""
+
+
+class StaleRecord(RecordError):
+    """A record's sequence number is not newer than the one already held."""
+
+
+class LimitExceeded(RegistryError):
+    """An input is over a size, count or rate limit."""
+
+
+class AuthError(RegistryError):
+    """A WebSocket peer failed the challenge (bad signature, wrong registry, wrong key)."""
+
+
+class TrustError(RegistryError):
+    """The trust store refused an operation (unknown peer, key mismatch, revoked)."""
+
+
+class RegistryUnavailable(RegistryError):
+    """A registry or LAN endpoint could not be reached."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(
+            f"registry {url} is unreachable ({reason}): check the URL and that it is running; "
+            "known peers stay reachable from remembered records"
+        )
+        self.url = url
+
+
+class RemoteRegistryError(RegistryError):
+    """A registry answered with an error status."""
+
+    def __init__(self, url: str, status: int, error: str, hint: str = "") -> None:
+        text = f"registry {url} refused the request (HTTP {status}): {error}"
+        if hint:
+            text += f"; {hint}"
+        super().__init__(text)
+        self.url = url
+        self.status = status
+        self.error = error
+        self.hint = hint
+
+
+class RemoteRecordError(RegistryError):
+    """A registry or peer returned a record that does not verify: it is lying or broken."""
