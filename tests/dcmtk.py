@@ -1,0 +1,182 @@
+"""Helpers for tests that use the real dcmtk tools (Debian package ``dcmtk``).
+
+``echoscu`` / ``storescu`` act as a hospital's DICOM clients, ``storescp`` as a
+real receiving PACS. Everything runs on 127.0.0.1 with ports the OS picked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+LOOPBACK = "127.0.0.1"
+TOOL_TIMEOUT = 60.0
+
+
+def require_dcmtk(*tools: str) -> None:
+    """Skip the calling test, naming the Debian package, when a dcmtk tool is missing."""
+    for tool in tools or ("echoscu", "storescu", "storescp"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found: install the Debian package dcmtk")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {LOOPBACK}:{port} after {timeout} s")
+
+
+def dataset_part(part10: bytes) -> bytes:
+    """The bytes after the File Meta Information group: the data set as sent on the wire."""
+    if part10[128:132] != b"DICM":
+        raise ValueError("not a Part-10 file")
+    # (0002,0000) UL, explicit VR little endian: tag 4 + VR 2 + length 2 + value 4.
+    if part10[132:138] != b"\x02\x00\x00\x00UL":
+        raise ValueError("file meta has no group length")
+    group_length = int.from_bytes(part10[140:144], "little")
+    return part10[144 + group_length :]
+
+
+def echoscu(
+    port: int, called_ae: str, calling_ae: str = "ECHOSCU"
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["echoscu", "-aet", calling_ae, "-aec", called_ae, LOOPBACK, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+        check=False,
+    )
+
+
+def storescu(
+    files: Sequence[Path],
+    port: int,
+    called_ae: str,
+    calling_ae: str = "STORESCU",
+    extra: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Send files; pass ``extra=[propose_option(path)]`` for compressed files."""
+    return subprocess.run(
+        [
+            "storescu",
+            "-aet",
+            calling_ae,
+            "-aec",
+            called_ae,
+            *extra,
+            LOOPBACK,
+            str(port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+        check=False,
+    )
+
+
+# storescu's option that proposes a transfer syntax (with the uncompressed ones).
+PROPOSE_OPTION = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.2": "-xb",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def propose_option(path: Path) -> str:
+    """The storescu option that proposes the file's own transfer syntax."""
+    syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    return PROPOSE_OPTION[syntax]
+
+
+@dataclass
+class StoreSCP:
+    """A running dcmtk ``storescp`` writing every received instance to ``directory``."""
+
+    port: int
+    ae_title: str
+    directory: Path
+    process: subprocess.Popen[bytes]
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.directory.iterdir() if p.is_file())
+
+
+@contextlib.contextmanager
+def storescp(directory: Path, ae_title: str = "STORESCP") -> Iterator[StoreSCP]:
+    require_dcmtk("storescp")
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    # +xa: accept every transfer syntax; -uf: file names from SOP instance UIDs.
+    process = subprocess.Popen(
+        ["storescp", "-aet", ae_title, "+xa", "-od", str(directory), "-uf", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield StoreSCP(port, ae_title, directory, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+# Sample files that ship inside pydicom (no download), one per transfer syntax family.
+SAMPLE_FILES = (
+    "CT_small.dcm",  # explicit VR LE
+    "MR_small_implicit.dcm",  # implicit VR LE
+    "MR_small_bigendian.dcm",  # explicit VR BE
+    "image_dfl.dcm",  # deflated
+    "JPEG-lossy.dcm",  # JPEG baseline
+    "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline RGB
+    "JPGExtended.dcm",  # JPEG extended 12-bit
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
+    "MR_small_jp2klossless.dcm",  # JPEG 2000 lossless
+    "JPEG2000.dcm",  # JPEG 2000
+    "MR_small_RLE.dcm",  # RLE
+    "rtplan.dcm",  # non-image storage class
+)
+
+
+def sample_paths(names: Sequence[str] = SAMPLE_FILES) -> list[Path]:
+    paths = []
+    for name in names:
+        path = get_testdata_file(name, download=False)
+        if path is None:
+            raise FileNotFoundError(f"pydicom sample {name} is not shipped with pydicom")
+        paths.append(Path(str(path)))
+    return paths
