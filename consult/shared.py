@@ -175,6 +175,15 @@ class SyncMessage:
         return cls(kind, data[start:])
 
 
+def _utf8_offset(text: str, index: int) -> int:
+    """pycrdt's Text counts UTF-8 bytes; people and the TUI count characters.
+
+    An offset inside a multi-byte character corrupts the edit, so every index
+    is converted here, never passed through.
+    """
+    return len(text[: max(0, index)].encode())
+
+
 # --- the document --------------------------------------------------------------------------
 
 
@@ -248,12 +257,16 @@ class SharedState:
         return message
 
     def insert_report(self, index: int, text: str) -> None:
-        self._report.insert(max(0, min(index, len(self._report))), text)
+        """Insert at a character index (clamped to the text)."""
+        current = str(self._report)
+        self._report.insert(_utf8_offset(current, index), text)
 
     def delete_report(self, start: int, end: int) -> None:
-        start, end = max(0, start), min(end, len(self._report))
-        if start < end:
-            del self._report[start:end]
+        """Delete characters [start, end) (clamped to the text)."""
+        current = str(self._report)
+        start_b, end_b = _utf8_offset(current, start), _utf8_offset(current, end)
+        if start_b < end_b:
+            del self._report[start_b:end_b]
 
     # reading ----------------------------------------------------------------------------
     @property
