@@ -106,11 +106,13 @@ def ct_series(n: int, seed: int = 1, size: int = 512, noise: float = 12.0) -> li
     return [ct_instance(rng, study, series, i, size, noise) for i in range(n)]
 
 
-def random_instance(seed: int, size: int = 512) -> bytes:
+def random_instance(
+    seed: int, size: int = 512, study_uid: str = "1.2.826.0.1.3680043.8.498.1"
+) -> bytes:
     """Incompressible: uniformly random 16-bit pixel values."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 1 << 16, size=(size, size), dtype=np.uint16).astype("<u2")
-    return _file(pixels, generate_uid(), generate_uid(), 0, bits_stored=16, signed=False)
+    return _file(pixels, study_uid, study_uid + ".1", seed, bits_stored=16, signed=False)
 
 
 def _measure(

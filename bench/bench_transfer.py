@@ -1,4 +1,7 @@
-"""A bare aiortc data-channel pair on 127.0.0.1 for the transfer test and benchmark.
+"""Study transfer over aiortc on loopback: throughput vs the raw channel, first slice, RSS.
+
+Run: ``python -m bench transfer``. Also home of a bare aiortc data-channel pair
+on 127.0.0.1 used by the transfer runner's loopback test.
 
 Stand-in until peer_transport/connection.py (handshake, encryption, heartbeat)
 lands: two negotiated channels, ``control`` and ``bulk``, and a
@@ -9,11 +12,24 @@ lands: two negotiated channels, ``control`` and ``bulk``, and a
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from bench import bench_codec
+from crypto.identity import Identity
+from peer_transport import transfer as tr
+from peer_transport.transfer_runner import PreparedStudy, StudyReceiver, StudySender
 
 HIGH_WATER = 1 << 20  # bytes queued in SCTP before send_bulk waits
 LOW_WATER = 256 << 10
@@ -83,3 +99,173 @@ async def pair() -> tuple[RTCPeerConnection, ChannelLink, RTCPeerConnection, Cha
     async with asyncio.timeout(15):
         await asyncio.gather(wait_open(link_a), wait_open(link_b))
     return pc_a, link_a, pc_b, link_b
+
+
+# -- benchmark: two processes on loopback ------------------------------------------------
+
+RAW_BYTES = 48 << 20
+RAW_MESSAGE = 60 * 1024
+
+
+class CountingStore:
+    """Keeps only hashes, so the receiver's RSS reflects the transfer, not the data."""
+
+    def __init__(self) -> None:
+        self.hashes: set[str] = set()
+        self.bytes = 0
+
+    def has_hash(self, content_hash: str) -> bool:
+        return content_hash in self.hashes
+
+    def add_bytes(self, data: bytes, *, source: str) -> None:
+        self.hashes.add(hashlib.sha256(data).hexdigest())
+        self.bytes += len(data)
+
+
+def _use_uvloop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
+async def _child(mode: str, want: int) -> dict[str, float]:
+    """Receiver process: SDP over stdin/stdout, results as one JSON line."""
+    loopback_only()
+    pc, link = peer()
+    remote = json.loads(await asyncio.to_thread(sys.stdin.readline))
+    print(json.dumps(await answer(pc, remote)), flush=True)
+    await wait_open(link)
+    loop = asyncio.get_running_loop()
+    result: dict[str, float] = {}
+    if mode == "raw":
+        done = loop.create_future()
+        got = [0, 0.0]
+
+        def on_bulk(data: bytes) -> None:
+            if got[0] == 0:
+                got[1] = loop.time()
+            got[0] += len(data)
+            if got[0] >= RAW_BYTES and not done.done():
+                done.set_result(loop.time())
+
+        link.attach(lambda _d: None, on_bulk)
+        end = await done
+        result["seconds"] = end - got[1]
+        result["bytes"] = got[0]
+        link.control.send(b"done")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            store = CountingStore()
+            window = int(os.environ.get("BENCH_WINDOW", tr.DEFAULT_WINDOW))
+            receiver = StudyReceiver(link, Path(tmp) / "spool", store, "bench", window=window)
+            link.attach(receiver.on_control, receiver.on_bulk)
+            run = asyncio.create_task(receiver.run())
+            await receiver._started.wait()
+            start = loop.time()
+            if want >= 0:
+                assert receiver.protocol is not None
+                uid = receiver.protocol.manifest.entries[want].sop_instance_uid
+                await receiver.instance(uid)
+                result["first_slice"] = loop.time() - start
+            progress = await run
+            result["seconds"] = loop.time() - start
+            result["bytes"] = progress.bytes_done
+    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result), flush=True)
+    await asyncio.sleep(0.5)
+    await pc.close()
+    return result
+
+
+async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str, float]:
+    loopback_only()
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.bench_transfer", "--child", mode, str(want),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdin is not None
+    assert child.stdout is not None
+    pc, link = peer()
+    child.stdin.write((json.dumps(await offer(pc)) + "\n").encode())
+    await child.stdin.drain()
+    await finish(pc, json.loads(await child.stdout.readline()))
+    await wait_open(link)
+    if mode == "raw":
+        done = asyncio.Event()
+        link.attach(lambda _d: done.set(), lambda _d: None)
+        payload = os.urandom(RAW_MESSAGE)
+        for _ in range(RAW_BYTES // RAW_MESSAGE + 1):
+            await link.send_bulk(payload)
+        await asyncio.wait_for(done.wait(), 300)
+    else:
+        assert study is not None
+        sender = StudySender(study, link)
+        link.attach(sender.on_control, lambda _d: None)
+        await asyncio.wait_for(sender.run(), 600)
+    result: dict[str, float] = json.loads(await asyncio.wait_for(child.stdout.readline(), 60))
+    await child.wait()
+    await pc.close()
+    return result
+
+
+def _study(files: list[bytes]) -> tuple[PreparedStudy, float]:
+    started = time.perf_counter()
+    study = asyncio.run(PreparedStudy.from_files(files, Identity.generate()))
+    return study, time.perf_counter() - started
+
+
+def main() -> None:
+    loop_name = _use_uvloop()
+
+    # The machine is shared: measure the raw channel around each study and use the
+    # mean of the two measurements next to it.
+    def raw_rate() -> float:
+        raw = asyncio.run(_parent("raw", None, -1))
+        return raw["bytes"] / raw["seconds"]
+
+    print(f"event loop: {loop_name}")
+    before = raw_rate()
+    print(f"raw aiortc data channel, 2 processes: {before / 1e6:.2f} MB/s")
+
+    ct, encode_s = _study(bench_codec.ct_series(200, seed=1))
+    ct_bytes = ct.manifest.total_size
+    wire = sum(len(w) for w in ct.wires)
+    res = asyncio.run(_parent("study", ct, -1))
+    rate = res["bytes"] / res["seconds"]
+    after = raw_rate()
+    print(f"raw aiortc data channel, 2 processes: {after / 1e6:.2f} MB/s")
+    raw = (before + after) / 2
+    print(
+        f"CT 200x512x512 ({ct_bytes / 1e6:.0f} MB, wire {wire / 1e6:.0f} MB, "
+        f"encode+verify {encode_s:.1f} s before offering): {rate / 1e6:.2f} MB/s original "
+        f"= {rate / raw:.2f}x raw (goal >= 3x); receiver peak RSS {res['rss_mb']:.0f} MB"
+    )
+
+    noise, _ = _study([bench_codec.random_instance(s) for s in range(60)])
+    res = asyncio.run(_parent("study", noise, -1))
+    rate = res["bytes"] / res["seconds"]
+    again = raw_rate()
+    print(f"raw aiortc data channel, 2 processes: {again / 1e6:.2f} MB/s")
+    raw = (after + again) / 2
+    print(
+        f"incompressible 60x512x512: {rate / 1e6:.2f} MB/s = {rate / raw:.2f}x raw (goal >= 0.8x)"
+    )
+
+    big, encode_s = _study(bench_codec.ct_series(500, seed=2))
+    res = asyncio.run(_parent("study", big, 400))
+    print(
+        f"CT 500 slices: slice 400 verified and stored {res['first_slice'] * 1000:.0f} ms after "
+        f"the manifest arrived (goal < 1000 ms); whole study {res['seconds']:.1f} s; "
+        f"receiver peak RSS {res['rss_mb']:.0f} MB"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _use_uvloop()
+        asyncio.run(_child(sys.argv[2], int(sys.argv[3])))
+    else:
+        main()
