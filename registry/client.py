@@ -194,10 +194,15 @@ class RegistryClient:
                 break
         return results[:max_results]
 
-    def connect(self, *, max_backoff: float = 10.0) -> RegistryConnection:
+    def connect(
+        self, *, max_backoff: float = 10.0, connect_timeout: float = 10.0
+    ) -> RegistryConnection:
+        """The signaling socket; ``connect_timeout`` also bounds waits in ``send``."""
         if self.identity is None:
             raise RegistryError("connecting to a registry needs the node identity")
-        return RegistryConnection(self, self.identity, max_backoff=max_backoff)
+        return RegistryConnection(
+            self, self.identity, max_backoff=max_backoff, connect_timeout=connect_timeout
+        )
 
     async def turn_credentials(self) -> wsproto.TurnCredentials:
         async with self.connect() as conn:

@@ -1,0 +1,234 @@
+"""The registry HTTP API through aiohttp's test client and over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crypto.identity import Identity
+from registry.client import RegistryClient, SearchQuery
+from registry.errors import RemoteRegistryError, StaleRecord
+from registry.records import Availability
+from registry.server import Limits, RegistryServer
+from tests.registry.conftest import NOW, Clock, make_record
+
+IDS = [Identity(bytes([i]) * 32) for i in range(1, 8)]
+
+
+@pytest.fixture
+async def http(
+    tmp_path: Path, clock: Clock
+) -> AsyncIterator[tuple[TestClient[web.Request, web.Application], RegistryServer]]:
+    server = RegistryServer(
+        tmp_path / "r.db", clock=clock, limits=Limits(publish_burst=3, address_burst=1000)
+    )
+    async with TestClient(TestServer(server.app)) as client:
+        yield client, server
+
+
+async def test_publish_then_lookup_returns_the_same_signed_bytes(
+    http: tuple[TestClient[web.Request, web.Application], RegistryServer],
+) -> None:
+    client, _ = http
+    record = make_record(IDS[0])
+    response = await client.post("/v1/records", data=record.to_wire())
+    assert response.status == 200, await response.text()
+    response = await client.get(f"/v1/records/{IDS[0].node_id}")
+    assert response.status == 200
+    assert await response.read() == record.to_wire()
+    missing = await client.get(f"/v1/records/{IDS[1].node_id}")
+    assert missing.status == 404
+    assert set(await missing.json()) == {"error", "hint"}
+
+
+async def test_tampered_and_stale_records_are_refused_with_readable_errors(
+    http: tuple[TestClient[web.Request, web.Application], RegistryServer],
+) -> None:
+    client, _ = http
+    wire = bytearray(make_record(IDS[0], seq=2).to_wire())
+    wire[-5] ^= 1
+    response = await client.post("/v1/records", data=bytes(wire))
+    assert response.status == 400
+    assert "does not verify" in (await response.json())["error"]
+    assert (
+        await client.post("/v1/records", data=make_record(IDS[0], seq=2).to_wire())
+    ).status == 200
+    stale = await client.post("/v1/records", data=make_record(IDS[0], seq=2).to_wire())
+    assert stale.status == 409
+    assert "sequence" in (await stale.json())["hint"]
+    newer = await client.post("/v1/records", data=make_record(IDS[0], seq=3).to_wire())
+    assert newer.status == 200
+
+
+async def test_oversized_body_is_413(
+    http: tuple[TestClient[web.Request, web.Application], RegistryServer],
+) -> None:
+    client, _ = http
+    response = await client.post("/v1/records", data=b"x" * 40_000)
+    assert response.status == 413
+    assert "too large" in (await response.json())["error"]
+
+
+async def test_expired_records_disappear_and_are_purged(
+    http: tuple[TestClient[web.Request, web.Application], RegistryServer], clock: Clock
+) -> None:
+    client, server = http
+    await client.post("/v1/records", data=make_record(IDS[0], ttl=100).to_wire())
+    assert (await client.get(f"/v1/records/{IDS[0].node_id}")).status == 200
+    clock.now = NOW + 100
+    assert (await client.get(f"/v1/records/{IDS[0].node_id}")).status == 404
+    assert (await (await client.get("/v1/search")).json())["records"] == []
+    assert server.db.purge(int(clock.now)) == 1
+
+
+async def test_search_filters_and_pages(
+    http: tuple[TestClient[web.Request, web.Application], RegistryServer],
+) -> None:
+    client, _ = http
+    specs = [
+        (("neuro",), ("FR",), Availability.ONLINE),
+        (("neuro", "paediatric"), ("DE",), Availability.AWAY),
+        (("msk",), ("FR",), Availability.ON_CALL),
+    ]
+    for identity, (subs, jur, avail) in zip(IDS, specs, strict=False):
+        record = make_record(identity, subs=subs, jur=jur, availability=avail)
+        assert (await client.post("/v1/records", data=record.to_wire())).status == 200
+
+    async def ids(query: str) -> set[str]:
+        response = await client.get("/v1/search?" + query)
+        assert response.status == 200
+        from registry.records import NodeRecord
+
+        return {
+            str(NodeRecord.from_wire(base64.b64decode(w)).node_id)
+            for w in (await response.json())["records"]
+        }
+
+    assert await ids("subspecialty=neuro") == {str(IDS[0].node_id), str(IDS[1].node_id)}
+    assert await ids("subspecialty=NEURO&online=1") == {str(IDS[0].node_id)}
+    assert await ids("jurisdiction=FR&online=1") == {str(IDS[0].node_id), str(IDS[2].node_id)}
+    assert await ids("subspecialty=neur") == set()  # whole items only
+    assert await ids("subspecialty=%25") == set()  # LIKE wildcards are escaped
+    first = await ids("limit=2")
+    rest = await ids("limit=2&after=" + max(first))
+    assert len(first) == 2
+    assert len(rest) == 1
+    assert not first & rest
+
+
+@pytest.mark.parametrize(
+    ("query", "fragment"),
+    [
+        ("bogus=1", "unknown search parameter"),
+        ("online=yes", "online must be 0 or 1"),
+        ("limit=1000", "between 1 and 100"),
+        ("subspecialty=" + "x" * 65, "too long"),
+    ],
+)
+async def test_bad_search_parameters_are_400(
+    http: tuple[TestClient[web.Request, web.Application], RegistryServer], query: str, fragment: str
+) -> None:
+    client, _ = http
+    response = await client.get("/v1/search?" + query)
+    assert response.status == 400
+    assert fragment in (await response.json())["error"]
+
+
+async def test_publish_rate_limit_per_node_recovers_with_time(
+    http: tuple[TestClient[web.Request, web.Application], RegistryServer], clock: Clock
+) -> None:
+    client, _ = http
+    statuses = [
+        (await client.post("/v1/records", data=make_record(IDS[0], seq=s).to_wire())).status
+        for s in range(1, 6)
+    ]
+    assert statuses == [200, 200, 200, 429, 429]
+    other = await client.post("/v1/records", data=make_record(IDS[1]).to_wire())
+    assert other.status == 200  # the limit is per node
+    clock.now += 2
+    assert (
+        await client.post("/v1/records", data=make_record(IDS[0], seq=9).to_wire())
+    ).status == 200
+
+
+async def test_per_address_rate_limit(tmp_path: Path, clock: Clock) -> None:
+    server = RegistryServer(
+        tmp_path / "r.db", clock=clock, limits=Limits(address_rate=1, address_burst=5)
+    )
+    async with TestClient(TestServer(server.app)) as client:
+        statuses = [(await client.get("/v1/health")).status for _ in range(7)]
+        assert statuses == [200] * 5 + [429] * 2
+        body = await (await client.get("/v1/health")).json()
+        assert "retry after" in body["hint"]
+        clock.now += 3
+        assert (await client.get("/v1/health")).status == 200
+
+
+async def test_real_server_on_loopback_with_client(live_registry: RegistryServer) -> None:
+    async with RegistryClient(live_registry.url) as client:
+        assert (await client.health())["status"] == "ok"
+        await client.publish(make_record(IDS[0], seq=1))
+        with pytest.raises(StaleRecord):
+            await client.publish(make_record(IDS[0], seq=1))
+        found = await client.lookup(IDS[0].node_id, now=NOW)
+        assert found is not None
+        assert found.sequence == 1
+        assert await client.lookup(IDS[1].node_id, now=NOW) is None
+        results = await client.search(SearchQuery(subspecialty="neuro"), now=NOW)
+        assert [r.node_id for r in results] == [IDS[0].node_id]
+        with pytest.raises(RemoteRegistryError) as info:
+            await client.publish(make_record(IDS[1], seq=1, ttl=1, now=NOW - 10))
+        assert info.value.status == 400
+
+
+def test_fuzz_http_inputs_get_json_4xx_never_5xx(tmp_path: Path) -> None:
+    loop = asyncio.new_event_loop()
+    server = RegistryServer(
+        tmp_path / "f.db", limits=Limits(address_rate=1e6, address_burst=1e6, publish_burst=1e6)
+    )
+    client = TestClient(TestServer(server.app), loop=loop)
+    loop.run_until_complete(client.start_server())
+    good = make_record(IDS[0], now=int(__import__("time").time())).to_wire()
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        body=st.one_of(
+            st.binary(max_size=600),
+            st.integers(0, len(good) - 1).map(
+                lambda i: good[:i] + bytes([good[i] ^ 0x40]) + good[i + 1 :]
+            ),
+        ),
+        key=st.sampled_from(
+            ["subspecialty", "jurisdiction", "language", "online", "limit", "after", "x"]
+        ),
+        value=st.text(max_size=80),
+        node=st.text(max_size=90),
+    )
+    def check(body: bytes, key: str, value: str, node: str) -> None:
+        async def run() -> None:
+            for response in (
+                await client.post("/v1/records", data=body),
+                await client.get("/v1/search", params={key: value}),
+                await client.get(
+                    "/v1/records/" + node.replace("/", "").replace("?", "").replace("#", "") + "x"
+                ),
+            ):
+                assert response.status < 500, await response.text()
+                if response.status >= 400:
+                    assert set(await response.json()) == {"error", "hint"}
+
+        loop.run_until_complete(run())
+
+    try:
+        check()
+    finally:
+        loop.run_until_complete(client.close())
+        loop.close()
