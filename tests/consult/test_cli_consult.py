@@ -1,0 +1,131 @@
+"""`radmesh consult ...` as two users run it: one node asks, the other answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from consult.requests import State
+from consult.store import ConsultDB
+from crypto.identity import NodeId
+from node.cli import main
+from node.commands import consult as consult_command
+from node.config import NodeHome
+
+
+def init(home: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> NodeId:
+    assert main(["--home", str(home), "init", "--no-passphrase", *extra]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("Node id:"))
+    return NodeId.parse(line.split(":", 1)[1])
+
+
+def run(home: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["--home", str(home), "consult", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def state_of(home: Path, consult_id: str) -> State:
+    with ConsultDB.in_data_dir(NodeHome(home).data_dir) as db:
+        return db.get(db.resolve(consult_id)).state
+
+
+def test_request_import_accept_round_trip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital, specialist = tmp_path / "hospital", tmp_path / "specialist"
+    init(hospital, capsys, "--jurisdictions", "FR")
+    specialist_id = init(specialist, capsys, "--subspecialties", "neuro")
+    request_file, response_file = tmp_path / "req.bin", tmp_path / "resp.bin"
+    code, out, _ = run(
+        hospital, capsys, "request", "--study", "2.25.1", "--question", "Bleed?",
+        "--priority", "stat", "--subspecialty", "neuro", "--jurisdiction", "FR",
+        "--to", str(specialist_id), "--out", str(request_file),
+    )  # fmt: skip
+    assert code == 0
+    consult_id = out.split()[1]
+    assert state_of(hospital, consult_id) == State.OFFERED
+
+    assert run(specialist, capsys, "import", str(request_file))[0] == 0
+    code, out, _ = run(specialist, capsys, "list")
+    assert code == 0
+    assert consult_id[:8] in out
+    assert "stat" in out
+
+    code, _, _ = run(specialist, capsys, "accept", consult_id[:8], "--out", str(response_file))
+    assert code == 0
+    assert state_of(specialist, consult_id) == State.ACCEPTED
+    assert run(hospital, capsys, "import", str(response_file))[0] == 0
+    assert state_of(hospital, consult_id) == State.ACCEPTED
+
+    code, out, _ = run(hospital, capsys, "show", consult_id[:6])
+    assert code == 0
+    assert "offer -> offered" in out
+    assert "accept -> accepted" in out
+
+    # the requester cannot accept its own request; an accepted case cannot be declined
+    code, _, err = run(hospital, capsys, "accept", consult_id[:8])
+    assert code == 1
+    assert "only the consultant" in err
+    code, _, err = run(specialist, capsys, "decline", consult_id[:8])
+    assert code == 1
+    assert "cannot take event 'decline'" in err
+
+
+def test_response_from_a_node_the_request_was_not_sent_to_is_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital, chosen, intruder = tmp_path / "h", tmp_path / "c", tmp_path / "i"
+    init(hospital, capsys)
+    chosen_id = init(chosen, capsys)
+    init(intruder, capsys)
+    request_file, response_file = tmp_path / "req.bin", tmp_path / "resp.bin"
+    _, out, _ = run(
+        hospital, capsys, "request", "--study", "2.25.1", "--question", "?",
+        "--subspecialty", "msk", "--jurisdiction", "FR", "--to", str(chosen_id),
+        "--out", str(request_file),
+    )  # fmt: skip
+    consult_id = out.split()[1]
+    assert run(intruder, capsys, "import", str(request_file))[0] == 0
+    assert run(intruder, capsys, "accept", consult_id, "--out", str(response_file))[0] == 0
+    code, _, err = run(hospital, capsys, "import", str(response_file))
+    assert code == 1
+    assert "may not accept" in err
+    assert state_of(hospital, consult_id) == State.OFFERED
+
+
+def test_deliver_hook_is_called_with_the_signed_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hospital = tmp_path / "h"
+    init(hospital, capsys)
+    peer = init(tmp_path / "p", capsys)
+    sent: list[tuple[NodeId, str, bytes]] = []
+
+    def fake_deliver(home: NodeHome, to: NodeId, kind: str, wire: bytes) -> bool:
+        sent.append((to, kind, wire))
+        return True
+
+    monkeypatch.setattr(consult_command, "deliver", fake_deliver)
+    code, out, _ = run(
+        hospital, capsys, "request", "--study", "2.25.1", "--question", "?",
+        "--subspecialty", "msk", "--jurisdiction", "FR", "--to", str(peer),
+    )  # fmt: skip
+    assert code == 0
+    assert "Sent the request" in out
+    assert [(to, kind) for to, kind, _ in sent] == [(peer, "request")]
+
+
+def test_list_on_an_empty_node_and_unknown_id(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "n"
+    init(home, capsys)
+    code, out, _ = run(home, capsys, "list")
+    assert code == 0
+    assert "No consults" in out
+    code, _, err = run(home, capsys, "show", "deadbeef")
+    assert code == 1
+    assert "consult list" in err
