@@ -352,6 +352,8 @@ class ImportSummary:
     imported: list[AddResult] = field(default_factory=list)
     duplicates: list[AddResult] = field(default_factory=list)
     rejected: list[tuple[Path, str]] = field(default_factory=list)
+    # DICOMDIR files (their references are imported) and hidden files.
+    skipped: list[Path] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -373,6 +375,7 @@ def import_paths(
         if progress is not None:
             progress(count, len(candidates), path)
         if path.name.upper() == "DICOMDIR" or path.name.startswith("."):
+            summary.skipped.append(path)
             continue
         try:
             result = store.add_file(path, source=source)

@@ -1,0 +1,228 @@
+"""Import of real sample files (including malformed ones), folders, DICOMDIR; frame reads."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.encaps
+import pytest
+from pydicom.data import get_testdata_files
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+import node.store as store_module
+from node.dicom_files import ImportSummary, import_paths
+from node.store import Store
+
+KEY = bytes(range(32))
+REASONS = (
+    "not DICOM",
+    "truncated",
+    "missing meta",
+    "missing attribute",
+    "unreadable element",
+    "not an instance",
+)
+# pydicom's known-bad samples and why the store must refuse them.
+MALFORMED = {
+    "MR_truncated.dcm": "truncated",
+    "meta_missing_tsyntax.dcm": "missing meta",
+    "ExplVR_LitEndNoMeta.dcm": "missing meta",
+    "README.txt": "not DICOM",
+    "zipMR.gz": "not DICOM",
+}
+
+
+def _local_samples() -> list[Path]:
+    # get_testdata_files lists only files shipped inside the package; nothing downloads.
+    return sorted(Path(p) for p in get_testdata_files() if os.path.isfile(p))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with Store.open(tmp_path / "store", KEY) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def sample_import(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Store, ImportSummary]]:
+    root = tmp_path_factory.mktemp("samples")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Store.open(root, KEY) as store:
+            yield store, import_paths(store, _local_samples(), source="test")
+
+
+def test_every_shipped_sample_imports_or_is_rejected_with_a_reason(
+    sample_import: tuple[Store, ImportSummary],
+) -> None:
+    _store, summary = sample_import
+    assert summary.imported, "the valid samples must import"
+    parts = (summary.imported, summary.duplicates, summary.rejected, summary.skipped)
+    handled = sum(len(part) for part in parts)
+    assert handled == len(_local_samples())
+    for path, reason in summary.rejected:
+        assert reason.startswith(REASONS), (path.name, reason)
+        assert "\n" not in reason
+    rejected = {path.name: reason for path, reason in summary.rejected}
+    for name, why in MALFORMED.items():
+        assert rejected[name].startswith(why), (name, rejected[name])
+
+
+def test_every_imported_sample_reads_back_byte_exact(
+    sample_import: tuple[Store, ImportSummary],
+) -> None:
+    store, summary = sample_import
+    by_uid = {r.sop_instance_uid: r for r in summary.imported}
+    for path in _local_samples():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: S112 - rejected files are covered above
+            continue
+        uid = ds.get("SOPInstanceUID")
+        if uid in by_uid and by_uid[uid].content_hash:
+            data = store.read_instance(uid)
+            if by_uid[uid].size == path.stat().st_size and data == path.read_bytes():
+                continue
+            # Two sample files share a SOP Instance UID; the latest import won.
+            assert any(
+                p.read_bytes() == data for p in _local_samples() if p.stat().st_size == len(data)
+            )
+
+
+def _expected_frames(path: Path, frames: int) -> list[bytes]:
+    ds = pydicom.dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        return list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frames))
+    size = ds.Rows * ds.Columns * ds.SamplesPerPixel * ds.BitsAllocated // 8
+    return [ds.PixelData[i * size : (i + 1) * size] for i in range(frames)]
+
+
+def _multiframe_samples() -> list[Path]:
+    found = []
+    for path in _local_samples():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            if int(ds.get("NumberOfFrames") or 1) > 1:
+                found.append(path)
+        except Exception:  # noqa: S112 - not a usable sample
+            continue
+    return found
+
+
+@pytest.mark.parametrize("path", _multiframe_samples(), ids=lambda p: p.name)
+def test_frames_of_multiframe_samples_equal_pydicoms(store: Store, path: Path) -> None:
+    uid = store.add_file(path, source="test").sop_instance_uid
+    frames = int(pydicom.dcmread(path, stop_before_pixels=True).NumberOfFrames)
+    expected = _expected_frames(path, frames)
+    for index in range(frames):
+        assert store.read_frame(uid, index) == expected[index], index
+
+
+def _multiframe(path: Path, frames: int, rows: int) -> Path:
+    rng = np.random.default_rng(7)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # multi-frame grayscale word SC
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.Rows = ds.Columns = rows
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = rng.integers(0, 4096, (frames, rows, rows), dtype="<u2").tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def test_reading_one_frame_decrypts_only_the_chunks_covering_it(
+    tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "CHUNK_SIZE", 8192)
+    path = _multiframe(tmp_path / "mf.dcm", frames=40, rows=64)  # 8 KiB frames, ~40 chunks
+    uid = store.add_file(path, source="test").sop_instance_uid
+    decrypted: list[int] = []
+    original = store_module.BlobReader._chunk
+
+    def counting(self: store_module.BlobReader, index: int) -> bytes:
+        decrypted.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(store_module.BlobReader, "_chunk", counting)
+    pixels = pydicom.dcmread(path).pixel_array
+    for frame in (0, 17, 39):
+        decrypted.clear()
+        assert store.read_frame(uid, frame) == pixels[frame].astype("<u2").tobytes()
+        assert 1 <= len(set(decrypted)) <= 2
+
+
+def test_folder_import_is_recursive_and_one_bad_file_does_not_stop_the_rest(
+    tmp_path: Path, store: Store
+) -> None:
+    from node.demo_data import generate_ct
+
+    folder = tmp_path / "in"
+    good = generate_ct(folder / "a" / "b", slices=3, rows=32)
+    (folder / "a" / "notes.txt").write_text("not an image")
+    truncated = folder / "a" / "cut.dcm"
+    truncated.write_bytes(good[0].read_bytes()[:-500])
+    summary = import_paths(store, [folder], source="test")
+    assert len(summary.imported) == 3
+    assert sorted((p.name, r.split(":")[0]) for p, r in summary.rejected) == [
+        ("cut.dcm", "truncated"),
+        ("notes.txt", "not DICOM"),
+    ]
+    again = import_paths(store, [folder], source="test")
+    assert (len(again.imported), len(again.duplicates)) == (0, 3)
+
+
+def test_dicomdir_import_follows_its_references(tmp_path: Path, store: Store) -> None:
+    dicomdir = next(
+        Path(p)
+        for p in get_testdata_files()
+        if p.endswith(os.path.join("dicomdirtests", "DICOMDIR"))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = import_paths(store, [dicomdir], source="test")
+        records = pydicom.dcmread(dicomdir).DirectoryRecordSequence
+    referenced = [r for r in records if r.get("ReferencedFileID")]
+    assert len(summary.imported) + len(summary.duplicates) == len(referenced)
+    assert not summary.rejected
+    assert len(store.studies()) >= 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "image_dfl.dcm",  # deflated: no frame index, decoded whole
+        "JPEG2000.dcm",
+        "MR_small_RLE.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "MR_small_bigendian.dcm",
+        "CT_small.dcm",
+    ],
+)
+def test_single_frame_read_matches_pydicom_for_each_transfer_syntax(
+    store: Store, name: str
+) -> None:
+    path = next(p for p in _local_samples() if p.name == name)
+    uid = store.add_file(path, source="test").sop_instance_uid
+    assert store.read_frame(uid, 0) == _expected_frames(path, 1)[0]
+    assert store.read_instance(uid) == path.read_bytes()
