@@ -1,0 +1,188 @@
+"""The peer directory: one view of peers from registries, mDNS and memory.
+
+Sources (``Finder``s) are hints; every record is verified here again and must
+belong to the id asked for. The directory remembers the last verified record
+of every peer it has resolved (SQLite in the node's data dir), never goes back
+to an older sequence (a registry replaying an old record changes nothing), and
+answers from memory when every source is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from crypto.identity import NodeId
+from registry.client import MultiRegistry, SearchQuery
+from registry.errors import RecordError, RegistryError
+from registry.mdns import LanDiscovery
+from registry.records import NodeRecord, supersedes
+from registry.trust import TrustState, TrustStore
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS peers (
+    node_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    wire BLOB NOT NULL,
+    source TEXT NOT NULL,
+    last_seen INTEGER NOT NULL
+);
+"""
+
+
+class Finder(Protocol):
+    """Somewhere records can be found (registries, mDNS, a test's memory)."""
+
+    name: str
+
+    async def lookup(self, node_id: NodeId, now: int) -> NodeRecord | None: ...
+
+    async def search(self, query: SearchQuery, now: int) -> list[NodeRecord]: ...
+
+
+class RegistryFinder:
+    name = "registry"
+
+    def __init__(self, registries: MultiRegistry) -> None:
+        self.registries = registries
+
+    async def lookup(self, node_id: NodeId, now: int) -> NodeRecord | None:
+        return await self.registries.lookup(node_id, now)
+
+    async def search(self, query: SearchQuery, now: int) -> list[NodeRecord]:
+        return await self.registries.search(query, now=now)
+
+
+def matches(record: NodeRecord, query: SearchQuery) -> bool:
+    def has(values: tuple[str, ...], wanted: str) -> bool:
+        return not wanted or wanted.lower() in (v.lower() for v in values)
+
+    return (
+        has(record.subspecialties, query.subspecialty)
+        and has(record.jurisdictions, query.jurisdiction)
+        and has(record.languages, query.language)
+        and (not query.online or record.availability.value in ("online", "on_call"))
+    )
+
+
+class MdnsFinder:
+    name = "mdns"
+
+    def __init__(self, discovery: LanDiscovery) -> None:
+        self.discovery = discovery
+
+    async def lookup(self, node_id: NodeId, now: int) -> NodeRecord | None:
+        return self.discovery.found.get(node_id)
+
+    async def search(self, query: SearchQuery, now: int) -> list[NodeRecord]:
+        return [r for r in self.discovery.found.values() if matches(r, query)]
+
+
+class MemoryFinder:
+    """In-memory records, for tests and for records handed over out of band."""
+
+    def __init__(self, records: Sequence[NodeRecord] = (), name: str = "memory") -> None:
+        self.name = name
+        self.records = {r.node_id: r for r in records}
+
+    async def lookup(self, node_id: NodeId, now: int) -> NodeRecord | None:
+        return self.records.get(node_id)
+
+    async def search(self, query: SearchQuery, now: int) -> list[NodeRecord]:
+        return [r for r in self.records.values() if matches(r, query)]
+
+
+@dataclass(frozen=True)
+class Peer:
+    record: NodeRecord
+    source: str  # which finder, or "remembered"
+    fresh: bool  # False: the remembered record has expired, the address is a last guess
+    trust: TrustState
+
+
+class PeerDirectory:
+    def __init__(self, path: str | Path, trust: TrustStore, finders: Sequence[Finder] = ()) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self.trust = trust
+        self.finders = list(finders)
+        self.rejected = 0  # records refused: bad signature, wrong id, older than remembered
+
+    def close(self) -> None:
+        self._db.close()
+
+    def remembered(self, node_id: NodeId) -> NodeRecord | None:
+        row = self._db.execute(
+            "SELECT wire FROM peers WHERE node_id = ?", (str(node_id),)
+        ).fetchone()
+        return None if row is None else NodeRecord.from_wire(bytes(row[0]))
+
+    def remember(self, record: NodeRecord, source: str, now: int) -> bool:
+        """Keep ``record`` if it verifies and is newer than the one held; True if kept."""
+        try:
+            record.verify(now)
+            held = self.remembered(record.node_id)
+            if not supersedes(record, held):
+                if held is not None and record.sequence < held.sequence:
+                    self.rejected += 1  # an older record replayed to us
+                return False
+        except RecordError as exc:
+            self.rejected += 1
+            log.debug("refusing record from %s: %s", source, exc)
+            return False
+        self._db.execute(
+            "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
+            (str(record.node_id), record.sequence, record.to_wire(), source, now),
+        )
+        return True
+
+    def _peer(self, record: NodeRecord, source: str, now: int) -> Peer:
+        return Peer(
+            record,
+            source,
+            now < record.expires_at,
+            self.trust.state(record.public_key, now, record.org_certificate),
+        )
+
+    async def resolve(self, node_id: NodeId, now: int) -> Peer | None:
+        """The newest verified record from any source, falling back to memory."""
+        for finder in self.finders:
+            try:
+                found = await finder.lookup(node_id, now)
+            except RegistryError as exc:
+                log.debug("%s lookup failed: %s", finder.name, exc)
+                continue
+            if found is None:
+                continue
+            if found.node_id != node_id:
+                self.rejected += 1
+                continue
+            self.remember(found, finder.name, now)
+        row = self._db.execute(
+            "SELECT wire, source FROM peers WHERE node_id = ?", (str(node_id),)
+        ).fetchone()
+        if row is None:
+            return None
+        return self._peer(NodeRecord.from_wire(bytes(row[0])), row[1], now)
+
+    async def search(self, query: SearchQuery, now: int) -> list[Peer]:
+        for finder in self.finders:
+            try:
+                records = await finder.search(query, now)
+            except RegistryError as exc:
+                log.debug("%s search failed: %s", finder.name, exc)
+                continue
+            for record in records:
+                self.remember(record, finder.name, now)
+        return [p for p in self.list(now) if p.fresh and matches(p.record, query)]
+
+    def list(self, now: int) -> list[Peer]:
+        rows = self._db.execute("SELECT wire, source FROM peers ORDER BY node_id").fetchall()
+        return [self._peer(NodeRecord.from_wire(bytes(w)), s, now) for w, s in rows]

@@ -1,0 +1,124 @@
+"""The node's small LAN HTTP endpoint: its own signed record and direct signaling.
+
+``GET /v1/record`` serves the node's current signed record so a peer that
+heard of it by mDNS can fetch and verify it. ``POST /v1/signal`` accepts one
+sealed envelope (size-capped) and hands it to a callback; the transport opens
+it with ``open_sealed``, so this endpoint needs no authentication of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from crypto.identity import NodeId
+from registry.errors import RegistryUnavailable, RemoteRegistryError
+from registry.limits import RateLimiter
+from registry.records import MAX_RECORD_SIZE, NodeRecord, parse_verified
+from registry.wsproto import MAX_SEALED
+
+FETCH_TIMEOUT = 5.0
+
+
+class LanEndpoint:
+    def __init__(
+        self,
+        record_provider: Callable[[], NodeRecord],
+        on_signal: Callable[[bytes], Awaitable[None]],
+        *,
+        rate: float = 20.0,
+        burst: float = 100,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._record_provider = record_provider
+        self._on_signal = on_signal
+        self._limiter = RateLimiter(rate, burst, max_keys=10_000)
+        self._clock = clock
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+        self.app = web.Application(client_max_size=MAX_SEALED)
+        self.app.router.add_get("/v1/record", self._record)
+        self.app.router.add_post("/v1/signal", self._signal)
+
+    async def start(self, host: str, port: int = 0) -> str:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        bound = int(self._runner.addresses[0][1])
+        self.url = f"http://{host}:{bound}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _allowed(self, request: web.Request) -> bool:
+        return self._limiter.allow(request.remote or "?", self._clock())
+
+    async def _record(self, request: web.Request) -> web.Response:
+        if not self._allowed(request):
+            return web.json_response(
+                {"error": "too many requests", "hint": "slow down"}, status=429
+            )
+        return web.Response(
+            body=self._record_provider().to_wire(), content_type="application/octet-stream"
+        )
+
+    async def _signal(self, request: web.Request) -> web.Response:
+        if not self._allowed(request):
+            return web.json_response(
+                {"error": "too many requests", "hint": "slow down"}, status=429
+            )
+        if request.content_length is None or request.content_length > MAX_SEALED:
+            return web.json_response(
+                {"error": "signal missing length or too large", "hint": f"at most {MAX_SEALED}"},
+                status=413,
+            )
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response(
+                {"error": "signal too large", "hint": f"at most {MAX_SEALED} bytes"}, status=413
+            )
+        await self._on_signal(data)
+        return web.json_response({"status": "accepted"}, status=202)
+
+
+async def _session_request(
+    method: str, url: str, limit: int, data: bytes | None = None
+) -> tuple[int, bytes]:
+    timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.request(method, url, data=data) as response,
+        ):
+            body = await response.content.read(limit + 1)
+            if len(body) > limit:
+                raise RemoteRegistryError(url, response.status, "response too large")
+            return response.status, body
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RegistryUnavailable(url, type(exc).__name__) from exc
+
+
+async def fetch_record(base_url: str, now: int, expected: NodeId | None = None) -> NodeRecord:
+    """Fetch a node's record from its LAN endpoint and verify it (and whose it is)."""
+    url = base_url.rstrip("/") + "/v1/record"
+    status, body = await _session_request("GET", url, MAX_RECORD_SIZE)
+    if status != 200:
+        raise RemoteRegistryError(url, status, "peer did not serve its record")
+    return parse_verified(body, now, expected)
+
+
+async def post_signal(base_url: str, sealed: bytes) -> None:
+    """Send one sealed envelope directly to a peer's LAN endpoint."""
+    if len(sealed) > MAX_SEALED:
+        raise RemoteRegistryError(base_url, 413, f"signal over {MAX_SEALED} bytes")
+    url = base_url.rstrip("/") + "/v1/signal"
+    status, body = await _session_request("POST", url, 4096, sealed)
+    if status != 202:
+        raise RemoteRegistryError(url, status, body[:200].decode(errors="replace"))
