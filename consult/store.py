@@ -14,6 +14,7 @@ from pathlib import Path
 from types import TracebackType
 
 from consult.errors import LocalConsultError, UnknownConsult
+from consult.report import Report, verify_report
 from consult.requests import (
     TRANSITIONS,
     AuditHook,
@@ -26,6 +27,7 @@ from consult.requests import (
     _no_audit,
 )
 from crypto import canonical
+from crypto.identity import NodeId
 
 DB_NAME = "consult.sqlite3"
 ROLES = ("requester", "consultant")
@@ -51,6 +53,11 @@ CREATE TABLE IF NOT EXISTS transitions (
     target TEXT NOT NULL,
     actor TEXT NOT NULL,
     PRIMARY KEY (consult_id, seq)
+);
+CREATE TABLE IF NOT EXISTS reports (
+    consult_id TEXT PRIMARY KEY REFERENCES requests(id),
+    wire BLOB NOT NULL,
+    received_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 """
@@ -164,27 +171,65 @@ class ConsultDB:
         return row[0], row[1], row[2]
 
     def apply(self, consult_id: str, event: Event, now: int, actor: str = "") -> Transition:
-        """Apply ``event`` and persist the new state and the transition atomically."""
+        """Apply ``event`` and persist the new state and the transition atomically.
+
+        The audit hook runs after the commit, so it never records a transition
+        that a crash or a conflicting writer undid.
+        """
         with self._transaction():
-            case = self.get(consult_id)
-            transition = case.apply(event, now, actor)
-            self._db.execute(
-                "INSERT INTO transitions VALUES (?,?,?,?,?,?,?)",
-                (
-                    consult_id,
-                    len(case.history),
-                    transition.at,
-                    transition.event.value,
-                    transition.source.value,
-                    transition.target.value,
-                    transition.actor,
-                ),
-            )
-            self._db.execute(
-                "UPDATE requests SET state = ?, updated_at = ? WHERE id = ?",
-                (case.state.value, now, consult_id),
-            )
+            transition = self._apply_locked(consult_id, event, now, actor)
+        self._audit(consult_id, transition)
         return transition
+
+    def _apply_locked(self, consult_id: str, event: Event, now: int, actor: str) -> Transition:
+        case = self.get(consult_id)
+        case.audit = _no_audit
+        transition = case.apply(event, now, actor)
+        self._db.execute(
+            "INSERT INTO transitions VALUES (?,?,?,?,?,?,?)",
+            (
+                consult_id,
+                len(case.history),
+                transition.at,
+                transition.event.value,
+                transition.source.value,
+                transition.target.value,
+                transition.actor,
+            ),
+        )
+        self._db.execute(
+            "UPDATE requests SET state = ?, updated_at = ? WHERE id = ?",
+            (case.state.value, now, consult_id),
+        )
+        return transition
+
+    def file_report(self, consult_id: str, wire: bytes, now: int) -> Report:
+        """Verify a report that arrived for one of our requests, store it, mark the case reported.
+
+        The report must be signed by the consultant the case was sent to (when
+        known) and name this consult; state and report are committed together.
+        """
+        role, peer, _ = self.info(consult_id)
+        if role != "requester":
+            raise LocalConsultError(
+                f"consult {consult_id[:8]} was not requested by this node: a report for it "
+                "is not filed here"
+            )
+        report = verify_report(
+            wire, consult_id=consult_id, consultant=NodeId.parse(peer) if peer else None
+        )
+        with self._transaction():
+            transition = self._apply_locked(consult_id, Event.REPORT, now, str(report.author))
+            self._db.execute("INSERT INTO reports VALUES (?,?,?)", (consult_id, wire, now))
+        self._audit(consult_id, transition)
+        return report
+
+    def report_wire(self, consult_id: str) -> bytes | None:
+        """The signed report as received (verify again with consult.report.verify_report)."""
+        row = self._db.execute(
+            "SELECT wire FROM reports WHERE consult_id = ?", (consult_id,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
 
     def cases(self, states: Iterable[State] | None = None) -> list[ConsultCase]:
         """Cases, most urgent first (STAT before urgent before routine), then oldest first."""

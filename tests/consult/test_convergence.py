@@ -144,7 +144,7 @@ class Mesh(RuleBasedStateMachine):
 
 
 Mesh.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=100,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

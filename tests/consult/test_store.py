@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from consult.errors import IllegalTransition, LocalConsultError, UnknownConsult
+from consult.errors import BadReport, IllegalTransition, LocalConsultError, UnknownConsult
+from consult.report import Report
 from consult.requests import Event, Priority, State, Transition
 from consult.store import ConsultDB
+from crypto.identity import Identity
 from tests.consult.test_requests import NOW, make_request
 
 
@@ -101,3 +103,46 @@ def test_resolve_prefix_unknown_ambiguous_and_duplicate(tmp_path: Path) -> None:
         with pytest.raises(LocalConsultError, match="several"):
             db.resolve("abcd")
         assert db.resolve("abcd2") == "abcd2"
+
+
+def _in_review(db: ConsultDB, peer: str) -> str:
+    request = make_request()
+    db.add(request, role="requester", now=NOW, peer=peer)
+    for event in (Event.OFFER, Event.ACCEPT, Event.START_TRANSFER, Event.TRANSFER_DONE):
+        db.apply(request.id, event, NOW + 1)
+    return request.id
+
+
+def _signed_report(consult_id: str, signer: Identity) -> bytes:
+    report = Report(
+        consult_id, "2.25.1234", signer.node_id, "Dr^B", "text", "impression", (), (), NOW + 50
+    )
+    return report.sign(signer)
+
+
+def test_report_is_verified_filed_and_survives_reopen(tmp_path: Path) -> None:
+    consultant = Identity.generate()
+    seen: list[State] = []
+    with ConsultDB.in_data_dir(tmp_path, audit=lambda _c, t: seen.append(t.target)) as db:
+        consult_id = _in_review(db, str(consultant.node_id))
+        wire = _signed_report(consult_id, consultant)
+        report = db.file_report(consult_id, wire, NOW + 60)
+        assert report.impression == "impression"
+    assert seen[-1] == State.REPORTED
+    with ConsultDB.in_data_dir(tmp_path) as db:
+        case = db.get(consult_id)
+        assert case.state == State.REPORTED
+        assert case.history[-1].actor == str(consultant.node_id)
+        assert db.report_wire(consult_id) == wire
+
+
+def test_report_from_another_consultant_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    consultant, other = Identity.generate(), Identity.generate()
+    with ConsultDB.in_data_dir(tmp_path) as db:
+        consult_id = _in_review(db, str(consultant.node_id))
+        with pytest.raises(BadReport):
+            db.file_report(consult_id, _signed_report(consult_id, other), NOW + 60)
+        with pytest.raises(BadReport):
+            db.file_report(consult_id, _signed_report("another-case", consultant), NOW + 60)
+        assert db.get(consult_id).state == State.IN_REVIEW
+        assert db.report_wire(consult_id) is None
