@@ -7,6 +7,7 @@ real receiving PACS. Everything runs on 127.0.0.1 with ports the OS picked.
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import socket
 import subprocess
@@ -15,9 +16,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 LOOPBACK = "127.0.0.1"
 TOOL_TIMEOUT = 60.0
@@ -180,3 +184,39 @@ def sample_paths(names: Sequence[str] = SAMPLE_FILES) -> list[Path]:
             raise FileNotFoundError(f"pydicom sample {name} is not shipped with pydicom")
         paths.append(Path(str(path)))
     return paths
+
+
+def generated_ct(count: int) -> list[bytes]:
+    """A small CT series with unique UIDs, as a modality would write it."""
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    rng = np.random.default_rng(7)
+    out = []
+    for index in range(count):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID, ds.Modality = "Test^Patient", "P1", "CT"
+        ds.InstanceNumber = index + 1
+        ds.ImagePositionPatient = [0.0, 0.0, float(index)]
+        ds.Rows = ds.Columns = 64
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = rng.integers(-1000, 2000, (64, 64), dtype=np.int16).tobytes()
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        out.append(buffer.getvalue())
+    return out
+
+
+def comparable(ds: Dataset) -> dict[int, object]:
+    """What dcmtk keeps: it drops trailing padding and group lengths, may relabel OB/OW."""
+    return {
+        int(elem.tag): elem.value for elem in ds if elem.tag != 0xFFFCFFFC and elem.tag.element != 0
+    }

@@ -16,11 +16,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 
 from node.config import DicomConfig
 from node.dicom_net import (
@@ -34,8 +32,10 @@ from node.dicom_net import (
     send_to_pacs,
 )
 from tests.dcmtk import (
+    comparable,
     dataset_part,
     echoscu,
+    generated_ct,
     propose_option,
     require_dcmtk,
     sample_paths,
@@ -79,35 +79,6 @@ def listener(store: MemoryStore) -> Iterator[DicomListener]:
         yield running
 
 
-def generated_ct(count: int) -> list[bytes]:
-    """A small CT series with unique UIDs, as a modality would write it."""
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    rng = np.random.default_rng(7)
-    out = []
-    for index in range(count):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientName, ds.PatientID, ds.Modality = "Test^Patient", "P1", "CT"
-        ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [0.0, 0.0, float(index)]
-        ds.Rows = ds.Columns = 64
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = rng.integers(-1000, 2000, (64, 64), dtype=np.int16).tobytes()
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        out.append(buffer.getvalue())
-    return out
-
-
 def test_echoscu_from_allowed_ae_succeeds(listener: DicomListener) -> None:
     require_dcmtk("echoscu")
     result = echoscu(listener.port, NODE_AE, "ECHOSCU")
@@ -147,14 +118,7 @@ def test_storescu_samples_arrive_intact(listener: DicomListener, store: MemorySt
         original = pydicom.dcmread(path)
         stored = pydicom.dcmread(io.BytesIO(data))
         assert stored.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
-        assert _comparable(stored) == _comparable(original), path.name
-
-
-def _comparable(ds: Dataset) -> dict[int, object]:
-    """What dcmtk keeps: it drops trailing padding and group lengths, may relabel OB/OW."""
-    return {
-        int(elem.tag): elem.value for elem in ds if elem.tag != 0xFFFCFFFC and elem.tag.element != 0
-    }
+        assert comparable(stored) == comparable(original), path.name
 
 
 def test_storescu_generated_series_is_byte_exact(
