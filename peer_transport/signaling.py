@@ -1,0 +1,191 @@
+"""Signaling: how the SDP offer and answer reach the other node.
+
+A :class:`Signaling` moves opaque sealed bytes (``crypto.envelope.seal``) to a
+peer and hands over the sealed bytes that arrive for this node. It is never
+trusted: :class:`SignalMessage` bodies are opened with ``open_sealed`` (signed
+by the sender, sealed to us, nonce + expiry + ReplayGuard) before any SDP they
+carry reaches ``setRemoteDescription``.
+
+Implementations:
+
+- :class:`MemorySignalingHub` / :class:`MemorySignaling`: in-memory, for tests
+  (with an ``intercept`` hook that plays the untrusted relay);
+- :class:`LanSignaling`: HTTP POST straight to the peer's LAN endpoint
+  (``registry.lan``), receiving through this node's own ``LanEndpoint``;
+- :class:`RegistrySignaling`: the registry WebSocket (``registry.client``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from crypto.envelope import ReplayGuard, open_sealed, seal
+from crypto.errors import CryptoError
+from crypto.identity import Identity, NodeId
+from peer_transport.errors import SignalingError
+from registry.errors import RegistryError
+from registry.lan import post_signal
+
+log = logging.getLogger(__name__)
+
+SIGNAL_TYPE = "rtc-signal"
+MAX_SIGNAL = 64 * 1024  # checked before decrypting
+SIGNAL_TTL = 120
+QUEUE_SIZE = 256
+KINDS = ("offer", "answer", "reject")
+
+
+class Signaling(Protocol):
+    async def send(self, to: bytes, sealed: bytes) -> None:
+        """Deliver ``sealed`` to the node whose Ed25519 public key is ``to``."""
+        ...
+
+    async def receive(self) -> bytes:
+        """The next sealed message that arrived for this node."""
+        ...
+
+
+@dataclass(frozen=True)
+class SignalMessage:
+    """An offer, answer or rejection for one connection attempt (``session``)."""
+
+    kind: str
+    session: bytes
+    sdp: str = ""
+    reason: str = ""
+
+    def to_body(self) -> dict[str, Any]:
+        return {"k": self.kind, "sid": self.session, "sdp": self.sdp, "r": self.reason}
+
+    @classmethod
+    def from_body(cls, body: Any) -> SignalMessage:
+        if not isinstance(body, dict) or set(body) != {"k", "sid", "sdp", "r"}:
+            raise SignalingError("signal message has the wrong fields")
+        kind, sid, sdp, reason = body["k"], body["sid"], body["sdp"], body["r"]
+        if kind not in KINDS or not isinstance(sid, bytes) or len(sid) != 16:
+            raise SignalingError("signal message has a bad kind or session id")
+        if not isinstance(sdp, str) or not isinstance(reason, str) or len(reason) > 500:
+            raise SignalingError("signal message has a bad SDP or reason")
+        return cls(kind, sid, sdp, reason)
+
+    def seal(self, sender: Identity, recipient: bytes, now: int) -> bytes:
+        return seal(sender, recipient, SIGNAL_TYPE, self.to_body(), now=now, ttl=SIGNAL_TTL)
+
+    @classmethod
+    def open(
+        cls, recipient: Identity, data: bytes, now: int, guard: ReplayGuard
+    ) -> tuple[bytes, SignalMessage]:
+        """(sender public key, message); raises SignalingError for anything untrustworthy."""
+        if len(data) > MAX_SIGNAL:
+            raise SignalingError(f"signal is {len(data)} bytes, limit is {MAX_SIGNAL}")
+        try:
+            sealed = open_sealed(
+                recipient, data, SIGNAL_TYPE, now=now, replay_guard=guard, max_size=MAX_SIGNAL
+            )
+        except CryptoError as exc:
+            raise SignalingError(f"signal refused: {exc}") from exc
+        return sealed.sender, cls.from_body(sealed.body)
+
+
+class MemorySignaling:
+    def __init__(self, hub: MemorySignalingHub, public_key: bytes) -> None:
+        self._hub = hub
+        self.public_key = public_key
+        self.inbox: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
+
+    async def send(self, to: bytes, sealed: bytes) -> None:
+        await self._hub.route(self.public_key, to, sealed)
+
+    async def receive(self) -> bytes:
+        return await self.inbox.get()
+
+
+class MemorySignalingHub:
+    """Routes sealed bytes between endpoints. ``intercept(sender, to, data)`` may
+    return replacement bytes (or None to drop): the untrusted relay in attack tests."""
+
+    def __init__(self) -> None:
+        self._endpoints: dict[bytes, MemorySignaling] = {}
+        self.intercept: Callable[[bytes, bytes, bytes], bytes | None] | None = None
+        self.log: list[tuple[bytes, bytes, bytes]] = []
+
+    def endpoint(self, public_key: bytes) -> MemorySignaling:
+        endpoint = MemorySignaling(self, public_key)
+        self._endpoints[public_key] = endpoint
+        return endpoint
+
+    async def route(self, sender: bytes, to: bytes, data: bytes) -> None:
+        self.log.append((sender, to, data))
+        if self.intercept is not None:
+            replaced = self.intercept(sender, to, data)
+            if replaced is None:
+                return
+            data = replaced
+        endpoint = self._endpoints.get(to)
+        if endpoint is None:
+            raise SignalingError("no such peer on this signaling hub")
+        endpoint.inbox.put_nowait(data)
+
+    async def inject(self, to: bytes, data: bytes) -> None:
+        self._endpoints[to].inbox.put_nowait(data)
+
+
+class LanSignaling:
+    """Direct LAN signaling: POST to the peer's ``LanEndpoint``; receive via our own.
+
+    ``resolve(public_key)`` gives the peer's LAN base URL (from mDNS / the
+    directory). Pass :meth:`deliver` as the ``on_signal`` of this node's
+    ``registry.lan.LanEndpoint``.
+    """
+
+    def __init__(self, resolve: Callable[[bytes], Awaitable[str]]) -> None:
+        self._resolve = resolve
+        self._inbox: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
+
+    async def deliver(self, sealed: bytes) -> None:
+        if len(sealed) > MAX_SIGNAL:
+            return
+        with contextlib.suppress(asyncio.QueueFull):
+            self._inbox.put_nowait(sealed)
+
+    async def send(self, to: bytes, sealed: bytes) -> None:
+        try:
+            await post_signal(await self._resolve(to), sealed)
+        except RegistryError as exc:
+            raise SignalingError(f"could not reach the peer on the LAN: {exc}") from exc
+
+    async def receive(self) -> bytes:
+        return await self._inbox.get()
+
+
+class RegistrySignaling:
+    """Signaling through a registry WebSocket (``RegistryClient.connect()``), already open."""
+
+    def __init__(self, connection: Any) -> None:
+        self._conn = connection
+
+    async def send(self, to: bytes, sealed: bytes) -> None:
+        try:
+            await self._conn.send(NodeId.from_public_key(to), sealed)
+        except RegistryError as exc:
+            raise SignalingError(f"the registry did not relay the signal: {exc}") from exc
+
+    async def receive(self) -> bytes:
+        deliver = await self._conn.receive()
+        data: bytes = deliver.data
+        return data
+
+
+__all__ = [
+    "LanSignaling",
+    "MemorySignaling",
+    "MemorySignalingHub",
+    "RegistrySignaling",
+    "SignalMessage",
+    "Signaling",
+]

@@ -1,0 +1,164 @@
+"""Real aiortc on 127.0.0.1: handshake, the four channels, trust, heartbeat, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from peer_transport import frames as fr
+from peer_transport.connection import (
+    INBOX_KIND,
+    Closed,
+    Connected,
+    Disconnected,
+    PeerConnection,
+    Received,
+    Reconnected,
+    RequestRefused,
+    Transport,
+)
+from peer_transport.errors import PeerRejected, RemoteError
+from tests.peer_transport.helpers import mesh
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _pair(m: object) -> tuple[Transport, Transport, PeerConnection, PeerConnection]:
+    from tests.peer_transport.helpers import Mesh
+
+    assert isinstance(m, Mesh)
+    a, b = await m.node(), await m.node()
+    m.trust(a, b)
+    conn_a = await a.connect(b.identity.public_key)
+    conn_b = await b.accept(10)
+    return a, b, conn_a, conn_b
+
+
+async def _next_received(conn: PeerConnection, within: float = 10) -> Received:
+    while True:
+        event = await conn.next_event(within)
+        if isinstance(event, Received):
+            return event
+
+
+async def test_two_nodes_connect_and_use_every_channel() -> None:
+    async with mesh() as m:
+        a, b, conn_a, conn_b = await _pair(m)
+        assert conn_a.peer == b.identity.public_key
+        assert conn_b.peer == a.identity.public_key
+        assert await conn_a.next_event(5) == Connected(b.identity.public_key)
+        assert await conn_b.next_event(5) == Connected(a.identity.public_key)
+
+        async def echo(_conn: PeerConnection, body: bytes) -> bytes:
+            return body[::-1]
+
+        b.handle("echo", echo)
+        assert await conn_a.request("echo", b"abc") == b"cba"
+        big = os.urandom(fr.MAX_PAYLOAD - 64)
+        assert await conn_a.request("echo", big) == big[::-1]
+
+        chunks = [os.urandom(fr.MAX_BULK_PAYLOAD), b"x", os.urandom(1000)] * 4
+        sending = asyncio.ensure_future(_send_all(conn_a, chunks))
+        got = [(await _next_received(conn_b)).data for _ in chunks]
+        await sending
+        assert got == chunks
+
+        await conn_b.send_live(b"chat: hello")
+        assert await _next_received(conn_a) == Received(
+            b.identity.public_key, "live", b"chat: hello"
+        )
+        await conn_a.send_message(b"transfer-control")
+        assert (await _next_received(conn_b)).channel == "message"
+        for i in range(20):
+            assert conn_a.send_presence(f"cursor {i}".encode())
+        presence = await _next_received(conn_b)
+        assert presence.channel == "presence"
+        assert presence.data.startswith(b"cursor ")
+
+
+async def _send_all(conn: PeerConnection, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        await conn.send_bulk(chunk)
+
+
+async def test_request_errors_come_back_typed() -> None:
+    async with mesh() as m:
+        _a, b, conn_a, _conn_b = await _pair(m)
+
+        async def refuse(_conn: PeerConnection, _body: bytes) -> bytes:
+            raise RequestRefused("not-found", "no such study")
+
+        b.handle("study.get", refuse)
+        with pytest.raises(RemoteError) as refused:
+            await conn_a.request("study.get", b"")
+        assert refused.value.code == "not-found"
+        with pytest.raises(RemoteError) as unknown:
+            await conn_a.request("nope", b"")
+        assert unknown.value.code == "unknown-kind"
+
+
+async def test_an_untrusted_node_is_refused_without_an_inbox() -> None:
+    async with mesh() as m:
+        a, b = await m.node(), await m.node()
+        m.trusted[a.identity.public_key].add(b.identity.public_key)  # one-sided
+        with pytest.raises(PeerRejected, match="does not know you"):
+            await a.connect(b.identity.public_key)
+        with pytest.raises(PeerRejected, match="not trusted"):
+            await b.connect(a.identity.public_key)
+
+
+async def test_an_unknown_node_may_only_deliver_to_the_inbox() -> None:
+    delivered: list[tuple[bytes, bytes]] = []
+
+    async def inbox(sender: bytes, body: bytes) -> bytes:
+        delivered.append((sender, body))
+        return b"queued"
+
+    async with mesh() as m:
+        a = await m.node()
+        b = await m.node(inbox=inbox)
+        m.trusted[a.identity.public_key].add(b.identity.public_key)
+        conn = await a.connect(b.identity.public_key)
+        assert await conn.request(INBOX_KIND, b"please read this CT") == b"queued"
+        assert delivered == [(a.identity.public_key, b"please read this CT")]
+        with pytest.raises(RemoteError) as refused:
+            await conn.request("study.get", b"")
+        assert refused.value.code == "not-trusted"
+        assert b.connection(a.identity.public_key) is None  # never offered to the application
+
+
+@pytest.mark.slow
+async def test_a_frozen_peer_is_detected_within_5_s_and_the_connection_comes_back() -> None:
+    async with mesh() as m:
+        a, b, conn_a, conn_b = await _pair(m)
+        await conn_a.next_event(5)
+        await conn_b.next_event(5)
+        frozen = conn_b._session
+        assert frozen is not None
+        frozen.down = True  # b stops answering, its WebRTC link stays up
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        lost = await conn_a.next_event(10)
+        assert isinstance(lost, Disconnected)
+        assert lost.will_retry
+        assert loop.time() - started < 5.0
+        assert await conn_a.next_event(15) == Reconnected(b.identity.public_key)
+        assert await conn_b.next_event(15) == Reconnected(a.identity.public_key)
+
+        async def ok(_conn: PeerConnection, body: bytes) -> bytes:
+            return b"ok " + body
+
+        b.handle("ping", ok)
+        assert await conn_a.request("ping", b"again") == b"ok again"
+        await frozen.close()
+
+
+async def test_closing_ends_both_event_streams() -> None:
+    async with mesh() as m:
+        _a, _b, conn_a, conn_b = await _pair(m)
+        await conn_a.close("done")
+        events = [e async for e in conn_b.events()]
+        assert isinstance(events[-1], Closed)
+        assert "done" in events[-1].reason
