@@ -80,7 +80,7 @@ class HalfBlockRenderer:
                 row_segments = [segments_of[k] for k in keys[row].tolist()]
                 for col, (char, style) in by_row[row]:
                     row_segments[col] = Segment(char[:1] or " ", style)
-                result.append(Strip(row_segments, width))
+                result.append(Strip(Segment.simplify(row_segments), width))
                 continue
             starts = np.flatnonzero(change[row]).tolist()
             run_keys = keys[row, starts].tolist()

@@ -1,0 +1,317 @@
+"""Pilot tests of each screen's main flows against the in-memory node and session."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from textual import events
+
+from consult.presence import Cursor
+from consult.shared import Annotation, AnnotationKind
+from crypto.identity import Identity
+from tui.app import RadmeshApp
+from tui.imaging import PRESETS, Window
+from tui.memory import STUDY_UID, InMemoryNode
+from tui.screens.help import HelpScreen
+from tui.screens.peers import VerifyScreen
+from tui.screens.viewer import ViewerScreen
+from tui.widgets.consult_panel import ConsultPanel
+from tui.widgets.image_view import ImageView
+
+SIZE = (150, 45)
+
+
+def make_node(**kw: int) -> InMemoryNode:
+    return InMemoryNode(Identity.generate().node_id, **kw)
+
+
+async def open_viewer(pilot, node: InMemoryNode, live: bool = True) -> ViewerScreen:  # type: ignore[no-untyped-def]
+    app = pilot.app
+    study = node.studies()[0]
+    screen = ViewerScreen(node, study, live=live)
+    await app.push_screen(screen)
+    await app.workers.wait_for_complete()
+    await pilot.pause()
+    return screen
+
+
+def svg_text(app: RadmeshApp) -> str:
+    return app.export_screenshot().replace("&#160;", " ")
+
+
+async def test_home_shows_identity_worklist_and_transfers() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        svg = svg_text(app)
+        assert str(node.node_id)[:7] in svg
+        assert "STAT" in svg
+        assert "CT head: bleed?" in svg
+        assert "CT CHEST (ANON-0001)" in svg
+        assert "New STAT request" in svg
+
+
+async def test_help_opens_on_question_mark_and_closes_on_q() -> None:
+    app = RadmeshApp(make_node())
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        assert "mediastinum" in svg_text(app)
+        await pilot.press("q")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_studies_screen_opens_the_study_in_the_viewer() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await pilot.pause()
+        assert "ANON-0001" in svg_text(app)
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert isinstance(app.screen, ViewerScreen)
+        view = app.screen.query_one(ImageView)
+        assert view.frame is not None
+        assert "Im 1/12" in svg_text(app)
+
+
+async def test_viewer_scrolls_with_keys_and_wheel() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node, live=False)
+        await pilot.press("j", "j", "pagedown")
+        await app.workers.wait_for_complete()
+        assert viewer.index == 11  # 2 + 10, clamped at the last of 12
+        await pilot.press("home")
+        assert viewer.index == 0
+        await pilot.press("end")
+        assert viewer.index == 11
+        view = viewer.view
+        view.post_message(events.MouseScrollUp(view, 40, 10, 0, -1, 0, False, False, False))
+        await pilot.pause()
+        assert viewer.index == 10
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "Im 11/12" in svg_text(app)
+
+
+async def test_presets_invert_zoom_and_reset_change_the_rendered_image() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node, live=False)
+        view = viewer.view
+        before = [list(s) for s in view._strips]
+        await pilot.press("5")
+        assert view.window == dict(PRESETS)["lung"]
+        assert "W 1500 L -600" in svg_text(app)
+        assert [list(s) for s in view._strips] != before
+        await pilot.press("i", "plus")
+        assert view.invert
+        assert view.zoom == pytest.approx(1.25)
+        await pilot.press("r")
+        assert not view.invert
+        assert view.zoom == 1.0
+        assert view.window == Window(40, 400)  # the file's own window
+
+
+async def test_dragging_changes_window_and_level() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node, live=False)
+        start = viewer.view.window
+        await pilot.mouse_down(ImageView, offset=(40, 10))
+        await pilot.hover(ImageView, offset=(50, 12))
+        await pilot.mouse_up(ImageView, offset=(50, 12))
+        await pilot.pause()
+        w = viewer.view.window
+        assert w.width > start.width  # dragged right
+        assert w.center > start.center  # dragged down
+
+
+async def test_missing_slices_show_loading_and_are_requested_first() -> None:
+    node = make_node(missing=2)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node, live=False)
+        await pilot.press("end")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert viewer.view.waiting
+        assert "loading" in svg_text(app)
+        assert node.requested[-1] == node.instances(viewer.instances[0].series_uid)[11].sop_uid
+        node.arrive(11)
+        viewer.load_current()
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert not viewer.view.waiting
+
+
+async def click_image(pilot, x: int, y: int) -> None:  # type: ignore[no-untyped-def]
+    await pilot.click(ImageView, offset=(x, y))
+    await pilot.pause()
+
+
+@pytest.mark.parametrize(
+    ("key", "kind", "clicks", "value"),
+    [
+        ("P", AnnotationKind.POINT, [(40, 12)], None),
+        ("M", AnnotationKind.LENGTH, [(40, 12), (48, 12)], "length_mm"),
+        ("G", AnnotationKind.ANGLE, [(40, 12), (48, 12), (40, 18)], "angle_deg"),
+        ("E", AnnotationKind.ELLIPSE, [(40, 12), (46, 16)], "mean"),
+    ],
+)
+async def test_each_annotation_tool_adds_a_measured_annotation(
+    key: str, kind: AnnotationKind, clicks: list[tuple[int, int]], value: str | None
+) -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        await pilot.press(key)
+        for x, y in clicks:
+            await click_image(pilot, x, y)
+        (a,) = node.session.annotations()
+        assert a.kind == kind
+        assert a.author == str(node.node_id)
+        assert a.sop_instance_uid == viewer.current.sop_uid  # type: ignore[union-attr]
+        if value:
+            assert a.values[value] != 0
+        if kind == AnnotationKind.ELLIPSE:
+            # the phantom's soft tissue is 40 HU; the ROI sits inside the body
+            assert a.values["min"] >= -1000
+            assert a.values["area_mm2"] > 0
+
+
+async def test_length_is_in_mm_using_pixel_spacing() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        await pilot.press("M")
+        await click_image(pilot, 40, 12)
+        await click_image(pilot, 50, 12)
+        (a,) = node.session.annotations()
+        (x0, y0), (x1, y1) = a.points
+        assert y0 == y1
+        assert a.values["length_mm"] == pytest.approx(abs(x1 - x0) * 0.8)
+        geom = viewer.view.geometry()
+        assert geom is not None
+        assert abs(x1 - x0) == pytest.approx(10 / geom.scale[0])
+
+
+async def test_arrow_asks_for_its_text() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_viewer(pilot, node)
+        await pilot.press("A")
+        await click_image(pilot, 40, 12)
+        await click_image(pilot, 46, 16)
+        await pilot.press(*"bleed", "enter")
+        await pilot.pause()
+        (a,) = node.session.annotations()
+        assert a.kind == AnnotationKind.ARROW
+        assert a.text == "bleed"
+
+
+async def test_remote_cursor_and_annotation_appear_and_own_cursor_is_coalesced() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        sop = viewer.current.sop_uid  # type: ignore[union-attr]
+        node.session.remote_join(7, "PEER-NEURO", "Dr Neuro", "#ff00ff")
+        node.session.remote_cursor(7, Cursor(sop, 0, 60.0, 60.0))
+        node.session.remote_annotation(
+            Annotation("r1", AnnotationKind.POINT, sop, 0, ((30.0, 30.0),), "PEER-NEURO", 1.0,
+                       "look here")
+        )  # fmt: skip
+        await pilot.pause()
+        svg = svg_text(app)
+        assert "Dr Neuro" in svg  # name tag on the image and the participants panel
+        assert "look here" in svg
+        kinds = {m.kind for m in viewer.view.marks}
+        assert kinds == {"cursor", "point"}
+        # 30 pointer moves within one coalescing period go out as at most a few updates.
+        for i in range(30):
+            viewer.view.post_message(ImageView.Pointer((20.0 + i, 10.0)))
+        await pilot.pause(0.15)
+        assert 1 <= node.session.cursor_moves < 30
+        me = node.session.participants()[0]
+        assert me.cursor is not None
+        assert me.cursor.sop_instance_uid == sop
+
+
+async def test_chat_report_finalise_and_author_only_removal() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        sop = viewer.current.sop_uid  # type: ignore[union-attr]
+        panel = viewer.query_one(ConsultPanel)
+        await pilot.click("#chat-input")
+        await pilot.press(*"agree", "enter")
+        node.session.remote_say("PEER-NEURO", "see slice 3")
+        await pilot.pause()
+        assert [m.text for m in node.session.chat()] == ["agree", "see slice 3"]
+        assert "see slice 3" in svg_text(app)
+        await pilot.click("#report")
+        await pilot.press(*"No bleed.")
+        await pilot.pause()
+        assert node.session.report_text() == "No bleed."
+        node.session.remote_annotation(
+            Annotation("r1", AnnotationKind.POINT, sop, 0, ((3.0, 3.0),), "PEER-NEURO", 1.0)
+        )
+        viewer.view.focus()
+        await pilot.press("right_square_bracket", "x")
+        await pilot.pause()
+        assert panel.selected == "r1"
+        assert len(node.session.annotations()) == 1  # not ours: refused, and said so
+        assert "only the author" in svg_text(app)
+        await pilot.press("f9")
+        await pilot.pause()
+        assert node.session.finalised()
+        assert "FINAL" in svg_text(app)
+
+
+async def test_peers_search_and_verify_with_the_safety_number() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f4")
+        await pilot.pause()
+        await pilot.press("slash", *"msk")
+        await pilot.pause()
+        svg = svg_text(app)
+        assert "Dr Bones" in svg
+        assert "Dr Neuro" not in svg
+        await pilot.press("enter", "v")
+        await pilot.pause()
+        assert isinstance(app.screen, VerifyScreen)
+        assert node.safety_number("PEER-MSK") in svg_text(app)
+        await pilot.press("y")
+        await pilot.pause()
+        assert next(p for p in node.peers() if p.node_id == "PEER-MSK").trust == "verified"
+        assert "verified" in svg_text(app)
+
+
+async def test_home_enter_opens_the_incoming_request_as_a_live_consult() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        app.screen.query_one("#worklist").focus()
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert isinstance(app.screen, ViewerScreen)
+        assert app.screen.study.study_uid == STUDY_UID
+        assert app.screen.session is node.session
+        assert time.time() > 0

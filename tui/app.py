@@ -1,0 +1,59 @@
+"""The radmesh terminal app: screens are switched here, everything else lives in screens/."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from textual.app import App
+from textual.binding import Binding
+
+from tui.facade import NodeFacade
+from tui.screens.help import HelpScreen
+from tui.screens.home import HomeScreen
+from tui.screens.peers import PeersScreen
+from tui.screens.studies import StudiesScreen
+
+T = TypeVar("T")
+BLOCKING_THREADS = 2
+
+
+class RadmeshApp(App[None]):
+    TITLE = "radmesh"
+    BINDINGS = [  # noqa: RUF012 - Textual's API
+        Binding("f1,question_mark", "help", "help"),
+        Binding("ctrl+h", "mode('home')", "home", show=False),
+        Binding("f2", "mode('home')", "home"),
+        Binding("f3", "mode('studies')", "studies"),
+        Binding("f4", "mode('peers')", "peers"),
+        Binding("ctrl+q", "quit", "quit"),
+    ]
+
+    def __init__(self, node: NodeFacade) -> None:
+        super().__init__()
+        self.node = node
+        # Disk and network calls run here, never on the UI loop; shut down with the app.
+        self._executor = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="radmesh-tui")
+
+    def on_mount(self) -> None:
+        self.install_screen(HomeScreen(self.node), "home")
+        self.install_screen(StudiesScreen(self.node), "studies")
+        self.install_screen(PeersScreen(self.node), "peers")
+        self.push_screen("home")
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def on_unmount(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_mode(self, name: str) -> None:
+        while len(self.screen_stack) > 2:
+            self.pop_screen()
+        self.switch_screen(name)

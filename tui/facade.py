@@ -1,0 +1,137 @@
+"""What the TUI needs from a node: the ``NodeFacade`` protocol and its plain value types.
+
+The app only talks to this protocol. :mod:`tui.local` implements it over a node
+home on disk; :mod:`tui.memory` in memory for tests and demos. The runtime will
+back it with the live node (store, directory, consult requests, transfers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from tui.imaging import Window
+from tui.session import SessionView
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: str
+    display_name: str
+    institution: str
+    # (what, state, ok) lines: registries, mDNS, DICOM listener, TURN.
+    lines: tuple[tuple[str, str, bool], ...] = ()
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    study_uid: str
+    patient: str  # pseudonymised label: never the real name on a shared screen
+    date: str
+    description: str
+    modalities: str
+    series_count: int
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    series_uid: str
+    study_uid: str
+    number: int
+    modality: str
+    description: str
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    sop_uid: str
+    series_uid: str
+    number: int
+    present: bool = True  # False while the study is still streaming in
+
+
+@dataclass(frozen=True)
+class Frame:
+    pixels: npt.NDArray[Any]  # stored values, 2-D
+    slope: float = 1.0
+    intercept: float = 0.0
+    spacing: tuple[float, float] = (1.0, 1.0)  # row_mm, col_mm
+    has_spacing: bool = False
+    origin: tuple[float, float, float] | None = None
+    orientation: tuple[float, ...] | None = None
+    window: Window | None = None  # from the file, when it has one
+
+    def modality(self) -> npt.NDArray[np.float32]:
+        from tui.imaging import modality_lut
+
+        return modality_lut(self.pixels, self.slope, self.intercept)
+
+
+@dataclass(frozen=True)
+class ConsultItem:
+    consult_id: str
+    incoming: bool
+    title: str
+    peer: str
+    priority: str  # stat | urgent | routine
+    state: str
+    deadline: float  # seconds since the epoch
+    study_uid: str = ""
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    node_id: str
+    name: str
+    institution: str
+    subspecialties: tuple[str, ...] = ()
+    jurisdictions: tuple[str, ...] = ()
+    online: bool = False
+    trust: str = "unverified"  # verified | organisation | unverified
+
+    def matches(self, query: str) -> bool:
+        q = query.casefold().strip()
+        if not q:
+            return True
+        hay = " ".join(
+            [self.name, self.institution, *self.subspecialties, *self.jurisdictions, self.trust]
+            + (["online"] if self.online else ["offline"])
+        ).casefold()
+        return all(word in hay for word in q.split())
+
+
+@dataclass(frozen=True)
+class TransferInfo:
+    transfer_id: str
+    peer: str
+    label: str
+    done_bytes: int
+    total_bytes: int
+
+
+class NodeFacade(Protocol):
+    def status(self) -> NodeStatus: ...
+    def studies(self) -> list[StudyInfo]: ...
+    def series(self, study_uid: str) -> list[SeriesInfo]: ...
+    def instances(self, series_uid: str) -> list[InstanceRef]: ...
+
+    def load_frame(self, sop_uid: str, frame: int = 0) -> Frame | None:
+        """The pixels, or None while that instance has not arrived yet. May block on disk."""
+        ...
+
+    def request_first(self, sop_uid: str) -> None:
+        """Ask the transfer to send this instance next (the one on screen)."""
+        ...
+
+    def consults(self) -> list[ConsultItem]: ...
+    def peers(self) -> list[PeerInfo]: ...
+    def transfers(self) -> list[TransferInfo]: ...
+    def notifications(self) -> list[str]: ...
+    def safety_number(self, peer_node_id: str) -> str: ...
+    def mark_verified(self, peer_node_id: str) -> None: ...
+    def open_session(self, study_uid: str) -> SessionView | None: ...

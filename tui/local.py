@@ -1,0 +1,250 @@
+"""``NodeFacade`` over a node home on disk.
+
+Until the node store lands in the runtime, studies come from DICOM files in
+``<home>/data/inbox`` (and any ``--dicom DIR`` given), indexed with pydicom
+without reading pixel data. Patient names are never shown: each patient gets a
+stable pseudonym label for this session.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from crypto.identity import Identity, NodeId
+from crypto.safety import safety_number
+from node.config import NodeConfig, NodeHome
+from node.errors import NodeError
+from tui.facade import (
+    ConsultItem,
+    Frame,
+    InstanceRef,
+    NodeStatus,
+    PeerInfo,
+    SeriesInfo,
+    StudyInfo,
+    TransferInfo,
+)
+from tui.imaging import Window
+from tui.session import SessionView
+
+log = logging.getLogger(__name__)
+MAX_FILES = 20_000
+MAX_FILE_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    path: Path
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    number: int
+    patient_key: str
+    study: dict[str, str]
+    series: dict[str, str]
+
+
+def _s(ds: Any, keyword: str) -> str:
+    return str(getattr(ds, keyword, "") or "")
+
+
+def _floats(value: Any) -> tuple[float, ...] | None:
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+
+
+class LocalNode:
+    def __init__(
+        self,
+        home: NodeHome,
+        identity: Identity | None,
+        config: NodeConfig | None,
+        dicom_dirs: list[Path] | None = None,
+    ) -> None:
+        self.home = home
+        self.identity = identity
+        self.config = config or NodeConfig()
+        self._dirs = [home.data_dir / "inbox", *(dicom_dirs or [])]
+        self._files: dict[str, _Indexed] = {}
+        self._problems: list[str] = []
+        self.rescan()
+
+    def rescan(self) -> None:
+        files: dict[str, _Indexed] = {}
+        count = 0
+        for root in self._dirs:
+            if not root.is_dir():
+                continue
+            for path in sorted(root.rglob("*")):
+                if count >= MAX_FILES:
+                    self._problems.append(f"stopped indexing after {MAX_FILES} files")
+                    break
+                if not path.is_file() or path.stat().st_size > MAX_FILE_BYTES:
+                    continue
+                count += 1
+                item = self._index(path)
+                if item is not None:
+                    files[item.sop_uid] = item
+        self._files = files
+
+    def _index(self, path: Path) -> _Indexed | None:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, TypeError):
+            return None
+        if "SOPInstanceUID" not in ds or "SeriesInstanceUID" not in ds:
+            return None
+        number = getattr(ds, "InstanceNumber", None)
+        return _Indexed(
+            path,
+            _s(ds, "StudyInstanceUID"),
+            _s(ds, "SeriesInstanceUID"),
+            _s(ds, "SOPInstanceUID"),
+            int(number) if number not in (None, "") else 0,
+            _s(ds, "PatientID") + "|" + _s(ds, "PatientName"),
+            {"date": _s(ds, "StudyDate"), "description": _s(ds, "StudyDescription")},
+            {
+                "modality": _s(ds, "Modality"),
+                "description": _s(ds, "SeriesDescription"),
+                "number": _s(ds, "SeriesNumber"),
+            },
+        )
+
+    def _pseudonym(self, patient_key: str) -> str:
+        keys = sorted({f.patient_key for f in self._files.values()})
+        return f"PATIENT-{keys.index(patient_key) + 1:04d}"
+
+    # NodeFacade
+    def status(self) -> NodeStatus:
+        node_id = str(self.identity.node_id) if self.identity else "(no identity: radmesh init)"
+        dicom = self.config.dicom
+        net = self.config.network
+        return NodeStatus(
+            node_id,
+            self.config.display_name,
+            self.config.institution,
+            (
+                ("registries", f"{len(net.registries)} configured", bool(net.registries)),
+                ("mDNS", "on" if net.mdns else "off", net.mdns),
+                (
+                    "DICOM listener",
+                    f"{dicom.ae_title}@{dicom.host}:{dicom.port}" if dicom.enabled else "off",
+                    dicom.enabled,
+                ),
+                ("TURN/ICE", f"{len(net.ice_servers)} server(s)", bool(net.ice_servers)),
+                ("studies", f"{len(self._files)} instance(s) in {self._dirs[0]}", True),
+            ),
+        )
+
+    def studies(self) -> list[StudyInfo]:
+        by_study: dict[str, list[_Indexed]] = defaultdict(list)
+        for f in self._files.values():
+            by_study[f.study_uid].append(f)
+        out = []
+        for uid, items in sorted(by_study.items()):
+            first = items[0]
+            out.append(
+                StudyInfo(
+                    uid,
+                    self._pseudonym(first.patient_key),
+                    first.study["date"],
+                    first.study["description"],
+                    ",".join(sorted({i.series["modality"] for i in items})),
+                    len({i.series_uid for i in items}),
+                    len(items),
+                )
+            )
+        return out
+
+    def series(self, study_uid: str) -> list[SeriesInfo]:
+        by_series: dict[str, list[_Indexed]] = defaultdict(list)
+        for f in self._files.values():
+            if f.study_uid == study_uid:
+                by_series[f.series_uid].append(f)
+        out = []
+        for uid, items in by_series.items():
+            s = items[0].series
+            number = int(s["number"]) if s["number"].lstrip("-").isdigit() else 0
+            out.append(
+                SeriesInfo(uid, study_uid, number, s["modality"], s["description"], len(items))
+            )
+        return sorted(out, key=lambda s: s.number)
+
+    def instances(self, series_uid: str) -> list[InstanceRef]:
+        items = [f for f in self._files.values() if f.series_uid == series_uid]
+        items.sort(key=lambda f: (f.number, f.sop_uid))
+        return [InstanceRef(f.sop_uid, series_uid, f.number) for f in items]
+
+    def load_frame(self, sop_uid: str, frame: int = 0) -> Frame | None:
+        item = self._files.get(sop_uid)
+        if item is None:
+            return None
+        try:
+            ds = pydicom.dcmread(item.path)
+            pixels = ds.pixel_array
+        except (InvalidDicomError, OSError, ValueError, AttributeError, RuntimeError) as exc:
+            raise NodeError(f"cannot decode {item.path.name}: {exc}") from exc
+        if pixels.ndim == 3 and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            pixels = pixels[min(frame, pixels.shape[0] - 1)]
+        if pixels.ndim == 3:  # colour: show luminance
+            pixels = pixels[..., :3].mean(axis=2)
+        spacing = _floats(getattr(ds, "PixelSpacing", None))
+        origin = _floats(getattr(ds, "ImagePositionPatient", None))
+        center = getattr(ds, "WindowCenter", None)
+        width = getattr(ds, "WindowWidth", None)
+        window = None
+        try:
+            if center is not None and width is not None:
+                c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
+                w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+                window = Window(c, max(1.0, w))
+        except (TypeError, ValueError):
+            window = None
+        return Frame(
+            pixels,
+            float(getattr(ds, "RescaleSlope", 1) or 1),
+            float(getattr(ds, "RescaleIntercept", 0) or 0),
+            (spacing[0], spacing[1]) if spacing and len(spacing) == 2 else (1.0, 1.0),
+            bool(spacing and len(spacing) == 2),
+            (origin[0], origin[1], origin[2]) if origin and len(origin) == 3 else None,
+            _floats(getattr(ds, "ImageOrientationPatient", None)),
+            window,
+        )
+
+    def request_first(self, sop_uid: str) -> None:
+        return None  # everything here is already on disk
+
+    def consults(self) -> list[ConsultItem]:
+        return []
+
+    def peers(self) -> list[PeerInfo]:
+        return []
+
+    def transfers(self) -> list[TransferInfo]:
+        return []
+
+    def notifications(self) -> list[str]:
+        notes = list(self._problems)
+        if self.identity is None:
+            notes.append(f"No identity in {self.home.root}: run `radmesh init` to create one")
+        return notes
+
+    def safety_number(self, peer_node_id: str) -> str:
+        if self.identity is None:
+            return "(no identity)"
+        return safety_number(self.identity.node_id, NodeId.parse(peer_node_id))
+
+    def mark_verified(self, peer_node_id: str) -> None:
+        return None
+
+    def open_session(self, study_uid: str) -> SessionView | None:
+        return None

@@ -1,0 +1,140 @@
+"""An in-memory node for tests and demos: one synthetic CT study, peers, consults."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import numpy.typing as npt
+
+from crypto.identity import NodeId
+from crypto.safety import safety_number
+from tui.facade import (
+    ConsultItem,
+    Frame,
+    InstanceRef,
+    NodeStatus,
+    PeerInfo,
+    SeriesInfo,
+    StudyInfo,
+    TransferInfo,
+)
+from tui.imaging import Window
+from tui.session import InMemorySession, SessionView
+
+STUDY_UID = "1.2.826.0.1.3680043.10.1.1"
+SERIES_UID = "1.2.826.0.1.3680043.10.1.1.1"
+SERIES2_UID = "1.2.826.0.1.3680043.10.1.1.2"
+
+
+def phantom_slice(size: int, z: int) -> npt.NDArray[np.int16]:
+    """Stored values (HU + 1024) of a simple body phantom: fat, soft tissue, lungs, spine."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    hu = np.full((size, size), -1000.0, dtype=np.float32)
+    hu[(xx / 0.42) ** 2 + (yy / 0.30) ** 2 < 1] = -100.0
+    hu[(xx / 0.38) ** 2 + (yy / 0.26) ** 2 < 1] = 40.0
+    for side in (-1, 1):
+        hu[((xx - side * 0.17) / 0.13) ** 2 + ((yy + 0.02) / (0.15 + 0.005 * z)) ** 2 < 1] = -850
+    hu[(xx / 0.05) ** 2 + ((yy - 0.18) / 0.05) ** 2 < 1] = 700.0
+    return (hu + 1024).astype(np.int16)
+
+
+class InMemoryNode:
+    def __init__(
+        self, node_id: NodeId, *, slices: int = 12, size: int = 128, missing: int = 0
+    ) -> None:
+        self.node_id = node_id
+        self._size = size
+        self._slices = slices
+        self._missing = set(range(slices - missing, slices))
+        self.requested: list[str] = []
+        self.session = InMemorySession("consult-1", str(node_id), "me")
+        self._peers = [
+            PeerInfo(
+                "PEER-NEURO", "Dr Neuro", "St Elsewhere", ("neuro",), ("GB",), True, "verified"
+            ),
+            PeerInfo("PEER-MSK", "Dr Bones", "Ortho Clinic", ("msk",), ("FR",), False),
+        ]
+        self._peer_ids = {"PEER-NEURO": NodeId.from_public_key(b"\x01" * 32),
+                          "PEER-MSK": NodeId.from_public_key(b"\x02" * 32)}  # fmt: skip
+
+    def _sop(self, series: str, i: int) -> str:
+        return f"{series}.{i + 1}"
+
+    def status(self) -> NodeStatus:
+        return NodeStatus(
+            str(self.node_id),
+            "Test node",
+            "Test Hospital",
+            (("registry", "1 of 1 connected", True), ("DICOM listener", "off", False)),
+        )
+
+    def studies(self) -> list[StudyInfo]:
+        return [
+            StudyInfo(STUDY_UID, "ANON-0001", "20260101", "CT CHEST", "CT", 2, 2 * self._slices)
+        ]
+
+    def series(self, study_uid: str) -> list[SeriesInfo]:
+        if study_uid != STUDY_UID:
+            return []
+        return [
+            SeriesInfo(SERIES_UID, STUDY_UID, 1, "CT", "Axial 5mm", self._slices),
+            SeriesInfo(SERIES2_UID, STUDY_UID, 2, "CT", "Axial bone", self._slices),
+        ]
+
+    def instances(self, series_uid: str) -> list[InstanceRef]:
+        return [
+            InstanceRef(self._sop(series_uid, i), series_uid, i + 1, i not in self._missing)
+            for i in range(self._slices)
+        ]
+
+    def load_frame(self, sop_uid: str, frame: int = 0) -> Frame | None:
+        index = int(sop_uid.rsplit(".", 1)[1]) - 1
+        if index in self._missing:
+            return None
+        return Frame(
+            phantom_slice(self._size, index),
+            1.0,
+            -1024.0,
+            (0.8, 0.8),
+            True,
+            (-50.0, -50.0, 5.0 * index),
+            (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+            Window(40, 400),
+        )
+
+    def arrive(self, index: int) -> None:
+        self._missing.discard(index)
+
+    def request_first(self, sop_uid: str) -> None:
+        self.requested.append(sop_uid)
+
+    def consults(self) -> list[ConsultItem]:
+        now = time.time()
+        return [
+            ConsultItem("c-1", True, "CT head: bleed?", "St Elsewhere", "stat", "offered",
+                        now + 1800, STUDY_UID),
+            ConsultItem("c-2", False, "Knee MRI", "Ortho Clinic", "routine", "in_review",
+                        now + 86400 * 2),
+        ]  # fmt: skip
+
+    def peers(self) -> list[PeerInfo]:
+        return list(self._peers)
+
+    def transfers(self) -> list[TransferInfo]:
+        return [TransferInfo("t-1", "St Elsewhere", "CT CHEST (ANON-0001)", 3_000_000, 12_000_000)]
+
+    def notifications(self) -> list[str]:
+        return ["New STAT request from St Elsewhere"]
+
+    def safety_number(self, peer_node_id: str) -> str:
+        return safety_number(self.node_id, self._peer_ids[peer_node_id])
+
+    def mark_verified(self, peer_node_id: str) -> None:
+        self._peers = [
+            replace(p, trust="verified") if p.node_id == peer_node_id else p for p in self._peers
+        ]
+
+    def open_session(self, study_uid: str) -> SessionView | None:
+        return self.session

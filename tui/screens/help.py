@@ -1,0 +1,43 @@
+"""Every key, on one page (`?`)."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+HELP = """\
+[b]radmesh — keys[/b]   (q or escape closes this page; ctrl+p opens the command palette)
+
+[b]Anywhere[/b]   ?/F1 help   F2 home   F3 studies   F4 peers   ctrl+q quit
+[b]Home[/b]       enter on a request opens its study in a live consult
+[b]Studies[/b]    enter opens the selected study in the viewer; l opens it in a live consult
+[b]Peers[/b]      / search (words: name, subspecialty, jurisdiction, online)   v verify key
+[b]Viewer[/b]
+  j/k ↓/↑ wheel   next/previous slice      PgDn/PgUp ±10      Home/End first/last
+  n/N             next/previous series     c cine on/off
+  1-8             presets: brain, subdural, stroke, bone, lung, abdomen, liver, mediastinum
+  drag (mouse)    window: right = wider, down = higher level
+  i invert   +/- zoom   H/J/K/L pan   r reset
+  P point  A arrow(+text)  M length  G angle  E ellipse ROI   escape: no tool
+  click with a tool places its points; [ ] select an annotation; x removes your own
+  chat: type in the chat box + enter    report: edit the report box    F9 finalise & sign
+  q close the viewer
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll { width: 96; height: 80%; border: round $accent; padding: 1 2; }
+    """
+    BINDINGS = [Binding("q,escape,question_mark", "close", "close")]  # noqa: RUF012
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Static(HELP, id="help-text")
+
+    def action_close(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,69 @@
+"""Studies on this node: pick one, see its series, open it in the viewer."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from tui.facade import NodeFacade, StudyInfo
+from tui.screens.viewer import ViewerScreen
+
+
+class StudiesScreen(Screen[None]):
+    BINDINGS = [  # noqa: RUF012
+        Binding("enter", "open(False)", "view"),
+        Binding("l", "open(True)", "live consult"),
+    ]
+
+    def __init__(self, node: NodeFacade) -> None:
+        super().__init__()
+        self.node = node
+        self.studies: list[StudyInfo] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield DataTable(id="studies", cursor_type="row")
+        yield Static(id="series-info")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one("#studies", DataTable)
+        table.add_columns("patient", "date", "description", "modality", "series", "images")
+        self.reload()
+
+    def on_screen_resume(self) -> None:
+        self.reload()
+
+    def reload(self) -> None:
+        table = self.query_one("#studies", DataTable)
+        table.clear()
+        self.studies = self.node.studies()
+        for s in self.studies:
+            table.add_row(
+                s.patient, s.date, s.description, s.modalities, s.series_count, s.instance_count
+            )
+        if not self.studies:
+            self.query_one("#series-info", Static).update(
+                "No studies yet: send some by DICOM or put files in the node's data/inbox."
+            )
+        table.focus()
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if not (0 <= event.cursor_row < len(self.studies)):
+            return
+        study = self.studies[event.cursor_row]
+        lines = [
+            f"  Se {s.number:>3}  {s.modality:<3} {s.description}  ({s.instance_count} images)"
+            for s in self.node.series(study.study_uid)
+        ]
+        self.query_one("#series-info", Static).update("\n".join(lines))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open(False)
+
+    def action_open(self, live: bool) -> None:
+        row = self.query_one("#studies", DataTable).cursor_row
+        if 0 <= row < len(self.studies):
+            self.app.push_screen(ViewerScreen(self.node, self.studies[row], live=live))
