@@ -430,13 +430,17 @@ class MirrorResult:
 
 
 async def mirror(
-    source: RegistryClient, target: RegistryClient, *, max_records: int = 100_000
+    source: RegistryClient,
+    target: RegistryClient,
+    *,
+    max_records: int = 100_000,
+    now: int | None = None,
 ) -> MirrorResult:
     """Copy every current record from ``source`` to ``target``; the target re-verifies each."""
     result = MirrorResult()
     after = ""
     for _ in range(max_records // 100 + 1):
-        page, after = await source.search_page(SearchQuery(), after=after, limit=100)
+        page, after = await source.search_page(SearchQuery(), after=after, limit=100, now=now)
         for record in page:
             try:
                 await target.publish(record)
