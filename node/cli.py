@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "node.commands.doctor",
     "node.commands.tui",
     "node.commands.consult",
+    "node.commands.dicom",
 )
 
 
