@@ -25,12 +25,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crypto import canonical
 from crypto.errors import CryptoError
 from crypto.identity import Identity, verify_signature
 from node.errors import NodeError
+
+if TYPE_CHECKING:
+    from node.config import NodeHome
 
 DOMAIN_RECORD = b"radmesh-audit-record-v1"
 DOMAIN_CHECKPOINT = "radmesh-audit-checkpoint-v1"
@@ -343,3 +346,11 @@ class AuditLog:
             last_signed_seq=last_signed,
             problems=tuple(problems),
         )
+
+
+AUDIT_NAME = "audit.sqlite"
+
+
+def open_audit(home: NodeHome, identity: Identity) -> AuditLog:
+    """The node's audit log, ``home.data_dir / "audit.sqlite"``."""
+    return AuditLog.open(home.data_dir / AUDIT_NAME, identity)

@@ -158,7 +158,8 @@ def generate_ct(
     study = study or random_study(seed)
     rng = np.random.default_rng(seed + 1)
     spacing = 230.0 / rows
-    step = slice_spacing if slice_spacing is not None else max(0.6, 190.0 / slices)
+    # Rounded so the DS strings written for positions keep the spacing exactly uniform.
+    step = round(slice_spacing if slice_spacing is not None else max(0.6, 190.0 / slices), 3)
     coords = (np.arange(rows, dtype=np.float32) - (rows - 1) / 2.0) * spacing
     x, y = np.meshgrid(coords, coords)
     top_left = float(coords[0])
