@@ -499,6 +499,7 @@ class PeerConnection:
             else:
                 self._spawn(self._await_return())
         else:
+            self.error = error
             self._spawn(self._close(str(error), error, notify=False))
 
     async def _reconnect(self) -> None:
@@ -530,7 +531,7 @@ class PeerConnection:
         if self._closed:
             return
         self._closed = True
-        self.error = error
+        self.error = error or self.error
         self._connected.set()  # wake waiters; they see _closed
         self._credit.set()
         for future in self._pending.values():
