@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "node.commands.tui",
     "node.commands.consult",
     "node.commands.dicom",
+    "node.commands.peers",
 )
 
 
