@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from consult.errors import LocalConsultError, MalformedMessage
+from consult.errors import LocalConsultError
+from consult.intake import take_in
 from consult.requests import (
     ConsultCase,
     ConsultRequest,
@@ -97,45 +98,12 @@ def cmd_import(args: argparse.Namespace) -> int:
     """Take in a signed request or response that arrived out of band."""
     home = home_of(args)
     data = Path(args.file).read_bytes()
-    now = int(time.time())
     with _open_db(home) as db:
-        try:
-            request = ConsultRequest.from_wire(data)
-        except MalformedMessage:
-            response = ConsultResponse.from_wire(data)
-            consult_id = db.resolve(response.consult_id)
-            _check_responder(db, consult_id, response)
-            transition = db.apply(consult_id, response.event, now, str(response.responder))
-            print(
-                f"{response.responder.short()} {response.event.value}: consult "
-                f"{response.consult_id[:8]} is now {transition.target.value}"
-            )
-            return 0
-        db.add(request, role="consultant", now=now, wire=data, peer=str(request.requester))
-        print(
-            f"Consult {request.id} from {request.requester.short()} received "
-            f"({request.priority.value}, {request.subspecialty}): `radmesh consult show "
-            f"{request.id[:8]}`"
-        )
+        intake = take_in(db, data, int(time.time()))
+    print(intake.summary)
+    if intake.kind == "request":
+        print(f"`radmesh consult show {intake.consult_id[:8]}` shows it")
     return 0
-
-
-def _check_responder(db: ConsultDB, consult_id: str, response: ConsultResponse) -> None:
-    """Only the consultant it was sent to may answer a request; only its requester may
-    withdraw or acknowledge it."""
-    role, peer, _ = db.info(consult_id)
-    requester = db.get(consult_id).request.requester
-    if role == "requester":
-        allowed = response.event in (Event.ACCEPT, Event.DECLINE) and (
-            not peer or NodeId.parse(peer) == response.responder
-        )
-    else:
-        allowed = response.event == Event.WITHDRAW and response.responder == requester
-    if not allowed:
-        raise LocalConsultError(
-            f"{response.responder.short()} may not {response.event.value} consult "
-            f"{consult_id[:8]} on this node: response ignored"
-        )
 
 
 def _respond(args: argparse.Namespace, event: Event) -> int:

@@ -1,0 +1,63 @@
+"""Taking in a signed consult message (request or response), from the network or a file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from consult.errors import LocalConsultError, MalformedMessage
+from consult.requests import ConsultRequest, ConsultResponse, Event
+from consult.store import ConsultDB
+from crypto.identity import NodeId
+
+
+@dataclass(frozen=True)
+class Intake:
+    kind: str  # "request" or "response"
+    consult_id: str
+    summary: str
+
+
+def check_responder(db: ConsultDB, consult_id: str, response: ConsultResponse) -> None:
+    """Only the consultant it was sent to may answer a request; only its requester may
+    withdraw or acknowledge it."""
+    role, peer, _ = db.info(consult_id)
+    requester = db.get(consult_id).request.requester
+    if role == "requester":
+        allowed = response.event in (Event.ACCEPT, Event.DECLINE) and (
+            not peer or NodeId.parse(peer) == response.responder
+        )
+    else:
+        allowed = response.event == Event.WITHDRAW and response.responder == requester
+    if not allowed:
+        raise LocalConsultError(
+            f"{response.responder.short()} may not {response.event.value} consult "
+            f"{consult_id[:8]} on this node: response ignored"
+        )
+
+
+def take_in(db: ConsultDB, data: bytes, now: int, *, sender: NodeId | None = None) -> Intake:
+    """Verify and record ``data``. ``sender``, when known (the network), must be its signer."""
+    try:
+        request = ConsultRequest.from_wire(data)
+    except MalformedMessage:
+        response = ConsultResponse.from_wire(data)
+        if sender is not None and sender != response.responder:
+            raise LocalConsultError("a consult response relayed by another node: ignored") from None
+        consult_id = db.resolve(response.consult_id)
+        check_responder(db, consult_id, response)
+        transition = db.apply(consult_id, response.event, now, str(response.responder))
+        return Intake(
+            "response",
+            consult_id,
+            f"{response.responder.short()} {response.event.value}: consult "
+            f"{response.consult_id[:8]} is now {transition.target.value}",
+        )
+    if sender is not None and sender != request.requester:
+        raise LocalConsultError("a consult request relayed by another node: ignored")
+    db.add(request, role="consultant", now=now, wire=data, peer=str(request.requester))
+    return Intake(
+        "request",
+        request.id,
+        f"Consult {request.id} from {request.requester.short()} received "
+        f"({request.priority.value}, {request.subspecialty})",
+    )
