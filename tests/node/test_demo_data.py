@@ -77,3 +77,25 @@ def test_same_seed_gives_the_same_pixels(tmp_path: Path) -> None:
     a = generate_ct(tmp_path / "a", slices=2, rows=32, seed=9)
     b = generate_ct(tmp_path / "b", slices=2, rows=32, seed=9)
     assert pydicom.dcmread(a[1]).PixelData == pydicom.dcmread(b[1]).PixelData
+
+
+def test_dcmtk_accepts_the_generated_files(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("dcmftest") is None or shutil.which("dcmdump") is None:
+        pytest.skip("dcmtk not installed (Debian package dcmtk)")
+    out = generate_demo_study(tmp_path, ct_slices=2, ct_rows=32, mr_slices=1, cr_rows=64)
+    files = [str(p) for p in sorted(out.rglob("*.dcm"))]
+    checked = subprocess.run(["dcmftest", *files], capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stdout
+    assert checked.stdout.count("yes:") == len(files)
+    dumped = subprocess.run(
+        ["dcmdump", "-q", "+L", str(out / "ct" / "CT0001.dcm")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert dumped.returncode == 0, dumped.stderr
+    intercept = next(line for line in dumped.stdout.splitlines() if "RescaleIntercept" in line)
+    assert float(intercept.split("[")[1].split("]")[0]) == -1024  # as dcmtk reads it
