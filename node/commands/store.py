@@ -1,4 +1,4 @@
-"""``radmesh import``, ``studies``, ``export``, ``audit verify|show`` and ``demo-data``."""
+"""``radmesh import``, ``studies``, ``export``, ``delete``, ``audit verify|show``, ``demo-data``."""
 
 from __future__ import annotations
 
@@ -133,6 +133,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    home, identity = _open(args)
+    with open_store(home, identity) as store, open_audit(home, identity) as audit:
+        study = store.study(args.study_uid)
+        if not args.yes:
+            raise NodeError(
+                f"this removes study {args.study_uid} ({study.instance_count} instance(s)) "
+                "from the store for good; run again with --yes to confirm"
+            )
+        store.delete_study(args.study_uid)
+        audit.append(
+            AuditKind.DELETE,
+            now=time.time(),
+            study_uid=args.study_uid,
+            details={"instances": study.instance_count, "bytes": study.size},
+        )
+    print(f"deleted study {args.study_uid} ({study.instance_count} instance(s))")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     home, identity = _open(args)
     with open_audit(home, identity) as audit:
@@ -210,6 +230,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("study_uid", metavar="STUDY_UID")
     p.add_argument("--to", required=True, metavar="DIR")
     p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("delete", help="remove a study from the store (audited)")
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.add_argument("--yes", action="store_true", help="confirm the deletion")
+    p.set_defaults(handler=cmd_delete)
 
     p = sub.add_parser("audit", help="verify or show the audit log")
     audit_sub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)

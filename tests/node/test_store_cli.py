@@ -96,3 +96,18 @@ def test_demo_data_writes_and_imports_a_study(
     assert "wrote 8 DICOM file(s)" in text
     assert "imported 8 instance(s)" in text
     assert "in 2 study(ies)" in text
+
+
+def test_delete_needs_confirmation_and_is_audited(
+    home: Path, series: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    study_uid = pydicom.dcmread(series[0]).StudyInstanceUID
+    assert main(["--home", str(home), "import", str(series[0].parent)]) == 0
+    assert main(["--home", str(home), "delete", study_uid]) == 1
+    assert "--yes" in capsys.readouterr().err
+    assert main(["--home", str(home), "delete", study_uid, "--yes"]) == 0
+    assert main(["--home", str(home), "studies"]) == 0
+    assert "no studies yet" in capsys.readouterr().out
+    assert main(["--home", str(home), "audit", "show", "--kind", "delete"]) == 0
+    assert study_uid in capsys.readouterr().out
+    assert list((home / "data" / "store" / "blobs").glob("??/*")) == []
