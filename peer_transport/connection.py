@@ -557,6 +557,28 @@ class PeerConnection:
                 self._events.get_nowait()
 
 
+class ChannelLink:
+    """A PeerConnection seen as a ``transfer_runner.TransferLink``.
+
+    ``send_control`` travels as control-channel messages, ``send_bulk`` on the
+    bulk channel with credit-based backpressure; :meth:`attach` routes the
+    incoming side to callbacks instead of the event stream.
+    """
+
+    def __init__(self, conn: PeerConnection) -> None:
+        self.conn = conn
+
+    async def send_control(self, data: bytes) -> None:
+        await self.conn.send_message(data)
+
+    async def send_bulk(self, data: bytes) -> None:
+        await self.conn.send_bulk(data)
+
+    def attach(self, on_control: Callable[[bytes], None], on_bulk: Callable[[bytes], None]) -> None:
+        self.conn.set_receiver("message", on_control)
+        self.conn.set_receiver("bulk", on_bulk)
+
+
 class Transport:
     """This node's end of the peer transport: makes and accepts PeerConnections.
 
@@ -835,6 +857,7 @@ def install_event_loop_policy() -> bool:
 
 __all__ = [
     "INBOX_KIND",
+    "ChannelLink",
     "Closed",
     "Connected",
     "Disconnected",
