@@ -1,0 +1,393 @@
+"""The running node: everything one hospital's node does, wired together.
+
+:class:`NodeRuntime` opens the store, audit log, trust store, peer directory
+and consult database of a node home; serves the LAN endpoint (its signed
+record, direct signaling); advertises and browses mDNS; publishes its record to
+its registries and keeps their signaling sockets open; runs the peer transport
+and, when enabled, the DICOM listener for the hospital's PACS.
+
+Two kinds of sealed messages reach a node, over the LAN endpoint or a registry
+(relayed live, or kept in the registry's mailbox while the node is offline):
+``rtc-signal`` (offer/answer, for the transport) and ``node-msg`` (consult
+requests, responses and reports, which need no live connection). Both are
+signed by the sender and sealed to the recipient; :class:`SignalRouter` reads
+only the type of each one before handing it on, and the consumer opens it with
+its checks (expiry, replay, signer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nacl.exceptions
+import nacl.public
+
+from consult.errors import ConsultError
+from consult.intake import Intake, take_in
+from consult.store import ConsultDB
+from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
+from crypto.errors import CryptoError
+from crypto.identity import Identity, NodeId
+from node.audit import AuditKind, AuditLog, open_audit
+from node.config import NodeConfig, NodeHome
+from node.dicom_net import DicomListener
+from node.errors import NodeError
+from node.store import Store, open_store
+from peer_transport.connection import Transport, TransportOptions
+from peer_transport.rtc import IceServer, RtcOptions
+from peer_transport.signaling import SIGNAL_TYPE
+from registry.client import MultiRegistry, RegistryClient, RegistryConnection
+from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
+from registry.errors import RegistryError
+from registry.lan import LanEndpoint, post_signal
+from registry.mdns import LanDiscovery
+from registry.records import LanPointer, NodeRecord
+from registry.trust import TrustStore
+
+log = logging.getLogger(__name__)
+
+NODE_MSG = "node-msg"
+NODE_MSG_TTL = 7 * 24 * 3600  # as long as a registry mailbox keeps it
+MAX_NODE_MSG = 60 * 1024
+QUEUE_SIZE = 256
+RECORD_TTL = 3600
+MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
+
+
+class RuntimeError_(NodeError):
+    """The node could not start or do what was asked; the message says why."""
+
+
+def sealed_type(identity: Identity, sealed: bytes) -> str | None:
+    """The message type inside ``sealed`` (decrypts, does not verify), or None."""
+    try:
+        inner = nacl.public.SealedBox(identity.x25519_private()).decrypt(sealed)
+        return SignedEnvelope.from_wire(inner).type.removeprefix(SEALED_PREFIX)
+    except (nacl.exceptions.CryptoError, CryptoError, ValueError):
+        return None
+
+
+def seal_node_message(identity: Identity, to: bytes, kind: str, wire: bytes, now: int) -> bytes:
+    return seal(identity, to, NODE_MSG, {"kind": kind, "wire": wire}, now=now, ttl=NODE_MSG_TTL)
+
+
+class SignalRouter:
+    """The transport's :class:`~peer_transport.signaling.Signaling`, and the node-msg inbox.
+
+    Outgoing: straight to the peer's LAN endpoint when the directory knows one,
+    else through the first registry that takes it. Incoming from every source:
+    ``rtc-signal`` goes to the transport, ``node-msg`` to :attr:`on_node_message`.
+    """
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self._runtime = runtime
+        self._rtc: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
+
+    async def feed(self, sealed: bytes) -> None:
+        if len(sealed) > MAX_NODE_MSG:
+            return
+        kind = sealed_type(self._runtime.identity, sealed)
+        if kind == SIGNAL_TYPE:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._rtc.put_nowait(sealed)
+        elif kind == NODE_MSG:
+            await self._runtime._on_node_message(sealed)
+        else:
+            log.info("dropped a sealed message this node cannot use (%s)", kind or "undecryptable")
+
+    async def send(self, to: bytes, sealed: bytes) -> None:
+        await self._runtime.send_sealed(to, sealed)
+
+    async def receive(self) -> bytes:
+        return await self._rtc.get()
+
+
+@dataclass
+class Status:
+    """What the home screen and `radmesh node run` show."""
+
+    node_id: str
+    lan_url: str
+    registries: dict[str, str]
+    mdns: bool
+    dicom: str
+
+
+class NodeRuntime:
+    def __init__(
+        self,
+        home: NodeHome,
+        identity: Identity,
+        config: NodeConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        mdns_interfaces: list[str] | None = None,
+        transport_options: TransportOptions | None = None,
+    ) -> None:
+        self.home = home
+        self.identity = identity
+        self.config = config or home.load_config()
+        self.clock = clock
+        self._mdns_interfaces = mdns_interfaces
+        self._transport_options = transport_options
+        self.router = SignalRouter(self)
+        self.guard = ReplayGuard()
+        self.handlers: dict[str, MessageHandler] = {}
+        self.notifications: asyncio.Queue[str] = asyncio.Queue(QUEUE_SIZE)
+        self.registry_connections: dict[str, RegistryConnection] = {}
+        self.registry_state: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sequence = 0
+        self.lan_url = ""
+        self.record: NodeRecord | None = None
+        self.discovery: LanDiscovery | None = None
+        self.dicom: DicomListener | None = None
+        self.handlers["consult"] = self._on_consult_message
+
+    # -- lifecycle --------------------------------------------------------------------
+    def now(self) -> int:
+        return int(self.clock())
+
+    async def start(self) -> None:
+        data = self.home.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        self.store: Store = open_store(self.home, self.identity)
+        self.audit: AuditLog = open_audit(self.home, self.identity)
+        self.trust = TrustStore(data / "trust.sqlite")
+        self.consults = ConsultDB.in_data_dir(data, audit=self._audit_consult)
+        network = self.config.network
+        self.registries = MultiRegistry(
+            [RegistryClient(url, self.identity) for url in network.registries]
+        )
+        finders: list[Any] = [RegistryFinder(self.registries)] if network.registries else []
+        if network.mdns:
+            self.discovery = LanDiscovery(
+                interfaces=self._mdns_interfaces or network.mdns_interfaces or None,
+                own_id=self.identity.node_id,
+                on_found=self._found_on_lan,
+                clock=self.clock,
+            )
+            finders.append(MdnsFinder(self.discovery))
+        self.directory = PeerDirectory(data / "peers.sqlite", self.trust, finders)
+        self.lan = LanEndpoint(self._own_record, self.router.feed)
+        self.lan_url = await self.lan.start(network.listen_host, network.listen_port)
+        self._sequence = max(self.now(), self._sequence + 1)
+        self.record = self._make_record()
+        options = self._transport_options or TransportOptions(
+            rtc=RtcOptions(ice_servers=tuple(IceServer((url,)) for url in network.ice_servers))
+        )
+        self.transport = Transport(
+            self.identity,
+            self.router,
+            is_trusted=lambda key: self.trust.is_trusted(key, self.now()),
+            options=options,
+            clock=self.clock,
+        )
+        await self.transport.start()
+        for url in network.registries:
+            self._spawn(self._registry_loop(url))
+        if self.discovery is not None:
+            await self.discovery.start()
+            await self.discovery.advertise(
+                LanPointer.create(self.identity, self.lan_url, self._sequence)
+            )
+            await self.discovery.browse()
+        if self.config.dicom.enabled:
+            self.dicom = DicomListener(
+                self.config.dicom, self._dicom_instance, audit=self._dicom_audit
+            )
+            self.dicom.start()
+        log.info("node %s running, LAN endpoint %s", self.identity.node_id.short(), self.lan_url)
+
+    async def stop(self) -> None:
+        if self.dicom is not None:
+            self.dicom.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.transport.close()
+        for conn in self.registry_connections.values():
+            await conn.close()
+        await self.registries.close()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        await self.lan.stop()
+        self.directory.close()
+        self.consults.close()
+        self.trust.close()
+        self.audit.close()
+        self.store.close()
+
+    async def __aenter__(self) -> NodeRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- identity on the network --------------------------------------------------------
+    def _make_record(self) -> NodeRecord:
+        c = self.config
+        registries = (f"registry:{url}" for url in c.network.registries)
+        endpoints = (f"lan:{self.lan_url}", *registries)
+        return NodeRecord.create(
+            self.identity,
+            now=self.now(),
+            sequence=self._sequence,
+            ttl=RECORD_TTL,
+            display_name=c.display_name,
+            institution=c.institution,
+            country=c.country,
+            subspecialties=tuple(c.subspecialties),
+            jurisdictions=tuple(c.jurisdictions),
+            languages=tuple(c.languages),
+            timezone=c.timezone,
+            endpoints=endpoints,
+        )
+
+    def _own_record(self) -> NodeRecord:
+        record = self.record
+        if record is None or record.expires_at - self.now() < RECORD_TTL // 2:
+            self._sequence += 1
+            record = self.record = self._make_record()
+        return record
+
+    async def _registry_loop(self, url: str) -> None:
+        """Publish the record, keep the signaling socket, re-publish before expiry."""
+        client = next(c for c in self.registries.clients if c.url == url)
+        while True:
+            try:
+                await client.publish(self._own_record())
+                if url not in self.registry_connections:
+                    conn = client.connect()
+                    await conn.__aenter__()
+                    self.registry_connections[url] = conn
+                    self._spawn(self._pump(conn))
+                self.registry_state[url] = "connected"
+            except RegistryError as exc:
+                self.registry_state[url] = f"unreachable: {exc}"
+                log.warning("registry %s: %s", url, exc)
+            await asyncio.sleep(RECORD_TTL / 4 if self.registry_state[url] == "connected" else 5)
+
+    async def _pump(self, conn: RegistryConnection) -> None:
+        async for message in conn:
+            await self.router.feed(message.data)
+
+    async def _found_on_lan(self, record: NodeRecord) -> None:
+        self.directory.remember(record, "mdns", self.now())
+
+    async def send_sealed(self, to: bytes, sealed: bytes) -> str:
+        """Deliver sealed bytes: LAN endpoint first, then registries (live or mailbox)."""
+        node_id = NodeId.from_public_key(to)
+        peer = await self.directory.resolve(node_id, self.now())
+        errors: list[str] = []
+        for url in peer.record.lan_urls if peer is not None else ():
+            try:
+                await post_signal(url, sealed)
+                return "delivered (LAN)"
+            except RegistryError as exc:
+                errors.append(f"LAN {url}: {exc}")
+        for url, conn in list(self.registry_connections.items()):
+            try:
+                return f"{await conn.send(node_id, sealed)} (registry {url})"
+            except RegistryError as exc:
+                errors.append(f"registry {url}: {exc}")
+        raise RuntimeError_(
+            f"could not reach {node_id.short()}: "
+            + ("; ".join(errors) or "no LAN address known and no registry connected")
+            + ". Check `radmesh peers show` and `radmesh doctor`."
+        )
+
+    # -- node messages (no live connection needed) --------------------------------------
+    async def send_message(self, to: bytes, kind: str, wire: bytes) -> str:
+        """Send a signed consult message (request, response, report) to a peer."""
+        return await self.send_sealed(
+            to, seal_node_message(self.identity, to, kind, wire, self.now())
+        )
+
+    async def _on_node_message(self, sealed: bytes) -> None:
+        try:
+            opened = open_sealed(
+                self.identity,
+                sealed,
+                NODE_MSG,
+                now=self.now(),
+                replay_guard=self.guard,
+                max_size=MAX_NODE_MSG,
+            )
+            body = opened.body
+            if not (
+                isinstance(body, dict)
+                and isinstance(body.get("kind"), str)
+                and isinstance(body.get("wire"), bytes)
+            ):
+                raise RuntimeError_("node message has the wrong shape")
+            group = body["kind"].split(".")[0]
+            handler = self.handlers.get(group)
+            if handler is None:
+                raise RuntimeError_(f"no handler for node message kind {body['kind']!r}")
+            await handler(opened.sender_id, body["kind"], body["wire"])
+        except (CryptoError, NodeError, ConsultError) as exc:
+            log.warning("refused a node message: %s", exc)
+
+    async def _on_consult_message(self, sender: NodeId, kind: str, wire: bytes) -> None:
+        public_key = self._sender_key(sender, wire)
+        trusted = public_key is not None and self.trust.is_trusted(public_key, self.now())
+        if not trusted and kind != "consult.request":
+            raise RuntimeError_(f"{sender.short()} is not trusted: {kind} ignored")
+        if not trusted and public_key is not None:
+            # First contact: a request may land in the inbox, nothing is shared back.
+            self.trust.first_contact(public_key, self.now(), summary="consult request")
+        intake: Intake = take_in(self.consults, wire, self.now(), sender=sender)
+        self.notify(intake.summary)
+
+    def _sender_key(self, sender: NodeId, wire: bytes) -> bytes | None:
+        with contextlib.suppress(CryptoError):
+            signer = SignedEnvelope.from_wire(wire).signer
+            if NodeId.from_public_key(signer) == sender:
+                return signer
+        return None
+
+    def notify(self, text: str) -> None:
+        log.info("%s", text)
+        with contextlib.suppress(asyncio.QueueFull):
+            self.notifications.put_nowait(text)
+
+    # -- DICOM and audit ----------------------------------------------------------------
+    def _dicom_instance(self, data: bytes, calling_ae: str) -> None:
+        result = self.store.add_bytes(data, source=f"dicom:{calling_ae}")
+        if not result.duplicate:
+            self.audit.append(
+                AuditKind.RECEIVE,
+                now=self.clock(),
+                study_uid=result.study_uid,
+                details={"from": f"dicom:{calling_ae}", "sop": result.sop_instance_uid},
+            )
+
+    def _dicom_audit(self, kind: str, details: dict[str, str]) -> None:
+        log.debug("dicom %s %s", kind, details)
+
+    def _audit_consult(self, *args: Any, **kwargs: Any) -> None:
+        details = {str(k): str(v) for k, v in kwargs.items()}
+        details.update({f"arg{i}": str(a) for i, a in enumerate(args)})
+        self.audit.append(AuditKind.CONSULT, now=self.clock(), details=details)
+
+    def status(self) -> Status:
+        return Status(
+            node_id=str(self.identity.node_id),
+            lan_url=self.lan_url,
+            registries=dict(self.registry_state),
+            mdns=self.discovery is not None,
+            dicom=(f"{self.dicom.ae_title} on port {self.dicom.port}" if self.dicom else "off"),
+        )

@@ -1,0 +1,165 @@
+"""Whole nodes on loopback: a real registry, real LAN endpoints, real aiortc."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from consult.requests import ConsultRequest, Priority, State
+from crypto.identity import Identity
+from node.config import NetworkConfig, NodeConfig, NodeHome
+from node.keystore import save_identity
+from node.runtime import NodeRuntime
+from peer_transport.connection import TransportOptions
+from peer_transport.rtc import RtcOptions, restrict_host_addresses
+from registry.server import RegistryServer
+
+FAST = TransportOptions(rtc=RtcOptions(ice_servers=()), connect_timeout=10.0, backoff_initial=0.2)
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[str]:
+    server = RegistryServer(tmp_path / "registry.sqlite")
+    url = await server.start("127.0.0.1", 0)
+    yield url
+    await server.stop()
+
+
+def make_home(root: Path, name: str, registry: str, subs: list[str]) -> tuple[NodeHome, Identity]:
+    home = NodeHome(root / name)
+    identity = Identity.generate()
+    save_identity(home.key_path, identity, None)
+    home.save_config(
+        NodeConfig(
+            display_name=name,
+            subspecialties=subs,
+            jurisdictions=["IE"],
+            network=NetworkConfig(
+                registries=[registry] if registry else [], mdns=False, listen_host="127.0.0.1"
+            ),
+        )
+    )
+    return home, identity
+
+
+def request_from(identity: Identity, now: int) -> ConsultRequest:
+    return ConsultRequest.new(
+        requester=identity.node_id,
+        study_uid="2.25.1234",
+        question="suspected subdural haematoma",
+        priority=Priority.STAT,
+        subspecialty="neuro",
+        jurisdiction="IE",
+        language="en",
+        deadline=now + 3600,
+        now=now,
+    )
+
+
+async def wait_for(predicate: object, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def started(home: NodeHome, identity: Identity) -> NodeRuntime:
+    runtime = NodeRuntime(home, identity, transport_options=FAST)
+    await runtime.start()
+    return runtime
+
+
+async def test_consult_request_reaches_an_unknown_specialist_through_the_registry(
+    tmp_path: Path, registry: str
+) -> None:
+    rural_home, rural = make_home(tmp_path, "rural", registry, [])
+    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
+    a, b = await started(rural_home, rural), await started(neuro_home, neuro)
+    try:
+        await wait_for(lambda: a.registry_state.get(registry) == "connected")
+        await wait_for(lambda: b.registry_state.get(registry) == "connected")
+        request = request_from(rural, a.now())
+        # The rural node learns neuro's LAN address from its registry record.
+        how = await a.send_message(neuro.public_key, "consult.request", request.to_wire(rural))
+        assert how == "delivered (LAN)"
+        await wait_for(lambda: bool(b.consults.cases()))
+        case = b.consults.get(request.id)
+        assert case.state is State.REQUESTED
+        assert case.request.question == "suspected subdural haematoma"
+        # First contact lands in the inbox; the rural node is not trusted by it.
+        assert [e.node_id for e in b.trust.inbox()] == [rural.node_id]
+        assert not b.trust.is_trusted(rural.public_key, b.now())
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_request_waits_in_the_registry_mailbox_for_an_offline_specialist(
+    tmp_path: Path, registry: str
+) -> None:
+    rural_home, rural = make_home(tmp_path, "rural", registry, [])
+    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
+    a = await started(rural_home, rural)
+    try:
+        await wait_for(lambda: a.registry_state.get(registry) == "connected")
+        request = request_from(rural, a.now())
+        how = await a.send_message(neuro.public_key, "consult.request", request.to_wire(rural))
+        assert how.startswith("stored")
+        b = await started(neuro_home, neuro)
+        try:
+            await wait_for(lambda: bool(b.consults.cases()))
+            assert b.consults.get(request.id).request.priority is Priority.STAT
+        finally:
+            await b.stop()
+    finally:
+        await a.stop()
+
+
+async def test_a_response_from_an_untrusted_node_is_ignored(tmp_path: Path, registry: str) -> None:
+    from consult.requests import ConsultResponse, Event
+
+    rural_home, rural = make_home(tmp_path, "rural", registry, [])
+    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
+    a, b = await started(rural_home, rural), await started(neuro_home, neuro)
+    try:
+        await wait_for(lambda: b.registry_state.get(registry) == "connected")
+        request = request_from(rural, a.now())
+        a.consults.add(request, role="requester", now=a.now(), peer=str(neuro.node_id))
+        accept = ConsultResponse(request.id, neuro.node_id, Event.ACCEPT, b.now(), "")
+        await b.send_message(rural.public_key, "consult.response", accept.to_wire(neuro))
+        await asyncio.sleep(1.0)
+        assert a.consults.get(request.id).state is State.REQUESTED
+        a.trust.mark_verified(neuro.node_id, a.now())
+        await b.send_message(rural.public_key, "consult.response", accept.to_wire(neuro))
+        await wait_for(lambda: a.consults.get(request.id).state is State.ACCEPTED)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_trusted_nodes_connect_over_webrtc_with_lan_signaling(
+    tmp_path: Path, registry: str
+) -> None:
+    restrict_host_addresses(["127.0.0.1"])
+    rural_home, rural = make_home(tmp_path, "rural", registry, [])
+    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
+    a, b = await started(rural_home, rural), await started(neuro_home, neuro)
+    try:
+        assert b.record is not None
+        a.directory.remember(b.record, "test", a.now())  # as if found by mDNS
+        a.trust.mark_verified(neuro.node_id, a.now())
+        b.trust.mark_verified(rural.node_id, b.now())
+
+        async def echo(conn: object, body: bytes) -> bytes:
+            return body[::-1]
+
+        b.transport.handle("test.echo", echo)
+        conn = await a.transport.connect(neuro.public_key)
+        assert await conn.request("test.echo", b"abc", timeout=5) == b"cba"
+    finally:
+        await a.stop()
+        await b.stop()
