@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,11 @@ from node.keystore import load_identity
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
-    # The CLI is where the top layer (tui) is launched from; importing it by name keeps
-    # node/ free of a static dependency on tui and keeps `radmesh --help` fast.
-    RadmeshApp = importlib.import_module("tui.app").RadmeshApp
-    LocalNode = importlib.import_module("tui.local").LocalNode
+    # The one upward import the layering test allows: this command is the TUI's entry
+    # point. Imported here so `radmesh --help` does not load Textual.
+    from tui.app import RadmeshApp
+    from tui.local import LocalNode
+
     home = home_of(args)
     identity: Identity | None = None
     config: NodeConfig | None = None
