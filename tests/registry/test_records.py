@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.identity import Identity
-from registry.errors import RecordError, StaleRecord
+from registry import wsproto
+from registry.errors import RecordError, RegistryError, StaleRecord
 from registry.records import (
     MAX_RECORD_SIZE,
     LanPointer,
@@ -132,3 +134,23 @@ def test_fuzz_signed_record_bodies(body: dict[str, object]) -> None:
     wire = SignedEnvelope.create(ALICE, "node-record", body).to_wire()
     with pytest.raises(RecordError):
         NodeRecord.from_wire(wire)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=1024))
+def test_fuzz_signaling_frame_decoder_raises_only_registry_error(data: bytes) -> None:
+    with contextlib.suppress(RegistryError):
+        wsproto.from_wire(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["challenge", "auth", "send", "msg", "ack", "turn", "error", "ready"]),
+    st.dictionaries(
+        st.sampled_from(["c", "url", "k", "s", "to", "d", "ref", "from", "st", "u", "p", "id"]),
+        st.one_of(st.integers(-5, 5), st.text(max_size=60), st.binary(max_size=70)),
+    ),
+)
+def test_fuzz_typed_signaling_frames(kind: str, fields: dict[str, object]) -> None:
+    with contextlib.suppress(RegistryError):
+        wsproto.from_wire(canonical.encode({**fields, "t": kind}))
