@@ -9,16 +9,18 @@ Requests travel on the control channel, chunks on the bulk channel.
 
 Received instances go to an :class:`InstanceStore` (``node.store.Store`` fits:
 ``has_hash(hex)`` and ``add_bytes(data, source=...)``) only after their hash is
-verified; decoding and storing run in a worker thread so the event loop keeps
-receiving.
+verified; decoding and storing run in one worker thread so the event loop keeps
+receiving and at most one decoded instance is in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -129,6 +131,9 @@ class StudyReceiver:
         self._stored: dict[int, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._started = asyncio.Event()
+        # One worker: instances are decoded and stored one at a time, which bounds
+        # memory and keeps the GIL mostly with the event loop that feeds SCTP.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="transfer-commit")
 
     # link input
 
@@ -179,11 +184,38 @@ class StudyReceiver:
         )
         receiver.accept()
         self._started.set()
-        loop = asyncio.get_running_loop()
         pending: set[asyncio.Task[None]] = set()
+
+        def commit(index: int) -> None:
+            task = asyncio.create_task(self._commit(receiver, index))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+        for index in sorted(receiver.ready):  # fully received before a restart
+            commit(index)
+        try:
+            await self._loop(receiver, commit, pending)
+            for task in list(pending):
+                await task
+        finally:
+            for task in pending:  # cancelled or failed: stop touching the spool
+                task.cancel()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if receiver.state is tr.State.COMPLETE:
+            await self.link.send_control(tr.to_wire(tr.Finished(receiver.manifest.transfer_id)))
+        elif receiver.state is tr.State.CANCELLED:
+            raise tr.TransferError("the transfer was cancelled")
+        return receiver.progress()
+
+    async def _loop(
+        self,
+        receiver: tr.Receiver,
+        commit: Callable[[int], None],
+        pending: set[asyncio.Task[None]],
+    ) -> None:
+        loop = asyncio.get_running_loop()
         while receiver.state in (tr.State.RUNNING, tr.State.PAUSED):
-            now = loop.time()
-            for request in receiver.poll(now):
+            for request in receiver.poll(loop.time()):
                 await self.link.send_control(tr.to_wire(request))
             self._wake.clear()
             while not self._chunks.empty():
@@ -194,25 +226,19 @@ class StudyReceiver:
                     log.info("%s", exc)
                     continue
                 if index is not None:
-                    task = asyncio.create_task(self._commit(receiver, index))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
+                    commit(index)
             if receiver.state in (tr.State.RUNNING, tr.State.PAUSED):
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+                    async with asyncio.timeout(POLL_INTERVAL):
+                        await self._wake.wait()
             for task in [t for t in pending if t.done()]:
                 task.result()  # re-raise a failed commit (ManifestMismatch)
-        for task in pending:
-            await task
-        if receiver.state is tr.State.COMPLETE:
-            await self.link.send_control(tr.to_wire(tr.Finished(receiver.manifest.transfer_id)))
-        elif receiver.state is tr.State.CANCELLED:
-            raise tr.TransferError("the transfer was cancelled")
-        return receiver.progress()
 
     async def _commit(self, receiver: tr.Receiver, index: int) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            data = await asyncio.to_thread(receiver.verify_part, index)
+            data = await loop.run_in_executor(self._executor, receiver.verify_part, index)
         except (wirecodec.WireCodecError, OSError) as exc:
             error = receiver.reject_part(index, exc)
             if isinstance(error, tr.ManifestMismatch):
@@ -220,8 +246,9 @@ class StudyReceiver:
             log.warning("%s", error)
             self._wake.set()
             return
-        await asyncio.to_thread(self.store.add_bytes, data, source=self.source)
-        receiver.stored(index, asyncio.get_running_loop().time())
+        add = functools.partial(self.store.add_bytes, data, source=self.source)
+        await loop.run_in_executor(self._executor, add)
+        receiver.stored(index, loop.time())
         self._stored.setdefault(index, asyncio.Event()).set()
         if self.on_progress is not None:
             self.on_progress(receiver.progress())

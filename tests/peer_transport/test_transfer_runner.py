@@ -114,3 +114,46 @@ async def test_real_aiortc_loopback_transfers_a_ct_study_byte_exact(tmp_path: Pa
     assert state is tr.State.COMPLETE
     assert sorted(store.by_hash.values()) == sorted(files)
     assert progress.bytes_done == sum(len(f) for f in files)
+
+
+async def test_receiver_crash_mid_transfer_resumes_and_resends_at_most_the_window(
+    tmp_path: Path,
+) -> None:
+    files = ct_series(8, seed=31, size=512)  # about three chunks per instance
+    study = await PreparedStudy.from_files(files, Identity.generate())
+    total_chunks = sum(e.chunk_count(study.manifest.chunk_size) for e in study.manifest.entries)
+    store = MemoryStore()
+    window = 4
+    sent = 0
+    for attempt in range(2):
+        a, b = _memory_pair()
+        halfway = asyncio.Event()
+
+        def note(p: tr.Progress, halfway: asyncio.Event = halfway) -> None:
+            if p.instances_done >= 3:
+                halfway.set()
+
+        receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a", note, window=window)
+        sender = StudySender(study, a)
+        a.on_control, b.on_control, b.on_bulk = (
+            sender.on_control,
+            receiver.on_control,
+            receiver.on_bulk,
+        )
+        b.start()
+        tasks = [asyncio.create_task(receiver.run()), asyncio.create_task(sender.run())]
+        try:
+            if attempt == 0:
+                await asyncio.wait_for(halfway.wait(), 20)  # then the receiver "crashes"
+            else:
+                await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        finally:
+            for task in [*tasks, b.pump]:
+                assert task is not None
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        sent += sender.protocol.chunks_sent
+        if attempt == 0:
+            assert 3 <= len(store.by_hash) < len(files)
+    assert sorted(store.by_hash.values()) == sorted(files)
+    assert sent <= total_chunks + window
