@@ -6,15 +6,18 @@ import asyncio
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from crypto.envelope import ReplayGuard, open_sealed, seal
 from crypto.identity import Identity
+from registry.directory import MdnsFinder, PeerDirectory
 from registry.errors import RecordError, RemoteRegistryError
 from registry.lan import LanEndpoint, fetch_record, post_signal
 from registry.mdns import LanDiscovery
 from registry.records import LanPointer, NodeRecord
+from registry.trust import TrustStore
 from registry.wsproto import MAX_SEALED
 from tests.registry.conftest import make_record
 
@@ -48,7 +51,9 @@ class LanNode:
         await self.endpoint.stop()
 
 
-async def test_two_nodes_find_each_other_by_mdns_alone_and_signal_directly() -> None:
+async def test_two_nodes_find_each_other_by_mdns_alone_and_signal_directly(
+    tmp_path: Path,
+) -> None:
     alice, bob = LanNode(ALICE), LanNode(BOB)
     await alice.start()
     await bob.start()
@@ -58,6 +63,13 @@ async def test_two_nodes_find_each_other_by_mdns_alone_and_signal_directly() -> 
             found_alice = await bob.discovery.wait_for(ALICE.node_id)
         assert found_bob == bob.record
         assert found_alice == alice.record
+        # The directory resolves Bob from mDNS alone (no registry configured).
+        directory = PeerDirectory(tmp_path / "peers.db", TrustStore(tmp_path / "trust.db"))
+        directory.finders = [MdnsFinder(alice.discovery)]
+        peer = await directory.resolve(BOB.node_id, int(time.time()))
+        assert peer is not None
+        assert peer.source == "mdns"
+        assert peer.record == bob.record
         # Direct LAN signaling to the discovered endpoint, opened with open_sealed.
         sealed = seal(ALICE, BOB.public_key, "offer", {"x": 1}, now=int(time.time()))
         await post_signal(found_bob.lan_urls[0], sealed)
@@ -76,7 +88,10 @@ async def test_advertisement_signed_by_another_key_is_not_trusted() -> None:
     await honest.start()
     await liar.start(advertise_as=MALLORY)  # TXT id is Mallory's, endpoint serves Bob's record
     try:
-        await asyncio.sleep(3)
+        async with asyncio.timeout(10):
+            while honest.discovery.rejected < 1:  # noqa: ASYNC110 - bounded poll of a counter
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # let any other resolution finish
         assert BOB.node_id not in honest.discovery.found
         assert MALLORY.node_id not in honest.discovery.found
         assert honest.discovery.rejected >= 1
