@@ -44,6 +44,7 @@ from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity
 from node import wirecodec
+from peer_transport.errors import LocalProtocolError, RemoteProtocolError, TransportError
 
 MANIFEST_TYPE = "study-manifest"
 CHUNK_SIZE = 60 * 1024  # leaves room for headers under aiortc's 64 KiB message limit
@@ -60,11 +61,11 @@ MAX_ACTIVE_INSTANCES = 16  # part files open at once on the receiver
 MAX_INSTANCE_ATTEMPTS = 2  # an instance whose hash fails twice fails the transfer
 
 
-class TransferError(Exception):
+class TransferError(TransportError):
     """Base of the study transfer errors."""
 
 
-class LocalTransferError(TransferError):
+class LocalTransferError(TransferError, LocalProtocolError):
     """This node used the protocol wrongly (a bug here, not the peer's fault)."""
 
 
@@ -72,7 +73,7 @@ class IllegalTransition(LocalTransferError):
     """An action is not allowed in the transfer's current state."""
 
 
-class RemoteTransferError(TransferError):
+class RemoteTransferError(TransferError, RemoteProtocolError):
     """The peer sent something wrong; the transfer cannot trust it."""
 
 

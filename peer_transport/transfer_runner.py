@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -262,3 +263,121 @@ class StudyReceiver:
             )
             task.add_done_callback(lambda _t: None)
         self._wake.set()
+
+
+# -- node-level helpers: a store and an audit log at each end ------------------------------
+
+
+class StudySource(Protocol):
+    """Where a sender reads a study from (``node.store.Store`` fits)."""
+
+    def instances(self, study_uid: str) -> Sequence[Any]: ...  # rows with .sop_instance_uid
+
+    def read_instance(self, sop_instance_uid: str) -> bytes: ...
+
+
+class AuditSink(Protocol):
+    """``node.audit.AuditLog`` fits."""
+
+    def append(
+        self,
+        kind: Any,
+        *,
+        now: float,
+        study_uid: str | None = None,
+        peer: str | None = None,
+        details: Any = None,
+        actor: str | None = None,
+    ) -> int: ...
+
+
+async def send_study(
+    link: TransferLink,
+    source: StudySource,
+    study_uid: str,
+    identity: Identity,
+    *,
+    peer: str,
+    audit: AuditSink | None = None,
+    prepare: Callable[[list[bytes]], list[bytes]] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> tr.State:
+    """Offer a stored study over ``link`` and serve it until the peer has it all.
+
+    ``prepare`` may rewrite the files first (de-identification for sharing). Only
+    the wire encodings stay in memory while the study is served.
+    """
+    rows = source.instances(study_uid)
+    if not rows:
+        raise tr.LocalTransferError(f"study {study_uid} is not in the store")
+    files = [await asyncio.to_thread(source.read_instance, r.sop_instance_uid) for r in rows]
+    if prepare is not None:
+        files = prepare(files)
+    study = await PreparedStudy.from_files(files, identity, deidentified=prepare is not None)
+    del files
+    manifest = study.manifest
+    sender = StudySender(study, link)
+    attach = getattr(link, "attach", None)
+    if attach is not None:  # connection.ChannelLink: route its incoming control to us
+        attach(sender.on_control, lambda _data: None)
+    state = await sender.run()
+    if audit is not None:
+        audit.append(
+            "transfer",
+            now=clock(),
+            study_uid=manifest.study_instance_uid,
+            peer=peer,
+            details={
+                "instances": len(manifest.entries),
+                "bytes": manifest.total_size,
+                "wire_bytes": sum(e.wire_size for e in manifest.entries),
+                "outcome": state.value,
+                "deidentified": manifest.deidentified,
+            },
+        )
+    return state
+
+
+async def receive_study(
+    link: TransferLink,
+    store: InstanceStore,
+    spool_dir: Path,
+    *,
+    peer: str,
+    audit: AuditSink | None = None,
+    on_progress: ProgressCallback | None = None,
+    clock: Callable[[], float] = time.time,
+) -> tr.Progress:
+    """Fetch the study ``link``'s peer offers into ``store``; audit the outcome.
+
+    The caller routes the link's incoming control and bulk messages to the
+    returned receiver, so this attaches when ``link`` has an ``attach`` method
+    (``connection.ChannelLink`` does).
+    """
+    receiver = StudyReceiver(link, spool_dir, store, f"peer:{peer}", on_progress)
+    attach = getattr(link, "attach", None)
+    if attach is not None:
+        attach(receiver.on_control, receiver.on_bulk)
+    outcome = "failed"
+    try:
+        progress = await receiver.run()
+        outcome = "complete"
+        return progress
+    finally:
+        if audit is not None and receiver.protocol is not None:
+            manifest = receiver.protocol.manifest
+            done = receiver.protocol.progress()
+            audit.append(
+                "receive",
+                now=clock(),
+                study_uid=manifest.study_instance_uid,
+                peer=peer,
+                details={
+                    "instances": done.instances_done,
+                    "of": done.instances_total,
+                    "bytes": done.bytes_done,
+                    "outcome": outcome,
+                    "deidentified": manifest.deidentified,
+                    "resent_chunks": receiver.protocol.chunks_rerequested,
+                },
+            )

@@ -49,6 +49,11 @@ class MemoryLink:
         assert self.peer is not None
         await self.peer.bulk_queue.put(data)
 
+    def attach(self, on_control: Any, on_bulk: Any) -> None:
+        self.on_control, self.on_bulk = on_control, on_bulk
+        if self.pump is None:
+            self.start()
+
     def start(self) -> None:
         async def deliver() -> None:
             while True:
@@ -157,3 +162,45 @@ async def test_receiver_crash_mid_transfer_resumes_and_resends_at_most_the_windo
             assert 3 <= len(store.by_hash) < len(files)
     assert sorted(store.by_hash.values()) == sorted(files)
     assert sent <= total_chunks + window
+
+
+async def test_study_moves_between_two_real_stores_and_both_audit_logs_record_it(
+    tmp_path: Path,
+) -> None:
+    from node.audit import AuditLog
+    from node.store import Store
+    from peer_transport.transfer_runner import receive_study, send_study
+
+    alice, bob = Identity.generate(), Identity.generate()
+    files = ct_series(4, seed=41, size=128)
+    with (
+        Store.open(tmp_path / "a", bytes(32)) as store_a,
+        Store.open(tmp_path / "b", bytes(range(32))) as store_b,
+        AuditLog.open(tmp_path / "a.audit", alice) as audit_a,
+        AuditLog.open(tmp_path / "b.audit", bob) as audit_b,
+    ):
+        study_uid = {store_a.add_bytes(f, source="test").study_uid for f in files}.pop()
+        a, b = _memory_pair()
+        receiving = asyncio.create_task(
+            receive_study(b, store_b, tmp_path / "spool", peer="alice", audit=audit_b)
+        )
+        await asyncio.sleep(0)
+        sending = send_study(a, store_a, study_uid, alice, peer="bob", audit=audit_a)
+        sender_state = asyncio.create_task(sending)
+        try:
+            progress = await asyncio.wait_for(receiving, 20)
+            state = await asyncio.wait_for(sender_state, 20)
+        finally:
+            for pump in (a.pump, b.pump):
+                if pump is not None:
+                    pump.cancel()
+        assert state is tr.State.COMPLETE
+        assert progress.instances_done == 4
+        for row in store_a.instances(study_uid):
+            uid = row.sop_instance_uid
+            assert store_b.read_instance(uid) == store_a.read_instance(uid)
+        sent = audit_a.records(kind="transfer")
+        received = audit_b.records(kind="receive")
+        assert [r.details["outcome"] for r in sent] == ["complete"]
+        assert [(r.peer, r.details["instances"]) for r in received] == [("alice", 4)]
+        assert audit_b.verify().ok
