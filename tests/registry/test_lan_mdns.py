@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from crypto.envelope import ReplayGuard, open_sealed, seal
@@ -143,3 +144,18 @@ async def test_avahi_browse_sees_the_advertisement() -> None:
         assert "radmesh-" in result.stdout, result.stdout + result.stderr
     finally:
         await node.stop()
+
+
+async def test_lan_signal_endpoint_refuses_oversized_bodies_before_the_callback() -> None:
+    node = LanNode(ALICE)
+    url = await node.endpoint.start("127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/signal", data=b"x" * (MAX_SEALED + 1)) as response:
+                assert response.status == 413
+            async with session.post(url + "/v1/signal", data=b"small") as response:
+                assert response.status == 202
+        assert node.signals.qsize() == 1
+        assert node.signals.get_nowait() == b"small"
+    finally:
+        await node.endpoint.stop()

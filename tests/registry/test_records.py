@@ -154,3 +154,10 @@ def test_fuzz_signaling_frame_decoder_raises_only_registry_error(data: bytes) ->
 def test_fuzz_typed_signaling_frames(kind: str, fields: dict[str, object]) -> None:
     with contextlib.suppress(RegistryError):
         wsproto.from_wire(canonical.encode({**fields, "t": kind}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_lan_pointer_decoder_raises_only_record_error(data: bytes) -> None:
+    with pytest.raises(RecordError):
+        LanPointer.from_wire(data)
