@@ -253,12 +253,18 @@ class RegistryServer:
             self.connections[node_id] = ws
             if old is not None:
                 await old.close(code=4000, message=b"replaced by a newer connection")
-            pending = self.db.mailbox_take(node_id, self.now())
+            pending = self.db.mailbox_peek(node_id, self.now())
             await ws.send_bytes(wsproto.to_wire(wsproto.Ready(node_id, len(pending))))
-            for stored in pending:
-                await ws.send_bytes(
-                    wsproto.to_wire(wsproto.Deliver(stored.sender, node_id, stored.data))
-                )
+            delivered: list[int] = []
+            try:
+                for stored in pending:
+                    await ws.send_bytes(
+                        wsproto.to_wire(wsproto.Deliver(stored.sender, node_id, stored.data))
+                    )
+                    delivered.append(stored.id)
+            finally:
+                # What could not be written stays for the next connection.
+                self.db.mailbox_delete(delivered)
             await self._serve(ws, node_id)
         except AuthError as exc:
             await _ws_error(ws, str(exc), "sign the challenge of this registry with the node key")

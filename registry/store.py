@@ -46,6 +46,7 @@ def _tags(values: tuple[str, ...]) -> str:
 class Stored:
     sender: NodeId
     data: bytes
+    id: int = 0
 
 
 class RegistryDB:
@@ -133,13 +134,17 @@ class RegistryDB:
         )
         return True
 
-    def mailbox_take(self, recipient: NodeId, now: int) -> list[Stored]:
+    def mailbox_peek(self, recipient: NodeId, now: int, limit: int = 1000) -> list[Stored]:
+        """Messages waiting for ``recipient``, oldest first; deleted only once delivered."""
         rows = self._db.execute(
-            "DELETE FROM mailbox WHERE recipient = ? RETURNING id, sender, expires_at, data",
-            (str(recipient),),
+            "SELECT id, sender, data FROM mailbox WHERE recipient = ? AND expires_at > ? "
+            "ORDER BY id LIMIT ?",
+            (str(recipient), now, limit),
         ).fetchall()
-        rows.sort(key=lambda r: r[0])
-        return [Stored(NodeId.parse(r[1]), bytes(r[3])) for r in rows if r[2] > now]
+        return [Stored(NodeId.parse(r[1]), bytes(r[2]), r[0]) for r in rows]
+
+    def mailbox_delete(self, ids: list[int]) -> None:
+        self._db.executemany("DELETE FROM mailbox WHERE id = ?", [(i,) for i in ids])
 
     def mailbox_count(self, recipient: NodeId, now: int) -> int:
         row = self._db.execute(
