@@ -148,7 +148,10 @@ class NodeRuntime:
         self.record: NodeRecord | None = None
         self.discovery: LanDiscovery | None = None
         self.dicom: DicomListener | None = None
-        self.handlers["consult"] = self._on_consult_message
+        self.handlers["consult.request"] = self._on_consult_message
+        self.handlers["consult.response"] = self._on_consult_message
+        self.shares: dict[str, Any] = {}  # consult id -> node.workflow.Share
+        self.reports: dict[str, str] = {}  # consult id -> SOP instance UID of the filed SR
 
     # -- lifecycle --------------------------------------------------------------------
     def now(self) -> int:
@@ -333,8 +336,7 @@ class NodeRuntime:
                 and isinstance(body.get("wire"), bytes)
             ):
                 raise RuntimeError_("node message has the wrong shape")
-            group = body["kind"].split(".")[0]
-            handler = self.handlers.get(group)
+            handler = self.handlers.get(body["kind"])
             if handler is None:
                 raise RuntimeError_(f"no handler for node message kind {body['kind']!r}")
             await handler(opened.sender_id, body["kind"], body["wire"])

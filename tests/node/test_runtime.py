@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from consult.requests import ConsultRequest, Priority, State
 from crypto.identity import Identity
@@ -16,17 +13,8 @@ from node.keystore import save_identity
 from node.runtime import NodeRuntime
 from peer_transport.connection import TransportOptions
 from peer_transport.rtc import RtcOptions, restrict_host_addresses
-from registry.server import RegistryServer
 
 FAST = TransportOptions(rtc=RtcOptions(ice_servers=()), connect_timeout=10.0, backoff_initial=0.2)
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[str]:
-    server = RegistryServer(tmp_path / "registry.sqlite")
-    url = await server.start("127.0.0.1", 0)
-    yield url
-    await server.stop()
 
 
 def make_home(root: Path, name: str, registry: str, subs: list[str]) -> tuple[NodeHome, Identity]:

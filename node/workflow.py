@@ -1,0 +1,270 @@
+"""The clinical loop on a running node: share a study with a consult request, and take
+the signed report back into the hospital's store and PACS.
+
+Referring side: :func:`request_consult` de-identifies the study (the pseudonym
+map stays on this node, encrypted), records the case and sends the signed
+request. When the report arrives (:func:`install` registers the handler) it is
+verified against the case, re-linked to the real patient, turned into a DICOM
+SR filed under the original study, stored, audited and pushed to the PACS.
+
+Consultant side: :func:`send_report` signs and sends the report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from consult.errors import ConsultError, LocalConsultError
+from consult.report import KeyImage, Measurement, PatientStudy, Report, export_sr
+from consult.requests import ConsultRequest, ConsultResponse, Event, Priority, State
+from crypto import canonical
+from crypto.envelope import SignedEnvelope
+from crypto.identity import NodeId
+from node.audit import AuditKind
+from node.deid import PseudonymMap, ShareContext, deidentify_all
+from node.dicom_net import send_to_pacs
+from node.runtime import NodeRuntime, RuntimeError_
+
+log = logging.getLogger(__name__)
+
+PSEUDONYM_KEY_PURPOSE = "radmesh-pseudonyms-v1"
+REPORT_KIND = "consult.report"
+
+
+@dataclass
+class Share:
+    """A study as it leaves this node for one consult (de-identified unless stated)."""
+
+    consult_id: str
+    original_study_uid: str
+    shared_study_uid: str
+    files: list[bytes]
+    deidentified: bool
+
+
+def _map_path(rt: NodeRuntime, consult_id: str) -> Path:
+    return rt.home.data_dir / "pseudonyms" / f"{consult_id}.map"
+
+
+def _map_key(rt: NodeRuntime) -> bytes:
+    return rt.identity.derive_key(PSEUDONYM_KEY_PURPOSE)
+
+
+def prepare_share(rt: NodeRuntime, study_uid: str, *, deidentify: bool = True) -> Share:
+    """Read the study from the store and de-identify it; not yet tied to a consult."""
+    originals = [rt.store.read_instance(uid) for uid in rt.store.iter_instance_uids(study_uid)]
+    if not originals:
+        raise RuntimeError_(f"study {study_uid} has no instances in this node's store")
+    if not deidentify:
+        return Share("", study_uid, study_uid, originals, False)
+    context = ShareContext()
+    files = deidentify_all(originals, context)
+    share = Share("", study_uid, context.pseudonyms.pseudo_uid(study_uid), files, True)
+    share_map[id(share)] = context.pseudonyms
+    return share
+
+
+# Pseudonym maps of shares not yet tied to a consult id (prepare -> request).
+share_map: dict[int, PseudonymMap] = {}
+
+
+async def request_consult(
+    rt: NodeRuntime,
+    consultant: bytes,
+    study_uid: str,
+    *,
+    question: str,
+    priority: Priority,
+    subspecialty: str,
+    jurisdiction: str,
+    language: str = "en",
+    deadline_seconds: int = 3600,
+    deidentify: bool = True,
+) -> tuple[ConsultRequest, Share, str]:
+    """De-identify, record and send a consult request; returns (request, share, how sent)."""
+    share = await asyncio.to_thread(prepare_share, rt, study_uid, deidentify=deidentify)
+    now = rt.now()
+    request = ConsultRequest.new(
+        requester=rt.identity.node_id,
+        study_uid=share.shared_study_uid,
+        question=question,
+        priority=priority,
+        subspecialty=subspecialty,
+        jurisdiction=jurisdiction,
+        language=language,
+        deadline=now + deadline_seconds,
+        now=now,
+        deidentified=deidentify,
+    )
+    share.consult_id = request.id
+    pseudonyms = share_map.pop(id(share), None)
+    if pseudonyms is not None:
+        pseudonyms.persist(_map_path(rt, request.id), _map_key(rt))
+    wire = request.to_wire(rt.identity)
+    peer = NodeId.from_public_key(consultant)
+    rt.consults.add(request, role="requester", now=now, wire=wire, peer=str(peer))
+    rt.shares[request.id] = share
+    rt.audit.append(
+        AuditKind.SHARE,
+        now=rt.clock(),
+        study_uid=study_uid,
+        peer=str(peer),
+        details={
+            "consult": request.id,
+            "deidentified": str(deidentify),
+            "instances": str(len(share.files)),
+        },
+    )
+    how = await rt.send_message(consultant, "consult.request", wire)
+    return request, share, how
+
+
+def _report_consult_id(wire: bytes) -> str:
+    body = canonical.decode(SignedEnvelope.from_wire(wire).payload)
+    consult_id = body.get("consult") if isinstance(body, dict) else None
+    if not isinstance(consult_id, str):
+        raise LocalConsultError("report does not name its consult")
+    return consult_id
+
+
+def _patient_of(rt: NodeRuntime, study_uid: str) -> PatientStudy:
+    row = rt.store.study(study_uid)
+    return PatientStudy(
+        patient_name=row.patient_name,
+        patient_id=row.patient_id,
+        patient_birth_date=row.patient_birth_date,
+        patient_sex=row.patient_sex,
+        accession_number=row.accession_number,
+        study_date=row.study_date,
+        study_time=row.study_time,
+    )
+
+
+async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) -> None:
+    consult_id = rt.consults.resolve(_report_consult_id(wire))
+    case = rt.consults.get(consult_id)
+    # The requester's copy moves to review once the consultant had the study.
+    if case.state is State.ACCEPTED:
+        rt.consults.apply(consult_id, Event.BEGIN_REVIEW, rt.now(), str(sender))
+    elif case.state is State.TRANSFERRING:
+        rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(sender))
+    report = rt.consults.file_report(consult_id, wire, rt.now())
+    map_path = _map_path(rt, consult_id)
+    pseudonyms = PseudonymMap.load(map_path, _map_key(rt)) if map_path.exists() else None
+    relink: Callable[[str], str] = (
+        pseudonyms.relink_uid if pseudonyms is not None else (lambda uid: uid)
+    )
+    original_study = relink(report.study_uid)
+    sr = export_sr(
+        report,
+        relink_uid=relink,
+        patient=_patient_of(rt, original_study),
+        institution=rt.config.institution,
+    )
+    stored = rt.store.add_bytes(sr, source=f"report:{sender}")
+    rt.audit.append(
+        AuditKind.REPORT,
+        now=rt.clock(),
+        study_uid=original_study,
+        peer=str(sender),
+        details={"consult": consult_id, "sr": stored.sop_instance_uid},
+    )
+    rt.reports[consult_id] = stored.sop_instance_uid
+    rt.notify(f"Report for consult {consult_id[:8]} from {sender.short()} filed as DICOM SR")
+    dicom = rt.config.dicom
+    if dicom.pacs_host and dicom.pacs_port:
+        result = await asyncio.to_thread(
+            send_to_pacs,
+            [sr],
+            dicom.pacs_host,
+            dicom.pacs_port,
+            dicom.pacs_ae_title,
+            dicom.ae_title,
+        )
+        rt.audit.append(
+            AuditKind.EXPORT,
+            now=rt.clock(),
+            study_uid=original_study,
+            details={"to": f"pacs:{dicom.pacs_ae_title}", "ok": str(result.ok)},
+        )
+        rt.notify(
+            f"Report SR sent to the PACS ({dicom.pacs_ae_title})"
+            if result.ok
+            else f"Report SR NOT accepted by the PACS: {result.failed}"
+        )
+
+
+async def send_report(
+    rt: NodeRuntime,
+    consult_id: str,
+    *,
+    text: str,
+    impression: str,
+    measurements: tuple[Measurement, ...] = (),
+    key_images: tuple[KeyImage, ...] = (),
+) -> Report:
+    """Consultant side: sign the report and send it to the requesting node."""
+    consult_id = rt.consults.resolve(consult_id)
+    case = rt.consults.get(consult_id)
+    if case.state is State.ACCEPTED:
+        rt.consults.apply(consult_id, Event.BEGIN_REVIEW, rt.now(), str(rt.identity.node_id))
+    report = Report(
+        consult_id=consult_id,
+        study_uid=case.request.study_uid,
+        author=rt.identity.node_id,
+        author_name=rt.config.display_name,
+        text=text,
+        impression=impression,
+        measurements=measurements,
+        key_images=key_images,
+        finalised_at=rt.now(),
+    )
+    wire = report.sign(rt.identity)
+    rt.consults.apply(consult_id, Event.REPORT, rt.now(), str(rt.identity.node_id))
+    await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+    return report
+
+
+def requester_key(rt: NodeRuntime, consult_id: str) -> bytes:
+    """The requesting node's public key: the signer of the request we received."""
+    _, _, wire = rt.consults.info(consult_id)
+    if wire is None:
+        raise RuntimeError_(f"consult {consult_id[:8]} has no signed request on this node")
+    return _signer(wire)
+
+
+async def respond(rt: NodeRuntime, consult_id: str, event: Event, reason: str = "") -> State:
+    """Consultant side: accept or decline a request and tell the requesting node."""
+    consult_id = rt.consults.resolve(consult_id)
+    role, _, _ = rt.consults.info(consult_id)
+    if role != "consultant":
+        raise LocalConsultError(f"consult {consult_id[:8]} was not sent to this node")
+    transition = rt.consults.apply(consult_id, event, rt.now(), str(rt.identity.node_id))
+    response = ConsultResponse(consult_id, rt.identity.node_id, event, rt.now(), reason)
+    await rt.send_message(
+        requester_key(rt, consult_id), "consult.response", response.to_wire(rt.identity)
+    )
+    return transition.target
+
+
+def install(rt: NodeRuntime) -> None:
+    """Register the workflow's message handlers on a runtime."""
+
+    async def on_report(sender: NodeId, kind: str, wire: bytes) -> None:
+        if not rt.trust.is_trusted(_signer(wire), rt.now()):
+            raise RuntimeError_(f"report from untrusted {sender.short()} ignored")
+        try:
+            await _on_report(sender, kind, wire, rt)
+        except ConsultError as exc:
+            rt.notify(f"A report from {sender.short()} was refused: {exc}")
+            raise
+
+    rt.handlers[REPORT_KIND] = on_report
+
+
+def _signer(wire: bytes) -> bytes:
+    return SignedEnvelope.from_wire(wire).signer

@@ -1,0 +1,98 @@
+"""The clinical loop between two real nodes: request, accept, signed report back, SR in the PACS."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pydicom
+
+from consult.report import Measurement, Unit
+from consult.requests import Event, Priority, State
+from node import workflow
+from node.demo_data import generate_ct
+from node.runtime import NodeRuntime
+from tests.node.test_runtime import FAST, make_home, wait_for
+from tests.orthanc import orthanc_server
+
+
+async def _loop(tmp_path: Path, registry_url: str, pacs: tuple[str, int, str] | None) -> None:
+    rural_home, rural = make_home(tmp_path, "rural", registry_url, [])
+    neuro_home, neuro = make_home(tmp_path, "neuro", registry_url, ["neuro"])
+    if pacs is not None:
+        config = rural_home.load_config()
+        config.dicom.pacs_host, config.dicom.pacs_port, config.dicom.pacs_ae_title = pacs
+        rural_home.save_config(config)
+    a = NodeRuntime(rural_home, rural, transport_options=FAST)
+    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
+    await a.start()
+    await b.start()
+    workflow.install(a)
+    workflow.install(b)
+    try:
+        files = generate_ct(tmp_path / "ct", slices=3, rows=64)
+        for path in files:
+            a.store.add_file(path, source="test")
+        study_uid = a.store.studies()[0].study_uid
+        real_name = a.store.study(study_uid).patient_name
+        a.trust.mark_verified(neuro.node_id, a.now())
+        b.trust.mark_verified(rural.node_id, b.now())
+
+        request, share, _ = await workflow.request_consult(
+            a,
+            neuro.public_key,
+            study_uid,
+            question="suspected subdural haematoma",
+            priority=Priority.STAT,
+            subspecialty="neuro",
+            jurisdiction="IE",
+        )
+        assert share.shared_study_uid != study_uid
+        shared = pydicom.dcmread(io.BytesIO(share.files[0]))
+        assert str(shared.PatientName) != real_name
+        assert shared.StudyInstanceUID == share.shared_study_uid
+
+        await wait_for(lambda: bool(b.consults.cases()))
+        assert b.consults.get(request.id).request.study_uid == share.shared_study_uid
+        await workflow.respond(b, request.id, Event.ACCEPT)
+        await wait_for(lambda: a.consults.get(request.id).state is State.ACCEPTED)
+
+        await workflow.send_report(
+            b,
+            request.id,
+            text="Crescentic extra-axial collection over the left convexity.",
+            impression="Acute left subdural haematoma, 9 mm, no midline shift.",
+            measurements=(Measurement("length", 9.0, Unit.MM, "haematoma thickness"),),
+        )
+        await wait_for(lambda: request.id in a.reports)
+        assert a.consults.get(request.id).state is State.REPORTED
+        sr = pydicom.dcmread(io.BytesIO(a.store.read_instance(a.reports[request.id])))
+        assert sr.StudyInstanceUID == study_uid  # re-linked to the real study
+        assert str(sr.PatientName) == real_name
+        texts = [str(e.value) for e in sr.iterall() if e.keyword == "TextValue"]
+        assert any("subdural haematoma" in text for text in texts)
+        kinds = [r.kind for r in a.audit.records(study_uid=study_uid)]
+        assert "share" in kinds
+        assert "report" in kinds
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_report_comes_back_relinked_to_the_real_patient(
+    tmp_path: Path, registry: str
+) -> None:
+    await _loop(tmp_path, registry, None)
+
+
+async def test_report_lands_in_the_hospital_pacs(tmp_path: Path, registry: str) -> None:
+    with orthanc_server(tmp_path / "orthanc") as pacs:
+        await _loop(tmp_path, registry, ("127.0.0.1", pacs.dicom_port, pacs.ae_title))
+        deadline = asyncio.get_running_loop().time() + 10
+        while not pacs.instance_ids():
+            assert asyncio.get_running_loop().time() < deadline, "SR never reached Orthanc"
+            await asyncio.sleep(0.2)
+        (instance,) = pacs.instance_ids()
+        tags = pacs.get_json(f"/instances/{instance}/simplified-tags")
+        assert tags["Modality"] == "SR"
