@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "node.commands.consult",
     "node.commands.dicom",
     "node.commands.peers",
+    "node.commands.transfer",
 )
 
 

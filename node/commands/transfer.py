@@ -1,0 +1,128 @@
+"""`radmesh send STUDY --to PEER` and `radmesh fetch --from PEER`: a study between two nodes.
+
+Both ends run at the same time: the receiving side waits with ``fetch``, the
+sending side connects with ``send``. The connection is the encrypted peer
+transport (only trusted peers get one); the study travels with the wire codec
+and the resumable transfer protocol; both ends record it in their audit logs.
+An interrupted ``fetch`` resumes from its spool when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import TextIO
+
+from crypto.identity import NodeId
+from node.commands.identity import home_of
+from node.errors import NodeError
+from node.keystore import load_identity
+from node.runtime import NodeRuntime
+from peer_transport import transfer as tr
+from peer_transport.connection import ChannelLink
+from peer_transport.errors import TransportError
+from peer_transport.transfer_runner import receive_study, send_study
+
+
+class TransferCommandError(NodeError):
+    """The transfer command could not reach its peer."""
+
+
+async def peer_key(runtime: NodeRuntime, peer: str) -> bytes:
+    node_id = NodeId.parse(peer)
+    found = await runtime.directory.resolve(node_id, runtime.now())
+    if found is None:
+        raise TransferCommandError(
+            f"peer {node_id.short()} is not known: find it with `radmesh peers` first"
+        )
+    return found.record.public_key
+
+
+async def send_to_peer(runtime: NodeRuntime, study_uid: str, peer: str) -> tr.State:
+    key = await peer_key(runtime, peer)
+    conn = await runtime.transport.connect(key)
+    return await send_study(
+        ChannelLink(conn),
+        runtime.store,
+        study_uid,
+        runtime.identity,
+        peer=str(NodeId.from_public_key(key)),
+        audit=runtime.audit,
+    )
+
+
+async def fetch_from_peer(
+    runtime: NodeRuntime, peer: str | None, within: float, out: TextIO = sys.stderr
+) -> tr.Progress:
+    while True:
+        conn = await runtime.transport.accept(within)
+        who = NodeId.from_public_key(conn.peer)
+        if peer is None or who == NodeId.parse(peer):
+            break
+    spool = runtime.home.data_dir / "transfers" / str(who).replace("-", "")[:16]
+    return await receive_study(
+        ChannelLink(conn),
+        runtime.store,
+        spool,
+        peer=str(who),
+        audit=runtime.audit,
+        on_progress=lambda p: print(progress_line(p), end="\r", file=out, flush=True),
+    )
+
+
+def progress_line(p: tr.Progress, width: int = 30) -> str:
+    filled = int(p.fraction * width)
+    eta = f"{p.eta:5.0f} s" if p.eta is not None else "    ? s"
+    return (
+        f"[{'#' * filled}{'.' * (width - filled)}] {p.instances_done}/{p.instances_total} "
+        f"{p.bytes_done / 1e6:7.1f}/{p.bytes_total / 1e6:.1f} MB "
+        f"{p.rate / 1e6:6.1f} MB/s ETA {eta}"
+    )
+
+
+async def _with_runtime(args: argparse.Namespace, send: bool) -> int:
+    home = home_of(args)
+    runtime = NodeRuntime(home, load_identity(home.key_path))
+    await runtime.start()
+    try:
+        if send:
+            state = await send_to_peer(runtime, args.study_uid, args.to)
+            print(f"study {args.study_uid}: {state.value}")
+            return 0 if state is tr.State.COMPLETE else 1
+        progress = await fetch_from_peer(runtime, args.peer, args.wait)
+        print(f"\nreceived {progress.instances_done} instances, {progress.bytes_done} bytes")
+        return 0
+    finally:
+        await runtime.stop()
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_with_runtime(args, send=True))
+    except (NodeError, TransportError) as exc:
+        print(f"send failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_with_runtime(args, send=False))
+    except TimeoutError:
+        print("no peer connected in time", file=sys.stderr)
+        return 1
+    except (NodeError, TransportError) as exc:
+        print(f"fetch failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("send", help="send a stored study to a trusted peer (it runs `fetch`)")
+    p.add_argument("study_uid", metavar="STUDY_UID")
+    p.add_argument("--to", required=True, metavar="NODE_ID")
+    p.set_defaults(handler=cmd_send)
+
+    p = sub.add_parser("fetch", help="wait for a trusted peer to send a study, with progress")
+    p.add_argument("--from", dest="peer", metavar="NODE_ID", help="only this peer")
+    p.add_argument("--wait", type=float, default=600.0, metavar="SECONDS")
+    p.set_defaults(handler=cmd_fetch)
