@@ -57,6 +57,8 @@ NODE_MSG_TTL = 7 * 24 * 3600  # as long as a registry mailbox keeps it
 MAX_NODE_MSG = 60 * 1024
 QUEUE_SIZE = 256
 RECORD_TTL = 3600
+TRUST_DB = "trust.db"  # shared with `radmesh trust` / `radmesh peers`
+PEERS_DB = "peers.db"
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 
@@ -162,7 +164,7 @@ class NodeRuntime:
         data.mkdir(parents=True, exist_ok=True)
         self.store: Store = open_store(self.home, self.identity)
         self.audit: AuditLog = open_audit(self.home, self.identity)
-        self.trust = TrustStore(data / "trust.sqlite")
+        self.trust = TrustStore(data / TRUST_DB)
         self.consults = ConsultDB.in_data_dir(data, audit=self._audit_consult)
         network = self.config.network
         self.registries = MultiRegistry(
@@ -177,7 +179,7 @@ class NodeRuntime:
                 clock=self.clock,
             )
             finders.append(MdnsFinder(self.discovery))
-        self.directory = PeerDirectory(data / "peers.sqlite", self.trust, finders)
+        self.directory = PeerDirectory(data / PEERS_DB, self.trust, finders)
         self.lan = LanEndpoint(self._own_record, self.router.feed)
         self.lan_url = await self.lan.start(network.listen_host, network.listen_port)
         self._sequence = max(self.now(), self._sequence + 1)

@@ -1,31 +1,19 @@
-"""A real Orthanc PACS (Debian package ``orthanc``) started on loopback for a test.
-
-``orthanc_server(tmp_path, modalities={...})`` writes a JSON configuration in a
-temporary directory (its own storage and index, free loopback HTTP and DICOM
-ports, no remote access, no authentication), starts ``Orthanc``, waits for
-``/system`` and always kills it on exit, so no process outlives the test.
-"""
+"""A real Orthanc PACS for tests (:mod:`node.pacs`), skipped with the package name when absent."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
-import subprocess
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.dcmtk import LOOPBACK, free_port
+from node import pacs
+from node.pacs import Orthanc
 
-START_TIMEOUT = 30.0
-HTTP_TIMEOUT = 30.0
+__all__ = ["Orthanc", "orthanc_server", "require_orthanc"]
 
 
 def require_orthanc() -> str:
@@ -35,118 +23,8 @@ def require_orthanc() -> str:
     return binary
 
 
-@dataclass
-class Orthanc:
-    http_port: int
-    dicom_port: int
-    ae_title: str
-    directory: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.http_port}"
-
-    def request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        req = urllib.request.Request(  # noqa: S310 - always http://127.0.0.1
-            self.url + path, data=body, method=method
-        )
-        with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as response:  # noqa: S310
-            data: bytes = response.read()
-            return data
-
-    def get_json(self, path: str) -> Any:
-        return json.loads(self.request("GET", path))
-
-    def post_json(self, path: str, payload: Any) -> Any:
-        return json.loads(self.request("POST", path, json.dumps(payload).encode()))
-
-    def upload(self, part10: bytes) -> str:
-        """Store an instance through the REST API; returns Orthanc's instance id."""
-        answer = json.loads(self.request("POST", "/instances", part10))
-        return str(answer["ID"])
-
-    def instance_ids(self) -> list[str]:
-        return [str(i) for i in self.get_json("/instances")]
-
-    def instance_file(self, instance_id: str) -> bytes:
-        return self.request("GET", f"/instances/{instance_id}/file")
-
-
-def _config(
-    directory: Path,
-    http_port: int,
-    dicom_port: int,
-    ae_title: str,
-    modalities: Mapping[str, tuple[str, str, int]],
-) -> dict[str, Any]:
-    return {
-        "Name": "radmesh-test",
-        "StorageDirectory": str(directory / "storage"),
-        "IndexDirectory": str(directory / "index"),
-        "HttpServerEnabled": True,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomServerEnabled": True,
-        "DicomAet": ae_title,
-        "DicomPort": dicom_port,
-        "DicomCheckCalledAet": True,
-        "DicomAlwaysAllowStore": True,
-        "DicomAlwaysAllowEcho": True,
-        "DicomModalities": {name: list(value) for name, value in modalities.items()},
-        "Plugins": [],
-        "StorageCompression": False,
-        "OverwriteInstances": True,
-        "HttpTimeout": 30,
-        "DicomScuTimeout": 30,
-        "StableAge": 1,
-        "ConcurrentJobs": 1,
-        "SaveJobs": False,
-    }
-
-
 @contextlib.contextmanager
-def orthanc_server(
-    directory: Path,
-    *,
-    ae_title: str = "ORTHANC",
-    modalities: Mapping[str, tuple[str, str, int]] | None = None,
-) -> Iterator[Orthanc]:
-    """Run Orthanc; ``modalities`` maps a name to (AE title, host, port)."""
-    binary = require_orthanc()
-    directory.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port = free_port(), free_port()
-    config_path = directory / "orthanc.json"
-    config = _config(directory, http_port, dicom_port, ae_title, modalities or {})
-    config_path.write_text(json.dumps(config, indent=2))
-    log_path = directory / "orthanc.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [binary, "--no-jobs", str(config_path)], stdout=log_file, stderr=subprocess.STDOUT
-        )
-    server = Orthanc(http_port, dicom_port, ae_title, directory, process)
-    try:
-        _wait_until_up(server, log_path)
+def orthanc_server(directory: Path, **options: Any) -> Iterator[Orthanc]:
+    require_orthanc()
+    with pacs.orthanc_server(directory, **options) as server:
         yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
-
-
-def _wait_until_up(server: Orthanc, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited at start: {log_path.read_text()[-2000:]}")
-        try:
-            server.get_json("/system")
-        except (urllib.error.URLError, ConnectionError, OSError):
-            time.sleep(0.1)
-            continue
-        return
-    raise TimeoutError(f"Orthanc did not answer /system in {START_TIMEOUT} s")
