@@ -30,6 +30,7 @@ import nacl.public
 
 from consult.errors import ConsultError
 from consult.intake import Intake, take_in
+from consult.live import LiveHub
 from consult.store import ConsultDB
 from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
 from crypto.errors import CryptoError
@@ -211,6 +212,8 @@ class NodeRuntime:
         log.info("node %s running, LAN endpoint %s", self.identity.node_id.short(), self.lan_url)
 
     async def stop(self) -> None:
+        if getattr(self, "_live_hub", None) is not None:
+            await self.live_hub().close()
         if self.dicom is not None:
             self.dicom.stop()
         for task in list(self._tasks):
@@ -235,6 +238,10 @@ class NodeRuntime:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        """Run ``coro`` in the background until it ends or the node stops."""
+        self._spawn(coro)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -386,6 +393,20 @@ class NodeRuntime:
         details = {str(k): str(v) for k, v in kwargs.items()}
         details.update({f"arg{i}": str(a) for i, a in enumerate(args)})
         self.audit.append(AuditKind.CONSULT, now=self.clock(), details=details)
+
+    def live_hub(self) -> LiveHub:
+        """This node's live consultation sessions (created on first use, after start)."""
+        hub: LiveHub | None = getattr(self, "_live_hub", None)
+        if hub is None:
+            hub = self._live_hub = LiveHub(
+                self.transport,
+                self.identity.public_key,
+                self.config.display_name,
+                is_trusted=lambda key: self.trust.is_trusted(key, self.now()),
+                notify=self.notify,
+                clock=self.clock,
+            )
+        return hub
 
     def status(self) -> Status:
         return Status(

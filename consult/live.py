@@ -1,0 +1,781 @@
+"""Live consultation sessions over the peer transport: shared state, presence, invites.
+
+A :class:`LiveConsult` is one participant's side of a live session on a consult:
+a :class:`~consult.shared.SharedState` (annotations, chat, report) and a
+:class:`~consult.presence.Presence` (cursors, viewports, presenter), bound to a
+full mesh of :class:`~peer_transport.connection.PeerConnection` s, one per other
+participant (up to :data:`MAX_PARTICIPANTS`).
+
+:class:`LiveHub` is the node's side: it sends and answers invites, attaches the
+live and presence channels of each connection and routes what arrives to the
+right consult. Several consults may share one connection, so every live and
+presence payload starts with the consult id.
+
+Wire (both are frozen dataclasses with ``to_wire``/``from_wire``):
+
+- :class:`LiveFragment` on the live channel (ordered, reliable): a y-sync
+  message is split into fragments that fit one transport frame, each carrying
+  a message id, index and count. A late joiner's full state (173 KiB for 1,000
+  annotations) needs several. The :class:`Reassembler` caps the declared count,
+  the total size and the number of messages in progress before buffering a byte.
+- :class:`PresenceEnvelope` on the presence channel (unordered, lossy): one
+  y-awareness message. Before it reaches pycrdt, :func:`check_presence` makes
+  sure every state in it claims the node id the connection was authenticated
+  as, and that a connection speaks for one awareness client only.
+
+Trust: the transport admits only trusted peers, invites go only to peers
+``is_trusted`` accepts, and a connection joins a consult only through an
+invite or a join request this node sent or answered (never by merely sending
+data for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from consult.errors import LocalConsultError, MalformedMessage, RemoteConsultError
+from consult.presence import MAX_PRESENCE_MESSAGE, Cursor, Participant, Presence, Viewport
+from consult.shared import (
+    MAX_SYNC_MESSAGE,
+    Annotation,
+    AnnotationKind,
+    ChatMessage,
+    LiveSession,
+    Point,
+    SharedState,
+    SyncKind,
+    SyncMessage,
+)
+from consult.ywire import read_varuint
+from crypto import canonical
+from crypto.identity import NodeId
+from peer_transport import frames
+from peer_transport.connection import PeerConnection, RequestRefused, Transport
+
+log = logging.getLogger(__name__)
+
+MAX_PARTICIPANTS = 8
+MAX_CONSULT_ID = 64
+MAX_INVITE = 4096
+LIVE_MAGIC = b"L1"
+PRESENCE_MAGIC = b"P1"
+_HEADER = 2 + 1 + MAX_CONSULT_ID + 4 + 2 + 2
+FRAGMENT_SIZE = frames.MAX_PAYLOAD - _HEADER - 16
+MAX_MESSAGE = MAX_SYNC_MESSAGE
+MAX_FRAGMENTS = -(-MAX_MESSAGE // FRAGMENT_SIZE)
+MAX_PARTIAL_MESSAGES = 4  # per connection: messages whose fragments are still arriving
+SEND_QUEUE = 1024  # messages per peer waiting for the live channel
+TICK_S = 1 / 30  # presence tick: coalesced cursor moves, heartbeats, expiry
+WATCH_S = 0.25  # how often a connection's state is checked (reconnect, close)
+INVITE_KIND = "live.invite"
+JOIN_KIND = "live.join"
+PALETTE = ("#00d7ff", "#ff5f87", "#afff5f", "#ffaf00", "#af87ff", "#5fffd7", "#ff8700", "#d7d7d7")
+
+Listener = Callable[[], None]
+
+
+def _check_consult_id(consult_id: str) -> bytes:
+    raw = consult_id.encode()
+    if not raw or len(raw) > MAX_CONSULT_ID:
+        raise LocalConsultError(f"a consult id is 1 to {MAX_CONSULT_ID} bytes")
+    return raw
+
+
+def _read_consult_id(data: bytes, offset: int) -> tuple[str, int]:
+    if len(data) <= offset:
+        raise MalformedMessage("live message is truncated")
+    size = data[offset]
+    end = offset + 1 + size
+    if size == 0 or size > MAX_CONSULT_ID or end > len(data):
+        raise MalformedMessage("live message has a bad consult id")
+    try:
+        return data[offset + 1 : end].decode(), end
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage("live message has a bad consult id") from exc
+
+
+# --- wire ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveFragment:
+    """``L1`` | id length (1) | consult id | message id (4) | index (2) | count (2) | chunk."""
+
+    consult_id: str
+    message_id: int
+    index: int
+    count: int
+    chunk: bytes
+
+    def to_wire(self) -> bytes:
+        cid = _check_consult_id(self.consult_id)
+        return b"".join(
+            (
+                LIVE_MAGIC,
+                bytes([len(cid)]),
+                cid,
+                self.message_id.to_bytes(4, "big"),
+                self.index.to_bytes(2, "big"),
+                self.count.to_bytes(2, "big"),
+                self.chunk,
+            )
+        )
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> LiveFragment:
+        if len(data) > frames.MAX_PAYLOAD:
+            raise MalformedMessage(f"live fragment is {len(data)} bytes")
+        if data[:2] != LIVE_MAGIC:
+            raise MalformedMessage("not a live fragment")
+        consult_id, at = _read_consult_id(data, 2)
+        if len(data) < at + 8:
+            raise MalformedMessage("live fragment header is truncated")
+        message_id = int.from_bytes(data[at : at + 4], "big")
+        index = int.from_bytes(data[at + 4 : at + 6], "big")
+        count = int.from_bytes(data[at + 6 : at + 8], "big")
+        if not 0 < count <= MAX_FRAGMENTS or index >= count:
+            raise MalformedMessage(f"live fragment {index} of {count} is out of range")
+        return cls(consult_id, message_id, index, count, data[at + 8 :])
+
+
+def fragment(consult_id: str, message_id: int, message: bytes) -> list[LiveFragment]:
+    """Split one live message into fragments that each fit a transport frame."""
+    if len(message) > MAX_MESSAGE:
+        raise LocalConsultError(f"live message of {len(message)} bytes exceeds {MAX_MESSAGE}")
+    count = max(1, -(-len(message) // FRAGMENT_SIZE))
+    return [
+        LiveFragment(
+            consult_id,
+            message_id & 0xFFFFFFFF,
+            i,
+            count,
+            message[i * FRAGMENT_SIZE : (i + 1) * FRAGMENT_SIZE],
+        )
+        for i in range(count)
+    ]
+
+
+@dataclass
+class _Partial:
+    count: int
+    next_index: int = 0
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+class Reassembler:
+    """Joins the fragments of one connection back into messages (sans-IO).
+
+    The live channel is ordered, so a message's fragments arrive in order; one
+    out of order, a count that changes, more than :data:`MAX_PARTIAL_MESSAGES`
+    messages in progress or more than :data:`MAX_MESSAGE` buffered bytes is a
+    misbehaving peer.
+    """
+
+    def __init__(self) -> None:
+        self._partials: dict[tuple[str, int], _Partial] = {}
+        self._buffered = 0
+
+    def feed(self, piece: LiveFragment) -> bytes | None:
+        if piece.count == 1:
+            return piece.chunk
+        key = (piece.consult_id, piece.message_id)
+        partial = self._partials.get(key)
+        if partial is None:
+            if piece.index != 0:
+                raise MalformedMessage("live fragment arrived without its first part")
+            if len(self._partials) >= MAX_PARTIAL_MESSAGES:
+                raise MalformedMessage("too many live messages in progress at once")
+            partial = self._partials[key] = _Partial(piece.count)
+        if piece.count != partial.count or piece.index != partial.next_index:
+            raise MalformedMessage("live fragments arrived out of order")
+        self._buffered += len(piece.chunk)
+        if self._buffered > MAX_MESSAGE:
+            raise MalformedMessage(f"live messages in progress exceed {MAX_MESSAGE} bytes")
+        partial.chunks.append(piece.chunk)
+        partial.size += len(piece.chunk)
+        partial.next_index += 1
+        if partial.next_index < partial.count:
+            return None
+        del self._partials[key]
+        self._buffered -= partial.size
+        return b"".join(partial.chunks)
+
+    def reset(self) -> None:
+        """The connection was re-established: fragments in progress are gone for good."""
+        self._partials.clear()
+        self._buffered = 0
+
+
+@dataclass(frozen=True)
+class PresenceEnvelope:
+    """``P1`` | id length (1) | consult id | y-awareness message."""
+
+    consult_id: str
+    message: bytes
+
+    def to_wire(self) -> bytes:
+        cid = _check_consult_id(self.consult_id)
+        return PRESENCE_MAGIC + bytes([len(cid)]) + cid + self.message
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> PresenceEnvelope:
+        if len(data) > MAX_PRESENCE_MESSAGE + _HEADER:
+            raise MalformedMessage(f"presence message is {len(data)} bytes")
+        if data[:2] != PRESENCE_MAGIC:
+            raise MalformedMessage("not a presence envelope")
+        consult_id, at = _read_consult_id(data, 2)
+        return cls(consult_id, data[at:])
+
+
+@dataclass(frozen=True)
+class Invite:
+    """Sent by a participant on the control channel: join ``consult_id``; the others are
+    ``members`` (public keys), connect to them too. A join request has no members."""
+
+    consult_id: str
+    members: tuple[bytes, ...] = ()
+    title: str = ""
+
+    def to_wire(self) -> bytes:
+        _check_consult_id(self.consult_id)
+        return canonical.encode(
+            {"consult": self.consult_id, "members": list(self.members), "title": self.title}
+        )
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> Invite:
+        if len(data) > MAX_INVITE:
+            raise MalformedMessage(f"live invite is {len(data)} bytes, limit is {MAX_INVITE}")
+        try:
+            raw = canonical.decode(data, max_size=MAX_INVITE)
+            consult_id, members, title = raw["consult"], raw["members"], raw["title"]
+            ok = (
+                isinstance(consult_id, str)
+                and 0 < len(consult_id.encode()) <= MAX_CONSULT_ID
+                and isinstance(members, list)
+                and len(members) < MAX_PARTICIPANTS
+                and all(isinstance(m, bytes) and len(m) == 32 for m in members)
+                and isinstance(title, str)
+                and len(title) <= 200
+            )
+        except Exception as exc:  # canonical raises its own CryptoError family
+            raise MalformedMessage(f"live invite does not parse: {exc}") from exc
+        if not ok:
+            raise MalformedMessage("live invite has the wrong shape")
+        return cls(consult_id, tuple(members), title)
+
+
+def check_presence(message: bytes, node: str, bound_client: int | None) -> int | None:
+    """Check a y-awareness message from the peer authenticated as ``node``.
+
+    Every state in it must claim ``node``, and all must belong to one client
+    id (``bound_client`` once known): a peer speaks only for itself. Returns
+    that client id (None if the message holds no state).
+    """
+    if len(message) > MAX_PRESENCE_MESSAGE:
+        raise MalformedMessage("presence message is too large")
+    if not message or message[0] != 1:
+        raise MalformedMessage("not a presence message")
+    length, at = read_varuint(message, 1)
+    if at + length != len(message):
+        raise MalformedMessage("presence message length does not match its payload")
+    count, at = read_varuint(message, at)
+    if count > 1:
+        raise MalformedMessage("a peer may only send its own presence")
+    client = bound_client
+    for _ in range(count):
+        client_id, at = read_varuint(message, at)
+        _clock, at = read_varuint(message, at)
+        size, at = read_varuint(message, at)
+        if at + size > len(message):
+            raise MalformedMessage("presence state is truncated")
+        try:
+            state = json.loads(message[at : at + size])
+        except ValueError as exc:
+            raise MalformedMessage("presence state is not JSON") from exc
+        at += size
+        if client is not None and client_id != client:
+            raise MalformedMessage("a peer may only send its own presence")
+        client = client_id
+        if state is not None and (not isinstance(state, dict) or state.get("node") != node):
+            raise MalformedMessage(f"presence claims to be from another node than {node}")
+    return client
+
+
+# --- the connection, as this module needs it -----------------------------------------------
+
+
+class LiveLink(Protocol):
+    """What :class:`LiveConsult` needs of a PeerConnection (a fake in unit tests)."""
+
+    @property
+    def peer(self) -> bytes: ...
+    @property
+    def is_connected(self) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
+    async def send_live(self, data: bytes) -> None: ...
+    def send_presence(self, data: bytes) -> bool: ...
+
+
+class _Binding:
+    """One peer in one consult: its sync session, outgoing queue and presence client."""
+
+    def __init__(self, live: LiveConsult, link: LiveLink) -> None:
+        self.link = link
+        self.node = str(NodeId.from_public_key(link.peer))
+        self.client: int | None = None
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(SEND_QUEUE)
+        self._live = live
+        self.session = LiveSession(live.state, self.enqueue)
+        self.sender = asyncio.ensure_future(self._send_loop())
+
+    def enqueue(self, message: bytes) -> None:
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            # The peer fell far behind: replace the backlog by one full state (idempotent).
+            log.warning("live queue to %s overflowed; resending the full state", self.node[:8])
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(
+                SyncMessage(SyncKind.STEP2, self._live.state.full_update()).to_wire()
+            )
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self.queue.get()
+            for piece in fragment(self._live.consult_id, self._live.next_message_id(), message):
+                try:
+                    await self.link.send_live(piece.to_wire())
+                except Exception as exc:  # the transport's errors: the watcher resyncs on return
+                    log.info("live message to %s not sent: %s", self.node[:8], exc)
+                    break
+
+    def close(self) -> None:
+        self.session.disconnect()
+        self.sender.cancel()
+
+
+class LiveConsult:
+    """One participant's live session on a consult (see the module docstring)."""
+
+    def __init__(
+        self,
+        consult_id: str,
+        local_node: str,
+        name: str,
+        colour: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        title: str = "",
+    ) -> None:
+        _check_consult_id(consult_id)
+        self.consult_id = consult_id
+        self.local_node = local_node
+        self.title = title
+        self.clock = clock
+        self.state = SharedState(consult_id, local_node)
+        self.presence = Presence(local_node, name, colour, clock())
+        self.finalised = False
+        self._bindings: dict[bytes, _Binding] = {}
+        self.expected: set[bytes] = set()  # invited or joined, their first message may race
+        self._listeners: list[Listener] = []
+        self._message_ids = 0
+        self._tick: asyncio.Task[None] | None = None
+        self.state.on_local_update(lambda _wire: self._changed())
+
+    # -- participants -----------------------------------------------------------------
+    def bind(self, link: LiveLink) -> bool:
+        """Add a peer (idempotent); starts the sync with it. False if the session is full."""
+        self.expected.discard(link.peer)
+        if link.peer in self._bindings:
+            return True
+        if len(self._bindings) + 1 >= MAX_PARTICIPANTS:
+            return False
+        binding = self._bindings[link.peer] = _Binding(self, link)
+        binding.session.connect()
+        self._start_ticking()
+        self._send_presence_now(force=True)
+        return True
+
+    def unbind(self, peer: bytes) -> None:
+        binding = self._bindings.pop(peer, None)
+        if binding is not None:
+            binding.close()
+            self._changed()
+
+    def resync(self, peer: bytes) -> None:
+        """The connection to ``peer`` came back: exchange state vectors again."""
+        binding = self._bindings.get(peer)
+        if binding is not None:
+            binding.session.connect()
+            self._send_presence_now(force=True)
+
+    @property
+    def peers(self) -> list[bytes]:
+        return list(self._bindings)
+
+    def is_bound(self, peer: bytes) -> bool:
+        return peer in self._bindings
+
+    # -- incoming -------------------------------------------------------------------
+    def receive_live(self, peer: bytes, message: bytes) -> None:
+        binding = self._bindings.get(peer)
+        if binding is None:
+            return
+        binding.session.receive(message)
+        self._changed()
+
+    def receive_presence(self, peer: bytes, message: bytes) -> None:
+        binding = self._bindings.get(peer)
+        if binding is None:
+            return
+        binding.client = check_presence(message, binding.node, binding.client)
+        self.presence.receive(message, self.clock())
+        self._changed()
+
+    # -- local edits ------------------------------------------------------------------
+    def add_annotation(
+        self,
+        kind: AnnotationKind,
+        sop_instance_uid: str,
+        frame: int,
+        points: tuple[Point, ...],
+        *,
+        text: str = "",
+        values: Mapping[str, float] | None = None,
+    ) -> Annotation:
+        return self.state.add_annotation(
+            kind, sop_instance_uid, frame, points, self.clock(), text=text, values=values
+        )
+
+    def remove_annotation(self, annotation_id: str) -> None:
+        self.state.remove_annotation(annotation_id)
+
+    def say(self, text: str) -> ChatMessage:
+        return self.state.say(text, self.clock())
+
+    def set_report_text(self, text: str) -> None:
+        """Replace the draft by ``text`` as the smallest edit (common prefix and suffix kept),
+        so a concurrent edit elsewhere in the text survives."""
+        old = self.state.report_text
+        start = 0
+        while start < min(len(old), len(text)) and old[start] == text[start]:
+            start += 1
+        end_old, end_new = len(old), len(text)
+        while end_old > start and end_new > start and old[end_old - 1] == text[end_new - 1]:
+            end_old -= 1
+            end_new -= 1
+        if end_old > start:
+            self.state.delete_report(start, end_old)
+        if end_new > start:
+            self.state.insert_report(start, text[start:end_new])
+
+    def move_cursor(self, cursor: Cursor | None) -> None:
+        self.presence.set_cursor(cursor, self.clock())
+        self._send_presence_now()
+
+    def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
+        self.presence.set_viewport(viewport, self.clock(), by_user=by_user)
+        self._send_presence_now()
+
+    def set_tool(self, tool: str) -> None:
+        self.presence.set_tool(tool, self.clock())
+        self._send_presence_now()
+
+    def present(self, on: bool) -> None:
+        self.presence.present(on, self.clock())
+        self._send_presence_now()
+        self._changed()
+
+    def follow(self) -> None:
+        self.presence.follow(self.clock())
+        self._send_presence_now()
+        self._changed()
+
+    # -- reading --------------------------------------------------------------------
+    def participants(self) -> list[Participant]:
+        return self.presence.participants()
+
+    def annotations(self) -> list[Annotation]:
+        return self.state.annotations()
+
+    def chat(self) -> list[ChatMessage]:
+        return list(self.state.snapshot().chat)
+
+    def report_text(self) -> str:
+        return self.state.report_text
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def close(self) -> None:
+        """Tell everyone we left, stop ticking, drop every peer."""
+        goodbye = self.presence.leave(self.clock())
+        for binding in self._bindings.values():
+            binding.link.send_presence(PresenceEnvelope(self.consult_id, goodbye).to_wire())
+        if self._tick is not None:
+            self._tick.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick
+        for peer in list(self._bindings):
+            self.unbind(peer)
+
+    def next_message_id(self) -> int:
+        self._message_ids += 1
+        return self._message_ids
+
+    def _changed(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("a live session listener failed")
+
+    def _send_presence_now(self, *, force: bool = False) -> None:
+        message = self.presence.poll(self.clock())
+        if message is None and force:
+            me = self.presence.me  # re-set the same state: sent now unless rate-limited
+            self.presence.set_tool(me.tool, self.clock())
+            message = self.presence.poll(self.clock())
+        if message is None:
+            return
+        wire = PresenceEnvelope(self.consult_id, message).to_wire()
+        for binding in self._bindings.values():
+            binding.link.send_presence(wire)
+
+    def _start_ticking(self) -> None:
+        if self._tick is None or self._tick.done():
+            self._tick = asyncio.ensure_future(self._ticker())
+
+    async def _ticker(self) -> None:
+        """Coalesced cursor moves, heartbeats and expiry; runs while the session is open."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            self._send_presence_now()
+            if self.presence.expire(self.clock()):
+                self._changed()
+
+
+# --- the node's side -----------------------------------------------------------------------
+
+
+class LiveHub:
+    """Every live session of one node, over its transport (see the module docstring).
+
+    ``is_trusted(public_key)`` gates invites; ``notify(text)`` tells the person
+    (the runtime's notifications). Invites from trusted peers are accepted
+    automatically when ``auto_join`` (the TUI shows the session in the worklist).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        own_key: bytes,
+        name: str,
+        *,
+        is_trusted: Callable[[bytes], bool],
+        notify: Callable[[str], None] = lambda _text: None,
+        clock: Callable[[], float] = time.time,
+        auto_join: bool = True,
+    ) -> None:
+        self.transport = transport
+        self.own_key = own_key
+        self.local_node = str(NodeId.from_public_key(own_key))
+        self.name = name
+        self.is_trusted = is_trusted
+        self.notify = notify
+        self.clock = clock
+        self.auto_join = auto_join
+        self.sessions: dict[str, LiveConsult] = {}
+        self._links: dict[bytes, PeerConnection] = {}
+        self._reassemblers: dict[bytes, Reassembler] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        transport.handle(INVITE_KIND, self._on_invite)
+        transport.handle(JOIN_KIND, self._on_join)
+
+    # -- sessions -------------------------------------------------------------------
+    def open(self, consult_id: str, title: str = "") -> LiveConsult:
+        """This node's session on ``consult_id`` (created if needed)."""
+        live = self.sessions.get(consult_id)
+        if live is None:
+            colour = PALETTE[sum(self.own_key) % len(PALETTE)]
+            live = LiveConsult(
+                consult_id, self.local_node, self.name, colour, clock=self.clock, title=title
+            )
+            self.sessions[consult_id] = live
+        return live
+
+    async def leave(self, consult_id: str) -> None:
+        live = self.sessions.pop(consult_id, None)
+        if live is not None:
+            await live.close()
+
+    async def invite(self, consult_id: str, peer: bytes) -> None:
+        """Invite a trusted peer into this node's session on ``consult_id``.
+
+        Raises LocalConsultError if the peer is not trusted or the session is
+        full; the transport's errors if it cannot be reached or refuses.
+        """
+        if not self.is_trusted(peer):
+            raise LocalConsultError(
+                f"{NodeId.from_public_key(peer).short()} is not trusted: verify its safety "
+                "number (`radmesh trust verify`) before inviting it to a live session"
+            )
+        live = self.open(consult_id)
+        if len(live.peers) + 2 > MAX_PARTICIPANTS:
+            raise LocalConsultError(f"a live session holds at most {MAX_PARTICIPANTS} people")
+        conn = await self.transport.connect(peer)
+        self._attach(conn)
+        members = tuple(p for p in live.peers if p != peer)
+        live.expected.add(peer)
+        await conn.request(INVITE_KIND, Invite(consult_id, members, live.title).to_wire())
+        live.bind(conn)
+
+    async def close(self) -> None:
+        for consult_id in list(self.sessions):
+            await self.leave(consult_id)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- requests from peers ------------------------------------------------------------
+    async def _on_invite(self, conn: PeerConnection, body: bytes) -> bytes:
+        invite = Invite.from_wire(body)
+        if not self.auto_join and invite.consult_id not in self.sessions:
+            raise RequestRefused("declined", "this node does not join live sessions on invite")
+        live = self.open(invite.consult_id, invite.title)
+        self._attach(conn)
+        if not live.bind(conn):
+            raise RequestRefused("full", f"the session already has {MAX_PARTICIPANTS} people")
+        self.notify(
+            f"{NodeId.from_public_key(conn.peer).short()} invited you to a live session "
+            f"on consult {invite.consult_id[:8]}"
+        )
+        for member in invite.members:
+            if member != self.own_key and not live.is_bound(member):
+                self._spawn(self._join(invite.consult_id, member))
+        return b"ok"
+
+    async def _on_join(self, conn: PeerConnection, body: bytes) -> bytes:
+        invite = Invite.from_wire(body)
+        live = self.sessions.get(invite.consult_id)
+        if live is None:
+            raise RequestRefused("not-in-session", "this node is not in that live session")
+        self._attach(conn)
+        if not live.bind(conn):
+            raise RequestRefused("full", f"the session already has {MAX_PARTICIPANTS} people")
+        return b"ok"
+
+    async def _join(self, consult_id: str, member: bytes) -> None:
+        """Complete the mesh: connect to a participant the inviter named."""
+        if not self.is_trusted(member):
+            self.notify(
+                f"live session {consult_id[:8]}: {NodeId.from_public_key(member).short()} "
+                "is not trusted by this node, so you will not see them"
+            )
+            return
+        try:
+            conn = await self.transport.connect(member)
+            self._attach(conn)
+            live = self.sessions.get(consult_id)
+            if live is not None:
+                live.expected.add(member)
+            await conn.request(JOIN_KIND, Invite(consult_id).to_wire())
+        except Exception as exc:
+            log.info("could not join %s in the live session: %s", member.hex()[:8], exc)
+            return
+        live = self.sessions.get(consult_id)
+        if live is not None:
+            live.bind(conn)
+
+    # -- connections ----------------------------------------------------------------
+    def _attach(self, conn: PeerConnection) -> None:
+        peer: bytes = conn.peer
+        if self._links.get(peer) is conn:
+            return
+        self._links[peer] = conn
+        self._reassemblers[peer] = Reassembler()
+        conn.set_receiver("live", lambda data: self._on_live(conn, data))
+        conn.set_receiver("presence", lambda data: self._on_presence(conn, data))
+        self._spawn(self._watch(conn))
+
+    def _on_live(self, conn: PeerConnection, data: bytes) -> None:
+        try:
+            piece = LiveFragment.from_wire(data)
+            message = self._reassemblers[conn.peer].feed(piece)
+            if message is None:
+                return
+            live = self.sessions.get(piece.consult_id)
+            if live is None:
+                return  # we left: late messages are dropped
+            if not live.is_bound(conn.peer) and conn.peer in live.expected:
+                live.bind(conn)  # its first message raced ahead of our request's answer
+            live.receive_live(conn.peer, message)
+        except RemoteConsultError as exc:
+            self._misbehaved(conn, exc)
+
+    def _on_presence(self, conn: PeerConnection, data: bytes) -> None:
+        try:
+            envelope = PresenceEnvelope.from_wire(data)
+            live = self.sessions.get(envelope.consult_id)
+            if live is not None:
+                live.receive_presence(conn.peer, envelope.message)
+        except RemoteConsultError as exc:
+            self._misbehaved(conn, exc)
+
+    def _misbehaved(self, conn: PeerConnection, exc: Exception) -> None:
+        log.warning("closing the connection to %s: %s", conn.peer_id.short(), exc)
+        for live in self.sessions.values():
+            live.unbind(conn.peer)
+        self._spawn(conn.close(f"bad live message: {exc}"))
+
+    async def _watch(self, conn: PeerConnection) -> None:
+        """Resync after a reconnect; forget the peer once its connection is closed."""
+        was_connected = conn.is_connected
+        while not conn.closed and self._links.get(conn.peer) is conn:
+            await asyncio.sleep(WATCH_S)
+            now_connected = conn.is_connected
+            if now_connected and not was_connected:
+                self._reassemblers[conn.peer].reset()
+                for live in self.sessions.values():
+                    live.resync(conn.peer)
+            was_connected = now_connected
+        if self._links.get(conn.peer) is conn:
+            del self._links[conn.peer]
+            self._reassemblers.pop(conn.peer, None)
+            for live in self.sessions.values():
+                live.unbind(conn.peer)
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+__all__ = [
+    "Invite",
+    "LiveConsult",
+    "LiveFragment",
+    "LiveHub",
+    "PresenceEnvelope",
+    "Reassembler",
+    "check_presence",
+    "fragment",
+]
