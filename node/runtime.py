@@ -153,7 +153,6 @@ class NodeRuntime:
         self.dicom: DicomListener | None = None
         self.handlers["consult.request"] = self._on_consult_message
         self.handlers["consult.response"] = self._on_consult_message
-        self.shares: dict[str, Any] = {}  # consult id -> node.workflow.Share
         self.reports: dict[str, str] = {}  # consult id -> SOP instance UID of the filed SR
 
     # -- lifecycle --------------------------------------------------------------------
@@ -196,6 +195,8 @@ class NodeRuntime:
             clock=self.clock,
         )
         await self.transport.start()
+        # One round before returning, so a started node can be found at once.
+        await asyncio.gather(*(self._registry_step(url) for url in network.registries))
         for url in network.registries:
             self._spawn(self._registry_loop(url))
         if self.discovery is not None:
@@ -275,22 +276,26 @@ class NodeRuntime:
             record = self.record = self._make_record()
         return record
 
-    async def _registry_loop(self, url: str) -> None:
-        """Publish the record, keep the signaling socket, re-publish before expiry."""
+    async def _registry_step(self, url: str) -> None:
+        """Publish the record and make sure the signaling socket is open."""
         client = next(c for c in self.registries.clients if c.url == url)
+        try:
+            await client.publish(self._own_record())
+            if url not in self.registry_connections:
+                conn = client.connect()
+                await conn.__aenter__()
+                self.registry_connections[url] = conn
+                self._spawn(self._pump(conn))
+            self.registry_state[url] = "connected"
+        except RegistryError as exc:
+            self.registry_state[url] = f"unreachable: {exc}"
+            log.warning("registry %s: %s", url, exc)
+
+    async def _registry_loop(self, url: str) -> None:
+        """Re-publish before the record expires; retry an unreachable registry soon."""
         while True:
-            try:
-                await client.publish(self._own_record())
-                if url not in self.registry_connections:
-                    conn = client.connect()
-                    await conn.__aenter__()
-                    self.registry_connections[url] = conn
-                    self._spawn(self._pump(conn))
-                self.registry_state[url] = "connected"
-            except RegistryError as exc:
-                self.registry_state[url] = f"unreachable: {exc}"
-                log.warning("registry %s: %s", url, exc)
             await asyncio.sleep(RECORD_TTL / 4 if self.registry_state[url] == "connected" else 5)
+            await self._registry_step(url)
 
     async def _pump(self, conn: RegistryConnection) -> None:
         async for message in conn:

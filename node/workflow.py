@@ -27,22 +27,26 @@ from crypto.identity import NodeId
 from node.audit import AuditKind
 from node.deid import PseudonymMap, ShareContext, deidentify_all
 from node.dicom_net import send_to_pacs
+from node.errors import NodeError
 from node.runtime import NodeRuntime, RuntimeError_
+from peer_transport.connection import ChannelLink, PeerConnection, RequestRefused
+from peer_transport.errors import TransportError
+from peer_transport.transfer import Progress
+from peer_transport.transfer_runner import ProgressCallback, receive_study, send_study
 
 log = logging.getLogger(__name__)
 
 PSEUDONYM_KEY_PURPOSE = "radmesh-pseudonyms-v1"
 REPORT_KIND = "consult.report"
+FETCH_KIND = "consult.fetch"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Share:
     """A study as it leaves this node for one consult (de-identified unless stated)."""
 
-    consult_id: str
     original_study_uid: str
     shared_study_uid: str
-    files: list[bytes]
     deidentified: bool
 
 
@@ -54,22 +58,14 @@ def _map_key(rt: NodeRuntime) -> bytes:
     return rt.identity.derive_key(PSEUDONYM_KEY_PURPOSE)
 
 
-def prepare_share(rt: NodeRuntime, study_uid: str, *, deidentify: bool = True) -> Share:
-    """Read the study from the store and de-identify it; not yet tied to a consult."""
-    originals = [rt.store.read_instance(uid) for uid in rt.store.iter_instance_uids(study_uid)]
-    if not originals:
-        raise RuntimeError_(f"study {study_uid} has no instances in this node's store")
-    if not deidentify:
-        return Share("", study_uid, study_uid, originals, False)
-    context = ShareContext()
-    files = deidentify_all(originals, context)
-    share = Share("", study_uid, context.pseudonyms.pseudo_uid(study_uid), files, True)
-    share_map[id(share)] = context.pseudonyms
-    return share
-
-
-# Pseudonym maps of shares not yet tied to a consult id (prepare -> request).
-share_map: dict[int, PseudonymMap] = {}
+def share_of(rt: NodeRuntime, consult_id: str) -> Share:
+    """What a consult of ours shared, from the database and the pseudonym map (restart-safe)."""
+    shared_uid = rt.consults.get(consult_id).request.study_uid
+    path = _map_path(rt, consult_id)
+    if not path.exists():
+        return Share(shared_uid, shared_uid, False)
+    original = PseudonymMap.load(path, _map_key(rt)).relink_uid(shared_uid)
+    return Share(original, shared_uid, True)
 
 
 async def request_consult(
@@ -85,12 +81,21 @@ async def request_consult(
     deadline_seconds: int = 3600,
     deidentify: bool = True,
 ) -> tuple[ConsultRequest, Share, str]:
-    """De-identify, record and send a consult request; returns (request, share, how sent)."""
-    share = await asyncio.to_thread(prepare_share, rt, study_uid, deidentify=deidentify)
+    """Record and send a consult request; returns (request, share, how sent).
+
+    The study is de-identified when the consultant fetches it; the pseudonym map
+    (with its secret, so every instance maps the same way) is made now and stays
+    here, encrypted.
+    """
+    if not rt.store.instances(study_uid):
+        raise RuntimeError_(f"study {study_uid} has no instances in this node's store")
+    pseudonyms = PseudonymMap() if deidentify else None
+    shared_uid = pseudonyms.pseudo_uid(study_uid) if pseudonyms is not None else study_uid
+    share = Share(study_uid, shared_uid, deidentify)
     now = rt.now()
     request = ConsultRequest.new(
         requester=rt.identity.node_id,
-        study_uid=share.shared_study_uid,
+        study_uid=shared_uid,
         question=question,
         priority=priority,
         subspecialty=subspecialty,
@@ -100,24 +105,17 @@ async def request_consult(
         now=now,
         deidentified=deidentify,
     )
-    share.consult_id = request.id
-    pseudonyms = share_map.pop(id(share), None)
     if pseudonyms is not None:
         pseudonyms.persist(_map_path(rt, request.id), _map_key(rt))
     wire = request.to_wire(rt.identity)
     peer = NodeId.from_public_key(consultant)
     rt.consults.add(request, role="requester", now=now, wire=wire, peer=str(peer))
-    rt.shares[request.id] = share
     rt.audit.append(
         AuditKind.SHARE,
         now=rt.clock(),
         study_uid=study_uid,
         peer=str(peer),
-        details={
-            "consult": request.id,
-            "deidentified": str(deidentify),
-            "instances": str(len(share.files)),
-        },
+        details={"consult": request.id, "deidentified": str(deidentify)},
     )
     how = await rt.send_message(consultant, "consult.request", wire)
     return request, share, how
@@ -264,6 +262,72 @@ def install(rt: NodeRuntime) -> None:
             raise
 
     rt.handlers[REPORT_KIND] = on_report
+
+    async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
+        consult_id = rt.consults.resolve(body.decode(errors="replace"))
+        role, peer, _ = rt.consults.info(consult_id)
+        if role != "requester" or NodeId.parse(peer) != conn.peer_id:
+            raise RequestRefused("not-shared", "this study was not shared with your node")
+        case = rt.consults.get(consult_id)
+        if case.state is State.ACCEPTED:
+            rt.consults.apply(consult_id, Event.START_TRANSFER, rt.now(), peer)
+        rt.spawn(_serve(rt, conn, consult_id, share_of(rt, consult_id)))
+        return b"ok"
+
+    rt.transport.handle(FETCH_KIND, on_fetch)
+
+
+def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[list[bytes]], list[bytes]]:
+    def prepare(files: list[bytes]) -> list[bytes]:
+        path = _map_path(rt, consult_id)
+        pseudonyms = PseudonymMap.load(path, _map_key(rt))
+        shared = deidentify_all(files, ShareContext(pseudonyms=pseudonyms))
+        pseudonyms.persist(path, _map_key(rt))  # now also maps every instance UID
+        return shared
+
+    return prepare
+
+
+async def _serve(rt: NodeRuntime, conn: PeerConnection, consult_id: str, share: Share) -> None:
+    try:
+        await send_study(
+            ChannelLink(conn),
+            rt.store,
+            share.original_study_uid,
+            rt.identity,
+            peer=str(conn.peer_id),
+            audit=rt.audit,
+            prepare=_deidentifier(rt, consult_id) if share.deidentified else None,
+        )
+    except (NodeError, TransportError) as exc:
+        rt.notify(f"Sending the study for consult {consult_id[:8]} failed: {exc}")
+
+
+async def fetch_study(
+    rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback | None = None
+) -> Progress:
+    """Consultant side: pull the shared study of an accepted consult into this node's store."""
+    consult_id = rt.consults.resolve(consult_id)
+    conn = await rt.transport.connect(requester_key(rt, consult_id))
+    if rt.consults.get(consult_id).state is State.ACCEPTED:
+        rt.consults.apply(consult_id, Event.START_TRANSFER, rt.now(), str(rt.identity.node_id))
+    receiving = asyncio.ensure_future(
+        receive_study(
+            ChannelLink(conn),
+            rt.store,
+            rt.home.data_dir / "transfers" / consult_id,
+            peer=str(conn.peer_id),
+            audit=rt.audit,
+            on_progress=on_progress,
+        )
+    )
+    try:
+        await conn.request(FETCH_KIND, consult_id.encode())
+        progress = await receiving
+    finally:
+        receiving.cancel()
+    rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(rt.identity.node_id))
+    return progress
 
 
 def _signer(wire: bytes) -> bytes:

@@ -49,14 +49,22 @@ async def _loop(tmp_path: Path, registry_url: str, pacs: tuple[str, int, str] | 
             jurisdiction="IE",
         )
         assert share.shared_study_uid != study_uid
-        shared = pydicom.dcmread(io.BytesIO(share.files[0]))
-        assert str(shared.PatientName) != real_name
-        assert shared.StudyInstanceUID == share.shared_study_uid
 
         await wait_for(lambda: bool(b.consults.cases()))
         assert b.consults.get(request.id).request.study_uid == share.shared_study_uid
         await workflow.respond(b, request.id, Event.ACCEPT)
         await wait_for(lambda: a.consults.get(request.id).state is State.ACCEPTED)
+
+        # The consultant pulls the de-identified study over WebRTC.
+        progress = await workflow.fetch_study(b, request.id)
+        assert progress.instances_done == len(files)
+        received = b.store.instances(share.shared_study_uid)
+        assert len(received) == len(files)
+        shared = pydicom.dcmread(io.BytesIO(b.store.read_instance(received[0].sop_instance_uid)))
+        assert str(shared.PatientName) != real_name
+        assert shared.PatientIdentityRemoved == "YES"
+        assert not b.store.instances(study_uid)  # the original UIDs never left the hospital
+        assert b.consults.get(request.id).state is State.IN_REVIEW
 
         await workflow.send_report(
             b,
