@@ -68,7 +68,7 @@ class TransportOptions:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.5  # plus one interval: a dead peer is noticed within 5 s
     request_timeout: float = 10.0
-    bulk_window: int = 4  # bulk frames sent but not yet consumed by the peer (<= 256 KiB)
+    bulk_window: int = 3  # bulk frames sent but not consumed by the peer (~192 KiB in SCTP)
     stall_timeout: float = 15.0  # no bulk credit for this long: the peer stopped reading
     reconnect: bool = True
     backoff_initial: float = 0.5
@@ -484,7 +484,8 @@ class PeerConnection:
             with contextlib.suppress(TransportError, CryptoError):
                 close = fr.Close(type(error).__name__, str(error)[:200]).to_wire()
                 session.link.send("control", session.sealers["control"].seal(close))
-        log.warning(
+        log.log(
+            logging.INFO if isinstance(error, ConnectionClosed) else logging.WARNING,
             "connection to %s %s: %s (%s)",
             self.peer_id.short(),
             "lost" if liveness else "dropped",
