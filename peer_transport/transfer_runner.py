@@ -236,19 +236,26 @@ class StudyReceiver:
             for task in [t for t in pending if t.done()]:
                 task.result()  # re-raise a failed commit (ManifestMismatch)
 
+    def _verify_and_store(self, receiver: tr.Receiver, index: int) -> Exception | None:
+        # One job per instance, so a decoded instance never waits in memory for its turn.
+        try:
+            data = receiver.verify_part(index)
+        except (wirecodec.WireCodecError, OSError) as exc:
+            return exc
+        self.store.add_bytes(data, source=self.source)
+        return None
+
     async def _commit(self, receiver: tr.Receiver, index: int) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            data = await loop.run_in_executor(self._executor, receiver.verify_part, index)
-        except (wirecodec.WireCodecError, OSError) as exc:
-            error = receiver.reject_part(index, exc)
+        job = functools.partial(self._verify_and_store, receiver, index)
+        failure = await loop.run_in_executor(self._executor, job)
+        if failure is not None:
+            error = receiver.reject_part(index, failure)
             if isinstance(error, tr.ManifestMismatch):
-                raise error from exc
+                raise error from failure
             log.warning("%s", error)
             self._wake.set()
             return
-        add = functools.partial(self.store.add_bytes, data, source=self.source)
-        await loop.run_in_executor(self._executor, add)
         receiver.stored(index, loop.time())
         self._stored.setdefault(index, asyncio.Event()).set()
         if self.on_progress is not None:
