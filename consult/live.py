@@ -53,7 +53,6 @@ from consult.shared import (
     SyncKind,
     SyncMessage,
 )
-from consult.ywire import read_varuint
 from crypto import canonical
 from crypto.identity import NodeId
 from peer_transport import frames
@@ -273,6 +272,18 @@ class Invite:
         return cls(consult_id, tuple(members), title)
 
 
+def _read_uint(data: bytes, offset: int) -> tuple[int, int]:
+    """A y-protocols varuint of up to 53 bits (awareness client ids are that large)."""
+    value = shift = 0
+    for index in range(offset, min(len(data), offset + 8)):
+        byte = data[index]
+        value |= (byte & 127) << shift
+        shift += 7
+        if byte < 128:
+            return value, index + 1
+    raise MalformedMessage("presence message has a bad number field")
+
+
 def check_presence(message: bytes, node: str, bound_client: int | None) -> int | None:
     """Check a y-awareness message from the peer authenticated as ``node``.
 
@@ -284,17 +295,17 @@ def check_presence(message: bytes, node: str, bound_client: int | None) -> int |
         raise MalformedMessage("presence message is too large")
     if not message or message[0] != 1:
         raise MalformedMessage("not a presence message")
-    length, at = read_varuint(message, 1)
+    length, at = _read_uint(message, 1)
     if at + length != len(message):
         raise MalformedMessage("presence message length does not match its payload")
-    count, at = read_varuint(message, at)
+    count, at = _read_uint(message, at)
     if count > 1:
         raise MalformedMessage("a peer may only send its own presence")
     client = bound_client
     for _ in range(count):
-        client_id, at = read_varuint(message, at)
-        _clock, at = read_varuint(message, at)
-        size, at = read_varuint(message, at)
+        client_id, at = _read_uint(message, at)
+        _clock, at = _read_uint(message, at)
+        size, at = _read_uint(message, at)
         if at + size > len(message):
             raise MalformedMessage("presence state is truncated")
         try:
@@ -411,6 +422,9 @@ class LiveConsult:
         binding = self._bindings.pop(peer, None)
         if binding is not None:
             binding.close()
+            if binding.client is not None:
+                # Connection gone: show them gone now rather than after the presence timeout.
+                self.presence._awareness.remove_awareness_states([binding.client], "closed")
             self._changed()
 
     def resync(self, peer: bytes) -> None:

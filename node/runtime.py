@@ -195,6 +195,7 @@ class NodeRuntime:
             clock=self.clock,
         )
         await self.transport.start()
+        self.live_hub()  # answers live-session invites from trusted peers
         # One round before returning, so a started node can be found at once.
         await asyncio.gather(*(self._registry_step(url) for url in network.registries))
         for url in network.registries:

@@ -1,0 +1,290 @@
+"""Live sessions end to end: real NodeRuntimes, a real registry, real aiortc on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from consult.errors import LocalConsultError, MalformedMessage
+from consult.live import (
+    FRAGMENT_SIZE,
+    MAX_FRAGMENTS,
+    MAX_PARTIAL_MESSAGES,
+    Invite,
+    LiveConsult,
+    LiveFragment,
+    Reassembler,
+    check_presence,
+    fragment,
+)
+from consult.measure import PixelSpacing, length_mm
+from consult.presence import Cursor, Presence, Viewport
+from consult.shared import AnnotationKind
+from crypto.identity import Identity
+from node.config import NetworkConfig, NodeConfig, NodeHome
+from node.keystore import save_identity
+from node.runtime import NodeRuntime
+from peer_transport.connection import TransportOptions
+from peer_transport.rtc import RtcOptions, restrict_host_addresses
+from registry.server import RegistryServer
+
+FAST = TransportOptions(rtc=RtcOptions(ice_servers=()), connect_timeout=10.0, backoff_initial=0.2)
+CONSULT = "c0ffee00c0ffee00c0ffee00c0ffee00"
+SOP = "2.25.42"
+
+
+# --- helpers shared with the TUI tests ------------------------------------------------------
+
+
+def make_home(root: Path, name: str, registry: str = "") -> tuple[NodeHome, Identity]:
+    home = NodeHome(root / name)
+    identity = Identity.generate()
+    save_identity(home.key_path, identity, None)
+    home.save_config(
+        NodeConfig(
+            display_name=name,
+            network=NetworkConfig(
+                registries=[registry] if registry else [], mdns=False, listen_host="127.0.0.1"
+            ),
+        )
+    )
+    return home, identity
+
+
+async def start_node(root: Path, name: str, registry: str = "") -> NodeRuntime:
+    restrict_host_addresses(["127.0.0.1"])
+    home, identity = make_home(root, name, registry)
+    runtime = NodeRuntime(home, identity, transport_options=FAST)
+    await runtime.start()
+    return runtime
+
+
+def introduce(nodes: list[NodeRuntime]) -> None:
+    """Every node knows every other's LAN record and has verified its key."""
+    for a in nodes:
+        for b in nodes:
+            if a is not b:
+                assert b.record is not None
+                a.directory.remember(b.record, "test", a.now())
+                a.trust.mark_verified(b.identity.node_id, a.now())
+
+
+async def wait_for(predicate: Callable[[], object], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[str]:
+    server = RegistryServer(tmp_path / "registry.sqlite")
+    url = await server.start("127.0.0.1", 0)
+    yield url
+    await server.stop()
+
+
+@pytest.fixture
+async def trio(tmp_path: Path, registry: str) -> AsyncIterator[list[NodeRuntime]]:
+    nodes = [await start_node(tmp_path, name, registry) for name in ("ana", "ben", "cai")]
+    introduce(nodes)
+    yield nodes
+    for node in nodes:
+        await node.stop()
+
+
+def key(node: NodeRuntime) -> bytes:
+    return node.identity.public_key
+
+
+def sees(live: LiveConsult, node: NodeRuntime) -> bool:
+    return any(p.node == str(node.identity.node_id) for p in live.participants())
+
+
+# --- three real nodes -----------------------------------------------------------------------
+
+
+async def test_three_participants_share_annotations_chat_report_and_cursors(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    live_a = a.live_hub().open(CONSULT, "head CT")
+    await a.live_hub().invite(CONSULT, key(b))
+    await a.live_hub().invite(CONSULT, key(c))  # c is told about b and connects to it too
+    live_b, live_c = b.live_hub().sessions[CONSULT], c.live_hub().sessions[CONSULT]
+    await wait_for(lambda: live_b.is_bound(key(c)) and live_c.is_bound(key(b)))
+
+    spacing = PixelSpacing(0.5, 0.5)
+    mm = length_mm((10, 10), (70, 90), spacing)
+    ruler = live_a.add_annotation(
+        AnnotationKind.LENGTH, SOP, 0, ((10, 10), (70, 90)), values={"length_mm": mm}
+    )
+    live_b.say("looks like a subdural to me")
+    live_c.set_report_text("Acute left subdural haematoma.")
+    live_b.move_cursor(Cursor(SOP, 0, 120.5, 64.0))
+
+    everyone = (live_a, live_b, live_c)
+    await wait_for(
+        lambda: all(
+            [x.id for x in s.annotations()] == [ruler.id]
+            and [m.text for m in s.chat()] == ["looks like a subdural to me"]
+            and s.report_text() == "Acute left subdural haematoma."
+            for s in everyone
+        )
+    )
+    assert live_c.annotations()[0].values["length_mm"] == pytest.approx(50.0)
+    assert live_c.annotations()[0].author == str(a.identity.node_id)
+
+    def cursor_of_b(s: LiveConsult) -> Cursor | None:
+        found = [p.cursor for p in s.participants() if p.node == str(b.identity.node_id)]
+        return found[0] if found else None
+
+    await wait_for(lambda: cursor_of_b(live_a) == cursor_of_b(live_c) == Cursor(SOP, 0, 120.5, 64))
+    live_b.move_cursor(Cursor(SOP, 0, 121.5, 65.0))
+    await wait_for(lambda: cursor_of_b(live_c) == Cursor(SOP, 0, 121.5, 65.0))
+    assert {len(s.participants()) for s in everyone} == {3}
+
+
+async def test_a_late_joiner_receives_a_state_larger_than_one_frame(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    live_a = a.live_hub().open(CONSULT)
+    await a.live_hub().invite(CONSULT, key(b))
+    for i in range(600):
+        live_a.add_annotation(
+            AnnotationKind.ARROW, SOP, i % 40, ((i, i), (i + 5, i + 9)), text=f"finding {i}"
+        )
+    live_b = b.live_hub().sessions[CONSULT]
+    await wait_for(lambda: len(live_b.annotations()) == 600)
+    live_b.say("joining the third reader")
+    assert len(live_a.state.full_update()) > 2 * FRAGMENT_SIZE
+
+    await b.live_hub().invite(CONSULT, key(c))
+    live_c = c.live_hub().sessions[CONSULT]
+    await wait_for(lambda: len(live_c.annotations()) == 600 and len(live_c.chat()) == 1)
+    assert live_c.state.snapshot() == live_a.state.snapshot()
+
+
+async def test_a_silent_participant_is_shown_gone_within_5_s(trio: list[NodeRuntime]) -> None:
+    a, b, _ = trio
+    live_a = a.live_hub().open(CONSULT)
+    await a.live_hub().invite(CONSULT, key(b))
+    live_b = b.live_hub().sessions[CONSULT]
+    await wait_for(lambda: sees(live_a, b))
+    # b's process hangs: it stops sending presence, its connection stays up.
+    assert live_b._tick is not None
+    live_b._tick.cancel()
+    silent_since = time.monotonic()
+    await wait_for(lambda: not sees(live_a, b), within=6.0)
+    assert time.monotonic() - silent_since <= 5.2
+
+
+async def test_a_participant_whose_node_stops_is_gone_at_once(trio: list[NodeRuntime]) -> None:
+    a, b, _ = trio
+    live_a = a.live_hub().open(CONSULT)
+    await a.live_hub().invite(CONSULT, key(b))
+    await wait_for(lambda: sees(live_a, b))
+    await b.live_hub().leave(CONSULT)
+    await wait_for(lambda: not sees(live_a, b), within=2.0)
+
+
+async def test_followers_take_the_presenters_viewport_until_they_move(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    live_a = a.live_hub().open(CONSULT)
+    await a.live_hub().invite(CONSULT, key(b))
+    await a.live_hub().invite(CONSULT, key(c))
+    live_b, live_c = b.live_hub().sessions[CONSULT], c.live_hub().sessions[CONSULT]
+    first = Viewport("2.25.7", 12, 80, 40)
+    live_a.set_viewport(first)
+    live_a.present(True)
+    await wait_for(lambda: live_b.presence.presenter() is not None and sees(live_c, a))
+    live_b.follow()
+    live_c.follow()
+    await wait_for(lambda: live_b.presence.me.viewport == live_c.presence.me.viewport == first)
+
+    live_c.set_viewport(Viewport("2.25.7", 3, 400, 40))  # c moves on their own
+    second = Viewport("2.25.7", 20, 80, 40, zoom=2.0)
+    live_a.set_viewport(second)
+    await wait_for(lambda: live_b.presence.me.viewport == second)
+    await asyncio.sleep(0.3)
+    assert live_c.presence.me.viewport == Viewport("2.25.7", 3, 400, 40)
+    assert not live_c.presence.following
+
+
+async def test_invites_go_only_to_trusted_peers(tmp_path: Path, registry: str) -> None:
+    a = await start_node(tmp_path, "ana", registry)
+    b = await start_node(tmp_path, "ben", registry)
+    try:
+        a.live_hub().open(CONSULT)
+        with pytest.raises(LocalConsultError, match="not trusted"):
+            await a.live_hub().invite(CONSULT, key(b))
+        assert CONSULT not in b.live_hub().sessions
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+# --- wire and caps, in memory ---------------------------------------------------------------
+
+
+def test_fragments_reassemble_to_the_message() -> None:
+    message = bytes(range(256)) * 1000
+    pieces = fragment(CONSULT, 7, message)
+    assert len(pieces) == -(-len(message) // FRAGMENT_SIZE)
+    r = Reassembler()
+    out = [r.feed(LiveFragment.from_wire(p.to_wire())) for p in pieces]
+    assert out[:-1] == [None] * (len(pieces) - 1)
+    assert out[-1] == message
+
+
+def test_reassembly_refuses_out_of_order_and_too_many_partials() -> None:
+    message = b"x" * (FRAGMENT_SIZE * 3)
+    r = Reassembler()
+    first, _, third = fragment(CONSULT, 1, message)
+    r.feed(first)
+    with pytest.raises(MalformedMessage, match="out of order"):
+        r.feed(third)
+    r = Reassembler()
+    for message_id in range(MAX_PARTIAL_MESSAGES):
+        r.feed(fragment(CONSULT, message_id, message)[0])
+    with pytest.raises(MalformedMessage, match="too many"):
+        r.feed(fragment(CONSULT, 99, message)[0])
+
+
+def test_a_fragment_declaring_too_many_parts_is_refused_before_buffering() -> None:
+    wire = LiveFragment(CONSULT, 1, 0, MAX_FRAGMENTS + 1, b"x").to_wire()
+    with pytest.raises(MalformedMessage, match="out of range"):
+        LiveFragment.from_wire(wire)
+    with pytest.raises(MalformedMessage):
+        LiveFragment.from_wire(b"L1\x00")
+
+
+def test_presence_must_claim_the_connections_own_node() -> None:
+    alice, mallory = Identity.generate().node_id, Identity.generate().node_id
+    presence = Presence(str(alice), "Alice", "#fff", now=0.0)
+    message = presence.poll(0.0)
+    assert message is not None
+    client = check_presence(message, str(alice), None)
+    assert client == presence.client_id
+    with pytest.raises(MalformedMessage, match="another node"):
+        check_presence(message, str(mallory), None)
+    other = Presence(str(alice), "Alice 2", "#fff", now=0.0).poll(0.0)
+    assert other is not None
+    with pytest.raises(MalformedMessage, match="its own presence"):
+        check_presence(other, str(alice), client)
+
+
+def test_invite_round_trip_and_caps() -> None:
+    invite = Invite(CONSULT, (b"k" * 32,), "head CT")
+    assert Invite.from_wire(invite.to_wire()) == invite
+    with pytest.raises(MalformedMessage):
+        Invite.from_wire(Invite(CONSULT, (b"short",)).to_wire())
+    with pytest.raises(MalformedMessage):
+        Invite.from_wire(b"\x00" * 5000)
