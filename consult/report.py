@@ -366,6 +366,11 @@ def _evidence(
     return [placeholder], False
 
 
+def _person_name(display: str) -> str:
+    """A display name as a DICOM PN: a name without '^' is a single component, said so."""
+    return display if "^" in display else display + "^"
+
+
 def export_sr(
     report: Report,
     *,
@@ -384,7 +389,7 @@ def export_sr(
     items: list[Any] = [
         hd.sr.PnameContentItem(
             name=_code(_OBSERVER),
-            value=report.author_name or str(report.author.short()),
+            value=_person_name(report.author_name or str(report.author.short())),
             relationship_type=hd.sr.RelationshipTypeValues.HAS_OBS_CONTEXT,
         ),
         hd.sr.TextContentItem(

@@ -36,11 +36,14 @@ def save_identity(
     identity: Identity,
     passphrase: str | None,
     cost: keyfile.KdfCost | None = None,
+    *,
+    warn: bool = True,
 ) -> None:
-    """Write the key file; ``passphrase=None`` is the explicit plain opt-out."""
+    """Write the key file; ``passphrase=None`` is the explicit plain opt-out (warned about)."""
     if passphrase is None:
         _write_private(path, keyfile.plain_seed(identity.seed))
-        print(PLAIN_WARNING.format(path=path), file=sys.stderr)
+        if warn:
+            print(PLAIN_WARNING.format(path=path), file=sys.stderr)
     else:
         _write_private(path, keyfile.encrypt_seed(identity.seed, passphrase, cost))
 

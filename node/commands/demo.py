@@ -34,6 +34,14 @@ def _make_node(root: Path, spec: tuple[str, str, str, list[str], list[str]]) -> 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     root = Path(args.dir).resolve()
+    if args.headless:
+        import asyncio
+
+        from node.demo import run_headless
+
+        return asyncio.run(
+            run_headless(root, slices=args.slices, rows=args.rows, with_pacs=not args.no_pacs)
+        )
     if args.fresh and root.exists():
         shutil.rmtree(root)
     print(f"radmesh demo in {root}")
@@ -55,4 +63,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--dir", default="demo", help="demo directory (default: ./demo)")
     p.add_argument("--fresh", action="store_true", help="delete the demo directory first")
+    p.add_argument(
+        "--headless",
+        action="store_true",
+        help="run the whole scenario scripted, print each step, exit non-zero on failure",
+    )
+    p.add_argument("--slices", type=int, default=40, help="CT slices in the demo study")
+    p.add_argument("--rows", type=int, default=512, help="CT matrix size (rows = columns)")
+    p.add_argument("--no-pacs", action="store_true", help="do not start Orthanc as the PACS")
     p.set_defaults(handler=cmd_demo)
