@@ -40,6 +40,7 @@ from peer_transport.connection import (
     install_event_loop_policy,
 )
 from peer_transport.rtc import RtcLink, RtcOptions, restrict_host_addresses
+from peer_transport.signaling import StreamSignaling
 
 TOTAL = 16 << 20  # bytes per throughput run
 ROUNDS = 2  # raw and radmesh alternate; the best of each counts (the machine is shared)
@@ -52,23 +53,6 @@ RAW_LOW_WATER = 64 << 10
 OPTIONS = TransportOptions(
     rtc=RtcOptions(ice_servers=()), bulk_window=int(os.environ.get("RADMESH_BULK_WINDOW", "3"))
 )
-
-
-class StreamSignaling:
-    """Signaling over one TCP stream between exactly two processes (bench only)."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def send(self, to: bytes, sealed: bytes) -> None:
-        self.writer.write(struct.pack(">I", len(sealed)) + sealed)
-        await self.writer.drain()
-
-    async def receive(self) -> bytes:
-        (size,) = struct.unpack(">I", await self.reader.readexactly(4))
-        if size > 1 << 20:
-            raise ValueError("signal too large")
-        return await self.reader.readexactly(size)
 
 
 # ---- raw aiortc baseline -------------------------------------------------------------

@@ -12,7 +12,8 @@ Implementations:
   (with an ``intercept`` hook that plays the untrusted relay);
 - :class:`LanSignaling`: HTTP POST straight to the peer's LAN endpoint
   (``registry.lan``), receiving through this node's own ``LanEndpoint``;
-- :class:`RegistrySignaling`: the registry WebSocket (``registry.client``).
+- :class:`RegistrySignaling`: the registry WebSocket (``registry.client``);
+- :class:`StreamSignaling`: length-prefixed over one byte stream (two processes).
 """
 
 from __future__ import annotations
@@ -135,6 +136,29 @@ class MemorySignalingHub:
         self._endpoints[to].inbox.put_nowait(data)
 
 
+class StreamSignaling:
+    """Point-to-point signaling over one byte stream (length-prefixed sealed messages).
+
+    For two processes joined by a socket (benchmarks, network-namespace tests);
+    whoever sits on the other end of the stream only relays opaque sealed bytes.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def send(self, to: bytes, sealed: bytes) -> None:
+        if len(sealed) > MAX_SIGNAL:
+            raise SignalingError(f"signal is {len(sealed)} bytes, limit is {MAX_SIGNAL}")
+        self.writer.write(len(sealed).to_bytes(4, "big") + sealed)
+        await self.writer.drain()
+
+    async def receive(self) -> bytes:
+        size = int.from_bytes(await self.reader.readexactly(4), "big")
+        if size > MAX_SIGNAL:
+            raise SignalingError(f"signal is {size} bytes, limit is {MAX_SIGNAL}")
+        return await self.reader.readexactly(size)
+
+
 class LanSignaling:
     """Direct LAN signaling: POST to the peer's ``LanEndpoint``; receive via our own.
 
@@ -188,4 +212,5 @@ __all__ = [
     "RegistrySignaling",
     "SignalMessage",
     "Signaling",
+    "StreamSignaling",
 ]
