@@ -242,11 +242,17 @@ class Invite:
     consult_id: str
     members: tuple[bytes, ...] = ()
     title: str = ""
+    study_uid: str = ""  # as the invitee knows it (pseudonymised when shared de-identified)
 
     def to_wire(self) -> bytes:
         _check_consult_id(self.consult_id)
         return canonical.encode(
-            {"consult": self.consult_id, "members": list(self.members), "title": self.title}
+            {
+                "consult": self.consult_id,
+                "members": list(self.members),
+                "title": self.title,
+                "study": self.study_uid,
+            }
         )
 
     @classmethod
@@ -256,6 +262,7 @@ class Invite:
         try:
             raw = canonical.decode(data, max_size=MAX_INVITE)
             consult_id, members, title = raw["consult"], raw["members"], raw["title"]
+            study_uid = raw.get("study", "")
             ok = (
                 isinstance(consult_id, str)
                 and 0 < len(consult_id.encode()) <= MAX_CONSULT_ID
@@ -264,12 +271,14 @@ class Invite:
                 and all(isinstance(m, bytes) and len(m) == 32 for m in members)
                 and isinstance(title, str)
                 and len(title) <= 200
+                and isinstance(study_uid, str)
+                and len(study_uid) <= 64
             )
         except Exception as exc:  # canonical raises its own CryptoError family
             raise MalformedMessage(f"live invite does not parse: {exc}") from exc
         if not ok:
             raise MalformedMessage("live invite has the wrong shape")
-        return cls(consult_id, tuple(members), title)
+        return cls(consult_id, tuple(members), title, study_uid)
 
 
 def _read_uint(data: bytes, offset: int) -> tuple[int, int]:
@@ -388,9 +397,11 @@ class LiveConsult:
         *,
         clock: Callable[[], float] = time.time,
         title: str = "",
+        study_uid: str = "",
     ) -> None:
         _check_consult_id(consult_id)
         self.consult_id = consult_id
+        self.study_uid = study_uid
         self.local_node = local_node
         self.title = title
         self.clock = clock
@@ -625,13 +636,19 @@ class LiveHub:
         transport.handle(JOIN_KIND, self._on_join)
 
     # -- sessions -------------------------------------------------------------------
-    def open(self, consult_id: str, title: str = "") -> LiveConsult:
+    def open(self, consult_id: str, title: str = "", study_uid: str = "") -> LiveConsult:
         """This node's session on ``consult_id`` (created if needed)."""
         live = self.sessions.get(consult_id)
         if live is None:
             colour = PALETTE[sum(self.own_key) % len(PALETTE)]
             live = LiveConsult(
-                consult_id, self.local_node, self.name, colour, clock=self.clock, title=title
+                consult_id,
+                self.local_node,
+                self.name,
+                colour,
+                clock=self.clock,
+                title=title,
+                study_uid=study_uid,
             )
             self.sessions[consult_id] = live
         return live
@@ -659,7 +676,9 @@ class LiveHub:
         self._attach(conn)
         members = tuple(p for p in live.peers if p != peer)
         live.expected.add(peer)
-        await conn.request(INVITE_KIND, Invite(consult_id, members, live.title).to_wire())
+        await conn.request(
+            INVITE_KIND, Invite(consult_id, members, live.title, live.study_uid).to_wire()
+        )
         live.bind(conn)
 
     async def close(self) -> None:
@@ -674,7 +693,7 @@ class LiveHub:
         invite = Invite.from_wire(body)
         if not self.auto_join and invite.consult_id not in self.sessions:
             raise RequestRefused("declined", "this node does not join live sessions on invite")
-        live = self.open(invite.consult_id, invite.title)
+        live = self.open(invite.consult_id, invite.title, invite.study_uid)
         self._attach(conn)
         if not live.bind(conn):
             raise RequestRefused("full", f"the session already has {MAX_PARTICIPANTS} people")

@@ -1,0 +1,315 @@
+"""``NodeFacade`` and ``SessionView`` backed by a running :class:`~node.runtime.NodeRuntime`.
+
+The app and the node share one event loop: everything here is called on it,
+except :meth:`RuntimeNode.load_frame`, which the viewer runs on a worker thread
+(the store is thread-safe). Studies come from the node's encrypted store,
+consults from its consult database plus the live sessions it was invited to,
+peers from its directory and trust store. Patient names never reach the screen:
+each patient gets a stable pseudonym label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from consult.live import LiveConsult
+from consult.presence import Cursor, Participant
+from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
+from crypto.identity import NodeId
+from crypto.safety import safety_number
+from node.errors import NodeError
+from node.runtime import NodeRuntime
+from node.store import StoreError
+from registry.trust import TrustState
+from tui.facade import (
+    ConsultItem,
+    Frame,
+    InstanceRef,
+    NodeStatus,
+    PeerInfo,
+    SeriesInfo,
+    StudyInfo,
+    TransferInfo,
+)
+from tui.imaging import Window
+from tui.session import Listener, SessionView
+
+MAX_NOTIFICATIONS = 100
+_TRUST_LABEL = {
+    TrustState.VERIFIED: "verified",
+    TrustState.TRUSTED_BY_ORG: "organisation",
+}
+
+
+def _floats(value: Any) -> tuple[float, ...] | None:
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _first(value: Any) -> float:
+    return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+
+
+def frame_from_dataset(ds: pydicom.Dataset, frame: int) -> Frame:
+    """Stored pixel values of one frame, with what the viewer needs to show them in HU/mm."""
+    pixels = ds.pixel_array
+    if pixels.ndim == 3 and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[min(max(frame, 0), pixels.shape[0] - 1)]
+    if pixels.ndim == 3:  # colour: show luminance
+        pixels = pixels[..., :3].mean(axis=2)
+    spacing = _floats(getattr(ds, "PixelSpacing", None))
+    origin = _floats(getattr(ds, "ImagePositionPatient", None))
+    window = None
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        if "WindowCenter" in ds and "WindowWidth" in ds:
+            window = Window(_first(ds.WindowCenter), max(1.0, _first(ds.WindowWidth)))
+    return Frame(
+        pixels,
+        float(getattr(ds, "RescaleSlope", 1) or 1),
+        float(getattr(ds, "RescaleIntercept", 0) or 0),
+        (spacing[0], spacing[1]) if spacing and len(spacing) == 2 else (1.0, 1.0),
+        bool(spacing and len(spacing) == 2),
+        (origin[0], origin[1], origin[2]) if origin and len(origin) == 3 else None,
+        _floats(getattr(ds, "ImageOrientationPatient", None)),
+        window,
+    )
+
+
+class LiveSessionView:
+    """A :class:`~tui.session.SessionView` over a :class:`~consult.live.LiveConsult`."""
+
+    def __init__(self, live: LiveConsult) -> None:
+        self.live = live
+        self.consult_id = live.consult_id
+        self.local_node = live.local_node
+
+    def participants(self) -> list[Participant]:
+        me = self.live.presence.me
+        others = [p for p in self.live.participants() if p.client_id != me.client_id]
+        return [me, *others]
+
+    def annotations(self) -> list[Annotation]:
+        return sorted(self.live.annotations(), key=lambda a: (a.at, a.id))
+
+    def chat(self) -> list[ChatMessage]:
+        return self.live.chat()
+
+    def report_text(self) -> str:
+        return self.live.report_text()
+
+    def finalised(self) -> bool:
+        return self.live.finalised
+
+    def add_annotation(
+        self,
+        kind: AnnotationKind,
+        sop_instance_uid: str,
+        frame: int,
+        points: tuple[Point, ...],
+        *,
+        text: str = "",
+        values: Mapping[str, float] | None = None,
+    ) -> Annotation:
+        return self.live.add_annotation(
+            kind, sop_instance_uid, frame, points, text=text, values=values
+        )
+
+    def remove_annotation(self, annotation_id: str) -> None:
+        self.live.remove_annotation(annotation_id)
+
+    def move_cursor(self, cursor: Cursor | None) -> None:
+        self.live.move_cursor(cursor)
+
+    def say(self, text: str) -> ChatMessage:
+        return self.live.say(text)
+
+    def set_report_text(self, text: str) -> None:
+        if not self.live.finalised:
+            self.live.set_report_text(text)
+
+    def finalise(self) -> None:
+        # Locks the draft in this view; signing and sending the report is `radmesh consult`'s.
+        self.live.finalised = True
+        self.live._changed()
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        return self.live.subscribe(listener)
+
+
+class RuntimeNode:
+    """The TUI's :class:`~tui.facade.NodeFacade` on a NodeRuntime (started by the caller)."""
+
+    def __init__(self, runtime: NodeRuntime) -> None:
+        self.runtime = runtime
+        self._notes: deque[str] = deque(maxlen=MAX_NOTIFICATIONS)
+        self._patients: dict[str, str] = {}
+
+    # -- status and studies ---------------------------------------------------------
+    def status(self) -> NodeStatus:
+        r = self.runtime
+        s = r.status()
+        lines: list[tuple[str, str, bool]] = [
+            (f"registry {url}", state, state == "connected") for url, state in s.registries.items()
+        ]
+        if not s.registries:
+            lines.append(("registries", "none configured", False))
+        net = r.config.network
+        lines += [
+            ("LAN endpoint", s.lan_url or "not listening", bool(s.lan_url)),
+            ("mDNS", "on" if s.mdns else "off", s.mdns),
+            ("DICOM listener", s.dicom, s.dicom != "off"),
+            ("TURN/ICE", f"{len(net.ice_servers)} server(s)", bool(net.ice_servers)),
+            ("live sessions", str(len(r.live_hub().sessions)), True),
+        ]
+        return NodeStatus(s.node_id, r.config.display_name, r.config.institution, tuple(lines))
+
+    def _pseudonym(self, patient_id: str, patient_name: str) -> str:
+        key = hashlib.sha256(f"{patient_id}|{patient_name}".encode()).hexdigest()
+        if key not in self._patients:
+            self._patients[key] = f"PATIENT-{len(self._patients) + 1:04d}"
+        return self._patients[key]
+
+    def studies(self) -> list[StudyInfo]:
+        rows = sorted(self.runtime.store.studies(), key=lambda r: (r.patient_id, r.study_uid))
+        return [
+            StudyInfo(
+                r.study_uid,
+                self._pseudonym(r.patient_id, r.patient_name),
+                r.study_date,
+                r.description,
+                ",".join(r.modalities),
+                r.series_count,
+                r.instance_count,
+            )
+            for r in rows
+        ]
+
+    def series(self, study_uid: str) -> list[SeriesInfo]:
+        return [
+            SeriesInfo(
+                r.series_uid,
+                r.study_uid,
+                r.series_number or 0,
+                r.modality,
+                r.description,
+                r.instance_count,
+            )
+            for r in self.runtime.store.series(study_uid)
+        ]
+
+    def instances(self, series_uid: str) -> list[InstanceRef]:
+        study_uid = self._study_of_series(series_uid)
+        if study_uid is None:
+            return []
+        rows = self.runtime.store.instances(study_uid, series_uid)
+        return [InstanceRef(r.sop_instance_uid, series_uid, r.instance_number or 0) for r in rows]
+
+    def _study_of_series(self, series_uid: str) -> str | None:
+        for study in self.runtime.store.studies():
+            if any(s.series_uid == series_uid for s in self.runtime.store.series(study.study_uid)):
+                return study.study_uid
+        return None
+
+    def load_frame(self, sop_uid: str, frame: int = 0) -> Frame | None:
+        store = self.runtime.store
+        if not store.has_instance(sop_uid):
+            return None
+        try:
+            ds = pydicom.dcmread(io.BytesIO(store.read_instance(sop_uid)))
+            return frame_from_dataset(ds, frame)
+        except StoreError:
+            raise
+        except (InvalidDicomError, OSError, ValueError, AttributeError, RuntimeError) as exc:
+            raise NodeError(f"cannot decode instance {sop_uid[-12:]}: {exc}") from exc
+
+    def request_first(self, sop_uid: str) -> None:
+        return None  # incoming transfers are not yet steered from the viewer
+
+    # -- consults, peers, notifications ---------------------------------------------------
+    def consults(self) -> list[ConsultItem]:
+        items = []
+        known = set()
+        for case in self.runtime.consults.cases():
+            role, peer, _ = self.runtime.consults.info(case.request.id)
+            known.add(case.request.id)
+            items.append(
+                ConsultItem(
+                    case.request.id,
+                    role != "requester",
+                    case.request.question,
+                    NodeId.parse(peer).short() if peer else "",
+                    case.request.priority.value,
+                    case.state.value,
+                    float(case.request.deadline),
+                    case.request.study_uid,
+                )
+            )
+        for live in self.runtime.live_hub().sessions.values():
+            if live.consult_id not in known:
+                items.append(
+                    ConsultItem(
+                        live.consult_id,
+                        True,
+                        live.title or "live session",
+                        f"{len(live.peers)} peer(s)",
+                        "routine",
+                        "live",
+                        0.0,
+                        live.study_uid,
+                    )
+                )
+        return items
+
+    def peers(self) -> list[PeerInfo]:
+        r = self.runtime
+        return [
+            PeerInfo(
+                str(NodeId.from_public_key(p.record.public_key)),
+                p.record.display_name,
+                p.record.institution,
+                tuple(p.record.subspecialties),
+                tuple(p.record.jurisdictions),
+                p.fresh,
+                _TRUST_LABEL.get(p.trust, "unverified"),
+            )
+            for p in r.directory.list(r.now())
+        ]
+
+    def transfers(self) -> list[TransferInfo]:
+        return []  # the runtime does not track transfers yet
+
+    def notifications(self) -> list[str]:
+        queue = self.runtime.notifications
+        while not queue.empty():
+            self._notes.append(queue.get_nowait())
+        return list(self._notes)
+
+    def safety_number(self, peer_node_id: str) -> str:
+        return safety_number(self.runtime.identity.node_id, NodeId.parse(peer_node_id))
+
+    def mark_verified(self, peer_node_id: str) -> None:
+        self.runtime.trust.mark_verified(NodeId.parse(peer_node_id), self.runtime.now())
+
+    # -- live -----------------------------------------------------------------------
+    def open_session(self, study_uid: str) -> SessionView | None:
+        """The live session on this study: one we joined, its consult's, or a new one."""
+        hub = self.runtime.live_hub()
+        for live in hub.sessions.values():
+            if live.study_uid == study_uid:
+                return LiveSessionView(live)
+        for case in self.runtime.consults.cases():
+            if case.request.study_uid == study_uid:
+                live = hub.open(case.request.id, case.request.question[:200], study_uid)
+                return LiveSessionView(live)
+        consult_id = "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:32]
+        return LiveSessionView(hub.open(consult_id, "ad-hoc session", study_uid))
