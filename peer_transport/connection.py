@@ -76,6 +76,7 @@ class TransportOptions:
     reconnect_attempts: int = 20
     event_queue: int = 1024
     max_pending_handshakes: int = 16
+    inbox_session: float = 30.0  # how long an unknown peer's inbox-only session may last
 
 
 # Events a PeerConnection reports, in order, on one stream.
@@ -611,6 +612,7 @@ class Transport:
         self._handshake_replays = hs.ReplayCache()
         self._answers: dict[bytes, tuple[bytes, asyncio.Future[SignalMessage]]] = {}
         self._connections: dict[bytes, PeerConnection] = {}
+        self._inbox_connections: set[PeerConnection] = set()
         self._accepted: asyncio.Queue[PeerConnection] = asyncio.Queue(64)
         self._pending_handshakes = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -664,7 +666,7 @@ class Transport:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        for conn in list(self._connections.values()):
+        for conn in [*self._connections.values(), *self._inbox_connections]:
             await conn.close("this node is shutting down")
         for task in list(self._tasks):
             task.cancel()
@@ -724,7 +726,18 @@ class Transport:
             raise HandshakeFailed(f"handshake with {conn.peer_id.short()} failed: {exc}") from exc
         session.send("control", fr.Handshake(3, fin))
         session.start_crypto(keys)
-        await asyncio.wait_for(session.ready.wait(), self.options.handshake_timeout)
+        await self._wait_ready(session)
+
+    async def _wait_ready(self, session: _Session) -> None:
+        """The responder's Ready, or an early failure if it dropped us (e.g. refused our key)."""
+        deadline = asyncio.get_running_loop().time() + self.options.handshake_timeout
+        while not session.ready.is_set():
+            if session.down or session.link.is_down:
+                raise HandshakeFailed("the peer dropped the connection during the handshake")
+            if asyncio.get_running_loop().time() > deadline:
+                raise HandshakeFailed("the peer did not confirm the session in time")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.ready.wait(), 0.1)
 
     async def _handshake_frame(self, session: _Session, step: int) -> bytes:
         try:
@@ -806,6 +819,9 @@ class Transport:
         if fresh:
             if trusted:
                 self._connections[sender] = conn
+            else:
+                self._inbox_connections.add(conn)
+                self._spawn(self._expire_inbox(conn))
             conn._attach(session)
             if trusted:
                 try:
@@ -841,7 +857,13 @@ class Transport:
         session.start_crypto(keys)
         session.send("control", fr.Ready())
 
+    async def _expire_inbox(self, conn: PeerConnection) -> None:
+        """An unknown peer gets a short session: enough to deliver its request, no more."""
+        await asyncio.sleep(self.options.inbox_session)
+        await conn.close("inbox session over")
+
     def _forget(self, conn: PeerConnection) -> None:
+        self._inbox_connections.discard(conn)
         if self._connections.get(conn.peer) is conn:
             del self._connections[conn.peer]
 

@@ -20,7 +20,7 @@ from peer_transport.connection import (
     Transport,
 )
 from peer_transport.errors import PeerRejected, RemoteError
-from tests.peer_transport.helpers import mesh
+from tests.peer_transport.helpers import mesh, with_options
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -127,6 +127,21 @@ async def test_an_unknown_node_may_only_deliver_to_the_inbox() -> None:
             await conn.request("study.get", b"")
         assert refused.value.code == "not-trusted"
         assert b.connection(a.identity.public_key) is None  # never offered to the application
+
+
+async def test_an_inbox_only_session_is_closed_after_a_short_while() -> None:
+    async def inbox(_sender: bytes, _body: bytes) -> bytes:
+        return b"queued"
+
+    async with mesh() as m:
+        a = await m.node()
+        b = await m.node(inbox=inbox, options=with_options(inbox_session=0.5))
+        m.trusted[a.identity.public_key].add(b.identity.public_key)
+        conn = await a.connect(b.identity.public_key)
+        assert await conn.request(INBOX_KIND, b"case") == b"queued"
+        events = [e async for e in conn.events()]
+        assert isinstance(events[-1], Closed)
+        assert "inbox session over" in events[-1].reason
 
 
 @pytest.mark.slow
