@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from node.config import NodeHome
+
 RADMESH = Path(sys.executable).with_name("radmesh")
 WAIT_SECONDS = 20.0
 
@@ -48,6 +50,11 @@ def session(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         capture_output=True,
         timeout=60,
     )
+    # `radmesh` now starts the node: keep it on loopback, no multicast on the host's interfaces.
+    node_home = NodeHome(home)
+    config = node_home.load_config()
+    config.network.listen_host, config.network.mdns = "127.0.0.1", False
+    node_home.save_config(config)
     name = f"radmesh-test-{uuid.uuid4().hex[:8]}"
     yield name, home
     subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True, timeout=10)
