@@ -177,3 +177,20 @@ async def test_closing_ends_both_event_streams() -> None:
         events = [e async for e in conn_b.events()]
         assert isinstance(events[-1], Closed)
         assert "done" in events[-1].reason
+
+
+async def test_bulk_sender_waits_until_the_peer_consumes_within_the_window() -> None:
+    async with mesh() as m:
+        _a, _b, conn_a, conn_b = await _pair(m)
+        await conn_b.next_event(5)  # Connected
+        window = conn_a.transport.options.bulk_window
+        for i in range(window):
+            await asyncio.wait_for(conn_a.send_bulk(bytes([i]) * 1000), 5)
+        blocked = asyncio.ensure_future(conn_a.send_bulk(b"one too many"))
+        await asyncio.sleep(0.5)
+        assert not blocked.done()  # window full: nothing consumed yet
+        first = await _next_received(conn_b)  # consuming one returns one credit
+        assert first.data == b"\x00" * 1000
+        await asyncio.wait_for(blocked, 5)
+        rest = [(await _next_received(conn_b)).data for _ in range(window)]
+        assert rest[-1] == b"one too many"

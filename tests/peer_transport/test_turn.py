@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import os
 import shutil
 import socket
@@ -17,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from crypto.identity import Identity
 from peer_transport import frames as fr
 from peer_transport.connection import Disconnected, PeerConnection, Received
 from peer_transport.rtc import IceServer, RtcOptions
+from registry.client import RegistryClient
+from registry.server import RegistryServer, TurnConfig
 from tests.peer_transport.helpers import FAST, mesh
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.system]
@@ -31,12 +31,6 @@ class Coturn:
     port: int
     log: Path
     proc: subprocess.Popen[bytes]
-
-    def credentials(self, ttl: int = 600) -> tuple[str, str]:
-        """coturn's REST-API scheme: username "expiry:name", password b64(HMAC-SHA1)."""
-        username = f"{int(time.time()) + ttl}:radmesh-test"
-        digest = hmac.new(SECRET.encode(), username.encode(), hashlib.sha1).digest()
-        return username, base64.b64encode(digest).decode()
 
 
 def _free_udp_port() -> int:
@@ -97,9 +91,24 @@ def coturn(tmp_path: Path) -> Iterator[Coturn]:
             proc.wait(5)
 
 
-async def test_relay_only_connection_carries_data_through_coturn(coturn: Coturn) -> None:
-    username, password = coturn.credentials()
-    turn = IceServer((f"turn:127.0.0.1:{coturn.port}?transport=udp",), username, password)
+async def _registry_minted_ice_server(coturn: Coturn, tmp_path: Path) -> IceServer:
+    """TURN credentials as a node gets them: minted by a real registry over its WebSocket."""
+    turn_url = f"turn:127.0.0.1:{coturn.port}?transport=udp"
+    server = RegistryServer(tmp_path / "registry.db", turn=TurnConfig(SECRET, (turn_url,)))
+    url = await server.start("127.0.0.1", 0)
+    client = RegistryClient(url, Identity.generate())
+    try:
+        creds = await client.turn_credentials()
+    finally:
+        await client.close()
+        await server.stop()
+    return IceServer(creds.urls, creds.username, creds.password)
+
+
+async def test_relay_only_connection_carries_data_through_coturn(
+    coturn: Coturn, tmp_path: Path
+) -> None:
+    turn = await _registry_minted_ice_server(coturn, tmp_path)
     options = replace(FAST, rtc=RtcOptions(ice_servers=(turn,), relay_only=True))
     async with mesh() as m:
         a, b = await m.node(options=options), await m.node(options=options)
