@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/radmesh demo
+	$(BIN)/radmesh demo --interactive
 
 test: lint typecheck pytest
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import shutil
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from consult.live import LiveConsult
+from consult.presence import Cursor
 from consult.report import Measurement, Unit
 from consult.requests import Event, Priority, State
 from consult.shared import AnnotationKind
@@ -168,7 +170,26 @@ async def wait_until(predicate: Callable[[], bool], what: str, within: float = 2
         await asyncio.sleep(0.05)
 
 
+@dataclass
+class Staged:
+    """The case once the live session is open: what the rest of the scenario works on."""
+
+    consult_id: str
+    shared_study_uid: str
+    middle_slice: str
+    spacing: float
+    files: int
+    neuroradiologist: LiveConsult
+    surgeon: LiveConsult
+
+
 async def scenario(net: DemoNetwork, *, slices: int, rows: int) -> None:
+    staged = await stage(net, slices=slices, rows=rows)
+    await finish(net, staged, rows=rows)
+
+
+async def stage(net: DemoNetwork, *, slices: int, rows: int) -> Staged:
+    """From the CT at the rural hospital to a live session with the neurosurgeon in it."""
     rural, neurorad, neurosurg = (net.nodes[r.key] for r in ROLES)
     net.verify_everyone()
 
@@ -233,10 +254,26 @@ async def scenario(net: DemoNetwork, *, slices: int, rows: int) -> None:
         await wait_until(lambda: request.id in neurosurg.live_hub().sessions, "the join")
         surgeon_live = neurosurg.live_hub().sessions[request.id]
 
+    spacing = received[0].pixel_spacing or (0.5, 0.5)
+    return Staged(
+        request.id,
+        share.shared_study_uid,
+        received[len(received) // 2].sop_instance_uid,
+        float(spacing[0]),
+        len(files),
+        live,
+        surgeon_live,
+    )
+
+
+async def finish(net: DemoNetwork, staged: Staged, *, rows: int) -> None:
+    """Annotate and chat together, report, and check it reached the hospital."""
+    rural = net.nodes[RURAL.key]
+    neurorad = net.nodes[NEURORAD.key]
+    live, surgeon_live, middle = staged.neuroradiologist, staged.surgeon, staged.middle_slice
+    request_id = staged.consult_id
     async with net.step("live session: both annotate, measure and chat"):
-        middle = received[len(received) // 2].sop_instance_uid
-        spacing = received[0].pixel_spacing or (0.5, 0.5)
-        length_mm = 18.0 * float(spacing[0])
+        length_mm = 18.0 * staged.spacing
         live.add_annotation(
             AnnotationKind.LENGTH,
             middle,
@@ -269,14 +306,14 @@ async def scenario(net: DemoNetwork, *, slices: int, rows: int) -> None:
     async with net.step("neuroradiologist: sign the report, send it back"):
         await workflow.send_report(
             neurorad,
-            request.id,
+            request_id,
             text="Crescentic hyperdense extra-axial collection over the left convexity.",
             impression="Acute left subdural haematoma, maximal thickness 9 mm. Neurosurgical "
             "review recommended.",
             measurements=(Measurement("length", round(length_mm, 1), Unit.MM, "thickness"),),
         )
-        await wait_until(lambda: request.id in rural.reports, "the report at the hospital")
-        sr_uid = rural.reports[request.id]
+        await wait_until(lambda: request_id in rural.reports, "the report at the hospital")
+        sr_uid = rural.reports[request_id]
         net.say(f"  DICOM SR {sr_uid[:24]}... filed under the real patient in the hospital store")
 
     if net.pacs_server is not None:
@@ -317,3 +354,37 @@ async def run_headless(
         await net.stop()
     net.say("demo complete: request, accept, transfer, live session, signed report, PACS")
     return 0
+
+
+async def scripted_surgeon(
+    staged: Staged, rows: int, *, moves: int = 20_000, period: float = 0.15
+) -> None:
+    """The neurosurgeon as a script: a moving cursor, an annotation, a few chat lines.
+
+    Bounded: ``moves`` cursor moves (about 50 minutes at the default period), or
+    until cancelled when the person quits the TUI.
+    """
+    live = staged.surgeon
+    centre = rows / 2
+    for move in range(moves):
+        angle = move * 0.12
+        live.move_cursor(
+            Cursor(
+                staged.middle_slice,
+                0,
+                centre + rows * 0.22 * math.cos(angle),
+                centre + rows * 0.16 * math.sin(angle),
+            )
+        )
+        if move == 25:
+            live.add_annotation(
+                AnnotationKind.POINT,
+                staged.middle_slice,
+                0,
+                ((rows * 0.42, rows * 0.35),),
+                text="thickest point?",
+            )
+            live.say("Is it acute? The density looks mixed at the thickest point.")
+        if move == 80:
+            live.say("If it is 9 mm with shift we take her tonight. Can you finish the report?")
+        await asyncio.sleep(period)

@@ -9,8 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("crypto", "node", "registry", "peer_transport", "consult", "tui")
 TOP_LAYER_NODE_MODULES = ("node.runtime", "node.workflow", "node.cli", "node.commands", "node.demo")
-# The CLI command that opens the TUI is the one place allowed to reach up into it.
-ALLOWED_UPWARD = {("node.commands.tui", "tui")}
+# The CLI commands that open the TUI are the only places allowed to reach up into it.
+ALLOWED_UPWARD = {("node.commands.tui", "tui"), ("node.commands.demo", "tui")}
 # aiortc and zeroconf each have exactly one home.
 SINGLE_IMPORTERS = {"aiortc": "peer_transport.rtc", "zeroconf": "registry.mdns"}
 

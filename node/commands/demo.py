@@ -32,6 +32,32 @@ def _make_node(root: Path, spec: tuple[str, str, str, list[str], list[str]]) -> 
     return identity
 
 
+async def run_interactive(root: Path, *, slices: int, rows: int, with_pacs: bool) -> int:
+    """Stage the case, then open the TUI as the neuroradiologist, the surgeon scripted."""
+    import asyncio
+    import shutil
+
+    from node.demo import DemoNetwork, scripted_surgeon, stage
+    from tui.app import RadmeshApp
+    from tui.node_facade import RuntimeNode
+
+    await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
+    net = DemoNetwork(root)
+    surgeon: asyncio.Task[None] | None = None
+    try:
+        await net.start(with_pacs=with_pacs)
+        staged = await stage(net, slices=slices, rows=rows)
+        net.say("opening the TUI as the neuroradiologist (press ? for help, ctrl+q to quit)")
+        surgeon = asyncio.create_task(scripted_surgeon(staged, rows))
+        await RadmeshApp(RuntimeNode(net.nodes["neurorad"])).run_async()
+    finally:
+        if surgeon is not None:
+            surgeon.cancel()
+        await net.stop()
+    print(f"demo stopped; its files are under {root}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     root = Path(args.dir).resolve()
     if args.headless:
@@ -41,6 +67,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         return asyncio.run(
             run_headless(root, slices=args.slices, rows=args.rows, with_pacs=not args.no_pacs)
+        )
+    if args.interactive:
+        import asyncio
+
+        return asyncio.run(
+            run_interactive(root, slices=args.slices, rows=args.rows, with_pacs=not args.no_pacs)
         )
     if args.fresh and root.exists():
         shutil.rmtree(root)
@@ -67,6 +99,11 @@ def register(sub: Any) -> None:
         "--headless",
         action="store_true",
         help="run the whole scenario scripted, print each step, exit non-zero on failure",
+    )
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="stage the case and open the TUI as the neuroradiologist (what `make demo` runs)",
     )
     p.add_argument("--slices", type=int, default=40, help="CT slices in the demo study")
     p.add_argument("--rows", type=int, default=512, help="CT matrix size (rows = columns)")
