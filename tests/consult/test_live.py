@@ -193,6 +193,22 @@ async def test_a_participant_whose_node_stops_is_gone_at_once(trio: list[NodeRun
     await wait_for(lambda: not sees(live_a, b), within=2.0)
 
 
+async def test_a_participant_whose_connection_drops_is_gone_within_5_s(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, _ = trio
+    live_a = a.live_hub().open(CONSULT)
+    await a.live_hub().invite(CONSULT, key(b))
+    await wait_for(lambda: sees(live_a, b))
+    b_live = b.live_hub().sessions[CONSULT]
+    assert b_live._tick is not None
+    b_live._tick.cancel()  # no goodbye: the process is gone, not leaving
+    await b.transport.close()
+    dropped = time.monotonic()
+    await wait_for(lambda: not sees(live_a, b), within=6.0)
+    assert time.monotonic() - dropped <= 5.2
+
+
 async def test_followers_take_the_presenters_viewport_until_they_move(
     trio: list[NodeRuntime],
 ) -> None:
