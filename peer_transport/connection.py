@@ -115,6 +115,13 @@ RequestHandler = Callable[["PeerConnection", bytes], Awaitable[bytes]]
 InboxHook = Callable[[bytes, bytes], Awaitable[bytes]]
 
 
+GLARE = "glare: both nodes called each other at once"
+
+
+class _Glare(PeerRejected):
+    """Our call lost a simultaneous-call tie-break; the peer's call takes its place."""
+
+
 class RequestRefused(TransportError):
     """Raise from a request handler to send the peer a typed error reply."""
 
@@ -647,7 +654,19 @@ class Transport:
         self._connections[peer] = conn
         try:
             await self._establish(conn)
+        except _Glare:
+            # Both nodes called at once and the peer's call won: it arrives as an offer
+            # that _respond attaches to this same PeerConnection.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn._connected.wait(), self.options.connect_timeout)
+            if conn.is_connected:
+                return conn
+            error = ConnectTimeout("both nodes called each other and neither call completed")
+            await conn._close(str(error), error, notify=False)
+            raise error from None
         except BaseException as exc:
+            if conn.is_connected:  # the peer's simultaneous call won meanwhile
+                return conn
             conn.error = exc
             await conn._close(str(exc), exc, notify=False)
             raise
@@ -713,6 +732,8 @@ class Transport:
         finally:
             self._answers.pop(sid, None)
         if answer.kind == "reject":
+            if answer.reason == GLARE:
+                raise _Glare(GLARE)
             raise PeerRejected(f"the peer refused the connection: {answer.reason}")
         await session.link.accept_answer(answer.sdp)
         await session.link.wait_open(self.options.connect_timeout)
@@ -797,11 +818,18 @@ class Transport:
             return
         self._pending_handshakes += 1
         conn = self._connections.get(sender)
-        if conn is None or conn.closed or conn.initiator:
+        if trusted and conn is not None and not conn.closed:
+            if conn.initiator and not conn.is_connected and self.identity.public_key > sender:
+                # Glare: we are calling them too. The larger key's call wins.
+                self._pending_handshakes -= 1
+                await self._reject(sender, offer.session, GLARE)
+                return
+            # Their call replaces ours (glare we lost, a restart, or a reconnect).
+            conn.initiator = False
+            fresh = False
+        else:
             conn = PeerConnection(self, sender, initiator=False)
             fresh = True
-        else:
-            fresh = False
         session = self._new_session(conn)
         try:
             await asyncio.wait_for(

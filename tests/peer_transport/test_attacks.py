@@ -160,6 +160,7 @@ async def _attacker_link(m: Mesh) -> tuple[Transport, PeerConnection, PeerConnec
         ("live", bytes(fr.MAX_FRAME + 28), FrameTooLarge),  # decrypts to more than the cap
         ("presence", fr.Bulk(0, b"x").to_wire(), RemoteProtocolError),  # wrong channel
     ],
+    ids=["not-ciphertext", "not-msgpack", "over-the-cap", "wrong-channel"],
 )
 async def test_bad_frames_drop_only_that_connection(
     channel: str, payload: bytes, expected: type[Exception], caplog: pytest.LogCaptureFixture

@@ -194,3 +194,24 @@ async def test_bulk_sender_waits_until_the_peer_consumes_within_the_window() -> 
         await asyncio.wait_for(blocked, 5)
         rest = [(await _next_received(conn_b)).data for _ in range(window)]
         assert rest[-1] == b"one too many"
+
+
+async def test_two_nodes_calling_each_other_at_once_end_up_with_one_connection() -> None:
+    async def who(conn: PeerConnection, _body: bytes) -> bytes:
+        return conn.transport.identity.public_key
+
+    async with mesh() as m:
+        a, b = await m.node(), await m.node()
+        m.trust(a, b)
+        a.handle("who", who)
+        b.handle("who", who)
+        conn_a, conn_b = await asyncio.gather(
+            a.connect(b.identity.public_key), b.connect(a.identity.public_key)
+        )
+        assert conn_a.is_connected
+        assert conn_b.is_connected
+        assert conn_a.initiator != conn_b.initiator  # exactly one side owns reconnecting
+        assert await conn_a.request("who", b"") == b.identity.public_key
+        assert await conn_b.request("who", b"") == a.identity.public_key
+        assert a.connection(b.identity.public_key) is conn_a
+        assert b.connection(a.identity.public_key) is conn_b
