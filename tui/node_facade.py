@@ -20,11 +20,14 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from consult.errors import ConsultError
 from consult.live import LiveConsult
 from consult.presence import Cursor, Participant
+from consult.report import Measurement, Unit
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.identity import NodeId
 from crypto.safety import safety_number
+from node import workflow
 from node.errors import NodeError
 from node.runtime import NodeRuntime
 from node.store import StoreError
@@ -88,10 +91,13 @@ def frame_from_dataset(ds: pydicom.Dataset, frame: int) -> Frame:
 class LiveSessionView:
     """A :class:`~tui.session.SessionView` over a :class:`~consult.live.LiveConsult`."""
 
-    def __init__(self, live: LiveConsult) -> None:
+    def __init__(
+        self, live: LiveConsult, on_finalise: Callable[[LiveConsult], None] | None = None
+    ) -> None:
         self.live = live
         self.consult_id = live.consult_id
         self.local_node = live.local_node
+        self._on_finalise = on_finalise
 
     def participants(self) -> list[Participant]:
         me = self.live.presence.me
@@ -138,16 +144,75 @@ class LiveSessionView:
             self.live.set_report_text(text)
 
     def finalise(self) -> None:
-        # Locks the draft in this view; signing and sending the report is `radmesh consult`'s.
+        """Lock the draft; on the consultant's node, also sign and send the report."""
         self.live.finalised = True
         self.live._changed()
+        if self._on_finalise is not None:
+            self._on_finalise(self.live)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         return self.live.subscribe(listener)
 
 
+def impression_of(text: str) -> tuple[str, str]:
+    """(findings, impression) of a report draft: after an "Impression:" line if there is
+    one, else the last paragraph."""
+    lines = text.strip().splitlines()
+    for index, line in enumerate(lines):
+        if line.strip().lower().startswith("impression"):
+            rest = line.split(":", 1)[1] if ":" in line else ""
+            impression = "\n".join([rest, *lines[index + 1 :]]).strip()
+            return "\n".join(lines[:index]).strip(), impression
+    paragraphs = [p.strip() for p in text.strip().split("\n\n") if p.strip()]
+    if not paragraphs:
+        return "", ""
+    return "\n\n".join(paragraphs[:-1]), paragraphs[-1]
+
+
+def measurements_of(live: LiveConsult) -> tuple[Measurement, ...]:
+    """The session's length measurements, for the signed report."""
+    found = []
+    for annotation in live.annotations():
+        value = annotation.values.get("length_mm") if annotation.values else None
+        if annotation.kind is AnnotationKind.LENGTH and value is not None:
+            found.append(
+                Measurement("length", round(float(value), 1), Unit.MM, annotation.text or "length")
+            )
+    return tuple(found[:MAX_REPORTED_MEASUREMENTS])
+
+
+MAX_REPORTED_MEASUREMENTS = 20
+
+
 class RuntimeNode:
     """The TUI's :class:`~tui.facade.NodeFacade` on a NodeRuntime (started by the caller)."""
+
+    def _finalise(self, live: LiveConsult) -> None:
+        """Sign and send the report when this node is the consultant of the case."""
+        runtime = self.runtime
+        try:
+            role, _, _ = runtime.consults.info(live.consult_id)
+        except ConsultError:
+            return  # an ad-hoc session: nothing to report to
+        if role != "consultant":
+            runtime.notify("Only the consultant's node signs the report of this case")
+            return
+        findings, impression = impression_of(live.report_text())
+
+        async def send() -> None:
+            try:
+                await workflow.send_report(
+                    runtime,
+                    live.consult_id,
+                    text=findings,
+                    impression=impression,
+                    measurements=measurements_of(live),
+                )
+                runtime.notify(f"Report for consult {live.consult_id[:8]} signed and sent")
+            except (ConsultError, NodeError) as exc:
+                runtime.notify(f"The report was not sent: {exc}")
+
+        runtime.spawn(send())
 
     def __init__(self, runtime: NodeRuntime) -> None:
         self.runtime = runtime
@@ -306,10 +371,10 @@ class RuntimeNode:
         hub = self.runtime.live_hub()
         for live in hub.sessions.values():
             if live.study_uid == study_uid:
-                return LiveSessionView(live)
+                return LiveSessionView(live, self._finalise)
         for case in self.runtime.consults.cases():
             if case.request.study_uid == study_uid:
                 live = hub.open(case.request.id, case.request.question[:200], study_uid)
-                return LiveSessionView(live)
+                return LiveSessionView(live, self._finalise)
         consult_id = "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:32]
-        return LiveSessionView(hub.open(consult_id, "ad-hoc session", study_uid))
+        return LiveSessionView(hub.open(consult_id, "ad-hoc session", study_uid), self._finalise)

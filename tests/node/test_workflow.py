@@ -104,3 +104,50 @@ async def test_report_lands_in_the_hospital_pacs(tmp_path: Path, registry: str) 
         (instance,) = pacs.instance_ids()
         tags = pacs.get_json(f"/instances/{instance}/simplified-tags")
         assert tags["Modality"] == "SR"
+
+
+async def test_finalising_in_the_tui_signs_and_sends_the_report(
+    tmp_path: Path, registry: str
+) -> None:
+    from tui.node_facade import LiveSessionView, RuntimeNode, impression_of
+
+    assert impression_of("Findings here.\nImpression: Acute SDH.") == (
+        "Findings here.",
+        "Acute SDH.",
+    )
+    assert impression_of("One.\n\nTwo.") == ("One.", "Two.")
+    rural_home, rural = make_home(tmp_path, "rural", registry, [])
+    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
+    a = NodeRuntime(rural_home, rural, transport_options=FAST)
+    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
+    await a.start()
+    await b.start()
+    workflow.install(a)
+    workflow.install(b)
+    try:
+        for path in generate_ct(tmp_path / "ct", slices=2, rows=32):
+            a.store.add_file(path, source="test")
+        a.trust.mark_verified(neuro.node_id, a.now())
+        b.trust.mark_verified(rural.node_id, b.now())
+        request, _, _ = await workflow.request_consult(
+            a,
+            neuro.public_key,
+            a.store.studies()[0].study_uid,
+            question="q",
+            priority=Priority.URGENT,
+            subspecialty="neuro",
+            jurisdiction="IE",
+        )
+        await wait_for(lambda: bool(b.consults.cases()))
+        await workflow.respond(b, request.id, Event.ACCEPT)
+        live = b.live_hub().open(request.id)
+        live.set_report_text("No haemorrhage.\nImpression: Normal CT head.")
+        view = LiveSessionView(live, RuntimeNode(b)._finalise)
+        view.finalise()
+        await wait_for(lambda: request.id in a.reports)
+        wire = a.consults.report_wire(request.id)
+        assert wire is not None
+        assert b"Normal CT head." in wire
+    finally:
+        await a.stop()
+        await b.stop()
