@@ -9,6 +9,7 @@ import shutil
 import socket
 import stat
 import sys
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +100,23 @@ def _dicom(config: NodeConfig) -> Check:
     return Check("DICOM listener", True, f"{d.ae_title} on {d.host}:{d.port}")
 
 
+def _registry_reachable(url: str) -> Check:
+    try:
+        with urllib.request.urlopen(  # noqa: S310 - the operator's own configured registry
+            url.rstrip("/") + "/v1/health", timeout=3
+        ) as response:
+            ok = response.status == 200
+    except (OSError, ValueError) as exc:
+        return Check(
+            f"registry {url}",
+            False,
+            f"unreachable: {exc}",
+            "check the URL and the network; known peers stay reachable meanwhile",
+            required=False,
+        )
+    return Check(f"registry {url}", ok, "answers /v1/health" if ok else "unhealthy", required=False)
+
+
 def _network(config: NodeConfig) -> list[Check]:
     n = config.network
     checks = [
@@ -124,6 +142,7 @@ def _network(config: NodeConfig) -> list[Check]:
             required=False,
         ),
     ]
+    checks.extend(_registry_reachable(url) for url in n.registries)
     return checks
 
 

@@ -151,3 +151,25 @@ async def test_trusted_nodes_connect_over_webrtc_with_lan_signaling(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_doctor_probes_the_configured_registry(tmp_path: Path, registry: str) -> None:
+    import sys
+
+    home, _ = make_home(tmp_path, "a", registry, [])
+    config = home.load_config()
+    config.network.registries.append("http://127.0.0.1:9")  # nothing listens on port 9
+    home.save_config(config)
+    # A separate process, so this loop keeps serving the registry while doctor asks it.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "node.cli",
+        "--home",
+        str(home.root),
+        "doctor",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
+    assert f"registry {registry}: answers /v1/health" in out
+    assert "registry http://127.0.0.1:9: unreachable" in out
