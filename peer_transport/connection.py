@@ -76,6 +76,7 @@ class TransportOptions:
     reconnect_attempts: int = 20
     event_queue: int = 1024
     max_pending_handshakes: int = 16
+    max_incoming_requests: int = 64  # per connection; more get a "busy" error reply
     inbox_session: float = 30.0  # how long an unknown peer's inbox-only session may last
 
 
@@ -240,6 +241,7 @@ class PeerConnection:
         self._credit = asyncio.Event()
         self._connected = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._serving = 0
 
     @property
     def peer_id(self) -> NodeId:
@@ -408,7 +410,12 @@ class PeerConnection:
             case fr.Ready():
                 session.ready.set()
             case fr.Request(request_id, kind, body):
-                self._spawn(self._answer(session, request_id, kind, body))
+                if self._serving >= self.transport.options.max_incoming_requests:
+                    busy = fr.ErrorReply(request_id, "busy", "too many requests in progress")
+                    session.send("control", busy)
+                else:
+                    self._serving += 1
+                    self._spawn(self._answer(session, request_id, kind, body))
             case fr.Response(request_id, body):
                 future = self._pending.get(request_id)
                 if future is not None and not future.done():
@@ -434,6 +441,14 @@ class PeerConnection:
                 self._session_failed(session, ConnectionClosed(f"peer closed ({code}): {reason}"))
 
     async def _answer(self, session: _Session, request_id: int, kind: str, body: bytes) -> None:
+        try:
+            reply = await self._reply(session, request_id, kind, body)
+        finally:
+            self._serving -= 1
+        with contextlib.suppress(TransportError):
+            session.send("control", reply)
+
+    async def _reply(self, session: _Session, request_id: int, kind: str, body: bytes) -> fr.Frame:
         reply: fr.Frame
         if session.inbox_only and kind != INBOX_KIND:
             reply = fr.ErrorReply(request_id, "not-trusted", "this node has not accepted you yet")
@@ -447,8 +462,7 @@ class PeerConnection:
                 reply = fr.ErrorReply(request_id, "unknown-kind", f"no handler for {kind!r}")
             else:
                 reply = await self._call(request_id, lambda: handler(self, body))
-        with contextlib.suppress(TransportError):
-            session.send("control", reply)
+        return reply
 
     async def _call(self, request_id: int, call: Callable[[], Awaitable[bytes]]) -> fr.Frame:
         try:
@@ -478,7 +492,7 @@ class PeerConnection:
         if session.down:
             return
         session.down = True
-        self._spawn(session.close())
+        self.transport._close_soon(session)
         if session is not self._session or self._closed:
             return
         self._connected.clear()
@@ -556,6 +570,10 @@ class PeerConnection:
             await session.close()
         self.transport._forget(self)
         self._emit_final(Closed(self.peer, reason))
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
 
     def _emit_final(self, event: Closed) -> None:
         while True:
@@ -620,6 +638,7 @@ class Transport:
         self._answers: dict[bytes, tuple[bytes, asyncio.Future[SignalMessage]]] = {}
         self._connections: dict[bytes, PeerConnection] = {}
         self._inbox_connections: set[PeerConnection] = set()
+        self._closers: set[asyncio.Task[None]] = set()
         self._accepted: asyncio.Queue[PeerConnection] = asyncio.Queue(64)
         self._pending_handshakes = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -690,6 +709,7 @@ class Transport:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._closers, return_exceptions=True)
 
     # -- seams a test may override to play a misbehaving node -------------------------
     def _handshake_identity(self) -> Identity:
@@ -800,6 +820,12 @@ class Transport:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _close_soon(self, session: _Session) -> None:
+        """Close a dead session's WebRTC link in the background; close() waits for these."""
+        task = asyncio.ensure_future(session.close())
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     async def _reject(self, sender: bytes, sid: bytes, reason: str) -> None:
         with contextlib.suppress(TransportError):

@@ -215,3 +215,27 @@ async def test_two_nodes_calling_each_other_at_once_end_up_with_one_connection()
         assert await conn_b.request("who", b"") == a.identity.public_key
         assert a.connection(b.identity.public_key) is conn_a
         assert b.connection(a.identity.public_key) is conn_b
+
+
+async def test_requests_beyond_the_concurrency_limit_get_busy() -> None:
+    release = asyncio.Event()
+
+    async def slow(_conn: PeerConnection, body: bytes) -> bytes:
+        await release.wait()
+        return body
+
+    async with mesh() as m:
+        a = await m.node()
+        b = await m.node(options=with_options(max_incoming_requests=2))
+        m.trust(a, b)
+        b.handle("slow", slow)
+        conn = await a.connect(b.identity.public_key)
+        calls = [asyncio.ensure_future(conn.request("slow", bytes([i]))) for i in range(4)]
+        done, pending = await asyncio.wait(calls, timeout=1.5)  # the slow two never finish
+        assert len(pending) == 2
+        assert all(isinstance(c.exception(), RemoteError) for c in done)
+        release.set()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert sorted(r for r in results if isinstance(r, bytes)) == [b"\x00", b"\x01"]
+        codes = {r.code for r in results if isinstance(r, RemoteError)}
+        assert codes == {"busy"}
