@@ -222,3 +222,13 @@ def test_handshake_messages_have_a_size_cap() -> None:
     bob = Identity.generate()
     with pytest.raises(EncodingError):
         Responder(bob, None, FP_B, FP_A).receive_init(b"\x00" * 5000)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=600))
+def test_garbage_fin_raises_only_crypto_errors(data: bytes) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    responder = Responder(bob, alice.public_key, FP_B, FP_A)
+    responder.receive_init(Initiator(alice, bob.public_key, FP_A, FP_B).start())
+    with pytest.raises(CryptoError):
+        responder.receive_fin(data)
