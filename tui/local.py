@@ -8,6 +8,7 @@ stable pseudonym label for this session.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -60,6 +61,35 @@ def _floats(value: Any) -> tuple[float, ...] | None:
         return tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
+
+
+def _first(value: Any) -> float:
+    return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+
+
+def frame_from_dataset(ds: pydicom.Dataset, frame: int) -> Frame:
+    """Stored pixel values of one frame, with what the viewer needs to show them in HU/mm."""
+    pixels = ds.pixel_array
+    if pixels.ndim == 3 and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[min(max(frame, 0), pixels.shape[0] - 1)]
+    if pixels.ndim == 3:  # colour: show luminance
+        pixels = pixels[..., :3].mean(axis=2)
+    spacing = _floats(getattr(ds, "PixelSpacing", None))
+    origin = _floats(getattr(ds, "ImagePositionPatient", None))
+    window = None
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        if "WindowCenter" in ds and "WindowWidth" in ds:
+            window = Window(_first(ds.WindowCenter), max(1.0, _first(ds.WindowWidth)))
+    return Frame(
+        pixels,
+        float(getattr(ds, "RescaleSlope", 1) or 1),
+        float(getattr(ds, "RescaleIntercept", 0) or 0),
+        (spacing[0], spacing[1]) if spacing and len(spacing) == 2 else (1.0, 1.0),
+        bool(spacing and len(spacing) == 2),
+        (origin[0], origin[1], origin[2]) if origin and len(origin) == 3 else None,
+        _floats(getattr(ds, "ImageOrientationPatient", None)),
+        window,
+    )
 
 
 class LocalNode:
@@ -190,35 +220,9 @@ class LocalNode:
             return None
         try:
             ds = pydicom.dcmread(item.path)
-            pixels = ds.pixel_array
+            return frame_from_dataset(ds, frame)
         except (InvalidDicomError, OSError, ValueError, AttributeError, RuntimeError) as exc:
             raise NodeError(f"cannot decode {item.path.name}: {exc}") from exc
-        if pixels.ndim == 3 and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-            pixels = pixels[min(frame, pixels.shape[0] - 1)]
-        if pixels.ndim == 3:  # colour: show luminance
-            pixels = pixels[..., :3].mean(axis=2)
-        spacing = _floats(getattr(ds, "PixelSpacing", None))
-        origin = _floats(getattr(ds, "ImagePositionPatient", None))
-        center = getattr(ds, "WindowCenter", None)
-        width = getattr(ds, "WindowWidth", None)
-        window = None
-        try:
-            if center is not None and width is not None:
-                c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-                w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
-                window = Window(c, max(1.0, w))
-        except (TypeError, ValueError):
-            window = None
-        return Frame(
-            pixels,
-            float(getattr(ds, "RescaleSlope", 1) or 1),
-            float(getattr(ds, "RescaleIntercept", 0) or 0),
-            (spacing[0], spacing[1]) if spacing and len(spacing) == 2 else (1.0, 1.0),
-            bool(spacing and len(spacing) == 2),
-            (origin[0], origin[1], origin[2]) if origin and len(origin) == 3 else None,
-            _floats(getattr(ds, "ImageOrientationPatient", None)),
-            window,
-        )
 
     def request_first(self, sop_uid: str) -> None:
         return None  # everything here is already on disk

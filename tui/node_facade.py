@@ -10,12 +10,10 @@ each patient gets a stable pseudonym label.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -42,7 +40,7 @@ from tui.facade import (
     StudyInfo,
     TransferInfo,
 )
-from tui.imaging import Window
+from tui.local import frame_from_dataset
 from tui.session import Listener, SessionView
 
 MAX_NOTIFICATIONS = 100
@@ -50,42 +48,6 @@ _TRUST_LABEL = {
     TrustState.VERIFIED: "verified",
     TrustState.TRUSTED_BY_ORG: "organisation",
 }
-
-
-def _floats(value: Any) -> tuple[float, ...] | None:
-    try:
-        return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _first(value: Any) -> float:
-    return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
-
-
-def frame_from_dataset(ds: pydicom.Dataset, frame: int) -> Frame:
-    """Stored pixel values of one frame, with what the viewer needs to show them in HU/mm."""
-    pixels = ds.pixel_array
-    if pixels.ndim == 3 and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
-        pixels = pixels[min(max(frame, 0), pixels.shape[0] - 1)]
-    if pixels.ndim == 3:  # colour: show luminance
-        pixels = pixels[..., :3].mean(axis=2)
-    spacing = _floats(getattr(ds, "PixelSpacing", None))
-    origin = _floats(getattr(ds, "ImagePositionPatient", None))
-    window = None
-    with contextlib.suppress(TypeError, ValueError, IndexError):
-        if "WindowCenter" in ds and "WindowWidth" in ds:
-            window = Window(_first(ds.WindowCenter), max(1.0, _first(ds.WindowWidth)))
-    return Frame(
-        pixels,
-        float(getattr(ds, "RescaleSlope", 1) or 1),
-        float(getattr(ds, "RescaleIntercept", 0) or 0),
-        (spacing[0], spacing[1]) if spacing and len(spacing) == 2 else (1.0, 1.0),
-        bool(spacing and len(spacing) == 2),
-        (origin[0], origin[1], origin[2]) if origin and len(origin) == 3 else None,
-        _floats(getattr(ds, "ImageOrientationPatient", None)),
-        window,
-    )
 
 
 class LiveSessionView:
