@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "node.commands.identity",
     "node.commands.demo",
     "node.commands.doctor",
+    "node.commands.node",
     "node.commands.store",
     "node.commands.tui",
     "node.commands.consult",

@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from consult.requests import ConsultRequest, Priority, State
 from crypto.identity import Identity
 from node.config import NetworkConfig, NodeConfig, NodeHome
@@ -173,3 +175,24 @@ async def test_doctor_probes_the_configured_registry(tmp_path: Path, registry: s
     out = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
     assert f"registry {registry}: answers /v1/health" in out
     assert "registry http://127.0.0.1:9: unreachable" in out
+
+
+async def test_node_run_starts_and_stops_cleanly(
+    tmp_path: Path, registry: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from node.commands.node import run_node
+
+    home, _ = make_home(tmp_path, "hospital", registry, [])
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(run_node(argparse.Namespace(home=str(home.root)), stop))
+    seen: list[str] = []
+
+    def started() -> bool:
+        seen.append(capsys.readouterr().out)
+        return "Ctrl-C stops it." in "".join(seen)
+
+    await wait_for(started)
+    stop.set()
+    assert await asyncio.wait_for(task, 20) == 0

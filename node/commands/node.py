@@ -1,0 +1,61 @@
+"""``radmesh node run``: the node without the TUI, for a hospital server beside the PACS."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from node import workflow
+from node.commands.identity import home_of
+from node.keystore import load_identity
+from node.runtime import NodeRuntime
+
+
+async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
+    home = home_of(args)
+    home.require()
+    runtime = NodeRuntime(home, load_identity(home.key_path))
+    await runtime.start()
+    workflow.install(runtime)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    status = runtime.status()
+    print(f"radmesh node {status.node_id} running")
+    print(f"  LAN endpoint {status.lan_url}; DICOM listener: {status.dicom}")
+    for url, state in status.registries.items():
+        print(f"  registry {url}: {state}")
+    print("Ctrl-C stops it.", flush=True)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                text = await asyncio.wait_for(runtime.notifications.get(), 1.0)
+                print(text, flush=True)
+    finally:
+        await runtime.stop()
+    print("stopped")
+    return 0
+
+
+def cmd_node_run(args: argparse.Namespace) -> int:
+    return asyncio.run(run_node(args))
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "node",
+        help="run this node headless (for a server beside the PACS)",
+        description="Run the node without the TUI.",
+    )
+    node_sub = p.add_subparsers(dest="node_command", metavar="NODE_COMMAND", required=True)
+    run = node_sub.add_parser(
+        "run",
+        help="run until Ctrl-C: registries, LAN endpoint, mDNS, DICOM listener, peers",
+        description="Run the node: publish to registries, accept peers, receive from the PACS.",
+    )
+    run.set_defaults(handler=cmd_node_run)
