@@ -1,4 +1,4 @@
-"""Suite-wide hygiene: no test may leave threads or subprocess-holding threads behind."""
+"""Suite-wide hygiene: loopback-only ICE, and no test may leave threads behind."""
 
 from __future__ import annotations
 
@@ -9,6 +9,15 @@ from collections.abc import Iterator
 import pytest
 
 THREAD_GRACE_SECONDS = 3.0
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ice_stays_on_loopback() -> None:
+    """Every in-process aiortc connection gathers host candidates on 127.0.0.1 only, so no
+    test ever sends ICE checks to another address (namespace tests run in subprocesses)."""
+    from peer_transport.rtc import restrict_host_addresses
+
+    restrict_host_addresses(["127.0.0.1"])
 
 
 @pytest.fixture(autouse=True)
