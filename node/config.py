@@ -127,6 +127,16 @@ class NodeHome:
     def data_dir(self) -> Path:
         return self.root / "data"
 
+    @property
+    def trust_db(self) -> Path:
+        """The trust store, shared by the running node and `radmesh trust` / `peers`."""
+        return self.data_dir / "trust.db"
+
+    @property
+    def peers_db(self) -> Path:
+        """The peer directory (remembered records)."""
+        return self.data_dir / "peers.db"
+
     def exists(self) -> bool:
         return self.config_path.is_file() and self.key_path.is_file()
 

@@ -64,6 +64,16 @@ NEUROSURG = Role(
 ROLES = (RURAL, NEURORAD, NEUROSURG)
 
 
+def demo_home(root: Path, role: Role) -> tuple[NodeHome, Identity]:
+    """The home of one demo node under ``root``: kept if it exists, else a new identity."""
+    home = NodeHome(root / role.key)
+    if home.exists():
+        return home, load_identity(home.key_path, passphrase=None)
+    identity = Identity.generate()
+    save_identity(home.key_path, identity, None, warn=False)  # throwaway demo keys
+    return home, identity
+
+
 class DemoFailed(NodeError):
     """A step of the demo did not do what it should."""
 
@@ -91,14 +101,6 @@ class DemoNetwork:
         yield
         self.say(f"  done in {time.monotonic() - begun:.2f}s")
 
-    def _home(self, role: Role) -> tuple[NodeHome, Identity]:
-        home = NodeHome(self.root / role.key)
-        if home.exists():
-            return home, load_identity(home.key_path, passphrase=None)
-        identity = Identity.generate()
-        save_identity(home.key_path, identity, None, warn=False)  # throwaway demo keys
-        return home, identity
-
     async def start(self, *, with_pacs: bool) -> None:
         restrict_host_addresses([LOOPBACK])  # the demo never leaves this machine
         self.root.mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,7 @@ class DemoNetwork:
             self.pacs_server = self._enter(pacs.orthanc_server(self.root / "pacs"))
             self.say(f"hospital PACS (Orthanc) on DICOM port {self.pacs_server.dicom_port}")
         for role in ROLES:
-            home, identity = self._home(role)
+            home, identity = demo_home(self.root, role)
             config = NodeConfig(
                 display_name=role.name,
                 institution=role.institution,

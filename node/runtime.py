@@ -31,6 +31,7 @@ import nacl.public
 from consult.errors import ConsultError
 from consult.intake import Intake, take_in
 from consult.live import LiveHub
+from consult.requests import Transition
 from consult.store import ConsultDB
 from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
 from crypto.errors import CryptoError
@@ -58,8 +59,6 @@ NODE_MSG_TTL = 7 * 24 * 3600  # as long as a registry mailbox keeps it
 MAX_NODE_MSG = 60 * 1024
 QUEUE_SIZE = 256
 RECORD_TTL = 3600
-TRUST_DB = "trust.db"  # shared with `radmesh trust` / `radmesh peers`
-PEERS_DB = "peers.db"
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 
@@ -151,6 +150,7 @@ class NodeRuntime:
         self.record: NodeRecord | None = None
         self.discovery: LanDiscovery | None = None
         self.dicom: DicomListener | None = None
+        self._live_hub: LiveHub | None = None
         self.handlers["consult.request"] = self._on_consult_message
         self.handlers["consult.response"] = self._on_consult_message
         self.reports: dict[str, str] = {}  # consult id -> SOP instance UID of the filed SR
@@ -164,7 +164,7 @@ class NodeRuntime:
         data.mkdir(parents=True, exist_ok=True)
         self.store: Store = open_store(self.home, self.identity)
         self.audit: AuditLog = open_audit(self.home, self.identity)
-        self.trust = TrustStore(data / TRUST_DB)
+        self.trust = TrustStore(self.home.trust_db)
         self.consults = ConsultDB.in_data_dir(data, audit=self._audit_consult)
         network = self.config.network
         self.registries = MultiRegistry(
@@ -179,7 +179,7 @@ class NodeRuntime:
                 clock=self.clock,
             )
             finders.append(MdnsFinder(self.discovery))
-        self.directory = PeerDirectory(data / PEERS_DB, self.trust, finders)
+        self.directory = PeerDirectory(self.home.peers_db, self.trust, finders)
         self.lan = LanEndpoint(self._own_record, self.router.feed)
         self.lan_url = await self.lan.start(network.listen_host, network.listen_port)
         self._sequence = max(self.now(), self._sequence + 1)
@@ -199,7 +199,7 @@ class NodeRuntime:
         # One round before returning, so a started node can be found at once.
         await asyncio.gather(*(self._registry_step(url) for url in network.registries))
         for url in network.registries:
-            self._spawn(self._registry_loop(url))
+            self.spawn(self._registry_loop(url))
         if self.discovery is not None:
             await self.discovery.start()
             await self.discovery.advertise(
@@ -207,15 +207,13 @@ class NodeRuntime:
             )
             await self.discovery.browse()
         if self.config.dicom.enabled:
-            self.dicom = DicomListener(
-                self.config.dicom, self._dicom_instance, audit=self._dicom_audit
-            )
+            self.dicom = DicomListener(self.config.dicom, self._dicom_instance)
             self.dicom.start()
         log.info("node %s running, LAN endpoint %s", self.identity.node_id.short(), self.lan_url)
 
     async def stop(self) -> None:
-        if getattr(self, "_live_hub", None) is not None:
-            await self.live_hub().close()
+        if self._live_hub is not None:
+            await self._live_hub.close()
         if self.dicom is not None:
             self.dicom.stop()
         for task in list(self._tasks):
@@ -243,9 +241,6 @@ class NodeRuntime:
 
     def spawn(self, coro: Awaitable[None]) -> None:
         """Run ``coro`` in the background until it ends or the node stops."""
-        self._spawn(coro)
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -286,7 +281,7 @@ class NodeRuntime:
                 conn = client.connect()
                 await conn.__aenter__()
                 self.registry_connections[url] = conn
-                self._spawn(self._pump(conn))
+                self.spawn(self._pump(conn))
             self.registry_state[url] = "connected"
         except RegistryError as exc:
             self.registry_state[url] = f"unreachable: {exc}"
@@ -392,19 +387,23 @@ class NodeRuntime:
                 details={"from": f"dicom:{calling_ae}", "sop": result.sop_instance_uid},
             )
 
-    def _dicom_audit(self, kind: str, details: dict[str, str]) -> None:
-        log.debug("dicom %s %s", kind, details)
-
-    def _audit_consult(self, *args: Any, **kwargs: Any) -> None:
-        details = {str(k): str(v) for k, v in kwargs.items()}
-        details.update({f"arg{i}": str(a) for i, a in enumerate(args)})
-        self.audit.append(AuditKind.CONSULT, now=self.clock(), details=details)
+    def _audit_consult(self, consult_id: str, transition: Transition) -> None:
+        self.audit.append(
+            AuditKind.CONSULT,
+            now=transition.at,
+            peer=transition.actor or None,
+            details={
+                "consult": consult_id,
+                "event": transition.event.value,
+                "from": transition.source.value,
+                "to": transition.target.value,
+            },
+        )
 
     def live_hub(self) -> LiveHub:
         """This node's live consultation sessions (created on first use, after start)."""
-        hub: LiveHub | None = getattr(self, "_live_hub", None)
-        if hub is None:
-            hub = self._live_hub = LiveHub(
+        if self._live_hub is None:
+            self._live_hub = LiveHub(
                 self.transport,
                 self.identity.public_key,
                 self.config.display_name,
@@ -412,7 +411,7 @@ class NodeRuntime:
                 notify=self.notify,
                 clock=self.clock,
             )
-        return hub
+        return self._live_hub
 
     def status(self) -> Status:
         return Status(

@@ -7,29 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from crypto.identity import Identity
 from crypto.safety import safety_number
-from node.config import NodeConfig, NodeHome
-from node.keystore import load_identity, save_identity
-
-DEMO_NODES: tuple[tuple[str, str, str, list[str], list[str]], ...] = (
-    ("rural", "Rural Hospital CT", "St. Brigid's Rural Hospital", ["referrer"], []),
-    ("neurorad", "Dr. A. Okafor", "Neuroradiology Consult Group", ["radiologist"], ["neuro"]),
-    ("neurosurg", "Dr. M. Lindqvist", "University Neurosurgery", ["surgeon"], ["neurosurgery"]),
-)
-
-
-def _make_node(root: Path, spec: tuple[str, str, str, list[str], list[str]]) -> Identity:
-    key, name, institution, roles, subs = spec
-    home = NodeHome(root / key)
-    if home.exists():
-        return load_identity(home.key_path, passphrase=None)
-    identity = Identity.generate()
-    save_identity(home.key_path, identity, None)
-    home.save_config(
-        NodeConfig(display_name=name, institution=institution, roles=roles, subspecialties=subs)
-    )
-    return identity
+from node.config import NodeConfig
+from node.demo import ROLES, demo_home
 
 
 async def run_interactive(root: Path, *, slices: int, rows: int, with_pacs: bool) -> int:
@@ -77,9 +57,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.fresh and root.exists():
         shutil.rmtree(root)
     print(f"radmesh demo in {root}")
-    identities = {spec[0]: _make_node(root, spec) for spec in DEMO_NODES}
-    for spec in DEMO_NODES:
-        print(f"  {spec[1]:<22} {identities[spec[0]].node_id}")
+    identities = {}
+    for role in ROLES:
+        home, identities[role.key] = demo_home(root, role)
+        if not home.config_path.exists():
+            home.save_config(
+                NodeConfig(
+                    display_name=role.name,
+                    institution=role.institution,
+                    roles=list(role.roles),
+                    subspecialties=list(role.subspecialties),
+                )
+            )
+        print(f"  {role.name:<22} {identities[role.key].node_id}")
     a, b = identities["rural"], identities["neurorad"]
     print("Safety number, rural hospital <-> neuroradiologist, as each side computes it:")
     print(f"  rural:    {safety_number(a.node_id, b.node_id)}")

@@ -22,18 +22,15 @@ from registry.records import Availability, NodeRecord
 from registry.server import RegistryServer, TurnConfig, run_forever
 from registry.trust import TrustStore
 
-PEERS_DB = "peers.db"
-TRUST_DB = "trust.db"
-
 
 def open_trust(home: NodeHome) -> TrustStore:
     home.data_dir.mkdir(parents=True, exist_ok=True)
-    return TrustStore(home.data_dir / TRUST_DB)
+    return TrustStore(home.trust_db)
 
 
 def open_directory(home: NodeHome, registries: MultiRegistry | None = None) -> PeerDirectory:
     finders = [RegistryFinder(registries)] if registries is not None else []
-    return PeerDirectory(home.data_dir / PEERS_DB, open_trust(home), finders)
+    return PeerDirectory(home.peers_db, open_trust(home), finders)
 
 
 def _registries(config: NodeConfig) -> MultiRegistry:
