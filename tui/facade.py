@@ -53,6 +53,7 @@ class InstanceRef:
     series_uid: str
     number: int
     present: bool = True  # False while the study is still streaming in
+    frames: int = 1  # frames in a multi-frame instance, when known before loading it
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Frame:
     origin: tuple[float, float, float] | None = None
     orientation: tuple[float, ...] | None = None
     window: Window | None = None  # from the file, when it has one
+    frames: int = 1  # how many frames the instance holds (NumberOfFrames)
 
     def modality(self) -> npt.NDArray[np.float32]:
         from tui.imaging import modality_lut

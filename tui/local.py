@@ -70,7 +70,8 @@ def _first(value: Any) -> float:
 def frame_from_dataset(ds: pydicom.Dataset, frame: int) -> Frame:
     """Stored pixel values of one frame, with what the viewer needs to show them in HU/mm."""
     pixels = ds.pixel_array
-    if pixels.ndim == 3 and int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if pixels.ndim >= 3 and frames > 1:
         pixels = pixels[min(max(frame, 0), pixels.shape[0] - 1)]
     if pixels.ndim == 3:  # colour: show luminance
         pixels = pixels[..., :3].mean(axis=2)
@@ -89,6 +90,7 @@ def frame_from_dataset(ds: pydicom.Dataset, frame: int) -> Frame:
         (origin[0], origin[1], origin[2]) if origin and len(origin) == 3 else None,
         _floats(getattr(ds, "ImageOrientationPatient", None)),
         window,
+        max(1, frames),
     )
 
 
