@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from consult.errors import ConsultError
 from consult.live import LiveConsult
-from consult.presence import Cursor, Participant
+from consult.presence import Cursor, Participant, Viewport
 from consult.report import Measurement, Unit
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.identity import NodeId
@@ -111,6 +111,28 @@ class LiveSessionView:
         self.live._changed()
         if self._on_finalise is not None:
             self._on_finalise(self.live)
+
+    def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
+        was_following = self.live.presence.following
+        self.live.set_viewport(viewport, by_user=by_user)
+        if was_following and not self.live.presence.following:
+            self.live._changed()
+
+    def set_tool(self, tool: str) -> None:
+        self.live.set_tool(tool)
+
+    def present(self, on: bool) -> None:
+        self.live.present(on)
+
+    def follow(self, on: bool) -> None:
+        if on:
+            self.live.follow()
+        else:
+            self.live.presence.following = False
+            self.live._changed()
+
+    def following(self) -> bool:
+        return self.live.presence.following
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         return self.live.subscribe(listener)

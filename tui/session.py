@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Protocol
 
 from consult.errors import NotAuthor
-from consult.presence import Cursor, Participant
+from consult.presence import Cursor, Participant, Viewport
 from consult.shared import MAX_CHAT_CHARS, Annotation, AnnotationKind, ChatMessage, Point
 
 Listener = Callable[[], None]
@@ -49,6 +49,16 @@ class SessionView(Protocol):
     def set_report_text(self, text: str) -> None: ...
     def finalise(self) -> None: ...
 
+    # presence: what this participant looks at, and follow-the-presenter
+    def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
+        """Broadcast (coalesced) the own viewport; ``by_user`` stops following."""
+        ...
+
+    def set_tool(self, tool: str) -> None: ...
+    def present(self, on: bool) -> None: ...
+    def follow(self, on: bool) -> None: ...
+    def following(self) -> bool: ...
+
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener`` (on the UI thread's loop) whenever anything above changed."""
         ...
@@ -67,6 +77,7 @@ class InMemorySession:
         self._report = ""
         self._final = False
         self._listeners: list[Listener] = []
+        self._following = False
         self.cursor_moves = 0  # how many cursor updates left this participant
 
     # reading
@@ -142,6 +153,27 @@ class InMemorySession:
         self._final = True
         self._changed()
 
+    def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
+        if by_user and self._following:
+            self._following = False
+            self._changed()
+        self._me = replace(self._me, viewport=viewport)
+
+    def set_tool(self, tool: str) -> None:
+        self._me = replace(self._me, tool=tool)
+
+    def present(self, on: bool) -> None:
+        self._me = replace(self._me, presenting=on)
+        self._following = self._following and not on
+        self._changed()
+
+    def follow(self, on: bool) -> None:
+        self._following = on
+        self._changed()
+
+    def following(self) -> bool:
+        return self._following
+
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
@@ -157,6 +189,14 @@ class InMemorySession:
 
     def remote_cursor(self, client_id: int, cursor: Cursor | None) -> None:
         self._others[client_id] = replace(self._others[client_id], cursor=cursor)
+        self._changed()
+
+    def remote_viewport(
+        self, client_id: int, viewport: Viewport | None, presenting: bool | None = None
+    ) -> None:
+        other = self._others[client_id]
+        presenting = other.presenting if presenting is None else presenting
+        self._others[client_id] = replace(other, viewport=viewport, presenting=presenting)
         self._changed()
 
     def remote_annotation(self, annotation: Annotation) -> None:
