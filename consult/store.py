@@ -8,8 +8,9 @@ new state, so the history and the state can never disagree after a crash.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -21,6 +22,7 @@ from consult.requests import (
     ConsultCase,
     ConsultRequest,
     Event,
+    OfferRound,
     Priority,
     State,
     Transition,
@@ -59,9 +61,23 @@ CREATE TABLE IF NOT EXISTS reports (
     wire BLOB NOT NULL,
     received_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS offers (
+    consult_id TEXT NOT NULL REFERENCES requests(id),
+    peer TEXT NOT NULL,
+    declined INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (consult_id, peer)
+);
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 """
 _PRIORITY_ORDER = {p: i for i, p in enumerate(Priority)}
+
+
+@dataclass(frozen=True)
+class OfferAnswer:
+    """What an offered consultant's accept or decline did to one of our requests."""
+
+    transition: Transition | None  # None: the case did not move (late, or one decline of many)
+    withdraw: tuple[NodeId, ...]  # consultants to tell the case is withdrawn for them
 
 
 class ConsultDB:
@@ -202,6 +218,85 @@ class ConsultDB:
             (case.state.value, now, consult_id),
         )
         return transition
+
+    def offer(self, consult_id: str, peers: Sequence[NodeId], now: int, actor: str = "") -> None:
+        """Offer one of our requests to ``peers`` (first to accept gets it), atomically."""
+        if not peers:
+            raise LocalConsultError("offer a consult to at least one consultant")
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO offers (consult_id, peer) VALUES (?,?)",
+                [(consult_id, str(p)) for p in peers],
+            )
+            transition = self._apply_locked(consult_id, Event.OFFER, now, actor)
+        self._audit(consult_id, transition)
+
+    def offered(self, consult_id: str) -> list[NodeId]:
+        rows = self._db.execute(
+            "SELECT peer FROM offers WHERE consult_id = ? ORDER BY rowid", (consult_id,)
+        ).fetchall()
+        return [NodeId.parse(row[0]) for row in rows]
+
+    def _offer_round(self, consult_id: str) -> OfferRound | None:
+        rows = self._db.execute(
+            "SELECT peer, declined FROM offers WHERE consult_id = ? ORDER BY rowid", (consult_id,)
+        ).fetchall()
+        if not rows:
+            return None
+        _, peer, _ = self.info(consult_id)
+        return OfferRound(
+            consult_id,
+            tuple(NodeId.parse(p) for p, _ in rows),
+            NodeId.parse(peer) if peer else None,
+            {NodeId.parse(p) for p, declined in rows if declined},
+        )
+
+    def answer_offer(
+        self, consult_id: str, responder: NodeId, event: Event, now: int
+    ) -> OfferAnswer | None:
+        """Apply an offered consultant's accept or decline; None if the case has no offers.
+
+        The first accept binds the case to that consultant and names the others
+        to withdraw it from; a later accept changes nothing here and names its
+        sender, who is told it was withdrawn. The case declines only once every
+        consultant it was offered to has declined. One transaction, so two
+        accepts arriving together cannot both win.
+        """
+        with self._transaction():
+            offer = self._offer_round(consult_id)
+            if offer is None:
+                return None
+            if responder not in offer.offered:
+                raise LocalConsultError(
+                    f"{responder.short()} may not {event.value} consult {consult_id[:8]}: "
+                    "it was not offered to that node; response ignored"
+                )
+            transition = None
+            withdraw: list[NodeId] = []
+            if event is Event.DECLINE:
+                offer.on_decline(responder)
+                self._db.execute(
+                    "UPDATE offers SET declined = 1 WHERE consult_id = ? AND peer = ?",
+                    (consult_id, str(responder)),
+                )
+                if offer.all_declined and self.get(consult_id).state is State.OFFERED:
+                    transition = self._apply_locked(consult_id, event, now, str(responder))
+            elif event is Event.ACCEPT:
+                if offer.winner is None and self.get(consult_id).state is not State.OFFERED:
+                    withdraw = [responder]  # cancelled or expired before anyone accepted
+                else:
+                    won, withdraw = offer.on_accept(responder)
+                    if won:
+                        transition = self._apply_locked(consult_id, event, now, str(responder))
+                        self._db.execute(
+                            "UPDATE requests SET peer = ? WHERE id = ?",
+                            (str(responder), consult_id),
+                        )
+            else:
+                raise LocalConsultError(f"a consultant cannot {event.value} an offer")
+        if transition is not None:
+            self._audit(consult_id, transition)
+        return OfferAnswer(transition, tuple(withdraw))
 
     def file_report(self, consult_id: str, wire: bytes, now: int) -> Report:
         """Verify a report that arrived for one of our requests, store it, mark the case reported.

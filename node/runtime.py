@@ -31,7 +31,7 @@ import nacl.public
 from consult.errors import ConsultError
 from consult.intake import Intake, take_in
 from consult.live import LiveHub
-from consult.requests import Transition
+from consult.requests import ConsultResponse, Event, Transition
 from consult.store import ConsultDB
 from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
 from crypto.errors import CryptoError
@@ -363,6 +363,24 @@ class NodeRuntime:
             self.trust.first_contact(public_key, self.now(), summary="consult request")
         intake: Intake = take_in(self.consults, wire, self.now(), sender=sender)
         self.notify(intake.summary)
+        for peer in intake.withdraw:
+            self.spawn(self._withdraw(intake.consult_id, peer))
+
+    async def _withdraw(self, consult_id: str, peer: NodeId) -> None:
+        """Tell an offered consultant the case is no longer theirs (someone accepted first)."""
+        found = await self.directory.resolve(peer, self.now())
+        if found is None:
+            log.warning("cannot withdraw consult %s from %s: address unknown", consult_id, peer)
+            return
+        response = ConsultResponse(
+            consult_id, self.identity.node_id, Event.WITHDRAW, self.now(), "accepted by another"
+        )
+        try:
+            await self.send_message(
+                found.record.public_key, "consult.response", response.to_wire(self.identity)
+            )
+        except NodeError as exc:
+            log.warning("withdrawal of consult %s not sent: %s", consult_id[:8], exc)
 
     def _sender_key(self, sender: NodeId, wire: bytes) -> bytes | None:
         with contextlib.suppress(CryptoError):

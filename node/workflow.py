@@ -1,7 +1,10 @@
 """The clinical loop on a running node: share a study with a consult request, and take
 the signed report back into the hospital's store and PACS.
 
-Referring side: :func:`request_consult` de-identifies the study (the pseudonym
+Referring side: :func:`request_consult` (one chosen consultant) or
+:func:`route_consult` (offered to several trusted, licensed, online
+subspecialists found in the registries; the first to accept gets it, the
+runtime withdraws it from the others) de-identifies the study (the pseudonym
 map stays on this node, encrypted), records the case and sends the signed
 request. When the report arrives (:func:`install` registers the handler) it is
 verified against the case, re-linked to the real patient, turned into a DICOM
@@ -20,10 +23,19 @@ from pathlib import Path
 
 from consult.errors import ConsultError, LocalConsultError
 from consult.report import KeyImage, Measurement, PatientStudy, Report, export_sr
-from consult.requests import ConsultRequest, ConsultResponse, Event, Priority, State
+from consult.requests import (
+    Candidate,
+    ConsultRequest,
+    ConsultResponse,
+    Event,
+    Priority,
+    State,
+    rank_consultants,
+)
 from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
+from crypto.org import verify_certificate
 from node.audit import AuditKind
 from node.deid import PseudonymMap, ShareContext, deidentify_all
 from node.dicom_net import send_to_pacs
@@ -33,6 +45,9 @@ from peer_transport.connection import ChannelLink, PeerConnection, RequestRefuse
 from peer_transport.errors import TransportError
 from peer_transport.transfer import Progress
 from peer_transport.transfer_runner import ProgressCallback, receive_study, send_study
+from registry.client import SearchQuery
+from registry.records import Availability, NodeRecord
+from registry.trust import TrustState
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +75,87 @@ def _map_key(rt: NodeRuntime) -> bytes:
 
 def share_of(rt: NodeRuntime, consult_id: str) -> Share:
     """What a consult of ours shared, from the database and the pseudonym map (restart-safe)."""
-    shared_uid = rt.consults.get(consult_id).request.study_uid
+    request = rt.consults.get(consult_id).request
+    shared_uid = request.study_uid
     path = _map_path(rt, consult_id)
     if not path.exists():
+        if request.deidentified:
+            # Recorded without a pseudonym map (e.g. `consult request --out`): never send
+            # the identified study under a request that promises a de-identified one.
+            raise RequestRefused(
+                "no-pseudonyms",
+                f"consult {consult_id[:8]} has no pseudonym map on the requesting node: "
+                "ask the requester to send the request again from its node",
+            )
         return Share(shared_uid, shared_uid, False)
     original = PseudonymMap.load(path, _map_key(rt)).relink_uid(shared_uid)
     return Share(original, shared_uid, True)
+
+
+def _new_request(
+    rt: NodeRuntime,
+    study_uid: str,
+    *,
+    question: str,
+    priority: Priority,
+    subspecialty: str,
+    jurisdiction: str,
+    language: str,
+    deadline_seconds: int,
+    deidentify: bool,
+) -> tuple[ConsultRequest, PseudonymMap | None]:
+    if not rt.store.instances(study_uid):
+        raise RuntimeError_(f"study {study_uid} has no instances in this node's store")
+    pseudonyms = PseudonymMap() if deidentify else None
+    now = rt.now()
+    request = ConsultRequest.new(
+        requester=rt.identity.node_id,
+        study_uid=pseudonyms.pseudo_uid(study_uid) if pseudonyms is not None else study_uid,
+        question=question,
+        priority=priority,
+        subspecialty=subspecialty,
+        jurisdiction=jurisdiction,
+        language=language,
+        deadline=now + deadline_seconds,
+        now=now,
+        deidentified=deidentify,
+    )
+    return request, pseudonyms
+
+
+async def _offer(
+    rt: NodeRuntime,
+    request: ConsultRequest,
+    pseudonyms: PseudonymMap | None,
+    original_uid: str,
+    consultants: list[bytes],
+) -> tuple[Share, dict[NodeId, str]]:
+    """Record the request, offer it to ``consultants`` and send it to each of them.
+
+    Returns how each was reached; one unreachable consultant does not stop the
+    others (its copy waits in a registry mailbox when one took it).
+    """
+    if pseudonyms is not None:
+        pseudonyms.persist(_map_path(rt, request.id), _map_key(rt))
+    wire = request.to_wire(rt.identity)
+    now = rt.now()
+    peers = [NodeId.from_public_key(key) for key in consultants]
+    rt.consults.add(request, role="requester", now=now, wire=wire)
+    rt.consults.offer(request.id, peers, now, str(rt.identity.node_id))
+    sent: dict[NodeId, str] = {}
+    for key, peer in zip(consultants, peers, strict=True):
+        rt.audit.append(
+            AuditKind.SHARE,
+            now=rt.clock(),
+            study_uid=original_uid,
+            peer=str(peer),
+            details={"consult": request.id, "deidentified": str(pseudonyms is not None)},
+        )
+        try:
+            sent[peer] = await rt.send_message(key, "consult.request", wire)
+        except RuntimeError_ as exc:
+            sent[peer] = f"not sent: {exc}"
+    return Share(original_uid, request.study_uid, pseudonyms is not None), sent
 
 
 async def request_consult(
@@ -81,44 +171,114 @@ async def request_consult(
     deadline_seconds: int = 3600,
     deidentify: bool = True,
 ) -> tuple[ConsultRequest, Share, str]:
-    """Record and send a consult request; returns (request, share, how sent).
+    """Record and send a consult request to one chosen consultant; returns
+    (request, share, how sent).
 
     The study is de-identified when the consultant fetches it; the pseudonym map
     (with its secret, so every instance maps the same way) is made now and stays
     here, encrypted.
     """
-    if not rt.store.instances(study_uid):
-        raise RuntimeError_(f"study {study_uid} has no instances in this node's store")
-    pseudonyms = PseudonymMap() if deidentify else None
-    shared_uid = pseudonyms.pseudo_uid(study_uid) if pseudonyms is not None else study_uid
-    share = Share(study_uid, shared_uid, deidentify)
-    now = rt.now()
-    request = ConsultRequest.new(
-        requester=rt.identity.node_id,
-        study_uid=shared_uid,
+    request, pseudonyms = _new_request(
+        rt,
+        study_uid,
         question=question,
         priority=priority,
         subspecialty=subspecialty,
         jurisdiction=jurisdiction,
         language=language,
-        deadline=now + deadline_seconds,
-        now=now,
-        deidentified=deidentify,
+        deadline_seconds=deadline_seconds,
+        deidentify=deidentify,
     )
-    if pseudonyms is not None:
-        pseudonyms.persist(_map_path(rt, request.id), _map_key(rt))
-    wire = request.to_wire(rt.identity)
-    peer = NodeId.from_public_key(consultant)
-    rt.consults.add(request, role="requester", now=now, wire=wire, peer=str(peer))
-    rt.audit.append(
-        AuditKind.SHARE,
-        now=rt.clock(),
-        study_uid=study_uid,
-        peer=str(peer),
-        details={"consult": request.id, "deidentified": str(deidentify)},
-    )
-    how = await rt.send_message(consultant, "consult.request", wire)
+    share, sent = await _offer(rt, request, pseudonyms, study_uid, [consultant])
+    how = next(iter(sent.values()))
+    if how.startswith("not sent: "):
+        raise RuntimeError_(how.removeprefix("not sent: "))
     return request, share, how
+
+
+def _candidate(rt: NodeRuntime, record: NodeRecord, now: int) -> Candidate | None:
+    """A registry record as a routing candidate, or None if its key is not trusted here.
+
+    Subspecialties and licences come from the organisation certificate when one
+    we trust vouches for the node, else from the node's own record (its key was
+    verified by a person).
+    """
+    key, cert = record.public_key, record.org_certificate
+    state = rt.trust.state(key, now, cert)
+    if state not in (TrustState.VERIFIED, TrustState.TRUSTED_BY_ORG):
+        return None
+    subspecialties, jurisdictions = record.subspecialties, record.jurisdictions
+    if cert is not None and state is TrustState.TRUSTED_BY_ORG:
+        attested = verify_certificate(
+            cert,
+            trusted_orgs=rt.trust.trusted_orgs(),
+            now=now,
+            revocations=rt.trust.revocation_lists(),
+            node_key=key,
+        )
+        subspecialties, jurisdictions = attested.subspecialties, attested.jurisdictions
+    return Candidate(
+        record.node_id,
+        record.display_name,
+        subspecialties,
+        jurisdictions,
+        record.languages,
+        online=record.availability in (Availability.ONLINE, Availability.ON_CALL),
+        available=record.availability is not Availability.AWAY,
+    )
+
+
+async def find_consultants(rt: NodeRuntime, request: ConsultRequest) -> list[NodeRecord]:
+    """Trusted consultants online now with the wanted subspecialty and a licence for the
+    request's jurisdiction, from every registry and the LAN, best first."""
+    now = rt.now()
+    query = SearchQuery(request.subspecialty, request.jurisdiction, online=True)
+    records = {p.record.node_id: p.record for p in await rt.directory.search(query, now)}
+    candidates = [c for r in records.values() if (c := _candidate(rt, r, now)) is not None]
+    return [records[c.node_id] for c in rank_consultants(request, candidates)]
+
+
+async def route_consult(
+    rt: NodeRuntime,
+    study_uid: str,
+    *,
+    question: str,
+    priority: Priority,
+    subspecialty: str,
+    jurisdiction: str,
+    language: str = "en",
+    deadline_seconds: int = 3600,
+    deidentify: bool = True,
+    max_offers: int = 3,
+) -> tuple[ConsultRequest, Share, dict[NodeId, str]]:
+    """Offer a consult to up to ``max_offers`` matching trusted consultants; the first to
+    accept gets it and the others are told it is withdrawn (see the response handler).
+
+    Returns (request, share, how each offered consultant was reached).
+    """
+    request, pseudonyms = _new_request(
+        rt,
+        study_uid,
+        question=question,
+        priority=priority,
+        subspecialty=subspecialty,
+        jurisdiction=jurisdiction,
+        language=language,
+        deadline_seconds=deadline_seconds,
+        deidentify=deidentify,
+    )
+    ranked = await find_consultants(rt, request)
+    if max_offers < 1:
+        raise LocalConsultError("offer a consult to at least one consultant (--max-offers)")
+    if not ranked:
+        raise LocalConsultError(
+            f"no trusted consultant online with subspecialty {request.subspecialty!r} and a "
+            f"licence for {request.jurisdiction}: verify more peers (`radmesh peers`), widen "
+            "the subspecialty, or send it to a chosen peer with --to"
+        )
+    chosen = [r.public_key for r in ranked[:max_offers]]
+    share, sent = await _offer(rt, request, pseudonyms, study_uid, chosen)
+    return request, share, sent
 
 
 def _report_consult_id(wire: bytes) -> str:

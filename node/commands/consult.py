@@ -82,9 +82,9 @@ def cmd_request(args: argparse.Namespace) -> int:
     wire = request.to_wire(identity)
     peer = NodeId.parse(args.to) if args.to else None
     with _open_db(home) as db:
-        db.add(request, role="requester", now=now, wire=wire, peer=str(peer) if peer else "")
+        db.add(request, role="requester", now=now, wire=wire)
         if peer is not None:
-            db.apply(request.id, Event.OFFER, now, str(identity.node_id))
+            db.offer(request.id, [peer], now, str(identity.node_id))
     print(f"Consult {request.id} requested ({request.priority.value}, {request.subspecialty})")
     if peer is not None:
         _send(home, peer, "request", wire, args.out)

@@ -146,3 +146,33 @@ def test_report_from_another_consultant_is_refused_and_nothing_changes(tmp_path:
             db.file_report(consult_id, _signed_report("another-case", consultant), NOW + 60)
         assert db.get(consult_id).state == State.IN_REVIEW
         assert db.report_wire(consult_id) is None
+
+
+def test_offers_first_accept_binds_later_accept_is_withdrawn_all_declines_decline(
+    tmp_path: Path,
+) -> None:
+    ann, bob, eve = (Identity.generate().node_id for _ in range(3))
+    won, declined = make_request(), make_request()
+    with ConsultDB.in_data_dir(tmp_path) as db:
+        for request in (won, declined):
+            db.add(request, role="requester", now=NOW)
+            db.offer(request.id, [ann, bob], NOW)
+        with pytest.raises(LocalConsultError, match="not offered"):
+            db.answer_offer(won.id, eve, Event.ACCEPT, NOW + 1)
+        first = db.answer_offer(won.id, bob, Event.ACCEPT, NOW + 2)
+        assert first is not None
+        assert first.transition is not None
+        assert first.withdraw == (ann,)
+        late = db.answer_offer(won.id, ann, Event.ACCEPT, NOW + 3)
+        assert late is not None
+        assert (late.transition, late.withdraw) == (None, (ann,))
+        assert db.info(won.id)[1] == str(bob)
+        assert db.get(won.id).state is State.ACCEPTED
+
+        one = db.answer_offer(declined.id, ann, Event.DECLINE, NOW + 1)
+        assert one is not None
+        assert one.transition is None
+        assert db.get(declined.id).state is State.OFFERED
+        db.answer_offer(declined.id, bob, Event.DECLINE, NOW + 2)
+        assert db.get(declined.id).state is State.DECLINED
+        assert db.answer_offer(make_request().id, ann, Event.ACCEPT, NOW) is None
