@@ -1,16 +1,21 @@
 """``radmesh consult request | import | list | accept | decline | show``.
 
-Works against the local node's consult database. Anything that must reach a
-peer goes through :func:`deliver`, the one transport hook: until the runtime
-wires it, it reports "not sent" and the signed bytes can be written to a file
-(``--out``) and brought to the other node with ``radmesh consult import``.
+Works against the local node's consult database. When the node is on the
+network (a registry in its config, or the peer remembered with a LAN address)
+a command that must reach a peer starts the node for its duration, as
+``radmesh send`` does, and sends the sealed message: straight over the LAN,
+else relayed by a registry, or left in the registry's mailbox while the peer
+is offline. ``--out FILE`` writes the signed bytes for the offline path
+(``radmesh consult import FILE`` on the other node).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +30,15 @@ from consult.requests import (
     State,
 )
 from consult.store import ConsultDB
+from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
+from node import workflow
 from node.commands.identity import home_of
-from node.config import NodeHome
+from node.config import NodeConfig, NodeHome
 from node.keystore import load_identity
-
-# The transport hook: (home, peer, kind, signed bytes) -> True once handed to the network.
-# ``kind`` is "request" or "response". The runtime replaces this; the default sends nothing.
-Deliver = Callable[[NodeHome, NodeId, str, bytes], bool]
-
-
-def _not_connected(home: NodeHome, peer: NodeId, kind: str, wire: bytes) -> bool:
-    return False
-
-
-deliver: Deliver = _not_connected
+from node.runtime import NodeRuntime
+from registry.directory import PeerDirectory
+from registry.trust import TrustStore
 
 
 def _open_db(home: NodeHome) -> ConsultDB:
@@ -47,26 +46,137 @@ def _open_db(home: NodeHome) -> ConsultDB:
     return ConsultDB.in_data_dir(home.data_dir)
 
 
-def _send(home: NodeHome, peer: NodeId, kind: str, wire: bytes, out: str | None) -> None:
+def _on_network(home: NodeHome, config: NodeConfig, peer: NodeId | None) -> bool:
+    """A registry is configured, or ``peer`` is remembered with a LAN address."""
+    if config.network.registries:
+        return True
+    if peer is None:
+        return False
+    home.data_dir.mkdir(parents=True, exist_ok=True)
+    trust = TrustStore(home.trust_db)
+    directory = PeerDirectory(home.peers_db, trust)
+    try:
+        record = directory.remembered(peer)
+    finally:
+        directory.close()
+        trust.close()
+    return record is not None and bool(record.lan_urls)
+
+
+@asynccontextmanager
+async def _node(home: NodeHome) -> AsyncIterator[NodeRuntime]:
+    """This node on the network for one command (as `radmesh send` does); the workflow's
+    handlers take in whatever its registries' mailboxes hold for it meanwhile."""
+    runtime = NodeRuntime(home, load_identity(home.key_path))
+    await runtime.start()
+    workflow.install(runtime)
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+async def _deliver(home: NodeHome, to: bytes, kind: str, wire: bytes) -> str:
+    async with _node(home) as runtime:
+        return await runtime.send_message(to, kind, wire)
+
+
+def _send(home: NodeHome, to: bytes, kind: str, wire: bytes, out: str | None) -> None:
+    """Send a signed response now when the network is configured; ``--out`` also (or
+    otherwise) writes it for `radmesh consult import` on the other node."""
+    peer = NodeId.from_public_key(to)
     if out:
-        Path(out).write_bytes(wire)
-        print(f"Signed {kind} written to {out}")
-    if deliver(home, peer, kind, wire):
-        print(f"Sent the {kind} to {peer.short()}")
+        _write(out, wire, kind)
+    if _on_network(home, home.load_config(), peer):
+        how = asyncio.run(_deliver(home, to, f"consult.{kind}", wire))
+        print(f"Sent the {kind} to {peer.short()}: {how}")
     elif not out:
         print(
-            f"The {kind} is stored but not sent (this node is not connected to the network); "
-            "use --out FILE to carry it, then `radmesh consult import FILE` on the other node"
+            f"The {kind} is stored but not sent (no registry configured and no LAN address "
+            f"known for {peer.short()}); use --out FILE to carry it, then "
+            "`radmesh consult import FILE` on the other node"
         )
+
+
+async def _request_online(
+    args: argparse.Namespace, home: NodeHome, peer: NodeId | None
+) -> bytes | None:
+    async with _node(home) as runtime:
+        config = runtime.config
+        jurisdiction = args.jurisdiction or config.country
+        language = args.language or (config.languages[0] if config.languages else "en")
+        seconds = int(args.deadline_hours * 3600)
+        if not jurisdiction:
+            raise LocalConsultError(
+                "give the patient's country with --jurisdiction (or set country in config.toml)"
+            )
+        if peer is None:
+            request, _, sent = await workflow.route_consult(
+                runtime,
+                args.study,
+                question=args.question,
+                priority=Priority(args.priority),
+                subspecialty=args.subspecialty,
+                jurisdiction=jurisdiction,
+                language=language,
+                deadline_seconds=seconds,
+                deidentify=not args.identified,
+                max_offers=args.max_offers,
+            )
+        else:
+            found = await runtime.directory.resolve(peer, runtime.now())
+            if found is None:
+                raise LocalConsultError(
+                    f"peer {peer.short()} is not known: find it with `radmesh peers` first"
+                )
+            request, _, how = await workflow.request_consult(
+                runtime,
+                found.record.public_key,
+                args.study,
+                question=args.question,
+                priority=Priority(args.priority),
+                subspecialty=args.subspecialty,
+                jurisdiction=jurisdiction,
+                language=language,
+                deadline_seconds=seconds,
+                deidentify=not args.identified,
+            )
+            sent = {peer: how}
+        wire = runtime.consults.info(request.id)[2]
+    print(f"Consult {request.id} requested ({request.priority.value}, {request.subspecialty})")
+    for node_id, how in sent.items():
+        print(f"  offered to {node_id.short()}: {how}")
+    return wire
+
+
+def _write(out: str, wire: bytes, kind: str) -> None:
+    Path(out).write_bytes(wire)
+    print(f"Signed {kind} written to {out}")
 
 
 def cmd_request(args: argparse.Namespace) -> int:
     home = home_of(args)
     config = home.load_config()
-    identity = load_identity(home.key_path)
-    now = int(time.time())
     if args.deadline_hours <= 0:
         raise LocalConsultError("--deadline-hours must be positive")
+    if args.max_offers < 1:
+        raise LocalConsultError("--max-offers must be at least 1")
+    peer = NodeId.parse(args.to) if args.to else None
+    if args.route:
+        if peer is not None:
+            raise LocalConsultError("use --route or --to, not both")
+        if not config.network.registries and not config.network.mdns:
+            raise LocalConsultError(
+                "--route searches the registries: add one to config.toml [network] "
+                "registries, or choose the consultant with --to"
+            )
+    if args.route or (peer is not None and _on_network(home, config, peer)):
+        wire = asyncio.run(_request_online(args, home, peer))
+        if args.out and wire is not None:
+            _write(args.out, wire, "request")
+        return 0
+    identity = load_identity(home.key_path)
+    now = int(time.time())
     request = ConsultRequest.new(
         requester=identity.node_id,
         study_uid=args.study,
@@ -80,17 +190,19 @@ def cmd_request(args: argparse.Namespace) -> int:
         deidentified=not args.identified,
     )
     wire = request.to_wire(identity)
-    peer = NodeId.parse(args.to) if args.to else None
     with _open_db(home) as db:
         db.add(request, role="requester", now=now, wire=wire)
         if peer is not None:
             db.offer(request.id, [peer], now, str(identity.node_id))
     print(f"Consult {request.id} requested ({request.priority.value}, {request.subspecialty})")
-    if peer is not None:
-        _send(home, peer, "request", wire, args.out)
-    elif args.out:
-        Path(args.out).write_bytes(wire)
-        print(f"Signed request written to {args.out}")
+    if args.out:
+        _write(args.out, wire, "request")
+    else:
+        print(
+            "The request is stored but not sent (no registry configured and no LAN address "
+            "known for the consultant); use --out FILE to carry it, then "
+            "`radmesh consult import FILE` on the other node"
+        )
     return 0
 
 
@@ -111,7 +223,7 @@ def _respond(args: argparse.Namespace, event: Event) -> int:
     now = int(time.time())
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
-        role, peer, _ = db.info(consult_id)
+        role, _, request_wire = db.info(consult_id)
         if role != "consultant":
             raise LocalConsultError(
                 f"consult {consult_id[:8]} was requested by this node; only the consultant "
@@ -119,9 +231,11 @@ def _respond(args: argparse.Namespace, event: Event) -> int:
             )
         identity = load_identity(home.key_path)
         transition = db.apply(consult_id, event, now, str(identity.node_id))
+    if request_wire is None:
+        raise LocalConsultError(f"consult {consult_id[:8]} has no signed request on this node")
     wire = ConsultResponse(consult_id, identity.node_id, event, now, args.reason).to_wire(identity)
     print(f"Consult {consult_id[:8]} is now {transition.target.value}")
-    _send(home, NodeId.parse(peer), "response", wire, args.out)
+    _send(home, SignedEnvelope.from_wire(request_wire).signer, "response", wire, args.out)
     return 0
 
 
@@ -220,6 +334,13 @@ def register(sub: Any) -> None:
     p.add_argument("--language", default="", help="report language (default: this node's first)")
     p.add_argument("--deadline-hours", type=float, default=24.0, help="hours until it expires")
     p.add_argument("--to", metavar="NODE_ID", help="send to this consultant")
+    p.add_argument(
+        "--route",
+        action="store_true",
+        help="offer it to trusted consultants online with the subspecialty and a licence "
+        "for the jurisdiction; the first to accept gets it",
+    )
+    p.add_argument("--max-offers", type=int, default=3, help="with --route: how many at once")
     p.add_argument("--identified", action="store_true", help="the study is NOT de-identified")
     p.add_argument("--out", metavar="FILE", help="also write the signed request to FILE")
     p.set_defaults(handler=cmd_request)
@@ -250,4 +371,4 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_show)
 
 
-__all__ = ["deliver", "register"]
+__all__ = ["register"]

@@ -10,7 +10,6 @@ from consult.requests import State
 from consult.store import ConsultDB
 from crypto.identity import NodeId
 from node.cli import main
-from node.commands import consult as consult_command
 from node.config import NodeHome
 
 
@@ -94,28 +93,6 @@ def test_response_from_a_node_the_request_was_not_sent_to_is_ignored(
     assert code == 1
     assert "may not accept" in err
     assert state_of(hospital, consult_id) == State.OFFERED
-
-
-def test_deliver_hook_is_called_with_the_signed_request(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    hospital = tmp_path / "h"
-    init(hospital, capsys)
-    peer = init(tmp_path / "p", capsys)
-    sent: list[tuple[NodeId, str, bytes]] = []
-
-    def fake_deliver(home: NodeHome, to: NodeId, kind: str, wire: bytes) -> bool:
-        sent.append((to, kind, wire))
-        return True
-
-    monkeypatch.setattr(consult_command, "deliver", fake_deliver)
-    code, out, _ = run(
-        hospital, capsys, "request", "--study", "2.25.1", "--question", "?",
-        "--subspecialty", "msk", "--jurisdiction", "FR", "--to", str(peer),
-    )  # fmt: skip
-    assert code == 0
-    assert "Sent the request" in out
-    assert [(to, kind) for to, kind, _ in sent] == [(peer, "request")]
 
 
 def test_list_on_an_empty_node_and_unknown_id(

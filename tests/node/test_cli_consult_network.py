@@ -1,0 +1,114 @@
+"""`radmesh consult request | accept | decline` on the network, as separate processes against
+real running nodes and a real registry."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from consult.requests import State
+from crypto.identity import Identity
+from node import workflow
+from node.config import NodeHome
+from node.demo_data import generate_ct
+from node.runtime import NodeRuntime
+from tests.node.test_runtime import FAST, make_home, wait_for
+
+
+async def radmesh(home: NodeHome, *args: str) -> tuple[int, str]:
+    """The CLI in its own process, so this loop keeps serving the registry and the nodes."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "node.cli", "--home", str(home.root), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
+    assert process.returncode is not None
+    return process.returncode, out
+
+
+async def _running(home: NodeHome, identity: Identity) -> NodeRuntime:
+    runtime = NodeRuntime(home, identity, transport_options=FAST)
+    await runtime.start()
+    workflow.install(runtime)
+    return runtime
+
+
+async def test_routed_request_and_accept_reach_nodes_live_and_through_the_mailbox(
+    tmp_path: Path, registry: str
+) -> None:
+    hospital_home, hospital_id = make_home(tmp_path, "hospital", registry, [])
+    neuro_home, neuro_id = make_home(tmp_path, "neuro", registry, ["neuro"])
+    msk_home, msk_id = make_home(tmp_path, "msk", registry, ["msk"])
+    hospital = await _running(hospital_home, hospital_id)
+    for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
+        hospital.store.add_file(path, source="test")
+    study_uid = hospital.store.studies()[0].study_uid
+    neuro, msk = await _running(neuro_home, neuro_id), await _running(msk_home, msk_id)
+    for consultant in (neuro, msk):
+        hospital.trust.mark_verified(consultant.identity.node_id, hospital.now())
+        consultant.trust.mark_verified(hospital_id.node_id, consultant.now())
+    await hospital.stop()  # from here on the hospital uses only the CLI
+    try:
+        code, out = await radmesh(
+            hospital_home, "consult", "request", "--route", "--study", study_uid,
+            "--question", "subdural?", "--priority", "stat", "--subspecialty", "neuro",
+            "--jurisdiction", "IE", "--max-offers", "2",
+        )  # fmt: skip
+        assert code == 0, out
+        consult_id = out.split()[1]
+        assert f"offered to {neuro_id.node_id.short()}: delivered (LAN)" in out
+        assert out.count("offered to") == 1  # the msk node does not match
+        await wait_for(lambda: bool(neuro.consults.cases()))
+        case = neuro.consults.get(consult_id)
+        assert case.request.study_uid != study_uid  # de-identified share
+        assert not msk.consults.cases()
+
+        # The hospital is offline now: the accept waits in the registry mailbox.
+        code, out = await radmesh(neuro_home, "consult", "accept", consult_id[:8])
+        assert code == 0, out
+        assert "Sent the response" in out
+        assert "stored" in out
+        assert neuro.consults.get(consult_id).state is State.ACCEPTED
+
+        hospital = await _running(hospital_home, hospital_id)
+        try:
+            await wait_for(lambda: hospital.consults.get(consult_id).state is State.ACCEPTED)
+            assert hospital.consults.info(consult_id)[1] == str(neuro_id.node_id)
+        finally:
+            await hospital.stop()
+    finally:
+        await neuro.stop()
+        await msk.stop()
+
+
+async def test_request_to_a_chosen_peer_and_decline_over_the_lan(
+    tmp_path: Path, registry: str
+) -> None:
+    hospital_home, hospital_id = make_home(tmp_path, "hospital", registry, [])
+    neuro_home, neuro_id = make_home(tmp_path, "neuro", registry, ["neuro"])
+    hospital = await _running(hospital_home, hospital_id)
+    neuro = await _running(neuro_home, neuro_id)
+    try:
+        for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
+            hospital.store.add_file(path, source="test")
+        study_uid = hospital.store.studies()[0].study_uid
+        hospital.trust.mark_verified(neuro_id.node_id, hospital.now())
+        neuro.trust.mark_verified(hospital_id.node_id, neuro.now())
+        code, out = await radmesh(
+            hospital_home, "consult", "request", "--study", study_uid, "--question", "?",
+            "--subspecialty", "neuro", "--jurisdiction", "IE", "--to", str(neuro_id.node_id),
+            "--out", str(tmp_path / "req.bin"),
+        )  # fmt: skip
+        assert code == 0, out
+        consult_id = out.split()[1]
+        assert "delivered (LAN)" in out
+        assert (tmp_path / "req.bin").stat().st_size > 0
+        await wait_for(lambda: bool(neuro.consults.cases()))
+
+        code, out = await radmesh(neuro_home, "consult", "decline", consult_id, "--reason", "off")
+        assert code == 0, out
+        await wait_for(lambda: hospital.consults.get(consult_id).state is State.DECLINED)
+    finally:
+        await hospital.stop()
+        await neuro.stop()
