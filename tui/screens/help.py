@@ -22,7 +22,9 @@ HELP = """\
   drag (mouse)    window: right = wider, down = higher level
   i invert   +/- zoom   H/J/K/L pan   r reset
   P point  A arrow(+text)  M length  G angle  E ellipse ROI   escape: no tool
-  click with a tool places its points; [ ] select an annotation; x removes your own
+  click with a tool places its points; click an annotation or [ ] selects it; x/del removes your own
+  p present (others can follow you)   f follow the presenter (any move of your own stops it)
+  multi-frame instances: j/k walk their frames (overlay Fr n/N)
   chat: type in the chat box + enter    report: edit the report box    F9 finalise & sign
   q close the viewer
 """

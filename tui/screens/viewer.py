@@ -12,12 +12,13 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Header, OptionList
+from textual.worker import WorkType
 
 from consult import measure
 from consult.errors import ConsultError
-from consult.presence import Cursor
+from consult.presence import Cursor, Participant, Viewport
 from consult.shared import AnnotationKind
-from tui import imaging
+from tui import hittest, imaging
 from tui.facade import Frame, InstanceRef, NodeFacade, SeriesInfo, StudyInfo
 from tui.imaging import Point
 from tui.screens.prompt import TextPrompt
@@ -67,7 +68,9 @@ class ViewerScreen(Screen[None]):
         Binding("escape", "tool('')", "no tool", show=False),
         Binding("left_square_bracket", "select(-1)", "prev mark", show=False),
         Binding("right_square_bracket", "select(1)", "next mark", show=False),
-        Binding("x", "remove_mark", "remove mark", show=False),
+        Binding("x,delete", "remove_mark", "remove mark", show=False),
+        Binding("p", "present", "present"),
+        Binding("f", "follow", "follow"),
         Binding("f9", "finalise", "finalise", show=False),
         Binding("q", "close", "close"),
     ]  # fmt: skip
@@ -79,6 +82,8 @@ class ViewerScreen(Screen[None]):
         self.series_list: list[SeriesInfo] = node.series(study.study_uid)
         self.series_index = 0
         self.instances: list[InstanceRef] = []
+        # What j/k walk: (instance, frame), every frame of a multi-frame instance in turn.
+        self.slices: list[tuple[InstanceRef, int]] = []
         self.index = 0
         self.session = node.open_session(study.study_uid) if live else None
         self.tool = ""
@@ -89,6 +94,8 @@ class ViewerScreen(Screen[None]):
         self._window_set = False
         self._cine: Timer | None = None
         self._unsubscribe: Any = None
+        self._sent_viewport: Viewport | None = None
+        self._user_moved = False
         self.message = ""
 
     def compose(self) -> ComposeResult:
@@ -116,48 +123,72 @@ class ViewerScreen(Screen[None]):
         self.set_interval(LOADING_POLL, self._poll_loading)
         if self.session is not None:
             self._unsubscribe = self.session.subscribe(self._session_changed)
+            self._follow_presenter()
 
     def on_unmount(self) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
 
     # slices
-    def open_series(self, index: int) -> None:
+    def open_series(self, index: int, slice_index: int = 0) -> None:
         if not self.series_list:
             self.update_view()
             return
         self.series_index = index % len(self.series_list)
         self.instances = self.node.instances(self.series_list[self.series_index].series_uid)
-        self.index = 0
+        self.slices = [(ref, f) for ref in self.instances for f in range(max(1, ref.frames))]
+        self.index = max(0, min(len(self.slices) - 1, slice_index))
         self.load_current()
 
     @property
     def current(self) -> InstanceRef | None:
-        return self.instances[self.index] if self.instances else None
+        return self.slices[self.index][0] if self.slices else None
+
+    @property
+    def frame_no(self) -> int:
+        return self.slices[self.index][1] if self.slices else 0
 
     def load_current(self) -> None:
         ref = self.current
         if ref is None:
             self.update_view()
             return
-        cached = self._cache.get((ref.sop_uid, 0))
+        key = (ref.sop_uid, self.frame_no)
+        cached = self._cache.get(key)
         if cached is not None:
-            self._show(ref.sop_uid, cached)
+            self._show(key, cached)
             return
-        self.run_worker(self._load(ref.sop_uid), exclusive=True, group="load")
 
-    async def _load(self, sop_uid: str) -> None:
-        frame = await self.app.run_blocking(self.node.load_frame, sop_uid, 0)  # type: ignore[attr-defined]
+        async def load() -> None:
+            await self._load(key)
+
+        # A function, not a coroutine: a load cancelled before it starts leaves nothing behind.
+        work: WorkType[None] = load  # mypy cannot solve run_worker's union for an async def
+        self.run_worker(work, exclusive=True, group="load")
+
+    async def _load(self, key: tuple[str, int]) -> None:
+        frame = await self.app.run_blocking(self.node.load_frame, *key)  # type: ignore[attr-defined]
         if frame is None:
-            self.node.request_first(sop_uid)
+            self.node.request_first(key[0])
         else:
-            self._cache[(sop_uid, 0)] = frame
+            self._cache[key] = frame
             while len(self._cache) > FRAME_CACHE:
                 self._cache.popitem(last=False)
-        if self.current is not None and self.current.sop_uid == sop_uid:
-            self._show(sop_uid, frame)
+            self._expand_frames(key[0], frame.frames)
+        if self.current is not None and (self.current.sop_uid, self.frame_no) == key:
+            self._show(key, frame)
 
-    def _show(self, sop_uid: str, frame: Frame | None) -> None:
+    def _expand_frames(self, sop_uid: str, frames: int) -> None:
+        """A multi-frame instance we knew as one slice: its frames become slices in place."""
+        at = [i for i, (ref, _) in enumerate(self.slices) if ref.sop_uid == sop_uid]
+        if not at or len(at) >= frames:
+            return
+        ref, first = self.slices[at[0]], at[0]
+        self.slices[first : first + len(at)] = [(ref[0], f) for f in range(frames)]
+        if self.index > at[-1]:
+            self.index += frames - len(at)
+
+    def _show(self, key: tuple[str, int], frame: Frame | None) -> None:
         if frame is not None and not self._window_set:
             self.view.window = frame.window or imaging.window_from_data(frame.modality())
             self._window_set = True
@@ -176,15 +207,21 @@ class ViewerScreen(Screen[None]):
         view.marks = self._marks()
         view.tool_active = bool(self.tool)
         view.redraw()
+        self._publish_viewport()
 
     def _overlay(self) -> tuple[str, ...]:
         if not self.series_list:
             return ("no series in this study",)
         s = self.series_list[self.series_index]
         w = self.view.window
+        ref = self.current
+        position = f"Im {self.instances.index(ref) + 1}/{len(self.instances)}" if ref else "Im -"
+        frames = sum(1 for r, _ in self.slices if ref is not None and r.sop_uid == ref.sop_uid)
+        if frames > 1:
+            position += f"  Fr {self.frame_no + 1}/{frames}"
         lines = [
             f"{self.study.patient}  {self.study.description}",
-            f"Se {s.number} {s.description}  Im {self.index + 1}/{len(self.instances)}",
+            f"Se {s.number} {s.description}  {position}",
             f"W {w.width:.0f} L {w.center:.0f}{'  INV' if self.view.invert else ''}"
             f"  zoom {self.view.zoom:.2f}",
         ]
@@ -194,6 +231,13 @@ class ViewerScreen(Screen[None]):
             lines.append("pos " + " ".join(f"{v:.1f}" for v in pos) + " mm")
         if self.tool:
             lines.append(f"tool: {self.tool} ({len(self.pending)}/{POINTS_NEEDED[self.tool]})")
+        if self.session is not None:
+            presenter = self._presenter()
+            if self._presenting():
+                lines.append("presenting (p stops)")
+            elif self.session.following():
+                who = presenter.name if presenter else "nobody presents yet"
+                lines.append(f"following {who} (f or any move stops)")
         if self.message:
             lines.append(self.message)
         return tuple(lines)
@@ -211,8 +255,7 @@ class ViewerScreen(Screen[None]):
                 "#ffffff" if a.id == selected else colours.get(a.author, "#ffff00"),
                 a.text,
             )
-            for a in self.session.annotations()
-            if a.sop_instance_uid == ref.sop_uid and a.frame == 0
+            for a in self._annotations_here()
         ]
         for p in self.session.participants():
             cursor = p.cursor
@@ -220,14 +263,100 @@ class ViewerScreen(Screen[None]):
                 p.node != self.session.local_node
                 and cursor
                 and cursor.sop_instance_uid == ref.sop_uid
+                and cursor.frame == self.frame_no
             ):
                 marks.append(Mark("cursor", ((cursor.x, cursor.y),), p.colour, p.name))
         marks.extend(Mark("point", (p,), "#ffffff") for p in self.pending)
         return tuple(marks)
 
+    def _annotations_here(self) -> list[Any]:
+        ref = self.current
+        if self.session is None or ref is None:
+            return []
+        return [
+            a
+            for a in self.session.annotations()
+            if a.sop_instance_uid == ref.sop_uid and a.frame == self.frame_no
+        ]
+
     def _session_changed(self) -> None:
         self.query_one(ConsultPanel).update_from_session()
+        if not self._follow_presenter():
+            self.update_view()
+
+    # presence: own viewport out, the presenter's in
+    def _presenting(self) -> bool:
+        """Whether this participant presents (sessions list their own participant first)."""
+        return self.session is not None and self.session.participants()[0].presenting
+
+    def _presenter(self) -> Participant | None:
+        if self.session is None:
+            return None
+        local = self.session.local_node
+        return next(
+            (p for p in self.session.participants() if p.presenting and p.node != local), None
+        )
+
+    def viewport(self) -> Viewport | None:
+        """What this person looks at, as presence carries it (pan: image pixels from the
+        image centre)."""
+        if not self.series_list:
+            return None
+        view, frame = self.view, self.view.frame
+        pan = (0.0, 0.0)
+        if frame is not None and view.center is not None:
+            rows, cols = frame.pixels.shape[:2]
+            pan = (view.center[0] - (cols - 1) / 2, view.center[1] - (rows - 1) / 2)
+        return Viewport(
+            self.series_list[self.series_index].series_uid,
+            self.index,
+            round(view.window.width, 2),
+            round(view.window.center, 2),
+            round(view.zoom, 4),
+            round(pan[0], 2),
+            round(pan[1], 2),
+        )
+
+    def _publish_viewport(self) -> None:
+        """Own viewport to presence when it changed (presence coalesces what it sends)."""
+        user, self._user_moved = self._user_moved, False
+        viewport = self.viewport()
+        if self.session is None or viewport is None or viewport == self._sent_viewport:
+            return
+        self._sent_viewport = viewport
+        self.session.set_viewport(viewport, by_user=user)
+
+    def _follow_presenter(self) -> bool:
+        """When following, move to the presenter's viewport; True if the view moved."""
+        presenter = self._presenter()
+        if self.session is None or not self.session.following() or presenter is None:
+            return False
+        target = presenter.viewport
+        if target is None or target == self._sent_viewport:
+            return False
+        uids = [s.series_uid for s in self.series_list]
+        if target.series_uid not in uids:
+            self.message = f"{presenter.name}'s series is not in this study here"
+            return False
+        self._sent_viewport = target
+        self.session.set_viewport(target, by_user=False)
+        view = self.view
+        view.window = imaging.Window(target.level, max(1.0, target.window))
+        self._window_set = True
+        view.zoom = target.zoom
+        view.center = None
+        index = uids.index(target.series_uid)
+        if index != self.series_index:
+            self.open_series(index, target.slice_index)
+        else:
+            self.index = max(0, min(len(self.slices) - 1, target.slice_index))
+            self.load_current()
+        frame = view.frame
+        if frame is not None and (target.pan_x or target.pan_y):
+            rows, cols = frame.pixels.shape[:2]
+            view.center = ((cols - 1) / 2 + target.pan_x, (rows - 1) / 2 + target.pan_y)
         self.update_view()
+        return True
 
     # pointer and tools
     @on(ImageView.Step)
@@ -241,7 +370,20 @@ class ViewerScreen(Screen[None]):
     @on(ImageView.WindowDragged)
     def _on_drag(self, event: ImageView.WindowDragged) -> None:
         self.view.window = event.window
+        self._user_moved = True
         self.update_view()
+
+    @on(ImageView.Picked)
+    def _on_pick(self, event: ImageView.Picked) -> None:
+        """A click near an annotation on this slice selects it (in the list too)."""
+        if self.session is None:
+            return
+        here = self._annotations_here()
+        hit = hittest.pick([(a.kind.value, a.points) for a in here], event.point, event.tolerance)
+        if hit is not None:
+            self.query_one(ConsultPanel).select_id(here[hit].id)
+            self.message = ""
+            self.update_view()
 
     @on(ImageView.Clicked)
     def _on_image_click(self, event: ImageView.Clicked) -> None:
@@ -252,7 +394,7 @@ class ViewerScreen(Screen[None]):
         if self.session is None or ref is None or self.pointer == self._sent_cursor:
             return
         self._sent_cursor = self.pointer
-        cursor = Cursor(ref.sop_uid, 0, *self.pointer) if self.pointer else None
+        cursor = Cursor(ref.sop_uid, self.frame_no, *self.pointer) if self.pointer else None
         self.session.move_cursor(cursor)
 
     def add_point(self, point: Point) -> None:
@@ -294,7 +436,7 @@ class ViewerScreen(Screen[None]):
                 )
                 values.update(stats.to_wire())
             self.session.add_annotation(
-                TOOLS[tool], ref.sop_uid, 0, points, text=text, values=values
+                TOOLS[tool], ref.sop_uid, self.frame_no, points, text=text, values=values
             )
             self.message = ""
         except ConsultError as exc:
@@ -303,17 +445,20 @@ class ViewerScreen(Screen[None]):
 
     # actions
     def action_step(self, delta: int) -> None:
-        if self.instances:
-            self.index = max(0, min(len(self.instances) - 1, self.index + delta))
+        if self.slices:
+            self._user_moved = True
+            self.index = max(0, min(len(self.slices) - 1, self.index + delta))
             self.load_current()
 
     def action_goto(self, index: int) -> None:
-        if self.instances:
-            self.index = index % len(self.instances)
+        if self.slices:
+            self._user_moved = True
+            self.index = index % len(self.slices)
             self.load_current()
 
     def action_preset(self, i: int) -> None:
         name, window = imaging.PRESETS[i]
+        self._user_moved = True
         self.view.window = window
         self.message = f"preset {i + 1}: {name}"
         self.update_view()
@@ -326,12 +471,14 @@ class ViewerScreen(Screen[None]):
         geom = self.view.geometry()
         if geom is not None:
             self.view.zoom = geom.zoomed(factor).zoom
+        self._user_moved = True
         self.update_view()
 
     def action_pan(self, dx: float, dy: float) -> None:
         geom = self.view.geometry()
         if geom is not None:
             self.view.center = geom.panned(dx, dy).view_center
+        self._user_moved = True
         self.update_view()
 
     def action_reset(self) -> None:
@@ -340,6 +487,7 @@ class ViewerScreen(Screen[None]):
         if frame is not None:
             self.view.window = frame.window or imaging.window_from_data(frame.modality())
         self.message = ""
+        self._user_moved = True
         self.update_view()
 
     def action_cine(self) -> None:
@@ -350,16 +498,45 @@ class ViewerScreen(Screen[None]):
             self._cine = None
 
     def action_series(self, step: int) -> None:
+        self._user_moved = True
         self.open_series(self.series_index + step)
 
     @on(OptionList.OptionSelected, "#series")
     def _series_chosen(self, event: OptionList.OptionSelected) -> None:
-        self.open_series(event.option_index)
+        if event.option_index != self.series_index:
+            self._user_moved = True
+            self.open_series(event.option_index)
         self.view.focus()
 
     def action_tool(self, name: str) -> None:
         self.tool, self.pending = name, []
+        if self.session is not None:
+            self.session.set_tool(name or "pointer")
         self.update_view()
+
+    def action_present(self) -> None:
+        if self.session is None:
+            self.message = "presenting needs a live consult (open it from the worklist)"
+        else:
+            self.session.present(not self._presenting())
+            self._sent_viewport = None  # say where we are now, for followers
+            self.message = ""
+        self.update_view()
+
+    def action_follow(self) -> None:
+        if self.session is None:
+            self.message = "following needs a live consult (open it from the worklist)"
+            self.update_view()
+            return
+        if self.session.following():
+            self.session.follow(False)
+        else:
+            if self._presenting():
+                self.session.present(False)
+            self.session.follow(True)
+        self.message = ""
+        if not self._follow_presenter():
+            self.update_view()
 
     def action_select(self, step: int) -> None:
         if self.session is not None:
@@ -369,13 +546,21 @@ class ViewerScreen(Screen[None]):
     def action_remove_mark(self) -> None:
         if self.session is None:
             return
-        selected = self.query_one(ConsultPanel).selected
-        if selected:
+        panel = self.query_one(ConsultPanel)
+        chosen = next((a for a in self.session.annotations() if a.id == panel.selected), None)
+        if chosen is None:
+            self.message = "select an annotation first: click it, or [ and ]"
+        elif chosen.author != self.session.local_node:
+            who = panel.names().get(chosen.author, chosen.author[:8])
+            self.message = f"only the author ({who}) can remove this annotation: ask them"
+        else:
             try:
-                self.session.remove_annotation(selected)
+                self.session.remove_annotation(chosen.id)
+                panel.selected = None
+                self.message = ""
             except ConsultError as exc:
                 self.message = str(exc)
-                self.update_view()
+        self.update_view()
 
     def action_finalise(self) -> None:
         if self.session is not None and not self.session.finalised():

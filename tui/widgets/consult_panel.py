@@ -63,15 +63,19 @@ class ConsultPanel(Vertical):
         s = self.session
         names = self.names()
         people = Text("Participants\n", style="bold")
-        for p in s.participants():
-            me = " (you)" if p.node == s.local_node else ""
+        for index, p in enumerate(s.participants()):
+            me = " (you)" if index == 0 else ""
             flags = " presenting" if p.presenting else ""
+            if index == 0 and s.following():
+                flags += " following"
             people.append(f" ● {p.name}{me}{flags}\n", style=p.colour)
         self.query_one("#participants", Static).update(people)
-        marks = Text("Annotations ([ ] select, x remove)\n", style="bold")
+        marks = Text("Annotations (click or [ ] select, x remove)\n", style="bold")
         for a in s.annotations():
-            sel = "▶" if a.id == self.selected else " "
-            marks.append(f"{sel}{names.get(a.author, a.author[:8])}: {describe(a)}\n")
+            chosen = a.id == self.selected
+            line = f"{'▶' if chosen else ' '}{names.get(a.author, a.author[:8])}: {describe(a)}"
+            frame = f" (fr {a.frame + 1})" if a.frame else ""
+            marks.append(line + frame + "\n", style="reverse" if chosen else "")
         self.query_one("#annotations", Static).update(marks)
         chat = Text("Chat\n", style="bold")
         for m in s.chat()[-50:]:
@@ -93,6 +97,10 @@ class ConsultPanel(Vertical):
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
         if event.text_area.has_focus and not self.session.finalised():
             self.session.set_report_text(event.text_area.text)
+
+    def select_id(self, annotation_id: str | None) -> None:
+        self.selected = annotation_id
+        self.update_from_session()
 
     def select(self, step: int) -> None:
         ids = [a.id for a in self.session.annotations()]

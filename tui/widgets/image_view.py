@@ -64,6 +64,14 @@ class ImageView(Widget, can_focus=True):
             self.point = point
             super().__init__()
 
+    class Picked(Message):
+        """A click without a tool (no drag): select what is under it."""
+
+        def __init__(self, point: Point, tolerance: float) -> None:
+            self.point = point
+            self.tolerance = tolerance  # image pixels: about one and a half cells
+            super().__init__()
+
     class WindowDragged(Message):
         def __init__(self, window: Window) -> None:
             self.window = window
@@ -84,6 +92,7 @@ class ImageView(Widget, can_focus=True):
         self._renderer = HalfBlockRenderer()
         self._strips: list[Strip] = []
         self._drag: tuple[float, float, Window] | None = None
+        self._dragged = False
         self.frames_rendered = 0
 
     # state from the screen
@@ -191,16 +200,23 @@ class ImageView(Widget, can_focus=True):
             self.post_message(self.Clicked(point))
         else:
             self._drag = (float(event.screen_x), float(event.screen_y), self.window)
+            self._dragged = False
             self.capture_mouse()
 
     def on_mouse_up(self, event: events.MouseUp) -> None:
         if self._drag is not None:
             self._drag = None
             self.release_mouse()
+            point, geom = self._image_point(event.x, event.y), self.geometry()
+            if not self._dragged and point is not None and geom is not None:
+                self.post_message(self.Picked(point, 1.5 / min(geom.scale)))
 
     def on_mouse_move(self, event: events.MouseMove) -> None:
         if self._drag is not None:
             x0, y0, start = self._drag
+            if (event.screen_x, event.screen_y) == (x0, y0):
+                return
+            self._dragged = True
             # A cell is one display pixel wide and two tall.
             window = imaging.window_from_drag(
                 start, event.screen_x - x0, 2 * (event.screen_y - y0), WL_DRAG_SENSITIVITY

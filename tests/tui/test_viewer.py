@@ -1,0 +1,296 @@
+"""Viewer: follow-the-presenter over two live sessions, picking annotations with the mouse,
+multi-frame instances."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+import pytest
+
+from consult.live import LiveConsult, LiveFragment, PresenceEnvelope, Reassembler
+from consult.presence import Cursor, Viewport
+from consult.shared import Annotation, AnnotationKind
+from crypto.identity import Identity
+from tui.app import RadmeshApp
+from tui.facade import Frame
+from tui.memory import SERIES2_UID, SERIES_UID, InMemoryNode
+from tui.node_facade import LiveSessionView
+from tui.screens.viewer import ViewerScreen
+from tui.widgets.consult_panel import ConsultPanel
+from tui.widgets.image_view import ImageView
+
+SIZE = (150, 45)
+CONSULT = "feed0000feed0000feed0000feed0000"
+
+
+class MemoryLink:
+    """One side of an in-memory connection: what it sends lands in the other LiveConsult."""
+
+    def __init__(self, own_key: bytes, peer_key: bytes, target: LiveConsult) -> None:
+        self._own, self._peer, self._target = own_key, peer_key, target
+        self._reassembler = Reassembler()
+        self.presence_sent = 0
+
+    @property
+    def peer(self) -> bytes:
+        return self._peer
+
+    @property
+    def is_connected(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    async def send_live(self, data: bytes) -> None:
+        message = self._reassembler.feed(LiveFragment.from_wire(data))
+        if message is not None:
+            self._target.receive_live(self._own, message)
+
+    def send_presence(self, data: bytes) -> bool:
+        self.presence_sent += 1
+        self._target.receive_presence(self._own, PresenceEnvelope.from_wire(data).message)
+        return True
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[LiveConsult, LiveConsult, MemoryLink]]:
+    """Two participants of one consult joined in memory; the link is a's way to b."""
+    ida, idb = Identity.generate(), Identity.generate()
+    a = LiveConsult(CONSULT, str(ida.node_id), "Dr Ana", "#ff00ff")
+    b = LiveConsult(CONSULT, str(idb.node_id), "Dr Ben", "#00ff00")
+    a_to_b = MemoryLink(ida.public_key, idb.public_key, b)
+    b.bind(MemoryLink(idb.public_key, ida.public_key, a))
+    a.bind(a_to_b)
+    await wait_for(lambda: len(a.participants()) == 2 and len(b.participants()) == 2)
+    yield a, b, a_to_b
+    await a.close()
+    await b.close()
+
+
+async def wait_for(predicate: Callable[[], object], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def make_node(**kw: int) -> InMemoryNode:
+    return InMemoryNode(Identity.generate().node_id, **kw)
+
+
+async def open_viewer(pilot, node: InMemoryNode) -> ViewerScreen:  # type: ignore[no-untyped-def]
+    screen = ViewerScreen(node, node.studies()[0], live=True)
+    await pilot.app.push_screen(screen)
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+    return screen
+
+
+def svg_text(app: RadmeshApp) -> str:
+    return app.export_screenshot().replace("&#160;", " ")
+
+
+def other(live: LiveConsult) -> object:
+    """The other participant as ``live`` sees them."""
+    return next(p for p in live.participants() if p.client_id != live.presence.client_id)
+
+
+# --- follow-the-presenter ---------------------------------------------------------------------
+
+
+async def test_a_follower_takes_the_presenters_slices_until_they_scroll_themselves(
+    pair: tuple[LiveConsult, LiveConsult, MemoryLink],
+) -> None:
+    presenter, follower, _ = pair
+    node = make_node()
+    node.session = LiveSessionView(follower)  # type: ignore[assignment]
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        presenter.present(True)
+        presenter.set_viewport(Viewport(SERIES_UID, 5, 80.0, 40.0))
+        await pilot.press("f")
+        await wait_for(lambda: viewer.index == 5)
+        assert viewer.view.window.width == 80
+        assert viewer.view.window.center == 40
+        await pilot.pause()
+        assert "following Dr Ana" in svg_text(app)
+        assert "following" in str(viewer.query_one("#participants").render())
+
+        presenter.set_viewport(Viewport(SERIES2_UID, 7, 80.0, 40.0, zoom=2.0))  # presenter scrolls
+        await wait_for(lambda: viewer.index == 7 and viewer.series_index == 1)
+        assert viewer.view.zoom == 2.0
+
+        await pilot.press("j")  # the follower moves on their own: no longer following
+        await pilot.pause()
+        assert viewer.index == 8
+        assert not follower.presence.following
+        presenter.set_viewport(Viewport(SERIES2_UID, 2, 80.0, 40.0))
+        await asyncio.sleep(0.2)
+        await pilot.pause()
+        assert viewer.index == 8
+        # ...and the presenter sees where the follower went.
+        await wait_for(lambda: (v := other(presenter).viewport) is not None and v.slice_index == 8)  # type: ignore[attr-defined]
+
+
+async def test_the_presenter_broadcasts_viewport_and_tool_coalesced(
+    pair: tuple[LiveConsult, LiveConsult, MemoryLink],
+) -> None:
+    presenter, follower, link = pair
+    node = make_node(slices=30)
+    node.session = LiveSessionView(presenter)  # type: ignore[assignment]
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        follower.follow()
+        await pilot.press("p", "M")
+        await wait_for(lambda: other(follower).presenting and other(follower).tool == "length")  # type: ignore[attr-defined]
+        await pilot.pause()
+        assert "presenting" in svg_text(app)
+
+        sent = link.presence_sent
+        for _ in range(20):  # a burst of slice steps in one tick
+            viewer.action_step(1)
+        await pilot.pause(0.3)  # the last step's slice loads (earlier loads are cancelled)
+        assert link.presence_sent - sent < 5  # coalesced, not one message per step
+        await wait_for(lambda: (v := follower.presence.me.viewport) and v.slice_index == 20)
+
+        await pilot.press("p")  # stop presenting
+        await wait_for(lambda: not other(follower).presenting)  # type: ignore[attr-defined]
+
+
+async def test_follow_without_a_live_consult_says_what_to_do() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = ViewerScreen(node, node.studies()[0], live=False)
+        await app.push_screen(screen)
+        await pilot.pause()
+        await pilot.press("f")
+        await pilot.pause()
+        assert "following needs a live consult" in svg_text(app)
+
+
+async def test_in_memory_session_follows_a_remote_presenter() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        node.session.remote_join(7, "PEER-NEURO", "Dr Neuro", "#ff00ff")
+        node.session.remote_viewport(7, Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
+        await pilot.press("f")
+        await pilot.pause()
+        assert viewer.index == 3
+        assert node.session.following()
+        node.session.remote_viewport(7, Viewport(SERIES_UID, 9, 400.0, 40.0))
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert viewer.index == 9
+        await pilot.press("f")  # toggled off: the presenter's moves no longer apply
+        node.session.remote_viewport(7, Viewport(SERIES_UID, 1, 400.0, 40.0))
+        await pilot.pause()
+        assert viewer.index == 9
+        assert not node.session.following()
+
+
+# --- picking annotations with the mouse --------------------------------------------------------
+
+
+async def click_image_point(pilot, viewer: ViewerScreen, point: tuple[float, float]) -> None:  # type: ignore[no-untyped-def]
+    geom = viewer.view.geometry()
+    assert geom is not None
+    await pilot.click(ImageView, offset=geom.image_to_cell(point))
+    await pilot.pause()
+
+
+async def test_clicking_near_an_annotation_selects_it_and_only_the_author_removes_it() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        sop = viewer.current.sop_uid  # type: ignore[union-attr]
+        panel = viewer.query_one(ConsultPanel)
+        node.session.remote_join(7, "PEER-NEURO", "Dr Neuro", "#ff00ff")
+        theirs = Annotation(
+            "r1", AnnotationKind.LENGTH, sop, 0, ((20.0, 20.0), (40.0, 20.0)), "PEER-NEURO", 1.0
+        )
+        node.session.remote_annotation(theirs)
+        mine = node.session.add_annotation(AnnotationKind.POINT, sop, 0, ((90.0, 90.0),))
+        await pilot.pause()
+
+        await click_image_point(pilot, viewer, (30.0, 20.0))  # on the middle of their line
+        assert panel.selected == "r1"
+        assert "▶" in str(panel.query_one("#annotations").render())
+        await pilot.press("x")
+        await pilot.pause()
+        assert len(node.session.annotations()) == 2
+        assert "only the author (Dr Neuro) can remove" in svg_text(app)
+
+        await click_image_point(pilot, viewer, (90.0, 90.0))
+        assert panel.selected == mine.id
+        await pilot.press("delete")
+        await pilot.pause()
+        assert [a.id for a in node.session.annotations()] == ["r1"]
+
+        await click_image_point(pilot, viewer, (110.0, 30.0))  # nothing near: no selection
+        assert panel.selected is None
+        await pilot.press("x")
+        await pilot.pause()
+        assert "select an annotation first" in svg_text(app)
+
+
+# --- multi-frame instances ---------------------------------------------------------------------
+
+
+class MultiFrameNode(InMemoryNode):
+    """The first instance of each series holds three frames (each brighter by 100 HU)."""
+
+    def load_frame(self, sop_uid: str, frame: int = 0) -> Frame | None:
+        base = super().load_frame(sop_uid, 0)
+        if base is None or not sop_uid.endswith(".1"):
+            return base
+        return replace(base, pixels=base.pixels + 100 * frame, frames=3)
+
+
+async def test_j_walks_the_frames_of_a_multi_frame_instance_and_marks_keep_their_frame() -> None:
+    node = MultiFrameNode(Identity.generate().node_id)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        assert "Im 1/12  Fr 1/3" in svg_text(app)
+        sop = viewer.current.sop_uid  # type: ignore[union-attr]
+        node.session.remote_join(7, "PEER-NEURO", "Dr Neuro", "#ff00ff")
+        node.session.remote_cursor(7, Cursor(sop, 1, 50.0, 50.0))
+
+        await pilot.press("j")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert (viewer.current.sop_uid, viewer.frame_no) == (sop, 1)  # type: ignore[union-attr]
+        assert "Im 1/12  Fr 2/3" in svg_text(app)
+        frame0 = node.load_frame(sop, 0)
+        assert frame0 is not None
+        assert viewer.view.frame is not None
+        assert (viewer.view.frame.pixels == frame0.pixels + 100).all()
+        assert [m.kind for m in viewer.view.marks] == ["cursor"]  # the cursor is on frame 2
+
+        await pilot.press("P")
+        await click_image_point(pilot, viewer, (40.0, 40.0))
+        (point,) = node.session.annotations()
+        assert (point.sop_instance_uid, point.frame) == (sop, 1)
+
+        await pilot.press("k")  # frame 1: neither the cursor nor the point is here
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert viewer.frame_no == 0
+        assert viewer.view.marks == ()
+
+        await pilot.press("j", "j", "j")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "Im 2/12" in svg_text(app)
+        assert "Fr " not in svg_text(app)
