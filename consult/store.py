@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from consult.errors import LocalConsultError, UnknownConsult
-from consult.report import Report, verify_report
+from consult.errors import BadReport, LocalConsultError, UnknownConsult
+from consult.report import PeerReview, Report, verify_report, verify_review
 from consult.requests import (
     TRANSITIONS,
     AuditHook,
@@ -60,6 +60,13 @@ CREATE TABLE IF NOT EXISTS reports (
     consult_id TEXT PRIMARY KEY REFERENCES requests(id),
     wire BLOB NOT NULL,
     received_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reviews (
+    consult_id TEXT NOT NULL REFERENCES requests(id),
+    reviewer TEXT NOT NULL,
+    wire BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (consult_id, reviewer)
 );
 CREATE TABLE IF NOT EXISTS offers (
     consult_id TEXT NOT NULL REFERENCES requests(id),
@@ -318,6 +325,58 @@ class ConsultDB:
             self._db.execute("INSERT INTO reports VALUES (?,?,?)", (consult_id, wire, now))
         self._audit(consult_id, transition)
         return report
+
+    def keep_sent_report(self, consult_id: str, wire: bytes, now: int, actor: str) -> Transition:
+        """Consultant side: mark the case reported and keep the signed report as sent, so a
+        peer review of it can be verified here later."""
+        role, _, _ = self.info(consult_id)
+        if role != "consultant":
+            raise LocalConsultError(f"consult {consult_id[:8]} was not sent to this node")
+        verify_report(wire, consult_id=consult_id)
+        with self._transaction():
+            transition = self._apply_locked(consult_id, Event.REPORT, now, actor)
+            self._db.execute("INSERT INTO reports VALUES (?,?,?)", (consult_id, wire, now))
+        self._audit(consult_id, transition)
+        return transition
+
+    def file_review(
+        self, consult_id: str, wire: bytes, now: int, *, reviewer: NodeId | None = None
+    ) -> PeerReview:
+        """Verify a peer review against the report held for this consult and keep it.
+
+        ``reviewer``, when given, is who must have signed it (the requester, on the
+        consultant's node). One review per reviewer and consult: a second replaces none.
+        """
+        report = self.report_wire(consult_id)
+        if report is None:
+            raise LocalConsultError(
+                f"consult {consult_id[:8]} has no report on this node: nothing to review"
+            )
+        review = verify_review(wire, report_wire=report)
+        if review.consult_id != consult_id:
+            raise BadReport(f"peer review is for consult {review.consult_id}, not {consult_id}")
+        if reviewer is not None and review.reviewer != reviewer:
+            raise BadReport(
+                f"peer review of consult {consult_id[:8]} is signed by "
+                f"{review.reviewer.short()}, not by the node that received the report"
+            )
+        try:
+            self._db.execute(
+                "INSERT INTO reviews VALUES (?,?,?,?)",
+                (consult_id, str(review.reviewer), wire, now),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise LocalConsultError(
+                f"{review.reviewer.short()} already reviewed consult {consult_id[:8]}"
+            ) from exc
+        return review
+
+    def reviews(self, consult_id: str) -> list[PeerReview]:
+        report = self.report_wire(consult_id)
+        rows = self._db.execute(
+            "SELECT wire FROM reviews WHERE consult_id = ? ORDER BY received_at", (consult_id,)
+        ).fetchall()
+        return [verify_review(bytes(r[0]), report_wire=report) for r in rows if report]
 
     def report_wire(self, consult_id: str) -> bytes | None:
         """The signed report as received (verify again with consult.report.verify_report)."""

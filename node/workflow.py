@@ -10,7 +10,11 @@ request. When the report arrives (:func:`install` registers the handler) it is
 verified against the case, re-linked to the real patient, turned into a DICOM
 SR filed under the original study, stored, audited and pushed to the PACS.
 
-Consultant side: :func:`send_report` signs and sends the report.
+Consultant side: :func:`send_report` signs and sends the report (and keeps it).
+
+Quality control: :func:`send_review` lets a second reader on the requesting node
+score the report (agree / minor / major discrepancy); the signed review is
+verified against the exact report bytes, kept and audited on both nodes.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from consult.errors import ConsultError, LocalConsultError
-from consult.report import KeyImage, Measurement, PatientStudy, Report, export_sr
+from consult.report import (
+    KeyImage,
+    Measurement,
+    PatientStudy,
+    PeerReview,
+    Report,
+    Score,
+    export_sr,
+)
 from consult.requests import (
     Candidate,
     ConsultRequest,
@@ -53,6 +65,7 @@ log = logging.getLogger(__name__)
 
 PSEUDONYM_KEY_PURPOSE = "radmesh-pseudonyms-v1"
 REPORT_KIND = "consult.report"
+REVIEW_KIND = "consult.review"
 FETCH_KIND = "consult.fetch"
 
 
@@ -281,11 +294,11 @@ async def route_consult(
     return request, share, sent
 
 
-def _report_consult_id(wire: bytes) -> str:
+def _signed_consult_id(wire: bytes, what: str = "report") -> str:
     body = canonical.decode(SignedEnvelope.from_wire(wire).payload)
     consult_id = body.get("consult") if isinstance(body, dict) else None
     if not isinstance(consult_id, str):
-        raise LocalConsultError("report does not name its consult")
+        raise LocalConsultError(f"{what} does not name its consult")
     return consult_id
 
 
@@ -303,7 +316,7 @@ def _patient_of(rt: NodeRuntime, study_uid: str) -> PatientStudy:
 
 
 async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) -> None:
-    consult_id = rt.consults.resolve(_report_consult_id(wire))
+    consult_id = rt.consults.resolve(_signed_consult_id(wire))
     case = rt.consults.get(consult_id)
     # The requester's copy moves to review once the consultant had the study.
     if case.state is State.ACCEPTED:
@@ -382,9 +395,66 @@ async def send_report(
         finalised_at=rt.now(),
     )
     wire = report.sign(rt.identity)
-    rt.consults.apply(consult_id, Event.REPORT, rt.now(), str(rt.identity.node_id))
+    rt.consults.keep_sent_report(consult_id, wire, rt.now(), str(rt.identity.node_id))
     await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
     return report
+
+
+def _audit_review(rt: NodeRuntime, review: PeerReview, peer: NodeId) -> None:
+    rt.audit.append(
+        AuditKind.CONSULT,
+        now=rt.clock(),
+        peer=str(peer),
+        details={
+            "consult": review.consult_id,
+            "event": "review",
+            "score": review.score.value,
+            "reviewer": str(review.reviewer),
+        },
+    )
+
+
+async def send_review(rt: NodeRuntime, consult_id: str, score: Score, comment: str = "") -> str:
+    """Requesting side, the QA step: a second reader here scores the received report; the
+    signed review is kept and audited here and sent to the report's author. Returns how."""
+    consult_id = rt.consults.resolve(consult_id)
+    role, _, _ = rt.consults.info(consult_id)
+    report = rt.consults.report_wire(consult_id)
+    if role != "requester" or report is None:
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} has no report received by this node: only the "
+            "requesting node reviews the report it got back"
+        )
+    review = PeerReview(
+        consult_id,
+        PeerReview.digest(report),
+        rt.identity.node_id,
+        score,
+        comment,
+        rt.now(),
+    )
+    wire = review.sign(rt.identity)
+    rt.consults.file_review(consult_id, wire, rt.now(), reviewer=rt.identity.node_id)
+    author = _signer(report)
+    _audit_review(rt, review, NodeId.from_public_key(author))
+    return await rt.send_message(author, REVIEW_KIND, wire)
+
+
+async def _on_review(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
+    """Consultant side: a review of a report we sent, from the node we sent it to."""
+    consult_id = rt.consults.resolve(_signed_consult_id(wire, "review"))
+    role, peer, _ = rt.consults.info(consult_id)
+    if role != "consultant" or NodeId.parse(peer) != sender:
+        raise LocalConsultError(
+            f"a review of consult {consult_id[:8]} from {sender.short()}, who did not ask "
+            "for it: ignored"
+        )
+    review = rt.consults.file_review(consult_id, wire, rt.now(), reviewer=sender)
+    _audit_review(rt, review, sender)
+    rt.notify(
+        f"{sender.short()} reviewed your report on consult {consult_id[:8]}: "
+        f"{review.score.value.replace('_', ' ')}"
+    )
 
 
 def requester_key(rt: NodeRuntime, consult_id: str) -> bytes:
@@ -422,6 +492,17 @@ def install(rt: NodeRuntime) -> None:
             raise
 
     rt.handlers[REPORT_KIND] = on_report
+
+    async def on_review(sender: NodeId, kind: str, wire: bytes) -> None:
+        if not rt.trust.is_trusted(_signer(wire), rt.now()):
+            raise RuntimeError_(f"review from untrusted {sender.short()} ignored")
+        try:
+            await _on_review(sender, wire, rt)
+        except ConsultError as exc:
+            rt.notify(f"A review from {sender.short()} was refused: {exc}")
+            raise
+
+    rt.handlers[REVIEW_KIND] = on_review
 
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
         consult_id = rt.consults.resolve(body.decode(errors="replace"))

@@ -1,4 +1,4 @@
-"""``radmesh consult request | import | list | accept | decline | show``.
+"""``radmesh consult request | import | list | accept | decline | review | show``.
 
 Works against the local node's consult database. When the node is on the
 network (a registry in its config, or the peer remembered with a LAN address)
@@ -21,6 +21,7 @@ from typing import Any
 
 from consult.errors import LocalConsultError
 from consult.intake import take_in
+from consult.report import PeerReview, Score
 from consult.requests import (
     ConsultCase,
     ConsultRequest,
@@ -247,6 +248,30 @@ def cmd_decline(args: argparse.Namespace) -> int:
     return _respond(args, Event.DECLINE)
 
 
+SCORES = {"agree": Score.AGREE, "minor": Score.MINOR, "major": Score.MAJOR}
+
+
+async def _review_online(home: NodeHome, args: argparse.Namespace) -> str:
+    async with _node(home) as runtime:
+        return await workflow.send_review(runtime, args.id, SCORES[args.score], args.comment)
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    """The QA step: score the report this node received; it goes to the report's author."""
+    home = home_of(args)
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+        peer = db.info(consult_id)[1]
+    if not _on_network(home, home.load_config(), NodeId.parse(peer) if peer else None):
+        raise LocalConsultError(
+            "a review is sent to the report's author: add a registry to config.toml "
+            "[network] registries, or find the consultant on the LAN first (`radmesh peers`)"
+        )
+    how = asyncio.run(_review_online(home, args))
+    print(f"Review of consult {consult_id[:8]} ({args.score}) kept here and sent: {how}")
+    return 0
+
+
 def _age(seconds: int) -> str:
     sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
     if seconds < 3600:
@@ -281,7 +306,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_case(case: ConsultCase, role: str, peer: str, now: int) -> None:
+def _print_case(
+    case: ConsultCase, role: str, peer: str, now: int, reviews: list[PeerReview]
+) -> None:
     r = case.request
     print(f"Consult {r.id}")
     print(f"  state:         {case.state.value}  (this node is the {role})")
@@ -305,6 +332,13 @@ def _print_case(case: ConsultCase, role: str, peer: str, now: int) -> None:
         who = f"  by {t.actor[:7]}" if t.actor else ""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t.at))
         print(f"    {stamp}  {t.event.value} -> {t.target.value}{who}")
+    for review in reviews:
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime(review.at))
+        print(
+            f"  peer review:   {review.score.value.replace('_', ' ')} by "
+            f"{review.reviewer.short()} at {stamp} UTC"
+            + (f": {review.comment}" if review.comment else "")
+        )
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -313,14 +347,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         consult_id = db.resolve(args.id)
         case = db.get(consult_id)
         role, peer, _ = db.info(consult_id)
-    _print_case(case, role, peer, int(time.time()))
+        reviews = db.reviews(consult_id)
+    _print_case(case, role, peer, int(time.time()), reviews)
     return 0
 
 
 def register(sub: Any) -> None:
     consult = sub.add_parser(
         "consult",
-        help="consult requests: request, import, list, accept, decline, show",
+        help="consult requests: request, import, list, accept, decline, review, show",
         description="Ask for and answer consultations.",
     )
     csub = consult.add_subparsers(dest="consult_command", metavar="CONSULT_COMMAND", required=True)
@@ -366,7 +401,13 @@ def register(sub: Any) -> None:
         p.add_argument("--out", metavar="FILE", help="also write the signed response to FILE")
         p.set_defaults(handler=handler)
 
-    p = csub.add_parser("show", help="one consult: details and audited history")
+    p = csub.add_parser("review", help="score the report this node received (QA)")
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.add_argument("--score", required=True, choices=list(SCORES), help="agree, or discrepancy")
+    p.add_argument("--comment", default="", help="what differs, for the report's author")
+    p.set_defaults(handler=cmd_review)
+
+    p = csub.add_parser("show", help="one consult: details, audited history, peer reviews")
     p.add_argument("id", help="consult id (a unique prefix is enough)")
     p.set_defaults(handler=cmd_show)
 

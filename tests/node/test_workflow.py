@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from consult.report import Measurement, Unit
 from consult.requests import Event, Priority, State
@@ -148,6 +149,78 @@ async def test_finalising_in_the_tui_signs_and_sends_the_report(
         wire = a.consults.report_wire(request.id)
         assert wire is not None
         assert b"Normal CT head." in wire
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_peer_review_goes_to_the_reports_author_and_both_nodes_keep_it(
+    tmp_path: Path, registry: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from consult.report import PeerReview, Score
+    from node.cli import main
+    from tests.node.test_cli_consult_network import radmesh
+
+    rural_home, rural = make_home(tmp_path, "rural", registry, [])
+    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
+    a = NodeRuntime(rural_home, rural, transport_options=FAST)
+    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
+    await a.start()
+    await b.start()
+    workflow.install(a)
+    workflow.install(b)
+    try:
+        for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
+            a.store.add_file(path, source="test")
+        a.trust.mark_verified(neuro.node_id, a.now())
+        b.trust.mark_verified(rural.node_id, b.now())
+        request, _, _ = await workflow.request_consult(
+            a,
+            neuro.public_key,
+            a.store.studies()[0].study_uid,
+            question="fracture?",
+            priority=Priority.URGENT,
+            subspecialty="neuro",
+            jurisdiction="IE",
+        )
+        await wait_for(lambda: bool(b.consults.cases()))
+        await workflow.respond(b, request.id, Event.ACCEPT)
+        await workflow.send_report(b, request.id, text="No fracture.", impression="Normal.")
+        await wait_for(lambda: request.id in a.reports)
+
+        # A review of another version of the report is refused by the author's node.
+        wrong = PeerReview(request.id, b"\0" * 32, rural.node_id, Score.AGREE, "", a.now())
+        await a.send_message(neuro.public_key, workflow.REVIEW_KIND, wrong.sign(rural))
+
+        code, out = await radmesh(
+            rural_home, "consult", "review", request.id[:8], "--score", "major",
+            "--comment", "missed the C2 fracture",
+        )  # fmt: skip
+        assert code == 0, out
+        assert "delivered (LAN)" in out
+        await wait_for(lambda: bool(b.consults.reviews(request.id)))
+        (kept,) = b.consults.reviews(request.id)
+        assert kept.score is Score.MAJOR
+        assert kept.reviewer == rural.node_id
+        assert [r.score for r in a.consults.reviews(request.id)] == [Score.MAJOR]
+        for node in (a, b):
+            reviews = [
+                r.details
+                for r in node.audit.records()
+                if r.kind == "consult" and r.details.get("event") == "review"
+            ]
+            assert reviews == [
+                {
+                    "consult": request.id,
+                    "event": "review",
+                    "score": "major_discrepancy",
+                    "reviewer": str(rural.node_id),
+                }
+            ]
+        assert main(["--home", str(neuro_home.root), "consult", "show", request.id[:8]]) == 0
+        shown = capsys.readouterr().out
+        assert "peer review:   major discrepancy by" in shown
+        assert "missed the C2 fracture" in shown
     finally:
         await a.stop()
         await b.stop()
