@@ -304,3 +304,32 @@ def test_invite_round_trip_and_caps() -> None:
         Invite.from_wire(Invite(CONSULT, (b"short",)).to_wire())
     with pytest.raises(MalformedMessage):
         Invite.from_wire(b"\x00" * 5000)
+
+
+async def test_edits_made_apart_merge_when_the_peer_reconnects(trio: list[NodeRuntime]) -> None:
+    a, b, _ = trio
+    live_a = a.live_hub().open(CONSULT)
+    await a.live_hub().invite(CONSULT, key(b))
+    live_b = b.live_hub().sessions[CONSULT]
+    live_a.set_report_text("Findings: ")
+    live_a.add_annotation(AnnotationKind.POINT, SOP, 0, ((1, 1),))
+    await wait_for(lambda: live_b.report_text() == "Findings: " and live_b.annotations())
+
+    # b goes offline: its connection to a is closed, both keep working on their own copy.
+    await b.live_hub()._links[key(a)].close("laptop lid closed")
+    await wait_for(lambda: not live_a.is_bound(key(b)) and not live_b.is_bound(key(a)))
+    live_a.set_report_text("Findings: left subdural. ")
+    live_a.add_annotation(AnnotationKind.ARROW, SOP, 1, ((2, 2), (9, 9)), text="a's arrow")
+    live_a.say("from a while apart")
+    live_b.set_report_text("Findings: \nImpression: acute SDH.")
+    live_b.add_annotation(AnnotationKind.POINT, SOP, 2, ((5, 5),), text="b's point")
+    live_b.say("from b while apart")
+    assert live_a.state.snapshot() != live_b.state.snapshot()
+
+    await a.live_hub().invite(CONSULT, key(b))  # back: a new connection, the same session
+    await wait_for(lambda: live_a.state.snapshot() == live_b.state.snapshot())
+    merged = live_a.state.snapshot()
+    assert {x.text for x in merged.annotations} == {"", "a's arrow", "b's point"}
+    assert {m.text for m in merged.chat} == {"from a while apart", "from b while apart"}
+    assert "left subdural." in merged.report
+    assert "Impression: acute SDH." in merged.report
