@@ -1,0 +1,39 @@
+"""`radmesh` as its own process for the transfer fault tests (run with ``python -m``).
+
+The real CLI (``node.cli.main``, uvloop as the console script installs it), with two
+test-only changes: ICE host candidates on 127.0.0.1 only; a line ``bulk N`` on stdout
+before each bulk chunk this process hands to its connection, so a test can count what
+a sender sent even when it kills it with SIGKILL; and the peer transport's INFO log
+(connections lost and back, chunks rejected) on stderr, for the test's failure message.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from node.cli import main
+from peer_transport.connection import ChannelLink, install_event_loop_policy
+from peer_transport.rtc import restrict_host_addresses
+
+
+def count_bulk_chunks() -> None:
+    send_bulk = ChannelLink.send_bulk
+    sent = 0
+
+    async def counting(self: ChannelLink, data: bytes) -> None:
+        nonlocal sent
+        sent += 1  # counted before it leaves: an upper bound, even for a killed process
+        print(f"bulk {sent}", flush=True)
+        await send_bulk(self, data)
+
+    ChannelLink.send_bulk = counting  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    restrict_host_addresses(["127.0.0.1"])
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("peer_transport").setLevel(logging.INFO)
+    count_bulk_chunks()
+    install_event_loop_policy()
+    sys.exit(main(sys.argv[1:]))
