@@ -1,4 +1,4 @@
-"""``radmesh consult request | import | list | accept | decline | review | show``.
+"""``radmesh consult request | import | list | accept | decline | review | show | stats``.
 
 Works against the local node's consult database. When the node is on the
 network (a registry in its config, or the peer remembered with a LAN address)
@@ -29,6 +29,7 @@ from consult.requests import (
     Event,
     Priority,
     State,
+    turnaround_by_priority,
 )
 from consult.store import ConsultDB
 from crypto.envelope import SignedEnvelope
@@ -294,14 +295,37 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print("No consults." + ("" if args.all else " (`--all` shows closed ones)"))
         return 0
-    print(f"{'ID':8}  {'PRIO':7}  {'STATE':12}  {'ROLE':10}  {'SUBSPEC':12}  {'DUE':>7}  QUESTION")
+    print(
+        f"{'ID':8}  {'PRIO':7}  {'STATE':12}  {'ROLE':10}  {'SUBSPEC':12}  {'DUE':>7}  "
+        f"{'TAT':>7}  QUESTION"
+    )
     for case, role in rows:
         r = case.request
         question = r.question.replace("\n", " ")
+        turnaround = case.turnaround()
         print(
             f"{r.id[:8]}  {r.priority.value:7}  {case.state.value:12}  {role:10}  "
             f"{r.subspecialty[:12]:12}  {_age(r.deadline - now):>7}  "
+            f"{_age(turnaround) if turnaround is not None else '-':>7}  "
             f"{question[:40] + ('…' if len(question) > 40 else '')}"
+        )
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Turnaround (requested to reported) per priority, over every case on this node."""
+    home = home_of(args)
+    with _open_db(home) as db:
+        stats = turnaround_by_priority(db.cases())
+
+    def age(seconds: float | None) -> str:
+        return "-" if seconds is None else _age(int(seconds))
+
+    print(f"{'PRIORITY':8}  {'REPORTED':>8}  {'MEDIAN':>7}  {'P90':>7}  {'MAX':>7}  {'LATE':>4}")
+    for priority, row in stats.items():
+        print(
+            f"{priority.value:8}  {row.reported:>8}  {age(row.median_s):>7}  "
+            f"{age(row.p90_s):>7}  {age(row.max_s):>7}  {row.late:>4}"
         )
     return 0
 
@@ -355,7 +379,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     consult = sub.add_parser(
         "consult",
-        help="consult requests: request, import, list, accept, decline, review, show",
+        help="consult requests: request, import, list, accept, decline, review, show, stats",
         description="Ask for and answer consultations.",
     )
     csub = consult.add_subparsers(dest="consult_command", metavar="CONSULT_COMMAND", required=True)
@@ -400,6 +424,9 @@ def register(sub: Any) -> None:
         p.add_argument("--reason", default="", help="a note for the requester")
         p.add_argument("--out", metavar="FILE", help="also write the signed response to FILE")
         p.set_defaults(handler=handler)
+
+    p = csub.add_parser("stats", help="turnaround per priority: median time to report")
+    p.set_defaults(handler=cmd_stats)
 
     p = csub.add_parser("review", help="score the report this node received (QA)")
     p.add_argument("id", help="consult id (a unique prefix is enough)")

@@ -106,3 +106,31 @@ def test_list_on_an_empty_node_and_unknown_id(
     code, _, err = run(home, capsys, "show", "deadbeef")
     assert code == 1
     assert "consult list" in err
+
+
+def test_list_and_stats_show_turnaround_per_case_and_per_priority(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from consult.requests import Event, Priority
+    from tests.consult.test_requests import NOW, make_request
+
+    home = tmp_path / "n"
+    init(home, capsys)
+    with ConsultDB.in_data_dir(NodeHome(home).data_dir) as db:
+        for minutes, priority in ((10, Priority.STAT), (30, Priority.STAT), (50, Priority.STAT)):
+            request = make_request(priority)
+            db.add(request, role="consultant", now=NOW)
+            db.apply(request.id, Event.ACCEPT, NOW + 60)
+            db.apply(request.id, Event.BEGIN_REVIEW, NOW + 120)
+            db.apply(request.id, Event.REPORT, NOW + minutes * 60)
+        open_case = make_request(Priority.ROUTINE)
+        db.add(open_case, role="consultant", now=NOW)
+    code, out, _ = run(home, capsys, "list", "--all")
+    assert code == 0
+    assert sorted(line.split()[6] for line in out.splitlines()[1:]) == ["-", "10m", "30m", "50m"]
+    code, out, _ = run(home, capsys, "stats")
+    assert code == 0
+    stat = next(line for line in out.splitlines() if line.startswith("stat"))
+    assert stat.split()[:3] == ["stat", "3", "30m"]  # 3 reported, median 30 minutes
+    routine = next(line for line in out.splitlines() if line.startswith("routine"))
+    assert routine.split()[:3] == ["routine", "0", "-"]
