@@ -355,7 +355,7 @@ class _Binding:
         self.client: int | None = None
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(SEND_QUEUE)
         self._live = live
-        self.session = LiveSession(live.state, self.enqueue)
+        self.session = LiveSession(live.state, self.enqueue, self.node)
         self.sender = asyncio.ensure_future(self._send_loop())
 
     def enqueue(self, message: bytes) -> None:

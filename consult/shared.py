@@ -11,12 +11,21 @@ one step 2 and edits made offline merge when the peer comes back. The codec is
 the standard y-protocols framing, parsed here with bounds checks and a size cap
 before pycrdt sees a byte.
 
-Authorship limitation: a CRDT cannot refuse a remote operation — once a peer's
-update is applied, its deletions are part of the document. "Only the author can
-remove an annotation" is therefore enforced where edits are made (this API, so
-the TUI), which is enough among trusted peers; a modified client could still
-delete others' annotations, and that would show in the audit of the update's
-sender, not be prevented.
+Authorship is enforced where edits are made (this API, so the TUI) and again
+on receive, because a modified client can send any update. A Yjs delete set
+does not say who deleted, so the check is by connection: the live channel is
+authenticated per peer, and in the full mesh a peer's own edits reach us only
+as UPDATE messages on its own connection. Before a peer's message is applied
+the annotations are read; after it, any annotation of another author that it
+removed or changed is written back (a local edit, so every peer gets it back
+too), and an annotation that an UPDATE adds in another author's name is
+removed. An UPDATE that did any of this is a forgery:
+:meth:`SharedState.receive` raises and the hub drops that connection. A STEP2
+catch-up may legitimately relay a third participant's edits, so there it is
+only repaired, and new annotations in it are not checked (a late joiner gets
+everyone's): a peer can still slip one in another's name there, never remove
+or alter an existing one. The cost: a removal relayed by someone other than
+its author comes back, and the author removes it again.
 """
 
 from __future__ import annotations
@@ -315,21 +324,59 @@ class SharedState:
     def full_update(self) -> bytes:
         return self.doc.get_update()
 
-    def receive(self, data: bytes) -> bytes | None:
-        """Apply a peer's sync message; return the reply to send back, if any."""
+    def receive(self, data: bytes, sender: str | None = None) -> bytes | None:
+        """Apply a peer's sync message; return the reply to send back, if any.
+
+        ``sender`` is the node id the connection was authenticated as; with it,
+        annotations of other authors that the message removed or changed are
+        restored (see the module docstring), and a forging UPDATE raises.
+        """
         message = SyncMessage.from_wire(data)
         try:
             if message.kind == SyncKind.STEP1:
                 return SyncMessage(SyncKind.STEP2, self.doc.get_update(message.payload)).to_wire()
-            if message.payload != b"\x00\x00":
-                self._applying_remote = True
-                try:
-                    self.doc.apply_update(message.payload)
-                finally:
-                    self._applying_remote = False
+            if message.payload == b"\x00\x00":
+                return None
+            before = self._annotations.to_py() if sender is not None else {}
+            self._applying_remote = True
+            try:
+                self.doc.apply_update(message.payload)
+            finally:
+                self._applying_remote = False
         except (ValueError, RuntimeError) as exc:
             raise MalformedMessage(f"live update from a peer does not apply: {exc}") from exc
+        own_edit = message.kind == SyncKind.UPDATE
+        if sender is not None and self._repair(before, sender, own_edit) and own_edit:
+            raise MalformedMessage(
+                f"{sender[:8]} removed, changed or forged another participant's annotation"
+            )
         return None
+
+    def _repair(self, before: dict[str, Any], sender: str, own_edit: bool) -> int:
+        """Undo what ``sender`` did to annotations it does not own; returns how many.
+
+        New annotations of other authors are legitimate in a catch-up (a late
+        joiner gets everyone's), so they are forgeries only in ``own_edit``.
+        """
+
+        def owner(raw: Any) -> Any:
+            return raw.get("author") if isinstance(raw, dict) else None
+
+        after = self._annotations.to_py()
+        repairs = 0
+        with self.doc.transaction():
+            for key in before.keys() | after.keys():
+                old, new = before.get(key), after.get(key)
+                if old == new:
+                    continue
+                forged = own_edit and new is not None and owner(new) != sender
+                if (old is not None and owner(old) != sender) or forged:
+                    if old is None:
+                        del self._annotations[key]
+                    else:
+                        self._annotations[key] = old
+                    repairs += 1
+        return repairs
 
 
 class LiveSession:
@@ -339,9 +386,12 @@ class LiveSession:
     carry whatever the other missed, including edits made while apart.
     """
 
-    def __init__(self, state: SharedState, send: Callable[[bytes], None]) -> None:
+    def __init__(
+        self, state: SharedState, send: Callable[[bytes], None], peer: str | None = None
+    ) -> None:
         self.state = state
         self._send = send
+        self.peer = peer  # the authenticated node id, for the authorship check on receive
         self._unsubscribe: Callable[[], None] | None = None
 
     def connect(self) -> None:
@@ -355,6 +405,6 @@ class LiveSession:
             self._unsubscribe = None
 
     def receive(self, data: bytes) -> None:
-        reply = self.state.receive(data)
+        reply = self.state.receive(data, self.peer)
         if reply is not None:
             self._send(reply)

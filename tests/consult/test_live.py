@@ -333,3 +333,23 @@ async def test_edits_made_apart_merge_when_the_peer_reconnects(trio: list[NodeRu
     assert {m.text for m in merged.chat} == {"from a while apart", "from b while apart"}
     assert "left subdural." in merged.report
     assert "Impression: acute SDH." in merged.report
+
+
+async def test_a_modified_client_cannot_delete_anothers_annotation_over_the_network(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    live_a = a.live_hub().open(CONSULT)
+    await a.live_hub().invite(CONSULT, key(b))
+    await a.live_hub().invite(CONSULT, key(c))
+    live_b, live_c = b.live_hub().sessions[CONSULT], c.live_hub().sessions[CONSULT]
+    mark = live_a.add_annotation(AnnotationKind.POINT, SOP, 0, ((4, 4),), text="a's finding")
+    await wait_for(lambda: all(s.annotations() for s in (live_b, live_c)))
+    await wait_for(lambda: live_b.is_bound(key(c)) and live_c.is_bound(key(b)))
+
+    del live_b.state._annotations[mark.id]  # b's client skips the author check
+    # a and c each restore it and drop b's connection; b gets it back from neither.
+    await wait_for(lambda: not live_a.is_bound(key(b)) and not live_c.is_bound(key(b)))
+    await asyncio.sleep(0.3)
+    assert [x.id for x in live_a.annotations()] == [mark.id]
+    assert [x.id for x in live_c.annotations()] == [mark.id]

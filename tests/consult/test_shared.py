@@ -200,3 +200,56 @@ def test_report_edits_count_characters_not_utf8_bytes() -> None:
     a.insert_report(999, " ✓")
     link.deliver()
     assert b.report_text == "Hmatome sous-dural. ✓"
+
+
+def _pair_with_mallory() -> tuple[SharedState, SharedState, list[bytes]]:
+    alice, mallory = SharedState("c", "ALICE"), SharedState("c", "MALLORY")
+    sent: list[bytes] = []
+    alice.on_local_update(sent.append)
+    return alice, mallory, sent
+
+
+def test_a_peer_cannot_remove_or_change_someone_elses_annotation_on_receive() -> None:
+    alice, mallory, sent = _pair_with_mallory()
+    mine = alice.add_annotation(AnnotationKind.POINT, "1.2", 0, ((1, 1),), 1.0, text="keep me")
+    other = alice.add_annotation(AnnotationKind.POINT, "1.2", 0, ((2, 2),), 1.0)
+    mallory.receive(SyncMessage(SyncKind.STEP2, alice.full_update()).to_wire())
+    updates: list[bytes] = []
+    mallory.on_local_update(updates.append)
+    del mallory._annotations[mine.id]  # a modified client: no author check
+    mallory._annotations[other.id] = {**other.to_py(), "text": "rewritten"}
+    sent.clear()
+    for update in updates:
+        with pytest.raises(MalformedMessage, match="another participant's annotation"):
+            alice.receive(update, sender="MALLORY")
+    assert {a.id: a.text for a in alice.annotations()} == {mine.id: "keep me", other.id: ""}
+    # The repair is a local edit, so the other participants get the annotations back too.
+    assert sent
+    for repair in sent:
+        mallory.receive(repair)
+    assert mallory.snapshot() == alice.snapshot()
+
+
+def test_a_peer_cannot_add_an_annotation_in_another_authors_name() -> None:
+    alice, mallory, _ = _pair_with_mallory()
+    updates: list[bytes] = []
+    mallory.on_local_update(updates.append)
+    forged = mallory.add_annotation(AnnotationKind.POINT, "1.2", 0, ((1, 1),), 1.0)
+    mallory._annotations[forged.id] = {**forged.to_py(), "author": "ALICE"}
+    alice.receive(updates[0], sender="MALLORY")  # its own annotation: fine
+    with pytest.raises(MalformedMessage):
+        alice.receive(updates[1], sender="MALLORY")  # now claimed to be Alice's
+    assert [a.author for a in alice.annotations()] == ["MALLORY"]
+
+
+def test_a_catch_up_may_carry_other_authors_annotations_and_own_removals() -> None:
+    alice, bob, carol = SharedState("c", "ALICE"), SharedState("c", "BOB"), SharedState("c", "C")
+    kept = carol.add_annotation(AnnotationKind.POINT, "1.2", 0, ((1, 1),), 1.0)
+    gone = bob.add_annotation(AnnotationKind.POINT, "1.2", 0, ((3, 3),), 1.0)
+    bob.receive(SyncMessage(SyncKind.STEP2, carol.full_update()).to_wire(), sender="C")
+    alice.receive(SyncMessage(SyncKind.STEP2, bob.full_update()).to_wire(), sender="BOB")
+    assert {a.id for a in alice.annotations()} == {kept.id, gone.id}
+    state = alice.doc.get_state()
+    bob.remove_annotation(gone.id)
+    alice.receive(SyncMessage(SyncKind.STEP2, bob.doc.get_update(state)).to_wire(), sender="BOB")
+    assert [a.id for a in alice.annotations()] == [kept.id]
