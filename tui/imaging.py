@@ -112,10 +112,19 @@ class Geometry:
     spacing: tuple[float, float] = (1.0, 1.0)
     zoom: float = 1.0
     center: Point | None = None
+    cell: tuple[int, int] = (1, 2)  # display pixels per terminal cell (w, h)
 
     @classmethod
-    def for_cells(cls, image_shape: tuple[int, int], cells: tuple[int, int], **kw: Any) -> Geometry:
-        return cls(image_shape, (max(1, cells[0]), max(1, 2 * cells[1])), **kw)
+    def for_cells(
+        cls,
+        image_shape: tuple[int, int],
+        cells: tuple[int, int],
+        cell: tuple[int, int] = (1, 2),
+        **kw: Any,
+    ) -> Geometry:
+        """Half-block cells by default; a graphics protocol gives the cell's real pixels."""
+        grid = (max(1, cells[0] * cell[0]), max(1, cells[1] * cell[1]))
+        return cls(image_shape, grid, cell=cell, **kw)
 
     @property
     def view_center(self) -> Point:
@@ -144,11 +153,12 @@ class Geometry:
 
     def image_to_cell(self, p: Point) -> tuple[int, int]:
         dx, dy = self.image_to_display(p)
-        return math.floor(dx), math.floor(dy / 2)
+        return math.floor(dx / self.cell[0]), math.floor(dy / self.cell[1])
 
     def cell_to_image(self, col: int, row: int) -> Point:
         """The image point under the middle of a terminal cell (for mouse hits)."""
-        return self.display_to_image((col + 0.5, 2 * row + 1.0))
+        cw, ch = self.cell
+        return self.display_to_image(((col + 0.5) * cw, (row + 0.5) * ch))
 
     def zoomed(self, factor: float) -> Geometry:
         return replace(self, zoom=min(MAX_ZOOM, max(MIN_ZOOM, self.zoom * factor)))

@@ -52,8 +52,22 @@ async def _with_node(home: NodeHome, identity: Identity, config: NodeConfig) -> 
         await runtime.stop()
 
 
+def _graphics(requested: str | None) -> bool:
+    """Decide kitty/sixel/half-blocks now: the terminal can only be asked before Textual runs."""
+    from tui import graphics
+
+    try:
+        graphics.setup(requested)
+    except graphics.GraphicsError as exc:
+        print(exc, file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_tui(args: argparse.Namespace) -> int:
     home = home_of(args)
+    if not _graphics(getattr(args, "graphics", None)):
+        return 2
     if args.local or args.dicom:
         return _local(args, home)
     if not home.exists():
@@ -98,4 +112,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--listen", metavar="HOST", help="LAN endpoint address for this run")
     p.add_argument("--no-mdns", action="store_true", help="no mDNS discovery for this run")
+    p.add_argument(
+        "--graphics",
+        choices=("auto", "kitty", "sixel", "halfblock"),
+        help="how the viewer draws images (default: auto, or $RADMESH_GRAPHICS): kitty graphics "
+        "or sixel at full resolution where the terminal supports them, else half-block cells",
+    )
     p.set_defaults(handler=cmd_tui)

@@ -27,6 +27,8 @@ HELP = """\
   multi-frame instances: j/k walk their frames (overlay Fr n/N)
   chat: type in the chat box + enter    report: edit the report box    F9 finalise & sign
   q close the viewer
+  images: kitty graphics or sixel at full resolution when the terminal has them, else half-block
+  cells; choose with radmesh tui --graphics kitty|sixel|halfblock|auto or RADMESH_GRAPHICS
 """
 
 

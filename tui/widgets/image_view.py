@@ -1,4 +1,10 @@
-"""The image canvas: one slice in half-block cells, with overlays, mouse and drag.
+"""The image canvas: one slice, with overlays, mouse and drag.
+
+Pixels go out as truecolor half-block cells, or at full resolution through
+kitty graphics or sixel (:mod:`tui.graphics` decides). Marks (annotations,
+cursors) are drawn into the pixels in every mode; text (overlay lines, name
+tags) is drawn as cells on top of half-blocks and kitty images, and in a band
+under the image for sixel, which nothing can be drawn over.
 
 It holds no study logic: the viewer screen gives it a frame, a window and the
 marks to draw; it reports slices to step, pointer moves, clicks and W/L drags
@@ -18,10 +24,11 @@ from textual.message import Message
 from textual.strip import Strip
 from textual.widget import Widget
 
-from tui import imaging
+from tui import graphics, imaging
 from tui.facade import Frame
 from tui.halfblock import HalfBlockRenderer, Label, label_cells
 from tui.imaging import Geometry, Point, Window
+from tui.widgets.protocol_image import KittyImage, SixelImage
 
 TEXT_STYLE = Style(color="#ffff87", bgcolor="#000000")
 LOADING_STYLE = Style(color="#ffaf00", bgcolor="#000000", bold=True)
@@ -77,8 +84,22 @@ class ImageView(Widget, can_focus=True):
             self.window = window
             super().__init__()
 
-    def __init__(self, *, id: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        id: str | None = None,
+        mode: graphics.Mode | None = None,
+        cell_pixels: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__(id=id)
+        self.mode: graphics.Mode = mode or graphics.mode()
+        if self.mode == "halfblock":
+            self.cell_pixels = graphics.HALF_BLOCK_CELL
+        else:
+            self.cell_pixels = cell_pixels or graphics.cell_pixels()
+        self._kitty = KittyImage() if self.mode == "kitty" else None
+        self._sixel = SixelImage() if self.mode == "sixel" else None
+        self._image_rows = 0
         self.frame: Frame | None = None
         self._modality: npt.NDArray[np.float32] | None = None
         self.window = Window(40, 400)
@@ -102,13 +123,21 @@ class ImageView(Widget, can_focus=True):
         self.waiting = frame is None
         self.redraw()
 
+    def image_rows(self) -> int:
+        """Cell rows the picture covers: all of them, but for sixel's text band."""
+        height = self.size.height
+        if self.mode != "sixel":
+            return height
+        band = min(len(self._text_lines()) + 1, height // 3)
+        return max(1, height - band)
+
     def geometry(self) -> Geometry | None:
         if self.frame is None:
             return None
-        w, h = self.size
         return Geometry.for_cells(
             (self.frame.pixels.shape[0], self.frame.pixels.shape[1]),
-            (w, h),
+            (self.size.width, self.image_rows()),
+            self.cell_pixels,
             spacing=self.frame.spacing,
             zoom=self.zoom,
             center=self.center,
@@ -123,9 +152,11 @@ class ImageView(Widget, can_focus=True):
         width, height = self.size
         if width <= 0 or height <= 0:
             return []
+        rows = self._image_rows = self.image_rows()
+        cw, ch = self.cell_pixels
         geom = self.geometry()
         if geom is None or self._modality is None:
-            rgb = np.zeros((2 * height, width, 3), dtype=np.uint8)
+            rgb = np.zeros((ch * rows, cw * width, 3), dtype=np.uint8)
         else:
             rgb = imaging.to_rgb(
                 imaging.render_grey(self._modality, geom, self.window, self.invert)
@@ -133,16 +164,33 @@ class ImageView(Widget, can_focus=True):
         labels: dict[tuple[int, int], Label] = {}
         if geom is not None:
             self._draw_marks(rgb, geom, labels, width)
-        for row, line in enumerate(self.overlay_lines[: max(0, height - 1)]):
-            labels.update(label_cells(line, row, 0, TEXT_STYLE, width))
+        text_top = rows if self.mode == "sixel" else 0
+        if self.mode == "sixel":
+            labels.clear()  # nothing shows on top of a sixel picture: names go in the band
+        for row, line in enumerate(self._text_lines()[: max(0, height - text_top - 1)]):
+            labels.update(label_cells(line, text_top + row, 0, TEXT_STYLE, width))
         if self.waiting:
             text = "loading…"
             labels.update(
-                label_cells(
-                    text, height // 2, max(0, (width - len(text)) // 2), LOADING_STYLE, width
-                )
+                label_cells(text, rows // 2, max(0, (width - len(text)) // 2), LOADING_STYLE, width)
             )
+        if self._kitty is not None:
+            return self._kitty.strips(rgb, (width, rows), labels)
+        if self._sixel is not None:
+            self._sixel.encode(rgb)
+            band = self._renderer.strips(np.zeros((2 * (height - rows), width, 3), np.uint8), {
+                (row - rows, col): label for (row, col), label in labels.items() if row >= rows
+            })  # fmt: skip
+            return [*[Strip([], width)] * rows, *band]
         return self._renderer.strips(rgb, labels)
+
+    def _text_lines(self) -> list[str]:
+        lines = list(self.overlay_lines)
+        if self.mode == "sixel":  # the name tags drawn beside the marks elsewhere
+            tags = [f"+{m.label}" for m in self.marks if m.label and m.kind == "cursor"]
+            if tags:
+                lines.append("cursors: " + "  ".join(tags))
+        return lines
 
     def _draw_marks(
         self,
@@ -151,11 +199,13 @@ class ImageView(Widget, can_focus=True):
         labels: dict[tuple[int, int], Label],
         width: int,
     ) -> None:
+        cw = self.cell_pixels[0]
         for mark in self.marks:
             colour = hex_rgb(mark.colour)
             pts = [geom.image_to_display(p) for p in mark.points]
             if mark.kind in ("point", "cursor"):
-                imaging.draw_cross(rgb, pts[0], colour, arm=2 if mark.kind == "point" else 3)
+                arm = (2 if mark.kind == "point" else 3) * cw
+                imaging.draw_cross(rgb, pts[0], colour, arm=arm)
             elif mark.kind == "arrow" and len(pts) == 2:
                 imaging.draw_arrow(rgb, pts[0], pts[1], colour)
             elif mark.kind in ("length", "angle"):
@@ -172,12 +222,20 @@ class ImageView(Widget, can_focus=True):
                 labels.update(label_cells(mark.label, row + 1, col + 1, style, width))
 
     def render_line(self, y: int) -> Strip:
+        if self._sixel is not None and y == self._image_rows - 1 and self._sixel.data:
+            region = self.content_region
+            area = region._replace(height=self._image_rows)
+            return self._sixel.last_line(area, self.size.width)
         if y < len(self._strips):
             return self._strips[y]
         return Strip([Segment(" " * self.size.width)], self.size.width)
 
     def on_resize(self, event: events.Resize) -> None:
         self.redraw()
+
+    def on_unmount(self) -> None:
+        if self._kitty is not None:
+            self._kitty.close()
 
     # input
     def _image_point(self, x: int, y: int) -> Point | None:
@@ -209,7 +267,7 @@ class ImageView(Widget, can_focus=True):
             self.release_mouse()
             point, geom = self._image_point(event.x, event.y), self.geometry()
             if not self._dragged and point is not None and geom is not None:
-                self.post_message(self.Picked(point, 1.5 / min(geom.scale)))
+                self.post_message(self.Picked(point, 1.5 * self.cell_pixels[0] / min(geom.scale)))
 
     def on_mouse_move(self, event: events.MouseMove) -> None:
         if self._drag is not None:

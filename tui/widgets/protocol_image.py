@@ -1,0 +1,106 @@
+"""Full-resolution images through a terminal graphics protocol, as Textual strips.
+
+textual-image encodes (kitty graphics with Unicode placeholders, sixel); these
+turn one RGB canvas into the strips the image view returns line by line.
+
+- kitty: each cell is a placeholder character naming the image, its row and
+  column, so any cell can be replaced by text: labels sit on top of the image.
+- sixel: the picture is painted over the widget's area from its last line, so
+  nothing can be drawn on top of it; the view keeps text out of the image rows.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image as PILImage
+from rich.console import Console
+from rich.control import Control
+from rich.segment import ControlType, Segment
+from rich.style import Style
+from textual.geometry import Region
+from textual.strip import Strip
+
+from tui.halfblock import Label
+
+PLACEHOLDER_CODEPOINTS = 4  # placeholder + row, column and image-id diacritics
+_NULL = Style()
+
+
+class KittyImage:
+    """One image at a time in the terminal: the previous one is deleted when replaced."""
+
+    def __init__(self) -> None:
+        self._image: object | None = None
+        self._console = Console(file=io.StringIO(), color_system="truecolor", width=1000)
+        self.images_sent = 0
+
+    def strips(
+        self,
+        rgb: npt.NDArray[np.uint8],
+        cells: tuple[int, int],
+        labels: Mapping[tuple[int, int], Label],
+    ) -> list[Strip]:
+        from textual_image.renderable.tgp import Image as TGPImage
+
+        self.close()
+        width, height = cells
+        image = TGPImage(PILImage.fromarray(rgb, "RGB"), width=width, height=height)
+        self._image = image
+        options = self._console.options.update(width=width, height=height)
+        rendered = image.__rich_console__(self._console, options)
+        lines = [line for line in rendered if isinstance(line, Segment)]
+        self.images_sent += 1
+        by_row: dict[int, dict[int, Label]] = {}
+        for (row, col), label in labels.items():
+            by_row.setdefault(row, {})[col] = label
+        strips = []
+        for row, segment in enumerate(lines[:height]):
+            text, style = segment.text.rstrip("\n"), segment.style
+            marks = by_row.get(row)
+            if not marks:
+                strips.append(Strip([Segment(text, style)], width))
+                continue
+            pieces: list[Segment] = []
+            for col in range(width):
+                if col in marks:
+                    char, label_style = marks[col]
+                    pieces.append(Segment(char[:1] or " ", label_style))
+                else:
+                    at = col * PLACEHOLDER_CODEPOINTS
+                    pieces.append(Segment(text[at : at + PLACEHOLDER_CODEPOINTS], style))
+            strips.append(Strip(Segment.simplify(pieces), width))
+        return strips
+
+    def close(self) -> None:
+        if self._image is not None:
+            self._image.cleanup()  # type: ignore[attr-defined]
+            self._image = None
+
+
+class SixelImage:
+    """Sixel data for the canvas, emitted with the widget's last image line."""
+
+    def __init__(self) -> None:
+        self.data = ""
+        self.images_sent = 0
+
+    def encode(self, rgb: npt.NDArray[np.uint8]) -> None:
+        from textual_image._sixel import image_to_sixels
+
+        self.data = image_to_sixels(PILImage.fromarray(rgb, "RGB"))
+        self.images_sent += 1
+
+    def last_line(self, region: Region, width: int) -> Strip:
+        """Move to the image's top-left cell, paint, move back past its bottom-right."""
+        return Strip(
+            [
+                Segment(Control.move_to(region.x, region.y).segment.text, _NULL),
+                Segment(self.data, _NULL, control=((ControlType.CURSOR_FORWARD, 0),)),
+                Segment(Control.move_to(region.right, region.bottom).segment.text, _NULL),
+            ],
+            width,
+        )
