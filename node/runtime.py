@@ -41,6 +41,7 @@ from node.config import NodeConfig, NodeHome
 from node.dicom_net import DicomListener
 from node.errors import NodeError
 from node.store import Store, open_store
+from node.transfers import TransferTracker
 from peer_transport.connection import Transport, TransportOptions
 from peer_transport.rtc import IceServer, RtcOptions
 from peer_transport.signaling import SIGNAL_TYPE
@@ -154,6 +155,7 @@ class NodeRuntime:
         self.handlers["consult.request"] = self._on_consult_message
         self.handlers["consult.response"] = self._on_consult_message
         self.reports: dict[str, str] = {}  # consult id -> SOP instance UID of the filed SR
+        self.transfers = TransferTracker(clock)  # fed by node.workflow, read by the TUI
 
     # -- lifecycle --------------------------------------------------------------------
     def now(self) -> int:

@@ -53,6 +53,7 @@ from node.deid import PseudonymMap, ShareContext, deidentify_all
 from node.dicom_net import send_to_pacs
 from node.errors import NodeError
 from node.runtime import NodeRuntime, RuntimeError_
+from node.transfers import Direction
 from peer_transport.connection import ChannelLink, PeerConnection, RequestRefused
 from peer_transport.errors import TransportError
 from peer_transport.transfer import Progress
@@ -531,15 +532,17 @@ def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[list[bytes]], l
 
 async def _serve(rt: NodeRuntime, conn: PeerConnection, consult_id: str, share: Share) -> None:
     try:
-        await send_study(
-            ChannelLink(conn),
-            rt.store,
-            share.original_study_uid,
-            rt.identity,
-            peer=str(conn.peer_id),
-            audit=rt.audit,
-            prepare=_deidentifier(rt, consult_id) if share.deidentified else None,
-        )
+        with rt.transfers.track(consult_id, Direction.OUT, conn.peer_id.short()) as tracked:
+            await send_study(
+                ChannelLink(conn),
+                rt.store,
+                share.original_study_uid,
+                rt.identity,
+                peer=str(conn.peer_id),
+                audit=rt.audit,
+                prepare=_deidentifier(rt, consult_id) if share.deidentified else None,
+                on_sender=tracked.attach_sender,
+            )
     except (NodeError, TransportError) as exc:
         rt.notify(f"Sending the study for consult {consult_id[:8]} failed: {exc}")
 
@@ -549,24 +552,29 @@ async def fetch_study(
 ) -> Progress:
     """Consultant side: pull the shared study of an accepted consult into this node's store."""
     consult_id = rt.consults.resolve(consult_id)
-    conn = await rt.transport.connect(requester_key(rt, consult_id))
-    if rt.consults.get(consult_id).state is State.ACCEPTED:
-        rt.consults.apply(consult_id, Event.START_TRANSFER, rt.now(), str(rt.identity.node_id))
-    receiving = asyncio.ensure_future(
-        receive_study(
-            ChannelLink(conn),
-            rt.store,
-            rt.home.data_dir / "transfers" / consult_id,
-            peer=str(conn.peer_id),
-            audit=rt.audit,
-            on_progress=on_progress,
+    requester = requester_key(rt, consult_id)
+    with rt.transfers.track(
+        consult_id, Direction.IN, NodeId.from_public_key(requester).short()
+    ) as tracked:
+        conn = await rt.transport.connect(requester)
+        if rt.consults.get(consult_id).state is State.ACCEPTED:
+            rt.consults.apply(consult_id, Event.START_TRANSFER, rt.now(), str(rt.identity.node_id))
+        receiving = asyncio.ensure_future(
+            receive_study(
+                ChannelLink(conn),
+                rt.store,
+                rt.home.data_dir / "transfers" / consult_id,
+                peer=str(conn.peer_id),
+                audit=rt.audit,
+                on_progress=on_progress,
+                on_receiver=tracked.attach_receiver,
+            )
         )
-    )
-    try:
-        await conn.request(FETCH_KIND, consult_id.encode())
-        progress = await receiving
-    finally:
-        receiving.cancel()
+        try:
+            await conn.request(FETCH_KIND, consult_id.encode())
+            progress = await receiving
+        finally:
+            receiving.cancel()
     rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(rt.identity.node_id))
     return progress
 

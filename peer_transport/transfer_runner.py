@@ -308,6 +308,7 @@ async def send_study(
     audit: AuditSink | None = None,
     prepare: Callable[[list[bytes]], list[bytes]] | None = None,
     clock: Callable[[], float] = time.time,
+    on_sender: Callable[[StudySender], None] | None = None,
 ) -> tr.State:
     """Offer a stored study over ``link`` and serve it until the peer has it all.
 
@@ -324,6 +325,8 @@ async def send_study(
     del files
     manifest = study.manifest
     sender = StudySender(study, link)
+    if on_sender is not None:  # lets a caller watch progress (node.transfers)
+        on_sender(sender)
     attach = getattr(link, "attach", None)
     if attach is not None:  # connection.ChannelLink: route its incoming control to us
         attach(sender.on_control, lambda _data: None)
@@ -354,6 +357,7 @@ async def receive_study(
     audit: AuditSink | None = None,
     on_progress: ProgressCallback | None = None,
     clock: Callable[[], float] = time.time,
+    on_receiver: Callable[[StudyReceiver], None] | None = None,
 ) -> tr.Progress:
     """Fetch the study ``link``'s peer offers into ``store``; audit the outcome.
 
@@ -362,6 +366,8 @@ async def receive_study(
     (``connection.ChannelLink`` does).
     """
     receiver = StudyReceiver(link, spool_dir, store, f"peer:{peer}", on_progress)
+    if on_receiver is not None:  # lets a caller read the manifest and steer (the viewer)
+        on_receiver(receiver)
     attach = getattr(link, "attach", None)
     if attach is not None:
         attach(receiver.on_control, receiver.on_bulk)

@@ -8,7 +8,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("crypto", "node", "registry", "peer_transport", "consult", "tui")
-TOP_LAYER_NODE_MODULES = ("node.runtime", "node.workflow", "node.cli", "node.commands", "node.demo")
+TOP_LAYER_NODE_MODULES = (
+    "node.runtime",
+    "node.workflow",
+    "node.cli",
+    "node.commands",
+    "node.demo",
+    "node.transfers",
+)
 # The CLI commands that open the TUI are the only places allowed to reach up into it.
 ALLOWED_UPWARD = {("node.commands.tui", "tui"), ("node.commands.demo", "tui")}
 # aiortc and zeroconf each have exactly one home.
