@@ -221,6 +221,9 @@ class SharedState:
         self._listeners: list[Callable[[bytes], None]] = []
         self._applying_remote = False
         self._subscription = self.doc.observe(self._on_transaction)
+        # While a peer's message is applied: annotation id -> value before it (None: new).
+        self._touched: dict[str, Any] | None = None
+        self._annotations.observe(self._on_annotations)
 
     # local edits ------------------------------------------------------------------------
     def add_annotation(
@@ -337,36 +340,42 @@ class SharedState:
                 return SyncMessage(SyncKind.STEP2, self.doc.get_update(message.payload)).to_wire()
             if message.payload == b"\x00\x00":
                 return None
-            before = self._annotations.to_py() if sender is not None else {}
             self._applying_remote = True
+            self._touched = {}
             try:
                 self.doc.apply_update(message.payload)
             finally:
                 self._applying_remote = False
+                touched, self._touched = self._touched, None
         except (ValueError, RuntimeError) as exc:
             raise MalformedMessage(f"live update from a peer does not apply: {exc}") from exc
         own_edit = message.kind == SyncKind.UPDATE
-        if sender is not None and self._repair(before, sender, own_edit) and own_edit:
+        if sender is not None and self._repair(touched, sender, own_edit) and own_edit:
             raise MalformedMessage(
                 f"{sender[:8]} removed, changed or forged another participant's annotation"
             )
         return None
 
-    def _repair(self, before: dict[str, Any], sender: str, own_edit: bool) -> int:
+    def _on_annotations(self, event: Any) -> None:
+        if self._touched is not None:
+            for key, change in event.keys.items():
+                self._touched.setdefault(key, change.get("oldValue"))
+
+    def _repair(self, touched: dict[str, Any], sender: str, own_edit: bool) -> int:
         """Undo what ``sender`` did to annotations it does not own; returns how many.
 
-        New annotations of other authors are legitimate in a catch-up (a late
-        joiner gets everyone's), so they are forgeries only in ``own_edit``.
+        ``touched`` holds the value before the message of each annotation it
+        changed. New annotations of other authors are legitimate in a catch-up
+        (a late joiner gets everyone's), so they are forgeries only in ``own_edit``.
         """
 
         def owner(raw: Any) -> Any:
             return raw.get("author") if isinstance(raw, dict) else None
 
-        after = self._annotations.to_py()
         repairs = 0
         with self.doc.transaction():
-            for key in before.keys() | after.keys():
-                old, new = before.get(key), after.get(key)
+            for key, old in touched.items():
+                new = self._annotations.get(key)
                 if old == new:
                     continue
                 forged = own_edit and new is not None and owner(new) != sender
