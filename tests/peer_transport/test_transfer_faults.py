@@ -240,6 +240,23 @@ def _send(sender: Home, receiver: Home, study: Study) -> NodeProcess:
 
 # -- tests -----------------------------------------------------------------------------------
 
+SLICES = 48  # of 512 x 512 CT, about three chunks each on the wire
+
+
+def _two_homes_and_a_study(tmp_path: Path) -> tuple[int, Home, Home, Study]:
+    """A random seed; a sender and a receiver that trust each other; a CT study to send."""
+    seed = random.randrange(1 << 16)
+    sender, receiver = _make_home(tmp_path, "rural"), _make_home(tmp_path, "neuro")
+    _introduce(sender, receiver)
+    return seed, sender, receiver, _ct_study(sender, tmp_path, SLICES, seed)
+
+
+def _kill_point(seed: int, study: Study) -> int:
+    """Instances stored before the kill: late enough that starting over would resend more
+    than the window, early enough to leave work to resume."""
+    per_instance = study.chunks / SLICES
+    return random.Random(seed).randint(int(tr.DEFAULT_WINDOW / per_instance) + 2, SLICES - 8)
+
 
 @pytest.mark.xfail(
     strict=True,
@@ -251,24 +268,16 @@ def _send(sender: Home, receiver: Home, study: Study) -> NodeProcess:
 def test_receiver_killed_mid_transfer_resumes_byte_exact_and_resends_at_most_the_window(
     tmp_path: Path,
 ) -> None:
-    seed = random.randrange(1 << 16)
-    rng = random.Random(seed)
-    sender, receiver = _make_home(tmp_path, "rural"), _make_home(tmp_path, "neuro")
-    _introduce(sender, receiver)
-    slices = 48
-    study = _ct_study(sender, tmp_path, slices, seed)
-    per_instance = study.chunks / slices
-    # Late enough that starting over would resend more than the window, early enough to
-    # leave work to resume.
-    kill_at = rng.randint(int(tr.DEFAULT_WINDOW / per_instance) + 2, slices - 8)
-    why = f"seed {seed}, receiver killed after {kill_at} of {slices} instances"
+    seed, sender, receiver, study = _two_homes_and_a_study(tmp_path)
+    kill_at = _kill_point(seed, study)
+    why = f"seed {seed}, receiver killed after {kill_at} of {SLICES} instances"
     with processes() as procs:
         procs.append(fetching := _fetch(receiver, sender))
         procs.append(sending := _send(sender, receiver, study))
         fetching.wait_until(lambda: fetching.instances_done >= kill_at, 60, "half stored")
         fetching.kill()
         before = _stored(receiver, study)  # every listed instance is whole and verifies
-        assert kill_at <= len(before) < slices, why
+        assert kill_at <= len(before) < SLICES, why
         procs.append(fetching := _fetch(receiver, sender))
         assert fetching.finish(25) == 0, f"{why}\n{fetching.log}"
         assert sending.finish(20) == 0, f"{why}\n{sending.log}"
@@ -281,15 +290,9 @@ def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing
     tmp_path: Path,
 ) -> None:
     """The operator's way today: `send` is stopped too, and both are run again."""
-    seed = random.randrange(1 << 16)
-    rng = random.Random(seed)
-    sender, receiver = _make_home(tmp_path, "rural"), _make_home(tmp_path, "neuro")
-    _introduce(sender, receiver)
-    slices = 48
-    study = _ct_study(sender, tmp_path, slices, seed)
-    per_instance = study.chunks / slices
-    kill_at = rng.randint(int(tr.DEFAULT_WINDOW / per_instance) + 2, slices - 8)
-    why = f"seed {seed}, receiver killed after {kill_at} of {slices} instances"
+    seed, sender, receiver, study = _two_homes_and_a_study(tmp_path)
+    kill_at = _kill_point(seed, study)
+    why = f"seed {seed}, receiver killed after {kill_at} of {SLICES} instances"
     with processes() as procs:
         procs.append(fetching := _fetch(receiver, sender))
         procs.append(sending := _send(sender, receiver, study))
@@ -298,7 +301,7 @@ def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing
         sending.kill()
         first = sending.bulk_sent
         before = _stored(receiver, study)  # every listed instance is whole and verifies
-        assert kill_at <= len(before) < slices, why
+        assert kill_at <= len(before) < SLICES, why
         procs.append(fetching := _fetch(receiver, sender))
         procs.append(sending := _send(sender, receiver, study))
         assert fetching.finish(25) == 0, f"{why}\n{fetching.log}"
@@ -316,21 +319,16 @@ def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing
     "old id, which the new sender refuses ('message for another transfer'), so both hang",
 )
 def test_sender_killed_mid_transfer_and_restarted_the_receiver_resumes(tmp_path: Path) -> None:
-    seed = random.randrange(1 << 16)
-    rng = random.Random(seed)
-    sender, receiver = _make_home(tmp_path, "rural"), _make_home(tmp_path, "neuro")
-    _introduce(sender, receiver)
-    slices = 48
-    study = _ct_study(sender, tmp_path, slices, seed)
-    kill_at = rng.randint(8, slices - 8)
-    why = f"seed {seed}, sender killed after {kill_at} of {slices} instances"
+    seed, sender, receiver, study = _two_homes_and_a_study(tmp_path)
+    kill_at = _kill_point(seed, study)
+    why = f"seed {seed}, sender killed after {kill_at} of {SLICES} instances"
     with processes() as procs:
         procs.append(fetching := _fetch(receiver, sender))
         procs.append(sending := _send(sender, receiver, study))
         fetching.wait_until(lambda: fetching.instances_done >= kill_at, 60, "partly stored")
         sending.kill()
         first = sending.bulk_sent
-        assert len(_stored(receiver, study)) < slices, why
+        assert len(_stored(receiver, study)) < SLICES, why
         procs.append(sending := _send(sender, receiver, study))
         assert fetching.finish(25) == 0, f"{why}\n{fetching.log}"
         assert sending.finish(20) == 0, f"{why}\n{sending.log}"
