@@ -93,6 +93,40 @@ def main() -> None:
     print(f"  nearest, cold style cache : median {med(cold):6.2f} ms")
     print(f"  naive per-pixel baseline  : median {med(naive):6.2f} ms")
     print(f"  speed-up vs naive         : {med(naive) / med(nearest):6.1f}x")
+    full_resolution(hu, window)
+
+
+def full_resolution(hu: np.ndarray, window: imaging.Window) -> None:
+    """The same viewport at a typical 10x20 pixel cell through kitty graphics and sixel: the
+    pipeline at 2000x1200 pixels plus textual-image's encoding (PNG for kitty, sixel)."""
+    import io
+    import sys
+
+    from tui.widgets.protocol_image import KittyImage, SixelImage
+
+    cell = (10, 20)
+    geom = imaging.Geometry.for_cells(hu.shape, CELLS, cell)
+
+    def pixels() -> np.ndarray:
+        return imaging.to_rgb(imaging.render_grey(hu, geom, window))
+
+    kitty, sixel = KittyImage(), SixelImage()
+    real_stdout = sys.__stdout__
+    setattr(sys, "__stdout__", io.StringIO())  # noqa: B010 - kitty writes to the terminal
+    try:
+        grid = _time(pixels, 10)
+        rgb = pixels()
+        png = _time(lambda: kitty.strips(rgb, CELLS, {}), 5)
+        kitty.close()
+        six = _time(lambda: sixel.encode(rgb), 2)
+    finally:
+        setattr(sys, "__stdout__", real_stdout)  # noqa: B010
+    med = statistics.median
+    w, h = geom.grid
+    print(f"full resolution, {w}x{h} pixels ({cell[0]}x{cell[1]} pixel cells):")
+    print(f"  pixel pipeline            : median {med(grid):6.2f} ms")
+    print(f"  + kitty (PNG, placeholders): median {med(png):6.2f} ms")
+    print(f"  + sixel encoding          : median {med(six):6.2f} ms")
 
 
 if __name__ == "__main__":
