@@ -111,9 +111,35 @@ class PeerInfo:
 class TransferInfo:
     transfer_id: str
     peer: str
-    label: str
+    label: str  # names the consult, never the patient
     done_bytes: int
     total_bytes: int
+    direction: str = "in"  # in | out
+    state: str = "running"  # starting | running | complete | failed
+    done_instances: int = 0
+    total_instances: int = 0
+    rate: float = 0.0  # bytes per second
+    eta: float | None = None  # seconds
+
+
+PRIORITIES = ("stat", "urgent", "routine")
+
+
+@dataclass(frozen=True)
+class ConsultForm:
+    """What the share form collects; the node checks it again before sending."""
+
+    study_uid: str
+    peer_node_id: str
+    question: str
+    priority: str  # one of PRIORITIES
+    subspecialty: str
+    deadline_hours: float
+    jurisdiction: str = ""  # the patient's country; empty: this node's country
+
+
+class ActionError(Exception):
+    """A worklist or share action that could not be done; the text says what to do."""
 
 
 class NodeFacade(Protocol):
@@ -137,3 +163,17 @@ class NodeFacade(Protocol):
     def safety_number(self, peer_node_id: str) -> str: ...
     def mark_verified(self, peer_node_id: str) -> None: ...
     def open_session(self, study_uid: str) -> SessionView | None: ...
+
+    def record_view(self, study_uid: str, live: bool) -> None:
+        """Audit that this study was opened in the viewer (no patient data in the record)."""
+        ...
+
+    # Worklist and sharing. Each returns what to tell the user or raises ActionError.
+    async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str: ...
+
+    def fetch(self, consult_id: str) -> str:
+        """Start pulling the consult's study in the background (see transfers())."""
+        ...
+
+    async def withdraw(self, consult_id: str) -> str: ...
+    async def request_consult(self, form: ConsultForm) -> str: ...

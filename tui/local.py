@@ -23,6 +23,8 @@ from crypto.safety import safety_number
 from node.config import NodeConfig, NodeHome
 from node.errors import NodeError
 from tui.facade import (
+    ActionError,
+    ConsultForm,
     ConsultItem,
     Frame,
     InstanceRef,
@@ -254,3 +256,21 @@ class LocalNode:
 
     def open_session(self, study_uid: str) -> SessionView | None:
         return None
+
+    def record_view(self, study_uid: str, live: bool) -> None:
+        return None  # file-only mode: no node, so no audit log to write to
+
+    async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:
+        raise ActionError(LOCAL_ONLY)
+
+    def fetch(self, consult_id: str) -> str:
+        raise ActionError(LOCAL_ONLY)
+
+    async def withdraw(self, consult_id: str) -> str:
+        raise ActionError(LOCAL_ONLY)
+
+    async def request_consult(self, form: ConsultForm) -> str:
+        raise ActionError(LOCAL_ONLY)
+
+
+LOCAL_ONLY = "this app runs without its node (--local): start `radmesh` without --local to consult"

@@ -11,6 +11,8 @@ import numpy.typing as npt
 from crypto.identity import NodeId
 from crypto.safety import safety_number
 from tui.facade import (
+    ActionError,
+    ConsultForm,
     ConsultItem,
     Frame,
     InstanceRef,
@@ -49,6 +51,8 @@ class InMemoryNode:
         self._slices = slices
         self._missing = set(range(slices - missing, slices))
         self.requested: list[str] = []
+        self.actions: list[tuple[str, ...]] = []  # worklist/share calls, for tests
+        self.views: list[str] = []  # studies opened in the viewer (the audit, in memory)
         self.session = InMemorySession("consult-1", str(node_id), "me")
         self._peers = [
             PeerInfo(
@@ -138,3 +142,24 @@ class InMemoryNode:
 
     def open_session(self, study_uid: str) -> SessionView | None:
         return self.session
+
+    def record_view(self, study_uid: str, live: bool) -> None:
+        self.views.append(study_uid)
+
+    async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:
+        self.actions.append(("accept" if accept else "decline", consult_id, reason))
+        return f"consult {consult_id} {'accepted' if accept else 'declined'}"
+
+    def fetch(self, consult_id: str) -> str:
+        self.actions.append(("fetch", consult_id))
+        return f"fetching the study of consult {consult_id}"
+
+    async def withdraw(self, consult_id: str) -> str:
+        self.actions.append(("withdraw", consult_id))
+        return f"consult {consult_id} withdrawn"
+
+    async def request_consult(self, form: ConsultForm) -> str:
+        if form.peer_node_id not in {p.node_id for p in self._peers if p.trust != "unverified"}:
+            raise ActionError("pick a verified peer")
+        self.actions.append(("request", form.study_uid, form.peer_node_id, form.priority))
+        return f"consult sent to {form.peer_node_id}: delivered (LAN)"

@@ -22,15 +22,22 @@ from consult.errors import ConsultError
 from consult.live import LiveConsult
 from consult.presence import Cursor, Participant, Viewport
 from consult.report import Measurement, Unit
+from consult.requests import ConsultResponse, Event, Priority, State
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.identity import NodeId
 from crypto.safety import safety_number
 from node import workflow
+from node.audit import AuditKind
 from node.errors import NodeError
 from node.runtime import NodeRuntime
 from node.store import StoreError
+from node.transfers import Direction, TransferState
+from peer_transport.errors import TransportError
 from registry.trust import TrustState
 from tui.facade import (
+    PRIORITIES,
+    ActionError,
+    ConsultForm,
     ConsultItem,
     Frame,
     InstanceRef,
@@ -230,7 +237,21 @@ class RuntimeNode:
 
     def studies(self) -> list[StudyInfo]:
         rows = sorted(self.runtime.store.studies(), key=lambda r: (r.patient_id, r.study_uid))
-        return [
+        stored = {r.study_uid for r in rows}
+        streaming = [
+            StudyInfo(
+                m.study_instance_uid,
+                "(arriving)",
+                "",
+                "study still streaming in",
+                "",
+                len({e.series_instance_uid for e in m.entries}),
+                len(m.entries),
+            )
+            for m in self.runtime.transfers.incoming()
+            if m.study_instance_uid not in stored
+        ]
+        return streaming + [
             StudyInfo(
                 r.study_uid,
                 self._pseudonym(r.patient_id, r.patient_name),
@@ -244,6 +265,25 @@ class RuntimeNode:
         ]
 
     def series(self, study_uid: str) -> list[SeriesInfo]:
+        manifest = self.runtime.transfers.manifest_of(study_uid)
+        if manifest is not None:  # still streaming in: every series, stored or not
+            stored = {r.series_uid: r for r in self.runtime.store.series(study_uid)}
+            counts: dict[str, int] = {}
+            numbers: dict[str, int] = {}
+            for e in manifest.entries:
+                counts[e.series_instance_uid] = counts.get(e.series_instance_uid, 0) + 1
+                numbers.setdefault(e.series_instance_uid, e.series_number)
+            return [
+                SeriesInfo(
+                    uid,
+                    study_uid,
+                    numbers[uid],
+                    stored[uid].modality if uid in stored else "",
+                    stored[uid].description if uid in stored else "arriving",
+                    count,
+                )
+                for uid, count in sorted(counts.items(), key=lambda kv: numbers[kv[0]])
+            ]
         return [
             SeriesInfo(
                 r.series_uid,
@@ -257,6 +297,19 @@ class RuntimeNode:
         ]
 
     def instances(self, series_uid: str) -> list[InstanceRef]:
+        for manifest in self.runtime.transfers.incoming():
+            entries = [e for e in manifest.entries if e.series_instance_uid == series_uid]
+            if entries:  # still streaming in: slices not stored yet show as loading
+                store = self.runtime.store
+                return [
+                    InstanceRef(
+                        e.sop_instance_uid,
+                        series_uid,
+                        e.instance_number,
+                        store.has_instance(e.sop_instance_uid),
+                    )
+                    for e in sorted(entries, key=lambda e: e.instance_number)
+                ]
         study_uid = self._study_of_series(series_uid)
         if study_uid is None:
             return []
@@ -282,7 +335,7 @@ class RuntimeNode:
             raise NodeError(f"cannot decode instance {sop_uid[-12:]}: {exc}") from exc
 
     def request_first(self, sop_uid: str) -> None:
-        return None  # incoming transfers are not yet steered from the viewer
+        self.runtime.transfers.request_first(sop_uid, self.runtime.spawn)
 
     # -- consults, peers, notifications ---------------------------------------------------
     def consults(self) -> list[ConsultItem]:
@@ -335,7 +388,22 @@ class RuntimeNode:
         ]
 
     def transfers(self) -> list[TransferInfo]:
-        return []  # the runtime does not track transfers yet
+        return [
+            TransferInfo(
+                t.transfer_id,
+                t.peer,
+                t.label,
+                t.bytes_done,
+                t.bytes_total,
+                t.direction.value,
+                t.state.value,
+                t.instances_done,
+                t.instances_total,
+                t.rate,
+                t.eta,
+            )
+            for t in self.runtime.transfers.views()
+        ]
 
     def notifications(self) -> list[str]:
         queue = self.runtime.notifications
@@ -362,3 +430,115 @@ class RuntimeNode:
                 return LiveSessionView(live, self._finalise)
         consult_id = "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:32]
         return LiveSessionView(hub.open(consult_id, "ad-hoc session", study_uid), self._finalise)
+
+    def record_view(self, study_uid: str, live: bool) -> None:
+        rt = self.runtime
+        rt.audit.append(
+            AuditKind.VIEW,
+            now=rt.clock(),
+            study_uid=study_uid,
+            details={"live": str(live), "by": "tui"},
+        )
+
+    # -- worklist and sharing -----------------------------------------------------------
+    async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:
+        event = Event.ACCEPT if accept else Event.DECLINE
+        try:
+            state = await workflow.respond(self.runtime, consult_id, event, reason)
+        except (ConsultError, NodeError, TransportError) as exc:
+            raise ActionError(f"could not {event.value} consult {consult_id[:8]}: {exc}") from exc
+        return f"consult {consult_id[:8]} {state.value}; the requesting node was told"
+
+    def fetch(self, consult_id: str) -> str:
+        rt = self.runtime
+        try:
+            case = rt.consults.get(rt.consults.resolve(consult_id))
+            role, _, _ = rt.consults.info(case.request.id)
+        except ConsultError as exc:
+            raise ActionError(str(exc)) from exc
+        if role != "consultant":
+            raise ActionError("only the consultant's node fetches the study of a consult")
+        if case.state not in (State.ACCEPTED, State.TRANSFERRING, State.IN_REVIEW):
+            raise ActionError(
+                f"consult {consult_id[:8]} is {case.state.value}: accept it first (a)"
+            )
+        running = [
+            t
+            for t in rt.transfers.views()
+            if t.consult_id == case.request.id
+            and t.direction is Direction.IN
+            and t.state in (TransferState.STARTING, TransferState.RUNNING)
+        ]
+        if running:
+            return f"the study of consult {consult_id[:8]} is already being fetched"
+
+        async def pull() -> None:
+            try:
+                done = await workflow.fetch_study(rt, case.request.id)
+                rt.notify(
+                    f"Study of consult {consult_id[:8]} received: {done.instances_done} images"
+                )
+            except (ConsultError, NodeError, TransportError) as exc:
+                rt.notify(f"Fetching the study of consult {consult_id[:8]} failed: {exc}")
+
+        rt.spawn(pull())
+        return f"fetching the study of consult {consult_id[:8]} (see Transfers)"
+
+    async def withdraw(self, consult_id: str) -> str:
+        """Requester side: withdraw the request and tell every consultant it went to."""
+        rt = self.runtime
+        try:
+            cid = rt.consults.resolve(consult_id)
+            role, peer, _ = rt.consults.info(cid)
+            if role != "requester":
+                raise ActionError("only the requesting node withdraws a consult request")
+            rt.consults.apply(cid, Event.WITHDRAW, rt.now(), str(rt.identity.node_id))
+        except ConsultError as exc:
+            raise ActionError(f"could not withdraw consult {consult_id[:8]}: {exc}") from exc
+        told = {NodeId.parse(peer)} if peer else set()
+        told.update(rt.consults.offered(cid))
+        response = ConsultResponse(
+            cid, rt.identity.node_id, Event.WITHDRAW, rt.now(), "withdrawn by the requester"
+        ).to_wire(rt.identity)
+        unreached = []
+        for node_id in told:
+            found = await rt.directory.resolve(node_id, rt.now())
+            try:
+                if found is None:
+                    raise NodeError("address unknown")
+                await rt.send_message(found.record.public_key, "consult.response", response)
+            except NodeError:
+                unreached.append(node_id.short())
+        if unreached:
+            return f"consult {cid[:8]} withdrawn; not told yet: {', '.join(unreached)}"
+        return f"consult {cid[:8]} withdrawn; {len(told)} consultant(s) told"
+
+    async def request_consult(self, form: ConsultForm) -> str:
+        rt = self.runtime
+        peer = next((p for p in self.peers() if p.node_id == form.peer_node_id), None)
+        if peer is None or peer.trust == "unverified":
+            raise ActionError(
+                "pick a verified peer: studies are never shared with an unverified key"
+            )
+        if form.priority not in PRIORITIES:
+            raise ActionError(f"priority must be one of {', '.join(PRIORITIES)}")
+        jurisdiction = form.jurisdiction or rt.config.country
+        if not jurisdiction:
+            raise ActionError("give the patient's country (jurisdiction), e.g. IE")
+        record = await rt.directory.resolve(NodeId.parse(peer.node_id), rt.now())
+        if record is None:
+            raise ActionError(f"{peer.name}'s address is not known: check the Peers screen")
+        try:
+            request, _, how = await workflow.request_consult(
+                rt,
+                record.record.public_key,
+                form.study_uid,
+                question=form.question,
+                priority=Priority(form.priority),
+                subspecialty=form.subspecialty,
+                jurisdiction=jurisdiction,
+                deadline_seconds=int(form.deadline_hours * 3600),
+            )
+        except (ConsultError, NodeError, TransportError) as exc:
+            raise ActionError(f"the request was not sent: {exc}") from exc
+        return f"consult {request.id[:8]} sent to {peer.name}: {how}"

@@ -315,3 +315,145 @@ async def test_home_enter_opens_the_incoming_request_as_a_live_consult() -> None
         assert app.screen.study.study_uid == STUDY_UID
         assert app.screen.session is node.session
         assert time.time() > 0
+
+
+def toasts(app: RadmeshApp) -> str:
+    return "\n".join(n.message for n in app._notifications)
+
+
+async def worklist_row(pilot, row: int) -> None:  # type: ignore[no-untyped-def]
+    from textual.widgets import DataTable
+
+    table = pilot.app.screen.query_one("#worklist", DataTable)
+    table.focus()
+    table.move_cursor(row=row)
+    await pilot.pause()
+
+
+async def test_home_accepts_declines_with_a_reason_and_fetches_an_inbox_request() -> None:
+    from tui.screens.prompt import TextPrompt
+
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await worklist_row(pilot, 0)  # c-1, incoming STAT
+        await pilot.press("a")
+        await app.workers.wait_for_complete()
+        await pilot.press("d")
+        await pilot.pause()
+        assert isinstance(app.screen, TextPrompt)
+        await pilot.press(*"out of my field", "enter")
+        await app.workers.wait_for_complete()
+        await pilot.press("f")
+        await pilot.pause()
+        assert node.actions == [
+            ("accept", "c-1", ""),
+            ("decline", "c-1", "out of my field"),
+            ("fetch", "c-1"),
+        ]
+        assert "fetching the study of consult c-1" in toasts(app)
+        # The footer shows the worklist keys.
+        assert "accept" in svg_text(app)
+        assert "withdraw" in svg_text(app)
+
+
+async def test_decline_without_a_reason_is_not_sent() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await worklist_row(pilot, 0)
+        await pilot.press("d", "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert node.actions == []
+        assert "needs a reason" in toasts(app)
+
+
+async def test_withdraw_applies_to_the_outbox_and_accept_only_to_the_inbox() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await worklist_row(pilot, 1)  # c-2, outgoing
+        await pilot.press("a", "f")
+        await pilot.pause()
+        assert node.actions == []
+        assert "select a request in your inbox" in toasts(app)
+        await pilot.press("w")
+        await app.workers.wait_for_complete()
+        await worklist_row(pilot, 0)
+        await pilot.press("w")
+        await app.workers.wait_for_complete()
+        assert node.actions == [("withdraw", "c-2")]
+
+
+async def test_home_transfers_show_a_progress_bar_with_the_numbers() -> None:
+    from textual.widgets import ProgressBar
+
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        [bar] = app.screen.query(ProgressBar)
+        assert bar.total == 12_000_000
+        assert bar.progress == 3_000_000
+        assert "3.0/12.0 MB" in svg_text(app)
+
+
+async def test_the_share_form_offers_only_verified_peers_checks_fields_and_sends() -> None:
+    from textual.widgets import Input, Select
+
+    from tui.screens.share import ShareScreen
+
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await pilot.pause()
+        await pilot.press("s")
+        await pilot.pause()
+        form = app.screen
+        assert isinstance(form, ShareScreen)
+        assert [p.node_id for p in form.trusted] == ["PEER-NEURO"]  # Dr Bones is unverified
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "Pick the consultant" in svg_text(app)
+        # Keyboard only: open the peer list, take the first peer, then the question.
+        await pilot.press("enter", "down", "enter")
+        await pilot.pause()
+        assert form.query_one("#peer", Select).value == "PEER-NEURO"
+        assert "Dr Bones" not in svg_text(app)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "Write the clinical question" in svg_text(app)
+        form.query_one("#question").focus()
+        await pilot.press(*"bleed?", "tab", "tab")
+        await pilot.pause()
+        deadline = form.query_one("#deadline", Input)
+        deadline.focus()
+        deadline.value = ""
+        await pilot.press(*"soon", "ctrl+s")
+        await pilot.pause()
+        assert "deadline is a number of hours" in svg_text(app)
+        assert node.actions == []
+        deadline.value = ""
+        await pilot.press("2", "ctrl+s")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert not isinstance(app.screen, ShareScreen)
+        assert node.actions == [("request", STUDY_UID, "PEER-NEURO", "urgent")]
+        assert "delivered (LAN)" in toasts(app)
+
+
+async def test_opening_a_study_records_a_view() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await pilot.pause()
+        assert node.views == []
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        assert node.views == [STUDY_UID]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -10,8 +11,10 @@ from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
+from textual.worker import WorkType
 
-from tui.facade import ConsultItem, NodeFacade
+from tui.facade import ActionError, ConsultItem, NodeFacade, TransferInfo
+from tui.screens.prompt import TextPrompt
 
 PRIORITY_STYLE = {"stat": "bold white on red", "urgent": "bold black on yellow", "routine": "green"}
 REFRESH_SECONDS = 1.0
@@ -27,13 +30,32 @@ def countdown(deadline: float, now: float) -> str:
     return f"{hours}h {rest // 60:02d}m"
 
 
+def transfer_line(t: TransferInfo) -> str:
+    arrow = "←" if t.direction == "in" else "→"
+    what = f"{arrow} {t.label} {'from' if t.direction == 'in' else 'to'} {t.peer}"
+    numbers = f"{t.done_instances}/{t.total_instances} images, {t.done_bytes / 1e6:.1f}"
+    numbers += f"/{t.total_bytes / 1e6:.1f} MB"
+    if t.state == "running" and t.rate > 0:
+        numbers += f", {t.rate / 1e6:.1f} MB/s"
+        if t.eta is not None:
+            numbers += f", {int(t.eta) // 60}:{int(t.eta) % 60:02d} left"
+    return f"{what}  {numbers}  [{t.state}]"
+
+
 class HomeScreen(Screen[None]):
-    BINDINGS = [Binding("enter", "open", "open consult")]  # noqa: RUF012
+    BINDINGS = [  # noqa: RUF012
+        Binding("enter", "open", "open study"),
+        Binding("a", "accept", "accept"),
+        Binding("d", "decline", "decline"),
+        Binding("f", "fetch", "fetch study"),
+        Binding("w", "withdraw", "withdraw"),
+    ]
 
     def __init__(self, node: NodeFacade) -> None:
         super().__init__()
         self.node = node
         self.items: list[ConsultItem] = []
+        self._transfer_ids: list[str] | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -90,32 +112,101 @@ class HomeScreen(Screen[None]):
     def _transfers(self) -> None:
         box = self.query_one("#transfers", Vertical)
         transfers = self.node.transfers()
-        bars = list(box.query(ProgressBar))
-        if len(bars) != len(transfers):
+        ids = [t.transfer_id for t in transfers]
+        if ids != self._transfer_ids:  # new or gone: rebuild; else update in place
+            self._transfer_ids = ids
             box.remove_children()
+            if not transfers:
+                box.mount(Static("none", classes="transfer-line"))
             for t in transfers:
-                box.mount(Static(f"{t.label} ← {t.peer}"))
-                box.mount(ProgressBar(total=max(1, t.total_bytes), show_eta=False))
-            return
-        for bar, t in zip(bars, transfers, strict=True):
+                box.mount(Static(transfer_line(t), classes="transfer-line"))
+                box.mount(
+                    ProgressBar(total=max(1, t.total_bytes), show_eta=False, classes="transfer-bar")
+                )
+        lines = list(box.query(".transfer-line").results(Static))
+        bars = list(box.query(ProgressBar))
+        for line, bar, t in zip(lines, bars, transfers, strict=False):
+            line.update(transfer_line(t))
             bar.update(total=max(1, t.total_bytes), progress=t.done_bytes)
 
     def on_screen_resume(self) -> None:
         self.refresh_data()
 
+    def selected(self) -> ConsultItem | None:
+        row = self.query_one("#worklist", DataTable).cursor_row
+        return self.items[row] if 0 <= row < len(self.items) else None
+
     def action_open(self) -> None:
-        table = self.query_one("#worklist", DataTable)
-        if not self.items or not self.items[table.cursor_row].study_uid:
+        item = self.selected()
+        if item is None or not item.study_uid:
             self.notify("this request has no study on this node yet")
             return
-        uid = self.items[table.cursor_row].study_uid
-        study = next((s for s in self.node.studies() if s.study_uid == uid), None)
+        study = next((s for s in self.node.studies() if s.study_uid == item.study_uid), None)
         if study is None:
-            self.notify("the study has not arrived yet")
+            hint = "press f to fetch it" if item.incoming else "it is not in this node's store"
+            self.notify(f"the study has not arrived yet: {hint}")
             return
         from tui.screens.viewer import ViewerScreen
 
+        self.node.record_view(study.study_uid, live=True)
         self.app.push_screen(ViewerScreen(self.node, study, live=True))
+
+    def _incoming(self, verb: str) -> ConsultItem | None:
+        item = self.selected()
+        if item is None or not item.incoming or item.state == "live":
+            self.notify(f"select a request in your inbox (←) to {verb} it", severity="warning")
+            return None
+        return item
+
+    def _run(self, call: Callable[[], Awaitable[str]]) -> None:
+        """Run a node action off the key handler; its outcome or error is a notification."""
+
+        async def work() -> None:
+            try:
+                self.notify(await call())
+            except ActionError as exc:
+                self.notify(str(exc), severity="error", timeout=10)
+            self.refresh_data()
+
+        job: WorkType[None] = work  # mypy cannot solve run_worker's union for an async def
+        self.run_worker(job, group="action")
+
+    def action_accept(self) -> None:
+        item = self._incoming("accept")
+        if item is not None:
+            self._run(lambda: self.node.respond(item.consult_id, True))
+
+    def action_decline(self) -> None:
+        item = self._incoming("decline")
+        if item is None:
+            return
+
+        def answered(reason: str | None) -> None:
+            if reason is None:
+                return
+            if not reason.strip():
+                self.notify("declining needs a reason for the requester", severity="warning")
+                return
+            self._run(lambda: self.node.respond(item.consult_id, False, reason.strip()))
+
+        self.app.push_screen(TextPrompt("Reason for declining (sent to the requester):"), answered)
+
+    def action_fetch(self) -> None:
+        item = self._incoming("fetch the study of")
+        if item is None:
+            return
+        try:
+            self.notify(self.node.fetch(item.consult_id))
+        except ActionError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+        self.refresh_data()
+
+    def action_withdraw(self) -> None:
+        item = self.selected()
+        if item is None or item.incoming:
+            self.notify("select a request in your outbox (→) to withdraw it", severity="warning")
+            return
+        self._run(lambda: self.node.withdraw(item.consult_id))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open()

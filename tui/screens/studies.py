@@ -8,6 +8,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from tui.facade import NodeFacade, StudyInfo
+from tui.screens.share import ShareScreen
 from tui.screens.viewer import ViewerScreen
 
 
@@ -15,6 +16,7 @@ class StudiesScreen(Screen[None]):
     BINDINGS = [  # noqa: RUF012
         Binding("enter", "open(False)", "view"),
         Binding("l", "open(True)", "live consult"),
+        Binding("s", "share", "request consult"),
     ]
 
     def __init__(self, node: NodeFacade) -> None:
@@ -63,7 +65,25 @@ class StudiesScreen(Screen[None]):
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open(False)
 
-    def action_open(self, live: bool) -> None:
+    def selected(self) -> StudyInfo | None:
         row = self.query_one("#studies", DataTable).cursor_row
-        if 0 <= row < len(self.studies):
-            self.app.push_screen(ViewerScreen(self.node, self.studies[row], live=live))
+        return self.studies[row] if 0 <= row < len(self.studies) else None
+
+    def action_open(self, live: bool) -> None:
+        study = self.selected()
+        if study is not None:
+            self.node.record_view(study.study_uid, live=live)
+            self.app.push_screen(ViewerScreen(self.node, study, live=live))
+
+    def action_share(self) -> None:
+        study = self.selected()
+        if study is None:
+            self.notify("select a study to share first", severity="warning")
+            return
+
+        def done(outcome: str | None) -> None:
+            if outcome:
+                self.notify(outcome, timeout=10)
+                self.query_one("#series-info", Static).update(f"Request: {outcome}")
+
+        self.app.push_screen(ShareScreen(self.node, study), done)
