@@ -112,19 +112,31 @@ class Geometry:
     spacing: tuple[float, float] = (1.0, 1.0)
     zoom: float = 1.0
     center: Point | None = None
-    cell: tuple[int, int] = (1, 2)  # display pixels per terminal cell (w, h)
+    cell: tuple[float, float] = (1, 2)  # display pixels per terminal cell (w, h)
 
     @classmethod
     def for_cells(
         cls,
         image_shape: tuple[int, int],
         cells: tuple[int, int],
-        cell: tuple[int, int] = (1, 2),
+        cell: tuple[float, float] = (1, 2),
         **kw: Any,
     ) -> Geometry:
         """Half-block cells by default; a graphics protocol gives the cell's real pixels."""
-        grid = (max(1, cells[0] * cell[0]), max(1, cells[1] * cell[1]))
+        grid = (max(1, round(cells[0] * cell[0])), max(1, round(cells[1] * cell[1])))
         return cls(image_shape, grid, cell=cell, **kw)
+
+    def at_most_native(self, cells: tuple[int, int]) -> Geometry:
+        """The same view on a coarser grid when the image is magnified (more than one display
+        pixel per image pixel): for a terminal that scales the picture itself, extra pixels
+        cost encoding time and show nothing new."""
+        magnified = min(self.scale)
+        if magnified <= 1:
+            return self
+        cell = (self.cell[0] / magnified, self.cell[1] / magnified)
+        return Geometry.for_cells(
+            self.image_shape, cells, cell, spacing=self.spacing, zoom=self.zoom, center=self.center
+        )
 
     @property
     def view_center(self) -> Point:

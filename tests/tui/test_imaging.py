@@ -133,3 +133,14 @@ def test_position_uses_image_position_and_orientation() -> None:
     )
     assert pos == (-95.0, -90.0, 50.0)
     assert imaging.position_mm((10, 20), (0.5, 0.25)) == (2.5, 10.0)
+
+
+def test_a_magnified_view_is_drawn_on_a_native_grid_that_maps_to_the_same_cells() -> None:
+    full = Geometry.for_cells((100, 100), (50, 20), (10, 20))  # 500x400 px: x4 magnified
+    native = full.at_most_native((50, 20))
+    assert min(native.scale) == pytest.approx(1.0)
+    assert native.grid == (125, 100)
+    for p in [(0.0, 0.0), (37.5, 80.25), (99.0, 12.0)]:
+        assert native.image_to_cell(p) == full.image_to_cell(p)
+    small = Geometry.for_cells((1000, 1000), (50, 20), (10, 20))  # shrunk: unchanged
+    assert small.at_most_native((50, 20)) is small

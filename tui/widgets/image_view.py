@@ -134,14 +134,17 @@ class ImageView(Widget, can_focus=True):
     def geometry(self) -> Geometry | None:
         if self.frame is None:
             return None
-        return Geometry.for_cells(
+        cells = (self.size.width, self.image_rows())
+        geom = Geometry.for_cells(
             (self.frame.pixels.shape[0], self.frame.pixels.shape[1]),
-            (self.size.width, self.image_rows()),
+            cells,
             self.cell_pixels,
             spacing=self.frame.spacing,
             zoom=self.zoom,
             center=self.center,
         )
+        # kitty scales the picture to its cells; sixel is drawn pixel for pixel.
+        return geom.at_most_native(cells) if self.mode == "kitty" else geom
 
     def redraw(self) -> None:
         self._strips = self._render_strips()
@@ -199,12 +202,12 @@ class ImageView(Widget, can_focus=True):
         labels: dict[tuple[int, int], Label],
         width: int,
     ) -> None:
-        cw = self.cell_pixels[0]
+        cw = max(1.0, geom.cell[0])
         for mark in self.marks:
             colour = hex_rgb(mark.colour)
             pts = [geom.image_to_display(p) for p in mark.points]
             if mark.kind in ("point", "cursor"):
-                arm = (2 if mark.kind == "point" else 3) * cw
+                arm = round((2 if mark.kind == "point" else 3) * cw)
                 imaging.draw_cross(rgb, pts[0], colour, arm=arm)
             elif mark.kind == "arrow" and len(pts) == 2:
                 imaging.draw_arrow(rgb, pts[0], pts[1], colour)
@@ -267,7 +270,7 @@ class ImageView(Widget, can_focus=True):
             self.release_mouse()
             point, geom = self._image_point(event.x, event.y), self.geometry()
             if not self._dragged and point is not None and geom is not None:
-                self.post_message(self.Picked(point, 1.5 * self.cell_pixels[0] / min(geom.scale)))
+                self.post_message(self.Picked(point, 1.5 * geom.cell[0] / min(geom.scale)))
 
     def on_mouse_move(self, event: events.MouseMove) -> None:
         if self._drag is not None:

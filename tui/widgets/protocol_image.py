@@ -11,6 +11,7 @@ turn one RGB canvas into the strips the image view returns line by line.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping
 
@@ -44,11 +45,9 @@ class KittyImage:
         cells: tuple[int, int],
         labels: Mapping[tuple[int, int], Label],
     ) -> list[Strip]:
-        from textual_image.renderable.tgp import Image as TGPImage
-
         self.close()
         width, height = cells
-        image = TGPImage(PILImage.fromarray(rgb, "RGB"), width=width, height=height)
+        image = _native_tgp()(PILImage.fromarray(rgb, "RGB"), width=width, height=height)
         self._image = image
         options = self._console.options.update(width=width, height=height)
         rendered = image.__rich_console__(self._console, options)
@@ -79,6 +78,20 @@ class KittyImage:
         if self._image is not None:
             self._image.cleanup()  # type: ignore[attr-defined]
             self._image = None
+
+
+@functools.cache
+def _native_tgp() -> type:
+    """textual-image's kitty image, sending the picture at the size we drew it: kitty scales
+    it to its cells itself, so upscaling to the terminal's pixels first only costs time."""
+    from textual_image.renderable.tgp import Image as TGPImage
+
+    class NativeTGPImage(TGPImage):
+        def _send_image_to_terminal(self, width: int, height: int) -> None:
+            data = self._image_data
+            super()._send_image_to_terminal(data.width, data.height)
+
+    return NativeTGPImage
 
 
 class SixelImage:
