@@ -31,7 +31,6 @@ from node.audit import AuditKind
 from node.errors import NodeError
 from node.runtime import NodeRuntime
 from node.store import StoreError
-from node.transfers import Direction, TransferState
 from peer_transport.errors import TransportError
 from registry.trust import TrustState
 from tui.facade import (
@@ -209,6 +208,7 @@ class RuntimeNode:
         self.runtime = runtime
         self._notes: deque[str] = deque(maxlen=MAX_NOTIFICATIONS)
         self._patients: dict[str, str] = {}
+        self._fetching: set[str] = set()  # consult ids whose study is being pulled
 
     # -- status and studies ---------------------------------------------------------
     def status(self) -> NodeStatus:
@@ -462,15 +462,9 @@ class RuntimeNode:
             raise ActionError(
                 f"consult {consult_id[:8]} is {case.state.value}: accept it first (a)"
             )
-        running = [
-            t
-            for t in rt.transfers.views()
-            if t.consult_id == case.request.id
-            and t.direction is Direction.IN
-            and t.state in (TransferState.STARTING, TransferState.RUNNING)
-        ]
-        if running:
+        if case.request.id in self._fetching:
             return f"the study of consult {consult_id[:8]} is already being fetched"
+        self._fetching.add(case.request.id)
 
         async def pull() -> None:
             try:
@@ -480,6 +474,8 @@ class RuntimeNode:
                 )
             except (ConsultError, NodeError, TransportError) as exc:
                 rt.notify(f"Fetching the study of consult {consult_id[:8]} failed: {exc}")
+            finally:
+                self._fetching.discard(case.request.id)
 
         rt.spawn(pull())
         return f"fetching the study of consult {consult_id[:8]} (see Transfers)"

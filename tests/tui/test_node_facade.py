@@ -17,6 +17,7 @@ from node.demo_data import generate_ct, random_study
 from node.runtime import NodeRuntime
 from tests.consult.test_live import introduce, start_node, wait_for
 from tui.app import RadmeshApp
+from tui.facade import ActionError, ConsultForm
 from tui.node_facade import LiveSessionView, RuntimeNode
 from tui.screens.viewer import ViewerScreen
 from tui.widgets.consult_panel import ConsultPanel
@@ -128,3 +129,145 @@ async def test_a_remote_participants_annotation_and_cursor_appear_in_the_tui(
             await wait_for(lambda: [m.text for m in theirs.chat()][-1:] == ["agreed, subdural"])
     finally:
         await remote.stop()
+
+
+async def consult_pair(
+    tmp_path: Path, slices: int, rows: int
+) -> tuple[NodeRuntime, NodeRuntime, RuntimeNode, RuntimeNode, str]:
+    """A requesting node with a CT and a consultant, each verified by the other, the
+    workflow installed; returns (rural, neuro, their facades, the study uid)."""
+    from node import workflow
+
+    rural = await start_node(tmp_path, "rural")
+    neuro = await start_node(tmp_path, "neuro")
+    introduce([rural, neuro])
+    workflow.install(rural)
+    workflow.install(neuro)
+    for path in generate_ct(tmp_path / "ct", slices=slices, rows=rows, study=random_study(5)):
+        rural.store.add_file(path, source="test")
+    return rural, neuro, RuntimeNode(rural), RuntimeNode(neuro), rural.store.studies()[0].study_uid
+
+
+def form_to(peer: NodeRuntime, study_uid: str, priority: str = "stat") -> ConsultForm:
+    return ConsultForm(
+        study_uid, str(peer.identity.node_id), "subdural?", priority, "neuro", 1.0, "IE"
+    )
+
+
+async def test_request_accept_fetch_and_transfers_through_the_facades(tmp_path: Path) -> None:
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=3, rows=64)
+    try:
+        outcome = await ask.request_consult(form_to(neuro, study_uid))
+        assert "delivered (LAN)" in outcome
+        await wait_for(lambda: bool(answer.consults()))
+        [item] = answer.consults()
+        assert (item.incoming, item.priority, item.state) == (True, "stat", "requested")
+        with pytest.raises(ActionError, match="accept it first"):
+            answer.fetch(item.consult_id)
+        assert "accepted" in await answer.respond(item.consult_id, True)
+        await wait_for(lambda: ask.consults()[0].state == "accepted")
+        assert "fetching" in answer.fetch(item.consult_id)
+        assert "already being fetched" in answer.fetch(item.consult_id)
+        await wait_for(lambda: [t.state for t in answer.transfers()] == ["complete"])
+        [got] = answer.transfers()
+        assert (got.direction, got.done_instances, got.total_instances) == ("in", 3, 3)
+        assert got.done_bytes == got.total_bytes > 0
+        assert got.peer == rural.identity.node_id.short()
+        assert item.consult_id[:8] in got.label
+        real_name = rural.store.study(study_uid).patient_name
+        assert real_name not in got.label
+        await wait_for(lambda: [t.state for t in ask.transfers()] == ["complete"])
+        [sent] = ask.transfers()
+        assert (sent.direction, sent.done_instances, sent.total_instances) == ("out", 3, 3)
+        assert answer.consults()[0].state == "in_review"
+    finally:
+        await rural.stop()
+        await neuro.stop()
+
+
+async def test_decline_with_a_reason_and_withdraw_reach_the_other_node(tmp_path: Path) -> None:
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=1, rows=32)
+    try:
+        await ask.request_consult(form_to(neuro, study_uid))
+        await ask.request_consult(form_to(neuro, study_uid, "routine"))
+        await wait_for(lambda: len(answer.consults()) == 2)
+        first, second = sorted(answer.consults(), key=lambda c: c.priority)  # routine, stat
+        assert "declined" in await answer.respond(second.consult_id, False, "out of hours")
+        await wait_for(lambda: rural.consults.get(second.consult_id).state.value == "declined")
+        with pytest.raises(ActionError, match="only the requesting node"):
+            await answer.withdraw(first.consult_id)
+        assert "1 consultant(s) told" in await ask.withdraw(first.consult_id)
+        await wait_for(lambda: neuro.consults.get(first.consult_id).state.value == "withdrawn")
+    finally:
+        await rural.stop()
+        await neuro.stop()
+
+
+async def test_the_share_form_never_sends_to_an_unverified_peer(tmp_path: Path) -> None:
+    rural, neuro, ask, _, study_uid = await consult_pair(tmp_path, slices=1, rows=32)
+    try:
+        stranger = await start_node(tmp_path, "stranger")
+        try:
+            assert stranger.record is not None
+            rural.directory.remember(stranger.record, "test", rural.now())
+            with pytest.raises(ActionError, match="verified peer"):
+                await ask.request_consult(form_to(stranger, study_uid))
+            assert not rural.consults.cases()
+        finally:
+            await stranger.stop()
+    finally:
+        await rural.stop()
+        await neuro.stop()
+
+
+async def test_a_streaming_study_lists_every_slice_and_the_one_on_screen_comes_first(
+    tmp_path: Path,
+) -> None:
+    slices = 40
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=slices, rows=256)
+    try:
+        await ask.request_consult(form_to(neuro, study_uid))
+        await wait_for(lambda: bool(answer.consults()))
+        consult_id = answer.consults()[0].consult_id
+        await answer.respond(consult_id, True)
+        await wait_for(lambda: ask.consults()[0].state == "accepted")
+        answer.fetch(consult_id)
+        await wait_for(lambda: bool(neuro.transfers.incoming()))
+        shared_uid = neuro.transfers.incoming()[0].study_instance_uid
+        [study] = [s for s in answer.studies() if s.study_uid == shared_uid]
+        assert study.instance_count == slices
+        [series] = answer.series(shared_uid)
+        refs = answer.instances(series.series_uid)
+        assert len(refs) == slices  # before the transfer ends
+        assert not all(r.present for r in refs)
+        last = refs[-1]
+        assert not last.present
+        assert answer.load_frame(last.sop_uid) is None
+        answer.request_first(last.sop_uid)
+        await wait_for(lambda: neuro.store.has_instance(last.sop_uid))
+        arrived = sum(neuro.store.has_instance(r.sop_uid) for r in refs)
+        assert arrived < slices - 5, f"the requested slice came as number {arrived}"
+        await wait_for(lambda: [t.state for t in answer.transfers()] == ["complete"], 60)
+        assert all(r.present for r in answer.instances(series.series_uid))
+        assert answer.load_frame(last.sop_uid) is not None
+    finally:
+        await rural.stop()
+        await neuro.stop()
+
+
+async def test_opening_a_study_writes_a_view_audit_record(
+    node: NodeRuntime, tmp_path: Path
+) -> None:
+    import_ct(node, tmp_path)
+    facade = RuntimeNode(node)
+    [study] = facade.studies()
+    app = RadmeshApp(facade)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        await pilot.pause()
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+    [view] = node.audit.records(study_uid=study.study_uid, kind="view")
+    name = node.store.study(study.study_uid).patient_name
+    assert name not in repr(view.details)
+    assert node.audit.verify().ok
