@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from consult.errors import ConsultError
 from consult.live import LiveConsult
 from consult.presence import Cursor
 from consult.report import Measurement, Unit
@@ -38,6 +39,7 @@ from node.errors import NodeError
 from node.keystore import load_identity, save_identity
 from node.runtime import NodeRuntime
 from peer_transport.connection import TransportOptions
+from peer_transport.errors import TransportError
 from peer_transport.rtc import RtcOptions, restrict_host_addresses
 from registry.server import RegistryServer
 
@@ -190,9 +192,101 @@ async def scenario(net: DemoNetwork, *, slices: int, rows: int) -> None:
     await finish(net, staged, rows=rows)
 
 
+@dataclass(frozen=True)
+class Requested:
+    """The STAT request, sent and waiting in the neuroradiologist's worklist."""
+
+    consult_id: str
+    shared_study_uid: str
+    files: int
+    originals: frozenset[bytes]
+
+
 async def stage(net: DemoNetwork, *, slices: int, rows: int) -> Staged:
     """From the CT at the rural hospital to a live session with the neurosurgeon in it."""
-    rural, neurorad, neurosurg = (net.nodes[r.key] for r in ROLES)
+    requested = await send_request(net, slices=slices, rows=rows)
+    neurorad = net.nodes[NEURORAD.key]
+    rural = net.nodes[RURAL.key]
+    async with net.step("neuroradiologist: accept"):
+        await workflow.respond(neurorad, requested.consult_id, Event.ACCEPT)
+        await wait_until(
+            lambda: rural.consults.get(requested.consult_id).state is State.ACCEPTED,
+            "acceptance",
+        )
+
+    async with net.step("neuroradiologist: pull the study over WebRTC (encrypted, verified)"):
+        progress = await workflow.fetch_study(neurorad, requested.consult_id)
+        received = check_received(net, requested)
+        net.say(
+            f"  {progress.instances_done} instances, {progress.bytes_done / 1e6:.1f} MB, "
+            f"patient shown as {neurorad.store.study(requested.shared_study_uid).patient_name}"
+        )
+    return await open_live(net, requested, received)
+
+
+def check_received(net: DemoNetwork, requested: Requested) -> list[Any]:
+    """The consultant's copy: every instance there, none of them the hospital's original."""
+    neurorad = net.nodes[NEURORAD.key]
+    received = neurorad.store.instances(requested.shared_study_uid)
+    if len(received) != requested.files:
+        raise DemoFailed(f"{len(received)} of {requested.files} instances arrived")
+    got = {neurorad.store.read_instance(r.sop_instance_uid) for r in received}
+    if got & requested.originals:
+        raise DemoFailed("an instance left the hospital without de-identification")
+    return received
+
+
+async def open_live(net: DemoNetwork, requested: Requested, received: list[Any]) -> Staged:
+    neurorad, neurosurg = net.nodes[NEURORAD.key], net.nodes[NEUROSURG.key]
+    request_id = requested.consult_id
+    async with net.step("live session: neuroradiologist invites the neurosurgeon"):
+        hub = neurorad.live_hub()
+        live: LiveConsult = hub.open(request_id, "CT head - STAT", requested.shared_study_uid)
+        await hub.invite(request_id, neurosurg.identity.public_key)
+        await wait_until(lambda: request_id in neurosurg.live_hub().sessions, "the join")
+        surgeon_live = neurosurg.live_hub().sessions[request_id]
+
+    spacing = received[0].pixel_spacing or (0.5, 0.5)
+    return Staged(
+        request_id,
+        requested.shared_study_uid,
+        received[len(received) // 2].sop_instance_uid,
+        float(spacing[0]),
+        requested.files,
+        live,
+        surgeon_live,
+    )
+
+
+async def surgeon_when_ready(
+    net: DemoNetwork,
+    requested: Requested,
+    rows: int,
+    *,
+    within: float = 3600.0,
+    moves: int = 20_000,
+    period: float = 0.15,
+) -> None:
+    """Interactive demo: once the person at the TUI accepted the request and fetched the
+    study, open the live session, invite the neurosurgeon and let the script run."""
+    neurorad = net.nodes[NEURORAD.key]
+    try:
+        await wait_until(
+            lambda: len(neurorad.store.instances(requested.shared_study_uid)) == requested.files,
+            "the study at the neuroradiologist (accept with a, fetch with f in the worklist)",
+            within=within,
+        )
+        staged = await open_live(net, requested, check_received(net, requested))
+    except (NodeError, ConsultError, TransportError) as exc:
+        neurorad.notify(f"demo: the neurosurgeon cannot join: {exc}")
+        return
+    neurorad.notify("The neurosurgeon joined the live session: press enter on the request")
+    await scripted_surgeon(staged, rows, moves=moves, period=period)
+
+
+async def send_request(net: DemoNetwork, *, slices: int, rows: int) -> Requested:
+    """From the CT at the rural hospital to the STAT request in the consultant's worklist."""
+    rural, neurorad, _ = (net.nodes[r.key] for r in ROLES)
     net.verify_everyone()
 
     async with net.step(
@@ -229,43 +323,7 @@ async def stage(net: DemoNetwork, *, slices: int, rows: int) -> Staged:
         )
         net.say(f"  request {request.id[:8]} {how}")
         await wait_until(lambda: bool(neurorad.consults.cases()), "request in the worklist")
-
-    async with net.step("neuroradiologist: accept"):
-        await workflow.respond(neurorad, request.id, Event.ACCEPT)
-        await wait_until(
-            lambda: rural.consults.get(request.id).state is State.ACCEPTED, "acceptance"
-        )
-
-    async with net.step("neuroradiologist: pull the study over WebRTC (encrypted, verified)"):
-        progress = await workflow.fetch_study(neurorad, request.id)
-        received = neurorad.store.instances(share.shared_study_uid)
-        if len(received) != len(files):
-            raise DemoFailed(f"{len(received)} of {len(files)} instances arrived")
-        got = {neurorad.store.read_instance(r.sop_instance_uid) for r in received}
-        if got & originals:
-            raise DemoFailed("an instance left the hospital without de-identification")
-        net.say(
-            f"  {progress.instances_done} instances, {progress.bytes_done / 1e6:.1f} MB, "
-            f"patient shown as {neurorad.store.study(share.shared_study_uid).patient_name}"
-        )
-
-    async with net.step("live session: neuroradiologist invites the neurosurgeon"):
-        hub = neurorad.live_hub()
-        live: LiveConsult = hub.open(request.id, "CT head - STAT")
-        await hub.invite(request.id, neurosurg.identity.public_key)
-        await wait_until(lambda: request.id in neurosurg.live_hub().sessions, "the join")
-        surgeon_live = neurosurg.live_hub().sessions[request.id]
-
-    spacing = received[0].pixel_spacing or (0.5, 0.5)
-    return Staged(
-        request.id,
-        share.shared_study_uid,
-        received[len(received) // 2].sop_instance_uid,
-        float(spacing[0]),
-        len(files),
-        live,
-        surgeon_live,
-    )
+    return Requested(request.id, share.shared_study_uid, len(files), frozenset(originals))
 
 
 async def finish(net: DemoNetwork, staged: Staged, *, rows: int) -> None:

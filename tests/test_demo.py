@@ -38,3 +38,34 @@ async def test_headless_demo_reports_a_failing_step(
     code = await demo.run_headless(tmp_path / "demo", slices=2, rows=64, with_pacs=False, out=out)
     assert code == 1
     assert "FAILED: the transfer broke" in out.getvalue()
+
+
+async def test_interactive_demo_starts_with_the_request_waiting_in_the_worklist(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from tui.node_facade import RuntimeNode
+
+    net = demo.DemoNetwork(tmp_path / "demo", io.StringIO())
+    try:
+        await net.start(with_pacs=False)
+        requested = await demo.send_request(net, slices=2, rows=64)
+        neurorad = net.nodes[demo.NEURORAD.key]
+        facade = RuntimeNode(neurorad)
+        [item] = facade.consults()
+        assert (item.incoming, item.priority, item.state) == (True, "stat", "requested")
+        surgeon = asyncio.create_task(
+            demo.surgeon_when_ready(net, requested, 64, within=30, moves=3, period=0.01)
+        )
+        await asyncio.sleep(0.2)
+        assert not neurorad.live_hub().sessions  # nobody joins before the person accepts
+        await facade.respond(item.consult_id, True)
+        await demo.wait_until(lambda: facade.consults()[0].state == "accepted", "accepted")
+        facade.fetch(item.consult_id)
+        await asyncio.wait_for(surgeon, 30)
+        surgeon_node = net.nodes[demo.NEUROSURG.key]
+        assert item.consult_id in surgeon_node.live_hub().sessions
+        assert facade.open_session(requested.shared_study_uid) is not None
+    finally:
+        await net.stop()

@@ -13,11 +13,12 @@ from node.demo import ROLES, demo_home
 
 
 async def run_interactive(root: Path, *, slices: int, rows: int, with_pacs: bool) -> int:
-    """Stage the case, then open the TUI as the neuroradiologist, the surgeon scripted."""
+    """Send the STAT request, then open the TUI as the neuroradiologist: the request waits
+    in the worklist; once accepted and fetched, the scripted surgeon joins a live session."""
     import asyncio
     import shutil
 
-    from node.demo import DemoNetwork, scripted_surgeon, stage
+    from node.demo import DemoNetwork, send_request, surgeon_when_ready
     from tui.app import RadmeshApp
     from tui.node_facade import RuntimeNode
 
@@ -26,9 +27,12 @@ async def run_interactive(root: Path, *, slices: int, rows: int, with_pacs: bool
     surgeon: asyncio.Task[None] | None = None
     try:
         await net.start(with_pacs=with_pacs)
-        staged = await stage(net, slices=slices, rows=rows)
-        net.say("opening the TUI as the neuroradiologist (press ? for help, ctrl+q to quit)")
-        surgeon = asyncio.create_task(scripted_surgeon(staged, rows))
+        requested = await send_request(net, slices=slices, rows=rows)
+        net.say(
+            "opening the TUI as the neuroradiologist: the request waits in the worklist "
+            "(a accept, f fetch, enter open; ? help, ctrl+q quit)"
+        )
+        surgeon = asyncio.create_task(surgeon_when_ready(net, requested, rows))
         await RadmeshApp(RuntimeNode(net.nodes["neurorad"])).run_async()
     finally:
         if surgeon is not None:
