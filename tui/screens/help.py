@@ -25,13 +25,11 @@ HELP = """\
   drag (mouse)    window: right = wider, down = higher level
   i invert   +/- zoom   H/J/K/L pan   r reset
   P point  A arrow(+text)  M length  G angle  E ellipse ROI   escape: no tool
-  click with a tool places its points; click an annotation or [ ] selects it; x/del removes your own
-  p present (others can follow you)   f follow the presenter (any move of your own stops it)
-  multi-frame instances: j/k walk their frames (overlay Fr n/N)
+  a click with a tool places its points; without one it selects an annotation (also [ ])
+  x/del removes your own   p present   f follow the presenter (your own move stops it)
+  multi-frame: j/k walk frames   images: --graphics kitty|sixel|halfblock|auto
   chat: type in the chat box + enter    report: edit the report box    F9 finalise & sign
   q close the viewer
-  images: kitty graphics or sixel at full resolution when the terminal has them, else half-block
-  cells; choose with radmesh tui --graphics kitty|sixel|halfblock|auto or RADMESH_GRAPHICS
 """
 
 
