@@ -234,6 +234,7 @@ async def test_a_streaming_study_lists_every_slice_and_the_one_on_screen_comes_f
         answer.fetch(consult_id)
         await wait_for(lambda: bool(neuro.transfers.incoming()))
         shared_uid = neuro.transfers.incoming()[0].study_instance_uid
+        assert shared_uid == answer.consults()[0].study_uid  # so Home's enter can open it
         [study] = [s for s in answer.studies() if s.study_uid == shared_uid]
         assert study.instance_count == slices
         [series] = answer.series(shared_uid)

@@ -12,11 +12,9 @@ HELP = """\
 [b]radmesh — keys[/b]   (q or escape closes this page; ctrl+p opens the command palette)
 
 [b]Anywhere[/b]   ?/F1 help   F2 home   F3 studies   F4 peers   ctrl+q quit
-[b]Home[/b]       enter on a request opens its study in a live consult (also while it streams in)
-           inbox (←): a accept   d decline (asks for a reason)   f fetch the study
-           outbox (→): w withdraw the request      Transfers: progress of each study transfer
-[b]Studies[/b]    enter opens the selected study in the viewer; l opens it in a live consult
-           s share / request a consult (verified peers only; tab between fields, ctrl+s sends)
+[b]Home[/b]       enter opens the request's study in a live consult (even while it streams in)
+           inbox ←: a accept  d decline (with a reason)  f fetch study    outbox →: w withdraw
+[b]Studies[/b]    enter view   l live consult   s request a consult (tab moves, ctrl+s sends)
 [b]Peers[/b]      / search (words: name, subspecialty, jurisdiction, online)   v verify key
 [b]Viewer[/b]
   j/k ↓/↑ wheel   next/previous slice      PgDn/PgUp ±10      Home/End first/last
