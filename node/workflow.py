@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +49,8 @@ from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
 from crypto.org import verify_certificate
 from node.audit import AuditKind
-from node.deid import PseudonymMap, ShareContext, deidentify_all
+from node.deid import PseudonymMap, ShareContext
+from node.deid import deidentify as deidentify_instance
 from node.dicom_net import send_to_pacs
 from node.errors import NodeError
 from node.runtime import NodeRuntime, RuntimeError_
@@ -519,13 +520,16 @@ def install(rt: NodeRuntime) -> None:
     rt.transport.handle(FETCH_KIND, on_fetch)
 
 
-def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[list[bytes]], list[bytes]]:
-    def prepare(files: list[bytes]) -> list[bytes]:
+def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[Iterable[bytes]], Iterator[bytes]]:
+    def prepare(files: Iterable[bytes]) -> Iterator[bytes]:
+        # One file at a time (send_study streams); one context keeps the pseudonyms
+        # consistent, and the map is saved once every instance UID is in it.
         path = _map_path(rt, consult_id)
         pseudonyms = PseudonymMap.load(path, _map_key(rt))
-        shared = deidentify_all(files, ShareContext(pseudonyms=pseudonyms))
-        pseudonyms.persist(path, _map_key(rt))  # now also maps every instance UID
-        return shared
+        share = ShareContext(pseudonyms=pseudonyms)
+        for data in files:
+            yield deidentify_instance(data, share)
+        pseudonyms.persist(path, _map_key(rt))
 
     return prepare
 
@@ -542,6 +546,7 @@ async def _serve(rt: NodeRuntime, conn: PeerConnection, consult_id: str, share: 
                 audit=rt.audit,
                 prepare=_deidentifier(rt, consult_id) if share.deidentified else None,
                 on_sender=tracked.attach_sender,
+                spool_dir=rt.home.data_dir / "outgoing",
             )
     except (NodeError, TransportError) as exc:
         rt.notify(f"Sending the study for consult {consult_id[:8]} failed: {exc}")

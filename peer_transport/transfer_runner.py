@@ -7,23 +7,40 @@ is full, which is where backpressure comes from. Incoming messages are handed to
 :meth:`StudyReceiver.on_bulk` by whoever dispatches the connection's events.
 Requests travel on the control channel, chunks on the bulk channel.
 
-Received instances go to an :class:`InstanceStore` (``node.store.Store`` fits:
-``has_hash(hex)`` and ``add_bytes(data, source=...)``) only after their hash is
-verified; decoding and storing run in one worker thread so the event loop keeps
-receiving and at most one decoded instance is in memory.
+Received chunks are verified and written to the spool as they arrive (nothing
+queues in memory), and instances go to an :class:`InstanceStore`
+(``node.store.Store`` fits: ``has_hash(hex)`` and ``add_bytes(data, source=...)``)
+only after their hash is verified; decoding and storing run in one worker thread
+so the event loop keeps receiving and at most one decoded instance is in memory.
+The receiver's memory does not grow with the study.
+
+The sender streams too: :meth:`PreparedStudy.from_source` reads, optionally
+de-identifies, and encodes one instance at a time (a few in parallel worker
+threads) into a :class:`SenderSpool` on disk, sealed with a key that only lives
+in memory, and serves chunks from there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import functools
 import logging
+import os
+import secrets
+import shutil
+import struct
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
+
+import nacl.bindings as sodium
+import nacl.exceptions
 
 from crypto.identity import Identity
 from node import wirecodec
@@ -31,8 +48,10 @@ from peer_transport import transfer as tr
 
 log = logging.getLogger(__name__)
 
-INBOX_LIMIT = 1024  # messages queued from the link before new ones are dropped
+INBOX_LIMIT = 1024  # control messages queued from the link before new ones are dropped
 POLL_INTERVAL = 0.05
+ENCODE_AHEAD = max(2, os.cpu_count() or 2)  # instances encoded in parallel by the sender
+_M_MMAP_THRESHOLD = -3
 
 
 class TransferLink(Protocol):
@@ -47,29 +66,167 @@ class InstanceStore(Protocol):
     def add_bytes(self, data: bytes, *, source: str) -> Any: ...
 
 
-class PreparedStudy:
-    """A study encoded for the wire and described by a signed manifest (sender side)."""
+class SenderSpool:
+    """Wire encodings of one outgoing study on disk, each sealed (XChaCha20-Poly1305).
 
-    def __init__(self, manifest: tr.Manifest, signed: bytes, wires: Sequence[bytes]) -> None:
+    The key is made here and never leaves memory, so whatever a crash leaves
+    behind in the 0700 directory is unreadable (the files may hold PHI when the
+    study is not de-identified); :meth:`close` deletes it. Directories left by
+    a process that no longer runs are removed when the next spool is made.
+    """
+
+    def __init__(self, parent: Path | None = None) -> None:
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _remove_orphans(parent)
+        self.root = Path(tempfile.mkdtemp(prefix=f"send-{os.getpid()}-", dir=parent))
+        self._key = secrets.token_bytes(sodium.crypto_aead_xchacha20poly1305_ietf_KEYBYTES)
+        self._fd = os.open(self.root / "wires", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._slots: list[tuple[int, int]] = []  # (offset, sealed length)
+        self._end = 0
+
+    @staticmethod
+    def _nonce(slot: int) -> bytes:
+        return struct.pack("<Q", slot).ljust(sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES)
+
+    def put(self, wire: bytes) -> int:
+        """Append one wire encoding; returns its slot."""
+        slot = len(self._slots)
+        sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            wire, None, self._nonce(slot), self._key
+        )
+        os.pwrite(self._fd, sealed, self._end)
+        self._slots.append((self._end, len(sealed)))
+        self._end += len(sealed)
+        return slot
+
+    def get(self, slot: int) -> bytes:
+        offset, length = self._slots[slot]
+        sealed = os.pread(self._fd, length, offset)
+        try:
+            wire: bytes = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                sealed, None, self._nonce(slot), self._key
+            )
+        except nacl.exceptions.CryptoError as exc:
+            raise tr.LocalTransferError(
+                f"the outgoing spool in {self.root} was damaged on disk; send the study again"
+            ) from exc
+        return wire
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _remove_orphans(parent: Path) -> None:
+    for path in parent.glob("send-*-*"):
+        pid = path.name.split("-")[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+class PreparedStudy:
+    """A study encoded for the wire and described by a signed manifest (sender side).
+
+    ``wire(index)`` gives the wire encoding of manifest entry ``index``.
+    """
+
+    def __init__(
+        self,
+        manifest: tr.Manifest,
+        signed: bytes,
+        wire: Callable[[int], bytes],
+        spool: SenderSpool | None = None,
+    ) -> None:
         self.manifest = manifest
         self.signed = signed
-        self.wires = list(wires)
+        self.wire = wire
+        self._spool = spool
+
+    def close(self) -> None:
+        """Delete the on-disk encodings (if any)."""
+        if self._spool is not None:
+            self._spool.close()
 
     @classmethod
     async def from_files(
         cls, files: Sequence[bytes], identity: Identity, deidentified: bool = False
     ) -> PreparedStudy:
-        """Describe and encode every file (in worker threads); bad files raise BadInstance."""
+        """Describe and encode every file in memory (small studies, tests)."""
         prepared = await asyncio.gather(*(asyncio.to_thread(tr.prepare_instance, f) for f in files))
-        studies = {p[1] for p in prepared}
-        if len(studies) != 1:
-            raise wirecodec.BadInstance(
-                f"the files belong to {len(studies)} studies; share one study at a time"
-            )
-        manifest = tr.build_manifest([p[0] for p in prepared], studies.pop(), deidentified)
+        manifest = tr.build_manifest(
+            [p[0] for p in prepared], _one_study(p[1] for p in prepared), deidentified
+        )
         wire_of = {p[0].sop_instance_uid: p[2] for p in prepared}
         wires = [wire_of[e.sop_instance_uid] for e in manifest.entries]
-        return cls(manifest, manifest.sign(identity), wires)
+        return cls(manifest, manifest.sign(identity), wires.__getitem__)
+
+    @classmethod
+    async def from_source(
+        cls,
+        files: Iterator[bytes],
+        identity: Identity,
+        spool: SenderSpool,
+        deidentified: bool = False,
+        ahead: int = ENCODE_AHEAD,
+    ) -> PreparedStudy:
+        """Read, describe and encode one file at a time into ``spool``.
+
+        ``files`` is advanced in a worker thread (reading and de-identifying may
+        block); up to ``ahead`` instances are encoded in parallel threads, so at
+        most about ``2 * ahead`` files are in memory. Bad files raise BadInstance.
+        """
+        entries: list[tr.ManifestEntry] = []
+        studies: list[str] = []
+        slot_of: dict[str, int] = {}
+        running: set[asyncio.Future[tuple[tr.ManifestEntry, str, bytes]]] = set()
+
+        def collect(done: Iterable[asyncio.Future[tuple[tr.ManifestEntry, str, bytes]]]) -> None:
+            for future in done:
+                entry, study, wire = future.result()
+                if entry.sop_instance_uid in slot_of:
+                    raise wirecodec.BadInstance(
+                        f"instance {entry.sop_instance_uid} appears twice in the study"
+                    )
+                slot_of[entry.sop_instance_uid] = spool.put(wire)
+                entries.append(entry)
+                studies.append(study)
+
+        try:
+            while True:
+                data = await asyncio.to_thread(next, files, None)
+                if data is None:
+                    break
+                running.add(asyncio.ensure_future(asyncio.to_thread(tr.prepare_instance, data)))
+                del data
+                if len(running) >= ahead:
+                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    collect(done)
+            if running:
+                done, running = await asyncio.wait(running)
+                collect(done)
+        finally:
+            for future in running:
+                future.cancel()
+        manifest = tr.build_manifest(entries, _one_study(studies), deidentified)
+        slots = [slot_of[e.sop_instance_uid] for e in manifest.entries]
+        return cls(manifest, manifest.sign(identity), lambda i: spool.get(slots[i]), spool)
+
+
+def _one_study(studies: Iterable[str]) -> str:
+    found = set(studies)
+    if len(found) != 1:
+        raise wirecodec.BadInstance(
+            f"the files belong to {len(found)} studies; share one study at a time"
+        )
+    return found.pop()
 
 
 class StudySender:
@@ -78,7 +235,7 @@ class StudySender:
     def __init__(self, study: PreparedStudy, link: TransferLink) -> None:
         self.study = study
         self.link = link
-        self.protocol = tr.Sender(study.manifest, study.wires.__getitem__)
+        self.protocol = tr.Sender(study.manifest, study.wire)
         self._inbox: asyncio.Queue[tr.Message] = asyncio.Queue(INBOX_LIMIT)
 
     def on_control(self, data: bytes) -> None:
@@ -128,13 +285,15 @@ class StudyReceiver:
         self.protocol: tr.Receiver | None = None
         self._offer = tr.OfferAssembler()
         self._manifest: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._chunks: asyncio.Queue[tr.Chunk] = asyncio.Queue(INBOX_LIMIT)
+        self._pending: set[asyncio.Task[None]] = set()
+        self._over = False  # run() has returned: chunks are no longer spooled
         self._stored: dict[int, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._started = asyncio.Event()
         # One worker: instances are decoded and stored one at a time, which bounds
         # memory and keeps the GIL mostly with the event loop that feeds SCTP.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="transfer-commit")
+        _return_large_blocks()
 
     # link input
 
@@ -150,12 +309,28 @@ class StudyReceiver:
             self._wake.set()
 
     def on_bulk(self, data: bytes) -> None:
+        """Verify and spool a chunk at once: nothing waits in memory for the main loop."""
         chunk = tr.from_wire(data)
         if not isinstance(chunk, tr.Chunk):
             raise tr.MalformedMessage("only chunks travel on the bulk channel")
-        with contextlib.suppress(asyncio.QueueFull):  # dropped chunks are requested again
-            self._chunks.put_nowait(chunk)
-        self._wake.set()
+        receiver = self.protocol
+        if receiver is None or not self._started.is_set() or self._over:
+            return  # nothing was requested yet, or the run is over
+        loop = asyncio.get_running_loop()
+        try:
+            index = receiver.receive(chunk, loop.time())
+        except tr.ChunkRejected as exc:
+            log.info("%s", exc)
+            return
+        finally:
+            self._wake.set()  # the window has room again
+        if index is not None:
+            self._commit_soon(receiver, index)
+
+    def _commit_soon(self, receiver: tr.Receiver, index: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._commit(receiver, index))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     # viewer
 
@@ -185,20 +360,15 @@ class StudyReceiver:
         )
         receiver.accept()
         self._started.set()
-        pending: set[asyncio.Task[None]] = set()
-
-        def commit(index: int) -> None:
-            task = asyncio.create_task(self._commit(receiver, index))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-
+        pending = self._pending
         for index in sorted(receiver.ready):  # fully received before a restart
-            commit(index)
+            self._commit_soon(receiver, index)
         try:
-            await self._loop(receiver, commit, pending)
+            await self._loop(receiver, pending)
             for task in list(pending):
                 await task
         finally:
+            self._over = True
             for task in pending:  # cancelled or failed: stop touching the spool
                 task.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -208,26 +378,12 @@ class StudyReceiver:
             raise tr.TransferError("the transfer was cancelled")
         return receiver.progress()
 
-    async def _loop(
-        self,
-        receiver: tr.Receiver,
-        commit: Callable[[int], None],
-        pending: set[asyncio.Task[None]],
-    ) -> None:
+    async def _loop(self, receiver: tr.Receiver, pending: set[asyncio.Task[None]]) -> None:
         loop = asyncio.get_running_loop()
         while receiver.state in (tr.State.RUNNING, tr.State.PAUSED):
+            self._wake.clear()
             for request in receiver.poll(loop.time()):
                 await self.link.send_control(tr.to_wire(request))
-            self._wake.clear()
-            while not self._chunks.empty():
-                chunk = self._chunks.get_nowait()
-                try:
-                    index = receiver.receive(chunk, loop.time())
-                except tr.ChunkRejected as exc:
-                    log.info("%s", exc)
-                    continue
-                if index is not None:
-                    commit(index)
             if receiver.state in (tr.State.RUNNING, tr.State.PAUSED):
                 # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel.
                 with contextlib.suppress(TimeoutError):
@@ -272,6 +428,21 @@ class StudyReceiver:
         self._wake.set()
 
 
+def _return_large_blocks() -> None:
+    """Have glibc give every large block (decoded instances) back to the system when freed.
+
+    By default glibc raises its mmap threshold after the first large free, so the
+    half-megabyte buffers of each decoded instance then come from the heaps of the
+    worker thread and the event loop, which fragment and keep growing the RSS over
+    a long study. A fixed threshold keeps them in mmap. No-op off glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
 # -- node-level helpers: a store and an audit log at each end ------------------------------
 
 
@@ -306,31 +477,39 @@ async def send_study(
     *,
     peer: str,
     audit: AuditSink | None = None,
-    prepare: Callable[[list[bytes]], list[bytes]] | None = None,
+    prepare: Callable[[Iterable[bytes]], Iterable[bytes]] | None = None,
     clock: Callable[[], float] = time.time,
     on_sender: Callable[[StudySender], None] | None = None,
+    spool_dir: Path | None = None,
 ) -> tr.State:
     """Offer a stored study over ``link`` and serve it until the peer has it all.
 
-    ``prepare`` may rewrite the files first (de-identification for sharing). Only
-    the wire encodings stay in memory while the study is served.
+    ``prepare`` may rewrite the files first (de-identification for sharing): it
+    gets the files one at a time as an iterator and yields them rewritten (it runs
+    in a worker thread). The wire encodings go to a sealed :class:`SenderSpool`
+    under ``spool_dir`` (the system temp directory when None), deleted after.
     """
     rows = source.instances(study_uid)
     if not rows:
         raise tr.LocalTransferError(f"study {study_uid} is not in the store")
-    files = [await asyncio.to_thread(source.read_instance, r.sop_instance_uid) for r in rows]
+    files: Iterable[bytes] = (source.read_instance(r.sop_instance_uid) for r in rows)
     if prepare is not None:
         files = prepare(files)
-    study = await PreparedStudy.from_files(files, identity, deidentified=prepare is not None)
-    del files
-    manifest = study.manifest
-    sender = StudySender(study, link)
-    if on_sender is not None:  # lets a caller watch progress (node.transfers)
-        on_sender(sender)
-    attach = getattr(link, "attach", None)
-    if attach is not None:  # connection.ChannelLink: route its incoming control to us
-        attach(sender.on_control, lambda _data: None)
-    state = await sender.run()
+    spool = SenderSpool(spool_dir)
+    try:
+        study = await PreparedStudy.from_source(
+            iter(files), identity, spool, deidentified=prepare is not None
+        )
+        manifest = study.manifest
+        sender = StudySender(study, link)
+        if on_sender is not None:  # lets a caller watch progress (node.transfers)
+            on_sender(sender)
+        attach = getattr(link, "attach", None)
+        if attach is not None:  # connection.ChannelLink: route its incoming control to us
+            attach(sender.on_control, lambda _data: None)
+        state = await sender.run()
+    finally:
+        spool.close()
     if audit is not None:
         audit.append(
             "transfer",

@@ -49,6 +49,7 @@ async def send_to_peer(runtime: NodeRuntime, study_uid: str, peer: str) -> tr.St
         runtime.identity,
         peer=str(NodeId.from_public_key(key)),
         audit=runtime.audit,
+        spool_dir=runtime.home.data_dir / "outgoing",
     )
 
 
