@@ -7,15 +7,21 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from consult.live import LiveConsult, LiveFragment, PresenceEnvelope, Reassembler
 from consult.presence import Cursor, Viewport
 from consult.shared import Annotation, AnnotationKind
 from crypto.identity import Identity
+from node.config import NodeHome
 from tui.app import RadmeshApp
 from tui.facade import Frame
+from tui.local import LocalNode
 from tui.memory import SERIES2_UID, SERIES_UID, InMemoryNode
 from tui.node_facade import LiveSessionView
 from tui.screens.viewer import ViewerScreen
@@ -294,3 +300,30 @@ async def test_j_walks_the_frames_of_a_multi_frame_instance_and_marks_keep_their
         await pilot.pause()
         assert "Im 2/12" in svg_text(app)
         assert "Fr " not in svg_text(app)
+
+
+async def test_a_real_multi_frame_file_opens_with_every_frame_reachable(tmp_path: Path) -> None:
+    source = get_testdata_file("CT_small.dcm")
+    assert source is not None
+    ds = pydicom.dcmread(source)
+    base = ds.pixel_array
+    frames = np.stack([base, base + 10, base + 20]).astype(base.dtype)
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    ds.save_as(folder / "multi.dcm")
+    node = LocalNode(NodeHome(tmp_path / "home"), None, None, [folder])
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = ViewerScreen(node, node.studies()[0])
+        await app.push_screen(screen)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "Im 1/1  Fr 1/3" in svg_text(app)
+        await pilot.press("end")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "Fr 3/3" in svg_text(app)
+        assert screen.view.frame is not None
+        assert (screen.view.frame.pixels == frames[2]).all()
