@@ -272,3 +272,41 @@ async def test_opening_a_study_writes_a_view_audit_record(
     name = node.store.study(study.study_uid).patient_name
     assert name not in repr(view.details)
     assert node.audit.verify().ok
+
+
+async def test_the_consultant_accepts_fetches_and_opens_the_study_from_the_worklist(
+    tmp_path: Path,
+) -> None:
+    from textual.widgets import DataTable, ProgressBar
+
+    slices = 30
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=slices, rows=256)
+    try:
+        await ask.request_consult(form_to(neuro, study_uid))
+        await wait_for(lambda: bool(answer.consults()))
+        app = RadmeshApp(answer)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            app.screen.query_one("#worklist", DataTable).focus()
+            await pilot.press("a")
+            await app.workers.wait_for_complete()
+            await wait_for(lambda: ask.consults()[0].state == "accepted")
+            await pilot.press("f")
+            await wait_for(lambda: bool(neuro.transfers.incoming()))
+            await pilot.press("enter")  # opens the study while it streams in
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            viewer = app.screen
+            assert isinstance(viewer, ViewerScreen)
+            assert len(viewer.instances) == slices
+            await wait_for(lambda: [t.state for t in answer.transfers()] == ["complete"], 60)
+            await pilot.press("q")
+            await pilot.pause(1.2)  # one Home refresh
+            [bar] = app.screen.query(ProgressBar)
+            assert bar.progress == bar.total > 1
+            assert f"{slices}/{slices} images" in svg_text(app)
+        kinds = [r.kind for r in neuro.audit.records()]
+        assert "view" in kinds
+    finally:
+        await rural.stop()
+        await neuro.stop()

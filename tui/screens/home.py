@@ -39,7 +39,7 @@ def transfer_line(t: TransferInfo) -> str:
         numbers += f", {t.rate / 1e6:.1f} MB/s"
         if t.eta is not None:
             numbers += f", {int(t.eta) // 60}:{int(t.eta) % 60:02d} left"
-    return f"{what}  {numbers}  [{t.state}]"
+    return f"{what}  {numbers}  [{t.state}]  #{t.transfer_id[:8]}"
 
 
 class HomeScreen(Screen[None]):
