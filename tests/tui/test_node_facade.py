@@ -292,7 +292,13 @@ async def test_the_consultant_accepts_fetches_and_opens_the_study_from_the_workl
             await app.workers.wait_for_complete()
             await wait_for(lambda: ask.consults()[0].state == "accepted")
             await pilot.press("f")
-            await wait_for(lambda: bool(neuro.transfers.incoming()))
+            await wait_for(
+                lambda: (
+                    bool(neuro.transfers.incoming())
+                    or [t.state for t in answer.transfers()] == ["complete"]
+                ),
+                30,
+            )
             await pilot.press("enter")  # opens the study while it streams in
             await app.workers.wait_for_complete()
             await pilot.pause()
@@ -303,6 +309,7 @@ async def test_the_consultant_accepts_fetches_and_opens_the_study_from_the_workl
             await pilot.press("q")
             await pilot.pause(1.2)  # one Home refresh
             [bar] = app.screen.query(ProgressBar)
+            assert bar.total is not None
             assert bar.progress == bar.total > 1
             assert f"{slices}/{slices} images" in svg_text(app)
         kinds = [r.kind for r in neuro.audit.records()]
