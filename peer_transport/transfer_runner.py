@@ -413,7 +413,9 @@ class StudyReceiver:
             self._wake.set()
             return
         receiver.stored(index, loop.time())
-        self._stored.setdefault(index, asyncio.Event()).set()
+        waiting = self._stored.pop(index, None)  # only what the viewer waits for
+        if waiting is not None:
+            waiting.set()
         if self.on_progress is not None:
             self.on_progress(receiver.progress())
         self._wake.set()

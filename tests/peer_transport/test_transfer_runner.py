@@ -5,17 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from pydicom.uid import generate_uid
 
 from bench import bench_transfer as rtc_link
-from bench.bench_codec import ct_series
+from bench.bench_codec import ct_instance, ct_series
 from crypto.identity import Identity
 from node import wirecodec
 from peer_transport import transfer as tr
-from peer_transport.transfer_runner import PreparedStudy, StudyReceiver, StudySender
+from peer_transport.transfer_runner import (
+    PreparedStudy,
+    SenderSpool,
+    StudyReceiver,
+    StudySender,
+)
 
 
 class MemoryStore:
@@ -185,10 +194,13 @@ async def test_study_moves_between_two_real_stores_and_both_audit_logs_record_it
             receive_study(b, store_b, tmp_path / "spool", peer="alice", audit=audit_b)
         )
         await asyncio.sleep(0)
-        sending = send_study(a, store_a, study_uid, alice, peer="bob", audit=audit_a)
+        sending = send_study(
+            a, store_a, study_uid, alice, peer="bob", audit=audit_a, spool_dir=tmp_path / "outgoing"
+        )
         sender_state = asyncio.create_task(sending)
         try:
             progress = await asyncio.wait_for(receiving, 20)
+            assert not list((tmp_path / "outgoing").iterdir())  # sender spool deleted
             state = await asyncio.wait_for(sender_state, 20)
         finally:
             for pump in (a.pump, b.pump):
@@ -204,3 +216,75 @@ async def test_study_moves_between_two_real_stores_and_both_audit_logs_record_it
         assert [r.details["outcome"] for r in sent] == ["complete"]
         assert [(r.peer, r.details["instances"]) for r in received] == [("alice", 4)]
         assert audit_b.verify().ok
+
+
+class HashStore:
+    """Keeps only hashes: what the transfer itself holds in memory is what is measured."""
+
+    def __init__(self) -> None:
+        self.hashes: set[str] = set()
+
+    def has_hash(self, content_hash: str) -> bool:
+        return content_hash in self.hashes
+
+    def add_bytes(self, data: bytes, *, source: str) -> None:
+        self.hashes.add(hashlib.sha256(data).hexdigest())
+
+
+def _slices(n: int) -> Iterator[bytes]:
+    rng = np.random.default_rng(n)
+    study, series = generate_uid(), generate_uid()
+    return (ct_instance(rng, study, series, i, size=256) for i in range(n))
+
+
+async def _peak_traced_transfer(tmp_path: Path, n: int) -> tuple[int, int]:
+    """Python heap peak of a whole streamed transfer (sender spool, receiver, spool)."""
+    spool = SenderSpool(tmp_path / f"out{n}")
+    tracemalloc.start()
+    try:
+        study = await PreparedStudy.from_source(_slices(n), Identity.generate(), spool)
+        a, b = _memory_pair()
+        store = HashStore()
+        receiver = StudyReceiver(b, tmp_path / f"in{n}", store, "peer-a")
+        sender = StudySender(study, a)
+        a.on_control, b.on_control = sender.on_control, receiver.on_control
+        b.on_bulk = receiver.on_bulk
+        b.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(receiver.run(), sender.run()), 60)
+        finally:
+            assert b.pump is not None
+            b.pump.cancel()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        spool.close()
+    assert len(store.hashes) == n
+    return peak, study.manifest.total_size
+
+
+async def test_memory_of_a_streamed_transfer_does_not_grow_with_the_study(
+    tmp_path: Path,
+) -> None:
+    await _peak_traced_transfer(tmp_path, 2)  # first use: imports and caches
+    small, small_bytes = await _peak_traced_transfer(tmp_path, 8)
+    large, large_bytes = await _peak_traced_transfer(tmp_path, 32)
+    grown = large_bytes - small_bytes  # ~3 MB more study; holding it would show
+    assert large - small < grown / 4, (small, large, grown)
+
+
+def test_sender_spool_seals_what_it_keeps_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    wire = b"PATIENT^NAME " * 1000
+    spool = SenderSpool(tmp_path)
+    assert spool.root.parent == tmp_path
+    assert spool.root.stat().st_mode & 0o077 == 0
+    slots = [spool.put(wire), spool.put(wire[::-1])]
+    assert [spool.get(s) for s in slots] == [wire, wire[::-1]]
+    assert b"PATIENT" not in (spool.root / "wires").read_bytes()
+    spool.close()
+    assert list(tmp_path.iterdir()) == []
+    # A spool left by a process that died is removed when the next one is made.
+    orphan = tmp_path / "send-999999999-x"
+    orphan.mkdir()
+    SenderSpool(tmp_path).close()
+    assert list(tmp_path.iterdir()) == []
