@@ -370,12 +370,16 @@ class NodeRuntime:
 
     async def _withdraw(self, consult_id: str, peer: NodeId) -> None:
         """Tell an offered consultant the case is no longer theirs (someone accepted first)."""
+        await self.send_withdrawal(consult_id, peer, "accepted by another")
+
+    async def send_withdrawal(self, consult_id: str, peer: NodeId, reason: str) -> bool:
+        """Send a signed WITHDRAW of ``consult_id`` to ``peer``; False if it could not go."""
         found = await self.directory.resolve(peer, self.now())
         if found is None:
             log.warning("cannot withdraw consult %s from %s: address unknown", consult_id, peer)
-            return
+            return False
         response = ConsultResponse(
-            consult_id, self.identity.node_id, Event.WITHDRAW, self.now(), "accepted by another"
+            consult_id, self.identity.node_id, Event.WITHDRAW, self.now(), reason
         )
         try:
             await self.send_message(
@@ -383,6 +387,8 @@ class NodeRuntime:
             )
         except NodeError as exc:
             log.warning("withdrawal of consult %s not sent: %s", consult_id[:8], exc)
+            return False
+        return True
 
     def _sender_key(self, sender: NodeId, wire: bytes) -> bytes | None:
         with contextlib.suppress(CryptoError):

@@ -481,6 +481,26 @@ async def respond(rt: NodeRuntime, consult_id: str, event: Event, reason: str = 
     return transition.target
 
 
+async def withdraw(
+    rt: NodeRuntime, consult_id: str, reason: str = "withdrawn by the requester"
+) -> list[NodeId]:
+    """Requester side: withdraw a request and tell every consultant it went to.
+
+    Returns the consultants that could not be told now (their copy expires at the
+    deadline; a later accept from them is answered with a withdrawal).
+    """
+    consult_id = rt.consults.resolve(consult_id)
+    role, peer, _ = rt.consults.info(consult_id)
+    if role != "requester":
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} was sent to this node; only the requesting node withdraws it"
+        )
+    rt.consults.apply(consult_id, Event.WITHDRAW, rt.now(), str(rt.identity.node_id))
+    told = {NodeId.parse(peer)} if peer else set()
+    told.update(rt.consults.offered(consult_id))
+    return [p for p in told if not await rt.send_withdrawal(consult_id, p, reason)]
+
+
 def install(rt: NodeRuntime) -> None:
     """Register the workflow's message handlers on a runtime."""
 

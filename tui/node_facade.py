@@ -22,7 +22,7 @@ from consult.errors import ConsultError
 from consult.live import LiveConsult
 from consult.presence import Cursor, Participant, Viewport
 from consult.report import Measurement, Unit
-from consult.requests import ConsultResponse, Event, Priority, State
+from consult.requests import Event, Priority, State
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.identity import NodeId
 from crypto.safety import safety_number
@@ -482,32 +482,14 @@ class RuntimeNode:
 
     async def withdraw(self, consult_id: str) -> str:
         """Requester side: withdraw the request and tell every consultant it went to."""
-        rt = self.runtime
         try:
-            cid = rt.consults.resolve(consult_id)
-            role, peer, _ = rt.consults.info(cid)
-            if role != "requester":
-                raise ActionError("only the requesting node withdraws a consult request")
-            rt.consults.apply(cid, Event.WITHDRAW, rt.now(), str(rt.identity.node_id))
+            unreached = await workflow.withdraw(self.runtime, consult_id)
         except ConsultError as exc:
             raise ActionError(f"could not withdraw consult {consult_id[:8]}: {exc}") from exc
-        told = {NodeId.parse(peer)} if peer else set()
-        told.update(rt.consults.offered(cid))
-        response = ConsultResponse(
-            cid, rt.identity.node_id, Event.WITHDRAW, rt.now(), "withdrawn by the requester"
-        ).to_wire(rt.identity)
-        unreached = []
-        for node_id in told:
-            found = await rt.directory.resolve(node_id, rt.now())
-            try:
-                if found is None:
-                    raise NodeError("address unknown")
-                await rt.send_message(found.record.public_key, "consult.response", response)
-            except NodeError:
-                unreached.append(node_id.short())
         if unreached:
-            return f"consult {cid[:8]} withdrawn; not told yet: {', '.join(unreached)}"
-        return f"consult {cid[:8]} withdrawn; {len(told)} consultant(s) told"
+            names = ", ".join(n.short() for n in unreached)
+            return f"consult {consult_id[:8]} withdrawn; not told yet: {names}"
+        return f"consult {consult_id[:8]} withdrawn; every consultant told"
 
     async def request_consult(self, form: ConsultForm) -> str:
         rt = self.runtime

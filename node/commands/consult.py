@@ -273,6 +273,39 @@ def cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _withdraw_online(home: NodeHome, consult_id: str, reason: str) -> list[NodeId]:
+    async with _node(home) as runtime:
+        return await workflow.withdraw(runtime, consult_id, reason)
+
+
+def cmd_withdraw(args: argparse.Namespace) -> int:
+    """The requester cancels: every consultant the request was offered to is told."""
+    home = home_of(args)
+    reason = args.reason or "withdrawn by the requester"
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+        peer = db.info(consult_id)[1]
+    if _on_network(home, home.load_config(), NodeId.parse(peer) if peer else None):
+        unreached = asyncio.run(_withdraw_online(home, consult_id, reason))
+        print(f"Consult {consult_id[:8]} withdrawn")
+        for node_id in unreached:
+            print(f"  {node_id.short()} could not be told now; its copy expires at the deadline")
+        return 0
+    identity = load_identity(home.key_path)
+    now = int(time.time())
+    with _open_db(home) as db:
+        if db.info(consult_id)[0] != "requester":
+            raise LocalConsultError(
+                f"consult {consult_id[:8]} was sent to this node; only the requester withdraws it"
+            )
+        db.apply(consult_id, Event.WITHDRAW, now, str(identity.node_id))
+    wire = ConsultResponse(consult_id, identity.node_id, Event.WITHDRAW, now, reason)
+    print(f"Consult {consult_id[:8]} withdrawn here; no network configured to tell consultants")
+    if args.out:
+        _write(args.out, wire.to_wire(identity), "withdrawal")
+    return 0
+
+
 def _age(seconds: int) -> str:
     sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
     if seconds < 3600:
@@ -424,6 +457,12 @@ def register(sub: Any) -> None:
         p.add_argument("--reason", default="", help="a note for the requester")
         p.add_argument("--out", metavar="FILE", help="also write the signed response to FILE")
         p.set_defaults(handler=handler)
+
+    p = csub.add_parser("withdraw", help="cancel a request of this node; consultants are told")
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.add_argument("--reason", default="", help="a note for the consultants")
+    p.add_argument("--out", metavar="FILE", help="also write the signed withdrawal to FILE")
+    p.set_defaults(handler=cmd_withdraw)
 
     p = csub.add_parser("stats", help="turnaround per priority: median time to report")
     p.set_defaults(handler=cmd_stats)

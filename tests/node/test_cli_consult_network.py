@@ -112,3 +112,38 @@ async def test_request_to_a_chosen_peer_and_decline_over_the_lan(
     finally:
         await hospital.stop()
         await neuro.stop()
+
+
+async def test_withdraw_tells_the_consultant_and_only_the_requester_may(
+    tmp_path: Path, registry: str
+) -> None:
+    hospital_home, hospital_id = make_home(tmp_path, "hospital", registry, [])
+    neuro_home, neuro_id = make_home(tmp_path, "neuro", registry, ["neuro"])
+    hospital = await _running(hospital_home, hospital_id)
+    neuro = await _running(neuro_home, neuro_id)
+    try:
+        for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
+            hospital.store.add_file(path, source="test")
+        study_uid = hospital.store.studies()[0].study_uid
+        hospital.trust.mark_verified(neuro_id.node_id, hospital.now())
+        neuro.trust.mark_verified(hospital_id.node_id, neuro.now())
+        await hospital.stop()  # the hospital's side is the CLI from here on
+        code, out = await radmesh(
+            hospital_home, "consult", "request", "--study", study_uid, "--question", "?",
+            "--subspecialty", "neuro", "--jurisdiction", "IE", "--to", str(neuro_id.node_id),
+        )  # fmt: skip
+        assert code == 0, out
+        consult_id = out.split()[1]
+        await wait_for(lambda: bool(neuro.consults.cases()))
+
+        code, out = await radmesh(neuro_home, "consult", "withdraw", consult_id[:8])
+        assert code != 0
+        assert "only the requesting node" in out
+        assert neuro.consults.get(consult_id).state is State.REQUESTED
+
+        code, out = await radmesh(hospital_home, "consult", "withdraw", consult_id[:8])
+        assert code == 0, out
+        assert "could not be told" not in out
+        await wait_for(lambda: neuro.consults.get(consult_id).state is State.WITHDRAWN)
+    finally:
+        await neuro.stop()
