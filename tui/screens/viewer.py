@@ -17,7 +17,7 @@ from textual.worker import WorkType
 from consult import measure
 from consult.errors import ConsultError
 from consult.presence import Cursor, Participant, Viewport
-from consult.shared import AnnotationKind
+from consult.shared import Annotation, AnnotationKind
 from tui import hittest, imaging
 from tui.facade import Frame, InstanceRef, NodeFacade, SeriesInfo, StudyInfo
 from tui.imaging import Point
@@ -269,7 +269,7 @@ class ViewerScreen(Screen[None]):
         marks.extend(Mark("point", (p,), "#ffffff") for p in self.pending)
         return tuple(marks)
 
-    def _annotations_here(self) -> list[Any]:
+    def _annotations_here(self) -> list[Annotation]:
         ref = self.current
         if self.session is None or ref is None:
             return []
