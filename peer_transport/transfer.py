@@ -561,6 +561,14 @@ class Sender:
 # -- receiver ------------------------------------------------------------------------------
 
 
+def decode_part(part: bytes, entry: ManifestEntry) -> bytes:
+    """The original file of a received wire encoding, checked against its manifest entry."""
+    wire = wirecodec.WireInstance.from_wire(part, entry.wire_size)
+    if wire.original_size != entry.size or wire.sha256 != entry.sha256:
+        raise wirecodec.CorruptInstance("its size or hash differs from the manifest")
+    return wirecodec.decode(wire)
+
+
 @dataclass
 class _Partial:
     count: int
@@ -803,20 +811,20 @@ class Receiver:
             return chunk.index
         return None
 
-    def verify_part(self, index: int) -> bytes:
+    def verify_part(
+        self, index: int, decoder: Callable[[bytes, ManifestEntry], bytes] | None = None
+    ) -> bytes:
         """Decode a fully received instance and check it against the manifest.
 
-        Reads only (safe in a worker thread: JPEG-LS decoding is the CPU-heavy part).
+        Reads only (safe in a worker thread: JPEG-LS decoding is the CPU-heavy part,
+        which ``decoder`` may run elsewhere; it defaults to :func:`decode_part`).
         Raises :class:`node.wirecodec.WireCodecError` or OSError; pass it to
         :meth:`reject_part`.
         """
         if index not in self.ready:
             raise LocalTransferError(f"instance {index} is not fully received")
         entry = self.manifest.entries[index]
-        wire = wirecodec.WireInstance.from_wire(self.spool.read_part(index), entry.wire_size)
-        if wire.original_size != entry.size or wire.sha256 != entry.sha256:
-            raise wirecodec.CorruptInstance("its size or hash differs from the manifest")
-        return wirecodec.decode(wire)
+        return (decoder or decode_part)(self.spool.read_part(index), entry)
 
     def reject_part(self, index: int, exc: Exception) -> TransferError:
         """Forget a received instance that failed :meth:`verify_part`; return the error.
