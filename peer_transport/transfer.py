@@ -31,6 +31,7 @@ transitions of a table-driven state machine; an illegal one raises
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 import secrets
@@ -603,6 +604,7 @@ class Receiver:
         self._partials: dict[int, _Partial] = {}
         self._attempts: dict[int, int] = {}
         self._priority: list[int] = []
+        self._first = 0  # every instance before this one is done
         self.chunks_received = 0
         self.chunks_requested = 0
         self.chunks_rerequested = 0
@@ -657,8 +659,11 @@ class Receiver:
         if len(ok) == count:
             self.ready.add(index)
 
-    def _persist(self) -> None:
+    def _save_state(self) -> None:
         state = {"id": self.manifest.transfer_id, "done": sorted(self.done)}
+        self.spool.save(STATE_FILE, canonical.encode(state))
+
+    def _persist(self) -> None:
         journal = b"".join(
             _JOURNAL_RECORD.pack(index, seq, digest)
             for index, partial in self._partials.items()
@@ -666,7 +671,7 @@ class Receiver:
         )
         # The journal first: a crash between the two leaves a state that is only older.
         self.spool.save(JOURNAL_FILE, journal)
-        self.spool.save(STATE_FILE, canonical.encode(state))
+        self._save_state()
 
     @classmethod
     def resume(cls, spool: Spool, **kwargs: Any) -> Receiver:
@@ -717,7 +722,10 @@ class Receiver:
 
     def _order(self) -> Iterable[int]:
         seen = set()
-        for index in [*self._priority, *self._partials, *range(len(self.manifest.entries))]:
+        while self._first in self.done:  # instances before it are all done: skip them
+            self._first += 1
+        rest = range(self._first, len(self.manifest.entries))
+        for index in itertools.chain(self._priority, list(self._partials), rest):
             if index not in seen:
                 seen.add(index)
                 yield index
@@ -866,7 +874,8 @@ class Receiver:
             self._priority.remove(index)
         self.done.add(index)
         self.spool.drop_part(index)
-        self._persist()
+        # The state only: the instance's journal records are ignored once it is done.
+        self._save_state()
         size = self.manifest.entries[index].size
         if self._last is not None and now > self._last[0]:
             instant = size / (now - self._last[0])
