@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from consult.errors import ConsultError, LocalConsultError
@@ -105,6 +105,55 @@ def share_of(rt: NodeRuntime, consult_id: str) -> Share:
         return Share(shared_uid, shared_uid, False)
     original = PseudonymMap.load(path, _map_key(rt)).relink_uid(shared_uid)
     return Share(original, shared_uid, True)
+
+
+@dataclass(frozen=True)
+class UidMapping:
+    """The UIDs of one consult's study as this node stores them and as the consult shares
+    them; a UID outside the share passes through unchanged both ways."""
+
+    shared: Mapping[str, str] = field(default_factory=dict)  # original -> pseudonym
+    local: Mapping[str, str] = field(default_factory=dict)  # pseudonym -> original
+
+    def to_shared(self, uid: str) -> str:
+        return self.shared.get(uid, uid)
+
+    def from_shared(self, uid: str) -> str:
+        return self.local.get(uid, uid)
+
+
+def uid_mapping(rt: NodeRuntime, consult_id: str) -> UidMapping:
+    """How this node's UIDs appear in a consult's live session.
+
+    Only the requesting node of a de-identified share translates: every UID the share
+    issued, and every UID of the original study in the store (pseudonyms are keyed and
+    deterministic, so an instance not sent yet maps as it will be sent). The consultant
+    and an identified share see the study under the UIDs the session uses.
+    """
+    path = _map_path(rt, consult_id)
+    role, _, _ = rt.consults.info(consult_id)
+    if role != "requester" or not path.exists():
+        return UidMapping()
+    pseudonyms = PseudonymMap.load(path, _map_key(rt))
+    study = pseudonyms.relink_uid(rt.consults.get(consult_id).request.study_uid)
+    for row in rt.store.instances(study):
+        pseudonyms.pseudo_uid(row.series_uid)
+        pseudonyms.pseudo_uid(row.sop_instance_uid)
+    shared = dict(pseudonyms.uids)
+    return UidMapping(shared, {pseudo: uid for uid, pseudo in shared.items()})
+
+
+async def counterpart_key(rt: NodeRuntime, consult_id: str) -> bytes | None:
+    """The other node of a consult: the requester on the consultant's node; on the
+    requesting node the consultant who accepted (None before anyone did, or if its
+    address is not known)."""
+    role, peer, _ = rt.consults.info(consult_id)
+    if role != "requester":
+        return requester_key(rt, consult_id)
+    if not peer:
+        return None
+    found = await rt.directory.resolve(NodeId.parse(peer), rt.now())
+    return found.record.public_key if found is not None else None
 
 
 def _new_request(

@@ -14,6 +14,7 @@ import hashlib
 import io
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -22,7 +23,7 @@ from consult.errors import ConsultError
 from consult.live import LiveConsult
 from consult.presence import Cursor, Participant, Viewport
 from consult.report import Measurement, Unit
-from consult.requests import Event, Priority, State
+from consult.requests import ConsultCase, Event, Priority, State
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.identity import NodeId
 from crypto.safety import safety_number
@@ -50,30 +51,72 @@ from tui.local import frame_from_dataset
 from tui.session import Listener, SessionView
 
 MAX_NOTIFICATIONS = 100
+_CLOSED_STATES = frozenset({State.DECLINED, State.WITHDRAWN, State.EXPIRED})
+# Once a consultant holds the case, opening its study brings the other node in.
+_LIVE_STATES = frozenset(
+    {State.ACCEPTED, State.TRANSFERRING, State.IN_REVIEW, State.REPORTED, State.ACKNOWLEDGED}
+)
 _TRUST_LABEL = {
     TrustState.VERIFIED: "verified",
     TrustState.TRUSTED_BY_ORG: "organisation",
 }
 
 
+def _cursor(cursor: Cursor | None, uid: Callable[[str], str]) -> Cursor | None:
+    if cursor is None or uid(cursor.sop_instance_uid) == cursor.sop_instance_uid:
+        return cursor
+    return replace(cursor, sop_instance_uid=uid(cursor.sop_instance_uid))
+
+
+def _viewport(viewport: Viewport, uid: Callable[[str], str]) -> Viewport:
+    if uid(viewport.series_uid) == viewport.series_uid:
+        return viewport
+    return replace(viewport, series_uid=uid(viewport.series_uid))
+
+
+def _annotation(annotation: Annotation, uid: Callable[[str], str]) -> Annotation:
+    if uid(annotation.sop_instance_uid) == annotation.sop_instance_uid:
+        return annotation
+    return replace(annotation, sop_instance_uid=uid(annotation.sop_instance_uid))
+
+
 class LiveSessionView:
-    """A :class:`~tui.session.SessionView` over a :class:`~consult.live.LiveConsult`."""
+    """A :class:`~tui.session.SessionView` over a :class:`~consult.live.LiveConsult`.
+
+    ``uids`` translates between the study as this node stores it and as the session
+    names it: on the requesting node of a de-identified consult, what the session holds
+    is shown under the original UIDs and what the user does is written under the
+    pseudonyms, so nothing identifying enters the shared state.
+    """
 
     def __init__(
-        self, live: LiveConsult, on_finalise: Callable[[LiveConsult], None] | None = None
+        self,
+        live: LiveConsult,
+        on_finalise: Callable[[LiveConsult], None] | None = None,
+        uids: workflow.UidMapping | None = None,
     ) -> None:
         self.live = live
         self.consult_id = live.consult_id
         self.local_node = live.local_node
         self._on_finalise = on_finalise
+        self.uids = uids or workflow.UidMapping()
 
     def participants(self) -> list[Participant]:
         me = self.live.presence.me
         others = [p for p in self.live.participants() if p.client_id != me.client_id]
-        return [me, *others]
+        local = self.uids.from_shared
+        return [
+            replace(
+                p,
+                cursor=_cursor(p.cursor, local),
+                viewport=None if p.viewport is None else _viewport(p.viewport, local),
+            )
+            for p in (me, *others)
+        ]
 
     def annotations(self) -> list[Annotation]:
-        return sorted(self.live.annotations(), key=lambda a: (a.at, a.id))
+        shown = [_annotation(a, self.uids.from_shared) for a in self.live.annotations()]
+        return sorted(shown, key=lambda a: (a.at, a.id))
 
     def chat(self) -> list[ChatMessage]:
         return self.live.chat()
@@ -94,15 +137,16 @@ class LiveSessionView:
         text: str = "",
         values: Mapping[str, float] | None = None,
     ) -> Annotation:
-        return self.live.add_annotation(
-            kind, sop_instance_uid, frame, points, text=text, values=values
+        shared = self.live.add_annotation(
+            kind, self.uids.to_shared(sop_instance_uid), frame, points, text=text, values=values
         )
+        return _annotation(shared, self.uids.from_shared)
 
     def remove_annotation(self, annotation_id: str) -> None:
         self.live.remove_annotation(annotation_id)
 
     def move_cursor(self, cursor: Cursor | None) -> None:
-        self.live.move_cursor(cursor)
+        self.live.move_cursor(_cursor(cursor, self.uids.to_shared))
 
     def say(self, text: str) -> ChatMessage:
         return self.live.say(text)
@@ -120,7 +164,7 @@ class LiveSessionView:
 
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
         was_following = self.live.presence.following
-        self.live.set_viewport(viewport, by_user=by_user)
+        self.live.set_viewport(_viewport(viewport, self.uids.to_shared), by_user=by_user)
         if was_following and not self.live.presence.following:
             self.live._changed()
 
@@ -419,17 +463,68 @@ class RuntimeNode:
 
     # -- live -----------------------------------------------------------------------
     def open_session(self, study_uid: str) -> SessionView | None:
-        """The live session on this study: one we joined, its consult's, or a new one."""
-        hub = self.runtime.live_hub()
+        """The live session on this study: its consult's (the other node of the case is
+        invited in), one we were invited to, or a new ad-hoc one.
+
+        On the requesting node ``study_uid`` is the original study, which the consult
+        shares under a pseudonym: the session is named by the pseudonym and the view
+        translates every UID between the two.
+        """
+        rt = self.runtime
+        hub = rt.live_hub()
+        case = self._consult_on(study_uid)
+        if case is not None:
+            consult_id = case.request.id
+            live = hub.open(consult_id, case.request.question[:200], case.request.study_uid)
+            if case.state in _LIVE_STATES:
+                rt.spawn(self._invite_counterpart(consult_id))
+            return LiveSessionView(live, self._finalise, workflow.uid_mapping(rt, consult_id))
         for live in hub.sessions.values():
             if live.study_uid == study_uid:
                 return LiveSessionView(live, self._finalise)
-        for case in self.runtime.consults.cases():
-            if case.request.study_uid == study_uid:
-                live = hub.open(case.request.id, case.request.question[:200], study_uid)
-                return LiveSessionView(live, self._finalise)
         consult_id = "study-" + hashlib.sha256(study_uid.encode()).hexdigest()[:32]
         return LiveSessionView(hub.open(consult_id, "ad-hoc session", study_uid), self._finalise)
+
+    def _consult_on(self, study_uid: str) -> ConsultCase | None:
+        """The open consult on this study: shared under this UID, or (requesting node)
+        de-identified from it. One with a live session open first, then the newest."""
+        rt = self.runtime
+        found = []
+        for case in rt.consults.cases():
+            if case.state in _CLOSED_STATES:
+                continue
+            if case.request.study_uid != study_uid:
+                role, _, _ = rt.consults.info(case.request.id)
+                if role != "requester" or not case.request.deidentified:
+                    continue
+                try:
+                    if workflow.share_of(rt, case.request.id).original_study_uid != study_uid:
+                        continue
+                except (ConsultError, NodeError, TransportError):
+                    continue  # no pseudonym map here: not a share we can join from
+            found.append(case)
+        sessions = rt.live_hub().sessions
+        return max(
+            found,
+            key=lambda c: (c.request.id in sessions, c.request.created_at),
+            default=None,
+        )
+
+    async def _invite_counterpart(self, consult_id: str) -> None:
+        """Bring the other node of the consult into this node's live session on it."""
+        rt = self.runtime
+        hub = rt.live_hub()
+        try:
+            peer = await workflow.counterpart_key(rt, consult_id)
+            live = hub.sessions.get(consult_id)
+            if peer is None or live is None or live.is_bound(peer):
+                return
+            await hub.invite(consult_id, peer)
+        except (ConsultError, NodeError, TransportError, OSError, TimeoutError) as exc:
+            rt.notify(
+                f"The other node of consult {consult_id[:8]} is not in the live session "
+                f"yet: {exc}. It joins when it opens the study."
+            )
 
     def record_view(self, study_uid: str, live: bool) -> None:
         rt = self.runtime

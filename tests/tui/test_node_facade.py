@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from consult.measure import PixelSpacing, length_mm
-from consult.presence import Cursor
+from consult.presence import Cursor, Participant
 from consult.shared import AnnotationKind
 from node.demo_data import generate_ct, random_study
 from node.runtime import NodeRuntime
@@ -314,6 +314,104 @@ async def test_the_consultant_accepts_fetches_and_opens_the_study_from_the_workl
             assert f"{slices}/{slices} images" in svg_text(app)
         kinds = [r.kind for r in neuro.audit.records()]
         assert "view" in kinds
+    finally:
+        await rural.stop()
+        await neuro.stop()
+
+
+async def test_the_hospital_joins_the_consult_session_on_its_original_study(
+    tmp_path: Path,
+) -> None:
+    """The requesting node opens the ORIGINAL study and lands in the consultant's session on
+    the de-identified copy: each side sees the other's marks, cursor and presented series
+    on its own UIDs, and the shared state only ever holds the pseudonyms."""
+    from consult.presence import Viewport
+
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=3, rows=64)
+    try:
+        await ask.request_consult(form_to(neuro, study_uid))
+        await wait_for(lambda: bool(answer.consults()))
+        [item] = answer.consults()
+        await answer.respond(item.consult_id, True)
+        await wait_for(lambda: ask.consults()[0].state == "accepted")
+        answer.fetch(item.consult_id)
+        await wait_for(lambda: [t.state for t in answer.transfers()] == ["complete"], 30)
+        shared_uid = item.study_uid
+        assert shared_uid != study_uid
+        # The same slice on each side: the hospital's original, the consultant's pseudonym.
+        original = {r.instance_number: r for r in rural.store.instances(study_uid)}
+        pseudo = {r.instance_number: r for r in neuro.store.instances(shared_uid)}
+        assert set(original) == set(pseudo) == {1, 2, 3}
+        o_sop, p_sop = original[2].sop_instance_uid, pseudo[2].sop_instance_uid
+        o_series, p_series = original[2].series_uid, pseudo[2].series_uid
+        assert o_sop != p_sop
+        assert o_series != p_series
+
+        hospital = ask.open_session(study_uid)
+        assert isinstance(hospital, LiveSessionView)
+        assert hospital.consult_id == item.consult_id  # the consult's, not an ad-hoc session
+        # Opening it brought the consultant's node in, under the pseudonymous study.
+        await wait_for(lambda: item.consult_id in neuro.live_hub().sessions)
+        assert neuro.live_hub().sessions[item.consult_id].study_uid == shared_uid
+        consultant = answer.open_session(shared_uid)
+        assert isinstance(consultant, LiveSessionView)
+        assert consultant.live is neuro.live_hub().sessions[item.consult_id]
+
+        theirs = consultant.add_annotation(AnnotationKind.POINT, p_sop, 0, ((10.0, 12.0),))
+        await wait_for(lambda: theirs.id in {a.id for a in hospital.annotations()})
+        [shown] = [a for a in hospital.annotations() if a.id == theirs.id]
+        assert shown.sop_instance_uid == o_sop
+        assert rural.store.has_instance(shown.sop_instance_uid)
+
+        ours = hospital.add_annotation(
+            AnnotationKind.ARROW, o_sop, 0, ((1.0, 2.0), (20.0, 22.0)), text="here"
+        )
+        assert ours.sop_instance_uid == o_sop  # the hospital's view stays on its own UIDs
+        await wait_for(lambda: ours.id in {a.id for a in consultant.annotations()})
+        [arrived] = [a for a in consultant.annotations() if a.id == ours.id]
+        assert arrived.sop_instance_uid == p_sop
+        assert neuro.store.has_instance(arrived.sop_instance_uid)
+
+        def remote(view: LiveSessionView) -> list[Participant]:
+            return [p for p in view.participants() if p.node != view.local_node]
+
+        consultant.move_cursor(Cursor(p_sop, 0, 5.0, 6.0))
+        hospital.move_cursor(Cursor(o_sop, 0, 7.0, 8.0))
+        await wait_for(lambda: [p.cursor for p in remote(hospital)] == [Cursor(o_sop, 0, 5.0, 6.0)])
+        await wait_for(
+            lambda: [p.cursor for p in remote(consultant)] == [Cursor(p_sop, 0, 7.0, 8.0)]
+        )
+
+        # The consultant presents a series; the hospital follows it on its own series.
+        consultant.present(True)
+        consultant.set_viewport(Viewport(p_series, 1, 80.0, 40.0))
+        await wait_for(
+            lambda: (
+                [(p.presenting, p.viewport) for p in remote(hospital)]
+                == [(True, Viewport(o_series, 1, 80.0, 40.0))]
+            )
+        )
+        hospital.follow(True)
+        assert hospital.participants()[0].viewport == Viewport(o_series, 1, 80.0, 40.0)
+        consultant.present(False)
+        hospital.present(True)
+        hospital.set_viewport(Viewport(o_series, 2, 400.0, 40.0))
+        await wait_for(
+            lambda: (
+                [(p.presenting, p.viewport) for p in remote(consultant)]
+                == [(True, Viewport(p_series, 2, 400.0, 40.0))]
+            )
+        )
+
+        # Nothing identifying entered the shared state or the presence on either node.
+        identifying = {study_uid, o_series, *(r.sop_instance_uid for r in original.values())}
+        for live in (hospital.live, consultant.live):
+            document = live.state.full_update()
+            assert not [uid for uid in identifying if uid.encode() in document]
+            assert {a.sop_instance_uid for a in live.annotations()} == {p_sop}
+            states = [(p.cursor, p.viewport) for p in live.participants()]
+            assert {c.sop_instance_uid for c, _ in states if c is not None} == {p_sop}
+            assert {v.series_uid for _, v in states if v is not None} == {p_series}
     finally:
         await rural.stop()
         await neuro.stop()
