@@ -143,14 +143,11 @@ def uid_mapping(rt: NodeRuntime, consult_id: str) -> UidMapping:
     return UidMapping(shared, {pseudo: uid for uid, pseudo in shared.items()})
 
 
-async def counterpart_key(rt: NodeRuntime, consult_id: str) -> bytes | None:
-    """The other node of a consult: the requester on the consultant's node; on the
-    requesting node the consultant who accepted (None before anyone did, or if its
-    address is not known)."""
+async def consultant_key(rt: NodeRuntime, consult_id: str) -> bytes | None:
+    """Requesting side: the public key of the consultant who accepted the consult (None
+    before anyone did, or if its address is not known here)."""
     role, peer, _ = rt.consults.info(consult_id)
-    if role != "requester":
-        return requester_key(rt, consult_id)
-    if not peer:
+    if role != "requester" or not peer:
         return None
     found = await rt.directory.resolve(NodeId.parse(peer), rt.now())
     return found.record.public_key if found is not None else None

@@ -52,8 +52,8 @@ from tui.session import Listener, SessionView
 
 MAX_NOTIFICATIONS = 100
 _CLOSED_STATES = frozenset({State.DECLINED, State.WITHDRAWN, State.EXPIRED})
-# Once a consultant holds the case, opening its study brings the other node in.
-_LIVE_STATES = frozenset(
+# Once a consultant holds the case, the requesting node's session invites it in.
+_ACCEPTED_STATES = frozenset(
     {State.ACCEPTED, State.TRANSFERRING, State.IN_REVIEW, State.REPORTED, State.ACKNOWLEDGED}
 )
 _TRUST_LABEL = {
@@ -463,8 +463,8 @@ class RuntimeNode:
 
     # -- live -----------------------------------------------------------------------
     def open_session(self, study_uid: str) -> SessionView | None:
-        """The live session on this study: its consult's (the other node of the case is
-        invited in), one we were invited to, or a new ad-hoc one.
+        """The live session on this study: its consult's (on the requesting node, the
+        consultant is invited in), one we were invited to, or a new ad-hoc one.
 
         On the requesting node ``study_uid`` is the original study, which the consult
         shares under a pseudonym: the session is named by the pseudonym and the view
@@ -476,8 +476,9 @@ class RuntimeNode:
         if case is not None:
             consult_id = case.request.id
             live = hub.open(consult_id, case.request.question[:200], case.request.study_uid)
-            if case.state in _LIVE_STATES:
-                rt.spawn(self._invite_counterpart(consult_id))
+            role, _, _ = rt.consults.info(consult_id)
+            if role == "requester" and case.state in _ACCEPTED_STATES:
+                rt.spawn(self._invite_consultant(consult_id))
             return LiveSessionView(live, self._finalise, workflow.uid_mapping(rt, consult_id))
         for live in hub.sessions.values():
             if live.study_uid == study_uid:
@@ -510,20 +511,21 @@ class RuntimeNode:
             default=None,
         )
 
-    async def _invite_counterpart(self, consult_id: str) -> None:
-        """Bring the other node of the consult into this node's live session on it."""
+    async def _invite_consultant(self, consult_id: str) -> None:
+        """Requesting side: bring the consultant's node into our session on its consult
+        (it joins automatically; if it already has the session open, it is the same one)."""
         rt = self.runtime
         hub = rt.live_hub()
         try:
-            peer = await workflow.counterpart_key(rt, consult_id)
+            peer = await workflow.consultant_key(rt, consult_id)
             live = hub.sessions.get(consult_id)
             if peer is None or live is None or live.is_bound(peer):
                 return
             await hub.invite(consult_id, peer)
         except (ConsultError, NodeError, TransportError, OSError, TimeoutError) as exc:
             rt.notify(
-                f"The other node of consult {consult_id[:8]} is not in the live session "
-                f"yet: {exc}. It joins when it opens the study."
+                f"The consultant of consult {consult_id[:8]} is not in the live session: "
+                f"{exc}. Open the study again once its node is online."
             )
 
     def record_view(self, study_uid: str, live: bool) -> None:

@@ -17,7 +17,7 @@ from node.demo_data import generate_ct, random_study
 from node.runtime import NodeRuntime
 from tests.consult.test_live import introduce, start_node, wait_for
 from tui.app import RadmeshApp
-from tui.facade import ActionError, ConsultForm
+from tui.facade import ActionError, ConsultForm, ConsultItem
 from tui.node_facade import LiveSessionView, RuntimeNode
 from tui.screens.viewer import ViewerScreen
 from tui.widgets.consult_panel import ConsultPanel
@@ -319,6 +319,23 @@ async def test_the_consultant_accepts_fetches_and_opens_the_study_from_the_workl
         await neuro.stop()
 
 
+async def shared_and_fetched(
+    rural: NodeRuntime, neuro: NodeRuntime, ask: RuntimeNode, answer: RuntimeNode, study_uid: str
+) -> ConsultItem:
+    """The consultant accepted the request and holds the de-identified study; its worklist
+    item (whose study_uid is the pseudonym)."""
+    await ask.request_consult(form_to(neuro, study_uid))
+    await wait_for(lambda: bool(answer.consults()))
+    [item] = answer.consults()
+    await answer.respond(item.consult_id, True)
+    await wait_for(lambda: ask.consults()[0].state == "accepted")
+    answer.fetch(item.consult_id)
+    await wait_for(lambda: [t.state for t in answer.transfers()] == ["complete"], 30)
+    assert item.study_uid != study_uid
+    assert len(neuro.store.instances(item.study_uid)) == len(rural.store.instances(study_uid))
+    return item
+
+
 async def test_the_hospital_joins_the_consult_session_on_its_original_study(
     tmp_path: Path,
 ) -> None:
@@ -329,19 +346,11 @@ async def test_the_hospital_joins_the_consult_session_on_its_original_study(
 
     rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=3, rows=64)
     try:
-        await ask.request_consult(form_to(neuro, study_uid))
-        await wait_for(lambda: bool(answer.consults()))
-        [item] = answer.consults()
-        await answer.respond(item.consult_id, True)
-        await wait_for(lambda: ask.consults()[0].state == "accepted")
-        answer.fetch(item.consult_id)
-        await wait_for(lambda: [t.state for t in answer.transfers()] == ["complete"], 30)
+        item = await shared_and_fetched(rural, neuro, ask, answer, study_uid)
         shared_uid = item.study_uid
-        assert shared_uid != study_uid
         # The same slice on each side: the hospital's original, the consultant's pseudonym.
         original = {r.instance_number: r for r in rural.store.instances(study_uid)}
         pseudo = {r.instance_number: r for r in neuro.store.instances(shared_uid)}
-        assert set(original) == set(pseudo) == {1, 2, 3}
         o_sop, p_sop = original[2].sop_instance_uid, pseudo[2].sop_instance_uid
         o_series, p_series = original[2].series_uid, pseudo[2].series_uid
         assert o_sop != p_sop
@@ -412,6 +421,58 @@ async def test_the_hospital_joins_the_consult_session_on_its_original_study(
             states = [(p.cursor, p.viewport) for p in live.participants()]
             assert {c.sop_instance_uid for c, _ in states if c is not None} == {p_sop}
             assert {v.series_uid for _, v in states if v is not None} == {p_series}
+    finally:
+        await rural.stop()
+        await neuro.stop()
+
+
+async def test_the_hospitals_viewer_shows_the_consultants_marks_on_its_own_slices(
+    tmp_path: Path,
+) -> None:
+    """The consultant is in the session first; the hospital opens its original study in
+    the TUI, sees the consultant's measurement and cursor on the matching slice and
+    follows the presented slice."""
+    from consult.presence import Viewport
+
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=3, rows=64)
+    try:
+        item = await shared_and_fetched(rural, neuro, ask, answer, study_uid)
+        consultant = answer.open_session(item.study_uid)
+        assert isinstance(consultant, LiveSessionView)
+        [p_series] = answer.series(item.study_uid)
+        p_refs = answer.instances(p_series.series_uid)
+        [study] = [s for s in ask.studies() if s.study_uid == study_uid]
+        app = RadmeshApp(ask)
+        async with app.run_test(size=SIZE) as pilot:
+            screen = ViewerScreen(ask, study, live=True)
+            await app.push_screen(screen)
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            assert screen.session is not None
+            assert screen.session.consult_id == item.consult_id
+            await wait_for(lambda: consultant.live.is_bound(rural.identity.public_key))
+            first = p_refs[0].sop_uid
+            drawn = consultant.add_annotation(
+                AnnotationKind.LENGTH,
+                first,
+                0,
+                ((5, 5), (25, 5)),
+                values={"length_mm": 10.0},
+            )
+            consultant.move_cursor(Cursor(first, 0, 30.0, 20.0))
+            await wait_for(lambda: [a.id for a in screen._annotations_here()] == [drawn.id])
+            await wait_for(lambda: any(m.kind == "cursor" for m in screen._marks()))
+            await pilot.pause()
+            assert "10.0 mm" in svg_text(app)
+            assert screen.current is not None
+            assert rural.store.has_instance(screen.current.sop_uid)
+
+            consultant.present(True)
+            consultant.set_viewport(Viewport(p_series.series_uid, 2, 80.0, 40.0))
+            await wait_for(lambda: screen._presenter() is not None)
+            await pilot.press("f")
+            await wait_for(lambda: screen.index == 2)
+            assert "Im 3/3" in svg_text(app)
     finally:
         await rural.stop()
         await neuro.stop()
