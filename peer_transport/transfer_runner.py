@@ -182,9 +182,12 @@ class PreparedStudy:
         """Read, describe and encode one file at a time into ``spool``.
 
         ``files`` is advanced in a worker thread (reading and de-identifying may
-        block); up to ``ahead`` instances are encoded in parallel threads, so at
-        most about ``2 * ahead`` files are in memory. Bad files raise BadInstance.
+        block); up to ``ahead`` instances are encoded in parallel by codec
+        processes (CharLS holds the GIL, so threads would take turns), so at most
+        about ``2 * ahead`` files are in memory. Bad files raise BadInstance.
         """
+        loop = asyncio.get_running_loop()
+        pool = await asyncio.to_thread(_codec_pool, ahead)
         entries: list[tr.ManifestEntry] = []
         studies: list[str] = []
         slot_of: dict[str, int] = {}
@@ -206,7 +209,7 @@ class PreparedStudy:
                 data = await asyncio.to_thread(next, files, None)
                 if data is None:
                     break
-                running.add(asyncio.ensure_future(asyncio.to_thread(tr.prepare_instance, data)))
+                running.add(loop.run_in_executor(pool, tr.prepare_instance, data))
                 del data
                 if len(running) >= ahead:
                     done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -217,6 +220,8 @@ class PreparedStudy:
         finally:
             for future in running:
                 future.cancel()
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         manifest = tr.build_manifest(entries, _one_study(studies), deidentified)
         slots = [slot_of[e.sop_instance_uid] for e in manifest.entries]
         return cls(manifest, manifest.sign(identity), lambda i: spool.get(slots[i]), spool)
@@ -363,9 +368,9 @@ class StudyReceiver:
         )
         receiver.accept()
         self._started.set()
-        self._pool = _decoder()
-        if self._pool is not None:
-            self._pool.submit(int)  # start it while the first chunks arrive
+        # The decoder starts while the first chunks arrive; until then, threads decode.
+        starting = asyncio.create_task(asyncio.to_thread(_codec_pool, 1))
+        starting.add_done_callback(self._decoder_started)
         pending = self._pending
         for index in sorted(receiver.ready):  # fully received before a restart
             self._commit_soon(receiver, index)
@@ -399,6 +404,13 @@ class StudyReceiver:
                         await self._wake.wait()
             for task in [t for t in pending if t.done()]:
                 task.result()  # re-raise a failed commit (ManifestMismatch)
+
+    def _decoder_started(self, task: asyncio.Task[ProcessPoolExecutor | None]) -> None:
+        pool = None if task.cancelled() else task.result()
+        if pool is not None and self._over:
+            pool.shutdown(wait=False, cancel_futures=True)
+        else:
+            self._pool = pool
 
     def _verify_and_store(self, receiver: tr.Receiver, index: int) -> Exception | None:
         # One job per instance, so a decoded instance never waits in memory for its turn.
@@ -438,20 +450,30 @@ class StudyReceiver:
         self._wake.set()
 
 
-def _decoder() -> ProcessPoolExecutor | None:
-    """A process that decodes received instances (JPEG-LS decoding holds the GIL).
+def _codec_pool(workers: int) -> ProcessPoolExecutor | None:
+    """Processes that encode or decode instances (CharLS holds the GIL while it codes).
 
     Decoding in the receiving process's worker thread took the GIL from the event
-    loop that runs SCTP for ~4 ms per CT slice. The forkserver imports the codec
-    once per node process, so a new decoder starts in milliseconds. None where
-    processes are unavailable (decoding then stays in the worker thread).
+    loop that runs SCTP for ~4 ms per CT slice; encoding in threads ran one slice
+    at a time. The forkserver imports the codec once per node process, so a new
+    pool starts in milliseconds. None where processes are unavailable (coding then
+    stays in threads).
+
+    Blocks until the processes answer (they fail to start, for instance, when the
+    main script lacks an ``if __name__ == "__main__"`` guard): call it in a thread.
     """
+    pool = None
     try:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["node.wirecodec", "peer_transport.transfer"])
-        return ProcessPoolExecutor(1, mp_context=context)
-    except (OSError, ValueError) as exc:
-        log.warning("decoding in this process: no decoder process (%s)", exc)
+        pool = ProcessPoolExecutor(workers, mp_context=context)
+        for check in [pool.submit(int) for _ in range(workers)]:
+            check.result(timeout=30)
+        return pool
+    except (OSError, ValueError, RuntimeError, TimeoutError, BrokenProcessPool) as exc:
+        log.warning("coding instances in threads: no codec processes (%s)", exc)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         return None
 
 
