@@ -253,6 +253,7 @@ class RuntimeNode:
         self._notes: deque[str] = deque(maxlen=MAX_NOTIFICATIONS)
         self._patients: dict[str, str] = {}
         self._fetching: set[str] = set()  # consult ids whose study is being pulled
+        self._originals: dict[str, str] = {}  # consult id -> original study (requesting side)
 
     # -- status and studies ---------------------------------------------------------
     def status(self) -> NodeStatus:
@@ -397,7 +398,7 @@ class RuntimeNode:
                     case.request.priority.value,
                     case.state.value,
                     float(case.request.deadline),
-                    case.request.study_uid,
+                    self._study_here(case, role),
                 )
             )
         for live in self.runtime.live_hub().sessions.values():
@@ -494,22 +495,29 @@ class RuntimeNode:
         for case in rt.consults.cases():
             if case.state in _CLOSED_STATES:
                 continue
-            if case.request.study_uid != study_uid:
-                role, _, _ = rt.consults.info(case.request.id)
-                if role != "requester" or not case.request.deidentified:
-                    continue
-                try:
-                    if workflow.share_of(rt, case.request.id).original_study_uid != study_uid:
-                        continue
-                except (ConsultError, NodeError, TransportError):
-                    continue  # no pseudonym map here: not a share we can join from
-            found.append(case)
+            role, _, _ = rt.consults.info(case.request.id)
+            if study_uid in (case.request.study_uid, self._study_here(case, role)):
+                found.append(case)
         sessions = rt.live_hub().sessions
         return max(
             found,
             key=lambda c: (c.request.id in sessions, c.request.created_at),
             default=None,
         )
+
+    def _study_here(self, case: ConsultCase, role: str) -> str:
+        """The consult's study as this node stores it: the original on the requesting node
+        of a de-identified share, else the UID the consult shares it under."""
+        consult_id = case.request.id
+        if role != "requester" or not case.request.deidentified:
+            return case.request.study_uid
+        if consult_id not in self._originals:  # fixed per consult; spares a map decrypt
+            try:
+                share = workflow.share_of(self.runtime, consult_id)
+            except (ConsultError, NodeError, TransportError):
+                return case.request.study_uid  # no pseudonym map here (sent with --out)
+            self._originals[consult_id] = share.original_study_uid
+        return self._originals[consult_id]
 
     async def _invite_consultant(self, consult_id: str) -> None:
         """Requesting side: bring the consultant's node into our session on its consult

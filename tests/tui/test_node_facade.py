@@ -429,9 +429,11 @@ async def test_the_hospital_joins_the_consult_session_on_its_original_study(
 async def test_the_hospitals_viewer_shows_the_consultants_marks_on_its_own_slices(
     tmp_path: Path,
 ) -> None:
-    """The consultant is in the session first; the hospital opens its original study in
-    the TUI, sees the consultant's measurement and cursor on the matching slice and
-    follows the presented slice."""
+    """The consultant is in the session first; the hospital opens the request from its
+    outbox (enter), which shows its original study, sees the consultant's measurement and
+    cursor on the matching slice and follows the presented slice."""
+    from textual.widgets import DataTable
+
     from consult.presence import Viewport
 
     rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=3, rows=64)
@@ -441,13 +443,17 @@ async def test_the_hospitals_viewer_shows_the_consultants_marks_on_its_own_slice
         assert isinstance(consultant, LiveSessionView)
         [p_series] = answer.series(item.study_uid)
         p_refs = answer.instances(p_series.series_uid)
-        [study] = [s for s in ask.studies() if s.study_uid == study_uid]
+        [outbox] = ask.consults()
+        assert outbox.study_uid == study_uid  # the hospital's own study, not the pseudonym
         app = RadmeshApp(ask)
         async with app.run_test(size=SIZE) as pilot:
-            screen = ViewerScreen(ask, study, live=True)
-            await app.push_screen(screen)
+            await pilot.pause()
+            app.screen.query_one("#worklist", DataTable).focus()
+            await pilot.press("enter")
             await app.workers.wait_for_complete()
             await pilot.pause()
+            screen = app.screen
+            assert isinstance(screen, ViewerScreen)
             assert screen.session is not None
             assert screen.session.consult_id == item.consult_id
             await wait_for(lambda: consultant.live.is_bound(rural.identity.public_key))
