@@ -34,7 +34,6 @@ import hashlib
 import itertools
 import math
 import os
-import secrets
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -248,11 +247,22 @@ def build_manifest(
     transfer_id: bytes | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> Manifest:
-    """A manifest in series order (series number, series UID, instance number)."""
+    """A manifest in series order (series number, series UID, instance number).
+
+    The transfer id is derived from the content unless given: a sender restarted
+    with the same study offers the same id, so a receiver resumes instead of
+    starting over.
+    """
     ordered = sorted(
         entries, key=lambda e: (e.series_number, e.series_instance_uid, e.instance_number)
     )
-    tid = transfer_id or secrets.token_bytes(TRANSFER_ID_SIZE)
+    content = [study_instance_uid, deidentified, chunk_size, [e.to_value() for e in ordered]]
+    tid = (
+        transfer_id
+        or hashlib.blake2b(
+            msgpack.packb(content, use_bin_type=True), digest_size=TRANSFER_ID_SIZE
+        ).digest()
+    )
     return Manifest(tid, study_instance_uid, tuple(ordered), chunk_size, deidentified)
 
 

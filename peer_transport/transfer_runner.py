@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 INBOX_LIMIT = 1024  # control messages queued from the link before new ones are dropped
 POLL_INTERVAL = 0.05
+REOFFER_AFTER = 2 * tr.DEFAULT_TIMEOUT  # seconds without a request before offering again
 ENCODE_AHEAD = max(2, os.cpu_count() or 2)  # instances encoded in parallel by the sender
 _M_MMAP_THRESHOLD = -3
 
@@ -250,12 +251,24 @@ class StudySender:
         with contextlib.suppress(asyncio.QueueFull):  # the receiver asks again on timeout
             self._inbox.put_nowait(message)
 
-    async def run(self) -> tr.State:
-        """Offer, then serve requests until the receiver finishes or cancels."""
+    async def _offer(self) -> None:
         for part in tr.offer_parts(self.study.signed, self.study.manifest.transfer_id):
             await self.link.send_control(tr.to_wire(part))
+
+    async def run(self) -> tr.State:
+        """Offer, then serve requests until the receiver finishes or cancels.
+
+        The offer is repeated while no request comes (a receiver that restarted
+        waits for one; a running receiver ignores it).
+        """
+        await self._offer()
         while self.protocol.machine.state not in (tr.State.COMPLETE, tr.State.CANCELLED):
-            message = await self._inbox.get()
+            try:
+                async with asyncio.timeout(REOFFER_AFTER):
+                    message = await self._inbox.get()
+            except TimeoutError:
+                await self._offer()
+                continue
             try:
                 chunks = self.protocol.receive(message)
             except tr.RemoteTransferError as exc:

@@ -258,13 +258,6 @@ def _kill_point(seed: int, study: Study) -> int:
     return random.Random(seed).randint(int(tr.DEFAULT_WINDOW / per_instance) + 2, SLICES - 8)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StillRunning,
-    reason="bug: StudySender offers the manifest once, when it starts; after the connection "
-    "comes back to a restarted `fetch`, that process waits for an offer that never comes "
-    "(and StudyReceiver does not resume from the manifest in its spool), so both hang",
-)
 def test_receiver_killed_mid_transfer_resumes_byte_exact_and_resends_at_most_the_window(
     tmp_path: Path,
 ) -> None:
@@ -311,13 +304,6 @@ def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing
     assert sent <= study.chunks + tr.DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StillRunning,
-    reason="bug: a restarted sender offers the study under a new random transfer id; the "
-    "running receiver ignores any offer after its first and keeps requesting chunks of the "
-    "old id, which the new sender refuses ('message for another transfer'), so both hang",
-)
 def test_sender_killed_mid_transfer_and_restarted_the_receiver_resumes(tmp_path: Path) -> None:
     seed, sender, receiver, study = _two_homes_and_a_study(tmp_path)
     kill_at = _kill_point(seed, study)
