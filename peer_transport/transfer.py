@@ -700,7 +700,14 @@ class Receiver:
     def accept(self) -> None:
         self.machine.fire(Event.ACCEPT)
         if len(self.done) == len(self.manifest.entries):
-            self.machine.fire(Event.FINISH)
+            self._finish()
+
+    def _finish(self) -> None:
+        # The same study offered again later has the same transfer id: a state left
+        # here would call instances done that the store may no longer hold.
+        self.machine.fire(Event.FINISH)
+        for name in (STATE_FILE, JOURNAL_FILE, MANIFEST_FILE):
+            self.spool.remove(name)
 
     def pause(self) -> None:
         self.machine.fire(Event.PAUSE)
@@ -892,7 +899,7 @@ class Receiver:
             self._rate = instant if self._rate == 0 else 0.8 * self._rate + 0.2 * instant
         self._last = (now, size)
         if len(self.done) == len(self.manifest.entries):
-            self.machine.fire(Event.FINISH)
+            self._finish()
             return Finished(self.manifest.transfer_id)
         return None
 

@@ -170,7 +170,9 @@ def test_clean_link_delivers_every_instance_byte_exact(offer: Offer, tmp_path: P
     assert receiver.state is State.COMPLETE
     assert receiver.chunks_requested == _total_chunks(offer.manifest)
     assert outcome.order == sorted(outcome.order)  # series order on a clean link
-    assert not list(tmp_path.glob("*.part"))  # nothing partial left behind
+    # Nothing left behind: a later offer of the same study (same transfer id) must
+    # not find these instances called done.
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("seed", range(8))
