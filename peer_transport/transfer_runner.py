@@ -491,7 +491,9 @@ def _codec_pool(workers: int) -> ProcessPoolExecutor | None:
 
 
 def _decode_with(pool: ProcessPoolExecutor | None, part: bytes, entry: tr.ManifestEntry) -> bytes:
-    if pool is not None:
+    # Only JPEG-LS needs the decoder process; zstd and hashing release the GIL, and
+    # shipping a raw instance to another process would cost more than checking it here.
+    if pool is not None and wirecodec.encoding_of(part) is wirecodec.Encoding.JPEGLS:
         try:
             return pool.submit(tr.decode_part, part, entry).result()
         except (BrokenProcessPool, RuntimeError) as exc:  # killed, or shut down
