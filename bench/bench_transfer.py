@@ -143,27 +143,6 @@ def _use_uvloop() -> str:
     return "uvloop"
 
 
-async def _watch_decoder(receiver: StudyReceiver, result: dict[str, float]) -> None:
-    """Peak RSS of the receiver's decoder process, read from /proc while it runs."""
-    result["decoder_rss_mb"] = 0.0
-    while True:
-        pool = receiver._pool
-        for pid in list(getattr(pool, "_processes", None) or {}):
-            result["decoder_rss_mb"] = max(result["decoder_rss_mb"], _peak_rss_mb(pid))
-        await asyncio.sleep(0.25)
-
-
-def _peak_rss_mb(pid: int) -> float:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    for line in status.splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def _child(mode: str, want: int) -> dict[str, float]:
     """Receiver process: SDP over stdin/stdout, results as one JSON line."""
     loopback_only()
@@ -204,7 +183,6 @@ async def _child(mode: str, want: int) -> dict[str, float]:
             run = asyncio.create_task(receiver.run())
             await receiver._started.wait()
             start = loop.time()
-            decoder_rss = asyncio.create_task(_watch_decoder(receiver, result))
             if want >= 0:
                 assert receiver.protocol is not None
                 uid = receiver.protocol.manifest.entries[want].sop_instance_uid
@@ -214,7 +192,6 @@ async def _child(mode: str, want: int) -> dict[str, float]:
                 result["first_slice"] = loop.time() - asked
                 result["asked_after"] = receiver.protocol.progress().instances_done
             progress = await run
-            decoder_rss.cancel()
             result["seconds"] = loop.time() - start
             result["bytes"] = progress.bytes_done
             assert receiver.protocol is not None
@@ -304,8 +281,7 @@ def main() -> None:
     print(
         f"CT 200x512x512 ({ct_bytes / 1e6:.0f} MB, wire {wire / 1e6:.0f} MB, "
         f"encode+verify {encode_s:.1f} s before offering): {rate / 1e6:.2f} MB/s original "
-        f"= {rate / raw:.2f}x raw (goal >= 3x); receiver peak RSS {res['rss_mb']:.0f} MB "
-        f"+ decoder process {res['decoder_rss_mb']:.0f} MB"
+        f"= {rate / raw:.2f}x raw (goal >= 3x); receiver peak RSS {res['rss_mb']:.0f} MB"
     )
 
     noise, encode_s = _study(bench_codec.random_instance(s) for s in range(60))
@@ -336,8 +312,7 @@ def main() -> None:
         f"CT 2000x512x512 ({huge.manifest.total_size / 1e9:.2f} GB, wire "
         f"{_wire_bytes(huge) / 1e6:.0f} MB, encode {encode_s:.0f} s): "
         f"{res['bytes'] / res['seconds'] / 1e6:.2f} MB/s; receiver peak RSS "
-        f"{res['rss_mb']:.0f} MB (goal < 300 MB) + decoder process "
-        f"{res['decoder_rss_mb']:.0f} MB"
+        f"{res['rss_mb']:.0f} MB (goal < 300 MB)"
     )
 
 

@@ -180,18 +180,6 @@ class WireInstance:
         return cls(Encoding(encoding), size, sha, body, parsed_layout, tuple(frames))
 
 
-def encoding_of(wire: bytes) -> Encoding | None:
-    """The encoding a wire instance declares (read from its first bytes), or None."""
-    try:
-        head = msgpack.Unpacker(max_buffer_size=64, max_str_len=64)
-        head.feed(wire[:64])
-        if head.read_array_header() != 7 or head.unpack() != WIRE_VERSION:
-            return None
-        return Encoding(head.unpack())
-    except (ValueError, msgpack.UnpackException, msgpack.OutOfData):
-        return None
-
-
 def sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 

@@ -836,20 +836,17 @@ class Receiver:
             return chunk.index
         return None
 
-    def verify_part(
-        self, index: int, decoder: Callable[[bytes, ManifestEntry], bytes] | None = None
-    ) -> bytes:
+    def verify_part(self, index: int) -> bytes:
         """Decode a fully received instance and check it against the manifest.
 
-        Reads only (safe in a worker thread: JPEG-LS decoding is the CPU-heavy part,
-        which ``decoder`` may run elsewhere; it defaults to :func:`decode_part`).
+        Reads only (safe in a worker thread: JPEG-LS decoding is the CPU-heavy part).
         Raises :class:`node.wirecodec.WireCodecError` or OSError; pass it to
         :meth:`reject_part`.
         """
         if index not in self.ready:
             raise LocalTransferError(f"instance {index} is not fully received")
         entry = self.manifest.entries[index]
-        return (decoder or decode_part)(self.spool.read_part(index), entry)
+        return decode_part(self.spool.read_part(index), entry)
 
     def reject_part(self, index: int, exc: Exception) -> TransferError:
         """Forget a received instance that failed :meth:`verify_part`; return the error.

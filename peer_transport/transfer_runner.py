@@ -28,7 +28,6 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import multiprocessing
 import os
 import secrets
 import shutil
@@ -36,8 +35,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -183,12 +181,9 @@ class PreparedStudy:
         """Read, describe and encode one file at a time into ``spool``.
 
         ``files`` is advanced in a worker thread (reading and de-identifying may
-        block); up to ``ahead`` instances are encoded in parallel by codec
-        processes (CharLS holds the GIL, so threads would take turns), so at most
-        about ``2 * ahead`` files are in memory. Bad files raise BadInstance.
+        block); up to ``ahead`` instances are encoded in worker threads, so at
+        most about ``2 * ahead`` files are in memory. Bad files raise BadInstance.
         """
-        loop = asyncio.get_running_loop()
-        pool = await asyncio.to_thread(_codec_pool, ahead)
         entries: list[tr.ManifestEntry] = []
         studies: list[str] = []
         slot_of: dict[str, int] = {}
@@ -210,7 +205,7 @@ class PreparedStudy:
                 data = await asyncio.to_thread(next, files, None)
                 if data is None:
                     break
-                running.add(loop.run_in_executor(pool, tr.prepare_instance, data))
+                running.add(asyncio.ensure_future(asyncio.to_thread(tr.prepare_instance, data)))
                 del data
                 if len(running) >= ahead:
                     done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -221,8 +216,6 @@ class PreparedStudy:
         finally:
             for future in running:
                 future.cancel()
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
         manifest = tr.build_manifest(entries, _one_study(studies), deidentified)
         slots = [slot_of[e.sop_instance_uid] for e in manifest.entries]
         return cls(manifest, manifest.sign(identity), lambda i: spool.get(slots[i]), spool)
@@ -307,7 +300,6 @@ class StudyReceiver:
         self._manifest: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending: set[asyncio.Task[None]] = set()
         self._over = False  # run() has returned: chunks are no longer spooled
-        self._pool: ProcessPoolExecutor | None = None  # decodes, while run() runs
         self._stored: dict[int, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._started = asyncio.Event()
@@ -381,9 +373,6 @@ class StudyReceiver:
         )
         receiver.accept()
         self._started.set()
-        # The decoder starts while the first chunks arrive; until then, threads decode.
-        starting = asyncio.create_task(asyncio.to_thread(_codec_pool, 1))
-        starting.add_done_callback(self._decoder_started)
         pending = self._pending
         for index in sorted(receiver.ready):  # fully received before a restart
             self._commit_soon(receiver, index)
@@ -396,8 +385,6 @@ class StudyReceiver:
             for task in pending:  # cancelled or failed: stop touching the spool
                 task.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
         if receiver.state is tr.State.COMPLETE:
             await self.link.send_control(tr.to_wire(tr.Finished(receiver.manifest.transfer_id)))
         elif receiver.state is tr.State.CANCELLED:
@@ -418,17 +405,10 @@ class StudyReceiver:
             for task in [t for t in pending if t.done()]:
                 task.result()  # re-raise a failed commit (ManifestMismatch)
 
-    def _decoder_started(self, task: asyncio.Task[ProcessPoolExecutor | None]) -> None:
-        pool = None if task.cancelled() else task.result()
-        if pool is not None and self._over:
-            pool.shutdown(wait=False, cancel_futures=True)
-        else:
-            self._pool = pool
-
     def _verify_and_store(self, receiver: tr.Receiver, index: int) -> Exception | None:
         # One job per instance, so a decoded instance never waits in memory for its turn.
         try:
-            data = receiver.verify_part(index, functools.partial(_decode_with, self._pool))
+            data = receiver.verify_part(index)
         except (wirecodec.WireCodecError, OSError) as exc:
             return exc
         self.store.add_bytes(data, source=self.source)
@@ -461,44 +441,6 @@ class StudyReceiver:
             )
             task.add_done_callback(lambda _t: None)
         self._wake.set()
-
-
-def _codec_pool(workers: int) -> ProcessPoolExecutor | None:
-    """Processes that encode or decode instances (CharLS holds the GIL while it codes).
-
-    Decoding in the receiving process's worker thread took the GIL from the event
-    loop that runs SCTP for ~4 ms per CT slice; encoding in threads ran one slice
-    at a time. The forkserver imports the codec once per node process, so a new
-    pool starts in milliseconds. None where processes are unavailable (coding then
-    stays in threads).
-
-    Blocks until the processes answer (they fail to start, for instance, when the
-    main script lacks an ``if __name__ == "__main__"`` guard): call it in a thread.
-    """
-    pool = None
-    try:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["node.wirecodec", "peer_transport.transfer"])
-        pool = ProcessPoolExecutor(workers, mp_context=context)
-        for check in [pool.submit(int) for _ in range(workers)]:
-            check.result(timeout=30)
-        return pool
-    except (OSError, ValueError, RuntimeError, TimeoutError, BrokenProcessPool) as exc:
-        log.warning("coding instances in threads: no codec processes (%s)", exc)
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        return None
-
-
-def _decode_with(pool: ProcessPoolExecutor | None, part: bytes, entry: tr.ManifestEntry) -> bytes:
-    # Only JPEG-LS needs the decoder process; zstd and hashing release the GIL, and
-    # shipping a raw instance to another process would cost more than checking it here.
-    if pool is not None and wirecodec.encoding_of(part) is wirecodec.Encoding.JPEGLS:
-        try:
-            return pool.submit(tr.decode_part, part, entry).result()
-        except (BrokenProcessPool, RuntimeError) as exc:  # killed, or shut down
-            log.warning("decoder process lost (%s); decoding in this process", exc)
-    return tr.decode_part(part, entry)
 
 
 def _return_large_blocks() -> None:

@@ -172,12 +172,3 @@ def test_from_wire_checks_size_before_parsing_and_rejects_bad_shapes() -> None:
         WireInstance.from_wire(msgpack.packb([1, "jpegls", 1, b"x" * 32, b"", None, []]))
     with pytest.raises(CorruptInstance):
         WireInstance.from_wire(b"\xc1garbage")
-
-
-def test_encoding_of_reads_the_declared_encoding_without_decoding() -> None:
-    ct = ct_series(1, seed=5, size=64)[0]
-    assert wirecodec.encoding_of(wirecodec.encode(ct).to_wire()) is wirecodec.Encoding.JPEGLS
-    plain = wirecodec.encode_plain(ct).to_wire()
-    assert wirecodec.encoding_of(plain) is wirecodec.Encoding.ZSTD
-    assert wirecodec.encoding_of(b"not a wire instance") is None
-    assert wirecodec.encoding_of(b"") is None
