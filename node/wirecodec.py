@@ -15,8 +15,9 @@ original file back, byte for byte. Three encodings:
 
 Pixel values are mapped to JPEG-LS samples as ``(value - minimum) mod 2**bits``
 in the pixel's own width, so signed data, garbage high bits beyond BitsStored
-and any value range are all representable; the precision given to CharLS is the
-bit length of the actual value range, which is what makes noisy CT small.
+and any value range are all representable; a range that fits 8 bits is coded as
+8-bit samples. CharLS runs through imagecodecs, which releases the GIL while it
+codes, so decoding on the receiver does not stall the event loop that runs SCTP.
 ``encode`` always decodes its own output and compares SHA-256 before trusting
 it; the hash also travels with the instance so the receiver checks it too.
 """
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import jpeg_ls
+import imagecodecs
 import msgpack
 import numpy as np
 import pydicom
@@ -210,16 +211,17 @@ def _decode_pixels(layout: PixelLayout, frames: tuple[bytes, ...]) -> np.ndarray
     out = np.empty(per_frame * layout.frames, dtype=dtype)
     shift = dtype.type(layout.shift)
     for i, stream in enumerate(frames):
-        try:
-            buf, meta = jpeg_ls.decode_buffer(stream)
-        except Exception as exc:  # CharLS raises plain RuntimeError/ValueError
+        try:  # imagecodecs' CharLS releases the GIL: the event loop feeding SCTP keeps running
+            decoded = imagecodecs.jpegls_decode(stream)
+        except Exception as exc:  # CharLS raises its own error types
             raise CorruptInstance(f"JPEG-LS frame {i} is damaged: {exc}") from exc
-        if (meta.get("height"), meta.get("width")) != (layout.rows, layout.columns):
-            raise CorruptInstance(f"JPEG-LS frame {i} has the wrong dimensions")
         coded = np.dtype("<u2") if layout.precision > 8 else np.dtype("u1")
-        if len(buf) != per_frame * coded.itemsize:
-            raise CorruptInstance(f"JPEG-LS frame {i} decoded to the wrong size")
-        samples = np.frombuffer(buf, dtype=coded)
+        if (
+            decoded.shape != (layout.rows, layout.columns)
+            or decoded.dtype.itemsize != coded.itemsize
+        ):
+            raise CorruptInstance(f"JPEG-LS frame {i} has the wrong dimensions or sample size")
+        samples = decoded.reshape(-1).astype(coded, copy=False)
         target = out[i * per_frame : (i + 1) * per_frame]
         np.add(samples, shift, out=target, casting="unsafe")  # wraps mod 2**bits
     return out
@@ -316,8 +318,8 @@ def _encode_pixels(data: bytes, layout: PixelLayout, dtype: np.dtype[Any]) -> Wi
     frames = []
     total = 0
     for i in range(layout.frames):
-        frame = samples[i * per_frame : (i + 1) * per_frame].tobytes()
-        stream = bytes(jpeg_ls.encode_buffer(frame, layout.rows, layout.columns, 1, precision))
+        frame = samples[i * per_frame : (i + 1) * per_frame].reshape(layout.rows, layout.columns)
+        stream = bytes(imagecodecs.jpegls_encode(frame))  # CharLS, GIL released
         total += len(stream)
         if total > layout.length * WORTH_IT:
             return None  # noise does not compress: zstd or raw is cheaper to decode
