@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 
 PSEUDONYM_KEY_PURPOSE = "radmesh-pseudonyms-v1"
 REPORT_KIND = "consult.report"
+# A study is served (and may be fetched again, e.g. after a crash) only while the case
+# is in the consultant's hands.
+SERVABLE = frozenset({State.ACCEPTED, State.TRANSFERRING, State.IN_REVIEW})
 REVIEW_KIND = "consult.review"
 FETCH_KIND = "consult.fetch"
 
@@ -575,9 +578,13 @@ def install(rt: NodeRuntime) -> None:
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
         consult_id = rt.consults.resolve(body.decode(errors="replace"))
         role, peer, _ = rt.consults.info(consult_id)
-        if role != "requester" or NodeId.parse(peer) != conn.peer_id:
+        if role != "requester" or not peer or NodeId.parse(peer) != conn.peer_id:
             raise RequestRefused("not-shared", "this study was not shared with your node")
         case = rt.consults.get(consult_id)
+        if case.state not in SERVABLE:
+            raise RequestRefused(
+                "not-servable", f"consult {consult_id[:8]} is {case.state.value}, not accepted"
+            )
         if case.state is State.ACCEPTED:
             rt.consults.apply(consult_id, Event.START_TRANSFER, rt.now(), peer)
         rt.spawn(_serve(rt, conn, consult_id, share_of(rt, consult_id)))
@@ -623,6 +630,11 @@ async def fetch_study(
 ) -> Progress:
     """Consultant side: pull the shared study of an accepted consult into this node's store."""
     consult_id = rt.consults.resolve(consult_id)
+    state = rt.consults.get(consult_id).state
+    if state not in SERVABLE:
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} is {state.value}: the study comes once it is accepted"
+        )
     requester = requester_key(rt, consult_id)
     with rt.transfers.track(
         consult_id, Direction.IN, NodeId.from_public_key(requester).short()
@@ -646,7 +658,8 @@ async def fetch_study(
             progress = await receiving
         finally:
             receiving.cancel()
-    rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(rt.identity.node_id))
+    if rt.consults.get(consult_id).state is State.TRANSFERRING:
+        rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(rt.identity.node_id))
     return progress
 
 

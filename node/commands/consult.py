@@ -36,6 +36,7 @@ from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
 from node import workflow
 from node.commands.identity import home_of
+from node.commands.transfer import progress_line
 from node.config import NodeConfig, NodeHome
 from node.keystore import load_identity
 from node.runtime import NodeRuntime
@@ -306,6 +307,36 @@ def cmd_withdraw(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _fetch_online(home: NodeHome, consult_id: str) -> str:
+    async with _node(home) as runtime:
+        progress = await workflow.fetch_study(
+            runtime,
+            consult_id,
+            on_progress=lambda p: print(progress_line(p), end="\r", flush=True),
+        )
+    return f"{progress.instances_done} instances, {progress.bytes_done / 1e6:.1f} MB"
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """The consultant pulls the (de-identified) study of an accepted consult."""
+    home = home_of(args)
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+        role, peer, _ = db.info(consult_id)
+    if role != "consultant":
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} was requested by this node: the study is already here"
+        )
+    if not _on_network(home, home.load_config(), NodeId.parse(peer) if peer else None):
+        raise LocalConsultError(
+            "the study comes from the requesting node: add a registry to config.toml "
+            "[network] registries, or find that node on the LAN first (`radmesh peers`)"
+        )
+    done = asyncio.run(_fetch_online(home, consult_id))
+    print(f"\nStudy of consult {consult_id[:8]} received and stored: {done}")
+    return 0
+
+
 def _age(seconds: int) -> str:
     sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
     if seconds < 3600:
@@ -457,6 +488,10 @@ def register(sub: Any) -> None:
         p.add_argument("--reason", default="", help="a note for the requester")
         p.add_argument("--out", metavar="FILE", help="also write the signed response to FILE")
         p.set_defaults(handler=handler)
+
+    p = csub.add_parser("fetch", help="pull the study of a consult this node accepted")
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.set_defaults(handler=cmd_fetch)
 
     p = csub.add_parser("withdraw", help="cancel a request of this node; consultants are told")
     p.add_argument("id", help="consult id (a unique prefix is enough)")

@@ -7,12 +7,13 @@ import asyncio
 import sys
 from pathlib import Path
 
-from consult.requests import State
+from consult.requests import Priority, State
 from crypto.identity import Identity
 from node import workflow
 from node.config import NodeHome
 from node.demo_data import generate_ct
 from node.runtime import NodeRuntime
+from node.store import open_store
 from tests.node.test_runtime import FAST, make_home, wait_for
 
 
@@ -147,3 +148,43 @@ async def test_withdraw_tells_the_consultant_and_only_the_requester_may(
         await wait_for(lambda: neuro.consults.get(consult_id).state is State.WITHDRAWN)
     finally:
         await neuro.stop()
+
+
+async def test_the_consultant_fetches_the_de_identified_study_from_the_command_line(
+    tmp_path: Path, registry: str
+) -> None:
+    hospital_home, hospital_id = make_home(tmp_path, "hospital", registry, [])
+    neuro_home, neuro_id = make_home(tmp_path, "neuro", registry, ["neuro"])
+    hospital = await _running(hospital_home, hospital_id)
+    neuro = await _running(neuro_home, neuro_id)
+    try:
+        for path in generate_ct(tmp_path / "ct", slices=3, rows=64):
+            hospital.store.add_file(path, source="test")
+        study_uid = hospital.store.studies()[0].study_uid
+        hospital.trust.mark_verified(neuro_id.node_id, hospital.now())
+        neuro.trust.mark_verified(hospital_id.node_id, neuro.now())
+        request, _, _ = await workflow.request_consult(
+            hospital, neuro.identity.public_key, study_uid, question="?",
+            priority=Priority.STAT, subspecialty="neuro", jurisdiction="IE",
+        )  # fmt: skip
+        await wait_for(lambda: bool(neuro.consults.cases()))
+        await neuro.stop()  # the consultant's side is the CLI from here on
+
+        code, out = await radmesh(neuro_home, "consult", "fetch", request.id[:8])
+        assert code != 0
+        assert "accepted" in out  # it must be accepted first: the state table says so
+        code, out = await radmesh(neuro_home, "consult", "accept", request.id[:8])
+        assert code == 0, out
+        code, out = await radmesh(neuro_home, "consult", "fetch", request.id[:8])
+        assert code == 0, out
+        assert "received and stored: 3 instances" in out
+
+        store = open_store(neuro_home, neuro_id)
+        try:
+            assert [s.study_uid for s in store.studies()] == [request.study_uid]
+            assert request.study_uid != study_uid  # the de-identified share
+            assert len(store.instances(request.study_uid)) == 3
+        finally:
+            store.close()
+    finally:
+        await hospital.stop()
