@@ -321,8 +321,9 @@ async def node_main(cfg: dict[str, Any], store: Store) -> Result:
         await transport.close()
 
 
-async def _relay(sock: Path, ready: asyncio.Event, lifetime: float) -> None:
-    """Forwards each length-prefixed signaling message to the other node."""
+async def signaling_relay(sock: Path, ready: asyncio.Event, lifetime: float) -> None:
+    """Forwards each length-prefixed signaling message to the other node (also used by
+    tests/peer_transport/test_netns.py)."""
     clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     both = asyncio.Event()
 
@@ -361,7 +362,7 @@ async def _radmesh(
     work.mkdir()
     sock = work / "signal.sock"
     ready = asyncio.Event()
-    relay = asyncio.ensure_future(_relay(sock, ready, RUN_TIMEOUT))
+    relay = asyncio.ensure_future(signaling_relay(sock, ready, RUN_TIMEOUT))
     await ready.wait()
     ids = {"a": Identity.generate(), "b": Identity.generate()}
     procs: dict[str, Any] = {}

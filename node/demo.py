@@ -316,10 +316,9 @@ async def send_request(net: DemoNetwork, *, slices: int, rows: int) -> Requested
             rural,
             neurorad.identity.public_key,
             study.study_uid,
-            question=QUESTION,
-            priority=Priority.STAT,
-            subspecialty="neuro",
-            jurisdiction="IE",
+            workflow.Terms(
+                question=QUESTION, priority=Priority.STAT, subspecialty="neuro", jurisdiction="IE"
+            ),
         )
         net.say(f"  request {request.id[:8]} {how}")
         await wait_until(lambda: bool(neurorad.consults.cases()), "request in the worklist")

@@ -156,33 +156,37 @@ async def consultant_key(rt: NodeRuntime, consult_id: str) -> bytes | None:
     return found.record.public_key if found is not None else None
 
 
+@dataclass(frozen=True)
+class Terms:
+    """What a consult asks for, as the requester states it (the request adds ids and times)."""
+
+    question: str
+    priority: Priority
+    subspecialty: str
+    jurisdiction: str
+    language: str = "en"
+    deadline_seconds: int = 3600
+    deidentify: bool = True
+
+
 def _new_request(
-    rt: NodeRuntime,
-    study_uid: str,
-    *,
-    question: str,
-    priority: Priority,
-    subspecialty: str,
-    jurisdiction: str,
-    language: str,
-    deadline_seconds: int,
-    deidentify: bool,
+    rt: NodeRuntime, study_uid: str, terms: Terms
 ) -> tuple[ConsultRequest, PseudonymMap | None]:
     if not rt.store.instances(study_uid):
         raise RuntimeError_(f"study {study_uid} has no instances in this node's store")
-    pseudonyms = PseudonymMap() if deidentify else None
+    pseudonyms = PseudonymMap() if terms.deidentify else None
     now = rt.now()
     request = ConsultRequest.new(
         requester=rt.identity.node_id,
         study_uid=pseudonyms.pseudo_uid(study_uid) if pseudonyms is not None else study_uid,
-        question=question,
-        priority=priority,
-        subspecialty=subspecialty,
-        jurisdiction=jurisdiction,
-        language=language,
-        deadline=now + deadline_seconds,
+        question=terms.question,
+        priority=terms.priority,
+        subspecialty=terms.subspecialty,
+        jurisdiction=terms.jurisdiction,
+        language=terms.language,
+        deadline=now + terms.deadline_seconds,
         now=now,
-        deidentified=deidentify,
+        deidentified=terms.deidentify,
     )
     return request, pseudonyms
 
@@ -226,14 +230,7 @@ async def request_consult(
     rt: NodeRuntime,
     consultant: bytes,
     study_uid: str,
-    *,
-    question: str,
-    priority: Priority,
-    subspecialty: str,
-    jurisdiction: str,
-    language: str = "en",
-    deadline_seconds: int = 3600,
-    deidentify: bool = True,
+    terms: Terms,
 ) -> tuple[ConsultRequest, Share, str]:
     """Record and send a consult request to one chosen consultant; returns
     (request, share, how sent).
@@ -242,17 +239,7 @@ async def request_consult(
     (with its secret, so every instance maps the same way) is made now and stays
     here, encrypted.
     """
-    request, pseudonyms = _new_request(
-        rt,
-        study_uid,
-        question=question,
-        priority=priority,
-        subspecialty=subspecialty,
-        jurisdiction=jurisdiction,
-        language=language,
-        deadline_seconds=deadline_seconds,
-        deidentify=deidentify,
-    )
+    request, pseudonyms = _new_request(rt, study_uid, terms)
     share, sent = await _offer(rt, request, pseudonyms, study_uid, [consultant])
     how = next(iter(sent.values()))
     if how.startswith("not sent: "):
@@ -305,14 +292,8 @@ async def find_consultants(rt: NodeRuntime, request: ConsultRequest) -> list[Nod
 async def route_consult(
     rt: NodeRuntime,
     study_uid: str,
+    terms: Terms,
     *,
-    question: str,
-    priority: Priority,
-    subspecialty: str,
-    jurisdiction: str,
-    language: str = "en",
-    deadline_seconds: int = 3600,
-    deidentify: bool = True,
     max_offers: int = 3,
 ) -> tuple[ConsultRequest, Share, dict[NodeId, str]]:
     """Offer a consult to up to ``max_offers`` matching trusted consultants; the first to
@@ -320,17 +301,7 @@ async def route_consult(
 
     Returns (request, share, how each offered consultant was reached).
     """
-    request, pseudonyms = _new_request(
-        rt,
-        study_uid,
-        question=question,
-        priority=priority,
-        subspecialty=subspecialty,
-        jurisdiction=jurisdiction,
-        language=language,
-        deadline_seconds=deadline_seconds,
-        deidentify=deidentify,
-    )
+    request, pseudonyms = _new_request(rt, study_uid, terms)
     ranked = await find_consultants(rt, request)
     if max_offers < 1:
         raise LocalConsultError("offer a consult to at least one consultant (--max-offers)")

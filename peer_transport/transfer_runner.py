@@ -443,6 +443,7 @@ class StudyReceiver:
         self._wake.set()
 
 
+@functools.cache  # find_library runs ldconfig: once per process is enough
 def _return_large_blocks() -> None:
     """Have glibc give every large block (decoded instances) back to the system when freed.
 

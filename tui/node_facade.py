@@ -616,11 +616,13 @@ class RuntimeNode:
                 rt,
                 record.record.public_key,
                 form.study_uid,
-                question=form.question,
-                priority=Priority(form.priority),
-                subspecialty=form.subspecialty,
-                jurisdiction=jurisdiction,
-                deadline_seconds=int(form.deadline_hours * 3600),
+                workflow.Terms(
+                    question=form.question,
+                    priority=Priority(form.priority),
+                    subspecialty=form.subspecialty,
+                    jurisdiction=jurisdiction,
+                    deadline_seconds=int(form.deadline_hours * 3600),
+                ),
             )
         except (ConsultError, NodeError, TransportError) as exc:
             raise ActionError(f"the request was not sent: {exc}") from exc

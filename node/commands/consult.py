@@ -113,18 +113,18 @@ async def _request_online(
             raise LocalConsultError(
                 "give the patient's country with --jurisdiction (or set country in config.toml)"
             )
+        terms = workflow.Terms(
+            question=args.question,
+            priority=Priority(args.priority),
+            subspecialty=args.subspecialty,
+            jurisdiction=jurisdiction,
+            language=language,
+            deadline_seconds=seconds,
+            deidentify=not args.identified,
+        )
         if peer is None:
             request, _, sent = await workflow.route_consult(
-                runtime,
-                args.study,
-                question=args.question,
-                priority=Priority(args.priority),
-                subspecialty=args.subspecialty,
-                jurisdiction=jurisdiction,
-                language=language,
-                deadline_seconds=seconds,
-                deidentify=not args.identified,
-                max_offers=args.max_offers,
+                runtime, args.study, terms, max_offers=args.max_offers
             )
         else:
             found = await runtime.directory.resolve(peer, runtime.now())
@@ -133,16 +133,7 @@ async def _request_online(
                     f"peer {peer.short()} is not known: find it with `radmesh peers` first"
                 )
             request, _, how = await workflow.request_consult(
-                runtime,
-                found.record.public_key,
-                args.study,
-                question=args.question,
-                priority=Priority(args.priority),
-                subspecialty=args.subspecialty,
-                jurisdiction=jurisdiction,
-                language=language,
-                deadline_seconds=seconds,
-                deidentify=not args.identified,
+                runtime, found.record.public_key, args.study, terms
             )
             sent = {peer: how}
         wire = runtime.consults.info(request.id)[2]

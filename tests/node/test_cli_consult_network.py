@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from consult.requests import Priority, State
@@ -33,6 +34,37 @@ async def _running(home: NodeHome, identity: Identity) -> NodeRuntime:
     await runtime.start()
     workflow.install(runtime)
     return runtime
+
+
+@dataclass
+class Pair:
+    hospital_home: NodeHome
+    neuro_home: NodeHome
+    hospital: NodeRuntime
+    neuro: NodeRuntime
+    neuro_id: Identity
+    study_uid: str
+
+
+async def _hospital_and_neuro(
+    tmp_path: Path, registry: str, slices: int = 1, rows: int = 32
+) -> Pair:
+    """A running hospital with a CT study and a running neuroradiologist who trust each other."""
+    hospital_home, hospital_id = make_home(tmp_path, "hospital", registry, [])
+    neuro_home, neuro_id = make_home(tmp_path, "neuro", registry, ["neuro"])
+    hospital = await _running(hospital_home, hospital_id)
+    neuro = await _running(neuro_home, neuro_id)
+    try:
+        for path in generate_ct(tmp_path / "ct", slices=slices, rows=rows):
+            hospital.store.add_file(path, source="test")
+        hospital.trust.mark_verified(neuro_id.node_id, hospital.now())
+        neuro.trust.mark_verified(hospital_id.node_id, neuro.now())
+    except BaseException:
+        await hospital.stop()
+        await neuro.stop()
+        raise
+    study_uid = hospital.store.studies()[0].study_uid
+    return Pair(hospital_home, neuro_home, hospital, neuro, neuro_id, study_uid)
 
 
 async def test_routed_request_and_accept_reach_nodes_live_and_through_the_mailbox(
@@ -86,16 +118,11 @@ async def test_routed_request_and_accept_reach_nodes_live_and_through_the_mailbo
 async def test_request_to_a_chosen_peer_and_decline_over_the_lan(
     tmp_path: Path, registry: str
 ) -> None:
-    hospital_home, hospital_id = make_home(tmp_path, "hospital", registry, [])
-    neuro_home, neuro_id = make_home(tmp_path, "neuro", registry, ["neuro"])
-    hospital = await _running(hospital_home, hospital_id)
-    neuro = await _running(neuro_home, neuro_id)
+    pair = await _hospital_and_neuro(tmp_path, registry)
+    hospital_home, neuro_home = pair.hospital_home, pair.neuro_home
+    hospital, neuro = pair.hospital, pair.neuro
+    neuro_id, study_uid = pair.neuro_id, pair.study_uid
     try:
-        for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
-            hospital.store.add_file(path, source="test")
-        study_uid = hospital.store.studies()[0].study_uid
-        hospital.trust.mark_verified(neuro_id.node_id, hospital.now())
-        neuro.trust.mark_verified(hospital_id.node_id, neuro.now())
         code, out = await radmesh(
             hospital_home, "consult", "request", "--study", study_uid, "--question", "?",
             "--subspecialty", "neuro", "--jurisdiction", "IE", "--to", str(neuro_id.node_id),
@@ -118,16 +145,11 @@ async def test_request_to_a_chosen_peer_and_decline_over_the_lan(
 async def test_withdraw_tells_the_consultant_and_only_the_requester_may(
     tmp_path: Path, registry: str
 ) -> None:
-    hospital_home, hospital_id = make_home(tmp_path, "hospital", registry, [])
-    neuro_home, neuro_id = make_home(tmp_path, "neuro", registry, ["neuro"])
-    hospital = await _running(hospital_home, hospital_id)
-    neuro = await _running(neuro_home, neuro_id)
+    pair = await _hospital_and_neuro(tmp_path, registry)
+    hospital_home, neuro_home = pair.hospital_home, pair.neuro_home
+    hospital, neuro = pair.hospital, pair.neuro
+    neuro_id, study_uid = pair.neuro_id, pair.study_uid
     try:
-        for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
-            hospital.store.add_file(path, source="test")
-        study_uid = hospital.store.studies()[0].study_uid
-        hospital.trust.mark_verified(neuro_id.node_id, hospital.now())
-        neuro.trust.mark_verified(hospital_id.node_id, neuro.now())
         await hospital.stop()  # the hospital's side is the CLI from here on
         code, out = await radmesh(
             hospital_home, "consult", "request", "--study", study_uid, "--question", "?",
@@ -153,20 +175,15 @@ async def test_withdraw_tells_the_consultant_and_only_the_requester_may(
 async def test_the_consultant_fetches_the_de_identified_study_from_the_command_line(
     tmp_path: Path, registry: str
 ) -> None:
-    hospital_home, hospital_id = make_home(tmp_path, "hospital", registry, [])
-    neuro_home, neuro_id = make_home(tmp_path, "neuro", registry, ["neuro"])
-    hospital = await _running(hospital_home, hospital_id)
-    neuro = await _running(neuro_home, neuro_id)
+    pair = await _hospital_and_neuro(tmp_path, registry, slices=3, rows=64)
+    neuro_home = pair.neuro_home
+    hospital, neuro = pair.hospital, pair.neuro
+    neuro_id, study_uid = pair.neuro_id, pair.study_uid
     try:
-        for path in generate_ct(tmp_path / "ct", slices=3, rows=64):
-            hospital.store.add_file(path, source="test")
-        study_uid = hospital.store.studies()[0].study_uid
-        hospital.trust.mark_verified(neuro_id.node_id, hospital.now())
-        neuro.trust.mark_verified(hospital_id.node_id, neuro.now())
+        terms = workflow.Terms("?", Priority.STAT, "neuro", "IE")
         request, _, _ = await workflow.request_consult(
-            hospital, neuro.identity.public_key, study_uid, question="?",
-            priority=Priority.STAT, subspecialty="neuro", jurisdiction="IE",
-        )  # fmt: skip
+            hospital, neuro.identity.public_key, study_uid, terms
+        )
         await wait_for(lambda: bool(neuro.consults.cases()))
         await neuro.stop()  # the consultant's side is the CLI from here on
 

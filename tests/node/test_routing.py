@@ -68,10 +68,12 @@ async def test_first_of_two_accepts_wins_the_other_is_withdrawn(
         request, _, sent = await workflow.route_consult(
             hospital,
             study_uid,
-            question="subdural?",
-            priority=Priority.STAT,
-            subspecialty="neuro",
-            jurisdiction="IE",
+            workflow.Terms(
+                question="subdural?",
+                priority=Priority.STAT,
+                subspecialty="neuro",
+                jurisdiction="IE",
+            ),
             max_offers=3,
         )
         assert set(sent) == {ann.identity.node_id, bob.identity.node_id}
@@ -121,10 +123,9 @@ async def test_a_late_accept_is_answered_with_a_withdrawal(tmp_path: Path, regis
         request, _, _ = await workflow.route_consult(
             hospital,
             hospital.store.studies()[0].study_uid,
-            question="q",
-            priority=Priority.ROUTINE,
-            subspecialty="neuro",
-            jurisdiction="IE",
+            workflow.Terms(
+                question="q", priority=Priority.ROUTINE, subspecialty="neuro", jurisdiction="IE"
+            ),
             max_offers=2,
         )
         await wait_for(lambda: bool(ann.consults.cases()) and bool(bob.consults.cases()))
@@ -149,10 +150,9 @@ async def test_routing_with_no_trusted_match_says_what_to_do(tmp_path: Path, reg
             await workflow.route_consult(
                 hospital,
                 hospital.store.studies()[0].study_uid,
-                question="q",
-                priority=Priority.URGENT,
-                subspecialty="neuro",
-                jurisdiction="IE",
+                workflow.Terms(
+                    question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
+                ),
             )
         assert not hospital.consults.cases()
         assert not ann.consults.cases()

@@ -44,10 +44,12 @@ async def _loop(tmp_path: Path, registry_url: str, pacs: tuple[str, int, str] | 
             a,
             neuro.public_key,
             study_uid,
-            question="suspected subdural haematoma",
-            priority=Priority.STAT,
-            subspecialty="neuro",
-            jurisdiction="IE",
+            workflow.Terms(
+                question="suspected subdural haematoma",
+                priority=Priority.STAT,
+                subspecialty="neuro",
+                jurisdiction="IE",
+            ),
         )
         assert share.shared_study_uid != study_uid
 
@@ -134,10 +136,9 @@ async def test_finalising_in_the_tui_signs_and_sends_the_report(
             a,
             neuro.public_key,
             a.store.studies()[0].study_uid,
-            question="q",
-            priority=Priority.URGENT,
-            subspecialty="neuro",
-            jurisdiction="IE",
+            workflow.Terms(
+                question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
+            ),
         )
         await wait_for(lambda: bool(b.consults.cases()))
         await workflow.respond(b, request.id, Event.ACCEPT)
@@ -178,10 +179,12 @@ async def test_peer_review_goes_to_the_reports_author_and_both_nodes_keep_it(
             a,
             neuro.public_key,
             a.store.studies()[0].study_uid,
-            question="fracture?",
-            priority=Priority.URGENT,
-            subspecialty="neuro",
-            jurisdiction="IE",
+            workflow.Terms(
+                question="fracture?",
+                priority=Priority.URGENT,
+                subspecialty="neuro",
+                jurisdiction="IE",
+            ),
         )
         await wait_for(lambda: bool(b.consults.cases()))
         await workflow.respond(b, request.id, Event.ACCEPT)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.bench_netns import signaling_relay
 from crypto.identity import Identity
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.system, pytest.mark.slow]
@@ -61,35 +62,12 @@ def namespaces() -> Iterator[dict[str, str]]:
                 _ip("netns", "del", name)
 
 
-async def _relay(sock: Path, ready: asyncio.Event) -> None:
-    """The signaling relay: forwards every length-prefixed message to the other node."""
-    clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    both = asyncio.Event()
-
-    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        clients.append((reader, writer))
-        if len(clients) == 2:
-            both.set()
-        await both.wait()
-        other = clients[1] if clients[0][0] is reader else clients[0]
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                size = await reader.readexactly(4)
-                other[1].write(size + await reader.readexactly(int.from_bytes(size, "big")))
-                await other[1].drain()
-
-    server = await asyncio.start_unix_server(on_client, str(sock))
-    ready.set()
-    async with server:
-        await asyncio.sleep(120)
-
-
 async def test_two_nodes_in_separate_namespaces_connect_over_veth(
     namespaces: dict[str, str], tmp_path: Path
 ) -> None:
     sock = tmp_path / "signal.sock"
     ready = asyncio.Event()
-    relay = asyncio.ensure_future(_relay(sock, ready))
+    relay = asyncio.ensure_future(signaling_relay(sock, ready, 120))
     await ready.wait()
     ids = {side: Identity.generate() for side in ADDRESSES}
     procs = {}

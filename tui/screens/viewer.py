@@ -168,6 +168,8 @@ class ViewerScreen(Screen[None]):
 
     async def _load(self, key: tuple[str, int]) -> None:
         frame = await self.app.run_blocking(self.node.load_frame, *key)  # type: ignore[attr-defined]
+        if not self.query(ImageView):  # the viewer closed while the frame was being read
+            return
         if frame is None:
             self.node.request_first(key[0])
         else:
