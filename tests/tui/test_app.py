@@ -53,6 +53,21 @@ async def test_home_shows_identity_worklist_and_transfers() -> None:
         assert "New STAT request" in svg
 
 
+async def test_timers_that_fire_while_the_app_tears_down_do_nothing() -> None:
+    # CI once failed when the home screen's refresh timer fired while the app was closing and
+    # its widgets were already gone (NoMatches '#identity').
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        home = app.screen
+        await pilot.press("f3")  # home stays installed, not current
+        await pilot.pause()
+        viewer = await open_viewer(pilot, node, live=False)
+    assert not home.query("#identity")  # torn down, as when the timer raced the shutdown
+    home._tick()  # type: ignore[attr-defined]
+    viewer._poll_loading()
+
+
 async def test_help_opens_on_question_mark_and_closes_on_q() -> None:
     app = RadmeshApp(make_node())
     async with app.run_test(size=SIZE) as pilot:

@@ -75,7 +75,13 @@ class HomeScreen(Screen[None]):
         table.styles.max_height = 12
         self.query_one("#transfers").styles.height = "auto"
         self.refresh_data()
-        self.set_interval(REFRESH_SECONDS, self.refresh_data)
+        self.set_interval(REFRESH_SECONDS, self._tick)
+
+    def _tick(self) -> None:
+        # Another screen is up (it refreshes on resume), or the app is closing and tearing the
+        # widgets down under the timer: a query would then find nothing.
+        if self.is_attached and self.is_current:
+            self.refresh_data()
 
     def refresh_data(self) -> None:
         status = self.node.status()

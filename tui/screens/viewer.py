@@ -199,6 +199,8 @@ class ViewerScreen(Screen[None]):
         self.update_view()
 
     def _poll_loading(self) -> None:
+        if not self.is_attached:  # the app is closing; the widgets may be gone already
+            return
         if self.view.waiting and self.current is not None:
             self.load_current()
 
@@ -494,10 +496,14 @@ class ViewerScreen(Screen[None]):
 
     def action_cine(self) -> None:
         if self._cine is None:
-            self._cine = self.set_interval(CINE_PERIOD, lambda: self.action_goto(self.index + 1))
+            self._cine = self.set_interval(CINE_PERIOD, self._cine_step)
         else:
             self._cine.stop()
             self._cine = None
+
+    def _cine_step(self) -> None:
+        if self.is_attached:  # not while the app tears the widgets down
+            self.action_goto(self.index + 1)
 
     def action_series(self, step: int) -> None:
         self._user_moved = True
