@@ -6,7 +6,7 @@ updates a second" are tested without sleeping.
 
 - Each participant publishes a state: node, name, colour, tool, cursor
   (instance, frame, x, y), viewport (series, slice, window/level, zoom, pan)
-  and whether they are presenting.
+  and whether they are presenting or following the presenter.
 - :meth:`Presence.poll` returns the message to send now, if any: cursor moves
   are coalesced to at most :data:`MAX_RATE_HZ` messages a second, and an
   unchanged state is re-sent every :data:`HEARTBEAT_S` so peers know we are here.
@@ -65,6 +65,7 @@ class Participant:
     presenting: bool
     cursor: Cursor | None
     viewport: Viewport | None
+    following: bool = False  # their viewport follows the presenter's
 
     @classmethod
     def from_state(cls, client_id: int, state: Any) -> Participant:
@@ -97,6 +98,7 @@ class Participant:
                 )
                 if viewport
                 else None,
+                bool(state.get("following", False)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MalformedMessage(f"presence state of client {client_id} is malformed") from exc
@@ -146,7 +148,6 @@ class Presence:
         self._awareness = _ClockedAwareness(doc)
         self._awareness.now_ms = int(now * 1000)
         self.client_id = self._awareness.client_id
-        self.following = False
         self._dirty = True
         self._last_sent: float | None = None
         self._awareness.set_local_state(
@@ -154,8 +155,9 @@ class Presence:
         )
 
     # local changes ------------------------------------------------------------------------
-    def _set(self, now: float, **fields: Any) -> None:
-        self._awareness.now_ms = int(now * 1000)
+    def _set(self, now: float | None, **fields: Any) -> None:
+        if now is not None:
+            self._awareness.now_ms = int(now * 1000)
         state = dict(self._awareness.get_local_state() or {})
         state.update(fields)
         self._awareness.set_local_state(state)
@@ -177,6 +179,16 @@ class Presence:
         self._set(now, presenting=on)
         if on:
             self.following = False
+
+    @property
+    def following(self) -> bool:
+        """Whether this participant's viewport follows the presenter (others see it too)."""
+        return bool((self._awareness.get_local_state() or {}).get("following", False))
+
+    @following.setter
+    def following(self, on: bool) -> None:
+        if on != self.following:
+            self._set(None, following=on)
 
     def follow(self, now: float) -> None:
         """Follow the presenter: take their viewport now and whenever it changes."""

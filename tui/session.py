@@ -192,11 +192,18 @@ class InMemorySession:
         self._changed()
 
     def remote_viewport(
-        self, client_id: int, viewport: Viewport | None, presenting: bool | None = None
+        self,
+        client_id: int,
+        viewport: Viewport | None,
+        presenting: bool | None = None,
+        following: bool | None = None,
     ) -> None:
         other = self._others[client_id]
         presenting = other.presenting if presenting is None else presenting
-        self._others[client_id] = replace(other, viewport=viewport, presenting=presenting)
+        following = other.following if following is None else following
+        self._others[client_id] = replace(
+            other, viewport=viewport, presenting=presenting, following=following
+        )
         self._changed()
 
     def remote_annotation(self, annotation: Annotation) -> None:

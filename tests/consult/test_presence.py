@@ -96,10 +96,14 @@ def test_follower_tracks_presenter_until_moving_on_their_own() -> None:
     send(a, b, T0 + 1)
     assert b.me.viewport == moved
     assert b.following
+    send(b, a, T0 + 1)  # the presenter sees who follows
+    assert [p.following for p in a.participants() if p.client_id == b.client_id] == [True]
     # the follower scrolls on their own: following stops
     own = Viewport("2.25.5", 7, 1500.0, -600.0)
     b.set_viewport(own, T0 + 2)
     assert not b.following
+    send(b, a, T0 + 2)
+    assert [p.following for p in a.participants() if p.client_id == b.client_id] == [False]
     a.set_viewport(VIEW, T0 + 3)
     send(a, b, T0 + 3)
     assert b.me.viewport == own

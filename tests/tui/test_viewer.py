@@ -127,6 +127,7 @@ async def test_a_follower_takes_the_presenters_slices_until_they_scroll_themselv
         await pilot.pause()
         assert "following Dr Ana" in svg_text(app)
         assert "following" in str(viewer.query_one("#participants").render())
+        await wait_for(lambda: other(presenter).following)  # type: ignore[attr-defined]
 
         presenter.set_viewport(Viewport(SERIES2_UID, 7, 80.0, 40.0, zoom=2.0))  # presenter scrolls
         await wait_for(lambda: viewer.index == 7 and viewer.series_index == 1)
@@ -136,6 +137,7 @@ async def test_a_follower_takes_the_presenters_slices_until_they_scroll_themselv
         await pilot.pause()
         assert viewer.index == 8
         assert not follower.presence.following
+        await wait_for(lambda: not other(presenter).following)  # type: ignore[attr-defined]
         presenter.set_viewport(Viewport(SERIES2_UID, 2, 80.0, 40.0))
         await asyncio.sleep(0.2)
         await pilot.pause()
@@ -202,6 +204,24 @@ async def test_in_memory_session_follows_a_remote_presenter() -> None:
         await pilot.pause()
         assert viewer.index == 9
         assert not node.session.following()
+
+
+async def test_the_participants_panel_shows_who_presents_and_who_follows() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        node.session.remote_join(7, "PEER-NEURO", "Dr Neuro", "#ff00ff")
+        node.session.remote_join(8, "PEER-SURG", "Dr Surg", "#00ffff")
+        node.session.remote_viewport(8, Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
+        node.session.remote_viewport(7, Viewport(SERIES_UID, 3, 400.0, 40.0), following=True)
+        await pilot.pause()
+        panel = str(viewer.query_one("#participants").render())
+        assert "Dr Neuro following" in panel
+        assert "Dr Surg presenting" in panel
+        node.session.remote_viewport(7, Viewport(SERIES_UID, 4, 400.0, 40.0), following=False)
+        await pilot.pause()
+        assert "following" not in str(viewer.query_one("#participants").render())
 
 
 # --- picking annotations with the mouse --------------------------------------------------------

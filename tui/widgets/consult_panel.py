@@ -66,7 +66,7 @@ class ConsultPanel(Vertical):
         for index, p in enumerate(s.participants()):
             me = " (you)" if index == 0 else ""
             flags = " presenting" if p.presenting else ""
-            if index == 0 and s.following():
+            if p.following or (index == 0 and s.following()):
                 flags += " following"
             people.append(f" ● {p.name}{me}{flags}\n", style=p.colour)
         self.query_one("#participants", Static).update(people)
