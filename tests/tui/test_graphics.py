@@ -155,6 +155,29 @@ async def test_sixel_mode_paints_the_image_and_keeps_text_in_a_band_below() -> N
         assert "Im 1/1" not in "\n".join(lines[:rows])
 
 
+@pytest.mark.parametrize("mode", ["kitty", "sixel"])
+async def test_a_redraw_with_the_same_pixels_does_not_send_the_image_again(
+    mode: Mode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "__stdout__", io.StringIO())
+    app = ViewApp(mode)
+    async with app.run_test(size=(40, 12)) as pilot:
+        await pilot.pause()
+        view = app.query_one(ImageView)
+        images = view._kitty or view._sixel
+        assert images is not None
+        assert images.images_sent == 1
+        view.overlay_lines = ("Im 1/1  x 12.0 mm",)  # what a mouse move over the image changes
+        view.redraw()
+        await pilot.pause()
+        assert images.images_sent == 1
+        assert "x 12.0 mm" in "\n".join(lines_of(view))
+        view.window = Window(400, 1800)  # new pixels: a new image
+        view.redraw()
+        await pilot.pause()
+        assert images.images_sent == 2
+
+
 def test_radmesh_tui_refuses_an_unknown_graphics_mode_before_starting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

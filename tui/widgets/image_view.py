@@ -20,6 +20,7 @@ import numpy.typing as npt
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
+from textual.geometry import Region
 from textual.message import Message
 from textual.strip import Strip
 from textual.widget import Widget
@@ -147,9 +148,19 @@ class ImageView(Widget, can_focus=True):
         return geom.at_most_native(cells) if self.mode == "kitty" else geom
 
     def redraw(self) -> None:
+        sixels = self._sixel.images_sent if self._sixel is not None else None
         self._strips = self._render_strips()
         self.frames_rendered += 1
-        self.refresh()
+        width, height = self.size
+        if (
+            self._sixel is not None
+            and self._sixel.images_sent == sixels
+            and height > self._image_rows
+        ):
+            # Same picture: repaint the text band only, not the sixel data over the image.
+            self.refresh(Region(0, self._image_rows, width, height - self._image_rows))
+        else:
+            self.refresh()
 
     def _render_strips(self) -> list[Strip]:
         width, height = self.size

@@ -32,19 +32,22 @@ _NULL = Style()
 
 
 class KittyImage:
-    """One image at a time in the terminal: the previous one is deleted when replaced."""
+    """One image at a time in the terminal: the previous one is deleted when replaced.
+
+    A redraw whose pixels did not change (the overlay text, a label, the mouse position in mm)
+    keeps the image the terminal already has and only rebuilds the cells.
+    """
 
     def __init__(self) -> None:
         self._image: object | None = None
+        self._shown: tuple[npt.NDArray[np.uint8], tuple[int, int], list[Segment]] | None = None
         self._console = Console(file=io.StringIO(), color_system="truecolor", width=1000)
         self.images_sent = 0
 
-    def strips(
-        self,
-        rgb: npt.NDArray[np.uint8],
-        cells: tuple[int, int],
-        labels: Mapping[tuple[int, int], Label],
-    ) -> list[Strip]:
+    def _lines(self, rgb: npt.NDArray[np.uint8], cells: tuple[int, int]) -> list[Segment]:
+        shown = self._shown
+        if shown is not None and shown[1] == cells and np.array_equal(shown[0], rgb):
+            return shown[2]
         self.close()
         width, height = cells
         image = _native_tgp()(PILImage.fromarray(rgb, "RGB"), width=width, height=height)
@@ -53,6 +56,17 @@ class KittyImage:
         rendered = image.__rich_console__(self._console, options)
         lines = [line for line in rendered if isinstance(line, Segment)]
         self.images_sent += 1
+        self._shown = (rgb.copy(), cells, lines)
+        return lines
+
+    def strips(
+        self,
+        rgb: npt.NDArray[np.uint8],
+        cells: tuple[int, int],
+        labels: Mapping[tuple[int, int], Label],
+    ) -> list[Strip]:
+        width, height = cells
+        lines = self._lines(rgb, cells)
         by_row: dict[int, dict[int, Label]] = {}
         for (row, col), label in labels.items():
             by_row.setdefault(row, {})[col] = label
@@ -75,6 +89,7 @@ class KittyImage:
         return strips
 
     def close(self) -> None:
+        self._shown = None
         if self._image is not None:
             self._image.cleanup()  # type: ignore[attr-defined]
             self._image = None
@@ -100,11 +115,16 @@ class SixelImage:
     def __init__(self) -> None:
         self.data = ""
         self.images_sent = 0
+        self._encoded: npt.NDArray[np.uint8] | None = None
 
     def encode(self, rgb: npt.NDArray[np.uint8]) -> None:
+        """Encode the canvas, unless it is the one encoded last (sixel encoding is slow)."""
         from textual_image._sixel import image_to_sixels
 
+        if self._encoded is not None and np.array_equal(self._encoded, rgb):
+            return
         self.data = image_to_sixels(PILImage.fromarray(rgb, "RGB"))
+        self._encoded = rgb.copy()
         self.images_sent += 1
 
     def last_line(self, region: Region, width: int) -> Strip:
