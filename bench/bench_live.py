@@ -1,58 +1,100 @@
 """Live consultation: cursor latency between 3 participants, and a late joiner's wait.
 
-Three real NodeRuntimes in this process (one event loop, like the TUI), real
-aiortc on 127.0.0.1, a full mesh. One participant moves its cursor 20 times a
-second; latency is from ``move_cursor`` to the moment the others' presence
-shows the new position. Measured idle, then while a bulk stream saturates the
-mover's connection to one of the others (``send_bulk`` in a loop, as a study
-transfer would). Baseline, same run and conditions: raw bytes on the presence
-channel of the same connection (no awareness encoding, no envelope checks).
-Goal (issue 7): cursor p99 under 50 ms. Also: how long a late joiner waits for
-a session holding 1,000 annotations.
+Each participant is a real NodeRuntime in its own process, as each hospital runs
+its own node: this process is the mover (ana), ``bench.live_peer`` children are
+the watchers (ben, cai) and the late joiner (dee); commands and results go as
+JSON lines over their stdin/stdout. Real aiortc on 127.0.0.1, a full mesh of
+trusted, verified peers (node records passed between the processes), one live
+session, uvloop where installed (as the radmesh command uses).
+
+The mover moves its cursor 20 times a second with the move number as x; each
+watcher stamps, with CLOCK_MONOTONIC (one clock for every process on the host),
+the first time its session shows that position; latency = receive stamp - send
+stamp. Measured idle, then while ana streams bulk to ben at full speed over
+their connection (``send_bulk`` in a loop, as a study transfer would) and ben
+consumes it. Baseline in the same phases, half a period after each move: raw
+bytes on the presence channel of the same connections (no awareness encoding,
+no envelope checks, no session listeners). Goal (issue 7): cursor p99 under
+50 ms. Then: how long a late joiner (a fourth process, started beforehand) waits
+from ana's invite to holding a session with 1,000 annotations, including its
+connection setup.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from bench.live_peer import CONSULT, RAW, start, trust
+from consult.live import LiveConsult
 from consult.presence import Cursor
 from consult.shared import AnnotationKind
-from crypto.identity import Identity
-from node.config import NetworkConfig, NodeConfig, NodeHome
-from node.keystore import save_identity
 from node.runtime import NodeRuntime
-from peer_transport.connection import PeerConnection, TransportOptions
+from peer_transport.connection import PeerConnection, install_event_loop_policy
 from peer_transport.frames import MAX_BULK_PAYLOAD
-from peer_transport.rtc import RtcOptions, restrict_host_addresses
+from registry.records import NodeRecord
 
 MOVES = 150
 RATE_HZ = 20
-CONSULT = "bench0000bench0000bench0000bench"
-OPTIONS = TransportOptions(rtc=RtcOptions(ice_servers=()), connect_timeout=15.0)
+GOAL_MS = 50.0
+ANNOTATIONS = 1000
+WATCHERS = ("ben", "cai")
+JOINER = "dee"
+Reply = dict[str, Any]
 
 
-async def start(root: Path, name: str) -> NodeRuntime:
-    home = NodeHome(root / name)
-    identity = Identity.generate()
-    save_identity(home.key_path, identity, None)
-    network = NetworkConfig(mdns=False, listen_host="127.0.0.1")
-    home.save_config(NodeConfig(display_name=name, network=network))
-    runtime = NodeRuntime(home, identity, transport_options=OPTIONS)
-    await runtime.start()
-    return runtime
+class Child:
+    """A ``bench.live_peer`` process: one node, one JSON line per command and reply."""
 
+    def __init__(self, name: str, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.name, self.proc, self.log = name, proc, log
+        self.key = b""
 
-def introduce(nodes: list[NodeRuntime]) -> None:
-    for a in nodes:
-        for b in nodes:
-            if a is not b and b.record is not None:
-                a.directory.remember(b.record, "bench", a.now())
-                a.trust.mark_verified(b.identity.node_id, a.now())
+    @classmethod
+    async def spawn(cls, root: Path, name: str) -> Child:
+        log = root / f"{name}.log"
+        with log.open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.live_peer", str(root), name,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
+                limit=1 << 20,
+            )  # fmt: skip
+        return cls(name, proc, log)
+
+    def send(self, **cmd: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+
+    async def reply(self, within: float = 30) -> Reply:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), within)
+        if not line:
+            tail = self.log.read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}); its log:\n{tail}")
+        reply: Reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        return reply
+
+    async def ask(self, within: float = 30, **cmd: Any) -> Reply:
+        self.send(**cmd)
+        return await self.reply(within)
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                await self.ask(15, cmd="stop")
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -60,55 +102,62 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def cursor_latencies(nodes: list[NodeRuntime]) -> list[float]:
-    a, b, c = nodes
-    mover = a.live_hub().sessions[CONSULT]
-    watchers = [n.live_hub().sessions[CONSULT] for n in (b, c)]
-    me = str(a.identity.node_id)
-    sent: dict[int, float] = {}
-    seen: list[float] = []
-    done: set[tuple[int, int]] = set()
+def ms(values: list[float]) -> str:
+    return f"p50 {pct(values, 0.5) * 1000:5.1f} p99 {pct(values, 0.99) * 1000:5.1f} ms"
 
-    def watch(index: int) -> None:
-        for p in watchers[index].participants():
-            if p.node == me and p.cursor is not None:
-                move = int(p.cursor.x)
-                if move in sent and (index, move) not in done:
-                    done.add((index, move))
-                    seen.append(time.perf_counter() - sent[move])
 
-    def watcher(index: int) -> Callable[[], None]:
-        return lambda: watch(index)
+class Phase:
+    """Send stamps of one condition, and the watchers' receive stamps turned into latencies."""
 
-    unsubscribe = [w.subscribe(watcher(i)) for i, w in enumerate(watchers)]
-    for move in range(MOVES):
-        sent[move] = time.perf_counter()
-        mover.move_cursor(Cursor("2.25.1", 0, float(move), 10.0))
-        await asyncio.sleep(1 / RATE_HZ)
+    def __init__(self) -> None:
+        self.cursor: dict[int, float] = {}
+        self.raw: dict[int, float] = {}
+        self.live: dict[str, list[float]] = {}
+        self.baseline: dict[str, list[float]] = {}
+
+    def collect(self, name: str, reply: Reply) -> None:
+        def latencies(sent: dict[int, float], seen: dict[str, float]) -> list[float]:
+            return [seen[str(n)] - t for n, t in sent.items() if str(n) in seen]
+
+        self.live[name] = latencies(self.cursor, reply["cursor"])
+        self.baseline[name] = latencies(self.raw, reply["raw"])
+
+    def report(self, label: str) -> None:
+        live = [x for v in self.live.values() for x in v]
+        raw = [x for v in self.baseline.values() for x in v]
+        p99 = pct(live, 0.99) * 1000
+        verdict = "meets" if p99 < GOAL_MS else "MISSES"
+        each = ", ".join(f"{n} p99 {pct(v, 0.99) * 1000:.1f}" for n, v in self.live.items())
+        print(
+            f"  {label:<26} cursor {ms(live)} ({verdict} p99 < {GOAL_MS:.0f} ms; {each}) | "
+            f"raw presence {ms(raw)} | cursor/raw p50 "
+            f"x{pct(live, 0.5) / max(pct(raw, 0.5), 1e-6):.1f} "
+            f"p99 x{pct(live, 0.99) / max(pct(raw, 0.99), 1e-6):.1f}"
+        )
+        lost = {n: 2 * MOVES - len(self.live[n]) - len(self.baseline[n]) for n in self.live}
+        if any(lost.values()):
+            print(f"    (not seen, of {MOVES} moves + {MOVES} raw each: {lost}; presence is lossy)")
+
+
+async def measure(
+    mover: LiveConsult, me: bytes, watchers: list[Child], conns: list[PeerConnection], first: int
+) -> Phase:
+    """MOVES cursor moves at RATE_HZ, each followed half a period later by a raw message."""
+    for child in watchers:
+        await child.ask(cmd="watch", mover=me.hex())
+    phase, half = Phase(), 0.5 / RATE_HZ
+    for n in range(first, first + MOVES):  # numbers are unique across phases
+        phase.cursor[n] = time.monotonic()
+        mover.move_cursor(Cursor("2.25.1", 0, float(n), 10.0))
+        await asyncio.sleep(half)
+        phase.raw[n] = time.monotonic()
+        for conn in conns:
+            conn.send_presence(RAW + b"%d" % n)
+        await asyncio.sleep(half)
     await asyncio.sleep(0.5)
-    for u in unsubscribe:
-        u()
-    lost = 2 * MOVES - len(seen)
-    if lost:
-        print(f"    ({lost} of {2 * MOVES} cursor updates not seen: presence is lossy)")
-    return seen
-
-
-async def raw_presence_latencies(conn_out: PeerConnection, conn_in: PeerConnection) -> list[float]:
-    sent: dict[int, float] = {}
-    seen: list[float] = []
-
-    def receive(data: bytes) -> None:
-        if data[:3] == b"RAW":
-            seen.append(time.perf_counter() - sent[int(data[3:])])
-
-    conn_in.set_receiver("presence", receive)
-    for move in range(MOVES):
-        sent[move] = time.perf_counter()
-        conn_out.send_presence(b"RAW%d" % move)
-        await asyncio.sleep(1 / RATE_HZ)
-    await asyncio.sleep(0.5)
-    return seen
+    for child in watchers:
+        phase.collect(child.name, await child.ask(cmd="report"))
+    return phase
 
 
 async def saturate(conn: PeerConnection, stop: asyncio.Event, counter: list[int]) -> None:
@@ -118,84 +167,82 @@ async def saturate(conn: PeerConnection, stop: asyncio.Event, counter: list[int]
         counter[0] += len(chunk)
 
 
-def report(label: str, live: list[float], raw: list[float]) -> None:
-    lp50, lp99 = pct(live, 0.5) * 1000, pct(live, 0.99) * 1000
-    rp50, rp99 = pct(raw, 0.5) * 1000, pct(raw, 0.99) * 1000
-    verdict = "meets" if lp99 < 50 else "MISSES"
+async def late_joiner(
+    a: NodeRuntime, session: LiveConsult, joiner: Child, others: list[Child]
+) -> None:
+    for i in range(ANNOTATIONS):
+        session.add_annotation(
+            AnnotationKind.ARROW, "2.25.1", i % 50, ((i, i), (i + 4, i + 9)), text=f"f{i}"
+        )
+    for child in others:  # the session is settled before the clock starts
+        await child.ask(cmd="annotations", count=ANNOTATIONS)
+    size = len(session.state.full_update())
+    joiner.send(cmd="annotations", count=ANNOTATIONS)
+    started = time.monotonic()
+    await a.live_hub().invite(CONSULT, joiner.key)
+    took = (await joiner.reply(40))["at"] - started
     print(
-        f"  {label:<28} cursor p50 {lp50:6.1f} ms  p99 {lp99:6.1f} ms  ({verdict} p99 < 50 ms) | "
-        f"raw presence p50 {rp50:5.1f} p99 {rp99:5.1f} ms | "
-        f"live/raw p50 x{lp50 / max(rp50, 1e-3):.1f}"
+        f"  late joiner, {ANNOTATIONS:,} annotations ({size / 1024:.0f} KiB state): "
+        f"{took * 1000:.0f} ms from invite to full state (incl. its connection setup)"
     )
 
 
 async def run(root: Path) -> None:
-    restrict_host_addresses(["127.0.0.1"])
-    nodes = [await start(root, name) for name in ("ana", "ben", "cai")]
+    children: list[Child] = []
+    a: NodeRuntime | None = None
     try:
-        introduce(nodes)
-        a, b, c = nodes
-        a.live_hub().open(CONSULT)
-        for other in (b, c):
-            await a.live_hub().invite(CONSULT, other.identity.public_key)
-        sessions = [n.live_hub().sessions[CONSULT] for n in nodes]
-        deadline = time.monotonic() + 15
-        while not all(len(s.participants()) == 3 for s in sessions):
-            assert time.monotonic() < deadline, "mesh did not form"
-            await asyncio.sleep(0.05)
-        a_to_b = a.transport.connection(b.identity.public_key)
-        b_from_a = b.transport.connection(a.identity.public_key)
-        assert a_to_b is not None
-        assert b_from_a is not None
-        print(f"  3 participants, cursor moves at {RATE_HZ} Hz, {MOVES} moves per condition")
+        for name in (*WATCHERS, JOINER):
+            children.append(await Child.spawn(root, name))
+        a = await start(root, "ana")
+        assert a.record is not None
+        records = [a.record.to_wire().hex()]
+        for child in children:
+            wire = (await child.reply(60))["record"]
+            child.key = NodeRecord.from_wire(bytes.fromhex(wire)).public_key
+            records.append(wire)
+        trust(a, records)
+        for child in children:
+            await child.ask(cmd="trust", records=records)
+        *watchers, joiner = children
 
-        live = await cursor_latencies(nodes)
-        hub_receiver = b_from_a._receivers["presence"]
-        raw = await raw_presence_latencies(a_to_b, b_from_a)
-        b_from_a.set_receiver("presence", hub_receiver)
-        report("idle", live, raw)
-
-        b_from_a.set_receiver("bulk", lambda _data: None)
-        stop, sent = asyncio.Event(), [0]
-        pump = asyncio.ensure_future(saturate(a_to_b, stop, sent))
-        await asyncio.sleep(1.0)
-        started, before = time.perf_counter(), sent[0]
-        live = await cursor_latencies(nodes)
-        raw = await raw_presence_latencies(a_to_b, b_from_a)
-        b_from_a.set_receiver("presence", hub_receiver)
-        rate = (sent[0] - before) / (time.perf_counter() - started) / 1e6
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(pump, 5)
-        report(f"bulk {rate:.1f} MB/s on a->b", live, raw)
-
-        # A late joiner: a fourth node, invited into a session with 1,000 annotations.
-        d = await start(root, "dee")
-        nodes.append(d)
-        introduce(nodes)
-        for i in range(1000):
-            sessions[0].add_annotation(
-                AnnotationKind.ARROW, "2.25.1", i % 50, ((i, i), (i + 4, i + 9)), text=f"f{i}"
-            )
-        size = len(sessions[0].state.full_update())
-        started = time.perf_counter()
-        await a.live_hub().invite(CONSULT, d.identity.public_key)
-        joined = d.live_hub().sessions[CONSULT]
-        deadline = time.monotonic() + 30
-        while len(joined.annotations()) < 1000:
-            assert time.monotonic() < deadline, "late joiner never caught up"
-            await asyncio.sleep(0.01)
-        took = time.perf_counter() - started
+        session = a.live_hub().open(CONSULT)
+        for child in watchers:
+            await a.live_hub().invite(CONSULT, child.key)
+        for child in watchers:
+            await child.ask(cmd="mesh", size=3)
+        conns = [a.transport.connection(child.key) for child in watchers]
+        assert all(conns), "no connection to a watcher"
+        links = [c for c in conns if c is not None]
+        me = a.identity.public_key
         print(
-            f"  late joiner, 1,000 annotations ({size / 1024:.0f} KiB state): "
-            f"{took * 1000:.0f} ms from invite to full state (incl. its connection setup)"
+            f"  3 participants, one process each; cursor moves at {RATE_HZ} Hz, "
+            f"{MOVES} moves per condition"
         )
+        (await measure(session, me, watchers, links, 0)).report("idle")
+
+        stop, sent = asyncio.Event(), [0]
+        pump = asyncio.ensure_future(saturate(links[0], stop, sent))
+        try:
+            await asyncio.sleep(1.0)
+            started, before = time.monotonic(), sent[0]
+            busy = await measure(session, me, watchers, links, MOVES)
+            rate = (sent[0] - before) / (time.monotonic() - started) / 1e6
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pump, 5)
+        busy.report(f"bulk {rate:.1f} MB/s ana->ben")
+
+        await late_joiner(a, session, joiner, watchers)
     finally:
-        for node in nodes:
-            await node.stop()
+        await asyncio.gather(*(child.close() for child in children))
+        if a is not None:
+            await a.stop()
 
 
 def main() -> None:
+    loop = "uvloop" if install_event_loop_policy() else "asyncio"
+    print(f"  event loop: {loop} in every process")
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(Path(tmp)))
 
