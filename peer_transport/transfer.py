@@ -22,6 +22,16 @@ byte. An instance becomes visible only through the store's own atomic, fsynced
 commit (``node.store.Store.add_bytes``), which happens before the state file
 calls it done.
 
+A receiver restarted with an unfinished spool does not wait for the sender to
+offer again on its own (after ``transfer_runner.REOFFER_AFTER``): it sends
+:class:`ResumeRequest` for the transfer in its spool as soon as it is connected to
+the manifest's signer (:func:`resume_request`), and a sender still serving that
+transfer offers it again at once (:meth:`Sender.resume`). A request for a transfer
+the sender does not serve (finished, withdrawn, another study) is ignored, not
+refused: a refusal would tell the asker which transfers this node serves, and the
+asker loses nothing by waiting for an offer. The sender's own re-offer stays as
+the fallback for peers that do not ask.
+
 Priority: :meth:`Receiver.prioritise` puts an instance (the slice on screen) ahead
 of the queue; the rest follows in series order. Pause, resume and cancel are
 transitions of a table-driven state machine; an illegal one raises
@@ -64,6 +74,7 @@ DEFAULT_WINDOW = 64  # chunks in flight: ~3.8 MiB, above the loopback bandwidth-
 DEFAULT_TIMEOUT = 5.0  # seconds before an unanswered chunk request is repeated
 MAX_ACTIVE_INSTANCES = 16  # part files open at once on the receiver
 MAX_INSTANCE_ATTEMPTS = 2  # an instance whose hash fails twice fails the transfer
+REOFFER_MIN_INTERVAL = 1.0  # seconds: resume requests get at most one offer this often
 
 
 class TransferError(TransportError):
@@ -316,7 +327,15 @@ class OfferPart:
     data: bytes
 
 
-Message = Request | Chunk | Cancel | Finished | OfferPart
+@dataclass(frozen=True)
+class ResumeRequest:
+    """Receiver -> sender: I restarted holding an unfinished spool of this transfer;
+    offer it again now."""
+
+    transfer_id: bytes
+
+
+Message = Request | Chunk | Cancel | Finished | OfferPart | ResumeRequest
 
 
 def offer_parts(signed_manifest: bytes, transfer_id: bytes) -> list[OfferPart]:
@@ -357,6 +376,8 @@ def to_wire(message: Message) -> bytes:
         value = ["cancel", message.transfer_id, message.reason[:200]]
     elif isinstance(message, OfferPart):
         value = ["offer", message.transfer_id, message.part, message.total, message.data]
+    elif isinstance(message, ResumeRequest):
+        value = ["resume", message.transfer_id]
     else:
         value = ["fin", message.transfer_id]
     packed: bytes = msgpack.packb(value, use_bin_type=True)
@@ -399,6 +420,8 @@ def from_wire(data: bytes) -> Message:
         return OfferPart(args[0], args[1], args[2], args[3])
     if kind == "fin" and len(args) == 1:
         return Finished(args[0])
+    if kind == "resume" and len(args) == 1:
+        return ResumeRequest(args[0])
     raise MalformedMessage(f"unknown or malformed transfer message {kind!r}")
 
 
@@ -520,14 +543,40 @@ class Progress:
 
 
 class Sender:
-    """Answers chunk requests for one offered study. Stateless apart from a small cache."""
+    """Answers chunk requests for one offered study. Stateless apart from a small cache.
 
-    def __init__(self, manifest: Manifest, source: Callable[[int], bytes]) -> None:
+    One Sender serves one peer (the runner gives it that peer's messages only), so
+    whoever sends it a :class:`ResumeRequest` is the recipient the study was offered to.
+    """
+
+    def __init__(self, manifest: Manifest, source: Callable[[int], bytes], signed: bytes) -> None:
         self.manifest = manifest
+        self.signed = signed
         self.machine = Machine()
         self._source = source
         self._cached: tuple[int, bytes] | None = None
+        self._offered_at: float | None = None
         self.chunks_sent = 0
+
+    def offer(self, now: float) -> list[OfferPart]:
+        """The signed manifest, in parts, to send on the control channel."""
+        self._offered_at = now
+        return offer_parts(self.signed, self.manifest.transfer_id)
+
+    def resume(self, request: ResumeRequest, now: float) -> list[OfferPart]:
+        """Offer again at once for a receiver that restarted mid-transfer.
+
+        Nothing for another transfer id, for a transfer that is over (a finished or
+        cancelled share is never served again), or within REOFFER_MIN_INTERVAL of the
+        last offer (a receiver repeating itself gets no flood of manifests).
+        """
+        if (
+            request.transfer_id != self.manifest.transfer_id
+            or self.machine.state not in (State.OFFERED, State.RUNNING)
+            or (self._offered_at is not None and now - self._offered_at < REOFFER_MIN_INTERVAL)
+        ):
+            return []
+        return self.offer(now)
 
     def _wire(self, index: int) -> bytes:
         if self._cached is None or self._cached[0] != index:
@@ -548,7 +597,9 @@ class Sender:
             self._cached = None
             return []
         if not isinstance(message, Request):
-            raise MalformedMessage("the sender only takes requests, cancel and finished")
+            raise MalformedMessage(
+                "the sender only takes requests, cancel and finished (resume goes to resume())"
+            )
         if self.machine.state is State.OFFERED:
             self.machine.fire(Event.ACCEPT)
         self.machine.fire(Event.DATA)
@@ -909,3 +960,18 @@ class Receiver:
 
     def missing(self) -> Sequence[int]:
         return [i for i in range(len(self.manifest.entries)) if i not in self.done]
+
+
+def resume_request(spool: Spool, sender_key: bytes) -> ResumeRequest | None:
+    """What a (re)started receiver asks ``sender_key`` for: the unfinished transfer in
+    its spool, if that peer signed its manifest. None when there is nothing to ask
+    (a finished transfer leaves no manifest; a damaged one is replaced by the next offer).
+    """
+    signed = spool.load(MANIFEST_FILE)
+    if signed is None:
+        return None
+    try:
+        signer, manifest = Manifest.open(signed)
+    except MalformedMessage:
+        return None
+    return ResumeRequest(manifest.transfer_id) if signer == sender_key else None

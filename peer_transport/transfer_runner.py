@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 INBOX_LIMIT = 1024  # control messages queued from the link before new ones are dropped
 POLL_INTERVAL = 0.05
 REOFFER_AFTER = 2 * tr.DEFAULT_TIMEOUT  # seconds without a request before offering again
+RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 ENCODE_AHEAD = max(2, os.cpu_count() or 2)  # instances encoded in parallel by the sender
 _M_MMAP_THRESHOLD = -3
 
@@ -236,7 +237,7 @@ class StudySender:
     def __init__(self, study: PreparedStudy, link: TransferLink) -> None:
         self.study = study
         self.link = link
-        self.protocol = tr.Sender(study.manifest, study.wire)
+        self.protocol = tr.Sender(study.manifest, study.wire, study.signed)
         self._inbox: asyncio.Queue[tr.Message] = asyncio.Queue(INBOX_LIMIT)
 
     def on_control(self, data: bytes) -> None:
@@ -244,23 +245,28 @@ class StudySender:
         with contextlib.suppress(asyncio.QueueFull):  # the receiver asks again on timeout
             self._inbox.put_nowait(message)
 
-    async def _offer(self) -> None:
-        for part in tr.offer_parts(self.study.signed, self.study.manifest.transfer_id):
+    async def _offer(self, parts: Sequence[tr.OfferPart]) -> None:
+        for part in parts:
             await self.link.send_control(tr.to_wire(part))
 
     async def run(self) -> tr.State:
         """Offer, then serve requests until the receiver finishes or cancels.
 
-        The offer is repeated while no request comes (a receiver that restarted
-        waits for one; a running receiver ignores it).
+        A restarted receiver asks for the offer again (ResumeRequest); for one that
+        does not, the offer is repeated while no request comes (a running receiver
+        ignores it).
         """
-        await self._offer()
+        loop = asyncio.get_running_loop()
+        await self._offer(self.protocol.offer(loop.time()))
         while self.protocol.machine.state not in (tr.State.COMPLETE, tr.State.CANCELLED):
             try:
                 async with asyncio.timeout(REOFFER_AFTER):
                     message = await self._inbox.get()
             except TimeoutError:
-                await self._offer()
+                await self._offer(self.protocol.offer(loop.time()))
+                continue
+            if isinstance(message, tr.ResumeRequest):
+                await self._offer(self.protocol.resume(message, loop.time()))
                 continue
             try:
                 chunks = self.protocol.receive(message)
@@ -287,9 +293,11 @@ class StudyReceiver:
         on_progress: ProgressCallback | None = None,
         window: int = tr.DEFAULT_WINDOW,
         timeout: float = tr.DEFAULT_TIMEOUT,
+        sender_key: bytes | None = None,
     ) -> None:
         self.link = link
         self.spool_dir = spool_dir
+        self.sender_key = sender_key  # the link's peer: asked at once for an unfinished spool
         self.store = store
         self.source = source
         self.on_progress = on_progress
@@ -362,8 +370,8 @@ class StudyReceiver:
 
     async def run(self) -> tr.Progress:
         """Fetch the whole study; return the final progress. Raises TransferError."""
-        signed = await self._manifest
         spool = tr.Spool(self.spool_dir)
+        signed = await self._offered(spool)
         self.protocol = receiver = tr.Receiver(
             signed,
             spool,
@@ -390,6 +398,19 @@ class StudyReceiver:
         elif receiver.state is tr.State.CANCELLED:
             raise tr.TransferError("the transfer was cancelled")
         return receiver.progress()
+
+    async def _offered(self, spool: tr.Spool) -> bytes:
+        """The signed manifest. A receiver restarted with an unfinished spool from the
+        link's peer asks for it (every ``timeout``, RESUME_ASKS times) rather than wait
+        for the sender to offer again on its own."""
+        ask = None if self.sender_key is None else tr.resume_request(spool, self.sender_key)
+        if ask is not None:
+            for _ in range(RESUME_ASKS):
+                await self.link.send_control(tr.to_wire(ask))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.timeout):
+                        return await asyncio.shield(self._manifest)
+        return await self._manifest
 
     async def _loop(self, receiver: tr.Receiver, pending: set[asyncio.Task[None]]) -> None:
         loop = asyncio.get_running_loop()
@@ -553,14 +574,19 @@ async def receive_study(
     on_progress: ProgressCallback | None = None,
     clock: Callable[[], float] = time.time,
     on_receiver: Callable[[StudyReceiver], None] | None = None,
+    sender_key: bytes | None = None,
 ) -> tr.Progress:
     """Fetch the study ``link``'s peer offers into ``store``; audit the outcome.
 
     The caller routes the link's incoming control and bulk messages to the
     returned receiver, so this attaches when ``link`` has an ``attach`` method
-    (``connection.ChannelLink`` does).
+    (``connection.ChannelLink`` does). ``sender_key`` is the link's peer: when
+    ``spool_dir`` holds an unfinished transfer it signed, the receiver asks for it
+    at once instead of waiting for the sender to offer again.
     """
-    receiver = StudyReceiver(link, spool_dir, store, f"peer:{peer}", on_progress)
+    receiver = StudyReceiver(
+        link, spool_dir, store, f"peer:{peer}", on_progress, sender_key=sender_key
+    )
     if on_receiver is not None:  # lets a caller read the manifest and steer (the viewer)
         on_receiver(receiver)
     attach = getattr(link, "attach", None)

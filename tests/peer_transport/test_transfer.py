@@ -7,6 +7,7 @@ import itertools
 import random
 from pathlib import Path
 
+import msgpack
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -150,7 +151,7 @@ def _drive(
 def _pair(offer: Offer, spool: Spool, **kwargs: object) -> tuple[Receiver, Sender]:
     receiver = Receiver(offer.signed, spool, window=8, timeout=1.0, **kwargs)  # type: ignore[arg-type]
     receiver.accept()
-    return receiver, Sender(offer.manifest, offer.wires.__getitem__)
+    return receiver, Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
 
 
 def _total_chunks(manifest: tr.Manifest, indices: object = None) -> int:
@@ -253,11 +254,62 @@ def test_receiver_killed_mid_transfer_resumes_from_its_spool(offer: Offer, tmp_p
     committed = {index: revived.assemble(index) for index in sorted(revived.ready)}
     for index in committed:
         revived.stored(index, now)
-    fresh = Sender(offer.manifest, offer.wires.__getitem__)
+    fresh = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
     rest, _ = _drive(revived, fresh, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0), now=now)
     assert {**first.stored, **committed, **rest.stored} == dict(enumerate(offer.originals))
     total = _total_chunks(offer.manifest)
     assert before + revived.chunks_requested <= total + in_flight
+
+
+def test_restarted_receiver_asks_the_signer_for_its_unfinished_transfer_and_is_offered_it(
+    offer: Offer, tmp_path: Path
+) -> None:
+    signer, _ = tr.Manifest.open(offer.signed)
+    assert tr.resume_request(Spool(tmp_path / "spool"), signer) is None  # nothing spooled yet
+    receiver, sender = _pair(offer, Spool(tmp_path / "spool"))
+    sender.offer(0.0)
+    rng = random.Random(4)
+    first, now = _drive(
+        receiver, sender, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0), stop_after=2
+    )
+    del receiver  # kill -9
+
+    ask = tr.resume_request(Spool(tmp_path / "spool"), signer)
+    assert ask == tr.ResumeRequest(offer.manifest.transfer_id)
+    # Another peer never learns which transfer this spool holds.
+    assert tr.resume_request(Spool(tmp_path / "spool"), Identity.generate().public_key) is None
+    assembler = tr.OfferAssembler()
+    offered = [assembler.add(part) for part in sender.resume(ask, now + 5)]
+    assert offered[-1] == offer.signed  # the same manifest, sent again at once
+
+    revived = Receiver(offered[-1], Spool(tmp_path / "spool"), window=8, timeout=1.0)
+    assert revived.done == set(first.order)
+    revived.accept()
+    committed = {index: revived.assemble(index) for index in sorted(revived.ready)}
+    for index in committed:
+        revived.stored(index, now)
+    rest, _ = _drive(revived, sender, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0), now=now)
+    assert {**first.stored, **committed, **rest.stored} == dict(enumerate(offer.originals))
+    # Finished: the spool has nothing left to ask for.
+    assert tr.resume_request(Spool(tmp_path / "spool"), signer) is None
+
+
+def test_sender_offers_again_only_for_its_running_transfer_and_not_in_a_flood(
+    offer: Offer,
+) -> None:
+    ask = tr.ResumeRequest(offer.manifest.transfer_id)
+    sender = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
+    assert sender.offer(10.0)
+    assert sender.resume(tr.ResumeRequest(bytes(16)), 20.0) == []  # not a transfer it serves
+    assert sender.resume(ask, 10.5) == []  # an offer just went out
+    assert [p.data for p in sender.resume(ask, 11.0)] == [p.data for p in sender.offer(11.0)]
+    sender.receive(tr.Finished(offer.manifest.transfer_id))
+    assert sender.resume(ask, 60.0) == []  # a finished share is not served again
+    cancelled = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
+    cancelled.receive(tr.Cancel(offer.manifest.transfer_id, "withdrawn"))
+    assert cancelled.resume(ask, 60.0) == []
+    with pytest.raises(MalformedMessage):
+        cancelled.receive(ask)  # resume requests are not chunk requests
 
 
 def test_damaged_chunk_is_rejected_not_written_and_fetched_again(
@@ -366,6 +418,18 @@ def test_message_wire_format_is_stable() -> None:
         tr.from_wire(b"\x00" * (tr.MAX_CHUNK_MESSAGE + 1))
     with pytest.raises(MalformedMessage):
         tr.from_wire(b"\x93\xa3req\x01\x02")
+    resume = tr.ResumeRequest(tid)
+    golden = bytes.fromhex("92" "a6726573756d65" "c410" + tid.hex())  # ["resume", id]  # fmt: skip
+    assert tr.to_wire(resume) == golden
+    assert tr.from_wire(golden) == resume
+    for bad in (
+        ["resume"],  # no transfer id
+        ["resume", tid[:8]],  # short id
+        ["resume", tid, 1],  # extra field
+        ["resume", "0123456789abcdef"],  # id as text
+    ):
+        with pytest.raises(MalformedMessage):
+            tr.from_wire(msgpack.packb(bad, use_bin_type=True))
 
 
 def test_truncated_file_is_reported_not_sent() -> None:
@@ -398,7 +462,7 @@ def test_journalled_chunks_lost_with_the_page_cache_are_fetched_again_not_truste
     revived = Receiver.resume(Spool(tmp_path / "spool2"), window=8, timeout=1.0)
     assert set(revived._partials[index].verified) == set(kept[1:-1])
     revived.accept()
-    fresh = Sender(offer.manifest, offer.wires.__getitem__)
+    fresh = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
     rest, _ = _drive(revived, fresh, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0), now=1.0)
     assert rest.stored == dict(enumerate(offer.originals))
     assert revived.state is State.COMPLETE  # no instance failed its hash
@@ -407,6 +471,6 @@ def test_journalled_chunks_lost_with_the_page_cache_are_fetched_again_not_truste
 def test_sender_finished_before_any_request_completes(offer: Offer) -> None:
     # A receiver that had every instance already (e.g. restarted after the last
     # chunk) finishes without asking for anything.
-    sender = Sender(offer.manifest, offer.wires.__getitem__)
+    sender = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
     sender.receive(tr.Finished(offer.manifest.transfer_id))
     assert sender.machine.state is State.COMPLETE
