@@ -622,6 +622,7 @@ async def fetch_study(
                 audit=rt.audit,
                 on_progress=on_progress,
                 on_receiver=tracked.attach_receiver,
+                sender_key=conn.peer,
             )
         )
         try:

@@ -69,6 +69,7 @@ async def fetch_from_peer(
         peer=str(who),
         audit=runtime.audit,
         on_progress=lambda p: print(progress_line(p), end="\r", file=out, flush=True),
+        sender_key=conn.peer,  # a fetch run again asks for its unfinished transfer at once
     )
 
 
