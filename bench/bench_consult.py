@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from consult.presence import Cursor, Presence
 from consult.shared import AnnotationKind, LiveSession, SharedState
+from crypto.identity import Identity
 
 ANNOTATIONS = 1_000
 EDITS = 2_000
@@ -29,8 +30,13 @@ def _best(fn: Callable[[], object], repeat: int = 5) -> float:
     return min(times)
 
 
+def _json(value: dict[str, object]) -> dict[str, object]:
+    """The JSON baselines carry the key and signature too, as hex."""
+    return {k: v.hex() if isinstance(v, bytes) else v for k, v in value.items()}
+
+
 def _populated() -> SharedState:
-    host = SharedState("bench", "host", client_id=1)
+    host = SharedState("bench", Identity.generate(), client_id=1)
     kinds = list(AnnotationKind)
     counts = {"point": 1, "arrow": 2, "length": 2, "angle": 3, "ellipse": 2}
     for i in range(ANNOTATIONS):
@@ -53,7 +59,7 @@ def _populated() -> SharedState:
 
 def late_joiner(host: SharedState) -> None:
     def join() -> SharedState:
-        joiner = SharedState("bench", "late")
+        joiner = SharedState("bench", Identity.generate())
         reply = host.receive(joiner.sync_step1())
         assert reply is not None
         joiner.receive(reply)
@@ -61,14 +67,14 @@ def late_joiner(host: SharedState) -> None:
 
     joiner = join()
     assert joiner.snapshot() == host.snapshot()
-    step2 = host.receive(SharedState("bench", "x").sync_step1())
+    step2 = host.receive(SharedState("bench", Identity.generate()).sync_step1())
     assert step2 is not None
     crdt_s = _best(join)
     snapshot_s = _best(lambda: join().snapshot(), repeat=3)
 
     plain = {
-        "annotations": {a.id: a.to_py() for a in host.annotations()},
-        "chat": [m.to_py() for m in host.snapshot().chat],
+        "annotations": {a.id: _json(a.to_py()) for a in host.annotations()},
+        "chat": [_json(m.to_py()) for m in host.snapshot().chat],
         "report": host.report_text,
     }
     encoded = json.dumps(plain).encode()
@@ -88,8 +94,8 @@ def late_joiner(host: SharedState) -> None:
 
 
 def edit_throughput() -> None:
-    author = SharedState("bench", "a", client_id=1)
-    peer = SharedState("bench", "b", client_id=2)
+    author = SharedState("bench", Identity.generate(), client_id=1)
+    peer = SharedState("bench", Identity.generate(), client_id=2)
     wire: list[bytes] = []
     LiveSession(author, wire.append).connect()
     wire.clear()
@@ -113,7 +119,7 @@ def edit_throughput() -> None:
         author.insert_report(i, "x")
     type_s = time.perf_counter() - start
 
-    sample = author.annotations()[0].to_py()
+    sample = _json(author.annotations()[0].to_py())
     json_s = _best(lambda: [json.loads(json.dumps(sample)) for _ in range(EDITS)], repeat=3)
     print(f"edits ({EDITS} annotation adds, author -> peer):")
     print(f"  encode  {EDITS / encode_s:10.0f} edits/s   ({encode_s / EDITS * 1e6:.0f} us each)")

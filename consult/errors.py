@@ -57,3 +57,7 @@ class MalformedMessage(RemoteConsultError):
 
 class BadReport(RemoteConsultError):
     """A report or review does not verify: altered, wrongly signed, or for another case."""
+
+
+class Forgery(MalformedMessage):
+    """A peer's live edit is not signed by its author, or alters another participant's work."""

@@ -54,7 +54,7 @@ from consult.shared import (
     SyncMessage,
 )
 from crypto import canonical
-from crypto.identity import NodeId
+from crypto.identity import Identity, NodeId
 from peer_transport import frames
 from peer_transport.connection import PeerConnection, RequestRefused, Transport
 
@@ -391,7 +391,7 @@ class LiveConsult:
     def __init__(
         self,
         consult_id: str,
-        local_node: str,
+        identity: Identity,
         name: str,
         colour: str,
         *,
@@ -402,11 +402,11 @@ class LiveConsult:
         _check_consult_id(consult_id)
         self.consult_id = consult_id
         self.study_uid = study_uid
-        self.local_node = local_node
+        self.local_node = str(identity.node_id)
         self.title = title
         self.clock = clock
-        self.state = SharedState(consult_id, local_node)
-        self.presence = Presence(local_node, name, colour, clock())
+        self.state = SharedState(consult_id, identity)
+        self.presence = Presence(self.local_node, name, colour, clock())
         self.finalised = False
         self._bindings: dict[bytes, _Binding] = {}
         self.expected: set[bytes] = set()  # invited or joined, their first message may race
@@ -612,7 +612,7 @@ class LiveHub:
     def __init__(
         self,
         transport: Transport,
-        own_key: bytes,
+        identity: Identity,
         name: str,
         *,
         is_trusted: Callable[[bytes], bool],
@@ -621,8 +621,9 @@ class LiveHub:
         auto_join: bool = True,
     ) -> None:
         self.transport = transport
-        self.own_key = own_key
-        self.local_node = str(NodeId.from_public_key(own_key))
+        self.identity = identity
+        self.own_key = identity.public_key
+        self.local_node = str(identity.node_id)
         self.name = name
         self.is_trusted = is_trusted
         self.notify = notify
@@ -643,7 +644,7 @@ class LiveHub:
             colour = PALETTE[sum(self.own_key) % len(PALETTE)]
             live = LiveConsult(
                 consult_id,
-                self.local_node,
+                self.identity,
                 self.name,
                 colour,
                 clock=self.clock,

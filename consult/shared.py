@@ -11,35 +11,50 @@ one step 2 and edits made offline merge when the peer comes back. The codec is
 the standard y-protocols framing, parsed here with bounds checks and a size cap
 before pycrdt sees a byte.
 
-Authorship is enforced where edits are made (this API, so the TUI) and again
-on receive, because a modified client can send any update. A Yjs delete set
-does not say who deleted, so the check is by connection: the live channel is
-authenticated per peer, and in the full mesh a peer's own edits reach us only
-as UPDATE messages on its own connection. Before a peer's message is applied
-the annotations are read; after it, any annotation of another author that it
-removed or changed is written back (a local edit, so every peer gets it back
-too), and an annotation that an UPDATE adds in another author's name is
-removed. An UPDATE that did any of this is a forgery:
-:meth:`SharedState.receive` raises and the hub drops that connection. A STEP2
-catch-up may legitimately relay a third participant's edits, so there it is
-only repaired, and new annotations in it are not checked (a late joiner gets
-everyone's): a peer can still slip one in another's name there, never remove
-or alter an existing one. The cost: a removal relayed by someone other than
-its author comes back, and the author removes it again.
+Every annotation value and every chat message is signed by its author's node
+key (Ed25519) over a canonical encoding of its fields, its id and the consult
+id, and carries the author's public key (a node id is only its hash). On
+receive, UPDATE and STEP2 alike, an annotation or chat message that does not
+verify for the author it names is removed again (so it is never relayed on)
+and the message is a forgery: :meth:`SharedState.receive` raises
+:class:`~consult.errors.Forgery` and the hub drops that connection. So a STEP2
+catch-up relayed by one peer (a late joiner gets everyone's edits from it) can
+no longer slip in an annotation or message in another participant's name.
+
+A Yjs delete set does not say who deleted, so removals and changes are still
+checked by connection: the live channel is authenticated per peer, and in the
+full mesh a peer's own edits reach us only as UPDATE messages on its own
+connection. Before a peer's message is applied the annotations are read; after
+it, any annotation of another author that it removed or changed is written
+back (a local edit, so every peer gets it back too), and in an UPDATE a new
+annotation or chat message in another author's name is removed even when
+correctly signed. In an UPDATE any of this is a forgery. A STEP2 may
+legitimately relay a third participant's removals, so there they are only
+repaired, not attributed: a removal relayed by someone other than its author
+comes back, and the author removes it again. What signatures do not stop: a
+peer may replay, within the same consult, an annotation its author has since
+removed to someone who never saw the removal, or a chat message twice (shown
+once: chat is read by message id); and no signature covers a deletion, so
+removing a chat message is not checked at all (annotations: by connection).
 """
 
 from __future__ import annotations
 
+import functools
+import struct
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 from typing import Any
 
 import pycrdt
 
-from consult.errors import LocalConsultError, MalformedMessage, NotAuthor
+from consult.errors import Forgery, LocalConsultError, MalformedMessage, NotAuthor
 from consult.ywire import read_varuint, varuint
+from crypto import canonical
+from crypto.errors import BadSignature, EncodingError, InvalidNodeId
+from crypto.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, NodeId, verify_signature
 
 MAX_UPDATE_MESSAGE = 256 * 1024  # one local edit
 MAX_SYNC_MESSAGE = 16 * 1024 * 1024  # a full state for a late joiner
@@ -48,6 +63,65 @@ MAX_LABEL_CHARS = 500
 MAX_POINTS = 16
 
 Point = tuple[float, float]
+
+ANNOTATION_DOMAIN = b"radmesh/live-annotation/v1"
+CHAT_DOMAIN = b"radmesh/live-chat/v1"
+
+
+def _exact(value: Any) -> Any:
+    """crypto.canonical refuses floats (ambiguous encodings); sign each as its 8 IEEE-754 bytes."""
+    if isinstance(value, float):
+        return struct.pack(">d", value)
+    if isinstance(value, list):
+        return [_exact(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _exact(v) for k, v in value.items()}
+    return value
+
+
+def _signing_input(domain: bytes, consult_id: str, fields: dict[str, Any]) -> bytes:
+    """What an author signs: every field but ``sig``, and the consult id, so a signed
+    annotation or message cannot be replayed into another consultation."""
+    unsigned = {k: _exact(v) for k, v in fields.items() if k != "sig"}
+    return domain + canonical.encode([consult_id, unsigned])
+
+
+@functools.lru_cache(maxsize=64)
+def _node_id_text(public_key: bytes) -> str:
+    # A session has at most a few authors; printing a node id costs more than verifying.
+    return str(NodeId.from_public_key(public_key))
+
+
+def _authentic(domain: bytes, consult_id: str, fields: dict[str, Any]) -> bool:
+    """True if ``fields["sig"]`` is the signature of the node named in ``author``."""
+    key = fields["key"]
+    try:
+        if _node_id_text(key) != fields["author"]:
+            return False
+        verify_signature(key, _signing_input(domain, consult_id, fields), fields["sig"])
+    except (BadSignature, InvalidNodeId, EncodingError):
+        return False
+    return True
+
+
+def _writable(value: Any) -> Any:
+    """pycrdt reads bytes back as bytearray but writes a bytearray as None."""
+    if isinstance(value, bytearray):
+        return bytes(value)
+    if isinstance(value, list):
+        return [_writable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _writable(v) for k, v in value.items()}
+    return value
+
+
+def _key_and_sig(raw: dict[str, Any]) -> tuple[bytes, bytes]:
+    key, sig = raw["key"], raw["sig"]
+    if not isinstance(key, bytes | bytearray) or len(key) != PUBLIC_KEY_SIZE:
+        raise TypeError("key is not a 32-byte public key")
+    if not isinstance(sig, bytes | bytearray) or len(sig) != SIGNATURE_SIZE:
+        raise TypeError("sig is not a 64-byte signature")
+    return bytes(key), bytes(sig)
 
 
 class AnnotationKind(StrEnum):
@@ -81,6 +155,8 @@ class Annotation:
     text: str = ""
     # Computed measurement results, e.g. {"length_mm": 12.3} or ROI stats in HU.
     values: Mapping[str, float] = field(default_factory=dict)
+    key: bytes = b""  # the author's public key (a node id is only its hash)
+    sig: bytes = b""  # the author's signature, see :meth:`signed`
 
     def __post_init__(self) -> None:
         if len(self.points) != _POINT_COUNT[self.kind]:
@@ -101,12 +177,29 @@ class Annotation:
             "at": float(self.at),
             "text": self.text,
             "values": {k: float(v) for k, v in self.values.items()},
+            "key": self.key,
+            "sig": self.sig,
         }
+
+    def signed(self, identity: Identity, consult_id: str) -> Annotation:
+        unsigned = replace(self, key=identity.public_key, sig=b"")
+        message = _signing_input(ANNOTATION_DOMAIN, consult_id, unsigned._signed_fields())
+        return replace(unsigned, sig=identity.sign(message))
+
+    def is_authentic(self, consult_id: str) -> bool:
+        return _authentic(ANNOTATION_DOMAIN, consult_id, self._signed_fields())
+
+    def _signed_fields(self) -> dict[str, Any]:
+        # The id is the map key, not in the value, but signed: a copy under another key is forged.
+        return {**self.to_py(), "id": self.id}
 
     @classmethod
     def from_py(cls, annotation_id: str, raw: Any) -> Annotation:
-        """Parse what a (possibly misbehaving) peer put in the shared doc."""
+        """Parse what a (possibly misbehaving) peer put in the shared doc (unverified)."""
         try:
+            if not isinstance(raw, dict):
+                raise TypeError("not an annotation")
+            key, sig = _key_and_sig(raw)
             points = raw["points"]
             if not isinstance(points, list) or len(points) > MAX_POINTS:
                 raise TypeError("points")
@@ -123,6 +216,8 @@ class Annotation:
                 at=float(raw["at"]),
                 text=str(raw.get("text", "")),
                 values={str(k): float(v) for k, v in values.items()},
+                key=key,
+                sig=sig,
             )
         except (KeyError, TypeError, ValueError, IndexError, LocalConsultError) as exc:
             raise MalformedMessage(f"annotation {annotation_id!r} is malformed: {exc}") from exc
@@ -134,14 +229,36 @@ class ChatMessage:
     author: str
     at: float
     text: str
+    key: bytes = b""  # as in Annotation
+    sig: bytes = b""
 
     def to_py(self) -> dict[str, Any]:
-        return {"id": self.id, "author": self.author, "at": float(self.at), "text": self.text}
+        return {
+            "id": self.id,
+            "author": self.author,
+            "at": float(self.at),
+            "text": self.text,
+            "key": self.key,
+            "sig": self.sig,
+        }
+
+    def signed(self, identity: Identity, consult_id: str) -> ChatMessage:
+        unsigned = replace(self, key=identity.public_key, sig=b"")
+        message = _signing_input(CHAT_DOMAIN, consult_id, unsigned.to_py())
+        return replace(unsigned, sig=identity.sign(message))
+
+    def is_authentic(self, consult_id: str) -> bool:
+        return _authentic(CHAT_DOMAIN, consult_id, self.to_py())
 
     @classmethod
     def from_py(cls, raw: Any) -> ChatMessage:
         try:
-            return cls(str(raw["id"]), str(raw["author"]), float(raw["at"]), str(raw["text"]))
+            if not isinstance(raw, dict):
+                raise TypeError("not a chat message")
+            key, sig = _key_and_sig(raw)
+            return cls(
+                str(raw["id"]), str(raw["author"]), float(raw["at"]), str(raw["text"]), key, sig
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedMessage(f"chat message is malformed: {exc}") from exc
 
@@ -209,9 +326,10 @@ class Snapshot:
 class SharedState:
     """One participant's copy of a consultation's live document."""
 
-    def __init__(self, consult_id: str, local_node: str, client_id: int | None = None) -> None:
+    def __init__(self, consult_id: str, identity: Identity, client_id: int | None = None) -> None:
         self.consult_id = consult_id
-        self.local_node = local_node
+        self._identity = identity  # signs every annotation and chat message made here
+        self.local_node = str(identity.node_id)
         self.doc: pycrdt.Doc[Any] = (
             pycrdt.Doc(client_id=client_id) if client_id is not None else pycrdt.Doc()
         )
@@ -221,9 +339,12 @@ class SharedState:
         self._listeners: list[Callable[[bytes], None]] = []
         self._applying_remote = False
         self._subscription = self.doc.observe(self._on_transaction)
-        # While a peer's message is applied: annotation id -> value before it (None: new).
+        # While a peer's message is applied: annotation id -> value before it (None: new),
+        # and the indexes of the chat messages it inserted.
         self._touched: dict[str, Any] | None = None
+        self._said: list[int] | None = None
         self._annotations.observe(self._on_annotations)
+        self._chat.observe(self._on_chat)
 
     # local edits ------------------------------------------------------------------------
     def add_annotation(
@@ -247,7 +368,7 @@ class SharedState:
             now,
             text,
             dict(values or {}),
-        )
+        ).signed(self._identity, self.consult_id)
         self._annotations[annotation.id] = annotation.to_py()
         return annotation
 
@@ -264,7 +385,9 @@ class SharedState:
     def say(self, text: str, now: float) -> ChatMessage:
         if len(text) > MAX_CHAT_CHARS:
             raise LocalConsultError(f"a chat message is limited to {MAX_CHAT_CHARS} characters")
-        message = ChatMessage(uuid.uuid4().hex, self.local_node, now, text)
+        message = ChatMessage(uuid.uuid4().hex, self.local_node, now, text).signed(
+            self._identity, self.consult_id
+        )
         self._chat.append(message.to_py())
         return message
 
@@ -297,11 +420,16 @@ class SharedState:
             except MalformedMessage:
                 malformed += 1
         chat = []
+        said: set[str] = set()
         for raw in self._chat.to_py():
             try:
-                chat.append(ChatMessage.from_py(raw))
+                message = ChatMessage.from_py(raw)
             except MalformedMessage:
                 malformed += 1
+                continue
+            if message.id not in said:  # a signed message replayed by another peer: shown once
+                said.add(message.id)
+                chat.append(message)
         annotations.sort(key=lambda a: a.id)
         return Snapshot(tuple(annotations), tuple(chat), str(self._report), malformed)
 
@@ -330,9 +458,11 @@ class SharedState:
     def receive(self, data: bytes, sender: str | None = None) -> bytes | None:
         """Apply a peer's sync message; return the reply to send back, if any.
 
-        ``sender`` is the node id the connection was authenticated as; with it,
-        annotations of other authors that the message removed or changed are
-        restored (see the module docstring), and a forging UPDATE raises.
+        Every annotation and chat message it adds or changes must carry its
+        author's signature; those that do not are removed again and receive
+        raises :class:`Forgery`. ``sender`` is the node id the connection was
+        authenticated as; with it, annotations of other authors that the message
+        removed or changed are restored too (see the module docstring).
         """
         message = SyncMessage.from_wire(data)
         try:
@@ -341,18 +471,24 @@ class SharedState:
             if message.payload == b"\x00\x00":
                 return None
             self._applying_remote = True
-            self._touched = {}
+            self._touched, self._said = {}, []
             try:
                 self.doc.apply_update(message.payload)
             finally:
                 self._applying_remote = False
                 touched, self._touched = self._touched, None
+                said, self._said = self._said, None
         except (ValueError, RuntimeError) as exc:
             raise MalformedMessage(f"live update from a peer does not apply: {exc}") from exc
         own_edit = message.kind == SyncKind.UPDATE
-        if sender is not None and self._repair(touched, sender, own_edit) and own_edit:
-            raise MalformedMessage(
-                f"{sender[:8]} removed, changed or forged another participant's annotation"
+        with self.doc.transaction():  # the repairs are one local edit, sent to every peer
+            forged = self._repair(touched, sender, own_edit) + self._unsay(said, sender, own_edit)
+        if forged:
+            who = sender[:8] if sender else "a peer"
+            raise Forgery(
+                f"{who} sent {forged} annotation(s) or chat message(s) not signed by their "
+                "author, or removed or changed another participant's annotation: "
+                "its connection is closed"
             )
         return None
 
@@ -361,31 +497,69 @@ class SharedState:
             for key, change in event.keys.items():
                 self._touched.setdefault(key, change.get("oldValue"))
 
-    def _repair(self, touched: dict[str, Any], sender: str, own_edit: bool) -> int:
-        """Undo what ``sender`` did to annotations it does not own; returns how many.
+    def _on_chat(self, event: Any) -> None:
+        if self._said is None:
+            return
+        index = 0  # delta positions are in the array as it is after the change
+        for op in event.delta:
+            if "retain" in op:
+                index += op["retain"]
+            elif "insert" in op:
+                self._said.extend(range(index, index + len(op["insert"])))
+                index += len(op["insert"])
+
+    def _authentic_annotation(self, key: str, raw: Any) -> bool:
+        try:
+            return Annotation.from_py(key, raw).is_authentic(self.consult_id)
+        except MalformedMessage:
+            return False
+
+    def _repair(self, touched: dict[str, Any], sender: str | None, own_edit: bool) -> int:
+        """Undo what a peer's message did to annotations; returns how many were forgeries.
 
         ``touched`` holds the value before the message of each annotation it
-        changed. New annotations of other authors are legitimate in a catch-up
-        (a late joiner gets everyone's), so they are forgeries only in ``own_edit``.
+        changed. A value without its author's signature is always undone and
+        always a forgery. By connection: a change or removal of another author's
+        annotation is undone, and so is a new one in another author's name in
+        ``own_edit`` (in a catch-up it is legitimate: a late joiner gets
+        everyone's); both are forgeries only in ``own_edit``.
         """
 
         def owner(raw: Any) -> Any:
             return raw.get("author") if isinstance(raw, dict) else None
 
-        repairs = 0
-        with self.doc.transaction():
-            for key, old in touched.items():
-                new = self._annotations.get(key)
-                if old == new:
-                    continue
-                forged = own_edit and new is not None and owner(new) != sender
-                if (old is not None and owner(old) != sender) or forged:
-                    if old is None:
-                        del self._annotations[key]
-                    else:
-                        self._annotations[key] = old
-                    repairs += 1
-        return repairs
+        forged = 0
+        for key, old in touched.items():
+            new = self._annotations.get(key)
+            if old == new:
+                continue
+            unsigned = new is not None and not self._authentic_annotation(key, new)
+            by_other = sender is not None and old is not None and owner(old) != sender
+            in_their_name = sender is not None and new is not None and owner(new) != sender
+            if unsigned or by_other or (own_edit and in_their_name):
+                if old is None:
+                    del self._annotations[key]
+                else:
+                    self._annotations[key] = _writable(old)
+                forged += unsigned or (own_edit and (by_other or in_their_name))
+        return forged
+
+    def _unsay(self, said: list[int], sender: str | None, own_edit: bool) -> int:
+        """Delete the chat messages a peer's message inserted without their author's
+        signature (or, in ``own_edit``, in another's name); returns how many."""
+        forged = []
+        for index in said:
+            try:
+                message = ChatMessage.from_py(self._chat[index])
+                ok = message.is_authentic(self.consult_id)
+                ok = ok and not (own_edit and sender is not None and message.author != sender)
+            except MalformedMessage:
+                ok = False
+            if not ok:
+                forged.append(index)
+        for index in sorted(forged, reverse=True):
+            del self._chat[index]
+        return len(forged)
 
 
 class LiveSession:

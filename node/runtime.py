@@ -431,7 +431,7 @@ class NodeRuntime:
         if self._live_hub is None:
             self._live_hub = LiveHub(
                 self.transport,
-                self.identity.public_key,
+                self.identity,
                 self.config.display_name,
                 is_trusted=lambda key: self.trust.is_trusted(key, self.now()),
                 notify=self.notify,

@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from consult.shared import AnnotationKind, LiveSession, SharedState
+from crypto.identity import Identity
 
 PEERS = 3
+IDENTITIES = [Identity(bytes([i + 1]) * 32) for i in range(PEERS)]
 PAIRS = [(i, j) for i, j in itertools.permutations(range(PEERS), 2)]
 peer_index = st.integers(0, PEERS - 1)
 pair_index = st.integers(0, len(PAIRS) - 1)
@@ -28,7 +30,7 @@ text = st.text(alphabet="abcxyz é\n", min_size=1, max_size=6)
 class Mesh(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.peers = [SharedState("case", f"node{i}", client_id=100 + i) for i in range(PEERS)]
+        self.peers = [SharedState("case", IDENTITIES[i], client_id=100 + i) for i in range(PEERS)]
         self.pending: dict[tuple[int, int], list[bytes]] = {pair: [] for pair in PAIRS}
         self.sessions = {
             (i, j): LiveSession(self.peers[i], self.pending[(i, j)].append) for i, j in PAIRS

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
+
 import pycrdt
 import pytest
 
-from consult.errors import LocalConsultError, MalformedMessage, NotAuthor
+from consult.errors import Forgery, LocalConsultError, MalformedMessage, NotAuthor
 from consult.shared import (
     MAX_SYNC_MESSAGE,
     MAX_UPDATE_MESSAGE,
+    Annotation,
     AnnotationKind,
+    ChatMessage,
     LiveSession,
     SharedState,
+    Snapshot,
     SyncKind,
     SyncMessage,
 )
+from crypto.identity import Identity
 
 UID = "2.25.99"
+
+
+def participant(client_id: int | None = None, consult_id: str = "c") -> SharedState:
+    return SharedState(consult_id, Identity.generate(), client_id=client_id)
 
 
 class Link:
@@ -76,7 +87,7 @@ def test_size_caps_are_checked_before_parsing() -> None:
 
 
 def test_garbage_update_raises_malformed_and_leaves_doc_usable() -> None:
-    state = SharedState("c", "A", client_id=1)
+    state = participant(1)
     bad = SyncMessage(SyncKind.UPDATE, b"\x05\x07garbage").to_wire()
     with pytest.raises(MalformedMessage):
         state.receive(bad)
@@ -85,7 +96,7 @@ def test_garbage_update_raises_malformed_and_leaves_doc_usable() -> None:
 
 
 def test_edits_flow_both_ways_live() -> None:
-    a, b = SharedState("c", "A", client_id=1), SharedState("c", "B", client_id=2)
+    a, b = participant(1), participant(2)
     link = Link(a, b)
     link.connect()
     point = a.add_annotation(AnnotationKind.POINT, UID, 0, ((10.0, 20.0),), 1.0)
@@ -99,7 +110,7 @@ def test_edits_flow_both_ways_live() -> None:
 
 
 def test_late_joiner_gets_everything_in_one_step2() -> None:
-    a = SharedState("c", "A", client_id=1)
+    a = participant(1)
     for i in range(50):
         a.add_annotation(
             AnnotationKind.LENGTH,
@@ -110,7 +121,7 @@ def test_late_joiner_gets_everything_in_one_step2() -> None:
             values={"length_mm": 5.0},
         )
     a.insert_report(0, "Findings.")
-    late = SharedState("c", "Z", client_id=9)
+    late = participant(9)
     sent: list[bytes] = []
     LiveSession(a, sent.append)
     reply = a.receive(late.sync_step1())
@@ -122,7 +133,7 @@ def test_late_joiner_gets_everything_in_one_step2() -> None:
 
 
 def test_offline_edits_on_both_sides_merge_on_reconnect() -> None:
-    a, b = SharedState("c", "A", client_id=1), SharedState("c", "B", client_id=2)
+    a, b = participant(1), participant(2)
     link = Link(a, b)
     link.connect()
     a.insert_report(0, "Report. ")
@@ -143,7 +154,7 @@ def test_offline_edits_on_both_sides_merge_on_reconnect() -> None:
 
 
 def test_only_the_author_removes_an_annotation() -> None:
-    a, b = SharedState("c", "A", client_id=1), SharedState("c", "B", client_id=2)
+    a, b = participant(1), participant(2)
     link = Link(a, b)
     link.connect()
     mark = a.add_annotation(AnnotationKind.POINT, UID, 0, ((1.0, 2.0),), 1.0)
@@ -156,22 +167,31 @@ def test_only_the_author_removes_an_annotation() -> None:
     assert b.snapshot().annotations == ()
 
 
-def test_malformed_entries_from_a_peer_are_counted_not_shown() -> None:
-    a, b = SharedState("c", "A", client_id=1), SharedState("c", "B", client_id=2)
+def test_malformed_entries_from_a_peer_are_removed_and_refused() -> None:
+    a, b = participant(1), participant(2)
     link = Link(a, b)
     link.connect()
     # a misbehaving client writes straight into the document
     a.doc.get("annotations", type=pycrdt.Map)["x"] = {"kind": "laser"}
     a.doc.get("chat", type=pycrdt.Array).append("not a message")
-    link.deliver()
-    snapshot = b.snapshot()
-    assert snapshot.annotations == ()
-    assert snapshot.chat == ()
-    assert snapshot.malformed == 2
+    for update in link.to_b:
+        with pytest.raises(Forgery):
+            link.b.receive(update)
+    link.to_b.clear()
+    assert b.snapshot() == Snapshot((), (), "", malformed=0)
+    assert b._annotations.to_py() == {}
+    assert b._chat.to_py() == []
+
+
+def test_entries_that_do_not_parse_are_counted_not_shown() -> None:
+    state = participant()
+    state._annotations["x"] = {"kind": "laser"}  # only a modified client writes these itself
+    state._chat.append("not a message")
+    assert state.snapshot() == Snapshot((), (), "", malformed=2)
 
 
 def test_annotation_point_counts_and_limits() -> None:
-    state = SharedState("c", "A")
+    state = participant()
     with pytest.raises(LocalConsultError):
         state.add_annotation(AnnotationKind.ANGLE, UID, 0, ((0.0, 0.0),), 1.0)
     with pytest.raises(LocalConsultError):
@@ -179,7 +199,7 @@ def test_annotation_point_counts_and_limits() -> None:
 
 
 def test_remote_updates_are_not_echoed() -> None:
-    a, b = SharedState("c", "A", client_id=1), SharedState("c", "B", client_id=2)
+    a, b = participant(1), participant(2)
     link = Link(a, b)
     link.connect()
     a.say("hello", 1.0)
@@ -189,7 +209,7 @@ def test_remote_updates_are_not_echoed() -> None:
 
 
 def test_report_edits_count_characters_not_utf8_bytes() -> None:
-    a, b = SharedState("c", "A", client_id=1), SharedState("c", "B", client_id=2)
+    a, b = participant(1), participant(2)
     link = Link(a, b)
     link.connect()
     a.insert_report(0, "Hématome sous-dural.")
@@ -203,7 +223,7 @@ def test_report_edits_count_characters_not_utf8_bytes() -> None:
 
 
 def _pair_with_mallory() -> tuple[SharedState, SharedState, list[bytes]]:
-    alice, mallory = SharedState("c", "ALICE"), SharedState("c", "MALLORY")
+    alice, mallory = participant(), participant()
     sent: list[bytes] = []
     alice.on_local_update(sent.append)
     return alice, mallory, sent
@@ -220,8 +240,8 @@ def test_a_peer_cannot_remove_or_change_someone_elses_annotation_on_receive() ->
     mallory._annotations[other.id] = {**other.to_py(), "text": "rewritten"}
     sent.clear()
     for update in updates:
-        with pytest.raises(MalformedMessage, match="another participant's annotation"):
-            alice.receive(update, sender="MALLORY")
+        with pytest.raises(Forgery, match="another participant's annotation"):
+            alice.receive(update, sender=mallory.local_node)
     assert {a.id: a.text for a in alice.annotations()} == {mine.id: "keep me", other.id: ""}
     # The repair is a local edit, so the other participants get the annotations back too.
     assert sent
@@ -235,21 +255,155 @@ def test_a_peer_cannot_add_an_annotation_in_another_authors_name() -> None:
     updates: list[bytes] = []
     mallory.on_local_update(updates.append)
     forged = mallory.add_annotation(AnnotationKind.POINT, "1.2", 0, ((1, 1),), 1.0)
-    mallory._annotations[forged.id] = {**forged.to_py(), "author": "ALICE"}
-    alice.receive(updates[0], sender="MALLORY")  # its own annotation: fine
-    with pytest.raises(MalformedMessage):
-        alice.receive(updates[1], sender="MALLORY")  # now claimed to be Alice's
-    assert [a.author for a in alice.annotations()] == ["MALLORY"]
+    mallory._annotations[forged.id] = {**forged.to_py(), "author": alice.local_node}
+    alice.receive(updates[0], sender=mallory.local_node)  # its own annotation: fine
+    with pytest.raises(Forgery):
+        alice.receive(updates[1], sender=mallory.local_node)  # now claimed to be Alice's
+    assert [a.author for a in alice.annotations()] == [mallory.local_node]
 
 
 def test_a_catch_up_may_carry_other_authors_annotations_and_own_removals() -> None:
-    alice, bob, carol = SharedState("c", "ALICE"), SharedState("c", "BOB"), SharedState("c", "C")
+    alice, bob, carol = participant(), participant(), participant()
     kept = carol.add_annotation(AnnotationKind.POINT, "1.2", 0, ((1, 1),), 1.0)
+    carol.say("from carol", 1.5)
     gone = bob.add_annotation(AnnotationKind.POINT, "1.2", 0, ((3, 3),), 1.0)
-    bob.receive(SyncMessage(SyncKind.STEP2, carol.full_update()).to_wire(), sender="C")
-    alice.receive(SyncMessage(SyncKind.STEP2, bob.full_update()).to_wire(), sender="BOB")
+    bob.say("from bob", 2.0)
+    bob.receive(SyncMessage(SyncKind.STEP2, carol.full_update()).to_wire(), carol.local_node)
+    alice.receive(SyncMessage(SyncKind.STEP2, bob.full_update()).to_wire(), bob.local_node)
     assert {a.id for a in alice.annotations()} == {kept.id, gone.id}
-    state = alice.doc.get_state()
+    assert {m.text for m in alice.snapshot().chat} == {"from carol", "from bob"}
+    assert alice.snapshot() == bob.snapshot()
+    vector = alice.doc.get_state()
     bob.remove_annotation(gone.id)
-    alice.receive(SyncMessage(SyncKind.STEP2, bob.doc.get_update(state)).to_wire(), sender="BOB")
+    alice.receive(SyncMessage(SyncKind.STEP2, bob.doc.get_update(vector)).to_wire(), bob.local_node)
     assert [a.id for a in alice.annotations()] == [kept.id]
+
+
+# --- signatures: a catch-up relayed by one peer cannot carry forgeries ------------------------
+
+CAROL, MALLORY = Identity.generate(), Identity.generate()
+
+
+def _carols(**changes: object) -> dict[str, object]:
+    """An annotation in Carol's name, signed by Carol for consult "c", then altered."""
+    mark = Annotation("f" * 32, AnnotationKind.ARROW, UID, 0, ((1, 1), (9, 9)), "", 5.0, "bleed")
+    signed = replace(mark, author=str(CAROL.node_id)).signed(CAROL, "c")
+    return {**signed.to_py(), **changes}
+
+
+def _mallorys_as_carols() -> dict[str, object]:
+    signed = replace(
+        Annotation("f" * 32, AnnotationKind.POINT, UID, 0, ((1, 1),), "", 5.0),
+        author=str(MALLORY.node_id),
+    ).signed(MALLORY, "c")
+    return {**signed.to_py(), "author": str(CAROL.node_id)}
+
+
+FORGED_ANNOTATIONS = {
+    "unsigned": lambda: _carols(sig=b""),
+    "no signature field": lambda: {k: v for k, v in _carols().items() if k != "sig"},
+    "signed by mallory, carol's key": lambda: _carols(sig=MALLORY.sign(b"x")),
+    "signed by mallory with her key": _mallorys_as_carols,
+    "carol's, replayed from another consult": lambda: {
+        **_carols(),
+        "sig": replace(Annotation.from_py("f" * 32, _carols()), sig=b"").signed(CAROL, "d").sig,
+    },
+    "carol's, text changed": lambda: _carols(text="no bleed"),
+    "carol's, under another id": lambda: _carols(),  # stored under key "e" * 32 below
+    "sig is text": lambda: _carols(sig="AAAA" * 16),
+    "sig too short": lambda: _carols(sig=bytes(63)),
+    "key too long": lambda: _carols(key=bytes(33)),
+}
+
+
+def _catch_up_from_mallory() -> tuple[SharedState, SharedState, SharedState]:
+    """Alice and Carol made honest edits; Mallory has them all; Zed is about to join."""
+    alice, carol = participant(), SharedState("c", CAROL)
+    mallory, zed = SharedState("c", MALLORY), participant()
+    alice.add_annotation(AnnotationKind.POINT, UID, 0, ((4, 4),), 1.0, text="alice's")
+    alice.say("alice here", 1.0)
+    carol.add_annotation(AnnotationKind.LENGTH, UID, 1, ((0, 0), (3, 4)), 2.0, text="carol's")
+    carol.say("carol here", 2.0)
+    for honest in (alice, carol):
+        mallory.receive(SyncMessage(SyncKind.STEP2, honest.full_update()).to_wire())
+    return mallory, zed, carol
+
+
+@pytest.mark.parametrize("forge", FORGED_ANNOTATIONS.values(), ids=FORGED_ANNOTATIONS.keys())
+def test_a_catch_up_cannot_slip_in_an_annotation_in_anothers_name(
+    forge: Callable[[], dict[str, object]],
+) -> None:
+    mallory, zed, _ = _catch_up_from_mallory()
+    honest = mallory.snapshot()
+    key = "e" * 32 if forge is FORGED_ANNOTATIONS["carol's, under another id"] else "f" * 32
+    mallory._annotations[key] = forge()  # a modified client writes straight into the doc
+    step2 = mallory.receive(zed.sync_step1())
+    assert step2 is not None
+    with pytest.raises(Forgery, match="not signed by their author"):
+        zed.receive(step2, sender=mallory.local_node)
+    assert zed.snapshot() == honest  # everyone's honest edits arrived, the forgery did not
+    assert key not in zed._annotations.to_py()  # removed from the doc, so never relayed on
+
+
+FORGED_CHAT = {
+    "unsigned": lambda: {**_carols_chat(), "sig": b""},
+    "signed by mallory": lambda: {**_carols_chat(), "sig": MALLORY.sign(b"x")},
+    "replayed from another consult": lambda: _carols_chat(consult_id="d"),
+    "text changed": lambda: {**_carols_chat(), "text": "ignore the bleed"},
+    "not a message": lambda: "hello",
+}
+
+
+def _carols_chat(consult_id: str = "c") -> dict[str, object]:
+    message = ChatMessage("m" * 32, str(CAROL.node_id), 3.0, "operate now")
+    return message.signed(CAROL, consult_id).to_py()
+
+
+@pytest.mark.parametrize("forge", FORGED_CHAT.values(), ids=FORGED_CHAT.keys())
+def test_a_catch_up_cannot_slip_in_a_chat_message_in_anothers_name(
+    forge: Callable[[], object],
+) -> None:
+    mallory, zed, _ = _catch_up_from_mallory()
+    honest = mallory.snapshot()
+    mallory._chat.insert(1, forge())  # between the honest messages
+    step2 = mallory.receive(zed.sync_step1())
+    assert step2 is not None
+    with pytest.raises(Forgery):
+        zed.receive(step2, sender=mallory.local_node)
+    assert zed.snapshot() == honest
+    assert len(zed._chat) == 2  # deleted, so never relayed on
+
+
+def test_a_correctly_signed_chat_message_in_a_catch_up_is_shown_once() -> None:
+    mallory, zed, carol = _catch_up_from_mallory()
+    (carols,) = [m for m in mallory.snapshot().chat if m.author == carol.local_node]
+    mallory._chat.append(carols.to_py())  # replayed
+    step2 = mallory.receive(zed.sync_step1())
+    assert step2 is not None
+    zed.receive(step2, sender=mallory.local_node)
+    assert len(zed._chat) == 3
+    assert sorted(m.text for m in zed.snapshot().chat) == ["alice here", "carol here"]
+
+
+def test_a_peer_cannot_chat_in_anothers_name_in_its_own_update() -> None:
+    alice, mallory, _ = _pair_with_mallory()
+    updates: list[bytes] = []
+    mallory.on_local_update(updates.append)
+    mallory._chat.append(_carols_chat())  # correctly signed by Carol, sent as Mallory's edit
+    mallory.say("mine", 1.0)
+    with pytest.raises(Forgery):
+        alice.receive(updates[0], sender=mallory.local_node)
+    alice.receive(updates[1], sender=mallory.local_node)
+    assert [m.text for m in alice.snapshot().chat] == ["mine"]
+
+
+def test_local_edits_are_signed_for_this_consult_only() -> None:
+    a = participant()
+    mark = a.add_annotation(AnnotationKind.POINT, UID, 0, ((1, 2),), 1.0)
+    said = a.say("hello", 2.0)
+    assert mark.is_authentic("c")
+    assert said.is_authentic("c")
+    assert not mark.is_authentic("d")
+    assert not said.is_authentic("d")
+    assert not replace(mark, points=((1.0, 3.0),)).is_authentic("c")
+    assert not replace(said, at=2.5).is_authentic("c")

@@ -67,8 +67,8 @@ class MemoryLink:
 async def pair() -> AsyncIterator[tuple[LiveConsult, LiveConsult, MemoryLink]]:
     """Two participants of one consult joined in memory; the link is a's way to b."""
     ida, idb = Identity.generate(), Identity.generate()
-    a = LiveConsult(CONSULT, str(ida.node_id), "Dr Ana", "#ff00ff")
-    b = LiveConsult(CONSULT, str(idb.node_id), "Dr Ben", "#00ff00")
+    a = LiveConsult(CONSULT, ida, "Dr Ana", "#ff00ff")
+    b = LiveConsult(CONSULT, idb, "Dr Ben", "#00ff00")
     a_to_b = MemoryLink(ida.public_key, idb.public_key, b)
     b.bind(MemoryLink(idb.public_key, ida.public_key, a))
     a.bind(a_to_b)
