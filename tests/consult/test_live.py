@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from consult.live import (
 )
 from consult.measure import PixelSpacing, length_mm
 from consult.presence import Cursor, Presence, Viewport
-from consult.shared import AnnotationKind
+from consult.shared import Annotation, AnnotationKind
 from crypto.identity import Identity
 from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.keystore import save_identity
@@ -353,3 +354,22 @@ async def test_a_modified_client_cannot_delete_anothers_annotation_over_the_netw
     await asyncio.sleep(0.3)
     assert [x.id for x in live_a.annotations()] == [mark.id]
     assert [x.id for x in live_c.annotations()] == [mark.id]
+
+
+async def test_a_late_joiner_refuses_a_catch_up_carrying_an_annotation_forged_in_anothers_name(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    live_b = b.live_hub().open(CONSULT)
+    honest = live_b.add_annotation(AnnotationKind.POINT, SOP, 0, ((4, 4),), text="b's own")
+    # b's modified client writes a finding in a's name (signed with b's key) into its copy.
+    forged = replace(
+        Annotation("f" * 32, AnnotationKind.POINT, SOP, 0, ((9.0, 9.0),), "", 1.0, "a says"),
+        author=str(a.identity.node_id),
+    ).signed(b.identity, CONSULT)
+    live_b.state._annotations[forged.id] = forged.to_py()
+
+    await b.live_hub().invite(CONSULT, key(c))  # c catches up from b alone
+    live_c = c.live_hub().sessions[CONSULT]
+    await wait_for(lambda: live_c.annotations() and not live_c.is_bound(key(b)))
+    assert [x.id for x in live_c.annotations()] == [honest.id]
