@@ -74,7 +74,7 @@ DEFAULT_WINDOW = 64  # chunks in flight: ~3.8 MiB, above the loopback bandwidth-
 DEFAULT_TIMEOUT = 5.0  # seconds before an unanswered chunk request is repeated
 MAX_ACTIVE_INSTANCES = 16  # part files open at once on the receiver
 MAX_INSTANCE_ATTEMPTS = 2  # an instance whose hash fails twice fails the transfer
-REOFFER_MIN_INTERVAL = 1.0  # seconds: resume requests get at most one offer this often
+REOFFER_MIN_INTERVAL = 1.0  # seconds between offers for resume requests with no request between
 
 
 class TransferError(TransportError):
@@ -556,24 +556,27 @@ class Sender:
         self._source = source
         self._cached: tuple[int, bytes] | None = None
         self._offered_at: float | None = None
+        self._requested_since_offer = False
         self.chunks_sent = 0
 
     def offer(self, now: float) -> list[OfferPart]:
         """The signed manifest, in parts, to send on the control channel."""
-        self._offered_at = now
+        self._offered_at, self._requested_since_offer = now, False
         return offer_parts(self.signed, self.manifest.transfer_id)
 
     def resume(self, request: ResumeRequest, now: float) -> list[OfferPart]:
         """Offer again at once for a receiver that restarted mid-transfer.
 
         Nothing for another transfer id, for a transfer that is over (a finished or
-        cancelled share is never served again), or within REOFFER_MIN_INTERVAL of the
-        last offer (a receiver repeating itself gets no flood of manifests).
+        cancelled share is never served again), or when the last offer went out less
+        than REOFFER_MIN_INTERVAL ago and no request came since (a receiver repeating
+        itself gets no flood of manifests).
         """
+        recent = self._offered_at is not None and now - self._offered_at < REOFFER_MIN_INTERVAL
         if (
             request.transfer_id != self.manifest.transfer_id
             or self.machine.state not in (State.OFFERED, State.RUNNING)
-            or (self._offered_at is not None and now - self._offered_at < REOFFER_MIN_INTERVAL)
+            or (recent and not self._requested_since_offer)
         ):
             return []
         return self.offer(now)
@@ -603,6 +606,7 @@ class Sender:
         if self.machine.state is State.OFFERED:
             self.machine.fire(Event.ACCEPT)
         self.machine.fire(Event.DATA)
+        self._requested_since_offer = True
         if not 0 <= message.index < len(self.manifest.entries):
             raise MalformedMessage(f"request for instance {message.index}, not in the manifest")
         entry = self.manifest.entries[message.index]

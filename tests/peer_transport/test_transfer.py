@@ -301,8 +301,10 @@ def test_sender_offers_again_only_for_its_running_transfer_and_not_in_a_flood(
     sender = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
     assert sender.offer(10.0)
     assert sender.resume(tr.ResumeRequest(bytes(16)), 20.0) == []  # not a transfer it serves
-    assert sender.resume(ask, 10.5) == []  # an offer just went out
+    assert sender.resume(ask, 10.5) == []  # an offer just went out, nobody used it yet
     assert [p.data for p in sender.resume(ask, 11.0)] == [p.data for p in sender.offer(11.0)]
+    sender.receive(Request(offer.manifest.transfer_id, 0, (0,)))
+    assert sender.resume(ask, 11.1)  # requests came since: a receiver that restarted since
     sender.receive(tr.Finished(offer.manifest.transfer_id))
     assert sender.resume(ask, 60.0) == []  # a finished share is not served again
     cancelled = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)

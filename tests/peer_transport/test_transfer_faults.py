@@ -135,7 +135,7 @@ class StillRunning(AssertionError):
 class NodeProcess:
     """``radmesh --home H ...`` in its own process; output collected without blocking."""
 
-    def __init__(self, node: Home, *args: str) -> None:
+    def __init__(self, node: Home, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -146,6 +146,7 @@ class NodeProcess:
                 *args,
             ],
             cwd=ROOT,
+            env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -234,8 +235,11 @@ def _fetch(receiver: Home, sender: Home) -> NodeProcess:
     return proc
 
 
-def _send(sender: Home, receiver: Home, study: Study) -> NodeProcess:
-    return NodeProcess(sender, "send", study.uid, "--to", receiver.node_id)
+def _send(sender: Home, receiver: Home, study: Study, reoffer: bool = True) -> NodeProcess:
+    # Without reoffer the sender never offers again on its own: a restarted receiver
+    # gets the transfer back only by asking for it.
+    env = None if reoffer else {"RADMESH_TEST_REOFFER_AFTER": "3600"}
+    return NodeProcess(sender, "send", study.uid, "--to", receiver.node_id, env=env)
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -258,15 +262,16 @@ def _kill_point(seed: int, study: Study) -> int:
     return random.Random(seed).randint(int(tr.DEFAULT_WINDOW / per_instance) + 2, SLICES - 8)
 
 
-def test_receiver_killed_mid_transfer_resumes_byte_exact_and_resends_at_most_the_window(
+def test_receiver_killed_and_restarted_asks_for_its_transfer_and_resends_at_most_the_window(
     tmp_path: Path,
 ) -> None:
+    """The sender never re-offers on its own here: the restarted fetch must ask."""
     seed, sender, receiver, study = _two_homes_and_a_study(tmp_path)
     kill_at = _kill_point(seed, study)
     why = f"seed {seed}, receiver killed after {kill_at} of {SLICES} instances"
     with processes() as procs:
         procs.append(fetching := _fetch(receiver, sender))
-        procs.append(sending := _send(sender, receiver, study))
+        procs.append(sending := _send(sender, receiver, study, reoffer=False))
         fetching.wait_until(lambda: fetching.instances_done >= kill_at, 60, "half stored")
         fetching.kill()
         before = _stored(receiver, study)  # every listed instance is whole and verifies

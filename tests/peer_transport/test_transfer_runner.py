@@ -19,6 +19,7 @@ from bench.bench_codec import ct_instance, ct_series
 from crypto.identity import Identity
 from node import wirecodec
 from peer_transport import transfer as tr
+from peer_transport import transfer_runner
 from peer_transport.transfer_runner import (
     PreparedStudy,
     SenderSpool,
@@ -171,6 +172,54 @@ async def test_receiver_crash_mid_transfer_resumes_and_resends_at_most_the_windo
             assert 3 <= len(store.by_hash) < len(files)
     assert sorted(store.by_hash.values()) == sorted(files)
     assert sent <= total_chunks + window
+
+
+@pytest.mark.parametrize("asks", [True, False], ids=["asks", "old-peer-waits-for-reoffer"])
+async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asks: bool
+) -> None:
+    """A receiver that knows its sender asks for the transfer (here the sender never
+    offers again on its own); one that does not (an older peer) gets the re-offer."""
+    monkeypatch.setattr(transfer_runner, "REOFFER_AFTER", 3600.0 if asks else 0.2)
+    identity = Identity.generate()
+    files = ct_series(8, seed=51, size=256)
+    study = await PreparedStudy.from_files(files, identity)
+    key = identity.public_key if asks else None
+    store = MemoryStore()
+    halfway = asyncio.Event()
+
+    def note(p: tr.Progress) -> None:
+        if p.instances_done >= 3:
+            halfway.set()
+
+    a, b = _memory_pair()
+    first = StudyReceiver(b, tmp_path / "spool", store, "peer-a", note, window=4, sender_key=key)
+    sender = StudySender(study, a)
+    a.on_control, b.on_control, b.on_bulk = sender.on_control, first.on_control, first.on_bulk
+    b.start()
+    sending = asyncio.create_task(sender.run())
+    receiving = asyncio.create_task(first.run())
+    pumps = [b.pump]
+    try:
+        await asyncio.wait_for(halfway.wait(), 20)
+        receiving.cancel()  # the receiving process dies; what was in flight is lost
+        await asyncio.gather(receiving, return_exceptions=True)
+        b.on_control = b.on_bulk = lambda _data: None
+        assert 3 <= len(store.by_hash) < len(files)
+
+        again = MemoryLink()  # the restarted process on the same connection
+        a.peer, again.peer = again, a
+        second = StudyReceiver(again, tmp_path / "spool", store, "peer-a", window=4, sender_key=key)
+        again.attach(second.on_control, second.on_bulk)
+        pumps.append(again.pump)
+        progress, state = await asyncio.wait_for(asyncio.gather(second.run(), sending), 20)
+    finally:
+        for task in [sending, *pumps]:
+            assert task is not None
+            task.cancel()
+    assert state is tr.State.COMPLETE
+    assert progress.instances_done == len(files)
+    assert sorted(store.by_hash.values()) == sorted(files)
 
 
 async def test_study_moves_between_two_real_stores_and_both_audit_logs_record_it(

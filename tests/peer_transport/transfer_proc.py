@@ -3,16 +3,20 @@
 The real CLI (``node.cli.main``, uvloop as the console script installs it), with two
 test-only changes: ICE host candidates on 127.0.0.1 only; a line ``bulk N`` on stdout
 before each bulk chunk this process hands to its connection, so a test can count what
-a sender sent even when it kills it with SIGKILL; and the peer transport's INFO log
-(connections lost and back, chunks rejected) on stderr, for the test's failure message.
+a sender sent even when it kills it with SIGKILL; the peer transport's INFO log
+(connections lost and back, chunks rejected) on stderr, for the test's failure message;
+and ``RADMESH_TEST_REOFFER_AFTER`` (seconds) in the environment replaces the sender's
+``transfer_runner.REOFFER_AFTER``, so a test can take that fallback away.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from node.cli import main
+from peer_transport import transfer_runner
 from peer_transport.connection import ChannelLink, install_event_loop_policy
 from peer_transport.rtc import restrict_host_addresses
 
@@ -35,5 +39,7 @@ if __name__ == "__main__":
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("peer_transport").setLevel(logging.INFO)
     count_bulk_chunks()
+    if reoffer_after := os.environ.get("RADMESH_TEST_REOFFER_AFTER"):
+        transfer_runner.REOFFER_AFTER = float(reoffer_after)
     install_event_loop_policy()
     sys.exit(main(sys.argv[1:]))
