@@ -40,6 +40,7 @@ from peer_transport.connection import PeerConnection, install_event_loop_policy
 from peer_transport.frames import MAX_BULK_PAYLOAD
 from registry.records import NodeRecord
 
+ROOT = Path(__file__).resolve().parents[1]
 MOVES = 150
 RATE_HZ = 20
 GOAL_MS = 50.0
@@ -63,7 +64,7 @@ class Child:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bench.live_peer", str(root), name,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                limit=1 << 20,
+                cwd=ROOT, limit=1 << 20,
             )  # fmt: skip
         return cls(name, proc, log)
 

@@ -160,15 +160,20 @@ class Peer:
         done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
 
         def check() -> None:
-            if not done.done() and len(live.annotations()) >= count:
+            # The map's size, not annotations(): that parses them all, and running it on
+            # each of a thousand updates (one per annotation added) starves the loop.
+            if not done.done() and len(live.state._annotations) >= count:
                 done.set_result(time.monotonic())
 
         unsubscribe = live.subscribe(check)
         try:
             check()
-            return await asyncio.wait_for(done, 30)
+            at = await asyncio.wait_for(done, 30)
         finally:
             unsubscribe()
+        if len(live.annotations()) < count:
+            raise RuntimeError(f"{count} entries arrived but not {count} valid annotations")
+        return at
 
 
 def say(reply: Reply) -> None:
