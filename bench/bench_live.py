@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -115,6 +116,8 @@ class Phase:
         self.raw: dict[int, float] = {}
         self.live: dict[str, list[float]] = {}
         self.baseline: dict[str, list[float]] = {}
+        self.bulk_bytes = 0  # consumed by the watchers while they watched
+        self.seconds = 0.0
 
     def collect(self, name: str, reply: Reply) -> None:
         def latencies(sent: dict[int, float], seen: dict[str, float]) -> list[float]:
@@ -122,6 +125,7 @@ class Phase:
 
         self.live[name] = latencies(self.cursor, reply["cursor"])
         self.baseline[name] = latencies(self.raw, reply["raw"])
+        self.bulk_bytes += reply["bulk_bytes"]
 
     def report(self, label: str) -> None:
         live = [x for v in self.live.values() for x in v]
@@ -147,6 +151,7 @@ async def measure(
     for child in watchers:
         await child.ask(cmd="watch", mover=me.hex())
     phase, half = Phase(), 0.5 / RATE_HZ
+    started = time.monotonic()
     for n in range(first, first + MOVES):  # numbers are unique across phases
         phase.cursor[n] = time.monotonic()
         mover.move_cursor(Cursor("2.25.1", 0, float(n), 10.0))
@@ -158,14 +163,14 @@ async def measure(
     await asyncio.sleep(0.5)
     for child in watchers:
         phase.collect(child.name, await child.ask(cmd="report"))
+    phase.seconds = time.monotonic() - started
     return phase
 
 
-async def saturate(conn: PeerConnection, stop: asyncio.Event, counter: list[int]) -> None:
+async def saturate(conn: PeerConnection, stop: asyncio.Event) -> None:
     chunk = bytes(MAX_BULK_PAYLOAD)
     while not stop.is_set():
         await conn.send_bulk(chunk)
-        counter[0] += len(chunk)
 
 
 async def late_joiner(
@@ -217,22 +222,21 @@ async def run(root: Path) -> None:
         me = a.identity.public_key
         print(
             f"  3 participants, one process each; cursor moves at {RATE_HZ} Hz, "
-            f"{MOVES} moves per condition"
+            f"{MOVES} moves per condition; load average {os.getloadavg()[0]:.1f} "
+            f"on {os.cpu_count()} CPUs"
         )
         (await measure(session, me, watchers, links, 0)).report("idle")
 
-        stop, sent = asyncio.Event(), [0]
-        pump = asyncio.ensure_future(saturate(links[0], stop, sent))
+        stop = asyncio.Event()
+        pump = asyncio.ensure_future(saturate(links[0], stop))
         try:
             await asyncio.sleep(1.0)
-            started, before = time.monotonic(), sent[0]
             busy = await measure(session, me, watchers, links, MOVES)
-            rate = (sent[0] - before) / (time.monotonic() - started) / 1e6
         finally:
             stop.set()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pump, 5)
-        busy.report(f"bulk {rate:.1f} MB/s ana->ben")
+        busy.report(f"bulk {busy.bulk_bytes / busy.seconds / 1e6:.1f} MB/s ana->ben")
 
         await late_joiner(a, session, joiner, watchers)
     finally:
