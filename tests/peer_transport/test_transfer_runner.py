@@ -182,15 +182,17 @@ async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_r
     offers again on its own); one that does not (an older peer) gets the re-offer."""
     monkeypatch.setattr(transfer_runner, "REOFFER_AFTER", 3600.0 if asks else 0.2)
     identity = Identity.generate()
-    files = ct_series(8, seed=51, size=256)
+    files = ct_series(12, seed=51, size=256)
     study = await PreparedStudy.from_files(files, identity)
     key = identity.public_key if asks else None
     store = MemoryStore()
     halfway = asyncio.Event()
 
     def note(p: tr.Progress) -> None:
-        if p.instances_done >= 3:
-            halfway.set()
+        if p.instances_done >= 3 and not halfway.is_set():
+            halfway.set()  # the receiving process dies now: nothing reaches it any more
+            b.on_control = b.on_bulk = lambda _data: None
+            receiving.cancel()
 
     a, b = _memory_pair()
     first = StudyReceiver(b, tmp_path / "spool", store, "peer-a", note, window=4, sender_key=key)
@@ -202,10 +204,8 @@ async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_r
     pumps = [b.pump]
     try:
         await asyncio.wait_for(halfway.wait(), 20)
-        receiving.cancel()  # the receiving process dies; what was in flight is lost
         await asyncio.gather(receiving, return_exceptions=True)
-        b.on_control = b.on_bulk = lambda _data: None
-        assert 3 <= len(store.by_hash) < len(files)
+        assert 3 <= len(store.by_hash) < len(files)  # killed mid-transfer
 
         again = MemoryLink()  # the restarted process on the same connection
         a.peer, again.peer = again, a
