@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
     errors: list[type[Exception]] = [CryptoError]
     for module, name in (
         ("node.errors", "NodeError"),
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         code: int = handler(args)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         print(f"radmesh: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

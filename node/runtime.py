@@ -38,6 +38,7 @@ from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 from node.audit import AuditKind, AuditLog, open_audit
 from node.config import NodeConfig, NodeHome
+from node.control import ControlServer, HomeLock
 from node.dicom_net import DicomListener
 from node.errors import NodeError
 from node.store import Store, open_store
@@ -132,7 +133,10 @@ class NodeRuntime:
         clock: Callable[[], float] = time.time,
         mdns_interfaces: list[str] | None = None,
         transport_options: TransportOptions | None = None,
+        control: bool = False,
     ) -> None:
+        """``control``: answer `radmesh` commands run on this home meanwhile
+        (:mod:`node.control`), as `radmesh node run` and the TUI do."""
         self.home = home
         self.identity = identity
         self.config = config or home.load_config()
@@ -156,12 +160,22 @@ class NodeRuntime:
         self.handlers["consult.response"] = self._on_consult_message
         self.reports: dict[str, str] = {}  # consult id -> SOP instance UID of the filed SR
         self.transfers = TransferTracker(clock)  # fed by node.workflow, read by the TUI
+        self._home_lock = HomeLock(home)
+        self.control = ControlServer(self) if control else None
 
     # -- lifecycle --------------------------------------------------------------------
     def now(self) -> int:
         return int(self.clock())
 
     async def start(self) -> None:
+        self._home_lock.acquire()  # one node per home: raises HomeBusy while another runs
+        try:
+            await self._start()
+        except BaseException:
+            self._home_lock.release()
+            raise
+
+    async def _start(self) -> None:
         data = self.home.data_dir
         data.mkdir(parents=True, exist_ok=True)
         self.store: Store = open_store(self.home, self.identity)
@@ -211,9 +225,13 @@ class NodeRuntime:
         if self.config.dicom.enabled:
             self.dicom = DicomListener(self.config.dicom, self._dicom_instance)
             self.dicom.start()
+        if self.control is not None:
+            await self.control.start()
         log.info("node %s running, LAN endpoint %s", self.identity.node_id.short(), self.lan_url)
 
     async def stop(self) -> None:
+        if self.control is not None:
+            await self.control.close()
         if self._live_hub is not None:
             await self._live_hub.close()
         if self.dicom is not None:
@@ -233,6 +251,7 @@ class NodeRuntime:
         self.trust.close()
         self.audit.close()
         self.store.close()
+        self._home_lock.release()
 
     async def __aenter__(self) -> NodeRuntime:
         await self.start()

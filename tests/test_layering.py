@@ -15,6 +15,7 @@ TOP_LAYER_NODE_MODULES = (
     "node.commands",
     "node.demo",
     "node.transfers",
+    "node.control",
 )
 # The CLI commands that open the TUI are the only places allowed to reach up into it.
 ALLOWED_UPWARD = {("node.commands.tui", "tui"), ("node.commands.demo", "tui")}

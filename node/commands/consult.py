@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from consult.requests import (
 from consult.store import ConsultDB
 from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
-from node import workflow
+from node import control, workflow
 from node.commands.identity import home_of
 from node.commands.transfer import progress_line
 from node.config import NodeConfig, NodeHome
@@ -66,22 +64,15 @@ def _on_network(home: NodeHome, config: NodeConfig, peer: NodeId | None) -> bool
     return record is not None and bool(record.lan_urls)
 
 
-@asynccontextmanager
-async def _node(home: NodeHome) -> AsyncIterator[NodeRuntime]:
-    """This node on the network for one command (as `radmesh send` does); the workflow's
-    handlers take in whatever its registries' mailboxes hold for it meanwhile."""
-    runtime = NodeRuntime(home, load_identity(home.key_path))
-    await runtime.start()
-    workflow.install(runtime)
-    try:
-        yield runtime
-    finally:
-        await runtime.stop()
+def _run(home: NodeHome, op: str, args: dict[str, Any]) -> Any:
+    """The operation on this home's running node if there is one, else on a node brought up
+    for it (:mod:`node.control`); progress lines overwrite each other on one line."""
+    return asyncio.run(control.run(home, op, args, lambda line: print(line, end="\r", flush=True)))
 
 
-async def _deliver(home: NodeHome, to: bytes, kind: str, wire: bytes) -> str:
-    async with _node(home) as runtime:
-        return await runtime.send_message(to, kind, wire)
+@control.operation("message.send")
+async def _op_send(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
+    return await rt.send_message(a["to"], a["kind"], a["wire"])
 
 
 def _send(home: NodeHome, to: bytes, kind: str, wire: bytes, out: str | None) -> None:
@@ -91,7 +82,7 @@ def _send(home: NodeHome, to: bytes, kind: str, wire: bytes, out: str | None) ->
     if out:
         _write(out, wire, kind)
     if _on_network(home, home.load_config(), peer):
-        how = asyncio.run(_deliver(home, to, f"consult.{kind}", wire))
+        how = _run(home, "message.send", {"to": to, "kind": f"consult.{kind}", "wire": wire})
         print(f"Sent the {kind} to {peer.short()}: {how}")
     elif not out:
         print(
@@ -101,45 +92,68 @@ def _send(home: NodeHome, to: bytes, kind: str, wire: bytes, out: str | None) ->
         )
 
 
-async def _request_online(
-    args: argparse.Namespace, home: NodeHome, peer: NodeId | None
-) -> bytes | None:
-    async with _node(home) as runtime:
-        config = runtime.config
-        jurisdiction = args.jurisdiction or config.country
-        language = args.language or (config.languages[0] if config.languages else "en")
-        seconds = int(args.deadline_hours * 3600)
-        if not jurisdiction:
-            raise LocalConsultError(
-                "give the patient's country with --jurisdiction (or set country in config.toml)"
-            )
-        terms = workflow.Terms(
-            question=args.question,
-            priority=Priority(args.priority),
-            subspecialty=args.subspecialty,
-            jurisdiction=jurisdiction,
-            language=language,
-            deadline_seconds=seconds,
-            deidentify=not args.identified,
+@control.operation("consult.request")
+async def _op_request(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> dict[str, Any]:
+    config = rt.config
+    jurisdiction = a["jurisdiction"] or config.country
+    if not jurisdiction:
+        raise LocalConsultError(
+            "give the patient's country with --jurisdiction (or set country in config.toml)"
         )
-        if peer is None:
-            request, _, sent = await workflow.route_consult(
-                runtime, args.study, terms, max_offers=args.max_offers
+    terms = workflow.Terms(
+        question=a["question"],
+        priority=Priority(a["priority"]),
+        subspecialty=a["subspecialty"],
+        jurisdiction=jurisdiction,
+        language=a["language"] or (config.languages[0] if config.languages else "en"),
+        deadline_seconds=a["deadline_seconds"],
+        deidentify=a["deidentify"],
+    )
+    if a["to"] is None:
+        request, _, sent = await workflow.route_consult(
+            rt, a["study"], terms, max_offers=a["max_offers"]
+        )
+    else:
+        peer = NodeId.parse(a["to"])
+        found = await rt.directory.resolve(peer, rt.now())
+        if found is None:
+            raise LocalConsultError(
+                f"peer {peer.short()} is not known: find it with `radmesh peers` first"
             )
-        else:
-            found = await runtime.directory.resolve(peer, runtime.now())
-            if found is None:
-                raise LocalConsultError(
-                    f"peer {peer.short()} is not known: find it with `radmesh peers` first"
-                )
-            request, _, how = await workflow.request_consult(
-                runtime, found.record.public_key, args.study, terms
-            )
-            sent = {peer: how}
-        wire = runtime.consults.info(request.id)[2]
-    print(f"Consult {request.id} requested ({request.priority.value}, {request.subspecialty})")
-    for node_id, how in sent.items():
-        print(f"  offered to {node_id.short()}: {how}")
+        request, _, how = await workflow.request_consult(
+            rt, found.record.public_key, a["study"], terms
+        )
+        sent = {peer: how}
+    return {
+        "id": request.id,
+        "priority": request.priority.value,
+        "subspecialty": request.subspecialty,
+        "sent": {str(node_id): how for node_id, how in sent.items()},
+        "wire": rt.consults.info(request.id)[2],
+    }
+
+
+def _request_online(args: argparse.Namespace, home: NodeHome) -> bytes | None:
+    done = _run(
+        home,
+        "consult.request",
+        {
+            "study": args.study,
+            "to": args.to,
+            "max_offers": args.max_offers,
+            "question": args.question,
+            "priority": args.priority,
+            "subspecialty": args.subspecialty,
+            "jurisdiction": args.jurisdiction,
+            "language": args.language,
+            "deadline_seconds": int(args.deadline_hours * 3600),
+            "deidentify": not args.identified,
+        },
+    )
+    print(f"Consult {done['id']} requested ({done['priority']}, {done['subspecialty']})")
+    for node_id, how in done["sent"].items():
+        print(f"  offered to {NodeId.parse(node_id).short()}: {how}")
+    wire: bytes | None = done["wire"]
     return wire
 
 
@@ -165,7 +179,7 @@ def cmd_request(args: argparse.Namespace) -> int:
                 "registries, or choose the consultant with --to"
             )
     if args.route or (peer is not None and _on_network(home, config, peer)):
-        wire = asyncio.run(_request_online(args, home, peer))
+        wire = _request_online(args, home)
         if args.out and wire is not None:
             _write(args.out, wire, "request")
         return 0
@@ -244,9 +258,9 @@ def cmd_decline(args: argparse.Namespace) -> int:
 SCORES = {"agree": Score.AGREE, "minor": Score.MINOR, "major": Score.MAJOR}
 
 
-async def _review_online(home: NodeHome, args: argparse.Namespace) -> str:
-    async with _node(home) as runtime:
-        return await workflow.send_review(runtime, args.id, SCORES[args.score], args.comment)
+@control.operation("consult.review")
+async def _op_review(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
+    return await workflow.send_review(rt, a["id"], SCORES[a["score"]], a["comment"])
 
 
 def cmd_review(args: argparse.Namespace) -> int:
@@ -260,14 +274,16 @@ def cmd_review(args: argparse.Namespace) -> int:
             "a review is sent to the report's author: add a registry to config.toml "
             "[network] registries, or find the consultant on the LAN first (`radmesh peers`)"
         )
-    how = asyncio.run(_review_online(home, args))
+    how = _run(
+        home, "consult.review", {"id": consult_id, "score": args.score, "comment": args.comment}
+    )
     print(f"Review of consult {consult_id[:8]} ({args.score}) kept here and sent: {how}")
     return 0
 
 
-async def _withdraw_online(home: NodeHome, consult_id: str, reason: str) -> list[NodeId]:
-    async with _node(home) as runtime:
-        return await workflow.withdraw(runtime, consult_id, reason)
+@control.operation("consult.withdraw")
+async def _op_withdraw(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> list[str]:
+    return [str(node_id) for node_id in await workflow.withdraw(rt, a["id"], a["reason"])]
 
 
 def cmd_withdraw(args: argparse.Namespace) -> int:
@@ -278,10 +294,13 @@ def cmd_withdraw(args: argparse.Namespace) -> int:
         consult_id = db.resolve(args.id)
         peer = db.info(consult_id)[1]
     if _on_network(home, home.load_config(), NodeId.parse(peer) if peer else None):
-        unreached = asyncio.run(_withdraw_online(home, consult_id, reason))
+        unreached = _run(home, "consult.withdraw", {"id": consult_id, "reason": reason})
         print(f"Consult {consult_id[:8]} withdrawn")
         for node_id in unreached:
-            print(f"  {node_id.short()} could not be told now; its copy expires at the deadline")
+            print(
+                f"  {NodeId.parse(node_id).short()} could not be told now; its copy expires "
+                "at the deadline"
+            )
         return 0
     identity = load_identity(home.key_path)
     now = int(time.time())
@@ -298,13 +317,9 @@ def cmd_withdraw(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _fetch_online(home: NodeHome, consult_id: str) -> str:
-    async with _node(home) as runtime:
-        progress = await workflow.fetch_study(
-            runtime,
-            consult_id,
-            on_progress=lambda p: print(progress_line(p), end="\r", flush=True),
-        )
+@control.operation("consult.fetch")
+async def _op_fetch(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
+    progress = await workflow.fetch_study(rt, a["id"], on_progress=lambda p: emit(progress_line(p)))
     return f"{progress.instances_done} instances, {progress.bytes_done / 1e6:.1f} MB"
 
 
@@ -323,7 +338,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             "the study comes from the requesting node: add a registry to config.toml "
             "[network] registries, or find that node on the LAN first (`radmesh peers`)"
         )
-    done = asyncio.run(_fetch_online(home, consult_id))
+    done = _run(home, "consult.fetch", {"id": consult_id})
     print(f"\nStudy of consult {consult_id[:8]} received and stored: {done}")
     return 0
 

@@ -17,7 +17,7 @@ from node.runtime import NodeRuntime
 async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
     home = home_of(args)
     home.require()
-    runtime = NodeRuntime(home, load_identity(home.key_path))
+    runtime = NodeRuntime(home, load_identity(home.key_path), control=True)
     await runtime.start()
     workflow.install(runtime)
     stop = stop or asyncio.Event()
@@ -30,7 +30,7 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
     print(f"  LAN endpoint {status.lan_url}; DICOM listener: {status.dicom}")
     for url, state in status.registries.items():
         print(f"  registry {url}: {state}")
-    print("Ctrl-C stops it.", flush=True)
+    print("Ctrl-C stops it; radmesh commands on this home run on it.", flush=True)
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):

@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from crypto.identity import NodeId
+from node import control
 from node.commands.identity import home_of
 from node.errors import NodeError
 from node.keystore import load_identity
@@ -83,15 +84,16 @@ def progress_line(p: tr.Progress, width: int = 30) -> str:
     )
 
 
-async def _with_runtime(args: argparse.Namespace, send: bool) -> int:
+@control.operation("study.send")
+async def _op_send_study(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
+    return (await send_to_peer(rt, a["study"], a["to"])).value
+
+
+async def _fetch(args: argparse.Namespace) -> int:
     home = home_of(args)
     runtime = NodeRuntime(home, load_identity(home.key_path))
     await runtime.start()
     try:
-        if send:
-            state = await send_to_peer(runtime, args.study_uid, args.to)
-            print(f"study {args.study_uid}: {state.value}")
-            return 0 if state is tr.State.COMPLETE else 1
         progress = await fetch_from_peer(runtime, args.peer, args.wait)
         print(f"\nreceived {progress.instances_done} instances, {progress.bytes_done} bytes")
         return 0
@@ -100,16 +102,26 @@ async def _with_runtime(args: argparse.Namespace, send: bool) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    """Send a study: on this home's running node if there is one."""
     try:
-        return asyncio.run(_with_runtime(args, send=True))
+        state = asyncio.run(
+            control.run(
+                home_of(args),
+                "study.send",
+                {"study": args.study_uid, "to": args.to},
+                lambda line: print(line, file=sys.stderr),
+            )
+        )
     except (NodeError, TransportError) as exc:
         print(f"send failed: {exc}", file=sys.stderr)
         return 1
+    print(f"study {args.study_uid}: {state}")
+    return 0 if state == tr.State.COMPLETE.value else 1
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(_with_runtime(args, send=False))
+        return asyncio.run(_fetch(args))
     except TimeoutError:
         print("no peer connected in time", file=sys.stderr)
         return 1

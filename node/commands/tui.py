@@ -44,7 +44,7 @@ async def _with_node(home: NodeHome, identity: Identity, config: NodeConfig) -> 
     from tui.app import RadmeshApp
     from tui.node_facade import RuntimeNode
 
-    runtime = NodeRuntime(home, identity, config)
+    runtime = NodeRuntime(home, identity, config, control=True)  # radmesh commands reach it
     await runtime.start()
     try:
         await RadmeshApp(RuntimeNode(runtime)).run_async()

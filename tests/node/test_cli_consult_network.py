@@ -30,7 +30,8 @@ async def radmesh(home: NodeHome, *args: str) -> tuple[int, str]:
 
 
 async def _running(home: NodeHome, identity: Identity) -> NodeRuntime:
-    runtime = NodeRuntime(home, identity, transport_options=FAST)
+    """A running node, as `radmesh node run` has it: the CLI's commands on its home run on it."""
+    runtime = NodeRuntime(home, identity, transport_options=FAST, control=True)
     await runtime.start()
     workflow.install(runtime)
     return runtime

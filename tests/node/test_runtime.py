@@ -191,7 +191,7 @@ async def test_node_run_starts_and_stops_cleanly(
 
     def started() -> bool:
         seen.append(capsys.readouterr().out)
-        return "Ctrl-C stops it." in "".join(seen)
+        return "Ctrl-C stops it" in "".join(seen)
 
     await wait_for(started)
     stop.set()

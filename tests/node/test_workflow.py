@@ -164,7 +164,7 @@ async def test_peer_review_goes_to_the_reports_author_and_both_nodes_keep_it(
 
     rural_home, rural = make_home(tmp_path, "rural", registry, [])
     neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
-    a = NodeRuntime(rural_home, rural, transport_options=FAST)
+    a = NodeRuntime(rural_home, rural, transport_options=FAST, control=True)
     b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
     await a.start()
     await b.start()

@@ -1,0 +1,138 @@
+"""One node per home; commands reach the running node over its control socket (node.control)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consult.errors import LocalConsultError
+from node import control
+from node.control import ControlError, HomeBusy
+from node.runtime import NodeRuntime
+from tests.node.test_runtime import FAST, make_home
+
+
+@control.operation("test.where")
+async def _where(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> int:
+    for n in range(args["steps"]):
+        emit(f"step {n}")
+    if args.get("fail"):
+        raise LocalConsultError("consult 1234 is not here: check the id")
+    return id(rt)
+
+
+async def test_a_second_node_on_the_same_home_is_refused_until_the_first_stops(
+    tmp_path: Path, registry: str
+) -> None:
+    home, identity = make_home(tmp_path, "hospital", registry, [])
+    first = NodeRuntime(home, identity, transport_options=FAST)
+    await first.start()
+    try:
+        second = NodeRuntime(home, identity, transport_options=FAST)
+        with pytest.raises(HomeBusy, match=f"pid {os.getpid()}.*--home"):
+            await second.start()
+    finally:
+        await first.stop()
+    await second.start()  # the lock went with the first node
+    await second.stop()
+
+
+async def test_an_operation_runs_on_the_running_node_with_its_progress(
+    tmp_path: Path, registry: str
+) -> None:
+    home, identity = make_home(tmp_path, "hospital", registry, [])
+    running = NodeRuntime(home, identity, transport_options=FAST, control=True)
+    await running.start()
+    try:
+        lines: list[str] = []
+        assert await control.run(home, "test.where", {"steps": 3}, lines.append) == id(running)
+        assert lines == ["step 0", "step 1", "step 2"]
+        with pytest.raises(ControlError, match="consult 1234 is not here: check the id"):
+            await control.run(home, "test.where", {"steps": 0, "fail": True}, lines.append)
+        with pytest.raises(ControlError, match="unknown control request"):
+            await control.run(home, "no.such.op", {}, lines.append)
+        # nothing of that stopped the node or its socket
+        assert await control.run(home, "test.where", {"steps": 0}, lines.append) == id(running)
+    finally:
+        await running.stop()
+
+
+async def test_without_a_running_node_the_command_brings_one_up_for_itself(
+    tmp_path: Path, registry: str
+) -> None:
+    home, identity = make_home(tmp_path, "hospital", registry, [])
+    where = await control.run(home, "test.where", {"steps": 1}, lambda _line: None)
+    assert isinstance(where, int)
+    node = NodeRuntime(home, identity, transport_options=FAST)
+    await node.start()  # the command's node stopped and let go of the home
+    await node.stop()
+
+
+def _raw_request(name: str, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(name)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)  # all it will ever send
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def test_oversized_and_malformed_requests_are_dropped_and_the_node_carries_on(
+    tmp_path: Path, registry: str
+) -> None:
+    home, identity = make_home(tmp_path, "hospital", registry, [])
+    running = NodeRuntime(home, identity, transport_options=FAST, control=True)
+    await running.start()
+    try:
+        name = control.socket_name(home)
+        huge = struct.pack(">I", control.MAX_REQUEST + 1) + b"x" * 16
+        assert await asyncio.to_thread(_raw_request, name, huge) == b""
+        garbage = struct.pack(">I", 3) + b"\xc1\xc1\xc1"  # 0xc1 is never valid msgpack
+        assert await asyncio.to_thread(_raw_request, name, garbage) == b""
+        truncated = struct.pack(">I", 100) + b"\x80"
+        assert await asyncio.to_thread(_raw_request, name, truncated) == b""
+        assert await control.run(home, "test.where", {"steps": 0}, print) == id(running)
+    finally:
+        await running.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+async def test_a_process_of_another_user_gets_no_answer(tmp_path: Path, registry: str) -> None:
+    home, identity = make_home(tmp_path, "hospital", registry, [])
+    running = NodeRuntime(home, identity, transport_options=FAST, control=True)
+    await running.start()
+    client = (
+        "import os, socket, struct, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(chr(0) + sys.argv[1])\n"
+        "body = bytes([0x82, 0xa2]) + b'op' + bytes([0xaa]) + b'test.where'"
+        " + bytes([0xa4]) + b'args' + bytes([0x81, 0xa5]) + b'steps' + bytes([0])\n"
+        "try:\n    s.sendall(struct.pack('>I', len(body)) + body)\n"
+        "    print(len(s.recv(65536)))\n"
+        "except (BrokenPipeError, ConnectionResetError):\n    print(0)\n"
+    )
+    try:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", client, control.socket_name(home)[1:]],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "0"  # closed without a byte
+        # the same request from this user is answered (so the refusal above is the uid's)
+        assert await control.run(home, "test.where", {"steps": 0}, print) == id(running)
+    finally:
+        await running.stop()
