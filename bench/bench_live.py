@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.live_peer import CONSULT, RAW, start, trust
+from bench.live_peer import BULK_WINDOW, CONSULT, RAW, start, trust
 from consult.live import LiveConsult
 from consult.presence import Cursor
 from consult.shared import AnnotationKind
@@ -223,7 +223,7 @@ async def run(root: Path) -> None:
         print(
             f"  3 participants, one process each; cursor moves at {RATE_HZ} Hz, "
             f"{MOVES} moves per condition; load average {os.getloadavg()[0]:.1f} "
-            f"on {os.cpu_count()} CPUs"
+            f"on {os.cpu_count()} CPUs; bulk window {BULK_WINDOW} x {MAX_BULK_PAYLOAD // 1024} KiB"
         )
         (await measure(session, me, watchers, links, 0)).report("idle")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -42,7 +43,12 @@ from peer_transport.rtc import RtcOptions, restrict_host_addresses
 from registry.records import NodeRecord
 
 CONSULT = "bench0000bench0000bench0000bench"
-OPTIONS = TransportOptions(rtc=RtcOptions(ice_servers=()), connect_timeout=15.0)
+# Bulk chunks ahead of presence in SCTP's one send queue bound the cursor's delay under a
+# transfer; BENCH_LIVE_BULK_WINDOW tries other windows (the transport's default otherwise).
+BULK_WINDOW = int(os.environ.get("BENCH_LIVE_BULK_WINDOW", TransportOptions.bulk_window))
+OPTIONS = TransportOptions(
+    rtc=RtcOptions(ice_servers=()), connect_timeout=15.0, bulk_window=BULK_WINDOW
+)
 RAW = b"RAW"
 Reply = dict[str, Any]
 
