@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,18 @@ from node import control
 from node.control import ControlError, HomeBusy
 from node.runtime import NodeRuntime
 from tests.node.test_runtime import FAST, make_home
+
+
+@contextlib.asynccontextmanager
+async def running_node(tmp_path: Path, registry: str) -> AsyncIterator[NodeRuntime]:
+    """A node as `radmesh node run` has it: holding its home, answering the control socket."""
+    home, identity = make_home(tmp_path, "hospital", registry, [])
+    running = NodeRuntime(home, identity, transport_options=FAST, control=True)
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop()
 
 
 @control.operation("test.where")
@@ -48,10 +62,8 @@ async def test_a_second_node_on_the_same_home_is_refused_until_the_first_stops(
 async def test_an_operation_runs_on_the_running_node_with_its_progress(
     tmp_path: Path, registry: str
 ) -> None:
-    home, identity = make_home(tmp_path, "hospital", registry, [])
-    running = NodeRuntime(home, identity, transport_options=FAST, control=True)
-    await running.start()
-    try:
+    async with running_node(tmp_path, registry) as running:
+        home = running.home
         lines: list[str] = []
         assert await control.run(home, "test.where", {"steps": 3}, lines.append) == id(running)
         assert lines == ["step 0", "step 1", "step 2"]
@@ -61,8 +73,6 @@ async def test_an_operation_runs_on_the_running_node_with_its_progress(
             await control.run(home, "no.such.op", {}, lines.append)
         # nothing of that stopped the node or its socket
         assert await control.run(home, "test.where", {"steps": 0}, lines.append) == id(running)
-    finally:
-        await running.stop()
 
 
 async def test_without_a_running_node_the_command_brings_one_up_for_itself(
@@ -91,10 +101,8 @@ def _raw_request(name: str, payload: bytes) -> bytes:
 async def test_oversized_and_malformed_requests_are_dropped_and_the_node_carries_on(
     tmp_path: Path, registry: str
 ) -> None:
-    home, identity = make_home(tmp_path, "hospital", registry, [])
-    running = NodeRuntime(home, identity, transport_options=FAST, control=True)
-    await running.start()
-    try:
+    async with running_node(tmp_path, registry) as running:
+        home = running.home
         name = control.socket_name(home)
         huge = struct.pack(">I", control.MAX_REQUEST + 1) + b"x" * 16
         assert await asyncio.to_thread(_raw_request, name, huge) == b""
@@ -103,15 +111,10 @@ async def test_oversized_and_malformed_requests_are_dropped_and_the_node_carries
         truncated = struct.pack(">I", 100) + b"\x80"
         assert await asyncio.to_thread(_raw_request, name, truncated) == b""
         assert await control.run(home, "test.where", {"steps": 0}, print) == id(running)
-    finally:
-        await running.stop()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
 async def test_a_process_of_another_user_gets_no_answer(tmp_path: Path, registry: str) -> None:
-    home, identity = make_home(tmp_path, "hospital", registry, [])
-    running = NodeRuntime(home, identity, transport_options=FAST, control=True)
-    await running.start()
     client = (
         "import os, socket, struct, sys\n"
         "os.setgid(65534); os.setuid(65534)\n"
@@ -122,7 +125,8 @@ async def test_a_process_of_another_user_gets_no_answer(tmp_path: Path, registry
         "    print(len(s.recv(65536)))\n"
         "except (BrokenPipeError, ConnectionResetError):\n    print(0)\n"
     )
-    try:
+    async with running_node(tmp_path, registry) as running:
+        home = running.home
         done = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-c", client, control.socket_name(home)[1:]],
@@ -134,5 +138,3 @@ async def test_a_process_of_another_user_gets_no_answer(tmp_path: Path, registry
         assert done.stdout.strip() == "0"  # closed without a byte
         # the same request from this user is answered (so the refusal above is the uid's)
         assert await control.run(home, "test.where", {"steps": 0}, print) == id(running)
-    finally:
-        await running.stop()
