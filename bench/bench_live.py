@@ -18,6 +18,16 @@ no envelope checks, no session listeners). Goal (issue 7): cursor p99 under
 50 ms. Then: how long a late joiner (a fourth process, started beforehand) waits
 from ana's invite to holding a session with 1,000 annotations, including its
 connection setup.
+
+Measured here (2 shared cores, load average 3-4 from other work, uvloop, 7 runs):
+idle cursor p99 4-9 ms (raw presence 3-8 ms, cursor/raw x0.8-1.3); under bulk
+(3.6-7.7 MB/s to ben) cursor p50 4-13 ms, p99 28-83 ms, 4 of 7 runs under 50 ms,
+raw presence p99 32-99 ms in the same runs: the bulk chunks queued ahead of
+presence in SCTP's one send queue set the tail, not the session layer. cai (no
+bulk on its connection) p99 9-28 ms. With BENCH_LIVE_BULK_WINDOW=1 (default 3),
+under bulk: cursor p99 20-26 ms at 4.8-5.5 MB/s (2 runs); window 2: 25 ms. The
+old single-process bench in the same conditions: bulk p50 22-25 ms, p99 55-74 ms.
+Late joiner, 1,000 annotations (322 KiB): 0.25-0.75 s (1.6 s in one process).
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.live_peer import BULK_WINDOW, CONSULT, RAW, start, trust
+from bench.live_peer import BULK_WINDOW, CONSULT, RAW, trust
+from bench.live_peer import introduce as introduce  # re-exported: bench_tui uses them
+from bench.live_peer import start as start
 from consult.live import LiveConsult
 from consult.presence import Cursor
 from consult.shared import AnnotationKind
@@ -167,10 +179,15 @@ async def measure(
     return phase
 
 
-async def saturate(conn: PeerConnection, stop: asyncio.Event) -> None:
+async def saturate(
+    conn: PeerConnection, stop: asyncio.Event, sent: list[int] | None = None
+) -> None:
+    """Bulk at full speed until ``stop``; ``sent[0]`` counts the bytes (bench_tui reads it)."""
     chunk = bytes(MAX_BULK_PAYLOAD)
     while not stop.is_set():
         await conn.send_bulk(chunk)
+        if sent is not None:
+            sent[0] += len(chunk)
 
 
 async def late_joiner(

@@ -75,6 +75,13 @@ def trust(runtime: NodeRuntime, records: list[str]) -> None:
             runtime.trust.mark_verified(record.node_id, runtime.now())
 
 
+def introduce(nodes: list[NodeRuntime]) -> None:
+    """Nodes of one process know and verify each other (bench_tui runs two that way)."""
+    records = [n.record.to_wire().hex() for n in nodes if n.record is not None]
+    for node in nodes:
+        trust(node, records)
+
+
 async def until(check: Callable[[], bool], within: float, what: str) -> None:
     deadline = time.monotonic() + within
     while not check():
