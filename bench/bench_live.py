@@ -242,7 +242,8 @@ async def run(root: Path) -> None:
         print(
             f"  3 participants, one process each; cursor moves at {RATE_HZ} Hz, "
             f"{MOVES} moves per condition; load average {os.getloadavg()[0]:.1f} "
-            f"on {os.cpu_count()} CPUs; bulk window {BULK_WINDOW} x {MAX_BULK_PAYLOAD // 1024} KiB"
+            f"on {os.cpu_count()} CPUs; bulk window while presence flows {BULK_WINDOW} x "
+            f"{MAX_BULK_PAYLOAD // 1024} KiB"
         )
         (await measure(session, me, watchers, links, 0)).report("idle")
 

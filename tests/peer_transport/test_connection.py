@@ -196,6 +196,29 @@ async def test_bulk_sender_waits_until_the_peer_consumes_within_the_window() -> 
         assert rest[-1] == b"one too many"
 
 
+@pytest.mark.parametrize("who_sends_presence", ["bulk sender", "bulk receiver"])
+async def test_while_presence_flows_bulk_keeps_a_smaller_window(who_sends_presence: str) -> None:
+    # A cursor queued behind bulk in SCTP waits for every bulk frame ahead of it.
+    async with mesh() as m:
+        _a, _b, conn_a, conn_b = await _pair(m)
+        await conn_b.next_event(5)  # Connected
+        options = conn_a.transport.options
+        assert options.live_bulk_window < options.bulk_window
+        if who_sends_presence == "bulk sender":
+            assert conn_a.send_presence(b"cursor")
+        else:
+            assert conn_b.send_presence(b"cursor")
+            assert (await _next_received(conn_a)).channel == "presence"
+        for i in range(options.live_bulk_window):
+            await asyncio.wait_for(conn_a.send_bulk(bytes([i]) * 1000), 5)
+        blocked = asyncio.ensure_future(conn_a.send_bulk(b"one too many"))
+        await asyncio.sleep(0.5)
+        assert not blocked.done()  # the live window is full although the bulk one is not
+        while (await _next_received(conn_b)).channel != "bulk":  # bounded by its timeout
+            pass
+        await asyncio.wait_for(blocked, 5)
+
+
 async def test_two_nodes_calling_each_other_at_once_end_up_with_one_connection() -> None:
     async def who(conn: PeerConnection, _body: bytes) -> bytes:
         return conn.transport.identity.public_key
