@@ -40,12 +40,14 @@ def _local(args: argparse.Namespace, home: NodeHome) -> int:
 
 
 async def _with_node(home: NodeHome, identity: Identity, config: NodeConfig) -> None:
+    from node import workflow
     from node.runtime import NodeRuntime
     from tui.app import RadmeshApp
     from tui.node_facade import RuntimeNode
 
     runtime = NodeRuntime(home, identity, config, control=True)  # radmesh commands reach it
     await runtime.start()
+    workflow.install(runtime)  # serve fetches, file reports and reviews, resume fetches
     try:
         await RadmeshApp(RuntimeNode(runtime)).run_async()
     finally:
