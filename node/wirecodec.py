@@ -24,12 +24,14 @@ it; the hash also travels with the instance so the receiver checks it too.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import imagecodecs
 import msgpack
@@ -41,6 +43,7 @@ from pydicom.tag import BaseTag
 from node.errors import NodeError
 
 WIRE_VERSION = 1
+CACHE_VERSION = 1  # of the pixel mapping and the cached coding: bump to orphan old entries
 PIXEL_DATA_TAG = 0x7FE00010
 UNCOMPRESSED_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
 #: Transfer syntaxes whose pixel data is not compressed (zstd may still help).
@@ -109,6 +112,33 @@ class PixelLayout:
         ):
             raise CorruptInstance("wire instance: inconsistent pixel layout")
         return layout
+
+
+@dataclass(frozen=True)
+class CodedPixels:
+    """A verified JPEG-LS coding of one instance's pixel values, as a cache keeps it.
+
+    ``frames`` empty means JPEG-LS does not pay for (or does not round-trip) these
+    pixels: the instance goes plainly.
+    """
+
+    shift: int
+    precision: int
+    frames: tuple[bytes, ...]
+
+
+NOT_WORTH_IT = CodedPixels(0, 2, ())
+
+
+class PixelCache(Protocol):
+    """Verified pixel codings by :func:`pixel_key`; ``node.wirecache.WireCache`` fits.
+
+    ``get`` returns None for a missing or damaged entry, never a damaged one.
+    """
+
+    def get(self, key: bytes) -> CodedPixels | None: ...
+
+    def put(self, key: bytes, coded: CodedPixels) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -295,7 +325,29 @@ def _eligible_layout(ds: pydicom.Dataset, size: int) -> tuple[PixelLayout, np.dt
     return PixelLayout(tell, length, rows, columns, frames, width, 0, 2), dtype
 
 
-def _encode_pixels(data: bytes, layout: PixelLayout, dtype: np.dtype[Any]) -> WireInstance | None:
+def pixel_key(data: bytes, layout: PixelLayout) -> bytes:
+    """The cache key of an instance's pixel coding: SHA-256 of everything that decides it.
+
+    That is the pixel value bytes and their shape (rows, columns, frames, sample
+    width), under a version that changes with the mapping below; the minimum and
+    precision follow from those, and the rest of the file plays no part.
+    """
+    digest = hashlib.sha256(
+        struct.pack(
+            ">6I",
+            CACHE_VERSION,
+            WIRE_VERSION,
+            layout.rows,
+            layout.columns,
+            layout.frames,
+            layout.bytes_per_sample,
+        )
+    )
+    digest.update(memoryview(data)[layout.offset : layout.offset + layout.length])
+    return digest.digest()
+
+
+def _code_pixels(data: bytes, layout: PixelLayout, dtype: np.dtype[Any]) -> CodedPixels:
     values = np.frombuffer(
         data, dtype=dtype, count=layout.length // dtype.itemsize, offset=layout.offset
     )
@@ -322,21 +374,76 @@ def _encode_pixels(data: bytes, layout: PixelLayout, dtype: np.dtype[Any]) -> Wi
         stream = bytes(imagecodecs.jpegls_encode(frame))  # CharLS, GIL released
         total += len(stream)
         if total > layout.length * WORTH_IT:
-            return None  # noise does not compress: zstd or raw is cheaper to decode
+            return NOT_WORTH_IT  # noise does not compress: zstd or raw is cheaper to decode
         frames.append(stream)
+    return CodedPixels(low, precision, tuple(frames))
+
+
+def _assemble(data: bytes, digest: bytes, layout: PixelLayout, coded: CodedPixels) -> WireInstance:
+    """The wire instance from coded pixels and a freshly zstd-coded residual."""
     residual = data[: layout.offset] + data[layout.offset + layout.length :]
     body = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(residual)
-    final = PixelLayout(
-        layout.offset,
-        layout.length,
-        layout.rows,
-        layout.columns,
-        layout.frames,
-        layout.bytes_per_sample,
-        low,
-        precision,
+    final = dataclasses.replace(layout, shift=coded.shift, precision=coded.precision)
+    return WireInstance(Encoding.JPEGLS, len(data), digest, body, final, coded.frames)
+
+
+def _fits(coded: CodedPixels, layout: PixelLayout) -> bool:
+    return (
+        len(coded.frames) in (0, layout.frames)
+        and 0 <= coded.shift < 1 << (8 * layout.bytes_per_sample)
+        and 2 <= coded.precision <= 8 * layout.bytes_per_sample
     )
-    return WireInstance(Encoding.JPEGLS, len(data), sha256(data), body, final, tuple(frames))
+
+
+def _residual_round_trips(wire: WireInstance, layout: PixelLayout, data: bytes) -> bool:
+    try:
+        residual = _unzstd(wire.body, len(data) - layout.length)
+    except CorruptInstance:
+        return False
+    return (
+        residual[: layout.offset] == data[: layout.offset]
+        and residual[layout.offset :] == data[layout.offset + layout.length :]
+    )
+
+
+def _encode_jpegls(
+    data: bytes,
+    digest: bytes,
+    layout: PixelLayout,
+    dtype: np.dtype[Any],
+    cache: PixelCache | None,
+) -> WireInstance | None:
+    """The verified JPEG-LS form of ``data``, or None when it should go plainly.
+
+    A cache hit skips the costly part, coding the pixels and decoding them again
+    to check: the entry was verified when stored, its key is the hash of these
+    very pixel bytes and their shape, and the cache checks each entry's integrity
+    when it reads it. What is new, the residual, is round-tripped here; the
+    file's SHA-256 comes from ``data`` itself and the receiver checks it again.
+    """
+    key = pixel_key(data, layout) if cache is not None else b""
+    if cache is not None:
+        known = cache.get(key)
+        if known is not None and _fits(known, layout):
+            if not known.frames:
+                return None
+            reused = _assemble(data, digest, layout, known)
+            if _residual_round_trips(reused, layout, data):
+                return reused
+    try:
+        coded = _code_pixels(data, layout, dtype)
+    except (RuntimeError, ValueError):  # CharLS refused the frame: send it plainly
+        coded = NOT_WORTH_IT
+    wire = _assemble(data, digest, layout, coded) if coded.frames else None
+    if wire is not None:
+        try:
+            if decode(wire) != data:
+                wire = None
+        except CorruptInstance:
+            wire = None
+    if cache is not None:
+        cache.put(key, coded if wire is not None else NOT_WORTH_IT)
+    return wire
 
 
 def encode_plain(data: bytes, digest: bytes | None = None, level: int = ZSTD_LEVEL) -> WireInstance:
@@ -353,10 +460,13 @@ def transfer_syntax(ds: pydicom.Dataset) -> str:
     return str(getattr(meta, "TransferSyntaxUID", ""))
 
 
-def encode(data: bytes) -> WireInstance:
+def encode(data: bytes, cache: PixelCache | None = None) -> WireInstance:
     """Encode a file for the wire; the result is verified to decode to ``data``.
 
     Any file round-trips: what is not an eligible DICOM image goes as zstd or raw.
+    With a ``cache`` of verified pixel codings (``node.wirecache.WireCache``), an
+    instance whose pixel values were coded before (the same file, or a copy with
+    other header elements such as its de-identified form) skips the JPEG-LS work.
     Use :func:`describe` to refuse files that should not be sent at all.
     """
     digest = sha256(data)
@@ -366,15 +476,8 @@ def encode(data: bytes) -> WireInstance:
         return encode_plain(data, digest)
     found = _pixel_layout(ds, len(data))
     if found is not None:
-        try:
-            candidate = _encode_pixels(data, *found)
-        except (RuntimeError, ValueError):  # CharLS refused the frame: send it plainly
-            candidate = None
-        if candidate is not None:
-            try:
-                if decode(candidate) == data:
-                    return candidate
-            except CorruptInstance:
-                pass
+        wire = _encode_jpegls(data, digest, *found, cache)
+        if wire is not None:
+            return wire
     level = ZSTD_LEVEL if transfer_syntax(ds) in UNCOMPRESSED else ZSTD_FAST_LEVEL
     return encode_plain(data, digest, level)

@@ -92,16 +92,14 @@ def test_garbage_high_bits_beyond_bits_stored_still_round_trip() -> None:
 def test_candidate_that_does_not_round_trip_falls_back_to_zstd(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real = wirecodec._encode_pixels
+    real = wirecodec._code_pixels
 
-    def off_by_one(*args: object) -> WireInstance | None:
-        candidate = real(*args)  # type: ignore[arg-type]
-        assert candidate is not None
-        assert candidate.layout is not None
-        wrong = dataclasses.replace(candidate.layout, shift=candidate.layout.shift + 1)
-        return dataclasses.replace(candidate, layout=wrong)
+    def off_by_one(*args: object) -> wirecodec.CodedPixels:
+        coded = real(*args)  # type: ignore[arg-type]
+        assert coded.frames
+        return dataclasses.replace(coded, shift=coded.shift + 1)
 
-    monkeypatch.setattr(wirecodec, "_encode_pixels", off_by_one)
+    monkeypatch.setattr(wirecodec, "_code_pixels", off_by_one)
     data = ct_series(1, seed=2, size=64)[0]
     wire = _round_trip(data)
     assert wire.encoding is Encoding.ZSTD
