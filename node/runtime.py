@@ -48,7 +48,7 @@ from peer_transport.rtc import IceServer, RtcOptions
 from peer_transport.signaling import SIGNAL_TYPE
 from registry.client import MultiRegistry, RegistryClient, RegistryConnection
 from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
-from registry.errors import RegistryError
+from registry.errors import RegistryError, RemoteRegistryError
 from registry.lan import LanEndpoint, post_signal
 from registry.mdns import LanDiscovery
 from registry.records import LanPointer, NodeRecord
@@ -61,6 +61,8 @@ NODE_MSG_TTL = 7 * 24 * 3600  # as long as a registry mailbox keeps it
 MAX_NODE_MSG = 60 * 1024
 QUEUE_SIZE = 256
 RECORD_TTL = 3600
+TURN_RETRY = 30.0  # seconds before asking a registry again for TURN credentials
+TURN_ASK_AGAIN = 3600.0  # ...when it said it offers no relay
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 
@@ -121,6 +123,7 @@ class Status:
     registries: dict[str, str]
     mdns: bool
     dicom: str
+    turn: str = "none"  # where this node's TURN relay credentials come from
 
 
 class NodeRuntime:
@@ -149,6 +152,7 @@ class NodeRuntime:
         self.notifications: asyncio.Queue[str] = asyncio.Queue(QUEUE_SIZE)
         self.registry_connections: dict[str, RegistryConnection] = {}
         self.registry_state: dict[str, str] = {}
+        self._turn: dict[str, tuple[IceServer, float]] = {}  # registry -> (server, expiry)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sequence = 0
         self.lan_url = ""
@@ -216,6 +220,7 @@ class NodeRuntime:
         await asyncio.gather(*(self._registry_step(url) for url in network.registries))
         for url in network.registries:
             self.spawn(self._registry_loop(url))
+            self.spawn(self._turn_loop(url))
         if self.discovery is not None:
             await self.discovery.start()
             await self.discovery.advertise(
@@ -313,6 +318,31 @@ class NodeRuntime:
         while True:
             await asyncio.sleep(RECORD_TTL / 4 if self.registry_state[url] == "connected" else 5)
             await self._registry_step(url)
+
+    async def _turn_loop(self, url: str) -> None:
+        """Keep fresh TURN credentials from this registry if it offers a relay, so peers
+        behind NATs that block direct paths still connect (through coturn)."""
+        while True:
+            wait = TURN_RETRY
+            conn = self.registry_connections.get(url)
+            if conn is not None:
+                try:
+                    creds = await conn.turn_credentials()
+                    server = IceServer(tuple(creds.urls), creds.username, creds.password)
+                    if url not in self._turn:
+                        self.notify(f"TURN relay available through registry {url}")
+                    self._turn[url] = (server, self.clock() + creds.ttl)
+                    wait = max(TURN_RETRY, creds.ttl / 2)
+                except RemoteRegistryError as exc:  # it answered: no relay there
+                    log.info("registry %s: %s", url, exc)
+                    self._turn.pop(url, None)
+                    wait = TURN_ASK_AGAIN
+                except (RegistryError, TimeoutError) as exc:
+                    log.info("registry %s: no TURN credentials yet: %s", url, exc)
+                self.transport.turn_servers = tuple(
+                    server for server, until in self._turn.values() if until > self.clock()
+                )
+            await asyncio.sleep(wait)
 
     async def _pump(self, conn: RegistryConnection) -> None:
         async for message in conn:
@@ -465,4 +495,5 @@ class NodeRuntime:
             registries=dict(self.registry_state),
             mdns=self.discovery is not None,
             dicom=(f"{self.dicom.ae_title} on port {self.dicom.port}" if self.dicom else "off"),
+            turn=", ".join(f"relay from registry {url}" for url in self._turn) or "none",
         )

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from crypto import handshake as hs
 from crypto.channel import DatagramOpener, DatagramSealer, StreamOpener, StreamSealer
@@ -36,7 +36,7 @@ from peer_transport.errors import (
     SignalingError,
     TransportError,
 )
-from peer_transport.rtc import RtcLink, RtcOptions
+from peer_transport.rtc import IceServer, RtcLink, RtcOptions
 from peer_transport.signaling import Signaling, SignalMessage
 
 log = logging.getLogger(__name__)
@@ -644,6 +644,9 @@ class Transport:
         self.options = options or TransportOptions()
         self.inbox = inbox
         self.clock = clock
+        # TURN servers with short-lived credentials (a registry mints them); each new
+        # WebRTC session tries them first, then ``options.rtc.ice_servers``.
+        self.turn_servers: tuple[IceServer, ...] = ()
         self.handlers: dict[str, RequestHandler] = {}
         self.closing = False
         self._guard = ReplayGuard()
@@ -734,7 +737,10 @@ class Transport:
 
     # -- initiator ------------------------------------------------------------------
     def _new_session(self, conn: PeerConnection) -> _Session:
-        return _Session(conn, lambda s: RtcLink(self.options.rtc, s.on_message, s.on_down))
+        rtc = self.options.rtc
+        if self.turn_servers:  # aiortc uses only the first TURN server it is given
+            rtc = replace(rtc, ice_servers=self.turn_servers + rtc.ice_servers)
+        return _Session(conn, lambda s: RtcLink(rtc, s.on_message, s.on_down))
 
     async def _establish(self, conn: PeerConnection) -> None:
         session = self._new_session(conn)

@@ -269,7 +269,11 @@ class RuntimeNode:
             ("LAN endpoint", s.lan_url or "not listening", bool(s.lan_url)),
             ("mDNS", "on" if s.mdns else "off", s.mdns),
             ("DICOM listener", s.dicom, s.dicom != "off"),
-            ("TURN/ICE", f"{len(net.ice_servers)} server(s)", bool(net.ice_servers)),
+            (
+                "TURN/ICE",
+                f"{s.turn}; {len(net.ice_servers)} configured",
+                s.turn != "none" or bool(net.ice_servers),
+            ),
             ("live sessions", str(len(r.live_hub().sessions)), True),
         ]
         return NodeStatus(s.node_id, r.config.display_name, r.config.institution, tuple(lines))

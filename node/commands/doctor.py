@@ -131,7 +131,8 @@ def _network(config: NodeConfig) -> list[Check]:
             "ICE servers (STUN/TURN)",
             bool(n.ice_servers),
             ", ".join(n.ice_servers) if n.ice_servers else "none: direct paths only",
-            "add a TURN server (coturn) for peers behind strict NATs",
+            "add a TURN server (coturn), or use a registry that offers one (started with "
+            "--turn-secret: nodes take its credentials by themselves)",
             required=False,
         ),
         Check(
