@@ -56,6 +56,8 @@ import pydicom.encaps
 
 from node.dicom_files import FrameRanges, InstanceInfo, InvalidDicom, parse_instance
 from node.errors import NodeError
+from node.wirecache import CacheWarmer
+from node.wirecodec import PixelCache
 
 if TYPE_CHECKING:
     from crypto.identity import Identity
@@ -387,6 +389,9 @@ class Store:
         self._name_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-blobname").digest()
         phi_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-phi").digest()
         self._phi_box = nacl.secret.SecretBox(phi_key)
+        # Verified pixel codings for sending (node.wirecache); send_study reads it here.
+        self.wire_cache: PixelCache | None = None
+        self._warmer: CacheWarmer | None = None
 
     @classmethod
     def open(cls, data_dir: Path, key: bytes) -> Store:
@@ -407,7 +412,16 @@ class Store:
         store._remove_stale_temps()
         return store
 
+    def use_wire_cache(self, cache: PixelCache, *, warm: bool = True) -> None:
+        """Send with ``cache``; with ``warm``, code each imported instance into it
+        in the background (not what arrives from peers: its receiver is busy)."""
+        self.wire_cache = cache
+        if warm and self._warmer is None:
+            self._warmer = CacheWarmer(cache, self.read_instance)
+
     def close(self) -> None:
+        if self._warmer is not None:
+            self._warmer.close()
         with self._lock:
             self._db.close()
 
@@ -503,9 +517,12 @@ class Store:
     def _add(self, fp: IO[bytes], size: int, info: InstanceInfo, source: str) -> AddResult:
         temp, content_hash, blob_id = self._write_temp(fp, size)
         try:
-            return self._commit(temp, content_hash, blob_id, size, info, source)
+            added = self._commit(temp, content_hash, blob_id, size, info, source)
         finally:
             temp.unlink(missing_ok=True)
+        if self._warmer is not None and not added.duplicate and not source.startswith("peer:"):
+            self._warmer.submit(added.sop_instance_uid)
+        return added
 
     def _commit(
         self,

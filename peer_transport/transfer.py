@@ -240,10 +240,12 @@ def describe_instance(data: bytes) -> tuple[str, str, str, int, int, str]:
     return study, series, sop, series_number, instance_number, wirecodec.transfer_syntax(ds)
 
 
-def prepare_instance(data: bytes) -> tuple[ManifestEntry, str, bytes]:
+def prepare_instance(
+    data: bytes, cache: wirecodec.PixelCache | None = None
+) -> tuple[ManifestEntry, str, bytes]:
     """Describe and encode one file: (manifest entry, study UID, wire bytes)."""
     study, series, sop, series_number, instance_number, syntax = describe_instance(data)
-    wire = wirecodec.encode(data).to_wire()
+    wire = wirecodec.encode(data, cache).to_wire()
     entry = ManifestEntry(
         sop, series, series_number, instance_number, syntax, len(data), wirecodec.sha256(data),
         len(wire),

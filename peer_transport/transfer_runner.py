@@ -178,12 +178,14 @@ class PreparedStudy:
         spool: SenderSpool,
         deidentified: bool = False,
         ahead: int = ENCODE_AHEAD,
+        cache: wirecodec.PixelCache | None = None,
     ) -> PreparedStudy:
         """Read, describe and encode one file at a time into ``spool``.
 
         ``files`` is advanced in a worker thread (reading and de-identifying may
         block); up to ``ahead`` instances are encoded in worker threads, so at
         most about ``2 * ahead`` files are in memory. Bad files raise BadInstance.
+        ``cache`` (``node.wirecache.WireCache``) saves the pixel coding done before.
         """
         entries: list[tr.ManifestEntry] = []
         studies: list[str] = []
@@ -206,7 +208,9 @@ class PreparedStudy:
                 data = await asyncio.to_thread(next, files, None)
                 if data is None:
                     break
-                running.add(asyncio.ensure_future(asyncio.to_thread(tr.prepare_instance, data)))
+                running.add(
+                    asyncio.ensure_future(asyncio.to_thread(tr.prepare_instance, data, cache))
+                )
                 del data
                 if len(running) >= ahead:
                     done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -484,7 +488,10 @@ def _return_large_blocks() -> None:
 
 
 class StudySource(Protocol):
-    """Where a sender reads a study from (``node.store.Store`` fits)."""
+    """Where a sender reads a study from (``node.store.Store`` fits).
+
+    A source with a ``wire_cache`` attribute (the store's) lends it to the encoder.
+    """
 
     def instances(self, study_uid: str) -> Sequence[Any]: ...  # rows with .sop_instance_uid
 
@@ -535,7 +542,11 @@ async def send_study(
     spool = SenderSpool(spool_dir)
     try:
         study = await PreparedStudy.from_source(
-            iter(files), identity, spool, deidentified=prepare is not None
+            iter(files),
+            identity,
+            spool,
+            deidentified=prepare is not None,
+            cache=getattr(source, "wire_cache", None),
         )
         manifest = study.manifest
         sender = StudySender(study, link)
