@@ -43,6 +43,8 @@ from node.dicom_net import DicomListener
 from node.errors import NodeError
 from node.store import Store, open_store
 from node.transfers import TransferTracker
+from node.wirecache import KEY_PURPOSE as WIRECACHE_KEY
+from node.wirecache import open_cache
 from peer_transport.connection import Transport, TransportOptions
 from peer_transport.rtc import IceServer, RtcOptions
 from peer_transport.signaling import SIGNAL_TYPE
@@ -137,9 +139,11 @@ class NodeRuntime:
         mdns_interfaces: list[str] | None = None,
         transport_options: TransportOptions | None = None,
         control: bool = False,
+        warm_cache: bool = True,
     ) -> None:
         """``control``: answer `radmesh` commands run on this home meanwhile
-        (:mod:`node.control`), as `radmesh node run` and the TUI do."""
+        (:mod:`node.control`), as `radmesh node run` and the TUI do. ``warm_cache``:
+        code imported images for sending in the background (:mod:`node.wirecache`)."""
         self.home = home
         self.identity = identity
         self.config = config or home.load_config()
@@ -166,6 +170,7 @@ class NodeRuntime:
         self.transfers = TransferTracker(clock)  # fed by node.workflow, read by the TUI
         self._home_lock = HomeLock(home)
         self.control = ControlServer(self) if control else None
+        self._warm_cache = warm_cache
 
     # -- lifecycle --------------------------------------------------------------------
     def now(self) -> int:
@@ -183,6 +188,8 @@ class NodeRuntime:
         data = self.home.data_dir
         data.mkdir(parents=True, exist_ok=True)
         self.store: Store = open_store(self.home, self.identity)
+        cache = open_cache(data, self.identity.derive_key(WIRECACHE_KEY))
+        self.store.use_wire_cache(cache, warm=self._warm_cache)
         self.audit: AuditLog = open_audit(self.home, self.identity)
         self.trust = TrustStore(self.home.trust_db)
         self.consults = ConsultDB.in_data_dir(data, audit=self._audit_consult)
