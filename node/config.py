@@ -55,6 +55,10 @@ class NetworkConfig:
     registries: list[str] = field(default_factory=list)
     # ICE servers come only from here or from registries, never aiortc's default.
     ice_servers: list[str] = field(default_factory=list)
+    # For the turn: URLs above, when the TURN server has static users (coturn -u); a registry
+    # started with --turn-secret hands out short-lived ones by itself.
+    turn_username: str = ""
+    turn_password: str = ""
     mdns: bool = True
     mdns_interfaces: list[str] = field(default_factory=list)  # empty: all interfaces
     listen_host: str = "0.0.0.0"  # noqa: S104 - the LAN endpoint is meant to be reachable

@@ -37,7 +37,7 @@ from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sea
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 from node.audit import AuditKind, AuditLog, open_audit
-from node.config import NodeConfig, NodeHome
+from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.control import ControlServer, HomeLock
 from node.dicom_net import DicomListener
 from node.errors import NodeError
@@ -128,6 +128,12 @@ class Status:
     turn: str = "none"  # where this node's TURN relay credentials come from
 
 
+def _ice_server(url: str, network: NetworkConfig) -> IceServer:
+    if url.startswith(("turn:", "turns:")) and network.turn_username:
+        return IceServer((url,), network.turn_username, network.turn_password)
+    return IceServer((url,))
+
+
 class NodeRuntime:
     def __init__(
         self,
@@ -212,7 +218,9 @@ class NodeRuntime:
         self._sequence = max(self.now(), self._sequence + 1)
         self.record = self._make_record()
         options = self._transport_options or TransportOptions(
-            rtc=RtcOptions(ice_servers=tuple(IceServer((url,)) for url in network.ice_servers))
+            rtc=RtcOptions(
+                ice_servers=tuple(_ice_server(url, network) for url in network.ice_servers)
+            )
         )
         self.transport = Transport(
             self.identity,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from node.runtime import NodeRuntime
-from peer_transport.rtc import RtcOptions
+from peer_transport.rtc import IceServer, RtcOptions
 from registry.server import RegistryServer, TurnConfig
 from tests.node.test_runtime import FAST, make_home, wait_for
 from tests.peer_transport.test_turn import SECRET, Coturn, coturn  # noqa: F401 - the fixture
@@ -64,5 +64,28 @@ async def test_a_registry_without_a_relay_leaves_the_node_without_turn(
         await wait_for(lambda: "offers no TURN relay" in caplog.text)  # asked, and answered
         assert node.transport.turn_servers == ()
         assert node.status().turn == "none"
+    finally:
+        await node.stop()
+
+
+async def test_turn_servers_in_the_config_carry_the_configured_credentials(
+    tmp_path: Path,
+) -> None:
+    home, identity = make_home(tmp_path, "rural", "", [])
+    config = home.load_config()
+    network = replace(
+        config.network,
+        ice_servers=["stun:stun.hospital.example:3478", "turn:turn.hospital.example:3478"],
+        turn_username="radmesh",
+        turn_password="from-it",
+    )
+    home.save_config(replace(config, network=network))
+    node = NodeRuntime(home, identity)  # the transport options come from config.toml
+    await node.start()
+    try:
+        assert node.transport.options.rtc.ice_servers == (
+            IceServer(("stun:stun.hospital.example:3478",)),  # STUN takes no credentials
+            IceServer(("turn:turn.hospital.example:3478",), "radmesh", "from-it"),
+        )
     finally:
         await node.stop()
