@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from node.errors import NodeError
 from peer_transport import transfer as tr
 from peer_transport.errors import TransportError
 from peer_transport.transfer_runner import StudyReceiver, StudySender
@@ -33,6 +34,10 @@ MAX_KEPT = 50  # and at most this many of them
 REQUEST_FIRST_TIMEOUT = 120.0
 
 
+class TransferControlError(NodeError):
+    """A pause or cancel that does not apply (no such transfer, or not in that state)."""
+
+
 class Direction(StrEnum):
     IN = "in"
     OUT = "out"
@@ -41,6 +46,7 @@ class Direction(StrEnum):
 class TransferState(StrEnum):
     STARTING = "starting"  # connecting, preparing, or waiting for the manifest
     RUNNING = "running"
+    PAUSED = "paused"
     COMPLETE = "complete"
     FAILED = "failed"
 
@@ -106,6 +112,9 @@ class Transfer:
         state = self.state
         if state is TransferState.STARTING and manifest is not None:
             state = TransferState.RUNNING
+        receiving = self.receiver.protocol if self.receiver is not None else None
+        if receiving is not None and receiving.state is tr.State.PAUSED:
+            state = TransferState.PAUSED
         return TransferView(
             manifest.transfer_id.hex()[:12] if manifest is not None else self.key,
             self.consult_id,
@@ -187,6 +196,34 @@ class TransferTracker:
         keep = {id(t) for t in finished[-MAX_KEPT:] if now - (t.ended or now) <= KEEP_SECONDS}
         self._transfers = [t for t in self._transfers if t.ended is None or id(t) in keep]
         return [t.view(now) for t in self._transfers]
+
+    def _incoming_for(self, consult_id: str) -> StudyReceiver:
+        for t in self._transfers:
+            if t.consult_id == consult_id and t.receiver is not None and t.ended is None:
+                return t.receiver
+        raise TransferControlError(
+            f"no study of consult {consult_id[:8]} is arriving now: press f to fetch it"
+        )
+
+    def pause(self, consult_id: str) -> bool:
+        """Pause the incoming study of a consult, or go on if it is paused; True if it is
+        paused now. Chunks in flight still land; nothing more is asked for meanwhile."""
+        receiver = self._incoming_for(consult_id)
+        if receiver.pause(True):
+            return True
+        if receiver.pause(False):
+            return False
+        raise TransferControlError(f"the study of consult {consult_id[:8]} is not running yet")
+
+    def cancel(self, consult_id: str) -> None:
+        """Stop the incoming study of a consult and tell the sender; what arrived stays."""
+        receiver = self._incoming_for(consult_id)
+        try:
+            receiver.cancel()
+        except tr.IllegalTransition as exc:
+            raise TransferControlError(
+                f"the study of consult {consult_id[:8]} cannot be cancelled now: {exc}"
+            ) from exc
 
     def _receiving(self) -> Iterator[tuple[StudyReceiver, tr.Manifest]]:
         for t in self._transfers:

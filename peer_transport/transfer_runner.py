@@ -458,6 +458,21 @@ class StudyReceiver:
             self.on_progress(receiver.progress())
         self._wake.set()
 
+    def pause(self, on: bool) -> bool:
+        """Stop asking for chunks (those in flight still land), or go on; False if the
+        transfer is not running (or not paused) now."""
+        if self.protocol is None:
+            return False
+        try:
+            if on:
+                self.protocol.pause()
+            else:
+                self.protocol.resume_transfer()
+        except tr.IllegalTransition:
+            return False
+        self._wake.set()
+        return True
+
     def cancel(self) -> None:
         if self.protocol is not None:
             cancel = self.protocol.cancel()

@@ -115,7 +115,7 @@ class TransferInfo:
     done_bytes: int
     total_bytes: int
     direction: str = "in"  # in | out
-    state: str = "running"  # starting | running | complete | failed
+    state: str = "running"  # starting | running | paused | complete | failed
     done_instances: int = 0
     total_instances: int = 0
     rate: float = 0.0  # bytes per second
@@ -173,6 +173,14 @@ class NodeFacade(Protocol):
 
     def fetch(self, consult_id: str) -> str:
         """Start pulling the consult's study in the background (see transfers())."""
+        ...
+
+    def pause_transfer(self, consult_id: str) -> str:
+        """Pause the consult's incoming study, or go on if it is paused."""
+        ...
+
+    def cancel_transfer(self, consult_id: str) -> str:
+        """Stop the consult's incoming study (what arrived stays; f fetches the rest)."""
         ...
 
     async def withdraw(self, consult_id: str) -> str: ...

@@ -266,6 +266,12 @@ class LocalNode:
     def fetch(self, consult_id: str) -> str:
         raise ActionError(LOCAL_ONLY)
 
+    def pause_transfer(self, consult_id: str) -> str:
+        raise ActionError(LOCAL_ONLY)
+
+    def cancel_transfer(self, consult_id: str) -> str:
+        raise ActionError(LOCAL_ONLY)
+
     async def withdraw(self, consult_id: str) -> str:
         raise ActionError(LOCAL_ONLY)
 

@@ -154,6 +154,14 @@ class InMemoryNode:
         self.actions.append(("fetch", consult_id))
         return f"fetching the study of consult {consult_id}"
 
+    def pause_transfer(self, consult_id: str) -> str:
+        self.actions.append(("pause", consult_id))
+        return f"the study of consult {consult_id} is paused"
+
+    def cancel_transfer(self, consult_id: str) -> str:
+        self.actions.append(("cancel", consult_id))
+        return f"the study of consult {consult_id} was cancelled"
+
     async def withdraw(self, consult_id: str) -> str:
         self.actions.append(("withdraw", consult_id))
         return f"consult {consult_id} withdrawn"

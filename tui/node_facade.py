@@ -558,6 +558,21 @@ class RuntimeNode:
             raise ActionError(f"could not {event.value} consult {consult_id[:8]}: {exc}") from exc
         return f"consult {consult_id[:8]} {state.value}; the requesting node was told"
 
+    def pause_transfer(self, consult_id: str) -> str:
+        try:
+            paused = self.runtime.transfers.pause(consult_id)
+        except NodeError as exc:
+            raise ActionError(str(exc)) from exc
+        what = f"the study of consult {consult_id[:8]}"
+        return f"{what} is paused (z goes on)" if paused else f"{what} goes on"
+
+    def cancel_transfer(self, consult_id: str) -> str:
+        try:
+            self.runtime.transfers.cancel(consult_id)
+        except NodeError as exc:
+            raise ActionError(str(exc)) from exc
+        return f"the study of consult {consult_id[:8]} was cancelled; f fetches it again"
+
     def fetch(self, consult_id: str) -> str:
         rt = self.runtime
         try:

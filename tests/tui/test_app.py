@@ -360,12 +360,14 @@ async def test_home_accepts_declines_with_a_reason_and_fetches_an_inbox_request(
         assert isinstance(app.screen, TextPrompt)
         await pilot.press(*"out of my field", "enter")
         await app.workers.wait_for_complete()
-        await pilot.press("f")
+        await pilot.press("f", "z", "c")
         await pilot.pause()
         assert node.actions == [
             ("accept", "c-1", ""),
             ("decline", "c-1", "out of my field"),
             ("fetch", "c-1"),
+            ("pause", "c-1"),
+            ("cancel", "c-1"),
         ]
         assert "fetching the study of consult c-1" in toasts(app)
         # The footer shows the worklist keys.
@@ -392,7 +394,7 @@ async def test_withdraw_applies_to_the_outbox_and_accept_only_to_the_inbox() -> 
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         await worklist_row(pilot, 1)  # c-2, outgoing
-        await pilot.press("a", "f")
+        await pilot.press("a", "f", "z", "c")
         await pilot.pause()
         assert node.actions == []
         assert "select a request in your inbox" in toasts(app)

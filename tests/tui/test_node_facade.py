@@ -482,3 +482,46 @@ async def test_the_hospitals_viewer_shows_the_consultants_marks_on_its_own_slice
     finally:
         await rural.stop()
         await neuro.stop()
+
+
+async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
+    tmp_path: Path,
+) -> None:
+    slices = 40
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=slices, rows=256)
+    try:
+        await ask.request_consult(form_to(neuro, study_uid))
+        await wait_for(lambda: bool(answer.consults()))
+        consult_id = answer.consults()[0].consult_id
+        await answer.respond(consult_id, True)
+        await wait_for(lambda: ask.consults()[0].state == "accepted")
+        with pytest.raises(ActionError, match="press f to fetch it"):
+            answer.pause_transfer(consult_id)
+
+        answer.fetch(consult_id)
+        await wait_for(lambda: [t.state for t in answer.transfers()] == ["running"])
+        assert "is paused" in answer.pause_transfer(consult_id)
+        [receiver] = [t.receiver for t in neuro.transfers._transfers if t.receiver]
+        assert receiver is not None
+        protocol = receiver.protocol
+        assert protocol is not None
+        await wait_for(lambda: protocol._outstanding() == 0)  # what was in flight landed
+        assert [t.state for t in answer.transfers()] == ["paused"]
+        assert protocol.poll(asyncio.get_running_loop().time()) == []  # nothing asked for
+        assert protocol.progress().instances_done < slices
+
+        assert "goes on" in answer.pause_transfer(consult_id)
+        await wait_for(lambda: protocol.progress().instances_done > 0)
+        assert answer.cancel_transfer(consult_id).endswith("f fetches it again")
+        await wait_for(lambda: [t.state for t in answer.transfers()] == ["failed"])
+        assert "cancelled" in neuro.transfers.views()[0].error
+        # the hospital's sender was told and stopped
+        await wait_for(lambda: all(v.state != "running" for v in rural.transfers.views()))
+
+        answer.fetch(consult_id)  # the rest comes; what arrived is not sent again
+        await wait_for(lambda: "complete" in [t.state for t in answer.transfers()], 60)
+        shared = answer.consults()[0].study_uid
+        assert len(neuro.store.instances(shared)) == slices
+    finally:
+        await rural.stop()
+        await neuro.stop()

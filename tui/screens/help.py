@@ -14,6 +14,7 @@ HELP = """\
 [b]Anywhere[/b]   ?/F1 help   F2 home   F3 studies   F4 peers   ctrl+q quit
 [b]Home[/b]       enter opens the request's study in a live consult (even while it streams in)
            inbox ←: a accept  d decline (with a reason)  f fetch study    outbox →: w withdraw
+           inbox ←, while its study arrives: z pause / go on   c cancel (f fetches the rest)
 [b]Studies[/b]    enter view   l live consult   s request a consult (tab moves, ctrl+s sends)
 [b]Peers[/b]      / search (words: name, subspecialty, jurisdiction, online)   v verify key
 [b]Viewer[/b]

@@ -49,6 +49,8 @@ class HomeScreen(Screen[None]):
         Binding("d", "decline", "decline"),
         Binding("f", "fetch", "fetch study"),
         Binding("w", "withdraw", "withdraw"),
+        Binding("z", "pause", "pause/go on"),
+        Binding("c", "cancel_transfer", "cancel transfer"),
     ]
 
     def __init__(self, node: NodeFacade) -> None:
@@ -206,6 +208,22 @@ class HomeScreen(Screen[None]):
         except ActionError as exc:
             self.notify(str(exc), severity="error", timeout=10)
         self.refresh_data()
+
+    def _transfer_action(self, act: Callable[[str], str]) -> None:
+        item = self._incoming("pause or cancel the study of")
+        if item is None:
+            return
+        try:
+            self.notify(act(item.consult_id))
+        except ActionError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+        self.refresh_data()
+
+    def action_pause(self) -> None:
+        self._transfer_action(self.node.pause_transfer)
+
+    def action_cancel_transfer(self) -> None:
+        self._transfer_action(self.node.cancel_transfer)
 
     def action_withdraw(self) -> None:
         item = self.selected()
