@@ -245,11 +245,11 @@ def prepare_instance(
 ) -> tuple[ManifestEntry, str, bytes]:
     """Describe and encode one file: (manifest entry, study UID, wire bytes)."""
     study, series, sop, series_number, instance_number, syntax = describe_instance(data)
-    wire = wirecodec.encode(data, cache).to_wire()
+    encoded = wirecodec.encode(data, cache)  # its sha256 is the file's: not hashed twice
+    wire = encoded.to_wire()
     entry = ManifestEntry(
-        sop, series, series_number, instance_number, syntax, len(data), wirecodec.sha256(data),
-        len(wire),
-    )  # fmt: skip
+        sop, series, series_number, instance_number, syntax, len(data), encoded.sha256, len(wire)
+    )
     return entry, study, wire
 
 
