@@ -10,7 +10,11 @@ request. When the report arrives (:func:`install` registers the handler) it is
 verified against the case, re-linked to the real patient, turned into a DICOM
 SR filed under the original study, stored, audited and pushed to the PACS.
 
-Consultant side: :func:`send_report` signs and sends the report (and keeps it).
+Consultant side: :func:`fetch_study` pulls the shared study (one fetch per consult;
+the requesting node serves one sender per consult and peer, a new fetch replacing the
+old sender), and :func:`send_report` signs and sends the report (and keeps it). A
+fetch cut short by a restart resumes by itself when the workflow is installed again
+(:func:`unfinished_fetches`), from what its spool in ``data/transfers`` verified.
 
 Quality control: :func:`send_review` lets a second reader on the requesting node
 score the report (agree / minor / major discrepancy); the signed review is
@@ -20,7 +24,10 @@ verified against the exact report bytes, kept and audited on both nodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import shutil
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +62,16 @@ from node.dicom_net import send_to_pacs
 from node.errors import NodeError
 from node.runtime import NodeRuntime, RuntimeError_
 from node.transfers import Direction
+from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink, PeerConnection, RequestRefused
-from peer_transport.errors import TransportError
+from peer_transport.errors import RemoteError, TransportError
 from peer_transport.transfer import Progress
-from peer_transport.transfer_runner import ProgressCallback, receive_study, send_study
+from peer_transport.transfer_runner import (
+    ProgressCallback,
+    StudySender,
+    receive_study,
+    send_study,
+)
 from registry.client import SearchQuery
 from registry.records import Availability, NodeRecord
 from registry.trust import TrustState
@@ -72,6 +85,46 @@ REPORT_KIND = "consult.report"
 SERVABLE = frozenset({State.ACCEPTED, State.TRANSFERRING, State.IN_REVIEW})
 REVIEW_KIND = "consult.review"
 FETCH_KIND = "consult.fetch"
+# A fetch resumed at start that fails is tried again after each of these delays
+# (seconds), then left to a person; its spool stays for that later attempt.
+RESUME_RETRY_AFTER = (60.0, 300.0, 900.0)
+WATCH_INTERVAL = 1.0  # seconds between checks that a consult being fetched is still ours
+
+
+@dataclass
+class _Serving:
+    """Requesting side: the sender serving one consult's study to one peer."""
+
+    task: asyncio.Task[None]
+    sender: StudySender | None = None  # once the study is prepared
+
+
+@dataclass
+class _Fetch:
+    """Consultant side: the one fetch running for a consult, and who watches it."""
+
+    result: asyncio.Future[Progress]
+    listeners: list[ProgressCallback] = field(default_factory=list)
+
+    def progress(self, progress: Progress) -> None:
+        for listener in list(self.listeners):
+            listener(progress)
+
+
+@dataclass
+class _Desk:
+    serving: dict[tuple[str, bytes], _Serving] = field(default_factory=dict)
+    fetching: dict[str, _Fetch] = field(default_factory=dict)
+
+
+_DESKS: weakref.WeakKeyDictionary[NodeRuntime, _Desk] = weakref.WeakKeyDictionary()
+
+
+def _desk(rt: NodeRuntime) -> _Desk:
+    desk = _DESKS.get(rt)
+    if desk is None:
+        desk = _DESKS[rt] = _Desk()
+    return desk
 
 
 @dataclass(frozen=True)
@@ -516,13 +569,15 @@ async def withdraw(
             f"consult {consult_id[:8]} was sent to this node; only the requesting node withdraws it"
         )
     rt.consults.apply(consult_id, Event.WITHDRAW, rt.now(), str(rt.identity.node_id))
+    _stop_serving(rt, consult_id, "the consult was withdrawn by the requester", tell=True)
     told = {NodeId.parse(peer)} if peer else set()
     told.update(rt.consults.offered(consult_id))
     return [p for p in told if not await rt.send_withdrawal(consult_id, p, reason)]
 
 
 def install(rt: NodeRuntime) -> None:
-    """Register the workflow's message handlers on a runtime."""
+    """Register the workflow's message handlers on a started runtime, and resume in the
+    background the fetches a restart cut short (:func:`unfinished_fetches`)."""
 
     async def on_report(sender: NodeId, kind: str, wire: bytes) -> None:
         if not rt.trust.is_trusted(_signer(wire), rt.now()):
@@ -558,10 +613,12 @@ def install(rt: NodeRuntime) -> None:
             )
         if case.state is State.ACCEPTED:
             rt.consults.apply(consult_id, Event.START_TRANSFER, rt.now(), peer)
-        rt.spawn(_serve(rt, conn, consult_id, share_of(rt, consult_id)))
+        _start_serving(rt, conn, consult_id, share_of(rt, consult_id))
         return b"ok"
 
     rt.transport.handle(FETCH_KIND, on_fetch)
+    for consult_id in unfinished_fetches(rt):
+        rt.spawn(_resume(rt, consult_id))
 
 
 def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[Iterable[bytes]], Iterator[bytes]]:
@@ -578,7 +635,55 @@ def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[Iterable[bytes]
     return prepare
 
 
+def _start_serving(rt: NodeRuntime, conn: PeerConnection, consult_id: str, share: Share) -> None:
+    """Serve the study to ``conn``'s peer, replacing a sender already serving it this
+    consult (the peer fetched again: restarted, or asked twice).
+
+    Replacing rather than re-attaching the old sender: the manifest and its transfer
+    id derive from the content (de-identification is keyed and deterministic), so a
+    new sender offers the same transfer and the peer resumes from its spool; and the
+    old sender may be bound to a connection that is gone. The cost is preparing the
+    study again.
+    """
+    _stop_serving(rt, consult_id, "replaced by a new fetch from the peer", peer=conn.peer)
+    desk, key = _desk(rt), (consult_id, conn.peer)
+    serving = _Serving(asyncio.ensure_future(_serve(rt, conn, consult_id, share)))
+    desk.serving[key] = serving
+    serving.task.add_done_callback(
+        lambda _t: desk.serving.pop(key) if desk.serving.get(key) is serving else None
+    )
+    rt.spawn(serving.task)
+
+
+def _stop_serving(
+    rt: NodeRuntime, consult_id: str, reason: str, *, peer: bytes | None = None, tell: bool = False
+) -> None:
+    """End the senders of a consult's study (to ``peer`` only, if given); ``tell`` the
+    receiving peer its transfer is cancelled (a withdrawal), so it stops asking."""
+    desk = _desk(rt)
+    for key, serving in list(desk.serving.items()):
+        if key[0] != consult_id or peer not in (None, key[1]):
+            continue
+        del desk.serving[key]
+        serving.task.cancel(reason)
+        sender = serving.sender
+        if tell and sender is not None:
+            cancel = tr.Cancel(sender.study.manifest.transfer_id, reason)
+            rt.spawn(_tell(sender, cancel))
+
+
+async def _tell(sender: StudySender, cancel: tr.Cancel) -> None:
+    with contextlib.suppress(TransportError):
+        await sender.link.send_control(tr.to_wire(cancel))
+
+
 async def _serve(rt: NodeRuntime, conn: PeerConnection, consult_id: str, share: Share) -> None:
+    def on_sender(sender: StudySender) -> None:
+        tracked.attach_sender(sender)
+        serving = _desk(rt).serving.get((consult_id, conn.peer))
+        if serving is not None:
+            serving.sender = sender
+
     try:
         with rt.transfers.track(consult_id, Direction.OUT, conn.peer_id.short()) as tracked:
             await send_study(
@@ -589,23 +694,77 @@ async def _serve(rt: NodeRuntime, conn: PeerConnection, consult_id: str, share: 
                 peer=str(conn.peer_id),
                 audit=rt.audit,
                 prepare=_deidentifier(rt, consult_id) if share.deidentified else None,
-                on_sender=tracked.attach_sender,
+                on_sender=on_sender,
                 spool_dir=rt.home.data_dir / "outgoing",
             )
     except (NodeError, TransportError) as exc:
         rt.notify(f"Sending the study for consult {consult_id[:8]} failed: {exc}")
 
 
+def _spool_of(rt: NodeRuntime, consult_id: str) -> Path:
+    return rt.home.data_dir / "transfers" / consult_id
+
+
+def _still_ours(rt: NodeRuntime, consult_id: str) -> bool:
+    """Consultant side: the consult is ours and its study may still be fetched."""
+    try:
+        role, _, _ = rt.consults.info(consult_id)
+        return role == "consultant" and rt.consults.get(consult_id).state in SERVABLE
+    except ConsultError:
+        return False
+
+
 async def fetch_study(
     rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback | None = None
 ) -> Progress:
-    """Consultant side: pull the shared study of an accepted consult into this node's store."""
+    """Consultant side: pull the shared study of an accepted consult into this node's store.
+
+    One fetch per consult runs, in the runtime's background tasks: a second call while
+    one runs (a second `f`, a command during an automatic resume) waits for the same
+    fetch and gets its progress too. What was verified stays in the consult's spool
+    until the study is complete, for the next attempt.
+    """
     consult_id = rt.consults.resolve(consult_id)
-    state = rt.consults.get(consult_id).state
-    if state not in SERVABLE:
-        raise LocalConsultError(
-            f"consult {consult_id[:8]} is {state.value}: the study comes once it is accepted"
-        )
+    desk = _desk(rt)
+    fetch = desk.fetching.get(consult_id)
+    if fetch is None:
+        state = rt.consults.get(consult_id).state
+        if state not in SERVABLE:
+            raise LocalConsultError(
+                f"consult {consult_id[:8]} is {state.value}: the study comes once it is accepted"
+            )
+        requester_key(rt, consult_id)  # raises now for a consult with no signed request
+        fetch = desk.fetching[consult_id] = _Fetch(asyncio.get_running_loop().create_future())
+        fetch.result.add_done_callback(_retrieved)
+        rt.spawn(_fetch(rt, consult_id, fetch))
+    if on_progress is not None:
+        fetch.listeners.append(on_progress)
+    try:
+        return await asyncio.shield(fetch.result)
+    finally:
+        if on_progress in fetch.listeners:
+            fetch.listeners.remove(on_progress)
+
+
+def _retrieved(result: asyncio.Future[Progress]) -> None:
+    if not result.cancelled():
+        result.exception()  # every waiter may be gone: no "never retrieved" warning
+
+
+async def _fetch(rt: NodeRuntime, consult_id: str, fetch: _Fetch) -> None:
+    try:
+        fetch.result.set_result(await _pull(rt, consult_id, fetch.progress))
+        shutil.rmtree(_spool_of(rt, consult_id), ignore_errors=True)  # emptied by then
+    except Exception as exc:  # for the waiters, whatever it was
+        fetch.result.set_exception(exc)
+        if not _still_ours(rt, consult_id):
+            shutil.rmtree(_spool_of(rt, consult_id), ignore_errors=True)
+    finally:
+        _desk(rt).fetching.pop(consult_id, None)
+        fetch.result.cancel()  # no-op once set; wakes the waiters if the node stopped
+
+
+async def _pull(rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback) -> Progress:
     requester = requester_key(rt, consult_id)
     with rt.transfers.track(
         consult_id, Direction.IN, NodeId.from_public_key(requester).short()
@@ -617,7 +776,7 @@ async def fetch_study(
             receive_study(
                 ChannelLink(conn),
                 rt.store,
-                rt.home.data_dir / "transfers" / consult_id,
+                _spool_of(rt, consult_id),
                 peer=str(conn.peer_id),
                 audit=rt.audit,
                 on_progress=on_progress,
@@ -627,12 +786,79 @@ async def fetch_study(
         )
         try:
             await conn.request(FETCH_KIND, consult_id.encode())
-            progress = await receiving
+            while not (await asyncio.wait({receiving}, timeout=WATCH_INTERVAL))[0]:
+                if not _still_ours(rt, consult_id):
+                    raise LocalConsultError(
+                        f"consult {consult_id[:8]} was withdrawn: its study is no longer fetched"
+                    )
+            progress = receiving.result()
         finally:
             receiving.cancel()
     if rt.consults.get(consult_id).state is State.TRANSFERRING:
         rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(rt.identity.node_id))
     return progress
+
+
+def unfinished_fetches(rt: NodeRuntime) -> list[str]:
+    """Consults whose study this node was fetching when it stopped (spool kept in
+    ``data/transfers/<consult>``). A consult's spool that has nothing left to resume,
+    or whose consult is no longer in this node's hands (withdrawn, reported), is removed;
+    other spools there (``radmesh fetch``) are left alone."""
+    root = rt.home.data_dir / "transfers"
+    found = []
+    for spool in sorted(root.iterdir()) if root.is_dir() else ():
+        try:
+            role, _, _ = rt.consults.info(spool.name)
+        except ConsultError:
+            continue  # not a consult's spool
+        if role != "consultant" or spool.name in _desk(rt).fetching:
+            continue
+        if _still_ours(rt, spool.name) and _unfinished(rt, spool.name, spool):
+            found.append(spool.name)
+        else:
+            shutil.rmtree(spool, ignore_errors=True)
+    return found
+
+
+def _unfinished(rt: NodeRuntime, consult_id: str, spool: Path) -> bool:
+    """A fetch began (the case moved to transferring) or its spool holds a transfer
+    the requesting node signed and this node has not finished."""
+    if rt.consults.get(consult_id).state is State.TRANSFERRING:
+        return True
+    _, _, wire = rt.consults.info(consult_id)
+    return wire is not None and tr.resume_request(tr.Spool(spool), _signer(wire)) is not None
+
+
+async def _resume(rt: NodeRuntime, consult_id: str) -> None:
+    """Fetch again, in the background, a study a restart cut short; retried a few times
+    (:data:`RESUME_RETRY_AFTER`), then left to a person with the spool kept."""
+    short = consult_id[:8]
+    rt.notify(f"Resuming the study of consult {short}")
+    for delay in (*RESUME_RETRY_AFTER, None):
+        try:
+            done = await fetch_study(rt, consult_id)
+        except RemoteError as exc:  # the requesting node refused: retrying will not help
+            rt.notify(f"Resuming the study of consult {short} was refused by its sender: {exc}")
+            return
+        except (ConsultError, NodeError, TransportError) as exc:
+            if not _still_ours(rt, consult_id):
+                rt.notify(f"The study of consult {short} is no longer fetched: {exc}")
+                return
+            if delay is None:
+                rt.notify(
+                    f"Resuming the study of consult {short} failed again ({exc}); what arrived "
+                    f"is kept: fetch it again (f, or `radmesh consult fetch {short}`) once "
+                    "the requesting node is online"
+                )
+                return
+            rt.notify(
+                f"Resuming the study of consult {short} failed ({exc}); "
+                f"trying again in {delay / 60:.0f} min"
+            )
+            await asyncio.sleep(delay)
+        else:
+            rt.notify(f"Study of consult {short} received: {done.instances_done} images")
+            return
 
 
 def _signer(wire: bytes) -> bytes:
