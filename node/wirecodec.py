@@ -19,7 +19,9 @@ and any value range are all representable; a range that fits 8 bits is coded as
 8-bit samples. CharLS runs through imagecodecs, which releases the GIL while it
 codes, so decoding on the receiver does not stall the event loop that runs SCTP.
 ``encode`` always decodes its own output and compares SHA-256 before trusting
-it; the hash also travels with the instance so the receiver checks it too.
+it; the hash also travels with the instance so the receiver checks it too. With
+a :class:`PixelCache`, pixel codings verified before (keyed by the hash of the
+pixel bytes and their shape) are reused and only the new residual is checked.
 """
 
 from __future__ import annotations
