@@ -65,7 +65,7 @@ from node.transfers import Direction
 from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink, PeerConnection, RequestRefused
 from peer_transport.errors import RemoteError, TransportError
-from peer_transport.transfer import Progress
+from peer_transport.transfer import Progress, TransferCancelled
 from peer_transport.transfer_runner import (
     ProgressCallback,
     StudySender,
@@ -757,7 +757,9 @@ async def _fetch(rt: NodeRuntime, consult_id: str, fetch: _Fetch) -> None:
         shutil.rmtree(_spool_of(rt, consult_id), ignore_errors=True)  # emptied by then
     except Exception as exc:  # for the waiters, whatever it was
         fetch.result.set_exception(exc)
-        if not _still_ours(rt, consult_id):
+        # Withdrawn, or cancelled by the user: not resumed at the next start. What was
+        # stored stays, so a new fetch brings only the rest.
+        if isinstance(exc, TransferCancelled) or not _still_ours(rt, consult_id):
             shutil.rmtree(_spool_of(rt, consult_id), ignore_errors=True)
     finally:
         _desk(rt).fetching.pop(consult_id, None)

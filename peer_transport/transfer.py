@@ -89,6 +89,10 @@ class IllegalTransition(LocalTransferError):
     """An action is not allowed in the transfer's current state."""
 
 
+class TransferCancelled(TransferError):
+    """The transfer was cancelled (by this side's user, or the other side said so)."""
+
+
 class RemoteTransferError(TransferError, RemoteProtocolError):
     """The peer sent something wrong; the transfer cannot trust it."""
 

@@ -341,6 +341,8 @@ class StudyReceiver:
         receiver = self.protocol
         if receiver is None or not self._started.is_set() or self._over:
             return  # nothing was requested yet, or the run is over
+        if receiver.state not in (tr.State.RUNNING, tr.State.PAUSED):
+            return  # cancelled or failed: chunks still in flight are dropped
         loop = asyncio.get_running_loop()
         try:
             index = receiver.receive(chunk, loop.time())
@@ -400,7 +402,7 @@ class StudyReceiver:
         if receiver.state is tr.State.COMPLETE:
             await self.link.send_control(tr.to_wire(tr.Finished(receiver.manifest.transfer_id)))
         elif receiver.state is tr.State.CANCELLED:
-            raise tr.TransferError("the transfer was cancelled")
+            raise tr.TransferCancelled("the transfer was cancelled")
         return receiver.progress()
 
     async def _offered(self, spool: tr.Spool) -> bytes:
@@ -450,6 +452,8 @@ class StudyReceiver:
             log.warning("%s", error)
             self._wake.set()
             return
+        if receiver.state not in (tr.State.RUNNING, tr.State.PAUSED):
+            return  # cancelled meanwhile: the instance is stored, the transfer is over
         receiver.stored(index, loop.time())
         waiting = self._stored.pop(index, None)  # only what the viewer waits for
         if waiting is not None:

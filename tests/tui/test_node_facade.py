@@ -515,8 +515,9 @@ async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
         assert answer.cancel_transfer(consult_id).endswith("f fetches it again")
         await wait_for(lambda: [t.state for t in answer.transfers()] == ["failed"])
         assert "cancelled" in neuro.transfers.views()[0].error
-        # the hospital's sender was told and stopped
+        # the hospital's sender was told and stopped; nothing is resumed at the next start
         await wait_for(lambda: all(v.state != "running" for v in rural.transfers.views()))
+        await wait_for(lambda: not (neuro.home.data_dir / "transfers" / consult_id).exists())
 
         answer.fetch(consult_id)  # the rest comes; what arrived is not sent again
         await wait_for(lambda: "complete" in [t.state for t in answer.transfers()], 60)
