@@ -255,8 +255,9 @@ class RegistryConnection:
         self._fail_pending("connection closed")
 
     async def wait_ready(self) -> None:
-        try:
-            await asyncio.wait_for(self._ready.wait(), self.connect_timeout)
+        try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
+            async with asyncio.timeout(self.connect_timeout):
+                await self._ready.wait()
         except TimeoutError as exc:
             raise RegistryUnavailable(self.client.url, self.last_error or "timeout") from exc
 
@@ -340,14 +341,16 @@ class RegistryConnection:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending[ref] = future
         await self._ws.send_bytes(wsproto.to_wire(wsproto.Send(to, sealed, ref)))
-        return await asyncio.wait_for(future, self.connect_timeout)
+        async with asyncio.timeout(self.connect_timeout):  # not wait_for: see wait_ready
+            return await future
 
     async def turn_credentials(self) -> wsproto.TurnCredentials:
         await self.wait_ready()
         assert self._ws is not None  # noqa: S101 - ready implies a socket
         self._turn = asyncio.get_running_loop().create_future()
         await self._ws.send_bytes(wsproto.to_wire(wsproto.TurnRequest()))
-        return await asyncio.wait_for(self._turn, self.connect_timeout)
+        async with asyncio.timeout(self.connect_timeout):  # not wait_for: see wait_ready
+            return await self._turn
 
     async def receive(self) -> wsproto.Deliver:
         """The next relayed message; wrap in ``asyncio.timeout`` to bound the wait."""

@@ -14,7 +14,7 @@ import pytest
 from crypto.envelope import ReplayGuard, open_sealed, seal
 from crypto.identity import Identity
 from registry import wsproto
-from registry.client import RegistryClient
+from registry.client import RegistryClient, RegistryConnection
 from registry.errors import RegistryUnavailable, RemoteRegistryError
 from registry.server import Limits, RegistryServer, TurnConfig
 from tests.registry.conftest import NOW, Clock
@@ -213,3 +213,32 @@ async def test_turn_refused_when_not_configured(live_registry: RegistryServer) -
     async with RegistryClient(live_registry.url, ALICE) as a:
         with pytest.raises(RemoteRegistryError, match="no TURN"):
             await a.turn_credentials()
+
+
+class _Socket:
+    async def send_bytes(self, data: bytes) -> None:
+        return None
+
+
+@pytest.mark.parametrize("call", ["turn", "send"])
+async def test_a_cancel_that_meets_the_answer_still_cancels(call: str) -> None:
+    # Python 3.11's asyncio.wait_for returned the answer and dropped such a cancel, so a
+    # node's background task that asked the registry at the moment the node stopped
+    # slept on, and the node's stop() waited for it for an hour.
+    conn = RegistryConnection(RegistryClient("http://127.0.0.1:9", Identity.generate()), ALICE)
+    conn._ws = _Socket()  # type: ignore[assignment]
+    conn._ready.set()
+    task: asyncio.Future[object]
+    if call == "turn":
+        task = asyncio.ensure_future(conn.turn_credentials())
+        await asyncio.sleep(0)
+        assert conn._turn is not None
+        conn._turn.set_result(wsproto.TurnCredentials("u", "p", 60, ("turn:127.0.0.1:9",)))
+    else:
+        task = asyncio.ensure_future(conn.send(ALICE.node_id, b"sealed"))
+        await asyncio.sleep(0)
+        [future] = conn._pending.values()
+        future.set_result("delivered")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
