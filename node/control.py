@@ -153,7 +153,8 @@ class ControlServer:
             if not _same_user(writer):
                 log.warning("control socket: refused a process of another user")
                 return
-            request = await asyncio.wait_for(_read_frame(reader, MAX_REQUEST), REQUEST_TIMEOUT)
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                request = await _read_frame(reader, MAX_REQUEST)
             reply = await self._run(request, lambda line: writer.write(_frame({"progress": line})))
             writer.write(_frame(reply))
             await writer.drain()

@@ -288,7 +288,8 @@ class PeerConnection:
                 return
 
     async def next_event(self, within: float | None = None) -> Event:
-        event = await asyncio.wait_for(self._events.get(), within)
+        async with asyncio.timeout(within):  # not wait_for: 3.11's can drop a cancel
+            event = await self._events.get()
         if isinstance(event, Received) and event.channel == "bulk":
             self._consumed_bulk()
         return event
@@ -311,7 +312,8 @@ class PeerConnection:
         try:
             session.send("control", fr.Request(request_id, kind, body))
             wait = timeout if timeout is not None else self.transport.options.request_timeout
-            return await asyncio.wait_for(future, wait)
+            async with asyncio.timeout(wait):
+                return await future
         except TimeoutError as exc:
             raise RequestTimeout(f"no response to {kind!r} within the timeout") from exc
         finally:
@@ -366,7 +368,8 @@ class PeerConnection:
                 self._session_failed(session, error)
                 raise error
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._credit.wait(), min(remaining, 0.5))
+                async with asyncio.timeout(min(remaining, 0.5)):
+                    await self._credit.wait()
         session.send("bulk", fr.Bulk(self._bulk_seq, data))
         self._bulk_seq += 1
 
@@ -380,7 +383,8 @@ class PeerConnection:
         if not self._connected.is_set():
             wait = self.transport.options.connect_timeout
             try:
-                await asyncio.wait_for(self._connected.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._connected.wait()
             except TimeoutError as exc:
                 raise ConnectionLost("the peer is not connected and did not come back") from exc
             if self._closed:
@@ -559,7 +563,8 @@ class PeerConnection:
         options = self.transport.options
         grace = options.backoff_max * 2 + options.connect_timeout
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), grace)
+            async with asyncio.timeout(grace):
+                await self._connected.wait()
             return
         await self._close("the peer did not come back", ConnectionLost("peer did not return"))
 
@@ -693,7 +698,8 @@ class Transport:
             # Both nodes called at once and the peer's call won: it arrives as an offer
             # that _respond attaches to this same PeerConnection.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(conn._connected.wait(), self.options.connect_timeout)
+                async with asyncio.timeout(self.options.connect_timeout):
+                    await conn._connected.wait()
             if conn.is_connected:
                 return conn
             error = ConnectTimeout("both nodes called each other and neither call completed")
@@ -709,7 +715,8 @@ class Transport:
 
     async def accept(self, within: float | None = None) -> PeerConnection:
         """The next trusted peer that connected to us."""
-        return await asyncio.wait_for(self._accepted.get(), within)
+        async with asyncio.timeout(within):
+            return await self._accepted.get()
 
     def connection(self, peer: bytes) -> PeerConnection | None:
         return self._connections.get(peer)
@@ -745,7 +752,8 @@ class Transport:
     async def _establish(self, conn: PeerConnection) -> None:
         session = self._new_session(conn)
         try:
-            await asyncio.wait_for(self._initiate(conn, session), self.options.connect_timeout)
+            async with asyncio.timeout(self.options.connect_timeout):
+                await self._initiate(conn, session)
         except TimeoutError as exc:
             await session.close()
             raise ConnectTimeout(
@@ -797,13 +805,13 @@ class Transport:
             if asyncio.get_running_loop().time() > deadline:
                 raise HandshakeFailed("the peer did not confirm the session in time")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(session.ready.wait(), 0.1)
+                async with asyncio.timeout(0.1):
+                    await session.ready.wait()
 
     async def _handshake_frame(self, session: _Session, step: int) -> bytes:
         try:
-            frame = await asyncio.wait_for(
-                session.handshake_frames.get(), self.options.handshake_timeout
-            )
+            async with asyncio.timeout(self.options.handshake_timeout):
+                frame = await session.handshake_frames.get()
         except TimeoutError as exc:
             raise HandshakeFailed("the peer did not continue the handshake") from exc
         if frame.step != step:
@@ -877,9 +885,8 @@ class Transport:
             fresh = True
         session = self._new_session(conn)
         try:
-            await asyncio.wait_for(
-                self._respond_handshake(sender, offer, session), self.options.connect_timeout
-            )
+            async with asyncio.timeout(self.options.connect_timeout):
+                await self._respond_handshake(sender, offer, session)
         except (TransportError, CryptoError, TimeoutError) as exc:
             log.warning(
                 "incoming connection from %s dropped: %s (%s)", short, exc, type(exc).__name__

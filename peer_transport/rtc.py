@@ -178,12 +178,12 @@ class RtcLink:
                 if self._down:
                     raise ConnectTimeout("the WebRTC connection failed while it was being set up")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), 0.2)
+                    async with asyncio.timeout(0.2):  # not wait_for: 3.11's can drop a cancel
+                        await event.wait()
 
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(opened(c) for c in self.channels.values())), limit
-            )
+            async with asyncio.timeout(limit):
+                await asyncio.gather(*(opened(c) for c in self.channels.values()))
         except TimeoutError as exc:
             raise ConnectTimeout(
                 f"no WebRTC connection within {limit:.0f} s: the peer may be offline, or "
@@ -214,7 +214,8 @@ class RtcLink:
     async def close(self) -> None:
         self._down = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._pc.close(), 5)
+            async with asyncio.timeout(5):
+                await self._pc.close()
 
 
 __all__ = ["CHANNELS", "IceServer", "RtcLink", "RtcOptions", "dtls_fingerprint"]

@@ -34,7 +34,8 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
     try:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                text = await asyncio.wait_for(runtime.notifications.get(), 1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: it can lose a notification
+                    text = await runtime.notifications.get()
                 print(text, flush=True)
     finally:
         await runtime.stop()
