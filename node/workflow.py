@@ -784,6 +784,9 @@ async def _pull(rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback)
                 on_progress=on_progress,
                 on_receiver=tracked.attach_receiver,
                 sender_key=conn.peer,
+                # the study as this consult shares it: another consult's transfer with the
+                # same node may run on this connection meanwhile
+                expect_study=rt.consults.get(consult_id).request.study_uid,
             )
         )
         try:

@@ -21,6 +21,7 @@ from crypto.envelope import ReplayGuard
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 from peer_transport import frames as fr
+from peer_transport import transfer as tr
 from peer_transport.errors import (
     ConnectionClosed,
     ConnectionLost,
@@ -244,6 +245,7 @@ class PeerConnection:
         self._bulk_acked = -1
         self._bulk_in_consumed = -1
         self._presence_at = -math.inf  # loop time of the last presence frame, either way
+        self._transfer_mux: _TransferMux | None = None  # study transfers on this connection
         self._credit = asyncio.Event()
         self._connected = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -603,25 +605,88 @@ class PeerConnection:
 
 
 class ChannelLink:
-    """A PeerConnection seen as a ``transfer_runner.TransferLink``.
+    """One study transfer on a PeerConnection, seen as a ``transfer_runner.TransferLink``.
 
     ``send_control`` travels as control-channel messages, ``send_bulk`` on the
     bulk channel with credit-based backpressure; :meth:`attach` routes the
-    incoming side to callbacks instead of the event stream.
+    transfer's incoming messages to callbacks instead of the event stream. Several
+    transfers may share a connection (two consults between the same two nodes):
+    they are told apart by transfer id (see :class:`_TransferMux`).
     """
 
     def __init__(self, conn: PeerConnection) -> None:
         self.conn = conn
+        self.callbacks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
+        self._mux = _TransferMux.of(conn)
 
     async def send_control(self, data: bytes) -> None:
+        self._mux.sending(self, data)
         await self.conn.send_message(data)
 
     async def send_bulk(self, data: bytes) -> None:
         await self.conn.send_bulk(data)
 
     def attach(self, on_control: Callable[[bytes], None], on_bulk: Callable[[bytes], None]) -> None:
-        self.conn.set_receiver("message", on_control)
-        self.conn.set_receiver("bulk", on_bulk)
+        self.callbacks = (on_control, on_bulk)
+        self._mux.links.append(self)
+
+    def detach(self) -> None:
+        """The transfer is over: its messages are no longer routed here."""
+        self._mux.remove(self)
+
+
+class _TransferMux:
+    """The study transfers of one connection, told apart by transfer id.
+
+    A link is bound to a transfer id when it sends that transfer's offer (a sender)
+    or its first chunk request (a receiver). Incoming messages go to the link bound
+    to their id; an offer for an id no link holds goes to every link not bound yet
+    (receivers waiting for their offer: each takes only the study it expects); other
+    messages for unknown ids are dropped (a finished or cancelled transfer's tail).
+    """
+
+    def __init__(self, conn: PeerConnection) -> None:
+        self.links: list[ChannelLink] = []
+        self.bound: dict[bytes, ChannelLink] = {}
+        conn.set_receiver("message", self._control)
+        conn.set_receiver("bulk", self._bulk)
+
+    @classmethod
+    def of(cls, conn: PeerConnection) -> _TransferMux:
+        mux = conn._transfer_mux
+        if mux is None:
+            mux = conn._transfer_mux = cls(conn)
+        return mux
+
+    def sending(self, link: ChannelLink, data: bytes) -> None:
+        message = tr.from_wire(data)
+        if isinstance(message, tr.OfferPart | tr.Request):
+            self.bound[message.transfer_id] = link
+
+    def remove(self, link: ChannelLink) -> None:
+        if link in self.links:
+            self.links.remove(link)
+        for transfer_id in [t for t, bound in self.bound.items() if bound is link]:
+            del self.bound[transfer_id]
+
+    def _targets(self, message: tr.Message) -> list[ChannelLink]:
+        link = self.bound.get(message.transfer_id)
+        if link is not None:
+            return [link]
+        if isinstance(message, tr.OfferPart):
+            held = set(map(id, self.bound.values()))
+            return [candidate for candidate in self.links if id(candidate) not in held]
+        return []
+
+    def _control(self, data: bytes) -> None:
+        for link in self._targets(tr.from_wire(data)):
+            if link.callbacks is not None:
+                link.callbacks[0](data)
+
+    def _bulk(self, data: bytes) -> None:
+        for link in self._targets(tr.from_wire(data)):
+            if link.callbacks is not None:
+                link.callbacks[1](data)
 
 
 class Transport:

@@ -351,25 +351,28 @@ def offer_parts(signed_manifest: bytes, transfer_id: bytes) -> list[OfferPart]:
     return [OfferPart(transfer_id, i, len(pieces), p) for i, p in enumerate(pieces)]
 
 
+MAX_OFFERS_ASSEMBLED = 4
+
+
 class OfferAssembler:
-    """Collects the parts of a signed manifest, bounded by MAX_MANIFEST_SIZE."""
+    """Collects the parts of signed manifests, bounded by MAX_MANIFEST_SIZE each and
+    :data:`MAX_OFFERS_ASSEMBLED` transfers at a time (offers of several transfers on one
+    connection may interleave)."""
 
     def __init__(self) -> None:
-        self._parts: dict[int, bytes] = {}
-        self._id: bytes | None = None
+        self._parts: dict[bytes, dict[int, bytes]] = {}
 
     def add(self, part: OfferPart) -> bytes | None:
         if part.total * CHUNK_SIZE > MAX_MANIFEST_SIZE or not 0 <= part.part < part.total:
             raise MalformedMessage("study manifest offer is too large or malformed")
-        if self._id not in (None, part.transfer_id):
-            self._parts.clear()  # a new offer replaces an unfinished one
-        self._id = part.transfer_id
-        self._parts[part.part] = part.data
-        if len(self._parts) < part.total:
+        if part.transfer_id not in self._parts and len(self._parts) >= MAX_OFFERS_ASSEMBLED:
+            del self._parts[next(iter(self._parts))]  # the oldest unfinished offer goes
+        parts = self._parts.setdefault(part.transfer_id, {})
+        parts[part.part] = part.data
+        if len(parts) < part.total:
             return None
-        data = b"".join(self._parts[i] for i in range(part.total))
-        self._parts.clear()
-        return data
+        del self._parts[part.transfer_id]
+        return b"".join(parts[i] for i in range(part.total))
 
 
 def to_wire(message: Message) -> bytes:

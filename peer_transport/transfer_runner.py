@@ -298,10 +298,13 @@ class StudyReceiver:
         window: int = tr.DEFAULT_WINDOW,
         timeout: float = tr.DEFAULT_TIMEOUT,
         sender_key: bytes | None = None,
+        expect_study: str | None = None,
     ) -> None:
         self.link = link
         self.spool_dir = spool_dir
         self.sender_key = sender_key  # the link's peer: asked at once for an unfinished spool
+        # Take only an offer of this study (other transfers may share the connection).
+        self.expect_study = expect_study
         self.store = store
         self.source = source
         self.on_progress = on_progress
@@ -326,12 +329,19 @@ class StudyReceiver:
         message = tr.from_wire(data)
         if isinstance(message, tr.OfferPart):
             signed = self._offer.add(message)
-            if signed is not None and not self._manifest.done():
+            if signed is not None and not self._manifest.done() and self._expected(signed):
                 self._manifest.set_result(signed)
         elif isinstance(message, tr.Cancel) and self.protocol is not None:
             with contextlib.suppress(tr.IllegalTransition):
                 self.protocol.machine.fire(tr.Event.CANCEL)
             self._wake.set()
+
+    def _expected(self, signed: bytes) -> bool:
+        if self.expect_study is None:
+            return True
+        with contextlib.suppress(tr.MalformedMessage):
+            return tr.Manifest.open(signed)[1].study_instance_uid == self.expect_study
+        return True  # a bad manifest is refused, with its reason, where it is opened
 
     def on_bulk(self, data: bytes) -> None:
         """Verify and spool a chunk at once: nothing waits in memory for the main loop."""
@@ -576,6 +586,7 @@ async def send_study(
             attach(sender.on_control, lambda _data: None)
         state = await sender.run()
     finally:
+        _detach(link)
         spool.close()
     if audit is not None:
         audit.append(
@@ -594,6 +605,12 @@ async def send_study(
     return state
 
 
+def _detach(link: TransferLink) -> None:
+    detach = getattr(link, "detach", None)
+    if detach is not None:  # connection.ChannelLink: this transfer's messages stop here
+        detach()
+
+
 async def receive_study(
     link: TransferLink,
     store: InstanceStore,
@@ -605,6 +622,7 @@ async def receive_study(
     clock: Callable[[], float] = time.time,
     on_receiver: Callable[[StudyReceiver], None] | None = None,
     sender_key: bytes | None = None,
+    expect_study: str | None = None,
 ) -> tr.Progress:
     """Fetch the study ``link``'s peer offers into ``store``; audit the outcome.
 
@@ -615,7 +633,13 @@ async def receive_study(
     at once instead of waiting for the sender to offer again.
     """
     receiver = StudyReceiver(
-        link, spool_dir, store, f"peer:{peer}", on_progress, sender_key=sender_key
+        link,
+        spool_dir,
+        store,
+        f"peer:{peer}",
+        on_progress,
+        sender_key=sender_key,
+        expect_study=expect_study,
     )
     if on_receiver is not None:  # lets a caller read the manifest and steer (the viewer)
         on_receiver(receiver)
@@ -628,6 +652,7 @@ async def receive_study(
         outcome = "complete"
         return progress
     finally:
+        _detach(link)
         if audit is not None and receiver.protocol is not None:
             manifest = receiver.protocol.manifest
             done = receiver.protocol.progress()

@@ -217,3 +217,34 @@ async def test_the_spool_of_a_withdrawn_consult_is_removed_at_start_not_resumed(
         await asyncio.sleep(0.5)
         assert not any("Resuming" in n for n in drain(b2, []))
         assert not b2.transfers.views()
+
+
+async def test_two_consults_between_the_same_nodes_fetch_at_once_each_its_own_study(
+    tmp_path: Path, registry: str
+) -> None:
+    # One connection carries both transfers; before they were told apart by transfer id,
+    # the second transfer's receiver and sender took over the first's messages.
+    async with accepted_consult(tmp_path, registry) as pair:
+        a, b = pair.hospital, pair.consultant
+        for path in generate_ct(tmp_path / "ct2", slices=SLICES // 2, rows=128, seed=7):
+            a.store.add_file(path, source="test")
+        [second_study] = [s.study_uid for s in a.store.studies() if s.study_uid != pair.study_uid]
+        terms = workflow.Terms("fracture?", Priority.URGENT, "neuro", "IE")
+        second, _, _ = await workflow.request_consult(
+            a, pair.consultant_identity.public_key, second_study, terms
+        )
+        await wait_for(lambda: len(b.consults.cases()) == 2)
+        await workflow.respond(b, second.id, Event.ACCEPT)
+        await wait_for(lambda: a.consults.get(second.id).state is State.ACCEPTED)
+
+        first, other = await asyncio.wait_for(
+            asyncio.gather(
+                workflow.fetch_study(b, pair.consult_id), workflow.fetch_study(b, second.id)
+            ),
+            90,
+        )
+        assert (first.instances_done, other.instances_done) == (SLICES, SLICES // 2)
+        for consult_id, slices in ((pair.consult_id, SLICES), (second.id, SLICES // 2)):
+            shared = b.consults.get(consult_id).request.study_uid
+            assert len(b.store.instances(shared)) == slices
+            assert b.consults.get(consult_id).state is State.IN_REVIEW

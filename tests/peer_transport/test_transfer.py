@@ -476,3 +476,19 @@ def test_sender_finished_before_any_request_completes(offer: Offer) -> None:
     sender = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
     sender.receive(tr.Finished(offer.manifest.transfer_id))
     assert sender.machine.state is State.COMPLETE
+
+
+def test_interleaved_offers_of_several_transfers_each_assemble_and_the_oldest_gives_way() -> None:
+    def parts(tag: int, total: int) -> list[tr.OfferPart]:
+        return [tr.OfferPart(bytes([tag]) * 16, i, total, bytes([tag, i])) for i in range(total)]
+
+    assembler = tr.OfferAssembler()
+    a, b = parts(1, 3), parts(2, 2)
+    got = [assembler.add(p) for p in (a[0], b[0], a[1], b[1], a[2])]
+    assert got == [None, None, None, bytes([2, 0, 2, 1]), bytes([1, 0, 1, 1, 1, 2])]
+    # A bounded number of unfinished offers is kept: one more pushes out the oldest.
+    unfinished = [parts(10 + n, 2)[0] for n in range(tr.MAX_OFFERS_ASSEMBLED + 1)]
+    for part in unfinished:
+        assert assembler.add(part) is None
+    assert assembler.add(parts(11, 2)[1]) == bytes([11, 0, 11, 1])
+    assert assembler.add(parts(10, 2)[1]) is None  # the oldest was dropped
