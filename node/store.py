@@ -56,7 +56,7 @@ import pydicom.encaps
 
 from node.dicom_files import FrameRanges, InstanceInfo, InvalidDicom, parse_instance
 from node.errors import NodeError
-from node.wirecache import CacheWarmer
+from node.wirecache import CacheWarmer, pid_alive
 from node.wirecodec import PixelCache
 
 if TYPE_CHECKING:
@@ -359,16 +359,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _json(values: Sequence[float] | None) -> str | None:
     return None if values is None else json.dumps(list(values))
 
@@ -451,7 +441,7 @@ class Store:
                 pid = int(temp.name.split("-")[1])
             except (IndexError, ValueError):
                 pid = -1
-            if pid <= 0 or not _pid_alive(pid) or pid == os.getpid():
+            if pid <= 0 or not pid_alive(pid) or pid == os.getpid():
                 temp.unlink(missing_ok=True)
 
     def gc(self) -> int:

@@ -54,7 +54,8 @@ WARM_QUEUE = 100_000  # instance UIDs waiting to be warmed; more are dropped
 KEY_PURPOSE = "radmesh-wirecache-v1"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (a temp file's writer, say)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -95,7 +96,7 @@ class WireCache:
                 pid = int(temp.name.split("-")[1])
             except (IndexError, ValueError):
                 pid = -1
-            if pid <= 0 or pid == os.getpid() or not _pid_alive(pid):
+            if pid <= 0 or pid == os.getpid() or not pid_alive(pid):
                 temp.unlink(missing_ok=True)
         found = []
         for path in self.directory.glob("??/*"):

@@ -148,6 +148,16 @@ async def consult_pair(
     return rural, neuro, RuntimeNode(rural), RuntimeNode(neuro), rural.store.studies()[0].study_uid
 
 
+async def accepted(ask: RuntimeNode, answer: RuntimeNode, neuro: NodeRuntime, study: str) -> str:
+    """The hospital asks, the consultant accepts; returns the consult id."""
+    await ask.request_consult(form_to(neuro, study))
+    await wait_for(lambda: bool(answer.consults()))
+    consult_id = answer.consults()[0].consult_id
+    await answer.respond(consult_id, True)
+    await wait_for(lambda: ask.consults()[0].state == "accepted")
+    return consult_id
+
+
 def form_to(peer: NodeRuntime, study_uid: str, priority: str = "stat") -> ConsultForm:
     return ConsultForm(
         study_uid, str(peer.identity.node_id), "subdural?", priority, "neuro", 1.0, "IE"
@@ -226,11 +236,7 @@ async def test_a_streaming_study_lists_every_slice_and_the_one_on_screen_comes_f
     slices = 40
     rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=slices, rows=256)
     try:
-        await ask.request_consult(form_to(neuro, study_uid))
-        await wait_for(lambda: bool(answer.consults()))
-        consult_id = answer.consults()[0].consult_id
-        await answer.respond(consult_id, True)
-        await wait_for(lambda: ask.consults()[0].state == "accepted")
+        consult_id = await accepted(ask, answer, neuro, study_uid)
         answer.fetch(consult_id)
         await wait_for(lambda: bool(neuro.transfers.incoming()))
         shared_uid = neuro.transfers.incoming()[0].study_instance_uid
@@ -324,13 +330,10 @@ async def shared_and_fetched(
 ) -> ConsultItem:
     """The consultant accepted the request and holds the de-identified study; its worklist
     item (whose study_uid is the pseudonym)."""
-    await ask.request_consult(form_to(neuro, study_uid))
-    await wait_for(lambda: bool(answer.consults()))
-    [item] = answer.consults()
-    await answer.respond(item.consult_id, True)
-    await wait_for(lambda: ask.consults()[0].state == "accepted")
-    answer.fetch(item.consult_id)
+    consult_id = await accepted(ask, answer, neuro, study_uid)
+    answer.fetch(consult_id)
     await wait_for(lambda: [t.state for t in answer.transfers()] == ["complete"], 30)
+    [item] = answer.consults()
     assert item.study_uid != study_uid
     assert len(neuro.store.instances(item.study_uid)) == len(rural.store.instances(study_uid))
     return item
@@ -490,11 +493,7 @@ async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
     slices = 40
     rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=slices, rows=256)
     try:
-        await ask.request_consult(form_to(neuro, study_uid))
-        await wait_for(lambda: bool(answer.consults()))
-        consult_id = answer.consults()[0].consult_id
-        await answer.respond(consult_id, True)
-        await wait_for(lambda: ask.consults()[0].state == "accepted")
+        consult_id = await accepted(ask, answer, neuro, study_uid)
         with pytest.raises(ActionError, match="press f to fetch it"):
             answer.pause_transfer(consult_id)
 
