@@ -19,17 +19,14 @@ no envelope checks, no session listeners). Goal (issue 7): cursor p99 under
 from ana's invite to holding a session with 1,000 annotations, including its
 connection setup.
 
-Measured here (2 cores shared with other work, load average 0.6-4.4, uvloop, 12 runs
-at the default bulk window of 3): idle cursor p99 3-9 ms (raw presence 2-8 ms). Under
-bulk, cursor p99 21-83 ms, 8 of 12 runs under 50 ms; p99 follows the bulk rate: 21-43
-ms in the 6 runs at 6.7-10.5 MB/s, 43-83 ms in those at 3.6-5.8 MB/s (loaded machine);
-p50 2-13 ms; cai, with no bulk on its connection, p99 6-28 ms. Raw presence in the same
-runs p99 21-99 ms, cursor/raw x0.8-1.4: the tail is the bulk queued ahead of presence
-in SCTP's one send queue (window x 63 KiB at the bulk rate: 192 KiB / 8 MB/s = 24 ms),
-not the session layer. BENCH_LIVE_BULK_WINDOW=1: p99 9 ms at 7.5 MB/s (quiet), 20-26
-ms at 4.8-5.5 MB/s (loaded). The old single-process bench, loaded: bulk p50 22-25 ms,
-p99 55-74 ms. Late joiner, 1,000 annotations (322 KiB): 0.35-0.75 s (1.6 s in one
-process, same state).
+Measured here (2 cores shared with other work, uvloop). Since the transport keeps a bulk
+window of 1 frame while presence flows (TransportOptions.live_bulk_window), one make bench
+run: idle cursor p99 4.0 ms (raw presence 2.7 ms); under an 8.3 MB/s transfer p99 11.2 ms
+(raw 8.8 ms), p50 1.6 ms. At the old window of 3 (BENCH_LIVE_BULK_WINDOW=3), 12 runs: p99
+21-83 ms under bulk, 8 of 12 under 50 ms, following the bulk rate: the tail is the bulk
+queued ahead of presence in SCTP's one send queue (window x 63 KiB at the bulk rate), not
+the session layer. The old single-process bench, loaded: p99 55-74 ms. Late joiner, 1,000
+signed annotations (322 KiB): 0.31-0.75 s (1.6 s in one process, same state).
 """
 
 from __future__ import annotations
