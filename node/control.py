@@ -222,7 +222,7 @@ async def _short_lived(home: NodeHome) -> AsyncIterator[NodeRuntime]:
 
     runtime = NodeRuntime(home, load_identity(home.key_path))
     await runtime.start()
-    workflow.install(runtime)
+    workflow.install(runtime, resume=False)
     try:
         yield runtime
     finally:

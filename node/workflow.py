@@ -575,9 +575,10 @@ async def withdraw(
     return [p for p in told if not await rt.send_withdrawal(consult_id, p, reason)]
 
 
-def install(rt: NodeRuntime) -> None:
-    """Register the workflow's message handlers on a started runtime, and resume in the
-    background the fetches a restart cut short (:func:`unfinished_fetches`)."""
+def install(rt: NodeRuntime, *, resume: bool = True) -> None:
+    """Register the workflow's message handlers on a started runtime, and (``resume``)
+    resume in the background the fetches a restart cut short (:func:`unfinished_fetches`);
+    a node brought up for one command does not: it would stop them seconds later."""
 
     async def on_report(sender: NodeId, kind: str, wire: bytes) -> None:
         if not rt.trust.is_trusted(_signer(wire), rt.now()):
@@ -617,7 +618,7 @@ def install(rt: NodeRuntime) -> None:
         return b"ok"
 
     rt.transport.handle(FETCH_KIND, on_fetch)
-    for consult_id in unfinished_fetches(rt):
+    for consult_id in unfinished_fetches(rt) if resume else ():
         rt.spawn(_resume(rt, consult_id))
 
 

@@ -15,7 +15,7 @@ import pytest
 from consult.errors import ConsultError
 from consult.requests import Event, Priority, State
 from crypto.identity import Identity
-from node import workflow
+from node import control, workflow
 from node.config import NodeHome
 from node.deid import PseudonymMap, ShareContext, deidentify
 from node.demo_data import generate_ct
@@ -101,6 +101,13 @@ def received_hashes(rt: NodeRuntime, study_uid: str) -> set[str]:
     }
 
 
+@control.operation("test.notes")
+async def _notes(rt: NodeRuntime, args: dict[str, object], emit: control.Emit) -> list[str]:
+    await asyncio.sleep(0.2)  # what install spawned has run by now
+    rt.notify("the command ran")
+    return drain(rt, [])
+
+
 def drain(rt: NodeRuntime, into: list[str]) -> list[str]:
     while not rt.notifications.empty():
         into.append(rt.notifications.get_nowait())
@@ -183,6 +190,10 @@ async def test_a_consultant_restarted_mid_fetch_resumes_by_itself(
         await wait_for(lambda: bool(stopping), within=60)
         await stopping[0]
         assert (spool / "manifest").exists(), "the fetch finished before the node stopped"
+
+        # A node brought up for one command does not resume it (it would stop in seconds).
+        said = await control.run(pair.consultant_home, "test.notes", {}, lambda _line: None)
+        assert said == ["the command ran"]
 
         # The same home started again: nobody asks, the fetch resumes and completes.
         b2 = pair.consultant = await _started(pair.consultant_home, pair.consultant_identity)
