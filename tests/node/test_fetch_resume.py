@@ -171,29 +171,42 @@ async def test_a_withdrawn_consult_stops_its_sender_and_the_consultants_fetch(
         assert len(b.store.instances(shared_uid)) < SLICES
 
 
+async def stopped_mid_fetch(pair: Pair) -> Path:
+    """The consultant's node stopped after 5 instances of its fetch; returns the spool."""
+    b = pair.consultant
+    spool = b.home.data_dir / "transfers" / pair.consult_id
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop_after_a_few(progress: tr.Progress) -> None:
+        if progress.instances_done >= 5 and not stopping:
+            stopping.append(asyncio.ensure_future(b.stop()))
+
+    async def pull() -> None:
+        await workflow.fetch_study(b, pair.consult_id, on_progress=stop_after_a_few)
+
+    b.spawn(pull())
+    await wait_for(lambda: bool(stopping), within=60)
+    await stopping[0]
+    assert (spool / "manifest").exists(), "the fetch finished before the node stopped"
+    return spool
+
+
+async def test_a_node_brought_up_for_one_command_does_not_resume_a_fetch(
+    tmp_path: Path, registry: str
+) -> None:
+    async with accepted_consult(tmp_path, registry) as pair:
+        spool = await stopped_mid_fetch(pair)
+        said = await control.run(pair.consultant_home, "test.notes", {}, lambda _line: None)
+        assert said == ["the command ran"]  # no "Resuming the study of consult ..."
+        assert (spool / "manifest").exists()  # kept for the node's next start
+
+
 async def test_a_consultant_restarted_mid_fetch_resumes_by_itself(
     tmp_path: Path, registry: str
 ) -> None:
     async with accepted_consult(tmp_path, registry) as pair:
-        a, b = pair.hospital, pair.consultant
-        spool = b.home.data_dir / "transfers" / pair.consult_id
-        stopping: list[asyncio.Task[None]] = []
-
-        def stop_after_a_few(progress: tr.Progress) -> None:
-            if progress.instances_done >= 5 and not stopping:
-                stopping.append(asyncio.ensure_future(b.stop()))
-
-        async def pull() -> None:
-            await workflow.fetch_study(b, pair.consult_id, on_progress=stop_after_a_few)
-
-        b.spawn(pull())
-        await wait_for(lambda: bool(stopping), within=60)
-        await stopping[0]
-        assert (spool / "manifest").exists(), "the fetch finished before the node stopped"
-
-        # A node brought up for one command does not resume it (it would stop in seconds).
-        said = await control.run(pair.consultant_home, "test.notes", {}, lambda _line: None)
-        assert said == ["the command ran"]
+        a = pair.hospital
+        spool = await stopped_mid_fetch(pair)
 
         # The same home started again: nobody asks, the fetch resumes and completes.
         b2 = pair.consultant = await _started(pair.consultant_home, pair.consultant_identity)
