@@ -56,7 +56,7 @@ import pydicom.encaps
 
 from node.dicom_files import FrameRanges, InstanceInfo, InvalidDicom, parse_instance
 from node.errors import NodeError
-from node.wirecache import CacheWarmer, pid_alive
+from node.wirecache import CacheWarmer, remove_stale_temps
 from node.wirecodec import PixelCache
 
 if TYPE_CHECKING:
@@ -399,7 +399,7 @@ class Store:
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
         store = cls(root, key, db)
-        store._remove_stale_temps()
+        remove_stale_temps(store.blob_dir)  # writers that died mid-write
         return store
 
     def use_wire_cache(self, cache: PixelCache, *, warm: bool = True) -> None:
@@ -433,16 +433,6 @@ class Store:
             bytes.fromhex(content_hash), key=self._name_key, digest_size=32
         ).hexdigest()
         return self.blob_dir / name[:2] / name
-
-    def _remove_stale_temps(self) -> None:
-        """Temp files of writers that died mid-write (another live process may be writing)."""
-        for temp in self.blob_dir.glob(".tmp-*"):
-            try:
-                pid = int(temp.name.split("-")[1])
-            except (IndexError, ValueError):
-                pid = -1
-            if pid <= 0 or not pid_alive(pid) or pid == os.getpid():
-                temp.unlink(missing_ok=True)
 
     def gc(self) -> int:
         """Remove blobs no index row refers to (left by a crash); returns how many."""

@@ -54,6 +54,18 @@ WARM_QUEUE = 100_000  # instance UIDs waiting to be warmed; more are dropped
 KEY_PURPOSE = "radmesh-wirecache-v1"
 
 
+def remove_stale_temps(directory: Path) -> None:
+    """Remove ``.tmp-<pid>-...`` files whose writer died mid-write (or is this process,
+    starting over); a live process's temp files stay."""
+    for temp in directory.glob(".tmp-*"):
+        try:
+            pid = int(temp.name.split("-")[1])
+        except (IndexError, ValueError):
+            pid = -1
+        if pid <= 0 or pid == os.getpid() or not pid_alive(pid):
+            temp.unlink(missing_ok=True)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid runs (a temp file's writer, say)."""
     try:
@@ -91,13 +103,7 @@ class WireCache:
         return self._total
 
     def _load(self) -> None:
-        for temp in self.directory.glob(".tmp-*"):
-            try:
-                pid = int(temp.name.split("-")[1])
-            except (IndexError, ValueError):
-                pid = -1
-            if pid <= 0 or pid == os.getpid() or not pid_alive(pid):
-                temp.unlink(missing_ok=True)
+        remove_stale_temps(self.directory)
         found = []
         for path in self.directory.glob("??/*"):
             with contextlib.suppress(FileNotFoundError):

@@ -648,8 +648,8 @@ class _TransferMux:
     def __init__(self, conn: PeerConnection) -> None:
         self.links: list[ChannelLink] = []
         self.bound: dict[bytes, ChannelLink] = {}
-        conn.set_receiver("message", self._control)
-        conn.set_receiver("bulk", self._bulk)
+        conn.set_receiver("message", lambda data: self._route(data, 0))
+        conn.set_receiver("bulk", lambda data: self._route(data, 1))
 
     @classmethod
     def of(cls, conn: PeerConnection) -> _TransferMux:
@@ -659,9 +659,9 @@ class _TransferMux:
         return mux
 
     def sending(self, link: ChannelLink, data: bytes) -> None:
-        message = tr.from_wire(data)
-        if isinstance(message, tr.OfferPart | tr.Request):
-            self.bound[message.transfer_id] = link
+        kind, transfer_id = tr.peek(data)
+        if kind in ("offer", "req"):
+            self.bound[transfer_id] = link
 
     def remove(self, link: ChannelLink) -> None:
         if link in self.links:
@@ -669,24 +669,20 @@ class _TransferMux:
         for transfer_id in [t for t, bound in self.bound.items() if bound is link]:
             del self.bound[transfer_id]
 
-    def _targets(self, message: tr.Message) -> list[ChannelLink]:
-        link = self.bound.get(message.transfer_id)
+    def _targets(self, data: bytes) -> list[ChannelLink]:
+        kind, transfer_id = tr.peek(data)  # the receiver decodes the rest
+        link = self.bound.get(transfer_id)
         if link is not None:
             return [link]
-        if isinstance(message, tr.OfferPart):
+        if kind == "offer":
             held = set(map(id, self.bound.values()))
             return [candidate for candidate in self.links if id(candidate) not in held]
         return []
 
-    def _control(self, data: bytes) -> None:
-        for link in self._targets(tr.from_wire(data)):
+    def _route(self, data: bytes, channel: int) -> None:  # 0: control, 1: bulk
+        for link in self._targets(data):
             if link.callbacks is not None:
-                link.callbacks[0](data)
-
-    def _bulk(self, data: bytes) -> None:
-        for link in self._targets(tr.from_wire(data)):
-            if link.callbacks is not None:
-                link.callbacks[1](data)
+                link.callbacks[channel](data)
 
 
 class Transport:

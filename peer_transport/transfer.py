@@ -397,6 +397,26 @@ def _ints(values: Any) -> bool:
     return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
 
 
+def peek(data: bytes) -> tuple[str, bytes]:
+    """(kind, transfer id) of a transfer message without decoding the rest (a chunk's
+    data): enough to route it. Raises MalformedMessage."""
+    if len(data) > MAX_CHUNK_MESSAGE:
+        raise MalformedMessage(f"transfer message of {len(data)} bytes is over the limit")
+    unpacker = msgpack.Unpacker(raw=False, max_bin_len=CHUNK_SIZE, max_str_len=256)
+    unpacker.feed(data)
+    try:
+        if unpacker.read_array_header() < 2:
+            raise MalformedMessage("transfer message has the wrong shape")
+        kind, transfer_id = unpacker.unpack(), unpacker.unpack()
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise MalformedMessage(f"transfer message is not valid msgpack: {exc}") from exc
+    if not isinstance(kind, str) or not (
+        isinstance(transfer_id, bytes) and len(transfer_id) == TRANSFER_ID_SIZE
+    ):
+        raise MalformedMessage("transfer message lacks a transfer id")
+    return kind, transfer_id
+
+
 def from_wire(data: bytes) -> Message:
     if len(data) > MAX_CHUNK_MESSAGE:
         raise MalformedMessage(f"transfer message of {len(data)} bytes is over the limit")

@@ -582,7 +582,7 @@ class RuntimeNode:
             raise ActionError(str(exc)) from exc
         if role != "consultant":
             raise ActionError("only the consultant's node fetches the study of a consult")
-        if case.state not in (State.ACCEPTED, State.TRANSFERRING, State.IN_REVIEW):
+        if case.state not in workflow.SERVABLE:
             raise ActionError(
                 f"consult {consult_id[:8]} is {case.state.value}: accept it first (a)"
             )
