@@ -26,7 +26,9 @@ Wire (both are frozen dataclasses with ``to_wire``/``from_wire``):
 Trust: the transport admits only trusted peers, invites go only to peers
 ``is_trusted`` accepts, and a connection joins a consult only through an
 invite or a join request this node sent or answered (never by merely sending
-data for it).
+data for it), and only if the admission check lets it in: the consult's
+parties and the guests they both approved (:mod:`consult.admission`). A
+trusted node that merely knows a consult id is refused, and the refusal audited.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from consult.shared import (
     SyncMessage,
 )
 from crypto import canonical
-from crypto.identity import Identity, NodeId
+from crypto.errors import BadSignature
+from crypto.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, NodeId, verify_signature
 from peer_transport import frames
 from peer_transport.connection import PeerConnection, RequestRefused, Transport
 
@@ -75,6 +78,8 @@ TICK_S = 1 / 30  # presence tick: coalesced cursor moves, heartbeats, expiry
 WATCH_S = 0.25  # how often a connection's state is checked (reconnect, close)
 INVITE_KIND = "live.invite"
 JOIN_KIND = "live.join"
+TICKET_DOMAIN = b"radmesh/live-ticket/v1"
+NOT_ADMITTED = "not-admitted"
 PALETTE = ("#00d7ff", "#ff5f87", "#afff5f", "#ffaf00", "#af87ff", "#5fffd7", "#ff8700", "#d7d7d7")
 
 Listener = Callable[[], None]
@@ -243,17 +248,22 @@ class Invite:
     members: tuple[bytes, ...] = ()
     title: str = ""
     study_uid: str = ""  # as the invitee knows it (pseudonymised when shared de-identified)
+    # The inviter's key and its signature over (consult id, invitee key): the invitee shows
+    # both in its joins, so members who admitted the inviter admit the invitee too.
+    by: bytes = b""
+    ticket: bytes = b""
 
     def to_wire(self) -> bytes:
         _check_consult_id(self.consult_id)
-        return canonical.encode(
-            {
-                "consult": self.consult_id,
-                "members": list(self.members),
-                "title": self.title,
-                "study": self.study_uid,
-            }
-        )
+        raw: dict[str, Any] = {
+            "consult": self.consult_id,
+            "members": list(self.members),
+            "title": self.title,
+            "study": self.study_uid,
+        }
+        if self.ticket:
+            raw.update(by=self.by, ticket=self.ticket)
+        return canonical.encode(raw)
 
     @classmethod
     def from_wire(cls, data: bytes) -> Invite:
@@ -263,6 +273,7 @@ class Invite:
             raw = canonical.decode(data, max_size=MAX_INVITE)
             consult_id, members, title = raw["consult"], raw["members"], raw["title"]
             study_uid = raw.get("study", "")
+            by, ticket = raw.get("by", b""), raw.get("ticket", b"")
             ok = (
                 isinstance(consult_id, str)
                 and 0 < len(consult_id.encode()) <= MAX_CONSULT_ID
@@ -273,12 +284,29 @@ class Invite:
                 and len(title) <= 200
                 and isinstance(study_uid, str)
                 and len(study_uid) <= 64
+                and isinstance(by, bytes)
+                and len(by) in (0, PUBLIC_KEY_SIZE)
+                and isinstance(ticket, bytes)
+                and len(ticket) in (0, SIGNATURE_SIZE)
             )
         except Exception as exc:  # canonical raises its own CryptoError family
             raise MalformedMessage(f"live invite does not parse: {exc}") from exc
         if not ok:
             raise MalformedMessage("live invite has the wrong shape")
-        return cls(consult_id, tuple(members), title, study_uid)
+        return cls(consult_id, tuple(members), title, study_uid, by, ticket)
+
+
+def ticket_input(consult_id: str, joiner: bytes) -> bytes:
+    """What an inviter signs so that ``joiner`` may join the session's other members."""
+    return TICKET_DOMAIN + canonical.encode([consult_id, joiner])
+
+
+def ticket_valid(consult_id: str, joiner: bytes, by: bytes, ticket: bytes) -> bool:
+    try:
+        verify_signature(by, ticket_input(consult_id, joiner), ticket)
+    except BadSignature:
+        return False
+    return True
 
 
 def _read_uint(data: bytes, offset: int) -> tuple[int, int]:
@@ -607,6 +635,14 @@ class LiveHub:
     ``is_trusted(public_key)`` gates invites; ``notify(text)`` tells the person
     (the runtime's notifications). Invites from trusted peers are accepted
     automatically when ``auto_join`` (the TUI shows the session in the worklist).
+
+    Admission: ``may_join(consult_id, public_key)`` (the runtime's
+    :class:`~consult.admission.Admission`) says whether a peer may be bound to a
+    session; None means no consult of that id is on record here, and then only
+    the peers this node invited, the peer that invited it, the members that
+    inviter named and joiners with a ticket signed by one of those are admitted.
+    Every refused invite or join is reported to ``on_refused(consult_id,
+    public_key, how)`` (the runtime audits it) and answered ``not-admitted``.
     """
 
     def __init__(
@@ -619,7 +655,14 @@ class LiveHub:
         notify: Callable[[str], None] = lambda _text: None,
         clock: Callable[[], float] = time.time,
         auto_join: bool = True,
+        may_join: Callable[[str, bytes], bool | None] = lambda _consult, _peer: None,
+        on_refused: Callable[[str, bytes, str], None] = lambda _consult, _peer, _how: None,
     ) -> None:
+        self.may_join = may_join
+        self.on_refused = on_refused
+        # Consults with no record here: who this node admits, and the ticket it joins with.
+        self._rosters: dict[str, set[bytes]] = {}
+        self._tickets: dict[str, tuple[bytes, bytes]] = {}
         self.transport = transport
         self.identity = identity
         self.own_key = identity.public_key
@@ -655,6 +698,8 @@ class LiveHub:
         return live
 
     async def leave(self, consult_id: str) -> None:
+        self._rosters.pop(consult_id, None)
+        self._tickets.pop(consult_id, None)
         live = self.sessions.pop(consult_id, None)
         if live is not None:
             await live.close()
@@ -670,15 +715,26 @@ class LiveHub:
                 f"{NodeId.from_public_key(peer).short()} is not trusted: verify its safety "
                 "number (`radmesh trust verify`) before inviting it to a live session"
             )
+        verdict = self.may_join(consult_id, peer)
+        if verdict is False:
+            raise LocalConsultError(
+                f"{NodeId.from_public_key(peer).short()} is not a party of consult "
+                f"{consult_id[:8]}: the requesting hospital's node and the consultant's node "
+                "must both approve it as a guest before it can be invited"
+            )
         live = self.open(consult_id)
         if len(live.peers) + 2 > MAX_PARTICIPANTS:
             raise LocalConsultError(f"a live session holds at most {MAX_PARTICIPANTS} people")
+        if verdict is None:
+            self._rosters.setdefault(consult_id, set()).add(peer)
         conn = await self.transport.connect(peer)
         self._attach(conn)
         members = tuple(p for p in live.peers if p != peer)
         live.expected.add(peer)
+        ticket = self.identity.sign(ticket_input(consult_id, peer))
         await conn.request(
-            INVITE_KIND, Invite(consult_id, members, live.title, live.study_uid).to_wire()
+            INVITE_KIND,
+            Invite(consult_id, members, live.title, live.study_uid, self.own_key, ticket).to_wire(),
         )
         live.bind(conn)
 
@@ -692,12 +748,22 @@ class LiveHub:
     # -- requests from peers ------------------------------------------------------------
     async def _on_invite(self, conn: PeerConnection, body: bytes) -> bytes:
         invite = Invite.from_wire(body)
-        if not self.auto_join and invite.consult_id not in self.sessions:
+        consult_id = invite.consult_id
+        if not self.auto_join and consult_id not in self.sessions:
             raise RequestRefused("declined", "this node does not join live sessions on invite")
-        live = self.open(invite.consult_id, invite.title, invite.study_uid)
+        unrecorded = self.may_join(consult_id, conn.peer) is None
+        if unrecorded and consult_id not in self.sessions:
+            self._rosters.setdefault(consult_id, set()).add(conn.peer)  # a new session
+        if not self._admits(consult_id, conn.peer):
+            raise self._refuse(consult_id, conn.peer, "invite")
+        live = self.open(consult_id, invite.title, invite.study_uid)
         self._attach(conn)
         if not live.bind(conn):
             raise RequestRefused("full", f"the session already has {MAX_PARTICIPANTS} people")
+        if unrecorded:  # the inviter vouches for the members it names
+            self._rosters.setdefault(consult_id, set()).update(invite.members)
+        if invite.ticket:
+            self._tickets[consult_id] = (invite.by, invite.ticket)
         self.notify(
             f"{NodeId.from_public_key(conn.peer).short()} invited you to a live session "
             f"on consult {invite.consult_id[:8]}"
@@ -709,9 +775,13 @@ class LiveHub:
 
     async def _on_join(self, conn: PeerConnection, body: bytes) -> bytes:
         invite = Invite.from_wire(body)
+        if not self._admits(invite.consult_id, conn.peer, invite.by, invite.ticket):
+            raise self._refuse(invite.consult_id, conn.peer, "join")
         live = self.sessions.get(invite.consult_id)
         if live is None:
             raise RequestRefused("not-in-session", "this node is not in that live session")
+        if invite.consult_id in self._rosters:
+            self._rosters[invite.consult_id].add(conn.peer)
         self._attach(conn)
         if not live.bind(conn):
             raise RequestRefused("full", f"the session already has {MAX_PARTICIPANTS} people")
@@ -725,19 +795,54 @@ class LiveHub:
                 "is not trusted by this node, so you will not see them"
             )
             return
+        if not self._admits(consult_id, member):
+            self.notify(
+                f"live session {consult_id[:8]}: {NodeId.from_public_key(member).short()} "
+                "is not a party of the consult nor a guest both parties approved, so this "
+                "node does not share the session with it"
+            )
+            return
+        by, ticket = self._tickets.get(consult_id, (b"", b""))
         try:
             conn = await self.transport.connect(member)
             self._attach(conn)
             live = self.sessions.get(consult_id)
             if live is not None:
                 live.expected.add(member)
-            await conn.request(JOIN_KIND, Invite(consult_id).to_wire())
+            await conn.request(JOIN_KIND, Invite(consult_id, by=by, ticket=ticket).to_wire())
         except Exception as exc:
             log.info("could not join %s in the live session: %s", member.hex()[:8], exc)
             return
         live = self.sessions.get(consult_id)
         if live is not None:
             live.bind(conn)
+
+    # -- admission ------------------------------------------------------------------
+    def _admits(self, consult_id: str, peer: bytes, by: bytes = b"", ticket: bytes = b"") -> bool:
+        """Whether ``peer`` may be bound to this node's session on ``consult_id``."""
+        verdict = self.may_join(consult_id, peer)
+        if verdict is not None:
+            return verdict
+        roster = self._rosters.get(consult_id, set())
+        return peer in roster or (
+            by in roster and bool(ticket) and ticket_valid(consult_id, peer, by, ticket)
+        )
+
+    def _refuse(self, consult_id: str, peer: bytes, how: str) -> RequestRefused:
+        log.warning(
+            "refused a live %s from %s: not a party of that consult nor an approved guest",
+            how,
+            NodeId.from_public_key(peer).short(),
+        )
+        try:
+            self.on_refused(consult_id, peer, how)
+        except Exception:
+            log.exception("recording a refused live %s failed", how)
+        return RequestRefused(
+            NOT_ADMITTED,
+            "this node does not admit your node to that live session: only the consult's "
+            "parties and the guests both of them approved take part",
+        )
 
     # -- connections ----------------------------------------------------------------
     def _attach(self, conn: PeerConnection) -> None:

@@ -74,6 +74,12 @@ CREATE TABLE IF NOT EXISTS offers (
     declined INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (consult_id, peer)
 );
+CREATE TABLE IF NOT EXISTS live_guests (
+    consult_id TEXT NOT NULL REFERENCES requests(id),
+    guest TEXT NOT NULL,
+    approver TEXT NOT NULL,
+    PRIMARY KEY (consult_id, guest, approver)
+);
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 """
 _PRIORITY_ORDER = {p: i for i, p in enumerate(Priority)}
@@ -384,6 +390,26 @@ class ConsultDB:
             "SELECT wire FROM reports WHERE consult_id = ?", (consult_id,)
         ).fetchone()
         return None if row is None else bytes(row[0])
+
+    def parties(self, consult_id: str, own: str) -> frozenset[str]:
+        """The node ids (text) entitled to a consult's live session: this node (``own``)
+        and the other side (the requester, or the consultant who accepted)."""
+        _, peer, _ = self.info(consult_id)
+        return frozenset({own, peer} - {""})
+
+    def approve_guest(self, consult_id: str, guest: str, approver: str) -> None:
+        """Record that party ``approver`` agrees to ``guest`` joining the live session."""
+        self.info(consult_id)  # UnknownConsult if not here
+        self._db.execute(
+            "INSERT OR IGNORE INTO live_guests VALUES (?,?,?)", (consult_id, guest, approver)
+        )
+
+    def guest_approvers(self, consult_id: str, guest: str) -> frozenset[str]:
+        rows = self._db.execute(
+            "SELECT approver FROM live_guests WHERE consult_id = ? AND guest = ?",
+            (consult_id, guest),
+        ).fetchall()
+        return frozenset(str(r[0]) for r in rows)
 
     def cases(self, states: Iterable[State] | None = None) -> list[ConsultCase]:
         """Cases, most urgent first (STAT before urgent before routine), then oldest first."""

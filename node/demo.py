@@ -240,9 +240,21 @@ async def open_live(net: DemoNetwork, requested: Requested, received: list[Any])
     neurorad, neurosurg = net.nodes[NEURORAD.key], net.nodes[NEUROSURG.key]
     request_id = requested.consult_id
     async with net.step("live session: neuroradiologist invites the neurosurgeon"):
+        # A guest needs both parties' approval: the hospital's, then the consultant's own.
+        rural, surgeon_key = net.nodes[RURAL.key], neurosurg.identity.public_key
+        surgeon_id = str(neurosurg.identity.node_id)
+        await workflow.approve_live_guest(rural, request_id, surgeon_key)
+        await wait_until(
+            lambda: (
+                str(rural.identity.node_id)
+                in neurorad.consults.guest_approvers(request_id, surgeon_id)
+            ),
+            "the hospital's approval of the neurosurgeon",
+        )
+        await workflow.approve_live_guest(neurorad, request_id, surgeon_key)
         hub = neurorad.live_hub()
         live: LiveConsult = hub.open(request_id, "CT head - STAT", requested.shared_study_uid)
-        await hub.invite(request_id, neurosurg.identity.public_key)
+        await hub.invite(request_id, surgeon_key)
         await wait_until(lambda: request_id in neurosurg.live_hub().sessions, "the join")
         surgeon_live = neurosurg.live_hub().sessions[request_id]
 

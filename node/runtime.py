@@ -28,6 +28,7 @@ from typing import Any
 import nacl.exceptions
 import nacl.public
 
+from consult.admission import Admission
 from consult.errors import ConsultError
 from consult.intake import Intake, take_in
 from consult.live import LiveHub
@@ -500,8 +501,18 @@ class NodeRuntime:
                 is_trusted=lambda key: self.trust.is_trusted(key, self.now()),
                 notify=self.notify,
                 clock=self.clock,
+                may_join=Admission(self.consults, self.identity.node_id).may_join,
+                on_refused=self._audit_live_refusal,
             )
         return self._live_hub
+
+    def _audit_live_refusal(self, consult_id: str, peer: bytes, how: str) -> None:
+        self.audit.append(
+            AuditKind.CONSULT,
+            now=self.clock(),
+            peer=str(NodeId.from_public_key(peer)),
+            details={"consult": consult_id, "event": f"live-{how}-refused"},
+        )
 
     def status(self) -> Status:
         return Status(

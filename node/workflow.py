@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from consult.admission import GuestConsent
 from consult.errors import ConsultError, LocalConsultError
 from consult.report import (
     KeyImage,
@@ -85,6 +86,7 @@ REPORT_KIND = "consult.report"
 SERVABLE = frozenset({State.ACCEPTED, State.TRANSFERRING, State.IN_REVIEW})
 REVIEW_KIND = "consult.review"
 FETCH_KIND = "consult.fetch"
+LIVE_CONSENT_KIND = "live.consent"
 # A fetch resumed at start that fails is tried again after each of these delays
 # (seconds), then left to a person; its spool stays for that later attempt.
 RESUME_RETRY_AFTER = (60.0, 300.0, 900.0)
@@ -575,6 +577,50 @@ async def withdraw(
     return [p for p in told if not await rt.send_withdrawal(consult_id, p, reason)]
 
 
+async def approve_live_guest(rt: NodeRuntime, consult_id: str, guest: bytes) -> str:
+    """Either party: agree that ``guest`` (a public key) joins the consult's live session,
+    and tell the other party. A guest is admitted once both parties agreed (one of them
+    then invites it); see :mod:`consult.admission`. Returns how the other party was told."""
+    consult_id = rt.consults.resolve(consult_id)
+    guest_id = NodeId.from_public_key(guest)
+    rt.consults.approve_guest(consult_id, str(guest_id), str(rt.identity.node_id))
+    rt.audit.append(
+        AuditKind.CONSULT,
+        now=rt.clock(),
+        peer=str(guest_id),
+        details={"consult": consult_id, "event": "live-guest-approved"},
+    )
+    role, peer, _ = rt.consults.info(consult_id)
+    if not peer:
+        return "no other party yet"
+    other = (
+        requester_key(rt, consult_id)
+        if role == "consultant"
+        else await consultant_key(rt, consult_id)
+    )
+    if other is None:
+        raise RuntimeError_(f"the other party of consult {consult_id[:8]} cannot be reached now")
+    return await rt.send_message(
+        other, LIVE_CONSENT_KIND, GuestConsent(consult_id, guest).to_wire()
+    )
+
+
+async def _on_live_consent(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
+    consent = GuestConsent.from_wire(wire)
+    _, peer, _ = rt.consults.info(consent.consult_id)
+    if not peer or NodeId.parse(peer) != sender:
+        raise RuntimeError_(
+            f"a guest approval for consult {consent.consult_id[:8]} from {sender.short()}, "
+            "who is not its other party, was ignored"
+        )
+    guest = NodeId.from_public_key(consent.guest)
+    rt.consults.approve_guest(consent.consult_id, str(guest), str(sender))
+    rt.notify(
+        f"{sender.short()} approved {guest.short()} as a guest of the live session on "
+        f"consult {consent.consult_id[:8]}"
+    )
+
+
 def install(rt: NodeRuntime, *, resume: bool = True) -> None:
     """Register the workflow's message handlers on a started runtime, and (``resume``)
     resume in the background the fetches a restart cut short (:func:`unfinished_fetches`);
@@ -601,6 +647,11 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
             raise
 
     rt.handlers[REVIEW_KIND] = on_review
+
+    async def on_live_consent(sender: NodeId, kind: str, wire: bytes) -> None:
+        await _on_live_consent(sender, wire, rt)
+
+    rt.handlers[LIVE_CONSENT_KIND] = on_live_consent
 
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
         consult_id = rt.consults.resolve(body.decode(errors="replace"))
