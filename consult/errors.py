@@ -61,3 +61,7 @@ class BadReport(RemoteConsultError):
 
 class Forgery(MalformedMessage):
     """A peer's live edit is not signed by its author, or alters another participant's work."""
+
+
+class LimitExceeded(MalformedMessage):
+    """A peer's live edit goes past a session limit (message, document, per-participant)."""

@@ -43,7 +43,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from consult.errors import LocalConsultError, MalformedMessage, RemoteConsultError
-from consult.presence import MAX_PRESENCE_MESSAGE, Cursor, Participant, Presence, Viewport
+from consult.presence import (
+    MAX_PRESENCE_MESSAGE,
+    Cursor,
+    Participant,
+    Presence,
+    Viewport,
+    check_state,
+)
 from consult.shared import (
     MAX_SYNC_MESSAGE,
     Annotation,
@@ -355,6 +362,7 @@ def check_presence(message: bytes, node: str, bound_client: int | None) -> int |
         client = client_id
         if state is not None and (not isinstance(state, dict) or state.get("node") != node):
             raise MalformedMessage(f"presence claims to be from another node than {node}")
+        check_state(state)
     return client
 
 

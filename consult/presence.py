@@ -21,6 +21,7 @@ node id is the runtime's job (it knows which connection a message came from).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +35,29 @@ HEARTBEAT_S = 1.5
 MAX_RATE_HZ = 30.0
 MAX_PRESENCE_MESSAGE = 16 * 1024
 AWARENESS_BYTE = 1  # y-protocols message type for awareness
+# Caps on what a peer's presence state may hold, checked on receive (check_state).
+MAX_NAME_CHARS = 100
+MAX_COLOUR_CHARS = 16
+MAX_TOOL_CHARS = 32
+MAX_NODE_CHARS = 80  # a node id as text
+MAX_UID_CHARS = 64  # a DICOM UID
+_TEXT_CAPS = {
+    "node": MAX_NODE_CHARS,
+    "name": MAX_NAME_CHARS,
+    "colour": MAX_COLOUR_CHARS,
+    "tool": MAX_TOOL_CHARS,
+}
+_FLAGS = ("presenting", "following")
+_CURSOR = {"sop_instance_uid": str, "frame": int, "x": float, "y": float}
+_VIEWPORT = {
+    "series_uid": str,
+    "slice_index": int,
+    "window": float,
+    "level": float,
+    "zoom": float,
+    "pan_x": float,
+    "pan_y": float,
+}
 
 
 @dataclass(frozen=True)
@@ -104,6 +128,43 @@ class Participant:
             raise MalformedMessage(f"presence state of client {client_id} is malformed") from exc
 
 
+def _check_fields(what: str, value: Any, shape: dict[str, type]) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or set(value) != set(shape):
+        raise MalformedMessage(f"presence {what} has the wrong fields")
+    for name, kind in shape.items():
+        field_value = value[name]
+        if kind is str:
+            ok = isinstance(field_value, str) and len(field_value) <= MAX_UID_CHARS
+        elif kind is int:
+            ok = type(field_value) is int and 0 <= field_value < 2**31
+        else:
+            ok = type(field_value) in (int, float) and math.isfinite(field_value)
+        if not ok:
+            raise MalformedMessage(f"presence {what} field {name!r} is out of range")
+
+
+def check_state(state: Any) -> None:
+    """Refuse a peer's presence state with unknown fields or fields past their caps
+    (names, colours, tools, UIDs, numbers); None (a participant leaving) is fine."""
+    if state is None:
+        return
+    if not isinstance(state, dict):
+        raise MalformedMessage("presence state is not an object")
+    unknown = set(state) - {*_TEXT_CAPS, *_FLAGS, "cursor", "viewport"}
+    if unknown:
+        raise MalformedMessage(f"presence state has {len(unknown)} unknown field(s)")
+    for name, cap in _TEXT_CAPS.items():
+        value = state.get(name, "")
+        if not isinstance(value, str) or len(value) > cap:
+            raise MalformedMessage(f"presence {name} is not text of at most {cap} characters")
+    if any(not isinstance(state.get(flag, False), bool) for flag in _FLAGS):
+        raise MalformedMessage("presence flags must be true or false")
+    _check_fields("cursor", state.get("cursor"), _CURSOR)
+    _check_fields("viewport", state.get("viewport"), _VIEWPORT)
+
+
 class _ClockedAwareness(pycrdt.Awareness):
     """Awareness that reads the time we give it (milliseconds), never the wall clock."""
 
@@ -151,7 +212,13 @@ class Presence:
         self._dirty = True
         self._last_sent: float | None = None
         self._awareness.set_local_state(
-            {"node": node, "name": name, "colour": colour, "tool": "pointer", "presenting": False}
+            {
+                "node": node,
+                "name": name[:MAX_NAME_CHARS],  # peers refuse longer ones (check_state)
+                "colour": colour[:MAX_COLOUR_CHARS],
+                "tool": "pointer",
+                "presenting": False,
+            }
         )
 
     # local changes ------------------------------------------------------------------------
@@ -167,7 +234,7 @@ class Presence:
         self._set(now, cursor=asdict(cursor) if cursor else None)
 
     def set_tool(self, tool: str, now: float) -> None:
-        self._set(now, tool=tool)
+        self._set(now, tool=tool[:MAX_TOOL_CHARS])
 
     def set_viewport(self, viewport: Viewport, now: float, *, by_user: bool = True) -> None:
         """``by_user``: the person moved; a follower who moves on their own stops following."""
@@ -271,4 +338,5 @@ __all__ = [
     "Presence",
     "PresenceMessage",
     "Viewport",
+    "check_state",
 ]

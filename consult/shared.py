@@ -41,16 +41,18 @@ removing a chat message is not checked at all (annotations: by connection).
 from __future__ import annotations
 
 import functools
+import math
 import struct
 import uuid
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 from typing import Any
 
 import pycrdt
 
-from consult.errors import Forgery, LocalConsultError, MalformedMessage, NotAuthor
+from consult.errors import Forgery, LimitExceeded, LocalConsultError, MalformedMessage, NotAuthor
 from consult.ywire import read_varuint, varuint
 from crypto import canonical
 from crypto.errors import BadSignature, EncodingError, InvalidNodeId
@@ -58,9 +60,20 @@ from crypto.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, NodeId, v
 
 MAX_UPDATE_MESSAGE = 256 * 1024  # one local edit
 MAX_SYNC_MESSAGE = 16 * 1024 * 1024  # a full state for a late joiner
+# The whole document, as its full update: half the catch-up cap, so a late joiner always
+# gets it in one step 2 (repairs and delete sets included).
+MAX_DOCUMENT = 8 * 1024 * 1024
 MAX_CHAT_CHARS = 4000
 MAX_LABEL_CHARS = 500
 MAX_POINTS = 16
+MAX_REPORT_CHARS = 100_000
+MAX_ANNOTATIONS_PER_AUTHOR = 2000
+MAX_CHAT_PER_AUTHOR = 2000
+MAX_VALUES = 16  # measurement results on one annotation
+MAX_VALUE_NAME = 64
+MAX_UID_CHARS = 64  # a DICOM UID
+MAX_ID_CHARS = 64  # annotation and chat message ids (this node makes 32 hex digits)
+MAX_FRAME = 2**31 - 1
 
 Point = tuple[float, float]
 
@@ -166,6 +179,20 @@ class Annotation:
             )
         if len(self.text) > MAX_LABEL_CHARS:
             raise LocalConsultError(f"annotation text is limited to {MAX_LABEL_CHARS} characters")
+        if len(self.values) > MAX_VALUES or any(len(k) > MAX_VALUE_NAME for k in self.values):
+            raise LocalConsultError(
+                f"an annotation holds at most {MAX_VALUES} values, "
+                f"named in at most {MAX_VALUE_NAME} characters"
+            )
+        if not (
+            0 < len(self.id) <= MAX_ID_CHARS
+            and len(self.sop_instance_uid) <= MAX_UID_CHARS
+            and 0 <= self.frame <= MAX_FRAME
+        ):
+            raise LocalConsultError("annotation id, instance UID or frame is out of range")
+        numbers = [*self.values.values(), self.at, *(c for p in self.points for c in p)]
+        if not all(math.isfinite(n) for n in numbers):
+            raise LocalConsultError("annotation points, time and values must be finite numbers")
 
     def to_py(self) -> dict[str, Any]:
         return {
@@ -232,6 +259,12 @@ class ChatMessage:
     key: bytes = b""  # as in Annotation
     sig: bytes = b""
 
+    def __post_init__(self) -> None:
+        if len(self.text) > MAX_CHAT_CHARS:
+            raise LocalConsultError(f"a chat message is limited to {MAX_CHAT_CHARS} characters")
+        if not 0 < len(self.id) <= MAX_ID_CHARS or not math.isfinite(self.at):
+            raise LocalConsultError("chat message id or time is out of range")
+
     def to_py(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -259,7 +292,7 @@ class ChatMessage:
             return cls(
                 str(raw["id"]), str(raw["author"]), float(raw["at"]), str(raw["text"]), key, sig
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, LocalConsultError) as exc:
             raise MalformedMessage(f"chat message is malformed: {exc}") from exc
 
 
@@ -299,6 +332,18 @@ class SyncMessage:
         if start + length != len(data):
             raise MalformedMessage("live message length does not match its payload")
         return cls(kind, data[start:])
+
+
+def _inserted(old: str, new: str) -> tuple[int, int]:
+    """The range of ``new`` between its common prefix and suffix with ``old``."""
+    start = 0
+    while start < min(len(old), len(new)) and old[start] == new[start]:
+        start += 1
+    end_old, end_new = len(old), len(new)
+    while end_old > start and end_new > start and old[end_old - 1] == new[end_new - 1]:
+        end_old -= 1
+        end_new -= 1
+    return start, end_new
 
 
 def _utf8_offset(text: str, index: int) -> int:
@@ -343,6 +388,7 @@ class SharedState:
         # and the indexes of the chat messages it inserted.
         self._touched: dict[str, Any] | None = None
         self._said: list[int] | None = None
+        self._size = len(self.doc.get_update())  # an upper bound on the full update, see _room
         self._annotations.observe(self._on_annotations)
         self._chat.observe(self._on_chat)
 
@@ -358,6 +404,14 @@ class SharedState:
         text: str = "",
         values: Mapping[str, float] | None = None,
     ) -> Annotation:
+        if self._count_by(self._annotations.to_py().values())[self.local_node] >= (
+            MAX_ANNOTATIONS_PER_AUTHOR
+        ):
+            raise LocalConsultError(
+                f"a participant may make at most {MAX_ANNOTATIONS_PER_AUTHOR} annotations "
+                "in one session: remove some first"
+            )
+        self._local_room(1024 + 4 * len(text))
         annotation = Annotation(
             uuid.uuid4().hex,
             kind,
@@ -385,6 +439,11 @@ class SharedState:
     def say(self, text: str, now: float) -> ChatMessage:
         if len(text) > MAX_CHAT_CHARS:
             raise LocalConsultError(f"a chat message is limited to {MAX_CHAT_CHARS} characters")
+        if self._count_by(self._chat.to_py())[self.local_node] >= MAX_CHAT_PER_AUTHOR:
+            raise LocalConsultError(
+                f"a participant may send at most {MAX_CHAT_PER_AUTHOR} chat messages in one session"
+            )
+        self._local_room(512 + 4 * len(text))
         message = ChatMessage(uuid.uuid4().hex, self.local_node, now, text).signed(
             self._identity, self.consult_id
         )
@@ -394,6 +453,9 @@ class SharedState:
     def insert_report(self, index: int, text: str) -> None:
         """Insert at a character index (clamped to the text)."""
         current = str(self._report)
+        if len(current) + len(text) > MAX_REPORT_CHARS:
+            raise LocalConsultError(f"the report draft is limited to {MAX_REPORT_CHARS} characters")
+        self._local_room(64 + 4 * len(text))
         self._report.insert(_utf8_offset(current, index), text)
 
     def delete_report(self, start: int, end: int) -> None:
@@ -440,6 +502,7 @@ class SharedState:
         return lambda: self._listeners.remove(listener)
 
     def _on_transaction(self, event: Any) -> None:
+        self._size += len(event.update)
         if self._applying_remote:
             return  # full mesh: every peer hears an edit from its author, no re-broadcast
         update: bytes = event.update
@@ -470,6 +533,12 @@ class SharedState:
                 return SyncMessage(SyncKind.STEP2, self.doc.get_update(message.payload)).to_wire()
             if message.payload == b"\x00\x00":
                 return None
+            if not self._room(len(message.payload)):
+                raise LimitExceeded(
+                    f"{sender[:8] if sender else 'a peer'} sent a live edit that would grow the "
+                    f"shared document past {MAX_DOCUMENT} bytes: its connection is closed"
+                )
+            report_before = str(self._report)
             self._applying_remote = True
             self._touched, self._said = {}, []
             try:
@@ -482,15 +551,73 @@ class SharedState:
             raise MalformedMessage(f"live update from a peer does not apply: {exc}") from exc
         own_edit = message.kind == SyncKind.UPDATE
         with self.doc.transaction():  # the repairs are one local edit, sent to every peer
-            forged = self._repair(touched, sender, own_edit) + self._unsay(said, sender, own_edit)
-        if forged:
-            who = sender[:8] if sender else "a peer"
+            forged = self._repair(touched, sender, own_edit)
+            unsaid, chat_over = self._unsay(said, sender, own_edit)
+            over = self._over_limits(touched, report_before) + chat_over
+        who = sender[:8] if sender else "a peer"
+        if forged + unsaid:
             raise Forgery(
-                f"{who} sent {forged} annotation(s) or chat message(s) not signed by their "
-                "author, or removed or changed another participant's annotation: "
-                "its connection is closed"
+                f"{who} sent {forged + unsaid} annotation(s) or chat message(s) that are "
+                "malformed, over the session's size limits or not signed by their author, or "
+                "removed or changed another participant's annotation: its connection is closed"
+            )
+        if over:
+            raise LimitExceeded(
+                f"{who} sent {over} edit(s) past the session's limits (at most "
+                f"{MAX_ANNOTATIONS_PER_AUTHOR} annotations and {MAX_CHAT_PER_AUTHOR} chat "
+                f"messages per participant, {MAX_REPORT_CHARS} report characters): "
+                "they were undone and its connection is closed"
             )
         return None
+
+    # limits ---------------------------------------------------------------------------------
+    @staticmethod
+    def _count_by(entries: Iterable[Any]) -> Counter[str]:
+        """How many of ``entries`` (raw annotation or chat values) each author has."""
+        return Counter(str(e.get("author")) for e in entries if isinstance(e, dict))
+
+    def _room(self, extra: int) -> bool:
+        """Whether ``extra`` more bytes keep the document under :data:`MAX_DOCUMENT`.
+
+        ``_size`` only grows (every applied update's size is added), so it bounds
+        the real size from above; the real size is measured only when the bound
+        says the document may be full."""
+        if self._size + extra <= MAX_DOCUMENT:
+            return True
+        self._size = len(self.doc.get_update())
+        return self._size + extra <= MAX_DOCUMENT
+
+    def _local_room(self, extra: int) -> None:
+        if not self._room(extra):
+            raise LocalConsultError(
+                f"the session's shared document is full ({MAX_DOCUMENT // (1024 * 1024)} MiB): "
+                "finalise the report, or remove annotations you no longer need"
+            )
+
+    def _over_limits(self, touched: dict[str, Any], report_before: str) -> int:
+        """Undo what a peer's message added past a cap; returns how many edits that was.
+
+        Every participant that got the same message undoes the same items (all the
+        annotations it added for an author now past :data:`MAX_ANNOTATIONS_PER_AUTHOR`,
+        the text it inserted into a draft now past :data:`MAX_REPORT_CHARS`), so
+        their repairs are the same deletions and nobody takes another's repair for
+        a forgery.
+        """
+        over = 0
+        added = [k for k, old in touched.items() if old is None and k in self._annotations]
+        if added:
+            counts = self._count_by(self._annotations.to_py().values())
+            for key in added:
+                if counts[str(self._annotations[key].get("author"))] > MAX_ANNOTATIONS_PER_AUTHOR:
+                    del self._annotations[key]
+                    over += 1
+        report = str(self._report)
+        if len(report) > MAX_REPORT_CHARS:
+            start, end = _inserted(report_before, report)
+            if end > start:
+                self.delete_report(start, end)
+                over += 1
+        return over
 
     def _on_annotations(self, event: Any) -> None:
         if self._touched is not None:
@@ -544,10 +671,12 @@ class SharedState:
                 forged += unsigned or (own_edit and (by_other or in_their_name))
         return forged
 
-    def _unsay(self, said: list[int], sender: str | None, own_edit: bool) -> int:
+    def _unsay(self, said: list[int], sender: str | None, own_edit: bool) -> tuple[int, int]:
         """Delete the chat messages a peer's message inserted without their author's
-        signature (or, in ``own_edit``, in another's name); returns how many."""
-        forged = []
+        signature (or, in ``own_edit``, in another's name), or past their author's
+        :data:`MAX_CHAT_PER_AUTHOR`; returns how many of each."""
+        forged, over = [], []
+        counts = self._count_by(self._chat.to_py()) if said else Counter()
         for index in said:
             try:
                 message = ChatMessage.from_py(self._chat[index])
@@ -557,9 +686,11 @@ class SharedState:
                 ok = False
             if not ok:
                 forged.append(index)
-        for index in sorted(forged, reverse=True):
+            elif counts[message.author] > MAX_CHAT_PER_AUTHOR:
+                over.append(index)  # all of them: the same for every participant
+        for index in sorted(forged + over, reverse=True):
             del self._chat[index]
-        return len(forged)
+        return len(forged), len(over)
 
 
 class LiveSession:

@@ -7,19 +7,45 @@ state itself.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from consult.errors import LocalConsultError
-from consult.live import INVITE_KIND, JOIN_KIND, NOT_ADMITTED, Invite, LiveConsult, ticket_input
+from consult import shared
+from consult.errors import LimitExceeded, LocalConsultError, MalformedMessage
+from consult.live import (
+    INVITE_KIND,
+    JOIN_KIND,
+    NOT_ADMITTED,
+    Invite,
+    LiveConsult,
+    check_presence,
+    ticket_input,
+)
+from consult.presence import MAX_NAME_CHARS, Presence
 from consult.requests import ConsultRequest, Priority
+from consult.shared import (
+    ANNOTATION_DOMAIN,
+    CHAT_DOMAIN,
+    MAX_ANNOTATIONS_PER_AUTHOR,
+    MAX_CHAT_CHARS,
+    MAX_LABEL_CHARS,
+    MAX_REPORT_CHARS,
+    MAX_VALUES,
+    AnnotationKind,
+    SharedState,
+    SyncKind,
+    SyncMessage,
+    _signing_input,
+)
+from crypto.identity import Identity
 from node import workflow
 from node.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
 from registry.server import RegistryServer
-from tests.consult.test_live import introduce, key, start_node, wait_for
+from tests.consult.test_live import CONSULT, SOP, introduce, key, start_node, wait_for
 
 # --- fixtures -------------------------------------------------------------------------------
 
@@ -168,3 +194,214 @@ async def test_an_ad_hoc_session_refuses_a_joiner_nobody_invited_even_with_a_for
         assert join.value.code == NOT_ADMITTED
     assert not live_a.is_bound(key(c))
     assert len(a.audit.records(kind="consult", peer=str(c.identity.node_id))) == 2
+
+
+# --- caps on receive (issue 13 item 14) -----------------------------------------------------
+
+MALLORY, ALICE, CAROL = Identity.generate(), Identity.generate(), Identity.generate()
+IN_MEMORY = "c"
+
+
+def signed_chat(identity: Identity, consult_id: str, text: str) -> dict[str, object]:
+    """A chat message as a modified client writes it: signed, but past the local checks."""
+    fields: dict[str, object] = {
+        "id": uuid.uuid4().hex,
+        "author": str(identity.node_id),
+        "at": 1.0,
+        "text": text,
+        "key": identity.public_key,
+    }
+    fields["sig"] = identity.sign(_signing_input(CHAT_DOMAIN, consult_id, fields))
+    return fields
+
+
+def signed_annotation(
+    identity: Identity, consult_id: str, **changes: object
+) -> tuple[str, dict[str, object]]:
+    raw: dict[str, object] = {
+        "kind": "point",
+        "sop": SOP,
+        "frame": 0,
+        "points": [[1.0, 1.0]],
+        "author": str(identity.node_id),
+        "at": 1.0,
+        "text": "",
+        "values": {},
+        "key": identity.public_key,
+        **changes,
+    }
+    annotation_id = uuid.uuid4().hex
+    signing = _signing_input(ANNOTATION_DOMAIN, consult_id, {**raw, "id": annotation_id})
+    raw["sig"] = identity.sign(signing)
+    return annotation_id, raw
+
+
+def mallorys_updates(mallory: SharedState) -> list[bytes]:
+    updates: list[bytes] = []
+    mallory.on_local_update(updates.append)
+    return updates
+
+
+def canary_arrives(alice: SharedState) -> None:
+    """An honest participant's message still reaches Alice after she refused Mallory's."""
+    carol = SharedState(IN_MEMORY, CAROL)
+    sent = mallorys_updates(carol)
+    carol.say("canary", 2.0)
+    for update in sent:
+        alice.receive(update, sender=carol.local_node)
+    assert [m.text for m in alice.snapshot().chat] == ["canary"]
+
+
+def test_an_over_long_chat_message_is_refused_on_receive() -> None:
+    alice, mallory = SharedState(IN_MEMORY, ALICE), SharedState(IN_MEMORY, MALLORY)
+    updates = mallorys_updates(mallory)
+    mallory._chat.append(signed_chat(MALLORY, IN_MEMORY, "x" * (MAX_CHAT_CHARS + 1)))
+    with pytest.raises(MalformedMessage, match="size limits"):
+        alice.receive(updates[0], sender=mallory.local_node)
+    assert alice._chat.to_py() == []
+    canary_arrives(alice)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"values": {f"v{i}": 1.0 for i in range(MAX_VALUES + 1)}},
+        {"values": {"x" * 10_000: 1.0}},
+        {"text": "x" * (MAX_LABEL_CHARS + 1)},
+        {"sop": "1." * 5000},
+        {"points": [[float("nan"), 1.0]]},
+    ],
+    ids=["too-many-values", "long-value-name", "long-label", "long-uid", "nan"],
+)
+def test_an_oversized_annotation_is_refused_on_receive(changes: dict[str, object]) -> None:
+    alice, mallory = SharedState(IN_MEMORY, ALICE), SharedState(IN_MEMORY, MALLORY)
+    updates = mallorys_updates(mallory)
+    annotation_id, raw = signed_annotation(MALLORY, IN_MEMORY, **changes)
+    mallory._annotations[annotation_id] = raw
+    with pytest.raises(MalformedMessage, match="size limits"):
+        alice.receive(updates[0], sender=mallory.local_node)
+    assert alice._annotations.to_py() == {}
+    canary_arrives(alice)
+
+
+def test_a_flood_of_annotations_past_the_per_participant_cap_is_undone() -> None:
+    alice, mallory = SharedState(IN_MEMORY, ALICE), SharedState(IN_MEMORY, MALLORY)
+    updates = mallorys_updates(mallory)
+    for batch in range(5):  # a modified client: no local cap, 5 edits of 401 annotations
+        with mallory.doc.transaction():
+            for _ in range(401):
+                annotation_id, raw = signed_annotation(MALLORY, IN_MEMORY, frame=batch)
+                mallory._annotations[annotation_id] = raw
+    assert len(mallory._annotations) == MAX_ANNOTATIONS_PER_AUTHOR + 5
+    for update in updates[:4]:
+        alice.receive(update, sender=mallory.local_node)
+    with pytest.raises(LimitExceeded, match="annotations"):
+        alice.receive(updates[4], sender=mallory.local_node)
+    # The edit that went past the cap is undone whole (every participant undoes the same).
+    assert len(alice.annotations()) == 4 * 401
+    # The same flood relayed in one catch-up is refused too.
+    late = SharedState(IN_MEMORY, CAROL)
+    with pytest.raises(LimitExceeded):
+        late.receive(SyncMessage(SyncKind.STEP2, mallory.full_update()).to_wire())
+    assert len(late.annotations()) == 0
+    canary_arrives(alice)
+
+
+def test_an_honest_participant_cannot_pass_its_own_caps() -> None:
+    alice = SharedState(IN_MEMORY, ALICE)
+    with pytest.raises(LocalConsultError):
+        alice.add_annotation(AnnotationKind.POINT, SOP, 0, ((1, 1),), 1.0, values={"x" * 100: 1.0})
+    with pytest.raises(LocalConsultError, match="report draft"):
+        alice.insert_report(0, "x" * (MAX_REPORT_CHARS + 1))
+
+
+def test_a_report_draft_past_its_cap_is_put_back() -> None:
+    alice, mallory = SharedState(IN_MEMORY, ALICE), SharedState(IN_MEMORY, MALLORY)
+    alice.insert_report(0, "Findings: ")
+    mallory.receive(SyncMessage(SyncKind.STEP2, alice.full_update()).to_wire())
+    updates = mallorys_updates(mallory)
+    mallory._report += "x" * MAX_REPORT_CHARS  # a modified client: no local cap
+    with pytest.raises(LimitExceeded, match="report"):
+        alice.receive(updates[0], sender=mallory.local_node)
+    assert alice.report_text == "Findings: "
+    canary_arrives(alice)
+
+
+def test_an_update_that_would_pass_the_document_cap_is_refused_before_it_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shared, "MAX_DOCUMENT", 64 * 1024)
+    alice, mallory = SharedState(IN_MEMORY, ALICE), SharedState(IN_MEMORY, MALLORY)
+    updates = mallorys_updates(mallory)
+    with mallory.doc.transaction():  # 20 signed messages within every other cap: 80 KB
+        for _ in range(20):
+            mallory._chat.append(signed_chat(MALLORY, IN_MEMORY, "y" * MAX_CHAT_CHARS))
+    before = alice.doc.get_update()
+    with pytest.raises(LimitExceeded, match="document"):
+        alice.receive(updates[0], sender=mallory.local_node)
+    assert alice.doc.get_update() == before  # refused before pycrdt saw it
+    canary_arrives(alice)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"name": "n" * (MAX_NAME_CHARS + 1)},
+        {"colour": "#" * 1000},
+        {"tool": "t" * 1000},
+        {"cursor": {"sop_instance_uid": "1" * 1000, "frame": 0, "x": 1.0, "y": 1.0}},
+        {"cursor": {"sop_instance_uid": SOP, "frame": 0, "x": float("inf"), "y": 1.0}},
+        {"viewport": {"series_uid": SOP}},
+        {"presenting": "yes"},
+        {"junk": "z" * 1000},
+    ],
+    ids=["name", "colour", "tool", "cursor-uid", "cursor-inf", "viewport", "flag", "unknown"],
+)
+def test_presence_fields_past_their_caps_are_refused(state: dict[str, object]) -> None:
+    node = str(MALLORY.node_id)
+    presence = Presence(node, "Mallory", "#fff", now=0.0)
+    honest = presence.poll(0.0)
+    assert honest is not None
+    check_presence(honest, node, None)
+    presence._set(1.0, **state)  # a modified client: past the local truncation
+    forged = presence.poll(1.0)
+    assert forged is not None
+    with pytest.raises(MalformedMessage):
+        check_presence(forged, node, None)
+
+
+@pytest.mark.parametrize("attack", ["long-chat", "big-value", "flood", "document"])
+async def test_over_aiortc_an_edit_past_a_cap_drops_its_sender_and_honest_chat_still_flows(
+    trio: list[NodeRuntime], attack: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared, "MAX_ANNOTATIONS_PER_AUTHOR", 20)  # a flood that fits a test
+    monkeypatch.setattr(shared, "MAX_DOCUMENT", 32 * 1024)
+    a, b, c = trio
+    live_a = a.live_hub().open(CONSULT)
+    await a.live_hub().invite(CONSULT, key(b))
+    await a.live_hub().invite(CONSULT, key(c))
+    live_b, live_c = b.live_hub().sessions[CONSULT], c.live_hub().sessions[CONSULT]
+    await wait_for(lambda: live_b.is_bound(key(c)) and live_c.is_bound(key(b)))
+    to_b = a.live_hub()._links[key(b)]
+
+    mallory = live_b.state  # b's modified client writes past its own local checks
+    if attack == "long-chat":
+        mallory._chat.append(signed_chat(b.identity, CONSULT, "x" * (MAX_CHAT_CHARS + 1)))
+    elif attack == "big-value":
+        annotation_id, raw = signed_annotation(b.identity, CONSULT, values={"v" * 5000: 1.0})
+        mallory._annotations[annotation_id] = raw
+    elif attack == "flood":
+        with mallory.doc.transaction():
+            for _ in range(25):
+                annotation_id, raw = signed_annotation(b.identity, CONSULT)
+                mallory._annotations[annotation_id] = raw
+    else:
+        with mallory.doc.transaction():
+            for _ in range(12):  # 48 KB of chat, each message within its own cap
+                mallory._chat.append(signed_chat(b.identity, CONSULT, "y" * MAX_CHAT_CHARS))
+
+    await wait_for(lambda: to_b.closed and not live_a.is_bound(key(b)))
+    live_c.say("canary")
+    await wait_for(lambda: "canary" in texts(live_a))
+    assert texts(live_a) == ["canary"]
+    assert live_a.annotations() == []
