@@ -520,7 +520,7 @@ class LiveConsult:
         )
 
     def remove_annotation(self, annotation_id: str) -> None:
-        self.state.remove_annotation(annotation_id)
+        self.state.remove_annotation(annotation_id, self.clock())
 
     def say(self, text: str) -> ChatMessage:
         return self.state.say(text, self.clock())

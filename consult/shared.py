@@ -21,21 +21,29 @@ and the message is a forgery: :meth:`SharedState.receive` raises
 catch-up relayed by one peer (a late joiner gets everyone's edits from it) can
 no longer slip in an annotation or message in another participant's name.
 
-A Yjs delete set does not say who deleted, so removals and changes are still
-checked by connection: the live channel is authenticated per peer, and in the
-full mesh a peer's own edits reach us only as UPDATE messages on its own
-connection. Before a peer's message is applied the annotations are read; after
-it, any annotation of another author that it removed or changed is written
-back (a local edit, so every peer gets it back too), and in an UPDATE a new
-annotation or chat message in another author's name is removed even when
-correctly signed. In an UPDATE any of this is a forgery. A STEP2 may
-legitimately relay a third participant's removals, so there they are only
-repaired, not attributed: a removal relayed by someone other than its author
-comes back, and the author removes it again. What signatures do not stop: a
-peer may replay, within the same consult, an annotation its author has since
-removed to someone who never saw the removal, or a chat message twice (shown
-once: chat is read by message id); and no signature covers a deletion, so
-removing a chat message is not checked at all (annotations: by connection).
+A Yjs delete set does not say who deleted, so a removal carries its own proof:
+the author writes a signed tombstone (:class:`Removal`, in the ``removed`` map,
+same transaction) and receivers accept the removal of an annotation only if a
+tombstone signed by that annotation's author is there (whoever relayed it);
+otherwise it is written back. Tombstones are never removed or changed (put
+back), and an annotation whose id has its author's tombstone is removed again
+whenever it reappears (a replay), so a removed annotation cannot be resurrected
+by anyone, in an update or a catch-up. Changes are still checked by connection:
+the live channel is authenticated per peer, and in the full mesh a peer's own
+edits reach us only as UPDATE messages on its own connection. Before a peer's
+message is applied the annotations are read; after it, any annotation of
+another author that it changed is written back (a local edit, so every peer
+gets it back too), and in an UPDATE a new annotation or chat message in another
+author's name is removed even when correctly signed. In an UPDATE any of this
+is a forgery; in a STEP2 (which may relay other participants' work) only
+unsigned, malformed or replayed entries are.
+
+Limits are applied on receive as well as locally (see the ``MAX_`` constants):
+an update that would grow the document past :data:`MAX_DOCUMENT` is refused
+before it is applied; entries past their field caps are malformed; what a
+message adds past an author's annotation or chat cap, or past the report's
+length, is undone (the same deletions on every participant). The sender of
+any of it loses its connection (:class:`~consult.errors.LimitExceeded`).
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ Point = tuple[float, float]
 
 ANNOTATION_DOMAIN = b"radmesh/live-annotation/v1"
 CHAT_DOMAIN = b"radmesh/live-chat/v1"
+REMOVAL_DOMAIN = b"radmesh/live-removal/v1"
 
 
 def _exact(value: Any) -> Any:
@@ -296,6 +305,41 @@ class ChatMessage:
             raise MalformedMessage(f"chat message is malformed: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class Removal:
+    """A tombstone: the author of annotation ``id`` removed it (signed, like the annotation)."""
+
+    id: str
+    author: str
+    at: float
+    key: bytes = b""
+    sig: bytes = b""
+
+    def to_py(self) -> dict[str, Any]:
+        return {"author": self.author, "at": float(self.at), "key": self.key, "sig": self.sig}
+
+    def _signed_fields(self) -> dict[str, Any]:
+        return {**self.to_py(), "id": self.id}
+
+    def signed(self, identity: Identity, consult_id: str) -> Removal:
+        unsigned = replace(self, key=identity.public_key, sig=b"")
+        message = _signing_input(REMOVAL_DOMAIN, consult_id, unsigned._signed_fields())
+        return replace(unsigned, sig=identity.sign(message))
+
+    def is_authentic(self, consult_id: str) -> bool:
+        return _authentic(REMOVAL_DOMAIN, consult_id, self._signed_fields())
+
+    @classmethod
+    def from_py(cls, annotation_id: str, raw: Any) -> Removal:
+        try:
+            if not isinstance(raw, dict) or len(annotation_id) > MAX_ID_CHARS:
+                raise TypeError("not a removal")
+            key, sig = _key_and_sig(raw)
+            return cls(annotation_id, str(raw["author"]), float(raw["at"]), key, sig)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedMessage(f"removal of {annotation_id[:40]!r} is malformed") from exc
+
+
 # --- wire ----------------------------------------------------------------------------------
 
 
@@ -388,6 +432,11 @@ class SharedState:
         # and the indexes of the chat messages it inserted.
         self._touched: dict[str, Any] | None = None
         self._said: list[int] | None = None
+        # Tombstones of removed annotations (id -> signed Removal), never removed themselves;
+        # while a peer's message is applied: tombstone id -> value before it.
+        self._removed = self.doc.get("removed", type=pycrdt.Map)
+        self._buried: dict[str, Any] | None = None
+        self._removed.observe(self._on_removed)
         self._size = len(self.doc.get_update())  # an upper bound on the full update, see _room
         self._annotations.observe(self._on_annotations)
         self._chat.observe(self._on_chat)
@@ -426,7 +475,7 @@ class SharedState:
         self._annotations[annotation.id] = annotation.to_py()
         return annotation
 
-    def remove_annotation(self, annotation_id: str) -> None:
+    def remove_annotation(self, annotation_id: str, now: float = 0.0) -> None:
         raw = self._annotations.get(annotation_id)
         if raw is None:
             return
@@ -434,7 +483,10 @@ class SharedState:
             raise NotAuthor(
                 "only the author can remove an annotation: ask them, or hide it in your own view"
             )
-        del self._annotations[annotation_id]
+        removal = Removal(annotation_id, self.local_node, now)
+        with self.doc.transaction():  # the signed tombstone travels with the removal
+            self._removed[annotation_id] = removal.signed(self._identity, self.consult_id).to_py()
+            del self._annotations[annotation_id]
 
     def say(self, text: str, now: float) -> ChatMessage:
         if len(text) > MAX_CHAT_CHARS:
@@ -476,7 +528,10 @@ class SharedState:
     def snapshot(self) -> Snapshot:
         malformed = 0
         annotations = []
+        removed = self._removed.to_py()
         for key, raw in self._annotations.to_py().items():
+            if self._tombstone_matches(removed.get(key), raw):
+                continue  # a resurrection not yet repaired: never shown
             try:
                 annotations.append(Annotation.from_py(key, raw))
             except MalformedMessage:
@@ -540,18 +595,20 @@ class SharedState:
                 )
             report_before = str(self._report)
             self._applying_remote = True
-            self._touched, self._said = {}, []
+            self._touched, self._said, self._buried = {}, [], {}
             try:
                 self.doc.apply_update(message.payload)
             finally:
                 self._applying_remote = False
                 touched, self._touched = self._touched, None
+                buried, self._buried = self._buried, None
                 said, self._said = self._said, None
         except (ValueError, RuntimeError) as exc:
             raise MalformedMessage(f"live update from a peer does not apply: {exc}") from exc
         own_edit = message.kind == SyncKind.UPDATE
         with self.doc.transaction():  # the repairs are one local edit, sent to every peer
-            forged = self._repair(touched, sender, own_edit)
+            forged = self._rebury(buried, touched, own_edit)
+            forged += self._repair(touched, sender, own_edit)
             unsaid, chat_over = self._unsay(said, sender, own_edit)
             over = self._over_limits(touched, report_before) + chat_over
         who = sender[:8] if sender else "a peer"
@@ -624,6 +681,49 @@ class SharedState:
             for key, change in event.keys.items():
                 self._touched.setdefault(key, change.get("oldValue"))
 
+    def _on_removed(self, event: Any) -> None:
+        if self._buried is not None:
+            for key, change in event.keys.items():
+                self._buried.setdefault(key, change.get("oldValue"))
+
+    @staticmethod
+    def _tombstone_matches(tombstone: Any, annotation: Any) -> bool:
+        """Whether a (verified) tombstone is by the author of ``annotation``."""
+        return (
+            isinstance(tombstone, dict)
+            and isinstance(annotation, dict)
+            and tombstone.get("author") == annotation.get("author")
+        )
+
+    def _rebury(self, buried: dict[str, Any], touched: dict[str, Any], own_edit: bool) -> int:
+        """Check the tombstones a peer's message added, changed or removed; returns how
+        many were forgeries. A tombstone is never changed or removed (put back); a new
+        one must be signed by its author, who must be the author of the annotation it
+        names (when known here); an accepted one removes that annotation for good."""
+        forged = 0
+        for key, old in buried.items():
+            new = self._removed.get(key)
+            if old == new:
+                continue
+            if old is not None:
+                self._removed[key] = _writable(old)
+                forged += 1
+                continue
+            try:
+                removal = Removal.from_py(key, new)
+                ok = removal.is_authentic(self.consult_id)
+            except MalformedMessage:
+                ok = False
+            annotation = touched[key] if key in touched else self._annotations.get(key)
+            if ok and annotation is not None:
+                ok = self._tombstone_matches(new, annotation)
+            if not ok:
+                del self._removed[key]
+                forged += 1
+            elif key in self._annotations and self._tombstone_matches(new, self._annotations[key]):
+                del self._annotations[key]  # e.g. replayed to us before we saw the removal
+        return forged
+
     def _on_chat(self, event: Any) -> None:
         if self._said is None:
             return
@@ -659,6 +759,19 @@ class SharedState:
         for key, old in touched.items():
             new = self._annotations.get(key)
             if old == new:
+                continue
+            tombstone = self._removed.get(key)
+            if new is None:
+                if self._tombstone_matches(tombstone, old):
+                    continue  # removed by its author, who signed the removal
+                self._annotations[key] = _writable(old)
+                forged += 1
+                continue
+            if self._tombstone_matches(tombstone, new):
+                # A removed annotation does not come back. Whoever holds the tombstone holds
+                # the removal too, so only a new write (a replay) brings its id back.
+                del self._annotations[key]
+                forged += 1
                 continue
             unsigned = new is not None and not self._authentic_annotation(key, new)
             by_other = sender is not None and old is not None and owner(old) != sender

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from consult import shared
-from consult.errors import LimitExceeded, LocalConsultError, MalformedMessage
+from consult.errors import Forgery, LimitExceeded, LocalConsultError, MalformedMessage
 from consult.live import (
     INVITE_KIND,
     JOIN_KIND,
@@ -35,6 +35,7 @@ from consult.shared import (
     MAX_REPORT_CHARS,
     MAX_VALUES,
     AnnotationKind,
+    Removal,
     SharedState,
     SyncKind,
     SyncMessage,
@@ -405,3 +406,71 @@ async def test_over_aiortc_an_edit_past_a_cap_drops_its_sender_and_honest_chat_s
     await wait_for(lambda: "canary" in texts(live_a))
     assert texts(live_a) == ["canary"]
     assert live_a.annotations() == []
+
+
+# --- signed removals (the gap left by the previous session) ---------------------------------
+
+
+def step2(source: SharedState, target: SharedState | None = None) -> bytes:
+    vector = target.doc.get_state() if target is not None else b"\x00"
+    return SyncMessage(SyncKind.STEP2, source.doc.get_update(vector)).to_wire()
+
+
+def test_a_removed_annotation_cannot_be_resurrected_by_a_catch_up() -> None:
+    alice, mallory, carol = (SharedState(IN_MEMORY, i) for i in (ALICE, MALLORY, CAROL))
+    mark = alice.add_annotation(AnnotationKind.POINT, SOP, 0, ((4, 4),), 1.0, text="withdrawn")
+    mallory.receive(step2(alice), alice.local_node)
+    kept = mark.to_py()  # alice's signed value, as mallory saw it
+    alice.remove_annotation(mark.id, 2.0)
+    carol.receive(step2(alice), alice.local_node)
+    assert carol.annotations() == []
+
+    mallory._annotations[mark.id] = kept  # replayed in a catch-up mallory sends carol
+    with pytest.raises(Forgery):
+        carol.receive(step2(mallory, carol), mallory.local_node)
+    assert carol.annotations() == []
+    canary_arrives(carol)
+
+
+def test_a_replay_shown_before_the_removal_arrived_goes_when_the_signed_removal_does() -> None:
+    alice, mallory, dave = (SharedState(IN_MEMORY, i) for i in (ALICE, MALLORY, CAROL))
+    mark = alice.add_annotation(AnnotationKind.POINT, SOP, 0, ((4, 4),), 1.0)
+    mallory.receive(step2(alice), alice.local_node)
+    alice.remove_annotation(mark.id, 2.0)
+    dave.receive(step2(mallory), mallory.local_node)  # mallory never relays the removal
+    assert [a.id for a in dave.annotations()] == [mark.id]
+    dave.receive(step2(alice, dave), alice.local_node)
+    assert dave.annotations() == []
+
+
+def test_a_signed_removal_relayed_by_another_participant_is_accepted() -> None:
+    alice, bob, carol = (SharedState(IN_MEMORY, i) for i in (ALICE, MALLORY, CAROL))
+    mark = alice.add_annotation(AnnotationKind.POINT, SOP, 0, ((4, 4),), 1.0)
+    bob.receive(step2(alice), alice.local_node)
+    carol.receive(step2(alice), alice.local_node)
+    alice.remove_annotation(mark.id, 2.0)
+    bob.receive(step2(alice, bob), alice.local_node)
+    carol.receive(step2(bob, carol), bob.local_node)  # relayed, signed by its author
+    assert carol.annotations() == []
+
+
+def test_a_removal_not_signed_by_the_author_and_a_removed_tombstone_are_put_back() -> None:
+    alice, mallory = SharedState(IN_MEMORY, ALICE), SharedState(IN_MEMORY, MALLORY)
+    mark = alice.add_annotation(AnnotationKind.POINT, SOP, 0, ((4, 4),), 1.0)
+    gone = alice.add_annotation(AnnotationKind.POINT, SOP, 0, ((5, 5),), 1.0)
+    alice.remove_annotation(gone.id, 2.0)
+    mallory.receive(step2(alice), alice.local_node)
+    updates = mallorys_updates(mallory)
+    with mallory.doc.transaction():  # "alice removed it", signed by mallory
+        forged = Removal(mark.id, alice.local_node, 3.0).signed(MALLORY, IN_MEMORY)
+        mallory._removed[mark.id] = forged.to_py()
+        del mallory._annotations[mark.id]
+    with pytest.raises(Forgery):
+        alice.receive(updates[0], sender=mallory.local_node)
+    assert [a.id for a in alice.annotations()] == [mark.id]
+    assert mark.id not in alice._removed
+
+    del mallory._removed[gone.id]  # un-remove: the tombstone goes
+    with pytest.raises(Forgery):
+        alice.receive(updates[1], sender=mallory.local_node)
+    assert gone.id in alice._removed
