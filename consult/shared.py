@@ -28,7 +28,10 @@ tombstone signed by that annotation's author is there (whoever relayed it);
 otherwise it is written back. Tombstones are never removed or changed (put
 back), and an annotation whose id has its author's tombstone is removed again
 whenever it reappears (a replay), so a removed annotation cannot be resurrected
-by anyone, in an update or a catch-up. Changes are still checked by connection:
+by anyone, in an update or a catch-up. Nobody deletes a chat message: a
+deleted one is put back where it was (from a mirror of the chat array kept per
+transaction), and a put-back copy is recognised as the same signed message.
+Changes are still checked by connection:
 the live channel is authenticated per peer, and in the full mesh a peer's own
 edits reach us only as UPDATE messages on its own connection. Before a peer's
 message is applied the annotations are read; after it, any annotation of
@@ -439,6 +442,9 @@ class SharedState:
         self._removed.observe(self._on_removed)
         self._size = len(self.doc.get_update())  # an upper bound on the full update, see _room
         self._annotations.observe(self._on_annotations)
+        # Nobody deletes a chat message: the chat as last seen, to put back what a peer deleted.
+        self._chat_mirror: list[Any] = []
+        self._unsaid: list[tuple[int, list[Any]]] | None = None
         self._chat.observe(self._on_chat)
 
     # local edits ------------------------------------------------------------------------
@@ -491,7 +497,7 @@ class SharedState:
     def say(self, text: str, now: float) -> ChatMessage:
         if len(text) > MAX_CHAT_CHARS:
             raise LocalConsultError(f"a chat message is limited to {MAX_CHAT_CHARS} characters")
-        if self._count_by(self._chat.to_py())[self.local_node] >= MAX_CHAT_PER_AUTHOR:
+        if self._chat_counts()[self.local_node] >= MAX_CHAT_PER_AUTHOR:
             raise LocalConsultError(
                 f"a participant may send at most {MAX_CHAT_PER_AUTHOR} chat messages in one session"
             )
@@ -595,7 +601,7 @@ class SharedState:
                 )
             report_before = str(self._report)
             self._applying_remote = True
-            self._touched, self._said, self._buried = {}, [], {}
+            self._touched, self._said, self._buried, self._unsaid = {}, [], {}, []
             try:
                 self.doc.apply_update(message.payload)
             finally:
@@ -603,18 +609,20 @@ class SharedState:
                 touched, self._touched = self._touched, None
                 buried, self._buried = self._buried, None
                 said, self._said = self._said, None
+                unsaid, self._unsaid = self._unsaid, None
         except (ValueError, RuntimeError) as exc:
             raise MalformedMessage(f"live update from a peer does not apply: {exc}") from exc
         own_edit = message.kind == SyncKind.UPDATE
         with self.doc.transaction():  # the repairs are one local edit, sent to every peer
             forged = self._rebury(buried, touched, own_edit)
             forged += self._repair(touched, sender, own_edit)
-            unsaid, chat_over = self._unsay(said, sender, own_edit)
+            forged += self._resay(unsaid, said)
+            unsaid_count, chat_over = self._unsay(said, sender, own_edit)
             over = self._over_limits(touched, report_before) + chat_over
         who = sender[:8] if sender else "a peer"
-        if forged + unsaid:
+        if forged + unsaid_count:
             raise Forgery(
-                f"{who} sent {forged + unsaid} annotation(s) or chat message(s) that are "
+                f"{who} sent {forged + unsaid_count} annotation(s) or chat message(s) that are "
                 "malformed, over the session's size limits or not signed by their author, or "
                 "removed or changed another participant's annotation: its connection is closed"
             )
@@ -632,6 +640,25 @@ class SharedState:
     def _count_by(entries: Iterable[Any]) -> Counter[str]:
         """How many of ``entries`` (raw annotation or chat values) each author has."""
         return Counter(str(e.get("author")) for e in entries if isinstance(e, dict))
+
+    def _chat_counts(self) -> Counter[str]:
+        """Chat messages per author, each message once (a put-back copy is the same one)."""
+        said = {
+            (str(m.get("author")), str(m.get("id")))
+            for m in self._chat_mirror
+            if isinstance(m, dict)
+        }
+        return Counter(author for author, _ in said)
+
+    def _said_elsewhere(self, message: ChatMessage, index: int) -> bool:
+        """Whether the same signed message is also in the chat at another index."""
+        return any(
+            j != index
+            and isinstance(m, dict)
+            and m.get("id") == message.id
+            and bytes(m.get("sig") or b"") == message.sig
+            for j, m in enumerate(self._chat_mirror)
+        )
 
     def _room(self, extra: int) -> bool:
         """Whether ``extra`` more bytes keep the document under :data:`MAX_DOCUMENT`.
@@ -725,15 +752,25 @@ class SharedState:
         return forged
 
     def _on_chat(self, event: Any) -> None:
-        if self._said is None:
-            return
+        """Keep the mirror of the chat array; while a peer's message is applied, note
+        where it inserted messages and which ones it deleted (and where)."""
         index = 0  # delta positions are in the array as it is after the change
         for op in event.delta:
             if "retain" in op:
                 index += op["retain"]
             elif "insert" in op:
-                self._said.extend(range(index, index + len(op["insert"])))
-                index += len(op["insert"])
+                values = list(op["insert"])
+                self._chat_mirror[index:index] = values
+                if self._said is not None:
+                    self._said.extend(range(index, index + len(values)))
+                index += len(values)
+            elif "delete" in op:
+                gone = self._chat_mirror[index : index + op["delete"]]
+                del self._chat_mirror[index : index + op["delete"]]
+                if self._unsaid is not None:
+                    self._unsaid.append((index, gone))
+        if len(self._chat_mirror) != len(self._chat):  # never expected: start again
+            self._chat_mirror = list(self._chat.to_py())
 
     def _authentic_annotation(self, key: str, raw: Any) -> bool:
         try:
@@ -784,17 +821,29 @@ class SharedState:
                 forged += unsigned or (own_edit and (by_other or in_their_name))
         return forged
 
+    def _resay(self, unsaid: list[tuple[int, list[Any]]], said: list[int]) -> int:
+        """Put back the chat messages a peer's message deleted, where they were (nobody
+        may delete a chat message); returns how many. ``said`` is shifted to match."""
+        count = 0
+        for index, gone in reversed(unsaid):
+            for offset, raw in enumerate(gone):
+                self._chat.insert(index + offset, _writable(raw))
+            said[:] = [i + len(gone) if i >= index else i for i in said]
+            count += len(gone)
+        return count
+
     def _unsay(self, said: list[int], sender: str | None, own_edit: bool) -> tuple[int, int]:
         """Delete the chat messages a peer's message inserted without their author's
         signature (or, in ``own_edit``, in another's name), or past their author's
         :data:`MAX_CHAT_PER_AUTHOR`; returns how many of each."""
         forged, over = [], []
-        counts = self._count_by(self._chat.to_py()) if said else Counter()
+        counts = self._chat_counts() if said else Counter()
         for index in said:
             try:
                 message = ChatMessage.from_py(self._chat[index])
                 ok = message.is_authentic(self.consult_id)
-                ok = ok and not (own_edit and sender is not None and message.author != sender)
+                if ok and own_edit and sender is not None and message.author != sender:
+                    ok = self._said_elsewhere(message, index)  # a repair putting it back
             except MalformedMessage:
                 ok = False
             if not ok:

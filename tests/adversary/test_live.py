@@ -474,3 +474,30 @@ def test_a_removal_not_signed_by_the_author_and_a_removed_tombstone_are_put_back
     with pytest.raises(Forgery):
         alice.receive(updates[1], sender=mallory.local_node)
     assert gone.id in alice._removed
+
+
+def test_a_peer_cannot_delete_anothers_chat_message_and_the_repairs_agree() -> None:
+    alice, mallory, carol = (SharedState(IN_MEMORY, i) for i in (ALICE, MALLORY, CAROL))
+    alice.say("I disagree with the impression", 1.0)
+    carol.say("noted", 2.0)
+    for state in (mallory, carol):
+        state.receive(step2(alice, state), alice.local_node)
+    for state in (mallory, alice):
+        state.receive(step2(carol, state), carol.local_node)
+    said = [m.text for m in alice.snapshot().chat]
+    dave = SharedState(IN_MEMORY, Identity.generate())
+    dave.receive(step2(alice), alice.local_node)
+    updates = mallorys_updates(mallory)
+    del mallory._chat[0]  # a modified client erases alice's objection
+    repairs = mallorys_updates(alice)
+    for state in (alice, carol):
+        with pytest.raises(Forgery):
+            state.receive(updates[0], sender=mallory.local_node)
+        assert [m.text for m in state.snapshot().chat] == said
+    for repair in repairs:  # alice's put-back copy is not taken for a forgery by carol
+        carol.receive(repair, sender=alice.local_node)
+    assert [m.text for m in carol.snapshot().chat] == said
+    # A catch-up carrying the deletion is refused the same way.
+    with pytest.raises(Forgery):
+        dave.receive(step2(mallory, dave), mallory.local_node)
+    assert [m.text for m in dave.snapshot().chat] == said
