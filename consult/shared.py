@@ -70,6 +70,7 @@ from crypto.errors import BadSignature, EncodingError, InvalidNodeId
 from crypto.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, NodeId, verify_signature
 
 MAX_UPDATE_MESSAGE = 256 * 1024  # one local edit
+MAX_STEP1_MESSAGE = 64 * 1024  # a state vector: a few bytes per client that ever edited
 MAX_SYNC_MESSAGE = 16 * 1024 * 1024  # a full state for a late joiner
 # The whole document, as its full update: half the catch-up cap, so a late joiner always
 # gets it in one step 2 (repairs and delete sets included).
@@ -375,6 +376,10 @@ class SyncMessage:
             raise MalformedMessage(
                 f"live update is {len(data)} bytes, limit is {MAX_UPDATE_MESSAGE}"
             )
+        if kind == SyncKind.STEP1 and len(data) > MAX_STEP1_MESSAGE:
+            raise MalformedMessage(
+                f"live state vector is {len(data)} bytes, limit is {MAX_STEP1_MESSAGE}"
+            )
         length, start = read_varuint(data, 2)
         if start + length != len(data):
             raise MalformedMessage("live message length does not match its payload")
@@ -594,7 +599,7 @@ class SharedState:
                 return SyncMessage(SyncKind.STEP2, self.doc.get_update(message.payload)).to_wire()
             if message.payload == b"\x00\x00":
                 return None
-            if not self._room(len(message.payload)):
+            if not self._fits(message.payload):
                 raise LimitExceeded(
                     f"{sender[:8] if sender else 'a peer'} sent a live edit that would grow the "
                     f"shared document past {MAX_DOCUMENT} bytes: its connection is closed"
@@ -670,6 +675,22 @@ class SharedState:
             return True
         self._size = len(self.doc.get_update())
         return self._size + extra <= MAX_DOCUMENT
+
+    def _fits(self, update: bytes) -> bool:
+        """Whether the document with ``update`` applied stays under :data:`MAX_DOCUMENT`.
+
+        Cheap while the upper bound says so; near the cap (a catch-up repeating what we
+        have, say) it is measured on a scratch copy, since an applied update cannot be
+        taken back."""
+        if self._room(len(update)):
+            return True
+        scratch: pycrdt.Doc[Any] = pycrdt.Doc()
+        try:
+            scratch.apply_update(self.doc.get_update())
+            scratch.apply_update(update)
+        except (ValueError, RuntimeError) as exc:
+            raise MalformedMessage(f"live update from a peer does not apply: {exc}") from exc
+        return len(scratch.get_update()) <= MAX_DOCUMENT
 
     def _local_room(self, extra: int) -> None:
         if not self._room(extra):

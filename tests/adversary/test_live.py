@@ -501,3 +501,21 @@ def test_a_peer_cannot_delete_anothers_chat_message_and_the_repairs_agree() -> N
     with pytest.raises(Forgery):
         dave.receive(step2(mallory, dave), mallory.local_node)
     assert [m.text for m in dave.snapshot().chat] == said
+
+
+def test_a_catch_up_repeating_what_a_near_full_document_holds_is_not_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shared, "MAX_DOCUMENT", 64 * 1024)
+    alice, carol = SharedState(IN_MEMORY, ALICE), SharedState(IN_MEMORY, CAROL)
+    for i in range(10):  # 40 KB: a second full copy would pass the cap if counted twice
+        alice.say(f"{i}" * MAX_CHAT_CHARS, float(i))
+    full = step2(alice)
+    carol.receive(full, alice.local_node)
+    carol.receive(full, alice.local_node)  # two peers answered the late joiner's step 1
+    assert len(carol.snapshot().chat) == 10
+
+
+def test_a_state_vector_past_its_cap_is_refused_before_parsing() -> None:
+    with pytest.raises(MalformedMessage, match="state vector"):
+        SyncMessage.from_wire(SyncMessage(SyncKind.STEP1, b"\x00" * (64 * 1024)).to_wire())
