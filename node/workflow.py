@@ -615,6 +615,12 @@ async def _on_live_consent(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None
         )
     guest = NodeId.from_public_key(consent.guest)
     rt.consults.approve_guest(consent.consult_id, str(guest), str(sender))
+    rt.audit.append(
+        AuditKind.CONSULT,
+        now=rt.clock(),
+        peer=str(guest),
+        details={"consult": consent.consult_id, "event": "live-guest-approved", "by": str(sender)},
+    )
     rt.notify(
         f"{sender.short()} approved {guest.short()} as a guest of the live session on "
         f"consult {consent.consult_id[:8]}"

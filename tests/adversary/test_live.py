@@ -170,6 +170,8 @@ async def test_a_guest_is_admitted_only_once_both_parties_approved_it(
             in b.consults.guest_approvers(consult_id, str(c.identity.node_id))
         )
     )
+    approvals = b.audit.records(kind="consult", peer=str(c.identity.node_id))
+    assert [r.details.get("by") for r in approvals] == [None, str(a.identity.node_id)]
     await b.live_hub().invite(consult_id, key(c))
     live_c = c.live_hub().sessions[consult_id]
     await wait_for(lambda: live_c.is_bound(key(a)) and live_a.is_bound(key(c)))
