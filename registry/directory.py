@@ -141,6 +141,9 @@ class PeerDirectory:
             "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
             (str(record.node_id), record.sequence, record.to_wire(), source, now),
         )
+        if record.org_certificate is not None:
+            # Kept by the trust store, so every later check of this key sees it.
+            self.trust.keep_certificate(record.public_key, record.org_certificate, now)
         return True
 
     def _peer(self, record: NodeRecord, source: str, now: int) -> Peer:
