@@ -238,6 +238,7 @@ class NodeRuntime:
         await self.transport.start()
         self.live_hub()  # answers live-session invites from trusted peers
         self.trust.subscribe(self._trust_changed)
+        self.transport.on_untrusted = self._drop_untrusted  # refused by a per-message check
         self.spawn(self._watch_trust())
         # One round before returning, so a started node can be found at once.
         await asyncio.gather(*(self._registry_step(url) for url in network.registries))
@@ -395,14 +396,19 @@ class NodeRuntime:
         """Drop at once every connection and live-session peer this node no longer trusts
         (a revocation here or from another process, an organisation's revocation list)."""
         now = self.now()
-        for peer in self.transport.peers():
-            if self.trust.is_trusted(peer, now):
-                continue
-            short = NodeId.from_public_key(peer).short()
-            self.notify(f"{short} is no longer trusted: its connections and live sessions closed")
-            if self._live_hub is not None:
-                self._live_hub.drop_peer(peer)
-            self.spawn(self.transport.drop_peer(peer, "this node no longer trusts you"))
+        peers = set(self.transport.peers())
+        for live in self._live_hub.sessions.values() if self._live_hub is not None else ():
+            peers.update(live.peers)
+        for peer in peers:
+            if not self.trust.is_trusted(peer, now):
+                self._drop_untrusted(peer)
+
+    def _drop_untrusted(self, peer: bytes) -> None:
+        short = NodeId.from_public_key(peer).short()
+        self.notify(f"{short} is no longer trusted: its connections and live sessions closed")
+        if self._live_hub is not None:
+            self._live_hub.drop_peer(peer)
+        self.spawn(self.transport.drop_peer(peer, "this node no longer trusts you"))
 
     async def _watch_trust(self) -> None:
         """Apply trust changes written by other processes (`radmesh trust revoke`, `radmesh

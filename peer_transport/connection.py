@@ -409,6 +409,7 @@ class PeerConnection:
             return
         error = PeerRejected(f"node {self.peer_id.short()} is no longer trusted by this node")
         self._session_failed(session, error)
+        self.transport.on_untrusted(self.peer)
         raise error
 
     def _emit(self, event: Event) -> None:
@@ -731,6 +732,9 @@ class Transport:
         # WebRTC session tries them first, then ``options.rtc.ice_servers``.
         self.turn_servers: tuple[IceServer, ...] = ()
         self.handlers: dict[str, RequestHandler] = {}
+        # Called with a peer's key when a message shows it is no longer trusted, so the
+        # application drops it everywhere else too (live sessions) at once.
+        self.on_untrusted: Callable[[bytes], None] = lambda _peer: None
         self.closing = False
         self._guard = ReplayGuard()
         self._handshake_replays = hs.ReplayCache()
