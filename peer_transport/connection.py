@@ -409,7 +409,9 @@ class PeerConnection:
             return
         error = PeerRejected(f"node {self.peer_id.short()} is no longer trusted by this node")
         self._session_failed(session, error)
-        self.transport.on_untrusted(self.peer)
+        # Soon, not now: the caller may be iterating the application's state (a live
+        # session sending to each of its peers) that the hook changes.
+        asyncio.get_running_loop().call_soon(self.transport.on_untrusted, self.peer)
         raise error
 
     def _emit(self, event: Event) -> None:
