@@ -54,7 +54,7 @@ from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
 from registry.errors import RegistryError, RemoteRegistryError
 from registry.lan import LanEndpoint, post_signal
 from registry.mdns import LanDiscovery
-from registry.records import LanPointer, NodeRecord
+from registry.records import MAX_CERT, LanPointer, NodeRecord
 from registry.trust import TrustState, TrustStore
 
 log = logging.getLogger(__name__)
@@ -106,13 +106,22 @@ class SignalRouter:
         if len(sealed) > MAX_NODE_MSG:
             return
         kind = sealed_type(self._runtime.identity, sealed)
-        if kind == SIGNAL_TYPE:
+        if kind == SIGNAL_TYPE and (sender := self._runtime._to_learn(sealed)) is not None:
+            self._runtime.spawn(self._learn_then_queue(sender, sealed))
+        elif kind == SIGNAL_TYPE:
             with contextlib.suppress(asyncio.QueueFull):
                 self._rtc.put_nowait(sealed)
         elif kind == NODE_MSG:
             await self._runtime._on_node_message(sealed)
         else:
             log.info("dropped a sealed message this node cannot use (%s)", kind or "undecryptable")
+
+    async def _learn_then_queue(self, sender: NodeId, sealed: bytes) -> None:
+        """A call from a node we do not trust yet: its record may carry a certificate from
+        an organisation we trust (a consortium member we never looked up)."""
+        await self._runtime._learn_certificate(sender)
+        with contextlib.suppress(asyncio.QueueFull):
+            self._rtc.put_nowait(sealed)
 
     async def send(self, to: bytes, sealed: bytes) -> None:
         await self._runtime.send_sealed(to, sealed)
@@ -182,6 +191,8 @@ class NodeRuntime:
         self._home_lock = HomeLock(home)
         self.control = ControlServer(self) if control else None
         self._warm_cache = warm_cache
+        self._cert_stamp: tuple[int, int] | None = None  # node.cert as last read
+        self._cert: bytes | None = None
         self._learned: dict[NodeId, float] = {}  # untrusted sender -> when its record was sought
 
     # -- lifecycle --------------------------------------------------------------------
@@ -318,19 +329,31 @@ class NodeRuntime:
 
     def _own_certificate(self) -> bytes | None:
         """The organisation certificate installed in the home (`radmesh org install`), if it
-        is this node's; peers that trust the organisation trust this node through it."""
+        is this node's; peers that trust the organisation trust this node through it. Read
+        again only when the file changes."""
         try:
-            cert = self.home.cert_path.read_bytes()
-            if (
-                SignedEnvelope.from_wire(cert).verify(CERT_TYPE).get("node")
-                == self.identity.public_key
-            ):
-                return cert
-        except FileNotFoundError:
-            return None
-        except (OSError, CryptoError, AttributeError) as exc:
+            info = self.home.cert_path.stat()
+            stamp: tuple[int, int] | None = (info.st_mtime_ns, info.st_size)
+        except OSError:
+            stamp = None
+        if stamp != self._cert_stamp:
+            self._cert_stamp, self._cert = stamp, None
+            if stamp is not None:
+                self._cert = self._read_certificate()
+        return self._cert
+
+    def _read_certificate(self) -> bytes | None:
+        try:
+            with self.home.cert_path.open("rb") as handle:
+                cert = handle.read(MAX_CERT + 1)
+            if len(cert) > MAX_CERT:
+                raise CryptoError(f"it is larger than {MAX_CERT} bytes")
+            body = SignedEnvelope.from_wire(cert).verify(CERT_TYPE)
+        except (OSError, CryptoError) as exc:
             log.warning("the organisation certificate in this home is unusable: %s", exc)
             return None
+        if isinstance(body, dict) and body.get("node") == self.identity.public_key:
+            return cert
         log.warning("the organisation certificate in this home belongs to another node: ignored")
         return None
 
@@ -427,6 +450,21 @@ class NodeRuntime:
                 self.record = self._make_record()
                 for url in self.config.network.registries:
                     self.spawn(self._registry_step(url))
+
+    def _to_learn(self, sealed: bytes) -> NodeId | None:
+        """The (claimed, not yet verified) signer of a sealed signal if it is not trusted
+        and its record was not looked up lately; None otherwise."""
+        try:
+            inner = nacl.public.SealedBox(self.identity.x25519_private()).decrypt(sealed)
+            signer = SignedEnvelope.from_wire(inner).signer
+            sender = NodeId.from_public_key(signer)
+        except (nacl.exceptions.CryptoError, CryptoError, ValueError):
+            return None
+        if self.trust.is_trusted(signer, self.now()):
+            return None
+        if self.clock() - self._learned.get(sender, -LEARN_AGAIN) < LEARN_AGAIN:
+            return None
+        return sender
 
     async def _learn_certificate(self, sender: NodeId) -> None:
         """Look up an untrusted sender's published record: the directory keeps the

@@ -130,6 +130,32 @@ async def test_an_org_signed_consortium_routes_reports_and_revokes_without_pairw
             await node.stop()
 
 
+async def test_a_member_never_looked_up_is_accepted_on_its_certificate(
+    tmp_path: Path, registry: str
+) -> None:
+    org_dir = tmp_path / "org"
+    assert main(["org", "init", str(org_dir), "--no-passphrase"]) == 0
+    org_key = (org_dir / "org.pub").read_text().strip()
+    hospital, carl = [
+        await _start(_member(tmp_path, org_dir, org_key, n, registry)) for n in ("hospital", "carl")
+    ]
+    try:
+        # carl finds the hospital (a search, a directory); the hospital never looked carl up.
+        await carl.directory.resolve(hospital.identity.node_id, carl.now())
+        assert hospital.trust.state(carl.identity.public_key, hospital.now()) is (
+            TrustState.UNKNOWN
+        )
+        conn = await carl.transport.connect(hospital.identity.public_key)
+        assert conn.is_connected
+        assert hospital.trust.state(carl.identity.public_key, hospital.now()) is (
+            TrustState.TRUSTED_BY_ORG
+        )
+        assert not hospital.trust.inbox()
+    finally:
+        await hospital.stop()
+        await carl.stop()
+
+
 def _certificate(org: Identity, node: Identity, now: int, days: int = 1) -> bytes:
     cert = NodeCertificate(
         node.public_key, org.public_key, "Uni", "n", (), ("neuro",), ("IE",), ("en",), now,
