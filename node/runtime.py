@@ -543,14 +543,14 @@ class NodeRuntime:
 
     async def _on_consult_message(self, sender: NodeId, kind: str, wire: bytes) -> None:
         public_key = self._sender_key(sender, wire)
-        trusted = public_key is not None and self.trust.is_trusted(public_key, self.now())
-        if not trusted and public_key is not None:
-            await self._learn_certificate(sender)  # an organisation may vouch for it
-            trusted = self.trust.is_trusted(public_key, self.now())
         if public_key is not None and self.trust.state(public_key, self.now()) is (
             TrustState.REVOKED
         ):
             raise RuntimeError_(f"{sender.short()} was revoked: {kind} ignored")
+        trusted = public_key is not None and self.trust.is_trusted(public_key, self.now())
+        if not trusted and public_key is not None:
+            await self._learn_certificate(sender)  # an organisation may vouch for it
+            trusted = self.trust.is_trusted(public_key, self.now())
         if not trusted and kind != "consult.request":
             raise RuntimeError_(f"{sender.short()} is not trusted: {kind} ignored")
         if not trusted and public_key is not None:

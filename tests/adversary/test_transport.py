@@ -19,12 +19,12 @@ import pytest
 from consult.live import LiveConsult
 from consult.requests import Event, Priority, State
 from node import workflow
+from node.cli import main
 from node.demo_data import generate_ct
 from node.runtime import NodeRuntime
 from peer_transport.connection import PeerConnection
 from peer_transport.errors import PeerRejected, RemoteError, TransportError
 from registry.server import RegistryServer
-from registry.trust import TrustStore
 from tests.node.test_runtime import FAST, make_home, wait_for
 
 CANARY = "test.canary"
@@ -139,12 +139,9 @@ async def test_a_revocation_by_another_process_refuses_the_next_message(
     link = pair.link()
     assert await link.request(CANARY, b"before") == b"served"
 
-    # `radmesh trust revoke` run beside the running hospital: its own database connection.
-    cli = TrustStore(hospital.home.trust_db)
-    try:
-        cli.revoke(consultant.identity.node_id, hospital.now())
-    finally:
-        cli.close()
+    # `radmesh trust revoke` run beside the running hospital (its own database connection).
+    revoke = ["--home", str(hospital.home.root), "trust", "revoke"]
+    assert main([*revoke, str(consultant.identity.node_id)]) == 0
     # The consultant speaks at once, before any poll could notice: chat, then a request.
     with caplog.at_level(logging.WARNING):
         pair.consultant_live.say("chat after revocation")
