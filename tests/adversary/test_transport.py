@@ -157,3 +157,39 @@ async def test_a_revocation_by_another_process_refuses_the_next_message(
     await wait_for(lambda: consultant.transport.connection(pair.hospital_key) is None, 15.0)
     with pytest.raises(PeerRejected, match="refused the connection"):
         await consultant.transport.connect(pair.hospital_key)
+
+
+async def test_a_peer_revoked_while_its_link_is_down_is_not_called_back() -> None:
+    from peer_transport.connection import Closed, Connected, Disconnected
+    from peer_transport.errors import ConnectionLost
+    from tests.peer_transport.helpers import mesh
+
+    async with mesh() as m:
+        a, b = await m.node(), await m.node()
+        m.trust(a, b)
+        conn = await a.connect(b.identity.public_key)
+        assert isinstance(await conn.next_event(5.0), Connected)
+        session = conn._session
+        assert session is not None
+        # Revoked, and in the same step the link dies: the reconnect must ask again.
+        m.trusted[a.identity.public_key].discard(b.identity.public_key)
+        conn._session_failed(session, ConnectionLost("link died"))
+        events = [await conn.next_event(10.0) for _ in range(2)]
+        assert isinstance(events[0], Disconnected)
+        assert isinstance(events[1], Closed), events[1]  # not Reconnected
+        # Nor is a connection handed out again for it.
+        with pytest.raises(PeerRejected, match="not trusted"):
+            await a.connect(b.identity.public_key)
+
+
+async def test_connect_does_not_hand_out_a_live_connection_to_a_revoked_peer() -> None:
+    from tests.peer_transport.helpers import mesh
+
+    async with mesh() as m:
+        a, b = await m.node(), await m.node()
+        m.trust(a, b)
+        conn = await a.connect(b.identity.public_key)
+        m.trusted[a.identity.public_key].discard(b.identity.public_key)
+        with pytest.raises(PeerRejected, match="not trusted"):
+            await a.connect(b.identity.public_key)
+        assert conn.closed
