@@ -122,6 +122,9 @@ async def test_an_org_signed_consortium_routes_reports_and_revokes_without_pairw
         await wait_for(lambda: ann.transport.connection(hospital.identity.public_key) is None)
         with pytest.raises(PeerRejected, match="refused"):
             await ann.transport.connect(hospital.identity.public_key)
+        # Routing no longer offers ann anything.
+        third = await _route(hospital)
+        assert set(hospital.consults.offered(third.id)) == {bob.identity.node_id}
         # bob, still a member, fetches the second case's study (now with ann's SR in it).
         fetched = await workflow.fetch_study(bob, second.id)
         assert fetched.instances_done == fetched.instances_total == 3
@@ -154,6 +157,32 @@ async def test_a_member_never_looked_up_is_accepted_on_its_certificate(
     finally:
         await hospital.stop()
         await carl.stop()
+
+
+async def test_a_peer_remembered_before_its_org_was_trusted_is_trusted_once_it_is(
+    tmp_path: Path,
+) -> None:
+    from registry.directory import MemoryFinder, PeerDirectory
+    from registry.records import NodeRecord
+
+    org, node = Identity.generate(), Identity.generate()
+    now = 1_800_000_000
+    record = NodeRecord.create(
+        node, now=now, sequence=1, org_certificate=_certificate(org, node, now)
+    )
+    trust = TrustStore(tmp_path / "trust.db")
+    directory = PeerDirectory(tmp_path / "peers.db", trust, [MemoryFinder([record])])
+    try:
+        await directory.resolve(node.node_id, now)  # seen while the org is not trusted
+        trust.add_org(org.public_key, now)
+        peer = await directory.resolve(node.node_id, now + 1)  # the same record again
+        assert peer is not None
+        assert peer.trust is TrustState.TRUSTED_BY_ORG
+        # What the directory shows is what the transport and message handlers get.
+        assert trust.is_trusted(node.public_key, now + 1)
+    finally:
+        directory.close()
+        trust.close()
 
 
 def _certificate(org: Identity, node: Identity, now: int, days: int = 1) -> bytes:
