@@ -70,6 +70,7 @@ TRUST_POLL = 0.5  # seconds between looks for trust changes other processes wrot
 TRUST_SWEEP = 30.0  # seconds between re-checks of every connected peer (certificates expire)
 LEARN_AGAIN = 60.0  # seconds before an untrusted sender's record is looked up again
 MAX_LEARNING = 1024  # untrusted senders remembered for LEARN_AGAIN
+MAX_LOOKUPS = 4  # untrusted senders' records looked up at once (more: not looked up)
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 
@@ -194,6 +195,7 @@ class NodeRuntime:
         self._cert_stamp: tuple[int, int] | None = None  # node.cert as last read
         self._cert: bytes | None = None
         self._learned: dict[NodeId, float] = {}  # untrusted sender -> when its record was sought
+        self._lookups = 0
 
     # -- lifecycle --------------------------------------------------------------------
     def now(self) -> int:
@@ -464,7 +466,7 @@ class NodeRuntime:
             return None
         if self.clock() - self._learned.get(sender, -LEARN_AGAIN) < LEARN_AGAIN:
             return None
-        return sender
+        return sender if self._lookups < MAX_LOOKUPS else None
 
     async def _learn_certificate(self, sender: NodeId) -> None:
         """Look up an untrusted sender's published record: the directory keeps the
@@ -473,13 +475,19 @@ class NodeRuntime:
         now = self.clock()
         if now - self._learned.get(sender, -LEARN_AGAIN) < LEARN_AGAIN:
             return
+        if self._lookups >= MAX_LOOKUPS:
+            return
         if len(self._learned) >= MAX_LEARNING:
             self._learned = {k: t for k, t in self._learned.items() if now - t < LEARN_AGAIN}
             if len(self._learned) >= MAX_LEARNING:
                 return
         self._learned[sender] = now
-        with contextlib.suppress(RegistryError):
-            await self.directory.resolve(sender, self.now())
+        self._lookups += 1
+        try:
+            with contextlib.suppress(RegistryError):
+                await self.directory.resolve(sender, self.now())
+        finally:
+            self._lookups -= 1
 
     async def _found_on_lan(self, record: NodeRecord) -> None:
         self.directory.remember(record, "mdns", self.now())

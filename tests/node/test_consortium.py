@@ -6,6 +6,7 @@ at once: its connection closes, its accept and fetch are refused."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -183,6 +184,35 @@ async def test_a_peer_remembered_before_its_org_was_trusted_is_trusted_once_it_i
     finally:
         directory.close()
         trust.close()
+
+
+async def test_a_certificate_installed_while_the_node_runs_is_published_at_once(
+    tmp_path: Path, registry: str
+) -> None:
+    from registry.client import RegistryClient
+
+    org_dir = tmp_path / "org"
+    assert main(["org", "init", str(org_dir), "--no-passphrase"]) == 0
+    home, identity = make_home(tmp_path, "late", registry, [])
+    node = await _start(home)
+    try:
+        assert node.record is not None
+        assert node.record.org_certificate is None
+        cert = tmp_path / "late.cert"
+        assert (
+            main(["org", "sign", str(org_dir), identity.public_key.hex(), "--out", str(cert)]) == 0
+        )
+        assert main(["--home", str(home.root), "org", "install", str(cert)]) == 0
+        async with RegistryClient(registry) as client:
+            for _ in range(100):  # bounded: about 10 s
+                found = await client.lookup(identity.node_id)
+                if found is not None and found.org_certificate == cert.read_bytes():
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the installed certificate never reached the registry")
+    finally:
+        await node.stop()
 
 
 def _certificate(org: Identity, node: Identity, now: int, days: int = 1) -> bytes:
