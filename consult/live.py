@@ -26,7 +26,8 @@ Wire (both are frozen dataclasses with ``to_wire``/``from_wire``):
 Trust: the transport admits only trusted peers, invites go only to peers
 ``is_trusted`` accepts, and a connection joins a consult only through an
 invite or a join request this node sent or answered (never by merely sending
-data for it).
+data for it). Every live and presence message is checked again; a peer no
+longer trusted is dropped from every session (:meth:`LiveHub.drop_peer`).
 """
 
 from __future__ import annotations

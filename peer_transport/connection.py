@@ -809,7 +809,7 @@ class Transport:
 
     def peers(self) -> list[bytes]:
         """The trusted peers this node has a connection to (or is calling, or awaits)."""
-        return list(self._connections)
+        return [peer for peer, conn in self._connections.items() if not conn.closed]
 
     async def drop_peer(self, peer: bytes, reason: str) -> None:
         """Close every connection to ``peer`` now (its trust was revoked)."""
