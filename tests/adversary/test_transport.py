@@ -142,8 +142,9 @@ async def test_a_revocation_by_another_process_refuses_the_next_message(
     # `radmesh trust revoke` run beside the running hospital (its own database connection).
     revoke = ["--home", str(hospital.home.root), "trust", "revoke"]
     assert main([*revoke, str(consultant.identity.node_id)]) == 0
-    # The consultant speaks at once, before any poll could notice: chat, then a request.
-    with caplog.at_level(logging.WARNING):
+    # The consultant speaks at once: chat, then a request. Whichever comes first, the
+    # message's own check or the node noticing the database change, neither is served.
+    with caplog.at_level(logging.INFO):
         pair.consultant_live.say("chat after revocation")
         with pytest.raises(TransportError) as refused:
             await link.request(CANARY, b"after")
@@ -193,3 +194,28 @@ async def test_connect_does_not_hand_out_a_live_connection_to_a_revoked_peer() -
         with pytest.raises(PeerRejected, match="not trusted"):
             await a.connect(b.identity.public_key)
         assert conn.closed
+
+
+async def test_a_frame_from_a_peer_no_longer_trusted_is_refused_not_served() -> None:
+    from tests.peer_transport.helpers import mesh
+
+    async with mesh() as m:
+        a, b = await m.node(), await m.node()
+        m.trust(a, b)
+        served: list[bytes] = []
+
+        async def canary(conn: PeerConnection, body: bytes) -> bytes:
+            served.append(body)
+            return b"served"
+
+        b.handle(CANARY, canary)
+        conn = await a.connect(b.identity.public_key)
+        assert await conn.request(CANARY, b"before") == b"served"
+        # b stops trusting a; nothing tells b's transport: only the per-frame check can.
+        m.trusted[b.identity.public_key].discard(a.identity.public_key)
+        with pytest.raises(TransportError) as refused:
+            await conn.request(CANARY, b"after")
+        assert not isinstance(refused.value, RemoteError)
+        assert served == [b"before"]
+        their = b.connection(a.identity.public_key)
+        assert their is None or their.closed
