@@ -443,15 +443,20 @@ class NodeRuntime:
         next_sweep = loop.time() + TRUST_SWEEP
         while True:
             await asyncio.sleep(TRUST_POLL)
-            if not self.trust.poll() and loop.time() >= next_sweep:
-                self._trust_changed()
-            if loop.time() >= next_sweep:
-                next_sweep = loop.time() + TRUST_SWEEP
-            if self.record is not None and self.record.org_certificate != self._own_certificate():
-                self._sequence += 1
-                self.record = self._make_record()
-                for url in self.config.network.registries:
-                    self.spawn(self._registry_step(url))
+            try:
+                if not self.trust.poll() and loop.time() >= next_sweep:
+                    self._trust_changed()
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + TRUST_SWEEP
+                if self.record is not None and self.record.org_certificate != (
+                    self._own_certificate()
+                ):
+                    self._sequence += 1
+                    self.record = self._make_record()
+                    for url in self.config.network.registries:
+                        self.spawn(self._registry_step(url))
+            except Exception:  # one bad round (a locked database) must not end the watch
+                log.exception("checking for trust changes failed; trying again")
 
     def _to_learn(self, sealed: bytes) -> NodeId | None:
         """The (claimed, not yet verified) signer of a sealed signal if it is not trusted
