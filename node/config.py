@@ -137,6 +137,12 @@ class NodeHome:
         return self.data_dir / "trust.db"
 
     @property
+    def cert_path(self) -> Path:
+        """This node's organisation certificate (`radmesh org install`), published in its
+        record."""
+        return self.root / "node.cert"
+
+    @property
     def peers_db(self) -> Path:
         """The peer directory (remembered records)."""
         return self.data_dir / "peers.db"

@@ -37,6 +37,7 @@ from consult.store import ConsultDB
 from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
+from crypto.org import CERT_TYPE
 from node.audit import AuditKind, AuditLog, open_audit
 from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.control import ControlServer, HomeLock
@@ -54,8 +55,8 @@ from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
 from registry.errors import RegistryError, RemoteRegistryError
 from registry.lan import LanEndpoint, post_signal
 from registry.mdns import LanDiscovery
-from registry.records import LanPointer, NodeRecord
-from registry.trust import TrustStore
+from registry.records import MAX_CERT, LanPointer, NodeRecord
+from registry.trust import TrustState, TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ QUEUE_SIZE = 256
 RECORD_TTL = 3600
 TURN_RETRY = 30.0  # seconds before asking a registry again for TURN credentials
 TURN_ASK_AGAIN = 3600.0  # ...when it said it offers no relay
+TRUST_POLL = 0.5  # seconds between looks for trust changes other processes wrote
+TRUST_SWEEP = 30.0  # seconds between re-checks of every connected peer (certificates expire)
+LEARN_AGAIN = 60.0  # seconds before an untrusted sender's record is looked up again
+MAX_LEARNING = 1024  # untrusted senders remembered for LEARN_AGAIN
+MAX_LOOKUPS = 4  # untrusted senders' records looked up at once (more: not looked up)
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 
@@ -102,13 +108,22 @@ class SignalRouter:
         if len(sealed) > MAX_NODE_MSG:
             return
         kind = sealed_type(self._runtime.identity, sealed)
-        if kind == SIGNAL_TYPE:
+        if kind == SIGNAL_TYPE and (sender := self._runtime._to_learn(sealed)) is not None:
+            self._runtime.spawn(self._learn_then_queue(sender, sealed))
+        elif kind == SIGNAL_TYPE:
             with contextlib.suppress(asyncio.QueueFull):
                 self._rtc.put_nowait(sealed)
         elif kind == NODE_MSG:
             await self._runtime._on_node_message(sealed)
         else:
             log.info("dropped a sealed message this node cannot use (%s)", kind or "undecryptable")
+
+    async def _learn_then_queue(self, sender: NodeId, sealed: bytes) -> None:
+        """A call from a node we do not trust yet: its record may carry a certificate from
+        an organisation we trust (a consortium member we never looked up)."""
+        await self._runtime._learn_certificate(sender)
+        with contextlib.suppress(asyncio.QueueFull):
+            self._rtc.put_nowait(sealed)
 
     async def send(self, to: bytes, sealed: bytes) -> None:
         await self._runtime.send_sealed(to, sealed)
@@ -178,6 +193,10 @@ class NodeRuntime:
         self._home_lock = HomeLock(home)
         self.control = ControlServer(self) if control else None
         self._warm_cache = warm_cache
+        self._cert_stamp: tuple[int, int] | None = None  # node.cert as last read
+        self._cert: bytes | None = None
+        self._learned: dict[NodeId, float] = {}  # untrusted sender -> when its record was sought
+        self._lookups = 0
 
     # -- lifecycle --------------------------------------------------------------------
     def now(self) -> int:
@@ -232,6 +251,9 @@ class NodeRuntime:
         )
         await self.transport.start()
         self.live_hub()  # answers live-session invites from trusted peers
+        self.trust.subscribe(self._trust_changed)
+        self.transport.on_untrusted = self._drop_untrusted  # refused by a per-message check
+        self.spawn(self._watch_trust())
         # One round before returning, so a started node can be found at once.
         await asyncio.gather(*(self._registry_step(url) for url in network.registries))
         for url in network.registries:
@@ -305,7 +327,38 @@ class NodeRuntime:
             languages=tuple(c.languages),
             timezone=c.timezone,
             endpoints=endpoints,
+            org_certificate=self._own_certificate(),
         )
+
+    def _own_certificate(self) -> bytes | None:
+        """The organisation certificate installed in the home (`radmesh org install`), if it
+        is this node's; peers that trust the organisation trust this node through it. Read
+        again only when the file changes."""
+        try:
+            info = self.home.cert_path.stat()
+            stamp: tuple[int, int] | None = (info.st_mtime_ns, info.st_size)
+        except OSError:
+            stamp = None
+        if stamp != self._cert_stamp:
+            self._cert_stamp, self._cert = stamp, None
+            if stamp is not None:
+                self._cert = self._read_certificate()
+        return self._cert
+
+    def _read_certificate(self) -> bytes | None:
+        try:
+            with self.home.cert_path.open("rb") as handle:
+                cert = handle.read(MAX_CERT + 1)
+            if len(cert) > MAX_CERT:
+                raise CryptoError(f"it is larger than {MAX_CERT} bytes")
+            body = SignedEnvelope.from_wire(cert).verify(CERT_TYPE)
+        except (OSError, CryptoError) as exc:
+            log.warning("the organisation certificate in this home is unusable: %s", exc)
+            return None
+        if isinstance(body, dict) and body.get("node") == self.identity.public_key:
+            return cert
+        log.warning("the organisation certificate in this home belongs to another node: ignored")
+        return None
 
     def _own_record(self) -> NodeRecord:
         record = self.record
@@ -364,6 +417,84 @@ class NodeRuntime:
         async for message in conn:
             await self.router.feed(message.data)
 
+    # -- trust changes ------------------------------------------------------------------
+    def _trust_changed(self) -> None:
+        """Drop at once every connection and live-session peer this node no longer trusts
+        (a revocation here or from another process, an organisation's revocation list)."""
+        now = self.now()
+        peers = set(self.transport.peers())
+        for live in self._live_hub.sessions.values() if self._live_hub is not None else ():
+            peers.update(live.peers)
+        for peer in peers:
+            if not self.trust.is_trusted(peer, now):
+                self._drop_untrusted(peer)
+
+    def _drop_untrusted(self, peer: bytes) -> None:
+        short = NodeId.from_public_key(peer).short()
+        self.notify(f"{short} is no longer trusted: its connections and live sessions closed")
+        if self._live_hub is not None:
+            self._live_hub.drop_peer(peer)
+        self.spawn(self.transport.drop_peer(peer, "this node no longer trusts you"))
+
+    async def _watch_trust(self) -> None:
+        """Apply trust changes written by other processes (`radmesh trust revoke`, `radmesh
+        org revocations install`), certificates that expire, and a certificate installed
+        in the home meanwhile (published at once)."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + TRUST_SWEEP
+        while True:
+            await asyncio.sleep(TRUST_POLL)
+            try:
+                if not self.trust.poll() and loop.time() >= next_sweep:
+                    self._trust_changed()
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + TRUST_SWEEP
+                if self.record is not None and self.record.org_certificate != (
+                    self._own_certificate()
+                ):
+                    self._sequence += 1
+                    self.record = self._make_record()
+                    for url in self.config.network.registries:
+                        self.spawn(self._registry_step(url))
+            except Exception:  # one bad round (a locked database) must not end the watch
+                log.exception("checking for trust changes failed; trying again")
+
+    def _to_learn(self, sealed: bytes) -> NodeId | None:
+        """The (claimed, not yet verified) signer of a sealed signal if it is not trusted
+        and its record was not looked up lately; None otherwise."""
+        try:
+            inner = nacl.public.SealedBox(self.identity.x25519_private()).decrypt(sealed)
+            signer = SignedEnvelope.from_wire(inner).signer
+            sender = NodeId.from_public_key(signer)
+        except (nacl.exceptions.CryptoError, CryptoError, ValueError):
+            return None
+        if self.trust.is_trusted(signer, self.now()):
+            return None
+        if self.clock() - self._learned.get(sender, -LEARN_AGAIN) < LEARN_AGAIN:
+            return None
+        return sender if self._lookups < MAX_LOOKUPS else None
+
+    async def _learn_certificate(self, sender: NodeId) -> None:
+        """Look up an untrusted sender's published record: the directory keeps the
+        organisation certificate it carries, if one this node trusts vouches for it.
+        At most once per LEARN_AGAIN per sender, so strangers cannot make us look up."""
+        now = self.clock()
+        if now - self._learned.get(sender, -LEARN_AGAIN) < LEARN_AGAIN:
+            return
+        if self._lookups >= MAX_LOOKUPS:
+            return
+        if len(self._learned) >= MAX_LEARNING:
+            self._learned = {k: t for k, t in self._learned.items() if now - t < LEARN_AGAIN}
+            if len(self._learned) >= MAX_LEARNING:
+                return
+        self._learned[sender] = now
+        self._lookups += 1
+        try:
+            with contextlib.suppress(RegistryError):
+                await self.directory.resolve(sender, self.now())
+        finally:
+            self._lookups -= 1
+
     async def _found_on_lan(self, record: NodeRecord) -> None:
         self.directory.remember(record, "mdns", self.now())
 
@@ -392,6 +523,10 @@ class NodeRuntime:
     # -- node messages (no live connection needed) --------------------------------------
     async def send_message(self, to: bytes, kind: str, wire: bytes) -> str:
         """Send a signed consult message (request, response, report) to a peer."""
+        if self.trust.state(to, self.now()) is TrustState.REVOKED:
+            raise RuntimeError_(
+                f"{NodeId.from_public_key(to).short()} was revoked: nothing is sent to it"
+            )
         return await self.send_sealed(
             to, seal_node_message(self.identity, to, kind, wire, self.now())
         )
@@ -422,7 +557,14 @@ class NodeRuntime:
 
     async def _on_consult_message(self, sender: NodeId, kind: str, wire: bytes) -> None:
         public_key = self._sender_key(sender, wire)
+        if public_key is not None and self.trust.state(public_key, self.now()) is (
+            TrustState.REVOKED
+        ):
+            raise RuntimeError_(f"{sender.short()} was revoked: {kind} ignored")
         trusted = public_key is not None and self.trust.is_trusted(public_key, self.now())
+        if not trusted and public_key is not None:
+            await self._learn_certificate(sender)  # an organisation may vouch for it
+            trusted = self.trust.is_trusted(public_key, self.now())
         if not trusted and kind != "consult.request":
             raise RuntimeError_(f"{sender.short()} is not trusted: {kind} ignored")
         if not trusted and public_key is not None:

@@ -660,6 +660,8 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
     rt.handlers[LIVE_CONSENT_KIND] = on_live_consent
 
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
+        if not rt.trust.is_trusted(conn.peer, rt.now()):  # checked per request, not per link
+            raise RequestRefused("not-trusted", "this node no longer trusts your node")
         consult_id = rt.consults.resolve(body.decode(errors="replace"))
         role, peer, _ = rt.consults.info(consult_id)
         if role != "requester" or not peer or NodeId.parse(peer) != conn.peer_id:

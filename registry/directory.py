@@ -141,9 +141,17 @@ class PeerDirectory:
             "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
             (str(record.node_id), record.sequence, record.to_wire(), source, now),
         )
+        self._keep_certificate(record, now)
         return True
 
+    def _keep_certificate(self, record: NodeRecord, now: int) -> None:
+        """The trust store keeps the organisation certificate of the record shown, so every
+        check of this key made without a record (connections, messages) agrees with it."""
+        if record.org_certificate is not None:
+            self.trust.keep_certificate(record.public_key, record.org_certificate, now)
+
     def _peer(self, record: NodeRecord, source: str, now: int) -> Peer:
+        self._keep_certificate(record, now)
         return Peer(
             record,
             source,
