@@ -390,9 +390,11 @@ class RuntimeNode:
     def consults(self) -> list[ConsultItem]:
         items = []
         known = set()
+        peers = {p.node_id: p for p in self.peers()}
         for case in self.runtime.consults.cases():
             role, peer, _ = self.runtime.consults.info(case.request.id)
             known.add(case.request.id)
+            info = peers.get(str(NodeId.parse(peer))) if peer else None
             items.append(
                 ConsultItem(
                     case.request.id,
@@ -403,6 +405,8 @@ class RuntimeNode:
                     case.state.value,
                     float(case.request.deadline),
                     self._study_here(case, role),
+                    info.name if info else "",
+                    info.trust if info else ("unverified" if peer else ""),
                 )
             )
         for live in self.runtime.live_hub().sessions.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -18,7 +19,7 @@ from consult import measure
 from consult.errors import ConsultError
 from consult.presence import Cursor, Participant, Viewport
 from consult.shared import Annotation, AnnotationKind
-from tui import hittest, imaging
+from tui import hittest, imaging, safe_text
 from tui.facade import Frame, InstanceRef, NodeFacade, SeriesInfo, StudyInfo
 from tui.imaging import Point
 from tui.screens.prompt import TextPrompt
@@ -29,6 +30,7 @@ CURSOR_PERIOD = 0.05  # own cursor goes out at most 20 times a second
 CINE_PERIOD = 0.1
 LOADING_POLL = 0.5
 FRAME_CACHE = 64
+TRUST_REFRESH = 5.0  # seconds between reads of the peers' trust for the participant list
 TOOLS = {
     "point": AnnotationKind.POINT,
     "arrow": AnnotationKind.ARROW,
@@ -97,19 +99,36 @@ class ViewerScreen(Screen[None]):
         self._sent_viewport: Viewport | None = None
         self._user_moved = False
         self.message = ""
+        self._trust: dict[str, str] = {}
+        self._trust_at = float("-inf")
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal():
             yield OptionList(
-                *[f"{s.number:>3} {s.modality} {s.description} ({s.instance_count})"
-                  for s in self.series_list],
+                *[safe_text.line(f"{s.number:>3} {s.modality} {s.description} "
+                                 f"({s.instance_count})") for s in self.series_list],
                 id="series",
             )  # fmt: skip
             yield ImageView(id="image")
             if self.session is not None:
-                yield ConsultPanel(self.session)
+                yield ConsultPanel(self.session, self._trust_of)
         yield Footer()
+
+    def _trust_of(self, node_id: str) -> str:
+        """This node's trust in a participant's key, as the Peers screen shows it (read
+        again every few seconds, not on every cursor move)."""
+        now = time.monotonic()
+        if now - self._trust_at > TRUST_REFRESH:
+            self._trust = {p.node_id: p.trust for p in self.node.peers()}
+            self._trust_at = now
+        return self._trust.get(node_id, "")
+
+    def _label(self, participant: Participant) -> str:
+        """A participant as every place shows them: name, short id, trust."""
+        panel = self.query(ConsultPanel)
+        names = panel.first().names() if panel else {}
+        return names.get(participant.node, safe_text.plain(participant.name, 40))
 
     @property
     def view(self) -> ImageView:
@@ -240,7 +259,7 @@ class ViewerScreen(Screen[None]):
             if self._presenting():
                 lines.append("presenting (p stops)")
             elif self.session.following():
-                who = presenter.name if presenter else "nobody presents yet"
+                who = self._label(presenter) if presenter else "nobody presents yet"
                 lines.append(f"following {who} (f or any move stops)")
         if self.message:
             lines.append(self.message)
@@ -269,7 +288,7 @@ class ViewerScreen(Screen[None]):
                 and cursor.sop_instance_uid == ref.sop_uid
                 and cursor.frame == self.frame_no
             ):
-                marks.append(Mark("cursor", ((cursor.x, cursor.y),), p.colour, p.name))
+                marks.append(Mark("cursor", ((cursor.x, cursor.y),), p.colour, self._label(p)))
         marks.extend(Mark("point", (p,), "#ffffff") for p in self.pending)
         return tuple(marks)
 
@@ -340,7 +359,7 @@ class ViewerScreen(Screen[None]):
             return False
         uids = [s.series_uid for s in self.series_list]
         if target.series_uid not in uids:
-            self.message = f"{presenter.name}'s series is not in this study here"
+            self.message = f"{self._label(presenter)}'s series is not in this study here"
             return False
         self._sent_viewport = target
         self.session.set_viewport(target, by_user=False)
@@ -560,7 +579,7 @@ class ViewerScreen(Screen[None]):
             self.message = "select an annotation first: click it, or [ and ]"
         elif chosen.author != self.session.local_node:
             who = panel.names().get(chosen.author, chosen.author[:8])
-            self.message = f"only the author ({who}) can remove this annotation: ask them"
+            self.message = f"only the author, {who}, can remove this annotation: ask them"
         else:
             try:
                 self.session.remove_annotation(chosen.id)

@@ -1,0 +1,74 @@
+"""Peer-supplied text made safe to show: on a terminal, in the TUI, in CLI output.
+
+Anything a peer wrote (a name, an institution, a clinical question, a chat line, a
+report, an error text it sent back) is data. Printed raw, an ESC starts a terminal
+escape sequence (retitle the window, rewrite the screen, paste into the shell),
+``\\r`` and ``\\b`` overwrite what was printed before them, and the bidi overrides
+U+202A-U+202E / U+2066-U+2069 reorder what follows so a line reads differently from
+what it holds. :func:`printable` turns every such character into a visible
+placeholder, so the text keeps its length roughly and the person sees that
+something odd was there. It does not escape markup: the TUI wraps the result in a
+Rich ``Text`` (:mod:`tui.safe_text`), which is never parsed as markup.
+
+A display name is not an identity: anyone can publish a record with anyone's name.
+:func:`peer_label` shows a name only together with the key's short id and the trust
+state this node holds for that key.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+ELLIPSIS = "…"
+MAX_NAME_CHARS = 40  # a display name, institution, subspecialty in one line
+MAX_LINE_CHARS = 160  # a question, a title, a reason in one line
+
+# Bidi embeddings, overrides, isolates and marks: they reorder text on screen.
+BIDI_CONTROLS = frozenset({0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)})
+# Line and paragraph separators break a line where a one-line field shows none.
+LINE_BREAKS = frozenset({0x2028, 0x2029, 0x0085})
+_CONTROL_PICTURES = 0x2400  # U+2400..U+241F picture C0 controls; U+2421 is DEL
+
+
+def _placeholder(code: int) -> str:
+    if code < 0x20:
+        return chr(_CONTROL_PICTURES + code)  # ESC -> ␛, CR -> ␍, BS -> ␈
+    if code == 0x7F:
+        return "␡"
+    return f"<U+{code:04X}>"
+
+
+def _neutral(ch: str, multiline: bool) -> str:
+    code = ord(ch)
+    if ch == "\n" and multiline:
+        return ch
+    if ch == "\t":
+        return " "
+    if code < 0x20 or 0x7F <= code <= 0x9F or code in BIDI_CONTROLS or code in LINE_BREAKS:
+        return _placeholder(code)
+    if unicodedata.category(ch) == "Cs":  # a lone surrogate cannot even be printed
+        return "\ufffd"
+    return ch
+
+
+def printable(text: object, max_chars: int | None = None, *, multiline: bool = False) -> str:
+    """``text`` with every control character replaced by a visible placeholder.
+
+    One-line (the default): newlines become ␊ too, and a text longer than
+    ``max_chars`` is cut with an ellipsis. ``multiline`` keeps ``\\n`` (a chat
+    message, a report) and cuts nothing unless ``max_chars`` is given.
+    """
+    raw = text if isinstance(text, str) else str(text)
+    if raw.isascii() and raw.isprintable() and (max_chars is None or len(raw) <= max_chars):
+        return raw  # the common case, without a per-character pass
+    out = "".join(_neutral(ch, multiline) for ch in raw)
+    if max_chars is not None and len(out) > max_chars:
+        out = out[: max(0, max_chars - 1)] + ELLIPSIS
+    return out
+
+
+def peer_label(name: str, short_id: str, trust: str) -> str:
+    """``Dr Neuro (ABCDEFG, verified)``: the name never without the key and its trust."""
+    shown = printable(name, MAX_NAME_CHARS).strip()
+    key = f"{short_id}, {trust}" if trust else short_id
+    return f"{shown} ({key})" if shown else f"({key})"
