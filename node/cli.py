@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from crypto.errors import CryptoError
+from node.display import printable
 
 COMMAND_MODULES = (
     "node.commands.identity",
@@ -80,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = handler(args)
     except user_errors() as exc:
-        print(f"radmesh: {exc}", file=sys.stderr)
+        # An error's text may quote a peer (a refusal it sent, a name): no raw escapes.
+        print(f"radmesh: {printable(exc, multiline=True)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("radmesh: interrupted", file=sys.stderr)

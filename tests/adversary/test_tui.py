@@ -13,12 +13,19 @@ import html
 import re
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
+from consult.requests import ConsultRequest, Priority
 from consult.shared import Annotation, AnnotationKind
+from crypto.errors import InvalidNodeId
 from crypto.identity import Identity, NodeId
+from node.cli import main
+from node.commands.peers import open_directory, resolve_id
+from node.config import NodeHome
 from node.display import MAX_LINE_CHARS, peer_label, printable
+from registry.records import NodeRecord
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem, PeerInfo, SeriesInfo, StudyInfo, TransferInfo
 from tui.memory import SERIES_UID, STUDY_UID, InMemoryNode
@@ -290,3 +297,115 @@ async def test_two_peers_publishing_the_same_name_are_told_apart_with_their_trus
         text = screen_text(app)
         assert f"Dr Victim ({KEY_A.short()}, verified)" in text
         assert f"Dr Victim ({KEY_B.short()}, unverified)" in text
+
+
+# --- the CLI: `radmesh peers`, `trust`, `consult list/show` ------------------------------------
+
+EVIL_NAME = "Dr Victim\x1b]0;pwned\x07\x1b[2J [/]\u202e"
+
+
+def _cli(home: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["--home", str(home), *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _remember(home: Path, *records: NodeRecord) -> None:
+    now = int(time.time())
+    directory = open_directory(NodeHome(home))
+    try:
+        for record in records:
+            assert directory.remember(record, "test", now)
+    finally:
+        directory.close()
+        directory.trust.close()
+
+
+def _record(identity: Identity, name: str, institution: str = "Clinic") -> NodeRecord:
+    return NodeRecord.create(
+        identity, now=int(time.time()), sequence=1, display_name=name, institution=institution,
+        subspecialties=("neuro\x1b[31m",), endpoints=("lan:http://127.0.0.1:9",),
+    )  # fmt: skip
+
+
+def test_cli_peers_list_tells_same_named_peers_apart_and_prints_no_escapes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "me"
+    assert _cli(home, capsys, "init", "--no-passphrase", "--name", "Me")[0] == 0
+    real, fake = Identity.generate(), Identity.generate()
+    _remember(home, _record(real, EVIL_NAME, "St Elsewhere\u202e"), _record(fake, EVIL_NAME))
+    assert _cli(home, capsys, "trust", "allow", str(real.node_id))[0] == 0
+
+    code, out = _cli(home, capsys, "peers", "list")
+    assert code == 0
+    assert_clean(out)
+    assert "\x07" not in out
+    lines = [line for line in out.splitlines() if "Dr Victim" in line]
+    assert len(lines) == 2
+    real_line = next(line for line in lines if line.startswith(real.node_id.short()))
+    fake_line = next(line for line in lines if line.startswith(fake.node_id.short()))
+    assert " verified " in real_line
+    assert " unknown " in fake_line
+    assert "␛]0;pwned␇" in real_line  # shown, harmless
+
+    # The short id `peers list` printed is what a person types next.
+    code, out = _cli(home, capsys, "peers", "show", fake.node_id.short())
+    assert code == 0, out
+    assert f"Node id:        {fake.node_id}" in out
+    assert "Trust:          unknown" in out
+    assert_clean(out)
+    code, out = _cli(home, capsys, "trust", "verify", fake.node_id.short().lower(), "--yes")
+    assert code == 0, out
+    assert f"Peer:      {fake.node_id}" in out  # the full id, and the safety number, first
+    code, out = _cli(home, capsys, "trust", "allow", real.node_id.short())
+    assert code == 1
+    assert "only the full node id" in out
+
+
+def test_a_short_id_is_taken_only_when_exactly_one_known_peer_has_it() -> None:
+    a = NodeId(bytes(5) + b"\x01" * 27)
+    b = NodeId(bytes(5) + b"\x02" * 27)  # the same first 40 bits: the same short id
+    other = NodeId(b"\xff" * 32)
+    assert a.short() == b.short()
+    assert resolve_id(other.short(), [a, b, other]) == other
+    assert resolve_id(str(a), []) == a  # a full id needs no lookup
+    with pytest.raises(InvalidNodeId, match="2 known peers"):
+        resolve_id(a.short(), [a, b, other])
+    assert resolve_id(str(a)[:15], [a, b]) == a  # a longer prefix tells them apart
+    with pytest.raises(InvalidNodeId, match="no known peer"):
+        resolve_id(a.short(), [other])
+    with pytest.raises(InvalidNodeId, match="56 letters"):
+        resolve_id("ABC", [a])  # too short to mean anything
+
+
+def test_cli_consult_list_and_show_print_a_hostile_question_literally(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "consultant"
+    assert _cli(home, capsys, "init", "--no-passphrase")[0] == 0
+    sender = Identity.generate()
+    _remember(home, _record(sender, EVIL_NAME))
+    now = int(time.time())
+    question = "Please read [/] urgently\x1b]0;pwned\x07\r\x08\u202eevil\x9b2J\n" + "Q" * 3000
+    request = ConsultRequest.new(
+        requester=sender.node_id, study_uid="2.25.1", question=question,
+        priority=Priority.STAT, subspecialty="neuro\x1b[5m", jurisdiction="FR", language="en",
+        deadline=now + 3600, now=now,
+    )  # fmt: skip
+    wire_file = tmp_path / "req.bin"
+    wire_file.write_bytes(request.to_wire(sender))
+    assert _cli(home, capsys, "consult", "import", str(wire_file))[0] == 0
+
+    code, out = _cli(home, capsys, "consult", "list")
+    assert code == 0
+    assert_clean(out)
+    assert "Please read [/] urgently␛]0;pwned␇" in out
+    assert "Q" * 100 not in out  # one line per consult, the question cut
+
+    code, out = _cli(home, capsys, "consult", "show", request.id[:8])
+    assert code == 0
+    assert_clean(out)
+    assert "\x07" not in out
+    assert "question:      Please read [/] urgently␛]0;pwned␇␍␈<U+202E>evil<U+009B>2J" in out
+    assert f"({sender.node_id.short()}, unknown)" in out  # the peer: name with id and trust
