@@ -9,6 +9,10 @@ neutralised by :func:`node.display.printable` (the CLI uses the same function).
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Iterable
+
 from rich.text import Text
 
 from node.display import MAX_LINE_CHARS, MAX_NAME_CHARS, peer_label, printable
@@ -26,12 +30,17 @@ TRUST_STYLE = {
 __all__ = [
     "MAX_LINE_CHARS",
     "MAX_NAME_CHARS",
+    "colour",
+    "finite",
     "line",
     "name",
     "peer",
     "plain",
     "safe",
 ]
+
+DEFAULT_COLOUR = "#ffff00"
+_HEX_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
 
 
 def safe(text: object, max_chars: int | None = None, *, style: str = "") -> Text:
@@ -60,3 +69,15 @@ def peer(display_name: str, short_id: str, trust: str, *, style: str = "") -> Te
     if trust:
         text.highlight_words([f", {trust})"], style=TRUST_STYLE.get(trust, "bold yellow"))
     return text
+
+
+def colour(value: str, default: str = DEFAULT_COLOUR) -> str:
+    """A participant's colour as a style: ``#rrggbb`` only. Anything else a peer sends
+    would be parsed as a Rich style (``link file:///...``) or make the style raise."""
+    return value if _HEX_COLOUR.fullmatch(value) else default
+
+
+def finite(values: Iterable[Iterable[float]]) -> bool:
+    """Every coordinate a real number: NaN or infinity from a peer must not reach the
+    pixel maths (``int(nan)`` raises and takes the viewer down)."""
+    return all(math.isfinite(v) for point in values for v in point)

@@ -10,6 +10,7 @@ bidi override in what reaches the terminal.
 from __future__ import annotations
 
 import html
+import math
 import re
 import time
 from collections import defaultdict
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from consult.presence import Cursor, Viewport
 from consult.requests import ConsultRequest, Priority
 from consult.shared import Annotation, AnnotationKind
 from crypto.errors import InvalidNodeId
@@ -409,3 +411,39 @@ def test_cli_consult_list_and_show_print_a_hostile_question_literally(
     assert "\x07" not in out
     assert "question:      Please read [/] urgently␛]0;pwned␇␍␈<U+202E>evil<U+009B>2J" in out
     assert f"({sender.node_id.short()}, unknown)" in out  # the peer: name with id and trust
+
+
+# --- numbers and styles from presence ---------------------------------------------------------
+
+
+async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_down() -> None:
+    node = HostileNode(home=False, studies=False)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = ViewerScreen(node, node.studies()[0], live=True)
+        await app.push_screen(viewer)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        sop = viewer.current.sop_uid  # type: ignore[union-attr]
+        node.session.remote_join(7, str(KEY_A), "Dr A", "link file:///etc/passwd")
+        node.session.remote_join(8, str(KEY_B), "Dr B", "not a colour")
+        node.session.remote_cursor(7, Cursor(sop, 0, math.nan, math.inf))
+        node.session.remote_cursor(8, Cursor(sop, 0, 40.0, 40.0))  # the canary: drawn
+        node.session.remote_annotation(
+            Annotation("r1", AnnotationKind.LENGTH, sop, 0, ((math.nan, 1.0), (math.inf, 3.0)),
+                       str(KEY_A), 1.0, "bad")
+        )  # fmt: skip
+        node.session.remote_viewport(
+            7, Viewport(SERIES_UID, 3, math.nan, math.inf, math.nan, 1e308, 0.0), presenting=True
+        )
+        viewer.view.focus()
+        await pilot.press("f")  # follow the presenter whose numbers are not numbers
+        await pilot.pause()
+        assert app.is_running
+        assert [m.kind for m in viewer.view.marks] == ["cursor"]  # Dr B's, the finite one
+        assert viewer.view.marks[0].colour == "#ffff00"  # "not a colour" is not a style
+        assert math.isfinite(viewer.view.zoom)
+        assert "invalid numbers" in screen_text(app)
+        styles = repr(getattr(viewer.query_one("#participants").render(), "spans", None))
+        assert "Color(255, 255, 0)" in styles  # the default colour stands in for both
+        assert "passwd" not in styles

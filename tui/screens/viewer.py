@@ -269,7 +269,7 @@ class ViewerScreen(Screen[None]):
         ref = self.current
         if self.session is None or ref is None:
             return tuple(Mark("point", (p,), "#ffffff") for p in self.pending)
-        colours = {p.node: p.colour for p in self.session.participants()}
+        colours = {p.node: safe_text.colour(p.colour) for p in self.session.participants()}
         selected = self.query_one(ConsultPanel).selected
         marks = [
             Mark(
@@ -279,6 +279,7 @@ class ViewerScreen(Screen[None]):
                 a.text,
             )
             for a in self._annotations_here()
+            if safe_text.finite(a.points)
         ]
         for p in self.session.participants():
             cursor = p.cursor
@@ -287,8 +288,11 @@ class ViewerScreen(Screen[None]):
                 and cursor
                 and cursor.sop_instance_uid == ref.sop_uid
                 and cursor.frame == self.frame_no
+                and safe_text.finite([(cursor.x, cursor.y)])
             ):
-                marks.append(Mark("cursor", ((cursor.x, cursor.y),), p.colour, self._label(p)))
+                marks.append(
+                    Mark("cursor", ((cursor.x, cursor.y),), colours[p.node], self._label(p))
+                )
         marks.extend(Mark("point", (p,), "#ffffff") for p in self.pending)
         return tuple(marks)
 
@@ -361,12 +365,16 @@ class ViewerScreen(Screen[None]):
         if target.series_uid not in uids:
             self.message = f"{self._label(presenter)}'s series is not in this study here"
             return False
+        numbers = (target.window, target.level, target.zoom, target.pan_x, target.pan_y)
+        if not safe_text.finite([numbers]):
+            self.message = f"{self._label(presenter)}'s view has invalid numbers: not followed"
+            return False
         self._sent_viewport = target
         self.session.set_viewport(target, by_user=False)
         view = self.view
         view.window = imaging.Window(target.level, max(1.0, target.window))
         self._window_set = True
-        view.zoom = target.zoom
+        view.zoom = min(imaging.MAX_ZOOM, max(imaging.MIN_ZOOM, target.zoom))
         view.center = None
         index = uids.index(target.series_uid)
         if index != self.series_index:
@@ -377,7 +385,11 @@ class ViewerScreen(Screen[None]):
         frame = view.frame
         if frame is not None and (target.pan_x or target.pan_y):
             rows, cols = frame.pixels.shape[:2]
-            view.center = ((cols - 1) / 2 + target.pan_x, (rows - 1) / 2 + target.pan_y)
+            pan_x, pan_y = (
+                min(cols, max(-cols, target.pan_x)),
+                min(rows, max(-rows, target.pan_y)),
+            )
+            view.center = ((cols - 1) / 2 + pan_x, (rows - 1) / 2 + pan_y)
         self.update_view()
         return True
 

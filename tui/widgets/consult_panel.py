@@ -13,7 +13,7 @@ from textual.widgets import Input, Static, TextArea
 
 from consult.shared import MAX_CHAT_CHARS, Annotation
 from node.display import peer_label, printable
-from tui.safe_text import MAX_LINE_CHARS, plain, safe
+from tui.safe_text import MAX_LINE_CHARS, colour, plain, safe
 from tui.session import SessionView
 
 SHORT_ID_CHARS = 7
@@ -91,7 +91,7 @@ class ConsultPanel(Vertical):
             flags = " presenting" if p.presenting else ""
             if p.following or (index == 0 and s.following()):
                 flags += " following"
-            people.append(f" ● {names[p.node]}{flags}\n", style=p.colour)
+            people.append(f" ● {names[p.node]}{flags}\n", style=colour(p.colour))
         self.query_one("#participants", Static).update(people)
         marks = Text("Annotations (click or [ ] select, x remove)\n", style="bold")
         for a in s.annotations():
