@@ -17,6 +17,7 @@ state this node holds for that key.
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 
 ELLIPSIS = "…"
@@ -65,6 +66,14 @@ def printable(text: object, max_chars: int | None = None, *, multiline: bool = F
     if max_chars is not None and len(out) > max_chars:
         out = out[: max(0, max_chars - 1)] + ELLIPSIS
     return out
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines on a terminal: a logged peer string (a refusal, a record field) carries
+    no escape sequence to it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), multiline=True)
 
 
 def peer_label(name: str, short_id: str, trust: str) -> str:

@@ -10,23 +10,28 @@ bidi override in what reaches the terminal.
 from __future__ import annotations
 
 import html
+import logging
 import math
 import re
 import time
 from collections import defaultdict
 from pathlib import Path
 
+import pydicom
 import pytest
 
+from consult.errors import LocalConsultError
 from consult.presence import Cursor, Viewport
 from consult.requests import ConsultRequest, Priority
 from consult.shared import Annotation, AnnotationKind
+from consult.store import ConsultDB
 from crypto.errors import InvalidNodeId
 from crypto.identity import Identity, NodeId
 from node.cli import main
 from node.commands.peers import open_directory, resolve_id
 from node.config import NodeHome
-from node.display import MAX_LINE_CHARS, peer_label, printable
+from node.demo_data import generate_ct
+from node.display import MAX_LINE_CHARS, PrintableFormatter, peer_label, printable
 from registry.records import NodeRecord
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem, PeerInfo, SeriesInfo, StudyInfo, TransferInfo
@@ -447,3 +452,39 @@ async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_d
         styles = repr(getattr(viewer.query_one("#participants").render(), "spans", None))
         assert "Color(255, 255, 0)" in styles  # the default colour stands in for both
         assert "passwd" not in styles
+
+
+@pytest.mark.filterwarnings("ignore:Found unknown escape sequence")  # pydicom, on the ESC
+def test_cli_studies_errors_and_log_lines_carry_no_raw_escapes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "me"
+    assert _cli(home, capsys, "init", "--no-passphrase")[0] == 0
+    # A study fetched from a peer: its DICOM text is the peer's.
+    files = generate_ct(tmp_path / "ct", slices=1, rows=16, seed=1)
+    ds = pydicom.dcmread(files[0])
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, so the bidi override survives
+    ds.StudyDescription = "HEAD\x1b]0;pwned\x07\u202e"
+    ds.SeriesDescription = "AX\x1b[2J"
+    ds.save_as(files[0])
+    assert _cli(home, capsys, "import", str(files[0]))[0] == 0
+    code, out = _cli(home, capsys, "studies", "--series")
+    assert code == 0
+    assert_clean(out)
+    assert "HEAD␛]0;pwned␇<U+202E>" in out
+    assert "AX␛[2J" in out
+
+    # Any error printed as `radmesh: ...` (they may quote what a peer sent).
+    def refused(self: ConsultDB, prefix: str) -> str:
+        raise LocalConsultError("the peer said: \x1b]0;pwned\x07\x1b[2J")
+
+    monkeypatch.setattr(ConsultDB, "resolve", refused)
+    code, out = _cli(home, capsys, "consult", "show", "abcd")
+    assert code == 1
+    assert_clean(out)
+    assert "radmesh: the peer said: ␛]0;pwned␇␛[2J" in out
+
+    # Log lines on the terminal.
+    formatter = PrintableFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "refused %s", ("\x1b[2J",), None)
+    assert formatter.format(record) == "WARNING refused ␛[2J"
