@@ -15,6 +15,7 @@ import math
 import re
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -33,6 +34,8 @@ from node.config import NodeHome
 from node.demo_data import generate_ct
 from node.display import MAX_LINE_CHARS, PrintableFormatter, peer_label, printable
 from registry.records import NodeRecord
+from tests.consult.test_live import wait_for
+from tests.tui.test_node_facade import consult_pair, form_to
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem, PeerInfo, SeriesInfo, StudyInfo, TransferInfo
 from tui.memory import SERIES_UID, STUDY_UID, InMemoryNode
@@ -488,3 +491,28 @@ def test_cli_studies_errors_and_log_lines_carry_no_raw_escapes(
     formatter = PrintableFormatter("%(levelname)s %(message)s")
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "refused %s", ("\x1b[2J",), None)
     assert formatter.format(record) == "WARNING refused ␛[2J"
+
+
+# --- end to end: a request stored by a real node ----------------------------------------------
+
+
+async def test_a_stored_request_with_markup_opens_in_the_consultants_tui(tmp_path: Path) -> None:
+    """The reported crash: the request is kept, so the TUI died at every start."""
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=1, rows=32)
+    try:
+        question = "Please read [/] urgently [@click=app.quit]x[/] [link=file:///etc/passwd]y"
+        await ask.request_consult(replace(form_to(neuro, study_uid), question=question))
+        await wait_for(lambda: bool(answer.consults()))
+        [item] = answer.consults()
+        rural_id = rural.identity.node_id
+        assert (item.peer, item.peer_trust) == (rural_id.short(), "verified")
+        app = RadmeshApp(answer)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            text = screen_text(app)
+            assert "Please read [/] urgently [@click=app.quit]x[/]" in text
+            assert f"{rural.config.display_name} ({rural_id.short()}, verified)" in text
+            assert app.is_running
+    finally:
+        await rural.stop()
+        await neuro.stop()
