@@ -18,38 +18,35 @@ state this node holds for that key.
 from __future__ import annotations
 
 import logging
-import unicodedata
+import re
 
 ELLIPSIS = "…"
 MAX_NAME_CHARS = 40  # a display name, institution, subspecialty in one line
 MAX_LINE_CHARS = 160  # a question, a title, a reason in one line
 
-# Bidi embeddings, overrides, isolates and marks: they reorder text on screen.
-BIDI_CONTROLS = frozenset({0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)})
-# Line and paragraph separators break a line where a one-line field shows none.
-LINE_BREAKS = frozenset({0x2028, 0x2029, 0x0085})
 _CONTROL_PICTURES = 0x2400  # U+2400..U+241F picture C0 controls; U+2421 is DEL
 
 
-def _placeholder(code: int) -> str:
+def _placeholder(match: re.Match[str]) -> str:
+    ch = match.group()
+    code = ord(ch)
+    if ch == "\t":
+        return " "
     if code < 0x20:
         return chr(_CONTROL_PICTURES + code)  # ESC -> ␛, CR -> ␍, BS -> ␈
     if code == 0x7F:
         return "␡"
+    if 0xD800 <= code <= 0xDFFF:  # a lone surrogate cannot even be printed
+        return "\ufffd"
     return f"<U+{code:04X}>"
 
 
-def _neutral(ch: str, multiline: bool) -> str:
-    code = ord(ch)
-    if ch == "\n" and multiline:
-        return ch
-    if ch == "\t":
-        return " "
-    if code < 0x20 or 0x7F <= code <= 0x9F or code in BIDI_CONTROLS or code in LINE_BREAKS:
-        return _placeholder(code)
-    if unicodedata.category(ch) == "Cs":  # a lone surrogate cannot even be printed
-        return "\ufffd"
-    return ch
+# Replaced besides C0: DEL and the C1 controls; the bidi embeddings, overrides, isolates and
+# marks (they reorder text on screen); the line and paragraph separators (they break a line
+# where a one-line field shows none); lone surrogates (the terminal cannot encode them).
+_ODD = "\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029\ud800-\udfff"
+_ONE_LINE = re.compile(f"[\\x00-\\x1f{_ODD}]")
+_MULTI_LINE = re.compile(f"[\\x00-\\x09\\x0b-\\x1f{_ODD}]")  # all but the newline
 
 
 def printable(text: object, max_chars: int | None = None, *, multiline: bool = False) -> str:
@@ -60,9 +57,11 @@ def printable(text: object, max_chars: int | None = None, *, multiline: bool = F
     message, a report) and cuts nothing unless ``max_chars`` is given.
     """
     raw = text if isinstance(text, str) else str(text)
-    if raw.isascii() and raw.isprintable() and (max_chars is None or len(raw) <= max_chars):
-        return raw  # the common case, without a per-character pass
-    out = "".join(_neutral(ch, multiline) for ch in raw)
+    if max_chars is not None and len(raw) > 4 * max_chars:
+        # Each character shows as one or more: the cut below comes out the same, and an
+        # endless string is not scanned to show its first few characters.
+        raw = raw[: 4 * max_chars]
+    out = (_MULTI_LINE if multiline else _ONE_LINE).sub(_placeholder, raw)
     if max_chars is not None and len(out) > max_chars:
         out = out[: max(0, max_chars - 1)] + ELLIPSIS
     return out
