@@ -29,6 +29,7 @@ from crypto.identity import NodeId
 from crypto.safety import safety_number
 from node import workflow
 from node.audit import AuditKind
+from node.display import peer_label
 from node.errors import NodeError
 from node.runtime import NodeRuntime
 from node.store import StoreError
@@ -631,9 +632,11 @@ class RuntimeNode:
         jurisdiction = form.jurisdiction or rt.config.country
         if not jurisdiction:
             raise ActionError("give the patient's country (jurisdiction), e.g. IE")
-        record = await rt.directory.resolve(NodeId.parse(peer.node_id), rt.now())
+        peer_id = NodeId.parse(peer.node_id)
+        who = peer_label(peer.name, peer_id.short(), peer.trust)  # never the name alone
+        record = await rt.directory.resolve(peer_id, rt.now())
         if record is None:
-            raise ActionError(f"{peer.name}'s address is not known: check the Peers screen")
+            raise ActionError(f"{who}'s address is not known: check the Peers screen")
         try:
             request, _, how = await workflow.request_consult(
                 rt,
@@ -649,4 +652,4 @@ class RuntimeNode:
             )
         except (ConsultError, NodeError, TransportError) as exc:
             raise ActionError(f"the request was not sent: {exc}") from exc
-        return f"consult {request.id[:8]} sent to {peer.name}: {how}"
+        return f"consult {request.id[:8]} sent to {who}: {how}"

@@ -501,7 +501,9 @@ async def test_a_stored_request_with_markup_opens_in_the_consultants_tui(tmp_pat
     rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=1, rows=32)
     try:
         question = "Please read [/] urgently [@click=app.quit]x[/] [link=file:///etc/passwd]y"
-        await ask.request_consult(replace(form_to(neuro, study_uid), question=question))
+        outcome = await ask.request_consult(replace(form_to(neuro, study_uid), question=question))
+        neuro_id = neuro.identity.node_id
+        assert f"sent to {neuro.config.display_name} ({neuro_id.short()}, verified)" in outcome
         await wait_for(lambda: bool(answer.consults()))
         [item] = answer.consults()
         rural_id = rural.identity.node_id
