@@ -35,6 +35,7 @@ from crypto.errors import InvalidNodeId
 from crypto.identity import NodeId
 from node import control, workflow
 from node.commands.identity import home_of
+from node.commands.peers import known_ids, resolve_id
 from node.commands.transfer import progress_line
 from node.config import NodeConfig, NodeHome
 from node.display import peer_label, printable
@@ -171,6 +172,8 @@ def cmd_request(args: argparse.Namespace) -> int:
         raise LocalConsultError("--deadline-hours must be positive")
     if args.max_offers < 1:
         raise LocalConsultError("--max-offers must be at least 1")
+    if args.to:  # the short id `radmesh peers` prints will do, if no other peer has it
+        args.to = str(resolve_id(args.to, known_ids(home)))
     peer = NodeId.parse(args.to) if args.to else None
     if args.route:
         if peer is not None:

@@ -59,7 +59,7 @@ def _line(peer: Peer) -> str:
     )
 
 
-def _known_ids(home: NodeHome) -> list[NodeId]:
+def known_ids(home: NodeHome) -> list[NodeId]:
     """Every node id this home knows: remembered records and trust entries."""
     directory = open_directory(home)
     try:
@@ -95,7 +95,7 @@ def resolve_id(text: str, known: list[NodeId]) -> NodeId:
 
 
 def _parse_id(text: str, home: NodeHome | None = None) -> NodeId:
-    return resolve_id(text, _known_ids(home) if home is not None else [])
+    return resolve_id(text, known_ids(home) if home is not None else [])
 
 
 def cmd_peers_list(args: argparse.Namespace) -> int:

@@ -331,10 +331,15 @@ def _remember(home: Path, *records: NodeRecord) -> None:
         directory.trust.close()
 
 
-def _record(identity: Identity, name: str, institution: str = "Clinic") -> NodeRecord:
+def _record(
+    identity: Identity,
+    name: str,
+    institution: str = "Clinic",
+    endpoints: tuple[str, ...] = ("lan:http://127.0.0.1:9",),
+) -> NodeRecord:
     return NodeRecord.create(
         identity, now=int(time.time()), sequence=1, display_name=name, institution=institution,
-        subspecialties=("neuro\x1b[31m",), endpoints=("lan:http://127.0.0.1:9",),
+        subspecialties=("neuro\x1b[31m",), endpoints=endpoints,
     )  # fmt: skip
 
 
@@ -371,6 +376,23 @@ def test_cli_peers_list_tells_same_named_peers_apart_and_prints_no_escapes(
     code, out = _cli(home, capsys, "trust", "allow", real.node_id.short())
     assert code == 1
     assert "only the full node id" in out
+
+
+def test_cli_consult_request_to_takes_the_short_id_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "hospital"
+    assert _cli(home, capsys, "init", "--no-passphrase")[0] == 0
+    consultant = Identity.generate()
+    _remember(home, _record(consultant, "Dr Neuro", endpoints=()))  # offline: written to a file
+    code, out = _cli(
+        home, capsys, "consult", "request", "--study", "2.25.1", "--question", "Bleed?",
+        "--subspecialty", "neuro", "--jurisdiction", "FR", "--to", consultant.node_id.short(),
+        "--out", str(tmp_path / "req.bin"),
+    )  # fmt: skip
+    assert code == 0, out
+    with ConsultDB.in_data_dir(NodeHome(home).data_dir) as db:
+        assert db.offered(db.resolve(out.split()[1])) == [consultant.node_id]
 
 
 def test_a_short_id_is_taken_only_when_exactly_one_known_peer_has_it() -> None:
