@@ -13,7 +13,7 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Header, OptionList
-from textual.worker import WorkType
+from textual.worker import Worker, WorkType
 
 from consult import measure
 from consult.errors import ConsultError
@@ -100,6 +100,7 @@ class ViewerScreen(Screen[None]):
         self._user_moved = False
         self.message = ""
         self._trust: dict[str, str] = {}
+        self._loading: Worker[None] | None = None
         self._trust_at = float("-inf")
 
     def compose(self) -> ComposeResult:
@@ -183,7 +184,7 @@ class ViewerScreen(Screen[None]):
 
         # A function, not a coroutine: a load cancelled before it starts leaves nothing behind.
         work: WorkType[None] = load  # mypy cannot solve run_worker's union for an async def
-        self.run_worker(work, exclusive=True, group="load")
+        self._loading = self.run_worker(work, exclusive=True, group="load")
 
     async def _load(self, key: tuple[str, int]) -> None:
         frame = await self.app.run_blocking(self.node.load_frame, *key)  # type: ignore[attr-defined]
@@ -220,7 +221,9 @@ class ViewerScreen(Screen[None]):
     def _poll_loading(self) -> None:
         if not self.is_attached:  # the app is closing; the widgets may be gone already
             return
-        if self.view.waiting and self.current is not None:
+        # Not while a load is under way: restarting it would only cancel it (and its waiters).
+        busy = self._loading is not None and not self._loading.is_finished
+        if self.view.waiting and self.current is not None and not busy:
             self.load_current()
 
     # drawing
