@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from crypto.errors import CryptoError
+from node.display import PrintableFormatter, printable
 
 COMMAND_MODULES = (
     "node.commands.identity",
@@ -65,10 +66,10 @@ def user_errors() -> tuple[type[Exception], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    to_terminal = logging.StreamHandler()  # peer text in a log line reaches it escaped
+    to_terminal.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, handlers=[to_terminal])
     handler = getattr(args, "handler", None)
     if handler is None:
         if args.command is None and "node.commands.tui" in COMMAND_MODULES:
@@ -80,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = handler(args)
     except user_errors() as exc:
-        print(f"radmesh: {exc}", file=sys.stderr)
+        # An error's text may quote a peer (a refusal it sent, a name): no raw escapes.
+        print(f"radmesh: {printable(exc, multiline=True)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("radmesh: interrupted", file=sys.stderr)

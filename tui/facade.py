@@ -84,6 +84,10 @@ class ConsultItem:
     state: str
     deadline: float  # seconds since the epoch
     study_uid: str = ""
+    # The peer's published name and this node's trust in its key: anyone can publish any
+    # name, so it is only ever shown next to the short id (``peer``) and the trust state.
+    peer_name: str = ""
+    peer_trust: str = ""
 
 
 @dataclass(frozen=True)

@@ -117,10 +117,10 @@ class InMemoryNode:
     def consults(self) -> list[ConsultItem]:
         now = time.time()
         return [
-            ConsultItem("c-1", True, "CT head: bleed?", "St Elsewhere", "stat", "offered",
-                        now + 1800, STUDY_UID),
-            ConsultItem("c-2", False, "Knee MRI", "Ortho Clinic", "routine", "in_review",
-                        now + 86400 * 2),
+            ConsultItem("c-1", True, "CT head: bleed?", "PEER-NE", "stat", "offered",
+                        now + 1800, STUDY_UID, "Dr Neuro", "verified"),
+            ConsultItem("c-2", False, "Knee MRI", "PEER-MS", "routine", "in_review",
+                        now + 86400 * 2, "", "Dr Bones", "unverified"),
         ]  # fmt: skip
 
     def peers(self) -> list[PeerInfo]:

@@ -29,6 +29,7 @@ from crypto.identity import NodeId
 from crypto.safety import safety_number
 from node import workflow
 from node.audit import AuditKind
+from node.display import peer_label
 from node.errors import NodeError
 from node.runtime import NodeRuntime
 from node.store import StoreError
@@ -390,9 +391,11 @@ class RuntimeNode:
     def consults(self) -> list[ConsultItem]:
         items = []
         known = set()
+        peers = {p.node_id: p for p in self.peers()}
         for case in self.runtime.consults.cases():
             role, peer, _ = self.runtime.consults.info(case.request.id)
             known.add(case.request.id)
+            info = peers.get(str(NodeId.parse(peer))) if peer else None
             items.append(
                 ConsultItem(
                     case.request.id,
@@ -403,6 +406,8 @@ class RuntimeNode:
                     case.state.value,
                     float(case.request.deadline),
                     self._study_here(case, role),
+                    info.name if info else "",
+                    info.trust if info else ("unverified" if peer else ""),
                 )
             )
         for live in self.runtime.live_hub().sessions.values():
@@ -627,9 +632,11 @@ class RuntimeNode:
         jurisdiction = form.jurisdiction or rt.config.country
         if not jurisdiction:
             raise ActionError("give the patient's country (jurisdiction), e.g. IE")
-        record = await rt.directory.resolve(NodeId.parse(peer.node_id), rt.now())
+        peer_id = NodeId.parse(peer.node_id)
+        who = peer_label(peer.name, peer_id.short(), peer.trust)  # never the name alone
+        record = await rt.directory.resolve(peer_id, rt.now())
         if record is None:
-            raise ActionError(f"{peer.name}'s address is not known: check the Peers screen")
+            raise ActionError(f"{who}'s address is not known: check the Peers screen")
         try:
             request, _, how = await workflow.request_consult(
                 rt,
@@ -645,4 +652,4 @@ class RuntimeNode:
             )
         except (ConsultError, NodeError, TransportError) as exc:
             raise ActionError(f"the request was not sent: {exc}") from exc
-        return f"consult {request.id[:8]} sent to {peer.name}: {how}"
+        return f"consult {request.id[:8]} sent to {who}: {how}"

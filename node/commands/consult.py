@@ -31,15 +31,18 @@ from consult.requests import (
 )
 from consult.store import ConsultDB
 from crypto.envelope import SignedEnvelope
+from crypto.errors import InvalidNodeId
 from crypto.identity import NodeId
 from node import control, workflow
 from node.commands.identity import home_of
+from node.commands.peers import known_ids, resolve_id
 from node.commands.transfer import progress_line
 from node.config import NodeConfig, NodeHome
+from node.display import peer_label, printable
 from node.keystore import load_identity
 from node.runtime import NodeRuntime
 from registry.directory import PeerDirectory
-from registry.trust import TrustStore
+from registry.trust import TrustState, TrustStore
 
 
 def _open_db(home: NodeHome) -> ConsultDB:
@@ -169,6 +172,8 @@ def cmd_request(args: argparse.Namespace) -> int:
         raise LocalConsultError("--deadline-hours must be positive")
     if args.max_offers < 1:
         raise LocalConsultError("--max-offers must be at least 1")
+    if args.to:  # the short id `radmesh peers` prints will do, if no other peer has it
+        args.to = str(resolve_id(args.to, known_ids(home)))
     peer = NodeId.parse(args.to) if args.to else None
     if args.route:
         if peer is not None:
@@ -371,13 +376,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     )
     for case, role in rows:
         r = case.request
-        question = r.question.replace("\n", " ")
+        question = printable(r.question.replace("\n", " "), 41)
         turnaround = case.turnaround()
         print(
-            f"{r.id[:8]}  {r.priority.value:7}  {case.state.value:12}  {role:10}  "
-            f"{r.subspecialty[:12]:12}  {_age(r.deadline - now):>7}  "
+            f"{printable(r.id[:8])}  {r.priority.value:7}  {case.state.value:12}  {role:10}  "
+            f"{printable(r.subspecialty, 12):12}  {_age(r.deadline - now):>7}  "
             f"{_age(turnaround) if turnaround is not None else '-':>7}  "
-            f"{question[:40] + ('…' if len(question) > 40 else '')}"
+            f"{question}"
         )
     return 0
 
@@ -400,21 +405,46 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peer_label(home: NodeHome, peer: str) -> str:
+    """``Dr X (SHORTID, verified)``: the name the peer's record gives, with the key's short
+    id and this node's trust in it (a name alone proves nothing)."""
+    try:
+        node_id = NodeId.parse(peer)
+    except InvalidNodeId:
+        return ""
+    home.data_dir.mkdir(parents=True, exist_ok=True)
+    trust = TrustStore(home.trust_db)
+    directory = PeerDirectory(home.peers_db, trust)
+    try:
+        record = directory.remembered(node_id)
+        state = (
+            trust.state(record.public_key, int(time.time()), record.org_certificate)
+            if record is not None
+            else trust.known().get(node_id, TrustState.UNKNOWN)
+        )
+    finally:
+        directory.close()
+        trust.close()
+    return peer_label(record.display_name if record else "", node_id.short(), state.value)
+
+
 def _print_case(
-    case: ConsultCase, role: str, peer: str, now: int, reviews: list[PeerReview]
+    case: ConsultCase, role: str, peer: str, now: int, reviews: list[PeerReview], who: str = ""
 ) -> None:
-    r = case.request
-    print(f"Consult {r.id}")
+    r, text = case.request, printable  # every field but the state was written by a peer
+    print(f"Consult {text(r.id, 80)}")
     print(f"  state:         {case.state.value}  (this node is the {role})")
     print(f"  priority:      {r.priority.value}")
-    print(f"  question:      {r.question}")
-    print(f"  subspecialty:  {r.subspecialty}   origin: {r.jurisdiction}   language: {r.language}")
+    print(f"  question:      {text(r.question, multiline=True)}")
     print(
-        f"  study:         {r.study_uid}  ({'de-identified' if r.deidentified else 'identified'})"
+        f"  subspecialty:  {text(r.subspecialty, 40)}   origin: {text(r.jurisdiction, 8)}   "
+        f"language: {text(r.language, 16)}"
     )
+    kind = "de-identified" if r.deidentified else "identified"
+    print(f"  study:         {text(r.study_uid, 80)}  ({kind})")
     print(f"  requester:     {r.requester}")
     if peer:
-        print(f"  peer:          {peer}")
+        print(f"  peer:          {text(peer, 80)}  {who}")
     print(f"  created:       {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.created_at))} UTC")
     print(f"  deadline:      {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.deadline))} UTC")
     turnaround = case.turnaround()
@@ -431,7 +461,7 @@ def _print_case(
         print(
             f"  peer review:   {review.score.value.replace('_', ' ')} by "
             f"{review.reviewer.short()} at {stamp} UTC"
-            + (f": {review.comment}" if review.comment else "")
+            + (f": {printable(review.comment, multiline=True)}" if review.comment else "")
         )
 
 
@@ -442,7 +472,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         case = db.get(consult_id)
         role, peer, _ = db.info(consult_id)
         reviews = db.reviews(consult_id)
-    _print_case(case, role, peer, int(time.time()), reviews)
+    _print_case(
+        case, role, peer, int(time.time()), reviews, _peer_label(home, peer) if peer else ""
+    )
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from node.commands.identity import home_of
 from node.dicom_files import InvalidDicom
 from node.dicom_net import DicomListener, DicomNetError, echo, send_to_pacs
+from node.display import printable
 from node.keystore import load_identity
 from node.store import open_store
 
@@ -31,7 +32,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     def on_instance(data: bytes, calling_ae: str) -> None:
         with store_lock:  # pynetdicom runs one thread per association
             result = store.add_bytes(data, source=f"dicom:{calling_ae}")
-        print(f"received {'duplicate ' if result.duplicate else ''}instance from {calling_ae}")
+        duplicate = "duplicate " if result.duplicate else ""
+        print(f"received {duplicate}instance from {printable(calling_ae, 16)}")
 
     listener = DicomListener(config, on_instance, bad_data_errors=(InvalidDicom,))
     listener.start()
@@ -77,7 +79,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     report = send_to_pacs(data, host, port, aet, config.ae_title)
     print(f"sent {report.sent}/{len(report.results)} instance(s) to {aet}@{host}:{port}")
     for failure in report.failed:
-        print(f"  failed {failure.sop_instance_uid}: {failure.error}")
+        print(f"  failed {printable(failure.sop_instance_uid)}: {printable(failure.error)}")
     return 0 if report.ok else 1
 
 

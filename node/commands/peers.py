@@ -9,10 +9,12 @@ import sys
 import time
 from typing import Any
 
+from crypto.errors import InvalidNodeId
 from crypto.identity import NodeId
 from crypto.safety import safety_number
 from node.commands.identity import home_of
 from node.config import NodeConfig, NodeHome
+from node.display import MAX_LINE_CHARS, MAX_NAME_CHARS, printable
 from node.errors import ConfigError
 from node.keystore import load_identity
 from registry.client import MultiRegistry, RegistryClient, SearchQuery
@@ -21,6 +23,10 @@ from registry.errors import RegistryError, TrustError
 from registry.records import Availability, NodeRecord
 from registry.server import RegistryServer, TurnConfig, run_forever
 from registry.trust import TrustStore
+
+SHORT_ID_LEN = 7  # NodeId.short(): what `radmesh peers` prints
+FULL_ID_LEN = 56
+_MISREAD = str.maketrans("018", "OIB")  # as NodeId.parse reads them
 
 
 def open_trust(home: NodeHome) -> TrustStore:
@@ -42,17 +48,54 @@ def _now() -> int:
 
 
 def _line(peer: Peer) -> str:
+    """One peer: the short id and trust state first, then what the peer says about itself
+    (its name is only a claim: two records may carry the same one)."""
     r = peer.record
     stale = "" if peer.fresh else " (record expired: last known)"
-    subs = ",".join(r.subspecialties) or "-"
+    subs = printable(",".join(r.subspecialties), 20) or "-"
     return (
-        f"{r.node_id.short()}  {peer.trust.value:<14} {r.display_name[:28]:<28} "
-        f"{r.institution[:24]:<24} {subs:<20} {r.availability.value}{stale}"
+        f"{r.node_id.short()}  {peer.trust.value:<14} {printable(r.display_name, 28):<28} "
+        f"{printable(r.institution, 24):<24} {subs:<20} {r.availability.value}{stale}"
     )
 
 
-def _parse_id(text: str) -> NodeId:
-    return NodeId.parse(text)
+def known_ids(home: NodeHome) -> list[NodeId]:
+    """Every node id this home knows: remembered records and trust entries."""
+    directory = open_directory(home)
+    try:
+        known = {p.record.node_id for p in directory.list(_now())}
+        known.update(directory.trust.known())
+    finally:
+        directory.close()
+        directory.trust.close()
+    return sorted(known)
+
+
+def resolve_id(text: str, known: list[NodeId]) -> NodeId:
+    """A full node id, or the start of one this node knows (the short id `radmesh peers`
+    prints): exactly one known id must start with it."""
+    try:
+        return NodeId.parse(text)
+    except InvalidNodeId:
+        prefix = "".join(text.split()).replace("-", "").upper().translate(_MISREAD)
+        if len(prefix) < SHORT_ID_LEN or len(prefix) >= FULL_ID_LEN:
+            raise
+    found = [n for n in known if str(n).replace("-", "").startswith(prefix)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise InvalidNodeId(
+            f"no known peer's id starts with {printable(text, 20)}: give the full node id "
+            "(`radmesh peers show` prints it), or find the peer with `radmesh peers search`"
+        )
+    raise InvalidNodeId(
+        f"{len(found)} known peers' ids start with {printable(text, 20)}: give the full node id "
+        "of the one you mean:\n  " + "\n  ".join(str(n) for n in found)
+    )
+
+
+def _parse_id(text: str, home: NodeHome | None = None) -> NodeId:
+    return resolve_id(text, known_ids(home) if home is not None else [])
 
 
 def cmd_peers_list(args: argparse.Namespace) -> int:
@@ -68,7 +111,7 @@ def cmd_peers_list(args: argparse.Namespace) -> int:
     if inbox:
         print(f"\nInbox: {len(inbox)} first contact(s) waiting for you")
         for entry in inbox:
-            print(f"  {entry.node_id}  {entry.summary}")
+            print(f"  {entry.node_id}  {printable(entry.summary, MAX_LINE_CHARS)}")
         print("Check each with `radmesh trust verify ID`, or `radmesh trust allow ID`.")
     return 0
 
@@ -105,20 +148,21 @@ async def _resolve(home: NodeHome, config: NodeConfig, node_id: NodeId) -> Peer 
 def cmd_peers_show(args: argparse.Namespace) -> int:
     home = home_of(args)
     config = home.load_config()
-    node_id = _parse_id(args.id)
+    node_id = _parse_id(args.id, home)
     peer = asyncio.run(_resolve(home, config, node_id))
     if peer is None:
         print(f"No record for {node_id}: not in any registry nor remembered.", file=sys.stderr)
         return 1
     r = peer.record
     print(f"Node id:        {r.node_id}")
-    print(f"Name:           {r.display_name}")
-    print(f"Institution:    {r.institution} ({r.country})")
-    print(f"Subspecialties: {', '.join(r.subspecialties)}")
-    print(f"Licensed in:    {', '.join(r.jurisdictions)}")
-    print(f"Languages:      {', '.join(r.languages)}   time zone {r.timezone}")
+    print(f"Name:           {printable(r.display_name, MAX_LINE_CHARS)}  (as the peer says)")
+    print(f"Institution:    {printable(f'{r.institution} ({r.country})', MAX_LINE_CHARS)}")
+    print(f"Subspecialties: {printable(', '.join(r.subspecialties), MAX_LINE_CHARS)}")
+    print(f"Licensed in:    {printable(', '.join(r.jurisdictions), MAX_LINE_CHARS)}")
+    languages = printable(", ".join(r.languages), MAX_LINE_CHARS)
+    print(f"Languages:      {languages}   time zone {printable(r.timezone, MAX_NAME_CHARS)}")
     print(f"Availability:   {r.availability.value}")
-    print(f"Endpoints:      {' '.join(r.endpoints) or '-'}")
+    print(f"Endpoints:      {printable(' '.join(r.endpoints), MAX_LINE_CHARS) or '-'}")
     print(f"Org cert:       {'yes' if r.org_certificate else 'no'}")
     print(f"Record:         seq {r.sequence}, expires {time.ctime(r.expires_at)} via {peer.source}")
     print(f"Trust:          {peer.trust.value}")
@@ -135,7 +179,7 @@ def cmd_trust_verify(args: argparse.Namespace) -> int:
     home = home_of(args)
     home.require()
     me = load_identity(home.key_path)
-    peer_id = _parse_id(args.id)
+    peer_id = _parse_id(args.id, home)
     print(f"This node: {me.node_id}")
     print(f"Peer:      {peer_id}")
     print(f"Safety number: {safety_number(me.node_id, peer_id)}")
@@ -151,7 +195,13 @@ def cmd_trust_verify(args: argparse.Namespace) -> int:
 def cmd_trust_allow(args: argparse.Namespace) -> int:
     home = home_of(args)
     home.require()
-    peer_id = _parse_id(args.id)
+    try:
+        peer_id = NodeId.parse(args.id)
+    except InvalidNodeId as exc:
+        raise InvalidNodeId(
+            f"{exc}. `trust allow` trusts a key without any check, so it takes only the full "
+            "node id; `radmesh trust verify` accepts the short one"
+        ) from exc
     open_trust(home).mark_verified(peer_id, _now(), method="allowed")
     print(f"{peer_id.short()} allowed (trusted without a safety-number check).")
     return 0
@@ -160,7 +210,7 @@ def cmd_trust_allow(args: argparse.Namespace) -> int:
 def cmd_trust_revoke(args: argparse.Namespace) -> int:
     home = home_of(args)
     home.require()
-    peer_id = _parse_id(args.id)
+    peer_id = _parse_id(args.id, home)
     open_trust(home).revoke(peer_id, _now())
     print(f"{peer_id.short()} revoked: nothing more is shared with it, effective now.")
     return 0
@@ -256,7 +306,7 @@ def cmd_registry_publish(args: argparse.Namespace) -> int:
     results = asyncio.run(_publish(config, record))
     failed = 0
     for url, error in results.items():
-        print(f"{url}: {'published' if error is None else error}")
+        print(f"{url}: {'published' if error is None else printable(error, MAX_LINE_CHARS)}")
         failed += error is not None
     return 0 if failed < len(results) else 1
 

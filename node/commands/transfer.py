@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from crypto.identity import NodeId
 from node import control
 from node.commands.identity import home_of
+from node.display import printable
 from node.errors import NodeError
 from node.keystore import load_identity
 from node.runtime import NodeRuntime
@@ -113,7 +114,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             )
         )
     except (NodeError, TransportError) as exc:
-        print(f"send failed: {exc}", file=sys.stderr)
+        print(f"send failed: {printable(exc)}", file=sys.stderr)
         return 1
     print(f"study {args.study_uid}: {state}")
     return 0 if state == tr.State.COMPLETE.value else 1
@@ -126,7 +127,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         print("no peer connected in time", file=sys.stderr)
         return 1
     except (NodeError, TransportError) as exc:
-        print(f"fetch failed: {exc}", file=sys.stderr)
+        print(f"fetch failed: {printable(exc)}", file=sys.stderr)
         return 1
 
 
