@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from crypto.errors import CryptoError
+from node.private import restrict_umask
 
 COMMAND_MODULES = (
     "node.commands.identity",
@@ -63,6 +64,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    restrict_umask()  # everything this process creates under a home: 0700 / 0600
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

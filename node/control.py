@@ -37,6 +37,7 @@ import msgpack
 
 from node.config import NodeHome
 from node.errors import NodeError
+from node.private import private_dir
 
 if TYPE_CHECKING:
     from node.runtime import NodeRuntime
@@ -67,8 +68,9 @@ class HomeLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        handle = open(fd, "r+")  # noqa: SIM115 - held until release()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -41,6 +41,7 @@ from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.control import ControlServer, HomeLock
 from node.dicom_net import DicomListener
 from node.errors import NodeError
+from node.private import private_dir, restrict_umask
 from node.store import Store, open_store
 from node.transfers import TransferTracker
 from node.wirecache import KEY_PURPOSE as WIRECACHE_KEY
@@ -65,6 +66,8 @@ QUEUE_SIZE = 256
 RECORD_TTL = 3600
 TURN_RETRY = 30.0  # seconds before asking a registry again for TURN credentials
 TURN_ASK_AGAIN = 3600.0  # ...when it said it offers no relay
+GC_INTERVAL = 6 * 3600.0  # store clean-up (orphan blobs) at start and this often
+GC_MAX_REMOVE = 10_000  # blobs one clean-up removes at most (the next one goes on)
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 
@@ -191,8 +194,8 @@ class NodeRuntime:
             raise
 
     async def _start(self) -> None:
-        data = self.home.data_dir
-        data.mkdir(parents=True, exist_ok=True)
+        restrict_umask()  # the home's databases, spools and sockets: 0600, directories 0700
+        data = private_dir(self.home.data_dir)
         self.store: Store = open_store(self.home, self.identity)
         cache = open_cache(data, self.identity.derive_key(WIRECACHE_KEY))
         self.store.use_wire_cache(cache, warm=self._warm_cache)
@@ -247,6 +250,7 @@ class NodeRuntime:
             self.dicom.start()
         if self.control is not None:
             await self.control.start()
+        self.spawn(self._gc_loop())  # blobs a crashed writer left behind
         log.info("node %s running, LAN endpoint %s", self.identity.node_id.short(), self.lan_url)
 
     async def stop(self) -> None:
@@ -465,6 +469,23 @@ class NodeRuntime:
         log.info("%s", text)
         with contextlib.suppress(asyncio.QueueFull):
             self.notifications.put_nowait(text)
+
+    async def _gc_loop(self) -> None:
+        """Remove store blobs no index row refers to: at start, then every GC_INTERVAL."""
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.store.gc, GC_MAX_REMOVE)
+            except (OSError, NodeError) as exc:
+                log.warning("store clean-up failed, retrying later: %s", exc)
+            else:
+                if removed:
+                    log.info("store clean-up removed %d orphan blob(s)", removed)
+                    self.audit.append(
+                        AuditKind.DELETE,
+                        now=self.clock(),
+                        details={"gc": "orphan blobs", "removed": removed},
+                    )
+            await asyncio.sleep(GC_INTERVAL)
 
     # -- DICOM and audit ----------------------------------------------------------------
     def _dicom_instance(self, data: bytes, calling_ae: str) -> None:

@@ -19,6 +19,9 @@ from crypto.errors import CryptoError
 from node.commands.identity import home_of
 from node.config import NodeConfig, NodeHome
 from node.errors import NodeError
+from node.private import loose_modes, tighten
+
+MODES_SHOWN = 5  # loose paths named in the report; the fix covers all
 
 
 @dataclass(frozen=True)
@@ -184,10 +187,26 @@ def _tools() -> list[Check]:
     return checks
 
 
+def _modes(home: NodeHome) -> Check:
+    """Other local users must not read the home (clinical questions, trust, audit)."""
+    loose = loose_modes(home.root)
+    if not loose:
+        return Check("home permissions", True, "directories 0700, files 0600")
+    shown = "; ".join(str(item) for item in loose[:MODES_SHOWN])
+    more = f" and {len(loose) - MODES_SHOWN} more" if len(loose) > MODES_SHOWN else ""
+    return Check(
+        "home permissions",
+        False,
+        f"{len(loose)} path(s) readable or writable beyond their owner: {shown}{more}",
+        f"radmesh doctor --fix (sets them 0700/0600), or chmod -R go-rwx {home.root}",
+    )
+
+
 def run_checks(home: NodeHome) -> list[Check]:
     home_check, config = _home(home)
     checks = [home_check]
     if config is not None:
+        checks.append(_modes(home))
         checks.append(_key(home))
         checks.append(_dicom(config))
         checks.extend(_network(config))
@@ -196,8 +215,12 @@ def run_checks(home: NodeHome) -> list[Check]:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    checks = run_checks(home_of(args))
+    home = home_of(args)
     print_line: Callable[[str], None] = print
+    if args.fix and home.root.is_dir():
+        fixed = tighten(home.root)
+        print_line(f"set {len(fixed)} path(s) under {home.root} to 0700/0600")
+    checks = run_checks(home)
     for check in checks:
         mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
         print_line(f"[{mark}] {check.name}: {check.detail}")
@@ -212,6 +235,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "doctor",
         help="check this machine and node and say what to fix",
-        description="Check identity, key file, ports, DICOM, network, tools.",
+        description="Check identity, key file, home permissions, ports, DICOM, network, tools.",
+    )
+    p.add_argument(
+        "--fix",
+        action="store_true",
+        help="first set everything under the home to 0700 (directories) / 0600 (files)",
     )
     p.set_defaults(handler=cmd_doctor)
