@@ -188,8 +188,12 @@ class NodeRuntime:
     async def start(self) -> None:
         self._home_lock.acquire()  # one node per home: raises HomeBusy while another runs
         try:
+            if self.control is not None:
+                self.control.bind()  # refuses a squatted socket before anything starts
             await self._start()
         except BaseException:
+            if self.control is not None:
+                await self.control.close()
             self._home_lock.release()
             raise
 
