@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nacl.exceptions
@@ -250,7 +251,9 @@ class NodeRuntime:
             )
             await self.discovery.browse()
         if self.config.dicom.enabled:
-            self.dicom = DicomListener(self.config.dicom, self._dicom_instance)
+            self.dicom = DicomListener(
+                self.config.dicom, on_file=self._dicom_file, spool_dir=data / "incoming"
+            )
             self.dicom.start()
         if self.control is not None:
             await self.control.start()
@@ -492,8 +495,8 @@ class NodeRuntime:
             await asyncio.sleep(GC_INTERVAL)
 
     # -- DICOM and audit ----------------------------------------------------------------
-    def _dicom_instance(self, data: bytes, calling_ae: str) -> None:
-        result = self.store.add_bytes(data, source=f"dicom:{calling_ae}")
+    def _dicom_file(self, path: Path, calling_ae: str) -> None:
+        result = self.store.add_file(path, source=f"dicom:{calling_ae}")  # streamed
         if not result.duplicate:
             self.audit.append(
                 AuditKind.RECEIVE,
