@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import threading
+from pathlib import Path
 from typing import Any
 
 from node.commands.identity import home_of
@@ -28,16 +29,21 @@ def cmd_listen(args: argparse.Namespace) -> int:
     store = open_store(home, load_identity(home.key_path))
     store_lock = threading.Lock()
 
-    def on_instance(data: bytes, calling_ae: str) -> None:
+    def on_file(path: Path, calling_ae: str) -> None:
         with store_lock:  # pynetdicom runs one thread per association
-            result = store.add_bytes(data, source=f"dicom:{calling_ae}")
+            result = store.add_file(path, source=f"dicom:{calling_ae}")
         print(f"received {'duplicate ' if result.duplicate else ''}instance from {calling_ae}")
 
-    listener = DicomListener(config, on_instance, bad_data_errors=(InvalidDicom,))
+    listener = DicomListener(
+        config,
+        on_file=on_file,
+        spool_dir=home.data_dir / "incoming",
+        bad_data_errors=(InvalidDicom,),
+    )
     listener.start()
     print(
         f"DICOM listener {config.ae_title} on {config.host}:{listener.port}; "
-        f"accepting {', '.join(config.allowed_calling_aets)}. Ctrl-C stops."
+        f"accepting {', '.join([*config.allowed_calling_aets, *config.allowed])}. Ctrl-C stops."
     )
     try:
         threading.Event().wait()

@@ -86,12 +86,12 @@ def _dicom(config: NodeConfig) -> Check:
             "set [dicom] enabled = true to receive from the PACS",
             required=False,
         )
-    if not d.allowed_calling_aets:
+    if not (d.allowed_calling_aets or d.allowed):
         return Check(
             "DICOM listener",
             False,
             "no calling AE titles allowed: the PACS will be refused",
-            "add the PACS AE title to [dicom] allowed_calling_aets",
+            'add the PACS to [dicom] allowed = ["PACSAE@its.ip.address"]',
         )
     if not _port_free(d.host, d.port):
         return Check(
