@@ -309,7 +309,11 @@ class DicomListener:
 
     def _handle_store(self, event: Any) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
-        path = Path(event.dataset_path)
+        try:
+            path = Path(event.dataset_path)
+        except (AttributeError, TypeError):  # a C-STORE request without a data set
+            log.warning("C-STORE from %s carried no data set", calling)
+            return STATUS_CANNOT_UNDERSTAND
         try:
             return self._store_file(path, calling, event)
         finally:
