@@ -158,6 +158,7 @@ def _bind(path: Path) -> socket.socket:
         with _reachable(path) as where:
             listener.bind(where)
         os.chmod(path, 0o600)
+        listener.listen(16)  # a command sent while the node starts waits for it
     except OSError as exc:
         listener.close()
         raise ControlError(
