@@ -103,6 +103,24 @@ def _dicom(config: NodeConfig) -> Check:
     return Check("DICOM listener", True, f"{d.ae_title} on {d.host}:{d.port}")
 
 
+def _dicom_senders(config: NodeConfig) -> Check:
+    """AE titles allowed from any address are a password sent in clear: say so when the
+    listener is reachable from the network."""
+    d = config.dicom
+    loopback = d.host in ("127.0.0.1", "::1", "localhost")
+    if not d.enabled or loopback or not d.allowed_calling_aets:
+        return Check("DICOM senders", True, "each allowed by AE title and address")
+    return Check(
+        "DICOM senders",
+        False,
+        f"{', '.join(d.allowed_calling_aets)} may send from any address that reaches "
+        f"{d.host}:{d.port}",
+        'pin each to the PACS address: [dicom] allowed = ["PACSAE@10.0.0.5"] in place of '
+        "allowed_calling_aets",
+        required=False,
+    )
+
+
 def _registry_reachable(url: str) -> Check:
     try:
         with urllib.request.urlopen(  # noqa: S310 - the operator's own configured registry
@@ -209,6 +227,7 @@ def run_checks(home: NodeHome) -> list[Check]:
         checks.append(_modes(home))
         checks.append(_key(home))
         checks.append(_dicom(config))
+        checks.append(_dicom_senders(config))
         checks.extend(_network(config))
     checks.extend(_tools())
     return checks

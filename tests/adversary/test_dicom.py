@@ -326,3 +326,21 @@ async def test_a_running_node_stores_what_its_pacs_sends_through_its_private_spo
     finally:
         await node.stop()
     assert dataset_part(stored) == dataset_part(path.read_bytes())
+
+
+def test_doctor_warns_when_ae_titles_alone_admit_senders_from_the_network(tmp_path: Path) -> None:
+    from node.commands.doctor import run_checks
+
+    home, _ = make_home(tmp_path, "hospital", "", [])
+    config = home.load_config()
+    config.dicom.enabled, config.dicom.host = True, "0.0.0.0"
+    config.dicom.allowed_calling_aets = ["PACS"]
+    home.save_config(config)
+    (check,) = [c for c in run_checks(home) if c.name == "DICOM senders"]
+    assert not check.ok
+    assert "PACS may send from any address" in check.detail
+    assert "PACSAE@10.0.0.5" in check.fix
+    config.dicom.allowed_calling_aets, config.dicom.allowed = [], ["PACS@10.0.0.5"]
+    home.save_config(config)
+    (check,) = [c for c in run_checks(home) if c.name == "DICOM senders"]
+    assert check.ok
