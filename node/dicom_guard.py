@@ -11,8 +11,9 @@ instance cost 1.27 GiB. Here:
   and the connection closes.
 * :func:`install_spool` makes pynetdicom write each received data set to a file
   in a spool directory inside the node's 0700 home (its
-  ``STORE_RECV_CHUNKED_DATASET`` mode) instead of memory; the listener stores
-  the file and deletes it, and removes what an aborted association left.
+  ``STORE_RECV_CHUNKED_DATASET`` mode) instead of memory, sealed as it is
+  written (:mod:`node.sealed_spool`); the listener stores the file and deletes
+  it, and removes what an aborted association left.
 * :class:`AllowList`: ``[dicom] allowed_calling_aets`` (an AE title from any
   address) and ``[dicom] allowed`` (``"AE@address"``: that AE title only from
   that IP address).
@@ -35,6 +36,7 @@ from pynetdicom import _config, dimse_messages
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from node.errors import NodeError
+from node.sealed_spool import SpoolWriter
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +99,18 @@ _original_temp_file: Callable[..., IO[bytes]] = getattr(dimse_messages, "NamedTe
 _install_lock = threading.Lock()
 
 
-def _spool_temp_file(*args: Any, **kwargs: Any) -> IO[bytes]:
+def _spool_temp_file(*args: Any, **kwargs: Any) -> Any:
     directory = getattr(_spool, "directory", None)
-    if directory is not None:
-        kwargs.update(dir=directory, prefix=_spool.prefix)
-    handle: IO[bytes] = _original_temp_file(*args, **kwargs)
-    return handle
+    if directory is not None:  # one of our associations: sealed, in the home's spool
+        return SpoolWriter(directory, _spool.prefix, _spool.key)
+    return _original_temp_file(*args, **kwargs)
 
 
 def install_spool() -> None:
-    """Received C-STORE data sets go to a file (in the association's spool directory),
-    not memory. Process-wide in pynetdicom; other SCPs in the process get
-    ``event.dataset_path`` too, in the system's temp directory."""
+    """Received C-STORE data sets go to a file (sealed, in the association's spool
+    directory: :mod:`node.sealed_spool`), not memory. Process-wide in pynetdicom; other
+    SCPs in the process get ``event.dataset_path`` too, a plain file in the system's
+    temp directory."""
     with _install_lock:
         _config.STORE_RECV_CHUNKED_DATASET = True
         setattr(dimse_messages, "NamedTemporaryFile", _spool_temp_file)  # noqa: B010
@@ -139,12 +141,14 @@ class MeteredSocket(AssociationSocket):
     meter: PduMeter
     spool_directory: Path
     spool_prefix: str
+    spool_key: bytes
     on_over_cap: OnOverCap
     _expect_body: bool
     _refused: bool
 
     def recv(self, nr_bytes: int) -> bytearray:
         _spool.directory, _spool.prefix = self.spool_directory, self.spool_prefix
+        _spool.key = self.spool_key
         if self._refused:
             return bytearray()
         try:
@@ -173,7 +177,7 @@ class MeteredSocket(AssociationSocket):
 
 
 def metered_handler(
-    limits: tuple[int, int], spool: Path, on_over_cap: OnOverCap
+    limits: tuple[int, int], spool: Path, spool_key: bytes, on_over_cap: OnOverCap
 ) -> type[RequestHandler]:
     """A pynetdicom request handler whose associations read through a MeteredSocket."""
     max_pdu, max_instance = limits
@@ -190,7 +194,7 @@ def metered_handler(
             with count_lock:
                 number = next(counter)
             sock.meter = PduMeter(max_pdu, max_instance)
-            sock.spool_directory = spool
+            sock.spool_directory, sock.spool_key = spool, spool_key
             sock.spool_prefix = f"{SPOOL_PREFIX}{os.getpid()}-{number}-"
             sock.on_over_cap = on_over_cap
             sock._expect_body = False

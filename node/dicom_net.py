@@ -7,9 +7,10 @@ studies (and reports) back. Both keep the bytes exact:
   Information group pynetdicom builds for the association (transfer syntax,
   SOP class/instance, its implementation UID), then the data set **exactly as
   the peer sent it**, never decoded and re-encoded. So the data set part is
-  byte-exact; the file meta group is new. It is streamed to a spool file, never
-  held in memory whole, and a peer past the size cap is aborted as it crosses
-  it (:mod:`node.dicom_guard`, which also checks who may send: AE and address).
+  byte-exact; the file meta group is new. It is streamed to a sealed spool file
+  (:mod:`node.sealed_spool`), never held in memory whole nor in clear on disk,
+  and a peer past the size cap is aborted as it crosses it
+  (:mod:`node.dicom_guard`, which also checks who may send: AE and address).
 * Sent: each instance goes out in its own transfer syntax, the data set streamed
   from the stored bytes without decoding (pynetdicom's chunked send reading an
   in-memory ``memfd``), so the receiver gets byte-identical data set bytes.
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -59,6 +60,7 @@ from node.dicom_guard import (
     spool_prefix_of,
 )
 from node.errors import NodeError
+from node.sealed_spool import SpoolCorrupted, new_key, open_spooled
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,8 @@ CHECK_DEFER_BYTES = 64 * 1024  # values this long are not read by the parse chec
 _MAX_CONTEXTS = 128
 
 InstanceSink = Callable[[bytes, str], None]
-FileSink = Callable[[Path, str], None]  # (spooled Part-10 file, calling AE); may not keep it
+# (seekable Part-10 stream, its size, calling AE): valid during the call only
+StreamSink = Callable[[IO[bytes], int, str], None]
 AuditSink = Callable[[str, dict[str, str]], None]
 
 
@@ -117,8 +120,8 @@ class DicomListener:
 
     ``on_instance(part10_bytes, calling_ae)`` is called for every received
     instance, from a pynetdicom thread; it should store the bytes and return.
-    With ``on_file(path, calling_ae)`` instead it gets the spooled file (deleted
-    when it returns), so the instance need not be in memory. If it raises
+    With ``on_stream(stream, size, calling_ae)`` instead it reads the instance from
+    the sealed spool file, so the instance need not be in memory. If it raises
     :class:`BadInstanceError` (or any exception type listed in ``bad_data_errors``)
     the peer gets 0xC000 "cannot understand"; any other exception gives 0xA700
     "out of resources" so the sender retries later.
@@ -129,7 +132,7 @@ class DicomListener:
         config: DicomConfig,
         on_instance: InstanceSink | None = None,
         *,
-        on_file: FileSink | None = None,
+        on_stream: StreamSink | None = None,
         spool_dir: Path | None = None,
         audit: AuditSink | None = None,
         bad_data_errors: tuple[type[Exception], ...] = (),
@@ -138,11 +141,11 @@ class DicomListener:
     ) -> None:
         """``spool_dir``: where received data sets are written (a 0700 directory in the
         node's home); by default a private temporary directory."""
-        if (on_instance is None) == (on_file is None):
-            raise ValueError("give exactly one of on_instance and on_file")
+        if (on_instance is None) == (on_stream is None):
+            raise ValueError("give exactly one of on_instance and on_stream")
         self._config = config
         self._on_instance = on_instance
-        self._on_file = on_file
+        self._on_stream = on_stream
         self._audit = audit
         self._bad_data_errors: tuple[type[Exception], ...] = (BadInstanceError, *bad_data_errors)
         self._max_instance_bytes = max_instance_bytes
@@ -151,6 +154,7 @@ class DicomListener:
         self._allowed = self._allow.calling_aets
         self._spool_dir = spool_dir
         self._own_spool = False
+        self._spool_key = new_key()  # in memory only: a crash leaves ciphertext
         self._ae: Any = None
         self._server: Any = None
         self._lock = threading.Lock()
@@ -202,7 +206,10 @@ class DicomListener:
                 evt_handlers=handlers,
                 server_class=ThreadedAssociationServer,
                 request_handler=metered_handler(
-                    (self._max_pdu_bytes, self._max_instance_bytes), spool, self._over_cap
+                    (self._max_pdu_bytes, self._max_instance_bytes),
+                    spool,
+                    self._spool_key,
+                    self._over_cap,
                 ),
             )
         except OSError as exc:
@@ -321,23 +328,31 @@ class DicomListener:
 
     def _store_file(self, path: Path, calling: str, event: Any) -> int:
         try:
-            size = path.stat().st_size
-        except OSError as exc:
-            log.error("the spooled instance from %s is gone: %s", calling, exc)
+            stream, size = open_spooled(path, self._spool_key)
+        except (OSError, SpoolCorrupted) as exc:
+            log.error("the spooled instance from %s is unusable: %s", calling, exc)
             return STATUS_OUT_OF_RESOURCES
+        with stream:
+            return self._store_stream(stream, size, calling, event)
+
+    def _store_stream(self, stream: IO[bytes], size: int, calling: str, event: Any) -> int:
         if size > self._max_instance_bytes:
             log.warning("refused a %d-byte instance from %s: over the size cap", size, calling)
             return STATUS_OUT_OF_RESOURCES
         try:
-            _check_parses(path)
+            _check_parses(stream)
         except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
             log.warning("instance from %s is not readable DICOM: %s", calling, type(exc).__name__)
             return STATUS_CANNOT_UNDERSTAND
+        except SpoolCorrupted as exc:
+            log.error("the spooled instance from %s is unusable: %s", calling, exc)
+            return STATUS_OUT_OF_RESOURCES
         try:
-            if self._on_file is not None:
-                self._on_file(path, calling)
+            stream.seek(0)
+            if self._on_stream is not None:
+                self._on_stream(stream, size, calling)
             elif self._on_instance is not None:
-                self._on_instance(path.read_bytes(), calling)
+                self._on_instance(stream.read(), calling)
         except self._bad_data_errors as exc:
             log.warning("instance from %s rejected by the store: %s", calling, exc)
             return STATUS_CANNOT_UNDERSTAND
@@ -364,9 +379,10 @@ class DicomListener:
             log.exception("audit sink failed for %s", kind)
 
 
-def _check_parses(part10: Path) -> None:
+def _check_parses(part10: IO[bytes]) -> None:
     """Decode the data set once (every element but bulk values left on disk) so garbage
     is refused with 0xC000."""
+    part10.seek(0)
     ds = pydicom.dcmread(part10, force=False, defer_size=CHECK_DEFER_BYTES)
     _decode_all(ds)
     if "SOPInstanceUID" not in ds:

@@ -23,8 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import nacl.exceptions
 import nacl.public
@@ -252,7 +251,7 @@ class NodeRuntime:
             await self.discovery.browse()
         if self.config.dicom.enabled:
             self.dicom = DicomListener(
-                self.config.dicom, on_file=self._dicom_file, spool_dir=data / "incoming"
+                self.config.dicom, on_stream=self._dicom_stream, spool_dir=data / "incoming"
             )
             self.dicom.start()
         if self.control is not None:
@@ -495,8 +494,8 @@ class NodeRuntime:
             await asyncio.sleep(GC_INTERVAL)
 
     # -- DICOM and audit ----------------------------------------------------------------
-    def _dicom_file(self, path: Path, calling_ae: str) -> None:
-        result = self.store.add_file(path, source=f"dicom:{calling_ae}")  # streamed
+    def _dicom_stream(self, stream: IO[bytes], size: int, calling_ae: str) -> None:
+        result = self.store.add_stream(stream, size, source=f"dicom:{calling_ae}")
         if not result.duplicate:
             self.audit.append(
                 AuditKind.RECEIVE,

@@ -493,6 +493,13 @@ class Store:
             fp.seek(0)
             return self._add(fp, size, info, source)
 
+    def add_stream(self, fp: IO[bytes], size: int, *, source: str) -> AddResult:
+        """Store one DICOM instance from a seekable stream of ``size`` bytes (a received
+        instance read back from its sealed spool file), streaming as :meth:`add_file`."""
+        info = parse_instance(fp, size)
+        fp.seek(0)
+        return self._add(fp, size, info, source)
+
     def _write_temp(self, fp: IO[bytes], size: int) -> tuple[Path, str, bytes]:
         blob_id = secrets.token_bytes(16)
         header = BLOB_HEADER.pack(MAGIC, CHUNK_SIZE, size, blob_id)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import threading
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from node.commands.identity import home_of
 from node.dicom_files import InvalidDicom
@@ -29,14 +28,14 @@ def cmd_listen(args: argparse.Namespace) -> int:
     store = open_store(home, load_identity(home.key_path))
     store_lock = threading.Lock()
 
-    def on_file(path: Path, calling_ae: str) -> None:
+    def on_stream(stream: IO[bytes], size: int, calling_ae: str) -> None:
         with store_lock:  # pynetdicom runs one thread per association
-            result = store.add_file(path, source=f"dicom:{calling_ae}")
+            result = store.add_stream(stream, size, source=f"dicom:{calling_ae}")
         print(f"received {'duplicate ' if result.duplicate else ''}instance from {calling_ae}")
 
     listener = DicomListener(
         config,
-        on_file=on_file,
+        on_stream=on_stream,
         spool_dir=home.data_dir / "incoming",
         bad_data_errors=(InvalidDicom,),
     )

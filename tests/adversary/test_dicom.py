@@ -4,6 +4,7 @@ local PACS (an orphan Orthanc left listening)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -22,6 +24,7 @@ from node.config import DicomConfig
 from node.dicom_guard import A_ABORT, AllowList, AllowListError, OverCap, PduMeter
 from node.dicom_net import DicomListener
 from node.runtime import NodeRuntime
+from node.sealed_spool import SpoolCorrupted, SpoolReader, SpoolWriter, new_key
 from tests.dcmtk import dataset_part, generated_ct, require_dcmtk, storescu
 from tests.node.test_runtime import FAST, make_home
 from tests.orthanc import require_orthanc
@@ -344,3 +347,56 @@ def test_doctor_warns_when_ae_titles_alone_admit_senders_from_the_network(tmp_pa
     home.save_config(config)
     (check,) = [c for c in run_checks(home) if c.name == "DICOM senders"]
     assert check.ok
+
+
+def test_a_received_instance_is_never_in_clear_on_disk(tmp_path: Path) -> None:
+    require_dcmtk("storescu")
+    original = generated_ct(1)[0]
+    path = tmp_path / "ct.dcm"
+    path.write_bytes(original)
+    spool = tmp_path / "incoming"
+    seen: list[tuple[bytes, list[bytes]]] = []
+
+    def sink(stream: IO[bytes], size: int, calling: str) -> None:
+        on_disk = [p.read_bytes() for p in spool.iterdir()]  # the file being stored
+        seen.append((stream.read(size), on_disk))
+
+    config = DicomConfig(ae_title=NODE_AE, host="127.0.0.1", port=0, allowed=["STORESCU@127.0.0.1"])
+    with DicomListener(config, on_stream=sink, spool_dir=spool) as listener:
+        sent = storescu([path], listener.port, NODE_AE)
+        assert sent.returncode == 0, sent.stderr
+    ((received, on_disk),) = seen
+    assert dataset_part(received) == dataset_part(original)
+    (spooled,) = on_disk
+    assert len(spooled) >= len(dataset_part(original))
+    for clear in (b"Test^Patient", dataset_part(original)[-4096:]):
+        assert clear in received
+        assert clear not in spooled
+    assert list(spool.iterdir()) == []
+
+
+def test_a_spool_file_altered_cut_or_read_with_another_key_is_refused(tmp_path: Path) -> None:
+    key = new_key()
+    writer = SpoolWriter(tmp_path, "rx-", key)
+    for piece in (b"\0" * 128, b"DICM", b"x" * 5000, b"y" * 3):  # as pynetdicom writes
+        writer.write(piece)
+    writer.file.flush()
+    writer.close()
+    path = Path(writer.name)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    with SpoolReader(path, key) as reader:
+        assert reader.size == 5135
+        reader.seek(132)
+        assert reader.read(4) == b"xxxx"
+        reader.seek(-3, io.SEEK_END)
+        assert reader.read() == b"yyy"
+    with pytest.raises(SpoolCorrupted, match="authentication"), SpoolReader(path, new_key()) as r:
+        r.read()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(SpoolCorrupted, match="authentication"), SpoolReader(path, key) as r:
+        r.read()
+    path.write_bytes(bytes(data[:-10]))
+    with pytest.raises(SpoolCorrupted, match="cut short"):
+        SpoolReader(path, key)
