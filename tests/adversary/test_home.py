@@ -235,3 +235,15 @@ def test_cli_entry_restricts_the_umask(tmp_path: Path) -> None:
         preexec_fn=lambda: os.umask(0o022),
     )
     assert done.stdout.strip().endswith("0o77"), done.stdout + done.stderr
+
+
+def test_a_new_node_listens_on_loopback_until_the_site_names_its_address(
+    tmp_path: Path,
+) -> None:
+    plain, chosen = tmp_path / "plain", tmp_path / "chosen"
+    assert _radmesh(plain, "init", "--no-passphrase").returncode == 0
+    assert _radmesh(chosen, "init", "--no-passphrase", "--listen", "10.0.0.20").returncode == 0
+    config = NodeHome(plain).load_config()
+    assert (config.network.listen_host, config.dicom.host) == ("127.0.0.1", "127.0.0.1")
+    config = NodeHome(chosen).load_config()
+    assert (config.network.listen_host, config.dicom.host) == ("10.0.0.20", "10.0.0.20")
