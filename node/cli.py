@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from crypto.errors import CryptoError
 from node.display import PrintableFormatter, printable
+from node.private import restrict_umask
 
 COMMAND_MODULES = (
     "node.commands.identity",
@@ -64,6 +65,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    restrict_umask()  # everything this process creates under a home: 0700 / 0600
     parser = build_parser()
     args = parser.parse_args(argv)
     to_terminal = logging.StreamHandler()  # peer text in a log line reaches it escaped

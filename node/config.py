@@ -18,6 +18,7 @@ import platformdirs
 import tomli_w
 
 from node.errors import ConfigError, HomeError
+from node.private import private_dir
 
 HOME_ENV = "RADMESH_HOME"
 CONFIG_NAME = "config.toml"
@@ -43,8 +44,11 @@ class DicomConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     enabled: bool = False
-    # Calling AE titles allowed to send to the node; empty refuses everyone.
+    # Calling AE titles allowed to send to the node, from any address the listener
+    # reaches; empty (and `allowed` empty) refuses everyone.
     allowed_calling_aets: list[str] = field(default_factory=list)
+    # "AE@address" pairs: that calling AE title only from that IP address (the PACS's).
+    allowed: list[str] = field(default_factory=list)
     pacs_host: str = ""
     pacs_port: int = 0
     pacs_ae_title: str = ""
@@ -61,7 +65,9 @@ class NetworkConfig:
     turn_password: str = ""
     mdns: bool = True
     mdns_interfaces: list[str] = field(default_factory=list)  # empty: all interfaces
-    listen_host: str = "0.0.0.0"  # noqa: S104 - the LAN endpoint is meant to be reachable
+    # Loopback unless the site chooses an address (or "0.0.0.0" for all) for the LAN
+    # endpoint that peers on the same network reach.
+    listen_host: str = "127.0.0.1"
     listen_port: int = 0
 
 
@@ -166,7 +172,7 @@ class NodeHome:
         return NodeConfig.from_toml(self.config_path.read_text(), str(self.config_path))
 
     def save_config(self, config: NodeConfig) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(config.to_toml())
         tmp.replace(self.config_path)

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import nacl.exceptions
 import nacl.public
@@ -43,6 +43,7 @@ from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.control import ControlServer, HomeLock
 from node.dicom_net import DicomListener
 from node.errors import NodeError
+from node.private import private_dir, restrict_umask
 from node.store import Store, open_store
 from node.transfers import TransferTracker
 from node.wirecache import KEY_PURPOSE as WIRECACHE_KEY
@@ -72,6 +73,8 @@ TRUST_SWEEP = 30.0  # seconds between re-checks of every connected peer (certifi
 LEARN_AGAIN = 60.0  # seconds before an untrusted sender's record is looked up again
 MAX_LEARNING = 1024  # untrusted senders remembered for LEARN_AGAIN
 MAX_LOOKUPS = 4  # untrusted senders' records looked up at once (more: not looked up)
+GC_INTERVAL = 6 * 3600.0  # store clean-up (orphan blobs) at start and this often
+GC_MAX_REMOVE = 10_000  # blobs one clean-up removes at most (the next one goes on)
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 
@@ -205,14 +208,18 @@ class NodeRuntime:
     async def start(self) -> None:
         self._home_lock.acquire()  # one node per home: raises HomeBusy while another runs
         try:
+            if self.control is not None:
+                self.control.bind()  # refuses a squatted socket before anything starts
             await self._start()
         except BaseException:
+            if self.control is not None:
+                await self.control.close()
             self._home_lock.release()
             raise
 
     async def _start(self) -> None:
-        data = self.home.data_dir
-        data.mkdir(parents=True, exist_ok=True)
+        restrict_umask()  # the home's databases, spools and sockets: 0600, directories 0700
+        data = private_dir(self.home.data_dir)
         self.store: Store = open_store(self.home, self.identity)
         cache = open_cache(data, self.identity.derive_key(WIRECACHE_KEY))
         self.store.use_wire_cache(cache, warm=self._warm_cache)
@@ -266,10 +273,13 @@ class NodeRuntime:
             )
             await self.discovery.browse()
         if self.config.dicom.enabled:
-            self.dicom = DicomListener(self.config.dicom, self._dicom_instance)
+            self.dicom = DicomListener(
+                self.config.dicom, on_stream=self._dicom_stream, spool_dir=data / "incoming"
+            )
             self.dicom.start()
         if self.control is not None:
             await self.control.start()
+        self.spawn(self._gc_loop())  # blobs a crashed writer left behind
         log.info("node %s running, LAN endpoint %s", self.identity.node_id.short(), self.lan_url)
 
     async def stop(self) -> None:
@@ -609,9 +619,26 @@ class NodeRuntime:
         with contextlib.suppress(asyncio.QueueFull):
             self.notifications.put_nowait(text)
 
+    async def _gc_loop(self) -> None:
+        """Remove store blobs no index row refers to: at start, then every GC_INTERVAL."""
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.store.gc, GC_MAX_REMOVE)
+            except (OSError, NodeError) as exc:
+                log.warning("store clean-up failed, retrying later: %s", exc)
+            else:
+                if removed:
+                    log.info("store clean-up removed %d orphan blob(s)", removed)
+                    self.audit.append(
+                        AuditKind.DELETE,
+                        now=self.clock(),
+                        details={"gc": "orphan blobs", "removed": removed},
+                    )
+            await asyncio.sleep(GC_INTERVAL)
+
     # -- DICOM and audit ----------------------------------------------------------------
-    def _dicom_instance(self, data: bytes, calling_ae: str) -> None:
-        result = self.store.add_bytes(data, source=f"dicom:{calling_ae}")
+    def _dicom_stream(self, stream: IO[bytes], size: int, calling_ae: str) -> None:
+        result = self.store.add_stream(stream, size, source=f"dicom:{calling_ae}")
         if not result.duplicate:
             self.audit.append(
                 AuditKind.RECEIVE,

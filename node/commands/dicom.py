@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import threading
-from typing import Any
+from typing import IO, Any
 
 from node.commands.identity import home_of
 from node.dicom_files import InvalidDicom
@@ -29,17 +29,22 @@ def cmd_listen(args: argparse.Namespace) -> int:
     store = open_store(home, load_identity(home.key_path))
     store_lock = threading.Lock()
 
-    def on_instance(data: bytes, calling_ae: str) -> None:
+    def on_stream(stream: IO[bytes], size: int, calling_ae: str) -> None:
         with store_lock:  # pynetdicom runs one thread per association
-            result = store.add_bytes(data, source=f"dicom:{calling_ae}")
+            result = store.add_stream(stream, size, source=f"dicom:{calling_ae}")
         duplicate = "duplicate " if result.duplicate else ""
         print(f"received {duplicate}instance from {printable(calling_ae, 16)}")
 
-    listener = DicomListener(config, on_instance, bad_data_errors=(InvalidDicom,))
+    listener = DicomListener(
+        config,
+        on_stream=on_stream,
+        spool_dir=home.data_dir / "incoming",
+        bad_data_errors=(InvalidDicom,),
+    )
     listener.start()
     print(
         f"DICOM listener {config.ae_title} on {config.host}:{listener.port}; "
-        f"accepting {', '.join(config.allowed_calling_aets)}. Ctrl-C stops."
+        f"accepting {', '.join([*config.allowed_calling_aets, *config.allowed])}. Ctrl-C stops."
     )
     try:
         threading.Event().wait()

@@ -72,6 +72,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         jurisdictions=_csv(args.jurisdictions),
         languages=_csv(args.languages) or ["en"],
     )
+    if args.listen:  # default: loopback only, until the site names its address
+        config.network.listen_host = config.dicom.host = args.listen
     identity = Identity.generate()
     save_identity(home.key_path, identity, _new_passphrase(args))
     home.save_config(config)
@@ -249,6 +251,13 @@ def register(sub: Any) -> None:
         help="store the key unencrypted (0600); for servers with disk encryption",
     )
     p.add_argument("--force", action="store_true", help="replace an existing identity")
+    p.add_argument(
+        "--listen",
+        metavar="ADDRESS",
+        default="",
+        help="address the LAN endpoint and DICOM listener bind to (default 127.0.0.1, this "
+        "machine only; give the hospital-network address, or 0.0.0.0 for every interface)",
+    )
     p.set_defaults(handler=cmd_init)
 
     p = sub.add_parser(

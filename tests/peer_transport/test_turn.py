@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import Identity
+from node.children import die_with_parent
 from peer_transport import frames as fr
 from peer_transport.connection import Disconnected, PeerConnection, Received
 from peer_transport.rtc import IceServer, RtcOptions
@@ -70,6 +71,8 @@ def coturn(tmp_path: Path) -> Iterator[Coturn]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),  # no orphan server if the test run is killed
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 10

@@ -13,6 +13,7 @@ import pytest
 from aioice import stun, turn
 
 from crypto.identity import Identity
+from node.children import die_with_parent
 from registry.client import RegistryClient
 from registry.server import RegistryServer, TurnConfig
 
@@ -54,6 +55,8 @@ def coturn(tmp_path: Path) -> Iterator[int]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),  # no orphan server if the test run is killed
+        start_new_session=True,
     )
     try:
         yield port
