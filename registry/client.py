@@ -48,10 +48,22 @@ def _now() -> int:
 
 @dataclass(frozen=True)
 class SearchQuery:
+    """``online`` asks for nodes online now, ``on_call`` for those on call; both for
+    either; neither for any availability."""
+
     subspecialty: str = ""
     jurisdiction: str = ""
     language: str = ""
     online: bool = False
+    on_call: bool = False
+
+    def availability(self) -> tuple[str, ...]:
+        """The availability values this query accepts; () for any."""
+        return tuple(
+            value
+            for value, wanted in (("online", self.online), ("on_call", self.on_call))
+            if wanted
+        )
 
     def params(self) -> dict[str, str]:
         params = {
@@ -62,6 +74,8 @@ class SearchQuery:
         result = {k: v for k, v in params.items() if v}
         if self.online:
             result["online"] = "1"
+        if self.on_call:
+            result["on_call"] = "1"
         return result
 
 
@@ -105,13 +119,18 @@ class RegistryClient:
             raise RegistryUnavailable(self.url, type(exc).__name__) from exc
 
     def _raise_for(self, status: int, body: bytes) -> None:
+        payload: Any = None
         try:
             payload = json.loads(body[:MAX_ERROR_RESPONSE])
             error, hint = str(payload.get("error", ""))[:300], str(payload.get("hint", ""))[:300]
         except (ValueError, AttributeError):
             error, hint = "unreadable error response", ""
         if status == 409:
-            raise StaleRecord(f"registry {self.url}: {error}")
+            held = payload.get("held_sequence") if isinstance(payload, dict) else None
+            raise StaleRecord(
+                f"registry {self.url}: {error}",
+                held if isinstance(held, int) and not isinstance(held, bool) else None,
+            )
         raise RemoteRegistryError(self.url, status, error, hint)
 
     async def health(self) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def matches(record: NodeRecord, query: SearchQuery) -> bool:
         has(record.subspecialties, query.subspecialty)
         and has(record.jurisdictions, query.jurisdiction)
         and has(record.languages, query.language)
-        and (not query.online or record.availability.value in ("online", "on_call"))
+        and (not query.availability() or record.availability.value in query.availability())
     )
 
 

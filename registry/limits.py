@@ -53,3 +53,52 @@ class RateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+@dataclass(frozen=True)
+class MailboxUsage:
+    """What one more message would add to: unexpired counts and bytes."""
+
+    recipient_messages: int
+    recipient_bytes: int
+    pair_messages: int  # this sender's share of this recipient's mailbox
+    pair_bytes: int
+    sender_messages: int  # this sender's mail waiting for anyone
+    sender_bytes: int
+    total_bytes: int  # the whole mailbox, until the next purge
+
+
+@dataclass(frozen=True)
+class MailboxQuota:
+    """How much store-and-forward mail a registry keeps, and for whom (sans-IO).
+
+    Each recipient's mailbox has a message and a byte cap, and one sender may fill
+    only ``1/share`` of it, so a flood from one identity cannot crowd out the
+    others' mail. Each sender has a cap over all recipients, and the whole mailbox
+    a byte cap, so no identity grows the database without bound.
+    """
+
+    recipient_messages: int = 256
+    recipient_bytes: int = 8 * 1024 * 1024
+    share: int = 8
+    sender_messages: int = 1024
+    sender_bytes: int = 16 * 1024 * 1024
+    total_bytes: int = 1024 * 1024 * 1024
+
+    def refusal(self, usage: MailboxUsage, size: int) -> str | None:
+        """Why one more message of ``size`` bytes may not be stored, or None."""
+        if usage.recipient_messages + 1 > self.recipient_messages or (
+            usage.recipient_bytes + size > self.recipient_bytes
+        ):
+            return "recipient's mailbox is full"
+        if usage.pair_messages + 1 > max(1, self.recipient_messages // self.share) or (
+            usage.pair_bytes + size > self.recipient_bytes // self.share
+        ):
+            return "your share of the recipient's mailbox is full"
+        if usage.sender_messages + 1 > self.sender_messages or (
+            usage.sender_bytes + size > self.sender_bytes
+        ):
+            return "you have too much mail waiting in this registry"
+        if usage.total_bytes + size > self.total_bytes:
+            return "this registry's mailbox storage is full"
+        return None
