@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "node.commands.dicom",
     "node.commands.peers",
     "node.commands.transfer",
+    "node.commands.status",
 )
 
 

@@ -21,7 +21,8 @@ class StaleRecord(RecordError):
 
     def __init__(self, message: str, held: int | None = None) -> None:
         super().__init__(message)
-        self.held = held  # the sequence already held, when the holder said
+        self.held = held  # the sequence already held, when known for sure
+        self.held_wire = b""  # the record a registry says it holds (unverified)
 
 
 class LimitExceeded(RegistryError):

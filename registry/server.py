@@ -259,12 +259,14 @@ class RegistryServer:
         try:
             self.db.put(record, now)
         except StaleRecord as exc:
-            held = exc.held if exc.held is not None else -1
+            # The record held, signed by the node itself: proof of the sequence to beat
+            # (kept past its expiry for the mail grace period, so a lookup may not show it).
+            held = self.db.get_wire(record.node_id, -1) or b""
             return web.json_response(
                 {
                     "error": str(exc),
                     "hint": "publish with a sequence above the one this registry holds",
-                    "held_sequence": held,
+                    "held_record": base64.b64encode(held).decode(),
                 },
                 status=409,
             )

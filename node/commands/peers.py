@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from crypto.identity import NodeId
@@ -15,7 +16,8 @@ from node.commands.identity import home_of
 from node.config import NodeConfig, NodeHome
 from node.errors import ConfigError
 from node.keystore import load_identity
-from registry.client import MultiRegistry, RegistryClient, SearchQuery
+from node.sequence import RecordSequence
+from registry.client import MultiRegistry, RegistryClient, SearchQuery, publish_catching_up
 from registry.directory import Peer, PeerDirectory, RegistryFinder
 from registry.errors import RegistryError, TrustError
 from registry.records import Availability, NodeRecord
@@ -84,7 +86,9 @@ async def _search(home: NodeHome, config: NodeConfig, query: SearchQuery) -> lis
 def cmd_peers_search(args: argparse.Namespace) -> int:
     home = home_of(args)
     config = home.load_config()
-    query = SearchQuery(args.subspecialty, args.jurisdiction, args.language, args.online)
+    query = SearchQuery(
+        args.subspecialty, args.jurisdiction, args.language, args.online, args.on_call
+    )
     if not config.network.registries:
         print("No registries configured (`radmesh registry add URL`); searching known peers.")
     peers = asyncio.run(_search(home, config, query))
@@ -217,15 +221,21 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
 
 
 def build_own_record(
-    home: NodeHome, config: NodeConfig, endpoints: tuple[str, ...], availability: str
+    home: NodeHome,
+    config: NodeConfig,
+    endpoints: tuple[str, ...],
+    availability: str,
+    held: int = 0,
 ) -> NodeRecord:
+    """This home's record, signed with the home's next sequence (above ``held``): the
+    running node takes its sequences from the same place, so neither locks out the other."""
     identity = load_identity(home.key_path)
     cert_path = home.root / "node.cert"
     now = _now()
     return NodeRecord.create(
         identity,
         now=now,
-        sequence=time.time_ns() // 1000,  # monotonic enough across restarts
+        sequence=RecordSequence(home).advance_past(held, now),
         display_name=config.display_name,
         institution=config.institution,
         country=config.country,
@@ -239,10 +249,19 @@ def build_own_record(
     )
 
 
-async def _publish(config: NodeConfig, record: NodeRecord) -> dict[str, RegistryError | None]:
+async def _publish(
+    config: NodeConfig, record: NodeRecord, after: Callable[[int], NodeRecord]
+) -> dict[str, RegistryError | None]:
+    results: dict[str, RegistryError | None] = {}
     registries = _registries(config)
     try:
-        return await registries.publish(record)
+        for client in registries.clients:
+            try:
+                record = await publish_catching_up(client, record, after)
+                results[client.url] = None
+            except RegistryError as exc:
+                results[client.url] = exc
+        return results
     finally:
         await registries.close()
 
@@ -252,8 +271,16 @@ def cmd_registry_publish(args: argparse.Namespace) -> int:
     config = home.load_config()
     if not config.network.registries:
         raise ConfigError("no registries configured: `radmesh registry add URL` first")
-    record = build_own_record(home, config, tuple(args.endpoint), args.availability)
-    results = asyncio.run(_publish(config, record))
+    availability = args.availability or config.availability
+    endpoints = tuple(args.endpoint)
+    record = build_own_record(home, config, endpoints, availability)
+    results = asyncio.run(
+        _publish(
+            config,
+            record,
+            lambda held: build_own_record(home, config, endpoints, availability, held),
+        )
+    )
     failed = 0
     for url, error in results.items():
         print(f"{url}: {'published' if error is None else error}")
@@ -271,7 +298,10 @@ def register(sub: Any) -> None:
     p.add_argument("--subspecialty", default="")
     p.add_argument("--jurisdiction", default="")
     p.add_argument("--language", default="")
-    p.add_argument("--online", action="store_true", help="only peers online or on call now")
+    p.add_argument("--online", action="store_true", help="only peers online now")
+    p.add_argument(
+        "--on-call", action="store_true", help="only peers on call (with --online: either)"
+    )
     p.set_defaults(handler=cmd_peers_search)
     p = psub.add_parser("show", help="a peer's verified record and trust state")
     p.add_argument("id", help="node id")
@@ -316,5 +346,10 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_registry_add)
     p = rsub.add_parser("publish", help="sign and publish this node's record to its registries")
     p.add_argument("--endpoint", action="append", default=[], help="e.g. lan:http://HOST:PORT")
-    p.add_argument("--availability", default="online", choices=[a.value for a in Availability])
+    p.add_argument(
+        "--availability",
+        default="",
+        choices=[a.value for a in Availability],
+        help="default: the home's setting (`radmesh status`)",
+    )
     p.set_defaults(handler=cmd_registry_publish)
