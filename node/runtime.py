@@ -316,7 +316,11 @@ class NodeRuntime:
 
     def _own_record(self) -> NodeRecord:
         record = self.record
-        if record is None or record.expires_at - self.now() < RECORD_TTL // 2:
+        if (
+            record is None
+            or record.expires_at - self.now() < RECORD_TTL // 2
+            or self._seq.current() > record.sequence  # another publisher signed since
+        ):
             self._sequence = self._seq.next(self.now())
             record = self.record = self._make_record()
         return record

@@ -481,6 +481,8 @@ async def publish_catching_up(
         await client.publish(record)
         return record
     except StaleRecord as exc:
+        if exc.held_wire == record.to_wire():
+            return record  # it holds this very record already (a republish, a retry)
         held = exc.held
         if held is None:
             found = await client.lookup(record.node_id)
