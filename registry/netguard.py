@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,45 @@ class GuardedSite(web.TCPSite):
         )
 
 
+def handler_factory(
+    runner: web.AppRunner,
+    guard: AddressGuard,
+    clock: Callable[[], float],
+    *,
+    header_timeout: float,
+    idle_timeout: float,
+) -> Callable[[], RequestHandler]:
+    """Connection handlers for a :class:`GuardedSite` of ``runner`` (after its setup)."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("set the runner up before making its handlers")
+
+    def make() -> RequestHandler:
+        return GuardedHandler(
+            server,
+            guard=guard,
+            clock=clock,
+            header_timeout=header_timeout,
+            keepalive_timeout=idle_timeout,
+            access_log=None,
+            max_headers=32,
+            max_field_size=4096,
+            max_line_size=4096,
+        )
+
+    return make
+
+
+@web.middleware
+async def headers_arrived(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Tell the connection its request is in (the header timeout is met)."""
+    if isinstance(request.protocol, GuardedHandler):
+        request.protocol.request_started()
+    return await handler(request)
+
+
 class Outbox:
     """The frames waiting to be written to one signaling socket.
 
@@ -162,7 +201,7 @@ class Outbox:
         self._transport = transport
         self._timeout = timeout
         self._queue: asyncio.Queue[tuple[bytes, Relayed | None]] = asyncio.Queue(size)
-        self._unsent_head: Relayed | None = None
+        self._writing: Relayed | None = None
         self._on_drop = on_drop
         self._on_sent = on_sent
         self.dropped = ""
@@ -175,7 +214,7 @@ class Outbox:
         try:
             self._queue.put_nowait((frame, relayed))
         except asyncio.QueueFull:
-            self.drop("its send queue is full")
+            self.drop("its reader is too slow: its send queue is full")
             return False
         return True
 
@@ -187,24 +226,24 @@ class Outbox:
             async with asyncio.timeout(self._timeout):
                 await self._queue.put((frame, relayed))
         except TimeoutError:
-            self.drop("its send queue stayed full")
+            self.drop("its reader is too slow: its send queue stayed full")
             return False
         return True
 
     async def _run(self) -> None:
         while True:
             frame, relayed = await self._queue.get()
+            self._writing = relayed
             try:
                 async with asyncio.timeout(self._timeout):
                     await self.ws.send_bytes(frame)
             except TimeoutError:
-                self._unsent_head = relayed
-                self.drop(f"a write took over {self._timeout:g} s")
+                self.drop(f"its reader is too slow: a write took over {self._timeout:g} s")
                 return
             except (ConnectionError, RuntimeError):
-                self._unsent_head = relayed
                 self.drop("the connection broke")
                 return
+            self._writing = None
             self._queue.task_done()
             if relayed is not None:
                 self._on_sent(relayed)
@@ -213,17 +252,24 @@ class Outbox:
         """Wait until every queued frame is written."""
         await self._queue.join()
 
-    def drop(self, reason: str) -> None:
-        """Close the socket at once (no closing handshake: its peer does not read)."""
-        if self.dropped:
-            return
-        self.dropped = reason
-        log.info("dropped a slow signaling socket: %s", reason)
-        unsent = [self._unsent_head] if self._unsent_head is not None else []
+    def _unsent(self) -> list[Relayed]:
+        # The frame being written when it stopped counts as unsent: a duplicate is
+        # harmless (recipients drop replays), a loss is not.
+        unsent = [self._writing] if self._writing is not None else []
+        self._writing = None
         while not self._queue.empty():
             item = self._queue.get_nowait()[1]
             if item is not None:
                 unsent.append(item)
+        return unsent
+
+    def drop(self, reason: str) -> None:
+        """Close the socket at once (no closing handshake: its peer may not read)."""
+        if self.dropped:
+            return
+        self.dropped = reason
+        log.info("dropped a signaling socket: %s", reason)
+        unsent = self._unsent()
         if self._transport is not None:
             self._transport.abort()
         if asyncio.current_task() is not self._task:
@@ -231,7 +277,12 @@ class Outbox:
         self._on_drop(unsent)
 
     async def close(self) -> None:
-        """Stop the writer (the socket is closing for another reason)."""
+        """Stop the writer (the socket is closing for another reason); what was not
+        written goes to ``on_drop`` like a dropped socket's."""
+        already = bool(self.dropped)
+        self.dropped = self.dropped or "closed"
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        if not already:
+            self._on_drop(self._unsent())

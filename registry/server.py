@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import WSMsgType, web
-from aiohttp.web_protocol import RequestHandler
 
 from crypto.errors import CryptoError
 from crypto.identity import NodeId
@@ -28,7 +27,14 @@ from crypto.org import verify_certificate
 from registry import wsproto
 from registry.errors import AuthError, RecordError, RegistryError, StaleRecord
 from registry.limits import MailboxQuota, RateLimiter
-from registry.netguard import AddressGuard, GuardedHandler, GuardedSite, Outbox, Relayed
+from registry.netguard import (
+    AddressGuard,
+    GuardedSite,
+    Outbox,
+    Relayed,
+    handler_factory,
+    headers_arrived,
+)
 from registry.records import MAX_RECORD_SIZE, Availability, NodeRecord
 from registry.store import RegistryDB
 
@@ -123,7 +129,8 @@ class RegistryServer:
     # lifecycle -----------------------------------------------------------
     def _build_app(self) -> web.Application:
         app = web.Application(
-            client_max_size=MAX_RECORD_SIZE + 1024, middlewares=[self._errors_and_limits]
+            client_max_size=MAX_RECORD_SIZE + 1024,
+            middlewares=[headers_arrived, self._errors_and_limits],
         )
         app.router.add_get("/v1/health", self._health)
         app.router.add_post("/v1/records", self._publish_record)
@@ -154,7 +161,14 @@ class RegistryServer:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = GuardedSite(self._runner, host, port, self._handler_factory(self._runner))
+        factory = handler_factory(
+            self._runner,
+            self.guard,
+            self.clock,
+            header_timeout=self.limits.header_timeout,
+            idle_timeout=self.limits.idle_timeout,
+        )
+        site = GuardedSite(self._runner, host, port, factory)
         await site.start()
         bound = int(self._runner.addresses[0][1])
         if not self.public_url:
@@ -165,26 +179,6 @@ class RegistryServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-
-    def _handler_factory(self, runner: web.AppRunner) -> Callable[[], RequestHandler]:
-        server = runner.server
-        assert server is not None  # noqa: S101 - set by setup()
-        limits = self.limits
-
-        def make() -> RequestHandler:
-            return GuardedHandler(
-                server,
-                guard=self.guard,
-                clock=self.clock,
-                header_timeout=limits.header_timeout,
-                keepalive_timeout=limits.idle_timeout,
-                access_log=None,
-                max_headers=32,
-                max_field_size=4096,
-                max_line_size=4096,
-            )
-
-        return make
 
     @property
     def url(self) -> str:
@@ -205,8 +199,6 @@ class RegistryServer:
     async def _errors_and_limits(
         self, request: web.Request, handler: Callable[[web.Request], object]
     ) -> web.StreamResponse:
-        if isinstance(request.protocol, GuardedHandler):
-            request.protocol.request_started()
         address = request.remote or "?"
         if not self._address.allow(address, self.clock()):
             return _error(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,9 +18,11 @@ import aiohttp
 import pytest
 
 from crypto.identity import Identity
-from registry import wsproto
+from registry import lan, wsproto
 from registry.client import RegistryClient, RegistryConnection
 from registry.errors import RemoteRegistryError
+from registry.lan import LanEndpoint
+from registry.records import NodeRecord
 from registry.server import Limits, RegistryServer, TurnConfig
 from tests.registry.conftest import NOW, Clock, make_record
 
@@ -217,8 +220,58 @@ async def test_a_reader_that_stops_reading_is_dropped_not_its_sender(
             assert got == [b"canary %d" % n for n in range(canaries + 1)]
             assert alice.connects == 1  # the sender kept its connection throughout
         await slow.close()
-    assert any("dropped a slow signaling socket" in r.message for r in caplog.records)
+    assert any("its reader is too slow" in r.getMessage() for r in caplog.records)
     assert registry.db.mailbox_count(slow_id.node_id, NOW) > 0  # nothing it missed is lost
+
+
+# The node's LAN endpoint is the same kind of aiohttp server, open to the whole LAN.
+
+
+@pytest.fixture
+async def lan_endpoint(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LanEndpoint]:
+    monkeypatch.setattr(lan, "HEADER_TIMEOUT", 1.0, raising=False)
+    record = NodeRecord.create(BOB, now=int(time.time()), sequence=1)
+
+    async def ignore(sealed: bytes) -> None:
+        return None
+
+    endpoint = LanEndpoint(lambda: record, ignore)
+    await endpoint.start("127.0.0.1", 0)
+    yield endpoint
+    await endpoint.stop()
+
+
+async def test_lan_endpoint_closes_a_connection_that_never_finishes_its_headers(
+    lan_endpoint: LanEndpoint,
+) -> None:
+    host, port = lan_endpoint.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /v1/record HTTP/1.1\r\nHost: node\r\n")
+        await writer.drain()
+        async with asyncio.timeout(6):
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+    record = await lan.fetch_record(lan_endpoint.url, int(time.time()), BOB.node_id)
+    assert record.node_id == BOB.node_id  # the canary
+
+
+async def test_lan_endpoint_caps_sockets_per_address(lan_endpoint: LanEndpoint) -> None:
+    host, port = lan_endpoint.url.removeprefix("http://").split(":")
+    held = []
+    try:
+        for _ in range(16):  # idle sockets from one address, up to its cap
+            held.append(await asyncio.open_connection(host, int(port), local_addr=("127.0.0.2", 0)))
+        reader, writer = await asyncio.open_connection(host, int(port), local_addr=("127.0.0.2", 0))
+        held.append((reader, writer))
+        async with asyncio.timeout(0.9):  # before the header timeout could explain it
+            assert await reader.read() == b""
+        record = await lan.fetch_record(lan_endpoint.url, int(time.time()), BOB.node_id)
+        assert record.node_id == BOB.node_id  # another address is still served
+    finally:
+        for _, w in held:
+            w.close()
 
 
 # -- issue 13 item 9: TURN credentials --------------------------------------------------
