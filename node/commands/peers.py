@@ -8,10 +8,11 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crypto.identity import NodeId
 from crypto.safety import safety_number
+from node import control
 from node.commands.identity import home_of
 from node.config import NodeConfig, NodeHome
 from node.errors import ConfigError
@@ -23,6 +24,9 @@ from registry.errors import RegistryError, TrustError
 from registry.records import Availability, NodeRecord
 from registry.server import RegistryServer, TurnConfig, run_forever
 from registry.trust import TrustStore
+
+if TYPE_CHECKING:
+    from node.runtime import NodeRuntime
 
 
 def open_trust(home: NodeHome) -> TrustStore:
@@ -198,7 +202,11 @@ def cmd_registry_run(args: argparse.Namespace) -> int:
         urls = tuple(u for u in (args.turn_url, args.stun_url) if u)
         if not urls:
             raise ConfigError("--turn-secret needs --turn-url (and optionally --stun-url)")
-        turn = TurnConfig(args.turn_secret, urls, args.turn_ttl)
+        try:
+            orgs = frozenset(bytes.fromhex(key) for key in args.turn_org)
+            turn = TurnConfig(args.turn_secret, urls, args.turn_ttl, orgs)
+        except ValueError as exc:
+            raise ConfigError(f"TURN settings: {exc} (--turn-org takes org.pub's hex)") from exc
     server = RegistryServer(args.db, public_url=args.public_url or "", turn=turn)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_forever(server, args.host, args.port))
@@ -273,6 +281,13 @@ def cmd_registry_publish(args: argparse.Namespace) -> int:
         raise ConfigError("no registries configured: `radmesh registry add URL` first")
     availability = args.availability or config.availability
     endpoints = tuple(args.endpoint)
+    if not endpoints:  # the running node signs its own record, with its LAN endpoint
+        found, result = asyncio.run(
+            control.ask_running(home, "registry.publish", {"availability": availability}, print)
+        )
+        if found:
+            print(f"The running node published: {result}")
+            return 0
     record = build_own_record(home, config, endpoints, availability)
     results = asyncio.run(
         _publish(
@@ -286,6 +301,13 @@ def cmd_registry_publish(args: argparse.Namespace) -> int:
         print(f"{url}: {'published' if error is None else error}")
         failed += error is not None
     return 0 if failed < len(results) else 1
+
+
+@control.operation("registry.publish")
+async def _op_publish(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> str:
+    from node.commands.status import apply_availability
+
+    return await apply_availability(rt, str(args.get("availability") or rt.config.availability))
 
 
 def register(sub: Any) -> None:
@@ -339,7 +361,14 @@ def register(sub: Any) -> None:
     p.add_argument("--turn-secret", default="", help="coturn static-auth-secret")
     p.add_argument("--turn-url", default="", help="e.g. turn:127.0.0.1:3478")
     p.add_argument("--stun-url", default="", help="e.g. stun:127.0.0.1:3478")
-    p.add_argument("--turn-ttl", type=int, default=3600, help="credential lifetime, seconds")
+    p.add_argument("--turn-ttl", type=int, default=1800, help="credential lifetime, seconds")
+    p.add_argument(
+        "--turn-org",
+        action="append",
+        default=[],
+        metavar="ORG_KEY",
+        help="relay only for nodes certified by this organisation key (hex; repeatable)",
+    )
     p.set_defaults(handler=cmd_registry_run)
     p = rsub.add_parser("add", help="add a registry URL to this node's config")
     p.add_argument("url")

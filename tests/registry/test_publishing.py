@@ -67,9 +67,10 @@ async def test_cli_publish_does_not_lock_the_running_node_out(
     rt = await node(home, identity)
     try:
         await wait_for(lambda: rt.registry_state.get(server.url) == "connected")
-        assert await cli(home, "registry", "publish") == 0
+        # With its own endpoints the CLI signs the record itself, beside the running node.
+        assert await cli(home, "registry", "publish", "--endpoint", "lan:http://127.0.0.1:9") == 0
         by_cli = held(server, identity)
-        assert f"lan:{rt.lan_url}" not in by_cli.endpoints  # the CLI's record replaced it
+        assert "lan:http://127.0.0.1:9" in by_cli.endpoints  # the CLI's record replaced it
         caplog.clear()
         caplog.set_level(logging.WARNING)
         await rt._registry_step(server.url)  # what its loop does every 15 minutes
@@ -77,6 +78,23 @@ async def test_cli_publish_does_not_lock_the_running_node_out(
         assert mine.sequence > by_cli.sequence
         assert f"lan:{rt.lan_url}" in mine.endpoints
         assert not [r for r in caplog.records if "stale" in r.getMessage()]
+    finally:
+        await rt.stop()
+
+
+async def test_cli_publish_without_endpoints_asks_the_running_node(
+    tmp_path: Path, server: RegistryServer
+) -> None:
+    home, identity = make_home(tmp_path, "neuro", server.url, ["neuro"])
+    rt = await node(home, identity)
+    try:
+        await wait_for(lambda: rt.registry_state.get(server.url) == "connected")
+        before = held(server, identity).sequence
+        assert await cli(home, "registry", "publish", "--availability", "on_call") == 0
+        record = held(server, identity)
+        assert record.sequence > before
+        assert f"lan:{rt.lan_url}" in record.endpoints
+        assert record.availability is Availability.ON_CALL
     finally:
         await rt.stop()
 
