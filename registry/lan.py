@@ -17,7 +17,7 @@ from aiohttp import web
 
 from crypto.identity import NodeId
 from registry.errors import RegistryUnavailable, RemoteRegistryError
-from registry.limits import RateLimiter
+from registry.limits import RateLimiter, address_key
 from registry.netguard import AddressGuard, GuardedSite, handler_factory, headers_arrived
 from registry.records import MAX_RECORD_SIZE, NodeRecord, parse_verified
 from registry.wsproto import MAX_SEALED
@@ -73,7 +73,7 @@ class LanEndpoint:
             self._runner = None
 
     def _allowed(self, request: web.Request) -> bool:
-        return self._limiter.allow(request.remote or "?", self._clock())
+        return self._limiter.allow(address_key(request.remote), self._clock())
 
     async def _record(self, request: web.Request) -> web.Response:
         if not self._allowed(request):

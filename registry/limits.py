@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from dataclasses import dataclass
+
+
+def address_key(address: str | None) -> str:
+    """Whom a per-address limit counts: the IPv4 address, or the IPv6 /64 (one host
+    usually holds a whole /64, so single IPv6 addresses would be free to vary)."""
+    if not address:
+        return "?"
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 @dataclass
@@ -66,6 +83,7 @@ class MailboxUsage:
     sender_messages: int  # this sender's mail waiting for anyone
     sender_bytes: int
     total_bytes: int  # the whole mailbox, until the next purge
+    origin_bytes: int = 0  # mail waiting that came from the sender's address
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,7 @@ class MailboxQuota:
     share: int = 8
     sender_messages: int = 1024
     sender_bytes: int = 16 * 1024 * 1024
+    origin_bytes: int = 64 * 1024 * 1024  # per address: identities are free, addresses less
     total_bytes: int = 1024 * 1024 * 1024
 
     def refusal(self, usage: MailboxUsage, size: int) -> str | None:
@@ -99,6 +118,8 @@ class MailboxQuota:
             usage.sender_bytes + size > self.sender_bytes
         ):
             return "you have too much mail waiting in this registry"
+        if usage.origin_bytes + size > self.origin_bytes:
+            return "your address has too much mail waiting in this registry"
         if usage.total_bytes + size > self.total_bytes:
             return "this registry's mailbox storage is full"
         return None

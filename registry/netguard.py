@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from crypto.identity import NodeId
-from registry.limits import RateLimiter
+from registry.limits import RateLimiter, address_key
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class Relayed:
     sender: NodeId
     data: bytes
     stored_id: int = 0  # its mailbox row, when it came from the mailbox
+    origin: str = ""  # the sender's address key, for the mailbox's per-address quota
 
 
 @dataclass
@@ -92,7 +93,7 @@ class GuardedHandler(RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
-        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        address = address_key(str(peer[0])) if isinstance(peer, tuple) and peer else "?"
         if not self._guard.admit(address, self._clock()):
             log.debug("refused a connection from %s: too many sockets or connects", address)
             self.force_close()
@@ -196,6 +197,7 @@ class Outbox:
         timeout: float,
         on_drop: Callable[[list[Relayed]], None],
         on_sent: Callable[[Relayed], None],
+        address: str = "?",
     ) -> None:
         self.ws = ws
         self._transport = transport
@@ -204,6 +206,7 @@ class Outbox:
         self._writing: Relayed | None = None
         self._on_drop = on_drop
         self._on_sent = on_sent
+        self.address = address  # the peer's address key, for per-address limits
         self.dropped = ""
         self._task = asyncio.get_running_loop().create_task(self._run())
 

@@ -26,7 +26,7 @@ from crypto.identity import NodeId
 from crypto.org import verify_certificate
 from registry import wsproto
 from registry.errors import AuthError, RecordError, RegistryError, StaleRecord
-from registry.limits import MailboxQuota, RateLimiter
+from registry.limits import MailboxQuota, RateLimiter, address_key
 from registry.netguard import (
     AddressGuard,
     GuardedSite,
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 
 MAX_QUERY_VALUE = 64
 AUTH_TIMEOUT = 10.0
-
-
 MAX_TURN_TTL = 6 * 3600
 
 
@@ -79,6 +77,8 @@ class Limits:
     address_burst: float = 200
     send_rate: float = 50.0  # relayed messages, per node
     send_burst: float = 200
+    address_send_rate: float = 200.0  # relayed messages, all nodes of one address together
+    address_send_burst: float = 1000
     mailbox_ttl: int = 7 * 24 * 3600
     mailbox: MailboxQuota = field(default_factory=MailboxQuota)
     # Mail waits only for nodes with a record here, current or expired at most this long
@@ -116,6 +116,9 @@ class RegistryServer:
         self._publish = RateLimiter(self.limits.publish_rate, self.limits.publish_burst)
         self._address = RateLimiter(self.limits.address_rate, self.limits.address_burst)
         self._send = RateLimiter(self.limits.send_rate, self.limits.send_burst)
+        self._address_send = RateLimiter(
+            self.limits.address_send_rate, self.limits.address_send_burst
+        )
         self._new_record = RateLimiter(self.limits.new_record_rate, self.limits.new_record_burst)
         self._turn_limit = RateLimiter(self.limits.turn_rate, self.limits.turn_burst)
         self.guard = AddressGuard(
@@ -199,7 +202,7 @@ class RegistryServer:
     async def _errors_and_limits(
         self, request: web.Request, handler: Callable[[web.Request], object]
     ) -> web.StreamResponse:
-        address = request.remote or "?"
+        address = address_key(request.remote)
         if not self._address.allow(address, self.clock()):
             return _error(
                 429,
@@ -245,7 +248,7 @@ class RegistryServer:
             return _error(400, str(exc), "sign the record with the node key and a future expiry")
         if not self._publish.allow(str(record.node_id), self.clock()):
             return _error(429, "this node publishes too often", "publish at most once a second")
-        refused = self._refuse_new_node(record.node_id, request.remote or "?")
+        refused = self._refuse_new_node(record.node_id, address_key(request.remote))
         if refused is not None:
             return refused
         try:
@@ -345,7 +348,7 @@ class RegistryServer:
         outbox: Outbox | None = None
         try:
             node_id = await self._authenticate(ws)
-            outbox = self._outbox(ws, request.transport, node_id)
+            outbox = self._outbox(ws, request.transport, node_id, address_key(request.remote))
             old = self.connections.get(node_id)
             self.connections[node_id] = outbox
             if old is not None:
@@ -378,7 +381,11 @@ class RegistryServer:
         return ws
 
     def _outbox(
-        self, ws: web.WebSocketResponse, transport: asyncio.Transport | None, node_id: NodeId
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        node_id: NodeId,
+        address: str,
     ) -> Outbox:
         def sent(relayed: Relayed) -> None:
             if relayed.stored_id:
@@ -388,7 +395,7 @@ class RegistryServer:
             # Live messages its reader never took wait in the mailbox like any other.
             for relayed in unsent:
                 if not relayed.stored_id:
-                    self._keep_for_later(node_id, relayed.sender, relayed.data)
+                    self._keep_for_later(node_id, relayed.sender, relayed.data, relayed.origin)
 
         return Outbox(
             ws,
@@ -397,6 +404,7 @@ class RegistryServer:
             timeout=self.limits.send_timeout,
             on_drop=dropped,
             on_sent=sent,
+            address=address,
         )
 
     async def _finish(self, outbox: Outbox) -> None:
@@ -471,24 +479,30 @@ class RegistryServer:
         outbox.push(wsproto.to_wire(turn_credentials(self.turn, node_id, now)))
 
     def _relay(self, outbox: Outbox, sender: NodeId, frame: wsproto.Send) -> None:
-        if not self._send.allow(str(sender), self.clock()):
-            _push_error(outbox, "sending too fast", "at most 50 messages a second", frame.ref)
+        now = self.clock()
+        if not self._send.allow(str(sender), now) or not self._address_send.allow(
+            outbox.address, now
+        ):
+            hint = f"at most {self.limits.send_rate:g} messages a second"
+            _push_error(outbox, "sending too fast", hint, frame.ref)
             return
         target = self.connections.get(frame.to)
         if target is not None and not target.dropped:
             deliver = wsproto.to_wire(wsproto.Deliver(sender, frame.to, frame.data))
             # Never waits: a target that does not read loses its socket, not the sender.
-            if target.push(deliver, Relayed(sender, frame.data)):
+            if target.push(deliver, Relayed(sender, frame.data, origin=outbox.address)):
                 outbox.push(wsproto.to_wire(wsproto.Ack(frame.ref, "delivered")))
                 return
             # Its queue was full and it is dropped: this message waits with the others.
-        refused = self._keep_for_later(frame.to, sender, frame.data)
+        refused = self._keep_for_later(frame.to, sender, frame.data, outbox.address)
         if refused is None:
             outbox.push(wsproto.to_wire(wsproto.Ack(frame.ref, "stored")))
         else:
             _push_error(outbox, refused, "try again later", frame.ref)
 
-    def _keep_for_later(self, recipient: NodeId, sender: NodeId, data: bytes) -> str | None:
+    def _keep_for_later(
+        self, recipient: NodeId, sender: NodeId, data: bytes, origin: str
+    ) -> str | None:
         """Store a message in the mailbox; the reason when a quota refuses it."""
         now = self.now()
         if not self.db.known_since(recipient, now - self.limits.mail_record_grace):
@@ -496,10 +510,12 @@ class RegistryServer:
                 "this registry keeps mail only for nodes with a current record here, "
                 "and the recipient has none"
             )
-        usage = self.db.mailbox_usage(recipient, sender, now)
+        usage = self.db.mailbox_usage(recipient, sender, now, origin)
         refused = self.limits.mailbox.refusal(usage, len(data))
         if refused is None:
-            self.db.mailbox_put(recipient, sender, data, now=now, ttl=self.limits.mailbox_ttl)
+            self.db.mailbox_put(
+                recipient, sender, data, now=now, ttl=self.limits.mailbox_ttl, origin=origin
+            )
         return refused
 
 

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS mailbox (
     sender TEXT NOT NULL,
     expires_at INTEGER NOT NULL,
     data BLOB NOT NULL,
-    size INTEGER NOT NULL DEFAULT 0
+    size INTEGER NOT NULL DEFAULT 0,
+    origin TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -42,6 +43,7 @@ CREATE TABLE IF NOT EXISTS mailbox (
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS mailbox_by_recipient ON mailbox(recipient, sender, id);
 CREATE INDEX IF NOT EXISTS mailbox_sender ON mailbox(sender);
+CREATE INDEX IF NOT EXISTS mailbox_origin ON mailbox(origin);
 CREATE INDEX IF NOT EXISTS mailbox_expiry ON mailbox(expires_at);
 CREATE INDEX IF NOT EXISTS records_avail ON records(avail);
 """
@@ -75,6 +77,8 @@ class RegistryDB:
         if "size" not in mailbox:
             self._db.execute("ALTER TABLE mailbox ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
             self._db.execute("UPDATE mailbox SET size = length(data)")
+        if "origin" not in mailbox:
+            self._db.execute("ALTER TABLE mailbox ADD COLUMN origin TEXT NOT NULL DEFAULT ''")
         records = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
         if "avail" not in records:
             self._db.execute("ALTER TABLE records ADD COLUMN avail TEXT NOT NULL DEFAULT ''")
@@ -174,8 +178,11 @@ class RegistryDB:
         return int(row[0])
 
     # mailbox -------------------------------------------------------------
-    def mailbox_usage(self, recipient: NodeId, sender: NodeId, now: int) -> MailboxUsage:
-        """Counts are of unexpired messages; the total counts everything not yet purged."""
+    def mailbox_usage(
+        self, recipient: NodeId, sender: NodeId, now: int, origin: str = ""
+    ) -> MailboxUsage:
+        """Counts are of unexpired messages; the total counts everything not yet purged.
+        ``origin`` is the sender's address key (:func:`registry.limits.address_key`)."""
         to, by = str(recipient), str(sender)
         r = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0), "
@@ -188,8 +195,19 @@ class RegistryDB:
             "WHERE sender = ? AND expires_at > ?",
             (by, now),
         ).fetchone()
+        o = self._db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM mailbox WHERE origin = ? AND expires_at > ?",
+            (origin, now),
+        ).fetchone()
         return MailboxUsage(
-            int(r[0]), int(r[1]), int(r[2]), int(r[3]), int(s[0]), int(s[1]), self._total
+            int(r[0]),
+            int(r[1]),
+            int(r[2]),
+            int(r[3]),
+            int(s[0]),
+            int(s[1]),
+            self._total,
+            int(o[0]) if origin else 0,
         )
 
     def mailbox_put(
@@ -201,15 +219,16 @@ class RegistryDB:
         now: int,
         ttl: int,
         cap: int | None = None,
+        origin: str = "",
     ) -> bool:
         """Keep a message for later. The caller checks the quotas (:meth:`mailbox_usage`);
         ``cap`` alone is the old per-recipient count check (False when full)."""
         if cap is not None and self.mailbox_count(recipient, now) >= cap:
             return False
         self._db.execute(
-            "INSERT INTO mailbox (recipient, sender, expires_at, data, size) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (str(recipient), str(sender), now + ttl, data, len(data)),
+            "INSERT INTO mailbox (recipient, sender, expires_at, data, size, origin) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (str(recipient), str(sender), now + ttl, data, len(data), origin),
         )
         self._total += len(data)
         return True

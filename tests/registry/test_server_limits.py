@@ -15,7 +15,7 @@ from crypto.org import NodeCertificate, issue_certificate
 from registry import wsproto
 from registry.client import RegistryClient
 from registry.errors import RemoteRegistryError, StaleRecord
-from registry.limits import MailboxQuota, MailboxUsage
+from registry.limits import MailboxQuota, MailboxUsage, address_key
 from registry.records import NodeRecord
 from registry.server import Limits, RegistryServer, TurnConfig
 from tests.registry.conftest import NOW, Clock, make_record
@@ -173,7 +173,9 @@ async def test_connects_per_address_are_rate_limited(make_server: MakeServer, cl
 
 async def test_a_write_that_stalls_drops_the_reader(make_server: MakeServer, clock: Clock) -> None:
     # A queue too long to fill: only the write timeout can drop this reader.
-    limits = Limits(send_queue=100_000, send_timeout=0.5, send_burst=10_000)
+    limits = Limits(
+        send_queue=100_000, send_timeout=0.5, send_burst=10_000, address_send_burst=10_000
+    )
     server = await make_server(limits)
     slow_id = Identity(bytes([50]) * 32)
     async with RegistryClient(server.url) as c:
@@ -230,3 +232,65 @@ async def test_turn_can_be_kept_for_member_organisations(make_server: MakeServer
                 await client.turn_credentials()
     async with RegistryClient(server.url, ALICE) as client:
         assert (await client.turn_credentials()).username.endswith(str(ALICE.node_id))
+
+
+def test_address_keys_group_an_ipv6_host_by_its_64() -> None:
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::9")
+    assert address_key("2001:db8:1:2::1") != address_key("2001:db8:1:3::1")
+    assert address_key(None) == "?"
+
+
+def _from(url: str, identity: Identity, local: str) -> RegistryClient:
+    client = RegistryClient(url, identity)
+    client._session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(local_addr=(local, 0)),
+        timeout=aiohttp.ClientTimeout(total=10),
+    )
+    return client
+
+
+async def test_many_identities_from_one_address_share_its_mailbox_quota(
+    make_server: MakeServer, clock: Clock
+) -> None:
+    quota = MailboxQuota(sender_bytes=2000, origin_bytes=5000, share=1)
+    server = await make_server(Limits(mailbox=quota))
+    async with RegistryClient(server.url) as c:
+        await c.publish(make_record(BOB))
+    refusals = []
+    for i in range(5):  # a fresh key each time: keys are free
+        identity = Identity(bytes([60 + i]) * 32)
+        async with _from(server.url, identity, "127.0.0.2") as m, m.connect() as mallory:
+            for _ in range(2):
+                try:
+                    await mallory.send(BOB.node_id, b"x" * 1000)
+                except RemoteRegistryError as exc:
+                    refusals.append(exc.error)
+    assert refusals
+    assert all("your address" in r for r in refusals)
+    assert server.db.mailbox_total <= 5000
+    async with RegistryClient(server.url, ALICE) as a, a.connect() as alice:
+        assert await alice.send(BOB.node_id, b"y" * 1000) == "stored"  # another address
+
+
+async def test_identities_from_one_address_share_its_relay_rate(
+    make_server: MakeServer, clock: Clock
+) -> None:
+    server = await make_server(Limits(address_send_rate=1, address_send_burst=3))
+    async with RegistryClient(server.url) as c:
+        await c.publish(make_record(BOB))
+    one, two = Identity(bytes([70]) * 32), Identity(bytes([71]) * 32)
+    async with (
+        _from(server.url, one, "127.0.0.2") as a,
+        _from(server.url, two, "127.0.0.2") as b,
+        a.connect() as first,
+        b.connect() as second,
+    ):
+        assert await first.send(BOB.node_id, b"1") == "stored"
+        assert await second.send(BOB.node_id, b"2") == "stored"
+        assert await second.send(BOB.node_id, b"3") == "stored"
+        with pytest.raises(RemoteRegistryError, match="too fast"):
+            await first.send(BOB.node_id, b"4")
+    async with RegistryClient(server.url, ALICE) as c, c.connect() as alice:
+        assert await alice.send(BOB.node_id, b"canary") == "stored"
