@@ -379,10 +379,13 @@ class NodeRuntime:
                         self.notify(f"TURN relay available through registry {url}")
                     self._turn[url] = (server, self.clock() + creds.ttl)
                     wait = max(TURN_RETRY, creds.ttl / 2)
-                except RemoteRegistryError as exc:  # it answered: no relay there
+                except RemoteRegistryError as exc:  # it answered: no relay there, or not yet
                     log.info("registry %s: %s", url, exc)
-                    self._turn.pop(url, None)
-                    wait = TURN_ASK_AGAIN
+                    if "offers no TURN relay" in exc.error:
+                        self._turn.pop(url, None)
+                        wait = TURN_ASK_AGAIN
+                    else:  # not for us yet (record not taken, asked too often): keep what we have
+                        wait = TURN_RETRY * 4
                 except (RegistryError, TimeoutError) as exc:
                     log.info("registry %s: no TURN credentials yet: %s", url, exc)
                 self.transport.turn_servers = tuple(
