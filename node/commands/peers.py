@@ -22,7 +22,7 @@ from registry.client import MultiRegistry, RegistryClient, SearchQuery, publish_
 from registry.directory import Peer, PeerDirectory, RegistryFinder
 from registry.errors import RegistryError, TrustError
 from registry.records import Availability, NodeRecord
-from registry.server import RegistryServer, TurnConfig, run_forever
+from registry.server import Limits, RegistryServer, TurnConfig, run_forever
 from registry.trust import TrustStore
 
 if TYPE_CHECKING:
@@ -207,7 +207,10 @@ def cmd_registry_run(args: argparse.Namespace) -> int:
             turn = TurnConfig(args.turn_secret, urls, args.turn_ttl, orgs)
         except ValueError as exc:
             raise ConfigError(f"TURN settings: {exc} (--turn-org takes org.pub's hex)") from exc
-    server = RegistryServer(args.db, public_url=args.public_url or "", turn=turn)
+    if args.address_sockets < 1:
+        raise ConfigError("--address-sockets must be at least 1")
+    limits = Limits(address_sockets=args.address_sockets)
+    server = RegistryServer(args.db, public_url=args.public_url or "", turn=turn, limits=limits)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_forever(server, args.host, args.port))
     return 0
@@ -362,6 +365,12 @@ def register(sub: Any) -> None:
     p.add_argument("--turn-url", default="", help="e.g. turn:127.0.0.1:3478")
     p.add_argument("--stun-url", default="", help="e.g. stun:127.0.0.1:3478")
     p.add_argument("--turn-ttl", type=int, default=1800, help="credential lifetime, seconds")
+    p.add_argument(
+        "--address-sockets",
+        type=int,
+        default=Limits().address_sockets,
+        help="open connections allowed per client address (raise it for a large NAT'd site)",
+    )
     p.add_argument(
         "--turn-org",
         action="append",
