@@ -505,7 +505,16 @@ async def publish_catching_up(
             record.sequence,
             newer.sequence,
         )
-        await client.publish(newer)
+        try:
+            await client.publish(newer)
+        except StaleRecord:
+            log.warning(
+                "registry %s refused this node's record again as stale (sequence %d): check "
+                "that no other node runs with this identity, then restart this one",
+                client.url,
+                newer.sequence,
+            )
+            raise
         return newer
 
 

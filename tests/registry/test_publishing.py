@@ -172,3 +172,42 @@ async def workflow_set(rt: NodeRuntime, value: str) -> None:
     from node.commands.status import apply_availability
 
     await apply_availability(rt, value)
+
+
+async def test_a_registry_cannot_push_the_sequence_with_a_record_it_forged() -> None:
+    import base64
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from registry.client import publish_catching_up
+    from registry.errors import StaleRecord
+
+    me, other = Identity.generate(), Identity.generate()
+    now = int(time.time())
+    claimed = NodeRecord.create(other, now=now, sequence=2**62)  # not signed by our key
+
+    async def stale(request: web.Request) -> web.Response:
+        wire = base64.b64encode(claimed.to_wire()).decode()
+        return web.json_response({"error": "stale", "hint": "", "held_record": wire}, status=409)
+
+    async def missing(request: web.Request) -> web.Response:
+        return web.json_response({"error": "none", "hint": ""}, status=404)
+
+    app = web.Application()
+    app.router.add_post("/v1/records", stale)
+    app.router.add_get("/v1/records/{node_id}", missing)
+    asked: list[int] = []
+
+    def after(held: int) -> NodeRecord:
+        asked.append(held)
+        return NodeRecord.create(me, now=now, sequence=held + 1)
+
+    ours = NodeRecord.create(me, now=now, sequence=5)
+    async with (
+        TestServer(app) as test_server,
+        RegistryClient(str(test_server.make_url("")).rstrip("/")) as client,
+    ):
+        with pytest.raises(StaleRecord):
+            await publish_catching_up(client, ours, after)
+    assert asked == []  # nothing the registry could not prove moved our sequence
