@@ -149,10 +149,13 @@ class RegistryServer:
         self._purger = asyncio.create_task(self._purge_loop())
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        for outbox in list(self.connections.values()):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.limits.send_timeout):
-                    await outbox.ws.close(code=1001, message=b"registry shutting down")
+        closing = [
+            o.ws.close(code=1001, message=b"registry shutting down")
+            for o in list(self.connections.values())
+        ]
+        with contextlib.suppress(TimeoutError):  # one bound for all: some may not read
+            async with asyncio.timeout(self.limits.send_timeout):
+                await asyncio.gather(*closing, return_exceptions=True)
 
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._purger is not None:
