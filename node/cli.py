@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "node.commands.dicom",
     "node.commands.peers",
     "node.commands.transfer",
+    "node.commands.status",
 )
 
 

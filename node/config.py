@@ -23,6 +23,20 @@ from node.private import private_dir
 HOME_ENV = "RADMESH_HOME"
 CONFIG_NAME = "config.toml"
 KEY_NAME = "identity.key"
+# What the node's record tells others: at the desk now, reachable on call, or not taking
+# cases (the values of registry.records.Availability).
+AVAILABILITY = ("online", "on_call", "away")
+
+
+def parse_availability(text: str) -> str:
+    """``on-call``, ``On call`` and ``on_call`` all mean on_call."""
+    value = text.strip().lower().replace("-", "_").replace(" ", "_")
+    if value not in AVAILABILITY:
+        raise ConfigError(
+            f"availability {text[:20]!r} is not one of {', '.join(AVAILABILITY)} "
+            "(on-call works too)"
+        )
+    return value
 
 
 def default_home() -> Path:
@@ -81,6 +95,7 @@ class NodeConfig:
     jurisdictions: list[str] = field(default_factory=list)
     languages: list[str] = field(default_factory=lambda: ["en"])
     timezone: str = "UTC"
+    availability: str = "online"  # see AVAILABILITY; `radmesh status --set` changes it
     dicom: DicomConfig = field(default_factory=DicomConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
 
@@ -94,6 +109,10 @@ class NodeConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
         config: NodeConfig = _build(cls, raw, source)
+        try:
+            config.availability = parse_availability(config.availability)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         return config
 
 

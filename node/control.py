@@ -302,6 +302,14 @@ async def _ask(home: NodeHome, op: str, args: dict[str, Any], emit: Emit) -> tup
         writer.close()
 
 
+async def ask_running(
+    home: NodeHome, op: str, args: dict[str, Any], emit: Emit
+) -> tuple[bool, Any]:
+    """Run ``op`` only on the home's running node: (True, result), or (False, None) when
+    none runs (for settings that take effect at the next start anyway)."""
+    return await _ask(home, op, args, emit)
+
+
 @contextlib.asynccontextmanager
 async def _short_lived(home: NodeHome) -> AsyncIterator[NodeRuntime]:
     """This node on the network for one command; the workflow's handlers take in whatever
@@ -345,6 +353,7 @@ __all__ = [
     "ControlServer",
     "HomeBusy",
     "HomeLock",
+    "ask_running",
     "operation",
     "run",
     "socket_path",

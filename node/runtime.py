@@ -44,6 +44,7 @@ from node.control import ControlServer, HomeLock
 from node.dicom_net import DicomListener
 from node.errors import NodeError
 from node.private import private_dir, restrict_umask
+from node.sequence import RecordSequence
 from node.store import Store, open_store
 from node.transfers import TransferTracker
 from node.wirecache import KEY_PURPOSE as WIRECACHE_KEY
@@ -51,12 +52,17 @@ from node.wirecache import open_cache
 from peer_transport.connection import Transport, TransportOptions
 from peer_transport.rtc import IceServer, RtcOptions
 from peer_transport.signaling import SIGNAL_TYPE
-from registry.client import MultiRegistry, RegistryClient, RegistryConnection
+from registry.client import (
+    MultiRegistry,
+    RegistryClient,
+    RegistryConnection,
+    publish_catching_up,
+)
 from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
-from registry.errors import RegistryError, RemoteRegistryError
+from registry.errors import RegistryError, RemoteRegistryError, StaleRecord
 from registry.lan import LanEndpoint, post_signal
 from registry.mdns import LanDiscovery
-from registry.records import MAX_CERT, LanPointer, NodeRecord
+from registry.records import MAX_CERT, Availability, LanPointer, NodeRecord
 from registry.trust import TrustState, TrustStore
 
 log = logging.getLogger(__name__)
@@ -184,6 +190,7 @@ class NodeRuntime:
         self._turn: dict[str, tuple[IceServer, float]] = {}  # registry -> (server, expiry)
         self._tasks: set[asyncio.Task[None]] = set()
         self._sequence = 0
+        self._seq = RecordSequence(home)  # shared with every publisher on this home
         self.lan_url = ""
         self.record: NodeRecord | None = None
         self.discovery: LanDiscovery | None = None
@@ -242,7 +249,7 @@ class NodeRuntime:
         self.directory = PeerDirectory(self.home.peers_db, self.trust, finders)
         self.lan = LanEndpoint(self._own_record, self.router.feed)
         self.lan_url = await self.lan.start(network.listen_host, network.listen_port)
-        self._sequence = max(self.now(), self._sequence + 1)
+        self._sequence = self._seq.next(self.now())
         self.record = self._make_record()
         options = self._transport_options or TransportOptions(
             rtc=RtcOptions(
@@ -336,6 +343,7 @@ class NodeRuntime:
             jurisdictions=tuple(c.jurisdictions),
             languages=tuple(c.languages),
             timezone=c.timezone,
+            availability=Availability(c.availability),
             endpoints=endpoints,
             org_certificate=self._own_certificate(),
         )
@@ -372,16 +380,39 @@ class NodeRuntime:
 
     def _own_record(self) -> NodeRecord:
         record = self.record
-        if record is None or record.expires_at - self.now() < RECORD_TTL // 2:
-            self._sequence += 1
+        if (
+            record is None
+            or record.expires_at - self.now() < RECORD_TTL // 2
+            or self._seq.current() > record.sequence  # another publisher signed since
+        ):
+            self._sequence = self._seq.next(self.now())
             record = self.record = self._make_record()
         return record
+
+    async def republish(self) -> None:
+        """Sign a new record now (the config changed, e.g. availability) and publish it
+        to every registry and the LAN at once."""
+        self._sequence = self._seq.next(self.now())
+        self.record = self._make_record()
+        await asyncio.gather(*(self._registry_step(u) for u in self.config.network.registries))
+        if self.discovery is not None:
+            await self.discovery.advertise(
+                LanPointer.create(self.identity, self.lan_url, self._sequence)
+            )
+
+    def _record_after(self, held: int) -> NodeRecord:
+        """A fresh record with a sequence above ``held`` (a registry holds that one)."""
+        self._sequence = self._seq.advance_past(held, self.now())
+        self.record = self._make_record()
+        return self.record
 
     async def _registry_step(self, url: str) -> None:
         """Publish the record and make sure the signaling socket is open."""
         client = next(c for c in self.registries.clients if c.url == url)
         try:
-            await client.publish(self._own_record())
+            # A refusal is logged; the socket (relay, mailbox, TURN) opens all the same.
+            with contextlib.suppress(StaleRecord):
+                await publish_catching_up(client, self._own_record(), self._record_after)
             if url not in self.registry_connections:
                 conn = client.connect()
                 await conn.__aenter__()
@@ -412,10 +443,13 @@ class NodeRuntime:
                         self.notify(f"TURN relay available through registry {url}")
                     self._turn[url] = (server, self.clock() + creds.ttl)
                     wait = max(TURN_RETRY, creds.ttl / 2)
-                except RemoteRegistryError as exc:  # it answered: no relay there
+                except RemoteRegistryError as exc:  # it answered: no relay there, or not yet
                     log.info("registry %s: %s", url, exc)
-                    self._turn.pop(url, None)
-                    wait = TURN_ASK_AGAIN
+                    if "offers no TURN relay" in exc.error:
+                        self._turn.pop(url, None)
+                        wait = TURN_ASK_AGAIN
+                    else:  # not for us yet (record not taken, asked too often): keep what we have
+                        wait = TURN_RETRY * 4
                 except (RegistryError, TimeoutError) as exc:
                     log.info("registry %s: no TURN credentials yet: %s", url, exc)
                 self.transport.turn_servers = tuple(

@@ -329,16 +329,16 @@ def _candidate(rt: NodeRuntime, record: NodeRecord, now: int) -> Candidate | Non
         subspecialties,
         jurisdictions,
         record.languages,
-        online=record.availability in (Availability.ONLINE, Availability.ON_CALL),
+        online=record.availability is Availability.ONLINE,  # ranked before on-call ones
         available=record.availability is not Availability.AWAY,
     )
 
 
 async def find_consultants(rt: NodeRuntime, request: ConsultRequest) -> list[NodeRecord]:
-    """Trusted consultants online now with the wanted subspecialty and a licence for the
+    """Trusted consultants online or on call now with the wanted subspecialty and a licence for the
     request's jurisdiction, from every registry and the LAN, best first."""
     now = rt.now()
-    query = SearchQuery(request.subspecialty, request.jurisdiction, online=True)
+    query = SearchQuery(request.subspecialty, request.jurisdiction, online=True, on_call=True)
     records = {p.record.node_id: p.record for p in await rt.directory.search(query, now)}
     candidates = [c for r in records.values() if (c := _candidate(rt, r, now)) is not None]
     return [records[c.node_id] for c in rank_consultants(request, candidates)]

@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -48,10 +48,22 @@ def _now() -> int:
 
 @dataclass(frozen=True)
 class SearchQuery:
+    """``online`` asks for nodes online now, ``on_call`` for those on call; both for
+    either; neither for any availability."""
+
     subspecialty: str = ""
     jurisdiction: str = ""
     language: str = ""
     online: bool = False
+    on_call: bool = False
+
+    def availability(self) -> tuple[str, ...]:
+        """The availability values this query accepts; () for any."""
+        return tuple(
+            value
+            for value, wanted in (("online", self.online), ("on_call", self.on_call))
+            if wanted
+        )
 
     def params(self) -> dict[str, str]:
         params = {
@@ -62,6 +74,8 @@ class SearchQuery:
         result = {k: v for k, v in params.items() if v}
         if self.online:
             result["online"] = "1"
+        if self.on_call:
+            result["on_call"] = "1"
         return result
 
 
@@ -105,13 +119,17 @@ class RegistryClient:
             raise RegistryUnavailable(self.url, type(exc).__name__) from exc
 
     def _raise_for(self, status: int, body: bytes) -> None:
+        payload: Any = None
         try:
-            payload = json.loads(body[:MAX_ERROR_RESPONSE])
+            payload = json.loads(body)  # bounded by the read limit
             error, hint = str(payload.get("error", ""))[:300], str(payload.get("hint", ""))[:300]
         except (ValueError, AttributeError):
             error, hint = "unreadable error response", ""
         if status == 409:
-            raise StaleRecord(f"registry {self.url}: {error}")
+            exc = StaleRecord(f"registry {self.url}: {error}")
+            held = payload.get("held_record") if isinstance(payload, dict) else None
+            exc.held_wire = _b64(held) if isinstance(held, str) else b""
+            raise exc
         raise RemoteRegistryError(self.url, status, error, hint)
 
     async def health(self) -> dict[str, Any]:
@@ -122,15 +140,21 @@ class RegistryClient:
         return result
 
     async def publish(self, record: NodeRecord) -> None:
+        """Publish; a :class:`StaleRecord` refusal carries in ``held`` the sequence the
+        registry holds, when it proved it with a record signed by the same key."""
         status, body = await self._request(
             "POST",
             "/v1/records",
-            limit=MAX_ERROR_RESPONSE,
+            limit=MAX_ERROR_RESPONSE + MAX_RECORD_SIZE * 2,
             data=record.to_wire(),
             headers={"Content-Type": "application/octet-stream"},
         )
         if status != 200:
-            self._raise_for(status, body)
+            try:
+                self._raise_for(status, body)
+            except StaleRecord as exc:
+                exc.held = _held_sequence(exc.held_wire, record)
+                raise
 
     async def publish_wire(self, wire: bytes) -> None:
         await self.publish(NodeRecord.from_wire(wire))
@@ -364,6 +388,24 @@ class RegistryConnection:
             yield await self._inbox.get()
 
 
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text[: MAX_RECORD_SIZE * 2], validate=True)
+    except ValueError:
+        return b""
+
+
+def _held_sequence(wire: bytes, ours: NodeRecord) -> int | None:
+    """The sequence of ``wire`` if it is a record signed by the key of ``ours`` (expired or
+    not: it only proves which sequence we signed before), else None."""
+    if not wire:
+        return None
+    try:
+        return NodeRecord.from_wire(wire).expected_id(ours.node_id).sequence
+    except RecordError:
+        return None
+
+
 def _frame(message: aiohttp.WSMessage) -> wsproto.Frame:
     if message.type != aiohttp.WSMsgType.BINARY:
         raise RegistryError(f"registry socket closed or sent {message.type.name}")
@@ -423,6 +465,57 @@ class MultiRegistry:
                 if held is None or record.sequence > held.sequence:
                     best[record.node_id] = record
         return sorted(best.values(), key=lambda r: str(r.node_id))
+
+
+async def publish_catching_up(
+    client: RegistryClient, record: NodeRecord, after: Callable[[int], NodeRecord]
+) -> NodeRecord:
+    """Publish ``record``; if the registry holds a newer one of this node (signed by
+    another program on the same home, or before the clock went back), sign again with
+    ``after(held sequence)`` and publish that. Returns the record the registry took.
+
+    The held sequence is believed only when proved by a record signed with the node's
+    own key, so a registry cannot push the node's sequence anywhere it likes.
+    """
+    try:
+        await client.publish(record)
+        return record
+    except StaleRecord as exc:
+        if exc.held_wire == record.to_wire():
+            return record  # it holds this very record already (a republish, a retry)
+        held = exc.held
+        if held is None:
+            found = await client.lookup(record.node_id)
+            held = found.sequence if found is not None else None
+        if held is None:
+            log.warning(
+                "registry %s refused this node's record as stale (sequence %d) and shows no "
+                "newer one: check that no other node runs with this identity, then restart",
+                client.url,
+                record.sequence,
+            )
+            raise
+        newer = after(held)
+        log.warning(
+            "registry %s holds a record of this node with sequence %d, newer than ours (%d): "
+            "another program published for this home, or the clock went back. Republishing "
+            "with sequence %d",
+            client.url,
+            held,
+            record.sequence,
+            newer.sequence,
+        )
+        try:
+            await client.publish(newer)
+        except StaleRecord:
+            log.warning(
+                "registry %s refused this node's record again as stale (sequence %d): check "
+                "that no other node runs with this identity, then restart this one",
+                client.url,
+                newer.sequence,
+            )
+            raise
+        return newer
 
 
 @dataclass

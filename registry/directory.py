@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -67,7 +67,7 @@ def matches(record: NodeRecord, query: SearchQuery) -> bool:
         has(record.subspecialties, query.subspecialty)
         and has(record.jurisdictions, query.jurisdiction)
         and has(record.languages, query.language)
-        and (not query.online or record.availability.value in ("online", "on_call"))
+        and (not query.availability() or record.availability.value in query.availability())
     )
 
 
@@ -181,9 +181,12 @@ class PeerDirectory:
         return self._peer(NodeRecord.from_wire(bytes(row[0])), row[1], now)
 
     async def search(self, query: SearchQuery, now: int) -> list[Peer]:
+        # Sources are asked for every availability: a node that went away or on call
+        # must replace its remembered record, or it would still match as online here.
+        wide = replace(query, online=False, on_call=False)
         for finder in self.finders:
             try:
-                records = await finder.search(query, now)
+                records = await finder.search(wide, now)
             except RegistryError as exc:
                 log.debug("%s search failed: %s", finder.name, exc)
                 continue

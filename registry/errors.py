@@ -19,6 +19,11 @@ class RecordError(RegistryError):
 class StaleRecord(RecordError):
     """A record's sequence number is not newer than the one already held."""
 
+    def __init__(self, message: str, held: int | None = None) -> None:
+        super().__init__(message)
+        self.held = held  # the sequence already held, when known for sure
+        self.held_wire = b""  # the record a registry says it holds (unverified)
+
 
 class LimitExceeded(RegistryError):
     """An input is over a size, count or rate limit."""

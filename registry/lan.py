@@ -8,6 +8,7 @@ it with ``open_sealed``, so this endpoint needs no authentication of its own.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -16,11 +17,18 @@ from aiohttp import web
 
 from crypto.identity import NodeId
 from registry.errors import RegistryUnavailable, RemoteRegistryError
-from registry.limits import RateLimiter
+from registry.limits import RateLimiter, address_key
+from registry.netguard import AddressGuard, GuardedSite, handler_factory, headers_arrived
 from registry.records import MAX_RECORD_SIZE, NodeRecord, parse_verified
 from registry.wsproto import MAX_SEALED
 
 FETCH_TIMEOUT = 5.0
+# The endpoint listens on the LAN: the registry's socket defences, with tighter caps.
+ADDRESS_SOCKETS = 16  # open connections per address
+CONNECT_RATE, CONNECT_BURST = 10.0, 50  # new connections per address
+HEADER_TIMEOUT = 10.0  # first request's headers, from connect
+IDLE_TIMEOUT = 15.0  # keep-alive between requests
+BODY_TIMEOUT = 10.0  # a signal's body, once the headers are in
 
 
 class LanEndpoint:
@@ -37,16 +45,24 @@ class LanEndpoint:
         self._on_signal = on_signal
         self._limiter = RateLimiter(rate, burst, max_keys=10_000)
         self._clock = clock
+        self.guard = AddressGuard(ADDRESS_SOCKETS, CONNECT_RATE, CONNECT_BURST)
         self._runner: web.AppRunner | None = None
         self.url = ""
-        self.app = web.Application(client_max_size=MAX_SEALED)
+        self.app = web.Application(client_max_size=MAX_SEALED, middlewares=[headers_arrived])
         self.app.router.add_get("/v1/record", self._record)
         self.app.router.add_post("/v1/signal", self._signal)
 
     async def start(self, host: str, port: int = 0) -> str:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
+        factory = handler_factory(
+            self._runner,
+            self.guard,
+            self._clock,
+            header_timeout=HEADER_TIMEOUT,
+            idle_timeout=IDLE_TIMEOUT,
+        )
+        await GuardedSite(self._runner, host, port, factory).start()
         bound = int(self._runner.addresses[0][1])
         self.url = f"http://{host}:{bound}"
         return self.url
@@ -57,7 +73,7 @@ class LanEndpoint:
             self._runner = None
 
     def _allowed(self, request: web.Request) -> bool:
-        return self._limiter.allow(request.remote or "?", self._clock())
+        return self._limiter.allow(address_key(request.remote), self._clock())
 
     async def _record(self, request: web.Request) -> web.Response:
         if not self._allowed(request):
@@ -79,7 +95,12 @@ class LanEndpoint:
                 status=413,
             )
         try:
-            data = await request.read()
+            async with asyncio.timeout(BODY_TIMEOUT):
+                data = await request.read()
+        except TimeoutError:
+            return web.json_response(
+                {"error": "signal took too long to arrive", "hint": "check the link"}, status=408
+            )
         except web.HTTPRequestEntityTooLarge:
             return web.json_response(
                 {"error": "signal too large", "hint": f"at most {MAX_SEALED} bytes"}, status=413

@@ -275,7 +275,8 @@ def require_newer(new: NodeRecord, old: NodeRecord | None) -> None:
     if old is not None and not supersedes(new, old):
         raise StaleRecord(
             f"record sequence {new.sequence} is not newer than {old.sequence}: "
-            "publish with a higher sequence number"
+            "publish with a higher sequence number",
+            old.sequence,
         )
 
 

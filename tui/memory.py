@@ -166,6 +166,10 @@ class InMemoryNode:
         self.actions.append(("withdraw", consult_id))
         return f"consult {consult_id} withdrawn"
 
+    async def cycle_availability(self) -> str:
+        self.actions.append(("availability",))
+        return "now on call"
+
     async def request_consult(self, form: ConsultForm) -> str:
         if form.peer_node_id not in {p.node_id for p in self._peers if p.trust != "unverified"}:
             raise ActionError("pick a verified peer")

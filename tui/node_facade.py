@@ -29,11 +29,13 @@ from crypto.identity import NodeId
 from crypto.safety import safety_number
 from node import workflow
 from node.audit import AuditKind
+from node.commands.status import apply_availability, next_availability
 from node.display import peer_label
 from node.errors import NodeError
 from node.runtime import NodeRuntime
 from node.store import StoreError
 from peer_transport.errors import TransportError
+from registry.errors import RegistryError
 from registry.trust import TrustState
 from tui.facade import (
     PRIORITIES,
@@ -276,6 +278,7 @@ class RuntimeNode:
                 s.turn != "none" or bool(net.ice_servers),
             ),
             ("live sessions", str(len(r.live_hub().sessions)), True),
+            ("availability (o)", r.config.availability, r.config.availability != "away"),
         ]
         return NodeStatus(s.node_id, r.config.display_name, r.config.institution, tuple(lines))
 
@@ -608,6 +611,13 @@ class RuntimeNode:
 
         rt.spawn(pull())
         return f"fetching the study of consult {consult_id[:8]} (see Transfers)"
+
+    async def cycle_availability(self) -> str:
+        value = next_availability(self.runtime.config.availability)
+        try:
+            return await apply_availability(self.runtime, value)
+        except (NodeError, RegistryError) as exc:
+            raise ActionError(f"could not change availability: {exc}") from exc
 
     async def withdraw(self, consult_id: str) -> str:
         """Requester side: withdraw the request and tell every consultant it went to."""

@@ -7,26 +7,32 @@ import asyncio
 import contextlib
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from crypto.errors import InvalidNodeId
 from crypto.identity import NodeId
 from crypto.safety import safety_number
+from node import control
 from node.commands.identity import home_of
 from node.config import NodeConfig, NodeHome
 from node.display import MAX_LINE_CHARS, MAX_NAME_CHARS, printable
 from node.errors import ConfigError
 from node.keystore import load_identity
-from registry.client import MultiRegistry, RegistryClient, SearchQuery
+from node.sequence import RecordSequence
+from registry.client import MultiRegistry, RegistryClient, SearchQuery, publish_catching_up
 from registry.directory import Peer, PeerDirectory, RegistryFinder
 from registry.errors import RegistryError, TrustError
 from registry.records import Availability, NodeRecord
-from registry.server import RegistryServer, TurnConfig, run_forever
+from registry.server import Limits, RegistryServer, TurnConfig, run_forever
 from registry.trust import TrustStore
 
 SHORT_ID_LEN = 7  # NodeId.short(): what `radmesh peers` prints
 FULL_ID_LEN = 56
 _MISREAD = str.maketrans("018", "OIB")  # as NodeId.parse reads them
+
+if TYPE_CHECKING:
+    from node.runtime import NodeRuntime
 
 
 def open_trust(home: NodeHome) -> TrustStore:
@@ -127,7 +133,9 @@ async def _search(home: NodeHome, config: NodeConfig, query: SearchQuery) -> lis
 def cmd_peers_search(args: argparse.Namespace) -> int:
     home = home_of(args)
     config = home.load_config()
-    query = SearchQuery(args.subspecialty, args.jurisdiction, args.language, args.online)
+    query = SearchQuery(
+        args.subspecialty, args.jurisdiction, args.language, args.online, args.on_call
+    )
     if not config.network.registries:
         print("No registries configured (`radmesh registry add URL`); searching known peers.")
     peers = asyncio.run(_search(home, config, query))
@@ -244,8 +252,15 @@ def cmd_registry_run(args: argparse.Namespace) -> int:
         urls = tuple(u for u in (args.turn_url, args.stun_url) if u)
         if not urls:
             raise ConfigError("--turn-secret needs --turn-url (and optionally --stun-url)")
-        turn = TurnConfig(args.turn_secret, urls, args.turn_ttl)
-    server = RegistryServer(args.db, public_url=args.public_url or "", turn=turn)
+        try:
+            orgs = frozenset(bytes.fromhex(key) for key in args.turn_org)
+            turn = TurnConfig(args.turn_secret, urls, args.turn_ttl, orgs)
+        except ValueError as exc:
+            raise ConfigError(f"TURN settings: {exc} (--turn-org takes org.pub's hex)") from exc
+    if args.address_sockets < 1:
+        raise ConfigError("--address-sockets must be at least 1")
+    limits = Limits(address_sockets=args.address_sockets)
+    server = RegistryServer(args.db, public_url=args.public_url or "", turn=turn, limits=limits)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_forever(server, args.host, args.port))
     return 0
@@ -267,15 +282,21 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
 
 
 def build_own_record(
-    home: NodeHome, config: NodeConfig, endpoints: tuple[str, ...], availability: str
+    home: NodeHome,
+    config: NodeConfig,
+    endpoints: tuple[str, ...],
+    availability: str,
+    held: int = 0,
 ) -> NodeRecord:
+    """This home's record, signed with the home's next sequence (above ``held``): the
+    running node takes its sequences from the same place, so neither locks out the other."""
     identity = load_identity(home.key_path)
     cert_path = home.root / "node.cert"
     now = _now()
     return NodeRecord.create(
         identity,
         now=now,
-        sequence=time.time_ns() // 1000,  # monotonic enough across restarts
+        sequence=RecordSequence(home).advance_past(held, now),
         display_name=config.display_name,
         institution=config.institution,
         country=config.country,
@@ -289,10 +310,19 @@ def build_own_record(
     )
 
 
-async def _publish(config: NodeConfig, record: NodeRecord) -> dict[str, RegistryError | None]:
+async def _publish(
+    config: NodeConfig, record: NodeRecord, after: Callable[[int], NodeRecord]
+) -> dict[str, RegistryError | None]:
+    results: dict[str, RegistryError | None] = {}
     registries = _registries(config)
     try:
-        return await registries.publish(record)
+        for client in registries.clients:
+            try:
+                record = await publish_catching_up(client, record, after)
+                results[client.url] = None
+            except RegistryError as exc:
+                results[client.url] = exc
+        return results
     finally:
         await registries.close()
 
@@ -302,13 +332,35 @@ def cmd_registry_publish(args: argparse.Namespace) -> int:
     config = home.load_config()
     if not config.network.registries:
         raise ConfigError("no registries configured: `radmesh registry add URL` first")
-    record = build_own_record(home, config, tuple(args.endpoint), args.availability)
-    results = asyncio.run(_publish(config, record))
+    availability = args.availability or config.availability
+    endpoints = tuple(args.endpoint)
+    if not endpoints:  # the running node signs its own record, with its LAN endpoint
+        found, result = asyncio.run(
+            control.ask_running(home, "registry.publish", {"availability": availability}, print)
+        )
+        if found:
+            print(f"The running node published: {result}")
+            return 0
+    record = build_own_record(home, config, endpoints, availability)
+    results = asyncio.run(
+        _publish(
+            config,
+            record,
+            lambda held: build_own_record(home, config, endpoints, availability, held),
+        )
+    )
     failed = 0
     for url, error in results.items():
         print(f"{url}: {'published' if error is None else printable(error, MAX_LINE_CHARS)}")
         failed += error is not None
     return 0 if failed < len(results) else 1
+
+
+@control.operation("registry.publish")
+async def _op_publish(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> str:
+    from node.commands.status import apply_availability
+
+    return await apply_availability(rt, str(args.get("availability") or rt.config.availability))
 
 
 def register(sub: Any) -> None:
@@ -321,7 +373,10 @@ def register(sub: Any) -> None:
     p.add_argument("--subspecialty", default="")
     p.add_argument("--jurisdiction", default="")
     p.add_argument("--language", default="")
-    p.add_argument("--online", action="store_true", help="only peers online or on call now")
+    p.add_argument("--online", action="store_true", help="only peers online now")
+    p.add_argument(
+        "--on-call", action="store_true", help="only peers on call (with --online: either)"
+    )
     p.set_defaults(handler=cmd_peers_search)
     p = psub.add_parser("show", help="a peer's verified record and trust state")
     p.add_argument("id", help="node id")
@@ -359,12 +414,30 @@ def register(sub: Any) -> None:
     p.add_argument("--turn-secret", default="", help="coturn static-auth-secret")
     p.add_argument("--turn-url", default="", help="e.g. turn:127.0.0.1:3478")
     p.add_argument("--stun-url", default="", help="e.g. stun:127.0.0.1:3478")
-    p.add_argument("--turn-ttl", type=int, default=3600, help="credential lifetime, seconds")
+    p.add_argument("--turn-ttl", type=int, default=1800, help="credential lifetime, seconds")
+    p.add_argument(
+        "--address-sockets",
+        type=int,
+        default=Limits().address_sockets,
+        help="open connections allowed per client address (raise it for a large NAT'd site)",
+    )
+    p.add_argument(
+        "--turn-org",
+        action="append",
+        default=[],
+        metavar="ORG_KEY",
+        help="relay only for nodes certified by this organisation key (hex; repeatable)",
+    )
     p.set_defaults(handler=cmd_registry_run)
     p = rsub.add_parser("add", help="add a registry URL to this node's config")
     p.add_argument("url")
     p.set_defaults(handler=cmd_registry_add)
     p = rsub.add_parser("publish", help="sign and publish this node's record to its registries")
     p.add_argument("--endpoint", action="append", default=[], help="e.g. lan:http://HOST:PORT")
-    p.add_argument("--availability", default="online", choices=[a.value for a in Availability])
+    p.add_argument(
+        "--availability",
+        default="",
+        choices=[a.value for a in Availability],
+        help="default: the home's setting (`radmesh status`)",
+    )
     p.set_defaults(handler=cmd_registry_publish)

@@ -93,6 +93,9 @@ async def test_request_waits_in_the_registry_mailbox_for_an_offline_specialist(
 ) -> None:
     rural_home, rural = make_home(tmp_path, "rural", registry, [])
     neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
+    # The registry keeps mail only for nodes it knows: the specialist was online before.
+    b = await started(neuro_home, neuro)
+    await b.stop()
     a = await started(rural_home, rural)
     try:
         await wait_for(lambda: a.registry_state.get(registry) == "connected")

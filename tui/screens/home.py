@@ -63,6 +63,7 @@ class HomeScreen(Screen[None]):
         Binding("w", "withdraw", "withdraw"),
         Binding("z", "pause", "pause/go on"),
         Binding("c", "cancel_transfer", "cancel transfer"),
+        Binding("o", "availability", "online/on call/away"),
     ]
 
     def __init__(self, node: NodeFacade) -> None:
@@ -244,6 +245,9 @@ class HomeScreen(Screen[None]):
             self.notify("select a request in your outbox (→) to withdraw it", severity="warning")
             return
         self._run(lambda: self.node.withdraw(item.consult_id))
+
+    def action_availability(self) -> None:
+        self._run(self.node.cycle_availability)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open()
