@@ -240,7 +240,7 @@ class PostgresStore:
             params.append(list(availability))
             sql += f" AND avail = ANY(${len(params)}::text[])"
         params.append(limit)
-        sql += f' ORDER BY node_id COLLATE "C" LIMIT ${len(params)}'
+        sql += f" ORDER BY node_id LIMIT ${len(params)}"
         rows = await self._pool.fetch(sql, *params)
         return [bytes(r["wire"]) for r in rows]
 
@@ -369,12 +369,16 @@ class PostgresStore:
         # One statement: refill by the time elapsed, take ``cost`` if there is enough.
         # No row comes back when the bucket is short (nothing is written then).
         row = await self._pool.fetchrow(
+            "WITH p AS (SELECT $3::float8 AS now, $4::float8 AS burst, $5::float8 AS rate, "
+            "$6::float8 AS cost) "
             "INSERT INTO rate_buckets AS b (kind, key, tokens, updated) "
-            "VALUES ($1, $2, $4 - $6, $3) "
+            "SELECT $1, $2, p.burst - p.cost, p.now FROM p "
             "ON CONFLICT (kind, key) DO UPDATE SET "
-            "tokens = LEAST($4, b.tokens + GREATEST(0, $3 - b.updated) * $5) - $6, "
-            "updated = GREATEST(b.updated, $3) "
-            "WHERE LEAST($4, b.tokens + GREATEST(0, $3 - b.updated) * $5) >= $6 "
+            "tokens = LEAST($4::float8, b.tokens + GREATEST(0, $3::float8 - b.updated) "
+            "* $5::float8) - $6::float8, "
+            "updated = GREATEST(b.updated, $3::float8) "
+            "WHERE LEAST($4::float8, b.tokens + GREATEST(0, $3::float8 - b.updated) * $5::float8) "
+            ">= $6::float8 "
             "RETURNING tokens",
             kind,
             key[:128],

@@ -428,8 +428,7 @@ class RegistryServer:
     ) -> Outbox:
         def sent(relayed: Relayed) -> None:
             if relayed.stored_id:
-                self._inflight.get(node_id, set()).discard(relayed.stored_id)
-                self._spawn(self.store.mailbox_delete([relayed.stored_id]))
+                self._spawn(self._delete_sent(node_id, relayed.stored_id))
 
         def dropped(unsent: list[Relayed]) -> None:
             # Live messages its reader never took wait in the mailbox like any other
@@ -454,6 +453,16 @@ class RegistryServer:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    async def _delete_sent(self, node_id: NodeId, message_id: int) -> None:
+        """A message written to its socket leaves the mailbox; until its row is gone it
+        stays marked in flight, so a drain running meanwhile does not send it again."""
+        try:
+            await self.store.mailbox_delete([message_id])
+        except Exception as exc:  # it stays, and may be delivered twice: harmless
+            log.warning("could not delete a delivered message: %s", exc)
+        finally:
+            self._inflight.get(node_id, set()).discard(message_id)
 
     async def _keep_all(self, node_id: NodeId, unsent: list[Relayed]) -> None:
         try:

@@ -409,7 +409,11 @@ def register(sub: Any) -> None:
     p = rsub.add_parser("run", help="run a registry server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7450)
-    p.add_argument("--db", default="registry.db", help="SQLite database path")
+    p.add_argument(
+        "--db",
+        default="registry.db",
+        help="SQLite database path, or postgresql://USER@HOST/DB shared by several instances",
+    )
     p.add_argument("--public-url", default="", help="URL nodes use to reach it (auth binding)")
     p.add_argument("--turn-secret", default="", help="coturn static-auth-secret")
     p.add_argument("--turn-url", default="", help="e.g. turn:127.0.0.1:3478")

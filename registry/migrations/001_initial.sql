@@ -2,7 +2,7 @@
 -- Applied once, in file order, by registry.pgstore; schema_version records it.
 
 CREATE TABLE records (
-    node_id TEXT PRIMARY KEY,
+    node_id TEXT COLLATE "C" PRIMARY KEY,  -- byte order: search pages by node id
     seq BIGINT NOT NULL,
     expires_at BIGINT NOT NULL,
     online BOOLEAN NOT NULL,
