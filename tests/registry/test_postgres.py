@@ -381,3 +381,52 @@ async def test_an_instance_killed_mid_relay_loses_nothing_acknowledged(pg_url: s
                 await collector
             await closed(alice)
             await closed(bob)
+
+
+async def test_a_consult_between_nodes_on_different_registry_processes(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `radmesh registry run` processes on one PostgreSQL: a hospital connected to one
+    and a neuroradiologist connected to the other exchange a consult request and its
+    acceptance, both relayed by the registry (their sites have no LAN route to each other)."""
+    from consult.requests import ConsultResponse, Event, State
+    from node import runtime as node_runtime
+    from registry.errors import RegistryError
+    from tests.node.test_runtime import make_home, request_from, started
+
+    async def no_lan_route(url: str, sealed: bytes) -> None:
+        raise RegistryError(f"no route to {url} from this site")
+
+    monkeypatch.setattr(node_runtime, "post_signal", no_lan_route)
+    async with registry_process(pg_url) as (url_a, _), registry_process(pg_url) as (url_b, _):
+        hospital_home, hospital_id = make_home(tmp_path, "hospital", url_a, [])
+        neuro_home, neuro_id = make_home(tmp_path, "neuro", url_b, ["neuro"])
+        hospital, neuro = (
+            await started(hospital_home, hospital_id),
+            await started(neuro_home, neuro_id),
+        )
+        try:
+            await wait_for(lambda: hospital.registry_state.get(url_a) == "connected")
+            await wait_for(lambda: neuro.registry_state.get(url_b) == "connected")
+            hospital.trust.mark_verified(neuro_id.node_id, hospital.now())
+            neuro.trust.mark_verified(hospital_id.node_id, neuro.now())
+            request = request_from(hospital_id, hospital.now())
+            hospital.consults.add(
+                request, role="requester", now=hospital.now(), peer=str(neuro_id.node_id)
+            )
+            how = await hospital.send_message(
+                neuro_id.public_key, "consult.request", request.to_wire(hospital_id)
+            )
+            assert how == f"delivered (registry {url_a})"
+            await wait_for(lambda: bool(neuro.consults.cases()))
+            assert neuro.consults.get(request.id).state is State.REQUESTED
+
+            accept = ConsultResponse(request.id, neuro_id.node_id, Event.ACCEPT, neuro.now(), "")
+            how = await neuro.send_message(
+                hospital_id.public_key, "consult.response", accept.to_wire(neuro_id)
+            )
+            assert how == f"delivered (registry {url_b})"
+            await wait_for(lambda: hospital.consults.get(request.id).state is State.ACCEPTED)
+        finally:
+            await hospital.stop()
+            await neuro.stop()
