@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 import uuid
 from importlib import resources
 from typing import Any
@@ -42,6 +43,7 @@ KICK_CHANNEL = "radmesh_kick"
 MIGRATION_LOCK = 0x7261646D  # "radm": one instance migrates at a time
 HEARTBEAT = 5.0  # seconds between an instance's heartbeats
 INSTANCE_TIMEOUT = 20  # seconds without one and its sockets count as gone
+TOTAL_REFRESH = 5.0  # seconds between sums of the whole mailbox (the global byte cap)
 NOT_KNOWN = (
     "this registry keeps mail only for nodes with a current record here, and the recipient has none"
 )
@@ -62,7 +64,7 @@ class PostgresStore:
 
     shared = True
 
-    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 10) -> None:
+    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 20) -> None:
         if asyncpg is None:
             raise RegistryError("PostgreSQL support needs asyncpg: pip install 'radmesh[postgres]'")
         self.url = url
@@ -73,6 +75,10 @@ class PostgresStore:
         self._mail: list[MailListener] = []
         self._kick: list[KickListener] = []
         self._heartbeat: asyncio.Task[None] | None = None
+        self._total_bytes = 0
+        self._to_delete: list[int] = []
+        self._deleting: asyncio.Task[None] | None = None
+        self._total_at = -TOTAL_REFRESH
 
     # lifecycle -------------------------------------------------------------
     async def open(self) -> None:
@@ -257,63 +263,64 @@ class PostgresStore:
             # turn across instances (sender/address/total quotas may overshoot by the
             # messages in flight at once, one per instance at most).
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", to)
-            if offer.known_since is not None:
-                known = await conn.fetchval(
-                    "SELECT 1 FROM records WHERE node_id = $1 AND expires_at > $2",
-                    to,
-                    offer.known_since,
-                )
-                if known is None:
-                    return 0, NOT_KNOWN
-            r = await conn.fetchrow(
-                "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b, "
-                "COUNT(*) FILTER (WHERE sender = $1) AS pn, "
-                "COALESCE(SUM(size) FILTER (WHERE sender = $1), 0) AS pb "
-                "FROM mailbox WHERE recipient = $2 AND expires_at > $3",
+            # One round trip for what the quotas count (after the lock: a fresh snapshot).
+            u = await conn.fetchrow(
+                "SELECT (SELECT 1 FROM records WHERE node_id = $2 AND expires_at > $4) AS known, "
+                "r.n, r.b, r.pn, r.pb, s.n AS sn, s.b AS sb, "
+                "(SELECT COALESCE(SUM(size), 0) FROM mailbox "
+                " WHERE $3 <> '' AND origin = $3 AND expires_at > $5) AS ob "
+                "FROM (SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b, "
+                "  COUNT(*) FILTER (WHERE sender = $1) AS pn, "
+                "  COALESCE(SUM(size) FILTER (WHERE sender = $1), 0) AS pb "
+                "  FROM mailbox WHERE recipient = $2 AND expires_at > $5) AS r, "
+                " (SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM mailbox "
+                "  WHERE sender = $1 AND expires_at > $5) AS s",
                 by,
                 to,
+                offer.origin,
+                offer.known_since if offer.known_since is not None else -(2**62),
                 now,
             )
-            s = await conn.fetchrow(
-                "SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM mailbox "
-                "WHERE sender = $1 AND expires_at > $2",
-                by,
-                now,
-            )
-            o = 0
-            if offer.origin:
-                o = await conn.fetchval(
-                    "SELECT COALESCE(SUM(size), 0) FROM mailbox "
-                    "WHERE origin = $1 AND expires_at > $2",
-                    offer.origin,
-                    now,
-                )
-            total = await conn.fetchval("SELECT COALESCE(SUM(size), 0) FROM mailbox")
+            if offer.known_since is not None and u["known"] is None:
+                return 0, NOT_KNOWN
+            total = await self._total(conn)
             usage = MailboxUsage(
-                int(r["n"]),
-                int(r["b"]),
-                int(r["pn"]),
-                int(r["pb"]),
-                int(s["n"]),
-                int(s["b"]),
+                int(u["n"]),
+                int(u["b"]),
+                int(u["pn"]),
+                int(u["pb"]),
+                int(u["sn"]),
+                int(u["sb"]),
                 int(total),
-                int(o),
+                int(u["ob"]),
             )
             refused = offer.quota.refusal(usage, len(offer.data))
             if refused is not None:
                 return 0, refused
             ident = await conn.fetchval(
-                "INSERT INTO mailbox (recipient, sender, expires_at, data, size, origin) "
-                "VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                "WITH m AS (INSERT INTO mailbox (recipient, sender, expires_at, data, size, "
+                "origin) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id) "
+                "SELECT id FROM m, LATERAL pg_notify($7, $1 || ' ' || m.id)",
                 to,
                 by,
                 now + offer.ttl,
                 offer.data,
                 len(offer.data),
                 offer.origin,
+                MAIL_CHANNEL,
             )
-            await conn.execute("SELECT pg_notify($1, $2)", MAIL_CHANNEL, f"{to} {ident}")
+        self._total_bytes += len(offer.data)
         return int(ident), None
+
+    async def _total(self, conn: Any) -> int:
+        """The whole mailbox's bytes, summed at most every TOTAL_REFRESH seconds (a scan
+        of the table): the global cap may overshoot by what all instances store meanwhile."""
+        if time.monotonic() - self._total_at > TOTAL_REFRESH:
+            self._total_bytes = int(
+                await conn.fetchval("SELECT COALESCE(SUM(size), 0) FROM mailbox")
+            )
+            self._total_at = time.monotonic()
+        return self._total_bytes
 
     async def mailbox_peek(
         self, recipient: NodeId, now: int, limit: int = 1000, after: int = 0
@@ -339,8 +346,19 @@ class PostgresStore:
         return [(r["recipient"], int(r["id"])) for r in rows]
 
     async def mailbox_delete(self, ids: list[int]) -> None:
-        if ids:
-            await self._pool.execute("DELETE FROM mailbox WHERE id = ANY($1::bigint[])", ids)
+        """Deletes that arrive together go in one statement (one per delivered message
+        otherwise); returns once ``ids`` are gone."""
+        if not ids:
+            return
+        self._to_delete.extend(ids)
+        if self._deleting is None or self._deleting.done():
+            self._deleting = asyncio.get_running_loop().create_task(self._flush_deletes())
+        await asyncio.shield(self._deleting)
+
+    async def _flush_deletes(self) -> None:
+        while self._to_delete:
+            batch, self._to_delete = self._to_delete, []
+            await self._pool.execute("DELETE FROM mailbox WHERE id = ANY($1::bigint[])", batch)
 
     async def mailbox_total(self) -> int:
         return int(await self._pool.fetchval("SELECT COALESCE(SUM(size), 0) FROM mailbox"))
