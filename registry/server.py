@@ -113,6 +113,8 @@ class RegistryServer:
     clock: Callable[[], float] = time.time
     purge_interval: float = 60.0
     poll_interval: float = 2.0  # shared storage: mail no notification announced
+    # Reverse proxies in front (TLS at the proxy): their X-Forwarded-For names the client.
+    trusted_proxies: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.store: RegistryStore = open_store(self.db_path)
@@ -129,8 +131,12 @@ class RegistryServer:
         )
         self._new_record = RateLimiter(self.limits.new_record_rate, self.limits.new_record_burst)
         self._turn_limit = RateLimiter(self.limits.turn_rate, self.limits.turn_burst)
+        self.trusted_proxies = frozenset(address_key(a) for a in self.trusted_proxies)
         self.guard = AddressGuard(
-            self.limits.address_sockets, self.limits.connect_rate, self.limits.connect_burst
+            self.limits.address_sockets,
+            self.limits.connect_rate,
+            self.limits.connect_burst,
+            exempt=self.trusted_proxies,
         )
         self.connections: dict[NodeId, Outbox] = {}
         self._runner: web.AppRunner | None = None
@@ -152,6 +158,16 @@ class RegistryServer:
         app.on_cleanup.append(self._on_cleanup)
         app.on_shutdown.append(self._on_shutdown)
         return app
+
+    def client_address(self, request: web.Request) -> str:
+        """Whom per-address limits count: the peer, or behind a trusted proxy the address
+        it appended last to X-Forwarded-For (earlier entries are the client's own claim)."""
+        peer = address_key(request.remote)
+        if peer in self.trusted_proxies:
+            forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
+            if forwarded:
+                return address_key(forwarded)
+        return peer
 
     @property
     def db(self) -> RegistryDB:
@@ -232,7 +248,7 @@ class RegistryServer:
     async def _errors_and_limits(
         self, request: web.Request, handler: Callable[[web.Request], object]
     ) -> web.StreamResponse:
-        address = address_key(request.remote)
+        address = self.client_address(request)
         if not self._address.allow(address, self.clock()):
             return _error(
                 429,
@@ -278,7 +294,7 @@ class RegistryServer:
             return _error(400, str(exc), "sign the record with the node key and a future expiry")
         if not await self._allow(self._publish, "publish", str(record.node_id)):
             return _error(429, "this node publishes too often", "publish at most once a second")
-        refused = await self._refuse_new_node(record.node_id, address_key(request.remote))
+        refused = await self._refuse_new_node(record.node_id, self.client_address(request))
         if refused is not None:
             return refused
         try:
@@ -384,7 +400,7 @@ class RegistryServer:
         outbox: Outbox | None = None
         try:
             node_id = await self._authenticate(ws)
-            outbox = self._outbox(ws, request.transport, node_id, address_key(request.remote))
+            outbox = self._outbox(ws, request.transport, node_id, self.client_address(request))
             old = self.connections.get(node_id)
             self.connections[node_id] = outbox
             self._inflight[node_id] = set()

@@ -260,7 +260,13 @@ def cmd_registry_run(args: argparse.Namespace) -> int:
     if args.address_sockets < 1:
         raise ConfigError("--address-sockets must be at least 1")
     limits = Limits(address_sockets=args.address_sockets)
-    server = RegistryServer(args.db, public_url=args.public_url or "", turn=turn, limits=limits)
+    server = RegistryServer(
+        args.db,
+        public_url=args.public_url or "",
+        turn=turn,
+        limits=limits,
+        trusted_proxies=frozenset(args.trusted_proxy),
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_forever(server, args.host, args.port))
     return 0
@@ -431,6 +437,13 @@ def register(sub: Any) -> None:
         default=[],
         metavar="ORG_KEY",
         help="relay only for nodes certified by this organisation key (hex; repeatable)",
+    )
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="a reverse proxy in front (repeatable): limits count its X-Forwarded-For client",
     )
     p.set_defaults(handler=cmd_registry_run)
     p = rsub.add_parser("add", help="add a registry URL to this node's config")
