@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -257,59 +258,71 @@ class PostgresStore:
 
     # mailbox ---------------------------------------------------------------
     async def mailbox_offer(self, offer: MailOffer) -> tuple[int, str | None]:
+        to = str(offer.recipient)
+        async with self._pool.acquire() as conn:
+            # Writers to one recipient queue on its lock, so its quota is checked and
+            # filled in turn across instances (sender/address/total quotas may overshoot
+            # by the messages in flight at once). BEGIN and the lock in one round trip.
+            await conn.execute(f"BEGIN; SELECT pg_advisory_xact_lock({_lock_key(to)})")
+            try:
+                result = await self._offer_locked(conn, offer)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT" if result[1] is None else "ROLLBACK")
+        if result[1] is None:
+            self._total_bytes += len(offer.data)
+        return result
+
+    async def _offer_locked(self, conn: Any, offer: MailOffer) -> tuple[int, str | None]:
         to, by, now = str(offer.recipient), str(offer.sender), offer.now
-        async with self._pool.acquire() as conn, conn.transaction():
-            # Writers to one recipient queue here, so its quota is checked and filled in
-            # turn across instances (sender/address/total quotas may overshoot by the
-            # messages in flight at once, one per instance at most).
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", to)
-            # One round trip for what the quotas count (after the lock: a fresh snapshot).
-            u = await conn.fetchrow(
-                "SELECT (SELECT 1 FROM records WHERE node_id = $2 AND expires_at > $4) AS known, "
-                "r.n, r.b, r.pn, r.pb, s.n AS sn, s.b AS sb, "
-                "(SELECT COALESCE(SUM(size), 0) FROM mailbox "
-                " WHERE $3 <> '' AND origin = $3 AND expires_at > $5) AS ob "
-                "FROM (SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b, "
-                "  COUNT(*) FILTER (WHERE sender = $1) AS pn, "
-                "  COALESCE(SUM(size) FILTER (WHERE sender = $1), 0) AS pb "
-                "  FROM mailbox WHERE recipient = $2 AND expires_at > $5) AS r, "
-                " (SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM mailbox "
-                "  WHERE sender = $1 AND expires_at > $5) AS s",
-                by,
-                to,
-                offer.origin,
-                offer.known_since if offer.known_since is not None else -(2**62),
-                now,
-            )
-            if offer.known_since is not None and u["known"] is None:
-                return 0, NOT_KNOWN
-            total = await self._total(conn)
-            usage = MailboxUsage(
-                int(u["n"]),
-                int(u["b"]),
-                int(u["pn"]),
-                int(u["pb"]),
-                int(u["sn"]),
-                int(u["sb"]),
-                int(total),
-                int(u["ob"]),
-            )
-            refused = offer.quota.refusal(usage, len(offer.data))
-            if refused is not None:
-                return 0, refused
-            ident = await conn.fetchval(
-                "WITH m AS (INSERT INTO mailbox (recipient, sender, expires_at, data, size, "
-                "origin) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id) "
-                "SELECT id FROM m, LATERAL pg_notify($7, $1 || ' ' || m.id)",
-                to,
-                by,
-                now + offer.ttl,
-                offer.data,
-                len(offer.data),
-                offer.origin,
-                MAIL_CHANNEL,
-            )
-        self._total_bytes += len(offer.data)
+        # One round trip for what the quotas count (after the lock: a fresh snapshot).
+        u = await conn.fetchrow(
+            "SELECT (SELECT 1 FROM records WHERE node_id = $2 AND expires_at > $4) AS known, "
+            "r.n, r.b, r.pn, r.pb, s.n AS sn, s.b AS sb, "
+            "(SELECT COALESCE(SUM(size), 0) FROM mailbox "
+            " WHERE $3 <> '' AND origin = $3 AND expires_at > $5) AS ob "
+            "FROM (SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b, "
+            "  COUNT(*) FILTER (WHERE sender = $1) AS pn, "
+            "  COALESCE(SUM(size) FILTER (WHERE sender = $1), 0) AS pb "
+            "  FROM mailbox WHERE recipient = $2 AND expires_at > $5) AS r, "
+            " (SELECT COUNT(*) AS n, COALESCE(SUM(size), 0) AS b FROM mailbox "
+            "  WHERE sender = $1 AND expires_at > $5) AS s",
+            by,
+            to,
+            offer.origin,
+            offer.known_since if offer.known_since is not None else -(2**62),
+            now,
+        )
+        if offer.known_since is not None and u["known"] is None:
+            return 0, NOT_KNOWN
+        total = await self._total(conn)
+        usage = MailboxUsage(
+            int(u["n"]),
+            int(u["b"]),
+            int(u["pn"]),
+            int(u["pb"]),
+            int(u["sn"]),
+            int(u["sb"]),
+            int(total),
+            int(u["ob"]),
+        )
+        refused = offer.quota.refusal(usage, len(offer.data))
+        if refused is not None:
+            return 0, refused
+        ident = await conn.fetchval(
+            "WITH m AS (INSERT INTO mailbox (recipient, sender, expires_at, data, size, "
+            "origin) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id) "
+            "SELECT id FROM m, LATERAL pg_notify($7, $1 || ' ' || m.id)",
+            to,
+            by,
+            now + offer.ttl,
+            offer.data,
+            len(offer.data),
+            offer.origin,
+            MAIL_CHANNEL,
+        )
         return int(ident), None
 
     async def _total(self, conn: Any) -> int:
@@ -447,6 +460,12 @@ class PostgresStore:
             INSTANCE_TIMEOUT,
         )
         return found is not None
+
+
+def _lock_key(recipient: str) -> int:
+    """A recipient's advisory lock: a signed 64-bit number (safe to put in SQL text)."""
+    digest = hashlib.blake2b(recipient.encode(), digest_size=8, person=b"radmesh-mail").digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _rows(status: str) -> int:
