@@ -15,6 +15,7 @@ advisory lock and recorded in ``schema_version``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -44,6 +45,7 @@ KICK_CHANNEL = "radmesh_kick"
 MIGRATION_LOCK = 0x7261646D  # "radm": one instance migrates at a time
 HEARTBEAT = 5.0  # seconds between an instance's heartbeats
 INSTANCE_TIMEOUT = 20  # seconds without one and its sockets count as gone
+NOTIFY_DATA = 5000  # messages up to this size travel inside their notification
 TOTAL_REFRESH = 5.0  # seconds between sums of the whole mailbox (the global byte cap)
 NOT_KNOWN = (
     "this registry keeps mail only for nodes with a current record here, and the recipient has none"
@@ -157,13 +159,18 @@ class PostgresStore:
 
     # notifications ---------------------------------------------------------
     def _on_mail(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        recipient, _, message_id = payload.partition(" ")
+        # "recipient id" or "recipient id sender base64-data" (see mailbox_offer)
+        parts = payload.split(" ")
+        stored = None
         try:
-            node_id, ident = NodeId.parse(recipient), int(message_id)
-        except (ValueError, CryptoError):  # a bad payload is dropped
+            node_id, ident = NodeId.parse(parts[0]), int(parts[1])
+            if len(parts) == 4:
+                data = base64.b64decode(parts[3], validate=True)
+                stored = Stored(NodeId.parse(parts[2]), data, ident)
+        except (ValueError, IndexError, CryptoError):  # a bad payload is dropped
             return
         for listener in self._mail:
-            listener(node_id, ident)
+            listener(node_id, ident, stored)
 
     def _on_kick(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         node, _, instance = payload.partition(" ")
@@ -312,9 +319,13 @@ class PostgresStore:
         if refused is not None:
             return 0, refused
         ident = await conn.fetchval(
+            # The notification carries a small message itself (NOTIFY payloads stop at
+            # 8000 bytes), so the instance holding the recipient need not read it back.
             "WITH m AS (INSERT INTO mailbox (recipient, sender, expires_at, data, size, "
             "origin) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id) "
-            "SELECT id FROM m, LATERAL pg_notify($7, $1 || ' ' || m.id)",
+            "SELECT id FROM m, LATERAL pg_notify($7, $1 || ' ' || m.id || CASE "
+            "WHEN $5 <= $8 THEN ' ' || $2 || ' ' || translate(encode($4, 'base64'), E'\\n', '') "
+            "ELSE '' END)",
             to,
             by,
             now + offer.ttl,
@@ -322,6 +333,7 @@ class PostgresStore:
             len(offer.data),
             offer.origin,
             MAIL_CHANNEL,
+            NOTIFY_DATA,
         )
         return int(ident), None
 

@@ -501,11 +501,20 @@ class RegistryServer:
             wsproto.to_wire(deliver), Relayed(stored.sender, stored.data, stored.id)
         )
 
-    def _mail_arrived(self, recipient: NodeId, message_id: int) -> None:
+    def _mail_arrived(
+        self, recipient: NodeId, message_id: int, stored: Stored | None = None
+    ) -> None:
         """Another instance (or this one) stored mail for a node: deliver it if it is here.
-        One drain per recipient at a time, oldest first, so its messages keep their order."""
+        Notifications come in commit order: one that carries the message is queued at
+        once; otherwise one drain per recipient at a time reads the mailbox, oldest first."""
         outbox = self.connections.get(recipient)
-        if outbox is None or outbox.dropped or message_id in self._inflight.get(recipient, ()):
+        inflight = self._inflight.get(recipient)
+        if outbox is None or outbox.dropped or inflight is None or message_id in inflight:
+            return
+        if stored is not None and recipient not in self._draining:
+            inflight.add(message_id)
+            deliver = wsproto.to_wire(wsproto.Deliver(stored.sender, recipient, stored.data))
+            outbox.push(deliver, Relayed(stored.sender, stored.data, message_id))
             return
         if recipient in self._draining:
             self._draining[recipient] = True  # look again when this drain is done

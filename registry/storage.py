@@ -26,8 +26,9 @@ from registry.store import RegistryDB, Stored
 
 T = TypeVar("T")
 
-# A message for a node connected to some instance: (recipient, mailbox id).
-MailListener = Callable[[NodeId, int], None]
+# A message stored for a node: (recipient, mailbox id, the message when it was small
+# enough to come with the notification, else None: read it from the mailbox).
+MailListener = Callable[[NodeId, int, Stored | None], None]
 # Another instance took this node's socket: (node, instance id).
 KickListener = Callable[[NodeId, str], None]
 
