@@ -289,7 +289,45 @@ def _signed_records(count: int) -> list[bytes]:
     ]
 
 
-async def _scenario(urls: list[str], wires: list[bytes]) -> dict[str, float]:
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (Linux /proc), 0 for any gone."""
+    total = 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def _postgres_pids(port: int) -> list[int]:
+    """The postmaster listening on ``port`` and its backends."""
+    master = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"/postgres") and str(port).encode() in argv:
+                master = int(entry.name)
+    pids = [master] if master else []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if master and int(stat[1]) == master:
+                pids.append(int(entry.name))
+    return pids
+
+
+async def _scenario(
+    urls: list[str], wires: list[bytes], server_pids: list[int], db_pids: list[int]
+) -> dict[str, float]:
     """Publish, look up (spread over the instances) and relay from instance 0 to the last."""
     figures: dict[str, float] = {}
     clients = [RegistryClient(u) for u in urls]
@@ -334,6 +372,7 @@ async def _scenario(urls: list[str], wires: list[bytes]) -> dict[str, float]:
 
     tasks = [asyncio.create_task(receive(c)) for c in conns[COMPARE_PAIRS:]]
     total = COMPARE_RATE * COMPARE_SECONDS
+    cpu_servers, cpu_db = _cpu_seconds(server_pids), _cpu_seconds(db_pids)
     started = time.perf_counter()
     sends = []
     for n in range(total):
@@ -347,6 +386,8 @@ async def _scenario(urls: list[str], wires: list[bytes]) -> dict[str, float]:
     deadline = time.perf_counter() + 10
     while len(latencies) < total and time.perf_counter() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
+    figures["registry CPU ms/msg"] = (_cpu_seconds(server_pids) - cpu_servers) * 1000 / total
+    figures["database CPU ms/msg"] = (_cpu_seconds(db_pids) - cpu_db) * 1000 / total
     for task in tasks:
         task.cancel()
     ordered = sorted(latencies) or [float("nan")]
@@ -379,7 +420,7 @@ def compare_sqlite_postgres() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = _start_instance(str(Path(tmp) / "registry.db"))
         try:
-            results["sqlite x1"] = asyncio.run(_scenario([url], wires))
+            results["sqlite x1"] = asyncio.run(_scenario([url], wires, [proc.pid], []))
         finally:
             proc.terminate()
             proc.wait(timeout=10)
@@ -393,7 +434,10 @@ def compare_sqlite_postgres() -> None:
                     proc, url = _start_instance(db)
                     procs.append(proc)
                     urls.append(url)
-                results["postgres x2"] = asyncio.run(_scenario(urls, wires))
+                port = int(cluster.rsplit(":", 1)[1])
+                results["postgres x2"] = asyncio.run(
+                    _scenario(urls, wires, [p.pid for p in procs], _postgres_pids(port))
+                )
             finally:
                 for proc in procs:
                     proc.terminate()
@@ -407,9 +451,17 @@ def compare_sqlite_postgres() -> None:
         f"for {COMPARE_SECONDS} s across {COMPARE_PAIRS} pairs (PostgreSQL: sender and "
         "recipient on different instances)"
     )
-    print(f"{'':16}{'SQLite x1':>12}{'PostgreSQL x2':>15}{'ratio':>8}")
+    print(f"{'':20}{'SQLite x1':>12}{'PostgreSQL x2':>15}{'ratio':>8}")
     for key in ("publish/s", "lookups/s", "relay p50 ms", "relay p99 ms", "relayed"):
-        print(f"{key:16}{sqlite[key]:12.2f}{pg[key]:15.2f}{pg[key] / sqlite[key]:8.2f}")
+        print(f"{key:20}{sqlite[key]:12.2f}{pg[key]:15.2f}{pg[key] / sqlite[key]:8.2f}")
+    for key in ("registry CPU ms/msg", "database CPU ms/msg"):
+        print(f"{key:20}{sqlite[key]:12.2f}{pg[key]:15.2f}")
+    per_msg = pg["registry CPU ms/msg"] + pg["database CPU ms/msg"]
+    if per_msg > 0:
+        print(
+            f"shared relay costs {per_msg:.2f} ms of CPU per message in all (instances and "
+            f"database): one core relays about {1000 / per_msg:.0f} msg/s"
+        )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from crypto.identity import NodeId
 from registry.errors import RegistryError
 from registry.limits import MailboxUsage
 from registry.records import NodeRecord, require_newer
-from registry.storage import KickListener, MailListener, MailOffer
+from registry.storage import KickListener, MailListener, MailOffer, node_key, parse_node
 from registry.store import Stored, _tags
 
 try:
@@ -87,7 +87,11 @@ class PostgresStore:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=self._min, max_size=self._max, command_timeout=30
+                self.url,
+                min_size=self._min,
+                max_size=self._max,
+                command_timeout=30,
+                reset=_reset,
             )
         except (OSError, asyncpg.PostgresError) as exc:
             raise RegistryError(
@@ -163,10 +167,10 @@ class PostgresStore:
         parts = payload.split(" ")
         stored = None
         try:
-            node_id, ident = NodeId.parse(parts[0]), int(parts[1])
+            node_id, ident = parse_node(parts[0]), int(parts[1])
             if len(parts) == 4:
                 data = base64.b64decode(parts[3], validate=True)
-                stored = Stored(NodeId.parse(parts[2]), data, ident)
+                stored = Stored(parse_node(parts[2]), data, ident)
         except (ValueError, IndexError, CryptoError):  # a bad payload is dropped
             return
         for listener in self._mail:
@@ -192,13 +196,15 @@ class PostgresStore:
     # records ---------------------------------------------------------------
     async def get_wire(self, node_id: NodeId, now: int) -> bytes | None:
         wire = await self._pool.fetchval(
-            "SELECT wire FROM records WHERE node_id = $1 AND expires_at > $2", str(node_id), now
+            "SELECT wire FROM records WHERE node_id = $1 AND expires_at > $2",
+            node_key(node_id),
+            now,
         )
         return None if wire is None else bytes(wire)
 
     async def known_since(self, node_id: NodeId, since: int) -> bool:
         found = await self._pool.fetchval(
-            "SELECT 1 FROM records WHERE node_id = $1 AND expires_at > $2", str(node_id), since
+            "SELECT 1 FROM records WHERE node_id = $1 AND expires_at > $2", node_key(node_id), since
         )
         return found is not None
 
@@ -265,7 +271,7 @@ class PostgresStore:
 
     # mailbox ---------------------------------------------------------------
     async def mailbox_offer(self, offer: MailOffer) -> tuple[int, str | None]:
-        to = str(offer.recipient)
+        to = node_key(offer.recipient)
         async with self._pool.acquire() as conn:
             # Writers to one recipient queue on its lock, so its quota is checked and
             # filled in turn across instances (sender/address/total quotas may overshoot
@@ -283,7 +289,7 @@ class PostgresStore:
         return result
 
     async def _offer_locked(self, conn: Any, offer: MailOffer) -> tuple[int, str | None]:
-        to, by, now = str(offer.recipient), str(offer.sender), offer.now
+        to, by, now = node_key(offer.recipient), node_key(offer.sender), offer.now
         # One round trip for what the quotas count (after the lock: a fresh snapshot).
         u = await conn.fetchrow(
             "SELECT (SELECT 1 FROM records WHERE node_id = $2 AND expires_at > $4) AS known, "
@@ -358,7 +364,7 @@ class PostgresStore:
             after,
             limit,
         )
-        return [Stored(NodeId.parse(r["sender"]), bytes(r["data"]), int(r["id"])) for r in rows]
+        return [Stored(parse_node(r["sender"]), bytes(r["data"]), int(r["id"])) for r in rows]
 
     async def mailbox_waiting(self, recipients: list[str], now: int) -> list[tuple[str, int]]:
         """(recipient, id) of messages waiting for any of ``recipients`` (the poll)."""
@@ -438,7 +444,7 @@ class PostgresStore:
                 "INSERT INTO turn_issued AS t (node_id, issued, last_at) VALUES ($1, 1, $2) "
                 "ON CONFLICT (node_id) DO UPDATE SET issued = t.issued + 1, last_at = $2 "
                 "RETURNING issued",
-                str(node_id),
+                node_key(node_id),
                 now,
             )
         )
@@ -450,7 +456,7 @@ class PostgresStore:
             await conn.execute(
                 "INSERT INTO presence (node_id, instance) VALUES ($1, $2) "
                 "ON CONFLICT (node_id) DO UPDATE SET instance = $2, since = now()",
-                str(node_id),
+                node_key(node_id),
                 self.instance,
             )
             await conn.execute(
@@ -459,7 +465,9 @@ class PostgresStore:
 
     async def disconnected(self, node_id: NodeId) -> None:
         await self._pool.execute(
-            "DELETE FROM presence WHERE node_id = $1 AND instance = $2", str(node_id), self.instance
+            "DELETE FROM presence WHERE node_id = $1 AND instance = $2",
+            node_key(node_id),
+            self.instance,
         )
 
     async def online_elsewhere(self, node_id: NodeId) -> bool:
@@ -467,11 +475,18 @@ class PostgresStore:
             "SELECT 1 FROM presence p JOIN instances i ON i.id = p.instance "
             "WHERE p.node_id = $1 AND p.instance <> $2 "
             "AND i.seen > now() - make_interval(secs => $3)",
-            str(node_id),
+            node_key(node_id),
             self.instance,
             INSTANCE_TIMEOUT,
         )
         return found is not None
+
+
+async def _reset(conn: Any) -> None:
+    """A connection back in the pool: only an interrupted transaction needs undoing (this
+    store sets no session state), so no reset round trip after every query."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 def _lock_key(recipient: str) -> int:

@@ -37,7 +37,14 @@ from registry.netguard import (
     headers_arrived,
 )
 from registry.records import MAX_RECORD_SIZE, Availability, NodeRecord
-from registry.storage import MailOffer, RegistryStore, SqliteStore, open_store
+from registry.storage import (
+    MailOffer,
+    RegistryStore,
+    SqliteStore,
+    node_key,
+    open_store,
+    parse_node,
+)
 from registry.store import RegistryDB, Stored
 
 log = logging.getLogger(__name__)
@@ -560,7 +567,7 @@ class RegistryServer:
                 log.warning("polling the shared mailbox failed: %s", exc)
                 continue
             for recipient, message_id in waiting:
-                self._mail_arrived(NodeId.parse(recipient), message_id)
+                self._mail_arrived(parse_node(recipient), message_id)
 
     async def _finish(self, outbox: Outbox) -> None:
         """Let frames already queued (the last error) go out, briefly, then stop."""
@@ -636,7 +643,7 @@ class RegistryServer:
 
     async def _relay(self, outbox: Outbox, sender: NodeId, frame: wsproto.Send) -> None:
         now = self.clock()
-        if not self._send.allow(str(sender), now) or not self._address_send.allow(
+        if not self._send.allow(node_key(sender), now) or not self._address_send.allow(
             outbox.address, now
         ):
             hint = f"at most {self.limits.send_rate:g} messages a second"

@@ -13,6 +13,7 @@ one transaction), so two concurrent writers cannot both pass a nearly full quota
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,18 @@ T = TypeVar("T")
 MailListener = Callable[[NodeId, int, Stored | None], None]
 # Another instance took this node's socket: (node, instance id).
 KickListener = Callable[[NodeId, str], None]
+
+
+@functools.lru_cache(maxsize=65_536)
+def node_key(node_id: NodeId) -> str:
+    """``str(node_id)`` for the hot paths (its check characters cost a few µs each)."""
+    return str(node_id)
+
+
+@functools.lru_cache(maxsize=65_536)
+def parse_node(text: str) -> NodeId:
+    """:meth:`NodeId.parse` of text this registry wrote itself (cached)."""
+    return NodeId.parse(text)
 
 
 @dataclass(frozen=True)
