@@ -410,15 +410,19 @@ class RegistryServer:
             outbox = self._outbox(ws, request.transport, node_id, self.client_address(request))
             old = self.connections.get(node_id)
             self.connections[node_id] = outbox
-            self._inflight[node_id] = set()
             if old is not None:
                 old.drop("replaced by a newer connection")
             await self.store.connected(node_id)
             pending = await self.store.mailbox_peek(node_id, self.now())
+            # Only now may mail be queued to it: nothing goes out before Ready (a client
+            # drops a connection whose first frame is not Ready, and the mail with it).
+            self._inflight[node_id] = set()
             outbox.push(wsproto.to_wire(wsproto.Ready(node_id, len(pending))))
             for stored in pending:  # deleted once written; what is not stays for next time
                 if not await self._deliver_stored(outbox, node_id, stored):
                     break
+            if self.store.shared:  # what other instances stored since the peek
+                self._mail_arrived(node_id, 0)
             await self._serve(ws, outbox, node_id)
         except AuthError as exc:
             await _ws_error(ws, str(exc), "sign the challenge of this registry with the node key")
@@ -561,7 +565,7 @@ class RegistryServer:
                 continue
             try:
                 waiting = await self.store.mailbox_waiting(
-                    [str(n) for n in self.connections], self.now()
+                    [node_key(n) for n in self.connections], self.now()
                 )
             except Exception as exc:  # the database went away: try again next time
                 log.warning("polling the shared mailbox failed: %s", exc)

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from crypto.identity import Identity
+from crypto.identity import Identity, NodeId
 from node.children import die_with_parent
 from registry.client import RegistryClient, RegistryConnection, SearchQuery
 from registry.errors import RemoteRegistryError, StaleRecord
 from registry.limits import MailboxQuota
 from registry.server import Limits, RegistryServer, TurnConfig
 from registry.storage import MailOffer, RegistryStore, SqliteStore, open_store
+from registry.store import Stored
 from tests.registry.conftest import NOW, Clock, make_record
 from tests.registry.postgres import postgres_cluster
 
@@ -215,6 +216,38 @@ async def test_mail_written_through_one_instance_is_delivered_by_the_other(
             assert await a.store.mailbox_peek(BOB.node_id, int(clock.now)) == []
         finally:
             await closed(alice)
+
+
+async def test_mail_announced_while_its_recipient_connects_is_not_lost(
+    pg_url: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The notification of a message may reach an instance while the recipient is still
+    connecting there: nothing may go out before Ready (the client would drop the socket
+    with the message written to it, and the registry would delete it as delivered)."""
+    async with instances(pg_url, clock=clock, limits=FAST) as (a, b):
+        async with RegistryClient(a.url) as client:
+            await client.publish(make_record(BOB))
+        alice = await connected(a.url, ALICE)
+        try:
+            assert await alice.send(BOB.node_id, b"stored before Bob connects") == "stored"
+        finally:
+            await closed(alice)
+        peek = b.store.mailbox_peek
+
+        async def late_notification(recipient: NodeId, now: int, limit: int = 1000) -> list[Stored]:
+            found = await peek(recipient, now, limit)
+            for stored in found:  # the NOTIFY of each arrives just now
+                b._mail_arrived(recipient, stored.id, stored)
+            return found
+
+        monkeypatch.setattr(b.store, "mailbox_peek", late_notification)
+        bob = await connected(b.url, BOB)
+        try:
+            async with asyncio.timeout(10):
+                assert (await bob.receive()).data == b"stored before Bob connects"
+            assert bob.connects == 1
+        finally:
+            await closed(bob)
 
 
 async def test_records_published_to_one_instance_are_found_through_the_other(
