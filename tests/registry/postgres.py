@@ -23,16 +23,14 @@ __all__ = ["postgres_cluster", "require_postgres"]
 
 
 def require_postgres() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found:
-        initdb = shutil.which("initdb")
-        if initdb is None:
-            pytest.skip("PostgreSQL not found: install the Debian package postgresql")
-        return Path(initdb).parent
+    """The directory of initdb and postgres; skips naming what to install."""
     try:
         import asyncpg  # noqa: F401
     except ImportError:
         pytest.skip("asyncpg not installed: pip install -e '.[postgres]'")
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb") or ""]
+    if not found[-1]:
+        pytest.skip("PostgreSQL not found: install the Debian package postgresql")
     return Path(found[-1]).parent
 
 
