@@ -17,13 +17,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from crypto.errors import CryptoError
 from crypto.identity import NodeId
@@ -62,6 +65,35 @@ def migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Database failures become a :class:`RegistryError` a person can act on (the server
+    answers 503 over HTTP, or an error frame on a signaling socket)."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise RegistryError(
+                f"the registry database is unavailable ({type(exc).__name__}); try again shortly"
+            ) from exc
+
+    return call
+
+
+def _guarded(cls: type[PostgresStore]) -> type[PostgresStore]:
+    for name, value in list(vars(cls).items()):
+        public = not name.startswith("_") and name not in ("open", "close")
+        if public and inspect.iscoroutinefunction(value):
+            setattr(cls, name, _unavailable(value))
+    return cls
+
+
+@_guarded
 class PostgresStore:
     """:class:`registry.storage.RegistryStore` on a PostgreSQL pool (asyncpg)."""
 

@@ -272,6 +272,9 @@ class RegistryServer:
             if exc.status >= 400:
                 return _error(exc.status, exc.reason, "check the URL and method")
             raise
+        except RegistryError as exc:  # the shared database is unavailable
+            log.warning("answered 503: %s", exc)
+            return _error(503, str(exc), "try again shortly, or another registry")
         assert isinstance(response, web.StreamResponse)  # noqa: S101 - aiohttp contract
         return response
 

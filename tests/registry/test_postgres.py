@@ -463,3 +463,19 @@ async def test_a_consult_between_nodes_on_different_registry_processes(
         finally:
             await hospital.stop()
             await neuro.stop()
+
+
+async def test_a_database_that_goes_away_is_an_error_a_person_can_act_on(pg_url: str) -> None:
+    from registry.errors import RegistryError
+
+    store = open_store(pg_url)
+    await store.open()
+    try:
+        await store._pool.close()  # type: ignore[attr-defined]
+        with pytest.raises(RegistryError, match="registry database is unavailable"):
+            await store.get_wire(ALICE.node_id, NOW)
+    finally:
+        store._pool = None  # type: ignore[attr-defined]
+        await store.close()
+    with pytest.raises(RegistryError, match="cannot reach the registry database"):
+        await open_store("postgresql://radmesh@127.0.0.1:1/none").open()
