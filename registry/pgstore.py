@@ -30,7 +30,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from crypto.errors import CryptoError
 from crypto.identity import NodeId
-from registry.errors import RegistryError
+from registry.errors import RegistryError, StaleRecord
 from registry.limits import MailboxUsage
 from registry.records import NodeRecord, require_newer
 from registry.storage import KickListener, MailListener, MailOffer, node_key, parse_node
@@ -250,13 +250,15 @@ class PostgresStore:
             )
             if held is not None:
                 require_newer(record, NodeRecord.from_wire(bytes(held)))
-            await conn.execute(
+            status = await conn.execute(
                 "INSERT INTO records (node_id, seq, expires_at, online, subs, jur, lang, wire, "
                 "avail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
                 "ON CONFLICT (node_id) DO UPDATE SET seq = EXCLUDED.seq, "
                 "expires_at = EXCLUDED.expires_at, online = EXCLUDED.online, "
                 "subs = EXCLUDED.subs, jur = EXCLUDED.jur, lang = EXCLUDED.lang, "
-                "wire = EXCLUDED.wire, avail = EXCLUDED.avail",
+                "wire = EXCLUDED.wire, avail = EXCLUDED.avail "
+                # Two first records of one node at once: the higher sequence wins.
+                "WHERE records.seq < EXCLUDED.seq",
                 str(record.node_id),
                 record.sequence,
                 record.expires_at,
@@ -267,6 +269,11 @@ class PostgresStore:
                 record.to_wire(),
                 record.availability.value,
             )
+            if _rows(status) == 0:
+                raise StaleRecord(
+                    f"record sequence {record.sequence} is not newer than the one another "
+                    "registry instance stored just now: publish with a higher sequence number"
+                )
 
     async def search(
         self,

@@ -479,3 +479,24 @@ async def test_a_database_that_goes_away_is_an_error_a_person_can_act_on(pg_url:
         await store.close()
     with pytest.raises(RegistryError, match="cannot reach the registry database"):
         await open_store("postgresql://radmesh@127.0.0.1:1/none").open()
+
+
+async def test_first_records_published_at_once_through_two_instances_keep_the_newest(
+    pg_url: str,
+) -> None:
+    from registry.records import NodeRecord
+
+    one, two = open_store(pg_url), open_store(pg_url)
+    await one.open()
+    await two.open()
+    try:
+        for _ in range(10):
+            node = Identity.generate()
+            older, newer = make_record(node, seq=2), make_record(node, seq=3)
+            await asyncio.gather(one.put(older, NOW), two.put(newer, NOW), return_exceptions=True)
+            held = await one.get_wire(node.node_id, NOW)
+            assert held is not None
+            assert NodeRecord.from_wire(held).sequence == 3
+    finally:
+        await one.close()
+        await two.close()
