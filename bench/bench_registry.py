@@ -65,7 +65,8 @@ from registry.server import Limits, RegistryServer, run_forever
 big = Limits(address_rate=1e9, address_burst=1e9, send_rate=1e9, send_burst=1e9,
              publish_rate=1e9, publish_burst=1e9, max_connections=100_000,
              address_sockets=100_000, connect_rate=1e9, connect_burst=1e9,
-             new_record_rate=1e9, new_record_burst=1e9)
+             new_record_rate=1e9, new_record_burst=1e9,
+             address_send_rate=1e9, address_send_burst=1e9)
 asyncio.run(run_forever(RegistryServer(sys.argv[1], limits=big), "127.0.0.1", 0))
 """
 
