@@ -80,6 +80,12 @@ CREATE TABLE IF NOT EXISTS live_guests (
     approver TEXT NOT NULL,
     PRIMARY KEY (consult_id, guest, approver)
 );
+CREATE TABLE IF NOT EXISTS live_guest_refusals (
+    consult_id TEXT NOT NULL REFERENCES requests(id),
+    guest TEXT NOT NULL,
+    refuser TEXT NOT NULL,
+    PRIMARY KEY (consult_id, guest, refuser)
+);
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
 """
 _PRIORITY_ORDER = {p: i for i, p in enumerate(Priority)}
@@ -403,6 +409,10 @@ class ConsultDB:
         self._db.execute(
             "INSERT OR IGNORE INTO live_guests VALUES (?,?,?)", (consult_id, guest, approver)
         )
+        self._db.execute(
+            "DELETE FROM live_guest_refusals WHERE consult_id = ? AND guest = ? AND refuser = ?",
+            (consult_id, guest, approver),
+        )
 
     def guest_approvers(self, consult_id: str, guest: str) -> frozenset[str]:
         rows = self._db.execute(
@@ -410,6 +420,43 @@ class ConsultDB:
             (consult_id, guest),
         ).fetchall()
         return frozenset(str(r[0]) for r in rows)
+
+    def refuse_guest(self, consult_id: str, guest: str, refuser: str) -> None:
+        """Record that party ``refuser`` does not (or no longer) agree to ``guest``: its
+        approval, if it gave one, is withdrawn (the guest is no longer admitted)."""
+        self.info(consult_id)  # UnknownConsult if not here
+        with self._transaction():
+            self._db.execute(
+                "DELETE FROM live_guests WHERE consult_id = ? AND guest = ? AND approver = ?",
+                (consult_id, guest, refuser),
+            )
+            self._db.execute(
+                "INSERT OR IGNORE INTO live_guest_refusals VALUES (?,?,?)",
+                (consult_id, guest, refuser),
+            )
+
+    def guest_refusers(self, consult_id: str, guest: str) -> frozenset[str]:
+        rows = self._db.execute(
+            "SELECT refuser FROM live_guest_refusals WHERE consult_id = ? AND guest = ?",
+            (consult_id, guest),
+        ).fetchall()
+        return frozenset(str(r[0]) for r in rows)
+
+    def guests(self, consult_id: str | None = None) -> list[tuple[str, str]]:
+        """(consult id, guest node id) of every guest proposed, approved or refused (of one
+        consult, or of all), in a stable order."""
+        rows = self._db.execute(
+            "SELECT consult_id, guest FROM live_guests UNION "
+            "SELECT consult_id, guest FROM live_guest_refusals ORDER BY 1, 2"
+        ).fetchall()
+        return [(str(c), str(g)) for c, g in rows if consult_id is None or c == consult_id]
+
+    def state_of(self, consult_id: str) -> State:
+        """The consult's state, read without loading its request (asked per live message)."""
+        row = self._db.execute("SELECT state FROM requests WHERE id = ?", (consult_id,)).fetchone()
+        if row is None:
+            raise UnknownConsult(consult_id)
+        return State(row[0])
 
     def cases(self, states: Iterable[State] | None = None) -> list[ConsultCase]:
         """Cases, most urgent first (STAT before urgent before routine), then oldest first."""

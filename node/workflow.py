@@ -56,6 +56,7 @@ from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
 from crypto.org import verify_certificate
+from node import guests
 from node.audit import AuditKind
 from node.deid import PseudonymMap, ShareContext
 from node.deid import deidentify as deidentify_instance
@@ -625,6 +626,7 @@ async def _on_live_consent(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None
         f"{sender.short()} approved {guest.short()} as a guest of the live session on "
         f"consult {consent.consult_id[:8]}"
     )
+    guests.after_consent(rt, consent.consult_id, consent.guest, sender)  # ask, or invite
 
 
 def install(rt: NodeRuntime, *, resume: bool = True) -> None:
@@ -658,6 +660,7 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
         await _on_live_consent(sender, wire, rt)
 
     rt.handlers[LIVE_CONSENT_KIND] = on_live_consent
+    guests.install(rt)  # live.refuse: the other party refused a guest
 
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
         if not rt.trust.is_trusted(conn.peer, rt.now()):  # checked per request, not per link

@@ -34,6 +34,7 @@ from crypto.envelope import SignedEnvelope
 from crypto.errors import InvalidNodeId
 from crypto.identity import NodeId
 from node import control, workflow
+from node.commands.guests import register_into as register_guests
 from node.commands.identity import home_of
 from node.commands.peers import known_ids, resolve_id
 from node.commands.transfer import progress_line
@@ -549,6 +550,8 @@ def register(sub: Any) -> None:
     p = csub.add_parser("show", help="one consult: details, audited history, peer reviews")
     p.add_argument("id", help="consult id (a unique prefix is enough)")
     p.set_defaults(handler=cmd_show)
+
+    register_guests(csub)  # invite, guests, approve-guest
 
 
 __all__ = ["register"]
