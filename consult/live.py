@@ -942,6 +942,21 @@ class LiveHub:
             reassembler.forget(consult_id)
         return was_in
 
+    def recheck(self, consult_id: str) -> list[bytes]:
+        """Ask the admission check again for everyone in the session on ``consult_id`` (the
+        consult was withdrawn, a guest refused) and expel those it no longer lets in."""
+        live = self.sessions.get(consult_id)
+        if live is None:
+            return []
+        gone = [
+            peer
+            for peer in {*live.peers, *live.expected}
+            if self.may_join(consult_id, peer) is False
+        ]
+        for peer in gone:
+            self.expel(consult_id, peer)
+        return gone
+
     def _withdrawn(self, consult_id: str, peer: bytes) -> bool:
         """True (and the peer expelled, the refusal reported) if ``peer`` is in this node's
         session on ``consult_id`` but the admission check no longer lets it in. Asked for

@@ -573,6 +573,7 @@ async def withdraw(
         )
     rt.consults.apply(consult_id, Event.WITHDRAW, rt.now(), str(rt.identity.node_id))
     _stop_serving(rt, consult_id, "the consult was withdrawn by the requester", tell=True)
+    rt.live_hub().recheck(consult_id)  # nobody stays in its live session
     told = {NodeId.parse(peer)} if peer else set()
     told.update(rt.consults.offered(consult_id))
     return [p for p in told if not await rt.send_withdrawal(consult_id, p, reason)]

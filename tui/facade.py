@@ -142,6 +142,19 @@ class ConsultForm:
     jurisdiction: str = ""  # the patient's country; empty: this node's country
 
 
+@dataclass(frozen=True)
+class GuestProposal:
+    """A guest the other party of a consult proposed for its live session, waiting for this
+    node's answer. ``title`` and ``guest_name`` are peer-written: shown as plain text."""
+
+    consult_id: str
+    title: str
+    guest: str  # the guest's full node id
+    guest_name: str
+    guest_trust: str  # this node's trust in the guest's key
+    proposed_by: str  # the proposing party's short id
+
+
 class ActionError(Exception):
     """A worklist or share action that could not be done; the text says what to do."""
 
@@ -193,3 +206,13 @@ class NodeFacade(Protocol):
     async def cycle_availability(self) -> str:
         """Online → on call → away → online, published at once."""
         ...
+
+    # Guests of a live session (node.guests): a party proposes a trusted peer, the other
+    # party approves or refuses it; once both approved it is invited.
+    async def propose_guest(self, consult_id: str, peer_node_id: str) -> str: ...
+
+    def guest_proposals(self) -> list[GuestProposal]:
+        """Proposals from the other party waiting for this node's answer."""
+        ...
+
+    async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str: ...

@@ -15,6 +15,7 @@ from tui.facade import (
     ConsultForm,
     ConsultItem,
     Frame,
+    GuestProposal,
     InstanceRef,
     NodeStatus,
     PeerInfo,
@@ -54,6 +55,8 @@ class InMemoryNode:
         self.actions: list[tuple[str, ...]] = []  # worklist/share calls, for tests
         self.views: list[str] = []  # studies opened in the viewer (the audit, in memory)
         self.session = InMemorySession("consult-1", str(node_id), "me")
+        # Guests the other party proposed (tests add some); answered ones drop out.
+        self.proposals: list[GuestProposal] = []
         self._peers = [
             PeerInfo(
                 "PEER-NEURO", "Dr Neuro", "St Elsewhere", ("neuro",), ("GB",), True, "verified"
@@ -175,3 +178,18 @@ class InMemoryNode:
             raise ActionError("pick a verified peer")
         self.actions.append(("request", form.study_uid, form.peer_node_id, form.priority))
         return f"consult sent to {form.peer_node_id}: delivered (LAN)"
+
+    async def propose_guest(self, consult_id: str, peer_node_id: str) -> str:
+        if peer_node_id not in {p.node_id for p in self._peers if p.trust != "unverified"}:
+            raise ActionError("a guest must be a verified peer")
+        self.actions.append(("propose-guest", consult_id, peer_node_id))
+        return f"{peer_node_id} proposed as a guest; the other party must approve it too"
+
+    def guest_proposals(self) -> list[GuestProposal]:
+        answered = {(a[1], a[2]) for a in self.actions if a[0] in ("approve-guest", "refuse-guest")}
+        return [p for p in self.proposals if (p.consult_id, p.guest) not in answered]
+
+    async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str:
+        verb = "approve-guest" if approve else "refuse-guest"
+        self.actions.append((verb, consult_id, guest_node_id))
+        return f"{guest_node_id} {'approved' if approve else 'refused'}"

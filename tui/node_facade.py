@@ -25,9 +25,10 @@ from consult.presence import Cursor, Participant, Viewport
 from consult.report import Measurement, Unit
 from consult.requests import ConsultCase, Event, Priority, State
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
+from crypto.errors import CryptoError
 from crypto.identity import NodeId
 from crypto.safety import safety_number
-from node import workflow
+from node import guests, workflow
 from node.audit import AuditKind
 from node.commands.status import apply_availability, next_availability
 from node.display import peer_label
@@ -43,6 +44,7 @@ from tui.facade import (
     ConsultForm,
     ConsultItem,
     Frame,
+    GuestProposal,
     InstanceRef,
     NodeStatus,
     PeerInfo,
@@ -492,6 +494,7 @@ class RuntimeNode:
             role, _, _ = rt.consults.info(consult_id)
             if role == "requester" and case.state in _ACCEPTED_STATES:
                 rt.spawn(self._invite_consultant(consult_id))
+            rt.spawn(self._invite_guests(consult_id))  # approved by both: they join now
             return LiveSessionView(live, self._finalise, workflow.uid_mapping(rt, consult_id))
         for live in hub.sessions.values():
             if live.study_uid == study_uid:
@@ -663,3 +666,57 @@ class RuntimeNode:
         except (ConsultError, NodeError, TransportError) as exc:
             raise ActionError(f"the request was not sent: {exc}") from exc
         return f"consult {request.id[:8]} sent to {who}: {how}"
+
+    # -- guests of a live session ---------------------------------------------------------
+    async def propose_guest(self, consult_id: str, peer_node_id: str) -> str:
+        try:
+            guest = NodeId.parse(peer_node_id)
+            return await guests.propose(self.runtime, consult_id, guest)
+        except (ConsultError, NodeError, TransportError, CryptoError) as exc:
+            raise ActionError(f"the guest was not proposed: {exc}") from exc
+
+    def guest_proposals(self) -> list[GuestProposal]:
+        rt = self.runtime
+        own = str(rt.identity.node_id)
+        peers = {p.node_id: p for p in self.peers()}
+        found = []
+        for status in guests.pending(rt.consults, own):
+            info = peers.get(status.guest)
+            by = sorted(status.approvers - {own})
+            found.append(
+                GuestProposal(
+                    status.consult_id,
+                    rt.consults.get(status.consult_id).request.question,
+                    status.guest,
+                    info.name if info else "",
+                    info.trust if info else "unverified",
+                    NodeId.parse(by[0]).short() if by else "",
+                )
+            )
+        return found
+
+    async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str:
+        try:
+            guest = NodeId.parse(guest_node_id)
+            return await guests.answer(self.runtime, consult_id, guest, approve)
+        except (ConsultError, NodeError, TransportError, CryptoError) as exc:
+            verb = "approved" if approve else "refused"
+            raise ActionError(f"the guest was not {verb}: {exc}") from exc
+
+    async def _invite_guests(self, consult_id: str) -> None:
+        """Bring the guests both parties approved into the session this node just opened."""
+        rt = self.runtime
+        own = str(rt.identity.node_id)
+        for status in guests.statuses(rt.consults, own, consult_id):
+            if status.state != "approved":
+                continue
+            guest = NodeId.parse(status.guest)
+            try:
+                found = await rt.directory.resolve(guest, rt.now())
+                if found is not None:
+                    await guests.invite_if_admitted(rt, consult_id, found.record.public_key)
+            except (ConsultError, NodeError, TransportError, OSError, TimeoutError) as exc:
+                rt.notify(
+                    f"Guest {guest.short()} of consult {consult_id[:8]} is not in the live "
+                    f"session: {exc}"
+                )

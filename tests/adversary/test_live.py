@@ -25,7 +25,7 @@ from consult.live import (
     ticket_input,
 )
 from consult.presence import MAX_NAME_CHARS, Presence
-from consult.requests import ConsultRequest, Priority
+from consult.requests import ConsultRequest, Priority, State
 from consult.shared import (
     ANNOTATION_DOMAIN,
     CHAT_DOMAIN,
@@ -573,16 +573,22 @@ async def test_a_guest_refused_after_approval_is_dropped_at_its_next_live_messag
     assert message_refusals(b, a) == []
 
 
-async def test_the_consultants_live_messages_are_refused_once_the_consult_is_withdrawn(
+async def test_live_messages_are_refused_once_the_consult_is_withdrawn(
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
     (consult_id,) = await guest_in_session(a, b, c)
     live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
+    live_c = c.live_hub().sessions[consult_id]
     assert await workflow.withdraw(a, consult_id) == []
-    live_b.say("late note on a withdrawn case")
-    await wait_for(lambda: message_refusals(a, b) == [consult_id])
-    await wait_for(lambda: message_refusals(a, c) == [consult_id])  # its presence too
+    # The hospital's own session lets nobody stay in.
     assert not live_a.is_bound(key(b))
     assert not live_a.is_bound(key(c))
+    # The consultant's node learns of the withdrawal; the guest's node does not, and goes
+    # on writing into the session: the consultant's node refuses it at its next message.
+    await wait_for(lambda: b.consults.state_of(consult_id) is State.WITHDRAWN)
+    live_c.say("late note on a withdrawn case")
+    await wait_for(lambda: message_refusals(b, c) == [consult_id])
+    assert not live_b.is_bound(key(c))
+    assert "late note on a withdrawn case" not in texts(live_b)
     assert "late note on a withdrawn case" not in texts(live_a)

@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 from textual.worker import WorkType
 
 from tui import safe_text
-from tui.facade import ActionError, ConsultItem, NodeFacade, TransferInfo
+from tui.facade import ActionError, ConsultItem, GuestProposal, NodeFacade, TransferInfo
 from tui.safe_text import MAX_LINE_CHARS, MAX_NAME_CHARS
 from tui.screens.prompt import TextPrompt
 
@@ -64,6 +64,7 @@ class HomeScreen(Screen[None]):
         Binding("z", "pause", "pause/go on"),
         Binding("c", "cancel_transfer", "cancel transfer"),
         Binding("o", "availability", "online/on call/away"),
+        Binding("g", "guests", "guest proposals"),
     ]
 
     def __init__(self, node: NodeFacade) -> None:
@@ -129,6 +130,7 @@ class HomeScreen(Screen[None]):
         shown = Text(end="")
         shown.append("Notifications\n", style="bold")
         shown.append("\n".join(f"• {safe_text.plain(n, MAX_LINE_CHARS)}" for n in notes) or "none")
+        shown.append(self._guest_line())
         self.query_one("#notifications", Static).update(shown)
 
     def _transfers(self) -> None:
@@ -251,3 +253,32 @@ class HomeScreen(Screen[None]):
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open()
+
+    def _guest_line(self) -> Text:
+        """The worklist's marker for guest proposals waiting for this node's answer."""
+        waiting = len(self.node.guest_proposals())
+        if not waiting:
+            return Text(end="")
+        return Text(
+            f"\n{waiting} guest proposal(s) wait for your answer: press g",
+            style="bold yellow",
+            end="",
+        )
+
+    def action_guests(self) -> None:
+        """``g``: approve or refuse the guests the other party proposed."""
+        from tui.screens.guests import GuestAnswers
+
+        proposals = self.node.guest_proposals()
+        if not proposals:
+            self.notify("no guest proposals wait for your answer")
+            return
+
+        def answered(choice: tuple[GuestProposal, bool] | None) -> None:
+            if choice is not None:
+                proposal, approve = choice
+                self._run(
+                    lambda: self.node.answer_guest(proposal.consult_id, proposal.guest, approve)
+                )
+
+        self.app.push_screen(GuestAnswers(proposals), answered)
