@@ -152,3 +152,42 @@ async def test_a_guest_must_be_trusted_and_not_a_party(trio: list[NodeRuntime]) 
     with pytest.raises(guests.GuestError, match="not trusted"):
         await guests.propose(consultant, consult_id, surgeon.identity.node_id)
     assert consultant.consults.guests(consult_id) == []
+
+
+async def test_through_the_tui_facade_a_proposal_is_answered_and_an_approval_taken_back(
+    trio: list[NodeRuntime],
+) -> None:
+    from tui.node_facade import RuntimeNode
+
+    hospital, consultant, surgeon = trio
+    consult_id = consult_between(hospital, consultant)
+    live_h = hospital.live_hub().open(consult_id)
+    await hospital.live_hub().invite(consult_id, key(consultant))
+    live_c = consultant.live_hub().sessions[consult_id]
+    on_h, on_c = RuntimeNode(hospital), RuntimeNode(consultant)
+    guest = str(surgeon.identity.node_id)
+
+    said = await on_c.propose_guest(consult_id, guest)
+    assert "must approve it too" in said
+    await wait_for(lambda: [p.guest for p in on_h.guest_proposals()] == [guest])
+    (proposal,) = on_h.guest_proposals()
+    assert proposal.proposed_by == short(consultant)
+    assert proposal.guest_trust == "verified"
+    assert any("proposes" in n and short(surgeon) in n for n in on_h.notifications())
+
+    await on_h.answer_guest(consult_id, guest, approve=True)
+    assert on_h.guest_proposals() == []
+    await wait_for(lambda: live_h.is_bound(key(surgeon)) and live_c.is_bound(key(surgeon)))
+
+    # The hospital takes its approval back: the guest leaves both parties' sessions (the
+    # consultant's node is told).
+    said = await on_h.answer_guest(consult_id, guest, approve=False)
+    assert "refused" in said
+    assert not live_h.is_bound(key(surgeon))
+    await wait_for(lambda: not live_c.is_bound(key(surgeon)))
+    refusals = consultant.audit.records(kind="consult", peer=guest)
+    by = [r.details.get("by") for r in refusals if r.details["event"] == "live-guest-refused"]
+    assert by == [str(hospital.identity.node_id)]
+    assert on_h.guest_proposals() == []
+    live_h.say("canary")  # the parties' session goes on
+    await wait_for(lambda: "canary" in texts(live_c))
