@@ -958,9 +958,10 @@ class LiveHub:
         return gone
 
     def _withdrawn(self, consult_id: str, peer: bytes) -> bool:
-        """True (and the peer expelled, the refusal reported) if ``peer`` is in this node's
-        session on ``consult_id`` but the admission check no longer lets it in. Asked for
-        every live and presence message: admission is not only checked when binding."""
+        """True if the admission check no longer lets ``peer`` into this node's session on
+        ``consult_id``: its message is dropped, and if it was still in the session it is
+        expelled and the refusal reported (once). Asked for every live and presence
+        message: admission is not only checked when a peer is bound."""
         live = self.sessions.get(consult_id)
         if live is None or self.may_join(consult_id, peer) is not False:
             return False

@@ -616,6 +616,8 @@ class NodeRuntime:
             self.trust.first_contact(public_key, self.now(), summary="consult request")
         intake: Intake = take_in(self.consults, wire, self.now(), sender=sender)
         self.notify(intake.summary)
+        if self._live_hub is not None:  # withdrawn: nobody stays in its live session
+            self._live_hub.recheck(intake.consult_id)
         for peer in intake.withdraw:
             self.spawn(self._withdraw(intake.consult_id, peer))
 

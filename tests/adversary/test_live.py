@@ -573,7 +573,7 @@ async def test_a_guest_refused_after_approval_is_dropped_at_its_next_live_messag
     assert message_refusals(b, a) == []
 
 
-async def test_live_messages_are_refused_once_the_consult_is_withdrawn(
+async def test_a_withdrawn_consult_keeps_nobody_in_either_partys_live_session(
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
@@ -581,14 +581,35 @@ async def test_live_messages_are_refused_once_the_consult_is_withdrawn(
     live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
     live_c = c.live_hub().sessions[consult_id]
     assert await workflow.withdraw(a, consult_id) == []
-    # The hospital's own session lets nobody stay in.
+    # The hospital's own session lets nobody stay in; the consultant's, once told.
     assert not live_a.is_bound(key(b))
     assert not live_a.is_bound(key(c))
-    # The consultant's node learns of the withdrawal; the guest's node does not, and goes
-    # on writing into the session: the consultant's node refuses it at its next message.
     await wait_for(lambda: b.consults.state_of(consult_id) is State.WITHDRAWN)
-    live_c.say("late note on a withdrawn case")
-    await wait_for(lambda: message_refusals(b, c) == [consult_id])
+    assert not live_b.is_bound(key(a))
     assert not live_b.is_bound(key(c))
+    # The guest's node was not told and goes on writing: refused on both parties' nodes,
+    # and a consult now closed admits no new join either.
+    live_c.say("late note on a withdrawn case")
+    conn = await c.transport.connect(key(b))
+    with pytest.raises(RemoteError) as join:
+        await conn.request(JOIN_KIND, Invite(consult_id).to_wire())
+    assert join.value.code == NOT_ADMITTED
     assert "late note on a withdrawn case" not in texts(live_b)
     assert "late note on a withdrawn case" not in texts(live_a)
+
+
+async def test_a_party_still_in_a_session_whose_consult_closed_is_refused_at_its_next_message(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    (consult_id,) = await guest_in_session(a, b, c)
+    live_b = b.live_hub().sessions[consult_id]
+    # The consult expires on the consultant's node (its deadline passed); nothing took the
+    # hospital out of b's session: its next message is refused there and it is dropped.
+    b.consults.expire_due(b.now() + 10 * 3600)
+    assert b.consults.state_of(consult_id) is State.EXPIRED
+    assert live_b.is_bound(key(a))
+    a.live_hub().sessions[consult_id].say("after the deadline")
+    await wait_for(lambda: message_refusals(b, a) == [consult_id])
+    assert not live_b.is_bound(key(a))
+    assert "after the deadline" not in texts(live_b)
