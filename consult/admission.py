@@ -8,6 +8,10 @@ invites a guest approves it, and the other party approves it on its own node
 first party so (a :class:`GuestConsent` node message, signed and sealed by the
 runtime like every node message). So a consultant cannot bring a colleague
 into the hospital's case without the hospital's node agreeing, and vice versa.
+A party may refuse a guest, also after approving it (:class:`GuestRefusal`,
+:mod:`node.guests`); a consult withdrawn, declined or expired admits nobody.
+The hub asks again for every live and presence message, so a peer whose
+admission ends is dropped at its next message even if nothing expelled it.
 
 :meth:`Admission.may_join` is what :class:`~consult.live.LiveHub` asks before it
 binds a peer to a session (an invite it sends or answers, a join it answers or

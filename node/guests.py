@@ -225,6 +225,8 @@ def after_consent(rt: NodeRuntime, consult_id: str, guest: bytes, sender: NodeId
     """The other party approved ``guest``: ask this node's person, or (both approved)
     bring the guest into the open session."""
     guest_id = NodeId.from_public_key(guest)
+    if rt.consults.state_of(consult_id) in CLOSED:
+        return  # no live session to bring anyone into
     if Admission(rt.consults, rt.identity.node_id).may_join(consult_id, guest):
         rt.spawn(_invite_soon(rt, consult_id, guest))
         return
