@@ -55,9 +55,10 @@ from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
 from crypto.org import verify_certificate
+from node import sharing
 from node.audit import AuditKind
-from node.deid import PseudonymMap, ShareContext
-from node.deid import deidentify as deidentify_instance
+from node.config import NodeHome
+from node.deid import PseudonymMap
 from node.dicom_net import send_to_pacs
 from node.errors import NodeError
 from node.runtime import NodeRuntime, RuntimeError_
@@ -140,6 +141,11 @@ def _map_path(rt: NodeRuntime, consult_id: str) -> Path:
     return rt.home.data_dir / "pseudonyms" / f"{consult_id}.map"
 
 
+def pseudonym_map_path(home: NodeHome, consult_id: str) -> Path:
+    """Where a consult's pseudonym map lives in a home (for a request made offline)."""
+    return home.data_dir / "pseudonyms" / f"{consult_id}.map"
+
+
 def _map_key(rt: NodeRuntime) -> bytes:
     return rt.identity.derive_key(PSEUDONYM_KEY_PURPOSE)
 
@@ -220,6 +226,7 @@ class Terms:
     language: str = "en"
     deadline_seconds: int = 3600
     deidentify: bool = True
+    burned_in_checked: bool = False  # a person checked the pixels (audited when it mattered)
 
 
 def _new_request(
@@ -241,6 +248,15 @@ def _new_request(
         now=now,
         deidentified=terms.deidentify,
     )
+    if pseudonyms is not None:
+        pseudonyms.burned_in_checked = sharing.confirm_burned_in(
+            rt.store,
+            rt.audit,
+            study_uid,
+            terms.burned_in_checked,
+            now=rt.clock(),
+            consult=request.id,
+        )
     return request, pseudonyms
 
 
@@ -628,10 +644,7 @@ def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[Iterable[bytes]
         # consistent, and the map is saved once every instance UID is in it.
         path = _map_path(rt, consult_id)
         pseudonyms = PseudonymMap.load(path, _map_key(rt))
-        share = ShareContext(pseudonyms=pseudonyms)
-        for data in files:
-            yield deidentify_instance(data, share)
-        pseudonyms.persist(path, _map_key(rt))
+        yield from sharing.deidentifier(pseudonyms, path, _map_key(rt))(files)
 
     return prepare
 

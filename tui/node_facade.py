@@ -641,6 +641,7 @@ class RuntimeNode:
                     subspecialty=form.subspecialty,
                     jurisdiction=jurisdiction,
                     deadline_seconds=int(form.deadline_hours * 3600),
+                    burned_in_checked=form.burned_in_checked,
                 ),
             )
         except (ConsultError, NodeError, TransportError) as exc:
