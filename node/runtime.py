@@ -36,7 +36,7 @@ from consult.store import ConsultDB
 from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
-from node.audit import AuditKind, AuditLog, open_audit
+from node.audit import AuditError, AuditKind, AuditLog, open_audit
 from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.control import ControlServer, HomeLock
 from node.dicom_net import DicomListener
@@ -65,6 +65,7 @@ QUEUE_SIZE = 256
 RECORD_TTL = 3600
 TURN_RETRY = 30.0  # seconds before asking a registry again for TURN credentials
 TURN_ASK_AGAIN = 3600.0  # ...when it said it offers no relay
+AUDIT_CHECKPOINT_INTERVAL = 60.0  # seconds: unsigned audit records wait at most this long
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 
@@ -177,6 +178,7 @@ class NodeRuntime:
         self._home_lock = HomeLock(home)
         self.control = ControlServer(self) if control else None
         self._warm_cache = warm_cache
+        self.audit_checkpoint_interval = AUDIT_CHECKPOINT_INTERVAL
 
     # -- lifecycle --------------------------------------------------------------------
     def now(self) -> int:
@@ -245,6 +247,7 @@ class NodeRuntime:
         if self.config.dicom.enabled:
             self.dicom = DicomListener(self.config.dicom, self._dicom_instance)
             self.dicom.start()
+        self.spawn(self._audit_checkpoints())
         if self.control is not None:
             await self.control.start()
         log.info("node %s running, LAN endpoint %s", self.identity.node_id.short(), self.lan_url)
@@ -269,6 +272,7 @@ class NodeRuntime:
         self.directory.close()
         self.consults.close()
         self.trust.close()
+        self._sign_audit()
         self.audit.close()
         self.store.close()
         self._home_lock.release()
@@ -476,6 +480,20 @@ class NodeRuntime:
                 study_uid=result.study_uid,
                 details={"from": f"dicom:{calling_ae}", "sop": result.sop_instance_uid},
             )
+
+    def _sign_audit(self) -> None:
+        """Sign the audit log's unsigned records (whoever appended them: this node, or a
+        command run on this home meanwhile)."""
+        try:
+            if self.audit.unsigned():
+                self.audit.checkpoint(self.clock())
+        except AuditError as exc:
+            log.error("audit log not signed: %s; run `radmesh audit verify`", exc)
+
+    async def _audit_checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(self.audit_checkpoint_interval)
+            self._sign_audit()
 
     def _audit_consult(self, consult_id: str, transition: Transition) -> None:
         self.audit.append(

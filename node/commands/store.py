@@ -163,6 +163,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     )
     if report.unsigned_tail:
         print(f"{report.unsigned_tail} record(s) after the last checkpoint are not signed yet")
+    if report.high_water is not None:
+        print(f"signed high-water mark (kept outside the log): record {report.high_water}")
     if report.ok:
         print("audit log intact")
         return 0
