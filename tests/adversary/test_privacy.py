@@ -17,6 +17,7 @@ import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nacl.pwhash
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -24,6 +25,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 from consult.requests import ConsultRequest, Priority
+from crypto import canonical, keyfile
 from crypto.identity import Identity
 from node import deid, workflow
 from node.audit import open_audit
@@ -39,7 +41,7 @@ from node.deid import (
     ShareContext,
     deidentify,
 )
-from node.keystore import load_identity
+from node.keystore import load_identity, save_identity
 from node.runtime import NodeRuntime
 from node.sharing import BurnedInRefused
 from node.store import open_store
@@ -377,3 +379,32 @@ def test_offline_consult_request_out_is_deidentified_and_audited(
     with open_audit(hospital, identity) as audit:
         shares = [r for r in audit.records(kind="share")]
         assert [(r.study_uid, r.details["deidentified"]) for r in shares] == [(study_uid, "True")]
+
+
+# -- the key file that guards every study (item 11) ---------------------------------------
+
+INTERACTIVE = (nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE, nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE)
+MODERATE = (nacl.pwhash.argon2id.OPSLIMIT_MODERATE, nacl.pwhash.argon2id.MEMLIMIT_MODERATE)
+
+
+def _cost(path: Path) -> tuple[int, int]:
+    raw = canonical.decode(path.read_bytes(), keyfile.MAX_KEYFILE_SIZE)
+    return raw["ops"], raw["mem"]
+
+
+@pytest.mark.timeout(60)
+def test_old_interactive_key_file_opens_and_is_rewrapped_with_moderate(tmp_path: Path) -> None:
+    identity = Identity.generate()
+    path = tmp_path / "identity.key"
+    save_identity(path, identity, "old pass", keyfile.KdfCost(*INTERACTIVE))
+    assert _cost(path) == INTERACTIVE
+    assert load_identity(path, "old pass").node_id == identity.node_id
+    assert _cost(path) == MODERATE
+    assert load_identity(path, "old pass").node_id == identity.node_id  # still opens
+
+
+@pytest.mark.timeout(60)
+def test_a_new_key_file_uses_moderate(tmp_path: Path) -> None:
+    path = tmp_path / "identity.key"
+    save_identity(path, Identity.generate(), "new pass")
+    assert _cost(path) == MODERATE
