@@ -204,6 +204,22 @@ class HighWaterMark:
     @classmethod
     def from_bytes(cls, data: bytes, public_key: bytes) -> HighWaterMark:
         """Parse and verify; raises :class:`AuditError` for anything wrong."""
+        mark = cls.parse_unverified(data)
+        try:
+            verify_signature(
+                public_key,
+                _checkpoint_message(public_key, mark.seq, mark.head, mark.time_ms),
+                mark.signature,
+            )
+        except CryptoError as exc:
+            raise AuditError(
+                "the audit high-water mark's signature is not this node's: it was forged"
+            ) from exc
+        return mark
+
+    @classmethod
+    def parse_unverified(cls, data: bytes) -> HighWaterMark:
+        """Parse only (for a check that has no key at hand, e.g. `radmesh doctor`)."""
         try:
             raw = canonical.decode(data, MAX_HWM_BYTES)
         except CryptoError as exc:
@@ -223,12 +239,6 @@ class HighWaterMark:
             and isinstance(sig, bytes)
         ):
             raise AuditError("the audit high-water mark is damaged: bad fields")
-        try:
-            verify_signature(public_key, _checkpoint_message(public_key, seq, head, time_ms), sig)
-        except CryptoError as exc:
-            raise AuditError(
-                "the audit high-water mark's signature is not this node's: it was forged"
-            ) from exc
         return cls(seq, head, time_ms, sig)
 
 
@@ -582,3 +592,63 @@ def open_audit(home: NodeHome, identity: Identity) -> AuditLog:
     """The node's audit log, ``home.data_dir / "audit.sqlite"``; its high-water mark is
     ``home.root / "audit.hwm"``, beside the data folder rather than in it."""
     return AuditLog.open(home.data_dir / AUDIT_NAME, identity, hwm_path=home.root / HWM_NAME)
+
+
+@dataclass(frozen=True)
+class AuditState:
+    """What `radmesh doctor` reports, read without the node key (signatures are
+    checked by `radmesh audit verify`)."""
+
+    records: int
+    unsigned: int
+    last_checkpoint_ms: int | None
+    high_water: int | None
+    problem: str | None  # the log against its high-water mark
+
+
+def audit_state(home: NodeHome) -> AuditState:
+    """Read-only look at a home's audit log and high-water mark."""
+    path, hwm_path = home.data_dir / AUDIT_NAME, home.root / HWM_NAME
+    records = signed = 0
+    last_ms: int | None = None
+    expected = False
+    head_at: dict[int, bytes] = {}
+    mark: HighWaterMark | None = None
+    problem: str | None = None
+    try:
+        mark = HighWaterMark.parse_unverified(hwm_path.read_bytes())
+    except FileNotFoundError:
+        pass
+    except AuditError as exc:
+        problem = str(exc)
+    if path.exists():
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            db.execute("PRAGMA busy_timeout=5000")
+            records, signed, last_ms = db.execute(
+                "SELECT (SELECT COALESCE(MAX(seq), 0) FROM records), "
+                "(SELECT COALESCE(MAX(seq), 0) FROM checkpoints), "
+                "(SELECT MAX(time_ms) FROM checkpoints)"
+            ).fetchone()
+            with contextlib.suppress(sqlite3.OperationalError):  # a log from before meta
+                expected = db.execute("SELECT 1 FROM meta WHERE key = 'hwm'").fetchone() is not None
+            if mark is not None:
+                row = db.execute("SELECT hash FROM records WHERE seq = ?", (mark.seq,)).fetchone()
+                if row is not None:
+                    head_at[mark.seq] = bytes(row[0])
+        finally:
+            db.close()
+    if problem is None and mark is not None:
+        if mark.seq > records:
+            problem = _cut_message(records, mark.seq)
+        elif head_at.get(mark.seq) != mark.head:
+            problem = f"record {mark.seq} differs from what the signed high-water mark recorded"
+    elif problem is None and expected:
+        problem = f"the signed high-water mark {hwm_path} was deleted"
+    return AuditState(
+        records=int(records),
+        unsigned=max(0, int(records) - int(signed)),
+        last_checkpoint_ms=last_ms,
+        high_water=mark.seq if mark is not None else None,
+        problem=problem,
+    )

@@ -267,3 +267,25 @@ async def test_viewing_in_the_tui_and_verifying_there_are_records(tmp_path: Path
     finally:
         await runtime.stop()
     _no_phi(home)
+
+
+def test_doctor_reports_the_audit_state_and_a_cut_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home, identity = make_home(tmp_path, "n", "", [])
+    with open_audit(home, identity) as audit:
+        for i in range(3):
+            audit.append("import", now=time.time(), study_uid=f"1.2.{i}")
+    main(["--home", str(home.root), "doctor"])
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "audit log" in x)
+    assert line.startswith("[ok  ]")
+    assert "3 record(s), last checkpoint 0 min ago, high-water mark at record 3" in line
+    with sqlite3.connect(home.data_dir / AUDIT_NAME, isolation_level=None) as db:
+        db.execute("DELETE FROM records WHERE seq = 3")
+        db.execute("DELETE FROM checkpoints")
+    assert main(["--home", str(home.root), "doctor"]) == 1
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "audit log" in x)
+    assert line.startswith("[FAIL]")
+    assert "records 3 to 3 were cut from the tail" in line
