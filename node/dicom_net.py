@@ -5,7 +5,8 @@ studies (and reports) back. Both keep the bytes exact:
 
 * Received: the stored file is the 128-byte preamble, ``DICM``, the File Meta
   Information group pynetdicom builds for the association (transfer syntax,
-  SOP class/instance, our implementation UID and the calling AE as Source AE),
+  SOP class/instance, the implementation UID; never the calling AE title, which
+  names a hospital device and would travel in every copy: :func:`_part10`),
   then the data set **exactly as the peer sent it** (``event.encoded_dataset``,
   never decoded and re-encoded). So the data set part is byte-exact; the file
   meta group is new.
@@ -44,6 +45,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from node.config import DicomConfig
@@ -52,6 +54,7 @@ from node.errors import NodeError
 log = logging.getLogger(__name__)
 
 VERIFICATION = UID("1.2.840.10008.1.1")
+SOURCE_AE_TAG = 0x00020016  # (0002,0016) Source Application Entity Title
 
 # Transfer syntaxes the listener accepts for every storage SOP class.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
@@ -211,7 +214,7 @@ class DicomListener:
 
     def _handle_store(self, event: Any) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
-        data = event.encoded_dataset(include_meta=True)
+        data = _part10(event)
         if len(data) > self._max_instance_bytes:
             log.warning("refused a %d-byte instance from %s: over the size cap", len(data), calling)
             return STATUS_OUT_OF_RESOURCES
@@ -246,6 +249,18 @@ class DicomListener:
             self._audit(kind, details)
         except Exception:
             log.exception("audit sink failed for %s", kind)
+
+
+def _part10(event: Any) -> bytes:
+    """The received instance as a Part 10 file: pynetdicom's file meta for the association
+    without a Source AE title (whatever its version puts there), then the data set bytes
+    as they crossed the wire."""
+    meta = event.file_meta
+    if SOURCE_AE_TAG in meta:
+        del meta[SOURCE_AE_TAG]
+    return b"".join(
+        (bytes(128), b"DICM", encode_file_meta(meta), event.encoded_dataset(include_meta=False))
+    )
 
 
 def _check_parses(part10: bytes) -> None:

@@ -31,7 +31,7 @@ from node import deid, workflow
 from node.audit import open_audit
 from node.cli import main
 from node.commands.transfer import fetch_from_peer
-from node.config import NodeHome
+from node.config import DicomConfig, NodeHome
 from node.control import OPERATIONS
 from node.deid import (
     BurnedInAnnotationError,
@@ -46,8 +46,8 @@ from node.runtime import NodeRuntime
 from node.sharing import BurnedInRefused
 from node.store import open_store
 from peer_transport.rtc import restrict_host_addresses
-from tests.dcmtk import generated_ct
-from tests.node.test_runtime import make_home, started
+from tests.dcmtk import generated_ct, require_dcmtk, storescu
+from tests.node.test_runtime import FAST, make_home, started
 
 NAME = "Zabrowski^Henrietta"
 PATIENT_ID = "MRN77341"
@@ -408,3 +408,35 @@ def test_a_new_key_file_uses_moderate(tmp_path: Path) -> None:
     path = tmp_path / "identity.key"
     save_identity(path, Identity.generate(), "new pass")
     assert _cost(path) == MODERATE
+
+
+# -- the DICOM listener keeps the sender's AE title out of the instances (item 4) ----------
+
+
+@pytest.mark.timeout(60)
+async def test_listener_writes_no_sender_ae_title_into_stored_or_shared_instances(
+    tmp_path: Path,
+) -> None:
+    require_dcmtk("storescu")
+    home, identity = make_home(tmp_path, "hospital", "", [])
+    config = home.load_config()
+    config.dicom = DicomConfig(
+        ae_title="RADMESH_T", port=0, enabled=True, allowed_calling_aets=[SENDER_AE]
+    )
+    home.save_config(config)
+    runtime = NodeRuntime(home, identity, transport_options=FAST)
+    await runtime.start()
+    try:
+        assert runtime.dicom is not None
+        path = tmp_path / "ct.dcm"
+        path.write_bytes(generated_ct(1)[0])
+        done = await asyncio.to_thread(storescu, [path], runtime.dicom.port, "RADMESH_T", SENDER_AE)
+        assert done.returncode == 0, done.stderr
+        (study,) = runtime.store.studies()
+        (row,) = runtime.store.instances(study.study_uid)
+        stored = runtime.store.read_instance(row.sop_instance_uid)
+        assert SENDER_AE.encode() not in stored
+        assert "SourceApplicationEntityTitle" not in pydicom.dcmread(io.BytesIO(stored)).file_meta
+        assert SENDER_AE.encode() not in deidentify(stored, ShareContext())
+    finally:
+        await runtime.stop()
