@@ -48,6 +48,8 @@ from node.store import open_store
 from peer_transport.rtc import restrict_host_addresses
 from tests.dcmtk import generated_ct, require_dcmtk, storescu
 from tests.node.test_runtime import FAST, make_home, started
+from tui.facade import ActionError, ConsultForm
+from tui.node_facade import RuntimeNode
 
 NAME = "Zabrowski^Henrietta"
 PATIENT_ID = "MRN77341"
@@ -440,3 +442,26 @@ async def test_listener_writes_no_sender_ae_title_into_stored_or_shared_instance
         assert SENDER_AE.encode() not in deidentify(stored, ShareContext())
     finally:
         await runtime.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_tui_share_form_refuses_ultrasound_until_pixels_checked_box_is_ticked(
+    tmp_path: Path,
+) -> None:
+    async with two_trusted_nodes(tmp_path) as (a, b):
+        study_uid = {a.store.add_bytes(f, source="test").study_uid for f in _us_series(1)}.pop()
+        facade = RuntimeNode(a)
+        form = ConsultForm(
+            study_uid, str(b.identity.node_id), "bleed?", "urgent", "neuro", 4.0, "IE"
+        )
+        with pytest.raises(ActionError, match="burned into the pixels"):
+            await facade.request_consult(form)
+        assert a.consults.cases() == []
+        sent = await facade.request_consult(dataclasses.replace(form, burned_in_checked=True))
+        assert "sent to" in sent
+        (checked,) = [
+            r
+            for r in a.audit.records(kind="share")
+            if r.details.get("event") == "burned-in-checked"
+        ]
+        assert checked.study_uid == study_uid
