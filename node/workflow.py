@@ -229,7 +229,7 @@ class Terms:
     burned_in_checked: bool = False  # a person checked the pixels (audited when it mattered)
 
 
-def _new_request(
+async def _new_request(
     rt: NodeRuntime, study_uid: str, terms: Terms
 ) -> tuple[ConsultRequest, PseudonymMap | None]:
     if not rt.store.instances(study_uid):
@@ -249,7 +249,9 @@ def _new_request(
         deidentified=terms.deidentify,
     )
     if pseudonyms is not None:
-        pseudonyms.burned_in_checked = sharing.confirm_burned_in(
+        # reads every instance's header: off the event loop
+        pseudonyms.burned_in_checked = await asyncio.to_thread(
+            sharing.confirm_burned_in,
             rt.store,
             rt.audit,
             study_uid,
@@ -308,7 +310,7 @@ async def request_consult(
     (with its secret, so every instance maps the same way) is made now and stays
     here, encrypted.
     """
-    request, pseudonyms = _new_request(rt, study_uid, terms)
+    request, pseudonyms = await _new_request(rt, study_uid, terms)
     share, sent = await _offer(rt, request, pseudonyms, study_uid, [consultant])
     how = next(iter(sent.values()))
     if how.startswith("not sent: "):
@@ -370,7 +372,7 @@ async def route_consult(
 
     Returns (request, share, how each offered consultant was reached).
     """
-    request, pseudonyms = _new_request(rt, study_uid, terms)
+    request, pseudonyms = await _new_request(rt, study_uid, terms)
     ranked = await find_consultants(rt, request)
     if max_offers < 1:
         raise LocalConsultError("offer a consult to at least one consultant (--max-offers)")

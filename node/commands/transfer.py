@@ -55,7 +55,9 @@ async def send_to_peer(
     """Send a stored study to a trusted peer, de-identified unless ``identified``."""
     key = await peer_key(runtime, peer)
     peer_id = str(NodeId.from_public_key(key))
-    prepare = _prepare_share(runtime, study_uid, peer_id, identified, burned_in_checked)
+    prepare = await asyncio.to_thread(  # reads every instance's header: off the event loop
+        _prepare_share, runtime, study_uid, peer_id, identified, burned_in_checked
+    )
     conn = await runtime.transport.connect(key)
     return await send_study(
         ChannelLink(conn),
