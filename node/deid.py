@@ -42,8 +42,10 @@ Burned-in annotation (:func:`burned_in_reason`): an instance with
 BurnedInAnnotation = YES, or without the flag in a modality or SOP class that
 commonly burns text into pixels (US, SC, XA, ES, OT, secondary capture), is
 refused (:class:`BurnedInAnnotationError`) unless the share says a person
-checked the pixels; we do not clean pixel data (no 113101 code is claimed).
-Pixel data is never changed.
+checked the pixels, or the share blacks out a band at the top of such images
+(Clean Pixel Data, 113101, claimed only for the instances it changed: ultrasound
+machines write name, id and date there; ``black_out_top`` rows). Other pixel
+data is never changed.
 
 The pseudonym map stays on the node, encrypted with a caller's 32-byte key
 (secretbox), so a report that comes back with pseudonymous UIDs is re-linked.
@@ -97,6 +99,7 @@ class PseudonymMapError(DeidError):
 class Option(enum.Enum):
     """Annex E options, valued by their CID 7050 code."""
 
+    CLEAN_PIXEL_DATA = ("113101", "Clean Pixel Data Option")
     CLEAN_DESCRIPTORS = ("113105", "Clean Descriptors Option")
     RETAIN_LONGITUDINAL_MODIFIED_DATES = (
         "113107",
@@ -248,6 +251,7 @@ class PseudonymMap:
     date_offsets: dict[str, int] = field(default_factory=dict)  # orig id -> days
     # A person confirmed the pixels of this share's burned-in candidates were checked.
     burned_in_checked: bool = False
+    black_out_top: int = 0  # rows blacked out at the top of burned-in candidates
 
     def _mac(self, kind: str, value: str) -> bytes:
         return hmac.new(self.secret, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()
@@ -300,6 +304,7 @@ class PseudonymMap:
                 "names": self.original_names,
                 "dates": self.date_offsets,
                 "burned_in": self.burned_in_checked,
+                "black_out": self.black_out_top,
             }
         )
         return bytes(nacl.secret.SecretBox(key).encrypt(plain))
@@ -317,6 +322,7 @@ class PseudonymMap:
                 original_names=dict(raw["names"]),
                 date_offsets=dict(raw["dates"]),
                 burned_in_checked=raw.get("burned_in") is True,
+                black_out_top=int(raw.get("black_out", 0)),
             )
         except nacl.exceptions.CryptoError as exc:
             raise PseudonymMapError(
@@ -376,6 +382,9 @@ class ShareContext:
     pseudonyms: PseudonymMap = field(default_factory=PseudonymMap)
     options: frozenset[Option] = DEFAULT_OPTIONS
     burned_in: BurnedInPolicy = BurnedInPolicy.REFUSE
+    # Clean Pixel Data: the top rows of every frame of an image that may have burned-in
+    # text are set to black (ultrasound machines write name, id and date there).
+    black_out_top: int = 0
 
 
 # -- the transformation ------------------------------------------------------
@@ -397,25 +406,57 @@ def deidentify(data: bytes, share: ShareContext) -> bytes:
     except (pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
         raise DeidError(f"cannot de-identify: not readable DICOM ({exc})") from exc
     reason = burned_in_reason(ds)
-    if reason is not None and share.burned_in is BurnedInPolicy.REFUSE:
+    options = share.options
+    if reason is not None and share.black_out_top > 0:
+        _black_out_top(ds, share.black_out_top)
+        options = options | {Option.CLEAN_PIXEL_DATA}
+    elif reason is not None and share.burned_in is BurnedInPolicy.REFUSE:
         raise BurnedInAnnotationError(
             f"instance {ds.get('SOPInstanceUID', '?')} may have text burned into its pixels "
             f"({reason}) that can identify the patient; it was not shared. Check the pixels, "
             "then share again confirming they were checked (--burned-in-checked), or leave "
             "the instance out"
         )
-    transfer_syntax = ds.file_meta.get("TransferSyntaxUID")
-    if transfer_syntax is None:
+    if ds.file_meta.get("TransferSyntaxUID") is None:
         raise DeidError("cannot de-identify: the file has no transfer syntax in its meta")
     patient = _patient(ds, share)
     ds.remove_private_tags()
     _clean(ds, share, patient)
-    _mark(ds, share.options)
-    ds.file_meta = _fresh_file_meta(ds, transfer_syntax)
+    _mark(ds, options)
+    ds.file_meta = _fresh_file_meta(ds, ds.file_meta.TransferSyntaxUID)
     ds.preamble = bytes(128)  # a preamble can carry anything (TIFF headers, text)
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def _black_out_top(ds: Dataset, rows: int) -> None:
+    """Clean Pixel Data: set the top ``rows`` rows of every frame to black. A compressed
+    image is decompressed first (and leaves uncompressed) when a decoder is installed."""
+    sop = ds.get("SOPInstanceUID", "?")
+    if "PixelData" not in ds:
+        return
+    try:
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        pixels = ds.pixel_array.copy()
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        raise DeidError(
+            f"instance {sop}: its pixels cannot be decoded here to black out burned-in text "
+            f"({exc}); check them and share with --burned-in-checked, or leave it out"
+        ) from exc
+    photometric = str(ds.PhotometricInterpretation)
+    bits, signed = int(ds.BitsStored), bool(ds.get("PixelRepresentation", 0))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    band = (slice(None), slice(0, rows)) if frames > 1 else (slice(0, rows),)
+    if photometric == "MONOCHROME1":  # the highest value is black
+        pixels[band] = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    elif photometric.startswith("YBR"):  # black: no luma, neutral chroma
+        pixels[(*band, Ellipsis, 0)] = 0
+        pixels[(*band, Ellipsis, slice(1, 3))] = 1 << (bits - 1)
+    else:
+        pixels[band] = -(1 << (bits - 1)) if signed else 0
+    ds.set_pixel_data(pixels, photometric, int(ds.BitsStored))
 
 
 def _fresh_file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:

@@ -69,7 +69,8 @@ def refusal(risks: list[Risk]) -> str:
         f"not shared: {len(risks)} instance(s) may have text burned into the pixels that "
         f"identifies the patient: {named}{more}. Look at those images; if no name, id or date "
         "is written in them, share again with --burned-in-checked (in the TUI: tick "
-        '"pixels checked"); the confirmation is audited. Or leave those series out.'
+        '"pixels checked"); the confirmation is audited. Or black out the band where the '
+        "text is with --black-out-top ROWS (ultrasound), or leave those series out."
     )
 
 
@@ -82,20 +83,25 @@ def confirm_burned_in(
     now: float,
     peer: str | None = None,
     consult: str | None = None,
+    black_out_top: int = 0,
 ) -> bool:
     """Refuse a de-identified share of a study that may show text in its pixels unless
-    ``checked``; a confirmation that mattered is audited. Returns whether burned-in
-    instances may go (True only when some were found and a person confirmed)."""
+    ``checked``, or unless the share blacks out the top ``black_out_top`` rows of those
+    images (Clean Pixel Data); either choice, when it mattered, is audited. Returns
+    whether burned-in instances may go unchanged (True only when some were found and a
+    person confirmed them)."""
     risks = burned_in_risks(store, study_uid)
     if not risks:
         return False
-    if not checked:
-        raise BurnedInRefused(refusal(risks))
     details: dict[str, str | int] = {"event": "burned-in-checked", "instances": len(risks)}
+    if black_out_top > 0:
+        details = {"event": "black-out", "rows": black_out_top, "instances": len(risks)}
+    elif not checked:
+        raise BurnedInRefused(refusal(risks))
     if consult is not None:
         details["consult"] = consult
     audit.append(AuditKind.SHARE, now=now, study_uid=study_uid, peer=peer, details=details)
-    return True
+    return black_out_top <= 0
 
 
 def audit_identified(
@@ -137,7 +143,9 @@ def deidentifier(
 
     def prepare(files: Iterable[bytes]) -> Iterator[bytes]:
         policy = BurnedInPolicy.ALLOW if pseudonyms.burned_in_checked else BurnedInPolicy.REFUSE
-        share = ShareContext(pseudonyms=pseudonyms, burned_in=policy)
+        share = ShareContext(
+            pseudonyms=pseudonyms, burned_in=policy, black_out_top=pseudonyms.black_out_top
+        )
         for data in files:
             yield deidentify(data, share)
         pseudonyms.persist(path, key)

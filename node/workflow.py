@@ -227,6 +227,7 @@ class Terms:
     deadline_seconds: int = 3600
     deidentify: bool = True
     burned_in_checked: bool = False  # a person checked the pixels (audited when it mattered)
+    black_out_top: int = 0  # Clean Pixel Data: rows blacked out atop burned-in candidates
 
 
 async def _new_request(
@@ -258,7 +259,9 @@ async def _new_request(
             terms.burned_in_checked,
             now=rt.clock(),
             consult=request.id,
+            black_out_top=terms.black_out_top,
         )
+        pseudonyms.black_out_top = terms.black_out_top
     return request, pseudonyms
 
 

@@ -36,7 +36,7 @@ from crypto.identity import Identity, NodeId
 from node import control, sharing, workflow
 from node.audit import AuditKind, open_audit
 from node.commands.identity import home_of
-from node.commands.transfer import progress_line
+from node.commands.transfer import pixel_rows, progress_line
 from node.config import NodeConfig, NodeHome
 from node.deid import PseudonymMap
 from node.keystore import load_identity
@@ -113,6 +113,7 @@ async def _op_request(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) ->
         deadline_seconds=a["deadline_seconds"],
         deidentify=a["deidentify"],
         burned_in_checked=bool(a.get("burned_in_checked")),
+        black_out_top=int(a.get("black_out_top") or 0),
     )
     if a["to"] is None:
         request, _, sent = await workflow.route_consult(
@@ -154,6 +155,7 @@ def _request_online(args: argparse.Namespace, home: NodeHome) -> bytes | None:
             "deadline_seconds": int(args.deadline_hours * 3600),
             "deidentify": not args.identified,
             "burned_in_checked": args.burned_in_checked,
+            "black_out_top": args.black_out_top,
         },
     )
     print(f"Consult {done['id']} requested ({done['priority']}, {done['subspecialty']})")
@@ -250,7 +252,9 @@ def _offline_share(
                     now=time.time(),
                     peer=who,
                     consult=request.id,
+                    black_out_top=args.black_out_top,
                 )
+            pseudonyms.black_out_top = args.black_out_top
             key = identity.derive_key(sharing.PSEUDONYM_KEY_PURPOSE)
             pseudonyms.persist(workflow.pseudonym_map_path(home, request.id), key)
         audit.append(
@@ -529,6 +533,14 @@ def register(sub: Any) -> None:
         action="store_true",
         help="a person checked the pixels of ultrasound/screen-capture images for burned-in "
         "text (audited)",
+    )
+    p.add_argument(
+        "--black-out-top",
+        type=pixel_rows,
+        default=0,
+        metavar="ROWS",
+        help="black out the top ROWS rows of ultrasound/screen-capture images, where the "
+        "machine writes name, id and date (Clean Pixel Data; audited)",
     )
     p.add_argument("--out", metavar="FILE", help="also write the signed request to FILE")
     p.set_defaults(handler=cmd_request)

@@ -51,12 +51,13 @@ async def send_to_peer(
     *,
     identified: bool = False,
     burned_in_checked: bool = False,
+    black_out_top: int = 0,
 ) -> tr.State:
     """Send a stored study to a trusted peer, de-identified unless ``identified``."""
     key = await peer_key(runtime, peer)
     peer_id = str(NodeId.from_public_key(key))
     prepare = await asyncio.to_thread(  # reads every instance's header: off the event loop
-        _prepare_share, runtime, study_uid, peer_id, identified, burned_in_checked
+        _prepare_share, runtime, study_uid, peer_id, identified, burned_in_checked, black_out_top
     )
     conn = await runtime.transport.connect(key)
     return await send_study(
@@ -72,7 +73,12 @@ async def send_to_peer(
 
 
 def _prepare_share(
-    runtime: NodeRuntime, study_uid: str, peer_id: str, identified: bool, burned_in_checked: bool
+    runtime: NodeRuntime,
+    study_uid: str,
+    peer_id: str,
+    identified: bool,
+    burned_in_checked: bool,
+    black_out_top: int = 0,
 ) -> Callable[[Iterable[bytes]], Iterator[bytes]] | None:
     """The share's checks and records before anything is sent; the de-identifier, or
     None for an identified send (audited as such)."""
@@ -92,7 +98,9 @@ def _prepare_share(
         burned_in_checked,
         now=runtime.clock(),
         peer=peer_id,
+        black_out_top=black_out_top,
     )
+    pseudonyms.black_out_top = black_out_top
     pseudonyms.persist(path, key)  # the secret stays home before anything leaves
     return sharing.deidentifier(pseudonyms, path, key)
 
@@ -135,6 +143,7 @@ async def _op_send_study(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit)
         a["to"],
         identified=bool(a.get("identified")),
         burned_in_checked=bool(a.get("burned_in_checked")),
+        black_out_top=int(a.get("black_out_top") or 0),
     )
     return state.value
 
@@ -165,6 +174,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                     "to": args.to,
                     "identified": args.identified,
                     "burned_in_checked": args.burned_in_checked,
+                    "black_out_top": args.black_out_top,
                 },
                 lambda line: print(line, file=sys.stderr),
             )
@@ -187,6 +197,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         return 1
 
 
+def pixel_rows(text: str) -> int:
+    rows = int(text)
+    if not 0 <= rows <= 4096:
+        raise argparse.ArgumentTypeError("a number of pixel rows, 0 to 4096")
+    return rows
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("send", help="send a stored study to a trusted peer (it runs `fetch`)")
     p.add_argument("study_uid", metavar="STUDY_UID")
@@ -201,6 +218,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="a person checked the pixels of ultrasound/screen-capture images for burned-in "
         "text (audited)",
+    )
+    p.add_argument(
+        "--black-out-top",
+        type=pixel_rows,
+        default=0,
+        metavar="ROWS",
+        help="black out the top ROWS rows of ultrasound/screen-capture images, where the "
+        "machine writes name, id and date (Clean Pixel Data; audited)",
     )
     p.set_defaults(handler=cmd_send)
 

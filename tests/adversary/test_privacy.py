@@ -252,7 +252,7 @@ async def two_trusted_nodes(tmp_path: Path) -> AsyncIterator[tuple[NodeRuntime, 
         await b.stop()
 
 
-async def _send(a: NodeRuntime, b: NodeRuntime, study_uid: str, **flags: bool) -> str:
+async def _send(a: NodeRuntime, b: NodeRuntime, study_uid: str, **flags: object) -> str:
     """`radmesh send STUDY --to B [flags]` as the running node A executes it, B fetching."""
     fetching = asyncio.create_task(fetch_from_peer(b, str(a.identity.node_id), 30, io.StringIO()))
     try:
@@ -465,3 +465,49 @@ async def test_tui_share_form_refuses_ultrasound_until_pixels_checked_box_is_tic
             if r.details.get("event") == "burned-in-checked"
         ]
         assert checked.study_uid == study_uid
+
+
+# -- Clean Pixel Data: black out the band where ultrasound machines write the patient -------
+
+US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+
+
+def _us_rgb(rows: int = 32, cols: int = 24) -> bytes:
+    """An RGB ultrasound frame, no BurnedInAnnotation flag, every pixel bright."""
+    ds = pydicom.dcmread(io.BytesIO(generated_ct(1)[0]))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(US_IMAGE)
+    ds.Modality = "US"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    del ds.RescaleIntercept, ds.RescaleSlope
+    ds.PixelData = bytes([200]) * (rows * cols * 3)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_black_out_top_blanks_the_band_of_an_ultrasound_and_claims_clean_pixel_data() -> None:
+    shared = deidentify(_us_rgb(), ShareContext(black_out_top=6))
+    out = pydicom.dcmread(io.BytesIO(shared))
+    pixels = out.pixel_array
+    assert (pixels[:6] == 0).all()
+    assert (pixels[6:] == 200).all()
+    assert "113101" in {i.CodeValue for i in out.DeidentificationMethodCodeSequence}
+    # a CT is not a burned-in candidate: its pixels are never touched
+    ct = generated_ct(1)[0]
+    kept = pydicom.dcmread(io.BytesIO(deidentify(ct, ShareContext(black_out_top=6))))
+    assert kept.PixelData == pydicom.dcmread(io.BytesIO(ct)).PixelData
+
+
+@pytest.mark.timeout(120)
+async def test_send_with_black_out_delivers_the_ultrasound_blanked_and_audited(
+    tmp_path: Path,
+) -> None:
+    async with two_trusted_nodes(tmp_path) as (a, b):
+        study_uid = a.store.add_bytes(_us_rgb(), source="test").study_uid
+        assert await _send(a, b, study_uid, black_out_top=6) == "complete"
+        (got,) = _received(b)
+        assert (pydicom.dcmread(io.BytesIO(got)).pixel_array[:6] == 0).all()
+        events = [r.details for r in a.audit.records(kind="share")]
+        assert {"event": "black-out", "rows": 6, "instances": 1} in events
