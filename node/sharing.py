@@ -21,9 +21,12 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from node.audit import AuditKind, AuditLog
+from node.config import SharingConfig
 from node.deid import (
+    DEFAULT_OPTIONS,
     BurnedInPolicy,
     DeidError,
+    Option,
     PseudonymMap,
     ShareContext,
     burned_in_reason,
@@ -135,8 +138,24 @@ def load_or_new(path: Path, key: bytes) -> PseudonymMap:
     return PseudonymMap.load(path, key) if path.exists() else PseudonymMap()
 
 
+def options_of(config: SharingConfig) -> frozenset[Option]:
+    """The Annex E options of a share: the defaults plus what the site turned on."""
+    chosen = set(DEFAULT_OPTIONS)
+    for wanted, option in (
+        (config.clean_descriptors, Option.CLEAN_DESCRIPTORS),
+        (config.retain_device_identity, Option.RETAIN_DEVICE_IDENTITY),
+        (config.retain_institution_identity, Option.RETAIN_INSTITUTION_IDENTITY),
+    ):
+        if wanted:
+            chosen.add(option)
+    return frozenset(chosen)
+
+
 def deidentifier(
-    pseudonyms: PseudonymMap, path: Path, key: bytes
+    pseudonyms: PseudonymMap,
+    path: Path,
+    key: bytes,
+    options: frozenset[Option] = DEFAULT_OPTIONS,
 ) -> Callable[[Iterable[bytes]], Iterator[bytes]]:
     """A ``prepare`` for :func:`peer_transport.transfer_runner.send_study`: de-identifies
     one file at a time with one context, then saves the map with every UID in it."""
@@ -144,7 +163,10 @@ def deidentifier(
     def prepare(files: Iterable[bytes]) -> Iterator[bytes]:
         policy = BurnedInPolicy.ALLOW if pseudonyms.burned_in_checked else BurnedInPolicy.REFUSE
         share = ShareContext(
-            pseudonyms=pseudonyms, burned_in=policy, black_out_top=pseudonyms.black_out_top
+            pseudonyms=pseudonyms,
+            options=options,
+            burned_in=policy,
+            black_out_top=pseudonyms.black_out_top,
         )
         for data in files:
             yield deidentify(data, share)

@@ -649,7 +649,8 @@ def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[Iterable[bytes]
         # consistent, and the map is saved once every instance UID is in it.
         path = _map_path(rt, consult_id)
         pseudonyms = PseudonymMap.load(path, _map_key(rt))
-        yield from sharing.deidentifier(pseudonyms, path, _map_key(rt))(files)
+        options = sharing.options_of(rt.config.sharing)
+        yield from sharing.deidentifier(pseudonyms, path, _map_key(rt), options)(files)
 
     return prepare
 

@@ -102,7 +102,7 @@ def _prepare_share(
     )
     pseudonyms.black_out_top = black_out_top
     pseudonyms.persist(path, key)  # the secret stays home before anything leaves
-    return sharing.deidentifier(pseudonyms, path, key)
+    return sharing.deidentifier(pseudonyms, path, key, sharing.options_of(runtime.config.sharing))
 
 
 async def fetch_from_peer(

@@ -27,11 +27,11 @@ from pydicom.uid import UID
 from consult.requests import ConsultRequest, Priority
 from crypto import canonical, keyfile
 from crypto.identity import Identity
-from node import deid, workflow
+from node import deid, sharing, workflow
 from node.audit import open_audit
 from node.cli import main
 from node.commands.transfer import fetch_from_peer
-from node.config import DicomConfig, NodeHome
+from node.config import DicomConfig, NodeConfig, NodeHome
 from node.control import OPERATIONS
 from node.deid import (
     BurnedInAnnotationError,
@@ -511,3 +511,13 @@ async def test_send_with_black_out_delivers_the_ultrasound_blanked_and_audited(
         assert (pydicom.dcmread(io.BytesIO(got)).pixel_array[:6] == 0).all()
         events = [r.details for r in a.audit.records(kind="share")]
         assert {"event": "black-out", "rows": 6, "instances": 1} in events
+
+
+def test_clean_descriptors_is_a_site_setting_off_by_default() -> None:
+    assert sharing.options_of(NodeConfig().sharing) == deid.DEFAULT_OPTIONS
+    chosen = NodeConfig.from_toml("[sharing]\nclean_descriptors = true\n").sharing
+    options = sharing.options_of(chosen)
+    assert Option.CLEAN_DESCRIPTORS in options
+    out = pydicom.dcmread(io.BytesIO(deidentify(hostile_ct(), ShareContext(options=options))))
+    assert out.StudyDescription == "CT HEAD"
+    assert _leaks(deidentify(hostile_ct(), ShareContext(options=options))) == []
