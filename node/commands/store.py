@@ -98,7 +98,17 @@ def cmd_studies(args: argparse.Namespace) -> int:
                         f"{series.description or '(no description)'}  {series.body_part}  "
                         f"{series.instance_count} inst  {series.series_uid}"
                     )
+    if args.phi:
+        _audit_phi_listing(home, identity, len(rows))
     return 0
+
+
+def _audit_phi_listing(home: NodeHome, identity: Identity, studies: int) -> None:
+    """Patient names and ids shown on screen: a view, recorded (never the names)."""
+    with open_audit(home, identity) as audit:
+        audit.append(
+            AuditKind.VIEW, now=time.time(), details={"by": "studies --phi", "studies": studies}
+        )
 
 
 def _export(store: Store, study_uid: str, out: Path) -> tuple[int, int]:

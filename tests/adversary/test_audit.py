@@ -289,3 +289,15 @@ def test_doctor_reports_the_audit_state_and_a_cut_log(
     line = next(x for x in out.splitlines() if "audit log" in x)
     assert line.startswith("[FAIL]")
     assert "records 3 to 3 were cut from the tail" in line
+
+
+def test_listing_patient_names_is_a_view_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home, _ = _home_with_ct(tmp_path)
+    assert main(["--home", str(home.root), "studies"]) == 0
+    assert _records(home, "view") == []  # names hidden: nothing shown, nothing to record
+    assert main(["--home", str(home.root), "studies", "--phi"]) == 0
+    assert PATIENT_NAME in capsys.readouterr().out
+    assert _records(home, "view") == [(None, None, {"by": "studies --phi", "studies": 1})]
+    _no_phi(home)
