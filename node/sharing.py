@@ -13,6 +13,7 @@ is kept per (study, peer), so sending again gives the peer the same pseudonyms
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,42 @@ def confirm_burned_in(
         details["consult"] = consult
     audit.append(AuditKind.SHARE, now=now, study_uid=study_uid, peer=peer, details=details)
     return black_out_top <= 0
+
+
+class QuestionNamesPatient(DeidError):
+    """The free text that goes with a de-identified study identifies the patient."""
+
+
+def _found(item: str, text: str, *, capitalised: bool) -> bool:
+    """``item`` as a whole word of ``text``; a name part only where it is written with a
+    capital (so the surname White does not stop "white matter")."""
+    for match in re.finditer(rf"(?<!\w){re.escape(item)}(?!\w)", text, re.IGNORECASE):
+        if not capitalised or match.group(0)[0].isupper():
+            return True
+    return False
+
+
+def check_free_text(store: Store, study_uid: str, text: str, what: str) -> None:
+    """Refuse ``text`` (the clinical question) that names the study's patient: it leaves
+    with the de-identified study. The message does not repeat what was found."""
+    study = store.study(study_uid)
+    numbers = [study.patient_id, study.accession_number]
+    birth = study.patient_birth_date
+    if len(birth) == 8 and birth.isdigit():
+        numbers += [
+            birth,
+            f"{birth[:4]}-{birth[4:6]}-{birth[6:]}",
+            f"{birth[6:]}/{birth[4:6]}/{birth[:4]}",
+        ]
+    names = [part for part in re.split(r"[\^\s,]+", study.patient_name) if len(part) >= 3]
+    if any(_found(n, text, capitalised=False) for n in numbers if len(n) >= 3) or any(
+        _found(n, text, capitalised=True) for n in names
+    ):
+        raise QuestionNamesPatient(
+            f"the {what} contains the patient's name, id, accession number or birth date; "
+            "the study leaves de-identified, so nothing sent with it may identify the "
+            f"patient: rewrite the {what} without them"
+        )
 
 
 def audit_identified(

@@ -250,6 +250,7 @@ async def _new_request(
         deidentified=terms.deidentify,
     )
     if pseudonyms is not None:
+        sharing.check_free_text(rt.store, study_uid, terms.question, "clinical question")
         # reads every instance's header: off the event loop
         pseudonyms.burned_in_checked = await asyncio.to_thread(
             sharing.confirm_burned_in,

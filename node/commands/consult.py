@@ -244,6 +244,7 @@ def _offline_share(
             sharing.audit_identified(audit, original, now=time.time(), peer=who, via="consult")
         else:
             if store.instances(original):
+                sharing.check_free_text(store, original, args.question, "clinical question")
                 pseudonyms.burned_in_checked = sharing.confirm_burned_in(
                     store,
                     audit,

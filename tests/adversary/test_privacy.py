@@ -43,7 +43,7 @@ from node.deid import (
 )
 from node.keystore import load_identity, save_identity
 from node.runtime import NodeRuntime
-from node.sharing import BurnedInRefused
+from node.sharing import BurnedInRefused, QuestionNamesPatient
 from node.store import open_store
 from peer_transport.rtc import restrict_host_addresses
 from tests.dcmtk import generated_ct, require_dcmtk, storescu
@@ -521,3 +521,40 @@ def test_clean_descriptors_is_a_site_setting_off_by_default() -> None:
     out = pydicom.dcmread(io.BytesIO(deidentify(hostile_ct(), ShareContext(options=options))))
     assert out.StudyDescription == "CT HEAD"
     assert _leaks(deidentify(hostile_ct(), ShareContext(options=options))) == []
+
+
+# -- the free text sent with a de-identified study must not name the patient ---------------
+
+
+@pytest.mark.timeout(120)
+async def test_a_question_naming_the_patient_is_refused_before_anything_leaves(
+    tmp_path: Path,
+) -> None:
+    async with two_trusted_nodes(tmp_path) as (a, b):
+        study_uid = a.store.add_bytes(hostile_ct(), source="test").study_uid
+        assert b.record is not None
+        for question in (
+            "Henrietta fell at home: bleed?",
+            "bleed? (MRN77341)",
+            "born 1952-07-14, bleed?",
+        ):
+            terms = workflow.Terms(question, Priority.STAT, "neuro", "IE")
+            with pytest.raises(QuestionNamesPatient) as refused:
+                await workflow.request_consult(a, b.record.public_key, study_uid, terms)
+            assert _leaks(str(refused.value).encode()) == []
+        assert a.consults.cases() == []
+        fine = workflow.Terms("subdural bleed? midline shift?", Priority.STAT, "neuro", "IE")
+        await workflow.request_consult(a, b.record.public_key, study_uid, fine)
+
+
+def test_a_common_word_that_is_also_the_surname_is_not_refused(tmp_path: Path) -> None:
+    home, identity = make_home(tmp_path, "n", "", [])
+    ds = pydicom.dcmread(io.BytesIO(generated_ct(1)[0]))
+    ds.PatientName, ds.PatientID = "WHITE^WALTER", "H4411"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    with open_store(home, identity) as store:
+        study_uid = store.add_bytes(buf.getvalue(), source="test").study_uid
+        sharing.check_free_text(store, study_uid, "white matter lesions?", "question")
+        with pytest.raises(QuestionNamesPatient):
+            sharing.check_free_text(store, study_uid, "Mr White, white matter?", "question")
