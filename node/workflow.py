@@ -137,13 +137,13 @@ class Share:
     deidentified: bool
 
 
-def _map_path(rt: NodeRuntime, consult_id: str) -> Path:
-    return rt.home.data_dir / "pseudonyms" / f"{consult_id}.map"
-
-
 def pseudonym_map_path(home: NodeHome, consult_id: str) -> Path:
-    """Where a consult's pseudonym map lives in a home (for a request made offline)."""
+    """Where a consult's pseudonym map lives in a home (also for a request made offline)."""
     return home.data_dir / "pseudonyms" / f"{consult_id}.map"
+
+
+def _map_path(rt: NodeRuntime, consult_id: str) -> Path:
+    return pseudonym_map_path(rt.home, consult_id)
 
 
 def _map_key(rt: NodeRuntime) -> bytes:
