@@ -22,7 +22,7 @@ import pydicom
 import pytest
 
 from crypto.identity import Identity
-from node.audit import AUDIT_NAME, open_audit
+from node.audit import AUDIT_NAME, AuditError, open_audit
 from node.cli import main
 from node.config import DicomConfig, NodeHome
 from node.dicom_net import DicomListener, send_to_pacs
@@ -139,6 +139,12 @@ def test_deleting_the_high_water_mark_is_detected_and_blocks_signing(
     assert code != 0
     assert "high-water mark" in out
     assert "deleted" in out
+    with open_audit(home, identity) as audit:  # nothing is signed over a cut log
+        audit.append("import", now=time.time(), study_uid="1.2.4")
+        with pytest.raises(AuditError, match="no checkpoint signed"):
+            audit.checkpoint(time.time())
+        assert audit.unsigned() == 1
+    assert not (home.root / "audit.hwm").exists()
 
 
 def test_a_forged_high_water_mark_is_refused(
