@@ -38,7 +38,7 @@ from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sea
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 from crypto.org import CERT_TYPE
-from node.audit import AuditKind, AuditLog, open_audit
+from node.audit import AuditError, AuditKind, AuditLog, open_audit
 from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.control import ControlServer, HomeLock
 from node.dicom_net import DicomListener
@@ -81,6 +81,7 @@ MAX_LEARNING = 1024  # untrusted senders remembered for LEARN_AGAIN
 MAX_LOOKUPS = 4  # untrusted senders' records looked up at once (more: not looked up)
 GC_INTERVAL = 6 * 3600.0  # store clean-up (orphan blobs) at start and this often
 GC_MAX_REMOVE = 10_000  # blobs one clean-up removes at most (the next one goes on)
+AUDIT_CHECKPOINT_INTERVAL = 60.0  # seconds: unsigned audit records wait at most this long
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 
@@ -207,6 +208,7 @@ class NodeRuntime:
         self._cert: bytes | None = None
         self._learned: dict[NodeId, float] = {}  # untrusted sender -> when its record was sought
         self._lookups = 0
+        self.audit_checkpoint_interval = AUDIT_CHECKPOINT_INTERVAL
 
     # -- lifecycle --------------------------------------------------------------------
     def now(self) -> int:
@@ -284,6 +286,7 @@ class NodeRuntime:
                 self.config.dicom, on_stream=self._dicom_stream, spool_dir=data / "incoming"
             )
             self.dicom.start()
+        self.spawn(self._audit_checkpoints())
         if self.control is not None:
             await self.control.start()
         self.spawn(self._gc_loop())  # blobs a crashed writer left behind
@@ -309,6 +312,7 @@ class NodeRuntime:
         self.directory.close()
         self.consults.close()
         self.trust.close()
+        self._sign_audit()
         self.audit.close()
         self.store.close()
         self._home_lock.release()
@@ -680,6 +684,20 @@ class NodeRuntime:
                 study_uid=result.study_uid,
                 details={"from": f"dicom:{calling_ae}", "sop": result.sop_instance_uid},
             )
+
+    def _sign_audit(self) -> None:
+        """Sign the audit log's unsigned records (whoever appended them: this node, or a
+        command run on this home meanwhile)."""
+        try:
+            if self.audit.unsigned():
+                self.audit.checkpoint(self.clock())
+        except AuditError as exc:
+            log.error("audit log not signed: %s; run `radmesh audit verify`", exc)
+
+    async def _audit_checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(self.audit_checkpoint_interval)
+            self._sign_audit()
 
     def _audit_consult(self, consult_id: str, transition: Transition) -> None:
         self.audit.append(

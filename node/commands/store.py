@@ -104,7 +104,17 @@ def cmd_studies(args: argparse.Namespace) -> int:
                             f"{series.instance_count} inst  {series.series_uid}"
                         )
                     )
+    if args.phi:
+        _audit_phi_listing(home, identity, len(rows))
     return 0
+
+
+def _audit_phi_listing(home: NodeHome, identity: Identity, studies: int) -> None:
+    """Patient names and ids shown on screen: a view, recorded (never the names)."""
+    with open_audit(home, identity) as audit:
+        audit.append(
+            AuditKind.VIEW, now=time.time(), details={"by": "studies --phi", "studies": studies}
+        )
 
 
 def _export(store: Store, study_uid: str, out: Path) -> tuple[int, int]:
@@ -169,6 +179,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     )
     if report.unsigned_tail:
         print(f"{report.unsigned_tail} record(s) after the last checkpoint are not signed yet")
+    if report.high_water is not None:
+        print(f"signed high-water mark (kept outside the log): record {report.high_water}")
     if report.ok:
         print("audit log intact")
         return 0
