@@ -67,7 +67,6 @@ from node.sealed_spool import SpoolCorrupted, new_key, open_spooled
 log = logging.getLogger(__name__)
 
 VERIFICATION = UID("1.2.840.10008.1.1")
-SOURCE_AE_TAG = 0x00020016  # (0002,0016) Source Application Entity Title
 
 # Transfer syntaxes the listener accepts for every storage SOP class.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
