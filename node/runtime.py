@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import nacl.exceptions
@@ -41,7 +42,9 @@ from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.control import ControlServer, HomeLock
 from node.dicom_net import DicomListener
 from node.errors import NodeError
+from node.replay_store import PersistentReplayGuard
 from node.store import Store, open_store
+from node.supervise import Supervisor
 from node.transfers import TransferTracker
 from node.wirecache import KEY_PURPOSE as WIRECACHE_KEY
 from node.wirecache import open_cache
@@ -49,9 +52,10 @@ from peer_transport.connection import Transport, TransportOptions
 from peer_transport.rtc import IceServer, RtcOptions
 from peer_transport.signaling import SIGNAL_TYPE
 from registry.client import MultiRegistry, RegistryClient, RegistryConnection
-from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
-from registry.errors import RegistryError, RemoteRegistryError
+from registry.directory import MdnsFinder, Peer, PeerDirectory, RegistryFinder
+from registry.errors import RegistryError, RemoteRegistryError, TrustError
 from registry.lan import LanEndpoint, post_signal
+from registry.limits import StrangerGate
 from registry.mdns import LanDiscovery
 from registry.records import LanPointer, NodeRecord
 from registry.trust import TrustStore
@@ -81,6 +85,20 @@ def sealed_type(identity: Identity, sealed: bytes) -> str | None:
         return None
 
 
+def sealed_signer(identity: Identity, sealed: bytes) -> tuple[str, bytes] | None:
+    """(message type, signer key) of ``sealed`` once its signature checks, or None.
+
+    Enough to decide who pays for a message before anything else is done with it;
+    the consumer still opens it with every check (recipient, expiry, replay)."""
+    try:
+        inner = nacl.public.SealedBox(identity.x25519_private()).decrypt(sealed)
+        envelope = SignedEnvelope.from_wire(inner)
+        envelope.verify(envelope.type)
+    except (nacl.exceptions.CryptoError, CryptoError, ValueError):
+        return None
+    return envelope.type.removeprefix(SEALED_PREFIX), envelope.signer
+
+
 def seal_node_message(identity: Identity, to: bytes, kind: str, wire: bytes, now: int) -> bytes:
     return seal(identity, to, NODE_MSG, {"kind": kind, "wire": wire}, now=now, ttl=NODE_MSG_TTL)
 
@@ -96,24 +114,52 @@ class SignalRouter:
     def __init__(self, runtime: NodeRuntime) -> None:
         self._runtime = runtime
         self._rtc: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
+        # Offers from keys this node does not trust wait in their own small queue,
+        # read only when no trusted signal is waiting: strangers never starve peers.
+        self._rtc_strangers: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE // 8)
+        self._arrived = asyncio.Event()
+        self.errors = 0  # messages whose handling failed unexpectedly (logged, loop went on)
 
     async def feed(self, sealed: bytes) -> None:
+        """Take one sealed message from any source; never raises (one bad message must
+        not end the loop that feeds this)."""
+        try:
+            await self._feed(sealed)
+        except Exception:
+            self.errors += 1
+            log.exception("a sealed message could not be handled; dropped it and went on")
+
+    async def _feed(self, sealed: bytes) -> None:
         if len(sealed) > MAX_NODE_MSG:
             return
-        kind = sealed_type(self._runtime.identity, sealed)
+        rt = self._runtime
+        opened = sealed_signer(rt.identity, sealed)
+        if opened is None:
+            log.info("dropped a sealed message this node cannot open")
+            return
+        kind, signer = opened
+        trusted = rt.trust.is_trusted(signer, rt.now())
+        if not trusted and not rt.strangers.allow(signer, rt.clock()):
+            return  # over the unknown-key budget: dropped quietly, counted by the gate
         if kind == SIGNAL_TYPE:
             with contextlib.suppress(asyncio.QueueFull):
-                self._rtc.put_nowait(sealed)
+                (self._rtc if trusted else self._rtc_strangers).put_nowait(sealed)
+                self._arrived.set()
         elif kind == NODE_MSG:
-            await self._runtime._on_node_message(sealed)
+            await rt._on_node_message(sealed)
         else:
-            log.info("dropped a sealed message this node cannot use (%s)", kind or "undecryptable")
+            log.info("dropped a sealed message this node cannot use (%s)", kind)
 
     async def send(self, to: bytes, sealed: bytes) -> None:
         await self._runtime.send_sealed(to, sealed)
 
     async def receive(self) -> bytes:
-        return await self._rtc.get()
+        while True:
+            for queue in (self._rtc, self._rtc_strangers):
+                if not queue.empty():
+                    return queue.get_nowait()
+            self._arrived.clear()
+            await self._arrived.wait()
 
 
 @dataclass
@@ -157,7 +203,9 @@ class NodeRuntime:
         self._mdns_interfaces = mdns_interfaces
         self._transport_options = transport_options
         self.router = SignalRouter(self)
-        self.guard = ReplayGuard()
+        self.guard: ReplayGuard = ReplayGuard()  # on disk once started (PersistentReplayGuard)
+        self.strangers = StrangerGate()  # budget of messages from keys this node does not trust
+        self.supervisor = Supervisor()  # restarts a receive loop that crashed
         self.handlers: dict[str, MessageHandler] = {}
         self.notifications: asyncio.Queue[str] = asyncio.Queue(QUEUE_SIZE)
         self.registry_connections: dict[str, RegistryConnection] = {}
@@ -198,6 +246,7 @@ class NodeRuntime:
         self.store.use_wire_cache(cache, warm=self._warm_cache)
         self.audit: AuditLog = open_audit(self.home, self.identity)
         self.trust = TrustStore(self.home.trust_db)
+        self.guard = PersistentReplayGuard.in_data_dir(data)
         self.consults = ConsultDB.in_data_dir(data, audit=self._audit_consult)
         network = self.config.network
         self.registries = MultiRegistry(
@@ -210,6 +259,7 @@ class NodeRuntime:
                 own_id=self.identity.node_id,
                 on_found=self._found_on_lan,
                 clock=self.clock,
+                is_trusted=lambda key: self.trust.is_trusted(key, self.now()),
             )
             finders.append(MdnsFinder(self.discovery))
         self.directory = PeerDirectory(self.home.peers_db, self.trust, finders)
@@ -228,14 +278,17 @@ class NodeRuntime:
             is_trusted=lambda key: self.trust.is_trusted(key, self.now()),
             options=options,
             clock=self.clock,
+            replay_guard=self.guard,
         )
         await self.transport.start()
         self.live_hub()  # answers live-session invites from trusted peers
         # One round before returning, so a started node can be found at once.
         await asyncio.gather(*(self._registry_step(url) for url in network.registries))
         for url in network.registries:
-            self.spawn(self._registry_loop(url))
-            self.spawn(self._turn_loop(url))
+            self.spawn(
+                self.supervisor.run(f"registry {url} loop", partial(self._registry_loop, url))
+            )
+            self.spawn(self.supervisor.run(f"registry {url} TURN", partial(self._turn_loop, url)))
         if self.discovery is not None:
             await self.discovery.start()
             await self.discovery.advertise(
@@ -269,6 +322,8 @@ class NodeRuntime:
         self.directory.close()
         self.consults.close()
         self.trust.close()
+        if isinstance(self.guard, PersistentReplayGuard):
+            self.guard.close()
         self.audit.close()
         self.store.close()
         self._home_lock.release()
@@ -322,7 +377,7 @@ class NodeRuntime:
                 conn = client.connect()
                 await conn.__aenter__()
                 self.registry_connections[url] = conn
-                self.spawn(self._pump(conn))
+                self.spawn(self.supervisor.run(f"registry {url} pump", partial(self._pump, conn)))
             self.registry_state[url] = "connected"
         except RegistryError as exc:
             self.registry_state[url] = f"unreachable: {exc}"
@@ -371,7 +426,7 @@ class NodeRuntime:
         node_id = NodeId.from_public_key(to)
         peer = await self.directory.resolve(node_id, self.now())
         errors: list[str] = []
-        for url in peer.record.lan_urls if peer is not None else ():
+        for url in self._lan_urls(peer):
             try:
                 await post_signal(url, sealed)
                 return "delivered (LAN)"
@@ -387,6 +442,14 @@ class NodeRuntime:
             + ("; ".join(errors) or "no LAN address known and no registry connected")
             + ". Check `radmesh peers show` and `radmesh doctor`."
         )
+
+    def _lan_urls(self, peer: Peer | None) -> tuple[str, ...]:
+        """A peer's LAN URLs, only when its key is trusted: the URL is the peer's choice,
+        so an unknown key must not make this node contact anything (it is reached
+        through a registry, which relays to the key and nowhere else)."""
+        if peer is None or not self.trust.is_trusted(peer.record.public_key, self.now()):
+            return ()
+        return peer.record.lan_urls
 
     # -- node messages (no live connection needed) --------------------------------------
     async def send_message(self, to: bytes, kind: str, wire: bytes) -> str:
@@ -416,7 +479,7 @@ class NodeRuntime:
             if handler is None:
                 raise RuntimeError_(f"no handler for node message kind {body['kind']!r}")
             await handler(opened.sender_id, body["kind"], body["wire"])
-        except (CryptoError, NodeError, ConsultError) as exc:
+        except (CryptoError, NodeError, ConsultError, RegistryError) as exc:
             log.warning("refused a node message: %s", exc)
 
     async def _on_consult_message(self, sender: NodeId, kind: str, wire: bytes) -> None:
@@ -426,7 +489,12 @@ class NodeRuntime:
             raise RuntimeError_(f"{sender.short()} is not trusted: {kind} ignored")
         if not trusted and public_key is not None:
             # First contact: a request may land in the inbox, nothing is shared back.
-            self.trust.first_contact(public_key, self.now(), summary="consult request")
+            try:
+                self.trust.first_contact(public_key, self.now(), summary="consult request")
+            except TrustError:  # the inbox is full: drop quietly, a person reviews it
+                self.strangers.dropped += 1
+                log.debug("contact inbox full: a request from %s was dropped", sender.short())
+                return
         intake: Intake = take_in(self.consults, wire, self.now(), sender=sender)
         self.notify(intake.summary)
         for peer in intake.withdraw:

@@ -20,6 +20,7 @@ from crypto.channel import DatagramOpener, DatagramSealer, StreamOpener, StreamS
 from crypto.envelope import ReplayGuard
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
+from node.supervise import supervise
 from peer_transport import frames as fr
 from peer_transport import transfer as tr
 from peer_transport.errors import (
@@ -162,6 +163,9 @@ class _Session:
             self._receive(channel, data)
         except (TransportError, CryptoError) as exc:
             self.conn._session_failed(self, exc)
+        except Exception as exc:  # a handler's bug: this session ends, the node goes on
+            log.exception("a message from %s could not be handled", self.conn.peer_id.short())
+            self.conn._session_failed(self, RemoteProtocolError(f"message not handled: {exc}"))
 
     def _receive(self, channel: str, data: bytes) -> None:
         if len(data) > fr.MAX_MESSAGE:
@@ -703,7 +707,10 @@ class Transport:
         options: TransportOptions | None = None,
         inbox: InboxHook | None = None,
         clock: Callable[[], float] = time.time,
+        replay_guard: ReplayGuard | None = None,
     ) -> None:
+        """``replay_guard``: a node passes its guard kept on disk, so a restart does not
+        accept signals it already saw."""
         self.identity = identity
         self.signaling = signaling
         self.is_trusted = is_trusted
@@ -715,7 +722,7 @@ class Transport:
         self.turn_servers: tuple[IceServer, ...] = ()
         self.handlers: dict[str, RequestHandler] = {}
         self.closing = False
-        self._guard = ReplayGuard()
+        self._guard = replay_guard if replay_guard is not None else ReplayGuard()
         self._handshake_replays = hs.ReplayCache()
         self._answers: dict[bytes, tuple[bytes, asyncio.Future[SignalMessage]]] = {}
         self._connections: dict[bytes, PeerConnection] = {}
@@ -732,7 +739,7 @@ class Transport:
         self.handlers[kind] = handler
 
     async def start(self) -> None:
-        self._reader = asyncio.ensure_future(self._read_signals())
+        self._reader = asyncio.ensure_future(supervise("signal reader", self._read_signals))
 
     async def __aenter__(self) -> Transport:
         await self.start()
@@ -887,22 +894,28 @@ class Transport:
         while True:
             data = await self.signaling.receive()
             try:
-                sender, message = SignalMessage.open(self.identity, data, self._now(), self._guard)
-            except SignalingError as exc:
-                log.warning("signal refused: %s", exc)
-                continue
-            if message.kind == "offer":
-                self._spawn(self._respond(sender, message))
-                continue
-            pending = self._answers.get(message.session)
-            if pending is None or pending[0] != sender:
-                log.warning(
-                    "signal answer from %s matches no call we made; ignored",
-                    NodeId.from_public_key(sender).short(),
-                )
-                continue
-            if not pending[1].done():
-                pending[1].set_result(message)
+                self._take_signal(data)
+            except Exception:  # one signal never ends the reader
+                log.exception("a signal could not be handled; dropped it")
+
+    def _take_signal(self, data: bytes) -> None:
+        try:
+            sender, message = SignalMessage.open(self.identity, data, self._now(), self._guard)
+        except SignalingError as exc:
+            log.warning("signal refused: %s", exc)
+            return
+        if message.kind == "offer":
+            self._spawn(self._respond(sender, message))
+            return
+        pending = self._answers.get(message.session)
+        if pending is None or pending[0] != sender:
+            log.warning(
+                "signal answer from %s matches no call we made; ignored",
+                NodeId.from_public_key(sender).short(),
+            )
+            return
+        if not pending[1].done():
+            pending[1].set_result(message)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
