@@ -69,6 +69,7 @@ class LanDiscovery:
         self._is_trusted = is_trusted
         self.found: dict[NodeId, NodeRecord] = {}
         self.heard: dict[NodeId, LanPointer] = {}  # untrusted: announced, never contacted
+        self.refused: dict[NodeId, str] = {}  # why an advertised id's service was ignored
         self.rejected = 0
         self._changed = asyncio.Event()
 
@@ -179,13 +180,18 @@ class LanDiscovery:
         advertised = NodeId.parse(raw_id.decode(errors="replace"))
         if advertised == self._own_id:
             return None
-        pointer = LanPointer.from_wire(raw_ptr)
-        if pointer.node_id != advertised:
-            raise RecordError("mDNS pointer is signed by another node than the advertised id")
-        if not self._is_trusted(pointer.public_key):
-            self._hear(pointer)
-            return None
-        return await fetch_record(pointer.endpoint, int(self._clock()), advertised)
+        try:
+            pointer = LanPointer.from_wire(raw_ptr)
+            if pointer.node_id != advertised:
+                raise RecordError("mDNS pointer is signed by another node than the advertised id")
+            if not self._is_trusted(pointer.public_key):
+                self._hear(pointer)
+                return None
+            return await fetch_record(pointer.endpoint, int(self._clock()), advertised)
+        except (RegistryError, CryptoError) as exc:
+            if advertised in self.refused or len(self.refused) < MAX_FOUND:
+                self.refused[advertised] = str(exc)
+            raise
 
     def _hear(self, pointer: LanPointer) -> None:
         held = self.heard.get(pointer.node_id)
