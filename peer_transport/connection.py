@@ -978,16 +978,24 @@ class Transport:
                 self._spawn(self._expire_inbox(conn))
             conn._attach(session)
             if trusted:
-                try:
-                    self._accepted.put_nowait(conn)
-                except asyncio.QueueFull:
-                    await conn.close("too many unaccepted connections")
+                self._offer_accepted(conn)
         else:
             old = conn._session
             if old is not None and not old.down:
                 old.down = True
                 await old.close()
             conn._attach(session)
+
+    def _offer_accepted(self, conn: PeerConnection) -> None:
+        """Queue ``conn`` for :meth:`accept`. A node that never calls accept() (its
+        handlers serve every connection) must still take trusted peers: when the queue
+        is full the oldest entry leaves it (that connection stays up), never the new one."""
+        while True:
+            try:
+                self._accepted.put_nowait(conn)
+                return
+            except asyncio.QueueFull:
+                self._accepted.get_nowait()
 
     async def _respond_handshake(
         self, sender: bytes, offer: SignalMessage, session: _Session

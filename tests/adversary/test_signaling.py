@@ -28,7 +28,7 @@ from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.keystore import load_identity, save_identity
 from node.runtime import NodeRuntime, seal_node_message
 from node.supervise import Supervisor
-from peer_transport.connection import Transport
+from peer_transport.connection import PeerConnection, Transport
 from peer_transport.signaling import MemorySignalingHub, SignalMessage
 from registry.client import RegistryClient, RegistryConnection
 from registry.errors import RecordError, RegistryError
@@ -38,6 +38,7 @@ from registry.mdns import LanDiscovery
 from registry.records import POINTER_TYPE, RECORD_TYPE, LanPointer, NodeRecord
 from registry.server import RegistryServer
 from tests.node.test_runtime import FAST, request_from, wait_for
+from tests.peer_transport.helpers import mesh
 
 WITHIN = 20.0  # seconds any one wait in these tests may take
 
@@ -459,3 +460,23 @@ async def test_a_captured_node_message_is_refused_after_the_node_restarts(
         await post_signal(node.lan_url, message(b"canary", node.identity.public_key))
         assert received == [b"once", b"canary"]
     assert stat.S_IMODE(guard_file.stat().st_mode) == 0o600
+
+
+# -- the same class: a queue nobody reads must not turn trusted peers away --------------
+async def test_trusted_peers_still_connect_when_nobody_calls_accept() -> None:
+    """A running node serves connections through its handlers and never calls accept();
+    once the accept queue is full, a new trusted peer must still get through."""
+    async with mesh() as m:
+        server = await m.node()
+        server._accepted = asyncio.Queue(1)  # the default holds 64: the same, sooner
+
+        async def echo(conn: PeerConnection, body: bytes) -> bytes:
+            return body
+
+        server.handle("test.echo", echo)
+        peers = [await m.node() for _ in range(2)]
+        for peer in peers:
+            m.trust(server, peer)
+        for peer in peers:
+            conn = await peer.connect(server.identity.public_key)
+            assert await conn.request("test.echo", b"hello", timeout=WITHIN) == b"hello"
