@@ -38,6 +38,7 @@ SERVICE_TYPE = "_radmesh._tcp.local."
 PROTOCOL_VERSION = b"1"
 MAX_CONCURRENT_FETCHES = 8
 MAX_FOUND = 1024
+MAX_PENDING_RESOLVES = 64  # announcements waiting to be resolved; more are dropped
 
 
 def instance_name(node_id: NodeId) -> str:
@@ -138,6 +139,9 @@ class LanDiscovery:
         state_change: ServiceStateChange,
     ) -> None:
         if state_change is ServiceStateChange.Removed:
+            return
+        if len(self._tasks) >= MAX_PENDING_RESOLVES:
+            self.rejected += 1  # an announcement flood: drop, the next announcement retries
             return
         task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
         self._tasks.add(task)

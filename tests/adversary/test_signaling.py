@@ -23,13 +23,16 @@ import pytest
 from aiohttp import web
 
 from crypto.envelope import ReplayGuard, SignedEnvelope, seal
+from crypto.errors import Replayed
 from crypto.identity import Identity, NodeId
 from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.keystore import load_identity, save_identity
+from node.replay_store import PersistentReplayGuard
 from node.runtime import NodeRuntime, seal_node_message
 from node.supervise import Supervisor
 from peer_transport.connection import PeerConnection, Transport
 from peer_transport.signaling import MemorySignalingHub, SignalMessage
+from registry import wsproto
 from registry.client import RegistryClient, RegistryConnection
 from registry.errors import RecordError, RegistryError
 from registry.lan import fetch_record, post_signal
@@ -480,3 +483,75 @@ async def test_trusted_peers_still_connect_when_nobody_calls_accept() -> None:
         for peer in peers:
             conn = await peer.connect(server.identity.public_key)
             assert await conn.request("test.echo", b"hello", timeout=WITHIN) == b"hello"
+
+
+# -- the same class: redirects, relay URLs, replay-guard eviction -----------------------
+async def test_no_http_client_follows_a_redirect(catcher: Catcher) -> None:
+    """A registry (or a LAN endpoint) answering 302 to a local service must not make the
+    node request it: lookups, publishing, LAN signals and the signaling socket."""
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(catcher.url + "/tools/shutdown")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", redirect)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    liar = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    mallory = Identity.generate()
+    try:
+        async with RegistryClient(liar, mallory) as client:
+            with pytest.raises(RegistryError):
+                await client.lookup(mallory.node_id)
+            with pytest.raises(RegistryError):
+                await client.publish(NodeRecord.create(mallory, now=int(time.time()), sequence=1))
+            conn = client.connect(connect_timeout=2.0)
+            with pytest.raises(RegistryError):
+                await conn.__aenter__()
+            await conn.close()
+        with pytest.raises(RegistryError):
+            await post_signal(liar, b"x")
+        assert catcher.hits == []
+        async with RegistryClient(catcher.url) as honest:  # canary: the catcher does answer
+            assert await honest.lookup(mallory.node_id) is None
+        assert catcher.hits == [f"GET /v1/records/{mallory.node_id}"]
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "turn:127.0.0.1:8042/tools/shutdown",
+        "http://127.0.0.1:8042",
+        "turn:admin@127.0.0.1:3478",
+        "turn:127.0.0.1:3478?transport=udp&x=1",
+        "turn:127.0.0.1:99999",
+    ],
+)
+def test_a_registry_cannot_hand_out_a_relay_url_that_is_not_turn_host_port(url: str) -> None:
+    frame = wsproto.TurnCredentials("u", "p", 600, (url,))
+    with pytest.raises(RegistryError, match="relay URL"):
+        wsproto.from_wire(wsproto.to_wire(frame))
+
+
+def test_relay_urls_coturn_gives_still_parse() -> None:
+    urls = ("turn:127.0.0.1:3478", "stun:127.0.0.1:3478", "turns:relay.example:5349?transport=tcp")
+    frame = wsproto.TurnCredentials("u", "p", 600, urls)
+    assert wsproto.from_wire(wsproto.to_wire(frame)) == frame
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_full_replay_guard_never_forgets_into_a_replay(tmp_path: Path, on_disk: bool) -> None:
+    """A flood of fresh messages makes the guard forget the oldest; that old message,
+    replayed, must still be refused (while new ones are taken)."""
+    guard = PersistentReplayGuard(tmp_path / "replay.db", 3) if on_disk else ReplayGuard(3)
+    sender = Identity.generate().public_key
+    guard.check_and_remember(sender, b"old-message-0000", 1000, 0)
+    for i in range(5):
+        guard.check_and_remember(sender, f"flood-message-{i:02d}".encode(), 2000 + i, 0)
+    assert len(guard) <= 3
+    with pytest.raises(Replayed):
+        guard.check_and_remember(sender, b"old-message-0000", 1000, 0)
+    guard.check_and_remember(sender, b"fresh-message-00", 3000, 0)  # canary
