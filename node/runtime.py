@@ -32,7 +32,7 @@ import nacl.public
 from consult.errors import ConsultError
 from consult.intake import Intake, take_in
 from consult.live import LiveHub
-from consult.requests import ConsultResponse, Event, Transition
+from consult.requests import ConsultResponse, Event, State, Transition
 from consult.store import ConsultDB
 from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
 from crypto.errors import CryptoError
@@ -66,6 +66,7 @@ NODE_MSG = "node-msg"
 NODE_MSG_TTL = 7 * 24 * 3600  # as long as a registry mailbox keeps it
 MAX_NODE_MSG = 60 * 1024
 QUEUE_SIZE = 256
+MAX_STRANGER_REQUESTS = 3  # requests from one untrusted key waiting for a person
 RECORD_TTL = 3600
 TURN_RETRY = 30.0  # seconds before asking a registry again for TURN credentials
 TURN_ASK_AGAIN = 3600.0  # ...when it said it offers no relay
@@ -74,15 +75,6 @@ MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 class RuntimeError_(NodeError):
     """The node could not start or do what was asked; the message says why."""
-
-
-def sealed_type(identity: Identity, sealed: bytes) -> str | None:
-    """The message type inside ``sealed`` (decrypts, does not verify), or None."""
-    try:
-        inner = nacl.public.SealedBox(identity.x25519_private()).decrypt(sealed)
-        return SignedEnvelope.from_wire(inner).type.removeprefix(SEALED_PREFIX)
-    except (nacl.exceptions.CryptoError, CryptoError, ValueError):
-        return None
 
 
 def sealed_signer(identity: Identity, sealed: bytes) -> tuple[str, bytes] | None:
@@ -487,6 +479,8 @@ class NodeRuntime:
         trusted = public_key is not None and self.trust.is_trusted(public_key, self.now())
         if not trusted and kind != "consult.request":
             raise RuntimeError_(f"{sender.short()} is not trusted: {kind} ignored")
+        if not trusted and self._stranger_has_enough(sender):
+            return
         if not trusted and public_key is not None:
             # First contact: a request may land in the inbox, nothing is shared back.
             try:
@@ -499,6 +493,14 @@ class NodeRuntime:
         self.notify(intake.summary)
         for peer in intake.withdraw:
             self.spawn(self._withdraw(intake.consult_id, peer))
+
+    def _stranger_has_enough(self, sender: NodeId) -> bool:
+        """An untrusted key may have only a few requests waiting for a person here."""
+        if self.consults.count_from(str(sender), State.REQUESTED) < MAX_STRANGER_REQUESTS:
+            return False
+        self.strangers.dropped += 1
+        log.debug("%s already has requests waiting: another one dropped", sender.short())
+        return True
 
     async def _withdraw(self, consult_id: str, peer: NodeId) -> None:
         """Tell an offered consultant the case is no longer theirs (someone accepted first)."""

@@ -28,7 +28,7 @@ from crypto.identity import Identity, NodeId
 from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.keystore import load_identity, save_identity
 from node.replay_store import PersistentReplayGuard
-from node.runtime import NodeRuntime, seal_node_message
+from node.runtime import MAX_STRANGER_REQUESTS, NodeRuntime, seal_node_message
 from node.supervise import Supervisor
 from peer_transport.connection import PeerConnection, Transport
 from peer_transport.signaling import MemorySignalingHub, SignalMessage
@@ -357,6 +357,24 @@ async def test_unknown_keys_are_rate_limited_per_key_and_in_total(
         await conn.close()
     assert len(victim.consults.cases()) == 6 + 1
     assert victim.strangers.dropped == 5
+
+
+async def test_one_unknown_key_gets_only_a_few_requests_waiting(
+    victim: NodeRuntime, registry: str
+) -> None:
+    """Within its rate, an unknown key still cannot pile up requests for a person."""
+    stranger = Identity.generate()
+    target = victim.identity.public_key
+    conn = await connected(registry, stranger)
+    try:
+        for _ in range(5):
+            await conn.send(victim.identity.node_id, consult_request(stranger, target)[1])
+        canary_id, canary = consult_request(trusted_peer(victim), target)
+        await conn.send(victim.identity.node_id, canary)
+        await wait_for(has_case(victim, canary_id), WITHIN)
+    finally:
+        await conn.close()
+    assert len(victim.consults.cases()) == MAX_STRANGER_REQUESTS + 1
 
 
 async def test_a_message_that_makes_a_handler_raise_does_not_end_the_registry_pump(
