@@ -573,11 +573,18 @@ class NodeRuntime:
             )
         return self._live_hub
 
+    def _registry_status(self, url: str) -> str:
+        """What the last publish said, unless the signaling socket is down right now."""
+        conn = self.registry_connections.get(url)
+        if conn is not None and not conn.ready:
+            return f"reconnecting: {conn.last_error or 'socket closed'}"
+        return self.registry_state[url]
+
     def status(self) -> Status:
         return Status(
             node_id=str(self.identity.node_id),
             lan_url=self.lan_url,
-            registries=dict(self.registry_state),
+            registries={url: self._registry_status(url) for url in self.registry_state},
             mdns=self.discovery is not None,
             dicom=(f"{self.dicom.ae_title} on port {self.dicom.port}" if self.dicom else "off"),
             turn=", ".join(f"relay from registry {url}" for url in self._turn) or "none",

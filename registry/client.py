@@ -255,6 +255,11 @@ class RegistryConnection:
                 await self._task
         self._fail_pending("connection closed")
 
+    @property
+    def ready(self) -> bool:
+        """True while the socket is open and authenticated."""
+        return self._ready.is_set()
+
     async def wait_ready(self) -> None:
         try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
             async with asyncio.timeout(self.connect_timeout):

@@ -573,3 +573,18 @@ def test_a_full_replay_guard_never_forgets_into_a_replay(tmp_path: Path, on_disk
     with pytest.raises(Replayed):
         guard.check_and_remember(sender, b"old-message-0000", 1000, 0)
     guard.check_and_remember(sender, b"fresh-message-00", 3000, 0)  # canary
+
+
+async def test_status_stops_saying_connected_when_the_registry_socket_is_down(
+    tmp_path: Path,
+) -> None:
+    server = RegistryServer(tmp_path / "registry.sqlite")
+    url = await server.start("127.0.0.1", 0)
+    try:
+        async with running(node_home(tmp_path, "victim", url)) as node:
+            await wait_for(lambda: node.status().registries.get(url) == "connected", WITHIN)
+            await server.stop()
+            await wait_for(lambda: node.status().registries[url] != "connected", WITHIN)
+            assert node.status().registries[url].startswith("reconnecting")
+    finally:
+        await server.stop()
