@@ -25,6 +25,7 @@ from aiohttp import web
 from crypto.envelope import ReplayGuard, SignedEnvelope, seal
 from crypto.errors import Replayed
 from crypto.identity import Identity, NodeId
+from node.commands import doctor
 from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.keystore import load_identity, save_identity
 from node.replay_store import PersistentReplayGuard
@@ -530,6 +531,8 @@ async def test_no_http_client_follows_a_redirect(catcher: Catcher) -> None:
             await conn.close()
         with pytest.raises(RegistryError):
             await post_signal(liar, b"x")
+        check = await asyncio.to_thread(doctor._registry_reachable, liar)  # `radmesh doctor`
+        assert not check.ok
         assert catcher.hits == []
         async with RegistryClient(catcher.url) as honest:  # canary: the catcher does answer
             assert await honest.lookup(mallory.node_id) is None
