@@ -52,7 +52,7 @@ from peer_transport.connection import Transport, TransportOptions
 from peer_transport.rtc import IceServer, RtcOptions
 from peer_transport.signaling import SIGNAL_TYPE
 from registry.client import MultiRegistry, RegistryClient, RegistryConnection
-from registry.directory import MdnsFinder, Peer, PeerDirectory, RegistryFinder
+from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
 from registry.errors import RegistryError, RemoteRegistryError, TrustError
 from registry.lan import LanEndpoint, post_signal
 from registry.limits import StrangerGate
@@ -416,9 +416,8 @@ class NodeRuntime:
     async def send_sealed(self, to: bytes, sealed: bytes) -> str:
         """Deliver sealed bytes: LAN endpoint first, then registries (live or mailbox)."""
         node_id = NodeId.from_public_key(to)
-        peer = await self.directory.resolve(node_id, self.now())
         errors: list[str] = []
-        for url in self._lan_urls(peer):
+        for url in await self._lan_urls(to):
             try:
                 await post_signal(url, sealed)
                 return "delivered (LAN)"
@@ -435,13 +434,15 @@ class NodeRuntime:
             + ". Check `radmesh peers show` and `radmesh doctor`."
         )
 
-    def _lan_urls(self, peer: Peer | None) -> tuple[str, ...]:
+    async def _lan_urls(self, to: bytes) -> tuple[str, ...]:
         """A peer's LAN URLs, only when its key is trusted: the URL is the peer's choice,
         so an unknown key must not make this node contact anything (it is reached
-        through a registry, which relays to the key and nowhere else)."""
-        if peer is None or not self.trust.is_trusted(peer.record.public_key, self.now()):
+        through a registry, which relays to the key and nowhere else; nor is its
+        record looked up and kept for it)."""
+        if not self.trust.is_trusted(to, self.now()):
             return ()
-        return peer.record.lan_urls
+        peer = await self.directory.resolve(NodeId.from_public_key(to), self.now())
+        return () if peer is None else peer.record.lan_urls
 
     # -- node messages (no live connection needed) --------------------------------------
     async def send_message(self, to: bytes, kind: str, wire: bytes) -> str:
