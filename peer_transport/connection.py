@@ -894,28 +894,25 @@ class Transport:
         while True:
             data = await self.signaling.receive()
             try:
-                self._take_signal(data)
-            except Exception:  # one signal never ends the reader
-                log.exception("a signal could not be handled; dropped it")
-
-    def _take_signal(self, data: bytes) -> None:
-        try:
-            sender, message = SignalMessage.open(self.identity, data, self._now(), self._guard)
-        except SignalingError as exc:
-            log.warning("signal refused: %s", exc)
-            return
-        if message.kind == "offer":
-            self._spawn(self._respond(sender, message))
-            return
-        pending = self._answers.get(message.session)
-        if pending is None or pending[0] != sender:
-            log.warning(
-                "signal answer from %s matches no call we made; ignored",
-                NodeId.from_public_key(sender).short(),
-            )
-            return
-        if not pending[1].done():
-            pending[1].set_result(message)
+                sender, message = SignalMessage.open(self.identity, data, self._now(), self._guard)
+            except SignalingError as exc:
+                log.warning("signal refused: %s", exc)
+                continue
+            except Exception:  # e.g. the replay guard's disk: one signal never ends the reader
+                log.exception("a signal could not be opened; dropped it")
+                continue
+            if message.kind == "offer":
+                self._spawn(self._respond(sender, message))
+                continue
+            pending = self._answers.get(message.session)
+            if pending is None or pending[0] != sender:
+                log.warning(
+                    "signal answer from %s matches no call we made; ignored",
+                    NodeId.from_public_key(sender).short(),
+                )
+                continue
+            if not pending[1].done():
+                pending[1].set_result(message)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
