@@ -264,9 +264,12 @@ async def test_an_unknown_key_cannot_make_the_node_contact_its_lan_url(
 
 @pytest.mark.parametrize("path", ["/tools/shutdown?x=", ""])
 async def test_an_mdns_announcement_from_an_unknown_key_is_not_fetched(
-    tmp_path: Path, catcher: Catcher, path: str
+    tmp_path: Path, catcher: Catcher, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The GET variant: Mallory announces on mDNS a signed pointer at a local service."""
+    # A service type of this test's own: other nodes on the shared loopback (other test
+    # runs) must neither see Mallory's announcement nor fetch from the catcher.
+    monkeypatch.setattr("registry.mdns.SERVICE_TYPE", f"_rm{os.urandom(5).hex()}._tcp.local.")
     mallory = Identity.generate()
     announcer = LanDiscovery(interfaces=["127.0.0.1"], own_id=mallory.node_id)
     async with running(node_home(tmp_path, "victim", mdns=True)) as node:
