@@ -124,9 +124,17 @@ def _dicom_senders(config: NodeConfig) -> Check:
     )
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A registry is untrusted: its 302 must not send this machine anywhere else."""
+
+    def redirect_request(self, *_args: object, **_kwargs: object) -> None:
+        return None  # urllib then raises HTTPError for the 3xx itself
+
+
 def _registry_reachable(url: str) -> Check:
+    opener = urllib.request.build_opener(_NoRedirects)
     try:
-        with urllib.request.urlopen(  # noqa: S310 - the operator's own configured registry
+        with opener.open(  # the operator's own configured registry, redirects refused
             url.rstrip("/") + "/v1/health", timeout=3
         ) as response:
             ok = response.status == 200
