@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AddResult",
+    "InstanceConflict",
     "InstanceRow",
     "InvalidDicom",
     "SeriesRow",
@@ -162,6 +163,25 @@ class StoreCorrupted(StoreError):
     """A blob fails authentication or does not match the index."""
 
 
+class InstanceConflict(StoreError):
+    """An instance with this SOP Instance UID is stored already, with other bytes.
+
+    The store never replaces one with the other (an instance from a peer must not
+    overwrite another study's): the stored one is kept, this one is not stored.
+    """
+
+    def __init__(self, info: InstanceInfo, *, series: bool = False) -> None:
+        super().__init__(
+            f"series {info.series_uid} is stored under another study: instance "
+            f"{info.sop_instance_uid} of study {info.study_uid} was not stored"
+            if series
+            else f"same instance UID, other bytes: instance {info.sop_instance_uid} is "
+            "already stored with different content; kept the first, this one was not stored"
+        )
+        self.sop_instance_uid = info.sop_instance_uid
+        self.study_uid = info.study_uid  # of the instance refused
+
+
 @dataclass(frozen=True)
 class AddResult:
     sop_instance_uid: str
@@ -170,8 +190,6 @@ class AddResult:
     content_hash: str  # hex SHA-256 of the original bytes
     size: int
     duplicate: bool
-    # The SOP Instance UID was stored before with different bytes; those were replaced.
-    replaced: bool = False
 
 
 @dataclass(frozen=True)
@@ -513,7 +531,7 @@ class Store:
         info: InstanceInfo,
         source: str,
     ) -> AddResult:
-        def result(duplicate: bool, replaced: bool = False) -> AddResult:
+        def result(duplicate: bool) -> AddResult:
             return AddResult(
                 info.sop_instance_uid,
                 info.series_uid,
@@ -521,7 +539,6 @@ class Store:
                 content_hash,
                 size,
                 duplicate,
-                replaced,
             )
 
         with self._lock:
@@ -530,6 +547,8 @@ class Store:
             ).fetchone()
             if row is not None and row[0] == content_hash:
                 return result(duplicate=True)
+            if row is not None:
+                raise InstanceConflict(info)
             same_content = self._db.execute(
                 "SELECT blob_id FROM instances WHERE content_hash = ? LIMIT 1", (content_hash,)
             ).fetchone()
@@ -544,14 +563,12 @@ class Store:
                 created = True
             try:
                 self._before_index_commit()
-                old_hash = self._insert(content_hash, blob_id, size, info, source)
+                self._insert(content_hash, blob_id, size, info, source)
             except BaseException:
                 if created:
                     final.unlink(missing_ok=True)
                 raise
-            if old_hash is not None:
-                self._drop_blob_if_unused(old_hash)
-            return result(duplicate=False, replaced=old_hash is not None)
+            return result(duplicate=False)
 
     def _patient_blob(self, info: InstanceInfo) -> tuple[str, bytes]:
         patient = msgpack.packb(
@@ -572,7 +589,7 @@ class Store:
 
     def _insert(
         self, content_hash: str, blob_id: bytes, size: int, info: InstanceInfo, source: str
-    ) -> str | None:
+    ) -> None:
         now = time.time()
         patient_key, patient = self._patient_blob(info)
         ranges = (
@@ -583,9 +600,17 @@ class Store:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            # Checked again inside the transaction: another process may have added it.
             old = db.execute(
                 "SELECT content_hash FROM instances WHERE sop_uid = ?", (info.sop_instance_uid,)
             ).fetchone()
+            if old is not None and old[0] != content_hash:
+                raise InstanceConflict(info)
+            owner = db.execute(
+                "SELECT study_uid FROM series WHERE series_uid = ?", (info.series_uid,)
+            ).fetchone()
+            if owner is not None and owner[0] != info.study_uid:
+                raise InstanceConflict(info, series=True)
             db.execute(
                 "INSERT OR IGNORE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -639,7 +664,6 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return None if old is None else str(old[0])
 
     def _drop_blob_if_unused(self, content_hash: str) -> None:
         used = self._db.execute(

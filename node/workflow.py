@@ -49,6 +49,7 @@ from consult.requests import (
     Event,
     Priority,
     State,
+    check_consult_id,
     rank_consultants,
 )
 from crypto import canonical
@@ -60,6 +61,7 @@ from node.deid import PseudonymMap, ShareContext
 from node.deid import deidentify as deidentify_instance
 from node.dicom_net import send_to_pacs
 from node.errors import NodeError
+from node.ids import local_name
 from node.runtime import NodeRuntime, RuntimeError_
 from node.transfers import Direction
 from peer_transport import transfer as tr
@@ -137,7 +139,7 @@ class Share:
 
 
 def _map_path(rt: NodeRuntime, consult_id: str) -> Path:
-    return rt.home.data_dir / "pseudonyms" / f"{consult_id}.map"
+    return rt.home.data_dir / "pseudonyms" / f"{local_name(consult_id)}.map"
 
 
 def _map_key(rt: NodeRuntime) -> bytes:
@@ -374,7 +376,7 @@ def _signed_consult_id(wire: bytes, what: str = "report") -> str:
     consult_id = body.get("consult") if isinstance(body, dict) else None
     if not isinstance(consult_id, str):
         raise LocalConsultError(f"{what} does not name its consult")
-    return consult_id
+    return check_consult_id(consult_id, what)  # a whole id: never resolved as a prefix
 
 
 def _patient_of(rt: NodeRuntime, study_uid: str) -> PatientStudy:
@@ -603,7 +605,10 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
     rt.handlers[REVIEW_KIND] = on_review
 
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
-        consult_id = rt.consults.resolve(body.decode(errors="replace"))
+        try:  # the peer names a whole consult id, never a prefix of one
+            consult_id = rt.consults.resolve(check_consult_id(body.decode(errors="replace")))
+        except ConsultError as exc:
+            raise RequestRefused("not-shared", "this study was not shared with your node") from exc
         role, peer, _ = rt.consults.info(consult_id)
         if role != "requester" or not peer or NodeId.parse(peer) != conn.peer_id:
             raise RequestRefused("not-shared", "this study was not shared with your node")
@@ -703,7 +708,8 @@ async def _serve(rt: NodeRuntime, conn: PeerConnection, consult_id: str, share: 
 
 
 def _spool_of(rt: NodeRuntime, consult_id: str) -> Path:
-    return rt.home.data_dir / "transfers" / consult_id
+    # Named by a hash: a consult id came from a peer, and a peer's string is never a path.
+    return rt.home.data_dir / "transfers" / f"consult-{local_name(consult_id)}"
 
 
 def _still_ours(rt: NodeRuntime, consult_id: str) -> bool:
@@ -788,6 +794,7 @@ async def _pull(rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback)
                 # the study as this consult shares it: another consult's transfer with the
                 # same node may run on this connection meanwhile
                 expect_study=rt.consults.get(consult_id).request.study_uid,
+                spool_key=_spool_key(rt),
             )
         )
         try:
@@ -807,23 +814,20 @@ async def _pull(rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback)
 
 def unfinished_fetches(rt: NodeRuntime) -> list[str]:
     """Consults whose study this node was fetching when it stopped (spool kept in
-    ``data/transfers/<consult>``). A consult's spool that has nothing left to resume,
+    ``data/transfers/consult-<hash of its id>``). A consult's spool that has nothing left to resume,
     or whose consult is no longer in this node's hands (withdrawn, reported), is removed;
     other spools there (``radmesh fetch``) are left alone."""
-    root = rt.home.data_dir / "transfers"
     found = []
-    for spool in sorted(root.iterdir()) if root.is_dir() else ():
-        try:
-            role, _, _ = rt.consults.info(spool.name)
-        except ConsultError:
-            continue  # not a consult's spool
-        if role != "consultant" or spool.name in _desk(rt).fetching:
+    for case in rt.consults.cases():
+        consult_id, spool = case.request.id, _spool_of(rt, case.request.id)
+        role, _, _ = rt.consults.info(consult_id)
+        if role != "consultant" or consult_id in _desk(rt).fetching or not spool.is_dir():
             continue
-        if _still_ours(rt, spool.name) and _unfinished(rt, spool.name, spool):
-            found.append(spool.name)
+        if _still_ours(rt, consult_id) and _unfinished(rt, consult_id, spool):
+            found.append(consult_id)
         else:
             shutil.rmtree(spool, ignore_errors=True)
-    return found
+    return sorted(found)
 
 
 def _unfinished(rt: NodeRuntime, consult_id: str, spool: Path) -> bool:
@@ -832,7 +836,14 @@ def _unfinished(rt: NodeRuntime, consult_id: str, spool: Path) -> bool:
     if rt.consults.get(consult_id).state is State.TRANSFERRING:
         return True
     _, _, wire = rt.consults.info(consult_id)
-    return wire is not None and tr.resume_request(tr.Spool(spool), _signer(wire)) is not None
+    return (
+        wire is not None
+        and tr.resume_request(tr.Spool(spool, _spool_key(rt)), _signer(wire)) is not None
+    )
+
+
+def _spool_key(rt: NodeRuntime) -> bytes:
+    return rt.identity.derive_key(tr.SPOOL_KEY_PURPOSE)
 
 
 async def _resume(rt: NodeRuntime, consult_id: str) -> None:
