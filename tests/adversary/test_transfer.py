@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import io
 import os
+import shutil
+import tempfile
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,9 +99,12 @@ async def test_a_consult_id_that_is_a_path_is_refused_at_parse_and_never_deletes
     tmp_path: Path, kind: str
 ) -> None:
     home, identity = make_home(tmp_path, "neuro", "", ["neuro"])
-    # ``data/transfers/<id>`` with this id is the victim directory, outside the home.
-    victim = tmp_path / "victim" if kind == "relative" else tmp_path / "elsewhere" / "victim"
+    # ``data/transfers/<id>`` with this id is the victim directory, outside the home (an
+    # absolute one short enough for the 64 characters an id could have).
+    short = Path(tempfile.mkdtemp(prefix="rm-victim-", dir="/tmp"))
+    victim = tmp_path / "victim" if kind == "relative" else short / "victim"
     hostile = "../../../victim" if kind == "relative" else str(victim)
+    assert len(hostile) <= 64
     assert (home.data_dir / "transfers" / hostile).resolve() == victim.resolve()
     victim.mkdir(parents=True)
     (victim / "precious").write_text("keep me")
@@ -126,6 +131,7 @@ async def test_a_consult_id_that_is_a_path_is_refused_at_parse_and_never_deletes
         assert (victim / "precious").read_text() == "keep me"
     finally:
         await rt.stop()
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def test_every_consult_message_refuses_an_id_that_is_not_one() -> None:
