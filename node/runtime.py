@@ -41,7 +41,7 @@ from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.control import ControlServer, HomeLock
 from node.dicom_net import DicomListener
 from node.errors import NodeError
-from node.store import Store, open_store
+from node.store import InstanceConflict, Store, open_store
 from node.transfers import TransferTracker
 from node.wirecache import KEY_PURPOSE as WIRECACHE_KEY
 from node.wirecache import open_cache
@@ -243,7 +243,11 @@ class NodeRuntime:
             )
             await self.discovery.browse()
         if self.config.dicom.enabled:
-            self.dicom = DicomListener(self.config.dicom, self._dicom_instance)
+            self.dicom = DicomListener(
+                self.config.dicom,
+                self._dicom_instance,
+                bad_data_errors=(InstanceConflict,),  # the stored one stays: a retry cannot help
+            )
             self.dicom.start()
         if self.control is not None:
             await self.control.start()

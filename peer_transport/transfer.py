@@ -95,6 +95,9 @@ MAX_STUDY_SIZE = 64 << 30  # bytes of all decoded instances of one study
 # floor). The sender sends an instance that compresses better than this as it is.
 MAX_EXPANSION = 1024
 EXPANSION_FLOOR = 16 << 20
+# An encoding is never much larger than its file (the codec sends a file as it is when
+# coding does not pay), so the spool and the assembly of one instance stay near its size.
+WIRE_SLACK = 64 << 10
 SPOOL_KEY_PURPOSE = "radmesh-spool-v1"  # the node's key for its receive spools
 
 
@@ -141,8 +144,12 @@ class DecompressionBomb(RemoteTransferError):
 
 def within_budget(size: int, wire_size: int) -> bool:
     """Whether an instance of ``size`` decoded bytes sent as ``wire_size`` bytes fits the
-    receiver's per-instance budget and expansion limit."""
-    return size <= MAX_INSTANCE_SIZE and size <= max(EXPANSION_FLOOR, wire_size * MAX_EXPANSION)
+    receiver's per-instance budget, its expansion limit, and is not padded on the wire."""
+    return (
+        size <= MAX_INSTANCE_SIZE
+        and size <= max(EXPANSION_FLOOR, wire_size * MAX_EXPANSION)
+        and wire_size <= size + size // 64 + WIRE_SLACK
+    )
 
 
 # -- manifest ------------------------------------------------------------------------------
@@ -198,8 +205,9 @@ class ManifestEntry:
         if not within_budget(entry.size, entry.wire_size):
             raise DecompressionBomb(
                 f"manifest declares instance {entry.sop_instance_uid} as {entry.size} bytes "
-                f"from {entry.wire_size} on the wire: over this node's limit of "
-                f"{MAX_INSTANCE_SIZE} bytes per instance and {MAX_EXPANSION}x expansion"
+                f"from {entry.wire_size} on the wire: outside this node's limits of "
+                f"{MAX_INSTANCE_SIZE} bytes per instance, {MAX_EXPANSION}x expansion and "
+                "a wire encoding about the size of the file"
             )
         return entry
 
@@ -315,7 +323,7 @@ def prepare_instance(
         )
     encoded = wirecodec.encode(data, cache)  # its sha256 is the file's: not hashed twice
     wire = encoded.to_wire()
-    if not within_budget(len(data), len(wire)):  # compresses more than a receiver believes
+    if not within_budget(len(data), len(wire)):  # compresses beyond belief, or grew: as is
         encoded = wirecodec.WireInstance(
             wirecodec.Encoding.RAW, len(data), encoded.sha256, bytes(data)
         )

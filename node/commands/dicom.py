@@ -11,7 +11,7 @@ from node.commands.identity import home_of
 from node.dicom_files import InvalidDicom
 from node.dicom_net import DicomListener, DicomNetError, echo, send_to_pacs
 from node.keystore import load_identity
-from node.store import open_store
+from node.store import InstanceConflict, open_store
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -33,7 +33,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             result = store.add_bytes(data, source=f"dicom:{calling_ae}")
         print(f"received {'duplicate ' if result.duplicate else ''}instance from {calling_ae}")
 
-    listener = DicomListener(config, on_instance, bad_data_errors=(InvalidDicom,))
+    listener = DicomListener(config, on_instance, bad_data_errors=(InvalidDicom, InstanceConflict))
     listener.start()
     print(
         f"DICOM listener {config.ae_title} on {config.host}:{listener.port}; "

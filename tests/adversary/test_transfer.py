@@ -270,6 +270,16 @@ def test_a_zstd_bomb_is_refused_from_its_manifest_before_anything_is_allocated(
     assert "limit" in str(error)
 
 
+def test_a_manifest_padding_a_small_instance_to_a_huge_wire_encoding_is_refused(
+    tmp_path: Path,
+) -> None:
+    # 2 GiB of chunks would be spooled, then read back whole to assemble a 4 KB file.
+    entry = tr.ManifestEntry("1.2.3.4", "1.2.3.5", 1, 1, "", 4096, bytes(32), 2 << 30)
+    signed = _signed([entry], "1.2.3", Identity.generate())
+    with pytest.raises(tr.DecompressionBomb, match="limits"):
+        tr.Receiver(signed, tr.Spool(tmp_path / "spool"))
+
+
 def test_a_zstd_frame_declaring_more_than_its_manifest_entry_is_refused_before_decoding() -> None:
     [data] = ct_series(1, seed=5, size=64)
     entry, study, _ = tr.prepare_instance(data)
@@ -409,6 +419,35 @@ def test_the_store_refuses_other_bytes_under_a_stored_instance_uid(tmp_path: Pat
         with pytest.raises(InstanceConflict, match="another study"):
             store.add_bytes(intruder, source="peer:x")
         assert [s.study_uid for s in store.studies()] == [first.study_uid]
+
+
+async def test_a_cstore_of_other_bytes_under_a_stored_uid_is_refused_not_retried(
+    tmp_path: Path,
+) -> None:
+    from node.config import DicomConfig, NetworkConfig, NodeConfig, NodeHome
+    from node.dicom_net import STATUS_CANNOT_UNDERSTAND, send_to_pacs
+    from node.keystore import save_identity
+
+    home, identity = NodeHome(tmp_path / "node"), Identity.generate()
+    save_identity(home.key_path, identity, None)
+    dicom = DicomConfig(enabled=True, port=0, allowed_calling_aets=["PACS"])
+    network = NetworkConfig(mdns=False, listen_host="127.0.0.1")
+    home.save_config(NodeConfig(display_name="node", network=network, dicom=dicom))
+    [victim] = ct_series(1, seed=13, size=64)
+    other = _file(victim, PatientName="Other^Bytes")
+    rt = await started(home, identity)
+    try:
+        first = rt.store.add_bytes(victim, source="import")
+        assert rt.dicom is not None
+        report = await asyncio.to_thread(
+            send_to_pacs, [other], "127.0.0.1", rt.dicom.port, dicom.ae_title, "PACS"
+        )
+        # "cannot understand", not "out of resources": the PACS is not told to retry.
+        assert [r.status for r in report.results] == [STATUS_CANNOT_UNDERSTAND]
+        kept = rt.store.read_instance(first.sop_instance_uid)
+        assert hashlib.sha256(kept).hexdigest() == first.content_hash
+    finally:
+        await rt.stop()
 
 
 def _pydicom_sample(name: str) -> Path:
