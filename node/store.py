@@ -86,6 +86,7 @@ SS_ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
 TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 KEY_BYTES = 32
 STORE_KEY_PURPOSE = "radmesh-store-v1"
+PEER_SOURCE = "peer:"  # the source of instances received from another node
 BUSY_TIMEOUT_MS = 10_000
 
 SCHEMA = """
@@ -170,11 +171,10 @@ class InstanceConflict(StoreError):
     overwrite another study's): the stored one is kept, this one is not stored.
     """
 
-    def __init__(self, info: InstanceInfo, *, series: bool = False) -> None:
+    def __init__(self, info: InstanceInfo, why: str = "") -> None:
         super().__init__(
-            f"series {info.series_uid} is stored under another study: instance "
-            f"{info.sop_instance_uid} of study {info.study_uid} was not stored"
-            if series
+            f"{why}: instance {info.sop_instance_uid} of study {info.study_uid} was not stored"
+            if why
             else f"same instance UID, other bytes: instance {info.sop_instance_uid} is "
             "already stored with different content; kept the first, this one was not stored"
         )
@@ -610,7 +610,19 @@ class Store:
                 "SELECT study_uid FROM series WHERE series_uid = ?", (info.series_uid,)
             ).fetchone()
             if owner is not None and owner[0] != info.study_uid:
-                raise InstanceConflict(info, series=True)
+                raise InstanceConflict(
+                    info, f"series {info.series_uid} is stored under another study"
+                )
+            if source.startswith(PEER_SOURCE):
+                # A peer's instance joins a study already here only for the same patient:
+                # it must not slip images into another patient's study.
+                study = db.execute(
+                    "SELECT patient_key FROM studies WHERE study_uid = ?", (info.study_uid,)
+                ).fetchone()
+                if study is not None and study[0] != patient_key:
+                    raise InstanceConflict(
+                        info, f"study {info.study_uid} is stored here for another patient"
+                    )
             db.execute(
                 "INSERT OR IGNORE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (

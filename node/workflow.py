@@ -70,6 +70,7 @@ from peer_transport.errors import RemoteError, TransportError
 from peer_transport.transfer import Progress, TransferCancelled
 from peer_transport.transfer_runner import (
     ProgressCallback,
+    StudyReceiver,
     StudySender,
     receive_study,
     send_study,
@@ -807,9 +808,19 @@ async def _pull(rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback)
             progress = receiving.result()
         finally:
             receiving.cancel()
+        _report_conflicts(rt, consult_id, tracked.receiver)
     if rt.consults.get(consult_id).state is State.TRANSFERRING:
         rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(rt.identity.node_id))
     return progress
+
+
+def _report_conflicts(rt: NodeRuntime, consult_id: str, receiver: StudyReceiver | None) -> None:
+    if receiver is not None and receiver.conflicts:
+        rt.notify(
+            f"{len(receiver.conflicts)} image(s) of consult {consult_id[:8]} were not stored: "
+            "this node already holds instances with the same UIDs and other bytes (kept its "
+            "own). Ask the requesting node to check the study."
+        )
 
 
 def unfinished_fetches(rt: NodeRuntime) -> list[str]:

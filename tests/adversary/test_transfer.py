@@ -37,7 +37,12 @@ from node.dicom_files import import_paths
 from node.store import InstanceConflict, Store
 from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink
-from peer_transport.transfer_runner import PreparedStudy, StudyReceiver, StudySender
+from peer_transport.transfer_runner import (
+    PreparedStudy,
+    StudyReceiver,
+    StudySender,
+    receive_study,
+)
 from tests.node.test_runtime import make_home, started
 from tests.peer_transport.helpers import mesh
 from tests.peer_transport.test_transfer_runner import MemoryStore, _memory_pair
@@ -402,6 +407,72 @@ async def test_bytes_of_another_stored_study_sent_under_a_manifest_uid_are_refus
         assert hashlib.sha256(kept).hexdigest() == original.content_hash
         assert not store.has_instance(cover_entry.sop_instance_uid)
         assert [s.study_uid for s in store.studies()] == [original.study_uid]
+
+
+class _Audit:
+    def __init__(self) -> None:
+        self.records: list[tuple[object, dict[str, object]]] = []
+
+    def append(self, kind: object, **fields: object) -> int:
+        self.records.append((kind, fields))
+        return len(self.records)
+
+
+async def test_a_shared_instance_whose_uid_is_taken_here_is_reported_not_overwritten(
+    tmp_path: Path,
+) -> None:
+    # An honest manifest (the bytes carry its UIDs) for an instance this node already
+    # holds with other bytes: the transfer completes, the held one stays, it is reported.
+    files = ct_series(3, seed=14, size=64)
+    held = _file(files[1], ImageComments="the copy held here")
+    sender_identity = Identity.generate()
+    prepared = await PreparedStudy.from_files(files, sender_identity)
+    audit = _Audit()
+    with Store.open(tmp_path / "store", KEY) as store:
+        original = store.add_bytes(held, source="import")
+        link_a, link_b = _memory_pair()
+        sender = StudySender(prepared, link_a)
+        link_a.attach(sender.on_control, lambda _d: None)
+        receivers: list[StudyReceiver] = []
+        receiving = asyncio.ensure_future(
+            receive_study(
+                link_b,
+                store,
+                tmp_path / "spool",
+                peer="peer-a",
+                audit=audit,
+                on_receiver=receivers.append,
+            )
+        )
+        await asyncio.sleep(0)  # the receiver is attached before the offer goes out
+        serving = asyncio.ensure_future(sender.run())
+        try:
+            progress = await asyncio.wait_for(receiving, 30)
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+            for link in (link_a, link_b):
+                if link.pump is not None:
+                    link.pump.cancel()
+        assert progress.instances_done == 3
+        kept = store.read_instance(original.sop_instance_uid)
+        assert hashlib.sha256(kept).hexdigest() == original.content_hash
+        assert [c.sop_instance_uid for c in receivers[0].conflicts] == [original.sop_instance_uid]
+        assert len(store.instances(original.study_uid)) == 3
+    [(_, fields)] = audit.records
+    assert fields["details"]["not_stored"] == 1  # type: ignore[index]
+
+
+def test_a_peer_cannot_add_images_to_another_patients_study(tmp_path: Path) -> None:
+    [victim, extra] = ct_series(2, seed=15, size=64)
+    intruder = _file(extra, PatientName="Someone^Else", PatientID="OTHER-1")
+    with Store.open(tmp_path / "store", KEY) as store:
+        first = store.add_bytes(victim, source="import")
+        with pytest.raises(InstanceConflict, match="another patient"):
+            store.add_bytes(intruder, source="peer:ATTACKER")
+        assert [r.sop_instance_uid for r in store.instances(first.study_uid)] == [
+            first.sop_instance_uid
+        ]
 
 
 def test_the_store_refuses_other_bytes_under_a_stored_instance_uid(tmp_path: Path) -> None:
