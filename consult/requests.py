@@ -168,6 +168,12 @@ class ConsultRequest:
         now: int,
         deidentified: bool = True,
     ) -> ConsultRequest:
+        if not is_dicom_uid(study_uid):
+            raise LocalConsultError(
+                f"study UID {study_uid[:64]!r} is not a well-formed DICOM UID (digits and "
+                "dots, at most 64): the consultant's node would refuse the request; share "
+                "the study de-identified, which gives it a new UID"
+            )
         return cls(
             uuid.uuid4().hex,
             study_uid,
