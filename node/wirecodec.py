@@ -39,6 +39,7 @@ import imagecodecs
 import msgpack
 import numpy as np
 import pydicom
+import pydicom.encaps
 import zstandard
 from pydicom.tag import BaseTag
 
@@ -227,12 +228,19 @@ def sha256(data: bytes) -> bytes:
 
 _SOI, _SOF55, _LSE, _SOS = 0xD8, 0xF7, 0xF8, 0xDA
 _LSE_OVERSIZE = 4  # an LSE segment that sets image dimensions beyond the frame header's
+# Frame headers of the JPEG family (ITU T.81 SOF0-15 but DHT, JPG, DAC; T.87 SOF55).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE})
+_JPEG_SOF |= {0xCF, _SOF55}
 
 
 def jpegls_header(stream: bytes) -> tuple[int, int, int, int]:
     """(rows, columns, components, bits) from a JPEG-LS codestream's frame header, read
     without decoding. Raises :class:`CorruptInstance` for a stream without exactly one
     readable frame header before its scan, or one that sets its size elsewhere."""
+    return _jpeg_header(stream, frozenset({_SOF55}))
+
+
+def _jpeg_header(stream: bytes, frame_markers: frozenset[int]) -> tuple[int, int, int, int]:
     if stream[:2] != b"\xff\xd8":
         raise CorruptInstance("JPEG-LS frame does not start with a start-of-image marker")
     found: tuple[int, int, int, int] | None = None
@@ -252,7 +260,7 @@ def jpegls_header(stream: bytes) -> tuple[int, int, int, int]:
             if found is None:
                 break
             return found
-        if marker == _SOF55:
+        if marker in frame_markers:
             if found is not None or len(segment) < 6:
                 raise CorruptInstance("JPEG-LS frame has a repeated or short frame header")
             found = (
@@ -265,6 +273,52 @@ def jpegls_header(stream: bytes) -> tuple[int, int, int, int]:
             raise CorruptInstance("JPEG-LS frame sets its dimensions outside the frame header")
         pos += 2 + length
     raise CorruptInstance("JPEG-LS frame has no frame header before its scan")
+
+
+def _j2k_header(stream: bytes) -> tuple[int, int, int]:
+    """(rows, columns, components) from a JPEG 2000 codestream's SIZ segment."""
+    siz = stream[6:42]
+    if len(siz) != 36:
+        raise CorruptInstance("JPEG 2000 frame has a truncated SIZ segment")
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", siz[2:18])
+    return ysiz - yosiz, xsiz - xosiz, int.from_bytes(siz[34:36], "big")
+
+
+def check_pixels(ds: pydicom.Dataset, limit: int) -> None:
+    """Refuse (:class:`Oversized`) an instance whose pixels would decode to more than
+    ``limit`` bytes, or whose compressed frames (JPEG, JPEG-LS, JPEG 2000) claim more
+    rows, columns or samples than the data set declares: a viewer allocates what they
+    claim. Checked on what a peer sends before it is stored, without decoding."""
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        width = max(1, (int(ds.get("BitsAllocated") or 8) + 7) // 8)
+    except (TypeError, ValueError):
+        return  # no image a viewer could allocate for
+    declared = rows * columns * max(frames, 1) * max(samples, 1) * width
+    if declared > limit:
+        raise Oversized(f"its pixels would decode to {declared} bytes, over the {limit} limit")
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None)
+    if "PixelData" not in ds or syntax is None or not syntax.is_encapsulated:
+        return
+    try:
+        fragments = list(pydicom.encaps.generate_fragments(ds.PixelData))
+    except Exception as exc:  # pydicom raises several types for damaged items
+        raise CorruptInstance(f"encapsulated pixel data is damaged: {exc}") from exc
+    for fragment in fragments:
+        if fragment[:2] == b"\xff\xd8":
+            height, width_, components, _bits = _jpeg_header(fragment, _JPEG_SOF)
+        elif fragment[:4] == b"\xff\x4f\xff\x51":
+            height, width_, components = _j2k_header(fragment)
+        else:
+            continue  # a continuation fragment, or a format whose header is not read here
+        if height > rows or width_ > columns or components > max(samples, 3):
+            raise Oversized(
+                f"a compressed frame claims {width_}x{height}x{components} where the data set "
+                f"declares {columns}x{rows}x{samples}"
+            )
 
 
 def _zstd_declared(data: bytes) -> int:

@@ -825,9 +825,9 @@ def _report_conflicts(rt: NodeRuntime, consult_id: str, receiver: StudyReceiver 
 
 def unfinished_fetches(rt: NodeRuntime) -> list[str]:
     """Consults whose study this node was fetching when it stopped (spool kept in
-    ``data/transfers/consult-<hash of its id>``). A consult's spool that has nothing left to resume,
-    or whose consult is no longer in this node's hands (withdrawn, reported), is removed;
-    other spools there (``radmesh fetch``) are left alone."""
+    ``data/transfers/consult-<hash of its id>``). A consult's spool that has nothing left to
+    resume, or whose consult is no longer in this node's hands (withdrawn, reported), is
+    removed; other spools there (``radmesh fetch``) are left alone."""
     found = []
     for case in rt.consults.cases():
         consult_id, spool = case.request.id, _spool_of(rt, case.request.id)

@@ -286,7 +286,10 @@ def describe_instance(data: bytes) -> tuple[str, str, str, int, int, str]:
     Raises :class:`node.wirecodec.BadInstance` for files that must not be sent:
     unreadable, truncated, or without the UIDs a receiver needs.
     """
-    ds = wirecodec.parse_dicom(data)
+    return _describe(wirecodec.parse_dicom(data), data)
+
+
+def _describe(ds: Any, data: bytes) -> tuple[str, str, str, int, int, str]:
     try:
         study = str(ds.StudyInstanceUID)
         series = str(ds.SeriesInstanceUID)
@@ -836,7 +839,8 @@ def decode_part(part: bytes, entry: ManifestEntry, study_uid: str) -> bytes:
         ) from exc
     data = wirecodec.decode(wire)
     try:
-        found = describe_instance(data)[:3]
+        ds = wirecodec.parse_dicom(data)
+        found = _describe(ds, data)[:3]
     except wirecodec.BadInstance as exc:
         raise ManifestMismatch(
             f"instance {entry.sop_instance_uid} is not a DICOM instance: {exc}"
@@ -847,6 +851,12 @@ def decode_part(part: bytes, entry: ManifestEntry, study_uid: str) -> bytes:
             f"instance {found[2][:64]!r} of study {found[0][:64]!r}: refused, nothing stored. "
             "The sender's manifest does not describe what it sends; ask them to share again."
         )
+    try:  # what a viewer here would allocate to show it
+        wirecodec.check_pixels(ds, MAX_INSTANCE_SIZE)
+    except wirecodec.Oversized as exc:
+        raise DecompressionBomb(f"instance {entry.sop_instance_uid} was refused: {exc}") from exc
+    except wirecodec.CorruptInstance:
+        pass  # damaged frames are stored as sent: a viewer fails on them here as there
     return data
 
 

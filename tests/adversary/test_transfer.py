@@ -349,6 +349,47 @@ async def test_a_bomb_costs_the_sender_its_connection_not_the_receiver_its_memor
     assert not store.by_hash
 
 
+def _with_frame_header(name: str, marker: bytes, at: int, value: bytes) -> bytes:
+    data = bytearray(_pydicom_sample(name).read_bytes())
+    where = data.find(marker)
+    assert where > 0, f"{name} has a {marker.hex()} frame header"
+    data[where + at : where + at + len(value)] = value
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "marker", "at", "value"),
+    [  # frame headers claiming 65535 x 65535 in instances a viewer here would decode
+        ("MR_small_jpeg_ls_lossless.dcm", b"\xff\xf7", 5, b"\xff\xff" * 2),
+        ("JPEG2000.dcm", b"\xff\x4f\xff\x51", 8, (65535).to_bytes(4, "big") * 2),
+    ],
+)
+def test_a_stored_format_frame_claiming_more_than_its_data_set_is_refused_before_storing(
+    tmp_path: Path, name: str, marker: bytes, at: int, value: bytes
+) -> None:
+    data = _with_frame_header(name, marker, at, value)
+    entry, study, wire = tr.prepare_instance(data)
+    signed = _signed([entry], study, Identity.generate())
+    receiver = tr.Receiver(signed, tr.Spool(tmp_path / "spool"))
+    opened = tr.Manifest.open(signed)[1]
+    with pytest.raises(tr.DecompressionBomb, match="65535x65535"):
+        _drive(receiver, tr.Sender(opened, [wire].__getitem__, signed))
+    assert receiver.state is tr.State.FAILED
+
+
+def test_a_data_set_declaring_gigapixel_frames_is_refused_before_storing(tmp_path: Path) -> None:
+    # A few KB of JPEG 2000 whose data set says 65535 x 65535 x 100 frames: the viewer
+    # would allocate 800 GiB to show it.
+    data = _file(_pydicom_sample("JPEG2000.dcm").read_bytes(), NumberOfFrames=100)
+    data = _file(data, Rows=65535, Columns=65535)
+    entry, study, wire = tr.prepare_instance(data)
+    signed = _signed([entry], study, Identity.generate())
+    receiver = tr.Receiver(signed, tr.Spool(tmp_path / "spool"))
+    opened = tr.Manifest.open(signed)[1]
+    with pytest.raises(tr.DecompressionBomb, match="would decode to"):
+        _drive(receiver, tr.Sender(opened, [wire].__getitem__, signed))
+
+
 def test_an_honest_sender_of_a_blank_image_still_gets_through_the_expansion_limit(
     tmp_path: Path,
 ) -> None:
