@@ -668,7 +668,7 @@ class Spool:
         for seq, (offset, length, receipt) in enumerate(chunks):
             plain = self.read_chunk(index, seq, offset, length, receipt)
             if plain is None:
-                raise wirecodec.CorruptInstance(f"chunk {seq} was damaged in the spool on disk")
+                raise wirecodec.CorruptInstance(f"chunk {seq} is missing or damaged in the spool")
             out.append(plain)
         return b"".join(out)
 
