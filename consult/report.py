@@ -139,6 +139,9 @@ class Report:
     measurements: tuple[Measurement, ...]
     key_images: tuple[KeyImage, ...]
     finalised_at: int
+    # A finding that needs action now (an acute subdural needing surgery): delivered first,
+    # alerts the hospital, and must be acknowledged by a named person.
+    critical: bool = False
 
     def __post_init__(self) -> None:
         if len(self.text) + len(self.impression) > MAX_TEXT_CHARS:
@@ -159,7 +162,7 @@ class Report:
             "measurements": [m.to_body() for m in self.measurements],
             "key_images": [k.to_body() for k in self.key_images],
             "at": self.finalised_at,
-        }
+        } | ({"critical": True} if self.critical else {})  # old reports' bytes unchanged
 
     @classmethod
     def from_body(cls, raw: Any) -> Report:
@@ -168,6 +171,9 @@ class Report:
             at = raw["at"]
             if not isinstance(author, bytes) or not isinstance(at, int):
                 raise TypeError("author/at")
+            critical = raw.get("critical", False)  # absent from reports made before it
+            if not isinstance(critical, bool):
+                raise TypeError("critical")
             return cls(
                 _s(raw["consult"], 64),
                 _s(raw["study"], 64),
@@ -178,6 +184,7 @@ class Report:
                 tuple(Measurement.from_body(m) for m in raw["measurements"]),
                 tuple(KeyImage.from_body(k) for k in raw["key_images"]),
                 at,
+                critical,
             )
         except (KeyError, TypeError, ValueError, LocalConsultError, CryptoError) as exc:
             raise BadReport(f"consult report is malformed: {exc}") from exc

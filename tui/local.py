@@ -26,6 +26,7 @@ from tui.facade import (
     ActionError,
     ConsultForm,
     ConsultItem,
+    CriticalAlert,
     Frame,
     InstanceRef,
     NodeStatus,
@@ -279,6 +280,12 @@ class LocalNode:
         raise ActionError(LOCAL_ONLY)
 
     async def request_consult(self, form: ConsultForm) -> str:
+        raise ActionError(LOCAL_ONLY)
+
+    def critical_alerts(self) -> list[CriticalAlert]:
+        return []
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
         raise ActionError(LOCAL_ONLY)
 
 

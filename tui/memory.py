@@ -14,6 +14,7 @@ from tui.facade import (
     ActionError,
     ConsultForm,
     ConsultItem,
+    CriticalAlert,
     Frame,
     InstanceRef,
     NodeStatus,
@@ -54,6 +55,8 @@ class InMemoryNode:
         self.actions: list[tuple[str, ...]] = []  # worklist/share calls, for tests
         self.views: list[str] = []  # studies opened in the viewer (the audit, in memory)
         self.session = InMemorySession("consult-1", str(node_id), "me")
+        self.alerts: list[CriticalAlert] = []  # tests add critical results here
+        self.acked: set[str] = set()
         self._peers = [
             PeerInfo(
                 "PEER-NEURO", "Dr Neuro", "St Elsewhere", ("neuro",), ("GB",), True, "verified"
@@ -169,6 +172,16 @@ class InMemoryNode:
     async def cycle_availability(self) -> str:
         self.actions.append(("availability",))
         return "now on call"
+
+    def critical_alerts(self) -> list[CriticalAlert]:
+        return [a for a in self.alerts if a.consult_id not in self.acked]
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
+        if consult_id in {a.consult_id for a in self.alerts} and not by.strip():
+            raise ActionError("a critical result is acknowledged by name")
+        self.actions.append(("ack", consult_id, by))
+        self.acked.add(consult_id)
+        return f"report of consult {consult_id} acknowledged by {by}"
 
     async def request_consult(self, form: ConsultForm) -> str:
         if form.peer_node_id not in {p.node_id for p in self._peers if p.trust != "unverified"}:

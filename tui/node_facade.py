@@ -28,6 +28,7 @@ from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.identity import NodeId
 from crypto.safety import safety_number
 from node import workflow
+from node.alerts import alerts_of, policy_of
 from node.audit import AuditKind
 from node.commands.status import apply_availability, next_availability
 from node.display import peer_label
@@ -42,6 +43,7 @@ from tui.facade import (
     ActionError,
     ConsultForm,
     ConsultItem,
+    CriticalAlert,
     Frame,
     InstanceRef,
     NodeStatus,
@@ -395,6 +397,8 @@ class RuntimeNode:
         items = []
         known = set()
         peers = {p.node_id: p for p in self.peers()}
+        acks = {r.consult_id: r for r in self.runtime.consults.report_acks(unacknowledged=True)}
+        policy, now = policy_of(self.runtime.config.alerts), self.runtime.now()
         for case in self.runtime.consults.cases():
             role, peer, _ = self.runtime.consults.info(case.request.id)
             known.add(case.request.id)
@@ -411,6 +415,10 @@ class RuntimeNode:
                     self._study_here(case, role),
                     info.name if info else "",
                     info.trust if info else ("unverified" if peer else ""),
+                    (ack := acks.get(case.request.id)) is not None and ack.critical,
+                    ack is not None
+                    and case.state is State.REPORTED
+                    and policy.overdue(ack.priority, ack.critical, ack.reported_at, now),
                 )
             )
         for live in self.runtime.live_hub().sessions.values():
@@ -556,6 +564,21 @@ class RuntimeNode:
             study_uid=study_uid,
             details={"live": str(live), "by": "tui"},
         )
+
+    # -- critical results ----------------------------------------------------------------
+    def critical_alerts(self) -> list[CriticalAlert]:
+        found = alerts_of(self.runtime)
+        return [
+            CriticalAlert(r.consult_id, r.steps, float(r.reported_at))
+            for r in (found.banners() if found is not None else ())
+        ]
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
+        try:
+            how, _ = await workflow.acknowledge(self.runtime, consult_id, by)
+        except (ConsultError, NodeError) as exc:
+            raise ActionError(f"could not acknowledge consult {consult_id[:8]}: {exc}") from exc
+        return f"report of consult {consult_id[:8]} acknowledged; consultant told: {how}"
 
     # -- worklist and sharing -----------------------------------------------------------
     async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:
