@@ -119,11 +119,17 @@ class InMemoryNode:
 
     def consults(self) -> list[ConsultItem]:
         now = time.time()
-        return [
+        items = [
             ConsultItem("c-1", True, "CT head: bleed?", "PEER-NE", "stat", "offered",
                         now + 1800, STUDY_UID, "Dr Neuro", "verified"),
             ConsultItem("c-2", False, "Knee MRI", "PEER-MS", "routine", "in_review",
                         now + 86400 * 2, "", "Dr Bones", "unverified"),
+        ]  # fmt: skip
+        alerted = {a.consult_id for a in self.alerts}
+        return [  # a critical result came back for an outbox consult (tests add them)
+            replace(c, state="acknowledged" if c.consult_id in self.acked else "reported",
+                    critical=True) if c.consult_id in alerted else c
+            for c in items
         ]  # fmt: skip
 
     def peers(self) -> list[PeerInfo]:
