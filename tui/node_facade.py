@@ -97,7 +97,7 @@ class LiveSessionView:
     def __init__(
         self,
         live: LiveConsult,
-        on_finalise: Callable[[LiveConsult], None] | None = None,
+        on_finalise: Callable[[LiveConsult, bool], None] | None = None,
         uids: workflow.UidMapping | None = None,
     ) -> None:
         self.live = live
@@ -160,12 +160,12 @@ class LiveSessionView:
         if not self.live.finalised:
             self.live.set_report_text(text)
 
-    def finalise(self) -> None:
+    def finalise(self, critical: bool = False) -> None:
         """Lock the draft; on the consultant's node, also sign and send the report."""
         self.live.finalised = True
         self.live._changed()
         if self._on_finalise is not None:
-            self._on_finalise(self.live)
+            self._on_finalise(self.live, critical)
 
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
         was_following = self.live.presence.following
@@ -226,7 +226,7 @@ MAX_REPORTED_MEASUREMENTS = 20
 class RuntimeNode:
     """The TUI's :class:`~tui.facade.NodeFacade` on a NodeRuntime (started by the caller)."""
 
-    def _finalise(self, live: LiveConsult) -> None:
+    def _finalise(self, live: LiveConsult, critical: bool = False) -> None:
         """Sign and send the report when this node is the consultant of the case."""
         runtime = self.runtime
         try:
@@ -246,6 +246,7 @@ class RuntimeNode:
                     text=findings,
                     impression=impression,
                     measurements=measurements_of(live),
+                    critical=critical,
                 )
                 runtime.notify(f"Report for consult {live.consult_id[:8]} signed and sent")
             except (ConsultError, NodeError) as exc:

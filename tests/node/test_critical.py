@@ -192,3 +192,36 @@ async def test_the_alert_hook_is_run_without_a_shell_with_a_timeout(tmp_path: Pa
     missing = await run_hook([str(tmp_path / "no-such-pager")], 5)
     assert not missing.ok
     assert (await run_hook([sys.executable, "-c", "pass"], 5)).ok
+
+
+async def test_finalising_in_the_tui_with_critical_pages_the_hospital(
+    tmp_path: Path, registry: str
+) -> None:
+    from tui.node_facade import LiveSessionView, RuntimeNode
+
+    pager, calls = _pager(tmp_path)
+    pair = await _hospital_and_neuro(tmp_path, registry)
+    hospital, neuro = pair.hospital, pair.neuro
+    hospital.config.alerts.critical_command = [sys.executable, str(pager), "{consult}"]
+    try:
+        request, _, _ = await workflow.request_consult(
+            hospital, pair.neuro_id.public_key, pair.study_uid,
+            workflow.Terms(question="q", priority=Priority.STAT, subspecialty="neuro",
+                           jurisdiction="IE"),
+        )  # fmt: skip
+        await wait_for(lambda: bool(neuro.consults.cases()))
+        await workflow.respond(neuro, request.id, Event.ACCEPT)
+        live = neuro.live_hub().open(request.id)
+        live.set_report_text("Impression: Acute SDH with midline shift.")
+        LiveSessionView(live, RuntimeNode(neuro)._finalise).finalise(critical=True)
+        await wait_for(lambda: request.id in hospital.reports)
+        ack = hospital.consults.report_ack(request.id)
+        assert ack is not None
+        assert ack.critical
+        assert _calls(calls) == [request.id]
+        assert [c.consult_id for c in RuntimeNode(hospital).critical_alerts()] == [request.id]
+        items = {c.consult_id: c for c in RuntimeNode(hospital).consults()}
+        assert items[request.id].critical
+    finally:
+        await hospital.stop()
+        await neuro.stop()

@@ -53,3 +53,20 @@ async def test_an_empty_name_does_not_acknowledge_a_critical_result() -> None:
         await pilot.pause()
         assert not any(a[0] == "ack" for a in node.actions)
         assert app.screen.query_one("#critical", Static).display
+
+
+async def test_f8_marks_the_report_critical_before_f9_signs_it() -> None:
+    from tests.tui.test_app import open_viewer
+
+    node = InMemoryNode(Identity.generate().node_id)
+    app = RadmeshApp(node)
+    async with app.run_test(size=(150, 45)) as pilot:
+        viewer = await open_viewer(pilot, node)
+        viewer.view.focus()
+        await pilot.press("f8")
+        await pilot.pause()
+        assert "CRITICAL" in viewer.message
+        await pilot.press("f9")
+        await pilot.pause()
+        assert node.session.finalised()
+        assert node.session.critical

@@ -27,7 +27,7 @@ HELP = """\
   a click with a tool places its points; without one it selects an annotation (also [ ])
   x/del removes your own   p present   f follow the presenter (your own move stops it)
   multi-frame: j/k walk frames   images: --graphics kitty|sixel|halfblock|auto
-  chat: type in the chat box + enter    report: edit the report box    F9 finalise & sign
+  chat: type in the chat box + enter   report: edit the report box   F8 critical   F9 finalise
   q close the viewer
 """
 
