@@ -111,8 +111,11 @@ class CriticalAlerts:
             if r.critical and r.role == "requester"
         ]
 
-    async def raise_alert(self, consult_id: str, level: int = 0) -> None:
-        """Show and page a critical result (``level`` 0 on arrival, then each escalation)."""
+    def raise_alert(self, consult_id: str, level: int = 0) -> None:
+        """Show and page a critical result (``level`` 0 on arrival, then each escalation).
+
+        The command runs in the background: the message loop that brought the report (and
+        the peer's delivery waiting on it) does not wait for a slow pager."""
         short = consult_id[:8]
         what = "CRITICAL RESULT" if level == 0 else f"CRITICAL RESULT, escalation {level}"
         self.rt.notify(
@@ -125,7 +128,7 @@ class CriticalAlerts:
             details={"consult": consult_id, "event": "critical-alert", "level": level},
         )
         if self.config.critical_command:
-            await self._page(consult_id, level)
+            self.rt.spawn(self._page(consult_id, level))
 
     async def _page(self, consult_id: str, level: int) -> None:
         try:
@@ -164,7 +167,7 @@ class CriticalAlerts:
                         how = await self._resend(row.consult_id)
                         log.info("critical report %s re-sent (%d): %s", row.consult_id, step, how)
                     else:
-                        await self.raise_alert(row.consult_id, step)
+                        self.raise_alert(row.consult_id, step)
                 except (ConsultError, NodeError) as exc:
                     log.warning("critical result %s: step %d failed: %s", row.consult_id, step, exc)
 

@@ -409,7 +409,7 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
     report = rt.consults.file_report(consult_id, wire, rt.now())
     alerts = critical_alerts.alerts_of(rt)
     if report.critical and alerts is not None:  # first, before the SR export and PACS push
-        await alerts.raise_alert(consult_id)
+        alerts.raise_alert(consult_id)
     map_path = _map_path(rt, consult_id)
     pseudonyms = PseudonymMap.load(map_path, _map_key(rt)) if map_path.exists() else None
     relink: Callable[[str], str] = (

@@ -537,10 +537,22 @@ def cmd_show(args: argparse.Namespace) -> int:
         case = db.get(consult_id)
         role, peer, _ = db.info(consult_id)
         reviews = db.reviews(consult_id)
+        ack = db.report_ack(consult_id)
     _print_case(
         case, role, peer, int(time.time()), reviews, _peer_label(home, peer) if peer else ""
     )
+    if ack is not None:
+        print(f"  report:        {_ack_line(ack)}")
     return 0
+
+
+def _ack_line(ack: ReportAck) -> str:
+    kind = "CRITICAL result" if ack.critical else "report"
+    if ack.acked_at is None:
+        steps = f" ({ack.steps} repeat(s) so far)" if ack.steps else ""
+        return f"{kind}, not acknowledged yet{steps}"
+    by = f" by {printable(ack.acked_by, 80)}" if ack.acked_by else ""
+    return f"{kind}, acknowledged{by} {_age(ack.time_to_ack or 0)} after it arrived"
 
 
 def register(sub: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from textual.widgets import DataTable, Input, Static
 
@@ -70,3 +71,14 @@ async def test_f8_marks_the_report_critical_before_f9_signs_it() -> None:
         await pilot.pause()
         assert node.session.finalised()
         assert node.session.critical
+
+
+def test_the_worklist_flags_critical_and_overdue_reports() -> None:
+    from tui.facade import ConsultItem
+    from tui.screens.home import state_cell
+
+    item = ConsultItem("c-9", False, "CT head", "PEER", "stat", "reported", 0.0)
+    assert str(state_cell(item)) == "reported"
+    assert "ack overdue" in str(state_cell(replace(item, ack_overdue=True)))
+    assert "CRITICAL" in str(state_cell(replace(item, critical=True)))
+    assert str(state_cell(replace(item, critical=True, state="acknowledged"))) == "acknowledged"
