@@ -163,6 +163,8 @@ class CriticalAlerts:
                     if self.rt.consults.get(row.consult_id).state is not State.REPORTED:
                         continue
                     self.rt.consults.set_steps(row.consult_id, step)
+                    if step == schedule.max_steps:
+                        self._last_step(row)
                     if row.role == "consultant":
                         how = await self._resend(row.consult_id)
                         log.info("critical report %s re-sent (%d): %s", row.consult_id, step, how)
@@ -170,6 +172,18 @@ class CriticalAlerts:
                         self.raise_alert(row.consult_id, step)
                 except (ConsultError, NodeError) as exc:
                     log.warning("critical result %s: step %d failed: %s", row.consult_id, step, exc)
+
+    def _last_step(self, row: ReportAck) -> None:
+        """The bounded repeats end here: from now on it takes a person on the phone."""
+        short = row.consult_id[:8]
+        self.rt.notify(
+            f"The critical result on consult {short} is still not acknowledged after the last "
+            + (
+                "re-send: phone the referring team"
+                if row.role == "consultant"
+                else "escalation: no more pages will be sent; find the responsible clinician"
+            )
+        )
 
     async def run(self) -> None:
         while True:

@@ -485,7 +485,16 @@ async def send_report(
     )
     wire = report.sign(rt.identity)
     rt.consults.keep_sent_report(consult_id, wire, rt.now(), str(rt.identity.node_id))
-    await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+    try:
+        await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+    except RuntimeError_ as exc:
+        if not critical:
+            raise
+        raise RuntimeError_(
+            f"{exc} The critical report is kept and sent again every "
+            f"{rt.config.alerts.critical_repeat_minutes} min until it is acknowledged; "
+            "phone the referring team now"
+        ) from exc
     return report
 
 

@@ -106,6 +106,14 @@ async def test_critical_result_pages_escalates_until_acknowledged_by_name(
         assert [b.steps for b in hospital_alerts.banners()] == [1]
         await hospital_alerts.tick(now=arrived + REPEAT + 10)  # not due again yet
         assert [b.steps for b in hospital_alerts.banners()] == [1]
+        # Long unanswered: one page at the last level (not one per missed interval), then
+        # the repeats end and a person is told to take over.
+        await hospital_alerts.tick(now=arrived + 100 * REPEAT)
+        await hospital_alerts.tick(now=arrived + 200 * REPEAT)
+        await wait_for(lambda: len(_calls(calls)) == 3)
+        assert _calls(calls)[2] == f"{consult_id} --escalation 6"
+        assert [b.steps for b in hospital_alerts.banners()] == [6]
+        await _noted(hospital, "no more pages will be sent")
 
         # A critical result needs a name.
         code, out = await radmesh(pair.hospital_home, "consult", "ack", consult_id[:8])
@@ -138,9 +146,9 @@ async def test_critical_result_pages_escalates_until_acknowledged_by_name(
         # Acknowledged: the timers stop on both sides (no step is taken any more).
         await hospital_alerts.tick(now=arrived + 10 * REPEAT)
         await neuro_alerts.tick(now=reported_at + 10 * REPEAT)
-        assert (hospital.consults.report_ack(consult_id) or seen).steps == 1
+        assert (hospital.consults.report_ack(consult_id) or seen).steps == 6
         assert (neuro.consults.report_ack(consult_id) or seen).steps == 1
-        await wait_for(lambda: len(hospital_alerts.hook_results) == 2)
+        await wait_for(lambda: len(hospital_alerts.hook_results) == 3)
         assert all(result.ok for result in hospital_alerts.hook_results)
 
         capsys.readouterr()
