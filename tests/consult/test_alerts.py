@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from consult.alerts import (
@@ -106,3 +108,24 @@ def test_critical_stats_count_time_to_acknowledge() -> None:
     assert (stats.critical, stats.acknowledged, stats.unacknowledged) == (3, 2, 1)
     assert stats.median_s == 360
     assert stats.max_s == 600
+
+
+GOLDEN = Path(__file__).parents[1] / "fixtures" / "consult"
+HOSPITAL = Identity(bytes(range(32)))
+CONSULTANT = Identity(bytes(range(32, 64)))
+
+
+def _golden_report(critical: bool) -> Report:
+    return Report("c" * 32, "2.25.1", CONSULTANT.node_id, "Dr N", "Findings.", "Acute SDH.",
+                  (), (), T0, critical)  # fmt: skip
+
+
+def test_golden_bytes_of_reports_and_acknowledgements() -> None:
+    # report_routine.bin was signed by the code before `critical` existed: unchanged bytes.
+    routine = (GOLDEN / "report_routine.bin").read_bytes()
+    assert _golden_report(False).sign(CONSULTANT) == routine
+    assert verify_report(routine, consult_id="c" * 32).critical is False
+    critical = (GOLDEN / "report_critical.bin").read_bytes()
+    assert _golden_report(True).sign(CONSULTANT) == critical
+    ack = Acknowledgement("c" * 32, HOSPITAL.node_id, bytes(32), "Dr Aoife Byrne", T0)
+    assert ack.to_wire(HOSPITAL) == (GOLDEN / "ack.bin").read_bytes()
