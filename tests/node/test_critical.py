@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from consult.alerts import Acknowledgement, ReportAck
 from consult.requests import Event, Priority, State
 from node import workflow
 from node.alerts import alerts_of, hook_argv, run_hook
@@ -64,6 +65,16 @@ async def _reported(pair: Pair, *, critical: bool, priority: Priority = Priority
     return request.id
 
 
+def _row(rt: NodeRuntime, consult_id: str) -> ReportAck:
+    row = rt.consults.report_ack(consult_id)
+    assert row is not None
+    return row
+
+
+def _steps(rt: NodeRuntime, consult_id: str) -> int:
+    return _row(rt, consult_id).steps
+
+
 async def _noted(rt: NodeRuntime, text: str) -> None:
     """Wait (bounded) until the node notifies ``text``."""
     seen: list[str] = []
@@ -95,12 +106,12 @@ async def test_critical_result_pages_escalates_until_acknowledged_by_name(
         assert hospital.consults.get(consult_id).state is State.REPORTED
 
         # Nobody acknowledges: one interval later the consultant's node re-sends it...
-        reported_at = neuro.consults.report_ack(consult_id).reported_at  # type: ignore[union-attr]
+        reported_at = _row(neuro, consult_id).reported_at
         await neuro_alerts.tick(now=reported_at + REPEAT)
         await _noted(hospital, f"critical result on consult {consult_id[:8]} came again")
         assert len(hospital.consults.report_acks()) == 1  # kept once, not filed twice
         # ...and the hospital escalates: the hook again, and a louder banner.
-        arrived = hospital.consults.report_ack(consult_id).reported_at  # type: ignore[union-attr]
+        arrived = _row(hospital, consult_id).reported_at
         await hospital_alerts.tick(now=arrived + REPEAT)
         await wait_for(lambda: _calls(calls) == [consult_id, f"{consult_id} --escalation 1"])
         assert [b.steps for b in hospital_alerts.banners()] == [1]
@@ -146,8 +157,8 @@ async def test_critical_result_pages_escalates_until_acknowledged_by_name(
         # Acknowledged: the timers stop on both sides (no step is taken any more).
         await hospital_alerts.tick(now=arrived + 10 * REPEAT)
         await neuro_alerts.tick(now=reported_at + 10 * REPEAT)
-        assert (hospital.consults.report_ack(consult_id) or seen).steps == 6
-        assert (neuro.consults.report_ack(consult_id) or seen).steps == 1
+        assert _steps(hospital, consult_id) == 6
+        assert _steps(neuro, consult_id) == 1
         await wait_for(lambda: len(hospital_alerts.hook_results) == 3)
         assert all(result.ok for result in hospital_alerts.hook_results)
 
@@ -183,9 +194,20 @@ async def test_routine_report_is_acknowledged_without_a_name_and_flagged_until_t
         assert main(["--home", str(pair.hospital_home.root), "consult", "list"]) == 0
         assert "NOT ACKNOWLEDGED" in capsys.readouterr().out
 
-        code, out = await radmesh(pair.hospital_home, "consult", "ack", consult_id[:8])
+        # An acknowledgement of other report bytes is refused by the consultant's node...
+        wrong = Acknowledgement(consult_id, hospital.identity.node_id, bytes(32), "Mallory", 0)
+        await hospital.send_message(
+            pair.neuro_id.public_key, workflow.ACK_KIND, wrong.to_wire(hospital.identity)
+        )
+        # ...and the real one, sent after it on the same path, is the one it records.
+        code, out = await radmesh(
+            pair.hospital_home, "consult", "ack", consult_id[:8], "--by", "Dr Real"
+        )
         assert code == 0, out
         await wait_for(lambda: neuro.consults.get(consult_id).state is State.ACKNOWLEDGED)
+        kept = neuro.consults.report_ack(consult_id)
+        assert kept is not None
+        assert kept.acked_by == "Dr Real"
         assert main(["--home", str(pair.hospital_home.root), "consult", "list", "--all"]) == 0
         assert "NOT ACKNOWLEDGED" not in capsys.readouterr().out
     finally:
