@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from consult.alerts import AckPolicy, EscalationSchedule, ReportAck
 from consult.errors import ConsultError
-from consult.requests import State
+from consult.requests import TRANSITIONS, Event
 from node.audit import AuditKind
 from node.config import AlertsConfig
 from node.errors import NodeError
@@ -160,8 +160,9 @@ class CriticalAlerts:
                 if step is None:
                     continue
                 try:
-                    if self.rt.consults.get(row.consult_id).state is not State.REPORTED:
-                        continue
+                    state = self.rt.consults.get(row.consult_id).state
+                    if (state, Event.ACKNOWLEDGE) not in TRANSITIONS:
+                        continue  # withdrawn meanwhile, or acknowledged: nothing to repeat
                     self.rt.consults.set_steps(row.consult_id, step)
                     if step == schedule.max_steps:
                         self._last_step(row)

@@ -105,6 +105,17 @@ class AlertsConfig:
     critical_repeat_minutes: int = 5
     critical_max_repeats: int = 6
 
+    def __post_init__(self) -> None:
+        if not all(isinstance(part, str) and part for part in self.critical_command):
+            raise ConfigError(
+                "[alerts] critical_command must be a list of non-empty strings: the program "
+                'and its arguments, e.g. ["/usr/local/bin/page", "{consult}"]'
+            )
+        at_least = {"command_timeout_seconds": 1, "critical_repeat_minutes": 1}
+        for name, value in vars(self).items():
+            if isinstance(value, int) and value < at_least.get(name, 0):
+                raise ConfigError(f"[alerts] {name} must be at least {at_least.get(name, 0)}")
+
 
 @dataclass
 class NodeConfig:

@@ -259,3 +259,16 @@ async def test_finalising_in_the_tui_with_critical_pages_the_hospital(
     finally:
         await hospital.stop()
         await neuro.stop()
+
+
+def test_alert_settings_are_checked_when_the_config_is_read() -> None:
+    from node.config import NodeConfig
+    from node.errors import ConfigError
+
+    config = NodeConfig.from_toml('[alerts]\ncritical_command = ["/usr/bin/page", "{consult}"]\n')
+    assert config.alerts.critical_command == ["/usr/bin/page", "{consult}"]
+    assert config.alerts.critical_repeat_minutes == 5
+    for bad in ('critical_command = "/usr/bin/page {consult}"', "critical_command = [1]",
+                "critical_repeat_minutes = 0", "ack_stat_minutes = -1"):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"\[alerts\]"):
+            NodeConfig.from_toml(f"[alerts]\n{bad}\n")
