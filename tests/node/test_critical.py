@@ -272,3 +272,27 @@ def test_alert_settings_are_checked_when_the_config_is_read() -> None:
                 "critical_repeat_minutes = 0", "ack_stat_minutes = -1"):  # fmt: skip
         with pytest.raises(ConfigError, match=r"\[alerts\]"):
             NodeConfig.from_toml(f"[alerts]\n{bad}\n")
+
+
+async def test_a_lost_acknowledgement_is_sent_again_when_the_report_comes_again(
+    tmp_path: Path, registry: str
+) -> None:
+    pair = await _hospital_and_neuro(tmp_path, registry)
+    hospital, neuro = pair.hospital, pair.neuro
+    try:
+        consult_id = await _reported(pair, critical=True)
+        handler = neuro.handlers.pop(workflow.ACK_KIND)  # the acknowledgement gets lost
+        how, _ = await workflow.acknowledge(hospital, consult_id, "Dr Aoife Byrne")
+        assert "delivered" in how
+        assert neuro.consults.get(consult_id).state is State.REPORTED
+        neuro.handlers[workflow.ACK_KIND] = handler
+
+        neuro_alerts = alerts_of(neuro)
+        assert neuro_alerts is not None
+        await neuro_alerts.tick(now=_row(neuro, consult_id).reported_at + REPEAT)
+        await wait_for(lambda: neuro.consults.get(consult_id).state is State.ACKNOWLEDGED)
+        assert _row(neuro, consult_id).acked_by == "Dr Aoife Byrne"
+        assert _row(hospital, consult_id).steps == 0  # acknowledged here: never escalated
+    finally:
+        await hospital.stop()
+        await neuro.stop()
