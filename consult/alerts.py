@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consult.errors import LocalConsultError, MalformedMessage
-from consult.requests import Priority
+from consult.requests import Priority, check_consult_id
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
@@ -124,10 +124,9 @@ class Acknowledgement:
         try:
             consult_id, requester, digest = raw["consult"], raw["requester"], raw["report"]
             by, at = raw["by"], raw["at"]
+            consult_id = check_consult_id(consult_id, "acknowledgement")  # whole id, no prefix
             if not (
-                isinstance(consult_id, str)
-                and len(consult_id) <= 64
-                and isinstance(requester, bytes)
+                isinstance(requester, bytes)
                 and len(requester) == 32
                 and isinstance(digest, bytes)
                 and len(digest) == 32

@@ -27,7 +27,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.coding import Code
 
-from consult.errors import BadReport, LocalConsultError
+from consult.errors import BadReport, LocalConsultError, MalformedMessage
+from consult.requests import check_consult_id, check_uid
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
@@ -175,8 +176,8 @@ class Report:
             if not isinstance(critical, bool):
                 raise TypeError("critical")
             return cls(
-                _s(raw["consult"], 64),
-                _s(raw["study"], 64),
+                check_consult_id(raw["consult"], "consult report"),
+                check_uid(raw["study"], "consult report study UID"),
                 NodeId(author),
                 _s(raw["name"], 200),
                 _s(raw["text"], MAX_TEXT_CHARS),
@@ -186,7 +187,14 @@ class Report:
                 at,
                 critical,
             )
-        except (KeyError, TypeError, ValueError, LocalConsultError, CryptoError) as exc:
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            LocalConsultError,
+            CryptoError,
+            MalformedMessage,
+        ) as exc:
             raise BadReport(f"consult report is malformed: {exc}") from exc
 
     def sign(self, consultant: Identity) -> bytes:
@@ -268,7 +276,7 @@ def verify_review(data: bytes, *, report_wire: bytes) -> PeerReview:
     signer, raw = _open(data, REVIEW_TYPE)
     try:
         review = PeerReview(
-            _s(raw["consult"], 64),
+            check_consult_id(raw["consult"], "peer review"),
             raw["report"],
             NodeId(raw["reviewer"]),
             Score(raw["score"]),
@@ -277,7 +285,7 @@ def verify_review(data: bytes, *, report_wire: bytes) -> PeerReview:
         )
         if not isinstance(review.report_sha256, bytes) or not isinstance(review.at, int):
             raise TypeError("report digest/at")
-    except (KeyError, TypeError, ValueError, CryptoError) as exc:
+    except (KeyError, TypeError, ValueError, CryptoError, MalformedMessage) as exc:
         raise BadReport(f"peer review is malformed: {exc}") from exc
     if signer != review.reviewer:
         raise BadReport("peer review is signed by a node other than its named reviewer")

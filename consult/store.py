@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 from consult.alerts import ReportAck
-from consult.errors import BadReport, LocalConsultError, UnknownConsult
+from consult.errors import BadReport, LocalConsultError, MalformedMessage, UnknownConsult
 from consult.report import PeerReview, Report, verify_report, verify_review
 from consult.requests import (
     TRANSITIONS,
@@ -208,6 +208,14 @@ class ConsultDB:
         if row is None:
             raise UnknownConsult(consult_id)
         return row[0], row[1], row[2]
+
+    def count_from(self, peer: str, state: State) -> int:
+        """How many requests this node holds from ``peer`` (a node id) in ``state``."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM requests WHERE role = 'consultant' AND peer = ? AND state = ?",
+            (peer, state.value),
+        ).fetchone()
+        return int(row[0])
 
     def apply(self, consult_id: str, event: Event, now: int, actor: str = "") -> Transition:
         """Apply ``event`` and persist the new state and the transition atomically.
@@ -493,7 +501,14 @@ class ConsultDB:
         """Cases, most urgent first (STAT before urgent before routine), then oldest first."""
         rows = self._db.execute("SELECT id, body, state FROM requests").fetchall()
         wanted = None if states is None else {s.value for s in states}
-        cases = [self._load(r) for r in rows if wanted is None or r[2] in wanted]
+        cases = []
+        for row in rows:
+            if wanted is not None and row[2] not in wanted:
+                continue
+            try:
+                cases.append(self._load(row))
+            except MalformedMessage:  # recorded before ids were checked (a path, say): never used
+                continue
         cases.sort(key=lambda c: (_PRIORITY_ORDER[c.request.priority], c.request.created_at))
         return cases
 

@@ -118,6 +118,17 @@ class AlertsConfig:
 
 
 @dataclass
+class SharingConfig:
+    """De-identification options a site turns on knowingly (PS3.15 Annex E); all off by
+    default. Clean Descriptors keeps study/series descriptions with names, ids and
+    numbers removed; the retain options keep device or institution names."""
+
+    clean_descriptors: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+
+
+@dataclass
 class NodeConfig:
     display_name: str = "radmesh node"
     institution: str = ""
@@ -130,6 +141,7 @@ class NodeConfig:
     availability: str = "online"  # see AVAILABILITY; `radmesh status --set` changes it
     dicom: DicomConfig = field(default_factory=DicomConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     def to_toml(self) -> str:
@@ -158,7 +170,7 @@ def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
     defaults = cls()
     for name, value in raw.items():
         expected = getattr(defaults, name)
-        if isinstance(expected, DicomConfig | NetworkConfig | AlertsConfig):
+        if isinstance(expected, DicomConfig | NetworkConfig | AlertsConfig | SharingConfig):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{name}] must be a table")
             kwargs[name] = _build(type(expected), value, f"{where} [{name}]")

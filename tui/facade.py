@@ -151,6 +151,7 @@ class ConsultForm:
     subspecialty: str
     deadline_hours: float
     jurisdiction: str = ""  # the patient's country; empty: this node's country
+    burned_in_checked: bool = False  # a person checked the pixels for burned-in text (audited)
 
 
 class ActionError(Exception):

@@ -481,7 +481,10 @@ class RuntimeNode:
         return safety_number(self.runtime.identity.node_id, NodeId.parse(peer_node_id))
 
     def mark_verified(self, peer_node_id: str) -> None:
-        self.runtime.trust.mark_verified(NodeId.parse(peer_node_id), self.runtime.now())
+        rt = self.runtime
+        rt.trust.mark_verified(NodeId.parse(peer_node_id), rt.now())
+        details = {"event": "verify", "method": "safety-number", "by": "tui"}
+        rt.audit.append(AuditKind.TRUST, now=rt.clock(), peer=peer_node_id, details=details)
 
     # -- live -----------------------------------------------------------------------
     def open_session(self, study_uid: str) -> SessionView | None:
@@ -682,6 +685,7 @@ class RuntimeNode:
                     subspecialty=form.subspecialty,
                     jurisdiction=jurisdiction,
                     deadline_seconds=int(form.deadline_hours * 3600),
+                    burned_in_checked=form.burned_in_checked,
                 ),
             )
         except (ConsultError, NodeError, TransportError) as exc:

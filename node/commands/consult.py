@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,16 +35,19 @@ from consult.requests import (
 from consult.store import ConsultDB
 from crypto.envelope import SignedEnvelope
 from crypto.errors import InvalidNodeId
-from crypto.identity import NodeId
-from node import control, workflow
+from crypto.identity import Identity, NodeId
+from node import control, sharing, workflow
 from node.alerts import policy_of
+from node.audit import AuditKind, open_audit
 from node.commands.identity import home_of
 from node.commands.peers import known_ids, resolve_id
-from node.commands.transfer import progress_line
+from node.commands.transfer import pixel_rows, progress_line
 from node.config import NodeConfig, NodeHome
+from node.deid import PseudonymMap
 from node.display import peer_label, printable
 from node.keystore import load_identity
 from node.runtime import NodeRuntime
+from node.store import open_store
 from registry.directory import PeerDirectory
 from registry.trust import TrustState, TrustStore
 
@@ -114,6 +118,8 @@ async def _op_request(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) ->
         language=a["language"] or (config.languages[0] if config.languages else "en"),
         deadline_seconds=a["deadline_seconds"],
         deidentify=a["deidentify"],
+        burned_in_checked=bool(a.get("burned_in_checked")),
+        black_out_top=int(a.get("black_out_top") or 0),
     )
     if a["to"] is None:
         request, _, sent = await workflow.route_consult(
@@ -154,6 +160,8 @@ def _request_online(args: argparse.Namespace, home: NodeHome) -> bytes | None:
             "language": args.language,
             "deadline_seconds": int(args.deadline_hours * 3600),
             "deidentify": not args.identified,
+            "burned_in_checked": args.burned_in_checked,
+            "black_out_top": args.black_out_top,
         },
     )
     print(f"Consult {done['id']} requested ({done['priority']}, {done['subspecialty']})")
@@ -186,6 +194,8 @@ def cmd_request(args: argparse.Namespace) -> int:
                 "--route searches the registries: add one to config.toml [network] "
                 "registries, or choose the consultant with --to"
             )
+    if args.identified:
+        print(sharing.IDENTIFIED_WARNING, file=sys.stderr)
     if args.route or (peer is not None and _on_network(home, config, peer)):
         wire = _request_online(args, home)
         if args.out and wire is not None:
@@ -193,9 +203,10 @@ def cmd_request(args: argparse.Namespace) -> int:
         return 0
     identity = load_identity(home.key_path)
     now = int(time.time())
+    pseudonyms = None if args.identified else PseudonymMap()
     request = ConsultRequest.new(
         requester=identity.node_id,
-        study_uid=args.study,
+        study_uid=args.study if pseudonyms is None else pseudonyms.pseudo_uid(args.study),
         question=args.question,
         priority=Priority(args.priority),
         subspecialty=args.subspecialty,
@@ -205,6 +216,7 @@ def cmd_request(args: argparse.Namespace) -> int:
         now=now,
         deidentified=not args.identified,
     )
+    _offline_share(home, identity, request, pseudonyms, args, peer)
     wire = request.to_wire(identity)
     with _open_db(home) as db:
         db.add(request, role="requester", now=now, wire=wire)
@@ -220,6 +232,48 @@ def cmd_request(args: argparse.Namespace) -> int:
             "`radmesh consult import FILE` on the other node"
         )
     return 0
+
+
+def _offline_share(
+    home: NodeHome,
+    identity: Identity,
+    request: ConsultRequest,
+    pseudonyms: PseudonymMap | None,
+    args: argparse.Namespace,
+    peer: NodeId | None,
+) -> None:
+    """The offline request shares like the online one: the study is checked for burned-in
+    text (when this node stores it), the pseudonym map is kept here (so the node serves the
+    de-identified study when the consultant fetches it), and the share is audited."""
+    original = args.study
+    with open_store(home, identity) as store, open_audit(home, identity) as audit:
+        who = str(peer) if peer is not None else None
+        if pseudonyms is None:
+            sharing.audit_identified(audit, original, now=time.time(), peer=who, via="consult")
+        else:
+            if store.instances(original):
+                sharing.check_free_text(store, original, args.question, "clinical question")
+                pseudonyms.burned_in_checked = sharing.confirm_burned_in(
+                    store,
+                    audit,
+                    original,
+                    args.burned_in_checked,
+                    now=time.time(),
+                    peer=who,
+                    consult=request.id,
+                    black_out_top=args.black_out_top,
+                )
+            pseudonyms.black_out_top = args.black_out_top
+            key = identity.derive_key(sharing.PSEUDONYM_KEY_PURPOSE)
+            pseudonyms.persist(workflow.pseudonym_map_path(home, request.id), key)
+        audit.append(
+            AuditKind.SHARE,
+            now=time.time(),
+            study_uid=original,
+            peer=who,
+            details={"consult": request.id, "deidentified": str(pseudonyms is not None)},
+        )
+        audit.checkpoint(time.time())
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -579,7 +633,25 @@ def register(sub: Any) -> None:
         "for the jurisdiction; the first to accept gets it",
     )
     p.add_argument("--max-offers", type=int, default=3, help="with --route: how many at once")
-    p.add_argument("--identified", action="store_true", help="the study is NOT de-identified")
+    p.add_argument(
+        "--identified",
+        action="store_true",
+        help="the study is NOT de-identified (warned and audited); default: de-identified",
+    )
+    p.add_argument(
+        "--burned-in-checked",
+        action="store_true",
+        help="a person checked the pixels of ultrasound/screen-capture images for burned-in "
+        "text (audited)",
+    )
+    p.add_argument(
+        "--black-out-top",
+        type=pixel_rows,
+        default=0,
+        metavar="ROWS",
+        help="black out the top ROWS rows of ultrasound/screen-capture images, where the "
+        "machine writes name, id and date (Clean Pixel Data; audited)",
+    )
     p.add_argument("--out", metavar="FILE", help="also write the signed request to FILE")
     p.set_defaults(handler=cmd_request)
 

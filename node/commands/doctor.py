@@ -7,8 +7,10 @@ import importlib.util
 import os
 import shutil
 import socket
+import sqlite3
 import stat
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any
 
 from crypto import keyfile
 from crypto.errors import CryptoError
+from node.audit import audit_state
 from node.commands.identity import home_of
 from node.config import NodeConfig, NodeHome
 from node.errors import NodeError
@@ -121,9 +124,17 @@ def _dicom_senders(config: NodeConfig) -> Check:
     )
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A registry is untrusted: its 302 must not send this machine anywhere else."""
+
+    def redirect_request(self, *_args: object, **_kwargs: object) -> None:
+        return None  # urllib then raises HTTPError for the 3xx itself
+
+
 def _registry_reachable(url: str) -> Check:
+    opener = urllib.request.build_opener(_NoRedirects)
     try:
-        with urllib.request.urlopen(  # noqa: S310 - the operator's own configured registry
+        with opener.open(  # the operator's own configured registry, redirects refused
             url.rstrip("/") + "/v1/health", timeout=3
         ) as response:
             ok = response.status == 200
@@ -220,12 +231,49 @@ def _modes(home: NodeHome) -> Check:
     )
 
 
+AUDIT_STALE_AFTER = 600  # seconds: unsigned records older than a running node leaves them
+
+
+def _audit(home: NodeHome, now: float) -> Check:
+    """The audit log against its signed high-water mark, and how old its last signature is."""
+    try:
+        state = audit_state(home)
+    except sqlite3.Error as exc:
+        return Check("audit log", False, f"cannot be read: {exc}", "run `radmesh audit verify`")
+    if state.problem is not None:
+        return Check(
+            "audit log",
+            False,
+            state.problem,
+            "run `radmesh audit verify`, keep a copy of the data folder and tell your "
+            "security officer",
+        )
+    if state.records == 0:
+        return Check("audit log", True, "no records yet")
+    age = None if state.last_checkpoint_ms is None else now - state.last_checkpoint_ms / 1000
+    signed = "never" if age is None else f"{age / 60:.0f} min ago"
+    detail = (
+        f"{state.records} record(s), last checkpoint {signed}, high-water mark at record "
+        f"{state.high_water if state.high_water is not None else '-'}"
+    )
+    if state.unsigned and (age is None or age > AUDIT_STALE_AFTER):
+        return Check(
+            "audit log",
+            False,
+            f"{detail}; {state.unsigned} record(s) not signed",
+            "start the node (`radmesh node run`): it signs within a minute and on stop",
+            required=False,
+        )
+    return Check("audit log", True, detail)
+
+
 def run_checks(home: NodeHome) -> list[Check]:
     home_check, config = _home(home)
     checks = [home_check]
     if config is not None:
         checks.append(_modes(home))
         checks.append(_key(home))
+        checks.append(_audit(home, time.time()))
         checks.append(_dicom(config))
         checks.append(_dicom_senders(config))
         checks.extend(_network(config))

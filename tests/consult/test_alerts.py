@@ -129,3 +129,10 @@ def test_golden_bytes_of_reports_and_acknowledgements() -> None:
     assert _golden_report(True).sign(CONSULTANT) == critical
     ack = Acknowledgement("c" * 32, HOSPITAL.node_id, bytes(32), "Dr Aoife Byrne", T0)
     assert ack.to_wire(HOSPITAL) == (GOLDEN / "ack.bin").read_bytes()
+
+
+def test_an_acknowledgement_naming_a_consult_id_prefix_is_refused() -> None:
+    hospital = Identity.generate()
+    ack = Acknowledgement("c", hospital.node_id, bytes(32), "Dr A", T0)  # a prefix of any c…
+    with pytest.raises(MalformedMessage, match="malformed consult id"):
+        Acknowledgement.from_wire(ack.to_wire(hospital))
