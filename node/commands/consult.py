@@ -410,7 +410,7 @@ async def _op_report(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> 
     report = await workflow.send_report(
         rt, a["id"], text=a["text"], impression=a["impression"], critical=a["critical"]
     )
-    return "critical result, sent first" if report.critical else "sent"
+    return "sent as a critical result" if report.critical else "sent"
 
 
 def cmd_report(args: argparse.Namespace) -> int:

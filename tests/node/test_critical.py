@@ -40,8 +40,11 @@ def _calls(calls: Path) -> list[str]:
     return calls.read_text().splitlines() if calls.exists() else []
 
 
-async def _reported(pair: Pair, *, critical: bool, priority: Priority = Priority.STAT) -> str:
-    """A consult from the hospital, accepted and reported by the neuroradiologist."""
+async def _reported(
+    pair: Pair, *, critical: bool, priority: Priority = Priority.STAT, cli: bool = False
+) -> str:
+    """A consult from the hospital, accepted and reported by the neuroradiologist (with
+    `radmesh consult report` on its running node when ``cli``)."""
     request, _, _ = await workflow.request_consult(
         pair.hospital,
         pair.neuro_id.public_key,
@@ -54,13 +57,19 @@ async def _reported(pair: Pair, *, critical: bool, priority: Priority = Priority
     await wait_for(lambda: bool(pair.neuro.consults.cases()))
     await workflow.respond(pair.neuro, request.id, Event.ACCEPT)
     await wait_for(lambda: pair.hospital.consults.get(request.id).state is State.ACCEPTED)
-    await workflow.send_report(
-        pair.neuro,
-        request.id,
-        text="Crescentic collection over the left convexity, 12 mm, midline shift 8 mm.",
-        impression="Acute left subdural haematoma with mass effect: neurosurgery now.",
-        critical=critical,
-    )
+    text = "Crescentic collection over the left convexity, 12 mm, midline shift 8 mm."
+    impression = "Acute left subdural haematoma with mass effect: neurosurgery now."
+    if cli:
+        code, out = await radmesh(
+            pair.neuro_home, "consult", "report", request.id[:8], "--text", text,
+            "--impression", impression, *(["--critical"] if critical else []),
+        )  # fmt: skip
+        assert code == 0, out
+        assert ("sent as a critical result" in out) is critical
+    else:
+        await workflow.send_report(
+            pair.neuro, request.id, text=text, impression=impression, critical=critical
+        )
     await wait_for(lambda: request.id in pair.hospital.reports)
     return request.id
 
@@ -95,7 +104,7 @@ async def test_critical_result_pages_escalates_until_acknowledged_by_name(
     hospital, neuro = pair.hospital, pair.neuro
     hospital.config.alerts.critical_command = [sys.executable, str(pager), "{consult}"]
     try:
-        consult_id = await _reported(pair, critical=True)
+        consult_id = await _reported(pair, critical=True, cli=True)
         hospital_alerts, neuro_alerts = alerts_of(hospital), alerts_of(neuro)
         assert hospital_alerts is not None
         assert neuro_alerts is not None
