@@ -140,6 +140,9 @@ class Report:
     measurements: tuple[Measurement, ...]
     key_images: tuple[KeyImage, ...]
     finalised_at: int
+    # A finding that needs action now (an acute subdural needing surgery): delivered first,
+    # alerts the hospital, and must be acknowledged by a named person.
+    critical: bool = False
 
     def __post_init__(self) -> None:
         if len(self.text) + len(self.impression) > MAX_TEXT_CHARS:
@@ -160,7 +163,7 @@ class Report:
             "measurements": [m.to_body() for m in self.measurements],
             "key_images": [k.to_body() for k in self.key_images],
             "at": self.finalised_at,
-        }
+        } | ({"critical": True} if self.critical else {})  # old reports' bytes unchanged
 
     @classmethod
     def from_body(cls, raw: Any) -> Report:
@@ -169,6 +172,9 @@ class Report:
             at = raw["at"]
             if not isinstance(author, bytes) or not isinstance(at, int):
                 raise TypeError("author/at")
+            critical = raw.get("critical", False)  # absent from reports made before it
+            if not isinstance(critical, bool):
+                raise TypeError("critical")
             return cls(
                 check_consult_id(raw["consult"], "consult report"),
                 check_uid(raw["study"], "consult report study UID"),
@@ -179,6 +185,7 @@ class Report:
                 tuple(Measurement.from_body(m) for m in raw["measurements"]),
                 tuple(KeyImage.from_body(k) for k in raw["key_images"]),
                 at,
+                critical,
             )
         except (
             KeyError,

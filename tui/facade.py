@@ -88,6 +88,17 @@ class ConsultItem:
     # name, so it is only ever shown next to the short id (``peer``) and the trust state.
     peer_name: str = ""
     peer_trust: str = ""
+    critical: bool = False  # the report is a critical result
+    ack_overdue: bool = False  # reported, and not acknowledged in time
+
+
+@dataclass(frozen=True)
+class CriticalAlert:
+    """A critical result received here and not acknowledged yet (the Home banner)."""
+
+    consult_id: str
+    level: int  # escalations so far (0: just arrived)
+    since: float  # when it arrived, seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -217,3 +228,9 @@ class NodeFacade(Protocol):
         ...
 
     async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str: ...
+
+    def critical_alerts(self) -> list[CriticalAlert]: ...
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
+        """Acknowledge the report received for an outbox consult, by a named person."""
+        ...

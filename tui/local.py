@@ -26,6 +26,7 @@ from tui.facade import (
     ActionError,
     ConsultForm,
     ConsultItem,
+    CriticalAlert,
     Frame,
     GuestProposal,
     InstanceRef,
@@ -289,6 +290,12 @@ class LocalNode:
         return []
 
     async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str:
+        raise ActionError(LOCAL_ONLY)
+
+    def critical_alerts(self) -> list[CriticalAlert]:
+        return []
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
         raise ActionError(LOCAL_ONLY)
 
 

@@ -29,6 +29,7 @@ from crypto.errors import CryptoError
 from crypto.identity import NodeId
 from crypto.safety import safety_number
 from node import guests, workflow
+from node.alerts import alerts_of, policy_of
 from node.audit import AuditKind
 from node.commands.status import apply_availability, next_availability
 from node.display import peer_label
@@ -43,6 +44,7 @@ from tui.facade import (
     ActionError,
     ConsultForm,
     ConsultItem,
+    CriticalAlert,
     Frame,
     GuestProposal,
     InstanceRef,
@@ -97,7 +99,7 @@ class LiveSessionView:
     def __init__(
         self,
         live: LiveConsult,
-        on_finalise: Callable[[LiveConsult], None] | None = None,
+        on_finalise: Callable[[LiveConsult, bool], None] | None = None,
         uids: workflow.UidMapping | None = None,
     ) -> None:
         self.live = live
@@ -160,12 +162,12 @@ class LiveSessionView:
         if not self.live.finalised:
             self.live.set_report_text(text)
 
-    def finalise(self) -> None:
+    def finalise(self, critical: bool = False) -> None:
         """Lock the draft; on the consultant's node, also sign and send the report."""
         self.live.finalised = True
         self.live._changed()
         if self._on_finalise is not None:
-            self._on_finalise(self.live)
+            self._on_finalise(self.live, critical)
 
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
         was_following = self.live.presence.following
@@ -226,7 +228,7 @@ MAX_REPORTED_MEASUREMENTS = 20
 class RuntimeNode:
     """The TUI's :class:`~tui.facade.NodeFacade` on a NodeRuntime (started by the caller)."""
 
-    def _finalise(self, live: LiveConsult) -> None:
+    def _finalise(self, live: LiveConsult, critical: bool = False) -> None:
         """Sign and send the report when this node is the consultant of the case."""
         runtime = self.runtime
         try:
@@ -246,6 +248,7 @@ class RuntimeNode:
                     text=findings,
                     impression=impression,
                     measurements=measurements_of(live),
+                    critical=critical,
                 )
                 runtime.notify(f"Report for consult {live.consult_id[:8]} signed and sent")
             except (ConsultError, NodeError) as exc:
@@ -397,6 +400,8 @@ class RuntimeNode:
         items = []
         known = set()
         peers = {p.node_id: p for p in self.peers()}
+        acks = {r.consult_id: r for r in self.runtime.consults.report_acks(unacknowledged=True)}
+        policy, now = policy_of(self.runtime.config.alerts), self.runtime.now()
         for case in self.runtime.consults.cases():
             role, peer, _ = self.runtime.consults.info(case.request.id)
             known.add(case.request.id)
@@ -413,6 +418,10 @@ class RuntimeNode:
                     self._study_here(case, role),
                     info.name if info else "",
                     info.trust if info else ("unverified" if peer else ""),
+                    (ack := acks.get(case.request.id)) is not None and ack.critical,
+                    ack is not None
+                    and case.state is State.REPORTED
+                    and policy.overdue(ack.priority, ack.critical, ack.reported_at, now),
                 )
             )
         for live in self.runtime.live_hub().sessions.values():
@@ -562,6 +571,21 @@ class RuntimeNode:
             study_uid=study_uid,
             details={"live": str(live), "by": "tui"},
         )
+
+    # -- critical results ----------------------------------------------------------------
+    def critical_alerts(self) -> list[CriticalAlert]:
+        found = alerts_of(self.runtime)
+        return [
+            CriticalAlert(r.consult_id, r.steps, float(r.reported_at))
+            for r in (found.banners() if found is not None else ())
+        ]
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
+        try:
+            how, _ = await workflow.acknowledge(self.runtime, consult_id, by)
+        except (ConsultError, NodeError) as exc:
+            raise ActionError(f"could not acknowledge consult {consult_id[:8]}: {exc}") from exc
+        return f"report of consult {consult_id[:8]} acknowledged; consultant told: {how}"
 
     # -- worklist and sharing -----------------------------------------------------------
     async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:

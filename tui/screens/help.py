@@ -29,7 +29,7 @@ HELP = """\
   x/del removes your own   p present   f follow the presenter (your own move stops it)
   g propose a guest (a verified peer) for the live session; the other party approves it
   multi-frame: j/k walk frames   images: --graphics kitty|sixel|halfblock|auto
-  chat: type in the chat box + enter    report: edit the report box    F9 finalise & sign
+  chat: type in the chat box + enter   report: edit the report box   F8 critical   F9 finalise
   q close the viewer
 """
 

@@ -75,6 +75,7 @@ class ViewerScreen(Screen[None]):
         Binding("f", "follow", "follow"),
         Binding("f9", "finalise", "finalise", show=False),
         Binding("g", "propose_guest", "propose a guest", show=False),
+        Binding("f8", "critical", "critical result", show=False),
         Binding("q", "close", "close"),
     ]  # fmt: skip
 
@@ -100,6 +101,7 @@ class ViewerScreen(Screen[None]):
         self._sent_viewport: Viewport | None = None
         self._user_moved = False
         self.message = ""
+        self._critical = False  # F8: the report to sign is a critical result
         self._trust: dict[str, str] = {}
         self._loading: Worker[None] | None = None
         self._trust_at = float("-inf")
@@ -605,9 +607,19 @@ class ViewerScreen(Screen[None]):
                 self.message = str(exc)
         self.update_view()
 
+    def action_critical(self) -> None:
+        """Mark the report a critical result (or not) before F9 signs it."""
+        self._critical = not self._critical
+        self.message = (
+            "report marked CRITICAL: the hospital is paged until someone acknowledges it (F8 undo)"
+            if self._critical
+            else "report not marked critical"
+        )
+        self.update_view()
+
     def action_finalise(self) -> None:
         if self.session is not None and not self.session.finalised():
-            self.session.finalise()
+            self.session.finalise(critical=self._critical)
 
     def action_propose_guest(self) -> None:
         """``g``: propose a trusted peer as a guest of this consult's live session."""
