@@ -31,17 +31,21 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from consult.admission import GuestConsent
 from consult.errors import ConsultError, LocalConsultError
 from consult.report import (
     KeyImage,
+    Mark,
     Measurement,
     PatientStudy,
     PeerReview,
     Report,
     Score,
+    export_key_images,
     export_sr,
+    report_items,
 )
 from consult.requests import (
     Candidate,
@@ -392,6 +396,23 @@ def _patient_of(rt: NodeRuntime, study_uid: str) -> PatientStudy:
     )
 
 
+def _key_images_document(
+    rt: NodeRuntime,
+    report: Report,
+    relink: Callable[[str], str],
+    patient: PatientStudy,
+    sender: NodeId,
+) -> list[bytes]:
+    """The report's key images as a KOS filed beside the SR (none when it has none)."""
+    kos = export_key_images(
+        report, relink_uid=relink, patient=patient, institution=rt.config.institution
+    )
+    if kos is None:
+        return []
+    rt.store.add_bytes(kos, source=f"report:{sender}")
+    return [kos]
+
+
 async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) -> None:
     consult_id = rt.consults.resolve(_signed_consult_id(wire))
     case = rt.consults.get(consult_id)
@@ -407,13 +428,10 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
         pseudonyms.relink_uid if pseudonyms is not None else (lambda uid: uid)
     )
     original_study = relink(report.study_uid)
-    sr = export_sr(
-        report,
-        relink_uid=relink,
-        patient=_patient_of(rt, original_study),
-        institution=rt.config.institution,
-    )
+    patient = _patient_of(rt, original_study)
+    sr = export_sr(report, relink_uid=relink, patient=patient, institution=rt.config.institution)
     stored = rt.store.add_bytes(sr, source=f"report:{sender}")
+    documents = [sr, *_key_images_document(rt, report, relink, patient, sender)]
     rt.audit.append(
         AuditKind.REPORT,
         now=rt.clock(),
@@ -427,7 +445,7 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
     if dicom.pacs_host and dicom.pacs_port:
         result = await asyncio.to_thread(
             send_to_pacs,
-            [sr],
+            documents,
             dicom.pacs_host,
             dicom.pacs_port,
             dicom.pacs_ae_title,
@@ -446,6 +464,24 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
         )
 
 
+def report_items_of(
+    rt: NodeRuntime, consult_id: str, annotations: Iterable[Any]
+) -> tuple[tuple[Measurement, ...], tuple[Mark, ...]]:
+    """Consultant side: a session's annotations as report measurements and marks, each on
+    the image it was drawn on (series and SOP class from this node's copy of the study)."""
+    study_uid = rt.consults.get(rt.consults.resolve(consult_id)).request.study_uid
+    rows = {row.sop_instance_uid: row for row in rt.store.instances(study_uid)}
+
+    def image_of(sop_uid: str, frame: int) -> KeyImage | None:
+        row = rows.get(sop_uid)
+        if row is None or frame >= max(row.frames, 1):
+            return None
+        number = frame + 1 if row.frames > 1 else None  # DICOM frames count from 1
+        return KeyImage(row.series_uid, row.sop_class_uid, sop_uid, number)
+
+    return report_items(annotations, image_of)
+
+
 async def send_report(
     rt: NodeRuntime,
     consult_id: str,
@@ -454,6 +490,7 @@ async def send_report(
     impression: str,
     measurements: tuple[Measurement, ...] = (),
     key_images: tuple[KeyImage, ...] = (),
+    marks: tuple[Mark, ...] = (),
 ) -> Report:
     """Consultant side: sign the report and send it to the requesting node."""
     consult_id = rt.consults.resolve(consult_id)
@@ -470,6 +507,8 @@ async def send_report(
         measurements=measurements,
         key_images=key_images,
         finalised_at=rt.now(),
+        marks=marks,
+        author_institution=rt.config.institution,
     )
     wire = report.sign(rt.identity)
     rt.consults.keep_sent_report(consult_id, wire, rt.now(), str(rt.identity.node_id))
