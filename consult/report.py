@@ -34,8 +34,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.valuerep import DA, TM
 from pydicom.sr.coding import Code
+from pydicom.valuerep import DA, TM
 
 from consult.errors import BadReport, LocalConsultError
 from consult.shared import AnnotationKind, point_count
@@ -82,22 +82,28 @@ class KeyImage:
     series_uid: str
     sop_class_uid: str
     sop_instance_uid: str
-    frame: int | None = None
+    frame: int | None = None  # DICOM frame number (from 1) in a multi-frame instance
+    number: int | None = None  # Instance Number, to name the slice to a reader
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "series": self.series_uid,
             "class": self.sop_class_uid,
             "sop": self.sop_instance_uid,
             "frame": self.frame,
         }
+        if self.number is not None:
+            body["n"] = self.number
+        return body
 
     @classmethod
     def from_body(cls, raw: Any) -> KeyImage:
-        frame = raw["frame"]
+        frame, number = raw["frame"], raw.get("n")
         if frame is not None and not isinstance(frame, int):
             raise TypeError("frame")
-        return cls(_s(raw["series"]), _s(raw["class"]), _s(raw["sop"]), frame)
+        if number is not None and not isinstance(number, int):
+            raise TypeError("instance number")
+        return cls(_s(raw["series"]), _s(raw["class"]), _s(raw["sop"]), frame, number)
 
 
 Point = tuple[float, float]

@@ -477,7 +477,7 @@ def report_items_of(
         if row is None or frame >= max(row.frames, 1):
             return None
         number = frame + 1 if row.frames > 1 else None  # DICOM frames count from 1
-        return KeyImage(row.series_uid, row.sop_class_uid, sop_uid, number)
+        return KeyImage(row.series_uid, row.sop_class_uid, sop_uid, number, row.instance_number)
 
     return report_items(annotations, image_of)
 

@@ -1,4 +1,4 @@
-"""``radmesh consult request | import | list | accept | decline | review | show | stats``.
+"""``radmesh consult request | import | list | accept | decline | review | show | report | stats``.
 
 Works against the local node's consult database. When the node is on the
 network (a registry in its config, or the peer remembered with a LAN address)
@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from consult.errors import LocalConsultError
+from consult import report_text
+from consult.errors import BadReport, LocalConsultError
 from consult.intake import take_in
-from consult.report import PeerReview, Score
+from consult.report import PeerReview, Report, Score, verify_report
 from consult.requests import (
     ConsultCase,
     ConsultRequest,
@@ -442,7 +443,64 @@ def cmd_show(args: argparse.Namespace) -> int:
         case = db.get(consult_id)
         role, peer, _ = db.info(consult_id)
         reviews = db.reviews(consult_id)
+        report = _report_sections(db, consult_id)
     _print_case(case, role, peer, int(time.time()), reviews)
+    if report is not None:
+        _print_peer_text("\n" + report_text.as_text(report))
+    return 0
+
+
+def _print_peer_text(text: str) -> None:
+    """The one way peer-supplied text reaches the terminal: control characters removed."""
+    print(report_text.clean(text), end="" if text.endswith("\n") else "\n")
+
+
+def _checked_report(db: ConsultDB, consult_id: str) -> Report | BadReport | None:
+    """The consult's signed report checked again now (the sender's key, this consult): the
+    report, why it does not verify, or None when this node holds none."""
+    wire = db.report_wire(consult_id)
+    if wire is None:
+        return None
+    role, peer, _ = db.info(consult_id)
+    consultant = NodeId.parse(peer) if role == "requester" and peer else None
+    try:
+        return verify_report(wire, consult_id=consult_id, consultant=consultant)
+    except BadReport as exc:
+        return exc
+
+
+def _report_sections(db: ConsultDB, consult_id: str) -> list[report_text.Section] | None:
+    report = _checked_report(db, consult_id)
+    if report is None:
+        return None
+    if isinstance(report, BadReport):
+        return report_text.unverified_sections(consult_id, str(report))
+    return report_text.report_sections(report, report_text.Signature(True, ""))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+        report = _checked_report(db, consult_id)
+    if report is None:
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} has no report on this node yet: "
+            "`radmesh consult show` tells where it stands"
+        )
+    if isinstance(report, BadReport):
+        raise LocalConsultError(
+            f"the report of consult {consult_id[:8]} no longer verifies ({report}): it was "
+            "not written; ask the consultant to send it again"
+        )
+    sections = report_text.report_sections(report, report_text.Signature(True, ""))
+    out = Path(args.out)
+    if out.suffix.lower() in (".html", ".htm"):
+        data = report_text.as_html(sections, title=f"Consult report {consult_id[:8]}")
+    else:
+        data = report_text.as_text(sections)
+    out.write_text(data, encoding="utf-8")
+    print(f"Report of consult {consult_id[:8]} written to {out}")
     return 0
 
 
@@ -514,9 +572,18 @@ def register(sub: Any) -> None:
     p.add_argument("--comment", default="", help="what differs, for the report's author")
     p.set_defaults(handler=cmd_review)
 
-    p = csub.add_parser("show", help="one consult: details, audited history, peer reviews")
+    p = csub.add_parser(
+        "show", help="one consult: details, audited history, peer reviews, the report"
+    )
     p.add_argument("id", help="consult id (a unique prefix is enough)")
     p.set_defaults(handler=cmd_show)
+
+    p = csub.add_parser("report", help="write the consult's signed report to a file")
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="plain text, or HTML if FILE ends in .html"
+    )
+    p.set_defaults(handler=cmd_report)
 
 
 __all__ = ["register"]
