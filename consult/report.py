@@ -25,7 +25,7 @@ import datetime as dt
 import hashlib
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -38,7 +38,7 @@ from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
 
 from consult.errors import BadReport, LocalConsultError
-from consult.shared import AnnotationKind, point_count
+from consult.shared import Annotation, AnnotationKind, point_count
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
@@ -130,6 +130,8 @@ class Outline:
             )
         if not all(math.isfinite(c) for p in self.points for c in p):
             raise LocalConsultError("outline points must be finite numbers")
+        if self.kind is AnnotationKind.ELLIPSE and not min(self.points[1]) > 0:
+            raise LocalConsultError("an ellipse outline needs positive radii")
 
     def to_body(self) -> dict[str, Any]:
         return {
@@ -414,9 +416,9 @@ _DEFAULT_LABEL = {
 }
 
 
-def _from_annotation(annotation: Any, image: KeyImage) -> list[Measurement | Mark]:
+def _from_annotation(annotation: Annotation, image: KeyImage) -> list[Measurement | Mark]:
     """What one annotation puts in the report (its values as the viewer computed them)."""
-    kind: AnnotationKind = annotation.kind
+    kind = annotation.kind
     label = annotation.text or _DEFAULT_LABEL[kind]
     outline = Outline(kind, tuple(annotation.points))
     if kind in (AnnotationKind.POINT, AnnotationKind.ARROW):
@@ -445,18 +447,18 @@ def _from_annotation(annotation: Any, image: KeyImage) -> list[Measurement | Mar
 
 
 def report_items(
-    annotations: Any,
+    annotations: Iterable[Annotation],
     image_of: Callable[[str, int], KeyImage | None],
     *,
     room: int = MAX_ITEMS,
 ) -> tuple[tuple[Measurement, ...], tuple[Mark, ...]]:
     """The measurements and marks of a session's annotations, for the signed report.
 
-    ``annotations`` are :class:`consult.shared.Annotation`; ``image_of(sop_uid, frame)``
-    names the annotated image (series, SOP class, DICOM frame number or None for a
-    single-frame instance) from the node's store, or None when the node does not hold
-    it: such an annotation cannot be placed in an SR and is left out. Oldest first;
-    what does not fit in ``room`` items (whole annotations) is left out.
+    ``image_of(sop_uid, frame)`` names the annotated image (series, SOP class, DICOM
+    frame number or None for a single-frame instance) from the node's store, or None
+    when the node does not hold it: such an annotation cannot be placed in an SR and is
+    left out. Oldest first; what does not fit in ``room`` items (whole annotations) is
+    left out.
     """
     measurements: list[Measurement] = []
     marks: list[Mark] = []
@@ -549,7 +551,7 @@ class _Builder:
         # Stable per report and annotation, so the same SR exported twice tracks the same.
         digest = hashlib.sha256(f"{self.report.consult_id}/{key}".encode()).digest()
         uid = "2.25." + str(int.from_bytes(digest[:16], "big"))
-        return hd.sr.TrackingIdentifier(uid=uid, identifier=label[:64] or "measurement")
+        return hd.sr.TrackingIdentifier(uid=uid, identifier=label or "measurement")
 
     def _measurement(self, m: Measurement, with_coordinates: bool) -> hd.sr.Measurement:
         coordinates = images = None

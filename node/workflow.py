@@ -31,7 +31,6 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from consult.admission import GuestConsent
 from consult.errors import ConsultError, LocalConsultError
@@ -56,6 +55,7 @@ from consult.requests import (
     State,
     rank_consultants,
 )
+from consult.shared import Annotation
 from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
@@ -465,7 +465,7 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
 
 
 def report_items_of(
-    rt: NodeRuntime, consult_id: str, annotations: Iterable[Any]
+    rt: NodeRuntime, consult_id: str, annotations: Iterable[Annotation]
 ) -> tuple[tuple[Measurement, ...], tuple[Mark, ...]]:
     """Consultant side: a session's annotations as report measurements and marks, each on
     the image it was drawn on (series and SOP class from this node's copy of the study)."""

@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from consult.errors import BadReport
 from consult.measure import PixelSpacing, angle_degrees, ellipse_roi_stats, length_mm
 from consult.report import (
     KOS_CLASS,
@@ -322,3 +323,51 @@ def test_dciodvfy_finds_no_errors(tmp_path: Path, what: str) -> None:
     out = result.stdout + result.stderr
     assert "Error" not in out, out
     assert ("KeyObjectSelectionDocument" if what == "kos" else "ComprehensiveSR") in out
+
+
+def test_a_multi_frame_annotation_references_its_frame_in_scoord_and_kos() -> None:
+    case = Case()
+
+    def multi_frame(sop_uid: str, frame: int) -> KeyImage | None:
+        found = case.image_of(sop_uid, frame)
+        return None if found is None else dataclasses.replace(found, frame=frame + 1)
+
+    sop = case.pseudo[case.ds.SOPInstanceUID]
+    on_frame_4 = Annotation(
+        "m1", AnnotationKind.ELLIPSE, sop, 3, ((20, 20), (4, 4)), "X", 1.0, "roi",
+        {"area_mm2": 30.0, "mean": 10.0},
+    )  # fmt: skip
+    measurements, _ = report_items([on_frame_4], multi_frame)
+    assert {m.image.frame for m in measurements if m.image} == {4}
+    key = measurements[0].image
+    assert key is not None
+    report = dataclasses.replace(
+        case.report(), measurements=measurements, marks=(), key_images=(key,)
+    )
+    _, tree = read_back(export_sr(report, relink_uid=case.relink, patient=PATIENT))
+    (group,) = tree.get_planar_roi_measurement_groups()
+    assert group.roi is not None
+    assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber == 4
+    kos = pydicom.dcmread(io.BytesIO(_kos(report, case)))
+    (image,) = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
+    assert image.ReferencedSOPSequence[0].ReferencedFrameNumber == 4
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"kind": "ellipse", "pts": ["1.0", "1.0", "0.0", "3.0"]},  # no radius
+        {"kind": "length", "pts": ["1.0", "1.0"]},  # one point short
+        {"kind": "length", "pts": ["nan", "1.0", "2.0", "2.0"]},
+        {"kind": "cube", "pts": []},
+        {"kind": "point", "pts": [1, 2]},  # numbers travel as decimal strings
+        ["not", "a", "shape"],
+    ],
+)
+def test_a_report_with_a_malformed_outline_is_refused(shape: object) -> None:
+    case = Case()
+    body = case.report().to_body()
+    body["measurements"][0]["shape"] = shape
+    wire = SignedEnvelope.create(CONSULTANT, "consult-report", body).to_wire()
+    with pytest.raises(BadReport, match="malformed"):
+        verify_report(wire, consult_id="c0ffee")
