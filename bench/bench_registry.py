@@ -35,8 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVE = """
 import asyncio, sys
 from registry.server import Limits, RegistryServer, run_forever
+# One client process opens every socket from 127.0.0.1: lift the per-address caps.
 big = Limits(address_rate=1e9, address_burst=1e9, send_rate=1e9, send_burst=1e9,
-             publish_rate=1e9, publish_burst=1e9, max_connections=100_000)
+             publish_rate=1e9, publish_burst=1e9, max_connections=100_000,
+             address_sockets=100_000, connect_rate=1e9, connect_burst=1e9)
 asyncio.run(run_forever(RegistryServer(sys.argv[1], limits=big), "127.0.0.1", 0))
 """
 

@@ -29,6 +29,8 @@ invite or a join request this node sent or answered (never by merely sending
 data for it), and only if the admission check lets it in: the consult's
 parties and the guests they both approved (:mod:`consult.admission`). A
 trusted node that merely knows a consult id is refused, and the refusal audited.
+Every live and presence message is checked again; a peer no longer trusted is
+dropped from every session (:meth:`LiveHub.drop_peer`).
 """
 
 from __future__ import annotations
@@ -863,7 +865,31 @@ class LiveHub:
         conn.set_receiver("presence", lambda data: self._on_presence(conn, data))
         self._spawn(self._watch(conn))
 
+    def drop_peer(self, peer: bytes) -> None:
+        """``peer`` is no longer trusted: out of every session now, its connection closed.
+
+        The runtime calls this when the trust store changes (a revocation, an
+        organisation's revocation list); live messages are also checked one by one.
+        """
+        for live in self.sessions.values():
+            live.expected.discard(peer)
+            live.unbind(peer)
+        conn = self._links.pop(peer, None)
+        self._reassemblers.pop(peer, None)
+        if conn is not None:
+            self._spawn(conn.close("this node no longer trusts you"))
+
+    def _refused(self, conn: PeerConnection) -> bool:
+        """True (and the peer dropped) if a live message comes from a peer no longer trusted."""
+        if self.is_trusted(conn.peer):
+            return False
+        log.warning("live message from %s refused: no longer trusted", conn.peer_id.short())
+        self.drop_peer(conn.peer)
+        return True
+
     def _on_live(self, conn: PeerConnection, data: bytes) -> None:
+        if self._refused(conn):
+            return
         try:
             piece = LiveFragment.from_wire(data)
             message = self._reassemblers[conn.peer].feed(piece)
@@ -879,6 +905,8 @@ class LiveHub:
             self._misbehaved(conn, exc)
 
     def _on_presence(self, conn: PeerConnection, data: bytes) -> None:
+        if self._refused(conn):
+            return
         try:
             envelope = PresenceEnvelope.from_wire(data)
             live = self.sessions.get(envelope.consult_id)

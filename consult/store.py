@@ -199,6 +199,14 @@ class ConsultDB:
             raise UnknownConsult(consult_id)
         return row[0], row[1], row[2]
 
+    def count_from(self, peer: str, state: State) -> int:
+        """How many requests this node holds from ``peer`` (a node id) in ``state``."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM requests WHERE role = 'consultant' AND peer = ? AND state = ?",
+            (peer, state.value),
+        ).fetchone()
+        return int(row[0])
+
     def apply(self, consult_id: str, event: Event, now: int, actor: str = "") -> Transition:
         """Apply ``event`` and persist the new state and the transition atomically.
 

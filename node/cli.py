@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from crypto.errors import CryptoError
+from node.display import PrintableFormatter, printable
+from node.private import restrict_umask
 
 COMMAND_MODULES = (
     "node.commands.identity",
@@ -27,6 +29,7 @@ COMMAND_MODULES = (
     "node.commands.dicom",
     "node.commands.peers",
     "node.commands.transfer",
+    "node.commands.status",
 )
 
 
@@ -63,12 +66,13 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    restrict_umask()  # everything this process creates under a home: 0700 / 0600
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    to_terminal = logging.StreamHandler()  # peer text in a log line reaches it escaped
+    to_terminal.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    level = logging.DEBUG if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, handlers=[to_terminal])
     handler = getattr(args, "handler", None)
     if handler is None:
         if args.command is None and "node.commands.tui" in COMMAND_MODULES:
@@ -80,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = handler(args)
     except user_errors() as exc:
-        print(f"radmesh: {exc}", file=sys.stderr)
+        # An error's text may quote a peer (a refusal it sent, a name): no raw escapes.
+        print(f"radmesh: {printable(exc, multiline=True)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("radmesh: interrupted", file=sys.stderr)

@@ -18,10 +18,25 @@ import platformdirs
 import tomli_w
 
 from node.errors import ConfigError, HomeError
+from node.private import private_dir
 
 HOME_ENV = "RADMESH_HOME"
 CONFIG_NAME = "config.toml"
 KEY_NAME = "identity.key"
+# What the node's record tells others: at the desk now, reachable on call, or not taking
+# cases (the values of registry.records.Availability).
+AVAILABILITY = ("online", "on_call", "away")
+
+
+def parse_availability(text: str) -> str:
+    """``on-call``, ``On call`` and ``on_call`` all mean on_call."""
+    value = text.strip().lower().replace("-", "_").replace(" ", "_")
+    if value not in AVAILABILITY:
+        raise ConfigError(
+            f"availability {text[:20]!r} is not one of {', '.join(AVAILABILITY)} "
+            "(on-call works too)"
+        )
+    return value
 
 
 def default_home() -> Path:
@@ -43,8 +58,11 @@ class DicomConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     enabled: bool = False
-    # Calling AE titles allowed to send to the node; empty refuses everyone.
+    # Calling AE titles allowed to send to the node, from any address the listener
+    # reaches; empty (and `allowed` empty) refuses everyone.
     allowed_calling_aets: list[str] = field(default_factory=list)
+    # "AE@address" pairs: that calling AE title only from that IP address (the PACS's).
+    allowed: list[str] = field(default_factory=list)
     pacs_host: str = ""
     pacs_port: int = 0
     pacs_ae_title: str = ""
@@ -61,8 +79,21 @@ class NetworkConfig:
     turn_password: str = ""
     mdns: bool = True
     mdns_interfaces: list[str] = field(default_factory=list)  # empty: all interfaces
-    listen_host: str = "0.0.0.0"  # noqa: S104 - the LAN endpoint is meant to be reachable
+    # Loopback unless the site chooses an address (or "0.0.0.0" for all) for the LAN
+    # endpoint that peers on the same network reach.
+    listen_host: str = "127.0.0.1"
     listen_port: int = 0
+
+
+@dataclass
+class SharingConfig:
+    """De-identification options a site turns on knowingly (PS3.15 Annex E); all off by
+    default. Clean Descriptors keeps study/series descriptions with names, ids and
+    numbers removed; the retain options keep device or institution names."""
+
+    clean_descriptors: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
 
 
 @dataclass
@@ -75,8 +106,10 @@ class NodeConfig:
     jurisdictions: list[str] = field(default_factory=list)
     languages: list[str] = field(default_factory=lambda: ["en"])
     timezone: str = "UTC"
+    availability: str = "online"  # see AVAILABILITY; `radmesh status --set` changes it
     dicom: DicomConfig = field(default_factory=DicomConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(asdict(self))
@@ -88,6 +121,10 @@ class NodeConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
         config: NodeConfig = _build(cls, raw, source)
+        try:
+            config.availability = parse_availability(config.availability)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         return config
 
 
@@ -100,7 +137,7 @@ def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
     defaults = cls()
     for name, value in raw.items():
         expected = getattr(defaults, name)
-        if isinstance(expected, DicomConfig | NetworkConfig):
+        if isinstance(expected, DicomConfig | NetworkConfig | SharingConfig):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{name}] must be a table")
             kwargs[name] = _build(type(expected), value, f"{where} [{name}]")
@@ -137,6 +174,12 @@ class NodeHome:
         return self.data_dir / "trust.db"
 
     @property
+    def cert_path(self) -> Path:
+        """This node's organisation certificate (`radmesh org install`), published in its
+        record."""
+        return self.root / "node.cert"
+
+    @property
     def peers_db(self) -> Path:
         """The peer directory (remembered records)."""
         return self.data_dir / "peers.db"
@@ -160,7 +203,7 @@ class NodeHome:
         return NodeConfig.from_toml(self.config_path.read_text(), str(self.config_path))
 
     def save_config(self, config: NodeConfig) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         tmp = self.config_path.with_suffix(".tmp")
         tmp.write_text(config.to_toml())
         tmp.replace(self.config_path)

@@ -12,10 +12,15 @@ command brings the node up for the one operation. The same operation table
 serves both ways, so the paths cannot drift. Commands that cannot share a
 running node (`radmesh fetch --from`) get :class:`HomeBusy` with what to do.
 
-The socket is in Linux's abstract namespace (no path-length limit, nothing
-left behind by a crash), named after the home's real path; only processes of
-the same user get an answer (SO_PEERCRED), the same rule as the home's 0700
-directory. Frames are a 4-byte length and msgpack, capped before parsing.
+The socket is a file in the home's 0700 data directory (``control.sock``,
+mode 0600), so only the home's user can reach it or put one there. (It was a
+Linux abstract socket named after the home's path: any local user could bind
+that name first, receive the study UIDs and clinical questions commands sent,
+and make `node run` fail with EADDRINUSE.) Both ends still check the other's
+uid (SO_PEERCRED): the node answers only its own user, and a command talks only
+to a node of its own user, sending nothing otherwise. The node refuses to start
+when the socket's directory or an existing socket file is another user's, and
+says what to do. Frames are a 4-byte length and msgpack, capped before parsing.
 """
 
 from __future__ import annotations
@@ -23,20 +28,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import importlib
 import logging
 import os
 import socket
+import stat
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import msgpack
 
 from node.config import NodeHome
 from node.errors import NodeError
+from node.private import private_dir
 
 if TYPE_CHECKING:
     from node.runtime import NodeRuntime
@@ -67,8 +74,9 @@ class HomeLock:
         self._file: IO[str] | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 - held until release()
+        private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        handle = open(fd, "r+")  # noqa: SIM115 - held until release()
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -93,9 +101,71 @@ class HomeLock:
             self._file = None
 
 
-def socket_name(home: NodeHome) -> str:
-    digest = hashlib.sha256(str(home.root.resolve()).encode()).hexdigest()[:24]
-    return f"\0radmesh-control-{digest}"
+SOCKET_NAME = "control.sock"
+_SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; longer paths go through /proc/self/fd
+
+
+def socket_path(home: NodeHome) -> Path:
+    return home.data_dir / SOCKET_NAME
+
+
+@contextlib.contextmanager
+def _reachable(path: Path) -> Iterator[str]:
+    """``path`` as bind()/connect() take it, however deep the home is."""
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _own_socket_dir(path: Path) -> None:
+    """The socket's directory, 0700 and this user's: refuse one another user owns (they
+    could put their own socket in place of the node's)."""
+    with contextlib.suppress(FileNotFoundError):
+        owner = path.parent.stat().st_uid
+        if owner != os.getuid():
+            raise ControlError(
+                f"{path.parent} belongs to uid {owner}, not to this user, so another user "
+                "could answer this node's commands: run the node as the home's owner, or "
+                "give it a home of its own with --home"
+            )
+    private_dir(path.parent)
+
+
+def _bind(path: Path) -> socket.socket:
+    _own_socket_dir(path)
+    with contextlib.suppress(FileNotFoundError):
+        st = path.lstat()
+        if st.st_uid != os.getuid() or not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(
+                f"{path} is not this node's control socket (owned by uid {st.st_uid}): "
+                "another program or user put it there. Remove it (`rm` it as root if "
+                "needed), run `radmesh doctor --fix`, then start the node again"
+            )
+        path.unlink()  # left by a node that died: we hold the home lock, none serves it
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _reachable(path) as where:
+            listener.bind(where)
+        os.chmod(path, 0o600)
+        listener.listen(16)  # a command sent while the node starts waits for it
+    except OSError as exc:
+        listener.close()
+        raise ControlError(
+            f"cannot create the control socket {path}: {exc}; check that the home is "
+            "this user's (`radmesh doctor`)"
+        ) from exc
+    return listener
 
 
 def _frame(value: Any) -> bytes:
@@ -117,9 +187,7 @@ def _same_user(writer: asyncio.StreamWriter) -> bool:
     sock = writer.get_extra_info("socket")
     if sock is None:
         return False
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return bool(uid == os.getuid())
+    return _peer_uid(sock) == os.getuid()
 
 
 @dataclass
@@ -128,25 +196,34 @@ class ControlServer:
 
     runtime: NodeRuntime
     server: asyncio.AbstractServer | None = None
+    listener: socket.socket | None = None
+
+    def bind(self) -> None:
+        """Take the socket before the node starts anything (a squatted socket stops the
+        start cleanly); commands that connect meanwhile wait until :meth:`start`."""
+        if self.listener is None and self.server is None:
+            self.listener = _bind(socket_path(self.runtime.home))
 
     async def start(self) -> None:
         from node.cli import COMMAND_MODULES
 
         for name in COMMAND_MODULES:  # the command modules register the operations
             importlib.import_module(name)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:  # bound here: uvloop refuses abstract names given as a path
-            listener.bind(socket_name(self.runtime.home))
-        except OSError:
-            listener.close()
-            raise
-        self.server = await asyncio.start_unix_server(self._serve, sock=listener)
+        self.bind()
+        self.server = await asyncio.start_unix_server(self._serve, sock=self.listener)
+        self.listener = None
 
     async def close(self) -> None:
+        bound = self.server is not None or self.listener is not None
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
             self.server = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if bound:
+            socket_path(self.runtime.home).unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -183,12 +260,25 @@ class ControlServer:
 
 async def _ask(home: NodeHome, op: str, args: dict[str, Any], emit: Emit) -> tuple[bool, Any]:
     """(True, result) from the home's running node, or (False, None) if none runs."""
+    path = socket_path(home)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(socket_name(home))  # local and listening, or refused at once
-    except (ConnectionRefusedError, FileNotFoundError):
+        with _reachable(path) as where:
+            sock.connect(where)  # local and listening, or refused at once
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
         sock.close()
-        return False, None
+        return False, None  # no node runs (a socket file left by a crash refuses)
+    except OSError:
+        sock.close()
+        raise
+    uid = _peer_uid(sock)
+    if uid != os.getuid():
+        sock.close()
+        raise ControlError(
+            f"the control socket {path} is served by a process of another user (uid {uid}), "
+            "not by this home's node: nothing was sent to it. Stop that process, then run "
+            "`radmesh doctor --fix`"
+        )
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     try:
         writer.write(_frame({"op": op, "args": args}))
@@ -210,6 +300,14 @@ async def _ask(home: NodeHome, op: str, args: dict[str, Any], emit: Emit) -> tup
                 return True, reply.get("result")
     finally:
         writer.close()
+
+
+async def ask_running(
+    home: NodeHome, op: str, args: dict[str, Any], emit: Emit
+) -> tuple[bool, Any]:
+    """Run ``op`` only on the home's running node: (True, result), or (False, None) when
+    none runs (for settings that take effect at the next start anyway)."""
+    return await _ask(home, op, args, emit)
 
 
 @contextlib.asynccontextmanager
@@ -255,7 +353,8 @@ __all__ = [
     "ControlServer",
     "HomeBusy",
     "HomeLock",
+    "ask_running",
     "operation",
     "run",
-    "socket_name",
+    "socket_path",
 ]

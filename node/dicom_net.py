@@ -5,10 +5,14 @@ studies (and reports) back. Both keep the bytes exact:
 
 * Received: the stored file is the 128-byte preamble, ``DICM``, the File Meta
   Information group pynetdicom builds for the association (transfer syntax,
-  SOP class/instance, our implementation UID and the calling AE as Source AE),
-  then the data set **exactly as the peer sent it** (``event.encoded_dataset``,
-  never decoded and re-encoded). So the data set part is byte-exact; the file
-  meta group is new.
+  SOP class/instance, its implementation UID), then the data set **exactly as
+  the peer sent it**, never decoded and re-encoded. So the data set part is
+  byte-exact; the file meta group is new. It is streamed to a sealed spool file
+  (:mod:`node.sealed_spool`), never held in memory whole nor in clear on disk,
+  and a peer past the size cap is aborted as it crosses it
+  (:mod:`node.dicom_guard`, which also checks who may send: AE and address).
+  The file meta never carries the calling AE title, which names a hospital
+  device and would travel in every copy.
 * Sent: each instance goes out in its own transfer syntax, the data set streamed
   from the stored bytes without decoding (pynetdicom's chunked send reading an
   in-memory ``memfd``), so the receiver gets byte-identical data set bytes.
@@ -19,12 +23,14 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -45,9 +51,18 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import DicomConfig
+from node.dicom_guard import (
+    AllowList,
+    clear_spool,
+    install_spool,
+    metered_handler,
+    spool_prefix_of,
+)
 from node.errors import NodeError
+from node.sealed_spool import SpoolCorrupted, new_key, open_spooled
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +89,19 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-# An instance larger than this is refused (pynetdicom buffers it in memory first).
+# An association whose data set grows past this is aborted as it crosses it.
 MAX_INSTANCE_BYTES = 2 * 1024**3
+# The longest PDU read from a peer (we offer 16 KiB P-DATA; an A-ASSOCIATE-RQ with
+# 128 presentation contexts is under 64 KiB): refused from its header, unread.
+MAX_PDU_BYTES = 1024 * 1024
+MAX_ASSOCIATIONS = 16
+CHECK_DEFER_BYTES = 64 * 1024  # values this long are not read by the parse check
 # pynetdicom proposes at most 128 presentation contexts per association.
 _MAX_CONTEXTS = 128
 
 InstanceSink = Callable[[bytes, str], None]
+# (seekable Part-10 stream, its size, calling AE): valid during the call only
+StreamSink = Callable[[IO[bytes], int, str], None]
 AuditSink = Callable[[str, dict[str, str]], None]
 
 
@@ -100,30 +122,46 @@ class DicomListener:
 
     ``on_instance(part10_bytes, calling_ae)`` is called for every received
     instance, from a pynetdicom thread; it should store the bytes and return.
-    If it raises :class:`BadInstanceError` (or any exception type listed in
-    ``bad_data_errors``) the peer gets 0xC000 "cannot understand"; any other
-    exception gives 0xA700 "out of resources" so the sender retries later.
+    With ``on_stream(stream, size, calling_ae)`` instead it reads the instance from
+    the sealed spool file, so the instance need not be in memory. If it raises
+    :class:`BadInstanceError` (or any exception type listed in ``bad_data_errors``)
+    the peer gets 0xC000 "cannot understand"; any other exception gives 0xA700
+    "out of resources" so the sender retries later.
     """
 
     def __init__(
         self,
         config: DicomConfig,
-        on_instance: InstanceSink,
+        on_instance: InstanceSink | None = None,
         *,
+        on_stream: StreamSink | None = None,
+        spool_dir: Path | None = None,
         audit: AuditSink | None = None,
         bad_data_errors: tuple[type[Exception], ...] = (),
         max_instance_bytes: int = MAX_INSTANCE_BYTES,
+        max_pdu_bytes: int = MAX_PDU_BYTES,
     ) -> None:
+        """``spool_dir``: where received data sets are written (a 0700 directory in the
+        node's home); by default a private temporary directory."""
+        if (on_instance is None) == (on_stream is None):
+            raise ValueError("give exactly one of on_instance and on_stream")
         self._config = config
         self._on_instance = on_instance
+        self._on_stream = on_stream
         self._audit = audit
         self._bad_data_errors: tuple[type[Exception], ...] = (BadInstanceError, *bad_data_errors)
         self._max_instance_bytes = max_instance_bytes
-        self._allowed = [aet.strip() for aet in config.allowed_calling_aets if aet.strip()]
+        self._max_pdu_bytes = max_pdu_bytes
+        self._allow = AllowList.parse(config.allowed_calling_aets, config.allowed)
+        self._allowed = self._allow.calling_aets
+        self._spool_dir = spool_dir
+        self._own_spool = False
+        self._spool_key = new_key()  # in memory only: a crash leaves ciphertext
         self._ae: Any = None
         self._server: Any = None
         self._lock = threading.Lock()
         self.received = 0
+        self.over_cap = 0  # associations aborted for sending too much
 
     @property
     def port(self) -> int:
@@ -141,13 +179,14 @@ class DicomListener:
             return
         if not self._allowed:
             raise DicomNetError(
-                "no calling AE title is allowed to send to this node: add the PACS or "
-                "modality AE titles to [dicom] allowed_calling_aets in config.toml"
+                "no calling AE title is allowed to send to this node: add the PACS as "
+                '[dicom] allowed = ["PACSAE@its.ip.address"] (or its AE title to '
+                "allowed_calling_aets, from any address) in config.toml"
             )
         ae = AE(ae_title=self._config.ae_title)
         ae.require_calling_aet = self._allowed
         ae.require_called_aet = True
-        ae.maximum_associations = 16
+        ae.maximum_associations = MAX_ASSOCIATIONS
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.network_timeout = 60
@@ -157,17 +196,34 @@ class DicomListener:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_REJECTED, self._handle_rejected),
+            (evt.EVT_CONN_CLOSE, self._handle_closed),
         ]
+        spool = self._open_spool()
+        install_spool()
         try:
-            self._server = ae.start_server(
-                (self._config.host, self._config.port), block=False, evt_handlers=handlers
+            server = ae.make_server(
+                (self._config.host, self._config.port),
+                evt_handlers=handlers,
+                server_class=ThreadedAssociationServer,
+                request_handler=metered_handler(
+                    (self._max_pdu_bytes, self._max_instance_bytes),
+                    spool,
+                    self._spool_key,
+                    self._over_cap,
+                ),
             )
         except OSError as exc:
             raise DicomNetError(
                 f"cannot listen for DICOM on {self._config.host}:{self._config.port} ({exc}); "
                 "choose another [dicom] port or stop the program using it"
             ) from exc
+        ae._servers.append(server)  # as ae.start_server(block=False) does: shutdown stops it
+        threading.Thread(
+            target=server.serve_forever, name="radmesh-dicom-listener", daemon=True
+        ).start()
+        self._server = server
         self._ae = ae
         log.info("DICOM listener %s on %s:%d", self._config.ae_title, self._config.host, self.port)
 
@@ -178,6 +234,20 @@ class DicomListener:
             server.shutdown()
         if ae is not None:
             ae.shutdown()
+        if self._spool_dir is not None:
+            clear_spool(self._spool_dir)
+            if self._own_spool:
+                shutil.rmtree(self._spool_dir, ignore_errors=True)
+                self._spool_dir = None
+
+    def _open_spool(self) -> Path:
+        if self._spool_dir is None:
+            self._spool_dir = Path(tempfile.mkdtemp(prefix="radmesh-dicom-"))  # 0700
+            self._own_spool = True
+        self._spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self._spool_dir, 0o700)
+        clear_spool(self._spool_dir)  # what a crashed listener left
+        return self._spool_dir
 
     def __enter__(self) -> DicomListener:
         self.start()
@@ -206,22 +276,85 @@ class DicomListener:
             )
         self._emit("dicom.refused", {"calling_ae": calling})
 
+    def _handle_requested(self, event: Any) -> None:
+        """An allowed AE title from an address its ``[dicom] allowed`` entry does not
+        name is refused as an unknown caller (pynetdicom checks the AE title alone)."""
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = str(assoc.requestor.address)
+        if calling not in self._allowed or self._allow.allows(calling, address):
+            return  # allowed, or pynetdicom refuses the unknown AE title itself
+        log.warning(
+            "refused DICOM association from calling AE %r at %s: [dicom] allowed lists it "
+            "only from %s; add %s@%s there if that address is really the PACS",
+            calling,
+            address,
+            ", ".join(self._allow.addresses_of(calling)),
+            calling,
+            address,
+        )
+        assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE unknown
+        self._emit("dicom.refused", {"calling_ae": calling, "address": address})
+        assoc.kill()
+
+    def _over_cap(self, address: str, what: str) -> None:
+        with self._lock:
+            self.over_cap += 1
+        log.warning(
+            "aborted the DICOM association from %s: it sent %s; raise the cap only if "
+            "such instances are expected",
+            address,
+            what,
+        )
+        self._emit("dicom.over_cap", {"address": address, "what": what})
+
+    def _handle_closed(self, event: Any) -> None:
+        prefix = spool_prefix_of(event.assoc)
+        if prefix is not None and self._spool_dir is not None:
+            clear_spool(self._spool_dir, prefix)  # the partial data set of an aborted store
+
     def _handle_echo(self, event: Any) -> int:
         return STATUS_SUCCESS
 
     def _handle_store(self, event: Any) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
-        data = event.encoded_dataset(include_meta=True)
-        if len(data) > self._max_instance_bytes:
-            log.warning("refused a %d-byte instance from %s: over the size cap", len(data), calling)
-            return STATUS_OUT_OF_RESOURCES
         try:
-            _check_parses(data)
-        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError) as exc:
-            log.warning("instance from %s is not readable DICOM: %s", calling, type(exc).__name__)
+            path = Path(event.dataset_path)
+        except (AttributeError, TypeError):  # a C-STORE request without a data set
+            log.warning("C-STORE from %s carried no data set", calling)
             return STATUS_CANNOT_UNDERSTAND
         try:
-            self._on_instance(data, calling)
+            return self._store_file(path, calling, event)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _store_file(self, path: Path, calling: str, event: Any) -> int:
+        try:
+            stream, size = open_spooled(path, self._spool_key)
+        except (OSError, SpoolCorrupted) as exc:
+            log.error("the spooled instance from %s is unusable: %s", calling, exc)
+            return STATUS_OUT_OF_RESOURCES
+        with stream:
+            return self._store_stream(stream, size, calling, event)
+
+    def _store_stream(self, stream: IO[bytes], size: int, calling: str, event: Any) -> int:
+        if size > self._max_instance_bytes:
+            log.warning("refused a %d-byte instance from %s: over the size cap", size, calling)
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            _check_parses(stream)
+        except (InvalidDicomError, ValueError, EOFError, KeyError, TypeError, OSError) as exc:
+            log.warning("instance from %s is not readable DICOM: %s", calling, type(exc).__name__)
+            return STATUS_CANNOT_UNDERSTAND
+        except SpoolCorrupted as exc:
+            log.error("the spooled instance from %s is unusable: %s", calling, exc)
+            return STATUS_OUT_OF_RESOURCES
+        try:
+            stream.seek(0)
+            if self._on_stream is not None:
+                self._on_stream(stream, size, calling)
+            elif self._on_instance is not None:
+                self._on_instance(stream.read(), calling)
         except self._bad_data_errors as exc:
             log.warning("instance from %s rejected by the store: %s", calling, exc)
             return STATUS_CANNOT_UNDERSTAND
@@ -248,13 +381,24 @@ class DicomListener:
             log.exception("audit sink failed for %s", kind)
 
 
-def _check_parses(part10: bytes) -> None:
-    """Decode the data set once (all elements) so garbage is refused with 0xC000."""
-    ds = pydicom.dcmread(io.BytesIO(part10), force=False)
-    for _ in ds.iterall():
-        pass
+def _check_parses(part10: IO[bytes]) -> None:
+    """Decode the data set once (every element but bulk values left on disk) so garbage
+    is refused with 0xC000."""
+    part10.seek(0)
+    ds = pydicom.dcmread(part10, force=False, defer_size=CHECK_DEFER_BYTES)
+    _decode_all(ds)
     if "SOPInstanceUID" not in ds:
         raise ValueError("no SOP Instance UID")
+
+
+def _decode_all(ds: pydicom.Dataset) -> None:
+    for raw in list(ds.elements()):
+        if getattr(raw, "value", b"") is None and getattr(raw, "length", 0) > 0:
+            continue  # deferred bulk data (pixels): read by the store, not held here
+        elem = ds[raw.tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _decode_all(item)
 
 
 # -- SCU -----------------------------------------------------------------------

@@ -1,9 +1,16 @@
 """A local Orthanc PACS (Debian package ``orthanc``) on loopback, for the demo and tests.
 
 ``orthanc_server(tmp_path, modalities={...})`` writes a JSON configuration in a
-temporary directory (its own storage and index, free loopback HTTP and DICOM
-ports, no remote access, no authentication), starts ``Orthanc``, waits for
-``/system`` and always kills it on exit, so no process outlives the test.
+temporary directory (its own storage and index, free HTTP and DICOM ports, no
+authentication), starts ``Orthanc``, waits for ``/system`` and always kills it
+on exit. Orthanc dies with the process that started it however that ends
+(:func:`node.children.die_with_parent`), so no orphan keeps accepting data.
+
+Orthanc 1.10 cannot bind one address: its DICOM port listens on every
+interface. So only this machine may use it: HTTP is loopback only
+(``RemoteAccessAllowed`` false), a Lua filter refuses every received instance
+whose sender is not 127.0.0.1 / ::1, and declared modalities must be on
+loopback (``DicomCheckModalityHost``); find/get/move stay refused to unknown AEs.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.children import die_with_parent
 from node.errors import NodeError
 
 LOOPBACK = "127.0.0.1"
@@ -85,6 +93,15 @@ class Orthanc:
         return self.request("GET", f"/instances/{instance_id}/file")
 
 
+LOOPBACK_ONLY_LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  local ip = origin["RemoteIp"]
+  return ip == "127.0.0.1" or ip == "::1" or ip == "::ffff:127.0.0.1"
+end
+"""
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
 def _config(
     directory: Path,
     http_port: int,
@@ -106,7 +123,12 @@ def _config(
         "DicomCheckCalledAet": True,
         "DicomAlwaysAllowStore": True,
         "DicomAlwaysAllowEcho": True,
+        "DicomCheckModalityHost": True,
+        "DicomAlwaysAllowFind": False,
+        "DicomAlwaysAllowGet": False,
+        "DicomAlwaysAllowMove": False,
         "DicomModalities": {name: list(value) for name, value in modalities.items()},
+        "LuaScripts": [str(directory / "loopback-only.lua")],
         "Plugins": [],
         "StorageCompression": False,
         "OverwriteInstances": True,
@@ -127,15 +149,24 @@ def orthanc_server(
 ) -> Iterator[Orthanc]:
     """Run Orthanc; ``modalities`` maps a name to (AE title, host, port)."""
     binary = orthanc_binary()
+    modalities = modalities or {}
+    remote = sorted(name for name, (_, host, _) in modalities.items() if host not in LOOPBACK_HOSTS)
+    if remote:
+        raise PacsUnavailable(f"modalities {remote} are not on loopback: this Orthanc is local")
     directory.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
     config_path = directory / "orthanc.json"
-    config = _config(directory, http_port, dicom_port, ae_title, modalities or {})
+    config = _config(directory, http_port, dicom_port, ae_title, modalities)
+    (directory / "loopback-only.lua").write_text(LOOPBACK_ONLY_LUA)
     config_path.write_text(json.dumps(config, indent=2))
     log_path = directory / "orthanc.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(  # noqa: S603 - the Orthanc binary and our own config file
-            [binary, "--no-jobs", str(config_path)], stdout=log_file, stderr=subprocess.STDOUT
+            [binary, "--no-jobs", str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(),  # prctl only, before exec
+            start_new_session=True,  # the terminal's signals go to us; we stop it in order
         )
     server = Orthanc(http_port, dicom_port, ae_title, directory, process)
     try:

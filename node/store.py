@@ -3,6 +3,7 @@
 Layout under the store directory::
 
     index.sqlite        WAL-mode index of study / series / instance
+    write.lock          flock'ed by whichever process writes
     blobs/.tmp-PID-RND  a blob being written (deleted at open if PID is gone)
     blobs/ab/<name>     one encrypted blob per distinct content
 
@@ -18,10 +19,13 @@ index, so chunks cannot be reordered, swapped between blobs or truncated
 unnoticed, and any chunk can be decrypted alone: reading one frame of a large
 multi-frame instance decrypts only the chunks that cover it.
 
-Writes are atomic: the blob goes to a temp file, is fsynced and renamed into
-place, and only then is the index row committed in one transaction. The index
-is the single source of truth for what exists: a blob without a row (crash
-between rename and commit) is invisible and removed by :meth:`Store.gc`.
+Writers are serialised across processes by an flock on ``write.lock`` (two
+imports, or an import beside the running node). Writes are atomic: the blob
+goes to a temp file, is fsynced and renamed into place, and only then is the
+index row committed in one transaction. The index is the single source of
+truth for what exists: a blob without a row (crash between rename and commit)
+is invisible and removed by :meth:`Store.gc` (the running node runs it at start
+and every few hours).
 
 PHI: the patient's name, id, birth date, sex and the accession number are kept
 for the worklist, encrypted with a key derived from the store key (SecretBox);
@@ -32,6 +36,8 @@ treat the index as sensitive; the image data never is in clear on disk.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -375,6 +381,8 @@ class Store:
         self.blob_dir = root / "blobs"
         self._db = db
         self._lock = threading.RLock()
+        # flock'ed around every write (see _writing); closed with the store
+        self._write_lock = os.open(root / "write.lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._blob_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-blobkey").digest()
         self._name_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-blobname").digest()
         phi_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-phi").digest()
@@ -414,6 +422,9 @@ class Store:
             self._warmer.close()
         with self._lock:
             self._db.close()
+            if self._write_lock >= 0:
+                os.close(self._write_lock)
+                self._write_lock = -1
 
     def __enter__(self) -> Store:
         return self
@@ -434,15 +445,34 @@ class Store:
         ).hexdigest()
         return self.blob_dir / name[:2] / name
 
-    def gc(self) -> int:
-        """Remove blobs no index row refers to (left by a crash); returns how many."""
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """This thread, and no other process, changes blobs and the index meanwhile.
+
+        Without it two processes on one store (`radmesh import` twice, or beside the
+        running node) interleave blob renames and index commits: one renames its blob
+        over the other's, the other's row then names a blob id the file no longer has
+        ("a blob does not match its index entry"), and gc could remove a blob renamed
+        in place whose row is not yet committed."""
         with self._lock:
+            fcntl.flock(self._write_lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._write_lock, fcntl.LOCK_UN)
+
+    def gc(self, limit: int | None = None) -> int:
+        """Remove blobs no index row refers to (left by a crash), at most ``limit``;
+        returns how many."""
+        with self._writing():
             wanted = {
                 self._blob_path(h).name
                 for (h,) in self._db.execute("SELECT DISTINCT content_hash FROM instances")
             }
             removed = 0
             for blob in self.blob_dir.glob("??/*"):
+                if limit is not None and removed >= limit:
+                    break
                 if blob.name not in wanted:
                     blob.unlink(missing_ok=True)
                     removed += 1
@@ -462,6 +492,13 @@ class Store:
             info = parse_instance(fp, size)
             fp.seek(0)
             return self._add(fp, size, info, source)
+
+    def add_stream(self, fp: IO[bytes], size: int, *, source: str) -> AddResult:
+        """Store one DICOM instance from a seekable stream of ``size`` bytes (a received
+        instance read back from its sealed spool file), streaming as :meth:`add_file`."""
+        info = parse_instance(fp, size)
+        fp.seek(0)
+        return self._add(fp, size, info, source)
 
     def _write_temp(self, fp: IO[bytes], size: int) -> tuple[Path, str, bytes]:
         blob_id = secrets.token_bytes(16)
@@ -524,7 +561,7 @@ class Store:
                 replaced,
             )
 
-        with self._lock:
+        with self._writing():
             row = self._db.execute(
                 "SELECT content_hash FROM instances WHERE sop_uid = ?", (info.sop_instance_uid,)
             ).fetchone()
@@ -823,7 +860,7 @@ class Store:
 
     def delete_study(self, study_uid: str) -> None:
         """Remove a study from the index (one transaction), then its unshared blobs."""
-        with self._lock:
+        with self._writing():
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:

@@ -60,9 +60,10 @@ from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
 from crypto.org import verify_certificate
+from node import sharing
 from node.audit import AuditKind
-from node.deid import PseudonymMap, ShareContext
-from node.deid import deidentify as deidentify_instance
+from node.config import NodeHome
+from node.deid import PseudonymMap
 from node.dicom_net import send_to_pacs
 from node.errors import NodeError
 from node.runtime import NodeRuntime, RuntimeError_
@@ -142,8 +143,13 @@ class Share:
     deidentified: bool
 
 
+def pseudonym_map_path(home: NodeHome, consult_id: str) -> Path:
+    """Where a consult's pseudonym map lives in a home (also for a request made offline)."""
+    return home.data_dir / "pseudonyms" / f"{consult_id}.map"
+
+
 def _map_path(rt: NodeRuntime, consult_id: str) -> Path:
-    return rt.home.data_dir / "pseudonyms" / f"{consult_id}.map"
+    return pseudonym_map_path(rt.home, consult_id)
 
 
 def _map_key(rt: NodeRuntime) -> bytes:
@@ -226,9 +232,11 @@ class Terms:
     language: str = "en"
     deadline_seconds: int = 3600
     deidentify: bool = True
+    burned_in_checked: bool = False  # a person checked the pixels (audited when it mattered)
+    black_out_top: int = 0  # Clean Pixel Data: rows blacked out atop burned-in candidates
 
 
-def _new_request(
+async def _new_request(
     rt: NodeRuntime, study_uid: str, terms: Terms
 ) -> tuple[ConsultRequest, PseudonymMap | None]:
     if not rt.store.instances(study_uid):
@@ -247,6 +255,20 @@ def _new_request(
         now=now,
         deidentified=terms.deidentify,
     )
+    if pseudonyms is not None:
+        sharing.check_free_text(rt.store, study_uid, terms.question, "clinical question")
+        # reads every instance's header: off the event loop
+        pseudonyms.burned_in_checked = await asyncio.to_thread(
+            sharing.confirm_burned_in,
+            rt.store,
+            rt.audit,
+            study_uid,
+            terms.burned_in_checked,
+            now=rt.clock(),
+            consult=request.id,
+            black_out_top=terms.black_out_top,
+        )
+        pseudonyms.black_out_top = terms.black_out_top
     return request, pseudonyms
 
 
@@ -298,7 +320,7 @@ async def request_consult(
     (with its secret, so every instance maps the same way) is made now and stays
     here, encrypted.
     """
-    request, pseudonyms = _new_request(rt, study_uid, terms)
+    request, pseudonyms = await _new_request(rt, study_uid, terms)
     share, sent = await _offer(rt, request, pseudonyms, study_uid, [consultant])
     how = next(iter(sent.values()))
     if how.startswith("not sent: "):
@@ -333,16 +355,16 @@ def _candidate(rt: NodeRuntime, record: NodeRecord, now: int) -> Candidate | Non
         subspecialties,
         jurisdictions,
         record.languages,
-        online=record.availability in (Availability.ONLINE, Availability.ON_CALL),
+        online=record.availability is Availability.ONLINE,  # ranked before on-call ones
         available=record.availability is not Availability.AWAY,
     )
 
 
 async def find_consultants(rt: NodeRuntime, request: ConsultRequest) -> list[NodeRecord]:
-    """Trusted consultants online now with the wanted subspecialty and a licence for the
+    """Trusted consultants online or on call now with the wanted subspecialty and a licence for the
     request's jurisdiction, from every registry and the LAN, best first."""
     now = rt.now()
-    query = SearchQuery(request.subspecialty, request.jurisdiction, online=True)
+    query = SearchQuery(request.subspecialty, request.jurisdiction, online=True, on_call=True)
     records = {p.record.node_id: p.record for p in await rt.directory.search(query, now)}
     candidates = [c for r in records.values() if (c := _candidate(rt, r, now)) is not None]
     return [records[c.node_id] for c in rank_consultants(request, candidates)]
@@ -360,7 +382,7 @@ async def route_consult(
 
     Returns (request, share, how each offered consultant was reached).
     """
-    request, pseudonyms = _new_request(rt, study_uid, terms)
+    request, pseudonyms = await _new_request(rt, study_uid, terms)
     ranked = await find_consultants(rt, request)
     if max_offers < 1:
         raise LocalConsultError("offer a consult to at least one consultant (--max-offers)")
@@ -699,6 +721,8 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
     rt.handlers[LIVE_CONSENT_KIND] = on_live_consent
 
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
+        if not rt.trust.is_trusted(conn.peer, rt.now()):  # checked per request, not per link
+            raise RequestRefused("not-trusted", "this node no longer trusts your node")
         consult_id = rt.consults.resolve(body.decode(errors="replace"))
         role, peer, _ = rt.consults.info(consult_id)
         if role != "requester" or not peer or NodeId.parse(peer) != conn.peer_id:
@@ -724,10 +748,8 @@ def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[Iterable[bytes]
         # consistent, and the map is saved once every instance UID is in it.
         path = _map_path(rt, consult_id)
         pseudonyms = PseudonymMap.load(path, _map_key(rt))
-        share = ShareContext(pseudonyms=pseudonyms)
-        for data in files:
-            yield deidentify_instance(data, share)
-        pseudonyms.persist(path, _map_key(rt))
+        options = sharing.options_of(rt.config.sharing)
+        yield from sharing.deidentifier(pseudonyms, path, _map_key(rt), options)(files)
 
     return prepare
 

@@ -39,12 +39,15 @@ Using it::
 Security: after DTLS, a SIGMA handshake (``crypto.handshake``) binds both node
 keys and both DTLS fingerprints; every frame on every channel is then encrypted
 with ``crypto.channel`` (secretstream on ordered channels, counter AEAD with a
-replay window on presence). Only ``is_trusted`` peers get a ``PeerConnection``;
-an unknown peer may only make one kind of request, ``INBOX_KIND``, which goes to
-the ``inbox`` hook. Heartbeats every second notice a dead peer within 5 s; the
-initiator reconnects with backoff (a new RTCPeerConnection) and callers see one
-event stream. Bulk backpressure uses application acks: at most
-``TransportOptions.bulk_window`` chunks are unconsumed, so bulk never fills the
-SCTP queue that presence shares. ``install_event_loop_policy()`` uses uvloop when
-installed. Errors: ``peer_transport.errors`` (``TransportError`` base).
+replay window on presence). Only ``is_trusted`` peers get a ``PeerConnection``,
+and ``is_trusted`` is asked again for every frame in and out and every
+reconnect: a peer no longer trusted loses the connection at its next message
+(and ``Transport.on_untrusted`` tells the application); an unknown peer may only
+make one kind of request, ``INBOX_KIND``, which goes to the ``inbox`` hook.
+Heartbeats every second notice a dead peer within 5 s; the initiator reconnects
+with backoff (a new RTCPeerConnection) and callers see one event stream. Bulk
+backpressure uses application acks: at most ``TransportOptions.bulk_window``
+chunks are unconsumed, so bulk never fills the SCTP queue that presence shares.
+``install_event_loop_policy()`` uses uvloop when installed. Errors:
+``peer_transport.errors`` (``TransportError`` base).
 """

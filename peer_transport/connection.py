@@ -20,6 +20,7 @@ from crypto.channel import DatagramOpener, DatagramSealer, StreamOpener, StreamS
 from crypto.envelope import ReplayGuard
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
+from node.supervise import supervise
 from peer_transport import frames as fr
 from peer_transport import transfer as tr
 from peer_transport.errors import (
@@ -162,6 +163,9 @@ class _Session:
             self._receive(channel, data)
         except (TransportError, CryptoError) as exc:
             self.conn._session_failed(self, exc)
+        except Exception as exc:  # a handler's bug: this session ends, the node goes on
+            log.exception("a message from %s could not be handled", self.conn.peer_id.short())
+            self.conn._session_failed(self, RemoteProtocolError(f"message not handled: {exc}"))
 
     def _receive(self, channel: str, data: bytes) -> None:
         if len(data) > fr.MAX_MESSAGE:
@@ -182,6 +186,7 @@ class _Session:
             raise RemoteProtocolError(
                 f"{type(frame).__name__} frame is not allowed on the {channel} channel here"
             )
+        self.conn._require_trust(self)  # every frame: a revocation applies to the next one
         self.conn._dispatch(self, frame)
 
     def on_down(self, reason: str) -> None:
@@ -334,6 +339,7 @@ class PeerConnection:
         if session is None or session.keys is None or session.down or self._closed:
             return False
         with contextlib.suppress(TransportError):
+            self._require_trust(session)
             session.send("presence", fr.Presence(data))
             self._presence_at = asyncio.get_running_loop().time()
             return True
@@ -393,7 +399,24 @@ class PeerConnection:
                 raise ConnectionClosed(f"connection is closed: {self.error or 'closed'}")
         session = self._session
         assert session is not None  # noqa: S101 - set whenever _connected is
+        self._require_trust(session)  # nothing more leaves for a peer no longer trusted
         return session
+
+    def _require_trust(self, session: _Session) -> None:
+        """Drop the connection (raising PeerRejected) if the peer is no longer trusted.
+
+        Checked for every frame in and out, not only when the connection opens: a
+        revocation (or an expired or revoked certificate) applies to the next message.
+        Inbox-only sessions are untrusted by design and limited to the inbox request.
+        """
+        if session.inbox_only or session.keys is None or self.transport.is_trusted(self.peer):
+            return
+        error = PeerRejected(f"node {self.peer_id.short()} is no longer trusted by this node")
+        self._session_failed(session, error)
+        # Soon, not now: the caller may be iterating the application's state (a live
+        # session sending to each of its peers) that the hook changes.
+        asyncio.get_running_loop().call_soon(self.transport.on_untrusted, self.peer)
+        raise error
 
     def _emit(self, event: Event) -> None:
         try:
@@ -465,6 +488,7 @@ class PeerConnection:
         finally:
             self._serving -= 1
         with contextlib.suppress(TransportError):
+            self._require_trust(session)  # revoked while its request was being answered
             session.send("control", reply)
 
     async def _reply(self, session: _Session, request_id: int, kind: str, body: bytes) -> fr.Frame:
@@ -703,7 +727,10 @@ class Transport:
         options: TransportOptions | None = None,
         inbox: InboxHook | None = None,
         clock: Callable[[], float] = time.time,
+        replay_guard: ReplayGuard | None = None,
     ) -> None:
+        """``replay_guard``: a node passes its guard kept on disk, so a restart does not
+        accept signals it already saw."""
         self.identity = identity
         self.signaling = signaling
         self.is_trusted = is_trusted
@@ -714,8 +741,11 @@ class Transport:
         # WebRTC session tries them first, then ``options.rtc.ice_servers``.
         self.turn_servers: tuple[IceServer, ...] = ()
         self.handlers: dict[str, RequestHandler] = {}
+        # Called with a peer's key when a message shows it is no longer trusted, so the
+        # application drops it everywhere else too (live sessions) at once.
+        self.on_untrusted: Callable[[bytes], None] = lambda _peer: None
         self.closing = False
-        self._guard = ReplayGuard()
+        self._guard = replay_guard if replay_guard is not None else ReplayGuard()
         self._handshake_replays = hs.ReplayCache()
         self._answers: dict[bytes, tuple[bytes, asyncio.Future[SignalMessage]]] = {}
         self._connections: dict[bytes, PeerConnection] = {}
@@ -732,7 +762,7 @@ class Transport:
         self.handlers[kind] = handler
 
     async def start(self) -> None:
-        self._reader = asyncio.ensure_future(self._read_signals())
+        self._reader = asyncio.ensure_future(supervise("signal reader", self._read_signals))
 
     async def __aenter__(self) -> Transport:
         await self.start()
@@ -744,13 +774,15 @@ class Transport:
     async def connect(self, peer: bytes) -> PeerConnection:
         """Connect to the node with Ed25519 public key ``peer`` (reuses a live connection)."""
         existing = self._connections.get(peer)
-        if existing is not None and not existing.closed:
-            return existing
         if not self.is_trusted(peer):
+            if existing is not None:
+                await existing.close("this node no longer trusts the peer")
             raise PeerRejected(
                 f"node {NodeId.from_public_key(peer).short()} is not trusted: verify its "
                 "safety number or its organisation certificate first"
             )
+        if existing is not None and not existing.closed:
+            return existing
         conn = PeerConnection(self, peer, initiator=True)
         self._connections[peer] = conn
         try:
@@ -782,6 +814,18 @@ class Transport:
     def connection(self, peer: bytes) -> PeerConnection | None:
         return self._connections.get(peer)
 
+    def peers(self) -> list[bytes]:
+        """The trusted peers this node has a connection to (or is calling, or awaits)."""
+        return [peer for peer, conn in self._connections.items() if not conn.closed]
+
+    async def drop_peer(self, peer: bytes, reason: str) -> None:
+        """Close every connection to ``peer`` now (its trust was revoked)."""
+        found = [
+            c for c in (*self._connections.values(), *self._inbox_connections) if c.peer == peer
+        ]
+        for conn in found:
+            await conn.close(reason)
+
     async def close(self) -> None:
         self.closing = True
         if self._reader is not None:
@@ -811,6 +855,8 @@ class Transport:
         return _Session(conn, lambda s: RtcLink(rtc, s.on_message, s.on_down))
 
     async def _establish(self, conn: PeerConnection) -> None:
+        if not self.is_trusted(conn.peer):  # a reconnect re-checks: revoked meanwhile?
+            raise PeerRejected(f"node {conn.peer_id.short()} is no longer trusted by this node")
         session = self._new_session(conn)
         try:
             async with asyncio.timeout(self.options.connect_timeout):
@@ -891,6 +937,9 @@ class Transport:
             except SignalingError as exc:
                 log.warning("signal refused: %s", exc)
                 continue
+            except Exception:  # e.g. the replay guard's disk: one signal never ends the reader
+                log.exception("a signal could not be opened; dropped it")
+                continue
             if message.kind == "offer":
                 self._spawn(self._respond(sender, message))
                 continue
@@ -965,16 +1014,24 @@ class Transport:
                 self._spawn(self._expire_inbox(conn))
             conn._attach(session)
             if trusted:
-                try:
-                    self._accepted.put_nowait(conn)
-                except asyncio.QueueFull:
-                    await conn.close("too many unaccepted connections")
+                self._offer_accepted(conn)
         else:
             old = conn._session
             if old is not None and not old.down:
                 old.down = True
                 await old.close()
             conn._attach(session)
+
+    def _offer_accepted(self, conn: PeerConnection) -> None:
+        """Queue ``conn`` for :meth:`accept`. A node that never calls accept() (its
+        handlers serve every connection) must still take trusted peers: when the queue
+        is full the oldest entry leaves it (that connection stays up), never the new one."""
+        while True:
+            try:
+                self._accepted.put_nowait(conn)
+                return
+            except asyncio.QueueFull:
+                self._accepted.get_nowait()
 
     async def _respond_handshake(
         self, sender: bytes, offer: SignalMessage, session: _Session

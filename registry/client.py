@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -32,6 +32,7 @@ from registry.errors import (
     RemoteRegistryError,
     StaleRecord,
 )
+from registry.httpclient import client_session
 from registry.records import MAX_RECORD_SIZE, NodeRecord, parse_verified
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,22 @@ def _now() -> int:
 
 @dataclass(frozen=True)
 class SearchQuery:
+    """``online`` asks for nodes online now, ``on_call`` for those on call; both for
+    either; neither for any availability."""
+
     subspecialty: str = ""
     jurisdiction: str = ""
     language: str = ""
     online: bool = False
+    on_call: bool = False
+
+    def availability(self) -> tuple[str, ...]:
+        """The availability values this query accepts; () for any."""
+        return tuple(
+            value
+            for value, wanted in (("online", self.online), ("on_call", self.on_call))
+            if wanted
+        )
 
     def params(self) -> dict[str, str]:
         params = {
@@ -62,6 +75,8 @@ class SearchQuery:
         result = {k: v for k, v in params.items() if v}
         if self.online:
             result["online"] = "1"
+        if self.on_call:
+            result["on_call"] = "1"
         return result
 
 
@@ -87,16 +102,16 @@ class RegistryClient:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-            )
+            self._session = client_session(REQUEST_TIMEOUT)
         return self._session
 
     async def _request(
         self, method: str, path: str, *, limit: int, **kwargs: Any
     ) -> tuple[int, bytes]:
         try:
-            async with self.session().request(method, self.url + path, **kwargs) as response:
+            async with self.session().request(
+                method, self.url + path, allow_redirects=False, **kwargs
+            ) as response:
                 body = await response.content.read(limit + 1)
                 if len(body) > limit:
                     raise RemoteRegistryError(self.url, response.status, "response too large")
@@ -105,13 +120,17 @@ class RegistryClient:
             raise RegistryUnavailable(self.url, type(exc).__name__) from exc
 
     def _raise_for(self, status: int, body: bytes) -> None:
+        payload: Any = None
         try:
-            payload = json.loads(body[:MAX_ERROR_RESPONSE])
+            payload = json.loads(body)  # bounded by the read limit
             error, hint = str(payload.get("error", ""))[:300], str(payload.get("hint", ""))[:300]
         except (ValueError, AttributeError):
             error, hint = "unreadable error response", ""
         if status == 409:
-            raise StaleRecord(f"registry {self.url}: {error}")
+            exc = StaleRecord(f"registry {self.url}: {error}")
+            held = payload.get("held_record") if isinstance(payload, dict) else None
+            exc.held_wire = _b64(held) if isinstance(held, str) else b""
+            raise exc
         raise RemoteRegistryError(self.url, status, error, hint)
 
     async def health(self) -> dict[str, Any]:
@@ -122,15 +141,21 @@ class RegistryClient:
         return result
 
     async def publish(self, record: NodeRecord) -> None:
+        """Publish; a :class:`StaleRecord` refusal carries in ``held`` the sequence the
+        registry holds, when it proved it with a record signed by the same key."""
         status, body = await self._request(
             "POST",
             "/v1/records",
-            limit=MAX_ERROR_RESPONSE,
+            limit=MAX_ERROR_RESPONSE + MAX_RECORD_SIZE * 2,
             data=record.to_wire(),
             headers={"Content-Type": "application/octet-stream"},
         )
         if status != 200:
-            self._raise_for(status, body)
+            try:
+                self._raise_for(status, body)
+            except StaleRecord as exc:
+                exc.held = _held_sequence(exc.held_wire, record)
+                raise
 
     async def publish_wire(self, wire: bytes) -> None:
         await self.publish(NodeRecord.from_wire(wire))
@@ -254,6 +279,11 @@ class RegistryConnection:
                 await self._task
         self._fail_pending("connection closed")
 
+    @property
+    def ready(self) -> bool:
+        """True while the socket is open and authenticated."""
+        return self._ready.is_set()
+
     async def wait_ready(self) -> None:
         try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
             async with asyncio.timeout(self.connect_timeout):
@@ -278,6 +308,9 @@ class RegistryConnection:
             except (aiohttp.ClientError, TimeoutError, RegistryError, ConnectionError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.debug("registry %s connection failed: %s", self.client.url, self.last_error)
+            except Exception as exc:  # one bad frame must not end the socket for good
+                self.last_error = str(exc) or type(exc).__name__
+                log.exception("registry %s connection broke; reconnecting", self.client.url)
             self._ready.clear()
             self._ws = None
             self._fail_pending("disconnected")
@@ -364,6 +397,24 @@ class RegistryConnection:
             yield await self._inbox.get()
 
 
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text[: MAX_RECORD_SIZE * 2], validate=True)
+    except ValueError:
+        return b""
+
+
+def _held_sequence(wire: bytes, ours: NodeRecord) -> int | None:
+    """The sequence of ``wire`` if it is a record signed by the key of ``ours`` (expired or
+    not: it only proves which sequence we signed before), else None."""
+    if not wire:
+        return None
+    try:
+        return NodeRecord.from_wire(wire).expected_id(ours.node_id).sequence
+    except RecordError:
+        return None
+
+
 def _frame(message: aiohttp.WSMessage) -> wsproto.Frame:
     if message.type != aiohttp.WSMsgType.BINARY:
         raise RegistryError(f"registry socket closed or sent {message.type.name}")
@@ -423,6 +474,57 @@ class MultiRegistry:
                 if held is None or record.sequence > held.sequence:
                     best[record.node_id] = record
         return sorted(best.values(), key=lambda r: str(r.node_id))
+
+
+async def publish_catching_up(
+    client: RegistryClient, record: NodeRecord, after: Callable[[int], NodeRecord]
+) -> NodeRecord:
+    """Publish ``record``; if the registry holds a newer one of this node (signed by
+    another program on the same home, or before the clock went back), sign again with
+    ``after(held sequence)`` and publish that. Returns the record the registry took.
+
+    The held sequence is believed only when proved by a record signed with the node's
+    own key, so a registry cannot push the node's sequence anywhere it likes.
+    """
+    try:
+        await client.publish(record)
+        return record
+    except StaleRecord as exc:
+        if exc.held_wire == record.to_wire():
+            return record  # it holds this very record already (a republish, a retry)
+        held = exc.held
+        if held is None:
+            found = await client.lookup(record.node_id)
+            held = found.sequence if found is not None else None
+        if held is None:
+            log.warning(
+                "registry %s refused this node's record as stale (sequence %d) and shows no "
+                "newer one: check that no other node runs with this identity, then restart",
+                client.url,
+                record.sequence,
+            )
+            raise
+        newer = after(held)
+        log.warning(
+            "registry %s holds a record of this node with sequence %d, newer than ours (%d): "
+            "another program published for this home, or the clock went back. Republishing "
+            "with sequence %d",
+            client.url,
+            held,
+            record.sequence,
+            newer.sequence,
+        )
+        try:
+            await client.publish(newer)
+        except StaleRecord:
+            log.warning(
+                "registry %s refused this node's record again as stale (sequence %d): check "
+                "that no other node runs with this identity, then restart this one",
+                client.url,
+                newer.sequence,
+            )
+            raise
+        return newer
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -67,7 +67,7 @@ def matches(record: NodeRecord, query: SearchQuery) -> bool:
         has(record.subspecialties, query.subspecialty)
         and has(record.jurisdictions, query.jurisdiction)
         and has(record.languages, query.language)
-        and (not query.online or record.availability.value in ("online", "on_call"))
+        and (not query.availability() or record.availability.value in query.availability())
     )
 
 
@@ -78,7 +78,7 @@ class MdnsFinder:
         self.discovery = discovery
 
     async def lookup(self, node_id: NodeId, now: int) -> NodeRecord | None:
-        return self.discovery.found.get(node_id)
+        return await self.discovery.lookup(node_id)
 
     async def search(self, query: SearchQuery, now: int) -> list[NodeRecord]:
         return [r for r in self.discovery.found.values() if matches(r, query)]
@@ -122,7 +122,7 @@ class PeerDirectory:
         row = self._db.execute(
             "SELECT wire FROM peers WHERE node_id = ?", (str(node_id),)
         ).fetchone()
-        return None if row is None else NodeRecord.from_wire(bytes(row[0]))
+        return None if row is None else _stored(bytes(row[0]))
 
     def remember(self, record: NodeRecord, source: str, now: int) -> bool:
         """Keep ``record`` if it verifies and is newer than the one held; True if kept."""
@@ -141,9 +141,17 @@ class PeerDirectory:
             "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
             (str(record.node_id), record.sequence, record.to_wire(), source, now),
         )
+        self._keep_certificate(record, now)
         return True
 
+    def _keep_certificate(self, record: NodeRecord, now: int) -> None:
+        """The trust store keeps the organisation certificate of the record shown, so every
+        check of this key made without a record (connections, messages) agrees with it."""
+        if record.org_certificate is not None:
+            self.trust.keep_certificate(record.public_key, record.org_certificate, now)
+
     def _peer(self, record: NodeRecord, source: str, now: int) -> Peer:
+        self._keep_certificate(record, now)
         return Peer(
             record,
             source,
@@ -168,14 +176,16 @@ class PeerDirectory:
         row = self._db.execute(
             "SELECT wire, source FROM peers WHERE node_id = ?", (str(node_id),)
         ).fetchone()
-        if row is None:
-            return None
-        return self._peer(NodeRecord.from_wire(bytes(row[0])), row[1], now)
+        record = None if row is None else _stored(bytes(row[0]))
+        return None if record is None else self._peer(record, row[1], now)
 
     async def search(self, query: SearchQuery, now: int) -> list[Peer]:
+        # Sources are asked for every availability: a node that went away or on call
+        # must replace its remembered record, or it would still match as online here.
+        wide = replace(query, online=False, on_call=False)
         for finder in self.finders:
             try:
-                records = await finder.search(query, now)
+                records = await finder.search(wide, now)
             except RegistryError as exc:
                 log.debug("%s search failed: %s", finder.name, exc)
                 continue
@@ -185,4 +195,15 @@ class PeerDirectory:
 
     def list(self, now: int) -> list[Peer]:
         rows = self._db.execute("SELECT wire, source FROM peers ORDER BY node_id").fetchall()
-        return [self._peer(NodeRecord.from_wire(bytes(w)), s, now) for w, s in rows]
+        records = ((_stored(bytes(w)), s) for w, s in rows)
+        return [self._peer(r, s, now) for r, s in records if r is not None]
+
+
+def _stored(wire: bytes) -> NodeRecord | None:
+    """A remembered record, or None if it no longer passes today's checks (a record
+    kept by an older version with, say, a LAN URL that now counts as unsafe)."""
+    try:
+        return NodeRecord.from_wire(wire)
+    except RecordError as exc:
+        log.info("ignoring a remembered record that no longer parses: %s", exc)
+        return None

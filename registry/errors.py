@@ -16,8 +16,17 @@ class RecordError(RegistryError):
     """A node record is malformed, badly signed, expired or stale."""
 
 
+class BadEndpoint(RecordError):
+    """A record's LAN or registry URL is not the bare ``http(s)://host:port`` it must be."""
+
+
 class StaleRecord(RecordError):
     """A record's sequence number is not newer than the one already held."""
+
+    def __init__(self, message: str, held: int | None = None) -> None:
+        super().__init__(message)
+        self.held = held  # the sequence already held, when known for sure
+        self.held_wire = b""  # the record a registry says it holds (unverified)
 
 
 class LimitExceeded(RegistryError):

@@ -23,23 +23,41 @@ from aiohttp import WSMsgType, web
 
 from crypto.errors import CryptoError
 from crypto.identity import NodeId
+from crypto.org import verify_certificate
 from registry import wsproto
 from registry.errors import AuthError, RecordError, RegistryError, StaleRecord
-from registry.limits import RateLimiter
-from registry.records import MAX_RECORD_SIZE, NodeRecord
+from registry.limits import MailboxQuota, RateLimiter, address_key
+from registry.netguard import (
+    AddressGuard,
+    GuardedSite,
+    Outbox,
+    Relayed,
+    handler_factory,
+    headers_arrived,
+)
+from registry.records import MAX_RECORD_SIZE, Availability, NodeRecord
 from registry.store import RegistryDB
 
 log = logging.getLogger(__name__)
 
 MAX_QUERY_VALUE = 64
 AUTH_TIMEOUT = 10.0
+MAX_TURN_TTL = 6 * 3600
 
 
 @dataclass(frozen=True)
 class TurnConfig:
+    """coturn's shared secret and URLs. Credentials go only to nodes with a current record
+    here and, when ``trusted_orgs`` is set, a certificate from one of those organisations."""
+
     secret: str
     urls: tuple[str, ...]
-    ttl: int = 3600
+    ttl: int = 1800
+    trusted_orgs: frozenset[bytes] = frozenset()
+
+    def __post_init__(self) -> None:
+        if not 60 <= self.ttl <= MAX_TURN_TTL:
+            raise ValueError(f"TURN credential lifetime must be 60 s to {MAX_TURN_TTL} s")
 
 
 def turn_credentials(config: TurnConfig, node_id: NodeId, now: int) -> wsproto.TurnCredentials:
@@ -59,9 +77,27 @@ class Limits:
     address_burst: float = 200
     send_rate: float = 50.0  # relayed messages, per node
     send_burst: float = 200
+    address_send_rate: float = 200.0  # relayed messages, all nodes of one address together
+    address_send_burst: float = 1000
     mailbox_ttl: int = 7 * 24 * 3600
-    mailbox_cap: int = 256
-    max_connections: int = 10_000
+    mailbox: MailboxQuota = field(default_factory=MailboxQuota)
+    # Mail waits only for nodes with a record here, current or expired at most this long
+    # ago (a node off for the weekend still gets its mail; 0 = current records only).
+    mail_record_grace: int = 7 * 24 * 3600
+    max_records: int = 100_000  # records kept, current or in their grace period
+    new_record_rate: float = 0.1  # records of nodes new to this registry, per address
+    new_record_burst: float = 20
+    max_connections: int = 10_000  # signaling sockets, all addresses together
+    address_sockets: int = 32  # open TCP connections per address (HTTP and WebSocket)
+    connect_rate: float = 20.0  # new TCP connections per address, per second
+    connect_burst: float = 100
+    header_timeout: float = 10.0  # a connection's first request headers, from connect
+    idle_timeout: float = 30.0  # an HTTP keep-alive connection between requests
+    body_timeout: float = 10.0  # a record's body, once the headers are in
+    send_queue: int = 64  # frames waiting for one signaling socket before it is dropped
+    send_timeout: float = 10.0  # one write to a signaling socket before it is dropped
+    turn_rate: float = 1 / 60  # TURN credentials per node, per second
+    turn_burst: float = 5
 
 
 @dataclass
@@ -80,7 +116,15 @@ class RegistryServer:
         self._publish = RateLimiter(self.limits.publish_rate, self.limits.publish_burst)
         self._address = RateLimiter(self.limits.address_rate, self.limits.address_burst)
         self._send = RateLimiter(self.limits.send_rate, self.limits.send_burst)
-        self.connections: dict[NodeId, web.WebSocketResponse] = {}
+        self._address_send = RateLimiter(
+            self.limits.address_send_rate, self.limits.address_send_burst
+        )
+        self._new_record = RateLimiter(self.limits.new_record_rate, self.limits.new_record_burst)
+        self._turn_limit = RateLimiter(self.limits.turn_rate, self.limits.turn_burst)
+        self.guard = AddressGuard(
+            self.limits.address_sockets, self.limits.connect_rate, self.limits.connect_burst
+        )
+        self.connections: dict[NodeId, Outbox] = {}
         self._runner: web.AppRunner | None = None
         self._purger: asyncio.Task[None] | None = None
         self.app = self._build_app()
@@ -88,7 +132,8 @@ class RegistryServer:
     # lifecycle -----------------------------------------------------------
     def _build_app(self) -> web.Application:
         app = web.Application(
-            client_max_size=MAX_RECORD_SIZE + 1024, middlewares=[self._errors_and_limits]
+            client_max_size=MAX_RECORD_SIZE + 1024,
+            middlewares=[headers_arrived, self._errors_and_limits],
         )
         app.router.add_get("/v1/health", self._health)
         app.router.add_post("/v1/records", self._publish_record)
@@ -104,8 +149,13 @@ class RegistryServer:
         self._purger = asyncio.create_task(self._purge_loop())
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        for ws in list(self.connections.values()):
-            await ws.close(code=1001, message=b"registry shutting down")
+        closing = [
+            o.ws.close(code=1001, message=b"registry shutting down")
+            for o in list(self.connections.values())
+        ]
+        with contextlib.suppress(TimeoutError):  # one bound for all: some may not read
+            async with asyncio.timeout(self.limits.send_timeout):
+                await asyncio.gather(*closing, return_exceptions=True)
 
     async def _on_cleanup(self, app: web.Application) -> None:
         if self._purger is not None:
@@ -117,7 +167,14 @@ class RegistryServer:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        factory = handler_factory(
+            self._runner,
+            self.guard,
+            self.clock,
+            header_timeout=self.limits.header_timeout,
+            idle_timeout=self.limits.idle_timeout,
+        )
+        site = GuardedSite(self._runner, host, port, factory)
         await site.start()
         bound = int(self._runner.addresses[0][1])
         if not self.public_url:
@@ -139,7 +196,7 @@ class RegistryServer:
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(self.purge_interval)
-            removed = self.db.purge(self.now())
+            removed = self.db.purge(self.now(), self.limits.mail_record_grace)
             if removed:
                 log.debug("purged %d expired records and messages", removed)
 
@@ -148,7 +205,7 @@ class RegistryServer:
     async def _errors_and_limits(
         self, request: web.Request, handler: Callable[[web.Request], object]
     ) -> web.StreamResponse:
-        address = request.remote or "?"
+        address = address_key(request.remote)
         if not self._address.allow(address, self.clock()):
             return _error(
                 429,
@@ -182,7 +239,11 @@ class RegistryServer:
     async def _publish_record(self, request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_RECORD_SIZE:
             return _error(413, "record too large", f"a record is at most {MAX_RECORD_SIZE} bytes")
-        data = await request.read()
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                data = await request.read()
+        except TimeoutError:
+            return _error(408, "the record took too long to arrive", "check the connection")
         now = self.now()
         try:
             record = NodeRecord.from_wire(data).verify(now)
@@ -190,13 +251,38 @@ class RegistryServer:
             return _error(400, str(exc), "sign the record with the node key and a future expiry")
         if not self._publish.allow(str(record.node_id), self.clock()):
             return _error(429, "this node publishes too often", "publish at most once a second")
+        refused = self._refuse_new_node(record.node_id, address_key(request.remote))
+        if refused is not None:
+            return refused
         try:
             self.db.put(record, now)
         except StaleRecord as exc:
-            return _error(409, str(exc), "increase the sequence number")
+            # The record held, signed by the node itself: proof of the sequence to beat
+            # (kept past its expiry for the mail grace period, so a lookup may not show it).
+            held = self.db.get_wire(record.node_id, -1) or b""
+            return web.json_response(
+                {
+                    "error": str(exc),
+                    "hint": "publish with a sequence above the one this registry holds",
+                    "held_record": base64.b64encode(held).decode(),
+                },
+                status=409,
+            )
         except RecordError as exc:
             return _error(400, str(exc), "publish a valid record")
         return web.json_response({"node_id": str(record.node_id), "seq": record.sequence})
+
+    def _refuse_new_node(self, node_id: NodeId, address: str) -> web.Response | None:
+        """Records of nodes new here cost disk: a cap in all and a rate per address."""
+        if self.db.known_since(node_id, -1):
+            return None
+        if self.db.record_count() >= self.limits.max_records:
+            return _error(507, "this registry holds as many records as it can", "use another")
+        if not self._new_record.allow(address, self.clock()):
+            return _error(
+                429, "too many new nodes from this address", "publish again in a few minutes"
+            )
+        return None
 
     async def _lookup(self, request: web.Request) -> web.Response:
         try:
@@ -210,7 +296,15 @@ class RegistryServer:
 
     async def _search(self, request: web.Request) -> web.Response:
         query = request.query
-        allowed = {"subspecialty", "jurisdiction", "language", "online", "after", "limit"}
+        allowed = {
+            "subspecialty",
+            "jurisdiction",
+            "language",
+            "online",
+            "on_call",
+            "after",
+            "limit",
+        }
         unknown = set(query) - allowed
         if unknown:
             return _error(
@@ -221,8 +315,15 @@ class RegistryServer:
         values = {k: query.get(k, "") for k in allowed}
         if any(len(v) > MAX_QUERY_VALUE for v in values.values()) or len(query) > len(allowed):
             return _error(400, "search parameter too long", f"at most {MAX_QUERY_VALUE} characters")
-        if values["online"] not in ("", "0", "1"):
-            return _error(400, "online must be 0 or 1", "use online=1 for nodes online now")
+        for flag in ("online", "on_call"):
+            if values[flag] not in ("", "0", "1"):
+                return _error(400, f"{flag} must be 0 or 1", f"use {flag}=1 to ask for it")
+        # Each flag asks for that availability; both ask for either; none for any.
+        availability = tuple(
+            a.value
+            for a, flag in ((Availability.ONLINE, "online"), (Availability.ON_CALL, "on_call"))
+            if values[flag] == "1"
+        )
         try:
             limit = int(values["limit"] or 50)
         except ValueError:
@@ -234,7 +335,7 @@ class RegistryServer:
             subspecialty=values["subspecialty"],
             jurisdiction=values["jurisdiction"],
             language=values["language"],
-            online=values["online"] == "1",
+            availability=availability,
             after=values["after"],
             limit=limit,
         )
@@ -247,38 +348,80 @@ class RegistryServer:
         ws = web.WebSocketResponse(max_msg_size=wsproto.MAX_FRAME, heartbeat=30.0)
         await ws.prepare(request)
         node_id: NodeId | None = None
+        outbox: Outbox | None = None
         try:
             node_id = await self._authenticate(ws)
+            outbox = self._outbox(ws, request.transport, node_id, address_key(request.remote))
             old = self.connections.get(node_id)
-            self.connections[node_id] = ws
+            self.connections[node_id] = outbox
             if old is not None:
-                await old.close(code=4000, message=b"replaced by a newer connection")
+                old.drop("replaced by a newer connection")
             pending = self.db.mailbox_peek(node_id, self.now())
-            await ws.send_bytes(wsproto.to_wire(wsproto.Ready(node_id, len(pending))))
-            delivered: list[int] = []
-            try:
-                for stored in pending:
-                    await ws.send_bytes(
-                        wsproto.to_wire(wsproto.Deliver(stored.sender, node_id, stored.data))
-                    )
-                    delivered.append(stored.id)
-            finally:
-                # What could not be written stays for the next connection.
-                self.db.mailbox_delete(delivered)
-            await self._serve(ws, node_id)
+            outbox.push(wsproto.to_wire(wsproto.Ready(node_id, len(pending))))
+            for stored in pending:  # deleted once written; what is not stays for next time
+                deliver = wsproto.Deliver(stored.sender, node_id, stored.data)
+                relayed = Relayed(stored.sender, stored.data, stored.id)
+                if not await outbox.put(wsproto.to_wire(deliver), relayed):
+                    break
+            await self._serve(ws, outbox, node_id)
         except AuthError as exc:
             await _ws_error(ws, str(exc), "sign the challenge of this registry with the node key")
         except (RegistryError, TimeoutError) as exc:
-            await _ws_error(ws, str(exc), "the connection is closed; reconnect")
+            if outbox is not None:
+                _push_error(outbox, str(exc), "the connection is closed; reconnect")
+            else:
+                await _ws_error(ws, str(exc), "the connection is closed; reconnect")
         finally:
-            if node_id is not None and self.connections.get(node_id) is ws:
+            if node_id is not None and self.connections.get(node_id) is outbox:
                 del self.connections[node_id]
-            await ws.close()
+            if outbox is not None:
+                await self._finish(outbox)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.limits.send_timeout):
+                    await ws.close()
+            if request.transport is not None and not ws.closed:
+                request.transport.abort()
         return ws
+
+    def _outbox(
+        self,
+        ws: web.WebSocketResponse,
+        transport: asyncio.Transport | None,
+        node_id: NodeId,
+        address: str,
+    ) -> Outbox:
+        def sent(relayed: Relayed) -> None:
+            if relayed.stored_id:
+                self.db.mailbox_delete([relayed.stored_id])
+
+        def dropped(unsent: list[Relayed]) -> None:
+            # Live messages its reader never took wait in the mailbox like any other.
+            for relayed in unsent:
+                if not relayed.stored_id:
+                    self._keep_for_later(node_id, relayed.sender, relayed.data, relayed.origin)
+
+        return Outbox(
+            ws,
+            transport,
+            size=self.limits.send_queue,
+            timeout=self.limits.send_timeout,
+            on_drop=dropped,
+            on_sent=sent,
+            address=address,
+        )
+
+    async def _finish(self, outbox: Outbox) -> None:
+        """Let frames already queued (the last error) go out, briefly, then stop."""
+        if not outbox.dropped:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await outbox.drain()
+        await outbox.close()
 
     async def _authenticate(self, ws: web.WebSocketResponse) -> NodeId:
         challenge = os.urandom(wsproto.CHALLENGE_SIZE)
-        await ws.send_bytes(wsproto.to_wire(wsproto.Challenge(challenge, self.public_url)))
+        async with asyncio.timeout(self.limits.send_timeout):
+            await ws.send_bytes(wsproto.to_wire(wsproto.Challenge(challenge, self.public_url)))
         message = await ws.receive(timeout=AUTH_TIMEOUT)
         if message.type != WSMsgType.BINARY:
             raise AuthError("expected an auth frame")
@@ -287,7 +430,7 @@ class RegistryServer:
             raise AuthError("expected an auth frame first")
         return wsproto.check_auth(frame, challenge, self.public_url)
 
-    async def _serve(self, ws: web.WebSocketResponse, node_id: NodeId) -> None:
+    async def _serve(self, ws: web.WebSocketResponse, outbox: Outbox, node_id: NodeId) -> None:
         async for message in ws:
             if message.type != WSMsgType.BINARY:
                 if message.type == WSMsgType.ERROR:
@@ -295,42 +438,92 @@ class RegistryServer:
                 raise RegistryError("only binary frames are accepted")
             frame = wsproto.from_wire(message.data)
             if isinstance(frame, wsproto.Send):
-                await self._relay(ws, node_id, frame)
+                self._relay(outbox, node_id, frame)
             elif isinstance(frame, wsproto.TurnRequest):
-                if self.turn is None:
-                    await _ws_error(ws, "this registry offers no TURN relay", "use another")
-                else:
-                    creds = turn_credentials(self.turn, node_id, self.now())
-                    await ws.send_bytes(wsproto.to_wire(creds))
+                self._turn_request(outbox, node_id)
             else:
                 raise RegistryError(f"unexpected {frame.T!r} frame from a node")
+            if outbox.dropped:
+                return
 
-    async def _relay(self, ws: web.WebSocketResponse, sender: NodeId, frame: wsproto.Send) -> None:
-        if not self._send.allow(str(sender), self.clock()):
-            await _ws_error(ws, "sending too fast", "at most 50 messages a second", frame.ref)
+    def _turn_request(self, outbox: Outbox, node_id: NodeId) -> None:
+        """TURN relays cost bandwidth: only for nodes this registry knows, now, not too often."""
+        if self.turn is None:
+            _push_error(outbox, "this registry offers no TURN relay", "use another")
+            return
+        if not self._turn_limit.allow(str(node_id), self.clock()):
+            _push_error(outbox, "asking for TURN credentials too often", "reuse the ones you have")
+            return
+        now = self.now()
+        wire = self.db.get_wire(node_id, now)
+        if wire is None:
+            _push_error(
+                outbox,
+                "TURN credentials are only for nodes with a current record here",
+                "publish this node's record to this registry, then ask again",
+            )
+            return
+        if self.turn.trusted_orgs:
+            record = NodeRecord.from_wire(wire)
+            cert = record.org_certificate
+            try:
+                if cert is None:
+                    raise CryptoError("the record carries no organisation certificate")
+                verify_certificate(
+                    cert, trusted_orgs=self.turn.trusted_orgs, now=now, node_key=record.public_key
+                )
+            except CryptoError as exc:
+                _push_error(
+                    outbox,
+                    f"this registry's TURN relay serves member organisations only: {exc}",
+                    "publish a record carrying a certificate from a member organisation",
+                )
+                return
+        outbox.push(wsproto.to_wire(turn_credentials(self.turn, node_id, now)))
+
+    def _relay(self, outbox: Outbox, sender: NodeId, frame: wsproto.Send) -> None:
+        now = self.clock()
+        if not self._send.allow(str(sender), now) or not self._address_send.allow(
+            outbox.address, now
+        ):
+            hint = f"at most {self.limits.send_rate:g} messages a second"
+            _push_error(outbox, "sending too fast", hint, frame.ref)
             return
         target = self.connections.get(frame.to)
-        deliver = wsproto.to_wire(wsproto.Deliver(sender, frame.to, frame.data))
-        if target is not None and not target.closed:
-            try:
-                await target.send_bytes(deliver)
-            except (ConnectionError, RuntimeError):
-                target = None
-            else:
-                await ws.send_bytes(wsproto.to_wire(wsproto.Ack(frame.ref, "delivered")))
+        if target is not None and not target.dropped:
+            deliver = wsproto.to_wire(wsproto.Deliver(sender, frame.to, frame.data))
+            # Never waits: a target that does not read loses its socket, not the sender.
+            if target.push(deliver, Relayed(sender, frame.data, origin=outbox.address)):
+                outbox.push(wsproto.to_wire(wsproto.Ack(frame.ref, "delivered")))
                 return
-        stored = self.db.mailbox_put(
-            frame.to,
-            sender,
-            frame.data,
-            now=self.now(),
-            ttl=self.limits.mailbox_ttl,
-            cap=self.limits.mailbox_cap,
-        )
-        if stored:
-            await ws.send_bytes(wsproto.to_wire(wsproto.Ack(frame.ref, "stored")))
+            # Its queue was full and it is dropped: this message waits with the others.
+        refused = self._keep_for_later(frame.to, sender, frame.data, outbox.address)
+        if refused is None:
+            outbox.push(wsproto.to_wire(wsproto.Ack(frame.ref, "stored")))
         else:
-            await _ws_error(ws, "recipient's mailbox is full", "try again later", frame.ref)
+            _push_error(outbox, refused, "try again later", frame.ref)
+
+    def _keep_for_later(
+        self, recipient: NodeId, sender: NodeId, data: bytes, origin: str
+    ) -> str | None:
+        """Store a message in the mailbox; the reason when a quota refuses it."""
+        now = self.now()
+        if not self.db.known_since(recipient, now - self.limits.mail_record_grace):
+            return (
+                "this registry keeps mail only for nodes with a current record here, "
+                "and the recipient has none"
+            )
+        usage = self.db.mailbox_usage(recipient, sender, now, origin)
+        refused = self.limits.mailbox.refusal(usage, len(data))
+        if refused is None:
+            self.db.mailbox_put(
+                recipient, sender, data, now=now, ttl=self.limits.mailbox_ttl, origin=origin
+            )
+        return refused
+
+
+def _push_error(outbox: Outbox, error: str, hint: str, ref: int = -1) -> None:
+    outbox.push(wsproto.to_wire(wsproto.Error(error[:1024], hint[:1024], ref)))
 
 
 def _error(status: int, error: str, hint: str) -> web.Response:

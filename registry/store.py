@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from crypto.identity import NodeId
+from registry.errors import RecordError
+from registry.limits import MailboxUsage
 from registry.records import NodeRecord, require_newer
 
 _SCHEMA = """
@@ -22,7 +24,8 @@ CREATE TABLE IF NOT EXISTS records (
     subs TEXT NOT NULL,
     jur TEXT NOT NULL,
     lang TEXT NOT NULL,
-    wire BLOB NOT NULL
+    wire BLOB NOT NULL,
+    avail TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS records_expiry ON records(expires_at);
 CREATE TABLE IF NOT EXISTS mailbox (
@@ -30,10 +33,19 @@ CREATE TABLE IF NOT EXISTS mailbox (
     recipient TEXT NOT NULL,
     sender TEXT NOT NULL,
     expires_at INTEGER NOT NULL,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    origin TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS mailbox_recipient ON mailbox(recipient, id);
+"""
+
+# Indexes on columns that older databases gain in _migrate come after it.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS mailbox_by_recipient ON mailbox(recipient, sender, id);
+CREATE INDEX IF NOT EXISTS mailbox_sender ON mailbox(sender);
+CREATE INDEX IF NOT EXISTS mailbox_origin ON mailbox(origin);
 CREATE INDEX IF NOT EXISTS mailbox_expiry ON mailbox(expires_at);
+CREATE INDEX IF NOT EXISTS records_avail ON records(avail);
 """
 
 
@@ -55,6 +67,31 @@ class RegistryDB:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+        self._db.executescript(_INDEXES)
+        self._total = self._mailbox_bytes()
+
+    def _migrate(self) -> None:
+        """Databases from before the byte quotas and the availability column."""
+        mailbox = {row[1] for row in self._db.execute("PRAGMA table_info(mailbox)")}
+        if "size" not in mailbox:
+            self._db.execute("ALTER TABLE mailbox ADD COLUMN size INTEGER NOT NULL DEFAULT 0")
+            self._db.execute("UPDATE mailbox SET size = length(data)")
+        if "origin" not in mailbox:
+            self._db.execute("ALTER TABLE mailbox ADD COLUMN origin TEXT NOT NULL DEFAULT ''")
+        records = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+        if "avail" not in records:
+            self._db.execute("ALTER TABLE records ADD COLUMN avail TEXT NOT NULL DEFAULT ''")
+            for node_id, wire in self._db.execute("SELECT node_id, wire FROM records").fetchall():
+                try:
+                    avail = NodeRecord.from_wire(bytes(wire)).availability.value
+                except RecordError:
+                    avail = ""
+                self._db.execute("UPDATE records SET avail = ? WHERE node_id = ?", (avail, node_id))
+
+    def _mailbox_bytes(self) -> int:
+        row = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM mailbox").fetchone()
+        return int(row[0])
 
     def close(self) -> None:
         self._db.close()
@@ -66,13 +103,33 @@ class RegistryDB:
         ).fetchone()
         return None if row is None else bytes(row[0])
 
+    def known_since(self, node_id: NodeId, since: int) -> bool:
+        """True when this registry holds a record of ``node_id`` valid at some time after
+        ``since`` (current, or expired no earlier than that)."""
+        row = self._db.execute(
+            "SELECT 1 FROM records WHERE node_id = ? AND expires_at > ?", (str(node_id), since)
+        ).fetchone()
+        return row is not None
+
+    def record_count(self) -> int:
+        """Rows kept, current or in their grace period (what the records quota counts)."""
+        return int(self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+
     def put(self, record: NodeRecord, now: int) -> None:
-        """Store a record already verified by the caller; older sequences are refused."""
-        current = self.get_wire(record.node_id, now)
-        if current is not None:
-            require_newer(record, NodeRecord.from_wire(current))
+        """Store a record already verified by the caller; older sequences are refused.
+
+        A record kept past its expiry (for the mailbox grace period) still holds the
+        sequence: a replayed old record never replaces a newer one.
+        """
+        row = self._db.execute(
+            "SELECT wire FROM records WHERE node_id = ?", (str(record.node_id),)
+        ).fetchone()
+        if row is not None:
+            require_newer(record, NodeRecord.from_wire(bytes(row[0])))
         self._db.execute(
-            "INSERT OR REPLACE INTO records VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO records "
+            "(node_id, seq, expires_at, online, subs, jur, lang, wire, avail) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 str(record.node_id),
                 record.sequence,
@@ -82,6 +139,7 @@ class RegistryDB:
                 _tags(record.jurisdictions),
                 _tags(record.languages),
                 record.to_wire(),
+                record.availability.value,
             ),
         )
 
@@ -92,10 +150,11 @@ class RegistryDB:
         subspecialty: str = "",
         jurisdiction: str = "",
         language: str = "",
-        online: bool = False,
+        availability: tuple[str, ...] = (),
         after: str = "",
         limit: int = 50,
     ) -> list[bytes]:
+        """Current records matching every filter; ``availability`` is any of its values."""
         sql = "SELECT wire FROM records WHERE expires_at > ? AND node_id > ?"
         params: list[object] = [now, after]
         for column, value in (("subs", subspecialty), ("jur", jurisdiction), ("lang", language)):
@@ -105,8 +164,9 @@ class RegistryDB:
                     value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
                 )
                 params.append(f"%|{escaped}|%")
-        if online:
-            sql += " AND online = 1"
+        if availability:
+            sql += f" AND avail IN ({', '.join('?' * len(availability))})"
+            params.extend(availability)
         sql += " ORDER BY node_id LIMIT ?"
         params.append(limit)
         return [bytes(row[0]) for row in self._db.execute(sql, params)]
@@ -118,20 +178,59 @@ class RegistryDB:
         return int(row[0])
 
     # mailbox -------------------------------------------------------------
-    def mailbox_put(
-        self, recipient: NodeId, sender: NodeId, data: bytes, *, now: int, ttl: int, cap: int
-    ) -> bool:
-        """Keep a message for later; False when the recipient's mailbox is full."""
-        row = self._db.execute(
-            "SELECT COUNT(*) FROM mailbox WHERE recipient = ? AND expires_at > ?",
-            (str(recipient), now),
+    def mailbox_usage(
+        self, recipient: NodeId, sender: NodeId, now: int, origin: str = ""
+    ) -> MailboxUsage:
+        """Counts are of unexpired messages; the total counts everything not yet purged.
+        ``origin`` is the sender's address key (:func:`registry.limits.address_key`)."""
+        to, by = str(recipient), str(sender)
+        r = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), "
+            "COALESCE(SUM(sender = ?), 0), COALESCE(SUM(CASE WHEN sender = ? THEN size END), 0) "
+            "FROM mailbox WHERE recipient = ? AND expires_at > ?",
+            (by, by, to, now),
         ).fetchone()
-        if int(row[0]) >= cap:
+        s = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM mailbox "
+            "WHERE sender = ? AND expires_at > ?",
+            (by, now),
+        ).fetchone()
+        o = self._db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM mailbox WHERE origin = ? AND expires_at > ?",
+            (origin, now),
+        ).fetchone()
+        return MailboxUsage(
+            int(r[0]),
+            int(r[1]),
+            int(r[2]),
+            int(r[3]),
+            int(s[0]),
+            int(s[1]),
+            self._total,
+            int(o[0]) if origin else 0,
+        )
+
+    def mailbox_put(
+        self,
+        recipient: NodeId,
+        sender: NodeId,
+        data: bytes,
+        *,
+        now: int,
+        ttl: int,
+        cap: int | None = None,
+        origin: str = "",
+    ) -> bool:
+        """Keep a message for later. The caller checks the quotas (:meth:`mailbox_usage`);
+        ``cap`` alone is the old per-recipient count check (False when full)."""
+        if cap is not None and self.mailbox_count(recipient, now) >= cap:
             return False
         self._db.execute(
-            "INSERT INTO mailbox (recipient, sender, expires_at, data) VALUES (?, ?, ?, ?)",
-            (str(recipient), str(sender), now + ttl, data),
+            "INSERT INTO mailbox (recipient, sender, expires_at, data, size, origin) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (str(recipient), str(sender), now + ttl, data, len(data), origin),
         )
+        self._total += len(data)
         return True
 
     def mailbox_peek(self, recipient: NodeId, now: int, limit: int = 1000) -> list[Stored]:
@@ -145,6 +244,8 @@ class RegistryDB:
 
     def mailbox_delete(self, ids: list[int]) -> None:
         self._db.executemany("DELETE FROM mailbox WHERE id = ?", [(i,) for i in ids])
+        if ids:
+            self._total = self._mailbox_bytes()
 
     def mailbox_count(self, recipient: NodeId, now: int) -> int:
         row = self._db.execute(
@@ -153,7 +254,16 @@ class RegistryDB:
         ).fetchone()
         return int(row[0])
 
-    def purge(self, now: int) -> int:
-        a = self._db.execute("DELETE FROM records WHERE expires_at <= ?", (now,)).rowcount
+    @property
+    def mailbox_total(self) -> int:
+        return self._total
+
+    def purge(self, now: int, record_grace: int = 0) -> int:
+        """Drop expired mail, and records expired more than ``record_grace`` seconds ago
+        (kept that long so their node still gets mail and their sequence still holds)."""
+        a = self._db.execute(
+            "DELETE FROM records WHERE expires_at <= ?", (now - record_grace,)
+        ).rowcount
         b = self._db.execute("DELETE FROM mailbox WHERE expires_at <= ?", (now,)).rowcount
+        self._total = self._mailbox_bytes()
         return int(a) + int(b)

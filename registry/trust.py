@@ -3,14 +3,21 @@
 States: unknown (never seen), pending (first contact, waiting in the inbox for
 a person), verified (safety number confirmed, or explicitly allowed), trusted
 by org (certificate from an organisation key this node trusts), revoked.
-Revocation wins over everything and applies on the next check: nothing is
-cached outside the database.
+Revocation wins over everything and applies on the next check: answers are
+cached only until the database changes (this process's writes, or another
+process's, seen through SQLite's ``data_version``) or the second turns.
+
+A running node :meth:`~TrustStore.subscribe` s to changes (its own, and, through
+:meth:`~TrustStore.poll`, those `radmesh trust` makes from another process) and
+closes the connections and live sessions of every peer no longer trusted.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +42,10 @@ CREATE TABLE IF NOT EXISTS revocations (
 );
 """
 MAX_INBOX = 1000
+MAX_CACHED = 4096  # trust answers kept between database changes (cleared when full)
+
+log = logging.getLogger(__name__)
+Listener = Callable[[], None]
 
 
 class TrustState(enum.StrEnum):
@@ -58,9 +69,53 @@ class TrustStore:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        self._listeners: list[Listener] = []
+        self._generation = 0  # this connection's writes (data_version counts the others')
+        self._seen_version = self._data_version()
+        self._cache: dict[tuple[bytes, bytes | None, int], bool] = {}
+        self._cache_stamp: tuple[int, int] = (-1, -1)
 
     def close(self) -> None:
         self._db.close()
+
+    # change notification ------------------------------------------------------
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener()`` after every change that may take trust away (or give it).
+
+        Returns the function that unsubscribes it.
+        """
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def poll(self) -> bool:
+        """Notice changes another process (`radmesh trust ...`) wrote; True, and listeners
+        told, if there were any since the last poll."""
+        version = self._data_version()
+        if version == self._seen_version:
+            return False
+        self._seen_version = version
+        self._notify()
+        return True
+
+    def _data_version(self) -> int:
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    def _wrote(self, notify: bool = True) -> None:
+        self._generation += 1
+        if notify:
+            self._notify()
+
+    def _notify(self) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("a trust change listener failed")
 
     # queries ------------------------------------------------------------
     def _row(self, node_id: NodeId) -> tuple[bytes | None, str, bytes | None] | None:
@@ -108,11 +163,20 @@ class TrustStore:
         return stored_state
 
     def is_trusted(self, public_key: bytes, now: int, certificate: bytes | None = None) -> bool:
-        """What the transport's handshake asks: may this key receive our data?"""
-        return self.state(public_key, now, certificate) in (
-            TrustState.VERIFIED,
-            TrustState.TRUSTED_BY_ORG,
-        )
+        """May this key receive our data? Asked for every message a peer sends or gets, so
+        the answer is cached until the database changes or ``now`` moves on."""
+        stamp = (self._data_version(), self._generation)
+        if stamp != self._cache_stamp or len(self._cache) >= MAX_CACHED:
+            self._cache.clear()
+            self._cache_stamp = stamp
+        key = (public_key, certificate, now)
+        answer = self._cache.get(key)
+        if answer is None:
+            answer = self._cache[key] = self.state(public_key, now, certificate) in (
+                TrustState.VERIFIED,
+                TrustState.TRUSTED_BY_ORG,
+            )
+        return answer
 
     def inbox(self) -> list[InboxEntry]:
         rows = self._db.execute(
@@ -155,6 +219,7 @@ class TrustStore:
             "INSERT OR REPLACE INTO trust VALUES (?, ?, ?, ?, ?, ?, ?)",
             (str(node_id), key, state.value, method, cert, summary[:200], now),
         )
+        self._wrote(notify=False)
 
     def first_contact(
         self, public_key: bytes, now: int, *, certificate: bytes | None = None, summary: str = ""
@@ -197,17 +262,37 @@ class TrustStore:
         if row is not None and row[1] == TrustState.REVOKED.value:
             raise TrustError(f"{node_id.short()} was revoked; revocation is final for this key")
         self._set(node_id, None, TrustState.VERIFIED, method, now)
+        self._wrote()
 
     def revoke(self, node_id: NodeId, now: int) -> None:
+        """Stop trusting ``node_id``; listeners (the running node) drop it at once."""
         self._set(node_id, None, TrustState.REVOKED, "revoked", now)
+        self._wrote()
+
+    def keep_certificate(self, public_key: bytes, certificate: bytes, now: int) -> bool:
+        """Keep the organisation certificate a peer presents (its published record), so the
+        checks made without one (connections, messages, live sessions) see it. Kept only if
+        it makes the key trusted by an organisation this node trusts; True if kept."""
+        if self.state(public_key, now, certificate) is not TrustState.TRUSTED_BY_ORG:
+            return False
+        node_id = NodeId.from_public_key(public_key)
+        row = self._row(node_id)
+        if row is not None and row[2] is not None and bytes(row[2]) == certificate:
+            return True
+        stored = TrustState(row[1]) if row else TrustState.UNKNOWN
+        self._set(node_id, public_key, stored, "certificate", now, certificate)
+        self._wrote()
+        return True
 
     def add_org(self, org_key: bytes, now: int) -> None:
         if len(org_key) != PUBLIC_KEY_SIZE:
             raise TrustError("an organisation key is 32 bytes (64 hex characters)")
         self._db.execute("INSERT OR REPLACE INTO trusted_orgs VALUES (?, ?)", (org_key, now))
+        self._wrote()
 
     def remove_org(self, org_key: bytes) -> None:
         self._db.execute("DELETE FROM trusted_orgs WHERE org_key = ?", (org_key,))
+        self._wrote()
 
     def add_revocations(self, wire: bytes, org_key: bytes) -> RevocationList:
         """Apply an organisation's signed revocation list if newer than the one held."""
@@ -221,4 +306,5 @@ class TrustStore:
         self._db.execute(
             "INSERT OR REPLACE INTO revocations VALUES (?, ?, ?)", (org_key, listing.sequence, wire)
         )
+        self._wrote()
         return listing

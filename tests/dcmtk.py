@@ -23,6 +23,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from node.children import die_with_parent
+
 LOOPBACK = "127.0.0.1"
 TOOL_TIMEOUT = 60.0
 
@@ -146,6 +148,8 @@ def storescp(directory: Path, ae_title: str = "STORESCP") -> Iterator[StoreSCP]:
         ["storescp", "-aet", ae_title, "+xa", "-od", str(directory), "-uf", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),  # no orphan server if the test run is killed
+        start_new_session=True,
     )
     try:
         wait_for_port(port)

@@ -9,12 +9,16 @@ from typing import Any, TypeVar
 
 from textual.app import App
 from textual.binding import Binding
+from textual.notifications import SeverityLevel
 
+from node.display import MAX_NAME_CHARS, printable
 from tui.facade import NodeFacade
 from tui.screens.help import HelpScreen
 from tui.screens.home import HomeScreen
 from tui.screens.peers import PeersScreen
 from tui.screens.studies import StudiesScreen
+
+MAX_NOTIFICATION_CHARS = 500
 
 T = TypeVar("T")
 BLOCKING_THREADS = 2
@@ -48,6 +52,25 @@ class RadmeshApp(App[None]):
 
     def on_unmount(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        """Every toast, from any screen, is plain text: what it says often comes from a peer
+        (a name, an error it sent back), and markup in it would be parsed or crash the app."""
+        super().notify(
+            printable(message, MAX_NOTIFICATION_CHARS, multiline=True),
+            title=printable(title, MAX_NAME_CHARS),
+            severity=severity,
+            timeout=timeout,
+            markup=False,
+        )
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

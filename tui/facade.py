@@ -84,6 +84,10 @@ class ConsultItem:
     state: str
     deadline: float  # seconds since the epoch
     study_uid: str = ""
+    # The peer's published name and this node's trust in its key: anyone can publish any
+    # name, so it is only ever shown next to the short id (``peer``) and the trust state.
+    peer_name: str = ""
+    peer_trust: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class ConsultForm:
     subspecialty: str
     deadline_hours: float
     jurisdiction: str = ""  # the patient's country; empty: this node's country
+    burned_in_checked: bool = False  # a person checked the pixels for burned-in text (audited)
 
 
 class ActionError(Exception):
@@ -185,3 +190,7 @@ class NodeFacade(Protocol):
 
     async def withdraw(self, consult_id: str) -> str: ...
     async def request_consult(self, form: ConsultForm) -> str: ...
+
+    async def cycle_availability(self) -> str:
+        """Online → on call → away → online, published at once."""
+        ...

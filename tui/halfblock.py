@@ -19,6 +19,8 @@ from rich.segment import Segment
 from rich.style import Style
 from textual.strip import Strip
 
+from node.display import printable
+
 UPPER_HALF = "▀"
 MAX_CACHED_STYLES = 200_000
 
@@ -96,5 +98,10 @@ class HalfBlockRenderer:
 def label_cells(
     text: str, row: int, col: int, style: Style, width: int
 ) -> dict[tuple[int, int], Label]:
-    """Cells for a short text label starting at (row, col), clipped to the width."""
-    return {(row, col + i): (ch, style) for i, ch in enumerate(text) if 0 <= col + i < width}
+    """Cells for a short text label starting at (row, col), clipped to the width.
+
+    Labels carry peer text (names, arrow texts): each cell is written to the terminal as
+    is, so control characters are replaced first (an ESC here would reach it raw).
+    """
+    shown = printable(text[: max(0, width - col)])
+    return {(row, col + i): (ch, style) for i, ch in enumerate(shown) if 0 <= col + i < width}

@@ -275,6 +275,9 @@ class LocalNode:
     async def withdraw(self, consult_id: str) -> str:
         raise ActionError(LOCAL_ONLY)
 
+    async def cycle_availability(self) -> str:
+        raise ActionError(LOCAL_ONLY)
+
     async def request_consult(self, form: ConsultForm) -> str:
         raise ActionError(LOCAL_ONLY)
 

@@ -117,10 +117,10 @@ class InMemoryNode:
     def consults(self) -> list[ConsultItem]:
         now = time.time()
         return [
-            ConsultItem("c-1", True, "CT head: bleed?", "St Elsewhere", "stat", "offered",
-                        now + 1800, STUDY_UID),
-            ConsultItem("c-2", False, "Knee MRI", "Ortho Clinic", "routine", "in_review",
-                        now + 86400 * 2),
+            ConsultItem("c-1", True, "CT head: bleed?", "PEER-NE", "stat", "offered",
+                        now + 1800, STUDY_UID, "Dr Neuro", "verified"),
+            ConsultItem("c-2", False, "Knee MRI", "PEER-MS", "routine", "in_review",
+                        now + 86400 * 2, "", "Dr Bones", "unverified"),
         ]  # fmt: skip
 
     def peers(self) -> list[PeerInfo]:
@@ -165,6 +165,10 @@ class InMemoryNode:
     async def withdraw(self, consult_id: str) -> str:
         self.actions.append(("withdraw", consult_id))
         return f"consult {consult_id} withdrawn"
+
+    async def cycle_availability(self) -> str:
+        self.actions.append(("availability",))
+        return "now on call"
 
     async def request_consult(self, form: ConsultForm) -> str:
         if form.peer_node_id not in {p.node_id for p in self._peers if p.trust != "unverified"}:

@@ -28,10 +28,13 @@ from crypto.identity import NodeId
 from crypto.safety import safety_number
 from node import workflow
 from node.audit import AuditKind
+from node.commands.status import apply_availability, next_availability
+from node.display import peer_label
 from node.errors import NodeError
 from node.runtime import NodeRuntime
 from node.store import StoreError
 from peer_transport.errors import TransportError
+from registry.errors import RegistryError
 from registry.trust import TrustState
 from tui.facade import (
     PRIORITIES,
@@ -263,6 +266,7 @@ class RuntimeNode:
                 s.turn != "none" or bool(net.ice_servers),
             ),
             ("live sessions", str(len(r.live_hub().sessions)), True),
+            ("availability (o)", r.config.availability, r.config.availability != "away"),
         ]
         return NodeStatus(s.node_id, r.config.display_name, r.config.institution, tuple(lines))
 
@@ -378,9 +382,11 @@ class RuntimeNode:
     def consults(self) -> list[ConsultItem]:
         items = []
         known = set()
+        peers = {p.node_id: p for p in self.peers()}
         for case in self.runtime.consults.cases():
             role, peer, _ = self.runtime.consults.info(case.request.id)
             known.add(case.request.id)
+            info = peers.get(str(NodeId.parse(peer))) if peer else None
             items.append(
                 ConsultItem(
                     case.request.id,
@@ -391,6 +397,8 @@ class RuntimeNode:
                     case.state.value,
                     float(case.request.deadline),
                     self._study_here(case, role),
+                    info.name if info else "",
+                    info.trust if info else ("unverified" if peer else ""),
                 )
             )
         for live in self.runtime.live_hub().sessions.values():
@@ -452,7 +460,10 @@ class RuntimeNode:
         return safety_number(self.runtime.identity.node_id, NodeId.parse(peer_node_id))
 
     def mark_verified(self, peer_node_id: str) -> None:
-        self.runtime.trust.mark_verified(NodeId.parse(peer_node_id), self.runtime.now())
+        rt = self.runtime
+        rt.trust.mark_verified(NodeId.parse(peer_node_id), rt.now())
+        details = {"event": "verify", "method": "safety-number", "by": "tui"}
+        rt.audit.append(AuditKind.TRUST, now=rt.clock(), peer=peer_node_id, details=details)
 
     # -- live -----------------------------------------------------------------------
     def open_session(self, study_uid: str) -> SessionView | None:
@@ -592,6 +603,13 @@ class RuntimeNode:
         rt.spawn(pull())
         return f"fetching the study of consult {consult_id[:8]} (see Transfers)"
 
+    async def cycle_availability(self) -> str:
+        value = next_availability(self.runtime.config.availability)
+        try:
+            return await apply_availability(self.runtime, value)
+        except (NodeError, RegistryError) as exc:
+            raise ActionError(f"could not change availability: {exc}") from exc
+
     async def withdraw(self, consult_id: str) -> str:
         """Requester side: withdraw the request and tell every consultant it went to."""
         try:
@@ -615,9 +633,11 @@ class RuntimeNode:
         jurisdiction = form.jurisdiction or rt.config.country
         if not jurisdiction:
             raise ActionError("give the patient's country (jurisdiction), e.g. IE")
-        record = await rt.directory.resolve(NodeId.parse(peer.node_id), rt.now())
+        peer_id = NodeId.parse(peer.node_id)
+        who = peer_label(peer.name, peer_id.short(), peer.trust)  # never the name alone
+        record = await rt.directory.resolve(peer_id, rt.now())
         if record is None:
-            raise ActionError(f"{peer.name}'s address is not known: check the Peers screen")
+            raise ActionError(f"{who}'s address is not known: check the Peers screen")
         try:
             request, _, how = await workflow.request_consult(
                 rt,
@@ -629,8 +649,9 @@ class RuntimeNode:
                     subspecialty=form.subspecialty,
                     jurisdiction=jurisdiction,
                     deadline_seconds=int(form.deadline_hours * 3600),
+                    burned_in_checked=form.burned_in_checked,
                 ),
             )
         except (ConsultError, NodeError, TransportError) as exc:
             raise ActionError(f"the request was not sent: {exc}") from exc
-        return f"consult {request.id[:8]} sent to {peer.name}: {how}"
+        return f"consult {request.id[:8]} sent to {who}: {how}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,21 @@ from consult.requests import (
 )
 from consult.store import ConsultDB
 from crypto.envelope import SignedEnvelope
-from crypto.identity import NodeId
-from node import control, workflow
+from crypto.errors import InvalidNodeId
+from crypto.identity import Identity, NodeId
+from node import control, sharing, workflow
+from node.audit import AuditKind, open_audit
 from node.commands.identity import home_of
-from node.commands.transfer import progress_line
+from node.commands.peers import known_ids, resolve_id
+from node.commands.transfer import pixel_rows, progress_line
 from node.config import NodeConfig, NodeHome
+from node.deid import PseudonymMap
+from node.display import peer_label, printable
 from node.keystore import load_identity
 from node.runtime import NodeRuntime
+from node.store import open_store
 from registry.directory import PeerDirectory
-from registry.trust import TrustStore
+from registry.trust import TrustState, TrustStore
 
 
 def _open_db(home: NodeHome) -> ConsultDB:
@@ -109,6 +116,8 @@ async def _op_request(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) ->
         language=a["language"] or (config.languages[0] if config.languages else "en"),
         deadline_seconds=a["deadline_seconds"],
         deidentify=a["deidentify"],
+        burned_in_checked=bool(a.get("burned_in_checked")),
+        black_out_top=int(a.get("black_out_top") or 0),
     )
     if a["to"] is None:
         request, _, sent = await workflow.route_consult(
@@ -149,6 +158,8 @@ def _request_online(args: argparse.Namespace, home: NodeHome) -> bytes | None:
             "language": args.language,
             "deadline_seconds": int(args.deadline_hours * 3600),
             "deidentify": not args.identified,
+            "burned_in_checked": args.burned_in_checked,
+            "black_out_top": args.black_out_top,
         },
     )
     print(f"Consult {done['id']} requested ({done['priority']}, {done['subspecialty']})")
@@ -170,6 +181,8 @@ def cmd_request(args: argparse.Namespace) -> int:
         raise LocalConsultError("--deadline-hours must be positive")
     if args.max_offers < 1:
         raise LocalConsultError("--max-offers must be at least 1")
+    if args.to:  # the short id `radmesh peers` prints will do, if no other peer has it
+        args.to = str(resolve_id(args.to, known_ids(home)))
     peer = NodeId.parse(args.to) if args.to else None
     if args.route:
         if peer is not None:
@@ -179,6 +192,8 @@ def cmd_request(args: argparse.Namespace) -> int:
                 "--route searches the registries: add one to config.toml [network] "
                 "registries, or choose the consultant with --to"
             )
+    if args.identified:
+        print(sharing.IDENTIFIED_WARNING, file=sys.stderr)
     if args.route or (peer is not None and _on_network(home, config, peer)):
         wire = _request_online(args, home)
         if args.out and wire is not None:
@@ -186,9 +201,10 @@ def cmd_request(args: argparse.Namespace) -> int:
         return 0
     identity = load_identity(home.key_path)
     now = int(time.time())
+    pseudonyms = None if args.identified else PseudonymMap()
     request = ConsultRequest.new(
         requester=identity.node_id,
-        study_uid=args.study,
+        study_uid=args.study if pseudonyms is None else pseudonyms.pseudo_uid(args.study),
         question=args.question,
         priority=Priority(args.priority),
         subspecialty=args.subspecialty,
@@ -198,6 +214,7 @@ def cmd_request(args: argparse.Namespace) -> int:
         now=now,
         deidentified=not args.identified,
     )
+    _offline_share(home, identity, request, pseudonyms, args, peer)
     wire = request.to_wire(identity)
     with _open_db(home) as db:
         db.add(request, role="requester", now=now, wire=wire)
@@ -213,6 +230,48 @@ def cmd_request(args: argparse.Namespace) -> int:
             "`radmesh consult import FILE` on the other node"
         )
     return 0
+
+
+def _offline_share(
+    home: NodeHome,
+    identity: Identity,
+    request: ConsultRequest,
+    pseudonyms: PseudonymMap | None,
+    args: argparse.Namespace,
+    peer: NodeId | None,
+) -> None:
+    """The offline request shares like the online one: the study is checked for burned-in
+    text (when this node stores it), the pseudonym map is kept here (so the node serves the
+    de-identified study when the consultant fetches it), and the share is audited."""
+    original = args.study
+    with open_store(home, identity) as store, open_audit(home, identity) as audit:
+        who = str(peer) if peer is not None else None
+        if pseudonyms is None:
+            sharing.audit_identified(audit, original, now=time.time(), peer=who, via="consult")
+        else:
+            if store.instances(original):
+                sharing.check_free_text(store, original, args.question, "clinical question")
+                pseudonyms.burned_in_checked = sharing.confirm_burned_in(
+                    store,
+                    audit,
+                    original,
+                    args.burned_in_checked,
+                    now=time.time(),
+                    peer=who,
+                    consult=request.id,
+                    black_out_top=args.black_out_top,
+                )
+            pseudonyms.black_out_top = args.black_out_top
+            key = identity.derive_key(sharing.PSEUDONYM_KEY_PURPOSE)
+            pseudonyms.persist(workflow.pseudonym_map_path(home, request.id), key)
+        audit.append(
+            AuditKind.SHARE,
+            now=time.time(),
+            study_uid=original,
+            peer=who,
+            details={"consult": request.id, "deidentified": str(pseudonyms is not None)},
+        )
+        audit.checkpoint(time.time())
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -372,13 +431,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     )
     for case, role in rows:
         r = case.request
-        question = r.question.replace("\n", " ")
+        question = printable(r.question.replace("\n", " "), 41)
         turnaround = case.turnaround()
         print(
-            f"{r.id[:8]}  {r.priority.value:7}  {case.state.value:12}  {role:10}  "
-            f"{r.subspecialty[:12]:12}  {_age(r.deadline - now):>7}  "
+            f"{printable(r.id[:8])}  {r.priority.value:7}  {case.state.value:12}  {role:10}  "
+            f"{printable(r.subspecialty, 12):12}  {_age(r.deadline - now):>7}  "
             f"{_age(turnaround) if turnaround is not None else '-':>7}  "
-            f"{question[:40] + ('…' if len(question) > 40 else '')}"
+            f"{question}"
         )
     return 0
 
@@ -401,21 +460,46 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _peer_label(home: NodeHome, peer: str) -> str:
+    """``Dr X (SHORTID, verified)``: the name the peer's record gives, with the key's short
+    id and this node's trust in it (a name alone proves nothing)."""
+    try:
+        node_id = NodeId.parse(peer)
+    except InvalidNodeId:
+        return ""
+    home.data_dir.mkdir(parents=True, exist_ok=True)
+    trust = TrustStore(home.trust_db)
+    directory = PeerDirectory(home.peers_db, trust)
+    try:
+        record = directory.remembered(node_id)
+        state = (
+            trust.state(record.public_key, int(time.time()), record.org_certificate)
+            if record is not None
+            else trust.known().get(node_id, TrustState.UNKNOWN)
+        )
+    finally:
+        directory.close()
+        trust.close()
+    return peer_label(record.display_name if record else "", node_id.short(), state.value)
+
+
 def _print_case(
-    case: ConsultCase, role: str, peer: str, now: int, reviews: list[PeerReview]
+    case: ConsultCase, role: str, peer: str, now: int, reviews: list[PeerReview], who: str = ""
 ) -> None:
-    r = case.request
-    print(f"Consult {r.id}")
+    r, text = case.request, printable  # every field but the state was written by a peer
+    print(f"Consult {text(r.id, 80)}")
     print(f"  state:         {case.state.value}  (this node is the {role})")
     print(f"  priority:      {r.priority.value}")
-    print(f"  question:      {r.question}")
-    print(f"  subspecialty:  {r.subspecialty}   origin: {r.jurisdiction}   language: {r.language}")
+    print(f"  question:      {text(r.question, multiline=True)}")
     print(
-        f"  study:         {r.study_uid}  ({'de-identified' if r.deidentified else 'identified'})"
+        f"  subspecialty:  {text(r.subspecialty, 40)}   origin: {text(r.jurisdiction, 8)}   "
+        f"language: {text(r.language, 16)}"
     )
+    kind = "de-identified" if r.deidentified else "identified"
+    print(f"  study:         {text(r.study_uid, 80)}  ({kind})")
     print(f"  requester:     {r.requester}")
     if peer:
-        print(f"  peer:          {peer}")
+        print(f"  peer:          {text(peer, 80)}  {who}")
     print(f"  created:       {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.created_at))} UTC")
     print(f"  deadline:      {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.deadline))} UTC")
     turnaround = case.turnaround()
@@ -432,7 +516,7 @@ def _print_case(
         print(
             f"  peer review:   {review.score.value.replace('_', ' ')} by "
             f"{review.reviewer.short()} at {stamp} UTC"
-            + (f": {review.comment}" if review.comment else "")
+            + (f": {printable(review.comment, multiline=True)}" if review.comment else "")
         )
 
 
@@ -444,15 +528,17 @@ def cmd_show(args: argparse.Namespace) -> int:
         role, peer, _ = db.info(consult_id)
         reviews = db.reviews(consult_id)
         report = _report_sections(db, consult_id)
-    _print_case(case, role, peer, int(time.time()), reviews)
+    _print_case(
+        case, role, peer, int(time.time()), reviews, _peer_label(home, peer) if peer else ""
+    )
     if report is not None:
         _print_peer_text("\n" + report_text.as_text(report))
     return 0
 
 
 def _print_peer_text(text: str) -> None:
-    """The one way peer-supplied text reaches the terminal: control characters removed."""
-    print(report_text.clean(text), end="" if text.endswith("\n") else "\n")
+    """The one way a peer's report reaches the terminal: control characters made visible."""
+    print(printable(text, multiline=True), end="" if text.endswith("\n") else "\n")
 
 
 def _checked_report(db: ConsultDB, consult_id: str) -> Report | BadReport | None:
@@ -528,7 +614,25 @@ def register(sub: Any) -> None:
         "for the jurisdiction; the first to accept gets it",
     )
     p.add_argument("--max-offers", type=int, default=3, help="with --route: how many at once")
-    p.add_argument("--identified", action="store_true", help="the study is NOT de-identified")
+    p.add_argument(
+        "--identified",
+        action="store_true",
+        help="the study is NOT de-identified (warned and audited); default: de-identified",
+    )
+    p.add_argument(
+        "--burned-in-checked",
+        action="store_true",
+        help="a person checked the pixels of ultrasound/screen-capture images for burned-in "
+        "text (audited)",
+    )
+    p.add_argument(
+        "--black-out-top",
+        type=pixel_rows,
+        default=0,
+        metavar="ROWS",
+        help="black out the top ROWS rows of ultrasound/screen-capture images, where the "
+        "machine writes name, id and date (Clean Pixel Data; audited)",
+    )
     p.add_argument("--out", metavar="FILE", help="also write the signed request to FILE")
     p.set_defaults(handler=cmd_request)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,22 @@ async def run_interactive(root: Path, *, slices: int, rows: int, with_pacs: bool
     return 0
 
 
+def _hangup_stops_the_demo() -> None:
+    """A closed terminal (SIGHUP, as an SSH drop) or SIGTERM stops the demo as ctrl+c
+    does, so it stops its nodes and Orthanc in order (Orthanc also dies with this
+    process however it ends: node.children)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, interrupt)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     root = Path(args.dir).resolve()
+    if args.headless or args.interactive:
+        _hangup_stops_the_demo()
     if args.headless:
         import asyncio
 

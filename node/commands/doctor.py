@@ -7,8 +7,10 @@ import importlib.util
 import os
 import shutil
 import socket
+import sqlite3
 import stat
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,9 +18,13 @@ from typing import Any
 
 from crypto import keyfile
 from crypto.errors import CryptoError
+from node.audit import audit_state
 from node.commands.identity import home_of
 from node.config import NodeConfig, NodeHome
 from node.errors import NodeError
+from node.private import loose_modes, tighten
+
+MODES_SHOWN = 5  # loose paths named in the report; the fix covers all
 
 
 @dataclass(frozen=True)
@@ -83,12 +89,12 @@ def _dicom(config: NodeConfig) -> Check:
             "set [dicom] enabled = true to receive from the PACS",
             required=False,
         )
-    if not d.allowed_calling_aets:
+    if not (d.allowed_calling_aets or d.allowed):
         return Check(
             "DICOM listener",
             False,
             "no calling AE titles allowed: the PACS will be refused",
-            "add the PACS AE title to [dicom] allowed_calling_aets",
+            'add the PACS to [dicom] allowed = ["PACSAE@its.ip.address"]',
         )
     if not _port_free(d.host, d.port):
         return Check(
@@ -100,9 +106,35 @@ def _dicom(config: NodeConfig) -> Check:
     return Check("DICOM listener", True, f"{d.ae_title} on {d.host}:{d.port}")
 
 
+def _dicom_senders(config: NodeConfig) -> Check:
+    """AE titles allowed from any address are a password sent in clear: say so when the
+    listener is reachable from the network."""
+    d = config.dicom
+    loopback = d.host in ("127.0.0.1", "::1", "localhost")
+    if not d.enabled or loopback or not d.allowed_calling_aets:
+        return Check("DICOM senders", True, "each allowed by AE title and address")
+    return Check(
+        "DICOM senders",
+        False,
+        f"{', '.join(d.allowed_calling_aets)} may send from any address that reaches "
+        f"{d.host}:{d.port}",
+        'pin each to the PACS address: [dicom] allowed = ["PACSAE@10.0.0.5"] in place of '
+        "allowed_calling_aets",
+        required=False,
+    )
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A registry is untrusted: its 302 must not send this machine anywhere else."""
+
+    def redirect_request(self, *_args: object, **_kwargs: object) -> None:
+        return None  # urllib then raises HTTPError for the 3xx itself
+
+
 def _registry_reachable(url: str) -> Check:
+    opener = urllib.request.build_opener(_NoRedirects)
     try:
-        with urllib.request.urlopen(  # noqa: S310 - the operator's own configured registry
+        with opener.open(  # the operator's own configured registry, redirects refused
             url.rstrip("/") + "/v1/health", timeout=3
         ) as response:
             ok = response.status == 200
@@ -184,20 +216,78 @@ def _tools() -> list[Check]:
     return checks
 
 
+def _modes(home: NodeHome) -> Check:
+    """Other local users must not read the home (clinical questions, trust, audit)."""
+    loose = loose_modes(home.root)
+    if not loose:
+        return Check("home permissions", True, "directories 0700, files 0600")
+    shown = "; ".join(str(item) for item in loose[:MODES_SHOWN])
+    more = f" and {len(loose) - MODES_SHOWN} more" if len(loose) > MODES_SHOWN else ""
+    return Check(
+        "home permissions",
+        False,
+        f"{len(loose)} path(s) readable or writable beyond their owner: {shown}{more}",
+        f"radmesh doctor --fix (sets them 0700/0600), or chmod -R go-rwx {home.root}",
+    )
+
+
+AUDIT_STALE_AFTER = 600  # seconds: unsigned records older than a running node leaves them
+
+
+def _audit(home: NodeHome, now: float) -> Check:
+    """The audit log against its signed high-water mark, and how old its last signature is."""
+    try:
+        state = audit_state(home)
+    except sqlite3.Error as exc:
+        return Check("audit log", False, f"cannot be read: {exc}", "run `radmesh audit verify`")
+    if state.problem is not None:
+        return Check(
+            "audit log",
+            False,
+            state.problem,
+            "run `radmesh audit verify`, keep a copy of the data folder and tell your "
+            "security officer",
+        )
+    if state.records == 0:
+        return Check("audit log", True, "no records yet")
+    age = None if state.last_checkpoint_ms is None else now - state.last_checkpoint_ms / 1000
+    signed = "never" if age is None else f"{age / 60:.0f} min ago"
+    detail = (
+        f"{state.records} record(s), last checkpoint {signed}, high-water mark at record "
+        f"{state.high_water if state.high_water is not None else '-'}"
+    )
+    if state.unsigned and (age is None or age > AUDIT_STALE_AFTER):
+        return Check(
+            "audit log",
+            False,
+            f"{detail}; {state.unsigned} record(s) not signed",
+            "start the node (`radmesh node run`): it signs within a minute and on stop",
+            required=False,
+        )
+    return Check("audit log", True, detail)
+
+
 def run_checks(home: NodeHome) -> list[Check]:
     home_check, config = _home(home)
     checks = [home_check]
     if config is not None:
+        checks.append(_modes(home))
         checks.append(_key(home))
+        checks.append(_audit(home, time.time()))
         checks.append(_dicom(config))
+        checks.append(_dicom_senders(config))
         checks.extend(_network(config))
     checks.extend(_tools())
     return checks
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    checks = run_checks(home_of(args))
+    home = home_of(args)
     print_line: Callable[[str], None] = print
+    if args.fix and home.root.is_dir():
+        fixed = tighten(home.root)
+        print_line(f"set {len(fixed)} path(s) under {home.root} to 0700/0600")
+    checks = run_checks(home)
     for check in checks:
         mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
         print_line(f"[{mark}] {check.name}: {check.detail}")
@@ -212,6 +302,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "doctor",
         help="check this machine and node and say what to fix",
-        description="Check identity, key file, ports, DICOM, network, tools.",
+        description="Check identity, key file, home permissions, ports, DICOM, network, tools.",
+    )
+    p.add_argument(
+        "--fix",
+        action="store_true",
+        help="first set everything under the home to 0700 (directories) / 0600 (files)",
     )
     p.set_defaults(handler=cmd_doctor)

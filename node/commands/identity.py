@@ -10,21 +10,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from crypto.envelope import SignedEnvelope
 from crypto.identity import Identity, NodeId
 from crypto.org import (
+    REVOCATION_TYPE,
     NodeCertificate,
     RevocationList,
     issue_certificate,
     sign_revocations,
+    verify_certificate,
     verify_revocations,
 )
 from crypto.safety import safety_number
 from node.config import NodeConfig, NodeHome, resolve_home
 from node.errors import HomeError, KeyFileError
 from node.keystore import PASSPHRASE_ENV, load_identity, save_identity
+from registry.trust import TrustStore
 
 ORG_KEY_NAME = "org.key"
 CERT_NAME = "node.cert"
+MAX_ORG_FILE = 1 << 20  # certificates and revocation lists are read up to this size
 
 
 def home_of(args: argparse.Namespace) -> NodeHome:
@@ -67,6 +72,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         jurisdictions=_csv(args.jurisdictions),
         languages=_csv(args.languages) or ["en"],
     )
+    if args.listen:  # default: loopback only, until the site names its address
+        config.network.listen_host = config.dicom.host = args.listen
     identity = Identity.generate()
     save_identity(home.key_path, identity, _new_passphrase(args))
     home.save_config(config)
@@ -160,6 +167,60 @@ def cmd_org_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_org_install(args: argparse.Namespace) -> int:
+    """Node side: keep this node's certificate in its home; the node publishes it in its
+    record, and peers that trust the organisation then trust this node."""
+    home = home_of(args)
+    home.require()
+    me = load_identity(home.key_path)
+    with open(args.cert, "rb") as handle:
+        data = handle.read(MAX_ORG_FILE)
+    issued = _load_cert_unchecked(Path(args.cert))
+    if issued.node_key != me.public_key:
+        raise HomeError(
+            f"{args.cert} was issued to node {issued.node_id.short()}, not to this node "
+            f"({me.node_id.short()}): install it in that node's home"
+        )
+    # Signed by the organisation it names, for this key, valid now (not against our trust).
+    verify_certificate(
+        data, trusted_orgs={issued.org_key}, now=int(time.time()), node_key=me.public_key
+    )
+    tmp = home.cert_path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o600)
+    tmp.replace(home.cert_path)
+    print(f"Certificate from organisation {issued.org_key.hex()[:16]}… installed in {home.root}")
+    print("The node publishes it in its record (a running node at once).")
+    return 0
+
+
+def cmd_org_revocations_install(args: argparse.Namespace) -> int:
+    """Node side: apply an organisation's signed revocation list (`radmesh org revoke`
+    output). A running node closes the revoked nodes' connections at once."""
+    home = home_of(args)
+    home.require()
+    with open(args.file, "rb") as handle:
+        data = handle.read(MAX_ORG_FILE)
+    envelope = SignedEnvelope.from_wire(data)
+    envelope.verify(REVOCATION_TYPE)
+    home.data_dir.mkdir(parents=True, exist_ok=True)
+    trust = TrustStore(home.trust_db)
+    try:
+        if envelope.signer not in trust.trusted_orgs():
+            raise HomeError(
+                f"this node does not trust organisation {envelope.signer.hex()[:16]}…, so its "
+                "revocation list changes nothing here (`radmesh trust org add KEY` first)"
+            )
+        listing = trust.add_revocations(data, envelope.signer)
+    finally:
+        trust.close()
+    print(
+        f"Revocation list #{listing.sequence} applied: {len(listing.revoked_serials)} "
+        f"certificate(s), {len(listing.revoked_node_keys)} node key(s) revoked, effective now"
+    )
+    return 0
+
+
 def _load_cert_unchecked(path: Path) -> NodeCertificate:
     from crypto.envelope import SignedEnvelope
     from crypto.org import CERT_TYPE
@@ -190,6 +251,13 @@ def register(sub: Any) -> None:
         help="store the key unencrypted (0600); for servers with disk encryption",
     )
     p.add_argument("--force", action="store_true", help="replace an existing identity")
+    p.add_argument(
+        "--listen",
+        metavar="ADDRESS",
+        default="",
+        help="address the LAN endpoint and DICOM listener bind to (default 127.0.0.1, this "
+        "machine only; give the hospital-network address, or 0.0.0.0 for every interface)",
+    )
     p.set_defaults(handler=cmd_init)
 
     p = sub.add_parser(
@@ -203,7 +271,7 @@ def register(sub: Any) -> None:
 
     org = sub.add_parser(
         "org",
-        help="organisation keys: init, sign, revoke",
+        help="organisation keys: init, sign, revoke; install a certificate or revocation list",
         description="Manage an organisation key that certifies member nodes.",
     )
     org_sub = org.add_subparsers(dest="org_command", metavar="ORG_COMMAND", required=True)
@@ -224,3 +292,13 @@ def register(sub: Any) -> None:
     p.add_argument("--cert", action="append", default=[], help="certificate file to revoke")
     p.add_argument("--node-key", action="append", default=[], help="node public key (hex)")
     p.set_defaults(handler=cmd_org_revoke)
+    p = org_sub.add_parser(
+        "install", help="install this node's certificate (published in its record)"
+    )
+    p.add_argument("cert", help="the certificate `radmesh org sign` wrote for this node")
+    p.set_defaults(handler=cmd_org_install)
+    p = org_sub.add_parser("revocations", help="apply an organisation's revocation list here")
+    rsub = p.add_subparsers(dest="revocations_command", metavar="COMMAND", required=True)
+    p = rsub.add_parser("install", help="apply a signed list (`radmesh org revoke` output)")
+    p.add_argument("file", help="revocations.bin from the organisation")
+    p.set_defaults(handler=cmd_org_revocations_install)

@@ -10,6 +10,7 @@ from typing import Any
 
 from node import workflow
 from node.commands.identity import home_of
+from node.display import printable
 from node.keystore import load_identity
 from node.runtime import NodeRuntime
 
@@ -36,7 +37,7 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):  # not wait_for: it can lose a notification
                     text = await runtime.notifications.get()
-                print(text, flush=True)
+                print(printable(text, multiline=True), flush=True)  # may quote a peer
     finally:
         await runtime.stop()
     print("stopped")

@@ -14,6 +14,7 @@ from node.audit import AuditKind, AuditLog, open_audit
 from node.commands.identity import home_of
 from node.config import NodeHome
 from node.dicom_files import Progress, import_paths
+from node.display import printable
 from node.errors import NodeError
 from node.keystore import load_identity
 from node.store import Store, open_store
@@ -85,20 +86,35 @@ def cmd_studies(args: argparse.Namespace) -> int:
             patient = (
                 f"{study.patient_name} ({study.patient_id})" if args.phi else "[patient hidden]"
             )
-            print(
-                f"{study.study_uid}  {study.study_date or '--------'}  "
-                f"{'/'.join(study.modalities) or '?':8s} {study.description or '(no description)'}"
-                f"  {patient}  {study.instance_count} inst, {_size(study.size)}"
+            print(  # DICOM text may come from a peer's study: no raw control characters
+                printable(
+                    f"{study.study_uid}  {study.study_date or '--------'}  "
+                    f"{'/'.join(study.modalities) or '?':8s} "
+                    f"{study.description or '(no description)'}"
+                    f"  {patient}  {study.instance_count} inst, {_size(study.size)}"
+                )
             )
             if args.series:
                 for series in store.series(study.study_uid):
                     number = "-" if series.series_number is None else str(series.series_number)
                     print(
-                        f"    series {number:>3} {series.modality:3s} "
-                        f"{series.description or '(no description)'}  {series.body_part}  "
-                        f"{series.instance_count} inst  {series.series_uid}"
+                        printable(
+                            f"    series {number:>3} {series.modality:3s} "
+                            f"{series.description or '(no description)'}  {series.body_part}  "
+                            f"{series.instance_count} inst  {series.series_uid}"
+                        )
                     )
+    if args.phi:
+        _audit_phi_listing(home, identity, len(rows))
     return 0
+
+
+def _audit_phi_listing(home: NodeHome, identity: Identity, studies: int) -> None:
+    """Patient names and ids shown on screen: a view, recorded (never the names)."""
+    with open_audit(home, identity) as audit:
+        audit.append(
+            AuditKind.VIEW, now=time.time(), details={"by": "studies --phi", "studies": studies}
+        )
 
 
 def _export(store: Store, study_uid: str, out: Path) -> tuple[int, int]:
@@ -163,6 +179,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     )
     if report.unsigned_tail:
         print(f"{report.unsigned_tail} record(s) after the last checkpoint are not signed yet")
+    if report.high_water is not None:
+        print(f"signed high-water mark (kept outside the log): record {report.high_water}")
     if report.ok:
         print("audit log intact")
         return 0

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -86,10 +88,10 @@ async def test_without_a_running_node_the_command_brings_one_up_for_itself(
     await node.stop()
 
 
-def _raw_request(name: str, payload: bytes) -> bytes:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+def _raw_request(path: Path, payload: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock, control._reachable(path) as at:
         sock.settimeout(10)
-        sock.connect(name)
+        sock.connect(at)
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)  # all it will ever send
         chunks = []
@@ -103,7 +105,7 @@ async def test_oversized_and_malformed_requests_are_dropped_and_the_node_carries
 ) -> None:
     async with running_node(tmp_path, registry) as running:
         home = running.home
-        name = control.socket_name(home)
+        name = control.socket_path(home)
         huge = struct.pack(">I", control.MAX_REQUEST + 1) + b"x" * 16
         assert await asyncio.to_thread(_raw_request, name, huge) == b""
         garbage = struct.pack(">I", 3) + b"\xc1\xc1\xc1"  # 0xc1 is never valid msgpack
@@ -118,23 +120,39 @@ async def test_a_process_of_another_user_gets_no_answer(tmp_path: Path, registry
     client = (
         "import os, socket, struct, sys\n"
         "os.setgid(65534); os.setuid(65534)\n"
-        "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(chr(0) + sys.argv[1])\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(10)\n"
+        "try:\n    s.connect(sys.argv[1])\n"
+        "except PermissionError:\n    print('no access'); sys.exit()\n"
         "body = bytes([0x82, 0xa2]) + b'op' + bytes([0xaa]) + b'test.where'"
         " + bytes([0xa4]) + b'args' + bytes([0x81, 0xa5]) + b'steps' + bytes([0])\n"
         "try:\n    s.sendall(struct.pack('>I', len(body)) + body)\n"
         "    print(len(s.recv(65536)))\n"
         "except (BrokenPipeError, ConnectionResetError):\n    print(0)\n"
     )
-    async with running_node(tmp_path, registry) as running:
-        home = running.home
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-c", client, control.socket_name(home)[1:]],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == "0"  # closed without a byte
-        # the same request from this user is answered (so the refusal above is the uid's)
-        assert await control.run(home, "test.where", {"steps": 0}, print) == id(running)
+    base = Path(tempfile.mkdtemp(prefix="rm-ctl-", dir="/tmp"))  # short, and nobody may enter
+    os.chmod(base, 0o755)  # noqa: S103
+    try:
+        async with running_node(base, registry) as running:
+            home = running.home
+            path = control.socket_path(home)
+            os.chmod(home.root, 0o755)  # noqa: S103 - only data/ (0700) stands in the way
+
+            async def other_user() -> str:
+                done = await asyncio.to_thread(
+                    subprocess.run,
+                    [sys.executable, "-c", client, str(path)],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                assert done.returncode == 0, done.stderr
+                return done.stdout.strip()
+
+            assert await other_user() == "no access"  # the home's 0700 data directory
+            os.chmod(home.data_dir, 0o755)  # noqa: S103 - loosened: the uid check remains
+            os.chmod(path, 0o666)  # noqa: S103
+            assert await other_user() == "0"  # closed without a byte
+            # the same request from this user is answered (so the refusal above is the uid's)
+            assert await control.run(home, "test.where", {"steps": 0}, print) == id(running)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import Identity
+from node.children import die_with_parent
 from peer_transport import frames as fr
 from peer_transport.connection import Disconnected, PeerConnection, Received
 from peer_transport.rtc import IceServer, RtcOptions
 from registry.client import RegistryClient
+from registry.records import NodeRecord
 from registry.server import RegistryServer, TurnConfig
 from tests.peer_transport.helpers import FAST, mesh
 
@@ -70,6 +72,8 @@ def coturn(tmp_path: Path) -> Iterator[Coturn]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),  # no orphan server if the test run is killed
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 10
@@ -96,8 +100,10 @@ async def _registry_minted_ice_server(coturn: Coturn, tmp_path: Path) -> IceServ
     turn_url = f"turn:127.0.0.1:{coturn.port}?transport=udp"
     server = RegistryServer(tmp_path / "registry.db", turn=TurnConfig(SECRET, (turn_url,)))
     url = await server.start("127.0.0.1", 0)
-    client = RegistryClient(url, Identity.generate())
-    try:
+    identity = Identity.generate()
+    client = RegistryClient(url, identity)
+    try:  # the registry mints credentials only for nodes with a current record there
+        await client.publish(NodeRecord.create(identity, now=int(time.time()), sequence=1))
         creds = await client.turn_credentials()
     finally:
         await client.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import NodeId
+from node.children import die_with_parent
 from node.cli import main
 from tests.registry.test_records import ALICE
 
@@ -36,6 +37,7 @@ def registry_url(tmp_path: Path) -> Iterator[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=die_with_parent(),  # no orphan registry if the test run is killed
     )
     try:
         assert proc.stdout is not None

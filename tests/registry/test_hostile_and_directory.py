@@ -17,6 +17,7 @@ from registry import wsproto
 from registry.client import MultiRegistry, RegistryClient, SearchQuery, mirror
 from registry.directory import MemoryFinder, PeerDirectory, RegistryFinder
 from registry.errors import RemoteRecordError
+from registry.netguard import Outbox
 from registry.server import RegistryServer
 from registry.trust import TrustState, TrustStore
 from tests.registry.conftest import NOW, Clock, make_record
@@ -52,7 +53,7 @@ class HostileRegistry(RegistryServer):
             {"records": [base64.b64encode(w).decode() for w in [*records, *junk]]}
         )
 
-    async def _relay(self, ws: web.WebSocketResponse, sender: NodeId, frame: wsproto.Send) -> None:
+    def _relay(self, outbox: Outbox, sender: NodeId, frame: wsproto.Send) -> None:
         target = self.connections[frame.to]
         data, claimed = frame.data, sender
         if self.relay_mode == "tamper":
@@ -61,8 +62,8 @@ class HostileRegistry(RegistryServer):
             claimed = MALLORY.node_id
         copies = {"drop": 0, "duplicate": 2}.get(self.relay_mode, 1)
         for _ in range(copies):
-            await target.send_bytes(wsproto.to_wire(wsproto.Deliver(claimed, frame.to, data)))
-        await ws.send_bytes(wsproto.to_wire(wsproto.Ack(frame.ref, "delivered")))
+            target.push(wsproto.to_wire(wsproto.Deliver(claimed, frame.to, data)))
+        outbox.push(wsproto.to_wire(wsproto.Ack(frame.ref, "delivered")))
 
 
 @pytest.fixture

@@ -114,7 +114,10 @@ async def test_search_filters_and_pages(
 
     assert await ids("subspecialty=neuro") == {str(IDS[0].node_id), str(IDS[1].node_id)}
     assert await ids("subspecialty=NEURO&online=1") == {str(IDS[0].node_id)}
-    assert await ids("jurisdiction=FR&online=1") == {str(IDS[0].node_id), str(IDS[2].node_id)}
+    assert await ids("jurisdiction=FR&online=1") == {str(IDS[0].node_id)}
+    assert await ids("jurisdiction=FR&on_call=1") == {str(IDS[2].node_id)}
+    both = {str(IDS[0].node_id), str(IDS[2].node_id)}
+    assert await ids("online=1&on_call=1") == both
     assert await ids("subspecialty=neur") == set()  # whole items only
     assert await ids("subspecialty=%25") == set()  # LIKE wildcards are escaped
     first = await ids("limit=2")

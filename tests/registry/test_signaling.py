@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import time
 from pathlib import Path
 
 import aiohttp
@@ -16,11 +17,20 @@ from crypto.identity import Identity
 from registry import wsproto
 from registry.client import RegistryClient, RegistryConnection
 from registry.errors import RegistryUnavailable, RemoteRegistryError
+from registry.limits import MailboxQuota
 from registry.server import Limits, RegistryServer, TurnConfig
-from tests.registry.conftest import NOW, Clock
+from tests.registry.conftest import NOW, Clock, make_record
 
 ALICE = Identity(bytes([1]) * 32)
 BOB = Identity(bytes([2]) * 32)
+
+
+async def _publish(url: str, *identities: Identity, now: int = NOW) -> None:
+    """Give each node a current record: the registry keeps mail and mints TURN credentials
+    only for nodes it knows."""
+    async with RegistryClient(url) as client:
+        for identity in identities:
+            await client.publish(make_record(identity, now=now))
 
 
 async def _challenge(
@@ -96,6 +106,7 @@ async def test_relay_to_connected_peer_and_open_sealed(live_registry: RegistrySe
 async def test_mailbox_keeps_messages_for_a_node_that_connects_later(
     live_registry: RegistryServer, clock: Clock
 ) -> None:
+    await _publish(live_registry.url, BOB)
     async with (
         RegistryClient(live_registry.url, ALICE) as a,
         RegistryClient(live_registry.url, BOB) as b,
@@ -114,6 +125,7 @@ async def test_mailbox_keeps_messages_for_a_node_that_connects_later(
 async def test_mailbox_ttl_expires_undelivered_messages(tmp_path: Path, clock: Clock) -> None:
     server = RegistryServer(tmp_path / "r.db", clock=clock, limits=Limits(mailbox_ttl=60))
     await server.start("127.0.0.1", 0)
+    await _publish(server.url, BOB)
     try:
         async with RegistryClient(server.url, ALICE) as a, RegistryClient(server.url, BOB) as b:
             async with a.connect() as alice:
@@ -130,8 +142,10 @@ async def test_mailbox_ttl_expires_undelivered_messages(tmp_path: Path, clock: C
 
 
 async def test_mailbox_cap_per_recipient(tmp_path: Path, clock: Clock) -> None:
-    server = RegistryServer(tmp_path / "r.db", clock=clock, limits=Limits(mailbox_cap=2))
+    limits = Limits(mailbox=MailboxQuota(recipient_messages=2, share=1))
+    server = RegistryServer(tmp_path / "r.db", clock=clock, limits=limits)
     await server.start("127.0.0.1", 0)
+    await _publish(server.url, BOB)
     try:
         async with RegistryClient(server.url, ALICE) as a, a.connect() as alice:
             assert await alice.send(BOB.node_id, b"1") == "stored"
@@ -147,6 +161,7 @@ async def test_relay_rate_limit_per_node(tmp_path: Path, clock: Clock) -> None:
         tmp_path / "r.db", clock=clock, limits=Limits(send_rate=1, send_burst=3)
     )
     await server.start("127.0.0.1", 0)
+    await _publish(server.url, BOB)
     try:
         async with RegistryClient(server.url, ALICE) as a, a.connect() as alice:
             for _ in range(3):
@@ -160,6 +175,7 @@ async def test_relay_rate_limit_per_node(tmp_path: Path, clock: Clock) -> None:
 
 
 async def test_oversized_frame_closes_only_that_socket(live_registry: RegistryServer) -> None:
+    await _publish(live_registry.url, ALICE)
     async with RegistryClient(live_registry.url, ALICE) as a, a.connect() as alice:
         assert alice._ws is not None
         await alice._ws.send_bytes(b"\x00" * (wsproto.MAX_FRAME + 10))
@@ -170,6 +186,7 @@ async def test_oversized_frame_closes_only_that_socket(live_registry: RegistrySe
 async def test_client_reconnects_after_registry_restart(tmp_path: Path) -> None:
     server = RegistryServer(tmp_path / "r.db")
     url = await server.start("127.0.0.1", 0)
+    await _publish(url, BOB, now=int(time.time()))
     port = int(url.rsplit(":", 1)[1])
     async with (
         RegistryClient(url, ALICE) as a,
@@ -194,6 +211,7 @@ async def test_turn_credentials_follow_coturn_rest_scheme(tmp_path: Path, clock:
     turn = TurnConfig("s3cret", ("turn:127.0.0.1:3478", "stun:127.0.0.1:3478"), ttl=600)
     server = RegistryServer(tmp_path / "r.db", clock=clock, turn=turn)
     await server.start("127.0.0.1", 0)
+    await _publish(server.url, ALICE)
     try:
         async with RegistryClient(server.url, ALICE) as a:
             creds = await a.turn_credentials()

@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import pytest
 from aioice import stun, turn
 
 from crypto.identity import Identity
+from node.children import die_with_parent
 from registry.client import RegistryClient
 from registry.server import RegistryServer, TurnConfig
+from tests.registry.conftest import make_record
 
 SECRET = "registry-test-secret"
 ALICE = Identity(bytes([51]) * 32)
@@ -54,6 +57,8 @@ def coturn(tmp_path: Path) -> Iterator[int]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent(),  # no orphan server if the test run is killed
+        start_new_session=True,
     )
     try:
         yield port
@@ -96,6 +101,7 @@ async def test_registry_turn_credentials_allocate_on_real_coturn(
     await server.start("127.0.0.1", 0)
     try:
         async with RegistryClient(server.url, ALICE) as client:
+            await client.publish(make_record(ALICE, now=int(time.time())))
             creds = await client.turn_credentials()
     finally:
         await server.stop()

@@ -217,8 +217,8 @@ async def test_the_participants_panel_shows_who_presents_and_who_follows() -> No
         node.session.remote_viewport(7, Viewport(SERIES_UID, 3, 400.0, 40.0), following=True)
         await pilot.pause()
         panel = str(viewer.query_one("#participants").render())
-        assert "Dr Neuro following" in panel
-        assert "Dr Surg presenting" in panel
+        assert "Dr Neuro (PEER-NE, verified) following" in panel
+        assert "Dr Surg (PEER-SU, unverified) presenting" in panel  # not in the directory
         node.session.remote_viewport(7, Viewport(SERIES_UID, 4, 400.0, 40.0), following=False)
         await pilot.pause()
         assert "following" not in str(viewer.query_one("#participants").render())
@@ -255,7 +255,7 @@ async def test_clicking_near_an_annotation_selects_it_and_only_the_author_remove
         await pilot.press("x")
         await pilot.pause()
         assert len(node.session.annotations()) == 2
-        assert "only the author (Dr Neuro) can remove" in svg_text(app)
+        assert "only the author, Dr Neuro (PEER-NE, verified), can remove" in svg_text(app)
 
         await click_image_point(pilot, viewer, (90.0, 90.0))
         assert panel.selected == mine.id

@@ -13,11 +13,14 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 from textual.worker import WorkType
 
+from tui import safe_text
 from tui.facade import ActionError, ConsultItem, NodeFacade, TransferInfo
+from tui.safe_text import MAX_LINE_CHARS, MAX_NAME_CHARS
 from tui.screens.prompt import TextPrompt
 
 PRIORITY_STYLE = {"stat": "bold white on red", "urgent": "bold black on yellow", "routine": "green"}
 REFRESH_SECONDS = 1.0
+WORKLIST_TITLE_CHARS = 60
 
 
 def countdown(deadline: float, now: float) -> str:
@@ -30,16 +33,25 @@ def countdown(deadline: float, now: float) -> str:
     return f"{hours}h {rest // 60:02d}m"
 
 
-def transfer_line(t: TransferInfo) -> str:
+def transfer_line(t: TransferInfo) -> Text:
     arrow = "←" if t.direction == "in" else "→"
-    what = f"{arrow} {t.label} {'from' if t.direction == 'in' else 'to'} {t.peer}"
+    label, peer = safe_text.plain(t.label, MAX_NAME_CHARS), safe_text.plain(t.peer, MAX_NAME_CHARS)
+    what = f"{arrow} {label} {'from' if t.direction == 'in' else 'to'} {peer}"
     numbers = f"{t.done_instances}/{t.total_instances} images, {t.done_bytes / 1e6:.1f}"
     numbers += f"/{t.total_bytes / 1e6:.1f} MB"
     if t.state == "running" and t.rate > 0:
         numbers += f", {t.rate / 1e6:.1f} MB/s"
         if t.eta is not None:
             numbers += f", {int(t.eta) // 60}:{int(t.eta) % 60:02d} left"
-    return f"{what}  {numbers}  [{t.state}]  #{t.transfer_id[:8]}"
+    state, short = safe_text.plain(t.state, 16), safe_text.plain(t.transfer_id, 8)
+    return Text(f"{what}  {numbers}  [{state}]  #{short}", end="")
+
+
+def peer_cell(c: ConsultItem) -> Text:
+    """Who is on the other side: a name only with the short id and the trust state."""
+    if c.peer_name or c.peer_trust:
+        return safe_text.peer(c.peer_name, safe_text.plain(c.peer, 16), c.peer_trust)
+    return safe_text.name(c.peer)
 
 
 class HomeScreen(Screen[None]):
@@ -51,6 +63,7 @@ class HomeScreen(Screen[None]):
         Binding("w", "withdraw", "withdraw"),
         Binding("z", "pause", "pause/go on"),
         Binding("c", "cancel_transfer", "cancel transfer"),
+        Binding("o", "availability", "online/on call/away"),
     ]
 
     def __init__(self, node: NodeFacade) -> None:
@@ -88,12 +101,12 @@ class HomeScreen(Screen[None]):
     def refresh_data(self) -> None:
         status = self.node.status()
         ident = Text()
-        ident.append(f"{status.display_name}", style="bold")
-        ident.append(f"  {status.institution}\n")
-        ident.append(f"Node id: {status.node_id}\n")
+        ident.append(safe_text.name(status.display_name, style="bold"))
+        ident.append(f"  {safe_text.plain(status.institution, MAX_NAME_CHARS)}\n")
+        ident.append(f"Node id: {safe_text.plain(status.node_id)}\n")
         for what, state, ok in status.lines:
             ident.append("● " if ok else "○ ", style="green" if ok else "red")
-            ident.append(f"{what}: {state}   ")
+            ident.append(f"{safe_text.plain(what)}: {safe_text.plain(state)}   ")
         self.query_one("#identity", Static).update(ident)
         now = time.time()
         table = self.query_one("#worklist", DataTable)
@@ -103,19 +116,20 @@ class HomeScreen(Screen[None]):
         for c in self.items:
             table.add_row(
                 "←" if c.incoming else "→",
-                Text(c.priority.upper(), style=PRIORITY_STYLE.get(c.priority, "")),
-                c.title,
-                c.peer,
-                c.state,
+                safe_text.name(c.priority.upper(), style=PRIORITY_STYLE.get(c.priority, "")),
+                safe_text.line(c.title, WORKLIST_TITLE_CHARS),
+                peer_cell(c),
+                safe_text.name(c.state),
                 countdown(c.deadline, now),
             )
         if self.items:
             table.move_cursor(row=min(row, len(self.items) - 1))
         self._transfers()
         notes = self.node.notifications()
-        self.query_one("#notifications", Static).update(
-            "[b]Notifications[/b]\n" + ("\n".join(f"• {n}" for n in notes) or "none")
-        )
+        shown = Text(end="")
+        shown.append("Notifications\n", style="bold")
+        shown.append("\n".join(f"• {safe_text.plain(n, MAX_LINE_CHARS)}" for n in notes) or "none")
+        self.query_one("#notifications", Static).update(shown)
 
     def _transfers(self) -> None:
         box = self.query_one("#transfers", Vertical)
@@ -231,6 +245,9 @@ class HomeScreen(Screen[None]):
             self.notify("select a request in your outbox (→) to withdraw it", severity="warning")
             return
         self._run(lambda: self.node.withdraw(item.consult_id))
+
+    def action_availability(self) -> None:
+        self._run(self.node.cycle_availability)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open()

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
 
+from tui import safe_text
 from tui.facade import NodeFacade, PeerInfo
+from tui.safe_text import MAX_NAME_CHARS
+
+SHORT_ID_CHARS = 7
 
 TRUST_MARK = {
     "verified": "✔ verified",
     "organisation": "✔ org-signed",
     "unverified": "! unverified",
 }
+
+
+def short_id(peer: PeerInfo) -> str:
+    """The key's first group: two peers publishing the same name differ here."""
+    return peer.node_id[:SHORT_ID_CHARS]
 
 
 class PeersScreen(Screen[None]):
@@ -36,7 +46,7 @@ class PeersScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#peers", DataTable).add_columns(
-            "name", "institution", "subspecialties", "jurisdictions", "online", "trust"
+            "name", "id", "institution", "subspecialties", "jurisdictions", "online", "trust"
         )
         self.reload()
         self.query_one("#peers", DataTable).focus()
@@ -51,12 +61,13 @@ class PeersScreen(Screen[None]):
         self.shown = [p for p in self.node.peers() if p.matches(query)]
         for p in self.shown:
             table.add_row(
-                p.name,
-                p.institution,
-                ", ".join(p.subspecialties),
-                ", ".join(p.jurisdictions),
+                safe_text.name(p.name),
+                safe_text.name(short_id(p)),
+                safe_text.name(p.institution),
+                safe_text.name(", ".join(p.subspecialties)),
+                safe_text.name(", ".join(p.jurisdictions)),
                 "online" if p.online else "offline",
-                TRUST_MARK.get(p.trust, p.trust),
+                safe_text.name(TRUST_MARK.get(p.trust, p.trust)),
             )
 
     def on_input_changed(self, event: Input.Changed) -> None:
@@ -95,7 +106,11 @@ class VerifyScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         number = self.node.safety_number(self.peer.node_id)
         with Vertical():
-            yield Static(f"[b]Verify {self.peer.name}[/b] ({self.peer.institution})")
+            title = Text("Verify ", style="bold", end="")
+            title.append(safe_text.peer(self.peer.name, short_id(self.peer), self.peer.trust))
+            title.append(f" {safe_text.plain(self.peer.institution, MAX_NAME_CHARS)}")
+            yield Static(title)
+            yield Static(Text(f"Node id: {safe_text.plain(self.peer.node_id, 80)}"))
             yield Static(
                 "Call them on a channel you already trust and read this number aloud.\n"
                 "They see the same number on their screen for you."

@@ -7,15 +7,18 @@ error stays inside the form, the outcome (how it was delivered) is returned.
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select, Static
+from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 from textual.worker import WorkType
 
+from tui import safe_text
 from tui.facade import PRIORITIES, ActionError, ConsultForm, NodeFacade, PeerInfo, StudyInfo
+from tui.safe_text import MAX_NAME_CHARS, plain
 
 DEFAULT_HOURS = {"stat": 1.0, "urgent": 4.0, "routine": 48.0}
 MAX_HOURS = 24.0 * 14
@@ -37,6 +40,14 @@ def check(form: ConsultForm) -> str:
     if not 0 < form.deadline_hours <= MAX_HOURS:
         return f"The deadline is in hours, more than 0 and at most {MAX_HOURS:.0f}."
     return ""
+
+
+def consultant_option(p: PeerInfo) -> Text:
+    """name (SHORTID, trust) · institution · subspecialties, all literal."""
+    option = safe_text.peer(p.name, p.node_id[:7], p.trust)
+    option.append(f" · {plain(p.institution, MAX_NAME_CHARS)}")
+    option.append(f" · {plain(', '.join(p.subspecialties), MAX_NAME_CHARS)}")
+    return option
 
 
 class ShareScreen(ModalScreen[str | None]):
@@ -62,16 +73,18 @@ class ShareScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll():
-            yield Static(
-                f"[b]Request a consult[/b] on {self.study.patient} {self.study.description}"
-                f" ({self.study.modalities})\nThe study leaves de-identified."
+            head = Text("Request a consult", style="bold", end="")
+            head.append(
+                f" on {plain(self.study.patient, MAX_NAME_CHARS)} "
+                f"{plain(self.study.description, MAX_NAME_CHARS)} "
+                f"({plain(self.study.modalities, MAX_NAME_CHARS)})\n"
+                "The study leaves de-identified.",
+                style="not bold",
             )
+            yield Static(head)
             yield Label("Consultant (verified peers only)")
             yield Select(
-                [
-                    (f"{p.name} · {p.institution} · {', '.join(p.subspecialties)}", p.node_id)
-                    for p in self.trusted
-                ],
+                [(consultant_option(p), p.node_id) for p in self.trusted],
                 prompt="no verified peer: verify one on the Peers screen (F4)"
                 if not self.trusted
                 else "pick a consultant",
@@ -92,6 +105,7 @@ class ShareScreen(ModalScreen[str | None]):
             yield Input(str(DEFAULT_HOURS["urgent"]), id="deadline")
             yield Label("Patient's country (empty: this node's)")
             yield Input(placeholder="e.g. IE", id="jurisdiction")
+            yield Checkbox("Pixels checked: no burned-in name, id or date", id="burned-in")
             yield Static("", id="form-error")
             with Horizontal():
                 yield Button("Send (ctrl+s)", variant="primary", id="send")
@@ -130,11 +144,12 @@ class ShareScreen(ModalScreen[str | None]):
             self.query_one("#subspecialty", Input).value.strip(),
             hours,
             self.query_one("#jurisdiction", Input).value.strip().upper(),
+            self.query_one("#burned-in", Checkbox).value,
         )
         return check(form) or form
 
     def error(self, text: str) -> None:
-        self.query_one("#form-error", Static).update(text)
+        self.query_one("#form-error", Static).update(safe_text.safe(text))
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "send":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from tui import safe_text
 from tui.facade import NodeFacade, StudyInfo
+from tui.safe_text import MAX_LINE_CHARS, MAX_NAME_CHARS
 from tui.screens.share import ShareScreen
 from tui.screens.viewer import ViewerScreen
 
@@ -44,7 +47,12 @@ class StudiesScreen(Screen[None]):
         self.studies = self.node.studies()
         for s in self.studies:
             table.add_row(
-                s.patient, s.date, s.description, s.modalities, s.series_count, s.instance_count
+                safe_text.name(s.patient),
+                safe_text.name(s.date),
+                safe_text.line(s.description, MAX_NAME_CHARS),
+                safe_text.name(s.modalities),
+                s.series_count,
+                s.instance_count,
             )
         if not self.studies:
             self.query_one("#series-info", Static).update(
@@ -57,10 +65,11 @@ class StudiesScreen(Screen[None]):
             return
         study = self.studies[event.cursor_row]
         lines = [
-            f"  Se {s.number:>3}  {s.modality:<3} {s.description}  ({s.instance_count} images)"
+            f"  Se {s.number:>3}  {safe_text.plain(s.modality, 16):<3} "
+            f"{safe_text.plain(s.description, MAX_LINE_CHARS)}  ({s.instance_count} images)"
             for s in self.node.series(study.study_uid)
         ]
-        self.query_one("#series-info", Static).update("\n".join(lines))
+        self.query_one("#series-info", Static).update(Text("\n".join(lines)))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open(False)
@@ -84,6 +93,6 @@ class StudiesScreen(Screen[None]):
         def done(outcome: str | None) -> None:
             if outcome:
                 self.notify(outcome, timeout=10)
-                self.query_one("#series-info", Static).update(f"Request: {outcome}")
+                self.query_one("#series-info", Static).update(safe_text.safe(f"Request: {outcome}"))
 
         self.app.push_screen(ShareScreen(self.node, study), done)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -12,13 +13,13 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Header, OptionList
-from textual.worker import WorkType
+from textual.worker import Worker, WorkType
 
 from consult import measure
 from consult.errors import ConsultError
 from consult.presence import Cursor, Participant, Viewport
 from consult.shared import Annotation, AnnotationKind
-from tui import hittest, imaging
+from tui import hittest, imaging, safe_text
 from tui.facade import Frame, InstanceRef, NodeFacade, SeriesInfo, StudyInfo
 from tui.imaging import Point
 from tui.screens.prompt import TextPrompt
@@ -29,6 +30,7 @@ CURSOR_PERIOD = 0.05  # own cursor goes out at most 20 times a second
 CINE_PERIOD = 0.1
 LOADING_POLL = 0.5
 FRAME_CACHE = 64
+TRUST_REFRESH = 5.0  # seconds between reads of the peers' trust for the participant list
 TOOLS = {
     "point": AnnotationKind.POINT,
     "arrow": AnnotationKind.ARROW,
@@ -97,19 +99,37 @@ class ViewerScreen(Screen[None]):
         self._sent_viewport: Viewport | None = None
         self._user_moved = False
         self.message = ""
+        self._trust: dict[str, str] = {}
+        self._loading: Worker[None] | None = None
+        self._trust_at = float("-inf")
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal():
             yield OptionList(
-                *[f"{s.number:>3} {s.modality} {s.description} ({s.instance_count})"
-                  for s in self.series_list],
+                *[safe_text.line(f"{s.number:>3} {s.modality} {s.description} "
+                                 f"({s.instance_count})") for s in self.series_list],
                 id="series",
             )  # fmt: skip
             yield ImageView(id="image")
             if self.session is not None:
-                yield ConsultPanel(self.session)
+                yield ConsultPanel(self.session, self._trust_of)
         yield Footer()
+
+    def _trust_of(self, node_id: str) -> str:
+        """This node's trust in a participant's key, as the Peers screen shows it (read
+        again every few seconds, not on every cursor move)."""
+        now = time.monotonic()
+        if now - self._trust_at > TRUST_REFRESH:
+            self._trust = {p.node_id: p.trust for p in self.node.peers()}
+            self._trust_at = now
+        return self._trust.get(node_id, "")
+
+    def _label(self, participant: Participant) -> str:
+        """A participant as every place shows them: name, short id, trust."""
+        panel = self.query(ConsultPanel)
+        names = panel.first().names() if panel else {}
+        return names.get(participant.node, safe_text.plain(participant.name, 40))
 
     @property
     def view(self) -> ImageView:
@@ -164,7 +184,7 @@ class ViewerScreen(Screen[None]):
 
         # A function, not a coroutine: a load cancelled before it starts leaves nothing behind.
         work: WorkType[None] = load  # mypy cannot solve run_worker's union for an async def
-        self.run_worker(work, exclusive=True, group="load")
+        self._loading = self.run_worker(work, exclusive=True, group="load")
 
     async def _load(self, key: tuple[str, int]) -> None:
         frame = await self.app.run_blocking(self.node.load_frame, *key)  # type: ignore[attr-defined]
@@ -201,7 +221,9 @@ class ViewerScreen(Screen[None]):
     def _poll_loading(self) -> None:
         if not self.is_attached:  # the app is closing; the widgets may be gone already
             return
-        if self.view.waiting and self.current is not None:
+        # Not while a load is under way: restarting it would only cancel it (and its waiters).
+        busy = self._loading is not None and not self._loading.is_finished
+        if self.view.waiting and self.current is not None and not busy:
             self.load_current()
 
     # drawing
@@ -240,7 +262,7 @@ class ViewerScreen(Screen[None]):
             if self._presenting():
                 lines.append("presenting (p stops)")
             elif self.session.following():
-                who = presenter.name if presenter else "nobody presents yet"
+                who = self._label(presenter) if presenter else "nobody presents yet"
                 lines.append(f"following {who} (f or any move stops)")
         if self.message:
             lines.append(self.message)
@@ -250,7 +272,7 @@ class ViewerScreen(Screen[None]):
         ref = self.current
         if self.session is None or ref is None:
             return tuple(Mark("point", (p,), "#ffffff") for p in self.pending)
-        colours = {p.node: p.colour for p in self.session.participants()}
+        colours = {p.node: safe_text.colour(p.colour) for p in self.session.participants()}
         selected = self.query_one(ConsultPanel).selected
         marks = [
             Mark(
@@ -260,6 +282,7 @@ class ViewerScreen(Screen[None]):
                 a.text,
             )
             for a in self._annotations_here()
+            if safe_text.finite(a.points)
         ]
         for p in self.session.participants():
             cursor = p.cursor
@@ -268,8 +291,11 @@ class ViewerScreen(Screen[None]):
                 and cursor
                 and cursor.sop_instance_uid == ref.sop_uid
                 and cursor.frame == self.frame_no
+                and safe_text.finite([(cursor.x, cursor.y)])
             ):
-                marks.append(Mark("cursor", ((cursor.x, cursor.y),), p.colour, p.name))
+                marks.append(
+                    Mark("cursor", ((cursor.x, cursor.y),), colours[p.node], self._label(p))
+                )
         marks.extend(Mark("point", (p,), "#ffffff") for p in self.pending)
         return tuple(marks)
 
@@ -340,14 +366,18 @@ class ViewerScreen(Screen[None]):
             return False
         uids = [s.series_uid for s in self.series_list]
         if target.series_uid not in uids:
-            self.message = f"{presenter.name}'s series is not in this study here"
+            self.message = f"{self._label(presenter)}'s series is not in this study here"
+            return False
+        numbers = (target.window, target.level, target.zoom, target.pan_x, target.pan_y)
+        if not safe_text.finite([numbers]):
+            self.message = f"{self._label(presenter)}'s view has invalid numbers: not followed"
             return False
         self._sent_viewport = target
         self.session.set_viewport(target, by_user=False)
         view = self.view
         view.window = imaging.Window(target.level, max(1.0, target.window))
         self._window_set = True
-        view.zoom = target.zoom
+        view.zoom = min(imaging.MAX_ZOOM, max(imaging.MIN_ZOOM, target.zoom))
         view.center = None
         index = uids.index(target.series_uid)
         if index != self.series_index:
@@ -358,7 +388,11 @@ class ViewerScreen(Screen[None]):
         frame = view.frame
         if frame is not None and (target.pan_x or target.pan_y):
             rows, cols = frame.pixels.shape[:2]
-            view.center = ((cols - 1) / 2 + target.pan_x, (rows - 1) / 2 + target.pan_y)
+            pan_x, pan_y = (
+                min(cols, max(-cols, target.pan_x)),
+                min(rows, max(-rows, target.pan_y)),
+            )
+            view.center = ((cols - 1) / 2 + pan_x, (rows - 1) / 2 + pan_y)
         self.update_view()
         return True
 
@@ -560,7 +594,7 @@ class ViewerScreen(Screen[None]):
             self.message = "select an annotation first: click it, or [ and ]"
         elif chosen.author != self.session.local_node:
             who = panel.names().get(chosen.author, chosen.author[:8])
-            self.message = f"only the author ({who}) can remove this annotation: ask them"
+            self.message = f"only the author, {who}, can remove this annotation: ask them"
         else:
             try:
                 self.session.remove_annotation(chosen.id)

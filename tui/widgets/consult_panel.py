@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -10,8 +11,18 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, Static, TextArea
 
-from consult.shared import Annotation
+from consult.shared import MAX_CHAT_CHARS, Annotation
+from node.display import peer_label, printable
+from tui.safe_text import MAX_LINE_CHARS, colour, plain, safe
 from tui.session import SessionView
+
+SHORT_ID_CHARS = 7
+TrustOf = Callable[[str], str]  # node id -> trust label ("" when not known)
+
+
+def report_shown(text: str) -> str:
+    """The shared report as the editor shows it: lines kept, control characters not."""
+    return printable(text, multiline=True)
 
 
 def describe(a: Annotation) -> str:
@@ -25,7 +36,7 @@ def describe(a: Annotation) -> str:
             f"ROI {v.get('area_mm2', 0):.0f} mm² mean {v['mean']:.1f} SD {v.get('sd', 0):.1f} "
             f"min {v.get('min', 0):.0f} max {v.get('max', 0):.0f} HU"
         )
-    return f"{a.kind.value} {a.text}".strip()
+    return f"{a.kind.value} {plain(a.text, MAX_LINE_CHARS)}".strip()
 
 
 class ConsultPanel(Vertical):
@@ -40,51 +51,67 @@ class ConsultPanel(Vertical):
     class Finalise(Message):
         pass
 
-    def __init__(self, session: SessionView) -> None:
+    def __init__(self, session: SessionView, trust_of: TrustOf | None = None) -> None:
         super().__init__(id="consult")
         self.session = session
         self.selected: str | None = None
+        self.trust_of: TrustOf = trust_of or (lambda node: "")
 
     def compose(self) -> ComposeResult:
         yield Static(id="participants")
         yield Static(id="annotations")
         yield Static(id="chat-log")
         yield Input(placeholder="chat (enter to send)", id="chat-input")
-        yield TextArea(self.session.report_text(), id="report")
+        yield TextArea(report_shown(self.session.report_text()), id="report")
         yield Static(id="final")
 
     def on_mount(self) -> None:
         self.update_from_session()
 
     def names(self) -> dict[str, str]:
-        return {p.node: p.name for p in self.session.participants()}
+        """Node id -> how to show that participant: name, short id and trust, never the
+        name alone (presence names are whatever the peer typed)."""
+        local = self.session.local_node
+        return {
+            p.node: peer_label(p.name, plain(p.node[:SHORT_ID_CHARS]), self._trust(p.node, local))
+            for p in self.session.participants()
+        }
+
+    def _trust(self, node: str, local: str) -> str:
+        return "you" if node == local else self.trust_of(node) or "unverified"
+
+    def who(self, node: str, names: dict[str, str]) -> str:
+        return names.get(node) or f"({plain(node[:SHORT_ID_CHARS])}, not in the session)"
 
     def update_from_session(self) -> None:
         s = self.session
         names = self.names()
         people = Text("Participants\n", style="bold")
         for index, p in enumerate(s.participants()):
-            me = " (you)" if index == 0 else ""
             flags = " presenting" if p.presenting else ""
             if p.following or (index == 0 and s.following()):
                 flags += " following"
-            people.append(f" ● {p.name}{me}{flags}\n", style=p.colour)
+            people.append(f" ● {names[p.node]}{flags}\n", style=colour(p.colour))
         self.query_one("#participants", Static).update(people)
         marks = Text("Annotations (click or [ ] select, x remove)\n", style="bold")
         for a in s.annotations():
             chosen = a.id == self.selected
-            line = f"{'▶' if chosen else ' '}{names.get(a.author, a.author[:8])}: {describe(a)}"
+            line = f"{'▶' if chosen else ' '}{self.who(a.author, names)}: {describe(a)}"
             frame = f" (fr {a.frame + 1})" if a.frame else ""
             marks.append(line + frame + "\n", style="reverse" if chosen else "")
         self.query_one("#annotations", Static).update(marks)
         chat = Text("Chat\n", style="bold")
         for m in s.chat()[-50:]:
             stamp = time.strftime("%H:%M", time.localtime(m.at))
-            chat.append(f"{stamp} {names.get(m.author, m.author[:8])}: {m.text}\n")
+            # The author on a line of its own: name, id and trust leave no room beside it.
+            chat.append(f"{stamp} {self.who(m.author, names)}\n", style="dim")
+            chat.append(safe(m.text, MAX_CHAT_CHARS))
+            chat.append("\n")
         self.query_one("#chat-log", Static).update(chat)
         report = self.query_one("#report", TextArea)
-        if not report.has_focus and report.text != s.report_text():
-            report.text = s.report_text()
+        shown = report_shown(s.report_text())
+        if not report.has_focus and report.text != shown:
+            report.text = shown
         report.read_only = s.finalised()
         final = "FINAL — signed" if s.finalised() else "draft (F9 finalise)"
         self.query_one("#final", Static).update(final)

@@ -1,0 +1,542 @@
+"""Attacks through what the TUI and the CLI show: peer text as markup, terminal escapes,
+bidi overrides, endless lines, and a victim's display name on another key.
+
+Every string a peer can set (consult question, names, institution, chat, annotation text,
+report, error texts it sends back, series descriptions) is fed through each place it is
+shown; the app must not crash and the text must appear literally, with no ESC byte and no
+bidi override in what reaches the terminal.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import math
+import re
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from consult.errors import LocalConsultError
+from consult.presence import Cursor, Viewport
+from consult.requests import ConsultRequest, Priority
+from consult.shared import Annotation, AnnotationKind
+from consult.store import ConsultDB
+from crypto.errors import InvalidNodeId
+from crypto.identity import Identity, NodeId
+from node.cli import main
+from node.commands.peers import open_directory, resolve_id
+from node.config import NodeHome
+from node.demo_data import generate_ct
+from node.display import MAX_LINE_CHARS, PrintableFormatter, peer_label, printable
+from registry.records import NodeRecord
+from tests.consult.test_live import wait_for
+from tests.tui.test_node_facade import consult_pair, form_to
+from tui.app import RadmeshApp
+from tui.facade import ConsultItem, PeerInfo, SeriesInfo, StudyInfo, TransferInfo
+from tui.memory import SERIES_UID, STUDY_UID, InMemoryNode
+from tui.screens.viewer import ViewerScreen
+from tui.widgets.consult_panel import ConsultPanel
+
+SIZE = (220, 60)
+MARKUP = ("[/]", "[bold red]", "[link=file:///etc/passwd]x[/link]", "[@click=app.quit]x[/]")
+ESC = "\x1b"
+CONTROLS = ("\x1b[2J\x1b]0;pwned\x07", "\r", "\b", "\x9b31m", "\u202e", "\u2066")
+
+
+def hostile(tag: str) -> str:
+    """A peer string carrying every markup trick and control character, labelled by field."""
+    return f"{tag} Please read [/] urgently {' '.join(MARKUP)} {''.join(CONTROLS)}end"
+
+
+LONG = "Q" * 5000  # one line of a consult question, far wider than any screen
+
+
+def screen_lines(app: RadmeshApp) -> list[str]:
+    """The screen row by row: the SVG export renders the segments the terminal would get,
+    one <text> per run of equal style; they are joined back by their row."""
+    rows: dict[int, list[tuple[float, str]]] = defaultdict(list)
+    svg = app.export_screenshot()
+    for m in re.finditer(r'<text [^>]*?x="([\d.]+)"[^>]*?line-(\d+)\)">([^<]*)</text>', svg):
+        rows[int(m.group(2))].append((float(m.group(1)), html.unescape(m.group(3))))
+    return ["".join(t for _, t in sorted(rows[k])).replace("\xa0", " ") for k in sorted(rows)]
+
+
+def screen_text(app: RadmeshApp) -> str:
+    """The whole screen, rows joined; plus the raw export, so no stray byte hides."""
+    raw = html.unescape(app.export_screenshot()).replace("\xa0", " ")
+    return "\n".join(screen_lines(app)) + "\n" + raw
+
+
+def assert_clean(text: str) -> None:
+    """None of the attack's control characters got through (placeholders are fine)."""
+    found = sorted({f"U+{ord(c):04X}" for c in text if c in "\x1b\x9b\r\b\x07\u202e\u2066"})
+    assert not found, f"control characters reached the screen: {found}"
+
+
+def assert_literal(app: RadmeshApp, *tags: str) -> None:
+    text = screen_text(app)
+    assert_clean(text)
+    for tag in tags:
+        assert f"{tag} Please read [/] urgently" in text, tag
+    assert "␛" in text  # the escape is shown as a placeholder, not dropped silently
+
+
+KEY_A = NodeId.from_public_key(b"\x0a" * 32)
+KEY_B = NodeId.from_public_key(b"\x0b" * 32)
+
+
+class HostileNode(InMemoryNode):
+    """The in-memory node, with every peer-supplied field set by an attacker."""
+
+    def __init__(self, home: bool = True, studies: bool = True) -> None:
+        """``home``: the worklist, transfers and notifications are hostile; ``studies``: the
+        study and series descriptions (so each screen's test fails on its own)."""
+        super().__init__(Identity.generate().node_id)
+        self.home = home
+        self.hostile_studies = studies
+        self.note = hostile("NOTE") if home else "a new request"
+        self.answer = hostile("ANSWER")
+
+    def consults(self) -> list[ConsultItem]:
+        now = time.time()
+        first = (
+            ConsultItem("c-1", True, hostile("QUESTION"), KEY_A.short(), "stat", "offered",
+                        now + 1800, STUDY_UID, hostile("NAME"), "verified")
+            if self.home
+            else ConsultItem("c-1", True, "CT head", KEY_A.short(), "stat", "offered",
+                             now + 1800, STUDY_UID, "Dr Victim", "verified")
+        )  # fmt: skip
+        return [
+            first,
+            ConsultItem("c-2", True, LONG, KEY_B.short(), "routine", "offered", now + 3600,
+                        "", "Dr Victim", "unverified"),
+        ]  # fmt: skip
+
+    def peers(self) -> list[PeerInfo]:
+        return [
+            PeerInfo(str(KEY_A), "Dr Victim", hostile("INST"), ("neuro",), ("GB",), True,
+                     "verified"),
+            PeerInfo(str(KEY_B), "Dr Victim", "Evil Clinic", (hostile("SUB"),), ("FR",), True),
+        ]  # fmt: skip
+
+    def notifications(self) -> list[str]:
+        return [self.note]
+
+    def transfers(self) -> list[TransferInfo]:
+        return [TransferInfo("t-1", hostile("TPEER") if self.home else "peer", "CT", 1, 2)]
+
+    def studies(self) -> list[StudyInfo]:
+        desc = hostile("DESC") if self.hostile_studies else "CT CHEST"
+        return [StudyInfo(STUDY_UID, "ANON-0001", "20260101", desc, "CT", 2, 24)]
+
+    def series(self, study_uid: str) -> list[SeriesInfo]:
+        desc = hostile("SERIES") if self.hostile_studies else "Axial"
+        return [SeriesInfo(SERIES_UID, STUDY_UID, 1, "CT", desc, 12)]
+
+    def safety_number(self, peer_node_id: str) -> str:
+        return "12345 67890"
+
+    async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:
+        return self.answer
+
+
+# --- the sanitiser itself ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("\x1b[31mred", "␛[31mred"),
+        ("a\rb\bc\x00d\x7fe", "a␍b␈c␀d␡e"),
+        ("\x9b2J", "<U+009B>2J"),
+        ("x\u202eevil\u202cy", "x<U+202E>evil<U+202C>y"),
+        ("\u2066\u2067\u2068\u2069\u200f", "<U+2066><U+2067><U+2068><U+2069><U+200F>"),
+        ("line\nbreak\u2028", "line␊break<U+2028>"),
+        ("tab\there", "tab here"),
+        ("\ud800", "\ufffd"),
+        ("Dr Ünïcödé 中文 [b]", "Dr Ünïcödé 中文 [b]"),  # markup is the widget's business
+    ],
+)
+def test_printable_replaces_every_control_character_with_a_visible_placeholder(
+    raw: str, shown: str
+) -> None:
+    assert printable(raw) == shown
+
+
+def test_printable_keeps_newlines_only_when_asked_and_cuts_long_lines() -> None:
+    assert printable("a\nb\r\n", multiline=True) == "a\nb␍\n"
+    cut = printable(LONG, MAX_LINE_CHARS)
+    assert len(cut) == MAX_LINE_CHARS
+    assert cut.endswith("…")
+    assert printable("short", 10) == "short"
+    assert printable(42) == "42"
+
+
+def test_a_peer_label_never_shows_a_name_without_its_key_and_trust() -> None:
+    assert peer_label("Dr Neuro", "ABCDEFG", "verified") == "Dr Neuro (ABCDEFG, verified)"
+    assert peer_label("", "ABCDEFG", "unverified") == "(ABCDEFG, unverified)"
+    label = peer_label("Dr\x1b[2J" + "N" * 500, "ABCDEFG", "unverified")
+    assert ESC not in label
+    assert label.endswith("… (ABCDEFG, unverified)")
+
+
+# --- the app, screen by screen -----------------------------------------------------------------
+
+
+async def test_markup_and_escapes_in_home_worklist_transfers_and_notifications() -> None:
+    """A stored question `Please read [/] urgently` crashed the app at every start."""
+    node = HostileNode()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await pilot.pause()
+        assert_literal(app, "NOTE", "TPEER")
+        text = screen_text(app)
+        assert "QUESTION Please read [/]" in text  # cut with an ellipsis in its column
+        assert "NAME Please read [/]" in text
+        assert "Q" * 200 not in text
+        assert "Q…" in text
+        assert app.is_running
+        # A toast whose text came from a peer (its answer, an error it sent back).
+        app.screen.query_one("#worklist").focus()
+        await pilot.press("a")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        shown = [n.message for n in app._notifications]
+        assert any("ANSWER Please read [/] urgently" in m for m in shown)
+        assert_clean("".join(shown))
+        assert not any(n.markup for n in app._notifications)
+        text = screen_text(app)  # the toast wraps in its box: check it is there, escapes not
+        assert "ANSWER Please read [/]" in text
+        assert_clean(text)
+        assert app.is_running  # [@click=app.quit] bound nothing
+
+
+async def test_markup_and_escapes_in_peers_studies_and_series() -> None:
+    node = HostileNode(home=False)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await pilot.press("f4")
+        await pilot.pause()
+        text = screen_text(app)
+        assert "INST Please read [/]" in text
+        assert "SUB Please read [/]" in text
+        assert_clean(text)
+        await pilot.press("v")  # the verify dialog names the peer too
+        await pilot.pause()
+        text = " ".join(line.strip(" │╭╮╰╯─") for line in screen_lines(app))
+        assert f"Verify Dr Victim ({KEY_A.short()}, verified) INST Please read [/]" in text
+        assert ESC not in text
+        await pilot.press("n", "f3")
+        await pilot.pause()
+        text = screen_text(app)
+        assert "DESC Please read [/]" in text
+        assert "SERIES Please read [/] urgently" in text
+        assert_clean(text)
+        await pilot.press("enter")  # the viewer lists the series and overlays the study
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert isinstance(app.screen, ViewerScreen)
+        text = screen_text(app)
+        assert "SERIES Please read [/]" in text
+        assert_clean(text)
+
+
+async def test_markup_and_escapes_in_the_live_consult_panel_and_image_labels() -> None:
+    node = HostileNode(home=False, studies=False)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        viewer = ViewerScreen(node, node.studies()[0], live=True)
+        await app.push_screen(viewer)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        sop = viewer.current.sop_uid  # type: ignore[union-attr]
+        author = str(KEY_A)
+        node.session.remote_join(7, author, hostile("PNAME"), "#ff00ff")
+        node.session.remote_say(author, hostile("CHAT"))
+        node.session.remote_annotation(
+            Annotation("r1", AnnotationKind.ARROW, sop, 0, ((10.0, 10.0), (30.0, 30.0)),
+                       author, 1.0, hostile("LABEL"))
+        )  # fmt: skip
+        node.session.set_report_text(hostile("REPORT") + "\nsecond line")
+        await pilot.pause()
+        panel = viewer.query_one(ConsultPanel)
+        assert_literal(app, "CHAT")
+        text = screen_text(app)
+        assert "PNAME Please read [/]" in text  # participants (cut to one line)
+        assert "LABEL Please read [/]" in text  # the annotation list
+        assert "REPORT Please read [/] urgently" in text  # the report editor
+        report = panel.query_one("#report").text  # type: ignore[attr-defined]
+        assert ESC not in report
+        assert "\nsecond line" in report
+        labels = "".join(ch for strip in viewer.view._strips for seg in strip for ch in seg.text)
+        assert_clean(labels)  # the tags drawn on the image
+
+
+# --- one name, two keys ------------------------------------------------------------------------
+
+
+async def test_two_peers_publishing_the_same_name_are_told_apart_with_their_trust() -> None:
+    node = HostileNode(home=False)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        await pilot.pause()
+        text = screen_text(app)  # the worklist
+        assert KEY_A.short() != KEY_B.short()
+        assert f"Dr Victim ({KEY_A.short()}, verified)" in text
+        assert f"Dr Victim ({KEY_B.short()}, unverified)" in text
+        await pilot.press("f4")
+        await pilot.pause()
+        rows = [line for line in screen_lines(app) if "Dr Victim" in line]
+        assert len(rows) == 2
+        a = next(r for r in rows if KEY_A.short() in r)
+        b = next(r for r in rows if KEY_B.short() in r)
+        assert "✔ verified" in a
+        assert "! unverified" in b
+        await pilot.press("f3", "l")  # live consult: the participant list and the chat
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        node.session.remote_join(7, str(KEY_A), "Dr Victim", "#ff00ff")
+        node.session.remote_join(8, str(KEY_B), "Dr Victim", "#00ffff")
+        node.session.remote_say(str(KEY_B), "it is me, trust me")
+        await pilot.pause()
+        text = screen_text(app)
+        assert f"Dr Victim ({KEY_A.short()}, verified)" in text
+        assert f"Dr Victim ({KEY_B.short()}, unverified)" in text
+
+
+# --- the CLI: `radmesh peers`, `trust`, `consult list/show` ------------------------------------
+
+EVIL_NAME = "Dr Victim\x1b]0;pwned\x07\x1b[2J [/]\u202e"
+
+
+def _cli(home: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = main(["--home", str(home), *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def _remember(home: Path, *records: NodeRecord) -> None:
+    now = int(time.time())
+    directory = open_directory(NodeHome(home))
+    try:
+        for record in records:
+            assert directory.remember(record, "test", now)
+    finally:
+        directory.close()
+        directory.trust.close()
+
+
+def _record(
+    identity: Identity,
+    name: str,
+    institution: str = "Clinic",
+    endpoints: tuple[str, ...] = ("lan:http://127.0.0.1:9",),
+) -> NodeRecord:
+    return NodeRecord.create(
+        identity, now=int(time.time()), sequence=1, display_name=name, institution=institution,
+        subspecialties=("neuro\x1b[31m",), endpoints=endpoints,
+    )  # fmt: skip
+
+
+def test_cli_peers_list_tells_same_named_peers_apart_and_prints_no_escapes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "me"
+    assert _cli(home, capsys, "init", "--no-passphrase", "--name", "Me")[0] == 0
+    real, fake = Identity.generate(), Identity.generate()
+    _remember(home, _record(real, EVIL_NAME, "St Elsewhere\u202e"), _record(fake, EVIL_NAME))
+    assert _cli(home, capsys, "trust", "allow", str(real.node_id))[0] == 0
+
+    code, out = _cli(home, capsys, "peers", "list")
+    assert code == 0
+    assert_clean(out)
+    assert "\x07" not in out
+    lines = [line for line in out.splitlines() if "Dr Victim" in line]
+    assert len(lines) == 2
+    real_line = next(line for line in lines if line.startswith(real.node_id.short()))
+    fake_line = next(line for line in lines if line.startswith(fake.node_id.short()))
+    assert " verified " in real_line
+    assert " unknown " in fake_line
+    assert "␛]0;pwned␇" in real_line  # shown, harmless
+
+    # The short id `peers list` printed is what a person types next.
+    code, out = _cli(home, capsys, "peers", "show", fake.node_id.short())
+    assert code == 0, out
+    assert f"Node id:        {fake.node_id}" in out
+    assert "Trust:          unknown" in out
+    assert_clean(out)
+    code, out = _cli(home, capsys, "trust", "verify", fake.node_id.short().lower(), "--yes")
+    assert code == 0, out
+    assert f"Peer:      {fake.node_id}" in out  # the full id, and the safety number, first
+    code, out = _cli(home, capsys, "trust", "allow", real.node_id.short())
+    assert code == 1
+    assert "only the full node id" in out
+
+
+def test_cli_consult_request_to_takes_the_short_id_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "hospital"
+    assert _cli(home, capsys, "init", "--no-passphrase")[0] == 0
+    consultant = Identity.generate()
+    _remember(home, _record(consultant, "Dr Neuro", endpoints=()))  # offline: written to a file
+    code, out = _cli(
+        home, capsys, "consult", "request", "--study", "2.25.1", "--question", "Bleed?",
+        "--subspecialty", "neuro", "--jurisdiction", "FR", "--to", consultant.node_id.short(),
+        "--out", str(tmp_path / "req.bin"),
+    )  # fmt: skip
+    assert code == 0, out
+    with ConsultDB.in_data_dir(NodeHome(home).data_dir) as db:
+        assert db.offered(db.resolve(out.split()[1])) == [consultant.node_id]
+
+
+def test_a_short_id_is_taken_only_when_exactly_one_known_peer_has_it() -> None:
+    a = NodeId(bytes(5) + b"\x01" * 27)
+    b = NodeId(bytes(5) + b"\x02" * 27)  # the same first 40 bits: the same short id
+    other = NodeId(b"\xff" * 32)
+    assert a.short() == b.short()
+    assert resolve_id(other.short(), [a, b, other]) == other
+    assert resolve_id(str(a), []) == a  # a full id needs no lookup
+    with pytest.raises(InvalidNodeId, match="2 known peers"):
+        resolve_id(a.short(), [a, b, other])
+    assert resolve_id(str(a)[:15], [a, b]) == a  # a longer prefix tells them apart
+    with pytest.raises(InvalidNodeId, match="no known peer"):
+        resolve_id(a.short(), [other])
+    with pytest.raises(InvalidNodeId, match="56 letters"):
+        resolve_id("ABC", [a])  # too short to mean anything
+
+
+def test_cli_consult_list_and_show_print_a_hostile_question_literally(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "consultant"
+    assert _cli(home, capsys, "init", "--no-passphrase")[0] == 0
+    sender = Identity.generate()
+    _remember(home, _record(sender, EVIL_NAME))
+    now = int(time.time())
+    question = "Please read [/] urgently\x1b]0;pwned\x07\r\x08\u202eevil\x9b2J\n" + "Q" * 3000
+    request = ConsultRequest.new(
+        requester=sender.node_id, study_uid="2.25.1", question=question,
+        priority=Priority.STAT, subspecialty="neuro\x1b[5m", jurisdiction="FR", language="en",
+        deadline=now + 3600, now=now,
+    )  # fmt: skip
+    wire_file = tmp_path / "req.bin"
+    wire_file.write_bytes(request.to_wire(sender))
+    assert _cli(home, capsys, "consult", "import", str(wire_file))[0] == 0
+
+    code, out = _cli(home, capsys, "consult", "list")
+    assert code == 0
+    assert_clean(out)
+    assert "Please read [/] urgently␛]0;pwned␇" in out
+    assert "Q" * 100 not in out  # one line per consult, the question cut
+
+    code, out = _cli(home, capsys, "consult", "show", request.id[:8])
+    assert code == 0
+    assert_clean(out)
+    assert "\x07" not in out
+    assert "question:      Please read [/] urgently␛]0;pwned␇␍␈<U+202E>evil<U+009B>2J" in out
+    assert f"({sender.node_id.short()}, unknown)" in out  # the peer: name with id and trust
+
+
+# --- numbers and styles from presence ---------------------------------------------------------
+
+
+async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_down() -> None:
+    node = HostileNode(home=False, studies=False)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = ViewerScreen(node, node.studies()[0], live=True)
+        await app.push_screen(viewer)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        sop = viewer.current.sop_uid  # type: ignore[union-attr]
+        node.session.remote_join(7, str(KEY_A), "Dr A", "link file:///etc/passwd")
+        node.session.remote_join(8, str(KEY_B), "Dr B", "not a colour")
+        node.session.remote_cursor(7, Cursor(sop, 0, math.nan, math.inf))
+        node.session.remote_cursor(8, Cursor(sop, 0, 40.0, 40.0))  # the canary: drawn
+        node.session.remote_annotation(
+            Annotation("r1", AnnotationKind.LENGTH, sop, 0, ((math.nan, 1.0), (math.inf, 3.0)),
+                       str(KEY_A), 1.0, "bad")
+        )  # fmt: skip
+        node.session.remote_viewport(
+            7, Viewport(SERIES_UID, 3, math.nan, math.inf, math.nan, 1e308, 0.0), presenting=True
+        )
+        viewer.view.focus()
+        await pilot.press("f")  # follow the presenter whose numbers are not numbers
+        await pilot.pause()
+        assert app.is_running
+        assert [m.kind for m in viewer.view.marks] == ["cursor"]  # Dr B's, the finite one
+        assert viewer.view.marks[0].colour == "#ffff00"  # "not a colour" is not a style
+        assert math.isfinite(viewer.view.zoom)
+        assert "invalid numbers" in screen_text(app)
+        styles = repr(getattr(viewer.query_one("#participants").render(), "spans", None))
+        assert "Color(255, 255, 0)" in styles  # the default colour stands in for both
+        assert "passwd" not in styles
+
+
+@pytest.mark.filterwarnings("ignore:Found unknown escape sequence")  # pydicom, on the ESC
+def test_cli_studies_errors_and_log_lines_carry_no_raw_escapes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "me"
+    assert _cli(home, capsys, "init", "--no-passphrase")[0] == 0
+    # A study fetched from a peer: its DICOM text is the peer's.
+    files = generate_ct(tmp_path / "ct", slices=1, rows=16, seed=1)
+    ds = pydicom.dcmread(files[0])
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8, so the bidi override survives
+    ds.StudyDescription = "HEAD\x1b]0;pwned\x07\u202e"
+    ds.SeriesDescription = "AX\x1b[2J"
+    ds.save_as(files[0])
+    assert _cli(home, capsys, "import", str(files[0]))[0] == 0
+    code, out = _cli(home, capsys, "studies", "--series")
+    assert code == 0
+    assert_clean(out)
+    assert "HEAD␛]0;pwned␇<U+202E>" in out
+    assert "AX␛[2J" in out
+
+    # Any error printed as `radmesh: ...` (they may quote what a peer sent).
+    def refused(self: ConsultDB, prefix: str) -> str:
+        raise LocalConsultError("the peer said: \x1b]0;pwned\x07\x1b[2J")
+
+    monkeypatch.setattr(ConsultDB, "resolve", refused)
+    code, out = _cli(home, capsys, "consult", "show", "abcd")
+    assert code == 1
+    assert_clean(out)
+    assert "radmesh: the peer said: ␛]0;pwned␇␛[2J" in out
+
+    # Log lines on the terminal.
+    formatter = PrintableFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "refused %s", ("\x1b[2J",), None)
+    assert formatter.format(record) == "WARNING refused ␛[2J"
+
+
+# --- end to end: a request stored by a real node ----------------------------------------------
+
+
+async def test_a_stored_request_with_markup_opens_in_the_consultants_tui(tmp_path: Path) -> None:
+    """The reported crash: the request is kept, so the TUI died at every start."""
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=1, rows=32)
+    try:
+        question = "Please read [/] urgently [@click=app.quit]x[/] [link=file:///etc/passwd]y"
+        outcome = await ask.request_consult(replace(form_to(neuro, study_uid), question=question))
+        neuro_id = neuro.identity.node_id
+        assert f"sent to {neuro.config.display_name} ({neuro_id.short()}, verified)" in outcome
+        await wait_for(lambda: bool(answer.consults()))
+        [item] = answer.consults()
+        rural_id = rural.identity.node_id
+        assert (item.peer, item.peer_trust) == (rural_id.short(), "verified")
+        app = RadmeshApp(answer)
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            text = screen_text(app)
+            assert "Please read [/] urgently [@click=app.quit]x[/]" in text
+            assert f"{rural.config.display_name} ({rural_id.short()}, verified)" in text
+            assert app.is_running
+    finally:
+        await rural.stop()
+        await neuro.stop()
