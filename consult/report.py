@@ -457,8 +457,9 @@ def report_items(
     ``image_of(sop_uid, frame)`` names the annotated image (series, SOP class, DICOM
     frame number or None for a single-frame instance) from the node's store, or None
     when the node does not hold it: such an annotation cannot be placed in an SR and is
-    left out. Oldest first; what does not fit in ``room`` items (whole annotations) is
-    left out.
+    left out, as is one whose shape cannot be reported (a participant's degenerate
+    annotation must not stop the report). Oldest first; what does not fit in ``room``
+    items (whole annotations) is left out.
     """
     measurements: list[Measurement] = []
     marks: list[Mark] = []
@@ -466,7 +467,10 @@ def report_items(
         image = image_of(annotation.sop_instance_uid, annotation.frame)
         if image is None:
             continue
-        items = _from_annotation(annotation, image)
+        try:
+            items = _from_annotation(annotation, image)
+        except LocalConsultError:
+            continue
         if len(measurements) + len(marks) + len(items) > room:
             break
         measurements.extend(i for i in items if isinstance(i, Measurement))

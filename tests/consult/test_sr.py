@@ -371,3 +371,15 @@ def test_a_report_with_a_malformed_outline_is_refused(shape: object) -> None:
     wire = SignedEnvelope.create(CONSULTANT, "consult-report", body).to_wire()
     with pytest.raises(BadReport, match="malformed"):
         verify_report(wire, consult_id="c0ffee")
+
+
+def test_a_degenerate_annotation_is_left_out_and_does_not_stop_the_report() -> None:
+    case = Case()
+    sop = case.pseudo[case.ds.SOPInstanceUID]
+    flat = Annotation(
+        "z1", AnnotationKind.ELLIPSE, sop, 0, ((20, 20), (0, 4)), "X", 0.5, "", {"mean": 1.0}
+    )
+    measurements, marks = report_items([flat, *case.annotations()], case.image_of)
+    assert "z1" not in {m.group for m in measurements}
+    assert len(marks) == 2  # the rest is all there
+    assert {m.group for m in measurements} == {"a1", "a2", "a3"}
