@@ -512,6 +512,8 @@ _FINDING = Code("121071", "DCM", "Finding")
 _IMPRESSION = Code("121073", "DCM", "Impression")
 _KEY_IMAGES_TITLE = Code("113000", "DCM", "Of Interest")  # CID 7010 (KOS titles)
 KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+UTF8 = "ISO_IR 192"
+_TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 
 
 def _scoord_points(outline: Outline) -> tuple[hd.sr.GraphicTypeValues, list[Point]]:
@@ -751,6 +753,10 @@ def _derived_uid(report: Report, what: str) -> str:
 
 
 def _part10(ds: Dataset) -> bytes:
+    # Names and report text in any language, never '?' in place of each accented letter;
+    # plain ASCII keeps the default character set that every PACS reads.
+    if not all(str(e.value).isascii() for e in ds.iterall() if e.VR in _TEXT_VRS):
+        ds.SpecificCharacterSet = UTF8
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()

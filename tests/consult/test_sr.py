@@ -383,3 +383,24 @@ def test_a_degenerate_annotation_is_left_out_and_does_not_stop_the_report() -> N
     assert "z1" not in {m.group for m in measurements}
     assert len(marks) == 2  # the rest is all there
     assert {m.group for m in measurements} == {"a1", "a2", "a3"}
+
+
+def test_text_and_names_in_any_language_survive_in_the_sr_and_kos() -> None:
+    case = Case()
+    report = dataclasses.replace(
+        case.report(text="Hématome sous-dural – 9 mm² “aigu”"), author_name="Müller^Jürgen"
+    )
+    patient = dataclasses.replace(PATIENT, patient_name="Noël^Zoë")
+    sr = pydicom.dcmread(io.BytesIO(export_sr(report, relink_uid=case.relink, patient=patient)))
+    assert sr.SpecificCharacterSet == "ISO_IR 192"
+    assert str(sr.PatientName) == "Noël^Zoë"
+    found = {i.TextValue for i in items(sr.ContentSequence) if "TextValue" in i}
+    assert "Hématome sous-dural – 9 mm² “aigu”" in found  # not '?' in place of each letter
+    assert sr.VerifyingObserverSequence[0].VerifyingObserverName == "Müller^Jürgen"
+    kos = export_key_images(report, relink_uid=case.relink, patient=patient)
+    assert kos is not None
+    assert str(pydicom.dcmread(io.BytesIO(kos)).PatientName) == "Noël^Zoë"
+    plain = pydicom.dcmread(
+        io.BytesIO(export_sr(case.report(), relink_uid=case.relink, patient=PATIENT))
+    )
+    assert "SpecificCharacterSet" not in plain  # ASCII keeps the default every PACS reads
