@@ -26,7 +26,7 @@ import hashlib
 import io
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -476,6 +476,32 @@ def report_items(
         measurements.extend(i for i in items if isinstance(i, Measurement))
         marks.extend(i for i in items if isinstance(i, Mark))
     return tuple(measurements), tuple(marks)
+
+
+def placeable(report: Report, known: Callable[[str], bool]) -> tuple[Report, int]:
+    """The report without the image references this node cannot re-link (``known(uid)``
+    is False for a series or instance UID it never issued), and how many were removed.
+
+    A measurement keeps its value and loses its image and outline; a mark or key image
+    goes. So one wrong reference from the consultant costs that reference, not the SR.
+    """
+
+    def ok(image: KeyImage | None) -> bool:
+        return image is None or (known(image.series_uid) and known(image.sop_instance_uid))
+
+    measurements = tuple(
+        m if ok(m.image) else replace(m, image=None, outline=None) for m in report.measurements
+    )
+    marks = tuple(m for m in report.marks if ok(m.image))
+    key_images = tuple(k for k in report.key_images if ok(k))
+    dropped = (
+        sum(1 for m in report.measurements if not ok(m.image))
+        + len(report.marks) - len(marks)
+        + len(report.key_images) - len(key_images)
+    )  # fmt: skip
+    if not dropped:
+        return report, 0
+    return replace(report, measurements=measurements, marks=marks, key_images=key_images), dropped
 
 
 # --- DICOM SR --------------------------------------------------------------------------------

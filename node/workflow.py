@@ -44,6 +44,7 @@ from consult.report import (
     Score,
     export_key_images,
     export_sr,
+    placeable,
     report_items,
 )
 from consult.requests import (
@@ -63,7 +64,7 @@ from crypto.org import verify_certificate
 from node import sharing
 from node.audit import AuditKind
 from node.config import NodeHome
-from node.deid import PseudonymMap
+from node.deid import PseudonymMap, PseudonymMapError
 from node.dicom_net import send_to_pacs
 from node.errors import NodeError
 from node.runtime import NodeRuntime, RuntimeError_
@@ -435,6 +436,25 @@ def _key_images_document(
     return [kos]
 
 
+def _placeable(rt: NodeRuntime, report: Report, relink: Callable[[str], str]) -> Report:
+    """The report without image references the pseudonym map cannot re-link (said so)."""
+
+    def known(uid: str) -> bool:
+        try:
+            relink(uid)
+        except PseudonymMapError:
+            return False
+        return True
+
+    kept, dropped = placeable(report, known)
+    if dropped:
+        rt.notify(
+            f"The report of consult {report.consult_id[:8]} names {dropped} image(s) that are "
+            "not in the study shared: the SR leaves those references out"
+        )
+    return kept
+
+
 async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) -> None:
     consult_id = rt.consults.resolve(_signed_consult_id(wire))
     case = rt.consults.get(consult_id)
@@ -451,6 +471,7 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
     )
     original_study = relink(report.study_uid)
     patient = _patient_of(rt, original_study)
+    report = _placeable(rt, report, relink)
     sr = export_sr(report, relink_uid=relink, patient=patient, institution=rt.config.institution)
     stored = rt.store.add_bytes(sr, source=f"report:{sender}")
     documents = [sr, *_key_images_document(rt, report, relink, patient, sender)]

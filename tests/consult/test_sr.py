@@ -26,6 +26,7 @@ from consult.report import (
     Unit,
     export_key_images,
     export_sr,
+    placeable,
     report_items,
     verify_report,
 )
@@ -404,3 +405,25 @@ def test_text_and_names_in_any_language_survive_in_the_sr_and_kos() -> None:
         io.BytesIO(export_sr(case.report(), relink_uid=case.relink, patient=PATIENT))
     )
     assert "SpecificCharacterSet" not in plain  # ASCII keeps the default every PACS reads
+
+
+def test_references_the_hospital_cannot_relink_are_left_out_of_the_sr_not_the_sr() -> None:
+    case = Case()
+    report = case.report()
+    stranger = KeyImage("2.25.8", case.ds.SOPClassUID, "2.25.9")
+    bad = dataclasses.replace(
+        report,
+        measurements=(*report.measurements, Measurement("length", 3.0, Unit.MM, "x", stranger)),
+        marks=(*report.marks, dataclasses.replace(report.marks[0], image=stranger)),
+        key_images=(*report.key_images, stranger),
+    )
+    with pytest.raises(KeyError):  # the strict re-link: one stranger and no SR at all
+        export_sr(bad, relink_uid=case.relink, patient=PATIENT)
+    kept, dropped = placeable(bad, lambda uid: uid in case.pseudo.values())
+    assert dropped == 3
+    assert kept.marks == report.marks
+    assert kept.key_images == report.key_images
+    assert kept.measurements[-1] == Measurement("length", 3.0, Unit.MM, "x")  # value kept
+    _, tree = read_back(export_sr(kept, relink_uid=case.relink, patient=PATIENT))
+    assert len(tree.get_planar_roi_measurement_groups()) == 3
+    assert placeable(report, lambda uid: True) == (report, 0)

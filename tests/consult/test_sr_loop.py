@@ -5,6 +5,7 @@ real patient, with the key images beside it as a KOS."""
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 
 import highdicom as hd
@@ -97,10 +98,12 @@ async def test_session_annotations_reach_the_hospital_sr_on_the_original_images(
         await b.stop()
 
 
-async def test_key_images_are_filed_beside_the_sr(
+async def test_key_images_are_filed_beside_the_sr_and_a_stranger_reference_is_left_out(
     tmp_path: Path,
     registry: str,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="node.runtime")
     rural_home, rural = make_home(tmp_path, "rural", registry, [])
     neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
     a = NodeRuntime(rural_home, rural, transport_options=FAST)
@@ -129,7 +132,10 @@ async def test_key_images_are_filed_beside_the_sr(
         await workflow.fetch_study(b, request.id)
         (seen,) = b.store.instances(share.shared_study_uid)
         key = KeyImage(seen.series_uid, seen.sop_class_uid, seen.sop_instance_uid)
-        await workflow.send_report(b, request.id, text="", impression="Normal.", key_images=(key,))
+        stranger = KeyImage("2.25.8", seen.sop_class_uid, "2.25.9")  # not in the share
+        await workflow.send_report(
+            b, request.id, text="", impression="Normal.", key_images=(key, stranger)
+        )
         await wait_for(lambda: request.id in a.reports)
         await wait_for(lambda: len(a.store.instances(study_uid)) == 3)  # image, SR, KOS
         by_class = {row.sop_class_uid: row for row in a.store.instances(study_uid)}
@@ -138,6 +144,7 @@ async def test_key_images_are_filed_beside_the_sr(
         )
         (image,) = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
         assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == original.sop_instance_uid
+        assert any("not in the study shared" in r.getMessage() for r in caplog.records)
     finally:
         await a.stop()
         await b.stop()
