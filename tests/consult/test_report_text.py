@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from consult import report_text
+from consult.errors import BadReport
 from consult.report import KeyImage, Mark, Measurement, Outline, Report, Unit
-from consult.requests import Event
+from consult.requests import Event, State
 from consult.shared import AnnotationKind
 from consult.store import DB_NAME, ConsultDB
 from crypto.identity import Identity
@@ -27,11 +28,13 @@ def image(number: int | None, frame: int | None = None) -> KeyImage:
     return KeyImage("2.25.1", "1.2.840.10008.5.1.4.1.1.2", "2.25.99887766554433", frame, number)
 
 
-def make_report(author: Identity, consult_id: str = "c0ffee", text: str = "") -> Report:
+def make_report(
+    author: Identity, consult_id: str = "c0ffee", text: str = "", study: str = "2.25.5"
+) -> Report:
     ellipse = Outline(AnnotationKind.ELLIPSE, ((30, 30), (5, 4)))
     return Report(
         consult_id=consult_id,
-        study_uid="2.25.5",
+        study_uid=study,
         author=author.node_id,
         author_name="Martin^Claire",
         text=text,
@@ -82,9 +85,7 @@ def test_peer_text_is_cleaned_of_terminal_controls_and_escaped_in_html() -> None
     assert "default-src 'none'" in page  # nothing loads from elsewhere
 
 
-def _reported_case(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
-) -> tuple[Path, str]:
+def _accepted_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, str]:
     hospital, specialist = tmp_path / "hospital", tmp_path / "specialist"
     init(hospital, capsys, "--jurisdictions", "FR")
     specialist_id = init(specialist, capsys, "--subspecialties", "neuro")
@@ -98,11 +99,24 @@ def _reported_case(
     assert run(specialist, capsys, "import", str(request_file))[0] == 0
     assert run(specialist, capsys, "accept", consult_id, "--out", str(response_file))[0] == 0
     assert run(hospital, capsys, "import", str(response_file))[0] == 0
-    author = load_identity(NodeHome(specialist).key_path, None)
-    wire = make_report(author, consult_id, text).sign(author)
     with ConsultDB.in_data_dir(NodeHome(hospital).data_dir) as db:
         db.apply(consult_id, Event.BEGIN_REVIEW, AT)
+    return hospital, consult_id
+
+
+def _file(hospital: Path, consult_id: str, text: str, *, study: str | None = None) -> None:
+    author = load_identity(NodeHome(hospital.parent / "specialist").key_path, None)
+    with ConsultDB.in_data_dir(NodeHome(hospital).data_dir) as db:
+        shared = db.get(consult_id).request.study_uid
+        wire = make_report(author, consult_id, text, study or shared).sign(author)
         db.file_report(consult_id, wire, AT)
+
+
+def _reported_case(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> tuple[Path, str]:
+    hospital, consult_id = _accepted_case(tmp_path, capsys)
+    _file(hospital, consult_id, text)
     return hospital, consult_id
 
 
@@ -167,3 +181,15 @@ def test_consult_report_without_a_report_says_where_to_look(
     code, _, err = run(hospital, capsys, "report", out.split()[1][:8], "--out", "x.txt")
     assert code == 1
     assert "no report on this node yet" in err
+
+
+def test_a_report_naming_another_study_than_the_one_shared_is_not_filed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital, consult_id = _accepted_case(tmp_path, capsys)
+    with pytest.raises(BadReport, match="another study"):
+        _file(hospital, consult_id, "Normal.", study="2.25.424242")
+    with ConsultDB.in_data_dir(NodeHome(hospital).data_dir) as db:
+        assert db.report_wire(consult_id) is None
+        assert db.get(consult_id).state is State.IN_REVIEW
+    _file(hospital, consult_id, "Normal.")  # the right one still files
