@@ -564,6 +564,25 @@ def _report_sections(db: ConsultDB, consult_id: str) -> list[report_text.Section
     return report_text.report_sections(report, report_text.Signature(True, ""))
 
 
+def _audit_report_export(home: NodeHome, consult_id: str, report: Report, out: Path) -> None:
+    """Every export is audited: which report (its author and signing time), in what form.
+    The file name stays out of the log: a person may have named it after the patient."""
+    identity = load_identity(home.key_path)
+    with open_audit(home, identity) as audit:
+        audit.append(
+            AuditKind.EXPORT,
+            now=time.time(),
+            peer=str(report.author),
+            details={
+                "consult": consult_id,
+                "to": "file",
+                "format": "html" if out.suffix.lower() in (".html", ".htm") else "text",
+                "signed_at": str(report.finalised_at),
+            },
+        )
+        audit.checkpoint(time.time())
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     home = home_of(args)
     with _open_db(home) as db:
@@ -586,6 +605,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         data = report_text.as_text(sections)
     out.write_text(data, encoding="utf-8")
+    _audit_report_export(home, consult_id, report, out)
     print(f"Report of consult {consult_id[:8]} written to {out}")
     return 0
 

@@ -16,6 +16,7 @@ from consult.requests import Event, State
 from consult.shared import AnnotationKind
 from consult.store import DB_NAME, ConsultDB
 from crypto.identity import Identity
+from node.audit import open_audit
 from node.config import NodeHome
 from node.keystore import load_identity
 from tests.consult.test_cli_consult import init, run
@@ -143,6 +144,14 @@ def test_consult_report_writes_text_and_escaped_html(
     plain = txt.read_text(encoding="utf-8")
     assert "collection: ellipse ROI: area 63 mm²" in plain
     assert "\x1b" not in plain
+    home = NodeHome(hospital)
+    with open_audit(home, load_identity(home.key_path, None)) as audit:
+        exports = audit.records(kind="export")
+    assert [(r.details["consult"], r.details["format"]) for r in exports] == [
+        (consult_id, "text"),
+        (consult_id, "html"),
+    ]
+    assert not any(str(tmp_path) in str(r.details) for r in exports)
     html = page.read_text(encoding="utf-8")
     assert html.startswith("<!DOCTYPE html>")
     assert "&lt;script&gt;" in html
