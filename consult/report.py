@@ -37,7 +37,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
 
-from consult.errors import BadReport, LocalConsultError
+from consult.errors import BadReport, LocalConsultError, MalformedMessage
+from consult.requests import check_consult_id, check_uid
 from consult.shared import Annotation, AnnotationKind, point_count
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
@@ -103,7 +104,13 @@ class KeyImage:
             raise TypeError("frame")
         if number is not None and not isinstance(number, int):
             raise TypeError("instance number")
-        return cls(_s(raw["series"]), _s(raw["class"]), _s(raw["sop"]), frame, number)
+        return cls(
+            check_uid(raw["series"], "key image series UID"),
+            check_uid(raw["class"], "key image SOP class UID"),
+            check_uid(raw["sop"], "key image instance UID"),
+            frame,
+            number,
+        )
 
 
 Point = tuple[float, float]
@@ -284,8 +291,8 @@ class Report:
             if not isinstance(author, bytes) or not isinstance(at, int):
                 raise TypeError("author/at")
             return cls(
-                _s(raw["consult"], 64),
-                _s(raw["study"], 64),
+                check_consult_id(raw["consult"], "consult report"),
+                check_uid(raw["study"], "consult report study UID"),
                 NodeId(author),
                 _s(raw["name"], 200),
                 _s(raw["text"], MAX_TEXT_CHARS),
@@ -296,7 +303,14 @@ class Report:
                 tuple(Mark.from_body(m) for m in _bounded_list(raw.get("marks", []))),
                 _s(raw.get("org", ""), 200),
             )
-        except (KeyError, TypeError, ValueError, LocalConsultError, CryptoError) as exc:
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            LocalConsultError,
+            CryptoError,
+            MalformedMessage,
+        ) as exc:
             raise BadReport(f"consult report is malformed: {exc}") from exc
 
     def sign(self, consultant: Identity) -> bytes:
@@ -378,7 +392,7 @@ def verify_review(data: bytes, *, report_wire: bytes) -> PeerReview:
     signer, raw = _open(data, REVIEW_TYPE)
     try:
         review = PeerReview(
-            _s(raw["consult"], 64),
+            check_consult_id(raw["consult"], "peer review"),
             raw["report"],
             NodeId(raw["reviewer"]),
             Score(raw["score"]),
@@ -387,7 +401,7 @@ def verify_review(data: bytes, *, report_wire: bytes) -> PeerReview:
         )
         if not isinstance(review.report_sha256, bytes) or not isinstance(review.at, int):
             raise TypeError("report digest/at")
-    except (KeyError, TypeError, ValueError, CryptoError) as exc:
+    except (KeyError, TypeError, ValueError, CryptoError, MalformedMessage) as exc:
         raise BadReport(f"peer review is malformed: {exc}") from exc
     if signer != review.reviewer:
         raise BadReport("peer review is signed by a node other than its named reviewer")

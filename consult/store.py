@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from consult.errors import BadReport, LocalConsultError, UnknownConsult
+from consult.errors import BadReport, LocalConsultError, MalformedMessage, UnknownConsult
 from consult.report import PeerReview, Report, verify_report, verify_review
 from consult.requests import (
     TRANSITIONS,
@@ -428,7 +428,14 @@ class ConsultDB:
         """Cases, most urgent first (STAT before urgent before routine), then oldest first."""
         rows = self._db.execute("SELECT id, body, state FROM requests").fetchall()
         wanted = None if states is None else {s.value for s in states}
-        cases = [self._load(r) for r in rows if wanted is None or r[2] in wanted]
+        cases = []
+        for row in rows:
+            if wanted is not None and row[2] not in wanted:
+                continue
+            try:
+                cases.append(self._load(row))
+            except MalformedMessage:  # recorded before ids were checked (a path, say): never used
+                continue
         cases.sort(key=lambda c: (_PRIORITY_ORDER[c.request.priority], c.request.created_at))
         return cases
 

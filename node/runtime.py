@@ -47,7 +47,7 @@ from node.errors import NodeError
 from node.private import private_dir, restrict_umask
 from node.replay_store import PersistentReplayGuard
 from node.sequence import RecordSequence
-from node.store import Store, open_store
+from node.store import InstanceConflict, Store, open_store
 from node.supervise import Supervisor
 from node.transfers import TransferTracker
 from node.wirecache import KEY_PURPOSE as WIRECACHE_KEY
@@ -331,7 +331,10 @@ class NodeRuntime:
             await self.discovery.browse()
         if self.config.dicom.enabled:
             self.dicom = DicomListener(
-                self.config.dicom, on_stream=self._dicom_stream, spool_dir=data / "incoming"
+                self.config.dicom,
+                on_stream=self._dicom_stream,
+                spool_dir=data / "incoming",
+                bad_data_errors=(InstanceConflict,),  # the stored one stays: a retry cannot help
             )
             self.dicom.start()
         self.spawn(self._audit_checkpoints())

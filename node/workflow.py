@@ -54,6 +54,7 @@ from consult.requests import (
     Event,
     Priority,
     State,
+    check_consult_id,
     rank_consultants,
 )
 from consult.shared import Annotation
@@ -67,6 +68,7 @@ from node.config import NodeHome
 from node.deid import PseudonymMap, PseudonymMapError
 from node.dicom_net import send_to_pacs
 from node.errors import NodeError
+from node.ids import local_name
 from node.runtime import NodeRuntime, RuntimeError_
 from node.transfers import Direction
 from peer_transport import transfer as tr
@@ -75,6 +77,7 @@ from peer_transport.errors import RemoteError, TransportError
 from peer_transport.transfer import Progress, TransferCancelled
 from peer_transport.transfer_runner import (
     ProgressCallback,
+    StudyReceiver,
     StudySender,
     receive_study,
     send_study,
@@ -146,7 +149,7 @@ class Share:
 
 def pseudonym_map_path(home: NodeHome, consult_id: str) -> Path:
     """Where a consult's pseudonym map lives in a home (also for a request made offline)."""
-    return home.data_dir / "pseudonyms" / f"{consult_id}.map"
+    return home.data_dir / "pseudonyms" / f"{local_name(consult_id)}.map"
 
 
 def _map_path(rt: NodeRuntime, consult_id: str) -> Path:
@@ -403,7 +406,7 @@ def _signed_consult_id(wire: bytes, what: str = "report") -> str:
     consult_id = body.get("consult") if isinstance(body, dict) else None
     if not isinstance(consult_id, str):
         raise LocalConsultError(f"{what} does not name its consult")
-    return consult_id
+    return check_consult_id(consult_id, what)  # a whole id: never resolved as a prefix
 
 
 def _patient_of(rt: NodeRuntime, study_uid: str) -> PatientStudy:
@@ -744,7 +747,10 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
         if not rt.trust.is_trusted(conn.peer, rt.now()):  # checked per request, not per link
             raise RequestRefused("not-trusted", "this node no longer trusts your node")
-        consult_id = rt.consults.resolve(body.decode(errors="replace"))
+        try:  # the peer names a whole consult id, never a prefix of one
+            consult_id = rt.consults.resolve(check_consult_id(body.decode(errors="replace")))
+        except ConsultError as exc:
+            raise RequestRefused("not-shared", "this study was not shared with your node") from exc
         role, peer, _ = rt.consults.info(consult_id)
         if role != "requester" or not peer or NodeId.parse(peer) != conn.peer_id:
             raise RequestRefused("not-shared", "this study was not shared with your node")
@@ -842,7 +848,8 @@ async def _serve(rt: NodeRuntime, conn: PeerConnection, consult_id: str, share: 
 
 
 def _spool_of(rt: NodeRuntime, consult_id: str) -> Path:
-    return rt.home.data_dir / "transfers" / consult_id
+    # Named by a hash: a consult id came from a peer, and a peer's string is never a path.
+    return rt.home.data_dir / "transfers" / f"consult-{local_name(consult_id)}"
 
 
 def _still_ours(rt: NodeRuntime, consult_id: str) -> bool:
@@ -927,6 +934,7 @@ async def _pull(rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback)
                 # the study as this consult shares it: another consult's transfer with the
                 # same node may run on this connection meanwhile
                 expect_study=rt.consults.get(consult_id).request.study_uid,
+                spool_key=_spool_key(rt),
             )
         )
         try:
@@ -939,30 +947,37 @@ async def _pull(rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback)
             progress = receiving.result()
         finally:
             receiving.cancel()
+        _report_conflicts(rt, consult_id, tracked.receiver)
     if rt.consults.get(consult_id).state is State.TRANSFERRING:
         rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(rt.identity.node_id))
     return progress
 
 
+def _report_conflicts(rt: NodeRuntime, consult_id: str, receiver: StudyReceiver | None) -> None:
+    if receiver is not None and receiver.conflicts:
+        rt.notify(
+            f"{len(receiver.conflicts)} image(s) of consult {consult_id[:8]} were not stored: "
+            "this node already holds instances with the same UIDs and other bytes (kept its "
+            "own). Ask the requesting node to check the study."
+        )
+
+
 def unfinished_fetches(rt: NodeRuntime) -> list[str]:
     """Consults whose study this node was fetching when it stopped (spool kept in
-    ``data/transfers/<consult>``). A consult's spool that has nothing left to resume,
-    or whose consult is no longer in this node's hands (withdrawn, reported), is removed;
-    other spools there (``radmesh fetch``) are left alone."""
-    root = rt.home.data_dir / "transfers"
+    ``data/transfers/consult-<hash of its id>``). A consult's spool that has nothing left to
+    resume, or whose consult is no longer in this node's hands (withdrawn, reported), is
+    removed; other spools there (``radmesh fetch``) are left alone."""
     found = []
-    for spool in sorted(root.iterdir()) if root.is_dir() else ():
-        try:
-            role, _, _ = rt.consults.info(spool.name)
-        except ConsultError:
-            continue  # not a consult's spool
-        if role != "consultant" or spool.name in _desk(rt).fetching:
+    for case in rt.consults.cases():
+        consult_id, spool = case.request.id, _spool_of(rt, case.request.id)
+        role, _, _ = rt.consults.info(consult_id)
+        if role != "consultant" or consult_id in _desk(rt).fetching or not spool.is_dir():
             continue
-        if _still_ours(rt, spool.name) and _unfinished(rt, spool.name, spool):
-            found.append(spool.name)
+        if _still_ours(rt, consult_id) and _unfinished(rt, consult_id, spool):
+            found.append(consult_id)
         else:
             shutil.rmtree(spool, ignore_errors=True)
-    return found
+    return sorted(found)
 
 
 def _unfinished(rt: NodeRuntime, consult_id: str, spool: Path) -> bool:
@@ -971,7 +986,14 @@ def _unfinished(rt: NodeRuntime, consult_id: str, spool: Path) -> bool:
     if rt.consults.get(consult_id).state is State.TRANSFERRING:
         return True
     _, _, wire = rt.consults.info(consult_id)
-    return wire is not None and tr.resume_request(tr.Spool(spool), _signer(wire)) is not None
+    return (
+        wire is not None
+        and tr.resume_request(tr.Spool(spool, _spool_key(rt)), _signer(wire)) is not None
+    )
+
+
+def _spool_key(rt: NodeRuntime) -> bytes:
+    return rt.identity.derive_key(tr.SPOOL_KEY_PURPOSE)
 
 
 async def _resume(rt: NodeRuntime, consult_id: str) -> None:

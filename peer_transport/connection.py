@@ -658,6 +658,13 @@ class ChannelLink:
         """The transfer is over: its messages are no longer routed here."""
         self._mux.remove(self)
 
+    def drop(self, error: RemoteProtocolError) -> None:
+        """The peer misbehaved in this transfer (a decompression bomb, an instance that is
+        not the one its manifest names): disconnect it, as for a malformed frame."""
+        session = self.conn._session
+        if session is not None:
+            self.conn._session_failed(session, error)
+
 
 class _TransferMux:
     """The study transfers of one connection, told apart by transfer id.

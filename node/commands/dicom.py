@@ -14,7 +14,7 @@ from node.dicom_files import InvalidDicom
 from node.dicom_net import DicomListener, DicomNetError, echo, send_to_pacs
 from node.display import printable
 from node.keystore import load_identity
-from node.store import open_store
+from node.store import InstanceConflict, open_store
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -50,7 +50,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         config,
         on_stream=on_stream,
         spool_dir=home.data_dir / "incoming",
-        bad_data_errors=(InvalidDicom,),
+        bad_data_errors=(InvalidDicom, InstanceConflict),
     )
     listener.start()
     print(

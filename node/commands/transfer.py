@@ -23,6 +23,7 @@ from node import control, sharing
 from node.commands.identity import home_of
 from node.display import printable
 from node.errors import NodeError
+from node.ids import local_name
 from node.keystore import load_identity
 from node.runtime import NodeRuntime
 from peer_transport import transfer as tr
@@ -114,7 +115,7 @@ async def fetch_from_peer(
         who = NodeId.from_public_key(conn.peer)
         if peer is None or who == NodeId.parse(peer):
             break
-    spool = runtime.home.data_dir / "transfers" / str(who).replace("-", "")[:16]
+    spool = runtime.home.data_dir / "transfers" / f"fetch-{local_name(conn.peer.hex())}"
     return await receive_study(
         ChannelLink(conn),
         runtime.store,
@@ -123,6 +124,7 @@ async def fetch_from_peer(
         audit=runtime.audit,
         on_progress=lambda p: print(progress_line(p), end="\r", file=out, flush=True),
         sender_key=conn.peer,  # a fetch run again asks for its unfinished transfer at once
+        spool_key=runtime.identity.derive_key(tr.SPOOL_KEY_PURPOSE),
     )
 
 
