@@ -22,6 +22,7 @@ from node.keystore import load_identity
 from tests.consult.test_cli_consult import init, run
 
 AT = 1_800_000_000
+CONSULT = "c0ffee00" * 4
 HOSTILE = "Dr \x1b]52;c;cm0gLXJmIH4=\x07Evil\x1b[2J\u202eesrever <script>alert(1)</script>"
 
 
@@ -30,7 +31,7 @@ def image(number: int | None, frame: int | None = None) -> KeyImage:
 
 
 def make_report(
-    author: Identity, consult_id: str = "c0ffee", text: str = "", study: str = "2.25.5"
+    author: Identity, consult_id: str = CONSULT, text: str = "", study: str = "2.25.5"
 ) -> Report:
     ellipse = Outline(AnnotationKind.ELLIPSE, ((30, 30), (5, 4)))
     return Report(

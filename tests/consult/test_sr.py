@@ -37,6 +37,7 @@ from crypto.identity import Identity
 
 CONSULTANT = Identity(bytes([9]) * 32)
 AT = 1_800_000_000
+CONSULT = "c0ffee00" * 4
 PSEUDO = "2.25.4242."
 PATIENT = PatientStudy(
     patient_name="Dupont^Marie",
@@ -109,7 +110,7 @@ class Case:
         key = self.image_of(self.pseudo[self.ds.SOPInstanceUID], 0)
         assert key is not None
         return Report(
-            consult_id="c0ffee",
+            consult_id=CONSULT,
             study_uid=self.pseudo[self.ds.StudyInstanceUID],
             author=CONSULTANT.node_id,
             author_name="Martin^Claire^^Dr",
@@ -261,7 +262,7 @@ def _kos(report: Report, case: Case) -> bytes:
 
 def test_reports_signed_in_the_old_wire_format_still_decode() -> None:
     old_body = {
-        "consult": "c0ffee",
+        "consult": CONSULT,
         "study": "2.25.1",
         "author": CONSULTANT.node_id.digest,
         "name": "Dr Old",
@@ -272,7 +273,7 @@ def test_reports_signed_in_the_old_wire_format_still_decode() -> None:
         "at": AT,
     }
     wire = SignedEnvelope.create(CONSULTANT, "consult-report", old_body).to_wire()
-    report = verify_report(wire, consult_id="c0ffee")
+    report = verify_report(wire, consult_id=CONSULT)
     assert report.measurements == (Measurement("length", 9.0, Unit.MM, "x"),)
     assert (report.marks, report.author_institution) == ((), "")
     # ...and a report without the new parts signs exactly the old keys (old nodes read it).
@@ -371,7 +372,7 @@ def test_a_report_with_a_malformed_outline_is_refused(shape: object) -> None:
     body["measurements"][0]["shape"] = shape
     wire = SignedEnvelope.create(CONSULTANT, "consult-report", body).to_wire()
     with pytest.raises(BadReport, match="malformed"):
-        verify_report(wire, consult_id="c0ffee")
+        verify_report(wire, consult_id=CONSULT)
 
 
 def test_a_degenerate_annotation_is_left_out_and_does_not_stop_the_report() -> None:
@@ -427,3 +428,12 @@ def test_references_the_hospital_cannot_relink_are_left_out_of_the_sr_not_the_sr
     _, tree = read_back(export_sr(kept, relink_uid=case.relink, patient=PATIENT))
     assert len(tree.get_planar_roi_measurement_groups()) == 3
     assert placeable(report, lambda uid: True) == (report, 0)
+
+
+@pytest.mark.parametrize("field", ["series", "class", "sop"])
+def test_a_key_image_whose_uid_is_not_a_uid_is_refused(field: str) -> None:
+    body = Case().report().to_body()
+    body["key_images"][0][field] = "../../etc/passwd"
+    wire = SignedEnvelope.create(CONSULTANT, "consult-report", body).to_wire()
+    with pytest.raises(BadReport, match="not a DICOM UID"):
+        verify_report(wire, consult_id=CONSULT)
