@@ -221,6 +221,11 @@ class Reassembler:
         self._buffered -= partial.size
         return b"".join(partial.chunks)
 
+    def forget(self, consult_id: str) -> None:
+        """Drop the messages in progress for one consult (its sender was expelled from it)."""
+        for key in [k for k in self._partials if k[0] == consult_id]:
+            self._buffered -= self._partials.pop(key).size
+
     def reset(self) -> None:
         """The connection was re-established: fragments in progress are gone for good."""
         self._partials.clear()
@@ -892,6 +897,8 @@ class LiveHub:
             return
         try:
             piece = LiveFragment.from_wire(data)
+            if self._withdrawn(piece.consult_id, conn.peer):
+                return
             message = self._reassemblers[conn.peer].feed(piece)
             if message is None:
                 return
@@ -909,11 +916,66 @@ class LiveHub:
             return
         try:
             envelope = PresenceEnvelope.from_wire(data)
+            if self._withdrawn(envelope.consult_id, conn.peer):
+                return
             live = self.sessions.get(envelope.consult_id)
             if live is not None:
                 live.receive_presence(conn.peer, envelope.message)
         except RemoteConsultError as exc:
             self._misbehaved(conn, exc)
+
+    def expel(self, consult_id: str, peer: bytes) -> bool:
+        """``peer`` is no longer admitted to the session on ``consult_id`` (a guest refused
+        after its approval, the consult withdrawn): out of that session now. Its connection
+        stays, for the other consults it may share with this node. True if it was in."""
+        live = self.sessions.get(consult_id)
+        if live is None:
+            return False
+        was_in = live.is_bound(peer) or peer in live.expected
+        live.expected.discard(peer)
+        live.unbind(peer)
+        roster = self._rosters.get(consult_id)
+        if roster is not None:
+            roster.discard(peer)
+        reassembler = self._reassemblers.get(peer)
+        if reassembler is not None:
+            reassembler.forget(consult_id)
+        return was_in
+
+    def recheck(self, consult_id: str) -> list[bytes]:
+        """Ask the admission check again for everyone in the session on ``consult_id`` (the
+        consult was withdrawn, a guest refused) and expel those it no longer lets in."""
+        live = self.sessions.get(consult_id)
+        if live is None:
+            return []
+        gone = [
+            peer
+            for peer in {*live.peers, *live.expected}
+            if self.may_join(consult_id, peer) is False
+        ]
+        for peer in gone:
+            self.expel(consult_id, peer)
+        return gone
+
+    def _withdrawn(self, consult_id: str, peer: bytes) -> bool:
+        """True if the admission check no longer lets ``peer`` into this node's session on
+        ``consult_id``: its message is dropped, and if it was still in the session it is
+        expelled and the refusal reported (once). Asked for every live and presence
+        message: admission is not only checked when a peer is bound."""
+        live = self.sessions.get(consult_id)
+        if live is None or self.may_join(consult_id, peer) is not False:
+            return False
+        if live.is_bound(peer) or peer in live.expected:  # reported once, when it goes
+            log.warning(
+                "live message from %s refused: no longer admitted to that session",
+                NodeId.from_public_key(peer).short(),
+            )
+            self.expel(consult_id, peer)
+            try:
+                self.on_refused(consult_id, peer, "message")
+            except Exception:
+                log.exception("recording a refused live message failed")
+        return True
 
     def _misbehaved(self, conn: PeerConnection, exc: Exception) -> None:
         log.warning("closing the connection to %s: %s", conn.peer_id.short(), exc)

@@ -255,6 +255,9 @@ class Report:
     measurements: tuple[Measurement, ...]
     key_images: tuple[KeyImage, ...]
     finalised_at: int
+    # A finding that needs action now (an acute subdural needing surgery): delivered first,
+    # alerts the hospital, and must be acknowledged by a named person.
+    critical: bool = False
     marks: tuple[Mark, ...] = ()
     author_institution: str = ""  # the signer's organisation, for the SR's verifier
 
@@ -281,6 +284,7 @@ class Report:
             "at": self.finalised_at,
             **({"marks": [m.to_body() for m in self.marks]} if self.marks else {}),
             **({"org": self.author_institution} if self.author_institution else {}),
+            **({"critical": True} if self.critical else {}),  # old reports' bytes unchanged
         }
 
     @classmethod
@@ -290,6 +294,9 @@ class Report:
             at = raw["at"]
             if not isinstance(author, bytes) or not isinstance(at, int):
                 raise TypeError("author/at")
+            critical = raw.get("critical", False)  # absent from reports made before it
+            if not isinstance(critical, bool):
+                raise TypeError("critical")
             return cls(
                 check_consult_id(raw["consult"], "consult report"),
                 check_uid(raw["study"], "consult report study UID"),
@@ -300,8 +307,9 @@ class Report:
                 tuple(Measurement.from_body(m) for m in raw["measurements"]),
                 tuple(KeyImage.from_body(k) for k in raw["key_images"]),
                 at,
-                tuple(Mark.from_body(m) for m in _bounded_list(raw.get("marks", []))),
-                _s(raw.get("org", ""), 200),
+                marks=tuple(Mark.from_body(m) for m in _bounded_list(raw.get("marks", []))),
+                author_institution=_s(raw.get("org", ""), 200),
+                critical=critical,
             )
         except (
             KeyError,

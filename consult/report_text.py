@@ -49,6 +49,8 @@ class Section:
     lines: tuple[str, ...]
 
 
+CRITICAL_LINE = "Critical:   YES, a finding that needs action now"
+
 _UNIT_TEXT = {Unit.MM: "mm", Unit.DEGREE: "°", Unit.MM2: "mm²", Unit.HU: "HU", Unit.NONE: ""}
 _NAMES = {"sd": "SD", "min": "min", "max": "max", "mean": "mean", "area": "area"}
 
@@ -114,6 +116,7 @@ def report_sections(report: Report, signature: Signature) -> list[Section]:
                 f"Author:     {by}",
                 f"Signature:  {signature.describe()}",
                 f"Signed at:  {_stamp(report.finalised_at)}",
+                *((CRITICAL_LINE,) if report.critical else ()),
             ),
         ),
         Section("Findings", tuple(clean(report.text).splitlines()) or ("(none written)",)),
@@ -168,7 +171,11 @@ def as_html(sections: Iterable[Section], *, title: str = "Consult report") -> st
         text = title if section.heading == "Report" else section.heading
         body.append(f"<{heading}>{html.escape(text)}</{heading}>")
         for line in section.lines:
-            warn = ' class="warn"' if line.startswith("Signature:  NOT VERIFIED") else ""
+            warn = (
+                ' class="warn"'
+                if line.startswith("Signature:  NOT VERIFIED") or line == CRITICAL_LINE
+                else ""
+            )
             body.append(f"<p{warn}>{html.escape(line)}</p>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

@@ -689,6 +689,8 @@ class NodeRuntime:
                 return
         intake: Intake = take_in(self.consults, wire, self.now(), sender=sender)
         self.notify(intake.summary)
+        if self._live_hub is not None:  # withdrawn: nobody stays in its live session
+            self._live_hub.recheck(intake.consult_id)
         for peer in intake.withdraw:
             self.spawn(self._withdraw(intake.consult_id, peer))
 

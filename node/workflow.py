@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from consult.admission import GuestConsent
+from consult.alerts import Acknowledgement
 from consult.errors import ConsultError, LocalConsultError
 from consult.report import (
     KeyImage,
@@ -62,7 +63,8 @@ from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
 from crypto.org import verify_certificate
-from node import sharing
+from node import alerts as critical_alerts
+from node import guests, sharing
 from node.audit import AuditKind
 from node.config import NodeHome
 from node.deid import PseudonymMap, PseudonymMapError
@@ -94,6 +96,7 @@ REPORT_KIND = "consult.report"
 # is in the consultant's hands.
 SERVABLE = frozenset({State.ACCEPTED, State.TRANSFERRING, State.IN_REVIEW})
 REVIEW_KIND = "consult.review"
+ACK_KIND = "consult.ack"
 FETCH_KIND = "consult.fetch"
 LIVE_CONSENT_KIND = "live.consent"
 # A fetch resumed at start that fails is tried again after each of these delays
@@ -460,6 +463,9 @@ def _placeable(rt: NodeRuntime, report: Report, relink: Callable[[str], str]) ->
 
 async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) -> None:
     consult_id = rt.consults.resolve(_signed_consult_id(wire))
+    if rt.consults.report_wire(consult_id) is not None:
+        await _on_report_again(sender, consult_id, wire, rt)
+        return
     case = rt.consults.get(consult_id)
     # The requester's copy moves to review once the consultant had the study.
     if case.state is State.ACCEPTED:
@@ -467,6 +473,9 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
     elif case.state is State.TRANSFERRING:
         rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(sender))
     report = rt.consults.file_report(consult_id, wire, rt.now())
+    alerts = critical_alerts.alerts_of(rt)
+    if report.critical and alerts is not None:  # first, before the SR export and PACS push
+        alerts.raise_alert(consult_id)
     map_path = _map_path(rt, consult_id)
     pseudonyms = PseudonymMap.load(map_path, _map_key(rt)) if map_path.exists() else None
     relink: Callable[[str], str] = (
@@ -537,8 +546,10 @@ async def send_report(
     measurements: tuple[Measurement, ...] = (),
     key_images: tuple[KeyImage, ...] = (),
     marks: tuple[Mark, ...] = (),
+    critical: bool = False,
 ) -> Report:
-    """Consultant side: sign the report and send it to the requesting node."""
+    """Consultant side: sign the report and send it to the requesting node (a critical
+    one is re-sent on a timer until acknowledged: :mod:`node.alerts`)."""
     consult_id = rt.consults.resolve(consult_id)
     case = rt.consults.get(consult_id)
     if case.state is State.ACCEPTED:
@@ -555,10 +566,20 @@ async def send_report(
         finalised_at=rt.now(),
         marks=marks,
         author_institution=rt.config.institution,
+        critical=critical,
     )
     wire = report.sign(rt.identity)
     rt.consults.keep_sent_report(consult_id, wire, rt.now(), str(rt.identity.node_id))
-    await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+    try:
+        await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+    except RuntimeError_ as exc:
+        if not critical:
+            raise
+        raise RuntimeError_(
+            f"{exc} The critical report is kept and sent again every "
+            f"{rt.config.alerts.critical_repeat_minutes} min until it is acknowledged; "
+            "phone the referring team now"
+        ) from exc
     return report
 
 
@@ -619,6 +640,103 @@ async def _on_review(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
     )
 
 
+async def _on_report_again(sender: NodeId, consult_id: str, wire: bytes, rt: NodeRuntime) -> None:
+    """A report already filed here came again (the consultant's node re-sends a critical
+    result until it hears the acknowledgement): answer with the acknowledgement if one
+    was made; never file it twice."""
+    if wire != rt.consults.report_wire(consult_id):
+        raise LocalConsultError(
+            f"a second, different report for consult {consult_id[:8]} from {sender.short()} "
+            "was not filed: ask the consultant to call"
+        )
+    ack = rt.consults.ack_wire(consult_id)
+    if ack is not None:
+        await rt.send_message(_signer(wire), ACK_KIND, ack)
+    else:
+        rt.notify(f"The critical result on consult {consult_id[:8]} came again: acknowledge it")
+
+
+async def acknowledge(rt: NodeRuntime, consult_id: str, by: str = "") -> tuple[str, int]:
+    """Requesting side: acknowledge receipt of the report (by a named person: required for
+    a critical result), record the time to acknowledgement, tell the report's author.
+
+    Returns (how the author was told, seconds from arrival to acknowledgement).
+    """
+    consult_id = rt.consults.resolve(consult_id)
+    role, _, _ = rt.consults.info(consult_id)
+    report_wire = rt.consults.report_wire(consult_id)
+    row = rt.consults.report_ack(consult_id)
+    if role != "requester" or report_wire is None or row is None:
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} has no report received by this node: only the "
+            "requesting node acknowledges the report it got back"
+        )
+    by = " ".join(by.split())
+    if row.critical and not by:
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} is a critical result: say who takes it on, "
+            f'with --by "Dr Name"'
+        )
+    now = rt.now()
+    ack = Acknowledgement(consult_id, rt.identity.node_id, Acknowledgement.digest(report_wire),
+                          by, now)  # fmt: skip
+    wire = ack.to_wire(rt.identity)
+    _, done = rt.consults.acknowledge(consult_id, wire, by, now, str(rt.identity.node_id))
+    seconds = done.time_to_ack or 0
+    rt.audit.append(
+        AuditKind.CONSULT,
+        now=rt.clock(),
+        details={"consult": consult_id, "event": "report-acknowledged", "by": by,
+                 "critical": row.critical, "time_to_ack_s": seconds},
+    )  # fmt: skip
+    try:
+        how = await rt.send_message(_signer(report_wire), ACK_KIND, wire)
+    except NodeError as exc:  # kept here; sent again when the report is re-sent
+        how = f"not sent now ({exc})"
+    return how, seconds
+
+
+async def _on_ack(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
+    """Consultant side: the requesting node acknowledged the report we sent."""
+    ack = Acknowledgement.from_wire(wire)
+    consult_id = rt.consults.resolve(ack.consult_id)
+    role, _, _ = rt.consults.info(consult_id)
+    report = rt.consults.report_wire(consult_id)
+    if role != "consultant" or sender != ack.requester or report is None:
+        raise LocalConsultError(f"an acknowledgement from {sender.short()} was ignored")
+    if ack.requester != NodeId.from_public_key(requester_key(rt, consult_id)):
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} was acknowledged by {sender.short()}, who did not ask "
+            "for it: ignored"
+        )
+    if ack.report_sha256 != Acknowledgement.digest(report):
+        raise LocalConsultError(f"an acknowledgement of another report of {consult_id[:8]}")
+    if rt.consults.get(consult_id).state is State.ACKNOWLEDGED:
+        return  # a repeat, answering a re-sent report
+    _, done = rt.consults.acknowledge(consult_id, wire, ack.by, rt.now(), str(sender))
+    rt.audit.append(
+        AuditKind.CONSULT,
+        now=rt.clock(),
+        peer=str(sender),
+        details={"consult": consult_id, "event": "report-acknowledged", "by": ack.by,
+                 "critical": done.critical, "time_to_ack_s": done.time_to_ack or 0},
+    )  # fmt: skip
+    rt.notify(
+        f"Report on consult {consult_id[:8]} acknowledged"
+        + (f" by {ack.by}" if ack.by else "")
+        + f" after {(done.time_to_ack or 0) // 60} min"
+    )
+
+
+async def resend_report(rt: NodeRuntime, consult_id: str) -> str:
+    """Consultant side: send the kept signed report again (a critical result not yet
+    acknowledged)."""
+    wire = rt.consults.report_wire(consult_id)
+    if wire is None:
+        raise LocalConsultError(f"consult {consult_id[:8]} has no report sent from this node")
+    return await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+
+
 def requester_key(rt: NodeRuntime, consult_id: str) -> bytes:
     """The requesting node's public key: the signer of the request we received."""
     _, _, wire = rt.consults.info(consult_id)
@@ -657,6 +775,7 @@ async def withdraw(
         )
     rt.consults.apply(consult_id, Event.WITHDRAW, rt.now(), str(rt.identity.node_id))
     _stop_serving(rt, consult_id, "the consult was withdrawn by the requester", tell=True)
+    rt.live_hub().recheck(consult_id)  # nobody stays in its live session
     told = {NodeId.parse(peer)} if peer else set()
     told.update(rt.consults.offered(consult_id))
     return [p for p in told if not await rt.send_withdrawal(consult_id, p, reason)]
@@ -710,6 +829,7 @@ async def _on_live_consent(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None
         f"{sender.short()} approved {guest.short()} as a guest of the live session on "
         f"consult {consent.consult_id[:8]}"
     )
+    guests.after_consent(rt, consent.consult_id, consent.guest, sender)  # ask, or invite
 
 
 def install(rt: NodeRuntime, *, resume: bool = True) -> None:
@@ -743,6 +863,15 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
         await _on_live_consent(sender, wire, rt)
 
     rt.handlers[LIVE_CONSENT_KIND] = on_live_consent
+    guests.install(rt)  # live.refuse: the other party refused a guest
+
+    async def on_ack(sender: NodeId, kind: str, wire: bytes) -> None:
+        if not rt.trust.is_trusted(_signer(wire), rt.now()):
+            raise RuntimeError_(f"acknowledgement from untrusted {sender.short()} ignored")
+        await _on_ack(sender, wire, rt)
+
+    rt.handlers[ACK_KIND] = on_ack
+    critical_alerts.start(rt, lambda consult_id: resend_report(rt, consult_id), timer=resume)
 
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
         if not rt.trust.is_trusted(conn.peer, rt.now()):  # checked per request, not per link

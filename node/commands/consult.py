@@ -1,4 +1,5 @@
-"""``radmesh consult request | import | list | accept | decline | review | show | report | stats``.
+"""``radmesh consult request | import | list | accept | decline | report | ack | review | show |
+export | stats``.
 
 Works against the local node's consult database. When the node is on the
 network (a registry in its config, or the peer remembered with a LAN address)
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from consult import report_text
+from consult.alerts import AckPolicy, ReportAck, critical_stats
 from consult.errors import BadReport, LocalConsultError
 from consult.intake import take_in
 from consult.report import PeerReview, Report, Score, verify_report
@@ -36,7 +38,9 @@ from crypto.envelope import SignedEnvelope
 from crypto.errors import InvalidNodeId
 from crypto.identity import Identity, NodeId
 from node import control, sharing, workflow
+from node.alerts import policy_of
 from node.audit import AuditKind, open_audit
+from node.commands.guests import register_into as register_guests
 from node.commands.identity import home_of
 from node.commands.peers import known_ids, resolve_id
 from node.commands.transfer import pixel_rows, progress_line
@@ -403,6 +407,60 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+@control.operation("consult.report")
+async def _op_report(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
+    report = await workflow.send_report(
+        rt, a["id"], text=a["text"], impression=a["impression"], critical=a["critical"]
+    )
+    return "sent as a critical result" if report.critical else "sent"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The consultant signs and sends the report of a consult (``--critical`` for a
+    finding that needs action now: the hospital is paged until someone acknowledges)."""
+    home = home_of(args)
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+    how = _run(
+        home,
+        "consult.report",
+        {"id": consult_id, "text": args.text, "impression": args.impression,
+         "critical": args.critical},
+    )  # fmt: skip
+    print(f"Report of consult {consult_id[:8]} signed and {how}")
+    return 0
+
+
+@control.operation("consult.ack")
+async def _op_ack(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> list[Any]:
+    how, seconds = await workflow.acknowledge(rt, a["id"], a["by"])
+    return [how, seconds]
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    """The referrer acknowledges the report it received (by name: required when critical)."""
+    home = home_of(args)
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+    how, seconds = _run(home, "consult.ack", {"id": consult_id, "by": args.by})
+    print(
+        f"Report of consult {consult_id[:8]} acknowledged"
+        + (f" by {printable(args.by, 80)}" if args.by else "")
+        + f", {_age(int(seconds))} after it arrived; consultant told: {how}"
+    )
+    return 0
+
+
+def _ack_flag(row: ReportAck | None, state: State, policy: AckPolicy, now: int) -> str:
+    """What `consult list` says about a report's acknowledgement."""
+    if row is None or state is not State.REPORTED:
+        return ""
+    mark = "CRITICAL " if row.critical else ""
+    if policy.overdue(row.priority, row.critical, row.reported_at, now):
+        return f"{mark}NOT ACKNOWLEDGED {_age(now - row.reported_at)}  "
+    return mark
+
+
 def _age(seconds: int) -> str:
     sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
     if seconds < 3600:
@@ -422,6 +480,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         if not args.all and not args.state:
             cases = [c for c in cases if c.state not in (State.ACKNOWLEDGED, State.WITHDRAWN)]
         rows = [(c, db.info(c.request.id)[0]) for c in cases]
+        acks = {r.consult_id: r for r in db.report_acks()}
+    policy = policy_of(home.load_config().alerts)
     if not rows:
         print("No consults." + ("" if args.all else " (`--all` shows closed ones)"))
         return 0
@@ -437,7 +497,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{printable(r.id[:8])}  {r.priority.value:7}  {case.state.value:12}  {role:10}  "
             f"{printable(r.subspecialty, 12):12}  {_age(r.deadline - now):>7}  "
             f"{_age(turnaround) if turnaround is not None else '-':>7}  "
-            f"{question}"
+            f"{_ack_flag(acks.get(r.id), case.state, policy, now)}{question}"
         )
     return 0
 
@@ -447,6 +507,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     home = home_of(args)
     with _open_db(home) as db:
         stats = turnaround_by_priority(db.cases())
+        critical = critical_stats(db.report_acks())
 
     def age(seconds: float | None) -> str:
         return "-" if seconds is None else _age(int(seconds))
@@ -457,6 +518,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"{priority.value:8}  {row.reported:>8}  {age(row.median_s):>7}  "
             f"{age(row.p90_s):>7}  {age(row.max_s):>7}  {row.late:>4}"
         )
+    print(
+        f"critical results: {critical.critical}, acknowledged {critical.acknowledged} "
+        f"(time to acknowledge: median {age(critical.median_s)}, max {age(critical.max_s)}), "
+        f"not acknowledged now: {critical.unacknowledged}"
+    )
     return 0
 
 
@@ -528,9 +594,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         role, peer, _ = db.info(consult_id)
         reviews = db.reviews(consult_id)
         report = _report_sections(db, consult_id)
+        ack = db.report_ack(consult_id)
     _print_case(
         case, role, peer, int(time.time()), reviews, _peer_label(home, peer) if peer else ""
     )
+    if ack is not None:
+        print(f"  report:        {_ack_line(ack)}")
     if report is not None:
         _print_peer_text("\n" + report_text.as_text(report))
     return 0
@@ -583,7 +652,7 @@ def _audit_report_export(home: NodeHome, consult_id: str, report: Report, out: P
         audit.checkpoint(time.time())
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     home = home_of(args)
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
@@ -608,6 +677,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     _audit_report_export(home, consult_id, report, out)
     print(f"Report of consult {consult_id[:8]} written to {out}")
     return 0
+
+
+def _ack_line(ack: ReportAck) -> str:
+    kind = "CRITICAL result" if ack.critical else "report"
+    if ack.acked_at is None:
+        steps = f" ({ack.steps} repeat(s) so far)" if ack.steps else ""
+        return f"{kind}, not acknowledged yet{steps}"
+    by = f" by {printable(ack.acked_by, 80)}" if ack.acked_by else ""
+    return f"{kind}, acknowledged{by} {_age(ack.time_to_ack or 0)} after it arrived"
 
 
 def register(sub: Any) -> None:
@@ -687,6 +765,23 @@ def register(sub: Any) -> None:
     p.add_argument("--out", metavar="FILE", help="also write the signed withdrawal to FILE")
     p.set_defaults(handler=cmd_withdraw)
 
+    p = csub.add_parser("report", help="sign and send the report of a consult in review")
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.add_argument("--impression", required=True, help="the conclusion")
+    p.add_argument("--text", default="", help="the findings")
+    p.add_argument(
+        "--critical",
+        action="store_true",
+        help="a finding that needs action now: delivered first, pages the hospital until "
+        "a named person acknowledges it",
+    )
+    p.set_defaults(handler=cmd_report)
+
+    p = csub.add_parser("ack", help="acknowledge the report this node received")
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.add_argument("--by", default="", help='who takes it on, e.g. "Dr Name" (critical: required)')
+    p.set_defaults(handler=cmd_ack)
+
     p = csub.add_parser("stats", help="turnaround per priority: median time to report")
     p.set_defaults(handler=cmd_stats)
 
@@ -702,12 +797,14 @@ def register(sub: Any) -> None:
     p.add_argument("id", help="consult id (a unique prefix is enough)")
     p.set_defaults(handler=cmd_show)
 
-    p = csub.add_parser("report", help="write the consult's signed report to a file")
+    p = csub.add_parser("export", help="write the consult's signed report to a file")
     p.add_argument("id", help="consult id (a unique prefix is enough)")
     p.add_argument(
         "--out", required=True, metavar="FILE", help="plain text, or HTML if FILE ends in .html"
     )
-    p.set_defaults(handler=cmd_report)
+    p.set_defaults(handler=cmd_export)
+
+    register_guests(csub)  # invite, guests, approve-guest
 
 
 __all__ = ["register"]

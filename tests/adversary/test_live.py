@@ -25,7 +25,7 @@ from consult.live import (
     ticket_input,
 )
 from consult.presence import MAX_NAME_CHARS, Presence
-from consult.requests import ConsultRequest, Priority
+from consult.requests import ConsultRequest, Priority, State
 from consult.shared import (
     ANNOTATION_DOMAIN,
     CHAT_DOMAIN,
@@ -521,3 +521,95 @@ def test_a_catch_up_repeating_what_a_near_full_document_holds_is_not_refused(
 def test_a_state_vector_past_its_cap_is_refused_before_parsing() -> None:
     with pytest.raises(MalformedMessage, match="state vector"):
         SyncMessage.from_wire(SyncMessage(SyncKind.STEP1, b"\x00" * (64 * 1024)).to_wire())
+
+
+# --- admission withdrawn while in the session ---------------------------------------------
+
+
+async def guest_in_session(a: NodeRuntime, b: NodeRuntime, c: NodeRuntime) -> tuple[str]:
+    """a (hospital) and b (consultant) in a live session on their consult, with c a guest
+    both approved; returns the consult id."""
+    consult_id = consult_between(a, b)
+    a.live_hub().open(consult_id)
+    await a.live_hub().invite(consult_id, key(b))
+    await workflow.approve_live_guest(a, consult_id, key(c))
+    await workflow.approve_live_guest(b, consult_id, key(c))
+    await wait_for(lambda: b.consults.guest_approvers(consult_id, str(c.identity.node_id)) == {
+        str(a.identity.node_id), str(b.identity.node_id)})  # fmt: skip
+    await b.live_hub().invite(consult_id, key(c))
+    live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
+    live_c = c.live_hub().sessions[consult_id]
+    await wait_for(lambda: live_a.is_bound(key(c)) and live_c.is_bound(key(a)))
+    live_c.say("guest here")
+    await wait_for(lambda: "guest here" in texts(live_a) and "guest here" in texts(live_b))
+    return (consult_id,)
+
+
+def message_refusals(node: NodeRuntime, peer: NodeRuntime) -> list[str]:
+    records = node.audit.records(kind="consult", peer=str(peer.identity.node_id))
+    return [r.details["consult"] for r in records if r.details["event"] == "live-message-refused"]
+
+
+async def test_a_guest_refused_after_approval_is_dropped_at_its_next_live_message(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    (consult_id,) = await guest_in_session(a, b, c)
+    live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
+    live_c = c.live_hub().sessions[consult_id]
+    # The hospital takes its approval back; b's database has the refusal (the live.refuse
+    # handler's first step) and nothing has taken c out of b's session yet: admission was
+    # only checked when c was bound, so c's messages kept flowing in.
+    b.consults.refuse_guest(consult_id, str(c.identity.node_id), str(a.identity.node_id))
+    assert live_b.is_bound(key(c))
+    live_c.say("after the refusal")
+    await wait_for(lambda: message_refusals(b, c) == [consult_id])
+    assert not live_b.is_bound(key(c))
+    assert "after the refusal" not in texts(live_b)
+    # The parties' own traffic goes on (canary), on b's side and a's.
+    live_b.say("canary")
+    await wait_for(lambda: "canary" in texts(live_a))
+    assert message_refusals(b, c) == [consult_id]  # refused once, not once per message
+    assert message_refusals(b, a) == []
+
+
+async def test_a_withdrawn_consult_keeps_nobody_in_either_partys_live_session(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    (consult_id,) = await guest_in_session(a, b, c)
+    live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
+    live_c = c.live_hub().sessions[consult_id]
+    assert await workflow.withdraw(a, consult_id) == []
+    # The hospital's own session lets nobody stay in; the consultant's, once told.
+    assert not live_a.is_bound(key(b))
+    assert not live_a.is_bound(key(c))
+    await wait_for(lambda: b.consults.state_of(consult_id) is State.WITHDRAWN)
+    assert not live_b.is_bound(key(a))
+    assert not live_b.is_bound(key(c))
+    # The guest's node was not told and goes on writing: refused on both parties' nodes,
+    # and a consult now closed admits no new join either.
+    live_c.say("late note on a withdrawn case")
+    conn = await c.transport.connect(key(b))
+    with pytest.raises(RemoteError) as join:
+        await conn.request(JOIN_KIND, Invite(consult_id).to_wire())
+    assert join.value.code == NOT_ADMITTED
+    assert "late note on a withdrawn case" not in texts(live_b)
+    assert "late note on a withdrawn case" not in texts(live_a)
+
+
+async def test_a_party_still_in_a_session_whose_consult_closed_is_refused_at_its_next_message(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    (consult_id,) = await guest_in_session(a, b, c)
+    live_b = b.live_hub().sessions[consult_id]
+    # The consult expires on the consultant's node (its deadline passed); nothing took the
+    # hospital out of b's session: its next message is refused there and it is dropped.
+    b.consults.expire_due(b.now() + 10 * 3600)
+    assert b.consults.state_of(consult_id) is State.EXPIRED
+    assert live_b.is_bound(key(a))
+    a.live_hub().sessions[consult_id].say("after the deadline")
+    await wait_for(lambda: message_refusals(b, a) == [consult_id])
+    assert not live_b.is_bound(key(a))
+    assert "after the deadline" not in texts(live_b)

@@ -69,6 +69,11 @@ def test_the_formatter_lists_author_signature_time_text_and_measurements() -> No
     assert "angle: angle 33.0° (image …887766554433, frame 3)" in text  # no number: UID end
     assert "arrow “midline” (image 14)" in text
     assert "Key images:\n  image 12" in text
+    assert "Critical" not in text
+    critical = dataclasses.replace(make_report(author), critical=True)
+    sections = report_text.report_sections(critical, verified)
+    assert report_text.CRITICAL_LINE in report_text.as_text(sections)
+    assert f'<p class="warn">{report_text.CRITICAL_LINE}</p>' in report_text.as_html(sections)
 
 
 def test_peer_text_is_cleaned_of_terminal_controls_and_escaped_in_html() -> None:
@@ -135,13 +140,13 @@ def test_consult_show_prints_the_report_without_control_characters(
     assert "\u202e" not in out
 
 
-def test_consult_report_writes_text_and_escaped_html(
+def test_consult_export_writes_text_and_escaped_html(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     hospital, consult_id = _reported_case(tmp_path, capsys, HOSTILE)
     txt, page = tmp_path / "r.txt", tmp_path / "r.html"
-    assert run(hospital, capsys, "report", consult_id[:8], "--out", str(txt))[0] == 0
-    assert run(hospital, capsys, "report", consult_id[:8], "--out", str(page))[0] == 0
+    assert run(hospital, capsys, "export", consult_id[:8], "--out", str(txt))[0] == 0
+    assert run(hospital, capsys, "export", consult_id[:8], "--out", str(page))[0] == 0
     plain = txt.read_text(encoding="utf-8")
     assert "collection: ellipse ROI: area 63 mm²" in plain
     assert "\x1b" not in plain
@@ -172,13 +177,13 @@ def test_a_report_altered_in_the_database_is_shown_as_not_verified_and_never_exp
     assert code == 0
     assert "NOT VERIFIED" in out
     assert "Chronic" not in out  # nothing of an unverified report is shown
-    code, _, err = run(hospital, capsys, "report", consult_id[:8], "--out", str(tmp_path / "r"))
+    code, _, err = run(hospital, capsys, "export", consult_id[:8], "--out", str(tmp_path / "r"))
     assert code == 1
     assert "no longer verifies" in err
     assert not (tmp_path / "r").exists()
 
 
-def test_consult_report_without_a_report_says_where_to_look(
+def test_consult_export_without_a_report_says_where_to_look(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     hospital = tmp_path / "h"
@@ -188,7 +193,7 @@ def test_consult_report_without_a_report_says_where_to_look(
         "--subspecialty", "msk", "--jurisdiction", "FR", "--to", str(Identity.generate().node_id),
         "--out", str(tmp_path / "req.bin"),
     )  # fmt: skip
-    code, _, err = run(hospital, capsys, "report", out.split()[1][:8], "--out", "x.txt")
+    code, _, err = run(hospital, capsys, "export", out.split()[1][:8], "--out", "x.txt")
     assert code == 1
     assert "no report on this node yet" in err
 
