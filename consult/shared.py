@@ -167,6 +167,11 @@ _POINT_COUNT = {
 }
 
 
+def point_count(kind: AnnotationKind) -> int:
+    """How many points an annotation of this kind has."""
+    return _POINT_COUNT[kind]
+
+
 @dataclass(frozen=True)
 class Annotation:
     """A mark anchored in image coordinates (x = column, y = row) of one frame of one instance."""

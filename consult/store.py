@@ -350,6 +350,11 @@ class ConsultDB:
         report = verify_report(
             wire, consult_id=consult_id, consultant=NodeId.parse(peer) if peer else None
         )
+        if report.study_uid != self.get(consult_id).request.study_uid:
+            raise BadReport(
+                f"the report for consult {consult_id[:8]} names another study than the one "
+                "shared: it is not filed; ask the consultant to send it again"
+            )
         with self._transaction():
             transition = self._apply_locked(consult_id, Event.REPORT, now, str(report.author))
             self._db.execute("INSERT INTO reports VALUES (?,?,?)", (consult_id, wire, now))

@@ -37,12 +37,16 @@ from consult.alerts import Acknowledgement
 from consult.errors import ConsultError, LocalConsultError
 from consult.report import (
     KeyImage,
+    Mark,
     Measurement,
     PatientStudy,
     PeerReview,
     Report,
     Score,
+    export_key_images,
     export_sr,
+    placeable,
+    report_items,
 )
 from consult.requests import (
     Candidate,
@@ -54,6 +58,7 @@ from consult.requests import (
     check_consult_id,
     rank_consultants,
 )
+from consult.shared import Annotation
 from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
@@ -62,7 +67,7 @@ from node import alerts as critical_alerts
 from node import guests, sharing
 from node.audit import AuditKind
 from node.config import NodeHome
-from node.deid import PseudonymMap
+from node.deid import PseudonymMap, PseudonymMapError
 from node.dicom_net import send_to_pacs
 from node.errors import NodeError
 from node.ids import local_name
@@ -420,6 +425,42 @@ def _patient_of(rt: NodeRuntime, study_uid: str) -> PatientStudy:
     )
 
 
+def _key_images_document(
+    rt: NodeRuntime,
+    report: Report,
+    relink: Callable[[str], str],
+    patient: PatientStudy,
+    sender: NodeId,
+) -> list[bytes]:
+    """The report's key images as a KOS filed beside the SR (none when it has none)."""
+    kos = export_key_images(
+        report, relink_uid=relink, patient=patient, institution=rt.config.institution
+    )
+    if kos is None:
+        return []
+    rt.store.add_bytes(kos, source=f"report:{sender}")
+    return [kos]
+
+
+def _placeable(rt: NodeRuntime, report: Report, relink: Callable[[str], str]) -> Report:
+    """The report without image references the pseudonym map cannot re-link (said so)."""
+
+    def known(uid: str) -> bool:
+        try:
+            relink(uid)
+        except PseudonymMapError:
+            return False
+        return True
+
+    kept, dropped = placeable(report, known)
+    if dropped:
+        rt.notify(
+            f"The report of consult {report.consult_id[:8]} names {dropped} image(s) that are "
+            "not in the study shared: the SR leaves those references out"
+        )
+    return kept
+
+
 async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) -> None:
     consult_id = rt.consults.resolve(_signed_consult_id(wire))
     if rt.consults.report_wire(consult_id) is not None:
@@ -441,13 +482,11 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
         pseudonyms.relink_uid if pseudonyms is not None else (lambda uid: uid)
     )
     original_study = relink(report.study_uid)
-    sr = export_sr(
-        report,
-        relink_uid=relink,
-        patient=_patient_of(rt, original_study),
-        institution=rt.config.institution,
-    )
+    patient = _patient_of(rt, original_study)
+    report = _placeable(rt, report, relink)
+    sr = export_sr(report, relink_uid=relink, patient=patient, institution=rt.config.institution)
     stored = rt.store.add_bytes(sr, source=f"report:{sender}")
+    documents = [sr, *_key_images_document(rt, report, relink, patient, sender)]
     rt.audit.append(
         AuditKind.REPORT,
         now=rt.clock(),
@@ -461,7 +500,7 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
     if dicom.pacs_host and dicom.pacs_port:
         result = await asyncio.to_thread(
             send_to_pacs,
-            [sr],
+            documents,
             dicom.pacs_host,
             dicom.pacs_port,
             dicom.pacs_ae_title,
@@ -480,6 +519,24 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
         )
 
 
+def report_items_of(
+    rt: NodeRuntime, consult_id: str, annotations: Iterable[Annotation]
+) -> tuple[tuple[Measurement, ...], tuple[Mark, ...]]:
+    """Consultant side: a session's annotations as report measurements and marks, each on
+    the image it was drawn on (series and SOP class from this node's copy of the study)."""
+    study_uid = rt.consults.get(rt.consults.resolve(consult_id)).request.study_uid
+    rows = {row.sop_instance_uid: row for row in rt.store.instances(study_uid)}
+
+    def image_of(sop_uid: str, frame: int) -> KeyImage | None:
+        row = rows.get(sop_uid)
+        if row is None or frame >= max(row.frames, 1):
+            return None
+        number = frame + 1 if row.frames > 1 else None  # DICOM frames count from 1
+        return KeyImage(row.series_uid, row.sop_class_uid, sop_uid, number, row.instance_number)
+
+    return report_items(annotations, image_of)
+
+
 async def send_report(
     rt: NodeRuntime,
     consult_id: str,
@@ -488,6 +545,7 @@ async def send_report(
     impression: str,
     measurements: tuple[Measurement, ...] = (),
     key_images: tuple[KeyImage, ...] = (),
+    marks: tuple[Mark, ...] = (),
     critical: bool = False,
 ) -> Report:
     """Consultant side: sign the report and send it to the requesting node (a critical
@@ -506,6 +564,8 @@ async def send_report(
         measurements=measurements,
         key_images=key_images,
         finalised_at=rt.now(),
+        marks=marks,
+        author_institution=rt.config.institution,
         critical=critical,
     )
     wire = report.sign(rt.identity)

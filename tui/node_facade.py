@@ -22,7 +22,6 @@ from pydicom.errors import InvalidDicomError
 from consult.errors import ConsultError
 from consult.live import LiveConsult
 from consult.presence import Cursor, Participant, Viewport
-from consult.report import Measurement, Unit
 from consult.requests import ConsultCase, Event, Priority, State
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.errors import CryptoError
@@ -210,21 +209,6 @@ def impression_of(text: str) -> tuple[str, str]:
     return "\n\n".join(paragraphs[:-1]), paragraphs[-1]
 
 
-def measurements_of(live: LiveConsult) -> tuple[Measurement, ...]:
-    """The session's length measurements, for the signed report."""
-    found = []
-    for annotation in live.annotations():
-        value = annotation.values.get("length_mm") if annotation.values else None
-        if annotation.kind is AnnotationKind.LENGTH and value is not None:
-            found.append(
-                Measurement("length", round(float(value), 1), Unit.MM, annotation.text or "length")
-            )
-    return tuple(found[:MAX_REPORTED_MEASUREMENTS])
-
-
-MAX_REPORTED_MEASUREMENTS = 20
-
-
 class RuntimeNode:
     """The TUI's :class:`~tui.facade.NodeFacade` on a NodeRuntime (started by the caller)."""
 
@@ -242,12 +226,16 @@ class RuntimeNode:
 
         async def send() -> None:
             try:
+                measurements, marks = workflow.report_items_of(
+                    runtime, live.consult_id, live.annotations()
+                )
                 await workflow.send_report(
                     runtime,
                     live.consult_id,
                     text=findings,
                     impression=impression,
-                    measurements=measurements_of(live),
+                    measurements=measurements,
+                    marks=marks,
                     critical=critical,
                 )
                 runtime.notify(f"Report for consult {live.consult_id[:8]} signed and sent")

@@ -1,5 +1,5 @@
 """``radmesh consult request | import | list | accept | decline | report | ack | review | show |
-stats``.
+export | stats``.
 
 Works against the local node's consult database. When the node is on the
 network (a registry in its config, or the peer remembered with a LAN address)
@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from consult import report_text
 from consult.alerts import AckPolicy, ReportAck, critical_stats
-from consult.errors import LocalConsultError
+from consult.errors import BadReport, LocalConsultError
 from consult.intake import take_in
-from consult.report import PeerReview, Score
+from consult.report import PeerReview, Report, Score, verify_report
 from consult.requests import (
     ConsultCase,
     ConsultRequest,
@@ -592,12 +593,89 @@ def cmd_show(args: argparse.Namespace) -> int:
         case = db.get(consult_id)
         role, peer, _ = db.info(consult_id)
         reviews = db.reviews(consult_id)
+        report = _report_sections(db, consult_id)
         ack = db.report_ack(consult_id)
     _print_case(
         case, role, peer, int(time.time()), reviews, _peer_label(home, peer) if peer else ""
     )
     if ack is not None:
         print(f"  report:        {_ack_line(ack)}")
+    if report is not None:
+        _print_peer_text("\n" + report_text.as_text(report))
+    return 0
+
+
+def _print_peer_text(text: str) -> None:
+    """The one way a peer's report reaches the terminal: control characters made visible."""
+    print(printable(text, multiline=True), end="" if text.endswith("\n") else "\n")
+
+
+def _checked_report(db: ConsultDB, consult_id: str) -> Report | BadReport | None:
+    """The consult's signed report checked again now (the sender's key, this consult): the
+    report, why it does not verify, or None when this node holds none."""
+    wire = db.report_wire(consult_id)
+    if wire is None:
+        return None
+    role, peer, _ = db.info(consult_id)
+    consultant = NodeId.parse(peer) if role == "requester" and peer else None
+    try:
+        return verify_report(wire, consult_id=consult_id, consultant=consultant)
+    except BadReport as exc:
+        return exc
+
+
+def _report_sections(db: ConsultDB, consult_id: str) -> list[report_text.Section] | None:
+    report = _checked_report(db, consult_id)
+    if report is None:
+        return None
+    if isinstance(report, BadReport):
+        return report_text.unverified_sections(consult_id, str(report))
+    return report_text.report_sections(report, report_text.Signature(True, ""))
+
+
+def _audit_report_export(home: NodeHome, consult_id: str, report: Report, out: Path) -> None:
+    """Every export is audited: which report (its author and signing time), in what form.
+    The file name stays out of the log: a person may have named it after the patient."""
+    identity = load_identity(home.key_path)
+    with open_audit(home, identity) as audit:
+        audit.append(
+            AuditKind.EXPORT,
+            now=time.time(),
+            peer=str(report.author),
+            details={
+                "consult": consult_id,
+                "to": "file",
+                "format": "html" if out.suffix.lower() in (".html", ".htm") else "text",
+                "signed_at": str(report.finalised_at),
+            },
+        )
+        audit.checkpoint(time.time())
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+        report = _checked_report(db, consult_id)
+    if report is None:
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} has no report on this node yet: "
+            "`radmesh consult show` tells where it stands"
+        )
+    if isinstance(report, BadReport):
+        raise LocalConsultError(
+            f"the report of consult {consult_id[:8]} no longer verifies ({report}): it was "
+            "not written; ask the consultant to send it again"
+        )
+    sections = report_text.report_sections(report, report_text.Signature(True, ""))
+    out = Path(args.out)
+    if out.suffix.lower() in (".html", ".htm"):
+        data = report_text.as_html(sections, title=f"Consult report {consult_id[:8]}")
+    else:
+        data = report_text.as_text(sections)
+    out.write_text(data, encoding="utf-8")
+    _audit_report_export(home, consult_id, report, out)
+    print(f"Report of consult {consult_id[:8]} written to {out}")
     return 0
 
 
@@ -713,9 +791,18 @@ def register(sub: Any) -> None:
     p.add_argument("--comment", default="", help="what differs, for the report's author")
     p.set_defaults(handler=cmd_review)
 
-    p = csub.add_parser("show", help="one consult: details, audited history, peer reviews")
+    p = csub.add_parser(
+        "show", help="one consult: details, audited history, peer reviews, the report"
+    )
     p.add_argument("id", help="consult id (a unique prefix is enough)")
     p.set_defaults(handler=cmd_show)
+
+    p = csub.add_parser("export", help="write the consult's signed report to a file")
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="plain text, or HTML if FILE ends in .html"
+    )
+    p.set_defaults(handler=cmd_export)
 
     register_guests(csub)  # invite, guests, approve-guest
 

@@ -185,7 +185,8 @@ def test_sr_files_under_the_real_study_with_text_and_measurements() -> None:
     assert sr.PatientName == "Dupont^Marie"
     assert sr.PatientID == "H-000123"
     assert sr.CompletionFlag == "COMPLETE"
-    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.VerificationFlag == "VERIFIED"  # by the signer, whose signature was checked
+    assert sr.VerifyingObserverSequence[0].VerifyingObserverName == "Martin^Claire^^Dr"
     items = walk(sr.ContentSequence)
     texts = {
         i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in items if "TextValue" in i
