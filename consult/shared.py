@@ -130,6 +130,17 @@ def _authentic(domain: bytes, consult_id: str, fields: dict[str, Any]) -> bool:
     return True
 
 
+def _author(raw: Any) -> Any:
+    return raw.get("author") if isinstance(raw, dict) else None
+
+
+def _tomb_key(annotation_id: str, author: Any) -> str:
+    """Where the tombstone of ``author``'s annotation ``annotation_id`` is kept: keyed by
+    its author too, so no participant can occupy the place of another's tombstone (node
+    ids have no ``/``)."""
+    return f"{author}/{annotation_id}"
+
+
 def _writable(value: Any) -> Any:
     """pycrdt reads bytes back as bytearray but writes a bytearray as None."""
     if isinstance(value, bytearray):
@@ -496,7 +507,9 @@ class SharedState:
             )
         removal = Removal(annotation_id, self.local_node, now)
         with self.doc.transaction():  # the signed tombstone travels with the removal
-            self._removed[annotation_id] = removal.signed(self._identity, self.consult_id).to_py()
+            self._removed[_tomb_key(annotation_id, self.local_node)] = removal.signed(
+                self._identity, self.consult_id
+            ).to_py()
             del self._annotations[annotation_id]
 
     def say(self, text: str, now: float) -> ChatMessage:
@@ -541,7 +554,7 @@ class SharedState:
         annotations = []
         removed = self._removed.to_py()
         for key, raw in self._annotations.to_py().items():
-            if self._tombstone_matches(removed.get(key), raw):
+            if self._tombstone_matches(removed.get(_tomb_key(key, _author(raw))), raw):
                 continue  # a resurrection not yet repaired: never shown
             try:
                 annotations.append(Annotation.from_py(key, raw))
@@ -619,7 +632,7 @@ class SharedState:
             raise MalformedMessage(f"live update from a peer does not apply: {exc}") from exc
         own_edit = message.kind == SyncKind.UPDATE
         with self.doc.transaction():  # the repairs are one local edit, sent to every peer
-            forged = self._rebury(buried, touched, own_edit)
+            forged = self._rebury(buried)
             forged += self._repair(touched, sender, own_edit)
             forged += self._resay(unsaid, said)
             unsaid_count, chat_over = self._unsay(said, sender, own_edit)
@@ -743,11 +756,12 @@ class SharedState:
             and tombstone.get("author") == annotation.get("author")
         )
 
-    def _rebury(self, buried: dict[str, Any], touched: dict[str, Any], own_edit: bool) -> int:
+    def _rebury(self, buried: dict[str, Any]) -> int:
         """Check the tombstones a peer's message added, changed or removed; returns how
         many were forgeries. A tombstone is never changed or removed (put back); a new
-        one must be signed by its author, who must be the author of the annotation it
-        names (when known here); an accepted one removes that annotation for good."""
+        one must be signed by the author its key names (so every participant decides the
+        same, whether or not it knows the annotation yet); an accepted one removes that
+        author's annotation of that id for good."""
         forged = 0
         for key, old in buried.items():
             new = self._removed.get(key)
@@ -757,19 +771,17 @@ class SharedState:
                 self._removed[key] = _writable(old)
                 forged += 1
                 continue
+            author, _, annotation_id = key.partition("/")
             try:
-                removal = Removal.from_py(key, new)
-                ok = removal.is_authentic(self.consult_id)
+                removal = Removal.from_py(annotation_id, new)
+                ok = removal.author == author and removal.is_authentic(self.consult_id)
             except MalformedMessage:
                 ok = False
-            annotation = touched[key] if key in touched else self._annotations.get(key)
-            if ok and annotation is not None:
-                ok = self._tombstone_matches(new, annotation)
             if not ok:
                 del self._removed[key]
                 forged += 1
-            elif key in self._annotations and self._tombstone_matches(new, self._annotations[key]):
-                del self._annotations[key]  # e.g. replayed to us before we saw the removal
+            elif self._tombstone_matches(new, self._annotations.get(annotation_id)):
+                del self._annotations[annotation_id]  # e.g. replayed before we saw the removal
         return forged
 
     def _on_chat(self, event: Any) -> None:
@@ -818,14 +830,13 @@ class SharedState:
             new = self._annotations.get(key)
             if old == new:
                 continue
-            tombstone = self._removed.get(key)
             if new is None:
-                if self._tombstone_matches(tombstone, old):
+                if self._tombstone_matches(self._removed.get(_tomb_key(key, owner(old))), old):
                     continue  # removed by its author, who signed the removal
                 self._annotations[key] = _writable(old)
                 forged += 1
                 continue
-            if self._tombstone_matches(tombstone, new):
+            if self._tombstone_matches(self._removed.get(_tomb_key(key, owner(new))), new):
                 # A removed annotation does not come back. Whoever holds the tombstone holds
                 # the removal too, so only a new write (a replay) brings its id back.
                 del self._annotations[key]

@@ -40,6 +40,7 @@ from consult.shared import (
     SyncKind,
     SyncMessage,
     _signing_input,
+    _tomb_key,
 )
 from crypto.identity import Identity
 from node import workflow
@@ -465,17 +466,17 @@ def test_a_removal_not_signed_by_the_author_and_a_removed_tombstone_are_put_back
     updates = mallorys_updates(mallory)
     with mallory.doc.transaction():  # "alice removed it", signed by mallory
         forged = Removal(mark.id, alice.local_node, 3.0).signed(MALLORY, IN_MEMORY)
-        mallory._removed[mark.id] = forged.to_py()
+        mallory._removed[_tomb_key(mark.id, alice.local_node)] = forged.to_py()
         del mallory._annotations[mark.id]
     with pytest.raises(Forgery):
         alice.receive(updates[0], sender=mallory.local_node)
     assert [a.id for a in alice.annotations()] == [mark.id]
-    assert mark.id not in alice._removed
+    assert _tomb_key(mark.id, alice.local_node) not in alice._removed
 
-    del mallory._removed[gone.id]  # un-remove: the tombstone goes
+    del mallory._removed[_tomb_key(gone.id, alice.local_node)]  # un-remove: the tombstone goes
     with pytest.raises(Forgery):
         alice.receive(updates[1], sender=mallory.local_node)
-    assert gone.id in alice._removed
+    assert _tomb_key(gone.id, alice.local_node) in alice._removed
 
 
 def test_a_peer_cannot_delete_anothers_chat_message_and_the_repairs_agree() -> None:
