@@ -502,9 +502,19 @@ class LiveConsult:
         binding = self._bindings.get(peer)
         if binding is None:
             return
-        binding.client = check_presence(message, binding.node, binding.client)
+        client = check_presence(message, binding.node, binding.client)
+        if client is not None and binding.client is None and self._client_taken(client):
+            raise MalformedMessage("presence uses the client id of another participant")
+        binding.client = client
         self.presence.receive(message, self.clock())
         self._changed()
+
+    def _client_taken(self, client: int) -> bool:
+        """Whether an awareness client id is this node's own or bound to another peer (a
+        peer taking it could hide that participant, or the presenter, from our view)."""
+        return client == self.presence.client_id or any(
+            b.client == client for b in self._bindings.values()
+        )
 
     # -- local edits ------------------------------------------------------------------
     def add_annotation(
