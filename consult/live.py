@@ -89,6 +89,7 @@ INVITE_KIND = "live.invite"
 JOIN_KIND = "live.join"
 TICKET_DOMAIN = b"radmesh/live-ticket/v1"
 NOT_ADMITTED = "not-admitted"
+MAX_INVITED_SESSIONS = 16  # sessions one peer's invites may open on this node at once
 PALETTE = ("#00d7ff", "#ff5f87", "#afff5f", "#ffaf00", "#af87ff", "#5fffd7", "#ff8700", "#d7d7d7")
 
 Listener = Callable[[], None]
@@ -683,6 +684,7 @@ class LiveHub:
         # Consults with no record here: who this node admits, and the ticket it joins with.
         self._rosters: dict[str, set[bytes]] = {}
         self._tickets: dict[str, tuple[bytes, bytes]] = {}
+        self._opened_by: dict[str, bytes] = {}  # session opened on a peer's invite -> that peer
         self.transport = transport
         self.identity = identity
         self.own_key = identity.public_key
@@ -720,6 +722,7 @@ class LiveHub:
     async def leave(self, consult_id: str) -> None:
         self._rosters.pop(consult_id, None)
         self._tickets.pop(consult_id, None)
+        self._opened_by.pop(consult_id, None)
         live = self.sessions.pop(consult_id, None)
         if live is not None:
             await live.close()
@@ -771,11 +774,21 @@ class LiveHub:
         consult_id = invite.consult_id
         if not self.auto_join and consult_id not in self.sessions:
             raise RequestRefused("declined", "this node does not join live sessions on invite")
+        if consult_id not in self.sessions and self._invited_sessions(conn.peer) >= (
+            MAX_INVITED_SESSIONS
+        ):
+            raise RequestRefused(
+                "busy",
+                f"your node already has {MAX_INVITED_SESSIONS} live sessions open on this node: "
+                "ask its user to leave some first",
+            )
         unrecorded = self.may_join(consult_id, conn.peer) is None
         if unrecorded and consult_id not in self.sessions:
             self._rosters.setdefault(consult_id, set()).add(conn.peer)  # a new session
         if not self._admits(consult_id, conn.peer):
             raise self._refuse(consult_id, conn.peer, "invite")
+        if consult_id not in self.sessions:
+            self._opened_by[consult_id] = conn.peer
         live = self.open(consult_id, invite.title, invite.study_uid)
         self._attach(conn)
         if not live.bind(conn):
@@ -838,6 +851,10 @@ class LiveHub:
             live.bind(conn)
 
     # -- admission ------------------------------------------------------------------
+    def _invited_sessions(self, peer: bytes) -> int:
+        """How many of this node's open sessions ``peer``'s invites opened."""
+        return sum(1 for c, p in self._opened_by.items() if p == peer and c in self.sessions)
+
     def _admits(self, consult_id: str, peer: bytes, by: bytes = b"", ticket: bytes = b"") -> bool:
         """Whether ``peer`` may be bound to this node's session on ``consult_id``."""
         verdict = self.may_join(consult_id, peer)

@@ -18,6 +18,7 @@ from consult.errors import Forgery, LimitExceeded, LocalConsultError, MalformedM
 from consult.live import (
     INVITE_KIND,
     JOIN_KIND,
+    MAX_INVITED_SESSIONS,
     NOT_ADMITTED,
     Invite,
     LiveConsult,
@@ -198,6 +199,29 @@ async def test_an_ad_hoc_session_refuses_a_joiner_nobody_invited_even_with_a_for
         assert join.value.code == NOT_ADMITTED
     assert not live_a.is_bound(key(c))
     assert len(a.audit.records(kind="consult", peer=str(c.identity.node_id))) == 2
+
+
+async def test_a_trusted_peer_cannot_open_endless_sessions_by_inviting(
+    trio: list[NodeRuntime],
+) -> None:
+    """Red team: c invites a to ever new ad-hoc session ids (no consult on record, so the
+    inviter decides); each opened a session (a CRDT document, presence, a worklist row)
+    without limit before the cap."""
+    a, b, c = trio
+    conn = await c.transport.connect(key(a))
+    for n in range(MAX_INVITED_SESSIONS):
+        await conn.request(INVITE_KIND, Invite(f"flood-{n:04d}").to_wire())
+    with pytest.raises(RemoteError) as busy:
+        await conn.request(INVITE_KIND, Invite("flood-one-more").to_wire())
+    assert busy.value.code == "busy"
+    assert len(a.live_hub().sessions) == MAX_INVITED_SESSIONS
+    # Canary: another trusted peer's invite still opens a session on a.
+    session = "study-" + "cd" * 16
+    b.live_hub().open(session)
+    await b.live_hub().invite(session, key(a))
+    assert session in a.live_hub().sessions
+    await a.live_hub().leave("flood-0000")  # leaving one makes room for c again
+    await conn.request(INVITE_KIND, Invite("flood-one-more").to_wire())
 
 
 # --- caps on receive (issue 13 item 14) -----------------------------------------------------
