@@ -314,9 +314,11 @@ def _candidate(rt: NodeRuntime, record: NodeRecord, now: int) -> Candidate | Non
     if state not in (TrustState.VERIFIED, TrustState.TRUSTED_BY_ORG):
         return None
     subspecialties, jurisdictions = record.subspecialties, record.jurisdictions
-    if cert is not None and state is TrustState.TRUSTED_BY_ORG:
+    if state is TrustState.TRUSTED_BY_ORG:
+        # The certificate that made it trusted: the record's, else the one kept earlier
+        # (a record without it must not claim what no organisation attested).
         attested = verify_certificate(
-            cert,
+            cert if cert is not None else (rt.trust.certificate(key) or b""),
             trusted_orgs=rt.trust.trusted_orgs(),
             now=now,
             revocations=rt.trust.revocation_lists(),

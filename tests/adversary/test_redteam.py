@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
@@ -17,6 +21,12 @@ from consult.presence import Cursor, Presence, PresenceMessage
 from consult.shared import AnnotationKind, Removal, SharedState
 from consult.ywire import varuint
 from crypto.identity import Identity
+from crypto.org import NodeCertificate, RevocationList, issue_certificate, sign_revocations
+from node import workflow
+from node.runtime import NodeRuntime
+from registry.errors import TrustError
+from registry.records import NodeRecord
+from registry.trust import TrustState, TrustStore
 from tests.adversary.test_live import IN_MEMORY, mallorys_updates, step2
 from tests.consult.test_live import CONSULT, SOP
 
@@ -120,3 +130,92 @@ def test_a_tombstone_squatting_anothers_annotation_id_does_not_split_honest_peer
     assert bob.annotations() == []
     assert alice.annotations() == []
     assert bob._removed.to_py() == alice._removed.to_py()
+
+
+# --- consortium: what a member's record claims ----------------------------------------------
+
+NOW = 1_800_000_000
+ORG, OTHER_ORG, MEMBER = Identity.generate(), Identity.generate(), Identity.generate()
+
+
+def member_certificate(
+    org: Identity = ORG, node: Identity = MEMBER, *, not_after: int = NOW + 86400
+) -> bytes:
+    return issue_certificate(
+        org,
+        NodeCertificate(
+            node_key=node.public_key,
+            org_key=org.public_key,
+            institution="CHU",
+            display_name="Dr M",
+            roles=("radiologist",),
+            subspecialties=("chest",),
+            jurisdictions=("FR",),
+            languages=("fr",),
+            not_before=NOW - 10,
+            not_after=not_after,
+        ),
+    )
+
+
+def runtime_with(trust: TrustStore) -> NodeRuntime:
+    return cast("NodeRuntime", SimpleNamespace(trust=trust))
+
+
+def test_a_member_trusted_through_its_kept_certificate_cannot_claim_other_subspecialties(
+    tmp_path: Path,
+) -> None:
+    """A member certified for chest in FR publishes a record without its certificate,
+    claiming neuro in IE. The node kept its certificate from an earlier record, so the
+    member is trusted by the organisation; before the fix routing then took the record's
+    own (unattested) claims, and a neuro case for IE went to a chest radiologist."""
+    trust = TrustStore(tmp_path / "trust.db")
+    trust.add_org(ORG.public_key, NOW)
+    assert trust.keep_certificate(MEMBER.public_key, member_certificate(), NOW)
+    lying = NodeRecord.create(
+        MEMBER, now=NOW, sequence=2, subspecialties=("neuro",), jurisdictions=("IE",)
+    )
+    candidate = workflow._candidate(runtime_with(trust), lying, NOW)
+    assert candidate is not None
+    assert candidate.subspecialties == ("chest",)
+    assert candidate.jurisdictions == ("FR",)
+
+
+@pytest.mark.parametrize(
+    "certificate",
+    [
+        pytest.param(lambda: member_certificate(org=OTHER_ORG), id="untrusted-org"),
+        pytest.param(lambda: member_certificate(node=Identity.generate()), id="another-node"),
+        pytest.param(lambda: member_certificate(not_after=NOW - 1), id="expired"),
+    ],
+)
+def test_a_record_whose_certificate_adds_no_trust_is_no_candidate_and_is_not_kept(
+    tmp_path: Path, certificate: Callable[[], bytes]
+) -> None:
+    trust = TrustStore(tmp_path / "trust.db")
+    trust.add_org(ORG.public_key, NOW)
+    cert = certificate()
+    record = NodeRecord.create(MEMBER, now=NOW, sequence=1, org_certificate=cert)
+    assert workflow._candidate(runtime_with(trust), record, NOW) is None
+    assert not trust.keep_certificate(MEMBER.public_key, cert, NOW)
+    assert not trust.is_trusted(MEMBER.public_key, NOW)
+
+
+def test_an_older_revocation_list_replayed_does_not_un_revoke(tmp_path: Path) -> None:
+    trust = TrustStore(tmp_path / "trust.db")
+    trust.add_org(ORG.public_key, NOW)
+    trust.keep_certificate(MEMBER.public_key, member_certificate(), NOW)
+    empty = sign_revocations(ORG, RevocationList(ORG.public_key, 1, NOW, frozenset(), frozenset()))
+    names = RevocationList(ORG.public_key, 2, NOW, frozenset(), frozenset({MEMBER.public_key}))
+    trust.add_revocations(empty, ORG.public_key)
+    trust.add_revocations(sign_revocations(ORG, names), ORG.public_key)
+    assert not trust.is_trusted(MEMBER.public_key, NOW)
+    with pytest.raises(TrustError, match="not newer"):
+        trust.add_revocations(empty, ORG.public_key)
+    # A list signed by another organisation cannot pass for this one's.
+    forged = sign_revocations(
+        OTHER_ORG, RevocationList(OTHER_ORG.public_key, 9, NOW, frozenset(), frozenset())
+    )
+    with pytest.raises(TrustError, match="does not verify"):
+        trust.add_revocations(forged, ORG.public_key)
+    assert trust.state(MEMBER.public_key, NOW) is TrustState.REVOKED
