@@ -609,11 +609,26 @@ async def approve_live_guest(rt: NodeRuntime, consult_id: str, guest: bytes) -> 
 
 async def _on_live_consent(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
     consent = GuestConsent.from_wire(wire)
-    _, peer, _ = rt.consults.info(consent.consult_id)
+    role, peer, _ = rt.consults.info(consent.consult_id)
     if not peer or NodeId.parse(peer) != sender:
         raise RuntimeError_(
             f"a guest approval for consult {consent.consult_id[:8]} from {sender.short()}, "
             "who is not its other party, was ignored"
+        )
+    # Checked per message like every other kind: a party revoked since does not approve.
+    key = (
+        requester_key(rt, consent.consult_id)
+        if role == "consultant"
+        else await consultant_key(rt, consent.consult_id)
+    )
+    if (
+        key is None
+        or NodeId.from_public_key(key) != sender
+        or not rt.trust.is_trusted(key, rt.now())
+    ):
+        raise RuntimeError_(
+            f"a guest approval for consult {consent.consult_id[:8]} from {sender.short()}, "
+            "not trusted by this node, was ignored"
         )
     guest = NodeId.from_public_key(consent.guest)
     rt.consults.approve_guest(consent.consult_id, str(guest), str(sender))

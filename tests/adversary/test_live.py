@@ -201,6 +201,25 @@ async def test_an_ad_hoc_session_refuses_a_joiner_nobody_invited_even_with_a_for
     assert len(a.audit.records(kind="consult", peer=str(c.identity.node_id))) == 2
 
 
+async def test_a_guest_approval_from_a_revoked_party_does_not_count(
+    trio: list[NodeRuntime], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Red team: the consultant b is revoked at the hospital a, then "approves" guest c.
+    Before the fix the live.consent handler checked only that b is the consult's other
+    party, not that a still trusts it: b's approval was recorded and audited."""
+    a, b, c = trio
+    consult_id = consult_between(a, b)
+    a.trust.revoke(b.identity.node_id, a.now())
+    await workflow.approve_live_guest(b, consult_id, key(c))
+    guest = str(c.identity.node_id)
+    await wait_for(
+        lambda: "guest approval" in caplog.text or a.consults.guest_approvers(consult_id, guest)
+    )
+    assert a.consults.guest_approvers(consult_id, guest) == frozenset()
+    assert "not trusted" in caplog.text
+    assert not a.audit.records(kind="consult", peer=guest)
+
+
 async def test_a_trusted_peer_cannot_open_endless_sessions_by_inviting(
     trio: list[NodeRuntime],
 ) -> None:
