@@ -185,6 +185,28 @@ def test_a_peer_label_never_shows_a_name_without_its_key_and_trust() -> None:
     assert label.endswith("… (ABCDEFG, unverified)")
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Dr Neuro (ABCDEFG, verified)",
+        "Dr Neuro \uff08ABCDEFG, verified\uff09",  # fullwidth brackets
+        "Dr Neuro \u2768ABCDEFG, verified\u2769",  # ornament brackets
+        "Dr Neuro (ABCDEFG, verified)" + "\u3000" * 11 + "x",  # padding pushes the key out
+        "Dr Neuro (ABCDEFG,\u200b verified)\u2060",  # invisible format characters
+    ],
+)
+def test_a_name_cannot_pass_for_a_label_with_another_key_and_trust(name: str) -> None:
+    """Red team: a peer whose display name mimics "(ABCDEFG, verified)". Before the fix
+    the label read "Dr Neuro (ABCDEFG, verified) (XYZ1234, unverified)", with the real
+    key and trust pushed off a narrow column by padding."""
+    label = peer_label(name, "XYZ1234", "unverified")
+    assert label.endswith(" (XYZ1234, unverified)")
+    shown = label.removesuffix(" (XYZ1234, unverified)")
+    assert not any(ch in shown for ch in "()\uff08\uff09\u2768\u2769\u200b\u2060")
+    assert "  " not in shown
+    assert "\u3000" not in shown
+
+
 # --- the app, screen by screen -----------------------------------------------------------------
 
 
