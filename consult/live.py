@@ -90,6 +90,9 @@ JOIN_KIND = "live.join"
 TICKET_DOMAIN = b"radmesh/live-ticket/v1"
 NOT_ADMITTED = "not-admitted"
 MAX_INVITED_SESSIONS = 16  # sessions one peer's invites may open on this node at once
+MAX_AUDITED_REFUSALS = 20  # refused invites/joins audited and logged per peer per window
+REFUSAL_WINDOW_S = 60.0
+MAX_REFUSING = 1024  # peers whose refusals are being counted
 PALETTE = ("#00d7ff", "#ff5f87", "#afff5f", "#ffaf00", "#af87ff", "#5fffd7", "#ff8700", "#d7d7d7")
 
 Listener = Callable[[], None]
@@ -685,6 +688,7 @@ class LiveHub:
         self._rosters: dict[str, set[bytes]] = {}
         self._tickets: dict[str, tuple[bytes, bytes]] = {}
         self._opened_by: dict[str, bytes] = {}  # session opened on a peer's invite -> that peer
+        self._refusals: dict[bytes, tuple[float, int]] = {}  # peer -> (window start, count)
         self.transport = transport
         self.identity = identity
         self.own_key = identity.public_key
@@ -865,16 +869,37 @@ class LiveHub:
             by in roster and bool(ticket) and ticket_valid(consult_id, peer, by, ticket)
         )
 
+    def _worth_recording(self, peer: bytes) -> bool:
+        """Whether a refusal of ``peer`` is audited and logged: at most
+        MAX_AUDITED_REFUSALS per REFUSAL_WINDOW_S, so a flood of joins for made-up
+        consult ids does not fill the audit log (each is still refused)."""
+        now = self.clock()
+        start, count = self._refusals.get(peer, (now, 0))
+        if now - start >= REFUSAL_WINDOW_S:
+            start, count = now, 0
+        if peer not in self._refusals and len(self._refusals) >= MAX_REFUSING:
+            self._refusals.clear()
+        self._refusals[peer] = (start, count + 1)
+        if count == MAX_AUDITED_REFUSALS:
+            log.warning(
+                "%s keeps asking for live sessions it is not admitted to: further refusals "
+                "are not recorded for %.0f s",
+                NodeId.from_public_key(peer).short(),
+                REFUSAL_WINDOW_S,
+            )
+        return count < MAX_AUDITED_REFUSALS
+
     def _refuse(self, consult_id: str, peer: bytes, how: str) -> RequestRefused:
-        log.warning(
-            "refused a live %s from %s: not a party of that consult nor an approved guest",
-            how,
-            NodeId.from_public_key(peer).short(),
-        )
-        try:
-            self.on_refused(consult_id, peer, how)
-        except Exception:
-            log.exception("recording a refused live %s failed", how)
+        if self._worth_recording(peer):
+            log.warning(
+                "refused a live %s from %s: not a party of that consult nor an approved guest",
+                how,
+                NodeId.from_public_key(peer).short(),
+            )
+            try:
+                self.on_refused(consult_id, peer, how)
+            except Exception:
+                log.exception("recording a refused live %s failed", how)
         return RequestRefused(
             NOT_ADMITTED,
             "this node does not admit your node to that live session: only the consult's "

@@ -18,6 +18,7 @@ from consult.errors import Forgery, LimitExceeded, LocalConsultError, MalformedM
 from consult.live import (
     INVITE_KIND,
     JOIN_KIND,
+    MAX_AUDITED_REFUSALS,
     MAX_INVITED_SESSIONS,
     NOT_ADMITTED,
     Invite,
@@ -218,6 +219,27 @@ async def test_a_guest_approval_from_a_revoked_party_does_not_count(
     assert a.consults.guest_approvers(consult_id, guest) == frozenset()
     assert "not trusted" in caplog.text
     assert not a.audit.records(kind="consult", peer=guest)
+
+
+async def test_a_flood_of_refused_joins_does_not_fill_the_audit_log(
+    trio: list[NodeRuntime],
+) -> None:
+    """Red team: c asks a to join made-up consult ids over and over. Each refusal was
+    audited (and logged), so a trusted peer could grow a's audit log without limit."""
+    a, b, c = trio
+    conn = await c.transport.connect(key(a))
+    for n in range(MAX_AUDITED_REFUSALS + 10):
+        with pytest.raises(RemoteError) as join:
+            await conn.request(JOIN_KIND, Invite(f"made-up-{n:04d}").to_wire())
+        assert join.value.code == NOT_ADMITTED  # every one is still refused
+    assert len(a.audit.records(kind="consult", peer=str(c.identity.node_id))) == (
+        MAX_AUDITED_REFUSALS
+    )
+    # Canary: another peer's refusal is still recorded.
+    other = await b.transport.connect(key(a))
+    with pytest.raises(RemoteError):
+        await other.request(JOIN_KIND, Invite("made-up-by-b").to_wire())
+    assert len(a.audit.records(kind="consult", peer=str(b.identity.node_id))) == 1
 
 
 async def test_a_trusted_peer_cannot_open_endless_sessions_by_inviting(
