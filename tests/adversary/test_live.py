@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from consult import shared
+from consult.admission import GuestConsent
 from consult.errors import Forgery, LimitExceeded, LocalConsultError, MalformedMessage
 from consult.live import (
     INVITE_KIND,
@@ -219,6 +220,23 @@ async def test_a_guest_approval_from_a_revoked_party_does_not_count(
     assert a.consults.guest_approvers(consult_id, guest) == frozenset()
     assert "not trusted" in caplog.text
     assert not a.audit.records(kind="consult", peer=guest)
+
+
+async def test_a_guest_approval_from_a_third_node_or_for_another_consult_does_not_count(
+    trio: list[NodeRuntime], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pins: c (trusted, no party) sends a its own "approval" of itself for the a-b
+    consult, and b sends one naming a consult of a's with c (b is not its party)."""
+    a, b, c = trio
+    consult_id = consult_between(a, b)
+    other = consult_between(a, c)
+    guest = str(c.identity.node_id)
+    consent = GuestConsent(consult_id, key(c)).to_wire()
+    await c.send_message(key(a), workflow.LIVE_CONSENT_KIND, consent)
+    await b.send_message(key(a), workflow.LIVE_CONSENT_KIND, GuestConsent(other, key(b)).to_wire())
+    await wait_for(lambda: caplog.text.count("who is not its other party") == 2)
+    assert a.consults.guest_approvers(consult_id, guest) == frozenset()
+    assert a.consults.guest_approvers(other, str(b.identity.node_id)) == frozenset()
 
 
 async def test_a_flood_of_refused_joins_does_not_fill_the_audit_log(

@@ -16,7 +16,7 @@ from typing import cast
 import pytest
 
 from consult.errors import Forgery, MalformedMessage
-from consult.live import LiveConsult
+from consult.live import LiveConsult, ticket_input, ticket_valid
 from consult.presence import Cursor, Presence, PresenceMessage
 from consult.shared import AnnotationKind, Removal, SharedState
 from consult.ywire import varuint
@@ -219,3 +219,17 @@ def test_an_older_revocation_list_replayed_does_not_un_revoke(tmp_path: Path) ->
     with pytest.raises(TrustError, match="does not verify"):
         trust.add_revocations(forged, ORG.public_key)
     assert trust.state(MEMBER.public_key, NOW) is TrustState.REVOKED
+
+
+# --- live tickets ---------------------------------------------------------------------------
+
+
+def test_a_live_ticket_admits_only_its_joiner_to_its_consult() -> None:
+    """Pins: a ticket Alice signed for Bob on one consult does not let Mallory in, nor
+    Bob into another consult, nor does a ticket Mallory signed pass for Alice's."""
+    ticket = ALICE.sign(ticket_input(CONSULT, BOB.public_key))
+    assert ticket_valid(CONSULT, BOB.public_key, ALICE.public_key, ticket)
+    assert not ticket_valid(CONSULT, MALLORY.public_key, ALICE.public_key, ticket)
+    assert not ticket_valid("another-consult", BOB.public_key, ALICE.public_key, ticket)
+    forged = MALLORY.sign(ticket_input(CONSULT, MALLORY.public_key))
+    assert not ticket_valid(CONSULT, MALLORY.public_key, ALICE.public_key, forged)
