@@ -561,15 +561,17 @@ class SharedState:
             except MalformedMessage:
                 malformed += 1
         chat = []
-        said: set[str] = set()
+        said: set[tuple[str, str]] = set()
         for raw in self._chat.to_py():
             try:
                 message = ChatMessage.from_py(raw)
             except MalformedMessage:
                 malformed += 1
                 continue
-            if message.id not in said:  # a signed message replayed by another peer: shown once
-                said.add(message.id)
+            # A signed message replayed by another peer: shown once. By author and id: a
+            # message under another author's id does not hide that author's message.
+            if (message.author, message.id) not in said:
+                said.add((message.author, message.id))
                 chat.append(message)
         annotations.sort(key=lambda a: a.id)
         return Snapshot(tuple(annotations), tuple(chat), str(self._report), malformed)

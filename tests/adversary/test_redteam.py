@@ -18,7 +18,7 @@ import pytest
 from consult.errors import Forgery, MalformedMessage
 from consult.live import LiveConsult, ticket_input, ticket_valid
 from consult.presence import Cursor, Presence, PresenceMessage
-from consult.shared import AnnotationKind, Removal, SharedState
+from consult.shared import AnnotationKind, ChatMessage, Removal, SharedState
 from consult.ywire import varuint
 from crypto.identity import Identity
 from crypto.org import NodeCertificate, RevocationList, issue_certificate, sign_revocations
@@ -233,3 +233,23 @@ def test_a_live_ticket_admits_only_its_joiner_to_its_consult() -> None:
     assert not ticket_valid("another-consult", BOB.public_key, ALICE.public_key, ticket)
     forged = MALLORY.sign(ticket_input(CONSULT, MALLORY.public_key))
     assert not ticket_valid(CONSULT, MALLORY.public_key, ALICE.public_key, forged)
+
+
+# --- chat ids -------------------------------------------------------------------------------
+
+
+def test_a_chat_message_under_anothers_message_id_does_not_hide_it() -> None:
+    """Mallory sees Alice's objection and says something of her own (signed by her, so
+    accepted) under the same message id, placed before it. Before the fix the chat was
+    read by message id alone: everyone saw Mallory's line and not Alice's."""
+    alice, bob, mallory = (SharedState(IN_MEMORY, i) for i in (ALICE, BOB, MALLORY))
+    objection = alice.say("I disagree with the impression", 1.0)
+    for state in (bob, mallory):
+        state.receive(step2(alice, state), alice.local_node)
+    sent = mallorys_updates(mallory)
+    mine = ChatMessage(objection.id, mallory.local_node, 2.0, "agreed, sign it off")
+    mallory._chat.insert(0, mine.signed(MALLORY, IN_MEMORY).to_py())
+    for update in sent:
+        bob.receive(update, sender=mallory.local_node)
+    shown = [(m.author, m.text) for m in bob.snapshot().chat]
+    assert (alice.local_node, "I disagree with the impression") in shown
