@@ -130,6 +130,12 @@ def _authentic(domain: bytes, consult_id: str, fields: dict[str, Any]) -> bool:
     return True
 
 
+def _is_panic(exc: BaseException) -> bool:
+    """pycrdt is Rust: a panic on a malformed update comes out as pyo3's PanicException,
+    a BaseException (not an Exception), which no ``except Exception`` handler stops."""
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
+
+
 def _author(raw: Any) -> Any:
     return raw.get("author") if isinstance(raw, dict) else None
 
@@ -632,6 +638,13 @@ class SharedState:
                 unsaid, self._unsaid = self._unsaid, None
         except (ValueError, RuntimeError) as exc:
             raise MalformedMessage(f"live update from a peer does not apply: {exc}") from exc
+        except BaseException as exc:
+            if not _is_panic(exc):
+                raise
+            self._sweep()
+            raise MalformedMessage(
+                "live update from a peer made the CRDT library fail: its connection is closed"
+            ) from exc
         own_edit = message.kind == SyncKind.UPDATE
         with self.doc.transaction():  # the repairs are one local edit, sent to every peer
             forged = self._rebury(buried)
@@ -654,6 +667,32 @@ class SharedState:
                 "they were undone and its connection is closed"
             )
         return None
+
+    def _sweep(self) -> None:
+        """After the CRDT library failed halfway through a peer's update (its observers,
+        and so the checks above, may not all have run): remove every entry not signed
+        by its author, as :meth:`receive` would have."""
+        with self.doc.transaction():
+            for key, raw in self._annotations.to_py().items():
+                if not self._authentic_annotation(key, raw):
+                    del self._annotations[key]
+            for key, raw in self._removed.to_py().items():
+                author, _, annotation_id = key.partition("/")
+                try:
+                    removal = Removal.from_py(annotation_id, raw)
+                    ok = removal.author == author and removal.is_authentic(self.consult_id)
+                except MalformedMessage:
+                    ok = False
+                if not ok:
+                    del self._removed[key]
+            for index in reversed(range(len(self._chat))):
+                try:
+                    ok = ChatMessage.from_py(self._chat[index]).is_authentic(self.consult_id)
+                except MalformedMessage:
+                    ok = False
+                if not ok:
+                    del self._chat[index]
+        self._chat_mirror = list(self._chat.to_py())
 
     # limits ---------------------------------------------------------------------------------
     @staticmethod

@@ -18,7 +18,14 @@ import pytest
 from consult.errors import Forgery, MalformedMessage
 from consult.live import LiveConsult, ticket_input, ticket_valid
 from consult.presence import Cursor, Presence, PresenceMessage
-from consult.shared import AnnotationKind, ChatMessage, Removal, SharedState
+from consult.shared import (
+    AnnotationKind,
+    ChatMessage,
+    Removal,
+    SharedState,
+    SyncKind,
+    SyncMessage,
+)
 from consult.ywire import varuint
 from crypto.identity import Identity
 from crypto.org import NodeCertificate, RevocationList, issue_certificate, sign_revocations
@@ -27,7 +34,7 @@ from node.runtime import NodeRuntime
 from registry.errors import TrustError
 from registry.records import NodeRecord
 from registry.trust import TrustState, TrustStore
-from tests.adversary.test_live import IN_MEMORY, mallorys_updates, step2
+from tests.adversary.test_live import IN_MEMORY, canary_arrives, mallorys_updates, step2
 from tests.consult.test_live import CONSULT, SOP
 
 ALICE, BOB, MALLORY = Identity.generate(), Identity.generate(), Identity.generate()
@@ -253,3 +260,46 @@ def test_a_chat_message_under_anothers_message_id_does_not_hide_it() -> None:
         bob.receive(update, sender=mallory.local_node)
     shown = [(m.author, m.text) for m in bob.snapshot().chat]
     assert (alice.local_node, "I disagree with the impression") in shown
+
+
+# --- a malformed update that makes the CRDT library panic -------------------------------------
+
+# Two signed annotation updates with a few bytes changed each (found by mutating real
+# updates, then minimised): applying the second after the first makes pycrdt panic in Rust,
+# and pyo3 raises PanicException, a BaseException.
+PANICKING_UPDATES = (
+    bytes.fromhex(
+        "0101b9f28ed8dcbdad0c0128010b616e6e6f746174696f6e73203064313666393035333830663430393439"
+        "39373665666438386561343031653701760a03736f707706322e32352e31056672616d657c000000000676"
+        "616c75657376000261747c3f800024036b657974201c7204b39fca5bdbe2a9ee9202c04bc854140cf7e90a"
+        "f2d08bcfe70ebaaed174047465787477000373696774407aad7d76be5c7c61858c011c986a391a7938d6ac"
+        "aa8a51fd776bef7046fffc72d37c95ed9c94d815ec256bb9ca31caf7c00e9d375cf25b31ab0537072dbfe5"
+        "05046b696e647705706f696e7406706f7e6e7473750175027c3f8000007c3f80000006617574686f72773f"
+        "4f5532525351522d4e46595849484b2d3755584d36453311354d564b364a472d37594d494c4c4c2d434659"
+        "4f594a472d354541503735372d48424f4136413400"
+    ),
+    bytes.fromhex(
+        "0101b9f2bcd8cfbdad0c0128010b616e6e6f746174696f6e73203064313666393035333830663430393439"
+        "39373665666438386561343031653701760a03736f707706322e32352e31056672616d657c000000000676"
+        "616c75651c76000261747c3f800000036b657974201c7204b39fca5bdbe2a9ee9202c04bc854140cf7e90a"
+        "f2d08bcfe70ebaaed174047465787477000373696774407aad7d76be5c7c61858c011c986a391a7938d6ac"
+        "aa8a51fd776bef7046fffc72d37c95ed9c94d815ec256bb9ca31caf7c00e9d375cf25b31ab0537072dbfe5"
+        "05046b696e647705706f696e7406706f696e7473750175027c3f8000007c3f80000006617574686f72773f"
+        "4f5532525351522d4e46595849484b2d3755584d3645332d354d564b364a472d37594d494c4c4c2d434659"
+        "4f594a472d354541503735372d48424f4136413400"
+    ),
+)
+
+
+def test_an_update_that_makes_the_crdt_library_panic_is_a_malformed_message() -> None:
+    """Before the fix the panic (a BaseException, not an Exception) went past every
+    handler in the live receive path (which catches RemoteConsultError) and ended the
+    connection's receive task; now it is a MalformedMessage like any other bad update,
+    so the sender's link is closed and the session goes on."""
+    alice = SharedState(IN_MEMORY, ALICE)
+    first, second = (SyncMessage(SyncKind.UPDATE, u).to_wire() for u in PANICKING_UPDATES)
+    with contextlib.suppress(MalformedMessage):
+        alice.receive(first, sender=None)
+    with pytest.raises(MalformedMessage):
+        alice.receive(second, sender=None)
+    canary_arrives(alice)
