@@ -502,6 +502,37 @@ async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_d
         assert "passwd" not in styles
 
 
+async def test_huge_but_finite_points_from_a_peer_do_not_take_the_viewer_down() -> None:
+    """Red team: points that pass the receive checks (finite) but whose difference is
+    not ((-1e308, y) to (1e308, y)): the line maths made a NaN and int(nan) raised in
+    the viewer. Before the fix the app stopped on a ValueError."""
+    node = HostileNode(home=False, studies=False)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = ViewerScreen(node, node.studies()[0], live=True)
+        await app.push_screen(viewer)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        sop = viewer.current.sop_uid  # type: ignore[union-attr]
+        node.session.remote_join(7, str(KEY_A), "Dr A", "#ff0000")
+        for kind, points in (
+            (AnnotationKind.LENGTH, ((-1e308, 5.0), (1e308, 5.0))),
+            (AnnotationKind.ARROW, ((-1e308, -1e308), (1e308, 1e308))),
+            (AnnotationKind.ELLIPSE, ((5.0, 5.0), (1e308, 1e308))),
+        ):
+            node.session.remote_annotation(
+                Annotation(f"h{kind}", kind, sop, 0, points, str(KEY_A), 1.0, "huge")
+            )
+        node.session.remote_cursor(7, Cursor(sop, 0, 1e308, -1e308))
+        viewer.view.focus()
+        await pilot.pause()
+        assert app.is_running
+        node.session.remote_cursor(7, Cursor(sop, 0, 40.0, 40.0))  # the canary: drawn
+        await pilot.pause()
+        assert app.is_running
+        assert "cursor" in [m.kind for m in viewer.view.marks]
+
+
 @pytest.mark.filterwarnings("ignore:Found unknown escape sequence")  # pydicom, on the ESC
 def test_cli_studies_errors_and_log_lines_carry_no_raw_escapes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
