@@ -35,7 +35,8 @@ from registry.errors import TrustError
 from registry.records import NodeRecord
 from registry.trust import TrustState, TrustStore
 from tests.adversary.test_live import IN_MEMORY, canary_arrives, mallorys_updates, step2
-from tests.consult.test_live import CONSULT, SOP
+from tests.consult.test_live import CONSULT, SOP, wait_for
+from tests.peer_transport.helpers import mesh
 
 ALICE, BOB, MALLORY = Identity.generate(), Identity.generate(), Identity.generate()
 
@@ -303,3 +304,30 @@ def test_an_update_that_makes_the_crdt_library_panic_is_a_malformed_message() ->
     with pytest.raises(MalformedMessage):
         alice.receive(second, sender=None)
     canary_arrives(alice)
+
+
+# --- the transport's receive loop -----------------------------------------------------------
+
+
+async def test_an_exception_in_a_receiver_does_not_end_the_connections_receive_loop() -> None:
+    """A receiver that fails on one message (a bug, or a library panic like the one
+    above) must not end the link: before the fix the exception went up into aiortc's
+    data channel code and no later message of that peer arrived."""
+    async with mesh() as m:
+        a, b = await m.node(), await m.node()
+        m.trust(a, b)
+        conn = await a.connect(b.identity.public_key)
+        await wait_for(lambda: b.connection(a.identity.public_key) is not None)
+        inbound = b.connection(a.identity.public_key)
+        assert inbound is not None
+        got: list[bytes] = []
+
+        def receiver(data: bytes) -> None:
+            if data == b"boom":
+                raise ValueError("a receiver that fails on this message")
+            got.append(data)
+
+        inbound.set_receiver("live", receiver)
+        await conn.send_live(b"boom")
+        await conn.send_live(b"canary")
+        await wait_for(lambda: got == [b"canary"])
