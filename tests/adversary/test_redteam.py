@@ -19,12 +19,14 @@ from consult.errors import Forgery, MalformedMessage
 from consult.live import LiveConsult, ticket_input, ticket_valid
 from consult.presence import Cursor, Presence, PresenceMessage
 from consult.shared import (
+    ANNOTATION_DOMAIN,
     AnnotationKind,
     ChatMessage,
     Removal,
     SharedState,
     SyncKind,
     SyncMessage,
+    _signing_input,
 )
 from consult.ywire import varuint
 from crypto.identity import Identity
@@ -331,3 +333,28 @@ async def test_an_exception_in_a_receiver_does_not_end_the_connections_receive_l
         await conn.send_live(b"boom")
         await conn.send_live(b"canary")
         await wait_for(lambda: got == [b"canary"])
+
+
+def test_an_annotation_written_under_anothers_annotation_id_is_put_back() -> None:
+    """Pin: Mallory overwrites Alice's annotation id with her own (validly signed) mark;
+    Alice's comes back and Mallory's edit is a forgery, at Alice's and at Bob's."""
+    alice, bob, mallory = (SharedState(IN_MEMORY, i) for i in (ALICE, BOB, MALLORY))
+    mark = alice.add_annotation(AnnotationKind.POINT, SOP, 0, ((4, 4),), 1.0, text="nodule")
+    for state in (bob, mallory):
+        state.receive(step2(alice, state), alice.local_node)
+    sent = mallorys_updates(mallory)
+    fields: dict[str, object] = {
+        **mark.to_py(),
+        "author": mallory.local_node,
+        "key": MALLORY.public_key,
+        "text": "no nodule",
+    }
+    fields.pop("sig", None)
+    fields["sig"] = MALLORY.sign(
+        _signing_input(ANNOTATION_DOMAIN, IN_MEMORY, {**fields, "id": mark.id})
+    )
+    mallory._annotations[mark.id] = fields
+    for state in (alice, bob):
+        with pytest.raises(Forgery):
+            state.receive(sent[0], sender=mallory.local_node)
+        assert [(a.author, a.text) for a in state.annotations()] == [(alice.local_node, "nodule")]
