@@ -812,7 +812,9 @@ class LiveHub:
 
     async def _on_join(self, conn: PeerConnection, body: bytes) -> bytes:
         invite = Invite.from_wire(body)
-        if not self._admits(invite.consult_id, conn.peer, invite.by, invite.ticket):
+        if not self._admits(
+            invite.consult_id, conn.peer, invite.by, invite.ticket
+        ) or not self._vouched(invite, conn.peer):
             raise self._refuse(invite.consult_id, conn.peer, "join")
         live = self.sessions.get(invite.consult_id)
         if live is None:
@@ -855,6 +857,19 @@ class LiveHub:
             live.bind(conn)
 
     # -- admission ------------------------------------------------------------------
+    def _vouched(self, invite: Invite, joiner: bytes) -> bool:
+        """A consult on record here: the joiner shows the ticket of the node that invited
+        it, and that node is admitted here too (a party or an approved guest). Else a
+        stranger that invited an approved guest (who has no record of the consult, so
+        takes its inviter's word) into the session would have the guest relay it."""
+        if self.may_join(invite.consult_id, joiner) is None:
+            return True  # no record here: the roster in _admits decides
+        return (
+            bool(invite.by)
+            and self.may_join(invite.consult_id, invite.by) is True
+            and ticket_valid(invite.consult_id, joiner, invite.by, invite.ticket)
+        )
+
     def _invited_sessions(self, peer: bytes) -> int:
         """How many of this node's open sessions ``peer``'s invites opened."""
         return sum(1 for c, p in self._opened_by.items() if p == peer and c in self.sessions)

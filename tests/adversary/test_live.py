@@ -239,6 +239,55 @@ async def test_a_guest_approval_from_a_third_node_or_for_another_consult_does_no
     assert a.consults.guest_approvers(other, str(b.identity.node_id)) == frozenset()
 
 
+async def test_a_guest_tricked_into_a_session_by_a_stranger_does_not_relay_the_consult(
+    trio: list[NodeRuntime], tmp_path: Path, registry: str
+) -> None:
+    """Red team: c is a guest both parties approved. x, trusted by c but nothing to the
+    consult, "invites" c to the consult's session (c has no record of the consult, so
+    its inviter decides) naming a and b. Before the fix c joined a and b with x's ticket,
+    they admitted c (an approved guest), and c synced the whole session to x."""
+    a, b, c = trio
+    x = await start_node(tmp_path, "xan", registry)
+    try:
+        introduce([c, x])
+        consult_id = consult_between(a, b)
+        guest = str(c.identity.node_id)
+        for node in (a, b):
+            for party in (a, b):
+                node.consults.approve_guest(consult_id, guest, str(party.identity.node_id))
+        live_a = a.live_hub().open(consult_id)
+        await a.live_hub().invite(consult_id, key(b))
+        live_a.say("draft: left subdural")
+        await wait_for(lambda: texts(b.live_hub().sessions[consult_id]) == texts(live_a))
+
+        live_x = x.live_hub().open(consult_id)
+        await x.live_hub().invite(consult_id, key(c))
+        conn = await x.transport.connect(key(c))
+        ticket = x.identity.sign(ticket_input(consult_id, key(c)))
+        await conn.request(
+            INVITE_KIND, Invite(consult_id, (key(a), key(b)), by=key(x), ticket=ticket).to_wire()
+        )
+        live_c = c.live_hub().sessions[consult_id]
+
+        def refused() -> bool:
+            return all(n.audit.records(kind="consult", peer=guest) for n in (a, b))
+
+        await wait_for(lambda: live_a.is_bound(key(c)) or refused())
+        if live_a.is_bound(key(c)):  # the attack worked: c got the session and x asks for it
+            await wait_for(lambda: texts(live_c) == ["draft: left subdural"])
+            live_x.resync(key(c))
+            await wait_for(lambda: texts(live_x) == ["draft: left subdural"])
+        assert refused()
+        assert not live_a.is_bound(key(c))
+        assert texts(live_c) == []  # c holds nothing of the consult, so relays nothing to x
+        assert texts(live_x) == []
+        for node in (a, b):
+            events = [r.details["event"] for r in node.audit.records(kind="consult", peer=guest)]
+            assert events == ["live-join-refused"]
+    finally:
+        await x.stop()
+
+
 async def test_a_flood_of_refused_joins_does_not_fill_the_audit_log(
     trio: list[NodeRuntime],
 ) -> None:
