@@ -7,6 +7,7 @@ state itself.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,7 +46,8 @@ from consult.shared import (
     _signing_input,
     _tomb_key,
 )
-from crypto.identity import Identity
+from consult.store import MAX_GUESTS
+from crypto.identity import Identity, NodeId
 from node import workflow
 from node.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
@@ -286,6 +288,29 @@ async def test_a_guest_tricked_into_a_session_by_a_stranger_does_not_relay_the_c
             assert events == ["live-join-refused"]
     finally:
         await x.stop()
+
+
+async def test_a_party_cannot_approve_endless_guests(trio: list[NodeRuntime]) -> None:
+    """Red team: the consultant b sends a ever more guest approvals for one consult (each
+    a valid, trusted live.consent message); each was a new database row without limit."""
+    a, b, _ = trio
+    consult_id = consult_between(a, b)
+    guests = [Identity.generate().public_key for _ in range(MAX_GUESTS + 5)]
+    for guest in guests:
+        with contextlib.suppress(LocalConsultError):
+            await workflow._on_live_consent(
+                b.identity.node_id, GuestConsent(consult_id, guest).to_wire(), a
+            )
+    approved = [
+        g for g in guests if a.consults.guest_approvers(consult_id, str(NodeId.from_public_key(g)))
+    ]
+    assert len(approved) == MAX_GUESTS
+    # Canary: approving one of them again is no new row and no error; a's own still counts.
+    await workflow._on_live_consent(
+        b.identity.node_id, GuestConsent(consult_id, guests[0]).to_wire(), a
+    )
+    await workflow.approve_live_guest(a, consult_id, guests[0])
+    assert len(a.consults.guest_approvers(consult_id, str(NodeId.from_public_key(guests[0])))) == 2
 
 
 async def test_a_flood_of_refused_joins_does_not_fill_the_audit_log(
