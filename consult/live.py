@@ -789,7 +789,7 @@ class LiveHub:
         unrecorded = self.may_join(consult_id, conn.peer) is None
         if unrecorded and consult_id not in self.sessions:
             self._rosters.setdefault(consult_id, set()).add(conn.peer)  # a new session
-        if not self._admits(consult_id, conn.peer):
+        if not self._admits(consult_id, conn.peer) or not self._may_invite(consult_id, conn.peer):
             raise self._refuse(consult_id, conn.peer, "invite")
         if consult_id not in self.sessions:
             self._opened_by[consult_id] = conn.peer
@@ -857,6 +857,18 @@ class LiveHub:
             live.bind(conn)
 
     # -- admission ------------------------------------------------------------------
+    def _may_invite(self, consult_id: str, peer: bytes) -> bool:
+        """A session opened here on another peer's invite, with no consult on record:
+        only its opener and peers already in it may invite this node to it again. The
+        members the opener named are joined, not taken as inviters: else a stranger
+        naming the consult's parties would have this node let them in and relay the
+        consult to the stranger."""
+        opener = self._opened_by.get(consult_id)
+        live = self.sessions.get(consult_id)
+        if opener is None or live is None or self.may_join(consult_id, peer) is not None:
+            return True
+        return peer == opener or live.is_bound(peer)
+
     def _vouched(self, invite: Invite, joiner: bytes) -> bool:
         """A consult on record here: the joiner shows the ticket of the node that invited
         it, and that node is admitted here too (a party or an approved guest). Else a

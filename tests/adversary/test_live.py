@@ -286,6 +286,20 @@ async def test_a_guest_tricked_into_a_session_by_a_stranger_does_not_relay_the_c
         for node in (a, b):
             events = [r.details["event"] for r in node.audit.records(kind="consult", peer=guest)]
             assert events == ["live-join-refused"]
+
+        # Then the hospital really invites c. x named a among the members, so c took a
+        # for one of x's session and let a in: c then had the consult and x with it.
+        # A session opened on x's invite admits further invites only from peers already
+        # in it: a's is refused while x's session is open (c's person can leave it).
+        with pytest.raises(RemoteError) as invited:
+            await a.live_hub().invite(consult_id, key(c))
+        assert invited.value.code == NOT_ADMITTED
+        assert not live_c.is_bound(key(a))
+        live_x.resync(key(c))
+        assert texts(live_c) == []
+        await c.live_hub().leave(consult_id)  # c's person leaves x's session; a asks again
+        await a.live_hub().invite(consult_id, key(c))
+        await wait_for(lambda: texts(c.live_hub().sessions[consult_id]) == texts(live_a))
     finally:
         await x.stop()
 
