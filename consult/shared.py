@@ -86,6 +86,7 @@ MAX_VALUE_NAME = 64
 MAX_UID_CHARS = 64  # a DICOM UID
 MAX_ID_CHARS = 64  # annotation and chat message ids (this node makes 32 hex digits)
 MAX_FRAME = 2**31 - 1
+MAX_COORD = 1e9  # image pixels: larger than any image; two points' difference stays finite
 
 Point = tuple[float, float]
 
@@ -223,6 +224,8 @@ class Annotation:
         numbers = [*self.values.values(), self.at, *(c for p in self.points for c in p)]
         if not all(math.isfinite(n) for n in numbers):
             raise LocalConsultError("annotation points, time and values must be finite numbers")
+        if any(abs(c) > MAX_COORD for p in self.points for c in p):
+            raise LocalConsultError(f"annotation points are limited to ±{MAX_COORD:g} pixels")
 
     def to_py(self) -> dict[str, Any]:
         return {

@@ -445,8 +445,9 @@ def test_an_over_long_chat_message_is_refused_on_receive() -> None:
         {"text": "x" * (MAX_LABEL_CHARS + 1)},
         {"sop": "1." * 5000},
         {"points": [[float("nan"), 1.0]]},
+        {"points": [[1e308, 1.0]]},  # finite, but no image is that large (red team)
     ],
-    ids=["too-many-values", "long-value-name", "long-label", "long-uid", "nan"],
+    ids=["too-many-values", "long-value-name", "long-label", "long-uid", "nan", "huge"],
 )
 def test_an_oversized_annotation_is_refused_on_receive(changes: dict[str, object]) -> None:
     alice, mallory = SharedState(IN_MEMORY, ALICE), SharedState(IN_MEMORY, MALLORY)
@@ -526,11 +527,22 @@ def test_an_update_that_would_pass_the_document_cap_is_refused_before_it_applies
         {"tool": "t" * 1000},
         {"cursor": {"sop_instance_uid": "1" * 1000, "frame": 0, "x": 1.0, "y": 1.0}},
         {"cursor": {"sop_instance_uid": SOP, "frame": 0, "x": float("inf"), "y": 1.0}},
+        {"cursor": {"sop_instance_uid": SOP, "frame": 0, "x": -1e308, "y": 1e308}},
         {"viewport": {"series_uid": SOP}},
         {"presenting": "yes"},
         {"junk": "z" * 1000},
     ],
-    ids=["name", "colour", "tool", "cursor-uid", "cursor-inf", "viewport", "flag", "unknown"],
+    ids=[
+        "name",
+        "colour",
+        "tool",
+        "cursor-uid",
+        "cursor-inf",
+        "cursor-huge",
+        "viewport",
+        "flag",
+        "unknown",
+    ],
 )
 def test_presence_fields_past_their_caps_are_refused(state: dict[str, object]) -> None:
     node = str(MALLORY.node_id)
