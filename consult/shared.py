@@ -644,7 +644,11 @@ class SharedState:
         except BaseException as exc:
             if not _is_panic(exc):
                 raise
-            self._sweep()
+            try:
+                self._sweep()
+            except BaseException as again:  # the library fails again: the refusal stands
+                if not _is_panic(again):
+                    raise
             raise MalformedMessage(
                 "live update from a peer made the CRDT library fail: its connection is closed"
             ) from exc
