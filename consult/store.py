@@ -109,6 +109,9 @@ class OfferAnswer:
     withdraw: tuple[NodeId, ...]  # consultants to tell the case is withdrawn for them
 
 
+MAX_GUESTS = 32  # guests one party may approve for one consult's live session
+
+
 class ConsultDB:
     def __init__(self, path: Path, audit: AuditHook = _no_audit) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -495,8 +498,19 @@ class ConsultDB:
         return frozenset({own, peer} - {""})
 
     def approve_guest(self, consult_id: str, guest: str, approver: str) -> None:
-        """Record that party ``approver`` agrees to ``guest`` joining the live session."""
+        """Record that party ``approver`` agrees to ``guest`` joining the live session
+        (at most MAX_GUESTS guests per approver and consult: the other party's approvals
+        arrive as messages, and must not grow the database without end)."""
         self.info(consult_id)  # UnknownConsult if not here
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM live_guests WHERE consult_id = ? AND approver = ? AND guest != ?",
+            (consult_id, approver, guest),
+        ).fetchone()
+        if count >= MAX_GUESTS:
+            raise LocalConsultError(
+                f"{MAX_GUESTS} guests are already approved for consult {consult_id[:8]} by "
+                "that party: a live session holds far fewer people"
+            )
         self._db.execute(
             "INSERT OR IGNORE INTO live_guests VALUES (?,?,?)", (consult_id, guest, approver)
         )

@@ -347,9 +347,11 @@ def _candidate(rt: NodeRuntime, record: NodeRecord, now: int) -> Candidate | Non
     if state not in (TrustState.VERIFIED, TrustState.TRUSTED_BY_ORG):
         return None
     subspecialties, jurisdictions = record.subspecialties, record.jurisdictions
-    if cert is not None and state is TrustState.TRUSTED_BY_ORG:
+    if state is TrustState.TRUSTED_BY_ORG:
+        # The certificate that made it trusted: the record's, else the one kept earlier
+        # (a record without it must not claim what no organisation attested).
         attested = verify_certificate(
-            cert,
+            cert if cert is not None else (rt.trust.certificate(key) or b""),
             trusted_orgs=rt.trust.trusted_orgs(),
             now=now,
             revocations=rt.trust.revocation_lists(),
@@ -811,11 +813,26 @@ async def approve_live_guest(rt: NodeRuntime, consult_id: str, guest: bytes) -> 
 
 async def _on_live_consent(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
     consent = GuestConsent.from_wire(wire)
-    _, peer, _ = rt.consults.info(consent.consult_id)
+    role, peer, _ = rt.consults.info(consent.consult_id)
     if not peer or NodeId.parse(peer) != sender:
         raise RuntimeError_(
             f"a guest approval for consult {consent.consult_id[:8]} from {sender.short()}, "
             "who is not its other party, was ignored"
+        )
+    # Checked per message like every other kind: a party revoked since does not approve.
+    key = (
+        requester_key(rt, consent.consult_id)
+        if role == "consultant"
+        else await consultant_key(rt, consent.consult_id)
+    )
+    if (
+        key is None
+        or NodeId.from_public_key(key) != sender
+        or not rt.trust.is_trusted(key, rt.now())
+    ):
+        raise RuntimeError_(
+            f"a guest approval for consult {consent.consult_id[:8]} from {sender.short()}, "
+            "not trusted by this node, was ignored"
         )
     guest = NodeId.from_public_key(consent.guest)
     rt.consults.approve_guest(consent.consult_id, str(guest), str(sender))

@@ -163,9 +163,13 @@ class _Session:
             self._receive(channel, data)
         except (TransportError, CryptoError) as exc:
             self.conn._session_failed(self, exc)
-        except Exception as exc:  # a handler's bug: this session ends, the node goes on
-            log.exception("a message from %s could not be handled", self.conn.peer_id.short())
-            self.conn._session_failed(self, RemoteProtocolError(f"message not handled: {exc}"))
+        except Exception as exc:  # an application receiver failed: that message, not the link
+            log.error(
+                "a %s message from %s could not be handled and was dropped (%s)",
+                channel,
+                self.conn.peer_id.short(),
+                type(exc).__name__,  # not its text: it may quote the peer's data
+            )
 
     def _receive(self, channel: str, data: bytes) -> None:
         if len(data) > fr.MAX_MESSAGE:
