@@ -43,7 +43,7 @@ from node.audit import AuditKind, open_audit
 from node.commands.guests import register_into as register_guests
 from node.commands.identity import home_of
 from node.commands.peers import known_ids, resolve_id
-from node.commands.transfer import pixel_rows, progress_line
+from node.commands.transfer import add_sharing_options, progress_line
 from node.config import NodeConfig, NodeHome
 from node.deid import PseudonymMap
 from node.display import peer_label, printable
@@ -712,25 +712,7 @@ def register(sub: Any) -> None:
         "for the jurisdiction; the first to accept gets it",
     )
     p.add_argument("--max-offers", type=int, default=3, help="with --route: how many at once")
-    p.add_argument(
-        "--identified",
-        action="store_true",
-        help="the study is NOT de-identified (warned and audited); default: de-identified",
-    )
-    p.add_argument(
-        "--burned-in-checked",
-        action="store_true",
-        help="a person checked the pixels of ultrasound/screen-capture images for burned-in "
-        "text (audited)",
-    )
-    p.add_argument(
-        "--black-out-top",
-        type=pixel_rows,
-        default=0,
-        metavar="ROWS",
-        help="black out the top ROWS rows of ultrasound/screen-capture images, where the "
-        "machine writes name, id and date (Clean Pixel Data; audited)",
-    )
+    add_sharing_options(p)
     p.add_argument("--out", metavar="FILE", help="also write the signed request to FILE")
     p.set_defaults(handler=cmd_request)
 

@@ -211,6 +211,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("send", help="send a stored study to a trusted peer (it runs `fetch`)")
     p.add_argument("study_uid", metavar="STUDY_UID")
     p.add_argument("--to", required=True, metavar="NODE_ID")
+    add_sharing_options(p)
+    p.set_defaults(handler=cmd_send)
+
+    p = sub.add_parser("fetch", help="wait for a trusted peer to send a study, with progress")
+    p.add_argument("--from", dest="peer", metavar="NODE_ID", help="only this peer")
+    p.add_argument("--wait", type=float, default=600.0, metavar="SECONDS")
+    p.set_defaults(handler=cmd_fetch)
+
+
+def add_sharing_options(p: argparse.ArgumentParser) -> None:
+    """How a study leaves the node: `radmesh send` and `radmesh consult request` alike."""
     p.add_argument(
         "--identified",
         action="store_true",
@@ -230,9 +241,3 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="black out the top ROWS rows of ultrasound/screen-capture images, where the "
         "machine writes name, id and date (Clean Pixel Data; audited)",
     )
-    p.set_defaults(handler=cmd_send)
-
-    p = sub.add_parser("fetch", help="wait for a trusted peer to send a study, with progress")
-    p.add_argument("--from", dest="peer", metavar="NODE_ID", help="only this peer")
-    p.add_argument("--wait", type=float, default=600.0, metavar="SECONDS")
-    p.set_defaults(handler=cmd_fetch)
