@@ -89,6 +89,10 @@ INVITE_KIND = "live.invite"
 JOIN_KIND = "live.join"
 TICKET_DOMAIN = b"radmesh/live-ticket/v1"
 NOT_ADMITTED = "not-admitted"
+MAX_INVITED_SESSIONS = 16  # sessions one peer's invites may open on this node at once
+MAX_AUDITED_REFUSALS = 20  # refused invites/joins audited and logged per peer per window
+REFUSAL_WINDOW_S = 60.0
+MAX_REFUSING = 1024  # peers whose refusals are being counted
 PALETTE = ("#00d7ff", "#ff5f87", "#afff5f", "#ffaf00", "#af87ff", "#5fffd7", "#ff8700", "#d7d7d7")
 
 Listener = Callable[[], None]
@@ -220,6 +224,11 @@ class Reassembler:
         del self._partials[key]
         self._buffered -= partial.size
         return b"".join(partial.chunks)
+
+    def forget(self, consult_id: str) -> None:
+        """Drop the messages in progress for one consult (its sender was expelled from it)."""
+        for key in [k for k in self._partials if k[0] == consult_id]:
+            self._buffered -= self._partials.pop(key).size
 
     def reset(self) -> None:
         """The connection was re-established: fragments in progress are gone for good."""
@@ -502,9 +511,19 @@ class LiveConsult:
         binding = self._bindings.get(peer)
         if binding is None:
             return
-        binding.client = check_presence(message, binding.node, binding.client)
+        client = check_presence(message, binding.node, binding.client)
+        if client is not None and binding.client is None and self._client_taken(client):
+            raise MalformedMessage("presence uses the client id of another participant")
+        binding.client = client
         self.presence.receive(message, self.clock())
         self._changed()
+
+    def _client_taken(self, client: int) -> bool:
+        """Whether an awareness client id is this node's own or bound to another peer (a
+        peer taking it could hide that participant, or the presenter, from our view)."""
+        return client == self.presence.client_id or any(
+            b.client == client for b in self._bindings.values()
+        )
 
     # -- local edits ------------------------------------------------------------------
     def add_annotation(
@@ -673,6 +692,8 @@ class LiveHub:
         # Consults with no record here: who this node admits, and the ticket it joins with.
         self._rosters: dict[str, set[bytes]] = {}
         self._tickets: dict[str, tuple[bytes, bytes]] = {}
+        self._opened_by: dict[str, bytes] = {}  # session opened on a peer's invite -> that peer
+        self._refusals: dict[bytes, tuple[float, int]] = {}  # peer -> (window start, count)
         self.transport = transport
         self.identity = identity
         self.own_key = identity.public_key
@@ -710,6 +731,7 @@ class LiveHub:
     async def leave(self, consult_id: str) -> None:
         self._rosters.pop(consult_id, None)
         self._tickets.pop(consult_id, None)
+        self._opened_by.pop(consult_id, None)
         live = self.sessions.pop(consult_id, None)
         if live is not None:
             await live.close()
@@ -761,11 +783,21 @@ class LiveHub:
         consult_id = invite.consult_id
         if not self.auto_join and consult_id not in self.sessions:
             raise RequestRefused("declined", "this node does not join live sessions on invite")
+        if consult_id not in self.sessions and self._invited_sessions(conn.peer) >= (
+            MAX_INVITED_SESSIONS
+        ):
+            raise RequestRefused(
+                "busy",
+                f"your node already has {MAX_INVITED_SESSIONS} live sessions open on this node: "
+                "ask its user to leave some first",
+            )
         unrecorded = self.may_join(consult_id, conn.peer) is None
         if unrecorded and consult_id not in self.sessions:
             self._rosters.setdefault(consult_id, set()).add(conn.peer)  # a new session
-        if not self._admits(consult_id, conn.peer):
+        if not self._admits(consult_id, conn.peer) or not self._may_invite(consult_id, conn.peer):
             raise self._refuse(consult_id, conn.peer, "invite")
+        if consult_id not in self.sessions:
+            self._opened_by[consult_id] = conn.peer
         live = self.open(consult_id, invite.title, invite.study_uid)
         self._attach(conn)
         if not live.bind(conn):
@@ -785,7 +817,9 @@ class LiveHub:
 
     async def _on_join(self, conn: PeerConnection, body: bytes) -> bytes:
         invite = Invite.from_wire(body)
-        if not self._admits(invite.consult_id, conn.peer, invite.by, invite.ticket):
+        if not self._admits(
+            invite.consult_id, conn.peer, invite.by, invite.ticket
+        ) or not self._vouched(invite, conn.peer):
             raise self._refuse(invite.consult_id, conn.peer, "join")
         live = self.sessions.get(invite.consult_id)
         if live is None:
@@ -828,6 +862,35 @@ class LiveHub:
             live.bind(conn)
 
     # -- admission ------------------------------------------------------------------
+    def _may_invite(self, consult_id: str, peer: bytes) -> bool:
+        """A session opened here on another peer's invite, with no consult on record:
+        only its opener and peers already in it may invite this node to it again. The
+        members the opener named are joined, not taken as inviters: else a stranger
+        naming the consult's parties would have this node let them in and relay the
+        consult to the stranger."""
+        opener = self._opened_by.get(consult_id)
+        live = self.sessions.get(consult_id)
+        if opener is None or live is None or self.may_join(consult_id, peer) is not None:
+            return True
+        return peer == opener or live.is_bound(peer)
+
+    def _vouched(self, invite: Invite, joiner: bytes) -> bool:
+        """A consult on record here: the joiner shows the ticket of the node that invited
+        it, and that node is admitted here too (a party or an approved guest). Else a
+        stranger that invited an approved guest (who has no record of the consult, so
+        takes its inviter's word) into the session would have the guest relay it."""
+        if self.may_join(invite.consult_id, joiner) is None:
+            return True  # no record here: the roster in _admits decides
+        return (
+            bool(invite.by)
+            and self.may_join(invite.consult_id, invite.by) is True
+            and ticket_valid(invite.consult_id, joiner, invite.by, invite.ticket)
+        )
+
+    def _invited_sessions(self, peer: bytes) -> int:
+        """How many of this node's open sessions ``peer``'s invites opened."""
+        return sum(1 for c, p in self._opened_by.items() if p == peer and c in self.sessions)
+
     def _admits(self, consult_id: str, peer: bytes, by: bytes = b"", ticket: bytes = b"") -> bool:
         """Whether ``peer`` may be bound to this node's session on ``consult_id``."""
         verdict = self.may_join(consult_id, peer)
@@ -838,16 +901,37 @@ class LiveHub:
             by in roster and bool(ticket) and ticket_valid(consult_id, peer, by, ticket)
         )
 
+    def _worth_recording(self, peer: bytes) -> bool:
+        """Whether a refusal of ``peer`` is audited and logged: at most
+        MAX_AUDITED_REFUSALS per REFUSAL_WINDOW_S, so a flood of joins for made-up
+        consult ids does not fill the audit log (each is still refused)."""
+        now = self.clock()
+        start, count = self._refusals.get(peer, (now, 0))
+        if now - start >= REFUSAL_WINDOW_S:
+            start, count = now, 0
+        if peer not in self._refusals and len(self._refusals) >= MAX_REFUSING:
+            self._refusals.clear()
+        self._refusals[peer] = (start, count + 1)
+        if count == MAX_AUDITED_REFUSALS:
+            log.warning(
+                "%s keeps asking for live sessions it is not admitted to: further refusals "
+                "are not recorded for %.0f s",
+                NodeId.from_public_key(peer).short(),
+                REFUSAL_WINDOW_S,
+            )
+        return count < MAX_AUDITED_REFUSALS
+
     def _refuse(self, consult_id: str, peer: bytes, how: str) -> RequestRefused:
-        log.warning(
-            "refused a live %s from %s: not a party of that consult nor an approved guest",
-            how,
-            NodeId.from_public_key(peer).short(),
-        )
-        try:
-            self.on_refused(consult_id, peer, how)
-        except Exception:
-            log.exception("recording a refused live %s failed", how)
+        if self._worth_recording(peer):
+            log.warning(
+                "refused a live %s from %s: not a party of that consult nor an approved guest",
+                how,
+                NodeId.from_public_key(peer).short(),
+            )
+            try:
+                self.on_refused(consult_id, peer, how)
+            except Exception:
+                log.exception("recording a refused live %s failed", how)
         return RequestRefused(
             NOT_ADMITTED,
             "this node does not admit your node to that live session: only the consult's "
@@ -892,6 +976,8 @@ class LiveHub:
             return
         try:
             piece = LiveFragment.from_wire(data)
+            if self._withdrawn(piece.consult_id, conn.peer):
+                return
             message = self._reassemblers[conn.peer].feed(piece)
             if message is None:
                 return
@@ -909,11 +995,66 @@ class LiveHub:
             return
         try:
             envelope = PresenceEnvelope.from_wire(data)
+            if self._withdrawn(envelope.consult_id, conn.peer):
+                return
             live = self.sessions.get(envelope.consult_id)
             if live is not None:
                 live.receive_presence(conn.peer, envelope.message)
         except RemoteConsultError as exc:
             self._misbehaved(conn, exc)
+
+    def expel(self, consult_id: str, peer: bytes) -> bool:
+        """``peer`` is no longer admitted to the session on ``consult_id`` (a guest refused
+        after its approval, the consult withdrawn): out of that session now. Its connection
+        stays, for the other consults it may share with this node. True if it was in."""
+        live = self.sessions.get(consult_id)
+        if live is None:
+            return False
+        was_in = live.is_bound(peer) or peer in live.expected
+        live.expected.discard(peer)
+        live.unbind(peer)
+        roster = self._rosters.get(consult_id)
+        if roster is not None:
+            roster.discard(peer)
+        reassembler = self._reassemblers.get(peer)
+        if reassembler is not None:
+            reassembler.forget(consult_id)
+        return was_in
+
+    def recheck(self, consult_id: str) -> list[bytes]:
+        """Ask the admission check again for everyone in the session on ``consult_id`` (the
+        consult was withdrawn, a guest refused) and expel those it no longer lets in."""
+        live = self.sessions.get(consult_id)
+        if live is None:
+            return []
+        gone = [
+            peer
+            for peer in {*live.peers, *live.expected}
+            if self.may_join(consult_id, peer) is False
+        ]
+        for peer in gone:
+            self.expel(consult_id, peer)
+        return gone
+
+    def _withdrawn(self, consult_id: str, peer: bytes) -> bool:
+        """True if the admission check no longer lets ``peer`` into this node's session on
+        ``consult_id``: its message is dropped, and if it was still in the session it is
+        expelled and the refusal reported (once). Asked for every live and presence
+        message: admission is not only checked when a peer is bound."""
+        live = self.sessions.get(consult_id)
+        if live is None or self.may_join(consult_id, peer) is not False:
+            return False
+        if live.is_bound(peer) or peer in live.expected:  # reported once, when it goes
+            log.warning(
+                "live message from %s refused: no longer admitted to that session",
+                NodeId.from_public_key(peer).short(),
+            )
+            self.expel(consult_id, peer)
+            try:
+                self.on_refused(consult_id, peer, "message")
+            except Exception:
+                log.exception("recording a refused live message failed")
+        return True
 
     def _misbehaved(self, conn: PeerConnection, exc: Exception) -> None:
         log.warning("closing the connection to %s: %s", conn.peer_id.short(), exc)

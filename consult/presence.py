@@ -41,6 +41,7 @@ MAX_COLOUR_CHARS = 16
 MAX_TOOL_CHARS = 32
 MAX_NODE_CHARS = 80  # a node id as text
 MAX_UID_CHARS = 64  # a DICOM UID
+MAX_NUMBER = 1e9  # cursor and view numbers (pixels, window, level, zoom, pan)
 _TEXT_CAPS = {
     "node": MAX_NODE_CHARS,
     "name": MAX_NAME_CHARS,
@@ -139,8 +140,9 @@ def _check_fields(what: str, value: Any, shape: dict[str, type]) -> None:
             ok = isinstance(field_value, str) and len(field_value) <= MAX_UID_CHARS
         elif kind is int:
             ok = type(field_value) is int and 0 <= field_value < 2**31
-        else:
+        else:  # finite, and small enough that no difference of two overflows
             ok = type(field_value) in (int, float) and math.isfinite(field_value)
+            ok = ok and abs(field_value) <= MAX_NUMBER
         if not ok:
             raise MalformedMessage(f"presence {what} field {name!r} is out of range")
 

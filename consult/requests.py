@@ -6,6 +6,7 @@ audit goes to a callback, and persistence lives in :mod:`consult.store`.
 
 from __future__ import annotations
 
+import re
 import statistics
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,11 +18,32 @@ from consult.errors import IllegalTransition, LocalConsultError, MalformedMessag
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
+from node.ids import is_dicom_uid
 
 REQUEST_TYPE = "consult-request"
 MAX_REQUEST_WIRE = 64 * 1024
 MAX_QUESTION_CHARS = 8000
 MAX_FIELD_CHARS = 200
+# What ConsultRequest.new makes (uuid4().hex); every consult message from a peer is
+# checked against it when parsed, since a consult id also names local state.
+_CONSULT_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def check_consult_id(value: object, what: str = "consult message") -> str:
+    """``value`` if it is a consult id (32 lowercase hex characters), else MalformedMessage."""
+    if not isinstance(value, str) or _CONSULT_ID.fullmatch(value) is None:
+        raise MalformedMessage(
+            f"{what} carries a malformed consult id (not 32 lowercase hex characters); "
+            "it was refused: the sending node may run an incompatible or faulty version"
+        )
+    return value
+
+
+def check_uid(value: object, what: str) -> str:
+    """``value`` if it is a DICOM UID (digits and dots, at most 64), else MalformedMessage."""
+    if not is_dicom_uid(value):
+        raise MalformedMessage(f"{what} is not a DICOM UID (digits and dots, at most 64)")
+    return str(value)
 
 
 class Priority(StrEnum):
@@ -146,6 +168,12 @@ class ConsultRequest:
         now: int,
         deidentified: bool = True,
     ) -> ConsultRequest:
+        if not is_dicom_uid(study_uid):
+            raise LocalConsultError(
+                f"study UID {study_uid[:64]!r} is not a well-formed DICOM UID (digits and "
+                "dots, at most 64): the consultant's node would refuse the request; share "
+                "the study de-identified, which gives it a new UID"
+            )
         return cls(
             uuid.uuid4().hex,
             study_uid,
@@ -191,8 +219,8 @@ class ConsultRequest:
             raise MalformedMessage("consult request priority must be stat/urgent/routine") from exc
         try:
             return cls(
-                id=_text(raw, "id", 64),
-                study_uid=_text(raw, "study", 64),
+                id=check_consult_id(raw.get("id"), "consult request"),
+                study_uid=check_uid(raw.get("study"), "consult request study UID"),
                 question=_text(raw, "q", MAX_QUESTION_CHARS),
                 priority=priority,
                 subspecialty=_text(raw, "sub"),
@@ -460,7 +488,11 @@ class ConsultResponse:
         if not isinstance(by, bytes) or len(by) != 32 or event not in RESPONSE_EVENTS:
             raise MalformedMessage("consult response has a bad responder or event")
         response = cls(
-            _text(raw, "id", 64), NodeId(by), event, _int(raw, "at"), _text(raw, "reason", 2000)
+            check_consult_id(raw.get("id"), "consult response"),
+            NodeId(by),
+            event,
+            _int(raw, "at"),
+            _text(raw, "reason", 2000),
         )
         if envelope.signer_id != response.responder:
             raise MalformedMessage("consult response is signed by a node other than its responder")

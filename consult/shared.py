@@ -86,6 +86,7 @@ MAX_VALUE_NAME = 64
 MAX_UID_CHARS = 64  # a DICOM UID
 MAX_ID_CHARS = 64  # annotation and chat message ids (this node makes 32 hex digits)
 MAX_FRAME = 2**31 - 1
+MAX_COORD = 1e9  # image pixels: larger than any image; two points' difference stays finite
 
 Point = tuple[float, float]
 
@@ -130,6 +131,23 @@ def _authentic(domain: bytes, consult_id: str, fields: dict[str, Any]) -> bool:
     return True
 
 
+def _is_panic(exc: BaseException) -> bool:
+    """pycrdt is Rust: a panic on a malformed update comes out as pyo3's PanicException,
+    a BaseException (not an Exception), which no ``except Exception`` handler stops."""
+    return type(exc).__name__ == "PanicException" and type(exc).__module__ == "pyo3_runtime"
+
+
+def _author(raw: Any) -> Any:
+    return raw.get("author") if isinstance(raw, dict) else None
+
+
+def _tomb_key(annotation_id: str, author: Any) -> str:
+    """Where the tombstone of ``author``'s annotation ``annotation_id`` is kept: keyed by
+    its author too, so no participant can occupy the place of another's tombstone (node
+    ids have no ``/``)."""
+    return f"{author}/{annotation_id}"
+
+
 def _writable(value: Any) -> Any:
     """pycrdt reads bytes back as bytearray but writes a bytearray as None."""
     if isinstance(value, bytearray):
@@ -165,6 +183,11 @@ _POINT_COUNT = {
     AnnotationKind.ANGLE: 3,  # vertex, arm a, arm b
     AnnotationKind.ELLIPSE: 2,  # centre, (radius x, radius y) corner offset
 }
+
+
+def point_count(kind: AnnotationKind) -> int:
+    """How many points an annotation of this kind has."""
+    return _POINT_COUNT[kind]
 
 
 @dataclass(frozen=True)
@@ -206,6 +229,8 @@ class Annotation:
         numbers = [*self.values.values(), self.at, *(c for p in self.points for c in p)]
         if not all(math.isfinite(n) for n in numbers):
             raise LocalConsultError("annotation points, time and values must be finite numbers")
+        if any(abs(c) > MAX_COORD for p in self.points for c in p):
+            raise LocalConsultError(f"annotation points are limited to ±{MAX_COORD:g} pixels")
 
     def to_py(self) -> dict[str, Any]:
         return {
@@ -496,7 +521,9 @@ class SharedState:
             )
         removal = Removal(annotation_id, self.local_node, now)
         with self.doc.transaction():  # the signed tombstone travels with the removal
-            self._removed[annotation_id] = removal.signed(self._identity, self.consult_id).to_py()
+            self._removed[_tomb_key(annotation_id, self.local_node)] = removal.signed(
+                self._identity, self.consult_id
+            ).to_py()
             del self._annotations[annotation_id]
 
     def say(self, text: str, now: float) -> ChatMessage:
@@ -541,22 +568,24 @@ class SharedState:
         annotations = []
         removed = self._removed.to_py()
         for key, raw in self._annotations.to_py().items():
-            if self._tombstone_matches(removed.get(key), raw):
+            if self._tombstone_matches(removed.get(_tomb_key(key, _author(raw))), raw):
                 continue  # a resurrection not yet repaired: never shown
             try:
                 annotations.append(Annotation.from_py(key, raw))
             except MalformedMessage:
                 malformed += 1
         chat = []
-        said: set[str] = set()
+        said: set[tuple[str, str]] = set()
         for raw in self._chat.to_py():
             try:
                 message = ChatMessage.from_py(raw)
             except MalformedMessage:
                 malformed += 1
                 continue
-            if message.id not in said:  # a signed message replayed by another peer: shown once
-                said.add(message.id)
+            # A signed message replayed by another peer: shown once. By author and id: a
+            # message under another author's id does not hide that author's message.
+            if (message.author, message.id) not in said:
+                said.add((message.author, message.id))
                 chat.append(message)
         annotations.sort(key=lambda a: a.id)
         return Snapshot(tuple(annotations), tuple(chat), str(self._report), malformed)
@@ -617,9 +646,20 @@ class SharedState:
                 unsaid, self._unsaid = self._unsaid, None
         except (ValueError, RuntimeError) as exc:
             raise MalformedMessage(f"live update from a peer does not apply: {exc}") from exc
+        except BaseException as exc:
+            if not _is_panic(exc):
+                raise
+            try:
+                self._sweep()
+            except BaseException as again:  # the library fails again: the refusal stands
+                if not _is_panic(again):
+                    raise
+            raise MalformedMessage(
+                "live update from a peer made the CRDT library fail: its connection is closed"
+            ) from exc
         own_edit = message.kind == SyncKind.UPDATE
         with self.doc.transaction():  # the repairs are one local edit, sent to every peer
-            forged = self._rebury(buried, touched, own_edit)
+            forged = self._rebury(buried)
             forged += self._repair(touched, sender, own_edit)
             forged += self._resay(unsaid, said)
             unsaid_count, chat_over = self._unsay(said, sender, own_edit)
@@ -639,6 +679,32 @@ class SharedState:
                 "they were undone and its connection is closed"
             )
         return None
+
+    def _sweep(self) -> None:
+        """After the CRDT library failed halfway through a peer's update (its observers,
+        and so the checks above, may not all have run): remove every entry not signed
+        by its author, as :meth:`receive` would have."""
+        with self.doc.transaction():
+            for key, raw in self._annotations.to_py().items():
+                if not self._authentic_annotation(key, raw):
+                    del self._annotations[key]
+            for key, raw in self._removed.to_py().items():
+                author, _, annotation_id = key.partition("/")
+                try:
+                    removal = Removal.from_py(annotation_id, raw)
+                    ok = removal.author == author and removal.is_authentic(self.consult_id)
+                except MalformedMessage:
+                    ok = False
+                if not ok:
+                    del self._removed[key]
+            for index in reversed(range(len(self._chat))):
+                try:
+                    ok = ChatMessage.from_py(self._chat[index]).is_authentic(self.consult_id)
+                except MalformedMessage:
+                    ok = False
+                if not ok:
+                    del self._chat[index]
+        self._chat_mirror = list(self._chat.to_py())
 
     # limits ---------------------------------------------------------------------------------
     @staticmethod
@@ -743,11 +809,12 @@ class SharedState:
             and tombstone.get("author") == annotation.get("author")
         )
 
-    def _rebury(self, buried: dict[str, Any], touched: dict[str, Any], own_edit: bool) -> int:
+    def _rebury(self, buried: dict[str, Any]) -> int:
         """Check the tombstones a peer's message added, changed or removed; returns how
         many were forgeries. A tombstone is never changed or removed (put back); a new
-        one must be signed by its author, who must be the author of the annotation it
-        names (when known here); an accepted one removes that annotation for good."""
+        one must be signed by the author its key names (so every participant decides the
+        same, whether or not it knows the annotation yet); an accepted one removes that
+        author's annotation of that id for good."""
         forged = 0
         for key, old in buried.items():
             new = self._removed.get(key)
@@ -757,19 +824,17 @@ class SharedState:
                 self._removed[key] = _writable(old)
                 forged += 1
                 continue
+            author, _, annotation_id = key.partition("/")
             try:
-                removal = Removal.from_py(key, new)
-                ok = removal.is_authentic(self.consult_id)
+                removal = Removal.from_py(annotation_id, new)
+                ok = removal.author == author and removal.is_authentic(self.consult_id)
             except MalformedMessage:
                 ok = False
-            annotation = touched[key] if key in touched else self._annotations.get(key)
-            if ok and annotation is not None:
-                ok = self._tombstone_matches(new, annotation)
             if not ok:
                 del self._removed[key]
                 forged += 1
-            elif key in self._annotations and self._tombstone_matches(new, self._annotations[key]):
-                del self._annotations[key]  # e.g. replayed to us before we saw the removal
+            elif self._tombstone_matches(new, self._annotations.get(annotation_id)):
+                del self._annotations[annotation_id]  # e.g. replayed before we saw the removal
         return forged
 
     def _on_chat(self, event: Any) -> None:
@@ -818,14 +883,13 @@ class SharedState:
             new = self._annotations.get(key)
             if old == new:
                 continue
-            tombstone = self._removed.get(key)
             if new is None:
-                if self._tombstone_matches(tombstone, old):
+                if self._tombstone_matches(self._removed.get(_tomb_key(key, owner(old))), old):
                     continue  # removed by its author, who signed the removal
                 self._annotations[key] = _writable(old)
                 forged += 1
                 continue
-            if self._tombstone_matches(tombstone, new):
+            if self._tombstone_matches(self._removed.get(_tomb_key(key, owner(new))), new):
                 # A removed annotation does not come back. Whoever holds the tombstone holds
                 # the removal too, so only a new write (a replay) brings its id back.
                 del self._annotations[key]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from consult.errors import BadReport, LocalConsultError, UnknownConsult
+from consult.alerts import ReportAck
+from consult.errors import BadReport, LocalConsultError, MalformedMessage, UnknownConsult
 from consult.report import PeerReview, Report, verify_report, verify_review
 from consult.requests import (
     TRANSITIONS,
@@ -80,7 +81,22 @@ CREATE TABLE IF NOT EXISTS live_guests (
     approver TEXT NOT NULL,
     PRIMARY KEY (consult_id, guest, approver)
 );
+CREATE TABLE IF NOT EXISTS live_guest_refusals (
+    consult_id TEXT NOT NULL REFERENCES requests(id),
+    guest TEXT NOT NULL,
+    refuser TEXT NOT NULL,
+    PRIMARY KEY (consult_id, guest, refuser)
+);
 CREATE INDEX IF NOT EXISTS requests_state ON requests(state);
+CREATE TABLE IF NOT EXISTS report_acks (
+    consult_id TEXT PRIMARY KEY REFERENCES requests(id),
+    critical INTEGER NOT NULL,
+    reported_at INTEGER NOT NULL,
+    acked_at INTEGER,
+    acked_by TEXT NOT NULL DEFAULT '',
+    ack_wire BLOB,
+    steps INTEGER NOT NULL DEFAULT 0
+);
 """
 _PRIORITY_ORDER = {p: i for i, p in enumerate(Priority)}
 
@@ -91,6 +107,9 @@ class OfferAnswer:
 
     transition: Transition | None  # None: the case did not move (late, or one decline of many)
     withdraw: tuple[NodeId, ...]  # consultants to tell the case is withdrawn for them
+
+
+MAX_GUESTS = 32  # guests one party may approve for one consult's live session
 
 
 class ConsultDB:
@@ -198,6 +217,14 @@ class ConsultDB:
         if row is None:
             raise UnknownConsult(consult_id)
         return row[0], row[1], row[2]
+
+    def count_from(self, peer: str, state: State) -> int:
+        """How many requests this node holds from ``peer`` (a node id) in ``state``."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM requests WHERE role = 'consultant' AND peer = ? AND state = ?",
+            (peer, state.value),
+        ).fetchone()
+        return int(row[0])
 
     def apply(self, consult_id: str, event: Event, now: int, actor: str = "") -> Transition:
         """Apply ``event`` and persist the new state and the transition atomically.
@@ -326,9 +353,15 @@ class ConsultDB:
         report = verify_report(
             wire, consult_id=consult_id, consultant=NodeId.parse(peer) if peer else None
         )
+        if report.study_uid != self.get(consult_id).request.study_uid:
+            raise BadReport(
+                f"the report for consult {consult_id[:8]} names another study than the one "
+                "shared: it is not filed; ask the consultant to send it again"
+            )
         with self._transaction():
             transition = self._apply_locked(consult_id, Event.REPORT, now, str(report.author))
             self._db.execute("INSERT INTO reports VALUES (?,?,?)", (consult_id, wire, now))
+            self._track_ack(consult_id, report.critical, now)
         self._audit(consult_id, transition)
         return report
 
@@ -338,12 +371,79 @@ class ConsultDB:
         role, _, _ = self.info(consult_id)
         if role != "consultant":
             raise LocalConsultError(f"consult {consult_id[:8]} was not sent to this node")
-        verify_report(wire, consult_id=consult_id)
+        report = verify_report(wire, consult_id=consult_id)
         with self._transaction():
             transition = self._apply_locked(consult_id, Event.REPORT, now, actor)
             self._db.execute("INSERT INTO reports VALUES (?,?,?)", (consult_id, wire, now))
+            self._track_ack(consult_id, report.critical, now)
         self._audit(consult_id, transition)
         return transition
+
+    # -- acknowledgement of reports (consult.alerts) ------------------------------------
+    def _track_ack(self, consult_id: str, critical: bool, now: int) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO report_acks (consult_id, critical, reported_at) VALUES (?,?,?)",
+            (consult_id, int(critical), now),
+        )
+
+    def acknowledge(
+        self, consult_id: str, wire: bytes, by: str, now: int, actor: str
+    ) -> tuple[Transition, ReportAck]:
+        """Move a reported case to acknowledged and record who did it and when, atomically
+        (``wire``: the signed acknowledgement as made here or received)."""
+        with self._transaction():
+            transition = self._apply_locked(consult_id, Event.ACKNOWLEDGE, now, actor)
+            self._db.execute(
+                "UPDATE report_acks SET acked_at = ?, acked_by = ?, ack_wire = ? "
+                "WHERE consult_id = ?",
+                (now, by, wire, consult_id),
+            )
+        self._audit(consult_id, transition)
+        ack = self.report_ack(consult_id)
+        if ack is None:
+            raise LocalConsultError(f"consult {consult_id[:8]} has no report to acknowledge")
+        return transition, ack
+
+    def ack_wire(self, consult_id: str) -> bytes | None:
+        row = self._db.execute(
+            "SELECT ack_wire FROM report_acks WHERE consult_id = ?", (consult_id,)
+        ).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def set_steps(self, consult_id: str, steps: int) -> None:
+        """Record the re-sends or escalations taken for a report (restart-safe)."""
+        self._db.execute(
+            "UPDATE report_acks SET steps = ? WHERE consult_id = ?", (steps, consult_id)
+        )
+
+    _ACK_SELECT = (
+        "SELECT a.consult_id, r.role, r.priority, a.critical, a.reported_at, a.acked_at, "
+        "a.acked_by, a.steps FROM report_acks a JOIN requests r ON r.id = a.consult_id"
+    )
+
+    @staticmethod
+    def _ack_row(row: Sequence[object]) -> ReportAck:
+        cid, role, prio, critical, reported, acked, by, steps = row
+        return ReportAck(
+            str(cid),
+            str(role),
+            Priority(str(prio)),
+            bool(critical),
+            int(str(reported)),
+            None if acked is None else int(str(acked)),
+            str(by),
+            int(str(steps)),
+        )
+
+    def report_ack(self, consult_id: str) -> ReportAck | None:
+        row = self._db.execute(self._ACK_SELECT + " WHERE a.consult_id = ?", (consult_id,))
+        found = row.fetchone()
+        return None if found is None else self._ack_row(found)
+
+    def report_acks(self, *, unacknowledged: bool = False) -> list[ReportAck]:
+        where = " WHERE a.acked_at IS NULL" if unacknowledged else ""
+        rows = self._db.execute(self._ACK_SELECT + where + " ORDER BY a.reported_at")
+        return [self._ack_row(r) for r in rows.fetchall()]
 
     def file_review(
         self, consult_id: str, wire: bytes, now: int, *, reviewer: NodeId | None = None
@@ -398,10 +498,25 @@ class ConsultDB:
         return frozenset({own, peer} - {""})
 
     def approve_guest(self, consult_id: str, guest: str, approver: str) -> None:
-        """Record that party ``approver`` agrees to ``guest`` joining the live session."""
+        """Record that party ``approver`` agrees to ``guest`` joining the live session
+        (at most MAX_GUESTS guests per approver and consult: the other party's approvals
+        arrive as messages, and must not grow the database without end)."""
         self.info(consult_id)  # UnknownConsult if not here
+        (count,) = self._db.execute(
+            "SELECT COUNT(*) FROM live_guests WHERE consult_id = ? AND approver = ? AND guest != ?",
+            (consult_id, approver, guest),
+        ).fetchone()
+        if count >= MAX_GUESTS:
+            raise LocalConsultError(
+                f"{MAX_GUESTS} guests are already approved for consult {consult_id[:8]} by "
+                "that party: a live session holds far fewer people"
+            )
         self._db.execute(
             "INSERT OR IGNORE INTO live_guests VALUES (?,?,?)", (consult_id, guest, approver)
+        )
+        self._db.execute(
+            "DELETE FROM live_guest_refusals WHERE consult_id = ? AND guest = ? AND refuser = ?",
+            (consult_id, guest, approver),
         )
 
     def guest_approvers(self, consult_id: str, guest: str) -> frozenset[str]:
@@ -411,11 +526,55 @@ class ConsultDB:
         ).fetchall()
         return frozenset(str(r[0]) for r in rows)
 
+    def refuse_guest(self, consult_id: str, guest: str, refuser: str) -> None:
+        """Record that party ``refuser`` does not (or no longer) agree to ``guest``: its
+        approval, if it gave one, is withdrawn (the guest is no longer admitted)."""
+        self.info(consult_id)  # UnknownConsult if not here
+        with self._transaction():
+            self._db.execute(
+                "DELETE FROM live_guests WHERE consult_id = ? AND guest = ? AND approver = ?",
+                (consult_id, guest, refuser),
+            )
+            self._db.execute(
+                "INSERT OR IGNORE INTO live_guest_refusals VALUES (?,?,?)",
+                (consult_id, guest, refuser),
+            )
+
+    def guest_refusers(self, consult_id: str, guest: str) -> frozenset[str]:
+        rows = self._db.execute(
+            "SELECT refuser FROM live_guest_refusals WHERE consult_id = ? AND guest = ?",
+            (consult_id, guest),
+        ).fetchall()
+        return frozenset(str(r[0]) for r in rows)
+
+    def guests(self, consult_id: str | None = None) -> list[tuple[str, str]]:
+        """(consult id, guest node id) of every guest proposed, approved or refused (of one
+        consult, or of all), in a stable order."""
+        rows = self._db.execute(
+            "SELECT consult_id, guest FROM live_guests UNION "
+            "SELECT consult_id, guest FROM live_guest_refusals ORDER BY 1, 2"
+        ).fetchall()
+        return [(str(c), str(g)) for c, g in rows if consult_id is None or c == consult_id]
+
+    def state_of(self, consult_id: str) -> State:
+        """The consult's state, read without loading its request (asked per live message)."""
+        row = self._db.execute("SELECT state FROM requests WHERE id = ?", (consult_id,)).fetchone()
+        if row is None:
+            raise UnknownConsult(consult_id)
+        return State(row[0])
+
     def cases(self, states: Iterable[State] | None = None) -> list[ConsultCase]:
         """Cases, most urgent first (STAT before urgent before routine), then oldest first."""
         rows = self._db.execute("SELECT id, body, state FROM requests").fetchall()
         wanted = None if states is None else {s.value for s in states}
-        cases = [self._load(r) for r in rows if wanted is None or r[2] in wanted]
+        cases = []
+        for row in rows:
+            if wanted is not None and row[2] not in wanted:
+                continue
+            try:
+                cases.append(self._load(row))
+            except MalformedMessage:  # recorded before ids were checked (a path, say): never used
+                continue
         cases.sort(key=lambda c: (_PRIORITY_ORDER[c.request.priority], c.request.created_at))
         return cases
 

@@ -209,6 +209,9 @@ class ReplayGuard:
     def __init__(self, capacity: int = 100_000) -> None:
         self._capacity = capacity
         self._seen: dict[tuple[bytes, bytes], int] = {}
+        # Expiry of the latest message forgotten to make room: anything expiring at or
+        # before it may be one of those, so it is refused (eviction never enables replay).
+        self._floor = -1
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -217,10 +220,16 @@ class ReplayGuard:
         key = (sender, nonce)
         if key in self._seen:
             raise Replayed("this message was already received once (replay refused)")
+        if expires <= self._floor:
+            raise Replayed(
+                "this message is older than what the replay guard still remembers; "
+                "refused in case it is a replay (ask the sender to send it again)"
+            )
         if len(self._seen) >= self._capacity:
             self._seen = {k: e for k, e in self._seen.items() if e >= now}
             while len(self._seen) >= self._capacity:
-                del self._seen[min(self._seen, key=self._seen.__getitem__)]
+                oldest = min(self._seen, key=self._seen.__getitem__)
+                self._floor = max(self._floor, self._seen.pop(oldest))
         self._seen[key] = expires
 
     def export(self) -> list[tuple[bytes, bytes, int]]:

@@ -25,8 +25,18 @@ MAX_KEYFILE_SIZE = 4096
 
 @dataclass(frozen=True)
 class KdfCost:
-    opslimit: int = nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE
-    memlimit: int = nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE
+    """Argon2id cost. The default is libsodium's MODERATE (3 passes, 256 MiB, about a
+    second): the key guards every study on the node for years, and is unlocked once per
+    start, so INTERACTIVE (2 passes, 64 MiB) is too cheap for an offline guess."""
+
+    opslimit: int = nacl.pwhash.argon2id.OPSLIMIT_MODERATE
+    memlimit: int = nacl.pwhash.argon2id.MEMLIMIT_MODERATE
+
+    def weaker_than(self, other: KdfCost) -> bool:
+        return self.opslimit < other.opslimit or self.memlimit < other.memlimit
+
+
+DEFAULT_COST = KdfCost()
 
 
 # Cheapest settings libsodium accepts; for tests only.
@@ -72,6 +82,17 @@ def plain_seed(seed: bytes) -> bytes:
 def is_encrypted(data: bytes) -> bool:
     raw = canonical.decode(data, MAX_KEYFILE_SIZE)
     return isinstance(raw, dict) and raw.get("kdf") == "argon2id"
+
+
+def cost_of(data: bytes) -> KdfCost | None:
+    """The KDF cost an encrypted key file was written with; None for a plain one."""
+    raw = canonical.decode(data, MAX_KEYFILE_SIZE)
+    if not isinstance(raw, dict) or raw.get("kdf") != "argon2id":
+        return None
+    ops, mem = raw.get("ops"), raw.get("mem")
+    if not (isinstance(ops, int) and isinstance(mem, int)):
+        raise EncodingError("key file is damaged: bad header")
+    return KdfCost(ops, mem)
 
 
 def decrypt_seed(data: bytes, passphrase: str | None) -> bytes:

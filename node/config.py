@@ -86,6 +86,49 @@ class NetworkConfig:
 
 
 @dataclass
+class AlertsConfig:
+    """Report acknowledgement and critical results (see consult.alerts, node.alerts)."""
+
+    # Run (never through a shell) when a critical result arrives and at each escalation,
+    # e.g. ["/usr/local/bin/page-oncall", "{consult}"]: "{consult}" becomes the consult id
+    # (no patient data), and "--escalation K" is appended from the first escalation on.
+    critical_command: list[str] = field(default_factory=list)
+    command_timeout_seconds: int = 10
+    # A report not acknowledged this long after it arrived is flagged.
+    ack_routine_minutes: int = 60
+    ack_urgent_minutes: int = 30
+    ack_stat_minutes: int = 15
+    ack_critical_minutes: int = 15
+    # An unacknowledged critical result: the consultant's node re-sends it, the hospital's
+    # node escalates (command again, louder banner), every repeat_minutes, at most
+    # max_repeats times.
+    critical_repeat_minutes: int = 5
+    critical_max_repeats: int = 6
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(part, str) and part for part in self.critical_command):
+            raise ConfigError(
+                "[alerts] critical_command must be a list of non-empty strings: the program "
+                'and its arguments, e.g. ["/usr/local/bin/page", "{consult}"]'
+            )
+        at_least = {"command_timeout_seconds": 1, "critical_repeat_minutes": 1}
+        for name, value in vars(self).items():
+            if isinstance(value, int) and value < at_least.get(name, 0):
+                raise ConfigError(f"[alerts] {name} must be at least {at_least.get(name, 0)}")
+
+
+@dataclass
+class SharingConfig:
+    """De-identification options a site turns on knowingly (PS3.15 Annex E); all off by
+    default. Clean Descriptors keeps study/series descriptions with names, ids and
+    numbers removed; the retain options keep device or institution names."""
+
+    clean_descriptors: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+
+
+@dataclass
 class NodeConfig:
     display_name: str = "radmesh node"
     institution: str = ""
@@ -98,6 +141,8 @@ class NodeConfig:
     availability: str = "online"  # see AVAILABILITY; `radmesh status --set` changes it
     dicom: DicomConfig = field(default_factory=DicomConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(asdict(self))
@@ -125,7 +170,7 @@ def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
     defaults = cls()
     for name, value in raw.items():
         expected = getattr(defaults, name)
-        if isinstance(expected, DicomConfig | NetworkConfig):
+        if isinstance(expected, DicomConfig | NetworkConfig | AlertsConfig | SharingConfig):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{name}] must be a table")
             kwargs[name] = _build(type(expected), value, f"{where} [{name}]")

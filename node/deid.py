@@ -20,14 +20,32 @@ Default options for teleradiology (``DEFAULT_OPTIONS``):
   right; times are kept.
 * Retain Patient Characteristics (113108): sex, age, size, weight... matter for
   the reading.
-* Clean Descriptors (113105): study/series/protocol descriptions are kept, with
-  any token equal to the patient's names or IDs removed.
-Retain Device Identity (113109) and Retain Institution Identity (113112) exist
-but are off by default.
+Off by default, for a site to turn on knowingly: Clean Descriptors (113105)
+keeps study/series/protocol/procedure descriptions with the patient's names
+and IDs and every token holding four digits or more (dates, record numbers,
+phone numbers) removed -- token scrubbing misses what it does not know, so by
+default those attributes get the profile's action (removed or emptied). Narrative
+free text (comments, patient history, reasons, diagnoses) is never kept.
+Retain Device Identity (113109) and Retain Institution Identity (113112).
 
-Burned-in annotation: an instance with BurnedInAnnotation = YES is refused
-(:class:`BurnedInAnnotationError`) unless the share allows it explicitly; we do
-not clean pixel data (no 113101 code is claimed). Pixel data is never changed.
+Beyond the table, so that what the table misses does not leak:
+* the File Meta Information is rebuilt from scratch (version, media storage SOP
+  class and instance UID, transfer syntax, our implementation class UID and
+  version name): Source AE title, Private Information and anything else a sender
+  put there never leave; the 128-byte preamble is zeroed;
+* overlay planes (groups 60xx) are removed whole, not only their data and comments;
+* every free-text, person-name and AE title element the table does not name
+  (VR LT, ST, UT, UC, PN, AE) is emptied, and an element of unknown VR (UN) is
+  removed.
+
+Burned-in annotation (:func:`burned_in_reason`): an instance with
+BurnedInAnnotation = YES, or without the flag in a modality or SOP class that
+commonly burns text into pixels (US, SC, XA, ES, OT, secondary capture), is
+refused (:class:`BurnedInAnnotationError`) unless the share says a person
+checked the pixels, or the share blacks out a band at the top of such images
+(Clean Pixel Data, 113101, claimed only for the instances it changed: ultrasound
+machines write name, id and date there; ``black_out_top`` rows). Other pixel
+data is never changed.
 
 The pseudonym map stays on the node, encrypted with a caller's 32-byte key
 (secretbox), so a report that comes back with pseudonymous UIDs is re-linked.
@@ -56,8 +74,9 @@ from dicomanonymizer.dicomfields_selector import (  # type: ignore[import-untype
     dicom_anonymization_database_selector,
 )
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.uid import UID
 
 from node.errors import NodeError
 
@@ -80,6 +99,7 @@ class PseudonymMapError(DeidError):
 class Option(enum.Enum):
     """Annex E options, valued by their CID 7050 code."""
 
+    CLEAN_PIXEL_DATA = ("113101", "Clean Pixel Data Option")
     CLEAN_DESCRIPTORS = ("113105", "Clean Descriptors Option")
     RETAIN_LONGITUDINAL_MODIFIED_DATES = (
         "113107",
@@ -95,7 +115,32 @@ DEFAULT_OPTIONS = frozenset(
     {
         Option.RETAIN_LONGITUDINAL_MODIFIED_DATES,
         Option.RETAIN_PATIENT_CHARACTERISTICS,
-        Option.CLEAN_DESCRIPTORS,
+    }
+)
+# Our File Meta identity: a 2.25 UID from a fixed name (PS3.5 B.2), and a version name.
+IMPLEMENTATION_CLASS_UID = "2.25." + str(
+    int.from_bytes(hashlib.sha256(b"radmesh implementation").digest()[:16], "big")
+)
+IMPLEMENTATION_VERSION_NAME = "RADMESH_0_1"
+# Element VRs that hold free text, names or AE titles: emptied unless the table or an
+# option decides otherwise.
+_FREE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UC", "PN", "AE"})
+# Not in Table E.1-1 but never shared: the encrypted originals of modified attributes.
+_ALSO_REMOVED = frozenset({0x04000500, 0xFFFCFFFC})
+# Modalities and SOP classes that commonly carry text burned into the pixels.
+BURNED_IN_MODALITIES = frozenset({"US", "SC", "XA", "ES", "OT"})
+BURNED_IN_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture
+        "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit SC
+        "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+        "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+        "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color SC
+        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image
+        "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image
+        "1.2.840.10008.5.1.4.1.1.12.1",  # X-Ray Angiographic Image
+        "1.2.840.10008.5.1.4.1.1.77.1.1.1",  # Video Endoscopic Image
+        "1.2.840.10008.5.1.4.1.1.77.1.4.1",  # Video Photographic Image
     }
 )
 
@@ -145,11 +190,6 @@ _DESCRIPTORS = frozenset(
         "RequestedProcedureDescription",
         "ScheduledProcedureStepDescription",
         "AcquisitionDeviceProcessingDescription",
-        "DerivationDescription",
-        "ImageComments",
-        "AdmittingDiagnosesDescription",
-        "AdditionalPatientHistory",
-        "ReasonForStudy",
         "ContrastBolusAgent",
         "BodyPartExamined",
     }
@@ -209,6 +249,9 @@ class PseudonymMap:
     patients: dict[str, tuple[str, str]] = field(default_factory=dict)  # orig id -> (id, name)
     original_names: dict[str, str] = field(default_factory=dict)  # orig id -> orig name
     date_offsets: dict[str, int] = field(default_factory=dict)  # orig id -> days
+    # A person confirmed the pixels of this share's burned-in candidates were checked.
+    burned_in_checked: bool = False
+    black_out_top: int = 0  # rows blacked out at the top of burned-in candidates
 
     def _mac(self, kind: str, value: str) -> bytes:
         return hmac.new(self.secret, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()
@@ -260,6 +303,8 @@ class PseudonymMap:
                 "patients": {k: list(v) for k, v in self.patients.items()},
                 "names": self.original_names,
                 "dates": self.date_offsets,
+                "burned_in": self.burned_in_checked,
+                "black_out": self.black_out_top,
             }
         )
         return bytes(nacl.secret.SecretBox(key).encrypt(plain))
@@ -276,6 +321,8 @@ class PseudonymMap:
                 patients={k: (v[0], v[1]) for k, v in raw["patients"].items()},
                 original_names=dict(raw["names"]),
                 date_offsets=dict(raw["dates"]),
+                burned_in_checked=raw.get("burned_in") is True,
+                black_out_top=int(raw.get("black_out", 0)),
             )
         except nacl.exceptions.CryptoError as exc:
             raise PseudonymMapError(
@@ -300,6 +347,29 @@ class PseudonymMap:
         return cls.from_bytes(path.read_bytes(), key)
 
 
+def burned_in_reason(ds: Dataset) -> str | None:
+    """Why this instance may have text burned into its pixels, or None.
+
+    BurnedInAnnotation YES says so; NO is believed; a missing or empty flag counts
+    as YES where text in the pixels is common (screen captures, ultrasound,
+    angiography, endoscopy, "other").
+    """
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "YES":
+        return "BurnedInAnnotation is YES"
+    if flag == "NO":
+        return None
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if modality in BURNED_IN_MODALITIES:
+        return f"modality {modality} without a BurnedInAnnotation flag"
+    if sop_class in BURNED_IN_SOP_CLASSES:
+        return "a screen capture, ultrasound or video SOP class without a BurnedInAnnotation flag"
+    if "ConversionType" in ds:
+        return "a converted image (screen capture) without a BurnedInAnnotation flag"
+    return None
+
+
 class BurnedInPolicy(enum.Enum):
     REFUSE = "refuse"
     ALLOW = "allow"  # the sender has checked the pixels
@@ -312,6 +382,9 @@ class ShareContext:
     pseudonyms: PseudonymMap = field(default_factory=PseudonymMap)
     options: frozenset[Option] = DEFAULT_OPTIONS
     burned_in: BurnedInPolicy = BurnedInPolicy.REFUSE
+    # Clean Pixel Data: the top rows of every frame of an image that may have burned-in
+    # text are set to black (ultrasound machines write name, id and date there).
+    black_out_top: int = 0
 
 
 # -- the transformation ------------------------------------------------------
@@ -332,23 +405,70 @@ def deidentify(data: bytes, share: ShareContext) -> bytes:
         ds = pydicom.dcmread(io.BytesIO(data))
     except (pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
         raise DeidError(f"cannot de-identify: not readable DICOM ({exc})") from exc
-    if (
-        str(ds.get("BurnedInAnnotation", "")).upper() == "YES"
-        and share.burned_in is BurnedInPolicy.REFUSE
-    ):
+    reason = burned_in_reason(ds)
+    options = share.options
+    if reason is not None and share.black_out_top > 0:
+        _black_out_top(ds, share.black_out_top)
+        options = options | {Option.CLEAN_PIXEL_DATA}
+    elif reason is not None and share.burned_in is BurnedInPolicy.REFUSE:
         raise BurnedInAnnotationError(
-            "this image has burned-in annotation (text in the pixels may identify the "
-            "patient); it was not shared. Check the pixels and share with burned-in allowed, "
-            "or leave the instance out"
+            f"instance {ds.get('SOPInstanceUID', '?')} may have text burned into its pixels "
+            f"({reason}) that can identify the patient; it was not shared. Check the pixels, "
+            "then share again confirming they were checked (--burned-in-checked), or leave "
+            "the instance out"
         )
+    if ds.file_meta.get("TransferSyntaxUID") is None:
+        raise DeidError("cannot de-identify: the file has no transfer syntax in its meta")
     patient = _patient(ds, share)
     ds.remove_private_tags()
     _clean(ds, share, patient)
-    _mark(ds, share.options)
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    _mark(ds, options)
+    ds.file_meta = _fresh_file_meta(ds, ds.file_meta.TransferSyntaxUID)
+    ds.preamble = bytes(128)  # a preamble can carry anything (TIFF headers, text)
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
+
+
+def _black_out_top(ds: Dataset, rows: int) -> None:
+    """Clean Pixel Data: set the top ``rows`` rows of every frame to black. A compressed
+    image is decompressed first (and leaves uncompressed) when a decoder is installed."""
+    sop = ds.get("SOPInstanceUID", "?")
+    if "PixelData" not in ds:
+        return
+    try:
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        pixels = ds.pixel_array.copy()
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        raise DeidError(
+            f"instance {sop}: its pixels cannot be decoded here to black out burned-in text "
+            f"({exc}); check them and share with --burned-in-checked, or leave it out"
+        ) from exc
+    photometric = str(ds.PhotometricInterpretation)
+    bits, signed = int(ds.BitsStored), bool(ds.get("PixelRepresentation", 0))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    band = (slice(None), slice(0, rows)) if frames > 1 else (slice(0, rows),)
+    if photometric == "MONOCHROME1":  # the highest value is black
+        pixels[band] = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    elif photometric.startswith("YBR"):  # black: no luma, neutral chroma
+        pixels[(*band, Ellipsis, 0)] = 0
+        pixels[(*band, Ellipsis, slice(1, 3))] = 1 << (bits - 1)
+    else:
+        pixels[band] = -(1 << (bits - 1)) if signed else 0
+    ds.set_pixel_data(pixels, photometric, int(ds.BitsStored))
+
+
+def _fresh_file_meta(ds: Dataset, transfer_syntax: str) -> FileMetaDataset:
+    """Only what Part 10 requires, nothing carried over from the sender's file meta."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
 
 
 def _patient(ds: Dataset, share: ShareContext) -> _Patient:
@@ -406,9 +526,16 @@ def _action_for(elem: DataElement, options: frozenset[Option]) -> str | None:
             return "K"
     if Option.CLEAN_DESCRIPTORS in options and keyword in _DESCRIPTORS:
         return "C"
-    action = profile_action(int(elem.tag))
+    tag = int(elem.tag)
+    if tag in _ALSO_REMOVED or (0x6000 <= tag >> 16 <= 0x601E and not (tag >> 16) & 1):
+        return "X"  # whole overlay planes: labels, descriptions and bitmaps can name people
+    action = profile_action(tag)
     if action is None and elem.VR == "UI" and keyword.endswith("InstanceUID"):
         action = "U"  # any instance UID the table predates
+    if action is None and elem.VR in _FREE_TEXT_VRS:
+        action = "Z"  # free text, a name or an AE title the table does not name
+    if action is None and elem.VR == "UN":
+        return "X"  # unknown content
     if (
         Option.RETAIN_LONGITUDINAL_MODIFIED_DATES in options
         and elem.VR in ("DA", "DT")
@@ -486,12 +613,18 @@ def _shift(elem: DataElement, days: int) -> Any:
     return _shift_one(str(elem.value), days)
 
 
+_NUMBERS = re.compile(r"\S*(?:\d\D?){4,}\S*")  # dates, record and phone numbers
+
+
 def _scrub(elem: DataElement, patient: _Patient) -> Any:
+    """Clean Descriptors: the patient's names and IDs and every token with four digits
+    or more removed. Used only when the site turned the option on."""
     if not isinstance(elem.value, str) or not elem.value:
         return elem.value
     text = elem.value
     for token in sorted(patient.identifying_tokens, key=len, reverse=True):
         text = re.sub(re.escape(token), "", text, flags=re.IGNORECASE)
+    text = _NUMBERS.sub("", text)
     return re.sub(r"\s{2,}", " ", text).strip()
 
 

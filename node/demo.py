@@ -27,7 +27,6 @@ from typing import Any, TextIO
 from consult.errors import ConsultError
 from consult.live import LiveConsult
 from consult.presence import Cursor
-from consult.report import Measurement, Unit
 from consult.requests import Event, Priority, State
 from consult.shared import AnnotationKind
 from crypto.identity import Identity
@@ -350,6 +349,7 @@ async def finish(net: DemoNetwork, staged: Staged, *, rows: int) -> None:
             middle,
             0,
             ((rows * 0.25, rows * 0.4), (rows * 0.25, rows * 0.4 + 18)),
+            text="thickness",
             values={"length_mm": length_mm},
         )
         live.say("Left convexity collection, about 9 mm, mild mass effect.")
@@ -375,13 +375,18 @@ async def finish(net: DemoNetwork, staged: Staged, *, rows: int) -> None:
         )
 
     async with net.step("neuroradiologist: sign the report, send it back"):
+        measurements, marks = workflow.report_items_of(neurorad, request_id, live.annotations())
+        net.say(f"  {len(measurements)} measurement(s) and {len(marks)} mark(s), on their slice")
         await workflow.send_report(
             neurorad,
             request_id,
             text="Crescentic hyperdense extra-axial collection over the left convexity.",
             impression="Acute left subdural haematoma, maximal thickness 9 mm. Neurosurgical "
             "review recommended.",
-            measurements=(Measurement("length", round(length_mm, 1), Unit.MM, "thickness"),),
+            # Both annotations, on the slice they were drawn on; that slice is the key image.
+            measurements=measurements,
+            marks=marks,
+            key_images=tuple({m.image for m in measurements if m.image}),
         )
         await wait_until(lambda: request_id in rural.reports, "the report at the hospital")
         sr_uid = rural.reports[request_id]

@@ -352,6 +352,9 @@ class ImportSummary:
     imported: list[AddResult] = field(default_factory=list)
     duplicates: list[AddResult] = field(default_factory=list)
     rejected: list[tuple[Path, str]] = field(default_factory=list)
+    # Not imported: the store holds this SOP Instance UID with other bytes (the same
+    # image in another encoding, or another instance reusing the UID); the first is kept.
+    conflicts: list[tuple[Path, str]] = field(default_factory=list)
     # DICOMDIR files (their references are imported) and hidden files.
     skipped: list[Path] = field(default_factory=list)
 
@@ -369,6 +372,8 @@ def import_paths(
     progress: Callable[[int, int, Path], None] | None = None,
 ) -> ImportSummary:
     """Import every candidate file; each failure is recorded with its reason."""
+    from node.store import InstanceConflict  # node.store imports this module
+
     summary = ImportSummary()
     candidates = list(iter_candidates(paths))
     for count, path in enumerate(candidates, start=1):
@@ -381,6 +386,9 @@ def import_paths(
             result = store.add_file(path, source=source)
         except InvalidDicom as exc:
             summary.rejected.append((path, str(exc)))
+            continue
+        except InstanceConflict as exc:
+            summary.conflicts.append((path, str(exc)))
             continue
         except OSError as exc:
             summary.rejected.append((path, f"unreadable file: {exc.strerror or exc}"))

@@ -11,6 +11,8 @@ studies (and reports) back. Both keep the bytes exact:
   (:mod:`node.sealed_spool`), never held in memory whole nor in clear on disk,
   and a peer past the size cap is aborted as it crosses it
   (:mod:`node.dicom_guard`, which also checks who may send: AE and address).
+  The file meta never carries the calling AE title, which names a hospital
+  device and would travel in every copy.
 * Sent: each instance goes out in its own transfer syntax, the data set streamed
   from the stored bytes without decoding (pynetdicom's chunked send reading an
   in-memory ``memfd``), so the receiver gets byte-identical data set bytes.

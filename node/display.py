@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 
 ELLIPSIS = "…"
 MAX_NAME_CHARS = 40  # a display name, institution, subspecialty in one line
@@ -75,8 +76,28 @@ class PrintableFormatter(logging.Formatter):
         return printable(super().format(record), multiline=True)
 
 
+# A name must not look like the "(short id, trust)" a label adds: its round brackets (and
+# look-alikes) show as square ones, runs of spaces as one (no padding pushes the real key
+# out of a column), and invisible format characters (zero-width spaces, joiners) visibly.
+_OPEN = "(\uff08\ufe59\u207d\u208d\u2768\u276a\u2985\uff5f\u2e28\u27ee"
+_CLOSE = ")\uff09\ufe5a\u207e\u208e\u2769\u276b\u2986\uff60\u2e29\u27ef"
+_BRACKETS = str.maketrans(dict.fromkeys(_OPEN, "[") | dict.fromkeys(_CLOSE, "]"))
+_SPACES = re.compile(r"[ \t\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
+
+
+def _invisible(ch: str) -> str:
+    return f"<U+{ord(ch):04X}>" if unicodedata.category(ch) == "Cf" else ch
+
+
+def display_name(name: str) -> str:
+    """A peer's display name as :func:`peer_label` shows it (one line, cut, see above)."""
+    raw = _SPACES.sub(" ", str(name)[: 4 * MAX_NAME_CHARS]).translate(_BRACKETS)
+    raw = "".join(_invisible(ch) for ch in raw)
+    return printable(raw, MAX_NAME_CHARS).strip()
+
+
 def peer_label(name: str, short_id: str, trust: str) -> str:
     """``Dr Neuro (ABCDEFG, verified)``: the name never without the key and its trust."""
-    shown = printable(name, MAX_NAME_CHARS).strip()
+    shown = display_name(name)
     key = f"{short_id}, {trust}" if trust else short_id
     return f"{shown} ({key})" if shown else f"({key})"

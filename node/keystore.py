@@ -57,6 +57,23 @@ def passphrase_from_env_or_prompt(prompt: str = "Key file passphrase: ") -> str 
     return None
 
 
+def _rewrap_if_weak(path: Path, data: bytes, identity: Identity, passphrase: str) -> None:
+    """A key file written with a cheaper KDF than today's default (an older radmesh used
+    Argon2id INTERACTIVE) is written again with the default, now that we have the
+    passphrase; the old cost still opened it, as it is stored in the file."""
+    cost = keyfile.cost_of(data)
+    if cost is None or not cost.weaker_than(keyfile.DEFAULT_COST):
+        return
+    try:
+        save_identity(path, identity, passphrase)
+    except OSError as exc:
+        print(
+            f"warning: {path} uses a weaker key derivation than the default and could not "
+            f"be rewritten ({exc}); check the file's permissions",
+            file=sys.stderr,
+        )
+
+
 def load_identity(path: Path, passphrase: str | None = None) -> Identity:
     """Unlock the key file; the passphrase comes from the argument, the env or a prompt."""
     try:
@@ -70,7 +87,10 @@ def load_identity(path: Path, passphrase: str | None = None) -> Identity:
                 raise KeyFileError(
                     f"{path} is passphrase-protected: set {PASSPHRASE_ENV} or run interactively"
                 )
-        return Identity(keyfile.decrypt_seed(data, passphrase))
+        identity = Identity(keyfile.decrypt_seed(data, passphrase))
+        if passphrase is not None:
+            _rewrap_if_weak(path, data, identity, passphrase)
+        return identity
     except WrongPassphrase as exc:
         raise KeyFileError(str(exc)) from exc
     except EncodingError as exc:

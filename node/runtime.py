@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import IO, Any
 
 import nacl.exceptions
@@ -32,20 +33,22 @@ from consult.admission import Admission
 from consult.errors import ConsultError
 from consult.intake import Intake, take_in
 from consult.live import LiveHub
-from consult.requests import ConsultResponse, Event, Transition
+from consult.requests import ConsultResponse, Event, State, Transition
 from consult.store import ConsultDB
 from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 from crypto.org import CERT_TYPE
-from node.audit import AuditKind, AuditLog, open_audit
+from node.audit import AuditError, AuditKind, AuditLog, open_audit
 from node.config import NetworkConfig, NodeConfig, NodeHome
 from node.control import ControlServer, HomeLock
 from node.dicom_net import DicomListener
 from node.errors import NodeError
 from node.private import private_dir, restrict_umask
+from node.replay_store import PersistentReplayGuard
 from node.sequence import RecordSequence
-from node.store import Store, open_store
+from node.store import InstanceConflict, Store, open_store
+from node.supervise import Supervisor
 from node.transfers import TransferTracker
 from node.wirecache import KEY_PURPOSE as WIRECACHE_KEY
 from node.wirecache import open_cache
@@ -59,8 +62,9 @@ from registry.client import (
     publish_catching_up,
 )
 from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
-from registry.errors import RegistryError, RemoteRegistryError, StaleRecord
+from registry.errors import RegistryError, RemoteRegistryError, StaleRecord, TrustError
 from registry.lan import LanEndpoint, post_signal
+from registry.limits import StrangerGate
 from registry.mdns import LanDiscovery
 from registry.records import MAX_CERT, Availability, LanPointer, NodeRecord
 from registry.trust import TrustState, TrustStore
@@ -71,6 +75,7 @@ NODE_MSG = "node-msg"
 NODE_MSG_TTL = 7 * 24 * 3600  # as long as a registry mailbox keeps it
 MAX_NODE_MSG = 60 * 1024
 QUEUE_SIZE = 256
+MAX_STRANGER_REQUESTS = 3  # requests from one untrusted key waiting for a person
 RECORD_TTL = 3600
 TURN_RETRY = 30.0  # seconds before asking a registry again for TURN credentials
 TURN_ASK_AGAIN = 3600.0  # ...when it said it offers no relay
@@ -81,6 +86,7 @@ MAX_LEARNING = 1024  # untrusted senders remembered for LEARN_AGAIN
 MAX_LOOKUPS = 4  # untrusted senders' records looked up at once (more: not looked up)
 GC_INTERVAL = 6 * 3600.0  # store clean-up (orphan blobs) at start and this often
 GC_MAX_REMOVE = 10_000  # blobs one clean-up removes at most (the next one goes on)
+AUDIT_CHECKPOINT_INTERVAL = 60.0  # seconds: unsigned audit records wait at most this long
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
 
 
@@ -88,13 +94,18 @@ class RuntimeError_(NodeError):
     """The node could not start or do what was asked; the message says why."""
 
 
-def sealed_type(identity: Identity, sealed: bytes) -> str | None:
-    """The message type inside ``sealed`` (decrypts, does not verify), or None."""
+def sealed_signer(identity: Identity, sealed: bytes) -> tuple[str, bytes] | None:
+    """(message type, signer key) of ``sealed`` once its signature checks, or None.
+
+    Enough to decide who pays for a message before anything else is done with it;
+    the consumer still opens it with every check (recipient, expiry, replay)."""
     try:
         inner = nacl.public.SealedBox(identity.x25519_private()).decrypt(sealed)
-        return SignedEnvelope.from_wire(inner).type.removeprefix(SEALED_PREFIX)
+        envelope = SignedEnvelope.from_wire(inner)
+        envelope.verify(envelope.type)
     except (nacl.exceptions.CryptoError, CryptoError, ValueError):
         return None
+    return envelope.type.removeprefix(SEALED_PREFIX), envelope.signer
 
 
 def seal_node_message(identity: Identity, to: bytes, kind: str, wire: bytes, now: int) -> bytes:
@@ -112,33 +123,64 @@ class SignalRouter:
     def __init__(self, runtime: NodeRuntime) -> None:
         self._runtime = runtime
         self._rtc: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
+        # Offers from keys this node does not trust wait in their own small queue,
+        # read only when no trusted signal is waiting: strangers never starve peers.
+        self._rtc_strangers: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE // 8)
+        self._arrived = asyncio.Event()
+        self.errors = 0  # messages whose handling failed unexpectedly (logged, loop went on)
 
     async def feed(self, sealed: bytes) -> None:
+        """Take one sealed message from any source; never raises (one bad message must
+        not end the loop that feeds this)."""
+        try:
+            await self._feed(sealed)
+        except Exception:
+            self.errors += 1
+            log.exception("a sealed message could not be handled; dropped it and went on")
+
+    async def _feed(self, sealed: bytes) -> None:
         if len(sealed) > MAX_NODE_MSG:
             return
-        kind = sealed_type(self._runtime.identity, sealed)
-        if kind == SIGNAL_TYPE and (sender := self._runtime._to_learn(sealed)) is not None:
-            self._runtime.spawn(self._learn_then_queue(sender, sealed))
+        rt = self._runtime
+        opened = sealed_signer(rt.identity, sealed)
+        if opened is None:
+            log.info("dropped a sealed message this node cannot open")
+            return
+        kind, signer = opened
+        trusted = rt.trust.is_trusted(signer, rt.now())
+        if not trusted and not rt.strangers.allow(signer, rt.clock()):
+            return  # over the unknown-key budget: dropped quietly, counted by the gate
+        if kind == SIGNAL_TYPE and not trusted and (sender := rt._to_learn(sealed)) is not None:
+            rt.spawn(self._learn_then_queue(sender, signer, sealed))
         elif kind == SIGNAL_TYPE:
             with contextlib.suppress(asyncio.QueueFull):
-                self._rtc.put_nowait(sealed)
+                (self._rtc if trusted else self._rtc_strangers).put_nowait(sealed)
+                self._arrived.set()
         elif kind == NODE_MSG:
-            await self._runtime._on_node_message(sealed)
+            await rt._on_node_message(sealed)
         else:
-            log.info("dropped a sealed message this node cannot use (%s)", kind or "undecryptable")
+            log.info("dropped a sealed message this node cannot use (%s)", kind)
 
-    async def _learn_then_queue(self, sender: NodeId, sealed: bytes) -> None:
+    async def _learn_then_queue(self, sender: NodeId, signer: bytes, sealed: bytes) -> None:
         """A call from a node we do not trust yet: its record may carry a certificate from
         an organisation we trust (a consortium member we never looked up)."""
-        await self._runtime._learn_certificate(sender)
+        rt = self._runtime
+        await rt._learn_certificate(sender)
+        trusted = rt.trust.is_trusted(signer, rt.now())
         with contextlib.suppress(asyncio.QueueFull):
-            self._rtc.put_nowait(sealed)
+            (self._rtc if trusted else self._rtc_strangers).put_nowait(sealed)
+            self._arrived.set()
 
     async def send(self, to: bytes, sealed: bytes) -> None:
         await self._runtime.send_sealed(to, sealed)
 
     async def receive(self) -> bytes:
-        return await self._rtc.get()
+        while True:
+            for queue in (self._rtc, self._rtc_strangers):
+                if not queue.empty():
+                    return queue.get_nowait()
+            self._arrived.clear()
+            await self._arrived.wait()
 
 
 @dataclass
@@ -182,7 +224,9 @@ class NodeRuntime:
         self._mdns_interfaces = mdns_interfaces
         self._transport_options = transport_options
         self.router = SignalRouter(self)
-        self.guard = ReplayGuard()
+        self.guard: ReplayGuard = ReplayGuard()  # on disk once started (PersistentReplayGuard)
+        self.strangers = StrangerGate()  # budget of messages from keys this node does not trust
+        self.supervisor = Supervisor()  # restarts a receive loop that crashed
         self.handlers: dict[str, MessageHandler] = {}
         self.notifications: asyncio.Queue[str] = asyncio.Queue(QUEUE_SIZE)
         self.registry_connections: dict[str, RegistryConnection] = {}
@@ -207,6 +251,7 @@ class NodeRuntime:
         self._cert: bytes | None = None
         self._learned: dict[NodeId, float] = {}  # untrusted sender -> when its record was sought
         self._lookups = 0
+        self.audit_checkpoint_interval = AUDIT_CHECKPOINT_INTERVAL
 
     # -- lifecycle --------------------------------------------------------------------
     def now(self) -> int:
@@ -232,6 +277,7 @@ class NodeRuntime:
         self.store.use_wire_cache(cache, warm=self._warm_cache)
         self.audit: AuditLog = open_audit(self.home, self.identity)
         self.trust = TrustStore(self.home.trust_db)
+        self.guard = PersistentReplayGuard.in_data_dir(data)
         self.consults = ConsultDB.in_data_dir(data, audit=self._audit_consult)
         network = self.config.network
         self.registries = MultiRegistry(
@@ -244,6 +290,7 @@ class NodeRuntime:
                 own_id=self.identity.node_id,
                 on_found=self._found_on_lan,
                 clock=self.clock,
+                is_trusted=lambda key: self.trust.is_trusted(key, self.now()),
             )
             finders.append(MdnsFinder(self.discovery))
         self.directory = PeerDirectory(self.home.peers_db, self.trust, finders)
@@ -262,6 +309,7 @@ class NodeRuntime:
             is_trusted=lambda key: self.trust.is_trusted(key, self.now()),
             options=options,
             clock=self.clock,
+            replay_guard=self.guard,
         )
         await self.transport.start()
         self.live_hub()  # answers live-session invites from trusted peers
@@ -271,8 +319,10 @@ class NodeRuntime:
         # One round before returning, so a started node can be found at once.
         await asyncio.gather(*(self._registry_step(url) for url in network.registries))
         for url in network.registries:
-            self.spawn(self._registry_loop(url))
-            self.spawn(self._turn_loop(url))
+            self.spawn(
+                self.supervisor.run(f"registry {url} loop", partial(self._registry_loop, url))
+            )
+            self.spawn(self.supervisor.run(f"registry {url} TURN", partial(self._turn_loop, url)))
         if self.discovery is not None:
             await self.discovery.start()
             await self.discovery.advertise(
@@ -281,9 +331,13 @@ class NodeRuntime:
             await self.discovery.browse()
         if self.config.dicom.enabled:
             self.dicom = DicomListener(
-                self.config.dicom, on_stream=self._dicom_stream, spool_dir=data / "incoming"
+                self.config.dicom,
+                on_stream=self._dicom_stream,
+                spool_dir=data / "incoming",
+                bad_data_errors=(InstanceConflict,),  # the stored one stays: a retry cannot help
             )
             self.dicom.start()
+        self.spawn(self._audit_checkpoints())
         if self.control is not None:
             await self.control.start()
         self.spawn(self._gc_loop())  # blobs a crashed writer left behind
@@ -309,6 +363,9 @@ class NodeRuntime:
         self.directory.close()
         self.consults.close()
         self.trust.close()
+        self._sign_audit()
+        if isinstance(self.guard, PersistentReplayGuard):
+            self.guard.close()
         self.audit.close()
         self.store.close()
         self._home_lock.release()
@@ -417,7 +474,7 @@ class NodeRuntime:
                 conn = client.connect()
                 await conn.__aenter__()
                 self.registry_connections[url] = conn
-                self.spawn(self._pump(conn))
+                self.spawn(self.supervisor.run(f"registry {url} pump", partial(self._pump, conn)))
             self.registry_state[url] = "connected"
         except RegistryError as exc:
             self.registry_state[url] = f"unreachable: {exc}"
@@ -545,9 +602,8 @@ class NodeRuntime:
     async def send_sealed(self, to: bytes, sealed: bytes) -> str:
         """Deliver sealed bytes: LAN endpoint first, then registries (live or mailbox)."""
         node_id = NodeId.from_public_key(to)
-        peer = await self.directory.resolve(node_id, self.now())
         errors: list[str] = []
-        for url in peer.record.lan_urls if peer is not None else ():
+        for url in await self._lan_urls(to):
             try:
                 await post_signal(url, sealed)
                 return "delivered (LAN)"
@@ -563,6 +619,16 @@ class NodeRuntime:
             + ("; ".join(errors) or "no LAN address known and no registry connected")
             + ". Check `radmesh peers show` and `radmesh doctor`."
         )
+
+    async def _lan_urls(self, to: bytes) -> tuple[str, ...]:
+        """A peer's LAN URLs, only when its key is trusted: the URL is the peer's choice,
+        so an unknown key must not make this node contact anything (it is reached
+        through a registry, which relays to the key and nowhere else; nor is its
+        record looked up and kept for it)."""
+        if not self.trust.is_trusted(to, self.now()):
+            return ()
+        peer = await self.directory.resolve(NodeId.from_public_key(to), self.now())
+        return () if peer is None else peer.record.lan_urls
 
     # -- node messages (no live connection needed) --------------------------------------
     async def send_message(self, to: bytes, kind: str, wire: bytes) -> str:
@@ -596,7 +662,7 @@ class NodeRuntime:
             if handler is None:
                 raise RuntimeError_(f"no handler for node message kind {body['kind']!r}")
             await handler(opened.sender_id, body["kind"], body["wire"])
-        except (CryptoError, NodeError, ConsultError) as exc:
+        except (CryptoError, NodeError, ConsultError, RegistryError) as exc:
             log.warning("refused a node message: %s", exc)
 
     async def _on_consult_message(self, sender: NodeId, kind: str, wire: bytes) -> None:
@@ -611,13 +677,30 @@ class NodeRuntime:
             trusted = self.trust.is_trusted(public_key, self.now())
         if not trusted and kind != "consult.request":
             raise RuntimeError_(f"{sender.short()} is not trusted: {kind} ignored")
+        if not trusted and self._stranger_has_enough(sender):
+            return
         if not trusted and public_key is not None:
             # First contact: a request may land in the inbox, nothing is shared back.
-            self.trust.first_contact(public_key, self.now(), summary="consult request")
+            try:
+                self.trust.first_contact(public_key, self.now(), summary="consult request")
+            except TrustError:  # the inbox is full: drop quietly, a person reviews it
+                self.strangers.dropped += 1
+                log.debug("contact inbox full: a request from %s was dropped", sender.short())
+                return
         intake: Intake = take_in(self.consults, wire, self.now(), sender=sender)
         self.notify(intake.summary)
+        if self._live_hub is not None:  # withdrawn: nobody stays in its live session
+            self._live_hub.recheck(intake.consult_id)
         for peer in intake.withdraw:
             self.spawn(self._withdraw(intake.consult_id, peer))
+
+    def _stranger_has_enough(self, sender: NodeId) -> bool:
+        """An untrusted key may have only a few requests waiting for a person here."""
+        if self.consults.count_from(str(sender), State.REQUESTED) < MAX_STRANGER_REQUESTS:
+            return False
+        self.strangers.dropped += 1
+        log.debug("%s already has requests waiting: another one dropped", sender.short())
+        return True
 
     async def _withdraw(self, consult_id: str, peer: NodeId) -> None:
         """Tell an offered consultant the case is no longer theirs (someone accepted first)."""
@@ -681,6 +764,20 @@ class NodeRuntime:
                 details={"from": f"dicom:{calling_ae}", "sop": result.sop_instance_uid},
             )
 
+    def _sign_audit(self) -> None:
+        """Sign the audit log's unsigned records (whoever appended them: this node, or a
+        command run on this home meanwhile)."""
+        try:
+            if self.audit.unsigned():
+                self.audit.checkpoint(self.clock())
+        except AuditError as exc:
+            log.error("audit log not signed: %s; run `radmesh audit verify`", exc)
+
+    async def _audit_checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(self.audit_checkpoint_interval)
+            self._sign_audit()
+
     def _audit_consult(self, consult_id: str, transition: Transition) -> None:
         self.audit.append(
             AuditKind.CONSULT,
@@ -717,11 +814,18 @@ class NodeRuntime:
             details={"consult": consult_id, "event": f"live-{how}-refused"},
         )
 
+    def _registry_status(self, url: str) -> str:
+        """What the last publish said, unless the signaling socket is down right now."""
+        conn = self.registry_connections.get(url)
+        if conn is not None and not conn.ready:
+            return f"reconnecting: {conn.last_error or 'socket closed'}"
+        return self.registry_state[url]
+
     def status(self) -> Status:
         return Status(
             node_id=str(self.identity.node_id),
             lan_url=self.lan_url,
-            registries=dict(self.registry_state),
+            registries={url: self._registry_status(url) for url in self.registry_state},
             mdns=self.discovery is not None,
             dicom=(f"{self.dicom.ae_title} on port {self.dicom.port}" if self.dicom else "off"),
             turn=", ".join(f"relay from registry {url}" for url in self._turn) or "none",

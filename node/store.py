@@ -71,6 +71,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AddResult",
+    "InstanceConflict",
     "InstanceRow",
     "InvalidDicom",
     "SeriesRow",
@@ -91,6 +92,7 @@ SS_ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
 TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 KEY_BYTES = 32
 STORE_KEY_PURPOSE = "radmesh-store-v1"
+PEER_SOURCE = "peer:"  # the source of instances received from another node
 BUSY_TIMEOUT_MS = 10_000
 
 SCHEMA = """
@@ -168,6 +170,24 @@ class StoreCorrupted(StoreError):
     """A blob fails authentication or does not match the index."""
 
 
+class InstanceConflict(StoreError):
+    """An instance with this SOP Instance UID is stored already, with other bytes.
+
+    The store never replaces one with the other (an instance from a peer must not
+    overwrite another study's): the stored one is kept, this one is not stored.
+    """
+
+    def __init__(self, info: InstanceInfo, why: str = "") -> None:
+        super().__init__(
+            f"{why}: instance {info.sop_instance_uid} of study {info.study_uid} was not stored"
+            if why
+            else f"same instance UID, other bytes: instance {info.sop_instance_uid} is "
+            "already stored with different content; kept the first, this one was not stored"
+        )
+        self.sop_instance_uid = info.sop_instance_uid
+        self.study_uid = info.study_uid  # of the instance refused
+
+
 @dataclass(frozen=True)
 class AddResult:
     sop_instance_uid: str
@@ -176,8 +196,6 @@ class AddResult:
     content_hash: str  # hex SHA-256 of the original bytes
     size: int
     duplicate: bool
-    # The SOP Instance UID was stored before with different bytes; those were replaced.
-    replaced: bool = False
 
 
 @dataclass(frozen=True)
@@ -550,7 +568,7 @@ class Store:
         info: InstanceInfo,
         source: str,
     ) -> AddResult:
-        def result(duplicate: bool, replaced: bool = False) -> AddResult:
+        def result(duplicate: bool) -> AddResult:
             return AddResult(
                 info.sop_instance_uid,
                 info.series_uid,
@@ -558,7 +576,6 @@ class Store:
                 content_hash,
                 size,
                 duplicate,
-                replaced,
             )
 
         with self._writing():
@@ -567,6 +584,8 @@ class Store:
             ).fetchone()
             if row is not None and row[0] == content_hash:
                 return result(duplicate=True)
+            if row is not None:
+                raise InstanceConflict(info)
             same_content = self._db.execute(
                 "SELECT blob_id FROM instances WHERE content_hash = ? LIMIT 1", (content_hash,)
             ).fetchone()
@@ -581,14 +600,12 @@ class Store:
                 created = True
             try:
                 self._before_index_commit()
-                old_hash = self._insert(content_hash, blob_id, size, info, source)
+                self._insert(content_hash, blob_id, size, info, source)
             except BaseException:
                 if created:
                     final.unlink(missing_ok=True)
                 raise
-            if old_hash is not None:
-                self._drop_blob_if_unused(old_hash)
-            return result(duplicate=False, replaced=old_hash is not None)
+            return result(duplicate=False)
 
     def _patient_blob(self, info: InstanceInfo) -> tuple[str, bytes]:
         patient = msgpack.packb(
@@ -609,7 +626,7 @@ class Store:
 
     def _insert(
         self, content_hash: str, blob_id: bytes, size: int, info: InstanceInfo, source: str
-    ) -> str | None:
+    ) -> None:
         now = time.time()
         patient_key, patient = self._patient_blob(info)
         ranges = (
@@ -620,9 +637,29 @@ class Store:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            # Checked again inside the transaction: another process may have added it.
             old = db.execute(
                 "SELECT content_hash FROM instances WHERE sop_uid = ?", (info.sop_instance_uid,)
             ).fetchone()
+            if old is not None and old[0] != content_hash:
+                raise InstanceConflict(info)
+            owner = db.execute(
+                "SELECT study_uid FROM series WHERE series_uid = ?", (info.series_uid,)
+            ).fetchone()
+            if owner is not None and owner[0] != info.study_uid:
+                raise InstanceConflict(
+                    info, f"series {info.series_uid} is stored under another study"
+                )
+            if source.startswith(PEER_SOURCE):
+                # A peer's instance joins a study already here only for the same patient:
+                # it must not slip images into another patient's study.
+                study = db.execute(
+                    "SELECT patient_key FROM studies WHERE study_uid = ?", (info.study_uid,)
+                ).fetchone()
+                if study is not None and study[0] != patient_key:
+                    raise InstanceConflict(
+                        info, f"study {info.study_uid} is stored here for another patient"
+                    )
             db.execute(
                 "INSERT OR IGNORE INTO studies VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -676,7 +713,6 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return None if old is None else str(old[0])
 
     def _drop_blob_if_unused(self, content_hash: str) -> None:
         used = self._db.execute(

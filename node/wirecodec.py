@@ -39,6 +39,7 @@ import imagecodecs
 import msgpack
 import numpy as np
 import pydicom
+import pydicom.encaps
 import zstandard
 from pydicom.tag import BaseTag
 
@@ -63,6 +64,12 @@ class WireCodecError(NodeError):
 
 class CorruptInstance(WireCodecError):
     """A wire instance does not decode to the bytes it claims to carry."""
+
+
+class Oversized(CorruptInstance):
+    """A wire instance declares more output (zstd content size, JPEG-LS dimensions) than
+    the size it must decode to: a decompression bomb, refused before anything is
+    allocated for it. Only a faulty or hostile sender makes one."""
 
 
 class BadInstance(WireCodecError):
@@ -219,15 +226,149 @@ def sha256(data: bytes) -> bytes:
 
 # -- decoding -----------------------------------------------------------------------------
 
+_SOI, _SOF55, _LSE, _SOS = 0xD8, 0xF7, 0xF8, 0xDA
+_LSE_OVERSIZE = 4  # an LSE segment that sets image dimensions beyond the frame header's
+# Frame headers of the JPEG family (ITU T.81 SOF0-15 but DHT, JPG, DAC; T.87 SOF55).
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE})
+_JPEG_SOF |= {0xCF, _SOF55}
+
+
+def jpegls_header(stream: bytes) -> tuple[int, int, int, int]:
+    """(rows, columns, components, bits) from a JPEG-LS codestream's frame header, read
+    without decoding. Raises :class:`CorruptInstance` for a stream without exactly one
+    readable frame header before its scan, or one that sets its size elsewhere."""
+    return _jpeg_header(stream, frozenset({_SOF55}))
+
+
+def _jpeg_header(stream: bytes, frame_markers: frozenset[int]) -> tuple[int, int, int, int]:
+    if stream[:2] != b"\xff\xd8":
+        raise CorruptInstance("JPEG-LS frame does not start with a start-of-image marker")
+    found: tuple[int, int, int, int] | None = None
+    pos = 2
+    while pos + 4 <= len(stream):
+        if stream[pos] != 0xFF:
+            raise CorruptInstance("JPEG-LS frame has a damaged marker segment")
+        marker = stream[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(stream[pos + 2 : pos + 4], "big")
+        segment = stream[pos + 4 : pos + 2 + length]
+        if length < 2 or len(segment) != length - 2:
+            raise CorruptInstance("JPEG-LS frame has a truncated marker segment")
+        if marker == _SOS:
+            if found is None:
+                break
+            return found
+        if marker in frame_markers:
+            if found is not None or len(segment) < 6:
+                raise CorruptInstance("JPEG-LS frame has a repeated or short frame header")
+            found = (
+                int.from_bytes(segment[1:3], "big"),
+                int.from_bytes(segment[3:5], "big"),
+                segment[5],
+                segment[0],
+            )
+        elif marker == _LSE and segment[:1] == bytes([_LSE_OVERSIZE]):
+            raise CorruptInstance("JPEG-LS frame sets its dimensions outside the frame header")
+        pos += 2 + length
+    raise CorruptInstance("JPEG-LS frame has no frame header before its scan")
+
+
+def _j2k_header(stream: bytes) -> tuple[int, int, int]:
+    """(rows, columns, components) from a JPEG 2000 codestream's SIZ segment."""
+    siz = stream[6:42]
+    if len(siz) != 36:
+        raise CorruptInstance("JPEG 2000 frame has a truncated SIZ segment")
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", siz[2:18])
+    return ysiz - yosiz, xsiz - xosiz, int.from_bytes(siz[34:36], "big")
+
+
+def check_pixels(ds: pydicom.Dataset, limit: int) -> None:
+    """Refuse (:class:`Oversized`) an instance whose pixels would decode to more than
+    ``limit`` bytes, or whose compressed frames (JPEG, JPEG-LS, JPEG 2000) claim more
+    rows, columns or samples than the data set declares: a viewer allocates what they
+    claim. Checked on what a peer sends before it is stored, without decoding."""
+    try:
+        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        samples = int(ds.get("SamplesPerPixel") or 1)
+        width = max(1, (int(ds.get("BitsAllocated") or 8) + 7) // 8)
+    except (TypeError, ValueError):
+        return  # no image a viewer could allocate for
+    declared = rows * columns * max(frames, 1) * max(samples, 1) * width
+    if declared > limit:
+        raise Oversized(f"its pixels would decode to {declared} bytes, over the {limit} limit")
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None)
+    if "PixelData" not in ds or syntax is None or not syntax.is_encapsulated:
+        return
+    try:
+        fragments = list(pydicom.encaps.generate_fragments(ds.PixelData))
+    except Exception as exc:  # pydicom raises several types for damaged items
+        raise CorruptInstance(f"encapsulated pixel data is damaged: {exc}") from exc
+    for fragment in fragments:
+        if fragment[:2] == b"\xff\xd8":
+            height, width_, components, _bits = _jpeg_header(fragment, _JPEG_SOF)
+        elif fragment[:4] == b"\xff\x4f\xff\x51":
+            height, width_, components = _j2k_header(fragment)
+        else:
+            continue  # a continuation fragment, or a format whose header is not read here
+        if height > rows or width_ > columns or components > max(samples, 3):
+            raise Oversized(
+                f"a compressed frame claims {width_}x{height}x{components} where the data set "
+                f"declares {columns}x{rows}x{samples}"
+            )
+
+
+def _zstd_declared(data: bytes) -> int:
+    try:
+        declared: int = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError as exc:
+        raise CorruptInstance(f"zstd frame is damaged: {exc}") from exc
+    return declared
+
+
+def check_declared(wire: WireInstance, size: int) -> None:
+    """Check every size ``wire`` declares against ``size``, the bytes it must decode to
+    (the manifest's), before anything is decompressed or allocated.
+
+    Raises :class:`Oversized` when the declarations do not add up to ``size``: zstd
+    output (whatever the frame says), JPEG-LS frames (whatever their headers say, so a
+    2 KB stream claiming 65535x65535 costs nothing), the pixel layout.
+    """
+    if wire.original_size != size:
+        raise Oversized(f"wire instance declares {wire.original_size} bytes, expected {size}")
+    if wire.encoding is Encoding.RAW:
+        if len(wire.body) != size:
+            raise Oversized(f"raw instance has {len(wire.body)} bytes, expected {size}")
+        return
+    layout = wire.layout
+    residual = size if layout is None else size - layout.length
+    if residual < 0 or (layout is not None and layout.offset > residual):
+        raise Oversized("wire instance: its pixel layout does not fit its declared size")
+    declared = _zstd_declared(wire.body)
+    if declared != residual:
+        raise Oversized(f"zstd frame declares {declared} bytes, expected {residual}")
+    if layout is None:
+        return
+    bits = 16 if layout.precision > 8 else 8
+    for i, stream in enumerate(wire.frames):
+        rows, columns, components, precision = jpegls_header(stream)
+        if (rows, columns, components) != (layout.rows, layout.columns, 1) or not (
+            bits - 7 <= precision <= bits
+        ):
+            raise Oversized(
+                f"JPEG-LS frame {i} declares {columns}x{rows}x{components} of {precision} bits "
+                f"where the layout says {layout.columns}x{layout.rows}x1 of {bits}"
+            )
+
 
 def _unzstd(data: bytes, expected: int) -> bytes:
     # The declared content size is checked before anything is allocated: no zip bombs.
-    try:
-        declared = zstandard.get_frame_parameters(data).content_size
-    except zstandard.ZstdError as exc:
-        raise CorruptInstance(f"zstd frame is damaged: {exc}") from exc
+    declared = _zstd_declared(data)
     if declared != expected:
-        raise CorruptInstance(f"zstd frame declares {declared} bytes, expected {expected}")
+        raise Oversized(f"zstd frame declares {declared} bytes, expected {expected}")
     try:
         out: bytes = zstandard.ZstdDecompressor().decompress(data, max_output_size=expected)
     except zstandard.ZstdError as exc:
@@ -260,7 +401,9 @@ def _decode_pixels(layout: PixelLayout, frames: tuple[bytes, ...]) -> np.ndarray
 
 
 def decode(wire: WireInstance) -> bytes:
-    """Rebuild the original file and check its SHA-256; raise :class:`CorruptInstance`."""
+    """Rebuild the original file and check its SHA-256; raise :class:`CorruptInstance`
+    (:class:`Oversized` before decoding anything, for declarations that do not add up)."""
+    check_declared(wire, wire.original_size)
     if wire.encoding is Encoding.RAW:
         data = wire.body
     elif wire.encoding is Encoding.ZSTD:

@@ -33,15 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from consult.admission import GuestConsent
+from consult.alerts import Acknowledgement
 from consult.errors import ConsultError, LocalConsultError
 from consult.report import (
     KeyImage,
+    Mark,
     Measurement,
     PatientStudy,
     PeerReview,
     Report,
     Score,
+    export_key_images,
     export_sr,
+    placeable,
+    report_items,
 )
 from consult.requests import (
     Candidate,
@@ -50,17 +55,22 @@ from consult.requests import (
     Event,
     Priority,
     State,
+    check_consult_id,
     rank_consultants,
 )
+from consult.shared import Annotation
 from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
 from crypto.org import verify_certificate
+from node import alerts as critical_alerts
+from node import guests, sharing
 from node.audit import AuditKind
-from node.deid import PseudonymMap, ShareContext
-from node.deid import deidentify as deidentify_instance
+from node.config import NodeHome
+from node.deid import PseudonymMap, PseudonymMapError
 from node.dicom_net import send_to_pacs
 from node.errors import NodeError
+from node.ids import local_name
 from node.runtime import NodeRuntime, RuntimeError_
 from node.transfers import Direction
 from peer_transport import transfer as tr
@@ -69,6 +79,7 @@ from peer_transport.errors import RemoteError, TransportError
 from peer_transport.transfer import Progress, TransferCancelled
 from peer_transport.transfer_runner import (
     ProgressCallback,
+    StudyReceiver,
     StudySender,
     receive_study,
     send_study,
@@ -85,6 +96,7 @@ REPORT_KIND = "consult.report"
 # is in the consultant's hands.
 SERVABLE = frozenset({State.ACCEPTED, State.TRANSFERRING, State.IN_REVIEW})
 REVIEW_KIND = "consult.review"
+ACK_KIND = "consult.ack"
 FETCH_KIND = "consult.fetch"
 LIVE_CONSENT_KIND = "live.consent"
 # A fetch resumed at start that fails is tried again after each of these delays
@@ -138,8 +150,13 @@ class Share:
     deidentified: bool
 
 
+def pseudonym_map_path(home: NodeHome, consult_id: str) -> Path:
+    """Where a consult's pseudonym map lives in a home (also for a request made offline)."""
+    return home.data_dir / "pseudonyms" / f"{local_name(consult_id)}.map"
+
+
 def _map_path(rt: NodeRuntime, consult_id: str) -> Path:
-    return rt.home.data_dir / "pseudonyms" / f"{consult_id}.map"
+    return pseudonym_map_path(rt.home, consult_id)
 
 
 def _map_key(rt: NodeRuntime) -> bytes:
@@ -222,9 +239,11 @@ class Terms:
     language: str = "en"
     deadline_seconds: int = 3600
     deidentify: bool = True
+    burned_in_checked: bool = False  # a person checked the pixels (audited when it mattered)
+    black_out_top: int = 0  # Clean Pixel Data: rows blacked out atop burned-in candidates
 
 
-def _new_request(
+async def _new_request(
     rt: NodeRuntime, study_uid: str, terms: Terms
 ) -> tuple[ConsultRequest, PseudonymMap | None]:
     if not rt.store.instances(study_uid):
@@ -243,6 +262,20 @@ def _new_request(
         now=now,
         deidentified=terms.deidentify,
     )
+    if pseudonyms is not None:
+        sharing.check_free_text(rt.store, study_uid, terms.question, "clinical question")
+        # reads every instance's header: off the event loop
+        pseudonyms.burned_in_checked = await asyncio.to_thread(
+            sharing.confirm_burned_in,
+            rt.store,
+            rt.audit,
+            study_uid,
+            terms.burned_in_checked,
+            now=rt.clock(),
+            consult=request.id,
+            black_out_top=terms.black_out_top,
+        )
+        pseudonyms.black_out_top = terms.black_out_top
     return request, pseudonyms
 
 
@@ -294,7 +327,7 @@ async def request_consult(
     (with its secret, so every instance maps the same way) is made now and stays
     here, encrypted.
     """
-    request, pseudonyms = _new_request(rt, study_uid, terms)
+    request, pseudonyms = await _new_request(rt, study_uid, terms)
     share, sent = await _offer(rt, request, pseudonyms, study_uid, [consultant])
     how = next(iter(sent.values()))
     if how.startswith("not sent: "):
@@ -314,9 +347,11 @@ def _candidate(rt: NodeRuntime, record: NodeRecord, now: int) -> Candidate | Non
     if state not in (TrustState.VERIFIED, TrustState.TRUSTED_BY_ORG):
         return None
     subspecialties, jurisdictions = record.subspecialties, record.jurisdictions
-    if cert is not None and state is TrustState.TRUSTED_BY_ORG:
+    if state is TrustState.TRUSTED_BY_ORG:
+        # The certificate that made it trusted: the record's, else the one kept earlier
+        # (a record without it must not claim what no organisation attested).
         attested = verify_certificate(
-            cert,
+            cert if cert is not None else (rt.trust.certificate(key) or b""),
             trusted_orgs=rt.trust.trusted_orgs(),
             now=now,
             revocations=rt.trust.revocation_lists(),
@@ -356,7 +391,7 @@ async def route_consult(
 
     Returns (request, share, how each offered consultant was reached).
     """
-    request, pseudonyms = _new_request(rt, study_uid, terms)
+    request, pseudonyms = await _new_request(rt, study_uid, terms)
     ranked = await find_consultants(rt, request)
     if max_offers < 1:
         raise LocalConsultError("offer a consult to at least one consultant (--max-offers)")
@@ -376,7 +411,7 @@ def _signed_consult_id(wire: bytes, what: str = "report") -> str:
     consult_id = body.get("consult") if isinstance(body, dict) else None
     if not isinstance(consult_id, str):
         raise LocalConsultError(f"{what} does not name its consult")
-    return consult_id
+    return check_consult_id(consult_id, what)  # a whole id: never resolved as a prefix
 
 
 def _patient_of(rt: NodeRuntime, study_uid: str) -> PatientStudy:
@@ -392,8 +427,47 @@ def _patient_of(rt: NodeRuntime, study_uid: str) -> PatientStudy:
     )
 
 
+def _key_images_document(
+    rt: NodeRuntime,
+    report: Report,
+    relink: Callable[[str], str],
+    patient: PatientStudy,
+    sender: NodeId,
+) -> list[bytes]:
+    """The report's key images as a KOS filed beside the SR (none when it has none)."""
+    kos = export_key_images(
+        report, relink_uid=relink, patient=patient, institution=rt.config.institution
+    )
+    if kos is None:
+        return []
+    rt.store.add_bytes(kos, source=f"report:{sender}")
+    return [kos]
+
+
+def _placeable(rt: NodeRuntime, report: Report, relink: Callable[[str], str]) -> Report:
+    """The report without image references the pseudonym map cannot re-link (said so)."""
+
+    def known(uid: str) -> bool:
+        try:
+            relink(uid)
+        except PseudonymMapError:
+            return False
+        return True
+
+    kept, dropped = placeable(report, known)
+    if dropped:
+        rt.notify(
+            f"The report of consult {report.consult_id[:8]} names {dropped} image(s) that are "
+            "not in the study shared: the SR leaves those references out"
+        )
+    return kept
+
+
 async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) -> None:
     consult_id = rt.consults.resolve(_signed_consult_id(wire))
+    if rt.consults.report_wire(consult_id) is not None:
+        await _on_report_again(sender, consult_id, wire, rt)
+        return
     case = rt.consults.get(consult_id)
     # The requester's copy moves to review once the consultant had the study.
     if case.state is State.ACCEPTED:
@@ -401,19 +475,20 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
     elif case.state is State.TRANSFERRING:
         rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(sender))
     report = rt.consults.file_report(consult_id, wire, rt.now())
+    alerts = critical_alerts.alerts_of(rt)
+    if report.critical and alerts is not None:  # first, before the SR export and PACS push
+        alerts.raise_alert(consult_id)
     map_path = _map_path(rt, consult_id)
     pseudonyms = PseudonymMap.load(map_path, _map_key(rt)) if map_path.exists() else None
     relink: Callable[[str], str] = (
         pseudonyms.relink_uid if pseudonyms is not None else (lambda uid: uid)
     )
     original_study = relink(report.study_uid)
-    sr = export_sr(
-        report,
-        relink_uid=relink,
-        patient=_patient_of(rt, original_study),
-        institution=rt.config.institution,
-    )
+    patient = _patient_of(rt, original_study)
+    report = _placeable(rt, report, relink)
+    sr = export_sr(report, relink_uid=relink, patient=patient, institution=rt.config.institution)
     stored = rt.store.add_bytes(sr, source=f"report:{sender}")
+    documents = [sr, *_key_images_document(rt, report, relink, patient, sender)]
     rt.audit.append(
         AuditKind.REPORT,
         now=rt.clock(),
@@ -427,7 +502,7 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
     if dicom.pacs_host and dicom.pacs_port:
         result = await asyncio.to_thread(
             send_to_pacs,
-            [sr],
+            documents,
             dicom.pacs_host,
             dicom.pacs_port,
             dicom.pacs_ae_title,
@@ -446,6 +521,24 @@ async def _on_report(sender: NodeId, kind: str, wire: bytes, rt: NodeRuntime) ->
         )
 
 
+def report_items_of(
+    rt: NodeRuntime, consult_id: str, annotations: Iterable[Annotation]
+) -> tuple[tuple[Measurement, ...], tuple[Mark, ...]]:
+    """Consultant side: a session's annotations as report measurements and marks, each on
+    the image it was drawn on (series and SOP class from this node's copy of the study)."""
+    study_uid = rt.consults.get(rt.consults.resolve(consult_id)).request.study_uid
+    rows = {row.sop_instance_uid: row for row in rt.store.instances(study_uid)}
+
+    def image_of(sop_uid: str, frame: int) -> KeyImage | None:
+        row = rows.get(sop_uid)
+        if row is None or frame >= max(row.frames, 1):
+            return None
+        number = frame + 1 if row.frames > 1 else None  # DICOM frames count from 1
+        return KeyImage(row.series_uid, row.sop_class_uid, sop_uid, number, row.instance_number)
+
+    return report_items(annotations, image_of)
+
+
 async def send_report(
     rt: NodeRuntime,
     consult_id: str,
@@ -454,8 +547,11 @@ async def send_report(
     impression: str,
     measurements: tuple[Measurement, ...] = (),
     key_images: tuple[KeyImage, ...] = (),
+    marks: tuple[Mark, ...] = (),
+    critical: bool = False,
 ) -> Report:
-    """Consultant side: sign the report and send it to the requesting node."""
+    """Consultant side: sign the report and send it to the requesting node (a critical
+    one is re-sent on a timer until acknowledged: :mod:`node.alerts`)."""
     consult_id = rt.consults.resolve(consult_id)
     case = rt.consults.get(consult_id)
     if case.state is State.ACCEPTED:
@@ -470,10 +566,22 @@ async def send_report(
         measurements=measurements,
         key_images=key_images,
         finalised_at=rt.now(),
+        marks=marks,
+        author_institution=rt.config.institution,
+        critical=critical,
     )
     wire = report.sign(rt.identity)
     rt.consults.keep_sent_report(consult_id, wire, rt.now(), str(rt.identity.node_id))
-    await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+    try:
+        await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+    except RuntimeError_ as exc:
+        if not critical:
+            raise
+        raise RuntimeError_(
+            f"{exc} The critical report is kept and sent again every "
+            f"{rt.config.alerts.critical_repeat_minutes} min until it is acknowledged; "
+            "phone the referring team now"
+        ) from exc
     return report
 
 
@@ -534,6 +642,103 @@ async def _on_review(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
     )
 
 
+async def _on_report_again(sender: NodeId, consult_id: str, wire: bytes, rt: NodeRuntime) -> None:
+    """A report already filed here came again (the consultant's node re-sends a critical
+    result until it hears the acknowledgement): answer with the acknowledgement if one
+    was made; never file it twice."""
+    if wire != rt.consults.report_wire(consult_id):
+        raise LocalConsultError(
+            f"a second, different report for consult {consult_id[:8]} from {sender.short()} "
+            "was not filed: ask the consultant to call"
+        )
+    ack = rt.consults.ack_wire(consult_id)
+    if ack is not None:
+        await rt.send_message(_signer(wire), ACK_KIND, ack)
+    else:
+        rt.notify(f"The critical result on consult {consult_id[:8]} came again: acknowledge it")
+
+
+async def acknowledge(rt: NodeRuntime, consult_id: str, by: str = "") -> tuple[str, int]:
+    """Requesting side: acknowledge receipt of the report (by a named person: required for
+    a critical result), record the time to acknowledgement, tell the report's author.
+
+    Returns (how the author was told, seconds from arrival to acknowledgement).
+    """
+    consult_id = rt.consults.resolve(consult_id)
+    role, _, _ = rt.consults.info(consult_id)
+    report_wire = rt.consults.report_wire(consult_id)
+    row = rt.consults.report_ack(consult_id)
+    if role != "requester" or report_wire is None or row is None:
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} has no report received by this node: only the "
+            "requesting node acknowledges the report it got back"
+        )
+    by = " ".join(by.split())
+    if row.critical and not by:
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} is a critical result: say who takes it on, "
+            f'with --by "Dr Name"'
+        )
+    now = rt.now()
+    ack = Acknowledgement(consult_id, rt.identity.node_id, Acknowledgement.digest(report_wire),
+                          by, now)  # fmt: skip
+    wire = ack.to_wire(rt.identity)
+    _, done = rt.consults.acknowledge(consult_id, wire, by, now, str(rt.identity.node_id))
+    seconds = done.time_to_ack or 0
+    rt.audit.append(
+        AuditKind.CONSULT,
+        now=rt.clock(),
+        details={"consult": consult_id, "event": "report-acknowledged", "by": by,
+                 "critical": row.critical, "time_to_ack_s": seconds},
+    )  # fmt: skip
+    try:
+        how = await rt.send_message(_signer(report_wire), ACK_KIND, wire)
+    except NodeError as exc:  # kept here; sent again when the report is re-sent
+        how = f"not sent now ({exc})"
+    return how, seconds
+
+
+async def _on_ack(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
+    """Consultant side: the requesting node acknowledged the report we sent."""
+    ack = Acknowledgement.from_wire(wire)
+    consult_id = rt.consults.resolve(ack.consult_id)
+    role, _, _ = rt.consults.info(consult_id)
+    report = rt.consults.report_wire(consult_id)
+    if role != "consultant" or sender != ack.requester or report is None:
+        raise LocalConsultError(f"an acknowledgement from {sender.short()} was ignored")
+    if ack.requester != NodeId.from_public_key(requester_key(rt, consult_id)):
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} was acknowledged by {sender.short()}, who did not ask "
+            "for it: ignored"
+        )
+    if ack.report_sha256 != Acknowledgement.digest(report):
+        raise LocalConsultError(f"an acknowledgement of another report of {consult_id[:8]}")
+    if rt.consults.get(consult_id).state is State.ACKNOWLEDGED:
+        return  # a repeat, answering a re-sent report
+    _, done = rt.consults.acknowledge(consult_id, wire, ack.by, rt.now(), str(sender))
+    rt.audit.append(
+        AuditKind.CONSULT,
+        now=rt.clock(),
+        peer=str(sender),
+        details={"consult": consult_id, "event": "report-acknowledged", "by": ack.by,
+                 "critical": done.critical, "time_to_ack_s": done.time_to_ack or 0},
+    )  # fmt: skip
+    rt.notify(
+        f"Report on consult {consult_id[:8]} acknowledged"
+        + (f" by {ack.by}" if ack.by else "")
+        + f" after {(done.time_to_ack or 0) // 60} min"
+    )
+
+
+async def resend_report(rt: NodeRuntime, consult_id: str) -> str:
+    """Consultant side: send the kept signed report again (a critical result not yet
+    acknowledged)."""
+    wire = rt.consults.report_wire(consult_id)
+    if wire is None:
+        raise LocalConsultError(f"consult {consult_id[:8]} has no report sent from this node")
+    return await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+
+
 def requester_key(rt: NodeRuntime, consult_id: str) -> bytes:
     """The requesting node's public key: the signer of the request we received."""
     _, _, wire = rt.consults.info(consult_id)
@@ -572,6 +777,7 @@ async def withdraw(
         )
     rt.consults.apply(consult_id, Event.WITHDRAW, rt.now(), str(rt.identity.node_id))
     _stop_serving(rt, consult_id, "the consult was withdrawn by the requester", tell=True)
+    rt.live_hub().recheck(consult_id)  # nobody stays in its live session
     told = {NodeId.parse(peer)} if peer else set()
     told.update(rt.consults.offered(consult_id))
     return [p for p in told if not await rt.send_withdrawal(consult_id, p, reason)]
@@ -607,11 +813,26 @@ async def approve_live_guest(rt: NodeRuntime, consult_id: str, guest: bytes) -> 
 
 async def _on_live_consent(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
     consent = GuestConsent.from_wire(wire)
-    _, peer, _ = rt.consults.info(consent.consult_id)
+    role, peer, _ = rt.consults.info(consent.consult_id)
     if not peer or NodeId.parse(peer) != sender:
         raise RuntimeError_(
             f"a guest approval for consult {consent.consult_id[:8]} from {sender.short()}, "
             "who is not its other party, was ignored"
+        )
+    # Checked per message like every other kind: a party revoked since does not approve.
+    key = (
+        requester_key(rt, consent.consult_id)
+        if role == "consultant"
+        else await consultant_key(rt, consent.consult_id)
+    )
+    if (
+        key is None
+        or NodeId.from_public_key(key) != sender
+        or not rt.trust.is_trusted(key, rt.now())
+    ):
+        raise RuntimeError_(
+            f"a guest approval for consult {consent.consult_id[:8]} from {sender.short()}, "
+            "not trusted by this node, was ignored"
         )
     guest = NodeId.from_public_key(consent.guest)
     rt.consults.approve_guest(consent.consult_id, str(guest), str(sender))
@@ -625,6 +846,7 @@ async def _on_live_consent(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None
         f"{sender.short()} approved {guest.short()} as a guest of the live session on "
         f"consult {consent.consult_id[:8]}"
     )
+    guests.after_consent(rt, consent.consult_id, consent.guest, sender)  # ask, or invite
 
 
 def install(rt: NodeRuntime, *, resume: bool = True) -> None:
@@ -658,11 +880,23 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
         await _on_live_consent(sender, wire, rt)
 
     rt.handlers[LIVE_CONSENT_KIND] = on_live_consent
+    guests.install(rt)  # live.refuse: the other party refused a guest
+
+    async def on_ack(sender: NodeId, kind: str, wire: bytes) -> None:
+        if not rt.trust.is_trusted(_signer(wire), rt.now()):
+            raise RuntimeError_(f"acknowledgement from untrusted {sender.short()} ignored")
+        await _on_ack(sender, wire, rt)
+
+    rt.handlers[ACK_KIND] = on_ack
+    critical_alerts.start(rt, lambda consult_id: resend_report(rt, consult_id), timer=resume)
 
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
         if not rt.trust.is_trusted(conn.peer, rt.now()):  # checked per request, not per link
             raise RequestRefused("not-trusted", "this node no longer trusts your node")
-        consult_id = rt.consults.resolve(body.decode(errors="replace"))
+        try:  # the peer names a whole consult id, never a prefix of one
+            consult_id = rt.consults.resolve(check_consult_id(body.decode(errors="replace")))
+        except ConsultError as exc:
+            raise RequestRefused("not-shared", "this study was not shared with your node") from exc
         role, peer, _ = rt.consults.info(consult_id)
         if role != "requester" or not peer or NodeId.parse(peer) != conn.peer_id:
             raise RequestRefused("not-shared", "this study was not shared with your node")
@@ -687,10 +921,8 @@ def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[Iterable[bytes]
         # consistent, and the map is saved once every instance UID is in it.
         path = _map_path(rt, consult_id)
         pseudonyms = PseudonymMap.load(path, _map_key(rt))
-        share = ShareContext(pseudonyms=pseudonyms)
-        for data in files:
-            yield deidentify_instance(data, share)
-        pseudonyms.persist(path, _map_key(rt))
+        options = sharing.options_of(rt.config.sharing)
+        yield from sharing.deidentifier(pseudonyms, path, _map_key(rt), options)(files)
 
     return prepare
 
@@ -762,7 +994,8 @@ async def _serve(rt: NodeRuntime, conn: PeerConnection, consult_id: str, share: 
 
 
 def _spool_of(rt: NodeRuntime, consult_id: str) -> Path:
-    return rt.home.data_dir / "transfers" / consult_id
+    # Named by a hash: a consult id came from a peer, and a peer's string is never a path.
+    return rt.home.data_dir / "transfers" / f"consult-{local_name(consult_id)}"
 
 
 def _still_ours(rt: NodeRuntime, consult_id: str) -> bool:
@@ -847,6 +1080,7 @@ async def _pull(rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback)
                 # the study as this consult shares it: another consult's transfer with the
                 # same node may run on this connection meanwhile
                 expect_study=rt.consults.get(consult_id).request.study_uid,
+                spool_key=_spool_key(rt),
             )
         )
         try:
@@ -859,30 +1093,37 @@ async def _pull(rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback)
             progress = receiving.result()
         finally:
             receiving.cancel()
+        _report_conflicts(rt, consult_id, tracked.receiver)
     if rt.consults.get(consult_id).state is State.TRANSFERRING:
         rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(rt.identity.node_id))
     return progress
 
 
+def _report_conflicts(rt: NodeRuntime, consult_id: str, receiver: StudyReceiver | None) -> None:
+    if receiver is not None and receiver.conflicts:
+        rt.notify(
+            f"{len(receiver.conflicts)} image(s) of consult {consult_id[:8]} were not stored: "
+            "this node already holds instances with the same UIDs and other bytes (kept its "
+            "own). Ask the requesting node to check the study."
+        )
+
+
 def unfinished_fetches(rt: NodeRuntime) -> list[str]:
     """Consults whose study this node was fetching when it stopped (spool kept in
-    ``data/transfers/<consult>``). A consult's spool that has nothing left to resume,
-    or whose consult is no longer in this node's hands (withdrawn, reported), is removed;
-    other spools there (``radmesh fetch``) are left alone."""
-    root = rt.home.data_dir / "transfers"
+    ``data/transfers/consult-<hash of its id>``). A consult's spool that has nothing left to
+    resume, or whose consult is no longer in this node's hands (withdrawn, reported), is
+    removed; other spools there (``radmesh fetch``) are left alone."""
     found = []
-    for spool in sorted(root.iterdir()) if root.is_dir() else ():
-        try:
-            role, _, _ = rt.consults.info(spool.name)
-        except ConsultError:
-            continue  # not a consult's spool
-        if role != "consultant" or spool.name in _desk(rt).fetching:
+    for case in rt.consults.cases():
+        consult_id, spool = case.request.id, _spool_of(rt, case.request.id)
+        role, _, _ = rt.consults.info(consult_id)
+        if role != "consultant" or consult_id in _desk(rt).fetching or not spool.is_dir():
             continue
-        if _still_ours(rt, spool.name) and _unfinished(rt, spool.name, spool):
-            found.append(spool.name)
+        if _still_ours(rt, consult_id) and _unfinished(rt, consult_id, spool):
+            found.append(consult_id)
         else:
             shutil.rmtree(spool, ignore_errors=True)
-    return found
+    return sorted(found)
 
 
 def _unfinished(rt: NodeRuntime, consult_id: str, spool: Path) -> bool:
@@ -891,7 +1132,14 @@ def _unfinished(rt: NodeRuntime, consult_id: str, spool: Path) -> bool:
     if rt.consults.get(consult_id).state is State.TRANSFERRING:
         return True
     _, _, wire = rt.consults.info(consult_id)
-    return wire is not None and tr.resume_request(tr.Spool(spool), _signer(wire)) is not None
+    return (
+        wire is not None
+        and tr.resume_request(tr.Spool(spool, _spool_key(rt)), _signer(wire)) is not None
+    )
+
+
+def _spool_key(rt: NodeRuntime) -> bytes:
+    return rt.identity.derive_key(tr.SPOOL_KEY_PURPOSE)
 
 
 async def _resume(rt: NodeRuntime, consult_id: str) -> None:

@@ -20,6 +20,7 @@ from crypto.channel import DatagramOpener, DatagramSealer, StreamOpener, StreamS
 from crypto.envelope import ReplayGuard
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
+from node.supervise import supervise
 from peer_transport import frames as fr
 from peer_transport import transfer as tr
 from peer_transport.errors import (
@@ -162,6 +163,13 @@ class _Session:
             self._receive(channel, data)
         except (TransportError, CryptoError) as exc:
             self.conn._session_failed(self, exc)
+        except Exception as exc:  # an application receiver failed: that message, not the link
+            log.error(
+                "a %s message from %s could not be handled and was dropped (%s)",
+                channel,
+                self.conn.peer_id.short(),
+                type(exc).__name__,  # not its text: it may quote the peer's data
+            )
 
     def _receive(self, channel: str, data: bytes) -> None:
         if len(data) > fr.MAX_MESSAGE:
@@ -654,6 +662,13 @@ class ChannelLink:
         """The transfer is over: its messages are no longer routed here."""
         self._mux.remove(self)
 
+    def drop(self, error: RemoteProtocolError) -> None:
+        """The peer misbehaved in this transfer (a decompression bomb, an instance that is
+        not the one its manifest names): disconnect it, as for a malformed frame."""
+        session = self.conn._session
+        if session is not None:
+            self.conn._session_failed(session, error)
+
 
 class _TransferMux:
     """The study transfers of one connection, told apart by transfer id.
@@ -723,7 +738,10 @@ class Transport:
         options: TransportOptions | None = None,
         inbox: InboxHook | None = None,
         clock: Callable[[], float] = time.time,
+        replay_guard: ReplayGuard | None = None,
     ) -> None:
+        """``replay_guard``: a node passes its guard kept on disk, so a restart does not
+        accept signals it already saw."""
         self.identity = identity
         self.signaling = signaling
         self.is_trusted = is_trusted
@@ -738,7 +756,7 @@ class Transport:
         # application drops it everywhere else too (live sessions) at once.
         self.on_untrusted: Callable[[bytes], None] = lambda _peer: None
         self.closing = False
-        self._guard = ReplayGuard()
+        self._guard = replay_guard if replay_guard is not None else ReplayGuard()
         self._handshake_replays = hs.ReplayCache()
         self._answers: dict[bytes, tuple[bytes, asyncio.Future[SignalMessage]]] = {}
         self._connections: dict[bytes, PeerConnection] = {}
@@ -755,7 +773,7 @@ class Transport:
         self.handlers[kind] = handler
 
     async def start(self) -> None:
-        self._reader = asyncio.ensure_future(self._read_signals())
+        self._reader = asyncio.ensure_future(supervise("signal reader", self._read_signals))
 
     async def __aenter__(self) -> Transport:
         await self.start()
@@ -930,6 +948,9 @@ class Transport:
             except SignalingError as exc:
                 log.warning("signal refused: %s", exc)
                 continue
+            except Exception:  # e.g. the replay guard's disk: one signal never ends the reader
+                log.exception("a signal could not be opened; dropped it")
+                continue
             if message.kind == "offer":
                 self._spawn(self._respond(sender, message))
                 continue
@@ -1004,16 +1025,24 @@ class Transport:
                 self._spawn(self._expire_inbox(conn))
             conn._attach(session)
             if trusted:
-                try:
-                    self._accepted.put_nowait(conn)
-                except asyncio.QueueFull:
-                    await conn.close("too many unaccepted connections")
+                self._offer_accepted(conn)
         else:
             old = conn._session
             if old is not None and not old.down:
                 old.down = True
                 await old.close()
             conn._attach(session)
+
+    def _offer_accepted(self, conn: PeerConnection) -> None:
+        """Queue ``conn`` for :meth:`accept`. A node that never calls accept() (its
+        handlers serve every connection) must still take trusted peers: when the queue
+        is full the oldest entry leaves it (that connection stays up), never the new one."""
+        while True:
+            try:
+                self._accepted.put_nowait(conn)
+                return
+            except asyncio.QueueFull:
+                self._accepted.get_nowait()
 
     async def _respond_handshake(
         self, sender: bytes, offer: SignalMessage, session: _Session

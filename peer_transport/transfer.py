@@ -9,14 +9,19 @@ request is the application-level ack of what came before it). Every chunk carrie
 its own BLAKE2b hash; a damaged chunk is rejected and requested again, never
 written. A chunk nobody asked for, or one that does not fit the declared size, is
 rejected. When all chunks of an instance are verified the runner asks the receiver
-to assemble it: decode, compare size and SHA-256 with the manifest, and only then
-hand it to the store.
+to assemble it: check every size the encoding declares against the manifest (a
+decompression bomb is refused before anything is allocated), decode, compare the
+SHA-256 and the instance's own study/series/instance UIDs with the manifest, and
+only then hand it to the store. The manifest itself is held to the receiver's
+budgets (:data:`MAX_INSTANCE_SIZE`, :data:`MAX_STUDY_SIZE`, :data:`MAX_EXPANSION`)
+and its UIDs to the DICOM grammar when it is opened.
 
-What the receiver has verified lives in a :class:`Spool` directory: part files,
-a state file (the instances stored, rewritten atomically after each) and a
-journal with the BLAKE2b digest of every chunk written to an unfinished part.
-Nothing here is fsynced, on purpose: after a restart a journalled chunk counts
-only if the part file still holds bytes with that digest, so a kill -9 or a power
+What the receiver has verified lives in a :class:`Spool` directory, sealed at rest
+(it may hold an identified study): part files, a state file (the instances stored,
+rewritten atomically after each) and a journal with the receipt (nonce and tag) of
+every chunk sealed into an unfinished part. Nothing here is fsynced, on purpose:
+after a restart a journalled chunk counts only if its receipt still opens the bytes
+in the part file, so a kill -9 or a power
 cut costs at most the chunks in flight or lost with the page cache, never a wrong
 byte. An instance becomes visible only through the store's own atomic, fsynced
 commit (``node.store.Store.add_bytes``), which happens before the state file
@@ -44,6 +49,7 @@ import hashlib
 import itertools
 import math
 import os
+import secrets
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +58,9 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.secret
 from pydicom.tag import BaseTag
 
 from crypto import canonical
@@ -59,6 +68,7 @@ from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity
 from node import wirecodec
+from node.ids import is_dicom_uid
 from peer_transport.errors import LocalProtocolError, RemoteProtocolError, TransportError
 
 MANIFEST_TYPE = "study-manifest"
@@ -75,6 +85,20 @@ DEFAULT_TIMEOUT = 5.0  # seconds before an unanswered chunk request is repeated
 MAX_ACTIVE_INSTANCES = 16  # part files open at once on the receiver
 MAX_INSTANCE_ATTEMPTS = 2  # an instance whose hash fails twice fails the transfer
 REOFFER_MIN_INTERVAL = 1.0  # seconds between offers for resume requests with no request between
+# Receiver budgets, checked when the signed manifest is opened, before anything is fetched
+# or decoded. A decoded instance is held in memory (about three times, while it is
+# rebuilt), so its size is what a sender can make the receiver allocate.
+MAX_INSTANCE_SIZE = 1 << 30  # bytes of one decoded instance
+MAX_STUDY_SIZE = 64 << 30  # bytes of all decoded instances of one study
+# Above EXPANSION_FLOOR, an instance may decode to at most MAX_EXPANSION times its wire
+# size (lossless coding of real images gains 2-10x; a blank 512x512 slice is below the
+# floor). The sender sends an instance that compresses better than this as it is.
+MAX_EXPANSION = 1024
+EXPANSION_FLOOR = 16 << 20
+# An encoding is never much larger than its file (the codec sends a file as it is when
+# coding does not pay), so the spool and the assembly of one instance stay near its size.
+WIRE_SLACK = 64 << 10
+SPOOL_KEY_PURPOSE = "radmesh-spool-v1"  # the node's key for its receive spools
 
 
 class TransferError(TransportError):
@@ -111,6 +135,21 @@ class InstanceRejected(RemoteTransferError):
 
 class ManifestMismatch(RemoteTransferError):
     """The peer's manifest and the data it sends disagree; the transfer is stopped."""
+
+
+class DecompressionBomb(RemoteTransferError):
+    """The peer declared more decoded data than its wire bytes or the receiver's budgets
+    allow; refused before anything was allocated, and the peer is disconnected."""
+
+
+def within_budget(size: int, wire_size: int) -> bool:
+    """Whether an instance of ``size`` decoded bytes sent as ``wire_size`` bytes fits the
+    receiver's per-instance budget, its expansion limit, and is not padded on the wire."""
+    return (
+        size <= MAX_INSTANCE_SIZE
+        and size <= max(EXPANSION_FLOOR, wire_size * MAX_EXPANSION)
+        and wire_size <= size + size // 64 + WIRE_SLACK
+    )
 
 
 # -- manifest ------------------------------------------------------------------------------
@@ -153,9 +192,23 @@ class ManifestEntry:
             len(entry.sha256) != 32
             or not 0 <= entry.size <= wirecodec.MAX_WIRE_SIZE
             or not 0 < entry.wire_size <= wirecodec.MAX_WIRE_SIZE
-            or max(len(entry.sop_instance_uid), len(entry.series_instance_uid)) > 64
         ):
             raise MalformedMessage("manifest entry has out-of-range values")
+        if not (
+            is_dicom_uid(entry.sop_instance_uid)
+            and is_dicom_uid(entry.series_instance_uid)
+            and (entry.transfer_syntax == "" or is_dicom_uid(entry.transfer_syntax))
+        ):
+            raise MalformedMessage(
+                "manifest entry has a malformed UID (a DICOM UID is digits and dots, at most 64)"
+            )
+        if not within_budget(entry.size, entry.wire_size):
+            raise DecompressionBomb(
+                f"manifest declares instance {entry.sop_instance_uid} as {entry.size} bytes "
+                f"from {entry.wire_size} on the wire: outside this node's limits of "
+                f"{MAX_INSTANCE_SIZE} bytes per instance, {MAX_EXPANSION}x expansion and "
+                "a wire encoding about the size of the file"
+            )
         return entry
 
     def chunk_count(self, chunk_size: int) -> int:
@@ -197,7 +250,17 @@ class Manifest:
             and isinstance(deid, bool)
         ):
             raise MalformedMessage("manifest has wrong field types or sizes")
-        return cls(tid, study, tuple(ManifestEntry.from_value(e) for e in entries), chunk, deid)
+        if not is_dicom_uid(study):
+            raise MalformedMessage("manifest's study UID is not a DICOM UID (digits and dots)")
+        parsed = tuple(ManifestEntry.from_value(e) for e in entries)
+        if len({e.sop_instance_uid for e in parsed}) != len(parsed):
+            raise MalformedMessage("manifest lists one SOP Instance UID twice")
+        if sum(e.size for e in parsed) > MAX_STUDY_SIZE:
+            raise DecompressionBomb(
+                f"manifest declares {sum(e.size for e in parsed)} bytes: over this node's "
+                f"limit of {MAX_STUDY_SIZE} bytes per study"
+            )
+        return cls(tid, study, parsed, chunk, deid)
 
     def sign(self, identity: Identity) -> bytes:
         return SignedEnvelope.create(identity, MANIFEST_TYPE, self.to_value()).to_wire()
@@ -223,7 +286,10 @@ def describe_instance(data: bytes) -> tuple[str, str, str, int, int, str]:
     Raises :class:`node.wirecodec.BadInstance` for files that must not be sent:
     unreadable, truncated, or without the UIDs a receiver needs.
     """
-    ds = wirecodec.parse_dicom(data)
+    return _describe(wirecodec.parse_dicom(data), data)
+
+
+def _describe(ds: Any, data: bytes) -> tuple[str, str, str, int, int, str]:
     try:
         study = str(ds.StudyInstanceUID)
         series = str(ds.SeriesInstanceUID)
@@ -249,8 +315,22 @@ def prepare_instance(
 ) -> tuple[ManifestEntry, str, bytes]:
     """Describe and encode one file: (manifest entry, study UID, wire bytes)."""
     study, series, sop, series_number, instance_number, syntax = describe_instance(data)
+    if len(data) > MAX_INSTANCE_SIZE:
+        raise wirecodec.BadInstance(
+            f"instance {sop} is {len(data)} bytes; a receiver takes at most {MAX_INSTANCE_SIZE}"
+        )
+    if not all(map(is_dicom_uid, (study, series, sop))):
+        raise wirecodec.BadInstance(
+            f"instance {sop[:64]!r} has a malformed study, series or instance UID; "
+            "a receiver refuses it"
+        )
     encoded = wirecodec.encode(data, cache)  # its sha256 is the file's: not hashed twice
     wire = encoded.to_wire()
+    if not within_budget(len(data), len(wire)):  # compresses beyond belief, or grew: as is
+        encoded = wirecodec.WireInstance(
+            wirecodec.Encoding.RAW, len(data), encoded.sha256, bytes(data)
+        )
+        wire = encoded.to_wire()
     entry = ManifestEntry(
         sop, series, series_number, instance_number, syntax, len(data), encoded.sha256, len(wire)
     )
@@ -508,47 +588,129 @@ class Machine:
 # -- spool: part files and the persisted receiver state ------------------------------------
 
 
-class Spool:
-    """A directory holding one transfer's manifest, state file and part files."""
+_NONCE = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+_TAG = sodium.crypto_aead_xchacha20poly1305_ietf_ABYTES
+RECEIPT_SIZE = _NONCE + _TAG
+# Spools opened without a key are sealed all the same, with a key that dies with the
+# process (tests, one-off tools); a node passes its own (SPOOL_KEY_PURPOSE) so that a
+# restarted node resumes what it had.
+_PROCESS_KEY = secrets.token_bytes(32)
 
-    def __init__(self, root: Path) -> None:
+
+class Spool:
+    """A directory holding one transfer's manifest, state file and part files, sealed.
+
+    What a peer sent may be a full identified study, so nothing here is in clear: each
+    chunk is sealed (XChaCha20-Poly1305, a fresh random nonce per write) in place, at
+    the offset its plain bytes would have, and the nonce and tag go back to the caller
+    as a *receipt* (the receiver journals it, as it journalled chunk digests before);
+    the manifest and state files are sealed whole (SecretBox). Part files keep the
+    size and offsets of the wire encoding, so crash-safety reasoning is unchanged:
+    a chunk counts only if its receipt opens the bytes on disk.
+    """
+
+    def __init__(self, root: Path, key: bytes | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = key or _PROCESS_KEY
+        self._chunk_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-spoolc").digest()
+        file_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-spoolf").digest()
+        self._box = nacl.secret.SecretBox(file_key)
 
     def _part(self, index: int) -> Path:
         return self.root / f"{index}.part"
 
-    def write_chunk(self, index: int, offset: int, data: bytes) -> None:
+    def write_chunk(self, index: int, seq: int, offset: int, data: bytes) -> bytes:
+        """Seal and write one chunk; returns its receipt (needed to read it back)."""
+        nonce = secrets.token_bytes(_NONCE)
+        sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            data, struct.pack("<II", index, seq), nonce, self._chunk_key
+        )
         fd = os.open(self._part(index), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            os.pwrite(fd, data, offset)
+            os.pwrite(fd, sealed[: len(data)], offset)
         finally:
             os.close(fd)
+        return nonce + sealed[len(data) :]
+
+    def read_chunk(
+        self, index: int, seq: int, offset: int, length: int, receipt: bytes
+    ) -> bytes | None:
+        """The chunk written with ``receipt``, or None if the part does not hold it."""
+        try:
+            fd = os.open(self._part(index), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            sealed = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(sealed) != length or len(receipt) != RECEIPT_SIZE:
+            return None
+        try:
+            plain: bytes = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                sealed + receipt[_NONCE:],
+                struct.pack("<II", index, seq),
+                receipt[:_NONCE],
+                self._chunk_key,
+            )
+        except nacl.exceptions.CryptoError:
+            return None
+        return plain
 
     def has_part(self, index: int) -> bool:
         return self._part(index).exists()
 
-    def read_part(self, index: int) -> bytes:
-        return self._part(index).read_bytes()
+    def read_part(self, index: int, chunks: Sequence[tuple[int, int, bytes]]) -> bytes:
+        """A whole part from its (offset, length, receipt) chunks, in order. Raises
+        :class:`node.wirecodec.CorruptInstance` if any chunk was damaged on disk."""
+        out = []
+        for seq, (offset, length, receipt) in enumerate(chunks):
+            plain = self.read_chunk(index, seq, offset, length, receipt)
+            if plain is None:
+                raise wirecodec.CorruptInstance(f"chunk {seq} is missing or damaged in the spool")
+            out.append(plain)
+        return b"".join(out)
 
     def drop_part(self, index: int) -> None:
         self._part(index).unlink(missing_ok=True)
 
     def save(self, name: str, data: bytes) -> None:
         tmp = self.root / f".{name}.tmp"
-        tmp.write_bytes(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._box.encrypt(data))
         os.replace(tmp, self.root / name)  # atomic: a crash leaves the old or the new file
 
     def append(self, name: str, data: bytes) -> None:
-        with (self.root / name).open("ab") as f:
+        """Append to a file kept in clear (the journal: chunk numbers and receipts)."""
+        fd = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as f:
             f.write(data)
+
+    def save_clear(self, name: str, data: bytes) -> None:
+        tmp = self.root / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.root / name)
+
+    def load_clear(self, name: str) -> bytes | None:
+        path = self.root / name
+        return path.read_bytes() if path.exists() else None
 
     def remove(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
 
     def load(self, name: str) -> bytes | None:
+        """A sealed file's contents; None when missing or unreadable with this key."""
         path = self.root / name
-        return path.read_bytes() if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return bytes(self._box.decrypt(path.read_bytes()))
+        except (nacl.exceptions.CryptoError, ValueError):
+            return None
 
 
 # -- progress ------------------------------------------------------------------------------
@@ -656,24 +818,58 @@ class Sender:
 # -- receiver ------------------------------------------------------------------------------
 
 
-def decode_part(part: bytes, entry: ManifestEntry) -> bytes:
-    """The original file of a received wire encoding, checked against its manifest entry."""
+def decode_part(part: bytes, entry: ManifestEntry, study_uid: str) -> bytes:
+    """The original file of a received wire encoding, checked against its manifest entry.
+
+    Every size the encoding declares is checked against the entry before anything is
+    decoded (:class:`DecompressionBomb`); the decoded file must have the entry's hash
+    and carry the entry's study, series and instance UIDs (:class:`ManifestMismatch`:
+    a manifest that names one instance and delivers another is the sender's lie, not
+    damage, and fetching it again would not help). Damage raises
+    :class:`node.wirecodec.WireCodecError`.
+    """
     wire = wirecodec.WireInstance.from_wire(part, entry.wire_size)
-    if wire.original_size != entry.size or wire.sha256 != entry.sha256:
-        raise wirecodec.CorruptInstance("its size or hash differs from the manifest")
-    return wirecodec.decode(wire)
+    if wire.sha256 != entry.sha256:
+        raise wirecodec.CorruptInstance("its hash differs from the manifest")
+    try:
+        wirecodec.check_declared(wire, entry.size)
+    except wirecodec.Oversized as exc:
+        raise DecompressionBomb(
+            f"instance {entry.sop_instance_uid} was refused before decoding: {exc}"
+        ) from exc
+    data = wirecodec.decode(wire)
+    try:
+        ds = wirecodec.parse_dicom(data)
+        found = _describe(ds, data)[:3]
+    except wirecodec.BadInstance as exc:
+        raise ManifestMismatch(
+            f"instance {entry.sop_instance_uid} is not a DICOM instance: {exc}"
+        ) from exc
+    if found != (study_uid, entry.series_instance_uid, entry.sop_instance_uid):
+        raise ManifestMismatch(
+            f"the bytes sent as instance {entry.sop_instance_uid} (study {study_uid}) carry "
+            f"instance {found[2][:64]!r} of study {found[0][:64]!r}: refused, nothing stored. "
+            "The sender's manifest does not describe what it sends; ask them to share again."
+        )
+    try:  # what a viewer here would allocate to show it
+        wirecodec.check_pixels(ds, MAX_INSTANCE_SIZE)
+    except wirecodec.Oversized as exc:
+        raise DecompressionBomb(f"instance {entry.sop_instance_uid} was refused: {exc}") from exc
+    except wirecodec.CorruptInstance:
+        pass  # damaged frames are stored as sent: a viewer fails on them here as there
+    return data
 
 
 @dataclass
 class _Partial:
     count: int
-    verified: dict[int, bytes] = field(default_factory=dict)  # seq -> chunk digest
+    verified: dict[int, bytes] = field(default_factory=dict)  # seq -> spool receipt
     outstanding: dict[int, float] = field(default_factory=dict)  # seq -> requested at
 
 
 STATE_FILE = "state"
-JOURNAL_FILE = "journal"  # (index, seq, digest) of each chunk written to an unfinished part
-_JOURNAL_RECORD = struct.Struct(f"<II{CHUNK_DIGEST_SIZE}s")
+JOURNAL_FILE = "journal"  # (index, seq, receipt) of each chunk written to an unfinished part
+_JOURNAL_RECORD = struct.Struct(f"<II{RECEIPT_SIZE}s")  # (index, seq, receipt)
 MANIFEST_FILE = "manifest"
 
 
@@ -723,11 +919,11 @@ class Receiver:
                 raise ValueError("state of another transfer")
             total = len(self.manifest.entries)
             self.done = {i for i in state["done"] if 0 <= i < total}
-            journal = self.spool.load(JOURNAL_FILE) or b""
+            journal = self.spool.load_clear(JOURNAL_FILE) or b""
             usable = len(journal) - len(journal) % _JOURNAL_RECORD.size  # torn last record
             claimed: dict[int, dict[int, bytes]] = {}
-            for index, seq, digest in _JOURNAL_RECORD.iter_unpack(journal[:usable]):
-                claimed.setdefault(index, {})[seq] = digest
+            for index, seq, receipt in _JOURNAL_RECORD.iter_unpack(journal[:usable]):
+                claimed.setdefault(index, {})[seq] = receipt
             for index, seqs in claimed.items():
                 if 0 <= index < total and index not in self.done:
                     self._restore_part(index, seqs)
@@ -738,20 +934,23 @@ class Receiver:
             self._persist()
 
     def _restore_part(self, index: int, claimed: dict[int, bytes]) -> None:
-        """Keep the journalled chunks whose bytes really are in the part file."""
-        entry = self.manifest.entries[index]
-        size = self.manifest.chunk_size
-        count = entry.chunk_count(size)
-        part = self.spool.read_part(index) if self.spool.has_part(index) else b""
+        """Keep the journalled chunks whose bytes really are in the part file (their
+        receipt opens them: sealed, so damaged or missing bytes do not)."""
+        count = self.manifest.entries[index].chunk_count(self.manifest.chunk_size)
         ok = {
-            seq: digest
-            for seq, digest in claimed.items()
+            seq: receipt
+            for seq, receipt in claimed.items()
             if 0 <= seq < count
-            and chunk_digest(part[seq * size : min((seq + 1) * size, entry.wire_size)]) == digest
+            and self.spool.read_chunk(index, seq, *self._extent(index, seq), receipt) is not None
         }
         self._partials[index] = _Partial(count, ok)
         if len(ok) == count:
             self.ready.add(index)
+
+    def _extent(self, index: int, seq: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``seq`` of instance ``index`` in its wire encoding."""
+        size = self.manifest.chunk_size
+        return seq * size, min(size, self.manifest.entries[index].wire_size - seq * size)
 
     def _save_state(self) -> None:
         state = {"id": self.manifest.transfer_id, "done": sorted(self.done)}
@@ -759,12 +958,12 @@ class Receiver:
 
     def _persist(self) -> None:
         journal = b"".join(
-            _JOURNAL_RECORD.pack(index, seq, digest)
+            _JOURNAL_RECORD.pack(index, seq, receipt)
             for index, partial in self._partials.items()
-            for seq, digest in partial.verified.items()
+            for seq, receipt in partial.verified.items()
         )
         # The journal first: a crash between the two leaves a state that is only older.
-        self.spool.save(JOURNAL_FILE, journal)
+        self.spool.save_clear(JOURNAL_FILE, journal)
         self._save_state()
 
     @classmethod
@@ -908,13 +1107,13 @@ class Receiver:
                 f"chunk {chunk.seq} of instance {entry.sop_instance_uid} is damaged "
                 "(hash mismatch); not written, requested again"
             )
-        self.spool.write_chunk(chunk.index, chunk.seq * size, chunk.data)
+        receipt = self.spool.write_chunk(chunk.index, chunk.seq, chunk.seq * size, chunk.data)
         del partial.outstanding[chunk.seq]
-        partial.verified[chunk.seq] = chunk.digest
+        partial.verified[chunk.seq] = receipt
         self.chunks_received += 1
         # Appending a record is far cheaper than rewriting the state for every chunk; it
         # is not fsynced: after a power cut, restore checks each record against the part.
-        self.spool.append(JOURNAL_FILE, _JOURNAL_RECORD.pack(chunk.index, chunk.seq, chunk.digest))
+        self.spool.append(JOURNAL_FILE, _JOURNAL_RECORD.pack(chunk.index, chunk.seq, receipt))
         if len(partial.verified) == partial.count:
             self.ready.add(chunk.index)
             return chunk.index
@@ -924,13 +1123,18 @@ class Receiver:
         """Decode a fully received instance and check it against the manifest.
 
         Reads only (safe in a worker thread: JPEG-LS decoding is the CPU-heavy part).
-        Raises :class:`node.wirecodec.WireCodecError` or OSError; pass it to
-        :meth:`reject_part`.
+        Raises :class:`node.wirecodec.WireCodecError` or OSError (damage: pass it to
+        :meth:`reject_part`), or :class:`DecompressionBomb` / :class:`ManifestMismatch`
+        (the sender's doing: pass it to :meth:`refuse_part`).
         """
-        if index not in self.ready:
+        partial = self._partials.get(index)
+        if index not in self.ready or partial is None:
             raise LocalTransferError(f"instance {index} is not fully received")
-        entry = self.manifest.entries[index]
-        return decode_part(self.spool.read_part(index), entry)
+        chunks = [
+            (*self._extent(index, seq), partial.verified[seq]) for seq in range(partial.count)
+        ]
+        part = self.spool.read_part(index, chunks)
+        return decode_part(part, self.manifest.entries[index], self.manifest.study_instance_uid)
 
     def reject_part(self, index: int, exc: Exception) -> TransferError:
         """Forget a received instance that failed :meth:`verify_part`; return the error.
@@ -956,10 +1160,25 @@ class Receiver:
             "fetching it again"
         )
 
+    def refuse_part(self, index: int, error: RemoteTransferError) -> RemoteTransferError:
+        """Fail the transfer for an instance the sender misrepresented (a bomb, another
+        instance than the manifest names): its part is dropped, nothing is stored, and
+        ``error`` is returned for the caller to raise (and to drop the peer)."""
+        self.ready.discard(index)
+        self._partials.pop(index, None)
+        self.spool.drop_part(index)
+        self._persist()
+        if self.state in (State.RUNNING, State.PAUSED):
+            self.machine.fire(Event.FAIL)
+        return error
+
     def assemble(self, index: int) -> bytes:
-        """:meth:`verify_part`, raising the transfer error of :meth:`reject_part`."""
+        """:meth:`verify_part`, raising the transfer error of :meth:`reject_part` or
+        :meth:`refuse_part`."""
         try:
             return self.verify_part(index)
+        except RemoteTransferError as exc:
+            raise self.refuse_part(index, exc) from exc
         except (wirecodec.WireCodecError, OSError) as exc:
             raise self.reject_part(index, exc) from exc
 

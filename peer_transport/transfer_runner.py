@@ -44,6 +44,7 @@ import nacl.exceptions
 
 from crypto.identity import Identity
 from node import wirecodec
+from node.store import InstanceConflict
 from peer_transport import transfer as tr
 
 log = logging.getLogger(__name__)
@@ -299,9 +300,16 @@ class StudyReceiver:
         timeout: float = tr.DEFAULT_TIMEOUT,
         sender_key: bytes | None = None,
         expect_study: str | None = None,
+        spool_key: bytes | None = None,
     ) -> None:
         self.link = link
         self.spool_dir = spool_dir
+        self.spool_key = spool_key  # seals the spool (the node's, so a restart resumes)
+        # Instances not stored because the store holds their UID with other bytes.
+        self.conflicts: list[InstanceConflict] = []
+        # Why the transfer failed, for run() to raise: a commit task's own exception may
+        # be gone with the task (pending tasks drop out of their set when done).
+        self._failure: tr.TransferError | None = None
         self.sender_key = sender_key  # the link's peer: asked at once for an unfinished spool
         # Take only an offer of this study (other transfers may share the connection).
         self.expect_study = expect_study
@@ -386,15 +394,19 @@ class StudyReceiver:
 
     async def run(self) -> tr.Progress:
         """Fetch the whole study; return the final progress. Raises TransferError."""
-        spool = tr.Spool(self.spool_dir)
+        spool = tr.Spool(self.spool_dir, self.spool_key)
         signed = await self._offered(spool)
-        self.protocol = receiver = tr.Receiver(
-            signed,
-            spool,
-            have=lambda h: self.store.has_hash(h.hex()),
-            window=self.window,
-            timeout=self.timeout,
-        )
+        try:
+            self.protocol = receiver = tr.Receiver(
+                signed,
+                spool,
+                have=lambda h: self.store.has_hash(h.hex()),
+                window=self.window,
+                timeout=self.timeout,
+            )
+        except tr.RemoteTransferError as exc:  # over budget, hostile UIDs, bad signature
+            self._drop(exc)
+            raise
         receiver.accept()
         self._started.set()
         pending = self._pending
@@ -409,6 +421,8 @@ class StudyReceiver:
             for task in pending:  # cancelled or failed: stop touching the spool
                 task.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._failure is not None:
+            raise self._failure
         if receiver.state is tr.State.COMPLETE:
             await self.link.send_control(tr.to_wire(tr.Finished(receiver.manifest.transfer_id)))
         elif receiver.state is tr.State.CANCELLED:
@@ -446,19 +460,40 @@ class StudyReceiver:
         # One job per instance, so a decoded instance never waits in memory for its turn.
         try:
             data = receiver.verify_part(index)
-        except (wirecodec.WireCodecError, OSError) as exc:
+        except (wirecodec.WireCodecError, OSError, tr.RemoteTransferError) as exc:
             return exc
-        self.store.add_bytes(data, source=self.source)
+        try:
+            self.store.add_bytes(data, source=self.source)
+        except InstanceConflict as exc:  # the stored instance stays; this one is reported
+            return exc
         return None
+
+    def _drop(self, error: tr.RemoteTransferError) -> None:
+        """The sender misbehaved: it loses its connection (``ChannelLink.drop``)."""
+        drop = getattr(self.link, "drop", None)
+        if drop is not None:
+            drop(error)
 
     async def _commit(self, receiver: tr.Receiver, index: int) -> None:
         loop = asyncio.get_running_loop()
         job = functools.partial(self._verify_and_store, receiver, index)
         failure = await loop.run_in_executor(self._executor, job)
+        if isinstance(failure, tr.RemoteTransferError):
+            self._failure = receiver.refuse_part(index, failure)
+            self._drop(failure)
+            self._wake.set()
+            return
+        if isinstance(failure, InstanceConflict):
+            log.warning("instance %d of the transfer was not stored: %s", index, failure)
+            self.conflicts.append(failure)
+            failure = None  # counted as done: fetching it again would not change it
         if failure is not None:
             error = receiver.reject_part(index, failure)
             if isinstance(error, tr.ManifestMismatch):
-                raise error from failure
+                error.__cause__ = failure
+                self._failure = error
+                self._wake.set()
+                return
             log.warning("%s", error)
             self._wake.set()
             return
@@ -623,6 +658,7 @@ async def receive_study(
     on_receiver: Callable[[StudyReceiver], None] | None = None,
     sender_key: bytes | None = None,
     expect_study: str | None = None,
+    spool_key: bytes | None = None,
 ) -> tr.Progress:
     """Fetch the study ``link``'s peer offers into ``store``; audit the outcome.
 
@@ -630,7 +666,9 @@ async def receive_study(
     returned receiver, so this attaches when ``link`` has an ``attach`` method
     (``connection.ChannelLink`` does). ``sender_key`` is the link's peer: when
     ``spool_dir`` holds an unfinished transfer it signed, the receiver asks for it
-    at once instead of waiting for the sender to offer again.
+    at once instead of waiting for the sender to offer again. ``spool_key`` seals the
+    spool (a node passes ``identity.derive_key(transfer.SPOOL_KEY_PURPOSE)``; without
+    one the spool is sealed with a key that lives only as long as this process).
     """
     receiver = StudyReceiver(
         link,
@@ -640,6 +678,7 @@ async def receive_study(
         on_progress,
         sender_key=sender_key,
         expect_study=expect_study,
+        spool_key=spool_key,
     )
     if on_receiver is not None:  # lets a caller read the manifest and steer (the viewer)
         on_receiver(receiver)
@@ -668,5 +707,6 @@ async def receive_study(
                     "outcome": outcome,
                     "deidentified": manifest.deidentified,
                     "resent_chunks": receiver.protocol.chunks_rerequested,
+                    "not_stored": len(receiver.conflicts),
                 },
             )

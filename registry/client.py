@@ -32,6 +32,7 @@ from registry.errors import (
     RemoteRegistryError,
     StaleRecord,
 )
+from registry.httpclient import client_session
 from registry.records import MAX_RECORD_SIZE, NodeRecord, parse_verified
 
 log = logging.getLogger(__name__)
@@ -101,16 +102,16 @@ class RegistryClient:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-            )
+            self._session = client_session(REQUEST_TIMEOUT)
         return self._session
 
     async def _request(
         self, method: str, path: str, *, limit: int, **kwargs: Any
     ) -> tuple[int, bytes]:
         try:
-            async with self.session().request(method, self.url + path, **kwargs) as response:
+            async with self.session().request(
+                method, self.url + path, allow_redirects=False, **kwargs
+            ) as response:
                 body = await response.content.read(limit + 1)
                 if len(body) > limit:
                     raise RemoteRegistryError(self.url, response.status, "response too large")
@@ -278,6 +279,11 @@ class RegistryConnection:
                 await self._task
         self._fail_pending("connection closed")
 
+    @property
+    def ready(self) -> bool:
+        """True while the socket is open and authenticated."""
+        return self._ready.is_set()
+
     async def wait_ready(self) -> None:
         try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
             async with asyncio.timeout(self.connect_timeout):
@@ -302,6 +308,9 @@ class RegistryConnection:
             except (aiohttp.ClientError, TimeoutError, RegistryError, ConnectionError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.debug("registry %s connection failed: %s", self.client.url, self.last_error)
+            except Exception as exc:  # one bad frame must not end the socket for good
+                self.last_error = str(exc) or type(exc).__name__
+                log.exception("registry %s connection broke; reconnecting", self.client.url)
             self._ready.clear()
             self._ws = None
             self._fail_pending("disconnected")

@@ -78,7 +78,7 @@ class MdnsFinder:
         self.discovery = discovery
 
     async def lookup(self, node_id: NodeId, now: int) -> NodeRecord | None:
-        return self.discovery.found.get(node_id)
+        return await self.discovery.lookup(node_id)
 
     async def search(self, query: SearchQuery, now: int) -> list[NodeRecord]:
         return [r for r in self.discovery.found.values() if matches(r, query)]
@@ -122,7 +122,7 @@ class PeerDirectory:
         row = self._db.execute(
             "SELECT wire FROM peers WHERE node_id = ?", (str(node_id),)
         ).fetchone()
-        return None if row is None else NodeRecord.from_wire(bytes(row[0]))
+        return None if row is None else _stored(bytes(row[0]))
 
     def remember(self, record: NodeRecord, source: str, now: int) -> bool:
         """Keep ``record`` if it verifies and is newer than the one held; True if kept."""
@@ -176,9 +176,8 @@ class PeerDirectory:
         row = self._db.execute(
             "SELECT wire, source FROM peers WHERE node_id = ?", (str(node_id),)
         ).fetchone()
-        if row is None:
-            return None
-        return self._peer(NodeRecord.from_wire(bytes(row[0])), row[1], now)
+        record = None if row is None else _stored(bytes(row[0]))
+        return None if record is None else self._peer(record, row[1], now)
 
     async def search(self, query: SearchQuery, now: int) -> list[Peer]:
         # Sources are asked for every availability: a node that went away or on call
@@ -196,4 +195,15 @@ class PeerDirectory:
 
     def list(self, now: int) -> list[Peer]:
         rows = self._db.execute("SELECT wire, source FROM peers ORDER BY node_id").fetchall()
-        return [self._peer(NodeRecord.from_wire(bytes(w)), s, now) for w, s in rows]
+        records = ((_stored(bytes(w)), s) for w, s in rows)
+        return [self._peer(r, s, now) for r, s in records if r is not None]
+
+
+def _stored(wire: bytes) -> NodeRecord | None:
+    """A remembered record, or None if it no longer passes today's checks (a record
+    kept by an older version with, say, a LAN URL that now counts as unsafe)."""
+    try:
+        return NodeRecord.from_wire(wire)
+    except RecordError as exc:
+        log.info("ignoring a remembered record that no longer parses: %s", exc)
+        return None

@@ -16,6 +16,10 @@ class RecordError(RegistryError):
     """A node record is malformed, badly signed, expired or stale."""
 
 
+class BadEndpoint(RecordError):
+    """A record's LAN or registry URL is not the bare ``http(s)://host:port`` it must be."""
+
+
 class StaleRecord(RecordError):
     """A record's sequence number is not newer than the one already held."""
 

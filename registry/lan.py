@@ -17,9 +17,10 @@ from aiohttp import web
 
 from crypto.identity import NodeId
 from registry.errors import RegistryUnavailable, RemoteRegistryError
+from registry.httpclient import client_session
 from registry.limits import RateLimiter, address_key
 from registry.netguard import AddressGuard, GuardedSite, handler_factory, headers_arrived
-from registry.records import MAX_RECORD_SIZE, NodeRecord, parse_verified
+from registry.records import MAX_RECORD_SIZE, NodeRecord, bare_http_url, parse_verified
 from registry.wsproto import MAX_SEALED
 
 FETCH_TIMEOUT = 5.0
@@ -112,11 +113,10 @@ class LanEndpoint:
 async def _session_request(
     method: str, url: str, limit: int, data: bytes | None = None
 ) -> tuple[int, bytes]:
-    timeout = aiohttp.ClientTimeout(total=FETCH_TIMEOUT)
     try:
         async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.request(method, url, data=data) as response,
+            client_session(FETCH_TIMEOUT) as session,
+            session.request(method, url, data=data, allow_redirects=False) as response,
         ):
             body = await response.content.read(limit + 1)
             if len(body) > limit:
@@ -126,9 +126,17 @@ async def _session_request(
         raise RegistryUnavailable(url, type(exc).__name__) from exc
 
 
+def endpoint_url(base_url: str, path: str) -> str:
+    """Our own fixed ``path`` on a peer's LAN endpoint, built from its validated host and
+    port only (raises :class:`~registry.errors.BadEndpoint` for anything else)."""
+    scheme, host, port = bare_http_url(base_url)
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{netloc}:{port}{path}"
+
+
 async def fetch_record(base_url: str, now: int, expected: NodeId | None = None) -> NodeRecord:
     """Fetch a node's record from its LAN endpoint and verify it (and whose it is)."""
-    url = base_url.rstrip("/") + "/v1/record"
+    url = endpoint_url(base_url, "/v1/record")
     status, body = await _session_request("GET", url, MAX_RECORD_SIZE)
     if status != 200:
         raise RemoteRegistryError(url, status, "peer did not serve its record")
@@ -139,7 +147,7 @@ async def post_signal(base_url: str, sealed: bytes) -> None:
     """Send one sealed envelope directly to a peer's LAN endpoint."""
     if len(sealed) > MAX_SEALED:
         raise RemoteRegistryError(base_url, 413, f"signal over {MAX_SEALED} bytes")
-    url = base_url.rstrip("/") + "/v1/signal"
+    url = endpoint_url(base_url, "/v1/signal")
     status, body = await _session_request("POST", url, 4096, sealed)
     if status != 202:
         raise RemoteRegistryError(url, status, body[:200].decode(errors="replace"))

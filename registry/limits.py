@@ -123,3 +123,39 @@ class MailboxQuota:
         if usage.total_bytes + size > self.total_bytes:
             return "this registry's mailbox storage is full"
         return None
+
+
+STRANGER_RATE = 0.2  # messages per second from one key this node does not trust...
+STRANGER_BURST = 5.0  # ...after a burst of this many
+STRANGERS_RATE = 5.0  # messages per second from all such keys together...
+STRANGERS_BURST = 50.0  # ...after a burst of this many
+STRANGER_KEYS = 10_000  # per-key buckets kept (least recently used dropped first)
+
+
+class StrangerGate:
+    """Admission of messages signed by keys this node does not trust.
+
+    A throwaway key costs nothing, so each one gets a small budget and all of
+    them together one shared budget; what is over is dropped without an answer
+    and counted in :attr:`dropped`. Trusted keys never pass through here, so no
+    number of strangers can use up their share.
+    """
+
+    def __init__(
+        self,
+        *,
+        rate: float = STRANGER_RATE,
+        burst: float = STRANGER_BURST,
+        total_rate: float = STRANGERS_RATE,
+        total_burst: float = STRANGERS_BURST,
+        max_keys: int = STRANGER_KEYS,
+    ) -> None:
+        self._per_key = RateLimiter(rate, burst, max_keys)
+        self._total = RateLimiter(total_rate, total_burst, 1)
+        self.dropped = 0
+
+    def allow(self, public_key: bytes, now: float) -> bool:
+        if self._per_key.allow(public_key.hex(), now) and self._total.allow("all", now):
+            return True
+        self.dropped += 1
+        return False

@@ -5,6 +5,12 @@ Each node advertises ``_radmesh._tcp.local.`` with TXT ``id`` (node id), ``v``
 endpoint and a sequence). A browsing node treats all of that as a hint: it
 fetches the full record from the endpoint and keeps it only if the record
 verifies and belongs to the advertised id.
+
+The endpoint in a pointer is chosen by whoever holds the key that signed it,
+so it is contacted only when that key is trusted (``is_trusted``), and only as
+a bare ``http(s)://host:port`` plus our own path. Pointers of other keys are
+remembered (bounded) without contacting anything, and fetched once the key
+becomes trusted (:meth:`LanDiscovery.lookup`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ SERVICE_TYPE = "_radmesh._tcp.local."
 PROTOCOL_VERSION = b"1"
 MAX_CONCURRENT_FETCHES = 8
 MAX_FOUND = 1024
+MAX_PENDING_RESOLVES = 64  # announcements waiting to be resolved; more are dropped
 
 
 def instance_name(node_id: NodeId) -> str:
@@ -48,7 +55,9 @@ class LanDiscovery:
         own_id: NodeId | None = None,
         on_found: Callable[[NodeRecord], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
+        is_trusted: Callable[[bytes], bool] = lambda _key: False,
     ) -> None:
+        """``is_trusted(public_key)``: may this node's announced endpoint be contacted?"""
         self._interfaces = interfaces
         self._own_id = own_id
         self._on_found = on_found
@@ -58,7 +67,10 @@ class LanDiscovery:
         self._info: AsyncServiceInfo | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._fetching = asyncio.Semaphore(MAX_CONCURRENT_FETCHES)
+        self._is_trusted = is_trusted
         self.found: dict[NodeId, NodeRecord] = {}
+        self.heard: dict[NodeId, LanPointer] = {}  # untrusted: announced, never contacted
+        self.refused: dict[NodeId, str] = {}  # why an advertised id's service was ignored
         self.rejected = 0
         self._changed = asyncio.Event()
 
@@ -128,6 +140,9 @@ class LanDiscovery:
     ) -> None:
         if state_change is ServiceStateChange.Removed:
             return
+        if len(self._tasks) >= MAX_PENDING_RESOLVES:
+            self.rejected += 1  # an announcement flood: drop, the next announcement retries
+            return
         task = asyncio.get_running_loop().create_task(self._resolve(service_type, name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -145,15 +160,19 @@ class LanDiscovery:
                 return
             if record is None:
                 return
-            held = self.found.get(record.node_id)
-            if held is not None and held.sequence >= record.sequence:
-                return
-            if held is None and len(self.found) >= MAX_FOUND:
-                return
-            self.found[record.node_id] = record
-            self._changed.set()
-            if self._on_found is not None:
-                await self._on_found(record)
+            await self._keep(record)
+
+    async def _keep(self, record: NodeRecord) -> None:
+        held = self.found.get(record.node_id)
+        if held is not None and held.sequence >= record.sequence:
+            return
+        if held is None and len(self.found) >= MAX_FOUND:
+            return
+        self.found[record.node_id] = record
+        self.heard.pop(record.node_id, None)
+        self._changed.set()
+        if self._on_found is not None:
+            await self._on_found(record)
 
     async def _verify(self, info: AsyncServiceInfo) -> NodeRecord | None:
         props = info.properties
@@ -165,10 +184,42 @@ class LanDiscovery:
         advertised = NodeId.parse(raw_id.decode(errors="replace"))
         if advertised == self._own_id:
             return None
-        pointer = LanPointer.from_wire(raw_ptr)
-        if pointer.node_id != advertised:
-            raise RecordError("mDNS pointer is signed by another node than the advertised id")
-        return await fetch_record(pointer.endpoint, int(self._clock()), advertised)
+        try:
+            pointer = LanPointer.from_wire(raw_ptr)
+            if pointer.node_id != advertised:
+                raise RecordError("mDNS pointer is signed by another node than the advertised id")
+            if not self._is_trusted(pointer.public_key):
+                self._hear(pointer)
+                return None
+            return await fetch_record(pointer.endpoint, int(self._clock()), advertised)
+        except (RegistryError, CryptoError) as exc:
+            if advertised in self.refused or len(self.refused) < MAX_FOUND:
+                self.refused[advertised] = str(exc)
+            raise
+
+    def _hear(self, pointer: LanPointer) -> None:
+        held = self.heard.get(pointer.node_id)
+        if held is not None and held.sequence >= pointer.sequence:
+            return
+        if held is None and len(self.heard) >= MAX_FOUND:
+            return
+        self.heard[pointer.node_id] = pointer
+        self._changed.set()
+
+    async def lookup(self, node_id: NodeId) -> NodeRecord | None:
+        """The node's LAN record: fetched now if it was heard of before it became trusted."""
+        pointer = self.heard.get(node_id)
+        if node_id in self.found or pointer is None or not self._is_trusted(pointer.public_key):
+            return self.found.get(node_id)
+        async with self._fetching:
+            try:
+                record = await fetch_record(pointer.endpoint, int(self._clock()), node_id)
+            except (RegistryError, CryptoError) as exc:
+                self.rejected += 1
+                log.debug("LAN record of %s not fetched: %s", node_id.short(), exc)
+                return None
+        await self._keep(record)
+        return self.found.get(node_id)
 
     async def wait_for(self, node_id: NodeId) -> NodeRecord:
         """Wait until ``node_id`` is found (wrap in ``asyncio.timeout``)."""

@@ -9,14 +9,17 @@ one; an expired record is worth nothing.
 from __future__ import annotations
 
 import enum
+import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
-from registry.errors import RecordError, StaleRecord
+from registry.errors import BadEndpoint, RecordError, StaleRecord
 
 RECORD_TYPE = "node-record"
 POINTER_TYPE = "node-pointer"
@@ -51,8 +54,79 @@ def _texts(raw: Any, name: str, count: int = MAX_ITEMS, limit: int = MAX_ITEM) -
     return tuple(_text(item, name, limit) for item in raw)
 
 
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+def bare_http_url(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of ``url`` if it is exactly ``http(s)://host:port``.
+
+    A peer's LAN URL is chosen by whoever signed the record, so it may name
+    only where to connect, never what to ask for there: no path, query,
+    fragment or userinfo, a port always, and the canonical spelling only (a
+    record that differs from ``scheme://host:port`` is refused, not repaired).
+    The outgoing URL is built from these parts plus our own fixed path.
+    """
+    shown = url[:60]
+    if not url.isascii() or not url.isprintable() or any(c in url for c in " \\"):
+        raise BadEndpoint(f"LAN URL {shown!r} has characters a bare http://host:port cannot")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BadEndpoint(f"LAN URL {shown!r} is not a valid URL: {exc}") from exc
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https"):
+        raise BadEndpoint(f"LAN URL {shown!r} must use http or https")
+    if port is None or port == 0 or not host:
+        raise BadEndpoint(f"LAN URL {shown!r} must name a host and a port (http://HOST:PORT)")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise BadEndpoint(f"LAN URL {shown!r} has an invalid host name") from None
+        netloc = host
+    else:
+        netloc = f"[{address.compressed}]" if address.version == 6 else address.compressed
+    if url != f"{parts.scheme}://{netloc}:{port}":
+        raise BadEndpoint(
+            f"LAN URL {shown!r} must be exactly http(s)://HOST:PORT, without path, query, "
+            "fragment or user name: the node that published it must fix its address"
+        )
+    return parts.scheme, host, port
+
+
+def _check_registry_url(url: str) -> None:
+    """A registry URL may have a path prefix, nothing else beyond host and port."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise BadEndpoint(f"registry URL {url[:60]!r} is not a valid URL: {exc}") from exc
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.password is not None
+        or "?" in url
+        or "#" in url
+        or not url.isascii()
+        or not url.isprintable()
+        or " " in url
+    ):
+        raise BadEndpoint(
+            f"registry URL {url[:60]!r} must be http(s)://HOST[:PORT][/PATH] with no "
+            "query, fragment or user name"
+        )
+
+
 def _check_endpoint(endpoint: str) -> None:
-    if not endpoint.startswith(ENDPOINT_SCHEMES):
+    if endpoint.startswith("lan:"):
+        bare_http_url(endpoint.removeprefix("lan:"))
+    elif endpoint.startswith("registry:"):
+        _check_registry_url(endpoint.removeprefix("registry:"))
+    else:
         raise RecordError(
             f"endpoint {endpoint[:40]!r} must start with 'lan:' or 'registry:' "
             "(e.g. lan:http://192.0.2.1:7400)"
@@ -295,6 +369,7 @@ class LanPointer:
 
     @classmethod
     def create(cls, identity: Identity, endpoint: str, sequence: int) -> LanPointer:
+        bare_http_url(endpoint)
         envelope = SignedEnvelope.create(identity, POINTER_TYPE, [endpoint, sequence])
         pointer = cls(identity.public_key, endpoint, sequence, envelope.signature)
         if len(pointer.to_wire()) > MAX_POINTER_SIZE:
@@ -327,6 +402,5 @@ class LanPointer:
             and isinstance(body[1], int)
         ):
             raise RecordError("mDNS pointer has the wrong shape")
-        if not body[0].startswith(("http://", "https://")):
-            raise RecordError("mDNS pointer endpoint must be an http(s) URL")
+        bare_http_url(body[0])  # BadEndpoint unless exactly http(s)://host:port
         return cls(envelope.signer, body[0], body[1], envelope.signature)

@@ -124,6 +124,11 @@ class TrustStore:
         ).fetchone()
         return None if row is None else (row[0], row[1], row[2])
 
+    def certificate(self, public_key: bytes) -> bytes | None:
+        """The organisation certificate kept for this key (:meth:`keep_certificate`)."""
+        row = self._row(NodeId.from_public_key(public_key))
+        return None if row is None or row[2] is None else bytes(row[2])
+
     def trusted_orgs(self) -> frozenset[bytes]:
         return frozenset(bytes(r[0]) for r in self._db.execute("SELECT org_key FROM trusted_orgs"))
 

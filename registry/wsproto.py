@@ -12,6 +12,7 @@ challenge to a node gets a signature the other registry refuses.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -194,12 +195,30 @@ class TurnCredentials:
         urls = m["urls"]
         if not isinstance(urls, list) or len(urls) > 8:
             raise RegistryError("turn urls must be a short list")
-        return cls(
-            _str(m["u"], "u"),
-            _str(m["p"], "p"),
-            _int(m["ttl"], "ttl"),
-            tuple(_str(u, "urls") for u in urls),
+        ttl = _int(m["ttl"], "ttl")
+        if not 0 < ttl <= MAX_TURN_TTL:
+            raise RegistryError(f"turn credential lifetime must be 1 s to {MAX_TURN_TTL} s")
+        return cls(_str(m["u"], "u"), _str(m["p"], "p"), ttl, tuple(_ice_url(u) for u in urls))
+
+
+MAX_TURN_TTL = 7 * 24 * 3600
+# What a registry may hand out as a relay: scheme, host, port, transport; nothing that
+# could steer a TURN client anywhere else or smuggle more than an address.
+_ICE_URL = re.compile(
+    r"^(turns?|stuns?):(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253})(:[0-9]{1,5})?"
+    r"(\?transport=(udp|tcp))?$"
+)
+
+
+def _ice_url(raw: Any) -> str:
+    url = _str(raw, "urls", 256)
+    match = _ICE_URL.match(url)
+    if match is None or (match.group(3) and not 0 < int(match.group(3)[1:]) < 65536):
+        raise RegistryError(
+            f"registry offered a relay URL {url[:60]!r} that is not "
+            "turn:HOST[:PORT][?transport=udp|tcp]; ignoring its relay"
         )
+    return url
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ TOP_LAYER_NODE_MODULES = (
     "node.demo",
     "node.transfers",
     "node.control",
+    "node.alerts",
+    "node.guests",
 )
 # The CLI commands that open the TUI are the only places allowed to reach up into it.
 ALLOWED_UPWARD = {("node.commands.tui", "tui"), ("node.commands.demo", "tui")}

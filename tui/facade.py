@@ -88,6 +88,17 @@ class ConsultItem:
     # name, so it is only ever shown next to the short id (``peer``) and the trust state.
     peer_name: str = ""
     peer_trust: str = ""
+    critical: bool = False  # the report is a critical result
+    ack_overdue: bool = False  # reported, and not acknowledged in time
+
+
+@dataclass(frozen=True)
+class CriticalAlert:
+    """A critical result received here and not acknowledged yet (the Home banner)."""
+
+    consult_id: str
+    level: int  # escalations so far (0: just arrived)
+    since: float  # when it arrived, seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -140,6 +151,20 @@ class ConsultForm:
     subspecialty: str
     deadline_hours: float
     jurisdiction: str = ""  # the patient's country; empty: this node's country
+    burned_in_checked: bool = False  # a person checked the pixels for burned-in text (audited)
+
+
+@dataclass(frozen=True)
+class GuestProposal:
+    """A guest the other party of a consult proposed for its live session, waiting for this
+    node's answer. ``title`` and ``guest_name`` are peer-written: shown as plain text."""
+
+    consult_id: str
+    title: str
+    guest: str  # the guest's full node id
+    guest_name: str
+    guest_trust: str  # this node's trust in the guest's key
+    proposed_by: str  # the proposing party's short id
 
 
 class ActionError(Exception):
@@ -192,4 +217,20 @@ class NodeFacade(Protocol):
 
     async def cycle_availability(self) -> str:
         """Online → on call → away → online, published at once."""
+        ...
+
+    # Guests of a live session (node.guests): a party proposes a trusted peer, the other
+    # party approves or refuses it; once both approved it is invited.
+    async def propose_guest(self, consult_id: str, peer_node_id: str) -> str: ...
+
+    def guest_proposals(self) -> list[GuestProposal]:
+        """Proposals from the other party waiting for this node's answer."""
+        ...
+
+    async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str: ...
+
+    def critical_alerts(self) -> list[CriticalAlert]: ...
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
+        """Acknowledge the report received for an outbox consult, by a named person."""
         ...

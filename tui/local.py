@@ -26,7 +26,9 @@ from tui.facade import (
     ActionError,
     ConsultForm,
     ConsultItem,
+    CriticalAlert,
     Frame,
+    GuestProposal,
     InstanceRef,
     NodeStatus,
     PeerInfo,
@@ -279,6 +281,21 @@ class LocalNode:
         raise ActionError(LOCAL_ONLY)
 
     async def request_consult(self, form: ConsultForm) -> str:
+        raise ActionError(LOCAL_ONLY)
+
+    async def propose_guest(self, consult_id: str, peer_node_id: str) -> str:
+        raise ActionError(LOCAL_ONLY)
+
+    def guest_proposals(self) -> list[GuestProposal]:
+        return []
+
+    async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str:
+        raise ActionError(LOCAL_ONLY)
+
+    def critical_alerts(self) -> list[CriticalAlert]:
+        return []
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
         raise ActionError(LOCAL_ONLY)
 
 

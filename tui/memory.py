@@ -14,7 +14,9 @@ from tui.facade import (
     ActionError,
     ConsultForm,
     ConsultItem,
+    CriticalAlert,
     Frame,
+    GuestProposal,
     InstanceRef,
     NodeStatus,
     PeerInfo,
@@ -54,6 +56,10 @@ class InMemoryNode:
         self.actions: list[tuple[str, ...]] = []  # worklist/share calls, for tests
         self.views: list[str] = []  # studies opened in the viewer (the audit, in memory)
         self.session = InMemorySession("consult-1", str(node_id), "me")
+        # Guests the other party proposed (tests add some); answered ones drop out.
+        self.proposals: list[GuestProposal] = []
+        self.alerts: list[CriticalAlert] = []  # tests add critical results here
+        self.acked: set[str] = set()
         self._peers = [
             PeerInfo(
                 "PEER-NEURO", "Dr Neuro", "St Elsewhere", ("neuro",), ("GB",), True, "verified"
@@ -116,11 +122,17 @@ class InMemoryNode:
 
     def consults(self) -> list[ConsultItem]:
         now = time.time()
-        return [
+        items = [
             ConsultItem("c-1", True, "CT head: bleed?", "PEER-NE", "stat", "offered",
                         now + 1800, STUDY_UID, "Dr Neuro", "verified"),
             ConsultItem("c-2", False, "Knee MRI", "PEER-MS", "routine", "in_review",
                         now + 86400 * 2, "", "Dr Bones", "unverified"),
+        ]  # fmt: skip
+        alerted = {a.consult_id for a in self.alerts}
+        return [  # a critical result came back for an outbox consult (tests add them)
+            replace(c, state="acknowledged" if c.consult_id in self.acked else "reported",
+                    critical=True) if c.consult_id in alerted else c
+            for c in items
         ]  # fmt: skip
 
     def peers(self) -> list[PeerInfo]:
@@ -170,8 +182,33 @@ class InMemoryNode:
         self.actions.append(("availability",))
         return "now on call"
 
+    def critical_alerts(self) -> list[CriticalAlert]:
+        return [a for a in self.alerts if a.consult_id not in self.acked]
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
+        if consult_id in {a.consult_id for a in self.alerts} and not by.strip():
+            raise ActionError("a critical result is acknowledged by name")
+        self.actions.append(("ack", consult_id, by))
+        self.acked.add(consult_id)
+        return f"report of consult {consult_id} acknowledged by {by}"
+
     async def request_consult(self, form: ConsultForm) -> str:
         if form.peer_node_id not in {p.node_id for p in self._peers if p.trust != "unverified"}:
             raise ActionError("pick a verified peer")
         self.actions.append(("request", form.study_uid, form.peer_node_id, form.priority))
         return f"consult sent to {form.peer_node_id}: delivered (LAN)"
+
+    async def propose_guest(self, consult_id: str, peer_node_id: str) -> str:
+        if peer_node_id not in {p.node_id for p in self._peers if p.trust != "unverified"}:
+            raise ActionError("a guest must be a verified peer")
+        self.actions.append(("propose-guest", consult_id, peer_node_id))
+        return f"{peer_node_id} proposed as a guest; the other party must approve it too"
+
+    def guest_proposals(self) -> list[GuestProposal]:
+        answered = {(a[1], a[2]) for a in self.actions if a[0] in ("approve-guest", "refuse-guest")}
+        return [p for p in self.proposals if (p.consult_id, p.guest) not in answered]
+
+    async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str:
+        verb = "approve-guest" if approve else "refuse-guest"
+        self.actions.append((verb, consult_id, guest_node_id))
+        return f"{guest_node_id} {'approved' if approve else 'refused'}"

@@ -22,12 +22,13 @@ from pydicom.errors import InvalidDicomError
 from consult.errors import ConsultError
 from consult.live import LiveConsult
 from consult.presence import Cursor, Participant, Viewport
-from consult.report import Measurement, Unit
 from consult.requests import ConsultCase, Event, Priority, State
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
+from crypto.errors import CryptoError
 from crypto.identity import NodeId
 from crypto.safety import safety_number
-from node import workflow
+from node import guests, workflow
+from node.alerts import alerts_of, policy_of
 from node.audit import AuditKind
 from node.commands.status import apply_availability, next_availability
 from node.display import peer_label
@@ -42,7 +43,9 @@ from tui.facade import (
     ActionError,
     ConsultForm,
     ConsultItem,
+    CriticalAlert,
     Frame,
+    GuestProposal,
     InstanceRef,
     NodeStatus,
     PeerInfo,
@@ -95,7 +98,7 @@ class LiveSessionView:
     def __init__(
         self,
         live: LiveConsult,
-        on_finalise: Callable[[LiveConsult], None] | None = None,
+        on_finalise: Callable[[LiveConsult, bool], None] | None = None,
         uids: workflow.UidMapping | None = None,
     ) -> None:
         self.live = live
@@ -158,12 +161,12 @@ class LiveSessionView:
         if not self.live.finalised:
             self.live.set_report_text(text)
 
-    def finalise(self) -> None:
+    def finalise(self, critical: bool = False) -> None:
         """Lock the draft; on the consultant's node, also sign and send the report."""
         self.live.finalised = True
         self.live._changed()
         if self._on_finalise is not None:
-            self._on_finalise(self.live)
+            self._on_finalise(self.live, critical)
 
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
         was_following = self.live.presence.following
@@ -206,25 +209,10 @@ def impression_of(text: str) -> tuple[str, str]:
     return "\n\n".join(paragraphs[:-1]), paragraphs[-1]
 
 
-def measurements_of(live: LiveConsult) -> tuple[Measurement, ...]:
-    """The session's length measurements, for the signed report."""
-    found = []
-    for annotation in live.annotations():
-        value = annotation.values.get("length_mm") if annotation.values else None
-        if annotation.kind is AnnotationKind.LENGTH and value is not None:
-            found.append(
-                Measurement("length", round(float(value), 1), Unit.MM, annotation.text or "length")
-            )
-    return tuple(found[:MAX_REPORTED_MEASUREMENTS])
-
-
-MAX_REPORTED_MEASUREMENTS = 20
-
-
 class RuntimeNode:
     """The TUI's :class:`~tui.facade.NodeFacade` on a NodeRuntime (started by the caller)."""
 
-    def _finalise(self, live: LiveConsult) -> None:
+    def _finalise(self, live: LiveConsult, critical: bool = False) -> None:
         """Sign and send the report when this node is the consultant of the case."""
         runtime = self.runtime
         try:
@@ -238,12 +226,17 @@ class RuntimeNode:
 
         async def send() -> None:
             try:
+                measurements, marks = workflow.report_items_of(
+                    runtime, live.consult_id, live.annotations()
+                )
                 await workflow.send_report(
                     runtime,
                     live.consult_id,
                     text=findings,
                     impression=impression,
-                    measurements=measurements_of(live),
+                    measurements=measurements,
+                    marks=marks,
+                    critical=critical,
                 )
                 runtime.notify(f"Report for consult {live.consult_id[:8]} signed and sent")
             except (ConsultError, NodeError) as exc:
@@ -395,6 +388,8 @@ class RuntimeNode:
         items = []
         known = set()
         peers = {p.node_id: p for p in self.peers()}
+        acks = {r.consult_id: r for r in self.runtime.consults.report_acks(unacknowledged=True)}
+        policy, now = policy_of(self.runtime.config.alerts), self.runtime.now()
         for case in self.runtime.consults.cases():
             role, peer, _ = self.runtime.consults.info(case.request.id)
             known.add(case.request.id)
@@ -411,6 +406,10 @@ class RuntimeNode:
                     self._study_here(case, role),
                     info.name if info else "",
                     info.trust if info else ("unverified" if peer else ""),
+                    (ack := acks.get(case.request.id)) is not None and ack.critical,
+                    ack is not None
+                    and case.state is State.REPORTED
+                    and policy.overdue(ack.priority, ack.critical, ack.reported_at, now),
                 )
             )
         for live in self.runtime.live_hub().sessions.values():
@@ -472,7 +471,10 @@ class RuntimeNode:
         return safety_number(self.runtime.identity.node_id, NodeId.parse(peer_node_id))
 
     def mark_verified(self, peer_node_id: str) -> None:
-        self.runtime.trust.mark_verified(NodeId.parse(peer_node_id), self.runtime.now())
+        rt = self.runtime
+        rt.trust.mark_verified(NodeId.parse(peer_node_id), rt.now())
+        details = {"event": "verify", "method": "safety-number", "by": "tui"}
+        rt.audit.append(AuditKind.TRUST, now=rt.clock(), peer=peer_node_id, details=details)
 
     # -- live -----------------------------------------------------------------------
     def open_session(self, study_uid: str) -> SessionView | None:
@@ -492,6 +494,7 @@ class RuntimeNode:
             role, _, _ = rt.consults.info(consult_id)
             if role == "requester" and case.state in _ACCEPTED_STATES:
                 rt.spawn(self._invite_consultant(consult_id))
+            rt.spawn(self._invite_guests(consult_id))  # approved by both: they join now
             return LiveSessionView(live, self._finalise, workflow.uid_mapping(rt, consult_id))
         for live in hub.sessions.values():
             if live.study_uid == study_uid:
@@ -556,6 +559,21 @@ class RuntimeNode:
             study_uid=study_uid,
             details={"live": str(live), "by": "tui"},
         )
+
+    # -- critical results ----------------------------------------------------------------
+    def critical_alerts(self) -> list[CriticalAlert]:
+        found = alerts_of(self.runtime)
+        return [
+            CriticalAlert(r.consult_id, r.steps, float(r.reported_at))
+            for r in (found.banners() if found is not None else ())
+        ]
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
+        try:
+            how, _ = await workflow.acknowledge(self.runtime, consult_id, by)
+        except (ConsultError, NodeError) as exc:
+            raise ActionError(f"could not acknowledge consult {consult_id[:8]}: {exc}") from exc
+        return f"report of consult {consult_id[:8]} acknowledged; consultant told: {how}"
 
     # -- worklist and sharing -----------------------------------------------------------
     async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:
@@ -658,8 +676,63 @@ class RuntimeNode:
                     subspecialty=form.subspecialty,
                     jurisdiction=jurisdiction,
                     deadline_seconds=int(form.deadline_hours * 3600),
+                    burned_in_checked=form.burned_in_checked,
                 ),
             )
         except (ConsultError, NodeError, TransportError) as exc:
             raise ActionError(f"the request was not sent: {exc}") from exc
         return f"consult {request.id[:8]} sent to {who}: {how}"
+
+    # -- guests of a live session ---------------------------------------------------------
+    async def propose_guest(self, consult_id: str, peer_node_id: str) -> str:
+        try:
+            guest = NodeId.parse(peer_node_id)
+            return await guests.propose(self.runtime, consult_id, guest)
+        except (ConsultError, NodeError, TransportError, CryptoError) as exc:
+            raise ActionError(f"the guest was not proposed: {exc}") from exc
+
+    def guest_proposals(self) -> list[GuestProposal]:
+        rt = self.runtime
+        own = str(rt.identity.node_id)
+        peers = {p.node_id: p for p in self.peers()}
+        found = []
+        for status in guests.pending(rt.consults, own):
+            info = peers.get(status.guest)
+            by = sorted(status.approvers - {own})
+            found.append(
+                GuestProposal(
+                    status.consult_id,
+                    rt.consults.get(status.consult_id).request.question,
+                    status.guest,
+                    info.name if info else "",
+                    info.trust if info else "unverified",
+                    NodeId.parse(by[0]).short() if by else "",
+                )
+            )
+        return found
+
+    async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str:
+        try:
+            guest = NodeId.parse(guest_node_id)
+            return await guests.answer(self.runtime, consult_id, guest, approve)
+        except (ConsultError, NodeError, TransportError, CryptoError) as exc:
+            verb = "approved" if approve else "refused"
+            raise ActionError(f"the guest was not {verb}: {exc}") from exc
+
+    async def _invite_guests(self, consult_id: str) -> None:
+        """Bring the guests both parties approved into the session this node just opened."""
+        rt = self.runtime
+        own = str(rt.identity.node_id)
+        for status in guests.statuses(rt.consults, own, consult_id):
+            if status.state != "approved":
+                continue
+            guest = NodeId.parse(status.guest)
+            try:
+                found = await rt.directory.resolve(guest, rt.now())
+                if found is not None:
+                    await guests.invite_if_admitted(rt, consult_id, found.record.public_key)
+            except (ConsultError, NodeError, TransportError, OSError, TimeoutError) as exc:
+                rt.notify(
+                    f"Guest {guest.short()} of consult {consult_id[:8]} is not in the live "
+                    f"session: {exc}"
+                )

@@ -77,7 +77,11 @@ def colour(value: str, default: str = DEFAULT_COLOUR) -> str:
     return value if _HEX_COLOUR.fullmatch(value) else default
 
 
+MAX_COORD = 1e9  # larger than any image or window value; the difference of two stays finite
+
+
 def finite(values: Iterable[Iterable[float]]) -> bool:
-    """Every coordinate a real number: NaN or infinity from a peer must not reach the
-    pixel maths (``int(nan)`` raises and takes the viewer down)."""
-    return all(math.isfinite(v) for point in values for v in point)
+    """Every coordinate a real number of a sane size: NaN or infinity from a peer, or
+    huge finite points whose difference is infinite (1e308 - -1e308), must not reach
+    the pixel maths (``int(nan)`` raises and takes the viewer down)."""
+    return all(math.isfinite(v) and abs(v) <= MAX_COORD for point in values for v in point)

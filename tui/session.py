@@ -47,7 +47,9 @@ class SessionView(Protocol):
     def move_cursor(self, cursor: Cursor | None) -> None: ...
     def say(self, text: str) -> ChatMessage: ...
     def set_report_text(self, text: str) -> None: ...
-    def finalise(self) -> None: ...
+    def finalise(self, critical: bool = False) -> None:
+        """Lock the draft; ``critical``: the report is a critical result."""
+        ...
 
     # presence: what this participant looks at, and follow-the-presenter
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
@@ -76,6 +78,7 @@ class InMemorySession:
         self._chat: list[ChatMessage] = []
         self._report = ""
         self._final = False
+        self.critical = False  # what finalise() was told, for tests
         self._listeners: list[Listener] = []
         self._following = False
         self.cursor_moves = 0  # how many cursor updates left this participant
@@ -149,8 +152,9 @@ class InMemorySession:
             self._report = text
             self._changed()
 
-    def finalise(self) -> None:
+    def finalise(self, critical: bool = False) -> None:
         self._final = True
+        self.critical = critical
         self._changed()
 
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:

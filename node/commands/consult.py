@@ -1,4 +1,5 @@
-"""``radmesh consult request | import | list | accept | decline | review | show | stats``.
+"""``radmesh consult request | import | list | accept | decline | report | ack | review | show |
+export | stats``.
 
 Works against the local node's consult database. When the node is on the
 network (a registry in its config, or the peer remembered with a LAN address)
@@ -13,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from consult.errors import LocalConsultError
+from consult import report_text
+from consult.alerts import AckPolicy, ReportAck, critical_stats
+from consult.errors import BadReport, LocalConsultError
 from consult.intake import take_in
-from consult.report import PeerReview, Score
+from consult.report import PeerReview, Report, Score, verify_report
 from consult.requests import (
     ConsultCase,
     ConsultRequest,
@@ -32,15 +36,20 @@ from consult.requests import (
 from consult.store import ConsultDB
 from crypto.envelope import SignedEnvelope
 from crypto.errors import InvalidNodeId
-from crypto.identity import NodeId
-from node import control, workflow
+from crypto.identity import Identity, NodeId
+from node import control, sharing, workflow
+from node.alerts import policy_of
+from node.audit import AuditKind, open_audit
+from node.commands.guests import register_into as register_guests
 from node.commands.identity import home_of
 from node.commands.peers import known_ids, resolve_id
-from node.commands.transfer import progress_line
+from node.commands.transfer import add_sharing_options, progress_line
 from node.config import NodeConfig, NodeHome
+from node.deid import PseudonymMap
 from node.display import peer_label, printable
 from node.keystore import load_identity
 from node.runtime import NodeRuntime
+from node.store import open_store
 from registry.directory import PeerDirectory
 from registry.trust import TrustState, TrustStore
 
@@ -111,6 +120,8 @@ async def _op_request(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) ->
         language=a["language"] or (config.languages[0] if config.languages else "en"),
         deadline_seconds=a["deadline_seconds"],
         deidentify=a["deidentify"],
+        burned_in_checked=bool(a.get("burned_in_checked")),
+        black_out_top=int(a.get("black_out_top") or 0),
     )
     if a["to"] is None:
         request, _, sent = await workflow.route_consult(
@@ -151,6 +162,8 @@ def _request_online(args: argparse.Namespace, home: NodeHome) -> bytes | None:
             "language": args.language,
             "deadline_seconds": int(args.deadline_hours * 3600),
             "deidentify": not args.identified,
+            "burned_in_checked": args.burned_in_checked,
+            "black_out_top": args.black_out_top,
         },
     )
     print(f"Consult {done['id']} requested ({done['priority']}, {done['subspecialty']})")
@@ -183,6 +196,8 @@ def cmd_request(args: argparse.Namespace) -> int:
                 "--route searches the registries: add one to config.toml [network] "
                 "registries, or choose the consultant with --to"
             )
+    if args.identified:
+        print(sharing.IDENTIFIED_WARNING, file=sys.stderr)
     if args.route or (peer is not None and _on_network(home, config, peer)):
         wire = _request_online(args, home)
         if args.out and wire is not None:
@@ -190,9 +205,10 @@ def cmd_request(args: argparse.Namespace) -> int:
         return 0
     identity = load_identity(home.key_path)
     now = int(time.time())
+    pseudonyms = None if args.identified else PseudonymMap()
     request = ConsultRequest.new(
         requester=identity.node_id,
-        study_uid=args.study,
+        study_uid=args.study if pseudonyms is None else pseudonyms.pseudo_uid(args.study),
         question=args.question,
         priority=Priority(args.priority),
         subspecialty=args.subspecialty,
@@ -202,6 +218,7 @@ def cmd_request(args: argparse.Namespace) -> int:
         now=now,
         deidentified=not args.identified,
     )
+    _offline_share(home, identity, request, pseudonyms, args, peer)
     wire = request.to_wire(identity)
     with _open_db(home) as db:
         db.add(request, role="requester", now=now, wire=wire)
@@ -217,6 +234,48 @@ def cmd_request(args: argparse.Namespace) -> int:
             "`radmesh consult import FILE` on the other node"
         )
     return 0
+
+
+def _offline_share(
+    home: NodeHome,
+    identity: Identity,
+    request: ConsultRequest,
+    pseudonyms: PseudonymMap | None,
+    args: argparse.Namespace,
+    peer: NodeId | None,
+) -> None:
+    """The offline request shares like the online one: the study is checked for burned-in
+    text (when this node stores it), the pseudonym map is kept here (so the node serves the
+    de-identified study when the consultant fetches it), and the share is audited."""
+    original = args.study
+    with open_store(home, identity) as store, open_audit(home, identity) as audit:
+        who = str(peer) if peer is not None else None
+        if pseudonyms is None:
+            sharing.audit_identified(audit, original, now=time.time(), peer=who, via="consult")
+        else:
+            if store.instances(original):
+                sharing.check_free_text(store, original, args.question, "clinical question")
+                pseudonyms.burned_in_checked = sharing.confirm_burned_in(
+                    store,
+                    audit,
+                    original,
+                    args.burned_in_checked,
+                    now=time.time(),
+                    peer=who,
+                    consult=request.id,
+                    black_out_top=args.black_out_top,
+                )
+            pseudonyms.black_out_top = args.black_out_top
+            key = identity.derive_key(sharing.PSEUDONYM_KEY_PURPOSE)
+            pseudonyms.persist(workflow.pseudonym_map_path(home, request.id), key)
+        audit.append(
+            AuditKind.SHARE,
+            now=time.time(),
+            study_uid=original,
+            peer=who,
+            details={"consult": request.id, "deidentified": str(pseudonyms is not None)},
+        )
+        audit.checkpoint(time.time())
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -348,6 +407,60 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+@control.operation("consult.report")
+async def _op_report(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
+    report = await workflow.send_report(
+        rt, a["id"], text=a["text"], impression=a["impression"], critical=a["critical"]
+    )
+    return "sent as a critical result" if report.critical else "sent"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The consultant signs and sends the report of a consult (``--critical`` for a
+    finding that needs action now: the hospital is paged until someone acknowledges)."""
+    home = home_of(args)
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+    how = _run(
+        home,
+        "consult.report",
+        {"id": consult_id, "text": args.text, "impression": args.impression,
+         "critical": args.critical},
+    )  # fmt: skip
+    print(f"Report of consult {consult_id[:8]} signed and {how}")
+    return 0
+
+
+@control.operation("consult.ack")
+async def _op_ack(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> list[Any]:
+    how, seconds = await workflow.acknowledge(rt, a["id"], a["by"])
+    return [how, seconds]
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    """The referrer acknowledges the report it received (by name: required when critical)."""
+    home = home_of(args)
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+    how, seconds = _run(home, "consult.ack", {"id": consult_id, "by": args.by})
+    print(
+        f"Report of consult {consult_id[:8]} acknowledged"
+        + (f" by {printable(args.by, 80)}" if args.by else "")
+        + f", {_age(int(seconds))} after it arrived; consultant told: {how}"
+    )
+    return 0
+
+
+def _ack_flag(row: ReportAck | None, state: State, policy: AckPolicy, now: int) -> str:
+    """What `consult list` says about a report's acknowledgement."""
+    if row is None or state is not State.REPORTED:
+        return ""
+    mark = "CRITICAL " if row.critical else ""
+    if policy.overdue(row.priority, row.critical, row.reported_at, now):
+        return f"{mark}NOT ACKNOWLEDGED {_age(now - row.reported_at)}  "
+    return mark
+
+
 def _age(seconds: int) -> str:
     sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
     if seconds < 3600:
@@ -367,6 +480,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         if not args.all and not args.state:
             cases = [c for c in cases if c.state not in (State.ACKNOWLEDGED, State.WITHDRAWN)]
         rows = [(c, db.info(c.request.id)[0]) for c in cases]
+        acks = {r.consult_id: r for r in db.report_acks()}
+    policy = policy_of(home.load_config().alerts)
     if not rows:
         print("No consults." + ("" if args.all else " (`--all` shows closed ones)"))
         return 0
@@ -382,7 +497,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             f"{printable(r.id[:8])}  {r.priority.value:7}  {case.state.value:12}  {role:10}  "
             f"{printable(r.subspecialty, 12):12}  {_age(r.deadline - now):>7}  "
             f"{_age(turnaround) if turnaround is not None else '-':>7}  "
-            f"{question}"
+            f"{_ack_flag(acks.get(r.id), case.state, policy, now)}{question}"
         )
     return 0
 
@@ -392,6 +507,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     home = home_of(args)
     with _open_db(home) as db:
         stats = turnaround_by_priority(db.cases())
+        critical = critical_stats(db.report_acks())
 
     def age(seconds: float | None) -> str:
         return "-" if seconds is None else _age(int(seconds))
@@ -402,6 +518,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"{priority.value:8}  {row.reported:>8}  {age(row.median_s):>7}  "
             f"{age(row.p90_s):>7}  {age(row.max_s):>7}  {row.late:>4}"
         )
+    print(
+        f"critical results: {critical.critical}, acknowledged {critical.acknowledged} "
+        f"(time to acknowledge: median {age(critical.median_s)}, max {age(critical.max_s)}), "
+        f"not acknowledged now: {critical.unacknowledged}"
+    )
     return 0
 
 
@@ -472,10 +593,99 @@ def cmd_show(args: argparse.Namespace) -> int:
         case = db.get(consult_id)
         role, peer, _ = db.info(consult_id)
         reviews = db.reviews(consult_id)
+        report = _report_sections(db, consult_id)
+        ack = db.report_ack(consult_id)
     _print_case(
         case, role, peer, int(time.time()), reviews, _peer_label(home, peer) if peer else ""
     )
+    if ack is not None:
+        print(f"  report:        {_ack_line(ack)}")
+    if report is not None:
+        _print_peer_text("\n" + report_text.as_text(report))
     return 0
+
+
+def _print_peer_text(text: str) -> None:
+    """The one way a peer's report reaches the terminal: control characters made visible."""
+    print(printable(text, multiline=True), end="" if text.endswith("\n") else "\n")
+
+
+def _checked_report(db: ConsultDB, consult_id: str) -> Report | BadReport | None:
+    """The consult's signed report checked again now (the sender's key, this consult): the
+    report, why it does not verify, or None when this node holds none."""
+    wire = db.report_wire(consult_id)
+    if wire is None:
+        return None
+    role, peer, _ = db.info(consult_id)
+    consultant = NodeId.parse(peer) if role == "requester" and peer else None
+    try:
+        return verify_report(wire, consult_id=consult_id, consultant=consultant)
+    except BadReport as exc:
+        return exc
+
+
+def _report_sections(db: ConsultDB, consult_id: str) -> list[report_text.Section] | None:
+    report = _checked_report(db, consult_id)
+    if report is None:
+        return None
+    if isinstance(report, BadReport):
+        return report_text.unverified_sections(consult_id, str(report))
+    return report_text.report_sections(report, report_text.Signature(True, ""))
+
+
+def _audit_report_export(home: NodeHome, consult_id: str, report: Report, out: Path) -> None:
+    """Every export is audited: which report (its author and signing time), in what form.
+    The file name stays out of the log: a person may have named it after the patient."""
+    identity = load_identity(home.key_path)
+    with open_audit(home, identity) as audit:
+        audit.append(
+            AuditKind.EXPORT,
+            now=time.time(),
+            peer=str(report.author),
+            details={
+                "consult": consult_id,
+                "to": "file",
+                "format": "html" if out.suffix.lower() in (".html", ".htm") else "text",
+                "signed_at": str(report.finalised_at),
+            },
+        )
+        audit.checkpoint(time.time())
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+        report = _checked_report(db, consult_id)
+    if report is None:
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} has no report on this node yet: "
+            "`radmesh consult show` tells where it stands"
+        )
+    if isinstance(report, BadReport):
+        raise LocalConsultError(
+            f"the report of consult {consult_id[:8]} no longer verifies ({report}): it was "
+            "not written; ask the consultant to send it again"
+        )
+    sections = report_text.report_sections(report, report_text.Signature(True, ""))
+    out = Path(args.out)
+    if out.suffix.lower() in (".html", ".htm"):
+        data = report_text.as_html(sections, title=f"Consult report {consult_id[:8]}")
+    else:
+        data = report_text.as_text(sections)
+    out.write_text(data, encoding="utf-8")
+    _audit_report_export(home, consult_id, report, out)
+    print(f"Report of consult {consult_id[:8]} written to {out}")
+    return 0
+
+
+def _ack_line(ack: ReportAck) -> str:
+    kind = "CRITICAL result" if ack.critical else "report"
+    if ack.acked_at is None:
+        steps = f" ({ack.steps} repeat(s) so far)" if ack.steps else ""
+        return f"{kind}, not acknowledged yet{steps}"
+    by = f" by {printable(ack.acked_by, 80)}" if ack.acked_by else ""
+    return f"{kind}, acknowledged{by} {_age(ack.time_to_ack or 0)} after it arrived"
 
 
 def register(sub: Any) -> None:
@@ -502,7 +712,7 @@ def register(sub: Any) -> None:
         "for the jurisdiction; the first to accept gets it",
     )
     p.add_argument("--max-offers", type=int, default=3, help="with --route: how many at once")
-    p.add_argument("--identified", action="store_true", help="the study is NOT de-identified")
+    add_sharing_options(p)
     p.add_argument("--out", metavar="FILE", help="also write the signed request to FILE")
     p.set_defaults(handler=cmd_request)
 
@@ -537,6 +747,23 @@ def register(sub: Any) -> None:
     p.add_argument("--out", metavar="FILE", help="also write the signed withdrawal to FILE")
     p.set_defaults(handler=cmd_withdraw)
 
+    p = csub.add_parser("report", help="sign and send the report of a consult in review")
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.add_argument("--impression", required=True, help="the conclusion")
+    p.add_argument("--text", default="", help="the findings")
+    p.add_argument(
+        "--critical",
+        action="store_true",
+        help="a finding that needs action now: delivered first, pages the hospital until "
+        "a named person acknowledges it",
+    )
+    p.set_defaults(handler=cmd_report)
+
+    p = csub.add_parser("ack", help="acknowledge the report this node received")
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.add_argument("--by", default="", help='who takes it on, e.g. "Dr Name" (critical: required)')
+    p.set_defaults(handler=cmd_ack)
+
     p = csub.add_parser("stats", help="turnaround per priority: median time to report")
     p.set_defaults(handler=cmd_stats)
 
@@ -546,9 +773,20 @@ def register(sub: Any) -> None:
     p.add_argument("--comment", default="", help="what differs, for the report's author")
     p.set_defaults(handler=cmd_review)
 
-    p = csub.add_parser("show", help="one consult: details, audited history, peer reviews")
+    p = csub.add_parser(
+        "show", help="one consult: details, audited history, peer reviews, the report"
+    )
     p.add_argument("id", help="consult id (a unique prefix is enough)")
     p.set_defaults(handler=cmd_show)
+
+    p = csub.add_parser("export", help="write the consult's signed report to a file")
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.add_argument(
+        "--out", required=True, metavar="FILE", help="plain text, or HTML if FILE ends in .html"
+    )
+    p.set_defaults(handler=cmd_export)
+
+    register_guests(csub)  # invite, guests, approve-guest
 
 
 __all__ = ["register"]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import threading
+import time
 from typing import IO, Any
 
+from node.audit import AuditKind, open_audit
 from node.commands.identity import home_of
 from node.dicom_files import InvalidDicom
 from node.dicom_net import DicomListener, DicomNetError, echo, send_to_pacs
 from node.display import printable
 from node.keystore import load_identity
-from node.store import open_store
+from node.store import InstanceConflict, open_store
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
@@ -26,12 +28,21 @@ def cmd_listen(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, allowed_calling_aets=[*config.allowed_calling_aets, *args.allow]
         )
-    store = open_store(home, load_identity(home.key_path))
+    identity = load_identity(home.key_path)
+    store = open_store(home, identity)
+    audit = open_audit(home, identity)
     store_lock = threading.Lock()
 
     def on_stream(stream: IO[bytes], size: int, calling_ae: str) -> None:
         with store_lock:  # pynetdicom runs one thread per association
             result = store.add_stream(stream, size, source=f"dicom:{calling_ae}")
+            if not result.duplicate:  # as the running node records a receipt
+                audit.append(
+                    AuditKind.RECEIVE,
+                    now=time.time(),
+                    study_uid=result.study_uid,
+                    details={"from": f"dicom:{calling_ae}", "sop": result.sop_instance_uid},
+                )
         duplicate = "duplicate " if result.duplicate else ""
         print(f"received {duplicate}instance from {printable(calling_ae, 16)}")
 
@@ -39,7 +50,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         config,
         on_stream=on_stream,
         spool_dir=home.data_dir / "incoming",
-        bad_data_errors=(InvalidDicom,),
+        bad_data_errors=(InvalidDicom, InstanceConflict),
     )
     listener.start()
     print(
@@ -52,6 +63,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         print("stopping")
     finally:
         listener.stop()
+        audit.close()  # signs what it received
         store.close()
     return 0
 
@@ -73,7 +85,8 @@ def cmd_send(args: argparse.Namespace) -> int:
             "no PACS to send to: set [dicom] pacs_host, pacs_port and pacs_ae_title in "
             "config.toml, or pass --host, --port and --aet"
         )
-    store = open_store(home, load_identity(home.key_path))
+    identity = load_identity(home.key_path)
+    store = open_store(home, identity)
     try:
         rows = store.instances(args.study_uid)
         data = [store.read_instance(row.sop_instance_uid) for row in rows]
@@ -82,6 +95,18 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not data:
         raise DicomNetError(f"no instances of study {args.study_uid} in the store")
     report = send_to_pacs(data, host, port, aet, config.ae_title)
+    with open_audit(home, identity) as audit:
+        audit.append(
+            AuditKind.EXPORT,
+            now=time.time(),
+            study_uid=args.study_uid,
+            details={
+                "to": f"pacs:{aet}",
+                "via": "dicom send",
+                "instances": len(data),
+                "sent": report.sent,
+            },
+        )
     print(f"sent {report.sent}/{len(report.results)} instance(s) to {aet}@{host}:{port}")
     for failure in report.failed:
         print(f"  failed {printable(failure.sop_instance_uid)}: {printable(failure.error)}")

@@ -7,19 +7,25 @@ import importlib.util
 import os
 import shutil
 import socket
+import sqlite3
 import stat
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from crypto import keyfile
+from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
+from crypto.org import CERT_TYPE, NodeCertificate
+from node.audit import audit_state
 from node.commands.identity import home_of
 from node.config import NodeConfig, NodeHome
 from node.errors import NodeError
 from node.private import loose_modes, tighten
+from node.sequence import RecordSequence
 
 MODES_SHOWN = 5  # loose paths named in the report; the fix covers all
 
@@ -121,9 +127,17 @@ def _dicom_senders(config: NodeConfig) -> Check:
     )
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A registry is untrusted: its 302 must not send this machine anywhere else."""
+
+    def redirect_request(self, *_args: object, **_kwargs: object) -> None:
+        return None  # urllib then raises HTTPError for the 3xx itself
+
+
 def _registry_reachable(url: str) -> Check:
+    opener = urllib.request.build_opener(_NoRedirects)
     try:
-        with urllib.request.urlopen(  # noqa: S310 - the operator's own configured registry
+        with opener.open(  # the operator's own configured registry, redirects refused
             url.rstrip("/") + "/v1/health", timeout=3
         ) as response:
             ok = response.status == 200
@@ -220,12 +234,126 @@ def _modes(home: NodeHome) -> Check:
     )
 
 
+AUDIT_STALE_AFTER = 600  # seconds: unsigned records older than a running node leaves them
+
+
+def _audit(home: NodeHome, now: float) -> Check:
+    """The audit log against its signed high-water mark, and how old its last signature is."""
+    try:
+        state = audit_state(home)
+    except sqlite3.Error as exc:
+        return Check("audit log", False, f"cannot be read: {exc}", "run `radmesh audit verify`")
+    if state.problem is not None:
+        return Check(
+            "audit log",
+            False,
+            state.problem,
+            "run `radmesh audit verify`, keep a copy of the data folder and tell your "
+            "security officer",
+        )
+    if state.records == 0:
+        return Check("audit log", True, "no records yet")
+    age = None if state.last_checkpoint_ms is None else now - state.last_checkpoint_ms / 1000
+    signed = "never" if age is None else f"{age / 60:.0f} min ago"
+    detail = (
+        f"{state.records} record(s), last checkpoint {signed}, high-water mark at record "
+        f"{state.high_water if state.high_water is not None else '-'}"
+    )
+    if state.unsigned and (age is None or age > AUDIT_STALE_AFTER):
+        return Check(
+            "audit log",
+            False,
+            f"{detail}; {state.unsigned} record(s) not signed",
+            "start the node (`radmesh node run`): it signs within a minute and on stop",
+            required=False,
+        )
+    return Check("audit log", True, detail)
+
+
+CERT_RENEW_DAYS = 30  # warn this long before the organisation certificate expires
+MAX_CERT_FILE = 64 * 1024
+SEQUENCE_AHEAD = 24 * 3600  # a record sequence this far past the clock was not signed in seconds
+
+
+def _certificate(home: NodeHome, now: float) -> Check:
+    """The organisation certificate this node publishes (`radmesh org install`), if any."""
+    path = home.cert_path
+    if not path.exists():
+        return Check(
+            "organisation certificate",
+            True,
+            "none: peers trust this node only after comparing its safety number",
+            required=False,
+        )
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CERT_FILE + 1)
+        if len(data) > MAX_CERT_FILE:
+            raise CryptoError(f"it is larger than {MAX_CERT_FILE} bytes")
+        envelope = SignedEnvelope.from_wire(data)
+        cert = NodeCertificate.from_body(envelope.verify(CERT_TYPE))
+        if envelope.signer != cert.org_key:
+            raise CryptoError("it is signed by a key other than the organisation it names")
+    except (OSError, CryptoError) as exc:
+        return Check(
+            "organisation certificate",
+            False,
+            f"{path} is unusable: {exc}",
+            "ask the organisation for a new one and run `radmesh org install CERT`",
+        )
+    days = (cert.not_after - now) / 86400
+    detail = (
+        f"for node {cert.node_id.short()} ({cert.institution or 'no institution'}), "
+        f"valid until {time.strftime('%Y-%m-%d', time.gmtime(cert.not_after))}"
+    )
+    if days <= 0:
+        return Check(
+            "organisation certificate",
+            False,
+            f"expired: {detail}",
+            "ask the organisation to issue a new one, then `radmesh org install CERT`",
+        )
+    if now < cert.not_before:
+        return Check(
+            "organisation certificate", False, f"not valid yet: {detail}", "check the clock"
+        )
+    if days < CERT_RENEW_DAYS:
+        return Check(
+            "organisation certificate",
+            False,
+            f"expires in {days:.0f} day(s): {detail}",
+            "ask the organisation to renew it",
+            required=False,
+        )
+    return Check("organisation certificate", True, f"{detail}; compare the node with `radmesh id`")
+
+
+def _sequence(home: NodeHome, now: float) -> Check:
+    """The one record sequence every publisher of this home signs with (node.sequence)."""
+    value = RecordSequence(home).current()
+    if value == 0:
+        return Check("record sequence", True, "nothing published yet")
+    if value > now + SEQUENCE_AHEAD:
+        return Check(
+            "record sequence",
+            False,
+            f"{value} is {(value - now) / 86400:.0f} day(s) ahead of the clock",
+            "nothing to do if the node runs: it signs past it and registries keep its records; "
+            "check the clock if this grows",
+            required=False,
+        )
+    return Check("record sequence", True, f"{value} (one sequence for every publisher)")
+
+
 def run_checks(home: NodeHome) -> list[Check]:
     home_check, config = _home(home)
     checks = [home_check]
     if config is not None:
         checks.append(_modes(home))
         checks.append(_key(home))
+        checks.append(_audit(home, time.time()))
+        checks.append(_certificate(home, time.time()))
+        checks.append(_sequence(home, time.time()))
         checks.append(_dicom(config))
         checks.append(_dicom_senders(config))
         checks.extend(_network(config))

@@ -14,6 +14,7 @@ from crypto.errors import InvalidNodeId
 from crypto.identity import NodeId
 from crypto.safety import safety_number
 from node import control
+from node.audit import AuditKind, open_audit
 from node.commands.identity import home_of
 from node.config import NodeConfig, NodeHome
 from node.display import MAX_LINE_CHARS, MAX_NAME_CHARS, printable
@@ -183,6 +184,15 @@ def _confirm(prompt: str) -> bool:
     return input(prompt).strip().lower() in ("y", "yes")
 
 
+def _audit_trust(home: NodeHome, event: str, peer: str | None, **details: str | int) -> None:
+    """A trust change is an audit record (who, what, which peer); signed on close."""
+    identity = load_identity(home.key_path)
+    with open_audit(home, identity) as audit:
+        audit.append(
+            AuditKind.TRUST, now=time.time(), peer=peer, details={"event": event, **details}
+        )
+
+
 def cmd_trust_verify(args: argparse.Namespace) -> int:
     home = home_of(args)
     home.require()
@@ -196,6 +206,7 @@ def cmd_trust_verify(args: argparse.Namespace) -> int:
         print("Not verified. Nothing changed.")
         return 1
     open_trust(home).mark_verified(peer_id, _now(), method="safety-number")
+    _audit_trust(home, "verify", str(peer_id), method="safety-number")
     print(f"{peer_id.short()} is now verified.")
     return 0
 
@@ -211,6 +222,7 @@ def cmd_trust_allow(args: argparse.Namespace) -> int:
             "node id; `radmesh trust verify` accepts the short one"
         ) from exc
     open_trust(home).mark_verified(peer_id, _now(), method="allowed")
+    _audit_trust(home, "verify", str(peer_id), method="allowed")
     print(f"{peer_id.short()} allowed (trusted without a safety-number check).")
     return 0
 
@@ -220,6 +232,7 @@ def cmd_trust_revoke(args: argparse.Namespace) -> int:
     home.require()
     peer_id = _parse_id(args.id, home)
     open_trust(home).revoke(peer_id, _now())
+    _audit_trust(home, "revoke", str(peer_id))
     print(f"{peer_id.short()} revoked: nothing more is shared with it, effective now.")
     return 0
 
@@ -232,6 +245,7 @@ def cmd_trust_org_add(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise TrustError("an organisation key is 64 hex characters (see org.pub)") from exc
     open_trust(home).add_org(key, _now())
+    _audit_trust(home, "org-add", None, org=key.hex())
     print(f"Trusting certificates from organisation {key.hex()[:16]}…")
     return 0
 
@@ -242,6 +256,7 @@ def cmd_trust_org_revocations(args: argparse.Namespace) -> int:
     with open(args.file, "rb") as handle:
         data = handle.read(1 << 20)
     listing = open_trust(home).add_revocations(data, bytes.fromhex(args.org_key))
+    _audit_trust(home, "org-revocations", None, org=args.org_key, sequence=listing.sequence)
     print(f"Revocation list #{listing.sequence} applied.")
     return 0
 

@@ -16,6 +16,7 @@ from node.config import NodeHome
 from node.dicom_files import Progress, import_paths
 from node.display import printable
 from node.errors import NodeError
+from node.ids import file_name
 from node.keystore import load_identity
 from node.store import Store, open_store
 
@@ -65,8 +66,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(
         f"imported {len(summary.imported)} instance(s) ({_size(size)}) in "
         f"{len(per_study)} study(ies); {len(summary.duplicates)} duplicate(s); "
-        f"{len(summary.rejected)} rejected"
+        f"{len(summary.conflicts)} not imported (same instance UID, other bytes: kept the "
+        f"first); {len(summary.rejected)} rejected"
     )
+    for path, reason in summary.conflicts:
+        print(f"  not imported {path}: {reason}")
     for path, reason in summary.rejected:
         print(f"  rejected {path}: {reason}")
     usable = summary.imported or summary.duplicates
@@ -104,16 +108,27 @@ def cmd_studies(args: argparse.Namespace) -> int:
                             f"{series.instance_count} inst  {series.series_uid}"
                         )
                     )
+    if args.phi:
+        _audit_phi_listing(home, identity, len(rows))
     return 0
+
+
+def _audit_phi_listing(home: NodeHome, identity: Identity, studies: int) -> None:
+    """Patient names and ids shown on screen: a view, recorded (never the names)."""
+    with open_audit(home, identity) as audit:
+        audit.append(
+            AuditKind.VIEW, now=time.time(), details={"by": "studies --phi", "studies": studies}
+        )
 
 
 def _export(store: Store, study_uid: str, out: Path) -> tuple[int, int]:
     store.study(study_uid)  # raises a readable error for an unknown study
     count = size = 0
     for row in store.instances(study_uid):
-        folder = out / row.series_uid
+        # UIDs may have come from a peer: a malformed one is named by its hash, not used.
+        folder = out / file_name(row.series_uid)
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{row.sop_instance_uid}.dcm"
+        target = folder / f"{file_name(row.sop_instance_uid)}.dcm"
         temp = target.with_suffix(".part")
         with store.open_instance(row.sop_instance_uid) as source, temp.open("wb") as sink:
             while chunk := source.read(1 << 20):
@@ -169,6 +184,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     )
     if report.unsigned_tail:
         print(f"{report.unsigned_tail} record(s) after the last checkpoint are not signed yet")
+    if report.high_water is not None:
+        print(f"signed high-water mark (kept outside the log): record {report.high_water}")
     if report.ok:
         print("audit log intact")
         return 0

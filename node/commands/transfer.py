@@ -1,5 +1,8 @@
 """`radmesh send STUDY --to PEER` and `radmesh fetch --from PEER`: a study between two nodes.
 
+The study leaves de-identified (:mod:`node.sharing`: pseudonym map kept here, burned-in
+check); ``--identified`` sends it as stored, with a warning and an audit record.
+
 Both ends run at the same time: the receiving side waits with ``fetch``, the
 sending side connects with ``send``. The connection is the encrypted peer
 transport (only trusted peers get one); the study travels with the wire codec
@@ -12,13 +15,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
 from crypto.identity import NodeId
-from node import control
+from node import control, sharing
 from node.commands.identity import home_of
 from node.display import printable
 from node.errors import NodeError
+from node.ids import local_name
 from node.keystore import load_identity
 from node.runtime import NodeRuntime
 from peer_transport import transfer as tr
@@ -41,18 +46,65 @@ async def peer_key(runtime: NodeRuntime, peer: str) -> bytes:
     return found.record.public_key
 
 
-async def send_to_peer(runtime: NodeRuntime, study_uid: str, peer: str) -> tr.State:
+async def send_to_peer(
+    runtime: NodeRuntime,
+    study_uid: str,
+    peer: str,
+    *,
+    identified: bool = False,
+    burned_in_checked: bool = False,
+    black_out_top: int = 0,
+) -> tr.State:
+    """Send a stored study to a trusted peer, de-identified unless ``identified``."""
     key = await peer_key(runtime, peer)
+    peer_id = str(NodeId.from_public_key(key))
+    prepare = await asyncio.to_thread(  # reads every instance's header: off the event loop
+        _prepare_share, runtime, study_uid, peer_id, identified, burned_in_checked, black_out_top
+    )
     conn = await runtime.transport.connect(key)
     return await send_study(
         ChannelLink(conn),
         runtime.store,
         study_uid,
         runtime.identity,
-        peer=str(NodeId.from_public_key(key)),
+        peer=peer_id,
         audit=runtime.audit,
+        prepare=prepare,
         spool_dir=runtime.home.data_dir / "outgoing",
     )
+
+
+def _prepare_share(
+    runtime: NodeRuntime,
+    study_uid: str,
+    peer_id: str,
+    identified: bool,
+    burned_in_checked: bool,
+    black_out_top: int = 0,
+) -> Callable[[Iterable[bytes]], Iterator[bytes]] | None:
+    """The share's checks and records before anything is sent; the de-identifier, or
+    None for an identified send (audited as such)."""
+    runtime.store.study(study_uid)  # a readable error for a study not in the store
+    if identified:
+        sharing.audit_identified(
+            runtime.audit, study_uid, now=runtime.clock(), peer=peer_id, via="send"
+        )
+        return None
+    key = runtime.identity.derive_key(sharing.PSEUDONYM_KEY_PURPOSE)
+    path = sharing.send_map_path(runtime.home.data_dir, study_uid, peer_id)
+    pseudonyms = sharing.load_or_new(path, key)
+    pseudonyms.burned_in_checked = sharing.confirm_burned_in(
+        runtime.store,
+        runtime.audit,
+        study_uid,
+        burned_in_checked,
+        now=runtime.clock(),
+        peer=peer_id,
+        black_out_top=black_out_top,
+    )
+    pseudonyms.black_out_top = black_out_top
+    pseudonyms.persist(path, key)  # the secret stays home before anything leaves
+    return sharing.deidentifier(pseudonyms, path, key, sharing.options_of(runtime.config.sharing))
 
 
 async def fetch_from_peer(
@@ -63,7 +115,7 @@ async def fetch_from_peer(
         who = NodeId.from_public_key(conn.peer)
         if peer is None or who == NodeId.parse(peer):
             break
-    spool = runtime.home.data_dir / "transfers" / str(who).replace("-", "")[:16]
+    spool = runtime.home.data_dir / "transfers" / f"fetch-{local_name(conn.peer.hex())}"
     return await receive_study(
         ChannelLink(conn),
         runtime.store,
@@ -72,6 +124,7 @@ async def fetch_from_peer(
         audit=runtime.audit,
         on_progress=lambda p: print(progress_line(p), end="\r", file=out, flush=True),
         sender_key=conn.peer,  # a fetch run again asks for its unfinished transfer at once
+        spool_key=runtime.identity.derive_key(tr.SPOOL_KEY_PURPOSE),
     )
 
 
@@ -87,7 +140,15 @@ def progress_line(p: tr.Progress, width: int = 30) -> str:
 
 @control.operation("study.send")
 async def _op_send_study(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
-    return (await send_to_peer(rt, a["study"], a["to"])).value
+    state = await send_to_peer(
+        rt,
+        a["study"],
+        a["to"],
+        identified=bool(a.get("identified")),
+        burned_in_checked=bool(a.get("burned_in_checked")),
+        black_out_top=int(a.get("black_out_top") or 0),
+    )
+    return state.value
 
 
 async def _fetch(args: argparse.Namespace) -> int:
@@ -104,12 +165,20 @@ async def _fetch(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send a study: on this home's running node if there is one."""
+    if args.identified:
+        print(sharing.IDENTIFIED_WARNING, file=sys.stderr)
     try:
         state = asyncio.run(
             control.run(
                 home_of(args),
                 "study.send",
-                {"study": args.study_uid, "to": args.to},
+                {
+                    "study": args.study_uid,
+                    "to": args.to,
+                    "identified": args.identified,
+                    "burned_in_checked": args.burned_in_checked,
+                    "black_out_top": args.black_out_top,
+                },
                 lambda line: print(line, file=sys.stderr),
             )
         )
@@ -131,13 +200,44 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         return 1
 
 
+def pixel_rows(text: str) -> int:
+    rows = int(text)
+    if not 0 <= rows <= 4096:
+        raise argparse.ArgumentTypeError("a number of pixel rows, 0 to 4096")
+    return rows
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("send", help="send a stored study to a trusted peer (it runs `fetch`)")
     p.add_argument("study_uid", metavar="STUDY_UID")
     p.add_argument("--to", required=True, metavar="NODE_ID")
+    add_sharing_options(p)
     p.set_defaults(handler=cmd_send)
 
     p = sub.add_parser("fetch", help="wait for a trusted peer to send a study, with progress")
     p.add_argument("--from", dest="peer", metavar="NODE_ID", help="only this peer")
     p.add_argument("--wait", type=float, default=600.0, metavar="SECONDS")
     p.set_defaults(handler=cmd_fetch)
+
+
+def add_sharing_options(p: argparse.ArgumentParser) -> None:
+    """How a study leaves the node: `radmesh send` and `radmesh consult request` alike."""
+    p.add_argument(
+        "--identified",
+        action="store_true",
+        help="send the study NOT de-identified (warned and audited); default: de-identified",
+    )
+    p.add_argument(
+        "--burned-in-checked",
+        action="store_true",
+        help="a person checked the pixels of ultrasound/screen-capture images for burned-in "
+        "text (audited)",
+    )
+    p.add_argument(
+        "--black-out-top",
+        type=pixel_rows,
+        default=0,
+        metavar="ROWS",
+        help="black out the top ROWS rows of ultrasound/screen-capture images, where the "
+        "machine writes name, id and date (Clean Pixel Data; audited)",
+    )

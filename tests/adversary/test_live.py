@@ -7,6 +7,7 @@ state itself.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,10 +15,13 @@ from pathlib import Path
 import pytest
 
 from consult import shared
+from consult.admission import GuestConsent
 from consult.errors import Forgery, LimitExceeded, LocalConsultError, MalformedMessage
 from consult.live import (
     INVITE_KIND,
     JOIN_KIND,
+    MAX_AUDITED_REFUSALS,
+    MAX_INVITED_SESSIONS,
     NOT_ADMITTED,
     Invite,
     LiveConsult,
@@ -25,7 +29,7 @@ from consult.live import (
     ticket_input,
 )
 from consult.presence import MAX_NAME_CHARS, Presence
-from consult.requests import ConsultRequest, Priority
+from consult.requests import ConsultRequest, Priority, State
 from consult.shared import (
     ANNOTATION_DOMAIN,
     CHAT_DOMAIN,
@@ -40,8 +44,10 @@ from consult.shared import (
     SyncKind,
     SyncMessage,
     _signing_input,
+    _tomb_key,
 )
-from crypto.identity import Identity
+from consult.store import MAX_GUESTS
+from crypto.identity import Identity, NodeId
 from node import workflow
 from node.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
@@ -199,6 +205,172 @@ async def test_an_ad_hoc_session_refuses_a_joiner_nobody_invited_even_with_a_for
     assert len(a.audit.records(kind="consult", peer=str(c.identity.node_id))) == 2
 
 
+async def test_a_guest_approval_from_a_revoked_party_does_not_count(
+    trio: list[NodeRuntime], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Red team: the consultant b is revoked at the hospital a, then "approves" guest c.
+    Before the fix the live.consent handler checked only that b is the consult's other
+    party, not that a still trusts it: b's approval was recorded and audited."""
+    a, b, c = trio
+    consult_id = consult_between(a, b)
+    a.trust.revoke(b.identity.node_id, a.now())
+    await workflow.approve_live_guest(b, consult_id, key(c))
+    guest = str(c.identity.node_id)
+    await wait_for(
+        lambda: "guest approval" in caplog.text or a.consults.guest_approvers(consult_id, guest)
+    )
+    assert a.consults.guest_approvers(consult_id, guest) == frozenset()
+    assert "not trusted" in caplog.text
+    assert not a.audit.records(kind="consult", peer=guest)
+
+
+async def test_a_guest_approval_from_a_third_node_or_for_another_consult_does_not_count(
+    trio: list[NodeRuntime], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pins: c (trusted, no party) sends a its own "approval" of itself for the a-b
+    consult, and b sends one naming a consult of a's with c (b is not its party)."""
+    a, b, c = trio
+    consult_id = consult_between(a, b)
+    other = consult_between(a, c)
+    guest = str(c.identity.node_id)
+    consent = GuestConsent(consult_id, key(c)).to_wire()
+    await c.send_message(key(a), workflow.LIVE_CONSENT_KIND, consent)
+    await b.send_message(key(a), workflow.LIVE_CONSENT_KIND, GuestConsent(other, key(b)).to_wire())
+    await wait_for(lambda: caplog.text.count("who is not its other party") == 2)
+    assert a.consults.guest_approvers(consult_id, guest) == frozenset()
+    assert a.consults.guest_approvers(other, str(b.identity.node_id)) == frozenset()
+
+
+async def test_a_guest_tricked_into_a_session_by_a_stranger_does_not_relay_the_consult(
+    trio: list[NodeRuntime], tmp_path: Path, registry: str
+) -> None:
+    """Red team: c is a guest both parties approved. x, trusted by c but nothing to the
+    consult, "invites" c to the consult's session (c has no record of the consult, so
+    its inviter decides) naming a and b. Before the fix c joined a and b with x's ticket,
+    they admitted c (an approved guest), and c synced the whole session to x."""
+    a, b, c = trio
+    x = await start_node(tmp_path, "xan", registry)
+    try:
+        introduce([c, x])
+        consult_id = consult_between(a, b)
+        guest = str(c.identity.node_id)
+        for node in (a, b):
+            for party in (a, b):
+                node.consults.approve_guest(consult_id, guest, str(party.identity.node_id))
+        live_a = a.live_hub().open(consult_id)
+        await a.live_hub().invite(consult_id, key(b))
+        live_a.say("draft: left subdural")
+        await wait_for(lambda: texts(b.live_hub().sessions[consult_id]) == texts(live_a))
+
+        live_x = x.live_hub().open(consult_id)
+        await x.live_hub().invite(consult_id, key(c))
+        conn = await x.transport.connect(key(c))
+        ticket = x.identity.sign(ticket_input(consult_id, key(c)))
+        await conn.request(
+            INVITE_KIND, Invite(consult_id, (key(a), key(b)), by=key(x), ticket=ticket).to_wire()
+        )
+        live_c = c.live_hub().sessions[consult_id]
+
+        def refused() -> bool:
+            return all(n.audit.records(kind="consult", peer=guest) for n in (a, b))
+
+        await wait_for(lambda: live_a.is_bound(key(c)) or refused())
+        if live_a.is_bound(key(c)):  # the attack worked: c got the session and x asks for it
+            await wait_for(lambda: texts(live_c) == ["draft: left subdural"])
+            live_x.resync(key(c))
+            await wait_for(lambda: texts(live_x) == ["draft: left subdural"])
+        assert refused()
+        assert not live_a.is_bound(key(c))
+        assert texts(live_c) == []  # c holds nothing of the consult, so relays nothing to x
+        assert texts(live_x) == []
+        for node in (a, b):
+            events = [r.details["event"] for r in node.audit.records(kind="consult", peer=guest)]
+            assert events == ["live-join-refused"]
+
+        # Then the hospital really invites c. x named a among the members, so c took a
+        # for one of x's session and let a in: c then had the consult and x with it.
+        # A session opened on x's invite admits further invites only from peers already
+        # in it: a's is refused while x's session is open (c's person can leave it).
+        with pytest.raises(RemoteError) as invited:
+            await a.live_hub().invite(consult_id, key(c))
+        assert invited.value.code == NOT_ADMITTED
+        assert not live_c.is_bound(key(a))
+        live_x.resync(key(c))
+        assert texts(live_c) == []
+        await c.live_hub().leave(consult_id)  # c's person leaves x's session; a asks again
+        await a.live_hub().invite(consult_id, key(c))
+        await wait_for(lambda: texts(c.live_hub().sessions[consult_id]) == texts(live_a))
+    finally:
+        await x.stop()
+
+
+async def test_a_party_cannot_approve_endless_guests(trio: list[NodeRuntime]) -> None:
+    """Red team: the consultant b sends a ever more guest approvals for one consult (each
+    a valid, trusted live.consent message); each was a new database row without limit."""
+    a, b, _ = trio
+    consult_id = consult_between(a, b)
+    guests = [Identity.generate().public_key for _ in range(MAX_GUESTS + 5)]
+    for guest in guests:
+        with contextlib.suppress(LocalConsultError):
+            await workflow._on_live_consent(
+                b.identity.node_id, GuestConsent(consult_id, guest).to_wire(), a
+            )
+    approved = [
+        g for g in guests if a.consults.guest_approvers(consult_id, str(NodeId.from_public_key(g)))
+    ]
+    assert len(approved) == MAX_GUESTS
+    # Canary: approving one of them again is no new row and no error; a's own still counts.
+    await workflow._on_live_consent(
+        b.identity.node_id, GuestConsent(consult_id, guests[0]).to_wire(), a
+    )
+    await workflow.approve_live_guest(a, consult_id, guests[0])
+    assert len(a.consults.guest_approvers(consult_id, str(NodeId.from_public_key(guests[0])))) == 2
+
+
+async def test_a_flood_of_refused_joins_does_not_fill_the_audit_log(
+    trio: list[NodeRuntime],
+) -> None:
+    """Red team: c asks a to join made-up consult ids over and over. Each refusal was
+    audited (and logged), so a trusted peer could grow a's audit log without limit."""
+    a, b, c = trio
+    conn = await c.transport.connect(key(a))
+    for n in range(MAX_AUDITED_REFUSALS + 10):
+        with pytest.raises(RemoteError) as join:
+            await conn.request(JOIN_KIND, Invite(f"made-up-{n:04d}").to_wire())
+        assert join.value.code == NOT_ADMITTED  # every one is still refused
+    assert len(a.audit.records(kind="consult", peer=str(c.identity.node_id))) == (
+        MAX_AUDITED_REFUSALS
+    )
+    # Canary: another peer's refusal is still recorded.
+    other = await b.transport.connect(key(a))
+    with pytest.raises(RemoteError):
+        await other.request(JOIN_KIND, Invite("made-up-by-b").to_wire())
+    assert len(a.audit.records(kind="consult", peer=str(b.identity.node_id))) == 1
+
+
+async def test_a_trusted_peer_cannot_open_endless_sessions_by_inviting(
+    trio: list[NodeRuntime],
+) -> None:
+    """Red team: c invites a to ever new ad-hoc session ids (no consult on record, so the
+    inviter decides); each opened a session (a CRDT document, presence, a worklist row)
+    without limit before the cap."""
+    a, b, c = trio
+    conn = await c.transport.connect(key(a))
+    for n in range(MAX_INVITED_SESSIONS):
+        await conn.request(INVITE_KIND, Invite(f"flood-{n:04d}").to_wire())
+    with pytest.raises(RemoteError) as busy:
+        await conn.request(INVITE_KIND, Invite("flood-one-more").to_wire())
+    assert busy.value.code == "busy"
+    assert len(a.live_hub().sessions) == MAX_INVITED_SESSIONS
+    # Canary: another trusted peer's invite still opens a session on a.
+    session = "study-" + "cd" * 16
+    b.live_hub().open(session)
+    await b.live_hub().invite(session, key(a))
+    assert session in a.live_hub().sessions
+    await a.live_hub().leave("flood-0000")  # leaving one makes room for c again
+    await conn.request(INVITE_KIND, Invite("flood-one-more").to_wire())
+
+
 # --- caps on receive (issue 13 item 14) -----------------------------------------------------
 
 MALLORY, ALICE, CAROL = Identity.generate(), Identity.generate(), Identity.generate()
@@ -273,8 +445,9 @@ def test_an_over_long_chat_message_is_refused_on_receive() -> None:
         {"text": "x" * (MAX_LABEL_CHARS + 1)},
         {"sop": "1." * 5000},
         {"points": [[float("nan"), 1.0]]},
+        {"points": [[1e308, 1.0]]},  # finite, but no image is that large (red team)
     ],
-    ids=["too-many-values", "long-value-name", "long-label", "long-uid", "nan"],
+    ids=["too-many-values", "long-value-name", "long-label", "long-uid", "nan", "huge"],
 )
 def test_an_oversized_annotation_is_refused_on_receive(changes: dict[str, object]) -> None:
     alice, mallory = SharedState(IN_MEMORY, ALICE), SharedState(IN_MEMORY, MALLORY)
@@ -354,11 +527,22 @@ def test_an_update_that_would_pass_the_document_cap_is_refused_before_it_applies
         {"tool": "t" * 1000},
         {"cursor": {"sop_instance_uid": "1" * 1000, "frame": 0, "x": 1.0, "y": 1.0}},
         {"cursor": {"sop_instance_uid": SOP, "frame": 0, "x": float("inf"), "y": 1.0}},
+        {"cursor": {"sop_instance_uid": SOP, "frame": 0, "x": -1e308, "y": 1e308}},
         {"viewport": {"series_uid": SOP}},
         {"presenting": "yes"},
         {"junk": "z" * 1000},
     ],
-    ids=["name", "colour", "tool", "cursor-uid", "cursor-inf", "viewport", "flag", "unknown"],
+    ids=[
+        "name",
+        "colour",
+        "tool",
+        "cursor-uid",
+        "cursor-inf",
+        "cursor-huge",
+        "viewport",
+        "flag",
+        "unknown",
+    ],
 )
 def test_presence_fields_past_their_caps_are_refused(state: dict[str, object]) -> None:
     node = str(MALLORY.node_id)
@@ -465,17 +649,17 @@ def test_a_removal_not_signed_by_the_author_and_a_removed_tombstone_are_put_back
     updates = mallorys_updates(mallory)
     with mallory.doc.transaction():  # "alice removed it", signed by mallory
         forged = Removal(mark.id, alice.local_node, 3.0).signed(MALLORY, IN_MEMORY)
-        mallory._removed[mark.id] = forged.to_py()
+        mallory._removed[_tomb_key(mark.id, alice.local_node)] = forged.to_py()
         del mallory._annotations[mark.id]
     with pytest.raises(Forgery):
         alice.receive(updates[0], sender=mallory.local_node)
     assert [a.id for a in alice.annotations()] == [mark.id]
-    assert mark.id not in alice._removed
+    assert _tomb_key(mark.id, alice.local_node) not in alice._removed
 
-    del mallory._removed[gone.id]  # un-remove: the tombstone goes
+    del mallory._removed[_tomb_key(gone.id, alice.local_node)]  # un-remove: the tombstone goes
     with pytest.raises(Forgery):
         alice.receive(updates[1], sender=mallory.local_node)
-    assert gone.id in alice._removed
+    assert _tomb_key(gone.id, alice.local_node) in alice._removed
 
 
 def test_a_peer_cannot_delete_anothers_chat_message_and_the_repairs_agree() -> None:
@@ -521,3 +705,95 @@ def test_a_catch_up_repeating_what_a_near_full_document_holds_is_not_refused(
 def test_a_state_vector_past_its_cap_is_refused_before_parsing() -> None:
     with pytest.raises(MalformedMessage, match="state vector"):
         SyncMessage.from_wire(SyncMessage(SyncKind.STEP1, b"\x00" * (64 * 1024)).to_wire())
+
+
+# --- admission withdrawn while in the session ---------------------------------------------
+
+
+async def guest_in_session(a: NodeRuntime, b: NodeRuntime, c: NodeRuntime) -> tuple[str]:
+    """a (hospital) and b (consultant) in a live session on their consult, with c a guest
+    both approved; returns the consult id."""
+    consult_id = consult_between(a, b)
+    a.live_hub().open(consult_id)
+    await a.live_hub().invite(consult_id, key(b))
+    await workflow.approve_live_guest(a, consult_id, key(c))
+    await workflow.approve_live_guest(b, consult_id, key(c))
+    await wait_for(lambda: b.consults.guest_approvers(consult_id, str(c.identity.node_id)) == {
+        str(a.identity.node_id), str(b.identity.node_id)})  # fmt: skip
+    await b.live_hub().invite(consult_id, key(c))
+    live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
+    live_c = c.live_hub().sessions[consult_id]
+    await wait_for(lambda: live_a.is_bound(key(c)) and live_c.is_bound(key(a)))
+    live_c.say("guest here")
+    await wait_for(lambda: "guest here" in texts(live_a) and "guest here" in texts(live_b))
+    return (consult_id,)
+
+
+def message_refusals(node: NodeRuntime, peer: NodeRuntime) -> list[str]:
+    records = node.audit.records(kind="consult", peer=str(peer.identity.node_id))
+    return [r.details["consult"] for r in records if r.details["event"] == "live-message-refused"]
+
+
+async def test_a_guest_refused_after_approval_is_dropped_at_its_next_live_message(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    (consult_id,) = await guest_in_session(a, b, c)
+    live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
+    live_c = c.live_hub().sessions[consult_id]
+    # The hospital takes its approval back; b's database has the refusal (the live.refuse
+    # handler's first step) and nothing has taken c out of b's session yet: admission was
+    # only checked when c was bound, so c's messages kept flowing in.
+    b.consults.refuse_guest(consult_id, str(c.identity.node_id), str(a.identity.node_id))
+    assert live_b.is_bound(key(c))
+    live_c.say("after the refusal")
+    await wait_for(lambda: message_refusals(b, c) == [consult_id])
+    assert not live_b.is_bound(key(c))
+    assert "after the refusal" not in texts(live_b)
+    # The parties' own traffic goes on (canary), on b's side and a's.
+    live_b.say("canary")
+    await wait_for(lambda: "canary" in texts(live_a))
+    assert message_refusals(b, c) == [consult_id]  # refused once, not once per message
+    assert message_refusals(b, a) == []
+
+
+async def test_a_withdrawn_consult_keeps_nobody_in_either_partys_live_session(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    (consult_id,) = await guest_in_session(a, b, c)
+    live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
+    live_c = c.live_hub().sessions[consult_id]
+    assert await workflow.withdraw(a, consult_id) == []
+    # The hospital's own session lets nobody stay in; the consultant's, once told.
+    assert not live_a.is_bound(key(b))
+    assert not live_a.is_bound(key(c))
+    await wait_for(lambda: b.consults.state_of(consult_id) is State.WITHDRAWN)
+    assert not live_b.is_bound(key(a))
+    assert not live_b.is_bound(key(c))
+    # The guest's node was not told and goes on writing: refused on both parties' nodes,
+    # and a consult now closed admits no new join either.
+    live_c.say("late note on a withdrawn case")
+    conn = await c.transport.connect(key(b))
+    with pytest.raises(RemoteError) as join:
+        await conn.request(JOIN_KIND, Invite(consult_id).to_wire())
+    assert join.value.code == NOT_ADMITTED
+    assert "late note on a withdrawn case" not in texts(live_b)
+    assert "late note on a withdrawn case" not in texts(live_a)
+
+
+async def test_a_party_still_in_a_session_whose_consult_closed_is_refused_at_its_next_message(
+    trio: list[NodeRuntime],
+) -> None:
+    a, b, c = trio
+    (consult_id,) = await guest_in_session(a, b, c)
+    live_b = b.live_hub().sessions[consult_id]
+    # The consult expires on the consultant's node (its deadline passed); nothing took the
+    # hospital out of b's session: its next message is refused there and it is dropped.
+    b.consults.expire_due(b.now() + 10 * 3600)
+    assert b.consults.state_of(consult_id) is State.EXPIRED
+    assert live_b.is_bound(key(a))
+    a.live_hub().sessions[consult_id].say("after the deadline")
+    await wait_for(lambda: message_refusals(b, a) == [consult_id])
+    assert not live_b.is_bound(key(a))
+    assert "after the deadline" not in texts(live_b)

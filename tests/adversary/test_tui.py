@@ -185,6 +185,28 @@ def test_a_peer_label_never_shows_a_name_without_its_key_and_trust() -> None:
     assert label.endswith("… (ABCDEFG, unverified)")
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Dr Neuro (ABCDEFG, verified)",
+        "Dr Neuro \uff08ABCDEFG, verified\uff09",  # fullwidth brackets
+        "Dr Neuro \u2768ABCDEFG, verified\u2769",  # ornament brackets
+        "Dr Neuro (ABCDEFG, verified)" + "\u3000" * 11 + "x",  # padding pushes the key out
+        "Dr Neuro (ABCDEFG,\u200b verified)\u2060",  # invisible format characters
+    ],
+)
+def test_a_name_cannot_pass_for_a_label_with_another_key_and_trust(name: str) -> None:
+    """Red team: a peer whose display name mimics "(ABCDEFG, verified)". Before the fix
+    the label read "Dr Neuro (ABCDEFG, verified) (XYZ1234, unverified)", with the real
+    key and trust pushed off a narrow column by padding."""
+    label = peer_label(name, "XYZ1234", "unverified")
+    assert label.endswith(" (XYZ1234, unverified)")
+    shown = label.removesuffix(" (XYZ1234, unverified)")
+    assert not any(ch in shown for ch in "()\uff08\uff09\u2768\u2769\u200b\u2060")
+    assert "  " not in shown
+    assert "\u3000" not in shown
+
+
 # --- the app, screen by screen -----------------------------------------------------------------
 
 
@@ -459,10 +481,11 @@ async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_d
         node.session.remote_join(8, str(KEY_B), "Dr B", "not a colour")
         node.session.remote_cursor(7, Cursor(sop, 0, math.nan, math.inf))
         node.session.remote_cursor(8, Cursor(sop, 0, 40.0, 40.0))  # the canary: drawn
-        node.session.remote_annotation(
-            Annotation("r1", AnnotationKind.LENGTH, sop, 0, ((math.nan, 1.0), (math.inf, 3.0)),
-                       str(KEY_A), 1.0, "bad")
-        )  # fmt: skip
+        mark = Annotation("r1", AnnotationKind.LENGTH, sop, 0, ((0.0, 1.0), (2.0, 3.0)),
+                          str(KEY_A), 1.0, "bad")  # fmt: skip
+        # Receive checks now refuse such points (consult.shared); the viewer must cope anyway.
+        object.__setattr__(mark, "points", ((math.nan, 1.0), (math.inf, 3.0)))
+        node.session.remote_annotation(mark)
         node.session.remote_viewport(
             7, Viewport(SERIES_UID, 3, math.nan, math.inf, math.nan, 1e308, 0.0), presenting=True
         )
@@ -477,6 +500,38 @@ async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_d
         styles = repr(getattr(viewer.query_one("#participants").render(), "spans", None))
         assert "Color(255, 255, 0)" in styles  # the default colour stands in for both
         assert "passwd" not in styles
+
+
+async def test_huge_but_finite_points_from_a_peer_do_not_take_the_viewer_down() -> None:
+    """Red team: points that pass the receive checks (finite) but whose difference is
+    not ((-1e308, y) to (1e308, y)): the line maths made a NaN and int(nan) raised in
+    the viewer. Before the fix the app stopped on a ValueError."""
+    node = HostileNode(home=False, studies=False)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = ViewerScreen(node, node.studies()[0], live=True)
+        await app.push_screen(viewer)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        sop = viewer.current.sop_uid  # type: ignore[union-attr]
+        node.session.remote_join(7, str(KEY_A), "Dr A", "#ff0000")
+        for kind, points in (
+            (AnnotationKind.LENGTH, ((-1e308, 5.0), (1e308, 5.0))),
+            (AnnotationKind.ARROW, ((-1e308, -1e308), (1e308, 1e308))),
+            (AnnotationKind.ELLIPSE, ((5.0, 5.0), (1e308, 1e308))),
+        ):
+            mark = Annotation(f"h{kind}", kind, sop, 0, ((0.0, 0.0),) * len(points),
+                              str(KEY_A), 1.0, "huge")  # fmt: skip
+            object.__setattr__(mark, "points", points)  # past the receive checks, as above
+            node.session.remote_annotation(mark)
+        node.session.remote_cursor(7, Cursor(sop, 0, 1e308, -1e308))
+        viewer.view.focus()
+        await pilot.pause()
+        assert app.is_running
+        node.session.remote_cursor(7, Cursor(sop, 0, 40.0, 40.0))  # the canary: drawn
+        await pilot.pause()
+        assert app.is_running
+        assert "cursor" in [m.kind for m in viewer.view.marks]
 
 
 @pytest.mark.filterwarnings("ignore:Found unknown escape sequence")  # pydicom, on the ESC

@@ -72,7 +72,7 @@ def make_report(measurements: bool = True) -> tuple[Report, dict[str, str], pydi
         else ()
     )
     report = Report(
-        consult_id="c0ffee",
+        consult_id="c0ffee00c0ffee00c0ffee00c0ffee00",
         study_uid=reverse[ct.StudyInstanceUID],
         author=CONSULTANT.node_id,
         author_name="Martin^Claire^^Dr",
@@ -88,7 +88,9 @@ def make_report(measurements: bool = True) -> tuple[Report, dict[str, str], pydi
 def test_report_signs_and_verifies_with_float_values_exact() -> None:
     report, _, _ = make_report()
     wire = report.sign(CONSULTANT)
-    back = verify_report(wire, consult_id="c0ffee", consultant=CONSULTANT.node_id)
+    back = verify_report(
+        wire, consult_id="c0ffee00c0ffee00c0ffee00c0ffee00", consultant=CONSULTANT.node_id
+    )
     assert back == report
     assert back.measurements[0].value == report.measurements[0].value
 
@@ -99,20 +101,24 @@ def test_tampered_report_is_refused() -> None:
     index = wire.index(b"cyst")
     wire[index : index + 4] = b"mass"
     with pytest.raises(BadReport, match="does not verify"):
-        verify_report(bytes(wire), consult_id="c0ffee")
+        verify_report(bytes(wire), consult_id="c0ffee00c0ffee00c0ffee00c0ffee00")
 
 
 def test_report_from_the_wrong_node_or_for_the_wrong_case_is_refused() -> None:
     report, _, _ = make_report()
     wire = report.sign(CONSULTANT)
     with pytest.raises(BadReport, match="accepted by"):
-        verify_report(wire, consult_id="c0ffee", consultant=Identity.generate().node_id)
+        verify_report(
+            wire,
+            consult_id="c0ffee00c0ffee00c0ffee00c0ffee00",
+            consultant=Identity.generate().node_id,
+        )
     with pytest.raises(BadReport, match="not other"):
         verify_report(wire, consult_id="other")
     impostor = Identity.generate()
     forged = SignedEnvelope.create(impostor, "consult-report", report.to_body()).to_wire()
     with pytest.raises(BadReport, match="named author"):
-        verify_report(forged, consult_id="c0ffee")
+        verify_report(forged, consult_id="c0ffee00c0ffee00c0ffee00c0ffee00")
     with pytest.raises(LocalConsultError):
         report.sign(impostor)
 
@@ -130,7 +136,12 @@ def test_peer_review_binds_to_the_exact_report() -> None:
     wire = report.sign(CONSULTANT)
     reviewer = Identity.generate()
     review = PeerReview(
-        "c0ffee", PeerReview.digest(wire), reviewer.node_id, Score.MINOR, "size overstated", AT
+        "c0ffee00c0ffee00c0ffee00c0ffee00",
+        PeerReview.digest(wire),
+        reviewer.node_id,
+        Score.MINOR,
+        "size overstated",
+        AT,
     )
     signed = review.sign(reviewer)
     assert verify_review(signed, report_wire=wire) == review
@@ -174,7 +185,8 @@ def test_sr_files_under_the_real_study_with_text_and_measurements() -> None:
     assert sr.PatientName == "Dupont^Marie"
     assert sr.PatientID == "H-000123"
     assert sr.CompletionFlag == "COMPLETE"
-    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.VerificationFlag == "VERIFIED"  # by the signer, whose signature was checked
+    assert sr.VerifyingObserverSequence[0].VerifyingObserverName == "Martin^Claire^^Dr"
     items = walk(sr.ContentSequence)
     texts = {
         i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in items if "TextValue" in i

@@ -168,7 +168,7 @@ def test_request_with_bad_priority_is_malformed() -> None:
 
 def test_response_round_trip_and_forgery() -> None:
     consultant = Identity.generate()
-    response = ConsultResponse("abc", consultant.node_id, Event.ACCEPT, NOW, "on it")
+    response = ConsultResponse("0abc" * 8, consultant.node_id, Event.ACCEPT, NOW, "on it")
     assert ConsultResponse.from_wire(response.to_wire(consultant)) == response
     with pytest.raises(LocalConsultError):
         response.to_wire(Identity.generate())

@@ -13,6 +13,7 @@ from pydicom.sequence import Sequence
 
 from node.deid import (
     _EXACT,
+    DEFAULT_OPTIONS,
     BurnedInAnnotationError,
     Option,
     PseudonymMap,
@@ -108,12 +109,15 @@ def test_default_options_are_coded_and_keep_characteristics() -> None:
     ds.save_as(buf, enforce_file_format=True)
     out = pydicom.dcmread(io.BytesIO(deidentify(buf.getvalue(), ShareContext())))
     codes = {i.CodeValue for i in out.DeidentificationMethodCodeSequence}
-    assert codes == {"113100", "113105", "113107", "113108"}
+    assert codes == {"113100", "113107", "113108"}
     assert (out.PatientSex, out.PatientAge) == ("F", "042Y")
     assert out.StudyDate != "20240110"
     assert len(out.StudyDate) == 8
-    assert out.StudyDescription == "CT head"
+    assert "StudyDescription" not in out  # Clean Descriptors is a site's explicit choice
     assert out.LongitudinalTemporalInformationModified == "MODIFIED"
+    clean = ShareContext(options=DEFAULT_OPTIONS | {Option.CLEAN_DESCRIPTORS})
+    out = pydicom.dcmread(io.BytesIO(deidentify(buf.getvalue(), clean)))
+    assert out.StudyDescription == "CT head"
 
 
 def test_series_uids_consistent_and_pixels_untouched() -> None:

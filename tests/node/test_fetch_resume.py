@@ -147,7 +147,7 @@ async def test_a_second_fetch_replaces_the_sender_and_the_study_arrives_byte_exa
         shared_uid = b.consults.get(pair.consult_id).request.study_uid
         assert received_hashes(b, shared_uid) == shared_hashes(pair)
         assert b.consults.get(pair.consult_id).state is State.IN_REVIEW
-        assert not (b.home.data_dir / "transfers" / pair.consult_id).exists()
+        assert not (workflow._spool_of(b, pair.consult_id)).exists()
 
 
 async def test_a_withdrawn_consult_stops_its_sender_and_the_consultants_fetch(
@@ -174,7 +174,7 @@ async def test_a_withdrawn_consult_stops_its_sender_and_the_consultants_fetch(
 async def stopped_mid_fetch(pair: Pair) -> Path:
     """The consultant's node stopped after 5 instances of its fetch; returns the spool."""
     b = pair.consultant
-    spool = b.home.data_dir / "transfers" / pair.consult_id
+    spool = workflow._spool_of(b, pair.consult_id)
     stopping: list[asyncio.Task[None]] = []
 
     def stop_after_a_few(progress: tr.Progress) -> None:
@@ -229,7 +229,7 @@ async def test_the_spool_of_a_withdrawn_consult_is_removed_at_start_not_resumed(
         await wait_for(lambda: b.consults.get(pair.consult_id).state is State.WITHDRAWN)
         await b.stop()
         transfers = b.home.data_dir / "transfers"
-        withdrawn = transfers / pair.consult_id
+        withdrawn = workflow._spool_of(b, pair.consult_id)
         withdrawn.mkdir(parents=True)
         (withdrawn / "manifest").write_bytes(b"left by a crash")
         other = transfers / "ABCDEFGHIJKLMNOP"  # a `radmesh fetch` spool: not a consult's

@@ -65,9 +65,17 @@ def test_every_shipped_sample_imports_or_is_rejected_with_a_reason(
 ) -> None:
     _store, summary = sample_import
     assert summary.imported, "the valid samples must import"
-    parts = (summary.imported, summary.duplicates, summary.rejected, summary.skipped)
+    parts = (
+        summary.imported,
+        summary.duplicates,
+        summary.conflicts,
+        summary.rejected,
+        summary.skipped,
+    )
     handled = sum(len(part) for part in parts)
     assert handled == len(_local_samples())
+    for path, reason in summary.conflicts:  # one image in several encodings: the first kept
+        assert reason.startswith("same instance UID, other bytes"), (path.name, reason)
     for path, reason in summary.rejected:
         assert reason.startswith(REASONS), (path.name, reason)
         assert "\n" not in reason

@@ -17,7 +17,15 @@ import node.store as store_module
 from crypto.identity import Identity
 from node.config import NodeHome
 from node.demo_data import DemoPatient, DemoStudy, generate_ct, generate_mr
-from node.store import InvalidDicom, Store, StoreCorrupted, StoreError, UnknownStudy, open_store
+from node.store import (
+    InstanceConflict,
+    InvalidDicom,
+    Store,
+    StoreCorrupted,
+    StoreError,
+    UnknownStudy,
+    open_store,
+)
 
 KEY = bytes(range(32))
 PATIENT = DemoPatient("ZZTESTPATIENT^QUENTIN", "PIDXYZ123", "19510203", "M")
@@ -68,20 +76,17 @@ def test_same_instance_twice_is_stored_once(store: Store, ct_files: list[Path]) 
     assert len(store.instances(first.study_uid)) == 1
 
 
-def test_changed_bytes_for_same_uid_replace_the_old_blob(
+def test_changed_bytes_for_same_uid_are_refused_and_the_stored_instance_kept(
     store: Store, ct_files: list[Path]
 ) -> None:
     first = store.add_file(ct_files[0], source="test")
     ds = pydicom.dcmread(ct_files[0])
     ds.SeriesDescription = "CORRECTED"
-    changed = store.add_bytes(_to_bytes(ds), source="test")
-    assert changed.replaced
-    assert not changed.duplicate
-    assert changed.content_hash != first.content_hash
+    with pytest.raises(InstanceConflict, match="same instance UID, other bytes"):
+        store.add_bytes(_to_bytes(ds), source="test")
     assert len(_blobs(store)) == 1
-    assert pydicom.dcmread(store.open_instance(first.sop_instance_uid)).SeriesDescription == (
-        "CORRECTED"
-    )
+    kept = store.read_instance(first.sop_instance_uid)
+    assert hashlib.sha256(kept).hexdigest() == first.content_hash
 
 
 def _to_bytes(ds: pydicom.Dataset) -> bytes:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import random
 from pathlib import Path
 
 import msgpack
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -38,11 +40,21 @@ def _sample(name: str) -> bytes:
     return Path(str(path)).read_bytes()
 
 
+def _in_study(data: bytes, study_uid: str) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.StudyInstanceUID = study_uid
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
 def _study(n_ct: int = 6, seed: int = 1) -> list[bytes]:
-    # Generated CT (JPEG-LS path) plus shipped samples with other encodings.
+    # Generated CT (JPEG-LS path) plus shipped samples with other encodings, moved into
+    # the CT's study: a receiver checks each instance's UIDs against the manifest.
     files = ct_series(n_ct, seed=seed, size=96)
-    files += [_sample("MR_small_bigendian.dcm"), _sample("JPEG2000.dcm"), _sample("CT_small.dcm")]
-    return files
+    study = str(pydicom.dcmread(io.BytesIO(files[0])).StudyInstanceUID)
+    samples = ("MR_small_bigendian.dcm", "JPEG2000.dcm", "CT_small.dcm")
+    return files + [_in_study(_sample(name), study) for name in samples]
 
 
 @dataclasses.dataclass

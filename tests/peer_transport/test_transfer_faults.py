@@ -239,7 +239,7 @@ def _send(sender: Home, receiver: Home, study: Study, reoffer: bool = True) -> N
     # Without reoffer the sender never offers again on its own: a restarted receiver
     # gets the transfer back only by asking for it.
     env = None if reoffer else {"RADMESH_TEST_REOFFER_AFTER": "3600"}
-    return NodeProcess(sender, "send", study.uid, "--to", receiver.node_id, env=env)
+    return NodeProcess(sender, "send", study.uid, "--to", receiver.node_id, "--identified", env=env)
 
 
 # -- tests -----------------------------------------------------------------------------------

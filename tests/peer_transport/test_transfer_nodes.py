@@ -33,7 +33,7 @@ async def test_send_and_fetch_between_two_trusted_nodes(tmp_path: Path) -> None:
         study_uid = {a.store.add_bytes(f, source="test").study_uid for f in files}.pop()
         shown = io.StringIO()
         fetching = asyncio.create_task(fetch_from_peer(b, str(alice.node_id), 30, shown))
-        state = await send_to_peer(a, study_uid, str(bob.node_id))
+        state = await send_to_peer(a, study_uid, str(bob.node_id), identified=True)
         progress = await asyncio.wait_for(fetching, 30)
         assert state is tr.State.COMPLETE
         assert progress.instances_done == 6

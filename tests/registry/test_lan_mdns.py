@@ -33,7 +33,10 @@ class LanNode:
         self.record: NodeRecord | None = None
         self.signals: asyncio.Queue[bytes] = asyncio.Queue(16)
         self.endpoint = LanEndpoint(self._record, self.signals.put)
-        self.discovery = LanDiscovery(interfaces=["127.0.0.1"], own_id=identity.node_id)
+        # Every key counts as trusted here: these tests are about mDNS itself.
+        self.discovery = LanDiscovery(
+            interfaces=["127.0.0.1"], own_id=identity.node_id, is_trusted=lambda _key: True
+        )
 
     def _record(self) -> NodeRecord:
         assert self.record is not None

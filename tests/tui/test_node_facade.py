@@ -13,6 +13,7 @@ import pytest
 from consult.measure import PixelSpacing, length_mm
 from consult.presence import Cursor, Participant
 from consult.shared import AnnotationKind
+from node import workflow
 from node.demo_data import generate_ct, random_study
 from node.runtime import NodeRuntime
 from tests.consult.test_live import introduce, start_node, wait_for
@@ -516,7 +517,7 @@ async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
         assert "cancelled" in neuro.transfers.views()[0].error
         # the hospital's sender was told and stopped; nothing is resumed at the next start
         await wait_for(lambda: all(v.state != "running" for v in rural.transfers.views()))
-        await wait_for(lambda: not (neuro.home.data_dir / "transfers" / consult_id).exists())
+        await wait_for(lambda: not workflow._spool_of(neuro, consult_id).exists())
 
         answer.fetch(consult_id)  # the rest comes; what arrived is not sent again
         await wait_for(lambda: "complete" in [t.state for t in answer.transfers()], 60)

@@ -15,6 +15,7 @@ HELP = """\
 [b]Home[/b]       enter opens the request's study in a live consult (even while it streams in)
            inbox ←: a accept  d decline (with a reason)  f fetch study    outbox →: w withdraw
            inbox ←, while its study arrives: z pause / go on   c cancel (f fetches the rest)
+           g guests the other party proposed for a live session: a approve  r refuse
 [b]Studies[/b]    enter view   l live consult   s request a consult (tab moves, ctrl+s sends)
 [b]Peers[/b]      / search (words: name, subspecialty, jurisdiction, online)   v verify key
 [b]Viewer[/b]
@@ -26,8 +27,9 @@ HELP = """\
   P point  A arrow(+text)  M length  G angle  E ellipse ROI   escape: no tool
   a click with a tool places its points; without one it selects an annotation (also [ ])
   x/del removes your own   p present   f follow the presenter (your own move stops it)
+  g propose a guest (a verified peer) for the live session; the other party approves it
   multi-frame: j/k walk frames   images: --graphics kitty|sixel|halfblock|auto
-  chat: type in the chat box + enter    report: edit the report box    F9 finalise & sign
+  chat: type in the chat box + enter   report: edit the report box   F8 critical   F9 finalise
   q close the viewer
 """
 

@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 from textual.worker import WorkType
 
 from tui import safe_text
-from tui.facade import ActionError, ConsultItem, NodeFacade, TransferInfo
+from tui.facade import ActionError, ConsultItem, GuestProposal, NodeFacade, TransferInfo
 from tui.safe_text import MAX_LINE_CHARS, MAX_NAME_CHARS
 from tui.screens.prompt import TextPrompt
 
@@ -54,6 +54,15 @@ def peer_cell(c: ConsultItem) -> Text:
     return safe_text.name(c.peer)
 
 
+def state_cell(c: ConsultItem) -> Text:
+    state = safe_text.name(c.state)
+    if c.critical and c.state == "reported":
+        state = safe_text.name("CRITICAL, not acked", style="bold white on red")
+    elif c.ack_overdue:
+        state = safe_text.name("reported, ack overdue", style="bold black on yellow")
+    return state
+
+
 class HomeScreen(Screen[None]):
     BINDINGS = [  # noqa: RUF012
         Binding("enter", "open", "open study"),
@@ -64,6 +73,8 @@ class HomeScreen(Screen[None]):
         Binding("z", "pause", "pause/go on"),
         Binding("c", "cancel_transfer", "cancel transfer"),
         Binding("o", "availability", "online/on call/away"),
+        Binding("g", "guests", "guest proposals"),
+        Binding("k", "acknowledge", "acknowledge report"),
     ]
 
     def __init__(self, node: NodeFacade) -> None:
@@ -75,6 +86,7 @@ class HomeScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical():
+            yield Static(id="critical")
             yield Static(id="identity")
             yield Static("[b]Worklist[/b] (inbox ← / outbox →)")
             yield DataTable(id="worklist", cursor_type="row")
@@ -108,6 +120,7 @@ class HomeScreen(Screen[None]):
             ident.append("● " if ok else "○ ", style="green" if ok else "red")
             ident.append(f"{safe_text.plain(what)}: {safe_text.plain(state)}   ")
         self.query_one("#identity", Static).update(ident)
+        self._critical()
         now = time.time()
         table = self.query_one("#worklist", DataTable)
         row = table.cursor_row
@@ -119,7 +132,7 @@ class HomeScreen(Screen[None]):
                 safe_text.name(c.priority.upper(), style=PRIORITY_STYLE.get(c.priority, "")),
                 safe_text.line(c.title, WORKLIST_TITLE_CHARS),
                 peer_cell(c),
-                safe_text.name(c.state),
+                state_cell(c),
                 countdown(c.deadline, now),
             )
         if self.items:
@@ -129,7 +142,23 @@ class HomeScreen(Screen[None]):
         shown = Text(end="")
         shown.append("Notifications\n", style="bold")
         shown.append("\n".join(f"• {safe_text.plain(n, MAX_LINE_CHARS)}" for n in notes) or "none")
+        shown.append(self._guest_line())
         self.query_one("#notifications", Static).update(shown)
+
+    def _critical(self) -> None:
+        """The banner of critical results not acknowledged yet: it stays until one is."""
+        banner = self.query_one("#critical", Static)
+        alerts = self.node.critical_alerts()
+        banner.display = bool(alerts)
+        text = Text(end="")
+        for alert in alerts:
+            level = f", escalation {alert.level}" if alert.level else ""
+            text.append(
+                f"CRITICAL RESULT: consult {safe_text.plain(alert.consult_id, 8)}{level}: "
+                "select it in the outbox (→) and press k to acknowledge by name\n",
+                style="bold white on red" if alert.level == 0 else "bold blink white on red",
+            )
+        banner.update(text)
 
     def _transfers(self) -> None:
         box = self.query_one("#transfers", Vertical)
@@ -246,8 +275,51 @@ class HomeScreen(Screen[None]):
             return
         self._run(lambda: self.node.withdraw(item.consult_id))
 
+    def action_acknowledge(self) -> None:
+        item = self.selected()
+        if item is None or item.incoming or item.state != "reported":
+            self.notify("select a reported consult in your outbox (→) to acknowledge its report",
+                        severity="warning")  # fmt: skip
+            return
+
+        def answered(name: str | None) -> None:
+            if name is None:
+                return
+            self._run(lambda: self.node.acknowledge(item.consult_id, name.strip()))
+
+        self.app.push_screen(TextPrompt("Acknowledged by (your name):"), answered)
+
     def action_availability(self) -> None:
         self._run(self.node.cycle_availability)
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         self.action_open()
+
+    def _guest_line(self) -> Text:
+        """The worklist's marker for guest proposals waiting for this node's answer."""
+        waiting = len(self.node.guest_proposals())
+        if not waiting:
+            return Text(end="")
+        return Text(
+            f"\n{waiting} guest proposal(s) wait for your answer: press g",
+            style="bold yellow",
+            end="",
+        )
+
+    def action_guests(self) -> None:
+        """``g``: approve or refuse the guests the other party proposed."""
+        from tui.screens.guests import GuestAnswers
+
+        proposals = self.node.guest_proposals()
+        if not proposals:
+            self.notify("no guest proposals wait for your answer")
+            return
+
+        def answered(choice: tuple[GuestProposal, bool] | None) -> None:
+            if choice is not None:
+                proposal, approve = choice
+                self._run(
+                    lambda: self.node.answer_guest(proposal.consult_id, proposal.guest, approve)
+                )
+
+        self.app.push_screen(GuestAnswers(proposals), answered)

@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select, Static
+from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 from textual.worker import WorkType
 
 from tui import safe_text
@@ -105,6 +105,7 @@ class ShareScreen(ModalScreen[str | None]):
             yield Input(str(DEFAULT_HOURS["urgent"]), id="deadline")
             yield Label("Patient's country (empty: this node's)")
             yield Input(placeholder="e.g. IE", id="jurisdiction")
+            yield Checkbox("Pixels checked: no burned-in name, id or date", id="burned-in")
             yield Static("", id="form-error")
             with Horizontal():
                 yield Button("Send (ctrl+s)", variant="primary", id="send")
@@ -143,6 +144,7 @@ class ShareScreen(ModalScreen[str | None]):
             self.query_one("#subspecialty", Input).value.strip(),
             hours,
             self.query_one("#jurisdiction", Input).value.strip().upper(),
+            self.query_one("#burned-in", Checkbox).value,
         )
         return check(form) or form
 

@@ -20,7 +20,7 @@ from consult.errors import ConsultError
 from consult.presence import Cursor, Participant, Viewport
 from consult.shared import Annotation, AnnotationKind
 from tui import hittest, imaging, safe_text
-from tui.facade import Frame, InstanceRef, NodeFacade, SeriesInfo, StudyInfo
+from tui.facade import ActionError, Frame, InstanceRef, NodeFacade, SeriesInfo, StudyInfo
 from tui.imaging import Point
 from tui.screens.prompt import TextPrompt
 from tui.widgets.consult_panel import ConsultPanel
@@ -74,6 +74,8 @@ class ViewerScreen(Screen[None]):
         Binding("p", "present", "present"),
         Binding("f", "follow", "follow"),
         Binding("f9", "finalise", "finalise", show=False),
+        Binding("g", "propose_guest", "propose a guest", show=False),
+        Binding("f8", "critical", "critical result", show=False),
         Binding("q", "close", "close"),
     ]  # fmt: skip
 
@@ -99,6 +101,7 @@ class ViewerScreen(Screen[None]):
         self._sent_viewport: Viewport | None = None
         self._user_moved = False
         self.message = ""
+        self._critical = False  # F8: the report to sign is a critical result
         self._trust: dict[str, str] = {}
         self._loading: Worker[None] | None = None
         self._trust_at = float("-inf")
@@ -604,9 +607,48 @@ class ViewerScreen(Screen[None]):
                 self.message = str(exc)
         self.update_view()
 
+    def action_critical(self) -> None:
+        """Mark the report a critical result (or not) before F9 signs it."""
+        self._critical = not self._critical
+        self.message = (
+            "report marked CRITICAL: the hospital is paged until someone acknowledges it (F8 undo)"
+            if self._critical
+            else "report not marked critical"
+        )
+        self.update_view()
+
     def action_finalise(self) -> None:
         if self.session is not None and not self.session.finalised():
-            self.session.finalise()
+            self.session.finalise(critical=self._critical)
+
+    def action_propose_guest(self) -> None:
+        """``g``: propose a trusted peer as a guest of this consult's live session."""
+        session = self.session
+        if session is None:
+            self.message = "guests join a live consult: open the study from the worklist"
+            self.update_view()
+            return
+        from tui.screens.guests import GuestPicker, guest_candidates
+
+        peers = guest_candidates(self.node.peers())
+        if not peers:
+            self.notify("no verified peer to propose: verify one on the Peers screen (F4, v)")
+            return
+
+        def chosen(node_id: str | None) -> None:
+            if node_id is None:
+                return
+
+            async def propose() -> None:
+                try:
+                    self.notify(await self.node.propose_guest(session.consult_id, node_id))
+                except ActionError as exc:
+                    self.notify(str(exc), severity="error", timeout=10)
+
+            job: WorkType[None] = propose  # mypy cannot solve run_worker's union otherwise
+            self.run_worker(job, group="guest")
+
+        self.app.push_screen(GuestPicker(session.consult_id, peers), chosen)
 
     def action_close(self) -> None:
         self.app.pop_screen()
