@@ -102,10 +102,11 @@ def _stamp(epoch: int) -> str:
     return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def report_sections(report: Report, signature: Signature) -> list[Section]:
-    """The report as headed sections of cleaned lines (empty sections say so)."""
+def report_sections(report: Report, signature: Signature, *, trust: str = "") -> list[Section]:
+    """The report as headed sections of cleaned lines (empty sections say so). ``trust``:
+    this node's trust in the author's key, shown after its short id when given."""
     author = clean(report.author_name) or "(no name given)"
-    by = f"{author} (node {report.author.short()})"
+    by = f"{author} (node {report.author.short()}{', ' + clean(trust) if trust else ''})"
     if report.author_institution:
         by += f", {clean(report.author_institution)}"
     sections = [

@@ -32,6 +32,7 @@ from tui.facade import (
     InstanceRef,
     NodeStatus,
     PeerInfo,
+    ReportSection,
     SeriesInfo,
     StudyInfo,
     TransferInfo,
@@ -297,6 +298,9 @@ class LocalNode:
 
     async def acknowledge(self, consult_id: str, by: str) -> str:
         raise ActionError(LOCAL_ONLY)
+
+    def report(self, consult_id: str) -> list[ReportSection] | None:
+        return None  # no consults without the node
 
 
 LOCAL_ONLY = "this app runs without its node (--local): start `radmesh` without --local to consult"

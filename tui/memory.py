@@ -20,6 +20,7 @@ from tui.facade import (
     InstanceRef,
     NodeStatus,
     PeerInfo,
+    ReportSection,
     SeriesInfo,
     StudyInfo,
     TransferInfo,
@@ -60,6 +61,7 @@ class InMemoryNode:
         self.proposals: list[GuestProposal] = []
         self.alerts: list[CriticalAlert] = []  # tests add critical results here
         self.acked: set[str] = set()
+        self.reports: dict[str, list[ReportSection]] = {}  # tests add received reports
         self._peers = [
             PeerInfo(
                 "PEER-NEURO", "Dr Neuro", "St Elsewhere", ("neuro",), ("GB",), True, "verified"
@@ -212,3 +214,6 @@ class InMemoryNode:
         verb = "approve-guest" if approve else "refuse-guest"
         self.actions.append((verb, consult_id, guest_node_id))
         return f"{guest_node_id} {'approved' if approve else 'refused'}"
+
+    def report(self, consult_id: str) -> list[ReportSection] | None:
+        return self.reports.get(consult_id)

@@ -16,6 +16,7 @@ HELP = """\
            inbox ←: a accept  d decline (with a reason)  f fetch study    outbox →: w withdraw
            inbox ←, while its study arrives: z pause / go on   c cancel (f fetches the rest)
            g guests the other party proposed for a live session: a approve  r refuse
+           outbox →, reported: v read the report (and its addenda)  k acknowledge it by name
 [b]Studies[/b]    enter view   l live consult   s request a consult (tab moves, ctrl+s sends)
 [b]Peers[/b]      / search (words: name, subspecialty, jurisdiction, online)   v verify key
 [b]Viewer[/b]
