@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from consult.addenda import Addendum
 from consult.report import KeyImage, Mark, Measurement, Report, Unit
 from consult.shared import AnnotationKind
 
@@ -185,4 +186,25 @@ def as_html(sections: Iterable[Section], *, title: str = "Consult report") -> st
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
         + "\n".join(body)
         + "\n</body></html>\n"
+    )
+
+
+def addendum_section(addendum: Addendum) -> Section:
+    """One verified addendum, under the report it amends (numbered, signed, dated)."""
+    author = clean(addendum.author_name) or "(no name given)"
+    return Section(
+        f"Addendum {addendum.number}",
+        (
+            f"Author:     {author} (node {addendum.author.short()})",
+            "Signature:  verified (signed by the report's author, amends this report)",
+            f"Signed at:  {_stamp(addendum.at)}",
+            *clean(addendum.text).splitlines(),
+        ),
+    )
+
+
+def bad_addendum_section(number: int, reason: str) -> Section:
+    return Section(
+        f"Addendum {number}",
+        (f"Addendum signature:  NOT VERIFIED: {clean(reason)}", "Its content is not shown."),
     )

@@ -10,8 +10,9 @@ it as plain text (the TUI through ``tui.safe_text``, never as markup).
 from __future__ import annotations
 
 from consult import report_text
+from consult.addenda import verify_addendum
 from consult.alerts import ReportAck
-from consult.errors import BadReport
+from consult.errors import BadReport, ConsultError
 from consult.report import verify_report
 from consult.store import ConsultDB
 from crypto.identity import NodeId
@@ -46,4 +47,21 @@ def report_view(
         return report_text.unverified_sections(consult_id, str(exc))
     sections = report_text.report_sections(report, report_text.Signature(True, ""), trust=trust)
     sections.append(report_text.Section("Acknowledgement", _ack_lines(db.report_ack(consult_id))))
-    return sections
+    return sections + addenda_sections(db, consult_id, report.author)
+
+
+def addenda_sections(db: ConsultDB, consult_id: str, author: NodeId) -> list[report_text.Section]:
+    """The report's addenda, each checked again (signed by ``author``, the report's
+    author; amending the exact report held here; in order)."""
+    report_wire = db.report_wire(consult_id) or b""
+    found = []
+    for number, wire in enumerate(db.addenda_wires(consult_id), start=1):
+        try:
+            addendum = verify_addendum(
+                wire, consult_id=consult_id, report_wire=report_wire, author=author, number=number
+            )
+        except ConsultError as exc:
+            found.append(report_text.bad_addendum_section(number, str(exc)))
+            continue
+        found.append(report_text.addendum_section(addendum))
+    return found
