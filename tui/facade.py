@@ -248,3 +248,8 @@ class NodeFacade(Protocol):
         """The consult's signed report checked again now, with its signature state,
         acknowledgement and addenda; None when this node holds no report for it."""
         ...
+
+    async def add_addendum(self, consult_id: str, text: str) -> str:
+        """Consultant side: sign and send an addendum to the report this node signed (a
+        signed report is final: this is the only way to amend it)."""
+        ...

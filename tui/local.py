@@ -302,5 +302,8 @@ class LocalNode:
     def report(self, consult_id: str) -> list[ReportSection] | None:
         return None  # no consults without the node
 
+    async def add_addendum(self, consult_id: str, text: str) -> str:
+        raise ActionError(LOCAL_ONLY)
+
 
 LOCAL_ONLY = "this app runs without its node (--local): start `radmesh` without --local to consult"

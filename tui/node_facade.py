@@ -589,6 +589,13 @@ class RuntimeNode:
             return None
         return [ReportSection(s.heading, s.lines) for s in sections]
 
+    async def add_addendum(self, consult_id: str, text: str) -> str:
+        try:
+            addendum, how = await workflow.send_addendum(self.runtime, consult_id, text)
+        except (ConsultError, NodeError) as exc:
+            raise ActionError(f"no addendum was added to consult {consult_id[:8]}: {exc}") from exc
+        return f"addendum {addendum.number} to the report of consult {consult_id[:8]}: {how}"
+
     # -- worklist and sharing -----------------------------------------------------------
     async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:
         event = Event.ACCEPT if accept else Event.DECLINE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable, Input, Static
 
 from consult import report_text
 from crypto.identity import Identity
@@ -12,6 +12,7 @@ from tests.consult.test_report_text import make_report
 from tui.app import RadmeshApp
 from tui.facade import ReportSection
 from tui.memory import InMemoryNode
+from tui.screens.prompt import TextPrompt
 from tui.screens.report import ReportScreen
 
 MARKUP = "[b]bold?[/b] [@click=app.quit]quit[/] [link=file:///etc/passwd]x[/link] [/]"
@@ -83,3 +84,39 @@ def test_an_unverified_report_is_shown_as_a_warning_without_its_content() -> Non
     text = laid_out("c-2", sections)
     assert "Signature:  NOT VERIFIED: signature does not match [b]x[/b]" in text.plain
     assert any(span.style == "bold red" for span in text.spans)
+
+
+async def test_e_on_a_reported_inbox_consult_adds_a_signed_addendum() -> None:
+    node = InMemoryNode(Identity.generate().node_id)
+    app = RadmeshApp(node)
+    async with app.run_test(size=(150, 45)) as pilot:
+        await pilot.press("e")  # c-1 is only offered: nothing signed to amend
+        await pilot.pause()
+        assert not isinstance(app.screen, TextPrompt)
+
+        node.states["c-1"] = "reported"
+        app.screen.refresh_data()  # type: ignore[attr-defined]
+        await pilot.press("e")
+        await pilot.pause()
+        app.screen.query_one(Input).value = "Correction: [b]right[/b] side."
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert ("addendum", "c-1", "Correction: [b]right[/b] side.") in node.actions
+
+
+async def test_the_report_screen_lists_addenda_under_the_report() -> None:
+    author = Identity(bytes([3]) * 32)
+    node = InMemoryNode(Identity.generate().node_id)
+    node.reports["c-2"] = [
+        *sections_for(author),
+        ReportSection("Addendum 1", ("Signed at:  2027-01-15 09:00 UTC", f"Right, {MARKUP}")),
+    ]
+    app = RadmeshApp(node)
+    async with app.run_test(size=(150, 60)) as pilot:
+        app.screen.query_one("#worklist", DataTable).move_cursor(row=1)
+        await pilot.press("v")
+        await pilot.pause()
+        shown = str(app.screen.query_one("#report-text", Static).render())
+        assert shown.index("Addendum 1") > shown.index("Impression")
+        assert f"Right, {MARKUP}" in shown

@@ -17,6 +17,7 @@ HELP = """\
            inbox ←, while its study arrives: z pause / go on   c cancel (f fetches the rest)
            g guests the other party proposed for a live session: a approve  r refuse
            outbox →, reported: v read the report (and its addenda)  k acknowledge it by name
+           inbox ←, reported by you: e add a signed addendum (a signed report is final)
 [b]Studies[/b]    enter view   l live consult   s request a consult (tab moves, ctrl+s sends)
 [b]Peers[/b]      / search (words: name, subspecialty, jurisdiction, online)   v verify key
 [b]Viewer[/b]
