@@ -661,6 +661,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
         report = _checked_report(db, consult_id)
+        addenda = (
+            addenda_sections(db, consult_id, report.author) if isinstance(report, Report) else []
+        )
     if report is None:
         raise LocalConsultError(
             f"consult {consult_id[:8]} has no report on this node yet: "
@@ -671,7 +674,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"the report of consult {consult_id[:8]} no longer verifies ({report}): it was "
             "not written; ask the consultant to send it again"
         )
-    sections = report_text.report_sections(report, report_text.Signature(True, ""))
+    sections = report_text.report_sections(report, report_text.Signature(True, "")) + addenda
     out = Path(args.out)
     if out.suffix.lower() in (".html", ".htm"):
         data = report_text.as_html(sections, title=f"Consult report {consult_id[:8]}")

@@ -190,3 +190,48 @@ async def test_an_addendum_reaches_the_hospital_as_a_second_sr_and_a_forgery_is_
 
 
 pytestmark = pytest.mark.timeout(180)
+
+
+def test_consult_show_and_export_list_addenda_under_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    from consult.store import DB_NAME, ConsultDB
+    from node.config import NodeHome
+    from node.keystore import load_identity
+    from tests.consult.test_cli_consult import run
+    from tests.consult.test_report_text import _reported_case
+
+    hospital, consult_id = _reported_case(tmp_path, capsys, "Collection.")
+    author = load_identity(NodeHome(tmp_path / "specialist").key_path, None)
+    home = NodeHome(hospital)
+    with ConsultDB.in_data_dir(home.data_dir) as db:
+        report_wire = db.report_wire(consult_id)
+        assert report_wire is not None
+        addendum = Addendum(consult_id, report_digest(report_wire), 1, author.node_id,
+                            "Martin^Claire", "Correction:\x1b[2J right side.", T0)  # fmt: skip
+        db.add_addendum(consult_id, addendum.to_wire(author), T0)
+        # A stranger's addendum is refused by the store too (not only on the network path).
+        stranger = Identity.generate()
+        forged = Addendum(consult_id, report_digest(report_wire), 2, stranger.node_id,
+                          "Martin^Claire", "No bleed.", T0)  # fmt: skip
+        with pytest.raises(BadReport, match="signed by"):
+            db.add_addendum(consult_id, forged.to_wire(stranger), T0)
+    code, out, _ = run(hospital, capsys, "show", consult_id[:8])
+    assert code == 0
+    assert out.index("Addendum 1:") > out.index("Impression:")
+    assert "Correction:\ufffd[2J right side." in out
+    assert "\x1b" not in out
+    txt = tmp_path / "r.txt"
+    assert run(hospital, capsys, "export", consult_id[:8], "--out", str(txt))[0] == 0
+    assert "Addendum 1:" in txt.read_text(encoding="utf-8")
+
+    # Slipped into the database past the store: shown as not verified, its text not shown.
+    with sqlite3.connect(home.data_dir / DB_NAME) as raw:
+        raw.execute(
+            "INSERT INTO addenda VALUES (?,?,?,?)", (consult_id, 2, forged.to_wire(stranger), T0)
+        )
+    out = run(hospital, capsys, "show", consult_id[:8])[1]
+    assert "Addendum signature:  NOT VERIFIED" in out
+    assert "No bleed." not in out
