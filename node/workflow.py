@@ -1196,8 +1196,8 @@ ADDENDUM_KIND = "consult.addendum"
 
 async def send_addendum(rt: NodeRuntime, consult_id: str, text: str) -> tuple[Addendum, str]:
     """Consultant side: sign an addendum to the report this node signed for the consult,
-    keep it, and send it to the requesting node (sent again with the report when that is
-    re-sent). Returns the addendum and how it was delivered."""
+    keep it, and send it to the requesting node after the earlier ones (all are sent again
+    when the report is re-sent). Returns the addendum and how it was delivered."""
     consult_id = rt.consults.resolve(consult_id)
     role, _, _ = rt.consults.info(consult_id)
     report_wire = rt.consults.report_wire(consult_id)
@@ -1222,10 +1222,12 @@ async def send_addendum(rt: NodeRuntime, consult_id: str, text: str) -> tuple[Ad
         now=rt.clock(),
         details={"consult": consult_id, "event": "addendum-signed", "number": addendum.number},
     )
-    try:
+    try:  # the earlier ones first (the hospital files each once, in order): one lost before
+        for earlier in rt.consults.addenda_wires(consult_id)[:-1]:  # is not a gap for ever
+            await rt.send_message(requester_key(rt, consult_id), ADDENDUM_KIND, earlier)
         how = await rt.send_message(requester_key(rt, consult_id), ADDENDUM_KIND, wire)
-    except NodeError as exc:  # kept here; sent again with the report
-        how = f"not sent now ({exc}); `radmesh consult addendum` keeps it and it is re-sent"
+    except NodeError as exc:  # kept here; sent again with the report and the next addendum
+        how = f"not sent now ({exc}); it is kept and sent again with the next one"
     return addendum, how
 
 

@@ -174,12 +174,23 @@ async def test_an_addendum_reaches_the_hospital_as_a_second_sr_and_a_forgery_is_
         await wait_for(lambda: len(a.consults.addenda_wires(request.id)) == 2)
         assert len(a.store.instances(study_uid)) == 4
 
-        # The referrer reads both under the report (consult show and the TUI use this).
+        # Addendum 3 is lost on the way (kept on the consultant's node, never delivered):
+        # addendum 4 brings it along, in order, instead of being refused for the gap.
+        lost = Addendum(request.id, report_digest(report_wire), 3, neuro.node_id, "neuro",
+                        "Lost on the way.", b.now())  # fmt: skip
+        b.consults.add_addendum(request.id, lost.to_wire(neuro), b.now())
+        fourth, _ = await workflow.send_addendum(b, request.id, "Fourth.")
+        assert fourth.number == 4
+        await wait_for(lambda: len(a.consults.addenda_wires(request.id)) == 4)
+        assert [Addendum.from_wire(w).number for w in a.consults.addenda_wires(request.id)] == [
+            1, 2, 3, 4]  # fmt: skip
+
+        # The referrer reads them all under the report (consult show and the TUI use this).
         sections = RuntimeNode(a).report(request.id)
         assert sections is not None
         headings = [s.heading for s in sections]
-        assert headings[-2:] == ["Addendum 1", "Addendum 2"]
-        assert "Correction: right side." in sections[-2].lines
+        assert headings[-4:] == ["Addendum 1", "Addendum 2", "Addendum 3", "Addendum 4"]
+        assert "Correction: right side." in sections[-4].lines
         assert any("NOT acknowledged" in line for s in sections for line in s.lines)
         assert any(f"(node {neuro.node_id.short()}, verified)" in line
                    for line in sections[0].lines)  # fmt: skip
