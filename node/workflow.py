@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from consult.addenda import Addendum, report_digest
+from consult.addenda import MAX_ADDENDUM_WIRE, Addendum, report_digest
 from consult.admission import GuestConsent
 from consult.alerts import Acknowledgement
-from consult.errors import ConsultError, LocalConsultError
+from consult.errors import ConsultError, LocalConsultError, MalformedMessage
 from consult.report import (
     KeyImage,
     Mark,
@@ -1241,6 +1241,8 @@ async def _on_addendum(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
     """Requesting side: verify an addendum against the report filed here (signed by the
     consultant who wrote it, amending exactly it, the next number), keep it, file it as a
     new SR naming the report's SR as predecessor, re-linked to the real patient."""
+    if len(wire) > MAX_ADDENDUM_WIRE:  # before anything of it is decoded
+        raise MalformedMessage(f"addendum is {len(wire)} bytes, limit {MAX_ADDENDUM_WIRE}")
     consult_id = rt.consults.resolve(_signed_consult_id(wire, "addendum"))
     role, _, _ = rt.consults.info(consult_id)
     if role != "requester":

@@ -246,3 +246,16 @@ def test_consult_show_and_export_list_addenda_under_the_report(
     out = run(hospital, capsys, "show", consult_id[:8])[1]
     assert "Addendum signature:  NOT VERIFIED" in out
     assert "No bleed." not in out
+
+
+async def test_an_oversized_addendum_is_refused_before_it_is_decoded() -> None:
+    from typing import Any
+
+    class Untouched:
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"the runtime's {name} was used for an oversized addendum")
+
+    stranger = Identity.generate()
+    huge = b"\x92" + b"\x00" * MAX_ADDENDUM_WIRE  # not even an envelope
+    with pytest.raises(MalformedMessage, match="limit"):
+        await workflow._on_addendum(stranger.node_id, huge, Untouched())  # type: ignore[arg-type]
