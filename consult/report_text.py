@@ -175,7 +175,8 @@ def as_html(sections: Iterable[Section], *, title: str = "Consult report") -> st
         for line in section.lines:
             warn = (
                 ' class="warn"'
-                if line.startswith("Signature:  NOT VERIFIED") or line == CRITICAL_LINE
+                if line.startswith(("Signature:  NOT VERIFIED", "Addendum signature:  NOT"))
+                or line == CRITICAL_LINE
                 else ""
             )
             body.append(f"<p{warn}>{html.escape(line)}</p>")

@@ -246,6 +246,9 @@ def test_consult_show_and_export_list_addenda_under_the_report(
     out = run(hospital, capsys, "show", consult_id[:8])[1]
     assert "Addendum signature:  NOT VERIFIED" in out
     assert "No bleed." not in out
+    page = tmp_path / "r.html"
+    assert run(hospital, capsys, "export", consult_id[:8], "--out", str(page))[0] == 0
+    assert '<p class="warn">Addendum signature:  NOT VERIFIED' in page.read_text(encoding="utf-8")
 
 
 async def test_an_oversized_addendum_is_refused_before_it_is_decoded() -> None:
