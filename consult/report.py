@@ -37,6 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM
 
+from consult.addenda import Addendum
 from consult.errors import BadReport, LocalConsultError, MalformedMessage
 from consult.requests import check_consult_id, check_uid
 from consult.shared import Annotation, AnnotationKind, point_count
@@ -903,3 +904,68 @@ def export_key_images(
     kos.ContentDate = DA(stamp.date())
     kos.ContentTime = TM(stamp.time().replace(tzinfo=None))
     return _part10(kos)
+
+
+def export_addendum_sr(
+    report: Report,
+    addendum: Addendum,
+    *,
+    relink_uid: Callable[[str], str],
+    patient: PatientStudy,
+    series_number: int = 9901,
+    manufacturer: str = "radmesh",
+    institution: str = "",
+) -> bytes:
+    """An addendum as a new Comprehensive SR in the report's SR series, same study: a new
+    SOP Instance UID (derived from the report and the addendum's number), its text as the
+    impression under an "ADDENDUM n" finding, and the report's SR (:func:`export_sr`)
+    named in the Predecessor Documents Sequence, so a PACS shows it as amending that one.
+    VERIFIED by the signer at the time the addendum was signed. Call it only on an
+    addendum that :func:`consult.addenda.verify_addendum` accepted against ``report``."""
+    signed = dt.datetime.fromtimestamp(report.finalised_at, tz=dt.UTC)
+    amended = replace(
+        report,
+        text=f"ADDENDUM {addendum.number} to the report signed {signed:%Y-%m-%d %H:%M} UTC",
+        impression=addendum.text,
+        measurements=(),
+        marks=(),
+        key_images=(),
+        author_name=addendum.author_name or report.author_name,
+        finalised_at=addendum.at,
+        critical=False,
+    )
+    content = _measurement_report(amended, _Builder(amended, relink_uid))
+    evidence, _ = _evidence(amended, relink_uid, patient, [])
+    stamp = dt.datetime.fromtimestamp(addendum.at, tz=dt.UTC)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=content[0],
+        series_instance_uid=_derived_uid(report, "sr-series"),
+        series_number=series_number,
+        sop_instance_uid=_derived_uid(report, f"addendum-{addendum.number}"),
+        instance_number=1 + addendum.number,
+        manufacturer=manufacturer,
+        institution_name=institution or None,
+        is_complete=True,
+        is_final=True,
+        is_verified=True,
+        verifying_observer_name=_person_name(amended),
+        verifying_organization=_organisation(amended),
+        record_evidence=False,
+        series_description="radmesh consult report",
+        content_date=stamp.date(),
+        content_time=stamp.time().replace(tzinfo=None),
+    )
+    sr.VerifyingObserverSequence[0].VerificationDateTime = stamp.strftime("%Y%m%d%H%M%S+0000")
+    del sr.CurrentRequestedProcedureEvidenceSequence
+    original = Dataset()
+    original.ReferencedSOPClassUID = sr.SOPClassUID
+    original.ReferencedSOPInstanceUID = _derived_uid(report, "sr")
+    series = Dataset()
+    series.SeriesInstanceUID = _derived_uid(report, "sr-series")
+    series.ReferencedSOPSequence = [original]
+    study = Dataset()
+    study.StudyInstanceUID = relink_uid(report.study_uid)
+    study.ReferencedSeriesSequence = [series]
+    sr.PredecessorDocumentsSequence = [study]
+    return _part10(sr)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from consult.addenda import Addendum
 from consult.report import KeyImage, Mark, Measurement, Report, Unit
 from consult.shared import AnnotationKind
 
@@ -102,10 +103,11 @@ def _stamp(epoch: int) -> str:
     return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def report_sections(report: Report, signature: Signature) -> list[Section]:
-    """The report as headed sections of cleaned lines (empty sections say so)."""
+def report_sections(report: Report, signature: Signature, *, trust: str = "") -> list[Section]:
+    """The report as headed sections of cleaned lines (empty sections say so). ``trust``:
+    this node's trust in the author's key, shown after its short id when given."""
     author = clean(report.author_name) or "(no name given)"
-    by = f"{author} (node {report.author.short()})"
+    by = f"{author} (node {report.author.short()}{', ' + clean(trust) if trust else ''})"
     if report.author_institution:
         by += f", {clean(report.author_institution)}"
     sections = [
@@ -173,7 +175,8 @@ def as_html(sections: Iterable[Section], *, title: str = "Consult report") -> st
         for line in section.lines:
             warn = (
                 ' class="warn"'
-                if line.startswith("Signature:  NOT VERIFIED") or line == CRITICAL_LINE
+                if line.startswith(("Signature:  NOT VERIFIED", "Addendum signature:  NOT"))
+                or line == CRITICAL_LINE
                 else ""
             )
             body.append(f"<p{warn}>{html.escape(line)}</p>")
@@ -184,4 +187,25 @@ def as_html(sections: Iterable[Section], *, title: str = "Consult report") -> st
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n"
         + "\n".join(body)
         + "\n</body></html>\n"
+    )
+
+
+def addendum_section(addendum: Addendum) -> Section:
+    """One verified addendum, under the report it amends (numbered, signed, dated)."""
+    author = clean(addendum.author_name) or "(no name given)"
+    return Section(
+        f"Addendum {addendum.number}",
+        (
+            f"Author:     {author} (node {addendum.author.short()})",
+            "Signature:  verified (signed by the report's author, amends this report)",
+            f"Signed at:  {_stamp(addendum.at)}",
+            *clean(addendum.text).splitlines(),
+        ),
+    )
+
+
+def bad_addendum_section(number: int, reason: str) -> Section:
+    return Section(
+        f"Addendum {number}",
+        (f"Addendum signature:  NOT VERIFIED: {clean(reason)}", "Its content is not shown."),
     )

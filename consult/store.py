@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from consult.addenda import Addendum, verify_addendum
 from consult.alerts import ReportAck
 from consult.errors import BadReport, LocalConsultError, MalformedMessage, UnknownConsult
 from consult.report import PeerReview, Report, verify_report, verify_review
@@ -96,6 +97,13 @@ CREATE TABLE IF NOT EXISTS report_acks (
     acked_by TEXT NOT NULL DEFAULT '',
     ack_wire BLOB,
     steps INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS addenda (
+    consult_id TEXT NOT NULL REFERENCES reports(consult_id),
+    number INTEGER NOT NULL,
+    wire BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (consult_id, number)
 );
 """
 _PRIORITY_ORDER = {p: i for i, p in enumerate(Priority)}
@@ -378,6 +386,38 @@ class ConsultDB:
             self._track_ack(consult_id, report.critical, now)
         self._audit(consult_id, transition)
         return transition
+
+    # -- addenda (consult.addenda): the only change a signed report takes ---------------
+    def add_addendum(self, consult_id: str, wire: bytes, now: int) -> Addendum:
+        """Verify an addendum against the report held here (its author, its exact bytes,
+        the next number) and keep it. Both sides keep theirs: the consultant the ones it
+        sent, the requester the ones it received."""
+        report_wire = self.report_wire(consult_id)
+        if report_wire is None:
+            raise LocalConsultError(
+                f"consult {consult_id[:8]} has no signed report on this node: "
+                "an addendum amends a report, so it is not filed"
+            )
+        role, peer, _ = self.info(consult_id)
+        consultant = NodeId.parse(peer) if role == "requester" and peer else None
+        author = verify_report(report_wire, consult_id=consult_id, consultant=consultant).author
+        with self._transaction():
+            number = len(self.addenda_wires(consult_id)) + 1
+            addendum = verify_addendum(
+                wire, consult_id=consult_id, report_wire=report_wire, author=author, number=number
+            )
+            self._db.execute(
+                "INSERT INTO addenda VALUES (?,?,?,?)", (consult_id, number, wire, now)
+            )
+        return addendum
+
+    def addenda_wires(self, consult_id: str) -> list[bytes]:
+        """The signed addenda of the consult's report, in order (verify with
+        consult.addenda.verify_addendum)."""
+        rows = self._db.execute(
+            "SELECT wire FROM addenda WHERE consult_id = ? ORDER BY number", (consult_id,)
+        )
+        return [bytes(row[0]) for row in rows]
 
     # -- acknowledgement of reports (consult.alerts) ------------------------------------
     def _track_ack(self, consult_id: str, critical: bool, now: int) -> None:

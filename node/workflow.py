@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from consult.addenda import MAX_ADDENDUM_WIRE, Addendum, report_digest
 from consult.admission import GuestConsent
 from consult.alerts import Acknowledgement
-from consult.errors import ConsultError, LocalConsultError
+from consult.errors import ConsultError, LocalConsultError, MalformedMessage
 from consult.report import (
     KeyImage,
     Mark,
@@ -43,10 +44,12 @@ from consult.report import (
     PeerReview,
     Report,
     Score,
+    export_addendum_sr,
     export_key_images,
     export_sr,
     placeable,
     report_items,
+    verify_report,
 )
 from consult.requests import (
     Candidate,
@@ -553,6 +556,11 @@ async def send_report(
     """Consultant side: sign the report and send it to the requesting node (a critical
     one is re-sent on a timer until acknowledged: :mod:`node.alerts`)."""
     consult_id = rt.consults.resolve(consult_id)
+    if rt.consults.report_wire(consult_id) is not None:  # signed is final
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} already has a signed report: it cannot be changed or "
+            'replaced; amend it with `radmesh consult addendum ID --text "..."`'
+        )
     case = rt.consults.get(consult_id)
     if case.state is State.ACCEPTED:
         rt.consults.apply(consult_id, Event.BEGIN_REVIEW, rt.now(), str(rt.identity.node_id))
@@ -736,7 +744,9 @@ async def resend_report(rt: NodeRuntime, consult_id: str) -> str:
     wire = rt.consults.report_wire(consult_id)
     if wire is None:
         raise LocalConsultError(f"consult {consult_id[:8]} has no report sent from this node")
-    return await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+    how = await rt.send_message(requester_key(rt, consult_id), REPORT_KIND, wire)
+    await resend_addenda(rt, consult_id)
+    return how
 
 
 def requester_key(rt: NodeRuntime, consult_id: str) -> bytes:
@@ -888,6 +898,7 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
         await _on_ack(sender, wire, rt)
 
     rt.handlers[ACK_KIND] = on_ack
+    install_addenda(rt)
     critical_alerts.start(rt, lambda consult_id: resend_report(rt, consult_id), timer=resume)
 
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
@@ -1176,3 +1187,124 @@ async def _resume(rt: NodeRuntime, consult_id: str) -> None:
 
 def _signer(wire: bytes) -> bytes:
     return SignedEnvelope.from_wire(wire).signer
+
+
+# --- addenda: the only way to amend a signed report (consult.addenda) ----------------------
+
+ADDENDUM_KIND = "consult.addendum"
+
+
+async def send_addendum(rt: NodeRuntime, consult_id: str, text: str) -> tuple[Addendum, str]:
+    """Consultant side: sign an addendum to the report this node signed for the consult,
+    keep it, and send it to the requesting node after the earlier ones (all are sent again
+    when the report is re-sent). Returns the addendum and how it was delivered."""
+    consult_id = rt.consults.resolve(consult_id)
+    role, _, _ = rt.consults.info(consult_id)
+    report_wire = rt.consults.report_wire(consult_id)
+    if role != "consultant" or report_wire is None:
+        raise LocalConsultError(
+            f"consult {consult_id[:8]} has no report signed by this node: only the consultant "
+            "who signed the report adds an addendum to it"
+        )
+    addendum = Addendum(
+        consult_id=consult_id,
+        report_sha256=report_digest(report_wire),
+        number=len(rt.consults.addenda_wires(consult_id)) + 1,
+        author=rt.identity.node_id,
+        author_name=rt.config.display_name,
+        text=text.strip(),
+        at=rt.now(),
+    )
+    wire = addendum.to_wire(rt.identity)
+    rt.consults.add_addendum(consult_id, wire, rt.now())
+    rt.audit.append(
+        AuditKind.CONSULT,
+        now=rt.clock(),
+        details={"consult": consult_id, "event": "addendum-signed", "number": addendum.number},
+    )
+    try:  # the earlier ones first (the hospital files each once, in order): one lost before
+        for earlier in rt.consults.addenda_wires(consult_id)[:-1]:  # is not a gap for ever
+            await rt.send_message(requester_key(rt, consult_id), ADDENDUM_KIND, earlier)
+        how = await rt.send_message(requester_key(rt, consult_id), ADDENDUM_KIND, wire)
+    except NodeError as exc:  # kept here; sent again with the report and the next addendum
+        how = f"not sent now ({exc}); it is kept and sent again with the next one"
+    return addendum, how
+
+
+async def resend_addenda(rt: NodeRuntime, consult_id: str) -> None:
+    """Consultant side: send the kept addenda again, in order (after the report)."""
+    for wire in rt.consults.addenda_wires(consult_id):
+        await rt.send_message(requester_key(rt, consult_id), ADDENDUM_KIND, wire)
+
+
+async def _on_addendum(sender: NodeId, wire: bytes, rt: NodeRuntime) -> None:
+    """Requesting side: verify an addendum against the report filed here (signed by the
+    consultant who wrote it, amending exactly it, the next number), keep it, file it as a
+    new SR naming the report's SR as predecessor, re-linked to the real patient."""
+    if len(wire) > MAX_ADDENDUM_WIRE:  # before anything of it is decoded
+        raise MalformedMessage(f"addendum is {len(wire)} bytes, limit {MAX_ADDENDUM_WIRE}")
+    consult_id = rt.consults.resolve(_signed_consult_id(wire, "addendum"))
+    role, _, _ = rt.consults.info(consult_id)
+    if role != "requester":
+        raise LocalConsultError(f"an addendum for consult {consult_id[:8]} was ignored")
+    if wire in rt.consults.addenda_wires(consult_id):
+        return  # a repeat (sent again with the report): filed once
+    addendum = rt.consults.add_addendum(consult_id, wire, rt.now())
+    report = verify_report(rt.consults.report_wire(consult_id) or b"", consult_id=consult_id)
+    map_path = _map_path(rt, consult_id)
+    pseudonyms = PseudonymMap.load(map_path, _map_key(rt)) if map_path.exists() else None
+    relink: Callable[[str], str] = (
+        pseudonyms.relink_uid if pseudonyms is not None else (lambda uid: uid)
+    )
+    original_study = relink(report.study_uid)
+    sr = export_addendum_sr(
+        report,
+        addendum,
+        relink_uid=relink,
+        patient=_patient_of(rt, original_study),
+        institution=rt.config.institution,
+    )
+    stored = rt.store.add_bytes(sr, source=f"report:{sender}")
+    rt.audit.append(
+        AuditKind.REPORT,
+        now=rt.clock(),
+        study_uid=original_study,
+        peer=str(addendum.author),
+        details={"consult": consult_id, "addendum": addendum.number, "sr": stored.sop_instance_uid},
+    )
+    rt.notify(
+        f"Addendum {addendum.number} to the report of consult {consult_id[:8]} from "
+        f"{addendum.author.short()} filed as DICOM SR"
+    )
+    dicom = rt.config.dicom
+    if dicom.pacs_host and dicom.pacs_port:
+        result = await asyncio.to_thread(
+            send_to_pacs, [sr], dicom.pacs_host, dicom.pacs_port, dicom.pacs_ae_title,
+            dicom.ae_title,
+        )  # fmt: skip
+        rt.audit.append(
+            AuditKind.EXPORT,
+            now=rt.clock(),
+            study_uid=original_study,
+            details={"to": f"pacs:{dicom.pacs_ae_title}", "ok": str(result.ok)},
+        )
+        rt.notify(
+            "Addendum SR sent to the PACS"
+            if result.ok
+            else f"Addendum SR NOT accepted by the PACS: {result.failed}"
+        )
+
+
+def install_addenda(rt: NodeRuntime) -> None:
+    """Register the addendum handler (:func:`install` calls this)."""
+
+    async def on_addendum(sender: NodeId, kind: str, wire: bytes) -> None:
+        if not rt.trust.is_trusted(_signer(wire), rt.now()):
+            raise RuntimeError_(f"addendum from untrusted {sender.short()} ignored")
+        try:
+            await _on_addendum(sender, wire, rt)
+        except ConsultError as exc:
+            rt.notify(f"An addendum from {sender.short()} was refused: {exc}")
+            raise
+
+    rt.handlers[ADDENDUM_KIND] = on_addendum

@@ -167,6 +167,15 @@ class GuestProposal:
     proposed_by: str  # the proposing party's short id
 
 
+@dataclass(frozen=True)
+class ReportSection:
+    """One headed part of a received report as the node laid it out (consult.report_text).
+    Every line is peer text: shown through tui.safe_text, never as markup."""
+
+    heading: str
+    lines: tuple[str, ...]
+
+
 class ActionError(Exception):
     """A worklist or share action that could not be done; the text says what to do."""
 
@@ -233,4 +242,14 @@ class NodeFacade(Protocol):
 
     async def acknowledge(self, consult_id: str, by: str) -> str:
         """Acknowledge the report received for an outbox consult, by a named person."""
+        ...
+
+    def report(self, consult_id: str) -> list[ReportSection] | None:
+        """The consult's signed report checked again now, with its signature state,
+        acknowledgement and addenda; None when this node holds no report for it."""
+        ...
+
+    async def add_addendum(self, consult_id: str, text: str) -> str:
+        """Consultant side: sign and send an addendum to the report this node signed (a
+        signed report is final: this is the only way to amend it)."""
         ...

@@ -32,6 +32,7 @@ from tui.facade import (
     InstanceRef,
     NodeStatus,
     PeerInfo,
+    ReportSection,
     SeriesInfo,
     StudyInfo,
     TransferInfo,
@@ -296,6 +297,12 @@ class LocalNode:
         return []
 
     async def acknowledge(self, consult_id: str, by: str) -> str:
+        raise ActionError(LOCAL_ONLY)
+
+    def report(self, consult_id: str) -> list[ReportSection] | None:
+        return None  # no consults without the node
+
+    async def add_addendum(self, consult_id: str, text: str) -> str:
         raise ActionError(LOCAL_ONLY)
 
 

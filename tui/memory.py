@@ -20,6 +20,7 @@ from tui.facade import (
     InstanceRef,
     NodeStatus,
     PeerInfo,
+    ReportSection,
     SeriesInfo,
     StudyInfo,
     TransferInfo,
@@ -60,6 +61,8 @@ class InMemoryNode:
         self.proposals: list[GuestProposal] = []
         self.alerts: list[CriticalAlert] = []  # tests add critical results here
         self.acked: set[str] = set()
+        self.reports: dict[str, list[ReportSection]] = {}  # tests add received reports
+        self.states: dict[str, str] = {}  # tests move consults on (e.g. "reported")
         self._peers = [
             PeerInfo(
                 "PEER-NEURO", "Dr Neuro", "St Elsewhere", ("neuro",), ("GB",), True, "verified"
@@ -128,6 +131,7 @@ class InMemoryNode:
             ConsultItem("c-2", False, "Knee MRI", "PEER-MS", "routine", "in_review",
                         now + 86400 * 2, "", "Dr Bones", "unverified"),
         ]  # fmt: skip
+        items = [replace(c, state=self.states.get(c.consult_id, c.state)) for c in items]
         alerted = {a.consult_id for a in self.alerts}
         return [  # a critical result came back for an outbox consult (tests add them)
             replace(c, state="acknowledged" if c.consult_id in self.acked else "reported",
@@ -212,3 +216,12 @@ class InMemoryNode:
         verb = "approve-guest" if approve else "refuse-guest"
         self.actions.append((verb, consult_id, guest_node_id))
         return f"{guest_node_id} {'approved' if approve else 'refused'}"
+
+    def report(self, consult_id: str) -> list[ReportSection] | None:
+        return self.reports.get(consult_id)
+
+    async def add_addendum(self, consult_id: str, text: str) -> str:
+        if not text.strip():
+            raise ActionError("an addendum needs its text")
+        self.actions.append(("addendum", consult_id, text))
+        return f"addendum to the report of consult {consult_id} signed and sent"

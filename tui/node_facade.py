@@ -22,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from consult.errors import ConsultError
 from consult.live import LiveConsult
 from consult.presence import Cursor, Participant, Viewport
+from consult.report_view import report_view
 from consult.requests import ConsultCase, Event, Priority, State
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.errors import CryptoError
@@ -49,6 +50,7 @@ from tui.facade import (
     InstanceRef,
     NodeStatus,
     PeerInfo,
+    ReportSection,
     SeriesInfo,
     StudyInfo,
     TransferInfo,
@@ -574,6 +576,25 @@ class RuntimeNode:
         except (ConsultError, NodeError) as exc:
             raise ActionError(f"could not acknowledge consult {consult_id[:8]}: {exc}") from exc
         return f"report of consult {consult_id[:8]} acknowledged; consultant told: {how}"
+
+    def report(self, consult_id: str) -> list[ReportSection] | None:
+        db = self.runtime.consults
+        _, peer, _ = db.info(consult_id)
+        info = next(
+            (p for p in self.peers() if peer and p.node_id == str(NodeId.parse(peer))), None
+        )
+        trust = info.trust if info else ("unverified" if peer else "")
+        sections = report_view(db, consult_id, trust=trust)
+        if sections is None:
+            return None
+        return [ReportSection(s.heading, s.lines) for s in sections]
+
+    async def add_addendum(self, consult_id: str, text: str) -> str:
+        try:
+            addendum, how = await workflow.send_addendum(self.runtime, consult_id, text)
+        except (ConsultError, NodeError) as exc:
+            raise ActionError(f"no addendum was added to consult {consult_id[:8]}: {exc}") from exc
+        return f"addendum {addendum.number} to the report of consult {consult_id[:8]}: {how}"
 
     # -- worklist and sharing -----------------------------------------------------------
     async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:

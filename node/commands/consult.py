@@ -24,6 +24,7 @@ from consult.alerts import AckPolicy, ReportAck, critical_stats
 from consult.errors import BadReport, LocalConsultError
 from consult.intake import take_in
 from consult.report import PeerReview, Report, Score, verify_report
+from consult.report_view import addenda_sections
 from consult.requests import (
     ConsultCase,
     ConsultRequest,
@@ -40,6 +41,7 @@ from crypto.identity import Identity, NodeId
 from node import control, sharing, workflow
 from node.alerts import policy_of
 from node.audit import AuditKind, open_audit
+from node.commands.addenda import register_into as register_addenda
 from node.commands.guests import register_into as register_guests
 from node.commands.identity import home_of
 from node.commands.peers import known_ids, resolve_id
@@ -630,7 +632,9 @@ def _report_sections(db: ConsultDB, consult_id: str) -> list[report_text.Section
         return None
     if isinstance(report, BadReport):
         return report_text.unverified_sections(consult_id, str(report))
-    return report_text.report_sections(report, report_text.Signature(True, ""))
+    return report_text.report_sections(report, report_text.Signature(True, "")) + addenda_sections(
+        db, consult_id, report.author
+    )
 
 
 def _audit_report_export(home: NodeHome, consult_id: str, report: Report, out: Path) -> None:
@@ -657,6 +661,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
         report = _checked_report(db, consult_id)
+        addenda = (
+            addenda_sections(db, consult_id, report.author) if isinstance(report, Report) else []
+        )
     if report is None:
         raise LocalConsultError(
             f"consult {consult_id[:8]} has no report on this node yet: "
@@ -667,7 +674,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"the report of consult {consult_id[:8]} no longer verifies ({report}): it was "
             "not written; ask the consultant to send it again"
         )
-    sections = report_text.report_sections(report, report_text.Signature(True, ""))
+    sections = report_text.report_sections(report, report_text.Signature(True, "")) + addenda
     out = Path(args.out)
     if out.suffix.lower() in (".html", ".htm"):
         data = report_text.as_html(sections, title=f"Consult report {consult_id[:8]}")
@@ -787,6 +794,7 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_export)
 
     register_guests(csub)  # invite, guests, approve-guest
+    register_addenda(csub)  # addendum
 
 
 __all__ = ["register"]

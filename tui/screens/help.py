@@ -29,7 +29,8 @@ HELP = """\
 [b]Home[/b]  enter opens the request's study in a live consult (even as it arrives)
   inbox ←: a accept  d decline (with a reason)  f fetch study
   inbox ←, while its study arrives: z pause / go on  c cancel (f fetches the rest)
-  outbox →: w withdraw   k acknowledge the report (by name; required if critical)
+  outbox →: w withdraw  v read the report and its addenda  k acknowledge it by
+  name (required if critical)   inbox ←, reported by you: e signed addendum
   g guests the other party proposed for a live session: a approve  r refuse
   o availability: online / on call / away
 [b]Studies[/b]  enter view  l live consult  s request a consult (tab moves, ctrl+s sends)

@@ -75,6 +75,8 @@ class HomeScreen(Screen[None]):
         Binding("o", "availability", "online/on call/away"),
         Binding("g", "guests", "guest proposals"),
         Binding("k", "acknowledge", "acknowledge report"),
+        Binding("v", "view_report", "read report"),
+        Binding("e", "addendum", "addendum"),
     ]
 
     def __init__(self, node: NodeFacade) -> None:
@@ -288,6 +290,41 @@ class HomeScreen(Screen[None]):
             self._run(lambda: self.node.acknowledge(item.consult_id, name.strip()))
 
         self.app.push_screen(TextPrompt("Acknowledged by (your name):"), answered)
+
+    def action_view_report(self) -> None:
+        """``v``: read the report received for the selected outbox consult."""
+        from tui.screens.report import ReportScreen
+
+        item = self.selected()
+        if item is None or item.incoming:
+            self.notify("select a consult in your outbox (→) to read its report",
+                        severity="warning")  # fmt: skip
+            return
+        sections = self.node.report(item.consult_id)
+        if sections is None:
+            self.notify(f"no report has arrived for consult {safe_text.plain(item.consult_id, 8)}")
+            return
+        self.app.push_screen(ReportScreen(item.consult_id, sections))
+
+    def action_addendum(self) -> None:
+        """``e``: amend the report this node signed for the selected inbox consult."""
+        item = self.selected()
+        if item is None or not item.incoming or item.state not in ("reported", "acknowledged"):
+            self.notify("select a consult in your inbox (←) that you reported to add an "
+                        "addendum to its signed report", severity="warning")  # fmt: skip
+            return
+
+        def answered(text: str | None) -> None:
+            if text is None:
+                return
+            if not text.strip():
+                self.notify("an addendum needs its text", severity="warning")
+                return
+            self._run(lambda: self.node.add_addendum(item.consult_id, text.strip()))
+
+        self.app.push_screen(
+            TextPrompt("Addendum to your signed report (signed and sent on enter):"), answered
+        )
 
     def action_availability(self) -> None:
         self._run(self.node.cycle_availability)
