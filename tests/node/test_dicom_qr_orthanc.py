@@ -4,6 +4,7 @@ each instance's data set byte-exact."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from node.cli import main
 from node.config import NodeHome
 from node.demo_data import generate_ct, generate_mr, random_study
 from node.keystore import load_identity
+from node.runtime import NodeRuntime
 from node.store import open_store
 from tests.dcmtk import dataset_part
 from tests.node.test_runtime import make_home
@@ -185,3 +187,32 @@ def test_retrieve_by_get_lands_byte_exact(
     assert code == 0, out
     assert "2 received, 0 failed, 0 duplicate" in out
     _assert_byte_exact(site, site.follow_up)
+
+
+async def test_retrieve_moves_to_the_running_nodes_listener(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = site.home.load_config()
+    config.dicom = dataclasses.replace(config.dicom, enabled=True)
+    site.home.save_config(config)
+    node = NodeRuntime(site.home, load_identity(site.home.key_path), control=True)
+    await node.start()
+    try:
+        assert node.dicom is not None  # the node's own listener, on the port the PACS knows
+        argv = ["--home", str(site.home.root), "dicom", "retrieve", site.other]
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, argv) == 0
+        out = capsys.readouterr().out
+        assert "2 received, 0 failed, 0 duplicate" in out
+        assert "done" in out  # progress relayed through the control socket
+        stored = {
+            row.sop_instance_uid: node.store.read_instance(row.sop_instance_uid)
+            for row in node.store.instances(site.other)
+        }
+        assert sorted(dataset_part(d) for d in stored.values()) == sorted(
+            dataset_part(d) for d in site.files[site.other]
+        )
+        imports = [r for r in node.audit.records(study_uid=site.other) if r.kind == "import"]
+        assert imports[-1].details["via"] == "dicom retrieve (move to the running node)"
+    finally:
+        await node.stop()
