@@ -916,12 +916,13 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
 
 
 def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[Iterable[bytes]], Iterator[bytes]]:
+    _, consultant, _ = rt.consults.info(consult_id)  # here: prepare runs in another thread
+
     def prepare(files: Iterable[bytes]) -> Iterator[bytes]:
         # One file at a time (send_study streams); one context keeps the pseudonyms
         # consistent, and the map is saved once every instance UID is in it.
         path = _map_path(rt, consult_id)
         pseudonyms = PseudonymMap.load(path, _map_key(rt))
-        _, consultant, _ = rt.consults.info(consult_id)
         if consultant:  # the same patient to the same consultant: the same pseudonym
             pair_pseudonyms.bind_to_consultant(
                 pseudonyms,

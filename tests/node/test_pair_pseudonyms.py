@@ -4,6 +4,7 @@ another consultant, or another patient, never does."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import io
@@ -44,7 +45,10 @@ async def _share(
     rt.consults.answer_offer(request.id, consultant.node_id, Event.ACCEPT, now)
     assert rt.consults.info(request.id)[1] == str(consultant.node_id)
     files = [rt.store.read_instance(r.sop_instance_uid) for r in rt.store.instances(study_uid)]
-    shared = [pydicom.dcmread(io.BytesIO(d)) for d in workflow._deidentifier(rt, request.id)(files)]
+    prepare = workflow._deidentifier(rt, request.id)
+    # As the transfer runs it: the de-identifier's generator in a worker thread.
+    out = await asyncio.to_thread(lambda: list(prepare(files)))
+    shared = [pydicom.dcmread(io.BytesIO(d)) for d in out]
     original = pydicom.dcmread(io.BytesIO(files[0]))
     shift = (_days(shared[0].StudyDate) - _days(original.StudyDate)).days
     assert {s.PatientID for s in shared} == {shared[0].PatientID}
