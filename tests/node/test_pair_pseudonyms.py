@@ -113,3 +113,31 @@ def test_pair_keys_differ_per_consultant_and_per_home(tmp_path: Path) -> None:
     assert secret not in path.read_bytes()  # stored sealed
     with pytest.raises(PseudonymMapError):
         pair_pseudonyms.linkage_secret(tmp_path / "one", b"x" * 32)
+
+
+async def test_plain_send_to_the_same_peer_keeps_the_patient_pseudonym(tmp_path: Path) -> None:
+    """`radmesh send` (no consult): a follow-up sent to the same peer groups with the first."""
+    from node.commands import transfer
+
+    home, identity = make_home(tmp_path, "rural", "", [])
+    rt = NodeRuntime(home, identity)
+    first = random_study(5)
+    follow_up = dataclasses.replace(first, study_uid=pydicom.uid.generate_uid(), date="20250303")
+    await rt.start()
+    try:
+        uid1 = _add(rt, tmp_path, first, "first")
+        uid2 = _add(rt, tmp_path, follow_up, "follow")
+        a = str(Identity.generate().node_id)
+        b = str(Identity.generate().node_id)
+
+        def sent(study_uid: str, peer: str) -> str:
+            prepare = transfer._prepare_share(rt, study_uid, peer, False, True)
+            assert prepare is not None
+            rows = rt.store.instances(study_uid)
+            files = [rt.store.read_instance(r.sop_instance_uid) for r in rows]
+            return str(pydicom.dcmread(io.BytesIO(next(iter(prepare(files))))).PatientID)
+
+        assert sent(uid1, a) == sent(uid2, a)
+        assert sent(uid2, b) != sent(uid2, a)
+    finally:
+        await rt.stop()
