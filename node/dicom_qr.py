@@ -22,6 +22,7 @@ import io
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 
 MAX_MATCHES = 1000  # studies one query lists; more and the answer says it was cut
 QR_TIMEOUT = 60.0  # seconds per DIMSE message of a query or retrieve
+QUERY_MAX_SECONDS = 300.0  # a whole query; past it the association is aborted
+RETRIEVE_MAX_SECONDS = 4 * 3600.0  # a whole retrieve (a PACS answering "pending" forever)
 # Pending responses: 0xFF00 and 0xFF01 (PS3.4 C.4.1.1.4).
 _PENDING = (0xFF00, 0xFF01)
 _BAD_VALUE = re.compile(r"[*?\\\x00-\x1f]")
@@ -202,6 +205,7 @@ def find_studies(
     *,
     max_matches: int = MAX_MATCHES,
     timeout: float = QR_TIMEOUT,
+    max_seconds: float = QUERY_MAX_SECONDS,
 ) -> QueryResult:
     """C-FIND at study level (Study Root); at most ``max_matches`` matches."""
     query.check()
@@ -210,10 +214,17 @@ def find_studies(
     assoc = _associate(pacs, ae, timeout)
     matches: list[StudyMatch] = []
     truncated = False
+    deadline = time.monotonic() + max_seconds
     try:
         for status, identifier in assoc.send_c_find(
             query.identifier(), StudyRootQueryRetrieveInformationModelFind
         ):
+            if time.monotonic() > deadline:
+                assoc.abort()
+                raise DicomPeerError(
+                    f"the PACS {pacs.ae_title} took more than {max_seconds:.0f} s to answer "
+                    "the query: aborted it; narrow the query"
+                )
             if not status or "Status" not in status:
                 raise DicomPeerError(
                     f"the PACS {pacs.ae_title} stopped answering the query (no response "
@@ -260,9 +271,20 @@ def _count(report: RetrieveReport, status: Dataset) -> None:
 
 
 def _run_retrieve(
-    pacs: PacsAddress, responses: Any, report: RetrieveReport, progress: Progress | None
+    pacs: PacsAddress,
+    assoc: Any,
+    responses: Any,
+    report: RetrieveReport,
+    progress: Progress | None,
 ) -> RetrieveReport:
+    deadline = time.monotonic() + RETRIEVE_MAX_SECONDS
     for status, _identifier in responses:
+        if time.monotonic() > deadline:
+            assoc.abort()
+            raise DicomPeerError(
+                f"the retrieve from {pacs.ae_title} took more than {RETRIEVE_MAX_SECONDS:.0f} s: "
+                "aborted it; what arrived is kept, run it again for the rest"
+            )
         if not status or "Status" not in status:
             raise DicomPeerError(
                 f"the PACS {pacs.ae_title} stopped answering the retrieve (no response in "
@@ -296,7 +318,7 @@ def move_study(
         responses = assoc.send_c_move(
             identifier, destination_ae, StudyRootQueryRetrieveInformationModelMove
         )
-        return _run_retrieve(pacs, responses, report, progress)
+        return _run_retrieve(pacs, assoc, responses, report, progress)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -385,7 +407,7 @@ def get_study(
     assoc = _associate(pacs, ae, timeout, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, receiver)])
     try:
         responses = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
-        return _run_retrieve(pacs, responses, report, progress)
+        return _run_retrieve(pacs, assoc, responses, report, progress)
     finally:
         if assoc.is_established:
             assoc.release()
