@@ -21,7 +21,9 @@ The linkage secret is 32 random bytes made once per home, stored encrypted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -30,6 +32,8 @@ import nacl.exceptions
 import nacl.secret
 
 from node.deid import PseudonymMap, PseudonymMapError
+
+log = logging.getLogger(__name__)
 
 LINKAGE_KEY_PURPOSE = "radmesh-pseudonym-linkage-v1"
 PAIR_PERSON = b"radmesh-pair-v1"  # BLAKE2b personalisation (at most 16 bytes)
@@ -40,33 +44,49 @@ def linkage_path(data_dir: Path) -> Path:
 
 
 def linkage_secret(data_dir: Path, box_key: bytes) -> bytes:
-    """The home's linkage secret, created on first use (race-safe: the first writer wins)."""
+    """The home's linkage secret, created on first use (race-safe: the first writer wins).
+
+    One this identity cannot open (the identity was replaced, or the file is damaged) is
+    set aside and a new one made: sharing goes on, only follow-ups stop grouping with
+    earlier cases (logged)."""
     path = linkage_path(data_dir)
     box = nacl.secret.SecretBox(box_key)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(bytes(box.encrypt(secrets.token_bytes(32))))
-            handle.flush()
-            os.fsync(handle.fileno())
+    for _ in range(2):
+        if not path.exists():
+            _create(path, box)
         try:
-            os.link(tmp, path)  # fails if another process made it first: theirs is kept
-        except FileExistsError:
+            secret = bytes(box.decrypt(path.read_bytes()))
+            if len(secret) == 32:
+                return secret
+        except nacl.exceptions.CryptoError:
             pass
-        finally:
-            tmp.unlink()
+        aside = path.with_name(f"{path.name}.unreadable-{secrets.token_hex(4)}")
+        log.warning(
+            "the pseudonym linkage secret %s cannot be opened with this identity: kept it as "
+            "%s and made a new one; follow-ups shared from now on do not group with earlier "
+            "cases (restore the old file and identity from a backup to keep that)",
+            path,
+            aside.name,
+        )
+        with contextlib.suppress(FileNotFoundError):
+            path.rename(aside)
+    raise PseudonymMapError(f"cannot make a pseudonym linkage secret in {path.parent}")
+
+
+def _create(path: Path, box: nacl.secret.SecretBox) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(bytes(box.encrypt(secrets.token_bytes(32))))
+        handle.flush()
+        os.fsync(handle.fileno())
     try:
-        secret = bytes(box.decrypt(path.read_bytes()))
-    except nacl.exceptions.CryptoError as exc:
-        raise PseudonymMapError(
-            f"cannot decrypt {path}: it belongs to another identity or is damaged; "
-            "restore it from a backup of this home (deleting it breaks follow-up grouping)"
-        ) from exc
-    if len(secret) != 32:
-        raise PseudonymMapError(f"{path} does not hold a 32-byte secret; restore it from a backup")
-    return secret
+        os.link(tmp, path)  # fails if another process made it first: theirs is kept
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
 
 
 def pair_key(secret: bytes, consultant: str) -> bytes:

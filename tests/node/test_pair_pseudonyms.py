@@ -11,12 +11,10 @@ import io
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from consult.requests import Event, Priority
 from crypto.identity import Identity, NodeId
 from node import pair_pseudonyms, workflow
-from node.deid import PseudonymMapError
 from node.demo_data import DemoStudy, generate_ct, random_study
 from node.runtime import NodeRuntime
 from tests.node.test_runtime import make_home
@@ -111,8 +109,11 @@ def test_pair_keys_differ_per_consultant_and_per_home(tmp_path: Path) -> None:
     path = pair_pseudonyms.linkage_path(tmp_path / "one")
     assert path.stat().st_mode & 0o077 == 0
     assert secret not in path.read_bytes()  # stored sealed
-    with pytest.raises(PseudonymMapError):
-        pair_pseudonyms.linkage_secret(tmp_path / "one", b"x" * 32)
+    # Another identity (the home's was replaced): a new secret, the old file kept aside.
+    replaced = pair_pseudonyms.linkage_secret(tmp_path / "one", b"x" * 32)
+    assert replaced != secret
+    assert pair_pseudonyms.linkage_secret(tmp_path / "one", b"x" * 32) == replaced
+    assert len(list((tmp_path / "one").glob("pseudonym-linkage.key.unreadable-*"))) == 1
 
 
 async def test_plain_send_to_the_same_peer_keeps_the_patient_pseudonym(tmp_path: Path) -> None:
