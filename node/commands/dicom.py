@@ -302,8 +302,7 @@ async def _op_retrieve(rt: Any, a: dict[str, Any], emit: control.Emit) -> dict[s
             "(a listener for the command is used then)"
         )
     study_uid = check_uid(str(a["study_uid"]))
-    config: DicomConfig = rt.config.dicom
-    pacs = PacsAddress(config.pacs_host, config.pacs_port, config.pacs_ae_title, config.ae_title)
+    pacs = PacsAddress(str(a["host"]), int(a["port"]), str(a["aet"]), rt.dicom.ae_title)
     before = {row.sop_instance_uid for row in rt.store.instances(study_uid)}
     loop = asyncio.get_running_loop()
 
@@ -327,10 +326,14 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     pacs = _pacs_address(config, args)
     print(f"retrieving study {study_uid} from {pacs.ae_title}@{pacs.host}:{pacs.port}")
     found, result = False, None
-    if not args.get and not (args.host or args.port or args.aet):
-        found, result = asyncio.run(
-            control.ask_running(home, "dicom.retrieve", {"study_uid": study_uid}, print)
-        )
+    if not args.get:  # C-MOVE: to the running node's listener when a node runs
+        request = {
+            "study_uid": study_uid,
+            "host": pacs.host,
+            "port": pacs.port,
+            "aet": pacs.ae_title,
+        }
+        found, result = asyncio.run(control.ask_running(home, "dicom.retrieve", request, print))
     if found and isinstance(result, dict):
         report = RetrieveReport(**result)
     else:
