@@ -165,6 +165,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         modality=(args.modality or "").upper(),
         since=args.since or "",
     )
+    if not 1 <= args.max <= MAX_MATCHES:
+        raise DicomNetError(f"--max must be between 1 and {MAX_MATCHES}")
     result = find_studies(pacs, query, max_matches=args.max)
     if not result.matches:
         print(f"no study in {pacs.ae_title} matches")
