@@ -252,9 +252,16 @@ class PseudonymMap:
     # A person confirmed the pixels of this share's burned-in candidates were checked.
     burned_in_checked: bool = False
     black_out_top: int = 0  # rows blacked out at the top of burned-in candidates
+    # Keys the patient pseudonym and date shift when set (node.pair_pseudonyms: one key per
+    # hospital-consultant pair, so a follow-up groups with the earlier case); else ``secret``.
+    patient_key: bytes | None = None
 
     def _mac(self, kind: str, value: str) -> bytes:
         return hmac.new(self.secret, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()
+
+    def _patient_mac(self, kind: str, value: str) -> bytes:
+        key = self.patient_key if self.patient_key is not None else self.secret
+        return hmac.new(key, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()
 
     def pseudo_uid(self, original: str) -> str:
         known = self.uids.get(original)
@@ -267,7 +274,7 @@ class PseudonymMap:
     def pseudo_patient(self, patient_id: str, patient_name: str) -> tuple[str, str]:
         known = self.patients.get(patient_id)
         if known is None:
-            tag = self._mac("patient", patient_id).hex()[:12].upper()
+            tag = self._patient_mac("patient", patient_id).hex()[:12].upper()
             known = (f"RM-{tag}", f"ANON^{tag}")
             self.patients[patient_id] = known
             self.original_names[patient_id] = patient_name
@@ -277,7 +284,7 @@ class PseudonymMap:
         known = self.date_offsets.get(patient_id)
         if known is None:
             # A whole number of days back, 1 to 3 years: weekday patterns blur, intervals hold.
-            known = -(365 + int.from_bytes(self._mac("date", patient_id)[:4], "big") % 730)
+            known = -(365 + int.from_bytes(self._patient_mac("date", patient_id)[:4], "big") % 730)
             self.date_offsets[patient_id] = known
         return known
 
@@ -305,6 +312,7 @@ class PseudonymMap:
                 "dates": self.date_offsets,
                 "burned_in": self.burned_in_checked,
                 "black_out": self.black_out_top,
+                "patient_key": self.patient_key,
             }
         )
         return bytes(nacl.secret.SecretBox(key).encrypt(plain))
@@ -323,6 +331,7 @@ class PseudonymMap:
                 date_offsets=dict(raw["dates"]),
                 burned_in_checked=raw.get("burned_in") is True,
                 black_out_top=int(raw.get("black_out", 0)),
+                patient_key=_optional_key(raw.get("patient_key")),
             )
         except nacl.exceptions.CryptoError as exc:
             raise PseudonymMapError(
@@ -345,6 +354,14 @@ class PseudonymMap:
     @classmethod
     def load(cls, path: Path, key: bytes) -> PseudonymMap:
         return cls.from_bytes(path.read_bytes(), key)
+
+
+def _optional_key(raw: object) -> bytes | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, bytes) or len(raw) != 32:
+        raise ValueError("patient key is not 32 bytes")
+    return raw
 
 
 def burned_in_reason(ds: Dataset) -> str | None:

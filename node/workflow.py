@@ -67,7 +67,7 @@ from crypto.envelope import SignedEnvelope
 from crypto.identity import NodeId
 from crypto.org import verify_certificate
 from node import alerts as critical_alerts
-from node import guests, sharing
+from node import guests, pair_pseudonyms, sharing
 from node.audit import AuditKind
 from node.config import NodeHome
 from node.deid import PseudonymMap, PseudonymMapError
@@ -927,11 +927,20 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
 
 
 def _deidentifier(rt: NodeRuntime, consult_id: str) -> Callable[[Iterable[bytes]], Iterator[bytes]]:
+    _, consultant, _ = rt.consults.info(consult_id)  # here: prepare runs in another thread
+
     def prepare(files: Iterable[bytes]) -> Iterator[bytes]:
         # One file at a time (send_study streams); one context keeps the pseudonyms
         # consistent, and the map is saved once every instance UID is in it.
         path = _map_path(rt, consult_id)
         pseudonyms = PseudonymMap.load(path, _map_key(rt))
+        if consultant:  # the same patient to the same consultant: the same pseudonym
+            pair_pseudonyms.bind_to_consultant(
+                pseudonyms,
+                rt.home.data_dir,
+                rt.identity.derive_key(pair_pseudonyms.LINKAGE_KEY_PURPOSE),
+                consultant,
+            )
         options = sharing.options_of(rt.config.sharing)
         yield from sharing.deidentifier(pseudonyms, path, _map_key(rt), options)(files)
 

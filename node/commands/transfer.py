@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
 from crypto.identity import NodeId
-from node import control, sharing
+from node import control, pair_pseudonyms, sharing
 from node.commands.identity import home_of
 from node.display import printable
 from node.errors import NodeError
@@ -103,6 +103,8 @@ def _prepare_share(
         black_out_top=black_out_top,
     )
     pseudonyms.black_out_top = black_out_top
+    linkage = runtime.identity.derive_key(pair_pseudonyms.LINKAGE_KEY_PURPOSE)
+    pair_pseudonyms.bind_to_consultant(pseudonyms, runtime.home.data_dir, linkage, peer_id)
     pseudonyms.persist(path, key)  # the secret stays home before anything leaves
     return sharing.deidentifier(pseudonyms, path, key, sharing.options_of(runtime.config.sharing))
 
