@@ -20,16 +20,20 @@ HELP = """\
 [b]Peers[/b]      / search (words: name, subspecialty, jurisdiction, online)   v verify key
 [b]Viewer[/b]
   j/k ↓/↑ wheel   next/previous slice      PgDn/PgUp ±10      Home/End first/last
-  n/N             next/previous series     c cine on/off
+  n/N             next/previous series (each keeps its own window and slice)   C cine on/off
   1-8             presets: brain, subdural, stroke, bone, lung, abdomen, liver, mediastinum
   drag (mouse)    window: right = wider, down = higher level
-  i invert   +/- zoom   H/J/K/L pan   r reset
+  i invert   +/- zoom   H/J/K/L or shift+arrows pan   R reset
   P point  A arrow(+text)  M length  G angle  E ellipse ROI   escape: no tool
-  a click with a tool places its points; without one it selects an annotation (also [ ])
+  with a tool: arrows/hjkl move the keyboard cursor (shift or HJKL: 8 steps), space places
+  a point (no mouse needed); a click also places one. Values (mm, °, HU) show on the image
+  without a tool, a click selects an annotation (also [ ])
   x/del removes your own   p present   f follow the presenter (your own move stops it)
   g propose a guest (a verified peer) for the live session; the other party approves it
   multi-frame: j/k walk frames   images: --graphics kitty|sixel|halfblock|auto
-  chat: type in the chat box + enter   report: edit the report box   F8 critical   F9 finalise
+  r type in the report   c type in the chat (enter sends)   escape: back to the image
+  the focused pane has a bold border; the bottom line says VIEW / REPORT / CHAT / SERIES
+  F8 critical   F9 finalise
   q close the viewer
 """
 
