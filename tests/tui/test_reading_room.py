@@ -127,6 +127,9 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         await pilot.press("r")
         assert viewer.query_one("#report").has_focus
         assert mode_line(viewer).startswith("REPORT")
+        report = viewer.query_one("#report")
+        assert report.styles.border_top[0] == "heavy"  # the focused pane stands out
+        assert viewer.view.styles.border_top[0] == "round"
         await pilot.press(*[("space" if ch == " " else ch) for ch in sentence])
         await pilot.pause()
         assert node.session.report_text() == sentence
@@ -140,6 +143,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
 
         await pilot.press("escape")
         await pilot.pause()
+        assert viewer.view.styles.border_top[0] == "heavy"
         assert viewer.view.has_focus
         assert mode_line(viewer).startswith("VIEW")
 

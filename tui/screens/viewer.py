@@ -51,6 +51,9 @@ MODES = {
 class ViewerScreen(Screen[None]):
     DEFAULT_CSS = """
     ViewerScreen #mode { dock: bottom; height: 1; background: $accent; color: $text; }
+    /* Always a border, so focus changes its colour and weight, never the image size. */
+    ViewerScreen ImageView { border: round $panel; }
+    ViewerScreen ImageView:focus { border: heavy $accent; }
     ViewerScreen #series { border: round $panel; }
     ViewerScreen #series:focus { border: heavy $accent; }
     """

@@ -55,11 +55,7 @@ class Mark:
 
 
 class ImageView(Widget, can_focus=True):
-    # Always a border, so focus changes its colour and weight, never the image size.
-    DEFAULT_CSS = """
-    ImageView { width: 1fr; height: 1fr; border: round $panel; }
-    ImageView:focus { border: heavy $accent; }
-    """
+    DEFAULT_CSS = "ImageView { width: 1fr; height: 1fr; }"
 
     class Step(Message):
         def __init__(self, delta: int) -> None:
