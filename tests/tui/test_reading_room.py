@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from textual.widget import Widget
 
 from consult.live import LiveConsult
 from consult.shared import AnnotationKind
@@ -37,6 +38,10 @@ async def open_viewer(pilot, node: InMemoryNode, live: bool = True) -> ViewerScr
 def image_text(viewer: ViewerScreen) -> str:
     """The cell text drawn in the image area (overlay lines and mark labels)."""
     return "".join(seg.text for strip in viewer.view._strips for seg in strip)
+
+
+def border(widget: Widget) -> str:
+    return str(widget.styles.border_top[0])
 
 
 def mode_line(viewer: ViewerScreen) -> str:
@@ -128,8 +133,8 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         assert viewer.query_one("#report").has_focus
         assert mode_line(viewer).startswith("REPORT")
         report = viewer.query_one("#report")
-        assert report.styles.border_top[0] == "heavy"  # the focused pane stands out
-        assert viewer.view.styles.border_top[0] == "round"
+        assert border(report) == "heavy"  # the focused pane stands out
+        assert border(viewer.view) == "round"
         await pilot.press(*[("space" if ch == " " else ch) for ch in sentence])
         await pilot.pause()
         assert node.session.report_text() == sentence
@@ -143,7 +148,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
 
         await pilot.press("escape")
         await pilot.pause()
-        assert viewer.view.styles.border_top[0] == "heavy"
+        assert border(viewer.view) == "heavy"
         assert viewer.view.has_focus
         assert mode_line(viewer).startswith("VIEW")
 
