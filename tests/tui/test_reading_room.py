@@ -61,7 +61,11 @@ async def test_a_length_measured_with_the_keyboard_alone_is_listed_and_drawn_at_
             await pilot.press("M")  # length tool: the keyboard cursor appears
             assert viewer.kb is not None
             start = viewer.kb
-            await pilot.press("space", *["right"] * 5, "shift+down", "space")
+            await pilot.press("space", *["right"] * 5, "shift+down")
+            preview = [m for m in viewer.view.marks if m.kind == "length"]
+            assert [m.points for m in preview] == [(start, viewer.kb)]  # a line to the cursor
+            assert preview[0].label.endswith(" mm")
+            await pilot.press("space")
             await pilot.pause()
             assert viewer.index == slice_before  # arrows moved the cursor, not the slice
             (length,) = alone.annotations()

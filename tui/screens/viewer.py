@@ -324,7 +324,7 @@ class ViewerScreen(Screen[None]):
 
     def _marks(self) -> tuple[Mark, ...]:
         ref = self.current
-        kb = () if self.kb is None or not self.tool else (Mark("kbcursor", (self.kb,), "#00ff00"),)
+        kb = self._keyboard_marks()
         if self.session is None or ref is None:
             return (*[Mark("point", (p,), "#ffffff") for p in self.pending], *kb)
         colours = {p.node: safe_text.colour(p.colour) for p in self.session.participants()}
@@ -353,6 +353,24 @@ class ViewerScreen(Screen[None]):
                 )
         marks.extend(Mark("point", (p,), "#ffffff") for p in self.pending)
         marks.extend(kb)
+        return tuple(marks)
+
+    def _keyboard_marks(self) -> tuple[Mark, ...]:
+        """The keyboard cursor and, while placing, a line to it from the last point placed
+        (with the length so far, for the length tool)."""
+        if self.kb is None or not self.tool:
+            return ()
+        marks = [Mark("kbcursor", (self.kb,), "#00ff00")]
+        frame = self.view.frame
+        if self.pending and self.tool in ("arrow", "length", "angle") and frame is not None:
+            label = ""
+            if self.tool == "length":
+                try:
+                    spacing = measure.PixelSpacing(*frame.spacing)
+                    label = f"{measure.length_mm(self.pending[-1], self.kb, spacing):.1f} mm"
+                except (ConsultError, ValueError):
+                    label = ""
+            marks.append(Mark("length", (self.pending[-1], self.kb), "#00ff00", label))
         return tuple(marks)
 
     def _annotations_here(self) -> list[Annotation]:
