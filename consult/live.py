@@ -794,7 +794,9 @@ class LiveHub:
         unrecorded = self.may_join(consult_id, conn.peer) is None
         if unrecorded and consult_id not in self.sessions:
             self._rosters.setdefault(consult_id, set()).add(conn.peer)  # a new session
-        if not self._admits(consult_id, conn.peer) or not self._may_invite(consult_id, conn.peer):
+        if not self._admits(consult_id, conn.peer) or not self._may_invite(
+            consult_id, conn.peer, invite.members
+        ):
             raise self._refuse(consult_id, conn.peer, "invite")
         if consult_id not in self.sessions:
             self._opened_by[consult_id] = conn.peer
@@ -862,17 +864,22 @@ class LiveHub:
             live.bind(conn)
 
     # -- admission ------------------------------------------------------------------
-    def _may_invite(self, consult_id: str, peer: bytes) -> bool:
+    def _may_invite(self, consult_id: str, peer: bytes, named: tuple[bytes, ...] = ()) -> bool:
         """A session opened here on another peer's invite, with no consult on record:
         only its opener and peers already in it may invite this node to it again. The
         members the opener named are joined, not taken as inviters: else a stranger
         naming the consult's parties would have this node let them in and relay the
-        consult to the stranger."""
+        consult to the stranger. One exception: a member the opener named whose own
+        invite names the opener among its session's members (both parties inviting an
+        approved guest at once, the second invite arriving before the mesh join). A
+        real party names only peers in its own session, and it admits no stranger."""
         opener = self._opened_by.get(consult_id)
         live = self.sessions.get(consult_id)
         if opener is None or live is None or self.may_join(consult_id, peer) is not None:
             return True
-        return peer == opener or live.is_bound(peer)
+        if peer == opener or live.is_bound(peer):
+            return True
+        return opener in named and peer in self._rosters.get(consult_id, set())
 
     def _vouched(self, invite: Invite, joiner: bytes) -> bool:
         """A consult on record here: the joiner shows the ticket of the node that invited

@@ -50,12 +50,17 @@ class AddressGuard:
     connect_burst: float
     open: dict[str, int] = field(default_factory=dict)
     refused: int = 0
+    # Trusted reverse proxies: every client comes through them, so they are not capped
+    # here (the proxy caps its clients; the registry limits the forwarded address).
+    exempt: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self._connects = RateLimiter(self.connect_rate, self.connect_burst)
 
     def admit(self, address: str, now: float) -> bool:
         """Count a new socket from ``address``; False (and not counted) if over a limit."""
+        if address in self.exempt:
+            return True
         if self.open.get(address, 0) >= self.max_sockets or not self._connects.allow(address, now):
             self.refused += 1
             return False

@@ -15,9 +15,10 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -36,7 +37,15 @@ from registry.netguard import (
     headers_arrived,
 )
 from registry.records import MAX_RECORD_SIZE, Availability, NodeRecord
-from registry.store import RegistryDB
+from registry.storage import (
+    MailOffer,
+    RegistryStore,
+    SqliteStore,
+    node_key,
+    open_store,
+    parse_node,
+)
+from registry.store import RegistryDB, Stored
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +119,17 @@ class RegistryServer:
     limits: Limits = field(default_factory=Limits)
     clock: Callable[[], float] = time.time
     purge_interval: float = 60.0
+    poll_interval: float = 2.0  # shared storage: mail no notification announced
+    # Reverse proxies in front (TLS at the proxy): their X-Forwarded-For names the client.
+    trusted_proxies: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
-        self.db = RegistryDB(self.db_path)
+        self.store: RegistryStore = open_store(self.db_path)
+        self._inflight: dict[NodeId, set[int]] = {}  # mailbox ids queued to each socket
+        self._background: set[asyncio.Task[None]] = set()
+        self._dropping: dict[NodeId, asyncio.Task[None]] = {}
+        self._draining: dict[NodeId, bool] = {}  # recipient -> mail came in meanwhile
+        self._poller: asyncio.Task[None] | None = None
         self._publish = RateLimiter(self.limits.publish_rate, self.limits.publish_burst)
         self._address = RateLimiter(self.limits.address_rate, self.limits.address_burst)
         self._send = RateLimiter(self.limits.send_rate, self.limits.send_burst)
@@ -121,8 +138,12 @@ class RegistryServer:
         )
         self._new_record = RateLimiter(self.limits.new_record_rate, self.limits.new_record_burst)
         self._turn_limit = RateLimiter(self.limits.turn_rate, self.limits.turn_burst)
+        self.trusted_proxies = frozenset(address_key(a) for a in self.trusted_proxies)
         self.guard = AddressGuard(
-            self.limits.address_sockets, self.limits.connect_rate, self.limits.connect_burst
+            self.limits.address_sockets,
+            self.limits.connect_rate,
+            self.limits.connect_burst,
+            exempt=self.trusted_proxies,
         )
         self.connections: dict[NodeId, Outbox] = {}
         self._runner: web.AppRunner | None = None
@@ -145,8 +166,30 @@ class RegistryServer:
         app.on_shutdown.append(self._on_shutdown)
         return app
 
+    def client_address(self, request: web.Request) -> str:
+        """Whom per-address limits count: the peer, or behind a trusted proxy the address
+        it appended last to X-Forwarded-For (earlier entries are the client's own claim)."""
+        peer = address_key(request.remote)
+        if peer in self.trusted_proxies:
+            forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
+            if forwarded:
+                return address_key(forwarded)
+        return peer
+
+    @property
+    def db(self) -> RegistryDB:
+        """The SQLite database itself (tests and tools; the server goes through ``store``)."""
+        if not isinstance(self.store, SqliteStore):
+            raise RegistryError("this registry's database is PostgreSQL, not SQLite")
+        return self.store.db
+
     async def _on_startup(self, app: web.Application) -> None:
+        await self.store.open()
+        self.store.on_mail(self._mail_arrived)
+        self.store.on_kick(self._taken_elsewhere)
         self._purger = asyncio.create_task(self._purge_loop())
+        if self.store.shared:
+            self._poller = asyncio.create_task(self._poll_loop())
 
     async def _on_shutdown(self, app: web.Application) -> None:
         closing = [
@@ -158,11 +201,14 @@ class RegistryServer:
                 await asyncio.gather(*closing, return_exceptions=True)
 
     async def _on_cleanup(self, app: web.Application) -> None:
-        if self._purger is not None:
-            self._purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purger
-        self.db.close()
+        for task in (self._purger, self._poller):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.store.close()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -196,7 +242,11 @@ class RegistryServer:
     async def _purge_loop(self) -> None:
         while True:
             await asyncio.sleep(self.purge_interval)
-            removed = self.db.purge(self.now(), self.limits.mail_record_grace)
+            try:
+                removed = await self.store.purge(self.now(), self.limits.mail_record_grace)
+            except (OSError, RegistryError) as exc:
+                log.warning("purging the registry database failed: %s", exc)
+                continue
             if removed:
                 log.debug("purged %d expired records and messages", removed)
 
@@ -205,7 +255,7 @@ class RegistryServer:
     async def _errors_and_limits(
         self, request: web.Request, handler: Callable[[web.Request], object]
     ) -> web.StreamResponse:
-        address = address_key(request.remote)
+        address = self.client_address(request)
         if not self._address.allow(address, self.clock()):
             return _error(
                 429,
@@ -222,6 +272,9 @@ class RegistryServer:
             if exc.status >= 400:
                 return _error(exc.status, exc.reason, "check the URL and method")
             raise
+        except RegistryError as exc:  # the shared database is unavailable
+            log.warning("answered 503: %s", exc)
+            return _error(503, str(exc), "try again shortly, or another registry")
         assert isinstance(response, web.StreamResponse)  # noqa: S101 - aiohttp contract
         return response
 
@@ -230,7 +283,7 @@ class RegistryServer:
         return web.json_response(
             {
                 "status": "ok",
-                "records": self.db.count(self.now()),
+                "records": await self.store.count(self.now()),
                 "connected": len(self.connections),
                 "turn": self.turn is not None,
             }
@@ -249,17 +302,17 @@ class RegistryServer:
             record = NodeRecord.from_wire(data).verify(now)
         except RecordError as exc:
             return _error(400, str(exc), "sign the record with the node key and a future expiry")
-        if not self._publish.allow(str(record.node_id), self.clock()):
+        if not await self._allow(self._publish, "publish", str(record.node_id)):
             return _error(429, "this node publishes too often", "publish at most once a second")
-        refused = self._refuse_new_node(record.node_id, address_key(request.remote))
+        refused = await self._refuse_new_node(record.node_id, self.client_address(request))
         if refused is not None:
             return refused
         try:
-            self.db.put(record, now)
+            await self.store.put(record, now)
         except StaleRecord as exc:
             # The record held, signed by the node itself: proof of the sequence to beat
             # (kept past its expiry for the mail grace period, so a lookup may not show it).
-            held = self.db.get_wire(record.node_id, -1) or b""
+            held = await self.store.get_wire(record.node_id, -1) or b""
             return web.json_response(
                 {
                     "error": str(exc),
@@ -272,13 +325,19 @@ class RegistryServer:
             return _error(400, str(exc), "publish a valid record")
         return web.json_response({"node_id": str(record.node_id), "seq": record.sequence})
 
-    def _refuse_new_node(self, node_id: NodeId, address: str) -> web.Response | None:
+    async def _allow(self, limiter: RateLimiter, kind: str, key: str) -> bool:
+        """One token from a bucket: in this process, or shared by every instance."""
+        if not self.store.shared:
+            return limiter.allow(key, self.clock())
+        return await self.store.rate_allow(kind, key, limiter.rate, limiter.burst, self.clock())
+
+    async def _refuse_new_node(self, node_id: NodeId, address: str) -> web.Response | None:
         """Records of nodes new here cost disk: a cap in all and a rate per address."""
-        if self.db.known_since(node_id, -1):
+        if await self.store.known_since(node_id, -1):
             return None
-        if self.db.record_count() >= self.limits.max_records:
+        if await self.store.record_count() >= self.limits.max_records:
             return _error(507, "this registry holds as many records as it can", "use another")
-        if not self._new_record.allow(address, self.clock()):
+        if not await self._allow(self._new_record, "new_record", address):
             return _error(
                 429, "too many new nodes from this address", "publish again in a few minutes"
             )
@@ -289,7 +348,7 @@ class RegistryServer:
             node_id = NodeId.parse(request.match_info["node_id"][:80])
         except CryptoError as exc:
             return _error(400, str(exc), "use the id printed by `radmesh id`")
-        wire = self.db.get_wire(node_id, self.now())
+        wire = await self.store.get_wire(node_id, self.now())
         if wire is None:
             return _error(404, "no current record for this node", "the node may be offline")
         return web.Response(body=wire, content_type="application/octet-stream")
@@ -330,7 +389,7 @@ class RegistryServer:
             return _error(400, "limit must be a number", "use limit=1..100")
         if not 1 <= limit <= 100:
             return _error(400, "limit must be between 1 and 100", "page with after=<last node id>")
-        wires = self.db.search(
+        wires = await self.store.search(
             self.now(),
             subspecialty=values["subspecialty"],
             jurisdiction=values["jurisdiction"],
@@ -351,18 +410,22 @@ class RegistryServer:
         outbox: Outbox | None = None
         try:
             node_id = await self._authenticate(ws)
-            outbox = self._outbox(ws, request.transport, node_id, address_key(request.remote))
+            outbox = self._outbox(ws, request.transport, node_id, self.client_address(request))
             old = self.connections.get(node_id)
             self.connections[node_id] = outbox
             if old is not None:
                 old.drop("replaced by a newer connection")
-            pending = self.db.mailbox_peek(node_id, self.now())
+            await self.store.connected(node_id)
+            pending = await self.store.mailbox_peek(node_id, self.now())
+            # Only now may mail be queued to it: nothing goes out before Ready (a client
+            # drops a connection whose first frame is not Ready, and the mail with it).
+            self._inflight[node_id] = set()
             outbox.push(wsproto.to_wire(wsproto.Ready(node_id, len(pending))))
             for stored in pending:  # deleted once written; what is not stays for next time
-                deliver = wsproto.Deliver(stored.sender, node_id, stored.data)
-                relayed = Relayed(stored.sender, stored.data, stored.id)
-                if not await outbox.put(wsproto.to_wire(deliver), relayed):
+                if not await self._deliver_stored(outbox, node_id, stored):
                     break
+            if self.store.shared:  # what other instances stored since the peek
+                self._mail_arrived(node_id, 0)
             await self._serve(ws, outbox, node_id)
         except AuthError as exc:
             await _ws_error(ws, str(exc), "sign the challenge of this registry with the node key")
@@ -374,6 +437,9 @@ class RegistryServer:
         finally:
             if node_id is not None and self.connections.get(node_id) is outbox:
                 del self.connections[node_id]
+                self._inflight.pop(node_id, None)
+                with contextlib.suppress(OSError, RegistryError):
+                    await self.store.disconnected(node_id)
             if outbox is not None:
                 await self._finish(outbox)
             with contextlib.suppress(TimeoutError):
@@ -392,13 +458,15 @@ class RegistryServer:
     ) -> Outbox:
         def sent(relayed: Relayed) -> None:
             if relayed.stored_id:
-                self.db.mailbox_delete([relayed.stored_id])
+                self._spawn(self._delete_sent(node_id, relayed.stored_id))
 
         def dropped(unsent: list[Relayed]) -> None:
-            # Live messages its reader never took wait in the mailbox like any other.
-            for relayed in unsent:
-                if not relayed.stored_id:
-                    self._keep_for_later(node_id, relayed.sender, relayed.data, relayed.origin)
+            # Live messages its reader never took wait in the mailbox like any other
+            # (stored ones are still there).
+            live = [r for r in unsent if not r.stored_id]
+            if live:
+                task = self._spawn(self._keep_all(node_id, live))
+                self._dropping[node_id] = task
 
         return Outbox(
             ws,
@@ -409,6 +477,104 @@ class RegistryServer:
             on_sent=sent,
             address=address,
         )
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _delete_sent(self, node_id: NodeId, message_id: int) -> None:
+        """A message written to its socket leaves the mailbox; until its row is gone it
+        stays marked in flight, so a drain running meanwhile does not send it again."""
+        try:
+            await self.store.mailbox_delete([message_id])
+        except Exception as exc:  # it stays, and may be delivered twice: harmless
+            log.warning("could not delete a delivered message: %s", exc)
+        finally:
+            self._inflight.get(node_id, set()).discard(message_id)
+
+    async def _keep_all(self, node_id: NodeId, unsent: list[Relayed]) -> None:
+        try:
+            for relayed in unsent:
+                await self._keep_for_later(node_id, relayed.sender, relayed.data, relayed.origin)
+        except (OSError, RegistryError) as exc:
+            log.warning("could not keep %d undelivered messages: %s", len(unsent), exc)
+        finally:
+            if self._dropping.get(node_id) is asyncio.current_task():
+                del self._dropping[node_id]
+
+    async def _deliver_stored(self, outbox: Outbox, node_id: NodeId, stored: Stored) -> bool:
+        """Queue a mailbox message to its recipient's socket (once per socket)."""
+        inflight = self._inflight.get(node_id)
+        if inflight is None or stored.id in inflight:
+            return True
+        inflight.add(stored.id)
+        deliver = wsproto.Deliver(stored.sender, node_id, stored.data)
+        return await outbox.put(
+            wsproto.to_wire(deliver), Relayed(stored.sender, stored.data, stored.id)
+        )
+
+    def _mail_arrived(
+        self, recipient: NodeId, message_id: int, stored: Stored | None = None
+    ) -> None:
+        """Another instance (or this one) stored mail for a node: deliver it if it is here.
+        Notifications come in commit order: one that carries the message is queued at
+        once; otherwise one drain per recipient at a time reads the mailbox, oldest first."""
+        outbox = self.connections.get(recipient)
+        inflight = self._inflight.get(recipient)
+        if outbox is None or outbox.dropped or inflight is None or message_id in inflight:
+            return
+        if stored is not None and recipient not in self._draining:
+            inflight.add(message_id)
+            deliver = wsproto.to_wire(wsproto.Deliver(stored.sender, recipient, stored.data))
+            outbox.push(deliver, Relayed(stored.sender, stored.data, message_id))
+            return
+        if recipient in self._draining:
+            self._draining[recipient] = True  # look again when this drain is done
+            return
+        self._draining[recipient] = False
+        self._spawn(self._drain(outbox, recipient))
+
+    async def _drain(self, outbox: Outbox, recipient: NodeId) -> None:
+        try:
+            while not outbox.dropped:
+                self._draining[recipient] = False
+                pending = await self.store.mailbox_peek(
+                    recipient, self.now(), self.limits.mailbox.recipient_messages
+                )
+                for stored in pending:
+                    if not await self._deliver_stored(outbox, recipient, stored):
+                        return
+                if not self._draining.get(recipient):
+                    return
+        except Exception as exc:  # the database went away: the poll tries again
+            log.warning("could not deliver mail from the shared mailbox: %s", exc)
+        finally:
+            self._draining.pop(recipient, None)
+
+    def _taken_elsewhere(self, node_id: NodeId, instance: str) -> None:
+        """The node connected to another instance: one socket per node, the newest."""
+        outbox = self.connections.get(node_id)
+        if outbox is not None:
+            outbox.drop("replaced by a newer connection to another registry instance")
+
+    async def _poll_loop(self) -> None:
+        """Mail for connected nodes that no notification announced (a LISTEN connection
+        that broke, an instance that died after storing): delivered within a poll."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            if not self.connections:
+                continue
+            try:
+                waiting = await self.store.mailbox_waiting(
+                    [node_key(n) for n in self.connections], self.now()
+                )
+            except Exception as exc:  # the database went away: try again next time
+                log.warning("polling the shared mailbox failed: %s", exc)
+                continue
+            for recipient, message_id in waiting:
+                self._mail_arrived(parse_node(recipient), message_id)
 
     async def _finish(self, outbox: Outbox) -> None:
         """Let frames already queued (the last error) go out, briefly, then stop."""
@@ -438,24 +604,24 @@ class RegistryServer:
                 raise RegistryError("only binary frames are accepted")
             frame = wsproto.from_wire(message.data)
             if isinstance(frame, wsproto.Send):
-                self._relay(outbox, node_id, frame)
+                await self._relay(outbox, node_id, frame)
             elif isinstance(frame, wsproto.TurnRequest):
-                self._turn_request(outbox, node_id)
+                await self._turn_request(outbox, node_id)
             else:
                 raise RegistryError(f"unexpected {frame.T!r} frame from a node")
             if outbox.dropped:
                 return
 
-    def _turn_request(self, outbox: Outbox, node_id: NodeId) -> None:
+    async def _turn_request(self, outbox: Outbox, node_id: NodeId) -> None:
         """TURN relays cost bandwidth: only for nodes this registry knows, now, not too often."""
         if self.turn is None:
             _push_error(outbox, "this registry offers no TURN relay", "use another")
             return
-        if not self._turn_limit.allow(str(node_id), self.clock()):
+        if not await self._allow(self._turn_limit, "turn", str(node_id)):
             _push_error(outbox, "asking for TURN credentials too often", "reuse the ones you have")
             return
         now = self.now()
-        wire = self.db.get_wire(node_id, now)
+        wire = await self.store.get_wire(node_id, now)
         if wire is None:
             _push_error(
                 outbox,
@@ -479,15 +645,19 @@ class RegistryServer:
                     "publish a record carrying a certificate from a member organisation",
                 )
                 return
+        await self.store.turn_issued(node_id, now)
         outbox.push(wsproto.to_wire(turn_credentials(self.turn, node_id, now)))
 
-    def _relay(self, outbox: Outbox, sender: NodeId, frame: wsproto.Send) -> None:
+    async def _relay(self, outbox: Outbox, sender: NodeId, frame: wsproto.Send) -> None:
         now = self.clock()
-        if not self._send.allow(str(sender), now) or not self._address_send.allow(
+        if not self._send.allow(node_key(sender), now) or not self._address_send.allow(
             outbox.address, now
         ):
             hint = f"at most {self.limits.send_rate:g} messages a second"
             _push_error(outbox, "sending too fast", hint, frame.ref)
+            return
+        if self.store.shared:
+            await self._relay_shared(outbox, sender, frame)
             return
         target = self.connections.get(frame.to)
         if target is not None and not target.dropped:
@@ -497,29 +667,54 @@ class RegistryServer:
                 outbox.push(wsproto.to_wire(wsproto.Ack(frame.ref, "delivered")))
                 return
             # Its queue was full and it is dropped: this message waits with the others.
-        refused = self._keep_for_later(frame.to, sender, frame.data, outbox.address)
+            if (pending := self._dropping.get(frame.to)) is not None:
+                await asyncio.wait([pending])  # after those, in order
+        refused = await self._keep_for_later(frame.to, sender, frame.data, outbox.address)
         if refused is None:
             outbox.push(wsproto.to_wire(wsproto.Ack(frame.ref, "stored")))
         else:
             _push_error(outbox, refused, "try again later", frame.ref)
 
-    def _keep_for_later(
+    async def _relay_shared(self, outbox: Outbox, sender: NodeId, frame: wsproto.Send) -> None:
+        """Several instances: every message is written to the shared mailbox before it is
+        acknowledged (an instance that dies loses nothing acknowledged), then handed to
+        the recipient's socket here, or by the instance holding it (notified)."""
+        target = self.connections.get(frame.to)
+        here = target is not None and not target.dropped
+        online = here or await self.store.online_elsewhere(frame.to)
+        ident, refused = await self._offer(frame.to, sender, frame.data, outbox.address, online)
+        if refused is not None:
+            _push_error(outbox, refused, "try again later", frame.ref)
+            return
+        if here and target is not None:
+            self._inflight.setdefault(frame.to, set()).add(ident)
+            deliver = wsproto.to_wire(wsproto.Deliver(sender, frame.to, frame.data))
+            online = target.push(deliver, Relayed(sender, frame.data, ident, outbox.address))
+        status = "delivered" if online else "stored"
+        outbox.push(wsproto.to_wire(wsproto.Ack(frame.ref, status)))
+
+    async def _offer(
+        self, recipient: NodeId, sender: NodeId, data: bytes, origin: str, online: bool = False
+    ) -> tuple[int, str | None]:
+        now = self.now()
+        offer = MailOffer(
+            recipient,
+            sender,
+            data,
+            now,
+            self.limits.mailbox_ttl,
+            origin,
+            self.limits.mailbox,
+            # Mail waits only for known nodes; a node connected right now gets it anyway.
+            None if online else now - self.limits.mail_record_grace,
+        )
+        return await self.store.mailbox_offer(offer)
+
+    async def _keep_for_later(
         self, recipient: NodeId, sender: NodeId, data: bytes, origin: str
     ) -> str | None:
         """Store a message in the mailbox; the reason when a quota refuses it."""
-        now = self.now()
-        if not self.db.known_since(recipient, now - self.limits.mail_record_grace):
-            return (
-                "this registry keeps mail only for nodes with a current record here, "
-                "and the recipient has none"
-            )
-        usage = self.db.mailbox_usage(recipient, sender, now, origin)
-        refused = self.limits.mailbox.refusal(usage, len(data))
-        if refused is None:
-            self.db.mailbox_put(
-                recipient, sender, data, now=now, ttl=self.limits.mailbox_ttl, origin=origin
-            )
-        return refused
+        return (await self._offer(recipient, sender, data, origin))[1]
 
 
 def _push_error(outbox: Outbox, error: str, hint: str, ref: int = -1) -> None:
@@ -536,9 +731,19 @@ async def _ws_error(ws: web.WebSocketResponse, error: str, hint: str, ref: int =
             await ws.send_bytes(wsproto.to_wire(wsproto.Error(error[:1024], hint[:1024], ref)))
 
 
+def _shown(db: str | Path) -> str:
+    """The database as printed: a PostgreSQL URL without its password."""
+    text = str(db)
+    if "://" in text and "@" in text:
+        scheme, rest = text.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    return text
+
+
 async def run_forever(server: RegistryServer, host: str, port: int) -> None:
     url = await server.start(host, port)
-    print(f"radmesh registry listening on {url} (database {server.db_path})", flush=True)
+    print(f"radmesh registry listening on {url} (database {_shown(server.db_path)})", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

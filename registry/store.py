@@ -1,7 +1,8 @@
 """The registry's SQLite database: verified records and the signaling mailbox.
 
-Every call is a short indexed statement (microseconds), so the server runs them
-on the event loop instead of paying a thread hop per request.
+Every call is a short indexed statement; the server runs them on one worker
+thread (:class:`registry.storage.SqliteStore`) so a slow disk never stalls the
+event loop.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class RegistryDB:
         self._migrate()
         self._db.executescript(_INDEXES)
         self._total = self._mailbox_bytes()
+        self.last_id = 0  # the last message mailbox_put stored
 
     def _migrate(self) -> None:
         """Databases from before the byte quotas and the availability column."""
@@ -225,20 +227,23 @@ class RegistryDB:
         ``cap`` alone is the old per-recipient count check (False when full)."""
         if cap is not None and self.mailbox_count(recipient, now) >= cap:
             return False
-        self._db.execute(
+        cursor = self._db.execute(
             "INSERT INTO mailbox (recipient, sender, expires_at, data, size, origin) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             (str(recipient), str(sender), now + ttl, data, len(data), origin),
         )
         self._total += len(data)
+        self.last_id = int(cursor.lastrowid or 0)
         return True
 
-    def mailbox_peek(self, recipient: NodeId, now: int, limit: int = 1000) -> list[Stored]:
+    def mailbox_peek(
+        self, recipient: NodeId, now: int, limit: int = 1000, after: int = 0
+    ) -> list[Stored]:
         """Messages waiting for ``recipient``, oldest first; deleted only once delivered."""
         rows = self._db.execute(
             "SELECT id, sender, data FROM mailbox WHERE recipient = ? AND expires_at > ? "
-            "ORDER BY id LIMIT ?",
-            (str(recipient), now, limit),
+            "AND id > ? ORDER BY id LIMIT ?",
+            (str(recipient), now, after, limit),
         ).fetchall()
         return [Stored(NodeId.parse(r[1]), bytes(r[2]), r[0]) for r in rows]
 

@@ -275,7 +275,13 @@ def cmd_registry_run(args: argparse.Namespace) -> int:
     if args.address_sockets < 1:
         raise ConfigError("--address-sockets must be at least 1")
     limits = Limits(address_sockets=args.address_sockets)
-    server = RegistryServer(args.db, public_url=args.public_url or "", turn=turn, limits=limits)
+    server = RegistryServer(
+        args.db,
+        public_url=args.public_url or "",
+        turn=turn,
+        limits=limits,
+        trusted_proxies=frozenset(args.trusted_proxy),
+    )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_forever(server, args.host, args.port))
     return 0
@@ -424,7 +430,11 @@ def register(sub: Any) -> None:
     p = rsub.add_parser("run", help="run a registry server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7450)
-    p.add_argument("--db", default="registry.db", help="SQLite database path")
+    p.add_argument(
+        "--db",
+        default="registry.db",
+        help="SQLite database path, or postgresql://USER@HOST/DB shared by several instances",
+    )
     p.add_argument("--public-url", default="", help="URL nodes use to reach it (auth binding)")
     p.add_argument("--turn-secret", default="", help="coturn static-auth-secret")
     p.add_argument("--turn-url", default="", help="e.g. turn:127.0.0.1:3478")
@@ -442,6 +452,13 @@ def register(sub: Any) -> None:
         default=[],
         metavar="ORG_KEY",
         help="relay only for nodes certified by this organisation key (hex; repeatable)",
+    )
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="a reverse proxy in front (repeatable): limits count its X-Forwarded-For client",
     )
     p.set_defaults(handler=cmd_registry_run)
     p = rsub.add_parser("add", help="add a registry URL to this node's config")

@@ -53,7 +53,7 @@ class HostileRegistry(RegistryServer):
             {"records": [base64.b64encode(w).decode() for w in [*records, *junk]]}
         )
 
-    def _relay(self, outbox: Outbox, sender: NodeId, frame: wsproto.Send) -> None:
+    async def _relay(self, outbox: Outbox, sender: NodeId, frame: wsproto.Send) -> None:
         target = self.connections[frame.to]
         data, claimed = frame.data, sender
         if self.relay_mode == "tamper":
