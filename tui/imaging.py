@@ -345,3 +345,30 @@ def position_mm(
         origin[1] + ry * col_mm * p[0] + cy * row_mm * p[1],
         origin[2] + rz * col_mm * p[0] + cz * row_mm * p[1],
     )
+
+
+# The first window of a series without one in its files.
+SOFT_TISSUE = Window(40, 400)
+BRAIN = Window(40, 80)
+HEAD_WORDS = ("head", "brain", "skull", "cran", "neuro")
+
+
+def default_window(
+    file_window: Window | None, modality: str, description: str, values: npt.NDArray[Any]
+) -> Window:
+    """The window a series opens in: its own Window Center/Width (first value, already
+    read into ``file_window``) when it has a sane one, else CT brain (head series) or
+    soft tissue, else (MR and the rest) the 1st..99th percentile of the pixels."""
+    if (
+        file_window is not None
+        and math.isfinite(file_window.center)
+        and math.isfinite(file_window.width)
+    ):
+        return file_window
+    if modality.strip().upper() == "CT":
+        head = any(word in description.lower() for word in HEAD_WORDS)
+        return BRAIN if head else SOFT_TISSUE
+    finite = values[np.isfinite(values)] if values.size else values
+    if finite.size == 0:
+        return SOFT_TISSUE
+    return window_from_data(finite)

@@ -129,7 +129,7 @@ async def test_presets_invert_zoom_and_reset_change_the_rendered_image() -> None
         await pilot.press("i", "plus")
         assert view.invert
         assert view.zoom == pytest.approx(1.25)
-        await pilot.press("r")
+        await pilot.press("R")  # reset (r types into the report)
         assert not view.invert
         assert view.zoom == 1.0
         assert view.window == Window(40, 400)  # the file's own window

@@ -13,18 +13,20 @@ HELP = """\
 [b]Anywhere[/b]  ?/F1 help  F2 home  F3 studies  F4 peers  ctrl+q quit
 [b]Viewer[/b]
   j/k ↓/↑ wheel  next/previous slice   PgDn/PgUp ±10   Home/End first/last
-  n/N            next/previous series  c cine on/off
+  n/N            next/previous series (each keeps its window, slice)  C cine
   1-8            presets: brain, subdural, stroke, bone, lung, abdomen,
                  liver, mediastinum
   drag (mouse)   window: right = wider, down = higher level
-  i invert   +/- zoom   H/J/K/L pan   r reset
+  i invert   +/- zoom   H/J/K/L or shift+arrows pan   R reset
   P point  A arrow(+text)  M length  G angle  E ellipse ROI  escape: no tool
-  a click with a tool places its points; without one it selects an
-  annotation (also [ ])   x/del removes your own
+  with a tool: arrows/hjkl move the cursor (shift/HJKL ×8), space places a
+  point (or click); values (mm, °, HU) show on the image. No tool: a click
+  selects an annotation (also [ ])   x/del removes your own
   p present   f follow the presenter (your own move stops it)
   g propose a guest (a verified peer); the other party approves it
+  r type in the report  c type in the chat (enter sends)  escape: back
+  the focused pane has a bold border; the bottom line: VIEW/REPORT/CHAT
   multi-frame: j/k walk frames   images: --graphics kitty|sixel|halfblock|auto
-  chat: the chat box + enter   report: the report box
   F8 critical result   F9 finalise & sign   q close the viewer
 [b]Home[/b]  enter opens the request's study in a live consult (even as it arrives)
   inbox ←: a accept  d decline (with a reason)  f fetch study

@@ -6,24 +6,24 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.timer import Timer
-from textual.widgets import Footer, Header, OptionList
+from textual.widgets import Footer, Header, Input, OptionList, Static, TextArea
 from textual.worker import Worker, WorkType
 
 from consult import measure
 from consult.errors import ConsultError
 from consult.presence import Cursor, Participant, Viewport
 from consult.shared import Annotation, AnnotationKind
-from tui import hittest, imaging, safe_text
+from tui import hittest, imaging, kbcursor, safe_text
 from tui.facade import ActionError, Frame, InstanceRef, NodeFacade, SeriesInfo, StudyInfo
 from tui.imaging import Point
 from tui.screens.prompt import TextPrompt
-from tui.widgets.consult_panel import ConsultPanel
+from tui.widgets.consult_panel import ConsultPanel, mark_label
 from tui.widgets.image_view import ImageView, Mark
 
 CURSOR_PERIOD = 0.05  # own cursor goes out at most 20 times a second
@@ -39,12 +39,31 @@ TOOLS = {
     "ellipse": AnnotationKind.ELLIPSE,
 }
 POINTS_NEEDED = {"point": 1, "arrow": 2, "length": 2, "angle": 3, "ellipse": 2}
+# The mode line: what the keys do now, by the id of the focused widget.
+MODES = {
+    "image": "VIEW   r report  c chat  P/A/M/G/E tools  ? help",
+    "report": "REPORT   typing goes into the shared report   Esc back to the image",
+    "chat-input": "CHAT   enter sends   Esc back to the image",
+    "series": "SERIES   ↑/↓ enter picks a series   Esc back to the image",
+}
 
 
 class ViewerScreen(Screen[None]):
+    DEFAULT_CSS = """
+    ViewerScreen #mode { dock: bottom; height: 1; background: $accent; color: $text; }
+    /* Always a border, so focus changes its colour and weight, never the image size. */
+    ViewerScreen ImageView { border: round $panel; }
+    ViewerScreen ImageView:focus { border: heavy $accent; }
+    ViewerScreen #series { border: round $panel; }
+    ViewerScreen #series:focus { border: heavy $accent; }
+    """
     BINDINGS = [  # noqa: RUF012 - Textual's API
-        Binding("j,down", "step(1)", "next slice", show=False),
-        Binding("k,up", "step(-1)", "prev slice", show=False),
+        # With a tool: the arrows/hjkl move the keyboard cursor (shift: 8 steps), space places.
+        Binding("j,down", "key_move(0, 1)", "next slice", show=False),
+        Binding("k,up", "key_move(0, -1)", "prev slice", show=False),
+        Binding("h,left", "key_move(-1, 0)", "cursor left", show=False),
+        Binding("l,right", "key_move(1, 0)", "cursor right", show=False),
+        Binding("space", "place", "place point", show=False),
         Binding("pagedown", "step(10)", "+10", show=False),
         Binding("pageup", "step(-10)", "-10", show=False),
         Binding("home", "goto(0)", "first", show=False),
@@ -54,12 +73,14 @@ class ViewerScreen(Screen[None]):
         Binding("i", "invert", "invert"),
         Binding("plus,equals_sign", "zoom(1.25)", "zoom in", show=False),
         Binding("minus", "zoom(0.8)", "zoom out", show=False),
-        Binding("H", "pan(-8, 0)", "pan left", show=False),
-        Binding("L", "pan(8, 0)", "pan right", show=False),
-        Binding("K", "pan(0, -8)", "pan up", show=False),
-        Binding("J", "pan(0, 8)", "pan down", show=False),
-        Binding("r", "reset", "reset"),
-        Binding("c", "cine", "cine"),
+        Binding("H,shift+left", "key_move(-1, 0, True)", "pan left", show=False),
+        Binding("L,shift+right", "key_move(1, 0, True)", "pan right", show=False),
+        Binding("K,shift+up", "key_move(0, -1, True)", "pan up", show=False),
+        Binding("J,shift+down", "key_move(0, 1, True)", "pan down", show=False),
+        Binding("r", "focus_text('report')", "report"),
+        Binding("c", "focus_text('chat-input')", "chat"),
+        Binding("R", "reset", "reset", show=False),
+        Binding("C", "cine", "cine", show=False),
         Binding("n", "series(1)", "next series", show=False),
         Binding("N", "series(-1)", "prev series", show=False),
         Binding("P", "tool('point')", "point", show=False),
@@ -67,7 +88,7 @@ class ViewerScreen(Screen[None]):
         Binding("M", "tool('length')", "length", show=False),
         Binding("G", "tool('angle')", "angle", show=False),
         Binding("E", "tool('ellipse')", "ellipse", show=False),
-        Binding("escape", "tool('')", "no tool", show=False),
+        Binding("escape", "escape", "back to the image / no tool", show=False),
         Binding("left_square_bracket", "select(-1)", "prev mark", show=False),
         Binding("right_square_bracket", "select(1)", "next mark", show=False),
         Binding("x,delete", "remove_mark", "remove mark", show=False),
@@ -96,6 +117,9 @@ class ViewerScreen(Screen[None]):
         self._sent_cursor: Point | None = None
         self._cache: OrderedDict[tuple[str, int], Frame] = OrderedDict()
         self._window_set = False
+        # Per series (uid): the window and slice it was left at, restored on coming back.
+        self._series_state: dict[str, tuple[imaging.Window, int]] = {}
+        self.kb: Point | None = None  # the keyboard cursor, while a tool is active
         self._cine: Timer | None = None
         self._unsubscribe: Any = None
         self._sent_viewport: Viewport | None = None
@@ -117,6 +141,7 @@ class ViewerScreen(Screen[None]):
             yield ImageView(id="image")
             if self.session is not None:
                 yield ConsultPanel(self.session, self._trust_of)
+        yield Static(MODES["image"], id="mode")
         yield Footer()
 
     def _trust_of(self, node_id: str) -> str:
@@ -153,15 +178,41 @@ class ViewerScreen(Screen[None]):
             self._unsubscribe()
 
     # slices
-    def open_series(self, index: int, slice_index: int = 0) -> None:
+    def open_series(
+        self, index: int, slice_index: int | None = None, window: imaging.Window | None = None
+    ) -> None:
+        """Show a series: at ``slice_index`` and ``window`` when given (following), else
+        where this series was left, else its first slice in its own default window."""
         if not self.series_list:
             self.update_view()
             return
+        self._remember_series()
         self.series_index = index % len(self.series_list)
-        self.instances = self.node.instances(self.series_list[self.series_index].series_uid)
+        uid = self.series_list[self.series_index].series_uid
+        saved = self._series_state.get(uid)
+        if slice_index is None:
+            slice_index = saved[1] if saved is not None else 0
+        if window is None and saved is not None:
+            window = saved[0]
+        if window is not None:
+            self.view.window = window
+        self._window_set = window is not None  # else the first frame shown sets it
+        self.instances = self.node.instances(uid)
         self.slices = [(ref, f) for ref in self.instances for f in range(max(1, ref.frames))]
         self.index = max(0, min(len(self.slices) - 1, slice_index))
+        self.pending, self.kb = [], None
         self.load_current()
+
+    def _remember_series(self) -> None:
+        if self.series_list and self.slices and self._window_set:
+            uid = self.series_list[self.series_index].series_uid
+            self._series_state[uid] = (self.view.window, self.index)
+
+    def _default_window(self, frame: Frame) -> imaging.Window:
+        series = self.series_list[self.series_index]
+        return imaging.default_window(
+            frame.window, series.modality, series.description, frame.modality()
+        )
 
     @property
     def current(self) -> InstanceRef | None:
@@ -215,7 +266,7 @@ class ViewerScreen(Screen[None]):
 
     def _show(self, key: tuple[str, int], frame: Frame | None) -> None:
         if frame is not None and not self._window_set:
-            self.view.window = frame.window or imaging.window_from_data(frame.modality())
+            self.view.window = self._default_window(frame)
             self._window_set = True
         self.view.frame = frame
         self.view.show(frame)
@@ -273,8 +324,9 @@ class ViewerScreen(Screen[None]):
 
     def _marks(self) -> tuple[Mark, ...]:
         ref = self.current
+        kb = self._keyboard_marks()
         if self.session is None or ref is None:
-            return tuple(Mark("point", (p,), "#ffffff") for p in self.pending)
+            return (*[Mark("point", (p,), "#ffffff") for p in self.pending], *kb)
         colours = {p.node: safe_text.colour(p.colour) for p in self.session.participants()}
         selected = self.query_one(ConsultPanel).selected
         marks = [
@@ -282,7 +334,7 @@ class ViewerScreen(Screen[None]):
                 a.kind.value,
                 a.points,
                 "#ffffff" if a.id == selected else colours.get(a.author, "#ffff00"),
-                a.text,
+                mark_label(a),
             )
             for a in self._annotations_here()
             if safe_text.finite(a.points)
@@ -300,6 +352,25 @@ class ViewerScreen(Screen[None]):
                     Mark("cursor", ((cursor.x, cursor.y),), colours[p.node], self._label(p))
                 )
         marks.extend(Mark("point", (p,), "#ffffff") for p in self.pending)
+        marks.extend(kb)
+        return tuple(marks)
+
+    def _keyboard_marks(self) -> tuple[Mark, ...]:
+        """The keyboard cursor and, while placing, a line to it from the last point placed
+        (with the length so far, for the length tool)."""
+        if self.kb is None or not self.tool:
+            return ()
+        marks = [Mark("kbcursor", (self.kb,), "#00ff00")]
+        frame = self.view.frame
+        if self.pending and self.tool in ("arrow", "length", "angle") and frame is not None:
+            label = ""
+            if self.tool == "length":
+                try:
+                    spacing = measure.PixelSpacing(*frame.spacing)
+                    label = f"{measure.length_mm(self.pending[-1], self.kb, spacing):.1f} mm"
+                except (ConsultError, ValueError):
+                    label = ""
+            marks.append(Mark("length", (self.pending[-1], self.kb), "#00ff00", label))
         return tuple(marks)
 
     def _annotations_here(self) -> list[Annotation]:
@@ -384,7 +455,7 @@ class ViewerScreen(Screen[None]):
         view.center = None
         index = uids.index(target.series_uid)
         if index != self.series_index:
-            self.open_series(index, target.slice_index)
+            self.open_series(index, target.slice_index, view.window)
         else:
             self.index = max(0, min(len(self.slices) - 1, target.slice_index))
             self.load_current()
@@ -480,11 +551,76 @@ class ViewerScreen(Screen[None]):
                 TOOLS[tool], ref.sop_uid, self.frame_no, points, text=text, values=values
             )
             self.message = ""
+            self._refresh_panel()  # a live session does not call back for its own edits
         except ConsultError as exc:
             self.message = str(exc)
         self.update_view()
 
     # actions
+    def _refresh_panel(self) -> None:
+        panel = self.query(ConsultPanel)
+        if panel:
+            panel.first().update_from_session()
+
+    # keyboard: cursor, focus, mode line
+    def action_key_move(self, dx: int, dy: int, big: bool = False) -> None:
+        """Arrows/hjkl: with a tool, move the keyboard cursor (shift/HJKL: 8 steps);
+        without one, j/k walk the slices and HJKL pan."""
+        frame, geom = self.view.frame, self.view.geometry()
+        if self.tool and frame is not None and geom is not None:
+            shape = frame.pixels.shape[:2]
+            start = self.kb or kbcursor.start(shape, self.pointer)
+            step = kbcursor.step_pixels(geom.cell[0], geom.scale[0])
+            self.kb = self.pointer = kbcursor.moved(start, dx, dy, shape, step, big)
+            self.update_view()
+        elif big:
+            self.action_pan(8 * dx, 8 * dy)
+        elif dy:
+            self.action_step(dy)
+
+    def action_place(self) -> None:
+        """Space: place a point of the active tool at the keyboard cursor."""
+        if not self.tool:
+            self.message = "pick a tool first: P point, A arrow, M length, G angle, E ellipse"
+            self.update_view()
+        elif self.kb is not None:
+            self.add_point(self.kb)
+
+    def action_escape(self) -> None:
+        """Esc: from the report, chat or series list back to the image; on the image,
+        drop the tool and its unfinished points."""
+        if not self.view.has_focus:
+            self.view.focus()
+        elif self.tool or self.pending:
+            self.action_tool("")
+
+    def action_focus_text(self, widget_id: str) -> None:
+        """``r``/``c``: type into the report or the chat (Esc comes back)."""
+        if self.session is None:
+            self.message = "the report and chat belong to a live consult (open it from Home)"
+            self.update_view()
+            return
+        self.query_one(f"#{widget_id}").focus()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """While the report or chat has the keys, none of the viewer's letter keys act."""
+        if isinstance(self.focused, Input | TextArea) and action != "escape":
+            return action in ("finalise", "critical")  # F8/F9, not text keys
+        return True
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        self._show_mode()
+
+    def on_descendant_blur(self, event: events.DescendantBlur) -> None:
+        self.call_after_refresh(self._show_mode)
+
+    def _show_mode(self) -> None:
+        if not self.is_attached:
+            return
+        focused = self.focused
+        mode = MODES.get(focused.id or "", MODES["image"]) if focused else MODES["image"]
+        self.query_one("#mode", Static).update(mode)
+
     def action_step(self, delta: int) -> None:
         if self.slices:
             self._user_moved = True
@@ -526,7 +662,7 @@ class ViewerScreen(Screen[None]):
         frame = self.view.frame
         self.view.zoom, self.view.center, self.view.invert = 1.0, None, False
         if frame is not None:
-            self.view.window = frame.window or imaging.window_from_data(frame.modality())
+            self.view.window = self._default_window(frame)
         self.message = ""
         self._user_moved = True
         self.update_view()
@@ -555,6 +691,11 @@ class ViewerScreen(Screen[None]):
 
     def action_tool(self, name: str) -> None:
         self.tool, self.pending = name, []
+        frame = self.view.frame
+        if name and frame is not None:
+            self.kb = kbcursor.start(frame.pixels.shape[:2], self.kb or self.pointer)
+        else:
+            self.kb = None
         if self.session is not None:
             self.session.set_tool(name or "pointer")
         self.update_view()
@@ -603,6 +744,7 @@ class ViewerScreen(Screen[None]):
                 self.session.remove_annotation(chosen.id)
                 panel.selected = None
                 self.message = ""
+                self._refresh_panel()
             except ConsultError as exc:
                 self.message = str(exc)
         self.update_view()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -25,6 +26,24 @@ def report_shown(text: str) -> str:
     return printable(text, multiline=True)
 
 
+def value_text(a: Annotation) -> str:
+    """The measured value of an annotation, short, as drawn beside its mark on the image
+    ("" for marks without one). Values come from peers: only finite numbers are shown."""
+    v = {k: x for k, x in a.values.items() if isinstance(x, int | float) and math.isfinite(x)}
+    if "length_mm" in v:
+        return f"{v['length_mm']:.1f} mm"
+    if "angle_deg" in v:
+        return f"{v['angle_deg']:.1f}°"
+    if "mean" in v:
+        return f"{v['mean']:.0f}±{v.get('sd', 0):.0f} HU {v.get('area_mm2', 0):.0f} mm²"
+    return ""
+
+
+def mark_label(a: Annotation) -> str:
+    """What is drawn next to an annotation on the image: its value, then its text."""
+    return " ".join(t for t in (value_text(a), plain(a.text, MAX_LINE_CHARS)) if t)
+
+
 def describe(a: Annotation) -> str:
     v = a.values
     if "length_mm" in v:
@@ -45,7 +64,10 @@ class ConsultPanel(Vertical):
     ConsultPanel #participants { height: auto; max-height: 6; }
     ConsultPanel #annotations { height: auto; max-height: 8; }
     ConsultPanel #chat-log { height: 1fr; min-height: 3; }
-    ConsultPanel #report { height: 8; }
+    ConsultPanel #report { height: 8; border: round $panel; }
+    ConsultPanel #report:focus { border: heavy $accent; }
+    ConsultPanel #chat-input { border: round $panel; }
+    ConsultPanel #chat-input:focus { border: heavy $accent; }
     """
 
     class Finalise(Message):
@@ -120,6 +142,7 @@ class ConsultPanel(Vertical):
         if event.input.id == "chat-input" and event.value.strip():
             self.session.say(event.value.strip())
             event.input.value = ""
+            self.update_from_session()  # a live session does not call back for own edits
 
     def on_text_area_changed(self, event: TextArea.Changed) -> None:
         if event.text_area.has_focus and not self.session.finalised():

@@ -48,7 +48,7 @@ def hex_rgb(colour: str) -> imaging.RGB:
 class Mark:
     """Something to draw, in image coordinates: kind is point|arrow|length|angle|ellipse|cursor."""
 
-    kind: str
+    kind: str  # also "kbcursor": the keyboard cursor, drawn like a cursor
     points: tuple[Point, ...]
     colour: str
     label: str = ""
@@ -204,6 +204,9 @@ class ImageView(Widget, can_focus=True):
             tags = [f"+{m.label}" for m in self.marks if m.label and m.kind == "cursor"]
             if tags:
                 lines.append("cursors: " + "  ".join(tags))
+            values = [m.label for m in self.marks if m.label and m.kind != "cursor"]
+            if values:
+                lines.append("marks: " + "  ".join(values))
         return lines
 
     def _draw_marks(
@@ -217,7 +220,7 @@ class ImageView(Widget, can_focus=True):
         for mark in self.marks:
             colour = hex_rgb(mark.colour)
             pts = [geom.image_to_display(p) for p in mark.points]
-            if mark.kind in ("point", "cursor"):
+            if mark.kind in ("point", "cursor", "kbcursor"):
                 arm = round((2 if mark.kind == "point" else 3) * cw)
                 imaging.draw_cross(rgb, pts[0], colour, arm=arm)
             elif mark.kind == "arrow" and len(pts) == 2:
@@ -231,7 +234,9 @@ class ImageView(Widget, can_focus=True):
                 rx, ry = mark.points[1]
                 imaging.draw_ellipse(rgb, pts[0], abs(rx) * sx, abs(ry) * sy, colour)
             if mark.label:
-                col, row = geom.image_to_cell(mark.points[0])
+                # Beside the end of a length (its start is often on what it measures).
+                anchor = mark.points[-1] if mark.kind == "length" else mark.points[0]
+                col, row = geom.image_to_cell(anchor)
                 style = Style(color=mark.colour, bgcolor="#000000")
                 labels.update(label_cells(mark.label, row + 1, col + 1, style, width))
 
