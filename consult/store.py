@@ -13,10 +13,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from consult.alerts import ReportAck
 from consult.errors import BadReport, LocalConsultError, MalformedMessage, UnknownConsult
-from consult.report import PeerReview, Report, verify_report, verify_review
 from consult.requests import (
     TRANSITIONS,
     AuditHook,
@@ -31,6 +31,9 @@ from consult.requests import (
 )
 from crypto import canonical
 from crypto.identity import NodeId
+
+if TYPE_CHECKING:
+    from consult.report import PeerReview, Report
 
 DB_NAME = "consult.sqlite3"
 ROLES = ("requester", "consultant")
@@ -344,6 +347,8 @@ class ConsultDB:
         The report must be signed by the consultant the case was sent to (when
         known) and name this consult; state and report are committed together.
         """
+        from consult.report import verify_report  # pydicom/highdicom: not for `consult list`
+
         role, peer, _ = self.info(consult_id)
         if role != "requester":
             raise LocalConsultError(
@@ -371,6 +376,8 @@ class ConsultDB:
         role, _, _ = self.info(consult_id)
         if role != "consultant":
             raise LocalConsultError(f"consult {consult_id[:8]} was not sent to this node")
+        from consult.report import verify_report
+
         report = verify_report(wire, consult_id=consult_id)
         with self._transaction():
             transition = self._apply_locked(consult_id, Event.REPORT, now, actor)
@@ -458,6 +465,8 @@ class ConsultDB:
             raise LocalConsultError(
                 f"consult {consult_id[:8]} has no report on this node: nothing to review"
             )
+        from consult.report import verify_review
+
         review = verify_review(wire, report_wire=report)
         if review.consult_id != consult_id:
             raise BadReport(f"peer review is for consult {review.consult_id}, not {consult_id}")
@@ -478,6 +487,8 @@ class ConsultDB:
         return review
 
     def reviews(self, consult_id: str) -> list[PeerReview]:
+        from consult.report import verify_review
+
         report = self.report_wire(consult_id)
         rows = self._db.execute(
             "SELECT wire FROM reviews WHERE consult_id = ? ORDER BY received_at", (consult_id,)

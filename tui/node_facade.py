@@ -19,10 +19,10 @@ from dataclasses import replace
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from consult.errors import ConsultError
+from consult.errors import ConsultError, IllegalTransition
 from consult.live import LiveConsult
 from consult.presence import Cursor, Participant, Viewport
-from consult.requests import ConsultCase, Event, Priority, State
+from consult.requests import ConsultCase, Event, Priority, State, refusal
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.errors import CryptoError
 from crypto.identity import NodeId
@@ -192,6 +192,11 @@ class LiveSessionView:
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         return self.live.subscribe(listener)
+
+
+def refused(exc: IllegalTransition) -> str:
+    """A refused consult action in the TUI's words: what happened, and which key to press."""
+    return refusal(State(exc.state), Event(exc.event), tui=True)
 
 
 def impression_of(text: str) -> tuple[str, str]:
@@ -571,6 +576,8 @@ class RuntimeNode:
     async def acknowledge(self, consult_id: str, by: str) -> str:
         try:
             how, _ = await workflow.acknowledge(self.runtime, consult_id, by)
+        except IllegalTransition as exc:
+            raise ActionError(refused(exc)) from exc
         except (ConsultError, NodeError) as exc:
             raise ActionError(f"could not acknowledge consult {consult_id[:8]}: {exc}") from exc
         return f"report of consult {consult_id[:8]} acknowledged; consultant told: {how}"
@@ -580,6 +587,8 @@ class RuntimeNode:
         event = Event.ACCEPT if accept else Event.DECLINE
         try:
             state = await workflow.respond(self.runtime, consult_id, event, reason)
+        except IllegalTransition as exc:
+            raise ActionError(refused(exc)) from exc
         except (ConsultError, NodeError, TransportError) as exc:
             raise ActionError(f"could not {event.value} consult {consult_id[:8]}: {exc}") from exc
         return f"consult {consult_id[:8]} {state.value}; the requesting node was told"
@@ -609,9 +618,7 @@ class RuntimeNode:
         if role != "consultant":
             raise ActionError("only the consultant's node fetches the study of a consult")
         if case.state not in workflow.SERVABLE:
-            raise ActionError(
-                f"consult {consult_id[:8]} is {case.state.value}: accept it first (a)"
-            )
+            raise ActionError(refusal(case.state, Event.START_TRANSFER, tui=True))
         if case.request.id in self._fetching:
             return f"the study of consult {consult_id[:8]} is already being fetched"
         self._fetching.add(case.request.id)
@@ -641,6 +648,8 @@ class RuntimeNode:
         """Requester side: withdraw the request and tell every consultant it went to."""
         try:
             unreached = await workflow.withdraw(self.runtime, consult_id)
+        except IllegalTransition as exc:
+            raise ActionError(refused(exc)) from exc
         except ConsultError as exc:
             raise ActionError(f"could not withdraw consult {consult_id[:8]}: {exc}") from exc
         if unreached:

@@ -6,18 +6,22 @@ import argparse
 import dataclasses
 import threading
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from node.audit import AuditKind, open_audit
 from node.commands.identity import home_of
-from node.dicom_files import InvalidDicom
-from node.dicom_net import DicomListener, DicomNetError, echo, send_to_pacs
 from node.display import printable
 from node.keystore import load_identity
-from node.store import InstanceConflict, open_store
+
+if TYPE_CHECKING:
+    pass
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    from node.dicom_files import InvalidDicom
+    from node.dicom_net import DicomListener
+    from node.store import InstanceConflict, open_store
+
     home = home_of(args)
     config = home.load_config().dicom
     if args.port is not None:
@@ -69,12 +73,17 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    from node.dicom_net import echo
+
     status = echo(args.host, args.port, args.aet, args.calling_aet)
     print(f"C-ECHO {args.aet}@{args.host}:{args.port}: status 0x{status:04X}")
     return 0 if status == 0 else 1
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from node.dicom_net import DicomNetError, send_to_pacs
+    from node.store import open_store
+
     home = home_of(args)
     config = home.load_config().dicom
     host = args.host or config.pacs_host
