@@ -244,6 +244,8 @@ class RuntimeNode:
                     critical=critical,
                 )
                 runtime.notify(f"Report for consult {live.consult_id[:8]} signed and sent")
+            except IllegalTransition as exc:
+                runtime.notify(f"The report was not sent. {refused(exc)}")
             except (ConsultError, NodeError) as exc:
                 runtime.notify(f"The report was not sent: {exc}")
 

@@ -230,3 +230,25 @@ def test_cli_accept_twice_is_refused_in_plain_words(
     err = capsys.readouterr().err
     assert "This consult is already accepted; run `radmesh consult fetch" in err
     assert "cannot take event" not in err
+
+
+async def test_tui_pressing_a_twice_and_f_too_early_say_what_to_press(tmp_path: Path) -> None:
+    from tests.consult.test_live import wait_for
+    from tests.tui.test_node_facade import consult_pair, form_to
+    from tui.facade import ActionError
+
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=2, rows=32)
+    try:
+        await ask.request_consult(form_to(neuro, study_uid))
+        await wait_for(lambda: bool(answer.consults()))
+        consult_id = answer.consults()[0].consult_id
+        with pytest.raises(ActionError) as early:
+            answer.fetch(consult_id)  # f before a
+        assert str(early.value) == "This consult is not accepted yet; press a to accept it first."
+        await answer.respond(consult_id, True)
+        with pytest.raises(ActionError) as twice:
+            await answer.respond(consult_id, True)  # a again
+        assert str(twice.value) == "This consult is already accepted; press f to fetch the study."
+    finally:
+        await rural.stop()
+        await neuro.stop()
