@@ -24,10 +24,13 @@ class RemoteConsultError(ConsultError):
 class IllegalTransition(LocalConsultError):
     """An event that the request state machine does not allow in the current state."""
 
-    def __init__(self, state: str, event: str) -> None:
+    def __init__(self, state: str, event: str, sentence: str = "") -> None:
         super().__init__(
-            f"a consult request in state {state!r} cannot take event {event!r}: "
-            "check `radmesh consult show` for its current state"
+            sentence
+            or (
+                f"This consult is {state.replace('_', ' ')}, so it cannot be done now "
+                f"({event.replace('_', ' ')}): check `radmesh consult show` for what happened"
+            )
         )
         self.state = state
         self.event = event

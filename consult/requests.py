@@ -109,11 +109,98 @@ TERMINAL: frozenset[State] = frozenset(
 OPEN_STATES: frozenset[State] = frozenset(State) - TERMINAL
 
 
+# What a refused event means to the person who asked for it: what the consult's state
+# is, in their words, then what to do next. The next step names a key in the TUI and a
+# command on the CLI (:func:`refusal` picks one), so neither speaks state-machine.
+SITUATION: dict[State, str] = {
+    S.REQUESTED: "This consult has not been offered to a consultant yet",
+    S.OFFERED: "This consult is still waiting for a consultant's answer",
+    S.ACCEPTED: "This consult is already accepted",
+    S.DECLINED: "This consult was declined",
+    S.TRANSFERRING: "The study of this consult is already being fetched",
+    S.IN_REVIEW: "This consult is in review",
+    S.REPORTED: "This consult is already reported",
+    S.ACKNOWLEDGED: "The report of this consult is already acknowledged",
+    S.WITHDRAWN: "This consult was withdrawn by the requester",
+    S.EXPIRED: "This consult expired before a consultant accepted it",
+}
+# Next steps: (TUI wording, CLI wording); {id} is the consult id as the user gave it.
+STEPS: dict[str, tuple[str, str]] = {
+    "answer": (
+        "press a to accept it or d to decline it",
+        "run `radmesh consult accept {id}` or `radmesh consult decline {id}`",
+    ),
+    "accept": ("press a to accept it first", "run `radmesh consult accept {id}` first"),
+    "fetch": ("press f to fetch the study", "run `radmesh consult fetch {id}` to fetch the study"),
+    "wait_fetch": (
+        "wait for it to arrive (see Transfers)",
+        "wait for it to arrive, then try again",
+    ),
+    "report": (
+        "open the study (enter) and write the report",
+        "run `radmesh consult report {id}` to send the report",
+    ),
+    "ack": (
+        "the requester acknowledges it next",
+        "the requester acknowledges it next (`radmesh consult ack {id}`)",
+    ),
+    "reroute": (
+        "send it to another consultant or withdraw it",
+        "send it to another consultant or withdraw it (`radmesh consult withdraw {id}`)",
+    ),
+    "wait_answer": (
+        "wait for a consultant to accept it",
+        "wait for a consultant to accept it (`radmesh consult show {id}`)",
+    ),
+    "wait_report": ("wait for the consultant's report", "wait for the consultant's report"),
+    "nothing": ("there is nothing left to do on it", "there is nothing left to do on it"),
+    "new": (
+        "send a new request if a second opinion is still needed",
+        "send a new request if a second opinion is still needed (`radmesh consult request`)",
+    ),
+}
+NEXT_STEP: dict[State, str] = {
+    S.REQUESTED: "wait_answer",
+    S.OFFERED: "wait_answer",
+    S.ACCEPTED: "fetch",
+    S.DECLINED: "reroute",
+    S.TRANSFERRING: "wait_fetch",
+    S.IN_REVIEW: "report",
+    S.REPORTED: "ack",
+    S.ACKNOWLEDGED: "nothing",
+    S.WITHDRAWN: "nothing",
+    S.EXPIRED: "new",
+}
+# Where the event itself changes what to say (the state alone does not).
+REFUSALS: dict[tuple[State, Event], tuple[str, str]] = {
+    (S.ACCEPTED, E.ACCEPT): (SITUATION[S.ACCEPTED], "fetch"),
+    (S.ACCEPTED, E.DECLINE): (
+        "This consult is already accepted, so it can no longer be declined",
+        "fetch",
+    ),
+    (S.OFFERED, E.REPORT): ("This consult is not accepted yet", "answer"),
+    (S.REQUESTED, E.REPORT): ("This consult is not accepted yet", "answer"),
+    (S.OFFERED, E.START_TRANSFER): ("This consult is not accepted yet", "accept"),
+    (S.REQUESTED, E.START_TRANSFER): ("This consult is not accepted yet", "accept"),
+    (S.ACCEPTED, E.REPORT): ("The study of this consult is not fetched yet", "fetch"),
+    (S.TRANSFERRING, E.REPORT): ("The study of this consult is still arriving", "wait_fetch"),
+    (S.IN_REVIEW, E.ACKNOWLEDGE): ("This consult has no report yet", "wait_report"),
+}
+
+
+def refusal(state: State, event: Event, consult_id: str = "ID", *, tui: bool = False) -> str:
+    """The sentence a person reads when ``event`` is refused in ``state``: what happened
+    and what to do, with the next step as a TUI key (``tui``) or a CLI command."""
+    situation, step = REFUSALS.get((state, event), (SITUATION[state], NEXT_STEP[state]))
+    tui_text, cli_text = STEPS[step]
+    return f"{situation}; {(tui_text if tui else cli_text).format(id=consult_id)}."
+
+
 def next_state(state: State, event: Event) -> State:
     try:
         return TRANSITIONS[(state, event)]
     except KeyError:
-        raise IllegalTransition(state.value, event.value) from None
+        raise IllegalTransition(state.value, event.value, refusal(state, event)) from None
 
 
 def _text(raw: Mapping[str, Any], key: str, limit: int = MAX_FIELD_CHARS) -> str:

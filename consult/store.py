@@ -13,11 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from consult.addenda import Addendum, verify_addendum
 from consult.alerts import ReportAck
 from consult.errors import BadReport, LocalConsultError, MalformedMessage, UnknownConsult
-from consult.report import PeerReview, Report, verify_report, verify_review
 from consult.requests import (
     TRANSITIONS,
     AuditHook,
@@ -32,6 +32,9 @@ from consult.requests import (
 )
 from crypto import canonical
 from crypto.identity import NodeId
+
+if TYPE_CHECKING:
+    from consult.report import PeerReview, Report
 
 DB_NAME = "consult.sqlite3"
 ROLES = ("requester", "consultant")
@@ -352,6 +355,8 @@ class ConsultDB:
         The report must be signed by the consultant the case was sent to (when
         known) and name this consult; state and report are committed together.
         """
+        from consult.report import verify_report  # pydicom/highdicom: not for `consult list`
+
         role, peer, _ = self.info(consult_id)
         if role != "requester":
             raise LocalConsultError(
@@ -379,6 +384,8 @@ class ConsultDB:
         role, _, _ = self.info(consult_id)
         if role != "consultant":
             raise LocalConsultError(f"consult {consult_id[:8]} was not sent to this node")
+        from consult.report import verify_report
+
         report = verify_report(wire, consult_id=consult_id)
         with self._transaction():
             transition = self._apply_locked(consult_id, Event.REPORT, now, actor)
@@ -398,6 +405,8 @@ class ConsultDB:
                 f"consult {consult_id[:8]} has no signed report on this node: "
                 "an addendum amends a report, so it is not filed"
             )
+        from consult.report import verify_report  # pydicom/highdicom: not for `consult list`
+
         role, peer, _ = self.info(consult_id)
         consultant = NodeId.parse(peer) if role == "requester" and peer else None
         author = verify_report(report_wire, consult_id=consult_id, consultant=consultant).author
@@ -498,6 +507,8 @@ class ConsultDB:
             raise LocalConsultError(
                 f"consult {consult_id[:8]} has no report on this node: nothing to review"
             )
+        from consult.report import verify_review
+
         review = verify_review(wire, report_wire=report)
         if review.consult_id != consult_id:
             raise BadReport(f"peer review is for consult {review.consult_id}, not {consult_id}")
@@ -518,6 +529,8 @@ class ConsultDB:
         return review
 
     def reviews(self, consult_id: str) -> list[PeerReview]:
+        from consult.report import verify_review
+
         report = self.report_wire(consult_id)
         rows = self._db.execute(
             "SELECT wire FROM reviews WHERE consult_id = ? ORDER BY received_at", (consult_id,)

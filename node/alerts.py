@@ -21,6 +21,7 @@ import re
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from consult.alerts import AckPolicy, EscalationSchedule, ReportAck
 from consult.errors import ConsultError
@@ -28,7 +29,9 @@ from consult.requests import TRANSITIONS, Event
 from node.audit import AuditKind
 from node.config import AlertsConfig
 from node.errors import NodeError
-from node.runtime import NodeRuntime
+
+if TYPE_CHECKING:
+    from node.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
 

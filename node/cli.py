@@ -9,8 +9,12 @@ readable line and exit with status 1; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import importlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -66,6 +70,15 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except BrokenPipeError:
+        return _reader_gone()
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     restrict_umask()  # everything this process creates under a home: 0700 / 0600
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -93,11 +106,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _reader_gone() -> int:
+    """``radmesh consult list | head -1``: the reader left, which is no error of ours. Say
+    nothing (no traceback), and exit as a process killed by SIGPIPE does (128 + 13)."""
+    with contextlib.suppress(OSError, ValueError):  # later writes and the exit flush go nowhere
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
+def _use_uvloop() -> None:
+    """What peer_transport.connection.install_event_loop_policy does, without importing
+    the WebRTC stack before the command line is even parsed."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def run() -> None:
     """The console script: uvloop when installed (about 1.6x faster data channels), then main."""
-    from peer_transport.connection import install_event_loop_policy
-
-    install_event_loop_policy()
+    _use_uvloop()
     sys.exit(main())
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from consult.addenda import MAX_ADDENDUM_WIRE, Addendum, report_digest
 from consult.admission import GuestConsent
 from consult.alerts import Acknowledgement
-from consult.errors import ConsultError, LocalConsultError, MalformedMessage
+from consult.errors import ConsultError, IllegalTransition, LocalConsultError, MalformedMessage
 from consult.report import (
     KeyImage,
     Mark,
@@ -60,6 +60,7 @@ from consult.requests import (
     State,
     check_consult_id,
     rank_consultants,
+    refusal,
 )
 from consult.shared import Annotation
 from crypto import canonical
@@ -1043,8 +1044,10 @@ async def fetch_study(
     if fetch is None:
         state = rt.consults.get(consult_id).state
         if state not in SERVABLE:
-            raise LocalConsultError(
-                f"consult {consult_id[:8]} is {state.value}: the study comes once it is accepted"
+            raise IllegalTransition(  # in the user's words, with the command to run
+                state.value,
+                Event.START_TRANSFER.value,
+                refusal(state, Event.START_TRANSFER, consult_id[:8]),
             )
         requester_key(rt, consult_id)  # raises now for a consult with no signed request
         fetch = desk.fetching[consult_id] = _Fetch(asyncio.get_running_loop().create_future())

@@ -19,11 +19,11 @@ from dataclasses import replace
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from consult.errors import ConsultError
+from consult.errors import ConsultError, IllegalTransition
 from consult.live import LiveConsult
 from consult.presence import Cursor, Participant, Viewport
 from consult.report_view import report_view
-from consult.requests import ConsultCase, Event, Priority, State
+from consult.requests import ConsultCase, Event, Priority, State, refusal
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.errors import CryptoError
 from crypto.identity import NodeId
@@ -196,6 +196,11 @@ class LiveSessionView:
         return self.live.subscribe(listener)
 
 
+def refused(exc: IllegalTransition) -> str:
+    """A refused consult action in the TUI's words: what happened, and which key to press."""
+    return refusal(State(exc.state), Event(exc.event), tui=True)
+
+
 def impression_of(text: str) -> tuple[str, str]:
     """(findings, impression) of a report draft: after an "Impression:" line if there is
     one, else the last paragraph."""
@@ -241,6 +246,8 @@ class RuntimeNode:
                     critical=critical,
                 )
                 runtime.notify(f"Report for consult {live.consult_id[:8]} signed and sent")
+            except IllegalTransition as exc:
+                runtime.notify(f"The report was not sent. {refused(exc)}")
             except (ConsultError, NodeError) as exc:
                 runtime.notify(f"The report was not sent: {exc}")
 
@@ -573,6 +580,8 @@ class RuntimeNode:
     async def acknowledge(self, consult_id: str, by: str) -> str:
         try:
             how, _ = await workflow.acknowledge(self.runtime, consult_id, by)
+        except IllegalTransition as exc:
+            raise ActionError(refused(exc)) from exc
         except (ConsultError, NodeError) as exc:
             raise ActionError(f"could not acknowledge consult {consult_id[:8]}: {exc}") from exc
         return f"report of consult {consult_id[:8]} acknowledged; consultant told: {how}"
@@ -601,6 +610,8 @@ class RuntimeNode:
         event = Event.ACCEPT if accept else Event.DECLINE
         try:
             state = await workflow.respond(self.runtime, consult_id, event, reason)
+        except IllegalTransition as exc:
+            raise ActionError(refused(exc)) from exc
         except (ConsultError, NodeError, TransportError) as exc:
             raise ActionError(f"could not {event.value} consult {consult_id[:8]}: {exc}") from exc
         return f"consult {consult_id[:8]} {state.value}; the requesting node was told"
@@ -630,9 +641,7 @@ class RuntimeNode:
         if role != "consultant":
             raise ActionError("only the consultant's node fetches the study of a consult")
         if case.state not in workflow.SERVABLE:
-            raise ActionError(
-                f"consult {consult_id[:8]} is {case.state.value}: accept it first (a)"
-            )
+            raise ActionError(refusal(case.state, Event.START_TRANSFER, tui=True))
         if case.request.id in self._fetching:
             return f"the study of consult {consult_id[:8]} is already being fetched"
         self._fetching.add(case.request.id)
@@ -662,6 +671,8 @@ class RuntimeNode:
         """Requester side: withdraw the request and tell every consultant it went to."""
         try:
             unreached = await workflow.withdraw(self.runtime, consult_id)
+        except IllegalTransition as exc:
+            raise ActionError(refused(exc)) from exc
         except ConsultError as exc:
             raise ActionError(f"could not withdraw consult {consult_id[:8]}: {exc}") from exc
         if unreached:

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from consult.store import ConsultDB
-from node import control, workflow
+from node import control
 from node.commands.identity import home_of
-from node.runtime import NodeRuntime
+
+if TYPE_CHECKING:
+    from node.runtime import NodeRuntime
 
 
 @control.operation("consult.addendum")
 async def _op_addendum(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> list[Any]:
+    from node import workflow
+
     addendum, how = await workflow.send_addendum(rt, a["id"], a["text"])
     return [addendum.number, how]
 

@@ -17,14 +17,9 @@ import asyncio
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from consult import report_text
-from consult.alerts import AckPolicy, ReportAck, critical_stats
 from consult.errors import BadReport, LocalConsultError
-from consult.intake import take_in
-from consult.report import PeerReview, Report, Score, verify_report
-from consult.report_view import addenda_sections
 from consult.requests import (
     ConsultCase,
     ConsultRequest,
@@ -34,12 +29,10 @@ from consult.requests import (
     State,
     turnaround_by_priority,
 )
-from consult.store import ConsultDB
 from crypto.envelope import SignedEnvelope
 from crypto.errors import InvalidNodeId
 from crypto.identity import Identity, NodeId
-from node import control, sharing, workflow
-from node.alerts import policy_of
+from node import control
 from node.audit import AuditKind, open_audit
 from node.commands.addenda import register_into as register_addenda
 from node.commands.guests import register_into as register_guests
@@ -47,22 +40,30 @@ from node.commands.identity import home_of
 from node.commands.peers import known_ids, resolve_id
 from node.commands.transfer import add_sharing_options, progress_line
 from node.config import NodeConfig, NodeHome
-from node.deid import PseudonymMap
 from node.display import peer_label, printable
 from node.keystore import load_identity
-from node.runtime import NodeRuntime
-from node.store import open_store
-from registry.directory import PeerDirectory
 from registry.trust import TrustState, TrustStore
+
+if TYPE_CHECKING:
+    from consult import report_text
+    from consult.alerts import AckPolicy, ReportAck
+    from consult.report import PeerReview, Report
+    from consult.store import ConsultDB
+    from node.deid import PseudonymMap
+    from node.runtime import NodeRuntime
 
 
 def _open_db(home: NodeHome) -> ConsultDB:
+    from consult.store import ConsultDB
+
     home.require()
     return ConsultDB.in_data_dir(home.data_dir)
 
 
 def _on_network(home: NodeHome, config: NodeConfig, peer: NodeId | None) -> bool:
     """A registry is configured, or ``peer`` is remembered with a LAN address."""
+    from registry.directory import PeerDirectory
+
     if config.network.registries:
         return True
     if peer is None:
@@ -108,6 +109,8 @@ def _send(home: NodeHome, to: bytes, kind: str, wire: bytes, out: str | None) ->
 
 @control.operation("consult.request")
 async def _op_request(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> dict[str, Any]:
+    from node import workflow
+
     config = rt.config
     jurisdiction = a["jurisdiction"] or config.country
     if not jurisdiction:
@@ -181,6 +184,9 @@ def _write(out: str, wire: bytes, kind: str) -> None:
 
 
 def cmd_request(args: argparse.Namespace) -> int:
+    from node import sharing
+    from node.deid import PseudonymMap
+
     home = home_of(args)
     config = home.load_config()
     if args.deadline_hours <= 0:
@@ -249,6 +255,9 @@ def _offline_share(
     """The offline request shares like the online one: the study is checked for burned-in
     text (when this node stores it), the pseudonym map is kept here (so the node serves the
     de-identified study when the consultant fetches it), and the share is audited."""
+    from node import sharing, workflow
+    from node.store import open_store
+
     original = args.study
     with open_store(home, identity) as store, open_audit(home, identity) as audit:
         who = str(peer) if peer is not None else None
@@ -282,6 +291,8 @@ def _offline_share(
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Take in a signed request or response that arrived out of band."""
+    from consult.intake import take_in
+
     home = home_of(args)
     data = Path(args.file).read_bytes()
     with _open_db(home) as db:
@@ -321,12 +332,15 @@ def cmd_decline(args: argparse.Namespace) -> int:
     return _respond(args, Event.DECLINE)
 
 
-SCORES = {"agree": Score.AGREE, "minor": Score.MINOR, "major": Score.MAJOR}
+SCORES = {"agree": "agree", "minor": "minor_discrepancy", "major": "major_discrepancy"}
 
 
 @control.operation("consult.review")
 async def _op_review(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
-    return await workflow.send_review(rt, a["id"], SCORES[a["score"]], a["comment"])
+    from consult.report import Score
+    from node import workflow
+
+    return await workflow.send_review(rt, a["id"], Score(SCORES[a["score"]]), a["comment"])
 
 
 def cmd_review(args: argparse.Namespace) -> int:
@@ -349,6 +363,8 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 @control.operation("consult.withdraw")
 async def _op_withdraw(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> list[str]:
+    from node import workflow
+
     return [str(node_id) for node_id in await workflow.withdraw(rt, a["id"], a["reason"])]
 
 
@@ -385,6 +401,8 @@ def cmd_withdraw(args: argparse.Namespace) -> int:
 
 @control.operation("consult.fetch")
 async def _op_fetch(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
+    from node import workflow
+
     progress = await workflow.fetch_study(rt, a["id"], on_progress=lambda p: emit(progress_line(p)))
     return f"{progress.instances_done} instances, {progress.bytes_done / 1e6:.1f} MB"
 
@@ -411,6 +429,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 @control.operation("consult.report")
 async def _op_report(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
+    from node import workflow
+
     report = await workflow.send_report(
         rt, a["id"], text=a["text"], impression=a["impression"], critical=a["critical"]
     )
@@ -435,6 +455,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 @control.operation("consult.ack")
 async def _op_ack(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> list[Any]:
+    from node import workflow
+
     how, seconds = await workflow.acknowledge(rt, a["id"], a["by"])
     return [how, seconds]
 
@@ -473,6 +495,8 @@ def _age(seconds: int) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from node.alerts import policy_of
+
     home = home_of(args)
     now = int(time.time())
     with _open_db(home) as db:
@@ -506,6 +530,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Turnaround (requested to reported) per priority, over every case on this node."""
+    from consult.alerts import critical_stats
+
     home = home_of(args)
     with _open_db(home) as db:
         stats = turnaround_by_priority(db.cases())
@@ -531,6 +557,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def _peer_label(home: NodeHome, peer: str) -> str:
     """``Dr X (SHORTID, verified)``: the name the peer's record gives, with the key's short
     id and this node's trust in it (a name alone proves nothing)."""
+    from registry.directory import PeerDirectory
+
     try:
         node_id = NodeId.parse(peer)
     except InvalidNodeId:
@@ -589,6 +617,8 @@ def _print_case(
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from consult import report_text
+
     home = home_of(args)
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
@@ -615,6 +645,8 @@ def _print_peer_text(text: str) -> None:
 def _checked_report(db: ConsultDB, consult_id: str) -> Report | BadReport | None:
     """The consult's signed report checked again now (the sender's key, this consult): the
     report, why it does not verify, or None when this node holds none."""
+    from consult.report import verify_report
+
     wire = db.report_wire(consult_id)
     if wire is None:
         return None
@@ -627,6 +659,9 @@ def _checked_report(db: ConsultDB, consult_id: str) -> Report | BadReport | None
 
 
 def _report_sections(db: ConsultDB, consult_id: str) -> list[report_text.Section] | None:
+    from consult import report_text
+    from consult.report_view import addenda_sections
+
     report = _checked_report(db, consult_id)
     if report is None:
         return None
@@ -657,6 +692,10 @@ def _audit_report_export(home: NodeHome, consult_id: str, report: Report, out: P
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from consult import report_text
+    from consult.report import Report
+    from consult.report_view import addenda_sections
+
     home = home_of(args)
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)

@@ -6,11 +6,13 @@ import argparse
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crypto.safety import safety_number
 from node.config import NodeConfig
-from node.demo import ROLES, demo_home
+
+if TYPE_CHECKING:
+    pass
 
 
 async def run_interactive(root: Path, *, slices: int, rows: int, with_pacs: bool) -> int:
@@ -56,6 +58,8 @@ def _hangup_stops_the_demo() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import ROLES, demo_home
+
     root = Path(args.dir).resolve()
     if args.headless or args.interactive:
         _hangup_stops_the_demo()

@@ -7,33 +7,26 @@ import asyncio
 import dataclasses
 import threading
 import time
-from typing import IO, Any
-
-import pydicom
+from typing import IO, TYPE_CHECKING, Any
 
 from node import control
 from node.audit import AuditKind, AuditLog, open_audit
 from node.commands.identity import home_of
-from node.config import DicomConfig, NodeHome
-from node.dicom_files import InvalidDicom
-from node.dicom_net import BadInstanceError, DicomListener, DicomNetError, echo, send_to_pacs
-from node.dicom_qr import (
-    MAX_MATCHES,
-    PacsAddress,
-    RetrieveReport,
-    StudyMatch,
-    StudyQuery,
-    check_uid,
-    find_studies,
-    get_study,
-    move_study,
-)
 from node.display import printable
 from node.keystore import load_identity
-from node.store import InstanceConflict, open_store
+
+if TYPE_CHECKING:
+    from node.config import DicomConfig, NodeHome
+    from node.dicom_qr import PacsAddress, RetrieveReport, StudyMatch
+
+QUERY_MAX = 1000  # = node.dicom_qr.MAX_MATCHES, kept here so --help loads no DICOM stack
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    from node.dicom_files import InvalidDicom
+    from node.dicom_net import DicomListener
+    from node.store import InstanceConflict, open_store
+
     home = home_of(args)
     config = home.load_config().dicom
     if args.port is not None:
@@ -85,12 +78,17 @@ def cmd_listen(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
+    from node.dicom_net import echo
+
     status = echo(args.host, args.port, args.aet, args.calling_aet)
     print(f"C-ECHO {args.aet}@{args.host}:{args.port}: status 0x{status:04X}")
     return 0 if status == 0 else 1
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    from node.dicom_net import DicomNetError, send_to_pacs
+    from node.store import open_store
+
     home = home_of(args)
     config = home.load_config().dicom
     host = args.host or config.pacs_host
@@ -133,6 +131,9 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def _pacs_address(config: DicomConfig, args: argparse.Namespace) -> PacsAddress:
+    from node.dicom_net import DicomNetError
+    from node.dicom_qr import PacsAddress
+
     host = args.host or config.pacs_host
     port = args.port or config.pacs_port
     aet = args.aet or config.pacs_ae_title
@@ -157,6 +158,9 @@ def _match_line(match: StudyMatch, phi: bool) -> str:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    from node.dicom_net import DicomNetError
+    from node.dicom_qr import MAX_MATCHES, StudyQuery, find_studies
+
     home = home_of(args)
     pacs = _pacs_address(home.load_config().dicom, args)
     query = StudyQuery(
@@ -199,6 +203,8 @@ class _Receiver:
     refused instances; an instance of another study than the one asked for is refused."""
 
     def __init__(self, home: NodeHome, study_uid: str, audit: AuditLog, report: RetrieveReport):
+        from node.store import open_store
+
         self._store = open_store(home, load_identity(home.key_path))
         self._study_uid = study_uid
         self._audit = audit
@@ -210,6 +216,10 @@ class _Receiver:
 
     def store(self, stream: IO[bytes], size: int, calling_ae: str) -> bool:
         """Store one instance; True if it is new here."""
+        import pydicom
+
+        from node.dicom_net import BadInstanceError
+
         with self._lock:  # pynetdicom runs one thread per association
             try:
                 header = pydicom.dcmread(
@@ -242,6 +252,11 @@ def _retrieve_here(
     home: NodeHome, config: DicomConfig, pacs: PacsAddress, study_uid: str, use_get: bool
 ) -> RetrieveReport:
     """Retrieve without a running node: C-GET, or C-MOVE to a listener for this command."""
+    from node.dicom_files import InvalidDicom
+    from node.dicom_net import DicomListener
+    from node.dicom_qr import RetrieveReport, get_study, move_study
+    from node.store import InstanceConflict
+
     report = RetrieveReport()
     with open_audit(home, load_identity(home.key_path)) as audit:
         # C-GET: the counts come back in its answer (its receiver sees every refusal)
@@ -297,6 +312,9 @@ def _audit_retrieve(
 @control.operation("dicom.retrieve")
 async def _op_retrieve(rt: Any, a: dict[str, Any], emit: control.Emit) -> dict[str, Any]:
     """C-MOVE to the running node's own listener; its store takes what arrives."""
+    from node.dicom_net import DicomNetError
+    from node.dicom_qr import PacsAddress, check_uid, move_study
+
     if rt.dicom is None:
         raise DicomNetError(
             "the running node has no DICOM listener for the PACS to send to: set [dicom] "
@@ -322,6 +340,8 @@ async def _op_retrieve(rt: Any, a: dict[str, Any], emit: control.Emit) -> dict[s
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    from node.dicom_qr import RetrieveReport, check_uid
+
     home = home_of(args)
     config = home.load_config().dicom
     study_uid = check_uid(args.study_uid)
@@ -392,7 +412,7 @@ def _register_qr(dsub: Any) -> None:
     p.add_argument("--modality", help="a modality in the study, e.g. CT")
     p.add_argument("--since", metavar="YYYYMMDD", help="studies from this date on")
     p.add_argument(
-        "--max", type=int, default=MAX_MATCHES, help=f"most studies listed (default {MAX_MATCHES})"
+        "--max", type=int, default=QUERY_MAX, help=f"most studies listed (default {QUERY_MAX})"
     )
     p.add_argument("--phi", action="store_true", help="show patient name and id (audited)")
     _pacs_options(p)

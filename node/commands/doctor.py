@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import os
 import shutil
@@ -20,14 +21,17 @@ from crypto import keyfile
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.org import CERT_TYPE, NodeCertificate
+from node import control
 from node.audit import audit_state
 from node.commands.identity import home_of
-from node.config import NodeConfig, NodeHome
+from node.config import CONFIG_NAME, NodeConfig, NodeHome
 from node.errors import NodeError
 from node.private import loose_modes, tighten
 from node.sequence import RecordSequence
 
+PACS_TIMEOUT = 5.0  # seconds for the C-ECHO of the configured PACS
 MODES_SHOWN = 5  # loose paths named in the report; the fix covers all
+DEFAULT_NAME = NodeConfig().display_name  # "radmesh node": what `init` gives without --name
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,16 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _dicom(config: NodeConfig) -> Check:
+def running_node(home: NodeHome) -> dict[str, Any] | None:
+    """What this home's running node says of itself (``status.get``), or None if none runs."""
+    try:
+        found, result = asyncio.run(control.ask_running(home, "status.get", {}, lambda _: None))
+    except (NodeError, OSError):
+        return None
+    return result if found and isinstance(result, dict) else None
+
+
+def _dicom(config: NodeConfig, running: dict[str, Any] | None = None) -> Check:
     d = config.dicom
     if not d.enabled:
         return Check(
@@ -99,6 +112,12 @@ def _dicom(config: NodeConfig) -> Check:
             "no calling AE titles allowed: the PACS will be refused",
             'add the PACS to [dicom] allowed = ["PACSAE@its.ip.address"]',
         )
+    if not _port_free(d.host, d.port) and running is not None and running.get("dicom"):
+        return Check(
+            "DICOM listener",
+            True,
+            f"{d.host}:{d.port} is held by this home's running node ({running['dicom']})",
+        )
     if not _port_free(d.host, d.port):
         return Check(
             "DICOM listener",
@@ -107,6 +126,80 @@ def _dicom(config: NodeConfig) -> Check:
             "stop the other program or change [dicom] port (a running node uses it too)",
         )
     return Check("DICOM listener", True, f"{d.ae_title} on {d.host}:{d.port}")
+
+
+def _pacs(config: NodeConfig) -> Check:
+    """C-ECHO the configured PACS from this node's AE title, as sending a study would."""
+    d = config.dicom
+    if not (d.pacs_host and d.pacs_port and d.pacs_ae_title):
+        return Check(
+            "PACS",
+            True,
+            "none configured: reports and studies are not sent back by DICOM",
+            "set [dicom] pacs_host, pacs_port and pacs_ae_title to the hospital PACS",
+            required=False,
+        )
+    from node.dicom_net import DicomNetError, echo  # pynetdicom: only when there is a PACS
+
+    where = f"{d.pacs_ae_title}@{d.pacs_host}:{d.pacs_port}"
+    try:
+        status = echo(d.pacs_host, d.pacs_port, d.pacs_ae_title, d.ae_title, timeout=PACS_TIMEOUT)
+    except DicomNetError as exc:
+        return Check(
+            "PACS",
+            False,
+            f"C-ECHO to {where} failed: {exc}",
+            "check that the PACS runs and listens there, and that it knows this node's AE "
+            f"title {d.ae_title} and address; then fix [dicom] pacs_* in the config",
+        )
+    if status != 0:
+        return Check(
+            "PACS",
+            False,
+            f"C-ECHO to {where} answered status 0x{status:04X}",
+            f"ask the PACS administrator to allow AE title {d.ae_title} from this machine",
+        )
+    return Check("PACS", True, f"{where} answers C-ECHO")
+
+
+def _profile(config: NodeConfig) -> list[Check]:
+    """What peers see of this node, and where it listens: defaults said out loud."""
+    checks = []
+    if config.display_name.strip() in ("", DEFAULT_NAME):
+        checks.append(
+            Check(
+                "display name",
+                False,
+                f"still the default {DEFAULT_NAME!r}: peers cannot tell this node from others",
+                f"set display_name in {CONFIG_NAME} (e.g. 'St. Brigid's CT')",
+                required=False,
+            )
+        )
+    if not config.country.strip():
+        checks.append(
+            Check(
+                "country",
+                False,
+                "empty: consultants cannot see which jurisdiction this node is in",
+                f"set country in {CONFIG_NAME} (a code such as IE)",
+                required=False,
+            )
+        )
+    for what, host in (
+        ("network listener", config.network.listen_host),
+        ("DICOM listener address", config.dicom.host if config.dicom.enabled else ""),
+    ):
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - the value is what we warn about
+            checks.append(
+                Check(
+                    what,
+                    False,
+                    f"bound to {host}: every interface, including any facing the internet",
+                    "set it to the hospital-network address of this machine",
+                    required=False,
+                )
+            )
+    return checks
 
 
 def _dicom_senders(config: NodeConfig) -> Check:
@@ -354,8 +447,10 @@ def run_checks(home: NodeHome) -> list[Check]:
         checks.append(_audit(home, time.time()))
         checks.append(_certificate(home, time.time()))
         checks.append(_sequence(home, time.time()))
-        checks.append(_dicom(config))
+        checks.extend(_profile(config))
+        checks.append(_dicom(config, running_node(home)))
         checks.append(_dicom_senders(config))
+        checks.append(_pacs(config))
         checks.extend(_network(config))
     checks.extend(_tools())
     return checks

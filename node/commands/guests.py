@@ -11,32 +11,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from consult.store import ConsultDB
 from crypto.identity import NodeId
 from node import control
-from node import guests as live_guests
 from node.commands.identity import home_of
 from node.commands.peers import known_ids, resolve_id
 from node.config import NodeHome
 from node.display import printable
 from node.keystore import load_identity
-from node.runtime import NodeRuntime
+
+if TYPE_CHECKING:
+    from node.runtime import NodeRuntime
 
 
 @control.operation("consult.guest.propose")
 async def _op_propose(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
+    from node import guests as live_guests
+
     return await live_guests.propose(rt, a["id"], NodeId.parse(a["guest"]))
 
 
 @control.operation("consult.guest.answer")
 async def _op_answer(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
+    from node import guests as live_guests
+
     return await live_guests.answer(rt, a["id"], NodeId.parse(a["guest"]), bool(a["approve"]))
 
 
 def _ids(home: NodeHome, args: argparse.Namespace) -> tuple[str, str]:
     """The full consult id and the guest's full node id (short ids resolved here)."""
+    from consult.store import ConsultDB
+
     home.require()
     with ConsultDB.in_data_dir(home.data_dir) as db:
         consult_id = db.resolve(args.id)
@@ -68,6 +74,9 @@ def _who(nodes: frozenset[str], own: str) -> str:
 
 
 def cmd_guests(args: argparse.Namespace) -> int:
+    from consult.store import ConsultDB
+    from node import guests as live_guests
+
     home = home_of(args)
     home.require()
     own = str(load_identity(home.key_path).node_id)

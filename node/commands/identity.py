@@ -263,7 +263,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "id",
         help="show this node's id, or the safety number with a peer",
-        description="Show this node's id; with --peer-key, the safety number.",
+        description="Show this node's id; with --peer ID, the safety number with that peer.",
     )
     p.add_argument("--peer", metavar="ID", help="peer node id: print the pair's safety number")
     p.add_argument("--show-key", action="store_true", help="also print the public key")

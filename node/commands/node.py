@@ -6,16 +6,20 @@ import argparse
 import asyncio
 import contextlib
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from node import workflow
 from node.commands.identity import home_of
 from node.display import printable
 from node.keystore import load_identity
-from node.runtime import NodeRuntime
+
+if TYPE_CHECKING:
+    pass
 
 
 async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
+    from node import workflow
+    from node.runtime import NodeRuntime
+
     home = home_of(args)
     home.require()
     runtime = NodeRuntime(home, load_identity(home.key_path), control=True)

@@ -21,12 +21,13 @@ from node.display import MAX_LINE_CHARS, MAX_NAME_CHARS, printable
 from node.errors import ConfigError
 from node.keystore import load_identity
 from node.sequence import RecordSequence
-from registry.client import MultiRegistry, RegistryClient, SearchQuery, publish_catching_up
-from registry.directory import Peer, PeerDirectory, RegistryFinder
 from registry.errors import RegistryError, TrustError
 from registry.records import Availability, NodeRecord
-from registry.server import Limits, RegistryServer, TurnConfig, run_forever
 from registry.trust import TrustStore
+
+if TYPE_CHECKING:
+    from registry.client import MultiRegistry, SearchQuery
+    from registry.directory import Peer, PeerDirectory
 
 SHORT_ID_LEN = 7  # NodeId.short(): what `radmesh peers` prints
 FULL_ID_LEN = 56
@@ -42,11 +43,15 @@ def open_trust(home: NodeHome) -> TrustStore:
 
 
 def open_directory(home: NodeHome, registries: MultiRegistry | None = None) -> PeerDirectory:
+    from registry.directory import PeerDirectory, RegistryFinder
+
     finders = [RegistryFinder(registries)] if registries is not None else []
     return PeerDirectory(home.peers_db, open_trust(home), finders)
 
 
 def _registries(config: NodeConfig) -> MultiRegistry:
+    from registry.client import MultiRegistry, RegistryClient
+
     return MultiRegistry([RegistryClient(url) for url in config.network.registries])
 
 
@@ -132,6 +137,8 @@ async def _search(home: NodeHome, config: NodeConfig, query: SearchQuery) -> lis
 
 
 def cmd_peers_search(args: argparse.Namespace) -> int:
+    from registry.client import SearchQuery
+
     home = home_of(args)
     config = home.load_config()
     query = SearchQuery(
@@ -262,6 +269,8 @@ def cmd_trust_org_revocations(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_run(args: argparse.Namespace) -> int:
+    from registry.server import Limits, RegistryServer, TurnConfig, run_forever
+
     turn = None
     if args.turn_secret:
         urls = tuple(u for u in (args.turn_url, args.stun_url) if u)
@@ -272,9 +281,10 @@ def cmd_registry_run(args: argparse.Namespace) -> int:
             turn = TurnConfig(args.turn_secret, urls, args.turn_ttl, orgs)
         except ValueError as exc:
             raise ConfigError(f"TURN settings: {exc} (--turn-org takes org.pub's hex)") from exc
-    if args.address_sockets < 1:
+    sockets = Limits().address_sockets if args.address_sockets is None else args.address_sockets
+    if sockets < 1:
         raise ConfigError("--address-sockets must be at least 1")
-    limits = Limits(address_sockets=args.address_sockets)
+    limits = Limits(address_sockets=sockets)
     server = RegistryServer(
         args.db,
         public_url=args.public_url or "",
@@ -334,6 +344,8 @@ def build_own_record(
 async def _publish(
     config: NodeConfig, record: NodeRecord, after: Callable[[int], NodeRecord]
 ) -> dict[str, RegistryError | None]:
+    from registry.client import publish_catching_up
+
     results: dict[str, RegistryError | None] = {}
     registries = _registries(config)
     try:
@@ -443,7 +455,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--address-sockets",
         type=int,
-        default=Limits().address_sockets,
+        default=None,
         help="open connections allowed per client address (raise it for a large NAT'd site)",
     )
     p.add_argument(

@@ -55,7 +55,12 @@ async def _op_set(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> 
 
 @control.operation("status.get")
 async def _op_get(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> dict[str, Any]:
-    return {"availability": rt.config.availability, "registries": dict(rt.registry_state)}
+    return {
+        "availability": rt.config.availability,
+        "registries": dict(rt.registry_state),
+        # `radmesh doctor`: a held DICOM port that is this node's own is no problem
+        "dicom": f"{rt.dicom.ae_title} on port {rt.dicom.port}" if rt.dicom is not None else "",
+    }
 
 
 def cmd_status(args: argparse.Namespace) -> int:

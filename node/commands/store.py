@@ -8,17 +8,19 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from crypto.identity import Identity
 from node.audit import AuditKind, AuditLog, open_audit
 from node.commands.identity import home_of
 from node.config import NodeHome
-from node.dicom_files import Progress, import_paths
 from node.display import printable
 from node.errors import NodeError
 from node.ids import file_name
 from node.keystore import load_identity
-from node.store import Store, open_store
+
+if TYPE_CHECKING:
+    from node.store import Store
 
 
 def _open(args: argparse.Namespace) -> tuple[NodeHome, Identity]:
@@ -37,6 +39,9 @@ def _size(n: int) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from node.dicom_files import Progress, import_paths
+    from node.store import open_store
+
     home, identity = _open(args)
     paths = [Path(p) for p in args.paths]
     missing = [p for p in paths if not p.exists()]
@@ -80,6 +85,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
+    from node.store import open_store
+
     home, identity = _open(args)
     with open_store(home, identity) as store:
         rows = store.studies()
@@ -140,6 +147,8 @@ def _export(store: Store, study_uid: str, out: Path) -> tuple[int, int]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from node.store import open_store
+
     home, identity = _open(args)
     out = Path(args.to)
     with open_store(home, identity) as store, open_audit(home, identity) as audit:
@@ -155,6 +164,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    from node.store import open_store
+
     home, identity = _open(args)
     with open_store(home, identity) as store, open_audit(home, identity) as audit:
         study = store.study(args.study_uid)

@@ -16,20 +16,20 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from crypto.identity import NodeId
-from node import control, pair_pseudonyms, sharing
+from node import control
 from node.commands.identity import home_of
 from node.display import printable
 from node.errors import NodeError
 from node.ids import local_name
 from node.keystore import load_identity
-from node.runtime import NodeRuntime
-from peer_transport import transfer as tr
-from peer_transport.connection import ChannelLink
 from peer_transport.errors import TransportError
-from peer_transport.transfer_runner import receive_study, send_study
+
+if TYPE_CHECKING:
+    from node.runtime import NodeRuntime
+    from peer_transport import transfer as tr
 
 
 class TransferCommandError(NodeError):
@@ -56,6 +56,9 @@ async def send_to_peer(
     black_out_top: int = 0,
 ) -> tr.State:
     """Send a stored study to a trusted peer, de-identified unless ``identified``."""
+    from peer_transport.connection import ChannelLink
+    from peer_transport.transfer_runner import send_study
+
     key = await peer_key(runtime, peer)
     peer_id = str(NodeId.from_public_key(key))
     prepare = await asyncio.to_thread(  # reads every instance's header: off the event loop
@@ -84,6 +87,8 @@ def _prepare_share(
 ) -> Callable[[Iterable[bytes]], Iterator[bytes]] | None:
     """The share's checks and records before anything is sent; the de-identifier, or
     None for an identified send (audited as such)."""
+    from node import pair_pseudonyms, sharing
+
     runtime.store.study(study_uid)  # a readable error for a study not in the store
     if identified:
         sharing.audit_identified(
@@ -112,6 +117,10 @@ def _prepare_share(
 async def fetch_from_peer(
     runtime: NodeRuntime, peer: str | None, within: float, out: TextIO = sys.stderr
 ) -> tr.Progress:
+    from peer_transport import transfer as tr
+    from peer_transport.connection import ChannelLink
+    from peer_transport.transfer_runner import receive_study
+
     while True:
         conn = await runtime.transport.accept(within)
         who = NodeId.from_public_key(conn.peer)
@@ -154,6 +163,8 @@ async def _op_send_study(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit)
 
 
 async def _fetch(args: argparse.Namespace) -> int:
+    from node.runtime import NodeRuntime
+
     home = home_of(args)
     runtime = NodeRuntime(home, load_identity(home.key_path))
     await runtime.start()
@@ -167,6 +178,9 @@ async def _fetch(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send a study: on this home's running node if there is one."""
+    from node import sharing
+    from peer_transport import transfer as tr
+
     if args.identified:
         print(sharing.IDENTIFIED_WARNING, file=sys.stderr)
     try:

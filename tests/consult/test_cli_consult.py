@@ -70,7 +70,7 @@ def test_request_import_accept_round_trip(
     assert "only the consultant" in err
     code, _, err = run(specialist, capsys, "decline", consult_id[:8])
     assert code == 1
-    assert "cannot take event 'decline'" in err
+    assert "already accepted, so it can no longer be declined" in err
 
 
 def test_response_from_a_node_the_request_was_not_sent_to_is_ignored(

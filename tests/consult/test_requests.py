@@ -22,6 +22,7 @@ from consult.requests import (
     Transition,
     next_state,
     rank_consultants,
+    refusal,
     turnaround_by_priority,
 )
 from crypto.envelope import SignedEnvelope
@@ -56,8 +57,8 @@ def test_every_state_event_pair_is_either_in_the_table_or_raises(
     else:
         with pytest.raises(IllegalTransition) as info:
             next_state(state, event)
-        assert state.value in str(info.value)
-        assert event.value in str(info.value)
+        assert (info.value.state, info.value.event) == (state.value, event.value)
+        assert str(info.value) == refusal(state, event)
 
 
 def test_terminal_states_are_acknowledged_withdrawn_expired() -> None:

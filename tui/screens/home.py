@@ -196,7 +196,13 @@ class HomeScreen(Screen[None]):
             return
         study = next((s for s in self.node.studies() if s.study_uid == item.study_uid), None)
         if study is None:
-            hint = "press f to fetch it" if item.incoming else "it is not in this node's store"
+            hint = (
+                "it is not in this node's store"
+                if not item.incoming
+                else "press f to fetch it"
+                if item.state in ("accepted", "transferring", "in_review")
+                else "press a to accept the consult, then f to fetch it"
+            )
             self.notify(f"the study has not arrived yet: {hint}")
             return
         from tui.screens.viewer import ViewerScreen
