@@ -35,7 +35,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -347,13 +347,12 @@ class AuditLog:
                         mark = self._insert_checkpoint(seq, digest, time_ms)
                     else:
                         log.error("audit checkpoint %d not signed: the log was cut", seq)
-                db.execute("COMMIT")
+                self._commit_raising_high_water(mark)
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
             self._appended = True
-            if mark is not None:
-                self._raise_high_water(mark)
         return int(seq)
 
     def _insert_checkpoint(self, seq: int, head: bytes, time_ms: int) -> HighWaterMark:
@@ -387,11 +386,11 @@ class AuditLog:
                     db.execute("COMMIT")
                     return 0
                 mark = self._insert_checkpoint(last[0], last[1], _ms(now))
-                db.execute("COMMIT")
+                self._commit_raising_high_water(mark)
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
-            self._raise_high_water(mark)
         return int(last[0])
 
     def unsigned(self) -> int:
@@ -423,7 +422,8 @@ class AuditLog:
         if self.hwm_path is None:
             return None
         try:
-            mark = self._read_high_water()
+            with self._high_water_lock():  # not between another writer's COMMIT and its mark
+                mark = self._read_high_water()
         except AuditError as exc:
             return str(exc)
         if mark is None:
@@ -438,22 +438,36 @@ class AuditLog:
             return f"record {mark.seq} differs from what the signed high-water mark recorded"
         return None
 
-    def _raise_high_water(self, mark: HighWaterMark) -> None:
-        """Replace the mark with ``mark`` if it is higher (across processes: a file lock)."""
+    @contextlib.contextmanager
+    def _high_water_lock(self) -> Iterator[None]:
+        """The high-water mark's file lock, across processes. Never held while waiting for
+        the database: a holder only commits (its write lock already taken) and writes."""
         path = self.hwm_path
         if path is None:
+            yield
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(lock_fd)  # releases the lock
+
+    def _commit_raising_high_water(self, mark: HighWaterMark | None) -> None:
+        """COMMIT, and raise the mark to ``mark`` (if higher) under its lock, taken before
+        the COMMIT: another process that then reads the log (and the database's note that
+        a mark exists) waits for the mark instead of taking it for deleted."""
+        if mark is None or self.hwm_path is None:
+            self._db.execute("COMMIT")
+            return
+        with self._high_water_lock():
+            self._db.execute("COMMIT")
             with contextlib.suppress(AuditError):
                 current = self._read_high_water()
                 if current is not None and current.seq >= mark.seq:
                     return
-            _write_atomically(path, mark.to_bytes())
-        finally:
-            os.close(lock_fd)  # releases the lock
+            _write_atomically(self.hwm_path, mark.to_bytes())
 
     def records(
         self,

@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pydicom
 import pytest
 
 from crypto.identity import Identity
-from node.audit import AUDIT_NAME, AuditError, open_audit
+from node.audit import AUDIT_NAME, AuditError, AuditKind, open_audit
 from node.cli import main
 from node.config import DicomConfig, NodeHome
 from node.dicom_net import DicomListener, send_to_pacs
@@ -307,3 +308,48 @@ def test_listing_patient_names_is_a_view_record(
     assert PATIENT_NAME in capsys.readouterr().out
     assert _records(home, "view") == [(None, None, {"by": "studies --phi", "studies": 1})]
     _no_phi(home)
+
+
+def test_a_writer_between_anothers_commit_and_its_mark_waits_for_the_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer's COMMIT notes that a high-water mark exists before the mark file is
+    written; another process that read the log in between took the mark for deleted and
+    refused to sign (two `radmesh import` runs on a new home: one exited 1). Now the mark
+    is raised under its lock, taken before the COMMIT, and read under it."""
+    from node import audit as audit_module
+
+    home, identity = make_home(tmp_path, "node", "", [])
+    first, second = open_audit(home, identity), open_audit(home, identity)
+    between, go_on = threading.Event(), threading.Event()
+    write = audit_module._write_atomically
+
+    def held_after_commit(path: Path, data: bytes) -> None:
+        if not between.is_set():  # the first writer: committed, its mark not yet written
+            between.set()
+            go_on.wait(10)
+        write(path, data)
+
+    monkeypatch.setattr(audit_module, "_write_atomically", held_after_commit)
+    first.append(AuditKind.IMPORT, now=time.time(), details={"n": 1})
+    signer = threading.Thread(target=first.checkpoint, args=(time.time(),))
+    signer.start()
+    assert between.wait(10)
+    outcome: dict[str, object] = {}
+
+    def sign_second() -> None:
+        try:
+            second.append(AuditKind.IMPORT, now=time.time(), details={"n": 2})
+            outcome["signed"] = second.checkpoint(time.time())
+        except AuditError as exc:
+            outcome["error"] = str(exc)
+
+    other = threading.Thread(target=sign_second)
+    other.start()
+    other.join(2)  # the old code refused at once; the new one waits for the mark
+    go_on.set()
+    signer.join(10)
+    other.join(10)
+    first.close()
+    second.close()
+    assert outcome == {"signed": 2}
