@@ -19,6 +19,7 @@ from registry.client import RegistryClient, RegistryConnection
 from registry.errors import RegistryUnavailable, RemoteRegistryError
 from registry.limits import MailboxQuota
 from registry.server import Limits, RegistryServer, TurnConfig
+from tests.node.test_runtime import wait_for
 from tests.registry.conftest import NOW, Clock, make_record
 
 ALICE = Identity(bytes([1]) * 32)
@@ -121,9 +122,7 @@ async def test_mailbox_keeps_messages_for_a_node_that_connects_later(
         assert all(m.sender == ALICE.node_id for m in got)
         # A message leaves the mailbox once written to the socket, a moment after the
         # reader may already have it (the store runs off the event loop).
-        async with asyncio.timeout(5):
-            while live_registry.db.mailbox_count(BOB.node_id, int(clock.now)):
-                await asyncio.sleep(0.02)
+        await wait_for(lambda: live_registry.db.mailbox_count(BOB.node_id, int(clock.now)) == 0)
 
 
 async def test_mailbox_ttl_expires_undelivered_messages(tmp_path: Path, clock: Clock) -> None:
