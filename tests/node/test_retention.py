@@ -162,3 +162,68 @@ async def test_a_consultant_node_purges_a_closed_fetched_study_on_its_tick(
         assert rt.retention_tick(now + 32 * DAY) == []  # once per study
     finally:
         await rt.stop()
+
+
+def _consultant_home(tmp_path: Path) -> tuple[NodeHome, Identity]:
+    home = NodeHome(tmp_path / "consultant")
+    identity = Identity.generate()
+    save_identity(home.key_path, identity, None)
+    config = NodeConfig(display_name="consultant")
+    config.network.mdns = False
+    home.save_config(config)
+    return home, identity
+
+
+async def test_a_consultant_study_holding_a_local_original_is_never_purged(
+    tmp_path: Path,
+) -> None:
+    home, identity = _consultant_home(tmp_path)
+    rt = NodeRuntime(home, identity)
+    await rt.start()
+    try:
+        now = int(time.time())
+        data = ct_series(2, seed=7, size=32)
+        study = rt.store.add_bytes(data[0], source="peer:hospital").study_uid
+        rt.store.add_bytes(data[1], source="modality")  # same study, acquired here
+        req = _request(Identity.generate(), study, now)
+        rt.consults.add(req, role="consultant", now=now)
+        rt.consults.apply(req.id, Event.WITHDRAW, now)
+        assert rt.retention_tick(now + 31 * DAY) == []
+        assert len(rt.store.instances(study)) == 2
+        assert not [
+            r for r in rt.audit.records(kind="delete") if r.details.get("retention") == "purge"
+        ]
+    finally:
+        await rt.stop()
+
+
+def test_pin_unpin_cli_and_status_doctor_show_retention(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from consult.store import ConsultDB
+    from node.cli import main
+
+    home, _ = _consultant_home(tmp_path)
+    now = int(time.time())
+    closed = _request(Identity.generate(), "2.25.77", now - 31 * DAY)
+    later = _request(Identity.generate(), "2.25.78", now - 31 * DAY)
+    with ConsultDB.in_data_dir(home.data_dir) as db:
+        for req, at in ((closed, now - 31 * DAY), (later, now - 2 * DAY)):
+            db.add(req, role="consultant", now=at)
+            db.apply(req.id, Event.ACCEPT, at)
+            db.apply(req.id, Event.WITHDRAW, at)
+    root = ["--home", str(home.root)]
+    assert main([*root, "status"]) == 0
+    out = capsys.readouterr().out
+    assert "Retention: 2 study(ies) held for consults, 1 due for purge, next in 28 d" in out
+    assert main([*root, "consult", "pin", closed.id[:10]]) == 0
+    assert "pinned" in capsys.readouterr().out
+    db2 = RetentionDB(home.data_dir)
+    assert db2.pinned() == {closed.id}
+    db2.close()
+    main([*root, "doctor"])
+    assert "0 due for purge, next in 28 d, 1 pinned" in capsys.readouterr().out
+    assert main([*root, "consult", "unpin", closed.id[:10]]) == 0
+    db3 = RetentionDB(home.data_dir)
+    assert db3.pinned() == set()
+    db3.close()
