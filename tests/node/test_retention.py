@@ -147,6 +147,7 @@ async def test_a_consultant_node_purges_a_closed_fetched_study_on_its_tick(
 
         held = {s.study_uid for s in rt.store.studies()}
         assert studies["due"] not in held
+        assert rt.store.series(studies["due"]) == []  # no descriptions left behind
         assert {studies["pinned"], studies["open"], studies["own"]} <= held
         records = [
             r
