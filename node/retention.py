@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,18 @@ class RetentionDB:
 
     def purged(self) -> set[str]:
         return {str(r[0]) for r in self._db.execute("SELECT consult_id FROM purged")}
+
+    def describe(self, consult_id: str) -> str:
+        """One line for `consult show`: pinned, purged (when, how many), or ''."""
+        row = self._db.execute(
+            "SELECT at, instances FROM purged WHERE consult_id = ?", (consult_id,)
+        ).fetchone()
+        if row is not None:
+            at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(int(row[0])))
+            return f"study purged {at} ({int(row[1])} instance(s))"
+        if consult_id in self.pinned():
+            return "pinned: its study is kept past the retention window"
+        return ""
 
     def mark_purged(self, purge: Purge, instances: int, now: int) -> None:
         self._db.execute(

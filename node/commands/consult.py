@@ -632,6 +632,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     if ack is not None:
         print(f"  report:        {_ack_line(ack)}")
+    if role == "consultant":
+        _print_retention(home, consult_id)
     if report is not None:
         _print_peer_text("\n" + report_text.as_text(report))
     return 0
@@ -752,6 +754,18 @@ def _pin(args: argparse.Namespace, pin: bool) -> int:
     finally:
         retention.close()
     return 0
+
+
+def _print_retention(home: NodeHome, consult_id: str) -> None:
+    from node.retention import RetentionDB
+
+    retention = RetentionDB(home.data_dir)
+    try:
+        line = retention.describe(consult_id)
+    finally:
+        retention.close()
+    if line:
+        print(f"  retention:     {line}")
 
 
 def cmd_pin(args: argparse.Namespace) -> int:

@@ -161,6 +161,10 @@ async def test_a_consultant_node_purges_a_closed_fetched_study_on_its_tick(
             "instances": 2,
         }
         assert rt.retention_tick(now + 32 * DAY) == []  # once per study
+        retention = RetentionDB(home.data_dir)
+        assert retention.describe(ids["due"]).startswith("study purged ")
+        assert retention.describe(ids["due"]).endswith("(2 instance(s))")
+        retention.close()
     finally:
         await rt.stop()
 
@@ -222,6 +226,8 @@ def test_pin_unpin_cli_and_status_doctor_show_retention(
     db2 = RetentionDB(home.data_dir)
     assert db2.pinned() == {closed.id}
     db2.close()
+    assert main([*root, "consult", "show", closed.id[:10]]) == 0
+    assert "retention:     pinned" in capsys.readouterr().out
     main([*root, "doctor"])
     assert "0 due for purge, next in 28 d, 1 pinned" in capsys.readouterr().out
     assert main([*root, "consult", "unpin", closed.id[:10]]) == 0
