@@ -129,6 +129,19 @@ class SharingConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """How long a consultant keeps a study received for a consult (node.retention)."""
+
+    days: int = 30  # after the consult closes; 0 keeps studies forever
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.days <= 36_500:
+            raise ConfigError(
+                f"[retention] days must be between 0 (keep forever) and 36500, not {self.days}"
+            )
+
+
+@dataclass
 class NodeConfig:
     display_name: str = "radmesh node"
     institution: str = ""
@@ -143,6 +156,7 @@ class NodeConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(asdict(self))
@@ -170,7 +184,10 @@ def _build(cls: type[Any], raw: dict[str, Any], where: str) -> Any:
     defaults = cls()
     for name, value in raw.items():
         expected = getattr(defaults, name)
-        if isinstance(expected, DicomConfig | NetworkConfig | AlertsConfig | SharingConfig):
+        if isinstance(
+            expected,
+            DicomConfig | NetworkConfig | AlertsConfig | SharingConfig | RetentionConfig,
+        ):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: [{name}] must be a table")
             kwargs[name] = _build(type(expected), value, f"{where} [{name}]")

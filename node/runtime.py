@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -341,6 +342,7 @@ class NodeRuntime:
         if self.control is not None:
             await self.control.start()
         self.spawn(self._gc_loop())  # blobs a crashed writer left behind
+        self.spawn(self._retention_loop())  # consultant studies past [retention] days
         log.info("node %s running, LAN endpoint %s", self.identity.node_id.short(), self.lan_url)
 
     async def stop(self) -> None:
@@ -752,6 +754,39 @@ class NodeRuntime:
                         details={"gc": "orphan blobs", "removed": removed},
                     )
             await asyncio.sleep(GC_INTERVAL)
+
+    def retention_tick(self, now: int | None = None) -> list[str]:
+        """Purge the consultant studies due under [retention]; the consult ids purged."""
+        from node import retention
+
+        db = retention.RetentionDB(self.home.data_dir)
+        try:
+            done = retention.purge_due(
+                self.consults,
+                db,
+                self.store,
+                self.audit,
+                self.now() if now is None else now,
+                self.config.retention.days,
+            )
+        finally:
+            db.close()
+        for purge, count in done:
+            if count:
+                log.info(
+                    "retention: purged %d instance(s) of consult %s", count, purge.consult_id[:8]
+                )
+        return retention.ids(done)
+
+    async def _retention_loop(self) -> None:
+        from node.retention import RETENTION_INTERVAL
+
+        while True:
+            try:
+                self.retention_tick()
+            except (OSError, NodeError, AuditError, sqlite3.Error) as exc:
+                log.warning("retention purge failed, retrying later: %s", exc)
+            await asyncio.sleep(RETENTION_INTERVAL)
 
     # -- DICOM and audit ----------------------------------------------------------------
     def _dicom_stream(self, stream: IO[bytes], size: int, calling_ae: str) -> None:

@@ -632,6 +632,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     if ack is not None:
         print(f"  report:        {_ack_line(ack)}")
+    if role == "consultant":
+        _print_retention(home, consult_id)
     if report is not None:
         _print_peer_text("\n" + report_text.as_text(report))
     return 0
@@ -734,6 +736,46 @@ def _ack_line(ack: ReportAck) -> str:
     return f"{kind}, acknowledged{by} {_age(ack.time_to_ack or 0)} after it arrived"
 
 
+def _pin(args: argparse.Namespace, pin: bool) -> int:
+    from node.retention import RetentionDB
+
+    home = home_of(args)
+    with _open_db(home) as db:
+        consult_id = db.resolve(args.id)
+    retention = RetentionDB(home.data_dir)
+    try:
+        if pin:
+            retention.pin(consult_id, int(time.time()))
+            print(f"Consult {consult_id[:8]} pinned: its study is kept past the retention window.")
+        elif retention.unpin(consult_id):
+            print(f"Consult {consult_id[:8]} unpinned: [retention] applies to its study again.")
+        else:
+            print(f"Consult {consult_id[:8]} was not pinned.")
+    finally:
+        retention.close()
+    return 0
+
+
+def _print_retention(home: NodeHome, consult_id: str) -> None:
+    from node.retention import RetentionDB
+
+    retention = RetentionDB(home.data_dir)
+    try:
+        line = retention.describe(consult_id)
+    finally:
+        retention.close()
+    if line:
+        print(f"  retention:     {line}")
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    return _pin(args, True)
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    return _pin(args, False)
+
+
 def register(sub: Any) -> None:
     consult = sub.add_parser(
         "consult",
@@ -831,6 +873,14 @@ def register(sub: Any) -> None:
         "--out", required=True, metavar="FILE", help="plain text, or HTML if FILE ends in .html"
     )
     p.set_defaults(handler=cmd_export)
+
+    for name, handler, text in (
+        ("pin", cmd_pin, "keep this consult's study past the [retention] window"),
+        ("unpin", cmd_unpin, "let [retention] purge this consult's study again"),
+    ):
+        p = csub.add_parser(name, help=text)
+        p.add_argument("id", help="consult id (a unique prefix is enough)")
+        p.set_defaults(handler=handler)
 
     register_guests(csub)  # invite, guests, approve-guest
     register_addenda(csub)  # addendum

@@ -438,6 +438,25 @@ def _sequence(home: NodeHome, now: float) -> Check:
     return Check("record sequence", True, f"{value} (one sequence for every publisher)")
 
 
+def retention_line(home: NodeHome, config: NodeConfig, now: int) -> str:
+    """Studies held for consults, how many due, the next purge (`doctor`, `status`)."""
+    from consult.store import DB_NAME, ConsultDB
+    from node.retention import summary_for
+
+    if not (home.data_dir / DB_NAME).exists():
+        return "no consults on this node yet"
+    with ConsultDB.in_data_dir(home.data_dir) as db:
+        days = config.retention.days
+        return summary_for(db, home.data_dir, now, days).line(days, now)
+
+
+def _retention(home: NodeHome, config: NodeConfig) -> Check:
+    try:
+        return Check("retention", True, retention_line(home, config, int(time.time())))
+    except (OSError, sqlite3.Error, NodeError) as exc:
+        return Check("retention", False, f"cannot be read: {exc}", required=False)
+
+
 def run_checks(home: NodeHome) -> list[Check]:
     home_check, config = _home(home)
     checks = [home_check]
@@ -447,6 +466,7 @@ def run_checks(home: NodeHome) -> list[Check]:
         checks.append(_audit(home, time.time()))
         checks.append(_certificate(home, time.time()))
         checks.append(_sequence(home, time.time()))
+        checks.append(_retention(home, config))
         checks.extend(_profile(config))
         checks.append(_dicom(config, running_node(home)))
         checks.append(_dicom_senders(config))

@@ -63,6 +63,18 @@ async def _op_get(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> 
     }
 
 
+def _print_retention(home: NodeHome) -> None:
+    import sqlite3
+    import time
+
+    from node.commands.doctor import retention_line
+
+    try:
+        print(f"Retention: {retention_line(home, home.load_config(), int(time.time()))}")
+    except (OSError, sqlite3.Error) as exc:
+        print(f"Retention: cannot be read ({exc})")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     home = home_of(args)
     home.require()
@@ -78,6 +90,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"Saved: {LABEL[value]}. The node publishes it when it starts.")
         return 0
     found, result = asyncio.run(control.ask_running(home, "status.get", {}, print))
+    _print_retention(home)
     if not found:
         print(f"Availability: {LABEL[home.load_config().availability]} (the node is not running)")
         return 0
