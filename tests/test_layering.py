@@ -18,6 +18,7 @@ TOP_LAYER_NODE_MODULES = (
     "node.control",
     "node.alerts",
     "node.guests",
+    "node.retention",
 )
 # The CLI commands that open the TUI are the only places allowed to reach up into it.
 ALLOWED_UPWARD = {("node.commands.tui", "tui"), ("node.commands.demo", "tui")}
