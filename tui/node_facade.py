@@ -22,6 +22,7 @@ from pydicom.errors import InvalidDicomError
 from consult.errors import ConsultError, IllegalTransition
 from consult.live import LiveConsult
 from consult.presence import Cursor, Participant, Viewport
+from consult.report_draft import split_report
 from consult.report_view import report_view
 from consult.requests import ConsultCase, Event, Priority, State, refusal
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
@@ -100,7 +101,7 @@ class LiveSessionView:
     def __init__(
         self,
         live: LiveConsult,
-        on_finalise: Callable[[LiveConsult, bool], None] | None = None,
+        on_finalise: Callable[[LiveConsult, bool, frozenset[str]], None] | None = None,
         uids: workflow.UidMapping | None = None,
     ) -> None:
         self.live = live
@@ -163,12 +164,13 @@ class LiveSessionView:
         if not self.live.finalised:
             self.live.set_report_text(text)
 
-    def finalise(self, critical: bool = False) -> None:
-        """Lock the draft; on the consultant's node, also sign and send the report."""
+    def finalise(self, critical: bool = False, drop: frozenset[str] = frozenset()) -> None:
+        """Lock the draft; on the consultant's node, also sign and send the report
+        (without the annotations in ``drop``: duplicates the preview said it leaves out)."""
         self.live.finalised = True
         self.live._changed()
         if self._on_finalise is not None:
-            self._on_finalise(self.live, critical)
+            self._on_finalise(self.live, critical, drop)
 
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
         was_following = self.live.presence.following
@@ -219,7 +221,9 @@ def impression_of(text: str) -> tuple[str, str]:
 class RuntimeNode:
     """The TUI's :class:`~tui.facade.NodeFacade` on a NodeRuntime (started by the caller)."""
 
-    def _finalise(self, live: LiveConsult, critical: bool = False) -> None:
+    def _finalise(
+        self, live: LiveConsult, critical: bool = False, drop: frozenset[str] = frozenset()
+    ) -> None:
         """Sign and send the report when this node is the consultant of the case."""
         runtime = self.runtime
         try:
@@ -229,12 +233,12 @@ class RuntimeNode:
         if role != "consultant":
             runtime.notify("Only the consultant's node signs the report of this case")
             return
-        findings, impression = impression_of(live.report_text())
+        findings, impression = split_report(live.report_text())
 
         async def send() -> None:
             try:
                 measurements, marks = workflow.report_items_of(
-                    runtime, live.consult_id, live.annotations()
+                    runtime, live.consult_id, [a for a in live.annotations() if a.id not in drop]
                 )
                 await workflow.send_report(
                     runtime,

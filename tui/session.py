@@ -47,8 +47,9 @@ class SessionView(Protocol):
     def move_cursor(self, cursor: Cursor | None) -> None: ...
     def say(self, text: str) -> ChatMessage: ...
     def set_report_text(self, text: str) -> None: ...
-    def finalise(self, critical: bool = False) -> None:
-        """Lock the draft; ``critical``: the report is a critical result."""
+    def finalise(self, critical: bool = False, drop: frozenset[str] = frozenset()) -> None:
+        """Lock the draft; ``critical``: the report is a critical result; ``drop``: ids
+        of annotations (duplicates) left out of the signed report."""
         ...
 
     # presence: what this participant looks at, and follow-the-presenter
@@ -79,6 +80,7 @@ class InMemorySession:
         self._report = ""
         self._final = False
         self.critical = False  # what finalise() was told, for tests
+        self.sent: list[tuple[str, str, frozenset[str]]] = []  # (findings, impression, drop)
         self._listeners: list[Listener] = []
         self._following = False
         self.cursor_moves = 0  # how many cursor updates left this participant
@@ -152,9 +154,12 @@ class InMemorySession:
             self._report = text
             self._changed()
 
-    def finalise(self, critical: bool = False) -> None:
+    def finalise(self, critical: bool = False, drop: frozenset[str] = frozenset()) -> None:
+        from consult.report_draft import split_report
+
         self._final = True
         self.critical = critical
+        self.sent.append((*split_report(self._report), drop))
         self._changed()
 
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:

@@ -290,7 +290,10 @@ async def test_chat_report_finalise_and_author_only_removal() -> None:
         assert panel.selected == "r1"
         assert len(node.session.annotations()) == 1  # not ours: refused, and said so
         assert "only the author" in svg_text(app)
-        await pilot.press("f9")
+        await pilot.press("f9")  # a preview first; enter signs and sends
+        await pilot.pause()
+        assert not node.session.finalised()
+        await pilot.press("enter")
         await pilot.pause()
         assert node.session.finalised()
         assert "FINAL" in svg_text(app)

@@ -67,7 +67,7 @@ async def test_f8_marks_the_report_critical_before_f9_signs_it() -> None:
         await pilot.press("f8")
         await pilot.pause()
         assert "CRITICAL" in viewer.message
-        await pilot.press("f9")
+        await pilot.press("f9", "enter")  # the preview, then sign and send
         await pilot.pause()
         assert node.session.finalised()
         assert node.session.critical

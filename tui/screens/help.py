@@ -27,7 +27,7 @@ HELP = """\
   r type in the report  c type in the chat (enter sends)  escape: back
   the focused pane has a bold border; the bottom line: VIEW/REPORT/CHAT
   multi-frame: j/k walk frames   images: --graphics kitty|sixel|halfblock|auto
-  F8 critical result   F9 finalise & sign   q close the viewer
+  ctrl+t template  F8 critical  F9 preview, enter signs+sends, esc edits  q close
 [b]Home[/b]  enter opens the request's study in a live consult (even as it arrives)
   inbox ←: a accept  d decline (with a reason)  f fetch study
   inbox ←, while its study arrives: z pause / go on  c cancel (f fetches the rest)

@@ -15,7 +15,7 @@ from textual.timer import Timer
 from textual.widgets import Footer, Header, Input, OptionList, Static, TextArea
 from textual.worker import Worker, WorkType
 
-from consult import measure
+from consult import measure, report_draft
 from consult.errors import ConsultError
 from consult.presence import Cursor, Participant, Viewport
 from consult.shared import Annotation, AnnotationKind
@@ -23,7 +23,8 @@ from tui import hittest, imaging, kbcursor, safe_text
 from tui.facade import ActionError, Frame, InstanceRef, NodeFacade, SeriesInfo, StudyInfo
 from tui.imaging import Point
 from tui.screens.prompt import TextPrompt
-from tui.widgets.consult_panel import ConsultPanel, mark_label
+from tui.screens.sign_preview import SignPreview
+from tui.widgets.consult_panel import ConsultPanel, describe, mark_label
 from tui.widgets.image_view import ImageView, Mark
 
 CURSOR_PERIOD = 0.05  # own cursor goes out at most 20 times a second
@@ -42,7 +43,7 @@ POINTS_NEEDED = {"point": 1, "arrow": 2, "length": 2, "angle": 3, "ellipse": 2}
 # The mode line: what the keys do now, by the id of the focused widget.
 MODES = {
     "image": "VIEW   r report  c chat  P/A/M/G/E tools  ? help",
-    "report": "REPORT   typing goes into the shared report   Esc back to the image",
+    "report": "REPORT   ctrl+t template   F9 preview & sign   Esc back to the image",
     "chat-input": "CHAT   enter sends   Esc back to the image",
     "series": "SERIES   ↑/↓ enter picks a series   Esc back to the image",
 }
@@ -95,6 +96,7 @@ class ViewerScreen(Screen[None]):
         Binding("p", "present", "present"),
         Binding("f", "follow", "follow"),
         Binding("f9", "finalise", "finalise", show=False),
+        Binding("ctrl+t", "template", "report template", show=False),
         Binding("g", "propose_guest", "propose a guest", show=False),
         Binding("f8", "critical", "critical result", show=False),
         Binding("q", "close", "close"),
@@ -605,7 +607,7 @@ class ViewerScreen(Screen[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """While the report or chat has the keys, none of the viewer's letter keys act."""
         if isinstance(self.focused, Input | TextArea) and action != "escape":
-            return action in ("finalise", "critical")  # F8/F9, not text keys
+            return action in ("finalise", "critical", "template")  # ctrl+t, F8, F9: not text keys
         return True
 
     def on_descendant_focus(self, event: events.DescendantFocus) -> None:
@@ -759,9 +761,67 @@ class ViewerScreen(Screen[None]):
         )
         self.update_view()
 
+    def _spacing_of(self, a: Annotation) -> tuple[float, float]:
+        """The pixel spacing (mm) of an annotation's slice, from a frame read already."""
+        frame = self._cache.get((a.sop_instance_uid, a.frame)) or self.view.frame
+        return (frame.spacing[0], frame.spacing[1]) if frame is not None else (1.0, 1.0)
+
+    def _slice_name(self, a: Annotation) -> str:
+        numbers = {
+            ref.sop_uid: ref.number
+            for s in self.series_list
+            for ref in self.node.instances(s.series_uid)
+        }
+        number = numbers.get(a.sop_instance_uid)
+        name = f"image {number}" if number is not None else f"image …{a.sop_instance_uid[-12:]}"
+        return name + (f", frame {a.frame + 1}" if a.frame else "")
+
     def action_finalise(self) -> None:
-        if self.session is not None and not self.session.finalised():
-            self.session.finalise(critical=self._critical)
+        """F9: show what will be signed and sent; enter/y signs it, escape/n goes back."""
+        session = self.session
+        if session is None or session.finalised():
+            return
+        # Every participant's annotations go into the report, oldest first (report_items).
+        measured = sorted(session.annotations(), key=lambda a: (a.at, a.id))
+        dropped = report_draft.duplicates(measured, self._spacing_of)
+        sent = [a for a in measured if a not in dropped]
+
+        def line(a: Annotation) -> str:
+            return f"{describe(a)} ({self._slice_name(a)})"
+
+        sections = report_draft.preview_sections(
+            session.report_text(),
+            [line(a) for a in sent],
+            critical=self._critical,
+            dropped=[line(a) for a in dropped],
+        )
+
+        def answered(sign: bool | None) -> None:
+            if sign and not session.finalised():
+                session.finalise(critical=self._critical, drop=frozenset(a.id for a in dropped))
+                self._refresh_panel()
+                self.message = "report signed and sent"
+                self.update_view()
+
+        self.app.push_screen(SignPreview(sections), answered)
+
+    def action_template(self) -> None:
+        """ctrl+t: an empty report gets the Findings/Impression skeleton for this study."""
+        session = self.session
+        if session is None or session.finalised():
+            return
+        if session.report_text().strip():
+            self.message = "templates go into an empty report only"
+        else:
+            series = self.series_list[self.series_index] if self.series_list else None
+            modality = series.modality if series else ""
+            where = f"{self.study.description} {series.description if series else ''}"
+            template = report_draft.template_for(modality, where)
+            text = template.text() if template else report_draft.join_report("", "")
+            session.set_report_text(text)
+            self.query_one("#report", TextArea).text = text
+            self.message = f"template: {template.name if template else 'Findings/Impression'}"
+        self.update_view()
 
     def action_propose_guest(self) -> None:
         """``g``: propose a trusted peer as a guest of this consult's live session."""

@@ -135,7 +135,7 @@ class ConsultPanel(Vertical):
         if not report.has_focus and report.text != shown:
             report.text = shown
         report.read_only = s.finalised()
-        final = "FINAL — signed" if s.finalised() else "draft (F9 finalise)"
+        final = "FINAL — signed" if s.finalised() else "draft (F9 preview & sign)"
         self.query_one("#final", Static).update(final)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:

@@ -1,0 +1,256 @@
+"""Issue 19 item 7: F9 previews what will be signed and asks; Findings and Impression are
+separate; templates; accidental duplicate measurements are not sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.widgets import TextArea
+
+from consult.report_draft import (
+    duplicates,
+    join_report,
+    preview_sections,
+    split_report,
+    template_for,
+)
+from consult.shared import Annotation, AnnotationKind
+from crypto.identity import Identity
+from tui.app import RadmeshApp
+from tui.memory import SERIES_UID, InMemoryNode
+from tui.screens.sign_preview import SignPreview
+from tui.screens.viewer import ViewerScreen
+
+SIZE = (150, 45)
+KEYS = {" ": "space", "\n": "enter", ":": "colon", ".": "full_stop"}
+
+
+def keys(text: str) -> list[str]:
+    return [KEYS.get(ch, ch) for ch in text]
+
+
+async def open_viewer(pilot) -> ViewerScreen:  # type: ignore[no-untyped-def]
+    node = pilot.app.node
+    screen = ViewerScreen(node, node.studies()[0], live=True)
+    await pilot.app.push_screen(screen)
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+    return screen
+
+
+def make() -> tuple[InMemoryNode, RadmeshApp]:
+    node = InMemoryNode(Identity.generate().node_id)
+    return node, RadmeshApp(node)
+
+
+def measure(node: InMemoryNode, x: float, slice_no: int = 3) -> Annotation:
+    return node.session.add_annotation(
+        AnnotationKind.LENGTH,
+        f"{SERIES_UID}.{slice_no}",
+        0,
+        ((10.0 + x, 10.0), (40.0 + x, 10.0)),
+        values={"length_mm": 21.0},
+    )
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+
+def test_split_report_reads_both_sections_and_round_trips_the_wire_text() -> None:
+    text = join_report("No bleed.\nVentricles normal.", "Normal CT head.")
+    assert text.startswith("FINDINGS:\n")
+    assert split_report(text) == ("No bleed.\nVentricles normal.", "Normal CT head.")
+    assert split_report("Findings\nA\nImpression: B\nC") == ("A", "B\nC")
+    # No headings: all findings, nothing moved to the impression unasked.
+    assert split_report("One.\n\nTwo.") == ("One.\n\nTwo.", "")
+    # A sentence that starts with the word is not a heading.
+    assert split_report("findings of note none\nIMPRESSION:\nok") == (
+        "findings of note none",
+        "ok",
+    )
+    assert split_report("") == ("", "")
+
+
+def _ann(kind: AnnotationKind, sop: str, points: tuple[tuple[float, float], ...]) -> Annotation:
+    return Annotation(f"id{points}{kind}{sop}", kind, sop, 0, points, "me", 1.0)
+
+
+def test_duplicates_same_kind_slice_within_1_mm_only() -> None:
+    first = _ann(AnnotationKind.LENGTH, "1.2.3", ((0, 0), (10, 0)))
+    near = _ann(AnnotationKind.LENGTH, "1.2.3", ((0.5, 0.5), (10.5, 0)))  # ≤ 0.71 mm
+    far = _ann(AnnotationKind.LENGTH, "1.2.3", ((2, 0), (12, 0)))  # 2 mm at 1 mm/px
+    other_slice = _ann(AnnotationKind.LENGTH, "1.2.4", ((0, 0), (10, 0)))
+    other_kind = _ann(AnnotationKind.ARROW, "1.2.3", ((0, 0), (10, 0)))
+
+    def one_mm(_: Annotation) -> tuple[float, float]:
+        return (1.0, 1.0)
+
+    assert duplicates([first, near, far, other_slice, other_kind], one_mm) == [near]
+    # At 0.5 mm per pixel, "far" (2 px) is 1 mm away: a duplicate too.
+    assert duplicates([first, far], lambda _: (0.5, 0.5)) == [far]
+
+
+def test_templates_per_modality_and_region() -> None:
+    assert (t := template_for("CT", "CT HEAD w/o")) is not None
+    assert t.name == "CT head"
+    assert (t := template_for("CT", "CT CHEST")) is not None
+    assert t.name == "CT chest"
+    assert (t := template_for("MR", "MRI Brain")) is not None
+    assert t.name == "MR brain"
+    assert (t := template_for("DX", "Chest PA")) is not None
+    assert t.name == "CR chest"
+    assert template_for("US", "abdomen") is None
+    assert split_report(t.text())[0].startswith("Lungs:")
+
+
+def test_preview_sections_show_peer_text_cleaned() -> None:
+    sections = preview_sections("Impression: a\x1b[31mb", [], critical=True)
+    impression = next(s for s in sections if s.heading == "Impression")
+    assert "\x1b" not in "".join(impression.lines)
+
+
+# --- Pilot ----------------------------------------------------------------------------------
+
+
+async def test_f9_previews_both_sections_and_measurement_escape_edits_enter_sends_once() -> None:
+    node, app = make()
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot)
+        measure(node, 0.0, slice_no=3)
+        await pilot.press("r", *keys("Findings\nno bleed.\nImpression\nnormal study."))
+        await pilot.pause()
+        assert split_report(node.session.report_text()) == ("no bleed.", "normal study.")
+
+        await pilot.press("f9")
+        await pilot.pause()
+        preview = app.screen
+        assert isinstance(preview, SignPreview)
+        assert "Findings:\n  no bleed." in preview.text
+        assert "Impression:\n  normal study." in preview.text
+        assert "length 21.0 mm (image 3)" in preview.text
+        assert "Critical:   no" in preview.text
+
+        await pilot.press("escape")  # back to editing: nothing signed or sent
+        await pilot.pause()
+        assert app.screen is viewer
+        assert not node.session.finalised()
+        assert node.session.sent == []
+        assert viewer.query_one("#report").has_focus
+        await pilot.press(*keys(" ok"))  # still typing into the impression
+        await pilot.pause()
+        assert split_report(node.session.report_text())[1] == "normal study. ok"
+
+        await pilot.press("f8", "f9")
+        await pilot.pause()
+        assert isinstance(app.screen, SignPreview)
+        assert "Critical:   YES" in app.screen.text
+        await pilot.press("enter")
+        await pilot.pause()
+        assert app.screen is viewer
+        assert node.session.finalised()
+        assert node.session.critical
+        assert node.session.sent == [("no bleed.", "normal study. ok", frozenset())]
+        await pilot.press("f9")  # signed already: no second preview, no second send
+        await pilot.pause()
+        assert app.screen is viewer
+        assert len(node.session.sent) == 1
+
+
+async def test_a_duplicate_measurement_is_said_in_the_preview_and_not_sent() -> None:
+    node, app = make()
+    async with app.run_test(size=SIZE) as pilot:
+        await open_viewer(pilot)
+        kept = measure(node, 0.0)
+        twin = measure(node, 0.2)  # the same length again, a fraction of a pixel off
+        other = measure(node, 30.0)
+        await pilot.press("f9")
+        await pilot.pause()
+        preview = app.screen
+        assert isinstance(preview, SignPreview)
+        assert "Duplicates not sent:" in preview.text
+        assert preview.text.count("length 21.0 mm") == 3  # two sent, one said dropped
+        await pilot.press("y")
+        await pilot.pause()
+        assert node.session.sent[0][2] == frozenset({twin.id})
+        assert kept.id not in node.session.sent[0][2]
+        assert other.id not in node.session.sent[0][2]
+
+
+async def test_ctrl_t_inserts_the_template_skeleton_into_an_empty_report_only() -> None:
+    node, app = make()
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot)
+        await pilot.press("r", "ctrl+t")  # the study is a CT CHEST
+        await pilot.pause()
+        findings, _impression = split_report(node.session.report_text())
+        assert findings.startswith("Lungs:")
+        assert "Mediastinum" in findings
+        assert viewer.query_one("#report", TextArea).text == node.session.report_text()
+        before = node.session.report_text()
+        await pilot.press("ctrl+t")  # not twice: the report is not empty any more
+        await pilot.pause()
+        assert node.session.report_text() == before
+        assert "empty report only" in viewer.message
+
+
+# --- the real signing path: two nodes on loopback ------------------------------------------
+
+
+async def test_the_signed_report_has_both_sections_and_leaves_the_dropped_duplicate_out(
+    tmp_path: Path,
+) -> None:
+    from consult.report import verify_report
+    from consult.requests import Event, Priority
+    from node import workflow
+    from node.demo_data import generate_ct
+    from node.runtime import NodeRuntime
+    from registry.server import RegistryServer
+    from tests.node.test_runtime import FAST, make_home, wait_for
+    from tui.node_facade import LiveSessionView, RuntimeNode
+
+    server = RegistryServer(tmp_path / "registry.sqlite")
+    registry = await server.start("127.0.0.1", 0)
+    rural_home, rural = make_home(tmp_path, "rural", registry, [])
+    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
+    a = NodeRuntime(rural_home, rural, transport_options=FAST)
+    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
+    await a.start()
+    await b.start()
+    workflow.install(a)
+    workflow.install(b)
+    try:
+        for path in generate_ct(tmp_path / "ct", slices=2, rows=32):
+            a.store.add_file(path, source="test")
+        a.trust.mark_verified(neuro.node_id, a.now())
+        b.trust.mark_verified(rural.node_id, b.now())
+        request, _, _ = await workflow.request_consult(
+            a,
+            neuro.public_key,
+            a.store.studies()[0].study_uid,
+            workflow.Terms(
+                question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
+            ),
+        )
+        await wait_for(lambda: bool(b.consults.cases()))
+        await workflow.respond(b, request.id, Event.ACCEPT)
+        study_uid = b.consults.get(b.consults.resolve(request.id)).request.study_uid
+        await workflow.fetch_study(b, request.id)
+        await wait_for(lambda: len(b.store.instances(study_uid)) == 2, 30.0)
+        sop = b.store.instances(study_uid)[0].sop_instance_uid
+        live = b.live_hub().open(request.id)
+        live.set_report_text(join_report("No haemorrhage.", "Normal CT head."))
+        points = ((2.0, 2.0), (20.0, 2.0))
+        live.add_annotation(AnnotationKind.LENGTH, sop, 0, points, values={"length_mm": 9.0})
+        twin = live.add_annotation(AnnotationKind.LENGTH, sop, 0, points, values={"length_mm": 9.0})
+        LiveSessionView(live, RuntimeNode(b)._finalise).finalise(drop=frozenset({twin.id}))
+        await wait_for(lambda: request.id in a.reports)
+        wire = a.consults.report_wire(request.id)
+        assert wire is not None
+        report = verify_report(wire, consult_id=request.id)
+        assert report.text == "No haemorrhage."
+        assert report.impression == "Normal CT head."
+        assert len(report.measurements) == 1  # the twin was left out
+    finally:
+        await a.stop()
+        await b.stop()
+        await server.stop()
