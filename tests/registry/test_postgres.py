@@ -593,3 +593,29 @@ async def test_an_address_socket_cap_is_shared_by_instances(pg_url: str) -> None
         finally:
             for _, writer in [*held, fourth]:
                 writer.close()
+
+
+async def test_sockets_of_an_instance_whose_heartbeat_stopped_do_not_count(pg_url: str) -> None:
+    import asyncpg
+
+    store = open_store(pg_url)
+    await store.open()
+    try:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(
+                "INSERT INTO instances (id, seen) VALUES ('dead', now() - interval '1 hour'), "
+                "('alive', now())"
+            )
+            await conn.execute(
+                "INSERT INTO address_sockets (instance, address, n) VALUES "
+                "('dead', '192.0.2.1', 3), ('alive', '192.0.2.2', 3)"
+            )
+        finally:
+            await conn.close()
+        assert await store.socket_open("192.0.2.1", 3)  # the dead one's 3 are gone
+        assert not await store.socket_open("192.0.2.2", 3)  # the live one's 3 hold
+        await store.socket_closed("192.0.2.1")
+        assert await store.socket_open("192.0.2.1", 1)  # closed: the place is back
+    finally:
+        await store.close()
