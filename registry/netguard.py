@@ -72,10 +72,11 @@ class AddressGuard:
         self._connects = RateLimiter(self.connect_rate, self.connect_burst)
         self.tasks: set[asyncio.Task[None]] = set()
 
-    def spawn(self, call: Awaitable[None]) -> None:
+    def spawn(self, call: Awaitable[None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(call)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     def admit(self, address: str, now: float) -> bool:
         """Count a new socket from ``address``; False (and not counted) if over a limit."""
@@ -115,6 +116,8 @@ class GuardedHandler(RequestHandler):
         self._address: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._counted = False  # counted in the shared socket table
+        self._admission: asyncio.Future[None] | None = None
+        self._refused = False  # over the shared caps: closing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -128,7 +131,14 @@ class GuardedHandler(RequestHandler):
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self._header_timeout, self._headers_too_slow)
         if self._guard.shared is not None and address not in self._guard.exempt:
-            self._guard.spawn(self._admit_shared(self._guard.shared, address))
+            self._admission = self._guard.spawn(self._admit_shared(self._guard.shared, address))
+
+    async def admitted(self) -> bool:
+        """Wait for the shared caps' verdict on this socket (no request is served on a
+        socket over them); True when admitted or there are none."""
+        if self._admission is not None:
+            await asyncio.shield(self._admission)
+        return not self._refused and self._address is not None
 
     async def _admit_shared(self, shared: SharedSockets, address: str) -> None:
         """The caps of all instances together; a socket over them is closed."""
@@ -138,6 +148,7 @@ class GuardedHandler(RequestHandler):
             log.warning("could not count a socket in the shared database: %s", exc)
             return
         if not admitted:
+            self._refused = True
             self._guard.refused += 1
             log.debug("refused a connection from %s: too many sockets or connects", address)
             self.force_close()
@@ -231,6 +242,8 @@ async def headers_arrived(
     """Tell the connection its request is in (the header timeout is met)."""
     if isinstance(request.protocol, GuardedHandler):
         request.protocol.request_started()
+        if not await request.protocol.admitted():
+            return web.Response(status=429, text="too many connections from this address")
     return await handler(request)
 
 
