@@ -260,12 +260,14 @@ class RegistryServer:
         self, request: web.Request, handler: Callable[[web.Request], object]
     ) -> web.StreamResponse:
         address = self.client_address(request)
-        if not await self._allow_address(self._address, "address", address):
-            wait = self._address.retry_after(address) or 1 / self.limits.address_rate
-            return _error(
-                429, "too many requests from this address", f"slow down; retry after {wait:.1f} s"
-            )
         try:
+            if not await self._allow_address(self._address, "address", address):
+                wait = self._address.retry_after(address) or 1 / self.limits.address_rate
+                return _error(
+                    429,
+                    "too many requests from this address",
+                    f"slow down; retry after {wait:.1f} s",
+                )
             response = await handler(request)  # type: ignore[misc]
         except web.HTTPRequestEntityTooLarge:
             return _error(
