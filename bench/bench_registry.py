@@ -23,7 +23,9 @@ counted in PostgreSQL)::
     database CPU ms/msg         0.00           0.15
     crowd connect s             4.63          14.08
 
-(The SQLite p99 is one run's outlier under the crowd; 10.7 ms without it before.)
+The SQLite p99 rises with all 2,000 sockets on its one instance (105 ms here,
+484 ms in a second run; 10.7 ms without the crowd before); a second run gave the
+pair 232 publishes/s (0.53x), 895 lookups/s (0.45x), relay p50 4.8 ms, p99 23 ms.
 
 Paper estimate, national network (20,000 nodes, 200,000 consult messages a day):
 
