@@ -4,9 +4,28 @@ then one SQLite instance against two instances sharing one PostgreSQL.
 Run: ``python -m bench registry``. The registry runs in its own process (one
 core), the clients in this one (the other core), talking over 127.0.0.1.
 Baseline: raw SQLite primary-key lookups on the same database in this run.
-The comparison (skipped without PostgreSQL) publishes records, looks them up and
-relays signals between nodes connected to different instances, on loopback; its
-ratios are PostgreSQL-pair / SQLite-single from the same run.
+The comparison (skipped without PostgreSQL; ``python -m bench.bench_registry
+compare`` runs it alone, about 3 minutes) publishes 10,000 records, looks them up
+and relays signals between nodes connected to different instances, on loopback,
+with 2,000 idle authenticated signaling sockets connected throughout (split over
+the two PostgreSQL instances; all 2,000 on the SQLite one); its ratios are
+PostgreSQL-pair / SQLite-single from the same run. One run (2-core machine shared
+with other work; per-address HTTP, relay and connect rates and socket caps
+counted in PostgreSQL)::
+
+                           SQLite x1  PostgreSQL x2   ratio
+    publish/s                 481.34         231.91    0.48
+    lookups/s                2846.60        1125.77    0.40
+    relay p50 ms                1.46           4.18    2.86
+    relay p99 ms              105.22          14.00    0.13
+    relayed                     1.00           1.00    1.00
+    registry CPU ms/msg         1.30           3.10
+    database CPU ms/msg         0.00           0.15
+    crowd connect s             4.63          14.08
+
+The SQLite p99 rises with all 2,000 sockets on its one instance (105 ms here,
+484 ms in a second run; 10.7 ms without the crowd before); a second run gave the
+pair 232 publishes/s (0.53x), 895 lookups/s (0.45x), relay p50 4.8 ms, p99 23 ms.
 
 Paper estimate, national network (20,000 nodes, 200,000 consult messages a day):
 
@@ -20,8 +39,9 @@ Paper estimate, national network (20,000 nodes, 200,000 consult messages a day):
   relays/s at peak. On PostgreSQL each relay is one transaction (advisory lock on
   the recipient, quota sums over its indexed rows, insert with NOTIFY) plus one
   batched delete. Measured below: ~2.5 ms of registry CPU and ~0.1 ms of database
-  CPU per relayed message, so the peak needs about 0.6 of a core of registry
-  instances and a few percent of one PostgreSQL core.
+  CPU per relayed message (3.1 ms with 2,000 sockets connected and the address
+  relay rate shared in the database), so the peak needs about 0.7 of a core of
+  registry instances and a few percent of one PostgreSQL core.
 * Lookups/search: a few per consult plus directory refreshes: tens per second.
 * Mailbox: only mail for offline nodes stays; at a few KB per sealed message and
   the 7-day TTL, even all 1.4 M messages of a week kept is ~5-10 GB, and the
@@ -255,8 +275,10 @@ def main() -> None:
 
 # One SQLite instance against two instances on one PostgreSQL ---------------------------
 
-COMPARE_RECORDS = 2_000
+COMPARE_RECORDS = 10_000
 COMPARE_LOOKUPS = 3_000
+COMPARE_CROWD = 2_000  # idle authenticated signaling sockets during the measurement
+CROWD_TIMEOUT = 180.0  # seconds to connect (or close) the whole crowd, at most
 COMPARE_PAIRS = 25
 COMPARE_RATE = 50  # relayed messages per second (under saturation on a shared 2-core box)
 COMPARE_SECONDS = 4
@@ -328,10 +350,60 @@ def _postgres_pids(port: int) -> list[int]:
     return pids
 
 
+def _raise_open_files(want: int) -> None:
+    """Room for ``want`` sockets in this process and the instances it starts."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, want)), hard))
+
+
+async def _crowd(urls: list[str]) -> tuple[list[RegistryClient], list[RegistryConnection], float]:
+    """COMPARE_CROWD idle authenticated sockets, spread over the instances."""
+    clients = [
+        RegistryClient(urls[i % len(urls)], Identity(os.urandom(32))) for i in range(COMPARE_CROWD)
+    ]
+    conns = [c.connect(connect_timeout=60) for c in clients]
+    sem = asyncio.Semaphore(100)
+
+    async def open_one(conn: RegistryConnection) -> None:
+        async with sem:
+            await conn.__aenter__()
+
+    started = time.perf_counter()
+    async with asyncio.timeout(CROWD_TIMEOUT):
+        await asyncio.gather(*(open_one(c) for c in conns))
+    return clients, conns, time.perf_counter() - started
+
+
+async def _disperse(clients: list[RegistryClient], conns: list[RegistryConnection]) -> None:
+    sem = asyncio.Semaphore(100)
+
+    async def close_one(conn: RegistryConnection, client: RegistryClient) -> None:
+        async with sem:
+            await conn.close()
+            await client.close()
+
+    async with asyncio.timeout(CROWD_TIMEOUT):
+        await asyncio.gather(*(close_one(c, k) for c, k in zip(conns, clients, strict=True)))
+
+
 async def _scenario(
     urls: list[str], wires: list[bytes], server_pids: list[int], db_pids: list[int]
 ) -> dict[str, float]:
-    """Publish, look up (spread over the instances) and relay from instance 0 to the last."""
+    """With COMPARE_CROWD idle nodes connected: publish, look up (spread over the
+    instances) and relay from instance 0 to the last."""
+    figures: dict[str, float] = {}
+    crowd_clients, crowd, crowd_s = await _crowd(urls)
+    figures["crowd connect s"] = crowd_s
+    try:
+        figures |= await _measure(urls, wires, server_pids, db_pids)
+    finally:
+        await _disperse(crowd_clients, crowd)
+    return figures
+
+
+async def _measure(
+    urls: list[str], wires: list[bytes], server_pids: list[int], db_pids: list[int]
+) -> dict[str, float]:
     figures: dict[str, float] = {}
     clients = [RegistryClient(u) for u in urls]
     jobs = iter(enumerate(wires))
@@ -418,7 +490,13 @@ def compare_sqlite_postgres() -> None:
 
     from tests.registry.postgres import postgres_cluster
 
+    _raise_open_files(COMPARE_CROWD * 2 + 1024)
+    started = time.perf_counter()
     wires = _signed_records(COMPARE_RECORDS)
+    print(
+        f"{COMPARE_RECORDS} records signed for the comparison "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = _start_instance(str(Path(tmp) / "registry.db"))
@@ -452,12 +530,13 @@ def compare_sqlite_postgres() -> None:
     print(
         f"{COMPARE_RECORDS} records, {COMPARE_LOOKUPS} lookups, relay {COMPARE_RATE} msg/s "
         f"for {COMPARE_SECONDS} s across {COMPARE_PAIRS} pairs (PostgreSQL: sender and "
-        "recipient on different instances)"
+        f"recipient on different instances), {COMPARE_CROWD} idle authenticated sockets "
+        "connected throughout (split over the instances)"
     )
     print(f"{'':20}{'SQLite x1':>12}{'PostgreSQL x2':>15}{'ratio':>8}")
     for key in ("publish/s", "lookups/s", "relay p50 ms", "relay p99 ms", "relayed"):
         print(f"{key:20}{sqlite[key]:12.2f}{pg[key]:15.2f}{pg[key] / sqlite[key]:8.2f}")
-    for key in ("registry CPU ms/msg", "database CPU ms/msg"):
+    for key in ("registry CPU ms/msg", "database CPU ms/msg", "crowd connect s"):
         print(f"{key:20}{sqlite[key]:12.2f}{pg[key]:15.2f}")
     per_msg = pg["registry CPU ms/msg"] + pg["database CPU ms/msg"]
     if per_msg > 0:
@@ -468,4 +547,7 @@ def compare_sqlite_postgres() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["compare"]:  # the SQLite/PostgreSQL comparison alone
+        compare_sqlite_postgres()
+    else:
+        main()

@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from crypto.identity import NodeId
+from registry.errors import RegistryError
 from registry.limits import RateLimiter, address_key
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,17 @@ class Relayed:
     origin: str = ""  # the sender's address key, for the mailbox's per-address quota
 
 
+@dataclass(frozen=True)
+class SharedSockets:
+    """Per-address socket counts and connect rates kept where every instance sees them.
+
+    ``admit`` counts one socket (False: over the cap or the connect rate of all
+    instances together, and nothing counted); ``release`` uncounts an admitted one."""
+
+    admit: Callable[[str], Awaitable[bool]]
+    release: Callable[[str], Awaitable[None]]
+
+
 @dataclass
 class AddressGuard:
     """Open sockets per address (capped) and new connections per address (rate-limited)."""
@@ -53,9 +65,18 @@ class AddressGuard:
     # Trusted reverse proxies: every client comes through them, so they are not capped
     # here (the proxy caps its clients; the registry limits the forwarded address).
     exempt: frozenset[str] = frozenset()
+    # Several instances: a socket admitted here is then checked against all of them.
+    shared: SharedSockets | None = None
 
     def __post_init__(self) -> None:
         self._connects = RateLimiter(self.connect_rate, self.connect_burst)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, call: Awaitable[None]) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(call)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def admit(self, address: str, now: float) -> bool:
         """Count a new socket from ``address``; False (and not counted) if over a limit."""
@@ -94,6 +115,9 @@ class GuardedHandler(RequestHandler):
         self._header_timeout = header_timeout
         self._address: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._counted = False  # counted in the shared socket table
+        self._admission: asyncio.Future[None] | None = None
+        self._refused = False  # over the shared caps: closing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -106,6 +130,33 @@ class GuardedHandler(RequestHandler):
         self._address = address
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self._header_timeout, self._headers_too_slow)
+        if self._guard.shared is not None and address not in self._guard.exempt:
+            self._admission = self._guard.spawn(self._admit_shared(self._guard.shared, address))
+
+    async def admitted(self) -> bool:
+        """Wait for the shared caps' verdict on this socket (no request is served on a
+        socket over them); True when admitted or there are none."""
+        if self._admission is not None:
+            await asyncio.shield(self._admission)
+        return not self._refused and self._address is not None
+
+    async def _admit_shared(self, shared: SharedSockets, address: str) -> None:
+        """The caps of all instances together; a socket over them is closed."""
+        try:
+            admitted = await shared.admit(address)
+        except (OSError, RegistryError) as exc:  # the local caps still hold
+            log.warning("could not count a socket in the shared database: %s", exc)
+            return
+        if not admitted:
+            self._refused = True
+            self._guard.refused += 1
+            log.debug("refused a connection from %s: too many sockets or connects", address)
+            self.force_close()
+            return
+        if self._address is None:  # it closed meanwhile
+            await _release_shared(shared, address)
+            return
+        self._counted = True
 
     def request_started(self) -> None:
         """Headers of a request arrived (the app saw it): the header timeout is met."""
@@ -124,8 +175,18 @@ class GuardedHandler(RequestHandler):
             self._deadline = None
         if self._address is not None:
             self._guard.release(self._address)
+            if self._counted and self._guard.shared is not None:
+                self._guard.spawn(_release_shared(self._guard.shared, self._address))
+            self._counted = False
             self._address = None
         super().connection_lost(exc)
+
+
+async def _release_shared(shared: SharedSockets, address: str) -> None:
+    try:
+        await shared.release(address)
+    except (OSError, RegistryError) as exc:  # its row goes with this instance's heartbeat
+        log.warning("could not uncount a socket in the shared database: %s", exc)
 
 
 class GuardedSite(web.TCPSite):
@@ -181,6 +242,8 @@ async def headers_arrived(
     """Tell the connection its request is in (the header timeout is met)."""
     if isinstance(request.protocol, GuardedHandler):
         request.protocol.request_started()
+        if not await request.protocol.admitted():
+            return web.Response(status=429, text="too many connections from this address")
     return await handler(request)
 
 

@@ -186,6 +186,9 @@ class PostgresStore:
         if self._pool is not None:
             with contextlib.suppress(OSError, asyncpg.PostgresError):
                 await self._pool.execute("DELETE FROM presence WHERE instance = $1", self.instance)
+                await self._pool.execute(
+                    "DELETE FROM address_sockets WHERE instance = $1", self.instance
+                )
                 await self._pool.execute("DELETE FROM instances WHERE id = $1", self.instance)
         if self._listener is not None:
             with contextlib.suppress(OSError, asyncpg.PostgresError):
@@ -443,6 +446,11 @@ class PostgresStore:
                 INSTANCE_TIMEOUT,
             )
             await conn.execute(
+                "DELETE FROM address_sockets s WHERE NOT EXISTS (SELECT 1 FROM instances i "
+                "WHERE i.id = s.instance AND i.seen > now() - make_interval(secs => $1))",
+                INSTANCE_TIMEOUT,
+            )
+            await conn.execute(
                 "DELETE FROM instances WHERE seen < now() - make_interval(secs => $1)",
                 INSTANCE_TIMEOUT * 10,
             )
@@ -476,6 +484,49 @@ class PostgresStore:
             float(cost),
         )
         return row is not None
+
+    async def socket_open(self, address: str, cap: int) -> bool:
+        """Count one more open socket from ``address`` here, unless the sockets of all
+        live instances together are already at ``cap`` (then nothing is counted).
+
+        Openers of one address queue on its advisory lock, so two instances cannot
+        both take the last place."""
+        key = address[:128]
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key("sock " + key))
+            held = await conn.fetchval(
+                "SELECT COALESCE(SUM(s.n), 0) FROM address_sockets s JOIN instances i "
+                "ON i.id = s.instance WHERE s.address = $1 "
+                "AND (s.instance = $2 OR i.seen > now() - make_interval(secs => $3))",
+                key,
+                self.instance,
+                INSTANCE_TIMEOUT,
+            )
+            if int(held) >= cap:
+                return False
+            await conn.execute(
+                "INSERT INTO address_sockets AS s (instance, address, n) VALUES ($1, $2, 1) "
+                "ON CONFLICT (instance, address) DO UPDATE SET n = s.n + 1",
+                self.instance,
+                key,
+            )
+        return True
+
+    async def socket_closed(self, address: str) -> None:
+        """One socket from ``address`` counted by :meth:`socket_open` closed here."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            left = await conn.fetchval(
+                "UPDATE address_sockets SET n = n - 1 WHERE instance = $1 AND address = $2 "
+                "RETURNING n",
+                self.instance,
+                address[:128],
+            )
+            if left is not None and left <= 0:
+                await conn.execute(
+                    "DELETE FROM address_sockets WHERE instance = $1 AND address = $2 AND n <= 0",
+                    self.instance,
+                    address[:128],
+                )
 
     async def turn_issued(self, node_id: NodeId, now: int) -> int:
         return int(

@@ -33,6 +33,7 @@ from registry.netguard import (
     GuardedSite,
     Outbox,
     Relayed,
+    SharedSockets,
     handler_factory,
     headers_arrived,
 )
@@ -144,6 +145,9 @@ class RegistryServer:
             self.limits.connect_rate,
             self.limits.connect_burst,
             exempt=self.trusted_proxies,
+            shared=SharedSockets(self._socket_open, self.store.socket_closed)
+            if self.store.shared
+            else None,
         )
         self.connections: dict[NodeId, Outbox] = {}
         self._runner: web.AppRunner | None = None
@@ -256,13 +260,14 @@ class RegistryServer:
         self, request: web.Request, handler: Callable[[web.Request], object]
     ) -> web.StreamResponse:
         address = self.client_address(request)
-        if not self._address.allow(address, self.clock()):
-            return _error(
-                429,
-                "too many requests from this address",
-                f"slow down; retry after {self._address.retry_after(address):.1f} s",
-            )
         try:
+            if not await self._allow_address(self._address, "address", address):
+                wait = self._address.retry_after(address) or 1 / self.limits.address_rate
+                return _error(
+                    429,
+                    "too many requests from this address",
+                    f"slow down; retry after {wait:.1f} s",
+                )
             response = await handler(request)  # type: ignore[misc]
         except web.HTTPRequestEntityTooLarge:
             return _error(
@@ -330,6 +335,25 @@ class RegistryServer:
         if not self.store.shared:
             return limiter.allow(key, self.clock())
         return await self.store.rate_allow(kind, key, limiter.rate, limiter.burst, self.clock())
+
+    async def _allow_address(self, limiter: RateLimiter, kind: str, key: str) -> bool:
+        """A per-address token: from this process's bucket (a flood is refused without a
+        database round trip) and, with several instances, from the shared one too."""
+        if not limiter.allow(key, self.clock()):
+            return False
+        return not self.store.shared or await self.store.rate_allow(
+            kind, key, limiter.rate, limiter.burst, self.clock()
+        )
+
+    async def _socket_open(self, address: str) -> bool:
+        """A new TCP connection, against the connect rate and the socket cap of all
+        instances together (several instances only; each also has its own caps)."""
+        limits = self.limits
+        if not await self.store.rate_allow(
+            "connect", address, limits.connect_rate, limits.connect_burst, self.clock()
+        ):
+            return False
+        return await self.store.socket_open(address, limits.address_sockets)
 
     async def _refuse_new_node(self, node_id: NodeId, address: str) -> web.Response | None:
         """Records of nodes new here cost disk: a cap in all and a rate per address."""
@@ -681,7 +705,17 @@ class RegistryServer:
         the recipient's socket here, or by the instance holding it (notified)."""
         target = self.connections.get(frame.to)
         here = target is not None and not target.dropped
-        online = here or await self.store.online_elsewhere(frame.to)
+        # The address's relay rate across instances, in parallel with the presence look-up
+        # (two connections of the pool: no added latency).
+        rate = self.limits.address_send_rate, self.limits.address_send_burst
+        allowed, online = await asyncio.gather(
+            self.store.rate_allow("address_send", outbox.address, *rate, self.clock()),
+            _true() if here else self.store.online_elsewhere(frame.to),
+        )
+        if not allowed:
+            hint = f"at most {self.limits.address_send_rate:g} messages a second from an address"
+            _push_error(outbox, "sending too fast", hint, frame.ref)
+            return
         ident, refused = await self._offer(frame.to, sender, frame.data, outbox.address, online)
         if refused is not None:
             _push_error(outbox, refused, "try again later", frame.ref)
@@ -715,6 +749,10 @@ class RegistryServer:
     ) -> str | None:
         """Store a message in the mailbox; the reason when a quota refuses it."""
         return (await self._offer(recipient, sender, data, origin))[1]
+
+
+async def _true() -> bool:
+    return True
 
 
 def _push_error(outbox: Outbox, error: str, hint: str, ref: int = -1) -> None:

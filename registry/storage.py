@@ -116,6 +116,11 @@ class RegistryStore(Protocol):
         ...
 
     # instances (meaningful when shared)
+    async def socket_open(self, address: str, cap: int) -> bool:
+        """Count an open socket from ``address`` unless all instances hold ``cap``."""
+        ...
+
+    async def socket_closed(self, address: str) -> None: ...
     async def connected(self, node_id: NodeId) -> None: ...
     async def disconnected(self, node_id: NodeId) -> None: ...
     async def online_elsewhere(self, node_id: NodeId) -> bool: ...
@@ -235,6 +240,12 @@ class SqliteStore:
         while len(self._turn) > 100_000:  # bounded, oldest first
             del self._turn[next(iter(self._turn))]
         return self._turn[key]
+
+    async def socket_open(self, address: str, cap: int) -> bool:
+        return True  # one instance: its AddressGuard counts them in memory
+
+    async def socket_closed(self, address: str) -> None:
+        return None
 
     async def connected(self, node_id: NodeId) -> None:
         return None

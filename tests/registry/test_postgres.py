@@ -20,6 +20,7 @@ from node.children import die_with_parent
 from registry.client import RegistryClient, RegistryConnection, SearchQuery
 from registry.errors import RemoteRegistryError, StaleRecord
 from registry.limits import MailboxQuota
+from registry.pgstore import migrations
 from registry.server import Limits, RegistryServer, TurnConfig
 from registry.storage import MailOffer, RegistryStore, SqliteStore, open_store
 from registry.store import Stored
@@ -161,7 +162,7 @@ async def test_migrations_apply_once_when_instances_start_together(pg_url: str) 
             ]
         finally:
             await conn.close()
-        assert versions == [1]
+        assert sorted(versions) == [m[0] for m in migrations()]
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 
@@ -500,3 +501,123 @@ async def test_first_records_published_at_once_through_two_instances_keep_the_ne
     finally:
         await one.close()
         await two.close()
+
+
+# Per-address limits across instances (issue 20) ----------------------------------------------
+
+
+async def test_an_address_relay_rate_is_shared_by_instances(pg_url: str, clock: Clock) -> None:
+    # 10 relayed messages per address (the clock stands still: no refill until moved).
+    limits = Limits(address_rate=1e6, address_burst=1e6, publish_burst=1e6,
+                    new_record_burst=1e6, address_send_rate=10, address_send_burst=10)  # fmt: skip
+    async with instances(pg_url, clock=clock, limits=limits) as (a, b):
+        async with RegistryClient(a.url) as client:
+            await client.publish(make_record(BOB))
+        alice, carol = await connected(a.url, ALICE), await connected(b.url, CAROL)
+        try:
+            for i in range(5):  # under the rate together: all accepted
+                assert await alice.send(BOB.node_id, b"a%d" % i) == "stored"
+                assert await carol.send(BOB.node_id, b"c%d" % i) == "stored"
+            # The 6th through each instance: each has relayed only 5 itself.
+            with pytest.raises(RemoteRegistryError, match="sending too fast"):
+                await alice.send(BOB.node_id, b"a5")
+            with pytest.raises(RemoteRegistryError, match="sending too fast"):
+                await carol.send(BOB.node_id, b"c5")
+            clock.now += 1  # 10 tokens back, for either instance
+            assert await carol.send(BOB.node_id, b"canary") == "stored"
+        finally:
+            await closed(alice)
+            await closed(carol)
+
+
+async def test_an_address_request_rate_is_shared_by_instances(pg_url: str, clock: Clock) -> None:
+    limits = Limits(address_rate=10, address_burst=10)
+    async with (
+        instances(pg_url, clock=clock, limits=limits) as (a, b),
+        RegistryClient(a.url) as ca,
+        RegistryClient(b.url) as cb,
+    ):
+        for _ in range(5):
+            assert (await ca.health())["status"] == "ok"
+            assert (await cb.health())["status"] == "ok"
+        with pytest.raises(RemoteRegistryError, match="too many requests"):
+            await ca.health()
+        with pytest.raises(RemoteRegistryError, match="too many requests"):
+            await cb.health()
+        clock.now += 1
+        assert (await cb.health())["status"] == "ok"
+
+
+async def _socket(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _answers(stream: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> bool:
+    """The socket is open and served: a health request on it is answered."""
+    reader, writer = stream
+    writer.write(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    async with asyncio.timeout(10):
+        return (await reader.readline()).startswith(b"HTTP/1.1 200")
+
+
+async def test_an_address_socket_cap_is_shared_by_instances(pg_url: str) -> None:
+    limits = Limits(address_rate=1e6, address_burst=1e6, address_sockets=3, header_timeout=60)
+    async with instances(pg_url, limits=limits) as (a, b):
+
+        def settled(server: RegistryServer, count: int) -> bool:
+            """``count`` sockets open on ``server`` and its shared-table checks done."""
+            checks = getattr(server.guard, "tasks", ())
+            return sum(server.guard.open.values()) == count and not checks
+
+        async def opened(
+            server: RegistryServer, count: int
+        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            stream = await _socket(server.url)
+            await wait_for(lambda: settled(server, count))
+            return stream
+
+        held = [await opened(a, 1), await opened(a, 2), await opened(b, 1)]
+        fourth = await _socket(b.url)
+        # A request sent at once, before the shared count is checked, is not served.
+        fourth[1].write(b"GET /v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        try:
+            async with asyncio.timeout(10):  # closed by the server (no header timeout yet)
+                assert b" 200 " not in await fourth[0].read()
+            assert b.guard.refused == 1
+            for stream in held:  # the three under the cap are served
+                assert await _answers(stream)
+            held[0][1].close()  # one closes on a: a place for b
+            await wait_for(lambda: settled(a, 1))
+            held[0] = await opened(b, 2)
+            assert await _answers(held[0])
+            assert b.guard.refused == 1
+        finally:
+            for _, writer in [*held, fourth]:
+                writer.close()
+
+
+async def test_sockets_of_an_instance_whose_heartbeat_stopped_do_not_count(pg_url: str) -> None:
+    import asyncpg
+
+    store = open_store(pg_url)
+    await store.open()
+    try:
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(
+                "INSERT INTO instances (id, seen) VALUES ('dead', now() - interval '1 hour'), "
+                "('alive', now())"
+            )
+            await conn.execute(
+                "INSERT INTO address_sockets (instance, address, n) VALUES "
+                "('dead', '192.0.2.1', 3), ('alive', '192.0.2.2', 3)"
+            )
+        finally:
+            await conn.close()
+        assert await store.socket_open("192.0.2.1", 3)  # the dead one's 3 are gone
+        assert not await store.socket_open("192.0.2.2", 3)  # the live one's 3 hold
+        await store.socket_closed("192.0.2.1")
+        assert await store.socket_open("192.0.2.1", 1)  # closed: the place is back
+    finally:
+        await store.close()
