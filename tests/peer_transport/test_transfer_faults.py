@@ -312,13 +312,24 @@ def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing
 def test_sender_killed_mid_transfer_and_restarted_the_receiver_resumes(tmp_path: Path) -> None:
     seed, sender, receiver, study = _two_homes_and_a_study(tmp_path)
     kill_at = _kill_point(seed, study)
-    why = f"seed {seed}, sender killed after {kill_at} of {SLICES} instances"
+    # Killed by its own count of chunks sent (printed before each leaves), not by what the
+    # receiver has stored: a receiver slower to store than the sender to send could
+    # otherwise get every chunk before the kill, finish and exit, and the restarted
+    # sender would find nobody to send to.
+    kill_chunks = int(kill_at * study.chunks / SLICES)
+    why = f"seed {seed}, sender killed after {kill_chunks} of {study.chunks} chunks"
+
+    def sent_enough() -> bool:
+        fetching.pump()  # keep the receiver's pipes drained meanwhile
+        return sending.bulk_sent >= kill_chunks
+
     with processes() as procs:
         procs.append(fetching := _fetch(receiver, sender))
         procs.append(sending := _send(sender, receiver, study))
-        fetching.wait_until(lambda: fetching.instances_done >= kill_at, 60, "partly stored")
+        sending.wait_until(sent_enough, 60, "partly sent")
         sending.kill()
         first = sending.bulk_sent
+        assert first < study.chunks, why
         assert len(_stored(receiver, study)) < SLICES, why
         procs.append(sending := _send(sender, receiver, study))
         assert fetching.finish(25) == 0, f"{why}\n{fetching.log}"
