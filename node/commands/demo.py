@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,13 +36,21 @@ async def run_interactive(root: Path, *, slices: int, rows: int, with_pacs: bool
             "opening the TUI as the neuroradiologist: the request waits in the worklist "
             "(a accept, f fetch, enter open; ? help, ctrl+q quit)"
         )
-        surgeon = asyncio.create_task(surgeon_when_ready(net, requested, rows))
-        await RadmeshApp(RuntimeNode(net.nodes["neurorad"])).run_async()
+        # The scripted surgeon's steps go to a file while the TUI owns the terminal
+        # (printed there, they were drawn over the screen).
+        with (root / "demo.log").open("a") as steps:
+            net.out = steps
+            surgeon = asyncio.create_task(surgeon_when_ready(net, requested, rows))
+            await RadmeshApp(RuntimeNode(net.nodes["neurorad"])).run_async()
+            if surgeon is not None:
+                surgeon.cancel()
+                await asyncio.gather(surgeon, return_exceptions=True)
     finally:
         if surgeon is not None:
             surgeon.cancel()
+        net.out = sys.stdout
         await net.stop()
-    print(f"demo stopped; its files are under {root}")
+    print(f"demo stopped; its files are under {root} (the scripted steps: {root / 'demo.log'})")
     return 0
 
 
