@@ -830,27 +830,16 @@ def export_sr(
     """
     content = _measurement_report(report, _Builder(report, relink_uid))
     evidence, has_images = _evidence(report, relink_uid, patient, _images(report, key_images=False))
-    stamp = dt.datetime.fromtimestamp(report.finalised_at, tz=dt.UTC)
-    sr = hd.sr.ComprehensiveSR(
-        evidence=evidence,
-        content=content[0],
-        series_instance_uid=_derived_uid(report, "sr-series"),
+    sr = _verified_sr(
+        report,
+        report,
+        evidence,
+        content,
+        ("sr", 1),
         series_number=series_number,
-        sop_instance_uid=_derived_uid(report, "sr"),
-        instance_number=1,
         manufacturer=manufacturer,
-        institution_name=institution or None,
-        is_complete=True,
-        is_final=True,
-        is_verified=True,
-        verifying_observer_name=_person_name(report),
-        verifying_organization=_organisation(report),
-        record_evidence=False,
-        series_description="radmesh consult report",
-        content_date=stamp.date(),
-        content_time=stamp.time().replace(tzinfo=None),
+        institution=institution,
     )
-    sr.VerifyingObserverSequence[0].VerificationDateTime = stamp.strftime("%Y%m%d%H%M%S+0000")
     if not has_images:
         del sr.CurrentRequestedProcedureEvidenceSequence
     return _part10(sr)
@@ -936,27 +925,16 @@ def export_addendum_sr(
     )
     content = _measurement_report(amended, _Builder(amended, relink_uid))
     evidence, _ = _evidence(amended, relink_uid, patient, [])
-    stamp = dt.datetime.fromtimestamp(addendum.at, tz=dt.UTC)
-    sr = hd.sr.ComprehensiveSR(
-        evidence=evidence,
-        content=content[0],
-        series_instance_uid=_derived_uid(report, "sr-series"),
+    sr = _verified_sr(
+        report,
+        amended,
+        evidence,
+        content,
+        (f"addendum-{addendum.number}", 1 + addendum.number),
         series_number=series_number,
-        sop_instance_uid=_derived_uid(report, f"addendum-{addendum.number}"),
-        instance_number=1 + addendum.number,
         manufacturer=manufacturer,
-        institution_name=institution or None,
-        is_complete=True,
-        is_final=True,
-        is_verified=True,
-        verifying_observer_name=_person_name(amended),
-        verifying_organization=_organisation(amended),
-        record_evidence=False,
-        series_description="radmesh consult report",
-        content_date=stamp.date(),
-        content_time=stamp.time().replace(tzinfo=None),
+        institution=institution,
     )
-    sr.VerifyingObserverSequence[0].VerificationDateTime = stamp.strftime("%Y%m%d%H%M%S+0000")
     del sr.CurrentRequestedProcedureEvidenceSequence
     original = Dataset()
     original.ReferencedSOPClassUID = sr.SOPClassUID
@@ -969,3 +947,42 @@ def export_addendum_sr(
     study.ReferencedSeriesSequence = [series]
     sr.PredecessorDocumentsSequence = [study]
     return _part10(sr)
+
+
+def _verified_sr(
+    report: Report,
+    signed: Report,
+    evidence: Any,
+    content: Any,
+    instance: tuple[str, int],
+    *,
+    series_number: int,
+    manufacturer: str,
+    institution: str,
+) -> Any:
+    """The Comprehensive SR of ``signed`` (the report, or an addendum dressed as one) in the
+    report's SR series: VERIFIED, its signer the Verifying Observer at signing time.
+    ``instance`` is the UID label and instance number within that series."""
+    label, number = instance
+    stamp = dt.datetime.fromtimestamp(signed.finalised_at, tz=dt.UTC)
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=content[0],
+        series_instance_uid=_derived_uid(report, "sr-series"),
+        series_number=series_number,
+        sop_instance_uid=_derived_uid(report, label),
+        instance_number=number,
+        manufacturer=manufacturer,
+        institution_name=institution or None,
+        is_complete=True,
+        is_final=True,
+        is_verified=True,
+        verifying_observer_name=_person_name(signed),
+        verifying_organization=_organisation(signed),
+        record_evidence=False,
+        series_description="radmesh consult report",
+        content_date=stamp.date(),
+        content_time=stamp.time().replace(tzinfo=None),
+    )
+    sr.VerifyingObserverSequence[0].VerificationDateTime = stamp.strftime("%Y%m%d%H%M%S+0000")
+    return sr
