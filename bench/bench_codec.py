@@ -30,7 +30,7 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from node import wirecodec
+from node.dicom import wirecodec
 
 Array = np.ndarray[Any, Any]
 
@@ -161,8 +161,8 @@ def _offer_time(files: list[bytes], cache: wirecodec.PixelCache | None) -> float
 
 
 def offer_times(slices: int) -> None:
-    from node.deid import ShareContext, deidentify
-    from node.wirecache import WireCache
+    from node.dicom.deid import ShareContext, deidentify
+    from node.dicom.wirecache import WireCache
 
     study = ct_series(slices, seed=3)
     share = ShareContext()

@@ -47,7 +47,7 @@ from bench.live_peer import start as start
 from consult.live import LiveConsult
 from consult.presence import Cursor
 from consult.shared import AnnotationKind
-from node.runtime import NodeRuntime
+from node.app.runtime import NodeRuntime
 from peer_transport.connection import PeerConnection, install_event_loop_policy
 from peer_transport.frames import MAX_BULK_PAYLOAD
 from registry.records import NodeRecord

@@ -3,7 +3,7 @@
 Run: ``python -m bench netns`` (as root; needs iproute2 and dcmtk, Orthanc optional).
 
 Two namespaces joined by a veth pair, both ends shaped with ``tc tbf rate 20mbit``.
-The same synthetic head CT (node/demo_data.py, the demo's study) goes from A to B:
+The same synthetic head CT (node/demo/phantom.py, the demo's study) goes from A to B:
 
 - dcmtk ``storescu`` in A to ``storescp`` in B, uncompressed, as a PACS sends it;
 - radmesh: a node process in A with the study in its store runs ``send_study``,
@@ -48,8 +48,8 @@ from typing import Any
 import pydicom
 
 from crypto.identity import Identity
-from node.demo_data import generate_ct
-from node.store import Store
+from node.demo.phantom import generate_ct
+from node.dicom.store import Store
 from peer_transport import frames as fr
 from peer_transport.connection import (
     ChannelLink,

@@ -19,8 +19,8 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from node.demo_data import generate_ct
-from node.store import Store
+from node.demo.phantom import generate_ct
+from node.dicom.store import Store
 
 SLICES = 100
 KEY = bytes(range(32))

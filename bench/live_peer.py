@@ -31,9 +31,9 @@ from typing import Any
 
 from consult.live import LiveConsult
 from crypto.identity import Identity, NodeId
-from node.config import NetworkConfig, NodeConfig, NodeHome
-from node.keystore import save_identity
-from node.runtime import NodeRuntime
+from node.app.runtime import NodeRuntime
+from node.core.config import NetworkConfig, NodeConfig, NodeHome
+from node.core.keystore import save_identity
 from peer_transport.connection import (
     PeerConnection,
     TransportOptions,

@@ -18,7 +18,7 @@ from consult.errors import IllegalTransition, LocalConsultError, MalformedMessag
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
-from node.ids import is_dicom_uid
+from node.core.ids import is_dicom_uid
 
 REQUEST_TYPE = "consult-request"
 MAX_REQUEST_WIRE = 64 * 1024

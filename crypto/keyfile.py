@@ -1,6 +1,6 @@
 """The key file format: an identity seed, encrypted with a passphrase or, by opt-out, plain.
 
-Pure: builds and parses bytes; :mod:`node.keystore` writes the file.
+Pure: builds and parses bytes; :mod:`node.core.keystore` writes the file.
 Encrypted form: Argon2id (libsodium ``crypto_pwhash``) derives a key from the
 passphrase, XSalsa20-Poly1305 (``secretbox``) encrypts the seed. The KDF cost
 is stored in the file so it can be raised later without breaking old files.

@@ -10,7 +10,7 @@ import io
 import tempfile
 from pathlib import Path
 
-from node.demo import DemoNetwork, scripted_surgeon, stage
+from node.demo.story import DemoNetwork, scripted_surgeon, stage
 from tui.app import RadmeshApp
 from tui.node_facade import RuntimeNode
 

@@ -20,7 +20,7 @@ from crypto.channel import DatagramOpener, DatagramSealer, StreamOpener, StreamS
 from crypto.envelope import ReplayGuard
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
-from node.supervise import supervise
+from node.core.supervise import supervise
 from peer_transport import frames as fr
 from peer_transport import transfer as tr
 from peer_transport.errors import (

@@ -2,7 +2,7 @@
 
 The sender offers a study as a signed manifest ("study-manifest"): every instance
 with its UIDs, original size and SHA-256, transfer syntax, place in its series and
-the size of its wire encoding (:mod:`node.wirecodec`). The receiver *pulls*: it
+the size of its wire encoding (:mod:`node.dicom.wirecodec`). The receiver *pulls*: it
 skips instances it already has (same hash), then requests chunks of the wire
 encodings, at most ``window`` chunks outstanding (the window is the credit; a
 request is the application-level ack of what came before it). Every chunk carries
@@ -24,7 +24,7 @@ after a restart a journalled chunk counts only if its receipt still opens the by
 in the part file, so a kill -9 or a power
 cut costs at most the chunks in flight or lost with the page cache, never a wrong
 byte. An instance becomes visible only through the store's own atomic, fsynced
-commit (``node.store.Store.add_bytes``), which happens before the state file
+commit (``node.dicom.store.Store.add_bytes``), which happens before the state file
 calls it done.
 
 A receiver restarted with an unfinished spool does not wait for the sender to
@@ -67,8 +67,8 @@ from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity
-from node import wirecodec
-from node.ids import is_dicom_uid
+from node.core.ids import is_dicom_uid
+from node.dicom import wirecodec
 from peer_transport.errors import LocalProtocolError, RemoteProtocolError, TransportError
 
 MANIFEST_TYPE = "study-manifest"
@@ -283,7 +283,7 @@ class Manifest:
 def describe_instance(data: bytes) -> tuple[str, str, str, int, int, str]:
     """(study, series, SOP instance UID, series number, instance number, syntax) of a file.
 
-    Raises :class:`node.wirecodec.BadInstance` for files that must not be sent:
+    Raises :class:`node.dicom.wirecodec.BadInstance` for files that must not be sent:
     unreadable, truncated, or without the UIDs a receiver needs.
     """
     return _describe(wirecodec.parse_dicom(data), data)
@@ -663,7 +663,7 @@ class Spool:
 
     def read_part(self, index: int, chunks: Sequence[tuple[int, int, bytes]]) -> bytes:
         """A whole part from its (offset, length, receipt) chunks, in order. Raises
-        :class:`node.wirecodec.CorruptInstance` if any chunk was damaged on disk."""
+        :class:`node.dicom.wirecodec.CorruptInstance` if any chunk was damaged on disk."""
         out = []
         for seq, (offset, length, receipt) in enumerate(chunks):
             plain = self.read_chunk(index, seq, offset, length, receipt)
@@ -826,7 +826,7 @@ def decode_part(part: bytes, entry: ManifestEntry, study_uid: str) -> bytes:
     and carry the entry's study, series and instance UIDs (:class:`ManifestMismatch`:
     a manifest that names one instance and delivers another is the sender's lie, not
     damage, and fetching it again would not help). Damage raises
-    :class:`node.wirecodec.WireCodecError`.
+    :class:`node.dicom.wirecodec.WireCodecError`.
     """
     wire = wirecodec.WireInstance.from_wire(part, entry.wire_size)
     if wire.sha256 != entry.sha256:
@@ -1123,7 +1123,7 @@ class Receiver:
         """Decode a fully received instance and check it against the manifest.
 
         Reads only (safe in a worker thread: JPEG-LS decoding is the CPU-heavy part).
-        Raises :class:`node.wirecodec.WireCodecError` or OSError (damage: pass it to
+        Raises :class:`node.dicom.wirecodec.WireCodecError` or OSError (damage: pass it to
         :meth:`reject_part`), or :class:`DecompressionBomb` / :class:`ManifestMismatch`
         (the sender's doing: pass it to :meth:`refuse_part`).
         """

@@ -9,7 +9,7 @@ Requests travel on the control channel, chunks on the bulk channel.
 
 Received chunks are verified and written to the spool as they arrive (nothing
 queues in memory), and instances go to an :class:`InstanceStore`
-(``node.store.Store`` fits: ``has_hash(hex)`` and ``add_bytes(data, source=...)``)
+(``node.dicom.store.Store`` fits: ``has_hash(hex)`` and ``add_bytes(data, source=...)``)
 only after their hash is verified; decoding and storing run in one worker thread
 so the event loop keeps receiving and at most one decoded instance is in memory.
 The receiver's memory does not grow with the study.
@@ -43,8 +43,8 @@ import nacl.bindings as sodium
 import nacl.exceptions
 
 from crypto.identity import Identity
-from node import wirecodec
-from node.store import InstanceConflict
+from node.dicom import wirecodec
+from node.dicom.store import InstanceConflict
 from peer_transport import transfer as tr
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class PreparedStudy:
         ``files`` is advanced in a worker thread (reading and de-identifying may
         block); up to ``ahead`` instances are encoded in worker threads, so at
         most about ``2 * ahead`` files are in memory. Bad files raise BadInstance.
-        ``cache`` (``node.wirecache.WireCache``) saves the pixel coding done before.
+        ``cache`` (``node.dicom.wirecache.WireCache``) saves the pixel coding done before.
         """
         entries: list[tr.ManifestEntry] = []
         studies: list[str] = []
@@ -552,7 +552,7 @@ def _return_large_blocks() -> None:
 
 
 class StudySource(Protocol):
-    """Where a sender reads a study from (``node.store.Store`` fits).
+    """Where a sender reads a study from (``node.dicom.store.Store`` fits).
 
     A source with a ``wire_cache`` attribute (the store's) lends it to the encoder.
     """
@@ -563,7 +563,7 @@ class StudySource(Protocol):
 
 
 class AuditSink(Protocol):
-    """``node.audit.AuditLog`` fits."""
+    """``node.core.audit.AuditLog`` fits."""
 
     def append(
         self,
@@ -614,7 +614,7 @@ async def send_study(
         )
         manifest = study.manifest
         sender = StudySender(study, link)
-        if on_sender is not None:  # lets a caller watch progress (node.transfers)
+        if on_sender is not None:  # lets a caller watch progress (node.app.transfers)
             on_sender(sender)
         attach = getattr(link, "attach", None)
         if attach is not None:  # connection.ChannelLink: route its incoming control to us

@@ -43,7 +43,6 @@ from registry.storage import (
     RegistryStore,
     SqliteStore,
     node_key,
-    open_store,
     parse_node,
 )
 from registry.store import RegistryDB, Stored
@@ -786,3 +785,13 @@ async def run_forever(server: RegistryServer, host: str, port: int) -> None:
         await asyncio.Event().wait()
     finally:
         await server.stop()
+
+
+def open_store(db: str | Path) -> RegistryStore:
+    """``postgresql://…`` (or ``postgres://…``) selects PostgreSQL; anything else is a
+    SQLite file path."""
+    if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
+        from registry.pgstore import PostgresStore  # asyncpg only when asked for
+
+        return PostgresStore(db)
+    return SqliteStore(db)

@@ -2,9 +2,10 @@
 
 :class:`SqliteStore` (the default: one process, one file, a single-site or demo
 setup) runs :class:`registry.store.RegistryDB` on one worker thread, so the event
-loop never waits on the disk. :class:`registry.pgstore.PostgresStore` lets several
-registry instances behind one URL share records, mailbox, rate-limit counters and
-TURN accounting, and carries relayed messages between them (:attr:`shared`).
+loop never waits on the disk. ``registry.pgstore.PostgresStore`` (chosen by
+``registry.server.open_store``) lets several registry instances behind one URL share
+records, mailbox, rate-limit counters and TURN accounting, and carries relayed messages
+between them (:attr:`shared`).
 
 Each mailbox write checks the quotas and inserts in one step (one thread call, or
 one transaction), so two concurrent writers cannot both pass a nearly full quota.
@@ -261,13 +262,3 @@ class SqliteStore:
 
     def on_kick(self, listener: KickListener) -> None:
         return None
-
-
-def open_store(db: str | Path) -> RegistryStore:
-    """``postgresql://…`` (or ``postgres://…``) selects PostgreSQL; anything else is a
-    SQLite file path."""
-    if isinstance(db, str) and db.startswith(("postgresql://", "postgres://")):
-        from registry.pgstore import PostgresStore  # asyncpg only when asked for
-
-        return PostgresStore(db)
-    return SqliteStore(db)

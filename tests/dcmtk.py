@@ -23,7 +23,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from node.children import die_with_parent
+from node.core.children import die_with_parent
 
 LOOPBACK = "127.0.0.1"
 TOOL_TIMEOUT = 60.0

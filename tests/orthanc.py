@@ -1,4 +1,4 @@
-"""A real Orthanc PACS for tests (:mod:`node.pacs`), skipped with the package name when absent."""
+"""A real Orthanc PACS for tests (:mod:`node.dicom.pacs`), skipped when the package is absent."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from node import pacs
-from node.pacs import Orthanc
+from node.dicom import pacs
+from node.dicom.pacs import Orthanc
 
 __all__ = ["Orthanc", "orthanc_server", "require_orthanc"]
 

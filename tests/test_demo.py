@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from node import demo, workflow
+from node.app import workflow
+from node.demo import story as demo
 
 
 @pytest.mark.slow

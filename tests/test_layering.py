@@ -1,95 +1,178 @@
-"""Imports point one way: crypto <- node core <- registry <- peer_transport <- consult
-<- runtime/CLI <- tui (../shared/DESIGN.md). Parsed from source, so it checks every module."""
+"""The import graph is the architecture (README, "How the code is laid out").
+
+Layers, lowest first; a module may import its own layer and the ones below it:
+
+    crypto <- node.core <- node.dicom <- registry <- peer_transport <- consult
+           <- node.app <- tui <- node.cli, node.demo
+
+Parsed from source, so every module is checked, including imports inside functions.
+``from pkg import mod`` counts as an import of ``pkg.mod``. Any import cycle between
+modules fails, as does an upward import.
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("crypto", "node", "registry", "peer_transport", "consult", "tui")
-TOP_LAYER_NODE_MODULES = (
-    "node.runtime",
-    "node.workflow",
-    "node.cli",
-    "node.commands",
-    "node.demo",
-    "node.transfers",
-    "node.control",
-    "node.alerts",
-    "node.guests",
-    "node.retention",
+LAYERS = (
+    ("crypto",),
+    ("node.core", "node.errors", "node"),
+    ("node.dicom",),
+    ("registry",),
+    ("peer_transport",),
+    ("consult",),
+    ("node.app",),
+    ("tui",),
+    ("node.cli", "node.demo"),
 )
-# The CLI commands that open the TUI are the only places allowed to reach up into it.
-ALLOWED_UPWARD = {("node.commands.tui", "tui"), ("node.commands.demo", "tui")}
 # aiortc and zeroconf each have exactly one home.
 SINGLE_IMPORTERS = {"aiortc": "peer_transport.rtc", "zeroconf": "registry.mdns"}
 
 
 def layer(module: str) -> int:
-    top = module.split(".")[0]
-    if top == "node":
-        if any(module == m or module.startswith(m + ".") for m in TOP_LAYER_NODE_MODULES):
-            return 5
-        return 1
-    return {"crypto": 0, "registry": 2, "peer_transport": 3, "consult": 4, "tui": 6}[top]
+    """The layer of a module: the longest prefix listed in LAYERS wins."""
+    best, best_len = -1, -1
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best_len:
+                best, best_len = index, len(prefix)
+    if best < 0:
+        raise ValueError(f"{module} is in no layer")
+    return best
 
 
-def modules() -> list[tuple[str, Path]]:
-    found: list[tuple[str, Path]] = []
+def modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
-            name = ".".join(p for p in parts if p != "__init__")
-            found.append((name, path))
+            found[".".join(p for p in parts if p not in ("__init__", "__main__"))] = path
     return found
 
 
-def imports_of(path: Path) -> list[tuple[str, int]]:
+def imports_of(path: Path, known: dict[str, Path]) -> list[tuple[str, int]]:
+    """Modules of this project that ``path`` imports, anywhere in the file."""
     tree = ast.parse(path.read_text(), filename=str(path))
     result: list[tuple[str, int]] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             result.extend((alias.name, node.lineno) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            result.append((node.module, node.lineno))
-    return result
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                result.append((sub if sub in known else node.module, node.lineno))
+    return [(m, line) for m, line in result if m.split(".")[0] in PACKAGES]
 
 
-def test_imports_point_one_way() -> None:
-    violations = []
-    for name, path in modules():
-        own = layer(name)
-        for imported, line in imports_of(path):
-            if imported.split(".")[0] not in PACKAGES:
-                continue
-            if layer(imported) > own and (name, imported.split(".")[0]) not in ALLOWED_UPWARD:
-                violations.append(f"{path.relative_to(ROOT)}:{line} {name} imports {imported}")
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {
+        name: {m for m, _ in imports_of(path, known) if m in known and m != name}
+        for name, path in known.items()
+    }
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(edges.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.mark.xfail(strict=True, reason="control and the TUI reach node.cli: ConsultService step")
+def test_imports_point_down() -> None:
+    known = modules()
+    violations = sorted(
+        {
+            f"{path.relative_to(ROOT)}:{line} {name} imports {imported}"
+            for name, path in known.items()
+            for imported, line in imports_of(path, known)
+            if layer(imported) > layer(name)
+        }
+    )
     assert not violations, "upward imports:\n" + "\n".join(violations)
+
+
+@pytest.mark.xfail(strict=True, reason="runtime <-> control <-> workflow: ConsultService step")
+def test_no_import_cycles() -> None:
+    found = cycles(graph())
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
 def test_crypto_does_no_io() -> None:
     forbidden = {"socket", "asyncio", "aiohttp", "sqlite3", "subprocess", "os.path", "pathlib"}
-    for name, path in modules():
+    for name, path in modules().items():
         if name.split(".")[0] != "crypto":
             continue
-        for imported, line in imports_of(path):
-            assert imported not in forbidden, f"{path}:{line} crypto imports {imported}"
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            else:
+                continue
+            assert not set(names) & forbidden, f"{path}:{node.lineno} crypto imports {names}"
 
 
 def test_aiortc_and_zeroconf_each_imported_by_one_module() -> None:
     for library, home in SINGLE_IMPORTERS.items():
-        importers = {
-            name
-            for name, path in modules()
-            for imported, _ in imports_of(path)
-            if imported.split(".")[0] == library
-        }
+        importers = set()
+        for name, path in modules().items():
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    tops = {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    tops = {node.module.split(".")[0]}
+                else:
+                    continue
+                if library in tops:
+                    importers.add(name)
         assert importers <= {home}, f"{library} imported outside {home}: {importers - {home}}"
 
 
-def test_layering_check_sees_a_violation() -> None:
-    """Guard the guard: an upward import is classified as one."""
-    assert layer("crypto.identity") < layer("node.store") < layer("registry.server")
-    assert layer("node.cli") > layer("consult.requests")
-    assert layer("tui.app") > layer("node.runtime")
+def test_the_checks_see_a_violation() -> None:
+    """Guard the guards: layers order as drawn, submodule imports resolve, a cycle is found."""
+    assert layer("crypto.identity") < layer("node.core.audit") < layer("node.dicom.store")
+    assert layer("node.dicom.store") < layer("registry.server") < layer("consult.requests")
+    assert layer("consult.requests") < layer("node.app.runtime") < layer("tui.app")
+    assert layer("tui.app") < layer("node.cli.consult")
+    known = modules()
+    assert ("node.app.workflow", 1) in [
+        (m, 1) for m, _ in imports_of(ROOT / "tui" / "node_facade.py", known)
+    ]
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

@@ -11,7 +11,7 @@ from textual.app import App
 from textual.binding import Binding
 from textual.notifications import SeverityLevel
 
-from node.display import MAX_NAME_CHARS, printable
+from node.core.display import MAX_NAME_CHARS, printable
 from tui.facade import NodeFacade
 from tui.screens.help import HelpScreen
 from tui.screens.home import HomeScreen

@@ -228,7 +228,7 @@ class NodeFacade(Protocol):
         """Online → on call → away → online, published at once."""
         ...
 
-    # Guests of a live session (node.guests): a party proposes a trusted peer, the other
+    # Guests of a live session (node.app.guests): a party proposes a trusted peer, the other
     # party approves or refuses it; once both approved it is invited.
     async def propose_guest(self, consult_id: str, peer_node_id: str) -> str: ...
 

@@ -19,7 +19,7 @@ from rich.segment import Segment
 from rich.style import Style
 from textual.strip import Strip
 
-from node.display import printable
+from node.core.display import printable
 
 UPPER_HALF = "▀"
 MAX_CACHED_STYLES = 200_000

@@ -20,8 +20,8 @@ from pydicom.errors import InvalidDicomError
 
 from crypto.identity import Identity, NodeId
 from crypto.safety import safety_number
-from node.config import NodeConfig, NodeHome
-from node.errors import NodeError
+from node.core.config import NodeConfig, NodeHome
+from node.core.errors import NodeError
 from tui.facade import (
     ActionError,
     ConsultForm,

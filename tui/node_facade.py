@@ -1,4 +1,4 @@
-"""``NodeFacade`` and ``SessionView`` backed by a running :class:`~node.runtime.NodeRuntime`.
+"""``NodeFacade`` and ``SessionView`` backed by a running :class:`~node.app.runtime.NodeRuntime`.
 
 The app and the node share one event loop: everything here is called on it,
 except :meth:`RuntimeNode.load_frame`, which the viewer runs on a worker thread
@@ -29,14 +29,14 @@ from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.errors import CryptoError
 from crypto.identity import NodeId
 from crypto.safety import safety_number
-from node import guests, workflow
-from node.alerts import alerts_of, policy_of
-from node.audit import AuditKind
-from node.commands.status import apply_availability, next_availability
-from node.display import peer_label
-from node.errors import NodeError
-from node.runtime import NodeRuntime
-from node.store import StoreError
+from node.app import guests, workflow
+from node.app.alerts import alerts_of, policy_of
+from node.app.runtime import NodeRuntime
+from node.cli.status import apply_availability, next_availability
+from node.core.audit import AuditKind
+from node.core.display import peer_label
+from node.core.errors import NodeError
+from node.dicom.store import StoreError
 from peer_transport.errors import TransportError
 from registry.errors import RegistryError
 from registry.trust import TrustState

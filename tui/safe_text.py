@@ -4,7 +4,7 @@ A ``str`` handed to ``Static``, ``Label``, ``DataTable``, ``OptionList`` or ``no
 is parsed as markup: ``[/]`` in a consult question raises and takes the app down
 (at every start, since the question is stored), ``[@click=app.quit]`` binds an
 action, ``[link=...]`` a link. A ``Text`` is never parsed. Control characters are
-neutralised by :func:`node.display.printable` (the CLI uses the same function).
+neutralised by :func:`node.core.display.printable` (the CLI uses the same function).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from rich.text import Text
 
-from node.display import MAX_LINE_CHARS, MAX_NAME_CHARS, peer_label, printable
+from node.core.display import MAX_LINE_CHARS, MAX_NAME_CHARS, peer_label, printable
 
 TRUST_STYLE = {
     "verified": "green",

@@ -23,13 +23,13 @@ import pydicom
 import pytest
 
 from crypto.identity import Identity
-from node.audit import AUDIT_NAME, AuditError, AuditKind, open_audit
+from node.app.runtime import NodeRuntime
 from node.cli import main
-from node.config import DicomConfig, NodeHome
-from node.dicom_net import DicomListener, send_to_pacs
-from node.keystore import load_identity
-from node.runtime import NodeRuntime
-from node.store import open_store
+from node.core.audit import AUDIT_NAME, AuditError, AuditKind, open_audit
+from node.core.config import DicomConfig, NodeHome
+from node.core.keystore import load_identity
+from node.dicom.net import DicomListener, send_to_pacs
+from node.dicom.store import open_store
 from tests.dcmtk import generated_ct
 from tests.node.test_runtime import FAST, make_home, wait_for
 from tui.node_facade import RuntimeNode
@@ -317,7 +317,7 @@ def test_a_writer_between_anothers_commit_and_its_mark_waits_for_the_mark(
     written; another process that read the log in between took the mark for deleted and
     refused to sign (two `radmesh import` runs on a new home: one exited 1). Now the mark
     is raised under its lock, taken before the COMMIT, and read under it."""
-    from node import audit as audit_module
+    from node.core import audit as audit_module
 
     home, identity = make_home(tmp_path, "node", "", [])
     first, second = open_audit(home, identity), open_audit(home, identity)

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from node import control
-from node.config import NodeHome
-from node.control import ControlError
-from node.runtime import NodeRuntime
+from node.app import control
+from node.app.control import ControlError
+from node.app.runtime import NodeRuntime
+from node.core.config import NodeHome
 from tests.node.test_runtime import FAST, make_home
 
 pytestmark = pytest.mark.skipif(

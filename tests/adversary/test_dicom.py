@@ -19,12 +19,12 @@ from typing import IO
 
 import pytest
 
-from node import pacs
-from node.config import DicomConfig
-from node.dicom_guard import A_ABORT, AllowList, AllowListError, OverCap, PduMeter
-from node.dicom_net import DicomListener
-from node.runtime import NodeRuntime
-from node.sealed_spool import SpoolCorrupted, SpoolReader, SpoolWriter, new_key
+from node.app.runtime import NodeRuntime
+from node.core.config import DicomConfig
+from node.dicom import pacs
+from node.dicom.guard import A_ABORT, AllowList, AllowListError, OverCap, PduMeter
+from node.dicom.net import DicomListener
+from node.dicom.sealed_spool import SpoolCorrupted, SpoolReader, SpoolWriter, new_key
 from tests.dcmtk import dataset_part, generated_ct, require_dcmtk, storescu
 from tests.node.test_runtime import FAST, make_home
 from tests.orthanc import require_orthanc
@@ -37,10 +37,10 @@ WAIT = 20.0
 _LAUNCHER = """
 import sys, time
 from pathlib import Path
-from node import pacs
-from node.config import DicomConfig
-from node.dicom_guard import A_ABORT, AllowList, AllowListError, OverCap, PduMeter
-from node.dicom_net import DicomListener
+from node.dicom import pacs
+from node.core.config import DicomConfig
+from node.dicom.guard import A_ABORT, AllowList, AllowListError, OverCap, PduMeter
+from node.dicom.net import DicomListener
 with pacs.orthanc_server(Path(sys.argv[1])) as server:
     print(server.process.pid, server.dicom_port, flush=True)
     time.sleep(600)
@@ -115,8 +115,8 @@ CAP = 8 * 1024 * 1024
 _LISTENER = """
 import sys
 from pathlib import Path
-from node.config import DicomConfig
-from node.dicom_net import DicomListener
+from node.core.config import DicomConfig
+from node.dicom.net import DicomListener
 
 spool = Path(sys.argv[2])
 def stored(data, calling):
@@ -246,7 +246,7 @@ def test_an_allowed_ae_title_from_another_address_is_refused(
     with listener, tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ct.dcm"
         path.write_bytes(generated_ct(1)[0])
-        with caplog.at_level(logging.WARNING, logger="node.dicom_net"):
+        with caplog.at_level(logging.WARNING, logger="node.dicom.net"):
             refused = storescu([path], listener.port, NODE_AE, calling_ae="STORESCU")
         assert refused.returncode != 0
         assert "Association Rejected" in refused.stderr + refused.stdout
@@ -332,7 +332,7 @@ async def test_a_running_node_stores_what_its_pacs_sends_through_its_private_spo
 
 
 def test_doctor_warns_when_ae_titles_alone_admit_senders_from_the_network(tmp_path: Path) -> None:
-    from node.commands.doctor import run_checks
+    from node.cli.doctor import run_checks
 
     home, _ = make_home(tmp_path, "hospital", "", [])
     config = home.load_config()

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 from crypto.identity import Identity
-from node.audit import AuditKind, open_audit
-from node.config import NodeHome
-from node.keystore import load_identity
-from node.private import loose_modes
-from node.runtime import NodeRuntime
-from node.store import open_store
+from node.app.runtime import NodeRuntime
+from node.core.audit import AuditKind, open_audit
+from node.core.config import NodeHome
+from node.core.keystore import load_identity
+from node.core.private import loose_modes
+from node.dicom.store import open_store
 from tests.dcmtk import generated_ct
 from tests.node.test_runtime import FAST, make_home
 
@@ -57,7 +57,7 @@ def _series(folder: Path, count: int) -> list[Path]:
 _IMPORTER = """
 import os, sys, time
 from pathlib import Path
-from node.store import Store
+from node.dicom.store import Store
 from node.cli import main
 
 role, marks, home, folder = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -134,7 +134,7 @@ def test_two_imports_of_one_folder_at_once_leave_every_instance_readable(
 
 _CRASH_BEFORE_COMMIT = """
 import os, sys
-from node.store import Store
+from node.dicom.store import Store
 from node.cli import main
 Store._before_index_commit = lambda self: os._exit(9)  # power cut between rename and commit
 sys.exit(main(["--home", sys.argv[1], "import", sys.argv[2]]))

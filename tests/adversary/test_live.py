@@ -48,8 +48,8 @@ from consult.shared import (
 )
 from consult.store import MAX_GUESTS
 from crypto.identity import Identity, NodeId
-from node import workflow
-from node.runtime import NodeRuntime
+from node.app import workflow
+from node.app.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
 from registry.server import RegistryServer
 from tests.consult.test_live import CONSULT, SOP, introduce, key, start_node, wait_for

@@ -27,13 +27,16 @@ from pydicom.uid import UID
 from consult.requests import ConsultRequest, Priority
 from crypto import canonical, keyfile
 from crypto.identity import Identity
-from node import deid, sharing, workflow
-from node.audit import open_audit
+from node.app import workflow
+from node.app.control import OPERATIONS
+from node.app.runtime import NodeRuntime
 from node.cli import main
-from node.commands.transfer import fetch_from_peer
-from node.config import DicomConfig, NodeConfig, NodeHome
-from node.control import OPERATIONS
-from node.deid import (
+from node.cli.transfer import fetch_from_peer
+from node.core.audit import open_audit
+from node.core.config import DicomConfig, NodeConfig, NodeHome
+from node.core.keystore import load_identity, save_identity
+from node.dicom import deid, sharing
+from node.dicom.deid import (
     BurnedInAnnotationError,
     BurnedInPolicy,
     Option,
@@ -41,10 +44,8 @@ from node.deid import (
     ShareContext,
     deidentify,
 )
-from node.keystore import load_identity, save_identity
-from node.runtime import NodeRuntime
-from node.sharing import BurnedInRefused, QuestionNamesPatient
-from node.store import open_store
+from node.dicom.sharing import BurnedInRefused, QuestionNamesPatient
+from node.dicom.store import open_store
 from peer_transport.rtc import restrict_host_addresses
 from tests.dcmtk import generated_ct, require_dcmtk, storescu
 from tests.node.test_runtime import FAST, make_home, started

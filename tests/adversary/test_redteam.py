@@ -31,8 +31,8 @@ from consult.shared import (
 from consult.ywire import varuint
 from crypto.identity import Identity
 from crypto.org import NodeCertificate, RevocationList, issue_certificate, sign_revocations
-from node import workflow
-from node.runtime import NodeRuntime
+from node.app import workflow
+from node.app.runtime import NodeRuntime
 from registry.errors import TrustError
 from registry.records import NodeRecord
 from registry.trust import TrustState, TrustStore

@@ -25,12 +25,12 @@ from aiohttp import web
 from crypto.envelope import ReplayGuard, SignedEnvelope, seal
 from crypto.errors import Replayed
 from crypto.identity import Identity, NodeId
-from node.commands import doctor
-from node.config import NetworkConfig, NodeConfig, NodeHome
-from node.keystore import load_identity, save_identity
-from node.replay_store import PersistentReplayGuard
-from node.runtime import MAX_STRANGER_REQUESTS, NodeRuntime, seal_node_message
-from node.supervise import Supervisor
+from node.app.runtime import MAX_STRANGER_REQUESTS, NodeRuntime, seal_node_message
+from node.cli import doctor
+from node.core.config import NetworkConfig, NodeConfig, NodeHome
+from node.core.keystore import load_identity, save_identity
+from node.core.replay_store import PersistentReplayGuard
+from node.core.supervise import Supervisor
 from peer_transport.connection import PeerConnection, Transport
 from peer_transport.signaling import MemorySignalingHub, SignalMessage
 from registry import wsproto
@@ -436,7 +436,7 @@ async def test_the_transport_signal_reader_survives_a_signal_that_raises() -> No
 async def test_a_supervised_loop_that_crashes_is_restarted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("node.supervise.RESTART_DELAY", 0.01)
+    monkeypatch.setattr("node.core.supervise.RESTART_DELAY", 0.01)
     runs: list[int] = []
 
     async def loop() -> None:

@@ -31,10 +31,11 @@ from consult.errors import MalformedMessage as ConsultMalformed
 from consult.intake import take_in
 from consult.requests import ConsultRequest, Event, Priority
 from crypto.identity import Identity
-from node import wirecodec, workflow
-from node.commands.store import _export
-from node.dicom_files import import_paths
-from node.store import InstanceConflict, Store
+from node.app import workflow
+from node.cli.store import _export
+from node.dicom import wirecodec
+from node.dicom.importer import import_paths
+from node.dicom.store import InstanceConflict, Store
 from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink
 from peer_transport.transfer_runner import (
@@ -539,9 +540,9 @@ def test_the_store_refuses_other_bytes_under_a_stored_instance_uid(tmp_path: Pat
 async def test_a_cstore_of_other_bytes_under_a_stored_uid_is_refused_not_retried(
     tmp_path: Path,
 ) -> None:
-    from node.config import DicomConfig, NetworkConfig, NodeConfig, NodeHome
-    from node.dicom_net import STATUS_CANNOT_UNDERSTAND, send_to_pacs
-    from node.keystore import save_identity
+    from node.core.config import DicomConfig, NetworkConfig, NodeConfig, NodeHome
+    from node.core.keystore import save_identity
+    from node.dicom.net import STATUS_CANNOT_UNDERSTAND, send_to_pacs
 
     home, identity = NodeHome(tmp_path / "node"), Identity.generate()
     save_identity(home.key_path, identity, None)
@@ -593,7 +594,7 @@ def test_radmesh_import_prints_what_was_really_stored(
 ) -> None:
     import argparse
 
-    from node.commands.store import cmd_import
+    from node.cli.store import cmd_import
 
     home, _ = make_home(tmp_path, "home", "", [])
     folder = tmp_path / "in"

@@ -18,10 +18,10 @@ import pytest
 
 from consult.live import LiveConsult
 from consult.requests import Event, Priority, State
-from node import workflow
+from node.app import workflow
+from node.app.runtime import NodeRuntime
 from node.cli import main
-from node.demo_data import generate_ct
-from node.runtime import NodeRuntime
+from node.demo.phantom import generate_ct
 from peer_transport.connection import PeerConnection
 from peer_transport.errors import PeerRejected, RemoteError, TransportError
 from registry.server import RegistryServer

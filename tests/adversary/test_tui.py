@@ -29,10 +29,10 @@ from consult.store import ConsultDB
 from crypto.errors import InvalidNodeId
 from crypto.identity import Identity, NodeId
 from node.cli import main
-from node.commands.peers import open_directory, resolve_id
-from node.config import NodeHome
-from node.demo_data import generate_ct
-from node.display import MAX_LINE_CHARS, PrintableFormatter, peer_label, printable
+from node.cli.peers import open_directory, resolve_id
+from node.core.config import NodeHome
+from node.core.display import MAX_LINE_CHARS, PrintableFormatter, peer_label, printable
+from node.demo.phantom import generate_ct
 from registry.records import NodeRecord
 from tests.consult.test_live import wait_for
 from tests.tui.test_node_facade import consult_pair, form_to

@@ -24,9 +24,9 @@ from consult.report import PatientStudy, export_addendum_sr, export_sr, verify_r
 from consult.requests import Event, Priority
 from crypto.envelope import SignedEnvelope
 from crypto.identity import Identity
-from node import workflow
-from node.demo_data import generate_ct
-from node.runtime import NodeRuntime
+from node.app import workflow
+from node.app.runtime import NodeRuntime
+from node.demo.phantom import generate_ct
 from tests.consult.test_alerts import _golden_report
 from tests.node.conftest import registry  # noqa: F401  (the loopback registry fixture)
 from tests.node.test_runtime import FAST, make_home, wait_for
@@ -101,7 +101,7 @@ async def test_an_addendum_reaches_the_hospital_as_a_second_sr_and_a_forgery_is_
 ) -> None:
     from tui.node_facade import RuntimeNode
 
-    caplog.set_level(logging.INFO, logger="node.runtime")
+    caplog.set_level(logging.INFO, logger="node.app.runtime")
     rural_home, rural = make_home(tmp_path, "rural", registry, [])
     neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
     other_home, mallory = make_home(tmp_path, "mallory", registry, ["neuro"])
@@ -209,8 +209,8 @@ def test_consult_show_and_export_list_addenda_under_the_report(
     import sqlite3
 
     from consult.store import DB_NAME, ConsultDB
-    from node.config import NodeHome
-    from node.keystore import load_identity
+    from node.core.config import NodeHome
+    from node.core.keystore import load_identity
     from tests.consult.test_cli_consult import run
     from tests.consult.test_report_text import _reported_case
 

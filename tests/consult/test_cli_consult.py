@@ -10,7 +10,7 @@ from consult.requests import State
 from consult.store import ConsultDB
 from crypto.identity import NodeId
 from node.cli import main
-from node.config import NodeHome
+from node.core.config import NodeHome
 
 
 def init(home: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> NodeId:

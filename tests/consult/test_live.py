@@ -26,9 +26,9 @@ from consult.measure import PixelSpacing, length_mm
 from consult.presence import Cursor, Presence, Viewport
 from consult.shared import Annotation, AnnotationKind
 from crypto.identity import Identity
-from node.config import NetworkConfig, NodeConfig, NodeHome
-from node.keystore import save_identity
-from node.runtime import NodeRuntime
+from node.app.runtime import NodeRuntime
+from node.core.config import NetworkConfig, NodeConfig, NodeHome
+from node.core.keystore import save_identity
 from peer_transport.connection import TransportOptions
 from peer_transport.rtc import RtcOptions, restrict_host_addresses
 from registry.server import RegistryServer

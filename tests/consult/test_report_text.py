@@ -16,9 +16,9 @@ from consult.requests import Event, State
 from consult.shared import AnnotationKind
 from consult.store import DB_NAME, ConsultDB
 from crypto.identity import Identity
-from node.audit import open_audit
-from node.config import NodeHome
-from node.keystore import load_identity
+from node.core.audit import open_audit
+from node.core.config import NodeHome
+from node.core.keystore import load_identity
 from tests.consult.test_cli_consult import init, run
 
 AT = 1_800_000_000

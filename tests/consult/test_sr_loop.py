@@ -15,9 +15,9 @@ import pytest
 from consult.report import KOS_CLASS, KeyImage
 from consult.requests import Event, Priority
 from consult.shared import AnnotationKind
-from node import workflow
-from node.demo_data import generate_ct
-from node.runtime import NodeRuntime
+from node.app import workflow
+from node.app.runtime import NodeRuntime
+from node.demo.phantom import generate_ct
 from tests.node.conftest import registry  # noqa: F401  (the loopback registry fixture)
 from tests.node.test_runtime import FAST, make_home, wait_for
 
@@ -103,7 +103,7 @@ async def test_key_images_are_filed_beside_the_sr_and_a_stranger_reference_is_le
     registry: str,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="node.runtime")
+    caplog.set_level(logging.INFO, logger="node.app.runtime")
     rural_home, rural = make_home(tmp_path, "rural", registry, [])
     neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
     a = NodeRuntime(rural_home, rural, transport_options=FAST)

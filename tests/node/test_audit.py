@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import Identity
-from node.audit import AuditError, AuditKind, AuditLog
+from node.core.audit import AuditError, AuditKind, AuditLog
 
 NOW = 1_700_000_000.0
 
@@ -62,7 +62,7 @@ def test_edited_record_is_detected(log: AuditLog, log_path: Path) -> None:
 def test_edit_with_recomputed_chain_is_caught_by_signed_checkpoint(
     log: AuditLog, log_path: Path
 ) -> None:
-    from node.audit import GENESIS, record_hash
+    from node.core.audit import GENESIS, record_hash
 
     with _raw(log_path) as db:
         db.execute("UPDATE records SET actor = 'someone else' WHERE seq = 3")

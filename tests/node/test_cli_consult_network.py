@@ -10,11 +10,11 @@ from pathlib import Path
 
 from consult.requests import Priority, State
 from crypto.identity import Identity
-from node import workflow
-from node.config import NodeHome
-from node.demo_data import generate_ct
-from node.runtime import NodeRuntime
-from node.store import open_store
+from node.app import workflow
+from node.app.runtime import NodeRuntime
+from node.core.config import NodeHome
+from node.demo.phantom import generate_ct
+from node.dicom.store import open_store
 from tests.node.test_runtime import FAST, make_home, wait_for
 
 

@@ -233,7 +233,7 @@ def test_cli_accept_twice_is_refused_in_plain_words(
 
 
 async def test_tui_pressing_a_twice_and_f_too_early_say_what_to_press(tmp_path: Path) -> None:
-    from node import workflow
+    from node.app import workflow
     from tests.consult.test_live import wait_for
     from tests.tui.test_node_facade import consult_pair, form_to
     from tui.facade import ActionError

@@ -15,11 +15,11 @@ import pytest
 from consult.requests import ConsultRequest, Event, Priority, State
 from crypto.identity import Identity
 from crypto.org import NodeCertificate, issue_certificate
-from node import workflow
+from node.app import workflow
+from node.app.runtime import NodeRuntime
 from node.cli import main
-from node.config import NodeHome
-from node.demo_data import generate_ct
-from node.runtime import NodeRuntime
+from node.core.config import NodeHome
+from node.demo.phantom import generate_ct
 from peer_transport.errors import PeerRejected
 from registry.trust import TrustState, TrustStore
 from tests.node.test_runtime import FAST, make_home, wait_for
@@ -43,7 +43,7 @@ def _member(tmp_path: Path, org_dir: Path, org_key: str, name: str, registry: st
 
 
 async def _start(home: NodeHome) -> NodeRuntime:
-    from node.keystore import load_identity
+    from node.core.keystore import load_identity
 
     runtime = NodeRuntime(home, load_identity(home.key_path), transport_options=FAST)
     await runtime.start()
@@ -113,7 +113,7 @@ async def test_an_org_signed_consortium_routes_reports_and_revokes_without_pairw
         await wait_for(lambda: not live.is_bound(ann.identity.public_key), within=2.0)
         assert hospital.trust.state(ann.identity.public_key, hospital.now()) is (TrustState.REVOKED)
         # ann's accept is refused; bob's, sent after it on the same ordered path, wins.
-        with caplog.at_level(logging.WARNING, logger="node.runtime"):
+        with caplog.at_level(logging.WARNING, logger="node.app.runtime"):
             await workflow.respond(ann, second.id, Event.ACCEPT)
             await workflow.respond(bob, second.id, Event.ACCEPT)
             await wait_for(lambda: hospital.consults.get(second.id).state is State.ACCEPTED)

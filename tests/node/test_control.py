@@ -1,4 +1,4 @@
-"""One node per home; commands reach the running node over its control socket (node.control)."""
+"""One node per home; commands reach the running node over its control socket (node.app.control)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from consult.errors import LocalConsultError
-from node import control
-from node.control import ControlError, HomeBusy
-from node.runtime import NodeRuntime
+from node.app import control
+from node.app.control import ControlError, HomeBusy
+from node.app.runtime import NodeRuntime
 from tests.node.test_runtime import FAST, make_home
 
 

@@ -12,11 +12,11 @@ import pytest
 
 from consult.alerts import Acknowledgement, ReportAck
 from consult.requests import Event, Priority, State
-from node import workflow
-from node.alerts import alerts_of, hook_argv, run_hook
+from node.app import workflow
+from node.app.alerts import alerts_of, hook_argv, run_hook
+from node.app.runtime import NodeRuntime
 from node.cli import main
-from node.errors import NodeError
-from node.runtime import NodeRuntime
+from node.core.errors import NodeError
 from tests.node.test_cli_consult_network import Pair, _hospital_and_neuro, radmesh
 from tests.node.test_runtime import wait_for
 
@@ -271,8 +271,8 @@ async def test_finalising_in_the_tui_with_critical_pages_the_hospital(
 
 
 def test_alert_settings_are_checked_when_the_config_is_read() -> None:
-    from node.config import NodeConfig
-    from node.errors import ConfigError
+    from node.core.config import NodeConfig
+    from node.core.errors import ConfigError
 
     config = NodeConfig.from_toml('[alerts]\ncritical_command = ["/usr/bin/page", "{consult}"]\n')
     assert config.alerts.critical_command == ["/usr/bin/page", "{consult}"]

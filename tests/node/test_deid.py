@@ -11,7 +11,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from node.deid import (
+from node.dicom.deid import (
     _EXACT,
     DEFAULT_OPTIONS,
     BurnedInAnnotationError,

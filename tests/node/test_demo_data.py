@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.demo_data import generate_cr, generate_ct, generate_demo_study, generate_mr
+from node.demo.phantom import generate_cr, generate_ct, generate_demo_study, generate_mr
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from node.config import DicomConfig
-from node.dicom_net import (
+from node.core.config import DicomConfig
+from node.dicom.net import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
     BadInstanceError,
@@ -50,7 +50,7 @@ ALLOWED = ["STORESCU", "ECHOSCU", "RADMESH"]
 
 
 class MemoryStore:
-    """In-memory stand-in for node.store.Store.add_bytes: keeps what it was given."""
+    """In-memory stand-in for node.dicom.store.Store.add_bytes: keeps what it was given."""
 
     def __init__(self, fail_with: Exception | None = None) -> None:
         self.received: list[tuple[bytes, str]] = []
@@ -89,7 +89,7 @@ def test_unknown_calling_ae_is_refused_and_logged(
     listener: DicomListener, caplog: pytest.LogCaptureFixture
 ) -> None:
     require_dcmtk("echoscu")
-    with caplog.at_level(logging.WARNING, logger="node.dicom_net"):
+    with caplog.at_level(logging.WARNING, logger="node.dicom.net"):
         result = echoscu(listener.port, NODE_AE, "INTRUDER")
     assert result.returncode != 0
     assert "Calling AE Title Not Recognized" in result.stderr

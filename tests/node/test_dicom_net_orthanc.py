@@ -17,8 +17,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.config import DicomConfig
-from node.dicom_net import DicomListener, send_to_pacs
+from node.core.config import DicomConfig
+from node.dicom.net import DicomListener, send_to_pacs
 from tests.dcmtk import comparable, dataset_part, generated_ct, sample_paths
 from tests.orthanc import Orthanc, orthanc_server
 

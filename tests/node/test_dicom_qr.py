@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from node.audit import open_audit
-from node.commands.dicom import _Receiver
-from node.demo_data import generate_ct, random_study
-from node.dicom_net import BadInstanceError
-from node.dicom_qr import QueryError, RetrieveReport, StudyQuery, check_uid
-from node.keystore import load_identity
-from node.store import open_store
+from node.cli.dicom import _Receiver
+from node.core.audit import open_audit
+from node.core.keystore import load_identity
+from node.demo.phantom import generate_ct, random_study
+from node.dicom.net import BadInstanceError
+from node.dicom.qr import QueryError, RetrieveReport, StudyQuery, check_uid
+from node.dicom.store import open_store
 from tests.node.test_runtime import make_home
 
 

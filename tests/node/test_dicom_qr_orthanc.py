@@ -14,13 +14,13 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import _config
 
-from node.audit import open_audit
+from node.app.runtime import NodeRuntime
 from node.cli import main
-from node.config import NodeHome
-from node.demo_data import generate_ct, generate_mr, random_study
-from node.keystore import load_identity
-from node.runtime import NodeRuntime
-from node.store import open_store
+from node.core.audit import open_audit
+from node.core.config import NodeHome
+from node.core.keystore import load_identity
+from node.demo.phantom import generate_ct, generate_mr, random_study
+from node.dicom.store import open_store
 from tests.dcmtk import dataset_part
 from tests.node.test_runtime import make_home
 from tests.orthanc import Orthanc, orthanc_server

@@ -7,9 +7,9 @@ import asyncio
 import socket
 from pathlib import Path
 
-from node.commands.doctor import Check, run_checks
-from node.config import NodeConfig, NodeHome
-from node.runtime import NodeRuntime
+from node.app.runtime import NodeRuntime
+from node.cli.doctor import Check, run_checks
+from node.core.config import NodeConfig, NodeHome
 from tests.dcmtk import free_port, storescp
 from tests.node.test_runtime import FAST, make_home
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from crypto.identity import Identity
 from crypto.org import NodeCertificate, issue_certificate
-from node.commands.doctor import _certificate, _sequence, run_checks
-from node.config import NodeHome
-from node.sequence import RecordSequence
+from node.cli.doctor import _certificate, _sequence, run_checks
+from node.core.config import NodeHome
+from node.core.sequence import RecordSequence
 from tests.node.test_runtime import make_home
 
 DAY = 86400

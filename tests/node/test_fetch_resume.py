@@ -15,12 +15,12 @@ import pytest
 from consult.errors import ConsultError
 from consult.requests import Event, Priority, State
 from crypto.identity import Identity
-from node import control, workflow
-from node.config import NodeHome
-from node.deid import PseudonymMap, ShareContext, deidentify
-from node.demo_data import generate_ct
-from node.runtime import NodeRuntime
-from node.transfers import Direction, TransferState
+from node.app import control, workflow
+from node.app.runtime import NodeRuntime
+from node.app.transfers import Direction, TransferState
+from node.core.config import NodeHome
+from node.demo.phantom import generate_ct
+from node.dicom.deid import PseudonymMap, ShareContext, deidentify
 from peer_transport import transfer as tr
 from peer_transport.errors import TransportError
 from tests.node.test_runtime import FAST, make_home, wait_for

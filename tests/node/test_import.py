@@ -15,9 +15,9 @@ from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-import node.store as store_module
-from node.dicom_files import ImportSummary, import_paths
-from node.store import Store
+import node.dicom.store as store_module
+from node.dicom.importer import ImportSummary, import_paths
+from node.dicom.store import Store
 
 KEY = bytes(range(32))
 REASONS = (
@@ -183,7 +183,7 @@ def test_reading_one_frame_decrypts_only_the_chunks_covering_it(
 def test_folder_import_is_recursive_and_one_bad_file_does_not_stop_the_rest(
     tmp_path: Path, store: Store
 ) -> None:
-    from node.demo_data import generate_ct
+    from node.demo.phantom import generate_ct
 
     folder = tmp_path / "in"
     good = generate_ct(folder / "a" / "b", slices=3, rows=32)

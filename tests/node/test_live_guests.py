@@ -14,9 +14,9 @@ import pytest
 
 from consult.errors import LocalConsultError
 from consult.live import NOT_ADMITTED, Invite
-from node import guests, workflow
+from node.app import guests, workflow
+from node.app.runtime import NodeRuntime
 from node.cli import main
-from node.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
 from peer_transport.rtc import restrict_host_addresses
 from registry.server import RegistryServer

@@ -14,9 +14,10 @@ import pydicom
 
 from consult.requests import Event, Priority
 from crypto.identity import Identity, NodeId
-from node import pair_pseudonyms, workflow
-from node.demo_data import DemoStudy, generate_ct, random_study
-from node.runtime import NodeRuntime
+from node.app import workflow
+from node.app.runtime import NodeRuntime
+from node.demo.phantom import DemoStudy, generate_ct, random_study
+from node.dicom import pseudonyms as pair_pseudonyms
 from tests.node.test_runtime import make_home
 
 
@@ -118,7 +119,7 @@ def test_pair_keys_differ_per_consultant_and_per_home(tmp_path: Path) -> None:
 
 async def test_plain_send_to_the_same_peer_keeps_the_patient_pseudonym(tmp_path: Path) -> None:
     """`radmesh send` (no consult): a follow-up sent to the same peer groups with the first."""
-    from node.commands import transfer
+    from node.cli import transfer
 
     home, identity = make_home(tmp_path, "rural", "", [])
     rt = NodeRuntime(home, identity)

@@ -10,11 +10,11 @@ import pytest
 from bench.bench_codec import ct_series
 from consult.requests import ConsultRequest, Event, Priority, State
 from crypto.identity import Identity
-from node.config import NodeConfig, NodeHome
-from node.errors import ConfigError
-from node.keystore import save_identity
-from node.retention import DAY, ConsultRow, Purge, RetentionDB, due_purges, summarise
-from node.runtime import NodeRuntime
+from node.app.retention import DAY, ConsultRow, Purge, RetentionDB, due_purges, summarise
+from node.app.runtime import NodeRuntime
+from node.core.config import NodeConfig, NodeHome
+from node.core.errors import ConfigError
+from node.core.keystore import save_identity
 
 T0 = 1_800_000_000
 

@@ -11,9 +11,9 @@ import pytest
 from consult.errors import LocalConsultError
 from consult.requests import ConsultResponse, Event, Priority, State
 from crypto.identity import Identity
-from node import workflow
-from node.demo_data import generate_ct
-from node.runtime import NodeRuntime
+from node.app import workflow
+from node.app.runtime import NodeRuntime
+from node.demo.phantom import generate_ct
 from registry.client import RegistryClient
 from registry.records import NodeRecord
 from tests.node.test_runtime import FAST, make_home, wait_for

@@ -10,9 +10,9 @@ import pytest
 
 from consult.requests import ConsultRequest, Priority, State
 from crypto.identity import Identity
-from node.config import NetworkConfig, NodeConfig, NodeHome
-from node.keystore import save_identity
-from node.runtime import NodeRuntime
+from node.app.runtime import NodeRuntime
+from node.core.config import NetworkConfig, NodeConfig, NodeHome
+from node.core.keystore import save_identity
 from peer_transport.connection import TransportOptions
 from peer_transport.rtc import RtcOptions, restrict_host_addresses
 
@@ -186,7 +186,7 @@ async def test_node_run_starts_and_stops_cleanly(
 ) -> None:
     import argparse
 
-    from node.commands.node import run_node
+    from node.cli.node import run_node
 
     home, _ = make_home(tmp_path, "hospital", registry, [])
     stop = asyncio.Event()

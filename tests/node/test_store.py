@@ -13,11 +13,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-import node.store as store_module
+import node.dicom.store as store_module
 from crypto.identity import Identity
-from node.config import NodeHome
-from node.demo_data import DemoPatient, DemoStudy, generate_ct, generate_mr
-from node.store import (
+from node.core.config import NodeHome
+from node.demo.phantom import DemoPatient, DemoStudy, generate_ct, generate_mr
+from node.dicom.store import (
     InstanceConflict,
     InvalidDicom,
     Store,
@@ -223,7 +223,7 @@ CRASHER = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from node.store import Store
+    from node.dicom.store import Store
     root, path, point = sys.argv[1], sys.argv[2], sys.argv[3]
     store = Store.open(Path(root), bytes(range(32)))
     if point == "mid-blob":

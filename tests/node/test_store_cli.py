@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from node.cli import main
-from node.demo_data import generate_ct
+from node.demo.phantom import generate_ct
 
 
 @pytest.fixture

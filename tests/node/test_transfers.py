@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.transfers import KEEP_SECONDS, Direction, TransferState, TransferTracker
+from node.app.transfers import KEEP_SECONDS, Direction, TransferState, TransferTracker
 
 
 class Clock:

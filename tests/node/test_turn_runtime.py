@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.runtime import NodeRuntime
+from node.app.runtime import NodeRuntime
 from peer_transport.rtc import IceServer, RtcOptions
 from registry.server import RegistryServer, TurnConfig
 from tests.node.test_runtime import FAST, make_home, wait_for
@@ -56,7 +56,7 @@ async def test_two_nodes_connect_through_the_relay_their_registry_hands_out(
 async def test_a_registry_without_a_relay_leaves_the_node_without_turn(
     tmp_path: Path, registry: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="node.runtime")
+    caplog.set_level(logging.INFO, logger="node.app.runtime")
     home, identity = make_home(tmp_path, "rural", registry, [])
     node = NodeRuntime(home, identity, transport_options=FAST)
     await node.start()

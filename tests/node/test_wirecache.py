@@ -16,11 +16,11 @@ from pydicom.data import get_testdata_files
 
 from bench.bench_codec import ct_series
 from crypto.identity import Identity
-from node import wirecache, wirecodec
-from node.deid import ShareContext, deidentify
-from node.store import Store
-from node.wirecache import CacheWarmer, WireCache
-from node.wirecodec import CodedPixels, Encoding, WireInstance
+from node.dicom import wirecache, wirecodec
+from node.dicom.deid import ShareContext, deidentify
+from node.dicom.store import Store
+from node.dicom.wirecache import CacheWarmer, WireCache
+from node.dicom.wirecodec import CodedPixels, Encoding, WireInstance
 from peer_transport import transfer as tr
 from peer_transport.transfer_runner import StudyReceiver, send_study
 from tests.peer_transport.test_transfer_runner import MemoryStore, _memory_pair

@@ -17,8 +17,8 @@ from pydicom.data import get_testdata_files
 from pydicom.uid import generate_uid
 
 from bench.bench_codec import _file, ct_series, random_instance
-from node import wirecodec
-from node.wirecodec import CorruptInstance, Encoding, WireInstance
+from node.dicom import wirecodec
+from node.dicom.wirecodec import CorruptInstance, Encoding, WireInstance
 
 
 def _local_test_files() -> list[str]:

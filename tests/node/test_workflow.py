@@ -11,9 +11,9 @@ import pytest
 
 from consult.report import Measurement, Unit
 from consult.requests import Event, Priority, State
-from node import workflow
-from node.demo_data import generate_ct
-from node.runtime import NodeRuntime
+from node.app import workflow
+from node.app.runtime import NodeRuntime
+from node.demo.phantom import generate_ct
 from tests.node.test_runtime import FAST, make_home, wait_for
 from tests.orthanc import orthanc_server
 

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 
 from bench.bench_codec import ct_series
 from crypto.identity import Identity
-from node import wirecodec
+from node.dicom import wirecodec
 from peer_transport import transfer as tr
 from peer_transport.transfer import (
     Chunk,

@@ -27,10 +27,10 @@ import pytest
 
 from bench.bench_codec import ct_series
 from crypto.identity import Identity
-from node.config import NetworkConfig, NodeConfig, NodeHome
-from node.demo_data import generate_ct
-from node.keystore import save_identity
-from node.store import open_store
+from node.core.config import NetworkConfig, NodeConfig, NodeHome
+from node.core.keystore import save_identity
+from node.demo.phantom import generate_ct
+from node.dicom.store import open_store
 from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink, PeerConnection
 from peer_transport.transfer_runner import PreparedStudy, StudyReceiver, StudySender

@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from bench import bench_transfer as rtc_link
 from bench.bench_codec import ct_instance, ct_series
 from crypto.identity import Identity
-from node import wirecodec
+from node.dicom import wirecodec
 from peer_transport import transfer as tr
 from peer_transport import transfer_runner
 from peer_transport.transfer_runner import (
@@ -225,8 +225,8 @@ async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_r
 async def test_study_moves_between_two_real_stores_and_both_audit_logs_record_it(
     tmp_path: Path,
 ) -> None:
-    from node.audit import AuditLog
-    from node.store import Store
+    from node.core.audit import AuditLog
+    from node.dicom.store import Store
     from peer_transport.transfer_runner import receive_study, send_study
 
     alice, bob = Identity.generate(), Identity.generate()

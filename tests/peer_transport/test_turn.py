@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import Identity
-from node.children import die_with_parent
+from node.core.children import die_with_parent
 from peer_transport import frames as fr
 from peer_transport.connection import Disconnected, PeerConnection, Received
 from peer_transport.rtc import IceServer, RtcOptions

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from node.children import die_with_parent
+from node.core.children import die_with_parent
 
 __all__ = ["postgres_cluster", "require_postgres"]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import NodeId
-from node.children import die_with_parent
 from node.cli import main
+from node.core.children import die_with_parent
 from tests.registry.test_records import ALICE
 
 ROOT = Path(__file__).resolve().parents[2]

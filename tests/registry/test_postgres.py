@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import Identity, NodeId
-from node.children import die_with_parent
+from node.core.children import die_with_parent
 from registry.client import RegistryClient, RegistryConnection, SearchQuery
 from registry.errors import RemoteRegistryError, StaleRecord
 from registry.limits import MailboxQuota
 from registry.pgstore import migrations
-from registry.server import Limits, RegistryServer, TurnConfig
-from registry.storage import MailOffer, RegistryStore, SqliteStore, open_store
+from registry.server import Limits, RegistryServer, TurnConfig, open_store
+from registry.storage import MailOffer, RegistryStore, SqliteStore
 from registry.store import Stored
 from tests.registry.conftest import NOW, Clock, make_record
 from tests.registry.postgres import postgres_cluster
@@ -424,7 +424,7 @@ async def test_a_consult_between_nodes_on_different_registry_processes(
     and a neuroradiologist connected to the other exchange a consult request and its
     acceptance, both relayed by the registry (their sites have no LAN route to each other)."""
     from consult.requests import ConsultResponse, Event, State
-    from node import runtime as node_runtime
+    from node.app import runtime as node_runtime
     from registry.errors import RegistryError
     from tests.node.test_runtime import make_home, request_from, started
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import Identity
-from node import workflow
+from node.app import workflow
+from node.app.runtime import NodeRuntime
 from node.cli import main
-from node.config import NodeHome
-from node.runtime import NodeRuntime
-from node.sequence import RecordSequence
+from node.core.config import NodeHome
+from node.core.sequence import RecordSequence
 from registry.client import RegistryClient, SearchQuery
 from registry.records import Availability, NodeRecord
 from registry.server import RegistryServer
@@ -169,7 +169,7 @@ async def test_routing_offers_online_before_on_call_and_never_away(
 
 
 async def workflow_set(rt: NodeRuntime, value: str) -> None:
-    from node.commands.status import apply_availability
+    from node.cli.status import apply_availability
 
     await apply_availability(rt, value)
 

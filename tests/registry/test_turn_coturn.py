@@ -14,7 +14,7 @@ import pytest
 from aioice import stun, turn
 
 from crypto.identity import Identity
-from node.children import die_with_parent
+from node.core.children import die_with_parent
 from registry.client import RegistryClient
 from registry.server import RegistryServer, TurnConfig
 from tests.registry.conftest import make_record

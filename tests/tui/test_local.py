@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.data import get_testdata_file
 
-from node.config import NodeHome
+from node.core.config import NodeHome
 from tui.local import LocalNode
 
 

@@ -13,9 +13,9 @@ import pytest
 from consult.measure import PixelSpacing, length_mm
 from consult.presence import Cursor, Participant
 from consult.shared import AnnotationKind
-from node import workflow
-from node.demo_data import generate_ct, random_study
-from node.runtime import NodeRuntime
+from node.app import workflow
+from node.app.runtime import NodeRuntime
+from node.demo.phantom import generate_ct, random_study
 from tests.consult.test_live import introduce, start_node, wait_for
 from tui.app import RadmeshApp
 from tui.facade import ActionError, ConsultForm, ConsultItem
@@ -137,7 +137,7 @@ async def consult_pair(
 ) -> tuple[NodeRuntime, NodeRuntime, RuntimeNode, RuntimeNode, str]:
     """A requesting node with a CT and a consultant, each verified by the other, the
     workflow installed; returns (rural, neuro, their facades, the study uid)."""
-    from node import workflow
+    from node.app import workflow
 
     rural = await start_node(tmp_path, "rural")
     neuro = await start_node(tmp_path, "neuro")

@@ -201,9 +201,9 @@ async def test_the_signed_report_has_both_sections_and_leaves_the_dropped_duplic
 ) -> None:
     from consult.report import verify_report
     from consult.requests import Event, Priority
-    from node import workflow
-    from node.demo_data import generate_ct
-    from node.runtime import NodeRuntime
+    from node.app import workflow
+    from node.app.runtime import NodeRuntime
+    from node.demo.phantom import generate_ct
     from registry.server import RegistryServer
     from tests.node.test_runtime import FAST, make_home, wait_for
     from tui.node_facade import LiveSessionView, RuntimeNode

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import NodeHome
+from node.core.config import NodeHome
 
 RADMESH = Path(sys.executable).with_name("radmesh")
 WAIT_SECONDS = 20.0

@@ -18,7 +18,7 @@ from consult.live import LiveConsult, LiveFragment, PresenceEnvelope, Reassemble
 from consult.presence import Cursor, Viewport
 from consult.shared import Annotation, AnnotationKind
 from crypto.identity import Identity
-from node.config import NodeHome
+from node.core.config import NodeHome
 from tui.app import RadmeshApp
 from tui.facade import Frame
 from tui.local import LocalNode

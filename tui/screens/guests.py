@@ -1,5 +1,5 @@
 """Guests of a live session: pick one to propose (viewer, ``g``), answer the other party's
-proposals (Home, ``g``). Thin: the rules are in :mod:`node.guests`; every peer-written
+proposals (Home, ``g``). Thin: the rules are in :mod:`node.app.guests`; every peer-written
 string (names, consult titles) is shown through :mod:`tui.safe_text`, never as markup."""
 
 from __future__ import annotations

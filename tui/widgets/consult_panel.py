@@ -13,7 +13,7 @@ from textual.message import Message
 from textual.widgets import Input, Static, TextArea
 
 from consult.shared import MAX_CHAT_CHARS, Annotation
-from node.display import peer_label, printable
+from node.core.display import peer_label, printable
 from tui.safe_text import MAX_LINE_CHARS, colour, plain, safe
 from tui.session import SessionView
 

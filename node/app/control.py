@@ -1,0 +1,360 @@
+"""One node per home, and commands that reach it while it runs.
+
+A node's identity must be on the network once: two processes with the same
+key would take each other's registry sessions and both answer its peers. So a
+running :class:`node.app.runtime.NodeRuntime` holds an exclusive lock on its home
+(:class:`HomeLock`), and `radmesh node run` and the TUI listen on a control
+socket (``NodeRuntime(..., control=True)``). A command such as
+`radmesh consult accept` first asks that socket: if the home's node runs, the
+operation runs there (progress lines come back as it goes); if not, the
+command brings the node up for the one operation. The same operation table
+(:data:`OPERATIONS`, filled by the command modules with :func:`operation`)
+serves both ways, so the paths cannot drift. Commands that cannot share a
+running node (`radmesh fetch --from`) get :class:`HomeBusy` with what to do.
+
+The socket is a file in the home's 0700 data directory (``control.sock``,
+mode 0600), so only the home's user can reach it or put one there. (It was a
+Linux abstract socket named after the home's path: any local user could bind
+that name first, receive the study UIDs and clinical questions commands sent,
+and make `node run` fail with EADDRINUSE.) Both ends still check the other's
+uid (SO_PEERCRED): the node answers only its own user, and a command talks only
+to a node of its own user, sending nothing otherwise. The node refuses to start
+when the socket's directory or an existing socket file is another user's, and
+says what to do. Frames are a 4-byte length and msgpack, capped before parsing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import importlib
+import logging
+import os
+import socket
+import stat
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import msgpack
+
+from node.core.config import NodeHome
+from node.core.errors import NodeError
+from node.core.private import private_dir
+
+if TYPE_CHECKING:
+    from node.app.runtime import NodeRuntime
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+MAX_REPLY = 1024 * 1024
+REQUEST_TIMEOUT = 10.0  # a client that does not finish its request in time is dropped
+Emit = Callable[[str], None]
+Operation = Callable[["NodeRuntime", dict[str, Any], Emit], Awaitable[Any]]
+
+
+class HomeBusy(NodeError):
+    """Another process runs this home's node."""
+
+
+class ControlError(NodeError):
+    """The running node refused or failed a command (the message says why)."""
+
+
+class HomeLock:
+    """An exclusive lock on a node home, held while its node runs (freed when the process
+    dies, however it dies)."""
+
+    def __init__(self, home: NodeHome) -> None:
+        self.path = home.data_dir / "node.lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        handle = open(fd, "r+")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise HomeBusy(
+                f"a radmesh node already runs on {self.path.parent.parent} (pid {holder}) and "
+                "this cannot run beside it: stop that node, or give this one its own home "
+                "with --home"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+SOCKET_NAME = "control.sock"
+_SUN_PATH_MAX = 100  # sockaddr_un holds 108 bytes; longer paths go through /proc/self/fd
+
+
+def socket_path(home: NodeHome) -> Path:
+    return home.data_dir / SOCKET_NAME
+
+
+@contextlib.contextmanager
+def _reachable(path: Path) -> Iterator[str]:
+    """``path`` as bind()/connect() take it, however deep the home is."""
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _own_socket_dir(path: Path) -> None:
+    """The socket's directory, 0700 and this user's: refuse one another user owns (they
+    could put their own socket in place of the node's)."""
+    with contextlib.suppress(FileNotFoundError):
+        owner = path.parent.stat().st_uid
+        if owner != os.getuid():
+            raise ControlError(
+                f"{path.parent} belongs to uid {owner}, not to this user, so another user "
+                "could answer this node's commands: run the node as the home's owner, or "
+                "give it a home of its own with --home"
+            )
+    private_dir(path.parent)
+
+
+def _bind(path: Path) -> socket.socket:
+    _own_socket_dir(path)
+    with contextlib.suppress(FileNotFoundError):
+        st = path.lstat()
+        if st.st_uid != os.getuid() or not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(
+                f"{path} is not this node's control socket (owned by uid {st.st_uid}): "
+                "another program or user put it there. Remove it (`rm` it as root if "
+                "needed), run `radmesh doctor --fix`, then start the node again"
+            )
+        path.unlink()  # left by a node that died: we hold the home lock, none serves it
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _reachable(path) as where:
+            listener.bind(where)
+        os.chmod(path, 0o600)
+        listener.listen(16)  # a command sent while the node starts waits for it
+    except OSError as exc:
+        listener.close()
+        raise ControlError(
+            f"cannot create the control socket {path}: {exc}; check that the home is "
+            "this user's (`radmesh doctor`)"
+        ) from exc
+    return listener
+
+
+def _frame(value: Any) -> bytes:
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return struct.pack(">I", len(data)) + data
+
+
+async def _read_frame(reader: asyncio.StreamReader, limit: int) -> Any:
+    (length,) = struct.unpack(">I", await reader.readexactly(4))
+    if length > limit:
+        raise ControlError(f"control message of {length} bytes exceeds the {limit}-byte limit")
+    try:
+        return msgpack.unpackb(await reader.readexactly(length), raw=False)
+    except (ValueError, msgpack.ExtraData) as exc:
+        raise ControlError(f"control message does not parse: {exc}") from exc
+
+
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    return _peer_uid(sock) == os.getuid()
+
+
+@dataclass
+class ControlServer:
+    """Runs :data:`OPERATIONS` for local commands on a running node."""
+
+    runtime: NodeRuntime
+    server: asyncio.AbstractServer | None = None
+    listener: socket.socket | None = None
+
+    def bind(self) -> None:
+        """Take the socket before the node starts anything (a squatted socket stops the
+        start cleanly); commands that connect meanwhile wait until :meth:`start`."""
+        if self.listener is None and self.server is None:
+            self.listener = _bind(socket_path(self.runtime.home))
+
+    async def start(self) -> None:
+        from node.cli import COMMAND_MODULES
+
+        for name in COMMAND_MODULES:  # the command modules register the operations
+            importlib.import_module(name)
+        self.bind()
+        self.server = await asyncio.start_unix_server(self._serve, sock=self.listener)
+        self.listener = None
+
+    async def close(self) -> None:
+        bound = self.server is not None or self.listener is not None
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if bound:
+            socket_path(self.runtime.home).unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if not _same_user(writer):
+                log.warning("control socket: refused a process of another user")
+                return
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                request = await _read_frame(reader, MAX_REQUEST)
+            reply = await self._run(request, lambda line: writer.write(_frame({"progress": line})))
+            writer.write(_frame(reply))
+            await writer.drain()
+        except (ControlError, asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
+            log.warning("control socket: request dropped: %r", exc)
+        finally:
+            writer.close()
+
+    async def _run(self, request: Any, emit: Emit) -> dict[str, Any]:
+        if not (
+            isinstance(request, dict)
+            and isinstance(request.get("args"), dict)
+            and request.get("op") in OPERATIONS
+        ):
+            return {"error": "unknown control request: update radmesh on both sides"}
+        from node.cli import user_errors  # the errors a command reports, not a crash
+
+        try:
+            return {"result": await OPERATIONS[request["op"]](self.runtime, request["args"], emit)}
+        except user_errors() as exc:
+            return {"error": str(exc)}
+        except Exception as exc:  # the node keeps running; the command says what failed
+            log.exception("control operation %s failed", request["op"])
+            return {"error": f"the running node failed: {exc.__class__.__name__}: {exc}"}
+
+
+async def _ask(home: NodeHome, op: str, args: dict[str, Any], emit: Emit) -> tuple[bool, Any]:
+    """(True, result) from the home's running node, or (False, None) if none runs."""
+    path = socket_path(home)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _reachable(path) as where:
+            sock.connect(where)  # local and listening, or refused at once
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
+        sock.close()
+        return False, None  # no node runs (a socket file left by a crash refuses)
+    except OSError:
+        sock.close()
+        raise
+    uid = _peer_uid(sock)
+    if uid != os.getuid():
+        sock.close()
+        raise ControlError(
+            f"the control socket {path} is served by a process of another user (uid {uid}), "
+            "not by this home's node: nothing was sent to it. Stop that process, then run "
+            "`radmesh doctor --fix`"
+        )
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    try:
+        writer.write(_frame({"op": op, "args": args}))
+        await writer.drain()
+        while True:
+            try:
+                reply = await _read_frame(reader, MAX_REPLY)
+            except asyncio.IncompleteReadError:
+                raise ControlError(
+                    "the running node closed the control connection without an answer: see its log"
+                ) from None
+            if not isinstance(reply, dict):
+                raise ControlError("the running node sent a malformed answer")
+            if "progress" in reply:
+                emit(str(reply["progress"]))
+            elif "error" in reply:
+                raise ControlError(str(reply["error"]))
+            else:
+                return True, reply.get("result")
+    finally:
+        writer.close()
+
+
+async def ask_running(
+    home: NodeHome, op: str, args: dict[str, Any], emit: Emit
+) -> tuple[bool, Any]:
+    """Run ``op`` only on the home's running node: (True, result), or (False, None) when
+    none runs (for settings that take effect at the next start anyway)."""
+    return await _ask(home, op, args, emit)
+
+
+@contextlib.asynccontextmanager
+async def _short_lived(home: NodeHome) -> AsyncIterator[NodeRuntime]:
+    """This node on the network for one command; the workflow's handlers take in whatever
+    its registries' mailboxes hold for it meanwhile."""
+    from node.app import workflow
+    from node.app.runtime import NodeRuntime
+    from node.core.keystore import load_identity
+
+    runtime = NodeRuntime(home, load_identity(home.key_path))
+    await runtime.start()
+    workflow.install(runtime, resume=False)
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
+async def run(home: NodeHome, op: str, args: dict[str, Any], emit: Emit) -> Any:
+    """Run operation ``op``: on the home's running node if there is one, else on a node
+    brought up for it."""
+    found, result = await _ask(home, op, args, emit)
+    if found:
+        return result
+    async with _short_lived(home) as runtime:
+        return await OPERATIONS[op](runtime, args, emit)
+
+
+def operation(name: str) -> Callable[[Operation], Operation]:
+    def register(fn: Operation) -> Operation:
+        OPERATIONS[name] = fn
+        return fn
+
+    return register
+
+
+OPERATIONS: dict[str, Operation] = {}
+
+__all__ = [
+    "OPERATIONS",
+    "ControlError",
+    "ControlServer",
+    "HomeBusy",
+    "HomeLock",
+    "ask_running",
+    "operation",
+    "run",
+    "socket_path",
+]

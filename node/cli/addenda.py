@@ -1,0 +1,55 @@
+"""``radmesh consult addendum ID --text "..."``: amend a signed report, the only way.
+
+A signed report is final. The consultant who signed it adds a signed addendum
+(:mod:`consult.addenda`); it runs on the home's running node (its control socket),
+or on a node brought up for the command, like the other consult commands, and is
+delivered like the report (:func:`node.app.workflow.send_addendum`). The hospital files
+it as a new SR naming the report's SR as its predecessor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from consult.store import ConsultDB
+from node.app import control
+from node.cli.identity import home_of
+
+if TYPE_CHECKING:
+    from node.app.runtime import NodeRuntime
+
+
+@control.operation("consult.addendum")
+async def _op_addendum(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> list[Any]:
+    from node.app import workflow
+
+    addendum, how = await workflow.send_addendum(rt, a["id"], a["text"])
+    return [addendum.number, how]
+
+
+def cmd_addendum(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    home.require()
+    with ConsultDB.in_data_dir(home.data_dir) as db:
+        consult_id = db.resolve(args.id)
+    number, how = asyncio.run(
+        control.run(
+            home,
+            "consult.addendum",
+            {"id": consult_id, "text": args.text},
+            lambda line: print(line, end="\r", flush=True),
+        )
+    )
+    print(f"Addendum {number} to the report of consult {consult_id[:8]} signed; {how}")
+    return 0
+
+
+def register_into(csub: Any) -> None:
+    p = csub.add_parser(
+        "addendum", help="amend the report this node signed (a signed report is final)"
+    )
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.add_argument("--text", required=True, help="what the addendum adds or corrects")
+    p.set_defaults(handler=cmd_addendum)

@@ -1,0 +1,67 @@
+"""``radmesh node run``: the node without the TUI, for a hospital server beside the PACS."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from typing import TYPE_CHECKING, Any
+
+from node.cli.identity import home_of
+from node.core.display import printable
+from node.core.keystore import load_identity
+
+if TYPE_CHECKING:
+    pass
+
+
+async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
+    from node.app import workflow
+    from node.app.runtime import NodeRuntime
+
+    home = home_of(args)
+    home.require()
+    runtime = NodeRuntime(home, load_identity(home.key_path), control=True)
+    await runtime.start()
+    workflow.install(runtime)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    status = runtime.status()
+    print(f"radmesh node {status.node_id} running")
+    print(f"  LAN endpoint {status.lan_url}; DICOM listener: {status.dicom}")
+    for url, state in status.registries.items():
+        print(f"  registry {url}: {state}")
+    print("Ctrl-C stops it; radmesh commands on this home run on it.", flush=True)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):  # not wait_for: it can lose a notification
+                    text = await runtime.notifications.get()
+                print(printable(text, multiline=True), flush=True)  # may quote a peer
+    finally:
+        await runtime.stop()
+    print("stopped")
+    return 0
+
+
+def cmd_node_run(args: argparse.Namespace) -> int:
+    return asyncio.run(run_node(args))
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "node",
+        help="run this node headless (for a server beside the PACS)",
+        description="Run the node without the TUI.",
+    )
+    node_sub = p.add_subparsers(dest="node_command", metavar="NODE_COMMAND", required=True)
+    run = node_sub.add_parser(
+        "run",
+        help="run until Ctrl-C: registries, LAN endpoint, mDNS, DICOM listener, peers",
+        description="Run the node: publish to registries, accept peers, receive from the PACS.",
+    )
+    run.set_defaults(handler=cmd_node_run)

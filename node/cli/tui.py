@@ -1,0 +1,123 @@
+"""``radmesh tui`` (and plain ``radmesh``): open the terminal app with this node running in it.
+
+The node (:class:`~node.app.runtime.NodeRuntime`) runs in the app's own event loop:
+started before the first screen, stopped after the app exits, so live sessions,
+consult messages and the DICOM listener work while the app is open. ``--local``
+opens the app on the node's files only, without starting the node (for a home
+that another process is already running, or to look at DICOM folders offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from crypto.identity import Identity
+from node.cli.identity import home_of
+from node.core.config import NodeConfig, NodeHome
+from node.core.errors import NodeError
+from node.core.keystore import load_identity
+
+
+def _local(args: argparse.Namespace, home: NodeHome) -> int:
+    # The one upward import the layering test allows: this command is the TUI's entry
+    # point. Imported here so `radmesh --help` does not load Textual.
+    from tui.app import RadmeshApp
+    from tui.local import LocalNode
+
+    identity: Identity | None = None
+    config: NodeConfig | None = None
+    if home.exists():
+        config = home.load_config()
+        identity = load_identity(home.key_path)
+    node = LocalNode(home, identity, config, [Path(d) for d in args.dicom or []])
+    RadmeshApp(node).run()
+    return 0
+
+
+async def _with_node(home: NodeHome, identity: Identity, config: NodeConfig) -> None:
+    from node.app import workflow
+    from node.app.runtime import NodeRuntime
+    from tui.app import RadmeshApp
+    from tui.node_facade import RuntimeNode
+
+    runtime = NodeRuntime(home, identity, config, control=True)  # radmesh commands reach it
+    await runtime.start()
+    workflow.install(runtime)  # serve fetches, file reports and reviews, resume fetches
+    try:
+        await RadmeshApp(RuntimeNode(runtime)).run_async()
+    finally:
+        await runtime.stop()
+
+
+def _graphics(requested: str | None) -> bool:
+    """Decide kitty/sixel/half-blocks now: the terminal can only be asked before Textual runs."""
+    from tui import graphics
+
+    try:
+        graphics.setup(requested)
+    except graphics.GraphicsError as exc:
+        print(exc, file=sys.stderr)
+        return False
+    return True
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    home = home_of(args)
+    if not _graphics(getattr(args, "graphics", None)):
+        return 2
+    if args.local or args.dicom:
+        return _local(args, home)
+    if not home.exists():
+        print(
+            f"no node in {home.root}: run `radmesh init` first, "
+            "or `radmesh tui --local --dicom DIR` to browse DICOM files without a node",
+            file=sys.stderr,
+        )
+        return 2
+    config = home.load_config()
+    network = config.network
+    if args.listen is not None:
+        network = dataclasses.replace(network, listen_host=args.listen)
+    if args.no_mdns:
+        network = dataclasses.replace(network, mdns=False)
+    config = dataclasses.replace(config, network=network)
+    identity = load_identity(home.key_path)
+    try:
+        asyncio.run(_with_node(home, identity, config))
+    except (NodeError, OSError) as exc:
+        print(f"the node could not start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "tui",
+        help="open the terminal app with the node running (the default command)",
+        description="Worklist, studies, peers, the viewer and live consultations.",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="do not start the node: show only what is on disk (no network, no live sessions)",
+    )
+    p.add_argument(
+        "--dicom",
+        action="append",
+        metavar="DIR",
+        help="show DICOM files from this directory (repeatable; implies --local)",
+    )
+    p.add_argument("--listen", metavar="HOST", help="LAN endpoint address for this run")
+    p.add_argument("--no-mdns", action="store_true", help="no mDNS discovery for this run")
+    p.add_argument(
+        "--graphics",
+        choices=("auto", "kitty", "sixel", "halfblock"),
+        help="how the viewer draws images (default: auto, or $RADMESH_GRAPHICS): kitty graphics "
+        "or sixel at full resolution where the terminal supports them, else half-block cells",
+    )
+    p.set_defaults(handler=cmd_tui)

@@ -1,0 +1,467 @@
+"""The demo scenario: a registry and three nodes on loopback, the whole clinical loop.
+
+A rural hospital has a head CT and asks, STAT, "suspected subdural haematoma".
+A neuroradiologist accepts, pulls the de-identified study over WebRTC, opens a
+live session and invites a neurosurgeon; both annotate and chat; the
+neuroradiologist signs the report, which lands in the hospital's store (and
+its PACS when Orthanc is installed) as a DICOM SR filed under the real patient.
+
+:func:`run_headless` runs it scripted and prints each step with its time.
+:class:`DemoNetwork` is the set-up the interactive demo reuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from consult.errors import ConsultError
+from consult.live import LiveConsult
+from consult.presence import Cursor
+from consult.requests import Event, Priority, State
+from consult.shared import AnnotationKind
+from crypto.identity import Identity
+from crypto.safety import safety_number
+from node.dicom import pacs
+from node.app import workflow
+from node.core.config import NetworkConfig, NodeConfig, NodeHome
+from node.demo.phantom import generate_ct
+from node.core.errors import NodeError
+from node.core.keystore import load_identity, save_identity
+from node.app.runtime import NodeRuntime
+from peer_transport.connection import TransportOptions
+from peer_transport.errors import TransportError
+from peer_transport.rtc import RtcOptions, restrict_host_addresses
+from registry.server import RegistryServer
+
+LOOPBACK = "127.0.0.1"
+QUESTION = "Suspected subdural haematoma after a fall; on anticoagulants. Surgery needed?"
+
+
+@dataclass(frozen=True)
+class Role:
+    key: str
+    name: str
+    institution: str
+    roles: tuple[str, ...]
+    subspecialties: tuple[str, ...]
+
+
+RURAL = Role("rural", "Rural Hospital CT", "St. Brigid's Rural Hospital", ("referrer",), ())
+NEURORAD = Role(
+    "neurorad", "Dr. A. Okafor", "Neuroradiology Consult Group", ("radiologist",), ("neuro",)
+)
+NEUROSURG = Role(
+    "neurosurg", "Dr. M. Lindqvist", "University Neurosurgery", ("surgeon",), ("neurosurgery",)
+)
+ROLES = (RURAL, NEURORAD, NEUROSURG)
+
+
+def demo_home(root: Path, role: Role) -> tuple[NodeHome, Identity]:
+    """The home of one demo node under ``root``: kept if it exists, else a new identity."""
+    home = NodeHome(root / role.key)
+    if home.exists():
+        return home, load_identity(home.key_path, passphrase=None)
+    identity = Identity.generate()
+    save_identity(home.key_path, identity, None, warn=False)  # throwaway demo keys
+    return home, identity
+
+
+class DemoFailed(NodeError):
+    """A step of the demo did not do what it should."""
+
+
+@dataclass
+class DemoNetwork:
+    """The registry and the three nodes, started under ``root``."""
+
+    root: Path
+    out: TextIO = sys.stdout
+    nodes: dict[str, NodeRuntime] = field(default_factory=dict)
+    registry_url: str = ""
+    pacs_server: pacs.Orthanc | None = None
+    _registry: RegistryServer | None = None
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _started: float = field(default_factory=time.monotonic)
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self._started:6.2f}s] {text}", file=self.out, flush=True)
+
+    @contextlib.asynccontextmanager
+    async def step(self, text: str) -> AsyncIterator[None]:
+        begun = time.monotonic()
+        self.say(f"{text} ...")
+        yield
+        self.say(f"  done in {time.monotonic() - begun:.2f}s")
+
+    async def start(self, *, with_pacs: bool) -> None:
+        restrict_host_addresses([LOOPBACK])  # the demo never leaves this machine
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._registry = RegistryServer(self.root / "registry.sqlite")
+        self.registry_url = await self._registry.start(LOOPBACK, 0)
+        self.say(f"registry on {self.registry_url}")
+        if with_pacs and shutil.which("Orthanc"):
+            self.pacs_server = self._enter(pacs.orthanc_server(self.root / "pacs"))
+            self.say(f"hospital PACS (Orthanc) on DICOM port {self.pacs_server.dicom_port}")
+        for role in ROLES:
+            home, identity = demo_home(self.root, role)
+            config = NodeConfig(
+                display_name=role.name,
+                institution=role.institution,
+                country="IE",
+                roles=list(role.roles),
+                subspecialties=list(role.subspecialties),
+                jurisdictions=["IE", "GB"],
+                network=NetworkConfig(
+                    registries=[self.registry_url], mdns=False, listen_host=LOOPBACK
+                ),
+            )
+            if role is RURAL and self.pacs_server is not None:
+                config.dicom.pacs_host = LOOPBACK
+                config.dicom.pacs_port = self.pacs_server.dicom_port
+                config.dicom.pacs_ae_title = self.pacs_server.ae_title
+            home.save_config(config)
+            runtime = NodeRuntime(
+                home,
+                identity,
+                config,
+                transport_options=TransportOptions(rtc=RtcOptions(ice_servers=())),
+            )
+            await runtime.start()
+            workflow.install(runtime)
+            runtime.live_hub()
+            self.nodes[role.key] = runtime
+            self.say(f"{role.name:<18} {identity.node_id}")
+
+    def _enter(self, manager: contextlib.AbstractContextManager[Any]) -> Any:
+        return self._stack.enter_context(manager)
+
+    def verify_everyone(self) -> None:
+        """What the operators did on the phone: compare safety numbers, mark verified."""
+        for a in self.nodes.values():
+            for b in self.nodes.values():
+                if a is not b:
+                    a.trust.mark_verified(b.identity.node_id, a.now())
+        rural, neurorad = self.nodes["rural"], self.nodes["neurorad"]
+        self.say(
+            "safety number rural <-> neuroradiologist: "
+            f"{safety_number(rural.identity.node_id, neurorad.identity.node_id)}"
+        )
+
+    async def stop(self) -> None:
+        for runtime in self.nodes.values():
+            with contextlib.suppress(Exception):
+                await runtime.stop()
+        if self._registry is not None:
+            await self._registry.stop()
+        self._stack.close()
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"timed out waiting for: {what}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Staged:
+    """The case once the live session is open: what the rest of the scenario works on."""
+
+    consult_id: str
+    shared_study_uid: str
+    middle_slice: str
+    spacing: float
+    files: int
+    neuroradiologist: LiveConsult
+    surgeon: LiveConsult
+
+
+async def scenario(net: DemoNetwork, *, slices: int, rows: int) -> None:
+    staged = await stage(net, slices=slices, rows=rows)
+    await finish(net, staged, rows=rows)
+
+
+@dataclass(frozen=True)
+class Requested:
+    """The STAT request, sent and waiting in the neuroradiologist's worklist."""
+
+    consult_id: str
+    shared_study_uid: str
+    files: int
+    originals: frozenset[bytes]
+
+
+async def stage(net: DemoNetwork, *, slices: int, rows: int) -> Staged:
+    """From the CT at the rural hospital to a live session with the neurosurgeon in it."""
+    requested = await send_request(net, slices=slices, rows=rows)
+    neurorad = net.nodes[NEURORAD.key]
+    rural = net.nodes[RURAL.key]
+    async with net.step("neuroradiologist: accept"):
+        await workflow.respond(neurorad, requested.consult_id, Event.ACCEPT)
+        await wait_until(
+            lambda: rural.consults.get(requested.consult_id).state is State.ACCEPTED,
+            "acceptance",
+        )
+
+    async with net.step("neuroradiologist: pull the study over WebRTC (encrypted, verified)"):
+        progress = await workflow.fetch_study(neurorad, requested.consult_id)
+        received = check_received(net, requested)
+        net.say(
+            f"  {progress.instances_done} instances, {progress.bytes_done / 1e6:.1f} MB, "
+            f"patient shown as {neurorad.store.study(requested.shared_study_uid).patient_name}"
+        )
+    return await open_live(net, requested, received)
+
+
+def check_received(net: DemoNetwork, requested: Requested) -> list[Any]:
+    """The consultant's copy: every instance there, none of them the hospital's original."""
+    neurorad = net.nodes[NEURORAD.key]
+    received = neurorad.store.instances(requested.shared_study_uid)
+    if len(received) != requested.files:
+        raise DemoFailed(f"{len(received)} of {requested.files} instances arrived")
+    got = {neurorad.store.read_instance(r.sop_instance_uid) for r in received}
+    if got & requested.originals:
+        raise DemoFailed("an instance left the hospital without de-identification")
+    return received
+
+
+async def open_live(net: DemoNetwork, requested: Requested, received: list[Any]) -> Staged:
+    neurorad, neurosurg = net.nodes[NEURORAD.key], net.nodes[NEUROSURG.key]
+    request_id = requested.consult_id
+    async with net.step("live session: neuroradiologist invites the neurosurgeon"):
+        # A guest needs both parties' approval: the hospital's, then the consultant's own.
+        rural, surgeon_key = net.nodes[RURAL.key], neurosurg.identity.public_key
+        surgeon_id = str(neurosurg.identity.node_id)
+        await workflow.approve_live_guest(rural, request_id, surgeon_key)
+        await wait_until(
+            lambda: (
+                str(rural.identity.node_id)
+                in neurorad.consults.guest_approvers(request_id, surgeon_id)
+            ),
+            "the hospital's approval of the neurosurgeon",
+        )
+        await workflow.approve_live_guest(neurorad, request_id, surgeon_key)
+        hub = neurorad.live_hub()
+        live: LiveConsult = hub.open(request_id, "CT head - STAT", requested.shared_study_uid)
+        await hub.invite(request_id, surgeon_key)
+        await wait_until(lambda: request_id in neurosurg.live_hub().sessions, "the join")
+        surgeon_live = neurosurg.live_hub().sessions[request_id]
+
+    spacing = received[0].pixel_spacing or (0.5, 0.5)
+    return Staged(
+        request_id,
+        requested.shared_study_uid,
+        received[len(received) // 2].sop_instance_uid,
+        float(spacing[0]),
+        requested.files,
+        live,
+        surgeon_live,
+    )
+
+
+async def surgeon_when_ready(
+    net: DemoNetwork,
+    requested: Requested,
+    rows: int,
+    *,
+    within: float = 3600.0,
+    moves: int = 20_000,
+    period: float = 0.15,
+) -> None:
+    """Interactive demo: once the person at the TUI accepted the request and fetched the
+    study, open the live session, invite the neurosurgeon and let the script run."""
+    neurorad = net.nodes[NEURORAD.key]
+    try:
+        await wait_until(
+            lambda: len(neurorad.store.instances(requested.shared_study_uid)) == requested.files,
+            "the study at the neuroradiologist (accept with a, fetch with f in the worklist)",
+            within=within,
+        )
+        staged = await open_live(net, requested, check_received(net, requested))
+    except (NodeError, ConsultError, TransportError) as exc:
+        neurorad.notify(f"demo: the neurosurgeon cannot join: {exc}")
+        return
+    neurorad.notify("The neurosurgeon joined the live session: press enter on the request")
+    await scripted_surgeon(staged, rows, moves=moves, period=period)
+
+
+async def send_request(net: DemoNetwork, *, slices: int, rows: int) -> Requested:
+    """From the CT at the rural hospital to the STAT request in the consultant's worklist."""
+    rural, neurorad, _ = (net.nodes[r.key] for r in ROLES)
+    net.verify_everyone()
+
+    async with net.step(
+        f"rural hospital: CT head, {slices} slices of {rows}x{rows}, into its store"
+    ):
+        files = await asyncio.to_thread(generate_ct, net.root / "ct", slices=slices, rows=rows)
+        for path in files:
+            rural.store.add_file(path, source="modality")
+        study = rural.store.studies()[0]
+        originals = {
+            rural.store.read_instance(uid)
+            for uid in rural.store.iter_instance_uids(study.study_uid)
+        }
+
+    async with net.step("rural hospital: find an online neuroradiologist through the registry"):
+        from registry.client import SearchQuery
+
+        found = await rural.directory.search(
+            SearchQuery(subspecialty="neuro", jurisdiction="IE", online=True), rural.now()
+        )
+        if not any(p.record.public_key == neurorad.identity.public_key for p in found):
+            raise DemoFailed("the neuroradiologist was not found by subspecialty search")
+        net.say(f"  found: {', '.join(p.record.display_name for p in found)}")
+
+    async with net.step("rural hospital: STAT consult request, study de-identified"):
+        request, share, how = await workflow.request_consult(
+            rural,
+            neurorad.identity.public_key,
+            study.study_uid,
+            workflow.Terms(
+                question=QUESTION, priority=Priority.STAT, subspecialty="neuro", jurisdiction="IE"
+            ),
+        )
+        net.say(f"  request {request.id[:8]} {how}")
+        await wait_until(lambda: bool(neurorad.consults.cases()), "request in the worklist")
+    return Requested(request.id, share.shared_study_uid, len(files), frozenset(originals))
+
+
+async def finish(net: DemoNetwork, staged: Staged, *, rows: int) -> None:
+    """Annotate and chat together, report, and check it reached the hospital."""
+    rural = net.nodes[RURAL.key]
+    neurorad = net.nodes[NEURORAD.key]
+    live, surgeon_live, middle = staged.neuroradiologist, staged.surgeon, staged.middle_slice
+    request_id = staged.consult_id
+    async with net.step("live session: both annotate, measure and chat"):
+        length_mm = 18.0 * staged.spacing
+        live.add_annotation(
+            AnnotationKind.LENGTH,
+            middle,
+            0,
+            ((rows * 0.25, rows * 0.4), (rows * 0.25, rows * 0.4 + 18)),
+            text="thickness",
+            values={"length_mm": length_mm},
+        )
+        live.say("Left convexity collection, about 9 mm, mild mass effect.")
+        surgeon_live.add_annotation(
+            AnnotationKind.ARROW,
+            middle,
+            0,
+            ((rows * 0.6, rows * 0.3), (rows * 0.3, rows * 0.4)),
+            text="midline shift?",
+        )
+        surgeon_live.say("Agree. We can take her tonight if it is acute.")
+        await wait_until(
+            lambda: len(live.annotations()) == 2 and len(surgeon_live.annotations()) == 2,
+            "both annotations on both sides",
+        )
+        await wait_until(
+            lambda: len(live.chat()) == 2 and len(surgeon_live.chat()) == 2, "chat on both sides"
+        )
+        await wait_until(lambda: len(live.participants()) == 2, "the surgeon's presence")
+        net.say(
+            f"  participants seen by the neuroradiologist: "
+            f"{', '.join(p.name for p in live.participants())}"
+        )
+
+    async with net.step("neuroradiologist: sign the report, send it back"):
+        measurements, marks = workflow.report_items_of(neurorad, request_id, live.annotations())
+        net.say(f"  {len(measurements)} measurement(s) and {len(marks)} mark(s), on their slice")
+        await workflow.send_report(
+            neurorad,
+            request_id,
+            text="Crescentic hyperdense extra-axial collection over the left convexity.",
+            impression="Acute left subdural haematoma, maximal thickness 9 mm. Neurosurgical "
+            "review recommended.",
+            # Both annotations, on the slice they were drawn on; that slice is the key image.
+            measurements=measurements,
+            marks=marks,
+            key_images=tuple({m.image for m in measurements if m.image}),
+        )
+        await wait_until(lambda: request_id in rural.reports, "the report at the hospital")
+        sr_uid = rural.reports[request_id]
+        net.say(f"  DICOM SR {sr_uid[:24]}... filed under the real patient in the hospital store")
+
+    if net.pacs_server is not None:
+        async with net.step("hospital PACS: the report arrived"):
+            server = net.pacs_server
+            await wait_until(lambda: bool(server.instance_ids()), "the SR in Orthanc")
+            net.say(f"  Orthanc holds {len(server.instance_ids())} instance(s)")
+
+    async with net.step("audit: every node's log verifies"):
+        for key, runtime in net.nodes.items():
+            report = runtime.audit.verify()
+            if not report.ok:
+                raise DemoFailed(f"{key} audit log: {report.problems}")
+    digest = hashlib.sha256(repr(sorted(r.kind for r in rural.audit.records())).encode())
+    net.say(
+        f"hospital audit trail: {len(rural.audit.records())} records ({digest.hexdigest()[:8]})"
+    )
+
+
+async def run_headless(
+    root: Path,
+    *,
+    slices: int = 40,
+    rows: int = 512,
+    with_pacs: bool = True,
+    out: TextIO = sys.stdout,
+) -> int:
+    """The scripted scenario; 0 when every step worked."""
+    await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
+    net = DemoNetwork(root, out)
+    try:
+        await net.start(with_pacs=with_pacs)
+        await scenario(net, slices=slices, rows=rows)
+    except Exception as exc:  # every failure is reported, then the exit code says it
+        net.say(f"FAILED: {exc}")
+        return 1
+    finally:
+        await net.stop()
+    net.say("demo complete: request, accept, transfer, live session, signed report, PACS")
+    return 0
+
+
+async def scripted_surgeon(
+    staged: Staged, rows: int, *, moves: int = 20_000, period: float = 0.15
+) -> None:
+    """The neurosurgeon as a script: a moving cursor, an annotation, a few chat lines.
+
+    Bounded: ``moves`` cursor moves (about 50 minutes at the default period), or
+    until cancelled when the person quits the TUI.
+    """
+    live = staged.surgeon
+    centre = rows / 2
+    for move in range(moves):
+        angle = move * 0.12
+        live.move_cursor(
+            Cursor(
+                staged.middle_slice,
+                0,
+                centre + rows * 0.22 * math.cos(angle),
+                centre + rows * 0.16 * math.sin(angle),
+            )
+        )
+        if move == 25:
+            live.add_annotation(
+                AnnotationKind.POINT,
+                staged.middle_slice,
+                0,
+                ((rows * 0.42, rows * 0.35),),
+                text="thickest point?",
+            )
+            live.say("Is it acute? The density looks mixed at the thickest point.")
+        if move == 80:
+            live.say("If it is 9 mm with shift we take her tonight. Can you finish the report?")
+        await asyncio.sleep(period)

@@ -1,0 +1,292 @@
+"""Reading DICOM files for the store: what an instance is, and where its frames are.
+
+:func:`parse_instance` reads the header of one DICOM Part 10 file (pixel data is
+deferred, never loaded) and returns the attributes the index keeps plus the byte
+ranges of each frame inside the original file, so the store can serve one frame
+of a large multi-frame instance by decrypting only the chunks that cover it.
+Importing whole folders is :mod:`node.dicom.importer`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import IO
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import BaseTag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from node.core.errors import NodeError
+
+PIXEL_DATA = 0x7FE00010
+ITEM_TAG = 0xFFFEE000
+SEQ_DELIM_TAG = 0xFFFEE0DD
+UNDEFINED_LENGTH = 0xFFFFFFFF
+# Fragment tables longer than this are not indexed (the frame is then decoded whole).
+MAX_FRAGMENTS = 100_000
+DEFER_SIZE = 1024
+
+
+class InvalidDicom(NodeError):
+    """A file or byte string is not a DICOM instance the store can keep."""
+
+
+FrameRanges = tuple[tuple[tuple[int, int], ...], ...]
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What the index keeps about one instance. Patient fields are PHI."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    patient_id: str = ""
+    patient_name: str = ""
+    patient_birth_date: str = ""
+    patient_sex: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
+    modality: str = ""
+    series_description: str = ""
+    series_number: int | None = None
+    body_part: str = ""
+    instance_number: int | None = None
+    image_position: tuple[float, ...] | None = None
+    image_orientation: tuple[float, ...] | None = None
+    pixel_spacing: tuple[float, ...] | None = None
+    slice_thickness: float | None = None
+    rows: int | None = None
+    columns: int | None = None
+    frames: int = 1
+    # Per frame, the (offset, length) pieces of the original file that make it up:
+    # one piece for native pixel data, one per fragment for encapsulated data.
+    # None when frames cannot be located without decoding (deflate, bit-packed).
+    frame_ranges: FrameRanges | None = None
+    encapsulated: bool = False
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(ds: pydicom.Dataset, keyword: str) -> tuple[float, ...] | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        items = value if isinstance(value, pydicom.multival.MultiValue | list) else [value]
+        return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
+    values = _floats(ds, keyword)
+    return values[0] if values else None
+
+
+def _read_exact(fp: IO[bytes], size: int) -> bytes:
+    data = fp.read(size)
+    if len(data) != size:
+        raise InvalidDicom("truncated: pixel data ends before its declared length")
+    return data
+
+
+def _fragments(fp: IO[bytes], start: int, limit: int) -> list[tuple[int, int]]:
+    """(offset, length) of every item of encapsulated pixel data, the offset table first."""
+    fp.seek(start)
+    items: list[tuple[int, int]] = []
+    position = start
+    while True:
+        header = fp.read(8)
+        if len(header) < 8:
+            raise InvalidDicom("truncated: encapsulated pixel data has no sequence delimiter")
+        group, element, length = struct.unpack("<HHI", header)
+        tag = (group << 16) | element
+        position += 8
+        if tag == SEQ_DELIM_TAG:
+            return items
+        if tag != ITEM_TAG or length == UNDEFINED_LENGTH:
+            raise InvalidDicom("unreadable element: malformed encapsulated pixel data item")
+        if position + length > limit:
+            raise InvalidDicom("truncated: a pixel data fragment runs past the end of the file")
+        items.append((position, length))
+        if len(items) > MAX_FRAGMENTS:
+            raise InvalidDicom("unreadable element: too many pixel data fragments")
+        position += length
+        fp.seek(position)
+
+
+def _encapsulated_frames(fp: IO[bytes], start: int, limit: int, frames: int) -> FrameRanges | None:
+    items = _fragments(fp, start, limit)
+    if not items:
+        raise InvalidDicom("unreadable element: encapsulated pixel data without offset table")
+    (bot_offset, bot_length), fragments = items[0], items[1:]
+    if not fragments:
+        return None
+    if frames == 1:
+        return (tuple(fragments),)
+    if len(fragments) == frames:
+        return tuple((piece,) for piece in fragments)
+    if bot_length and bot_length == 4 * frames:
+        fp.seek(bot_offset)
+        offsets = struct.unpack(f"<{frames}I", _read_exact(fp, bot_length))
+        # Offsets count bytes from the first fragment's item tag.
+        base = fragments[0][0] - 8
+        starts = [base + off for off in offsets]
+        grouped: list[list[tuple[int, int]]] = [[] for _ in range(frames)]
+        for offset, length in fragments:
+            index = sum(1 for s in starts if s <= offset - 8) - 1
+            if index < 0:
+                return None
+            grouped[index].append((offset, length))
+        if all(grouped):
+            return tuple(tuple(g) for g in grouped)
+    return None
+
+
+def _native_frames(ds: pydicom.Dataset, start: int, length: int, frames: int) -> FrameRanges | None:
+    rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
+    bits = _int(ds, "BitsAllocated")
+    samples = _int(ds, "SamplesPerPixel") or 1
+    if not rows or not columns or not bits or bits % 8:
+        return None
+    frame_size = rows * columns * samples * bits // 8
+    if samples == 3 and _text(ds, "PhotometricInterpretation") == "YBR_FULL_422":
+        frame_size = frame_size * 2 // 3  # two chroma samples shared by each pixel pair
+    if frame_size * frames > length:
+        raise InvalidDicom("truncated: pixel data is shorter than rows x columns x frames")
+    return tuple(((start + i * frame_size, frame_size),) for i in range(frames))
+
+
+def _frame_ranges(
+    ds: pydicom.Dataset, fp: IO[bytes], file_size: int, frames: int
+) -> tuple[FrameRanges | None, bool]:
+    raw = ds._dict.get(BaseTag(PIXEL_DATA))  # the raw element keeps the file offset of the value
+    if raw is None:
+        return None, False
+    start = getattr(raw, "value_tell", None)
+    length = getattr(raw, "length", None)
+    if start is None or length is None:
+        return None, False
+    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return None, False  # offsets point into the inflated stream, not the file
+    if length == UNDEFINED_LENGTH:
+        return _encapsulated_frames(fp, start, file_size, frames), True
+    if start + length > file_size:
+        raise InvalidDicom("truncated: pixel data runs past the end of the file")
+    return _native_frames(ds, start, length, frames), False
+
+
+def _check_complete(ds: pydicom.Dataset) -> None:
+    """Touch every top-level element so a malformed value fails here, not in a viewer."""
+    for tag in list(ds.keys()):
+        if tag == PIXEL_DATA:
+            continue
+        try:
+            ds[tag].value  # noqa: B018 - conversion is the check
+        except Exception as exc:
+            raise InvalidDicom(f"unreadable element {tag}: {type(exc).__name__}") from exc
+
+
+def _why_not_part10(fp: IO[bytes]) -> str:
+    """Tell a raw dataset without Part 10 header from something that is not DICOM."""
+    fp.seek(0)
+    try:
+        ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
+        looks_dicom = bool(ds.get("SOPInstanceUID") or ds.get("SOPClassUID"))
+    except Exception:
+        looks_dicom = False
+    if looks_dicom:
+        return "missing meta: a DICOM data set without the Part 10 preamble and file meta"
+    return "not DICOM: no DICM preamble or file meta"
+
+
+def parse_instance(fp: IO[bytes], file_size: int) -> InstanceInfo:
+    """Parse one DICOM Part 10 instance from a seekable binary file.
+
+    Raises :class:`InvalidDicom` with a one-line reason a person can act on.
+    """
+    fp.seek(0)
+    try:
+        ds = pydicom.dcmread(fp, defer_size=DEFER_SIZE)
+    except InvalidDicomError as exc:
+        raise InvalidDicom(_why_not_part10(fp)) from exc
+    except (EOFError, struct.error) as exc:
+        raise InvalidDicom("truncated: the file ends in the middle of an element") from exc
+    except Exception as exc:
+        raise InvalidDicom(f"unreadable element: {type(exc).__name__}: {exc}"[:200]) from exc
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        raise InvalidDicom("missing meta: no file meta information with a transfer syntax")
+    _check_complete(ds)
+    sop_uid = _text(ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID")
+    sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
+    study_uid, series_uid = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
+    if sop_class == "1.2.840.10008.1.3.10":
+        raise InvalidDicom("not an instance: this is a DICOMDIR (import its folder instead)")
+    missing = [
+        name
+        for name, value in (
+            ("SOPInstanceUID", sop_uid),
+            ("SOPClassUID", sop_class),
+            ("StudyInstanceUID", study_uid),
+            ("SeriesInstanceUID", series_uid),
+        )
+        if not value
+    ]
+    if missing:
+        raise InvalidDicom(f"missing attribute(s): {', '.join(missing)}")
+    frames = max(1, _int(ds, "NumberOfFrames") or 1)
+    ranges, encapsulated = _frame_ranges(ds, fp, file_size, frames)
+    return InstanceInfo(
+        sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        transfer_syntax=str(meta.TransferSyntaxUID),
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        patient_sex=_text(ds, "PatientSex"),
+        accession_number=_text(ds, "AccessionNumber"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        study_description=_text(ds, "StudyDescription"),
+        modality=_text(ds, "Modality"),
+        series_description=_text(ds, "SeriesDescription"),
+        series_number=_int(ds, "SeriesNumber"),
+        body_part=_text(ds, "BodyPartExamined"),
+        instance_number=_int(ds, "InstanceNumber"),
+        image_position=_floats(ds, "ImagePositionPatient"),
+        image_orientation=_floats(ds, "ImageOrientationPatient"),
+        pixel_spacing=_floats(ds, "PixelSpacing"),
+        slice_thickness=_float(ds, "SliceThickness"),
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        frames=frames,
+        frame_ranges=ranges,
+        encapsulated=encapsulated,
+    )
