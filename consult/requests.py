@@ -18,6 +18,7 @@ from consult.errors import IllegalTransition, LocalConsultError, MalformedMessag
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
+from crypto.statetable import TransitionTable
 from node.core.ids import is_dicom_uid
 
 REQUEST_TYPE = "consult-request"
@@ -103,9 +104,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 # Once accepted, a passing deadline does not expire the case: a late report is
 # still worth more than none, and turnaround stats show the lateness.
-TERMINAL: frozenset[State] = frozenset(
-    s for s in State if not any(src == s for src, _ in TRANSITIONS)
-)
+TERMINAL: frozenset[State] = TransitionTable(TRANSITIONS, Exception).terminal(list(State))
 OPEN_STATES: frozenset[State] = frozenset(State) - TERMINAL
 
 
@@ -196,11 +195,12 @@ def refusal(state: State, event: Event, consult_id: str = "ID", *, tui: bool = F
     return f"{situation}; {(tui_text if tui else cli_text).format(id=consult_id)}."
 
 
-def next_state(state: State, event: Event) -> State:
-    try:
-        return TRANSITIONS[(state, event)]
-    except KeyError:
-        raise IllegalTransition(state.value, event.value, refusal(state, event)) from None
+def _refuse(state: State, event: Event) -> IllegalTransition:
+    return IllegalTransition(state.value, event.value, refusal(state, event))
+
+
+TABLE = TransitionTable(TRANSITIONS, _refuse)
+next_state = TABLE.fire
 
 
 def _text(raw: Mapping[str, Any], key: str, limit: int = MAX_FIELD_CHARS) -> str:

@@ -33,6 +33,7 @@ import nacl.exceptions
 from crypto import canonical
 from crypto.errors import BadSignature, CryptoError, EncodingError, Replayed
 from crypto.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
+from crypto.statetable import TransitionTable
 
 PROTOCOL = b"radmesh/handshake/v1"
 VERSION = 1
@@ -219,13 +220,19 @@ class _State(enum.Enum):
     FAILED = "failed"
 
 
-# (role, state, event) -> next state. Anything missing is a HandshakeStateError.
-_TRANSITIONS: dict[tuple[str, _State, str], _State] = {
-    ("initiator", _State.START, "start"): _State.WAIT_RESP,
-    ("initiator", _State.WAIT_RESP, "resp"): _State.DONE,
-    ("responder", _State.START, "init"): _State.WAIT_FIN,
-    ("responder", _State.WAIT_FIN, "fin"): _State.DONE,
-}
+# ((role, state), event) -> (role, next state). Anything missing is a HandshakeStateError.
+_TABLE: TransitionTable[tuple[str, _State], str] = TransitionTable(
+    {
+        (("initiator", _State.START), "start"): ("initiator", _State.WAIT_RESP),
+        (("initiator", _State.WAIT_RESP), "resp"): ("initiator", _State.DONE),
+        (("responder", _State.START), "init"): ("responder", _State.WAIT_FIN),
+        (("responder", _State.WAIT_FIN), "fin"): ("responder", _State.DONE),
+    },
+    lambda at, event: HandshakeStateError(
+        f"handshake message {event!r} is not expected by the {at[0]} "
+        f"in state {at[1].value}: a replayed or out-of-order message"
+    ),
+)
 
 
 class _Party:
@@ -235,14 +242,10 @@ class _Party:
         self.state = _State.START
 
     def _advance(self, event: str) -> None:
-        nxt = _TRANSITIONS.get((self.role, self.state, event))
-        if nxt is None:
+        key = (self.role, self.state)
+        if not _TABLE.allows(key, event):
             self.state = _State.FAILED
-            raise HandshakeStateError(
-                f"handshake message {event!r} is not expected by the {self.role} "
-                f"in state {self.state.value}: a replayed or out-of-order message"
-            )
-        self.state = nxt
+        _, self.state = _TABLE.fire(key, event)
 
 
 def _check_fingerprints(mine: tuple[str, str], theirs: tuple[str, str]) -> None:

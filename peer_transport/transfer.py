@@ -67,6 +67,7 @@ from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity
+from crypto.statetable import TransitionTable
 from node.core.ids import is_dicom_uid
 from node.dicom import wirecodec
 from peer_transport.errors import LocalProtocolError, RemoteProtocolError, TransportError
@@ -572,17 +573,21 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.PAUSED, Event.FINISH): State.COMPLETE,
 }
 
+TABLE = TransitionTable(
+    TRANSITIONS,
+    lambda state, event: IllegalTransition(
+        f"cannot {event.value} a transfer that is {state.value}"
+    ),
+)
+
 
 @dataclass
 class Machine:
     state: State = State.OFFERED
 
     def fire(self, event: Event) -> State:
-        new = TRANSITIONS.get((self.state, event))
-        if new is None:
-            raise IllegalTransition(f"cannot {event.value} a transfer that is {self.state.value}")
-        self.state = new
-        return new
+        self.state = TABLE.fire(self.state, event)
+        return self.state
 
 
 # -- spool: part files and the persisted receiver state ------------------------------------
