@@ -336,6 +336,8 @@ class NodeRuntime:
                 on_stream=self._dicom_stream,
                 spool_dir=data / "incoming",
                 bad_data_errors=(InstanceConflict,),  # the stored one stays: a retry cannot help
+                archive=self.store if self.config.dicom.query_retrieve else None,
+                audit=self._audit_dicom,
             )
             self.dicom.start()
         self.spawn(self._audit_checkpoints())
@@ -798,6 +800,13 @@ class NodeRuntime:
                 study_uid=result.study_uid,
                 details={"from": f"dicom:{calling_ae}", "sop": result.sop_instance_uid},
             )
+
+    def _audit_dicom(self, kind: str, details: dict[str, str]) -> None:
+        """A workstation's query or retrieve (:mod:`node.dicom.qrscp`): what the store
+        showed or sent, to whom; the keys asked for are not recorded (they may name a
+        patient)."""
+        if kind in ("dicom.find", "dicom.get", "dicom.move"):
+            self.audit.append(AuditKind.EXPORT, now=self.clock(), details={"via": kind, **details})
 
     def _sign_audit(self) -> None:
         """Sign the audit log's unsigned records (whoever appended them: this node, or a

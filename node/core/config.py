@@ -66,6 +66,10 @@ class DicomConfig:
     pacs_host: str = ""
     pacs_port: int = 0
     pacs_ae_title: str = ""
+    # The node answers C-FIND / C-GET / C-MOVE from its store to the allowed callers.
+    query_retrieve: bool = True
+    # C-MOVE destinations, "AE@host:port": a request names only the AE title.
+    move_destinations: list[str] = field(default_factory=list)
 
 
 @dataclass
