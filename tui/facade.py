@@ -54,6 +54,7 @@ class InstanceRef:
     number: int
     present: bool = True  # False while the study is still streaming in
     frames: int = 1  # frames in a multi-frame instance, when known before loading it
+    location: float | None = None  # mm along the slice normal (tui.linking), when known
 
 
 @dataclass(frozen=True)

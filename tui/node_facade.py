@@ -56,6 +56,7 @@ from tui.facade import (
     StudyInfo,
     TransferInfo,
 )
+from tui.linking import slice_location
 from tui.local import frame_from_dataset
 from tui.session import Listener, SessionView
 
@@ -373,7 +374,15 @@ class RuntimeNode:
         if study_uid is None:
             return []
         rows = self.runtime.store.instances(study_uid, series_uid)
-        return [InstanceRef(r.sop_instance_uid, series_uid, r.instance_number or 0) for r in rows]
+        return [
+            InstanceRef(
+                r.sop_instance_uid,
+                series_uid,
+                r.instance_number or 0,
+                location=slice_location(r.image_position, r.image_orientation),
+            )
+            for r in rows
+        ]
 
     def _study_of_series(self, series_uid: str) -> str | None:
         for study in self.runtime.store.studies():

@@ -36,6 +36,8 @@ HELP = """\
   g guests the other party proposed for a live session: a approve  r refuse
   o availability: online / on call / away
 [b]Studies[/b]  enter view  l live consult  s request a consult (tab moves, ctrl+s sends)
+  p compare with the prior: j/k step both (linked by slice position)  o these two
+  slices are the same level  t flip current/prior  v the prior's report  s series
 [b]Peers[/b]    / search (name, subspecialty, jurisdiction, online)  v verify key
 """
 
