@@ -25,6 +25,7 @@ REQUEST_TYPE = "consult-request"
 MAX_REQUEST_WIRE = 64 * 1024
 MAX_QUESTION_CHARS = 8000
 MAX_FIELD_CHARS = 200
+MAX_PRIORS = 8  # earlier studies of the patient sent with one consult
 # What ConsultRequest.new makes (uuid4().hex); every consult message from a peer is
 # checked against it when parsed, since a consult id also names local state.
 _CONSULT_ID = re.compile(r"[0-9a-f]{32}")
@@ -203,6 +204,12 @@ TABLE = TransitionTable(TRANSITIONS, _refuse)
 next_state = TABLE.fire
 
 
+def _priors(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_PRIORS:
+        raise MalformedMessage(f"consult request priors must be a list of at most {MAX_PRIORS}")
+    return tuple(check_uid(uid, "consult request prior study UID") for uid in value)
+
+
 def _text(raw: Mapping[str, Any], key: str, limit: int = MAX_FIELD_CHARS) -> str:
     value = raw.get(key)
     if not isinstance(value, str) or len(value) > limit:
@@ -230,8 +237,15 @@ class ConsultRequest:
     requester: NodeId
     deidentified: bool
     created_at: int
+    # Earlier studies of the same patient sent with this one (their shared UIDs), fetched
+    # after it; the requesting node serves no other study under this consult.
+    priors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if len(self.priors) > MAX_PRIORS:
+            raise LocalConsultError(f"at most {MAX_PRIORS} prior studies go with one consult")
+        if len(set(self.priors)) != len(self.priors) or self.study_uid in self.priors:
+            raise LocalConsultError("a prior study is listed twice, or is the current study")
         if len(self.question) > MAX_QUESTION_CHARS:
             raise LocalConsultError(
                 f"the clinical question is {len(self.question)} characters; "
@@ -254,6 +268,7 @@ class ConsultRequest:
         deadline: int,
         now: int,
         deidentified: bool = True,
+        priors: tuple[str, ...] = (),
     ) -> ConsultRequest:
         if not is_dicom_uid(study_uid):
             raise LocalConsultError(
@@ -273,10 +288,11 @@ class ConsultRequest:
             requester,
             deidentified,
             now,
+            priors,
         )
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "id": self.id,
             "study": self.study_uid,
             "q": self.question,
@@ -289,6 +305,9 @@ class ConsultRequest:
             "deid": self.deidentified,
             "created": self.created_at,
         }
+        if self.priors:  # absent when none: a request without priors is signed as before
+            body["priors"] = list(self.priors)
+        return body
 
     @classmethod
     def from_body(cls, raw: Any) -> ConsultRequest:
@@ -317,6 +336,7 @@ class ConsultRequest:
                 requester=NodeId(requester),
                 deidentified=deid,
                 created_at=_int(raw, "created"),
+                priors=_priors(raw.get("priors", [])),
             )
         except LocalConsultError as exc:
             raise MalformedMessage(f"consult request is inconsistent: {exc}") from exc
@@ -545,7 +565,7 @@ class ConsultResponse:
             raise LocalConsultError("a consult response can only be signed by its responder")
         if self.event not in RESPONSE_EVENTS:
             raise LocalConsultError(f"{self.event.value!r} is not something a peer answers")
-        body = {
+        body: dict[str, Any] = {
             "id": self.consult_id,
             "by": self.responder.digest,
             "event": self.event.value,

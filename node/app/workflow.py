@@ -70,7 +70,7 @@ from crypto.org import verify_certificate
 from node.app import alerts as critical_alerts
 from node.app import guests
 from node.app.runtime import NodeRuntime, RuntimeError_
-from node.app.transfers import Direction
+from node.app.transfers import Direction, Transfer
 from node.core.audit import AuditKind
 from node.core.config import NodeHome
 from node.core.errors import NodeError
@@ -169,10 +169,13 @@ def _map_key(rt: NodeRuntime) -> bytes:
     return rt.identity.derive_key(PSEUDONYM_KEY_PURPOSE)
 
 
-def share_of(rt: NodeRuntime, consult_id: str) -> Share:
-    """What a consult of ours shared, from the database and the pseudonym map (restart-safe)."""
+def share_of(rt: NodeRuntime, consult_id: str, prior: str = "") -> Share:
+    """What a consult of ours shared, from the database and the pseudonym map (restart-safe):
+    its study, or the ``prior`` (a shared UID the signed request lists)."""
     request = rt.consults.get(consult_id).request
-    shared_uid = request.study_uid
+    if prior and prior not in request.priors:
+        raise RequestRefused("not-shared", "this study was not shared with your node")
+    shared_uid = prior or request.study_uid
     path = _map_path(rt, consult_id)
     if not path.exists():
         if request.deidentified:
@@ -247,6 +250,9 @@ class Terms:
     deidentify: bool = True
     burned_in_checked: bool = False  # a person checked the pixels (audited when it mattered)
     black_out_top: int = 0  # Clean Pixel Data: rows blacked out atop burned-in candidates
+    # Earlier studies of the same patient in this node's store, sent after the study
+    # (the same pseudonymous patient and date shift: one pseudonym map per consult).
+    priors: tuple[str, ...] = ()
 
 
 async def _new_request(
@@ -254,6 +260,7 @@ async def _new_request(
 ) -> tuple[ConsultRequest, PseudonymMap | None]:
     if not rt.store.instances(study_uid):
         raise RuntimeError_(f"study {study_uid} has no instances in this node's store")
+    _check_priors(rt, study_uid, terms.priors)
     pseudonyms = PseudonymMap() if terms.deidentify else None
     now = rt.now()
     request = ConsultRequest.new(
@@ -267,22 +274,45 @@ async def _new_request(
         deadline=now + terms.deadline_seconds,
         now=now,
         deidentified=terms.deidentify,
+        priors=tuple(
+            pseudonyms.pseudo_uid(uid) if pseudonyms is not None else uid for uid in terms.priors
+        ),
     )
     if pseudonyms is not None:
         sharing.check_free_text(rt.store, study_uid, terms.question, "clinical question")
-        # reads every instance's header: off the event loop
-        pseudonyms.burned_in_checked = await asyncio.to_thread(
-            sharing.confirm_burned_in,
-            rt.store,
-            rt.audit,
-            study_uid,
-            terms.burned_in_checked,
-            now=rt.clock(),
-            consult=request.id,
-            black_out_top=terms.black_out_top,
-        )
+        checked = True
+        for uid in (study_uid, *terms.priors):
+            # reads every instance's header: off the event loop
+            checked &= await asyncio.to_thread(
+                sharing.confirm_burned_in,
+                rt.store,
+                rt.audit,
+                uid,
+                terms.burned_in_checked,
+                now=rt.clock(),
+                consult=request.id,
+                black_out_top=terms.black_out_top,
+            )
+        pseudonyms.burned_in_checked = checked
         pseudonyms.black_out_top = terms.black_out_top
     return request, pseudonyms
+
+
+def _check_priors(rt: NodeRuntime, study_uid: str, priors: tuple[str, ...]) -> None:
+    """Priors are other studies of the same patient held here (a wrong one would send
+    another patient's images under this patient's pseudonym)."""
+    patient = rt.store.study(study_uid).patient_id
+    for uid in priors:
+        if uid == study_uid or not rt.store.instances(uid):
+            raise RuntimeError_(
+                f"prior study {uid[:64]} is not in this node's store (or is the study itself): "
+                "retrieve it first (`radmesh dicom retrieve`) or leave it out"
+            )
+        if rt.store.study(uid).patient_id != patient:
+            raise RuntimeError_(
+                f"prior study {uid[:64]} is of another patient (its Patient ID differs): "
+                "only the same patient's earlier studies go with a consult"
+            )
 
 
 async def _offer(
@@ -907,8 +937,10 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
     async def on_fetch(conn: PeerConnection, body: bytes) -> bytes:
         if not rt.trust.is_trusted(conn.peer, rt.now()):  # checked per request, not per link
             raise RequestRefused("not-trusted", "this node no longer trusts your node")
+        # "<consult id>" for its study, "<consult id>\n<prior's shared UID>" for a prior
+        named, _, prior = body.decode(errors="replace").partition("\n")
         try:  # the peer names a whole consult id, never a prefix of one
-            consult_id = rt.consults.resolve(check_consult_id(body.decode(errors="replace")))
+            consult_id = rt.consults.resolve(check_consult_id(named))
         except ConsultError as exc:
             raise RequestRefused("not-shared", "this study was not shared with your node") from exc
         role, peer, _ = rt.consults.info(consult_id)
@@ -921,7 +953,7 @@ def install(rt: NodeRuntime, *, resume: bool = True) -> None:
             )
         if case.state is State.ACCEPTED:
             rt.consults.apply(consult_id, Event.START_TRANSFER, rt.now(), peer)
-        _start_serving(rt, conn, consult_id, share_of(rt, consult_id))
+        _start_serving(rt, conn, consult_id, share_of(rt, consult_id, prior))
         return b"ok"
 
     rt.transport.handle(FETCH_KIND, on_fetch)
@@ -1092,36 +1124,72 @@ async def _pull(rt: NodeRuntime, consult_id: str, on_progress: ProgressCallback)
         conn = await rt.transport.connect(requester)
         if rt.consults.get(consult_id).state is State.ACCEPTED:
             rt.consults.apply(consult_id, Event.START_TRANSFER, rt.now(), str(rt.identity.node_id))
-        receiving = asyncio.ensure_future(
-            receive_study(
-                ChannelLink(conn),
-                rt.store,
-                _spool_of(rt, consult_id),
-                peer=str(conn.peer_id),
-                audit=rt.audit,
-                on_progress=on_progress,
-                on_receiver=tracked.attach_receiver,
-                sender_key=conn.peer,
-                # the study as this consult shares it: another consult's transfer with the
-                # same node may run on this connection meanwhile
-                expect_study=rt.consults.get(consult_id).request.study_uid,
-                spool_key=_spool_key(rt),
-            )
-        )
-        try:
-            await conn.request(FETCH_KIND, consult_id.encode())
-            while not (await asyncio.wait({receiving}, timeout=WATCH_INTERVAL))[0]:
-                if not _still_ours(rt, consult_id):
-                    raise LocalConsultError(
-                        f"consult {consult_id[:8]} was withdrawn: its study is no longer fetched"
-                    )
-            progress = receiving.result()
-        finally:
-            receiving.cancel()
+        # the study as this consult shares it: another consult's transfer with the same node
+        # may run on this connection meanwhile
+        study = rt.consults.get(consult_id).request.study_uid
+        progress = await _receive(rt, consult_id, conn, study, on_progress, tracked)
         _report_conflicts(rt, consult_id, tracked.receiver)
+    for prior in rt.consults.get(consult_id).request.priors:  # after the study itself
+        await _pull_prior(rt, consult_id, prior, requester, on_progress)
     if rt.consults.get(consult_id).state is State.TRANSFERRING:
         rt.consults.apply(consult_id, Event.TRANSFER_DONE, rt.now(), str(rt.identity.node_id))
     return progress
+
+
+async def _pull_prior(
+    rt: NodeRuntime,
+    consult_id: str,
+    prior: str,
+    requester: bytes,
+    on_progress: ProgressCallback,
+) -> None:
+    """One prior study of the consult, pulled as its study was (in a spool of its own)."""
+    with rt.transfers.track(
+        consult_id, Direction.IN, NodeId.from_public_key(requester).short()
+    ) as tracked:
+        conn = await rt.transport.connect(requester)
+        await _receive(rt, consult_id, conn, prior, on_progress, tracked)
+        shutil.rmtree(_spool_of(rt, f"{consult_id}/{prior}"), ignore_errors=True)
+        _report_conflicts(rt, consult_id, tracked.receiver)
+
+
+async def _receive(
+    rt: NodeRuntime,
+    consult_id: str,
+    conn: PeerConnection,
+    study: str,
+    on_progress: ProgressCallback,
+    tracked: Transfer,
+) -> Progress:
+    """Ask the requester for ``study`` of the consult (its own, or a prior it lists) and
+    receive it into the store, stopping if the consult stops being ours."""
+    prior = study != rt.consults.get(consult_id).request.study_uid
+    receiving = asyncio.ensure_future(
+        receive_study(
+            ChannelLink(conn),
+            rt.store,
+            _spool_of(rt, f"{consult_id}/{study}" if prior else consult_id),
+            peer=str(conn.peer_id),
+            audit=rt.audit,
+            on_progress=on_progress,
+            on_receiver=tracked.attach_receiver,
+            sender_key=conn.peer,
+            expect_study=study,
+            spool_key=_spool_key(rt),
+        )
+    )
+    try:
+        await conn.request(
+            FETCH_KIND, f"{consult_id}\n{study}".encode() if prior else consult_id.encode()
+        )
+        while not (await asyncio.wait({receiving}, timeout=WATCH_INTERVAL))[0]:
+            if not _still_ours(rt, consult_id):
+                raise LocalConsultError(
+                    f"consult {consult_id[:8]} was withdrawn: its study is no longer fetched"
+                )
+        return receiving.result()
+    finally:
+        receiving.cancel()
 
 
 def _report_conflicts(rt: NodeRuntime, consult_id: str, receiver: StudyReceiver | None) -> None:
