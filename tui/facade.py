@@ -153,6 +153,7 @@ class ConsultForm:
     deadline_hours: float
     jurisdiction: str = ""  # the patient's country; empty: this node's country
     burned_in_checked: bool = False  # a person checked the pixels for burned-in text (audited)
+    with_priors: bool = False  # send the patient's earlier studies held on this node too
 
 
 @dataclass(frozen=True)

@@ -722,6 +722,9 @@ class RuntimeNode:
                     jurisdiction=jurisdiction,
                     deadline_seconds=int(form.deadline_hours * 3600),
                     burned_in_checked=form.burned_in_checked,
+                    priors=(
+                        workflow.priors_in_store(rt, form.study_uid) if form.with_priors else ()
+                    ),
                 ),
             )
         except (ConsultError, NodeError, TransportError) as exc:

@@ -52,6 +52,7 @@ from consult.report import (
     verify_report,
 )
 from consult.requests import (
+    MAX_PRIORS,
     Candidate,
     ConsultRequest,
     ConsultResponse,
@@ -296,6 +297,21 @@ async def _new_request(
         pseudonyms.burned_in_checked = checked
         pseudonyms.black_out_top = terms.black_out_top
     return request, pseudonyms
+
+
+def priors_in_store(rt: NodeRuntime, study_uid: str) -> tuple[str, ...]:
+    """Earlier studies of the study's patient (same Patient ID) held here, most recent
+    first, as many as a consult takes."""
+    study = rt.store.study(study_uid)
+    earlier = [
+        row
+        for row in rt.store.studies()
+        if row.patient_id == study.patient_id
+        and row.study_uid != study_uid
+        and row.study_date <= study.study_date
+    ]
+    earlier.sort(key=lambda row: row.study_date, reverse=True)
+    return tuple(row.study_uid for row in earlier[:MAX_PRIORS])
 
 
 def _check_priors(rt: NodeRuntime, study_uid: str, priors: tuple[str, ...]) -> None:

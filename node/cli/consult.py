@@ -127,6 +127,8 @@ async def _op_request(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) ->
         deidentify=a["deidentify"],
         burned_in_checked=bool(a.get("burned_in_checked")),
         black_out_top=int(a.get("black_out_top") or 0),
+        priors=tuple(a.get("priors") or ())
+        or (workflow.priors_in_store(rt, a["study"]) if a.get("with_priors") else ()),
     )
     if a["to"] is None:
         request, _, sent = await workflow.route_consult(
@@ -149,6 +151,7 @@ async def _op_request(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) ->
         "subspecialty": request.subspecialty,
         "sent": {str(node_id): how for node_id, how in sent.items()},
         "wire": rt.consults.info(request.id)[2],
+        "priors": len(request.priors),
     }
 
 
@@ -169,9 +172,13 @@ def _request_online(args: argparse.Namespace, home: NodeHome) -> bytes | None:
             "deidentify": not args.identified,
             "burned_in_checked": args.burned_in_checked,
             "black_out_top": args.black_out_top,
+            "priors": args.prior or [],
+            "with_priors": args.with_priors,
         },
     )
     print(f"Consult {done['id']} requested ({done['priority']}, {done['subspecialty']})")
+    if done.get("priors"):
+        print(f"  with {done['priors']} prior stud{'y' if done['priors'] == 1 else 'ies'}")
     for node_id, how in done["sent"].items():
         print(f"  offered to {NodeId.parse(node_id).short()}: {how}")
     wire: bytes | None = done["wire"]
@@ -206,7 +213,13 @@ def cmd_request(args: argparse.Namespace) -> int:
             )
     if args.identified:
         print(sharing.IDENTIFIED_WARNING, file=sys.stderr)
-    if args.route or (peer is not None and _on_network(home, config, peer)):
+    online = args.route or (peer is not None and _on_network(home, config, peer))
+    if (args.prior or args.with_priors) and not online:
+        raise LocalConsultError(
+            "prior studies go with a request sent over the network only: configure a "
+            "registry (or reach the consultant on the LAN), or request without --prior"
+        )
+    if online:
         wire = _request_online(args, home)
         if args.out and wire is not None:
             _write(args.out, wire, "request")
@@ -801,6 +814,18 @@ def register(sub: Any) -> None:
         "for the jurisdiction; the first to accept gets it",
     )
     p.add_argument("--max-offers", type=int, default=3, help="with --route: how many at once")
+    p.add_argument(
+        "--prior",
+        action="append",
+        metavar="STUDY_UID",
+        help="an earlier study of the same patient held here, sent after the study "
+        "(repeat for more; bring it from the PACS with `radmesh dicom retrieve`)",
+    )
+    p.add_argument(
+        "--with-priors",
+        action="store_true",
+        help="send every earlier study of the same patient held here (most recent first)",
+    )
     add_sharing_options(p)
     p.add_argument("--out", metavar="FILE", help="also write the signed request to FILE")
     p.set_defaults(handler=cmd_request)

@@ -145,6 +145,9 @@ async def test_a_prior_from_the_pacs_travels_with_the_consult_and_is_linked(
         report = await asyncio.to_thread(move_study, net.pacs, uid, NODE_AE)
         assert report.ok
     await wait_for(lambda: len(net.hospital.store.studies()) == 2)
+    # "With priors" (the CLI's --with-priors, the share form's box) finds the earlier one.
+    assert workflow.priors_in_store(net.hospital, net.current) == (net.prior,)
+    assert workflow.priors_in_store(net.hospital, net.prior) == ()
 
     with pytest.raises(RuntimeError_, match="not in this node's store"):
         await workflow.request_consult(

@@ -144,3 +144,31 @@ async def test_p_without_a_prior_says_so(node: NodeRuntime) -> None:
         await pilot.pause()
         assert not isinstance(app.screen, CompareScreen)
         assert any("no earlier study" in str(n.message) for n in app._notifications)
+
+
+async def test_the_share_form_offers_the_patients_earlier_studies(node: NodeRuntime) -> None:
+    from textual.widgets import Checkbox
+
+    from tui.screens.share import ShareScreen
+
+    current = _import(node, "20261120", z0=0.0, step=5.0, count=2)
+    app = RadmeshApp(RuntimeNode(node))
+    async with app.run_test(size=(160, 50)) as pilot:
+        await pilot.press("f3")
+        await pilot.pause()
+        studies = app.screen
+        assert isinstance(studies, StudiesScreen)
+        await pilot.press("s")
+        await pilot.pause()
+        assert isinstance(app.screen, ShareScreen)
+        assert not app.screen.query("#priors")  # nothing earlier: nothing offered
+        await pilot.press("escape")
+        await pilot.pause()
+        _import(node, "20250302", z0=0.0, step=5.0, count=2)
+        studies.reload()
+        row = [s.study_uid for s in studies.studies].index(current)
+        studies.query_one("#studies").move_cursor(row=row)  # type: ignore[attr-defined]
+        await pilot.press("s")
+        await pilot.pause()
+        box = app.screen.query_one("#priors", Checkbox)
+        assert "1 earlier" in str(box.label)
