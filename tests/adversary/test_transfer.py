@@ -38,12 +38,8 @@ from node.dicom.importer import import_paths
 from node.dicom.store import InstanceConflict, Store
 from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink
-from peer_transport.transfer_runner import (
-    PreparedStudy,
-    StudyReceiver,
-    StudySender,
-    receive_study,
-)
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.runner import StudyReceiver, StudySender, receive_study
 from tests.node.test_runtime import make_home, started
 from tests.peer_transport.helpers import mesh
 from tests.peer_transport.test_transfer_runner import MemoryStore, _memory_pair

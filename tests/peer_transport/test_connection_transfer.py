@@ -12,7 +12,8 @@ from bench.bench_codec import ct_series
 from crypto.identity import Identity
 from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink
-from peer_transport.transfer_runner import PreparedStudy, StudyReceiver, StudySender
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.runner import StudyReceiver, StudySender
 from tests.peer_transport.helpers import mesh
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,7 +26,7 @@ class MemoryStore:
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self.by_hash
 
-    def add_bytes(self, data: bytes, *, source: str) -> str:
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
         digest = hashlib.sha256(data).hexdigest()
         self.by_hash[digest] = data
         return digest

@@ -33,7 +33,8 @@ from node.demo.phantom import generate_ct
 from node.dicom.store import open_store
 from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink, PeerConnection
-from peer_transport.transfer_runner import PreparedStudy, StudyReceiver, StudySender
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.runner import StudyReceiver, StudySender
 from registry.directory import PeerDirectory
 from registry.records import NodeRecord
 from registry.trust import TrustStore
@@ -346,7 +347,7 @@ class MemoryStore:
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self.by_hash
 
-    def add_bytes(self, data: bytes, *, source: str) -> str:
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
         digest = hashlib.sha256(data).hexdigest()
         self.by_hash[digest] = data
         return digest

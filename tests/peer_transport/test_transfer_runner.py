@@ -19,13 +19,10 @@ from bench.bench_codec import ct_instance, ct_series
 from crypto.identity import Identity
 from node.dicom import wirecodec
 from peer_transport import transfer as tr
-from peer_transport import transfer_runner
-from peer_transport.transfer_runner import (
-    PreparedStudy,
-    SenderSpool,
-    StudyReceiver,
-    StudySender,
-)
+from peer_transport.transfer import runner as transfer_runner
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.runner import StudyReceiver, StudySender
+from peer_transport.transfer.spool import SenderSpool
 
 
 class MemoryStore:
@@ -35,7 +32,7 @@ class MemoryStore:
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self.by_hash
 
-    def add_bytes(self, data: bytes, *, source: str) -> str:
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
         digest = hashlib.sha256(data).hexdigest()
         self.by_hash[digest] = data
         return digest
@@ -227,7 +224,7 @@ async def test_study_moves_between_two_real_stores_and_both_audit_logs_record_it
 ) -> None:
     from node.core.audit import AuditLog
     from node.dicom.store import Store
-    from peer_transport.transfer_runner import receive_study, send_study
+    from peer_transport.transfer.runner import receive_study, send_study
 
     alice, bob = Identity.generate(), Identity.generate()
     files = ct_series(4, seed=41, size=128)
@@ -276,7 +273,7 @@ class HashStore:
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self.hashes
 
-    def add_bytes(self, data: bytes, *, source: str) -> None:
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> None:
         self.hashes.add(hashlib.sha256(data).hexdigest())
 
 
