@@ -21,7 +21,7 @@ from node.dicom import wirecodec
 from peer_transport import transfer as tr
 from peer_transport.transfer import runner as transfer_runner
 from peer_transport.transfer.prepared import PreparedStudy
-from peer_transport.transfer.runner import StudyReceiver, StudySender
+from peer_transport.transfer.runner import StudyReceiver, StudySender, receive_study
 from peer_transport.transfer.spool import SenderSpool
 
 
@@ -96,6 +96,47 @@ async def test_in_memory_transfer_stores_every_instance_and_reports_progress(
     assert sorted(store.by_hash.values()) == sorted(files)
     assert progress.instances_done == 5
     assert [p.instances_done for p in seen] == [1, 2, 3, 4, 5]
+
+
+class RecordingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: list[tuple[str, bool]] = []  # (source, warm)
+
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
+        self.added.append((source, warm))
+        return super().add_bytes(data, source=source, warm=warm)
+
+
+async def test_a_received_study_is_stored_unwarmed_under_its_peers_source(
+    tmp_path: Path,
+) -> None:
+    # The receiver tells the store not to warm the wire cache (it is busy); the source
+    # names the peer for audit and retention, and the store no longer reads it.
+    files = ct_series(3, seed=12, size=64)
+    study = await PreparedStudy.from_files(files, Identity.generate())
+    a, b = _memory_pair()
+    store = RecordingStore()
+    seen: list[StudyReceiver] = []
+    receiving = asyncio.create_task(
+        receive_study(b, store, tmp_path / "spool", peer="alice", on_receiver=seen.append)
+    )
+    await asyncio.sleep(0)  # attached before the offer goes out
+    [receiver] = seen
+    assert receiver.manifest is None
+    assert receiver.progress() is None
+    assert receiver.state is tr.State.OFFERED
+    sender = StudySender(study, a)
+    a.on_control = sender.on_control
+    try:
+        progress, state = await asyncio.wait_for(asyncio.gather(receiving, sender.run()), 20)
+    finally:
+        assert b.pump is not None
+        b.pump.cancel()
+    assert (state, sender.state, receiver.state) == (tr.State.COMPLETE,) * 3
+    assert receiver.manifest == sender.manifest == study.manifest
+    assert progress.instances_done == 3
+    assert store.added == [("peer:alice", False)] * 3
 
 
 async def test_files_from_two_studies_are_refused() -> None:
