@@ -18,9 +18,10 @@ from bench import bench_transfer as rtc_link
 from bench.bench_codec import ct_instance, ct_series
 from crypto.identity import Identity
 from node.dicom import wirecodec
-from peer_transport import transfer as tr
 from peer_transport.transfer import runner as transfer_runner
+from peer_transport.transfer.machine import State
 from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.progress import Progress
 from peer_transport.transfer.runner import StudyReceiver, StudySender, receive_study
 from peer_transport.transfer.spool import SenderSpool
 
@@ -82,7 +83,7 @@ async def test_in_memory_transfer_stores_every_instance_and_reports_progress(
     study = await PreparedStudy.from_files(files, Identity.generate())
     a, b = _memory_pair()
     store = MemoryStore()
-    seen: list[tr.Progress] = []
+    seen: list[Progress] = []
     receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a", seen.append)
     sender = StudySender(study, a)
     a.on_control, b.on_control, b.on_bulk = sender.on_control, receiver.on_control, receiver.on_bulk
@@ -92,7 +93,7 @@ async def test_in_memory_transfer_stores_every_instance_and_reports_progress(
     finally:
         assert b.pump is not None
         b.pump.cancel()
-    assert state is tr.State.COMPLETE
+    assert state is State.COMPLETE
     assert sorted(store.by_hash.values()) == sorted(files)
     assert progress.instances_done == 5
     assert [p.instances_done for p in seen] == [1, 2, 3, 4, 5]
@@ -125,7 +126,7 @@ async def test_a_received_study_is_stored_unwarmed_under_its_peers_source(
     [receiver] = seen
     assert receiver.manifest is None
     assert receiver.progress() is None
-    assert receiver.state is tr.State.OFFERED
+    assert receiver.state is State.OFFERED
     sender = StudySender(study, a)
     a.on_control = sender.on_control
     try:
@@ -133,7 +134,7 @@ async def test_a_received_study_is_stored_unwarmed_under_its_peers_source(
     finally:
         assert b.pump is not None
         b.pump.cancel()
-    assert (state, sender.state, receiver.state) == (tr.State.COMPLETE,) * 3
+    assert (state, sender.state, receiver.state) == (State.COMPLETE,) * 3
     assert receiver.manifest == sender.manifest == study.manifest
     assert progress.instances_done == 3
     assert store.added == [("peer:alice", False)] * 3
@@ -164,7 +165,7 @@ async def test_real_aiortc_loopback_transfers_a_ct_study_byte_exact(tmp_path: Pa
         with contextlib.suppress(Exception):
             await pc_a.close()
             await pc_b.close()
-    assert state is tr.State.COMPLETE
+    assert state is State.COMPLETE
     assert sorted(store.by_hash.values()) == sorted(files)
     assert progress.bytes_done == sum(len(f) for f in files)
 
@@ -182,7 +183,7 @@ async def test_receiver_crash_mid_transfer_resumes_and_resends_at_most_the_windo
         a, b = _memory_pair()
         halfway = asyncio.Event()
 
-        def note(p: tr.Progress, halfway: asyncio.Event = halfway) -> None:
+        def note(p: Progress, halfway: asyncio.Event = halfway) -> None:
             if p.instances_done >= 3:
                 halfway.set()
 
@@ -226,7 +227,7 @@ async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_r
     store = MemoryStore()
     halfway = asyncio.Event()
 
-    def note(p: tr.Progress) -> None:
+    def note(p: Progress) -> None:
         if p.instances_done >= 3 and not halfway.is_set():
             halfway.set()  # the receiving process dies now: nothing reaches it any more
             b.on_control = b.on_bulk = lambda _data: None
@@ -255,7 +256,7 @@ async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_r
         for task in [sending, *pumps]:
             assert task is not None
             task.cancel()
-    assert state is tr.State.COMPLETE
+    assert state is State.COMPLETE
     assert progress.instances_done == len(files)
     assert sorted(store.by_hash.values()) == sorted(files)
 
@@ -293,7 +294,7 @@ async def test_study_moves_between_two_real_stores_and_both_audit_logs_record_it
             for pump in (a.pump, b.pump):
                 if pump is not None:
                     pump.cancel()
-        assert state is tr.State.COMPLETE
+        assert state is State.COMPLETE
         assert progress.instances_done == 4
         for row in store_a.instances(study_uid):
             uid = row.sop_instance_uid
