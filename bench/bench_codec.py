@@ -146,7 +146,8 @@ def _measure(
 def _offer_time(files: list[bytes], cache: wirecodec.PixelCache | None) -> float:
     """Seconds until the study's manifest could be offered (the streaming sender path)."""
     from crypto.identity import Identity
-    from peer_transport.transfer_runner import PreparedStudy, SenderSpool
+    from peer_transport.transfer.prepared import PreparedStudy
+    from peer_transport.transfer.spool import SenderSpool
 
     async def prepare() -> float:
         spool = SenderSpool()

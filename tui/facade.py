@@ -131,7 +131,7 @@ class TransferInfo:
     done_bytes: int
     total_bytes: int
     direction: str = "in"  # in | out
-    state: str = "running"  # starting | running | paused | complete | failed
+    state: str = "running"  # offered (starting) | running | paused | complete | failed
     done_instances: int = 0
     total_instances: int = 0
     rate: float = 0.0  # bytes per second

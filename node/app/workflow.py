@@ -83,8 +83,9 @@ from node.dicom.net import send_to_pacs
 from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink, PeerConnection, RequestRefused
 from peer_transport.errors import RemoteError, TransportError
-from peer_transport.transfer import Progress, TransferCancelled
-from peer_transport.transfer_runner import (
+from peer_transport.transfer.errors import TransferCancelled
+from peer_transport.transfer.progress import Progress
+from peer_transport.transfer.runner import (
     ProgressCallback,
     StudyReceiver,
     StudySender,

@@ -57,7 +57,7 @@ async def send_to_peer(
 ) -> tr.State:
     """Send a stored study to a trusted peer, de-identified unless ``identified``."""
     from peer_transport.connection import ChannelLink
-    from peer_transport.transfer_runner import send_study
+    from peer_transport.transfer.runner import send_study
 
     key = await peer_key(runtime, peer)
     peer_id = str(NodeId.from_public_key(key))
@@ -120,7 +120,7 @@ async def fetch_from_peer(
 ) -> tr.Progress:
     from peer_transport import transfer as tr
     from peer_transport.connection import ChannelLink
-    from peer_transport.transfer_runner import receive_study
+    from peer_transport.transfer.runner import receive_study
 
     while True:
         conn = await runtime.transport.accept(within)

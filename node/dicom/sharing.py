@@ -194,7 +194,7 @@ def deidentifier(
     key: bytes,
     options: frozenset[Option] = DEFAULT_OPTIONS,
 ) -> Callable[[Iterable[bytes]], Iterator[bytes]]:
-    """A ``prepare`` for :func:`peer_transport.transfer_runner.send_study`: de-identifies
+    """A ``prepare`` for :func:`peer_transport.transfer.runner.send_study`: de-identifies
     one file at a time with one context, then saves the map with every UID in it."""
 
     def prepare(files: Iterable[bytes]) -> Iterator[bytes]:

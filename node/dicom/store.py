@@ -429,8 +429,9 @@ class Store:
         return store
 
     def use_wire_cache(self, cache: PixelCache, *, warm: bool = True) -> None:
-        """Send with ``cache``; with ``warm``, code each imported instance into it
-        in the background (not what arrives from peers: its receiver is busy)."""
+        """Send with ``cache``; with ``warm``, code each instance added with ``warm=True``
+        (the default: imports) into it in the background. A study transfer's receiver
+        adds with ``warm=False``: it is busy, and a peer's study is rarely sent on."""
         self.wire_cache = cache
         if warm and self._warmer is None:
             self._warmer = CacheWarmer(cache, self.read_instance)
@@ -498,25 +499,29 @@ class Store:
 
     # -- adding
 
-    def add_bytes(self, data: bytes, *, source: str) -> AddResult:
-        """Store one DICOM instance given as bytes. Raises :class:`InvalidDicom`."""
-        info = parse_instance(io.BytesIO(data), len(data))
-        return self._add(io.BytesIO(data), len(data), info, source)
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> AddResult:
+        """Store one DICOM instance given as bytes. Raises :class:`InvalidDicom`.
 
-    def add_file(self, path: Path, *, source: str) -> AddResult:
+        ``source`` is recorded with the instance (where it came from, for audit and
+        retention); ``warm`` asks for it to be coded into the wire cache in the
+        background (:meth:`use_wire_cache`)."""
+        info = parse_instance(io.BytesIO(data), len(data))
+        return self._add(io.BytesIO(data), len(data), info, source, warm)
+
+    def add_file(self, path: Path, *, source: str, warm: bool = True) -> AddResult:
         """Store one DICOM file, streaming it through hashing and encryption."""
         with Path(path).open("rb") as fp:
             size = os.fstat(fp.fileno()).st_size
             info = parse_instance(fp, size)
             fp.seek(0)
-            return self._add(fp, size, info, source)
+            return self._add(fp, size, info, source, warm)
 
-    def add_stream(self, fp: IO[bytes], size: int, *, source: str) -> AddResult:
+    def add_stream(self, fp: IO[bytes], size: int, *, source: str, warm: bool = True) -> AddResult:
         """Store one DICOM instance from a seekable stream of ``size`` bytes (a received
         instance read back from its sealed spool file), streaming as :meth:`add_file`."""
         info = parse_instance(fp, size)
         fp.seek(0)
-        return self._add(fp, size, info, source)
+        return self._add(fp, size, info, source, warm)
 
     def _write_temp(self, fp: IO[bytes], size: int) -> tuple[Path, str, bytes]:
         blob_id = secrets.token_bytes(16)
@@ -549,13 +554,15 @@ class Store:
     def _before_index_commit(self) -> None:
         return None
 
-    def _add(self, fp: IO[bytes], size: int, info: InstanceInfo, source: str) -> AddResult:
+    def _add(
+        self, fp: IO[bytes], size: int, info: InstanceInfo, source: str, warm: bool
+    ) -> AddResult:
         temp, content_hash, blob_id = self._write_temp(fp, size)
         try:
             added = self._commit(temp, content_hash, blob_id, size, info, source)
         finally:
             temp.unlink(missing_ok=True)
-        if self._warmer is not None and not added.duplicate and not source.startswith("peer:"):
+        if warm and self._warmer is not None and not added.duplicate:
             self._warmer.submit(added.sop_instance_uid)
         return added
 

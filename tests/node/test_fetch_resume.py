@@ -17,7 +17,7 @@ from consult.requests import Event, Priority, State
 from crypto.identity import Identity
 from node.app import control, workflow
 from node.app.runtime import NodeRuntime
-from node.app.transfers import Direction, TransferState
+from node.app.transfers import Direction
 from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
 from node.dicom.deid import PseudonymMap, ShareContext, deidentify
@@ -74,13 +74,13 @@ async def accepted_consult(tmp_path: Path, registry: str) -> AsyncIterator[Pair]
             await pair.consultant.stop()
 
 
-def outgoing(rt: NodeRuntime, *states: TransferState) -> list[str]:
+def outgoing(rt: NodeRuntime, *states: tr.State) -> list[str]:
     return [
         v.error for v in rt.transfers.views() if v.direction is Direction.OUT and v.state in states
     ]
 
 
-LIVE = (TransferState.STARTING, TransferState.RUNNING)
+LIVE = (tr.State.OFFERED, tr.State.RUNNING)
 
 
 def shared_hashes(pair: Pair) -> set[str]:
@@ -140,9 +140,9 @@ async def test_a_second_fetch_replaces_the_sender_and_the_study_arrives_byte_exa
         assert len([v for v in b.transfers.views() if v.direction is Direction.IN]) == 1
 
         # The hospital ran two senders one after the other, never two at once.
-        assert outgoing(a, TransferState.FAILED) == ["replaced by a new fetch from the peer"]
+        assert outgoing(a, tr.State.FAILED) == ["replaced by a new fetch from the peer"]
         await wait_for(lambda: not outgoing(a, *LIVE))
-        assert len(outgoing(a, TransferState.COMPLETE)) == 1
+        assert len(outgoing(a, tr.State.COMPLETE)) == 1
 
         shared_uid = b.consults.get(pair.consult_id).request.study_uid
         assert received_hashes(b, shared_uid) == shared_hashes(pair)
@@ -165,7 +165,7 @@ async def test_a_withdrawn_consult_stops_its_sender_and_the_consultants_fetch(
             await workflow.fetch_study(b, pair.consult_id, on_progress=withdraw_once)
         assert await withdrawing[0] == []  # the consultant was told
         assert not outgoing(a, *LIVE)
-        assert outgoing(a, TransferState.FAILED) == ["the consult was withdrawn by the requester"]
+        assert outgoing(a, tr.State.FAILED) == ["the consult was withdrawn by the requester"]
         await wait_for(lambda: b.consults.get(pair.consult_id).state is State.WITHDRAWN)
         shared_uid = b.consults.get(pair.consult_id).request.study_uid
         assert len(b.store.instances(shared_uid)) < SLICES
