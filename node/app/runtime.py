@@ -40,7 +40,13 @@ from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sea
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 from crypto.org import CERT_TYPE
+from node.app import retention
+from node.app.alerts import CriticalAlerts
+from node.app.consults import ConsultService
 from node.app.control import ControlServer, HomeLock
+from node.app.errors import RuntimeError_
+from node.app.guests import Guests
+from node.app.operations import OPERATIONS
 from node.app.transfers import TransferTracker
 from node.core.audit import AuditError, AuditKind, AuditLog, open_audit
 from node.core.config import NetworkConfig, NodeConfig, NodeHome
@@ -89,10 +95,6 @@ GC_INTERVAL = 6 * 3600.0  # store clean-up (orphan blobs) at start and this ofte
 GC_MAX_REMOVE = 10_000  # blobs one clean-up removes at most (the next one goes on)
 AUDIT_CHECKPOINT_INTERVAL = 60.0  # seconds: unsigned audit records wait at most this long
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
-
-
-class RuntimeError_(NodeError):
-    """The node could not start or do what was asked; the message says why."""
 
 
 def sealed_signer(identity: Identity, sealed: bytes) -> tuple[str, bytes] | None:
@@ -214,10 +216,18 @@ class NodeRuntime:
         transport_options: TransportOptions | None = None,
         control: bool = False,
         warm_cache: bool = True,
+        resume: bool = True,
     ) -> None:
         """``control``: answer `radmesh` commands run on this home meanwhile
         (:mod:`node.app.control`), as `radmesh node run` and the TUI do. ``warm_cache``:
-        code imported images for sending in the background (:mod:`node.dicom.wirecache`)."""
+        code imported images for sending in the background (:mod:`node.dicom.wirecache`).
+        ``resume``: take up at start what the node was doing when it stopped (fetches cut
+        short, the critical-result timer); a node brought up for one command does not, it
+        would stop them seconds later.
+
+        The node's services (:attr:`consulting`, :attr:`guests`, :attr:`alerts`) are built
+        here and their message handlers registered before :meth:`start` takes any message
+        in: a started runtime is a whole node."""
         self.home = home
         self.identity = identity
         self.config = config or home.load_config()
@@ -244,9 +254,15 @@ class NodeRuntime:
         self.handlers["consult.request"] = self._on_consult_message
         self.handlers["consult.response"] = self._on_consult_message
         self.reports: dict[str, str] = {}  # consult id -> SOP instance UID of the filed SR
-        self.transfers = TransferTracker(clock)  # fed by node.app.workflow, read by the TUI
+        self.transfers = TransferTracker(clock)  # fed by the study desk, read by the TUI
+        self._resume = resume
+        self.consulting = ConsultService(self)
+        self.consulting.install()
+        self.guests = Guests(self)
+        self.guests.install()
+        self.alerts = CriticalAlerts(self, self.consulting.reports.resend_report)
         self._home_lock = HomeLock(home)
-        self.control = ControlServer(self) if control else None
+        self.control = ControlServer(self, OPERATIONS) if control else None
         self._warm_cache = warm_cache
         self._cert_stamp: tuple[int, int] | None = None  # node.cert as last read
         self._cert: bytes | None = None
@@ -313,6 +329,7 @@ class NodeRuntime:
             replay_guard=self.guard,
         )
         await self.transport.start()
+        self.consulting.serve()  # the accepted consultants' fetches
         self.live_hub()  # answers live-session invites from trusted peers
         self.trust.subscribe(self._trust_changed)
         self.transport.on_untrusted = self._drop_untrusted  # refused by a per-message check
@@ -343,6 +360,9 @@ class NodeRuntime:
             await self.control.start()
         self.spawn(self._gc_loop())  # blobs a crashed writer left behind
         self.spawn(self._retention_loop())  # consultant studies past [retention] days
+        if self._resume:
+            self.spawn(self.alerts.run())  # re-sends and escalations of critical results
+            self.consulting.studies.resume_all()  # fetches a restart cut short
         log.info("node %s running, LAN endpoint %s", self.identity.node_id.short(), self.lan_url)
 
     async def stop(self) -> None:
@@ -757,8 +777,6 @@ class NodeRuntime:
 
     def retention_tick(self, now: int | None = None) -> list[str]:
         """Purge the consultant studies due under [retention]; the consult ids purged."""
-        from node.app import retention
-
         db = retention.RetentionDB(self.home.data_dir)
         try:
             done = retention.purge_due(
@@ -779,14 +797,12 @@ class NodeRuntime:
         return retention.ids(done)
 
     async def _retention_loop(self) -> None:
-        from node.app.retention import RETENTION_INTERVAL
-
         while True:
             try:
                 self.retention_tick()
             except (OSError, NodeError, AuditError, sqlite3.Error) as exc:
                 log.warning("retention purge failed, retrying later: %s", exc)
-            await asyncio.sleep(RETENTION_INTERVAL)
+            await asyncio.sleep(retention.RETENTION_INTERVAL)
 
     # -- DICOM and audit ----------------------------------------------------------------
     def _dicom_stream(self, stream: IO[bytes], size: int, calling_ae: str) -> None:

@@ -9,8 +9,8 @@ import pytest
 
 from consult.errors import BadReport, IllegalTransition, LocalConsultError, UnknownConsult
 from consult.report import Report
-from consult.requests import Event, Priority, State, Transition
-from consult.store import ConsultDB
+from consult.requests import Event, Priority, Role, State, Transition
+from consult.store import CaseInfo, ConsultDB
 from crypto.identity import Identity
 from tests.consult.test_requests import NOW, make_request
 
@@ -29,7 +29,7 @@ def test_requests_and_history_survive_reopen(tmp_path: Path) -> None:
             (Event.ACCEPT, NOW + 5, "me"),
             (Event.START_TRANSFER, NOW + 6, ""),
         ]
-        assert db.info(request.id) == ("consultant", "peer-id", b"signed")
+        assert db.info(request.id) == CaseInfo(Role.CONSULTANT, "peer-id", b"signed")
 
 
 def test_illegal_transition_is_not_persisted(tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_offers_first_accept_binds_later_accept_is_withdrawn_all_declines_declin
         late = db.answer_offer(won.id, ann, Event.ACCEPT, NOW + 3)
         assert late is not None
         assert (late.transition, late.withdraw) == (None, (ann,))
-        assert db.info(won.id)[1] == str(bob)
+        assert db.info(won.id).peer_id == bob
         assert db.get(won.id).state is State.ACCEPTED
 
         one = db.answer_offer(declined.id, ann, Event.DECLINE, NOW + 1)
