@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 Emit = Callable[[str], None]
 Operation = Callable[["NodeRuntime", dict[str, Any], Emit], Awaitable[Any]]
-# `radmesh consult review --score`: the word a person types -> the review's score
-SCORES = {"agree": "agree", "minor": "minor_discrepancy", "major": "major_discrepancy"}
 
 
 async def send_message(rt: NodeRuntime, a: dict[str, Any], emit: Emit) -> str:
@@ -78,7 +76,7 @@ async def request_consult(rt: NodeRuntime, a: dict[str, Any], emit: Emit) -> dic
 
 
 async def review(rt: NodeRuntime, a: dict[str, Any], emit: Emit) -> str:
-    score = Score(SCORES[a["score"]])
+    score = Score(a["score"])  # a consult.report.Score value
     return await rt.consulting.reports.send_review(a["id"], score, a["comment"])
 
 
@@ -172,4 +170,4 @@ OPERATIONS: dict[str, Operation] = {
     "dicom.retrieve": retrieve,
 }
 
-__all__ = ["OPERATIONS", "SCORES", "Emit", "Operation"]
+__all__ = ["OPERATIONS", "Emit", "Operation"]

@@ -14,11 +14,12 @@ import asyncio
 from typing import Any
 
 from consult.store import ConsultDB
-from node.app import commands
 from node.cli.identity import home_of
 
 
 def cmd_addendum(args: argparse.Namespace) -> int:
+    from node.app import commands  # the node's stack: not for building the parser
+
     home = home_of(args)
     home.require()
     with ConsultDB.in_data_dir(home.data_dir) as db:

@@ -33,9 +33,6 @@ from consult.requests import (
 from crypto.envelope import SignedEnvelope
 from crypto.errors import InvalidNodeId
 from crypto.identity import Identity, NodeId
-from node.app import commands
-from node.app.cases import pseudonym_map_path
-from node.app.operations import SCORES
 from node.cli.addenda import register_into as register_addenda
 from node.cli.guests import register_into as register_guests
 from node.cli.identity import home_of
@@ -84,6 +81,8 @@ def _on_network(home: NodeHome, config: NodeConfig, peer: NodeId | None) -> bool
 def _run(home: NodeHome, op: str, args: dict[str, Any]) -> Any:
     """The operation on this home's running node if there is one, else on a node brought up
     for it (:mod:`node.app.commands`); progress lines overwrite each other on one line."""
+    from node.app import commands  # the node's stack: not for building the parser
+
     return asyncio.run(commands.run(home, op, args, lambda line: print(line, end="\r", flush=True)))
 
 
@@ -207,6 +206,7 @@ def _offline_share(
     """The offline request shares like the online one: the study is checked for burned-in
     text (when this node stores it), the pseudonym map is kept here (so the node serves the
     de-identified study when the consultant fetches it), and the share is audited."""
+    from node.app.cases import pseudonym_map_path
     from node.dicom import sharing
     from node.dicom.store import open_store
 
@@ -284,6 +284,10 @@ def cmd_decline(args: argparse.Namespace) -> int:
     return _respond(args, Event.DECLINE)
 
 
+# `--score`: the word a person types -> the review's score (consult.report.Score)
+SCORES = {"agree": "agree", "minor": "minor_discrepancy", "major": "major_discrepancy"}
+
+
 def cmd_review(args: argparse.Namespace) -> int:
     """The QA step: score the report this node received; it goes to the report's author."""
     home = home_of(args)
@@ -296,7 +300,9 @@ def cmd_review(args: argparse.Namespace) -> int:
             "[network] registries, or find the consultant on the LAN first (`radmesh peers`)"
         )
     how = _run(
-        home, "consult.review", {"id": consult_id, "score": args.score, "comment": args.comment}
+        home,
+        "consult.review",
+        {"id": consult_id, "score": SCORES[args.score], "comment": args.comment},
     )
     print(f"Review of consult {consult_id[:8]} ({args.score}) kept here and sent: {how}")
     return 0

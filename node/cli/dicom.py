@@ -10,7 +10,6 @@ import time
 from typing import IO, TYPE_CHECKING, Any
 
 from node.app import control
-from node.app.retrieve import audit_retrieve, retrieve_line
 from node.cli.identity import home_of
 from node.core.audit import AuditKind, AuditLog, open_audit
 from node.core.display import printable
@@ -246,6 +245,7 @@ def _retrieve_here(
     home: NodeHome, config: DicomConfig, pacs: PacsAddress, study_uid: str, use_get: bool
 ) -> RetrieveReport:
     """Retrieve without a running node: C-GET, or C-MOVE to a listener for this command."""
+    from node.app.retrieve import audit_retrieve, retrieve_line
     from node.dicom.files import InvalidDicom
     from node.dicom.net import DicomListener
     from node.dicom.qr import RetrieveReport, get_study, move_study

@@ -14,7 +14,6 @@ import asyncio
 from typing import Any
 
 from crypto.identity import NodeId
-from node.app import commands
 from node.cli.identity import home_of
 from node.cli.peers import known_ids, resolve_id
 from node.core.config import NodeHome
@@ -33,6 +32,8 @@ def _ids(home: NodeHome, args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _run(home: NodeHome, op: str, args: dict[str, Any]) -> Any:
+    from node.app import commands  # the node's stack: not for building the parser
+
     return asyncio.run(commands.run(home, op, args, lambda line: print(line, end="\r", flush=True)))
 
 

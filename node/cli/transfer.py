@@ -18,8 +18,6 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from crypto.identity import NodeId
-from node.app import commands
-from node.app.sending import progress_line
 from node.cli.identity import home_of
 from node.core.display import printable
 from node.core.errors import NodeError
@@ -35,6 +33,7 @@ if TYPE_CHECKING:
 async def fetch_from_peer(
     runtime: NodeRuntime, peer: str | None, within: float, out: TextIO = sys.stderr
 ) -> tr.Progress:
+    from node.app.sending import progress_line
     from peer_transport import transfer as tr
     from peer_transport.connection import ChannelLink
     from peer_transport.transfer_runner import receive_study
@@ -73,6 +72,7 @@ async def _fetch(args: argparse.Namespace) -> int:
 
 def cmd_send(args: argparse.Namespace) -> int:
     """Send a study: on this home's running node if there is one."""
+    from node.app import commands
     from node.dicom import sharing
     from peer_transport import transfer as tr
 
