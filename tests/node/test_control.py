@@ -162,3 +162,23 @@ async def test_a_process_of_another_user_gets_no_answer(tmp_path: Path, registry
             assert await commands.run(home, "test.where", {"steps": 0}, print) == id(running)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_every_operation_a_command_asks_for_is_in_the_table() -> None:
+    """The CLI names operations by string; a name missing from the table would only show
+    as "unknown control request" at run time."""
+    import ast
+
+    asked = set()
+    for path in (Path(__file__).resolve().parents[2] / "node" / "cli").glob("*.py"):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(call, ast.Call) and len(call.args) >= 2):
+                continue
+            name = ast.unparse(call.func)
+            op = call.args[1]
+            if name in ("commands.run", "control.ask_running", "_run") and isinstance(
+                op, ast.Constant
+            ):
+                asked.add(op.value)
+    assert len(asked) >= 12  # the scan found the commands' calls
+    assert asked <= OPERATIONS.keys(), asked - OPERATIONS.keys()
