@@ -7,7 +7,9 @@ Referring side: :meth:`ConsultService.request_consult` (one chosen consultant) o
 subspecialists found in the registries; the first to accept gets it, the runtime
 withdraws it from the others) de-identifies the study (the pseudonym map stays on this
 node, encrypted), records the case and sends the signed request. Consultant side:
-:meth:`ConsultService.respond` accepts or declines.
+:meth:`ConsultService.respond` accepts or declines. Requests and responses from peers
+come in through :meth:`ConsultService.on_consult_message` (a request from a key not
+trusted yet lands in the first-contact inbox, a few per key).
 
 The service owns two desks: :attr:`ConsultService.studies` serves and fetches the
 study (:mod:`node.app.studies`), :attr:`ConsultService.reports` signs, files,
@@ -18,11 +20,14 @@ about a case is in :mod:`node.app.cases`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from consult.admission import GuestConsent
 from consult.errors import LocalConsultError
+from consult.intake import Intake, take_in
 from consult.requests import (
     Candidate,
     ConsultRequest,
@@ -33,6 +38,8 @@ from consult.requests import (
     State,
     rank_consultants,
 )
+from crypto.envelope import SignedEnvelope
+from crypto.errors import CryptoError
 from crypto.identity import NodeId
 from crypto.org import verify_certificate
 from node.app import cases
@@ -41,16 +48,21 @@ from node.app.errors import RuntimeError_
 from node.app.reports import ReportDesk
 from node.app.studies import FETCH_KIND, StudyDesk
 from node.core.audit import AuditKind
+from node.core.errors import NodeError
 from node.dicom import sharing
 from node.dicom.deid import PseudonymMap
 from registry.client import SearchQuery
+from registry.errors import TrustError
 from registry.records import Availability, NodeRecord
 from registry.trust import TrustState
 
 if TYPE_CHECKING:
     from node.app.runtime import NodeRuntime
 
+log = logging.getLogger(__name__)
+
 LIVE_CONSENT_KIND = "live.consent"
+MAX_STRANGER_REQUESTS = 3  # requests from one untrusted key waiting for a person
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,8 @@ class ConsultService:
 
     def install(self) -> None:
         """Register the handlers of every consult message (before the node takes any in)."""
+        self.rt.handlers["consult.request"] = self.on_consult_message
+        self.rt.handlers["consult.response"] = self.on_consult_message
         self.reports.install()
 
         async def on_live_consent(sender: NodeId, kind: str, wire: bytes) -> None:
@@ -281,7 +295,70 @@ class ConsultService:
         rt.live_hub().recheck(consult_id)  # nobody stays in its live session
         told = {info.peer_id} if info.peer_id is not None else set()
         told.update(rt.consults.offered(consult_id))
-        return [p for p in told if not await rt.send_withdrawal(consult_id, p, reason)]
+        return [p for p in told if not await self.send_withdrawal(consult_id, p, reason)]
+
+    # -- requests and responses from peers ------------------------------------------------
+    async def on_consult_message(self, sender: NodeId, kind: str, wire: bytes) -> None:
+        """A signed request or response: from a trusted node, or (a request only) a first
+        contact that lands in the inbox for a person, within a small budget per key."""
+        rt = self.rt
+        public_key = _sender_key(sender, wire)
+        if public_key is not None and rt.trust.state(public_key, rt.now()) is (TrustState.REVOKED):
+            raise RuntimeError_(f"{sender.short()} was revoked: {kind} ignored")
+        trusted = public_key is not None and rt.trust.is_trusted(public_key, rt.now())
+        if not trusted and public_key is not None:
+            await rt.learn_certificate(sender)  # an organisation may vouch for it
+            trusted = rt.trust.is_trusted(public_key, rt.now())
+        if not trusted and kind != "consult.request":
+            raise RuntimeError_(f"{sender.short()} is not trusted: {kind} ignored")
+        if not trusted and self._stranger_has_enough(sender):
+            return
+        if not trusted and public_key is not None:
+            # First contact: a request may land in the inbox, nothing is shared back.
+            try:
+                rt.trust.first_contact(public_key, rt.now(), summary="consult request")
+            except TrustError:  # the inbox is full: drop quietly, a person reviews it
+                rt.strangers.dropped += 1
+                log.debug("contact inbox full: a request from %s was dropped", sender.short())
+                return
+        intake: Intake = take_in(rt.consults, wire, rt.now(), sender=sender)
+        rt.notify(intake.summary)
+        rt.recheck_live(intake.consult_id)  # withdrawn: nobody stays in its live session
+        for peer in intake.withdraw:
+            rt.spawn(self._withdraw(intake.consult_id, peer))
+
+    def _stranger_has_enough(self, sender: NodeId) -> bool:
+        """An untrusted key may have only a few requests waiting for a person here."""
+        rt = self.rt
+        if rt.consults.count_from(str(sender), State.REQUESTED) < MAX_STRANGER_REQUESTS:
+            return False
+        rt.strangers.dropped += 1
+        log.debug("%s already has requests waiting: another one dropped", sender.short())
+        return True
+
+    async def _withdraw(self, consult_id: str, peer: NodeId) -> None:
+        """Tell an offered consultant the case is no longer theirs (someone accepted first)."""
+        await self.send_withdrawal(consult_id, peer, "accepted by another")
+
+    async def send_withdrawal(self, consult_id: str, peer: NodeId, reason: str) -> bool:
+        """Send a signed WITHDRAW of ``consult_id`` to ``peer`` (an offered consultant: the
+        case is no longer theirs); False if it could not go."""
+        rt = self.rt
+        found = await rt.directory.resolve(peer, rt.now())
+        if found is None:
+            log.warning("cannot withdraw consult %s from %s: address unknown", consult_id, peer)
+            return False
+        response = ConsultResponse(
+            consult_id, rt.identity.node_id, Event.WITHDRAW, rt.now(), reason
+        )
+        try:
+            await rt.send_message(
+                found.record.public_key, "consult.response", response.to_wire(rt.identity)
+            )
+        except NodeError as exc:
+            log.warning("withdrawal of consult %s not sent: %s", consult_id[:8], exc)
+            return False
+        return True
 
     # -- consultant side ------------------------------------------------------------------
     async def respond(self, consult_id: str, event: Event, reason: str = "") -> State:
@@ -362,4 +439,13 @@ class ConsultService:
         rt.guests.after_consent(consent.consult_id, consent.guest, sender)  # ask, or invite
 
 
-__all__ = ["LIVE_CONSENT_KIND", "ConsultService", "Terms"]
+def _sender_key(sender: NodeId, wire: bytes) -> bytes | None:
+    """The key that signed ``wire``, if it is ``sender``'s (whose sealed message it came in)."""
+    with contextlib.suppress(CryptoError):
+        signer = SignedEnvelope.from_wire(wire).signer
+        if NodeId.from_public_key(signer) == sender:
+            return signer
+    return None
+
+
+__all__ = ["LIVE_CONSENT_KIND", "MAX_STRANGER_REQUESTS", "ConsultService", "Terms"]

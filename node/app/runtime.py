@@ -32,9 +32,8 @@ import nacl.public
 
 from consult.admission import Admission
 from consult.errors import ConsultError
-from consult.intake import Intake, take_in
 from consult.live import LiveHub
-from consult.requests import ConsultResponse, Event, State, Transition
+from consult.requests import Transition
 from consult.store import ConsultDB
 from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
 from crypto.errors import CryptoError
@@ -69,7 +68,7 @@ from registry.client import (
     publish_catching_up,
 )
 from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
-from registry.errors import RegistryError, RemoteRegistryError, StaleRecord, TrustError
+from registry.errors import RegistryError, RemoteRegistryError, StaleRecord
 from registry.lan import LanEndpoint, post_signal
 from registry.limits import StrangerGate
 from registry.mdns import LanDiscovery
@@ -82,7 +81,6 @@ NODE_MSG = "node-msg"
 NODE_MSG_TTL = 7 * 24 * 3600  # as long as a registry mailbox keeps it
 MAX_NODE_MSG = 60 * 1024
 QUEUE_SIZE = 256
-MAX_STRANGER_REQUESTS = 3  # requests from one untrusted key waiting for a person
 RECORD_TTL = 3600
 TURN_RETRY = 30.0  # seconds before asking a registry again for TURN credentials
 TURN_ASK_AGAIN = 3600.0  # ...when it said it offers no relay
@@ -168,7 +166,7 @@ class SignalRouter:
         """A call from a node we do not trust yet: its record may carry a certificate from
         an organisation we trust (a consortium member we never looked up)."""
         rt = self._runtime
-        await rt._learn_certificate(sender)
+        await rt.learn_certificate(sender)
         trusted = rt.trust.is_trusted(signer, rt.now())
         with contextlib.suppress(asyncio.QueueFull):
             (self._rtc if trusted else self._rtc_strangers).put_nowait(sealed)
@@ -251,8 +249,6 @@ class NodeRuntime:
         self.discovery: LanDiscovery | None = None
         self.dicom: DicomListener | None = None
         self._live_hub: LiveHub | None = None
-        self.handlers["consult.request"] = self._on_consult_message
-        self.handlers["consult.response"] = self._on_consult_message
         self.reports: dict[str, str] = {}  # consult id -> SOP instance UID of the filed SR
         self.transfers = TransferTracker(clock)  # fed by the study desk, read by the TUI
         self._resume = resume
@@ -597,7 +593,7 @@ class NodeRuntime:
             return None
         return sender if self._lookups < MAX_LOOKUPS else None
 
-    async def _learn_certificate(self, sender: NodeId) -> None:
+    async def learn_certificate(self, sender: NodeId) -> None:
         """Look up an untrusted sender's published record: the directory keeps the
         organisation certificate it carries, if one this node trusts vouches for it.
         At most once per LEARN_AGAIN per sender, so strangers cannot make us look up."""
@@ -687,71 +683,11 @@ class NodeRuntime:
         except (CryptoError, NodeError, ConsultError, RegistryError) as exc:
             log.warning("refused a node message: %s", exc)
 
-    async def _on_consult_message(self, sender: NodeId, kind: str, wire: bytes) -> None:
-        public_key = self._sender_key(sender, wire)
-        if public_key is not None and self.trust.state(public_key, self.now()) is (
-            TrustState.REVOKED
-        ):
-            raise RuntimeError_(f"{sender.short()} was revoked: {kind} ignored")
-        trusted = public_key is not None and self.trust.is_trusted(public_key, self.now())
-        if not trusted and public_key is not None:
-            await self._learn_certificate(sender)  # an organisation may vouch for it
-            trusted = self.trust.is_trusted(public_key, self.now())
-        if not trusted and kind != "consult.request":
-            raise RuntimeError_(f"{sender.short()} is not trusted: {kind} ignored")
-        if not trusted and self._stranger_has_enough(sender):
-            return
-        if not trusted and public_key is not None:
-            # First contact: a request may land in the inbox, nothing is shared back.
-            try:
-                self.trust.first_contact(public_key, self.now(), summary="consult request")
-            except TrustError:  # the inbox is full: drop quietly, a person reviews it
-                self.strangers.dropped += 1
-                log.debug("contact inbox full: a request from %s was dropped", sender.short())
-                return
-        intake: Intake = take_in(self.consults, wire, self.now(), sender=sender)
-        self.notify(intake.summary)
-        if self._live_hub is not None:  # withdrawn: nobody stays in its live session
-            self._live_hub.recheck(intake.consult_id)
-        for peer in intake.withdraw:
-            self.spawn(self._withdraw(intake.consult_id, peer))
-
-    def _stranger_has_enough(self, sender: NodeId) -> bool:
-        """An untrusted key may have only a few requests waiting for a person here."""
-        if self.consults.count_from(str(sender), State.REQUESTED) < MAX_STRANGER_REQUESTS:
-            return False
-        self.strangers.dropped += 1
-        log.debug("%s already has requests waiting: another one dropped", sender.short())
-        return True
-
-    async def _withdraw(self, consult_id: str, peer: NodeId) -> None:
-        """Tell an offered consultant the case is no longer theirs (someone accepted first)."""
-        await self.send_withdrawal(consult_id, peer, "accepted by another")
-
-    async def send_withdrawal(self, consult_id: str, peer: NodeId, reason: str) -> bool:
-        """Send a signed WITHDRAW of ``consult_id`` to ``peer``; False if it could not go."""
-        found = await self.directory.resolve(peer, self.now())
-        if found is None:
-            log.warning("cannot withdraw consult %s from %s: address unknown", consult_id, peer)
-            return False
-        response = ConsultResponse(
-            consult_id, self.identity.node_id, Event.WITHDRAW, self.now(), reason
-        )
-        try:
-            await self.send_message(
-                found.record.public_key, "consult.response", response.to_wire(self.identity)
-            )
-        except NodeError as exc:
-            log.warning("withdrawal of consult %s not sent: %s", consult_id[:8], exc)
-            return False
-        return True
-
-    def _sender_key(self, sender: NodeId, wire: bytes) -> bytes | None:
-        with contextlib.suppress(CryptoError):
-            signer = SignedEnvelope.from_wire(wire).signer
-            if NodeId.from_public_key(signer) == sender:
-                return signer
-        return None
+    def recheck_live(self, consult_id: str) -> None:
+        """Whoever may no longer take part in a consult's live session leaves it (once live
+        sessions run: a message can arrive while the node starts)."""
+        if self._live_hub is not None:
+            self._live_hub.recheck(consult_id)
 
     def notify(self, text: str) -> None:
         log.info("%s", text)
