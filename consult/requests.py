@@ -67,6 +67,13 @@ class State(StrEnum):
     EXPIRED = "expired"
 
 
+class Role(StrEnum):
+    """Which side of a consult this node is on (stored as its value)."""
+
+    REQUESTER = "requester"  # this node asked (the hospital)
+    CONSULTANT = "consultant"  # this node was asked (the specialist)
+
+
 class Event(StrEnum):
     OFFER = "offer"
     ACCEPT = "accept"
@@ -202,6 +209,28 @@ def _refuse(state: State, event: Event) -> IllegalTransition:
 
 TABLE = TransitionTable(TRANSITIONS, _refuse)
 next_state = TABLE.fire
+
+# The events a node fires by itself as the study moves (no party decides them): the
+# only ones :func:`path_to` follows, so advancing a case never accepts, reports or
+# withdraws anything on a person's behalf.
+STUDY_EVENTS: frozenset[Event] = frozenset({E.START_TRANSFER, E.TRANSFER_DONE, E.BEGIN_REVIEW})
+
+
+def path_to(state: State, target: State, via: frozenset[Event] = STUDY_EVENTS) -> list[Event]:
+    """The shortest run of ``via`` events that takes ``state`` to ``target`` in the table
+    (empty when already there, or when ``target`` cannot be reached that way)."""
+    paths: dict[State, list[Event]] = {state: []}
+    frontier = [state]
+    while frontier and target not in paths:
+        following = []
+        for here in frontier:
+            for event in sorted(via):  # the table's order would do; sorted is stable to read
+                there = TRANSITIONS.get((here, event))
+                if there is not None and there not in paths:
+                    paths[there] = [*paths[here], event]
+                    following.append(there)
+        frontier = following
+    return paths.get(target, [])
 
 
 def _priors(value: object) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.app import workflow
+from node.app.studies import StudyDesk
 from node.demo import story as demo
 
 
@@ -34,7 +34,7 @@ async def test_headless_demo_reports_a_failing_step(
     async def broken_fetch(*args: object, **kwargs: object) -> object:
         raise demo.DemoFailed("the transfer broke")
 
-    monkeypatch.setattr(workflow, "fetch_study", broken_fetch)
+    monkeypatch.setattr(StudyDesk, "fetch", broken_fetch)
     out = io.StringIO()
     code = await demo.run_headless(tmp_path / "demo", slices=2, rows=64, with_pacs=False, out=out)
     assert code == 1

@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from crypto.errors import CryptoError
+from node.app.errors import USER_ERRORS
 from node.core.display import PrintableFormatter, printable
 from node.core.private import restrict_umask
 
@@ -55,18 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    errors: list[type[Exception]] = [CryptoError]
-    for module, name in (
-        ("node.core.errors", "NodeError"),
-        ("registry.errors", "RegistryError"),
-        ("peer_transport.errors", "TransportError"),
-        ("consult.errors", "ConsultError"),
-    ):
-        try:
-            errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
+    """The errors a command prints as one readable line (:data:`node.app.errors.USER_ERRORS`)."""
+    return USER_ERRORS
 
 
 def main(argv: Sequence[str] | None = None) -> int:

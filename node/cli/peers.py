@@ -33,9 +33,6 @@ SHORT_ID_LEN = 7  # NodeId.short(): what `radmesh peers` prints
 FULL_ID_LEN = 56
 _MISREAD = str.maketrans("018", "OIB")  # as NodeId.parse reads them
 
-if TYPE_CHECKING:
-    from node.app.runtime import NodeRuntime
-
 
 def open_trust(home: NodeHome) -> TrustStore:
     home.data_dir.mkdir(parents=True, exist_ok=True)
@@ -387,13 +384,6 @@ def cmd_registry_publish(args: argparse.Namespace) -> int:
         print(f"{url}: {'published' if error is None else printable(error, MAX_LINE_CHARS)}")
         failed += error is not None
     return 0 if failed < len(results) else 1
-
-
-@control.operation("registry.publish")
-async def _op_publish(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> str:
-    from node.cli.status import apply_availability
-
-    return await apply_availability(rt, str(args.get("availability") or rt.config.availability))
 
 
 def register(sub: Any) -> None:

@@ -40,14 +40,12 @@ def _local(args: argparse.Namespace, home: NodeHome) -> int:
 
 
 async def _with_node(home: NodeHome, identity: Identity, config: NodeConfig) -> None:
-    from node.app import workflow
     from node.app.runtime import NodeRuntime
     from tui.app import RadmeshApp
     from tui.node_facade import RuntimeNode
 
     runtime = NodeRuntime(home, identity, config, control=True)  # radmesh commands reach it
-    await runtime.start()
-    workflow.install(runtime)  # serve fetches, file reports and reviews, resume fetches
+    await runtime.start()  # its services too: serve fetches, file reports, resume fetches
     try:
         await RadmeshApp(RuntimeNode(runtime)).run_async()
     finally:

@@ -32,7 +32,7 @@ from consult.shared import AnnotationKind
 from crypto.identity import Identity
 from crypto.safety import safety_number
 from node.dicom import pacs
-from node.app import workflow
+from node.app import consults
 from node.core.config import NetworkConfig, NodeConfig, NodeHome
 from node.demo.phantom import generate_ct
 from node.core.errors import NodeError
@@ -137,7 +137,6 @@ class DemoNetwork:
                 transport_options=TransportOptions(rtc=RtcOptions(ice_servers=())),
             )
             await runtime.start()
-            workflow.install(runtime)
             runtime.live_hub()
             self.nodes[role.key] = runtime
             self.say(f"{role.name:<18} {identity.node_id}")
@@ -208,14 +207,14 @@ async def stage(net: DemoNetwork, *, slices: int, rows: int) -> Staged:
     neurorad = net.nodes[NEURORAD.key]
     rural = net.nodes[RURAL.key]
     async with net.step("neuroradiologist: accept"):
-        await workflow.respond(neurorad, requested.consult_id, Event.ACCEPT)
+        await neurorad.consulting.respond(requested.consult_id, Event.ACCEPT)
         await wait_until(
             lambda: rural.consults.get(requested.consult_id).state is State.ACCEPTED,
             "acceptance",
         )
 
     async with net.step("neuroradiologist: pull the study over WebRTC (encrypted, verified)"):
-        progress = await workflow.fetch_study(neurorad, requested.consult_id)
+        progress = await neurorad.consulting.studies.fetch(requested.consult_id)
         received = check_received(net, requested)
         net.say(
             f"  {progress.instances_done} instances, {progress.bytes_done / 1e6:.1f} MB, "
@@ -243,7 +242,7 @@ async def open_live(net: DemoNetwork, requested: Requested, received: list[Any])
         # A guest needs both parties' approval: the hospital's, then the consultant's own.
         rural, surgeon_key = net.nodes[RURAL.key], neurosurg.identity.public_key
         surgeon_id = str(neurosurg.identity.node_id)
-        await workflow.approve_live_guest(rural, request_id, surgeon_key)
+        await rural.consulting.approve_live_guest(request_id, surgeon_key)
         await wait_until(
             lambda: (
                 str(rural.identity.node_id)
@@ -251,7 +250,7 @@ async def open_live(net: DemoNetwork, requested: Requested, received: list[Any])
             ),
             "the hospital's approval of the neurosurgeon",
         )
-        await workflow.approve_live_guest(neurorad, request_id, surgeon_key)
+        await neurorad.consulting.approve_live_guest(request_id, surgeon_key)
         hub = neurorad.live_hub()
         live: LiveConsult = hub.open(request_id, "CT head - STAT", requested.shared_study_uid)
         await hub.invite(request_id, surgeon_key)
@@ -324,11 +323,10 @@ async def send_request(net: DemoNetwork, *, slices: int, rows: int) -> Requested
         net.say(f"  found: {', '.join(p.record.display_name for p in found)}")
 
     async with net.step("rural hospital: STAT consult request, study de-identified"):
-        request, share, how = await workflow.request_consult(
-            rural,
+        request, share, how = await rural.consulting.request_consult(
             neurorad.identity.public_key,
             study.study_uid,
-            workflow.Terms(
+            consults.Terms(
                 question=QUESTION, priority=Priority.STAT, subspecialty="neuro", jurisdiction="IE"
             ),
         )
@@ -376,10 +374,11 @@ async def finish(net: DemoNetwork, staged: Staged, *, rows: int) -> None:
         )
 
     async with net.step("neuroradiologist: sign the report, send it back"):
-        measurements, marks = workflow.report_items_of(neurorad, request_id, live.annotations())
+        measurements, marks = neurorad.consulting.reports.report_items_of(
+            request_id, live.annotations()
+        )
         net.say(f"  {len(measurements)} measurement(s) and {len(marks)} mark(s), on their slice")
-        await workflow.send_report(
-            neurorad,
+        await neurorad.consulting.reports.send_report(
             request_id,
             text="Crescentic hyperdense extra-axial collection over the left convexity.",
             impression="Acute left subdural haematoma, maximal thickness 9 mm. Neurosurgical "

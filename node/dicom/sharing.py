@@ -35,7 +35,7 @@ from node.dicom.deid import (
 )
 from node.dicom.store import Store
 
-PSEUDONYM_KEY_PURPOSE = "radmesh-pseudonyms-v1"  # the same key node.app.workflow uses
+PSEUDONYM_KEY_PURPOSE = "radmesh-pseudonyms-v1"  # the same key node.app.cases uses
 NAMED_AT_MOST = 10  # instances listed in a refusal; the rest are counted
 _HEADER_TAGS = ["Modality", "SOPClassUID", "SOPInstanceUID", "BurnedInAnnotation", "ConversionType"]
 

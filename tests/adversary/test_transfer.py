@@ -31,7 +31,6 @@ from consult.errors import MalformedMessage as ConsultMalformed
 from consult.intake import take_in
 from consult.requests import ConsultRequest, Event, Priority
 from crypto.identity import Identity
-from node.app import workflow
 from node.cli.store import _export
 from node.dicom import wirecodec
 from node.dicom.importer import import_paths
@@ -138,10 +137,10 @@ async def test_a_consult_id_that_is_a_path_is_refused_at_parse_and_never_deletes
         # fetched, resumed or cleaned up; were it named, its spool is inside the home.
         rt.consults.add(request, role="consultant", now=rt.now(), wire=wire, peer="x")
         assert rt.consults.cases() == []
-        assert workflow.unfinished_fetches(rt) == []
+        assert rt.consulting.studies.unfinished() == []
         with pytest.raises(ConsultError):
-            await workflow.fetch_study(rt, hostile)
-        assert workflow._spool_of(rt, hostile).parent == rt.home.data_dir / "transfers"
+            await rt.consulting.studies.fetch(hostile)
+        assert rt.consulting.studies.spool_of(hostile).parent == rt.home.data_dir / "transfers"
         assert (victim / "precious").read_text() == "keep me"
     finally:
         await rt.stop()

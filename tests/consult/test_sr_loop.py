@@ -15,7 +15,7 @@ import pytest
 from consult.report import KOS_CLASS, KeyImage
 from consult.requests import Event, Priority
 from consult.shared import AnnotationKind
-from node.app import workflow
+from node.app import consults
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct
 from tests.node.conftest import registry  # noqa: F401  (the loopback registry fixture)
@@ -34,8 +34,6 @@ async def test_session_annotations_reach_the_hospital_sr_on_the_original_images(
     b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
     await a.start()
     await b.start()
-    workflow.install(a)
-    workflow.install(b)
     try:
         for path in generate_ct(tmp_path / "ct", slices=2, rows=32):
             a.store.add_file(path, source="test")
@@ -44,17 +42,16 @@ async def test_session_annotations_reach_the_hospital_sr_on_the_original_images(
         real_name = a.store.study(study_uid).patient_name
         a.trust.mark_verified(neuro.node_id, a.now())
         b.trust.mark_verified(rural.node_id, b.now())
-        request, share, _ = await workflow.request_consult(
-            a,
+        request, share, _ = await a.consulting.request_consult(
             neuro.public_key,
             study_uid,
-            workflow.Terms(
+            consults.Terms(
                 question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
             ),
         )
         await wait_for(lambda: bool(b.consults.cases()))
-        await workflow.respond(b, request.id, Event.ACCEPT)
-        await workflow.fetch_study(b, request.id)
+        await b.consulting.respond(request.id, Event.ACCEPT)
+        await b.consulting.studies.fetch(request.id)
         seen = b.store.instances(share.shared_study_uid)[0]
 
         live = b.live_hub().open(request.id)
@@ -110,8 +107,6 @@ async def test_key_images_are_filed_beside_the_sr_and_a_stranger_reference_is_le
     b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
     await a.start()
     await b.start()
-    workflow.install(a)
-    workflow.install(b)
     try:
         for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
             a.store.add_file(path, source="test")
@@ -119,22 +114,21 @@ async def test_key_images_are_filed_beside_the_sr_and_a_stranger_reference_is_le
         (original,) = a.store.instances(study_uid)
         a.trust.mark_verified(neuro.node_id, a.now())
         b.trust.mark_verified(rural.node_id, b.now())
-        request, share, _ = await workflow.request_consult(
-            a,
+        request, share, _ = await a.consulting.request_consult(
             neuro.public_key,
             study_uid,
-            workflow.Terms(
+            consults.Terms(
                 question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
             ),
         )
         await wait_for(lambda: bool(b.consults.cases()))
-        await workflow.respond(b, request.id, Event.ACCEPT)
-        await workflow.fetch_study(b, request.id)
+        await b.consulting.respond(request.id, Event.ACCEPT)
+        await b.consulting.studies.fetch(request.id)
         (seen,) = b.store.instances(share.shared_study_uid)
         key = KeyImage(seen.series_uid, seen.sop_class_uid, seen.sop_instance_uid)
         stranger = KeyImage("2.25.8", seen.sop_class_uid, "2.25.9")  # not in the share
-        await workflow.send_report(
-            b, request.id, text="", impression="Normal.", key_images=(key, stranger)
+        await b.consulting.reports.send_report(
+            request.id, text="", impression="Normal.", key_images=(key, stranger)
         )
         await wait_for(lambda: request.id in a.reports)
         await wait_for(lambda: len(a.store.instances(study_uid)) == 3)  # image, SR, KOS

@@ -20,8 +20,9 @@ import pytest
 from pydicom.uid import generate_uid
 
 from consult.requests import Event, Priority, State
-from node.app import workflow
-from node.app.runtime import NodeRuntime, RuntimeError_
+from node.app.consults import Terms
+from node.app.errors import RuntimeError_
+from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct, random_study
 from node.dicom.qr import PacsAddress, StudyQuery, find_studies, move_study
 from tests.node.test_runtime import FAST, make_home, wait_for
@@ -55,8 +56,8 @@ class Network:
     stranger: str  # another patient's study
 
 
-def _terms(priors: tuple[str, ...] = ()) -> workflow.Terms:
-    return workflow.Terms(
+def _terms(priors: tuple[str, ...] = ()) -> Terms:
+    return Terms(
         question="enlarging collection?",
         priority=Priority.URGENT,
         subspecialty="neuro",
@@ -94,7 +95,6 @@ async def network(tmp_path: Path, registry: str) -> AsyncIterator[Network]:
         ):
             node = NodeRuntime(home, identity, transport_options=FAST)
             await node.start()
-            workflow.install(node)
             nodes.append(node)
         hospital, neuro, other = nodes
         for consultant in (neuro, other):
@@ -118,13 +118,13 @@ async def network(tmp_path: Path, registry: str) -> AsyncIterator[Network]:
 
 
 async def _consult(net: Network, consultant: NodeRuntime, priors: tuple[str, ...]) -> str:
-    request, _, _ = await workflow.request_consult(
-        net.hospital, consultant.identity.public_key, net.current, _terms(priors)
+    request, _, _ = await net.hospital.consulting.request_consult(
+        consultant.identity.public_key, net.current, _terms(priors)
     )
     await wait_for(lambda: request.id in {c.request.id for c in consultant.consults.cases()})
-    await workflow.respond(consultant, request.id, Event.ACCEPT)
+    await consultant.consulting.respond(request.id, Event.ACCEPT)
     await wait_for(lambda: net.hospital.consults.get(request.id).state is State.ACCEPTED)
-    await workflow.fetch_study(consultant, request.id)
+    await consultant.consulting.studies.fetch(request.id)
     return request.id
 
 
@@ -146,12 +146,12 @@ async def test_a_prior_from_the_pacs_travels_with_the_consult_and_is_linked(
         assert report.ok
     await wait_for(lambda: len(net.hospital.store.studies()) == 2)
     # "With priors" (the CLI's --with-priors, the share form's box) finds the earlier one.
-    assert workflow.priors_in_store(net.hospital, net.current) == (net.prior,)
-    assert workflow.priors_in_store(net.hospital, net.prior) == ()
+    assert net.hospital.consulting.priors_in_store(net.current) == (net.prior,)
+    assert net.hospital.consulting.priors_in_store(net.prior) == ()
 
     with pytest.raises(RuntimeError_, match="not in this node's store"):
-        await workflow.request_consult(
-            net.hospital, net.neuro.identity.public_key, net.current, _terms((net.stranger,))
+        await net.hospital.consulting.request_consult(
+            net.neuro.identity.public_key, net.current, _terms((net.stranger,))
         )
 
     first = await _consult(net, net.neuro, (net.prior,))
@@ -201,6 +201,6 @@ async def test_a_prior_of_another_patient_is_refused(network: Network) -> None:
         assert (await asyncio.to_thread(move_study, net.pacs, uid, NODE_AE)).ok
     await wait_for(lambda: len(net.hospital.store.studies()) == 2)
     with pytest.raises(RuntimeError_, match="another patient"):
-        await workflow.request_consult(
-            net.hospital, net.neuro.identity.public_key, net.current, _terms((net.stranger,))
+        await net.hospital.consulting.request_consult(
+            net.neuro.identity.public_key, net.current, _terms((net.stranger,))
         )

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from bench.bench_codec import ct_series
-from node.cli.transfer import fetch_from_peer, progress_line, send_to_peer
+from node.app.sending import progress_line, send_to_peer
+from node.cli.transfer import fetch_from_peer
 from peer_transport.rtc import restrict_host_addresses
 from peer_transport.transfer.machine import State
 from peer_transport.transfer.progress import Progress

@@ -13,7 +13,6 @@ import pytest
 from consult.measure import PixelSpacing, length_mm
 from consult.presence import Cursor, Participant
 from consult.shared import AnnotationKind
-from node.app import workflow
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct, random_study
 from tests.consult.test_live import introduce, start_node, wait_for
@@ -136,14 +135,11 @@ async def consult_pair(
     tmp_path: Path, slices: int, rows: int
 ) -> tuple[NodeRuntime, NodeRuntime, RuntimeNode, RuntimeNode, str]:
     """A requesting node with a CT and a consultant, each verified by the other, the
-    workflow installed; returns (rural, neuro, their facades, the study uid)."""
-    from node.app import workflow
+    services running; returns (rural, neuro, their facades, the study uid)."""
 
     rural = await start_node(tmp_path, "rural")
     neuro = await start_node(tmp_path, "neuro")
     introduce([rural, neuro])
-    workflow.install(rural)
-    workflow.install(neuro)
     for path in generate_ct(tmp_path / "ct", slices=slices, rows=rows, study=random_study(5)):
         rural.store.add_file(path, source="test")
     return rural, neuro, RuntimeNode(rural), RuntimeNode(neuro), rural.store.studies()[0].study_uid
@@ -517,7 +513,7 @@ async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
         assert "cancelled" in neuro.transfers.views()[0].error
         # the hospital's sender was told and stopped; nothing is resumed at the next start
         await wait_for(lambda: all(v.state != "running" for v in rural.transfers.views()))
-        await wait_for(lambda: not workflow._spool_of(neuro, consult_id).exists())
+        await wait_for(lambda: not neuro.consulting.studies.spool_of(consult_id).exists())
 
         answer.fetch(consult_id)  # the rest comes; what arrived is not sent again
         await wait_for(lambda: "complete" in [t.state for t in answer.transfers()], 60)

@@ -201,7 +201,7 @@ async def test_the_signed_report_has_both_sections_and_leaves_the_dropped_duplic
 ) -> None:
     from consult.report import verify_report
     from consult.requests import Event, Priority
-    from node.app import workflow
+    from node.app import consults
     from node.app.runtime import NodeRuntime
     from node.demo.phantom import generate_ct
     from registry.server import RegistryServer
@@ -216,25 +216,22 @@ async def test_the_signed_report_has_both_sections_and_leaves_the_dropped_duplic
     b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
     await a.start()
     await b.start()
-    workflow.install(a)
-    workflow.install(b)
     try:
         for path in generate_ct(tmp_path / "ct", slices=2, rows=32):
             a.store.add_file(path, source="test")
         a.trust.mark_verified(neuro.node_id, a.now())
         b.trust.mark_verified(rural.node_id, b.now())
-        request, _, _ = await workflow.request_consult(
-            a,
+        request, _, _ = await a.consulting.request_consult(
             neuro.public_key,
             a.store.studies()[0].study_uid,
-            workflow.Terms(
+            consults.Terms(
                 question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
             ),
         )
         await wait_for(lambda: bool(b.consults.cases()))
-        await workflow.respond(b, request.id, Event.ACCEPT)
+        await b.consulting.respond(request.id, Event.ACCEPT)
         study_uid = b.consults.get(b.consults.resolve(request.id)).request.study_uid
-        await workflow.fetch_study(b, request.id)
+        await b.consulting.studies.fetch(request.id)
         await wait_for(lambda: len(b.store.instances(study_uid)) == 2, 30.0)
         sop = b.store.instances(study_uid)[0].sop_instance_uid
         live = b.live_hub().open(request.id)
