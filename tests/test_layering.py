@@ -199,3 +199,12 @@ def test_the_checks_see_a_violation() -> None:
     ]
     assert "node.app.runtime" not in [m for m, _ in runtime_only]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_readmes_layer_line_is_this_tables() -> None:
+    """The README draws the layers as one line; it must say what LAYERS says."""
+    readme = (ROOT / "README.md").read_text()
+    [line] = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("crypto ←")]
+    drawn = [tuple(part.strip() for part in layer.split(",")) for layer in line.split("←")]
+    table = [tuple(p for p in prefixes if p not in ("node", "node.errors")) for prefixes in LAYERS]
+    assert drawn == table
