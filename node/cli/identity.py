@@ -133,6 +133,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     )
     if args.listen:  # default: loopback only, until the site names its address
         config.network.listen_host = config.dicom.host = args.listen
+    config.network.mdns = not args.no_mdns
     identity = Identity.generate()
     save_identity(home.key_path, identity, _new_passphrase(args))
     home.save_config(config)
@@ -339,6 +340,12 @@ def register(sub: Any) -> None:
         default="",
         help="address the LAN endpoint and DICOM listener bind to (default 127.0.0.1, this "
         "machine only; give the hospital-network address, or 0.0.0.0 for every interface)",
+    )
+    p.add_argument(
+        "--no-mdns",
+        action="store_true",
+        help="neither announce this node nor look for peers on the local network (mDNS): "
+        "a node reached through registries only, e.g. a consultant away from the hospital",
     )
     p.set_defaults(handler=cmd_init)
 

@@ -250,3 +250,13 @@ def test_init_on_a_terminal_asks_for_the_name_and_country_until_the_country_is_v
     assert "not an ISO 3166-1 alpha-2 code" in out.out  # said between the two tries
     assert (_config(home)["display_name"], _config(home)["country"]) == ("Dr A. Okafor", "IE")
     assert "Warning" not in out.err.replace("WITHOUT a passphrase", "")
+
+
+def test_init_no_mdns_keeps_the_node_off_the_local_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["init", "--no-passphrase", "--name", "Dr A", "--country", "GB"]
+    assert main(["--home", str(tmp_path / "a"), *args, "--no-mdns"]) == 0
+    assert main(["--home", str(tmp_path / "b"), *args]) == 0
+    network = [_config(tmp_path / name)["network"] for name in ("a", "b")]
+    assert [n["mdns"] for n in network] == [False, True]  # type: ignore[index]
