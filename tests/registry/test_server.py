@@ -307,3 +307,27 @@ def test_unusable_tls_files_are_refused_with_their_names(tmp_path: Path) -> None
     not_pem.write_text("not a certificate")
     with pytest.raises(TlsSetupError, match=r"notes\.txt"):
         RegistryClient("https://127.0.0.1:9", ca_file=str(not_pem)).session()
+
+
+def test_registry_add_ca_is_kept_in_the_config_and_a_bad_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.cli import main
+    from node.core.config import NodeHome
+
+    pki = make_pki(tmp_path / "pki")
+    home = tmp_path / "node"
+    assert (
+        main(["--home", str(home), "init", "--no-passphrase", "--name", "N", "--country", "IE"])
+        == 0
+    )
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate")
+    add = ["--home", str(home), "registry", "add", "https://127.0.0.1:8443"]
+    assert main([*add, "--ca", str(not_pem)]) == 1
+    assert "cannot use" in capsys.readouterr().err
+    assert NodeHome(home).load_config().network.registries == []  # nothing half-added
+    assert main([*add, "--ca", str(pki.ca)]) == 0
+    network = NodeHome(home).load_config().network
+    assert network.registries == ["https://127.0.0.1:8443"]
+    assert network.registry_ca_file == str(pki.ca.resolve())
