@@ -87,6 +87,9 @@ class NetworkConfig:
     # endpoint that peers on the same network reach.
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
+    # A CA (PEM) trusted for the registries' TLS besides the system's, for a registry with
+    # a private or self-signed certificate (`radmesh registry add URL --ca FILE`).
+    registry_ca_file: str = ""
 
 
 @dataclass
