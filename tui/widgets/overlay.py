@@ -50,7 +50,7 @@ def direction_letters(vector: Sequence[float]) -> str:
     component first (DICOM PS3.3 C.7.6.1.1.1)."""
     order = sorted(range(3), key=lambda axis: -abs(vector[axis]))
     letters = [
-        _AXIS_LETTERS[axis][vector[axis] > 0]
+        _AXIS_LETTERS[axis][1 if vector[axis] > 0 else 0]
         for axis in order
         if abs(vector[axis]) >= OBLIQUE_THRESHOLD
     ]
