@@ -12,6 +12,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
+from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, OptionList, Static, TextArea
 from textual.worker import Worker, WorkType
 
@@ -60,6 +61,7 @@ MODES = {
 
 
 class ViewerScreen(Screen[None]):
+    AUTO_FOCUS = "#image"  # not the first focusable widget: the series list may be folded away
     DEFAULT_CSS = """
     /* In the flow, not docked: docked to the bottom it sat under the Footer, unseen. */
     ViewerScreen #mode { height: 1; background: $accent; color: $text; }
@@ -693,7 +695,18 @@ class ViewerScreen(Screen[None]):
         return True
 
     def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        if self._folded(event.widget):  # keys must never go to a pane nobody sees
+            self.view.focus()
         self._show_mode()
+
+    def _folded(self, widget: Widget) -> bool:
+        """Whether a widget sits in a pane folded away on this narrow terminal."""
+        if not self.has_class("-narrow"):
+            return False
+        if widget.id == "series":
+            return not self.has_class("-series")
+        in_panel = any(isinstance(node, ConsultPanel) for node in widget.ancestors_with_self)
+        return in_panel and not self.has_class("-panel")
 
     def on_descendant_blur(self, event: events.DescendantBlur) -> None:
         self.call_after_refresh(self._show_mode)
