@@ -93,7 +93,7 @@ WORKLIST_COLUMNS = (
     Column("dir", "", 1),
     Column("priority", "priority", 8),
     Column("question", "question", 0),
-    Column("site", "from", 26),
+    Column("site", "institution", 26),
     Column("study", "study", 15, 110),
     Column("peer", "peer", 30, 160),
     Column("state", "state", 12),
