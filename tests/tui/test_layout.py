@@ -14,6 +14,8 @@ from tui.memory import InMemoryNode
 from tui.screens.home import site_cell, study_cell, worklist_columns
 from tui.screens.viewer import ViewerScreen
 from tui.widgets.consult_panel import ConsultPanel
+from tui.widgets.image_view import ImageView
+from tui.widgets.overlay import OverlayBar
 
 SMALL = (80, 24)
 LARGE = (200, 55)
@@ -52,6 +54,11 @@ async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> 
         assert viewer.view.size.width >= 74
         assert viewer.view.size.height >= 12
         assert "VIEW" in svg_text(app)  # the mode line is on screen, not under the footer
+        size, drawn = viewer.view.size, viewer.view.frames_rendered
+        viewer.view.post_message(ImageView.Pointer((1.0, 1.0)))  # a long value line now
+        await pilot.pause()
+        assert "HU -1000  pos" in viewer.query_one("#overlay-bottom", OverlayBar).text
+        assert (viewer.view.size, viewer.view.frames_rendered) == (size, drawn)  # no jump
 
         await pilot.press("t")  # the consult panel, beside a narrower image
         await pilot.pause()

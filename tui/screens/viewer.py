@@ -166,7 +166,7 @@ class ViewerScreen(Screen[None]):
                     yield EdgeMarker(id="mark-left")
                     yield ImageView(id="image")
                     yield EdgeMarker(id="mark-right")
-                yield OverlayBar(id="overlay-bottom")
+                yield OverlayBar(id="overlay-bottom", classes="-fixed")
             if self.session is not None:
                 yield ConsultPanel(self.session, self._trust_of)
         yield Static(MODES["image"], id="mode")

@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rich.console import OverflowMethod
 from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
@@ -194,38 +195,46 @@ def cursor_text(facts: OverlayFacts) -> str:
     return f"{unit} {shown}  {where}"
 
 
-def _bar(left: str, centre: str, right: str) -> Table:
-    """One line (two when narrow) of text: left, an orientation letter, right."""
-    grid = Table.grid(expand=True)
-    grid.add_column(ratio=1, justify="left", no_wrap=False)
+def _bar(left: str, centre: str, right: str, wrap: bool) -> Table:
+    """Left text, an orientation letter, right text; wrapped onto more lines, or one line
+    cut with an ellipsis."""
+    grid = Table.grid(expand=True, padding=(0, 1))
+    grid.add_column(ratio=1, justify="left", no_wrap=not wrap)
     grid.add_column(justify="center", width=max(1, len(centre)))
-    grid.add_column(ratio=1, justify="right", no_wrap=False)
+    grid.add_column(ratio=1, justify="right", no_wrap=not wrap)
+    overflow: OverflowMethod = "fold" if wrap else "ellipsis"
     grid.add_row(
-        Text(left, style=OVERLAY_STYLE, end=""),
+        Text(left, style=OVERLAY_STYLE, end="", overflow=overflow),
         Text(centre, style="bold", end=""),
-        Text(right, style=OVERLAY_STYLE, end=""),
+        Text(right, style=OVERLAY_STYLE, end="", overflow=overflow),
     )
     return grid
 
 
 class OverlayBar(Static):
-    """A line of overlay text above or below the image (the text is never markup)."""
+    """Overlay text above or below the image (the text is never markup).
 
-    DEFAULT_CSS = "OverlayBar { height: auto; background: #000000; }"
+    Above: as many lines as the study and slice facts need (they change with the slice).
+    Below: always two lines, the view and cursor line and a line of notes, each cut to
+    the width: the pointer moving must never change the image's height."""
+
+    DEFAULT_CSS = """
+    OverlayBar { height: auto; background: #000000; }
+    OverlayBar.-fixed { height: 2; }
+    """
 
     text = ""  # what it shows, as one plain string (tests and screen readers)
 
     def show(self, left: str, centre: str, right: str, notes: tuple[str, ...] = ()) -> None:
         self.text = "\n".join(["  ".join((left, centre, right)), *notes])
-        grid = _bar(left, centre, right)
-        if notes:
-            table = Table.grid(expand=True)
-            table.add_row(grid)
-            for note in notes:
-                table.add_row(Text(safe_text.plain(note), style=OVERLAY_STYLE, end=""))
-            self.update(table)
-        else:
-            self.update(grid)
+        fixed = self.has_class("-fixed")
+        table = Table.grid(expand=True)
+        table.add_row(_bar(left, centre, right, wrap=not fixed))
+        note = "  ·  ".join(safe_text.plain(n) for n in notes)
+        if note or fixed:
+            overflow: OverflowMethod = "ellipsis" if fixed else "fold"
+            table.add_row(Text(note, style=OVERLAY_STYLE, end="", no_wrap=fixed, overflow=overflow))
+        self.update(table)
 
 
 class EdgeMarker(Static):
