@@ -35,6 +35,11 @@ class StudyInfo:
     modalities: str
     series_count: int
     instance_count: int
+    # As the store holds them: de-identified on a consultant's node (sex and age are kept by
+    # the share's options or not at all). DICOM text: shown through tui.safe_text only.
+    patient_age: str = ""  # PatientAge as written, e.g. "045Y"
+    patient_sex: str = ""  # M | F | O | ""
+    accession: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class Frame:
     orientation: tuple[float, ...] | None = None
     window: Window | None = None  # from the file, when it has one
     frames: int = 1  # how many frames the instance holds (NumberOfFrames)
+    slice_location: float | None = None  # SliceLocation, mm
+    slice_thickness: float | None = None  # SliceThickness, mm
 
     def modality(self) -> npt.NDArray[np.float32]:
         from tui.imaging import modality_lut
@@ -91,6 +98,13 @@ class ConsultItem:
     peer_trust: str = ""
     critical: bool = False  # the report is a critical result
     ack_overdue: bool = False  # reported, and not acknowledged in time
+    # The requesting (or consulted) peer's published institution: a claim, like its name.
+    peer_institution: str = ""
+    # The study as this node holds it ("" / 0 while it is not here yet).
+    modality: str = ""
+    images: int = 0
+    patient_age: str = ""
+    patient_sex: str = ""
 
 
 @dataclass(frozen=True)

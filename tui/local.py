@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,14 @@ def _floats(value: Any) -> tuple[float, ...] | None:
         return None
 
 
+def _number(ds: Any, keyword: str) -> float | None:
+    try:
+        value = float(getattr(ds, keyword))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
 def _first(value: Any) -> float:
     return float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
 
@@ -96,6 +105,8 @@ def frame_from_dataset(ds: pydicom.Dataset, frame: int) -> Frame:
         _floats(getattr(ds, "ImageOrientationPatient", None)),
         window,
         max(1, frames),
+        _number(ds, "SliceLocation"),
+        _number(ds, "SliceThickness"),
     )
 
 
@@ -148,7 +159,13 @@ class LocalNode:
             _s(ds, "SOPInstanceUID"),
             int(number) if number not in (None, "") else 0,
             _s(ds, "PatientID") + "|" + _s(ds, "PatientName"),
-            {"date": _s(ds, "StudyDate"), "description": _s(ds, "StudyDescription")},
+            {
+                "date": _s(ds, "StudyDate"),
+                "description": _s(ds, "StudyDescription"),
+                "age": _s(ds, "PatientAge"),
+                "sex": _s(ds, "PatientSex"),
+                "accession": _s(ds, "AccessionNumber"),
+            },
             {
                 "modality": _s(ds, "Modality"),
                 "description": _s(ds, "SeriesDescription"),
@@ -198,6 +215,9 @@ class LocalNode:
                     ",".join(sorted({i.series["modality"] for i in items})),
                     len({i.series_uid for i in items}),
                     len(items),
+                    first.study["age"],
+                    first.study["sex"],
+                    first.study["accession"],
                 )
             )
         return out

@@ -85,7 +85,18 @@ class InMemoryNode:
 
     def studies(self) -> list[StudyInfo]:
         return [
-            StudyInfo(STUDY_UID, "ANON-0001", "20260101", "CT CHEST", "CT", 2, 2 * self._slices)
+            StudyInfo(
+                STUDY_UID,
+                "ANON-0001",
+                "20260101",
+                "CT CHEST",
+                "CT",
+                2,
+                2 * self._slices,
+                "067Y",
+                "F",
+                "ANON-ACC-1",
+            )
         ]
 
     def series(self, study_uid: str) -> list[SeriesInfo]:
@@ -115,6 +126,8 @@ class InMemoryNode:
             (-50.0, -50.0, 5.0 * index),
             (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
             Window(40, 400),
+            slice_location=5.0 * index,
+            slice_thickness=5.0,
         )
 
     def arrive(self, index: int) -> None:
@@ -127,9 +140,12 @@ class InMemoryNode:
         now = time.time()
         items = [
             ConsultItem("c-1", True, "CT head: bleed?", "PEER-NE", "stat", "offered",
-                        now + 1800, STUDY_UID, "Dr Neuro", "verified"),
+                        now + 1800, STUDY_UID, "Dr Neuro", "verified",
+                        peer_institution="St Elsewhere", modality="CT",
+                        images=2 * self._slices, patient_age="067Y", patient_sex="F"),
             ConsultItem("c-2", False, "Knee MRI", "PEER-MS", "routine", "in_review",
-                        now + 86400 * 2, "", "Dr Bones", "unverified"),
+                        now + 86400 * 2, "", "Dr Bones", "unverified",
+                        peer_institution="Ortho Clinic"),
         ]  # fmt: skip
         items = [replace(c, state=self.states.get(c.consult_id, c.state)) for c in items]
         alerted = {a.consult_id for a in self.alerts}

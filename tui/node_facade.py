@@ -10,6 +10,7 @@ each patient gets a stable pseudonym label.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 from collections import deque
@@ -70,6 +71,13 @@ _TRUST_LABEL = {
     TrustState.VERIFIED: "verified",
     TrustState.TRUSTED_BY_ORG: "organisation",
 }
+
+
+def _study_cells(study: StudyInfo | None) -> tuple[str, int, str, str]:
+    """The worklist's modality, image count, age and sex of a consult's study, as held here."""
+    if study is None:
+        return ("", 0, "", "")
+    return (study.modalities, study.instance_count, study.patient_age, study.patient_sex)
 
 
 def _cursor(cursor: Cursor | None, uid: Callable[[str], str]) -> Cursor | None:
@@ -261,6 +269,7 @@ class RuntimeNode:
         self.runtime = runtime
         self._notes: deque[str] = deque(maxlen=MAX_NOTIFICATIONS)
         self._patients: dict[str, str] = {}
+        self._ages: dict[str, str] = {}  # study uid -> PatientAge as stored (read once)
         self._fetching: set[str] = set()  # consult ids whose study is being pulled
         self._originals: dict[str, str] = {}  # consult id -> original study (requesting side)
 
@@ -319,9 +328,26 @@ class RuntimeNode:
                 ",".join(r.modalities),
                 r.series_count,
                 r.instance_count,
+                self._age(r.study_uid),
+                r.patient_sex,
+                r.accession_number,
             )
             for r in rows
         ]
+
+    def _age(self, study_uid: str) -> str:
+        """PatientAge as the store holds it (the store's index has no column for it): read
+        from one instance's header, once per study."""
+        if study_uid not in self._ages:
+            store = self.runtime.store
+            for series in store.series(study_uid)[:1]:
+                for row in store.instances(study_uid, series.series_uid)[:1]:
+                    self._ages[study_uid] = ""  # an instance is here: read it once, not again
+                    with contextlib.suppress(StoreError, InvalidDicomError, OSError, ValueError):
+                        raw = io.BytesIO(store.read_instance(row.sop_instance_uid))
+                        ds = pydicom.dcmread(raw, stop_before_pixels=True)
+                        self._ages[study_uid] = str(ds.get("PatientAge", "") or "")
+        return self._ages.get(study_uid, "")
 
     def series(self, study_uid: str) -> list[SeriesInfo]:
         manifest = self.runtime.transfers.manifest_of(study_uid)
@@ -411,6 +437,7 @@ class RuntimeNode:
         peers = {p.node_id: p for p in self.peers()}
         acks = {r.consult_id: r for r in self.runtime.consults.report_acks(unacknowledged=True)}
         policy, now = policy_of(self.runtime.config.alerts), self.runtime.now()
+        studies = {s.study_uid: s for s in self.studies()}
         for case in self.runtime.consults.cases():
             about = self.runtime.consults.info(case.request.id)
             role, peer_id = about.role, about.peer_id
@@ -432,6 +459,8 @@ class RuntimeNode:
                     ack is not None
                     and case.state is State.REPORTED
                     and policy.overdue(ack.priority, ack.critical, ack.reported_at, now),
+                    info.institution if info else "",
+                    *_study_cells(studies.get(self._study_here(case, role))),
                 )
             )
         for live in self.runtime.live_hub().sessions.values():

@@ -163,7 +163,9 @@ def cmd_id(args: argparse.Namespace) -> int:
     identity = load_identity(home.key_path)
     print(f"Node id: {identity.node_id}")
     if args.peer:
-        peer_id = NodeId.parse(args.peer)
+        from node.cli.peers import known_ids, resolve_id  # peers imports this module
+
+        peer_id = resolve_id(args.peer, known_ids(home))  # the short id `peers` prints too
         print(f"Peer id: {peer_id}")
         print(f"Safety number: {safety_number(identity.node_id, peer_id)}")
         print("Read it aloud with the other side: the numbers must match exactly.")

@@ -333,6 +333,15 @@ async def shared_and_fetched(
     [item] = answer.consults()
     assert item.study_uid != study_uid
     assert len(neuro.store.instances(item.study_uid)) == len(rural.store.instances(study_uid))
+    # The worklist and the overlay show the study as the consultant's store holds it: sex
+    # kept by the share, the accession number not.
+    original = next(r for r in rural.store.studies() if r.study_uid == study_uid)
+    held = next(s for s in answer.studies() if s.study_uid == item.study_uid)
+    assert original.accession_number
+    assert held.accession != original.accession_number
+    assert original.accession_number not in held.accession
+    assert (held.patient_sex, item.patient_sex) == (original.patient_sex, original.patient_sex)
+    assert (item.modality, item.images) == ("CT", len(rural.store.instances(study_uid)))
     return item
 
 
