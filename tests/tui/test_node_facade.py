@@ -24,6 +24,9 @@ from tui.widgets.consult_panel import ConsultPanel
 from tui.widgets.image_view import ImageView
 
 SIZE = (150, 45)
+# The sender encodes the whole study before it offers it (issue 18): on a loaded machine
+# that alone can take more than wait_for's default 10 s.
+SLOW = 60.0
 
 
 @pytest.fixture
@@ -504,25 +507,25 @@ async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
             answer.pause_transfer(consult_id)
 
         answer.fetch(consult_id)
-        await wait_for(lambda: [t.state for t in answer.transfers()] == ["running"])
+        await wait_for(lambda: [t.state for t in answer.transfers()] == ["running"], SLOW)
         assert "is paused" in answer.pause_transfer(consult_id)
         [receiver] = [t.receiver for t in neuro.transfers._transfers if t.receiver]
         assert receiver is not None
         protocol = receiver.protocol
         assert protocol is not None
-        await wait_for(lambda: protocol._outstanding() == 0)  # what was in flight landed
+        await wait_for(lambda: protocol._outstanding() == 0, SLOW)  # what was in flight landed
         assert [t.state for t in answer.transfers()] == ["paused"]
         assert protocol.poll(asyncio.get_running_loop().time()) == []  # nothing asked for
         assert protocol.progress().instances_done < slices
 
         assert "goes on" in answer.pause_transfer(consult_id)
-        await wait_for(lambda: protocol.progress().instances_done > 0)
+        await wait_for(lambda: protocol.progress().instances_done > 0, SLOW)
         assert answer.cancel_transfer(consult_id).endswith("f fetches it again")
-        await wait_for(lambda: [t.state for t in answer.transfers()] == ["failed"])
+        await wait_for(lambda: [t.state for t in answer.transfers()] == ["failed"], SLOW)
         assert "cancelled" in neuro.transfers.views()[0].error
         # the hospital's sender was told and stopped; nothing is resumed at the next start
-        await wait_for(lambda: all(v.state != "running" for v in rural.transfers.views()))
-        await wait_for(lambda: not neuro.consulting.studies.spool_of(consult_id).exists())
+        await wait_for(lambda: all(v.state != "running" for v in rural.transfers.views()), SLOW)
+        await wait_for(lambda: not neuro.consulting.studies.spool_of(consult_id).exists(), SLOW)
 
         answer.fetch(consult_id)  # the rest comes; what arrived is not sent again
         await wait_for(lambda: "complete" in [t.state for t in answer.transfers()], 60)
