@@ -7,11 +7,11 @@ event loop.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from crypto.identity import NodeId
+from node.core.db import connect
 from registry.errors import RecordError
 from registry.limits import MailboxUsage
 from registry.records import NodeRecord, require_newer
@@ -64,9 +64,8 @@ class Stored:
 
 class RegistryDB:
     def __init__(self, path: str | Path) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # NORMAL: a power cut may lose the last messages accepted, never corrupt the mailbox
+        self._db = connect(path, synchronous="NORMAL", check_same_thread=False)
         self._db.executescript(_SCHEMA)
         self._migrate()
         self._db.executescript(_INDEXES)

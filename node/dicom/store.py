@@ -60,6 +60,7 @@ import nacl.secret
 import pydicom
 import pydicom.encaps
 
+from node.core.db import connect, transaction
 from node.core.errors import NodeError
 from node.dicom.files import FrameRanges, InstanceInfo, InvalidDicom, parse_instance
 from node.dicom.wirecache import CacheWarmer, remove_stale_temps
@@ -93,7 +94,6 @@ TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 KEY_BYTES = 32
 STORE_KEY_PURPOSE = "radmesh-store-v1"
 PEER_SOURCE = "peer:"  # the source of instances received from another node
-BUSY_TIMEOUT_MS = 10_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -418,11 +418,7 @@ class Store:
         blob_dir = root / "blobs"
         blob_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
-        db = sqlite3.connect(root / "index.sqlite", check_same_thread=False, isolation_level=None)
-        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
+        db = connect(root / "index.sqlite", check_same_thread=False)
         db.executescript(SCHEMA)
         store = cls(root, key, db)
         remove_stale_temps(store.blob_dir)  # writers that died mid-write
@@ -634,9 +630,7 @@ class Store:
             if info.frame_ranges is None
             else msgpack.packb([[list(p) for p in frame] for frame in info.frame_ranges])
         )
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db) as db:
             # Checked again inside the transaction: another process may have added it.
             old = db.execute(
                 "SELECT content_hash FROM instances WHERE sop_uid = ?", (info.sop_instance_uid,)
@@ -709,10 +703,6 @@ class Store:
                     now,
                 ),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def _drop_blob_if_unused(self, content_hash: str) -> None:
         used = self._db.execute(
@@ -897,9 +887,7 @@ class Store:
     def delete_study(self, study_uid: str) -> None:
         """Remove a study from the index (one transaction), then its unshared blobs."""
         with self._writing():
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db) as db:
                 hashes = [
                     h
                     for (h,) in db.execute(
@@ -911,10 +899,6 @@ class Store:
                 if found.rowcount == 0:
                     raise UnknownStudy(f"no study {study_uid} in this node's store")
                 db.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             for content_hash in hashes:
                 self._drop_blob_if_unused(content_hash)
 
