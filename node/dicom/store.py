@@ -16,8 +16,8 @@ id) and then one sealed chunk per ``CHUNK_SIZE`` bytes of plaintext. Each chunk
 is an independent libsodium secretstream (its own 24-byte stream header, one
 message, TAG_FINAL) whose associated data is the blob header plus the chunk
 index, so chunks cannot be reordered, swapped between blobs or truncated
-unnoticed, and any chunk can be decrypted alone: reading one frame of a large
-multi-frame instance decrypts only the chunks that cover it.
+unnoticed, and any chunk can be decrypted alone (a reader that seeks decrypts
+only the chunks it reads).
 
 Writers are serialised across processes by an flock on ``write.lock`` (two
 imports, or an import beside the running node). Writes are atomic: the blob
@@ -57,12 +57,10 @@ import msgpack
 import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.secret
-import pydicom
-import pydicom.encaps
 
 from node.core.db import connect, transaction
 from node.core.errors import NodeError
-from node.dicom.files import FrameRanges, InstanceInfo, InvalidDicom, parse_instance
+from node.dicom.files import InstanceInfo, InvalidDicom, parse_instance
 from node.dicom.wirecache import CacheWarmer, remove_stale_temps
 from node.dicom.wirecodec import PixelCache
 
@@ -132,7 +130,7 @@ CREATE TABLE IF NOT EXISTS instances (
     image_orientation TEXT,
     pixel_spacing TEXT,
     slice_thickness REAL,
-    frame_ranges BLOB,
+    frame_ranges BLOB,  -- unused, always NULL: kept so that older stores open unchanged
     encapsulated INTEGER NOT NULL,
     source TEXT NOT NULL,
     received_at REAL NOT NULL
@@ -353,18 +351,6 @@ class BlobReader(io.RawIOBase):
         view[: len(piece)] = piece
         self._pos += len(piece)
         return len(piece)
-
-    def read_range(self, offset: int, length: int) -> bytes:
-        if offset < 0 or offset + length > self._size:
-            raise StoreCorrupted("a frame range lies outside its instance")
-        self.seek(offset)
-        out = bytearray()
-        while len(out) < length:
-            piece = self.read(length - len(out))
-            if not piece:
-                raise StoreCorrupted("a blob ended early")
-            out += piece
-        return bytes(out)
 
     def close(self) -> None:
         if not self.closed:
@@ -625,11 +611,6 @@ class Store:
     ) -> None:
         now = time.time()
         patient_key, patient = self._patient_blob(info)
-        ranges = (
-            None
-            if info.frame_ranges is None
-            else msgpack.packb([[list(p) for p in frame] for frame in info.frame_ranges])
-        )
         with transaction(self._db) as db:
             # Checked again inside the transaction: another process may have added it.
             old = db.execute(
@@ -697,7 +678,7 @@ class Store:
                     _json(info.image_orientation),
                     _json(info.pixel_spacing),
                     info.slice_thickness,
-                    ranges,
+                    None,  # frame_ranges
                     int(info.encapsulated),
                     source,
                     now,
@@ -731,20 +712,19 @@ class Store:
                 is not None
             )
 
-    def _locate(self, sop_instance_uid: str) -> tuple[str, bytes, int, bytes | None, int, str]:
+    def _locate(self, sop_instance_uid: str) -> tuple[str, bytes, int]:
         with self._lock:
             row = self._db.execute(
-                "SELECT content_hash, blob_id, size, frame_ranges, frames, transfer_syntax "
-                "FROM instances WHERE sop_uid = ?",
+                "SELECT content_hash, blob_id, size FROM instances WHERE sop_uid = ?",
                 (sop_instance_uid,),
             ).fetchone()
         if row is None:
             raise UnknownInstance(f"no instance {sop_instance_uid} in this node's store")
-        return row[0], row[1], row[2], row[3], row[4], row[5]
+        return row[0], row[1], row[2]
 
     def open_instance(self, sop_instance_uid: str) -> BinaryIO:
         """A seekable stream of the original bytes; each chunk is authenticated as read."""
-        content_hash, blob_id, size, *_ = self._locate(sop_instance_uid)
+        content_hash, blob_id, size = self._locate(sop_instance_uid)
         reader = BlobReader(self._blob_path(content_hash), self._blob_key, blob_id)
         if reader.size != size:
             reader.close()
@@ -759,33 +739,6 @@ class Store:
         if hashlib.sha256(data).hexdigest() != content_hash:
             raise StoreCorrupted(f"instance {sop_instance_uid} does not match its content hash")
         return data
-
-    def read_frame(self, sop_instance_uid: str, frame: int) -> bytes:
-        """Frame ``frame`` (0-based) as stored: native pixels, or the encoded fragments."""
-        content_hash, blob_id, _size, packed, frames, _ts = self._locate(sop_instance_uid)
-        if not 0 <= frame < frames:
-            raise StoreError(f"instance {sop_instance_uid} has {frames} frame(s), not {frame + 1}")
-        if packed is None:
-            return self._decode_frame(sop_instance_uid, frame, frames)
-        ranges: FrameRanges = tuple(
-            tuple((int(o), int(n)) for o, n in f) for f in msgpack.unpackb(packed)
-        )
-        with BlobReader(self._blob_path(content_hash), self._blob_key, blob_id) as reader:
-            return b"".join(reader.read_range(offset, length) for offset, length in ranges[frame])
-
-    def _decode_frame(self, sop_instance_uid: str, frame: int, frames: int) -> bytes:
-        """Frames without an index (deflated, bit-packed): parse the whole instance."""
-        with self.open_instance(sop_instance_uid) as stream:
-            ds = pydicom.dcmread(stream)
-        if "PixelData" not in ds:
-            raise StoreError(f"instance {sop_instance_uid} has no pixel data")
-        if ds.file_meta.TransferSyntaxUID.is_encapsulated:
-            return pydicom.encaps.get_frame(ds.PixelData, frame, number_of_frames=frames)
-        data: bytes = ds.PixelData
-        if len(data) % frames:
-            raise StoreError(f"instance {sop_instance_uid}: frames are not byte-aligned")
-        step = len(data) // frames
-        return data[frame * step : (frame + 1) * step]
 
     # -- listing
 
