@@ -64,7 +64,8 @@ class InstanceInfo:
     encapsulated: bool = False
 
 
-def _text(ds: pydicom.Dataset, keyword: str) -> str:
+def text_of(ds: pydicom.Dataset, keyword: str) -> str:
+    """The element as one line of text ("" if absent); multiple values joined by ``\\``."""
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -73,7 +74,8 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+def int_of(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """The element as an integer; None if absent, empty or not a number."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -83,7 +85,8 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
 
 
-def _floats(ds: pydicom.Dataset, keyword: str) -> tuple[float, ...] | None:
+def floats_of(ds: pydicom.Dataset, keyword: str) -> tuple[float, ...] | None:
+    """Every value of the element as floats; None if absent, empty or not numbers."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -94,8 +97,9 @@ def _floats(ds: pydicom.Dataset, keyword: str) -> tuple[float, ...] | None:
         return None
 
 
-def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
-    values = _floats(ds, keyword)
+def float_of(ds: pydicom.Dataset, keyword: str) -> float | None:
+    """The element's first value as a float; None if absent, empty or not a number."""
+    values = floats_of(ds, keyword)
     return values[0] if values else None
 
 
@@ -125,13 +129,13 @@ def _fragments(fp: IO[bytes], start: int, limit: int) -> list[tuple[int, int]]:
 
 
 def _check_native_length(ds: pydicom.Dataset, length: int, frames: int) -> None:
-    rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
-    bits = _int(ds, "BitsAllocated")
-    samples = _int(ds, "SamplesPerPixel") or 1
+    rows, columns = int_of(ds, "Rows"), int_of(ds, "Columns")
+    bits = int_of(ds, "BitsAllocated")
+    samples = int_of(ds, "SamplesPerPixel") or 1
     if not rows or not columns or not bits or bits % 8:
         return  # bit-packed or without geometry: nothing to compare the length with
     frame_size = rows * columns * samples * bits // 8
-    if samples == 3 and _text(ds, "PhotometricInterpretation") == "YBR_FULL_422":
+    if samples == 3 and text_of(ds, "PhotometricInterpretation") == "YBR_FULL_422":
         frame_size = frame_size * 2 // 3  # two chroma samples shared by each pixel pair
     if frame_size * frames > length:
         raise InvalidDicom("truncated: pixel data is shorter than rows x columns x frames")
@@ -201,9 +205,9 @@ def parse_instance(fp: IO[bytes], file_size: int) -> InstanceInfo:
     if meta is None or "TransferSyntaxUID" not in meta:
         raise InvalidDicom("missing meta: no file meta information with a transfer syntax")
     _check_complete(ds)
-    sop_uid = _text(ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID")
-    sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
-    study_uid, series_uid = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
+    sop_uid = text_of(ds, "SOPInstanceUID") or text_of(meta, "MediaStorageSOPInstanceUID")
+    sop_class = text_of(ds, "SOPClassUID") or text_of(meta, "MediaStorageSOPClassUID")
+    study_uid, series_uid = text_of(ds, "StudyInstanceUID"), text_of(ds, "SeriesInstanceUID")
     if sop_class == "1.2.840.10008.1.3.10":
         raise InvalidDicom("not an instance: this is a DICOMDIR (import its folder instead)")
     missing = [
@@ -218,7 +222,7 @@ def parse_instance(fp: IO[bytes], file_size: int) -> InstanceInfo:
     ]
     if missing:
         raise InvalidDicom(f"missing attribute(s): {', '.join(missing)}")
-    frames = max(1, _int(ds, "NumberOfFrames") or 1)
+    frames = max(1, int_of(ds, "NumberOfFrames") or 1)
     encapsulated = _check_pixel_data(ds, fp, file_size, frames)
     return InstanceInfo(
         sop_instance_uid=sop_uid,
@@ -226,25 +230,25 @@ def parse_instance(fp: IO[bytes], file_size: int) -> InstanceInfo:
         study_uid=study_uid,
         series_uid=series_uid,
         transfer_syntax=str(meta.TransferSyntaxUID),
-        patient_id=_text(ds, "PatientID"),
-        patient_name=_text(ds, "PatientName"),
-        patient_birth_date=_text(ds, "PatientBirthDate"),
-        patient_sex=_text(ds, "PatientSex"),
-        accession_number=_text(ds, "AccessionNumber"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        study_description=_text(ds, "StudyDescription"),
-        modality=_text(ds, "Modality"),
-        series_description=_text(ds, "SeriesDescription"),
-        series_number=_int(ds, "SeriesNumber"),
-        body_part=_text(ds, "BodyPartExamined"),
-        instance_number=_int(ds, "InstanceNumber"),
-        image_position=_floats(ds, "ImagePositionPatient"),
-        image_orientation=_floats(ds, "ImageOrientationPatient"),
-        pixel_spacing=_floats(ds, "PixelSpacing"),
-        slice_thickness=_float(ds, "SliceThickness"),
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
+        patient_id=text_of(ds, "PatientID"),
+        patient_name=text_of(ds, "PatientName"),
+        patient_birth_date=text_of(ds, "PatientBirthDate"),
+        patient_sex=text_of(ds, "PatientSex"),
+        accession_number=text_of(ds, "AccessionNumber"),
+        study_date=text_of(ds, "StudyDate"),
+        study_time=text_of(ds, "StudyTime"),
+        study_description=text_of(ds, "StudyDescription"),
+        modality=text_of(ds, "Modality"),
+        series_description=text_of(ds, "SeriesDescription"),
+        series_number=int_of(ds, "SeriesNumber"),
+        body_part=text_of(ds, "BodyPartExamined"),
+        instance_number=int_of(ds, "InstanceNumber"),
+        image_position=floats_of(ds, "ImagePositionPatient"),
+        image_orientation=floats_of(ds, "ImageOrientationPatient"),
+        pixel_spacing=floats_of(ds, "PixelSpacing"),
+        slice_thickness=float_of(ds, "SliceThickness"),
+        rows=int_of(ds, "Rows"),
+        columns=int_of(ds, "Columns"),
         frames=frames,
         encapsulated=encapsulated,
     )
