@@ -294,10 +294,6 @@ class TrustStore:
         self._db.execute("INSERT OR REPLACE INTO trusted_orgs VALUES (?, ?)", (org_key, now))
         self._wrote()
 
-    def remove_org(self, org_key: bytes) -> None:
-        self._db.execute("DELETE FROM trusted_orgs WHERE org_key = ?", (org_key,))
-        self._wrote()
-
     def add_revocations(self, wire: bytes, org_key: bytes) -> RevocationList:
         """Apply an organisation's signed revocation list if newer than the one held."""
         try:

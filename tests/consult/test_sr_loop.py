@@ -11,8 +11,9 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
-from consult.report import KOS_CLASS, KeyImage
+from consult.report import KeyImage
 from consult.requests import Event, Priority
 from consult.shared import AnnotationKind
 from node.app import workflow
@@ -140,7 +141,9 @@ async def test_key_images_are_filed_beside_the_sr_and_a_stranger_reference_is_le
         await wait_for(lambda: len(a.store.instances(study_uid)) == 3)  # image, SR, KOS
         by_class = {row.sop_class_uid: row for row in a.store.instances(study_uid)}
         kos = pydicom.dcmread(
-            io.BytesIO(a.store.read_instance(by_class[KOS_CLASS].sop_instance_uid))
+            io.BytesIO(
+                a.store.read_instance(by_class[KeyObjectSelectionDocumentStorage].sop_instance_uid)
+            )
         )
         (image,) = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
         assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == original.sop_instance_uid
