@@ -51,7 +51,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 import msgpack
 import nacl.bindings as sodium
@@ -61,6 +61,7 @@ import nacl.secret
 from node.core.db import connect, transaction
 from node.core.errors import NodeError
 from node.dicom.files import InstanceInfo, InvalidDicom, parse_instance
+from node.dicom.sealed_io import SealedPieces
 from node.dicom.wirecache import CacheWarmer, remove_stale_temps
 from node.dicom.wirecodec import PixelCache
 
@@ -266,18 +267,18 @@ def _chunk_count(size: int, chunk_size: int) -> int:
     return max(1, -(-size // chunk_size))
 
 
-class BlobReader(io.RawIOBase):
+class BlobReader(SealedPieces):
     """A seekable, decrypting view of one blob; decrypts one chunk at a time."""
 
     def __init__(self, path: Path, key: bytes, blob_id: bytes | None = None) -> None:
-        super().__init__()
         try:
-            self._file: IO[bytes] = path.open("rb")
+            file: IO[bytes] = path.open("rb")
         except FileNotFoundError as exc:
             raise StoreCorrupted(
                 "an indexed blob is missing from disk; the store was damaged "
                 "(restore it from backup or import the study again)"
             ) from exc
+        super().__init__(file)
         header = self._file.read(BLOB_HEADER.size)
         try:
             magic, chunk_size, size, found_id = BLOB_HEADER.unpack(header)
@@ -290,37 +291,15 @@ class BlobReader(io.RawIOBase):
         self._key = key
         self._header = header
         self._chunk_size = chunk_size
-        self._size = size
-        self._chunks = _chunk_count(size, chunk_size)
-        self._pos = 0
-        self._cached: tuple[int, bytes] | None = None
+        self.size = size
         self.name = "<radmesh store instance>"  # pydicom records a stream's name
 
-    @property
-    def size(self) -> int:
-        size: int = self._size
-        return size
+    def _piece_at(self, position: int) -> tuple[int, int]:
+        index, offset = divmod(position, self._chunk_size)
+        return int(index), int(offset)
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def _chunk(self, index: int) -> bytes:
-        if self._cached is not None and self._cached[0] == index:
-            return self._cached[1]
-        plain_len = min(self._chunk_size, self._size - index * self._chunk_size)
+    def _decrypt(self, index: int) -> bytes:
+        plain_len = min(self._chunk_size, self.size - index * self._chunk_size)
         self._file.seek(BLOB_HEADER.size + index * (self._chunk_size + SS_HEADER + SS_ABYTES))
         sealed = self._file.read(SS_HEADER + plain_len + SS_ABYTES)
         if len(sealed) != SS_HEADER + plain_len + SS_ABYTES:
@@ -339,23 +318,7 @@ class BlobReader(io.RawIOBase):
             ) from exc
         if tag != TAG_FINAL:
             raise StoreCorrupted("a blob chunk has the wrong tag")
-        self._cached = (index, plain)
-        return plain
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        if self._pos >= self._size or not len(view):
-            return 0
-        index, start = divmod(self._pos, self._chunk_size)
-        piece = self._chunk(index)[start : start + len(view)]
-        view[: len(piece)] = piece
-        self._pos += len(piece)
-        return len(piece)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._file.close()
-        super().close()
+        return bytes(plain)
 
 
 # --- the store -----------------------------------------------------------------------------

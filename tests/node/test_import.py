@@ -137,13 +137,13 @@ def test_reading_part_of_an_instance_decrypts_only_the_chunks_covering_it(
     path = _multiframe(tmp_path / "mf.dcm", frames=40, rows=64)  # 8 KiB frames, ~40 chunks
     uid = store.add_file(path, source="test").sop_instance_uid
     decrypted: list[int] = []
-    original = store_module.BlobReader._chunk
+    original = store_module.BlobReader._decrypt
 
     def counting(self: store_module.BlobReader, index: int) -> bytes:
         decrypted.append(index)
         return original(self, index)
 
-    monkeypatch.setattr(store_module.BlobReader, "_chunk", counting)
+    monkeypatch.setattr(store_module.BlobReader, "_decrypt", counting)
     original_bytes = path.read_bytes()
     for offset in (0, 17 * 8192 + 100, len(original_bytes) - 8192):
         decrypted.clear()
