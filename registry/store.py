@@ -55,6 +55,17 @@ def _tags(values: tuple[str, ...]) -> str:
     return "|" + "|".join(v.lower().replace("|", "") for v in values) + "|"
 
 
+def tag_patterns(subspecialty: str, jurisdiction: str, language: str) -> list[tuple[str, str]]:
+    """(column, LIKE pattern) for each filter given: the whole item between its bars, with
+    LIKE's wildcards and the backslash escaped (a search for "n_uro" is not a wildcard)."""
+    patterns = []
+    for column, value in (("subs", subspecialty), ("jur", jurisdiction), ("lang", language)):
+        if value:
+            escaped = value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            patterns.append((column, f"%|{escaped}|%"))
+    return patterns
+
+
 @dataclass(frozen=True)
 class Stored:
     sender: NodeId
@@ -158,13 +169,9 @@ class RegistryDB:
         """Current records matching every filter; ``availability`` is any of its values."""
         sql = "SELECT wire FROM records WHERE expires_at > ? AND node_id > ?"
         params: list[object] = [now, after]
-        for column, value in (("subs", subspecialty), ("jur", jurisdiction), ("lang", language)):
-            if value:
-                sql += f" AND {column} LIKE ? ESCAPE '\\'"
-                escaped = (
-                    value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                )
-                params.append(f"%|{escaped}|%")
+        for column, pattern in tag_patterns(subspecialty, jurisdiction, language):
+            sql += f" AND {column} LIKE ? ESCAPE '\\'"
+            params.append(pattern)
         if availability:
             sql += f" AND avail IN ({', '.join('?' * len(availability))})"
             params.extend(availability)
