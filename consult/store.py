@@ -35,6 +35,7 @@ from consult.requests import (
 )
 from crypto import canonical
 from crypto.identity import NodeId
+from node.core.db import connect, transaction
 
 if TYPE_CHECKING:
     from consult.report import PeerReview, Report
@@ -142,9 +143,7 @@ MAX_GUESTS = 32  # guests one party may approve for one consult's live session
 class ConsultDB:
     def __init__(self, path: Path, audit: AuditHook = _no_audit) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db = connect(path)
         self._db.executescript(_SCHEMA)
         self._audit = audit
 
@@ -165,13 +164,8 @@ class ConsultDB:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def add(
         self,

@@ -163,9 +163,6 @@ class RegistryClient:
                 exc.held = _held_sequence(exc.held_wire, record)
                 raise
 
-    async def publish_wire(self, wire: bytes) -> None:
-        await self.publish(NodeRecord.from_wire(wire))
-
     async def lookup(self, node_id: NodeId, now: int | None = None) -> NodeRecord | None:
         """The node's current record, verified; None if the registry has none."""
         status, body = await self._request("GET", f"/v1/records/{node_id}", limit=MAX_RECORD_SIZE)

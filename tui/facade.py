@@ -1,8 +1,8 @@
 """What the TUI needs from a node: the ``NodeFacade`` protocol and its plain value types.
 
-The app only talks to this protocol. :mod:`tui.local` implements it over a node
-home on disk; :mod:`tui.memory` in memory for tests and demos. The runtime will
-back it with the live node (store, directory, consult requests, transfers).
+The app only talks to this protocol. :mod:`tui.node_facade` implements it over the
+running node (store, directory, consult requests, transfers); :mod:`tui.memory` in
+memory for tests.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from node.dicom.store import StoreError
 from peer_transport.errors import TransportError
 from registry.errors import RegistryError
 from registry.trust import TrustState
+from tui.dicom_frame import frame_from_dataset
 from tui.facade import (
     PRIORITIES,
     ActionError,
@@ -58,7 +59,6 @@ from tui.facade import (
     TransferInfo,
 )
 from tui.linking import slice_location
-from tui.local import frame_from_dataset
 from tui.session import Listener, SessionView
 
 MAX_NOTIFICATIONS = 100

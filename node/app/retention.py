@@ -17,7 +17,6 @@ pin and the running node's purge never race on one file.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from consult.requests import Role, State
+from node.core.db import connect
 
 if TYPE_CHECKING:
     from consult.store import ConsultDB
@@ -139,8 +139,7 @@ class RetentionDB:
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = connect(data_dir / DB_NAME)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:

@@ -14,7 +14,6 @@ import pytest
 
 from consult.requests import ConsultRequest, Event, Priority, State
 from crypto.identity import Identity
-from crypto.org import NodeCertificate, issue_certificate
 from node.app import consults
 from node.app.runtime import NodeRuntime
 from node.cli import main
@@ -22,6 +21,7 @@ from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
 from peer_transport.errors import PeerRejected
 from registry.trust import TrustState, TrustStore
+from tests.certs import certificate
 from tests.node.test_runtime import FAST, make_home, wait_for
 
 TERMS = consults.Terms(
@@ -215,11 +215,10 @@ async def test_a_certificate_installed_while_the_node_runs_is_published_at_once(
 
 
 def _certificate(org: Identity, node: Identity, now: int, days: int = 1) -> bytes:
-    cert = NodeCertificate(
-        node.public_key, org.public_key, "Uni", "n", (), ("neuro",), ("IE",), ("en",), now,
-        now + days * 86400,
+    return certificate(
+        org, node, now, days, institution="Uni", display_name="n", roles=(),
+        jurisdictions=("IE",), languages=("en",), not_before=now,
     )  # fmt: skip
-    return issue_certificate(org, cert)
 
 
 def test_a_kept_certificate_counts_until_it_expires(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from consult.requests import Event, Priority, State
 from node.app import consults, reports
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct
+from tests.node.pair import accepted_consult
 from tests.node.test_runtime import FAST, make_home, wait_for
 from tests.orthanc import orthanc_server
 
@@ -115,26 +116,8 @@ async def test_finalising_in_the_tui_signs_and_sends_the_report(
         "Acute SDH.",
     )
     assert impression_of("One.\n\nTwo.") == ("One.", "Two.")
-    rural_home, rural = make_home(tmp_path, "rural", registry, [])
-    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
-    a = NodeRuntime(rural_home, rural, transport_options=FAST)
-    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
-    await a.start()
-    await b.start()
-    try:
-        for path in generate_ct(tmp_path / "ct", slices=2, rows=32):
-            a.store.add_file(path, source="test")
-        a.trust.mark_verified(neuro.node_id, a.now())
-        b.trust.mark_verified(rural.node_id, b.now())
-        request, _, _ = await a.consulting.request_consult(
-            neuro.public_key,
-            a.store.studies()[0].study_uid,
-            consults.Terms(
-                question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
-            ),
-        )
-        await wait_for(lambda: bool(b.consults.cases()))
-        await b.consulting.respond(request.id, Event.ACCEPT)
+    async with accepted_consult(tmp_path, registry) as pair:
+        a, b, request = pair.a, pair.b, pair.request
         live = b.live_hub().open(request.id)
         live.set_report_text("No haemorrhage.\nImpression: Normal CT head.")
         view = LiveSessionView(live, RuntimeNode(b)._finalise)
@@ -143,9 +126,6 @@ async def test_finalising_in_the_tui_signs_and_sends_the_report(
         wire = a.consults.report_wire(request.id)
         assert wire is not None
         assert b"Normal CT head." in wire
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 async def test_peer_review_goes_to_the_reports_author_and_both_nodes_keep_it(
@@ -155,29 +135,11 @@ async def test_peer_review_goes_to_the_reports_author_and_both_nodes_keep_it(
     from node.cli import main
     from tests.node.test_cli_consult_network import radmesh
 
-    rural_home, rural = make_home(tmp_path, "rural", registry, [])
-    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
-    a = NodeRuntime(rural_home, rural, transport_options=FAST, control=True)
-    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
-    await a.start()
-    await b.start()
-    try:
-        for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
-            a.store.add_file(path, source="test")
-        a.trust.mark_verified(neuro.node_id, a.now())
-        b.trust.mark_verified(rural.node_id, b.now())
-        request, _, _ = await a.consulting.request_consult(
-            neuro.public_key,
-            a.store.studies()[0].study_uid,
-            consults.Terms(
-                question="fracture?",
-                priority=Priority.URGENT,
-                subspecialty="neuro",
-                jurisdiction="IE",
-            ),
-        )
-        await wait_for(lambda: bool(b.consults.cases()))
-        await b.consulting.respond(request.id, Event.ACCEPT)
+    async with accepted_consult(
+        tmp_path, registry, slices=1, question="fracture?", control=True
+    ) as pair:
+        a, b, request = pair.a, pair.b, pair.request
+        rural_home, neuro_home, rural, neuro = pair.a_home, pair.b_home, pair.rural, pair.neuro
         await b.consulting.reports.send_report(
             request.id, text="No fracture.", impression="Normal."
         )
@@ -216,6 +178,3 @@ async def test_peer_review_goes_to_the_reports_author_and_both_nodes_keep_it(
         shown = capsys.readouterr().out
         assert "peer review:   major discrepancy by" in shown
         assert "missed the C2 fracture" in shown
-    finally:
-        await a.stop()
-        await b.stop()
