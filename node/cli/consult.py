@@ -36,7 +36,7 @@ from crypto.identity import Identity, NodeId
 from node.cli.addenda import register_into as register_addenda
 from node.cli.guests import register_into as register_guests
 from node.cli.identity import home_of
-from node.cli.peers import known_ids, resolve_id
+from node.cli.ids import known_ids, resolve_id
 from node.cli.transfer import add_sharing_options
 from node.core.audit import AuditKind, open_audit
 from node.core.config import NodeConfig, NodeHome

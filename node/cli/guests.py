@@ -15,7 +15,7 @@ from typing import Any
 
 from crypto.identity import NodeId
 from node.cli.identity import home_of
-from node.cli.peers import known_ids, resolve_id
+from node.cli.ids import known_ids, resolve_id
 from node.core.config import NodeHome
 from node.core.display import printable
 from node.core.keystore import load_identity

@@ -163,7 +163,7 @@ def cmd_id(args: argparse.Namespace) -> int:
     identity = load_identity(home.key_path)
     print(f"Node id: {identity.node_id}")
     if args.peer:
-        from node.cli.peers import known_ids, resolve_id  # peers imports this module
+        from node.cli.ids import known_ids, resolve_id
 
         peer_id = resolve_id(args.peer, known_ids(home))  # the short id `peers` prints too
         print(f"Peer id: {peer_id}")

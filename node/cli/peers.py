@@ -16,6 +16,7 @@ from crypto.identity import NodeId
 from crypto.safety import safety_number
 from node.app import control
 from node.cli.identity import home_of
+from node.cli.ids import known_ids, open_directory, open_trust, resolve_id
 from node.core.audit import AuditKind, open_audit
 from node.core.config import NodeConfig, NodeHome
 from node.core.display import MAX_LINE_CHARS, MAX_NAME_CHARS, printable
@@ -24,27 +25,10 @@ from node.core.keystore import load_identity
 from node.core.sequence import RecordSequence
 from registry.errors import RegistryError, TrustError
 from registry.records import Availability, NodeRecord
-from registry.trust import TrustStore
 
 if TYPE_CHECKING:
     from registry.client import MultiRegistry, SearchQuery
-    from registry.directory import Peer, PeerDirectory
-
-SHORT_ID_LEN = 7  # NodeId.short(): what `radmesh peers` prints
-FULL_ID_LEN = 56
-_MISREAD = str.maketrans("018", "OIB")  # as NodeId.parse reads them
-
-
-def open_trust(home: NodeHome) -> TrustStore:
-    home.data_dir.mkdir(parents=True, exist_ok=True)
-    return TrustStore(home.trust_db)
-
-
-def open_directory(home: NodeHome, registries: MultiRegistry | None = None) -> PeerDirectory:
-    from registry.directory import PeerDirectory, RegistryFinder
-
-    finders = [RegistryFinder(registries)] if registries is not None else []
-    return PeerDirectory(home.peers_db, open_trust(home), finders)
+    from registry.directory import Peer
 
 
 def _registries(config: NodeConfig) -> MultiRegistry:
@@ -66,41 +50,6 @@ def _line(peer: Peer) -> str:
     return (
         f"{r.node_id.short()}  {peer.trust.value:<14} {printable(r.display_name, 28):<28} "
         f"{printable(r.institution, 24):<24} {subs:<20} {r.availability.value}{stale}"
-    )
-
-
-def known_ids(home: NodeHome) -> list[NodeId]:
-    """Every node id this home knows: remembered records and trust entries."""
-    directory = open_directory(home)
-    try:
-        known = {p.record.node_id for p in directory.list(_now())}
-        known.update(directory.trust.known())
-    finally:
-        directory.close()
-        directory.trust.close()
-    return sorted(known)
-
-
-def resolve_id(text: str, known: list[NodeId]) -> NodeId:
-    """A full node id, or the start of one this node knows (the short id `radmesh peers`
-    prints): exactly one known id must start with it."""
-    try:
-        return NodeId.parse(text)
-    except InvalidNodeId:
-        prefix = "".join(text.split()).replace("-", "").upper().translate(_MISREAD)
-        if len(prefix) < SHORT_ID_LEN or len(prefix) >= FULL_ID_LEN:
-            raise
-    found = [n for n in known if str(n).replace("-", "").startswith(prefix)]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise InvalidNodeId(
-            f"no known peer's id starts with {printable(text, 20)}: give the full node id "
-            "(`radmesh peers show` prints it), or find the peer with `radmesh peers search`"
-        )
-    raise InvalidNodeId(
-        f"{len(found)} known peers' ids start with {printable(text, 20)}: give the full node id "
-        "of the one you mean:\n  " + "\n  ".join(str(n) for n in found)
     )
 
 

@@ -29,7 +29,7 @@ from consult.store import ConsultDB
 from crypto.errors import InvalidNodeId
 from crypto.identity import Identity, NodeId
 from node.cli import main
-from node.cli.peers import open_directory, resolve_id
+from node.cli.ids import open_directory, resolve_id
 from node.core.config import NodeHome
 from node.core.display import MAX_LINE_CHARS, PrintableFormatter, peer_label, printable
 from node.demo.phantom import generate_ct

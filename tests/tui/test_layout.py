@@ -135,9 +135,13 @@ async def test_the_worklist_at_200_columns_shows_institution_study_and_peer() ->
         assert keys == ["dir", "priority", "question", "site", "study", "peer", "state", "due"]
         table = app.screen.query_one("#worklist", DataTable)
         rows = [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
-        assert rows[0][3:6] == ["St Elsewhere ✔ verified", "CT 24 im 67Y F",
+        assert rows[0][3:6] == ["St Elsewhere PEER-NE ✔ verified", "CT 24 im 67Y F",
                                 "Dr Neuro (PEER-NE, verified)"]  # fmt: skip
-        assert rows[1][3:6] == ["Ortho Clinic ! unverified", "-", "Dr Bones (PEER-MS, unverified)"]
+        assert rows[1][3:6] == [
+            "Ortho Clinic PEER-MS ! unverified",
+            "-",
+            "Dr Bones (PEER-MS, unverified)",
+        ]
         svg = svg_text(app)
         assert "St Elsewhere" in svg
         assert "CT 24 im 67Y F" in svg

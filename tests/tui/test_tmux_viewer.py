@@ -33,6 +33,12 @@ def study(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
         timeout=60,
     )
     generate_ct(tmp_path / "ct", slices=4, rows=64)
+    subprocess.run(  # the study in the home's store, as a PACS or `radmesh import` puts it
+        [str(RADMESH), "--home", str(home), "import", str(tmp_path / "ct")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     name = f"radmesh-test-{uuid.uuid4().hex[:8]}"
     yield name, home, tmp_path / "ct"
     subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True, timeout=10)
@@ -52,7 +58,7 @@ def test_the_viewer_fills_the_terminal_and_shows_its_overlay(
     # COLUMNS/LINES reach the pane from the environment pytest runs in (80 and 24), and the
     # app would take them over the pane's own size.
     radmesh = f"env -u COLUMNS -u LINES {RADMESH} --home {home}"
-    command = f"{radmesh} tui --dicom {ct} --graphics halfblock; sleep 30"
+    command = f"{radmesh} tui --graphics halfblock; sleep 30"
     tmux("new-session", "-d", "-s", name, "-x", str(columns), "-y", str(rows), command)
     wait_for(name, "Tmux Node")
     tmux("send-keys", "-t", name, "F3")

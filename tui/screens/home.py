@@ -59,12 +59,18 @@ def peer_cell(c: ConsultItem) -> Text:
 
 
 def site_cell(c: ConsultItem, width: int) -> Text:
-    """The other side's institution with this node's trust in its key, marked as the Peers
-    screen marks it: the institution is what the peer publishes, the badge is ours. Without
-    a published institution, the short id stands in."""
+    """The other side's institution with its short id and this node's trust in its key,
+    marked as the Peers screen marks it: the institution is only what the peer publishes
+    (anyone can publish any name), the id and the badge are what tell two apart."""
     badge = TRUST_MARK.get(c.peer_trust, c.peer_trust) if c.peer_trust else ""
-    room = max(4, width - len(badge) - 1)
-    text = safe_text.line(c.peer_institution or c.peer, room)
+    short = safe_text.plain(c.peer, 16)
+    room = width - len(badge) - len(short) - 2
+    if not c.peer_institution or room < 4:  # narrow: the id and the badge, never the name alone
+        text = safe_text.name(short)
+    else:
+        text = safe_text.line(c.peer_institution, room)
+        text.append(" ")
+        text.append(safe_text.name(short, style="dim"))
     if badge:
         text.append(" ")
         text.append(safe_text.name(badge, style=safe_text.TRUST_STYLE.get(c.peer_trust, "")))
@@ -93,13 +99,13 @@ WORKLIST_COLUMNS = (
     Column("dir", "", 1),
     Column("priority", "priority", 8),
     Column("question", "question", 0),
-    Column("site", "institution", 26),
+    Column("site", "institution", 34),
     Column("study", "study", 15, 110),
-    Column("peer", "peer", 30, 160),
+    Column("peer", "peer", 36, 170),
     Column("state", "state", 12),
     Column("due", "due", 9),
 )
-NARROW_SITE = 18  # the institution column below NARROW_SCREEN
+NARROW_SITE = 20  # the institution column below NARROW_SCREEN
 NARROW_SCREEN = 100
 MIN_QUESTION = 16
 
