@@ -54,7 +54,7 @@ def image_width(screen: str) -> int:
 def test_the_viewer_fills_the_terminal_and_shows_its_overlay(
     study: tuple[str, Path, Path], columns: int, rows: int, narrowest: int
 ) -> None:
-    name, home, ct = study
+    name, home, _ = study
     # COLUMNS/LINES reach the pane from the environment pytest runs in (80 and 24), and the
     # app would take them over the pane's own size.
     radmesh = f"env -u COLUMNS -u LINES {RADMESH} --home {home}"
