@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from textual.app import App
 from textual.binding import Binding
 from textual.notifications import SeverityLevel
+from textual.screen import Screen
 
 from node.core.display import MAX_NAME_CHARS, printable
 from tui.facade import NodeFacade
@@ -40,6 +41,16 @@ class RadmeshApp(App[None]):
         self.node = node
         # Disk and network calls run here, never on the UI loop; shut down with the app.
         self._executor = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="radmesh-tui")
+
+    @property
+    def _background_screens(self) -> list[Screen[Any]]:
+        """Screens that show through the top one: none under an opaque screen. Textual counts
+        the screen under it too, so Home's timers (its refresh, a progress bar) repainted the
+        whole viewer over a terminal that showed none of Home, every second."""
+        stack = self._screen_stack
+        if stack and stack[-1].styles.background.a == 1:
+            return []
+        return super()._background_screens
 
     def on_mount(self) -> None:
         self.install_screen(HomeScreen(self.node), "home")
