@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from rich.color import ColorSystem
 from textual.app import App
 from textual.binding import Binding
 from textual.notifications import SeverityLevel
@@ -23,6 +25,7 @@ MAX_NOTIFICATION_CHARS = 500
 
 T = TypeVar("T")
 BLOCKING_THREADS = 2
+LOW_BANDWIDTH_ENV = "RADMESH_LOW_BANDWIDTH"
 
 
 class RadmeshApp(App[None]):
@@ -36,9 +39,16 @@ class RadmeshApp(App[None]):
         Binding("ctrl+q", "quit", "quit"),
     ]
 
-    def __init__(self, node: NodeFacade) -> None:
+    def __init__(self, node: NodeFacade, *, low_bandwidth: bool | None = None) -> None:
         super().__init__()
         self.node = node
+        # --low-bandwidth (or RADMESH_LOW_BANDWIDTH=1): 256 colours at most, and the viewer
+        # paints less while slices go by fast (tui.widgets.image_view).
+        if low_bandwidth is None:
+            low_bandwidth = os.environ.get(LOW_BANDWIDTH_ENV, "") not in ("", "0")
+        self.low_bandwidth = low_bandwidth
+        if low_bandwidth and self.console._color_system == ColorSystem.TRUECOLOR:
+            self.console._color_system = ColorSystem.EIGHT_BIT  # what Textual writes with
         # Disk and network calls run here, never on the UI loop; shut down with the app.
         self._executor = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="radmesh-tui")
 

@@ -259,6 +259,19 @@ def render_grey(
     return grey
 
 
+def blocks(grey: Grey, size: int) -> Grey:
+    """The grid in size x size blocks, each the mean of its pixels (a ragged right or
+    bottom edge is kept as it is): coarse, but cheap to send as terminal cells."""
+    h, w = grey.shape
+    bh, bw = h - h % size, w - w % size
+    out = grey.copy()
+    if bh and bw:
+        means = grey[:bh, :bw].reshape(bh // size, size, bw // size, size).mean(axis=(1, 3))
+        block = np.rint(means).astype(np.uint8)
+        out[:bh, :bw] = np.repeat(np.repeat(block, size, axis=0), size, axis=1)
+    return out
+
+
 def to_rgb(grey: Grey) -> npt.NDArray[np.uint8]:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
