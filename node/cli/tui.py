@@ -35,11 +35,18 @@ def _local(args: argparse.Namespace, home: NodeHome) -> int:
         config = home.load_config()
         identity = load_identity(home.key_path)
     node = LocalNode(home, identity, config, [Path(d) for d in args.dicom or []])
-    RadmeshApp(node).run()
+    RadmeshApp(node, low_bandwidth=_low_bandwidth(args)).run()
     return 0
 
 
-async def _with_node(home: NodeHome, identity: Identity, config: NodeConfig) -> None:
+def _low_bandwidth(args: argparse.Namespace) -> bool | None:
+    """--low-bandwidth, else None: the app then reads RADMESH_LOW_BANDWIDTH."""
+    return True if getattr(args, "low_bandwidth", False) else None
+
+
+async def _with_node(
+    home: NodeHome, identity: Identity, config: NodeConfig, low_bandwidth: bool | None = None
+) -> None:
     from node.app import workflow
     from node.app.runtime import NodeRuntime
     from tui.app import RadmeshApp
@@ -49,7 +56,7 @@ async def _with_node(home: NodeHome, identity: Identity, config: NodeConfig) -> 
     await runtime.start()
     workflow.install(runtime)  # serve fetches, file reports and reviews, resume fetches
     try:
-        await RadmeshApp(RuntimeNode(runtime)).run_async()
+        await RadmeshApp(RuntimeNode(runtime), low_bandwidth=low_bandwidth).run_async()
     finally:
         await runtime.stop()
 
@@ -88,7 +95,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, network=network)
     identity = load_identity(home.key_path)
     try:
-        asyncio.run(_with_node(home, identity, config))
+        asyncio.run(_with_node(home, identity, config, _low_bandwidth(args)))
     except (NodeError, OSError) as exc:
         print(f"the node could not start: {exc}", file=sys.stderr)
         return 1
@@ -120,4 +127,14 @@ def register(sub: Any) -> None:
         help="how the viewer draws images (default: auto, or $RADMESH_GRAPHICS): kitty graphics "
         "or sixel at full resolution where the terminal supports them, else half-block cells",
     )
+    add_low_bandwidth(p)
     p.set_defaults(handler=cmd_tui)
+
+
+def add_low_bandwidth(p: Any) -> None:
+    p.add_argument(
+        "--low-bandwidth",
+        action="store_true",
+        help="for a slow link (SSH over a poor line): 256 colours, fewer and coarser repaints "
+        "while scrolling fast, full detail when scrolling stops (or RADMESH_LOW_BANDWIDTH=1)",
+    )
