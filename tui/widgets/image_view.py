@@ -159,6 +159,7 @@ class ImageView(Widget, can_focus=True):
         self._coarse = False
         self._pending: Timer | None = None
         self._rest: Timer | None = None
+        self._clock: Callable[[], float] = time.monotonic  # tests step it by hand
 
     @property
     def low_bandwidth(self) -> bool:
@@ -169,7 +170,7 @@ class ImageView(Widget, can_focus=True):
     # state from the screen
     def show(self, frame: Frame | None) -> None:
         if frame is not self._shown:
-            now = time.monotonic()
+            now = self._clock()
             if (
                 frame is not None
                 and self._shown is not None
@@ -209,7 +210,7 @@ class ImageView(Widget, can_focus=True):
         """Show the current state; in low bandwidth, at most ten times a second (a redraw
         asked for sooner is put off, and the latest state is shown then)."""
         if self.low_bandwidth and self.caching:
-            wait = self._last_paint + 1 / MAX_PAINTS_PER_S - time.monotonic()
+            wait = self._last_paint + 1 / MAX_PAINTS_PER_S - self._clock()
             if wait > 0:
                 if self._pending is None:
                     self._pending = self.set_timer(wait, self._paint_pending)
@@ -227,14 +228,14 @@ class ImageView(Widget, can_focus=True):
     def _at_rest(self) -> None:
         """Scrolling stopped: the slice again, in full detail."""
         self._rest = None
-        left = self._scrolling_until - time.monotonic()
+        left = self._scrolling_until - self._clock()
         if left > 0:
             self._rest = self.set_timer(left, self._at_rest)
         elif self._coarse and self.is_attached:
             self.redraw()
 
     def _paint(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._last_paint = now
         self.frames_rendered += 1
         self._coarse = (
