@@ -41,6 +41,7 @@ import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 QUIET_S = 0.35  # no output for this long: the terminal has everything for now
 SETTLE_TIMEOUT_S = 20.0
@@ -50,6 +51,7 @@ CURSOR_MOVES = 12
 BURST_KEYS = 30
 BURST_HZ = 30
 SIZES = ((200, 55), (80, 24))
+ROOT = Path(__file__).resolve().parents[1]  # the child runs `python -m bench.bench_terminal`
 
 
 @dataclass
@@ -100,6 +102,7 @@ class PtyApp:
             env=env,
             pass_fds=(ctl_r, ans_w),
             start_new_session=True,
+            cwd=ROOT,
         )
         os.close(slave)
         os.close(ctl_r)

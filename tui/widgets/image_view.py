@@ -317,8 +317,9 @@ class ImageView(Widget, can_focus=True):
             or self._base_for[1:] != key[1:]
         ):
             # Shrunk, each display pixel is the mean of the image pixels under it (what it
-            # stands for; picking one of them shows the noise of that one).
-            resample: imaging.Resample = "area" if self.caching else "nearest"
+            # stands for; picking one of them shows that one's noise, and noise is what
+            # makes neighbouring cells differ and cost their own escape codes).
+            resample: imaging.Resample = "box" if self.caching else "nearest"
             grey = imaging.render_grey(modality, geom, self.window, self.invert, resample)
             if self._coarse:
                 grey = imaging.blocks(grey, COARSE_BLOCK)
