@@ -99,11 +99,14 @@ class HalfBlockRenderer:
         self._segments: dict[int, Segment] = {}
         self._numbers: dict[int, int] = {}
 
-    def configure(self, *, palette: bool, compact: bool) -> None:
-        if (palette, compact) != (self.palette, self.compact):
-            self.palette, self.compact = palette, compact
-            self._styles.clear()
-            self._segments.clear()
+    def configure(self, *, palette: bool, compact: bool) -> bool:
+        """Switch palette/compact; True if that changed (keys from before mean nothing now)."""
+        if (palette, compact) == (self.palette, self.compact):
+            return False
+        self.palette, self.compact = palette, compact
+        self._styles.clear()
+        self._segments.clear()
+        return True
 
     def _split(self, key: int) -> tuple[int, int]:
         return (key >> 8, key & 0xFF) if self.palette else (key >> 24, key & 0xFFFFFF)

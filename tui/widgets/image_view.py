@@ -254,17 +254,13 @@ class ImageView(Widget, can_focus=True):
         rgb, labels = self._canvas(width, height, rows)
         by_row = labels_by_row(labels, height, width)
         if self._kitty is not None:
-            lines = self._kitty.lines(rgb, (width, rows))
-            sent = self._kitty.images_sent
-            self._update_rows(
-                [sent] * rows + [None] * (height - rows),
-                by_row,
-                lambda y: (
-                    self._kitty.row(lines, y, width, by_row.get(y))  # type: ignore[union-attr]
-                    if y < rows
-                    else Strip([Segment(" " * width)], width)
-                ),
-            )
+            kitty = self._kitty
+            lines = kitty.lines(rgb, (width, rows))
+
+            def kitty_row(y: int) -> Strip:
+                return kitty.row(lines, y, width, by_row.get(y))
+
+            self._update_rows([kitty.images_sent] * height, by_row, kitty_row)
         elif self._sixel is not None:
             self._sixel.encode(rgb)
             sent = self._sixel.images_sent
@@ -334,13 +330,14 @@ class ImageView(Widget, can_focus=True):
         from the first changed cell to the last)."""
         renderer = self._renderer
         palette = self.caching and self._colour_system() == "256"
-        renderer.configure(palette=palette, compact=self.caching)
+        switched = renderer.configure(palette=palette, compact=self.caching)
         keys = renderer.keys(rgb)
         renderer.prepare(keys)
         height = keys.shape[0]
         old = self._keys
         if (
             old is None
+            or switched
             or not self.caching
             or old.shape != keys.shape
             or self._signatures
