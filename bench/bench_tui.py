@@ -115,7 +115,7 @@ async def scrolling(app: RadmeshApp, node: PrecomputedNode) -> list[float]:
     await asyncio.sleep(0.2)
     requests: list[tuple[float, int]] = []
     loop_start = time.perf_counter()
-    count = int(SCROLL_HZ * SCROLL_S)
+    count = min(int(SCROLL_HZ * SCROLL_S), SLICES - 1)  # a step past the last paints nothing
     for i in range(count):
         delay = loop_start + i / SCROLL_HZ - time.perf_counter()
         if delay > 0:
