@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from textual.strip import Strip
 from bench.bench_terminal import pty_app
 from consult.presence import Cursor
 from crypto.identity import Identity
+from node.cli import main
 from tui.app import RadmeshApp
 from tui.facade import Frame
 from tui.halfblock import UPPER_HALF, HalfBlockRenderer
@@ -307,3 +309,28 @@ def test_an_idle_viewer_writes_nothing_to_its_terminal() -> None:
         app.settle()
         assert app.total > before  # the canary arrived: the app was alive and drawing
         assert idle == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["--low-bandwidth"], None, True),
+        ([], "1", True),
+        ([], None, False),
+    ],
+)
+def test_radmesh_tui_low_bandwidth_reaches_the_app(
+    argv: list[str],
+    env: str | None,
+    expected: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    opened: list[bool] = []
+    monkeypatch.setattr(RadmeshApp, "run", lambda self: opened.append(self.low_bandwidth))
+    monkeypatch.setenv("RADMESH_GRAPHICS", "halfblock")
+    monkeypatch.delenv("RADMESH_LOW_BANDWIDTH", raising=False)
+    if env is not None:
+        monkeypatch.setenv("RADMESH_LOW_BANDWIDTH", env)
+    assert main(["--home", str(tmp_path / "nowhere"), "tui", "--local", *argv]) == 0
+    assert opened == [expected]
