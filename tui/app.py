@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from rich.color import ColorSystem
 from textual.app import App
 from textual.binding import Binding
 from textual.notifications import SeverityLevel
+from textual.screen import Screen
 
 from node.core.display import MAX_NAME_CHARS, printable
 from tui.facade import NodeFacade
@@ -22,6 +25,7 @@ MAX_NOTIFICATION_CHARS = 500
 
 T = TypeVar("T")
 BLOCKING_THREADS = 2
+LOW_BANDWIDTH_ENV = "RADMESH_LOW_BANDWIDTH"
 
 
 class RadmeshApp(App[None]):
@@ -35,11 +39,28 @@ class RadmeshApp(App[None]):
         Binding("ctrl+q", "quit", "quit"),
     ]
 
-    def __init__(self, node: NodeFacade) -> None:
+    def __init__(self, node: NodeFacade, *, low_bandwidth: bool | None = None) -> None:
         super().__init__()
         self.node = node
+        # --low-bandwidth (or RADMESH_LOW_BANDWIDTH=1): 256 colours at most, and the viewer
+        # paints less while slices go by fast (tui.widgets.image_view).
+        if low_bandwidth is None:
+            low_bandwidth = os.environ.get(LOW_BANDWIDTH_ENV, "") not in ("", "0")
+        self.low_bandwidth = low_bandwidth
+        if low_bandwidth and self.console._color_system == ColorSystem.TRUECOLOR:
+            self.console._color_system = ColorSystem.EIGHT_BIT  # what Textual writes with
         # Disk and network calls run here, never on the UI loop; shut down with the app.
         self._executor = ThreadPoolExecutor(BLOCKING_THREADS, thread_name_prefix="radmesh-tui")
+
+    @property
+    def _background_screens(self) -> list[Screen[Any]]:
+        """Screens that show through the top one: none under an opaque screen. Textual counts
+        the screen under it too, so Home's timers (its refresh, a progress bar) repainted the
+        whole viewer over a terminal that showed none of Home, every second."""
+        stack = self._screen_stack
+        if stack and stack[-1].styles.background.a == 1:
+            return []
+        return super()._background_screens
 
     def on_mount(self) -> None:
         self.install_screen(HomeScreen(self.node), "home")

@@ -1,11 +1,24 @@
-"""Truecolor half-block rendering: one terminal cell shows two stacked pixels.
+"""Half-block rendering: one terminal cell shows two stacked pixels.
 
 Each cell is "▀" with the foreground set to the upper pixel and the background
 to the lower one. Building a Rich ``Style`` is the slow part (it parses
-colours), so styles are cached by the packed 48-bit (upper, lower) colour pair;
+colours), so styles are cached by the packed (upper, lower) colour pair;
 a greyscale image only ever needs at most 65,536 of them. The per-frame work is
 vectorised packing, one ``np.unique`` to find new pairs, and one list
 comprehension per row.
+
+What goes to the terminal is what costs over SSH: Textual writes every segment as
+``ESC[<colours>m<text>ESC[0m``, so the renderer keeps segments few and short:
+
+- a run of equal cells is one segment;
+- a cell whose two pixels are equal is a space on that background (no foreground code,
+  one byte instead of the three of "▀");
+- on a 256-colour terminal (``palette=True``) pixels are mapped to the xterm palette
+  first, exactly as Rich would when writing them, so cells that would look the same
+  also merge into one segment instead of repeating the same escape code.
+
+The image is built row by row (:meth:`HalfBlockRenderer.row`) so a view can rebuild only
+the rows that changed.
 """
 
 from __future__ import annotations
@@ -14,7 +27,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import numpy.typing as npt
-from rich.color import Color
+from rich.color import Color, ColorSystem, ColorType
+from rich.color_triplet import ColorTriplet
 from rich.segment import Segment
 from rich.style import Style
 from textual.strip import Strip
@@ -23,34 +37,144 @@ from node.core.display import printable
 
 UPPER_HALF = "▀"
 MAX_CACHED_STYLES = 200_000
+CUBE_LEVELS = (0, 95, 135, 175, 215, 255)  # the xterm 256-colour cube's steps
 
 Label = tuple[str, Style]
+Keys = npt.NDArray[np.int64]
+
+
+def palette_rgb(number: int) -> tuple[int, int, int]:
+    """The RGB an xterm-256 colour number stands for (16..255)."""
+    if number >= 232:
+        v = 8 + 10 * (number - 232)
+        return v, v, v
+    n = number - 16
+    return CUBE_LEVELS[n // 36], CUBE_LEVELS[(n // 6) % 6], CUBE_LEVELS[n % 6]
+
+
+def palette_colour(number: int) -> Color:
+    """An 8-bit colour that carries its RGB too: Textual's ANSI filter would otherwise turn
+    a colour without one into truecolor, and the number would be lost on the way out."""
+    return Color(
+        f"color({number})", ColorType.EIGHT_BIT, number, ColorTriplet(*palette_rgb(number))
+    )
+
+
+def palette_numbers(rgb: npt.NDArray[np.uint8], cache: dict[int, int]) -> Keys:
+    """xterm-256 colour number of each pixel (h, w), as Rich downgrades truecolor: greys to
+    the grey ramp (26 levels, black and white from the cube), colours to the cube."""
+    r = rgb[..., 0].astype(np.int64)
+    g = rgb[..., 1].astype(np.int64)
+    b = rgb[..., 2].astype(np.int64)
+    level = np.rint(r * (25.0 / 255.0)).astype(np.int64)
+    numbers: Keys = np.where(level == 0, 16, np.where(level == 25, 231, 231 + level))
+    coloured = (r != g) | (g != b)
+    if coloured.any():
+        packed = (r[coloured] << 16) | (g[coloured] << 8) | b[coloured]
+        unique, inverse = np.unique(packed, return_inverse=True)
+        mapped = []
+        for value in unique.tolist():
+            number = cache.get(value)
+            if number is None:
+                colour = Color.from_rgb(value >> 16, (value >> 8) & 0xFF, value & 0xFF)
+                number = colour.downgrade(ColorSystem.EIGHT_BIT).number or 16
+                cache[value] = number
+            mapped.append(number)
+        numbers[coloured] = np.asarray(mapped, dtype=np.int64)[inverse.reshape(-1)]
+    return numbers
 
 
 class HalfBlockRenderer:
-    """Turns an (h, w, 3) uint8 RGB array into one Textual ``Strip`` per cell row."""
+    """Turns an (h, w, 3) uint8 RGB array into one Textual ``Strip`` per cell row.
 
-    def __init__(self) -> None:
+    ``palette``: map to the xterm-256 palette first (a 256-colour terminal); ``compact``
+    False writes every cell as "▀" (how this renderer worked before; the terminal
+    benchmark's baseline).
+    """
+
+    def __init__(self, *, palette: bool = False, compact: bool = True) -> None:
+        self.palette = palette
+        self.compact = compact
         self._styles: dict[int, Style] = {}
         self._segments: dict[int, Segment] = {}
+        self._numbers: dict[int, int] = {}
+
+    def configure(self, *, palette: bool, compact: bool) -> bool:
+        """Switch palette/compact; True if that changed (keys from before mean nothing now)."""
+        if (palette, compact) == (self.palette, self.compact):
+            return False
+        self.palette, self.compact = palette, compact
+        self._styles.clear()
+        self._segments.clear()
+        return True
+
+    def _split(self, key: int) -> tuple[int, int]:
+        return (key >> 8, key & 0xFF) if self.palette else (key >> 24, key & 0xFFFFFF)
+
+    def _colour(self, value: int) -> Color:
+        if self.palette:
+            return palette_colour(value)
+        return Color.from_rgb(value >> 16, (value >> 8) & 0xFF, value & 0xFF)
 
     def _style_for(self, key: int) -> Style:
-        up, low = key >> 24, key & 0xFFFFFF
-        return Style(
-            color=Color.from_rgb(up >> 16, (up >> 8) & 0xFF, up & 0xFF),
-            bgcolor=Color.from_rgb(low >> 16, (low >> 8) & 0xFF, low & 0xFF),
-        )
+        up, low = self._split(key)
+        if up == low and self.compact:
+            return Style(bgcolor=self._colour(low))
+        return Style(color=self._colour(up), bgcolor=self._colour(low))
 
-    def keys(self, rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
-        """Packed (upper << 24 | lower) colour per cell, shape (h // 2, w)."""
+    def _glyph(self, key: int) -> str:
+        up, low = self._split(key)
+        return " " if up == low and self.compact else UPPER_HALF
+
+    def keys(self, rgb: npt.NDArray[np.uint8]) -> Keys:
+        """Packed (upper, lower) colour per cell, shape (h // 2, w)."""
         h = rgb.shape[0] - rgb.shape[0] % 2
+        if self.palette:
+            numbers = palette_numbers(rgb[:h], self._numbers)
+            paired: Keys = (numbers[0::2] << 8) | numbers[1::2]
+            return paired
         packed = (
             (rgb[:h, :, 0].astype(np.int64) << 16)
             | (rgb[:h, :, 1].astype(np.int64) << 8)
             | rgb[:h, :, 2].astype(np.int64)
         )
-        result: npt.NDArray[np.int64] = (packed[0::2] << 24) | packed[1::2]
+        result: Keys = (packed[0::2] << 24) | packed[1::2]
         return result
+
+    def prepare(self, keys: Keys) -> None:
+        """Build the styles of colour pairs not seen yet (once per frame, vectorised)."""
+        styles = self._styles
+        if len(styles) > MAX_CACHED_STYLES:
+            styles.clear()
+            self._segments.clear()
+        for key in np.unique(keys).tolist():
+            if key not in styles:
+                styles[key] = self._style_for(key)
+                self._segments[key] = Segment(self._glyph(key), styles[key])
+
+    def row(self, keys: npt.NDArray[np.int64], labels: Mapping[int, Label] | None = None) -> Strip:
+        """One cell row from its keys (after :meth:`prepare`); ``labels``: column -> text cell."""
+        width = len(keys)
+        styles, segments_of = self._styles, self._segments
+        if labels:
+            row_segments = [segments_of[k] for k in keys.tolist()]
+            for col, (char, style) in labels.items():
+                if 0 <= col < width:
+                    row_segments[col] = Segment(char[:1] or " ", style)
+            return Strip(Segment.simplify(row_segments), width)
+        # Runs of equal cells become one segment: background and flat regions are cheap.
+        change = np.ones(width, dtype=bool)
+        change[1:] = keys[1:] != keys[:-1]
+        starts = np.flatnonzero(change).tolist()
+        run_keys = keys[starts].tolist()
+        ends = [*starts[1:], width]
+        return Strip(
+            [
+                segments_of[k] if e - s == 1 else Segment(segments_of[k].text * (e - s), styles[k])
+                for k, s, e in zip(run_keys, starts, ends, strict=True)
+            ],
+            width,
+        )
 
     def strips(
         self,
@@ -59,40 +183,21 @@ class HalfBlockRenderer:
     ) -> list[Strip]:
         """``labels`` maps (row, col) cells to a character and style drawn on top."""
         keys = self.keys(rgb)
-        styles = self._styles
-        if len(styles) > MAX_CACHED_STYLES:
-            styles.clear()
-            self._segments.clear()
-        segments_of = self._segments
-        for key in np.unique(keys).tolist():
-            if key not in styles:
-                styles[key] = self._style_for(key)
-                segments_of[key] = Segment(UPPER_HALF, styles[key])
+        self.prepare(keys)
         height, width = keys.shape
-        by_row: dict[int, list[tuple[int, Label]]] = {}
-        for (row, col), label in (labels or {}).items():
-            if 0 <= col < width and 0 <= row < height:
-                by_row.setdefault(row, []).append((col, label))
-        # Runs of equal cells become one segment: background and flat regions are cheap.
-        change = np.ones((height, width), dtype=bool)
-        change[:, 1:] = keys[:, 1:] != keys[:, :-1]
-        result = []
-        for row in range(height):
-            if row in by_row:
-                row_segments = [segments_of[k] for k in keys[row].tolist()]
-                for col, (char, style) in by_row[row]:
-                    row_segments[col] = Segment(char[:1] or " ", style)
-                result.append(Strip(Segment.simplify(row_segments), width))
-                continue
-            starts = np.flatnonzero(change[row]).tolist()
-            run_keys = keys[row, starts].tolist()
-            ends = [*starts[1:], width]
-            row_segments = [
-                segments_of[k] if e - s == 1 else Segment(UPPER_HALF * (e - s), styles[k])
-                for k, s, e in zip(run_keys, starts, ends, strict=True)
-            ]
-            result.append(Strip(row_segments, width))
-        return result
+        by_row = labels_by_row(labels or {}, height, width)
+        return [self.row(keys[row], by_row.get(row)) for row in range(height)]
+
+
+def labels_by_row(
+    labels: Mapping[tuple[int, int], Label], height: int, width: int
+) -> dict[int, dict[int, Label]]:
+    """Labels inside a height x width grid, as row -> column -> label."""
+    by_row: dict[int, dict[int, Label]] = {}
+    for (row, col), label in labels.items():
+        if 0 <= col < width and 0 <= row < height:
+            by_row.setdefault(row, {})[col] = label
+    return by_row
 
 
 def label_cells(

@@ -25,7 +25,7 @@ Grey = npt.NDArray[np.uint8]
 Floats = npt.NDArray[np.float32]
 RGB = tuple[int, int, int]
 Point = tuple[float, float]
-Resample = Literal["nearest", "area"]
+Resample = Literal["nearest", "area", "box"]
 
 MIN_ZOOM = 0.25
 MAX_ZOOM = 16.0
@@ -200,7 +200,10 @@ def resample(modality: Floats, geom: Geometry, mode: Resample = "nearest") -> tu
 
     ``nearest`` picks the pixel under each display pixel centre; ``area`` averages
     every image pixel whose centre falls in the display pixel's footprint (used
-    when the image is shrunk, so fine detail averages instead of aliasing).
+    when the image is shrunk, so fine detail averages instead of aliasing);
+    ``box``, for the viewer on every slice step, is nearly that at a tenth of the
+    cost: the image in tiles of the largest whole number of pixels a display pixel
+    spans, each display pixel the mean of the tile under its centre.
     """
     rows, cols = modality.shape
     xs, ys = geom.sample_axes()
@@ -210,11 +213,31 @@ def resample(modality: Floats, geom: Geometry, mode: Resample = "nearest") -> tu
     oky = (iy >= 0) & (iy < rows)
     mask = oky[:, None] & okx[None, :]
     sx, sy = geom.scale
+    block = int(1 / max(sx, sy)) if sx < 1 and sy < 1 else 1
     if mode == "area" and (sx < 1 or sy < 1):
         out = _area_average(modality, xs, ys, sx, sy)
+    elif mode == "box" and block >= 2 and rows >= block and cols >= block:
+        # Each display pixel: the mean of the block x block tile under its centre.
+        means = block_means(modality, block)
+        by, bx = (
+            np.clip(iy // block, 0, means.shape[0] - 1),
+            np.clip(ix // block, 0, means.shape[1] - 1),
+        )
+        out = means[by[:, None], bx[None, :]]
     else:
         out = modality[np.clip(iy, 0, rows - 1)[:, None], np.clip(ix, 0, cols - 1)[None, :]]
     return out, mask
+
+
+def block_means(values: Floats, block: int) -> Floats:
+    """Means of block x block tiles (a ragged right or bottom edge is left out)."""
+    rows, cols = values.shape[0] // block * block, values.shape[1] // block * block
+    total = np.zeros((rows // block, cols // block), dtype=np.float32)
+    for dy in range(block):
+        for dx in range(block):
+            total += values[dy:rows:block, dx:cols:block]
+    total *= np.float32(1.0 / (block * block))
+    return total
 
 
 def _area_average(
@@ -257,6 +280,19 @@ def render_grey(
     grey = voi_linear(values, window, invert)
     grey[~mask] = 0
     return grey
+
+
+def blocks(grey: Grey, size: int) -> Grey:
+    """The grid in size x size blocks, each the mean of its pixels (a ragged right or
+    bottom edge is kept as it is): coarse, but cheap to send as terminal cells."""
+    h, w = grey.shape
+    bh, bw = h - h % size, w - w % size
+    out = grey.copy()
+    if bh and bw:
+        means = grey[:bh, :bw].reshape(bh // size, size, bw // size, size).mean(axis=(1, 3))
+        block = np.rint(means).astype(np.uint8)
+        out[:bh, :bw] = np.repeat(np.repeat(block, size, axis=0), size, axis=1)
+    return out
 
 
 def to_rgb(grey: Grey) -> npt.NDArray[np.uint8]:

@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crypto.safety import safety_number
+from node.cli.tui import add_low_bandwidth
 from node.core.config import NodeConfig
 
 if TYPE_CHECKING:
     pass
 
 
-async def run_interactive(root: Path, *, slices: int, rows: int, with_pacs: bool) -> int:
+async def run_interactive(
+    root: Path, *, slices: int, rows: int, with_pacs: bool, low_bandwidth: bool | None = None
+) -> int:
     """Send the STAT request, then open the TUI as the neuroradiologist: the request waits
     in the worklist; once accepted and fetched, the scripted surgeon joins a live session."""
     import asyncio
@@ -41,7 +44,8 @@ async def run_interactive(root: Path, *, slices: int, rows: int, with_pacs: bool
         with (root / "demo.log").open("a") as steps:
             net.out = steps
             surgeon = asyncio.create_task(surgeon_when_ready(net, requested, rows))
-            await RadmeshApp(RuntimeNode(net.nodes["neurorad"])).run_async()
+            node = RuntimeNode(net.nodes["neurorad"])
+            await RadmeshApp(node, low_bandwidth=low_bandwidth).run_async()
             if surgeon is not None:
                 surgeon.cancel()
                 await asyncio.gather(surgeon, return_exceptions=True)
@@ -84,7 +88,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         import asyncio
 
         return asyncio.run(
-            run_interactive(root, slices=args.slices, rows=args.rows, with_pacs=not args.no_pacs)
+            run_interactive(
+                root,
+                slices=args.slices,
+                rows=args.rows,
+                with_pacs=not args.no_pacs,
+                low_bandwidth=True if args.low_bandwidth else None,
+            )
         )
     if args.fresh and root.exists():
         shutil.rmtree(root)
@@ -130,4 +140,5 @@ def register(sub: Any) -> None:
     p.add_argument("--slices", type=int, default=40, help="CT slices in the demo study")
     p.add_argument("--rows", type=int, default=512, help="CT matrix size (rows = columns)")
     p.add_argument("--no-pacs", action="store_true", help="do not start Orthanc as the PACS")
+    add_low_bandwidth(p)
     p.set_defaults(handler=cmd_demo)

@@ -20,7 +20,14 @@ from node.core.errors import NodeError
 from node.core.keystore import load_identity
 
 
-async def _with_node(home: NodeHome, identity: Identity, config: NodeConfig) -> None:
+def _low_bandwidth(args: argparse.Namespace) -> bool | None:
+    """--low-bandwidth, else None: the app then reads RADMESH_LOW_BANDWIDTH."""
+    return True if getattr(args, "low_bandwidth", False) else None
+
+
+async def _with_node(
+    home: NodeHome, identity: Identity, config: NodeConfig, low_bandwidth: bool | None = None
+) -> None:
     from node.app.runtime import NodeRuntime
     from tui.app import RadmeshApp
     from tui.node_facade import RuntimeNode
@@ -28,7 +35,7 @@ async def _with_node(home: NodeHome, identity: Identity, config: NodeConfig) -> 
     runtime = NodeRuntime(home, identity, config, control=True)  # radmesh commands reach it
     await runtime.start()  # its services too: serve fetches, file reports, resume fetches
     try:
-        await RadmeshApp(RuntimeNode(runtime)).run_async()
+        await RadmeshApp(RuntimeNode(runtime), low_bandwidth=low_bandwidth).run_async()
     finally:
         await runtime.stop()
 
@@ -64,7 +71,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, network=network)
     identity = load_identity(home.key_path)
     try:
-        asyncio.run(_with_node(home, identity, config))
+        asyncio.run(_with_node(home, identity, config, _low_bandwidth(args)))
     except (NodeError, OSError) as exc:
         print(f"the node could not start: {exc}", file=sys.stderr)
         return 1
@@ -85,4 +92,14 @@ def register(sub: Any) -> None:
         help="how the viewer draws images (default: auto, or $RADMESH_GRAPHICS): kitty graphics "
         "or sixel at full resolution where the terminal supports them, else half-block cells",
     )
+    add_low_bandwidth(p)
     p.set_defaults(handler=cmd_tui)
+
+
+def add_low_bandwidth(p: Any) -> None:
+    p.add_argument(
+        "--low-bandwidth",
+        action="store_true",
+        help="for a slow link (SSH over a poor line): 256 colours, fewer and coarser repaints "
+        "while scrolling fast, full detail when scrolling stops (or RADMESH_LOW_BANDWIDTH=1)",
+    )

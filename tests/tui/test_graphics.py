@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.cells import cell_len
 from textual.app import App, ComposeResult
 
 from node.cli import main
@@ -174,6 +175,42 @@ async def test_a_redraw_with_the_same_pixels_does_not_send_the_image_again(
         assert "x 12.0 mm" in "\n".join(lines_of(view))
         view.window = Window(400, 1800)  # new pixels: a new image
         view.redraw()
+        await pilot.pause()
+        assert images.images_sent == 2
+
+
+@pytest.mark.parametrize("mode", ["kitty", "sixel"])
+async def test_a_cursor_moving_over_a_picture_does_not_send_it_again(
+    mode: Mode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "__stdout__", io.StringIO())
+    app = ViewApp(mode)
+    async with app.run_test(size=(40, 12)) as pilot:
+        await pilot.pause()
+        view = app.query_one(ImageView)
+        images = view._kitty or view._sixel
+        assert images is not None
+        assert images.images_sent == 1
+        for x in (10.0, 20.0, 40.0):  # a remote participant's cursor moving
+            view.marks = (Mark("cursor", ((x, 30.0),), "#ff00ff", "Dr Neuro"),)
+            view.redraw()
+            await pilot.pause()
+        assert images.images_sent == 1
+        text = "\n".join(lines_of(view))
+        if mode == "kitty":  # the cursor is a cell over the image, beside its name
+            geom = view.geometry()
+            assert geom is not None
+            col, row = geom.image_to_cell((40.0, 30.0))
+            at = 0  # the cell where the "+" is (a kitty placeholder is 4 code points)
+            for segment in view.render_line(row):
+                if segment.text == "+":
+                    break
+                at += cell_len(segment.text)
+            assert at == col
+        else:  # named in the band under the picture
+            assert "cursors: +Dr Neuro" in text
+        view.marks = (Mark("arrow", ((5.0, 5.0), (30.0, 30.0)), "#ffff00"),)
+        view.redraw()  # an annotation is drawn into the picture: a new one goes out
         await pilot.pause()
         assert images.images_sent == 2
 

@@ -16,7 +16,8 @@ def test_each_cell_shows_the_upper_pixel_as_fg_and_the_lower_as_bg() -> None:
     rgb[1, 1] = (10, 20, 30)
     (strip,) = HalfBlockRenderer().strips(rgb)
     segs = list(strip)
-    assert [s.text for s in segs] == [UPPER_HALF, UPPER_HALF]
+    # A cell whose two pixels are equal is a space on that colour: no foreground to send.
+    assert [s.text for s in segs] == [UPPER_HALF, " "]
     first = segs[0].style
     assert first is not None
     assert first.color is not None
@@ -27,6 +28,7 @@ def test_each_cell_shows_the_upper_pixel_as_fg_and_the_lower_as_bg() -> None:
     assert second is not None
     assert second.bgcolor is not None
     assert second.bgcolor.get_truecolor() == (10, 20, 30)
+    assert second.color is None
     assert strip.cell_length == 2
 
 
@@ -45,6 +47,7 @@ def test_styles_are_reused_across_frames() -> None:
 
 def test_labels_replace_cells_and_are_clipped_to_the_width() -> None:
     rgb = np.zeros((2, 4, 3), dtype=np.uint8)
+    rgb[0] = 255  # white over black: every cell a "▀"
     tag = Style(color="yellow")
     labels = label_cells("alice", 0, 2, tag, 4)
     (strip,) = HalfBlockRenderer().strips(rgb, labels)

@@ -99,6 +99,21 @@ def test_area_resampling_averages_each_block_when_shrinking() -> None:
     assert values.tolist() == expected.tolist()  # [[2.5, 4.5], [10.5, 12.5]]
 
 
+def test_box_resampling_is_the_area_mean_when_tiles_fit_and_near_it_when_not() -> None:
+    img = np.random.default_rng(5).normal(40, 20, (64, 64)).astype(np.float32)
+    aligned = Geometry((64, 64), (16, 16))  # 4 image pixels a display pixel: 4x4 tiles
+    box, _ = imaging.resample(img, aligned, "box")
+    area, _ = imaging.resample(img, aligned, "area")
+    assert np.allclose(box, area, atol=1e-4)
+    assert np.allclose(box, img.reshape(16, 4, 16, 4).mean(axis=(1, 3)), atol=1e-4)
+    ragged = Geometry((64, 64), (19, 19))  # 3.4 pixels: 3x3 tiles under each centre
+    box, mask = imaging.resample(img, ragged, "box")
+    area, _ = imaging.resample(img, ragged, "area")
+    assert mask.all()
+    assert np.abs(box - area).mean() < 0.5 * np.abs(img - 40).mean()  # near, not the noise
+    assert np.abs(box - 40).std() < 0.5 * np.abs(img - 40).std()  # averaged, not picked
+
+
 def test_outside_the_image_is_black_when_zoomed_out() -> None:
     img = np.full((10, 10), 1000.0, dtype=np.float32)
     grey = imaging.render_grey(img, Geometry((10, 10), (20, 20), zoom=0.5), Window(0, 100))

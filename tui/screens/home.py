@@ -152,6 +152,7 @@ class HomeScreen(Screen[None]):
         self.items: list[ConsultItem] = []
         self._transfer_ids: list[str] | None = None
         self.columns: list[tuple[Column, int]] = []
+        self._shown: tuple[object, ...] | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -208,10 +209,25 @@ class HomeScreen(Screen[None]):
     def _tick(self) -> None:
         # Another screen is up (it refreshes on resume), or the app is closing and tearing the
         # widgets down under the timer: a query would then find nothing.
-        if self.is_attached and self.is_current:
+        if self.is_attached and self.is_current and self._snapshot() != self._shown:
             self.refresh_data()
 
+    def _snapshot(self) -> tuple[object, ...]:
+        """What the screen shows: redrawn only when this changed (each redraw rewrites the
+        worklist and the transfers on the terminal, which over SSH is every second)."""
+        now, consults = time.time(), self.node.consults()
+        return (
+            self.node.status(),
+            consults,
+            [countdown(c.deadline, now) for c in consults],
+            self.node.transfers(),
+            self.node.notifications(),
+            self.node.critical_alerts(),
+            len(self.node.guest_proposals()),
+        )
+
     def refresh_data(self) -> None:
+        self._shown = self._snapshot()
         status = self.node.status()
         ident = Text()
         ident.append(safe_text.name(status.display_name, style="bold"))
@@ -261,6 +277,7 @@ class HomeScreen(Screen[None]):
         ids = [t.transfer_id for t in transfers]
         if ids != self._transfer_ids:  # new or gone: rebuild; else update in place
             self._transfer_ids = ids
+            self._shown = None  # bars just mounted take their values on the next refresh
             box.remove_children()
             if not transfers:
                 box.mount(Static("none", classes="transfer-line"))

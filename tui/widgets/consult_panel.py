@@ -78,6 +78,7 @@ class ConsultPanel(Vertical):
         self.session = session
         self.selected: str | None = None
         self.trust_of: TrustOf = trust_of or (lambda node: "")
+        self._shown: dict[str, Text | str] = {}
 
     def compose(self) -> ComposeResult:
         yield Static(id="participants")
@@ -114,14 +115,14 @@ class ConsultPanel(Vertical):
             if p.following or (index == 0 and s.following()):
                 flags += " following"
             people.append(f" ● {names[p.node]}{flags}\n", style=colour(p.colour))
-        self.query_one("#participants", Static).update(people)
+        self._show("participants", people)
         marks = Text("Annotations (click or [ ] select, x remove)\n", style="bold")
         for a in s.annotations():
             chosen = a.id == self.selected
             line = f"{'▶' if chosen else ' '}{self.who(a.author, names)}: {describe(a)}"
             frame = f" (fr {a.frame + 1})" if a.frame else ""
             marks.append(line + frame + "\n", style="reverse" if chosen else "")
-        self.query_one("#annotations", Static).update(marks)
+        self._show("annotations", marks)
         chat = Text("Chat\n", style="bold")
         for m in s.chat()[-50:]:
             stamp = time.strftime("%H:%M", time.localtime(m.at))
@@ -129,14 +130,21 @@ class ConsultPanel(Vertical):
             chat.append(f"{stamp} {self.who(m.author, names)}\n", style="dim")
             chat.append(safe(m.text, MAX_CHAT_CHARS))
             chat.append("\n")
-        self.query_one("#chat-log", Static).update(chat)
+        self._show("chat-log", chat)
         report = self.query_one("#report", TextArea)
         shown = report_shown(s.report_text())
         if not report.has_focus and report.text != shown:
             report.text = shown
         report.read_only = s.finalised()
         final = "FINAL — signed" if s.finalised() else "draft (F9 preview & sign)"
-        self.query_one("#final", Static).update(final)
+        self._show("final", final)
+
+    def _show(self, widget_id: str, content: Text | str) -> None:
+        """Update a part only when it changed: every move of a participant's cursor calls
+        back here, and each update repaints the part (over SSH, the panel's whole height)."""
+        if self._shown.get(widget_id) != content:
+            self._shown[widget_id] = content
+            self.query_one(f"#{widget_id}", Static).update(content)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "chat-input" and event.value.strip():

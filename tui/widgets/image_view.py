@@ -1,10 +1,20 @@
 """The image canvas: one slice, with overlays, mouse and drag.
 
-Pixels go out as truecolor half-block cells, or at full resolution through
-kitty graphics or sixel (:mod:`tui.graphics` decides). Marks (annotations,
-cursors) are drawn into the pixels in every mode; text (overlay lines, name
-tags) is drawn as cells on top of half-blocks and kitty images, and in a band
-under the image for sixel, which nothing can be drawn over.
+Pixels go out as half-block cells, or at full resolution through kitty graphics
+or sixel (:mod:`tui.graphics` decides). Annotations are drawn into the pixels in
+every mode; cursors too with half-blocks, but as a cell on top of a kitty image
+(moving one must not send the image again) and only in the text band for sixel
+(nothing can be drawn over a sixel picture without sending it again). Text
+(overlay lines, name tags) is drawn as cells on top of half-blocks and kitty
+images, and in a band under the image for sixel.
+
+Over SSH the terminal is the bottleneck, so a redraw sends only what changed:
+the slice's pixels are kept per (frame, window, geometry), marks are drawn on a
+copy, and only the cell rows whose cells changed are rebuilt and refreshed
+(Textual then writes just those lines). A remote cursor moving costs the few
+rows it crosses, not the image. In low-bandwidth mode (``--low-bandwidth``) the
+view also paints at most ten times a second, shows slices coarse (2x2 pixel
+blocks) while they arrive faster than that, and in full detail once they stop.
 
 It holds no study logic: the viewer screen gives it a frame, a window and the
 marks to draw; it reports slices to step, pointer moves, clicks and W/L drags
@@ -13,7 +23,11 @@ as messages in image coordinates.
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,17 +37,25 @@ from textual import events
 from textual.geometry import Region
 from textual.message import Message
 from textual.strip import Strip
+from textual.timer import Timer
 from textual.widget import Widget
 
 from tui import graphics, imaging
 from tui.facade import Frame
-from tui.halfblock import HalfBlockRenderer, Label, label_cells
+from tui.halfblock import HalfBlockRenderer, Keys, Label, label_cells, labels_by_row
 from tui.imaging import Geometry, Point, Window
 from tui.widgets.protocol_image import KittyImage, SixelImage
 
 TEXT_STYLE = Style(color="#ffff87", bgcolor="#000000")
 LOADING_STYLE = Style(color="#ffaf00", bgcolor="#000000", bold=True)
 WL_DRAG_SENSITIVITY = 4.0  # HU per display pixel of drag
+CURSOR_GLYPH = "+"  # a cursor over a kitty image: one cell, drawn as text
+# Low bandwidth: at most this many paints a second; slices shown closer together than
+# FAST_STEP_S are "scrolling fast" (drawn coarse) until REST_S after the last one.
+MAX_PAINTS_PER_S = 10
+FAST_STEP_S = 0.1
+REST_S = 0.3
+COARSE_BLOCK = 2
 
 
 def hex_rgb(colour: str) -> imaging.RGB:
@@ -56,6 +78,9 @@ class Mark:
 
 class ImageView(Widget, can_focus=True):
     DEFAULT_CSS = "ImageView { width: 1fr; height: 1fr; }"
+    # False: every redraw renders every row again and repaints the whole view, per-cell
+    # "▀" as before (the terminal benchmark's baseline; nothing else turns it off).
+    caching: ClassVar[bool] = True
 
     class Step(Message):
         def __init__(self, delta: int) -> None:
@@ -91,6 +116,7 @@ class ImageView(Widget, can_focus=True):
         id: str | None = None,
         mode: graphics.Mode | None = None,
         cell_pixels: tuple[int, int] | None = None,
+        low_bandwidth: bool | None = None,
     ) -> None:
         super().__init__(id=id)
         self.mode: graphics.Mode = mode or graphics.mode()
@@ -115,10 +141,43 @@ class ImageView(Widget, can_focus=True):
         self._strips: list[Strip] = []
         self._drag: tuple[float, float, Window] | None = None
         self._dragged = False
-        self.frames_rendered = 0
+        self.frames_rendered = 0  # paints (a redraw put off in low bandwidth is not one)
+        self.strips_rendered = 0  # cell rows built again (the rest were kept)
+        self._low_bandwidth = low_bandwidth  # None: as the app says
+        # What the terminal has now: per cell row, its keys (half-blocks) or a signature
+        # (kitty, sixel) and its labels; a row is sent again only when these change.
+        self._keys: Keys | None = None
+        self._signatures: list[object] = []
+        self._row_labels: list[dict[int, Label]] = []
+        # The slice's pixels before marks, for the frame and view they were computed for.
+        self._base_for: tuple[object, ...] | None = None
+        self._base: npt.NDArray[np.uint8] | None = None
+        self._shown: Frame | None = None
+        self._last_show = -math.inf
+        self._last_paint = -math.inf
+        self._scrolling_until = -math.inf
+        self._coarse = False
+        self._pending: Timer | None = None
+        self._rest: Timer | None = None
+        self._clock: Callable[[], float] = time.monotonic  # tests step it by hand
+
+    @property
+    def low_bandwidth(self) -> bool:
+        if self._low_bandwidth is None:
+            return bool(getattr(self.app, "low_bandwidth", False))
+        return self._low_bandwidth
 
     # state from the screen
     def show(self, frame: Frame | None) -> None:
+        if frame is not self._shown:
+            now = self._clock()
+            if (
+                frame is not None
+                and self._shown is not None
+                and now - self._last_show < FAST_STEP_S
+            ):
+                self._scrolling_until = now + REST_S
+            self._shown, self._last_show = frame, now
         self.frame = frame
         self._modality = frame.modality() if frame is not None else None
         self.waiting = frame is None
@@ -148,35 +207,86 @@ class ImageView(Widget, can_focus=True):
         return geom.at_most_native(cells) if self.mode == "kitty" else geom
 
     def redraw(self) -> None:
-        sixels = self._sixel.images_sent if self._sixel is not None else None
-        self._strips = self._render_strips()
-        self.frames_rendered += 1
-        width, height = self.size
-        if (
-            self._sixel is not None
-            and self._sixel.images_sent == sixels
-            and height > self._image_rows
-        ):
-            # Same picture: repaint the text band only, not the sixel data over the image.
-            self.refresh(Region(0, self._image_rows, width, height - self._image_rows))
-        else:
-            self.refresh()
+        """Show the current state; in low bandwidth, at most ten times a second (a redraw
+        asked for sooner is put off, and the latest state is shown then)."""
+        if self.low_bandwidth and self.caching:
+            wait = self._last_paint + 1 / MAX_PAINTS_PER_S - self._clock()
+            if wait > 0:
+                if self._pending is None:
+                    self._pending = self.set_timer(wait, self._paint_pending)
+                return
+        if self._pending is not None:
+            self._pending.stop()
+            self._pending = None
+        self._paint()
 
-    def _render_strips(self) -> list[Strip]:
+    def _paint_pending(self) -> None:
+        self._pending = None
+        if self.is_attached:
+            self._paint()
+
+    def _at_rest(self) -> None:
+        """Scrolling stopped: the slice again, in full detail."""
+        self._rest = None
+        left = self._scrolling_until - self._clock()
+        if left > 0:
+            self._rest = self.set_timer(left, self._at_rest)
+        elif self._coarse and self.is_attached:
+            self.redraw()
+
+    def _paint(self) -> None:
+        now = self._clock()
+        self._last_paint = now
+        self.frames_rendered += 1
+        self._coarse = (
+            self.low_bandwidth
+            and self.caching
+            and self.mode == "halfblock"
+            and now < self._scrolling_until
+        )
+        if self._coarse and self._rest is None:
+            self._rest = self.set_timer(self._scrolling_until - now, self._at_rest)
         width, height = self.size
         if width <= 0 or height <= 0:
-            return []
+            self._strips, self._keys, self._signatures = [], None, []
+            return
         rows = self._image_rows = self.image_rows()
+        rgb, labels = self._canvas(width, height, rows)
+        by_row = labels_by_row(labels, height, width)
+        if self._kitty is not None:
+            kitty = self._kitty
+            lines = kitty.lines(rgb, (width, rows))
+
+            def kitty_row(y: int) -> Strip:
+                return kitty.row(lines, y, width, by_row.get(y))
+
+            self._update_rows([kitty.images_sent] * height, by_row, kitty_row)
+        elif self._sixel is not None:
+            self._sixel.encode(rgb)
+            sent = self._sixel.images_sent
+            band = self._renderer.keys(np.zeros((2 * (height - rows), width, 3), np.uint8))
+            self._renderer.prepare(band)
+
+            def sixel_row(y: int) -> Strip:
+                if y < rows:
+                    return Strip([], width)
+                return self._renderer.row(band[y - rows], by_row.get(y))
+
+            self._update_rows([sent] * rows + [None] * (height - rows), by_row, sixel_row)
+        else:
+            self._update_cells(rgb, by_row)
+
+    def _canvas(
+        self, width: int, height: int, rows: int
+    ) -> tuple[npt.NDArray[np.uint8], dict[tuple[int, int], Label]]:
+        """The picture with its marks drawn in, and the text cells to put over it."""
         cw, ch = self.cell_pixels
         geom = self.geometry()
+        labels: dict[tuple[int, int], Label] = {}
         if geom is None or self._modality is None:
             rgb = np.zeros((ch * rows, cw * width, 3), dtype=np.uint8)
         else:
-            rgb = imaging.to_rgb(
-                imaging.render_grey(self._modality, geom, self.window, self.invert)
-            )
-        labels: dict[tuple[int, int], Label] = {}
-        if geom is not None:
+            rgb = self._pixels(self._modality, geom).copy()
             self._draw_marks(rgb, geom, labels, width)
         text_top = rows if self.mode == "sixel" else 0
         if self.mode == "sixel":
@@ -188,15 +298,116 @@ class ImageView(Widget, can_focus=True):
             labels.update(
                 label_cells(text, rows // 2, max(0, (width - len(text)) // 2), LOADING_STYLE, width)
             )
-        if self._kitty is not None:
-            return self._kitty.strips(rgb, (width, rows), labels)
-        if self._sixel is not None:
-            self._sixel.encode(rgb)
-            band = self._renderer.strips(np.zeros((2 * (height - rows), width, 3), np.uint8), {
-                (row - rows, col): label for (row, col), label in labels.items() if row >= rows
-            })  # fmt: skip
-            return [*[Strip([], width)] * rows, *band]
-        return self._renderer.strips(rgb, labels)
+        return rgb, labels
+
+    def _pixels(self, modality: npt.NDArray[np.float32], geom: Geometry) -> npt.NDArray[np.uint8]:
+        """The slice on the display grid, before marks: computed again only when the frame,
+        the window or the geometry changed (a cursor moving changes none of them)."""
+        key = (modality, geom, self.window, self.invert, self._coarse)
+        base = self._base
+        if (
+            base is None
+            or self._base_for is None
+            or not self.caching
+            or self._base_for[0] is not key[0]
+            or self._base_for[1:] != key[1:]
+        ):
+            # Shrunk, each display pixel is the mean of the image pixels under it (what it
+            # stands for; picking one of them shows that one's noise, and noise is what
+            # makes neighbouring cells differ and cost their own escape codes).
+            resample: imaging.Resample = "box" if self.caching else "nearest"
+            grey = imaging.render_grey(modality, geom, self.window, self.invert, resample)
+            if self._coarse:
+                grey = imaging.blocks(grey, COARSE_BLOCK)
+            base = self._base = imaging.to_rgb(grey)
+            self._base_for = key
+        return base
+
+    def _update_cells(
+        self, rgb: npt.NDArray[np.uint8], by_row: dict[int, dict[int, Label]]
+    ) -> None:
+        """Half-blocks: rebuild and refresh only the cells that changed (per row, the span
+        from the first changed cell to the last)."""
+        renderer = self._renderer
+        palette = self.caching and self._colour_system() == "256"
+        switched = renderer.configure(palette=palette, compact=self.caching)
+        keys = renderer.keys(rgb)
+        renderer.prepare(keys)
+        height = keys.shape[0]
+        old = self._keys
+        if (
+            old is None
+            or switched
+            or not self.caching
+            or old.shape != keys.shape
+            or self._signatures
+            or len(self._strips) != height
+        ):
+            self._strips = [renderer.row(keys[y], by_row.get(y)) for y in range(height)]
+            self.strips_rendered += height
+            self._keys, self._signatures = keys, []
+            self._row_labels = [by_row.get(y, {}) for y in range(height)]
+            self.refresh()
+            return
+        changed = keys != old
+        rows_changed = changed.any(axis=1)
+        regions = []
+        for y in range(height):
+            before, after = self._row_labels[y], by_row.get(y, {})
+            cols = np.flatnonzero(changed[y]).tolist() if rows_changed[y] else []
+            if before != after:
+                cols += [c for c in before.keys() | after.keys() if before.get(c) != after.get(c)]
+            if not cols:
+                continue
+            self._strips[y] = renderer.row(keys[y], after or None)
+            self._row_labels[y] = after
+            self.strips_rendered += 1
+            x0, x1 = min(cols), max(cols)
+            regions.append(Region(x0, y, x1 - x0 + 1, 1))
+        self._keys = keys
+        if regions:
+            self.refresh(*regions)
+
+    def _update_rows(
+        self,
+        signatures: list[object],
+        by_row: dict[int, dict[int, Label]],
+        build: Callable[[int], Strip],
+    ) -> None:
+        """kitty, sixel: rows are rebuilt and refreshed whole when their picture (which image
+        the terminal has) or their text changed; a new picture repaints the view."""
+        height = len(signatures)
+        full = (
+            not self.caching
+            or len(self._signatures) != height
+            or len(self._strips) != height
+            or signatures[:1] != self._signatures[:1]
+        )
+        labels = [by_row.get(y, {}) for y in range(height)]
+        changed = [
+            y
+            for y in range(height)
+            if full or signatures[y] != self._signatures[y] or labels[y] != self._row_labels[y]
+        ]
+        if full:
+            self._strips = [build(y) for y in range(height)]
+        else:
+            for y in changed:
+                self._strips[y] = build(y)
+        self.strips_rendered += len(changed)
+        self._signatures, self._row_labels, self._keys = signatures, labels, None
+        if full:
+            self.refresh()
+        else:
+            width = self.size.width
+            for y in changed:
+                self.refresh(Region(0, y, width, 1))
+
+    def _colour_system(self) -> str | None:
+        try:
+            return self.app.console.color_system
+        except Exception:  # no app (a view built outside one)
+            return None
 
     def _text_lines(self) -> list[str]:
         lines = list(self.overlay_lines)
@@ -220,7 +431,14 @@ class ImageView(Widget, can_focus=True):
         for mark in self.marks:
             colour = hex_rgb(mark.colour)
             pts = [geom.image_to_display(p) for p in mark.points]
-            if mark.kind in ("point", "cursor", "kbcursor"):
+            if mark.kind in ("cursor", "kbcursor") and self.mode == "kitty":
+                # A cell over the image: moving it must not send the picture again.
+                col, row = geom.image_to_cell(mark.points[0])
+                style = Style(color=mark.colour, bgcolor="#000000", bold=True)
+                labels.update(label_cells(CURSOR_GLYPH, row, col, style, width))
+            elif mark.kind == "cursor" and self.mode == "sixel":
+                pass  # named in the band: drawn in, each move would send the picture again
+            elif mark.kind in ("point", "cursor", "kbcursor"):
                 arm = round((2 if mark.kind == "point" else 3) * cw)
                 imaging.draw_cross(rgb, pts[0], colour, arm=arm)
             elif mark.kind == "arrow" and len(pts) == 2:

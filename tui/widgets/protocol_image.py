@@ -44,7 +44,9 @@ class KittyImage:
         self._console = Console(file=io.StringIO(), color_system="truecolor", width=1000)
         self.images_sent = 0
 
-    def _lines(self, rgb: npt.NDArray[np.uint8], cells: tuple[int, int]) -> list[Segment]:
+    def lines(self, rgb: npt.NDArray[np.uint8], cells: tuple[int, int]) -> list[Segment]:
+        """The placeholder line of each cell row; the image goes to the terminal only if
+        these pixels are not the ones it has already."""
         shown = self._shown
         if shown is not None and shown[1] == cells and np.array_equal(shown[0], rgb):
             return shown[2]
@@ -59,6 +61,27 @@ class KittyImage:
         self._shown = (rgb.copy(), cells, lines)
         return lines
 
+    @staticmethod
+    def row(
+        lines: list[Segment], row: int, width: int, marks: Mapping[int, Label] | None = None
+    ) -> Strip:
+        """Cell row ``row`` of the image, with ``marks`` (column -> text cell) over it."""
+        if row >= len(lines):
+            return Strip([Segment(" " * width)], width)
+        segment = lines[row]
+        text, style = segment.text.rstrip("\n"), segment.style
+        if not marks:
+            return Strip([Segment(text, style)], width)
+        pieces: list[Segment] = []
+        for col in range(width):
+            if col in marks:
+                char, label_style = marks[col]
+                pieces.append(Segment(char[:1] or " ", label_style))
+            else:
+                at = col * PLACEHOLDER_CODEPOINTS
+                pieces.append(Segment(text[at : at + PLACEHOLDER_CODEPOINTS], style))
+        return Strip(Segment.simplify(pieces), width)
+
     def strips(
         self,
         rgb: npt.NDArray[np.uint8],
@@ -66,27 +89,13 @@ class KittyImage:
         labels: Mapping[tuple[int, int], Label],
     ) -> list[Strip]:
         width, height = cells
-        lines = self._lines(rgb, cells)
+        lines = self.lines(rgb, cells)
         by_row: dict[int, dict[int, Label]] = {}
         for (row, col), label in labels.items():
             by_row.setdefault(row, {})[col] = label
-        strips = []
-        for row, segment in enumerate(lines[:height]):
-            text, style = segment.text.rstrip("\n"), segment.style
-            marks = by_row.get(row)
-            if not marks:
-                strips.append(Strip([Segment(text, style)], width))
-                continue
-            pieces: list[Segment] = []
-            for col in range(width):
-                if col in marks:
-                    char, label_style = marks[col]
-                    pieces.append(Segment(char[:1] or " ", label_style))
-                else:
-                    at = col * PLACEHOLDER_CODEPOINTS
-                    pieces.append(Segment(text[at : at + PLACEHOLDER_CODEPOINTS], style))
-            strips.append(Strip(Segment.simplify(pieces), width))
-        return strips
+        return [
+            self.row(lines, row, width, by_row.get(row)) for row in range(min(height, len(lines)))
+        ]
 
     def close(self) -> None:
         self._shown = None
