@@ -51,8 +51,17 @@ async def test_the_story_holds_together_for_a_radiologist(tmp_path: Path) -> Non
         staged = await demo.stage(net, slices=6, rows=rows)
         await demo.finish(net, staged, rows=rows)
         rural = net.nodes[demo.RURAL.key]
-        names = [s.patient_name for s in rural.store.studies()]
-        assert names == ["MURPHY^BRIDGET"]
+        names = {s.study_uid: s.patient_name for s in rural.store.studies()}
+        assert names == {
+            demo.STUDY.study_uid: "MURPHY^BRIDGET",
+            demo.PRIOR.study_uid: "MURPHY^BRIDGET",
+        }
+        # The prior went with the consult, under the study's pseudonymous patient.
+        neuro = net.nodes[demo.NEURORAD.key]
+        [prior] = neuro.consults.get(staged.consult_id).request.priors
+        shared = neuro.consults.get(staged.consult_id).request.study_uid
+        assert neuro.store.study(prior).patient_id == neuro.store.study(shared).patient_id
+        assert neuro.store.study(prior).patient_name != "MURPHY^BRIDGET"
         assert demo.PATIENT.sex == "F"
         assert "84F" in demo.QUESTION
         chat = " ".join(m.text for m in staged.surgeon.chat())

@@ -54,6 +54,10 @@ QUESTION = (
 # The patient as the hospital knows her; the consultant sees only a pseudonym.
 PATIENT = DemoPatient(name="MURPHY^BRIDGET", patient_id="SB4471093", birth_date="19410612", sex="F")
 STUDY = DemoStudy(PATIENT, accession="SB26-118204", description="CT HEAD WITHOUT CONTRAST")
+# Her head CT after a fall a year earlier, reported normal: the prior the consult carries.
+PRIOR = DemoStudy(
+    PATIENT, accession="SB25-097311", date="20230611", description="CT HEAD WITHOUT CONTRAST"
+)
 FINDINGS = (
     "Crescentic hyperdense (about 68 HU) extra-axial collection over the left cerebral "
     "convexity, maximal thickness {thickness:.0f} mm at the level of the thalami, with "
@@ -245,7 +249,25 @@ async def stage(net: DemoNetwork, *, slices: int, rows: int) -> Staged:
             f"  {progress.instances_done} instances, {progress.bytes_done / 1e6:.1f} MB, "
             f"patient shown as {neurorad.store.study(requested.shared_study_uid).patient_name}"
         )
+        check_prior(net, requested)
     return await open_live(net, requested, received)
+
+
+def check_prior(net: DemoNetwork, requested: Requested) -> None:
+    """The prior came after the study, under the same pseudonymous patient."""
+    neurorad = net.nodes[NEURORAD.key]
+    [prior] = neurorad.consults.get(requested.consult_id).request.priors
+    current = neurorad.store.study(requested.shared_study_uid)
+    earlier = neurorad.store.study(prior)
+    if earlier.patient_id != current.patient_id or earlier.instance_count != requested.files:
+        raise DemoFailed("the prior did not arrive whole under the study's pseudonymous patient")
+    kind = earlier.description or "/".join(earlier.modalities) or "study"
+    day = earlier.study_date
+    net.summary.append(
+        f"Prior: {kind} of {day[:4]}-{day[4:6]}-{day[6:]} as the consultant sees it (dates "
+        "shifted, one pseudonymous patient); p on the study in Studies compares them"
+    )
+    net.say(f"  {net.summary[-1]}")
 
 
 def check_received(net: DemoNetwork, requested: Requested) -> list[Any]:
@@ -338,7 +360,19 @@ async def send_request(net: DemoNetwork, *, slices: int, rows: int) -> Requested
         )
         for path in files:
             rural.store.add_file(path, source="modality")
-        study = rural.store.studies()[0]
+        study = rural.store.study(STUDY.study_uid)
+        prior = await asyncio.to_thread(
+            generate_ct,
+            net.root / "prior",
+            slices=slices,
+            rows=rows,
+            study=PRIOR,
+            haematoma=False,
+            seed=1,
+        )
+        for path in prior:
+            rural.store.add_file(path, source="modality")
+        net.say(f"  and her prior, CT head of {PRIOR.date[:4]}-{PRIOR.date[4:6]}-{PRIOR.date[6:]}")
         originals = {
             rural.store.read_instance(uid)
             for uid in rural.store.iter_instance_uids(study.study_uid)
@@ -361,10 +395,14 @@ async def send_request(net: DemoNetwork, *, slices: int, rows: int) -> Requested
             neurorad.identity.public_key,
             study.study_uid,
             consults.Terms(
-                question=QUESTION, priority=Priority.STAT, subspecialty="neuro", jurisdiction="IE"
+                question=QUESTION,
+                priority=Priority.STAT,
+                subspecialty="neuro",
+                jurisdiction="IE",
+                priors=rural.consulting.priors_in_store(study.study_uid),
             ),
         )
-        net.say(f"  request {request.id[:8]} {how}")
+        net.say(f"  request {request.id[:8]} {how}, with {len(request.priors)} prior study")
         await wait_until(lambda: bool(neurorad.consults.cases()), "request in the worklist")
     return Requested(request.id, share.shared_study_uid, len(files), frozenset(originals))
 
