@@ -31,6 +31,9 @@ parties and the guests they both approved (:mod:`consult.admission`). A
 trusted node that merely knows a consult id is refused, and the refusal audited.
 Every live and presence message is checked again; a peer no longer trusted is
 dropped from every session (:meth:`LiveHub.drop_peer`).
+
+Why one module: One participant's side of a live session: joining, admission, the sync
+protocol and presence share the session's state and its checks per message.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ Wire compatibility: keys added after the first version (``shape``/``group`` on a
 measurement, ``marks`` and ``org`` on a report) are written only when set and
 read as absent when missing, so reports signed by older nodes still decode and
 older nodes ignore what they do not know.
+
+Why one module: The signed report, the peer review and the SR built from them share one
+data model; the SR is only correct if it says exactly what was signed.
 """
 
 from __future__ import annotations

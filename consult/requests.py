@@ -2,6 +2,9 @@
 
 Everything here is pure: time is passed in (``now``, seconds since the epoch),
 audit goes to a callback, and persistence lives in :mod:`consult.store`.
+
+Why one module: The request message, its transition table and the sentences that explain
+a refusal are one contract: a new state needs its words here too.
 """
 
 from __future__ import annotations

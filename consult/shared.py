@@ -47,6 +47,9 @@ before it is applied; entries past their field caps are malformed; what a
 message adds past an author's annotation or chat cap, or past the report's
 length, is undone (the same deletions on every participant). The sender of
 any of it loses its connection (:class:`~consult.errors.LimitExceeded`).
+
+Why one module: One CRDT document: the checks on every remote update (author signatures,
+sizes, kinds) must see the whole schema they guard.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Each request is stored as its canonical body (and the signed bytes when it came
 from a peer); each transition is a row, written in the same transaction as the
 new state, so the history and the state can never disagree after a crash.
+
+Why one module: One SQLite schema and the queries on it: every state change and its
+transition row are written in the same transaction, here.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 A registry is untrusted by design. It stores records that nodes signed, so it
 cannot forge them; it relays sealed envelopes it cannot read; it learns who
 talks to whom and when, nothing more.
+
+Why one module: One aiohttp application: its routes, the relay socket and the limits
+they share (per address, per key) live with the app that owns them.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ except :meth:`RuntimeNode.load_frame`, which the viewer runs on a worker thread
 consults from its consult database plus the live sessions it was invited to,
 peers from its directory and trust store. Patient names never reach the screen:
 each patient gets a stable pseudonym label.
+
+Why one module: It implements the whole NodeFacade protocol (tui/facade.py) over one
+runtime; the protocol, not this module, is what the screens read.
 """
 
 from __future__ import annotations

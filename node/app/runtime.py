@@ -13,6 +13,10 @@ requests, responses and reports, which need no live connection). Both are
 signed by the sender and sealed to the recipient; :class:`SignalRouter` reads
 only the type of each one before handing it on, and the consumer opens it with
 its checks (expiry, replay, signer).
+
+Why one module: The runtime starts and stops every part of a node in order (store,
+audit, trust, transport, registries, DICOM, control) and routes sealed messages between
+them; its services live in their own modules.
 """
 
 from __future__ import annotations

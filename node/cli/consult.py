@@ -8,6 +8,9 @@ a command that must reach a peer starts the node for its duration, as
 else relayed by a registry, or left in the registry's mailbox while the peer
 is offline. ``--out FILE`` writes the signed bytes for the offline path
 (``radmesh consult import FILE`` on the other node).
+
+Why one module: Every `radmesh consult` subcommand: argparse and printing only, one
+small function each; the work is in node.app.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ no checkpoint is signed over a log cut below it.
 Records must not carry PHI: study UIDs and peer node ids identify what and who;
 ``details`` is for counts, sizes, reasons. Keys that name patient attributes
 are refused.
+
+Why one module: The chain, the checkpoints and their verification are one on-disk
+format; a reader must see them together to judge a change to any of them.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ not like a flat phantom. Geometry is consistent (ImagePositionPatient steps
 along z, axial orientation, PixelSpacing, SliceThickness), so a viewer can
 stack and measure it. Patients are fictitious but look real (name, id, birth
 date, accession number, physicians), so de-identification has work to do.
+
+Why one module: One anatomical model (vault, skull, brain, collection) that the CT, MR
+and CR writers share: split, each writer would import the geometry back.
 """
 
 from __future__ import annotations

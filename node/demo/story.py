@@ -11,6 +11,9 @@ the real patient's name, which the consultant never saw.
 
 :func:`run_headless` runs it scripted and prints each step with its time.
 :class:`DemoNetwork` is the set-up the interactive demo reuses.
+
+Why one module: The demo is one story read from top to bottom (stage, live session,
+report, audit); its steps share the network object and the case.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ data is never changed.
 
 The pseudonym map stays on the node, encrypted with a caller's 32-byte key
 (secretbox), so a report that comes back with pseudonymous UIDs is re-linked.
+
+Why one module: The profile's table, its options and the handling of every value
+representation are one procedure, applied in one pass over a data set.
 """
 
 from __future__ import annotations

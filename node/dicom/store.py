@@ -32,6 +32,9 @@ for the worklist, encrypted with a key derived from the store key (SecretBox);
 the patient key used to group studies is a keyed hash. The remaining index
 columns (UIDs, dates, modality, descriptions, geometry) are in clear, so
 treat the index as sensitive; the image data never is in clear on disk.
+
+Why one module: The index and the encrypted blobs are one transaction boundary: a blob
+is visible only once its row is committed, and that rule is kept in one place.
 """
 
 from __future__ import annotations

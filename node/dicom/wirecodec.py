@@ -22,6 +22,9 @@ codes, so decoding on the receiver does not stall the event loop that runs SCTP.
 it; the hash also travels with the instance so the receiver checks it too. With
 a :class:`PixelCache`, pixel codings verified before (keyed by the hash of the
 pixel bytes and their shape) are reused and only the new residual is checked.
+
+Why one module: The three encodings, their framing and the byte-exact verification are
+one format: a reader checks what a writer of the same module wrote.
 """
 
 from __future__ import annotations

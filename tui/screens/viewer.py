@@ -1,4 +1,8 @@
-"""The viewer: series list, the image, and (in a consult) the live panel."""
+"""The viewer: series list, the image, and (in a consult) the live panel.
+
+Why one module: One screen: the image, its tools and the live panel react to the same
+keys and the same slice; the drawing is in tui/widgets and the maths in tui/imaging.
+"""
 
 from __future__ import annotations
 
