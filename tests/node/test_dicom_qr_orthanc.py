@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,20 +20,13 @@ from node.core.config import NodeHome
 from node.core.keystore import load_identity
 from node.demo.phantom import generate_ct, generate_mr, random_study
 from node.dicom.store import open_store
-from tests.dcmtk import dataset_part
+from tests.dcmtk import dataset_part, free_port
 from tests.node.test_runtime import make_home
 from tests.orthanc import Orthanc, orthanc_server
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 NODE_AE = "RADMESH_QR"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclasses.dataclass
@@ -52,7 +44,7 @@ class Site:
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     home, _ = make_home(tmp_path, "rural", "", [])
-    port = _free_port()
+    port = free_port()
     modalities = {"radmesh": (NODE_AE, "127.0.0.1", port)}
     with orthanc_server(tmp_path / "orthanc", modalities=modalities) as orthanc:
         config = home.load_config()

@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import datetime as dt
 import io
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from node.app.errors import RuntimeError_
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct, random_study
 from node.dicom.qr import PacsAddress, StudyQuery, find_studies, move_study
+from tests.dcmtk import free_port
 from tests.node.test_runtime import FAST, make_home, wait_for
 from tests.orthanc import orthanc_server
 from tui.app import RadmeshApp
@@ -35,13 +35,6 @@ from tui.screens.studies import StudiesScreen
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 NODE_AE = "RADMESH_HOSP"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclasses.dataclass
@@ -68,7 +61,7 @@ def _terms(priors: tuple[str, ...] = ()) -> Terms:
 
 @pytest.fixture
 async def network(tmp_path: Path, registry: str) -> AsyncIterator[Network]:
-    port = _free_port()
+    port = free_port()
     modalities = {"radmesh": (NODE_AE, "127.0.0.1", port)}
     with orthanc_server(tmp_path / "orthanc", modalities=modalities) as orthanc:
         prior = random_study(11)
