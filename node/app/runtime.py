@@ -298,7 +298,10 @@ class NodeRuntime:
         self.consults = ConsultDB.in_data_dir(data, audit=self._audit_consult)
         network = self.config.network
         self.registries = MultiRegistry(
-            [RegistryClient(url, self.identity) for url in network.registries]
+            [
+                RegistryClient(url, self.identity, ca_file=network.registry_ca_file)
+                for url in network.registries
+            ]
         )
         finders: list[Any] = [RegistryFinder(self.registries)] if network.registries else []
         if network.mdns:

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 def _registries(config: NodeConfig) -> MultiRegistry:
     from registry.client import MultiRegistry, RegistryClient
 
-    return MultiRegistry([RegistryClient(url) for url in config.network.registries])
+    ca = config.network.registry_ca_file
+    return MultiRegistry([RegistryClient(url, ca_file=ca) for url in config.network.registries])
 
 
 def _now() -> int:
