@@ -326,11 +326,18 @@ def test_radmesh_tui_low_bandwidth_reaches_the_app(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
+    home = str(tmp_path / "home")
+    init = ["init", "--name", "Pty Node", "--country", "IE", "--no-passphrase", "--no-mdns"]
+    assert main(["--home", home, *init]) == 0
     opened: list[bool] = []
-    monkeypatch.setattr(RadmeshApp, "run", lambda self: opened.append(self.low_bandwidth))
+
+    async def run_async(self: RadmeshApp) -> None:  # the app as `radmesh tui` built it
+        opened.append(self.low_bandwidth)
+
+    monkeypatch.setattr(RadmeshApp, "run_async", run_async)
     monkeypatch.setenv("RADMESH_GRAPHICS", "halfblock")
     monkeypatch.delenv("RADMESH_LOW_BANDWIDTH", raising=False)
     if env is not None:
         monkeypatch.setenv("RADMESH_LOW_BANDWIDTH", env)
-    assert main(["--home", str(tmp_path / "nowhere"), "tui", "--local", *argv]) == 0
+    assert main(["--home", home, "tui", *argv]) == 0
     assert opened == [expected]
