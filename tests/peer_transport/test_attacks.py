@@ -21,7 +21,7 @@ from peer_transport.errors import (
     PeerNotReading,
     RemoteProtocolError,
 )
-from peer_transport.rtc import RtcLink
+from peer_transport.rtc import Link
 from tests.peer_transport.helpers import Mesh, mesh, with_options
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,7 +62,7 @@ class Impostor(Transport):
 class FingerprintLiar(Transport):
     """Reports a DTLS fingerprint other than the one it saw (as a DTLS-terminating relay)."""
 
-    def _fingerprints(self, link: RtcLink) -> tuple[str, str]:
+    def _fingerprints(self, link: Link) -> tuple[str, str]:
         return link.local_fingerprint, "sha-256 " + ":".join(["AB"] * 32)
 
 
