@@ -4,14 +4,18 @@ Layers (each usable and tested on its own):
 
 - ``frames``     sans-IO frame codec: frozen dataclasses, ``to_wire()`` / ``frames.decode()``,
                  size cap (``MAX_FRAME``) checked before decoding, golden-byte fixtures.
-- ``signaling``  ``Signaling`` protocol (``send(to_public_key, sealed)`` / ``receive()``) and
-                 its implementations: ``MemorySignalingHub`` (tests), ``LanSignaling``
-                 (``registry.lan``), ``RegistrySignaling`` (registry WebSocket). Offers and
-                 answers are ``SignalMessage``s, signed + sealed + replay-guarded, and are
-                 verified before ``setRemoteDescription``.
+- ``signaling``  ``Signaling`` protocol (``send(to_public_key, sealed)`` / ``receive()``),
+                 ``MemorySignalingHub`` (tests) and ``StreamSignaling`` (two processes); a
+                 node passes its own router (LAN endpoint, then registry WebSocket). Offers
+                 and answers are ``SignalMessage``s, signed + sealed + replay-guarded, and
+                 are verified before ``setRemoteDescription``.
 - ``rtc``        the only aiortc importer: ``RtcLink`` (four negotiated channels),
                  ``RtcOptions(ice_servers=(IceServer(urls, username, credential),),
-                 relay_only=False)``; never aiortc's default STUN server.
+                 relay_only=False)``; never aiortc's default STUN server. ``Link`` is the
+                 interface a connection needs from a link.
+- ``memory``     ``MemoryNetwork``/``MemoryLink``: the same four channels in memory
+                 (``TransportOptions(link=MemoryNetwork())``), for tests.
+- ``session``    sans-IO: the link and connection lifecycle tables, ``BulkCredit``.
 - ``connection`` ``Transport`` and ``PeerConnection`` (below).
 - ``transfer`` / ``transfer_runner``  the study transfer protocol on top of bulk + control.
 
