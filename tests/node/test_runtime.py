@@ -4,6 +4,7 @@ security path above the link is the real one) and one test over real aiortc (REA
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -124,8 +125,12 @@ async def test_request_waits_in_the_registry_mailbox_for_an_offline_specialist(
         await a.stop()
 
 
-async def test_a_response_from_an_untrusted_node_is_ignored(tmp_path: Path, registry: str) -> None:
+async def test_a_response_from_an_untrusted_node_is_ignored(
+    tmp_path: Path, registry: str, caplog: pytest.LogCaptureFixture
+) -> None:
     from consult.requests import ConsultResponse, Event
+
+    caplog.set_level(logging.WARNING, logger="node.app.runtime")
 
     rural_home, rural = make_home(tmp_path, "rural", registry, [])
     neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
@@ -136,7 +141,7 @@ async def test_a_response_from_an_untrusted_node_is_ignored(tmp_path: Path, regi
         a.consults.add(request, role="requester", now=a.now(), peer=str(neuro.node_id))
         accept = ConsultResponse(request.id, neuro.node_id, Event.ACCEPT, b.now(), "")
         await b.send_message(rural.public_key, "consult.response", accept.to_wire(neuro))
-        await asyncio.sleep(1.0)
+        await wait_for(lambda: "is not trusted: consult.response ignored" in caplog.text)
         assert a.consults.get(request.id).state is State.REQUESTED
         a.trust.mark_verified(neuro.node_id, a.now())
         await b.send_message(rural.public_key, "consult.response", accept.to_wire(neuro))
