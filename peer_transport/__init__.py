@@ -22,8 +22,7 @@ Layers (each usable and tested on its own):
 Using it::
 
     transport = Transport(identity, signaling, is_trusted=trust_store.is_trusted,
-                          options=TransportOptions(rtc=RtcOptions(ice_servers=...)),
-                          inbox=on_consult_request)      # optional
+                          options=TransportOptions(rtc=RtcOptions(ice_servers=...)))
     await transport.start()
     transport.handle("study.list", handler)              # async handler(conn, body) -> bytes
     conn = await transport.connect(peer_public_key)      # initiator; PeerRejected if untrusted
@@ -46,8 +45,8 @@ with ``crypto.channel`` (secretstream on ordered channels, counter AEAD with a
 replay window on presence). Only ``is_trusted`` peers get a ``PeerConnection``,
 and ``is_trusted`` is asked again for every frame in and out and every
 reconnect: a peer no longer trusted loses the connection at its next message
-(and ``Transport.on_untrusted`` tells the application); an unknown peer may only
-make one kind of request, ``INBOX_KIND``, which goes to the ``inbox`` hook.
+(and ``Transport.on_untrusted`` tells the application); an unknown peer is refused
+before any WebRTC work (its first contact is a sealed node message, not a connection).
 Heartbeats every second notice a dead peer within 5 s; the initiator reconnects
 with backoff (a new RTCPeerConnection) and callers see one event stream. Bulk
 backpressure uses application acks: at most ``TransportOptions.bulk_window``

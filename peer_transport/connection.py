@@ -51,7 +51,6 @@ from peer_transport.signaling import Signaling, SignalMessage
 
 log = logging.getLogger(__name__)
 
-INBOX_KIND = "consult.request"  # the one request an untrusted (inbox-only) peer may make
 _ALLOWED_ON = {
     "control": (
         fr.Ready,
@@ -68,7 +67,6 @@ _ALLOWED_ON = {
     "live": (fr.Live,),
     "presence": (fr.Presence,),
 }
-_INBOX_ALLOWED = (fr.Request, fr.Ping, fr.Pong, fr.Close)
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,6 @@ class TransportOptions:
     event_queue: int = 1024
     max_pending_handshakes: int = 16
     max_incoming_requests: int = 64  # per connection; more get a "busy" error reply
-    inbox_session: float = 30.0  # how long an unknown peer's inbox-only session may last
 
 
 # Events a PeerConnection reports, in order, on one stream.
@@ -130,7 +127,6 @@ class Closed:
 
 Event = Connected | Received | Disconnected | Reconnected | Closed
 RequestHandler = Callable[["PeerConnection", bytes], Awaitable[bytes]]
-InboxHook = Callable[[bytes, bytes], Awaitable[bytes]]
 
 
 GLARE = "glare: both nodes called each other at once"
@@ -156,7 +152,6 @@ class _Session:
         self.conn = conn
         self.state = LinkState.CONNECTING
         self.keys: hs.SessionKeys | None = None
-        self.inbox_only = False
         self.handshake_frames: asyncio.Queue[fr.Handshake] = asyncio.Queue(4)
         self.ready = asyncio.Event()
         self.sealers: dict[str, StreamSealer | DatagramSealer] = {}
@@ -218,8 +213,7 @@ class _Session:
                 raise RemoteProtocolError("the peer flooded the handshake") from exc
             return
         frame = fr.decode(self.openers[channel].open(data))
-        allowed = _INBOX_ALLOWED if self.inbox_only else _ALLOWED_ON[channel]
-        if not isinstance(frame, allowed):
+        if not isinstance(frame, _ALLOWED_ON[channel]):
             raise RemoteProtocolError(
                 f"{type(frame).__name__} frame is not allowed on the {channel} channel here"
             )
@@ -232,6 +226,8 @@ class _Session:
 
     # -- outgoing ---------------------------------------------------------------
     def start_crypto(self, keys: hs.SessionKeys) -> None:
+        if self.down:
+            raise ConnectionLost("the link went down during the handshake")
         self.state = LINK.fire(self.state, LinkEvent.KEYED)
         for name in CHANNELS:
             send, receive = keys.channel_keys(name)
@@ -460,9 +456,8 @@ class PeerConnection:
 
         Checked for every frame in and out, not only when the connection opens: a
         revocation (or an expired or revoked certificate) applies to the next message.
-        Inbox-only sessions are untrusted by design and limited to the inbox request.
         """
-        if session.inbox_only or not session.is_open or self.transport.is_trusted(self.peer):
+        if not session.is_open or self.transport.is_trusted(self.peer):
             return
         error = PeerRejected(f"node {self.peer_id.short()} is no longer trusted by this node")
         self._session_failed(session, error)
@@ -543,20 +538,10 @@ class PeerConnection:
             session.send("control", reply)
 
     async def _reply(self, session: _Session, request_id: int, kind: str, body: bytes) -> fr.Frame:
-        reply: fr.Frame
-        if session.inbox_only and kind != INBOX_KIND:
-            reply = fr.ErrorReply(request_id, "not-trusted", "this node has not accepted you yet")
-        elif session.inbox_only:
-            hook = self.transport.inbox
-            assert hook is not None  # noqa: S101 - inbox_only sessions exist only with a hook
-            reply = await self._call(request_id, lambda: hook(self.peer, body))
-        else:
-            handler = self._handlers.get(kind) or self.transport.handlers.get(kind)
-            if handler is None:
-                reply = fr.ErrorReply(request_id, "unknown-kind", f"no handler for {kind!r}")
-            else:
-                reply = await self._call(request_id, lambda: handler(self, body))
-        return reply
+        handler = self._handlers.get(kind) or self.transport.handlers.get(kind)
+        if handler is None:
+            return fr.ErrorReply(request_id, "unknown-kind", f"no handler for {kind!r}")
+        return await self._call(request_id, lambda: handler(self, body))
 
     async def _call(self, request_id: int, call: Callable[[], Awaitable[bytes]]) -> fr.Frame:
         try:
@@ -771,9 +756,9 @@ class Transport:
     """This node's end of the peer transport: makes and accepts PeerConnections.
 
     ``is_trusted(public_key)`` decides who may get past the handshake (the trust
-    store provides it). ``inbox(public_key, body) -> reply`` receives the one
-    :data:`INBOX_KIND` request an unknown peer may make; without it unknown
-    peers are refused.
+    store provides it); anyone else is refused before any WebRTC work. A first
+    contact from an unknown node arrives as a sealed node message instead (the
+    node's inbox, ``node.app.runtime``), never over a connection.
     """
 
     def __init__(
@@ -783,7 +768,6 @@ class Transport:
         *,
         is_trusted: Callable[[bytes], bool],
         options: TransportOptions | None = None,
-        inbox: InboxHook | None = None,
         clock: Callable[[], float] = time.time,
         replay_guard: ReplayGuard | None = None,
     ) -> None:
@@ -793,7 +777,6 @@ class Transport:
         self.signaling = signaling
         self.is_trusted = is_trusted
         self.options = options or TransportOptions()
-        self.inbox = inbox
         self.clock = clock
         # TURN servers with short-lived credentials (a registry mints them); each new
         # WebRTC session tries them first, then ``options.rtc.ice_servers``.
@@ -807,7 +790,6 @@ class Transport:
         self._handshake_replays = hs.ReplayCache()
         self._answers: dict[bytes, tuple[bytes, asyncio.Future[SignalMessage]]] = {}
         self._connections: dict[bytes, PeerConnection] = {}
-        self._inbox_connections: set[PeerConnection] = set()
         self._closers: set[asyncio.Task[None]] = set()
         self._accepted: asyncio.Queue[PeerConnection] = asyncio.Queue(64)
         self._pending_handshakes = 0
@@ -875,10 +857,8 @@ class Transport:
 
     async def drop_peer(self, peer: bytes, reason: str) -> None:
         """Close every connection to ``peer`` now (its trust was revoked)."""
-        found = [
-            c for c in (*self._connections.values(), *self._inbox_connections) if c.peer == peer
-        ]
-        for conn in found:
+        conn = self._connections.get(peer)
+        if conn is not None:
             await conn.close(reason)
 
     async def close(self) -> None:
@@ -887,7 +867,7 @@ class Transport:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        for conn in [*self._connections.values(), *self._inbox_connections]:
+        for conn in list(self._connections.values()):
             await conn.close("this node is shutting down")
         for task in list(self._tasks):
             task.cancel()
@@ -1031,8 +1011,7 @@ class Transport:
 
     async def _respond(self, sender: bytes, offer: SignalMessage) -> None:
         short = NodeId.from_public_key(sender).short()
-        trusted = self.is_trusted(sender)
-        if not trusted and self.inbox is None:
+        if not self.is_trusted(sender):
             log.warning("connection from untrusted node %s refused", short)
             await self._reject(sender, offer.session, "this node does not know you")
             return
@@ -1041,7 +1020,7 @@ class Transport:
             return
         self._pending_handshakes += 1
         conn = self._connections.get(sender)
-        if trusted and conn is not None and not conn.closed:
+        if conn is not None and not conn.closed:
             if conn.initiator and not conn.is_connected and self.identity.public_key > sender:
                 # Glare: we are calling them too. The larger key's call wins.
                 self._pending_handshakes -= 1
@@ -1065,16 +1044,10 @@ class Transport:
             return
         finally:
             self._pending_handshakes -= 1
-        session.inbox_only = not trusted
         if fresh:
-            if trusted:
-                self._connections[sender] = conn
-            else:
-                self._inbox_connections.add(conn)
-                self._spawn(self._expire_inbox(conn))
+            self._connections[sender] = conn
             conn._attach(session)
-            if trusted:
-                self._offer_accepted(conn)
+            self._offer_accepted(conn)
         else:
             old = conn._session
             if old is not None:
@@ -1117,13 +1090,7 @@ class Transport:
         session.start_crypto(keys)
         session.send("control", fr.Ready())
 
-    async def _expire_inbox(self, conn: PeerConnection) -> None:
-        """An unknown peer gets a short session: enough to deliver its request, no more."""
-        await asyncio.sleep(self.options.inbox_session)
-        await conn.close("inbox session over")
-
     def _forget(self, conn: PeerConnection) -> None:
-        self._inbox_connections.discard(conn)
         if self._connections.get(conn.peer) is conn:
             del self._connections[conn.peer]
 
@@ -1139,7 +1106,6 @@ def install_event_loop_policy() -> bool:
 
 
 __all__ = [
-    "INBOX_KIND",
     "ChannelLink",
     "Closed",
     "Connected",

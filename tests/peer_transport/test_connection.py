@@ -10,7 +10,6 @@ import pytest
 
 from peer_transport import frames as fr
 from peer_transport.connection import (
-    INBOX_KIND,
     Closed,
     Connected,
     Disconnected,
@@ -112,7 +111,7 @@ async def test_request_errors_come_back_typed() -> None:
         assert unknown.value.code == "unknown-kind"
 
 
-async def test_an_untrusted_node_is_refused_without_an_inbox() -> None:
+async def test_an_untrusted_node_is_refused_either_way() -> None:
     async with mesh() as m:
         a, b = await m.node(), await m.node()
         m.trusted[a.identity.public_key].add(b.identity.public_key)  # one-sided
@@ -120,41 +119,6 @@ async def test_an_untrusted_node_is_refused_without_an_inbox() -> None:
             await a.connect(b.identity.public_key)
         with pytest.raises(PeerRejected, match="not trusted"):
             await b.connect(a.identity.public_key)
-
-
-async def test_an_unknown_node_may_only_deliver_to_the_inbox() -> None:
-    delivered: list[tuple[bytes, bytes]] = []
-
-    async def inbox(sender: bytes, body: bytes) -> bytes:
-        delivered.append((sender, body))
-        return b"queued"
-
-    async with mesh() as m:
-        a = await m.node()
-        b = await m.node(inbox=inbox)
-        m.trusted[a.identity.public_key].add(b.identity.public_key)
-        conn = await a.connect(b.identity.public_key)
-        assert await conn.request(INBOX_KIND, b"please read this CT") == b"queued"
-        assert delivered == [(a.identity.public_key, b"please read this CT")]
-        with pytest.raises(RemoteError) as refused:
-            await conn.request("study.get", b"")
-        assert refused.value.code == "not-trusted"
-        assert b.connection(a.identity.public_key) is None  # never offered to the application
-
-
-async def test_an_inbox_only_session_is_closed_after_a_short_while() -> None:
-    async def inbox(_sender: bytes, _body: bytes) -> bytes:
-        return b"queued"
-
-    async with mesh() as m:
-        a = await m.node()
-        b = await m.node(inbox=inbox, options=with_options(inbox_session=0.2))
-        m.trusted[a.identity.public_key].add(b.identity.public_key)
-        conn = await a.connect(b.identity.public_key)
-        assert await conn.request(INBOX_KIND, b"case") == b"queued"
-        events = [e async for e in conn.events()]
-        assert isinstance(events[-1], Closed)
-        assert "inbox session over" in events[-1].reason
 
 
 def test_by_default_a_dead_peer_is_noticed_within_5_s() -> None:
