@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -20,9 +21,11 @@ from peer_transport.errors import (
     FrameTooLarge,
     HandshakeFailed,
     PeerNotReading,
+    PeerRejected,
     RemoteProtocolError,
 )
-from peer_transport.rtc import Link
+from peer_transport.memory import MemoryLink, MemoryNetwork
+from peer_transport.rtc import Link, RtcOptions
 from tests.peer_transport.helpers import Mesh, mesh, with_options
 
 pytestmark = pytest.mark.timeout(60)
@@ -202,3 +205,36 @@ async def test_a_peer_that_stops_reading_is_disconnected() -> None:
             await _send_many(conn, chunk, 100)
         assert isinstance(conn.error, PeerNotReading)
         await _still_serves(honest_conn)
+
+
+class CountingNetwork(MemoryNetwork):
+    """Memory links that count how many links this node ever made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made = 0
+
+    def __call__(
+        self,
+        options: RtcOptions,
+        on_message: Callable[[str, bytes], None],
+        on_down: Callable[[str], None],
+    ) -> MemoryLink:
+        self.made += 1
+        return super().__call__(options, on_message, on_down)
+
+
+async def test_an_unknown_callers_offer_is_refused_before_any_link_is_made(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    network = CountingNetwork()
+    async with mesh() as m:
+        victim = await m.node(options=with_options(link=network))
+        stranger = await m.node()
+        m.trusted[stranger.identity.public_key].add(victim.identity.public_key)  # one-sided
+        with pytest.raises(PeerRejected, match="does not know you"):
+            await stranger.connect(victim.identity.public_key)
+        assert "connection from untrusted node" in caplog.text
+        assert network.made == 0
+        assert victim.connection(stranger.identity.public_key) is None
