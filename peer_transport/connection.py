@@ -146,10 +146,23 @@ class RequestRefused(TransportError):
 
 class _Session:
     """One link during and after the handshake: its state (``session.LINK``), crypto,
-    heartbeat and incoming frames."""
+    heartbeat and incoming frames.
 
-    def __init__(self, conn: PeerConnection, link_factory: Callable[[_Session], Link]) -> None:
-        self.conn = conn
+    It reports to its connection only through ``on_frame`` (a decoded frame allowed on
+    its channel, from a peer still trusted: ``check_trust`` raises otherwise) and
+    ``on_fail`` (the link failed, or the peer broke the protocol).
+    """
+
+    def __init__(
+        self,
+        peer: str,
+        make_link: Callable[[_Session], Link],
+        on_frame: Callable[[_Session, fr.Frame], None],
+        on_fail: Callable[[_Session, BaseException], None],
+        check_trust: Callable[[_Session], None],
+    ) -> None:
+        self.peer = peer  # short node id, for logs
+        self._on_frame, self._on_fail, self._check_trust = on_frame, on_fail, check_trust
         self.state = LinkState.CONNECTING
         self.keys: hs.SessionKeys | None = None
         self.handshake_frames: asyncio.Queue[fr.Handshake] = asyncio.Queue(4)
@@ -157,7 +170,7 @@ class _Session:
         self.sealers: dict[str, StreamSealer | DatagramSealer] = {}
         self.openers: dict[str, StreamOpener | DatagramOpener] = {}
         self.last_seen = asyncio.get_running_loop().time()
-        self.link = link_factory(self)
+        self.link = make_link(self)
         self._ping_seq = itertools.count()
         self.heartbeat: asyncio.Task[None] | None = None
 
@@ -190,12 +203,12 @@ class _Session:
         try:
             self._receive(channel, data)
         except (TransportError, CryptoError) as exc:
-            self.conn._session_failed(self, exc)
+            self._on_fail(self, exc)
         except Exception as exc:  # an application receiver failed: that message, not the link
             log.error(
                 "a %s message from %s could not be handled and was dropped (%s)",
                 channel,
-                self.conn.peer_id.short(),
+                self.peer,
                 type(exc).__name__,  # not its text: it may quote the peer's data
             )
 
@@ -217,12 +230,12 @@ class _Session:
             raise RemoteProtocolError(
                 f"{type(frame).__name__} frame is not allowed on the {channel} channel here"
             )
-        self.conn._require_trust(self)  # every frame: a revocation applies to the next one
-        self.conn._dispatch(self, frame)
+        self._check_trust(self)  # every frame: a revocation applies to the next one
+        self._on_frame(self, frame)
 
     def on_down(self, reason: str) -> None:
         if not self.down:
-            self.conn._session_failed(self, ConnectionLost(reason))
+            self._on_fail(self, ConnectionLost(reason))
 
     # -- outgoing ---------------------------------------------------------------
     def start_crypto(self, keys: hs.SessionKeys) -> None:
@@ -251,7 +264,7 @@ class _Session:
         while not self.down:
             await asyncio.sleep(options.heartbeat_interval)
             if loop.time() - self.last_seen > options.heartbeat_timeout:
-                self.conn._session_failed(
+                self._on_fail(
                     self, ConnectionLost(f"no heartbeat for {options.heartbeat_timeout:.1f} s")
                 )
                 return
@@ -430,6 +443,17 @@ class PeerConnection:
 
     async def close(self, reason: str = "closed by this node") -> None:
         await self._close(reason, None, notify=True)
+
+    def new_session(self, make_link: Callable[[_Session], Link]) -> _Session:
+        """A session on a new link, reporting to this connection (the transport attaches
+        it once its handshake is done)."""
+        return _Session(
+            self.peer_id.short(),
+            make_link,
+            on_frame=self._dispatch,
+            on_fail=self._session_failed,
+            check_trust=self._require_trust,
+        )
 
     def drop(self, error: RemoteProtocolError) -> None:
         """The peer misbehaved above the frames (in a study transfer, say): disconnect it,
@@ -888,7 +912,7 @@ class Transport:
         if self.turn_servers:  # aiortc uses only the first TURN server it is given
             rtc = replace(rtc, ice_servers=self.turn_servers + rtc.ice_servers)
         make = self.options.link
-        return _Session(conn, lambda s: make(rtc, s.on_message, s.on_down))
+        return conn.new_session(lambda s: make(rtc, s.on_message, s.on_down))
 
     async def _establish(self, conn: PeerConnection) -> None:
         if not self.is_trusted(conn.peer):  # a reconnect re-checks: revoked meanwhile?
