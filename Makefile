@@ -6,11 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck pytest bench clean
 
+# pip's and setuptools' output (the editable-install banner among it) goes to a log,
+# shown only when the install fails.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@echo "Setting up $(VENV) (first run only; its log: $(VENV)/install.log)"
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@{ $(BIN)/python -m pip install -qq --upgrade pip && \
+	   $(BIN)/python -m pip install -qq -e '.[dev]'; } > $(VENV)/install.log 2>&1 || \
+	   { cat $(VENV)/install.log; echo "pip install failed: see above"; exit 1; }
+	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/radmesh demo --interactive
@@ -24,8 +28,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Workers: the tests mostly wait on sockets and child processes, so more workers than cores
+# pays; `make pytest PYTEST_WORKERS=0` runs them in one process.
+PYTEST_WORKERS ?= 4
+
 pytest: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -1,8 +1,9 @@
 """Wire codec: compression ratio and encode/decode speed, JPEG-LS vs zstd-only vs raw.
 
-Run: ``python -m bench codec``. Data: a synthetic CT series with HU-like anatomy
-and scanner noise (not flat images), and incompressible random 16-bit data.
-Also the home of the synthetic CT generator used by the transfer tests and bench.
+Run: ``python -m bench codec``. Data: the demo's synthetic head CT
+(node/demo/phantom.py: HU-like anatomy and scanner noise, not flat images) as
+in-memory files, and incompressible random 16-bit data. ``ct_series`` here is what
+the transfer tests and benchmarks use when they want files in memory.
 
 It also times what a sender spends before it can offer the manifest (every
 instance read, encoded and verified into the sealed spool, as ``send_study``
@@ -30,33 +31,23 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from node.demo import phantom
 from node.dicom import wirecodec
 
 Array = np.ndarray[Any, Any]
 
 
 def ct_slice_hu(rng: np.random.Generator, z: float, size: int = 512, noise: float = 12.0) -> Array:
-    """One axial slice in Hounsfield units: air, fat, soft tissue, lungs, bone, noise."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    hu = np.full((size, size), -1000.0, dtype=np.float32)
-    body = (xx / 0.42) ** 2 + (yy / (0.30 + 0.02 * np.sin(z))) ** 2 < 1
-    hu[body] = -100.0  # subcutaneous fat
-    inner = (xx / 0.38) ** 2 + (yy / 0.26) ** 2 < 1
-    hu[inner] = 40.0  # soft tissue
-    for side in (-1, 1):
-        lung = ((xx - side * 0.17) / 0.13) ** 2 + ((yy + 0.02) / (0.18 + 0.03 * np.cos(z))) ** 2
-        hu[lung < 1] = -850.0
-    vessels = rng.integers(0, size, size=(40, 2))
-    for cy, cx in vessels:
-        r = rng.uniform(0.004, 0.012)
-        hu[(yy - cy / size + 0.5) ** 2 + (xx - cx / size + 0.5) ** 2 < r * r] += 600.0
-    spine = (xx / 0.05) ** 2 + ((yy - 0.18) / 0.05) ** 2
-    hu[spine < 1] = 300.0
-    hu[(spine < 1) & (spine > 0.6)] = 1200.0
-    fov = xx**2 + yy**2 < 0.245
-    hu += rng.normal(0.0, noise, size=hu.shape).astype(np.float32)
-    hu[~fov] = -1024.0  # outside the reconstruction circle: padding, no noise
-    return hu
+    """One axial slice in Hounsfield units: the demo's head CT (node/demo/phantom.py) at
+    height ``z`` mm, with scanner noise of ``noise`` HU."""
+    return phantom.head_hu(size, z, rng=rng, noise=noise)
+
+
+def ct_level(index: int) -> float:
+    """The height (mm) of slice ``index`` of :func:`ct_series`: 1.25 mm steps down through
+    the cerebrum (ventricles to the skull base), then again; every slice a full head, so
+    slices cost about the same to code and to hold whatever the series' length."""
+    return 25.0 - (index % 40) * 1.25
 
 
 def ct_instance(
@@ -68,13 +59,31 @@ def ct_instance(
     noise: float = 12.0,
 ) -> bytes:
     """A complete CT Image Storage file (12 bits stored, unsigned, intercept -1024)."""
-    hu = ct_slice_hu(rng, index * 0.05, size, noise)
+    z = ct_level(index)
+    hu = ct_slice_hu(rng, z, size, noise)
     stored = np.clip(np.rint(hu + 1024.0), 0, 4095).astype("<u2")
-    return _file(stored, study_uid, series_uid, index, bits_stored=12, signed=False)
+    return _file(
+        stored,
+        study_uid,
+        series_uid,
+        index,
+        bits_stored=12,
+        signed=False,
+        z=z,
+        spacing=phantom.HEAD_FOV_MM / size,
+    )
 
 
 def _file(
-    pixels: Array, study_uid: str, series_uid: str, index: int, bits_stored: int, signed: bool
+    pixels: Array,
+    study_uid: str,
+    series_uid: str,
+    index: int,
+    bits_stored: int,
+    signed: bool,
+    *,
+    z: float | None = None,
+    spacing: float = 0.9765625,
 ) -> bytes:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -91,11 +100,12 @@ def _file(
     ds.PatientID = "SYN0001"
     ds.SeriesNumber = 2
     ds.InstanceNumber = index + 1
-    ds.ImagePositionPatient = [-250.0, -250.0, -index * 1.25]
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    corner = round(-(ds.Rows - 1) / 2 * spacing, 4)
+    ds.ImagePositionPatient = [corner, corner, -index * 1.25 if z is None else z]
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     ds.SliceThickness = 1.25
-    ds.PixelSpacing = [0.9765625, 0.9765625]
-    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.PixelSpacing = [round(spacing, 6), round(spacing, 6)]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = pixels.dtype.itemsize * 8
@@ -105,7 +115,7 @@ def _file(
     ds.RescaleIntercept = -1024
     ds.RescaleSlope = 1
     ds.WindowCenter = 40
-    ds.WindowWidth = 400
+    ds.WindowWidth = 80
     if pixels.ndim == 3:
         ds.NumberOfFrames = pixels.shape[0]
     ds.PixelData = pixels.tobytes()
@@ -146,7 +156,8 @@ def _measure(
 def _offer_time(files: list[bytes], cache: wirecodec.PixelCache | None) -> float:
     """Seconds until the study's manifest could be offered (the streaming sender path)."""
     from crypto.identity import Identity
-    from peer_transport.transfer_runner import PreparedStudy, SenderSpool
+    from peer_transport.transfer.prepared import PreparedStudy
+    from peer_transport.transfer.spool import SenderSpool
 
     async def prepare() -> float:
         spool = SenderSpool()

@@ -61,12 +61,8 @@ from peer_transport.connection import (
 )
 from peer_transport.rtc import RtcOptions, restrict_host_addresses
 from peer_transport.signaling import StreamSignaling
-from peer_transport.transfer_runner import (
-    PreparedStudy,
-    StudySender,
-    receive_study,
-    send_study,
-)
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.runner import StudySender, receive_study, send_study
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = "20mbit"

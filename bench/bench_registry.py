@@ -410,7 +410,7 @@ async def _measure(
 
     async def publisher() -> None:
         for i, wire in jobs:
-            await clients[i % len(clients)].publish_wire(wire)
+            await clients[i % len(clients)].publish(NodeRecord.from_wire(wire))
 
     started = time.perf_counter()
     await asyncio.gather(*(publisher() for _ in range(16)))

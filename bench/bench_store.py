@@ -82,10 +82,14 @@ def main() -> None:
 
             big = _multiframe(root / "mf.dcm", frames=200)  # 100 MiB, 100 chunks
             uid = store.add_file(big, source="bench").sop_instance_uid
+            frame_bytes = 512 * 512 * 2
+            first_frame = big.stat().st_size - 200 * frame_bytes  # native pixels end the file
             latencies = []
             for frame in range(0, 200, 7):
                 start = time.perf_counter()
-                store.read_frame(uid, frame)
+                with store.open_instance(uid) as stream:
+                    stream.seek(first_frame + frame * frame_bytes)
+                    stream.read(frame_bytes)
                 latencies.append(time.perf_counter() - start)
             start = time.perf_counter()
             whole = pydicom.dcmread(store.open_instance(uid)).PixelData[512 * 512 * 2 * 100 :][:10]
@@ -105,7 +109,7 @@ def main() -> None:
         print(f"duplicate re-import: {dup_s * 1000:.1f} ms per instance")
         median = statistics.median(latencies) * 1000
         print(
-            f"read_frame, 200-frame 100 MiB instance: median {median:.2f} ms, "
+            f"one frame's bytes of a 200-frame 100 MiB instance: median {median:.2f} ms, "
             f"max {max(latencies) * 1000:.2f} ms; decoding the whole instance "
             f"to reach a frame: {whole_s * 1000:.0f} ms ({whole_s * 1000 / median:.0f}x slower)"
         )

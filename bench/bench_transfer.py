@@ -35,13 +35,11 @@ from pydicom.uid import generate_uid
 
 from bench import bench_codec
 from crypto.identity import Identity
-from peer_transport import transfer as tr
-from peer_transport.transfer_runner import (
-    PreparedStudy,
-    SenderSpool,
-    StudyReceiver,
-    StudySender,
-)
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.progress import Progress
+from peer_transport.transfer.receiver import DEFAULT_WINDOW
+from peer_transport.transfer.runner import StudyReceiver, StudySender
+from peer_transport.transfer.spool import SenderSpool
 
 HIGH_WATER = 1 << 20  # bytes queued in SCTP before send_bulk waits
 LOW_WATER = 256 << 10
@@ -129,7 +127,7 @@ class CountingStore:
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self.hashes
 
-    def add_bytes(self, data: bytes, *, source: str) -> None:
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> None:
         self.hashes.add(hashlib.sha256(data).hexdigest())
         self.bytes += len(data)
 
@@ -171,10 +169,10 @@ async def _child(mode: str, want: int) -> dict[str, float]:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             store = CountingStore()
-            window = int(os.environ.get("BENCH_WINDOW", tr.DEFAULT_WINDOW))
+            window = int(os.environ.get("BENCH_WINDOW", DEFAULT_WINDOW))
             streaming = asyncio.Event()  # a tenth of the study is in: ask mid-transfer
 
-            def note(p: tr.Progress) -> None:
+            def note(p: Progress) -> None:
                 if p.instances_done * 10 >= p.instances_total:
                     streaming.set()
 

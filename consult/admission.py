@@ -4,7 +4,7 @@ The parties of a consult are the requesting node and the consultant who
 accepted it; :class:`~consult.store.ConsultDB` knows both. Anyone else is a
 guest, admitted only when **every** party approved that guest: a party that
 invites a guest approves it, and the other party approves it on its own node
-(``radmesh``'s :func:`node.app.workflow.approve_live_guest`), which also tells the
+(``radmesh``'s :meth:`node.app.consults.ConsultService.approve_live_guest`), which also tells the
 first party so (a :class:`GuestConsent` node message, signed and sealed by the
 runtime like every node message). So a consultant cannot bring a colleague
 into the hospital's case without the hospital's node agreeing, and vice versa.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consult.errors import LocalConsultError, MalformedMessage
-from consult.requests import Priority, check_consult_id
+from consult.requests import Priority, Role, check_consult_id
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
@@ -148,7 +148,7 @@ class ReportAck:
     """Where one report stands on a node: the consult store's row."""
 
     consult_id: str
-    role: str  # requester | consultant
+    role: Role  # this node's side of the consult
     priority: Priority
     critical: bool
     reported_at: int

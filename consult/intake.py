@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from consult.errors import LocalConsultError, MalformedMessage
-from consult.requests import ConsultRequest, ConsultResponse, Event, State
+from consult.requests import ConsultRequest, ConsultResponse, Event, Role, State
 from consult.store import ConsultDB
 from crypto.identity import NodeId
 
@@ -23,13 +23,11 @@ class Intake:
 def check_responder(db: ConsultDB, consult_id: str, response: ConsultResponse) -> None:
     """Only a consultant the request was offered (or sent) to may answer it; only its
     requester may withdraw or acknowledge it."""
-    role, peer, _ = db.info(consult_id)
+    info = db.info(consult_id)
     requester = db.get(consult_id).request.requester
-    if role == "requester":
+    if info.role is Role.REQUESTER:
         allowed = (
-            response.event in (Event.ACCEPT, Event.DECLINE)
-            and bool(peer)
-            and NodeId.parse(peer) == response.responder
+            response.event in (Event.ACCEPT, Event.DECLINE) and info.peer_id == response.responder
         )
     else:
         allowed = response.event == Event.WITHDRAW and response.responder == requester
@@ -43,9 +41,11 @@ def check_responder(db: ConsultDB, consult_id: str, response: ConsultResponse) -
 def _take_response(db: ConsultDB, response: ConsultResponse, now: int) -> Intake:
     consult_id = db.resolve(response.consult_id)
     who = f"{response.responder.short()} {response.event.value}"
-    role, _, _ = db.info(consult_id)
     answer = None
-    if role == "requester" and response.event in (Event.ACCEPT, Event.DECLINE):
+    if db.info(consult_id).role is Role.REQUESTER and response.event in (
+        Event.ACCEPT,
+        Event.DECLINE,
+    ):
         answer = db.answer_offer(consult_id, response.responder, response.event, now)
     if answer is not None:
         state = db.get(consult_id).state.value
@@ -76,7 +76,7 @@ def take_in(db: ConsultDB, data: bytes, now: int, *, sender: NodeId | None = Non
         return _take_response(db, response, now)
     if sender is not None and sender != request.requester:
         raise LocalConsultError("a consult request relayed by another node: ignored")
-    db.add(request, role="consultant", now=now, wire=data, peer=str(request.requester))
+    db.add(request, role=Role.CONSULTANT, now=now, wire=data, peer=str(request.requester))
     return Intake(
         "request",
         request.id,

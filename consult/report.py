@@ -560,7 +560,6 @@ _QUALITATIVE = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 r
 _FINDING = Code("121071", "DCM", "Finding")
 _IMPRESSION = Code("121073", "DCM", "Impression")
 _KEY_IMAGES_TITLE = Code("113000", "DCM", "Of Interest")  # CID 7010 (KOS titles)
-KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 UTF8 = "ISO_IR 192"
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 

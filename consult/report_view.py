@@ -14,6 +14,7 @@ from consult.addenda import verify_addendum
 from consult.alerts import ReportAck
 from consult.errors import BadReport, ConsultError
 from consult.report import verify_report
+from consult.requests import Role
 from consult.store import ConsultDB
 from crypto.identity import NodeId
 
@@ -39,8 +40,8 @@ def report_view(
     wire = db.report_wire(consult_id)
     if wire is None:
         return None
-    role, peer, _ = db.info(consult_id)
-    consultant = NodeId.parse(peer) if role == "requester" and peer else None
+    info = db.info(consult_id)
+    consultant = info.peer_id if info.role is Role.REQUESTER else None
     try:
         report = verify_report(wire, consult_id=consult_id, consultant=consultant)
     except BadReport as exc:

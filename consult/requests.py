@@ -25,6 +25,7 @@ REQUEST_TYPE = "consult-request"
 MAX_REQUEST_WIRE = 64 * 1024
 MAX_QUESTION_CHARS = 8000
 MAX_FIELD_CHARS = 200
+MAX_PRIORS = 8  # earlier studies of the patient sent with one consult
 # What ConsultRequest.new makes (uuid4().hex); every consult message from a peer is
 # checked against it when parsed, since a consult id also names local state.
 _CONSULT_ID = re.compile(r"[0-9a-f]{32}")
@@ -64,6 +65,13 @@ class State(StrEnum):
     ACKNOWLEDGED = "acknowledged"
     WITHDRAWN = "withdrawn"
     EXPIRED = "expired"
+
+
+class Role(StrEnum):
+    """Which side of a consult this node is on (stored as its value)."""
+
+    REQUESTER = "requester"  # this node asked (the hospital)
+    CONSULTANT = "consultant"  # this node was asked (the specialist)
 
 
 class Event(StrEnum):
@@ -202,6 +210,34 @@ def _refuse(state: State, event: Event) -> IllegalTransition:
 TABLE = TransitionTable(TRANSITIONS, _refuse)
 next_state = TABLE.fire
 
+# The events a node fires by itself as the study moves (no party decides them): the
+# only ones :func:`path_to` follows, so advancing a case never accepts, reports or
+# withdraws anything on a person's behalf.
+STUDY_EVENTS: frozenset[Event] = frozenset({E.START_TRANSFER, E.TRANSFER_DONE, E.BEGIN_REVIEW})
+
+
+def path_to(state: State, target: State, via: frozenset[Event] = STUDY_EVENTS) -> list[Event]:
+    """The shortest run of ``via`` events that takes ``state`` to ``target`` in the table
+    (empty when already there, or when ``target`` cannot be reached that way)."""
+    paths: dict[State, list[Event]] = {state: []}
+    frontier = [state]
+    while frontier and target not in paths:
+        following = []
+        for here in frontier:
+            for event in sorted(via):  # the table's order would do; sorted is stable to read
+                there = TRANSITIONS.get((here, event))
+                if there is not None and there not in paths:
+                    paths[there] = [*paths[here], event]
+                    following.append(there)
+        frontier = following
+    return paths.get(target, [])
+
+
+def _priors(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > MAX_PRIORS:
+        raise MalformedMessage(f"consult request priors must be a list of at most {MAX_PRIORS}")
+    return tuple(check_uid(uid, "consult request prior study UID") for uid in value)
+
 
 def _text(raw: Mapping[str, Any], key: str, limit: int = MAX_FIELD_CHARS) -> str:
     value = raw.get(key)
@@ -230,8 +266,15 @@ class ConsultRequest:
     requester: NodeId
     deidentified: bool
     created_at: int
+    # Earlier studies of the same patient sent with this one (their shared UIDs), fetched
+    # after it; the requesting node serves no other study under this consult.
+    priors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if len(self.priors) > MAX_PRIORS:
+            raise LocalConsultError(f"at most {MAX_PRIORS} prior studies go with one consult")
+        if len(set(self.priors)) != len(self.priors) or self.study_uid in self.priors:
+            raise LocalConsultError("a prior study is listed twice, or is the current study")
         if len(self.question) > MAX_QUESTION_CHARS:
             raise LocalConsultError(
                 f"the clinical question is {len(self.question)} characters; "
@@ -254,6 +297,7 @@ class ConsultRequest:
         deadline: int,
         now: int,
         deidentified: bool = True,
+        priors: tuple[str, ...] = (),
     ) -> ConsultRequest:
         if not is_dicom_uid(study_uid):
             raise LocalConsultError(
@@ -273,10 +317,11 @@ class ConsultRequest:
             requester,
             deidentified,
             now,
+            priors,
         )
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "id": self.id,
             "study": self.study_uid,
             "q": self.question,
@@ -289,6 +334,9 @@ class ConsultRequest:
             "deid": self.deidentified,
             "created": self.created_at,
         }
+        if self.priors:  # absent when none: a request without priors is signed as before
+            body["priors"] = list(self.priors)
+        return body
 
     @classmethod
     def from_body(cls, raw: Any) -> ConsultRequest:
@@ -317,6 +365,7 @@ class ConsultRequest:
                 requester=NodeId(requester),
                 deidentified=deid,
                 created_at=_int(raw, "created"),
+                priors=_priors(raw.get("priors", [])),
             )
         except LocalConsultError as exc:
             raise MalformedMessage(f"consult request is inconsistent: {exc}") from exc
@@ -545,7 +594,7 @@ class ConsultResponse:
             raise LocalConsultError("a consult response can only be signed by its responder")
         if self.event not in RESPONSE_EVENTS:
             raise LocalConsultError(f"{self.event.value!r} is not something a peer answers")
-        body = {
+        body: dict[str, Any] = {
             "id": self.consult_id,
             "by": self.responder.digest,
             "event": self.event.value,

@@ -19,6 +19,7 @@ from consult.addenda import Addendum, verify_addendum
 from consult.alerts import ReportAck
 from consult.errors import BadReport, LocalConsultError, MalformedMessage, UnknownConsult
 from consult.requests import (
+    STUDY_EVENTS,
     TRANSITIONS,
     AuditHook,
     ConsultCase,
@@ -26,18 +27,21 @@ from consult.requests import (
     Event,
     OfferRound,
     Priority,
+    Role,
     State,
     Transition,
     _no_audit,
+    path_to,
 )
 from crypto import canonical
 from crypto.identity import NodeId
+from node.core.db import connect, transaction
 
 if TYPE_CHECKING:
     from consult.report import PeerReview, Report
 
 DB_NAME = "consult.sqlite3"
-ROLES = ("requester", "consultant")
+ROLES = tuple(Role)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -113,6 +117,19 @@ _PRIORITY_ORDER = {p: i for i, p in enumerate(Priority)}
 
 
 @dataclass(frozen=True)
+class CaseInfo:
+    """Who a stored consult is between, as this node sees it."""
+
+    role: Role
+    peer: str  # the other party's node id, "" while none (a request not accepted yet)
+    request_wire: bytes | None  # the signed request (None for one made offline here)
+
+    @property
+    def peer_id(self) -> NodeId | None:
+        return NodeId.parse(self.peer) if self.peer else None
+
+
+@dataclass(frozen=True)
 class OfferAnswer:
     """What an offered consultant's accept or decline did to one of our requests."""
 
@@ -126,9 +143,7 @@ MAX_GUESTS = 32  # guests one party may approve for one consult's live session
 class ConsultDB:
     def __init__(self, path: Path, audit: AuditHook = _no_audit) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db = connect(path)
         self._db.executescript(_SCHEMA)
         self._audit = audit
 
@@ -149,25 +164,21 @@ class ConsultDB:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db):
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def add(
         self,
         request: ConsultRequest,
         *,
-        role: str,
+        role: Role | str,
         now: int,
         wire: bytes | None = None,
         peer: str = "",
     ) -> ConsultCase:
         if role not in ROLES:
-            raise LocalConsultError(f"role must be one of {ROLES}, not {role!r}")
+            raise LocalConsultError(f"role must be one of {[r.value for r in ROLES]}, not {role!r}")
+        role = Role(role)
         try:
             self._db.execute(
                 "INSERT INTO requests VALUES (?,?,?,?,?,?,?,?,?)",
@@ -175,7 +186,7 @@ class ConsultDB:
                     request.id,
                     canonical.encode(request.to_body()),
                     wire,
-                    role,
+                    role.value,
                     peer,
                     State.REQUESTED.value,
                     request.priority.value,
@@ -220,14 +231,14 @@ class ConsultDB:
             raise UnknownConsult(consult_id)
         return self._load(row)
 
-    def info(self, consult_id: str) -> tuple[str, str, bytes | None]:
-        """(role, peer, signed wire bytes) of a stored consult."""
+    def info(self, consult_id: str) -> CaseInfo:
+        """This node's role in a stored consult, the other party, the signed request."""
         row = self._db.execute(
             "SELECT role, peer, wire FROM requests WHERE id = ?", (consult_id,)
         ).fetchone()
         if row is None:
             raise UnknownConsult(consult_id)
-        return row[0], row[1], row[2]
+        return CaseInfo(Role(row[0]), row[1], None if row[2] is None else bytes(row[2]))
 
     def count_from(self, peer: str, state: State) -> int:
         """How many requests this node holds from ``peer`` (a node id) in ``state``."""
@@ -247,6 +258,25 @@ class ConsultDB:
             transition = self._apply_locked(consult_id, event, now, actor)
         self._audit(consult_id, transition)
         return transition
+
+    def advance(
+        self,
+        consult_id: str,
+        target: State,
+        now: int,
+        actor: str = "",
+        *,
+        via: frozenset[Event] = STUDY_EVENTS,
+    ) -> list[Transition]:
+        """Bring the case to ``target`` by the events of the table that lead there
+        (:func:`consult.requests.path_to`, only ``via`` events), one transaction; nothing
+        when it is there already or cannot get there that way (the next step refuses)."""
+        with self._transaction():
+            events = path_to(self.state_of(consult_id), target, via)
+            done = [self._apply_locked(consult_id, event, now, actor) for event in events]
+        for transition in done:
+            self._audit(consult_id, transition)
+        return done
 
     def _apply_locked(self, consult_id: str, event: Event, now: int, actor: str) -> Transition:
         case = self.get(consult_id)
@@ -294,7 +324,7 @@ class ConsultDB:
         ).fetchall()
         if not rows:
             return None
-        _, peer, _ = self.info(consult_id)
+        peer = self.info(consult_id).peer
         return OfferRound(
             consult_id,
             tuple(NodeId.parse(p) for p, _ in rows),
@@ -357,15 +387,13 @@ class ConsultDB:
         """
         from consult.report import verify_report  # pydicom/highdicom: not for `consult list`
 
-        role, peer, _ = self.info(consult_id)
-        if role != "requester":
+        info = self.info(consult_id)
+        if info.role is not Role.REQUESTER:
             raise LocalConsultError(
                 f"consult {consult_id[:8]} was not requested by this node: a report for it "
                 "is not filed here"
             )
-        report = verify_report(
-            wire, consult_id=consult_id, consultant=NodeId.parse(peer) if peer else None
-        )
+        report = verify_report(wire, consult_id=consult_id, consultant=info.peer_id)
         if report.study_uid != self.get(consult_id).request.study_uid:
             raise BadReport(
                 f"the report for consult {consult_id[:8]} names another study than the one "
@@ -381,8 +409,7 @@ class ConsultDB:
     def keep_sent_report(self, consult_id: str, wire: bytes, now: int, actor: str) -> Transition:
         """Consultant side: mark the case reported and keep the signed report as sent, so a
         peer review of it can be verified here later."""
-        role, _, _ = self.info(consult_id)
-        if role != "consultant":
+        if self.info(consult_id).role is not Role.CONSULTANT:
             raise LocalConsultError(f"consult {consult_id[:8]} was not sent to this node")
         from consult.report import verify_report
 
@@ -407,8 +434,8 @@ class ConsultDB:
             )
         from consult.report import verify_report  # pydicom/highdicom: not for `consult list`
 
-        role, peer, _ = self.info(consult_id)
-        consultant = NodeId.parse(peer) if role == "requester" and peer else None
+        info = self.info(consult_id)
+        consultant = info.peer_id if info.role is Role.REQUESTER else None
         author = verify_report(report_wire, consult_id=consult_id, consultant=consultant).author
         with self._transaction():
             number = len(self.addenda_wires(consult_id)) + 1
@@ -475,7 +502,7 @@ class ConsultDB:
         cid, role, prio, critical, reported, acked, by, steps = row
         return ReportAck(
             str(cid),
-            str(role),
+            Role(str(role)),
             Priority(str(prio)),
             bool(critical),
             int(str(reported)),
@@ -547,8 +574,7 @@ class ConsultDB:
     def parties(self, consult_id: str, own: str) -> frozenset[str]:
         """The node ids (text) entitled to a consult's live session: this node (``own``)
         and the other side (the requester, or the consultant who accepted)."""
-        _, peer, _ = self.info(consult_id)
-        return frozenset({own, peer} - {""})
+        return frozenset({own, self.info(consult_id).peer} - {""})
 
     def approve_guest(self, consult_id: str, guest: str, approver: str) -> None:
         """Record that party ``approver`` agrees to ``guest`` joining the live session

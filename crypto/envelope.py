@@ -106,17 +106,6 @@ class SignedEnvelope:
         return canonical.decode(self.payload)
 
 
-def open_signed(
-    data: bytes,
-    expected_type: str,
-    expected_version: int = 1,
-    max_size: int = canonical.DEFAULT_MAX_SIZE,
-) -> tuple[bytes, Any]:
-    """Parse and verify signed-envelope bytes; return (signer public key, payload)."""
-    envelope = SignedEnvelope.from_wire(data, max_size)
-    return envelope.signer, envelope.verify(expected_type, expected_version)
-
-
 @dataclass(frozen=True)
 class Sealed:
     """What :func:`open_sealed` returns once every check has passed."""
@@ -248,6 +237,5 @@ __all__ = [
     "Sealed",
     "SignedEnvelope",
     "open_sealed",
-    "open_signed",
     "seal",
 ]

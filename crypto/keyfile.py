@@ -40,7 +40,6 @@ DEFAULT_COST = KdfCost()
 
 
 # Cheapest settings libsodium accepts; for tests only.
-TEST_COST = KdfCost(nacl.pwhash.argon2id.OPSLIMIT_MIN, nacl.pwhash.argon2id.MEMLIMIT_MIN)
 
 
 def _derive(passphrase: str, salt: bytes, cost: KdfCost) -> bytes:

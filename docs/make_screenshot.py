@@ -28,7 +28,9 @@ async def main() -> None:
             async with app.run_test(size=(150, 42)) as pilot:
                 await pilot.pause(1.0)
                 await pilot.press("enter")
-                await asyncio.sleep(6)
+                await asyncio.sleep(6)  # the surgeon marks the collection, then presents
+                await pilot.press("f")  # follow the presenter: the slice with the collection
+                await asyncio.sleep(1)
                 await pilot.pause()
                 OUT.write_text(app.export_screenshot(title="radmesh live consult"))
             surgeon.cancel()

@@ -17,7 +17,8 @@ Layers (each usable and tested on its own):
                  (``TransportOptions(link=MemoryNetwork())``), for tests.
 - ``session``    sans-IO: the link and connection lifecycle tables, ``BulkCredit``.
 - ``connection`` ``Transport`` and ``PeerConnection`` (below).
-- ``transfer`` / ``transfer_runner``  the study transfer protocol on top of bulk + control.
+- ``transfer``   the study transfer (a package: messages, manifest, machine, spools,
+                 sender, receiver, runner) on top of bulk + control.
 
 Using it::
 
@@ -36,7 +37,7 @@ Using it::
     async for event in conn.events():  # Connected, Received(channel, data),
         ...                            # Disconnected(will_retry), Reconnected, Closed
     conn.set_receiver("bulk", callback)  # or take a channel out of the event stream
-    ChannelLink(conn)                # a transfer_runner.TransferLink over this connection
+    ChannelLink(conn)                # a transfer.runner.TransferLink over this connection
     await conn.close(); await transport.close()
 
 Security: after DTLS, a SIGMA handshake (``crypto.handshake``) binds both node

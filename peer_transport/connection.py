@@ -691,7 +691,7 @@ class PeerConnection:
 
 
 class ChannelLink:
-    """One study transfer on a PeerConnection, seen as a ``transfer_runner.TransferLink``.
+    """One study transfer on a PeerConnection, seen as a ``transfer.runner.TransferLink``.
 
     ``send_control`` travels as control-channel messages, ``send_bulk`` on the
     bulk channel with credit-based backpressure; :meth:`attach` routes the

@@ -32,7 +32,7 @@ from registry.errors import (
     RemoteRegistryError,
     StaleRecord,
 )
-from registry.httpclient import client_session
+from registry.httpclient import client_session, untrusted_certificate
 from registry.records import MAX_RECORD_SIZE, NodeRecord, parse_verified
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,11 @@ class SearchQuery:
 class RegistryClient:
     """One registry. Use as ``async with RegistryClient(url, identity) as client``."""
 
-    def __init__(self, url: str, identity: Identity | None = None) -> None:
+    def __init__(self, url: str, identity: Identity | None = None, *, ca_file: str = "") -> None:
+        """``ca_file``: a CA (PEM) to trust for this registry's TLS besides the system's."""
         self.url = url.rstrip("/")
         self.identity = identity
+        self.ca_file = ca_file
         self._session: aiohttp.ClientSession | None = None
         self.rejected = 0  # records from this registry that failed verification
 
@@ -102,7 +104,9 @@ class RegistryClient:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = client_session(REQUEST_TIMEOUT)
+            self._session = client_session(
+                REQUEST_TIMEOUT, ca_files=(self.ca_file,) if self.ca_file else ()
+            )
         return self._session
 
     async def _request(
@@ -116,6 +120,8 @@ class RegistryClient:
                 if len(body) > limit:
                     raise RemoteRegistryError(self.url, response.status, "response too large")
                 return response.status, body
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise RegistryUnavailable(self.url, untrusted_certificate(exc)) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RegistryUnavailable(self.url, type(exc).__name__) from exc
 
@@ -156,9 +162,6 @@ class RegistryClient:
             except StaleRecord as exc:
                 exc.held = _held_sequence(exc.held_wire, record)
                 raise
-
-    async def publish_wire(self, wire: bytes) -> None:
-        await self.publish(NodeRecord.from_wire(wire))
 
     async def lookup(self, node_id: NodeId, now: int | None = None) -> NodeRecord | None:
         """The node's current record, verified; None if the registry has none."""

@@ -10,13 +10,13 @@ answers from memory when every source is down.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from crypto.identity import NodeId
+from node.core.db import connect
 from registry.client import MultiRegistry, SearchQuery
 from registry.errors import RecordError, RegistryError
 from registry.mdns import LanDiscovery
@@ -108,8 +108,7 @@ class Peer:
 
 class PeerDirectory:
     def __init__(self, path: str | Path, trust: TrustStore, finders: Sequence[Finder] = ()) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = connect(path, check_same_thread=False)
         self._db.executescript(_SCHEMA)
         self.trust = trust
         self.finders = list(finders)

@@ -41,6 +41,10 @@ class TrustError(RegistryError):
     """The trust store refused an operation (unknown peer, key mismatch, revoked)."""
 
 
+class TlsSetupError(RegistryError):
+    """A certificate, key or CA file named for registry TLS cannot be used."""
+
+
 class RegistryUnavailable(RegistryError):
     """A registry or LAN endpoint could not be reached."""
 

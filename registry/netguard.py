@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,16 +194,31 @@ class GuardedSite(web.TCPSite):
     """A TCP site whose connections are :class:`GuardedHandler` s."""
 
     def __init__(
-        self, runner: web.AppRunner, host: str, port: int, factory: Callable[[], RequestHandler]
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        factory: Callable[[], RequestHandler],
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
-        super().__init__(runner, host, port)
+        super().__init__(runner, host, port, ssl_context=ssl_context)
         self._factory = factory
+        self._handshake_timeout = handshake_timeout
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
         loop = asyncio.get_running_loop()
+        # A TLS handshake completes before the handler sees the connection: bound it as
+        # the header timeout bounds a slow request.
         self._server = await loop.create_server(
-            self._factory, self._host, self._port, backlog=self._backlog
+            self._factory,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
         )
 
 

@@ -34,7 +34,7 @@ from registry.errors import RegistryError, StaleRecord
 from registry.limits import MailboxUsage
 from registry.records import NodeRecord, require_newer
 from registry.storage import KickListener, MailListener, MailOffer, node_key, parse_node
-from registry.store import Stored, _tags
+from registry.store import Stored, _tags, tag_patterns
 
 try:
     import asyncpg
@@ -291,13 +291,9 @@ class PostgresStore:
     ) -> list[bytes]:
         sql = "SELECT wire FROM records WHERE expires_at > $1 AND node_id > $2"
         params: list[object] = [now, after]
-        for column, value in (("subs", subspecialty), ("jur", jurisdiction), ("lang", language)):
-            if value:
-                escaped = (
-                    value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                )
-                params.append(f"%|{escaped}|%")
-                sql += f" AND {column} LIKE ${len(params)}"
+        for column, pattern in tag_patterns(subspecialty, jurisdiction, language):
+            params.append(pattern)  # backslash is PostgreSQL's default LIKE escape
+            sql += f" AND {column} LIKE ${len(params)}"
         if availability:
             params.append(list(availability))
             sql += f" AND avail = ANY(${len(params)}::text[])"

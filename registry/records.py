@@ -33,7 +33,6 @@ MAX_ENDPOINT = 256
 MAX_CERT = 4096
 MAX_TTL = 7 * 24 * 3600
 CLOCK_SKEW = 300
-ENDPOINT_SCHEMES = ("lan:", "registry:")
 
 
 class Availability(enum.StrEnum):
@@ -160,12 +159,6 @@ class NodeRecord:
     @property
     def lan_urls(self) -> tuple[str, ...]:
         return tuple(e.removeprefix("lan:") for e in self.endpoints if e.startswith("lan:"))
-
-    @property
-    def registry_urls(self) -> tuple[str, ...]:
-        return tuple(
-            e.removeprefix("registry:") for e in self.endpoints if e.startswith("registry:")
-        )
 
     @classmethod
     def create(

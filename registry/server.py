@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from crypto.errors import CryptoError
 from crypto.identity import NodeId
 from crypto.org import verify_certificate
 from registry import wsproto
-from registry.errors import AuthError, RecordError, RegistryError, StaleRecord
+from registry.errors import AuthError, RecordError, RegistryError, StaleRecord, TlsSetupError
 from registry.limits import MailboxQuota, RateLimiter, address_key
 from registry.netguard import (
     AddressGuard,
@@ -122,6 +123,9 @@ class RegistryServer:
     poll_interval: float = 2.0  # shared storage: mail no notification announced
     # Reverse proxies in front (TLS at the proxy): their X-Forwarded-For names the client.
     trusted_proxies: frozenset[str] = frozenset()
+    # Serve HTTPS/WSS directly (server_tls_context); None: plain HTTP, for loopback or a
+    # reverse proxy that terminates TLS.
+    tls: ssl.SSLContext | None = None
 
     def __post_init__(self) -> None:
         self.store: RegistryStore = open_store(self.db_path)
@@ -223,11 +227,18 @@ class RegistryServer:
             header_timeout=self.limits.header_timeout,
             idle_timeout=self.limits.idle_timeout,
         )
-        site = GuardedSite(self._runner, host, port, factory)
+        site = GuardedSite(
+            self._runner,
+            host,
+            port,
+            factory,
+            ssl_context=self.tls,
+            handshake_timeout=self.limits.header_timeout,
+        )
         await site.start()
         bound = int(self._runner.addresses[0][1])
         if not self.public_url:
-            self.public_url = f"http://{host}:{bound}"
+            self.public_url = f"{'https' if self.tls else 'http'}://{host}:{bound}"
         return self.public_url
 
     async def stop(self) -> None:
@@ -766,6 +777,21 @@ async def _ws_error(ws: web.WebSocketResponse, error: str, hint: str, ref: int =
     if not ws.closed:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ws.send_bytes(wsproto.to_wire(wsproto.Error(error[:1024], hint[:1024], ref)))
+
+
+def server_tls_context(cert_file: str | Path, key_file: str | Path) -> ssl.SSLContext:
+    """TLS for ``registry run --tls-cert/--tls-key``: the certificate chain (PEM, leaf
+    first) and its private key (PEM, unencrypted: the service starts unattended)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile=cert_file, keyfile=key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError(
+            f"cannot serve TLS with certificate {cert_file} and key {key_file} ({exc}): "
+            "give a PEM certificate chain (leaf first) and its unencrypted PEM private key"
+        ) from exc
+    return context
 
 
 def _shown(db: str | Path) -> str:

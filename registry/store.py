@@ -7,11 +7,11 @@ event loop.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from crypto.identity import NodeId
+from node.core.db import connect
 from registry.errors import RecordError
 from registry.limits import MailboxUsage
 from registry.records import NodeRecord, require_newer
@@ -55,6 +55,17 @@ def _tags(values: tuple[str, ...]) -> str:
     return "|" + "|".join(v.lower().replace("|", "") for v in values) + "|"
 
 
+def tag_patterns(subspecialty: str, jurisdiction: str, language: str) -> list[tuple[str, str]]:
+    """(column, LIKE pattern) for each filter given: the whole item between its bars, with
+    LIKE's wildcards and the backslash escaped (a search for "n_uro" is not a wildcard)."""
+    patterns = []
+    for column, value in (("subs", subspecialty), ("jur", jurisdiction), ("lang", language)):
+        if value:
+            escaped = value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            patterns.append((column, f"%|{escaped}|%"))
+    return patterns
+
+
 @dataclass(frozen=True)
 class Stored:
     sender: NodeId
@@ -64,9 +75,8 @@ class Stored:
 
 class RegistryDB:
     def __init__(self, path: str | Path) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # NORMAL: a power cut may lose the last messages accepted, never corrupt the mailbox
+        self._db = connect(path, synchronous="NORMAL", check_same_thread=False)
         self._db.executescript(_SCHEMA)
         self._migrate()
         self._db.executescript(_INDEXES)
@@ -159,13 +169,9 @@ class RegistryDB:
         """Current records matching every filter; ``availability`` is any of its values."""
         sql = "SELECT wire FROM records WHERE expires_at > ? AND node_id > ?"
         params: list[object] = [now, after]
-        for column, value in (("subs", subspecialty), ("jur", jurisdiction), ("lang", language)):
-            if value:
-                sql += f" AND {column} LIKE ? ESCAPE '\\'"
-                escaped = (
-                    value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                )
-                params.append(f"%|{escaped}|%")
+        for column, pattern in tag_patterns(subspecialty, jurisdiction, language):
+            sql += f" AND {column} LIKE ? ESCAPE '\\'"
+            params.append(pattern)
         if availability:
             sql += f" AND avail IN ({', '.join('?' * len(availability))})"
             params.extend(availability)

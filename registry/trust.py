@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from crypto.errors import CryptoError, Revoked
 from crypto.identity import PUBLIC_KEY_SIZE, NodeId
 from crypto.org import RevocationList, verify_certificate, verify_revocations
+from node.core.db import connect
 from registry.errors import TrustError
 
 _SCHEMA = """
@@ -66,8 +66,7 @@ class InboxEntry:
 
 class TrustStore:
     def __init__(self, path: str | Path) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = connect(path, check_same_thread=False)
         self._db.executescript(_SCHEMA)
         self._listeners: list[Listener] = []
         self._generation = 0  # this connection's writes (data_version counts the others')
@@ -293,10 +292,6 @@ class TrustStore:
         if len(org_key) != PUBLIC_KEY_SIZE:
             raise TrustError("an organisation key is 32 bytes (64 hex characters)")
         self._db.execute("INSERT OR REPLACE INTO trusted_orgs VALUES (?, ?)", (org_key, now))
-        self._wrote()
-
-    def remove_org(self, org_key: bytes) -> None:
-        self._db.execute("DELETE FROM trusted_orgs WHERE org_key = ?", (org_key,))
         self._wrote()
 
     def add_revocations(self, wire: bytes, org_key: bytes) -> RevocationList:

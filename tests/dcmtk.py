@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from node.core.children import die_with_parent
+from node.demo.phantom import head_hu
 
 LOOPBACK = "127.0.0.1"
 TOOL_TIMEOUT = 60.0
@@ -191,7 +192,8 @@ def sample_paths(names: Sequence[str] = SAMPLE_FILES) -> list[Path]:
 
 
 def generated_ct(count: int) -> list[bytes]:
-    """A small CT series with unique UIDs, as a modality would write it."""
+    """A small CT series with unique UIDs, as a modality would write it: 64 x 64 slices of
+    the demo's head (node/demo/phantom.py), stored signed, under a minimal header."""
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     rng = np.random.default_rng(7)
     out = []
@@ -212,7 +214,8 @@ def generated_ct(count: int) -> list[bytes]:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 1
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-        ds.PixelData = rng.integers(-1000, 2000, (64, 64), dtype=np.int16).tobytes()
+        hu = head_hu(64, 30.0 - index * 5.0, rng=rng)
+        ds.PixelData = np.rint(hu + 1024.0).astype("<i2").tobytes()
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         out.append(buffer.getvalue())

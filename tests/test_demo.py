@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from node.app import workflow
+from consult.shared import AnnotationKind
+from node.app.studies import StudyDesk
 from node.demo import story as demo
+from node.demo.phantom import HAEMATOMA, head_hu
 
 
 @pytest.mark.slow
@@ -20,12 +22,57 @@ async def test_headless_demo_runs_the_whole_loop(tmp_path: Path) -> None:
     for step in (
         "STAT consult request",
         "pull the study over WebRTC",
+        "the neurosurgeon's view follows: slice",
         "live session: both annotate",
         "sign the report",
         "demo complete",
     ):
         assert step in text
     assert "FAILED" not in text
+    # The case in a few lines at the end: what was asked, measured, reported, for whom.
+    case = text.split("\nThe case:\n", 1)[1]
+    assert f"Question (STAT): {demo.QUESTION}" in case
+    assert "Measurement: SDH thickness" in case
+    assert "Finding: Crescentic hyperdense" in case
+    assert "Impression: Acute left convexity subdural haematoma" in case
+    assert "filed at the hospital under MURPHY^BRIDGET (ID SB4471093, sex F)" in case
+    assert "the consultant saw only ANON^" in case
+    assert "MURPHY" not in text.split("\nThe case:\n", 1)[0]  # only the hospital re-identifies
+
+
+@pytest.mark.slow
+async def test_the_story_holds_together_for_a_radiologist(tmp_path: Path) -> None:
+    """The woman of the question is a woman in the DICOM; the thickness measured is the
+    collection's; the surgeon's arrow points at it; the surgeon follows the presenter."""
+    rows = 128
+    net = demo.DemoNetwork(tmp_path / "demo", io.StringIO())
+    try:
+        await net.start(with_pacs=False)
+        staged = await demo.stage(net, slices=6, rows=rows)
+        await demo.finish(net, staged, rows=rows)
+        rural = net.nodes[demo.RURAL.key]
+        names = [s.patient_name for s in rural.store.studies()]
+        assert names == ["MURPHY^BRIDGET"]
+        assert demo.PATIENT.sex == "F"
+        assert "84F" in demo.QUESTION
+        chat = " ".join(m.text for m in staged.surgeon.chat())
+        assert " her " in chat
+        assert " him " not in chat
+        hu = head_hu(rows, staged.middle_z, noise=0.0)
+        marks = {a.kind: a for a in staged.neuroradiologist.annotations()}
+        (c0, r0), (c1, r1) = marks[AnnotationKind.LENGTH].points
+        thickness = marks[AnnotationKind.LENGTH].values["length_mm"]
+        assert thickness == pytest.approx(HAEMATOMA.thickest_mm, abs=1.0)
+        middle = hu[round((r0 + r1) / 2), round((c0 + c1) / 2)]
+        assert middle == HAEMATOMA.hu  # measured across the collection, not the brain
+        tail, head = marks[AnnotationKind.ARROW].points
+        assert hu[round(head[1]), round(head[0])] == HAEMATOMA.hu  # the arrow's head is on it
+        assert hu[round(tail[1]), round(tail[0])] < 50  # and it comes from the brain
+        surgeon = {p.name: p for p in staged.neuroradiologist.participants()}
+        assert surgeon[demo.NEUROSURG.name].following
+        assert surgeon[demo.NEURORAD.name].presenting
+    finally:
+        await net.stop()
 
 
 async def test_headless_demo_reports_a_failing_step(
@@ -34,7 +81,7 @@ async def test_headless_demo_reports_a_failing_step(
     async def broken_fetch(*args: object, **kwargs: object) -> object:
         raise demo.DemoFailed("the transfer broke")
 
-    monkeypatch.setattr(workflow, "fetch_study", broken_fetch)
+    monkeypatch.setattr(StudyDesk, "fetch", broken_fetch)
     out = io.StringIO()
     code = await demo.run_headless(tmp_path / "demo", slices=2, rows=64, with_pacs=False, out=out)
     assert code == 1

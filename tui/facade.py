@@ -1,8 +1,8 @@
 """What the TUI needs from a node: the ``NodeFacade`` protocol and its plain value types.
 
-The app only talks to this protocol. :mod:`tui.local` implements it over a node
-home on disk; :mod:`tui.memory` in memory for tests and demos. The runtime will
-back it with the live node (store, directory, consult requests, transfers).
+The app only talks to this protocol. :mod:`tui.node_facade` implements it over the
+running node (store, directory, consult requests, transfers); :mod:`tui.memory` in
+memory for tests.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ class StudyInfo:
     modalities: str
     series_count: int
     instance_count: int
+    # As the store holds them: de-identified on a consultant's node (sex and age are kept by
+    # the share's options or not at all). DICOM text: shown through tui.safe_text only.
+    patient_age: str = ""  # PatientAge as written, e.g. "045Y"
+    patient_sex: str = ""  # M | F | O | ""
+    accession: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class InstanceRef:
     number: int
     present: bool = True  # False while the study is still streaming in
     frames: int = 1  # frames in a multi-frame instance, when known before loading it
+    location: float | None = None  # mm along the slice normal (tui.linking), when known
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class Frame:
     orientation: tuple[float, ...] | None = None
     window: Window | None = None  # from the file, when it has one
     frames: int = 1  # how many frames the instance holds (NumberOfFrames)
+    slice_location: float | None = None  # SliceLocation, mm
+    slice_thickness: float | None = None  # SliceThickness, mm
 
     def modality(self) -> npt.NDArray[np.float32]:
         from tui.imaging import modality_lut
@@ -90,6 +98,13 @@ class ConsultItem:
     peer_trust: str = ""
     critical: bool = False  # the report is a critical result
     ack_overdue: bool = False  # reported, and not acknowledged in time
+    # The requesting (or consulted) peer's published institution: a claim, like its name.
+    peer_institution: str = ""
+    # The study as this node holds it ("" / 0 while it is not here yet).
+    modality: str = ""
+    images: int = 0
+    patient_age: str = ""
+    patient_sex: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,7 +145,7 @@ class TransferInfo:
     done_bytes: int
     total_bytes: int
     direction: str = "in"  # in | out
-    state: str = "running"  # starting | running | paused | complete | failed
+    state: str = "running"  # offered (starting) | running | paused | complete | failed
     done_instances: int = 0
     total_instances: int = 0
     rate: float = 0.0  # bytes per second
@@ -152,6 +167,7 @@ class ConsultForm:
     deadline_hours: float
     jurisdiction: str = ""  # the patient's country; empty: this node's country
     burned_in_checked: bool = False  # a person checked the pixels for burned-in text (audited)
+    with_priors: bool = False  # send the patient's earlier studies held on this node too
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
 
+from consult.errors import NotAuthor
+from consult.presence import Cursor, Participant, Viewport
+from consult.shared import MAX_CHAT_CHARS, Annotation, AnnotationKind, ChatMessage, Point
 from crypto.identity import NodeId
 from crypto.safety import safety_number
 from tui.facade import (
@@ -26,7 +31,7 @@ from tui.facade import (
     TransferInfo,
 )
 from tui.imaging import Window
-from tui.session import InMemorySession, SessionView
+from tui.session import Listener, SessionView
 
 STUDY_UID = "1.2.826.0.1.3680043.10.1.1"
 SERIES_UID = "1.2.826.0.1.3680043.10.1.1.1"
@@ -85,7 +90,18 @@ class InMemoryNode:
 
     def studies(self) -> list[StudyInfo]:
         return [
-            StudyInfo(STUDY_UID, "ANON-0001", "20260101", "CT CHEST", "CT", 2, 2 * self._slices)
+            StudyInfo(
+                STUDY_UID,
+                "ANON-0001",
+                "20260101",
+                "CT CHEST",
+                "CT",
+                2,
+                2 * self._slices,
+                "067Y",
+                "F",
+                "ANON-ACC-1",
+            )
         ]
 
     def series(self, study_uid: str) -> list[SeriesInfo]:
@@ -115,6 +131,8 @@ class InMemoryNode:
             (-50.0, -50.0, 5.0 * index),
             (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
             Window(40, 400),
+            slice_location=5.0 * index,
+            slice_thickness=5.0,
         )
 
     def arrive(self, index: int) -> None:
@@ -127,9 +145,12 @@ class InMemoryNode:
         now = time.time()
         items = [
             ConsultItem("c-1", True, "CT head: bleed?", "PEER-NE", "stat", "offered",
-                        now + 1800, STUDY_UID, "Dr Neuro", "verified"),
+                        now + 1800, STUDY_UID, "Dr Neuro", "verified",
+                        peer_institution="St Elsewhere", modality="CT",
+                        images=2 * self._slices, patient_age="067Y", patient_sex="F"),
             ConsultItem("c-2", False, "Knee MRI", "PEER-MS", "routine", "in_review",
-                        now + 86400 * 2, "", "Dr Bones", "unverified"),
+                        now + 86400 * 2, "", "Dr Bones", "unverified",
+                        peer_institution="Ortho Clinic"),
         ]  # fmt: skip
         items = [replace(c, state=self.states.get(c.consult_id, c.state)) for c in items]
         alerted = {a.consult_id for a in self.alerts}
@@ -225,3 +246,164 @@ class InMemoryNode:
             raise ActionError("an addendum needs its text")
         self.actions.append(("addendum", consult_id, text))
         return f"addendum to the report of consult {consult_id} signed and sent"
+
+
+class InMemorySession:
+    """A :class:`~tui.session.SessionView` held in memory, for tests: ``remote_*`` play
+    the other participants, and may pass values a modified client would send past the
+    checks of the real session (:class:`tui.node_facade.LiveSessionView`)."""
+
+    def __init__(
+        self, consult_id: str, local_node: str, name: str, colour: str = "#00d7ff"
+    ) -> None:
+        self.consult_id = consult_id
+        self.local_node = local_node
+        self._me = Participant(0, local_node, name, colour, "", False, None, None)
+        self._others: dict[int, Participant] = {}
+        self._annotations: dict[str, Annotation] = {}
+        self._chat: list[ChatMessage] = []
+        self._report = ""
+        self._final = False
+        self.critical = False  # what finalise() was told, for tests
+        self.sent: list[tuple[str, str, frozenset[str]]] = []  # (findings, impression, drop)
+        self._listeners: list[Listener] = []
+        self._following = False
+        self.cursor_moves = 0  # how many cursor updates left this participant
+
+    # reading
+    def participants(self) -> list[Participant]:
+        return [self._me, *self._others.values()]
+
+    def annotations(self) -> list[Annotation]:
+        return sorted(self._annotations.values(), key=lambda a: (a.at, a.id))
+
+    def chat(self) -> list[ChatMessage]:
+        return list(self._chat)
+
+    def report_text(self) -> str:
+        return self._report
+
+    def finalised(self) -> bool:
+        return self._final
+
+    # local edits
+    def add_annotation(
+        self,
+        kind: AnnotationKind,
+        sop_instance_uid: str,
+        frame: int,
+        points: tuple[Point, ...],
+        *,
+        text: str = "",
+        values: Mapping[str, float] | None = None,
+    ) -> Annotation:
+        a = Annotation(
+            uuid.uuid4().hex,
+            kind,
+            sop_instance_uid,
+            frame,
+            points,
+            self.local_node,
+            time.time(),
+            text,
+            dict(values or {}),
+        )
+        self._annotations[a.id] = a
+        self._changed()
+        return a
+
+    def remove_annotation(self, annotation_id: str) -> None:
+        a = self._annotations.get(annotation_id)
+        if a is None:
+            return
+        if a.author != self.local_node:
+            raise NotAuthor(
+                "only the author can remove an annotation: ask them, or hide it in your own view"
+            )
+        del self._annotations[annotation_id]
+        self._changed()
+
+    def move_cursor(self, cursor: Cursor | None) -> None:
+        self._me = replace(self._me, cursor=cursor)
+        self.cursor_moves += 1
+
+    def say(self, text: str) -> ChatMessage:
+        text = text[:MAX_CHAT_CHARS]
+        m = ChatMessage(uuid.uuid4().hex, self.local_node, time.time(), text)
+        self._chat.append(m)
+        self._changed()
+        return m
+
+    def set_report_text(self, text: str) -> None:
+        if not self._final:
+            self._report = text
+            self._changed()
+
+    def finalise(self, critical: bool = False, drop: frozenset[str] = frozenset()) -> None:
+        from consult.report_draft import split_report
+
+        self._final = True
+        self.critical = critical
+        self.sent.append((*split_report(self._report), drop))
+        self._changed()
+
+    def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
+        if by_user and self._following:
+            self._following = False
+            self._changed()
+        self._me = replace(self._me, viewport=viewport)
+
+    def set_tool(self, tool: str) -> None:
+        self._me = replace(self._me, tool=tool)
+
+    def present(self, on: bool) -> None:
+        self._me = replace(self._me, presenting=on)
+        self._following = self._following and not on
+        self._changed()
+
+    def follow(self, on: bool) -> None:
+        self._following = on
+        self._changed()
+
+    def following(self) -> bool:
+        return self._following
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def _changed(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    # the other side, for tests and demos
+    def remote_join(self, client_id: int, node: str, name: str, colour: str) -> None:
+        self._others[client_id] = Participant(client_id, node, name, colour, "", False, None, None)
+        self._changed()
+
+    def remote_cursor(self, client_id: int, cursor: Cursor | None) -> None:
+        self._others[client_id] = replace(self._others[client_id], cursor=cursor)
+        self._changed()
+
+    def remote_viewport(
+        self,
+        client_id: int,
+        viewport: Viewport | None,
+        presenting: bool | None = None,
+        following: bool | None = None,
+    ) -> None:
+        other = self._others[client_id]
+        presenting = other.presenting if presenting is None else presenting
+        following = other.following if following is None else following
+        self._others[client_id] = replace(
+            other, viewport=viewport, presenting=presenting, following=following
+        )
+        self._changed()
+
+    def remote_annotation(self, annotation: Annotation) -> None:
+        self._annotations[annotation.id] = annotation
+        self._changed()
+
+    def remote_say(self, node: str, text: str) -> None:
+        self._chat.append(ChatMessage(uuid.uuid4().hex, node, time.time(), text))
+        self._changed()

@@ -10,6 +10,7 @@ each patient gets a stable pseudonym label.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 from collections import deque
@@ -24,15 +25,15 @@ from consult.live import LiveConsult
 from consult.presence import Cursor, Participant, Viewport
 from consult.report_draft import split_report
 from consult.report_view import report_view
-from consult.requests import ConsultCase, Event, Priority, State, refusal
+from consult.requests import ConsultCase, Event, Priority, Role, State, refusal
 from consult.shared import Annotation, AnnotationKind, ChatMessage, Point
 from crypto.errors import CryptoError
 from crypto.identity import NodeId
 from crypto.safety import safety_number
-from node.app import guests, workflow
-from node.app.alerts import alerts_of, policy_of
+from node.app import cases, consults, guests
+from node.app.alerts import policy_of
+from node.app.availability import apply_availability, next_availability
 from node.app.runtime import NodeRuntime
-from node.cli.status import apply_availability, next_availability
 from node.core.audit import AuditKind
 from node.core.display import peer_label
 from node.core.errors import NodeError
@@ -40,6 +41,7 @@ from node.dicom.store import StoreError
 from peer_transport.errors import TransportError
 from registry.errors import RegistryError
 from registry.trust import TrustState
+from tui.dicom_frame import frame_from_dataset
 from tui.facade import (
     PRIORITIES,
     ActionError,
@@ -56,7 +58,7 @@ from tui.facade import (
     StudyInfo,
     TransferInfo,
 )
-from tui.local import frame_from_dataset
+from tui.linking import slice_location
 from tui.session import Listener, SessionView
 
 MAX_NOTIFICATIONS = 100
@@ -69,6 +71,13 @@ _TRUST_LABEL = {
     TrustState.VERIFIED: "verified",
     TrustState.TRUSTED_BY_ORG: "organisation",
 }
+
+
+def _study_cells(study: StudyInfo | None) -> tuple[str, int, str, str]:
+    """The worklist's modality, image count, age and sex of a consult's study, as held here."""
+    if study is None:
+        return ("", 0, "", "")
+    return (study.modalities, study.instance_count, study.patient_age, study.patient_sex)
 
 
 def _cursor(cursor: Cursor | None, uid: Callable[[str], str]) -> Cursor | None:
@@ -102,13 +111,13 @@ class LiveSessionView:
         self,
         live: LiveConsult,
         on_finalise: Callable[[LiveConsult, bool, frozenset[str]], None] | None = None,
-        uids: workflow.UidMapping | None = None,
+        uids: cases.UidMapping | None = None,
     ) -> None:
         self.live = live
         self.consult_id = live.consult_id
         self.local_node = live.local_node
         self._on_finalise = on_finalise
-        self.uids = uids or workflow.UidMapping()
+        self.uids = uids or cases.UidMapping()
 
     def participants(self) -> list[Participant]:
         me = self.live.presence.me
@@ -227,21 +236,20 @@ class RuntimeNode:
         """Sign and send the report when this node is the consultant of the case."""
         runtime = self.runtime
         try:
-            role, _, _ = runtime.consults.info(live.consult_id)
+            role = runtime.consults.info(live.consult_id).role
         except ConsultError:
             return  # an ad-hoc session: nothing to report to
-        if role != "consultant":
+        if role is not Role.CONSULTANT:
             runtime.notify("Only the consultant's node signs the report of this case")
             return
         findings, impression = split_report(live.report_text())
 
         async def send() -> None:
             try:
-                measurements, marks = workflow.report_items_of(
-                    runtime, live.consult_id, [a for a in live.annotations() if a.id not in drop]
+                measurements, marks = runtime.consulting.reports.report_items_of(
+                    live.consult_id, [a for a in live.annotations() if a.id not in drop]
                 )
-                await workflow.send_report(
-                    runtime,
+                await runtime.consulting.reports.send_report(
                     live.consult_id,
                     text=findings,
                     impression=impression,
@@ -261,6 +269,7 @@ class RuntimeNode:
         self.runtime = runtime
         self._notes: deque[str] = deque(maxlen=MAX_NOTIFICATIONS)
         self._patients: dict[str, str] = {}
+        self._ages: dict[str, str] = {}  # study uid -> PatientAge as stored (read once)
         self._fetching: set[str] = set()  # consult ids whose study is being pulled
         self._originals: dict[str, str] = {}  # consult id -> original study (requesting side)
 
@@ -319,9 +328,26 @@ class RuntimeNode:
                 ",".join(r.modalities),
                 r.series_count,
                 r.instance_count,
+                self._age(r.study_uid),
+                r.patient_sex,
+                r.accession_number,
             )
             for r in rows
         ]
+
+    def _age(self, study_uid: str) -> str:
+        """PatientAge as the store holds it (the store's index has no column for it): read
+        from one instance's header, once per study."""
+        if study_uid not in self._ages:
+            store = self.runtime.store
+            for series in store.series(study_uid)[:1]:
+                for row in store.instances(study_uid, series.series_uid)[:1]:
+                    self._ages[study_uid] = ""  # an instance is here: read it once, not again
+                    with contextlib.suppress(StoreError, InvalidDicomError, OSError, ValueError):
+                        raw = io.BytesIO(store.read_instance(row.sop_instance_uid))
+                        ds = pydicom.dcmread(raw, stop_before_pixels=True)
+                        self._ages[study_uid] = str(ds.get("PatientAge", "") or "")
+        return self._ages.get(study_uid, "")
 
     def series(self, study_uid: str) -> list[SeriesInfo]:
         manifest = self.runtime.transfers.manifest_of(study_uid)
@@ -373,7 +399,15 @@ class RuntimeNode:
         if study_uid is None:
             return []
         rows = self.runtime.store.instances(study_uid, series_uid)
-        return [InstanceRef(r.sop_instance_uid, series_uid, r.instance_number or 0) for r in rows]
+        return [
+            InstanceRef(
+                r.sop_instance_uid,
+                series_uid,
+                r.instance_number or 0,
+                location=slice_location(r.image_position, r.image_orientation),
+            )
+            for r in rows
+        ]
 
     def _study_of_series(self, series_uid: str) -> str | None:
         for study in self.runtime.store.studies():
@@ -403,26 +437,30 @@ class RuntimeNode:
         peers = {p.node_id: p for p in self.peers()}
         acks = {r.consult_id: r for r in self.runtime.consults.report_acks(unacknowledged=True)}
         policy, now = policy_of(self.runtime.config.alerts), self.runtime.now()
+        studies = {s.study_uid: s for s in self.studies()}
         for case in self.runtime.consults.cases():
-            role, peer, _ = self.runtime.consults.info(case.request.id)
+            about = self.runtime.consults.info(case.request.id)
+            role, peer_id = about.role, about.peer_id
             known.add(case.request.id)
-            info = peers.get(str(NodeId.parse(peer))) if peer else None
+            info = peers.get(str(peer_id)) if peer_id is not None else None
             items.append(
                 ConsultItem(
                     case.request.id,
-                    role != "requester",
+                    role is not Role.REQUESTER,
                     case.request.question,
-                    NodeId.parse(peer).short() if peer else "",
+                    peer_id.short() if peer_id is not None else "",
                     case.request.priority.value,
                     case.state.value,
                     float(case.request.deadline),
                     self._study_here(case, role),
                     info.name if info else "",
-                    info.trust if info else ("unverified" if peer else ""),
+                    info.trust if info else ("unverified" if peer_id is not None else ""),
                     (ack := acks.get(case.request.id)) is not None and ack.critical,
                     ack is not None
                     and case.state is State.REPORTED
                     and policy.overdue(ack.priority, ack.critical, ack.reported_at, now),
+                    info.institution if info else "",
+                    *_study_cells(studies.get(self._study_here(case, role))),
                 )
             )
         for live in self.runtime.live_hub().sessions.values():
@@ -504,11 +542,11 @@ class RuntimeNode:
         if case is not None:
             consult_id = case.request.id
             live = hub.open(consult_id, case.request.question[:200], case.request.study_uid)
-            role, _, _ = rt.consults.info(consult_id)
-            if role == "requester" and case.state in _ACCEPTED_STATES:
+            role = rt.consults.info(consult_id).role
+            if role is Role.REQUESTER and case.state in _ACCEPTED_STATES:
                 rt.spawn(self._invite_consultant(consult_id))
             rt.spawn(self._invite_guests(consult_id))  # approved by both: they join now
-            return LiveSessionView(live, self._finalise, workflow.uid_mapping(rt, consult_id))
+            return LiveSessionView(live, self._finalise, rt.consulting.uid_mapping(consult_id))
         for live in hub.sessions.values():
             if live.study_uid == study_uid:
                 return LiveSessionView(live, self._finalise)
@@ -523,7 +561,7 @@ class RuntimeNode:
         for case in rt.consults.cases():
             if case.state in _CLOSED_STATES:
                 continue
-            role, _, _ = rt.consults.info(case.request.id)
+            role = rt.consults.info(case.request.id).role
             if study_uid in (case.request.study_uid, self._study_here(case, role)):
                 found.append(case)
         sessions = rt.live_hub().sessions
@@ -533,15 +571,15 @@ class RuntimeNode:
             default=None,
         )
 
-    def _study_here(self, case: ConsultCase, role: str) -> str:
+    def _study_here(self, case: ConsultCase, role: Role) -> str:
         """The consult's study as this node stores it: the original on the requesting node
         of a de-identified share, else the UID the consult shares it under."""
         consult_id = case.request.id
-        if role != "requester" or not case.request.deidentified:
+        if role is not Role.REQUESTER or not case.request.deidentified:
             return case.request.study_uid
         if consult_id not in self._originals:  # fixed per consult; spares a map decrypt
             try:
-                share = workflow.share_of(self.runtime, consult_id)
+                share = self.runtime.consulting.share_of(consult_id)
             except (ConsultError, NodeError, TransportError):
                 return case.request.study_uid  # no pseudonym map here (sent with --out)
             self._originals[consult_id] = share.original_study_uid
@@ -553,7 +591,7 @@ class RuntimeNode:
         rt = self.runtime
         hub = rt.live_hub()
         try:
-            peer = await workflow.consultant_key(rt, consult_id)
+            peer = await rt.consulting.consultant_key(consult_id)
             live = hub.sessions.get(consult_id)
             if peer is None or live is None or live.is_bound(peer):
                 return
@@ -575,15 +613,14 @@ class RuntimeNode:
 
     # -- critical results ----------------------------------------------------------------
     def critical_alerts(self) -> list[CriticalAlert]:
-        found = alerts_of(self.runtime)
         return [
             CriticalAlert(r.consult_id, r.steps, float(r.reported_at))
-            for r in (found.banners() if found is not None else ())
+            for r in self.runtime.alerts.banners()
         ]
 
     async def acknowledge(self, consult_id: str, by: str) -> str:
         try:
-            how, _ = await workflow.acknowledge(self.runtime, consult_id, by)
+            how, _ = await self.runtime.consulting.reports.acknowledge(consult_id, by)
         except IllegalTransition as exc:
             raise ActionError(refused(exc)) from exc
         except (ConsultError, NodeError) as exc:
@@ -592,11 +629,11 @@ class RuntimeNode:
 
     def report(self, consult_id: str) -> list[ReportSection] | None:
         db = self.runtime.consults
-        _, peer, _ = db.info(consult_id)
+        peer_id = db.info(consult_id).peer_id
         info = next(
-            (p for p in self.peers() if peer and p.node_id == str(NodeId.parse(peer))), None
+            (p for p in self.peers() if peer_id is not None and p.node_id == str(peer_id)), None
         )
-        trust = info.trust if info else ("unverified" if peer else "")
+        trust = info.trust if info else ("unverified" if peer_id is not None else "")
         sections = report_view(db, consult_id, trust=trust)
         if sections is None:
             return None
@@ -604,7 +641,7 @@ class RuntimeNode:
 
     async def add_addendum(self, consult_id: str, text: str) -> str:
         try:
-            addendum, how = await workflow.send_addendum(self.runtime, consult_id, text)
+            addendum, how = await self.runtime.consulting.reports.send_addendum(consult_id, text)
         except (ConsultError, NodeError) as exc:
             raise ActionError(f"no addendum was added to consult {consult_id[:8]}: {exc}") from exc
         return f"addendum {addendum.number} to the report of consult {consult_id[:8]}: {how}"
@@ -613,7 +650,7 @@ class RuntimeNode:
     async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:
         event = Event.ACCEPT if accept else Event.DECLINE
         try:
-            state = await workflow.respond(self.runtime, consult_id, event, reason)
+            state = await self.runtime.consulting.respond(consult_id, event, reason)
         except IllegalTransition as exc:
             raise ActionError(refused(exc)) from exc
         except (ConsultError, NodeError, TransportError) as exc:
@@ -639,12 +676,12 @@ class RuntimeNode:
         rt = self.runtime
         try:
             case = rt.consults.get(rt.consults.resolve(consult_id))
-            role, _, _ = rt.consults.info(case.request.id)
+            role = rt.consults.info(case.request.id).role
         except ConsultError as exc:
             raise ActionError(str(exc)) from exc
-        if role != "consultant":
+        if role is not Role.CONSULTANT:
             raise ActionError("only the consultant's node fetches the study of a consult")
-        if case.state not in workflow.SERVABLE:
+        if case.state not in cases.SERVABLE:
             raise ActionError(refusal(case.state, Event.START_TRANSFER, tui=True))
         if case.request.id in self._fetching:
             return f"the study of consult {consult_id[:8]} is already being fetched"
@@ -652,7 +689,7 @@ class RuntimeNode:
 
         async def pull() -> None:
             try:
-                done = await workflow.fetch_study(rt, case.request.id)
+                done = await rt.consulting.studies.fetch(case.request.id)
                 rt.notify(
                     f"Study of consult {consult_id[:8]} received: {done.instances_done} images"
                 )
@@ -674,7 +711,7 @@ class RuntimeNode:
     async def withdraw(self, consult_id: str) -> str:
         """Requester side: withdraw the request and tell every consultant it went to."""
         try:
-            unreached = await workflow.withdraw(self.runtime, consult_id)
+            unreached = await self.runtime.consulting.withdraw(consult_id)
         except IllegalTransition as exc:
             raise ActionError(refused(exc)) from exc
         except ConsultError as exc:
@@ -702,17 +739,19 @@ class RuntimeNode:
         if record is None:
             raise ActionError(f"{who}'s address is not known: check the Peers screen")
         try:
-            request, _, how = await workflow.request_consult(
-                rt,
+            request, _, how = await rt.consulting.request_consult(
                 record.record.public_key,
                 form.study_uid,
-                workflow.Terms(
+                consults.Terms(
                     question=form.question,
                     priority=Priority(form.priority),
                     subspecialty=form.subspecialty,
                     jurisdiction=jurisdiction,
                     deadline_seconds=int(form.deadline_hours * 3600),
                     burned_in_checked=form.burned_in_checked,
+                    priors=(
+                        rt.consulting.priors_in_store(form.study_uid) if form.with_priors else ()
+                    ),
                 ),
             )
         except (ConsultError, NodeError, TransportError) as exc:
@@ -723,7 +762,7 @@ class RuntimeNode:
     async def propose_guest(self, consult_id: str, peer_node_id: str) -> str:
         try:
             guest = NodeId.parse(peer_node_id)
-            return await guests.propose(self.runtime, consult_id, guest)
+            return await self.runtime.guests.propose(consult_id, guest)
         except (ConsultError, NodeError, TransportError, CryptoError) as exc:
             raise ActionError(f"the guest was not proposed: {exc}") from exc
 
@@ -750,7 +789,7 @@ class RuntimeNode:
     async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str:
         try:
             guest = NodeId.parse(guest_node_id)
-            return await guests.answer(self.runtime, consult_id, guest, approve)
+            return await self.runtime.guests.answer(consult_id, guest, approve)
         except (ConsultError, NodeError, TransportError, CryptoError) as exc:
             verb = "approved" if approve else "refused"
             raise ActionError(f"the guest was not {verb}: {exc}") from exc
@@ -766,7 +805,7 @@ class RuntimeNode:
             try:
                 found = await rt.directory.resolve(guest, rt.now())
                 if found is not None:
-                    await guests.invite_if_admitted(rt, consult_id, found.record.public_key)
+                    await rt.guests.invite_if_admitted(consult_id, found.record.public_key)
             except (ConsultError, NodeError, TransportError, OSError, TimeoutError) as exc:
                 rt.notify(
                     f"Guest {guest.short()} of consult {consult_id[:8]} is not in the live "

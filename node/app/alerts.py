@@ -18,14 +18,13 @@ import asyncio
 import contextlib
 import logging
 import re
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from consult.alerts import AckPolicy, EscalationSchedule, ReportAck
 from consult.errors import ConsultError
-from consult.requests import TRANSITIONS, Event
+from consult.requests import TRANSITIONS, Event, Role
 from node.core.audit import AuditKind
 from node.core.config import AlertsConfig
 from node.core.errors import NodeError
@@ -93,7 +92,8 @@ async def run_hook(argv: Sequence[str], limit_s: float) -> HookResult:
 
 
 class CriticalAlerts:
-    """One node's critical-result alerts: raise, escalate, re-send, clear on ack."""
+    """One node's critical-result alerts: raise, escalate, re-send, clear on ack (the
+    runtime builds it as ``rt.alerts``; ``resend`` sends a kept report again)."""
 
     def __init__(self, rt: NodeRuntime, resend: Resend) -> None:
         self.rt = rt
@@ -111,7 +111,7 @@ class CriticalAlerts:
         return [
             r
             for r in self.rt.consults.report_acks(unacknowledged=True)
-            if r.critical and r.role == "requester"
+            if r.critical and r.role is Role.REQUESTER
         ]
 
     def raise_alert(self, consult_id: str, level: int = 0) -> None:
@@ -169,7 +169,7 @@ class CriticalAlerts:
                     self.rt.consults.set_steps(row.consult_id, step)
                     if step == schedule.max_steps:
                         self._last_step(row)
-                    if row.role == "consultant":
+                    if row.role is Role.CONSULTANT:
                         how = await self._resend(row.consult_id)
                         log.info("critical report %s re-sent (%d): %s", row.consult_id, step, how)
                     else:
@@ -184,7 +184,7 @@ class CriticalAlerts:
             f"The critical result on consult {short} is still not acknowledged after the last "
             + (
                 "re-send: phone the referring team"
-                if row.role == "consultant"
+                if row.role is Role.CONSULTANT
                 else "escalation: no more pages will be sent; find the responsible clinician"
             )
         )
@@ -196,20 +196,3 @@ class CriticalAlerts:
                 await self.tick()
             except Exception:  # one bad round must not end the timer
                 log.exception("critical-result timer round failed; trying again")
-
-
-_ALERTS: weakref.WeakKeyDictionary[NodeRuntime, CriticalAlerts] = weakref.WeakKeyDictionary()
-
-
-def alerts_of(rt: NodeRuntime) -> CriticalAlerts | None:
-    """The node's alerts once :func:`node.app.workflow.install` set them up."""
-    return _ALERTS.get(rt)
-
-
-def start(rt: NodeRuntime, resend: Resend, *, timer: bool = True) -> CriticalAlerts:
-    alerts = _ALERTS.get(rt)
-    if alerts is None:
-        alerts = _ALERTS[rt] = CriticalAlerts(rt, resend)
-        if timer:
-            rt.spawn(alerts.run())
-    return alerts

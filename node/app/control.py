@@ -7,10 +7,10 @@ running :class:`node.app.runtime.NodeRuntime` holds an exclusive lock on its hom
 socket (``NodeRuntime(..., control=True)``). A command such as
 `radmesh consult accept` first asks that socket: if the home's node runs, the
 operation runs there (progress lines come back as it goes); if not, the
-command brings the node up for the one operation. The same operation table
-(:data:`OPERATIONS`, filled by the command modules with :func:`operation`)
-serves both ways, so the paths cannot drift. Commands that cannot share a
-running node (`radmesh fetch --from`) get :class:`HomeBusy` with what to do.
+command brings the node up for the one operation (:func:`node.app.commands.run`).
+The same operation table (:data:`node.app.operations.OPERATIONS`) serves both
+ways, so the paths cannot drift. Commands that cannot share a running node
+(`radmesh fetch --from`) get :class:`HomeBusy` with what to do.
 
 The socket is a file in the home's 0700 data directory (``control.sock``,
 mode 0600), so only the home's user can reach it or put one there. (It was a
@@ -28,24 +28,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import importlib
 import logging
 import os
 import socket
 import stat
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import msgpack
 
+from node.app.errors import USER_ERRORS
 from node.core.config import NodeHome
 from node.core.errors import NodeError
 from node.core.private import private_dir
 
 if TYPE_CHECKING:
+    from node.app.operations import Operation
     from node.app.runtime import NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ MAX_REQUEST = 64 * 1024
 MAX_REPLY = 1024 * 1024
 REQUEST_TIMEOUT = 10.0  # a client that does not finish its request in time is dropped
 Emit = Callable[[str], None]
-Operation = Callable[["NodeRuntime", dict[str, Any], Emit], Awaitable[Any]]
 
 
 class HomeBusy(NodeError):
@@ -192,9 +192,11 @@ def _same_user(writer: asyncio.StreamWriter) -> bool:
 
 @dataclass
 class ControlServer:
-    """Runs :data:`OPERATIONS` for local commands on a running node."""
+    """Runs ``operations`` (:data:`node.app.operations.OPERATIONS`) for local commands on a
+    running node."""
 
     runtime: NodeRuntime
+    operations: Mapping[str, Operation]
     server: asyncio.AbstractServer | None = None
     listener: socket.socket | None = None
 
@@ -205,10 +207,6 @@ class ControlServer:
             self.listener = _bind(socket_path(self.runtime.home))
 
     async def start(self) -> None:
-        from node.cli import COMMAND_MODULES
-
-        for name in COMMAND_MODULES:  # the command modules register the operations
-            importlib.import_module(name)
         self.bind()
         self.server = await asyncio.start_unix_server(self._serve, sock=self.listener)
         self.listener = None
@@ -244,21 +242,20 @@ class ControlServer:
         if not (
             isinstance(request, dict)
             and isinstance(request.get("args"), dict)
-            and request.get("op") in OPERATIONS
+            and request.get("op") in self.operations
         ):
             return {"error": "unknown control request: update radmesh on both sides"}
-        from node.cli import user_errors  # the errors a command reports, not a crash
-
+        operation = self.operations[request["op"]]
         try:
-            return {"result": await OPERATIONS[request["op"]](self.runtime, request["args"], emit)}
-        except user_errors() as exc:
+            return {"result": await operation(self.runtime, request["args"], emit)}
+        except USER_ERRORS as exc:  # the errors a command reports, not a crash
             return {"error": str(exc)}
         except Exception as exc:  # the node keeps running; the command says what failed
             log.exception("control operation %s failed", request["op"])
             return {"error": f"the running node failed: {exc.__class__.__name__}: {exc}"}
 
 
-async def _ask(home: NodeHome, op: str, args: dict[str, Any], emit: Emit) -> tuple[bool, Any]:
+async def ask(home: NodeHome, op: str, args: dict[str, Any], emit: Emit) -> tuple[bool, Any]:
     """(True, result) from the home's running node, or (False, None) if none runs."""
     path = socket_path(home)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -307,54 +304,16 @@ async def ask_running(
 ) -> tuple[bool, Any]:
     """Run ``op`` only on the home's running node: (True, result), or (False, None) when
     none runs (for settings that take effect at the next start anyway)."""
-    return await _ask(home, op, args, emit)
+    return await ask(home, op, args, emit)
 
-
-@contextlib.asynccontextmanager
-async def _short_lived(home: NodeHome) -> AsyncIterator[NodeRuntime]:
-    """This node on the network for one command; the workflow's handlers take in whatever
-    its registries' mailboxes hold for it meanwhile."""
-    from node.app import workflow
-    from node.app.runtime import NodeRuntime
-    from node.core.keystore import load_identity
-
-    runtime = NodeRuntime(home, load_identity(home.key_path))
-    await runtime.start()
-    workflow.install(runtime, resume=False)
-    try:
-        yield runtime
-    finally:
-        await runtime.stop()
-
-
-async def run(home: NodeHome, op: str, args: dict[str, Any], emit: Emit) -> Any:
-    """Run operation ``op``: on the home's running node if there is one, else on a node
-    brought up for it."""
-    found, result = await _ask(home, op, args, emit)
-    if found:
-        return result
-    async with _short_lived(home) as runtime:
-        return await OPERATIONS[op](runtime, args, emit)
-
-
-def operation(name: str) -> Callable[[Operation], Operation]:
-    def register(fn: Operation) -> Operation:
-        OPERATIONS[name] = fn
-        return fn
-
-    return register
-
-
-OPERATIONS: dict[str, Operation] = {}
 
 __all__ = [
-    "OPERATIONS",
     "ControlError",
     "ControlServer",
+    "Emit",
     "HomeBusy",
     "HomeLock",
+    "ask",
     "ask_running",
-    "operation",
-    "run",
     "socket_path",
 ]

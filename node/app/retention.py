@@ -17,14 +17,14 @@ pin and the running node's purge never race on one file.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from consult.requests import State
+from consult.requests import Role, State
+from node.core.db import connect
 
 if TYPE_CHECKING:
     from consult.store import ConsultDB
@@ -55,7 +55,7 @@ class ConsultRow:
 
     consult_id: str
     study_uid: str
-    role: str  # "requester" or "consultant"
+    role: Role
     state: State
     closed_at: int | None  # when it entered a closed state; None while open
     pinned: bool = False
@@ -88,7 +88,7 @@ def due_purges(rows: Sequence[ConsultRow], now: int, days: int) -> list[Purge]:
         by_study.setdefault(row.study_uid, []).append(row)
     purges = []
     for study_uid, group in by_study.items():
-        if any(r.role != "consultant" or r.pinned for r in group):
+        if any(r.role != Role.CONSULTANT or r.pinned for r in group):
             continue
         dues = [_due_at(r, days) for r in group]
         if any(d is None or d > now for d in dues):
@@ -120,7 +120,9 @@ class Summary:
 
 def summarise(rows: Sequence[ConsultRow], now: int, days: int) -> Summary:
     held = [
-        r for r in rows if r.role == "consultant" and not r.purged and r.state not in NEVER_FETCHED
+        r
+        for r in rows
+        if r.role == Role.CONSULTANT and not r.purged and r.state not in NEVER_FETCHED
     ]
     due = due_purges(rows, now, days)
     later = [d for r in held if not r.pinned and (d := _due_at(r, days)) is not None and d > now]
@@ -137,8 +139,7 @@ class RetentionDB:
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(data_dir / DB_NAME, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = connect(data_dir / DB_NAME)
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -180,7 +181,7 @@ def consult_rows(consults: ConsultDB, retention: RetentionDB) -> list[ConsultRow
     rows = []
     for case in consults.cases():
         consult_id = case.request.id
-        role, _, _ = consults.info(consult_id)
+        role = consults.info(consult_id).role
         closed_at = None
         if case.state in CLOSED:
             closed_at = next(

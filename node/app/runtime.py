@@ -32,15 +32,20 @@ import nacl.public
 
 from consult.admission import Admission
 from consult.errors import ConsultError
-from consult.intake import Intake, take_in
 from consult.live import LiveHub
-from consult.requests import ConsultResponse, Event, State, Transition
+from consult.requests import Transition
 from consult.store import ConsultDB
 from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 from crypto.org import CERT_TYPE
+from node.app import retention
+from node.app.alerts import CriticalAlerts
+from node.app.consults import ConsultService
 from node.app.control import ControlServer, HomeLock
+from node.app.errors import RuntimeError_
+from node.app.guests import Guests
+from node.app.operations import OPERATIONS
 from node.app.transfers import TransferTracker
 from node.core.audit import AuditError, AuditKind, AuditLog, open_audit
 from node.core.config import NetworkConfig, NodeConfig, NodeHome
@@ -63,7 +68,7 @@ from registry.client import (
     publish_catching_up,
 )
 from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
-from registry.errors import RegistryError, RemoteRegistryError, StaleRecord, TrustError
+from registry.errors import RegistryError, RemoteRegistryError, StaleRecord
 from registry.lan import LanEndpoint, post_signal
 from registry.limits import StrangerGate
 from registry.mdns import LanDiscovery
@@ -76,7 +81,6 @@ NODE_MSG = "node-msg"
 NODE_MSG_TTL = 7 * 24 * 3600  # as long as a registry mailbox keeps it
 MAX_NODE_MSG = 60 * 1024
 QUEUE_SIZE = 256
-MAX_STRANGER_REQUESTS = 3  # requests from one untrusted key waiting for a person
 RECORD_TTL = 3600
 TURN_RETRY = 30.0  # seconds before asking a registry again for TURN credentials
 TURN_ASK_AGAIN = 3600.0  # ...when it said it offers no relay
@@ -89,10 +93,6 @@ GC_INTERVAL = 6 * 3600.0  # store clean-up (orphan blobs) at start and this ofte
 GC_MAX_REMOVE = 10_000  # blobs one clean-up removes at most (the next one goes on)
 AUDIT_CHECKPOINT_INTERVAL = 60.0  # seconds: unsigned audit records wait at most this long
 MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
-
-
-class RuntimeError_(NodeError):
-    """The node could not start or do what was asked; the message says why."""
 
 
 def sealed_signer(identity: Identity, sealed: bytes) -> tuple[str, bytes] | None:
@@ -166,7 +166,7 @@ class SignalRouter:
         """A call from a node we do not trust yet: its record may carry a certificate from
         an organisation we trust (a consortium member we never looked up)."""
         rt = self._runtime
-        await rt._learn_certificate(sender)
+        await rt.learn_certificate(sender)
         trusted = rt.trust.is_trusted(signer, rt.now())
         with contextlib.suppress(asyncio.QueueFull):
             (self._rtc if trusted else self._rtc_strangers).put_nowait(sealed)
@@ -214,10 +214,18 @@ class NodeRuntime:
         transport_options: TransportOptions | None = None,
         control: bool = False,
         warm_cache: bool = True,
+        resume: bool = True,
     ) -> None:
         """``control``: answer `radmesh` commands run on this home meanwhile
         (:mod:`node.app.control`), as `radmesh node run` and the TUI do. ``warm_cache``:
-        code imported images for sending in the background (:mod:`node.dicom.wirecache`)."""
+        code imported images for sending in the background (:mod:`node.dicom.wirecache`).
+        ``resume``: take up at start what the node was doing when it stopped (fetches cut
+        short, the critical-result timer); a node brought up for one command does not, it
+        would stop them seconds later.
+
+        The node's services (:attr:`consulting`, :attr:`guests`, :attr:`alerts`) are built
+        here and their message handlers registered before :meth:`start` takes any message
+        in: a started runtime is a whole node."""
         self.home = home
         self.identity = identity
         self.config = config or home.load_config()
@@ -241,12 +249,16 @@ class NodeRuntime:
         self.discovery: LanDiscovery | None = None
         self.dicom: DicomListener | None = None
         self._live_hub: LiveHub | None = None
-        self.handlers["consult.request"] = self._on_consult_message
-        self.handlers["consult.response"] = self._on_consult_message
         self.reports: dict[str, str] = {}  # consult id -> SOP instance UID of the filed SR
-        self.transfers = TransferTracker(clock)  # fed by node.app.workflow, read by the TUI
+        self.transfers = TransferTracker(clock)  # fed by the study desk, read by the TUI
+        self._resume = resume
+        self.consulting = ConsultService(self)
+        self.consulting.install()
+        self.guests = Guests(self)
+        self.guests.install()
+        self.alerts = CriticalAlerts(self, self.consulting.reports.resend_report)
         self._home_lock = HomeLock(home)
-        self.control = ControlServer(self) if control else None
+        self.control = ControlServer(self, OPERATIONS) if control else None
         self._warm_cache = warm_cache
         self._cert_stamp: tuple[int, int] | None = None  # node.cert as last read
         self._cert: bytes | None = None
@@ -313,6 +325,7 @@ class NodeRuntime:
             replay_guard=self.guard,
         )
         await self.transport.start()
+        self.consulting.serve()  # the accepted consultants' fetches
         self.live_hub()  # answers live-session invites from trusted peers
         self.trust.subscribe(self._trust_changed)
         self.transport.on_untrusted = self._drop_untrusted  # refused by a per-message check
@@ -336,6 +349,8 @@ class NodeRuntime:
                 on_stream=self._dicom_stream,
                 spool_dir=data / "incoming",
                 bad_data_errors=(InstanceConflict,),  # the stored one stays: a retry cannot help
+                archive=self.store if self.config.dicom.query_retrieve else None,
+                audit=self._audit_dicom,
             )
             self.dicom.start()
         self.spawn(self._audit_checkpoints())
@@ -343,6 +358,9 @@ class NodeRuntime:
             await self.control.start()
         self.spawn(self._gc_loop())  # blobs a crashed writer left behind
         self.spawn(self._retention_loop())  # consultant studies past [retention] days
+        if self._resume:
+            self.spawn(self.alerts.run())  # re-sends and escalations of critical results
+            self.consulting.studies.resume_all()  # fetches a restart cut short
         log.info("node %s running, LAN endpoint %s", self.identity.node_id.short(), self.lan_url)
 
     async def stop(self) -> None:
@@ -577,7 +595,7 @@ class NodeRuntime:
             return None
         return sender if self._lookups < MAX_LOOKUPS else None
 
-    async def _learn_certificate(self, sender: NodeId) -> None:
+    async def learn_certificate(self, sender: NodeId) -> None:
         """Look up an untrusted sender's published record: the directory keeps the
         organisation certificate it carries, if one this node trusts vouches for it.
         At most once per LEARN_AGAIN per sender, so strangers cannot make us look up."""
@@ -667,71 +685,11 @@ class NodeRuntime:
         except (CryptoError, NodeError, ConsultError, RegistryError) as exc:
             log.warning("refused a node message: %s", exc)
 
-    async def _on_consult_message(self, sender: NodeId, kind: str, wire: bytes) -> None:
-        public_key = self._sender_key(sender, wire)
-        if public_key is not None and self.trust.state(public_key, self.now()) is (
-            TrustState.REVOKED
-        ):
-            raise RuntimeError_(f"{sender.short()} was revoked: {kind} ignored")
-        trusted = public_key is not None and self.trust.is_trusted(public_key, self.now())
-        if not trusted and public_key is not None:
-            await self._learn_certificate(sender)  # an organisation may vouch for it
-            trusted = self.trust.is_trusted(public_key, self.now())
-        if not trusted and kind != "consult.request":
-            raise RuntimeError_(f"{sender.short()} is not trusted: {kind} ignored")
-        if not trusted and self._stranger_has_enough(sender):
-            return
-        if not trusted and public_key is not None:
-            # First contact: a request may land in the inbox, nothing is shared back.
-            try:
-                self.trust.first_contact(public_key, self.now(), summary="consult request")
-            except TrustError:  # the inbox is full: drop quietly, a person reviews it
-                self.strangers.dropped += 1
-                log.debug("contact inbox full: a request from %s was dropped", sender.short())
-                return
-        intake: Intake = take_in(self.consults, wire, self.now(), sender=sender)
-        self.notify(intake.summary)
-        if self._live_hub is not None:  # withdrawn: nobody stays in its live session
-            self._live_hub.recheck(intake.consult_id)
-        for peer in intake.withdraw:
-            self.spawn(self._withdraw(intake.consult_id, peer))
-
-    def _stranger_has_enough(self, sender: NodeId) -> bool:
-        """An untrusted key may have only a few requests waiting for a person here."""
-        if self.consults.count_from(str(sender), State.REQUESTED) < MAX_STRANGER_REQUESTS:
-            return False
-        self.strangers.dropped += 1
-        log.debug("%s already has requests waiting: another one dropped", sender.short())
-        return True
-
-    async def _withdraw(self, consult_id: str, peer: NodeId) -> None:
-        """Tell an offered consultant the case is no longer theirs (someone accepted first)."""
-        await self.send_withdrawal(consult_id, peer, "accepted by another")
-
-    async def send_withdrawal(self, consult_id: str, peer: NodeId, reason: str) -> bool:
-        """Send a signed WITHDRAW of ``consult_id`` to ``peer``; False if it could not go."""
-        found = await self.directory.resolve(peer, self.now())
-        if found is None:
-            log.warning("cannot withdraw consult %s from %s: address unknown", consult_id, peer)
-            return False
-        response = ConsultResponse(
-            consult_id, self.identity.node_id, Event.WITHDRAW, self.now(), reason
-        )
-        try:
-            await self.send_message(
-                found.record.public_key, "consult.response", response.to_wire(self.identity)
-            )
-        except NodeError as exc:
-            log.warning("withdrawal of consult %s not sent: %s", consult_id[:8], exc)
-            return False
-        return True
-
-    def _sender_key(self, sender: NodeId, wire: bytes) -> bytes | None:
-        with contextlib.suppress(CryptoError):
-            signer = SignedEnvelope.from_wire(wire).signer
-            if NodeId.from_public_key(signer) == sender:
-                return signer
-        return None
+    def recheck_live(self, consult_id: str) -> None:
+        """Whoever may no longer take part in a consult's live session leaves it (once live
+        sessions run: a message can arrive while the node starts)."""
+        if self._live_hub is not None:
+            self._live_hub.recheck(consult_id)
 
     def notify(self, text: str) -> None:
         log.info("%s", text)
@@ -757,8 +715,6 @@ class NodeRuntime:
 
     def retention_tick(self, now: int | None = None) -> list[str]:
         """Purge the consultant studies due under [retention]; the consult ids purged."""
-        from node.app import retention
-
         db = retention.RetentionDB(self.home.data_dir)
         try:
             done = retention.purge_due(
@@ -779,14 +735,12 @@ class NodeRuntime:
         return retention.ids(done)
 
     async def _retention_loop(self) -> None:
-        from node.app.retention import RETENTION_INTERVAL
-
         while True:
             try:
                 self.retention_tick()
             except (OSError, NodeError, AuditError, sqlite3.Error) as exc:
                 log.warning("retention purge failed, retrying later: %s", exc)
-            await asyncio.sleep(RETENTION_INTERVAL)
+            await asyncio.sleep(retention.RETENTION_INTERVAL)
 
     # -- DICOM and audit ----------------------------------------------------------------
     def _dicom_stream(self, stream: IO[bytes], size: int, calling_ae: str) -> None:
@@ -798,6 +752,13 @@ class NodeRuntime:
                 study_uid=result.study_uid,
                 details={"from": f"dicom:{calling_ae}", "sop": result.sop_instance_uid},
             )
+
+    def _audit_dicom(self, kind: str, details: dict[str, str]) -> None:
+        """A workstation's query or retrieve (:mod:`node.dicom.qrscp`): what the store
+        showed or sent, to whom; the keys asked for are not recorded (they may name a
+        patient)."""
+        if kind in ("dicom.find", "dicom.get", "dicom.move"):
+            self.audit.append(AuditKind.EXPORT, now=self.clock(), details={"via": kind, **details})
 
     def _sign_audit(self) -> None:
         """Sign the audit log's unsigned records (whoever appended them: this node, or a

@@ -1,10 +1,12 @@
 """Study transfers this node is running or ran lately, for the Home screen and the viewer.
 
 The workflow registers each transfer (:meth:`TransferTracker.track`) and hands
-the tracker the running :class:`~peer_transport.transfer_runner.StudyReceiver`
-or :class:`~peer_transport.transfer_runner.StudySender`; numbers are read from
-them when asked, so nothing here runs on its own. Labels name the consult,
-never the patient. Finished and failed transfers stay listed for
+the tracker the running :class:`~peer_transport.transfer.runner.StudyReceiver`
+or :class:`~peer_transport.transfer.runner.StudySender`; numbers are read from
+their public properties when asked, so nothing here runs on its own. A transfer's
+state is the protocol's own :class:`~peer_transport.transfer.machine.State`
+(OFFERED while connecting, preparing or waiting for the manifest). Labels name the
+consult, never the patient. Finished and failed transfers stay listed for
 :data:`KEEP_SECONDS`.
 
 For a study still streaming in, :meth:`TransferTracker.manifest_of` gives every
@@ -23,9 +25,12 @@ from enum import StrEnum
 from typing import Any
 
 from node.core.errors import NodeError
-from peer_transport import transfer as tr
 from peer_transport.errors import TransportError
-from peer_transport.transfer_runner import StudyReceiver, StudySender
+from peer_transport.transfer.errors import IllegalTransition
+from peer_transport.transfer.machine import State
+from peer_transport.transfer.manifest import Manifest
+from peer_transport.transfer.progress import Progress
+from peer_transport.transfer.runner import StudyReceiver, StudySender
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +48,6 @@ class Direction(StrEnum):
     OUT = "out"
 
 
-class TransferState(StrEnum):
-    STARTING = "starting"  # connecting, preparing, or waiting for the manifest
-    RUNNING = "running"
-    PAUSED = "paused"
-    COMPLETE = "complete"
-    FAILED = "failed"
-
-
 @dataclass(frozen=True)
 class TransferView:
     """One transfer as the screen shows it (plain numbers, no patient data)."""
@@ -60,7 +57,7 @@ class TransferView:
     peer: str  # short node id
     label: str
     direction: Direction
-    state: TransferState
+    state: State
     bytes_done: int
     bytes_total: int
     instances_done: int
@@ -80,10 +77,10 @@ class Transfer:
     peer: str
     direction: Direction
     started: float
-    state: TransferState = TransferState.STARTING
+    state: State = State.OFFERED  # until it ends: the running state is read live
     ended: float | None = None
     error: str = ""
-    progress: tr.Progress | None = None
+    progress: Progress | None = None
     receiver: StudyReceiver | None = None
     sender: StudySender | None = None
     _final: TransferView | None = field(default=None, repr=False)
@@ -94,14 +91,14 @@ class Transfer:
     def attach_sender(self, sender: StudySender) -> None:
         self.sender = sender
 
-    def on_progress(self, progress: tr.Progress) -> None:
+    def on_progress(self, progress: Progress) -> None:
         self.progress = progress
 
-    def manifest(self) -> tr.Manifest | None:
-        if self.receiver is not None and self.receiver.protocol is not None:
-            return self.receiver.protocol.manifest
+    def manifest(self) -> Manifest | None:
+        if self.receiver is not None:
+            return self.receiver.manifest
         if self.sender is not None:
-            return self.sender.study.manifest
+            return self.sender.manifest
         return None
 
     def view(self, now: float) -> TransferView:
@@ -110,11 +107,10 @@ class Transfer:
         manifest = self.manifest()
         progress = self._numbers(manifest, now)
         state = self.state
-        if state is TransferState.STARTING and manifest is not None:
-            state = TransferState.RUNNING
-        receiving = self.receiver.protocol if self.receiver is not None else None
-        if receiving is not None and receiving.state is tr.State.PAUSED:
-            state = TransferState.PAUSED
+        if state is State.OFFERED and manifest is not None:
+            state = State.RUNNING
+        if self.receiver is not None and self.receiver.state is State.PAUSED:
+            state = State.PAUSED
         return TransferView(
             manifest.transfer_id.hex()[:12] if manifest is not None else self.key,
             self.consult_id,
@@ -132,20 +128,21 @@ class Transfer:
             self.error,
         )
 
-    def _numbers(self, manifest: tr.Manifest | None, now: float) -> tr.Progress:
-        if self.receiver is not None and self.receiver.protocol is not None:
-            return self.receiver.protocol.progress()
+    def _numbers(self, manifest: Manifest | None, now: float) -> Progress:
+        received = self.receiver.progress() if self.receiver is not None else None
+        if received is not None:
+            return received
         if self.sender is not None and manifest is not None:
-            return _sent(manifest, self.sender.protocol.chunks_sent, now - self.started)
-        return self.progress or tr.Progress(0, 0, 0, 0, 0.0, None)
+            return _sent(manifest, self.sender.chunks_sent, now - self.started)
+        return self.progress or Progress(0, 0, 0, 0, 0.0, None)
 
-    def finish(self, state: TransferState, now: float, error: str = "") -> None:
+    def finish(self, state: State, now: float, error: str = "") -> None:
         self.state, self.ended, self.error = state, now, error
         self._final = self.view(now)  # keep the numbers, drop the protocol objects
         self.receiver = self.sender = None
 
 
-def _sent(manifest: tr.Manifest, chunks_sent: int, elapsed: float) -> tr.Progress:
+def _sent(manifest: Manifest, chunks_sent: int, elapsed: float) -> Progress:
     """Sender-side estimate: instances whose chunks were all sent, in manifest order."""
     budget = chunks_sent
     done_bytes = done = 0
@@ -159,7 +156,7 @@ def _sent(manifest: tr.Manifest, chunks_sent: int, elapsed: float) -> tr.Progres
     total = manifest.total_size
     rate = done_bytes / elapsed if elapsed > 0 else 0.0
     eta = (total - done_bytes) / rate if rate > 0 else None
-    return tr.Progress(done_bytes, total, done, len(manifest.entries), rate, eta)
+    return Progress(done_bytes, total, done, len(manifest.entries), rate, eta)
 
 
 class TransferTracker:
@@ -185,9 +182,9 @@ class TransferTracker:
         try:
             yield transfer
         except BaseException as exc:
-            transfer.finish(TransferState.FAILED, self._clock(), str(exc) or type(exc).__name__)
+            transfer.finish(State.FAILED, self._clock(), str(exc) or type(exc).__name__)
             raise
-        transfer.finish(TransferState.COMPLETE, self._clock())
+        transfer.finish(State.COMPLETE, self._clock())
 
     def views(self) -> list[TransferView]:
         """Running transfers and recently finished ones, oldest first."""
@@ -220,24 +217,25 @@ class TransferTracker:
         receiver = self._incoming_for(consult_id)
         try:
             receiver.cancel()
-        except tr.IllegalTransition as exc:
+        except IllegalTransition as exc:
             raise TransferControlError(
                 f"the study of consult {consult_id[:8]} cannot be cancelled now: {exc}"
             ) from exc
 
-    def _receiving(self) -> Iterator[tuple[StudyReceiver, tr.Manifest]]:
+    def _receiving(self) -> Iterator[tuple[StudyReceiver, Manifest]]:
         for t in self._transfers:
-            if t.receiver is not None and t.receiver.protocol is not None and t.ended is None:
-                yield t.receiver, t.receiver.protocol.manifest
+            manifest = t.receiver.manifest if t.receiver is not None else None
+            if t.receiver is not None and manifest is not None and t.ended is None:
+                yield t.receiver, manifest
 
-    def manifest_of(self, study_uid: str) -> tr.Manifest | None:
+    def manifest_of(self, study_uid: str) -> Manifest | None:
         """The manifest of a study being received now, or None."""
         for _, manifest in self._receiving():
             if manifest.study_instance_uid == study_uid:
                 return manifest
         return None
 
-    def incoming(self) -> list[tr.Manifest]:
+    def incoming(self) -> list[Manifest]:
         return [manifest for _, manifest in self._receiving()]
 
     def request_first(

@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from crypto.errors import CryptoError
+from node.app.errors import USER_ERRORS
 from node.core.display import PrintableFormatter, printable
 from node.core.private import restrict_umask
 
@@ -55,18 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    errors: list[type[Exception]] = [CryptoError]
-    for module, name in (
-        ("node.core.errors", "NodeError"),
-        ("registry.errors", "RegistryError"),
-        ("peer_transport.errors", "TransportError"),
-        ("consult.errors", "ConsultError"),
-    ):
-        try:
-            errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(errors)
+    """The errors a command prints as one readable line (:data:`node.app.errors.USER_ERRORS`)."""
+    return USER_ERRORS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,6 +76,7 @@ def _main(argv: Sequence[str] | None) -> int:
     to_terminal.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     level = logging.DEBUG if args.verbose else logging.WARNING
     logging.basicConfig(level=level, handlers=[to_terminal])
+    trust_registry_ca(args)  # before any command or node this process runs connects
     handler = getattr(args, "handler", None)
     if handler is None:
         if args.command is None and "node.cli.tui" in COMMAND_MODULES:
@@ -104,6 +95,29 @@ def _main(argv: Sequence[str] | None) -> int:
         print("radmesh: interrupted", file=sys.stderr)
         return 130
     return code
+
+
+def trust_registry_ca(args: argparse.Namespace) -> None:
+    """The home's ``[network] registry_ca_file``, trusted for every registry connection
+    this process makes (the node a command brings up, `node run`, the TUI). A home that
+    does not exist or does not load is left to the command, which says what is wrong."""
+    from node.core.config import NodeHome, resolve_home
+    from node.core.errors import NodeError
+
+    home = NodeHome(resolve_home(getattr(args, "home", None)))
+    if not home.config_path.is_file():
+        return
+    try:
+        ca_file = home.load_config().network.registry_ca_file
+    except (NodeError, OSError):
+        return
+    if ca_file:
+        from registry.httpclient import trust_ca_file
+
+        try:
+            trust_ca_file(ca_file)
+        except user_errors() as exc:
+            print(f"radmesh: {printable(exc, multiline=True)}", file=sys.stderr)
 
 
 def _reader_gone() -> int:

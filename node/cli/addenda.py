@@ -3,7 +3,7 @@
 A signed report is final. The consultant who signed it adds a signed addendum
 (:mod:`consult.addenda`); it runs on the home's running node (its control socket),
 or on a node brought up for the command, like the other consult commands, and is
-delivered like the report (:func:`node.app.workflow.send_addendum`). The hospital files
+delivered like the report (:meth:`node.app.reports.ReportDesk.send_addendum`). The hospital files
 it as a new SR naming the report's SR as its predecessor.
 """
 
@@ -11,31 +11,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from consult.store import ConsultDB
-from node.app import control
 from node.cli.identity import home_of
-
-if TYPE_CHECKING:
-    from node.app.runtime import NodeRuntime
-
-
-@control.operation("consult.addendum")
-async def _op_addendum(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> list[Any]:
-    from node.app import workflow
-
-    addendum, how = await workflow.send_addendum(rt, a["id"], a["text"])
-    return [addendum.number, how]
 
 
 def cmd_addendum(args: argparse.Namespace) -> int:
+    from node.app import commands  # the node's stack: not for building the parser
+
     home = home_of(args)
     home.require()
     with ConsultDB.in_data_dir(home.data_dir) as db:
         consult_id = db.resolve(args.id)
     number, how = asyncio.run(
-        control.run(
+        commands.run(
             home,
             "consult.addendum",
             {"id": consult_id, "text": args.text},

@@ -26,18 +26,18 @@ from consult.requests import (
     ConsultResponse,
     Event,
     Priority,
+    Role,
     State,
     turnaround_by_priority,
 )
 from crypto.envelope import SignedEnvelope
 from crypto.errors import InvalidNodeId
 from crypto.identity import Identity, NodeId
-from node.app import control
 from node.cli.addenda import register_into as register_addenda
 from node.cli.guests import register_into as register_guests
 from node.cli.identity import home_of
 from node.cli.peers import known_ids, resolve_id
-from node.cli.transfer import add_sharing_options, progress_line
+from node.cli.transfer import add_sharing_options
 from node.core.audit import AuditKind, open_audit
 from node.core.config import NodeConfig, NodeHome
 from node.core.display import peer_label, printable
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
     from consult.alerts import AckPolicy, ReportAck
     from consult.report import PeerReview, Report
     from consult.store import ConsultDB
-    from node.app.runtime import NodeRuntime
     from node.dicom.deid import PseudonymMap
 
 
@@ -81,13 +80,10 @@ def _on_network(home: NodeHome, config: NodeConfig, peer: NodeId | None) -> bool
 
 def _run(home: NodeHome, op: str, args: dict[str, Any]) -> Any:
     """The operation on this home's running node if there is one, else on a node brought up
-    for it (:mod:`node.app.control`); progress lines overwrite each other on one line."""
-    return asyncio.run(control.run(home, op, args, lambda line: print(line, end="\r", flush=True)))
+    for it (:mod:`node.app.commands`); progress lines overwrite each other on one line."""
+    from node.app import commands  # the node's stack: not for building the parser
 
-
-@control.operation("message.send")
-async def _op_send(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
-    return await rt.send_message(a["to"], a["kind"], a["wire"])
+    return asyncio.run(commands.run(home, op, args, lambda line: print(line, end="\r", flush=True)))
 
 
 def _send(home: NodeHome, to: bytes, kind: str, wire: bytes, out: str | None) -> None:
@@ -107,51 +103,6 @@ def _send(home: NodeHome, to: bytes, kind: str, wire: bytes, out: str | None) ->
         )
 
 
-@control.operation("consult.request")
-async def _op_request(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> dict[str, Any]:
-    from node.app import workflow
-
-    config = rt.config
-    jurisdiction = a["jurisdiction"] or config.country
-    if not jurisdiction:
-        raise LocalConsultError(
-            "give the patient's country with --jurisdiction (or set country in config.toml)"
-        )
-    terms = workflow.Terms(
-        question=a["question"],
-        priority=Priority(a["priority"]),
-        subspecialty=a["subspecialty"],
-        jurisdiction=jurisdiction,
-        language=a["language"] or (config.languages[0] if config.languages else "en"),
-        deadline_seconds=a["deadline_seconds"],
-        deidentify=a["deidentify"],
-        burned_in_checked=bool(a.get("burned_in_checked")),
-        black_out_top=int(a.get("black_out_top") or 0),
-    )
-    if a["to"] is None:
-        request, _, sent = await workflow.route_consult(
-            rt, a["study"], terms, max_offers=a["max_offers"]
-        )
-    else:
-        peer = NodeId.parse(a["to"])
-        found = await rt.directory.resolve(peer, rt.now())
-        if found is None:
-            raise LocalConsultError(
-                f"peer {peer.short()} is not known: find it with `radmesh peers` first"
-            )
-        request, _, how = await workflow.request_consult(
-            rt, found.record.public_key, a["study"], terms
-        )
-        sent = {peer: how}
-    return {
-        "id": request.id,
-        "priority": request.priority.value,
-        "subspecialty": request.subspecialty,
-        "sent": {str(node_id): how for node_id, how in sent.items()},
-        "wire": rt.consults.info(request.id)[2],
-    }
-
-
 def _request_online(args: argparse.Namespace, home: NodeHome) -> bytes | None:
     done = _run(
         home,
@@ -169,9 +120,13 @@ def _request_online(args: argparse.Namespace, home: NodeHome) -> bytes | None:
             "deidentify": not args.identified,
             "burned_in_checked": args.burned_in_checked,
             "black_out_top": args.black_out_top,
+            "priors": args.prior or [],
+            "with_priors": args.with_priors,
         },
     )
     print(f"Consult {done['id']} requested ({done['priority']}, {done['subspecialty']})")
+    if done.get("priors"):
+        print(f"  with {done['priors']} prior stud{'y' if done['priors'] == 1 else 'ies'}")
     for node_id, how in done["sent"].items():
         print(f"  offered to {NodeId.parse(node_id).short()}: {how}")
     wire: bytes | None = done["wire"]
@@ -206,7 +161,13 @@ def cmd_request(args: argparse.Namespace) -> int:
             )
     if args.identified:
         print(sharing.IDENTIFIED_WARNING, file=sys.stderr)
-    if args.route or (peer is not None and _on_network(home, config, peer)):
+    online = args.route or (peer is not None and _on_network(home, config, peer))
+    if (args.prior or args.with_priors) and not online:
+        raise LocalConsultError(
+            "prior studies go with a request sent over the network only: configure a "
+            "registry (or reach the consultant on the LAN), or request without --prior"
+        )
+    if online:
         wire = _request_online(args, home)
         if args.out and wire is not None:
             _write(args.out, wire, "request")
@@ -229,7 +190,7 @@ def cmd_request(args: argparse.Namespace) -> int:
     _offline_share(home, identity, request, pseudonyms, args, peer)
     wire = request.to_wire(identity)
     with _open_db(home) as db:
-        db.add(request, role="requester", now=now, wire=wire)
+        db.add(request, role=Role.REQUESTER, now=now, wire=wire)
         if peer is not None:
             db.offer(request.id, [peer], now, str(identity.node_id))
     print(f"Consult {request.id} requested ({request.priority.value}, {request.subspecialty})")
@@ -255,7 +216,7 @@ def _offline_share(
     """The offline request shares like the online one: the study is checked for burned-in
     text (when this node stores it), the pseudonym map is kept here (so the node serves the
     de-identified study when the consultant fetches it), and the share is audited."""
-    from node.app import workflow
+    from node.app.cases import pseudonym_map_path
     from node.dicom import sharing
     from node.dicom.store import open_store
 
@@ -279,7 +240,7 @@ def _offline_share(
                 )
             pseudonyms.black_out_top = args.black_out_top
             key = identity.derive_key(sharing.PSEUDONYM_KEY_PURPOSE)
-            pseudonyms.persist(workflow.pseudonym_map_path(home, request.id), key)
+            pseudonyms.persist(pseudonym_map_path(home, request.id), key)
         audit.append(
             AuditKind.SHARE,
             now=time.time(),
@@ -309,19 +270,19 @@ def _respond(args: argparse.Namespace, event: Event) -> int:
     now = int(time.time())
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
-        role, _, request_wire = db.info(consult_id)
-        if role != "consultant":
+        info = db.info(consult_id)
+        if info.role is not Role.CONSULTANT:
             raise LocalConsultError(
                 f"consult {consult_id[:8]} was requested by this node; only the consultant "
                 f"who received it can {event.value} it"
             )
         identity = load_identity(home.key_path)
         transition = db.apply(consult_id, event, now, str(identity.node_id))
-    if request_wire is None:
+    if info.request_wire is None:
         raise LocalConsultError(f"consult {consult_id[:8]} has no signed request on this node")
     wire = ConsultResponse(consult_id, identity.node_id, event, now, args.reason).to_wire(identity)
     print(f"Consult {consult_id[:8]} is now {transition.target.value}")
-    _send(home, SignedEnvelope.from_wire(request_wire).signer, "response", wire, args.out)
+    _send(home, SignedEnvelope.from_wire(info.request_wire).signer, "response", wire, args.out)
     return 0
 
 
@@ -333,15 +294,8 @@ def cmd_decline(args: argparse.Namespace) -> int:
     return _respond(args, Event.DECLINE)
 
 
+# `--score`: the word a person types -> the review's score (consult.report.Score)
 SCORES = {"agree": "agree", "minor": "minor_discrepancy", "major": "major_discrepancy"}
-
-
-@control.operation("consult.review")
-async def _op_review(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
-    from consult.report import Score
-    from node.app import workflow
-
-    return await workflow.send_review(rt, a["id"], Score(SCORES[a["score"]]), a["comment"])
 
 
 def cmd_review(args: argparse.Namespace) -> int:
@@ -349,24 +303,19 @@ def cmd_review(args: argparse.Namespace) -> int:
     home = home_of(args)
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
-        peer = db.info(consult_id)[1]
-    if not _on_network(home, home.load_config(), NodeId.parse(peer) if peer else None):
+        peer = db.info(consult_id).peer_id
+    if not _on_network(home, home.load_config(), peer):
         raise LocalConsultError(
             "a review is sent to the report's author: add a registry to config.toml "
             "[network] registries, or find the consultant on the LAN first (`radmesh peers`)"
         )
     how = _run(
-        home, "consult.review", {"id": consult_id, "score": args.score, "comment": args.comment}
+        home,
+        "consult.review",
+        {"id": consult_id, "score": SCORES[args.score], "comment": args.comment},
     )
     print(f"Review of consult {consult_id[:8]} ({args.score}) kept here and sent: {how}")
     return 0
-
-
-@control.operation("consult.withdraw")
-async def _op_withdraw(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> list[str]:
-    from node.app import workflow
-
-    return [str(node_id) for node_id in await workflow.withdraw(rt, a["id"], a["reason"])]
 
 
 def cmd_withdraw(args: argparse.Namespace) -> int:
@@ -375,8 +324,8 @@ def cmd_withdraw(args: argparse.Namespace) -> int:
     reason = args.reason or "withdrawn by the requester"
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
-        peer = db.info(consult_id)[1]
-    if _on_network(home, home.load_config(), NodeId.parse(peer) if peer else None):
+        peer = db.info(consult_id).peer_id
+    if _on_network(home, home.load_config(), peer):
         unreached = _run(home, "consult.withdraw", {"id": consult_id, "reason": reason})
         print(f"Consult {consult_id[:8]} withdrawn")
         for node_id in unreached:
@@ -388,7 +337,7 @@ def cmd_withdraw(args: argparse.Namespace) -> int:
     identity = load_identity(home.key_path)
     now = int(time.time())
     with _open_db(home) as db:
-        if db.info(consult_id)[0] != "requester":
+        if db.info(consult_id).role is not Role.REQUESTER:
             raise LocalConsultError(
                 f"consult {consult_id[:8]} was sent to this node; only the requester withdraws it"
             )
@@ -400,25 +349,17 @@ def cmd_withdraw(args: argparse.Namespace) -> int:
     return 0
 
 
-@control.operation("consult.fetch")
-async def _op_fetch(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
-    from node.app import workflow
-
-    progress = await workflow.fetch_study(rt, a["id"], on_progress=lambda p: emit(progress_line(p)))
-    return f"{progress.instances_done} instances, {progress.bytes_done / 1e6:.1f} MB"
-
-
 def cmd_fetch(args: argparse.Namespace) -> int:
     """The consultant pulls the (de-identified) study of an accepted consult."""
     home = home_of(args)
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
-        role, peer, _ = db.info(consult_id)
-    if role != "consultant":
+        info = db.info(consult_id)
+    if info.role is not Role.CONSULTANT:
         raise LocalConsultError(
             f"consult {consult_id[:8]} was requested by this node: the study is already here"
         )
-    if not _on_network(home, home.load_config(), NodeId.parse(peer) if peer else None):
+    if not _on_network(home, home.load_config(), info.peer_id):
         raise LocalConsultError(
             "the study comes from the requesting node: add a registry to config.toml "
             "[network] registries, or find that node on the LAN first (`radmesh peers`)"
@@ -426,16 +367,6 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     done = _run(home, "consult.fetch", {"id": consult_id})
     print(f"\nStudy of consult {consult_id[:8]} received and stored: {done}")
     return 0
-
-
-@control.operation("consult.report")
-async def _op_report(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
-    from node.app import workflow
-
-    report = await workflow.send_report(
-        rt, a["id"], text=a["text"], impression=a["impression"], critical=a["critical"]
-    )
-    return "sent as a critical result" if report.critical else "sent"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -452,14 +383,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"Report of consult {consult_id[:8]} signed and {how}")
     return 0
-
-
-@control.operation("consult.ack")
-async def _op_ack(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> list[Any]:
-    from node.app import workflow
-
-    how, seconds = await workflow.acknowledge(rt, a["id"], a["by"])
-    return [how, seconds]
 
 
 def cmd_ack(args: argparse.Namespace) -> int:
@@ -506,7 +429,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         cases = db.cases(states)
         if not args.all and not args.state:
             cases = [c for c in cases if c.state not in (State.ACKNOWLEDGED, State.WITHDRAWN)]
-        rows = [(c, db.info(c.request.id)[0]) for c in cases]
+        rows = [(c, db.info(c.request.id).role) for c in cases]
         acks = {r.consult_id: r for r in db.report_acks()}
     policy = policy_of(home.load_config().alerts)
     if not rows:
@@ -521,7 +444,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         question = printable(r.question.replace("\n", " "), 41)
         turnaround = case.turnaround()
         print(
-            f"{printable(r.id[:8])}  {r.priority.value:7}  {case.state.value:12}  {role:10}  "
+            f"{printable(r.id[:8])}  {r.priority.value:7}  {case.state.value:12}  {role.value:10}  "
             f"{printable(r.subspecialty, 12):12}  {_age(r.deadline - now):>7}  "
             f"{_age(turnaround) if turnaround is not None else '-':>7}  "
             f"{_ack_flag(acks.get(r.id), case.state, policy, now)}{question}"
@@ -581,11 +504,11 @@ def _peer_label(home: NodeHome, peer: str) -> str:
 
 
 def _print_case(
-    case: ConsultCase, role: str, peer: str, now: int, reviews: list[PeerReview], who: str = ""
+    case: ConsultCase, role: Role, peer: str, now: int, reviews: list[PeerReview], who: str = ""
 ) -> None:
     r, text = case.request, printable  # every field but the state was written by a peer
     print(f"Consult {text(r.id, 80)}")
-    print(f"  state:         {case.state.value}  (this node is the {role})")
+    print(f"  state:         {case.state.value}  (this node is the {role.value})")
     print(f"  priority:      {r.priority.value}")
     print(f"  question:      {text(r.question, multiline=True)}")
     print(
@@ -624,7 +547,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
         case = db.get(consult_id)
-        role, peer, _ = db.info(consult_id)
+        info = db.info(consult_id)
+        role, peer = info.role, info.peer
         reviews = db.reviews(consult_id)
         report = _report_sections(db, consult_id)
         ack = db.report_ack(consult_id)
@@ -633,7 +557,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
     if ack is not None:
         print(f"  report:        {_ack_line(ack)}")
-    if role == "consultant":
+    if role is Role.CONSULTANT:
         _print_retention(home, consult_id)
     if report is not None:
         _print_peer_text("\n" + report_text.as_text(report))
@@ -653,8 +577,8 @@ def _checked_report(db: ConsultDB, consult_id: str) -> Report | BadReport | None
     wire = db.report_wire(consult_id)
     if wire is None:
         return None
-    role, peer, _ = db.info(consult_id)
-    consultant = NodeId.parse(peer) if role == "requester" and peer else None
+    info = db.info(consult_id)
+    consultant = info.peer_id if info.role is Role.REQUESTER else None
     try:
         return verify_report(wire, consult_id=consult_id, consultant=consultant)
     except BadReport as exc:
@@ -801,6 +725,18 @@ def register(sub: Any) -> None:
         "for the jurisdiction; the first to accept gets it",
     )
     p.add_argument("--max-offers", type=int, default=3, help="with --route: how many at once")
+    p.add_argument(
+        "--prior",
+        action="append",
+        metavar="STUDY_UID",
+        help="an earlier study of the same patient held here, sent after the study "
+        "(repeat for more; bring it from the PACS with `radmesh dicom retrieve`)",
+    )
+    p.add_argument(
+        "--with-priors",
+        action="store_true",
+        help="send every earlier study of the same patient held here (most recent first)",
+    )
     add_sharing_options(p)
     p.add_argument("--out", metavar="FILE", help="also write the signed request to FILE")
     p.set_defaults(handler=cmd_request)

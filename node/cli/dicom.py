@@ -191,13 +191,6 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_line(report: RetrieveReport) -> str:
-    return (
-        f"  {report.completed} done, {report.failed} failed, {report.warning} with warnings, "
-        f"{report.remaining} to go"
-    )
-
-
 class _Receiver:
     """Stores what a retrieve brings (this process's store), counting new, duplicate and
     refused instances; an instance of another study than the one asked for is refused."""
@@ -252,6 +245,7 @@ def _retrieve_here(
     home: NodeHome, config: DicomConfig, pacs: PacsAddress, study_uid: str, use_get: bool
 ) -> RetrieveReport:
     """Retrieve without a running node: C-GET, or C-MOVE to a listener for this command."""
+    from node.app.retrieve import audit_retrieve, retrieve_line
     from node.dicom.files import InvalidDicom
     from node.dicom.net import DicomListener
     from node.dicom.qr import RetrieveReport, get_study, move_study
@@ -264,7 +258,7 @@ def _retrieve_here(
         try:
             if use_get:
                 answer = get_study(
-                    pacs, study_uid, receiver.store, progress=lambda r: print(_progress_line(r))
+                    pacs, study_uid, receiver.store, progress=lambda r: print(retrieve_line(r))
                 )
             else:
                 listener = DicomListener(
@@ -278,7 +272,7 @@ def _retrieve_here(
                         pacs,
                         study_uid,
                         config.ae_title,
-                        progress=lambda r: print(_progress_line(r)),
+                        progress=lambda r: print(retrieve_line(r)),
                     )
         finally:
             receiver.close()
@@ -288,55 +282,8 @@ def _retrieve_here(
             report.received += answer.received
             report.duplicate += answer.duplicate
             report.refused += answer.refused
-        _audit_retrieve(audit, study_uid, pacs, report, "get" if use_get else "move")
+        audit_retrieve(audit, study_uid, pacs, report, "get" if use_get else "move")
     return report
-
-
-def _audit_retrieve(
-    audit: AuditLog, study_uid: str, pacs: PacsAddress, report: RetrieveReport, via: str
-) -> None:
-    audit.append(
-        AuditKind.IMPORT,
-        now=time.time(),
-        study_uid=study_uid,
-        details={
-            "from": f"pacs:{pacs.ae_title}",
-            "via": f"dicom retrieve ({via})",
-            "received": report.received,
-            "duplicate": report.duplicate,
-            "failed": report.failed + report.refused,
-        },
-    )
-
-
-@control.operation("dicom.retrieve")
-async def _op_retrieve(rt: Any, a: dict[str, Any], emit: control.Emit) -> dict[str, Any]:
-    """C-MOVE to the running node's own listener; its store takes what arrives."""
-    from node.dicom.net import DicomNetError
-    from node.dicom.qr import PacsAddress, check_uid, move_study
-
-    if rt.dicom is None:
-        raise DicomNetError(
-            "the running node has no DICOM listener for the PACS to send to: set [dicom] "
-            "enabled = true in config.toml and restart it, or stop it and retrieve again "
-            "(a listener for the command is used then)"
-        )
-    study_uid = check_uid(str(a["study_uid"]))
-    pacs = PacsAddress(str(a["host"]), int(a["port"]), str(a["aet"]), rt.dicom.ae_title)
-    before = {row.sop_instance_uid for row in rt.store.instances(study_uid)}
-    loop = asyncio.get_running_loop()
-
-    def progress(report: RetrieveReport) -> None:  # from the SCU's thread
-        loop.call_soon_threadsafe(emit, _progress_line(report))
-
-    report = await asyncio.to_thread(
-        move_study, pacs, study_uid, rt.dicom.ae_title, progress=progress
-    )
-    after = {row.sop_instance_uid for row in rt.store.instances(study_uid)}
-    report.received = len(after - before)
-    report.duplicate = max(0, report.completed + report.warning - report.received)
-    _audit_retrieve(rt.audit, study_uid, pacs, report, "move to the running node")
-    return dataclasses.asdict(report)
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:

@@ -11,32 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from crypto.identity import NodeId
-from node.app import control
 from node.cli.identity import home_of
 from node.cli.peers import known_ids, resolve_id
 from node.core.config import NodeHome
 from node.core.display import printable
 from node.core.keystore import load_identity
-
-if TYPE_CHECKING:
-    from node.app.runtime import NodeRuntime
-
-
-@control.operation("consult.guest.propose")
-async def _op_propose(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
-    from node.app import guests as live_guests
-
-    return await live_guests.propose(rt, a["id"], NodeId.parse(a["guest"]))
-
-
-@control.operation("consult.guest.answer")
-async def _op_answer(rt: NodeRuntime, a: dict[str, Any], emit: control.Emit) -> str:
-    from node.app import guests as live_guests
-
-    return await live_guests.answer(rt, a["id"], NodeId.parse(a["guest"]), bool(a["approve"]))
 
 
 def _ids(home: NodeHome, args: argparse.Namespace) -> tuple[str, str]:
@@ -50,7 +32,9 @@ def _ids(home: NodeHome, args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _run(home: NodeHome, op: str, args: dict[str, Any]) -> Any:
-    return asyncio.run(control.run(home, op, args, lambda line: print(line, end="\r", flush=True)))
+    from node.app import commands  # the node's stack: not for building the parser
+
+    return asyncio.run(commands.run(home, op, args, lambda line: print(line, end="\r", flush=True)))
 
 
 def cmd_invite(args: argparse.Namespace) -> int:

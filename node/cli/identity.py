@@ -7,6 +7,7 @@ import getpass
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,16 @@ from crypto.org import (
 )
 from crypto.safety import safety_number
 from node.core.config import NodeConfig, NodeHome, resolve_home
-from node.core.errors import HomeError, KeyFileError
+from node.core.countries import parse_countries, parse_country
+from node.core.errors import ConfigError, HomeError, KeyFileError
 from node.core.keystore import PASSPHRASE_ENV, load_identity, save_identity
 from registry.trust import TrustStore
 
 ORG_KEY_NAME = "org.key"
 CERT_NAME = "node.cert"
 MAX_ORG_FILE = 1 << 20  # certificates and revocation lists are read up to this size
+MAX_NAME = 128  # registry.records.MAX_TEXT: what a signed record carries
+DEFAULT_NAME = NodeConfig().display_name  # what peers see when init was given no --name
 
 
 def home_of(args: argparse.Namespace) -> NodeHome:
@@ -59,26 +63,97 @@ def _new_passphrase(args: argparse.Namespace) -> str | None:
     return first
 
 
+PROMPT_TRIES = 3
+
+
+def _ask(question: str, parse: Callable[[str], str]) -> str:
+    """Ask on the terminal until ``parse`` accepts the answer (a few tries)."""
+    for attempt in range(PROMPT_TRIES):
+        answer = input(question).strip()
+        try:
+            return parse(answer)
+        except ConfigError as exc:
+            if attempt == PROMPT_TRIES - 1:
+                raise
+            print(f"  {exc}")
+    raise AssertionError("unreachable")
+
+
+def _display_name(text: str) -> str:
+    name = " ".join(text.split())
+    if not name:
+        raise ConfigError('a display name is needed: what peers see, e.g. "St. Brigid\'s CT"')
+    if len(name) > MAX_NAME:
+        raise ConfigError(f"a display name has at most {MAX_NAME} characters")
+    return name
+
+
+def _profile(args: argparse.Namespace) -> tuple[str, str]:
+    """The display name and country: given, asked for on a terminal, else the defaults
+    (which `init` then warns about)."""
+    interactive = sys.stdin.isatty()
+    name, country = args.name, args.country
+    if name is None:
+        name = (
+            _ask(
+                'Display name peers see (a person or a department, e.g. "Dr A. Okafor" or '
+                '"St. Brigid\'s CT"): ',
+                _display_name,
+            )
+            if interactive
+            else DEFAULT_NAME
+        )
+    else:
+        name = _display_name(name)
+    if country is None:
+        country = (
+            _ask("Country the node works in (ISO 3166 code, e.g. IE): ", parse_country)
+            if interactive
+            else ""
+        )
+    else:
+        country = parse_country(country)
+    return name, country
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     home = home_of(args)
     if home.key_path.exists() and not args.force:
         raise HomeError(f"{home.root} already has an identity; use --force to replace it")
+    jurisdictions = parse_countries(args.jurisdictions)
+    name, country = _profile(args)
     config = NodeConfig(
-        display_name=args.name,
+        display_name=name,
         institution=args.institution,
-        country=args.country,
+        country=country,
         roles=_csv(args.roles),
         subspecialties=_csv(args.subspecialties),
-        jurisdictions=_csv(args.jurisdictions),
+        jurisdictions=jurisdictions,
         languages=_csv(args.languages) or ["en"],
     )
     if args.listen:  # default: loopback only, until the site names its address
         config.network.listen_host = config.dicom.host = args.listen
+    config.network.mdns = not args.no_mdns
     identity = Identity.generate()
     save_identity(home.key_path, identity, _new_passphrase(args))
     home.save_config(config)
     print(f"Initialised radmesh node in {home.root}")
     print(f"Node id: {identity.node_id}")
+    missing = [
+        problem
+        for problem, wanted in (
+            (f'the display name is the default "{DEFAULT_NAME}" (--name)', name == DEFAULT_NAME),
+            ("no country is set (--country, e.g. IE)", not country),
+        )
+        if wanted
+    ]
+    if missing:
+        print(
+            f"Warning: {'; '.join(missing)}. Peers see the name on every request, chat line "
+            "and signed report, and a consult request needs the patient's country: set "
+            f"display_name / country in {home.config_path} (or run init again with --force).",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -88,7 +163,9 @@ def cmd_id(args: argparse.Namespace) -> int:
     identity = load_identity(home.key_path)
     print(f"Node id: {identity.node_id}")
     if args.peer:
-        peer_id = NodeId.parse(args.peer)
+        from node.cli.peers import known_ids, resolve_id  # peers imports this module
+
+        peer_id = resolve_id(args.peer, known_ids(home))  # the short id `peers` prints too
         print(f"Peer id: {peer_id}")
         print(f"Safety number: {safety_number(identity.node_id, peer_id)}")
         print("Read it aloud with the other side: the numbers must match exactly.")
@@ -228,8 +305,12 @@ def _load_cert_unchecked(path: Path) -> NodeCertificate:
     return NodeCertificate.from_body(SignedEnvelope.from_wire(path.read_bytes()).verify(CERT_TYPE))
 
 
-def _add_profile(parser: argparse.ArgumentParser, *, name_default: str) -> None:
-    parser.add_argument("--name", default=name_default, help="display name")
+def _add_profile(parser: argparse.ArgumentParser, *, name_default: str | None) -> None:
+    parser.add_argument(
+        "--name",
+        default=name_default,
+        help="display name peers see (init: asked for on a terminal)",
+    )
     parser.add_argument("--institution", default="", help="institution name")
     parser.add_argument("--roles", default="", help="comma-separated roles")
     parser.add_argument("--subspecialties", default="", help="comma-separated subspecialties")
@@ -243,8 +324,12 @@ def register(sub: Any) -> None:
         help="create a node identity and configuration",
         description="Create a node identity and configuration in the home.",
     )
-    _add_profile(p, name_default="radmesh node")
-    p.add_argument("--country", default="", help="ISO country code")
+    _add_profile(p, name_default=None)
+    p.add_argument(
+        "--country",
+        default=None,
+        help="where the node works, ISO 3166 alpha-2 (e.g. IE); asked for on a terminal",
+    )
     p.add_argument(
         "--no-passphrase",
         action="store_true",
@@ -257,6 +342,12 @@ def register(sub: Any) -> None:
         default="",
         help="address the LAN endpoint and DICOM listener bind to (default 127.0.0.1, this "
         "machine only; give the hospital-network address, or 0.0.0.0 for every interface)",
+    )
+    p.add_argument(
+        "--no-mdns",
+        action="store_true",
+        help="neither announce this node nor look for peers on the local network (mDNS): "
+        "a node reached through registries only, e.g. a consultant away from the hospital",
     )
     p.set_defaults(handler=cmd_init)
 

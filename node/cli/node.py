@@ -17,14 +17,12 @@ if TYPE_CHECKING:
 
 
 async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
-    from node.app import workflow
     from node.app.runtime import NodeRuntime
 
     home = home_of(args)
     home.require()
     runtime = NodeRuntime(home, load_identity(home.key_path), control=True)
-    await runtime.start()
-    workflow.install(runtime)
+    await runtime.start()  # its services too: serve fetches, file reports, resume fetches
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

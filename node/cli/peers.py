@@ -8,6 +8,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crypto.errors import InvalidNodeId
@@ -32,9 +33,6 @@ if TYPE_CHECKING:
 SHORT_ID_LEN = 7  # NodeId.short(): what `radmesh peers` prints
 FULL_ID_LEN = 56
 _MISREAD = str.maketrans("018", "OIB")  # as NodeId.parse reads them
-
-if TYPE_CHECKING:
-    from node.app.runtime import NodeRuntime
 
 
 def open_trust(home: NodeHome) -> TrustStore:
@@ -269,7 +267,13 @@ def cmd_trust_org_revocations(args: argparse.Namespace) -> int:
 
 
 def cmd_registry_run(args: argparse.Namespace) -> int:
-    from registry.server import Limits, RegistryServer, TurnConfig, run_forever
+    from registry.server import (
+        Limits,
+        RegistryServer,
+        TurnConfig,
+        run_forever,
+        server_tls_context,
+    )
 
     turn = None
     if args.turn_secret:
@@ -285,12 +289,16 @@ def cmd_registry_run(args: argparse.Namespace) -> int:
     if sockets < 1:
         raise ConfigError("--address-sockets must be at least 1")
     limits = Limits(address_sockets=sockets)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("TLS needs both --tls-cert FILE and --tls-key FILE")
+    tls = server_tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None
     server = RegistryServer(
         args.db,
         public_url=args.public_url or "",
         turn=turn,
         limits=limits,
         trusted_proxies=frozenset(args.trusted_proxy),
+        tls=tls,
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_forever(server, args.host, args.port))
@@ -303,13 +311,38 @@ def cmd_registry_add(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise ConfigError("a registry URL starts with http:// or https://")
-    if url in config.network.registries:
+    if args.ca:
+        from registry.httpclient import tls_context
+
+        ca = str(Path(args.ca).expanduser().resolve())
+        tls_context([ca])  # an unreadable or non-PEM file is refused now, not at connect
+        if config.network.registry_ca_file not in ("", ca):
+            raise ConfigError(
+                f"this node already trusts {config.network.registry_ca_file} for its "
+                "registries: put both CA certificates in one PEM file and give that"
+            )
+        config.network.registry_ca_file = ca
+    if url in config.network.registries and not args.ca:
         print(f"{url} is already configured.")
         return 0
-    config.network.registries.append(url)
+    if url not in config.network.registries:
+        config.network.registries.append(url)
     home.save_config(config)
     print(f"Added registry {url} ({len(config.network.registries)} configured).")
+    if args.ca:
+        print(f"Its TLS certificate is checked against {args.ca} (and the system's CAs).")
+    elif url.startswith("http://") and not _loopback(url):
+        print(
+            "Warning: plain http:// — what the registry carries is signed and sealed, but "
+            "the connection itself is not private; prefer https://",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _loopback(url: str) -> bool:
+    host = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "::1", "localhost")
 
 
 def build_own_record(
@@ -389,13 +422,6 @@ def cmd_registry_publish(args: argparse.Namespace) -> int:
     return 0 if failed < len(results) else 1
 
 
-@control.operation("registry.publish")
-async def _op_publish(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> str:
-    from node.cli.status import apply_availability
-
-    return await apply_availability(rt, str(args.get("availability") or rt.config.availability))
-
-
 def register(sub: Any) -> None:
     peers = sub.add_parser("peers", help="known peers: list, search, show")
     peers.set_defaults(handler=cmd_peers_list)
@@ -472,9 +498,24 @@ def register(sub: Any) -> None:
         metavar="ADDRESS",
         help="a reverse proxy in front (repeatable): limits count its X-Forwarded-For client",
     )
+    p.add_argument(
+        "--tls-cert",
+        default="",
+        metavar="FILE",
+        help="serve HTTPS/WSS with this PEM certificate chain (with --tls-key); without "
+        "them it serves plain HTTP: loopback, or behind a reverse proxy that terminates TLS",
+    )
+    p.add_argument("--tls-key", default="", metavar="FILE", help="the certificate's PEM key")
     p.set_defaults(handler=cmd_registry_run)
     p = rsub.add_parser("add", help="add a registry URL to this node's config")
     p.add_argument("url")
+    p.add_argument(
+        "--ca",
+        default="",
+        metavar="FILE",
+        help="trust this CA (PEM) for the registries' TLS besides the system's: a registry "
+        "with a private or self-signed certificate ([network] registry_ca_file)",
+    )
     p.set_defaults(handler=cmd_registry_add)
     p = rsub.add_parser("publish", help="sign and publish this node's record to its registries")
     p.add_argument("--endpoint", action="append", default=[], help="e.g. lan:http://HOST:PORT")

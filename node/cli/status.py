@@ -15,52 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from node.app import control
+from node.app.availability import LABEL, save_availability
 from node.cli.identity import home_of
-from node.core.config import AVAILABILITY, NodeHome, parse_availability
-
-if TYPE_CHECKING:
-    from node.app.runtime import NodeRuntime
-
-LABEL = {"online": "online", "on_call": "on call", "away": "away (taking no cases)"}
-
-
-def save_availability(home: NodeHome, value: str) -> None:
-    config = home.load_config()  # fresh: another command may have changed other settings
-    config.availability = value
-    home.save_config(config)
-
-
-async def apply_availability(rt: NodeRuntime, value: str) -> str:
-    """Make ``value`` this node's availability and publish it now; what to tell the user."""
-    value = parse_availability(value)
-    save_availability(rt.home, value)
-    rt.config.availability = value
-    await rt.republish()
-    reached = [url for url, state in rt.registry_state.items() if state == "connected"]
-    where = f"{len(reached)} of {len(rt.registry_state)} registries" if rt.registry_state else ""
-    return f"now {LABEL[value]}" + (f"; published to {where}" if where else "")
-
-
-def next_availability(value: str) -> str:
-    return AVAILABILITY[(AVAILABILITY.index(value) + 1) % len(AVAILABILITY)]
-
-
-@control.operation("status.set")
-async def _op_set(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> str:
-    return await apply_availability(rt, str(args.get("availability", "")))
-
-
-@control.operation("status.get")
-async def _op_get(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> dict[str, Any]:
-    return {
-        "availability": rt.config.availability,
-        "registries": dict(rt.registry_state),
-        # `radmesh doctor`: a held DICOM port that is this node's own is no problem
-        "dicom": f"{rt.dicom.ae_title} on port {rt.dicom.port}" if rt.dicom is not None else "",
-    }
+from node.core.config import NodeHome, parse_availability
 
 
 def _print_retention(home: NodeHome) -> None:

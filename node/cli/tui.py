@@ -2,9 +2,7 @@
 
 The node (:class:`~node.app.runtime.NodeRuntime`) runs in the app's own event loop:
 started before the first screen, stopped after the app exits, so live sessions,
-consult messages and the DICOM listener work while the app is open. ``--local``
-opens the app on the node's files only, without starting the node (for a home
-that another process is already running, or to look at DICOM folders offline).
+consult messages and the DICOM listener work while the app is open.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import argparse
 import asyncio
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Any
 
 from crypto.identity import Identity
@@ -23,31 +20,13 @@ from node.core.errors import NodeError
 from node.core.keystore import load_identity
 
 
-def _local(args: argparse.Namespace, home: NodeHome) -> int:
-    # The one upward import the layering test allows: this command is the TUI's entry
-    # point. Imported here so `radmesh --help` does not load Textual.
-    from tui.app import RadmeshApp
-    from tui.local import LocalNode
-
-    identity: Identity | None = None
-    config: NodeConfig | None = None
-    if home.exists():
-        config = home.load_config()
-        identity = load_identity(home.key_path)
-    node = LocalNode(home, identity, config, [Path(d) for d in args.dicom or []])
-    RadmeshApp(node).run()
-    return 0
-
-
 async def _with_node(home: NodeHome, identity: Identity, config: NodeConfig) -> None:
-    from node.app import workflow
     from node.app.runtime import NodeRuntime
     from tui.app import RadmeshApp
     from tui.node_facade import RuntimeNode
 
     runtime = NodeRuntime(home, identity, config, control=True)  # radmesh commands reach it
-    await runtime.start()
-    workflow.install(runtime)  # serve fetches, file reports and reviews, resume fetches
+    await runtime.start()  # its services too: serve fetches, file reports, resume fetches
     try:
         await RadmeshApp(RuntimeNode(runtime)).run_async()
     finally:
@@ -70,12 +49,9 @@ def cmd_tui(args: argparse.Namespace) -> int:
     home = home_of(args)
     if not _graphics(getattr(args, "graphics", None)):
         return 2
-    if args.local or args.dicom:
-        return _local(args, home)
     if not home.exists():
         print(
-            f"no node in {home.root}: run `radmesh init` first, "
-            "or `radmesh tui --local --dicom DIR` to browse DICOM files without a node",
+            f"no node in {home.root}: run `radmesh init` first",
             file=sys.stderr,
         )
         return 2
@@ -100,17 +76,6 @@ def register(sub: Any) -> None:
         "tui",
         help="open the terminal app with the node running (the default command)",
         description="Worklist, studies, peers, the viewer and live consultations.",
-    )
-    p.add_argument(
-        "--local",
-        action="store_true",
-        help="do not start the node: show only what is on disk (no network, no live sessions)",
-    )
-    p.add_argument(
-        "--dicom",
-        action="append",
-        metavar="DIR",
-        help="show DICOM files from this directory (repeatable; implies --local)",
     )
     p.add_argument("--listen", metavar="HOST", help="LAN endpoint address for this run")
     p.add_argument("--no-mdns", action="store_true", help="no mDNS discovery for this run")

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from crypto import canonical
 from crypto.errors import CryptoError
 from crypto.identity import Identity, verify_signature
+from node.core.db import connect, connect_read_only, transaction
 from node.core.errors import NodeError
 
 if TYPE_CHECKING:
@@ -281,10 +282,7 @@ class AuditLog:
     ) -> AuditLog:
         """``hwm_path``: where the signed high-water mark lives (outside the database)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA busy_timeout=10000")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        db = connect(path, check_same_thread=False)
         db.executescript(SCHEMA)
         return cls(db, identity, checkpoint_every, hwm_path)
 
@@ -329,9 +327,7 @@ class AuditLog:
         who = actor or str(self._identity.node_id)
         time_ms = _ms(now)
         with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db) as db:
                 last = db.execute(
                     "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
                 ).fetchone()
@@ -348,10 +344,6 @@ class AuditLog:
                     else:
                         log.error("audit checkpoint %d not signed: the log was cut", seq)
                 self._commit_raising_high_water(mark)
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
             self._appended = True
         return int(seq)
 
@@ -372,25 +364,15 @@ class AuditLog:
 
         Raises :class:`AuditError`, signing nothing, when the log was cut below its
         high-water mark: a signature must never bless a shortened log."""
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                cut = self._cut_below_high_water()
-                if cut is not None:
-                    raise AuditError(f"no checkpoint signed: {cut}")
-                last = db.execute(
-                    "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1"
-                ).fetchone()
-                if last is None:
-                    db.execute("COMMIT")
-                    return 0
-                mark = self._insert_checkpoint(last[0], last[1], _ms(now))
-                self._commit_raising_high_water(mark)
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+        with self._lock, transaction(self._db) as db:
+            cut = self._cut_below_high_water()
+            if cut is not None:
+                raise AuditError(f"no checkpoint signed: {cut}")
+            last = db.execute("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+            if last is None:
+                return 0
+            mark = self._insert_checkpoint(last[0], last[1], _ms(now))
+            self._commit_raising_high_water(mark)
         return int(last[0])
 
     def unsigned(self) -> int:
@@ -636,9 +618,8 @@ def audit_state(home: NodeHome) -> AuditState:
     except AuditError as exc:
         problem = str(exc)
     if path.exists():
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = connect_read_only(path)
         try:
-            db.execute("PRAGMA busy_timeout=5000")
             records, signed, last_ms = db.execute(
                 "SELECT (SELECT COALESCE(MAX(seq), 0) FROM records), "
                 "(SELECT COALESCE(MAX(seq), 0) FROM checkpoints), "

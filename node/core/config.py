@@ -66,6 +66,10 @@ class DicomConfig:
     pacs_host: str = ""
     pacs_port: int = 0
     pacs_ae_title: str = ""
+    # The node answers C-FIND / C-GET / C-MOVE from its store to the allowed callers.
+    query_retrieve: bool = True
+    # C-MOVE destinations, "AE@host:port": a request names only the AE title.
+    move_destinations: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +87,9 @@ class NetworkConfig:
     # endpoint that peers on the same network reach.
     listen_host: str = "127.0.0.1"
     listen_port: int = 0
+    # A CA (PEM) trusted for the registries' TLS besides the system's, for a registry with
+    # a private or self-signed certificate (`radmesh registry add URL --ca FILE`).
+    registry_ca_file: str = ""
 
 
 @dataclass

@@ -14,12 +14,11 @@ forgotten (a flood of fresh messages cannot evict an old one to replay it).
 
 from __future__ import annotations
 
-import os
-import sqlite3
 from pathlib import Path
 
 from crypto.envelope import ReplayGuard
 from crypto.errors import Replayed
+from node.core.db import connect, transaction
 
 FILE_NAME = "replay.db"
 CAPACITY = 100_000
@@ -40,11 +39,7 @@ CREATE TABLE IF NOT EXISTS floor (id INTEGER PRIMARY KEY CHECK (id = 0), expires
 class PersistentReplayGuard(ReplayGuard):
     def __init__(self, path: str | Path, capacity: int = CAPACITY) -> None:
         super().__init__(capacity)
-        path = Path(path)
-        if not path.exists():  # created 0600 before SQLite opens it; its journal inherits that
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-        os.chmod(path, 0o600)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db = connect(path, check_same_thread=False)
         self._db.executescript(_SCHEMA)
         self._inserts = 0
         self._count = self._recount()
@@ -89,8 +84,7 @@ class PersistentReplayGuard(ReplayGuard):
         self._count += 1
 
     def _evict(self, count: int) -> None:
-        with self._db:  # one transaction: the floor moves with the rows it stands for
-            self._db.execute("BEGIN")
+        with transaction(self._db):  # the floor moves with the rows it stands for
             row = self._db.execute(
                 "SELECT MAX(expires) FROM (SELECT expires FROM seen ORDER BY expires LIMIT ?)",
                 (count,),

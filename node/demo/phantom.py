@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -31,6 +32,7 @@ _FIRST = ("JANE", "JOHN", "MARIA", "AHMED", "LENA", "KWAME", "SOFIA", "TOMAS", "
 _LAST = ("DOE", "MUELLER", "OKONKWO", "SILVA", "NAKAMURA", "KOWALSKI", "HANSEN", "MORENO")
 
 Floats = npt.NDArray[np.float32]
+Mask = npt.NDArray[np.bool_]
 
 
 @dataclass(frozen=True)
@@ -100,45 +102,360 @@ def _base(study: DemoStudy, sop_class: str, modality: str) -> Dataset:
     return ds
 
 
-def _write(ds: Dataset, path: Path) -> Path:
+def _with_meta(ds: Dataset) -> None:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    _with_meta(ds)
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
 
 
-def _head_slice(
-    x: Floats, y: Floats, z: float, haematoma: bool, rng: np.random.Generator
-) -> Floats | None:
-    """HU of one axial slice of the head phantom at height z (mm); None above/below it."""
-    half_height = 90.0
-    scale = 1.0 - (z / half_height) ** 2
-    if scale <= 0.02:
+# The head, in patient coordinates (LPS, mm): +x is the patient's left (the image's
+# right in the radiological convention), +y posterior, +z superior; z = 0 is the level
+# of the thalami. The outer skull surface is an egg, wider behind than in front.
+VERTEX_Z = 98.0  # top of the skull
+BASE_Z = -75.0  # below it the scan sees no head in this phantom
+HEAD_FOV_MM = 230.0  # the reconstruction circle, as a head CT's display field of view
+
+
+@dataclass(frozen=True)
+class Collection:
+    """An acute subdural haematoma over the left convexity: a crescent between the inner
+    table and the brain, thickest ``thickest_mm`` at level ``level_z`` toward
+    ``towards_deg`` (0 = straight to the patient's left, 90 = straight back)."""
+
+    thickest_mm: float = 9.0
+    level_z: float = 2.0
+    half_height_mm: float = 44.0
+    towards_deg: float = 8.0
+    half_arc_deg: float = 64.0
+    hu: float = 68.0  # acute blood
+
+    def thickness(self, theta_deg: Floats, z: float) -> Floats:
+        """Thickness (mm) at each angle around the head, at height ``z``."""
+        height = 1.0 - ((z - self.level_z) / self.half_height_mm) ** 2
+        if height <= 0.0:
+            return np.zeros_like(theta_deg)
+        off = np.abs((theta_deg - self.towards_deg + 180.0) % 360.0 - 180.0)
+        arc = np.cos(np.clip(off / self.half_arc_deg, 0.0, 1.0) * (np.pi / 2.0))
+        thickness: Floats = (self.thickest_mm * float(np.sqrt(height)) * arc).astype(np.float32)
+        return thickness
+
+    def shift_mm(self, z: float) -> float:
+        """Midline shift toward the patient's right (-x) at height ``z``: mass effect."""
+        height = 1.0 - ((z - self.level_z) / (self.half_height_mm + 15.0)) ** 2
+        return -0.5 * self.thickest_mm * float(np.sqrt(max(height, 0.0)))
+
+
+HAEMATOMA = Collection()
+
+
+def _vault(z: float) -> tuple[float, float] | None:
+    """Semi-axes (left-right, front-back) of the outer skull surface at height z."""
+    if not BASE_Z < z < VERTEX_Z:
         return None
-    s = float(np.sqrt(scale))
-    r = np.sqrt((x / (78.0 * s)) ** 2 + (y / (96.0 * s)) ** 2)
+    shrink = 1.0 - (z / VERTEX_Z) ** 2 if z > 0 else 1.0 - (z / 140.0) ** 2
+    scale = float(np.sqrt(shrink))
+    return 74.0 * scale, 93.0 * scale
+
+
+def _ellipse(x: Floats, y: Floats, cx: float, cy: float, rx: float, ry: float) -> Mask:
+    return ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1.0
+
+
+def _band(profile: float) -> float:
+    """0 outside a structure's levels, rising to 1 at their middle (profile = 1 - u^2)."""
+    return float(np.sqrt(profile)) if profile > 0 else 0.0
+
+
+def head_hu(
+    rows: int,
+    z: float,
+    *,
+    rng: np.random.Generator | None = None,
+    noise: float = 6.0,
+    collection: Collection | None = HAEMATOMA,
+    fov_mm: float = HEAD_FOV_MM,
+) -> Floats:
+    """One axial slice (rows x rows, HU) of the head at height ``z`` mm.
+
+    Scalp with its fat layer; a skull of outer table, diploe and inner table, thinner over
+    the temples; cortex following gyri with CSF in the sulci and the interhemispheric
+    fissure with the falx; white matter; caudate, lentiform nuclei and thalami; the
+    lateral and third ventricles; lower down the cerebellum with its folia, the fourth
+    ventricle, brainstem, petrous bones, sphenoid sinus, orbits with globes and lenses.
+    ``collection``: the haematoma (and its midline shift), None for a normal head.
+    Scanner noise is Gaussian (``noise`` HU) inside the reconstruction circle; outside it
+    the pixels are padding (-1024), as a scanner writes them.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    spacing = fov_mm / rows
+    coords = (np.arange(rows, dtype=np.float32) - (rows - 1) / 2.0) * spacing
+    x, y = np.meshgrid(coords, coords)
     hu = np.full(x.shape, -1000.0, dtype=np.float32)
-    thickness = 7.0 / (87.0 * s)
-    hu[r < 1.0 + 5.0 / (87.0 * s)] = 40.0  # scalp
-    hu[r < 1.0] = 1000.0  # skull
-    inner = r < 1.0 - thickness
-    brain = np.where(r < 0.75 - thickness, 28.0, 38.0)  # white matter inside grey cortex
-    hu[inner] = brain[inner]
-    if abs(z) < 35.0:  # lateral ventricles, widest at mid height
-        w = float(np.sqrt(1.0 - (z / 35.0) ** 2))
-        for side in (-1.0, 1.0):
-            vent = ((x - side * 9.0) / (6.0 * w + 0.5)) ** 2 + (y / (24.0 * w + 0.5)) ** 2 < 1.0
-            hu[vent & inner] = 5.0
-    if haematoma and -20.0 < z < 55.0:
-        # Crescent between the inner table and a shifted ellipse; +x is patient left (LPS).
-        rr = np.sqrt(((x + 7.0) / (78.0 * s)) ** 2 + (y / (96.0 * s)) ** 2)
-        crescent = inner & (rr >= 1.0 - thickness) & (x > 15.0)
-        hu[crescent] = 70.0
-    hu += rng.normal(0.0, 6.0, x.shape).astype(np.float32)
+    axes = _vault(z)
+    if axes is not None:
+        _head(hu, x, y, z, axes, collection)
+    if noise:
+        hu += rng.normal(0.0, noise, x.shape).astype(np.float32)
+    hu[x**2 + y**2 > (fov_mm / 2.0) ** 2] = -1024.0
     return hu
+
+
+def _head(
+    hu: Floats,
+    x: Floats,
+    y: Floats,
+    z: float,
+    axes: tuple[float, float],
+    collection: Collection | None,
+) -> None:
+    a, b = axes
+    a_here = a * (1.0 + 0.07 * np.clip(y / b, -1.0, 1.0))  # wider behind
+    rho = np.sqrt((x / a_here) ** 2 + (y / b) ** 2)
+    grad = np.sqrt((x / a_here**2) ** 2 + (y / b**2) ** 2) / np.maximum(rho, 1e-3)
+    d = (1.0 - rho) / np.maximum(grad, 1e-4)  # mm inside the outer skull surface
+    theta = np.degrees(np.arctan2(y, x)).astype(np.float32)
+    radius = np.hypot(x, y) + 1e-3
+    face = z < -28.0
+    # At orbit level the front of the head is the orbits and the nose, not the vault.
+    anterior = _ellipse(x, y, 0.0, -b, 0.72 * a, 0.5 * b) if face else np.zeros_like(x, bool)
+
+    # Scalp: skin and muscle with a fat layer.
+    hu[d > -6.0] = 45.0
+    hu[(d > -4.5) & (d < -1.2)] = -85.0
+    # Skull: thicker in front, thin over the temples.
+    thick = 6.5 + 1.5 * np.clip(-y / b, 0.0, 1.0) - 3.0 * (np.abs(x) / radius) ** 6
+    bone = (d >= 0.0) & (d < thick) & ~anterior
+    diploe = np.float32(620.0) + 90.0 * np.sin(x * 1.7) * np.cos(y * 1.3)
+    hu[bone] = np.where((d < 1.6) | (d > thick - 1.4), 1700.0, diploe)[bone]
+    inside = (d >= thick) & ~anterior
+    depth = d - thick  # mm below the inner table
+
+    t = collection.thickness(theta, z) if collection is not None else np.zeros_like(x)
+    shift = collection.shift_mm(z) if collection is not None else 0.0
+    brain_depth = depth - t
+    hu[inside] = 26.0  # white matter
+    # Cortex: grey matter whose boundary with the white matter follows the gyri.
+    rad = np.radians(theta)
+    gyri = 4.5 + 2.5 * np.sin(rad * 23.0 + z * 0.15 + 1.7 * np.sin(rad * 7.0 + z * 0.05))
+    hu[inside & (brain_depth < 1.2 + gyri)] = 41.0
+    warp = 2.2 * np.sin(rad * 5.0 + z * 0.07) + 0.9 * np.sin(rad * 13.0 - z * 0.09)
+    sulcal = np.cos(rad * 36.0 + warp + z * 0.11)
+    reach = 1.2 + gyri + 3.0 + 3.0 * np.sin(rad * 11.0 + z * 0.13) ** 2  # sulci vary in depth
+    effaced = t > 0.3  # the collection presses the sulci shut under it
+    hu[inside & ~effaced & (sulcal > 0.70) & (brain_depth < reach + 2.5)] = 41.0
+    csf = 8.0
+    hu[inside & ~effaced & (sulcal > 0.94) & (brain_depth < reach)] = csf
+    hu[inside & ~effaced & (brain_depth < 1.2)] = csf  # subarachnoid space
+
+    # Deep structures, displaced toward the right by the mass effect (not at the falx's
+    # anchors in front and behind).
+    xs = x - shift * np.cos(np.clip(y / 80.0, -1.0, 1.0) * (np.pi / 2.0))
+    if z < -18.0:
+        _posterior_fossa(hu, xs, y, z, inside)
+    else:
+        _cerebrum(hu, xs, y, z, inside, b)
+    if face:
+        _face(hu, x, y, z, b, d)
+    if z < -26.0:
+        _skull_base(hu, x, y, z, inside)
+    if collection is not None:
+        blood = inside & (depth < t)
+        hu[blood] = collection.hu
+
+
+def _cerebrum(hu: Floats, xs: Floats, y: Floats, z: float, inside: Mask, b: float) -> None:
+    csf, deep_grey = 6.0, 37.0
+    # Interhemispheric fissure with the falx; the corpus callosum bridges it mid-height.
+    fissure = inside & (np.abs(xs) < 1.6)
+    if z < 36.0:
+        fissure &= (y < -34.0) | (y > 40.0)
+    hu[fissure] = 8.0
+    hu[fissure & (np.abs(xs) < 0.5)] = 62.0
+    # Sylvian fissures with the insula, low in the cerebrum.
+    sylvian = _band(1.0 - ((z + 5.0) / 14.0) ** 2)
+    if sylvian:
+        line = np.abs(y - (-6.0 + 0.18 * (np.abs(xs) - 40.0))) < 1.4 * sylvian + 0.4
+        hu[inside & line & (np.abs(xs) > 36.0) & (np.abs(xs) < 58.0)] = 8.0
+        insula = np.abs(np.abs(xs) - 34.0) < 2.2
+        hu[inside & insula & (np.abs(y + 2.0) < 16.0)] = 40.0
+    for side in (-1.0, 1.0):
+        left = side > 0  # the collection's side: its ventricle is squeezed
+        if (k := _band(1.0 - ((z - 13.0) / 10.0) ** 2)) > 0:
+            hu[inside & _ellipse(xs, y, side * 11.0, -20.0, 4.0 + k, 6.0 + 3.0 * k)] = deep_grey
+        if (k := _band(1.0 - ((z - 5.0) / 10.0) ** 2)) > 0:
+            lentiform = _ellipse(xs, y, side * 22.0, -4.0, 3.0 + 3.0 * k, 6.0 + 8.0 * k)
+            hu[inside & lentiform] = deep_grey
+        if (k := _band(1.0 - ((z - 4.0) / 10.0) ** 2)) > 0:
+            hu[inside & _ellipse(xs, y, side * 8.5, 9.0, 3.0 + 4.0 * k, 5.0 + 6.0 * k)] = 38.0
+        if (k := _band(1.0 - ((z - 19.0) / 16.0) ** 2)) > 0:
+            centre = side * (4.5 + 0.0028 * (y + 25.0) ** 2)
+            width = np.where(y < -15.0, 4.0, np.where(y > 14.0, 5.5, 3.0)) * k
+            width = width * np.sqrt(np.clip(1.0 - ((y + 3.0) / 35.5) ** 6, 0.0, 1.0))
+            if left:
+                width = width * 0.55
+            length = (y > -38.0) & (y < 32.0)
+            if z < 9.0:  # only the frontal horns and the atria reach this low
+                length &= (y < -16.0) | (y > 14.0)
+            hu[inside & length & (np.abs(xs - centre) < width)] = csf
+    if (k := _band(1.0 - (z / 9.0) ** 2)) > 0:  # third ventricle
+        hu[inside & (np.abs(xs) < 1.6 * k) & (y > -8.0) & (y < 14.0)] = csf
+
+
+def _posterior_fossa(hu: Floats, xs: Floats, y: Floats, z: float, inside: Mask) -> None:
+    behind = inside & (y > 6.0)
+    spokes = np.arctan2(y - 14.0, xs)
+    folia = np.cos(np.hypot(xs, y - 14.0) * 2.4 + 1.2 * np.sin(spokes * 5.0)) > 0.55
+    hu[behind] = np.where(folia, 38.0, 29.0)[behind]  # cerebellar folia
+    hu[behind & (np.abs(xs) < 1.2) & (y > 34.0)] = 8.0  # vallecula behind the vermis
+    hu[inside & _ellipse(xs, y, 0.0, -2.0, 13.0, 11.0)] = 34.0  # pons / medulla
+    if -58.0 < z < -26.0:  # fourth ventricle: a tent behind the pons
+        tent = (y > 10.0) & (y < 20.0) & (np.abs(xs) < 7.0 * (1.0 - (y - 10.0) / 12.0))
+        hu[inside & tent] = 6.0
+
+
+def _skull_base(hu: Floats, x: Floats, y: Floats, z: float, inside: Mask) -> None:
+    if -52.0 < z < -26.0:  # petrous ridges, from behind the ear toward the clivus
+        for side in (-1.0, 1.0):
+            ax, ay, bx, by = side * 56.0, 22.0, side * 16.0, -6.0
+            t = np.clip(((x - ax) * (bx - ax) + (y - ay) * (by - ay)) / 2000.0, 0.0, 1.0)
+            near = np.hypot(x - (ax + t * (bx - ax)), y - (ay + t * (by - ay))) < 5.0
+            hu[near & inside] = 1500.0
+            mastoid = _ellipse(x, y, side * 58.0, 30.0, 7.0, 8.0) & inside
+            hu[mastoid] = np.where(np.sin(x * 2.1) * np.sin(y * 2.3) > 0.2, -700.0, 900.0)[mastoid]
+    if -62.0 < z < -30.0:  # sphenoid sinus in its bony walls, in front of the pons
+        hu[_ellipse(x, y, 0.0, -26.0, 16.0, 12.0)] = 900.0
+        hu[_ellipse(x, y, 0.0, -26.0, 14.0, 10.0)] = -950.0
+
+
+def _face(hu: Floats, x: Floats, y: Floats, z: float, b: float, d: Floats) -> None:
+    """Below the frontal bone at orbit level: orbits with globes and lenses, the
+    ethmoid air cells between them."""
+    front = _ellipse(x, y, 0.0, -b, 0.72 * b * 0.8, 0.5 * b) & (d > -6.0)
+    hu[front & (d > -1.0)] = 40.0  # soft tissue between and around the orbits
+    level = _band(1.0 - ((z + 45.0) / 17.0) ** 2)
+    if not level:
+        return
+    for side in (-1.0, 1.0):
+        hu[front & _ellipse(x, y, side * 30.0, -68.0, 17.0, 22.0) & (d > 2.0)] = -85.0
+        wall = _ellipse(x, y, side * 30.0, -68.0, 19.0, 24.0) & ~_ellipse(
+            x, y, side * 30.0, -68.0, 17.0, 22.0
+        )
+        hu[front & wall & (d > 0.0)] = 1100.0
+        globe = _ellipse(x, y, side * 31.0, -74.0, 11.5 * level, 11.5 * level)
+        hu[globe] = 12.0
+        hu[_ellipse(x, y, side * 31.0, -84.0 + 2.0 * (1 - level), 4.0, 1.8) & globe] = 110.0
+    ethmoid = front & (np.abs(x) < 11.0) & (y > -82.0)
+    hu[ethmoid] = np.where(np.cos(x * 1.6) * np.cos(y * 1.4) > 0.55, 350.0, -850.0)[ethmoid]
+
+
+def slice_step(slices: int, slice_spacing: float | None = None) -> float:
+    """The distance between slices: rounded so the DS strings keep it exactly uniform."""
+    return round(slice_spacing if slice_spacing is not None else max(0.6, 190.0 / slices), 3)
+
+
+def slice_positions(slices: int, slice_spacing: float | None = None) -> list[float]:
+    """The z (mm) of each slice :func:`generate_ct` writes, bottom up, centred on z = 0."""
+    step = slice_step(slices, slice_spacing)
+    z0 = -step * (slices - 1) / 2.0
+    return [round(z0 + index * step, 4) for index in range(slices)]
+
+
+def collection_span(
+    rows: int, z: float, collection: Collection = HAEMATOMA
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """Where to measure the collection at height ``z``: image points (column, row) on the
+    inner table and on the brain's surface, across its thickest part; None where the
+    slice does not cross it."""
+    found = _inner_table(rows, z, collection)
+    if found is None:
+        return None
+    (col, row), (dcol, drow), thickness_px = found
+    if thickness_px < 1.0:
+        return None
+    return (col, row), (col - dcol * thickness_px, row - drow * thickness_px)
+
+
+def _inner_table(
+    rows: int, z: float, collection: Collection
+) -> tuple[tuple[float, float], tuple[float, float], float] | None:
+    axes = _vault(z)
+    if axes is None:
+        return None
+    spacing = HEAD_FOV_MM / rows
+    angle = np.radians(collection.towards_deg)
+    direction = (float(np.cos(angle)), float(np.sin(angle)))
+    # Walk out from the centre along the collection's direction to the inner table.
+    steps = np.arange(0.0, 120.0, 0.05, dtype=np.float32)
+    px, py = steps * direction[0], steps * direction[1]
+    a, b = axes
+    a_here = a * (1.0 + 0.07 * np.clip(py / b, -1.0, 1.0))
+    rho = np.sqrt((px / a_here) ** 2 + (py / b) ** 2)
+    grad = np.sqrt((px / a_here**2) ** 2 + (py / b**2) ** 2) / np.maximum(rho, 1e-3)
+    d = (1.0 - rho) / np.maximum(grad, 1e-4)
+    thick = 6.5 - 3.0 * (np.abs(px) / (np.hypot(px, py) + 1e-3)) ** 6
+    outside = np.nonzero(d < thick)[0]
+    if not len(outside):
+        return None
+    reach = float(steps[outside[0]])
+    theta = np.array([collection.towards_deg], dtype=np.float32)
+    thickness_mm = float(collection.thickness(theta, z)[0])
+    centre = (rows - 1) / 2.0
+    point = (centre + reach * direction[0] / spacing, centre + reach * direction[1] / spacing)
+    return point, direction, thickness_mm / spacing
+
+
+def ct_series_header(study: DemoStudy, rows: int, step: float) -> Dataset:
+    """What every slice of the head CT series shares: a head CT as a scanner writes it."""
+    spacing = HEAD_FOV_MM / rows
+    base = _base(study, CT_IMAGE_STORAGE, "CT")
+    base.SeriesInstanceUID = generate_uid()
+    base.SeriesNumber = 2
+    base.SeriesDescription = "AX HEAD 5/5 BRAIN"
+    base.BodyPartExamined = "HEAD"
+    base.ProtocolName = "HEAD ROUTINE"
+    base.Rows = base.Columns = rows
+    base.PixelSpacing = [round(spacing, 6), round(spacing, 6)]
+    base.SliceThickness = round(step, 3)
+    base.SpacingBetweenSlices = round(step, 3)
+    base.ImageOrientationPatient = list(AXIAL)
+    base.BitsStored = 12
+    base.HighBit = 11
+    base.PixelPaddingValue = 0  # stored 0 = -1024 HU: outside the reconstruction circle
+    base.RescaleIntercept = -1024
+    base.RescaleSlope = 1
+    base.RescaleType = "HU"
+    base.WindowCenter = [40, 600]  # brain, bone
+    base.WindowWidth = [80, 2800]
+    base.WindowCenterWidthExplanation = ["BRAIN", "BONE"]
+    base.KVP = 120
+    base.XRayTubeCurrent = 280
+    base.ReconstructionDiameter = HEAD_FOV_MM
+    base.ConvolutionKernel = "H30s"
+    base.GantryDetectorTilt = 0
+    return base
+
+
+def ct_slice(base: Dataset, index: int, z: float, hu: Floats) -> Dataset:
+    """One slice: the shared header, its position and its pixels (HU, stored + 1024)."""
+    rows = int(base.Rows)
+    spacing = HEAD_FOV_MM / rows
+    top_left = round(-(rows - 1) / 2.0 * spacing, 4)
+    ds = Dataset()
+    ds.update(base)
+    ds.SOPInstanceUID = generate_uid()
+    ds.InstanceNumber = index + 1
+    ds.ImagePositionPatient = [top_left, top_left, round(z, 4)]
+    ds.SliceLocation = round(z, 4)
+    ds.PixelData = np.clip(np.rint(hu + 1024.0), 0, 4095).astype("<u2").tobytes()
+    return ds
 
 
 def generate_ct(
@@ -150,55 +467,32 @@ def generate_ct(
     study: DemoStudy | None = None,
     haematoma: bool = True,
     slice_spacing: float | None = None,
+    noise: float = 6.0,
 ) -> list[Path]:
-    """Write an axial head CT series, one file per slice; returns the paths in z order."""
+    """Write an axial head CT series, one file per slice; returns the paths in z order.
+    The same seed gives the same pixels (UIDs are new each time)."""
     if slices < 1 or rows < 16:
         raise ValueError("need at least one slice of at least 16 x 16 pixels")
     out_dir.mkdir(parents=True, exist_ok=True)
     study = study or random_study(seed)
     rng = np.random.default_rng(seed + 1)
-    spacing = 230.0 / rows
-    # Rounded so the DS strings written for positions keep the spacing exactly uniform.
-    step = round(slice_spacing if slice_spacing is not None else max(0.6, 190.0 / slices), 3)
-    coords = (np.arange(rows, dtype=np.float32) - (rows - 1) / 2.0) * spacing
-    x, y = np.meshgrid(coords, coords)
-    top_left = float(coords[0])
-    base = _base(study, CT_IMAGE_STORAGE, "CT")
-    base.SeriesInstanceUID = generate_uid()
-    base.SeriesNumber = 2
-    base.SeriesDescription = "AX HEAD 5/5 BRAIN"
-    base.BodyPartExamined = "HEAD"
-    base.Rows = base.Columns = rows
-    base.PixelSpacing = [round(spacing, 6), round(spacing, 6)]
-    base.SliceThickness = round(step, 3)
-    base.SpacingBetweenSlices = round(step, 3)
-    base.ImageOrientationPatient = list(AXIAL)
-    base.BitsStored = 12
-    base.HighBit = 11
-    base.RescaleIntercept = -1024
-    base.RescaleSlope = 1
-    base.RescaleType = "HU"
-    base.WindowCenter = 40
-    base.WindowWidth = 80
-    base.KVP = 120
-    base.ConvolutionKernel = "H30s"
+    positions = slice_positions(slices, slice_spacing)
+    step = slice_step(slices, slice_spacing)
+    base = ct_series_header(study, rows, step)
+    collection = HAEMATOMA if haematoma else None
     paths = []
-    z0 = -step * (slices - 1) / 2.0
-    for index in range(slices):
-        z = z0 + index * step
-        hu = _head_slice(x, y, z, haematoma, rng)
-        if hu is None:
-            hu = -1000.0 + rng.normal(0.0, 6.0, x.shape).astype(np.float32)
-        stored = np.clip(np.rint(hu + 1024.0), 0, 4095).astype("<u2")
-        ds = Dataset()
-        ds.update(base)
-        ds.SOPInstanceUID = generate_uid()
-        ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [round(top_left, 4), round(top_left, 4), round(z, 4)]
-        ds.SliceLocation = round(z, 4)
-        ds.PixelData = stored.tobytes()
-        paths.append(_write(ds, out_dir / f"CT{index + 1:04d}.dcm"))
+    for index, z in enumerate(positions):
+        hu = head_hu(rows, z, rng=rng, noise=noise, collection=collection)
+        paths.append(_write(ct_slice(base, index, z, hu), out_dir / f"CT{index + 1:04d}.dcm"))
     return paths
+
+
+def part10(ds: Dataset) -> bytes:
+    """``ds`` as a DICOM file's bytes (Explicit VR Little Endian)."""
+    buffer = DicomBytesIO()
+    _with_meta(ds)
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    return bytes(buffer.getvalue())
 
 
 def generate_mr(
@@ -215,8 +509,7 @@ def generate_mr(
     rng = np.random.default_rng(seed + 2)
     spacing = 230.0 / rows
     step = 5.0
-    coords = (np.arange(rows, dtype=np.float32) - (rows - 1) / 2.0) * spacing
-    x, y = np.meshgrid(coords, coords)
+    corner = round(-(rows - 1) / 2.0 * spacing, 4)
     base = _base(study, MR_IMAGE_STORAGE, "MR")
     base.SeriesInstanceUID = generate_uid()
     base.SeriesNumber = 3
@@ -235,21 +528,19 @@ def generate_mr(
     z0 = -step * (slices - 1) / 2.0
     for index in range(slices):
         z = z0 + index * step
-        hu = _head_slice(x, y, z, False, rng)
-        if hu is None:
-            hu = np.full(x.shape, -1000.0, dtype=np.float32)
+        hu = head_hu(rows, z, noise=0.0, collection=None)
         # Map the CT tissue classes to T2 signal: CSF bright, grey > white, bone/air dark.
         signal = np.select(
-            [hu < -500, hu > 500, hu < 15, hu < 33, hu < 60],
-            [0.0, 40.0, 1800.0, 700.0, 850.0],
+            [hu < -500, hu > 300, hu < -30, hu < 15, hu < 32, hu < 45],
+            [0.0, 40.0, 1400.0, 1800.0, 700.0, 850.0],
             default=500.0,
         ).astype(np.float32)
-        signal += np.abs(rng.normal(0.0, 25.0, x.shape)).astype(np.float32)
+        signal += np.abs(rng.normal(0.0, 25.0, hu.shape)).astype(np.float32)
         ds = Dataset()
         ds.update(base)
         ds.SOPInstanceUID = generate_uid()
         ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [float(coords[0]), float(coords[0]), round(z, 4)]
+        ds.ImagePositionPatient = [corner, corner, round(z, 4)]
         ds.SliceLocation = round(z, 4)
         ds.PixelData = np.clip(signal, 0, 4095).astype("<u2").tobytes()
         paths.append(_write(ds, out_dir / f"MR{index + 1:04d}.dcm"))

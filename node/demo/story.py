@@ -1,10 +1,13 @@
 """The demo scenario: a registry and three nodes on loopback, the whole clinical loop.
 
-A rural hospital has a head CT and asks, STAT, "suspected subdural haematoma".
-A neuroradiologist accepts, pulls the de-identified study over WebRTC, opens a
-live session and invites a neurosurgeon; both annotate and chat; the
-neuroradiologist signs the report, which lands in the hospital's store (and
-its PACS when Orthanc is installed) as a DICOM SR filed under the real patient.
+A rural hospital has a head CT of an 84-year-old woman on apixaban who fell at
+home, and asks, STAT, whether she has a subdural haematoma that needs surgery. A
+neuroradiologist accepts, pulls the de-identified study over WebRTC, opens a live
+session and invites a neurosurgeon; the neuroradiologist presents (the surgeon's
+view follows), measures the left convexity collection, the surgeon marks it; they
+agree in the chat; the neuroradiologist signs the report, which lands in the
+hospital's store (and its PACS when Orthanc is installed) as a DICOM SR filed under
+the real patient's name, which the consultant never saw.
 
 :func:`run_headless` runs it scripted and prints each step with its time.
 :class:`DemoNetwork` is the set-up the interactive demo reuses.
@@ -26,15 +29,15 @@ from typing import Any, TextIO
 
 from consult.errors import ConsultError
 from consult.live import LiveConsult
-from consult.presence import Cursor
+from consult.presence import Cursor, Viewport
 from consult.requests import Event, Priority, State
 from consult.shared import AnnotationKind
 from crypto.identity import Identity
 from crypto.safety import safety_number
 from node.dicom import pacs
-from node.app import workflow
+from node.app import consults
 from node.core.config import NetworkConfig, NodeConfig, NodeHome
-from node.demo.phantom import generate_ct
+from node.demo.phantom import DemoPatient, DemoStudy, collection_span, generate_ct
 from node.core.errors import NodeError
 from node.core.keystore import load_identity, save_identity
 from node.app.runtime import NodeRuntime
@@ -44,7 +47,24 @@ from peer_transport.rtc import RtcOptions, restrict_host_addresses
 from registry.server import RegistryServer
 
 LOOPBACK = "127.0.0.1"
-QUESTION = "Suspected subdural haematoma after a fall; on anticoagulants. Surgery needed?"
+QUESTION = (
+    "84F, fall at home, on apixaban, GCS 14, headache. Subdural haematoma? Mass effect? "
+    "Does she need neurosurgery tonight?"
+)
+# The patient as the hospital knows her; the consultant sees only a pseudonym.
+PATIENT = DemoPatient(name="MURPHY^BRIDGET", patient_id="SB4471093", birth_date="19410612", sex="F")
+STUDY = DemoStudy(PATIENT, accession="SB26-118204", description="CT HEAD WITHOUT CONTRAST")
+FINDINGS = (
+    "Crescentic hyperdense (about 68 HU) extra-axial collection over the left cerebral "
+    "convexity, maximal thickness {thickness:.0f} mm at the level of the thalami, with "
+    "effacement of the left cerebral sulci, compression of the left lateral ventricle and "
+    "about 4 mm of midline shift to the right. Basal cisterns patent. No fracture seen."
+)
+IMPRESSION = (
+    "Acute left convexity subdural haematoma, {thickness:.0f} mm, with mass effect and "
+    "about 4 mm midline shift. Discussed with the neurosurgeon on call (live session): "
+    "urgent neurosurgical review; reverse the anticoagulation."
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,8 @@ class DemoNetwork:
     pacs_server: pacs.Orthanc | None = None
     _registry: RegistryServer | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    # The case in a few lines, printed once the scenario is over (run_headless).
+    summary: list[str] = field(default_factory=list)
     _started: float = field(default_factory=time.monotonic)
 
     def say(self, text: str) -> None:
@@ -137,7 +159,6 @@ class DemoNetwork:
                 transport_options=TransportOptions(rtc=RtcOptions(ice_servers=())),
             )
             await runtime.start()
-            workflow.install(runtime)
             runtime.live_hub()
             self.nodes[role.key] = runtime
             self.say(f"{role.name:<18} {identity.node_id}")
@@ -185,6 +206,9 @@ class Staged:
     files: int
     neuroradiologist: LiveConsult
     surgeon: LiveConsult
+    series_uid: str = ""
+    middle_index: int = 0
+    middle_z: float = 0.0
 
 
 async def scenario(net: DemoNetwork, *, slices: int, rows: int) -> None:
@@ -208,14 +232,14 @@ async def stage(net: DemoNetwork, *, slices: int, rows: int) -> Staged:
     neurorad = net.nodes[NEURORAD.key]
     rural = net.nodes[RURAL.key]
     async with net.step("neuroradiologist: accept"):
-        await workflow.respond(neurorad, requested.consult_id, Event.ACCEPT)
+        await neurorad.consulting.respond(requested.consult_id, Event.ACCEPT)
         await wait_until(
             lambda: rural.consults.get(requested.consult_id).state is State.ACCEPTED,
             "acceptance",
         )
 
     async with net.step("neuroradiologist: pull the study over WebRTC (encrypted, verified)"):
-        progress = await workflow.fetch_study(neurorad, requested.consult_id)
+        progress = await neurorad.consulting.studies.fetch(requested.consult_id)
         received = check_received(net, requested)
         net.say(
             f"  {progress.instances_done} instances, {progress.bytes_done / 1e6:.1f} MB, "
@@ -243,7 +267,7 @@ async def open_live(net: DemoNetwork, requested: Requested, received: list[Any])
         # A guest needs both parties' approval: the hospital's, then the consultant's own.
         rural, surgeon_key = net.nodes[RURAL.key], neurosurg.identity.public_key
         surgeon_id = str(neurosurg.identity.node_id)
-        await workflow.approve_live_guest(rural, request_id, surgeon_key)
+        await rural.consulting.approve_live_guest(request_id, surgeon_key)
         await wait_until(
             lambda: (
                 str(rural.identity.node_id)
@@ -251,7 +275,7 @@ async def open_live(net: DemoNetwork, requested: Requested, received: list[Any])
             ),
             "the hospital's approval of the neurosurgeon",
         )
-        await workflow.approve_live_guest(neurorad, request_id, surgeon_key)
+        await neurorad.consulting.approve_live_guest(request_id, surgeon_key)
         hub = neurorad.live_hub()
         live: LiveConsult = hub.open(request_id, "CT head - STAT", requested.shared_study_uid)
         await hub.invite(request_id, surgeon_key)
@@ -259,14 +283,19 @@ async def open_live(net: DemoNetwork, requested: Requested, received: list[Any])
         surgeon_live = neurosurg.live_hub().sessions[request_id]
 
     spacing = received[0].pixel_spacing or (0.5, 0.5)
+    middle = received[len(received) // 2]
+    position = middle.image_position or (0.0, 0.0, 0.0)
     return Staged(
         request_id,
         requested.shared_study_uid,
-        received[len(received) // 2].sop_instance_uid,
+        middle.sop_instance_uid,
         float(spacing[0]),
         requested.files,
         live,
         surgeon_live,
+        series_uid=middle.series_uid,
+        middle_index=len(received) // 2,
+        middle_z=float(position[2]),
     )
 
 
@@ -304,7 +333,9 @@ async def send_request(net: DemoNetwork, *, slices: int, rows: int) -> Requested
     async with net.step(
         f"rural hospital: CT head, {slices} slices of {rows}x{rows}, into its store"
     ):
-        files = await asyncio.to_thread(generate_ct, net.root / "ct", slices=slices, rows=rows)
+        files = await asyncio.to_thread(
+            generate_ct, net.root / "ct", slices=slices, rows=rows, study=STUDY
+        )
         for path in files:
             rural.store.add_file(path, source="modality")
         study = rural.store.studies()[0]
@@ -324,11 +355,12 @@ async def send_request(net: DemoNetwork, *, slices: int, rows: int) -> Requested
         net.say(f"  found: {', '.join(p.record.display_name for p in found)}")
 
     async with net.step("rural hospital: STAT consult request, study de-identified"):
-        request, share, how = await workflow.request_consult(
-            rural,
+        net.summary.append(f"Question ({Priority.STAT.value.upper()}): {QUESTION}")
+        net.say(f"  {net.summary[-1]}")
+        request, share, how = await rural.consulting.request_consult(
             neurorad.identity.public_key,
             study.study_uid,
-            workflow.Terms(
+            consults.Terms(
                 question=QUESTION, priority=Priority.STAT, subspecialty="neuro", jurisdiction="IE"
             ),
         )
@@ -343,25 +375,49 @@ async def finish(net: DemoNetwork, staged: Staged, *, rows: int) -> None:
     neurorad = net.nodes[NEURORAD.key]
     live, surgeon_live, middle = staged.neuroradiologist, staged.surgeon, staged.middle_slice
     request_id = staged.consult_id
+    async with net.step("live session: the neuroradiologist presents, the surgeon follows"):
+        view = Viewport(staged.series_uid, staged.middle_index, window=80.0, level=40.0)
+        live.set_viewport(view)
+        live.present(True)
+        surgeon_live.follow()
+        await wait_until(
+            lambda: surgeon_live.presence.me.viewport == view, "the surgeon's view following"
+        )
+        net.say(
+            f"  the neurosurgeon's view follows: slice {view.slice_index + 1} of "
+            f"{staged.files}, brain window W{view.window:.0f}/L{view.level:.0f}"
+        )
+
     async with net.step("live session: both annotate, measure and chat"):
-        length_mm = 18.0 * staged.spacing
+        span = collection_span(rows, staged.middle_z)
+        if span is None:  # a tiny test study that misses the collection: any segment
+            span = ((rows * 0.75, rows * 0.5), (rows * 0.75 - 18, rows * 0.5))
+        (c0, r0), (c1, r1) = span
+        length_mm = math.hypot(c1 - c0, r1 - r0) * staged.spacing
         live.add_annotation(
             AnnotationKind.LENGTH,
             middle,
             0,
-            ((rows * 0.25, rows * 0.4), (rows * 0.25, rows * 0.4 + 18)),
-            text="thickness",
+            span,
+            text="SDH thickness",
             values={"length_mm": length_mm},
         )
-        live.say("Left convexity collection, about 9 mm, mild mass effect.")
+        live.say(
+            f"Acute left convexity subdural, {length_mm:.0f} mm at the thalami, left "
+            "ventricle squeezed, about 4 mm shift to the right."
+        )
+        head = ((c0 + c1) / 2, (r0 + r1) / 2)
         surgeon_live.add_annotation(
             AnnotationKind.ARROW,
             middle,
             0,
-            ((rows * 0.6, rows * 0.3), (rows * 0.3, rows * 0.4)),
-            text="midline shift?",
+            ((head[0] - rows * 0.16, head[1] - rows * 0.1), head),
+            text="acute SDH",
         )
-        surgeon_live.say("Agree. We can take her tonight if it is acute.")
+        surgeon_live.say(
+            "Agree. With that shift on apixaban we take her tonight: reverse the apixaban "
+            "and send her over."
+        )
         await wait_until(
             lambda: len(live.annotations()) == 2 and len(surgeon_live.annotations()) == 2,
             "both annotations on both sides",
@@ -374,16 +430,27 @@ async def finish(net: DemoNetwork, staged: Staged, *, rows: int) -> None:
             f"  participants seen by the neuroradiologist: "
             f"{', '.join(p.name for p in live.participants())}"
         )
+        names = {p.node: p.name for p in live.participants()}
+        for message in sorted(live.chat(), key=lambda m: m.at):
+            net.say(f"  chat, {names.get(message.author, 'someone')}: {message.text}")
 
     async with net.step("neuroradiologist: sign the report, send it back"):
-        measurements, marks = workflow.report_items_of(neurorad, request_id, live.annotations())
+        measurements, marks = neurorad.consulting.reports.report_items_of(
+            request_id, live.annotations()
+        )
         net.say(f"  {len(measurements)} measurement(s) and {len(marks)} mark(s), on their slice")
-        await workflow.send_report(
-            neurorad,
+        for m in measurements:
+            net.summary.append(f"Measurement: {m.label or m.quantity} {m.value:.1f} {m.unit.value}")
+            net.say(f"  {net.summary[-1]}")
+        thickness = measurements[0].value if measurements else 9.0
+        findings, impression = (
+            FINDINGS.format(thickness=thickness),
+            IMPRESSION.format(thickness=thickness),
+        )
+        await neurorad.consulting.reports.send_report(
             request_id,
-            text="Crescentic hyperdense extra-axial collection over the left convexity.",
-            impression="Acute left subdural haematoma, maximal thickness 9 mm. Neurosurgical "
-            "review recommended.",
+            text=findings,
+            impression=impression,
             # Both annotations, on the slice they were drawn on; that slice is the key image.
             measurements=measurements,
             marks=marks,
@@ -392,6 +459,7 @@ async def finish(net: DemoNetwork, staged: Staged, *, rows: int) -> None:
         await wait_until(lambda: request_id in rural.reports, "the report at the hospital")
         sr_uid = rural.reports[request_id]
         net.say(f"  DICOM SR {sr_uid[:24]}... filed under the real patient in the hospital store")
+    await asyncio.to_thread(_print_filed_report, net, sr_uid, staged)
 
     if net.pacs_server is not None:
         async with net.step("hospital PACS: the report arrived"):
@@ -408,6 +476,37 @@ async def finish(net: DemoNetwork, staged: Staged, *, rows: int) -> None:
     net.say(
         f"hospital audit trail: {len(rural.audit.records())} records ({digest.hexdigest()[:8]})"
     )
+
+
+def _print_filed_report(net: DemoNetwork, sr_uid: str, staged: Staged) -> None:
+    """The report as the hospital holds it: re-identified, with its text."""
+    import pydicom
+
+    rural, neurorad = net.nodes[RURAL.key], net.nodes[NEURORAD.key]
+    with rural.store.open_instance(sr_uid) as stream:
+        sr = pydicom.dcmread(stream)
+    seen_as = neurorad.store.study(staged.shared_study_uid).patient_name
+    net.summary += [
+        *_sr_text(sr),
+        f"filed at the hospital under {sr.PatientName} (ID {sr.PatientID}, sex "
+        f"{sr.get('PatientSex', '?')}); the consultant saw only {seen_as}",
+    ]
+
+
+def _sr_text(sr: Any) -> list[str]:
+    """The report's text items (findings, impression, ...), in document order."""
+    lines: list[str] = []
+
+    def walk(items: Any) -> None:
+        for item in items:
+            if getattr(item, "ValueType", "") == "TEXT" and "ConceptNameCodeSequence" in item:
+                meaning = item.ConceptNameCodeSequence[0].CodeMeaning
+                if meaning in ("Finding", "Impression"):
+                    lines.append(f"{meaning}: {item.TextValue}")
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.get("ContentSequence", []))
+    return lines
 
 
 async def run_headless(
@@ -430,6 +529,9 @@ async def run_headless(
     finally:
         await net.stop()
     net.say("demo complete: request, accept, transfer, live session, signed report, PACS")
+    print("\nThe case:", file=out)
+    for line in net.summary:
+        print(f"  {line}", file=out)
     return 0
 
 
@@ -454,14 +556,20 @@ async def scripted_surgeon(
             )
         )
         if move == 25:
+            span = collection_span(rows, staged.middle_z)
+            (c0, r0), (c1, r1) = span or ((rows * 0.75, rows * 0.5), (rows * 0.72, rows * 0.5))
             live.add_annotation(
                 AnnotationKind.POINT,
                 staged.middle_slice,
                 0,
-                ((rows * 0.42, rows * 0.35),),
+                (((c0 + c1) / 2, (r0 + r1) / 2),),
                 text="thickest point?",
             )
-            live.say("Is it acute? The density looks mixed at the thickest point.")
+            live.say("Hyperdense, so acute. Is this the thickest point? Can you measure it?")
+        if move == 50:
+            live.set_viewport(Viewport(staged.series_uid, staged.middle_index, 80.0, 40.0))
+            live.present(True)
+            live.say("I am presenting: press f in the viewer to follow my view.")
         if move == 80:
             live.say("If it is 9 mm with shift we take her tonight. Can you finish the report?")
         await asyncio.sleep(period)

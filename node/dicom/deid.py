@@ -60,7 +60,6 @@ import io
 import os
 import re
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -293,13 +292,6 @@ class PseudonymMap:
             if pseudo == pseudo_uid:
                 return original
         raise PseudonymMapError(f"UID {pseudo_uid} was not issued in this share")
-
-    def relink_patient(self, pseudo_id: str) -> tuple[str, str]:
-        """(original patient ID, original patient name) for a pseudonymous patient ID."""
-        for original, (pid, _name) in self.patients.items():
-            if pid == pseudo_id:
-                return original, self.original_names[original]
-        raise PseudonymMapError(f"patient {pseudo_id} was not pseudonymised in this share")
 
     def to_bytes(self, key: bytes) -> bytes:
         plain = msgpack.packb(
@@ -659,7 +651,3 @@ def _mark(ds: Dataset, options: frozenset[Option]) -> None:
     ds.LongitudinalTemporalInformationModified = (
         "MODIFIED" if Option.RETAIN_LONGITUDINAL_MODIFIED_DATES in options else "REMOVED"
     )
-
-
-def deidentify_all(instances: Iterable[bytes], share: ShareContext) -> list[bytes]:
-    return [deidentify(data, share) for data in instances]

@@ -1,9 +1,8 @@
-"""Reading DICOM files for the store: what an instance is, and where its frames are.
+"""Reading DICOM files for the store: what an instance is.
 
 :func:`parse_instance` reads the header of one DICOM Part 10 file (pixel data is
-deferred, never loaded) and returns the attributes the index keeps plus the byte
-ranges of each frame inside the original file, so the store can serve one frame
-of a large multi-frame instance by decrypting only the chunks that cover it.
+deferred, never loaded), checks that its pixel data is whole (a cut file fails
+here, not in a viewer) and returns the attributes the index keeps.
 Importing whole folders is :mod:`node.dicom.importer`.
 """
 
@@ -24,16 +23,13 @@ PIXEL_DATA = 0x7FE00010
 ITEM_TAG = 0xFFFEE000
 SEQ_DELIM_TAG = 0xFFFEE0DD
 UNDEFINED_LENGTH = 0xFFFFFFFF
-# Fragment tables longer than this are not indexed (the frame is then decoded whole).
+# More fragments than this is a malformed (or hostile) file, not an image.
 MAX_FRAGMENTS = 100_000
 DEFER_SIZE = 1024
 
 
 class InvalidDicom(NodeError):
     """A file or byte string is not a DICOM instance the store can keep."""
-
-
-FrameRanges = tuple[tuple[tuple[int, int], ...], ...]
 
 
 @dataclass(frozen=True)
@@ -65,14 +61,11 @@ class InstanceInfo:
     rows: int | None = None
     columns: int | None = None
     frames: int = 1
-    # Per frame, the (offset, length) pieces of the original file that make it up:
-    # one piece for native pixel data, one per fragment for encapsulated data.
-    # None when frames cannot be located without decoding (deflate, bit-packed).
-    frame_ranges: FrameRanges | None = None
     encapsulated: bool = False
 
 
-def _text(ds: pydicom.Dataset, keyword: str) -> str:
+def text_of(ds: pydicom.Dataset, keyword: str) -> str:
+    """The element as one line of text ("" if absent); multiple values joined by ``\\``."""
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -81,7 +74,8 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+def int_of(ds: pydicom.Dataset, keyword: str) -> int | None:
+    """The element as an integer; None if absent, empty or not a number."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -91,7 +85,8 @@ def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
         return None
 
 
-def _floats(ds: pydicom.Dataset, keyword: str) -> tuple[float, ...] | None:
+def floats_of(ds: pydicom.Dataset, keyword: str) -> tuple[float, ...] | None:
+    """Every value of the element as floats; None if absent, empty or not numbers."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
@@ -102,16 +97,10 @@ def _floats(ds: pydicom.Dataset, keyword: str) -> tuple[float, ...] | None:
         return None
 
 
-def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
-    values = _floats(ds, keyword)
+def float_of(ds: pydicom.Dataset, keyword: str) -> float | None:
+    """The element's first value as a float; None if absent, empty or not a number."""
+    values = floats_of(ds, keyword)
     return values[0] if values else None
-
-
-def _read_exact(fp: IO[bytes], size: int) -> bytes:
-    data = fp.read(size)
-    if len(data) != size:
-        raise InvalidDicom("truncated: pixel data ends before its declared length")
-    return data
 
 
 def _fragments(fp: IO[bytes], start: int, limit: int) -> list[tuple[int, int]]:
@@ -139,65 +128,39 @@ def _fragments(fp: IO[bytes], start: int, limit: int) -> list[tuple[int, int]]:
         fp.seek(position)
 
 
-def _encapsulated_frames(fp: IO[bytes], start: int, limit: int, frames: int) -> FrameRanges | None:
-    items = _fragments(fp, start, limit)
-    if not items:
-        raise InvalidDicom("unreadable element: encapsulated pixel data without offset table")
-    (bot_offset, bot_length), fragments = items[0], items[1:]
-    if not fragments:
-        return None
-    if frames == 1:
-        return (tuple(fragments),)
-    if len(fragments) == frames:
-        return tuple((piece,) for piece in fragments)
-    if bot_length and bot_length == 4 * frames:
-        fp.seek(bot_offset)
-        offsets = struct.unpack(f"<{frames}I", _read_exact(fp, bot_length))
-        # Offsets count bytes from the first fragment's item tag.
-        base = fragments[0][0] - 8
-        starts = [base + off for off in offsets]
-        grouped: list[list[tuple[int, int]]] = [[] for _ in range(frames)]
-        for offset, length in fragments:
-            index = sum(1 for s in starts if s <= offset - 8) - 1
-            if index < 0:
-                return None
-            grouped[index].append((offset, length))
-        if all(grouped):
-            return tuple(tuple(g) for g in grouped)
-    return None
-
-
-def _native_frames(ds: pydicom.Dataset, start: int, length: int, frames: int) -> FrameRanges | None:
-    rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
-    bits = _int(ds, "BitsAllocated")
-    samples = _int(ds, "SamplesPerPixel") or 1
+def _check_native_length(ds: pydicom.Dataset, length: int, frames: int) -> None:
+    rows, columns = int_of(ds, "Rows"), int_of(ds, "Columns")
+    bits = int_of(ds, "BitsAllocated")
+    samples = int_of(ds, "SamplesPerPixel") or 1
     if not rows or not columns or not bits or bits % 8:
-        return None
+        return  # bit-packed or without geometry: nothing to compare the length with
     frame_size = rows * columns * samples * bits // 8
-    if samples == 3 and _text(ds, "PhotometricInterpretation") == "YBR_FULL_422":
+    if samples == 3 and text_of(ds, "PhotometricInterpretation") == "YBR_FULL_422":
         frame_size = frame_size * 2 // 3  # two chroma samples shared by each pixel pair
     if frame_size * frames > length:
         raise InvalidDicom("truncated: pixel data is shorter than rows x columns x frames")
-    return tuple(((start + i * frame_size, frame_size),) for i in range(frames))
 
 
-def _frame_ranges(
-    ds: pydicom.Dataset, fp: IO[bytes], file_size: int, frames: int
-) -> tuple[FrameRanges | None, bool]:
+def _check_pixel_data(ds: pydicom.Dataset, fp: IO[bytes], file_size: int, frames: int) -> bool:
+    """Refuse pixel data that a cut or malformed file leaves incomplete, so it fails at
+    import and not in a viewer; returns whether the pixel data is encapsulated."""
     raw = ds._dict.get(BaseTag(PIXEL_DATA))  # the raw element keeps the file offset of the value
     if raw is None:
-        return None, False
+        return False
     start = getattr(raw, "value_tell", None)
     length = getattr(raw, "length", None)
     if start is None or length is None:
-        return None, False
+        return False
     if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        return None, False  # offsets point into the inflated stream, not the file
+        return False  # offsets point into the inflated stream, not the file
     if length == UNDEFINED_LENGTH:
-        return _encapsulated_frames(fp, start, file_size, frames), True
+        if not _fragments(fp, start, file_size):
+            raise InvalidDicom("unreadable element: encapsulated pixel data without offset table")
+        return True
     if start + length > file_size:
         raise InvalidDicom("truncated: pixel data runs past the end of the file")
-    return _native_frames(ds, start, length, frames), False
+    _check_native_length(ds, length, frames)
+    return False
 
 
 def _check_complete(ds: pydicom.Dataset) -> None:
@@ -242,9 +205,9 @@ def parse_instance(fp: IO[bytes], file_size: int) -> InstanceInfo:
     if meta is None or "TransferSyntaxUID" not in meta:
         raise InvalidDicom("missing meta: no file meta information with a transfer syntax")
     _check_complete(ds)
-    sop_uid = _text(ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID")
-    sop_class = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
-    study_uid, series_uid = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
+    sop_uid = text_of(ds, "SOPInstanceUID") or text_of(meta, "MediaStorageSOPInstanceUID")
+    sop_class = text_of(ds, "SOPClassUID") or text_of(meta, "MediaStorageSOPClassUID")
+    study_uid, series_uid = text_of(ds, "StudyInstanceUID"), text_of(ds, "SeriesInstanceUID")
     if sop_class == "1.2.840.10008.1.3.10":
         raise InvalidDicom("not an instance: this is a DICOMDIR (import its folder instead)")
     missing = [
@@ -259,34 +222,33 @@ def parse_instance(fp: IO[bytes], file_size: int) -> InstanceInfo:
     ]
     if missing:
         raise InvalidDicom(f"missing attribute(s): {', '.join(missing)}")
-    frames = max(1, _int(ds, "NumberOfFrames") or 1)
-    ranges, encapsulated = _frame_ranges(ds, fp, file_size, frames)
+    frames = max(1, int_of(ds, "NumberOfFrames") or 1)
+    encapsulated = _check_pixel_data(ds, fp, file_size, frames)
     return InstanceInfo(
         sop_instance_uid=sop_uid,
         sop_class_uid=sop_class,
         study_uid=study_uid,
         series_uid=series_uid,
         transfer_syntax=str(meta.TransferSyntaxUID),
-        patient_id=_text(ds, "PatientID"),
-        patient_name=_text(ds, "PatientName"),
-        patient_birth_date=_text(ds, "PatientBirthDate"),
-        patient_sex=_text(ds, "PatientSex"),
-        accession_number=_text(ds, "AccessionNumber"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        study_description=_text(ds, "StudyDescription"),
-        modality=_text(ds, "Modality"),
-        series_description=_text(ds, "SeriesDescription"),
-        series_number=_int(ds, "SeriesNumber"),
-        body_part=_text(ds, "BodyPartExamined"),
-        instance_number=_int(ds, "InstanceNumber"),
-        image_position=_floats(ds, "ImagePositionPatient"),
-        image_orientation=_floats(ds, "ImageOrientationPatient"),
-        pixel_spacing=_floats(ds, "PixelSpacing"),
-        slice_thickness=_float(ds, "SliceThickness"),
-        rows=_int(ds, "Rows"),
-        columns=_int(ds, "Columns"),
+        patient_id=text_of(ds, "PatientID"),
+        patient_name=text_of(ds, "PatientName"),
+        patient_birth_date=text_of(ds, "PatientBirthDate"),
+        patient_sex=text_of(ds, "PatientSex"),
+        accession_number=text_of(ds, "AccessionNumber"),
+        study_date=text_of(ds, "StudyDate"),
+        study_time=text_of(ds, "StudyTime"),
+        study_description=text_of(ds, "StudyDescription"),
+        modality=text_of(ds, "Modality"),
+        series_description=text_of(ds, "SeriesDescription"),
+        series_number=int_of(ds, "SeriesNumber"),
+        body_part=text_of(ds, "BodyPartExamined"),
+        instance_number=int_of(ds, "InstanceNumber"),
+        image_position=floats_of(ds, "ImagePositionPatient"),
+        image_orientation=floats_of(ds, "ImageOrientationPatient"),
+        pixel_spacing=floats_of(ds, "PixelSpacing"),
+        slice_thickness=float_of(ds, "SliceThickness"),
+        rows=int_of(ds, "Rows"),
+        columns=int_of(ds, "Columns"),
         frames=frames,
-        frame_ranges=ranges,
         encapsulated=encapsulated,
     )

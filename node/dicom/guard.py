@@ -139,7 +139,7 @@ class MeteredSocket(AssociationSocket):
     no bytes, which pynetdicom takes as the connection closing."""
 
     meter: PduMeter
-    spool_directory: Path
+    spool_directory: Path | None  # None: an association this node opened (no spool)
     spool_prefix: str
     spool_key: bytes
     on_over_cap: OnOverCap
@@ -180,28 +180,44 @@ def metered_handler(
     limits: tuple[int, int], spool: Path, spool_key: bytes, on_over_cap: OnOverCap
 ) -> type[RequestHandler]:
     """A pynetdicom request handler whose associations read through a MeteredSocket."""
-    max_pdu, max_instance = limits
     counter = iter(range(1 << 62))
     count_lock = threading.Lock()
 
     class Handler(RequestHandler):
         def _create_association(self) -> Any:
             assoc = super()._create_association()
-            sock = assoc.dul.socket
-            assert isinstance(sock, AssociationSocket)  # noqa: S101 - set just above
-            sock.__class__ = MeteredSocket  # same object and state, metered recv
-            assert isinstance(sock, MeteredSocket)  # noqa: S101 - for mypy
             with count_lock:
                 number = next(counter)
-            sock.meter = PduMeter(max_pdu, max_instance)
+            sock = _metered(assoc.dul.socket, limits, on_over_cap)
             sock.spool_directory, sock.spool_key = spool, spool_key
             sock.spool_prefix = f"{SPOOL_PREFIX}{os.getpid()}-{number}-"
-            sock.on_over_cap = on_over_cap
-            sock._expect_body = False
-            sock._refused = False
             return assoc
 
     return Handler
+
+
+def _metered(sock: Any, limits: tuple[int, int], on_over_cap: OnOverCap) -> MeteredSocket:
+    assert isinstance(sock, AssociationSocket)  # noqa: S101 - pynetdicom made it
+    sock.__class__ = MeteredSocket  # same object and state, metered recv
+    assert isinstance(sock, MeteredSocket)  # noqa: S101 - for mypy
+    sock.meter = PduMeter(*limits)
+    sock.spool_directory, sock.spool_key, sock.spool_prefix = None, b"", ""
+    sock.on_over_cap = on_over_cap
+    sock._expect_body = False
+    sock._refused = False
+    return sock
+
+
+def meter_client(ae: Any, limits: tuple[int, int], on_over_cap: OnOverCap) -> None:
+    """Meter the associations ``ae`` opens (C-FIND, C-MOVE, C-GET as SCU) from their first
+    PDU, as the listener's are: a PACS answering with a PDU or a data set over the caps
+    gets an A-ABORT, and nothing of it is allocated."""
+    create = ae._create_socket
+
+    def metered_socket(*args: Any) -> MeteredSocket:
+        return _metered(create(*args), limits, on_over_cap)
+
+    ae._create_socket = metered_socket
 
 
 def spool_prefix_of(assoc: Any) -> str | None:

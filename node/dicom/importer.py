@@ -74,11 +74,6 @@ class ImportSummary:
     # DICOMDIR files (their references are imported) and hidden files.
     skipped: list[Path] = field(default_factory=list)
 
-    @property
-    def exit_code(self) -> int:
-        """0 if nothing was rejected; 1 if something was rejected (listed in the summary)."""
-        return 1 if self.rejected else 0
-
 
 def import_paths(
     store: Store,

@@ -62,11 +62,17 @@ from node.dicom.guard import (
     metered_handler,
     spool_prefix_of,
 )
+from node.dicom.qrscp import Archive, QueryRetrieveSCP, parse_destinations
 from node.dicom.sealed_spool import SpoolCorrupted, new_key, open_spooled
 
 log = logging.getLogger(__name__)
 
 VERIFICATION = UID("1.2.840.10008.1.1")
+QR_SOP_CLASSES = (
+    UID("1.2.840.10008.5.1.4.1.2.2.1"),  # Study Root Query/Retrieve - FIND
+    UID("1.2.840.10008.5.1.4.1.2.2.2"),  # Study Root Query/Retrieve - MOVE
+    UID("1.2.840.10008.5.1.4.1.2.2.3"),  # Study Root Query/Retrieve - GET
+)
 
 # Transfer syntaxes the listener accepts for every storage SOP class.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
@@ -140,9 +146,12 @@ class DicomListener:
         bad_data_errors: tuple[type[Exception], ...] = (),
         max_instance_bytes: int = MAX_INSTANCE_BYTES,
         max_pdu_bytes: int = MAX_PDU_BYTES,
+        archive: Archive | None = None,
     ) -> None:
         """``spool_dir``: where received data sets are written (a 0700 directory in the
-        node's home); by default a private temporary directory."""
+        node's home); by default a private temporary directory. With ``archive`` (the
+        node's store) the listener also answers C-FIND, C-GET and C-MOVE from it
+        (:mod:`node.dicom.qrscp`), to the same allowed callers."""
         if (on_instance is None) == (on_stream is None):
             raise ValueError("give exactly one of on_instance and on_stream")
         self._config = config
@@ -162,6 +171,11 @@ class DicomListener:
         self._lock = threading.Lock()
         self.received = 0
         self.over_cap = 0  # associations aborted for sending too much
+        self._qr = (
+            None
+            if archive is None
+            else QueryRetrieveSCP(archive, parse_destinations(config.move_destinations), self._emit)
+        )
 
     @property
     def port(self) -> int:
@@ -192,7 +206,14 @@ class DicomListener:
         ae.network_timeout = 60
         ae.add_supported_context(VERIFICATION)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(str(context.abstract_syntax), list(ACCEPTED_TRANSFER_SYNTAXES))
+            # Both roles: a C-STORE from the PACS, and the node's C-STORE back inside a
+            # C-GET that a workstation asked for (it proposes the SCP role).
+            ae.add_supported_context(
+                str(context.abstract_syntax),
+                list(ACCEPTED_TRANSFER_SYNTAXES),
+                scu_role=self._qr is not None,
+                scp_role=self._qr is not None,
+            )
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
@@ -200,6 +221,14 @@ class DicomListener:
             (evt.EVT_REJECTED, self._handle_rejected),
             (evt.EVT_CONN_CLOSE, self._handle_closed),
         ]
+        if self._qr is not None:
+            for sop_class in QR_SOP_CLASSES:
+                ae.add_supported_context(sop_class)
+            handlers += [
+                (evt.EVT_C_FIND, self._qr.handle_find),
+                (evt.EVT_C_GET, self._qr.handle_get),
+                (evt.EVT_C_MOVE, self._qr.handle_move),
+            ]
         spool = self._open_spool()
         install_spool()
         try:

@@ -39,8 +39,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from node.dicom.guard import meter_client
 from node.dicom.net import (
     ACCEPTED_TRANSFER_SYNTAXES,
+    MAX_INSTANCE_BYTES,
+    MAX_PDU_BYTES,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
@@ -182,7 +185,12 @@ def check_uid(uid: str) -> str:
     return uid
 
 
+def _over_cap(address: str, what: str) -> None:
+    log.warning("aborted the association with the PACS at %s: it sent %s", address, what)
+
+
 def _associate(pacs: PacsAddress, ae: AE, timeout: float, **kwargs: Any) -> Any:
+    meter_client(ae, (MAX_PDU_BYTES, MAX_INSTANCE_BYTES), _over_cap)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout

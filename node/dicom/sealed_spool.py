@@ -32,6 +32,7 @@ import nacl.bindings as sodium
 import nacl.exceptions
 
 from node.core.errors import NodeError
+from node.dicom.sealed_io import SealedPieces
 
 MAGIC = b"RMS1"
 KEY_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_KEYBYTES
@@ -82,12 +83,11 @@ class SpoolWriter:
         self.file.close()
 
 
-class SpoolReader(io.RawIOBase):
+class SpoolReader(SealedPieces):
     """The plain bytes of a spool file, seekable; each record is authenticated as read."""
 
     def __init__(self, path: Path, key: bytes) -> None:
-        super().__init__()
-        self._file = Path(path).open("rb")  # noqa: SIM115 - closed by close()
+        super().__init__(Path(path).open("rb"))  # noqa: SIM115 - closed by close()
         self._key = key
         self._id = self._file.read(FILE_ID_BYTES)
         if len(self._id) != FILE_ID_BYTES:
@@ -109,29 +109,13 @@ class SpoolReader(io.RawIOBase):
             offset += LENGTH.size + length
             self._file.seek(offset)
         self.size = size
-        self._pos = 0
-        self._cached: tuple[int, bytes] | None = None
         self.name = "<received instance>"
 
-    def readable(self) -> bool:
-        return True
+    def _piece_at(self, position: int) -> tuple[int, int]:
+        index = bisect.bisect_right(self._starts, position) - 1
+        return index, position - self._starts[index]
 
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def _record(self, index: int) -> bytes:
-        if self._cached is not None and self._cached[0] == index:
-            return self._cached[1]
+    def _decrypt(self, index: int) -> bytes:
         offset, length = self._where[index]
         self._file.seek(offset)
         sealed = self._file.read(length)
@@ -142,25 +126,7 @@ class SpoolReader(io.RawIOBase):
             )
         except nacl.exceptions.CryptoError as exc:
             raise SpoolCorrupted("a spooled instance fails authentication") from exc
-        self._cached = (index, plain)
         return plain
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        if self._pos >= self.size or not len(view):
-            return 0
-        index = bisect.bisect_right(self._starts, self._pos) - 1
-        record = self._record(index)
-        start = self._pos - self._starts[index]
-        piece = record[start : start + len(view)]
-        view[: len(piece)] = piece
-        self._pos += len(piece)
-        return len(piece)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._file.close()
-        super().close()
 
 
 def open_spooled(path: Path, key: bytes) -> tuple[IO[bytes], int]:

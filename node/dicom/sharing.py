@@ -35,7 +35,7 @@ from node.dicom.deid import (
 )
 from node.dicom.store import Store
 
-PSEUDONYM_KEY_PURPOSE = "radmesh-pseudonyms-v1"  # the same key node.app.workflow uses
+PSEUDONYM_KEY_PURPOSE = "radmesh-pseudonyms-v1"  # the same key node.app.cases uses
 NAMED_AT_MOST = 10  # instances listed in a refusal; the rest are counted
 _HEADER_TAGS = ["Modality", "SOPClassUID", "SOPInstanceUID", "BurnedInAnnotation", "ConversionType"]
 
@@ -194,7 +194,7 @@ def deidentifier(
     key: bytes,
     options: frozenset[Option] = DEFAULT_OPTIONS,
 ) -> Callable[[Iterable[bytes]], Iterator[bytes]]:
-    """A ``prepare`` for :func:`peer_transport.transfer_runner.send_study`: de-identifies
+    """A ``prepare`` for :func:`peer_transport.transfer.runner.send_study`: de-identifies
     one file at a time with one context, then saves the map with every UID in it."""
 
     def prepare(files: Iterable[bytes]) -> Iterator[bytes]:

@@ -16,8 +16,8 @@ id) and then one sealed chunk per ``CHUNK_SIZE`` bytes of plaintext. Each chunk
 is an independent libsodium secretstream (its own 24-byte stream header, one
 message, TAG_FINAL) whose associated data is the blob header plus the chunk
 index, so chunks cannot be reordered, swapped between blobs or truncated
-unnoticed, and any chunk can be decrypted alone: reading one frame of a large
-multi-frame instance decrypts only the chunks that cover it.
+unnoticed, and any chunk can be decrypted alone (a reader that seeks decrypts
+only the chunks it reads).
 
 Writers are serialised across processes by an flock on ``write.lock`` (two
 imports, or an import beside the running node). Writes are atomic: the blob
@@ -51,17 +51,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 import msgpack
 import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.secret
-import pydicom
-import pydicom.encaps
 
+from node.core.db import connect, transaction
 from node.core.errors import NodeError
-from node.dicom.files import FrameRanges, InstanceInfo, InvalidDicom, parse_instance
+from node.dicom.files import InstanceInfo, InvalidDicom, parse_instance
+from node.dicom.sealed_io import SealedPieces
 from node.dicom.wirecache import CacheWarmer, remove_stale_temps
 from node.dicom.wirecodec import PixelCache
 
@@ -93,7 +93,6 @@ TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 KEY_BYTES = 32
 STORE_KEY_PURPOSE = "radmesh-store-v1"
 PEER_SOURCE = "peer:"  # the source of instances received from another node
-BUSY_TIMEOUT_MS = 10_000
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -132,7 +131,7 @@ CREATE TABLE IF NOT EXISTS instances (
     image_orientation TEXT,
     pixel_spacing TEXT,
     slice_thickness REAL,
-    frame_ranges BLOB,
+    frame_ranges BLOB,  -- unused, always NULL: kept so that older stores open unchanged
     encapsulated INTEGER NOT NULL,
     source TEXT NOT NULL,
     received_at REAL NOT NULL
@@ -268,18 +267,18 @@ def _chunk_count(size: int, chunk_size: int) -> int:
     return max(1, -(-size // chunk_size))
 
 
-class BlobReader(io.RawIOBase):
+class BlobReader(SealedPieces):
     """A seekable, decrypting view of one blob; decrypts one chunk at a time."""
 
     def __init__(self, path: Path, key: bytes, blob_id: bytes | None = None) -> None:
-        super().__init__()
         try:
-            self._file: IO[bytes] = path.open("rb")
+            file: IO[bytes] = path.open("rb")
         except FileNotFoundError as exc:
             raise StoreCorrupted(
                 "an indexed blob is missing from disk; the store was damaged "
                 "(restore it from backup or import the study again)"
             ) from exc
+        super().__init__(file)
         header = self._file.read(BLOB_HEADER.size)
         try:
             magic, chunk_size, size, found_id = BLOB_HEADER.unpack(header)
@@ -292,37 +291,15 @@ class BlobReader(io.RawIOBase):
         self._key = key
         self._header = header
         self._chunk_size = chunk_size
-        self._size = size
-        self._chunks = _chunk_count(size, chunk_size)
-        self._pos = 0
-        self._cached: tuple[int, bytes] | None = None
+        self.size = size
         self.name = "<radmesh store instance>"  # pydicom records a stream's name
 
-    @property
-    def size(self) -> int:
-        size: int = self._size
-        return size
+    def _piece_at(self, position: int) -> tuple[int, int]:
+        index, offset = divmod(position, self._chunk_size)
+        return int(index), int(offset)
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def _chunk(self, index: int) -> bytes:
-        if self._cached is not None and self._cached[0] == index:
-            return self._cached[1]
-        plain_len = min(self._chunk_size, self._size - index * self._chunk_size)
+    def _decrypt(self, index: int) -> bytes:
+        plain_len = min(self._chunk_size, self.size - index * self._chunk_size)
         self._file.seek(BLOB_HEADER.size + index * (self._chunk_size + SS_HEADER + SS_ABYTES))
         sealed = self._file.read(SS_HEADER + plain_len + SS_ABYTES)
         if len(sealed) != SS_HEADER + plain_len + SS_ABYTES:
@@ -341,35 +318,7 @@ class BlobReader(io.RawIOBase):
             ) from exc
         if tag != TAG_FINAL:
             raise StoreCorrupted("a blob chunk has the wrong tag")
-        self._cached = (index, plain)
-        return plain
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        if self._pos >= self._size or not len(view):
-            return 0
-        index, start = divmod(self._pos, self._chunk_size)
-        piece = self._chunk(index)[start : start + len(view)]
-        view[: len(piece)] = piece
-        self._pos += len(piece)
-        return len(piece)
-
-    def read_range(self, offset: int, length: int) -> bytes:
-        if offset < 0 or offset + length > self._size:
-            raise StoreCorrupted("a frame range lies outside its instance")
-        self.seek(offset)
-        out = bytearray()
-        while len(out) < length:
-            piece = self.read(length - len(out))
-            if not piece:
-                raise StoreCorrupted("a blob ended early")
-            out += piece
-        return bytes(out)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._file.close()
-        super().close()
+        return bytes(plain)
 
 
 # --- the store -----------------------------------------------------------------------------
@@ -418,19 +367,16 @@ class Store:
         blob_dir = root / "blobs"
         blob_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
-        db = sqlite3.connect(root / "index.sqlite", check_same_thread=False, isolation_level=None)
-        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA foreign_keys=ON")
+        db = connect(root / "index.sqlite", check_same_thread=False)
         db.executescript(SCHEMA)
         store = cls(root, key, db)
         remove_stale_temps(store.blob_dir)  # writers that died mid-write
         return store
 
     def use_wire_cache(self, cache: PixelCache, *, warm: bool = True) -> None:
-        """Send with ``cache``; with ``warm``, code each imported instance into it
-        in the background (not what arrives from peers: its receiver is busy)."""
+        """Send with ``cache``; with ``warm``, code each instance added with ``warm=True``
+        (the default: imports) into it in the background. A study transfer's receiver
+        adds with ``warm=False``: it is busy, and a peer's study is rarely sent on."""
         self.wire_cache = cache
         if warm and self._warmer is None:
             self._warmer = CacheWarmer(cache, self.read_instance)
@@ -498,25 +444,29 @@ class Store:
 
     # -- adding
 
-    def add_bytes(self, data: bytes, *, source: str) -> AddResult:
-        """Store one DICOM instance given as bytes. Raises :class:`InvalidDicom`."""
-        info = parse_instance(io.BytesIO(data), len(data))
-        return self._add(io.BytesIO(data), len(data), info, source)
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> AddResult:
+        """Store one DICOM instance given as bytes. Raises :class:`InvalidDicom`.
 
-    def add_file(self, path: Path, *, source: str) -> AddResult:
+        ``source`` is recorded with the instance (where it came from, for audit and
+        retention); ``warm`` asks for it to be coded into the wire cache in the
+        background (:meth:`use_wire_cache`)."""
+        info = parse_instance(io.BytesIO(data), len(data))
+        return self._add(io.BytesIO(data), len(data), info, source, warm)
+
+    def add_file(self, path: Path, *, source: str, warm: bool = True) -> AddResult:
         """Store one DICOM file, streaming it through hashing and encryption."""
         with Path(path).open("rb") as fp:
             size = os.fstat(fp.fileno()).st_size
             info = parse_instance(fp, size)
             fp.seek(0)
-            return self._add(fp, size, info, source)
+            return self._add(fp, size, info, source, warm)
 
-    def add_stream(self, fp: IO[bytes], size: int, *, source: str) -> AddResult:
+    def add_stream(self, fp: IO[bytes], size: int, *, source: str, warm: bool = True) -> AddResult:
         """Store one DICOM instance from a seekable stream of ``size`` bytes (a received
         instance read back from its sealed spool file), streaming as :meth:`add_file`."""
         info = parse_instance(fp, size)
         fp.seek(0)
-        return self._add(fp, size, info, source)
+        return self._add(fp, size, info, source, warm)
 
     def _write_temp(self, fp: IO[bytes], size: int) -> tuple[Path, str, bytes]:
         blob_id = secrets.token_bytes(16)
@@ -549,13 +499,15 @@ class Store:
     def _before_index_commit(self) -> None:
         return None
 
-    def _add(self, fp: IO[bytes], size: int, info: InstanceInfo, source: str) -> AddResult:
+    def _add(
+        self, fp: IO[bytes], size: int, info: InstanceInfo, source: str, warm: bool
+    ) -> AddResult:
         temp, content_hash, blob_id = self._write_temp(fp, size)
         try:
             added = self._commit(temp, content_hash, blob_id, size, info, source)
         finally:
             temp.unlink(missing_ok=True)
-        if self._warmer is not None and not added.duplicate and not source.startswith("peer:"):
+        if warm and self._warmer is not None and not added.duplicate:
             self._warmer.submit(added.sop_instance_uid)
         return added
 
@@ -629,14 +581,7 @@ class Store:
     ) -> None:
         now = time.time()
         patient_key, patient = self._patient_blob(info)
-        ranges = (
-            None
-            if info.frame_ranges is None
-            else msgpack.packb([[list(p) for p in frame] for frame in info.frame_ranges])
-        )
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._db) as db:
             # Checked again inside the transaction: another process may have added it.
             old = db.execute(
                 "SELECT content_hash FROM instances WHERE sop_uid = ?", (info.sop_instance_uid,)
@@ -703,16 +648,12 @@ class Store:
                     _json(info.image_orientation),
                     _json(info.pixel_spacing),
                     info.slice_thickness,
-                    ranges,
+                    None,  # frame_ranges
                     int(info.encapsulated),
                     source,
                     now,
                 ),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def _drop_blob_if_unused(self, content_hash: str) -> None:
         used = self._db.execute(
@@ -741,20 +682,19 @@ class Store:
                 is not None
             )
 
-    def _locate(self, sop_instance_uid: str) -> tuple[str, bytes, int, bytes | None, int, str]:
+    def _locate(self, sop_instance_uid: str) -> tuple[str, bytes, int]:
         with self._lock:
             row = self._db.execute(
-                "SELECT content_hash, blob_id, size, frame_ranges, frames, transfer_syntax "
-                "FROM instances WHERE sop_uid = ?",
+                "SELECT content_hash, blob_id, size FROM instances WHERE sop_uid = ?",
                 (sop_instance_uid,),
             ).fetchone()
         if row is None:
             raise UnknownInstance(f"no instance {sop_instance_uid} in this node's store")
-        return row[0], row[1], row[2], row[3], row[4], row[5]
+        return row[0], row[1], row[2]
 
     def open_instance(self, sop_instance_uid: str) -> BinaryIO:
         """A seekable stream of the original bytes; each chunk is authenticated as read."""
-        content_hash, blob_id, size, *_ = self._locate(sop_instance_uid)
+        content_hash, blob_id, size = self._locate(sop_instance_uid)
         reader = BlobReader(self._blob_path(content_hash), self._blob_key, blob_id)
         if reader.size != size:
             reader.close()
@@ -769,33 +709,6 @@ class Store:
         if hashlib.sha256(data).hexdigest() != content_hash:
             raise StoreCorrupted(f"instance {sop_instance_uid} does not match its content hash")
         return data
-
-    def read_frame(self, sop_instance_uid: str, frame: int) -> bytes:
-        """Frame ``frame`` (0-based) as stored: native pixels, or the encoded fragments."""
-        content_hash, blob_id, _size, packed, frames, _ts = self._locate(sop_instance_uid)
-        if not 0 <= frame < frames:
-            raise StoreError(f"instance {sop_instance_uid} has {frames} frame(s), not {frame + 1}")
-        if packed is None:
-            return self._decode_frame(sop_instance_uid, frame, frames)
-        ranges: FrameRanges = tuple(
-            tuple((int(o), int(n)) for o, n in f) for f in msgpack.unpackb(packed)
-        )
-        with BlobReader(self._blob_path(content_hash), self._blob_key, blob_id) as reader:
-            return b"".join(reader.read_range(offset, length) for offset, length in ranges[frame])
-
-    def _decode_frame(self, sop_instance_uid: str, frame: int, frames: int) -> bytes:
-        """Frames without an index (deflated, bit-packed): parse the whole instance."""
-        with self.open_instance(sop_instance_uid) as stream:
-            ds = pydicom.dcmread(stream)
-        if "PixelData" not in ds:
-            raise StoreError(f"instance {sop_instance_uid} has no pixel data")
-        if ds.file_meta.TransferSyntaxUID.is_encapsulated:
-            return pydicom.encaps.get_frame(ds.PixelData, frame, number_of_frames=frames)
-        data: bytes = ds.PixelData
-        if len(data) % frames:
-            raise StoreError(f"instance {sop_instance_uid}: frames are not byte-aligned")
-        step = len(data) // frames
-        return data[frame * step : (frame + 1) * step]
 
     # -- listing
 
@@ -897,9 +810,7 @@ class Store:
     def delete_study(self, study_uid: str) -> None:
         """Remove a study from the index (one transaction), then its unshared blobs."""
         with self._writing():
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db) as db:
                 hashes = [
                     h
                     for (h,) in db.execute(
@@ -911,10 +822,6 @@ class Store:
                 if found.rowcount == 0:
                     raise UnknownStudy(f"no study {study_uid} in this node's store")
                 db.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             for content_hash in hashes:
                 self._drop_blob_if_unused(content_hash)
 

@@ -45,7 +45,6 @@ from node.dicom.wirecodec import CodedPixels
 
 log = logging.getLogger(__name__)
 
-_seal = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt
 _unseal = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt
 MAGIC = b"RMW1"
 NONCE = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES

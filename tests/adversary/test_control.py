@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from node.app import control
-from node.app.control import ControlError
+from node.app import commands, control
+from node.app.control import ControlError, Emit
+from node.app.operations import OPERATIONS
 from node.app.runtime import NodeRuntime
 from node.core.config import NodeHome
 from tests.node.test_runtime import FAST, make_home
@@ -57,10 +58,15 @@ print(connections, received, flush=True)
 """
 
 
-@control.operation("adversary.where")
-async def _where(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> int:
+async def _where(rt: NodeRuntime, args: dict[str, Any], emit: Emit) -> int:
     emit("clinical question: suspected subdural haematoma")
     return id(rt)
+
+
+@pytest.fixture(autouse=True)
+def _where_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's operation in the node's table, for this test only."""
+    monkeypatch.setitem(OPERATIONS, "adversary.where", _where)
 
 
 @contextlib.contextmanager
@@ -113,12 +119,12 @@ async def test_a_squatter_on_the_predictable_name_gets_no_command_and_the_node_s
     lines: list[str] = []
     async with _squatter(_old_abstract_name(home)) as seen:
         # no node runs: the command brings one up for itself instead of telling the squatter
-        result = await control.run(home, "adversary.where", {}, lines.append)
+        result = await commands.run(home, "adversary.where", {}, lines.append)
         assert isinstance(result, int)
         node = NodeRuntime(home, identity, transport_options=FAST, control=True)
         await node.start()  # `node run`: no EADDRINUSE from the squatter
         try:
-            assert await control.run(home, "adversary.where", {}, lines.append) == id(node)
+            assert await commands.run(home, "adversary.where", {}, lines.append) == id(node)
         finally:
             await node.stop()
     assert seen == [0, 0]  # not even a connection reached the squatter
@@ -137,7 +143,7 @@ async def test_a_socket_of_another_user_in_the_home_gets_nothing_and_blocks_star
         path = control.socket_path(home)
         async with _squatter(str(path)) as seen:
             with pytest.raises(ControlError, match=f"another user \\(uid {NOBODY}\\).*nothing"):
-                await control.run(home, "adversary.where", {}, print)
+                await commands.run(home, "adversary.where", {}, print)
             node = NodeRuntime(home, identity, transport_options=FAST, control=True)
             with pytest.raises(ControlError, match=f"owned by uid {NOBODY}.*doctor --fix"):
                 await node.start()
@@ -147,7 +153,7 @@ async def test_a_socket_of_another_user_in_the_home_gets_nothing_and_blocks_star
         node = NodeRuntime(home, identity, transport_options=FAST, control=True)
         await node.start()
         try:
-            assert await control.run(home, "adversary.where", {}, print) == id(node)
+            assert await commands.run(home, "adversary.where", {}, print) == id(node)
             assert os.stat(home.data_dir).st_mode & 0o777 == 0o700  # tightened at start
         finally:
             await node.stop()

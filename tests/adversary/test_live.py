@@ -48,7 +48,7 @@ from consult.shared import (
 )
 from consult.store import MAX_GUESTS
 from crypto.identity import Identity, NodeId
-from node.app import workflow
+from node.app import consults
 from node.app.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
 from registry.server import RegistryServer
@@ -70,8 +70,6 @@ async def trio(tmp_path: Path, registry: str) -> AsyncIterator[list[NodeRuntime]
     """Three trusted nodes: a (requesting hospital), b (consultant), c (a third node)."""
     nodes = [await start_node(tmp_path, name, registry) for name in ("ana", "ben", "cai")]
     introduce(nodes)
-    for node in nodes:
-        workflow.install(node, resume=False)
     yield nodes
     for node in nodes:
         await node.stop()
@@ -160,7 +158,7 @@ async def test_a_guest_is_admitted_only_once_both_parties_approved_it(
     live_b = b.live_hub().sessions[consult_id]
 
     # The consultant alone cannot bring a colleague into the hospital's case.
-    await workflow.approve_live_guest(b, consult_id, key(c))
+    await b.consulting.approve_live_guest(consult_id, key(c))
     with pytest.raises(LocalConsultError, match="must both approve"):
         await b.live_hub().invite(consult_id, key(c))
     # ... nor can the colleague join the hospital's node on the consultant's word.
@@ -169,7 +167,7 @@ async def test_a_guest_is_admitted_only_once_both_parties_approved_it(
         await conn.request(JOIN_KIND, Invite(consult_id).to_wire())
     assert join.value.code == NOT_ADMITTED
 
-    await workflow.approve_live_guest(a, consult_id, key(c))  # the hospital agrees
+    await a.consulting.approve_live_guest(consult_id, key(c))  # the hospital agrees
     await wait_for(
         lambda: (
             str(a.identity.node_id)
@@ -214,7 +212,7 @@ async def test_a_guest_approval_from_a_revoked_party_does_not_count(
     a, b, c = trio
     consult_id = consult_between(a, b)
     a.trust.revoke(b.identity.node_id, a.now())
-    await workflow.approve_live_guest(b, consult_id, key(c))
+    await b.consulting.approve_live_guest(consult_id, key(c))
     guest = str(c.identity.node_id)
     await wait_for(
         lambda: "guest approval" in caplog.text or a.consults.guest_approvers(consult_id, guest)
@@ -234,8 +232,8 @@ async def test_a_guest_approval_from_a_third_node_or_for_another_consult_does_no
     other = consult_between(a, c)
     guest = str(c.identity.node_id)
     consent = GuestConsent(consult_id, key(c)).to_wire()
-    await c.send_message(key(a), workflow.LIVE_CONSENT_KIND, consent)
-    await b.send_message(key(a), workflow.LIVE_CONSENT_KIND, GuestConsent(other, key(b)).to_wire())
+    await c.send_message(key(a), consults.LIVE_CONSENT_KIND, consent)
+    await b.send_message(key(a), consults.LIVE_CONSENT_KIND, GuestConsent(other, key(b)).to_wire())
     await wait_for(lambda: caplog.text.count("who is not its other party") == 2)
     assert a.consults.guest_approvers(consult_id, guest) == frozenset()
     assert a.consults.guest_approvers(other, str(b.identity.node_id)) == frozenset()
@@ -312,18 +310,18 @@ async def test_a_party_cannot_approve_endless_guests(trio: list[NodeRuntime]) ->
     guests = [Identity.generate().public_key for _ in range(MAX_GUESTS + 5)]
     for guest in guests:
         with contextlib.suppress(LocalConsultError):
-            await workflow._on_live_consent(
-                b.identity.node_id, GuestConsent(consult_id, guest).to_wire(), a
+            await a.consulting.on_live_consent(
+                b.identity.node_id, GuestConsent(consult_id, guest).to_wire()
             )
     approved = [
         g for g in guests if a.consults.guest_approvers(consult_id, str(NodeId.from_public_key(g)))
     ]
     assert len(approved) == MAX_GUESTS
     # Canary: approving one of them again is no new row and no error; a's own still counts.
-    await workflow._on_live_consent(
-        b.identity.node_id, GuestConsent(consult_id, guests[0]).to_wire(), a
+    await a.consulting.on_live_consent(
+        b.identity.node_id, GuestConsent(consult_id, guests[0]).to_wire()
     )
-    await workflow.approve_live_guest(a, consult_id, guests[0])
+    await a.consulting.approve_live_guest(consult_id, guests[0])
     assert len(a.consults.guest_approvers(consult_id, str(NodeId.from_public_key(guests[0])))) == 2
 
 
@@ -716,8 +714,8 @@ async def guest_in_session(a: NodeRuntime, b: NodeRuntime, c: NodeRuntime) -> tu
     consult_id = consult_between(a, b)
     a.live_hub().open(consult_id)
     await a.live_hub().invite(consult_id, key(b))
-    await workflow.approve_live_guest(a, consult_id, key(c))
-    await workflow.approve_live_guest(b, consult_id, key(c))
+    await a.consulting.approve_live_guest(consult_id, key(c))
+    await b.consulting.approve_live_guest(consult_id, key(c))
     await wait_for(lambda: b.consults.guest_approvers(consult_id, str(c.identity.node_id)) == {
         str(a.identity.node_id), str(b.identity.node_id)})  # fmt: skip
     await b.live_hub().invite(consult_id, key(c))
@@ -764,7 +762,7 @@ async def test_a_withdrawn_consult_keeps_nobody_in_either_partys_live_session(
     (consult_id,) = await guest_in_session(a, b, c)
     live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
     live_c = c.live_hub().sessions[consult_id]
-    assert await workflow.withdraw(a, consult_id) == []
+    assert await a.consulting.withdraw(consult_id) == []
     # The hospital's own session lets nobody stay in; the consultant's, once told.
     assert not live_a.is_bound(key(b))
     assert not live_a.is_bound(key(c))

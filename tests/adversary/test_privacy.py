@@ -27,8 +27,8 @@ from pydicom.uid import UID
 from consult.requests import ConsultRequest, Priority
 from crypto import canonical, keyfile
 from crypto.identity import Identity
-from node.app import workflow
-from node.app.control import OPERATIONS
+from node.app import cases, consults
+from node.app.operations import OPERATIONS
 from node.app.runtime import NodeRuntime
 from node.cli import main
 from node.cli.transfer import fetch_from_peer
@@ -338,19 +338,19 @@ async def test_consult_request_on_ultrasound_is_refused_before_anything_is_recor
 ) -> None:
     async with two_trusted_nodes(tmp_path) as (a, b):
         study_uid = {a.store.add_bytes(f, source="test").study_uid for f in _us_series(1)}.pop()
-        terms = workflow.Terms("bleed?", Priority.STAT, "neuro", "IE")
+        terms = consults.Terms("bleed?", Priority.STAT, "neuro", "IE")
         assert b.record is not None
         with pytest.raises(BurnedInRefused):
-            await workflow.request_consult(a, b.record.public_key, study_uid, terms)
+            await a.consulting.request_consult(b.record.public_key, study_uid, terms)
         assert a.consults.cases() == []
         checked = dataclasses.replace(terms, burned_in_checked=True)
-        request, share, _ = await workflow.request_consult(
-            a, b.record.public_key, study_uid, checked
+        request, share, _ = await a.consulting.request_consult(
+            b.record.public_key, study_uid, checked
         )
         assert share.deidentified
         # the confirmation travels with the pseudonym map to the moment the study is served
-        key = a.identity.derive_key(workflow.PSEUDONYM_KEY_PURPOSE)
-        stored = PseudonymMap.load(workflow.pseudonym_map_path(a.home, request.id), key)
+        key = a.identity.derive_key(cases.PSEUDONYM_KEY_PURPOSE)
+        stored = PseudonymMap.load(cases.pseudonym_map_path(a.home, request.id), key)
         assert stored.burned_in_checked
 
 
@@ -376,8 +376,8 @@ def test_offline_consult_request_out_is_deidentified_and_audited(
     request = ConsultRequest.from_wire(wire)
     assert request.deidentified
     # the map is home: the node relinks the pseudonymous study to the stored one
-    key = identity.derive_key(workflow.PSEUDONYM_KEY_PURPOSE)
-    stored = PseudonymMap.load(workflow.pseudonym_map_path(hospital, request.id), key)
+    key = identity.derive_key(cases.PSEUDONYM_KEY_PURPOSE)
+    stored = PseudonymMap.load(cases.pseudonym_map_path(hospital, request.id), key)
     assert stored.relink_uid(request.study_uid) == study_uid
     with open_audit(hospital, identity) as audit:
         shares = [r for r in audit.records(kind="share")]
@@ -539,13 +539,13 @@ async def test_a_question_naming_the_patient_is_refused_before_anything_leaves(
             "bleed? (MRN77341)",
             "born 1952-07-14, bleed?",
         ):
-            terms = workflow.Terms(question, Priority.STAT, "neuro", "IE")
+            terms = consults.Terms(question, Priority.STAT, "neuro", "IE")
             with pytest.raises(QuestionNamesPatient) as refused:
-                await workflow.request_consult(a, b.record.public_key, study_uid, terms)
+                await a.consulting.request_consult(b.record.public_key, study_uid, terms)
             assert _leaks(str(refused.value).encode()) == []
         assert a.consults.cases() == []
-        fine = workflow.Terms("subdural bleed? midline shift?", Priority.STAT, "neuro", "IE")
-        await workflow.request_consult(a, b.record.public_key, study_uid, fine)
+        fine = consults.Terms("subdural bleed? midline shift?", Priority.STAT, "neuro", "IE")
+        await a.consulting.request_consult(b.record.public_key, study_uid, fine)
 
 
 def test_a_common_word_that_is_also_the_surname_is_not_refused(tmp_path: Path) -> None:

@@ -30,13 +30,14 @@ from consult.shared import (
 )
 from consult.ywire import varuint
 from crypto.identity import Identity
-from crypto.org import NodeCertificate, RevocationList, issue_certificate, sign_revocations
-from node.app import workflow
+from crypto.org import RevocationList, sign_revocations
+from node.app.consults import ConsultService
 from node.app.runtime import NodeRuntime
 from registry.errors import TrustError
 from registry.records import NodeRecord
 from registry.trust import TrustState, TrustStore
 from tests.adversary.test_live import IN_MEMORY, canary_arrives, mallorys_updates, step2
+from tests.certs import certificate
 from tests.consult.test_live import CONSULT, SOP, wait_for
 from tests.peer_transport.helpers import mesh
 
@@ -151,20 +152,8 @@ ORG, OTHER_ORG, MEMBER = Identity.generate(), Identity.generate(), Identity.gene
 def member_certificate(
     org: Identity = ORG, node: Identity = MEMBER, *, not_after: int = NOW + 86400
 ) -> bytes:
-    return issue_certificate(
-        org,
-        NodeCertificate(
-            node_key=node.public_key,
-            org_key=org.public_key,
-            institution="CHU",
-            display_name="Dr M",
-            roles=("radiologist",),
-            subspecialties=("chest",),
-            jurisdictions=("FR",),
-            languages=("fr",),
-            not_before=NOW - 10,
-            not_after=not_after,
-        ),
+    return certificate(
+        org, node, NOW, display_name="Dr M", subspecialties=("chest",), not_after=not_after
     )
 
 
@@ -185,7 +174,7 @@ def test_a_member_trusted_through_its_kept_certificate_cannot_claim_other_subspe
     lying = NodeRecord.create(
         MEMBER, now=NOW, sequence=2, subspecialties=("neuro",), jurisdictions=("IE",)
     )
-    candidate = workflow._candidate(runtime_with(trust), lying, NOW)
+    candidate = ConsultService(runtime_with(trust)).candidate(lying, NOW)
     assert candidate is not None
     assert candidate.subspecialties == ("chest",)
     assert candidate.jurisdictions == ("FR",)
@@ -206,7 +195,7 @@ def test_a_record_whose_certificate_adds_no_trust_is_no_candidate_and_is_not_kep
     trust.add_org(ORG.public_key, NOW)
     cert = certificate()
     record = NodeRecord.create(MEMBER, now=NOW, sequence=1, org_certificate=cert)
-    assert workflow._candidate(runtime_with(trust), record, NOW) is None
+    assert ConsultService(runtime_with(trust)).candidate(record, NOW) is None
     assert not trust.keep_certificate(MEMBER.public_key, cert, NOW)
     assert not trust.is_trusted(MEMBER.public_key, NOW)
 

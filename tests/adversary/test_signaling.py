@@ -25,7 +25,8 @@ from aiohttp import web
 from crypto.envelope import ReplayGuard, SignedEnvelope, seal
 from crypto.errors import Replayed
 from crypto.identity import Identity, NodeId
-from node.app.runtime import MAX_STRANGER_REQUESTS, NodeRuntime, seal_node_message
+from node.app.consults import MAX_STRANGER_REQUESTS
+from node.app.runtime import NodeRuntime, seal_node_message
 from node.cli import doctor
 from node.core.config import NetworkConfig, NodeConfig, NodeHome
 from node.core.keystore import load_identity, save_identity

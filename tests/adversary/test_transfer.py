@@ -31,19 +31,26 @@ from consult.errors import MalformedMessage as ConsultMalformed
 from consult.intake import take_in
 from consult.requests import ConsultRequest, Event, Priority
 from crypto.identity import Identity
-from node.app import workflow
 from node.cli.store import _export
 from node.dicom import wirecodec
 from node.dicom.importer import import_paths
 from node.dicom.store import InstanceConflict, Store
-from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink
-from peer_transport.transfer_runner import (
-    PreparedStudy,
-    StudyReceiver,
-    StudySender,
-    receive_study,
+from peer_transport.transfer.errors import (
+    DecompressionBomb,
+    MalformedMessage,
+    ManifestMismatch,
+    RemoteTransferError,
 )
+from peer_transport.transfer.instance import decode_part, prepare_instance
+from peer_transport.transfer.machine import State
+from peer_transport.transfer.manifest import Manifest, ManifestEntry, build_manifest, within_budget
+from peer_transport.transfer.messages import CHUNK_SIZE
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.receiver import Receiver
+from peer_transport.transfer.runner import StudyReceiver, StudySender, receive_study
+from peer_transport.transfer.sender import Sender
+from peer_transport.transfer.spool import SPOOL_KEY_PURPOSE, Spool
 from tests.node.test_runtime import make_home, started
 from tests.peer_transport.helpers import mesh
 from tests.peer_transport.test_transfer_runner import MemoryStore, _memory_pair
@@ -63,11 +70,11 @@ def _file(data: bytes, **changes: object) -> bytes:
     return out.getvalue()
 
 
-def _signed(entries: list[tr.ManifestEntry], study: str, identity: Identity) -> bytes:
-    return tr.build_manifest(entries, study, chunk_size=tr.CHUNK_SIZE).sign(identity)
+def _signed(entries: list[ManifestEntry], study: str, identity: Identity) -> bytes:
+    return build_manifest(entries, study, chunk_size=CHUNK_SIZE).sign(identity)
 
 
-def _drive(receiver: tr.Receiver, sender: tr.Sender, steps: int = 200) -> list[bytes]:
+def _drive(receiver: Receiver, sender: Sender, steps: int = 200) -> list[bytes]:
     """Run the sans-IO pair to the end; the assembled instances, in order."""
     out = []
     receiver.accept()
@@ -130,10 +137,10 @@ async def test_a_consult_id_that_is_a_path_is_refused_at_parse_and_never_deletes
         # fetched, resumed or cleaned up; were it named, its spool is inside the home.
         rt.consults.add(request, role="consultant", now=rt.now(), wire=wire, peer="x")
         assert rt.consults.cases() == []
-        assert workflow.unfinished_fetches(rt) == []
+        assert rt.consulting.studies.unfinished() == []
         with pytest.raises(ConsultError):
-            await workflow.fetch_study(rt, hostile)
-        assert workflow._spool_of(rt, hostile).parent == rt.home.data_dir / "transfers"
+            await rt.consulting.studies.fetch(hostile)
+        assert rt.consulting.studies.spool_of(hostile).parent == rt.home.data_dir / "transfers"
         assert (victim / "precious").read_text() == "keep me"
     finally:
         await rt.stop()
@@ -163,7 +170,7 @@ def test_every_consult_message_refuses_an_id_that_is_not_one() -> None:
             verify_report(report.sign(node), consult_id="0" * 32)
 
 
-def _hostile_entry(entry: tr.ManifestEntry, **changes: str) -> tr.ManifestEntry:
+def _hostile_entry(entry: ManifestEntry, **changes: str) -> ManifestEntry:
     return dataclasses.replace(entry, **changes)  # type: ignore[arg-type]
 
 
@@ -182,13 +189,13 @@ def test_a_manifest_with_hostile_uids_is_refused_when_opened(
 ) -> None:
     sender = Identity.generate()
     files = ct_series(2, seed=3, size=64)
-    entries = [tr.prepare_instance(f)[0] for f in files]
+    entries = [prepare_instance(f)[0] for f in files]
     study = str(pydicom.dcmread(io.BytesIO(files[0])).StudyInstanceUID)
     study = changes.pop("study", study)
     entries[1] = _hostile_entry(entries[1], **changes)
     signed = _signed(entries, study, sender)
-    with pytest.raises(tr.MalformedMessage, match="UID"):
-        tr.Receiver(signed, tr.Spool(tmp_path / "spool"))
+    with pytest.raises(MalformedMessage, match="UID"):
+        Receiver(signed, Spool(tmp_path / "spool"))
     assert not list((tmp_path / "spool").iterdir())  # nothing written, not even the manifest
 
 
@@ -227,7 +234,7 @@ def _zstd_bomb(size: int) -> bytes:
     return b"".join([*parts, compressor.flush()])
 
 
-def _jpegls_bomb(data: bytes) -> tuple[tr.ManifestEntry, str, bytes]:
+def _jpegls_bomb(data: bytes) -> tuple[ManifestEntry, str, bytes]:
     """A real instance's honest manifest entry and a wire encoding whose JPEG-LS frame
     header claims 65535 x 65535 (about 1 KB that made CharLS allocate 4 GiB)."""
     wire = wirecodec.encode(data)
@@ -236,7 +243,7 @@ def _jpegls_bomb(data: bytes) -> tuple[tr.ManifestEntry, str, bytes]:
     sof = stream.find(b"\xff\xf7")
     stream[sof + 5 : sof + 9] = (65535).to_bytes(2, "big") * 2
     bomb = dataclasses.replace(wire, frames=(bytes(stream),)).to_wire()
-    entry, study, _ = tr.prepare_instance(data)
+    entry, study, _ = prepare_instance(data)
     return dataclasses.replace(entry, wire_size=len(bomb)), study, bomb
 
 
@@ -260,19 +267,19 @@ def test_a_zstd_bomb_is_refused_from_its_manifest_before_anything_is_allocated(
     size = 512 * MiB
     body = _zstd_bomb(size)
     wire = wirecodec.WireInstance(wirecodec.Encoding.ZSTD, size, bytes(32), body).to_wire()
-    entry = tr.ManifestEntry("1.2.3.4", "1.2.3.5", 1, 1, "1.2.840.10008.1.2.1", size, bytes(32), 1)
+    entry = ManifestEntry("1.2.3.4", "1.2.3.5", 1, 1, "1.2.840.10008.1.2.1", size, bytes(32), 1)
     entry = dataclasses.replace(entry, wire_size=len(wire))
     sender = Identity.generate()
     signed = _signed([entry], "1.2.3", sender)
 
     def run() -> None:
-        receiver = tr.Receiver(signed, tr.Spool(tmp_path / "spool"))
-        opened = tr.Manifest.open(signed)[1]
-        _drive(receiver, tr.Sender(opened, [wire].__getitem__, signed))
+        receiver = Receiver(signed, Spool(tmp_path / "spool"))
+        opened = Manifest.open(signed)[1]
+        _drive(receiver, Sender(opened, [wire].__getitem__, signed))
 
     peak, error = _peak_while(run)
     assert peak < 32 * MiB, f"{peak / MiB:.0f} MiB allocated for a {len(wire)}-byte instance"
-    assert isinstance(error, tr.DecompressionBomb), error
+    assert isinstance(error, DecompressionBomb), error
     assert "limit" in str(error)
 
 
@@ -280,23 +287,23 @@ def test_a_manifest_padding_a_small_instance_to_a_huge_wire_encoding_is_refused(
     tmp_path: Path,
 ) -> None:
     # 2 GiB of chunks would be spooled, then read back whole to assemble a 4 KB file.
-    entry = tr.ManifestEntry("1.2.3.4", "1.2.3.5", 1, 1, "", 4096, bytes(32), 2 << 30)
+    entry = ManifestEntry("1.2.3.4", "1.2.3.5", 1, 1, "", 4096, bytes(32), 2 << 30)
     signed = _signed([entry], "1.2.3", Identity.generate())
-    with pytest.raises(tr.RemoteTransferError, match="limits") as refused:
-        tr.Receiver(signed, tr.Spool(tmp_path / "spool"))
+    with pytest.raises(RemoteTransferError, match="limits") as refused:
+        Receiver(signed, Spool(tmp_path / "spool"))
     assert type(refused.value).__name__ == "DecompressionBomb"
 
 
 def test_a_zstd_frame_declaring_more_than_its_manifest_entry_is_refused_before_decoding() -> None:
     [data] = ct_series(1, seed=5, size=64)
-    entry, study, _ = tr.prepare_instance(data)
+    entry, study, _ = prepare_instance(data)
     body = _zstd_bomb(64 * MiB)
     wire = wirecodec.WireInstance(wirecodec.Encoding.ZSTD, entry.size, entry.sha256, body)
     part = wire.to_wire()
     peak, error = _peak_while(
-        lambda: tr.decode_part(part, dataclasses.replace(entry, wire_size=len(part)), study)
+        lambda: decode_part(part, dataclasses.replace(entry, wire_size=len(part)), study)
     )
-    assert isinstance(error, tr.DecompressionBomb), error
+    assert isinstance(error, DecompressionBomb), error
     assert peak < 16 * MiB
 
 
@@ -309,13 +316,13 @@ def test_a_jpegls_stream_claiming_65535_squared_is_refused_before_charls_allocat
     signed = _signed([entry], study, sender)
 
     def run() -> None:
-        receiver = tr.Receiver(signed, tr.Spool(tmp_path / "spool"))
-        opened = tr.Manifest.open(signed)[1]
-        _drive(receiver, tr.Sender(opened, [bomb].__getitem__, signed))
+        receiver = Receiver(signed, Spool(tmp_path / "spool"))
+        opened = Manifest.open(signed)[1]
+        _drive(receiver, Sender(opened, [bomb].__getitem__, signed))
 
     peak, error = _peak_while(run)
     assert peak < 16 * MiB, f"{peak / MiB:.0f} MiB allocated for a {len(bomb)}-byte instance"
-    assert isinstance(error, tr.DecompressionBomb), error
+    assert isinstance(error, DecompressionBomb), error
     assert "65535x65535" in str(error)
 
 
@@ -325,7 +332,7 @@ async def test_a_bomb_costs_the_sender_its_connection_not_the_receiver_its_memor
     [data] = ct_series(1, seed=7, size=64)
     entry, study, bomb = _jpegls_bomb(data)
     sender_identity = Identity.generate()
-    manifest = tr.build_manifest([entry], study)
+    manifest = build_manifest([entry], study)
     prepared = PreparedStudy(manifest, manifest.sign(sender_identity), [bomb].__getitem__)
     async with mesh() as m:
         a, b = await m.node(identity=sender_identity), await m.node()
@@ -340,11 +347,11 @@ async def test_a_bomb_costs_the_sender_its_connection_not_the_receiver_its_memor
         link_b.attach(receiver.on_control, receiver.on_bulk)
         serving = asyncio.ensure_future(sender.run())
         try:
-            with pytest.raises(tr.RemoteTransferError, match="65535x65535"):
+            with pytest.raises(RemoteTransferError, match="65535x65535"):
                 await asyncio.wait_for(receiver.run(), 30)
             # The receiver dropped the peer, as it does for a malformed frame.
             assert conn_b.closed
-            assert isinstance(conn_b.error, tr.DecompressionBomb)
+            assert isinstance(conn_b.error, DecompressionBomb)
         finally:
             serving.cancel()
             await asyncio.gather(serving, return_exceptions=True)
@@ -370,14 +377,14 @@ def test_a_stored_format_frame_claiming_more_than_its_data_set_is_refused_before
     tmp_path: Path, name: str, marker: bytes, at: int, value: bytes
 ) -> None:
     data = _with_frame_header(name, marker, at, value)
-    entry, study, wire = tr.prepare_instance(data)
+    entry, study, wire = prepare_instance(data)
     signed = _signed([entry], study, Identity.generate())
-    receiver = tr.Receiver(signed, tr.Spool(tmp_path / "spool"))
-    opened = tr.Manifest.open(signed)[1]
-    with pytest.raises(tr.RemoteTransferError, match="65535x65535") as refused:
-        _drive(receiver, tr.Sender(opened, [wire].__getitem__, signed))
+    receiver = Receiver(signed, Spool(tmp_path / "spool"))
+    opened = Manifest.open(signed)[1]
+    with pytest.raises(RemoteTransferError, match="65535x65535") as refused:
+        _drive(receiver, Sender(opened, [wire].__getitem__, signed))
     assert type(refused.value).__name__ == "DecompressionBomb"
-    assert receiver.state is tr.State.FAILED
+    assert receiver.state is State.FAILED
 
 
 def test_a_data_set_declaring_gigapixel_frames_is_refused_before_storing(tmp_path: Path) -> None:
@@ -385,12 +392,12 @@ def test_a_data_set_declaring_gigapixel_frames_is_refused_before_storing(tmp_pat
     # would allocate 800 GiB to show it.
     data = _file(_pydicom_sample("JPEG2000.dcm").read_bytes(), NumberOfFrames=100)
     data = _file(data, Rows=65535, Columns=65535)
-    entry, study, wire = tr.prepare_instance(data)
+    entry, study, wire = prepare_instance(data)
     signed = _signed([entry], study, Identity.generate())
-    receiver = tr.Receiver(signed, tr.Spool(tmp_path / "spool"))
-    opened = tr.Manifest.open(signed)[1]
-    with pytest.raises(tr.RemoteTransferError, match="would decode to") as refused:
-        _drive(receiver, tr.Sender(opened, [wire].__getitem__, signed))
+    receiver = Receiver(signed, Spool(tmp_path / "spool"))
+    opened = Manifest.open(signed)[1]
+    with pytest.raises(RemoteTransferError, match="would decode to") as refused:
+        _drive(receiver, Sender(opened, [wire].__getitem__, signed))
     assert type(refused.value).__name__ == "DecompressionBomb"
 
 
@@ -401,12 +408,12 @@ def test_an_honest_sender_of_a_blank_image_still_gets_through_the_expansion_limi
     rng = np.random.default_rng(8)
     data = ct_instance(rng, "1.2.3", "1.2.3.1", 0, size=64)
     blank = _file(data, Rows=2048, Columns=8192, PixelData=bytes(2048 * 8192 * 2))
-    entry, study, wire = tr.prepare_instance(blank)
-    assert tr.within_budget(entry.size, entry.wire_size)
+    entry, study, wire = prepare_instance(blank)
+    assert within_budget(entry.size, entry.wire_size)
     signed = _signed([entry], study, Identity.generate())
-    receiver = tr.Receiver(signed, tr.Spool(tmp_path / "spool"))
-    opened = tr.Manifest.open(signed)[1]
-    assert _drive(receiver, tr.Sender(opened, [wire].__getitem__, signed)) == [blank]
+    receiver = Receiver(signed, Spool(tmp_path / "spool"))
+    opened = Manifest.open(signed)[1]
+    assert _drive(receiver, Sender(opened, [wire].__getitem__, signed)) == [blank]
 
 
 # -- Issue 13 item 12: an instance must be what its manifest says; no silent overwrite ----------
@@ -418,7 +425,7 @@ async def test_bytes_of_another_stored_study_sent_under_a_manifest_uid_are_refus
     [victim] = ct_series(1, seed=9, size=64)
     tampered = _file(victim, PatientName="Attacker^Swapped", SeriesDescription="OVERWRITTEN")
     [cover] = ct_series(1, seed=10, size=64)
-    cover_entry, cover_study, _ = tr.prepare_instance(cover)
+    cover_entry, cover_study, _ = prepare_instance(cover)
     # The manifest names instance A of the attacker's study; the bytes are instance B of
     # the victim's study (already in the receiver's store), with other content.
     wire = wirecodec.encode(tampered).to_wire()
@@ -428,7 +435,7 @@ async def test_bytes_of_another_stored_study_sent_under_a_manifest_uid_are_refus
         sha256=hashlib.sha256(tampered).digest(),
         wire_size=len(wire),
     )
-    manifest = tr.build_manifest([entry], cover_study)
+    manifest = build_manifest([entry], cover_study)
     sender_identity = Identity.generate()
     prepared = PreparedStudy(manifest, manifest.sign(sender_identity), [wire].__getitem__)
     with Store.open(tmp_path / "store", KEY) as store:
@@ -440,7 +447,7 @@ async def test_bytes_of_another_stored_study_sent_under_a_manifest_uid_are_refus
         link_b.attach(receiver.on_control, receiver.on_bulk)
         serving = asyncio.ensure_future(sender.run())
         try:
-            with pytest.raises(tr.ManifestMismatch, match="carry instance"):
+            with pytest.raises(ManifestMismatch, match="carry instance"):
                 await asyncio.wait_for(receiver.run(), 30)
         finally:
             serving.cancel()
@@ -634,15 +641,15 @@ def _spool_bytes(root: Path) -> Iterator[tuple[Path, bytes]]:
 
 def test_an_interrupted_transfer_leaves_no_plaintext_in_the_receive_spool(tmp_path: Path) -> None:
     data = _identified_instance()
-    entry, study, wire = tr.prepare_instance(data)
+    entry, study, wire = prepare_instance(data)
     assert wirecodec.WireInstance.from_wire(wire).encoding is wirecodec.Encoding.RAW
     assert MARKER_PIXELS in wire
     assert MARKER_NAME.encode() in wire
     signed = _signed([entry], study, Identity.generate())
-    opened = tr.Manifest.open(signed)[1]
-    key = Identity.generate().derive_key(tr.SPOOL_KEY_PURPOSE)
-    receiver = tr.Receiver(signed, tr.Spool(tmp_path / "spool", key), window=2)
-    sender = tr.Sender(opened, [wire].__getitem__, signed)
+    opened = Manifest.open(signed)[1]
+    key = Identity.generate().derive_key(SPOOL_KEY_PURPOSE)
+    receiver = Receiver(signed, Spool(tmp_path / "spool", key), window=2)
+    sender = Sender(opened, [wire].__getitem__, signed)
     receiver.accept()
     for request in receiver.poll(0.0):  # two of the three chunks land; then the node stops
         for chunk in sender.receive(request):
@@ -657,18 +664,18 @@ def test_an_interrupted_transfer_leaves_no_plaintext_in_the_receive_spool(tmp_pa
         assert os.stat(path).st_mode & 0o077 == 0, path
 
     # The same node (same key) resumes from what was spooled and finishes byte-exact.
-    revived = tr.Receiver.resume(tr.Spool(tmp_path / "spool", key), window=2)
+    revived = Receiver.resume(Spool(tmp_path / "spool", key), window=2)
     assert sum(len(p.verified) for p in revived._partials.values()) == 2
-    assert _drive(revived, tr.Sender(opened, [wire].__getitem__, signed)) == [data]
+    assert _drive(revived, Sender(opened, [wire].__getitem__, signed)) == [data]
 
 
 def test_a_node_fetch_passes_its_own_spool_key(tmp_path: Path) -> None:
     # The node's spool key comes from its identity (a restart resumes), not the process.
     identity = Identity.generate()
-    key = identity.derive_key(tr.SPOOL_KEY_PURPOSE)
-    tr.Spool(tmp_path / "s", key).save("manifest", b"secret manifest")
-    assert tr.Spool(tmp_path / "s", identity.derive_key(tr.SPOOL_KEY_PURPOSE)).load("manifest") == (
+    key = identity.derive_key(SPOOL_KEY_PURPOSE)
+    Spool(tmp_path / "s", key).save("manifest", b"secret manifest")
+    assert Spool(tmp_path / "s", identity.derive_key(SPOOL_KEY_PURPOSE)).load("manifest") == (
         b"secret manifest"
     )
-    assert tr.Spool(tmp_path / "s", Identity.generate().derive_key("x")).load("manifest") is None
+    assert Spool(tmp_path / "s", Identity.generate().derive_key("x")).load("manifest") is None
     assert b"secret" not in (tmp_path / "s" / "manifest").read_bytes()

@@ -18,7 +18,7 @@ import pytest
 
 from consult.live import LiveConsult
 from consult.requests import Event, Priority, State
-from node.app import workflow
+from node.app import consults
 from node.app.runtime import NodeRuntime
 from node.cli import main
 from node.demo.phantom import generate_ct
@@ -71,8 +71,6 @@ async def pair(tmp_path: Path, registry: str) -> AsyncIterator[Pair]:
     await hospital.start()
     await consultant.start()
     try:
-        workflow.install(hospital)
-        workflow.install(consultant)
         served: list[bytes] = []
 
         async def canary(conn: PeerConnection, body: bytes) -> bytes:
@@ -84,16 +82,15 @@ async def pair(tmp_path: Path, registry: str) -> AsyncIterator[Pair]:
         consultant.trust.mark_verified(hospital_id.node_id, consultant.now())
         for path in generate_ct(tmp_path / "ct", slices=2, rows=32):
             hospital.store.add_file(path, source="test")
-        request, _, _ = await workflow.request_consult(
-            hospital,
+        request, _, _ = await hospital.consulting.request_consult(
             consultant_id.public_key,
             hospital.store.studies()[0].study_uid,
-            workflow.Terms("q", Priority.URGENT, "neuro", "IE"),
+            consults.Terms("q", Priority.URGENT, "neuro", "IE"),
         )
         await wait_for(lambda: bool(consultant.consults.cases()))
-        await workflow.respond(consultant, request.id, Event.ACCEPT)
+        await consultant.consulting.respond(request.id, Event.ACCEPT)
         await wait_for(lambda: hospital.consults.get(request.id).state is State.ACCEPTED)
-        await workflow.fetch_study(consultant, request.id)
+        await consultant.consulting.studies.fetch(request.id)
         hospital_live = hospital.live_hub().open(request.id)
         await hospital.live_hub().invite(request.id, consultant_id.public_key)
         await wait_for(lambda: request.id in consultant.live_hub().sessions)
@@ -126,7 +123,7 @@ async def test_revoking_a_peer_closes_its_connection_and_live_session_at_once(
     assert [m.text for m in pair.consultant_live.chat()] == ["before revocation"]
     # Fetching the study again is refused: the hospital no longer takes its call.
     with pytest.raises(PeerRejected, match="refused the connection"):
-        await workflow.fetch_study(consultant, pair.consult_id)
+        await consultant.consulting.studies.fetch(pair.consult_id)
     # Nor will the hospital call it (a reconnect, a new fetch, an invite).
     with pytest.raises(PeerRejected, match="not trusted"):
         await hospital.transport.connect(pair.consultant_key)

@@ -24,7 +24,8 @@ from consult.report import PatientStudy, export_addendum_sr, export_sr, verify_r
 from consult.requests import Event, Priority
 from crypto.envelope import SignedEnvelope
 from crypto.identity import Identity
-from node.app import workflow
+from node.app import consults, reports
+from node.app.reports import ReportDesk
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct
 from tests.consult.test_alerts import _golden_report
@@ -110,7 +111,6 @@ async def test_an_addendum_reaches_the_hospital_as_a_second_sr_and_a_forgery_is_
     c = NodeRuntime(other_home, mallory, transport_options=FAST)
     for rt in (a, b, c):
         await rt.start()
-        workflow.install(rt)
     try:
         for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
             a.store.add_file(path, source="test")
@@ -120,34 +120,37 @@ async def test_an_addendum_reaches_the_hospital_as_a_second_sr_and_a_forgery_is_
         a.trust.mark_verified(mallory.node_id, a.now())  # trusted, but not this consult's
         b.trust.mark_verified(rural.node_id, b.now())
         c.trust.mark_verified(rural.node_id, c.now())
-        request, _, _ = await workflow.request_consult(
-            a, neuro.public_key, study_uid,
-            workflow.Terms(question="q", priority=Priority.URGENT, subspecialty="neuro",
+        request, _, _ = await a.consulting.request_consult(neuro.public_key, study_uid,
+            consults.Terms(question="q", priority=Priority.URGENT, subspecialty="neuro",
                            jurisdiction="IE"),
         )  # fmt: skip
         await wait_for(lambda: bool(b.consults.cases()))
-        await workflow.respond(b, request.id, Event.ACCEPT)
-        await workflow.fetch_study(b, request.id)
-        await workflow.send_report(b, request.id, text="Collection.", impression="Left SDH.")
+        await b.consulting.respond(request.id, Event.ACCEPT)
+        await b.consulting.studies.fetch(request.id)
+        await b.consulting.reports.send_report(
+            request.id, text="Collection.", impression="Left SDH."
+        )
         await wait_for(lambda: request.id in a.reports)
         report_wire = a.consults.report_wire(request.id)
         assert report_wire is not None
 
         # A signed report is final: a second one is refused, pointing at the addendum.
         with pytest.raises(LocalConsultError, match="consult addendum"):
-            await workflow.send_report(b, request.id, text="", impression="Right SDH.")
+            await b.consulting.reports.send_report(request.id, text="", impression="Right SDH.")
 
         # Mallory (trusted by the hospital, not the consultant) signs an addendum to the
         # real report as herself: refused, nothing filed.
         forged = Addendum(request.id, report_digest(report_wire), 1, mallory.node_id,
                           "Dr Neuro", "Ignore the report: no bleed.", c.now())  # fmt: skip
-        await c.send_message(rural.public_key, workflow.ADDENDUM_KIND, forged.to_wire(mallory))
+        await c.send_message(rural.public_key, reports.ADDENDUM_KIND, forged.to_wire(mallory))
         await wait_for(lambda: any(
             "An addendum from" in r.getMessage() and "was refused" in r.getMessage()
             and mallory.node_id.short() in r.getMessage() for r in caplog.records))  # fmt: skip
 
         # The canary: the consultant's real addendum, on the same path, is addendum 1.
-        addendum, how = await workflow.send_addendum(b, request.id, "Correction: right side.")
+        addendum, how = await b.consulting.reports.send_addendum(
+            request.id, "Correction: right side."
+        )
         assert addendum.number == 1
         assert how
         await wait_for(lambda: len(a.consults.addenda_wires(request.id)) == 1)
@@ -168,7 +171,7 @@ async def test_an_addendum_reaches_the_hospital_as_a_second_sr_and_a_forgery_is_
         assert "Correction: right side." in texts
 
         # Re-sending the report re-sends its addenda; the hospital files each once.
-        await workflow.resend_report(b, request.id)
+        await b.consulting.reports.resend_report(request.id)
         said = await RuntimeNode(b).add_addendum(request.id, "Also: no shift.")  # the TUI's e
         assert said.startswith(f"addendum 2 to the report of consult {request.id[:8]}")
         await wait_for(lambda: len(a.consults.addenda_wires(request.id)) == 2)
@@ -179,7 +182,7 @@ async def test_an_addendum_reaches_the_hospital_as_a_second_sr_and_a_forgery_is_
         lost = Addendum(request.id, report_digest(report_wire), 3, neuro.node_id, "neuro",
                         "Lost on the way.", b.now())  # fmt: skip
         b.consults.add_addendum(request.id, lost.to_wire(neuro), b.now())
-        fourth, _ = await workflow.send_addendum(b, request.id, "Fourth.")
+        fourth, _ = await b.consulting.reports.send_addendum(request.id, "Fourth.")
         assert fourth.number == 4
         await wait_for(lambda: len(a.consults.addenda_wires(request.id)) == 4)
         assert [Addendum.from_wire(w).number for w in a.consults.addenda_wires(request.id)] == [
@@ -261,4 +264,4 @@ async def test_an_oversized_addendum_is_refused_before_it_is_decoded() -> None:
     stranger = Identity.generate()
     huge = b"\x92" + b"\x00" * MAX_ADDENDUM_WIRE  # not even an envelope
     with pytest.raises(MalformedMessage, match="limit"):
-        await workflow._on_addendum(stranger.node_id, huge, Untouched())  # type: ignore[arg-type]
+        await ReportDesk(Untouched()).on_addendum(stranger.node_id, huge)  # type: ignore[arg-type]

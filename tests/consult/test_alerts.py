@@ -15,7 +15,7 @@ from consult.alerts import (
 )
 from consult.errors import BadReport, LocalConsultError, MalformedMessage
 from consult.report import Report, verify_report
-from consult.requests import TRANSITIONS, Event, Priority, State, next_state
+from consult.requests import TRANSITIONS, Event, Priority, Role, State, next_state
 from crypto import canonical
 from crypto.envelope import SignedEnvelope
 from crypto.identity import Identity
@@ -99,10 +99,10 @@ def test_acknowledgement_is_signed_by_its_requester_and_binds_the_report() -> No
 
 def test_critical_stats_count_time_to_acknowledge() -> None:
     rows = [
-        ReportAck("a", "requester", Priority.STAT, True, T0, T0 + 120, "Dr A"),
-        ReportAck("b", "requester", Priority.STAT, True, T0, T0 + 600, "Dr B"),
-        ReportAck("c", "requester", Priority.STAT, True, T0),
-        ReportAck("d", "requester", Priority.ROUTINE, False, T0, T0 + 5),
+        ReportAck("a", Role.REQUESTER, Priority.STAT, True, T0, T0 + 120, "Dr A"),
+        ReportAck("b", Role.REQUESTER, Priority.STAT, True, T0, T0 + 600, "Dr B"),
+        ReportAck("c", Role.REQUESTER, Priority.STAT, True, T0),
+        ReportAck("d", Role.REQUESTER, Priority.ROUTINE, False, T0, T0 + 5),
     ]
     stats = critical_stats(rows)
     assert (stats.critical, stats.acknowledged, stats.unacknowledged) == (3, 2, 1)

@@ -14,11 +14,11 @@ import highdicom as hd
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from consult.errors import BadReport
 from consult.measure import PixelSpacing, angle_degrees, ellipse_roi_stats, length_mm
 from consult.report import (
-    KOS_CLASS,
     KeyImage,
     Measurement,
     PatientStudy,
@@ -243,7 +243,7 @@ def test_key_images_are_filed_as_a_key_object_selection() -> None:
     case = Case()
     report = case.report()
     kos = pydicom.dcmread(io.BytesIO(_kos(report, case)))
-    assert kos.SOPClassUID == KOS_CLASS
+    assert kos.SOPClassUID == KeyObjectSelectionDocumentStorage
     assert kos.StudyInstanceUID == case.ds.StudyInstanceUID
     assert kos.ConceptNameCodeSequence[0].CodeValue == "113000"  # Of Interest
     images = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]

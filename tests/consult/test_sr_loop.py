@@ -11,15 +11,13 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
+from pydicom.uid import KeyObjectSelectionDocumentStorage
 
-from consult.report import KOS_CLASS, KeyImage
-from consult.requests import Event, Priority
+from consult.report import KeyImage
 from consult.shared import AnnotationKind
-from node.app import workflow
-from node.app.runtime import NodeRuntime
-from node.demo.phantom import generate_ct
 from tests.node.conftest import registry  # noqa: F401  (the loopback registry fixture)
-from tests.node.test_runtime import FAST, make_home, wait_for
+from tests.node.pair import accepted_consult
+from tests.node.test_runtime import wait_for
 
 
 async def test_session_annotations_reach_the_hospital_sr_on_the_original_images(
@@ -28,33 +26,11 @@ async def test_session_annotations_reach_the_hospital_sr_on_the_original_images(
 ) -> None:
     from tui.node_facade import LiveSessionView, RuntimeNode
 
-    rural_home, rural = make_home(tmp_path, "rural", registry, [])
-    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
-    a = NodeRuntime(rural_home, rural, transport_options=FAST)
-    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
-    await a.start()
-    await b.start()
-    workflow.install(a)
-    workflow.install(b)
-    try:
-        for path in generate_ct(tmp_path / "ct", slices=2, rows=32):
-            a.store.add_file(path, source="test")
-        study_uid = a.store.studies()[0].study_uid
+    async with accepted_consult(tmp_path, registry) as pair:
+        a, b, request, share, study_uid = pair.a, pair.b, pair.request, pair.share, pair.study_uid
         originals = {row.sop_instance_uid for row in a.store.instances(study_uid)}
         real_name = a.store.study(study_uid).patient_name
-        a.trust.mark_verified(neuro.node_id, a.now())
-        b.trust.mark_verified(rural.node_id, b.now())
-        request, share, _ = await workflow.request_consult(
-            a,
-            neuro.public_key,
-            study_uid,
-            workflow.Terms(
-                question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
-            ),
-        )
-        await wait_for(lambda: bool(b.consults.cases()))
-        await workflow.respond(b, request.id, Event.ACCEPT)
-        await workflow.fetch_study(b, request.id)
+        await b.consulting.studies.fetch(request.id)
         seen = b.store.instances(share.shared_study_uid)[0]
 
         live = b.live_hub().open(request.id)
@@ -93,9 +69,6 @@ async def test_session_annotations_reach_the_hospital_sr_on_the_original_images(
         assert regions == {"ROI": "ELLIPSE", "bleed": "POINT"}
         assert referenced <= originals  # the hospital's own instances, not the pseudonyms
         assert len(referenced) == 1
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 async def test_key_images_are_filed_beside_the_sr_and_a_stranger_reference_is_left_out(
@@ -104,50 +77,27 @@ async def test_key_images_are_filed_beside_the_sr_and_a_stranger_reference_is_le
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="node.app.runtime")
-    rural_home, rural = make_home(tmp_path, "rural", registry, [])
-    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
-    a = NodeRuntime(rural_home, rural, transport_options=FAST)
-    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
-    await a.start()
-    await b.start()
-    workflow.install(a)
-    workflow.install(b)
-    try:
-        for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
-            a.store.add_file(path, source="test")
-        study_uid = a.store.studies()[0].study_uid
+    async with accepted_consult(tmp_path, registry, slices=1) as pair:
+        a, b, request, share, study_uid = pair.a, pair.b, pair.request, pair.share, pair.study_uid
         (original,) = a.store.instances(study_uid)
-        a.trust.mark_verified(neuro.node_id, a.now())
-        b.trust.mark_verified(rural.node_id, b.now())
-        request, share, _ = await workflow.request_consult(
-            a,
-            neuro.public_key,
-            study_uid,
-            workflow.Terms(
-                question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
-            ),
-        )
-        await wait_for(lambda: bool(b.consults.cases()))
-        await workflow.respond(b, request.id, Event.ACCEPT)
-        await workflow.fetch_study(b, request.id)
+        await b.consulting.studies.fetch(request.id)
         (seen,) = b.store.instances(share.shared_study_uid)
         key = KeyImage(seen.series_uid, seen.sop_class_uid, seen.sop_instance_uid)
         stranger = KeyImage("2.25.8", seen.sop_class_uid, "2.25.9")  # not in the share
-        await workflow.send_report(
-            b, request.id, text="", impression="Normal.", key_images=(key, stranger)
+        await b.consulting.reports.send_report(
+            request.id, text="", impression="Normal.", key_images=(key, stranger)
         )
         await wait_for(lambda: request.id in a.reports)
         await wait_for(lambda: len(a.store.instances(study_uid)) == 3)  # image, SR, KOS
         by_class = {row.sop_class_uid: row for row in a.store.instances(study_uid)}
         kos = pydicom.dcmread(
-            io.BytesIO(a.store.read_instance(by_class[KOS_CLASS].sop_instance_uid))
+            io.BytesIO(
+                a.store.read_instance(by_class[KeyObjectSelectionDocumentStorage].sop_instance_uid)
+            )
         )
         (image,) = [i for i in kos.ContentSequence if i.ValueType == "IMAGE"]
         assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == original.sop_instance_uid
         assert any("not in the study shared" in r.getMessage() for r in caplog.records)
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,8 +9,8 @@ import pytest
 
 from consult.errors import BadReport, IllegalTransition, LocalConsultError, UnknownConsult
 from consult.report import Report
-from consult.requests import Event, Priority, State, Transition
-from consult.store import ConsultDB
+from consult.requests import Event, Priority, Role, State, Transition
+from consult.store import CaseInfo, ConsultDB
 from crypto.identity import Identity
 from tests.consult.test_requests import NOW, make_request
 
@@ -29,7 +29,7 @@ def test_requests_and_history_survive_reopen(tmp_path: Path) -> None:
             (Event.ACCEPT, NOW + 5, "me"),
             (Event.START_TRANSFER, NOW + 6, ""),
         ]
-        assert db.info(request.id) == ("consultant", "peer-id", b"signed")
+        assert db.info(request.id) == CaseInfo(Role.CONSULTANT, "peer-id", b"signed")
 
 
 def test_illegal_transition_is_not_persisted(tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_offers_first_accept_binds_later_accept_is_withdrawn_all_declines_declin
         late = db.answer_offer(won.id, ann, Event.ACCEPT, NOW + 3)
         assert late is not None
         assert (late.transition, late.withdraw) == (None, (ann,))
-        assert db.info(won.id)[1] == str(bob)
+        assert db.info(won.id).peer_id == bob
         assert db.get(won.id).state is State.ACCEPTED
 
         one = db.answer_offer(declined.id, ann, Event.DECLINE, NOW + 1)
@@ -176,3 +176,77 @@ def test_offers_first_accept_binds_later_accept_is_withdrawn_all_declines_declin
         db.answer_offer(declined.id, bob, Event.DECLINE, NOW + 2)
         assert db.get(declined.id).state is State.DECLINED
         assert db.answer_offer(make_request().id, ann, Event.ACCEPT, NOW) is None
+
+
+def _at(db: ConsultDB, state: State, role: Role = Role.CONSULTANT) -> str:
+    """A stored consult brought to ``state`` the way the table allows."""
+    request = make_request()
+    db.add(request, role=role, now=NOW)
+    events = {
+        State.OFFERED: [Event.OFFER],
+        State.ACCEPTED: [Event.ACCEPT],
+        State.TRANSFERRING: [Event.ACCEPT, Event.START_TRANSFER],
+        State.IN_REVIEW: [Event.ACCEPT, Event.BEGIN_REVIEW],
+    }[state]
+    for event in events:
+        db.apply(request.id, event, NOW)
+    return request.id
+
+
+@pytest.mark.parametrize(
+    ("start", "target", "fired"),
+    [
+        (State.ACCEPTED, State.IN_REVIEW, [Event.BEGIN_REVIEW]),  # had the study: no transfer
+        (State.TRANSFERRING, State.IN_REVIEW, [Event.TRANSFER_DONE]),
+        (State.ACCEPTED, State.TRANSFERRING, [Event.START_TRANSFER]),
+        (State.TRANSFERRING, State.TRANSFERRING, []),  # there already
+        (State.IN_REVIEW, State.TRANSFERRING, []),  # cannot go back: the next step refuses
+    ],
+)
+def test_advance_fires_the_tables_study_events_and_audits_each(
+    tmp_path: Path, start: State, target: State, fired: list[Event]
+) -> None:
+    audited: list[Transition] = []
+    with ConsultDB.in_data_dir(tmp_path, audit=lambda _cid, t: audited.append(t)) as db:
+        consult_id = _at(db, start)
+        before = len(audited)
+        done = db.advance(consult_id, target, NOW + 9, "me")
+        assert [t.event for t in done] == fired
+        assert audited[before:] == done
+        assert db.state_of(consult_id) is (target if fired else start)
+
+
+def test_advance_never_takes_a_decision_for_a_party(tmp_path: Path) -> None:
+    """An offered consult is not accepted on the way to review: advancing follows only
+    the study's own events, so a report for a case nobody accepted stays refused."""
+    with ConsultDB.in_data_dir(tmp_path) as db:
+        consult_id = _at(db, State.OFFERED, Role.REQUESTER)
+        assert db.advance(consult_id, State.IN_REVIEW, NOW + 1) == []
+        assert db.state_of(consult_id) is State.OFFERED
+        assert db.get(consult_id).history[-1].event is Event.OFFER
+
+
+def test_advance_through_chosen_events_only(tmp_path: Path) -> None:
+    """A report begins the review of a study the consultant holds, but does not finish a
+    fetch still running (the report is then refused, as before)."""
+    with ConsultDB.in_data_dir(tmp_path) as db:
+        transferring = _at(db, State.TRANSFERRING)
+        only = frozenset({Event.BEGIN_REVIEW})
+        assert db.advance(transferring, State.IN_REVIEW, NOW + 1, via=only) == []
+        accepted = _at(db, State.ACCEPTED)
+        done = db.advance(accepted, State.IN_REVIEW, NOW + 1, via=only)
+        assert [t.event for t in done] == [Event.BEGIN_REVIEW]
+
+
+def test_info_names_the_role_and_the_other_party(tmp_path: Path) -> None:
+    peer = Identity.generate().node_id
+    with ConsultDB.in_data_dir(tmp_path) as db:
+        request = make_request()
+        db.add(request, role=Role.REQUESTER, now=NOW)
+        assert db.info(request.id) == CaseInfo(Role.REQUESTER, "", None)
+        assert db.info(request.id).peer_id is None
+        other = make_request()
+        db.add(other, role=Role.CONSULTANT, now=NOW, wire=b"w", peer=str(peer))
+        assert db.info(other.id).peer_id == peer
+        with pytest.raises(LocalConsultError, match="role must be one of"):
+            db.add(make_request(), role="referrer", now=NOW)

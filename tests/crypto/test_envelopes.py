@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from crypto.envelope import ReplayGuard, SignedEnvelope, open_sealed, open_signed, seal
+from crypto.envelope import ReplayGuard, SignedEnvelope, open_sealed, seal
 from crypto.errors import (
     BadSignature,
     CryptoError,
@@ -20,6 +22,11 @@ ALICE = Identity(bytes([1]) * 32)
 BOB = Identity(bytes([2]) * 32)
 MALLORY = Identity(bytes([3]) * 32)
 NOW = 1_800_000_000
+
+
+def open_signed(data: bytes, expected_type: str, expected_version: int = 1) -> tuple[bytes, Any]:
+    envelope = SignedEnvelope.from_wire(data)
+    return envelope.signer, envelope.verify(expected_type, expected_version)
 
 
 def test_signed_envelope_round_trip() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from consult.requests import Priority, State
 from crypto.identity import Identity
-from node.app import workflow
+from node.app import consults
 from node.app.runtime import NodeRuntime
 from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
@@ -38,7 +38,6 @@ async def _running(
     """A running node, as `radmesh node run` has it: the CLI's commands on its home run on it."""
     runtime = NodeRuntime(home, identity, transport_options=options, control=True)
     await runtime.start()
-    workflow.install(runtime)
     return runtime
 
 
@@ -117,7 +116,7 @@ async def test_routed_request_and_accept_reach_nodes_live_and_through_the_mailbo
         hospital = await _running(hospital_home, hospital_id)
         try:
             await wait_for(lambda: hospital.consults.get(consult_id).state is State.ACCEPTED)
-            assert hospital.consults.info(consult_id)[1] == str(neuro_id.node_id)
+            assert hospital.consults.info(consult_id).peer_id == neuro_id.node_id
         finally:
             await hospital.stop()
     finally:
@@ -191,9 +190,9 @@ async def test_the_consultant_fetches_the_de_identified_study_from_the_command_l
     hospital, neuro = pair.hospital, pair.neuro
     neuro_id, study_uid = pair.neuro_id, pair.study_uid
     try:
-        terms = workflow.Terms("?", Priority.STAT, "neuro", "IE")
-        request, _, _ = await workflow.request_consult(
-            hospital, neuro.identity.public_key, study_uid, terms
+        terms = consults.Terms("?", Priority.STAT, "neuro", "IE")
+        request, _, _ = await hospital.consulting.request_consult(
+            neuro.identity.public_key, study_uid, terms
         )
         await wait_for(lambda: bool(neuro.consults.cases()))
         await neuro.stop()  # the consultant's side is the CLI from here on

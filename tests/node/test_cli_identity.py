@@ -5,11 +5,15 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import nacl.pwhash
 import pytest
 
 from crypto import keyfile
 from crypto.identity import NodeId
 from node.cli import main
+
+# Argon2id at its minimum cost: the key file format is the same, the tests are fast.
+CHEAP_KDF = keyfile.KdfCost(nacl.pwhash.argon2id.OPSLIMIT_MIN, nacl.pwhash.argon2id.MEMLIMIT_MIN)
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +23,7 @@ def _cheap_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         keyfile,
         "encrypt_seed",
-        lambda seed, pw, cost=None: original(seed, pw, keyfile.TEST_COST),
+        lambda seed, pw, cost=None: original(seed, pw, CHEAP_KDF),
     )
 
 
@@ -175,3 +179,88 @@ def test_doctor_flags_a_world_readable_key(
     (home / "identity.key").chmod(0o644)
     assert main(["--home", str(home), "doctor"]) == 1
     assert "chmod 600" in capsys.readouterr().out
+
+
+def _config(home: Path) -> dict[str, object]:
+    import tomllib
+
+    return tomllib.loads((home / "config.toml").read_text())
+
+
+def test_init_with_name_and_country_keeps_them_and_does_not_warn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "a"
+    args = ["--name", "St. Brigid's CT", "--country", "ie", "--jurisdictions", "ie, gb"]
+    assert main(["--home", str(home), "init", "--no-passphrase", *args]) == 0
+    config = _config(home)
+    assert (config["display_name"], config["country"]) == ("St. Brigid's CT", "IE")
+    assert config["jurisdictions"] == ["IE", "GB"]
+    assert "Warning: the display name" not in capsys.readouterr().err
+
+
+def test_init_without_a_terminal_keeps_the_defaults_and_warns_about_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "a"
+    assert main(["--home", str(home), "init", "--no-passphrase"]) == 0
+    err = capsys.readouterr().err
+    assert 'the display name is the default "radmesh node" (--name)' in err
+    assert "no country is set (--country" in err
+    assert str(home / "config.toml") in err
+    assert (_config(home)["display_name"], _config(home)["country"]) == ("radmesh node", "")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "said"),
+    [
+        ("--country", "UK", "use GB"),
+        ("--country", "Ireland", "not an ISO 3166-1 alpha-2 code"),
+        ("--jurisdictions", "IE,IRL", "'IRL' is not an ISO 3166-1 alpha-2 code"),
+    ],
+)
+def test_init_refuses_a_country_that_is_not_an_iso_code_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, said: str
+) -> None:
+    home = tmp_path / "a"
+    assert main(["--home", str(home), "init", "--no-passphrase", "--name", "X", flag, value]) == 1
+    assert said in capsys.readouterr().err
+    assert not (home / "identity.key").exists()
+
+
+def test_init_on_a_terminal_asks_for_the_name_and_country_until_the_country_is_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import builtins
+    import sys
+
+    answers = iter(["  Dr A.   Okafor ", "Ireland", "ie"])
+    asked: list[str] = []
+
+    def fake_input(prompt: str = "") -> str:
+        asked.append(prompt)
+        return next(answers)
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(builtins, "input", fake_input)
+    home = tmp_path / "a"
+    assert main(["--home", str(home), "init", "--no-passphrase"]) == 0
+    assert [p.split(" (")[0] for p in asked] == [
+        "Display name peers see",
+        "Country the node works in",
+        "Country the node works in",
+    ]
+    out = capsys.readouterr()
+    assert "not an ISO 3166-1 alpha-2 code" in out.out  # said between the two tries
+    assert (_config(home)["display_name"], _config(home)["country"]) == ("Dr A. Okafor", "IE")
+    assert "Warning" not in out.err.replace("WITHOUT a passphrase", "")
+
+
+def test_init_no_mdns_keeps_the_node_off_the_local_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["init", "--no-passphrase", "--name", "Dr A", "--country", "GB"]
+    assert main(["--home", str(tmp_path / "a"), *args, "--no-mdns"]) == 0
+    assert main(["--home", str(tmp_path / "b"), *args]) == 0
+    network = [_config(tmp_path / name)["network"] for name in ("a", "b")]
+    assert [n["mdns"] for n in network] == [False, True]  # type: ignore[index]

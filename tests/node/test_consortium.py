@@ -14,17 +14,17 @@ import pytest
 
 from consult.requests import ConsultRequest, Event, Priority, State
 from crypto.identity import Identity
-from crypto.org import NodeCertificate, issue_certificate
-from node.app import workflow
+from node.app import consults
 from node.app.runtime import NodeRuntime
 from node.cli import main
 from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
 from peer_transport.errors import PeerRejected
 from registry.trust import TrustState, TrustStore
+from tests.certs import certificate
 from tests.node.test_runtime import FAST, make_home, wait_for
 
-TERMS = workflow.Terms(
+TERMS = consults.Terms(
     question="subdural?", priority=Priority.STAT, subspecialty="neuro", jurisdiction="IE"
 )
 
@@ -47,13 +47,12 @@ async def _start(home: NodeHome) -> NodeRuntime:
 
     runtime = NodeRuntime(home, load_identity(home.key_path), transport_options=FAST)
     await runtime.start()
-    workflow.install(runtime)
     return runtime
 
 
 async def _route(hospital: NodeRuntime) -> ConsultRequest:
-    request, _, sent = await workflow.route_consult(
-        hospital, hospital.store.studies()[0].study_uid, TERMS, max_offers=3
+    request, _, sent = await hospital.consulting.route_consult(
+        hospital.store.studies()[0].study_uid, TERMS, max_offers=3
     )
     assert all(how == "delivered (LAN)" for how in sent.values())
     return request
@@ -82,19 +81,19 @@ async def test_an_org_signed_consortium_routes_reports_and_revokes_without_pairw
         await wait_for(lambda: first.id in {c.request.id for c in ann.consults.cases()})
         # The request from an org member does not wait in the consultant's inbox.
         assert not ann.trust.inbox()
-        await workflow.respond(ann, first.id, Event.ACCEPT)
+        await ann.consulting.respond(first.id, Event.ACCEPT)
         await wait_for(lambda: hospital.consults.get(first.id).state is State.ACCEPTED)
-        assert hospital.consults.info(first.id)[1] == str(ann.identity.node_id)
+        assert hospital.consults.info(first.id).peer_id == ann.identity.node_id
         assert hospital.trust.state(ann.identity.public_key, hospital.now()) is (
             TrustState.TRUSTED_BY_ORG
         )
-        progress = await workflow.fetch_study(ann, first.id)
+        progress = await ann.consulting.studies.fetch(first.id)
         assert progress.instances_done == 2
         hub = hospital.live_hub()
         live = hub.open(first.id)
         await hub.invite(first.id, ann.identity.public_key)
         await wait_for(lambda: first.id in ann.live_hub().sessions)
-        await workflow.send_report(ann, first.id, text="No bleed.", impression="Normal.")
+        await ann.consulting.reports.send_report(first.id, text="No bleed.", impression="Normal.")
         await wait_for(lambda: hospital.consults.get(first.id).state is State.REPORTED)
         assert live.is_bound(ann.identity.public_key)
 
@@ -114,10 +113,10 @@ async def test_an_org_signed_consortium_routes_reports_and_revokes_without_pairw
         assert hospital.trust.state(ann.identity.public_key, hospital.now()) is (TrustState.REVOKED)
         # ann's accept is refused; bob's, sent after it on the same ordered path, wins.
         with caplog.at_level(logging.WARNING, logger="node.app.runtime"):
-            await workflow.respond(ann, second.id, Event.ACCEPT)
-            await workflow.respond(bob, second.id, Event.ACCEPT)
+            await ann.consulting.respond(second.id, Event.ACCEPT)
+            await bob.consulting.respond(second.id, Event.ACCEPT)
             await wait_for(lambda: hospital.consults.get(second.id).state is State.ACCEPTED)
-        assert hospital.consults.info(second.id)[1] == str(bob.identity.node_id)
+        assert hospital.consults.info(second.id).peer_id == bob.identity.node_id
         assert any("was revoked" in r.getMessage() for r in caplog.records)
         # ...and ann can no longer connect to fetch anything.
         await wait_for(lambda: ann.transport.connection(hospital.identity.public_key) is None)
@@ -127,7 +126,7 @@ async def test_an_org_signed_consortium_routes_reports_and_revokes_without_pairw
         third = await _route(hospital)
         assert set(hospital.consults.offered(third.id)) == {bob.identity.node_id}
         # bob, still a member, fetches the second case's study (now with ann's SR in it).
-        fetched = await workflow.fetch_study(bob, second.id)
+        fetched = await bob.consulting.studies.fetch(second.id)
         assert fetched.instances_done == fetched.instances_total == 3
     finally:
         for node in nodes:
@@ -216,11 +215,10 @@ async def test_a_certificate_installed_while_the_node_runs_is_published_at_once(
 
 
 def _certificate(org: Identity, node: Identity, now: int, days: int = 1) -> bytes:
-    cert = NodeCertificate(
-        node.public_key, org.public_key, "Uni", "n", (), ("neuro",), ("IE",), ("en",), now,
-        now + days * 86400,
+    return certificate(
+        org, node, now, days, institution="Uni", display_name="n", roles=(),
+        jurisdictions=("IE",), languages=("en",), not_before=now,
     )  # fmt: skip
-    return issue_certificate(org, cert)
 
 
 def test_a_kept_certificate_counts_until_it_expires(tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from consult.errors import LocalConsultError
-from node.app import control
-from node.app.control import ControlError, HomeBusy
+from node.app import commands, control
+from node.app.control import ControlError, Emit, HomeBusy
+from node.app.operations import OPERATIONS
 from node.app.runtime import NodeRuntime
 from tests.node.test_runtime import FAST, make_home
 
@@ -36,13 +37,18 @@ async def running_node(tmp_path: Path, registry: str) -> AsyncIterator[NodeRunti
         await running.stop()
 
 
-@control.operation("test.where")
-async def _where(rt: NodeRuntime, args: dict[str, Any], emit: control.Emit) -> int:
+async def _where(rt: NodeRuntime, args: dict[str, Any], emit: Emit) -> int:
     for n in range(args["steps"]):
         emit(f"step {n}")
     if args.get("fail"):
         raise LocalConsultError("consult 1234 is not here: check the id")
     return id(rt)
+
+
+@pytest.fixture(autouse=True)
+def _where_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's operation in the node's table, for this test only."""
+    monkeypatch.setitem(OPERATIONS, "test.where", _where)
 
 
 async def test_a_second_node_on_the_same_home_is_refused_until_the_first_stops(
@@ -67,21 +73,21 @@ async def test_an_operation_runs_on_the_running_node_with_its_progress(
     async with running_node(tmp_path, registry) as running:
         home = running.home
         lines: list[str] = []
-        assert await control.run(home, "test.where", {"steps": 3}, lines.append) == id(running)
+        assert await commands.run(home, "test.where", {"steps": 3}, lines.append) == id(running)
         assert lines == ["step 0", "step 1", "step 2"]
         with pytest.raises(ControlError, match="consult 1234 is not here: check the id"):
-            await control.run(home, "test.where", {"steps": 0, "fail": True}, lines.append)
+            await commands.run(home, "test.where", {"steps": 0, "fail": True}, lines.append)
         with pytest.raises(ControlError, match="unknown control request"):
-            await control.run(home, "no.such.op", {}, lines.append)
+            await commands.run(home, "no.such.op", {}, lines.append)
         # nothing of that stopped the node or its socket
-        assert await control.run(home, "test.where", {"steps": 0}, lines.append) == id(running)
+        assert await commands.run(home, "test.where", {"steps": 0}, lines.append) == id(running)
 
 
 async def test_without_a_running_node_the_command_brings_one_up_for_itself(
     tmp_path: Path, registry: str
 ) -> None:
     home, identity = make_home(tmp_path, "hospital", registry, [])
-    where = await control.run(home, "test.where", {"steps": 1}, lambda _line: None)
+    where = await commands.run(home, "test.where", {"steps": 1}, lambda _line: None)
     assert isinstance(where, int)
     node = NodeRuntime(home, identity, transport_options=FAST)
     await node.start()  # the command's node stopped and let go of the home
@@ -112,7 +118,7 @@ async def test_oversized_and_malformed_requests_are_dropped_and_the_node_carries
         assert await asyncio.to_thread(_raw_request, name, garbage) == b""
         truncated = struct.pack(">I", 100) + b"\x80"
         assert await asyncio.to_thread(_raw_request, name, truncated) == b""
-        assert await control.run(home, "test.where", {"steps": 0}, print) == id(running)
+        assert await commands.run(home, "test.where", {"steps": 0}, print) == id(running)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
@@ -153,6 +159,26 @@ async def test_a_process_of_another_user_gets_no_answer(tmp_path: Path, registry
             os.chmod(path, 0o666)  # noqa: S103
             assert await other_user() == "0"  # closed without a byte
             # the same request from this user is answered (so the refusal above is the uid's)
-            assert await control.run(home, "test.where", {"steps": 0}, print) == id(running)
+            assert await commands.run(home, "test.where", {"steps": 0}, print) == id(running)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_every_operation_a_command_asks_for_is_in_the_table() -> None:
+    """The CLI names operations by string; a name missing from the table would only show
+    as "unknown control request" at run time."""
+    import ast
+
+    asked = set()
+    for path in (Path(__file__).resolve().parents[2] / "node" / "cli").glob("*.py"):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(call, ast.Call) and len(call.args) >= 2):
+                continue
+            name = ast.unparse(call.func)
+            op = call.args[1]
+            if name in ("commands.run", "control.ask_running", "_run") and isinstance(
+                op, ast.Constant
+            ):
+                asked.add(op.value)
+    assert len(asked) >= 12  # the scan found the commands' calls
+    assert asked <= OPERATIONS.keys(), asked - OPERATIONS.keys()

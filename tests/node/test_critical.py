@@ -12,8 +12,8 @@ import pytest
 
 from consult.alerts import Acknowledgement, ReportAck
 from consult.requests import Event, Priority, State
-from node.app import workflow
-from node.app.alerts import alerts_of, hook_argv, run_hook
+from node.app import consults, reports
+from node.app.alerts import hook_argv, run_hook
 from node.app.runtime import NodeRuntime
 from node.cli import main
 from node.core.errors import NodeError
@@ -45,17 +45,15 @@ async def _reported(
 ) -> str:
     """A consult from the hospital, accepted and reported by the neuroradiologist (with
     `radmesh consult report` on its running node when ``cli``)."""
-    request, _, _ = await workflow.request_consult(
-        pair.hospital,
-        pair.neuro_id.public_key,
+    request, _, _ = await pair.hospital.consulting.request_consult(pair.neuro_id.public_key,
         pair.study_uid,
-        workflow.Terms(
+        consults.Terms(
             question="head injury, GCS 9", priority=priority, subspecialty="neuro",
             jurisdiction="IE",
         ),
     )  # fmt: skip
     await wait_for(lambda: bool(pair.neuro.consults.cases()))
-    await workflow.respond(pair.neuro, request.id, Event.ACCEPT)
+    await pair.neuro.consulting.respond(request.id, Event.ACCEPT)
     await wait_for(lambda: pair.hospital.consults.get(request.id).state is State.ACCEPTED)
     text = "Crescentic collection over the left convexity, 12 mm, midline shift 8 mm."
     impression = "Acute left subdural haematoma with mass effect: neurosurgery now."
@@ -67,8 +65,8 @@ async def _reported(
         assert code == 0, out
         assert ("sent as a critical result" in out) is critical
     else:
-        await workflow.send_report(
-            pair.neuro, request.id, text=text, impression=impression, critical=critical
+        await pair.neuro.consulting.reports.send_report(
+            request.id, text=text, impression=impression, critical=critical
         )
     await wait_for(lambda: request.id in pair.hospital.reports)
     return request.id
@@ -105,9 +103,7 @@ async def test_critical_result_pages_escalates_until_acknowledged_by_name(
     hospital.config.alerts.critical_command = [sys.executable, str(pager), "{consult}"]
     try:
         consult_id = await _reported(pair, critical=True, cli=True)
-        hospital_alerts, neuro_alerts = alerts_of(hospital), alerts_of(neuro)
-        assert hospital_alerts is not None
-        assert neuro_alerts is not None
+        hospital_alerts, neuro_alerts = hospital.alerts, neuro.alerts
 
         # Arrival: the hook ran with the consult id only, and the banner is up.
         await wait_for(lambda: _calls(calls) == [consult_id])
@@ -195,8 +191,7 @@ async def test_routine_report_is_acknowledged_without_a_name_and_flagged_until_t
     pair.hospital_home.save_config(config)
     try:
         consult_id = await _reported(pair, critical=False, priority=Priority.ROUTINE)
-        alerts = alerts_of(hospital)
-        assert alerts is not None
+        alerts = hospital.alerts
         assert alerts.banners() == []  # not critical: no banner, no page
 
         capsys.readouterr()
@@ -206,7 +201,7 @@ async def test_routine_report_is_acknowledged_without_a_name_and_flagged_until_t
         # An acknowledgement of other report bytes is refused by the consultant's node...
         wrong = Acknowledgement(consult_id, hospital.identity.node_id, bytes(32), "Mallory", 0)
         await hospital.send_message(
-            pair.neuro_id.public_key, workflow.ACK_KIND, wrong.to_wire(hospital.identity)
+            pair.neuro_id.public_key, reports.ACK_KIND, wrong.to_wire(hospital.identity)
         )
         # ...and the real one, sent after it on the same path, is the one it records.
         code, out = await radmesh(
@@ -247,13 +242,14 @@ async def test_finalising_in_the_tui_with_critical_pages_the_hospital(
     hospital, neuro = pair.hospital, pair.neuro
     hospital.config.alerts.critical_command = [sys.executable, str(pager), "{consult}"]
     try:
-        request, _, _ = await workflow.request_consult(
-            hospital, pair.neuro_id.public_key, pair.study_uid,
-            workflow.Terms(question="q", priority=Priority.STAT, subspecialty="neuro",
+        request, _, _ = await hospital.consulting.request_consult(
+            pair.neuro_id.public_key,
+            pair.study_uid,
+            consults.Terms(question="q", priority=Priority.STAT, subspecialty="neuro",
                            jurisdiction="IE"),
         )  # fmt: skip
         await wait_for(lambda: bool(neuro.consults.cases()))
-        await workflow.respond(neuro, request.id, Event.ACCEPT)
+        await neuro.consulting.respond(request.id, Event.ACCEPT)
         live = neuro.live_hub().open(request.id)
         live.set_report_text("Impression: Acute SDH with midline shift.")
         LiveSessionView(live, RuntimeNode(neuro)._finalise).finalise(critical=True)
@@ -290,14 +286,13 @@ async def test_a_lost_acknowledgement_is_sent_again_when_the_report_comes_again(
     hospital, neuro = pair.hospital, pair.neuro
     try:
         consult_id = await _reported(pair, critical=True)
-        handler = neuro.handlers.pop(workflow.ACK_KIND)  # the acknowledgement gets lost
-        how, _ = await workflow.acknowledge(hospital, consult_id, "Dr Aoife Byrne")
+        handler = neuro.handlers.pop(reports.ACK_KIND)  # the acknowledgement gets lost
+        how, _ = await hospital.consulting.reports.acknowledge(consult_id, "Dr Aoife Byrne")
         assert "delivered" in how
         assert neuro.consults.get(consult_id).state is State.REPORTED
-        neuro.handlers[workflow.ACK_KIND] = handler
+        neuro.handlers[reports.ACK_KIND] = handler
 
-        neuro_alerts = alerts_of(neuro)
-        assert neuro_alerts is not None
+        neuro_alerts = neuro.alerts
         await neuro_alerts.tick(now=_row(neuro, consult_id).reported_at + REPEAT)
         await wait_for(lambda: neuro.consults.get(consult_id).state is State.ACKNOWLEDGED)
         assert _row(neuro, consult_id).acked_by == "Dr Aoife Byrne"

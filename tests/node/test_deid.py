@@ -153,7 +153,8 @@ def test_relink_through_persisted_encrypted_map(tmp_path: Path) -> None:
     assert b"Test" not in path.read_bytes()
     loaded = PseudonymMap.load(path, key)
     assert loaded.relink_uid(str(out.StudyInstanceUID)) == original.StudyInstanceUID
-    assert loaded.relink_patient(str(out.PatientID)) == ("P1", "Test^Patient")
+    assert loaded.patients == share.pseudonyms.patients
+    assert loaded.original_names == share.pseudonyms.original_names
     with pytest.raises(PseudonymMapError, match="wrong key"):
         PseudonymMap.load(path, bytes(32))
     with pytest.raises(PseudonymMapError):

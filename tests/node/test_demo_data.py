@@ -8,7 +8,17 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.demo.phantom import generate_cr, generate_ct, generate_demo_study, generate_mr
+from node.demo.phantom import (
+    HAEMATOMA,
+    HEAD_FOV_MM,
+    VERTEX_Z,
+    collection_span,
+    generate_cr,
+    generate_ct,
+    generate_demo_study,
+    generate_mr,
+    head_hu,
+)
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +109,67 @@ def test_dcmtk_accepts_the_generated_files(tmp_path: Path) -> None:
     assert dumped.returncode == 0, dumped.stderr
     intercept = next(line for line in dumped.stdout.splitlines() if "RescaleIntercept" in line)
     assert float(intercept.split("[")[1].split("]")[0]) == -1024  # as dcmtk reads it
+
+
+def test_ct_headers_are_those_of_a_head_ct(ct: list[pydicom.Dataset]) -> None:
+    ds = ct[15]
+    assert (ds.Modality, ds.BodyPartExamined, ds.PatientPosition) == ("CT", "HEAD", "HFS")
+    assert (float(ds.RescaleSlope), float(ds.RescaleIntercept), ds.RescaleType) == (1, -1024, "HU")
+    assert [float(v) for v in ds.WindowCenter] == [40, 600]  # brain first, then bone
+    assert [float(v) for v in ds.WindowWidth] == [80, 2800]
+    assert float(ds.PixelSpacing[0]) * ds.Rows == pytest.approx(HEAD_FOV_MM, abs=0.01)
+    assert float(ds.SliceLocation) == pytest.approx(float(ds.ImagePositionPatient[2]))
+    corner = -(ds.Rows - 1) / 2 * float(ds.PixelSpacing[0])  # the image is centred on the head
+    assert float(ds.ImagePositionPatient[0]) == pytest.approx(corner, abs=1e-3)
+    assert _hu(ds)[0, 0] == -1024  # padding outside the reconstruction circle
+
+
+def _around(hu: np.ndarray, rows: int, x_mm: float, y_mm: float, r_mm: float = 2.0) -> float:
+    """Median HU in a small disc around patient coordinates (x left, y posterior)."""
+    spacing = HEAD_FOV_MM / rows
+    yy, xx = np.mgrid[0:rows, 0:rows]
+    cx, cy = (rows - 1) / 2 + x_mm / spacing, (rows - 1) / 2 + y_mm / spacing
+    return float(np.median(hu[(xx - cx) ** 2 + (yy - cy) ** 2 <= (r_mm / spacing) ** 2]))
+
+
+def test_the_head_has_its_tissues_where_anatomy_puts_them() -> None:
+    rows = 512
+    body = head_hu(rows, 20.0, noise=0.0, collection=None)  # level of the ventricle bodies
+    assert _around(body, rows, 0.0, -107.0) == -1000  # air in front of the face
+    ray = body[rows // 2, rows // 2 :]  # from the centre to the patient's left
+    assert ray.max() >= 1500  # cortical bone of the skull
+    assert ((ray > -200) & (ray < 100)).sum() > 0  # the scalp outside it
+    assert 0 <= _around(body, rows, 5.5, -5.0, 1.0) <= 10  # lateral ventricle: CSF
+    white = _around(body, rows, 30.0, 0.0)
+    assert 24 <= white <= 30
+    cortex = body[np.abs(body - 41.0) < 0.5].size  # the grey matter ribbon
+    assert cortex > 0.04 * body.size
+    assert np.median(body[np.abs(body - 41.0) < 0.5]) - white >= 10  # grey/white contrast
+    low = head_hu(rows, -45.0, noise=0.0, collection=None)  # orbits and skull base
+    assert 5 <= _around(low, rows, 31.0, -74.0) <= 20  # a globe's vitreous
+    assert _around(low, rows, 0.0, -26.0) < -900  # the air of the sphenoid sinus
+    assert head_hu(rows, VERTEX_Z + 1.0, noise=0.0).max() == -1000  # above the vertex: air
+
+
+def test_the_haematoma_is_on_the_left_and_pushes_the_midline_right() -> None:
+    rows, z = 512, HAEMATOMA.level_z
+    sick = head_hu(rows, z, noise=0.0)
+    well = head_hu(rows, z, noise=0.0, collection=None)
+    blood = sick == HAEMATOMA.hu
+    columns = np.nonzero(blood)[1]
+    assert columns.size > 500
+    assert columns.min() > rows // 2  # the patient's left is the image's right
+    assert not (well == HAEMATOMA.hu).any()
+    span = collection_span(rows, z)
+    assert span is not None
+    (c0, r0), (c1, r1) = span
+    length = np.hypot(c1 - c0, r1 - r0) * HEAD_FOV_MM / rows
+    assert length == pytest.approx(HAEMATOMA.thickest_mm, abs=0.1)
+    assert sick[round((r0 + r1) / 2), round((c0 + c1) / 2)] == HAEMATOMA.hu
+    # Mass effect: the third ventricle (CSF on the midline) sits right of where it was.
+    csf_sick = np.nonzero((np.abs(sick - 6.0) < 0.5)[rows // 2 - 20 : rows // 2 + 20])[1]
+    csf_well = np.nonzero((np.abs(well - 6.0) < 0.5)[rows // 2 - 20 : rows // 2 + 20])[1]
+    shift_px = np.median(csf_sick[np.abs(csf_sick - rows // 2) < 30]) - np.median(
+        csf_well[np.abs(csf_well - rows // 2) < 30]
+    )
+    assert shift_px * HEAD_FOV_MM / rows == pytest.approx(HAEMATOMA.shift_mm(z), abs=1.0)

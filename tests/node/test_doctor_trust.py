@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 from crypto.identity import Identity
-from crypto.org import NodeCertificate, issue_certificate
 from node.cli.doctor import _certificate, _sequence, run_checks
 from node.core.config import NodeHome
 from node.core.sequence import RecordSequence
+from tests.certs import certificate
 from tests.node.test_runtime import make_home
 
 DAY = 86400
@@ -17,19 +17,12 @@ DAY = 86400
 
 def _install(home: NodeHome, node: Identity, *, not_after: int, org: Identity) -> None:
     now = int(time.time())
-    cert = NodeCertificate(
-        node_key=node.public_key,
-        org_key=org.public_key,
-        institution="St. Brigid's",
-        display_name="CT",
-        roles=("referrer",),
-        subspecialties=(),
-        jurisdictions=("IE",),
-        languages=("en",),
-        not_before=now - DAY,
+    cert = certificate(
+        org, node, now, institution="St. Brigid's", display_name="CT", roles=("referrer",),
+        subspecialties=(), jurisdictions=("IE",), languages=("en",), not_before=now - DAY,
         not_after=not_after,
-    )
-    home.cert_path.write_bytes(issue_certificate(org, cert))
+    )  # fmt: skip
+    home.cert_path.write_bytes(cert)
 
 
 def test_doctor_names_the_certificate_and_flags_an_expired_or_forged_one(tmp_path: Path) -> None:

@@ -15,9 +15,11 @@ import pytest
 from consult.errors import ConsultError
 from consult.requests import Event, Priority, State
 from crypto.identity import Identity
-from node.app import control, workflow
+from node.app import cases, commands, consults, studies
+from node.app.control import Emit
+from node.app.operations import OPERATIONS
 from node.app.runtime import NodeRuntime
-from node.app.transfers import Direction, TransferState
+from node.app.transfers import Direction
 from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
 from node.dicom.deid import PseudonymMap, ShareContext, deidentify
@@ -43,7 +45,6 @@ class Pair:
 async def _started(home: NodeHome, identity: Identity) -> NodeRuntime:
     runtime = NodeRuntime(home, identity, transport_options=FAST)
     await runtime.start()
-    workflow.install(runtime)
     return runtime
 
 
@@ -61,11 +62,11 @@ async def accepted_consult(tmp_path: Path, registry: str) -> AsyncIterator[Pair]
         pair.study_uid = a.store.studies()[0].study_uid
         a.trust.mark_verified(neuro.node_id, a.now())
         b.trust.mark_verified(rural.node_id, b.now())
-        terms = workflow.Terms("subdural?", Priority.STAT, "neuro", "IE")
-        request, _, _ = await workflow.request_consult(a, neuro.public_key, pair.study_uid, terms)
+        terms = consults.Terms("subdural?", Priority.STAT, "neuro", "IE")
+        request, _, _ = await a.consulting.request_consult(neuro.public_key, pair.study_uid, terms)
         pair.consult_id = request.id
         await wait_for(lambda: bool(b.consults.cases()))
-        await workflow.respond(b, request.id, Event.ACCEPT)
+        await b.consulting.respond(request.id, Event.ACCEPT)
         await wait_for(lambda: a.consults.get(request.id).state is State.ACCEPTED)
         yield pair
     finally:
@@ -74,20 +75,20 @@ async def accepted_consult(tmp_path: Path, registry: str) -> AsyncIterator[Pair]
             await pair.consultant.stop()
 
 
-def outgoing(rt: NodeRuntime, *states: TransferState) -> list[str]:
+def outgoing(rt: NodeRuntime, *states: tr.State) -> list[str]:
     return [
         v.error for v in rt.transfers.views() if v.direction is Direction.OUT and v.state in states
     ]
 
 
-LIVE = (TransferState.STARTING, TransferState.RUNNING)
+LIVE = (tr.State.OFFERED, tr.State.RUNNING)
 
 
 def shared_hashes(pair: Pair) -> set[str]:
     """What the consultant must hold: the hospital's study de-identified under the consult."""
     rt = pair.hospital
-    key = rt.identity.derive_key(workflow.PSEUDONYM_KEY_PURPOSE)
-    share = ShareContext(pseudonyms=PseudonymMap.load(workflow._map_path(rt, pair.consult_id), key))
+    key = rt.identity.derive_key(cases.PSEUDONYM_KEY_PURPOSE)
+    share = ShareContext(pseudonyms=PseudonymMap.load(cases.map_path(rt, pair.consult_id), key))
     return {
         hashlib.sha256(deidentify(rt.store.read_instance(row.sop_instance_uid), share)).hexdigest()
         for row in rt.store.instances(pair.study_uid)
@@ -101,11 +102,16 @@ def received_hashes(rt: NodeRuntime, study_uid: str) -> set[str]:
     }
 
 
-@control.operation("test.notes")
-async def _notes(rt: NodeRuntime, args: dict[str, object], emit: control.Emit) -> list[str]:
+async def _notes(rt: NodeRuntime, args: dict[str, object], emit: Emit) -> list[str]:
     await asyncio.sleep(0.2)  # what install spawned has run by now
     rt.notify("the command ran")
     return drain(rt, [])
+
+
+@pytest.fixture(autouse=True)
+def _notes_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's operation in the node's table, for this test only."""
+    monkeypatch.setitem(OPERATIONS, "test.notes", _notes)
 
 
 def drain(rt: NodeRuntime, into: list[str]) -> list[str]:
@@ -126,13 +132,13 @@ async def test_a_second_fetch_replaces_the_sender_and_the_study_arrives_byte_exa
             if not again:
                 conn = b.transport.connection(a.identity.public_key)
                 assert conn is not None
-                request = conn.request(workflow.FETCH_KIND, pair.consult_id.encode())
+                request = conn.request(studies.FETCH_KIND, pair.consult_id.encode())
                 again.append(asyncio.ensure_future(request))
 
         # Two fetches on the consultant's node are one fetch (a second `f`).
         first, second = await asyncio.gather(
-            workflow.fetch_study(b, pair.consult_id, on_progress=fetch_again),
-            workflow.fetch_study(b, pair.consult_id),
+            b.consulting.studies.fetch(pair.consult_id, on_progress=fetch_again),
+            b.consulting.studies.fetch(pair.consult_id),
         )
         assert first == second
         assert first.instances_done == first.instances_total == SLICES
@@ -140,14 +146,14 @@ async def test_a_second_fetch_replaces_the_sender_and_the_study_arrives_byte_exa
         assert len([v for v in b.transfers.views() if v.direction is Direction.IN]) == 1
 
         # The hospital ran two senders one after the other, never two at once.
-        assert outgoing(a, TransferState.FAILED) == ["replaced by a new fetch from the peer"]
+        assert outgoing(a, tr.State.FAILED) == ["replaced by a new fetch from the peer"]
         await wait_for(lambda: not outgoing(a, *LIVE))
-        assert len(outgoing(a, TransferState.COMPLETE)) == 1
+        assert len(outgoing(a, tr.State.COMPLETE)) == 1
 
         shared_uid = b.consults.get(pair.consult_id).request.study_uid
         assert received_hashes(b, shared_uid) == shared_hashes(pair)
         assert b.consults.get(pair.consult_id).state is State.IN_REVIEW
-        assert not (workflow._spool_of(b, pair.consult_id)).exists()
+        assert not (b.consulting.studies.spool_of(pair.consult_id)).exists()
 
 
 async def test_a_withdrawn_consult_stops_its_sender_and_the_consultants_fetch(
@@ -159,13 +165,13 @@ async def test_a_withdrawn_consult_stops_its_sender_and_the_consultants_fetch(
 
         def withdraw_once(progress: tr.Progress) -> None:
             if not withdrawing:
-                withdrawing.append(asyncio.ensure_future(workflow.withdraw(a, pair.consult_id)))
+                withdrawing.append(asyncio.ensure_future(a.consulting.withdraw(pair.consult_id)))
 
         with pytest.raises((TransportError, ConsultError), match=r"cancelled|withdrawn"):
-            await workflow.fetch_study(b, pair.consult_id, on_progress=withdraw_once)
+            await b.consulting.studies.fetch(pair.consult_id, on_progress=withdraw_once)
         assert await withdrawing[0] == []  # the consultant was told
         assert not outgoing(a, *LIVE)
-        assert outgoing(a, TransferState.FAILED) == ["the consult was withdrawn by the requester"]
+        assert outgoing(a, tr.State.FAILED) == ["the consult was withdrawn by the requester"]
         await wait_for(lambda: b.consults.get(pair.consult_id).state is State.WITHDRAWN)
         shared_uid = b.consults.get(pair.consult_id).request.study_uid
         assert len(b.store.instances(shared_uid)) < SLICES
@@ -174,7 +180,7 @@ async def test_a_withdrawn_consult_stops_its_sender_and_the_consultants_fetch(
 async def stopped_mid_fetch(pair: Pair) -> Path:
     """The consultant's node stopped after 5 instances of its fetch; returns the spool."""
     b = pair.consultant
-    spool = workflow._spool_of(b, pair.consult_id)
+    spool = b.consulting.studies.spool_of(pair.consult_id)
     stopping: list[asyncio.Task[None]] = []
 
     def stop_after_a_few(progress: tr.Progress) -> None:
@@ -182,7 +188,7 @@ async def stopped_mid_fetch(pair: Pair) -> Path:
             stopping.append(asyncio.ensure_future(b.stop()))
 
     async def pull() -> None:
-        await workflow.fetch_study(b, pair.consult_id, on_progress=stop_after_a_few)
+        await b.consulting.studies.fetch(pair.consult_id, on_progress=stop_after_a_few)
 
     b.spawn(pull())
     await wait_for(lambda: bool(stopping), within=60)
@@ -196,7 +202,7 @@ async def test_a_node_brought_up_for_one_command_does_not_resume_a_fetch(
 ) -> None:
     async with accepted_consult(tmp_path, registry) as pair:
         spool = await stopped_mid_fetch(pair)
-        said = await control.run(pair.consultant_home, "test.notes", {}, lambda _line: None)
+        said = await commands.run(pair.consultant_home, "test.notes", {}, lambda _line: None)
         assert said == ["the command ran"]  # no "Resuming the study of consult ..."
         assert (spool / "manifest").exists()  # kept for the node's next start
 
@@ -225,11 +231,11 @@ async def test_the_spool_of_a_withdrawn_consult_is_removed_at_start_not_resumed(
 ) -> None:
     async with accepted_consult(tmp_path, registry) as pair:
         b = pair.consultant
-        await workflow.withdraw(pair.hospital, pair.consult_id)
+        await pair.hospital.consulting.withdraw(pair.consult_id)
         await wait_for(lambda: b.consults.get(pair.consult_id).state is State.WITHDRAWN)
         await b.stop()
         transfers = b.home.data_dir / "transfers"
-        withdrawn = workflow._spool_of(b, pair.consult_id)
+        withdrawn = b.consulting.studies.spool_of(pair.consult_id)
         withdrawn.mkdir(parents=True)
         (withdrawn / "manifest").write_bytes(b"left by a crash")
         other = transfers / "ABCDEFGHIJKLMNOP"  # a `radmesh fetch` spool: not a consult's
@@ -238,8 +244,8 @@ async def test_the_spool_of_a_withdrawn_consult_is_removed_at_start_not_resumed(
         b2 = pair.consultant = await _started(pair.consultant_home, pair.consultant_identity)
         assert not withdrawn.exists()
         assert other.exists()
-        # install() spawns one resume per unfinished fetch it finds, and found none.
-        assert workflow.unfinished_fetches(b2) == []
+        # At start the desk resumes each unfinished fetch it finds, and found none.
+        assert b2.consulting.studies.unfinished() == []
         assert not any("Resuming" in n for n in drain(b2, []))
         assert not b2.transfers.views()
 
@@ -254,17 +260,17 @@ async def test_two_consults_between_the_same_nodes_fetch_at_once_each_its_own_st
         for path in generate_ct(tmp_path / "ct2", slices=SLICES // 2, rows=128, seed=7):
             a.store.add_file(path, source="test")
         [second_study] = [s.study_uid for s in a.store.studies() if s.study_uid != pair.study_uid]
-        terms = workflow.Terms("fracture?", Priority.URGENT, "neuro", "IE")
-        second, _, _ = await workflow.request_consult(
-            a, pair.consultant_identity.public_key, second_study, terms
+        terms = consults.Terms("fracture?", Priority.URGENT, "neuro", "IE")
+        second, _, _ = await a.consulting.request_consult(
+            pair.consultant_identity.public_key, second_study, terms
         )
         await wait_for(lambda: len(b.consults.cases()) == 2)
-        await workflow.respond(b, second.id, Event.ACCEPT)
+        await b.consulting.respond(second.id, Event.ACCEPT)
         await wait_for(lambda: a.consults.get(second.id).state is State.ACCEPTED)
 
         first, other = await asyncio.wait_for(
             asyncio.gather(
-                workflow.fetch_study(b, pair.consult_id), workflow.fetch_study(b, second.id)
+                b.consulting.studies.fetch(pair.consult_id), b.consulting.studies.fetch(second.id)
             ),
             90,
         )

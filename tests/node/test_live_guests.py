@@ -14,7 +14,7 @@ import pytest
 
 from consult.errors import LocalConsultError
 from consult.live import NOT_ADMITTED, Invite
-from node.app import guests, workflow
+from node.app import guests
 from node.app.runtime import NodeRuntime
 from node.cli import main
 from peer_transport.errors import RemoteError
@@ -40,9 +40,8 @@ async def trio(tmp_path: Path, registry: str) -> AsyncIterator[list[NodeRuntime]
     nodes = []
     for name in ("hospital", "consultant", "surgeon"):
         home, identity = make_home(tmp_path, name, registry)
-        node = NodeRuntime(home, identity, transport_options=FAST, control=True)
+        node = NodeRuntime(home, identity, transport_options=FAST, control=True, resume=False)
         await node.start()
-        workflow.install(node, resume=False)
         nodes.append(node)
     introduce(nodes)
     yield nodes
@@ -150,7 +149,7 @@ async def test_a_guest_must_be_trusted_and_not_a_party(trio: list[NodeRuntime]) 
     assert code != 0
     consultant.trust.revoke(surgeon.identity.node_id, consultant.now())
     with pytest.raises(guests.GuestError, match="not trusted"):
-        await guests.propose(consultant, consult_id, surgeon.identity.node_id)
+        await consultant.guests.propose(consult_id, surgeon.identity.node_id)
     assert consultant.consults.guests(consult_id) == []
 
 

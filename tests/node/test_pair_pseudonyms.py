@@ -14,7 +14,7 @@ import pydicom
 
 from consult.requests import Event, Priority
 from crypto.identity import Identity, NodeId
-from node.app import workflow
+from node.app import cases, consults
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import DemoStudy, generate_ct, random_study
 from node.dicom import pseudonyms as pair_pseudonyms
@@ -31,20 +31,19 @@ async def _share(
     """Record a consult of ``study_uid`` offered to ``consultant`` (not sent: no network
     needed), accepted by it, and de-identify it as a fetch by that consultant would; returns
     (pseudo patient id, pseudo study uid, date shift in days, original patient id)."""
-    request, pseudonyms = await workflow._new_request(
-        rt,
+    request, pseudonyms = await rt.consulting._new_request(
         study_uid,
-        workflow.Terms("follow-up", Priority.ROUTINE, "neuro", "IE"),
+        consults.Terms("follow-up", Priority.ROUTINE, "neuro", "IE"),
     )
     assert pseudonyms is not None
-    pseudonyms.persist(workflow._map_path(rt, request.id), workflow._map_key(rt))
+    pseudonyms.persist(cases.map_path(rt, request.id), cases.map_key(rt))
     now = rt.now()
     rt.consults.add(request, role="requester", now=now, wire=request.to_wire(rt.identity))
     rt.consults.offer(request.id, [consultant.node_id], now, str(rt.identity.node_id))
     rt.consults.answer_offer(request.id, consultant.node_id, Event.ACCEPT, now)
-    assert rt.consults.info(request.id)[1] == str(consultant.node_id)
+    assert rt.consults.info(request.id).peer_id == consultant.node_id
     files = [rt.store.read_instance(r.sop_instance_uid) for r in rt.store.instances(study_uid)]
-    prepare = workflow._deidentifier(rt, request.id)
+    prepare = rt.consulting.studies._deidentifier(request.id)
     # As the transfer runs it: the de-identifier's generator in a worker thread.
     out = await asyncio.to_thread(lambda: list(prepare(files)))
     shared = [pydicom.dcmread(io.BytesIO(d)) for d in out]
@@ -119,7 +118,7 @@ def test_pair_keys_differ_per_consultant_and_per_home(tmp_path: Path) -> None:
 
 async def test_plain_send_to_the_same_peer_keeps_the_patient_pseudonym(tmp_path: Path) -> None:
     """`radmesh send` (no consult): a follow-up sent to the same peer groups with the first."""
-    from node.cli import transfer
+    from node.app import sending
 
     home, identity = make_home(tmp_path, "rural", "", [])
     rt = NodeRuntime(home, identity)
@@ -133,7 +132,7 @@ async def test_plain_send_to_the_same_peer_keeps_the_patient_pseudonym(tmp_path:
         b = str(Identity.generate().node_id)
 
         def sent(study_uid: str, peer: str) -> str:
-            prepare = transfer._prepare_share(rt, study_uid, peer, False, True)
+            prepare = sending.prepare_share(rt, study_uid, peer, False, True)
             assert prepare is not None
             rows = rt.store.instances(study_uid)
             files = [rt.store.read_instance(r.sop_instance_uid) for r in rows]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.bench_codec import ct_series
-from consult.requests import ConsultRequest, Event, Priority, State
+from consult.requests import ConsultRequest, Event, Priority, Role, State
 from crypto.identity import Identity
 from node.app.retention import DAY, ConsultRow, Purge, RetentionDB, due_purges, summarise
 from node.app.runtime import NodeRuntime
@@ -21,7 +21,7 @@ T0 = 1_800_000_000
 
 def row(cid: str, study: str, **kw: object) -> ConsultRow:
     fields: dict[str, object] = {
-        "role": "consultant",
+        "role": Role.CONSULTANT,
         "state": State.ACKNOWLEDGED,
         "closed_at": T0,
     }
@@ -62,7 +62,7 @@ def test_a_study_shared_with_an_open_pinned_or_own_consult_is_kept() -> None:
     later = T0 + 100 * DAY
     assert due_purges([row("a", "1.1"), row("b", "1.1", state=State.IN_REVIEW)], later, 30) == []
     assert due_purges([row("a", "1.1"), row("b", "1.1", pinned=True)], later, 30) == []
-    assert due_purges([row("a", "1.1"), row("b", "1.1", role="requester")], later, 30) == []
+    assert due_purges([row("a", "1.1"), row("b", "1.1", role=Role.REQUESTER)], later, 30) == []
     both = due_purges([row("a", "1.1"), row("b", "1.1", closed_at=T0 + DAY)], later, 30)
     assert [p.consult_id for p in both] == ["a", "b"]
 
@@ -74,7 +74,7 @@ def test_summary_counts_held_due_and_next() -> None:
         row("c", "1.3", state=State.IN_REVIEW, closed_at=None),
         row("d", "1.4", pinned=True),
         row("e", "1.5", purged=True),
-        row("f", "1.6", role="requester"),
+        row("f", "1.6", role=Role.REQUESTER),
         row("g", "1.7", state=State.OFFERED, closed_at=None),  # never fetched
     ]
     s = summarise(rows, T0 + 30 * DAY, 30)

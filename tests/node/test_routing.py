@@ -12,7 +12,7 @@ import pytest
 from consult.errors import LocalConsultError
 from consult.requests import ConsultResponse, Event, Priority, State
 from crypto.identity import Identity, NodeId
-from node.app import workflow
+from node.app import consults
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct
 from registry.client import RegistryClient
@@ -27,7 +27,6 @@ async def _node(root: Path, name: str, registry: str, subs: list[str], jur: str)
     home.save_config(config)
     runtime = NodeRuntime(home, identity, transport_options=FAST)
     await runtime.start()
-    workflow.install(runtime)
     return runtime
 
 
@@ -72,17 +71,16 @@ async def test_first_of_two_accepts_wins_the_other_is_withdrawn(
         study_uid = hospital.store.studies()[0].study_uid
 
         withdrawn_from: list[object] = []  # whom the hospital decided to withdraw it from
-        send_withdrawal = hospital.send_withdrawal
+        send_withdrawal = hospital.consulting.send_withdrawal
 
         async def recording(consult_id: str, peer: NodeId, reason: str) -> bool:
             withdrawn_from.append(peer)
             return await send_withdrawal(consult_id, peer, reason)
 
-        hospital.send_withdrawal = recording  # type: ignore[method-assign]
-        request, _, sent = await workflow.route_consult(
-            hospital,
+        hospital.consulting.send_withdrawal = recording  # type: ignore[method-assign]
+        request, _, sent = await hospital.consulting.route_consult(
             study_uid,
-            workflow.Terms(
+            consults.Terms(
                 question="subdural?",
                 priority=Priority.STAT,
                 subspecialty="neuro",
@@ -97,11 +95,11 @@ async def test_first_of_two_accepts_wins_the_other_is_withdrawn(
 
         # Both accept at once; the hospital takes in both accepts.
         await asyncio.gather(
-            workflow.respond(ann, request.id, Event.ACCEPT),
-            workflow.respond(bob, request.id, Event.ACCEPT),
+            ann.consulting.respond(request.id, Event.ACCEPT),
+            bob.consulting.respond(request.id, Event.ACCEPT),
         )
         await wait_for(lambda: hospital.consults.get(request.id).state is State.ACCEPTED)
-        _, winner, _ = hospital.consults.info(request.id)
+        winner = hospital.consults.info(request.id).peer
         loser = bob if winner == str(ann.identity.node_id) else ann
         assert winner in (str(ann.identity.node_id), str(bob.identity.node_id))
         await wait_for(lambda: loser.consults.get(request.id).state is State.WITHDRAWN)
@@ -122,7 +120,7 @@ async def test_first_of_two_accepts_wins_the_other_is_withdrawn(
             hospital.identity.public_key, "consult.response", forged.to_wire(fay.identity)
         )
         await wait_for(lambda: len(_refusals(caplog)) > refused)
-        assert hospital.consults.info(request.id)[1] == winner
+        assert hospital.consults.info(request.id).peer == winner
     finally:
         for node in nodes:
             await node.stop()
@@ -137,21 +135,20 @@ async def test_a_late_accept_is_answered_with_a_withdrawal(tmp_path: Path, regis
         _trust_each_other(hospital, bob)
         for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
             hospital.store.add_file(path, source="test")
-        request, _, _ = await workflow.route_consult(
-            hospital,
+        request, _, _ = await hospital.consulting.route_consult(
             hospital.store.studies()[0].study_uid,
-            workflow.Terms(
+            consults.Terms(
                 question="q", priority=Priority.ROUTINE, subspecialty="neuro", jurisdiction="IE"
             ),
             max_offers=2,
         )
         await wait_for(lambda: bool(ann.consults.cases()) and bool(bob.consults.cases()))
-        await workflow.respond(ann, request.id, Event.ACCEPT)
+        await ann.consulting.respond(request.id, Event.ACCEPT)
         await wait_for(lambda: bob.consults.get(request.id).state is State.WITHDRAWN)
         # Bob's node already shows it withdrawn, so accepting it there is refused.
         with pytest.raises(LocalConsultError, match="This consult was withdrawn by the requester"):
-            await workflow.respond(bob, request.id, Event.ACCEPT)
-        assert hospital.consults.info(request.id)[1] == str(ann.identity.node_id)
+            await bob.consulting.respond(request.id, Event.ACCEPT)
+        assert hospital.consults.info(request.id).peer_id == ann.identity.node_id
     finally:
         for node in (hospital, ann, bob):
             await node.stop()
@@ -164,10 +161,9 @@ async def test_routing_with_no_trusted_match_says_what_to_do(tmp_path: Path, reg
         for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
             hospital.store.add_file(path, source="test")
         with pytest.raises(LocalConsultError, match="verify more peers"):
-            await workflow.route_consult(
-                hospital,
+            await hospital.consulting.route_consult(
                 hospital.store.studies()[0].study_uid,
-                workflow.Terms(
+                consults.Terms(
                     question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
                 ),
             )

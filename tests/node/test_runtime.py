@@ -218,3 +218,19 @@ async def test_node_run_starts_and_stops_cleanly(
     await wait_for(started)
     stop.set()
     assert await asyncio.wait_for(task, 20) == 0
+
+
+def test_a_runtime_is_a_whole_node_from_its_constructor(tmp_path: Path) -> None:
+    """Every consult message has its handler before the node takes any message in (a
+    report that arrives while the node starts, from a registry mailbox, is filed): there
+    is no install step to forget."""
+    from node.app.consults import LIVE_CONSENT_KIND
+    from node.app.guests import LIVE_REFUSE_KIND
+    from node.app.reports import ACK_KIND, ADDENDUM_KIND, REPORT_KIND, REVIEW_KIND
+
+    home, identity = make_home(tmp_path, "hospital", "", [])
+    rt = NodeRuntime(home, identity)
+    kinds = {"consult.request", "consult.response", REPORT_KIND, REVIEW_KIND, ACK_KIND,
+             ADDENDUM_KIND, LIVE_CONSENT_KIND, LIVE_REFUSE_KIND}  # fmt: skip
+    assert kinds <= rt.handlers.keys()
+    assert [rt.alerts.rt, rt.consulting.rt, rt.guests.rt] == [rt, rt, rt]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from node.app.transfers import KEEP_SECONDS, Direction, TransferState, TransferTracker
+from node.app.transfers import KEEP_SECONDS, Direction, TransferTracker
+from peer_transport.transfer.machine import State
 
 
 class Clock:
@@ -20,15 +21,15 @@ def test_a_tracked_block_is_complete_when_it_ends_and_failed_when_it_raises() ->
     tracker = TransferTracker(clock)
     with tracker.track("a" * 32, Direction.IN, "PEERAAA"):
         [running] = tracker.views()
-        assert running.state is TransferState.STARTING
+        assert running.state is State.OFFERED
         assert (running.bytes_done, running.bytes_total) == (0, 0)
         assert running.label == "consult aaaaaaaa"
     with pytest.raises(ConnectionError), tracker.track("b" * 32, Direction.OUT, "PEERBBB"):
         raise ConnectionError("peer went away")
     done, failed = tracker.views()
-    assert done.state is TransferState.COMPLETE
+    assert done.state is State.COMPLETE
     assert (failed.state, failed.error, failed.direction) == (
-        TransferState.FAILED,
+        State.FAILED,
         "peer went away",
         Direction.OUT,
     )

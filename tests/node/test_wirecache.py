@@ -22,7 +22,7 @@ from node.dicom.store import Store
 from node.dicom.wirecache import CacheWarmer, WireCache
 from node.dicom.wirecodec import CodedPixels, Encoding, WireInstance
 from peer_transport import transfer as tr
-from peer_transport.transfer_runner import StudyReceiver, send_study
+from peer_transport.transfer.runner import StudyReceiver, send_study
 from tests.peer_transport.test_transfer_runner import MemoryStore, _memory_pair
 
 
@@ -229,7 +229,7 @@ def test_warming_after_an_import_fills_the_cache_without_blocking_the_import(
         store.use_wire_cache(cache)
         for data in files:
             store.add_bytes(data, source="import")
-        store.add_bytes(ct_series(1, seed=14, size=64)[0], source="peer:someone")
+        store.add_bytes(ct_series(1, seed=14, size=64)[0], source="peer:someone", warm=False)
         assert busy.wait(20)  # the worker is stuck in its first instance...
         assert not _entries(cache)  # ...and every import has returned meanwhile
         release.set()

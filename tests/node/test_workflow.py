@@ -11,9 +11,10 @@ import pytest
 
 from consult.report import Measurement, Unit
 from consult.requests import Event, Priority, State
-from node.app import workflow
+from node.app import consults, reports
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct
+from tests.node.pair import accepted_consult
 from tests.node.test_runtime import FAST, make_home, wait_for
 from tests.orthanc import orthanc_server
 
@@ -29,8 +30,6 @@ async def _loop(tmp_path: Path, registry_url: str, pacs: tuple[str, int, str] | 
     b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
     await a.start()
     await b.start()
-    workflow.install(a)
-    workflow.install(b)
     try:
         files = generate_ct(tmp_path / "ct", slices=3, rows=64)
         for path in files:
@@ -40,11 +39,10 @@ async def _loop(tmp_path: Path, registry_url: str, pacs: tuple[str, int, str] | 
         a.trust.mark_verified(neuro.node_id, a.now())
         b.trust.mark_verified(rural.node_id, b.now())
 
-        request, share, _ = await workflow.request_consult(
-            a,
+        request, share, _ = await a.consulting.request_consult(
             neuro.public_key,
             study_uid,
-            workflow.Terms(
+            consults.Terms(
                 question="suspected subdural haematoma",
                 priority=Priority.STAT,
                 subspecialty="neuro",
@@ -55,11 +53,11 @@ async def _loop(tmp_path: Path, registry_url: str, pacs: tuple[str, int, str] | 
 
         await wait_for(lambda: bool(b.consults.cases()))
         assert b.consults.get(request.id).request.study_uid == share.shared_study_uid
-        await workflow.respond(b, request.id, Event.ACCEPT)
+        await b.consulting.respond(request.id, Event.ACCEPT)
         await wait_for(lambda: a.consults.get(request.id).state is State.ACCEPTED)
 
         # The consultant pulls the de-identified study over WebRTC.
-        progress = await workflow.fetch_study(b, request.id)
+        progress = await b.consulting.studies.fetch(request.id)
         assert progress.instances_done == len(files)
         received = b.store.instances(share.shared_study_uid)
         assert len(received) == len(files)
@@ -69,8 +67,7 @@ async def _loop(tmp_path: Path, registry_url: str, pacs: tuple[str, int, str] | 
         assert not b.store.instances(study_uid)  # the original UIDs never left the hospital
         assert b.consults.get(request.id).state is State.IN_REVIEW
 
-        await workflow.send_report(
-            b,
+        await b.consulting.reports.send_report(
             request.id,
             text="Crescentic extra-axial collection over the left convexity.",
             impression="Acute left subdural haematoma, 9 mm, no midline shift.",
@@ -119,29 +116,8 @@ async def test_finalising_in_the_tui_signs_and_sends_the_report(
         "Acute SDH.",
     )
     assert impression_of("One.\n\nTwo.") == ("One.", "Two.")
-    rural_home, rural = make_home(tmp_path, "rural", registry, [])
-    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
-    a = NodeRuntime(rural_home, rural, transport_options=FAST)
-    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
-    await a.start()
-    await b.start()
-    workflow.install(a)
-    workflow.install(b)
-    try:
-        for path in generate_ct(tmp_path / "ct", slices=2, rows=32):
-            a.store.add_file(path, source="test")
-        a.trust.mark_verified(neuro.node_id, a.now())
-        b.trust.mark_verified(rural.node_id, b.now())
-        request, _, _ = await workflow.request_consult(
-            a,
-            neuro.public_key,
-            a.store.studies()[0].study_uid,
-            workflow.Terms(
-                question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
-            ),
-        )
-        await wait_for(lambda: bool(b.consults.cases()))
-        await workflow.respond(b, request.id, Event.ACCEPT)
+    async with accepted_consult(tmp_path, registry) as pair:
+        a, b, request = pair.a, pair.b, pair.request
         live = b.live_hub().open(request.id)
         live.set_report_text("No haemorrhage.\nImpression: Normal CT head.")
         view = LiveSessionView(live, RuntimeNode(b)._finalise)
@@ -150,9 +126,6 @@ async def test_finalising_in_the_tui_signs_and_sends_the_report(
         wire = a.consults.report_wire(request.id)
         assert wire is not None
         assert b"Normal CT head." in wire
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 async def test_peer_review_goes_to_the_reports_author_and_both_nodes_keep_it(
@@ -162,38 +135,19 @@ async def test_peer_review_goes_to_the_reports_author_and_both_nodes_keep_it(
     from node.cli import main
     from tests.node.test_cli_consult_network import radmesh
 
-    rural_home, rural = make_home(tmp_path, "rural", registry, [])
-    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
-    a = NodeRuntime(rural_home, rural, transport_options=FAST, control=True)
-    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
-    await a.start()
-    await b.start()
-    workflow.install(a)
-    workflow.install(b)
-    try:
-        for path in generate_ct(tmp_path / "ct", slices=1, rows=32):
-            a.store.add_file(path, source="test")
-        a.trust.mark_verified(neuro.node_id, a.now())
-        b.trust.mark_verified(rural.node_id, b.now())
-        request, _, _ = await workflow.request_consult(
-            a,
-            neuro.public_key,
-            a.store.studies()[0].study_uid,
-            workflow.Terms(
-                question="fracture?",
-                priority=Priority.URGENT,
-                subspecialty="neuro",
-                jurisdiction="IE",
-            ),
+    async with accepted_consult(
+        tmp_path, registry, slices=1, question="fracture?", control=True
+    ) as pair:
+        a, b, request = pair.a, pair.b, pair.request
+        rural_home, neuro_home, rural, neuro = pair.a_home, pair.b_home, pair.rural, pair.neuro
+        await b.consulting.reports.send_report(
+            request.id, text="No fracture.", impression="Normal."
         )
-        await wait_for(lambda: bool(b.consults.cases()))
-        await workflow.respond(b, request.id, Event.ACCEPT)
-        await workflow.send_report(b, request.id, text="No fracture.", impression="Normal.")
         await wait_for(lambda: request.id in a.reports)
 
         # A review of another version of the report is refused by the author's node.
         wrong = PeerReview(request.id, b"\0" * 32, rural.node_id, Score.AGREE, "", a.now())
-        await a.send_message(neuro.public_key, workflow.REVIEW_KIND, wrong.sign(rural))
+        await a.send_message(neuro.public_key, reports.REVIEW_KIND, wrong.sign(rural))
 
         code, out = await radmesh(
             rural_home, "consult", "review", request.id[:8], "--score", "major",
@@ -224,6 +178,3 @@ async def test_peer_review_goes_to_the_reports_author_and_both_nodes_keep_it(
         shown = capsys.readouterr().out
         assert "peer review:   major discrepancy by" in shown
         assert "missed the C2 fracture" in shown
-    finally:
-        await a.stop()
-        await b.stop()

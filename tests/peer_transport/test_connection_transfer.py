@@ -10,9 +10,10 @@ import pytest
 
 from bench.bench_codec import ct_series
 from crypto.identity import Identity
-from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink
-from peer_transport.transfer_runner import PreparedStudy, StudyReceiver, StudySender
+from peer_transport.transfer.machine import State
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.runner import StudyReceiver, StudySender
 from tests.peer_transport.helpers import mesh
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,7 +26,7 @@ class MemoryStore:
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self.by_hash
 
-    def add_bytes(self, data: bytes, *, source: str) -> str:
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
         digest = hashlib.sha256(data).hexdigest()
         self.by_hash[digest] = data
         return digest
@@ -45,6 +46,6 @@ async def test_a_study_crosses_an_encrypted_connection_byte_exact(tmp_path: Path
         link_a.attach(sender.on_control, lambda _d: None)
         link_b.attach(receiver.on_control, receiver.on_bulk)
         progress, state = await asyncio.wait_for(asyncio.gather(receiver.run(), sender.run()), 40)
-    assert state is tr.State.COMPLETE
+    assert state is State.COMPLETE
     assert sorted(store.by_hash.values()) == sorted(files)
     assert progress.instances_done == 6

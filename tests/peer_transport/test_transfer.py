@@ -16,20 +16,35 @@ from pydicom.data import get_testdata_file
 from bench.bench_codec import ct_series
 from crypto.identity import Identity
 from node.dicom import wirecodec
-from peer_transport import transfer as tr
-from peer_transport.transfer import (
-    Chunk,
+from peer_transport.transfer.errors import (
     ChunkRejected,
     IllegalTransition,
     InstanceRejected,
     MalformedMessage,
     ManifestMismatch,
-    Receiver,
-    Request,
-    Sender,
-    Spool,
-    State,
 )
+from peer_transport.transfer.instance import prepare_instance
+from peer_transport.transfer.machine import State
+from peer_transport.transfer.manifest import Manifest, build_manifest
+from peer_transport.transfer.messages import (
+    MAX_CHUNK_MESSAGE,
+    MAX_OFFERS_ASSEMBLED,
+    Cancel,
+    Chunk,
+    Finished,
+    Message,
+    OfferAssembler,
+    OfferPart,
+    Request,
+    ResumeRequest,
+    chunk_digest,
+    from_wire,
+    to_wire,
+)
+from peer_transport.transfer.progress import Progress
+from peer_transport.transfer.receiver import Receiver, resume_request
+from peer_transport.transfer.sender import Sender
+from peer_transport.transfer.spool import Spool
 
 SMALL_CHUNK = 4096  # several chunks per small instance, so chunking is exercised
 
@@ -60,17 +75,17 @@ def _study(n_ct: int = 6, seed: int = 1) -> list[bytes]:
 @dataclasses.dataclass
 class Offer:
     signed: bytes
-    manifest: tr.Manifest
+    manifest: Manifest
     wires: list[bytes]
     originals: list[bytes]
 
 
 def _offer(files: list[bytes], identity: Identity, lie: int | None = None) -> Offer:
-    prepared = [tr.prepare_instance(f) for f in files]
+    prepared = [prepare_instance(f) for f in files]
     entries = [p[0] for p in prepared]
     if lie is not None:
         entries[lie] = dataclasses.replace(entries[lie], sha256=bytes(32))
-    manifest = tr.build_manifest(entries, prepared[0][1], chunk_size=SMALL_CHUNK)
+    manifest = build_manifest(entries, prepared[0][1], chunk_size=SMALL_CHUNK)
     by_uid = {p[0].sop_instance_uid: (p[2], f) for p, f in zip(prepared, files, strict=True)}
     wires = [by_uid[e.sop_instance_uid][0] for e in manifest.entries]
     originals = [by_uid[e.sop_instance_uid][1] for e in manifest.entries]
@@ -94,14 +109,14 @@ class Link:
         self.lost_units = 0  # chunks that will never arrive intact because of this link
         self.counter = 0
 
-    def send(self, message: tr.Message, now: float) -> None:
+    def send(self, message: Message, now: float) -> None:
         units = len(message.seqs) if isinstance(message, Request) else 1
         if self.rng.random() < self.loss:
             self.lost_units += units if isinstance(message, Request | Chunk) else 0
             return
         copies = 2 if self.rng.random() < self.dup else 1
         for copy in range(copies):
-            wire = bytearray(tr.to_wire(message))
+            wire = bytearray(to_wire(message))
             if isinstance(message, Chunk) and self.rng.random() < self.corrupt:
                 wire[-1 - self.rng.randrange(min(len(message.data), 64))] ^= 0x01
                 self.lost_units += 1 if copy == 0 else 0
@@ -110,10 +125,10 @@ class Link:
                 (now + self.rng.uniform(0, self.max_delay), self.counter, bytes(wire))
             )
 
-    def deliver(self, now: float) -> list[tr.Message]:
+    def deliver(self, now: float) -> list[Message]:
         due = sorted(item for item in self.queue if item[0] <= now)
         self.queue = [item for item in self.queue if item[0] > now]
-        return [tr.from_wire(item[2]) for item in due]
+        return [from_wire(item[2]) for item in due]
 
 
 @dataclasses.dataclass
@@ -166,7 +181,7 @@ def _pair(offer: Offer, spool: Spool, **kwargs: object) -> tuple[Receiver, Sende
     return receiver, Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
 
 
-def _total_chunks(manifest: tr.Manifest, indices: object = None) -> int:
+def _total_chunks(manifest: Manifest, indices: object = None) -> int:
     return sum(e.chunk_count(manifest.chunk_size) for e in manifest.entries)
 
 
@@ -276,8 +291,8 @@ def test_receiver_killed_mid_transfer_resumes_from_its_spool(offer: Offer, tmp_p
 def test_restarted_receiver_asks_the_signer_for_its_unfinished_transfer_and_is_offered_it(
     offer: Offer, tmp_path: Path
 ) -> None:
-    signer, _ = tr.Manifest.open(offer.signed)
-    assert tr.resume_request(Spool(tmp_path / "spool"), signer) is None  # nothing spooled yet
+    signer, _ = Manifest.open(offer.signed)
+    assert resume_request(Spool(tmp_path / "spool"), signer) is None  # nothing spooled yet
     receiver, sender = _pair(offer, Spool(tmp_path / "spool"))
     sender.offer(0.0)
     rng = random.Random(4)
@@ -286,11 +301,11 @@ def test_restarted_receiver_asks_the_signer_for_its_unfinished_transfer_and_is_o
     )
     del receiver  # kill -9
 
-    ask = tr.resume_request(Spool(tmp_path / "spool"), signer)
-    assert ask == tr.ResumeRequest(offer.manifest.transfer_id)
+    ask = resume_request(Spool(tmp_path / "spool"), signer)
+    assert ask == ResumeRequest(offer.manifest.transfer_id)
     # Another peer never learns which transfer this spool holds.
-    assert tr.resume_request(Spool(tmp_path / "spool"), Identity.generate().public_key) is None
-    assembler = tr.OfferAssembler()
+    assert resume_request(Spool(tmp_path / "spool"), Identity.generate().public_key) is None
+    assembler = OfferAssembler()
     offered = [assembler.add(part) for part in sender.resume(ask, now + 5)]
     assert offered[-1] == offer.signed  # the same manifest, sent again at once
 
@@ -303,24 +318,24 @@ def test_restarted_receiver_asks_the_signer_for_its_unfinished_transfer_and_is_o
     rest, _ = _drive(revived, sender, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0), now=now)
     assert {**first.stored, **committed, **rest.stored} == dict(enumerate(offer.originals))
     # Finished: the spool has nothing left to ask for.
-    assert tr.resume_request(Spool(tmp_path / "spool"), signer) is None
+    assert resume_request(Spool(tmp_path / "spool"), signer) is None
 
 
 def test_sender_offers_again_only_for_its_running_transfer_and_not_in_a_flood(
     offer: Offer,
 ) -> None:
-    ask = tr.ResumeRequest(offer.manifest.transfer_id)
+    ask = ResumeRequest(offer.manifest.transfer_id)
     sender = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
     assert sender.offer(10.0)
-    assert sender.resume(tr.ResumeRequest(bytes(16)), 20.0) == []  # not a transfer it serves
+    assert sender.resume(ResumeRequest(bytes(16)), 20.0) == []  # not a transfer it serves
     assert sender.resume(ask, 10.5) == []  # an offer just went out, nobody used it yet
     assert [p.data for p in sender.resume(ask, 11.0)] == [p.data for p in sender.offer(11.0)]
     sender.receive(Request(offer.manifest.transfer_id, 0, (0,)))
     assert sender.resume(ask, 11.1)  # requests came since: a receiver that restarted since
-    sender.receive(tr.Finished(offer.manifest.transfer_id))
+    sender.receive(Finished(offer.manifest.transfer_id))
     assert sender.resume(ask, 60.0) == []  # a finished share is not served again
     cancelled = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
-    cancelled.receive(tr.Cancel(offer.manifest.transfer_id, "withdrawn"))
+    cancelled.receive(Cancel(offer.manifest.transfer_id, "withdrawn"))
     assert cancelled.resume(ask, 60.0) == []
     with pytest.raises(MalformedMessage):
         cancelled.receive(ask)  # resume requests are not chunk requests
@@ -355,7 +370,7 @@ def test_instance_larger_than_declared_is_rejected(offer: Offer, tmp_path: Path)
     receiver, sender = _pair(offer, Spool(tmp_path))
     chunk = sender.receive(receiver.poll(0.0)[0])[0]
     longer = chunk.data + b"extra"
-    bigger = dataclasses.replace(chunk, data=longer, digest=tr.chunk_digest(longer))
+    bigger = dataclasses.replace(chunk, data=longer, digest=chunk_digest(longer))
     with pytest.raises(ChunkRejected, match="not the size the sender declared"):
         receiver.receive(bigger, 0.0)
 
@@ -389,7 +404,7 @@ def test_pause_stops_requests_and_cancel_tells_the_sender(offer: Offer, tmp_path
     receiver.resume_transfer()
     assert receiver.poll(20.0)  # timed-out requests go out again
     cancel = receiver.cancel()
-    sender.receive(tr.from_wire(tr.to_wire(cancel)))
+    sender.receive(from_wire(to_wire(cancel)))
     assert sender.machine.state is State.CANCELLED
     assert not list(tmp_path.glob("*.part"))
     with pytest.raises(IllegalTransition):
@@ -398,7 +413,7 @@ def test_pause_stops_requests_and_cancel_tells_the_sender(offer: Offer, tmp_path
 
 def test_progress_reports_bytes_instances_rate_and_eta(offer: Offer, tmp_path: Path) -> None:
     receiver, sender = _pair(offer, Spool(tmp_path))
-    seen: list[tr.Progress] = []
+    seen: list[Progress] = []
     rng = random.Random(5)
     _drive(
         receiver,
@@ -424,18 +439,18 @@ def test_message_wire_format_is_stable() -> None:
         "03"  # instance index 3
         "93" "00" "01" "cd012c"  # array of 3 seqs: 0, 1, 300 (uint16)
     )  # fmt: skip
-    assert tr.to_wire(request) == golden
-    assert tr.from_wire(golden) == request
-    chunk = Chunk(tid, 1, 2, tr.chunk_digest(b"abc"), b"abc")
-    assert tr.from_wire(tr.to_wire(chunk)) == chunk
+    assert to_wire(request) == golden
+    assert from_wire(golden) == request
+    chunk = Chunk(tid, 1, 2, chunk_digest(b"abc"), b"abc")
+    assert from_wire(to_wire(chunk)) == chunk
     with pytest.raises(MalformedMessage, match="over the limit"):
-        tr.from_wire(b"\x00" * (tr.MAX_CHUNK_MESSAGE + 1))
+        from_wire(b"\x00" * (MAX_CHUNK_MESSAGE + 1))
     with pytest.raises(MalformedMessage):
-        tr.from_wire(b"\x93\xa3req\x01\x02")
-    resume = tr.ResumeRequest(tid)
+        from_wire(b"\x93\xa3req\x01\x02")
+    resume = ResumeRequest(tid)
     golden = bytes.fromhex("92" "a6726573756d65" "c410" + tid.hex())  # ["resume", id]  # fmt: skip
-    assert tr.to_wire(resume) == golden
-    assert tr.from_wire(golden) == resume
+    assert to_wire(resume) == golden
+    assert from_wire(golden) == resume
     for bad in (
         ["resume"],  # no transfer id
         ["resume", tid[:8]],  # short id
@@ -443,14 +458,14 @@ def test_message_wire_format_is_stable() -> None:
         ["resume", "0123456789abcdef"],  # id as text
     ):
         with pytest.raises(MalformedMessage):
-            tr.from_wire(msgpack.packb(bad, use_bin_type=True))
+            from_wire(msgpack.packb(bad, use_bin_type=True))
 
 
 def test_truncated_file_is_reported_not_sent() -> None:
     with pytest.raises(wirecodec.BadInstance, match="truncated"):
-        tr.prepare_instance(_sample("MR_small.dcm")[:-1000])
+        prepare_instance(_sample("MR_small.dcm")[:-1000])
     with pytest.raises(wirecodec.BadInstance):
-        tr.prepare_instance(b"not dicom at all" * 20)
+        prepare_instance(b"not dicom at all" * 20)
 
 
 def test_journalled_chunks_lost_with_the_page_cache_are_fetched_again_not_trusted(
@@ -486,20 +501,20 @@ def test_sender_finished_before_any_request_completes(offer: Offer) -> None:
     # A receiver that had every instance already (e.g. restarted after the last
     # chunk) finishes without asking for anything.
     sender = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
-    sender.receive(tr.Finished(offer.manifest.transfer_id))
+    sender.receive(Finished(offer.manifest.transfer_id))
     assert sender.machine.state is State.COMPLETE
 
 
 def test_interleaved_offers_of_several_transfers_each_assemble_and_the_oldest_gives_way() -> None:
-    def parts(tag: int, total: int) -> list[tr.OfferPart]:
-        return [tr.OfferPart(bytes([tag]) * 16, i, total, bytes([tag, i])) for i in range(total)]
+    def parts(tag: int, total: int) -> list[OfferPart]:
+        return [OfferPart(bytes([tag]) * 16, i, total, bytes([tag, i])) for i in range(total)]
 
-    assembler = tr.OfferAssembler()
+    assembler = OfferAssembler()
     a, b = parts(1, 3), parts(2, 2)
     got = [assembler.add(p) for p in (a[0], b[0], a[1], b[1], a[2])]
     assert got == [None, None, None, bytes([2, 0, 2, 1]), bytes([1, 0, 1, 1, 1, 2])]
     # A bounded number of unfinished offers is kept: one more pushes out the oldest.
-    unfinished = [parts(10 + n, 2)[0] for n in range(tr.MAX_OFFERS_ASSEMBLED + 1)]
+    unfinished = [parts(10 + n, 2)[0] for n in range(MAX_OFFERS_ASSEMBLED + 1)]
     for part in unfinished:
         assert assembler.add(part) is None
     assert assembler.add(parts(11, 2)[1]) == bytes([11, 0, 11, 1])

@@ -31,9 +31,14 @@ from node.core.config import NetworkConfig, NodeConfig, NodeHome
 from node.core.keystore import save_identity
 from node.demo.phantom import generate_ct
 from node.dicom.store import open_store
-from peer_transport import transfer as tr
 from peer_transport.connection import ChannelLink, PeerConnection
-from peer_transport.transfer_runner import PreparedStudy, StudyReceiver, StudySender
+from peer_transport.transfer.instance import prepare_instance
+from peer_transport.transfer.machine import State
+from peer_transport.transfer.messages import CHUNK_SIZE
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.progress import Progress
+from peer_transport.transfer.receiver import DEFAULT_WINDOW
+from peer_transport.transfer.runner import StudyReceiver, StudySender
 from registry.directory import PeerDirectory
 from registry.records import NodeRecord
 from registry.trust import TrustStore
@@ -109,8 +114,8 @@ def _ct_study(sender: Home, root: Path, slices: int, seed: int) -> Study:
     files = [p.read_bytes() for p in generate_ct(root / "ct", slices=slices, rows=512, seed=seed)]
     with closing(open_store(sender.home, sender.identity)) as store:
         uids = {store.add_bytes(f, source="test").study_uid for f in files}
-    entries = [tr.prepare_instance(f)[0] for f in files]
-    chunks = sum(e.chunk_count(tr.CHUNK_SIZE) for e in entries)
+    entries = [prepare_instance(f)[0] for f in files]
+    chunks = sum(e.chunk_count(CHUNK_SIZE) for e in entries)
     return Study(uids.pop(), {hashlib.sha256(f).hexdigest(): f for f in files}, chunks)
 
 
@@ -259,7 +264,7 @@ def _kill_point(seed: int, study: Study) -> int:
     """Instances stored before the kill: late enough that starting over would resend more
     than the window, early enough to leave work to resume."""
     per_instance = study.chunks / SLICES
-    return random.Random(seed).randint(int(tr.DEFAULT_WINDOW / per_instance) + 2, SLICES - 8)
+    return random.Random(seed).randint(int(DEFAULT_WINDOW / per_instance) + 2, SLICES - 8)
 
 
 def test_receiver_killed_and_restarted_asks_for_its_transfer_and_resends_at_most_the_window(
@@ -281,7 +286,7 @@ def test_receiver_killed_and_restarted_asks_for_its_transfer_and_resends_at_most
         assert sending.finish(20) == 0, f"{why}\n{sending.log}"
         sent = sending.bulk_sent
     assert _stored(receiver, study) == study.by_hash, why
-    assert sent <= study.chunks + tr.DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
+    assert sent <= study.chunks + DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
 
 
 def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing(
@@ -306,7 +311,7 @@ def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing
         assert sending.finish(20) == 0, f"{why}\n{sending.log}"
         sent = first + sending.bulk_sent
     assert _stored(receiver, study) == study.by_hash, why
-    assert sent <= study.chunks + tr.DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
+    assert sent <= study.chunks + DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
 
 
 def test_sender_killed_mid_transfer_and_restarted_the_receiver_resumes(tmp_path: Path) -> None:
@@ -336,7 +341,7 @@ def test_sender_killed_mid_transfer_and_restarted_the_receiver_resumes(tmp_path:
         assert sending.finish(20) == 0, f"{why}\n{sending.log}"
         sent = first + sending.bulk_sent
     assert _stored(receiver, study) == study.by_hash, why
-    assert sent <= study.chunks + tr.DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
+    assert sent <= study.chunks + DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
 
 
 class MemoryStore:
@@ -346,7 +351,7 @@ class MemoryStore:
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self.by_hash
 
-    def add_bytes(self, data: bytes, *, source: str) -> str:
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
         digest = hashlib.sha256(data).hexdigest()
         self.by_hash[digest] = data
         return digest
@@ -376,7 +381,7 @@ REQUEST_TIMEOUT = 2.0
 async def _transfer_killing_a_link(
     study: PreparedStudy, conns: tuple[PeerConnection, PeerConnection], kill_at: int,
     victim: PeerConnection, spool: Path,
-) -> tuple[tr.Progress, tr.State, MemoryStore, int]:  # fmt: skip
+) -> tuple[Progress, State, MemoryStore, int]:  # fmt: skip
     """One transfer from conns[0] to conns[1]; ``victim``'s link is killed when chunk
     ``kill_at`` reaches the receiver. Returns the outcome, the store and the chunks sent."""
     link_a, link_b = CountingLink(conns[0]), ChannelLink(conns[1])
@@ -425,7 +430,7 @@ async def test_connections_killed_at_random_points_every_study_completes_byte_ex
                 )
             except TimeoutError:
                 pytest.fail(f"{why}: the transfer did not finish in 20 s")
-            assert state is tr.State.COMPLETE, why
+            assert state is State.COMPLETE, why
             assert progress.instances_done == len(files), why
             assert sorted(store.by_hash.values()) == sorted(files), why
             sent += count

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from bench.bench_codec import ct_series
-from node.cli.transfer import fetch_from_peer, progress_line, send_to_peer
-from peer_transport import transfer as tr
+from node.app.sending import progress_line, send_to_peer
+from node.cli.transfer import fetch_from_peer
 from peer_transport.rtc import restrict_host_addresses
+from peer_transport.transfer.machine import State
+from peer_transport.transfer.progress import Progress
 from tests.node.test_runtime import make_home, started
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
@@ -35,7 +37,7 @@ async def test_send_and_fetch_between_two_trusted_nodes(tmp_path: Path) -> None:
         fetching = asyncio.create_task(fetch_from_peer(b, str(alice.node_id), 30, shown))
         state = await send_to_peer(a, study_uid, str(bob.node_id), identified=True)
         progress = await asyncio.wait_for(fetching, 30)
-        assert state is tr.State.COMPLETE
+        assert state is State.COMPLETE
         assert progress.instances_done == 6
         for row in a.store.instances(study_uid):
             uid = row.sop_instance_uid
@@ -49,7 +51,7 @@ async def test_send_and_fetch_between_two_trusted_nodes(tmp_path: Path) -> None:
 
 
 def test_progress_line_shows_bar_counts_rate_and_eta() -> None:
-    line = progress_line(tr.Progress(50_000_000, 100_000_000, 3, 6, 2_000_000.0, 25.0))
+    line = progress_line(Progress(50_000_000, 100_000_000, 3, 6, 2_000_000.0, 25.0))
     assert line.startswith("[" + "#" * 15 + "." * 15 + "]")
     assert "3/6" in line
     assert "2.0 MB/s" in line

@@ -18,14 +18,12 @@ from bench import bench_transfer as rtc_link
 from bench.bench_codec import ct_instance, ct_series
 from crypto.identity import Identity
 from node.dicom import wirecodec
-from peer_transport import transfer as tr
-from peer_transport import transfer_runner
-from peer_transport.transfer_runner import (
-    PreparedStudy,
-    SenderSpool,
-    StudyReceiver,
-    StudySender,
-)
+from peer_transport.transfer import runner as transfer_runner
+from peer_transport.transfer.machine import State
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.progress import Progress
+from peer_transport.transfer.runner import StudyReceiver, StudySender, receive_study
+from peer_transport.transfer.spool import SenderSpool
 
 
 class MemoryStore:
@@ -35,7 +33,7 @@ class MemoryStore:
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self.by_hash
 
-    def add_bytes(self, data: bytes, *, source: str) -> str:
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
         digest = hashlib.sha256(data).hexdigest()
         self.by_hash[digest] = data
         return digest
@@ -85,7 +83,7 @@ async def test_in_memory_transfer_stores_every_instance_and_reports_progress(
     study = await PreparedStudy.from_files(files, Identity.generate())
     a, b = _memory_pair()
     store = MemoryStore()
-    seen: list[tr.Progress] = []
+    seen: list[Progress] = []
     receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a", seen.append)
     sender = StudySender(study, a)
     a.on_control, b.on_control, b.on_bulk = sender.on_control, receiver.on_control, receiver.on_bulk
@@ -95,10 +93,51 @@ async def test_in_memory_transfer_stores_every_instance_and_reports_progress(
     finally:
         assert b.pump is not None
         b.pump.cancel()
-    assert state is tr.State.COMPLETE
+    assert state is State.COMPLETE
     assert sorted(store.by_hash.values()) == sorted(files)
     assert progress.instances_done == 5
     assert [p.instances_done for p in seen] == [1, 2, 3, 4, 5]
+
+
+class RecordingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: list[tuple[str, bool]] = []  # (source, warm)
+
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
+        self.added.append((source, warm))
+        return super().add_bytes(data, source=source, warm=warm)
+
+
+async def test_a_received_study_is_stored_unwarmed_under_its_peers_source(
+    tmp_path: Path,
+) -> None:
+    # The receiver tells the store not to warm the wire cache (it is busy); the source
+    # names the peer for audit and retention, and the store no longer reads it.
+    files = ct_series(3, seed=12, size=64)
+    study = await PreparedStudy.from_files(files, Identity.generate())
+    a, b = _memory_pair()
+    store = RecordingStore()
+    seen: list[StudyReceiver] = []
+    receiving = asyncio.create_task(
+        receive_study(b, store, tmp_path / "spool", peer="alice", on_receiver=seen.append)
+    )
+    await asyncio.sleep(0)  # attached before the offer goes out
+    [receiver] = seen
+    assert receiver.manifest is None
+    assert receiver.progress() is None
+    assert receiver.state is State.OFFERED
+    sender = StudySender(study, a)
+    a.on_control = sender.on_control
+    try:
+        progress, state = await asyncio.wait_for(asyncio.gather(receiving, sender.run()), 20)
+    finally:
+        assert b.pump is not None
+        b.pump.cancel()
+    assert (state, sender.state, receiver.state) == (State.COMPLETE,) * 3
+    assert receiver.manifest == sender.manifest == study.manifest
+    assert progress.instances_done == 3
+    assert store.added == [("peer:alice", False)] * 3
 
 
 async def test_files_from_two_studies_are_refused() -> None:
@@ -126,7 +165,7 @@ async def test_real_aiortc_loopback_transfers_a_ct_study_byte_exact(tmp_path: Pa
         with contextlib.suppress(Exception):
             await pc_a.close()
             await pc_b.close()
-    assert state is tr.State.COMPLETE
+    assert state is State.COMPLETE
     assert sorted(store.by_hash.values()) == sorted(files)
     assert progress.bytes_done == sum(len(f) for f in files)
 
@@ -144,7 +183,7 @@ async def test_receiver_crash_mid_transfer_resumes_and_resends_at_most_the_windo
         a, b = _memory_pair()
         halfway = asyncio.Event()
 
-        def note(p: tr.Progress, halfway: asyncio.Event = halfway) -> None:
+        def note(p: Progress, halfway: asyncio.Event = halfway) -> None:
             if p.instances_done >= 3:
                 halfway.set()
 
@@ -188,7 +227,7 @@ async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_r
     store = MemoryStore()
     halfway = asyncio.Event()
 
-    def note(p: tr.Progress) -> None:
+    def note(p: Progress) -> None:
         if p.instances_done >= 3 and not halfway.is_set():
             halfway.set()  # the receiving process dies now: nothing reaches it any more
             b.on_control = b.on_bulk = lambda _data: None
@@ -217,7 +256,7 @@ async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_r
         for task in [sending, *pumps]:
             assert task is not None
             task.cancel()
-    assert state is tr.State.COMPLETE
+    assert state is State.COMPLETE
     assert progress.instances_done == len(files)
     assert sorted(store.by_hash.values()) == sorted(files)
 
@@ -227,7 +266,7 @@ async def test_study_moves_between_two_real_stores_and_both_audit_logs_record_it
 ) -> None:
     from node.core.audit import AuditLog
     from node.dicom.store import Store
-    from peer_transport.transfer_runner import receive_study, send_study
+    from peer_transport.transfer.runner import receive_study, send_study
 
     alice, bob = Identity.generate(), Identity.generate()
     files = ct_series(4, seed=41, size=128)
@@ -255,7 +294,7 @@ async def test_study_moves_between_two_real_stores_and_both_audit_logs_record_it
             for pump in (a.pump, b.pump):
                 if pump is not None:
                     pump.cancel()
-        assert state is tr.State.COMPLETE
+        assert state is State.COMPLETE
         assert progress.instances_done == 4
         for row in store_a.instances(study_uid):
             uid = row.sop_instance_uid
@@ -276,7 +315,7 @@ class HashStore:
     def has_hash(self, content_hash: str) -> bool:
         return content_hash in self.hashes
 
-    def add_bytes(self, data: bytes, *, source: str) -> None:
+    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> None:
         self.hashes.add(hashlib.sha256(data).hexdigest())
 
 

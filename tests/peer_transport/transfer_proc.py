@@ -6,7 +6,7 @@ before each bulk chunk this process hands to its connection, so a test can count
 a sender sent even when it kills it with SIGKILL; the peer transport's INFO log
 (connections lost and back, chunks rejected) on stderr, for the test's failure message;
 and ``RADMESH_TEST_REOFFER_AFTER`` (seconds) in the environment replaces the sender's
-``transfer_runner.REOFFER_AFTER``, so a test can take that fallback away.
+``peer_transport.transfer.runner.REOFFER_AFTER``, so a test can take that fallback away.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import os
 import sys
 
 from node.cli import main
-from peer_transport import transfer_runner
 from peer_transport.connection import ChannelLink, install_event_loop_policy
 from peer_transport.rtc import restrict_host_addresses
+from peer_transport.transfer import runner as transfer_runner
 
 
 def count_bulk_chunks() -> None:

@@ -121,10 +121,16 @@ def postgres_cluster() -> Iterator[str]:
                 raise RuntimeError(
                     "PostgreSQL exited at start: " + (root / "postgres.log").read_text()[-2000:]
                 )
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            # Listening is not ready: until recovery ends it answers "starting up".
+            ready = subprocess.run(
+                [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)],
+                check=False,
+                timeout=10,
+            )
+            if ready.returncode == 0:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError("PostgreSQL did not listen within 60 s")
+                raise RuntimeError("PostgreSQL did not accept connections within 60 s")
             time.sleep(0.1)
         yield f"postgresql://radmesh@127.0.0.1:{port}"
     finally:

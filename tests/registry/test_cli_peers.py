@@ -131,3 +131,37 @@ def test_registry_add_and_trust_org_add_validate_input(
     # An unreachable registry is reported, known peers still listed.
     assert main(["--home", str(home), "peers", "search"]) == 0
     assert "0 peer(s) found" in capsys.readouterr().out
+
+
+def test_the_short_id_peers_prints_is_accepted_and_an_ambiguous_one_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _init(a, "Dr Referrer", "general", capsys)
+    b_id = _init(b, "Dr Neuro", "neuro", capsys)
+    assert main(["--home", str(a), "trust", "allow", str(b_id)]) == 0
+    capsys.readouterr()
+    short = b_id.short()  # what `peers list` and `peers search` print first on each line
+    assert len(short) == 7
+
+    assert main(["--home", str(a), "trust", "verify", short, "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert f"Peer:      {b_id}" in out
+    assert f"{short} is now verified." in out
+    assert main(["--home", str(a), "id", "--peer", short.lower()]) == 0
+    assert f"Peer id: {b_id}" in capsys.readouterr().out
+    assert main(["--home", str(a), "peers", "show", short]) == 1  # resolved, no record held
+    assert f"No record for {b_id}" in capsys.readouterr().err
+
+    # Two known ids that start alike: the prefix names neither, and the message lists both.
+    twins = [NodeId(b_id.digest[:8] + bytes([i]) * 24) for i in (1, 2)]
+    assert twins[0].short() == twins[1].short() == short
+    monkeypatch.setattr("node.cli.peers.known_ids", lambda home: twins)
+    assert main(["--home", str(a), "trust", "verify", short, "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert f"2 known peers' ids start with {short}" in err
+    assert str(twins[0]) in err
+    assert str(twins[1]) in err
+    monkeypatch.setattr("node.cli.peers.known_ids", lambda home: [])
+    assert main(["--home", str(a), "peers", "show", short]) == 1
+    assert f"no known peer's id starts with {short}" in capsys.readouterr().err

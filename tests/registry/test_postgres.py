@@ -337,6 +337,7 @@ async def test_a_node_keeps_one_socket_across_instances(pg_url: str) -> None:
             second = await connected(b.url, BOB)
             try:
                 await wait_for(lambda: BOB.node_id not in a.connections)
+                await wait_for(lambda: BOB.node_id in b.connections)
                 alice = await connected(a.url, ALICE)
                 try:
                     assert await alice.send(BOB.node_id, b"canary") == "delivered"

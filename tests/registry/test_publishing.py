@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import Identity
-from node.app import workflow
 from node.app.runtime import NodeRuntime
 from node.cli import main
 from node.core.config import NodeHome
@@ -156,12 +155,12 @@ async def test_routing_offers_online_before_on_call_and_never_away(
             rural.trust.mark_verified(nodes[name].identity.node_id, rural.now())
         await workflow_set(nodes["a"], "on_call")
         request = request_from(rural.identity, rural.now())
-        ranked = [r.node_id for r in await workflow.find_consultants(rural, request)]
+        ranked = [r.node_id for r in await rural.consulting.find_consultants(request)]
         assert ranked == [nodes["b"].identity.node_id, nodes["a"].identity.node_id]
         online = await rural.directory.search(SearchQuery(online=True), rural.now())
         assert nodes["a"].identity.node_id not in {p.record.node_id for p in online}
         await workflow_set(nodes["b"], "away")
-        ranked = [r.node_id for r in await workflow.find_consultants(rural, request)]
+        ranked = [r.node_id for r in await rural.consulting.find_consultants(request)]
         assert ranked == [nodes["a"].identity.node_id]
     finally:
         for rt in nodes.values():
@@ -169,7 +168,7 @@ async def test_routing_offers_online_before_on_call_and_never_away(
 
 
 async def workflow_set(rt: NodeRuntime, value: str) -> None:
-    from node.cli.status import apply_availability
+    from node.app.availability import apply_availability
 
     await apply_availability(rt, value)
 

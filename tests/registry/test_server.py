@@ -14,11 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crypto.identity import Identity
-from registry.client import RegistryClient, SearchQuery
-from registry.errors import RemoteRegistryError, StaleRecord
+from registry.client import RegistryClient, RegistryConnection, SearchQuery
+from registry.errors import RegistryUnavailable, RemoteRegistryError, StaleRecord, TlsSetupError
 from registry.records import Availability
-from registry.server import Limits, RegistryServer
+from registry.server import Limits, RegistryServer, server_tls_context
 from tests.registry.conftest import NOW, Clock, make_record
+from tests.tlscerts import make_pki
 
 IDS = [Identity(bytes([i]) * 32) for i in range(1, 8)]
 
@@ -235,3 +236,98 @@ def test_fuzz_http_inputs_get_json_4xx_never_5xx(tmp_path: Path) -> None:
     finally:
         loop.run_until_complete(client.close())
         loop.close()
+
+
+# TLS served directly (`registry run --tls-cert/--tls-key`) ------------------------------
+
+
+async def _tls_registry(tmp_path: Path, clock: Clock, host: str) -> tuple[RegistryServer, Path]:
+    pki = make_pki(tmp_path / "pki", host)
+    server = RegistryServer(
+        tmp_path / "registry.db", clock=clock, tls=server_tls_context(pki.cert, pki.key)
+    )
+    await server.start("127.0.0.1", 0)
+    return server, pki.ca
+
+
+async def test_tls_registry_serves_https_and_wss_to_a_node_that_trusts_its_ca(
+    tmp_path: Path, clock: Clock
+) -> None:
+    server, ca = await _tls_registry(tmp_path, clock, "127.0.0.1")
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        async with RegistryClient(server.url, IDS[0], ca_file=str(ca)) as client:
+            assert (await client.health())["status"] == "ok"
+            await client.publish(make_record(IDS[0], seq=1))
+            assert await client.lookup(IDS[0].node_id, now=NOW) is not None
+            async with RegistryConnection(client, IDS[0], connect_timeout=5.0) as socket:
+                assert socket.connects == 1  # authenticated over wss://
+                assert await socket.send(IDS[0].node_id, b"to myself") == "delivered"
+    finally:
+        await server.stop()
+
+
+async def test_tls_registry_is_refused_without_its_ca_and_says_how_to_trust_it(
+    tmp_path: Path, clock: Clock
+) -> None:
+    server, _ = await _tls_registry(tmp_path, clock, "127.0.0.1")
+    try:
+        async with RegistryClient(server.url) as client:
+            with pytest.raises(RegistryUnavailable) as info:
+                await client.health()
+        assert "certificate is not trusted" in str(info.value)
+        assert "registry add URL --ca FILE" in str(info.value)
+        assert server.connections == {}
+    finally:
+        await server.stop()
+
+
+async def test_a_trusted_ca_does_not_vouch_for_another_host_name(
+    tmp_path: Path, clock: Clock
+) -> None:
+    # Signed by the CA the node trusts, but for another name: the host name is checked.
+    server, ca = await _tls_registry(tmp_path, clock, "registry.example.org")
+    try:
+        async with RegistryClient(server.url, ca_file=str(ca)) as client:
+            with pytest.raises(RegistryUnavailable) as info:
+                await client.health()
+        assert "not trusted" in str(info.value)
+        assert "127.0.0.1" in str(info.value)  # OpenSSL names the mismatch
+    finally:
+        await server.stop()
+
+
+def test_unusable_tls_files_are_refused_with_their_names(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    with pytest.raises(TlsSetupError, match=r"registry\.key"):
+        server_tls_context(pki.cert, tmp_path / "pki" / "registry.key.missing")
+    with pytest.raises(TlsSetupError, match=r"ca\.pem"):
+        server_tls_context(pki.ca, pki.key)  # the CA's certificate with the server's key
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate")
+    with pytest.raises(TlsSetupError, match=r"notes\.txt"):
+        RegistryClient("https://127.0.0.1:9", ca_file=str(not_pem)).session()
+
+
+def test_registry_add_ca_is_kept_in_the_config_and_a_bad_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from node.cli import main
+    from node.core.config import NodeHome
+
+    pki = make_pki(tmp_path / "pki")
+    home = tmp_path / "node"
+    assert (
+        main(["--home", str(home), "init", "--no-passphrase", "--name", "N", "--country", "IE"])
+        == 0
+    )
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate")
+    add = ["--home", str(home), "registry", "add", "https://127.0.0.1:8443"]
+    assert main([*add, "--ca", str(not_pem)]) == 1
+    assert "cannot use" in capsys.readouterr().err
+    assert NodeHome(home).load_config().network.registries == []  # nothing half-added
+    assert main([*add, "--ca", str(pki.ca)]) == 0
+    network = NodeHome(home).load_config().network
+    assert network.registries == ["https://127.0.0.1:8443"]
+    assert network.registry_ca_file == str(pki.ca.resolve())

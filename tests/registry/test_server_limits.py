@@ -11,13 +11,13 @@ import aiohttp
 import pytest
 
 from crypto.identity import Identity
-from crypto.org import NodeCertificate, issue_certificate
 from registry import wsproto
 from registry.client import RegistryClient
 from registry.errors import RemoteRegistryError, StaleRecord
 from registry.limits import MailboxQuota, MailboxUsage, address_key
 from registry.records import NodeRecord
 from registry.server import Limits, RegistryServer, TurnConfig
+from tests.certs import certificate
 from tests.registry.conftest import NOW, Clock, make_record
 
 ALICE = Identity(bytes([31]) * 32)
@@ -200,21 +200,7 @@ async def test_a_write_that_stalls_drops_the_reader(make_server: MakeServer, clo
 
 
 def _certified(node: Identity, org: Identity) -> NodeRecord:
-    cert = issue_certificate(
-        org,
-        NodeCertificate(
-            node_key=node.public_key,
-            org_key=org.public_key,
-            institution="CHU",
-            display_name="Dr P",
-            roles=("radiologist",),
-            subspecialties=("neuro",),
-            jurisdictions=("FR",),
-            languages=("fr",),
-            not_before=NOW - 10,
-            not_after=NOW + 86400,
-        ),
-    )
+    cert = certificate(org, node, NOW)
     return NodeRecord.create(node, now=NOW, sequence=1, org_certificate=cert)
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from crypto.identity import Identity
-from crypto.org import NodeCertificate, RevocationList, issue_certificate, sign_revocations
+from crypto.org import RevocationList, sign_revocations
 from registry.errors import TrustError
 from registry.trust import TrustState, TrustStore
+from tests.certs import certificate
 from tests.registry.conftest import NOW
 
 PEER = Identity(bytes([21]) * 32)
@@ -18,22 +19,7 @@ ORG = Identity(bytes([23]) * 32)
 
 
 def _cert(node: Identity, org: Identity = ORG) -> bytes:
-    return issue_certificate(
-        org,
-        NodeCertificate(
-            node_key=node.public_key,
-            org_key=org.public_key,
-            institution="CHU",
-            display_name="Dr P",
-            roles=("radiologist",),
-            subspecialties=("neuro",),
-            jurisdictions=("FR",),
-            languages=("fr",),
-            not_before=NOW - 10,
-            not_after=NOW + 86400,
-            serial=bytes(16),
-        ),
-    )
+    return certificate(org, node, NOW, display_name="Dr P", serial=bytes(16))
 
 
 @pytest.fixture

@@ -182,5 +182,5 @@ def test_radmesh_tui_refuses_an_unknown_graphics_mode_before_starting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setenv(graphics.ENV, "png")
-    assert main(["--home", str(tmp_path / "nowhere"), "tui", "--local"]) == 2
+    assert main(["--home", str(tmp_path / "nowhere"), "tui"]) == 2
     assert "use one of auto, kitty, sixel, halfblock" in capsys.readouterr().err

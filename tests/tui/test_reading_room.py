@@ -18,6 +18,7 @@ from tui.memory import SERIES2_UID, SERIES_UID, STUDY_UID, InMemoryNode
 from tui.node_facade import LiveSessionView
 from tui.screens.viewer import ViewerScreen
 from tui.widgets.image_view import ImageView
+from tui.widgets.overlay import OverlayBar
 
 SIZE = (150, 45)
 CONSULT = "feed0000feed0000feed0000feed0000"
@@ -215,7 +216,7 @@ async def test_each_series_keeps_its_own_window_and_slice() -> None:
         await app.workers.wait_for_complete()
         await pilot.pause()
         assert (viewer.index, viewer.view.window) == (3, lung)
-        assert "W 1500 L -600" in "".join(s.text for st in viewer.view._strips for s in st)
+        assert "W 1500 L -600" in viewer.query_one("#overlay-bottom", OverlayBar).text
 
         await pilot.press("n")
         await app.workers.wait_for_complete()

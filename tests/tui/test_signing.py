@@ -200,57 +200,34 @@ async def test_the_signed_report_has_both_sections_and_leaves_the_dropped_duplic
     tmp_path: Path,
 ) -> None:
     from consult.report import verify_report
-    from consult.requests import Event, Priority
-    from node.app import workflow
-    from node.app.runtime import NodeRuntime
-    from node.demo.phantom import generate_ct
     from registry.server import RegistryServer
-    from tests.node.test_runtime import FAST, make_home, wait_for
+    from tests.node.pair import accepted_consult
+    from tests.node.test_runtime import wait_for
     from tui.node_facade import LiveSessionView, RuntimeNode
 
     server = RegistryServer(tmp_path / "registry.sqlite")
     registry = await server.start("127.0.0.1", 0)
-    rural_home, rural = make_home(tmp_path, "rural", registry, [])
-    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
-    a = NodeRuntime(rural_home, rural, transport_options=FAST)
-    b = NodeRuntime(neuro_home, neuro, transport_options=FAST)
-    await a.start()
-    await b.start()
-    workflow.install(a)
-    workflow.install(b)
     try:
-        for path in generate_ct(tmp_path / "ct", slices=2, rows=32):
-            a.store.add_file(path, source="test")
-        a.trust.mark_verified(neuro.node_id, a.now())
-        b.trust.mark_verified(rural.node_id, b.now())
-        request, _, _ = await workflow.request_consult(
-            a,
-            neuro.public_key,
-            a.store.studies()[0].study_uid,
-            workflow.Terms(
-                question="q", priority=Priority.URGENT, subspecialty="neuro", jurisdiction="IE"
-            ),
-        )
-        await wait_for(lambda: bool(b.consults.cases()))
-        await workflow.respond(b, request.id, Event.ACCEPT)
-        study_uid = b.consults.get(b.consults.resolve(request.id)).request.study_uid
-        await workflow.fetch_study(b, request.id)
-        await wait_for(lambda: len(b.store.instances(study_uid)) == 2, 30.0)
-        sop = b.store.instances(study_uid)[0].sop_instance_uid
-        live = b.live_hub().open(request.id)
-        live.set_report_text(join_report("No haemorrhage.", "Normal CT head."))
-        points = ((2.0, 2.0), (20.0, 2.0))
-        live.add_annotation(AnnotationKind.LENGTH, sop, 0, points, values={"length_mm": 9.0})
-        twin = live.add_annotation(AnnotationKind.LENGTH, sop, 0, points, values={"length_mm": 9.0})
-        LiveSessionView(live, RuntimeNode(b)._finalise).finalise(drop=frozenset({twin.id}))
-        await wait_for(lambda: request.id in a.reports)
-        wire = a.consults.report_wire(request.id)
-        assert wire is not None
-        report = verify_report(wire, consult_id=request.id)
-        assert report.text == "No haemorrhage."
-        assert report.impression == "Normal CT head."
-        assert len(report.measurements) == 1  # the twin was left out
+        async with accepted_consult(tmp_path, registry) as pair:
+            a, b, request = pair.a, pair.b, pair.request
+            study_uid = b.consults.get(b.consults.resolve(request.id)).request.study_uid
+            await b.consulting.studies.fetch(request.id)
+            await wait_for(lambda: len(b.store.instances(study_uid)) == 2, 30.0)
+            sop = b.store.instances(study_uid)[0].sop_instance_uid
+            live = b.live_hub().open(request.id)
+            live.set_report_text(join_report("No haemorrhage.", "Normal CT head."))
+            points = ((2.0, 2.0), (20.0, 2.0))
+            live.add_annotation(AnnotationKind.LENGTH, sop, 0, points, values={"length_mm": 9.0})
+            twin = live.add_annotation(
+                AnnotationKind.LENGTH, sop, 0, points, values={"length_mm": 9.0}
+            )
+            LiveSessionView(live, RuntimeNode(b)._finalise).finalise(drop=frozenset({twin.id}))
+            await wait_for(lambda: request.id in a.reports)
+            wire = a.consults.report_wire(request.id)
+            assert wire is not None
+            report = verify_report(wire, consult_id=request.id)
+            assert report.text == "No haemorrhage."
+            assert report.impression == "Normal CT head."
+            assert len(report.measurements) == 1  # the twin was left out
     finally:
-        await a.stop()
-        await b.stop()
         await server.stop()

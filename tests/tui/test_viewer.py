@@ -18,10 +18,9 @@ from consult.live import LiveConsult, LiveFragment, PresenceEnvelope, Reassemble
 from consult.presence import Cursor, Viewport
 from consult.shared import Annotation, AnnotationKind
 from crypto.identity import Identity
-from node.core.config import NodeHome
 from tui.app import RadmeshApp
+from tui.dicom_frame import frame_from_dataset
 from tui.facade import Frame
-from tui.local import LocalNode
 from tui.memory import SERIES2_UID, SERIES_UID, InMemoryNode
 from tui.node_facade import LiveSessionView
 from tui.screens.viewer import ViewerScreen
@@ -333,10 +332,14 @@ async def test_a_real_multi_frame_file_opens_with_every_frame_reachable(tmp_path
     frames = np.stack([base, base + 10, base + 20]).astype(base.dtype)
     ds.NumberOfFrames = 3
     ds.PixelData = frames.tobytes()
-    folder = tmp_path / "dicom"
-    folder.mkdir()
-    ds.save_as(folder / "multi.dcm")
-    node = LocalNode(NodeHome(tmp_path / "home"), None, None, [folder])
+    ds.save_as(tmp_path / "multi.dcm")
+    saved = pydicom.dcmread(tmp_path / "multi.dcm")
+
+    class OneMultiFrameFile(InMemoryNode):
+        def load_frame(self, sop_uid: str, frame: int = 0) -> Frame | None:
+            return frame_from_dataset(saved, frame)
+
+    node = OneMultiFrameFile(Identity.generate().node_id, slices=1)
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         screen = ViewerScreen(node, node.studies()[0])

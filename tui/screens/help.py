@@ -26,6 +26,9 @@ HELP = """\
   g propose a guest (a verified peer); the other party approves it
   r type in the report  c type in the chat (enter sends)  escape: back
   the focused pane has a bold border; the bottom line: VIEW/REPORT/CHAT
+  under 120 columns: t shows/folds the consult panel, s the series list
+  overlay: age/sex, accession, slice location/thickness, R/L/A/P/S/I on the
+  edges, HU (or value) under the pointer or keyboard cursor, W/L, zoom
   multi-frame: j/k walk frames   images: --graphics kitty|sixel|halfblock|auto
   ctrl+t template  F8 critical  F9 preview, enter signs+sends, esc edits  q close
 [b]Home[/b]  enter opens the request's study in a live consult (even as it arrives)
@@ -36,6 +39,8 @@ HELP = """\
   g guests the other party proposed for a live session: a approve  r refuse
   o availability: online / on call / away
 [b]Studies[/b]  enter view  l live consult  s request a consult (tab moves, ctrl+s sends)
+  p compare with the prior: j/k step both (linked by slice position)  o these two
+  slices are the same level  t flip current/prior  v the prior's report  s series
 [b]Peers[/b]    / search (name, subspecialty, jurisdiction, online)  v verify key
 """
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -16,7 +18,9 @@ from textual.worker import WorkType
 from tui import safe_text
 from tui.facade import ActionError, ConsultItem, GuestProposal, NodeFacade, TransferInfo
 from tui.safe_text import MAX_LINE_CHARS, MAX_NAME_CHARS
+from tui.screens.peers import TRUST_MARK
 from tui.screens.prompt import TextPrompt
+from tui.widgets.overlay import age_sex
 
 PRIORITY_STYLE = {"stat": "bold white on red", "urgent": "bold black on yellow", "routine": "green"}
 REFRESH_SECONDS = 1.0
@@ -54,6 +58,63 @@ def peer_cell(c: ConsultItem) -> Text:
     return safe_text.name(c.peer)
 
 
+def site_cell(c: ConsultItem, width: int) -> Text:
+    """The other side's institution with this node's trust in its key, marked as the Peers
+    screen marks it: the institution is what the peer publishes, the badge is ours. Without
+    a published institution, the short id stands in."""
+    badge = TRUST_MARK.get(c.peer_trust, c.peer_trust) if c.peer_trust else ""
+    room = max(4, width - len(badge) - 1)
+    text = safe_text.line(c.peer_institution or c.peer, room)
+    if badge:
+        text.append(" ")
+        text.append(safe_text.name(badge, style=safe_text.TRUST_STYLE.get(c.peer_trust, "")))
+    return text
+
+
+def study_cell(c: ConsultItem) -> Text:
+    """Modality, image count, age and sex of the consult's study, once it is here."""
+    if not (c.modality or c.images):
+        return Text("-", style="dim", end="")
+    parts = [safe_text.plain(c.modality, 12), f"{c.images} im" if c.images else ""]
+    parts.append(age_sex(c.patient_age, c.patient_sex))
+    return Text(" ".join(p for p in parts if p), end="", no_wrap=True)
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    label: str
+    width: int  # 0: what the others leave
+    min_screen: int = 0  # shown on screens at least this wide
+
+
+# Priority, question and due time stay at 80 columns; the rest give way, last first.
+WORKLIST_COLUMNS = (
+    Column("dir", "", 1),
+    Column("priority", "priority", 8),
+    Column("question", "question", 0),
+    Column("site", "institution", 26),
+    Column("study", "study", 15, 110),
+    Column("peer", "peer", 30, 160),
+    Column("state", "state", 12),
+    Column("due", "due", 9),
+)
+NARROW_SITE = 18  # the institution column below NARROW_SCREEN
+NARROW_SCREEN = 100
+MIN_QUESTION = 16
+
+
+def worklist_columns(screen_width: int) -> list[tuple[Column, int]]:
+    """The columns shown at this screen width, with their widths (cell padding aside)."""
+    shown = [c for c in WORKLIST_COLUMNS if screen_width >= c.min_screen]
+    widths = {c.key: c.width for c in shown}
+    if screen_width < NARROW_SCREEN:
+        widths["site"] = NARROW_SITE
+    padding = 2 * len(shown) + 2  # DataTable pads each cell by one; the scrollbar
+    widths["question"] = max(MIN_QUESTION, screen_width - padding - sum(widths.values()))
+    return [(c, widths[c.key]) for c in shown]
+
+
 def state_cell(c: ConsultItem) -> Text:
     state = safe_text.name(c.state)
     if c.critical and c.state == "reported":
@@ -84,6 +145,7 @@ class HomeScreen(Screen[None]):
         self.node = node
         self.items: list[ConsultItem] = []
         self._transfer_ids: list[str] | None = None
+        self.columns: list[tuple[Column, int]] = []
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -99,12 +161,43 @@ class HomeScreen(Screen[None]):
 
     def on_mount(self) -> None:
         table = self.query_one("#worklist", DataTable)
-        table.add_columns("", "priority", "request", "peer", "state", "due")
+        self._layout_columns(self.app.size.width)
         table.styles.height = "auto"
         table.styles.max_height = 12
         self.query_one("#transfers").styles.height = "auto"
         self.refresh_data()
         self.set_interval(REFRESH_SECONDS, self._tick)
+
+    def on_resize(self, event: events.Resize) -> None:
+        if self._layout_columns(event.size.width):
+            self.refresh_data()
+
+    def _layout_columns(self, width: int) -> bool:
+        """Fit the worklist's columns to the screen; True when they changed."""
+        columns = worklist_columns(width)
+        if columns == self.columns:
+            return False
+        self.columns = columns
+        table = self.query_one("#worklist", DataTable)
+        table.clear(columns=True)
+        for column, size in columns:
+            table.add_column(column.label, width=size, key=column.key)
+        return True
+
+    def _cells(self, c: ConsultItem, now: float) -> dict[str, Text | str]:
+        site_width = dict((col.key, size) for col, size in self.columns).get("site", 0)
+        return {
+            "dir": "←" if c.incoming else "→",
+            "priority": safe_text.name(
+                c.priority.upper(), style=PRIORITY_STYLE.get(c.priority, "")
+            ),
+            "question": safe_text.line(c.title, WORKLIST_TITLE_CHARS),
+            "site": site_cell(c, site_width),
+            "study": study_cell(c),
+            "peer": peer_cell(c),
+            "state": state_cell(c),
+            "due": countdown(c.deadline, now),
+        }
 
     def _tick(self) -> None:
         # Another screen is up (it refreshes on resume), or the app is closing and tearing the
@@ -129,14 +222,8 @@ class HomeScreen(Screen[None]):
         table.clear()
         self.items = self.node.consults()
         for c in self.items:
-            table.add_row(
-                "←" if c.incoming else "→",
-                safe_text.name(c.priority.upper(), style=PRIORITY_STYLE.get(c.priority, "")),
-                safe_text.line(c.title, WORKLIST_TITLE_CHARS),
-                peer_cell(c),
-                state_cell(c),
-                countdown(c.deadline, now),
-            )
+            cells = self._cells(c, now)
+            table.add_row(*(cells[column.key] for column, _ in self.columns))
         if self.items:
             table.move_cursor(row=min(row, len(self.items) - 1))
         self._transfers()

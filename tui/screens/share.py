@@ -19,6 +19,7 @@ from textual.worker import WorkType
 from tui import safe_text
 from tui.facade import PRIORITIES, ActionError, ConsultForm, NodeFacade, PeerInfo, StudyInfo
 from tui.safe_text import MAX_NAME_CHARS, plain
+from tui.screens.compare import priors_of
 
 DEFAULT_HOURS = {"stat": 1.0, "urgent": 4.0, "routine": 48.0}
 MAX_HOURS = 24.0 * 14
@@ -106,6 +107,9 @@ class ShareScreen(ModalScreen[str | None]):
             yield Label("Patient's country (empty: this node's)")
             yield Input(placeholder="e.g. IE", id="jurisdiction")
             yield Checkbox("Pixels checked: no burned-in name, id or date", id="burned-in")
+            earlier = len(priors_of(self.node.studies(), self.study))
+            if earlier:  # offered only when there is something to send
+                yield Checkbox(f"Send this patient's {earlier} earlier studies too", id="priors")
             yield Static("", id="form-error")
             with Horizontal():
                 yield Button("Send (ctrl+s)", variant="primary", id="send")
@@ -145,6 +149,7 @@ class ShareScreen(ModalScreen[str | None]):
             hours,
             self.query_one("#jurisdiction", Input).value.strip().upper(),
             self.query_one("#burned-in", Checkbox).value,
+            with_priors=any(box.value for box in self.query("#priors").results(Checkbox)),
         )
         return check(form) or form
 

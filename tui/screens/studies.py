@@ -11,6 +11,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 from tui import safe_text
 from tui.facade import NodeFacade, StudyInfo
 from tui.safe_text import MAX_LINE_CHARS, MAX_NAME_CHARS
+from tui.screens.compare import CompareScreen, priors_of
 from tui.screens.share import ShareScreen
 from tui.screens.viewer import ViewerScreen
 
@@ -20,6 +21,7 @@ class StudiesScreen(Screen[None]):
         Binding("enter", "open(False)", "view"),
         Binding("l", "open(True)", "live consult"),
         Binding("s", "share", "request consult"),
+        Binding("p", "compare", "compare with prior"),
     ]
 
     def __init__(self, node: NodeFacade) -> None:
@@ -83,6 +85,18 @@ class StudiesScreen(Screen[None]):
         if study is not None:
             self.node.record_view(study.study_uid, live=live)
             self.app.push_screen(ViewerScreen(self.node, study, live=live))
+
+    def action_compare(self) -> None:
+        study = self.selected()
+        if study is None:
+            return
+        priors = priors_of(self.studies, study)
+        if not priors:
+            self.notify("no earlier study of this patient on this node", timeout=5)
+            return
+        self.node.record_view(study.study_uid, live=False)
+        self.node.record_view(priors[0].study_uid, live=False)
+        self.app.push_screen(CompareScreen(self.node, study, priors[0]))
 
     def action_share(self) -> None:
         study = self.selected()

@@ -9,9 +9,10 @@ from typing import Any
 from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
+from textual.widget import Widget
 from textual.widgets import Footer, Header, Input, OptionList, Static, TextArea
 from textual.worker import Worker, WorkType
 
@@ -26,12 +27,22 @@ from tui.screens.prompt import TextPrompt
 from tui.screens.sign_preview import SignPreview
 from tui.widgets.consult_panel import ConsultPanel, describe, mark_label
 from tui.widgets.image_view import ImageView, Mark
+from tui.widgets.overlay import (
+    EdgeMarker,
+    OverlayBar,
+    OverlayFacts,
+    orientation_markers,
+    overlay_lines,
+)
 
 CURSOR_PERIOD = 0.05  # own cursor goes out at most 20 times a second
 CINE_PERIOD = 0.1
 LOADING_POLL = 0.5
 FRAME_CACHE = 64
 TRUST_REFRESH = 5.0  # seconds between reads of the peers' trust for the participant list
+# Below this many columns the series list and the consult panel fold away (s and t, or r/c,
+# bring them back) and the image takes the width they leave.
+NARROW_COLUMNS = 120
 TOOLS = {
     "point": AnnotationKind.POINT,
     "arrow": AnnotationKind.ARROW,
@@ -42,7 +53,7 @@ TOOLS = {
 POINTS_NEEDED = {"point": 1, "arrow": 2, "length": 2, "angle": 3, "ellipse": 2}
 # The mode line: what the keys do now, by the id of the focused widget.
 MODES = {
-    "image": "VIEW   r report  c chat  P/A/M/G/E tools  ? help",
+    "image": "VIEW   r report  c chat  t panel  s series  P/A/M/G/E tools  ? help",
     "report": "REPORT   ctrl+t template   F9 preview & sign   Esc back to the image",
     "chat-input": "CHAT   enter sends   Esc back to the image",
     "series": "SERIES   ↑/↓ enter picks a series   Esc back to the image",
@@ -50,13 +61,20 @@ MODES = {
 
 
 class ViewerScreen(Screen[None]):
+    AUTO_FOCUS = "#image"  # not the first focusable widget: the series list may be folded away
     DEFAULT_CSS = """
-    ViewerScreen #mode { dock: bottom; height: 1; background: $accent; color: $text; }
+    /* In the flow, not docked: docked to the bottom it sat under the Footer, unseen. */
+    ViewerScreen #mode { height: 1; background: $accent; color: $text; }
     /* Always a border, so focus changes its colour and weight, never the image size. */
     ViewerScreen ImageView { border: round $panel; }
     ViewerScreen ImageView:focus { border: heavy $accent; }
     ViewerScreen #series { border: round $panel; }
     ViewerScreen #series:focus { border: heavy $accent; }
+    ViewerScreen #image-area { width: 1fr; }
+    ViewerScreen.-narrow #series { display: none; }
+    ViewerScreen.-narrow.-series #series { display: block; }
+    ViewerScreen.-narrow ConsultPanel { display: none; width: 40; }
+    ViewerScreen.-narrow.-panel ConsultPanel { display: block; }
     """
     BINDINGS = [  # noqa: RUF012 - Textual's API
         # With a tool: the arrows/hjkl move the keyboard cursor (shift: 8 steps), space places.
@@ -80,6 +98,8 @@ class ViewerScreen(Screen[None]):
         Binding("J,shift+down", "key_move(0, 1, True)", "pan down", show=False),
         Binding("r", "focus_text('report')", "report"),
         Binding("c", "focus_text('chat-input')", "chat"),
+        Binding("t", "toggle_panel", "panel", show=False),
+        Binding("s", "toggle_series", "series list", show=False),
         Binding("R", "reset", "reset", show=False),
         Binding("C", "cine", "cine", show=False),
         Binding("n", "series(1)", "next series", show=False),
@@ -140,7 +160,13 @@ class ViewerScreen(Screen[None]):
                                  f"({s.instance_count})") for s in self.series_list],
                 id="series",
             )  # fmt: skip
-            yield ImageView(id="image")
+            with Vertical(id="image-area"):
+                yield OverlayBar(id="overlay-top")
+                with Horizontal(id="image-row"):
+                    yield EdgeMarker(id="mark-left")
+                    yield ImageView(id="image")
+                    yield EdgeMarker(id="mark-right")
+                yield OverlayBar(id="overlay-bottom", classes="-fixed")
             if self.session is not None:
                 yield ConsultPanel(self.session, self._trust_of)
         yield Static(MODES["image"], id="mode")
@@ -167,6 +193,7 @@ class ViewerScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#series", OptionList).styles.width = 28
+        self._fit(self.app.size.width)
         self.view.focus()
         self.open_series(0)
         self.set_interval(CURSOR_PERIOD, self._flush_cursor)
@@ -285,32 +312,36 @@ class ViewerScreen(Screen[None]):
     # drawing
     def update_view(self) -> None:
         view = self.view
-        view.overlay_lines = self._overlay()
+        self._show_overlay()
         view.marks = self._marks()
         view.tool_active = bool(self.tool)
         view.redraw()
         self._publish_viewport()
 
-    def _overlay(self) -> tuple[str, ...]:
-        if not self.series_list:
-            return ("no series in this study",)
-        s = self.series_list[self.series_index]
-        w = self.view.window
+    def _show_overlay(self) -> None:
+        """The text around the image (tui.widgets.overlay): study, slice, view, cursor value
+        and the orientation letters; redrawn without redrawing the picture."""
+        facts = self._overlay()
+        top_left, top_right, bottom_left, bottom_right = overlay_lines(facts)
+        markers = orientation_markers(facts.frame.orientation if facts.frame else None)
+        self.query_one("#overlay-top", OverlayBar).show(
+            top_left, markers.top if markers else "", top_right
+        )
+        self.query_one("#overlay-bottom", OverlayBar).show(
+            bottom_left, markers.bottom if markers else "", bottom_right, facts.notes
+        )
+        self.query_one("#mark-left", EdgeMarker).show(markers.left if markers else " ")
+        self.query_one("#mark-right", EdgeMarker).show(markers.right if markers else " ")
+
+    def _overlay(self) -> OverlayFacts:
+        view = self.view
+        series = self.series_list[self.series_index] if self.series_list else None
         ref = self.current
         position = f"Im {self.instances.index(ref) + 1}/{len(self.instances)}" if ref else "Im -"
         frames = sum(1 for r, _ in self.slices if ref is not None and r.sop_uid == ref.sop_uid)
         if frames > 1:
             position += f"  Fr {self.frame_no + 1}/{frames}"
-        lines = [
-            f"{self.study.patient}  {self.study.description}",
-            f"Se {s.number} {s.description}  {position}",
-            f"W {w.width:.0f} L {w.center:.0f}{'  INV' if self.view.invert else ''}"
-            f"  zoom {self.view.zoom:.2f}",
-        ]
-        frame = self.view.frame
-        if frame is not None and self.pointer is not None:
-            pos = imaging.position_mm(self.pointer, frame.spacing, frame.origin, frame.orientation)
-            lines.append("pos " + " ".join(f"{v:.1f}" for v in pos) + " mm")
+        lines: list[str] = []
         if self.tool:
             lines.append(f"tool: {self.tool} ({len(self.pending)}/{POINTS_NEEDED[self.tool]})")
         if self.session is not None:
@@ -322,7 +353,17 @@ class ViewerScreen(Screen[None]):
                 lines.append(f"following {who} (f or any move stops)")
         if self.message:
             lines.append(self.message)
-        return tuple(lines)
+        return OverlayFacts(
+            self.study,
+            series,
+            position,
+            view.window,
+            view.zoom,
+            view.invert,
+            view.frame,
+            self.kb or self.pointer,
+            tuple(lines),
+        )
 
     def _marks(self) -> tuple[Mark, ...]:
         ref = self.current
@@ -480,6 +521,7 @@ class ViewerScreen(Screen[None]):
     @on(ImageView.Pointer)
     def _on_pointer(self, event: ImageView.Pointer) -> None:
         self.pointer = event.point
+        self._show_overlay()  # the value under the pointer: text only, not the picture
 
     @on(ImageView.WindowDragged)
     def _on_drag(self, event: ImageView.WindowDragged) -> None:
@@ -589,12 +631,16 @@ class ViewerScreen(Screen[None]):
             self.add_point(self.kb)
 
     def action_escape(self) -> None:
-        """Esc: from the report, chat or series list back to the image; on the image,
-        drop the tool and its unfinished points."""
+        """Esc: from the report, chat or series list back to the image (on a narrow
+        terminal the pane folds away again); on the image, drop the tool and its
+        unfinished points."""
         if not self.view.has_focus:
             self.view.focus()
+            self.remove_class("-panel", "-series")
         elif self.tool or self.pending:
             self.action_tool("")
+        else:
+            self.remove_class("-panel", "-series")
 
     def action_focus_text(self, widget_id: str) -> None:
         """``r``/``c``: type into the report or the chat (Esc comes back)."""
@@ -602,7 +648,45 @@ class ViewerScreen(Screen[None]):
             self.message = "the report and chat belong to a live consult (open it from Home)"
             self.update_view()
             return
-        self.query_one(f"#{widget_id}").focus()
+        target = self.query_one(f"#{widget_id}")
+        if self.has_class("-narrow") and not self.has_class("-panel"):
+            self.add_class("-panel")  # folded away: shown first, focused once laid out
+            self.call_after_refresh(target.focus)
+        else:
+            target.focus()
+
+    # layout: the image takes what the panels leave
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit(event.size.width)
+
+    def _fit(self, width: int) -> None:
+        """Below NARROW_COLUMNS the series list and consult panel fold away."""
+        self.set_class(width < NARROW_COLUMNS, "-narrow")
+
+    def action_toggle_panel(self) -> None:
+        """``t``: on a narrow terminal, show or fold away the consult panel (annotations,
+        chat, report); on a wide one it is always beside the image."""
+        if self.session is None:
+            self.message = "the consult panel belongs to a live consult (open it from Home)"
+        elif not self.has_class("-narrow"):
+            self.message = "the consult panel is always shown at this width"
+        else:
+            self.toggle_class("-panel")
+            self.message = ""
+        self.update_view()
+
+    def action_toggle_series(self) -> None:
+        """``s``: pick a series from the list (on a narrow terminal it folds away again)."""
+        if self.has_class("-narrow") and self.has_class("-series"):
+            self.remove_class("-series")
+            self.view.focus()
+            return
+        series = self.query_one("#series", OptionList)
+        if self.has_class("-narrow"):
+            self.add_class("-series")
+            self.call_after_refresh(series.focus)
+        else:
+            series.focus()
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """While the report or chat has the keys, none of the viewer's letter keys act."""
@@ -611,7 +695,18 @@ class ViewerScreen(Screen[None]):
         return True
 
     def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        if self._folded(event.widget):  # keys must never go to a pane nobody sees
+            self.view.focus()
         self._show_mode()
+
+    def _folded(self, widget: Widget) -> bool:
+        """Whether a widget sits in a pane folded away on this narrow terminal."""
+        if not self.has_class("-narrow"):
+            return False
+        if widget.id == "series":
+            return not self.has_class("-series")
+        in_panel = any(isinstance(node, ConsultPanel) for node in widget.ancestors_with_self)
+        return in_panel and not self.has_class("-panel")
 
     def on_descendant_blur(self, event: events.DescendantBlur) -> None:
         self.call_after_refresh(self._show_mode)
@@ -690,6 +785,7 @@ class ViewerScreen(Screen[None]):
             self._user_moved = True
             self.open_series(event.option_index)
         self.view.focus()
+        self.remove_class("-series")
 
     def action_tool(self, name: str) -> None:
         self.tool, self.pending = name, []

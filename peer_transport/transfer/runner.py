@@ -1,4 +1,6 @@
-"""Runs the sans-IO transfer protocol (:mod:`peer_transport.transfer`) over a link.
+"""Runs the sans-IO transfer protocol over a link: :class:`StudySender` and
+:class:`StudyReceiver`, and :func:`send_study` / :func:`receive_study` that put a store
+and an audit log at each end.
 
 The link is anything with ``send_control(bytes)`` and ``send_bulk(bytes)``
 coroutines (:class:`TransferLink`); ``send_bulk`` must wait while the bulk queue
@@ -9,15 +11,13 @@ Requests travel on the control channel, chunks on the bulk channel.
 
 Received chunks are verified and written to the spool as they arrive (nothing
 queues in memory), and instances go to an :class:`InstanceStore`
-(``node.dicom.store.Store`` fits: ``has_hash(hex)`` and ``add_bytes(data, source=...)``)
-only after their hash is verified; decoding and storing run in one worker thread
-so the event loop keeps receiving and at most one decoded instance is in memory.
-The receiver's memory does not grow with the study.
+(``node.dicom.store.Store`` fits: ``has_hash(hex)`` and ``add_bytes(data, source=...,
+warm=False)``: what arrives from a peer is not coded into the wire cache while the
+receiver is busy) only after their hash is verified; decoding and storing run in one
+worker thread so the event loop keeps receiving and at most one decoded instance is
+in memory. The receiver's memory does not grow with the study.
 
-The sender streams too: :meth:`PreparedStudy.from_source` reads, optionally
-de-identifies, and encodes one instance at a time (a few in parallel worker
-threads) into a :class:`SenderSpool` on disk, sealed with a key that only lives
-in memory, and serves chunks from there.
+The sender streams too (:class:`~peer_transport.transfer.prepared.PreparedStudy`).
 """
 
 from __future__ import annotations
@@ -28,32 +28,55 @@ import ctypes
 import ctypes.util
 import functools
 import logging
-import os
-import secrets
-import shutil
-import struct
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-import nacl.bindings as sodium
-import nacl.exceptions
-
 from crypto.identity import Identity
 from node.dicom import wirecodec
 from node.dicom.store import InstanceConflict
-from peer_transport import transfer as tr
+from peer_transport.transfer.audit import AuditSink, ReceivedRecord, SentRecord
+from peer_transport.transfer.errors import (
+    ChunkRejected,
+    IllegalTransition,
+    LocalTransferError,
+    MalformedMessage,
+    ManifestMismatch,
+    RemoteTransferError,
+    TransferCancelled,
+    TransferError,
+)
+from peer_transport.transfer.machine import ACTIVE, Event, State
+from peer_transport.transfer.manifest import Manifest
+from peer_transport.transfer.messages import (
+    Cancel,
+    Chunk,
+    Finished,
+    Message,
+    OfferAssembler,
+    OfferPart,
+    ResumeRequest,
+    from_wire,
+)
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.progress import Progress
+from peer_transport.transfer.receiver import (
+    DEFAULT_TIMEOUT,
+    DEFAULT_WINDOW,
+    Receiver,
+    resume_request,
+)
+from peer_transport.transfer.sender import Sender
+from peer_transport.transfer.spool import SenderSpool, Spool
 
 log = logging.getLogger(__name__)
 
 INBOX_LIMIT = 1024  # control messages queued from the link before new ones are dropped
 POLL_INTERVAL = 0.05
-REOFFER_AFTER = 2 * tr.DEFAULT_TIMEOUT  # seconds without a request before offering again
+REOFFER_AFTER = 2 * DEFAULT_TIMEOUT  # seconds without a request before offering again
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
-ENCODE_AHEAD = max(2, os.cpu_count() or 2)  # instances encoded in parallel by the sender
 _M_MMAP_THRESHOLD = -3
 
 
@@ -66,174 +89,7 @@ class TransferLink(Protocol):
 class InstanceStore(Protocol):
     def has_hash(self, content_hash: str) -> bool: ...
 
-    def add_bytes(self, data: bytes, *, source: str) -> Any: ...
-
-
-class SenderSpool:
-    """Wire encodings of one outgoing study on disk, each sealed (XChaCha20-Poly1305).
-
-    The key is made here and never leaves memory, so whatever a crash leaves
-    behind in the 0700 directory is unreadable (the files may hold PHI when the
-    study is not de-identified); :meth:`close` deletes it. Directories left by
-    a process that no longer runs are removed when the next spool is made.
-    """
-
-    def __init__(self, parent: Path | None = None) -> None:
-        if parent is not None:
-            parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _remove_orphans(parent)
-        self.root = Path(tempfile.mkdtemp(prefix=f"send-{os.getpid()}-", dir=parent))
-        self._key = secrets.token_bytes(sodium.crypto_aead_xchacha20poly1305_ietf_KEYBYTES)
-        self._fd = os.open(self.root / "wires", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        self._slots: list[tuple[int, int]] = []  # (offset, sealed length)
-        self._end = 0
-
-    @staticmethod
-    def _nonce(slot: int) -> bytes:
-        return struct.pack("<Q", slot).ljust(sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES)
-
-    def put(self, wire: bytes) -> int:
-        """Append one wire encoding; returns its slot."""
-        slot = len(self._slots)
-        sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            wire, None, self._nonce(slot), self._key
-        )
-        os.pwrite(self._fd, sealed, self._end)
-        self._slots.append((self._end, len(sealed)))
-        self._end += len(sealed)
-        return slot
-
-    def get(self, slot: int) -> bytes:
-        offset, length = self._slots[slot]
-        sealed = os.pread(self._fd, length, offset)
-        try:
-            wire: bytes = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                sealed, None, self._nonce(slot), self._key
-            )
-        except nacl.exceptions.CryptoError as exc:
-            raise tr.LocalTransferError(
-                f"the outgoing spool in {self.root} was damaged on disk; send the study again"
-            ) from exc
-        return wire
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _remove_orphans(parent: Path) -> None:
-    for path in parent.glob("send-*-*"):
-        pid = path.name.split("-")[1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
-class PreparedStudy:
-    """A study encoded for the wire and described by a signed manifest (sender side).
-
-    ``wire(index)`` gives the wire encoding of manifest entry ``index``.
-    """
-
-    def __init__(
-        self,
-        manifest: tr.Manifest,
-        signed: bytes,
-        wire: Callable[[int], bytes],
-        spool: SenderSpool | None = None,
-    ) -> None:
-        self.manifest = manifest
-        self.signed = signed
-        self.wire = wire
-        self._spool = spool
-
-    def close(self) -> None:
-        """Delete the on-disk encodings (if any)."""
-        if self._spool is not None:
-            self._spool.close()
-
-    @classmethod
-    async def from_files(
-        cls, files: Sequence[bytes], identity: Identity, deidentified: bool = False
-    ) -> PreparedStudy:
-        """Describe and encode every file in memory (small studies, tests)."""
-        prepared = await asyncio.gather(*(asyncio.to_thread(tr.prepare_instance, f) for f in files))
-        manifest = tr.build_manifest(
-            [p[0] for p in prepared], _one_study(p[1] for p in prepared), deidentified
-        )
-        wire_of = {p[0].sop_instance_uid: p[2] for p in prepared}
-        wires = [wire_of[e.sop_instance_uid] for e in manifest.entries]
-        return cls(manifest, manifest.sign(identity), wires.__getitem__)
-
-    @classmethod
-    async def from_source(
-        cls,
-        files: Iterator[bytes],
-        identity: Identity,
-        spool: SenderSpool,
-        deidentified: bool = False,
-        ahead: int = ENCODE_AHEAD,
-        cache: wirecodec.PixelCache | None = None,
-    ) -> PreparedStudy:
-        """Read, describe and encode one file at a time into ``spool``.
-
-        ``files`` is advanced in a worker thread (reading and de-identifying may
-        block); up to ``ahead`` instances are encoded in worker threads, so at
-        most about ``2 * ahead`` files are in memory. Bad files raise BadInstance.
-        ``cache`` (``node.dicom.wirecache.WireCache``) saves the pixel coding done before.
-        """
-        entries: list[tr.ManifestEntry] = []
-        studies: list[str] = []
-        slot_of: dict[str, int] = {}
-        running: set[asyncio.Future[tuple[tr.ManifestEntry, str, bytes]]] = set()
-
-        def collect(done: Iterable[asyncio.Future[tuple[tr.ManifestEntry, str, bytes]]]) -> None:
-            for future in done:
-                entry, study, wire = future.result()
-                if entry.sop_instance_uid in slot_of:
-                    raise wirecodec.BadInstance(
-                        f"instance {entry.sop_instance_uid} appears twice in the study"
-                    )
-                slot_of[entry.sop_instance_uid] = spool.put(wire)
-                entries.append(entry)
-                studies.append(study)
-
-        try:
-            while True:
-                data = await asyncio.to_thread(next, files, None)
-                if data is None:
-                    break
-                running.add(
-                    asyncio.ensure_future(asyncio.to_thread(tr.prepare_instance, data, cache))
-                )
-                del data
-                if len(running) >= ahead:
-                    done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                    collect(done)
-            if running:
-                done, running = await asyncio.wait(running)
-                collect(done)
-        finally:
-            for future in running:
-                future.cancel()
-        manifest = tr.build_manifest(entries, _one_study(studies), deidentified)
-        slots = [slot_of[e.sop_instance_uid] for e in manifest.entries]
-        return cls(manifest, manifest.sign(identity), lambda i: spool.get(slots[i]), spool)
-
-
-def _one_study(studies: Iterable[str]) -> str:
-    found = set(studies)
-    if len(found) != 1:
-        raise wirecodec.BadInstance(
-            f"the files belong to {len(found)} studies; share one study at a time"
-        )
-    return found.pop()
+    def add_bytes(self, data: bytes, *, source: str, warm: bool) -> Any: ...
 
 
 class StudySender:
@@ -242,19 +98,31 @@ class StudySender:
     def __init__(self, study: PreparedStudy, link: TransferLink) -> None:
         self.study = study
         self.link = link
-        self.protocol = tr.Sender(study.manifest, study.wire, study.signed)
-        self._inbox: asyncio.Queue[tr.Message] = asyncio.Queue(INBOX_LIMIT)
+        self.protocol = Sender(study.manifest, study.wire, study.signed)
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue(INBOX_LIMIT)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.study.manifest
+
+    @property
+    def state(self) -> State:
+        return self.protocol.machine.state
+
+    @property
+    def chunks_sent(self) -> int:
+        return self.protocol.chunks_sent
 
     def on_control(self, data: bytes) -> None:
-        message = tr.from_wire(data)
+        message = from_wire(data)
         with contextlib.suppress(asyncio.QueueFull):  # the receiver asks again on timeout
             self._inbox.put_nowait(message)
 
-    async def _offer(self, parts: Sequence[tr.OfferPart]) -> None:
+    async def _offer(self, parts: Sequence[OfferPart]) -> None:
         for part in parts:
-            await self.link.send_control(tr.to_wire(part))
+            await self.link.send_control(part.to_wire())
 
-    async def run(self) -> tr.State:
+    async def run(self) -> State:
         """Offer, then serve requests until the receiver finishes or cancels.
 
         A restarted receiver asks for the offer again (ResumeRequest); for one that
@@ -263,27 +131,27 @@ class StudySender:
         """
         loop = asyncio.get_running_loop()
         await self._offer(self.protocol.offer(loop.time()))
-        while self.protocol.machine.state not in (tr.State.COMPLETE, tr.State.CANCELLED):
+        while self.protocol.machine.state not in (State.COMPLETE, State.CANCELLED):
             try:
                 async with asyncio.timeout(REOFFER_AFTER):
                     message = await self._inbox.get()
             except TimeoutError:
                 await self._offer(self.protocol.offer(loop.time()))
                 continue
-            if isinstance(message, tr.ResumeRequest):
+            if isinstance(message, ResumeRequest):
                 await self._offer(self.protocol.resume(message, loop.time()))
                 continue
             try:
                 chunks = self.protocol.receive(message)
-            except tr.RemoteTransferError as exc:
+            except RemoteTransferError as exc:
                 log.warning("ignoring a bad transfer request: %s", exc)
                 continue
             for chunk in chunks:
-                await self.link.send_bulk(tr.to_wire(chunk))
+                await self.link.send_bulk(chunk.to_wire())
         return self.protocol.machine.state
 
 
-ProgressCallback = Callable[[tr.Progress], None]
+ProgressCallback = Callable[[Progress], None]
 
 
 class StudyReceiver:
@@ -296,8 +164,8 @@ class StudyReceiver:
         store: InstanceStore,
         source: str,
         on_progress: ProgressCallback | None = None,
-        window: int = tr.DEFAULT_WINDOW,
-        timeout: float = tr.DEFAULT_TIMEOUT,
+        window: int = DEFAULT_WINDOW,
+        timeout: float = DEFAULT_TIMEOUT,
         sender_key: bytes | None = None,
         expect_study: str | None = None,
         spool_key: bytes | None = None,
@@ -309,7 +177,7 @@ class StudyReceiver:
         self.conflicts: list[InstanceConflict] = []
         # Why the transfer failed, for run() to raise: a commit task's own exception may
         # be gone with the task (pending tasks drop out of their set when done).
-        self._failure: tr.TransferError | None = None
+        self._failure: TransferError | None = None
         self.sender_key = sender_key  # the link's peer: asked at once for an unfinished spool
         # Take only an offer of this study (other transfers may share the connection).
         self.expect_study = expect_study
@@ -318,8 +186,8 @@ class StudyReceiver:
         self.on_progress = on_progress
         self.window = window
         self.timeout = timeout
-        self.protocol: tr.Receiver | None = None
-        self._offer = tr.OfferAssembler()
+        self.protocol: Receiver | None = None
+        self._offer = OfferAssembler()
         self._manifest: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending: set[asyncio.Task[None]] = set()
         self._over = False  # run() has returned: chunks are no longer spooled
@@ -331,40 +199,56 @@ class StudyReceiver:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="transfer-commit")
         _return_large_blocks()
 
+    # what the screen reads
+
+    @property
+    def manifest(self) -> Manifest | None:
+        """The signed manifest, once the offer is taken (None while waiting for it)."""
+        return None if self.protocol is None else self.protocol.manifest
+
+    @property
+    def state(self) -> State:
+        """The transfer's state; OFFERED until the offer is taken and accepted."""
+        return State.OFFERED if self.protocol is None else self.protocol.state
+
+    def progress(self) -> Progress | None:
+        """How far the study has come; None before the offer is taken."""
+        return None if self.protocol is None else self.protocol.progress()
+
     # link input
 
     def on_control(self, data: bytes) -> None:
-        message = tr.from_wire(data)
-        if isinstance(message, tr.OfferPart):
+        message = from_wire(data)
+        if isinstance(message, OfferPart):
             signed = self._offer.add(message)
             if signed is not None and not self._manifest.done() and self._expected(signed):
                 self._manifest.set_result(signed)
-        elif isinstance(message, tr.Cancel) and self.protocol is not None:
-            with contextlib.suppress(tr.IllegalTransition):
-                self.protocol.machine.fire(tr.Event.CANCEL)
+        elif isinstance(message, Cancel) and self.protocol is not None:
+            with contextlib.suppress(IllegalTransition):
+                self.protocol.machine.fire(Event.CANCEL)
             self._wake.set()
 
     def _expected(self, signed: bytes) -> bool:
         if self.expect_study is None:
             return True
-        with contextlib.suppress(tr.MalformedMessage):
-            return tr.Manifest.open(signed)[1].study_instance_uid == self.expect_study
+        with contextlib.suppress(MalformedMessage):
+            return Manifest.open(signed)[1].study_instance_uid == self.expect_study
         return True  # a bad manifest is refused, with its reason, where it is opened
 
     def on_bulk(self, data: bytes) -> None:
         """Verify and spool a chunk at once: nothing waits in memory for the main loop."""
-        chunk = tr.from_wire(data)
-        if not isinstance(chunk, tr.Chunk):
-            raise tr.MalformedMessage("only chunks travel on the bulk channel")
+        chunk = from_wire(data)
+        if not isinstance(chunk, Chunk):
+            raise MalformedMessage("only chunks travel on the bulk channel")
         receiver = self.protocol
         if receiver is None or not self._started.is_set() or self._over:
             return  # nothing was requested yet, or the run is over
-        if receiver.state not in (tr.State.RUNNING, tr.State.PAUSED):
+        if receiver.state not in ACTIVE:
             return  # cancelled or failed: chunks still in flight are dropped
         loop = asyncio.get_running_loop()
         try:
             index = receiver.receive(chunk, loop.time())
-        except tr.ChunkRejected as exc:
+        except ChunkRejected as exc:
             log.info("%s", exc)
             return
         finally:
@@ -372,7 +256,7 @@ class StudyReceiver:
         if index is not None:
             self._commit_soon(receiver, index)
 
-    def _commit_soon(self, receiver: tr.Receiver, index: int) -> None:
+    def _commit_soon(self, receiver: Receiver, index: int) -> None:
         task = asyncio.get_running_loop().create_task(self._commit(receiver, index))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -392,19 +276,19 @@ class StudyReceiver:
 
     # main loop
 
-    async def run(self) -> tr.Progress:
+    async def run(self) -> Progress:
         """Fetch the whole study; return the final progress. Raises TransferError."""
-        spool = tr.Spool(self.spool_dir, self.spool_key)
+        spool = Spool(self.spool_dir, self.spool_key)
         signed = await self._offered(spool)
         try:
-            self.protocol = receiver = tr.Receiver(
+            self.protocol = receiver = Receiver(
                 signed,
                 spool,
                 have=lambda h: self.store.has_hash(h.hex()),
                 window=self.window,
                 timeout=self.timeout,
             )
-        except tr.RemoteTransferError as exc:  # over budget, hostile UIDs, bad signature
+        except RemoteTransferError as exc:  # over budget, hostile UIDs, bad signature
             self._drop(exc)
             raise
         receiver.accept()
@@ -423,32 +307,32 @@ class StudyReceiver:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._failure is not None:
             raise self._failure
-        if receiver.state is tr.State.COMPLETE:
-            await self.link.send_control(tr.to_wire(tr.Finished(receiver.manifest.transfer_id)))
-        elif receiver.state is tr.State.CANCELLED:
-            raise tr.TransferCancelled("the transfer was cancelled")
+        if receiver.state is State.COMPLETE:
+            await self.link.send_control(Finished(receiver.manifest.transfer_id).to_wire())
+        elif receiver.state is State.CANCELLED:
+            raise TransferCancelled("the transfer was cancelled")
         return receiver.progress()
 
-    async def _offered(self, spool: tr.Spool) -> bytes:
+    async def _offered(self, spool: Spool) -> bytes:
         """The signed manifest. A receiver restarted with an unfinished spool from the
         link's peer asks for it (every ``timeout``, RESUME_ASKS times) rather than wait
         for the sender to offer again on its own."""
-        ask = None if self.sender_key is None else tr.resume_request(spool, self.sender_key)
+        ask = None if self.sender_key is None else resume_request(spool, self.sender_key)
         if ask is not None:
             for _ in range(RESUME_ASKS):
-                await self.link.send_control(tr.to_wire(ask))
+                await self.link.send_control(ask.to_wire())
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.timeout):
                         return await asyncio.shield(self._manifest)
         return await self._manifest
 
-    async def _loop(self, receiver: tr.Receiver, pending: set[asyncio.Task[None]]) -> None:
+    async def _loop(self, receiver: Receiver, pending: set[asyncio.Task[None]]) -> None:
         loop = asyncio.get_running_loop()
-        while receiver.state in (tr.State.RUNNING, tr.State.PAUSED):
+        while receiver.state in ACTIVE:
             self._wake.clear()
             for request in receiver.poll(loop.time()):
-                await self.link.send_control(tr.to_wire(request))
-            if receiver.state in (tr.State.RUNNING, tr.State.PAUSED):
+                await self.link.send_control(request.to_wire())
+            if receiver.state in ACTIVE:
                 # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(POLL_INTERVAL):
@@ -456,29 +340,29 @@ class StudyReceiver:
             for task in [t for t in pending if t.done()]:
                 task.result()  # re-raise a failed commit (ManifestMismatch)
 
-    def _verify_and_store(self, receiver: tr.Receiver, index: int) -> Exception | None:
+    def _verify_and_store(self, receiver: Receiver, index: int) -> Exception | None:
         # One job per instance, so a decoded instance never waits in memory for its turn.
         try:
             data = receiver.verify_part(index)
-        except (wirecodec.WireCodecError, OSError, tr.RemoteTransferError) as exc:
+        except (wirecodec.WireCodecError, OSError, RemoteTransferError) as exc:
             return exc
         try:
-            self.store.add_bytes(data, source=self.source)
+            self.store.add_bytes(data, source=self.source, warm=False)
         except InstanceConflict as exc:  # the stored instance stays; this one is reported
             return exc
         return None
 
-    def _drop(self, error: tr.RemoteTransferError) -> None:
+    def _drop(self, error: RemoteTransferError) -> None:
         """The sender misbehaved: it loses its connection (``ChannelLink.drop``)."""
         drop = getattr(self.link, "drop", None)
         if drop is not None:
             drop(error)
 
-    async def _commit(self, receiver: tr.Receiver, index: int) -> None:
+    async def _commit(self, receiver: Receiver, index: int) -> None:
         loop = asyncio.get_running_loop()
         job = functools.partial(self._verify_and_store, receiver, index)
         failure = await loop.run_in_executor(self._executor, job)
-        if isinstance(failure, tr.RemoteTransferError):
+        if isinstance(failure, RemoteTransferError):
             self._failure = receiver.refuse_part(index, failure)
             self._drop(failure)
             self._wake.set()
@@ -489,7 +373,7 @@ class StudyReceiver:
             failure = None  # counted as done: fetching it again would not change it
         if failure is not None:
             error = receiver.reject_part(index, failure)
-            if isinstance(error, tr.ManifestMismatch):
+            if isinstance(error, ManifestMismatch):
                 error.__cause__ = failure
                 self._failure = error
                 self._wake.set()
@@ -497,7 +381,7 @@ class StudyReceiver:
             log.warning("%s", error)
             self._wake.set()
             return
-        if receiver.state not in (tr.State.RUNNING, tr.State.PAUSED):
+        if receiver.state not in ACTIVE:
             return  # cancelled meanwhile: the instance is stored, the transfer is over
         receiver.stored(index, loop.time())
         waiting = self._stored.pop(index, None)  # only what the viewer waits for
@@ -517,7 +401,7 @@ class StudyReceiver:
                 self.protocol.pause()
             else:
                 self.protocol.resume_transfer()
-        except tr.IllegalTransition:
+        except IllegalTransition:
             return False
         self._wake.set()
         return True
@@ -525,9 +409,7 @@ class StudyReceiver:
     def cancel(self) -> None:
         if self.protocol is not None:
             cancel = self.protocol.cancel()
-            task = asyncio.get_running_loop().create_task(
-                self.link.send_control(tr.to_wire(cancel))
-            )
+            task = asyncio.get_running_loop().create_task(self.link.send_control(cancel.to_wire()))
             task.add_done_callback(lambda _t: None)
         self._wake.set()
 
@@ -562,21 +444,6 @@ class StudySource(Protocol):
     def read_instance(self, sop_instance_uid: str) -> bytes: ...
 
 
-class AuditSink(Protocol):
-    """``node.core.audit.AuditLog`` fits."""
-
-    def append(
-        self,
-        kind: Any,
-        *,
-        now: float,
-        study_uid: str | None = None,
-        peer: str | None = None,
-        details: Any = None,
-        actor: str | None = None,
-    ) -> int: ...
-
-
 async def send_study(
     link: TransferLink,
     source: StudySource,
@@ -589,7 +456,7 @@ async def send_study(
     clock: Callable[[], float] = time.time,
     on_sender: Callable[[StudySender], None] | None = None,
     spool_dir: Path | None = None,
-) -> tr.State:
+) -> State:
     """Offer a stored study over ``link`` and serve it until the peer has it all.
 
     ``prepare`` may rewrite the files first (de-identification for sharing): it
@@ -599,7 +466,7 @@ async def send_study(
     """
     rows = source.instances(study_uid)
     if not rows:
-        raise tr.LocalTransferError(f"study {study_uid} is not in the store")
+        raise LocalTransferError(f"study {study_uid} is not in the store")
     files: Iterable[bytes] = (source.read_instance(r.sop_instance_uid) for r in rows)
     if prepare is not None:
         files = prepare(files)
@@ -624,19 +491,7 @@ async def send_study(
         _detach(link)
         spool.close()
     if audit is not None:
-        audit.append(
-            "transfer",
-            now=clock(),
-            study_uid=manifest.study_instance_uid,
-            peer=peer,
-            details={
-                "instances": len(manifest.entries),
-                "bytes": manifest.total_size,
-                "wire_bytes": sum(e.wire_size for e in manifest.entries),
-                "outcome": state.value,
-                "deidentified": manifest.deidentified,
-            },
-        )
+        SentRecord(manifest, state).write(audit, peer=peer, now=clock())
     return state
 
 
@@ -659,7 +514,7 @@ async def receive_study(
     sender_key: bytes | None = None,
     expect_study: str | None = None,
     spool_key: bytes | None = None,
-) -> tr.Progress:
+) -> Progress:
     """Fetch the study ``link``'s peer offers into ``store``; audit the outcome.
 
     The caller routes the link's incoming control and bulk messages to the
@@ -685,28 +540,18 @@ async def receive_study(
     attach = getattr(link, "attach", None)
     if attach is not None:
         attach(receiver.on_control, receiver.on_bulk)
-    outcome = "failed"
+    complete = False
     try:
         progress = await receiver.run()
-        outcome = "complete"
+        complete = True
         return progress
     finally:
         _detach(link)
         if audit is not None and receiver.protocol is not None:
-            manifest = receiver.protocol.manifest
-            done = receiver.protocol.progress()
-            audit.append(
-                "receive",
-                now=clock(),
-                study_uid=manifest.study_instance_uid,
-                peer=peer,
-                details={
-                    "instances": done.instances_done,
-                    "of": done.instances_total,
-                    "bytes": done.bytes_done,
-                    "outcome": outcome,
-                    "deidentified": manifest.deidentified,
-                    "resent_chunks": receiver.protocol.chunks_rerequested,
-                    "not_stored": len(receiver.conflicts),
-                },
-            )
+            ReceivedRecord(
+                receiver.protocol.manifest,
+                receiver.protocol.progress(),
+                complete,
+                resent_chunks=receiver.protocol.chunks_rerequested,
+                not_stored=len(receiver.conflicts),
+            ).write(audit, peer=peer, now=clock())

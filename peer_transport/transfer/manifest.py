@@ -1,0 +1,203 @@
+"""The signed study manifest, and the receiver's budgets it is held to when opened.
+
+The sender offers a study as a signed manifest ("study-manifest"): every instance
+with its UIDs, original size and SHA-256, transfer syntax, place in its series and
+the size of its wire encoding (:mod:`node.dicom.wirecodec`). The receiver holds it to
+:data:`MAX_INSTANCE_SIZE`, :data:`MAX_STUDY_SIZE` and :data:`MAX_EXPANSION`, and its
+UIDs to the DICOM grammar, before anything is fetched or decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from crypto.envelope import SignedEnvelope
+from crypto.errors import CryptoError
+from crypto.identity import Identity
+from node.core.ids import is_dicom_uid
+from node.dicom import wirecodec
+from peer_transport.transfer.errors import DecompressionBomb, MalformedMessage
+from peer_transport.transfer.messages import CHUNK_SIZE, MAX_MANIFEST_SIZE, TRANSFER_ID_SIZE
+
+MANIFEST_TYPE = "study-manifest"
+MAX_INSTANCES = 100_000
+# Receiver budgets, checked when the signed manifest is opened, before anything is fetched
+# or decoded. A decoded instance is held in memory (about three times, while it is
+# rebuilt), so its size is what a sender can make the receiver allocate.
+MAX_INSTANCE_SIZE = 1 << 30  # bytes of one decoded instance
+MAX_STUDY_SIZE = 64 << 30  # bytes of all decoded instances of one study
+# Above EXPANSION_FLOOR, an instance may decode to at most MAX_EXPANSION times its wire
+# size (lossless coding of real images gains 2-10x; a blank 512x512 slice is below the
+# floor). The sender sends an instance that compresses better than this as it is.
+MAX_EXPANSION = 1024
+EXPANSION_FLOOR = 16 << 20
+# An encoding is never much larger than its file (the codec sends a file as it is when
+# coding does not pay), so the spool and the assembly of one instance stay near its size.
+WIRE_SLACK = 64 << 10
+
+
+def within_budget(size: int, wire_size: int) -> bool:
+    """Whether an instance of ``size`` decoded bytes sent as ``wire_size`` bytes fits the
+    receiver's per-instance budget, its expansion limit, and is not padded on the wire."""
+    return (
+        size <= MAX_INSTANCE_SIZE
+        and size <= max(EXPANSION_FLOOR, wire_size * MAX_EXPANSION)
+        and wire_size <= size + size // 64 + WIRE_SLACK
+    )
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    sop_instance_uid: str
+    series_instance_uid: str
+    series_number: int
+    instance_number: int
+    transfer_syntax: str
+    size: int
+    sha256: bytes
+    wire_size: int
+
+    def to_value(self) -> list[Any]:
+        return [
+            self.sop_instance_uid,
+            self.series_instance_uid,
+            self.series_number,
+            self.instance_number,
+            self.transfer_syntax,
+            self.size,
+            self.sha256,
+            self.wire_size,
+        ]
+
+    @classmethod
+    def from_value(cls, raw: Any) -> ManifestEntry:
+        types = (str, str, int, int, str, int, bytes, int)
+        if not (
+            isinstance(raw, list)
+            and len(raw) == len(types)
+            and all(type(v) is t for v, t in zip(raw, types, strict=True))
+        ):
+            raise MalformedMessage("manifest entry has the wrong fields")
+        entry = cls(*raw)
+        if (
+            len(entry.sha256) != 32
+            or not 0 <= entry.size <= wirecodec.MAX_WIRE_SIZE
+            or not 0 < entry.wire_size <= wirecodec.MAX_WIRE_SIZE
+        ):
+            raise MalformedMessage("manifest entry has out-of-range values")
+        if not (
+            is_dicom_uid(entry.sop_instance_uid)
+            and is_dicom_uid(entry.series_instance_uid)
+            and (entry.transfer_syntax == "" or is_dicom_uid(entry.transfer_syntax))
+        ):
+            raise MalformedMessage(
+                "manifest entry has a malformed UID (a DICOM UID is digits and dots, at most 64)"
+            )
+        if not within_budget(entry.size, entry.wire_size):
+            raise DecompressionBomb(
+                f"manifest declares instance {entry.sop_instance_uid} as {entry.size} bytes "
+                f"from {entry.wire_size} on the wire: outside this node's limits of "
+                f"{MAX_INSTANCE_SIZE} bytes per instance, {MAX_EXPANSION}x expansion and "
+                "a wire encoding about the size of the file"
+            )
+        return entry
+
+    def chunk_count(self, chunk_size: int) -> int:
+        return math.ceil(self.wire_size / chunk_size)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    transfer_id: bytes
+    study_instance_uid: str
+    entries: tuple[ManifestEntry, ...]
+    chunk_size: int = CHUNK_SIZE
+    deidentified: bool = False
+
+    def to_value(self) -> dict[str, Any]:
+        return {
+            "id": self.transfer_id,
+            "study": self.study_instance_uid,
+            "entries": [e.to_value() for e in self.entries],
+            "chunk": self.chunk_size,
+            "deid": self.deidentified,
+        }
+
+    @classmethod
+    def from_value(cls, raw: Any) -> Manifest:
+        if not isinstance(raw, dict) or set(raw) != {"id", "study", "entries", "chunk", "deid"}:
+            raise MalformedMessage("manifest has the wrong fields")
+        tid, study, entries, chunk, deid = (
+            raw[k] for k in ("id", "study", "entries", "chunk", "deid")
+        )
+        if not (
+            isinstance(tid, bytes)
+            and len(tid) == TRANSFER_ID_SIZE
+            and isinstance(study, str)
+            and isinstance(entries, list)
+            and len(entries) <= MAX_INSTANCES
+            and type(chunk) is int
+            and 1024 <= chunk <= CHUNK_SIZE
+            and isinstance(deid, bool)
+        ):
+            raise MalformedMessage("manifest has wrong field types or sizes")
+        if not is_dicom_uid(study):
+            raise MalformedMessage("manifest's study UID is not a DICOM UID (digits and dots)")
+        parsed = tuple(ManifestEntry.from_value(e) for e in entries)
+        if len({e.sop_instance_uid for e in parsed}) != len(parsed):
+            raise MalformedMessage("manifest lists one SOP Instance UID twice")
+        if sum(e.size for e in parsed) > MAX_STUDY_SIZE:
+            raise DecompressionBomb(
+                f"manifest declares {sum(e.size for e in parsed)} bytes: over this node's "
+                f"limit of {MAX_STUDY_SIZE} bytes per study"
+            )
+        return cls(tid, study, parsed, chunk, deid)
+
+    def sign(self, identity: Identity) -> bytes:
+        return SignedEnvelope.create(identity, MANIFEST_TYPE, self.to_value()).to_wire()
+
+    @classmethod
+    def open(cls, data: bytes) -> tuple[bytes, Manifest]:
+        """Verify a signed manifest; return (signer public key, manifest)."""
+        try:
+            envelope = SignedEnvelope.from_wire(data, MAX_MANIFEST_SIZE)
+            value = envelope.verify(MANIFEST_TYPE)
+        except CryptoError as exc:
+            raise MalformedMessage(f"study manifest refused: {exc}") from exc
+        return envelope.signer, cls.from_value(value)
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.size for e in self.entries)
+
+
+def build_manifest(
+    entries: Iterable[ManifestEntry],
+    study_instance_uid: str,
+    deidentified: bool = False,
+    transfer_id: bytes | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> Manifest:
+    """A manifest in series order (series number, series UID, instance number).
+
+    The transfer id is derived from the content unless given: a sender restarted
+    with the same study offers the same id, so a receiver resumes instead of
+    starting over.
+    """
+    ordered = sorted(
+        entries, key=lambda e: (e.series_number, e.series_instance_uid, e.instance_number)
+    )
+    content = [study_instance_uid, deidentified, chunk_size, [e.to_value() for e in ordered]]
+    tid = (
+        transfer_id
+        or hashlib.blake2b(
+            msgpack.packb(content, use_bin_type=True), digest_size=TRANSFER_ID_SIZE
+        ).digest()
+    )
+    return Manifest(tid, study_instance_uid, tuple(ordered), chunk_size, deidentified)

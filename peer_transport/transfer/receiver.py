@@ -1,0 +1,441 @@
+"""The receiving side of one study transfer, sans-IO: messages in, requests out, time
+passed in.
+
+The receiver *pulls*: it skips instances it already has (same hash), then requests
+chunks of the wire encodings, at most ``window`` chunks outstanding (the window is
+the credit; a request is the application-level ack of what came before it). Every
+chunk carries its own BLAKE2b hash; a damaged chunk is rejected and requested again,
+never written. A chunk nobody asked for, or one that does not fit the declared size,
+is rejected. When all chunks of an instance are verified the runner asks the receiver
+to assemble it (:func:`~peer_transport.transfer.instance.decode_part`: sizes checked
+before anything is allocated, then hash and UIDs against the manifest), and only then
+hands it to the store.
+
+What the receiver has verified lives in a :class:`~peer_transport.transfer.spool.Spool`
+directory, sealed at rest (it may hold an identified study): part files, a state file
+(the instances stored, rewritten atomically after each) and a journal with the receipt
+(nonce and tag) of every chunk sealed into an unfinished part. Nothing here is fsynced,
+on purpose: after a restart a journalled chunk counts only if its receipt still opens
+the bytes in the part file, so a kill -9 or a power cut costs at most the chunks in
+flight or lost with the page cache, never a wrong byte. An instance becomes visible
+only through the store's own atomic, fsynced commit (``node.dicom.store.Store.add_bytes``),
+which happens before the state file calls it done.
+
+A receiver restarted with an unfinished spool does not wait for the sender to offer
+again on its own (after ``runner.REOFFER_AFTER``): it sends a ResumeRequest for the
+transfer in its spool as soon as it is connected to the manifest's signer
+(:func:`resume_request`). The sender's own re-offer stays as the fallback.
+
+Priority: :meth:`Receiver.prioritise` puts an instance (the slice on screen) ahead of
+the queue; the rest follows in series order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from crypto import canonical
+from crypto.errors import CryptoError
+from node.dicom import wirecodec
+from peer_transport.transfer.errors import (
+    ChunkRejected,
+    InstanceRejected,
+    LocalTransferError,
+    MalformedMessage,
+    ManifestMismatch,
+    RemoteTransferError,
+    TransferError,
+)
+from peer_transport.transfer.instance import decode_part
+from peer_transport.transfer.machine import TERMINAL, Event, Machine, State
+from peer_transport.transfer.manifest import Manifest
+from peer_transport.transfer.messages import (
+    MAX_MANIFEST_SIZE,
+    MAX_SEQS_PER_REQUEST,
+    Cancel,
+    Chunk,
+    Finished,
+    Request,
+    ResumeRequest,
+    chunk_digest,
+)
+from peer_transport.transfer.progress import Progress
+from peer_transport.transfer.spool import RECEIPT_SIZE, Spool
+
+DEFAULT_WINDOW = 64  # chunks in flight: ~3.8 MiB, above the loopback bandwidth-delay product
+DEFAULT_TIMEOUT = 5.0  # seconds before an unanswered chunk request is repeated
+MAX_ACTIVE_INSTANCES = 16  # part files open at once on the receiver
+MAX_INSTANCE_ATTEMPTS = 2  # an instance whose hash fails twice fails the transfer
+
+
+@dataclass
+class _Partial:
+    count: int
+    verified: dict[int, bytes] = field(default_factory=dict)  # seq -> spool receipt
+    outstanding: dict[int, float] = field(default_factory=dict)  # seq -> requested at
+
+
+STATE_FILE = "state"
+JOURNAL_FILE = "journal"  # (index, seq, receipt) of each chunk written to an unfinished part
+_JOURNAL_RECORD = struct.Struct(f"<II{RECEIPT_SIZE}s")  # (index, seq, receipt)
+MANIFEST_FILE = "manifest"
+
+
+class Receiver:
+    """Pulls one study. Drive it with :meth:`poll` (requests to send) and :meth:`receive`."""
+
+    def __init__(
+        self,
+        signed_manifest: bytes,
+        spool: Spool,
+        have: Callable[[bytes], bool] = lambda _h: False,
+        window: int = DEFAULT_WINDOW,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.sender_key, self.manifest = Manifest.open(signed_manifest)
+        self.spool = spool
+        self.window = window
+        self.timeout = timeout
+        self.machine = Machine()
+        self.done: set[int] = set()
+        self.ready: set[int] = set()  # every chunk verified, waiting to be assembled
+        self._partials: dict[int, _Partial] = {}
+        self._attempts: dict[int, int] = {}
+        self._priority: list[int] = []
+        self._first = 0  # every instance before this one is done
+        self.chunks_received = 0
+        self.chunks_requested = 0
+        self.chunks_rerequested = 0
+        self.chunks_rejected = 0
+        self._rate = 0.0
+        self._last: tuple[float, int] | None = None
+        self._restore(signed_manifest)
+        for i, entry in enumerate(self.manifest.entries):
+            if i not in self.done and have(entry.sha256):
+                self.done.add(i)  # already in the store: never requested
+
+    # persistence
+
+    def _restore(self, signed_manifest: bytes) -> None:
+        self.spool.save(MANIFEST_FILE, signed_manifest)
+        raw = self.spool.load(STATE_FILE)
+        try:
+            if raw is None:
+                raise ValueError("no state yet")
+            state = canonical.decode(raw, MAX_MANIFEST_SIZE)
+            if state["id"] != self.manifest.transfer_id:
+                raise ValueError("state of another transfer")
+            total = len(self.manifest.entries)
+            self.done = {i for i in state["done"] if 0 <= i < total}
+            journal = self.spool.load_clear(JOURNAL_FILE) or b""
+            usable = len(journal) - len(journal) % _JOURNAL_RECORD.size  # torn last record
+            claimed: dict[int, dict[int, bytes]] = {}
+            for index, seq, receipt in _JOURNAL_RECORD.iter_unpack(journal[:usable]):
+                claimed.setdefault(index, {})[seq] = receipt
+            for index, seqs in claimed.items():
+                if 0 <= index < total and index not in self.done:
+                    self._restore_part(index, seqs)
+            self._persist()  # the journal now holds only what was found on disk
+        except (CryptoError, KeyError, TypeError, ValueError, AttributeError):
+            # No usable state (first start, another transfer, damage): start over, safely.
+            self.done, self._partials, self.ready = set(), {}, set()
+            self._persist()
+
+    def _restore_part(self, index: int, claimed: dict[int, bytes]) -> None:
+        """Keep the journalled chunks whose bytes really are in the part file (their
+        receipt opens them: sealed, so damaged or missing bytes do not)."""
+        count = self.manifest.entries[index].chunk_count(self.manifest.chunk_size)
+        ok = {
+            seq: receipt
+            for seq, receipt in claimed.items()
+            if 0 <= seq < count
+            and self.spool.read_chunk(index, seq, *self._extent(index, seq), receipt) is not None
+        }
+        self._partials[index] = _Partial(count, ok)
+        if len(ok) == count:
+            self.ready.add(index)
+
+    def _extent(self, index: int, seq: int) -> tuple[int, int]:
+        """(offset, length) of chunk ``seq`` of instance ``index`` in its wire encoding."""
+        size = self.manifest.chunk_size
+        return seq * size, min(size, self.manifest.entries[index].wire_size - seq * size)
+
+    def _save_state(self) -> None:
+        state = {"id": self.manifest.transfer_id, "done": sorted(self.done)}
+        self.spool.save(STATE_FILE, canonical.encode(state))
+
+    def _persist(self) -> None:
+        journal = b"".join(
+            _JOURNAL_RECORD.pack(index, seq, receipt)
+            for index, partial in self._partials.items()
+            for seq, receipt in partial.verified.items()
+        )
+        # The journal first: a crash between the two leaves a state that is only older.
+        self.spool.save_clear(JOURNAL_FILE, journal)
+        self._save_state()
+
+    @classmethod
+    def resume(cls, spool: Spool, **kwargs: Any) -> Receiver:
+        """Reopen a transfer from its spool after a restart."""
+        signed = spool.load(MANIFEST_FILE)
+        if signed is None:
+            raise LocalTransferError(f"no transfer to resume in {spool.root}")
+        return cls(signed, spool, **kwargs)
+
+    # control
+
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+    def accept(self) -> None:
+        self.machine.fire(Event.ACCEPT)
+        if len(self.done) == len(self.manifest.entries):
+            self._finish()
+
+    def _finish(self) -> None:
+        # The same study offered again later has the same transfer id: a state left
+        # here would call instances done that the store may no longer hold.
+        self.machine.fire(Event.FINISH)
+        for name in (STATE_FILE, JOURNAL_FILE, MANIFEST_FILE):
+            self.spool.remove(name)
+
+    def pause(self) -> None:
+        self.machine.fire(Event.PAUSE)
+
+    def resume_transfer(self) -> None:
+        self.machine.fire(Event.RESUME)
+
+    def cancel(self, reason: str = "cancelled by the receiver") -> Cancel:
+        self.machine.fire(Event.CANCEL)
+        for index in list(self._partials):
+            self.spool.drop_part(index)
+        return Cancel(self.manifest.transfer_id, reason)
+
+    def prioritise(self, index: int) -> None:
+        """Fetch this instance next (the slice on screen), ahead of the series order."""
+        if not 0 <= index < len(self.manifest.entries):
+            raise LocalTransferError(f"instance {index} is not in this study")
+        if index in self._priority:
+            self._priority.remove(index)
+        self._priority.insert(0, index)
+
+    def index_of(self, sop_instance_uid: str) -> int:
+        for i, entry in enumerate(self.manifest.entries):
+            if entry.sop_instance_uid == sop_instance_uid:
+                return i
+        raise LocalTransferError(f"instance {sop_instance_uid} is not in this study")
+
+    # requests
+
+    def _order(self) -> Iterable[int]:
+        seen = set()
+        while self._first in self.done:  # instances before it are all done: skip them
+            self._first += 1
+        rest = range(self._first, len(self.manifest.entries))
+        for index in itertools.chain(self._priority, list(self._partials), rest):
+            if index not in seen:
+                seen.add(index)
+                yield index
+
+    def _outstanding(self) -> int:
+        return sum(len(p.outstanding) for p in self._partials.values())
+
+    def poll(self, now: float) -> list[Request]:
+        """The chunk requests to send now (new ones within the window, and timed-out ones)."""
+        if self.state is not State.RUNNING:
+            return []
+        requests: list[Request] = []
+        budget = self.window - self._outstanding()
+        for partial_index, active in self._partials.items():
+            stale = [s for s, t in active.outstanding.items() if now - t >= self.timeout]
+            if stale:
+                for s in stale:
+                    active.outstanding[s] = now
+                self.chunks_rerequested += len(stale)
+                requests.append(Request(self.manifest.transfer_id, partial_index, tuple(stale)))
+        for index in self._order():
+            if budget <= 0:
+                break
+            if index in self.done or index in self.ready:
+                continue
+            partial = self._partials.get(index)
+            if partial is None:
+                if len(self._partials) >= MAX_ACTIVE_INSTANCES and index not in self._priority:
+                    continue
+                entry = self.manifest.entries[index]
+                partial = _Partial(entry.chunk_count(self.manifest.chunk_size))
+                self._partials[index] = partial
+            wanted = [
+                s
+                for s in range(partial.count)
+                if s not in partial.verified and s not in partial.outstanding
+            ][: min(budget, MAX_SEQS_PER_REQUEST)]
+            if not wanted:
+                continue
+            for s in wanted:
+                partial.outstanding[s] = now
+            budget -= len(wanted)
+            self.chunks_requested += len(wanted)
+            requests.append(Request(self.manifest.transfer_id, index, tuple(wanted)))
+        return requests
+
+    def receive(self, chunk: Chunk, now: float) -> int | None:
+        """Verify and spool a chunk. Returns the instance index once all its chunks are in.
+
+        Raises :class:`ChunkRejected` (the chunk is not written; it will be requested
+        again when its request times out, or at once for a damaged one).
+        """
+        if self.state in TERMINAL:
+            raise ChunkRejected(f"chunk arrived after the transfer was {self.state.value}")
+        self.machine.fire(Event.DATA)
+        if chunk.transfer_id != self.manifest.transfer_id:
+            raise ChunkRejected("chunk belongs to another transfer")
+        partial = self._partials.get(chunk.index)
+        if partial is None or chunk.seq not in partial.outstanding:
+            self.chunks_rejected += 1
+            raise ChunkRejected(
+                f"chunk {chunk.seq} of instance {chunk.index} was not requested "
+                "(duplicate, out of place or already verified); ignored"
+            )
+        entry = self.manifest.entries[chunk.index]
+        size = self.manifest.chunk_size
+        expected = min(size, entry.wire_size - chunk.seq * size)
+        if len(chunk.data) != expected:
+            self.chunks_rejected += 1
+            raise ChunkRejected(
+                f"chunk {chunk.seq} of instance {entry.sop_instance_uid} has {len(chunk.data)} "
+                f"bytes where the manifest implies {expected}: the instance is not the size "
+                "the sender declared"
+            )
+        if chunk_digest(chunk.data) != chunk.digest:
+            self.chunks_rejected += 1
+            del partial.outstanding[chunk.seq]  # ask again at the next poll
+            raise ChunkRejected(
+                f"chunk {chunk.seq} of instance {entry.sop_instance_uid} is damaged "
+                "(hash mismatch); not written, requested again"
+            )
+        receipt = self.spool.write_chunk(chunk.index, chunk.seq, chunk.seq * size, chunk.data)
+        del partial.outstanding[chunk.seq]
+        partial.verified[chunk.seq] = receipt
+        self.chunks_received += 1
+        # Appending a record is far cheaper than rewriting the state for every chunk; it
+        # is not fsynced: after a power cut, restore checks each record against the part.
+        self.spool.append(JOURNAL_FILE, _JOURNAL_RECORD.pack(chunk.index, chunk.seq, receipt))
+        if len(partial.verified) == partial.count:
+            self.ready.add(chunk.index)
+            return chunk.index
+        return None
+
+    def verify_part(self, index: int) -> bytes:
+        """Decode a fully received instance and check it against the manifest.
+
+        Reads only (safe in a worker thread: JPEG-LS decoding is the CPU-heavy part).
+        Raises :class:`node.dicom.wirecodec.WireCodecError` or OSError (damage: pass it to
+        :meth:`reject_part`), or :class:`DecompressionBomb` / :class:`ManifestMismatch`
+        (the sender's doing: pass it to :meth:`refuse_part`).
+        """
+        partial = self._partials.get(index)
+        if index not in self.ready or partial is None:
+            raise LocalTransferError(f"instance {index} is not fully received")
+        chunks = [
+            (*self._extent(index, seq), partial.verified[seq]) for seq in range(partial.count)
+        ]
+        part = self.spool.read_part(index, chunks)
+        return decode_part(part, self.manifest.entries[index], self.manifest.study_instance_uid)
+
+    def reject_part(self, index: int, exc: Exception) -> TransferError:
+        """Forget a received instance that failed :meth:`verify_part`; return the error.
+
+        The instance is requested again from scratch; the second failure fails the
+        transfer (:class:`ManifestMismatch`).
+        """
+        entry = self.manifest.entries[index]
+        self.ready.discard(index)
+        self._partials.pop(index, None)
+        self.spool.drop_part(index)
+        self._attempts[index] = self._attempts.get(index, 0) + 1
+        self._persist()
+        if self._attempts[index] >= MAX_INSTANCE_ATTEMPTS:
+            self.machine.fire(Event.FAIL)
+            return ManifestMismatch(
+                f"instance {entry.sop_instance_uid} arrived twice but never matched the "
+                f"signed manifest ({exc}). The sender's copy changed or the peer is "
+                "misbehaving: ask them to share the study again."
+            )
+        return InstanceRejected(
+            f"instance {entry.sop_instance_uid} does not match the manifest ({exc}); "
+            "fetching it again"
+        )
+
+    def refuse_part(self, index: int, error: RemoteTransferError) -> RemoteTransferError:
+        """Fail the transfer for an instance the sender misrepresented (a bomb, another
+        instance than the manifest names): its part is dropped, nothing is stored, and
+        ``error`` is returned for the caller to raise (and to drop the peer)."""
+        self.ready.discard(index)
+        self._partials.pop(index, None)
+        self.spool.drop_part(index)
+        self._persist()
+        if self.state in (State.RUNNING, State.PAUSED):
+            self.machine.fire(Event.FAIL)
+        return error
+
+    def assemble(self, index: int) -> bytes:
+        """:meth:`verify_part`, raising the transfer error of :meth:`reject_part` or
+        :meth:`refuse_part`."""
+        try:
+            return self.verify_part(index)
+        except RemoteTransferError as exc:
+            raise self.refuse_part(index, exc) from exc
+        except (wirecodec.WireCodecError, OSError) as exc:
+            raise self.reject_part(index, exc) from exc
+
+    def stored(self, index: int, now: float) -> Finished | None:
+        """The instance is committed to the store. Returns Finished when the study is."""
+        self.machine.fire(Event.DATA)
+        self.ready.discard(index)
+        self._partials.pop(index, None)
+        if index in self._priority:
+            self._priority.remove(index)
+        self.done.add(index)
+        self.spool.drop_part(index)
+        # The state only: the instance's journal records are ignored once it is done.
+        self._save_state()
+        size = self.manifest.entries[index].size
+        if self._last is not None and now > self._last[0]:
+            instant = size / (now - self._last[0])
+            self._rate = instant if self._rate == 0 else 0.8 * self._rate + 0.2 * instant
+        self._last = (now, size)
+        if len(self.done) == len(self.manifest.entries):
+            self._finish()
+            return Finished(self.manifest.transfer_id)
+        return None
+
+    def progress(self) -> Progress:
+        entries = self.manifest.entries
+        done_bytes = sum(entries[i].size for i in self.done)
+        total = self.manifest.total_size
+        eta = (total - done_bytes) / self._rate if self._rate > 0 else None
+        return Progress(done_bytes, total, len(self.done), len(entries), self._rate, eta)
+
+    def missing(self) -> Sequence[int]:
+        return [i for i in range(len(self.manifest.entries)) if i not in self.done]
+
+
+def resume_request(spool: Spool, sender_key: bytes) -> ResumeRequest | None:
+    """What a (re)started receiver asks ``sender_key`` for: the unfinished transfer in
+    its spool, if that peer signed its manifest. None when there is nothing to ask
+    (a finished transfer leaves no manifest; a damaged one is replaced by the next offer).
+    """
+    signed = spool.load(MANIFEST_FILE)
+    if signed is None:
+        return None
+    try:
+        signer, manifest = Manifest.open(signed)
+    except MalformedMessage:
+        return None
+    return ResumeRequest(manifest.transfer_id) if signer == sender_key else None

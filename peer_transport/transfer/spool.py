@@ -1,0 +1,217 @@
+"""Where transfer bytes wait on disk, both ends sealed: the receiver's resumable
+:class:`Spool` and the sender's throwaway :class:`SenderSpool`.
+
+What travels may be a full identified study, so nothing here is ever in clear. The
+receiver's spool outlives the process (sealed with the node's key, so a restart
+resumes); the sender's dies with it (its key only ever lives in memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import struct
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.secret
+
+from node.dicom import wirecodec
+from peer_transport.transfer.errors import LocalTransferError
+
+SPOOL_KEY_PURPOSE = "radmesh-spool-v1"  # the node's key for its receive spools
+_NONCE = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+_TAG = sodium.crypto_aead_xchacha20poly1305_ietf_ABYTES
+RECEIPT_SIZE = _NONCE + _TAG
+# Spools opened without a key are sealed all the same, with a key that dies with the
+# process (tests, one-off tools); a node passes its own (SPOOL_KEY_PURPOSE) so that a
+# restarted node resumes what it had.
+_PROCESS_KEY = secrets.token_bytes(32)
+
+
+class Spool:
+    """A directory holding one transfer's manifest, state file and part files, sealed.
+
+    What a peer sent may be a full identified study, so nothing here is in clear: each
+    chunk is sealed (XChaCha20-Poly1305, a fresh random nonce per write) in place, at
+    the offset its plain bytes would have, and the nonce and tag go back to the caller
+    as a *receipt* (the receiver journals it, as it journalled chunk digests before);
+    the manifest and state files are sealed whole (SecretBox). Part files keep the
+    size and offsets of the wire encoding, so crash-safety reasoning is unchanged:
+    a chunk counts only if its receipt opens the bytes on disk.
+    """
+
+    def __init__(self, root: Path, key: bytes | None = None) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = key or _PROCESS_KEY
+        self._chunk_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-spoolc").digest()
+        file_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-spoolf").digest()
+        self._box = nacl.secret.SecretBox(file_key)
+
+    def _part(self, index: int) -> Path:
+        return self.root / f"{index}.part"
+
+    def write_chunk(self, index: int, seq: int, offset: int, data: bytes) -> bytes:
+        """Seal and write one chunk; returns its receipt (needed to read it back)."""
+        nonce = secrets.token_bytes(_NONCE)
+        sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            data, struct.pack("<II", index, seq), nonce, self._chunk_key
+        )
+        fd = os.open(self._part(index), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, sealed[: len(data)], offset)
+        finally:
+            os.close(fd)
+        return nonce + sealed[len(data) :]
+
+    def read_chunk(
+        self, index: int, seq: int, offset: int, length: int, receipt: bytes
+    ) -> bytes | None:
+        """The chunk written with ``receipt``, or None if the part does not hold it."""
+        try:
+            fd = os.open(self._part(index), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            sealed = os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+        if len(sealed) != length or len(receipt) != RECEIPT_SIZE:
+            return None
+        try:
+            plain: bytes = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                sealed + receipt[_NONCE:],
+                struct.pack("<II", index, seq),
+                receipt[:_NONCE],
+                self._chunk_key,
+            )
+        except nacl.exceptions.CryptoError:
+            return None
+        return plain
+
+    def has_part(self, index: int) -> bool:
+        return self._part(index).exists()
+
+    def read_part(self, index: int, chunks: Sequence[tuple[int, int, bytes]]) -> bytes:
+        """A whole part from its (offset, length, receipt) chunks, in order. Raises
+        :class:`node.dicom.wirecodec.CorruptInstance` if any chunk was damaged on disk."""
+        out = []
+        for seq, (offset, length, receipt) in enumerate(chunks):
+            plain = self.read_chunk(index, seq, offset, length, receipt)
+            if plain is None:
+                raise wirecodec.CorruptInstance(f"chunk {seq} is missing or damaged in the spool")
+            out.append(plain)
+        return b"".join(out)
+
+    def drop_part(self, index: int) -> None:
+        self._part(index).unlink(missing_ok=True)
+
+    def save(self, name: str, data: bytes) -> None:
+        tmp = self.root / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._box.encrypt(data))
+        os.replace(tmp, self.root / name)  # atomic: a crash leaves the old or the new file
+
+    def append(self, name: str, data: bytes) -> None:
+        """Append to a file kept in clear (the journal: chunk numbers and receipts)."""
+        fd = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as f:
+            f.write(data)
+
+    def save_clear(self, name: str, data: bytes) -> None:
+        tmp = self.root / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.root / name)
+
+    def load_clear(self, name: str) -> bytes | None:
+        path = self.root / name
+        return path.read_bytes() if path.exists() else None
+
+    def remove(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+    def load(self, name: str) -> bytes | None:
+        """A sealed file's contents; None when missing or unreadable with this key."""
+        path = self.root / name
+        if not path.exists():
+            return None
+        try:
+            return bytes(self._box.decrypt(path.read_bytes()))
+        except (nacl.exceptions.CryptoError, ValueError):
+            return None
+
+
+class SenderSpool:
+    """Wire encodings of one outgoing study on disk, each sealed (XChaCha20-Poly1305).
+
+    The key is made here and never leaves memory, so whatever a crash leaves
+    behind in the 0700 directory is unreadable (the files may hold PHI when the
+    study is not de-identified); :meth:`close` deletes it. Directories left by
+    a process that no longer runs are removed when the next spool is made.
+    """
+
+    def __init__(self, parent: Path | None = None) -> None:
+        if parent is not None:
+            parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _remove_orphans(parent)
+        self.root = Path(tempfile.mkdtemp(prefix=f"send-{os.getpid()}-", dir=parent))
+        self._key = secrets.token_bytes(sodium.crypto_aead_xchacha20poly1305_ietf_KEYBYTES)
+        self._fd = os.open(self.root / "wires", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._slots: list[tuple[int, int]] = []  # (offset, sealed length)
+        self._end = 0
+
+    @staticmethod
+    def _nonce(slot: int) -> bytes:
+        return struct.pack("<Q", slot).ljust(sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES)
+
+    def put(self, wire: bytes) -> int:
+        """Append one wire encoding; returns its slot."""
+        slot = len(self._slots)
+        sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            wire, None, self._nonce(slot), self._key
+        )
+        os.pwrite(self._fd, sealed, self._end)
+        self._slots.append((self._end, len(sealed)))
+        self._end += len(sealed)
+        return slot
+
+    def get(self, slot: int) -> bytes:
+        offset, length = self._slots[slot]
+        sealed = os.pread(self._fd, length, offset)
+        try:
+            wire: bytes = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+                sealed, None, self._nonce(slot), self._key
+            )
+        except nacl.exceptions.CryptoError as exc:
+            raise LocalTransferError(
+                f"the outgoing spool in {self.root} was damaged on disk; send the study again"
+            ) from exc
+        return wire
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _remove_orphans(parent: Path) -> None:
+    for path in parent.glob("send-*-*"):
+        pid = path.name.split("-")[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:
+            pass

@@ -1,0 +1,169 @@
+"""Layouts that fit the terminal (issue 19 items 6 and 8): at 80×24 the image takes the
+width and the worklist keeps priority, question and due time; at 200×55 everything shows."""
+
+from __future__ import annotations
+
+import re
+
+from textual.widgets import DataTable, OptionList, TextArea
+
+from crypto.identity import Identity
+from tui.app import RadmeshApp
+from tui.facade import ConsultItem
+from tui.memory import InMemoryNode
+from tui.screens.home import site_cell, study_cell, worklist_columns
+from tui.screens.viewer import ViewerScreen
+from tui.widgets.consult_panel import ConsultPanel
+from tui.widgets.image_view import ImageView
+from tui.widgets.overlay import OverlayBar
+
+SMALL = (80, 24)
+LARGE = (200, 55)
+
+
+def make_node() -> InMemoryNode:
+    return InMemoryNode(Identity.generate().node_id)
+
+
+def svg_text(app: RadmeshApp) -> str:
+    return app.export_screenshot().replace("&#160;", " ")
+
+
+async def open_viewer(pilot, node: InMemoryNode) -> ViewerScreen:  # type: ignore[no-untyped-def]
+    screen = ViewerScreen(node, node.studies()[0], live=True)
+    await pilot.app.push_screen(screen)
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+    return screen
+
+
+def worklist_keys(app: RadmeshApp) -> list[str]:
+    table = app.screen.query_one("#worklist", DataTable)
+    return [str(key.value) for key in table.columns]
+
+
+async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SMALL) as pilot:
+        viewer = await open_viewer(pilot, node)
+        panel, series = viewer.query_one(ConsultPanel), viewer.query_one("#series", OptionList)
+        assert not panel.display or panel.size.width == 0
+        assert series.size.width == 0
+        # 80 columns less the image's border and the two orientation letters beside it.
+        assert viewer.view.size.width >= 74
+        assert viewer.view.size.height >= 12
+        assert "VIEW" in svg_text(app)  # the mode line is on screen, not under the footer
+        size, drawn = viewer.view.size, viewer.view.frames_rendered
+        viewer.view.post_message(ImageView.Pointer((1.0, 1.0)))  # a long value line now
+        await pilot.pause()
+        assert "HU -1000  pos" in viewer.query_one("#overlay-bottom", OverlayBar).text
+        assert (viewer.view.size, viewer.view.frames_rendered) == (size, drawn)  # no jump
+
+        await pilot.press("t")  # the consult panel, beside a narrower image
+        await pilot.pause()
+        assert panel.size.width > 0
+        assert 20 <= viewer.view.size.width < 74
+        await pilot.press("t")
+        await pilot.pause()
+        assert panel.size.width == 0
+        assert viewer.view.size.width >= 74
+
+        await pilot.press("r")  # typing the report is one key away, even folded
+        await pilot.pause()
+        report = viewer.query_one("#report", TextArea)
+        assert report.has_focus
+        await pilot.press("n", "o", "r", "m")
+        assert node.session.report_text() == "norm"
+        assert viewer.series_index == 0  # "n" went into the report, not to the next series
+        await pilot.press("escape")
+        await pilot.pause()
+        assert viewer.view.has_focus
+        assert panel.size.width == 0
+
+        await pilot.press("s")  # the series list, picked from and folded again
+        await pilot.pause()
+        assert series.has_focus
+        assert series.size.width > 0
+        await pilot.press("down", "enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert viewer.series_index == 1
+        assert series.size.width == 0
+        assert viewer.view.has_focus
+
+
+async def test_at_200x55_the_series_list_and_the_panel_sit_beside_a_wide_image() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=LARGE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        panel, series = viewer.query_one(ConsultPanel), viewer.query_one("#series", OptionList)
+        assert panel.size.width >= 40
+        assert series.size.width >= 20
+        assert viewer.view.size.width >= 110
+        await pilot.press("t")  # nothing to fold at this width: said, not done
+        await pilot.pause()
+        assert "always shown at this width" in viewer.message
+        assert panel.size.width >= 40
+
+
+async def test_the_worklist_at_80_columns_keeps_priority_question_and_due() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SMALL) as pilot:
+        await pilot.pause()
+        keys = worklist_keys(app)
+        for key in ("priority", "question", "site", "state", "due"):
+            assert key in keys
+        assert "study" not in keys
+        table = app.screen.query_one("#worklist", DataTable)
+        assert table.virtual_size.width <= SMALL[0]  # nothing cut off to the right
+        svg = svg_text(app)
+        for shown in ("STAT", "CT head: bleed?", "✔ verified", "! unverified"):
+            assert shown in svg
+        assert re.search(r" 0h \d\dm ", svg)  # the STAT one is due within the hour
+        assert "2d 0h" in svg or "1d 23h" in svg
+
+
+async def test_the_worklist_at_200_columns_shows_institution_study_and_peer() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=LARGE) as pilot:
+        await pilot.pause()
+        keys = worklist_keys(app)
+        assert keys == ["dir", "priority", "question", "site", "study", "peer", "state", "due"]
+        table = app.screen.query_one("#worklist", DataTable)
+        rows = [[str(cell) for cell in table.get_row_at(i)] for i in range(table.row_count)]
+        assert rows[0][3:6] == ["St Elsewhere ✔ verified", "CT 24 im 67Y F",
+                                "Dr Neuro (PEER-NE, verified)"]  # fmt: skip
+        assert rows[1][3:6] == ["Ortho Clinic ! unverified", "-", "Dr Bones (PEER-MS, unverified)"]
+        svg = svg_text(app)
+        assert "St Elsewhere" in svg
+        assert "CT 24 im 67Y F" in svg
+        await pilot.resize_terminal(*SMALL)  # and back when the terminal shrinks
+        await pilot.pause()
+        assert "study" not in worklist_keys(app)
+
+
+def test_worklist_cells() -> None:
+    item = ConsultItem("c", True, "q", "ABCDEFG", "stat", "offered", 0.0, peer_trust="verified")
+    assert str(site_cell(item, 20)) == "ABCDEFG ✔ verified"  # no institution: the short id
+    long = ConsultItem("c", True, "q", "ABCDEFG", "stat", "offered", 0.0,
+                       peer_institution="Royal Infirmary of Somewhere [b]x[/b]",
+                       peer_trust="unverified")  # fmt: skip
+    cell = str(site_cell(long, 20))
+    assert cell.endswith(" ! unverified")  # the badge is never the part cut off
+    assert len(cell) <= 20
+    assert str(study_cell(item)) == "-"  # the study is not here yet
+    here = ConsultItem("c", True, "q", "P", "stat", "offered", 0.0, modality="MR", images=3,
+                       patient_age="045Y", patient_sex="M")  # fmt: skip
+    assert str(study_cell(here)) == "MR 3 im 45Y M"
+
+
+def test_columns_at_each_width_fit_the_screen() -> None:
+    for width in (80, 100, 120, 160, 200):
+        columns = worklist_columns(width)
+        keys = [c.key for c, _ in columns]
+        assert {"priority", "question", "due"} <= set(keys)
+        assert sum(w + 2 for _, w in columns) <= width

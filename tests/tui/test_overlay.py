@@ -1,0 +1,208 @@
+"""The viewer overlay (issue 19 item 4): orientation letters, slice facts, the value under
+the cursor; the pure functions first, then the overlay on screen."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from crypto.identity import Identity
+from tui.app import RadmeshApp
+from tui.facade import Frame, StudyInfo
+from tui.memory import InMemoryNode
+from tui.screens.viewer import ViewerScreen
+from tui.widgets.image_view import ImageView
+from tui.widgets.overlay import (
+    EdgeMarker,
+    Markers,
+    OverlayBar,
+    age_sex,
+    direction_letters,
+    orientation_markers,
+    pixel_value,
+    slice_location,
+    study_date,
+)
+
+SIZE = (150, 45)
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+
+
+def test_axial_coronal_and_sagittal_edges() -> None:
+    # Radiological convention: the patient's left on the image's right.
+    assert orientation_markers(AXIAL) == Markers(top="A", bottom="P", left="R", right="L")
+    assert orientation_markers(CORONAL) == Markers(top="S", bottom="I", left="R", right="L")
+    assert orientation_markers(SAGITTAL) == Markers(top="S", bottom="I", left="A", right="P")
+
+
+def test_a_prone_or_flipped_image_gets_the_letters_it_shows() -> None:
+    # Rows running to the patient's right, columns to the front (an axial, prone).
+    assert orientation_markers((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0)) == Markers("P", "A", "L", "R")
+
+
+def test_an_oblique_plane_gets_its_letters_largest_first() -> None:
+    a = math.radians(30)
+    # An axial tilted 30 degrees about the patient's long axis: rows mostly left, a little back.
+    oblique = (math.cos(a), math.sin(a), 0.0, -math.sin(a), math.cos(a), 0.0)
+    assert orientation_markers(oblique) == Markers(top="AL", bottom="PR", left="RA", right="LP")
+    # Double oblique: three letters, in order of size.
+    row = np.array([0.8, 0.5, 0.33])
+    row /= np.linalg.norm(row)
+    assert direction_letters(tuple(row)) == "LPS"
+    assert direction_letters((0.02, 0.0, -0.9998)) == "I"  # a degree of tilt is not a letter
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        (1.0, 0.0, 0.0),  # not six values
+        (math.nan, 0.0, 0.0, 0.0, 1.0, 0.0),
+        (math.inf, 0.0, 0.0, 0.0, 1.0, 0.0),
+        (0.0, 0.0, 0.0, 0.0, 1.0, 0.0),  # a zero vector
+        (1e300, 0.0, 0.0, 0.0, 1.0, 0.0),  # not a direction
+    ],
+)
+def test_an_orientation_that_is_not_two_directions_shows_no_letters(
+    bad: tuple[float, ...] | None,
+) -> None:
+    assert orientation_markers(bad) is None
+
+
+def frame(**kw: object) -> Frame:
+    pixels = np.arange(12, dtype=np.int16).reshape(3, 4)  # rows 3, columns 4
+    base = Frame(pixels, 2.0, -10.0, (0.5, 0.5), True, (0.0, 0.0, 7.5), AXIAL)
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_slice_location_from_the_file_else_from_the_position() -> None:
+    assert slice_location(frame(slice_location=-12.5)) == -12.5
+    assert slice_location(frame()) == 7.5  # axial: the z of ImagePositionPatient
+    assert slice_location(frame(orientation=SAGITTAL, origin=(3.0, 1.0, 2.0))) == pytest.approx(
+        -3.0  # normal of rows x columns: -x
+    )
+    assert slice_location(frame(origin=None)) is None
+
+
+def test_the_value_under_the_cursor_is_the_modality_value_of_that_pixel() -> None:
+    f = frame()
+    assert pixel_value(f, (3.0, 2.0)) == 11 * 2.0 - 10.0  # column 3, row 2
+    assert pixel_value(f, (0.4, 0.4)) == -10.0  # nearest pixel
+    assert pixel_value(f, (4.0, 0.0)) is None  # off the image
+    assert pixel_value(f, (-1.0, 0.0)) is None
+    assert pixel_value(f, (math.nan, 0.0)) is None
+
+
+def test_age_sex_and_date_as_a_viewer_prints_them() -> None:
+    assert age_sex("067Y", "F") == "67Y F"
+    assert age_sex("", "M") == "M"
+    assert age_sex("", "") == ""
+    assert study_date("20260101") == "2026-01-01"
+    assert "\x1b" not in age_sex("\x1b[2J067Y", "F")  # peer text: no control characters
+
+
+def make_node() -> InMemoryNode:
+    return InMemoryNode(Identity.generate().node_id)
+
+
+async def open_viewer(pilot, node: InMemoryNode, live: bool = False) -> ViewerScreen:  # type: ignore[no-untyped-def]
+    screen = ViewerScreen(node, node.studies()[0], live=live)
+    await pilot.app.push_screen(screen)
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+    return screen
+
+
+def texts(viewer: ViewerScreen) -> tuple[str, str, str, str]:
+    return (
+        viewer.query_one("#overlay-top", OverlayBar).text,
+        viewer.query_one("#overlay-bottom", OverlayBar).text,
+        viewer.query_one("#mark-left", EdgeMarker).text,
+        viewer.query_one("#mark-right", EdgeMarker).text,
+    )
+
+
+async def test_the_overlay_shows_the_study_the_slice_and_the_orientation() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        top, bottom, left, right = texts(viewer)
+        for shown in ("ANON-0001", "67Y F", "Acc ANON-ACC-1", "2026-01-01", "CT CHEST"):
+            assert shown in top
+        for shown in ("Se 1 Axial 5mm", "Im 1/12", "SL 0.0 mm", "ST 5.0 mm"):
+            assert shown in top
+        assert "  A  " in top  # the top edge's letter, between the two texts
+        assert "W 400 L 40" in bottom
+        assert "zoom 1.00" in bottom
+        assert "  P  " in bottom
+        assert (left, right) == ("R", "L")
+        await pilot.press("j", "j")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "Im 3/12" in texts(viewer)[0]
+        assert "SL 10.0 mm" in texts(viewer)[0]
+
+
+async def test_the_value_under_the_pointer_is_shown_without_redrawing_the_image() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        shown = viewer.view.frame
+        assert shown is not None
+        drawn = viewer.view.frames_rendered
+        # The phantom: soft tissue (40 HU) in the middle, air (-1000 HU) in the corner.
+        for point, hu in (((64.0, 64.0), 40), ((1.0, 1.0), -1000)):
+            assert pixel_value(shown, point) == hu
+            viewer.view.post_message(ImageView.Pointer(point))
+            await pilot.pause()
+            assert f"HU {hu}  pos" in texts(viewer)[1]
+        assert viewer.view.frames_rendered == drawn  # text changed, not the picture
+
+
+async def test_the_keyboard_cursor_shows_the_value_under_it() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        await pilot.press("M")  # a tool: the keyboard cursor appears in the middle
+        await pilot.pause()
+        assert viewer.kb is not None
+        assert viewer.view.frame is not None
+        hu = pixel_value(viewer.view.frame, viewer.kb)
+        assert f"HU {hu:.0f}" in texts(viewer)[1]
+        assert "tool: length (0/2)" in texts(viewer)[1]
+
+
+class MarkupNode(InMemoryNode):
+    """A study whose DICOM text is markup and terminal control: the peer wrote it."""
+
+    def studies(self) -> list[StudyInfo]:
+        study = super().studies()[0]
+        return [
+            replace(
+                study,
+                description="[b]CT[/] [@click=app.quit]x[/]\x1b[2J",
+                accession="[/]",
+                patient_sex="M\x07",
+            )
+        ]
+
+
+async def test_dicom_text_on_the_overlay_is_shown_literally() -> None:
+    node = MarkupNode(Identity.generate().node_id)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        top = texts(viewer)[0]
+        assert "[b]CT[/] [@click=app.quit]x[/]" in top
+        assert "Acc [/]" in top
+        assert "\x1b" not in top
+        assert "\x07" not in top
+        assert app.is_running

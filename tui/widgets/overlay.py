@@ -1,0 +1,257 @@
+"""The viewer's overlay: what every PACS viewer prints around the image.
+
+Study and slice facts above the image, the view (window/level, zoom, the value
+under the cursor) below it, and the patient-orientation letters on its four
+edges. It lives in its own widgets, not in the image renderer: moving the
+pointer changes the value shown here without redrawing the picture.
+
+Everything here is computed by pure functions (tested on their own); the widgets
+only lay the text out. The DICOM text comes from the files, so from the peer
+that sent them: it goes through :mod:`tui.safe_text` and is never markup. On a
+consultant's node these are the de-identified values the store holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich.console import OverflowMethod
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from tui import imaging, safe_text
+from tui.facade import Frame, SeriesInfo, StudyInfo
+from tui.imaging import Point, Window
+
+# A component of a direction counts for a letter when it is at least this large: 0.1 is
+# about 6 degrees, so an oblique plane gets a second (and third) letter, noise does not.
+OBLIQUE_THRESHOLD = 0.1
+MAX_LETTERS = 3
+# Patient axes (DICOM LPS): +x towards the patient's left, +y posterior, +z superior.
+_AXIS_LETTERS = (("R", "L"), ("A", "P"), ("I", "S"))
+TEXT_CHARS = 40  # one DICOM field on the overlay
+OVERLAY_STYLE = "#ffff87"
+
+
+@dataclass(frozen=True)
+class Markers:
+    """The orientation letters on each edge of the image."""
+
+    top: str
+    bottom: str
+    left: str
+    right: str
+
+
+def direction_letters(vector: Sequence[float]) -> str:
+    """``L``, ``LP``, ``LPS``…: the patient directions a unit vector points to, largest
+    component first (DICOM PS3.3 C.7.6.1.1.1)."""
+    order = sorted(range(3), key=lambda axis: -abs(vector[axis]))
+    letters = [
+        _AXIS_LETTERS[axis][1 if vector[axis] > 0 else 0]
+        for axis in order
+        if abs(vector[axis]) >= OBLIQUE_THRESHOLD
+    ]
+    return "".join(letters[:MAX_LETTERS])
+
+
+def orientation_markers(orientation: Sequence[float] | None) -> Markers | None:
+    """The edge letters of an image from its ImageOrientationPatient (row direction, then
+    column direction): the right edge is where the rows run to, the bottom edge where the
+    columns run to. None when the value is missing or not two unit-ish vectors (it comes
+    from the sender's file: anything can be in it)."""
+    if orientation is None or len(orientation) != 6:
+        return None
+    try:
+        values = [float(v) for v in orientation]
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) for v in values):
+        return None
+    row, col = values[:3], values[3:]
+    if not (0.5 < math.hypot(*row) < 1.5 and 0.5 < math.hypot(*col) < 1.5):
+        return None
+    right, bottom = direction_letters(row), direction_letters(col)
+    left = direction_letters([-v for v in row])
+    top = direction_letters([-v for v in col])
+    if not (right and bottom and left and top):
+        return None
+    return Markers(top, bottom, left, right)
+
+
+def slice_location(frame: Frame) -> float | None:
+    """SliceLocation when the file has it, else the position of the slice along its normal
+    (ImagePositionPatient projected on row x column), as viewers show it."""
+    if frame.slice_location is not None and math.isfinite(frame.slice_location):
+        return frame.slice_location
+    if frame.origin is None or frame.orientation is None or len(frame.orientation) != 6:
+        return None
+    rx, ry, rz, cx, cy, cz = frame.orientation
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    value = sum(n * o for n, o in zip(normal, frame.origin, strict=True))
+    return value if math.isfinite(value) else None
+
+
+def pixel_value(frame: Frame, point: Point) -> float | None:
+    """The modality value (HU on CT) of the pixel under an image point, None off the image."""
+    if not safe_text.finite([point]):
+        return None
+    col, row = math.floor(point[0] + 0.5), math.floor(point[1] + 0.5)
+    rows, cols = frame.pixels.shape[:2]
+    if not (0 <= row < rows and 0 <= col < cols):
+        return None
+    value = float(frame.pixels[row, col]) * frame.slope + frame.intercept
+    return value if math.isfinite(value) else None
+
+
+def age_sex(age: str, sex: str) -> str:
+    """``67Y F`` from PatientAge ``067Y`` and PatientSex, as the store holds them."""
+    age = safe_text.plain(age, 8).strip()
+    if len(age) == 4 and age[:3].isdigit() and age[3] in "DWMY":
+        age = f"{int(age[:3])}{age[3]}"
+    return " ".join(p for p in (age, safe_text.plain(sex, 3).strip()) if p)
+
+
+def study_date(value: str) -> str:
+    """``2026-01-01`` from a DICOM DA ``20260101`` (anything else as written)."""
+    value = safe_text.plain(value, 16).strip()
+    if len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value
+
+
+def _mm(value: float | None) -> str:
+    return f"{value:.1f} mm" if value is not None and math.isfinite(value) else ""
+
+
+@dataclass(frozen=True)
+class OverlayFacts:
+    """What the overlay shows for one slice, gathered by the viewer."""
+
+    study: StudyInfo
+    series: SeriesInfo | None
+    position: str  # "Im 3/12  Fr 1/3"
+    window: Window
+    zoom: float
+    invert: bool = False
+    frame: Frame | None = None
+    cursor: Point | None = None  # the pointer or the keyboard cursor, image pixels
+    notes: tuple[str, ...] = ()  # tool, presenting/following, the last message
+
+
+def study_text(facts: OverlayFacts) -> str:
+    """Top left: the (pseudonymised) patient, age/sex, accession, date, study."""
+    s = facts.study
+    parts = [
+        safe_text.plain(s.patient, TEXT_CHARS),
+        age_sex(s.patient_age, s.patient_sex),
+        f"Acc {safe_text.plain(s.accession, TEXT_CHARS)}" if s.accession.strip() else "",
+        study_date(s.date),
+        safe_text.plain(s.description, TEXT_CHARS),
+    ]
+    return "  ".join(p for p in parts if p)
+
+
+def series_text(facts: OverlayFacts) -> str:
+    """Top right: series number and description, image number, slice location/thickness."""
+    if facts.series is None:
+        return "no series in this study"
+    se = facts.series
+    head = f"Se {se.number} {safe_text.plain(se.description, TEXT_CHARS)}".strip()
+    parts = [head, facts.position]
+    frame = facts.frame
+    if frame is not None:
+        location = _mm(slice_location(frame))
+        parts.append(f"SL {location}" if location else "")
+        thickness = _mm(frame.slice_thickness)
+        parts.append(f"ST {thickness}" if thickness else "")
+    return "  ".join(p for p in parts if p)
+
+
+def view_text(facts: OverlayFacts) -> str:
+    """Bottom left: window/level, inversion, zoom."""
+    w = facts.window
+    return (
+        f"W {w.width:.0f} L {w.center:.0f}{'  INV' if facts.invert else ''}  zoom {facts.zoom:.2f}"
+    )
+
+
+def cursor_text(facts: OverlayFacts) -> str:
+    """Bottom right: the value under the cursor (HU on CT) and where it is, in mm."""
+    frame, point = facts.frame, facts.cursor
+    if frame is None or point is None:
+        return ""
+    value = pixel_value(frame, point)
+    if value is None:
+        return ""
+    modality = facts.series.modality if facts.series is not None else ""
+    unit = "HU" if modality.upper() == "CT" else "value"
+    shown = f"{value:.0f}" if float(value).is_integer() or abs(value) >= 100 else f"{value:.2f}"
+    pos = imaging.position_mm(point, frame.spacing, frame.origin, frame.orientation)
+    where = "pos " + " ".join(f"{v:.1f}" for v in pos) + " mm"
+    return f"{unit} {shown}  {where}"
+
+
+def _bar(left: str, centre: str, right: str, wrap: bool) -> Table:
+    """Left text, an orientation letter, right text; wrapped onto more lines, or one line
+    cut with an ellipsis."""
+    grid = Table.grid(expand=True, padding=(0, 1))
+    grid.add_column(ratio=1, justify="left", no_wrap=not wrap)
+    grid.add_column(justify="center", width=max(1, len(centre)))
+    grid.add_column(ratio=1, justify="right", no_wrap=not wrap)
+    overflow: OverflowMethod = "fold" if wrap else "ellipsis"
+    grid.add_row(
+        Text(left, style=OVERLAY_STYLE, end="", overflow=overflow),
+        Text(centre, style="bold", end=""),
+        Text(right, style=OVERLAY_STYLE, end="", overflow=overflow),
+    )
+    return grid
+
+
+class OverlayBar(Static):
+    """Overlay text above or below the image (the text is never markup).
+
+    Above: as many lines as the study and slice facts need (they change with the slice).
+    Below: always two lines, the view and cursor line and a line of notes, each cut to
+    the width: the pointer moving must never change the image's height."""
+
+    DEFAULT_CSS = """
+    OverlayBar { height: auto; background: #000000; }
+    OverlayBar.-fixed { height: 2; }
+    """
+
+    text = ""  # what it shows, as one plain string (tests and screen readers)
+
+    def show(self, left: str, centre: str, right: str, notes: tuple[str, ...] = ()) -> None:
+        self.text = "\n".join(["  ".join((left, centre, right)), *notes])
+        fixed = self.has_class("-fixed")
+        table = Table.grid(expand=True)
+        table.add_row(_bar(left, centre, right, wrap=not fixed))
+        note = "  ·  ".join(safe_text.plain(n) for n in notes)
+        if note or fixed:
+            overflow: OverflowMethod = "ellipsis" if fixed else "fold"
+            table.add_row(Text(note, style=OVERLAY_STYLE, end="", no_wrap=fixed, overflow=overflow))
+        self.update(table)
+
+
+class EdgeMarker(Static):
+    """The orientation letter(s) on the left or right edge of the image."""
+
+    DEFAULT_CSS = """
+    EdgeMarker { width: auto; min-width: 1; height: 1fr; content-align: center middle;
+                 background: #000000; text-style: bold; }
+    """
+
+    text = ""
+
+    def show(self, letters: str) -> None:
+        self.text = letters
+        self.update(Text(letters, end=""))
+
+
+def overlay_lines(facts: OverlayFacts) -> tuple[str, str, str, str]:
+    """The four texts of the overlay: top left, top right, bottom left, bottom right."""
+    return study_text(facts), series_text(facts), view_text(facts), cursor_text(facts)
