@@ -1,6 +1,12 @@
 """Authenticated, encrypted node-to-node connections: :class:`Transport`, :class:`PeerConnection`.
 
-See the package docstring (``peer_transport/__init__.py``) for the API tour.
+See the package docstring (``peer_transport/__init__.py``) for the API tour. The
+lifecycle rules (link and connection states, bulk credit) are the tables in
+:mod:`peer_transport.session`; this module is their I/O: the transport (signaling,
+glare, handshake), the connection (requests, channels, reconnects) and the per-link
+session, kept together because each drives the others' state (over ~600 lines for
+that reason). ``ChannelLink`` / ``_TransferMux`` belong with the study transfer and
+are the next thing to move out.
 """
 
 from __future__ import annotations
