@@ -4,14 +4,18 @@ Layers (each usable and tested on its own):
 
 - ``frames``     sans-IO frame codec: frozen dataclasses, ``to_wire()`` / ``frames.decode()``,
                  size cap (``MAX_FRAME``) checked before decoding, golden-byte fixtures.
-- ``signaling``  ``Signaling`` protocol (``send(to_public_key, sealed)`` / ``receive()``) and
-                 its implementations: ``MemorySignalingHub`` (tests), ``LanSignaling``
-                 (``registry.lan``), ``RegistrySignaling`` (registry WebSocket). Offers and
-                 answers are ``SignalMessage``s, signed + sealed + replay-guarded, and are
-                 verified before ``setRemoteDescription``.
+- ``signaling``  ``Signaling`` protocol (``send(to_public_key, sealed)`` / ``receive()``),
+                 ``MemorySignalingHub`` (tests) and ``StreamSignaling`` (two processes); a
+                 node passes its own router (LAN endpoint, then registry WebSocket). Offers
+                 and answers are ``SignalMessage``s, signed + sealed + replay-guarded, and
+                 are verified before ``setRemoteDescription``.
 - ``rtc``        the only aiortc importer: ``RtcLink`` (four negotiated channels),
                  ``RtcOptions(ice_servers=(IceServer(urls, username, credential),),
-                 relay_only=False)``; never aiortc's default STUN server.
+                 relay_only=False)``; never aiortc's default STUN server. ``Link`` is the
+                 interface a connection needs from a link.
+- ``memory``     ``MemoryNetwork``/``MemoryLink``: the same four channels in memory
+                 (``TransportOptions(link=MemoryNetwork())``), for tests.
+- ``session``    sans-IO: the link and connection lifecycle tables, ``BulkCredit``.
 - ``connection`` ``Transport`` and ``PeerConnection`` (below).
 - ``transfer``   the study transfer (a package: messages, manifest, machine, spools,
                  sender, receiver, runner) on top of bulk + control.
@@ -19,8 +23,7 @@ Layers (each usable and tested on its own):
 Using it::
 
     transport = Transport(identity, signaling, is_trusted=trust_store.is_trusted,
-                          options=TransportOptions(rtc=RtcOptions(ice_servers=...)),
-                          inbox=on_consult_request)      # optional
+                          options=TransportOptions(rtc=RtcOptions(ice_servers=...)))
     await transport.start()
     transport.handle("study.list", handler)              # async handler(conn, body) -> bytes
     conn = await transport.connect(peer_public_key)      # initiator; PeerRejected if untrusted
@@ -43,8 +46,8 @@ with ``crypto.channel`` (secretstream on ordered channels, counter AEAD with a
 replay window on presence). Only ``is_trusted`` peers get a ``PeerConnection``,
 and ``is_trusted`` is asked again for every frame in and out and every
 reconnect: a peer no longer trusted loses the connection at its next message
-(and ``Transport.on_untrusted`` tells the application); an unknown peer may only
-make one kind of request, ``INBOX_KIND``, which goes to the ``inbox`` hook.
+(and ``Transport.on_untrusted`` tells the application); an unknown peer is refused
+before any WebRTC work (its first contact is a sealed node message, not a connection).
 Heartbeats every second notice a dead peer within 5 s; the initiator reconnects
 with backoff (a new RTCPeerConnection) and callers see one event stream. Bulk
 backpressure uses application acks: at most ``TransportOptions.bulk_window``

@@ -1,6 +1,12 @@
 """Authenticated, encrypted node-to-node connections: :class:`Transport`, :class:`PeerConnection`.
 
-See the package docstring (``peer_transport/__init__.py``) for the API tour.
+See the package docstring (``peer_transport/__init__.py``) for the API tour. The
+lifecycle rules (link and connection states, bulk credit) are the tables in
+:mod:`peer_transport.session`; this module is their I/O: the transport (signaling,
+glare, handshake), the connection (requests, channels, reconnects) and the per-link
+session, kept together because each drives the others' state (over ~600 lines for
+that reason). ``ChannelLink`` / ``_TransferMux`` belong with the study transfer and
+are the next thing to move out.
 """
 
 from __future__ import annotations
@@ -9,7 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,12 +43,20 @@ from peer_transport.errors import (
     SignalingError,
     TransportError,
 )
-from peer_transport.rtc import IceServer, RtcLink, RtcOptions
+from peer_transport.rtc import CHANNELS, IceServer, Link, LinkFactory, RtcLink, RtcOptions
+from peer_transport.session import (
+    CONNECTION,
+    LINK,
+    BulkCredit,
+    ConnEvent,
+    ConnState,
+    LinkEvent,
+    LinkState,
+)
 from peer_transport.signaling import Signaling, SignalMessage
 
 log = logging.getLogger(__name__)
 
-INBOX_KIND = "consult.request"  # the one request an untrusted (inbox-only) peer may make
 _ALLOWED_ON = {
     "control": (
         fr.Ready,
@@ -60,12 +73,13 @@ _ALLOWED_ON = {
     "live": (fr.Live,),
     "presence": (fr.Presence,),
 }
-_INBOX_ALLOWED = (fr.Request, fr.Ping, fr.Pong, fr.Close)
 
 
 @dataclass(frozen=True)
 class TransportOptions:
     rtc: RtcOptions = field(default_factory=RtcOptions)
+    # What carries the four channels: WebRTC, or ``memory.MemoryNetwork()`` in tests.
+    link: LinkFactory = RtcLink
     connect_timeout: float = 20.0
     handshake_timeout: float = 10.0
     heartbeat_interval: float = 1.0
@@ -84,7 +98,6 @@ class TransportOptions:
     event_queue: int = 1024
     max_pending_handshakes: int = 16
     max_incoming_requests: int = 64  # per connection; more get a "busy" error reply
-    inbox_session: float = 30.0  # how long an unknown peer's inbox-only session may last
 
 
 # Events a PeerConnection reports, in order, on one stream.
@@ -120,7 +133,6 @@ class Closed:
 
 Event = Connected | Received | Disconnected | Reconnected | Closed
 RequestHandler = Callable[["PeerConnection", bytes], Awaitable[bytes]]
-InboxHook = Callable[[bytes, bytes], Awaitable[bytes]]
 
 
 GLARE = "glare: both nodes called each other at once"
@@ -139,21 +151,56 @@ class RequestRefused(TransportError):
 
 
 class _Session:
-    """One RtcLink after (or during) the handshake: crypto state, heartbeat, dispatch."""
+    """One link during and after the handshake: its state (``session.LINK``), crypto,
+    heartbeat and incoming frames.
 
-    def __init__(self, conn: PeerConnection, link_factory: Callable[[_Session], RtcLink]) -> None:
-        self.conn = conn
+    It reports to its connection only through ``on_frame`` (a decoded frame allowed on
+    its channel, from a peer still trusted: ``check_trust`` raises otherwise) and
+    ``on_fail`` (the link failed, or the peer broke the protocol).
+    """
+
+    def __init__(
+        self,
+        peer: str,
+        make_link: Callable[[_Session], Link],
+        on_frame: Callable[[_Session, fr.Frame], None],
+        on_fail: Callable[[_Session, BaseException], None],
+        check_trust: Callable[[_Session], None],
+    ) -> None:
+        self.peer = peer  # short node id, for logs
+        self._on_frame, self._on_fail, self._check_trust = on_frame, on_fail, check_trust
+        self.state = LinkState.CONNECTING
         self.keys: hs.SessionKeys | None = None
-        self.inbox_only = False
         self.handshake_frames: asyncio.Queue[fr.Handshake] = asyncio.Queue(4)
         self.ready = asyncio.Event()
         self.sealers: dict[str, StreamSealer | DatagramSealer] = {}
         self.openers: dict[str, StreamOpener | DatagramOpener] = {}
         self.last_seen = asyncio.get_running_loop().time()
-        self.down = False
-        self.link = link_factory(self)
+        self.link = make_link(self)
         self._ping_seq = itertools.count()
         self.heartbeat: asyncio.Task[None] | None = None
+
+    @property
+    def down(self) -> bool:
+        return self.state is LinkState.DOWN
+
+    @property
+    def is_open(self) -> bool:
+        """Keys are in place: every frame either way is sealed."""
+        return self.state is LinkState.OPEN
+
+    def fail(self) -> bool:
+        """Mark the link down; False if it already was (whoever got here first acts)."""
+        if self.down:
+            return False
+        self.state = LINK.fire(self.state, LinkEvent.FAIL)
+        return True
+
+    async def open_link(self, limit: float) -> None:
+        await self.link.wait_open(limit)
+        if self.down:
+            raise ConnectionLost("the link went down while it was being set up")
+        self.state = LINK.fire(self.state, LinkEvent.UP)
 
     # -- incoming ---------------------------------------------------------------
     def on_message(self, channel: str, data: bytes) -> None:
@@ -162,12 +209,12 @@ class _Session:
         try:
             self._receive(channel, data)
         except (TransportError, CryptoError) as exc:
-            self.conn._session_failed(self, exc)
+            self._on_fail(self, exc)
         except Exception as exc:  # an application receiver failed: that message, not the link
             log.error(
                 "a %s message from %s could not be handled and was dropped (%s)",
                 channel,
-                self.conn.peer_id.short(),
+                self.peer,
                 type(exc).__name__,  # not its text: it may quote the peer's data
             )
 
@@ -175,7 +222,7 @@ class _Session:
         if len(data) > fr.MAX_MESSAGE:
             raise FrameTooLarge(f"message of {len(data)} bytes, limit is {fr.MAX_MESSAGE}")
         self.last_seen = asyncio.get_running_loop().time()
-        if self.keys is None:
+        if not self.is_open:
             frame = fr.decode(data)
             if channel != "control" or not isinstance(frame, fr.Handshake):
                 raise RemoteProtocolError("the peer sent data before the handshake finished")
@@ -185,21 +232,23 @@ class _Session:
                 raise RemoteProtocolError("the peer flooded the handshake") from exc
             return
         frame = fr.decode(self.openers[channel].open(data))
-        allowed = _INBOX_ALLOWED if self.inbox_only else _ALLOWED_ON[channel]
-        if not isinstance(frame, allowed):
+        if not isinstance(frame, _ALLOWED_ON[channel]):
             raise RemoteProtocolError(
                 f"{type(frame).__name__} frame is not allowed on the {channel} channel here"
             )
-        self.conn._require_trust(self)  # every frame: a revocation applies to the next one
-        self.conn._dispatch(self, frame)
+        self._check_trust(self)  # every frame: a revocation applies to the next one
+        self._on_frame(self, frame)
 
     def on_down(self, reason: str) -> None:
         if not self.down:
-            self.conn._session_failed(self, ConnectionLost(reason))
+            self._on_fail(self, ConnectionLost(reason))
 
     # -- outgoing ---------------------------------------------------------------
     def start_crypto(self, keys: hs.SessionKeys) -> None:
-        for name in ("control", "bulk", "live", "presence"):
+        if self.down:
+            raise ConnectionLost("the link went down during the handshake")
+        self.state = LINK.fire(self.state, LinkEvent.KEYED)
+        for name in CHANNELS:
             send, receive = keys.channel_keys(name)
             if name == "presence":
                 self.sealers[name], self.openers[name] = (
@@ -214,14 +263,14 @@ class _Session:
         if self.down:
             raise ConnectionLost("the connection is down")
         wire = frame.to_wire()
-        self.link.send(channel, self.sealers[channel].seal(wire) if self.keys else wire)
+        self.link.send(channel, self.sealers[channel].seal(wire) if self.is_open else wire)
 
     async def run_heartbeat(self, options: TransportOptions) -> None:
         loop = asyncio.get_running_loop()
         while not self.down:
             await asyncio.sleep(options.heartbeat_interval)
             if loop.time() - self.last_seen > options.heartbeat_timeout:
-                self.conn._session_failed(
+                self._on_fail(
                     self, ConnectionLost(f"no heartbeat for {options.heartbeat_timeout:.1f} s")
                 )
                 return
@@ -229,7 +278,7 @@ class _Session:
                 self.send("control", fr.Ping(next(self._ping_seq)))
 
     async def close(self) -> None:
-        self.down = True
+        self.fail()
         if self.heartbeat is not None and self.heartbeat is not asyncio.current_task():
             self.heartbeat.cancel()
         await self.link.close()
@@ -244,19 +293,17 @@ class PeerConnection:
         self.initiator = initiator
         self.error: BaseException | None = None  # why it closed, if it did
         self._session: _Session | None = None
-        self._closed = False
+        self._state = ConnState.CONNECTING  # moved only by _move, through session.CONNECTION
         self._events: asyncio.Queue[Event] = asyncio.Queue(transport.options.event_queue)
         self._handlers: dict[str, RequestHandler] = {}
         self._receivers: dict[str, Callable[[bytes], None]] = {}
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._ids = itertools.count(1)
-        self._bulk_seq = 0
-        self._bulk_acked = -1
-        self._bulk_in_consumed = -1
-        self._presence_at = -math.inf  # loop time of the last presence frame, either way
+        options = transport.options
+        self._bulk = BulkCredit(options.bulk_window, options.live_bulk_window, options.live_quiet)
         self._transfer_mux: _TransferMux | None = None  # study transfers on this connection
-        self._credit = asyncio.Event()
-        self._connected = asyncio.Event()
+        self._credit = asyncio.Event()  # set when credit may have come back
+        self._settled = asyncio.Event()  # set while OPEN or CLOSED: waiters can go on
         self._tasks: set[asyncio.Task[None]] = set()
         self._serving = 0
 
@@ -265,12 +312,30 @@ class PeerConnection:
         return NodeId.from_public_key(self.peer)
 
     @property
+    def state(self) -> ConnState:
+        return self._state
+
+    @property
     def is_connected(self) -> bool:
-        return self._connected.is_set() and not self._closed
+        return self._state is ConnState.OPEN
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._state is ConnState.CLOSED
+
+    def _move(self, event: ConnEvent) -> None:
+        self._state = CONNECTION.fire(self._state, event)
+        if self._state in (ConnState.OPEN, ConnState.CLOSED):
+            self._settled.set()
+        else:
+            self._settled.clear()
+
+    async def _wait_settled(self, within: float) -> bool:
+        """Wait until the connection is open or closed; True if it is open."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                await self._settled.wait()
+        return self.is_connected
 
     def __repr__(self) -> str:
         return f"PeerConnection({self.peer_id.short()}, connected={self.is_connected})"
@@ -340,12 +405,12 @@ class PeerConnection:
     def send_presence(self, data: bytes) -> bool:
         """Fire and forget (unordered, no retransmits); False if not connected right now."""
         session = self._session
-        if session is None or session.keys is None or session.down or self._closed:
+        if session is None or not session.is_open or self.closed:
             return False
         with contextlib.suppress(TransportError):
             self._require_trust(session)
             session.send("presence", fr.Presence(data))
-            self._presence_at = asyncio.get_running_loop().time()
+            self._bulk.presence(asyncio.get_running_loop().time())
             return True
         return False
 
@@ -365,13 +430,10 @@ class PeerConnection:
         deadline = loop.time() + options.stall_timeout
         while True:
             session = await self._live_session()
-            window = options.bulk_window
-            if loop.time() - self._presence_at < options.live_quiet:
-                window = min(window, options.live_bulk_window)
-            if self._bulk_seq - self._bulk_acked <= window:
+            if self._bulk.may_send(loop.time()):
                 break
             self._credit.clear()
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 error = PeerNotReading(
                     f"the peer consumed no bulk data for {options.stall_timeout:.0f} s; "
@@ -382,27 +444,40 @@ class PeerConnection:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, 0.5)):
                     await self._credit.wait()
-        session.send("bulk", fr.Bulk(self._bulk_seq, data))
-        self._bulk_seq += 1
+        session.send("bulk", fr.Bulk(self._bulk.sent, data))
+        self._bulk.sent_one()
 
     async def close(self, reason: str = "closed by this node") -> None:
         await self._close(reason, None, notify=True)
 
+    def new_session(self, make_link: Callable[[_Session], Link]) -> _Session:
+        """A session on a new link, reporting to this connection (the transport attaches
+        it once its handshake is done)."""
+        return _Session(
+            self.peer_id.short(),
+            make_link,
+            on_frame=self._dispatch,
+            on_fail=self._session_failed,
+            check_trust=self._require_trust,
+        )
+
+    def drop(self, error: RemoteProtocolError) -> None:
+        """The peer misbehaved above the frames (in a study transfer, say): disconnect it,
+        as for a malformed frame."""
+        session = self._session
+        if session is not None:
+            self._session_failed(session, error)
+
     # -- internals ------------------------------------------------------------------
     async def _live_session(self) -> _Session:
-        if self._closed:
+        if not self.closed and not self.is_connected:
+            await self._wait_settled(self.transport.options.connect_timeout)
+            if not self.closed and not self.is_connected:
+                raise ConnectionLost("the peer is not connected and did not come back")
+        if self.closed:
             raise ConnectionClosed(f"connection is closed: {self.error or 'closed'}")
-        if not self._connected.is_set():
-            wait = self.transport.options.connect_timeout
-            try:
-                async with asyncio.timeout(wait):
-                    await self._connected.wait()
-            except TimeoutError as exc:
-                raise ConnectionLost("the peer is not connected and did not come back") from exc
-            if self._closed:
-                raise ConnectionClosed(f"connection is closed: {self.error or 'closed'}")
         session = self._session
-        assert session is not None  # noqa: S101 - set whenever _connected is
+        assert session is not None  # noqa: S101 - set whenever the connection is OPEN
         self._require_trust(session)  # nothing more leaves for a peer no longer trusted
         return session
 
@@ -411,9 +486,8 @@ class PeerConnection:
 
         Checked for every frame in and out, not only when the connection opens: a
         revocation (or an expired or revoked certificate) applies to the next message.
-        Inbox-only sessions are untrusted by design and limited to the inbox request.
         """
-        if session.inbox_only or session.keys is None or self.transport.is_trusted(self.peer):
+        if not session.is_open or self.transport.is_trusted(self.peer):
             return
         error = PeerRejected(f"node {self.peer_id.short()} is no longer trusted by this node")
         self._session_failed(session, error)
@@ -431,11 +505,11 @@ class PeerConnection:
             self._spawn(self._close("this node's application is not reading events", None))
 
     def _consumed_bulk(self) -> None:
-        self._bulk_in_consumed += 1
+        consumed = self._bulk.consume()
         session = self._session
-        if session is not None and not session.down and session.keys is not None:
+        if session is not None and session.is_open:
             with contextlib.suppress(TransportError):
-                session.send("control", fr.BulkAck(self._bulk_in_consumed))
+                session.send("control", fr.BulkAck(consumed))
 
     def _deliver(self, channel: str, data: bytes) -> None:
         receiver = self._receivers.get(channel)
@@ -474,14 +548,12 @@ class PeerConnection:
             case fr.Bulk(seq, data):
                 self._deliver("bulk", data)
             case fr.BulkAck(seq):
-                if seq >= self._bulk_seq:
-                    raise RemoteProtocolError("the peer acknowledged bulk data never sent")
-                self._bulk_acked = max(self._bulk_acked, seq)
+                self._bulk.acknowledge(seq)
                 self._credit.set()
             case fr.Live(data):
                 self._deliver("live", data)
             case fr.Presence(data):
-                self._presence_at = asyncio.get_running_loop().time()
+                self._bulk.presence(asyncio.get_running_loop().time())
                 self._deliver("presence", data)
             case fr.Close(code, reason):
                 self._session_failed(session, ConnectionClosed(f"peer closed ({code}): {reason}"))
@@ -496,20 +568,10 @@ class PeerConnection:
             session.send("control", reply)
 
     async def _reply(self, session: _Session, request_id: int, kind: str, body: bytes) -> fr.Frame:
-        reply: fr.Frame
-        if session.inbox_only and kind != INBOX_KIND:
-            reply = fr.ErrorReply(request_id, "not-trusted", "this node has not accepted you yet")
-        elif session.inbox_only:
-            hook = self.transport.inbox
-            assert hook is not None  # noqa: S101 - inbox_only sessions exist only with a hook
-            reply = await self._call(request_id, lambda: hook(self.peer, body))
-        else:
-            handler = self._handlers.get(kind) or self.transport.handlers.get(kind)
-            if handler is None:
-                reply = fr.ErrorReply(request_id, "unknown-kind", f"no handler for {kind!r}")
-            else:
-                reply = await self._call(request_id, lambda: handler(self, body))
-        return reply
+        handler = self._handlers.get(kind) or self.transport.handlers.get(kind)
+        if handler is None:
+            return fr.ErrorReply(request_id, "unknown-kind", f"no handler for {kind!r}")
+        return await self._call(request_id, lambda: handler(self, body))
 
     async def _call(self, request_id: int, call: Callable[[], Awaitable[bytes]]) -> fr.Frame:
         try:
@@ -526,23 +588,24 @@ class PeerConnection:
         task.add_done_callback(self._tasks.discard)
 
     def _attach(self, session: _Session) -> None:
-        """A new session finished its handshake; make it current."""
+        """A new link finished its handshake; make it current (ConnectionClosed if this
+        connection was closed meanwhile: the caller closes the link)."""
+        if self.closed:
+            raise ConnectionClosed(f"connection is closed: {self.error or 'closed'}")
         reconnect = self._session is not None
         self._session = session
-        self._bulk_seq, self._bulk_acked, self._bulk_in_consumed = 0, -1, -1
+        self._bulk.new_link()
         self._credit.set()
         session.heartbeat = asyncio.ensure_future(session.run_heartbeat(self.transport.options))
-        self._connected.set()
+        self._move(ConnEvent.ATTACH)
         self._emit(Reconnected(self.peer) if reconnect else Connected(self.peer))
 
     def _session_failed(self, session: _Session, error: BaseException) -> None:
-        if session.down:
+        if not session.fail():
             return
-        session.down = True
         self.transport._close_soon(session)
-        if session is not self._session or self._closed:
+        if session is not self._session or self.closed:
             return
-        self._connected.clear()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionLost(f"connection lost: {error}"))
@@ -563,22 +626,20 @@ class PeerConnection:
         )
         options = self.transport.options
         if liveness and options.reconnect and not self.transport.closing:
+            self._move(ConnEvent.LOST)
             self._emit(Disconnected(self.peer, str(error), will_retry=True))
-            if self.initiator:
-                self._spawn(self._reconnect())
-            else:
-                self._spawn(self._await_return())
+            self._spawn(self._reconnect() if self.initiator else self._await_return())
         else:
-            self.error = error
-            self._spawn(self._close(str(error), error, notify=False))
+            self._shut(str(error), error)
+            self._spawn(self._release(str(error), notify=False))
 
     async def _reconnect(self) -> None:
         options = self.transport.options
         delay = options.backoff_initial
         for attempt in range(1, options.reconnect_attempts + 1):
             await asyncio.sleep(delay)
-            if self._closed:
-                return
+            if self.state is not ConnState.RECONNECTING:
+                return  # closed, or the peer called back first
             try:
                 await self.transport._establish(self)
                 return
@@ -587,34 +648,37 @@ class PeerConnection:
                 if isinstance(exc, PeerRejected):
                     break
             delay = min(delay * 2, options.backoff_max)
-        await self._close("the peer did not come back", ConnectionLost("gave up reconnecting"))
+        if self.state is ConnState.RECONNECTING:
+            await self._close("the peer did not come back", ConnectionLost("gave up reconnecting"))
 
     async def _await_return(self) -> None:
         options = self.transport.options
-        grace = options.backoff_max * 2 + options.connect_timeout
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                await self._connected.wait()
-            return
-        await self._close("the peer did not come back", ConnectionLost("peer did not return"))
+        if not await self._wait_settled(options.backoff_max * 2 + options.connect_timeout):
+            await self._close("the peer did not come back", ConnectionLost("peer did not return"))
 
     async def _close(self, reason: str, error: BaseException | None, notify: bool = True) -> None:
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self._shut(reason, error)
+        await self._release(reason, notify)
+
+    def _shut(self, reason: str, error: BaseException | None) -> None:
+        """CLOSED now: no more sends, waiters wake, pending requests fail."""
+        self._move(ConnEvent.CLOSE)
         self.error = error or self.error
-        self._connected.set()  # wake waiters; they see _closed
         self._credit.set()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(ConnectionClosed(reason))
+
+    async def _release(self, reason: str, notify: bool) -> None:
+        """After :meth:`_shut`: say goodbye on the link, close it, end the event stream."""
         session = self._session
         if session is not None and not session.down:
-            if notify and session.keys is not None:
+            if notify and session.is_open:
                 with contextlib.suppress(TransportError, LocalProtocolError):
                     session.send("control", fr.Close("closed", reason[:200]))
                 await asyncio.sleep(0.05)  # let the Close frame leave
-            session.down = True
             await session.close()
         self.transport._forget(self)
         self._emit_final(Closed(self.peer, reason))
@@ -633,7 +697,7 @@ class PeerConnection:
 
 
 class ChannelLink:
-    """One study transfer on a PeerConnection, seen as a ``transfer_runner.TransferLink``.
+    """One study transfer on a PeerConnection, seen as a ``transfer.runner.TransferLink``.
 
     ``send_control`` travels as control-channel messages, ``send_bulk`` on the
     bulk channel with credit-based backpressure; :meth:`attach` routes the
@@ -665,9 +729,7 @@ class ChannelLink:
     def drop(self, error: RemoteProtocolError) -> None:
         """The peer misbehaved in this transfer (a decompression bomb, an instance that is
         not the one its manifest names): disconnect it, as for a malformed frame."""
-        session = self.conn._session
-        if session is not None:
-            self.conn._session_failed(session, error)
+        self.conn.drop(error)
 
 
 class _TransferMux:
@@ -724,9 +786,9 @@ class Transport:
     """This node's end of the peer transport: makes and accepts PeerConnections.
 
     ``is_trusted(public_key)`` decides who may get past the handshake (the trust
-    store provides it). ``inbox(public_key, body) -> reply`` receives the one
-    :data:`INBOX_KIND` request an unknown peer may make; without it unknown
-    peers are refused.
+    store provides it); anyone else is refused before any WebRTC work. A first
+    contact from an unknown node arrives as a sealed node message instead (the
+    node's inbox, ``node.app.runtime``), never over a connection.
     """
 
     def __init__(
@@ -736,7 +798,6 @@ class Transport:
         *,
         is_trusted: Callable[[bytes], bool],
         options: TransportOptions | None = None,
-        inbox: InboxHook | None = None,
         clock: Callable[[], float] = time.time,
         replay_guard: ReplayGuard | None = None,
     ) -> None:
@@ -746,7 +807,6 @@ class Transport:
         self.signaling = signaling
         self.is_trusted = is_trusted
         self.options = options or TransportOptions()
-        self.inbox = inbox
         self.clock = clock
         # TURN servers with short-lived credentials (a registry mints them); each new
         # WebRTC session tries them first, then ``options.rtc.ice_servers``.
@@ -760,7 +820,6 @@ class Transport:
         self._handshake_replays = hs.ReplayCache()
         self._answers: dict[bytes, tuple[bytes, asyncio.Future[SignalMessage]]] = {}
         self._connections: dict[bytes, PeerConnection] = {}
-        self._inbox_connections: set[PeerConnection] = set()
         self._closers: set[asyncio.Task[None]] = set()
         self._accepted: asyncio.Queue[PeerConnection] = asyncio.Queue(64)
         self._pending_handshakes = 0
@@ -801,10 +860,7 @@ class Transport:
         except _Glare:
             # Both nodes called at once and the peer's call won: it arrives as an offer
             # that _respond attaches to this same PeerConnection.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.options.connect_timeout):
-                    await conn._connected.wait()
-            if conn.is_connected:
+            if await conn._wait_settled(self.options.connect_timeout):
                 return conn
             error = ConnectTimeout("both nodes called each other and neither call completed")
             await conn._close(str(error), error, notify=False)
@@ -831,10 +887,8 @@ class Transport:
 
     async def drop_peer(self, peer: bytes, reason: str) -> None:
         """Close every connection to ``peer`` now (its trust was revoked)."""
-        found = [
-            c for c in (*self._connections.values(), *self._inbox_connections) if c.peer == peer
-        ]
-        for conn in found:
+        conn = self._connections.get(peer)
+        if conn is not None:
             await conn.close(reason)
 
     async def close(self) -> None:
@@ -843,7 +897,7 @@ class Transport:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        for conn in [*self._connections.values(), *self._inbox_connections]:
+        for conn in list(self._connections.values()):
             await conn.close("this node is shutting down")
         for task in list(self._tasks):
             task.cancel()
@@ -854,7 +908,7 @@ class Transport:
     def _handshake_identity(self) -> Identity:
         return self.identity
 
-    def _fingerprints(self, link: RtcLink) -> tuple[str, str]:
+    def _fingerprints(self, link: Link) -> tuple[str, str]:
         """(local, remote) DTLS fingerprints as this node read them from the SDPs."""
         return link.local_fingerprint, link.remote_fingerprint
 
@@ -863,7 +917,8 @@ class Transport:
         rtc = self.options.rtc
         if self.turn_servers:  # aiortc uses only the first TURN server it is given
             rtc = replace(rtc, ice_servers=self.turn_servers + rtc.ice_servers)
-        return _Session(conn, lambda s: RtcLink(rtc, s.on_message, s.on_down))
+        make = self.options.link
+        return conn.new_session(lambda s: make(rtc, s.on_message, s.on_down))
 
     async def _establish(self, conn: PeerConnection) -> None:
         if not self.is_trusted(conn.peer):  # a reconnect re-checks: revoked meanwhile?
@@ -881,7 +936,11 @@ class Transport:
         except BaseException:
             await session.close()
             raise
-        conn._attach(session)
+        try:
+            conn._attach(session)
+        except ConnectionClosed:
+            await session.close()
+            raise
 
     async def _initiate(self, conn: PeerConnection, session: _Session) -> None:
         sid = os.urandom(16)
@@ -901,7 +960,7 @@ class Transport:
                 raise _Glare(GLARE)
             raise PeerRejected(f"the peer refused the connection: {answer.reason}")
         await session.link.accept_answer(answer.sdp)
-        await session.link.wait_open(self.options.connect_timeout)
+        await session.open_link(self.options.connect_timeout)
         local, remote = self._fingerprints(session.link)
         initiator = hs.Initiator(self._handshake_identity(), conn.peer, local, remote)
         try:
@@ -982,8 +1041,7 @@ class Transport:
 
     async def _respond(self, sender: bytes, offer: SignalMessage) -> None:
         short = NodeId.from_public_key(sender).short()
-        trusted = self.is_trusted(sender)
-        if not trusted and self.inbox is None:
+        if not self.is_trusted(sender):
             log.warning("connection from untrusted node %s refused", short)
             await self._reject(sender, offer.session, "this node does not know you")
             return
@@ -992,7 +1050,7 @@ class Transport:
             return
         self._pending_handshakes += 1
         conn = self._connections.get(sender)
-        if trusted and conn is not None and not conn.closed:
+        if conn is not None and not conn.closed:
             if conn.initiator and not conn.is_connected and self.identity.public_key > sender:
                 # Glare: we are calling them too. The larger key's call wins.
                 self._pending_handshakes -= 1
@@ -1016,22 +1074,18 @@ class Transport:
             return
         finally:
             self._pending_handshakes -= 1
-        session.inbox_only = not trusted
         if fresh:
-            if trusted:
-                self._connections[sender] = conn
-            else:
-                self._inbox_connections.add(conn)
-                self._spawn(self._expire_inbox(conn))
+            self._connections[sender] = conn
             conn._attach(session)
-            if trusted:
-                self._offer_accepted(conn)
+            self._offer_accepted(conn)
         else:
             old = conn._session
-            if old is not None and not old.down:
-                old.down = True
+            if old is not None:
                 await old.close()
-            conn._attach(session)
+            try:
+                conn._attach(session)
+            except ConnectionClosed:  # closed while the handshake ran
+                await session.close()
 
     def _offer_accepted(self, conn: PeerConnection) -> None:
         """Queue ``conn`` for :meth:`accept`. A node that never calls accept() (its
@@ -1050,7 +1104,7 @@ class Transport:
         answer = await session.link.accept_offer(offer.sdp)
         reply = SignalMessage("answer", offer.session, answer)
         await self.signaling.send(sender, reply.seal(self.identity, sender, self._now()))
-        await session.link.wait_open(self.options.connect_timeout)
+        await session.open_link(self.options.connect_timeout)
         local, remote = self._fingerprints(session.link)
         responder = hs.Responder(
             self._handshake_identity(), sender, local, remote, self._handshake_replays
@@ -1066,13 +1120,7 @@ class Transport:
         session.start_crypto(keys)
         session.send("control", fr.Ready())
 
-    async def _expire_inbox(self, conn: PeerConnection) -> None:
-        """An unknown peer gets a short session: enough to deliver its request, no more."""
-        await asyncio.sleep(self.options.inbox_session)
-        await conn.close("inbox session over")
-
     def _forget(self, conn: PeerConnection) -> None:
-        self._inbox_connections.discard(conn)
         if self._connections.get(conn.peer) is conn:
             del self._connections[conn.peer]
 
@@ -1088,7 +1136,6 @@ def install_event_loop_policy() -> bool:
 
 
 __all__ = [
-    "INBOX_KIND",
     "ChannelLink",
     "Closed",
     "Connected",

@@ -21,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aioice.ice
 from aiortc import (
@@ -54,6 +54,52 @@ class IceServer:
 class RtcOptions:
     ice_servers: tuple[IceServer, ...] = ()
     relay_only: bool = False  # only TURN-relayed candidates (iceTransportPolicy "relay")
+
+
+class Link(Protocol):
+    """What a connection needs from a link: :class:`RtcLink`, or ``memory.MemoryLink``.
+
+    Four channels (:data:`CHANNELS`); the three ordered ones reliable, ``presence``
+    unordered and lossy. Offer and answer are SDP text carrying one sha-256 DTLS
+    fingerprint each, which the session handshake binds.
+    """
+
+    local_sdp: str
+    remote_sdp: str
+
+    @property
+    def local_fingerprint(self) -> str: ...
+
+    @property
+    def remote_fingerprint(self) -> str: ...
+
+    @property
+    def is_down(self) -> bool: ...
+
+    async def create_offer(self) -> str: ...
+
+    async def accept_offer(self, sdp: str) -> str: ...
+
+    async def accept_answer(self, sdp: str) -> None: ...
+
+    async def wait_open(self, limit: float) -> None: ...
+
+    def send(self, channel: str, data: bytes) -> None: ...
+
+    def selected_candidate_types(self) -> tuple[str, str] | None: ...
+
+    async def close(self) -> None: ...
+
+
+class LinkFactory(Protocol):
+    """Makes one link: ``on_message(channel, data)`` per message, ``on_down(reason)`` once."""
+
+    def __call__(
+        self,
+        options: RtcOptions,
+        on_message: Callable[[str, bytes], None],
+        on_down: Callable[[str], None],
+    ) -> Link: ...
 
 
 def restrict_host_addresses(addresses: Sequence[str]) -> None:
@@ -195,9 +241,6 @@ class RtcLink:
             raise LocalProtocolError("the link is down")
         self.channels[channel].send(data)
 
-    def buffered_amount(self, channel: str) -> int:
-        return int(self.channels[channel].bufferedAmount)
-
     def selected_candidate_types(self) -> tuple[str, str] | None:
         """(local, remote) candidate types of the pair ICE nominated, e.g. ("relay", "host")."""
         with contextlib.suppress(AttributeError, KeyError):
@@ -218,4 +261,12 @@ class RtcLink:
                 await self._pc.close()
 
 
-__all__ = ["CHANNELS", "IceServer", "RtcLink", "RtcOptions", "dtls_fingerprint"]
+__all__ = [
+    "CHANNELS",
+    "IceServer",
+    "Link",
+    "LinkFactory",
+    "RtcLink",
+    "RtcOptions",
+    "dtls_fingerprint",
+]

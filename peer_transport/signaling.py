@@ -10,27 +10,24 @@ Implementations:
 
 - :class:`MemorySignalingHub` / :class:`MemorySignaling`: in-memory, for tests
   (with an ``intercept`` hook that plays the untrusted relay);
-- :class:`LanSignaling`: HTTP POST straight to the peer's LAN endpoint
-  (``registry.lan``), receiving through this node's own ``LanEndpoint``;
-- :class:`RegistrySignaling`: the registry WebSocket (``registry.client``);
 - :class:`StreamSignaling`: length-prefixed over one byte stream (two processes).
+
+A running node signals through its own router (``node.app.runtime.SignalRouter``):
+the peer's LAN endpoint first, then its registries' WebSockets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from crypto.envelope import ReplayGuard, open_sealed, seal
 from crypto.errors import CryptoError
-from crypto.identity import Identity, NodeId
+from crypto.identity import Identity
 from peer_transport.errors import SignalingError
-from registry.errors import RegistryError
-from registry.lan import post_signal
 
 log = logging.getLogger(__name__)
 
@@ -159,57 +156,9 @@ class StreamSignaling:
         return await self.reader.readexactly(size)
 
 
-class LanSignaling:
-    """Direct LAN signaling: POST to the peer's ``LanEndpoint``; receive via our own.
-
-    ``resolve(public_key)`` gives the peer's LAN base URL (from mDNS / the
-    directory). Pass :meth:`deliver` as the ``on_signal`` of this node's
-    ``registry.lan.LanEndpoint``.
-    """
-
-    def __init__(self, resolve: Callable[[bytes], Awaitable[str]]) -> None:
-        self._resolve = resolve
-        self._inbox: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
-
-    async def deliver(self, sealed: bytes) -> None:
-        if len(sealed) > MAX_SIGNAL:
-            return
-        with contextlib.suppress(asyncio.QueueFull):
-            self._inbox.put_nowait(sealed)
-
-    async def send(self, to: bytes, sealed: bytes) -> None:
-        try:
-            await post_signal(await self._resolve(to), sealed)
-        except RegistryError as exc:
-            raise SignalingError(f"could not reach the peer on the LAN: {exc}") from exc
-
-    async def receive(self) -> bytes:
-        return await self._inbox.get()
-
-
-class RegistrySignaling:
-    """Signaling through a registry WebSocket (``RegistryClient.connect()``), already open."""
-
-    def __init__(self, connection: Any) -> None:
-        self._conn = connection
-
-    async def send(self, to: bytes, sealed: bytes) -> None:
-        try:
-            await self._conn.send(NodeId.from_public_key(to), sealed)
-        except RegistryError as exc:
-            raise SignalingError(f"the registry did not relay the signal: {exc}") from exc
-
-    async def receive(self) -> bytes:
-        deliver = await self._conn.receive()
-        data: bytes = deliver.data
-        return data
-
-
 __all__ = [
-    "LanSignaling",
     "MemorySignaling",
     "MemorySignalingHub",
-    "RegistrySignaling",
     "SignalMessage",
     "Signaling",
     "StreamSignaling",

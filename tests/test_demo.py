@@ -115,7 +115,9 @@ async def test_interactive_demo_starts_with_the_request_waiting_in_the_worklist(
         surgeon = asyncio.create_task(
             demo.surgeon_when_ready(net, requested, 64, within=30, moves=3, period=0.01)
         )
-        await asyncio.sleep(0.2)
+        # The surgeon joins once the study is at the neuroradiologist: it is not (no accept).
+        assert not neurorad.store.instances(requested.shared_study_uid)
+        assert not surgeon.done()
         assert not neurorad.live_hub().sessions  # nobody joins before the person accepts
         await facade.respond(item.consult_id, True)
         await demo.wait_until(lambda: facade.consults()[0].state == "accepted", "accepted")

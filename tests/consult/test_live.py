@@ -230,8 +230,9 @@ async def test_followers_take_the_presenters_viewport_until_they_move(
     second = Viewport("2.25.7", 20, 80, 40, zoom=2.0)
     live_a.set_viewport(second)
     await wait_for(lambda: live_b.presence.me.viewport == second)
-    await asyncio.sleep(0.3)
-    assert live_c.presence.me.viewport == Viewport("2.25.7", 3, 400, 40)
+    # c has the presenter's new viewport too (what it would have jumped to, following)...
+    await wait_for(lambda: (p := live_c.presence.presenter()) is not None and p.viewport == second)
+    assert live_c.presence.me.viewport == Viewport("2.25.7", 3, 400, 40)  # ...and stayed
     assert not live_c.presence.following
 
 
@@ -351,7 +352,12 @@ async def test_a_modified_client_cannot_delete_anothers_annotation_over_the_netw
     del live_b.state._annotations[mark.id]  # b's client skips the author check
     # a and c each restore it and drop b's connection; b gets it back from neither.
     await wait_for(lambda: not live_a.is_bound(key(b)) and not live_c.is_bound(key(b)))
-    await asyncio.sleep(0.3)
+    # Canaries on the ordered live channel, each way between a and c: whatever either sent
+    # before (b's deletion relayed, say) has been taken in by the other.
+    live_a.say("canary from a")
+    await wait_for(lambda: "canary from a" in [m.text for m in live_c.chat()])
+    live_c.say("canary from c")
+    await wait_for(lambda: "canary from c" in [m.text for m in live_a.chat()])
     assert [x.id for x in live_a.annotations()] == [mark.id]
     assert [x.id for x in live_c.annotations()] == [mark.id]
 

@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from consult.requests import Priority, State
 from crypto.identity import Identity
 from node.app import consults
@@ -15,7 +17,8 @@ from node.app.runtime import NodeRuntime
 from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
 from node.dicom.store import open_store
-from tests.node.test_runtime import FAST, make_home, wait_for
+from peer_transport.connection import TransportOptions
+from tests.node.test_runtime import FAST, REAL, make_home, wait_for
 
 
 async def radmesh(home: NodeHome, *args: str) -> tuple[int, str]:
@@ -29,9 +32,11 @@ async def radmesh(home: NodeHome, *args: str) -> tuple[int, str]:
     return process.returncode, out
 
 
-async def _running(home: NodeHome, identity: Identity) -> NodeRuntime:
+async def _running(
+    home: NodeHome, identity: Identity, options: TransportOptions = FAST
+) -> NodeRuntime:
     """A running node, as `radmesh node run` has it: the CLI's commands on its home run on it."""
-    runtime = NodeRuntime(home, identity, transport_options=FAST, control=True)
+    runtime = NodeRuntime(home, identity, transport_options=options, control=True)
     await runtime.start()
     return runtime
 
@@ -47,13 +52,17 @@ class Pair:
 
 
 async def _hospital_and_neuro(
-    tmp_path: Path, registry: str, slices: int = 1, rows: int = 32
+    tmp_path: Path,
+    registry: str,
+    slices: int = 1,
+    rows: int = 32,
+    options: TransportOptions = FAST,
 ) -> Pair:
     """A running hospital with a CT study and a running neuroradiologist who trust each other."""
     hospital_home, hospital_id = make_home(tmp_path, "hospital", registry, [])
     neuro_home, neuro_id = make_home(tmp_path, "neuro", registry, ["neuro"])
-    hospital = await _running(hospital_home, hospital_id)
-    neuro = await _running(neuro_home, neuro_id)
+    hospital = await _running(hospital_home, hospital_id, options)
+    neuro = await _running(neuro_home, neuro_id, options)
     try:
         for path in generate_ct(tmp_path / "ct", slices=slices, rows=rows):
             hospital.store.add_file(path, source="test")
@@ -172,10 +181,11 @@ async def test_withdraw_tells_the_consultant_and_only_the_requester_may(
         await neuro.stop()
 
 
+@pytest.mark.webrtc  # the CLI brings a node up in its own process: real aiortc both sides
 async def test_the_consultant_fetches_the_de_identified_study_from_the_command_line(
     tmp_path: Path, registry: str
 ) -> None:
-    pair = await _hospital_and_neuro(tmp_path, registry, slices=3, rows=64)
+    pair = await _hospital_and_neuro(tmp_path, registry, slices=3, rows=64, options=REAL)
     neuro_home = pair.neuro_home
     hospital, neuro = pair.hospital, pair.neuro
     neuro_id, study_uid = pair.neuro_id, pair.study_uid

@@ -4,13 +4,14 @@ to accept gets it, the others see it withdrawn."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
 
 from consult.errors import LocalConsultError
 from consult.requests import ConsultResponse, Event, Priority, State
-from crypto.identity import Identity
+from crypto.identity import Identity, NodeId
 from node.app import consults
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct
@@ -34,9 +35,14 @@ def _trust_each_other(a: NodeRuntime, b: NodeRuntime) -> None:
     b.trust.mark_verified(a.identity.node_id, b.now())
 
 
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("refused a node message")]
+
+
 async def test_first_of_two_accepts_wins_the_other_is_withdrawn(
-    tmp_path: Path, registry: str
+    tmp_path: Path, registry: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="node.app.runtime")
     hospital = await _node(tmp_path, "hospital", registry, [], "IE")
     ann = await _node(tmp_path, "ann", registry, ["neuro"], "IE")
     bob = await _node(tmp_path, "bob", registry, ["neuro", "msk"], "IE")
@@ -64,6 +70,14 @@ async def test_first_of_two_accepts_wins_the_other_is_withdrawn(
             hospital.store.add_file(path, source="test")
         study_uid = hospital.store.studies()[0].study_uid
 
+        withdrawn_from: list[object] = []  # whom the hospital decided to withdraw it from
+        send_withdrawal = hospital.consulting.send_withdrawal
+
+        async def recording(consult_id: str, peer: NodeId, reason: str) -> bool:
+            withdrawn_from.append(peer)
+            return await send_withdrawal(consult_id, peer, reason)
+
+        hospital.consulting.send_withdrawal = recording  # type: ignore[method-assign]
         request, _, sent = await hospital.consulting.route_consult(
             study_uid,
             consults.Terms(
@@ -90,7 +104,9 @@ async def test_first_of_two_accepts_wins_the_other_is_withdrawn(
         assert winner in (str(ann.identity.node_id), str(bob.identity.node_id))
         await wait_for(lambda: loser.consults.get(request.id).state is State.WITHDRAWN)
         won = ann if loser is bob else bob
-        await asyncio.sleep(0.5)  # any stray withdrawal would have landed by now
+        # Both withdrawals, the loser's and any stray one, are spawned by the one intake
+        # of the winning accept: the loser has its withdrawal, so a stray one was started.
+        assert set(withdrawn_from) == {loser.identity.node_id}
         assert won.consults.get(request.id).state is State.ACCEPTED
         assert hospital.consults.get(request.id).state is State.ACCEPTED
         accepts = [t for t in hospital.consults.get(request.id).history if t.event is Event.ACCEPT]
@@ -99,10 +115,11 @@ async def test_first_of_two_accepts_wins_the_other_is_withdrawn(
 
         # A consultant it was never offered to cannot accept it, even if it has the request.
         forged = ConsultResponse(request.id, fay.identity.node_id, Event.ACCEPT, fay.now())
+        refused = len(_refusals(caplog))
         await fay.send_message(
             hospital.identity.public_key, "consult.response", forged.to_wire(fay.identity)
         )
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: len(_refusals(caplog)) > refused)
         assert hospital.consults.info(request.id).peer == winner
     finally:
         for node in nodes:

@@ -1,9 +1,12 @@
-"""Whole nodes on loopback: a real registry, real LAN endpoints, real aiortc."""
+"""Whole nodes on loopback: a real registry, real LAN endpoints, memory links (FAST; the
+security path above the link is the real one) and one test over real aiortc (REAL)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,16 @@ from node.app.runtime import NodeRuntime
 from node.core.config import NetworkConfig, NodeConfig, NodeHome
 from node.core.keystore import save_identity
 from peer_transport.connection import TransportOptions
-from peer_transport.rtc import RtcOptions, restrict_host_addresses
+from peer_transport.memory import MemoryNetwork
+from peer_transport.rtc import RtcLink, RtcOptions, restrict_host_addresses
 
-FAST = TransportOptions(rtc=RtcOptions(ice_servers=()), connect_timeout=10.0, backoff_initial=0.2)
+FAST = TransportOptions(
+    rtc=RtcOptions(ice_servers=()),
+    link=MemoryNetwork(),
+    connect_timeout=10.0,
+    backoff_initial=0.2,
+)
+REAL = replace(FAST, link=RtcLink)
 
 
 def make_home(root: Path, name: str, registry: str, subs: list[str]) -> tuple[NodeHome, Identity]:
@@ -57,8 +67,10 @@ async def wait_for(predicate: object, within: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
-async def started(home: NodeHome, identity: Identity) -> NodeRuntime:
-    runtime = NodeRuntime(home, identity, transport_options=FAST)
+async def started(
+    home: NodeHome, identity: Identity, options: TransportOptions = FAST
+) -> NodeRuntime:
+    runtime = NodeRuntime(home, identity, transport_options=options)
     await runtime.start()
     return runtime
 
@@ -113,8 +125,12 @@ async def test_request_waits_in_the_registry_mailbox_for_an_offline_specialist(
         await a.stop()
 
 
-async def test_a_response_from_an_untrusted_node_is_ignored(tmp_path: Path, registry: str) -> None:
+async def test_a_response_from_an_untrusted_node_is_ignored(
+    tmp_path: Path, registry: str, caplog: pytest.LogCaptureFixture
+) -> None:
     from consult.requests import ConsultResponse, Event
+
+    caplog.set_level(logging.WARNING, logger="node.app.runtime")
 
     rural_home, rural = make_home(tmp_path, "rural", registry, [])
     neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
@@ -125,7 +141,7 @@ async def test_a_response_from_an_untrusted_node_is_ignored(tmp_path: Path, regi
         a.consults.add(request, role="requester", now=a.now(), peer=str(neuro.node_id))
         accept = ConsultResponse(request.id, neuro.node_id, Event.ACCEPT, b.now(), "")
         await b.send_message(rural.public_key, "consult.response", accept.to_wire(neuro))
-        await asyncio.sleep(1.0)
+        await wait_for(lambda: "is not trusted: consult.response ignored" in caplog.text)
         assert a.consults.get(request.id).state is State.REQUESTED
         a.trust.mark_verified(neuro.node_id, a.now())
         await b.send_message(rural.public_key, "consult.response", accept.to_wire(neuro))
@@ -135,13 +151,15 @@ async def test_a_response_from_an_untrusted_node_is_ignored(tmp_path: Path, regi
         await b.stop()
 
 
+@pytest.mark.webrtc
 async def test_trusted_nodes_connect_over_webrtc_with_lan_signaling(
     tmp_path: Path, registry: str
 ) -> None:
     restrict_host_addresses(["127.0.0.1"])
     rural_home, rural = make_home(tmp_path, "rural", registry, [])
     neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
-    a, b = await started(rural_home, rural), await started(neuro_home, neuro)
+    a = await started(rural_home, rural, REAL)
+    b = await started(neuro_home, neuro, REAL)
     try:
         assert b.record is not None
         a.directory.remember(b.record, "test", a.now())  # as if found by mDNS

@@ -11,14 +11,14 @@ import pytest
 from node.app.runtime import NodeRuntime
 from peer_transport.rtc import IceServer, RtcOptions
 from registry.server import RegistryServer, TurnConfig
-from tests.node.test_runtime import FAST, make_home, wait_for
+from tests.node.test_runtime import FAST, REAL, make_home, wait_for
 from tests.peer_transport.test_turn import SECRET, Coturn, coturn  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.system]
 
 # No ICE servers of their own, relay candidates only: a connection exists only if the
 # TURN credentials the registry minted reached the transport.
-RELAY_ONLY = replace(FAST, rtc=RtcOptions(ice_servers=(), relay_only=True))
+RELAY_ONLY = replace(REAL, rtc=RtcOptions(ice_servers=(), relay_only=True))
 
 
 async def test_two_nodes_connect_through_the_relay_their_registry_hands_out(

@@ -1,11 +1,13 @@
 """Misbehaving peers and relays: each attack ends that connection with a typed, logged
-reason, and the attacked node keeps serving its other peers."""
+reason, and the attacked node keeps serving its other peers. Over memory links: the
+signals, the fingerprint-bound handshake and the channel crypto are the real ones."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -19,9 +21,11 @@ from peer_transport.errors import (
     FrameTooLarge,
     HandshakeFailed,
     PeerNotReading,
+    PeerRejected,
     RemoteProtocolError,
 )
-from peer_transport.rtc import RtcLink
+from peer_transport.memory import MemoryLink, MemoryNetwork
+from peer_transport.rtc import Link, RtcOptions
 from tests.peer_transport.helpers import Mesh, mesh, with_options
 
 pytestmark = pytest.mark.timeout(60)
@@ -62,7 +66,7 @@ class Impostor(Transport):
 class FingerprintLiar(Transport):
     """Reports a DTLS fingerprint other than the one it saw (as a DTLS-terminating relay)."""
 
-    def _fingerprints(self, link: RtcLink) -> tuple[str, str]:
+    def _fingerprints(self, link: Link) -> tuple[str, str]:
         return link.local_fingerprint, "sha-256 " + ":".join(["AB"] * 32)
 
 
@@ -128,7 +132,7 @@ async def test_a_relay_that_swaps_the_sdp_gets_the_offer_refused(
 ) -> None:
     caplog.set_level(logging.WARNING)
     async with mesh() as m:
-        a = await m.node(options=with_options(connect_timeout=3.0))
+        a = await m.node(options=with_options(connect_timeout=1.0))
         b = await m.node()
         m.trust(a, b)
 
@@ -187,7 +191,11 @@ async def _send_many(conn: PeerConnection, chunk: bytes, count: int) -> None:
 
 async def test_a_peer_that_stops_reading_is_disconnected() -> None:
     async with mesh() as m:
-        victim, honest_conn = await _victim_with_honest_peer(m)
+        victim = await m.node(options=with_options(stall_timeout=0.5))
+        honest = await m.node()
+        m.trust(victim, honest)
+        honest.handle("echo", _echo)
+        honest_conn = await victim.connect(honest.identity.public_key)
         sloth = await m.node()
         m.trust(victim, sloth)
         conn = await victim.connect(sloth.identity.public_key)
@@ -197,3 +205,36 @@ async def test_a_peer_that_stops_reading_is_disconnected() -> None:
             await _send_many(conn, chunk, 100)
         assert isinstance(conn.error, PeerNotReading)
         await _still_serves(honest_conn)
+
+
+class CountingNetwork(MemoryNetwork):
+    """Memory links that count how many links this node ever made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made = 0
+
+    def __call__(
+        self,
+        options: RtcOptions,
+        on_message: Callable[[str, bytes], None],
+        on_down: Callable[[str], None],
+    ) -> MemoryLink:
+        self.made += 1
+        return super().__call__(options, on_message, on_down)
+
+
+async def test_an_unknown_callers_offer_is_refused_before_any_link_is_made(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    network = CountingNetwork()
+    async with mesh() as m:
+        victim = await m.node(options=with_options(link=network))
+        stranger = await m.node()
+        m.trusted[stranger.identity.public_key].add(victim.identity.public_key)  # one-sided
+        with pytest.raises(PeerRejected, match="does not know you"):
+            await stranger.connect(victim.identity.public_key)
+        assert "connection from untrusted node" in caplog.text
+        assert network.made == 0
+        assert victim.connection(stranger.identity.public_key) is None

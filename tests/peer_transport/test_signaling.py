@@ -1,23 +1,21 @@
-"""Signaling: sealed offers/answers, and real LAN and registry-WebSocket carriers."""
+"""Signaling: sealed offers/answers, carried by a running node's LAN endpoint or its
+registry WebSocket (the node's SignalRouter, which is what production uses)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from crypto.envelope import ReplayGuard
 from crypto.identity import Identity
-from peer_transport.connection import PeerConnection, Transport
+from node.app.runtime import NodeRuntime
 from peer_transport.errors import SignalingError
-from peer_transport.rtc import restrict_host_addresses
-from peer_transport.signaling import LanSignaling, RegistrySignaling, Signaling, SignalMessage
-from registry.client import RegistryClient
-from registry.lan import LanEndpoint
-from registry.records import NodeRecord
+from peer_transport.signaling import SignalMessage
 from registry.server import RegistryServer
-from tests.peer_transport.helpers import FAST
+from tests.node.test_runtime import make_home, started
 
 pytestmark = pytest.mark.timeout(60)
 NOW = 1_800_000_000
@@ -56,61 +54,55 @@ def test_malformed_signal_bodies_are_refused(body: object) -> None:
         SignalMessage.from_body(body)
 
 
-async def _echo(_conn: PeerConnection, body: bytes) -> bytes:
+@pytest.fixture
+async def registry_url(tmp_path: Path) -> AsyncIterator[str]:
+    server = RegistryServer(tmp_path / "registry.sqlite")
+    yield await server.start("127.0.0.1", 0)
+    await server.stop()
+
+
+async def _echo(_conn: object, body: bytes) -> bytes:
     return body
 
 
-async def _connect_and_echo(
-    make: Callable[[Identity], Signaling], a_id: Identity, b_id: Identity
+@asynccontextmanager
+async def _two_nodes(
+    tmp_path: Path, registry: str
+) -> AsyncIterator[tuple[NodeRuntime, NodeRuntime]]:
+    """Two running nodes that trust each other; the transport's signaling is the node's
+    own SignalRouter (LAN endpoint first, then the registry WebSocket)."""
+    rural_home, rural = make_home(tmp_path, "rural", registry, [])
+    neuro_home, neuro = make_home(tmp_path, "neuro", registry, ["neuro"])
+    a = await started(rural_home, rural)
+    try:
+        b = await started(neuro_home, neuro)
+        try:
+            a.trust.mark_verified(neuro.node_id, a.now())
+            b.trust.mark_verified(rural.node_id, b.now())
+            b.transport.handle("echo", _echo)
+            yield a, b
+        finally:
+            await b.stop()
+    finally:
+        await a.stop()
+
+
+async def test_offer_and_answer_cross_the_lan_endpoints_of_two_running_nodes(
+    tmp_path: Path,
 ) -> None:
-    restrict_host_addresses(["127.0.0.1"])
-    trust = {a_id.public_key, b_id.public_key}
-    a = Transport(a_id, make(a_id), is_trusted=trust.__contains__, options=FAST)
-    b = Transport(b_id, make(b_id), is_trusted=trust.__contains__, options=FAST)
-    b.handle("echo", _echo)
-    async with a, b:
-        conn = await a.connect(b_id.public_key)
-        assert await conn.request("echo", b"hi") == b"hi"
+    async with _two_nodes(tmp_path, registry="") as (a, b):  # no registry: LAN only
+        assert a.record is not None
+        assert b.record is not None
+        a.directory.remember(b.record, "test", a.now())  # as if found by mDNS
+        b.directory.remember(a.record, "test", b.now())
+        conn = await a.transport.connect(b.identity.public_key)
+        assert await conn.request("echo", b"hi", timeout=5) == b"hi"
 
 
-def _no_record() -> NodeRecord:
-    raise LookupError("not served in this test")
-
-
-async def test_direct_lan_signaling_through_real_lan_endpoints() -> None:
-    a_id, b_id = Identity.generate(), Identity.generate()
-    urls: dict[bytes, str] = {}
-    endpoints: list[LanEndpoint] = []
-
-    async def resolve(key: bytes) -> str:
-        return urls[key]
-
-    def make(identity: Identity) -> Signaling:
-        signaling = LanSignaling(resolve)
-        endpoints.append(LanEndpoint(_no_record, signaling.deliver))
-        return signaling
-
-    sig_a, sig_b = make(a_id), make(b_id)
-    try:
-        urls[a_id.public_key] = await endpoints[0].start("127.0.0.1")
-        urls[b_id.public_key] = await endpoints[1].start("127.0.0.1")
-        given = iter([sig_a, sig_b])
-        await _connect_and_echo(lambda _i: next(given), a_id, b_id)
-    finally:
-        for endpoint in endpoints:
-            await endpoint.stop()
-
-
-async def test_signaling_through_a_real_registry_websocket(tmp_path: Path) -> None:
-    server = RegistryServer(tmp_path / "registry.db")
-    url = await server.start("127.0.0.1", 0)
-    a_id, b_id = Identity.generate(), Identity.generate()
-    clients = [RegistryClient(url, a_id), RegistryClient(url, b_id)]
-    try:
-        async with clients[0].connect() as conn_a, clients[1].connect() as conn_b:
-            given = iter([RegistrySignaling(conn_a), RegistrySignaling(conn_b)])
-            await _connect_and_echo(lambda _i: next(given), a_id, b_id)
-    finally:
-        for client in clients:
-            await client.close()
-        await server.stop()
+async def test_offers_cross_the_registry_websocket_when_the_lan_endpoint_is_unreachable(
+    tmp_path: Path, registry_url: str
+) -> None:
+    async with _two_nodes(tmp_path, registry_url) as (a, b):
+        await b.lan.stop()  # b's record still names it: a's LAN attempt fails
+        conn = await a.transport.connect(b.identity.public_key)
+        assert await conn.request("echo", b"hi", timeout=5) == b"hi"

@@ -42,7 +42,7 @@ from peer_transport.transfer.runner import StudyReceiver, StudySender
 from registry.directory import PeerDirectory
 from registry.records import NodeRecord
 from registry.trust import TrustStore
-from tests.peer_transport.helpers import mesh
+from tests.peer_transport.helpers import kill_link, mesh
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRESS = re.compile(r"\] (\d+)/(\d+) ")
@@ -370,10 +370,8 @@ class CountingLink(ChannelLink):
 
 
 async def _kill_link(conn: PeerConnection) -> None:
-    """Close the aiortc peer connection under the session, as a failed link would close."""
-    session = conn._session
-    assert session is not None
-    await session.link._pc.close()
+    """Fail the link under the session, as a failed link would close."""
+    await kill_link(conn)
 
 
 WINDOW = 16  # chunks in flight, so a chunk is answered well within the request timeout

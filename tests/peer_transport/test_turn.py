@@ -22,7 +22,7 @@ from peer_transport.rtc import IceServer, RtcOptions
 from registry.client import RegistryClient
 from registry.records import NodeRecord
 from registry.server import RegistryServer, TurnConfig
-from tests.peer_transport.helpers import FAST, mesh
+from tests.peer_transport.helpers import REAL, mesh
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.system]
 SECRET = "radmesh-test-secret"
@@ -115,8 +115,8 @@ async def test_relay_only_connection_carries_data_through_coturn(
     coturn: Coturn, tmp_path: Path
 ) -> None:
     turn = await _registry_minted_ice_server(coturn, tmp_path)
-    options = replace(FAST, rtc=RtcOptions(ice_servers=(turn,), relay_only=True))
-    async with mesh() as m:
+    options = replace(REAL, rtc=RtcOptions(ice_servers=(turn,), relay_only=True))
+    async with mesh(real=True) as m:
         a, b = await m.node(options=options), await m.node(options=options)
         m.trust(a, b)
         conn_a = await a.connect(b.identity.public_key)

@@ -135,11 +135,12 @@ async def test_mailbox_ttl_expires_undelivered_messages(tmp_path: Path, clock: C
                 assert await alice.send(BOB.node_id, b"old") == "stored"
                 clock.now += 61
                 assert await alice.send(BOB.node_id, b"new") == "stored"
-            async with b.connect() as bob:
+            async with b.connect() as bob, a.connect() as alice:
                 async with asyncio.timeout(5):
                     assert (await bob.receive()).data == b"new"
-                await asyncio.sleep(0.2)
-                assert bob._inbox.empty()
+                    # A canary after the mailbox, on bob's one socket: "old" is not between.
+                    assert await alice.send(BOB.node_id, b"canary") == "delivered"
+                    assert (await bob.receive()).data == b"canary"
     finally:
         await server.stop()
 

@@ -138,9 +138,10 @@ async def test_a_follower_takes_the_presenters_slices_until_they_scroll_themselv
         assert not follower.presence.following
         await wait_for(lambda: not other(presenter).following)  # type: ignore[attr-defined]
         presenter.set_viewport(Viewport(SERIES2_UID, 2, 80.0, 40.0))
-        await asyncio.sleep(0.2)
+        # The follower has the presenter's new viewport (where it would have gone)...
+        await wait_for(lambda: (v := other(follower).viewport) is not None and v.slice_index == 2)  # type: ignore[attr-defined]
         await pilot.pause()
-        assert viewer.index == 8
+        assert viewer.index == 8  # ...and stays where it went itself
         # ...and the presenter sees where the follower went.
         await wait_for(lambda: (v := other(presenter).viewport) is not None and v.slice_index == 8)  # type: ignore[attr-defined]
 
