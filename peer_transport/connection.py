@@ -4,9 +4,13 @@ See the package docstring (``peer_transport/__init__.py``) for the API tour. The
 lifecycle rules (link and connection states, bulk credit) are the tables in
 :mod:`peer_transport.session`; this module is their I/O: the transport (signaling,
 glare, handshake), the connection (requests, channels, reconnects) and the per-link
-session, kept together because each drives the others' state (over ~600 lines for
-that reason). ``ChannelLink`` / ``_TransferMux`` belong with the study transfer and
-are the next thing to move out.
+session. ``ChannelLink`` / ``_TransferMux`` belong with the study transfer and are the
+next thing to move out.
+
+Why one module: the transport, the connection and the per-link session each drive the
+others' state (a link failing reconnects its connection; a connection closing ends its
+link), and the tables in :mod:`peer_transport.session` are only kept if those three
+steps stay in view together.
 """
 
 from __future__ import annotations

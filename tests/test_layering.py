@@ -208,3 +208,19 @@ def test_the_readmes_layer_line_is_this_tables() -> None:
     drawn = [tuple(part.strip() for part in layer.split(",")) for layer in line.split("←")]
     table = [tuple(p for p in prefixes if p not in ("node", "node.errors")) for prefixes in LAYERS]
     assert drawn == table
+
+
+LONG_MODULE_LINES = 600
+
+
+def test_a_long_module_says_why_it_is_one() -> None:
+    """A newcomer reads a module whole: over 600 lines it must say in its docstring why it
+    is not split ("Why one module: ...")."""
+    unexplained = []
+    for name, path in modules().items():
+        text = path.read_text()
+        if text.count("\n") > LONG_MODULE_LINES:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            if "Why one module:" not in doc:
+                unexplained.append(f"{name} ({text.count(chr(10))} lines)")
+    assert not unexplained, "long modules without a reason:\n" + "\n".join(unexplained)
