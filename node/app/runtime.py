@@ -63,6 +63,7 @@ from node.dicom.store import InstanceConflict, Store, open_store
 from node.dicom.wirecache import KEY_PURPOSE as WIRECACHE_KEY
 from node.dicom.wirecache import open_cache
 from peer_transport.connection import Transport, TransportOptions
+from peer_transport.errors import SignalingError
 from peer_transport.rtc import IceServer, RtcOptions
 from peer_transport.signaling import SIGNAL_TYPE
 from registry.client import (
@@ -177,7 +178,12 @@ class SignalRouter:
             self._arrived.set()
 
     async def send(self, to: bytes, sealed: bytes) -> None:
-        await self._runtime.send_sealed(to, sealed)
+        """Deliver a signal; a peer this node cannot reach now is the transport's
+        :class:`SignalingError` (a reconnect then tries again later, it does not die)."""
+        try:
+            await self._runtime.send_sealed(to, sealed)
+        except RuntimeError_ as exc:
+            raise SignalingError(str(exc)) from exc
 
     async def receive(self) -> bytes:
         while True:
