@@ -78,6 +78,25 @@ def peer() -> tuple[RTCPeerConnection, ChannelLink]:
     return pc, ChannelLink(control, bulk)
 
 
+def socket_buffers(pc: RTCPeerConnection, size: int) -> None:
+    """Experiment (``BENCH_RCVBUF=BYTES``): a larger kernel receive buffer on the ICE
+    sockets, so that a receiver busy for a few ms does not lose datagrams (aiortc's
+    SCTP halves its window on every loss). Not what the node's connection does."""
+    import socket
+
+    ice = pc.sctp.transport.transport  # type: ignore[union-attr]
+    for protocol in ice._connection._protocols:
+        sock = protocol.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def _tune(pc: RTCPeerConnection, mode: str) -> None:
+    size = int(os.environ.get("BENCH_RCVBUF", "0"))
+    if size and (mode == "study" or os.environ.get("BENCH_RCVBUF_RAW")):
+        socket_buffers(pc, size)
+
+
 async def wait_open(link: ChannelLink) -> None:
     for channel in (link.control, link.bulk):
         opened = asyncio.Event()
@@ -148,8 +167,10 @@ async def _child(mode: str, want: int) -> dict[str, float]:
     remote = json.loads(await asyncio.to_thread(sys.stdin.readline))
     print(json.dumps(await answer(pc, remote)), flush=True)
     await wait_open(link)
+    _tune(pc, mode)
     loop = asyncio.get_running_loop()
     result: dict[str, float] = {}
+    cpu = _cpu()
     if mode == "raw":
         done = loop.create_future()
         got = [0, 0.0]
@@ -195,7 +216,9 @@ async def _child(mode: str, want: int) -> dict[str, float]:
             assert receiver.protocol is not None
             result["rerequested"] = receiver.protocol.chunks_rerequested
             result["rejected"] = receiver.protocol.chunks_rejected
-    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["rss_mb"] = usage.ru_maxrss / 1024
+    result["cpu"] = _cpu() - cpu  # from the channels' opening on
     print(json.dumps(result), flush=True)
     await asyncio.sleep(0.5)
     await pc.close()
@@ -210,11 +233,13 @@ async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str
     )  # fmt: skip
     assert child.stdin is not None
     assert child.stdout is not None
+    cpu, drops = _cpu(), _udp_drops()
     pc, link = peer()
     child.stdin.write((json.dumps(await offer(pc)) + "\n").encode())
     await child.stdin.drain()
     await finish(pc, json.loads(await child.stdout.readline()))
     await wait_open(link)
+    _tune(pc, mode)
     if mode == "raw":
         done = asyncio.Event()
         link.attach(lambda _d: done.set(), lambda _d: None)
@@ -228,9 +253,27 @@ async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str
         link.attach(sender.on_control, lambda _d: None)
         await asyncio.wait_for(sender.run(), 600)
     result: dict[str, float] = json.loads(await asyncio.wait_for(child.stdout.readline(), 60))
+    result["sender_cpu"] = _cpu() - cpu
+    result["udp_drops"] = _udp_drops() - drops
     await child.wait()
     await pc.close()
     return result
+
+
+def _udp_drops() -> int:
+    """Datagrams the kernel dropped for a full socket buffer, machine-wide (Linux)."""
+    try:
+        lines = Path("/proc/net/snmp").read_text().splitlines()
+    except OSError:
+        return 0
+    names, values = (line.split() for line in lines if line.startswith("Udp:"))
+    return int(dict(zip(names, values, strict=True)).get("RcvbufErrors", 0))
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its threads (not of the receiver child)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _study(files: Iterator[bytes]) -> tuple[PreparedStudy, float]:
@@ -314,9 +357,76 @@ def main() -> None:
     )
 
 
+def ratios(slices: int, rounds: int) -> None:
+    """Alternate raw and study runs on one prepared CT: each study's ratio against the
+    mean of the raw runs either side of it (the machine is shared: ratios, not rates).
+
+    ``python -m bench.bench_transfer --ratio SLICES ROUNDS``; ``BENCH_PROFILE=DIR``
+    writes cProfile stats of both processes of each study run there.
+    """
+    print(f"event loop: {_use_uvloop()}")
+    ct, encode_s = _study(_ct_stream(slices, seed=1))
+    print(
+        f"CT {slices}x512x512: {ct.manifest.total_size / 1e6:.0f} MB, "
+        f"wire {_wire_bytes(ct) / 1e6:.0f} MB, encode {encode_s:.1f} s"
+    )
+
+    def raw_rate() -> float:
+        raw = asyncio.run(_parent("raw", None, -1))
+        print(
+            f"  raw: {raw['bytes'] / raw['seconds'] / 1e6:.2f} MB/s; CPU s per MB "
+            f"sender {raw['sender_cpu'] / raw['bytes'] * 1e6:.3f}, "
+            f"receiver {raw['cpu'] / raw['bytes'] * 1e6:.3f}; UDP drops {raw['udp_drops']:.0f}",
+            flush=True,
+        )
+        return raw["bytes"] / raw["seconds"]
+
+    before = raw_rate()
+    found = []
+    wire = _wire_bytes(ct)
+    for _ in range(rounds):
+        res = _profiled("sender-study", lambda: asyncio.run(_parent("study", ct, -1)))
+        after = raw_rate()
+        rate = res["bytes"] / res["seconds"]
+        found.append(rate / ((before + after) / 2))
+        print(
+            f"  study: {wire / res['seconds'] / 1e6:.2f} MB/s on the wire; CPU s per wire MB "
+            f"sender {res['sender_cpu'] / wire * 1e6:.3f}, receiver {res['cpu'] / wire * 1e6:.3f}; "
+            f"UDP drops {res['udp_drops']:.0f}",
+            flush=True,
+        )
+        print(
+            f"raw {before / 1e6:.2f} / {after / 1e6:.2f} MB/s, study {rate / 1e6:.2f} MB/s "
+            f"= {found[-1]:.2f}x raw (rerequested {res['rerequested']:.0f})",
+            flush=True,
+        )
+        before = after
+    ct.close()
+    print(f"ratio over {rounds} runs: min {min(found):.2f} max {max(found):.2f}")
+
+
+def _profiled(name: str, run: Callable[[], Any]) -> Any:
+    where = os.environ.get("BENCH_PROFILE")
+    if not where:
+        return run()
+    import cProfile
+
+    profile = cProfile.Profile()
+    try:
+        return profile.runcall(run)
+    finally:
+        profile.dump_stats(Path(where) / f"{name}-{os.getpid()}.prof")
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         _use_uvloop()
-        asyncio.run(_child(sys.argv[2], int(sys.argv[3])))
+        mode, want = sys.argv[2], int(sys.argv[3])
+        if mode == "study":
+            _profiled("receiver-study", lambda: asyncio.run(_child(mode, want)))
+        else:
+            asyncio.run(_child(mode, want))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--ratio":
+        ratios(int(sys.argv[2]), int(sys.argv[3]))
     else:
         main()
