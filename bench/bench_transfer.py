@@ -91,6 +91,40 @@ def socket_buffers(pc: RTCPeerConnection, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
+def delayed_sacks(every: int, delay: float = 0.01) -> Callable[[], None]:
+    """Experiment (``BENCH_DELAYED_SACK=N``): aiortc acknowledges every SCTP packet;
+    acknowledge every Nth instead (at once on a gap or a duplicate, and at most
+    ``delay`` seconds late otherwise, RFC 9260 6.2). Patches aiortc in this process;
+    returns what undoes it. ``BENCH_STUDY_SACK=N`` does it for the study runs only."""
+    from aiortc import rtcsctptransport
+
+    cls = rtcsctptransport.RTCSctpTransport
+    send_sack = cls._send_sack
+
+    async def maybe_sack(self: Any) -> None:
+        self._bench_unacked = getattr(self, "_bench_unacked", 0) + 1
+        if self._bench_unacked >= every or self._sack_misordered or self._sack_duplicates:
+            self._bench_unacked = 0
+            await send_sack(self)
+            return
+        if getattr(self, "_bench_timer", None) is None:
+
+            def late() -> None:
+                self._bench_timer = None
+                if self._sack_needed:
+                    self._bench_unacked = 0
+                    self._bench_flush = asyncio.ensure_future(send_sack(self))
+
+            self._bench_timer = asyncio.get_running_loop().call_later(delay, late)
+
+    cls._send_sack = maybe_sack  # type: ignore[method-assign]
+
+    def undo() -> None:
+        cls._send_sack = send_sack  # type: ignore[method-assign]
+
+    return undo
+
+
 def _tune(pc: RTCPeerConnection, mode: str) -> None:
     size = int(os.environ.get("BENCH_RCVBUF", "0"))
     if size and (mode == "study" or os.environ.get("BENCH_RCVBUF_RAW")):
@@ -227,9 +261,25 @@ async def _child(mode: str, want: int) -> dict[str, float]:
 
 async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str, float]:
     loopback_only()
+    env = dict(os.environ)
+    sacks = os.environ.get("BENCH_STUDY_SACK")
+    undo = None
+    if sacks and mode == "study":
+        env["BENCH_DELAYED_SACK"] = sacks
+        undo = delayed_sacks(int(sacks))
+    try:
+        return await _run_parent(mode, study, want, env)
+    finally:
+        if undo is not None:
+            undo()
+
+
+async def _run_parent(
+    mode: str, study: PreparedStudy | None, want: int, env: dict[str, str]
+) -> dict[str, float]:
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.bench_transfer", "--child", mode, str(want),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     assert child.stdin is not None
     assert child.stdout is not None
@@ -419,6 +469,8 @@ def _profiled(name: str, run: Callable[[], Any]) -> Any:
 
 
 if __name__ == "__main__":
+    if os.environ.get("BENCH_DELAYED_SACK"):
+        delayed_sacks(int(os.environ["BENCH_DELAYED_SACK"]))
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         _use_uvloop()
         mode, want = sys.argv[2], int(sys.argv[3])
