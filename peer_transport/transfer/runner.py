@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 
 INBOX_LIMIT = 1024  # control messages queued from the link before new ones are dropped
 POLL_INTERVAL = 0.05
+STATE_EVERY = 1.0  # seconds between rewrites of the spool's state file while storing
 REOFFER_AFTER = 2 * DEFAULT_TIMEOUT  # seconds without a request before offering again
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 _M_MMAP_THRESHOLD = -3
@@ -287,6 +288,8 @@ class StudyReceiver:
                 have=lambda h: self.store.has_hash(h.hex()),
                 window=self.window,
                 timeout=self.timeout,
+                # The store is asked again after a restart: no state rewrite per instance.
+                state_every=STATE_EVERY,
             )
         except RemoteTransferError as exc:  # over budget, hostile UIDs, bad signature
             self._drop(exc)
@@ -305,6 +308,7 @@ class StudyReceiver:
             for task in pending:  # cancelled or failed: stop touching the spool
                 task.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            receiver.save_state()
         if self._failure is not None:
             raise self._failure
         if receiver.state is State.COMPLETE:
@@ -399,6 +403,7 @@ class StudyReceiver:
         try:
             if on:
                 self.protocol.pause()
+                self.protocol.save_state()
             else:
                 self.protocol.resume_transfer()
         except IllegalTransition:
