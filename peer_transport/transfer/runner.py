@@ -309,6 +309,7 @@ class StudyReceiver:
                 task.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
             receiver.save_state()
+            spool.close()  # the part files kept open for writing
         if self._failure is not None:
             raise self._failure
         if receiver.state is State.COMPLETE:
