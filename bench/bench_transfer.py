@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -280,6 +281,7 @@ async def _run_parent(
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.bench_transfer", "--child", mode, str(want),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        cwd=env.get("BENCH_RECEIVER_TREE"),  # the receiver of another checkout (before/after)
     )  # fmt: skip
     assert child.stdin is not None
     assert child.stdout is not None
@@ -407,18 +409,23 @@ def main() -> None:
     )
 
 
-def ratios(slices: int, rounds: int) -> None:
+def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
     """Alternate raw and study runs on one prepared CT: each study's ratio against the
     mean of the raw runs either side of it (the machine is shared: ratios, not rates).
 
-    ``python -m bench.bench_transfer --ratio SLICES ROUNDS``; ``BENCH_PROFILE=DIR``
-    writes cProfile stats of both processes of each study run there.
+    ``python -m bench.bench_transfer --ratio SLICES ROUNDS [SACKS]``; with SACKS, each
+    round also runs the study with SCTP acknowledging every SACKS-th packet
+    (:func:`delayed_sacks`, study processes only). ``BENCH_PROFILE=DIR`` writes cProfile
+    stats of both processes of each study run there. ``BENCH_BEFORE_TREE=DIR`` adds a
+    study run whose receiver is the checkout in DIR (``git archive main``, this bench
+    copied in): the receiver's code before and after, in the same run.
     """
     print(f"event loop: {_use_uvloop()}")
     ct, encode_s = _study(_ct_stream(slices, seed=1))
+    wire = _wire_bytes(ct)
     print(
         f"CT {slices}x512x512: {ct.manifest.total_size / 1e6:.0f} MB, "
-        f"wire {_wire_bytes(ct) / 1e6:.0f} MB, encode {encode_s:.1f} s"
+        f"wire {wire / 1e6:.0f} MB, encode {encode_s:.1f} s"
     )
 
     def raw_rate() -> float:
@@ -431,28 +438,49 @@ def ratios(slices: int, rounds: int) -> None:
         )
         return raw["bytes"] / raw["seconds"]
 
-    before = raw_rate()
-    found = []
-    wire = _wire_bytes(ct)
-    for _ in range(rounds):
-        res = _profiled("sender-study", lambda: asyncio.run(_parent("study", ct, -1)))
-        after = raw_rate()
-        rate = res["bytes"] / res["seconds"]
-        found.append(rate / ((before + after) / 2))
+    before_tree = os.environ.pop("BENCH_BEFORE_TREE", None)
+
+    def study(variant: str) -> dict[str, float]:
+        if variant == "before":
+            os.environ["BENCH_RECEIVER_TREE"] = str(before_tree)
+        elif variant != "stock":
+            os.environ["BENCH_STUDY_SACK"] = str(sacks)
+        res: dict[str, float] = _profiled(
+            f"sender-{variant}", lambda: asyncio.run(_parent("study", ct, -1))
+        )
+        os.environ.pop("BENCH_STUDY_SACK", None)
+        os.environ.pop("BENCH_RECEIVER_TREE", None)
         print(
-            f"  study: {wire / res['seconds'] / 1e6:.2f} MB/s on the wire; CPU s per wire MB "
-            f"sender {res['sender_cpu'] / wire * 1e6:.3f}, receiver {res['cpu'] / wire * 1e6:.3f}; "
-            f"UDP drops {res['udp_drops']:.0f}",
+            f"  study ({variant}): {wire / res['seconds'] / 1e6:.2f} MB/s on the wire; CPU s "
+            f"per wire MB sender {res['sender_cpu'] / wire * 1e6:.3f}, receiver "
+            f"{res['cpu'] / wire * 1e6:.3f}; UDP drops {res['udp_drops']:.0f}; "
+            f"rerequested {res['rerequested']:.0f}",
             flush=True,
         )
+        return res
+
+    variants = (["before"] if before_tree else []) + ["stock"]
+    variants += [f"sack every {sacks}"] if sacks else []
+    found: dict[str, list[float]] = {v: [] for v in variants}
+    before = raw_rate()
+    for _ in range(rounds):
+        results = {v: study(v) for v in variants}
+        after = raw_rate()
+        raw = (before + after) / 2
+        for variant, res in results.items():
+            found[variant].append(res["bytes"] / res["seconds"] / raw)
         print(
-            f"raw {before / 1e6:.2f} / {after / 1e6:.2f} MB/s, study {rate / 1e6:.2f} MB/s "
-            f"= {found[-1]:.2f}x raw (rerequested {res['rerequested']:.0f})",
+            f"raw {before / 1e6:.2f} / {after / 1e6:.2f} MB/s: "
+            + ", ".join(f"{v} {found[v][-1]:.2f}x raw" for v in variants),
             flush=True,
         )
         before = after
     ct.close()
-    print(f"ratio over {rounds} runs: min {min(found):.2f} max {max(found):.2f}")
+    for variant, got in found.items():
+        print(
+            f"{variant}: {statistics.mean(got):.2f}x raw over {rounds} runs "
+            f"(min {min(got):.2f}, max {max(got):.2f}; goal >= 3x)"
+        )
 
 
 def _profiled(name: str, run: Callable[[], Any]) -> Any:
@@ -478,7 +506,7 @@ if __name__ == "__main__":
             _profiled("receiver-study", lambda: asyncio.run(_child(mode, want)))
         else:
             asyncio.run(_child(mode, want))
-    elif len(sys.argv) == 4 and sys.argv[1] == "--ratio":
-        ratios(int(sys.argv[2]), int(sys.argv[3]))
+    elif len(sys.argv) in (4, 5) and sys.argv[1] == "--ratio":
+        ratios(*map(int, sys.argv[2:]))
     else:
         main()
