@@ -224,7 +224,11 @@ async def _child(mode: str, want: int) -> dict[str, float]:
         link.control.send(b"done")
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            store = CountingStore()
+            store: Any = CountingStore()
+            if os.environ.get("BENCH_STORE") == "real":  # the node's store: fsync per instance
+                from node.dicom.store import Store
+
+                store = Store.open(Path(tmp) / "store", os.urandom(32))
             window = int(os.environ.get("BENCH_WINDOW", DEFAULT_WINDOW))
             streaming = asyncio.Event()  # a tenth of the study is in: ask mid-transfer
 
@@ -416,7 +420,9 @@ def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
     ``python -m bench.bench_transfer --ratio SLICES ROUNDS [SACKS]``; with SACKS, each
     round also runs the study with SCTP acknowledging every SACKS-th packet
     (:func:`delayed_sacks`, study processes only). ``BENCH_PROFILE=DIR`` writes cProfile
-    stats of both processes of each study run there. ``BENCH_BEFORE_TREE=DIR`` adds a
+    stats of both processes of each study run there. ``BENCH_STORE=real`` has the
+    receiver store into a real ``node.dicom.store.Store`` (sealed, fsynced) instead of
+    only counting. ``BENCH_BEFORE_TREE=DIR`` adds a
     study run whose receiver is the checkout in DIR (``git archive main``, this bench
     copied in): the receiver's code before and after, in the same run.
     """
