@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -76,6 +77,59 @@ def peer() -> tuple[RTCPeerConnection, ChannelLink]:
     control = pc.createDataChannel("control", negotiated=True, id=0)
     bulk = pc.createDataChannel("bulk", negotiated=True, id=1)
     return pc, ChannelLink(control, bulk)
+
+
+def socket_buffers(pc: RTCPeerConnection, size: int) -> None:
+    """Experiment (``BENCH_RCVBUF=BYTES``): a larger kernel receive buffer on the ICE
+    sockets, so that a receiver busy for a few ms does not lose datagrams (aiortc's
+    SCTP halves its window on every loss). Not what the node's connection does."""
+    import socket
+
+    ice = pc.sctp.transport.transport  # type: ignore[union-attr]
+    for protocol in ice._connection._protocols:
+        sock = protocol.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def delayed_sacks(every: int, delay: float = 0.01) -> Callable[[], None]:
+    """Experiment (``BENCH_DELAYED_SACK=N``): aiortc acknowledges every SCTP packet;
+    acknowledge every Nth instead (at once on a gap or a duplicate, and at most
+    ``delay`` seconds late otherwise, RFC 9260 6.2). Patches aiortc in this process;
+    returns what undoes it. ``BENCH_STUDY_SACK=N`` does it for the study runs only."""
+    from aiortc import rtcsctptransport
+
+    cls = rtcsctptransport.RTCSctpTransport
+    send_sack = cls._send_sack
+
+    async def maybe_sack(self: Any) -> None:
+        self._bench_unacked = getattr(self, "_bench_unacked", 0) + 1
+        if self._bench_unacked >= every or self._sack_misordered or self._sack_duplicates:
+            self._bench_unacked = 0
+            await send_sack(self)
+            return
+        if getattr(self, "_bench_timer", None) is None:
+
+            def late() -> None:
+                self._bench_timer = None
+                if self._sack_needed:
+                    self._bench_unacked = 0
+                    self._bench_flush = asyncio.ensure_future(send_sack(self))
+
+            self._bench_timer = asyncio.get_running_loop().call_later(delay, late)
+
+    cls._send_sack = maybe_sack  # type: ignore[method-assign]
+
+    def undo() -> None:
+        cls._send_sack = send_sack  # type: ignore[method-assign]
+
+    return undo
+
+
+def _tune(pc: RTCPeerConnection, mode: str) -> None:
+    size = int(os.environ.get("BENCH_RCVBUF", "0"))
+    if size and (mode == "study" or os.environ.get("BENCH_RCVBUF_RAW")):
+        socket_buffers(pc, size)
 
 
 async def wait_open(link: ChannelLink) -> None:
@@ -148,8 +202,10 @@ async def _child(mode: str, want: int) -> dict[str, float]:
     remote = json.loads(await asyncio.to_thread(sys.stdin.readline))
     print(json.dumps(await answer(pc, remote)), flush=True)
     await wait_open(link)
+    _tune(pc, mode)
     loop = asyncio.get_running_loop()
     result: dict[str, float] = {}
+    cpu = _cpu()
     if mode == "raw":
         done = loop.create_future()
         got = [0, 0.0]
@@ -168,7 +224,11 @@ async def _child(mode: str, want: int) -> dict[str, float]:
         link.control.send(b"done")
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            store = CountingStore()
+            store: Any = CountingStore()
+            if os.environ.get("BENCH_STORE") == "real":  # the node's store: fsync per instance
+                from node.dicom.store import Store
+
+                store = Store.open(Path(tmp) / "store", os.urandom(32))
             window = int(os.environ.get("BENCH_WINDOW", DEFAULT_WINDOW))
             streaming = asyncio.Event()  # a tenth of the study is in: ask mid-transfer
 
@@ -195,7 +255,9 @@ async def _child(mode: str, want: int) -> dict[str, float]:
             assert receiver.protocol is not None
             result["rerequested"] = receiver.protocol.chunks_rerequested
             result["rejected"] = receiver.protocol.chunks_rejected
-    result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result["rss_mb"] = usage.ru_maxrss / 1024
+    result["cpu"] = _cpu() - cpu  # from the channels' opening on
     print(json.dumps(result), flush=True)
     await asyncio.sleep(0.5)
     await pc.close()
@@ -204,17 +266,36 @@ async def _child(mode: str, want: int) -> dict[str, float]:
 
 async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str, float]:
     loopback_only()
+    env = dict(os.environ)
+    sacks = os.environ.get("BENCH_STUDY_SACK")
+    undo = None
+    if sacks and mode == "study":
+        env["BENCH_DELAYED_SACK"] = sacks
+        undo = delayed_sacks(int(sacks))
+    try:
+        return await _run_parent(mode, study, want, env)
+    finally:
+        if undo is not None:
+            undo()
+
+
+async def _run_parent(
+    mode: str, study: PreparedStudy | None, want: int, env: dict[str, str]
+) -> dict[str, float]:
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.bench_transfer", "--child", mode, str(want),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        cwd=env.get("BENCH_RECEIVER_TREE"),  # the receiver of another checkout (before/after)
     )  # fmt: skip
     assert child.stdin is not None
     assert child.stdout is not None
+    cpu, drops = _cpu(), _udp_drops()
     pc, link = peer()
     child.stdin.write((json.dumps(await offer(pc)) + "\n").encode())
     await child.stdin.drain()
     await finish(pc, json.loads(await child.stdout.readline()))
     await wait_open(link)
+    _tune(pc, mode)
     if mode == "raw":
         done = asyncio.Event()
         link.attach(lambda _d: done.set(), lambda _d: None)
@@ -228,9 +309,27 @@ async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str
         link.attach(sender.on_control, lambda _d: None)
         await asyncio.wait_for(sender.run(), 600)
     result: dict[str, float] = json.loads(await asyncio.wait_for(child.stdout.readline(), 60))
+    result["sender_cpu"] = _cpu() - cpu
+    result["udp_drops"] = _udp_drops() - drops
     await child.wait()
     await pc.close()
     return result
+
+
+def _udp_drops() -> int:
+    """Datagrams the kernel dropped for a full socket buffer, machine-wide (Linux)."""
+    try:
+        lines = Path("/proc/net/snmp").read_text().splitlines()
+    except OSError:
+        return 0
+    names, values = (line.split() for line in lines if line.startswith("Udp:"))
+    return int(dict(zip(names, values, strict=True)).get("RcvbufErrors", 0))
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its threads (not of the receiver child)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _study(files: Iterator[bytes]) -> tuple[PreparedStudy, float]:
@@ -314,9 +413,106 @@ def main() -> None:
     )
 
 
+def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
+    """Alternate raw and study runs on one prepared CT: each study's ratio against the
+    mean of the raw runs either side of it (the machine is shared: ratios, not rates).
+
+    ``python -m bench.bench_transfer --ratio SLICES ROUNDS [SACKS]``; with SACKS, each
+    round also runs the study with SCTP acknowledging every SACKS-th packet
+    (:func:`delayed_sacks`, study processes only). ``BENCH_PROFILE=DIR`` writes cProfile
+    stats of both processes of each study run there. ``BENCH_STORE=real`` has the
+    receiver store into a real ``node.dicom.store.Store`` (sealed, fsynced) instead of
+    only counting. ``BENCH_BEFORE_TREE=DIR`` adds a
+    study run whose receiver is the checkout in DIR (``git archive main``, this bench
+    copied in): the receiver's code before and after, in the same run.
+    """
+    print(f"event loop: {_use_uvloop()}")
+    ct, encode_s = _study(_ct_stream(slices, seed=1))
+    wire = _wire_bytes(ct)
+    print(
+        f"CT {slices}x512x512: {ct.manifest.total_size / 1e6:.0f} MB, "
+        f"wire {wire / 1e6:.0f} MB, encode {encode_s:.1f} s"
+    )
+
+    def raw_rate() -> float:
+        raw = asyncio.run(_parent("raw", None, -1))
+        print(
+            f"  raw: {raw['bytes'] / raw['seconds'] / 1e6:.2f} MB/s; CPU s per MB "
+            f"sender {raw['sender_cpu'] / raw['bytes'] * 1e6:.3f}, "
+            f"receiver {raw['cpu'] / raw['bytes'] * 1e6:.3f}; UDP drops {raw['udp_drops']:.0f}",
+            flush=True,
+        )
+        return raw["bytes"] / raw["seconds"]
+
+    before_tree = os.environ.pop("BENCH_BEFORE_TREE", None)
+
+    def study(variant: str) -> dict[str, float]:
+        if variant == "before":
+            os.environ["BENCH_RECEIVER_TREE"] = str(before_tree)
+        elif variant != "stock":
+            os.environ["BENCH_STUDY_SACK"] = str(sacks)
+        res: dict[str, float] = _profiled(
+            f"sender-{variant}", lambda: asyncio.run(_parent("study", ct, -1))
+        )
+        os.environ.pop("BENCH_STUDY_SACK", None)
+        os.environ.pop("BENCH_RECEIVER_TREE", None)
+        print(
+            f"  study ({variant}): {wire / res['seconds'] / 1e6:.2f} MB/s on the wire; CPU s "
+            f"per wire MB sender {res['sender_cpu'] / wire * 1e6:.3f}, receiver "
+            f"{res['cpu'] / wire * 1e6:.3f}; UDP drops {res['udp_drops']:.0f}; "
+            f"rerequested {res['rerequested']:.0f}",
+            flush=True,
+        )
+        return res
+
+    variants = (["before"] if before_tree else []) + ["stock"]
+    variants += [f"sack every {sacks}"] if sacks else []
+    found: dict[str, list[float]] = {v: [] for v in variants}
+    before = raw_rate()
+    for _ in range(rounds):
+        results = {v: study(v) for v in variants}
+        after = raw_rate()
+        raw = (before + after) / 2
+        for variant, res in results.items():
+            found[variant].append(res["bytes"] / res["seconds"] / raw)
+        print(
+            f"raw {before / 1e6:.2f} / {after / 1e6:.2f} MB/s: "
+            + ", ".join(f"{v} {found[v][-1]:.2f}x raw" for v in variants),
+            flush=True,
+        )
+        before = after
+    ct.close()
+    for variant, got in found.items():
+        print(
+            f"{variant}: {statistics.mean(got):.2f}x raw over {rounds} runs "
+            f"(min {min(got):.2f}, max {max(got):.2f}; goal >= 3x)"
+        )
+
+
+def _profiled(name: str, run: Callable[[], Any]) -> Any:
+    where = os.environ.get("BENCH_PROFILE")
+    if not where:
+        return run()
+    import cProfile
+
+    profile = cProfile.Profile()
+    try:
+        return profile.runcall(run)
+    finally:
+        profile.dump_stats(Path(where) / f"{name}-{os.getpid()}.prof")
+
+
 if __name__ == "__main__":
+    if os.environ.get("BENCH_DELAYED_SACK"):
+        delayed_sacks(int(os.environ["BENCH_DELAYED_SACK"]))
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         _use_uvloop()
-        asyncio.run(_child(sys.argv[2], int(sys.argv[3])))
+        mode, want = sys.argv[2], int(sys.argv[3])
+        if mode == "study":
+            _profiled("receiver-study", lambda: asyncio.run(_child(mode, want)))
+        else:
+            asyncio.run(_child(mode, want))
+    elif len(sys.argv) in (4, 5) and sys.argv[1] == "--ratio":
+        ratios(*map(int, sys.argv[2:]))
     else:
         main()

@@ -13,7 +13,9 @@ hands it to the store.
 
 What the receiver has verified lives in a :class:`~peer_transport.transfer.spool.Spool`
 directory, sealed at rest (it may hold an identified study): part files, a state file
-(the instances stored, rewritten atomically after each) and a journal with the receipt
+(the instances stored, rewritten atomically after each, or at most every
+``state_every`` seconds when ``have`` asks the store: a restart finds the instances
+stored since through ``have``) and a journal with the receipt
 (nonce and tag) of every chunk sealed into an unfinished part. Nothing here is fsynced,
 on purpose: after a restart a journalled chunk counts only if its receipt still opens
 the bytes in the part file, so a kill -9 or a power cut costs at most the chunks in
@@ -95,11 +97,18 @@ class Receiver:
         have: Callable[[bytes], bool] = lambda _h: False,
         window: int = DEFAULT_WINDOW,
         timeout: float = DEFAULT_TIMEOUT,
+        state_every: float = 0.0,
     ) -> None:
         self.sender_key, self.manifest = Manifest.open(signed_manifest)
         self.spool = spool
         self.window = window
         self.timeout = timeout
+        # Seconds between rewrites of the state file as instances are stored (0: after
+        # each). Only for a receiver whose ``have`` knows the store: a restart then finds
+        # the instances stored since the last rewrite through ``have``.
+        self.state_every = state_every
+        self._state_saved_at: float | None = None
+        self._state_dirty = False
         self.machine = Machine()
         self.done: set[int] = set()
         self.ready: set[int] = set()  # every chunk verified, waiting to be assembled
@@ -117,6 +126,7 @@ class Receiver:
         for i, entry in enumerate(self.manifest.entries):
             if i not in self.done and have(entry.sha256):
                 self.done.add(i)  # already in the store: never requested
+                self._partials.pop(i, None)  # stored after the last state rewrite
 
     # persistence
 
@@ -167,6 +177,13 @@ class Receiver:
     def _save_state(self) -> None:
         state = {"id": self.manifest.transfer_id, "done": sorted(self.done)}
         self.spool.save(STATE_FILE, canonical.encode(state))
+        self._state_dirty = False
+
+    def save_state(self) -> None:
+        """Rewrite the state file if instances were stored since it was last written
+        (a receiver with ``state_every`` calls it when it stops)."""
+        if self._state_dirty and self.state is not State.COMPLETE:
+            self._save_state()
 
     def _persist(self) -> None:
         journal = b"".join(
@@ -404,7 +421,10 @@ class Receiver:
         self.done.add(index)
         self.spool.drop_part(index)
         # The state only: the instance's journal records are ignored once it is done.
-        self._save_state()
+        self._state_dirty = True
+        if self._state_saved_at is None or now - self._state_saved_at >= self.state_every:
+            self.save_state()
+            self._state_saved_at = now
         size = self.manifest.entries[index].size
         if self._last is not None and now > self._last[0]:
             instant = size / (now - self._last[0])

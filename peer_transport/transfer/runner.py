@@ -13,9 +13,11 @@ Received chunks are verified and written to the spool as they arrive (nothing
 queues in memory), and instances go to an :class:`InstanceStore`
 (``node.dicom.store.Store`` fits: ``has_hash(hex)`` and ``add_bytes(data, source=...,
 warm=False)``: what arrives from a peer is not coded into the wire cache while the
-receiver is busy) only after their hash is verified; decoding and storing run in one
-worker thread so the event loop keeps receiving and at most one decoded instance is
-in memory. The receiver's memory does not grow with the study.
+receiver is busy) only after their hash is verified. Decoding runs in one worker
+thread and storing (a sealed write and an fsync per instance) in another, so the
+event loop keeps receiving, the next instance decodes while the last one is
+fsynced, and at most COMMIT_DEPTH decoded instances are in memory. The receiver's
+memory does not grow with the study.
 
 The sender streams too (:class:`~peer_transport.transfer.prepared.PreparedStudy`).
 """
@@ -75,9 +77,11 @@ log = logging.getLogger(__name__)
 
 INBOX_LIMIT = 1024  # control messages queued from the link before new ones are dropped
 POLL_INTERVAL = 0.05
+STATE_EVERY = 1.0  # seconds between rewrites of the spool's state file while storing
 REOFFER_AFTER = 2 * DEFAULT_TIMEOUT  # seconds without a request before offering again
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 _M_MMAP_THRESHOLD = -3
+COMMIT_DEPTH = 2  # instances between "fully received" and "stored": decoding or storing
 
 
 class TransferLink(Protocol):
@@ -194,9 +198,12 @@ class StudyReceiver:
         self._stored: dict[int, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._started = asyncio.Event()
-        # One worker: instances are decoded and stored one at a time, which bounds
-        # memory and keeps the GIL mostly with the event loop that feeds SCTP.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="transfer-commit")
+        # One worker decodes, one stores: an instance decodes while the one before is
+        # fsynced. COMMIT_DEPTH instances at most between the two bounds memory, and one
+        # decoder keeps the GIL mostly with the event loop that feeds SCTP.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="transfer-verify")
+        self._store_executor = ThreadPoolExecutor(1, thread_name_prefix="transfer-store")
+        self._committing = asyncio.Semaphore(COMMIT_DEPTH)
         _return_large_blocks()
 
     # what the screen reads
@@ -287,6 +294,8 @@ class StudyReceiver:
                 have=lambda h: self.store.has_hash(h.hex()),
                 window=self.window,
                 timeout=self.timeout,
+                # The store is asked again after a restart: no state rewrite per instance.
+                state_every=STATE_EVERY,
             )
         except RemoteTransferError as exc:  # over budget, hostile UIDs, bad signature
             self._drop(exc)
@@ -305,6 +314,9 @@ class StudyReceiver:
             for task in pending:  # cancelled or failed: stop touching the spool
                 task.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self._store_executor.shutdown(wait=False, cancel_futures=True)
+            receiver.save_state()
+            spool.close()  # the part files kept open for writing
         if self._failure is not None:
             raise self._failure
         if receiver.state is State.COMPLETE:
@@ -340,17 +352,32 @@ class StudyReceiver:
             for task in [t for t in pending if t.done()]:
                 task.result()  # re-raise a failed commit (ManifestMismatch)
 
-    def _verify_and_store(self, receiver: Receiver, index: int) -> Exception | None:
-        # One job per instance, so a decoded instance never waits in memory for its turn.
+    @staticmethod
+    def _verify(receiver: Receiver, index: int) -> bytes | Exception:
         try:
-            data = receiver.verify_part(index)
+            return receiver.verify_part(index)
         except (wirecodec.WireCodecError, OSError, RemoteTransferError) as exc:
             return exc
+
+    def _store(self, data: bytes) -> Exception | None:
         try:
             self.store.add_bytes(data, source=self.source, warm=False)
         except InstanceConflict as exc:  # the stored instance stays; this one is reported
             return exc
         return None
+
+    async def _verify_and_store(self, receiver: Receiver, index: int) -> Exception | None:
+        # Decoded only when its turn to be stored is near: at most COMMIT_DEPTH decoded
+        # instances wait in memory, however many are fully received.
+        loop = asyncio.get_running_loop()
+        async with self._committing:
+            verify = functools.partial(self._verify, receiver, index)
+            data = await loop.run_in_executor(self._executor, verify)
+            if isinstance(data, Exception):
+                return data
+            return await loop.run_in_executor(
+                self._store_executor, functools.partial(self._store, data)
+            )
 
     def _drop(self, error: RemoteTransferError) -> None:
         """The sender misbehaved: it loses its connection (``ChannelLink.drop``)."""
@@ -360,8 +387,7 @@ class StudyReceiver:
 
     async def _commit(self, receiver: Receiver, index: int) -> None:
         loop = asyncio.get_running_loop()
-        job = functools.partial(self._verify_and_store, receiver, index)
-        failure = await loop.run_in_executor(self._executor, job)
+        failure = await self._verify_and_store(receiver, index)
         if isinstance(failure, RemoteTransferError):
             self._failure = receiver.refuse_part(index, failure)
             self._drop(failure)
@@ -399,6 +425,7 @@ class StudyReceiver:
         try:
             if on:
                 self.protocol.pause()
+                self.protocol.save_state()
             else:
                 self.protocol.resume_transfer()
         except IllegalTransition:

@@ -54,6 +54,7 @@ class Spool:
         self._chunk_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-spoolc").digest()
         file_key = hashlib.blake2b(key, digest_size=32, person=b"radmesh-spoolf").digest()
         self._box = nacl.secret.SecretBox(file_key)
+        self._writers: dict[int, int] = {}  # part index -> fd open for writing
 
     def _part(self, index: int) -> Path:
         return self.root / f"{index}.part"
@@ -64,11 +65,10 @@ class Spool:
         sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
             data, struct.pack("<II", index, seq), nonce, self._chunk_key
         )
-        fd = os.open(self._part(index), os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            os.pwrite(fd, sealed[: len(data)], offset)
-        finally:
-            os.close(fd)
+        fd = self._writers.get(index)
+        if fd is None:  # kept open until the part is dropped: one open per part, not chunk
+            fd = self._writers[index] = os.open(self._part(index), os.O_WRONLY | os.O_CREAT, 0o600)
+        os.pwrite(fd, memoryview(sealed)[: len(data)], offset)
         return nonce + sealed[len(data) :]
 
     def read_chunk(
@@ -80,9 +80,14 @@ class Spool:
         except FileNotFoundError:
             return None
         try:
-            sealed = os.pread(fd, length, offset)
+            return self._open_chunk(fd, index, seq, offset, length, receipt)
         finally:
             os.close(fd)
+
+    def _open_chunk(
+        self, fd: int, index: int, seq: int, offset: int, length: int, receipt: bytes
+    ) -> bytes | None:
+        sealed = os.pread(fd, length, offset)
         if len(sealed) != length or len(receipt) != RECEIPT_SIZE:
             return None
         try:
@@ -102,16 +107,40 @@ class Spool:
     def read_part(self, index: int, chunks: Sequence[tuple[int, int, bytes]]) -> bytes:
         """A whole part from its (offset, length, receipt) chunks, in order. Raises
         :class:`node.dicom.wirecodec.CorruptInstance` if any chunk was damaged on disk."""
+        try:
+            fd = os.open(self._part(index), os.O_RDONLY)
+        except FileNotFoundError:
+            fd = -1
         out = []
-        for seq, (offset, length, receipt) in enumerate(chunks):
-            plain = self.read_chunk(index, seq, offset, length, receipt)
-            if plain is None:
-                raise wirecodec.CorruptInstance(f"chunk {seq} is missing or damaged in the spool")
-            out.append(plain)
+        try:
+            for seq, (offset, length, receipt) in enumerate(chunks):
+                plain = (
+                    None if fd < 0 else self._open_chunk(fd, index, seq, offset, length, receipt)
+                )
+                if plain is None:
+                    raise wirecodec.CorruptInstance(
+                        f"chunk {seq} is missing or damaged in the spool"
+                    )
+                out.append(plain)
+        finally:
+            if fd >= 0:
+                os.close(fd)
         return b"".join(out)
 
     def drop_part(self, index: int) -> None:
+        fd = self._writers.pop(index, None)
+        if fd is not None:
+            os.close(fd)
         self._part(index).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Close the part files kept open for writing (writing again reopens them)."""
+        while self._writers:
+            with contextlib.suppress(OSError):
+                os.close(self._writers.popitem()[1])
+
+    def __del__(self) -> None:
+        self.close()
 
     def save(self, name: str, data: bytes) -> None:
         tmp = self.root / f".{name}.tmp"
@@ -123,8 +152,12 @@ class Spool:
     def append(self, name: str, data: bytes) -> None:
         """Append to a file kept in clear (the journal: chunk numbers and receipts)."""
         fd = os.open(self.root / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "ab") as f:
-            f.write(data)
+        try:
+            view = memoryview(data)
+            while view:  # a journal record: one short write, in practice
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
 
     def save_clear(self, name: str, data: bytes) -> None:
         tmp = self.root / f".{name}.tmp"

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import itertools
 import random
+import shutil
 from pathlib import Path
 
 import msgpack
@@ -286,6 +287,38 @@ def test_receiver_killed_mid_transfer_resumes_from_its_spool(offer: Offer, tmp_p
     assert {**first.stored, **committed, **rest.stored} == dict(enumerate(offer.originals))
     total = _total_chunks(offer.manifest)
     assert before + revived.chunks_requested <= total + in_flight
+
+
+def test_receiver_with_a_lagging_state_file_resumes_through_the_store(
+    offer: Offer, tmp_path: Path
+) -> None:
+    # state_every: the state file is rewritten at most that often (the runner's way);
+    # what was stored after the last rewrite is found again through the store.
+    receiver, sender = _pair(offer, Spool(tmp_path / "spool"), state_every=3600.0)
+    clean = Link(random.Random(5), 0, 0, 0, 0)
+    first, now = _drive(receiver, sender, clean, Link(random.Random(6), 0, 0, 0, 0), stop_after=4)
+    for _ in range(2):  # part-way into the next instance, then "kill -9"
+        for r in receiver.poll(now):
+            for c in sender.receive(r):
+                receiver.receive(c, now)
+    del receiver
+    shutil.copytree(tmp_path / "spool", tmp_path / "copy")  # resuming rewrites the journal
+    lagging = Receiver.resume(Spool(tmp_path / "copy"), window=8, timeout=1.0)
+    assert lagging.done == {first.order[0]}, "only the first store rewrote the state file"
+    held = {offer.manifest.entries[i].sha256 for i in first.stored}
+    revived = Receiver.resume(
+        Spool(tmp_path / "spool"), window=8, timeout=1.0, have=held.__contains__
+    )
+    assert revived.done == set(first.order)
+    assert not revived._partials.keys() & revived.done  # no part left for a stored one
+    revived.accept()
+    committed = {index: revived.assemble(index) for index in sorted(revived.ready)}
+    for index in committed:  # fully spooled before the kill: committed first, as run() does
+        revived.stored(index, now)
+    fresh = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
+    rest, _ = _drive(revived, fresh, Link(random.Random(7), 0, 0, 0, 0), clean, now=now)
+    assert {**first.stored, **committed, **rest.stored} == dict(enumerate(offer.originals))
+    assert not (set(rest.stored) | set(committed)) & set(first.stored)  # none fetched again
 
 
 def test_restarted_receiver_asks_the_signer_for_its_unfinished_transfer_and_is_offered_it(
