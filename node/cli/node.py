@@ -21,6 +21,7 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
 
     home = home_of(args)
     home.require()
+    serve_tui()
     runtime = NodeRuntime(home, load_identity(home.key_path), control=True)
     await runtime.start()  # its services too: serve fetches, file reports, resume fetches
     stop = stop or asyncio.Event()
@@ -44,6 +45,15 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
         await runtime.stop()
     print("stopped")
     return 0
+
+
+def serve_tui() -> None:
+    """Let `radmesh tui` on this home attach to the running node (:mod:`tui.remote`)."""
+    from node.app.operations import OPERATIONS
+    from tui import remote
+
+    if remote.OPERATION not in OPERATIONS:
+        OPERATIONS[remote.OPERATION] = remote.operation()
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:

@@ -20,6 +20,27 @@ from node.core.errors import NodeError
 from node.core.keystore import load_identity
 
 
+def _attach(home: NodeHome, low_bandwidth: bool | None) -> bool:
+    """The home's node already runs (headless, or in another TUI): open the app on it
+    through its control socket (:mod:`tui.remote`) instead of starting a second one.
+    False when no node runs."""
+    from node.app import control
+    from tui.app import RadmeshApp
+    from tui.remote import OPERATION, RemoteNode
+
+    running, _ = asyncio.run(
+        control.ask(home, OPERATION, {"method": "status", "args": []}, lambda _: None)
+    )
+    if not running:
+        return False
+    node = RemoteNode(home)
+    try:
+        RadmeshApp(node, low_bandwidth=low_bandwidth).run()
+    finally:
+        node.close()
+    return True
+
+
 def _low_bandwidth(args: argparse.Namespace) -> bool | None:
     """--low-bandwidth, else None: the app then reads RADMESH_LOW_BANDWIDTH."""
     return True if getattr(args, "low_bandwidth", False) else None
@@ -29,9 +50,11 @@ async def _with_node(
     home: NodeHome, identity: Identity, config: NodeConfig, low_bandwidth: bool | None = None
 ) -> None:
     from node.app.runtime import NodeRuntime
+    from node.cli.node import serve_tui
     from tui.app import RadmeshApp
     from tui.node_facade import RuntimeNode
 
+    serve_tui()  # a second `radmesh tui` on this home attaches to this one
     runtime = NodeRuntime(home, identity, config, control=True)  # radmesh commands reach it
     await runtime.start()  # its services too: serve fetches, file reports, resume fetches
     try:
@@ -69,6 +92,8 @@ def cmd_tui(args: argparse.Namespace) -> int:
     if args.no_mdns:
         network = dataclasses.replace(network, mdns=False)
     config = dataclasses.replace(config, network=network)
+    if _attach(home, _low_bandwidth(args)):
+        return 0
     identity = load_identity(home.key_path)
     try:
         asyncio.run(_with_node(home, identity, config, _low_bandwidth(args)))

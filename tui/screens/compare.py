@@ -12,7 +12,6 @@ frames come from the facade, drawing from :class:`ImageView`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -25,9 +24,6 @@ from tui.facade import Frame, InstanceRef, NodeFacade, SeriesInfo, StudyInfo
 from tui.linking import linked_index
 from tui.screens.report import ReportScreen
 from tui.widgets.image_view import ImageView
-
-if TYPE_CHECKING:
-    from tui.app import RadmeshApp
 
 SIDE_BY_SIDE_MIN_WIDTH = 100  # narrower: one study at a time, t flips
 
@@ -162,8 +158,7 @@ class CompareScreen(Screen[None]):
             self._view(name).show(None)
             return
         ref = side.slices[side.index]
-        app: RadmeshApp = self.app  # type: ignore[assignment]
-        frame = await app.run_blocking(self.node.load_frame, ref.sop_uid, 0)
+        frame = await self.app.run_blocking(self.node.load_frame, ref.sop_uid, 0)  # type: ignore[attr-defined]
         if not self.is_attached or ref is not side.slices[side.index]:
             return  # closed, or stepped on meanwhile: a newer load draws
         if frame is None:

@@ -1,0 +1,237 @@
+"""The TUI on a node that already runs in another process (issue 19 item 9).
+
+A hospital runs its node headless (`radmesh node run`); a person opens `radmesh tui` on
+the same home to look at it. One node per home holds the key and the network, so the
+TUI does not start a second one: it becomes a client of the running node's control
+socket (:mod:`node.app.control`: same user only, checked both ways). Every call of the
+:class:`~tui.facade.NodeFacade` protocol is one ``tui.call`` operation that the node runs
+on its own :class:`~tui.node_facade.RuntimeNode`; values travel as msgpack, the facade's
+dataclasses and frames' pixel arrays encoded here. The transport runs in the node's
+process, not on the UI's loop.
+
+Live sessions are not reachable this way yet (a live session needs a stream of events,
+the control socket answers requests): the viewer opens without the live panel and says
+so. Opening the TUI on a home whose node does not run still runs the node inside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+
+from node.app.control import ask
+from node.core.config import NodeHome
+from tui import facade as f
+from tui.imaging import Window
+from tui.session import SessionView
+
+CALL_TIMEOUT = 60.0  # seconds for one call; a fetch or a request answers well within it
+OPERATION = "tui.call"
+# What a TUI may ask the running node: the NodeFacade protocol, nothing else.
+CALLS = frozenset(
+    {
+        "status", "studies", "series", "instances", "load_frame", "request_first",
+        "consults", "peers", "transfers", "notifications", "safety_number", "mark_verified",
+        "record_view", "respond", "fetch", "pause_transfer", "cancel_transfer", "withdraw",
+        "request_consult", "cycle_availability", "propose_guest", "guest_proposals",
+        "answer_guest", "critical_alerts", "acknowledge", "report", "add_addendum",
+    }
+)  # fmt: skip
+_TYPES: dict[str, type[Any]] = {
+    cls.__name__: cls
+    for cls in (
+        f.NodeStatus, f.StudyInfo, f.SeriesInfo, f.InstanceRef, f.Frame, f.ConsultItem,
+        f.CriticalAlert, f.PeerInfo, f.TransferInfo, f.ConsultForm, f.GuestProposal,
+        f.ReportSection, Window,
+    )
+}  # fmt: skip
+
+
+def encode(value: Any) -> Any:
+    """A facade value as msgpack-able data: dataclasses by name, arrays with dtype/shape."""
+    if isinstance(value, np.ndarray):
+        return {"__nd__": [value.dtype.str, list(value.shape), value.tobytes()]}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {
+            field.name: encode(getattr(value, field.name)) for field in dataclasses.fields(value)
+        }
+        return {"__dc__": type(value).__name__, **fields}
+    if isinstance(value, list | tuple):
+        return [encode(v) for v in value]
+    return value
+
+
+def decode(value: Any) -> Any:
+    """The inverse of :func:`encode`; only the facade's own types are built."""
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if isinstance(value, dict) and "__nd__" in value:
+        dtype, shape, data = value["__nd__"]
+        return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+    if isinstance(value, dict) and "__dc__" in value:
+        cls = _TYPES[value["__dc__"]]
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            if field.name in value:
+                item = decode(value[field.name])
+                kwargs[field.name] = tuple(item) if isinstance(item, list) else item
+        return cls(**kwargs)
+    return value
+
+
+def operation() -> Callable[[Any, dict[str, Any], Any], Awaitable[Any]]:
+    """The ``tui.call`` operation for a node's control table: one RuntimeNode per runtime,
+    so its notifications and pseudonym labels stay the same across calls."""
+    from tui.node_facade import RuntimeNode
+
+    facades: dict[int, RuntimeNode] = {}
+
+    async def call(rt: Any, args: dict[str, Any], emit: Any) -> Any:
+        method = args.get("method")
+        if method not in CALLS:
+            return {"refused": f"{method!r} is not something the TUI asks a node"}
+        node = facades.setdefault(id(rt), RuntimeNode(rt))
+        try:
+            result = getattr(node, method)(*decode(list(args.get("args", []))))
+            if asyncio.iscoroutine(result):
+                result = await result
+        except f.ActionError as exc:
+            return {"action_error": str(exc)}
+        return {"value": encode(result)}
+
+    return call
+
+
+class RemoteNode:
+    """:class:`~tui.facade.NodeFacade` over the home's running node. Calls block for one
+    round trip on the local socket (a millisecond or two); the node does the work."""
+
+    def __init__(self, home: NodeHome) -> None:
+        self.home = home
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="radmesh-remote-node", daemon=True
+        )
+        self._thread.start()
+        self._notes: list[str] = []
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _ask(self, method: str, args: tuple[Any, ...]) -> Any:
+        running, reply = await ask(
+            self.home, OPERATION, {"method": method, "args": encode(list(args))}, lambda _: None
+        )
+        if not running:
+            raise f.ActionError("the node of this home stopped: start it again, then the TUI")
+        if "action_error" in reply:
+            raise f.ActionError(reply["action_error"])
+        if "refused" in reply:
+            raise f.ActionError(reply["refused"])
+        return decode(reply["value"])
+
+    def _call(self, method: str, *args: Any) -> Any:
+        future = asyncio.run_coroutine_threadsafe(self._ask(method, args), self._loop)
+        return future.result(CALL_TIMEOUT)
+
+    async def _acall(self, method: str, *args: Any) -> Any:
+        future = asyncio.run_coroutine_threadsafe(self._ask(method, args), self._loop)
+        return await asyncio.wait_for(asyncio.wrap_future(future), CALL_TIMEOUT)
+
+    # -- the NodeFacade protocol ---------------------------------------------------------
+    def status(self) -> f.NodeStatus:
+        status: f.NodeStatus = self._call("status")
+        note = ("running node", "attached through its control socket", True)
+        return dataclasses.replace(status, lines=(*status.lines, note))
+
+    def studies(self) -> list[f.StudyInfo]:
+        return list(self._call("studies"))
+
+    def series(self, study_uid: str) -> list[f.SeriesInfo]:
+        return list(self._call("series", study_uid))
+
+    def instances(self, series_uid: str) -> list[f.InstanceRef]:
+        return list(self._call("instances", series_uid))
+
+    def load_frame(self, sop_uid: str, frame: int = 0) -> f.Frame | None:
+        loaded: f.Frame | None = self._call("load_frame", sop_uid, frame)
+        return loaded
+
+    def request_first(self, sop_uid: str) -> None:
+        self._call("request_first", sop_uid)
+
+    def consults(self) -> list[f.ConsultItem]:
+        return list(self._call("consults"))
+
+    def peers(self) -> list[f.PeerInfo]:
+        return list(self._call("peers"))
+
+    def transfers(self) -> list[f.TransferInfo]:
+        return list(self._call("transfers"))
+
+    def notifications(self) -> list[str]:
+        return [*self._notes, *self._call("notifications")]
+
+    def safety_number(self, peer_node_id: str) -> str:
+        return str(self._call("safety_number", peer_node_id))
+
+    def mark_verified(self, peer_node_id: str) -> None:
+        self._call("mark_verified", peer_node_id)
+
+    def open_session(self, study_uid: str) -> SessionView | None:
+        note = "Live sessions open in the TUI that runs the node; this one is attached to it"
+        if note not in self._notes:
+            self._notes.append(note)
+        return None
+
+    def record_view(self, study_uid: str, live: bool) -> None:
+        self._call("record_view", study_uid, live)
+
+    async def respond(self, consult_id: str, accept: bool, reason: str = "") -> str:
+        return str(await self._acall("respond", consult_id, accept, reason))
+
+    def fetch(self, consult_id: str) -> str:
+        return str(self._call("fetch", consult_id))
+
+    def pause_transfer(self, consult_id: str) -> str:
+        return str(self._call("pause_transfer", consult_id))
+
+    def cancel_transfer(self, consult_id: str) -> str:
+        return str(self._call("cancel_transfer", consult_id))
+
+    async def withdraw(self, consult_id: str) -> str:
+        return str(await self._acall("withdraw", consult_id))
+
+    async def request_consult(self, form: f.ConsultForm) -> str:
+        return str(await self._acall("request_consult", form))
+
+    async def cycle_availability(self) -> str:
+        return str(await self._acall("cycle_availability"))
+
+    async def propose_guest(self, consult_id: str, peer_node_id: str) -> str:
+        return str(await self._acall("propose_guest", consult_id, peer_node_id))
+
+    def guest_proposals(self) -> list[f.GuestProposal]:
+        return list(self._call("guest_proposals"))
+
+    async def answer_guest(self, consult_id: str, guest_node_id: str, approve: bool) -> str:
+        return str(await self._acall("answer_guest", consult_id, guest_node_id, approve))
+
+    def critical_alerts(self) -> list[f.CriticalAlert]:
+        return list(self._call("critical_alerts"))
+
+    async def acknowledge(self, consult_id: str, by: str) -> str:
+        return str(await self._acall("acknowledge", consult_id, by))
+
+    def report(self, consult_id: str) -> list[f.ReportSection] | None:
+        sections = self._call("report", consult_id)
+        return None if sections is None else list(sections)
+
+    async def add_addendum(self, consult_id: str, text: str) -> str:
+        return str(await self._acall("add_addendum", consult_id, text))
