@@ -34,3 +34,9 @@ def _no_leaked_threads() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not leaked, f"test leaked threads: {[t.name for t in leaked]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first: spread over the xdist workers from the start, they do not leave
+    one worker running the longest test alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
