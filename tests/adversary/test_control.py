@@ -157,3 +157,18 @@ async def test_a_socket_of_another_user_in_the_home_gets_nothing_and_blocks_star
             assert os.stat(home.data_dir).st_mode & 0o777 == 0o700  # tightened at start
         finally:
             await node.stop()
+
+
+async def test_the_tui_operation_runs_only_facade_methods() -> None:
+    """A same-user client asking the node for anything but the facade's methods (a
+    private helper, the runtime itself) is refused by name."""
+    from tui.remote import operation
+
+    call = operation()
+
+    class Runtime:  # never reached: the name is refused before a facade is made
+        pass
+
+    for name in ("_finalise", "runtime", "__class__", "open_session", "pull"):
+        reply = await call(Runtime(), {"method": name, "args": []}, print)
+        assert "refused" in reply, name
