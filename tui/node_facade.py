@@ -76,6 +76,10 @@ _TRUST_LABEL = {
 }
 
 
+def _trust_label(state: TrustState | None) -> str:
+    return _TRUST_LABEL.get(state, "unverified") if state is not None else "unverified"
+
+
 def _study_cells(study: StudyInfo | None) -> tuple[str, int, str, str]:
     """The worklist's modality, image count, age and sex of a consult's study, as held here."""
     if study is None:
@@ -441,6 +445,7 @@ class RuntimeNode:
         acks = {r.consult_id: r for r in self.runtime.consults.report_acks(unacknowledged=True)}
         policy, now = policy_of(self.runtime.config.alerts), self.runtime.now()
         studies = {s.study_uid: s for s in self.studies()}
+        trusted = self.runtime.trust.known()  # for peers whose record is not remembered
         for case in self.runtime.consults.cases():
             about = self.runtime.consults.info(case.request.id)
             role, peer_id = about.role, about.peer_id
@@ -457,7 +462,11 @@ class RuntimeNode:
                     float(case.request.deadline),
                     self._study_here(case, role),
                     info.name if info else "",
-                    info.trust if info else ("unverified" if peer_id is not None else ""),
+                    info.trust
+                    if info
+                    else _trust_label(trusted.get(peer_id))
+                    if peer_id is not None
+                    else "",
                     (ack := acks.get(case.request.id)) is not None and ack.critical,
                     ack is not None
                     and case.state is State.REPORTED

@@ -534,3 +534,24 @@ async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
     finally:
         await rural.stop()
         await neuro.stop()
+
+
+async def test_a_verified_requester_not_in_the_directory_shows_verified(node: NodeRuntime) -> None:
+    """The worklist's trust badge comes from the trust store, not only from the peer
+    directory: a hospital verified by safety number whose record this node never looked
+    up is 'verified', and an unknown one is 'unverified'."""
+    from consult.requests import Role
+    from crypto.identity import Identity
+    from tests.node.test_runtime import request_from
+
+    hospital, stranger = Identity.generate(), Identity.generate()
+    now = node.now()
+    for who in (hospital, stranger):
+        request = request_from(who, now)
+        node.consults.add(
+            request, role=Role.CONSULTANT, now=now, wire=request.to_wire(who),
+            peer=str(who.node_id),
+        )  # fmt: skip
+    node.trust.mark_verified(hospital.node_id, now)
+    trust = {item.peer: item.peer_trust for item in RuntimeNode(node).consults()}
+    assert trust == {hospital.node_id.short(): "verified", stranger.node_id.short(): "unverified"}
