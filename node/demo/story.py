@@ -179,6 +179,8 @@ class DemoNetwork:
             for b in self.nodes.values():
                 if a is not b:
                     a.trust.mark_verified(b.identity.node_id, a.now())
+                    if b.record is not None:  # as looking the peer up once would
+                        a.directory.remember(b.record, "demo", a.now())
         rural, neurorad = self.nodes["rural"], self.nodes["neurorad"]
         self.say(
             "safety number rural <-> neuroradiologist: "
