@@ -85,17 +85,18 @@ def decode(value: Any) -> Any:
 
 
 def operation() -> Callable[[Any, dict[str, Any], Any], Awaitable[Any]]:
-    """The ``tui.call`` operation for a node's control table: one RuntimeNode per runtime,
-    so its notifications and pseudonym labels stay the same across calls."""
+    """The ``tui.call`` operation for one node's control table: one RuntimeNode for all
+    its calls, so its notifications and pseudonym labels stay the same across them."""
     from tui.node_facade import RuntimeNode
 
-    facades: dict[int, RuntimeNode] = {}
+    facade: RuntimeNode | None = None
 
     async def call(rt: Any, args: dict[str, Any], emit: Any) -> Any:
+        nonlocal facade
         method = args.get("method")
         if method not in CALLS:
             return {"refused": f"{method!r} is not something the TUI asks a node"}
-        node = facades.setdefault(id(rt), RuntimeNode(rt))
+        node = facade = facade or RuntimeNode(rt)
         try:
             result = getattr(node, method)(*decode(list(args.get("args", []))))
             if asyncio.iscoroutine(result):

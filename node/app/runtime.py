@@ -26,7 +26,7 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import IO, Any
@@ -49,7 +49,7 @@ from node.app.consults import ConsultService
 from node.app.control import ControlServer, HomeLock
 from node.app.errors import RuntimeError_
 from node.app.guests import Guests
-from node.app.operations import OPERATIONS
+from node.app.operations import OPERATIONS, Operation
 from node.app.transfers import TransferTracker
 from node.core.audit import AuditError, AuditKind, AuditLog, open_audit
 from node.core.config import NetworkConfig, NodeConfig, NodeHome
@@ -223,11 +223,14 @@ class NodeRuntime:
         mdns_interfaces: list[str] | None = None,
         transport_options: TransportOptions | None = None,
         control: bool = False,
+        operations: Mapping[str, Operation] = OPERATIONS,
         warm_cache: bool = True,
         resume: bool = True,
     ) -> None:
         """``control``: answer `radmesh` commands run on this home meanwhile
-        (:mod:`node.app.control`), as `radmesh node run` and the TUI do. ``warm_cache``:
+        (:mod:`node.app.control`), as `radmesh node run` and the TUI do; ``operations``
+        is what the control socket runs (the CLI's table, plus the TUI's when a TUI may
+        attach). ``warm_cache``:
         code imported images for sending in the background (:mod:`node.dicom.wirecache`).
         ``resume``: take up at start what the node was doing when it stopped (fetches cut
         short, the critical-result timer); a node brought up for one command does not, it
@@ -268,7 +271,7 @@ class NodeRuntime:
         self.guests.install()
         self.alerts = CriticalAlerts(self, self.consulting.reports.resend_report)
         self._home_lock = HomeLock(home)
-        self.control = ControlServer(self, OPERATIONS) if control else None
+        self.control = ControlServer(self, operations) if control else None
         self._warm_cache = warm_cache
         self._cert_stamp: tuple[int, int] | None = None  # node.cert as last read
         self._cert: bytes | None = None

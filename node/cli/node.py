@@ -13,7 +13,7 @@ from node.core.display import printable
 from node.core.keystore import load_identity
 
 if TYPE_CHECKING:
-    pass
+    from node.app.operations import Operation
 
 
 async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
@@ -21,8 +21,9 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
 
     home = home_of(args)
     home.require()
-    serve_tui()
-    runtime = NodeRuntime(home, load_identity(home.key_path), control=True)
+    runtime = NodeRuntime(
+        home, load_identity(home.key_path), control=True, operations=with_tui_operation()
+    )
     await runtime.start()  # its services too: serve fetches, file reports, resume fetches
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -47,13 +48,13 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
     return 0
 
 
-def serve_tui() -> None:
-    """Let `radmesh tui` on this home attach to the running node (:mod:`tui.remote`)."""
+def with_tui_operation() -> dict[str, Operation]:
+    """The control table with the operation `radmesh tui` on this home attaches through
+    (:mod:`tui.remote`)."""
     from node.app.operations import OPERATIONS
     from tui import remote
 
-    if remote.OPERATION not in OPERATIONS:
-        OPERATIONS[remote.OPERATION] = remote.operation()
+    return {**OPERATIONS, remote.OPERATION: remote.operation()}
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:

@@ -50,12 +50,12 @@ async def _with_node(
     home: NodeHome, identity: Identity, config: NodeConfig, low_bandwidth: bool | None = None
 ) -> None:
     from node.app.runtime import NodeRuntime
-    from node.cli.node import serve_tui
+    from node.cli.node import with_tui_operation
     from tui.app import RadmeshApp
     from tui.node_facade import RuntimeNode
 
-    serve_tui()  # a second `radmesh tui` on this home attaches to this one
-    runtime = NodeRuntime(home, identity, config, control=True)  # radmesh commands reach it
+    # radmesh commands reach it, and a second `radmesh tui` on this home attaches to it
+    runtime = NodeRuntime(home, identity, config, control=True, operations=with_tui_operation())
     await runtime.start()  # its services too: serve fetches, file reports, resume fetches
     try:
         await RadmeshApp(RuntimeNode(runtime), low_bandwidth=low_bandwidth).run_async()

@@ -39,6 +39,7 @@ MAX_MATCHES = 1000  # answers to one C-FIND; the rest are not sent and the log s
 MAX_KEY_CHARS = 256  # a longer matching key is refused as unreadable (0xA900)
 
 STATUS_PENDING = 0xFF00
+STATUS_CANCEL = 0xFE00
 STATUS_SUCCESS = 0x0000
 STATUS_IDENTIFIER_MISMATCH = 0xA900  # "identifier does not match SOP class"
 STATUS_UNABLE_TO_PROCESS = 0xC001
@@ -290,14 +291,14 @@ class QueryRetrieveSCP:
         self._emit = emit
 
     def handle_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
-        calling = str(event.assoc.requestor.ae_title).strip()
+        calling = _caller(event)
         try:
             identifier = event.identifier
             answers = find(self._archive, identifier)
             count = 0
             for answer in answers:
                 if event.is_cancelled:
-                    yield 0xFE00, None
+                    yield STATUS_CANCEL, None
                     return
                 count += 1
                 yield STATUS_PENDING, answer
@@ -309,17 +310,30 @@ class QueryRetrieveSCP:
         self._emit("dicom.find", {"calling_ae": calling, "matches": str(count)})
         yield STATUS_SUCCESS, None
 
-    def _instances(self, event: Any, what: str) -> list[Any] | None:
-        calling = str(event.assoc.requestor.ae_title).strip()
+    def _instances(self, event: Any, kind: str) -> list[Any] | None:
+        """The instances a retrieve names, or None (refused, audited) if it names none."""
         try:
             return retrieve_uids(self._archive, event.identifier)
         except (ValueError, AttributeError, TypeError, KeyError) as exc:
-            log.warning("%s from %s refused: %s", what, calling, exc)
-            self._emit(f"dicom.{what.lower()[2:]}", {"calling_ae": calling, "status": "refused"})
+            log.warning("C-%s from %s refused: %s", kind.upper(), _caller(event), exc)
+            self._emit(f"dicom.{kind}", {"calling_ae": _caller(event), "status": "refused"})
             return None
 
-    def _datasets(self, rows: list[Any]) -> Iterator[tuple[int, Dataset | None]]:
+    def _send(
+        self, event: Any, kind: str, rows: list[Any] | None, details: dict[str, str]
+    ) -> Iterator[Any]:
+        """The sub-operation count, then each instance, as pynetdicom's C-GET and C-MOVE
+        handlers yield them; a cancel stops at the next instance."""
+        if rows is None:
+            yield 0
+            yield STATUS_IDENTIFIER_MISMATCH, None
+            return
+        self._emit(f"dicom.{kind}", {**details, "instances": str(len(rows))})
+        yield len(rows)
         for row in rows:
+            if event.is_cancelled:
+                yield STATUS_CANCEL, None
+                return
             try:
                 data = self._archive.read_instance(row.sop_instance_uid)
                 yield STATUS_PENDING, pydicom.dcmread(io.BytesIO(data))
@@ -328,22 +342,11 @@ class QueryRetrieveSCP:
                 yield STATUS_UNABLE_TO_PROCESS, None
 
     def handle_get(self, event: Any) -> Iterator[Any]:
-        uids = self._instances(event, "C-GET")
-        if uids is None:
-            yield 0
-            yield STATUS_IDENTIFIER_MISMATCH, None
-            return
-        calling = str(event.assoc.requestor.ae_title).strip()
-        self._emit("dicom.get", {"calling_ae": calling, "instances": str(len(uids))})
-        yield len(uids)
-        for status, ds in self._datasets(uids):
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield status, ds
+        rows = self._instances(event, "get")
+        yield from self._send(event, "get", rows, {"calling_ae": _caller(event)})
 
     def handle_move(self, event: Any) -> Iterator[Any]:
-        calling = str(event.assoc.requestor.ae_title).strip()
+        calling = _caller(event)
         raw = event.move_destination
         wanted = (raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)).strip()
         destination = self._destinations.get(wanted)
@@ -356,28 +359,13 @@ class QueryRetrieveSCP:
             self._emit("dicom.move", {"calling_ae": calling, "status": "unknown destination"})
             yield None, None
             return
-        uids = self._instances(event, "C-MOVE")
-        contexts = contexts_for(uids or [])
-        yield (
-            destination.host,
-            destination.port,
-            {"ae_title": destination.ae_title, "contexts": contexts},
-        )
-        if uids is None:
-            yield 0
-            yield STATUS_IDENTIFIER_MISMATCH, None
-            return
-        self._emit(
-            "dicom.move",
-            {
-                "calling_ae": calling,
-                "destination": destination.ae_title,
-                "instances": str(len(uids)),
-            },
-        )
-        yield len(uids)
-        for status, ds in self._datasets(uids):
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            yield status, ds
+        rows = self._instances(event, "move")
+        contexts = contexts_for(rows or [])
+        options = {"ae_title": destination.ae_title, "contexts": contexts}
+        yield destination.host, destination.port, options
+        details = {"calling_ae": calling, "destination": destination.ae_title}
+        yield from self._send(event, "move", rows, details)
+
+
+def _caller(event: Any) -> str:
+    return str(event.assoc.requestor.ae_title).strip()
