@@ -247,6 +247,13 @@ def _jpegls_bomb(data: bytes) -> tuple[ManifestEntry, str, bytes]:
     return dataclasses.replace(entry, wire_size=len(bomb)), study, bomb
 
 
+def _receive_one(tmp_path: Path, signed: bytes, wire: bytes) -> None:
+    """A receiver taking the one instance ``signed`` offers, sent as ``wire``."""
+    receiver = Receiver(signed, Spool(tmp_path / "spool"))
+    opened = Manifest.open(signed)[1]
+    _drive(receiver, Sender(opened, [wire].__getitem__, signed))
+
+
 def _peak_while(run: object) -> tuple[int, BaseException | None]:
     tracemalloc.start()
     try:
@@ -272,12 +279,7 @@ def test_a_zstd_bomb_is_refused_from_its_manifest_before_anything_is_allocated(
     sender = Identity.generate()
     signed = _signed([entry], "1.2.3", sender)
 
-    def run() -> None:
-        receiver = Receiver(signed, Spool(tmp_path / "spool"))
-        opened = Manifest.open(signed)[1]
-        _drive(receiver, Sender(opened, [wire].__getitem__, signed))
-
-    peak, error = _peak_while(run)
+    peak, error = _peak_while(lambda: _receive_one(tmp_path, signed, wire))
     assert peak < 32 * MiB, f"{peak / MiB:.0f} MiB allocated for a {len(wire)}-byte instance"
     assert isinstance(error, DecompressionBomb), error
     assert "limit" in str(error)
@@ -315,12 +317,7 @@ def test_a_jpegls_stream_claiming_65535_squared_is_refused_before_charls_allocat
     sender = Identity.generate()
     signed = _signed([entry], study, sender)
 
-    def run() -> None:
-        receiver = Receiver(signed, Spool(tmp_path / "spool"))
-        opened = Manifest.open(signed)[1]
-        _drive(receiver, Sender(opened, [bomb].__getitem__, signed))
-
-    peak, error = _peak_while(run)
+    peak, error = _peak_while(lambda: _receive_one(tmp_path, signed, bomb))
     assert peak < 16 * MiB, f"{peak / MiB:.0f} MiB allocated for a {len(bomb)}-byte instance"
     assert isinstance(error, DecompressionBomb), error
     assert "65535x65535" in str(error)
