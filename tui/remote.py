@@ -30,6 +30,9 @@ from tui import facade as f
 from tui.imaging import Window
 from tui.session import SessionView
 
+# A frame is one answer: a 4k x 4k 16-bit radiograph is 32 MiB. The node is this user's
+# own (checked on the socket), so the cap guards against a runaway, not an attacker.
+MAX_ANSWER = 256 * 1024 * 1024
 CALL_TIMEOUT = 60.0  # seconds for one call; a fetch or a request answers well within it
 OPERATION = "tui.call"
 # What a TUI may ask the running node: the NodeFacade protocol, nothing else.
@@ -126,9 +129,8 @@ class RemoteNode:
         self._thread.join(5)
 
     async def _ask(self, method: str, args: tuple[Any, ...]) -> Any:
-        running, reply = await ask(
-            self.home, OPERATION, {"method": method, "args": encode(list(args))}, lambda _: None
-        )
+        request = {"method": method, "args": encode(list(args))}
+        running, reply = await ask(self.home, OPERATION, request, lambda _: None, limit=MAX_ANSWER)
         if not running:
             raise f.ActionError("the node of this home stopped: start it again, then the TUI")
         if "action_error" in reply:

@@ -255,8 +255,11 @@ class ControlServer:
             return {"error": f"the running node failed: {exc.__class__.__name__}: {exc}"}
 
 
-async def ask(home: NodeHome, op: str, args: dict[str, Any], emit: Emit) -> tuple[bool, Any]:
-    """(True, result) from the home's running node, or (False, None) if none runs."""
+async def ask(
+    home: NodeHome, op: str, args: dict[str, Any], emit: Emit, *, limit: int = MAX_REPLY
+) -> tuple[bool, Any]:
+    """(True, result) from the home's running node, or (False, None) if none runs.
+    ``limit``: the largest answer read (the TUI asks for whole frames)."""
     path = socket_path(home)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -282,7 +285,7 @@ async def ask(home: NodeHome, op: str, args: dict[str, Any], emit: Emit) -> tupl
         await writer.drain()
         while True:
             try:
-                reply = await _read_frame(reader, MAX_REPLY)
+                reply = await _read_frame(reader, limit)
             except asyncio.IncompleteReadError:
                 raise ControlError(
                     "the running node closed the control connection without an answer: see its log"

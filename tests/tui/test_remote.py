@@ -47,7 +47,8 @@ def running_home(tmp_path: Path) -> Iterator[tuple[NodeHome, list[Path]]]:
     root = tmp_path / "home"
     init = ["init", "--name", "Night Node", "--country", "IE", "--no-passphrase", "--no-mdns"]
     assert main(["--home", str(root), *init]) == 0
-    files = generate_ct(tmp_path / "ct", slices=3, rows=64)
+    # 1024² slices: one frame (2 MiB) is larger than a command's answer may be
+    files = generate_ct(tmp_path / "ct", slices=3, rows=1024)
     assert main(["--home", str(root), "import", str(tmp_path / "ct")]) == 0
     node = subprocess.Popen(
         [sys.executable, "-m", "node.cli", "--home", str(root), "node", "run"],
