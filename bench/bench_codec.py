@@ -23,11 +23,14 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import pydicom
+import pydicom.encaps
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -194,6 +197,280 @@ def offer_times(slices: int) -> None:
         print(f"  de-identified copy  {copy:6.2f} s  {cold / copy:5.1f}x sooner than cold")
 
 
+# -- lossless options beyond JPEG-LS (issue 18 item 5) --------------------------------------
+#
+# Pixels only: the zstd-coded rest of the file (header, preamble) costs the same whatever
+# codes the pixels, so each ratio below is raw pixel bytes / coded pixel bytes. Speeds are
+# CPU seconds of this process (time.process_time: one core, every codec single-threaded),
+# so other load on the machine does not bend them much.
+
+LINK_20_MBIT = 2.5e6  # bytes/s a 20 Mbit/s link drains
+ADOPT_GAIN = 0.15  # of size saved against JPEG-LS
+LOOPBACK = 10e6  # bytes/s of the aiortc data channel on loopback with uvloop (DESIGN.md)
+
+
+@dataclass(frozen=True)
+class PixelSet:
+    """One series' frames (uint16 samples in acquisition order) and where they come from."""
+
+    name: str
+    origin: str  # "synthetic" or "real"
+    frames: list[Array]
+    bound: bool = False  # a best case no scan reaches: shown, left out of the verdict
+
+
+@dataclass(frozen=True)
+class Method:
+    """A lossless coding of one frame, optionally against the previous frame of its series."""
+
+    name: str
+    encode: Callable[[Array, Array | None], bytes]
+    decode: Callable[[bytes, Array | None, tuple[int, int]], Array]
+    inter: bool = False
+
+
+def samples(values: Array) -> tuple[Array, int]:
+    """``values`` as unsigned JPEG-LS/JPEG-XL samples the way the wire codec maps them:
+    ``(value - low) mod 2**16`` in whichever view (unsigned or two's complement) has
+    the smaller span; returns the samples and ``low``."""
+    unsigned = values.astype("<u2", copy=False)
+    signed = unsigned.view("<i2")
+    if int(signed.max()) - int(signed.min()) < int(unsigned.max()) - int(unsigned.min()):
+        low = int(signed.min()) & 0xFFFF
+    else:
+        low = int(unsigned.min())
+    return np.subtract(unsigned, np.uint16(low), dtype=np.uint16), low
+
+
+def _intra(enc: Callable[[Array], Any], dec: Callable[[bytes], Array], name: str) -> Method:
+    def encode(frame: Array, _prev: Array | None) -> bytes:
+        coded, low = samples(frame)
+        return low.to_bytes(2, "little") + bytes(enc(coded))
+
+    def decode(stream: bytes, _prev: Array | None, shape: tuple[int, int]) -> Array:
+        out: Array = dec(stream[2:]).reshape(shape).astype("<u2")
+        return np.add(out, np.uint16(int.from_bytes(stream[:2], "little")), dtype=np.uint16)
+
+    return Method(name, encode, decode)
+
+
+def box3(frame: Array) -> Array:
+    """The 3x3 box mean of ``frame`` in integers (floor), edges repeated: a reference with
+    the previous slice's noise mostly averaged away, computed the same on both sides."""
+    padded = np.pad(frame.astype(np.int64), 1, mode="edge")
+    rows, columns = frame.shape
+    total = sum(padded[y : y + rows, x : x + columns] for y in range(3) for x in range(3))
+    return np.asarray(total // 9).astype("<u2")
+
+
+def _inter(intra: Method, name: str, reference: Callable[[Array], Array] | None = None) -> Method:
+    """Code ``frame - reference(previous frame)`` wrapped to 16 bits (every difference of
+    two 16-bit values is representable mod 2**16) with ``intra``; the first frame of a
+    series is coded alone. Decoding needs the previous frame: the structural cost."""
+
+    def ref(prev: Array) -> Array:
+        return (reference or (lambda a: a))(prev.astype("<u2"))
+
+    def encode(frame: Array, prev: Array | None) -> bytes:
+        if prev is None:
+            return b"I" + intra.encode(frame, None)
+        diff = np.subtract(frame.astype("<u2"), ref(prev), dtype=np.uint16)
+        return b"P" + intra.encode(diff, None)
+
+    def decode(stream: bytes, prev: Array | None, shape: tuple[int, int]) -> Array:
+        body = intra.decode(stream[1:], None, shape)
+        if stream[:1] == b"I":
+            return body
+        if prev is None:
+            raise wirecodec.CorruptInstance("a predicted frame arrived without its reference")
+        return np.add(body, ref(prev), dtype=np.uint16)
+
+    return Method(name, encode, decode, inter=True)
+
+
+def _jxl(effort: int) -> Method:
+    return _intra(
+        lambda a: imagecodecs.jpegxl_encode(a, lossless=True, effort=effort, numthreads=1),
+        lambda b: imagecodecs.jpegxl_decode(b, numthreads=1),
+        f"JPEG-XL effort {effort}",
+    )
+
+
+JPEGLS = _intra(imagecodecs.jpegls_encode, imagecodecs.jpegls_decode, "JPEG-LS (today)")
+HTJ2K = _intra(
+    lambda a: imagecodecs.htj2k_encode(a, reversible=True),
+    imagecodecs.htj2k_decode,
+    "HTJ2K reversible",
+)
+METHODS = [
+    JPEGLS,
+    HTJ2K,
+    *(_jxl(e) for e in (1, 2, 3, 5, 7)),
+    _inter(JPEGLS, "prev-slice diff + JPEG-LS"),
+    _inter(JPEGLS, "prev 3x3-mean diff + JPEG-LS", box3),
+    _inter(_jxl(3), "prev-slice diff + JPEG-XL e3"),
+]
+
+
+def _nps_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> Array:
+    """Gaussian noise with a CT-like noise power spectrum (ramp x Gaussian apodisation,
+    peak near 0.1 cycles/pixel): neighbouring pixels correlate as after filtered back
+    projection with a soft-tissue kernel, unlike the demo's white noise."""
+    white = rng.normal(0.0, 1.0, shape)
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    f = np.hypot(fx, fy)
+    shaped = np.fft.irfft2(np.fft.rfft2(white) * np.sqrt(f * np.exp(-((f / 0.15) ** 2))), s=shape)
+    return np.asarray(shaped * (sigma / shaped.std()))
+
+
+def phantom_ct(n: int, kind: str, rho: float = 0.0, size: int = 512, seed: int = 5) -> list[Array]:
+    """The demo head CT (1.25 mm steps, 12 HU noise) as stored values. ``kind`` "white" is
+    the demo's noise; "nps" is spatially correlated noise of the same strength, and
+    ``rho`` correlates it with the previous slice's (overlapping reconstructions); "none"
+    is the anatomy alone, the best case for inter-slice prediction (no real scan has it)."""
+    rng = np.random.default_rng(seed)
+    frames: list[Array] = []
+    previous: Array | None = None
+    for i in range(n):
+        hu = phantom.head_hu(size, ct_level(i), rng=rng, noise=0.0).astype(np.float64)
+        if kind == "none":
+            frames.append(np.clip(np.rint(hu + 1024.0), 0, 4095).astype("<u2"))
+            continue
+        white = kind == "white"
+        fresh = rng.normal(0.0, 12.0, hu.shape) if white else _nps_noise(rng, hu.shape, 12.0)
+        noise = fresh if previous is None else rho * previous + np.sqrt(1 - rho * rho) * fresh
+        previous = noise
+        hu = np.where(hu <= -1023.5, hu, hu + noise)  # padding outside the circle stays flat
+        frames.append(np.clip(np.rint(hu + 1024.0), 0, 4095).astype("<u2"))
+    return frames
+
+
+def phantom_mr(n: int) -> list[Array]:
+    """The demo's T2 head MR (node/demo/phantom.py generate_mr: 256², 5 mm steps)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = phantom.generate_mr(Path(tmp), slices=n)
+        return [_stored_values(p) for p in paths]
+
+
+def _stored_values(path: Path) -> Array:
+    ds = pydicom.dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:  # JPEG 2000 lossless: decode it
+        fragments = [
+            f for f in pydicom.encaps.generate_fragments(ds.PixelData) if f[:2] == b"\xff\x4f"
+        ]
+        decoded = imagecodecs.jpeg2k_decode(b"".join(fragments))
+        return np.asarray(decoded).astype(np.int64).astype("<u2")  # two's complement kept
+    return np.frombuffer(ds.PixelData, "<u2").reshape(int(ds.Rows), int(ds.Columns))
+
+
+#: Real CT and MR images that ship with installed packages (no downloads): single slices,
+#: so they compare the codecs but cannot show inter-slice prediction.
+REAL_FILES = [
+    ("CT 128² (pydicom CT_small)", "pydicom", "CT_small.dcm"),
+    ("CT 512² (pydicom J2K_pixelrep_mismatch)", "pydicom", "J2K_pixelrep_mismatch.dcm"),
+    ("MR 64² (pydicom MR_small)", "pydicom", "MR_small.dcm"),
+    ("MR 484x300 (pydicom examples_overlay)", "pydicom", "examples_overlay.dcm"),
+    ("MR 360² (dicom3tools example 0051)", "/usr/share/doc/dicom3tools/examples", "0051.dcm"),
+]
+
+
+def pixel_sets(slices: int) -> list[PixelSet]:
+    sets = [
+        PixelSet("CT phantom, white noise (demo)", "synthetic", phantom_ct(slices, "white")),
+        PixelSet("CT phantom, CT-like noise", "synthetic", phantom_ct(slices, "nps")),
+        PixelSet("CT phantom, CT-like, rho .5", "synthetic", phantom_ct(slices, "nps", 0.5)),
+        PixelSet("MR phantom (demo)", "synthetic", phantom_mr(slices)),
+        PixelSet("CT phantom, no noise (bound)", "synthetic", phantom_ct(slices, "none"), True),
+    ]
+    for name, where, file in REAL_FILES:
+        folder = (
+            Path(pydicom.__file__).parent / "data" / "test_files"
+            if where == "pydicom"
+            else Path(where)
+        )
+        if (folder / file).is_file():
+            sets.append(PixelSet(name, "real", [_stored_values(folder / file)]))
+    return sets
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ratio: float
+    encode: float  # original bytes per CPU second
+    decode: float
+
+
+def code_set(pixels: PixelSet, method: Method) -> Outcome:
+    """Code every frame, decode it again (checked equal), time both on CPU."""
+    raw = sum(f.nbytes for f in pixels.frames)
+    reps = max(1, int(4e6 // raw))  # small images: repeat so the timer sees something
+    method.encode(pixels.frames[0], None)  # warm up the library
+    streams: list[bytes] = []
+    started = time.process_time()
+    for _ in range(reps):
+        streams = [
+            method.encode(f, pixels.frames[i - 1] if i and method.inter else None)
+            for i, f in enumerate(pixels.frames)
+        ]
+    encoded = time.process_time()
+    for _ in range(reps):
+        for i, (stream, frame) in enumerate(zip(streams, pixels.frames, strict=True)):
+            prev = pixels.frames[i - 1] if i and method.inter else None
+            out = method.decode(stream, prev, frame.shape)
+            if not np.array_equal(out, frame.astype("<u2")):
+                raise AssertionError(f"{method.name} is not lossless on {pixels.name}")
+    decoded = time.process_time()
+    coded = sum(len(s) for s in streams)
+    return Outcome(raw / coded, raw * reps / (encoded - started), raw * reps / (decoded - encoded))
+
+
+def lossless_options(slices: int) -> None:
+    print(f"\nlossless pixel coding (pixels only; {slices}-slice series; CPU MB/s, one core):")
+    print(
+        f"{'data':40} {'origin':9} {'method':29} {'ratio':>6} {'vs JLS':>7} "
+        f"{'enc MB/s':>8} {'wire MB/s':>9} {'dec MB/s':>8}"
+    )
+    gains: dict[str, list[float]] = {m.name: [] for m in METHODS}
+    slow: dict[str, set[str]] = {m.name: set() for m in METHODS}
+    for pixels in pixel_sets(slices):
+        base = None
+        for method in METHODS:
+            if method.inter and len(pixels.frames) < 2:
+                continue
+            out = code_set(pixels, method)
+            base = base or out.ratio
+            smaller = 1 - base / out.ratio  # size saved against JPEG-LS
+            wire = out.encode / out.ratio
+            if not pixels.bound:
+                gains[method.name].append(smaller)
+                if wire < LINK_20_MBIT:
+                    slow[method.name].add("encode")
+                if out.decode < LOOPBACK * out.ratio:
+                    slow[method.name].add("decode")
+            print(
+                f"{pixels.name:40} {pixels.origin:9} {method.name:29} {out.ratio:6.2f} "
+                f"{smaller:+7.0%} {out.encode / 1e6:8.1f} {wire / 1e6:9.1f} "
+                f"{out.decode / 1e6:8.1f}",
+                flush=True,
+            )
+    print(
+        f"adopt only if >= {ADOPT_GAIN:.0%} smaller than JPEG-LS, encode output >= "
+        f"{LINK_20_MBIT / 1e6} MB/s (20 Mbit/s) and decode >= {LOOPBACK / 1e6:.0f} MB/s of "
+        "wire (loopback) x ratio, on every data set but the bound:"
+    )
+    for name, saved in gains.items():
+        if name == JPEGLS.name:
+            continue
+        median = float(np.median(saved))
+        why = [f"median {median:+.0%} smaller"] if median < ADOPT_GAIN else []
+        why += [f"too slow to {what} on some data" for what in sorted(slow[name])]
+        print(
+            f"  {name:29} median {median:+4.0%}, best {max(saved):+4.0%}: "
+            + ("adopt" if not why else "no (" + "; ".join(why) + ")")
+        )
+
+
 def main() -> None:
     ct = ct_series(40)
     noise = [random_instance(s) for s in range(10)]
@@ -211,6 +488,7 @@ def main() -> None:
     jls = _measure(ct, wirecodec.encode)[0]
     zs = _measure(ct, wirecodec.encode_plain)[0]
     print(f"CT: JPEG-LS codec sends {jls / zs:.2f}x less than zstd-only, {jls:.2f}x less than raw")
+    lossless_options(int(os.environ.get("BENCH_CODEC_SLICES", "8")))
     offer_times(int(os.environ.get("BENCH_OFFER_SLICES", "200")))
 
 

@@ -355,6 +355,10 @@ def check_declared(wire: WireInstance, size: int) -> None:
         raise Oversized(f"zstd frame declares {declared} bytes, expected {residual}")
     if layout is None:
         return
+    if len(wire.frames) != layout.frames:  # a missing frame would leave pixels unwritten
+        raise CorruptInstance(
+            f"wire instance carries {len(wire.frames)} frames where its layout has {layout.frames}"
+        )
     bits = 16 if layout.precision > 8 else 8
     for i, stream in enumerate(wire.frames):
         rows, columns, components, precision = jpegls_header(stream)
