@@ -23,6 +23,13 @@ it; the hash also travels with the instance so the receiver checks it too. With
 a :class:`PixelCache`, pixel codings verified before (keyed by the hash of the
 pixel bytes and their shape) are reused and only the new residual is checked.
 
+Why JPEG-LS and slice by slice: ``python -m bench codec`` measures the alternatives.
+JPEG-XL lossless saves a median 8% at effort 3 (decoding slower than loopback
+delivers) and 10% at effort 5 (encoding slower than a 20 Mbit/s link drains);
+HTJ2K is larger; coding a slice as its difference to the previous one is larger on
+every noisy series, since the two slices' noise adds up. None reaches the 15% that
+would pay for a second decoder path, let alone for instances that depend on others.
+
 Why one module: The three encodings, their framing and the byte-exact verification are
 one format: a reader checks what a writer of the same module wrote.
 """

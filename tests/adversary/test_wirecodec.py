@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import imagecodecs
 import msgpack
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def test_a_jpegls_frame_of_other_dimensions_than_the_layout_is_refused_before_de
     _, small = _ct_wire(64)
     _, large = _ct_wire(128)
     called: list[bytes] = []
-    monkeypatch.setattr(wirecodec.imagecodecs, "jpegls_decode", called.append)
+    monkeypatch.setattr(imagecodecs, "jpegls_decode", called.append)
     for wire, stream in ((large, small.frames[0]), (small, large.frames[0])):
         with pytest.raises(Oversized, match="JPEG-LS frame 0 declares"):
             wirecodec.decode(dataclasses.replace(wire, frames=(stream,)))

@@ -36,7 +36,7 @@ def _series() -> list[np.ndarray]:
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
 def test_every_compared_method_is_lossless_over_a_series(method: Method) -> None:
     frames = _series()
-    out = code_set(PixelSet("test", "synthetic", frames), method)  # raises if not exact
+    out = code_set(PixelSet("test", "synthetic", frames), method, 0)  # raises if not exact
     assert out.ratio > 0
     # And independently of code_set's own check: decode frame by frame here.
     prev = None
