@@ -19,7 +19,10 @@ event loop keeps receiving, the next instance decodes while the last one is
 fsynced, and at most COMMIT_DEPTH decoded instances are in memory. The receiver's
 memory does not grow with the study.
 
-The sender streams too (:class:`~peer_transport.transfer.prepared.PreparedStudy`).
+The sender streams too (:class:`~peer_transport.transfer.prepared.PreparedStudy`): it
+offers the signed manifest before encoding anything, then encodes in series order
+(``ahead`` at a time, into a sealed spool) while it serves, declaring each encoding as
+it is made; the receiver fetches what is declared.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ from peer_transport.transfer.manifest import Manifest
 from peer_transport.transfer.messages import (
     Cancel,
     Chunk,
+    Declare,
     Finished,
+    Hurry,
     Message,
     OfferAssembler,
     OfferPart,
@@ -82,6 +87,7 @@ REOFFER_AFTER = 2 * DEFAULT_TIMEOUT  # seconds without a request before offering
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 _M_MMAP_THRESHOLD = -3
 COMMIT_DEPTH = 2  # instances between "fully received" and "stored": decoding or storing
+EARLY_DECLARATIONS = 64  # declarations kept that come before the receiver is ready for them
 
 
 class TransferLink(Protocol):
@@ -97,13 +103,17 @@ class InstanceStore(Protocol):
 
 
 class StudySender:
-    """Offers a prepared study and answers the receiver's chunk requests."""
+    """Offers a prepared study, encodes it while it serves, and answers the receiver's
+    chunk requests for the instances declared so far."""
 
     def __init__(self, study: PreparedStudy, link: TransferLink) -> None:
         self.study = study
         self.link = link
-        self.protocol = Sender(study.manifest, study.wire, study.signed)
+        self.protocol = Sender(study.manifest, study.wire, study.signed, study.sign_wires)
+        for declaration in study.declared.values():  # encoded before (from_files)
+            self.protocol.declare(declaration)
         self._inbox: asyncio.Queue[Message] = asyncio.Queue(INBOX_LIMIT)
+        self._wake = asyncio.Event()
 
     @property
     def manifest(self) -> Manifest:
@@ -121,38 +131,84 @@ class StudySender:
         message = from_wire(data)
         with contextlib.suppress(asyncio.QueueFull):  # the receiver asks again on timeout
             self._inbox.put_nowait(message)
+        self._wake.set()
+
+    def _declared(self, index: int) -> None:
+        self.protocol.declare(self.study.declared[index])
+        self._wake.set()
 
     async def _offer(self, parts: Sequence[OfferPart]) -> None:
         for part in parts:
             await self.link.send_control(part.to_wire())
 
+    async def _declare(self, now: float, flush: bool) -> None:
+        for declaration in self.protocol.declarations(now, flush):
+            await self.link.send_control(declaration.to_wire())
+
     async def run(self) -> State:
-        """Offer, then serve requests until the receiver finishes or cancels.
+        """Offer, then encode and serve requests until the receiver finishes or cancels.
 
         A restarted receiver asks for the offer again (ResumeRequest); for one that
-        does not, the offer is repeated while no request comes (a running receiver
-        ignores it).
+        does not, the offer is repeated while no message comes (a running receiver
+        ignores it). A file that cannot be encoded cancels the transfer (the receiver
+        is told why) and its BadInstance is raised.
         """
         loop = asyncio.get_running_loop()
         await self._offer(self.protocol.offer(loop.time()))
-        while self.protocol.machine.state not in (State.COMPLETE, State.CANCELLED):
-            try:
-                async with asyncio.timeout(REOFFER_AFTER):
-                    message = await self._inbox.get()
-            except TimeoutError:
-                await self._offer(self.protocol.offer(loop.time()))
-                continue
-            if isinstance(message, ResumeRequest):
-                await self._offer(self.protocol.resume(message, loop.time()))
-                continue
-            try:
-                chunks = self.protocol.receive(message)
-            except RemoteTransferError as exc:
-                log.warning("ignoring a bad transfer request: %s", exc)
-                continue
-            for chunk in chunks:
-                await self.link.send_bulk(chunk.to_wire())
+        encoder = loop.create_task(self.study.encode(self._declared))
+        encoder.add_done_callback(lambda _t: self._wake.set())
+        heard = loop.time()
+        try:
+            while self.protocol.machine.state not in (State.COMPLETE, State.CANCELLED):
+                self._wake.clear()
+                now = loop.time()
+                if encoder.done() and encoder.exception() is not None:
+                    await self._fail(encoder.exception())
+                await self._declare(now, flush=encoder.done())
+                if not self._inbox.empty():
+                    heard = now
+                    await self._handle(self._inbox.get_nowait(), now)
+                    continue
+                if now - heard >= REOFFER_AFTER:
+                    heard = now
+                    await self._offer(self.protocol.offer(now))
+                    continue
+                wait = REOFFER_AFTER - (now - heard)
+                due = self.protocol.next_declaration_at()
+                if due is not None:
+                    wait = min(wait, max(0.0, due - now))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+        finally:
+            encoder.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await encoder
         return self.protocol.machine.state
+
+    async def _fail(self, error: BaseException | None) -> None:
+        """Encoding failed: tell the receiver why, stop serving, raise."""
+        reason = f"the sender could not encode the study: {error}"
+        with contextlib.suppress(IllegalTransition):
+            self.protocol.machine.fire(Event.CANCEL)
+        await self.link.send_control(Cancel(self.manifest.transfer_id, reason).to_wire())
+        assert error is not None  # noqa: S101 -- called for a failed encoder
+        raise error
+
+    async def _handle(self, message: Message, now: float) -> None:
+        if isinstance(message, ResumeRequest):
+            await self._offer(self.protocol.resume(message, now))
+            return
+        try:
+            chunks = self.protocol.receive(message)
+        except RemoteTransferError as exc:
+            log.warning("ignoring a bad transfer request: %s", exc)
+            return
+        if isinstance(message, Hurry) and self.protocol.hurried is not None:
+            self.study.hurry(self.protocol.hurried)
+            self.protocol.hurried = None
+        for chunk in chunks:
+            await self.link.send_bulk(chunk.to_wire())
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -192,6 +248,8 @@ class StudyReceiver:
         self.timeout = timeout
         self.protocol: Receiver | None = None
         self._offer = OfferAssembler()
+        self._transfer_id: bytes | None = None  # of the offer taken
+        self._early: list[Declare] = []  # its declarations that came before the receiver
         self._manifest: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending: set[asyncio.Task[None]] = set()
         self._over = False  # run() has returned: chunks are no longer spooled
@@ -229,11 +287,33 @@ class StudyReceiver:
         if isinstance(message, OfferPart):
             signed = self._offer.add(message)
             if signed is not None and not self._manifest.done() and self._expected(signed):
+                self._transfer_id = message.transfer_id
                 self._manifest.set_result(signed)
+        elif isinstance(message, Declare):
+            self._on_declare(message)
         elif isinstance(message, Cancel) and self.protocol is not None:
             with contextlib.suppress(IllegalTransition):
                 self.protocol.machine.fire(Event.CANCEL)
             self._wake.set()
+
+    def _on_declare(self, message: Declare) -> None:
+        if message.transfer_id != self._transfer_id:
+            return  # another transfer's on this connection, or before the offer: not ours
+        receiver = self.protocol
+        if receiver is None or not self._started.is_set():
+            if len(self._early) < EARLY_DECLARATIONS:  # past that, hurries recover them
+                self._early.append(message)
+            return
+        try:
+            refused = receiver.declare(message, asyncio.get_running_loop().time())
+        except RemoteTransferError as exc:  # forged, another transfer's, contradicting
+            log.warning("transfer stopped: %s", exc)
+            self._failure = self._failure or exc
+            self._drop(exc)
+        else:
+            for bomb in refused:
+                log.warning("%s", bomb)
+        self._wake.set()
 
     def _expected(self, signed: bytes) -> bool:
         if self.expect_study is None:
@@ -302,6 +382,9 @@ class StudyReceiver:
             raise
         receiver.accept()
         self._started.set()
+        for early in self._early:
+            self._on_declare(early)
+        self._early.clear()
         pending = self._pending
         for index in sorted(receiver.ready):  # fully received before a restart
             self._commit_soon(receiver, index)
@@ -317,6 +400,9 @@ class StudyReceiver:
             self._store_executor.shutdown(wait=False, cancel_futures=True)
             receiver.save_state()
             spool.close()  # the part files kept open for writing
+        if self._failure is None and receiver.failure is not None:
+            self._failure = receiver.failure  # an instance declared over budget
+            self._drop(receiver.failure)
         if self._failure is not None:
             raise self._failure
         if receiver.state is State.COMPLETE:
@@ -488,24 +574,24 @@ async def send_study(
 
     ``prepare`` may rewrite the files first (de-identification for sharing): it
     gets the files one at a time as an iterator and yields them rewritten (it runs
-    in a worker thread). The wire encodings go to a sealed :class:`SenderSpool`
-    under ``spool_dir`` (the system temp directory when None), deleted after.
+    in a worker thread); they are parsed and hashed, not encoded, before the offer.
+    Without it the manifest comes from the store's records alone. The wire encodings
+    are made while the study is served, into a sealed :class:`SenderSpool` under
+    ``spool_dir`` (the system temp directory when None), deleted after.
     """
     rows = source.instances(study_uid)
     if not rows:
         raise LocalTransferError(f"study {study_uid} is not in the store")
-    files: Iterable[bytes] = (source.read_instance(r.sop_instance_uid) for r in rows)
-    if prepare is not None:
-        files = prepare(files)
     spool = SenderSpool(spool_dir)
+    cache = getattr(source, "wire_cache", None)
     try:
-        study = await PreparedStudy.from_source(
-            iter(files),
-            identity,
-            spool,
-            deidentified=prepare is not None,
-            cache=getattr(source, "wire_cache", None),
-        )
+        if prepare is None:
+            study = PreparedStudy.from_store(source, study_uid, identity, spool, cache=cache)
+        else:
+            files = prepare(source.read_instance(r.sop_instance_uid) for r in rows)
+            study = await PreparedStudy.from_source(
+                iter(files), identity, spool, deidentified=True, cache=cache
+            )
         manifest = study.manifest
         sender = StudySender(study, link)
         if on_sender is not None:  # lets a caller watch progress (node.app.transfers)
@@ -518,7 +604,8 @@ async def send_study(
         _detach(link)
         spool.close()
     if audit is not None:
-        SentRecord(manifest, state).write(audit, peer=peer, now=clock())
+        wire_bytes = sum(d.wire_size for d in study.declared.values())
+        SentRecord(manifest, state, wire_bytes).write(audit, peer=peer, now=clock())
     return state
 
 
