@@ -175,7 +175,7 @@ async def test_receiver_crash_mid_transfer_resumes_and_resends_at_most_the_windo
 ) -> None:
     files = ct_series(8, seed=31, size=512)  # about three chunks per instance
     study = await PreparedStudy.from_files(files, Identity.generate())
-    total_chunks = sum(e.chunk_count(study.manifest.chunk_size) for e in study.manifest.entries)
+    total_chunks = sum(d.chunk_count(study.manifest.chunk_size) for d in study.declared.values())
     store = MemoryStore()
     window = 4
     sent = 0
