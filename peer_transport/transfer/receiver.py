@@ -31,7 +31,7 @@ partial parts; one the restarted sender declares differently (its codec changed)
 dropped and fetched again.
 
 A receiver restarted with an unfinished spool does not wait for the sender to offer
-again on its own (after ``runner.REOFFER_AFTER``): it sends a ResumeRequest for the
+again on its own (after ``serving.REOFFER_AFTER``): it sends a ResumeRequest for the
 transfer in its spool as soon as it is connected to the manifest's signer
 (:func:`resume_request`). The sender's own re-offer stays as the fallback.
 
@@ -40,6 +40,10 @@ the queue (and, while it is not declared, :meth:`poll` sends a Hurry for it); th
 follows in series order. A receiver that waits ``timeout`` with nothing declared to
 fetch sends a Hurry for the first undeclared instance: the sender encodes it next, or
 declares it again if its declaration was lost.
+
+Why one module: the parts, the journal, the state file, the declarations and the
+request window are one receiver's state; each check (a chunk's size, a part's extents,
+what may be requested, what a restart keeps) reads several of them at once.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Runs the sans-IO transfer protocol over a link: :class:`StudySender` and
-:class:`StudyReceiver`, and :func:`send_study` / :func:`receive_study` that put a store
-and an audit log at each end.
+"""Runs the sans-IO transfer protocol over a link: :class:`StudyReceiver` (and
+:class:`~peer_transport.transfer.serving.StudySender`, re-exported here), and
+:func:`send_study` / :func:`receive_study` that put a store and an audit log at each end.
 
 The link is anything with ``send_control(bytes)`` and ``send_bulk(bytes)``
 coroutines (:class:`TransferLink`); ``send_bulk`` must wait while the bulk queue
@@ -60,11 +60,8 @@ from peer_transport.transfer.messages import (
     Chunk,
     Declare,
     Finished,
-    Hurry,
-    Message,
     OfferAssembler,
     OfferPart,
-    ResumeRequest,
     from_wire,
 )
 from peer_transport.transfer.prepared import PreparedStudy
@@ -75,140 +72,23 @@ from peer_transport.transfer.receiver import (
     Receiver,
     resume_request,
 )
-from peer_transport.transfer.sender import Sender
+from peer_transport.transfer.serving import StudySender, TransferLink
 from peer_transport.transfer.spool import SenderSpool, Spool
 
 log = logging.getLogger(__name__)
 
-INBOX_LIMIT = 1024  # control messages queued from the link before new ones are dropped
 POLL_INTERVAL = 0.05
 STATE_EVERY = 1.0  # seconds between rewrites of the spool's state file while storing
-REOFFER_AFTER = 2 * DEFAULT_TIMEOUT  # seconds without a request before offering again
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 _M_MMAP_THRESHOLD = -3
 COMMIT_DEPTH = 2  # instances between "fully received" and "stored": decoding or storing
 EARLY_DECLARATIONS = 64  # declarations kept that come before the receiver is ready for them
 
 
-class TransferLink(Protocol):
-    async def send_control(self, data: bytes) -> None: ...
-
-    async def send_bulk(self, data: bytes) -> None: ...
-
-
 class InstanceStore(Protocol):
     def has_hash(self, content_hash: str) -> bool: ...
 
     def add_bytes(self, data: bytes, *, source: str, warm: bool) -> Any: ...
-
-
-class StudySender:
-    """Offers a prepared study, encodes it while it serves, and answers the receiver's
-    chunk requests for the instances declared so far."""
-
-    def __init__(self, study: PreparedStudy, link: TransferLink) -> None:
-        self.study = study
-        self.link = link
-        self.protocol = Sender(study.manifest, study.wire, study.signed, study.sign_wires)
-        for declaration in study.declared.values():  # encoded before (from_files)
-            self.protocol.declare(declaration)
-        self._inbox: asyncio.Queue[Message] = asyncio.Queue(INBOX_LIMIT)
-        self._wake = asyncio.Event()
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.study.manifest
-
-    @property
-    def state(self) -> State:
-        return self.protocol.machine.state
-
-    @property
-    def chunks_sent(self) -> int:
-        return self.protocol.chunks_sent
-
-    def on_control(self, data: bytes) -> None:
-        message = from_wire(data)
-        with contextlib.suppress(asyncio.QueueFull):  # the receiver asks again on timeout
-            self._inbox.put_nowait(message)
-        self._wake.set()
-
-    def _declared(self, index: int) -> None:
-        self.protocol.declare(self.study.declared[index])
-        self._wake.set()
-
-    async def _offer(self, parts: Sequence[OfferPart]) -> None:
-        for part in parts:
-            await self.link.send_control(part.to_wire())
-
-    async def _declare(self, now: float, flush: bool) -> None:
-        for declaration in self.protocol.declarations(now, flush):
-            await self.link.send_control(declaration.to_wire())
-
-    async def run(self) -> State:
-        """Offer, then encode and serve requests until the receiver finishes or cancels.
-
-        A restarted receiver asks for the offer again (ResumeRequest); for one that
-        does not, the offer is repeated while no message comes (a running receiver
-        ignores it). A file that cannot be encoded cancels the transfer (the receiver
-        is told why) and its BadInstance is raised.
-        """
-        loop = asyncio.get_running_loop()
-        await self._offer(self.protocol.offer(loop.time()))
-        encoder = loop.create_task(self.study.encode(self._declared))
-        encoder.add_done_callback(lambda _t: self._wake.set())
-        heard = loop.time()
-        try:
-            while self.protocol.machine.state not in (State.COMPLETE, State.CANCELLED):
-                self._wake.clear()
-                now = loop.time()
-                if encoder.done() and encoder.exception() is not None:
-                    await self._fail(encoder.exception())
-                await self._declare(now, flush=encoder.done())
-                if not self._inbox.empty():
-                    heard = now
-                    await self._handle(self._inbox.get_nowait(), now)
-                    continue
-                if now - heard >= REOFFER_AFTER:
-                    heard = now
-                    await self._offer(self.protocol.offer(now))
-                    continue
-                wait = REOFFER_AFTER - (now - heard)
-                due = self.protocol.next_declaration_at()
-                if due is not None:
-                    wait = min(wait, max(0.0, due - now))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._wake.wait()
-        finally:
-            encoder.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await encoder
-        return self.protocol.machine.state
-
-    async def _fail(self, error: BaseException | None) -> None:
-        """Encoding failed: tell the receiver why, stop serving, raise."""
-        reason = f"the sender could not encode the study: {error}"
-        with contextlib.suppress(IllegalTransition):
-            self.protocol.machine.fire(Event.CANCEL)
-        await self.link.send_control(Cancel(self.manifest.transfer_id, reason).to_wire())
-        assert error is not None  # noqa: S101 -- called for a failed encoder
-        raise error
-
-    async def _handle(self, message: Message, now: float) -> None:
-        if isinstance(message, ResumeRequest):
-            await self._offer(self.protocol.resume(message, now))
-            return
-        try:
-            chunks = self.protocol.receive(message)
-        except RemoteTransferError as exc:
-            log.warning("ignoring a bad transfer request: %s", exc)
-            return
-        if isinstance(message, Hurry) and self.protocol.hurried is not None:
-            self.study.hurry(self.protocol.hurried)
-            self.protocol.hurried = None
-        for chunk in chunks:
-            await self.link.send_bulk(chunk.to_wire())
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -669,3 +549,14 @@ async def receive_study(
                 resent_chunks=receiver.protocol.chunks_rerequested,
                 not_stored=len(receiver.conflicts),
             ).write(audit, peer=peer, now=clock())
+
+
+__all__ = [
+    "InstanceStore",
+    "StudyReceiver",
+    "StudySender",
+    "StudySource",
+    "TransferLink",
+    "receive_study",
+    "send_study",
+]

@@ -18,7 +18,7 @@ from bench import bench_transfer as rtc_link
 from bench.bench_codec import ct_instance, ct_series
 from crypto.identity import Identity
 from node.dicom import wirecodec
-from peer_transport.transfer import runner as transfer_runner
+from peer_transport.transfer import serving as transfer_serving
 from peer_transport.transfer.machine import State
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.progress import Progress
@@ -219,7 +219,7 @@ async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_r
 ) -> None:
     """A receiver that knows its sender asks for the transfer (here the sender never
     offers again on its own); one that does not (an older peer) gets the re-offer."""
-    monkeypatch.setattr(transfer_runner, "REOFFER_AFTER", 3600.0 if asks else 0.2)
+    monkeypatch.setattr(transfer_serving, "REOFFER_AFTER", 3600.0 if asks else 0.2)
     identity = Identity.generate()
     files = ct_series(12, seed=51, size=256)
     study = await PreparedStudy.from_files(files, identity)
