@@ -413,3 +413,49 @@ def test_a_restarted_receiver_drops_a_partial_part_the_sender_now_encodes_otherw
     assert stored[index] == original
     total = sum(chunk_count(len(w), SMALL_CHUNK) for w in changed)
     assert revived.chunks_requested == total  # instance 0 fetched whole, in its new encoding
+
+
+# -- a stored file that cannot be sent, found while streaming ------------------------------
+
+
+async def test_a_file_found_bad_while_encoding_cancels_the_transfer_and_says_why(
+    tmp_path: Path,
+) -> None:
+    from node.dicom.store import Store
+    from peer_transport.transfer.errors import TransferCancelled
+    from peer_transport.transfer.runner import receive_study, send_study
+
+    files = ct_series(4, seed=31, size=64)
+    with Store.open(tmp_path / "store", bytes(range(32))) as store:
+        study_uid = ""
+        for data in files:
+            study_uid = store.add_bytes(data, source="test").study_uid
+        last = store.instances(study_uid)[-1].sop_instance_uid
+        real_read = store.read_instance
+
+        def read_instance(sop_instance_uid: str) -> bytes:
+            data = real_read(sop_instance_uid)
+            return data[:-1000] if sop_instance_uid == last else data  # changed on disk
+
+        store.read_instance = read_instance  # type: ignore[method-assign]
+        a, b = MemoryLink(), MemoryLink()
+        a.peer, b.peer = b, a
+        received = MemoryStore()
+        receiving = asyncio.ensure_future(receive_study(b, received, tmp_path / "in", peer="a"))
+        await asyncio.sleep(0)  # the receiver listens before the offer goes out
+        try:
+            with pytest.raises(wirecodec.BadInstance, match="truncated"):
+                await asyncio.wait_for(
+                    send_study(a, store, study_uid, PEER, peer="b", spool_dir=tmp_path / "out"),
+                    30,
+                )
+            with pytest.raises(TransferCancelled):
+                await asyncio.wait_for(receiving, 30)
+        finally:
+            receiving.cancel()
+            for link in (a, b):
+                if link.pump is not None:
+                    link.pump.cancel()
+    assert last not in {
+        str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID) for d in received.by_hash.values()
+    }

@@ -42,6 +42,7 @@ from peer_transport.transfer.messages import (
 GOLDEN = Path(__file__).parent / "golden"
 TID = bytes(range(16))
 SIGNER = Identity(bytes(range(32)))  # Ed25519 signs deterministically: fixed bytes
+DERIVED_ID = "8d81bd9e63cdd073ec38a821cf473a7c"  # transfer id of the golden manifest
 DECLARED = (
     WireDeclaration(0, 900, bytes(range(32))),
     WireDeclaration(7, 70000, bytes(32)),
@@ -80,9 +81,6 @@ def test_a_manifest_has_its_golden_value_and_content_derived_id() -> None:
     signed = (GOLDEN / "transfer_manifest_signed.bin").read_bytes()
     assert manifest.sign(SIGNER) == signed
     assert Manifest.open(signed) == (SIGNER.public_key, manifest)
-
-
-DERIVED_ID = "8d81bd9e63cdd073ec38a821cf473a7c"
 
 
 def test_a_manifest_of_another_version_is_refused_with_its_version_named() -> None:
