@@ -392,9 +392,13 @@ class _MemoryLink:
 
 def first_slice_cold(slices: int = 200) -> dict[str, float]:
     """Seconds from ``send_study`` of a stored study never encoded (no wire cache) to
-    the receiver holding its first instance, over an in-process link; and, measured in
-    the same run, what the sender took before it could offer when the manifest carried
-    wire sizes: encoding the whole study (``from_store`` + ``encode``)."""
+    the receiver holding its first instance, over an in-process link, sent as stored
+    (``first``) and de-identified (``first_deid``: every file is de-identified and
+    hashed before the offer); and, measured in the same run, what the sender took before
+    it could offer when the manifest carried wire sizes: encoding the whole study
+    (``from_store`` + ``encode``)."""
+    from node.dicom import sharing
+    from node.dicom.deid import PseudonymMap
     from node.dicom.store import Store
     from peer_transport.transfer.runner import receive_study, send_study
 
@@ -415,7 +419,12 @@ def first_slice_cold(slices: int = 200) -> dict[str, float]:
                 spool.close()
             return time.perf_counter() - started
 
-        async def streamed() -> dict[str, float]:
+        async def streamed(deidentify: bool) -> dict[str, float]:
+            prepare = None
+            if deidentify:
+                pseudonyms = PseudonymMap()
+                pseudonyms.burned_in_checked = True  # generated CT: nothing burned in
+                prepare = sharing.deidentifier(pseudonyms, Path(tmp) / "map", os.urandom(32))
             a, b = _MemoryLink(), _MemoryLink()
             a.peer, b.peer = b, a
             sink = CountingStore()
@@ -437,7 +446,13 @@ def first_slice_cold(slices: int = 200) -> dict[str, float]:
             await asyncio.sleep(0)  # the receiver listens before the offer goes out
             started = time.perf_counter()
             await send_study(
-                a, store, study_uid, identity, peer="bench", spool_dir=Path(tmp) / "out"
+                a,
+                store,
+                study_uid,
+                identity,
+                peer="bench",
+                prepare=prepare,
+                spool_dir=Path(tmp) / "out",
             )
             await receiving
             return {
@@ -446,8 +461,9 @@ def first_slice_cold(slices: int = 200) -> dict[str, float]:
             }
 
         # The streamed run first: the page cache is as warm for both, the wire cache cold.
-        result = asyncio.run(streamed())
+        result = asyncio.run(streamed(deidentify=False))
         result["full_encode"] = asyncio.run(full_encode())
+        result["first_deid"] = asyncio.run(streamed(deidentify=True))["first"]
         store.close()
     return result
 
@@ -458,7 +474,8 @@ def _print_first_slice(slices: int = 200) -> None:
         f"first slice after send, cold (CT {slices}x512x512, in-process link): "
         f"{got['first'] * 1000:.0f} ms (goal < 1000 ms); whole study {got['whole']:.1f} s; "
         f"before streamed offers the first byte waited for the whole encode: "
-        f"{got['full_encode']:.1f} s in this run",
+        f"{got['full_encode']:.1f} s in this run; de-identified share: first slice "
+        f"{got['first_deid'] * 1000:.0f} ms (every file de-identified and hashed first)",
         flush=True,
     )
 
