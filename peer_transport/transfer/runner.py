@@ -82,7 +82,10 @@ STATE_EVERY = 1.0  # seconds between rewrites of the spool's state file while st
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 _M_MMAP_THRESHOLD = -3
 COMMIT_DEPTH = 2  # instances between "fully received" and "stored": decoding or storing
-EARLY_DECLARATIONS = 64  # declarations kept that come before the receiver is ready for them
+# Bytes of wire declarations kept that come between the offer and the receiver's start
+# (all of a 100,000-instance study declared at once is about 5 MiB); past it, dropped
+# ones are recovered by hurries.
+EARLY_DECLARATIONS = 8 << 20
 
 
 class InstanceStore(Protocol):
@@ -130,6 +133,7 @@ class StudyReceiver:
         self._offer = OfferAssembler()
         self._transfer_id: bytes | None = None  # of the offer taken
         self._early: list[Declare] = []  # its declarations that came before the receiver
+        self._early_bytes = 0
         self._manifest: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending: set[asyncio.Task[None]] = set()
         self._over = False  # run() has returned: chunks are no longer spooled
@@ -181,8 +185,9 @@ class StudyReceiver:
             return  # another transfer's on this connection, or before the offer: not ours
         receiver = self.protocol
         if receiver is None or not self._started.is_set():
-            if len(self._early) < EARLY_DECLARATIONS:  # past that, hurries recover them
+            if self._early_bytes + len(message.data) <= EARLY_DECLARATIONS:
                 self._early.append(message)
+                self._early_bytes += len(message.data)
             return
         try:
             refused = receiver.declare(message, asyncio.get_running_loop().time())
