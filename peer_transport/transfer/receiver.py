@@ -69,7 +69,13 @@ from peer_transport.transfer.errors import (
 )
 from peer_transport.transfer.instance import decode_part
 from peer_transport.transfer.machine import TERMINAL, Event, Machine, State
-from peer_transport.transfer.manifest import Manifest, WireDeclaration, open_wires, wire_digest
+from peer_transport.transfer.manifest import (
+    Manifest,
+    WireDeclaration,
+    open_wires,
+    wire_digest,
+    within_budget,
+)
 from peer_transport.transfer.messages import (
     MAX_MANIFEST_SIZE,
     MAX_SEQS_PER_REQUEST,
@@ -198,7 +204,9 @@ class Receiver:
             if signer != self.sender_key or transfer_id != self.manifest.transfer_id:
                 continue
             for d in declarations:
-                if d.index < len(self.manifest.entries):
+                if d.index < len(self.manifest.entries) and within_budget(
+                    self.manifest.entries[d.index].size, d.wire_size
+                ):
                     self.wires[d.index] = d
 
     def _restore_part(self, index: int, claimed: dict[int, bytes]) -> None:
