@@ -422,6 +422,8 @@ class Receiver:
                     active.outstanding[s] = now
                 self.chunks_rerequested += len(stale)
                 requests.append(Request(self.manifest.transfer_id, partial_index, tuple(stale)))
+        # Parts restored after a restart wait for their new declaration without a slot.
+        busy = sum(1 for i in self._partials if self._fetchable(i))
         for index in self._order():
             if budget <= 0:
                 break
@@ -429,10 +431,11 @@ class Receiver:
                 continue
             partial = self._partials.get(index)
             if partial is None:
-                if len(self._partials) >= MAX_ACTIVE_INSTANCES and index not in self._priority:
+                if busy >= MAX_ACTIVE_INSTANCES and index not in self._priority:
                     continue
                 partial = _Partial(self.wires[index].chunk_count(self.manifest.chunk_size))
                 self._partials[index] = partial
+                busy += 1
             wanted = [
                 s
                 for s in range(partial.count)
