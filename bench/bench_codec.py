@@ -184,7 +184,10 @@ def _offer_time(files: list[bytes], cache: wirecodec.PixelCache | None) -> float
         spool = SenderSpool()
         try:
             started = time.perf_counter()
-            await PreparedStudy.from_source(iter(files), Identity.generate(), spool, cache=cache)
+            study = await PreparedStudy.from_source(
+                iter(files), Identity.generate(), spool, cache=cache
+            )
+            await study.encode()  # the whole study, as a sender ends up doing
             return time.perf_counter() - started
         finally:
             spool.close()

@@ -257,7 +257,7 @@ async def _send_prepared(conn: PeerConnection, study: PreparedStudy) -> Result:
     sender = StudySender(study, link)
     link.attach(sender.on_control, lambda _data: None)
     state = await sender.run()
-    return {"state": state.value, "wire_bytes": sum(e.wire_size for e in study.manifest.entries)}
+    return {"state": state.value, "wire_bytes": sum(d.wire_size for d in study.declared.values())}
 
 
 async def _raw_send(conn: PeerConnection) -> Result:

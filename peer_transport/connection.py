@@ -742,7 +742,8 @@ class _TransferMux:
     A link is bound to a transfer id when it sends that transfer's offer (a sender)
     or its first chunk request (a receiver). Incoming messages go to the link bound
     to their id; an offer for an id no link holds goes to every link not bound yet
-    (receivers waiting for their offer: each takes only the study it expects); other
+    (receivers waiting for their offer: each takes only the study it expects), and so
+    does a wire declaration (it may come before the receiver's first request); other
     messages for unknown ids are dropped (a finished or cancelled transfer's tail).
     """
 
@@ -761,7 +762,7 @@ class _TransferMux:
 
     def sending(self, link: ChannelLink, data: bytes) -> None:
         kind, transfer_id = tr.peek(data)
-        if kind in ("offer", "req"):
+        if kind in ("offer", "req", "hurry"):
             self.bound[transfer_id] = link
 
     def remove(self, link: ChannelLink) -> None:
@@ -775,7 +776,7 @@ class _TransferMux:
         link = self.bound.get(transfer_id)
         if link is not None:
             return [link]
-        if kind == "offer":
+        if kind in ("offer", "wire"):  # a receiver is bound by its first request, later
             held = set(map(id, self.bound.values()))
             return [candidate for candidate in self.links if id(candidate) not in held]
         return []

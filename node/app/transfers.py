@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -28,7 +28,7 @@ from node.core.errors import NodeError
 from peer_transport.errors import TransportError
 from peer_transport.transfer.errors import IllegalTransition
 from peer_transport.transfer.machine import State
-from peer_transport.transfer.manifest import Manifest
+from peer_transport.transfer.manifest import Manifest, WireDeclaration
 from peer_transport.transfer.progress import Progress
 from peer_transport.transfer.runner import StudyReceiver, StudySender
 
@@ -133,7 +133,8 @@ class Transfer:
         if received is not None:
             return received
         if self.sender is not None and manifest is not None:
-            return _sent(manifest, self.sender.chunks_sent, now - self.started)
+            declared = self.sender.protocol.declared
+            return _sent(manifest, declared, self.sender.chunks_sent, now - self.started)
         return self.progress or Progress(0, 0, 0, 0, 0.0, None)
 
     def finish(self, state: State, now: float, error: str = "") -> None:
@@ -142,12 +143,16 @@ class Transfer:
         self.receiver = self.sender = None
 
 
-def _sent(manifest: Manifest, chunks_sent: int, elapsed: float) -> Progress:
+def _sent(
+    manifest: Manifest, declared: Mapping[int, WireDeclaration], chunks_sent: int, elapsed: float
+) -> Progress:
     """Sender-side estimate: instances whose chunks were all sent, in manifest order."""
     budget = chunks_sent
     done_bytes = done = 0
-    for entry in manifest.entries:
-        count = entry.chunk_count(manifest.chunk_size)
+    for index, entry in enumerate(manifest.entries):
+        if index not in declared:
+            break
+        count = declared[index].chunk_count(manifest.chunk_size)
         if budget < count:
             break
         budget -= count

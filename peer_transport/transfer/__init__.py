@@ -11,7 +11,8 @@ One idea per module, from the bytes up:
 - :mod:`.spool` the sealed on-disk spools (receiver's resumable, sender's throwaway);
 - :mod:`.progress` the numbers a person reads;
 - :mod:`.sender` / :mod:`.receiver` the two sans-IO protocol ends;
-- :mod:`.prepared` a study described, encoded and signed for, ready to send;
+- :mod:`.prepared` a study signed for, then encoded while it is sent;
+- :mod:`.serving` the sending end run over a link (offer, encode, declare, serve);
 - :mod:`.audit` the typed audit sink and the two records written;
 - :mod:`.runner` both ends run over a link, with a store and an audit log.
 
@@ -37,14 +38,21 @@ from peer_transport.transfer.machine import TABLE, TRANSITIONS, Event, Machine, 
 from peer_transport.transfer.manifest import (
     EXPANSION_FLOOR,
     MANIFEST_TYPE,
+    MANIFEST_VERSION,
+    MAX_DECLARATIONS,
     MAX_EXPANSION,
     MAX_INSTANCE_SIZE,
     MAX_INSTANCES,
     MAX_STUDY_SIZE,
     WIRE_SLACK,
+    WIRE_TYPE,
     Manifest,
     ManifestEntry,
+    WireDeclaration,
     build_manifest,
+    open_wires,
+    sign_wires,
+    wire_digest,
     within_budget,
 )
 from peer_transport.transfer.messages import (
@@ -58,7 +66,9 @@ from peer_transport.transfer.messages import (
     TRANSFER_ID_SIZE,
     Cancel,
     Chunk,
+    Declare,
     Finished,
+    Hurry,
     Message,
     OfferAssembler,
     OfferPart,
@@ -94,9 +104,11 @@ __all__ = [
     "JOURNAL_FILE",
     "MANIFEST_FILE",
     "MANIFEST_TYPE",
+    "MANIFEST_VERSION",
     "MAX_ACTIVE_INSTANCES",
     "MAX_CHUNK_MESSAGE",
     "MAX_CONTROL_MESSAGE",
+    "MAX_DECLARATIONS",
     "MAX_EXPANSION",
     "MAX_INSTANCES",
     "MAX_INSTANCE_ATTEMPTS",
@@ -113,12 +125,15 @@ __all__ = [
     "TRANSFER_ID_SIZE",
     "TRANSITIONS",
     "WIRE_SLACK",
+    "WIRE_TYPE",
     "Cancel",
     "Chunk",
     "ChunkRejected",
+    "Declare",
     "DecompressionBomb",
     "Event",
     "Finished",
+    "Hurry",
     "IllegalTransition",
     "InstanceRejected",
     "LocalTransferError",
@@ -141,15 +156,19 @@ __all__ = [
     "State",
     "TransferCancelled",
     "TransferError",
+    "WireDeclaration",
     "build_manifest",
     "chunk_digest",
     "decode_part",
     "describe_instance",
     "from_wire",
     "offer_parts",
+    "open_wires",
     "peek",
     "prepare_instance",
     "resume_request",
+    "sign_wires",
     "to_wire",
+    "wire_digest",
     "within_budget",
 ]

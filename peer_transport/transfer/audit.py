@@ -40,6 +40,7 @@ class SentRecord:
 
     manifest: Manifest
     outcome: State
+    wire_bytes: int  # of the instances encoded (declared) before it ended
 
     def write(self, audit: AuditSink, *, peer: str, now: float) -> None:
         manifest = self.manifest
@@ -51,7 +52,7 @@ class SentRecord:
             details={
                 "instances": len(manifest.entries),
                 "bytes": manifest.total_size,
-                "wire_bytes": sum(e.wire_size for e in manifest.entries),
+                "wire_bytes": self.wire_bytes,
                 "outcome": self.outcome.value,
                 "deidentified": manifest.deidentified,
             },

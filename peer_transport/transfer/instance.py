@@ -9,12 +9,19 @@ the manifest names).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from node.core.ids import is_dicom_uid
 from node.dicom import wirecodec
 from peer_transport.transfer.errors import DecompressionBomb, ManifestMismatch
-from peer_transport.transfer.manifest import MAX_INSTANCE_SIZE, ManifestEntry, within_budget
+from peer_transport.transfer.manifest import (
+    MAX_INSTANCE_SIZE,
+    ManifestEntry,
+    WireDeclaration,
+    wire_digest,
+    within_budget,
+)
 
 
 def describe_instance(data: bytes) -> tuple[str, str, str, int, int, str]:
@@ -49,10 +56,9 @@ def _describe(ds: Any, data: bytes) -> tuple[str, str, str, int, int, str]:
     return study, series, sop, series_number, instance_number, wirecodec.transfer_syntax(ds)
 
 
-def prepare_instance(
-    data: bytes, cache: wirecodec.PixelCache | None = None
-) -> tuple[ManifestEntry, str, bytes]:
-    """Describe and encode one file: (manifest entry, study UID, wire bytes)."""
+def describe_entry(data: bytes) -> tuple[ManifestEntry, str]:
+    """(manifest entry, study UID) of a file about to be offered: parsed and hashed, not
+    encoded. Raises BadInstance for what a receiver would refuse."""
     study, series, sop, series_number, instance_number, syntax = describe_instance(data)
     if len(data) > MAX_INSTANCE_SIZE:
         raise wirecodec.BadInstance(
@@ -63,21 +69,48 @@ def prepare_instance(
             f"instance {sop[:64]!r} has a malformed study, series or instance UID; "
             "a receiver refuses it"
         )
+    digest = hashlib.sha256(data).digest()
+    entry = ManifestEntry(sop, series, series_number, instance_number, syntax, len(data), digest)
+    return entry, study
+
+
+def encode_instance(
+    data: bytes, entry: ManifestEntry, study_uid: str, cache: wirecodec.PixelCache | None = None
+) -> tuple[bytes, WireDeclaration]:
+    """The wire encoding of a file offered as ``entry`` (its declaration's index is 0: the
+    caller places it). Raises BadInstance when the file is not what was offered (changed
+    since, truncated) or cannot be sent."""
+    study, series, sop = describe_instance(data)[:3]
+    if (study, series, sop) != (study_uid, entry.series_instance_uid, entry.sop_instance_uid):
+        raise wirecodec.BadInstance(
+            f"instance {entry.sop_instance_uid} changed since it was offered (its UIDs differ)"
+        )
     encoded = wirecodec.encode(data, cache)  # its sha256 is the file's: not hashed twice
+    if encoded.sha256 != entry.sha256 or len(data) != entry.size:
+        raise wirecodec.BadInstance(
+            f"instance {entry.sop_instance_uid} changed since it was offered (its hash differs)"
+        )
     wire = encoded.to_wire()
     if not within_budget(len(data), len(wire)):  # compresses beyond belief, or grew: as is
         encoded = wirecodec.WireInstance(
             wirecodec.Encoding.RAW, len(data), encoded.sha256, bytes(data)
         )
         wire = encoded.to_wire()
-    entry = ManifestEntry(
-        sop, series, series_number, instance_number, syntax, len(data), encoded.sha256, len(wire)
-    )
+    return wire, WireDeclaration(0, len(wire), wire_digest(wire))
+
+
+def prepare_instance(
+    data: bytes, cache: wirecodec.PixelCache | None = None
+) -> tuple[ManifestEntry, str, bytes]:
+    """Describe and encode one file: (manifest entry, study UID, wire bytes)."""
+    entry, study = describe_entry(data)
+    wire, _ = encode_instance(data, entry, study, cache)
     return entry, study, wire
 
 
-def decode_part(part: bytes, entry: ManifestEntry, study_uid: str) -> bytes:
-    """The original file of a received wire encoding, checked against its manifest entry.
+def decode_part(part: bytes, entry: ManifestEntry, study_uid: str, wire_size: int) -> bytes:
+    """The original file of a received wire encoding (declared as ``wire_size`` bytes),
+    checked against its manifest entry.
 
     Every size the encoding declares is checked against the entry before anything is
     decoded (:class:`DecompressionBomb`); the decoded file must have the entry's hash
@@ -86,7 +119,7 @@ def decode_part(part: bytes, entry: ManifestEntry, study_uid: str) -> bytes:
     damage, and fetching it again would not help). Damage raises
     :class:`node.dicom.wirecodec.WireCodecError`.
     """
-    wire = wirecodec.WireInstance.from_wire(part, entry.wire_size)
+    wire = wirecodec.WireInstance.from_wire(part, wire_size)
     if wire.sha256 != entry.sha256:
         raise wirecodec.CorruptInstance("its hash differs from the manifest")
     try:

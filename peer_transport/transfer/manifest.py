@@ -1,17 +1,25 @@
-"""The signed study manifest, and the receiver's budgets it is held to when opened.
+"""The signed study manifest and wire declarations, and the receiver's budgets they
+are held to.
 
-The sender offers a study as a signed manifest ("study-manifest"): every instance
-with its UIDs, original size and SHA-256, transfer syntax, place in its series and
-the size of its wire encoding (:mod:`node.dicom.wirecodec`). The receiver holds it to
-:data:`MAX_INSTANCE_SIZE`, :data:`MAX_STUDY_SIZE` and :data:`MAX_EXPANSION`, and its
-UIDs to the DICOM grammar, before anything is fetched or decoded.
+The sender offers a study as a signed manifest ("study-manifest", envelope version
+:data:`MANIFEST_VERSION`): every instance with its UIDs, original size and SHA-256,
+transfer syntax and place in its series. It carries no wire sizes, so a sender signs
+it from its store's records before encoding anything. The receiver holds it to
+:data:`MAX_INSTANCE_SIZE` and :data:`MAX_STUDY_SIZE`, and its UIDs to the DICOM
+grammar, when it is opened.
+
+As instances are encoded, the sender declares their wire encodings in signed
+"study-wire" envelopes (:class:`WireDeclaration`, at most :data:`MAX_DECLARATIONS`
+per envelope): index, wire size and BLAKE2b-256 of the wire bytes. The expansion
+budget (:func:`within_budget`) is checked per declaration, before any chunk of that
+instance is requested.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +31,20 @@ from crypto.identity import Identity
 from node.core.ids import is_dicom_uid
 from node.dicom import wirecodec
 from peer_transport.transfer.errors import DecompressionBomb, MalformedMessage
-from peer_transport.transfer.messages import CHUNK_SIZE, MAX_MANIFEST_SIZE, TRANSFER_ID_SIZE
+from peer_transport.transfer.messages import (
+    CHUNK_SIZE,
+    MAX_CONTROL_MESSAGE,
+    MAX_MANIFEST_SIZE,
+    TRANSFER_ID_SIZE,
+)
 
 MANIFEST_TYPE = "study-manifest"
+# The signed envelope's version: a node that speaks another version of the manifest
+# refuses it with "'study-manifest' version 2 is not supported (need 1)".
+MANIFEST_VERSION = 2
+WIRE_TYPE = "study-wire"
+MAX_DECLARATIONS = 64  # wire declarations per signed envelope: one control message
+WIRE_DIGEST_SIZE = 32
 MAX_INSTANCES = 100_000
 # Receiver budgets, checked when the signed manifest is opened, before anything is fetched
 # or decoded. A decoded instance is held in memory (about three times, while it is
@@ -61,7 +80,6 @@ class ManifestEntry:
     transfer_syntax: str
     size: int
     sha256: bytes
-    wire_size: int
 
     def to_value(self) -> list[Any]:
         return [
@@ -72,12 +90,11 @@ class ManifestEntry:
             self.transfer_syntax,
             self.size,
             self.sha256,
-            self.wire_size,
         ]
 
     @classmethod
     def from_value(cls, raw: Any) -> ManifestEntry:
-        types = (str, str, int, int, str, int, bytes, int)
+        types = (str, str, int, int, str, int, bytes)
         if not (
             isinstance(raw, list)
             and len(raw) == len(types)
@@ -85,11 +102,7 @@ class ManifestEntry:
         ):
             raise MalformedMessage("manifest entry has the wrong fields")
         entry = cls(*raw)
-        if (
-            len(entry.sha256) != 32
-            or not 0 <= entry.size <= wirecodec.MAX_WIRE_SIZE
-            or not 0 < entry.wire_size <= wirecodec.MAX_WIRE_SIZE
-        ):
+        if len(entry.sha256) != 32 or not 0 <= entry.size <= wirecodec.MAX_WIRE_SIZE:
             raise MalformedMessage("manifest entry has out-of-range values")
         if not (
             is_dicom_uid(entry.sop_instance_uid)
@@ -99,17 +112,98 @@ class ManifestEntry:
             raise MalformedMessage(
                 "manifest entry has a malformed UID (a DICOM UID is digits and dots, at most 64)"
             )
-        if not within_budget(entry.size, entry.wire_size):
+        if entry.size > MAX_INSTANCE_SIZE:
             raise DecompressionBomb(
-                f"manifest declares instance {entry.sop_instance_uid} as {entry.size} bytes "
-                f"from {entry.wire_size} on the wire: outside this node's limits of "
-                f"{MAX_INSTANCE_SIZE} bytes per instance, {MAX_EXPANSION}x expansion and "
-                "a wire encoding about the size of the file"
+                f"manifest declares instance {entry.sop_instance_uid} as {entry.size} bytes: "
+                f"over this node's limit of {MAX_INSTANCE_SIZE} bytes per instance"
             )
         return entry
 
+
+def chunk_count(wire_size: int, chunk_size: int) -> int:
+    """Chunks of ``chunk_size`` bytes in a wire encoding of ``wire_size`` bytes."""
+    return math.ceil(wire_size / chunk_size)
+
+
+def wire_digest(wire: bytes) -> bytes:
+    """BLAKE2b-256 of a wire encoding, as declared in "study-wire"."""
+    return hashlib.blake2b(wire, digest_size=WIRE_DIGEST_SIZE).digest()
+
+
+@dataclass(frozen=True)
+class WireDeclaration:
+    """The sender's signed word on one instance's wire encoding."""
+
+    index: int
+    wire_size: int
+    digest: bytes
+
+    def to_value(self) -> list[Any]:
+        return [self.index, self.wire_size, self.digest]
+
+    @classmethod
+    def from_value(cls, raw: Any) -> WireDeclaration:
+        if not (
+            isinstance(raw, list)
+            and len(raw) == 3
+            and type(raw[0]) is int
+            and type(raw[1]) is int
+            and isinstance(raw[2], bytes)
+        ):
+            raise MalformedMessage("wire declaration has the wrong fields")
+        declaration = cls(*raw)
+        if not (
+            0 <= declaration.index < MAX_INSTANCES
+            and 0 < declaration.wire_size <= wirecodec.MAX_WIRE_SIZE
+            and len(declaration.digest) == WIRE_DIGEST_SIZE
+        ):
+            raise MalformedMessage("wire declaration has out-of-range values")
+        return declaration
+
     def chunk_count(self, chunk_size: int) -> int:
-        return math.ceil(self.wire_size / chunk_size)
+        return chunk_count(self.wire_size, chunk_size)
+
+    def check_budget(self, entry: ManifestEntry) -> None:
+        """Raise :class:`DecompressionBomb` when this encoding of ``entry`` would expand
+        past the receiver's limits (or is padded far beyond its file)."""
+        if not within_budget(entry.size, self.wire_size):
+            raise DecompressionBomb(
+                f"the sender declares instance {entry.sop_instance_uid} as {entry.size} bytes "
+                f"from {self.wire_size} on the wire: outside this node's limits of "
+                f"{MAX_INSTANCE_SIZE} bytes per instance, {MAX_EXPANSION}x expansion and "
+                "a wire encoding about the size of the file; refused before any of it was fetched"
+            )
+
+
+def sign_wires(
+    identity: Identity, transfer_id: bytes, declarations: Sequence[WireDeclaration]
+) -> bytes:
+    """A signed "study-wire" envelope for at most :data:`MAX_DECLARATIONS` instances."""
+    if not 0 < len(declarations) <= MAX_DECLARATIONS:
+        raise ValueError(f"a wire declaration holds 1 to {MAX_DECLARATIONS} instances")
+    value = {"id": transfer_id, "wires": [d.to_value() for d in declarations]}
+    return SignedEnvelope.create(identity, WIRE_TYPE, value).to_wire()
+
+
+def open_wires(data: bytes) -> tuple[bytes, bytes, tuple[WireDeclaration, ...]]:
+    """Verify a signed "study-wire" envelope; return (signer, transfer id, declarations).
+    Raises MalformedMessage."""
+    try:
+        envelope = SignedEnvelope.from_wire(data, MAX_CONTROL_MESSAGE)
+        value = envelope.verify(WIRE_TYPE)
+    except CryptoError as exc:
+        raise MalformedMessage(f"wire declaration refused: {exc}") from exc
+    if not (
+        isinstance(value, dict)
+        and set(value) == {"id", "wires"}
+        and isinstance(value["id"], bytes)
+        and len(value["id"]) == TRANSFER_ID_SIZE
+        and isinstance(value["wires"], list)
+        and 0 < len(value["wires"]) <= MAX_DECLARATIONS
+    ):
+        raise MalformedMessage("wire declaration has the wrong fields")
+    declarations = tuple(WireDeclaration.from_value(w) for w in value["wires"])
+    return envelope.signer, value["id"], declarations
 
 
 @dataclass(frozen=True)
@@ -160,14 +254,16 @@ class Manifest:
         return cls(tid, study, parsed, chunk, deid)
 
     def sign(self, identity: Identity) -> bytes:
-        return SignedEnvelope.create(identity, MANIFEST_TYPE, self.to_value()).to_wire()
+        return SignedEnvelope.create(
+            identity, MANIFEST_TYPE, self.to_value(), MANIFEST_VERSION
+        ).to_wire()
 
     @classmethod
     def open(cls, data: bytes) -> tuple[bytes, Manifest]:
         """Verify a signed manifest; return (signer public key, manifest)."""
         try:
             envelope = SignedEnvelope.from_wire(data, MAX_MANIFEST_SIZE)
-            value = envelope.verify(MANIFEST_TYPE)
+            value = envelope.verify(MANIFEST_TYPE, MANIFEST_VERSION)
         except CryptoError as exc:
             raise MalformedMessage(f"study manifest refused: {exc}") from exc
         return envelope.signer, cls.from_value(value)
@@ -186,9 +282,9 @@ def build_manifest(
 ) -> Manifest:
     """A manifest in series order (series number, series UID, instance number).
 
-    The transfer id is derived from the content unless given: a sender restarted
-    with the same study offers the same id, so a receiver resumes instead of
-    starting over.
+    The transfer id is derived from the content unless given (the entries: no wire
+    sizes): a sender restarted with the same study offers the same id whatever its
+    codec produces this time, so a receiver resumes instead of starting over.
     """
     ordered = sorted(
         entries, key=lambda e: (e.series_number, e.series_instance_uid, e.instance_number)

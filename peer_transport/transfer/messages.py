@@ -6,9 +6,9 @@ bytes). As in :mod:`peer_transport.frames`, the size cap is checked before msgpa
 a byte and every field's type after, so a peer can only ever cause
 :class:`~peer_transport.transfer.errors.MalformedMessage`.
 
-Requests, cancel, finished, offer parts and resume requests travel on the control
-channel; chunks on the bulk channel. :func:`peek` reads the kind and transfer id alone
-(enough to route a chunk without decoding its data).
+Requests, cancel, finished, offer parts, wire declarations, hurries and resume
+requests travel on the control channel; chunks on the bulk channel. :func:`peek` reads
+the kind and transfer id alone (enough to route a chunk without decoding its data).
 """
 
 from __future__ import annotations
@@ -165,9 +165,47 @@ class ResumeRequest(_Message):
     KIND: ClassVar[str] = "resume"
 
 
-Message = Request | Chunk | Cancel | Finished | OfferPart | ResumeRequest
+@dataclass(frozen=True)
+class Declare(_Message):
+    """Sender -> receiver: a signed "study-wire" envelope declaring the wire encodings of
+    instances just encoded (:func:`peer_transport.transfer.manifest.open_wires`)."""
+
+    KIND: ClassVar[str] = "wire"
+    data: bytes
+
+    def _fields(self) -> list[Any]:
+        return [self.data]
+
+    @classmethod
+    def _parse(cls, transfer_id: bytes, fields: list[Any]) -> Self | None:
+        if not (len(fields) == 1 and isinstance(fields[0], bytes)):
+            return None
+        if len(fields[0]) > MAX_CONTROL_MESSAGE:
+            raise MalformedMessage("wire declaration is over the control message limit")
+        return cls(transfer_id, fields[0])
+
+
+@dataclass(frozen=True)
+class Hurry(_Message):
+    """Receiver -> sender: encode (or declare again) this instance next; the viewer
+    waits for it, or its declaration never came."""
+
+    KIND: ClassVar[str] = "hurry"
+    index: int
+
+    def _fields(self) -> list[Any]:
+        return [self.index]
+
+    @classmethod
+    def _parse(cls, transfer_id: bytes, fields: list[Any]) -> Self | None:
+        if not (len(fields) == 1 and _ints(fields)):
+            return None
+        return cls(transfer_id, fields[0])
+
+
+Message = Request | Chunk | Cancel | Finished | OfferPart | ResumeRequest | Declare | Hurry
 _BY_KIND: dict[str, type[Message]] = {
-    t.KIND: t for t in (Request, Chunk, Cancel, Finished, OfferPart, ResumeRequest)
+    t.KIND: t for t in (Request, Chunk, Cancel, Finished, OfferPart, ResumeRequest, Declare, Hurry)
 }
 
 

@@ -2,14 +2,18 @@
 passed in.
 
 The receiver *pulls*: it skips instances it already has (same hash), then requests
-chunks of the wire encodings, at most ``window`` chunks outstanding (the window is
+chunks of the wire encodings the sender has declared (:meth:`Receiver.declare`: signed
+by the manifest's signer, for this transfer, each within the expansion budget, never
+contradicting an earlier one), at most ``window`` chunks outstanding (the window is
 the credit; a request is the application-level ack of what came before it). Every
 chunk carries its own BLAKE2b hash; a damaged chunk is rejected and requested again,
 never written. A chunk nobody asked for, or one that does not fit the declared size,
 is rejected. When all chunks of an instance are verified the runner asks the receiver
-to assemble it (:func:`~peer_transport.transfer.instance.decode_part`: sizes checked
-before anything is allocated, then hash and UIDs against the manifest), and only then
-hands it to the store.
+to assemble it (the declared BLAKE2b-256 of the whole encoding first, then
+:func:`~peer_transport.transfer.instance.decode_part`: sizes checked before anything
+is allocated, then hash and UIDs against the manifest), and only then hands it to the
+store. A declaration over budget refuses that instance before any of it is requested;
+the others still come, and the transfer then fails with the refusal.
 
 What the receiver has verified lives in a :class:`~peer_transport.transfer.spool.Spool`
 directory, sealed at rest (it may hold an identified study): part files, a state file
@@ -21,15 +25,25 @@ on purpose: after a restart a journalled chunk counts only if its receipt still 
 the bytes in the part file, so a kill -9 or a power cut costs at most the chunks in
 flight or lost with the page cache, never a wrong byte. An instance becomes visible
 only through the store's own atomic, fsynced commit (``node.dicom.store.Store.add_bytes``),
-which happens before the state file calls it done.
+which happens before the state file calls it done. The wire declarations are kept
+too (sealed records in ``wires``), so a restarted receiver knows the sizes of its
+partial parts; one the restarted sender declares differently (its codec changed) is
+dropped and fetched again.
 
 A receiver restarted with an unfinished spool does not wait for the sender to offer
-again on its own (after ``runner.REOFFER_AFTER``): it sends a ResumeRequest for the
+again on its own (after ``serving.REOFFER_AFTER``): it sends a ResumeRequest for the
 transfer in its spool as soon as it is connected to the manifest's signer
 (:func:`resume_request`). The sender's own re-offer stays as the fallback.
 
 Priority: :meth:`Receiver.prioritise` puts an instance (the slice on screen) ahead of
-the queue; the rest follows in series order.
+the queue (and, while it is not declared, :meth:`poll` sends a Hurry for it); the rest
+follows in series order. A receiver that waits ``timeout`` with nothing declared to
+fetch sends a Hurry for the first undeclared instance: the sender encodes it next, or
+declares it again if its declaration was lost.
+
+Why one module: the parts, the journal, the state file, the declarations and the
+request window are one receiver's state; each check (a chunk's size, a part's extents,
+what may be requested, what a restart keeps) reads several of them at once.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ from crypto.errors import CryptoError
 from node.dicom import wirecodec
 from peer_transport.transfer.errors import (
     ChunkRejected,
+    DecompressionBomb,
     InstanceRejected,
     LocalTransferError,
     MalformedMessage,
@@ -54,13 +69,21 @@ from peer_transport.transfer.errors import (
 )
 from peer_transport.transfer.instance import decode_part
 from peer_transport.transfer.machine import TERMINAL, Event, Machine, State
-from peer_transport.transfer.manifest import Manifest
+from peer_transport.transfer.manifest import (
+    Manifest,
+    WireDeclaration,
+    open_wires,
+    wire_digest,
+    within_budget,
+)
 from peer_transport.transfer.messages import (
     MAX_MANIFEST_SIZE,
     MAX_SEQS_PER_REQUEST,
     Cancel,
     Chunk,
+    Declare,
     Finished,
+    Hurry,
     Request,
     ResumeRequest,
     chunk_digest,
@@ -85,6 +108,7 @@ STATE_FILE = "state"
 JOURNAL_FILE = "journal"  # (index, seq, receipt) of each chunk written to an unfinished part
 _JOURNAL_RECORD = struct.Struct(f"<II{RECEIPT_SIZE}s")  # (index, seq, receipt)
 MANIFEST_FILE = "manifest"
+WIRES_FILE = "wires"  # the wire declarations taken, sealed records (signed envelopes)
 
 
 class Receiver:
@@ -116,6 +140,16 @@ class Receiver:
         self._attempts: dict[int, int] = {}
         self._priority: list[int] = []
         self._first = 0  # every instance before this one is done
+        # The encodings fetched and checked against: this run's declarations, or for a
+        # part received before a restart, the declaration it was received under.
+        self.wires: dict[int, WireDeclaration] = {}
+        self._session: dict[int, WireDeclaration] = {}  # declared since this receiver began
+        self.refused: dict[int, DecompressionBomb] = {}  # declared over budget: never fetched
+        self.failure: RemoteTransferError | None = None  # why it failed, when it did here
+        self.parts_redeclared = 0  # partial parts dropped: the sender encodes them otherwise
+        self._hurried: int | None = None
+        self._hurry_at = float("-inf")
+        self._news_at: float | None = None  # last declaration or chunk
         self.chunks_received = 0
         self.chunks_requested = 0
         self.chunks_rerequested = 0
@@ -141,24 +175,44 @@ class Receiver:
                 raise ValueError("state of another transfer")
             total = len(self.manifest.entries)
             self.done = {i for i in state["done"] if 0 <= i < total}
+            self._restore_wires()
             journal = self.spool.load_clear(JOURNAL_FILE) or b""
             usable = len(journal) - len(journal) % _JOURNAL_RECORD.size  # torn last record
             claimed: dict[int, dict[int, bytes]] = {}
             for index, seq, receipt in _JOURNAL_RECORD.iter_unpack(journal[:usable]):
                 claimed.setdefault(index, {})[seq] = receipt
             for index, seqs in claimed.items():
-                if 0 <= index < total and index not in self.done:
+                if index in self.wires and index not in self.done:
                     self._restore_part(index, seqs)
+                else:
+                    self.spool.drop_part(index)
             self._persist()  # the journal now holds only what was found on disk
         except (CryptoError, KeyError, TypeError, ValueError, AttributeError):
             # No usable state (first start, another transfer, damage): start over, safely.
-            self.done, self._partials, self.ready = set(), {}, set()
+            self.done, self._partials, self.ready, self.wires = set(), {}, set(), {}
+            self.spool.remove(WIRES_FILE)
             self._persist()
+
+    def _restore_wires(self) -> None:
+        """The declarations taken before a restart (later records win): the sizes of the
+        partial parts. Each is checked again as when it came."""
+        for record in self.spool.load_sealed(WIRES_FILE):
+            try:
+                signer, transfer_id, declarations = open_wires(record)
+            except MalformedMessage:
+                continue
+            if signer != self.sender_key or transfer_id != self.manifest.transfer_id:
+                continue
+            for d in declarations:
+                if d.index < len(self.manifest.entries) and within_budget(
+                    self.manifest.entries[d.index].size, d.wire_size
+                ):
+                    self.wires[d.index] = d
 
     def _restore_part(self, index: int, claimed: dict[int, bytes]) -> None:
         """Keep the journalled chunks whose bytes really are in the part file (their
         receipt opens them: sealed, so damaged or missing bytes do not)."""
-        count = self.manifest.entries[index].chunk_count(self.manifest.chunk_size)
+        count = self.wires[index].chunk_count(self.manifest.chunk_size)
         ok = {
             seq: receipt
             for seq, receipt in claimed.items()
@@ -172,7 +226,7 @@ class Receiver:
     def _extent(self, index: int, seq: int) -> tuple[int, int]:
         """(offset, length) of chunk ``seq`` of instance ``index`` in its wire encoding."""
         size = self.manifest.chunk_size
-        return seq * size, min(size, self.manifest.entries[index].wire_size - seq * size)
+        return seq * size, min(size, self.wires[index].wire_size - seq * size)
 
     def _save_state(self) -> None:
         state = {"id": self.manifest.transfer_id, "done": sorted(self.done)}
@@ -218,7 +272,7 @@ class Receiver:
         # The same study offered again later has the same transfer id: a state left
         # here would call instances done that the store may no longer hold.
         self.machine.fire(Event.FINISH)
-        for name in (STATE_FILE, JOURNAL_FILE, MANIFEST_FILE):
+        for name in (STATE_FILE, JOURNAL_FILE, MANIFEST_FILE, WIRES_FILE):
             self.spool.remove(name)
 
     def pause(self) -> None:
@@ -247,6 +301,92 @@ class Receiver:
                 return i
         raise LocalTransferError(f"instance {sop_instance_uid} is not in this study")
 
+    # declarations
+
+    def declare(self, message: Declare, now: float) -> list[DecompressionBomb]:
+        """Take a signed wire declaration; return the instances it refuses (over budget:
+        never requested, the rest of the study still comes).
+
+        Raises (after failing the transfer; the caller drops the peer)
+        :class:`MalformedMessage` for a bad signature, shape or index, and
+        :class:`ManifestMismatch` for a declaration signed by another key than the
+        manifest, naming another transfer, or contradicting an earlier one.
+        """
+        try:
+            return self._declare(message, now)
+        except RemoteTransferError as exc:
+            self._fail(exc)
+            raise
+
+    def _declare(self, message: Declare, now: float) -> list[DecompressionBomb]:
+        if self.state in TERMINAL:
+            return []
+        signer, transfer_id, declarations = open_wires(message.data)
+        if signer != self.sender_key:
+            raise ManifestMismatch(
+                "a wire declaration is signed by another key than the study manifest: refused"
+            )
+        if transfer_id != self.manifest.transfer_id or message.transfer_id != transfer_id:
+            raise ManifestMismatch("a wire declaration names another transfer: refused")
+        refused: list[DecompressionBomb] = []
+        fresh = False
+        dropped = False
+        for d in declarations:
+            if d.index >= len(self.manifest.entries):
+                raise MalformedMessage(
+                    f"wire declaration for instance {d.index}, not in the manifest"
+                )
+            known = self._session.get(d.index)
+            if known is not None:
+                if known != d:
+                    raise ManifestMismatch(
+                        f"the sender declared instance {d.index} twice, differently: its "
+                        "encoding changed under the transfer; refused"
+                    )
+                continue
+            self._session[d.index] = d
+            fresh = True
+            entry = self.manifest.entries[d.index]
+            try:
+                d.check_budget(entry)
+            except DecompressionBomb as exc:
+                self.refused[d.index] = exc
+                refused.append(exc)
+                continue
+            saved = self.wires.get(d.index)
+            if saved is not None and saved != d and d.index not in self.ready:
+                # Received in part under an earlier declaration (before a restart): the
+                # sender encodes it otherwise now, so those bytes are of no use.
+                self._partials.pop(d.index, None)
+                self.spool.drop_part(d.index)
+                self.parts_redeclared += 1
+                dropped = True
+            if saved is None or d.index not in self.ready:
+                self.wires[d.index] = d  # a complete part is checked as it was received
+        self._news_at = now
+        if fresh:
+            self.spool.append_sealed(WIRES_FILE, message.data)
+        if dropped:
+            self._persist()
+        self._check_end()
+        return refused
+
+    def _fail(self, error: RemoteTransferError) -> None:
+        if self.failure is None:
+            self.failure = error
+        if self.state in (State.RUNNING, State.PAUSED):
+            self.machine.fire(Event.FAIL)
+
+    def _check_end(self) -> None:
+        """Everything not refused is stored: the transfer fails with the first refusal."""
+        if self.refused and len(self.done) + len(self.refused.keys() - self.done) == len(
+            self.manifest.entries
+        ):
+            self._fail(next(iter(self.refused.values())))
+
+    def _fetchable(self, index: int) -> bool:
+        return index in self._session and index not in self.refused
+
     # requests
 
     def _order(self) -> Iterable[int]:
@@ -262,11 +402,18 @@ class Receiver:
     def _outstanding(self) -> int:
         return sum(len(p.outstanding) for p in self._partials.values())
 
-    def poll(self, now: float) -> list[Request]:
-        """The chunk requests to send now (new ones within the window, and timed-out ones)."""
+    def poll(self, now: float) -> list[Request | Hurry]:
+        """The chunk requests to send now (new ones within the window, and timed-out
+        ones), and a Hurry for an instance waited for but not declared."""
         if self.state is not State.RUNNING:
             return []
-        requests: list[Request] = []
+        requests: list[Request | Hurry] = []
+        if self._news_at is None:
+            self._news_at = now
+        hurry = self._hurry(now)
+        if hurry is not None:
+            self._hurried, self._hurry_at = hurry, now
+            requests.append(Hurry(self.manifest.transfer_id, hurry))
         budget = self.window - self._outstanding()
         for partial_index, active in self._partials.items():
             stale = [s for s, t in active.outstanding.items() if now - t >= self.timeout]
@@ -275,18 +422,20 @@ class Receiver:
                     active.outstanding[s] = now
                 self.chunks_rerequested += len(stale)
                 requests.append(Request(self.manifest.transfer_id, partial_index, tuple(stale)))
+        # Parts restored after a restart wait for their new declaration without a slot.
+        busy = sum(1 for i in self._partials if self._fetchable(i))
         for index in self._order():
             if budget <= 0:
                 break
-            if index in self.done or index in self.ready:
+            if index in self.done or index in self.ready or not self._fetchable(index):
                 continue
             partial = self._partials.get(index)
             if partial is None:
-                if len(self._partials) >= MAX_ACTIVE_INSTANCES and index not in self._priority:
+                if busy >= MAX_ACTIVE_INSTANCES and index not in self._priority:
                     continue
-                entry = self.manifest.entries[index]
-                partial = _Partial(entry.chunk_count(self.manifest.chunk_size))
+                partial = _Partial(self.wires[index].chunk_count(self.manifest.chunk_size))
                 self._partials[index] = partial
+                busy += 1
             wanted = [
                 s
                 for s in range(partial.count)
@@ -301,6 +450,24 @@ class Receiver:
             requests.append(Request(self.manifest.transfer_id, index, tuple(wanted)))
         return requests
 
+    def _hurry(self, now: float) -> int | None:
+        """The instance to hurry now: the one on screen when it is not declared (once),
+        or, after ``timeout`` with nothing to fetch and nothing heard, the first one not
+        declared (the sender encodes it next, or declares it again: a batch was lost)."""
+        waiting = [i for i in self._priority if i not in self.done and i not in self._session]
+        if waiting and waiting[0] != self._hurried:
+            return waiting[0]
+        assert self._news_at is not None  # noqa: S101 -- set by poll
+        if (
+            self._outstanding() == 0
+            and now - self._news_at >= self.timeout
+            and now - self._hurry_at >= self.timeout
+        ):
+            for index in range(self._first, len(self.manifest.entries)):
+                if index not in self.done and index not in self._session:
+                    return index
+        return None
+
     def receive(self, chunk: Chunk, now: float) -> int | None:
         """Verify and spool a chunk. Returns the instance index once all its chunks are in.
 
@@ -312,6 +479,7 @@ class Receiver:
         self.machine.fire(Event.DATA)
         if chunk.transfer_id != self.manifest.transfer_id:
             raise ChunkRejected("chunk belongs to another transfer")
+        self._news_at = now
         partial = self._partials.get(chunk.index)
         if partial is None or chunk.seq not in partial.outstanding:
             self.chunks_rejected += 1
@@ -321,7 +489,7 @@ class Receiver:
             )
         entry = self.manifest.entries[chunk.index]
         size = self.manifest.chunk_size
-        expected = min(size, entry.wire_size - chunk.seq * size)
+        expected = min(size, self.wires[chunk.index].wire_size - chunk.seq * size)
         if len(chunk.data) != expected:
             self.chunks_rejected += 1
             raise ChunkRejected(
@@ -363,7 +531,15 @@ class Receiver:
             (*self._extent(index, seq), partial.verified[seq]) for seq in range(partial.count)
         ]
         part = self.spool.read_part(index, chunks)
-        return decode_part(part, self.manifest.entries[index], self.manifest.study_instance_uid)
+        declared = self.wires[index]
+        if len(part) != declared.wire_size or wire_digest(part) != declared.digest:
+            raise wirecodec.CorruptInstance("its wire bytes differ from the sender's declaration")
+        return decode_part(
+            part,
+            self.manifest.entries[index],
+            self.manifest.study_instance_uid,
+            declared.wire_size,
+        )
 
     def reject_part(self, index: int, exc: Exception) -> TransferError:
         """Forget a received instance that failed :meth:`verify_part`; return the error.
@@ -375,6 +551,8 @@ class Receiver:
         self.ready.discard(index)
         self._partials.pop(index, None)
         self.spool.drop_part(index)
+        if index in self._session:  # fetched again as declared now
+            self.wires[index] = self._session[index]
         self._attempts[index] = self._attempts.get(index, 0) + 1
         self._persist()
         if self._attempts[index] >= MAX_INSTANCE_ATTEMPTS:
@@ -397,8 +575,7 @@ class Receiver:
         self._partials.pop(index, None)
         self.spool.drop_part(index)
         self._persist()
-        if self.state in (State.RUNNING, State.PAUSED):
-            self.machine.fire(Event.FAIL)
+        self._fail(error)
         return error
 
     def assemble(self, index: int) -> bytes:
@@ -433,6 +610,7 @@ class Receiver:
         if len(self.done) == len(self.manifest.entries):
             self._finish()
             return Finished(self.manifest.transfer_id)
+        self._check_end()
         return None
 
     def progress(self) -> Progress:

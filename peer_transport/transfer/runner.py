@@ -1,6 +1,6 @@
-"""Runs the sans-IO transfer protocol over a link: :class:`StudySender` and
-:class:`StudyReceiver`, and :func:`send_study` / :func:`receive_study` that put a store
-and an audit log at each end.
+"""Runs the sans-IO transfer protocol over a link: :class:`StudyReceiver` (and
+:class:`~peer_transport.transfer.serving.StudySender`, re-exported here), and
+:func:`send_study` / :func:`receive_study` that put a store and an audit log at each end.
 
 The link is anything with ``send_control(bytes)`` and ``send_bulk(bytes)``
 coroutines (:class:`TransferLink`); ``send_bulk`` must wait while the bulk queue
@@ -19,7 +19,10 @@ event loop keeps receiving, the next instance decodes while the last one is
 fsynced, and at most COMMIT_DEPTH decoded instances are in memory. The receiver's
 memory does not grow with the study.
 
-The sender streams too (:class:`~peer_transport.transfer.prepared.PreparedStudy`).
+The sender streams too (:class:`~peer_transport.transfer.prepared.PreparedStudy`): it
+offers the signed manifest before encoding anything, then encodes in series order
+(``ahead`` at a time, into a sealed spool) while it serves, declaring each encoding as
+it is made; the receiver fetches what is declared.
 """
 
 from __future__ import annotations
@@ -55,11 +58,10 @@ from peer_transport.transfer.manifest import Manifest
 from peer_transport.transfer.messages import (
     Cancel,
     Chunk,
+    Declare,
     Finished,
-    Message,
     OfferAssembler,
     OfferPart,
-    ResumeRequest,
     from_wire,
 )
 from peer_transport.transfer.prepared import PreparedStudy
@@ -70,89 +72,26 @@ from peer_transport.transfer.receiver import (
     Receiver,
     resume_request,
 )
-from peer_transport.transfer.sender import Sender
+from peer_transport.transfer.serving import StudySender, TransferLink
 from peer_transport.transfer.spool import SenderSpool, Spool
 
 log = logging.getLogger(__name__)
 
-INBOX_LIMIT = 1024  # control messages queued from the link before new ones are dropped
 POLL_INTERVAL = 0.05
 STATE_EVERY = 1.0  # seconds between rewrites of the spool's state file while storing
-REOFFER_AFTER = 2 * DEFAULT_TIMEOUT  # seconds without a request before offering again
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 _M_MMAP_THRESHOLD = -3
 COMMIT_DEPTH = 2  # instances between "fully received" and "stored": decoding or storing
-
-
-class TransferLink(Protocol):
-    async def send_control(self, data: bytes) -> None: ...
-
-    async def send_bulk(self, data: bytes) -> None: ...
+# Bytes of wire declarations kept that come between the offer and the receiver's start
+# (all of a 100,000-instance study declared at once is about 5 MiB); past it, dropped
+# ones are recovered by hurries.
+EARLY_DECLARATIONS = 8 << 20
 
 
 class InstanceStore(Protocol):
     def has_hash(self, content_hash: str) -> bool: ...
 
     def add_bytes(self, data: bytes, *, source: str, warm: bool) -> Any: ...
-
-
-class StudySender:
-    """Offers a prepared study and answers the receiver's chunk requests."""
-
-    def __init__(self, study: PreparedStudy, link: TransferLink) -> None:
-        self.study = study
-        self.link = link
-        self.protocol = Sender(study.manifest, study.wire, study.signed)
-        self._inbox: asyncio.Queue[Message] = asyncio.Queue(INBOX_LIMIT)
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.study.manifest
-
-    @property
-    def state(self) -> State:
-        return self.protocol.machine.state
-
-    @property
-    def chunks_sent(self) -> int:
-        return self.protocol.chunks_sent
-
-    def on_control(self, data: bytes) -> None:
-        message = from_wire(data)
-        with contextlib.suppress(asyncio.QueueFull):  # the receiver asks again on timeout
-            self._inbox.put_nowait(message)
-
-    async def _offer(self, parts: Sequence[OfferPart]) -> None:
-        for part in parts:
-            await self.link.send_control(part.to_wire())
-
-    async def run(self) -> State:
-        """Offer, then serve requests until the receiver finishes or cancels.
-
-        A restarted receiver asks for the offer again (ResumeRequest); for one that
-        does not, the offer is repeated while no request comes (a running receiver
-        ignores it).
-        """
-        loop = asyncio.get_running_loop()
-        await self._offer(self.protocol.offer(loop.time()))
-        while self.protocol.machine.state not in (State.COMPLETE, State.CANCELLED):
-            try:
-                async with asyncio.timeout(REOFFER_AFTER):
-                    message = await self._inbox.get()
-            except TimeoutError:
-                await self._offer(self.protocol.offer(loop.time()))
-                continue
-            if isinstance(message, ResumeRequest):
-                await self._offer(self.protocol.resume(message, loop.time()))
-                continue
-            try:
-                chunks = self.protocol.receive(message)
-            except RemoteTransferError as exc:
-                log.warning("ignoring a bad transfer request: %s", exc)
-                continue
-            for chunk in chunks:
-                await self.link.send_bulk(chunk.to_wire())
-        return self.protocol.machine.state
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -192,6 +131,9 @@ class StudyReceiver:
         self.timeout = timeout
         self.protocol: Receiver | None = None
         self._offer = OfferAssembler()
+        self._transfer_id: bytes | None = None  # of the offer taken
+        self._early: list[Declare] = []  # its declarations that came before the receiver
+        self._early_bytes = 0
         self._manifest: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending: set[asyncio.Task[None]] = set()
         self._over = False  # run() has returned: chunks are no longer spooled
@@ -229,11 +171,34 @@ class StudyReceiver:
         if isinstance(message, OfferPart):
             signed = self._offer.add(message)
             if signed is not None and not self._manifest.done() and self._expected(signed):
+                self._transfer_id = message.transfer_id
                 self._manifest.set_result(signed)
+        elif isinstance(message, Declare):
+            self._on_declare(message)
         elif isinstance(message, Cancel) and self.protocol is not None:
             with contextlib.suppress(IllegalTransition):
                 self.protocol.machine.fire(Event.CANCEL)
             self._wake.set()
+
+    def _on_declare(self, message: Declare) -> None:
+        if message.transfer_id != self._transfer_id:
+            return  # another transfer's on this connection, or before the offer: not ours
+        receiver = self.protocol
+        if receiver is None or not self._started.is_set():
+            if self._early_bytes + len(message.data) <= EARLY_DECLARATIONS:
+                self._early.append(message)
+                self._early_bytes += len(message.data)
+            return
+        try:
+            refused = receiver.declare(message, asyncio.get_running_loop().time())
+        except RemoteTransferError as exc:  # forged, another transfer's, contradicting
+            log.warning("transfer stopped: %s", exc)
+            self._failure = self._failure or exc
+            self._drop(exc)
+        else:
+            for bomb in refused:
+                log.warning("%s", bomb)
+        self._wake.set()
 
     def _expected(self, signed: bytes) -> bool:
         if self.expect_study is None:
@@ -302,6 +267,9 @@ class StudyReceiver:
             raise
         receiver.accept()
         self._started.set()
+        for early in self._early:
+            self._on_declare(early)
+        self._early.clear()
         pending = self._pending
         for index in sorted(receiver.ready):  # fully received before a restart
             self._commit_soon(receiver, index)
@@ -317,6 +285,9 @@ class StudyReceiver:
             self._store_executor.shutdown(wait=False, cancel_futures=True)
             receiver.save_state()
             spool.close()  # the part files kept open for writing
+        if self._failure is None and receiver.failure is not None:
+            self._failure = receiver.failure  # an instance declared over budget
+            self._drop(receiver.failure)
         if self._failure is not None:
             raise self._failure
         if receiver.state is State.COMPLETE:
@@ -488,24 +459,24 @@ async def send_study(
 
     ``prepare`` may rewrite the files first (de-identification for sharing): it
     gets the files one at a time as an iterator and yields them rewritten (it runs
-    in a worker thread). The wire encodings go to a sealed :class:`SenderSpool`
-    under ``spool_dir`` (the system temp directory when None), deleted after.
+    in a worker thread); they are parsed and hashed, not encoded, before the offer.
+    Without it the manifest comes from the store's records alone. The wire encodings
+    are made while the study is served, into a sealed :class:`SenderSpool` under
+    ``spool_dir`` (the system temp directory when None), deleted after.
     """
     rows = source.instances(study_uid)
     if not rows:
         raise LocalTransferError(f"study {study_uid} is not in the store")
-    files: Iterable[bytes] = (source.read_instance(r.sop_instance_uid) for r in rows)
-    if prepare is not None:
-        files = prepare(files)
     spool = SenderSpool(spool_dir)
+    cache = getattr(source, "wire_cache", None)
     try:
-        study = await PreparedStudy.from_source(
-            iter(files),
-            identity,
-            spool,
-            deidentified=prepare is not None,
-            cache=getattr(source, "wire_cache", None),
-        )
+        if prepare is None:
+            study = PreparedStudy.from_store(source, study_uid, identity, spool, cache=cache)
+        else:
+            files = prepare(source.read_instance(r.sop_instance_uid) for r in rows)
+            study = await PreparedStudy.from_source(
+                iter(files), identity, spool, deidentified=True, cache=cache
+            )
         manifest = study.manifest
         sender = StudySender(study, link)
         if on_sender is not None:  # lets a caller watch progress (node.app.transfers)
@@ -518,7 +489,8 @@ async def send_study(
         _detach(link)
         spool.close()
     if audit is not None:
-        SentRecord(manifest, state).write(audit, peer=peer, now=clock())
+        wire_bytes = sum(d.wire_size for d in study.declared.values())
+        SentRecord(manifest, state, wire_bytes).write(audit, peer=peer, now=clock())
     return state
 
 
@@ -582,3 +554,14 @@ async def receive_study(
                 resent_chunks=receiver.protocol.chunks_rerequested,
                 not_stored=len(receiver.conflicts),
             ).write(audit, peer=peer, now=clock())
+
+
+__all__ = [
+    "InstanceStore",
+    "StudyReceiver",
+    "StudySender",
+    "StudySource",
+    "TransferLink",
+    "receive_study",
+    "send_study",
+]

@@ -1,8 +1,15 @@
 """The sending side of one study transfer, sans-IO: requests in, chunks out.
 
-The sender offers the signed manifest (in parts, on the control channel) and answers
-chunk requests from the wire encodings ``source(index)`` gives it. It keeps nothing
-but a one-instance cache: the receiver pulls, so the receiver's window is the credit.
+The sender offers the signed manifest (in parts, on the control channel), then
+declares each instance's wire encoding as it is made (:meth:`Sender.declare`; sent in
+signed batches by :meth:`Sender.declarations`, at most one batch per
+:data:`DECLARE_EVERY` unless a batch is full), and answers chunk requests for declared
+instances from the wire encodings ``source(index)`` gives it. A request for an
+undeclared instance is refused (the receiver cannot have asked for it honestly). It
+keeps nothing but a one-instance cache: the receiver pulls, so the receiver's window
+is the credit. A :class:`~peer_transport.transfer.messages.Hurry` names an instance
+to encode next (:attr:`Sender.hurried`, for the encoder), or, for one already
+declared, has its declarations sent again (one was lost).
 
 A receiver restarted with an unfinished spool asks for the offer again
 (:class:`~peer_transport.transfer.messages.ResumeRequest`); a sender still serving that
@@ -14,15 +21,17 @@ asker loses nothing by waiting for an offer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from peer_transport.transfer.errors import LocalTransferError, MalformedMessage
 from peer_transport.transfer.machine import Event, Machine, State
-from peer_transport.transfer.manifest import Manifest
+from peer_transport.transfer.manifest import MAX_DECLARATIONS, Manifest, WireDeclaration
 from peer_transport.transfer.messages import (
     Cancel,
     Chunk,
+    Declare,
     Finished,
+    Hurry,
     Message,
     OfferPart,
     Request,
@@ -32,6 +41,7 @@ from peer_transport.transfer.messages import (
 )
 
 REOFFER_MIN_INTERVAL = 1.0  # seconds between offers for resume requests with no request between
+DECLARE_EVERY = 0.1  # seconds between declaration batches (a full batch goes at once)
 
 
 class Sender:
@@ -41,20 +51,70 @@ class Sender:
     whoever sends it a :class:`ResumeRequest` is the recipient the study was offered to.
     """
 
-    def __init__(self, manifest: Manifest, source: Callable[[int], bytes], signed: bytes) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        source: Callable[[int], bytes],
+        signed: bytes,
+        sign_wires: Callable[[Sequence[WireDeclaration]], bytes],
+    ) -> None:
         self.manifest = manifest
         self.signed = signed
         self.machine = Machine()
         self._source = source
+        self._sign_wires = sign_wires
+        self.declared: dict[int, WireDeclaration] = {}
+        self._unsent: dict[int, None] = {}  # declared, waiting for the next batch (ordered)
+        self._declared_at = float("-inf")
+        self.hurried: int | None = None  # for the encoder: encode this instance next
         self._cached: tuple[int, bytes] | None = None
         self._offered_at: float | None = None
         self._requested_since_offer = False
         self.chunks_sent = 0
 
     def offer(self, now: float) -> list[OfferPart]:
-        """The signed manifest, in parts, to send on the control channel."""
+        """The signed manifest, in parts, to send on the control channel. Every
+        declaration made so far goes again with the next :meth:`declarations`."""
         self._offered_at, self._requested_since_offer = now, False
+        self._unsent = dict.fromkeys(sorted(self.declared))
+        self._declared_at = float("-inf")
         return offer_parts(self.signed, self.manifest.transfer_id)
+
+    def declare(self, declaration: WireDeclaration) -> None:
+        """Instance ``declaration.index`` is encoded: serve it, and declare it in the
+        next batch. Declaring it again differently is a bug here."""
+        known = self.declared.get(declaration.index)
+        if known is not None and known != declaration:
+            raise LocalTransferError(f"instance {declaration.index} was encoded twice, differently")
+        self.declared[declaration.index] = declaration
+        self._unsent[declaration.index] = None
+
+    def next_declaration_at(self) -> float | None:
+        """When :meth:`declarations` has something to send (None: nothing waits)."""
+        if not self._unsent:
+            return None
+        if len(self._unsent) >= MAX_DECLARATIONS:
+            return float("-inf")
+        return self._declared_at + DECLARE_EVERY
+
+    def declarations(self, now: float, flush: bool = False) -> list[Declare]:
+        """Signed declaration batches due now: at most one round per DECLARE_EVERY
+        (the first at once), unless a batch is full or ``flush`` (encoding is over)."""
+        due = self.next_declaration_at()
+        if due is None or (now < due and not flush):
+            return []
+        pending = list(self._unsent)
+        self._unsent.clear()
+        self._declared_at = now
+        return [
+            Declare(
+                self.manifest.transfer_id,
+                self._sign_wires(
+                    [self.declared[i] for i in pending[start : start + MAX_DECLARATIONS]]
+                ),
+            )
+            for start in range(0, len(pending), MAX_DECLARATIONS)
+        ]
 
     def resume(self, request: ResumeRequest, now: float) -> list[OfferPart]:
         """Offer again at once for a receiver that restarted mid-transfer.
@@ -76,7 +136,7 @@ class Sender:
     def _wire(self, index: int) -> bytes:
         if self._cached is None or self._cached[0] != index:
             wire = self._source(index)
-            if len(wire) != self.manifest.entries[index].wire_size:
+            if len(wire) != self.declared[index].wire_size:
                 raise LocalTransferError(f"wire encoding of instance {index} changed size")
             self._cached = (index, wire)
         return self._cached[1]
@@ -91,9 +151,13 @@ class Sender:
             self.machine.fire(Event.FINISH)
             self._cached = None
             return []
+        if isinstance(message, Hurry):
+            self._hurry(message.index)
+            return []
         if not isinstance(message, Request):
             raise MalformedMessage(
-                "the sender only takes requests, cancel and finished (resume goes to resume())"
+                "the sender only takes requests, hurries, cancel and finished "
+                "(resume goes to resume())"
             )
         if self.machine.state is State.OFFERED:
             self.machine.fire(Event.ACCEPT)
@@ -101,9 +165,13 @@ class Sender:
         self._requested_since_offer = True
         if not 0 <= message.index < len(self.manifest.entries):
             raise MalformedMessage(f"request for instance {message.index}, not in the manifest")
-        entry = self.manifest.entries[message.index]
+        declaration = self.declared.get(message.index)
+        if declaration is None:
+            raise MalformedMessage(
+                f"request for instance {message.index}, not declared yet: refused"
+            )
         size = self.manifest.chunk_size
-        if any(s >= entry.chunk_count(size) for s in message.seqs):
+        if any(s >= declaration.chunk_count(size) for s in message.seqs):
             raise MalformedMessage("request for a chunk past the end of the instance")
         wire = self._wire(message.index)
         out = []
@@ -114,3 +182,17 @@ class Sender:
             )
         self.chunks_sent += len(out)
         return out
+
+    def _hurry(self, index: int) -> None:
+        if not 0 <= index < len(self.manifest.entries) or self.machine.state not in (
+            State.OFFERED,
+            State.RUNNING,
+        ):
+            return
+        if index not in self.declared:
+            self.hurried = index
+            return
+        # Declared, yet the receiver asks: the batch it was in got lost. Declare that
+        # stretch again, at most one batch per hurry.
+        again = [i for i in range(index, index + MAX_DECLARATIONS) if i in self.declared]
+        self._unsent.update(dict.fromkeys(again))

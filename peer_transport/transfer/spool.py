@@ -159,6 +159,28 @@ class Spool:
         finally:
             os.close(fd)
 
+    def append_sealed(self, name: str, data: bytes) -> None:
+        """Append one sealed record (length-prefixed SecretBox) to ``name``."""
+        sealed = bytes(self._box.encrypt(data))
+        self.append(name, struct.pack("<I", len(sealed)) + sealed)
+
+    def load_sealed(self, name: str) -> list[bytes]:
+        """The records :meth:`append_sealed` wrote, in order, up to the first one that is
+        torn or does not open (a crash mid-append, or another key)."""
+        raw = self.load_clear(name) or b""
+        records, at = [], 0
+        while at + 4 <= len(raw):
+            (length,) = struct.unpack_from("<I", raw, at)
+            sealed = raw[at + 4 : at + 4 + length]
+            if len(sealed) != length:
+                break
+            try:
+                records.append(bytes(self._box.decrypt(sealed)))
+            except (nacl.exceptions.CryptoError, ValueError):
+                break
+            at += 4 + length
+        return records
+
     def save_clear(self, name: str, data: bytes) -> None:
         tmp = self.root / f".{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

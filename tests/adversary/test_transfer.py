@@ -44,8 +44,16 @@ from peer_transport.transfer.errors import (
 )
 from peer_transport.transfer.instance import decode_part, prepare_instance
 from peer_transport.transfer.machine import State
-from peer_transport.transfer.manifest import Manifest, ManifestEntry, build_manifest, within_budget
-from peer_transport.transfer.messages import CHUNK_SIZE
+from peer_transport.transfer.manifest import (
+    Manifest,
+    ManifestEntry,
+    WireDeclaration,
+    build_manifest,
+    sign_wires,
+    wire_digest,
+    within_budget,
+)
+from peer_transport.transfer.messages import CHUNK_SIZE, Declare
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.receiver import Receiver
 from peer_transport.transfer.runner import StudyReceiver, StudySender, receive_study
@@ -70,15 +78,37 @@ def _file(data: bytes, **changes: object) -> bytes:
     return out.getvalue()
 
 
-def _signed(entries: list[ManifestEntry], study: str, identity: Identity) -> bytes:
+PEER = Identity.generate()  # the trusted peer that signs what these tests send
+
+
+def _signed(entries: list[ManifestEntry], study: str, identity: Identity = PEER) -> bytes:
     return build_manifest(entries, study, chunk_size=CHUNK_SIZE).sign(identity)
 
 
+def _sender(signed: bytes, wires: list[bytes], identity: Identity = PEER) -> Sender:
+    """A sender of ``signed`` that has encoded (and declares) every instance as ``wires``."""
+    opened = Manifest.open(signed)[1]
+    sender = Sender(
+        opened,
+        wires.__getitem__,
+        signed,
+        lambda ds: sign_wires(identity, opened.transfer_id, ds),
+    )
+    for index, wire in enumerate(wires):
+        sender.declare(WireDeclaration(index, len(wire), wire_digest(wire)))
+    return sender
+
+
 def _drive(receiver: Receiver, sender: Sender, steps: int = 200) -> list[bytes]:
-    """Run the sans-IO pair to the end; the assembled instances, in order."""
+    """Run the sans-IO pair to the end; the assembled instances, in order. Raises what
+    failed the transfer."""
     out = []
     receiver.accept()
     for step in range(steps):
+        for declaration in sender.declarations(float(step), flush=True):
+            receiver.declare(declaration, float(step))
+        if receiver.failure is not None:
+            raise receiver.failure
         for request in receiver.poll(float(step)):
             for chunk in sender.receive(request):
                 index = receiver.receive(chunk, float(step))
@@ -244,14 +274,13 @@ def _jpegls_bomb(data: bytes) -> tuple[ManifestEntry, str, bytes]:
     stream[sof + 5 : sof + 9] = (65535).to_bytes(2, "big") * 2
     bomb = dataclasses.replace(wire, frames=(bytes(stream),)).to_wire()
     entry, study, _ = prepare_instance(data)
-    return dataclasses.replace(entry, wire_size=len(bomb)), study, bomb
+    return entry, study, bomb
 
 
 def _receive_one(tmp_path: Path, signed: bytes, wire: bytes) -> None:
     """A receiver taking the one instance ``signed`` offers, sent as ``wire``."""
     receiver = Receiver(signed, Spool(tmp_path / "spool"))
-    opened = Manifest.open(signed)[1]
-    _drive(receiver, Sender(opened, [wire].__getitem__, signed))
+    _drive(receiver, _sender(signed, [wire]))
 
 
 def _peak_while(run: object) -> tuple[int, BaseException | None]:
@@ -268,32 +297,37 @@ def _peak_while(run: object) -> tuple[int, BaseException | None]:
         tracemalloc.stop()
 
 
-def test_a_zstd_bomb_is_refused_from_its_manifest_before_anything_is_allocated(
+def test_a_zstd_bomb_is_refused_from_its_declaration_before_anything_is_allocated(
     tmp_path: Path,
 ) -> None:
     size = 512 * MiB
     body = _zstd_bomb(size)
     wire = wirecodec.WireInstance(wirecodec.Encoding.ZSTD, size, bytes(32), body).to_wire()
-    entry = ManifestEntry("1.2.3.4", "1.2.3.5", 1, 1, "1.2.840.10008.1.2.1", size, bytes(32), 1)
-    entry = dataclasses.replace(entry, wire_size=len(wire))
-    sender = Identity.generate()
-    signed = _signed([entry], "1.2.3", sender)
+    entry = ManifestEntry("1.2.3.4", "1.2.3.5", 1, 1, "1.2.840.10008.1.2.1", size, bytes(32))
+    signed = _signed([entry], "1.2.3")
 
     peak, error = _peak_while(lambda: _receive_one(tmp_path, signed, wire))
     assert peak < 32 * MiB, f"{peak / MiB:.0f} MiB allocated for a {len(wire)}-byte instance"
     assert isinstance(error, DecompressionBomb), error
     assert "limit" in str(error)
+    assert not list((tmp_path / "spool").glob("*.part"))  # not one chunk was fetched
 
 
-def test_a_manifest_padding_a_small_instance_to_a_huge_wire_encoding_is_refused(
+def test_a_declaration_padding_a_small_instance_to_a_huge_wire_encoding_is_refused(
     tmp_path: Path,
 ) -> None:
     # 2 GiB of chunks would be spooled, then read back whole to assemble a 4 KB file.
-    entry = ManifestEntry("1.2.3.4", "1.2.3.5", 1, 1, "", 4096, bytes(32), 2 << 30)
-    signed = _signed([entry], "1.2.3", Identity.generate())
-    with pytest.raises(RemoteTransferError, match="limits") as refused:
-        Receiver(signed, Spool(tmp_path / "spool"))
-    assert type(refused.value).__name__ == "DecompressionBomb"
+    entry = ManifestEntry("1.2.3.4", "1.2.3.5", 1, 1, "", 4096, bytes(32))
+    signed = _signed([entry], "1.2.3")
+    receiver = Receiver(signed, Spool(tmp_path / "spool"))
+    receiver.accept()
+    tid = receiver.manifest.transfer_id
+    padded = Declare(tid, sign_wires(PEER, tid, [WireDeclaration(0, 2 << 30, bytes(32))]))
+    [refused] = receiver.declare(padded, 0.0)
+    assert "limits" in str(refused)
+    assert receiver.poll(0.0) == []  # never requested
+    assert receiver.state is State.FAILED  # nothing else to fetch: the refusal fails it
+    assert isinstance(receiver.failure, DecompressionBomb)
 
 
 def test_a_zstd_frame_declaring_more_than_its_manifest_entry_is_refused_before_decoding() -> None:
@@ -302,9 +336,7 @@ def test_a_zstd_frame_declaring_more_than_its_manifest_entry_is_refused_before_d
     body = _zstd_bomb(64 * MiB)
     wire = wirecodec.WireInstance(wirecodec.Encoding.ZSTD, entry.size, entry.sha256, body)
     part = wire.to_wire()
-    peak, error = _peak_while(
-        lambda: decode_part(part, dataclasses.replace(entry, wire_size=len(part)), study)
-    )
+    peak, error = _peak_while(lambda: decode_part(part, entry, study, len(part)))
     assert isinstance(error, DecompressionBomb), error
     assert peak < 16 * MiB
 
@@ -314,8 +346,7 @@ def test_a_jpegls_stream_claiming_65535_squared_is_refused_before_charls_allocat
 ) -> None:
     [data] = ct_series(1, seed=6, size=64)
     entry, study, bomb = _jpegls_bomb(data)
-    sender = Identity.generate()
-    signed = _signed([entry], study, sender)
+    signed = _signed([entry], study)
 
     peak, error = _peak_while(lambda: _receive_one(tmp_path, signed, bomb))
     assert peak < 16 * MiB, f"{peak / MiB:.0f} MiB allocated for a {len(bomb)}-byte instance"
@@ -330,7 +361,7 @@ async def test_a_bomb_costs_the_sender_its_connection_not_the_receiver_its_memor
     entry, study, bomb = _jpegls_bomb(data)
     sender_identity = Identity.generate()
     manifest = build_manifest([entry], study)
-    prepared = PreparedStudy(manifest, manifest.sign(sender_identity), [bomb].__getitem__)
+    prepared = PreparedStudy(manifest, sender_identity, wires=[bomb])
     async with mesh() as m:
         a, b = await m.node(identity=sender_identity), await m.node()
         m.trust(a, b)
@@ -375,11 +406,10 @@ def test_a_stored_format_frame_claiming_more_than_its_data_set_is_refused_before
 ) -> None:
     data = _with_frame_header(name, marker, at, value)
     entry, study, wire = prepare_instance(data)
-    signed = _signed([entry], study, Identity.generate())
+    signed = _signed([entry], study)
     receiver = Receiver(signed, Spool(tmp_path / "spool"))
-    opened = Manifest.open(signed)[1]
     with pytest.raises(RemoteTransferError, match="65535x65535") as refused:
-        _drive(receiver, Sender(opened, [wire].__getitem__, signed))
+        _drive(receiver, _sender(signed, [wire]))
     assert type(refused.value).__name__ == "DecompressionBomb"
     assert receiver.state is State.FAILED
 
@@ -390,11 +420,10 @@ def test_a_data_set_declaring_gigapixel_frames_is_refused_before_storing(tmp_pat
     data = _file(_pydicom_sample("JPEG2000.dcm").read_bytes(), NumberOfFrames=100)
     data = _file(data, Rows=65535, Columns=65535)
     entry, study, wire = prepare_instance(data)
-    signed = _signed([entry], study, Identity.generate())
+    signed = _signed([entry], study)
     receiver = Receiver(signed, Spool(tmp_path / "spool"))
-    opened = Manifest.open(signed)[1]
     with pytest.raises(RemoteTransferError, match="would decode to") as refused:
-        _drive(receiver, Sender(opened, [wire].__getitem__, signed))
+        _drive(receiver, _sender(signed, [wire]))
     assert type(refused.value).__name__ == "DecompressionBomb"
 
 
@@ -406,11 +435,10 @@ def test_an_honest_sender_of_a_blank_image_still_gets_through_the_expansion_limi
     data = ct_instance(rng, "1.2.3", "1.2.3.1", 0, size=64)
     blank = _file(data, Rows=2048, Columns=8192, PixelData=bytes(2048 * 8192 * 2))
     entry, study, wire = prepare_instance(blank)
-    assert within_budget(entry.size, entry.wire_size)
-    signed = _signed([entry], study, Identity.generate())
+    assert within_budget(entry.size, len(wire))
+    signed = _signed([entry], study)
     receiver = Receiver(signed, Spool(tmp_path / "spool"))
-    opened = Manifest.open(signed)[1]
-    assert _drive(receiver, Sender(opened, [wire].__getitem__, signed)) == [blank]
+    assert _drive(receiver, _sender(signed, [wire])) == [blank]
 
 
 # -- Issue 13 item 12: an instance must be what its manifest says; no silent overwrite ----------
@@ -430,11 +458,10 @@ async def test_bytes_of_another_stored_study_sent_under_a_manifest_uid_are_refus
         cover_entry,
         size=len(tampered),
         sha256=hashlib.sha256(tampered).digest(),
-        wire_size=len(wire),
     )
     manifest = build_manifest([entry], cover_study)
     sender_identity = Identity.generate()
-    prepared = PreparedStudy(manifest, manifest.sign(sender_identity), [wire].__getitem__)
+    prepared = PreparedStudy(manifest, sender_identity, wires=[wire])
     with Store.open(tmp_path / "store", KEY) as store:
         original = store.add_bytes(victim, source="import")
         link_a, link_b = _memory_pair()
@@ -642,12 +669,13 @@ def test_an_interrupted_transfer_leaves_no_plaintext_in_the_receive_spool(tmp_pa
     assert wirecodec.WireInstance.from_wire(wire).encoding is wirecodec.Encoding.RAW
     assert MARKER_PIXELS in wire
     assert MARKER_NAME.encode() in wire
-    signed = _signed([entry], study, Identity.generate())
-    opened = Manifest.open(signed)[1]
+    signed = _signed([entry], study)
     key = Identity.generate().derive_key(SPOOL_KEY_PURPOSE)
     receiver = Receiver(signed, Spool(tmp_path / "spool", key), window=2)
-    sender = Sender(opened, [wire].__getitem__, signed)
+    sender = _sender(signed, [wire])
     receiver.accept()
+    for declaration in sender.declarations(0.0, flush=True):
+        receiver.declare(declaration, 0.0)
     for request in receiver.poll(0.0):  # two of the three chunks land; then the node stops
         for chunk in sender.receive(request):
             assert receiver.receive(chunk, 0.0) is None
@@ -663,7 +691,7 @@ def test_an_interrupted_transfer_leaves_no_plaintext_in_the_receive_spool(tmp_pa
     # The same node (same key) resumes from what was spooled and finishes byte-exact.
     revived = Receiver.resume(Spool(tmp_path / "spool", key), window=2)
     assert sum(len(p.verified) for p in revived._partials.values()) == 2
-    assert _drive(revived, Sender(opened, [wire].__getitem__, signed)) == [data]
+    assert _drive(revived, _sender(signed, [wire])) == [data]
 
 
 def test_a_node_fetch_passes_its_own_spool_key(tmp_path: Path) -> None:

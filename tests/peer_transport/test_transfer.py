@@ -26,13 +26,21 @@ from peer_transport.transfer.errors import (
 )
 from peer_transport.transfer.instance import prepare_instance
 from peer_transport.transfer.machine import State
-from peer_transport.transfer.manifest import Manifest, build_manifest
+from peer_transport.transfer.manifest import (
+    Manifest,
+    WireDeclaration,
+    build_manifest,
+    chunk_count,
+    sign_wires,
+    wire_digest,
+)
 from peer_transport.transfer.messages import (
     MAX_CHUNK_MESSAGE,
     MAX_OFFERS_ASSEMBLED,
     Cancel,
     Chunk,
     Finished,
+    Hurry,
     Message,
     OfferAssembler,
     OfferPart,
@@ -79,6 +87,26 @@ class Offer:
     manifest: Manifest
     wires: list[bytes]
     originals: list[bytes]
+    identity: Identity
+
+    def sender(self) -> Sender:
+        """A sender that has encoded (declared) every instance."""
+        sender = Sender(
+            self.manifest,
+            self.wires.__getitem__,
+            self.signed,
+            lambda ds: sign_wires(self.identity, self.manifest.transfer_id, ds),
+        )
+        for index, wire in enumerate(self.wires):
+            sender.declare(WireDeclaration(index, len(wire), wire_digest(wire)))
+        return sender
+
+
+def _declare(receiver: Receiver, sender: Sender, now: float) -> None:
+    """The sender's declarations due, taken by the receiver (the control channel is
+    reliable and ordered; only requests and chunks cross the bad link here)."""
+    for declaration in sender.declarations(now, flush=True):
+        receiver.declare(declaration, now)
 
 
 def _offer(files: list[bytes], identity: Identity, lie: int | None = None) -> Offer:
@@ -90,7 +118,7 @@ def _offer(files: list[bytes], identity: Identity, lie: int | None = None) -> Of
     by_uid = {p[0].sop_instance_uid: (p[2], f) for p, f in zip(prepared, files, strict=True)}
     wires = [by_uid[e.sop_instance_uid][0] for e in manifest.entries]
     originals = [by_uid[e.sop_instance_uid][1] for e in manifest.entries]
-    return Offer(manifest.sign(identity), manifest, wires, originals)
+    return Offer(manifest.sign(identity), manifest, wires, originals, identity)
 
 
 class Link:
@@ -151,6 +179,7 @@ def _drive(
 ) -> tuple[Outcome, float]:
     outcome = Outcome({}, [], 0)
     for _ in range(max_steps):
+        _declare(receiver, sender, now)
         for request in receiver.poll(now):
             up.send(request, now)
         for message in up.deliver(now):
@@ -179,11 +208,13 @@ def _drive(
 def _pair(offer: Offer, spool: Spool, **kwargs: object) -> tuple[Receiver, Sender]:
     receiver = Receiver(offer.signed, spool, window=8, timeout=1.0, **kwargs)  # type: ignore[arg-type]
     receiver.accept()
-    return receiver, Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
+    sender = offer.sender()
+    _declare(receiver, sender, 0.0)
+    return receiver, sender
 
 
-def _total_chunks(manifest: Manifest, indices: object = None) -> int:
-    return sum(e.chunk_count(manifest.chunk_size) for e in manifest.entries)
+def _total_chunks(offer: Offer) -> int:
+    return sum(chunk_count(len(w), offer.manifest.chunk_size) for w in offer.wires)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +228,7 @@ def test_clean_link_delivers_every_instance_byte_exact(offer: Offer, tmp_path: P
     outcome, _ = _drive(receiver, sender, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0))
     assert outcome.stored == dict(enumerate(offer.originals))
     assert receiver.state is State.COMPLETE
-    assert receiver.chunks_requested == _total_chunks(offer.manifest)
+    assert receiver.chunks_requested == _total_chunks(offer)
     assert outcome.order == sorted(outcome.order)  # series order on a clean link
     # Nothing left behind: a later offer of the same study (same transfer id) must
     # not find these instances called done.
@@ -217,7 +248,7 @@ def test_lossy_reordering_link_completes_with_bounded_resends(
     lost = up.lost_units + down.lost_units
     assert lost > 0, "the fake link must actually lose something for this test to mean much"
     resent = receiver.chunks_requested + receiver.chunks_rerequested
-    resent -= _total_chunks(offer.manifest)
+    resent -= _total_chunks(offer)
     assert 0 <= resent <= lost  # one resend per chunk lost or damaged, never more
 
 
@@ -227,7 +258,7 @@ def test_instances_already_held_are_never_requested(offer: Offer, tmp_path: Path
     requested: set[int] = set()
     real_poll = receiver.poll
 
-    def spy(now: float) -> list[Request]:
+    def spy(now: float) -> list[Request | Hurry]:
         requests = real_poll(now)
         requested.update(r.index for r in requests)
         return requests
@@ -282,10 +313,10 @@ def test_receiver_killed_mid_transfer_resumes_from_its_spool(offer: Offer, tmp_p
     committed = {index: revived.assemble(index) for index in sorted(revived.ready)}
     for index in committed:
         revived.stored(index, now)
-    fresh = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
+    fresh = offer.sender()
     rest, _ = _drive(revived, fresh, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0), now=now)
     assert {**first.stored, **committed, **rest.stored} == dict(enumerate(offer.originals))
-    total = _total_chunks(offer.manifest)
+    total = _total_chunks(offer)
     assert before + revived.chunks_requested <= total + in_flight
 
 
@@ -315,7 +346,7 @@ def test_receiver_with_a_lagging_state_file_resumes_through_the_store(
     committed = {index: revived.assemble(index) for index in sorted(revived.ready)}
     for index in committed:  # fully spooled before the kill: committed first, as run() does
         revived.stored(index, now)
-    fresh = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
+    fresh = offer.sender()
     rest, _ = _drive(revived, fresh, Link(random.Random(7), 0, 0, 0, 0), clean, now=now)
     assert {**first.stored, **committed, **rest.stored} == dict(enumerate(offer.originals))
     assert not (set(rest.stored) | set(committed)) & set(first.stored)  # none fetched again
@@ -358,7 +389,7 @@ def test_sender_offers_again_only_for_its_running_transfer_and_not_in_a_flood(
     offer: Offer,
 ) -> None:
     ask = ResumeRequest(offer.manifest.transfer_id)
-    sender = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
+    sender = offer.sender()
     assert sender.offer(10.0)
     assert sender.resume(ResumeRequest(bytes(16)), 20.0) == []  # not a transfer it serves
     assert sender.resume(ask, 10.5) == []  # an offer just went out, nobody used it yet
@@ -367,7 +398,7 @@ def test_sender_offers_again_only_for_its_running_transfer_and_not_in_a_flood(
     assert sender.resume(ask, 11.1)  # requests came since: a receiver that restarted since
     sender.receive(Finished(offer.manifest.transfer_id))
     assert sender.resume(ask, 60.0) == []  # a finished share is not served again
-    cancelled = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
+    cancelled = offer.sender()
     cancelled.receive(Cancel(offer.manifest.transfer_id, "withdrawn"))
     assert cancelled.resume(ask, 60.0) == []
     with pytest.raises(MalformedMessage):
@@ -384,7 +415,7 @@ def test_damaged_chunk_is_rejected_not_written_and_fetched_again(
     with pytest.raises(ChunkRejected, match="damaged"):
         receiver.receive(bad, 0.0)
     assert not (tmp_path / f"{chunk.index}.part").exists()
-    again = [r for r in receiver.poll(0.1) if r.index == chunk.index]
+    again = [r for r in receiver.poll(0.1) if isinstance(r, Request) and r.index == chunk.index]
     assert any(chunk.seq in r.seqs for r in again)
 
 
@@ -524,7 +555,7 @@ def test_journalled_chunks_lost_with_the_page_cache_are_fetched_again_not_truste
     revived = Receiver.resume(Spool(tmp_path / "spool2"), window=8, timeout=1.0)
     assert set(revived._partials[index].verified) == set(kept[1:-1])
     revived.accept()
-    fresh = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
+    fresh = offer.sender()
     rest, _ = _drive(revived, fresh, Link(rng, 0, 0, 0, 0), Link(rng, 0, 0, 0, 0), now=1.0)
     assert rest.stored == dict(enumerate(offer.originals))
     assert revived.state is State.COMPLETE  # no instance failed its hash
@@ -533,7 +564,7 @@ def test_journalled_chunks_lost_with_the_page_cache_are_fetched_again_not_truste
 def test_sender_finished_before_any_request_completes(offer: Offer) -> None:
     # A receiver that had every instance already (e.g. restarted after the last
     # chunk) finishes without asking for anything.
-    sender = Sender(offer.manifest, offer.wires.__getitem__, offer.signed)
+    sender = offer.sender()
     sender.receive(Finished(offer.manifest.transfer_id))
     assert sender.machine.state is State.COMPLETE
 

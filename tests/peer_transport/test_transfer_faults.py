@@ -34,6 +34,7 @@ from node.dicom.store import open_store
 from peer_transport.connection import ChannelLink, PeerConnection
 from peer_transport.transfer.instance import prepare_instance
 from peer_transport.transfer.machine import State
+from peer_transport.transfer.manifest import chunk_count
 from peer_transport.transfer.messages import CHUNK_SIZE
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.progress import Progress
@@ -114,8 +115,7 @@ def _ct_study(sender: Home, root: Path, slices: int, seed: int) -> Study:
     files = [p.read_bytes() for p in generate_ct(root / "ct", slices=slices, rows=512, seed=seed)]
     with closing(open_store(sender.home, sender.identity)) as store:
         uids = {store.add_bytes(f, source="test").study_uid for f in files}
-    entries = [prepare_instance(f)[0] for f in files]
-    chunks = sum(e.chunk_count(CHUNK_SIZE) for e in entries)
+    chunks = sum(chunk_count(len(prepare_instance(f)[2]), CHUNK_SIZE) for f in files)
     return Study(uids.pop(), {hashlib.sha256(f).hexdigest(): f for f in files}, chunks)
 
 
@@ -419,7 +419,7 @@ async def test_connections_killed_at_random_points_every_study_completes_byte_ex
         for n in range(transfers):
             files = ct_series(8, seed=seed + n, size=512)
             study = await PreparedStudy.from_files(files, a.identity)
-            total = sum(e.chunk_count(study.manifest.chunk_size) for e in study.manifest.entries)
+            total = sum(d.chunk_count(study.manifest.chunk_size) for d in study.declared.values())
             kill_at = rng.randint(1, total)
             side = rng.randrange(2)
             why = f"seed {seed}, transfer {n}: {('sender', 'receiver')[side]}'s link killed "

@@ -11,12 +11,25 @@ from pathlib import Path
 import pytest
 
 from crypto import canonical
-from peer_transport.transfer.manifest import Manifest, ManifestEntry, build_manifest
+from crypto.envelope import SignedEnvelope
+from crypto.identity import Identity
+from peer_transport.transfer.errors import MalformedMessage
+from peer_transport.transfer.manifest import (
+    MANIFEST_TYPE,
+    Manifest,
+    ManifestEntry,
+    WireDeclaration,
+    build_manifest,
+    open_wires,
+    sign_wires,
+)
 from peer_transport.transfer.messages import (
     CHUNK_SIZE,
     Cancel,
     Chunk,
+    Declare,
     Finished,
+    Hurry,
     Message,
     OfferPart,
     Request,
@@ -28,6 +41,12 @@ from peer_transport.transfer.messages import (
 
 GOLDEN = Path(__file__).parent / "golden"
 TID = bytes(range(16))
+SIGNER = Identity(bytes(range(32)))  # Ed25519 signs deterministically: fixed bytes
+DERIVED_ID = "8d81bd9e63cdd073ec38a821cf473a7c"  # transfer id of the golden manifest
+DECLARED = (
+    WireDeclaration(0, 900, bytes(range(32))),
+    WireDeclaration(7, 70000, bytes(32)),
+)
 
 MESSAGES: list[tuple[str, Message]] = [
     ("transfer_req.bin", Request(TID, 3, (0, 1, 7))),
@@ -36,6 +55,8 @@ MESSAGES: list[tuple[str, Message]] = [
     ("transfer_fin.bin", Finished(TID)),
     ("transfer_offer.bin", OfferPart(TID, 0, 2, b"manifest part")),
     ("transfer_resume.bin", ResumeRequest(TID)),
+    ("transfer_wire.bin", Declare(TID, sign_wires(SIGNER, TID, DECLARED))),
+    ("transfer_hurry.bin", Hurry(TID, 300)),
 ]
 
 
@@ -49,10 +70,31 @@ def test_each_transfer_message_has_its_golden_bytes(name: str, message: Message)
 
 
 def test_a_manifest_has_its_golden_value_and_content_derived_id() -> None:
-    entry = ManifestEntry("1.2.3.4.1", "1.2.3.4", 1, 2, "1.2.840.10008.1.2.1", 1000, bytes(32), 900)
+    # Version 2: entries carry no wire size (seven fields); the id is derived from them.
+    entry = ManifestEntry("1.2.3.4.1", "1.2.3.4", 1, 2, "1.2.840.10008.1.2.1", 1000, bytes(32))
     manifest = Manifest(TID, "1.2.3", (entry,), CHUNK_SIZE, False)
     golden = (GOLDEN / "transfer_manifest.bin").read_bytes()
     assert canonical.encode(manifest.to_value()) == golden
     assert Manifest.from_value(canonical.decode(golden, len(golden))) == manifest
     derived = build_manifest([entry], "1.2.3").transfer_id
-    assert derived.hex() == "d8f05ed67b0250d533bff05fd6071530"
+    assert derived.hex() == DERIVED_ID
+    signed = (GOLDEN / "transfer_manifest_signed.bin").read_bytes()
+    assert manifest.sign(SIGNER) == signed
+    assert Manifest.open(signed) == (SIGNER.public_key, manifest)
+
+
+def test_a_manifest_of_another_version_is_refused_with_its_version_named() -> None:
+    entry = ManifestEntry("1.2.3.4.1", "1.2.3.4", 1, 2, "1.2.840.10008.1.2.1", 1000, bytes(32))
+    value = Manifest(TID, "1.2.3", (entry,), CHUNK_SIZE, False).to_value()
+    old = SignedEnvelope.create(SIGNER, MANIFEST_TYPE, value, version=1).to_wire()
+    with pytest.raises(MalformedMessage, match="version 1 is not supported"):
+        Manifest.open(old)
+
+
+def test_a_wire_declaration_has_its_golden_signed_value() -> None:
+    signed = Declare.from_wire((GOLDEN / "transfer_wire.bin").read_bytes()).data
+    assert open_wires(signed) == (SIGNER.public_key, TID, DECLARED)
+    envelope = SignedEnvelope.from_wire(signed)
+    assert envelope.type == "study-wire"
+    payload = {"id": TID, "wires": [[0, 900, bytes(range(32))], [7, 70000, bytes(32)]]}
+    assert envelope.payload == canonical.encode(payload)

@@ -18,7 +18,7 @@ from bench import bench_transfer as rtc_link
 from bench.bench_codec import ct_instance, ct_series
 from crypto.identity import Identity
 from node.dicom import wirecodec
-from peer_transport.transfer import runner as transfer_runner
+from peer_transport.transfer import serving as transfer_serving
 from peer_transport.transfer.machine import State
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.progress import Progress
@@ -175,7 +175,7 @@ async def test_receiver_crash_mid_transfer_resumes_and_resends_at_most_the_windo
 ) -> None:
     files = ct_series(8, seed=31, size=512)  # about three chunks per instance
     study = await PreparedStudy.from_files(files, Identity.generate())
-    total_chunks = sum(e.chunk_count(study.manifest.chunk_size) for e in study.manifest.entries)
+    total_chunks = sum(d.chunk_count(study.manifest.chunk_size) for d in study.declared.values())
     store = MemoryStore()
     window = 4
     sent = 0
@@ -219,7 +219,7 @@ async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_r
 ) -> None:
     """A receiver that knows its sender asks for the transfer (here the sender never
     offers again on its own); one that does not (an older peer) gets the re-offer."""
-    monkeypatch.setattr(transfer_runner, "REOFFER_AFTER", 3600.0 if asks else 0.2)
+    monkeypatch.setattr(transfer_serving, "REOFFER_AFTER", 3600.0 if asks else 0.2)
     identity = Identity.generate()
     files = ct_series(12, seed=51, size=256)
     study = await PreparedStudy.from_files(files, identity)

@@ -6,7 +6,7 @@ before each bulk chunk this process hands to its connection, so a test can count
 a sender sent even when it kills it with SIGKILL; the peer transport's INFO log
 (connections lost and back, chunks rejected) on stderr, for the test's failure message;
 and ``RADMESH_TEST_REOFFER_AFTER`` (seconds) in the environment replaces the sender's
-``peer_transport.transfer.runner.REOFFER_AFTER``, so a test can take that fallback away.
+``peer_transport.transfer.serving.REOFFER_AFTER``, so a test can take that fallback away.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from node.cli import main
 from peer_transport.connection import ChannelLink, install_event_loop_policy
 from peer_transport.rtc import restrict_host_addresses
-from peer_transport.transfer import runner as transfer_runner
+from peer_transport.transfer import serving as transfer_serving
 
 
 def count_bulk_chunks() -> None:
@@ -40,6 +40,6 @@ if __name__ == "__main__":
     logging.getLogger("peer_transport").setLevel(logging.INFO)
     count_bulk_chunks()
     if reoffer_after := os.environ.get("RADMESH_TEST_REOFFER_AFTER"):
-        transfer_runner.REOFFER_AFTER = float(reoffer_after)
+        transfer_serving.REOFFER_AFTER = float(reoffer_after)
     install_event_loop_policy()
     sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,461 @@
+"""Streamed offers: the sender signs the manifest before encoding, then declares each
+wire encoding in signed "study-wire" envelopes as it is made.
+
+A declaration is held to the receiver's budgets before any chunk of its instance is
+requested; a declaration another key signed, for another transfer, or contradicting an
+earlier one stops the transfer and drops the peer; the first slice is delivered while
+the rest is still being encoded; a restarted receiver keeps a partial part only when
+the sender encodes it the same way again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from bench.bench_codec import ct_series
+from crypto.identity import Identity
+from node.dicom import wirecodec
+from peer_transport.errors import RemoteProtocolError
+from peer_transport.transfer import prepared as prepared_module
+from peer_transport.transfer.errors import DecompressionBomb, MalformedMessage, ManifestMismatch
+from peer_transport.transfer.instance import encode_instance as real_encode
+from peer_transport.transfer.instance import prepare_instance
+from peer_transport.transfer.machine import State
+from peer_transport.transfer.manifest import (
+    Manifest,
+    WireDeclaration,
+    build_manifest,
+    chunk_count,
+    sign_wires,
+    wire_digest,
+)
+from peer_transport.transfer.messages import Declare, Hurry, Request, from_wire
+from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.receiver import Receiver
+from peer_transport.transfer.runner import StudyReceiver, StudySender
+from peer_transport.transfer.sender import Sender
+from peer_transport.transfer.spool import SenderSpool, Spool
+from tests.peer_transport.test_transfer_runner import MemoryLink, MemoryStore
+
+pytestmark = pytest.mark.timeout(90)
+
+PEER = Identity.generate()
+SMALL_CHUNK = 1024  # several chunks per instance: a restart lands inside one
+
+
+def _study(n: int, seed: int, size: int = 64) -> tuple[bytes, list[bytes]]:
+    """(signed manifest, wire encodings in manifest order) of ``n`` generated CT slices."""
+    prepared = [prepare_instance(f) for f in ct_series(n, seed=seed, size=size)]
+    manifest = build_manifest([p[0] for p in prepared], prepared[0][1], chunk_size=SMALL_CHUNK)
+    wire_of = {p[0].sop_instance_uid: p[2] for p in prepared}
+    return manifest.sign(PEER), [wire_of[e.sop_instance_uid] for e in manifest.entries]
+
+
+def _sender(
+    signed: bytes, wires: list[bytes], identity: Identity = PEER, skip: int | None = None
+) -> Sender:
+    """A sender that has encoded and declares every instance (but ``skip``)."""
+    manifest = Manifest.open(signed)[1]
+    sender = Sender(
+        manifest,
+        wires.__getitem__,
+        signed,
+        lambda ds: sign_wires(identity, manifest.transfer_id, ds),
+    )
+    for index, wire in enumerate(wires):
+        if index != skip:
+            sender.declare(WireDeclaration(index, len(wire), wire_digest(wire)))
+    return sender
+
+
+def _declaration(index: int, wire: bytes) -> WireDeclaration:
+    return WireDeclaration(index, len(wire), wire_digest(wire))
+
+
+def _run(
+    receiver: Receiver,
+    sender: Sender,
+    now: float = 0.0,
+    steps: int = 400,
+    on_step: Callable[[], None] = lambda: None,
+) -> dict[int, bytes]:
+    """Drive the pair until the receiver stops being active; the instances stored."""
+    stored: dict[int, bytes] = {}
+    for _ in range(steps):
+        for declaration in sender.declarations(now, flush=True):
+            receiver.declare(declaration, now)
+        if receiver.state not in (State.RUNNING, State.PAUSED):
+            return stored
+        for message in receiver.poll(now):
+            for chunk in sender.receive(message):
+                index = receiver.receive(chunk, now)
+                if index is not None:
+                    stored[index] = receiver.assemble(index)
+                    receiver.stored(index, now)
+        on_step()
+        now += 0.1
+    raise AssertionError("the transfer did not end within the step budget")
+
+
+# -- budgets per declaration ----------------------------------------------------------------
+
+
+def test_a_declaration_over_budget_refuses_its_instance_before_any_chunk_and_the_rest_still_comes(
+    tmp_path: Path,
+) -> None:
+    signed, wires = _study(3, seed=21)
+    spool_dir = tmp_path / "spool"
+    receiver = Receiver(signed, Spool(spool_dir), window=8, timeout=1.0)
+    receiver.accept()
+    tid = receiver.manifest.transfer_id
+    # Instance 1 declared as 2 GiB on the wire for a file of a few KB: padding the
+    # receiver would spool and read back whole. Signed by the manifest's own signer.
+    padded = WireDeclaration(1, 2 << 30, bytes(32))
+    declared = [_declaration(0, wires[0]), padded, _declaration(2, wires[2])]
+    [refused] = receiver.declare(Declare(tid, sign_wires(PEER, tid, declared)), 0.0)
+    assert isinstance(refused, DecompressionBomb)
+    assert receiver.manifest.entries[1].sop_instance_uid in str(refused)
+
+    honest = _sender(signed, wires, skip=1)
+    asked: set[int] = set()
+    real_poll = receiver.poll
+
+    def poll(now: float) -> list[Request | Hurry]:
+        requests = real_poll(now)
+        asked.update(r.index for r in requests if isinstance(r, Request))
+        return requests
+
+    receiver.poll = poll  # type: ignore[method-assign]
+
+    def nothing_of_instance_1() -> None:
+        assert not (spool_dir / "1.part").exists()
+
+    stored = _run(receiver, honest, on_step=nothing_of_instance_1)
+    # The canary: instance 2, declared after the refused one, arrived byte-exact.
+    assert sorted(stored) == [0, 2]
+    assert 1 not in asked
+    assert receiver.state is State.FAILED
+    assert receiver.failure is refused  # the transfer ends on the refusal, once the rest is in
+
+
+# -- forged, foreign and contradicting declarations -------------------------------------------
+
+
+@pytest.mark.parametrize("forgery", ["another key", "another transfer", "contradicting"])
+def test_a_forged_foreign_or_contradicting_declaration_fails_the_transfer(
+    tmp_path: Path, forgery: str
+) -> None:
+    signed, wires = _study(2, seed=22)
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), window=8, timeout=1.0)
+    receiver.accept()
+    tid = receiver.manifest.transfer_id
+    honest = [_declaration(0, wires[0])]
+    if forgery == "another key":
+        message = Declare(tid, sign_wires(Identity.generate(), tid, honest))
+    elif forgery == "another transfer":
+        message = Declare(tid, sign_wires(PEER, bytes(16), honest))
+    else:
+        receiver.declare(Declare(tid, sign_wires(PEER, tid, honest)), 0.0)
+        other = WireDeclaration(0, len(wires[0]), bytes(32))
+        message = Declare(tid, sign_wires(PEER, tid, [other]))
+    with pytest.raises(ManifestMismatch):
+        receiver.declare(message, 0.0)
+    assert receiver.state is State.FAILED
+    assert isinstance(receiver.failure, ManifestMismatch)
+    assert receiver.poll(1.0) == []
+
+
+def test_a_declaration_out_of_the_manifest_or_malformed_fails_the_transfer(
+    tmp_path: Path,
+) -> None:
+    signed, wires = _study(2, seed=23)
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), window=8, timeout=1.0)
+    receiver.accept()
+    tid = receiver.manifest.transfer_id
+    with pytest.raises(MalformedMessage, match="not in the manifest"):
+        receiver.declare(Declare(tid, sign_wires(PEER, tid, [_declaration(2, wires[0])])), 0.0)
+    assert receiver.state is State.FAILED
+    with pytest.raises(MalformedMessage):
+        Declare.from_wire(Declare(tid, b"x" * (17 * 1024)).to_wire())
+
+
+class _DroppingLink(MemoryLink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: list[RemoteProtocolError] = []
+
+    def drop(self, error: RemoteProtocolError) -> None:
+        self.dropped.append(error)
+
+
+class _Contradicting(MemoryLink):
+    """The sender's side of the link, where the peer sends every honest declaration and
+    then one more that says instance 0 is encoded otherwise."""
+
+    async def send_control(self, data: bytes) -> None:
+        await super().send_control(data)
+        message = from_wire(data)
+        if isinstance(message, Declare):
+            other = WireDeclaration(0, 1000, bytes(32))
+            forged = Declare(message.transfer_id, sign_wires(PEER, message.transfer_id, [other]))
+            await super().send_control(forged.to_wire())
+
+
+async def test_a_contradicting_declaration_costs_the_sender_its_connection(tmp_path: Path) -> None:
+    study = await PreparedStudy.from_files(ct_series(3, seed=24, size=64), PEER)
+    a, b = _Contradicting(), _DroppingLink()
+    a.peer, b.peer = b, a
+    store = MemoryStore()
+    receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a")
+    sender = StudySender(study, a)
+    a.attach(sender.on_control, lambda _d: None)
+    b.attach(receiver.on_control, receiver.on_bulk)
+    serving = asyncio.ensure_future(sender.run())
+    try:
+        with pytest.raises(ManifestMismatch, match="twice, differently"):
+            await asyncio.wait_for(receiver.run(), 30)
+        assert len(b.dropped) == 1
+        assert isinstance(b.dropped[0], ManifestMismatch)
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        for link in (a, b):
+            if link.pump is not None:
+                link.pump.cancel()
+    assert not store.by_hash  # nothing was fetched on the word of a declaration it took back
+
+
+def test_a_sender_refuses_a_request_for_an_instance_it_has_not_declared() -> None:
+    signed, wires = _study(3, seed=25)
+    manifest = Manifest.open(signed)[1]
+    sender = Sender(
+        manifest, wires.__getitem__, signed, lambda ds: sign_wires(PEER, manifest.transfer_id, ds)
+    )
+    sender.declare(_declaration(0, wires[0]))
+    assert sender.receive(Request(manifest.transfer_id, 0, (0,)))  # declared: served
+    with pytest.raises(MalformedMessage, match="not declared"):
+        sender.receive(Request(manifest.transfer_id, 2, (0,)))
+
+
+# -- the first slice leaves before the study is encoded --------------------------------------
+
+
+async def test_the_first_slice_is_delivered_before_the_last_one_is_encoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = ct_series(6, seed=26, size=64)
+    uids = [str(pydicom.dcmread(io.BytesIO(f)).SOPInstanceUID) for f in files]
+    events: list[tuple[str, str]] = []
+    first_stored = threading.Event()
+
+    def slow_codec(data: bytes, entry: Any, study_uid: str, cache: Any = None) -> Any:
+        # The codec of the last slice waits (bounded) until the first one is stored: a
+        # sender that encodes everything before it offers never gets there in order.
+        if entry.sop_instance_uid == uids[-1]:
+            first_stored.wait(30)
+        out = real_encode(data, entry, study_uid, cache)
+        events.append(("encoded", entry.sop_instance_uid))
+        return out
+
+    monkeypatch.setattr(prepared_module, "encode_instance", slow_codec)
+
+    class Store(MemoryStore):
+        def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
+            digest = super().add_bytes(data, source=source, warm=warm)
+            sop = str(pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID)
+            events.append(("stored", sop))
+            if sop == uids[0]:
+                first_stored.set()
+            return digest
+
+    spool = SenderSpool(tmp_path / "out")
+    study = await PreparedStudy.from_source(iter(files), PEER, spool, ahead=2)
+    assert study.declared == {}  # signed and offered before anything is encoded
+    assert [e.sop_instance_uid for e in study.manifest.entries] == uids  # series order
+    a, b = MemoryLink(), MemoryLink()
+    a.peer, b.peer = b, a
+    store = Store()
+    receiver = StudyReceiver(b, tmp_path / "in", store, "peer-a")
+    sender = StudySender(study, a)
+    a.attach(sender.on_control, lambda _d: None)
+    b.attach(receiver.on_control, receiver.on_bulk)
+    try:
+        await asyncio.wait_for(asyncio.gather(receiver.run(), sender.run()), 60)
+    finally:
+        spool.close()
+        for link in (a, b):
+            if link.pump is not None:
+                link.pump.cancel()
+    assert len(store.by_hash) == len(files)
+    assert events.index(("stored", uids[0])) < events.index(("encoded", uids[-1]))
+
+
+async def test_the_encoder_takes_a_hurried_instance_next() -> None:
+    signed, wires = _study(5, seed=27)
+    manifest = Manifest.open(signed)[1]
+    order: list[int] = []
+
+    def encoder(index: int) -> tuple[bytes, WireDeclaration]:
+        order.append(index)
+        return wires[index], _declaration(0, wires[index])
+
+    spool = SenderSpool()
+    try:
+        study = PreparedStudy(manifest, PEER, encoder=encoder, spool=spool, ahead=1)
+
+        def declared(index: int) -> None:
+            if index == 0:
+                study.hurry(4)  # the viewer on the receiver waits for the last slice
+
+        await study.encode(declared)
+        assert order == [0, 4, 1, 2, 3]
+        assert all(study.wire(i) == wires[i] for i in range(5))
+    finally:
+        spool.close()
+
+
+def test_the_receiver_hurries_the_instance_on_screen_and_a_stalled_one(tmp_path: Path) -> None:
+    signed, wires = _study(4, seed=28)
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), window=8, timeout=1.0)
+    receiver.accept()
+    sender = Sender(
+        receiver.manifest,
+        wires.__getitem__,
+        signed,
+        lambda ds: sign_wires(PEER, receiver.manifest.transfer_id, ds),
+    )
+    receiver.prioritise(3)
+    assert Hurry(receiver.manifest.transfer_id, 3) in receiver.poll(0.0)
+    assert not any(isinstance(m, Hurry) for m in receiver.poll(0.1))  # once per instance
+    for message in receiver.poll(0.2):
+        sender.receive(message)
+    # Nothing declared for a timeout: the first undeclared instance is hurried (the
+    # sender encodes it next, or declares it again when its declaration was lost).
+    stalled = receiver.poll(5.0)
+    assert Hurry(receiver.manifest.transfer_id, 0) in stalled
+    sender.receive(Hurry(receiver.manifest.transfer_id, 3))
+    assert sender.hurried == 3
+    sender.declare(_declaration(0, wires[0]))
+    assert sender.declarations(6.0)  # the first batch goes at once
+    sender.receive(Hurry(receiver.manifest.transfer_id, 0))  # declared, yet asked: again
+    [again] = sender.declarations(6.05, flush=True)
+    receiver.declare(again, 6.05)
+    assert any(isinstance(m, Request) and m.index == 0 for m in receiver.poll(6.1))
+
+
+# -- resume: a partial part is kept only for the same encoding -------------------------------
+
+
+def _partly_received(tmp_path: Path, signed: bytes, wires: list[bytes]) -> tuple[int, int]:
+    """A receiver that got some chunks of instance 0, then was killed: (index, chunks kept)."""
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), window=4, timeout=1.0)
+    receiver.accept()
+    sender = _sender(signed, wires)
+    for declaration in sender.declarations(0.0, flush=True):
+        receiver.declare(declaration, 0.0)
+    for request in receiver.poll(0.0):
+        for chunk in sender.receive(request):
+            assert receiver.receive(chunk, 0.0) is None
+    kept = len(receiver._partials[0].verified)
+    assert 0 < kept < chunk_count(len(wires[0]), SMALL_CHUNK)
+    del receiver  # kill -9
+    return 0, kept
+
+
+def test_a_restarted_receiver_keeps_a_partial_part_the_sender_encodes_the_same_again(
+    tmp_path: Path,
+) -> None:
+    signed, wires = _study(3, seed=29, size=96)
+    index, kept = _partly_received(tmp_path, signed, wires)
+    revived = Receiver.resume(Spool(tmp_path / "spool"), window=4, timeout=1.0)
+    assert len(revived._partials[index].verified) == kept  # its size known before any offer
+    revived.accept()
+    assert revived.poll(0.0) == []  # nothing is fetched until the sender declares again
+    stored = _run(revived, _sender(signed, wires))
+    assert revived.state is State.COMPLETE
+    assert revived.parts_redeclared == 0
+    originals = [wirecodec.decode(wirecodec.WireInstance.from_wire(w)) for w in wires]
+    assert stored == dict(enumerate(originals))
+    total = sum(chunk_count(len(w), SMALL_CHUNK) for w in wires)
+    assert revived.chunks_requested == total - kept  # the kept chunks were not fetched again
+
+
+def test_a_restarted_receiver_drops_a_partial_part_the_sender_now_encodes_otherwise(
+    tmp_path: Path,
+) -> None:
+    signed, wires = _study(3, seed=30, size=96)
+    index, _kept = _partly_received(tmp_path, signed, wires)
+    # The restarted sender's codec sends instance 0 as it is (another size and digest).
+    original = wirecodec.decode(wirecodec.WireInstance.from_wire(wires[index]))
+    raw = wirecodec.WireInstance(
+        wirecodec.Encoding.RAW, len(original), hashlib.sha256(original).digest(), original
+    ).to_wire()
+    assert len(raw) != len(wires[index])
+    changed = [raw, *wires[1:]]
+    revived = Receiver.resume(Spool(tmp_path / "spool"), window=4, timeout=1.0)
+    revived.accept()
+    sender = _sender(signed, changed)
+    for declaration in sender.declarations(0.0, flush=True):
+        revived.declare(declaration, 0.0)
+    assert revived.parts_redeclared == 1
+    assert not (tmp_path / "spool" / f"{index}.part").exists()
+    stored = _run(revived, sender, now=0.1)
+    assert revived.state is State.COMPLETE
+    assert stored[index] == original
+    total = sum(chunk_count(len(w), SMALL_CHUNK) for w in changed)
+    assert revived.chunks_requested == total  # instance 0 fetched whole, in its new encoding
+
+
+# -- a stored file that cannot be sent, found while streaming ------------------------------
+
+
+async def test_a_file_found_bad_while_encoding_cancels_the_transfer_and_says_why(
+    tmp_path: Path,
+) -> None:
+    from node.dicom.store import Store
+    from peer_transport.transfer.errors import TransferCancelled
+    from peer_transport.transfer.runner import receive_study, send_study
+
+    files = ct_series(4, seed=31, size=64)
+    with Store.open(tmp_path / "store", bytes(range(32))) as store:
+        study_uid = ""
+        for data in files:
+            study_uid = store.add_bytes(data, source="test").study_uid
+        last = store.instances(study_uid)[-1].sop_instance_uid
+        real_read = store.read_instance
+
+        def read_instance(sop_instance_uid: str) -> bytes:
+            data = real_read(sop_instance_uid)
+            return data[:-1000] if sop_instance_uid == last else data  # changed on disk
+
+        store.read_instance = read_instance  # type: ignore[method-assign]
+        a, b = MemoryLink(), MemoryLink()
+        a.peer, b.peer = b, a
+        received = MemoryStore()
+        receiving = asyncio.ensure_future(receive_study(b, received, tmp_path / "in", peer="a"))
+        await asyncio.sleep(0)  # the receiver listens before the offer goes out
+        try:
+            with pytest.raises(wirecodec.BadInstance, match="truncated"):
+                await asyncio.wait_for(
+                    send_study(a, store, study_uid, PEER, peer="b", spool_dir=tmp_path / "out"),
+                    30,
+                )
+            with pytest.raises(TransferCancelled):
+                await asyncio.wait_for(receiving, 30)
+        finally:
+            receiving.cancel()
+            for link in (a, b):
+                if link.pump is not None:
+                    link.pump.cancel()
+    assert last not in {
+        str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID) for d in received.by_hash.values()
+    }
