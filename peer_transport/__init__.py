@@ -37,7 +37,7 @@ Using it::
     async for event in conn.events():  # Connected, Received(channel, data),
         ...                            # Disconnected(will_retry), Reconnected, Closed
     conn.set_receiver("bulk", callback)  # or take a channel out of the event stream
-    ChannelLink(conn)                # a transfer.runner.TransferLink over this connection
+    mux.ChannelLink(conn)            # a transfer.runner.TransferLink over this connection
     await conn.close(); await transport.close()
 
 Security: after DTLS, a SIGMA handshake (``crypto.handshake``) binds both node
