@@ -300,9 +300,9 @@ def _peak_rss_mb() -> float:
     Not ``getrusage().ru_maxrss``: Linux carries the high-water mark of the memory a
     process had before ``execve`` into it, and a child starts as a fork of the bench,
     so ``ru_maxrss`` reports the parent's RSS at spawn when that is larger (inside
-    ``make bench``, after the other benchmarks and the 1 GB study's encode, that was
-    the 264 and 353 MB once reported here; 97 MB run alone). ``VmHWM`` belongs to the
-    memory the process has had since exec.
+    ``make bench`` the bench process has run the other benchmarks first: the 264 and
+    353 MB once reported here; 97-103 MB run alone, flat from the first instance to the
+    2000th). ``VmHWM`` belongs to the memory the process has had since exec.
     """
     return float(_rss_mb("VmHWM")) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
