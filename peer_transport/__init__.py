@@ -17,6 +17,8 @@ Layers (each usable and tested on its own):
                  (``TransportOptions(link=MemoryNetwork())``), for tests.
 - ``session``    sans-IO: the link and connection lifecycle tables, ``BulkCredit``.
 - ``connection`` ``Transport`` and ``PeerConnection`` (below).
+- ``mux``        ``ChannelLink``: a study transfer over a connection; several on one
+                 connection are routed by transfer id.
 - ``transfer``   the study transfer (a package: messages, manifest, machine, spools,
                  sender, receiver, runner) on top of bulk + control.
 
