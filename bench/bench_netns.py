@@ -52,13 +52,13 @@ from node.demo.phantom import generate_ct
 from node.dicom.store import Store
 from peer_transport import frames as fr
 from peer_transport.connection import (
-    ChannelLink,
     PeerConnection,
     Received,
     Transport,
     TransportOptions,
     install_event_loop_policy,
 )
+from peer_transport.mux import ChannelLink
 from peer_transport.rtc import RtcOptions, restrict_host_addresses
 from peer_transport.signaling import StreamSignaling
 from peer_transport.transfer.prepared import PreparedStudy

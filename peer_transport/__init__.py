@@ -17,6 +17,8 @@ Layers (each usable and tested on its own):
                  (``TransportOptions(link=MemoryNetwork())``), for tests.
 - ``session``    sans-IO: the link and connection lifecycle tables, ``BulkCredit``.
 - ``connection`` ``Transport`` and ``PeerConnection`` (below).
+- ``mux``        ``ChannelLink``: a study transfer over a connection; several on one
+                 connection are routed by transfer id.
 - ``transfer``   the study transfer (a package: messages, manifest, machine, spools,
                  sender, receiver, runner) on top of bulk + control.
 
@@ -37,7 +39,7 @@ Using it::
     async for event in conn.events():  # Connected, Received(channel, data),
         ...                            # Disconnected(will_retry), Reconnected, Closed
     conn.set_receiver("bulk", callback)  # or take a channel out of the event stream
-    ChannelLink(conn)                # a transfer.runner.TransferLink over this connection
+    mux.ChannelLink(conn)            # a transfer.runner.TransferLink over this connection
     await conn.close(); await transport.close()
 
 Security: after DTLS, a SIGMA handshake (``crypto.handshake``) binds both node

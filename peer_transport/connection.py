@@ -4,8 +4,8 @@ See the package docstring (``peer_transport/__init__.py``) for the API tour. The
 lifecycle rules (link and connection states, bulk credit) are the tables in
 :mod:`peer_transport.session`; this module is their I/O: the transport (signaling,
 glare, handshake), the connection (requests, channels, reconnects) and the per-link
-session. ``ChannelLink`` / ``_TransferMux`` belong with the study transfer and are the
-next thing to move out.
+session. Study transfers over a connection (``ChannelLink`` and the mux that routes
+them by transfer id) live in :mod:`peer_transport.mux`.
 
 Why one module: the transport, the connection and the per-link session each drive the
 others' state (a link failing reconnects its connection; a connection closing ends its
@@ -31,7 +31,6 @@ from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 from node.core.supervise import supervise
 from peer_transport import frames as fr
-from peer_transport import transfer as tr
 from peer_transport.errors import (
     ConnectionClosed,
     ConnectionLost,
@@ -305,7 +304,6 @@ class PeerConnection:
         self._ids = itertools.count(1)
         options = transport.options
         self._bulk = BulkCredit(options.bulk_window, options.live_bulk_window, options.live_quiet)
-        self._transfer_mux: _TransferMux | None = None  # study transfers on this connection
         self._credit = asyncio.Event()  # set when credit may have come back
         self._settled = asyncio.Event()  # set while OPEN or CLOSED: waiters can go on
         self._tasks: set[asyncio.Task[None]] = set()
@@ -700,93 +698,6 @@ class PeerConnection:
                 self._events.get_nowait()
 
 
-class ChannelLink:
-    """One study transfer on a PeerConnection, seen as a ``transfer.runner.TransferLink``.
-
-    ``send_control`` travels as control-channel messages, ``send_bulk`` on the
-    bulk channel with credit-based backpressure; :meth:`attach` routes the
-    transfer's incoming messages to callbacks instead of the event stream. Several
-    transfers may share a connection (two consults between the same two nodes):
-    they are told apart by transfer id (see :class:`_TransferMux`).
-    """
-
-    def __init__(self, conn: PeerConnection) -> None:
-        self.conn = conn
-        self.callbacks: tuple[Callable[[bytes], None], Callable[[bytes], None]] | None = None
-        self._mux = _TransferMux.of(conn)
-
-    async def send_control(self, data: bytes) -> None:
-        self._mux.sending(self, data)
-        await self.conn.send_message(data)
-
-    async def send_bulk(self, data: bytes) -> None:
-        await self.conn.send_bulk(data)
-
-    def attach(self, on_control: Callable[[bytes], None], on_bulk: Callable[[bytes], None]) -> None:
-        self.callbacks = (on_control, on_bulk)
-        self._mux.links.append(self)
-
-    def detach(self) -> None:
-        """The transfer is over: its messages are no longer routed here."""
-        self._mux.remove(self)
-
-    def drop(self, error: RemoteProtocolError) -> None:
-        """The peer misbehaved in this transfer (a decompression bomb, an instance that is
-        not the one its manifest names): disconnect it, as for a malformed frame."""
-        self.conn.drop(error)
-
-
-class _TransferMux:
-    """The study transfers of one connection, told apart by transfer id.
-
-    A link is bound to a transfer id when it sends that transfer's offer (a sender)
-    or its first chunk request (a receiver). Incoming messages go to the link bound
-    to their id; an offer for an id no link holds goes to every link not bound yet
-    (receivers waiting for their offer: each takes only the study it expects), and so
-    does a wire declaration (it may come before the receiver's first request); other
-    messages for unknown ids are dropped (a finished or cancelled transfer's tail).
-    """
-
-    def __init__(self, conn: PeerConnection) -> None:
-        self.links: list[ChannelLink] = []
-        self.bound: dict[bytes, ChannelLink] = {}
-        conn.set_receiver("message", lambda data: self._route(data, 0))
-        conn.set_receiver("bulk", lambda data: self._route(data, 1))
-
-    @classmethod
-    def of(cls, conn: PeerConnection) -> _TransferMux:
-        mux = conn._transfer_mux
-        if mux is None:
-            mux = conn._transfer_mux = cls(conn)
-        return mux
-
-    def sending(self, link: ChannelLink, data: bytes) -> None:
-        kind, transfer_id = tr.peek(data)
-        if kind in ("offer", "req", "hurry"):
-            self.bound[transfer_id] = link
-
-    def remove(self, link: ChannelLink) -> None:
-        if link in self.links:
-            self.links.remove(link)
-        for transfer_id in [t for t, bound in self.bound.items() if bound is link]:
-            del self.bound[transfer_id]
-
-    def _targets(self, data: bytes) -> list[ChannelLink]:
-        kind, transfer_id = tr.peek(data)  # the receiver decodes the rest
-        link = self.bound.get(transfer_id)
-        if link is not None:
-            return [link]
-        if kind in ("offer", "wire"):  # a receiver is bound by its first request, later
-            held = set(map(id, self.bound.values()))
-            return [candidate for candidate in self.links if id(candidate) not in held]
-        return []
-
-    def _route(self, data: bytes, channel: int) -> None:  # 0: control, 1: bulk
-        for link in self._targets(data):
-            if link.callbacks is not None:
-                link.callbacks[channel](data)
-
-
 class Transport:
     """This node's end of the peer transport: makes and accepts PeerConnections.
 
@@ -1141,7 +1052,6 @@ def install_event_loop_policy() -> bool:
 
 
 __all__ = [
-    "ChannelLink",
     "Closed",
     "Connected",
     "Disconnected",

@@ -14,7 +14,7 @@ from crypto.identity import NodeId
 from node.core.errors import NodeError
 from node.dicom import pseudonyms as pair_pseudonyms
 from node.dicom import sharing
-from peer_transport.connection import ChannelLink
+from peer_transport.mux import ChannelLink
 from peer_transport.transfer.runner import send_study
 
 if TYPE_CHECKING:

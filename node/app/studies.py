@@ -31,8 +31,9 @@ from node.dicom import pseudonyms as pair_pseudonyms
 from node.dicom import sharing
 from node.dicom.deid import PseudonymMap
 from peer_transport import transfer as tr
-from peer_transport.connection import ChannelLink, PeerConnection, RequestRefused
+from peer_transport.connection import PeerConnection, RequestRefused
 from peer_transport.errors import RemoteError, TransportError
+from peer_transport.mux import ChannelLink
 from peer_transport.transfer import Progress, TransferCancelled
 from peer_transport.transfer.runner import (
     ProgressCallback,

@@ -35,7 +35,7 @@ async def fetch_from_peer(
 ) -> tr.Progress:
     from node.app.sending import progress_line
     from peer_transport import transfer as tr
-    from peer_transport.connection import ChannelLink
+    from peer_transport.mux import ChannelLink
     from peer_transport.transfer.runner import receive_study
 
     while True:

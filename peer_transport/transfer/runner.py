@@ -482,7 +482,7 @@ async def send_study(
         if on_sender is not None:  # lets a caller watch progress (node.app.transfers)
             on_sender(sender)
         attach = getattr(link, "attach", None)
-        if attach is not None:  # connection.ChannelLink: route its incoming control to us
+        if attach is not None:  # mux.ChannelLink: route its incoming control to us
             attach(sender.on_control, lambda _data: None)
         state = await sender.run()
     finally:
@@ -496,7 +496,7 @@ async def send_study(
 
 def _detach(link: TransferLink) -> None:
     detach = getattr(link, "detach", None)
-    if detach is not None:  # connection.ChannelLink: this transfer's messages stop here
+    if detach is not None:  # mux.ChannelLink: this transfer's messages stop here
         detach()
 
 
@@ -518,7 +518,7 @@ async def receive_study(
 
     The caller routes the link's incoming control and bulk messages to the
     returned receiver, so this attaches when ``link`` has an ``attach`` method
-    (``connection.ChannelLink`` does). ``sender_key`` is the link's peer: when
+    (``mux.ChannelLink`` does). ``sender_key`` is the link's peer: when
     ``spool_dir`` holds an unfinished transfer it signed, the receiver asks for it
     at once instead of waiting for the sender to offer again. ``spool_key`` seals the
     spool (a node passes ``identity.derive_key(transfer.SPOOL_KEY_PURPOSE)``; without

@@ -35,7 +35,7 @@ from node.cli.store import _export
 from node.dicom import wirecodec
 from node.dicom.importer import import_paths
 from node.dicom.store import InstanceConflict, Store
-from peer_transport.connection import ChannelLink
+from peer_transport.mux import ChannelLink
 from peer_transport.transfer.errors import (
     DecompressionBomb,
     MalformedMessage,

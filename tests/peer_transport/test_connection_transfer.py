@@ -10,7 +10,7 @@ import pytest
 
 from bench.bench_codec import ct_series
 from crypto.identity import Identity
-from peer_transport.connection import ChannelLink
+from peer_transport.mux import ChannelLink
 from peer_transport.transfer.machine import State
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.runner import StudyReceiver, StudySender

@@ -31,7 +31,8 @@ from node.core.config import NetworkConfig, NodeConfig, NodeHome
 from node.core.keystore import save_identity
 from node.demo.phantom import generate_ct
 from node.dicom.store import open_store
-from peer_transport.connection import ChannelLink, PeerConnection
+from peer_transport.connection import PeerConnection
+from peer_transport.mux import ChannelLink
 from peer_transport.transfer.instance import prepare_instance
 from peer_transport.transfer.machine import State
 from peer_transport.transfer.manifest import chunk_count

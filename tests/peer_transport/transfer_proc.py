@@ -16,7 +16,8 @@ import os
 import sys
 
 from node.cli import main
-from peer_transport.connection import ChannelLink, install_event_loop_policy
+from peer_transport.connection import install_event_loop_policy
+from peer_transport.mux import ChannelLink
 from peer_transport.rtc import restrict_host_addresses
 from peer_transport.transfer import serving as transfer_serving
 
