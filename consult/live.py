@@ -463,7 +463,6 @@ class LiveConsult:
         self._listeners: list[Listener] = []
         self._message_ids = 0
         self._tick: asyncio.Task[None] | None = None
-        self.state.on_local_update(lambda _wire: self._changed())
 
     # -- participants -----------------------------------------------------------------
     def bind(self, link: LiveLink) -> bool:
@@ -518,8 +517,10 @@ class LiveConsult:
         if client is not None and binding.client is None and self._client_taken(client):
             raise MalformedMessage("presence uses the client id of another participant")
         binding.client = client
+        before = self.presence.participants()
         self.presence.receive(message, self.clock())
-        self._changed()
+        if self.presence.participants() != before:  # a heartbeat alone wakes nobody
+            self._changed()
 
     def _client_taken(self, client: int) -> bool:
         """Whether an awareness client id is this node's own or bound to another peer (a
@@ -529,6 +530,8 @@ class LiveConsult:
         )
 
     # -- local edits ------------------------------------------------------------------
+    # Listeners are told once an edit returns, not from the document's observer: that runs
+    # while the transaction is still open, and a listener reading the state there fails.
     def add_annotation(
         self,
         kind: AnnotationKind,
@@ -539,15 +542,20 @@ class LiveConsult:
         text: str = "",
         values: Mapping[str, float] | None = None,
     ) -> Annotation:
-        return self.state.add_annotation(
+        annotation = self.state.add_annotation(
             kind, sop_instance_uid, frame, points, self.clock(), text=text, values=values
         )
+        self._changed()
+        return annotation
 
     def remove_annotation(self, annotation_id: str) -> None:
         self.state.remove_annotation(annotation_id, self.clock())
+        self._changed()
 
     def say(self, text: str) -> ChatMessage:
-        return self.state.say(text, self.clock())
+        message = self.state.say(text, self.clock())
+        self._changed()
+        return message
 
     def set_report_text(self, text: str) -> None:
         """Replace the draft by ``text`` as the smallest edit (common prefix and suffix kept),
@@ -564,6 +572,8 @@ class LiveConsult:
             self.state.delete_report(start, end_old)
         if end_new > start:
             self.state.insert_report(start, text[start:end_new])
+        if end_old > start or end_new > start:
+            self._changed()
 
     def move_cursor(self, cursor: Cursor | None) -> None:
         self.presence.set_cursor(cursor, self.clock())
