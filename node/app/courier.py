@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import nacl.exceptions
 import nacl.public
@@ -77,8 +78,30 @@ def sealed_signer(identity: Identity, sealed: bytes) -> tuple[str, bytes] | None
     return envelope.type.removeprefix(SEALED_PREFIX), envelope.signer
 
 
+@dataclass(frozen=True)
+class NodeMessage:
+    """The body of a sealed ``node-msg``: a service's message (``wire``) of ``kind``."""
+
+    kind: str
+    wire: bytes
+
+    def to_body(self) -> dict[str, Any]:
+        return {"kind": self.kind, "wire": self.wire}
+
+    @classmethod
+    def from_body(cls, body: Any) -> NodeMessage:
+        if not (
+            isinstance(body, dict)
+            and isinstance(body.get("kind"), str)
+            and isinstance(body.get("wire"), bytes)
+        ):
+            raise RuntimeError_("node message has the wrong shape")
+        return cls(body["kind"], body["wire"])
+
+
 def seal_node_message(identity: Identity, to: bytes, kind: str, wire: bytes, now: int) -> bytes:
-    return seal(identity, to, NODE_MSG, {"kind": kind, "wire": wire}, now=now, ttl=NODE_MSG_TTL)
+    body = NodeMessage(kind, wire).to_body()
+    return seal(identity, to, NODE_MSG, body, now=now, ttl=NODE_MSG_TTL)
 
 
 class SignalRouter:
@@ -225,17 +248,11 @@ class Courier:
                 replay_guard=rt.guard,
                 max_size=MAX_NODE_MSG,
             )
-            body = opened.body
-            if not (
-                isinstance(body, dict)
-                and isinstance(body.get("kind"), str)
-                and isinstance(body.get("wire"), bytes)
-            ):
-                raise RuntimeError_("node message has the wrong shape")
-            handler = self.handlers.get(body["kind"])
+            message = NodeMessage.from_body(opened.body)
+            handler = self.handlers.get(message.kind)
             if handler is None:
-                raise RuntimeError_(f"no handler for node message kind {body['kind']!r}")
-            await handler(opened.sender_id, body["kind"], body["wire"])
+                raise RuntimeError_(f"no handler for node message kind {message.kind!r}")
+            await handler(opened.sender_id, message.kind, message.wire)
         except (CryptoError, NodeError, ConsultError, RegistryError) as exc:
             log.warning("refused a node message: %s", exc)
 
