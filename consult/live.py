@@ -66,7 +66,9 @@ from consult.shared import (
     SharedState,
     SyncKind,
     SyncMessage,
+    changed_span,
 )
+from consult.ywire import read_varuint
 from crypto import canonical
 from crypto.errors import BadSignature
 from crypto.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, NodeId, verify_signature
@@ -332,14 +334,7 @@ def ticket_valid(consult_id: str, joiner: bytes, by: bytes, ticket: bytes) -> bo
 
 def _read_uint(data: bytes, offset: int) -> tuple[int, int]:
     """A y-protocols varuint of up to 53 bits (awareness client ids are that large)."""
-    value = shift = 0
-    for index in range(offset, min(len(data), offset + 8)):
-        byte = data[index]
-        value |= (byte & 127) << shift
-        shift += 7
-        if byte < 128:
-            return value, index + 1
-    raise MalformedMessage("presence message has a bad number field")
+    return read_varuint(data, offset, max_bytes=8, error="presence message has a bad number field")
 
 
 def check_presence(message: bytes, node: str, bound_client: int | None) -> int | None:
@@ -560,14 +555,7 @@ class LiveConsult:
     def set_report_text(self, text: str) -> None:
         """Replace the draft by ``text`` as the smallest edit (common prefix and suffix kept),
         so a concurrent edit elsewhere in the text survives."""
-        old = self.state.report_text
-        start = 0
-        while start < min(len(old), len(text)) and old[start] == text[start]:
-            start += 1
-        end_old, end_new = len(old), len(text)
-        while end_old > start and end_new > start and old[end_old - 1] == text[end_new - 1]:
-            end_old -= 1
-            end_new -= 1
+        start, end_old, end_new = changed_span(self.state.report_text, text)
         if end_old > start:
             self.state.delete_report(start, end_old)
         if end_new > start:
