@@ -49,7 +49,6 @@ from node.dicom.wirecache import KEY_PURPOSE as WIRECACHE_KEY
 from node.dicom.wirecache import open_cache
 from peer_transport.connection import Transport, TransportOptions
 from peer_transport.rtc import IceServer, RtcOptions
-from registry.certfile import CertificateFile
 from registry.client import (
     MultiRegistry,
     RegistryClient,
@@ -61,7 +60,8 @@ from registry.errors import RegistryError, RemoteRegistryError, StaleRecord
 from registry.lan import LanEndpoint
 from registry.limits import StrangerGate
 from registry.mdns import LanDiscovery
-from registry.records import Availability, LanPointer, NodeRecord
+from registry.own import CertificateFile, own_record
+from registry.records import LanPointer, NodeRecord
 from registry.trust import TrustStore
 
 log = logging.getLogger(__name__)
@@ -305,23 +305,14 @@ class NodeRuntime:
 
     # -- identity on the network --------------------------------------------------------
     def _make_record(self) -> NodeRecord:
-        c = self.config
-        registries = (f"registry:{url}" for url in c.network.registries)
-        endpoints = (f"lan:{self.lan_url}", *registries)
-        return NodeRecord.create(
+        return own_record(
             self.identity,
+            self.config,
             now=self.now(),
             sequence=self._sequence,
             ttl=RECORD_TTL,
-            display_name=c.display_name,
-            institution=c.institution,
-            country=c.country,
-            subspecialties=tuple(c.subspecialties),
-            jurisdictions=tuple(c.jurisdictions),
-            languages=tuple(c.languages),
-            timezone=c.timezone,
-            availability=Availability(c.availability),
-            endpoints=endpoints,
+            endpoints=(f"lan:{self.lan_url}",),
+            availability=self.config.availability,
             org_certificate=self._own_cert.current(),
         )
 

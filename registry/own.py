@@ -1,8 +1,9 @@
-"""The organisation certificate installed in a node's home (`radmesh org install`).
+"""A node's own record, as the running node and `radmesh peers publish` both sign it.
 
-A node's published record carries it, so peers that trust the organisation trust the
-node through it. :class:`CertificateFile` reads it again only when the file changes,
-and gives nothing for a file that is unusable or is another node's.
+:func:`own_record` builds it from the node's config. The record carries the organisation
+certificate installed in the home (`radmesh org install`), so peers that trust the
+organisation trust the node through it: :class:`CertificateFile` reads it again only
+when the file changes, and gives nothing for a file that is unusable or another node's.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 
 from crypto.envelope import SignedEnvelope
 from crypto.errors import CryptoError
+from crypto.identity import Identity
 from crypto.org import CERT_TYPE
-from registry.records import MAX_CERT
+from node.core.config import NodeConfig
+from registry.records import MAX_CERT, Availability, NodeRecord
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +55,34 @@ class CertificateFile:
             return cert
         log.warning("the organisation certificate in this home belongs to another node: ignored")
         return None
+
+
+def own_record(
+    identity: Identity,
+    config: NodeConfig,
+    *,
+    now: int,
+    sequence: int,
+    endpoints: tuple[str, ...],
+    availability: str,
+    org_certificate: bytes | None,
+    ttl: int = 24 * 3600,
+) -> NodeRecord:
+    """The node's signed record: ``endpoints`` first, then one per configured registry."""
+    registries = tuple(f"registry:{url}" for url in config.network.registries)
+    return NodeRecord.create(
+        identity,
+        now=now,
+        sequence=sequence,
+        ttl=ttl,
+        display_name=config.display_name,
+        institution=config.institution,
+        country=config.country,
+        subspecialties=tuple(config.subspecialties),
+        jurisdictions=tuple(config.jurisdictions),
+        languages=tuple(config.languages),
+        timezone=config.timezone,
+        availability=Availability(availability),
+        endpoints=endpoints + registries,
+        org_certificate=org_certificate,
+    )
