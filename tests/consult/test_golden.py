@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from consult.admission import GuestConsent, GuestRefusal
+from consult.live import Invite, LiveFragment, PresenceEnvelope
 from consult.requests import ConsultRequest, ConsultResponse, Event, Priority
 from crypto.identity import Identity
 
@@ -54,6 +55,22 @@ def test_consult_response_bytes() -> None:
     ],
 )
 def test_guest_consent_and_refusal_bytes(message: GuestConsent | GuestRefusal, name: str) -> None:
+    golden = (GOLDEN / f"{name}.bin").read_bytes()
+    assert message.to_wire() == golden
+    assert type(message).from_wire(golden) == message
+
+
+LIVE = [
+    (LiveFragment(CONSULT, 7, 0, 2, b"chunk"), "live_fragment"),
+    (PresenceEnvelope(CONSULT, b"\x01\x02\x00\x00"), "presence_envelope"),
+    (Invite(CONSULT, (bytes(32),), "CT head", "2.25.1", ALICE.public_key, bytes(64)), "invite"),
+]
+
+
+@pytest.mark.parametrize(("message", "name"), LIVE, ids=[name for _, name in LIVE])
+def test_live_session_message_bytes(
+    message: LiveFragment | PresenceEnvelope | Invite, name: str
+) -> None:
     golden = (GOLDEN / f"{name}.bin").read_bytes()
     assert message.to_wire() == golden
     assert type(message).from_wire(golden) == message
