@@ -234,7 +234,7 @@ def _child(args: argparse.Namespace) -> None:
 
     class HeadNode(InMemoryNode):
         def __init__(self) -> None:
-            super().__init__(Identity.generate().node_id, slices=slices, size=rows)
+            super().__init__(Identity.generate(), slices=slices, size=rows)
             self.frames = {ref.sop_uid: head(ref.number - 1) for ref in self.instances(SERIES_UID)}
 
         def series(self, study_uid: str) -> list[SeriesInfo]:
@@ -244,14 +244,13 @@ def _child(args: argparse.Namespace) -> None:
             return self.frames.get(sop_uid)
 
     node = HeadNode()
-    session = node.session
-    session.remote_join(1, "surgeon-node-id", "Dr. M. Lindqvist", "#ff8700")
     ctl, ans = args.ctl, args.ans
 
     class BenchApp(RadmeshApp):
         viewer: ViewerScreen | None = None
 
         def on_ready(self) -> None:
+            self.surgeon = node.live.join("Dr. M. Lindqvist", "#ff8700")
             self.viewer = ViewerScreen(node, node.studies()[0], live=True)
             self.push_screen(self.viewer)
             asyncio.get_running_loop().add_reader(ctl, self._command)
@@ -288,7 +287,7 @@ def _child(args: argparse.Namespace) -> None:
                 ref = viewer.current
                 assert ref is not None
                 cursor = Cursor(ref.sop_uid, viewer.frame_no, float(words[1]), float(words[2]))
-                session.remote_cursor(1, cursor)
+                self.surgeon.cursor(cursor)
                 self.call_after_refresh(self._answer, "ok")
             elif words[0] == "goto":
                 viewer.action_goto(int(words[1]))

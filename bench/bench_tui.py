@@ -52,7 +52,7 @@ class PrecomputedNode(InMemoryNode):
     """The in-memory study with every frame computed once, as if from a warm disk cache."""
 
     def __init__(self) -> None:
-        super().__init__(Identity.generate().node_id, slices=SLICES, size=IMAGE)
+        super().__init__(Identity.generate(), slices=SLICES, size=IMAGE)
         self.frames: dict[str, Frame] = {}
         self.index_of: dict[int, int] = {}  # id(frame) -> slice index
         for ref in self.instances(self.series(self.studies()[0].study_uid)[0].series_uid):

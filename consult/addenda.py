@@ -16,7 +16,7 @@ from typing import Any
 
 from consult.errors import BadReport, LocalConsultError, MalformedMessage
 from consult.requests import check_consult_id
-from crypto.envelope import SignedEnvelope
+from crypto.envelope import SignedEnvelope, open_signed
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 
@@ -74,13 +74,9 @@ class Addendum:
     @classmethod
     def from_wire(cls, data: bytes) -> Addendum:
         """Check size (before decoding), signature and that the signer is the named author."""
-        if len(data) > MAX_ADDENDUM_WIRE:
-            raise MalformedMessage(f"addendum is {len(data)} bytes, limit {MAX_ADDENDUM_WIRE}")
-        try:
-            envelope = SignedEnvelope.from_wire(data, MAX_ADDENDUM_WIRE)
-            raw = envelope.verify(ADDENDUM_TYPE)
-        except CryptoError as exc:
-            raise MalformedMessage(f"addendum does not verify: {exc}") from exc
+        envelope, raw = open_signed(
+            data, ADDENDUM_TYPE, MAX_ADDENDUM_WIRE, what="addendum", error=MalformedMessage
+        )
         try:
             consult_id = check_consult_id(raw["consult"], "addendum")  # whole id, no prefix
             digest, number, author = raw["report"], raw["number"], raw["author"]

@@ -60,6 +60,26 @@ class Admission:
         return parties <= self._consults.guest_approvers(consult_id, node)
 
 
+def _consult_and_guest(data: bytes, what: str, key: str, size: int) -> tuple[str, bytes]:
+    """(consult id, guest bytes of ``size``) of a consent or refusal: its size checked
+    before it is decoded, then each field's type; MalformedMessage otherwise."""
+    if len(data) > MAX_CONSENT:
+        raise MalformedMessage(f"{what} is {len(data)} bytes, limit is {MAX_CONSENT}")
+    try:
+        raw = canonical.decode(data, max_size=MAX_CONSENT)
+        consult_id, guest = raw["consult"], raw[key]
+    except Exception as exc:  # canonical raises its own CryptoError family
+        raise MalformedMessage(f"{what} does not parse: {exc}") from exc
+    if not (
+        isinstance(consult_id, str)
+        and 0 < len(consult_id.encode()) <= 64
+        and isinstance(guest, bytes)
+        and len(guest) == size
+    ):
+        raise MalformedMessage(f"{what} has the wrong shape")
+    return consult_id, guest
+
+
 @dataclass(frozen=True)
 class GuestConsent:
     """A party's approval of ``guest`` (public key) in the live session on ``consult_id``."""
@@ -72,20 +92,7 @@ class GuestConsent:
 
     @classmethod
     def from_wire(cls, data: bytes) -> GuestConsent:
-        if len(data) > MAX_CONSENT:
-            raise MalformedMessage(f"guest consent is {len(data)} bytes, limit is {MAX_CONSENT}")
-        try:
-            raw = canonical.decode(data, max_size=MAX_CONSENT)
-            consult_id, guest = raw["consult"], raw["guest"]
-        except Exception as exc:  # canonical raises its own CryptoError family
-            raise MalformedMessage(f"guest consent does not parse: {exc}") from exc
-        if not (
-            isinstance(consult_id, str)
-            and 0 < len(consult_id.encode()) <= 64
-            and isinstance(guest, bytes)
-            and len(guest) == PUBLIC_KEY_SIZE
-        ):
-            raise MalformedMessage("guest consent has the wrong shape")
+        consult_id, guest = _consult_and_guest(data, "guest consent", "guest", PUBLIC_KEY_SIZE)
         return cls(consult_id, guest)
 
 
@@ -103,20 +110,7 @@ class GuestRefusal:
 
     @classmethod
     def from_wire(cls, data: bytes) -> GuestRefusal:
-        if len(data) > MAX_CONSENT:
-            raise MalformedMessage(f"guest refusal is {len(data)} bytes, limit is {MAX_CONSENT}")
-        try:
-            raw = canonical.decode(data, max_size=MAX_CONSENT)
-            consult_id, guest = raw["consult"], raw["guest_id"]
-        except Exception as exc:  # canonical raises its own CryptoError family
-            raise MalformedMessage(f"guest refusal does not parse: {exc}") from exc
-        if not (
-            isinstance(consult_id, str)
-            and 0 < len(consult_id.encode()) <= 64
-            and isinstance(guest, bytes)
-            and len(guest) == 32
-        ):
-            raise MalformedMessage("guest refusal has the wrong shape")
+        consult_id, guest = _consult_and_guest(data, "guest refusal", "guest_id", 32)
         return cls(consult_id, NodeId(guest))
 
 

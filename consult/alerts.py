@@ -24,7 +24,7 @@ from typing import Any
 
 from consult.errors import LocalConsultError, MalformedMessage
 from consult.requests import Priority, Role, check_consult_id
-from crypto.envelope import SignedEnvelope
+from crypto.envelope import SignedEnvelope, open_signed
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 
@@ -114,13 +114,9 @@ class Acknowledgement:
     @classmethod
     def from_wire(cls, data: bytes) -> Acknowledgement:
         """Check size, signature and that the signer is the named requester."""
-        if len(data) > MAX_ACK_WIRE:
-            raise MalformedMessage(f"acknowledgement is {len(data)} bytes, limit {MAX_ACK_WIRE}")
-        try:
-            envelope = SignedEnvelope.from_wire(data, MAX_ACK_WIRE)
-            raw = envelope.verify(ACK_TYPE)
-        except CryptoError as exc:
-            raise MalformedMessage(f"acknowledgement does not verify: {exc}") from exc
+        envelope, raw = open_signed(
+            data, ACK_TYPE, MAX_ACK_WIRE, what="acknowledgement", error=MalformedMessage
+        )
         try:
             consult_id, requester, digest = raw["consult"], raw["requester"], raw["report"]
             by, at = raw["by"], raw["at"]

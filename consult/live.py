@@ -66,7 +66,9 @@ from consult.shared import (
     SharedState,
     SyncKind,
     SyncMessage,
+    changed_span,
 )
+from consult.ywire import read_varuint
 from crypto import canonical
 from crypto.errors import BadSignature
 from crypto.identity import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, NodeId, verify_signature
@@ -332,14 +334,7 @@ def ticket_valid(consult_id: str, joiner: bytes, by: bytes, ticket: bytes) -> bo
 
 def _read_uint(data: bytes, offset: int) -> tuple[int, int]:
     """A y-protocols varuint of up to 53 bits (awareness client ids are that large)."""
-    value = shift = 0
-    for index in range(offset, min(len(data), offset + 8)):
-        byte = data[index]
-        value |= (byte & 127) << shift
-        shift += 7
-        if byte < 128:
-            return value, index + 1
-    raise MalformedMessage("presence message has a bad number field")
+    return read_varuint(data, offset, max_bytes=8, error="presence message has a bad number field")
 
 
 def check_presence(message: bytes, node: str, bound_client: int | None) -> int | None:
@@ -463,7 +458,6 @@ class LiveConsult:
         self._listeners: list[Listener] = []
         self._message_ids = 0
         self._tick: asyncio.Task[None] | None = None
-        self.state.on_local_update(lambda _wire: self._changed())
 
     # -- participants -----------------------------------------------------------------
     def bind(self, link: LiveLink) -> bool:
@@ -518,8 +512,10 @@ class LiveConsult:
         if client is not None and binding.client is None and self._client_taken(client):
             raise MalformedMessage("presence uses the client id of another participant")
         binding.client = client
+        before = self.presence.participants()
         self.presence.receive(message, self.clock())
-        self._changed()
+        if self.presence.participants() != before:  # a heartbeat alone wakes nobody
+            self._changed()
 
     def _client_taken(self, client: int) -> bool:
         """Whether an awareness client id is this node's own or bound to another peer (a
@@ -529,6 +525,8 @@ class LiveConsult:
         )
 
     # -- local edits ------------------------------------------------------------------
+    # Listeners are told once an edit returns, not from the document's observer: that runs
+    # while the transaction is still open, and a listener reading the state there fails.
     def add_annotation(
         self,
         kind: AnnotationKind,
@@ -539,31 +537,31 @@ class LiveConsult:
         text: str = "",
         values: Mapping[str, float] | None = None,
     ) -> Annotation:
-        return self.state.add_annotation(
+        annotation = self.state.add_annotation(
             kind, sop_instance_uid, frame, points, self.clock(), text=text, values=values
         )
+        self._changed()
+        return annotation
 
     def remove_annotation(self, annotation_id: str) -> None:
         self.state.remove_annotation(annotation_id, self.clock())
+        self._changed()
 
     def say(self, text: str) -> ChatMessage:
-        return self.state.say(text, self.clock())
+        message = self.state.say(text, self.clock())
+        self._changed()
+        return message
 
     def set_report_text(self, text: str) -> None:
         """Replace the draft by ``text`` as the smallest edit (common prefix and suffix kept),
         so a concurrent edit elsewhere in the text survives."""
-        old = self.state.report_text
-        start = 0
-        while start < min(len(old), len(text)) and old[start] == text[start]:
-            start += 1
-        end_old, end_new = len(old), len(text)
-        while end_old > start and end_new > start and old[end_old - 1] == text[end_new - 1]:
-            end_old -= 1
-            end_new -= 1
+        start, end_old, end_new = changed_span(self.state.report_text, text)
         if end_old > start:
             self.state.delete_report(start, end_old)
         if end_new > start:
             self.state.insert_report(start, text[start:end_new])
+        if end_old > start or end_new > start:
+            self._changed()
 
     def move_cursor(self, cursor: Cursor | None) -> None:
         self.presence.set_cursor(cursor, self.clock())

@@ -18,8 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from consult.errors import IllegalTransition, LocalConsultError, MalformedMessage
-from crypto.envelope import SignedEnvelope
-from crypto.errors import CryptoError
+from crypto.envelope import SignedEnvelope, open_signed
 from crypto.identity import Identity, NodeId
 from crypto.statetable import TransitionTable
 from node.core.ids import is_dicom_uid
@@ -382,15 +381,9 @@ class ConsultRequest:
     @classmethod
     def from_wire(cls, data: bytes) -> ConsultRequest:
         """Check size, signature and that the signer is the named requester."""
-        if len(data) > MAX_REQUEST_WIRE:
-            raise MalformedMessage(
-                f"consult request is {len(data)} bytes, limit is {MAX_REQUEST_WIRE}"
-            )
-        try:
-            envelope = SignedEnvelope.from_wire(data, MAX_REQUEST_WIRE)
-            body = envelope.verify(REQUEST_TYPE)
-        except CryptoError as exc:
-            raise MalformedMessage(f"consult request does not verify: {exc}") from exc
+        envelope, body = open_signed(
+            data, REQUEST_TYPE, MAX_REQUEST_WIRE, what="consult request", error=MalformedMessage
+        )
         request = cls.from_body(body)
         if envelope.signer_id != request.requester:
             raise MalformedMessage("consult request is signed by a node other than its requester")
@@ -608,15 +601,9 @@ class ConsultResponse:
 
     @classmethod
     def from_wire(cls, data: bytes) -> ConsultResponse:
-        if len(data) > MAX_RESPONSE_WIRE:
-            raise MalformedMessage(
-                f"consult response is {len(data)} bytes, limit is {MAX_RESPONSE_WIRE}"
-            )
-        try:
-            envelope = SignedEnvelope.from_wire(data, MAX_RESPONSE_WIRE)
-            raw = envelope.verify(RESPONSE_TYPE)
-        except CryptoError as exc:
-            raise MalformedMessage(f"consult response does not verify: {exc}") from exc
+        envelope, raw = open_signed(
+            data, RESPONSE_TYPE, MAX_RESPONSE_WIRE, what="consult response", error=MalformedMessage
+        )
         if not isinstance(raw, dict):
             raise MalformedMessage("a consult response must be a map")
         by = raw.get("by")

@@ -62,7 +62,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import pycrdt
 
@@ -171,6 +171,29 @@ def _key_and_sig(raw: dict[str, Any]) -> tuple[bytes, bytes]:
     return bytes(key), bytes(sig)
 
 
+class _Signed:
+    """Signing for the entries of the shared document: each kind signs its own fields
+    under its own domain, bound to the consult (a copy into another consult is forged)."""
+
+    DOMAIN: ClassVar[bytes]
+    key: bytes
+    sig: bytes
+
+    def to_py(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _signed_fields(self) -> dict[str, Any]:
+        return self.to_py()
+
+    def signed(self, identity: Identity, consult_id: str) -> Self:
+        unsigned = replace(self, key=identity.public_key, sig=b"")  # type: ignore[type-var]
+        message = _signing_input(self.DOMAIN, consult_id, unsigned._signed_fields())
+        return replace(unsigned, sig=identity.sign(message))  # type: ignore[type-var]
+
+    def is_authentic(self, consult_id: str) -> bool:
+        return _authentic(self.DOMAIN, consult_id, self._signed_fields())
+
+
 class AnnotationKind(StrEnum):
     POINT = "point"
     ARROW = "arrow"
@@ -194,8 +217,10 @@ def point_count(kind: AnnotationKind) -> int:
 
 
 @dataclass(frozen=True)
-class Annotation:
+class Annotation(_Signed):
     """A mark anchored in image coordinates (x = column, y = row) of one frame of one instance."""
+
+    DOMAIN: ClassVar[bytes] = ANNOTATION_DOMAIN
 
     id: str
     kind: AnnotationKind
@@ -249,14 +274,6 @@ class Annotation:
             "sig": self.sig,
         }
 
-    def signed(self, identity: Identity, consult_id: str) -> Annotation:
-        unsigned = replace(self, key=identity.public_key, sig=b"")
-        message = _signing_input(ANNOTATION_DOMAIN, consult_id, unsigned._signed_fields())
-        return replace(unsigned, sig=identity.sign(message))
-
-    def is_authentic(self, consult_id: str) -> bool:
-        return _authentic(ANNOTATION_DOMAIN, consult_id, self._signed_fields())
-
     def _signed_fields(self) -> dict[str, Any]:
         # The id is the map key, not in the value, but signed: a copy under another key is forged.
         return {**self.to_py(), "id": self.id}
@@ -292,7 +309,8 @@ class Annotation:
 
 
 @dataclass(frozen=True)
-class ChatMessage:
+class ChatMessage(_Signed):
+    DOMAIN: ClassVar[bytes] = CHAT_DOMAIN
     id: str
     author: str
     at: float
@@ -316,14 +334,6 @@ class ChatMessage:
             "sig": self.sig,
         }
 
-    def signed(self, identity: Identity, consult_id: str) -> ChatMessage:
-        unsigned = replace(self, key=identity.public_key, sig=b"")
-        message = _signing_input(CHAT_DOMAIN, consult_id, unsigned.to_py())
-        return replace(unsigned, sig=identity.sign(message))
-
-    def is_authentic(self, consult_id: str) -> bool:
-        return _authentic(CHAT_DOMAIN, consult_id, self.to_py())
-
     @classmethod
     def from_py(cls, raw: Any) -> ChatMessage:
         try:
@@ -338,8 +348,10 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
-class Removal:
+class Removal(_Signed):
     """A tombstone: the author of annotation ``id`` removed it (signed, like the annotation)."""
+
+    DOMAIN: ClassVar[bytes] = REMOVAL_DOMAIN
 
     id: str
     author: str
@@ -352,14 +364,6 @@ class Removal:
 
     def _signed_fields(self) -> dict[str, Any]:
         return {**self.to_py(), "id": self.id}
-
-    def signed(self, identity: Identity, consult_id: str) -> Removal:
-        unsigned = replace(self, key=identity.public_key, sig=b"")
-        message = _signing_input(REMOVAL_DOMAIN, consult_id, unsigned._signed_fields())
-        return replace(unsigned, sig=identity.sign(message))
-
-    def is_authentic(self, consult_id: str) -> bool:
-        return _authentic(REMOVAL_DOMAIN, consult_id, self._signed_fields())
 
     @classmethod
     def from_py(cls, annotation_id: str, raw: Any) -> Removal:
@@ -414,8 +418,9 @@ class SyncMessage:
         return cls(kind, data[start:])
 
 
-def _inserted(old: str, new: str) -> tuple[int, int]:
-    """The range of ``new`` between its common prefix and suffix with ``old``."""
+def changed_span(old: str, new: str) -> tuple[int, int, int]:
+    """(start, end in ``old``, end in ``new``): what lies between the common prefix and
+    the common suffix of the two texts, the smallest edit from one to the other."""
     start = 0
     while start < min(len(old), len(new)) and old[start] == new[start]:
         start += 1
@@ -423,6 +428,12 @@ def _inserted(old: str, new: str) -> tuple[int, int]:
     while end_old > start and end_new > start and old[end_old - 1] == new[end_new - 1]:
         end_old -= 1
         end_new -= 1
+    return start, end_old, end_new
+
+
+def _inserted(old: str, new: str) -> tuple[int, int]:
+    """The range of ``new`` between its common prefix and suffix with ``old``."""
+    start, _, end_new = changed_span(old, new)
     return start, end_new
 
 

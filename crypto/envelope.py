@@ -13,6 +13,7 @@ and the nonce lets a :class:`ReplayGuard` refuse it a second time.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import nacl.public
 from crypto import canonical
 from crypto.errors import (
     BadSignature,
+    CryptoError,
     DecryptionFailed,
     EncodingError,
     Expired,
@@ -104,6 +106,26 @@ class SignedEnvelope:
             self.signature,
         )
         return canonical.decode(self.payload)
+
+
+def open_signed(
+    data: bytes,
+    expected_type: str,
+    max_size: int,
+    *,
+    what: str,
+    error: Callable[[str], Exception],
+) -> tuple[SignedEnvelope, Any]:
+    """(envelope, body) of a signed message of ``expected_type``: its size is checked
+    before anything is decoded, then its fields and signature. Any failure is raised as
+    ``error(text)`` naming ``what`` (the caller's package error: one error base each)."""
+    if len(data) > max_size:
+        raise error(f"{what} is {len(data)} bytes, limit is {max_size}")
+    try:
+        envelope = SignedEnvelope.from_wire(data, max_size)
+        return envelope, envelope.verify(expected_type)
+    except CryptoError as exc:
+        raise error(f"{what} does not verify: {exc}") from exc
 
 
 @dataclass(frozen=True)

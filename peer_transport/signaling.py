@@ -12,7 +12,7 @@ Implementations:
   (with an ``intercept`` hook that plays the untrusted relay);
 - :class:`StreamSignaling`: length-prefixed over one byte stream (two processes).
 
-A running node signals through its own router (``node.app.runtime.SignalRouter``):
+A running node signals through its own router (``node.app.courier.SignalRouter``):
 the peer's LAN endpoint first, then its registries' WebSockets.
 """
 

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from crypto import canonical
-from crypto.envelope import SignedEnvelope
+from crypto.envelope import SignedEnvelope, open_signed
 from crypto.errors import CryptoError
 from crypto.identity import Identity, NodeId
 from registry.errors import BadEndpoint, RecordError, StaleRecord
@@ -282,13 +282,9 @@ class NodeRecord:
     @classmethod
     def from_wire(cls, data: bytes) -> NodeRecord:
         """Parse and check the signature; call :meth:`verify` for the time window."""
-        if len(data) > MAX_RECORD_SIZE:
-            raise RecordError(f"record is {len(data)} bytes, limit is {MAX_RECORD_SIZE}")
-        try:
-            envelope = SignedEnvelope.from_wire(data, MAX_RECORD_SIZE)
-            body = envelope.verify(RECORD_TYPE)
-        except CryptoError as exc:
-            raise RecordError(f"node record does not verify: {exc}") from exc
+        envelope, body = open_signed(
+            data, RECORD_TYPE, MAX_RECORD_SIZE, what="node record", error=RecordError
+        )
         return cls._from_body(body, envelope.signer, envelope.signature)
 
     def verify(self, now: int) -> NodeRecord:
@@ -380,13 +376,9 @@ class LanPointer:
 
     @classmethod
     def from_wire(cls, data: bytes) -> LanPointer:
-        if len(data) > MAX_POINTER_SIZE:
-            raise RecordError("mDNS pointer is too large")
-        try:
-            envelope = SignedEnvelope.from_wire(data, MAX_POINTER_SIZE)
-            body = envelope.verify(POINTER_TYPE)
-        except CryptoError as exc:
-            raise RecordError(f"mDNS pointer does not verify: {exc}") from exc
+        envelope, body = open_signed(
+            data, POINTER_TYPE, MAX_POINTER_SIZE, what="mDNS pointer", error=RecordError
+        )
         if not (
             isinstance(body, list)
             and len(body) == 2

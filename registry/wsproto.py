@@ -79,8 +79,20 @@ def _node_id(raw: Any, name: str) -> NodeId:
         raise RegistryError(f"frame field {name!r} is not a node id") from exc
 
 
+class _Frame:
+    """A signaling frame: a frozen dataclass whose ``body`` goes in a map beside its type."""
+
+    T: ClassVar[str]
+
+    def body(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_wire(self) -> bytes:
+        return canonical.encode({"t": self.T, **self.body()})
+
+
 @dataclass(frozen=True)
-class Challenge:
+class Challenge(_Frame):
     T: ClassVar[str] = "challenge"
     challenge: bytes
     registry_url: str
@@ -94,7 +106,7 @@ class Challenge:
 
 
 @dataclass(frozen=True)
-class Auth:
+class Auth(_Frame):
     T: ClassVar[str] = "auth"
     node_key: bytes
     signature: bytes
@@ -108,7 +120,7 @@ class Auth:
 
 
 @dataclass(frozen=True)
-class Ready:
+class Ready(_Frame):
     T: ClassVar[str] = "ready"
     node_id: NodeId
     pending: int
@@ -122,7 +134,7 @@ class Ready:
 
 
 @dataclass(frozen=True)
-class Send:
+class Send(_Frame):
     T: ClassVar[str] = "send"
     to: NodeId
     data: bytes
@@ -137,7 +149,7 @@ class Send:
 
 
 @dataclass(frozen=True)
-class Deliver:
+class Deliver(_Frame):
     """A relayed message. ``sender`` is who the registry says sent it: a hint only."""
 
     T: ClassVar[str] = "msg"
@@ -154,7 +166,7 @@ class Deliver:
 
 
 @dataclass(frozen=True)
-class Ack:
+class Ack(_Frame):
     T: ClassVar[str] = "ack"
     ref: int
     status: str  # "delivered" | "stored"
@@ -168,7 +180,7 @@ class Ack:
 
 
 @dataclass(frozen=True)
-class TurnRequest:
+class TurnRequest(_Frame):
     T: ClassVar[str] = "turn?"
 
     def body(self) -> dict[str, Any]:
@@ -180,7 +192,7 @@ class TurnRequest:
 
 
 @dataclass(frozen=True)
-class TurnCredentials:
+class TurnCredentials(_Frame):
     T: ClassVar[str] = "turn"
     username: str
     password: str
@@ -222,7 +234,7 @@ def _ice_url(raw: Any) -> str:
 
 
 @dataclass(frozen=True)
-class Error:
+class Error(_Frame):
     T: ClassVar[str] = "error"
     error: str
     hint: str
@@ -246,7 +258,7 @@ _KINDS: dict[str, type[Frame]] = {
 
 
 def to_wire(frame: Frame) -> bytes:
-    return canonical.encode({"t": frame.T, **frame.body()})
+    return frame.to_wire()
 
 
 def from_wire(data: bytes) -> Frame:

@@ -1,19 +1,23 @@
-"""An in-memory node for tests and demos: one synthetic CT study, peers, consults."""
+"""An in-memory node for tests and demos: one synthetic CT study, peers, consults, and a
+live session that is the real one (:class:`~consult.live.LiveConsult` behind the TUI's
+:class:`~tui.node_facade.LiveSessionView`) with peers joined to it in memory."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
 
-from consult.errors import NotAuthor
-from consult.presence import Cursor, Participant, Viewport
-from consult.shared import MAX_CHAT_CHARS, Annotation, AnnotationKind, ChatMessage, Point
-from crypto.identity import NodeId
+from consult.errors import RemoteConsultError
+from consult.live import LiveConsult, LiveFragment, PresenceEnvelope, Reassembler
+from consult.presence import Cursor, Viewport
+from consult.report_draft import split_report
+from consult.shared import Annotation
+from crypto.identity import Identity, NodeId
 from crypto.safety import safety_number
 from tui.facade import (
     ActionError,
@@ -31,7 +35,8 @@ from tui.facade import (
     TransferInfo,
 )
 from tui.imaging import Window
-from tui.session import Listener, SessionView
+from tui.node_facade import LiveSessionView
+from tui.session import SessionView
 
 STUDY_UID = "1.2.826.0.1.3680043.10.1.1"
 SERIES_UID = "1.2.826.0.1.3680043.10.1.1.1"
@@ -52,16 +57,18 @@ def phantom_slice(size: int, z: int) -> npt.NDArray[np.int16]:
 
 class InMemoryNode:
     def __init__(
-        self, node_id: NodeId, *, slices: int = 12, size: int = 128, missing: int = 0
+        self, identity: Identity, *, slices: int = 12, size: int = 128, missing: int = 0
     ) -> None:
-        self.node_id = node_id
+        self.identity = identity
+        self.node_id = identity.node_id
         self._size = size
         self._slices = slices
         self._missing = set(range(slices - missing, slices))
         self.requested: list[str] = []
         self.actions: list[tuple[str, ...]] = []  # worklist/share calls, for tests
         self.views: list[str] = []  # studies opened in the viewer (the audit, in memory)
-        self.session = InMemorySession("consult-1", str(node_id), "me")
+        self.live = MemorySession("consult-1", identity, "me")
+        self.session = self.live.view
         # Guests the other party proposed (tests add some); answered ones drop out.
         self.proposals: list[GuestProposal] = []
         self.alerts: list[CriticalAlert] = []  # tests add critical results here
@@ -172,6 +179,12 @@ class InMemoryNode:
     def safety_number(self, peer_node_id: str) -> str:
         return safety_number(self.node_id, self._peer_ids[peer_node_id])
 
+    def rekey(self, peer_node_id: str, node: str) -> None:
+        """The directory entry ``peer_node_id`` names key ``node`` from now on (a peer
+        joined the live session with it, and its trust shows there)."""
+        self._peers = [replace(p, node_id=node) if p.node_id == peer_node_id else p
+                       for p in self._peers]  # fmt: skip
+
     def mark_verified(self, peer_node_id: str) -> None:
         self._peers = [
             replace(p, trust="verified") if p.node_id == peer_node_id else p for p in self._peers
@@ -248,162 +261,153 @@ class InMemoryNode:
         return f"addendum to the report of consult {consult_id} signed and sent"
 
 
-class InMemorySession:
-    """A :class:`~tui.session.SessionView` held in memory, for tests: ``remote_*`` play
-    the other participants, and may pass values a modified client would send past the
-    checks of the real session (:class:`tui.node_facade.LiveSessionView`)."""
+class MemoryLiveLink:
+    """The :class:`~consult.live.LiveLink` one :class:`LiveConsult` holds to another in this
+    process. What is sent reaches the other side as a node's live hub hands it on
+    (fragments reassembled, presence unwrapped from its envelope); a message the other
+    side refuses is kept in ``refused`` and ends the link both ways, as the hub drops a
+    peer that misbehaves."""
 
     def __init__(
-        self, consult_id: str, local_node: str, name: str, colour: str = "#00d7ff"
+        self, owner: LiveConsult, owner_key: bytes, other: LiveConsult, other_key: bytes,
+        refused: list[Exception],
+    ) -> None:  # fmt: skip
+        self.peer = other_key
+        self.is_connected = True
+        self.closed = False
+        self._owner, self._owner_key = owner, owner_key
+        self._other = other
+        self._reassembler = Reassembler()
+        self._refused = refused
+        self.back: MemoryLiveLink | None = None  # the other side's link to this one
+        self.presence_sent = 0
+
+    async def send_live(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionError("the in-memory live link is closed")
+        self._deliver(lambda: self._live(data))
+
+    def send_presence(self, data: bytes) -> bool:
+        if self.closed:
+            return False
+        self.presence_sent += 1
+        self._deliver(lambda: self._presence(data))
+        return True
+
+    def _live(self, data: bytes) -> None:
+        message = self._reassembler.feed(LiveFragment.from_wire(data))
+        if message is not None:
+            self._other.receive_live(self._owner_key, message)
+
+    def _presence(self, data: bytes) -> None:
+        self._other.receive_presence(self._owner_key, PresenceEnvelope.from_wire(data).message)
+
+    def _deliver(self, receive: Callable[[], None]) -> None:
+        try:
+            receive()
+        except RemoteConsultError as exc:
+            self._refused.append(exc)
+            # The receiving side drops the peer now; the sender (maybe still sending this
+            # presence to its other peers) sees the connection close next.
+            self.closed, self.is_connected = True, False
+            self._other.unbind(self._owner_key)
+            asyncio.get_running_loop().call_soon(self.close)
+
+    def close(self) -> None:
+        """The connection is gone: each side unbinds the other."""
+        for link in (self, self.back):
+            if link is not None:
+                link.closed, link.is_connected = True, False
+                if link._owner.is_bound(link.peer):
+                    link._owner.unbind(link.peer)
+
+
+class MemoryPeer:
+    """Another participant in the in-memory node's live session: a real
+    :class:`LiveConsult` with its own identity, joined to the node's session by a
+    :class:`MemoryLiveLink` each way.
+
+    Tests play the other side through :attr:`live` (what the real client does), or
+    :meth:`write_raw` into its shared state (what a modified client could send); what
+    the node's session refuses lands in :attr:`MemorySession.refused`."""
+
+    def __init__(self, consult_id: str, identity: Identity, name: str, colour: str) -> None:
+        self.identity = identity
+        self.node = str(identity.node_id)
+        self._skew = 0.0
+        self.live = LiveConsult(consult_id, identity, name, colour, clock=self.clock)
+        self.to_node: MemoryLiveLink  # set when it joins
+        self.from_node: MemoryLiveLink
+
+    def clock(self) -> float:
+        """The peer's clock: each presence change a test makes comes a presence period after
+        the last, so the peer's coalescing sends it at once (a person is slower than 30 Hz)."""
+        return time.time() + self._skew
+
+    def cursor(self, cursor: Cursor | None) -> None:
+        self._skew += 0.05
+        self.live.move_cursor(cursor)
+
+    def viewport(
+        self, viewport: Viewport, *, presenting: bool | None = None, following: bool | None = None
     ) -> None:
-        self.consult_id = consult_id
-        self.local_node = local_node
-        self._me = Participant(0, local_node, name, colour, "", False, None, None)
-        self._others: dict[int, Participant] = {}
-        self._annotations: dict[str, Annotation] = {}
-        self._chat: list[ChatMessage] = []
-        self._report = ""
-        self._final = False
-        self.critical = False  # what finalise() was told, for tests
+        self._skew += 0.05
+        if presenting is not None:
+            self.live.presence.present(presenting, self.clock())
+        if following is not None:
+            self.live.presence.following = following
+        self.live.set_viewport(viewport, by_user=following is None)
+
+    def write_raw(self, annotation: Annotation) -> None:
+        """A modified client: ``annotation`` (built past its own checks, signed or not)
+        written into the shared state as it is."""
+        self.live.state._annotations[annotation.id] = annotation.to_py()
+
+
+class MemorySession:
+    """The in-memory node's live session: a real :class:`LiveConsult`, shown to the TUI
+    through the real :class:`~tui.node_facade.LiveSessionView`, and the peers tests join
+    to it."""
+
+    def __init__(self, consult_id: str, identity: Identity, name: str) -> None:
+        self.identity = identity
+        self.live = LiveConsult(consult_id, identity, name, "#00d7ff")
+        self.view = LiveSessionView(self.live, on_finalise=self._finalised)
+        self.peers: list[MemoryPeer] = []
+        self.refused: list[Exception] = []  # peers' messages the node's session refused
         self.sent: list[tuple[str, str, frozenset[str]]] = []  # (findings, impression, drop)
-        self._listeners: list[Listener] = []
-        self._following = False
-        self.cursor_moves = 0  # how many cursor updates left this participant
+        self.critical = False  # what the last finalise was told
 
-    # reading
-    def participants(self) -> list[Participant]:
-        return [self._me, *self._others.values()]
-
-    def annotations(self) -> list[Annotation]:
-        return sorted(self._annotations.values(), key=lambda a: (a.at, a.id))
-
-    def chat(self) -> list[ChatMessage]:
-        return list(self._chat)
-
-    def report_text(self) -> str:
-        return self._report
-
-    def finalised(self) -> bool:
-        return self._final
-
-    # local edits
-    def add_annotation(
-        self,
-        kind: AnnotationKind,
-        sop_instance_uid: str,
-        frame: int,
-        points: tuple[Point, ...],
-        *,
-        text: str = "",
-        values: Mapping[str, float] | None = None,
-    ) -> Annotation:
-        a = Annotation(
-            uuid.uuid4().hex,
-            kind,
-            sop_instance_uid,
-            frame,
-            points,
-            self.local_node,
-            time.time(),
-            text,
-            dict(values or {}),
-        )
-        self._annotations[a.id] = a
-        self._changed()
-        return a
-
-    def remove_annotation(self, annotation_id: str) -> None:
-        a = self._annotations.get(annotation_id)
-        if a is None:
-            return
-        if a.author != self.local_node:
-            raise NotAuthor(
-                "only the author can remove an annotation: ask them, or hide it in your own view"
-            )
-        del self._annotations[annotation_id]
-        self._changed()
-
-    def move_cursor(self, cursor: Cursor | None) -> None:
-        self._me = replace(self._me, cursor=cursor)
-        self.cursor_moves += 1
-
-    def say(self, text: str) -> ChatMessage:
-        text = text[:MAX_CHAT_CHARS]
-        m = ChatMessage(uuid.uuid4().hex, self.local_node, time.time(), text)
-        self._chat.append(m)
-        self._changed()
-        return m
-
-    def set_report_text(self, text: str) -> None:
-        if not self._final:
-            self._report = text
-            self._changed()
-
-    def finalise(self, critical: bool = False, drop: frozenset[str] = frozenset()) -> None:
-        from consult.report_draft import split_report
-
-        self._final = True
+    def _finalised(self, live: LiveConsult, critical: bool, drop: frozenset[str]) -> None:
         self.critical = critical
-        self.sent.append((*split_report(self._report), drop))
-        self._changed()
+        self.sent.append((*split_report(live.report_text()), drop))
 
-    def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
-        if by_user and self._following:
-            self._following = False
-            self._changed()
-        self._me = replace(self._me, viewport=viewport)
+    def join(self, name: str, colour: str, identity: Identity | None = None) -> MemoryPeer:
+        """A peer joins (inside a running event loop): bound on both sides, its presence
+        shown at once; the shared state follows over the live channel (:meth:`settle`)."""
+        peer = MemoryPeer(self.live.consult_id, identity or Identity.generate(), name, colour)
+        own, theirs = self.identity.public_key, peer.identity.public_key
+        to_peer = MemoryLiveLink(self.live, own, peer.live, theirs, self.refused)
+        to_node = MemoryLiveLink(peer.live, theirs, self.live, own, self.refused)
+        to_peer.back, to_node.back = to_node, to_peer
+        peer.to_node, peer.from_node = to_node, to_peer
+        self.live.bind(to_peer)
+        peer.live.bind(to_node)
+        self.peers.append(peer)
+        return peer
 
-    def set_tool(self, tool: str) -> None:
-        self._me = replace(self._me, tool=tool)
+    async def settle(self, within: float = 5.0) -> None:
+        """Wait until every live message sent so far was taken in on the other side (each
+        link delivers as it sends: an empty send queue is a delivered one)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        sessions = [self.live, *(p.live for p in self.peers)]
+        while not all(b.queue.empty() for s in sessions for b in s._bindings.values()):
+            if loop.time() > deadline:
+                raise TimeoutError("the in-memory live session did not settle")
+            await asyncio.sleep(0.005)
 
-    def present(self, on: bool) -> None:
-        self._me = replace(self._me, presenting=on)
-        self._following = self._following and not on
-        self._changed()
-
-    def follow(self, on: bool) -> None:
-        self._following = on
-        self._changed()
-
-    def following(self) -> bool:
-        return self._following
-
-    def subscribe(self, listener: Listener) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
-
-    def _changed(self) -> None:
-        for listener in list(self._listeners):
-            listener()
-
-    # the other side, for tests and demos
-    def remote_join(self, client_id: int, node: str, name: str, colour: str) -> None:
-        self._others[client_id] = Participant(client_id, node, name, colour, "", False, None, None)
-        self._changed()
-
-    def remote_cursor(self, client_id: int, cursor: Cursor | None) -> None:
-        self._others[client_id] = replace(self._others[client_id], cursor=cursor)
-        self._changed()
-
-    def remote_viewport(
-        self,
-        client_id: int,
-        viewport: Viewport | None,
-        presenting: bool | None = None,
-        following: bool | None = None,
-    ) -> None:
-        other = self._others[client_id]
-        presenting = other.presenting if presenting is None else presenting
-        following = other.following if following is None else following
-        self._others[client_id] = replace(
-            other, viewport=viewport, presenting=presenting, following=following
-        )
-        self._changed()
-
-    def remote_annotation(self, annotation: Annotation) -> None:
-        self._annotations[annotation.id] = annotation
-        self._changed()
-
-    def remote_say(self, node: str, text: str) -> None:
-        self._chat.append(ChatMessage(uuid.uuid4().hex, node, time.time(), text))
-        self._changed()
+    async def close(self) -> None:
+        for peer in self.peers:
+            await peer.live.close()
+        await self.live.close()

@@ -3,8 +3,8 @@
 Values are consult's own types (:mod:`consult.shared` annotations and chat,
 :mod:`consult.presence` participants and cursors) so backing this with
 ``SharedState`` + ``Presence`` + the transport is a thin adapter
-(:class:`tui.node_facade.LiveSessionView`); :class:`tui.memory.InMemorySession`
-is the stand-in the tests drive.
+(:class:`tui.node_facade.LiveSessionView`), and the only one: tests drive it too, over
+in-memory links (:class:`tui.memory.MemorySession`).
 """
 
 from __future__ import annotations

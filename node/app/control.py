@@ -20,7 +20,9 @@ and make `node run` fail with EADDRINUSE.) Both ends still check the other's
 uid (SO_PEERCRED): the node answers only its own user, and a command talks only
 to a node of its own user, sending nothing otherwise. The node refuses to start
 when the socket's directory or an existing socket file is another user's, and
-says what to do. Frames are a 4-byte length and msgpack, capped before parsing.
+says what to do. Frames are a 4-byte length and msgpack, capped before parsing: a
+:class:`ControlRequest` one way; :class:`Progress` lines, then an :class:`Answer` or a
+:class:`Failure`, the other.
 """
 
 from __future__ import annotations
@@ -168,19 +170,90 @@ def _bind(path: Path) -> socket.socket:
     return listener
 
 
-def _frame(value: Any) -> bytes:
+def _frame(value: dict[str, Any]) -> bytes:
     data: bytes = msgpack.packb(value, use_bin_type=True)
     return struct.pack(">I", len(data)) + data
 
 
-async def _read_frame(reader: asyncio.StreamReader, limit: int) -> Any:
+def _unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except (ValueError, msgpack.ExtraData) as exc:
+        raise ControlError(f"control message does not parse: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """A command asks the running node to run operation ``op`` with ``args``."""
+
+    op: str
+    args: dict[str, Any]
+
+    def to_wire(self) -> bytes:
+        return _frame({"op": self.op, "args": self.args})
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> ControlRequest | None:
+        """The request in one frame's payload; None if it has the wrong shape (answered
+        as an unknown request: the command is of another version)."""
+        raw = _unpack(data)
+        if not (isinstance(raw, dict) and isinstance(raw.get("args"), dict)):
+            return None
+        op = raw.get("op")
+        return cls(op, raw["args"]) if isinstance(op, str) else None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A line of progress, before the answer."""
+
+    line: str
+
+    def to_wire(self) -> bytes:
+        return _frame({"progress": self.line})
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The operation's result: the last frame."""
+
+    result: Any
+
+    def to_wire(self) -> bytes:
+        return _frame({"result": self.result})
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The operation failed, in words for the person who ran the command: the last frame."""
+
+    error: str
+
+    def to_wire(self) -> bytes:
+        return _frame({"error": self.error})
+
+
+Reply = Progress | Answer | Failure
+ControlMessage = ControlRequest | Reply
+
+
+def decode_reply(data: bytes) -> Reply:
+    """The node's frame (its payload) -> what it says; ControlError if it is malformed."""
+    raw = _unpack(data)
+    if not isinstance(raw, dict):
+        raise ControlError("the running node sent a malformed answer")
+    if "progress" in raw:
+        return Progress(str(raw["progress"]))
+    if "error" in raw:
+        return Failure(str(raw["error"]))
+    return Answer(raw.get("result"))
+
+
+async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
     (length,) = struct.unpack(">I", await reader.readexactly(4))
     if length > limit:
         raise ControlError(f"control message of {length} bytes exceeds the {limit}-byte limit")
-    try:
-        return msgpack.unpackb(await reader.readexactly(length), raw=False)
-    except (ValueError, msgpack.ExtraData) as exc:
-        raise ControlError(f"control message does not parse: {exc}") from exc
+    return await reader.readexactly(length)
 
 
 def _same_user(writer: asyncio.StreamWriter) -> bool:
@@ -229,30 +302,26 @@ class ControlServer:
                 log.warning("control socket: refused a process of another user")
                 return
             async with asyncio.timeout(REQUEST_TIMEOUT):
-                request = await _read_frame(reader, MAX_REQUEST)
-            reply = await self._run(request, lambda line: writer.write(_frame({"progress": line})))
-            writer.write(_frame(reply))
+                request = ControlRequest.from_wire(await _read_frame(reader, MAX_REQUEST))
+            reply = await self._run(request, lambda line: writer.write(Progress(line).to_wire()))
+            writer.write(reply.to_wire())
             await writer.drain()
         except (ControlError, asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
             log.warning("control socket: request dropped: %r", exc)
         finally:
             writer.close()
 
-    async def _run(self, request: Any, emit: Emit) -> dict[str, Any]:
-        if not (
-            isinstance(request, dict)
-            and isinstance(request.get("args"), dict)
-            and request.get("op") in self.operations
-        ):
-            return {"error": "unknown control request: update radmesh on both sides"}
-        operation = self.operations[request["op"]]
+    async def _run(self, request: ControlRequest | None, emit: Emit) -> Answer | Failure:
+        if request is None or request.op not in self.operations:
+            return Failure("unknown control request: update radmesh on both sides")
+        operation = self.operations[request.op]
         try:
-            return {"result": await operation(self.runtime, request["args"], emit)}
+            return Answer(await operation(self.runtime, request.args, emit))
         except USER_ERRORS as exc:  # the errors a command reports, not a crash
-            return {"error": str(exc)}
+            return Failure(str(exc))
         except Exception as exc:  # the node keeps running; the command says what failed
-            log.exception("control operation %s failed", request["op"])
-            return {"error": f"the running node failed: {exc.__class__.__name__}: {exc}"}
+            log.exception("control operation %s failed", request.op)
+            return Failure(f"the running node failed: {exc.__class__.__name__}: {exc}")
 
 
 async def ask(
@@ -281,23 +350,21 @@ async def ask(
         )
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     try:
-        writer.write(_frame({"op": op, "args": args}))
+        writer.write(ControlRequest(op, args).to_wire())
         await writer.drain()
         while True:
             try:
-                reply = await _read_frame(reader, limit)
+                reply = decode_reply(await _read_frame(reader, limit))
             except asyncio.IncompleteReadError:
                 raise ControlError(
                     "the running node closed the control connection without an answer: see its log"
                 ) from None
-            if not isinstance(reply, dict):
-                raise ControlError("the running node sent a malformed answer")
-            if "progress" in reply:
-                emit(str(reply["progress"]))
-            elif "error" in reply:
-                raise ControlError(str(reply["error"]))
+            if isinstance(reply, Progress):
+                emit(reply.line)
+            elif isinstance(reply, Failure):
+                raise ControlError(reply.error)
             else:
-                return True, reply.get("result")
+                return True, reply.result
     finally:
         writer.close()
 
@@ -311,12 +378,19 @@ async def ask_running(
 
 
 __all__ = [
+    "Answer",
     "ControlError",
+    "ControlMessage",
+    "ControlRequest",
     "ControlServer",
     "Emit",
+    "Failure",
     "HomeBusy",
     "HomeLock",
+    "Progress",
+    "Reply",
     "ask",
     "ask_running",
+    "decode_reply",
     "socket_path",
 ]

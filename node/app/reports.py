@@ -46,7 +46,8 @@ from node.dicom.deid import PseudonymMapError
 from node.dicom.net import send_to_pacs
 
 if TYPE_CHECKING:
-    from node.app.runtime import MessageHandler, NodeRuntime
+    from node.app.courier import MessageHandler
+    from node.app.runtime import NodeRuntime
 
 REPORT_KIND = "consult.report"
 REVIEW_KIND = "consult.review"

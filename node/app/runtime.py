@@ -6,17 +6,8 @@ record, direct signaling); advertises and browses mDNS; publishes its record to
 its registries and keeps their signaling sockets open; runs the peer transport
 and, when enabled, the DICOM listener for the hospital's PACS.
 
-Two kinds of sealed messages reach a node, over the LAN endpoint or a registry
-(relayed live, or kept in the registry's mailbox while the node is offline):
-``rtc-signal`` (offer/answer, for the transport) and ``node-msg`` (consult
-requests, responses and reports, which need no live connection). Both are
-signed by the sender and sealed to the recipient; :class:`SignalRouter` reads
-only the type of each one before handing it on, and the consumer opens it with
-its checks (expiry, replay, signer).
-
-Why one module: The runtime starts and stops every part of a node in order (store,
-audit, trust, transport, registries, DICOM, control) and routes sealed messages between
-them; its services live in their own modules.
+Sealed messages (signals for the transport, node messages for the services) come and
+go through its :class:`~node.app.courier.Courier`.
 """
 
 from __future__ import annotations
@@ -31,23 +22,17 @@ from dataclasses import dataclass
 from functools import partial
 from typing import IO, Any
 
-import nacl.exceptions
-import nacl.public
-
 from consult.admission import Admission
-from consult.errors import ConsultError
 from consult.live import LiveHub
 from consult.requests import Transition
 from consult.store import ConsultDB
-from crypto.envelope import SEALED_PREFIX, ReplayGuard, SignedEnvelope, open_sealed, seal
-from crypto.errors import CryptoError
+from crypto.envelope import ReplayGuard
 from crypto.identity import Identity, NodeId
-from crypto.org import CERT_TYPE
 from node.app import retention
 from node.app.alerts import CriticalAlerts
 from node.app.consults import ConsultService
 from node.app.control import ControlServer, HomeLock
-from node.app.errors import RuntimeError_
+from node.app.courier import Courier
 from node.app.guests import Guests
 from node.app.operations import OPERATIONS, Operation
 from node.app.transfers import TransferTracker
@@ -63,9 +48,7 @@ from node.dicom.store import InstanceConflict, Store, open_store
 from node.dicom.wirecache import KEY_PURPOSE as WIRECACHE_KEY
 from node.dicom.wirecache import open_cache
 from peer_transport.connection import Transport, TransportOptions
-from peer_transport.errors import SignalingError
 from peer_transport.rtc import IceServer, RtcOptions
-from peer_transport.signaling import SIGNAL_TYPE
 from registry.client import (
     MultiRegistry,
     RegistryClient,
@@ -74,124 +57,24 @@ from registry.client import (
 )
 from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
 from registry.errors import RegistryError, RemoteRegistryError, StaleRecord
-from registry.lan import LanEndpoint, post_signal
+from registry.lan import LanEndpoint
 from registry.limits import StrangerGate
 from registry.mdns import LanDiscovery
-from registry.records import MAX_CERT, Availability, LanPointer, NodeRecord
-from registry.trust import TrustState, TrustStore
+from registry.own import CertificateFile, own_record
+from registry.records import LanPointer, NodeRecord
+from registry.trust import TrustStore
 
 log = logging.getLogger(__name__)
 
-NODE_MSG = "node-msg"
-NODE_MSG_TTL = 7 * 24 * 3600  # as long as a registry mailbox keeps it
-MAX_NODE_MSG = 60 * 1024
 QUEUE_SIZE = 256
 RECORD_TTL = 3600
 TURN_RETRY = 30.0  # seconds before asking a registry again for TURN credentials
 TURN_ASK_AGAIN = 3600.0  # ...when it said it offers no relay
 TRUST_POLL = 0.5  # seconds between looks for trust changes other processes wrote
 TRUST_SWEEP = 30.0  # seconds between re-checks of every connected peer (certificates expire)
-LEARN_AGAIN = 60.0  # seconds before an untrusted sender's record is looked up again
-MAX_LEARNING = 1024  # untrusted senders remembered for LEARN_AGAIN
-MAX_LOOKUPS = 4  # untrusted senders' records looked up at once (more: not looked up)
 GC_INTERVAL = 6 * 3600.0  # store clean-up (orphan blobs) at start and this often
 GC_MAX_REMOVE = 10_000  # blobs one clean-up removes at most (the next one goes on)
 AUDIT_CHECKPOINT_INTERVAL = 60.0  # seconds: unsigned audit records wait at most this long
-MessageHandler = Callable[[NodeId, str, bytes], Awaitable[None]]
-
-
-def sealed_signer(identity: Identity, sealed: bytes) -> tuple[str, bytes] | None:
-    """(message type, signer key) of ``sealed`` once its signature checks, or None.
-
-    Enough to decide who pays for a message before anything else is done with it;
-    the consumer still opens it with every check (recipient, expiry, replay)."""
-    try:
-        inner = nacl.public.SealedBox(identity.x25519_private()).decrypt(sealed)
-        envelope = SignedEnvelope.from_wire(inner)
-        envelope.verify(envelope.type)
-    except (nacl.exceptions.CryptoError, CryptoError, ValueError):
-        return None
-    return envelope.type.removeprefix(SEALED_PREFIX), envelope.signer
-
-
-def seal_node_message(identity: Identity, to: bytes, kind: str, wire: bytes, now: int) -> bytes:
-    return seal(identity, to, NODE_MSG, {"kind": kind, "wire": wire}, now=now, ttl=NODE_MSG_TTL)
-
-
-class SignalRouter:
-    """The transport's :class:`~peer_transport.signaling.Signaling`, and the node-msg inbox.
-
-    Outgoing: straight to the peer's LAN endpoint when the directory knows one,
-    else through the first registry that takes it. Incoming from every source:
-    ``rtc-signal`` goes to the transport, ``node-msg`` to :attr:`on_node_message`.
-    """
-
-    def __init__(self, runtime: NodeRuntime) -> None:
-        self._runtime = runtime
-        self._rtc: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE)
-        # Offers from keys this node does not trust wait in their own small queue,
-        # read only when no trusted signal is waiting: strangers never starve peers.
-        self._rtc_strangers: asyncio.Queue[bytes] = asyncio.Queue(QUEUE_SIZE // 8)
-        self._arrived = asyncio.Event()
-        self.errors = 0  # messages whose handling failed unexpectedly (logged, loop went on)
-
-    async def feed(self, sealed: bytes) -> None:
-        """Take one sealed message from any source; never raises (one bad message must
-        not end the loop that feeds this)."""
-        try:
-            await self._feed(sealed)
-        except Exception:
-            self.errors += 1
-            log.exception("a sealed message could not be handled; dropped it and went on")
-
-    async def _feed(self, sealed: bytes) -> None:
-        if len(sealed) > MAX_NODE_MSG:
-            return
-        rt = self._runtime
-        opened = sealed_signer(rt.identity, sealed)
-        if opened is None:
-            log.info("dropped a sealed message this node cannot open")
-            return
-        kind, signer = opened
-        trusted = rt.trust.is_trusted(signer, rt.now())
-        if not trusted and not rt.strangers.allow(signer, rt.clock()):
-            return  # over the unknown-key budget: dropped quietly, counted by the gate
-        if kind == SIGNAL_TYPE and not trusted and (sender := rt._to_learn(sealed)) is not None:
-            rt.spawn(self._learn_then_queue(sender, signer, sealed))
-        elif kind == SIGNAL_TYPE:
-            with contextlib.suppress(asyncio.QueueFull):
-                (self._rtc if trusted else self._rtc_strangers).put_nowait(sealed)
-                self._arrived.set()
-        elif kind == NODE_MSG:
-            await rt._on_node_message(sealed)
-        else:
-            log.info("dropped a sealed message this node cannot use (%s)", kind)
-
-    async def _learn_then_queue(self, sender: NodeId, signer: bytes, sealed: bytes) -> None:
-        """A call from a node we do not trust yet: its record may carry a certificate from
-        an organisation we trust (a consortium member we never looked up)."""
-        rt = self._runtime
-        await rt.learn_certificate(sender)
-        trusted = rt.trust.is_trusted(signer, rt.now())
-        with contextlib.suppress(asyncio.QueueFull):
-            (self._rtc if trusted else self._rtc_strangers).put_nowait(sealed)
-            self._arrived.set()
-
-    async def send(self, to: bytes, sealed: bytes) -> None:
-        """Deliver a signal; a peer this node cannot reach now is the transport's
-        :class:`SignalingError` (a reconnect then tries again later, it does not die)."""
-        try:
-            await self._runtime.send_sealed(to, sealed)
-        except RuntimeError_ as exc:
-            raise SignalingError(str(exc)) from exc
-
-    async def receive(self) -> bytes:
-        while True:
-            for queue in (self._rtc, self._rtc_strangers):
-                if not queue.empty():
-                    return queue.get_nowait()
-            self._arrived.clear()
-            await self._arrived.wait()
 
 
 @dataclass
@@ -245,11 +128,15 @@ class NodeRuntime:
         self.clock = clock
         self._mdns_interfaces = mdns_interfaces
         self._transport_options = transport_options
-        self.router = SignalRouter(self)
+        self.courier = Courier(self)
+        self.router = self.courier.router
+        self.handlers = self.courier.handlers  # the services register theirs by kind
+        self.send_message = self.courier.send_message
+        self.send_sealed = self.courier.send_sealed
+        self.learn_certificate = self.courier.learn_certificate
         self.guard: ReplayGuard = ReplayGuard()  # on disk once started (PersistentReplayGuard)
         self.strangers = StrangerGate()  # budget of messages from keys this node does not trust
         self.supervisor = Supervisor()  # restarts a receive loop that crashed
-        self.handlers: dict[str, MessageHandler] = {}
         self.notifications: asyncio.Queue[str] = asyncio.Queue(QUEUE_SIZE)
         self.registry_connections: dict[str, RegistryConnection] = {}
         self.registry_state: dict[str, str] = {}
@@ -273,10 +160,7 @@ class NodeRuntime:
         self._home_lock = HomeLock(home)
         self.control = ControlServer(self, operations) if control else None
         self._warm_cache = warm_cache
-        self._cert_stamp: tuple[int, int] | None = None  # node.cert as last read
-        self._cert: bytes | None = None
-        self._learned: dict[NodeId, float] = {}  # untrusted sender -> when its record was sought
-        self._lookups = 0
+        self._own_cert = CertificateFile(home.cert_path, identity.public_key)
         self.audit_checkpoint_interval = AUDIT_CHECKPOINT_INTERVAL
 
     # -- lifecycle --------------------------------------------------------------------
@@ -421,55 +305,16 @@ class NodeRuntime:
 
     # -- identity on the network --------------------------------------------------------
     def _make_record(self) -> NodeRecord:
-        c = self.config
-        registries = (f"registry:{url}" for url in c.network.registries)
-        endpoints = (f"lan:{self.lan_url}", *registries)
-        return NodeRecord.create(
+        return own_record(
             self.identity,
+            self.config,
             now=self.now(),
             sequence=self._sequence,
             ttl=RECORD_TTL,
-            display_name=c.display_name,
-            institution=c.institution,
-            country=c.country,
-            subspecialties=tuple(c.subspecialties),
-            jurisdictions=tuple(c.jurisdictions),
-            languages=tuple(c.languages),
-            timezone=c.timezone,
-            availability=Availability(c.availability),
-            endpoints=endpoints,
-            org_certificate=self._own_certificate(),
+            endpoints=(f"lan:{self.lan_url}",),
+            availability=self.config.availability,
+            org_certificate=self._own_cert.current(),
         )
-
-    def _own_certificate(self) -> bytes | None:
-        """The organisation certificate installed in the home (`radmesh org install`), if it
-        is this node's; peers that trust the organisation trust this node through it. Read
-        again only when the file changes."""
-        try:
-            info = self.home.cert_path.stat()
-            stamp: tuple[int, int] | None = (info.st_mtime_ns, info.st_size)
-        except OSError:
-            stamp = None
-        if stamp != self._cert_stamp:
-            self._cert_stamp, self._cert = stamp, None
-            if stamp is not None:
-                self._cert = self._read_certificate()
-        return self._cert
-
-    def _read_certificate(self) -> bytes | None:
-        try:
-            with self.home.cert_path.open("rb") as handle:
-                cert = handle.read(MAX_CERT + 1)
-            if len(cert) > MAX_CERT:
-                raise CryptoError(f"it is larger than {MAX_CERT} bytes")
-            body = SignedEnvelope.from_wire(cert).verify(CERT_TYPE)
-        except (OSError, CryptoError) as exc:
-            log.warning("the organisation certificate in this home is unusable: %s", exc)
-            return None
-        if isinstance(body, dict) and body.get("node") == self.identity.public_key:
-            return cert
-        log.warning("the organisation certificate in this home belongs to another node: ignored")
-        return None
 
     def _own_record(self) -> NodeRecord:
         record = self.record
@@ -587,7 +432,7 @@ class NodeRuntime:
                 if loop.time() >= next_sweep:
                     next_sweep = loop.time() + TRUST_SWEEP
                 if self.record is not None and self.record.org_certificate != (
-                    self._own_certificate()
+                    self._own_cert.current()
                 ):
                     self._sequence += 1
                     self.record = self._make_record()
@@ -596,110 +441,8 @@ class NodeRuntime:
             except Exception:  # one bad round (a locked database) must not end the watch
                 log.exception("checking for trust changes failed; trying again")
 
-    def _to_learn(self, sealed: bytes) -> NodeId | None:
-        """The (claimed, not yet verified) signer of a sealed signal if it is not trusted
-        and its record was not looked up lately; None otherwise."""
-        try:
-            inner = nacl.public.SealedBox(self.identity.x25519_private()).decrypt(sealed)
-            signer = SignedEnvelope.from_wire(inner).signer
-            sender = NodeId.from_public_key(signer)
-        except (nacl.exceptions.CryptoError, CryptoError, ValueError):
-            return None
-        if self.trust.is_trusted(signer, self.now()):
-            return None
-        if self.clock() - self._learned.get(sender, -LEARN_AGAIN) < LEARN_AGAIN:
-            return None
-        return sender if self._lookups < MAX_LOOKUPS else None
-
-    async def learn_certificate(self, sender: NodeId) -> None:
-        """Look up an untrusted sender's published record: the directory keeps the
-        organisation certificate it carries, if one this node trusts vouches for it.
-        At most once per LEARN_AGAIN per sender, so strangers cannot make us look up."""
-        now = self.clock()
-        if now - self._learned.get(sender, -LEARN_AGAIN) < LEARN_AGAIN:
-            return
-        if self._lookups >= MAX_LOOKUPS:
-            return
-        if len(self._learned) >= MAX_LEARNING:
-            self._learned = {k: t for k, t in self._learned.items() if now - t < LEARN_AGAIN}
-            if len(self._learned) >= MAX_LEARNING:
-                return
-        self._learned[sender] = now
-        self._lookups += 1
-        try:
-            with contextlib.suppress(RegistryError):
-                await self.directory.resolve(sender, self.now())
-        finally:
-            self._lookups -= 1
-
     async def _found_on_lan(self, record: NodeRecord) -> None:
         self.directory.remember(record, "mdns", self.now())
-
-    async def send_sealed(self, to: bytes, sealed: bytes) -> str:
-        """Deliver sealed bytes: LAN endpoint first, then registries (live or mailbox)."""
-        node_id = NodeId.from_public_key(to)
-        errors: list[str] = []
-        for url in await self._lan_urls(to):
-            try:
-                await post_signal(url, sealed)
-                return "delivered (LAN)"
-            except RegistryError as exc:
-                errors.append(f"LAN {url}: {exc}")
-        for url, conn in list(self.registry_connections.items()):
-            try:
-                return f"{await conn.send(node_id, sealed)} (registry {url})"
-            except RegistryError as exc:
-                errors.append(f"registry {url}: {exc}")
-        raise RuntimeError_(
-            f"could not reach {node_id.short()}: "
-            + ("; ".join(errors) or "no LAN address known and no registry connected")
-            + ". Check `radmesh peers show` and `radmesh doctor`."
-        )
-
-    async def _lan_urls(self, to: bytes) -> tuple[str, ...]:
-        """A peer's LAN URLs, only when its key is trusted: the URL is the peer's choice,
-        so an unknown key must not make this node contact anything (it is reached
-        through a registry, which relays to the key and nowhere else; nor is its
-        record looked up and kept for it)."""
-        if not self.trust.is_trusted(to, self.now()):
-            return ()
-        peer = await self.directory.resolve(NodeId.from_public_key(to), self.now())
-        return () if peer is None else peer.record.lan_urls
-
-    # -- node messages (no live connection needed) --------------------------------------
-    async def send_message(self, to: bytes, kind: str, wire: bytes) -> str:
-        """Send a signed consult message (request, response, report) to a peer."""
-        if self.trust.state(to, self.now()) is TrustState.REVOKED:
-            raise RuntimeError_(
-                f"{NodeId.from_public_key(to).short()} was revoked: nothing is sent to it"
-            )
-        return await self.send_sealed(
-            to, seal_node_message(self.identity, to, kind, wire, self.now())
-        )
-
-    async def _on_node_message(self, sealed: bytes) -> None:
-        try:
-            opened = open_sealed(
-                self.identity,
-                sealed,
-                NODE_MSG,
-                now=self.now(),
-                replay_guard=self.guard,
-                max_size=MAX_NODE_MSG,
-            )
-            body = opened.body
-            if not (
-                isinstance(body, dict)
-                and isinstance(body.get("kind"), str)
-                and isinstance(body.get("wire"), bytes)
-            ):
-                raise RuntimeError_("node message has the wrong shape")
-            handler = self.handlers.get(body["kind"])
-            if handler is None:
-                raise RuntimeError_(f"no handler for node message kind {body['kind']!r}")
-            await handler(opened.sender_id, body["kind"], body["wire"])
-        except (CryptoError, NodeError, ConsultError, RegistryError) as exc:
-            log.warning("refused a node message: %s", exc)
 
     def recheck_live(self, consult_id: str) -> None:
         """Whoever may no longer take part in a consult's live session leaves it (once live

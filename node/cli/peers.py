@@ -24,6 +24,7 @@ from node.core.errors import ConfigError
 from node.core.keystore import load_identity
 from node.core.sequence import RecordSequence
 from registry.errors import RegistryError, TrustError
+from registry.own import CertificateFile, own_record
 from registry.records import Availability, NodeRecord
 
 if TYPE_CHECKING:
@@ -305,22 +306,15 @@ def build_own_record(
     """This home's record, signed with the home's next sequence (above ``held``): the
     running node takes its sequences from the same place, so neither locks out the other."""
     identity = load_identity(home.key_path)
-    cert_path = home.root / "node.cert"
     now = _now()
-    return NodeRecord.create(
+    return own_record(
         identity,
+        config,
         now=now,
         sequence=RecordSequence(home).advance_past(held, now),
-        display_name=config.display_name,
-        institution=config.institution,
-        country=config.country,
-        subspecialties=tuple(config.subspecialties),
-        jurisdictions=tuple(config.jurisdictions),
-        languages=tuple(config.languages),
-        timezone=config.timezone,
-        availability=Availability(availability),
-        endpoints=endpoints + tuple(f"registry:{u}" for u in config.network.registries),
-        org_certificate=cert_path.read_bytes() if cert_path.is_file() else None,
+        endpoints=endpoints,
+        availability=availability,
+        org_certificate=CertificateFile(home.cert_path, identity.public_key).current(),
     )
 
 

@@ -26,7 +26,8 @@ from crypto.envelope import ReplayGuard, SignedEnvelope, seal
 from crypto.errors import Replayed
 from crypto.identity import Identity, NodeId
 from node.app.consults import MAX_STRANGER_REQUESTS
-from node.app.runtime import NodeRuntime, seal_node_message
+from node.app.courier import seal_node_message
+from node.app.runtime import NodeRuntime
 from node.cli import doctor
 from node.core.config import NetworkConfig, NodeConfig, NodeHome
 from node.core.keystore import load_identity, save_identity

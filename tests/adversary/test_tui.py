@@ -38,9 +38,10 @@ from tests.consult.test_live import wait_for
 from tests.tui.test_node_facade import consult_pair, form_to
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem, PeerInfo, SeriesInfo, StudyInfo, TransferInfo
-from tui.memory import SERIES_UID, STUDY_UID, InMemoryNode
+from tui.memory import SERIES_UID, STUDY_UID, InMemoryNode, MemoryPeer
 from tui.screens.viewer import ViewerScreen
 from tui.widgets.consult_panel import ConsultPanel
+from tui.widgets.image_view import Mark
 
 SIZE = (220, 60)
 MARKUP = ("[/]", "[bold red]", "[link=file:///etc/passwd]x[/link]", "[@click=app.quit]x[/]")
@@ -86,8 +87,8 @@ def assert_literal(app: RadmeshApp, *tags: str) -> None:
     assert "␛" in text  # the escape is shown as a placeholder, not dropped silently
 
 
-KEY_A = NodeId.from_public_key(b"\x0a" * 32)
-KEY_B = NodeId.from_public_key(b"\x0b" * 32)
+ID_A, ID_B = Identity.generate(), Identity.generate()  # two peers; they join live sessions
+KEY_A, KEY_B = ID_A.node_id, ID_B.node_id
 
 
 class HostileNode(InMemoryNode):
@@ -96,7 +97,7 @@ class HostileNode(InMemoryNode):
     def __init__(self, home: bool = True, studies: bool = True) -> None:
         """``home``: the worklist, transfers and notifications are hostile; ``studies``: the
         study and series descriptions (so each screen's test fails on its own)."""
-        super().__init__(Identity.generate().node_id)
+        super().__init__(Identity.generate())
         self.home = home
         self.hostile_studies = studies
         self.note = hostile("NOTE") if home else "a new request"
@@ -277,15 +278,15 @@ async def test_markup_and_escapes_in_the_live_consult_panel_and_image_labels() -
         await app.workers.wait_for_complete()
         await pilot.pause()
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
-        author = str(KEY_A)
-        node.session.remote_join(7, author, hostile("PNAME"), "#ff00ff")
-        node.session.remote_say(author, hostile("CHAT"))
-        node.session.remote_annotation(
-            Annotation("r1", AnnotationKind.ARROW, sop, 0, ((10.0, 10.0), (30.0, 30.0)),
-                       author, 1.0, hostile("LABEL"))
-        )  # fmt: skip
-        node.session.set_report_text(hostile("REPORT") + "\nsecond line")
+        peer = node.live.join(hostile("PNAME"), "#ff00ff", ID_A)  # cut to 100 characters
+        peer.live.say(hostile("CHAT"))
+        peer.live.add_annotation(
+            AnnotationKind.ARROW, sop, 0, ((10.0, 10.0), (30.0, 30.0)), text=hostile("LABEL")
+        )
+        peer.live.set_report_text(hostile("REPORT") + "\nsecond line")
+        await node.live.settle()
         await pilot.pause()
+        assert node.live.refused == []  # all of it is legal to send: the TUI must cope
         panel = viewer.query_one(ConsultPanel)
         assert_literal(app, "CHAT")
         text = screen_text(app)
@@ -322,9 +323,10 @@ async def test_two_peers_publishing_the_same_name_are_told_apart_with_their_trus
         await pilot.press("f3", "l")  # live consult: the participant list and the chat
         await app.workers.wait_for_complete()
         await pilot.pause()
-        node.session.remote_join(7, str(KEY_A), "Dr Victim", "#ff00ff")
-        node.session.remote_join(8, str(KEY_B), "Dr Victim", "#00ffff")
-        node.session.remote_say(str(KEY_B), "it is me, trust me")
+        node.live.join("Dr Victim", "#ff00ff", ID_A)
+        impostor = node.live.join("Dr Victim", "#00ffff", ID_B)
+        impostor.live.say("it is me, trust me")
+        await node.live.settle()
         await pilot.pause()
         text = screen_text(app)
         assert f"Dr Victim ({KEY_A.short()}, verified)" in text
@@ -468,6 +470,22 @@ def test_cli_consult_list_and_show_print_a_hostile_question_literally(
 # --- numbers and styles from presence ---------------------------------------------------------
 
 
+def hostile_mark(
+    peer: MemoryPeer, kind: AnnotationKind, sop: str, points: tuple[tuple[float, float], ...]
+) -> Annotation:
+    """An annotation signed by ``peer`` whose points are then replaced by ``points``, past
+    every local check: what a modified client writes into the shared state."""
+    legal = ((0.0, 0.0),) * len(points)
+    mark = Annotation(f"h-{kind}", kind, sop, 0, legal, peer.node, 1.0, "bad")
+    mark = mark.signed(peer.identity, peer.live.consult_id)
+    object.__setattr__(mark, "points", points)
+    return mark
+
+
+def refusals(node: InMemoryNode) -> list[str]:
+    return [str(exc) for exc in node.live.refused]
+
+
 async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_down() -> None:
     node = HostileNode(home=False, studies=False)
     app = RadmeshApp(node)
@@ -477,35 +495,45 @@ async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_d
         await app.workers.wait_for_complete()
         await pilot.pause()
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
-        node.session.remote_join(7, str(KEY_A), "Dr A", "link file:///etc/passwd")
-        node.session.remote_join(8, str(KEY_B), "Dr B", "not a colour")
-        node.session.remote_cursor(7, Cursor(sop, 0, math.nan, math.inf))
-        node.session.remote_cursor(8, Cursor(sop, 0, 40.0, 40.0))  # the canary: drawn
-        mark = Annotation("r1", AnnotationKind.LENGTH, sop, 0, ((0.0, 1.0), (2.0, 3.0)),
-                          str(KEY_A), 1.0, "bad")  # fmt: skip
-        # Receive checks now refuse such points (consult.shared); the viewer must cope anyway.
-        object.__setattr__(mark, "points", ((math.nan, 1.0), (math.inf, 3.0)))
-        node.session.remote_annotation(mark)
-        node.session.remote_viewport(
-            7, Viewport(SERIES_UID, 3, math.nan, math.inf, math.nan, 1e308, 0.0), presenting=True
+        node.live.join("Dr A", "link file:///etc/passwd", ID_A)  # sent cut to 16 characters
+        b = node.live.join("Dr B", "not a colour", ID_B)
+        # Numbers that are not numbers, each from a peer of its own: the session refuses the
+        # message and drops that peer (the live hub closes such a connection).
+        node.live.join("Dr C", "#ff0000").cursor(Cursor(sop, 0, math.nan, math.inf))
+        marker = node.live.join("Dr D", "#ff0000")
+        nan_points = ((math.nan, 1.0), (math.inf, 3.0))
+        marker.write_raw(hostile_mark(marker, AnnotationKind.LENGTH, sop, nan_points))
+        presenter = node.live.join("Dr E", "#ff0000")
+        presenter.viewport(
+            Viewport(SERIES_UID, 3, math.nan, math.inf, math.nan, 1e308, 0.0), presenting=True
         )
+        b.cursor(Cursor(sop, 0, 40.0, 40.0))  # the canary, sent after: drawn
+        await node.live.settle()
         viewer.view.focus()
-        await pilot.press("f")  # follow the presenter whose numbers are not numbers
+        await pilot.press("f")  # follow the presenter: the one with such numbers was dropped
         await pilot.pause()
         assert app.is_running
+        refused = refusals(node)
+        assert len(refused) == 3, refused
+        for reason in (
+            "presence cursor field 'x' is out of range",
+            "annotation(s) or chat message(s) that are malformed",  # undone, peer dropped
+            "presence viewport field 'window' is out of range",
+        ):
+            assert any(reason in r for r in refused), (reason, refused)
         assert [m.kind for m in viewer.view.marks] == ["cursor"]  # Dr B's, the finite one
         assert viewer.view.marks[0].colour == "#ffff00"  # "not a colour" is not a style
         assert math.isfinite(viewer.view.zoom)
-        assert "invalid numbers" in screen_text(app)
         styles = repr(getattr(viewer.query_one("#participants").render(), "spans", None))
         assert "Color(255, 255, 0)" in styles  # the default colour stands in for both
-        assert "passwd" not in styles
+        assert "file:" not in styles
 
 
 async def test_huge_but_finite_points_from_a_peer_do_not_take_the_viewer_down() -> None:
-    """Red team: points that pass the receive checks (finite) but whose difference is
-    not ((-1e308, y) to (1e308, y)): the line maths made a NaN and int(nan) raised in
-    the viewer. Before the fix the app stopped on a ValueError."""
+    """Red team: points that are finite but whose difference is not ((-1e308, y) to
+    (1e308, y)): the line maths made a NaN and int(nan) raised in the viewer, and the app
+    stopped on a ValueError. The session now refuses them (consult.shared MAX_COORD,
+    consult.presence MAX_NUMBER); the viewer still survives them if they get past."""
     node = HostileNode(home=False, studies=False)
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
@@ -514,24 +542,33 @@ async def test_huge_but_finite_points_from_a_peer_do_not_take_the_viewer_down() 
         await app.workers.wait_for_complete()
         await pilot.pause()
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
-        node.session.remote_join(7, str(KEY_A), "Dr A", "#ff0000")
-        for kind, points in (
+        huge = (
             (AnnotationKind.LENGTH, ((-1e308, 5.0), (1e308, 5.0))),
             (AnnotationKind.ARROW, ((-1e308, -1e308), (1e308, 1e308))),
             (AnnotationKind.ELLIPSE, ((5.0, 5.0), (1e308, 1e308))),
-        ):
-            mark = Annotation(f"h{kind}", kind, sop, 0, ((0.0, 0.0),) * len(points),
-                              str(KEY_A), 1.0, "huge")  # fmt: skip
-            object.__setattr__(mark, "points", points)  # past the receive checks, as above
-            node.session.remote_annotation(mark)
-        node.session.remote_cursor(7, Cursor(sop, 0, 1e308, -1e308))
+        )
+        for kind, points in huge:
+            marker = node.live.join(f"Dr {kind}", "#ff0000")
+            marker.write_raw(hostile_mark(marker, kind, sop, points))
+        node.live.join("Dr C", "#ff0000").cursor(Cursor(sop, 0, 1e308, -1e308))
+        canary = node.live.join("Dr A", "#ff0000", ID_A)
+        canary.cursor(Cursor(sop, 0, 40.0, 40.0))  # sent after the others: drawn
+        await node.live.settle()
         viewer.view.focus()
         await pilot.pause()
         assert app.is_running
-        node.session.remote_cursor(7, Cursor(sop, 0, 40.0, 40.0))  # the canary: drawn
+        refused = refusals(node)
+        assert len(refused) == 4, refused
+        assert sum("annotation(s) or chat message(s) that are malformed" in r for r in refused) == 3
+        assert any("presence cursor field 'x' is out of range" in r for r in refused), refused
+        assert [m.kind for m in viewer.view.marks] == ["cursor"]
+        viewer.view.marks = tuple(
+            Mark(kind.value, points, "#ff0000", "huge") for kind, points in huge
+        )
+        viewer.view.marks += (Mark("cursor", ((1e308, -1e308),), "#ff0000"),)
+        viewer.view.redraw()
         await pilot.pause()
         assert app.is_running
-        assert "cursor" in [m.kind for m in viewer.view.marks]
 
 
 @pytest.mark.filterwarnings("ignore:Found unknown escape sequence")  # pydicom, on the ESC

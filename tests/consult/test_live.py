@@ -18,6 +18,7 @@ from consult.live import (
     Invite,
     LiveConsult,
     LiveFragment,
+    PresenceEnvelope,
     Reassembler,
     check_presence,
     fragment,
@@ -379,3 +380,67 @@ async def test_a_late_joiner_refuses_a_catch_up_carrying_an_annotation_forged_in
     live_c = c.live_hub().sessions[CONSULT]
     await wait_for(lambda: live_c.annotations() and not live_c.is_bound(key(b)))
     assert [x.id for x in live_c.annotations()] == [honest.id]
+
+
+def test_a_listener_reads_the_state_each_local_edit_left() -> None:
+    """Listeners used to be called from the document's observer, inside the transaction:
+    the TUI's refresh read the state there and failed ("Already in a transaction")."""
+    live = LiveConsult(CONSULT, Identity.generate(), "me", "#ffffff")
+    seen: list[tuple[list[str], int, str]] = []
+    live.subscribe(
+        lambda: seen.append(
+            ([m.text for m in live.chat()], len(live.annotations()), live.report_text())
+        )
+    )
+    live.say("hello")
+    mark = live.add_annotation(AnnotationKind.POINT, SOP, 0, ((4.0, 4.0),))
+    live.set_report_text("No bleed.")
+    live.remove_annotation(mark.id)
+    assert seen == [
+        (["hello"], 0, ""),
+        (["hello"], 1, ""),
+        (["hello"], 1, "No bleed."),
+        (["hello"], 0, "No bleed."),
+    ]
+
+
+class KeptLink:
+    """A LiveLink that keeps the presence messages sent on it."""
+
+    def __init__(self, peer: bytes) -> None:
+        self.peer, self.is_connected, self.closed = peer, True, False
+        self.presence: list[bytes] = []
+
+    async def send_live(self, data: bytes) -> None:
+        return None
+
+    def send_presence(self, data: bytes) -> bool:
+        self.presence.append(PresenceEnvelope.from_wire(data).message)
+        return True
+
+
+async def test_a_presence_heartbeat_that_changes_nothing_wakes_no_listener() -> None:
+    """An idle viewer must not redraw every time a peer says it is still there."""
+    ida, idb = Identity.generate(), Identity.generate()
+    a = LiveConsult(CONSULT, ida, "Dr Ana", "#ff00ff")
+    b = LiveConsult(CONSULT, idb, "Dr Ben", "#00ff00")
+    to_a = KeptLink(ida.public_key)
+    a.bind(KeptLink(idb.public_key))
+    b.bind(to_a)
+    woken: list[int] = []
+    a.subscribe(lambda: woken.append(len(a.participants())))
+    try:
+        a.receive_presence(idb.public_key, to_a.presence[-1])  # b appears
+        assert woken == [2]
+        now = time.time()
+        heartbeat = b.presence.poll(now + 2.0)  # nothing changed since: a heartbeat
+        assert heartbeat is not None
+        a.receive_presence(idb.public_key, heartbeat)
+        b.presence.set_cursor(Cursor(SOP, 0, 4.0, 4.0), now + 3.0)
+        moved = b.presence.poll(now + 3.0)  # the canary: a real change, after the heartbeat
+        assert moved is not None
+        a.receive_presence(idb.public_key, moved)
+        assert woken == [2, 2]
+    finally:
+        await a.close()
+        await b.close()

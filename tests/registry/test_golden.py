@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from crypto.identity import Identity
 from registry import wsproto
 from registry.records import Availability, LanPointer, NodeRecord, parse_verified
@@ -46,4 +48,24 @@ def test_signaling_send_frame_bytes() -> None:
     golden = (GOLDEN / "ws_send.bin").read_bytes()
     frame = wsproto.Send(ALICE.node_id, b"\x01\x02sealed", 5)
     assert wsproto.to_wire(frame) == golden
+    assert wsproto.from_wire(golden) == frame
+
+
+BOB = Identity(bytes(range(32, 64)))
+FRAMES = [
+    wsproto.Challenge(bytes(range(32)), "https://registry.example"),
+    wsproto.Auth(ALICE.public_key, bytes(64)),
+    wsproto.Ready(ALICE.node_id, 2),
+    wsproto.Deliver(ALICE.node_id, BOB.node_id, b"\x01\x02sealed"),
+    wsproto.Ack(5, "stored"),
+    wsproto.TurnRequest(),
+    wsproto.TurnCredentials("1800000000:alice", "secret", 600, ("turn:192.0.2.1:3478",)),
+    wsproto.Error("not authenticated", "sign the challenge first", 5),
+]
+
+
+@pytest.mark.parametrize("frame", FRAMES, ids=lambda f: f.T)
+def test_every_signaling_frame_bytes(frame: wsproto.Frame) -> None:
+    golden = (GOLDEN / f"ws_{type(frame).__name__.lower()}.bin").read_bytes()
+    assert frame.to_wire() == golden
     assert wsproto.from_wire(golden) == frame

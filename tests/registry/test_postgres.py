@@ -425,14 +425,14 @@ async def test_a_consult_between_nodes_on_different_registry_processes(
     and a neuroradiologist connected to the other exchange a consult request and its
     acceptance, both relayed by the registry (their sites have no LAN route to each other)."""
     from consult.requests import ConsultResponse, Event, State
-    from node.app import runtime as node_runtime
+    from node.app import courier
     from registry.errors import RegistryError
     from tests.node.test_runtime import make_home, request_from, started
 
     async def no_lan_route(url: str, sealed: bytes) -> None:
         raise RegistryError(f"no route to {url} from this site")
 
-    monkeypatch.setattr(node_runtime, "post_signal", no_lan_route)
+    monkeypatch.setattr(courier, "post_signal", no_lan_route)
     async with registry_process(pg_url) as (url_a, _), registry_process(pg_url) as (url_b, _):
         hospital_home, hospital_id = make_home(tmp_path, "hospital", url_a, [])
         neuro_home, neuro_id = make_home(tmp_path, "neuro", url_b, ["neuro"])

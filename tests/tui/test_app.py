@@ -8,7 +8,7 @@ import pytest
 from textual import events
 
 from consult.presence import Cursor
-from consult.shared import Annotation, AnnotationKind
+from consult.shared import AnnotationKind
 from crypto.identity import Identity
 from tui.app import RadmeshApp
 from tui.imaging import PRESETS, Window
@@ -23,7 +23,7 @@ SIZE = (150, 45)
 
 
 def make_node(**kw: int) -> InMemoryNode:
-    return InMemoryNode(Identity.generate().node_id, **kw)
+    return InMemoryNode(Identity.generate(), **kw)
 
 
 async def open_viewer(pilot, node: InMemoryNode, live: bool = True) -> ViewerScreen:  # type: ignore[no-untyped-def]
@@ -242,12 +242,10 @@ async def test_remote_cursor_and_annotation_appear_and_own_cursor_is_coalesced()
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node)
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
-        node.session.remote_join(7, "PEER-NEURO", "Dr Neuro", "#ff00ff")
-        node.session.remote_cursor(7, Cursor(sop, 0, 60.0, 60.0))
-        node.session.remote_annotation(
-            Annotation("r1", AnnotationKind.POINT, sop, 0, ((30.0, 30.0),), "PEER-NEURO", 1.0,
-                       "look here")
-        )  # fmt: skip
+        neuro = node.live.join("Dr Neuro", "#ff00ff")
+        neuro.cursor(Cursor(sop, 0, 60.0, 60.0))
+        neuro.live.add_annotation(AnnotationKind.POINT, sop, 0, ((30.0, 30.0),), text="look here")
+        await node.live.settle()
         await pilot.pause()
         svg = svg_text(app)
         assert "Dr Neuro" in svg  # name tag on the image and the participants panel
@@ -255,10 +253,12 @@ async def test_remote_cursor_and_annotation_appear_and_own_cursor_is_coalesced()
         kinds = {m.kind for m in viewer.view.marks}
         assert kinds == {"cursor", "point"}
         # 30 pointer moves within one coalescing period go out as at most a few updates.
+        sent_before = neuro.from_node.presence_sent
         for i in range(30):
             viewer.view.post_message(ImageView.Pointer((20.0 + i, 10.0)))
         await pilot.pause(0.15)
-        assert 1 <= node.session.cursor_moves < 30
+        sent = neuro.from_node.presence_sent - sent_before
+        assert 1 <= sent < 30
         me = node.session.participants()[0]
         assert me.cursor is not None
         assert me.cursor.sop_instance_uid == sop
@@ -273,7 +273,10 @@ async def test_chat_report_finalise_and_author_only_removal() -> None:
         panel = viewer.query_one(ConsultPanel)
         await pilot.click("#chat-input")
         await pilot.press(*"agree", "enter")
-        node.session.remote_say("PEER-NEURO", "see slice 3")
+        neuro = node.live.join("Dr Neuro", "#ff00ff")
+        await node.live.settle()  # the peer has caught up (read "agree") before it answers
+        neuro.live.say("see slice 3")
+        await node.live.settle()
         await pilot.pause()
         assert [m.text for m in node.session.chat()] == ["agree", "see slice 3"]
         assert "see slice 3" in svg_text(app)
@@ -281,13 +284,12 @@ async def test_chat_report_finalise_and_author_only_removal() -> None:
         await pilot.press(*"No bleed.")
         await pilot.pause()
         assert node.session.report_text() == "No bleed."
-        node.session.remote_annotation(
-            Annotation("r1", AnnotationKind.POINT, sop, 0, ((3.0, 3.0),), "PEER-NEURO", 1.0)
-        )
+        theirs = neuro.live.add_annotation(AnnotationKind.POINT, sop, 0, ((3.0, 3.0),))
+        await node.live.settle()
         viewer.view.focus()
         await pilot.press("right_square_bracket", "x")
         await pilot.pause()
-        assert panel.selected == "r1"
+        assert panel.selected == theirs.id
         assert len(node.session.annotations()) == 1  # not ours: refused, and said so
         assert "only the author" in svg_text(app)
         await pilot.press("f9")  # a preview first; enter signs and sends

@@ -8,7 +8,7 @@ from tui.memory import InMemoryNode
 
 
 async def test_o_on_home_cycles_the_availability() -> None:
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=(150, 45)) as pilot:
         await pilot.press("o")

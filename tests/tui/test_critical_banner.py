@@ -14,7 +14,7 @@ from tui.memory import InMemoryNode
 
 
 async def test_banner_stays_until_k_acknowledges_the_outbox_report_by_name() -> None:
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     node.alerts.append(CriticalAlert("c-2", 1, time.time() - 600))
     app = RadmeshApp(node)
     async with app.run_test(size=(150, 45)) as pilot:
@@ -42,7 +42,7 @@ async def test_banner_stays_until_k_acknowledges_the_outbox_report_by_name() -> 
 
 
 async def test_an_empty_name_does_not_acknowledge_a_critical_result() -> None:
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     node.alerts.append(CriticalAlert("c-2", 0, time.time()))
     app = RadmeshApp(node)
     async with app.run_test(size=(150, 45)) as pilot:
@@ -59,7 +59,7 @@ async def test_an_empty_name_does_not_acknowledge_a_critical_result() -> None:
 async def test_f8_marks_the_report_critical_before_f9_signs_it() -> None:
     from tests.tui.test_app import open_viewer
 
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=(150, 45)) as pilot:
         viewer = await open_viewer(pilot, node)
@@ -70,7 +70,7 @@ async def test_f8_marks_the_report_critical_before_f9_signs_it() -> None:
         await pilot.press("f9", "enter")  # the preview, then sign and send
         await pilot.pause()
         assert node.session.finalised()
-        assert node.session.critical
+        assert node.live.critical
 
 
 def test_the_worklist_flags_critical_and_overdue_reports() -> None:

@@ -20,7 +20,7 @@ def svg_text(app: RadmeshApp) -> str:
 
 
 async def test_g_in_the_live_viewer_proposes_a_verified_peer_as_a_guest() -> None:
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         await app.push_screen(ViewerScreen(node, node.studies()[0], live=True))
@@ -41,7 +41,7 @@ async def test_g_in_the_live_viewer_proposes_a_verified_peer_as_a_guest() -> Non
 
 
 async def test_g_in_a_viewer_without_a_live_consult_says_why_and_escape_cancels() -> None:
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         viewer = ViewerScreen(node, node.studies()[0], live=False)
@@ -61,7 +61,7 @@ async def test_g_in_a_viewer_without_a_live_consult_says_why_and_escape_cancels(
 
 
 async def test_g_on_home_approves_and_refuses_the_other_partys_proposals() -> None:
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     node.proposals = [
         GuestProposal("c-1", "CT head", "GUEST-ONE", "[b]Dr Surgeon[/b]", "verified", "PEER-NE"),
         GuestProposal("c-1", "CT head", "GUEST-TWO", "Dr Unknown", "unverified", "PEER-NE"),
@@ -95,7 +95,7 @@ async def test_g_on_home_approves_and_refuses_the_other_partys_proposals() -> No
 
 
 async def test_the_help_page_lists_the_guest_keys() -> None:
-    app = RadmeshApp(InMemoryNode(Identity.generate().node_id))
+    app = RadmeshApp(InMemoryNode(Identity.generate()))
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)

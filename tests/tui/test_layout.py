@@ -22,7 +22,7 @@ LARGE = (200, 55)
 
 
 def make_node() -> InMemoryNode:
-    return InMemoryNode(Identity.generate().node_id)
+    return InMemoryNode(Identity.generate())
 
 
 def svg_text(app: RadmeshApp) -> str:

@@ -107,7 +107,7 @@ def test_age_sex_and_date_as_a_viewer_prints_them() -> None:
 
 
 def make_node() -> InMemoryNode:
-    return InMemoryNode(Identity.generate().node_id)
+    return InMemoryNode(Identity.generate())
 
 
 async def open_viewer(pilot, node: InMemoryNode, live: bool = False) -> ViewerScreen:  # type: ignore[no-untyped-def]
@@ -196,7 +196,7 @@ class MarkupNode(InMemoryNode):
 
 
 async def test_dicom_text_on_the_overlay_is_shown_literally() -> None:
-    node = MarkupNode(Identity.generate().node_id)
+    node = MarkupNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node)

@@ -25,7 +25,7 @@ CONSULT = "feed0000feed0000feed0000feed0000"
 
 
 def make_node() -> InMemoryNode:
-    return InMemoryNode(Identity.generate().node_id)
+    return InMemoryNode(Identity.generate())
 
 
 async def open_viewer(pilot, node: InMemoryNode, live: bool = True) -> ViewerScreen:  # type: ignore[no-untyped-def]
@@ -50,10 +50,10 @@ def mode_line(viewer: ViewerScreen) -> str:
 
 
 async def test_a_length_measured_with_the_keyboard_alone_is_listed_and_drawn_at_once() -> None:
-    # A real live session with nobody else in it: it does not call back for own edits.
+    # A real live session with nobody else in it.
     alone = LiveConsult(CONSULT, Identity.generate(), "Dr Ana", "#ff00ff")
     node = make_node()
-    node.session = LiveSessionView(alone)  # type: ignore[assignment]
+    node.session = LiveSessionView(alone)
     app = RadmeshApp(node)
     try:
         async with app.run_test(size=SIZE) as pilot:
@@ -90,7 +90,7 @@ async def test_a_length_measured_with_the_keyboard_alone_is_listed_and_drawn_at_
 async def test_a_length_clicked_in_a_session_alone_is_listed_and_drawn_at_once() -> None:
     alone = LiveConsult(CONSULT, Identity.generate(), "Dr Ana", "#ff00ff")
     node = make_node()
-    node.session = LiveSessionView(alone)  # type: ignore[assignment]
+    node.session = LiveSessionView(alone)
     app = RadmeshApp(node)
     try:
         async with app.run_test(size=SIZE) as pilot:
@@ -192,7 +192,7 @@ class MixedNode(InMemoryNode):
 
 
 async def test_each_series_keeps_its_own_window_and_slice() -> None:
-    node = MixedNode(Identity.generate().node_id)
+    node = MixedNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node, live=False)

@@ -35,7 +35,7 @@ def sections_for(author: Identity) -> list[ReportSection]:
 
 async def test_v_on_an_outbox_consult_shows_its_report_literally() -> None:
     author = Identity(bytes([3]) * 32)
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     node.reports["c-2"] = sections_for(author)
     app = RadmeshApp(node)
     async with app.run_test(size=(150, 50)) as pilot:
@@ -65,7 +65,7 @@ async def test_v_on_an_outbox_consult_shows_its_report_literally() -> None:
 
 
 async def test_v_without_a_report_says_none_arrived() -> None:
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=(150, 45)) as pilot:
         app.screen.query_one("#worklist", DataTable).move_cursor(row=1)
@@ -87,7 +87,7 @@ def test_an_unverified_report_is_shown_as_a_warning_without_its_content() -> Non
 
 
 async def test_e_on_a_reported_inbox_consult_adds_a_signed_addendum() -> None:
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=(150, 45)) as pilot:
         await pilot.press("e")  # c-1 is only offered: nothing signed to amend
@@ -107,7 +107,7 @@ async def test_e_on_a_reported_inbox_consult_adds_a_signed_addendum() -> None:
 
 async def test_the_report_screen_lists_addenda_under_the_report() -> None:
     author = Identity(bytes([3]) * 32)
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     node.reports["c-2"] = [
         *sections_for(author),
         ReportSection("Addendum 1", ("Signed at:  2027-01-15 09:00 UTC", f"Right, {MARKUP}")),

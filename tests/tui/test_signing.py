@@ -39,7 +39,7 @@ async def open_viewer(pilot) -> ViewerScreen:  # type: ignore[no-untyped-def]
 
 
 def make() -> tuple[InMemoryNode, RadmeshApp]:
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     return node, RadmeshApp(node)
 
 
@@ -134,7 +134,7 @@ async def test_f9_previews_both_sections_and_measurement_escape_edits_enter_send
         await pilot.pause()
         assert app.screen is viewer
         assert not node.session.finalised()
-        assert node.session.sent == []
+        assert node.live.sent == []
         assert viewer.query_one("#report").has_focus
         await pilot.press(*keys(" ok"))  # still typing into the impression
         await pilot.pause()
@@ -148,12 +148,12 @@ async def test_f9_previews_both_sections_and_measurement_escape_edits_enter_send
         await pilot.pause()
         assert app.screen is viewer
         assert node.session.finalised()
-        assert node.session.critical
-        assert node.session.sent == [("no bleed.", "normal study. ok", frozenset())]
+        assert node.live.critical
+        assert node.live.sent == [("no bleed.", "normal study. ok", frozenset())]
         await pilot.press("f9")  # signed already: no second preview, no second send
         await pilot.pause()
         assert app.screen is viewer
-        assert len(node.session.sent) == 1
+        assert len(node.live.sent) == 1
 
 
 async def test_a_duplicate_measurement_is_said_in_the_preview_and_not_sent() -> None:
@@ -171,9 +171,9 @@ async def test_a_duplicate_measurement_is_said_in_the_preview_and_not_sent() -> 
         assert preview.text.count("length 21.0 mm") == 3  # two sent, one said dropped
         await pilot.press("y")
         await pilot.pause()
-        assert node.session.sent[0][2] == frozenset({twin.id})
-        assert kept.id not in node.session.sent[0][2]
-        assert other.id not in node.session.sent[0][2]
+        assert node.live.sent[0][2] == frozenset({twin.id})
+        assert kept.id not in node.live.sent[0][2]
+        assert other.id not in node.live.sent[0][2]
 
 
 async def test_ctrl_t_inserts_the_template_skeleton_into_an_empty_report_only() -> None:

@@ -78,8 +78,8 @@ async def wait_until(pilot: Pilot[None], ready: object, what: str) -> None:
 
 
 def live_node() -> InMemoryNode:
-    node = InMemoryNode(Identity.generate().node_id, slices=4, size=128)
-    node.session.remote_join(1, "peer-node", "Dr Peer", "#ff8700")
+    node = InMemoryNode(Identity.generate(), slices=4, size=128)
+    node.live.join("Dr Peer", "#ff8700")  # called inside the test's event loop
     return node
 
 
@@ -141,7 +141,7 @@ async def test_a_remote_cursor_move_rebuilds_and_repaints_only_the_rows_it_cross
         view = viewer.view
         ref = viewer.current
         assert ref is not None
-        node.session.remote_cursor(1, Cursor(ref.sop_uid, 0, 40.0, 64.0))
+        node.live.peers[0].cursor(Cursor(ref.sop_uid, 0, 40.0, 64.0))
         await wait_until(pilot, lambda: any(m.kind == "cursor" for m in view.marks), "cursor")
         await pilot.pause()
         pixels, rebuilt, height = view._base, view.strips_rendered, view.size.height
@@ -153,7 +153,7 @@ async def test_a_remote_cursor_move_rebuilds_and_repaints_only_the_rows_it_cross
             return render_line(y)
 
         view.render_line = recording  # type: ignore[method-assign]
-        node.session.remote_cursor(1, Cursor(ref.sop_uid, 0, 52.0, 64.0))
+        node.live.peers[0].cursor(Cursor(ref.sop_uid, 0, 52.0, 64.0))
         geom = view.geometry()
         assert geom is not None
         _, row = geom.image_to_cell((52.0, 64.0))
@@ -175,7 +175,7 @@ async def test_the_image_after_many_changes_is_the_one_a_full_render_draws() -> 
         ref = viewer.current
         assert ref is not None
         for x in (20.0, 60.0, 100.0):
-            node.session.remote_cursor(1, Cursor(ref.sop_uid, 0, x, 30.0 + x / 2))
+            node.live.peers[0].cursor(Cursor(ref.sop_uid, 0, x, 30.0 + x / 2))
             await pilot.pause()
         view.marks = (*view.marks, Mark("length", ((10.0, 10.0), (90.0, 100.0)), "#00ff00", "9 mm"))
         view.redraw()
@@ -202,7 +202,7 @@ def truecolor_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("truecolor_terminal")
 def test_low_bandwidth_writes_256_colours(monkeypatch: pytest.MonkeyPatch) -> None:
-    node = InMemoryNode(Identity.generate().node_id)
+    node = InMemoryNode(Identity.generate())
     assert RadmeshApp(node).console.color_system == "truecolor"
     assert RadmeshApp(node, low_bandwidth=True).console.color_system == "256"
     monkeypatch.setenv("RADMESH_LOW_BANDWIDTH", "1")

@@ -14,15 +14,14 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from consult.live import LiveConsult, LiveFragment, PresenceEnvelope, Reassembler
+from consult.live import LiveConsult
 from consult.presence import Cursor, Viewport
-from consult.shared import Annotation, AnnotationKind
+from consult.shared import AnnotationKind
 from crypto.identity import Identity
 from tui.app import RadmeshApp
 from tui.dicom_frame import frame_from_dataset
 from tui.facade import Frame
-from tui.memory import SERIES2_UID, SERIES_UID, InMemoryNode
-from tui.node_facade import LiveSessionView
+from tui.memory import SERIES2_UID, SERIES_UID, InMemoryNode, MemoryPeer
 from tui.screens.viewer import ViewerScreen
 from tui.widgets.consult_panel import ConsultPanel
 from tui.widgets.image_view import ImageView
@@ -31,50 +30,14 @@ SIZE = (150, 45)
 CONSULT = "feed0000feed0000feed0000feed0000"
 
 
-class MemoryLink:
-    """One side of an in-memory connection: what it sends lands in the other LiveConsult."""
-
-    def __init__(self, own_key: bytes, peer_key: bytes, target: LiveConsult) -> None:
-        self._own, self._peer, self._target = own_key, peer_key, target
-        self._reassembler = Reassembler()
-        self.presence_sent = 0
-
-    @property
-    def peer(self) -> bytes:
-        return self._peer
-
-    @property
-    def is_connected(self) -> bool:
-        return True
-
-    @property
-    def closed(self) -> bool:
-        return False
-
-    async def send_live(self, data: bytes) -> None:
-        message = self._reassembler.feed(LiveFragment.from_wire(data))
-        if message is not None:
-            self._target.receive_live(self._own, message)
-
-    def send_presence(self, data: bytes) -> bool:
-        self.presence_sent += 1
-        self._target.receive_presence(self._own, PresenceEnvelope.from_wire(data).message)
-        return True
-
-
 @pytest.fixture
-async def pair() -> AsyncIterator[tuple[LiveConsult, LiveConsult, MemoryLink]]:
-    """Two participants of one consult joined in memory; the link is a's way to b."""
-    ida, idb = Identity.generate(), Identity.generate()
-    a = LiveConsult(CONSULT, ida, "Dr Ana", "#ff00ff")
-    b = LiveConsult(CONSULT, idb, "Dr Ben", "#00ff00")
-    a_to_b = MemoryLink(ida.public_key, idb.public_key, b)
-    b.bind(MemoryLink(idb.public_key, ida.public_key, a))
-    a.bind(a_to_b)
-    await wait_for(lambda: len(a.participants()) == 2 and len(b.participants()) == 2)
-    yield a, b, a_to_b
-    await a.close()
-    await b.close()
+async def pair() -> AsyncIterator[tuple[InMemoryNode, MemoryPeer]]:
+    """The in-memory node's live session and a second participant joined to it."""
+    node = make_node(slices=30)
+    peer = node.live.join("Dr Ana", "#ff00ff")
+    await wait_for(lambda: len(node.live.live.participants()) == len(peer.live.participants()) == 2)
+    yield node, peer
+    await node.live.close()
 
 
 async def wait_for(predicate: Callable[[], object], within: float = 5.0) -> None:
@@ -85,7 +48,7 @@ async def wait_for(predicate: Callable[[], object], within: float = 5.0) -> None
 
 
 def make_node(**kw: int) -> InMemoryNode:
-    return InMemoryNode(Identity.generate().node_id, **kw)
+    return InMemoryNode(Identity.generate(), **kw)
 
 
 async def open_viewer(pilot, node: InMemoryNode) -> ViewerScreen:  # type: ignore[no-untyped-def]
@@ -109,11 +72,10 @@ def other(live: LiveConsult) -> object:
 
 
 async def test_a_follower_takes_the_presenters_slices_until_they_scroll_themselves(
-    pair: tuple[LiveConsult, LiveConsult, MemoryLink],
+    pair: tuple[InMemoryNode, MemoryPeer],
 ) -> None:
-    presenter, follower, _ = pair
-    node = make_node()
-    node.session = LiveSessionView(follower)  # type: ignore[assignment]
+    node, peer = pair
+    presenter, follower = peer.live, node.live.live
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node)
@@ -147,11 +109,10 @@ async def test_a_follower_takes_the_presenters_slices_until_they_scroll_themselv
 
 
 async def test_the_presenter_broadcasts_viewport_and_tool_coalesced(
-    pair: tuple[LiveConsult, LiveConsult, MemoryLink],
+    pair: tuple[InMemoryNode, MemoryPeer],
 ) -> None:
-    presenter, follower, link = pair
-    node = make_node(slices=30)
-    node.session = LiveSessionView(presenter)  # type: ignore[assignment]
+    node, peer = pair
+    follower, link = peer.live, peer.from_node
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node)
@@ -189,18 +150,18 @@ async def test_in_memory_session_follows_a_remote_presenter() -> None:
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node)
-        node.session.remote_join(7, "PEER-NEURO", "Dr Neuro", "#ff00ff")
-        node.session.remote_viewport(7, Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
+        neuro = node.live.join("Dr Neuro", "#ff00ff")
+        neuro.viewport(Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
         await pilot.press("f")
         await pilot.pause()
         assert viewer.index == 3
         assert node.session.following()
-        node.session.remote_viewport(7, Viewport(SERIES_UID, 9, 400.0, 40.0))
+        neuro.viewport(Viewport(SERIES_UID, 9, 400.0, 40.0))
         await app.workers.wait_for_complete()
         await pilot.pause()
         assert viewer.index == 9
         await pilot.press("f")  # toggled off: the presenter's moves no longer apply
-        node.session.remote_viewport(7, Viewport(SERIES_UID, 1, 400.0, 40.0))
+        neuro.viewport(Viewport(SERIES_UID, 1, 400.0, 40.0))
         await pilot.pause()
         assert viewer.index == 9
         assert not node.session.following()
@@ -208,18 +169,19 @@ async def test_in_memory_session_follows_a_remote_presenter() -> None:
 
 async def test_the_participants_panel_shows_who_presents_and_who_follows() -> None:
     node = make_node()
+    neuro = node.live.join("Dr Neuro", "#ff00ff")
+    node.rekey("PEER-NEURO", neuro.node)  # before the viewer reads the directory
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node)
-        node.session.remote_join(7, "PEER-NEURO", "Dr Neuro", "#ff00ff")
-        node.session.remote_join(8, "PEER-SURG", "Dr Surg", "#00ffff")
-        node.session.remote_viewport(8, Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
-        node.session.remote_viewport(7, Viewport(SERIES_UID, 3, 400.0, 40.0), following=True)
+        surg = node.live.join("Dr Surg", "#00ffff")
+        surg.viewport(Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
+        neuro.viewport(Viewport(SERIES_UID, 3, 400.0, 40.0), following=True)
         await pilot.pause()
         panel = str(viewer.query_one("#participants").render())
-        assert "Dr Neuro (PEER-NE, verified) following" in panel
-        assert "Dr Surg (PEER-SU, unverified) presenting" in panel  # not in the directory
-        node.session.remote_viewport(7, Viewport(SERIES_UID, 4, 400.0, 40.0), following=False)
+        assert f"Dr Neuro ({neuro.node[:7]}, verified) following" in panel
+        assert f"Dr Surg ({surg.node[:7]}, unverified) presenting" in panel  # not in the directory
+        neuro.viewport(Viewport(SERIES_UID, 4, 400.0, 40.0), following=False)
         await pilot.pause()
         assert "following" not in str(viewer.query_one("#participants").render())
 
@@ -236,32 +198,35 @@ async def click_image_point(pilot, viewer: ViewerScreen, point: tuple[float, flo
 
 async def test_clicking_near_an_annotation_selects_it_and_only_the_author_removes_it() -> None:
     node = make_node()
+    neuro = node.live.join("Dr Neuro", "#ff00ff")
+    node.rekey("PEER-NEURO", neuro.node)  # before the viewer reads the directory
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node)
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         panel = viewer.query_one(ConsultPanel)
-        node.session.remote_join(7, "PEER-NEURO", "Dr Neuro", "#ff00ff")
-        theirs = Annotation(
-            "r1", AnnotationKind.LENGTH, sop, 0, ((20.0, 20.0), (40.0, 20.0)), "PEER-NEURO", 1.0
+        theirs = neuro.live.add_annotation(
+            AnnotationKind.LENGTH, sop, 0, ((20.0, 20.0), (40.0, 20.0))
         )
-        node.session.remote_annotation(theirs)
         mine = node.session.add_annotation(AnnotationKind.POINT, sop, 0, ((90.0, 90.0),))
+        await node.live.settle()
         await pilot.pause()
 
         await click_image_point(pilot, viewer, (30.0, 20.0))  # on the middle of their line
-        assert panel.selected == "r1"
+        assert panel.selected == theirs.id
         assert "▶" in str(panel.query_one("#annotations").render())
         await pilot.press("x")
         await pilot.pause()
         assert len(node.session.annotations()) == 2
-        assert "only the author, Dr Neuro (PEER-NE, verified), can remove" in svg_text(app)
+        assert f"only the author, Dr Neuro ({neuro.node[:7]}, verified), can remove" in svg_text(
+            app
+        )
 
         await click_image_point(pilot, viewer, (90.0, 90.0))
         assert panel.selected == mine.id
         await pilot.press("delete")
         await pilot.pause()
-        assert [a.id for a in node.session.annotations()] == ["r1"]
+        assert [a.id for a in node.session.annotations()] == [theirs.id]
 
         await click_image_point(pilot, viewer, (110.0, 30.0))  # nothing near: no selection
         assert panel.selected is None
@@ -284,14 +249,14 @@ class MultiFrameNode(InMemoryNode):
 
 
 async def test_j_walks_the_frames_of_a_multi_frame_instance_and_marks_keep_their_frame() -> None:
-    node = MultiFrameNode(Identity.generate().node_id)
+    node = MultiFrameNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node)
         assert "Im 1/12  Fr 1/3" in svg_text(app)
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
-        node.session.remote_join(7, "PEER-NEURO", "Dr Neuro", "#ff00ff")
-        node.session.remote_cursor(7, Cursor(sop, 1, 50.0, 50.0))
+        neuro = node.live.join("Dr Neuro", "#ff00ff")
+        neuro.cursor(Cursor(sop, 1, 50.0, 50.0))
 
         await pilot.press("j")
         await app.workers.wait_for_complete()
@@ -339,7 +304,7 @@ async def test_a_real_multi_frame_file_opens_with_every_frame_reachable(tmp_path
         def load_frame(self, sop_uid: str, frame: int = 0) -> Frame | None:
             return frame_from_dataset(saved, frame)
 
-    node = OneMultiFrameFile(Identity.generate().node_id, slices=1)
+    node = OneMultiFrameFile(Identity.generate(), slices=1)
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         screen = ViewerScreen(node, node.studies()[0])
