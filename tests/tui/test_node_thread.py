@@ -7,6 +7,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 
 import pydicom
@@ -142,10 +143,14 @@ async def test_an_error_on_the_node_thread_is_shown_in_the_app(threaded: Threade
         runtime = threaded.node.runtime
         node_thread.post(runtime.spawn, failing())  # a background task nobody awaits
         for canary in (early, "canary from a node callback", "canary from a node task"):
-            await wait_for(lambda c=canary: any(c in m and s == "error" for m, s in notes(app)))
+            await wait_for(partial(shown_as_error, app, canary))
         # a call the UI waits for raises in the UI, as on one loop
         with pytest.raises(RuntimeError, match="canary from a node callback"):
             node_thread.call(boom)
+
+
+def shown_as_error(app: RadmeshApp, text: str) -> bool:
+    return any(text in message and severity == "error" for message, severity in notes(app))
 
 
 def _raise(text: str) -> None:
