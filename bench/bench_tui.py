@@ -64,6 +64,7 @@ KEYS = 120
 KEY_GAP_S = 0.03  # between single keystrokes: no overlap between measurements
 ROUNDS = 3  # headless, then TUI, this many times
 HEADLESS_S = 4.0
+HOPS = 200
 RATIO_GOAL = 0.9  # the TUI's transfer within 10% of headless (issue 18 item 2)
 T = TypeVar("T")
 
@@ -382,9 +383,26 @@ async def on_node_thread(root: Path, node: PrecomputedNode) -> None:
             rates, latencies = await alternate(node, receiver.count)
             report("transfer on the node thread (now)", latencies)
             transfer("on its own thread (now)", rates)
+            hops = await hop_times(ben_thread)
+            print(
+                f"  (d) one call from the UI to the node's loop (a facade read) during the "
+                f"transfer: p50 {pct(hops, 0.5):.2f} ms p95 {pct(hops, 0.95):.2f} ms "
+                f"max {max(hops):.2f} ms"
+            )
             await ana.close()
         finally:
             await ben_thread.arun(ben.stop())
+
+
+async def hop_times(thread: NodeThread) -> list[float]:
+    """How long the UI waits for one ThreadedNode read: a call that does nothing."""
+    hops = []
+    for _ in range(HOPS):
+        started = time.perf_counter()
+        thread.call(int)
+        hops.append((time.perf_counter() - started) * 1000)
+        await asyncio.sleep(0.01)
+    return hops
 
 
 async def in_a_process(root: Path, node: PrecomputedNode) -> None:

@@ -56,7 +56,7 @@ def run_interactive(
                     asyncio.ensure_future, surgeon_when_ready(net, requested, rows)
                 )
                 node = ThreadedNode(RuntimeNode(net.nodes["neurorad"]), thread)
-                RadmeshApp(node, low_bandwidth=low_bandwidth).run()
+                asyncio.run(RadmeshApp(node, low_bandwidth=low_bandwidth).run_async())
         finally:
             thread.run(stop_surgeon())
             net.out = sys.stdout

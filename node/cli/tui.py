@@ -69,7 +69,7 @@ def _with_node(
         runtime = thread.run(started())
         try:
             node = ThreadedNode(RuntimeNode(runtime), thread)
-            RadmeshApp(node, low_bandwidth=low_bandwidth).run()
+            asyncio.run(RadmeshApp(node, low_bandwidth=low_bandwidth).run_async())
         finally:
             thread.run(runtime.stop())
 
