@@ -27,6 +27,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import itertools
 import logging
 import threading
 from collections import deque
@@ -243,27 +244,65 @@ def _name(fn: Callable[..., object]) -> str:
 
 
 class ThreadedSession:
-    """A :class:`~tui.session.SessionView` whose live session runs on the node's loop."""
+    """A :class:`~tui.session.SessionView` whose live session runs on the node's loop.
+
+    A repaint reads the session several times (participants for colours, cursors and the
+    presenter; annotations; following), each a hop to the node's loop: while someone is
+    subscribed, a read is answered from the last one until the session says it changed
+    or this side edits it (own cursor moves do not call back), so a repaint costs one hop
+    per kind of read at most, and none when nothing changed."""
 
     def __init__(self, view: LiveSessionView, node: NodeThread) -> None:
         self._view, self._node = view, node
         self.consult_id = view.consult_id
         self.local_node = view.local_node
+        # Each change takes a new number (next() is atomic): a read cached under an
+        # older one is read again. Bumped from both threads, so only uniqueness counts.
+        self._versions = itertools.count(1)
+        self._version = 0
+        self._cache: dict[str, tuple[int, Any]] = {}
+        self._watching = 0  # open subscriptions: without one, no change would be heard
+
+    def _changed(self) -> None:
+        self._version = next(self._versions)
+
+    def _read(self, name: str, read: Callable[[], T]) -> T:
+        version = self._version
+        if self._watching:
+            hit = self._cache.get(name)
+            if hit is not None and hit[0] == version:
+                cached: T = hit[1]
+                return cached
+        value = self._node.call(read)
+        self._cache[name] = (version, value)
+        return value
 
     def participants(self) -> list[Participant]:
-        return self._node.call(self._view.participants)
+        return list(self._read("participants", self._view.participants))
 
     def annotations(self) -> list[Annotation]:
-        return self._node.call(self._view.annotations)
+        return list(self._read("annotations", self._view.annotations))
 
     def chat(self) -> list[ChatMessage]:
-        return self._node.call(self._view.chat)
+        return list(self._read("chat", self._view.chat))
 
     def report_text(self) -> str:
-        return self._node.call(self._view.report_text)
+        return self._read("report_text", self._view.report_text)
 
     def finalised(self) -> bool:
-        return self._node.call(self._view.finalised)
+        return self._read("finalised", self._view.finalised)
+
+    def following(self) -> bool:
+        return self._read("following", self._view.following)
+
+    # -- edits: the cache is stale from here; posts and calls keep their order -------------
+    def _post(self, fn: Callable[..., object], *args: Any) -> None:
+        self._changed()
+        self._node.post(fn, *args)
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        self._changed()
+        return self._node.call(fn, *args)
 
     def add_annotation(
         self,
@@ -280,37 +319,34 @@ class ThreadedSession:
                 kind, sop_instance_uid, frame, points, text=text, values=values
             )
 
-        return self._node.call(add)
+        return self._call(add)
 
     def remove_annotation(self, annotation_id: str) -> None:
-        self._node.post(self._view.remove_annotation, annotation_id)
+        self._post(self._view.remove_annotation, annotation_id)
 
     def move_cursor(self, cursor: Cursor | None) -> None:
-        self._node.post(self._view.move_cursor, cursor)
+        self._post(self._view.move_cursor, cursor)
 
     def say(self, text: str) -> ChatMessage:
-        return self._node.call(self._view.say, text)
+        return self._call(self._view.say, text)
 
     def set_report_text(self, text: str) -> None:
-        self._node.post(self._view.set_report_text, text)
+        self._post(self._view.set_report_text, text)
 
     def finalise(self, critical: bool = False, drop: frozenset[str] = frozenset()) -> None:
-        self._node.call(self._view.finalise, critical, drop)
+        self._call(self._view.finalise, critical, drop)
 
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
-        self._node.post(lambda: self._view.set_viewport(viewport, by_user=by_user))
+        self._post(lambda: self._view.set_viewport(viewport, by_user=by_user))
 
     def set_tool(self, tool: str) -> None:
-        self._node.post(self._view.set_tool, tool)
+        self._post(self._view.set_tool, tool)
 
     def present(self, on: bool) -> None:
-        self._node.post(self._view.present, on)
+        self._post(self._view.present, on)
 
     def follow(self, on: bool) -> None:
-        self._node.post(self._view.follow, on)
-
-    def following(self) -> bool:
-        return self._node.call(self._view.following)
+        self._post(self._view.follow, on)
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """``listener`` runs on the subscribing (UI) loop; changes that come while one
@@ -325,15 +361,21 @@ class ThreadedSession:
                 _in_context(context, listener)
 
         def changed() -> None:  # on the node's loop
+            self._changed()
             if not pending.is_set():
                 pending.set()
                 with _closed_ok:
                     ui.call_soon_threadsafe(deliver)
 
         unsubscribe = self._node.call(self._view.subscribe, changed)
+        self._watching += 1
+        self._changed()  # what was cached before anyone listened may be stale
 
         def stop() -> None:
+            if gone.is_set():
+                return
             gone.set()
+            self._watching -= 1
             with contextlib.suppress(NodeStopped):  # the node stopped first: nothing to undo
                 self._node.post(unsubscribe)
 

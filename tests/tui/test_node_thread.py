@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -175,3 +175,62 @@ def test_stopping_cancels_what_still_runs_and_joins_the_thread(
     assert "Task was destroyed" not in caplog.text
     with pytest.raises(NodeStopped, match="the node has stopped"):
         thread.call(lambda: None)
+
+
+class CountingView:
+    """A LiveSessionView stand-in on the node's loop: counts reads, fires changes."""
+
+    consult_id = "c" * 32
+    local_node = "me"
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.cursor: Cursor | None = None
+        self.chat_lines: list[str] = []
+        self.listeners: list[Callable[[], None]] = []
+
+    def participants(self) -> list[Cursor | None]:
+        self.reads += 1
+        return [self.cursor]
+
+    def move_cursor(self, cursor: Cursor | None) -> None:
+        self.cursor = cursor  # a live session does not call back for own moves
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        self.listeners.append(listener)
+        return lambda: self.listeners.remove(listener)
+
+    def peer_moved(self, cursor: Cursor) -> None:
+        self.cursor = cursor
+        for listener in list(self.listeners):
+            listener()
+
+
+async def test_session_reads_are_cached_until_the_session_or_the_ui_changes_it(
+    node_thread: NodeThread,
+) -> None:
+    view = CountingView()
+    session = ThreadedSession(view, node_thread)  # type: ignore[arg-type]
+    delivered = asyncio.Event()
+    stop = session.subscribe(delivered.set)
+    assert session.participants() == [None]
+    assert session.participants() == [None]
+    assert view.reads == 1  # the second read cost no hop
+
+    theirs = Cursor("2.25.1", 0, 1.0, 2.0)
+    node_thread.call(view.peer_moved, theirs)  # a change on the node's side
+    assert session.participants() == [theirs]  # type: ignore[comparison-overlap]
+    assert view.reads == 2
+    await asyncio.wait_for(delivered.wait(), 10)
+
+    mine = Cursor("2.25.1", 0, 5.0, 6.0)
+    session.move_cursor(mine)  # posted; the read after it goes after it, and is not cached
+    assert session.participants() == [mine]  # type: ignore[comparison-overlap]
+    assert view.reads == 3
+
+    stop()
+    node_thread.call(lambda: None)  # the unsubscribe went before this
+    assert view.listeners == []
+    session.participants()
+    session.participants()
+    assert view.reads == 5  # nobody listens for changes: every read asks the node
