@@ -50,8 +50,10 @@ from registry.records import NodeRecord
 from tui.app import RadmeshApp
 from tui.facade import Frame
 from tui.memory import InMemoryNode
-from tui.node_thread import NodeThread
+from tui.node_facade import LiveSessionView
+from tui.node_thread import NodeThread, ThreadedSession
 from tui.screens.viewer import ViewerScreen
+from tui.session import SessionView
 from tui.widgets.image_view import ImageView
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +123,19 @@ class PaintProbe:
         return None
 
 
+class LiveNode(PrecomputedNode):
+    """The same frames, with a live session on a real node (ThreadedSession)."""
+
+    def __init__(self, session: SessionView) -> None:
+        super().__init__()
+        self.session = session
+
+    def open_session(self, study_uid: str) -> SessionView | None:
+        return self.session
+
+
 async def open_viewer(app: RadmeshApp, node: PrecomputedNode) -> tuple[ViewerScreen, PaintProbe]:
-    screen = ViewerScreen(node, node.studies()[0])
+    screen = ViewerScreen(node, node.studies()[0], live=isinstance(node, LiveNode))
     await app.push_screen(screen)
     deadline = time.monotonic() + 10
     while screen.view.frame is None:
@@ -384,6 +397,7 @@ async def on_node_thread(root: Path, node: PrecomputedNode) -> None:
             report("transfer on the node thread (now)", latencies)
             transfer("on its own thread (now)", rates)
             hops = await hop_times(ben_thread)
+            await live_keystrokes(ben_thread, ben, ana, receiver)
             print(
                 f"  (d) one call from the UI to the node's loop (a facade read) during the "
                 f"transfer: p50 {pct(hops, 0.5):.2f} ms p95 {pct(hops, 0.95):.2f} ms "
@@ -392,6 +406,27 @@ async def on_node_thread(root: Path, node: PrecomputedNode) -> None:
             await ana.close()
         finally:
             await ben_thread.arun(ben.stop())
+
+
+async def live_keystrokes(
+    thread: NodeThread, ben: NodeRuntime, ana: Child, receiver: Receiver
+) -> None:
+    """(b) in a live session with ana (its cursor and presence flow while the transfer
+    runs; the transport then keeps the bulk window short, so the rate is not compared)."""
+    consult = "bench" * 6 + "tu"
+    live = thread.call(lambda: ben.live_hub().open(consult, "bench", "2.25.1"))
+
+    async def invite() -> None:
+        await ben.live_hub().invite(consult, ana.record.public_key)
+
+    await thread.arun(invite())
+    node = LiveNode(ThreadedSession(LiveSessionView(live), thread))
+    app = RadmeshApp(node)
+    async with app.run_test(headless=True, size=APP_SIZE):
+        await asyncio.sleep(0.2)
+        tui, latencies = await rate(receiver.count, keystrokes(app, node))
+    peers = thread.call(lambda: len(live.participants()))
+    report(f"live session ({peers} in it), {tui:.1f} MB/s", latencies)
 
 
 async def hop_times(thread: NodeThread) -> list[float]:
