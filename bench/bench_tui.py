@@ -128,10 +128,10 @@ class LiveNode(PrecomputedNode):
 
     def __init__(self, session: SessionView) -> None:
         super().__init__()
-        self.session = session
+        self.live = session
 
     def open_session(self, study_uid: str) -> SessionView | None:
-        return self.session
+        return self.live
 
 
 async def open_viewer(app: RadmeshApp, node: PrecomputedNode) -> tuple[ViewerScreen, PaintProbe]:
