@@ -23,6 +23,15 @@ loops use uvloop, as the radmesh command does.
 
 Frames come from memory (precomputed), so the figures are the UI's own: key
 handling, the numpy pipeline, half-block strips and compositing.
+
+Measured here (2 cores, load average 4-12 from other work, so every figure moves a
+lot from run to run; four runs): keystroke p95 during the transfer 159-428 ms with the
+node on the app's loop, 113-228 ms on its own thread, 187-260 ms in its own process;
+transfer ratio 0.40-1.10 (one round each), 0.61-0.74 (medians of three), 0.64-0.83.
+Neither goal is met under that load by any of the three: the UI's and the node's
+Python share one GIL in a thread and compete for the same two loaded cores in a
+process. One facade read (a hop to the node's loop) during the transfer: p50 2-4 ms,
+p95 17-24 ms; live-session reads are cached between changes (tui.node_thread).
 """
 
 from __future__ import annotations
