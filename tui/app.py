@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from rich.color import ColorSystem
 from textual.app import App
@@ -26,6 +26,15 @@ MAX_NOTIFICATION_CHARS = 500
 T = TypeVar("T")
 BLOCKING_THREADS = 2
 LOW_BANDWIDTH_ENV = "RADMESH_LOW_BANDWIDTH"
+NODE_ERROR_SECONDS = 30.0
+
+
+@runtime_checkable
+class ShowsErrors(Protocol):
+    """A node running beside the app (tui.node_thread) whose errors nobody awaits: the
+    app shows them, or they would only reach a log nobody reads while the app is up."""
+
+    def show_errors(self, show: Callable[[str], None]) -> None: ...
 
 
 class RadmeshApp(App[None]):
@@ -63,6 +72,8 @@ class RadmeshApp(App[None]):
         return super()._background_screens
 
     def on_mount(self) -> None:
+        if isinstance(self.node, ShowsErrors):
+            self.node.show_errors(self.node_error)
         self.install_screen(HomeScreen(self.node), "home")
         self.install_screen(StudiesScreen(self.node), "studies")
         self.install_screen(PeersScreen(self.node), "peers")
@@ -92,6 +103,9 @@ class RadmeshApp(App[None]):
             timeout=timeout,
             markup=False,
         )
+
+    def node_error(self, text: str) -> None:
+        self.notify(f"The node hit an error: {text}", severity="error", timeout=NODE_ERROR_SECONDS)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

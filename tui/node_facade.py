@@ -1,8 +1,9 @@
 """``NodeFacade`` and ``SessionView`` backed by a running :class:`~node.app.runtime.NodeRuntime`.
 
-The app and the node share one event loop: everything here is called on it,
-except :meth:`RuntimeNode.load_frame`, which the viewer runs on a worker thread
-(the store is thread-safe). Studies come from the node's encrypted store,
+Everything here runs on the node's event loop (under `radmesh tui` that is its own
+thread's: :mod:`tui.node_thread` hops each call there), except
+:meth:`RuntimeNode.load_frame`, which the viewer runs on a worker thread (the store
+is thread-safe). Studies come from the node's encrypted store,
 consults from its consult database plus the live sessions it was invited to,
 peers from its directory and trust store. Patient names never reach the screen:
 each patient gets a stable pseudonym label.

@@ -17,43 +17,50 @@ if TYPE_CHECKING:
     pass
 
 
-async def run_interactive(
+def run_interactive(
     root: Path, *, slices: int, rows: int, with_pacs: bool, low_bandwidth: bool | None = None
 ) -> int:
     """Send the STAT request, then open the TUI as the neuroradiologist: the request waits
-    in the worklist; once accepted and fetched, the scripted surgeon joins a live session."""
+    in the worklist; once accepted and fetched, the scripted surgeon joins a live session.
+    The demo's nodes and the surgeon run on their own thread (tui.node_thread), the TUI
+    on this one, as `radmesh tui` runs its node."""
     import asyncio
-    import shutil
 
     from node.demo.story import DemoNetwork, send_request, surgeon_when_ready
     from tui.app import RadmeshApp
     from tui.node_facade import RuntimeNode
+    from tui.node_thread import NodeThread, ThreadedNode
 
-    await asyncio.to_thread(shutil.rmtree, root, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
     net = DemoNetwork(root)
-    surgeon: asyncio.Task[None] | None = None
-    try:
-        await net.start(with_pacs=with_pacs)
-        requested = await send_request(net, slices=slices, rows=rows)
-        net.say(
-            "opening the TUI as the neuroradiologist: the request waits in the worklist "
-            "(a accept, f fetch, enter open; ? help, ctrl+q quit)"
-        )
-        # The scripted surgeon's steps go to a file while the TUI owns the terminal
-        # (printed there, they were drawn over the screen).
-        with (root / "demo.log").open("a") as steps:
-            net.out = steps
-            surgeon = asyncio.create_task(surgeon_when_ready(net, requested, rows))
-            node = RuntimeNode(net.nodes["neurorad"])
-            await RadmeshApp(node, low_bandwidth=low_bandwidth).run_async()
-            if surgeon is not None:
-                surgeon.cancel()
-                await asyncio.gather(surgeon, return_exceptions=True)
-    finally:
+    surgeon: asyncio.Future[None] | None = None
+
+    async def stop_surgeon() -> None:
         if surgeon is not None:
             surgeon.cancel()
-        net.out = sys.stdout
-        await net.stop()
+            await asyncio.gather(surgeon, return_exceptions=True)
+
+    with NodeThread("radmesh-demo") as thread:
+        try:
+            thread.run(net.start(with_pacs=with_pacs))
+            requested = thread.run(send_request(net, slices=slices, rows=rows))
+            net.say(
+                "opening the TUI as the neuroradiologist: the request waits in the worklist "
+                "(a accept, f fetch, enter open; ? help, ctrl+q quit)"
+            )
+            # The scripted surgeon's steps go to a file while the TUI owns the terminal
+            # (printed there, they were drawn over the screen).
+            with (root / "demo.log").open("a") as steps:
+                net.out = steps
+                surgeon = thread.call(
+                    asyncio.ensure_future, surgeon_when_ready(net, requested, rows)
+                )
+                node = ThreadedNode(RuntimeNode(net.nodes["neurorad"]), thread)
+                asyncio.run(RadmeshApp(node, low_bandwidth=low_bandwidth).run_async())
+        finally:
+            thread.run(stop_surgeon())
+            net.out = sys.stdout
+            thread.run(net.stop())
     print(f"demo stopped; its files are under {root} (the scripted steps: {root / 'demo.log'})")
     return 0
 
@@ -85,16 +92,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             run_headless(root, slices=args.slices, rows=args.rows, with_pacs=not args.no_pacs)
         )
     if args.interactive:
-        import asyncio
-
-        return asyncio.run(
-            run_interactive(
-                root,
-                slices=args.slices,
-                rows=args.rows,
-                with_pacs=not args.no_pacs,
-                low_bandwidth=True if args.low_bandwidth else None,
-            )
+        return run_interactive(
+            root,
+            slices=args.slices,
+            rows=args.rows,
+            with_pacs=not args.no_pacs,
+            low_bandwidth=True if args.low_bandwidth else None,
         )
     if args.fresh and root.exists():
         shutil.rmtree(root)

@@ -1,8 +1,9 @@
 """``radmesh tui`` (and plain ``radmesh``): open the terminal app with this node running in it.
 
-The node (:class:`~node.app.runtime.NodeRuntime`) runs in the app's own event loop:
-started before the first screen, stopped after the app exits, so live sessions,
-consult messages and the DICOM listener work while the app is open.
+The node (:class:`~node.app.runtime.NodeRuntime`) runs on its own event loop in its own
+thread (:mod:`tui.node_thread`), not on the app's: started before the first screen,
+stopped after the app exits, so live sessions, consult messages and the DICOM listener
+work while the app is open, and neither loop waits behind the other.
 """
 
 from __future__ import annotations
@@ -46,21 +47,31 @@ def _low_bandwidth(args: argparse.Namespace) -> bool | None:
     return True if getattr(args, "low_bandwidth", False) else None
 
 
-async def _with_node(
+def _with_node(
     home: NodeHome, identity: Identity, config: NodeConfig, low_bandwidth: bool | None = None
 ) -> None:
     from node.app.runtime import NodeRuntime
     from node.cli.node import with_tui_operation
     from tui.app import RadmeshApp
     from tui.node_facade import RuntimeNode
+    from tui.node_thread import NodeThread, ThreadedNode
 
-    # radmesh commands reach it, and a second `radmesh tui` on this home attaches to it
-    runtime = NodeRuntime(home, identity, config, control=True, operations=with_tui_operation())
-    await runtime.start()  # its services too: serve fetches, file reports, resume fetches
-    try:
-        await RadmeshApp(RuntimeNode(runtime), low_bandwidth=low_bandwidth).run_async()
-    finally:
-        await runtime.stop()
+    with NodeThread() as thread:
+
+        async def started() -> NodeRuntime:
+            # radmesh commands reach it, and a second `radmesh tui` on this home attaches
+            runtime = NodeRuntime(
+                home, identity, config, control=True, operations=with_tui_operation()
+            )
+            await runtime.start()  # its services too: serve fetches, file reports, resume
+            return runtime
+
+        runtime = thread.run(started())
+        try:
+            node = ThreadedNode(RuntimeNode(runtime), thread)
+            asyncio.run(RadmeshApp(node, low_bandwidth=low_bandwidth).run_async())
+        finally:
+            thread.run(runtime.stop())
 
 
 def _graphics(requested: str | None) -> bool:
@@ -96,7 +107,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
         return 0
     identity = load_identity(home.key_path)
     try:
-        asyncio.run(_with_node(home, identity, config, _low_bandwidth(args)))
+        _with_node(home, identity, config, _low_bandwidth(args))
     except (NodeError, OSError) as exc:
         print(f"the node could not start: {exc}", file=sys.stderr)
         return 1

@@ -219,5 +219,6 @@ def test_radmesh_tui_refuses_an_unknown_graphics_mode_before_starting(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setenv(graphics.ENV, "png")
+    monkeypatch.setattr(graphics, "_chosen", None)  # undecided, as in a new process
     assert main(["--home", str(tmp_path / "nowhere"), "tui"]) == 2
     assert "use one of auto, kitty, sixel, halfblock" in capsys.readouterr().err
