@@ -137,10 +137,10 @@ class LiveNode(PrecomputedNode):
 
     def __init__(self, session: SessionView) -> None:
         super().__init__()
-        self.live = session
+        self.threaded = session
 
     def open_session(self, study_uid: str) -> SessionView | None:
-        return self.live
+        return self.threaded
 
 
 async def open_viewer(app: RadmeshApp, node: PrecomputedNode) -> tuple[ViewerScreen, PaintProbe]:
