@@ -1,10 +1,12 @@
-"""Suite-wide hygiene: loopback-only ICE, and no test may leave threads behind."""
+"""Suite-wide hygiene (loopback-only ICE, no test may leave threads behind), the registry
+most node tests need, and the order the tests run in."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +36,18 @@ def _no_leaked_threads() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not leaked, f"test leaked threads: {[t.name for t in leaked]}"
+
+
+@pytest.fixture
+async def registry(tmp_path: Path) -> AsyncIterator[str]:
+    """A registry server on loopback with its own database; its URL. (Imported here, not at
+    the top: every xdist worker imports this file before it collects anything.)"""
+    from registry.server import RegistryServer
+
+    server = RegistryServer(tmp_path / "registry.sqlite")
+    url = await server.start("127.0.0.1", 0)
+    yield url
+    await server.stop()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

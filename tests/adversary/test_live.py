@@ -51,18 +51,9 @@ from crypto.identity import Identity, NodeId
 from node.app import consults
 from node.app.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
-from registry.server import RegistryServer
 from tests.consult.test_live import CONSULT, SOP, introduce, key, start_node, wait_for
 
 # --- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[str]:
-    server = RegistryServer(tmp_path / "registry.sqlite")
-    url = await server.start("127.0.0.1", 0)
-    yield url
-    await server.stop()
 
 
 @pytest.fixture

@@ -75,14 +75,6 @@ async def catcher() -> AsyncIterator[Catcher]:
     await runner.cleanup()
 
 
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[str]:
-    server = RegistryServer(tmp_path / "registry.sqlite")
-    url = await server.start("127.0.0.1", 0)
-    yield url
-    await server.stop()
-
-
 def node_home(root: Path, name: str, registry: str = "", *, mdns: bool = False) -> NodeHome:
     home = NodeHome(root / name)
     save_identity(home.key_path, Identity.generate(), None)

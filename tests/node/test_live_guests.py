@@ -19,18 +19,9 @@ from node.app.runtime import NodeRuntime
 from node.cli import main
 from peer_transport.errors import RemoteError
 from peer_transport.rtc import restrict_host_addresses
-from registry.server import RegistryServer
 from tests.adversary.test_live import consult_between, texts
 from tests.consult.test_live import introduce, key, make_home, wait_for
 from tests.node.test_runtime import FAST
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[str]:
-    server = RegistryServer(tmp_path / "registry.sqlite")
-    url = await server.start("127.0.0.1", 0)
-    yield url
-    await server.stop()
 
 
 @pytest.fixture
