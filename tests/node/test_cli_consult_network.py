@@ -1,5 +1,6 @@
-"""`radmesh consult request | accept | decline` on the network, as separate processes against
-real running nodes and a real registry."""
+"""`radmesh consult request | accept | decline` on the network: the command line against real
+running nodes and a real registry (`consult fetch`, which brings its own node up, in its own
+process)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
 from node.dicom.store import open_store
 from peer_transport.connection import TransportOptions
+from tests.cli import radmesh
 from tests.node.test_runtime import FAST, REAL, make_home, wait_for
 
 
-async def radmesh(home: NodeHome, *args: str) -> tuple[int, str]:
-    """The CLI in its own process, so this loop keeps serving the registry and the nodes."""
+async def radmesh_process(home: NodeHome, *args: str) -> tuple[int, str]:
+    """The CLI in its own process (it brings its own node up), so this loop keeps serving
+    the registry and the nodes."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "node.cli", "--home", str(home.root), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -197,12 +200,12 @@ async def test_the_consultant_fetches_the_de_identified_study_from_the_command_l
         await wait_for(lambda: bool(neuro.consults.cases()))
         await neuro.stop()  # the consultant's side is the CLI from here on
 
-        code, out = await radmesh(neuro_home, "consult", "fetch", request.id[:8])
+        code, out = await radmesh_process(neuro_home, "consult", "fetch", request.id[:8])
         assert code != 0
         assert "accepted" in out  # it must be accepted first: the state table says so
-        code, out = await radmesh(neuro_home, "consult", "accept", request.id[:8])
+        code, out = await radmesh_process(neuro_home, "consult", "accept", request.id[:8])
         assert code == 0, out
-        code, out = await radmesh(neuro_home, "consult", "fetch", request.id[:8])
+        code, out = await radmesh_process(neuro_home, "consult", "fetch", request.id[:8])
         assert code == 0, out
         assert "received and stored: 3 instances" in out
 

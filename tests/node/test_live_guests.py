@@ -4,9 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,10 +13,10 @@ from consult.errors import LocalConsultError
 from consult.live import NOT_ADMITTED, Invite
 from node.app import guests
 from node.app.runtime import NodeRuntime
-from node.cli import main
 from peer_transport.errors import RemoteError
 from peer_transport.rtc import restrict_host_addresses
 from tests.adversary.test_live import consult_between, texts
+from tests.cli import radmesh as run_cli
 from tests.consult.test_live import introduce, key, make_home, wait_for
 from tests.node.test_runtime import FAST
 
@@ -41,15 +38,8 @@ async def trio(tmp_path: Path, registry: str) -> AsyncIterator[list[NodeRuntime]
 
 
 async def radmesh(node: NodeRuntime, *args: str) -> tuple[int, str]:
-    """`radmesh --home HOME ARGS` in a thread (it talks to the node's control socket)."""
-    out = io.StringIO()
-
-    def run() -> int:
-        with contextlib.redirect_stdout(out):
-            return main(["--home", str(node.home.root), *args])
-
-    code = await asyncio.to_thread(run)
-    return code, out.getvalue()
+    """`radmesh --home HOME ARGS` on ``node``'s home (it talks to the node's control socket)."""
+    return await run_cli(node.home, *args)
 
 
 def short(node: NodeRuntime) -> str:
