@@ -50,7 +50,59 @@ async def registry(tmp_path: Path) -> AsyncIterator[str]:
     await server.stop()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first: spread over the xdist workers from the start, they do not leave
-    one worker running the longest test alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first, spread over the xdist workers from the start, so that no worker is
+    left running the longest tests one after another at the end.
+
+    ``--dist worksteal`` hands each worker one contiguous block of the collection first
+    (block sizes as :func:`_block_sizes`), then moves queued tests from the busiest worker's
+    tail to idle ones. So the slow tests are dealt out round-robin to the heads of the
+    blocks, longest expected first (a test's ``timeout`` marker is its author's bound);
+    tests sharing a module- or session-scoped fixture are dealt as one, so its setup runs
+    once. Without workers the slow tests simply come first."""
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    fast = [item for item in items if item.get_closest_marker("slow") is None]
+    groups: dict[str, list[pytest.Item]] = {}
+    for item in slow:
+        groups.setdefault(_shared_setup(item), []).append(item)
+    dealt: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    ordered = sorted(groups.values(), key=lambda group: -max(map(_timeout, group)))
+    for index, group in enumerate(ordered):
+        dealt[index % workers].extend(group)
+    items[:] = []
+    for block, size in zip(dealt, _block_sizes(len(slow) + len(fast), workers), strict=True):
+        take = max(0, size - len(block))
+        items.extend([*block, *fast[:take]])
+        del fast[:take]
+    items.extend(fast)
+
+
+def _block_sizes(count: int, workers: int) -> list[int]:
+    """How xdist's work-stealing scheduler first splits ``count`` tests over idle workers."""
+    sizes = []
+    for index in range(workers):
+        sizes.append(count // (workers - index))
+        count -= sizes[-1]
+    return sizes
+
+
+def _shared_setup(item: pytest.Item) -> str:
+    """What ``item`` must run beside: the first module-, package- or session-scoped fixture
+    of this suite it uses, directly or through another (autouse ones are everywhere), else
+    nothing (its own id)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return item.nodeid
+    autouse = set(item.session._fixturemanager._getautousenames(item))
+    for name in info.names_closure:
+        for fixture in info.name2fixturedefs.get(name, ()):
+            ours = bool(fixture.baseid)  # a plugin's (pytest-asyncio's loop) has none
+            if ours and fixture.scope in ("module", "package", "session") and name not in autouse:
+                return f"{fixture.baseid}::{name}"
+    return item.nodeid
+
+
+def _timeout(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    return float(marker.args[0]) if marker is not None and marker.args else 0.0
