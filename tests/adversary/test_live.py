@@ -94,6 +94,17 @@ def texts(live: LiveConsult) -> list[str]:
     return [m.text for m in live.chat()]
 
 
+async def live_consult(
+    requester: NodeRuntime, consultant: NodeRuntime
+) -> tuple[str, LiveConsult, LiveConsult]:
+    """A consult between the two whose live session the requester opened and invited the
+    consultant into: its id, the requester's session and the consultant's."""
+    consult_id = consult_between(requester, consultant)
+    live = requester.live_hub().open(consult_id)
+    await requester.live_hub().invite(consult_id, key(consultant))
+    return consult_id, live, consultant.live_hub().sessions[consult_id]
+
+
 # --- admission (issue 13 item 4) ------------------------------------------------------------
 
 
@@ -101,10 +112,7 @@ async def test_a_trusted_node_that_knows_the_consult_id_is_refused_audited_and_s
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    consult_id = consult_between(a, b)
-    live_a = a.live_hub().open(consult_id)
-    await a.live_hub().invite(consult_id, key(b))
-    live_b = b.live_hub().sessions[consult_id]
+    consult_id, live_a, live_b = await live_consult(a, b)
     live_a.say("draft: left subdural")
     await wait_for(lambda: texts(live_b) == ["draft: left subdural"])
 
@@ -143,10 +151,7 @@ async def test_a_guest_is_admitted_only_once_both_parties_approved_it(
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    consult_id = consult_between(a, b)
-    live_a = a.live_hub().open(consult_id)
-    await a.live_hub().invite(consult_id, key(b))
-    live_b = b.live_hub().sessions[consult_id]
+    consult_id, live_a, live_b = await live_consult(a, b)
 
     # The consultant alone cannot bring a colleague into the hospital's case.
     await b.consulting.approve_live_guest(consult_id, key(c))

@@ -15,7 +15,7 @@ from node.app import guests
 from node.app.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
 from peer_transport.rtc import restrict_host_addresses
-from tests.adversary.test_live import consult_between, texts
+from tests.adversary.test_live import consult_between, live_consult, texts
 from tests.cli import radmesh as run_cli
 from tests.consult.test_live import introduce, key, make_home, wait_for
 from tests.node.test_runtime import FAST
@@ -50,10 +50,7 @@ async def test_the_consultant_proposes_a_guest_the_hospital_approves_and_the_gue
     trio: list[NodeRuntime],
 ) -> None:
     hospital, consultant, surgeon = trio
-    consult_id = consult_between(hospital, consultant)
-    live_h = hospital.live_hub().open(consult_id)
-    await hospital.live_hub().invite(consult_id, key(consultant))
-    live_c = consultant.live_hub().sessions[consult_id]
+    consult_id, live_h, live_c = await live_consult(hospital, consultant)
 
     code, said = await radmesh(
         consultant, "consult", "invite", consult_id[:8], "--guest", short(surgeon)
@@ -140,10 +137,7 @@ async def test_through_the_tui_facade_a_proposal_is_answered_and_an_approval_tak
     from tui.node_facade import RuntimeNode
 
     hospital, consultant, surgeon = trio
-    consult_id = consult_between(hospital, consultant)
-    live_h = hospital.live_hub().open(consult_id)
-    await hospital.live_hub().invite(consult_id, key(consultant))
-    live_c = consultant.live_hub().sessions[consult_id]
+    consult_id, live_h, live_c = await live_consult(hospital, consultant)
     on_h, on_c = RuntimeNode(hospital), RuntimeNode(consultant)
     guest = str(surgeon.identity.node_id)
 
