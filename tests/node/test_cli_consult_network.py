@@ -79,6 +79,18 @@ async def _hospital_and_neuro(
     return Pair(hospital_home, neuro_home, hospital, neuro, neuro_id, study_uid)
 
 
+async def _requested(pair: Pair, *more: str) -> tuple[str, str]:
+    """`radmesh consult request` on the hospital's home, to the neuroradiologist by id: the
+    new consult's id and what the command printed."""
+    code, out = await radmesh(
+        pair.hospital_home, "consult", "request", "--study", pair.study_uid, "--question", "?",
+        "--subspecialty", "neuro", "--jurisdiction", "IE", "--to", str(pair.neuro_id.node_id),
+        *more,
+    )  # fmt: skip
+    assert code == 0, out
+    return out.split()[1], out
+
+
 async def test_routed_request_and_accept_reach_nodes_live_and_through_the_mailbox(
     tmp_path: Path, registry: str
 ) -> None:
@@ -131,17 +143,10 @@ async def test_request_to_a_chosen_peer_and_decline_over_the_lan(
     tmp_path: Path, registry: str
 ) -> None:
     pair = await _hospital_and_neuro(tmp_path, registry)
-    hospital_home, neuro_home = pair.hospital_home, pair.neuro_home
+    neuro_home = pair.neuro_home
     hospital, neuro = pair.hospital, pair.neuro
-    neuro_id, study_uid = pair.neuro_id, pair.study_uid
     try:
-        code, out = await radmesh(
-            hospital_home, "consult", "request", "--study", study_uid, "--question", "?",
-            "--subspecialty", "neuro", "--jurisdiction", "IE", "--to", str(neuro_id.node_id),
-            "--out", str(tmp_path / "req.bin"),
-        )  # fmt: skip
-        assert code == 0, out
-        consult_id = out.split()[1]
+        consult_id, out = await _requested(pair, "--out", str(tmp_path / "req.bin"))
         assert "delivered (LAN)" in out
         assert (tmp_path / "req.bin").stat().st_size > 0
         await wait_for(lambda: bool(neuro.consults.cases()))
@@ -160,15 +165,9 @@ async def test_withdraw_tells_the_consultant_and_only_the_requester_may(
     pair = await _hospital_and_neuro(tmp_path, registry)
     hospital_home, neuro_home = pair.hospital_home, pair.neuro_home
     hospital, neuro = pair.hospital, pair.neuro
-    neuro_id, study_uid = pair.neuro_id, pair.study_uid
     try:
         await hospital.stop()  # the hospital's side is the CLI from here on
-        code, out = await radmesh(
-            hospital_home, "consult", "request", "--study", study_uid, "--question", "?",
-            "--subspecialty", "neuro", "--jurisdiction", "IE", "--to", str(neuro_id.node_id),
-        )  # fmt: skip
-        assert code == 0, out
-        consult_id = out.split()[1]
+        consult_id, _ = await _requested(pair)
         await wait_for(lambda: bool(neuro.consults.cases()))
 
         code, out = await radmesh(neuro_home, "consult", "withdraw", consult_id[:8])
