@@ -29,7 +29,7 @@ from consult.live import (
     ticket_input,
 )
 from consult.presence import MAX_NAME_CHARS, Presence
-from consult.requests import ConsultRequest, Priority, State
+from consult.requests import State
 from consult.shared import (
     ANNOTATION_DOMAIN,
     CHAT_DOMAIN,
@@ -52,6 +52,7 @@ from node.app import consults
 from node.app.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
 from tests.consult.test_live import CONSULT, SOP, introduce, key, start_node, wait_for
+from tests.node.test_runtime import request_from
 
 # --- fixtures -------------------------------------------------------------------------------
 
@@ -69,17 +70,7 @@ async def trio(tmp_path: Path, registry: str) -> AsyncIterator[list[NodeRuntime]
 def consult_between(requester: NodeRuntime, consultant: NodeRuntime) -> str:
     """A consult the consultant accepted, as both consult databases record it."""
     now = requester.now()
-    request = ConsultRequest.new(
-        requester=requester.identity.node_id,
-        study_uid="2.25.1",
-        question="q",
-        priority=Priority.URGENT,
-        subspecialty="neuro",
-        jurisdiction="IE",
-        language="en",
-        deadline=now + 3600,
-        now=now,
-    )
+    request = request_from(requester.identity, now)
     wire = request.to_wire(requester.identity)
     requester.consults.add(
         request, role="requester", now=now, wire=wire, peer=str(consultant.identity.node_id)
