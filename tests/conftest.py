@@ -91,10 +91,11 @@ def _shared_setup(item: pytest.Item) -> str:
     """What ``item`` must run beside: the first module-, package- or session-scoped fixture
     of this suite it uses, directly or through another (autouse ones are everywhere), else
     nothing (its own id)."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
+    info = getattr(item, "_fixtureinfo", None)  # pytest's own: an order is all that rides on it
+    manager = getattr(item.session, "_fixturemanager", None)
+    if info is None or manager is None:
         return item.nodeid
-    autouse = set(item.session._fixturemanager._getautousenames(item))
+    autouse = set(manager._getautousenames(item))
     for name in info.names_closure:
         for fixture in info.name2fixturedefs.get(name, ()):
             ours = bool(fixture.baseid)  # a plugin's (pytest-asyncio's loop) has none
