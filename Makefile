@@ -32,6 +32,11 @@ typecheck: $(STAMP)
 # pays; `make pytest PYTEST_WORKERS=0` runs them in one process.
 PYTEST_WORKERS ?= 4
 
+# The tests start many interpreters (xdist workers, the CLI, nodes): each reuses the compiled
+# bytecode the first one writes instead of compiling the sources again, even where the
+# environment asks Python not to write it (an empty value is unset).
+pytest: export PYTHONDONTWRITEBYTECODE :=
+
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal
 

@@ -14,6 +14,7 @@ alone, under ``if TYPE_CHECKING:``, run never and so make no cycle).
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,12 @@ def modules() -> dict[str, Path]:
     return found
 
 
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    """The syntax tree of one source file, parsed once for all the checks (read only)."""
+    return ast.parse(path.read_text(), filename=str(path))
+
+
 def _type_only(tree: ast.Module) -> set[ast.AST]:
     """The import statements under ``if TYPE_CHECKING:`` (never run)."""
     found: set[ast.AST] = set()
@@ -72,7 +79,7 @@ def imports_of(
 ) -> list[tuple[str, int]]:
     """Modules of this project that ``path`` imports, anywhere in the file (also inside
     functions); without ``type_only``, not those only the type checker reads."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = parsed(path)
     skip = set() if type_only else _type_only(tree)
     result: list[tuple[str, int]] = []
     for node in ast.walk(tree):
@@ -155,8 +162,7 @@ def test_crypto_does_no_io() -> None:
     for name, path in modules().items():
         if name.split(".")[0] != "crypto":
             continue
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
+        for node in ast.walk(parsed(path)):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
@@ -170,7 +176,7 @@ def test_aiortc_and_zeroconf_each_imported_by_one_module() -> None:
     for library, home in SINGLE_IMPORTERS.items():
         importers = set()
         for name, path in modules().items():
-            for node in ast.walk(ast.parse(path.read_text())):
+            for node in ast.walk(parsed(path)):
                 if isinstance(node, ast.Import):
                     tops = {a.name.split(".")[0] for a in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.module:
@@ -220,7 +226,7 @@ def test_a_long_module_says_why_it_is_one() -> None:
     for name, path in modules().items():
         text = path.read_text()
         if text.count("\n") > LONG_MODULE_LINES:
-            doc = ast.get_docstring(ast.parse(text)) or ""
+            doc = ast.get_docstring(parsed(path)) or ""
             if "Why one module:" not in doc:
                 unexplained.append(f"{name} ({text.count(chr(10))} lines)")
     assert not unexplained, "long modules without a reason:\n" + "\n".join(unexplained)

@@ -29,7 +29,7 @@ from consult.live import (
     ticket_input,
 )
 from consult.presence import MAX_NAME_CHARS, Presence
-from consult.requests import ConsultRequest, Priority, State
+from consult.requests import State
 from consult.shared import (
     ANNOTATION_DOMAIN,
     CHAT_DOMAIN,
@@ -51,18 +51,10 @@ from crypto.identity import Identity, NodeId
 from node.app import consults
 from node.app.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
-from registry.server import RegistryServer
 from tests.consult.test_live import CONSULT, SOP, introduce, key, start_node, wait_for
+from tests.node.test_runtime import request_from
 
 # --- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[str]:
-    server = RegistryServer(tmp_path / "registry.sqlite")
-    url = await server.start("127.0.0.1", 0)
-    yield url
-    await server.stop()
 
 
 @pytest.fixture
@@ -78,17 +70,7 @@ async def trio(tmp_path: Path, registry: str) -> AsyncIterator[list[NodeRuntime]
 def consult_between(requester: NodeRuntime, consultant: NodeRuntime) -> str:
     """A consult the consultant accepted, as both consult databases record it."""
     now = requester.now()
-    request = ConsultRequest.new(
-        requester=requester.identity.node_id,
-        study_uid="2.25.1",
-        question="q",
-        priority=Priority.URGENT,
-        subspecialty="neuro",
-        jurisdiction="IE",
-        language="en",
-        deadline=now + 3600,
-        now=now,
-    )
+    request = request_from(requester.identity, now)
     wire = request.to_wire(requester.identity)
     requester.consults.add(
         request, role="requester", now=now, wire=wire, peer=str(consultant.identity.node_id)
@@ -103,6 +85,17 @@ def texts(live: LiveConsult) -> list[str]:
     return [m.text for m in live.chat()]
 
 
+async def live_consult(
+    requester: NodeRuntime, consultant: NodeRuntime
+) -> tuple[str, LiveConsult, LiveConsult]:
+    """A consult between the two whose live session the requester opened and invited the
+    consultant into: its id, the requester's session and the consultant's."""
+    consult_id = consult_between(requester, consultant)
+    live = requester.live_hub().open(consult_id)
+    await requester.live_hub().invite(consult_id, key(consultant))
+    return consult_id, live, consultant.live_hub().sessions[consult_id]
+
+
 # --- admission (issue 13 item 4) ------------------------------------------------------------
 
 
@@ -110,10 +103,7 @@ async def test_a_trusted_node_that_knows_the_consult_id_is_refused_audited_and_s
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    consult_id = consult_between(a, b)
-    live_a = a.live_hub().open(consult_id)
-    await a.live_hub().invite(consult_id, key(b))
-    live_b = b.live_hub().sessions[consult_id]
+    consult_id, live_a, live_b = await live_consult(a, b)
     live_a.say("draft: left subdural")
     await wait_for(lambda: texts(live_b) == ["draft: left subdural"])
 
@@ -152,10 +142,7 @@ async def test_a_guest_is_admitted_only_once_both_parties_approved_it(
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    consult_id = consult_between(a, b)
-    live_a = a.live_hub().open(consult_id)
-    await a.live_hub().invite(consult_id, key(b))
-    live_b = b.live_hub().sessions[consult_id]
+    consult_id, live_a, live_b = await live_consult(a, b)
 
     # The consultant alone cannot bring a colleague into the hospital's case.
     await b.consulting.approve_live_guest(consult_id, key(c))

@@ -15,7 +15,6 @@ from consult.requests import MAX_PRIORS, ConsultRequest
 from crypto.identity import Identity
 from node.app.studies import FETCH_KIND
 from peer_transport.errors import RemoteError
-from tests.node.conftest import registry as registry
 from tests.node.pair import accepted_consult
 from tests.node.test_runtime import request_from
 from tui.linking import linked_index, slice_location

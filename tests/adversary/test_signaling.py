@@ -76,14 +76,6 @@ async def catcher() -> AsyncIterator[Catcher]:
     await runner.cleanup()
 
 
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[str]:
-    server = RegistryServer(tmp_path / "registry.sqlite")
-    url = await server.start("127.0.0.1", 0)
-    yield url
-    await server.stop()
-
-
 def node_home(root: Path, name: str, registry: str = "", *, mdns: bool = False) -> NodeHome:
     home = NodeHome(root / name)
     save_identity(home.key_path, Identity.generate(), None)
@@ -320,6 +312,14 @@ def has_case(node: NodeRuntime, consult_id: str) -> Callable[[], bool]:
     return lambda: any(case.request.id == consult_id for case in node.consults.cases())
 
 
+async def canary_lands(conn: RegistryConnection, victim: NodeRuntime) -> None:
+    """A trusted peer's request sent on ``conn`` after what the test sent: once it is a case,
+    the victim has handled everything before it on that registry socket."""
+    canary_id, canary = consult_request(trusted_peer(victim), victim.identity.public_key)
+    await conn.send(victim.identity.node_id, canary)
+    await wait_for(has_case(victim, canary_id), WITHIN)
+
+
 async def test_a_flood_past_the_inbox_cap_does_not_stop_intake(
     victim: NodeRuntime, registry: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -333,9 +333,7 @@ async def test_a_flood_past_the_inbox_cap_does_not_stop_intake(
             await conn.send(
                 victim.identity.node_id, consult_request(Identity.generate(), target)[1]
             )
-        canary_id, canary = consult_request(trusted_peer(victim), target)
-        await conn.send(victim.identity.node_id, canary)
-        await wait_for(has_case(victim, canary_id), WITHIN)
+        await canary_lands(conn, victim)
     finally:
         await conn.close()
     assert len(victim.trust.inbox()) == 5
@@ -356,9 +354,7 @@ async def test_unknown_keys_are_rate_limited_per_key_and_in_total(
             await conn.send(
                 victim.identity.node_id, consult_request(Identity.generate(), target)[1]
             )
-        canary_id, canary = consult_request(trusted_peer(victim), target)
-        await conn.send(victim.identity.node_id, canary)
-        await wait_for(has_case(victim, canary_id), WITHIN)
+        await canary_lands(conn, victim)
     finally:
         await conn.close()
     assert len(victim.consults.cases()) == 6 + 1
@@ -375,9 +371,7 @@ async def test_one_unknown_key_gets_only_a_few_requests_waiting(
     try:
         for _ in range(5):
             await conn.send(victim.identity.node_id, consult_request(stranger, target)[1])
-        canary_id, canary = consult_request(trusted_peer(victim), target)
-        await conn.send(victim.identity.node_id, canary)
-        await wait_for(has_case(victim, canary_id), WITHIN)
+        await canary_lands(conn, victim)
     finally:
         await conn.close()
     assert len(victim.consults.cases()) == MAX_STRANGER_REQUESTS + 1

@@ -29,7 +29,7 @@ from bench.bench_codec import ct_instance, ct_series
 from consult.errors import ConsultError
 from consult.errors import MalformedMessage as ConsultMalformed
 from consult.intake import take_in
-from consult.requests import ConsultRequest, Event, Priority
+from consult.requests import ConsultRequest, Event
 from crypto.identity import Identity
 from node.cli.store import _export
 from node.dicom import wirecodec
@@ -59,7 +59,7 @@ from peer_transport.transfer.receiver import Receiver
 from peer_transport.transfer.runner import StudyReceiver, StudySender, receive_study
 from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.spool import SPOOL_KEY_PURPOSE, Spool
-from tests.node.test_runtime import make_home, started
+from tests.node.test_runtime import make_home, request_from, started
 from tests.peer_transport.helpers import mesh
 from tests.peer_transport.test_transfer_runner import MemoryStore, _memory_pair
 
@@ -123,18 +123,7 @@ def _drive(receiver: Receiver, sender: Sender, steps: int = 200) -> list[bytes]:
 
 
 def _forged_request(hospital: Identity, consult_id: str, now: int) -> ConsultRequest:
-    request = ConsultRequest.new(
-        requester=hospital.node_id,
-        study_uid="2.25.1234",
-        question="subdural?",
-        priority=Priority.STAT,
-        subspecialty="neuro",
-        jurisdiction="IE",
-        language="en",
-        deadline=now + 3600,
-        now=now,
-    )
-    return dataclasses.replace(request, id=consult_id)
+    return dataclasses.replace(request_from(hospital, now), id=consult_id)
 
 
 @pytest.mark.parametrize("kind", ["relative", "absolute"])

@@ -24,7 +24,6 @@ from node.cli import main
 from node.demo.phantom import generate_ct
 from peer_transport.connection import PeerConnection
 from peer_transport.errors import PeerRejected, RemoteError, TransportError
-from registry.server import RegistryServer
 from tests.node.test_runtime import FAST, make_home, wait_for
 
 CANARY = "test.canary"
@@ -51,13 +50,6 @@ class Pair:
         conn = self.consultant.transport.connection(self.hospital_key)
         assert conn is not None
         return conn
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[str]:
-    server = RegistryServer(tmp_path / "registry.sqlite")
-    yield await server.start("127.0.0.1", 0)
-    await server.stop()
 
 
 @pytest.fixture

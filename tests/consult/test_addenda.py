@@ -29,7 +29,6 @@ from node.app.reports import ReportDesk
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct
 from tests.consult.test_alerts import _golden_report
-from tests.node.conftest import registry  # noqa: F401  (the loopback registry fixture)
 from tests.node.test_runtime import FAST, make_home, wait_for
 
 GOLDEN = Path(__file__).parents[1] / "fixtures" / "consult"
@@ -97,7 +96,7 @@ def test_the_addendum_sr_names_the_report_sr_as_predecessor() -> None:
 
 async def test_an_addendum_reaches_the_hospital_as_a_second_sr_and_a_forgery_is_refused(
     tmp_path: Path,
-    registry: str,  # noqa: F811
+    registry: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from tui.node_facade import RuntimeNode

@@ -32,7 +32,6 @@ from node.core.config import NetworkConfig, NodeConfig, NodeHome
 from node.core.keystore import save_identity
 from peer_transport.connection import TransportOptions
 from peer_transport.rtc import RtcOptions, restrict_host_addresses
-from registry.server import RegistryServer
 
 FAST = TransportOptions(rtc=RtcOptions(ice_servers=()), connect_timeout=10.0, backoff_initial=0.2)
 CONSULT = "c0ffee00c0ffee00c0ffee00c0ffee00"
@@ -80,14 +79,6 @@ async def wait_for(predicate: Callable[[], object], within: float = 10.0) -> Non
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[str]:
-    server = RegistryServer(tmp_path / "registry.sqlite")
-    url = await server.start("127.0.0.1", 0)
-    yield url
-    await server.stop()
 
 
 @pytest.fixture

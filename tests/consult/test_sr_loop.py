@@ -15,14 +15,13 @@ from pydicom.uid import KeyObjectSelectionDocumentStorage
 
 from consult.report import KeyImage
 from consult.shared import AnnotationKind
-from tests.node.conftest import registry  # noqa: F401  (the loopback registry fixture)
 from tests.node.pair import accepted_consult
 from tests.node.test_runtime import wait_for
 
 
 async def test_session_annotations_reach_the_hospital_sr_on_the_original_images(
     tmp_path: Path,
-    registry: str,  # noqa: F811
+    registry: str,
 ) -> None:
     from tui.node_facade import LiveSessionView, RuntimeNode
 
@@ -73,7 +72,7 @@ async def test_session_annotations_reach_the_hospital_sr_on_the_original_images(
 
 async def test_key_images_are_filed_beside_the_sr_and_a_stranger_reference_is_left_out(
     tmp_path: Path,
-    registry: str,  # noqa: F811
+    registry: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="node.app.runtime")

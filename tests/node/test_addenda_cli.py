@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.node.test_cli_consult_network import _hospital_and_neuro, radmesh
+from tests.cli import radmesh
+from tests.node.test_cli_consult_network import _hospital_and_neuro
 from tests.node.test_critical import _reported
 from tests.node.test_runtime import wait_for
 

@@ -1,5 +1,6 @@
-"""`radmesh consult request | accept | decline` on the network, as separate processes against
-real running nodes and a real registry."""
+"""`radmesh consult request | accept | decline` on the network: the command line against real
+running nodes and a real registry (`consult fetch`, which brings its own node up, in its own
+process)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
 from node.dicom.store import open_store
 from peer_transport.connection import TransportOptions
+from tests.cli import radmesh
 from tests.node.test_runtime import FAST, REAL, make_home, wait_for
 
 
-async def radmesh(home: NodeHome, *args: str) -> tuple[int, str]:
-    """The CLI in its own process, so this loop keeps serving the registry and the nodes."""
+async def radmesh_process(home: NodeHome, *args: str) -> tuple[int, str]:
+    """The CLI in its own process (it brings its own node up), so this loop keeps serving
+    the registry and the nodes."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "node.cli", "--home", str(home.root), *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -74,6 +77,18 @@ async def _hospital_and_neuro(
         raise
     study_uid = hospital.store.studies()[0].study_uid
     return Pair(hospital_home, neuro_home, hospital, neuro, neuro_id, study_uid)
+
+
+async def _requested(pair: Pair, *more: str) -> tuple[str, str]:
+    """`radmesh consult request` on the hospital's home, to the neuroradiologist by id: the
+    new consult's id and what the command printed."""
+    code, out = await radmesh(
+        pair.hospital_home, "consult", "request", "--study", pair.study_uid, "--question", "?",
+        "--subspecialty", "neuro", "--jurisdiction", "IE", "--to", str(pair.neuro_id.node_id),
+        *more,
+    )  # fmt: skip
+    assert code == 0, out
+    return out.split()[1], out
 
 
 async def test_routed_request_and_accept_reach_nodes_live_and_through_the_mailbox(
@@ -128,17 +143,10 @@ async def test_request_to_a_chosen_peer_and_decline_over_the_lan(
     tmp_path: Path, registry: str
 ) -> None:
     pair = await _hospital_and_neuro(tmp_path, registry)
-    hospital_home, neuro_home = pair.hospital_home, pair.neuro_home
+    neuro_home = pair.neuro_home
     hospital, neuro = pair.hospital, pair.neuro
-    neuro_id, study_uid = pair.neuro_id, pair.study_uid
     try:
-        code, out = await radmesh(
-            hospital_home, "consult", "request", "--study", study_uid, "--question", "?",
-            "--subspecialty", "neuro", "--jurisdiction", "IE", "--to", str(neuro_id.node_id),
-            "--out", str(tmp_path / "req.bin"),
-        )  # fmt: skip
-        assert code == 0, out
-        consult_id = out.split()[1]
+        consult_id, out = await _requested(pair, "--out", str(tmp_path / "req.bin"))
         assert "delivered (LAN)" in out
         assert (tmp_path / "req.bin").stat().st_size > 0
         await wait_for(lambda: bool(neuro.consults.cases()))
@@ -157,15 +165,9 @@ async def test_withdraw_tells_the_consultant_and_only_the_requester_may(
     pair = await _hospital_and_neuro(tmp_path, registry)
     hospital_home, neuro_home = pair.hospital_home, pair.neuro_home
     hospital, neuro = pair.hospital, pair.neuro
-    neuro_id, study_uid = pair.neuro_id, pair.study_uid
     try:
         await hospital.stop()  # the hospital's side is the CLI from here on
-        code, out = await radmesh(
-            hospital_home, "consult", "request", "--study", study_uid, "--question", "?",
-            "--subspecialty", "neuro", "--jurisdiction", "IE", "--to", str(neuro_id.node_id),
-        )  # fmt: skip
-        assert code == 0, out
-        consult_id = out.split()[1]
+        consult_id, _ = await _requested(pair)
         await wait_for(lambda: bool(neuro.consults.cases()))
 
         code, out = await radmesh(neuro_home, "consult", "withdraw", consult_id[:8])
@@ -197,12 +199,12 @@ async def test_the_consultant_fetches_the_de_identified_study_from_the_command_l
         await wait_for(lambda: bool(neuro.consults.cases()))
         await neuro.stop()  # the consultant's side is the CLI from here on
 
-        code, out = await radmesh(neuro_home, "consult", "fetch", request.id[:8])
+        code, out = await radmesh_process(neuro_home, "consult", "fetch", request.id[:8])
         assert code != 0
         assert "accepted" in out  # it must be accepted first: the state table says so
-        code, out = await radmesh(neuro_home, "consult", "accept", request.id[:8])
+        code, out = await radmesh_process(neuro_home, "consult", "accept", request.id[:8])
         assert code == 0, out
-        code, out = await radmesh(neuro_home, "consult", "fetch", request.id[:8])
+        code, out = await radmesh_process(neuro_home, "consult", "fetch", request.id[:8])
         assert code == 0, out
         assert "received and stored: 3 instances" in out
 

@@ -17,7 +17,8 @@ from node.app.alerts import hook_argv, run_hook
 from node.app.runtime import NodeRuntime
 from node.cli import main
 from node.core.errors import NodeError
-from tests.node.test_cli_consult_network import Pair, _hospital_and_neuro, radmesh
+from tests.cli import radmesh
+from tests.node.test_cli_consult_network import Pair, _hospital_and_neuro
 from tests.node.test_runtime import wait_for
 
 REPEAT = 300  # seconds, the default [alerts] critical_repeat_minutes

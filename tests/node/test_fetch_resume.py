@@ -103,8 +103,12 @@ def received_hashes(rt: NodeRuntime, study_uid: str) -> set[str]:
 
 
 async def _notes(rt: NodeRuntime, args: dict[str, object], emit: Emit) -> list[str]:
-    await asyncio.sleep(0.2)  # what install spawned has run by now
-    rt.notify("the command ran")
+    async def canary() -> None:
+        rt.notify("the command ran")
+
+    # asyncio starts tasks in the order they were made: a resume the node spawned when it
+    # came up (its first step is its notice) has said so before this later task speaks.
+    await asyncio.ensure_future(canary())
     return drain(rt, [])
 
 

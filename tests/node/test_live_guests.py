@@ -4,9 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,21 +13,12 @@ from consult.errors import LocalConsultError
 from consult.live import NOT_ADMITTED, Invite
 from node.app import guests
 from node.app.runtime import NodeRuntime
-from node.cli import main
 from peer_transport.errors import RemoteError
 from peer_transport.rtc import restrict_host_addresses
-from registry.server import RegistryServer
-from tests.adversary.test_live import consult_between, texts
+from tests.adversary.test_live import consult_between, live_consult, texts
+from tests.cli import radmesh as run_cli
 from tests.consult.test_live import introduce, key, make_home, wait_for
 from tests.node.test_runtime import FAST
-
-
-@pytest.fixture
-async def registry(tmp_path: Path) -> AsyncIterator[str]:
-    server = RegistryServer(tmp_path / "registry.sqlite")
-    url = await server.start("127.0.0.1", 0)
-    yield url
-    await server.stop()
 
 
 @pytest.fixture
@@ -50,15 +38,8 @@ async def trio(tmp_path: Path, registry: str) -> AsyncIterator[list[NodeRuntime]
 
 
 async def radmesh(node: NodeRuntime, *args: str) -> tuple[int, str]:
-    """`radmesh --home HOME ARGS` in a thread (it talks to the node's control socket)."""
-    out = io.StringIO()
-
-    def run() -> int:
-        with contextlib.redirect_stdout(out):
-            return main(["--home", str(node.home.root), *args])
-
-    code = await asyncio.to_thread(run)
-    return code, out.getvalue()
+    """`radmesh --home HOME ARGS` on ``node``'s home (it talks to the node's control socket)."""
+    return await run_cli(node.home, *args)
 
 
 def short(node: NodeRuntime) -> str:
@@ -69,10 +50,7 @@ async def test_the_consultant_proposes_a_guest_the_hospital_approves_and_the_gue
     trio: list[NodeRuntime],
 ) -> None:
     hospital, consultant, surgeon = trio
-    consult_id = consult_between(hospital, consultant)
-    live_h = hospital.live_hub().open(consult_id)
-    await hospital.live_hub().invite(consult_id, key(consultant))
-    live_c = consultant.live_hub().sessions[consult_id]
+    consult_id, live_h, live_c = await live_consult(hospital, consultant)
 
     code, said = await radmesh(
         consultant, "consult", "invite", consult_id[:8], "--guest", short(surgeon)
@@ -159,10 +137,7 @@ async def test_through_the_tui_facade_a_proposal_is_answered_and_an_approval_tak
     from tui.node_facade import RuntimeNode
 
     hospital, consultant, surgeon = trio
-    consult_id = consult_between(hospital, consultant)
-    live_h = hospital.live_hub().open(consult_id)
-    await hospital.live_hub().invite(consult_id, key(consultant))
-    live_c = consultant.live_hub().sessions[consult_id]
+    consult_id, live_h, live_c = await live_consult(hospital, consultant)
     on_h, on_c = RuntimeNode(hospital), RuntimeNode(consultant)
     guest = str(surgeon.identity.node_id)
 

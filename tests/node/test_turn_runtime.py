@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,10 +12,18 @@ import pytest
 from node.app.runtime import NodeRuntime
 from peer_transport.rtc import IceServer, RtcOptions
 from registry.server import RegistryServer, TurnConfig
+from tests.coturn import Coturn, coturn_server
 from tests.node.test_runtime import FAST, REAL, make_home, wait_for
-from tests.peer_transport.test_turn import SECRET, Coturn, coturn  # noqa: F401 - the fixture
+from tests.peer_transport.test_turn import SECRET
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.system]
+
+
+@pytest.fixture
+def coturn(tmp_path: Path) -> Iterator[Coturn]:
+    with coturn_server(tmp_path, SECRET, (49300, 49400)) as server:
+        yield server
+
 
 # No ICE servers of their own, relay candidates only: a connection exists only if the
 # TURN credentials the registry minted reached the transport.
@@ -22,7 +31,7 @@ RELAY_ONLY = replace(REAL, rtc=RtcOptions(ice_servers=(), relay_only=True))
 
 
 async def test_two_nodes_connect_through_the_relay_their_registry_hands_out(
-    coturn: Coturn,  # noqa: F811 - the fixture imported above
+    coturn: Coturn,
     tmp_path: Path,
 ) -> None:
     turn_url = f"turn:127.0.0.1:{coturn.port}?transport=udp"

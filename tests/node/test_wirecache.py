@@ -196,6 +196,13 @@ def test_the_cap_evicts_the_least_recently_used_entries_first(tmp_path: Path) ->
     assert [p.exists() for p in paths] == [True, True, False]
 
 
+def _key(data: bytes) -> bytes:
+    """The cache key of an instance's pixel data."""
+    found = wirecodec._pixel_layout(wirecodec.parse_dicom(data), len(data))
+    assert found is not None
+    return wirecodec.pixel_key(data, found[0])
+
+
 def test_an_entry_is_sealed_with_the_cache_key(tmp_path: Path) -> None:
     data = ct_series(1, seed=12, size=64)[0]
     cache = _cache(tmp_path)
@@ -203,9 +210,7 @@ def test_an_entry_is_sealed_with_the_cache_key(tmp_path: Path) -> None:
     (entry,) = _entries(cache)
     assert wire.frames[0] not in entry.read_bytes()  # no image data in clear on disk
     other_key = WireCache(cache.directory, bytes(32))
-    found = wirecodec._pixel_layout(wirecodec.parse_dicom(data), len(data))
-    assert found is not None
-    key = wirecodec.pixel_key(data, found[0])
+    key = _key(data)
     assert cache.get(key) is not None
     assert other_key.get(key) is None
 
@@ -230,13 +235,18 @@ def test_warming_after_an_import_fills_the_cache_without_blocking_the_import(
         for data in files:
             store.add_bytes(data, source="import")
         store.add_bytes(ct_series(1, seed=14, size=64)[0], source="peer:someone", warm=False)
+        # A canary import after the peer's instance: the one warmer thread takes its queue
+        # in order, so once the canary is coded the peer's instance would have been too.
+        canary = ct_series(1, seed=16, size=64)[0]
+        store.add_bytes(canary, source="import")
         assert busy.wait(20)  # the worker is stuck in its first instance...
         assert not _entries(cache)  # ...and every import has returned meanwhile
         release.set()
         deadline = time.monotonic() + 20
-        while len(_entries(cache)) < 3 and time.monotonic() < deadline:
+        while cache.get(_key(canary)) is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(_entries(cache)) == 3  # the peer's instance is not warmed
+        assert cache.get(_key(canary)) is not None
+        assert len(_entries(cache)) == 4  # three imports and the canary: the peer's is not
     assert not any(t.name == "wirecache-warmer" for t in threading.enumerate())
 
 

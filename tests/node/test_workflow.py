@@ -133,7 +133,7 @@ async def test_peer_review_goes_to_the_reports_author_and_both_nodes_keep_it(
 ) -> None:
     from consult.report import PeerReview, Score
     from node.cli import main
-    from tests.node.test_cli_consult_network import radmesh
+    from tests.cli import radmesh
 
     async with accepted_consult(
         tmp_path, registry, slices=1, question="fracture?", control=True

@@ -4,95 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from crypto.identity import Identity
-from node.core.children import die_with_parent
 from peer_transport import frames as fr
 from peer_transport.connection import Disconnected, PeerConnection, Received
 from peer_transport.rtc import IceServer, RtcOptions
 from registry.client import RegistryClient
 from registry.records import NodeRecord
 from registry.server import RegistryServer, TurnConfig
+from tests.coturn import Coturn, coturn_server
 from tests.peer_transport.helpers import REAL, mesh
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.system]
 SECRET = "radmesh-test-secret"
 
 
-@dataclass(frozen=True)
-class Coturn:
-    port: int
-    log: Path
-    proc: subprocess.Popen[bytes]
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def coturn(tmp_path: Path) -> Iterator[Coturn]:
-    binary = shutil.which("turnserver")
-    if binary is None:
-        pytest.skip("turnserver not found: install the Debian package coturn")
-    port = _free_udp_port()
-    log = tmp_path / "turn.log"
-    proc = subprocess.Popen(
-        [
-            binary,
-            "-n",
-            "--no-cli",
-            "--no-tls",
-            "--no-dtls",
-            "--listening-ip=127.0.0.1",
-            f"--listening-port={port}",
-            "--relay-ip=127.0.0.1",
-            "--min-port=49160",
-            "--max-port=49260",
-            "--allow-loopback-peers",
-            "--use-auth-secret",
-            f"--static-auth-secret={SECRET}",
-            "--realm=radmesh.test",
-            f"--log-file={log}",
-            "--simple-log",
-            "--no-stdout-log",
-            "--verbose",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=die_with_parent(),  # no orphan server if the test run is killed
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if log.exists() and "listener" in log.read_text(errors="replace").lower():
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"turnserver exited with {proc.returncode}")
-            time.sleep(0.1)
-        time.sleep(0.3)
-        yield Coturn(port, log, proc)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    with coturn_server(tmp_path, SECRET, (49160, 49260)) as server:
+        yield server
 
 
 async def _registry_minted_ice_server(coturn: Coturn, tmp_path: Path) -> IceServer:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,61 +11,19 @@ import pytest
 from aioice import stun, turn
 
 from crypto.identity import Identity
-from node.core.children import die_with_parent
 from registry.client import RegistryClient
 from registry.server import RegistryServer, TurnConfig
+from tests.coturn import coturn_server
 from tests.registry.conftest import make_record
 
 SECRET = "registry-test-secret"
 ALICE = Identity(bytes([51]) * 32)
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def coturn(tmp_path: Path) -> Iterator[int]:
-    binary = shutil.which("turnserver")
-    if binary is None:
-        pytest.skip("turnserver missing: apt-get install coturn")
-    port = _free_udp_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "-n",
-            "--no-cli",
-            "--no-tls",
-            "--no-dtls",
-            "--log-file=stdout",
-            f"--listening-port={port}",
-            "--listening-ip=127.0.0.1",
-            "--relay-ip=127.0.0.1",
-            "--allow-loopback-peers",
-            "--use-auth-secret",
-            f"--static-auth-secret={SECRET}",
-            "--realm=radmesh.test",
-            "--min-port=49000",
-            "--max-port=49100",
-            f"--pidfile={tmp_path / 'turn.pid'}",
-            f"--userdb={tmp_path / 'turn.db'}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=die_with_parent(),  # no orphan server if the test run is killed
-        start_new_session=True,
-    )
-    try:
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with coturn_server(tmp_path, SECRET, (49000, 49100)) as server:
+        yield server.port
 
 
 async def _allocate(port: int, username: str, password: str) -> tuple[str, int]:

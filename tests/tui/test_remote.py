@@ -42,8 +42,10 @@ def test_facade_values_cross_as_msgpack_and_come_back_equal() -> None:
     assert decode(encode(status)).lines[0][1] == "up"
 
 
-@pytest.fixture
-def running_home(tmp_path: Path) -> Iterator[tuple[NodeHome, list[Path]]]:
+@pytest.fixture(scope="module")
+def running_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeHome, list[Path]]]:
+    """One headless node for the module: the tests below only read from it."""
+    tmp_path = tmp_path_factory.mktemp("remote")
     root = tmp_path / "home"
     init = ["init", "--name", "Night Node", "--country", "IE", "--no-passphrase", "--no-mdns"]
     assert main(["--home", str(root), *init]) == 0
