@@ -337,6 +337,10 @@ async def test_a_node_keeps_one_socket_across_instances(pg_url: str) -> None:
             second = await connected(b.url, BOB)
             try:
                 await wait_for(lambda: BOB.node_id not in a.connections)
+                # The replaced client is the node's stale socket: it goes away. Left
+                # running, it would reconnect within ~0.1 s and take the node back from
+                # b (the newest socket wins), and the canary could go either way.
+                await closed(first)
                 await wait_for(lambda: BOB.node_id in b.connections)
                 alice = await connected(a.url, ALICE)
                 try:
