@@ -1,10 +1,13 @@
 """The receiving side of one study transfer, sans-IO: messages in, requests out, time
 passed in.
 
-The receiver *pulls*: it skips instances it already has (same hash), then requests
-chunks of the wire encodings the sender has declared (:meth:`Receiver.declare`: signed
-by the manifest's signer, for this transfer, each within the expansion budget, never
-contradicting an earlier one), at most ``window`` chunks outstanding (the window is
+The manifest names the study, the instance count and a bound on their bytes; each
+instance's entry (UIDs, size, hash) and wire encoding come in the sender's signed
+declarations (:meth:`Receiver.declare`: signed by the manifest's signer, for this
+transfer and study, each within the expansion budget, the entries within ``count``
+and ``total``, one index per UID, never contradicting an earlier one). The receiver
+*pulls*: it skips instances it already has (same hash), then requests chunks of the
+declared wire encodings, at most ``window`` chunks outstanding (the window is
 the credit; a request is the application-level ack of what came before it). Every
 chunk carries its own BLAKE2b hash; a damaged chunk is rejected and requested again,
 never written. A chunk nobody asked for, or one that does not fit the declared size,
@@ -51,7 +54,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from crypto import canonical
@@ -71,6 +74,7 @@ from peer_transport.transfer.instance import decode_part
 from peer_transport.transfer.machine import TERMINAL, Event, Machine, State
 from peer_transport.transfer.manifest import (
     Manifest,
+    ManifestEntry,
     WireDeclaration,
     open_wires,
     wire_digest,
@@ -124,6 +128,7 @@ class Receiver:
         state_every: float = 0.0,
     ) -> None:
         self.sender_key, self.manifest = Manifest.open(signed_manifest)
+        self._have = have
         self.spool = spool
         self.window = window
         self.timeout = timeout
@@ -144,6 +149,9 @@ class Receiver:
         # part received before a restart, the declaration it was received under.
         self.wires: dict[int, WireDeclaration] = {}
         self._session: dict[int, WireDeclaration] = {}  # declared since this receiver began
+        self._uids: dict[str, int] = {}  # SOP Instance UID -> index, as declared this run
+        self._session_bytes = 0  # sum of the sizes declared this run: at most the total
+        self._view: Manifest | None = None
         self.refused: dict[int, DecompressionBomb] = {}  # declared over budget: never fetched
         self.failure: RemoteTransferError | None = None  # why it failed, when it did here
         self.parts_redeclared = 0  # partial parts dropped: the sender encodes them otherwise
@@ -157,10 +165,31 @@ class Receiver:
         self._rate = 0.0
         self._last: tuple[float, int] | None = None
         self._restore(signed_manifest)
-        for i, entry in enumerate(self.manifest.entries):
-            if i not in self.done and have(entry.sha256):
-                self.done.add(i)  # already in the store: never requested
-                self._partials.pop(i, None)  # stored after the last state rewrite
+        for i, d in self.wires.items():
+            self._skip_if_held(i, d.entry)
+
+    def _skip_if_held(self, index: int, entry: ManifestEntry) -> None:
+        if index not in self.done and self._have(entry.sha256):
+            self.done.add(index)  # already in the store: never requested
+            self._partials.pop(index, None)  # stored after the last state rewrite
+            self.ready.discard(index)
+            self.spool.drop_part(index)
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    @property
+    def entries(self) -> dict[int, ManifestEntry]:
+        """The entries known: this run's declarations over those restored."""
+        return {i: d.entry for i, d in self.wires.items()}
+
+    def view(self) -> Manifest:
+        """The manifest with the entries declared so far (in index order), for display."""
+        if self._view is None or len(self._view.entries) != len(self.wires):
+            entries = tuple(self.wires[i].entry for i in sorted(self.wires))
+            self._view = replace(self.manifest, entries=entries)
+        return self._view
 
     # persistence
 
@@ -173,7 +202,7 @@ class Receiver:
             state = canonical.decode(raw, MAX_MANIFEST_SIZE)
             if state["id"] != self.manifest.transfer_id:
                 raise ValueError("state of another transfer")
-            total = len(self.manifest.entries)
+            total = self.manifest.count
             self.done = {i for i in state["done"] if 0 <= i < total}
             self._restore_wires()
             journal = self.spool.load_clear(JOURNAL_FILE) or b""
@@ -198,15 +227,17 @@ class Receiver:
         partial parts. Each is checked again as when it came."""
         for record in self.spool.load_sealed(WIRES_FILE):
             try:
-                signer, transfer_id, declarations = open_wires(record)
-            except MalformedMessage:
+                batch = open_wires(record)
+            except RemoteTransferError:
                 continue
-            if signer != self.sender_key or transfer_id != self.manifest.transfer_id:
+            if (
+                batch.signer != self.sender_key
+                or batch.transfer_id != self.manifest.transfer_id
+                or batch.study_uid != self.manifest.study_instance_uid
+            ):
                 continue
-            for d in declarations:
-                if d.index < len(self.manifest.entries) and within_budget(
-                    self.manifest.entries[d.index].size, d.wire_size
-                ):
+            for d in batch.declarations:
+                if d.index < self.manifest.count and within_budget(d.entry.size, d.wire_size):
                     self.wires[d.index] = d
 
     def _restore_part(self, index: int, claimed: dict[int, bytes]) -> None:
@@ -265,7 +296,7 @@ class Receiver:
 
     def accept(self) -> None:
         self.machine.fire(Event.ACCEPT)
-        if len(self.done) == len(self.manifest.entries):
+        if len(self.done) == self.manifest.count:
             self._finish()
 
     def _finish(self) -> None:
@@ -289,15 +320,15 @@ class Receiver:
 
     def prioritise(self, index: int) -> None:
         """Fetch this instance next (the slice on screen), ahead of the series order."""
-        if not 0 <= index < len(self.manifest.entries):
+        if not 0 <= index < self.manifest.count:
             raise LocalTransferError(f"instance {index} is not in this study")
         if index in self._priority:
             self._priority.remove(index)
         self._priority.insert(0, index)
 
     def index_of(self, sop_instance_uid: str) -> int:
-        for i, entry in enumerate(self.manifest.entries):
-            if entry.sop_instance_uid == sop_instance_uid:
+        for i, d in self.wires.items():
+            if d.entry.sop_instance_uid == sop_instance_uid:
                 return i
         raise LocalTransferError(f"instance {sop_instance_uid} is not in this study")
 
@@ -308,9 +339,11 @@ class Receiver:
         never requested, the rest of the study still comes).
 
         Raises (after failing the transfer; the caller drops the peer)
-        :class:`MalformedMessage` for a bad signature, shape or index, and
-        :class:`ManifestMismatch` for a declaration signed by another key than the
-        manifest, naming another transfer, or contradicting an earlier one.
+        :class:`MalformedMessage` for a bad signature, shape or an index past ``count``,
+        :class:`DecompressionBomb` for entries over ``total`` (or an instance over the
+        per-instance cap), and :class:`ManifestMismatch` for a declaration signed by
+        another key than the manifest, naming another transfer or study, repeating an
+        instance UID under another index, or contradicting an earlier one.
         """
         try:
             return self._declare(message, now)
@@ -321,48 +354,72 @@ class Receiver:
     def _declare(self, message: Declare, now: float) -> list[DecompressionBomb]:
         if self.state in TERMINAL:
             return []
-        signer, transfer_id, declarations = open_wires(message.data)
-        if signer != self.sender_key:
+        batch = open_wires(message.data)
+        if batch.signer != self.sender_key:
             raise ManifestMismatch(
                 "a wire declaration is signed by another key than the study manifest: refused"
             )
-        if transfer_id != self.manifest.transfer_id or message.transfer_id != transfer_id:
+        tid = self.manifest.transfer_id
+        if batch.transfer_id != tid or message.transfer_id != tid:
             raise ManifestMismatch("a wire declaration names another transfer: refused")
+        if batch.study_uid != self.manifest.study_instance_uid:
+            raise ManifestMismatch("a wire declaration names another study: refused")
         refused: list[DecompressionBomb] = []
         fresh = False
         dropped = False
-        for d in declarations:
-            if d.index >= len(self.manifest.entries):
+        for d in batch.declarations:
+            if d.index >= self.manifest.count:
                 raise MalformedMessage(
-                    f"wire declaration for instance {d.index}, not in the manifest"
+                    f"wire declaration for instance {d.index}: the manifest has "
+                    f"{self.manifest.count}"
                 )
             known = self._session.get(d.index)
             if known is not None:
                 if known != d:
                     raise ManifestMismatch(
                         f"the sender declared instance {d.index} twice, differently: its "
-                        "encoding changed under the transfer; refused"
+                        "entry or encoding changed under the transfer; refused"
                     )
                 continue
+            uid = d.entry.sop_instance_uid
+            if self._uids.setdefault(uid, d.index) != d.index:
+                raise ManifestMismatch(
+                    f"the sender declared instance {uid} twice, as instances "
+                    f"{self._uids[uid]} and {d.index}: refused"
+                )
+            self._session_bytes += d.entry.size
+            if self._session_bytes > self.manifest.total_size:
+                raise DecompressionBomb(
+                    f"the sender's declared instances add up to over the "
+                    f"{self.manifest.total_size} bytes its manifest signed for: refused"
+                )
             self._session[d.index] = d
             fresh = True
-            entry = self.manifest.entries[d.index]
             try:
-                d.check_budget(entry)
+                d.check_budget()
             except DecompressionBomb as exc:
                 self.refused[d.index] = exc
                 refused.append(exc)
                 continue
             saved = self.wires.get(d.index)
-            if saved is not None and saved != d and d.index not in self.ready:
-                # Received in part under an earlier declaration (before a restart): the
+            moved = saved is not None and saved.entry != d.entry
+            if saved is not None and saved != d and (moved or d.index not in self.ready):
+                # Received (in part, or whole under another entry) before a restart: the
                 # sender encodes it otherwise now, so those bytes are of no use.
                 self._partials.pop(d.index, None)
+                self.ready.discard(d.index)
                 self.spool.drop_part(d.index)
                 self.parts_redeclared += 1
                 dropped = True
-            if saved is None or d.index not in self.ready:
+            if moved and d.index in self.done:
+                # Stored under an entry the restarted sender contradicts (its
+                # de-identification is not what it was): fetched again, never taken as is.
+                self.done.discard(d.index)
+                self._first = min(self._first, d.index)
+                dropped = True
+            if saved is None or moved or d.index not in self.ready:
                 self.wires[d.index] = d  # a complete part is checked as it was received
+            self._skip_if_held(d.index, d.entry)
         self._news_at = now
         if fresh:
             self.spool.append_sealed(WIRES_FILE, message.data)
@@ -379,8 +436,8 @@ class Receiver:
 
     def _check_end(self) -> None:
         """Everything not refused is stored: the transfer fails with the first refusal."""
-        if self.refused and len(self.done) + len(self.refused.keys() - self.done) == len(
-            self.manifest.entries
+        if self.refused and len(self.done) + len(self.refused.keys() - self.done) == (
+            self.manifest.count
         ):
             self._fail(next(iter(self.refused.values())))
 
@@ -393,7 +450,7 @@ class Receiver:
         seen = set()
         while self._first in self.done:  # instances before it are all done: skip them
             self._first += 1
-        rest = range(self._first, len(self.manifest.entries))
+        rest = range(self._first, self.manifest.count)
         for index in itertools.chain(self._priority, list(self._partials), rest):
             if index not in seen:
                 seen.add(index)
@@ -463,7 +520,7 @@ class Receiver:
             and now - self._news_at >= self.timeout
             and now - self._hurry_at >= self.timeout
         ):
-            for index in range(self._first, len(self.manifest.entries)):
+            for index in range(self._first, self.manifest.count):
                 if index not in self.done and index not in self._session:
                     return index
         return None
@@ -487,7 +544,7 @@ class Receiver:
                 f"chunk {chunk.seq} of instance {chunk.index} was not requested "
                 "(duplicate, out of place or already verified); ignored"
             )
-        entry = self.manifest.entries[chunk.index]
+        entry = self.wires[chunk.index].entry
         size = self.manifest.chunk_size
         expected = min(size, self.wires[chunk.index].wire_size - chunk.seq * size)
         if len(chunk.data) != expected:
@@ -536,7 +593,7 @@ class Receiver:
             raise wirecodec.CorruptInstance("its wire bytes differ from the sender's declaration")
         return decode_part(
             part,
-            self.manifest.entries[index],
+            declared.entry,
             self.manifest.study_instance_uid,
             declared.wire_size,
         )
@@ -547,7 +604,7 @@ class Receiver:
         The instance is requested again from scratch; the second failure fails the
         transfer (:class:`ManifestMismatch`).
         """
-        entry = self.manifest.entries[index]
+        entry = self.wires[index].entry
         self.ready.discard(index)
         self._partials.pop(index, None)
         self.spool.drop_part(index)
@@ -602,26 +659,30 @@ class Receiver:
         if self._state_saved_at is None or now - self._state_saved_at >= self.state_every:
             self.save_state()
             self._state_saved_at = now
-        size = self.manifest.entries[index].size
+        size = self.wires[index].entry.size
         if self._last is not None and now > self._last[0]:
             instant = size / (now - self._last[0])
             self._rate = instant if self._rate == 0 else 0.8 * self._rate + 0.2 * instant
         self._last = (now, size)
-        if len(self.done) == len(self.manifest.entries):
+        if len(self.done) == self.manifest.count:
             self._finish()
             return Finished(self.manifest.transfer_id)
         self._check_end()
         return None
 
     def progress(self) -> Progress:
-        entries = self.manifest.entries
-        done_bytes = sum(entries[i].size for i in self.done)
+        """Bytes against the signed bound until every entry is declared, then exact."""
+        wires = self.wires
+        done_bytes = sum(wires[i].entry.size for i in self.done if i in wires)
         total = self.manifest.total_size
+        if len(wires) == self.manifest.count:
+            total = sum(d.entry.size for d in wires.values())
         eta = (total - done_bytes) / self._rate if self._rate > 0 else None
-        return Progress(done_bytes, total, len(self.done), len(entries), self._rate, eta)
+        count = self.manifest.count
+        return Progress(done_bytes, total, len(self.done), count, self._rate, eta)
 
     def missing(self) -> Sequence[int]:
-        return [i for i in range(len(self.manifest.entries)) if i not in self.done]
+        return [i for i in range(self.manifest.count) if i not in self.done]
 
 
 def resume_request(spool: Spool, sender_key: bytes) -> ResumeRequest | None:

@@ -64,7 +64,12 @@ from peer_transport.transfer.messages import (
     OfferPart,
     from_wire,
 )
-from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.prepared import (
+    PreparedStudy,
+    deidentified_bound,
+    series_rows,
+    source_digest,
+)
 from peer_transport.transfer.progress import Progress
 from peer_transport.transfer.receiver import (
     DEFAULT_TIMEOUT,
@@ -152,8 +157,9 @@ class StudyReceiver:
 
     @property
     def manifest(self) -> Manifest | None:
-        """The signed manifest, once the offer is taken (None while waiting for it)."""
-        return None if self.protocol is None else self.protocol.manifest
+        """The signed manifest, once the offer is taken (None while waiting for it), with
+        the entries declared so far (``Receiver.view``)."""
+        return None if self.protocol is None else self.protocol.view()
 
     @property
     def state(self) -> State:
@@ -458,9 +464,11 @@ async def send_study(
     """Offer a stored study over ``link`` and serve it until the peer has it all.
 
     ``prepare`` may rewrite the files first (de-identification for sharing): it
-    gets the files one at a time as an iterator and yields them rewritten (it runs
-    in a worker thread); they are parsed and hashed, not encoded, before the offer.
-    Without it the manifest comes from the store's records alone. The wire encodings
+    gets the files one at a time, in series order, as an iterator and yields them
+    rewritten (it runs in worker threads, one file at a time); the offer waits for the
+    first one only (its study UID), the rest are rewritten as they are encoded and
+    their entries declared with their encodings. Without it the entries come from
+    the store's records. The wire encodings
     are made while the study is served, into a sealed :class:`SenderSpool` under
     ``spool_dir`` (the system temp directory when None), deleted after.
     """
@@ -473,9 +481,17 @@ async def send_study(
         if prepare is None:
             study = PreparedStudy.from_store(source, study_uid, identity, spool, cache=cache)
         else:
+            rows = series_rows(source, study_uid)
             files = prepare(source.read_instance(r.sop_instance_uid) for r in rows)
             study = await PreparedStudy.from_source(
-                iter(files), identity, spool, deidentified=True, cache=cache
+                iter(files),
+                identity,
+                spool,
+                count=len(rows),
+                total=deidentified_bound(rows),
+                source=source_digest(rows),
+                deidentified=True,
+                cache=cache,
             )
         manifest = study.manifest
         sender = StudySender(study, link)

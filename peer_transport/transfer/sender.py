@@ -163,7 +163,7 @@ class Sender:
             self.machine.fire(Event.ACCEPT)
         self.machine.fire(Event.DATA)
         self._requested_since_offer = True
-        if not 0 <= message.index < len(self.manifest.entries):
+        if not 0 <= message.index < self.manifest.count:
             raise MalformedMessage(f"request for instance {message.index}, not in the manifest")
         declaration = self.declared.get(message.index)
         if declaration is None:
@@ -184,7 +184,7 @@ class Sender:
         return out
 
     def _hurry(self, index: int) -> None:
-        if not 0 <= index < len(self.manifest.entries) or self.machine.state not in (
+        if not 0 <= index < self.manifest.count or self.machine.state not in (
             State.OFFERED,
             State.RUNNING,
         ):

@@ -11,6 +11,7 @@ the sender encodes it the same way again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import threading
@@ -27,14 +28,16 @@ from node.dicom import wirecodec
 from peer_transport.errors import RemoteProtocolError
 from peer_transport.transfer import prepared as prepared_module
 from peer_transport.transfer.errors import DecompressionBomb, MalformedMessage, ManifestMismatch
+from peer_transport.transfer.instance import describe_entry, prepare_instance
 from peer_transport.transfer.instance import encode_instance as real_encode
-from peer_transport.transfer.instance import prepare_instance
 from peer_transport.transfer.machine import State
 from peer_transport.transfer.manifest import (
     Manifest,
+    ManifestEntry,
     WireDeclaration,
     build_manifest,
     chunk_count,
+    open_wires,
     sign_wires,
     wire_digest,
 )
@@ -50,12 +53,14 @@ pytestmark = pytest.mark.timeout(90)
 
 PEER = Identity.generate()
 SMALL_CHUNK = 1024  # several chunks per instance: a restart lands inside one
+_STUDY_OF: dict[bytes, str] = {}  # study UID of each manifest _study signed, by transfer id
 
 
 def _study(n: int, seed: int, size: int = 64) -> tuple[bytes, list[bytes]]:
     """(signed manifest, wire encodings in manifest order) of ``n`` generated CT slices."""
     prepared = [prepare_instance(f) for f in ct_series(n, seed=seed, size=size)]
     manifest = build_manifest([p[0] for p in prepared], prepared[0][1], chunk_size=SMALL_CHUNK)
+    _STUDY_OF[manifest.transfer_id] = manifest.study_instance_uid
     wire_of = {p[0].sop_instance_uid: p[2] for p in prepared}
     return manifest.sign(PEER), [wire_of[e.sop_instance_uid] for e in manifest.entries]
 
@@ -69,16 +74,29 @@ def _sender(
         manifest,
         wires.__getitem__,
         signed,
-        lambda ds: sign_wires(identity, manifest.transfer_id, ds),
+        lambda ds: sign_wires(identity, manifest.transfer_id, manifest.study_instance_uid, ds),
     )
     for index, wire in enumerate(wires):
         if index != skip:
-            sender.declare(WireDeclaration(index, len(wire), wire_digest(wire)))
+            sender.declare(_declaration(index, wire))
     return sender
 
 
+def _entry_of(wire: bytes) -> ManifestEntry:
+    """The entry of an honest wire encoding (decoded and described again)."""
+    data = wirecodec.decode(wirecodec.WireInstance.from_wire(wire, len(wire)))
+    return describe_entry(data)[0]
+
+
 def _declaration(index: int, wire: bytes) -> WireDeclaration:
-    return WireDeclaration(index, len(wire), wire_digest(wire))
+    return WireDeclaration(index, len(wire), wire_digest(wire), _entry_of(wire))
+
+
+def _signed_wires(
+    tid: bytes, declarations: list[WireDeclaration], identity: Identity = PEER, study: str = ""
+) -> Declare:
+    """A "wire" message for transfer ``tid`` of the study in ``_study``'s manifests."""
+    return Declare(tid, sign_wires(identity, tid, study or _STUDY_OF[tid], declarations))
 
 
 def _run(
@@ -119,11 +137,11 @@ def test_a_declaration_over_budget_refuses_its_instance_before_any_chunk_and_the
     tid = receiver.manifest.transfer_id
     # Instance 1 declared as 2 GiB on the wire for a file of a few KB: padding the
     # receiver would spool and read back whole. Signed by the manifest's own signer.
-    padded = WireDeclaration(1, 2 << 30, bytes(32))
+    padded = WireDeclaration(1, 2 << 30, bytes(32), _entry_of(wires[1]))
     declared = [_declaration(0, wires[0]), padded, _declaration(2, wires[2])]
-    [refused] = receiver.declare(Declare(tid, sign_wires(PEER, tid, declared)), 0.0)
+    [refused] = receiver.declare(_signed_wires(tid, declared), 0.0)
     assert isinstance(refused, DecompressionBomb)
-    assert receiver.manifest.entries[1].sop_instance_uid in str(refused)
+    assert padded.entry.sop_instance_uid in str(refused)
 
     honest = _sender(signed, wires, skip=1)
     asked: set[int] = set()
@@ -160,13 +178,14 @@ def test_a_forged_foreign_or_contradicting_declaration_fails_the_transfer(
     tid = receiver.manifest.transfer_id
     honest = [_declaration(0, wires[0])]
     if forgery == "another key":
-        message = Declare(tid, sign_wires(Identity.generate(), tid, honest))
+        message = _signed_wires(tid, honest, identity=Identity.generate())
     elif forgery == "another transfer":
-        message = Declare(tid, sign_wires(PEER, bytes(16), honest))
+        study = receiver.manifest.study_instance_uid
+        message = Declare(tid, sign_wires(PEER, bytes(16), study, honest))
     else:
-        receiver.declare(Declare(tid, sign_wires(PEER, tid, honest)), 0.0)
-        other = WireDeclaration(0, len(wires[0]), bytes(32))
-        message = Declare(tid, sign_wires(PEER, tid, [other]))
+        receiver.declare(_signed_wires(tid, honest), 0.0)
+        other = dataclasses.replace(honest[0], digest=bytes(32))
+        message = _signed_wires(tid, [other])
     with pytest.raises(ManifestMismatch):
         receiver.declare(message, 0.0)
     assert receiver.state is State.FAILED
@@ -181,8 +200,8 @@ def test_a_declaration_out_of_the_manifest_or_malformed_fails_the_transfer(
     receiver = Receiver(signed, Spool(tmp_path / "spool"), window=8, timeout=1.0)
     receiver.accept()
     tid = receiver.manifest.transfer_id
-    with pytest.raises(MalformedMessage, match="not in the manifest"):
-        receiver.declare(Declare(tid, sign_wires(PEER, tid, [_declaration(2, wires[0])])), 0.0)
+    with pytest.raises(MalformedMessage, match="the manifest has 2"):
+        receiver.declare(_signed_wires(tid, [_declaration(2, wires[0])]), 0.0)
     assert receiver.state is State.FAILED
     with pytest.raises(MalformedMessage):
         Declare.from_wire(Declare(tid, b"x" * (17 * 1024)).to_wire())
@@ -205,8 +224,10 @@ class _Contradicting(MemoryLink):
         await super().send_control(data)
         message = from_wire(data)
         if isinstance(message, Declare):
-            other = WireDeclaration(0, 1000, bytes(32))
-            forged = Declare(message.transfer_id, sign_wires(PEER, message.transfer_id, [other]))
+            batch = open_wires(message.data)
+            other = dataclasses.replace(batch.declarations[0], index=0, digest=bytes(32))
+            tid = message.transfer_id
+            forged = Declare(tid, sign_wires(PEER, tid, batch.study_uid, [other]))
             await super().send_control(forged.to_wire())
 
 
@@ -238,7 +259,10 @@ def test_a_sender_refuses_a_request_for_an_instance_it_has_not_declared() -> Non
     signed, wires = _study(3, seed=25)
     manifest = Manifest.open(signed)[1]
     sender = Sender(
-        manifest, wires.__getitem__, signed, lambda ds: sign_wires(PEER, manifest.transfer_id, ds)
+        manifest,
+        wires.__getitem__,
+        signed,
+        lambda ds: sign_wires(PEER, manifest.transfer_id, manifest.study_instance_uid, ds),
     )
     sender.declare(_declaration(0, wires[0]))
     assert sender.receive(Request(manifest.transfer_id, 0, (0,)))  # declared: served
@@ -278,9 +302,10 @@ async def test_the_first_slice_is_delivered_before_the_last_one_is_encoded(
             return digest
 
     spool = SenderSpool(tmp_path / "out")
-    study = await PreparedStudy.from_source(iter(files), PEER, spool, ahead=2)
+    study = await PreparedStudy.from_source(
+        iter(files), PEER, spool, count=len(files), total=1 << 30, source=b"", ahead=2
+    )
     assert study.declared == {}  # signed and offered before anything is encoded
-    assert [e.sop_instance_uid for e in study.manifest.entries] == uids  # series order
     a, b = MemoryLink(), MemoryLink()
     a.peer, b.peer = b, a
     store = Store()
@@ -331,7 +356,9 @@ def test_the_receiver_hurries_the_instance_on_screen_and_a_stalled_one(tmp_path:
         receiver.manifest,
         wires.__getitem__,
         signed,
-        lambda ds: sign_wires(PEER, receiver.manifest.transfer_id, ds),
+        lambda ds: sign_wires(
+            PEER, receiver.manifest.transfer_id, receiver.manifest.study_instance_uid, ds
+        ),
     )
     receiver.prioritise(3)
     assert Hurry(receiver.manifest.transfer_id, 3) in receiver.poll(0.0)

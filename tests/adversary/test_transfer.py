@@ -81,8 +81,13 @@ def _file(data: bytes, **changes: object) -> bytes:
 PEER = Identity.generate()  # the trusted peer that signs what these tests send
 
 
+_ENTRIES: dict[bytes, tuple[ManifestEntry, ...]] = {}  # what _sender declares, by transfer id
+
+
 def _signed(entries: list[ManifestEntry], study: str, identity: Identity = PEER) -> bytes:
-    return build_manifest(entries, study, chunk_size=CHUNK_SIZE).sign(identity)
+    manifest = build_manifest(entries, study, chunk_size=CHUNK_SIZE)
+    _ENTRIES[manifest.transfer_id] = manifest.entries
+    return manifest.sign(identity)
 
 
 def _sender(signed: bytes, wires: list[bytes], identity: Identity = PEER) -> Sender:
@@ -92,10 +97,11 @@ def _sender(signed: bytes, wires: list[bytes], identity: Identity = PEER) -> Sen
         opened,
         wires.__getitem__,
         signed,
-        lambda ds: sign_wires(identity, opened.transfer_id, ds),
+        lambda ds: sign_wires(identity, opened.transfer_id, opened.study_instance_uid, ds),
     )
+    entries = _ENTRIES[opened.transfer_id]
     for index, wire in enumerate(wires):
-        sender.declare(WireDeclaration(index, len(wire), wire_digest(wire)))
+        sender.declare(WireDeclaration(index, len(wire), wire_digest(wire), entries[index]))
     return sender
 
 
@@ -322,7 +328,9 @@ def test_a_declaration_padding_a_small_instance_to_a_huge_wire_encoding_is_refus
     receiver = Receiver(signed, Spool(tmp_path / "spool"))
     receiver.accept()
     tid = receiver.manifest.transfer_id
-    padded = Declare(tid, sign_wires(PEER, tid, [WireDeclaration(0, 2 << 30, bytes(32))]))
+    padded = Declare(
+        tid, sign_wires(PEER, tid, "1.2.3", [WireDeclaration(0, 2 << 30, bytes(32), entry)])
+    )
     [refused] = receiver.declare(padded, 0.0)
     assert "limits" in str(refused)
     assert receiver.poll(0.0) == []  # never requested
