@@ -326,11 +326,21 @@ class Receiver:
             self._priority.remove(index)
         self._priority.insert(0, index)
 
-    def index_of(self, sop_instance_uid: str) -> int:
+    def find(self, sop_instance_uid: str) -> int | None:
+        """The index of an instance declared so far (None: not declared, or not in it)."""
+        index = self._uids.get(sop_instance_uid)
+        if index is not None:
+            return index
         for i, d in self.wires.items():
             if d.entry.sop_instance_uid == sop_instance_uid:
                 return i
-        raise LocalTransferError(f"instance {sop_instance_uid} is not in this study")
+        return None
+
+    def index_of(self, sop_instance_uid: str) -> int:
+        index = self.find(sop_instance_uid)
+        if index is None:
+            raise LocalTransferError(f"instance {sop_instance_uid} is not declared in this study")
+        return index
 
     # declarations
 

@@ -143,6 +143,7 @@ class StudyReceiver:
         self._pending: set[asyncio.Task[None]] = set()
         self._over = False  # run() has returned: chunks are no longer spooled
         self._stored: dict[int, asyncio.Event] = {}
+        self._declared = asyncio.Event()  # set at each declaration taken (and at the end)
         self._wake = asyncio.Event()
         self._started = asyncio.Event()
         # One worker decodes, one stores: an instance decodes while the one before is
@@ -202,6 +203,7 @@ class StudyReceiver:
             self._failure = self._failure or exc
             self._drop(exc)
         else:
+            self._declared.set()
             for bomb in refused:
                 log.warning("%s", bomb)
         self._wake.set()
@@ -242,10 +244,17 @@ class StudyReceiver:
     # viewer
 
     async def instance(self, sop_instance_uid: str) -> None:
-        """Move an instance to the front of the queue and wait until it is stored."""
+        """Move an instance to the front of the queue and wait until it is stored (its
+        entry may not be declared yet: then it waits for that first).
+
+        Raises LocalTransferError when the transfer ends without declaring it."""
         await self._started.wait()
         assert self.protocol is not None  # noqa: S101 -- set before _started
-        index = self.protocol.index_of(sop_instance_uid)
+        while (index := self.protocol.find(sop_instance_uid)) is None:
+            if self._over or self.protocol.state not in ACTIVE:
+                raise LocalTransferError(f"instance {sop_instance_uid} is not in this study")
+            self._declared.clear()
+            await self._declared.wait()
         if index in self.protocol.done:
             return
         self.protocol.prioritise(index)
@@ -285,6 +294,7 @@ class StudyReceiver:
                 await task
         finally:
             self._over = True
+            self._declared.set()  # a viewer waiting for an entry learns it never came
             for task in pending:  # cancelled or failed: stop touching the spool
                 task.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)

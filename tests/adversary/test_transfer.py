@@ -220,19 +220,36 @@ def _hostile_entry(entry: ManifestEntry, **changes: str) -> ManifestEntry:
         {"study": "../../victim"},
     ],
 )
-def test_a_manifest_with_hostile_uids_is_refused_when_opened(
+def test_a_manifest_or_entry_with_hostile_uids_is_refused_when_opened(
     tmp_path: Path, changes: dict[str, str]
 ) -> None:
     sender = Identity.generate()
     files = ct_series(2, seed=3, size=64)
     entries = [prepare_instance(f)[0] for f in files]
     study = str(pydicom.dcmread(io.BytesIO(files[0])).StudyInstanceUID)
+    hostile_study = "study" in changes
     study = changes.pop("study", study)
     entries[1] = _hostile_entry(entries[1], **changes)
     signed = _signed(entries, study, sender)
+    if hostile_study:
+        with pytest.raises(MalformedMessage, match="UID"):
+            Receiver(signed, Spool(tmp_path / "spool"))
+        assert not list((tmp_path / "spool").iterdir())  # nothing written, not even the manifest
+        return
+    # An entry comes signed with its wire declaration: refused there, the transfer
+    # fails, and neither the declaration nor any byte of an instance is kept.
+    receiver = Receiver(signed, Spool(tmp_path / "spool"))
+    receiver.accept()
+    [declare] = _sender(signed, [b"w" * 100] * 2, sender).declarations(0.0, flush=True)
     with pytest.raises(MalformedMessage, match="UID"):
-        Receiver(signed, Spool(tmp_path / "spool"))
-    assert not list((tmp_path / "spool").iterdir())  # nothing written, not even the manifest
+        receiver.declare(declare, 0.0)
+    assert receiver.state is State.FAILED
+    assert receiver.poll(1.0) == []
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [
+        "journal",
+        "manifest",
+        "state",
+    ]
 
 
 def test_an_export_never_writes_outside_its_folder_whatever_the_stored_uids(
