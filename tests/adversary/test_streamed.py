@@ -43,7 +43,7 @@ from peer_transport.transfer.manifest import (
 )
 from peer_transport.transfer.messages import Declare, Hurry, Request, from_wire
 from peer_transport.transfer.prepared import PreparedStudy
-from peer_transport.transfer.receiver import Receiver
+from peer_transport.transfer.receiver import WIRES_FILE, Receiver
 from peer_transport.transfer.runner import StudyReceiver, StudySender
 from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.spool import SenderSpool, Spool
@@ -191,6 +191,122 @@ def test_a_forged_foreign_or_contradicting_declaration_fails_the_transfer(
     assert receiver.state is State.FAILED
     assert isinstance(receiver.failure, ManifestMismatch)
     assert receiver.poll(1.0) == []
+
+
+# -- streamed entries: each one signed with its declaration, held to the manifest's word ------
+
+
+def _refused_entry(tmp_path: Path, forgery: str) -> tuple[Receiver, Exception]:
+    """A receiver that took instance 0 honestly, then the ``forgery`` about instance 1."""
+    signed, wires = _study(2, seed=40)
+    if forgery == "over the total":  # the manifest signs 1 byte less than the entries
+        manifest = Manifest.open(signed)[1]
+        entries = [_entry_of(w) for w in wires]
+        tight = dataclasses.replace(manifest, total_size=sum(e.size for e in entries) - 1)
+        _STUDY_OF[tight.transfer_id] = tight.study_instance_uid
+        signed = tight.sign(PEER)
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), window=8, timeout=1.0)
+    receiver.accept()
+    tid = receiver.manifest.transfer_id
+    first, second = _declaration(0, wires[0]), _declaration(1, wires[1])
+    assert receiver.declare(_signed_wires(tid, [first]), 0.0) == []
+    if forgery == "repeated UID":  # instance 1 claims instance 0's UID
+        entry = dataclasses.replace(second.entry, sop_instance_uid=first.entry.sop_instance_uid)
+        second = dataclasses.replace(second, entry=entry)
+    elif forgery == "another entry for index 0":  # same encoding, another file's hash
+        second = dataclasses.replace(
+            first, entry=dataclasses.replace(first.entry, sha256=bytes(32))
+        )
+    elif forgery == "past the count":
+        second = dataclasses.replace(second, index=2)
+    if forgery == "another study":
+        message = _signed_wires(tid, [second], study="1.2.3.4")
+    else:
+        message = _signed_wires(tid, [second])
+    with pytest.raises((ManifestMismatch, MalformedMessage, DecompressionBomb)) as caught:
+        receiver.declare(message, 0.0)
+    return receiver, caught.value
+
+
+@pytest.mark.parametrize(
+    ("forgery", "error", "reason"),
+    [
+        ("another study", ManifestMismatch, "another study"),
+        ("repeated UID", ManifestMismatch, "twice, as instances 0 and 1"),
+        ("another entry for index 0", ManifestMismatch, "twice, differently"),
+        ("past the count", MalformedMessage, "the manifest has 2"),
+        ("over the total", DecompressionBomb, "bytes its manifest signed for"),
+    ],
+)
+def test_an_entry_the_manifest_did_not_sign_for_fails_the_transfer(
+    tmp_path: Path, forgery: str, error: type[Exception], reason: str
+) -> None:
+    receiver, refused = _refused_entry(tmp_path, forgery)
+    assert isinstance(refused, error)
+    assert reason in str(refused)
+    assert receiver.state is State.FAILED
+    assert receiver.failure is refused
+    assert receiver.poll(1.0) == []  # instance 0, declared honestly before, is not fetched
+    # Only the honest batch was kept for a resume; the refused one never reached the spool.
+    assert len(list(Spool(tmp_path / "spool").load_sealed(WIRES_FILE))) == 1
+
+
+async def test_an_entry_repeating_a_uid_costs_the_sender_its_connection(tmp_path: Path) -> None:
+    study = await PreparedStudy.from_files(ct_series(3, seed=41, size=64), PEER)
+
+    class Repeating(MemoryLink):
+        """Declares instance 1 under instance 0's UID (instead of the honest batch)."""
+
+        async def send_control(self, data: bytes) -> None:
+            message = from_wire(data)
+            if isinstance(message, Declare):
+                batch = open_wires(message.data)
+                first, second = batch.declarations[0], batch.declarations[1]
+                entry = dataclasses.replace(
+                    second.entry, sop_instance_uid=first.entry.sop_instance_uid
+                )
+                forged = [first, dataclasses.replace(second, entry=entry)]
+                tid = message.transfer_id
+                data = Declare(tid, sign_wires(PEER, tid, batch.study_uid, forged)).to_wire()
+            await super().send_control(data)
+
+    a, b = Repeating(), _DroppingLink()
+    a.peer, b.peer = b, a
+    receiver = StudyReceiver(b, tmp_path / "spool", MemoryStore(), "peer-a")
+    sender = StudySender(study, a)
+    a.attach(sender.on_control, lambda _d: None)
+    b.attach(receiver.on_control, receiver.on_bulk)
+    serving = asyncio.ensure_future(sender.run())
+    try:
+        with pytest.raises(ManifestMismatch, match="twice, as instances"):
+            await asyncio.wait_for(receiver.run(), 30)
+        assert [type(e) for e in b.dropped] == [ManifestMismatch]
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        for link in (a, b):
+            if link.pump is not None:
+                link.pump.cancel()
+
+
+def test_progress_counts_the_signed_count_and_bound_until_the_entries_arrive(
+    tmp_path: Path,
+) -> None:
+    signed, wires = _study(3, seed=42)
+    manifest = Manifest.open(signed)[1]
+    loose = dataclasses.replace(manifest, total_size=manifest.total_size + 5000)
+    _STUDY_OF[loose.transfer_id] = loose.study_instance_uid
+    receiver = Receiver(loose.sign(PEER), Spool(tmp_path / "spool"))
+    receiver.accept()
+    before = receiver.progress()
+    assert (before.instances_total, before.bytes_total) == (3, manifest.total_size + 5000)
+    tid = loose.transfer_id
+    receiver.declare(_signed_wires(tid, [_declaration(i, w) for i, w in enumerate(wires)]), 0.0)
+    after = receiver.progress()
+    assert (after.instances_total, after.bytes_total) == (3, manifest.total_size)  # exact now
+    assert [e.sop_instance_uid for e in receiver.view().entries] == [
+        _entry_of(w).sop_instance_uid for w in wires
+    ]
 
 
 def test_a_declaration_out_of_the_manifest_or_malformed_fails_the_transfer(
