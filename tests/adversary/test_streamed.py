@@ -602,3 +602,172 @@ async def test_a_file_found_bad_while_encoding_cancels_the_transfer_and_says_why
     assert last not in {
         str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID) for d in received.by_hash.values()
     }
+
+
+# -- a de-identified share streams too: its entries come as its files are rewritten ----------
+
+
+def _stored_study(tmp_path: Path, n: int, seed: int) -> tuple[Any, str]:
+    from node.dicom.store import Store
+
+    store = Store.open(tmp_path / "store", bytes(range(32)))
+    study_uid = ""
+    for data in ct_series(n, seed=seed, size=64):
+        study_uid = store.add_bytes(data, source="test").study_uid
+    return store, study_uid
+
+
+async def test_the_first_instance_of_a_deidentified_share_arrives_before_the_last_is_deidentified(
+    tmp_path: Path,
+) -> None:
+    from node.dicom import sharing
+    from node.dicom.deid import PseudonymMap
+    from peer_transport.transfer.runner import receive_study, send_study
+
+    store, study_uid = _stored_study(tmp_path, 6, seed=43)
+    events: list[str] = []
+    first_stored = threading.Event()
+    pseudonyms = PseudonymMap()
+    pseudonyms.burned_in_checked = True  # generated CT: nothing burned in
+    real = sharing.deidentifier(pseudonyms, tmp_path / "map", bytes(32))
+
+    def slow_deidentifier(files: Any) -> Any:
+        # The last file waits (bounded) until the first instance is stored: a sender that
+        # de-identifies the whole study before it offers never gets there in order.
+        def counted() -> Any:
+            for i, data in enumerate(files):
+                if i == 5:
+                    first_stored.wait(30)
+                events.append(f"reading {i}")
+                yield data
+
+        for i, out in enumerate(real(counted())):
+            events.append(f"deidentified {i}")
+            yield out
+
+    class Store(MemoryStore):
+        def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
+            events.append("stored")
+            first_stored.set()
+            return super().add_bytes(data, source=source, warm=warm)
+
+    a, b = MemoryLink(), MemoryLink()
+    a.peer, b.peer = b, a
+    received = Store()
+    receiving = asyncio.ensure_future(receive_study(b, received, tmp_path / "in", peer="a"))
+    await asyncio.sleep(0)  # the receiver listens before the offer goes out
+    try:
+        await asyncio.wait_for(
+            send_study(
+                a,
+                store,
+                study_uid,
+                PEER,
+                peer="b",
+                prepare=slow_deidentifier,
+                spool_dir=tmp_path / "out",
+            ),
+            60,
+        )
+        await asyncio.wait_for(receiving, 30)
+    finally:
+        receiving.cancel()
+        store.close()
+        for link in (a, b):
+            if link.pump is not None:
+                link.pump.cancel()
+    assert len(received.by_hash) == 6
+    assert events.index("stored") < events.index("deidentified 5")
+    originals = {hashlib.sha256(d).hexdigest() for d in ct_series(6, seed=43, size=64)}
+    assert not originals & received.by_hash.keys()  # what arrived is the de-identified copy
+    for data in received.by_hash.values():
+        assert pydicom.dcmread(io.BytesIO(data)).PatientIdentityRemoved == "YES"
+
+
+async def test_a_restarted_deidentifying_sender_offers_the_same_transfer_and_entries(
+    tmp_path: Path,
+) -> None:
+    from node.dicom import sharing
+    from node.dicom.deid import PseudonymMap
+    from peer_transport.transfer.prepared import deidentified_bound, series_rows, source_digest
+
+    store, study_uid = _stored_study(tmp_path, 4, seed=44)
+    pseudonyms = PseudonymMap()  # one consult's map: kept, so each run loads the same
+    pseudonyms.burned_in_checked = True
+
+    async def run() -> tuple[bytes, list[WireDeclaration]]:
+        rows = series_rows(store, study_uid)
+        prepare = sharing.deidentifier(pseudonyms, tmp_path / "map", bytes(32))
+        files = prepare(store.read_instance(r.sop_instance_uid) for r in rows)
+        spool = SenderSpool(tmp_path / "out")
+        try:
+            study = await PreparedStudy.from_source(
+                iter(files),
+                PEER,
+                spool,
+                count=len(rows),
+                total=deidentified_bound(rows),
+                source=source_digest(rows),
+                deidentified=True,
+            )
+            await study.encode()
+            return study.manifest.transfer_id, [study.declared[i] for i in range(len(rows))]
+        finally:
+            spool.close()
+
+    first, again = await run(), await run()
+    store.close()
+    assert first[0] == again[0]  # the receiver resumes the transfer it has
+    assert [d.entry for d in first[1]] == [d.entry for d in again[1]]  # UIDs, dates, hashes
+    assert first[1] == again[1]
+
+
+def test_a_restarted_receiver_fetches_again_an_instance_the_sender_now_describes_otherwise(
+    tmp_path: Path,
+) -> None:
+    # A sender whose de-identification is not the same after a restart (a date shifted
+    # otherwise) declares another entry for an instance the receiver stored before: it
+    # is fetched again as declared now, never taken as it was.
+    signed, wires = _study(2, seed=45)
+    loose = dataclasses.replace(Manifest.open(signed)[1], total_size=1 << 20)  # a bound
+    _STUDY_OF[loose.transfer_id] = loose.study_instance_uid
+    signed = loose.sign(PEER)
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), window=64, timeout=1.0)
+    receiver.accept()
+    sender = _sender(signed, wires, skip=1)
+    stored = _run_until(receiver, sender, lambda: 0 in receiver.done)
+    assert 0 in stored
+    del receiver  # kill -9
+
+    ds = pydicom.dcmread(io.BytesIO(wirecodec.decode(wirecodec.WireInstance.from_wire(wires[0]))))
+    ds.StudyDate = "19990101"
+    out = io.BytesIO()
+    ds.save_as(out)
+    changed = prepare_instance(out.getvalue())[2]
+    revived = Receiver.resume(Spool(tmp_path / "spool"), window=64, timeout=1.0)
+    revived.accept()
+    assert 0 in revived.done
+    again = _run(revived, _sender(signed, [changed, wires[1]]))
+    assert revived.state is State.COMPLETE
+    assert sorted(again) == [0, 1]  # instance 0 came again, in its new form
+    assert hashlib.sha256(again[0]).digest() == _entry_of(changed).sha256
+
+
+def _run_until(
+    receiver: Receiver, sender: Sender, done: Callable[[], bool], steps: int = 200
+) -> dict[int, bytes]:
+    stored: dict[int, bytes] = {}
+    now = 0.0
+    for _ in range(steps):
+        for declaration in sender.declarations(now, flush=True):
+            receiver.declare(declaration, now)
+        for message in receiver.poll(now):
+            for chunk in sender.receive(message):
+                index = receiver.receive(chunk, now)
+                if index is not None:
+                    stored[index] = receiver.assemble(index)
+                    receiver.stored(index, now)
+        if done():
+            return stored
+        now += 0.1
+    raise AssertionError("the condition never held within the step budget")
