@@ -157,13 +157,29 @@ class WireDeclaration:
         ):
             raise MalformedMessage("wire declaration has the wrong fields")
         declaration = cls(raw[0], raw[1], raw[2], ManifestEntry.from_value(raw[3]))
+        announced = declaration.wire_size == 0 and declaration.digest == b""
         if not (
             0 <= declaration.index < MAX_INSTANCES
-            and 0 < declaration.wire_size <= wirecodec.MAX_WIRE_SIZE
-            and len(declaration.digest) == WIRE_DIGEST_SIZE
+            and (
+                announced
+                or (
+                    0 < declaration.wire_size <= wirecodec.MAX_WIRE_SIZE
+                    and len(declaration.digest) == WIRE_DIGEST_SIZE
+                )
+            )
         ):
             raise MalformedMessage("wire declaration has out-of-range values")
         return declaration
+
+    @classmethod
+    def announce(cls, index: int, entry: ManifestEntry) -> WireDeclaration:
+        """The entry of an instance not encoded yet (wire size 0, no digest): the
+        receiver lists it; its encoding is declared later with the same entry."""
+        return cls(index, 0, b"", entry)
+
+    @property
+    def encoded(self) -> bool:
+        return self.wire_size > 0
 
     def chunk_count(self, chunk_size: int) -> int:
         return chunk_count(self.wire_size, chunk_size)

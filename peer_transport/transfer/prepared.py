@@ -78,6 +78,10 @@ class PreparedStudy:
         self._hurried: list[int] = []
         self._cursor = 0
         self.declared: dict[int, WireDeclaration] = {}
+        # Entries known before their encoding (a de-identified share's files, rewritten
+        # ahead of the encoder): listed to the receiver at once.
+        self.announced: dict[int, WireDeclaration] = {}
+        self._reader: _Reader | None = None
         for index, wire in enumerate(wires or ()):
             self._wires[index] = wire
             entry = manifest.entries[index]
@@ -126,17 +130,40 @@ class PreparedStudy:
                 return index
         return None
 
-    async def encode(self, on_declared: Callable[[int], None] = lambda _i: None) -> None:
+    async def encode(
+        self,
+        on_declared: Callable[[int], None] = lambda _i: None,
+        on_announced: Callable[[int], None] = lambda _i: None,
+    ) -> None:
         """Encode every undeclared instance, in manifest order (hurried ones first), at
         most ``ahead`` at a time; call ``on_declared(index)`` as each is spooled.
 
-        Raises BadInstance for a file that cannot be sent (or changed since it was
-        offered). At most ``ahead`` files and encodings are in memory at once.
+        A study read from rewritten files (:meth:`from_source`) reads them all ahead of
+        the encoder, in a worker thread, and calls ``on_announced(index)`` as each
+        entry is known. Raises BadInstance for a file that cannot be sent (or changed
+        since it was offered). At most ``ahead`` encodings are in memory at once.
         """
         if self._encoder is None or self._spool is None:
             return
         encoder, spool = self._encoder, self._spool
         running: dict[asyncio.Future[tuple[bytes, WireDeclaration]], int] = {}
+        reading: asyncio.Future[None] | None = None
+        if self._reader is not None:
+            loop = asyncio.get_running_loop()
+
+            def announce(index: int, entry: ManifestEntry) -> None:
+                self.announced[index] = WireDeclaration.announce(index, entry)
+                on_announced(index)
+
+            def read_all() -> None:
+                assert self._reader is not None  # noqa: S101 -- checked above
+
+                def on_read(index: int, entry: ManifestEntry) -> None:
+                    loop.call_soon_threadsafe(announce, index, entry)
+
+                self._reader.read_all(on_read)
+
+            reading = asyncio.ensure_future(asyncio.to_thread(read_all))
         try:
             while True:
                 while len(running) < self._ahead:
@@ -146,8 +173,15 @@ class PreparedStudy:
                     running[asyncio.ensure_future(asyncio.to_thread(encoder, index))] = index
                 if not running:
                     return
-                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                waits: set[asyncio.Future[Any]] = set(running)
+                if reading is not None and not reading.done():
+                    waits.add(reading)
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if reading is not None and reading.done():
+                    reading.result()  # a file that cannot be read or described
                 for future in done:
+                    if future is reading:
+                        continue
                     index = running.pop(future)
                     wire, declaration = future.result()
                     self._slots[index] = spool.put(wire)
@@ -157,6 +191,10 @@ class PreparedStudy:
         finally:
             for future in running:
                 future.cancel()
+            if self._reader is not None:
+                self._reader.stop()
+            if reading is not None:
+                reading.cancel()
 
     # constructors
 
@@ -210,7 +248,9 @@ class PreparedStudy:
             slot, entry = reader.read_until(index)
             return encode_instance(spool.get(slot), entry, study_uid, cache)
 
-        return cls(manifest, identity, encoder=encoder, spool=spool, ahead=ahead)
+        study = cls(manifest, identity, encoder=encoder, spool=spool, ahead=ahead)
+        study._reader = reader
+        return study
 
     @classmethod
     def from_store(
@@ -321,6 +361,9 @@ class _Reader:
         self._read: list[tuple[int, ManifestEntry]] = []
         self._uids: set[str] = set()
         self._bytes = 0
+        self._error: Exception | None = None  # the first file that failed fails the rest
+        self._stopped = False
+        self.on_read: Callable[[int, ManifestEntry], None] = lambda _i, _e: None
         self.study = ""
 
     def read_until(self, index: int) -> tuple[int, ManifestEntry]:
@@ -330,7 +373,34 @@ class _Reader:
                 self._read_one()
             return self._read[index]
 
+    def read_all(self, on_read: Callable[[int, ManifestEntry], None]) -> None:
+        """Read the rest, one file per turn of the lock; ``on_read(index, entry)`` for
+        every file read from now on (by this or an encoder's thread)."""
+        with self._lock:
+            self.on_read = on_read
+            for index, (_slot, entry) in enumerate(self._read):
+                on_read(index, entry)
+        while not self._stopped:
+            with self._lock:
+                if len(self._read) >= self._count:
+                    return
+                self._read_one()
+
+    def stop(self) -> None:
+        self._stopped = True
+
     def _read_one(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._stopped:
+            raise wirecodec.BadInstance("the share was stopped")
+        try:
+            self._read_next()
+        except Exception as exc:
+            self._error = exc
+            raise
+
+    def _read_next(self) -> None:
         data = next(self._files, None)
         if data is None:
             raise wirecodec.BadInstance(
@@ -351,6 +421,7 @@ class _Reader:
         self.study = study
         self._uids.add(entry.sop_instance_uid)
         self._read.append((self._spool.put(data), entry))
+        self.on_read(len(self._read) - 1, entry)
         if len(self._read) == self._count and next(self._files, None) is not None:
             # (the extra step also lets a de-identifier finish: it saves its map then)
             raise wirecodec.BadInstance(f"the study gave more than the {self._count} files offered")

@@ -152,6 +152,7 @@ class Receiver:
         self._uids: dict[str, int] = {}  # SOP Instance UID -> index, as declared this run
         self._session_bytes = 0  # sum of the sizes declared this run: at most the total
         self._view: Manifest | None = None
+        self._view_at = (0, 0)
         self.refused: dict[int, DecompressionBomb] = {}  # declared over budget: never fetched
         self.failure: RemoteTransferError | None = None  # why it failed, when it did here
         self.parts_redeclared = 0  # partial parts dropped: the sender encodes them otherwise
@@ -182,13 +183,16 @@ class Receiver:
     @property
     def entries(self) -> dict[int, ManifestEntry]:
         """The entries known: this run's declarations over those restored."""
-        return {i: d.entry for i, d in self.wires.items()}
+        known = {i: d.entry for i, d in self.wires.items()}
+        known.update((i, d.entry) for i, d in self._session.items())
+        return known
 
     def view(self) -> Manifest:
         """The manifest with the entries declared so far (in index order), for display."""
-        if self._view is None or len(self._view.entries) != len(self.wires):
-            entries = tuple(self.wires[i].entry for i in sorted(self.wires))
-            self._view = replace(self.manifest, entries=entries)
+        if self._view is None or self._view_at != (len(self.wires), len(self._session)):
+            known = self.entries
+            self._view = replace(self.manifest, entries=tuple(known[i] for i in sorted(known)))
+            self._view_at = (len(self.wires), len(self._session))
         return self._view
 
     # persistence
@@ -237,7 +241,11 @@ class Receiver:
             ):
                 continue
             for d in batch.declarations:
-                if d.index < self.manifest.count and within_budget(d.entry.size, d.wire_size):
+                if (
+                    d.encoded
+                    and d.index < self.manifest.count
+                    and within_budget(d.entry.size, d.wire_size)
+                ):
                     self.wires[d.index] = d
 
     def _restore_part(self, index: int, claimed: dict[int, bytes]) -> None:
@@ -331,8 +339,8 @@ class Receiver:
         index = self._uids.get(sop_instance_uid)
         if index is not None:
             return index
-        for i, d in self.wires.items():
-            if d.entry.sop_instance_uid == sop_instance_uid:
+        for i, entry in self.entries.items():
+            if entry.sop_instance_uid == sop_instance_uid:
                 return i
         return None
 
@@ -385,51 +393,43 @@ class Receiver:
                 )
             known = self._session.get(d.index)
             if known is not None:
-                if known != d:
+                if known.entry != d.entry or (known.encoded and d.encoded and known != d):
                     raise ManifestMismatch(
                         f"the sender declared instance {d.index} twice, differently: its "
                         "entry or encoding changed under the transfer; refused"
                     )
-                continue
-            uid = d.entry.sop_instance_uid
-            if self._uids.setdefault(uid, d.index) != d.index:
-                raise ManifestMismatch(
-                    f"the sender declared instance {uid} twice, as instances "
-                    f"{self._uids[uid]} and {d.index}: refused"
-                )
-            self._session_bytes += d.entry.size
-            if self._session_bytes > self.manifest.total_size:
-                raise DecompressionBomb(
-                    f"the sender's declared instances add up to over the "
-                    f"{self.manifest.total_size} bytes its manifest signed for: refused"
-                )
+                if known.encoded or not d.encoded:
+                    continue  # nothing new
+            else:
+                self._take_entry(d)
             self._session[d.index] = d
             fresh = True
+            saved = self.wires.get(d.index)
+            if saved is not None and saved.entry != d.entry:
+                # Received (or stored) before a restart under an entry the restarted
+                # sender contradicts (its de-identification is not what it was): fetched
+                # again as declared now, never taken as it was.
+                self._forget(d.index)
+                self.done.discard(d.index)
+                self._first = min(self._first, d.index)
+                del self.wires[d.index]
+                saved, dropped = None, True
+            self._skip_if_held(d.index, d.entry)
+            if not d.encoded:
+                continue  # listed; its encoding is declared later
             try:
                 d.check_budget()
             except DecompressionBomb as exc:
                 self.refused[d.index] = exc
                 refused.append(exc)
                 continue
-            saved = self.wires.get(d.index)
-            moved = saved is not None and saved.entry != d.entry
-            if saved is not None and saved != d and (moved or d.index not in self.ready):
-                # Received (in part, or whole under another entry) before a restart: the
+            if saved is not None and saved != d and d.index not in self.ready:
+                # Received in part under an earlier declaration (before a restart): the
                 # sender encodes it otherwise now, so those bytes are of no use.
-                self._partials.pop(d.index, None)
-                self.ready.discard(d.index)
-                self.spool.drop_part(d.index)
-                self.parts_redeclared += 1
+                self._forget(d.index)
                 dropped = True
-            if moved and d.index in self.done:
-                # Stored under an entry the restarted sender contradicts (its
-                # de-identification is not what it was): fetched again, never taken as is.
-                self.done.discard(d.index)
-                self._first = min(self._first, d.index)
-                dropped = True
-            if saved is None or moved or d.index not in self.ready:
+            if saved is None or d.index not in self.ready:
                 self.wires[d.index] = d  # a complete part is checked as it was received
-            self._skip_if_held(d.index, d.entry)
         self._news_at = now
         if fresh:
             self.spool.append_sealed(WIRES_FILE, message.data)
@@ -437,6 +437,28 @@ class Receiver:
             self._persist()
         self._check_end()
         return refused
+
+    def _take_entry(self, d: WireDeclaration) -> None:
+        """A first declaration of ``d.index`` this run: held to the manifest's word."""
+        uid = d.entry.sop_instance_uid
+        if self._uids.setdefault(uid, d.index) != d.index:
+            raise ManifestMismatch(
+                f"the sender declared instance {uid} twice, as instances "
+                f"{self._uids[uid]} and {d.index}: refused"
+            )
+        self._session_bytes += d.entry.size
+        if self._session_bytes > self.manifest.total_size:
+            raise DecompressionBomb(
+                f"the sender's declared instances add up to over the "
+                f"{self.manifest.total_size} bytes its manifest signed for: refused"
+            )
+
+    def _forget(self, index: int) -> None:
+        """Drop what was received of ``index``: it is fetched whole, as declared now."""
+        self._partials.pop(index, None)
+        self.ready.discard(index)
+        self.spool.drop_part(index)
+        self.parts_redeclared += 1
 
     def _fail(self, error: RemoteTransferError) -> None:
         if self.failure is None:
@@ -451,8 +473,13 @@ class Receiver:
         ):
             self._fail(next(iter(self.refused.values())))
 
+    def _encoded(self, index: int) -> bool:
+        """The sender declared its encoding this run."""
+        known = self._session.get(index)
+        return known is not None and known.encoded
+
     def _fetchable(self, index: int) -> bool:
-        return index in self._session and index not in self.refused
+        return self._encoded(index) and index not in self.refused
 
     # requests
 
@@ -521,7 +548,7 @@ class Receiver:
         """The instance to hurry now: the one on screen when it is not declared (once),
         or, after ``timeout`` with nothing to fetch and nothing heard, the first one not
         declared (the sender encodes it next, or declares it again: a batch was lost)."""
-        waiting = [i for i in self._priority if i not in self.done and i not in self._session]
+        waiting = [i for i in self._priority if i not in self.done and not self._encoded(i)]
         if waiting and waiting[0] != self._hurried:
             return waiting[0]
         assert self._news_at is not None  # noqa: S101 -- set by poll
@@ -531,7 +558,7 @@ class Receiver:
             and now - self._hurry_at >= self.timeout
         ):
             for index in range(self._first, self.manifest.count):
-                if index not in self.done and index not in self._session:
+                if index not in self.done and not self._encoded(index):
                     return index
         return None
 
@@ -618,7 +645,7 @@ class Receiver:
         self.ready.discard(index)
         self._partials.pop(index, None)
         self.spool.drop_part(index)
-        if index in self._session:  # fetched again as declared now
+        if self._encoded(index):  # fetched again as declared now
             self.wires[index] = self._session[index]
         self._attempts[index] = self._attempts.get(index, 0) + 1
         self._persist()
@@ -682,11 +709,11 @@ class Receiver:
 
     def progress(self) -> Progress:
         """Bytes against the signed bound until every entry is declared, then exact."""
-        wires = self.wires
-        done_bytes = sum(wires[i].entry.size for i in self.done if i in wires)
+        known = self.entries
+        done_bytes = sum(known[i].size for i in self.done if i in known)
         total = self.manifest.total_size
-        if len(wires) == self.manifest.count:
-            total = sum(d.entry.size for d in wires.values())
+        if len(known) == self.manifest.count:
+            total = sum(e.size for e in known.values())
         eta = (total - done_bytes) / self._rate if self._rate > 0 else None
         count = self.manifest.count
         return Progress(done_bytes, total, len(self.done), count, self._rate, eta)
