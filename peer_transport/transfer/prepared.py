@@ -368,6 +368,8 @@ class _Reader:
 
     def read_until(self, index: int) -> tuple[int, ManifestEntry]:
         """(spool slot, entry) of file ``index``, reading the files before it first."""
+        if index < len(self._read):  # read already: no wait for a file being rewritten
+            return self._read[index]
         with self._lock:
             while len(self._read) <= index:
                 self._read_one()

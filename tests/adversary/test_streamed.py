@@ -219,6 +219,12 @@ def _refused_entry(tmp_path: Path, forgery: str) -> tuple[Receiver, Exception]:
         )
     elif forgery == "past the count":
         second = dataclasses.replace(second, index=2)
+    elif forgery == "encoded under another entry than announced":
+        listed = WireDeclaration.announce(1, second.entry)
+        assert receiver.declare(_signed_wires(tid, [listed]), 0.0) == []
+        assert receiver.view().entries[1] == second.entry  # listed before it is encoded
+        entry = dataclasses.replace(second.entry, instance_number=99)
+        second = dataclasses.replace(second, entry=entry)
     if forgery == "another study":
         message = _signed_wires(tid, [second], study="1.2.3.4")
     else:
@@ -234,6 +240,7 @@ def _refused_entry(tmp_path: Path, forgery: str) -> tuple[Receiver, Exception]:
         ("another study", ManifestMismatch, "another study"),
         ("repeated UID", ManifestMismatch, "twice, as instances 0 and 1"),
         ("another entry for index 0", ManifestMismatch, "twice, differently"),
+        ("encoded under another entry than announced", ManifestMismatch, "twice, differently"),
         ("past the count", MalformedMessage, "the manifest has 2"),
         ("over the total", DecompressionBomb, "bytes its manifest signed for"),
     ],
@@ -247,8 +254,9 @@ def test_an_entry_the_manifest_did_not_sign_for_fails_the_transfer(
     assert receiver.state is State.FAILED
     assert receiver.failure is refused
     assert receiver.poll(1.0) == []  # instance 0, declared honestly before, is not fetched
-    # Only the honest batch was kept for a resume; the refused one never reached the spool.
-    assert len(list(Spool(tmp_path / "spool").load_sealed(WIRES_FILE))) == 1
+    # Only the honest batches were kept for a resume; the refused one never reached the spool.
+    honest = 2 if forgery.startswith("encoded under") else 1
+    assert len(list(Spool(tmp_path / "spool").load_sealed(WIRES_FILE))) == honest
 
 
 async def test_an_entry_repeating_a_uid_costs_the_sender_its_connection(tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ ENTRY_7 = ManifestEntry("1.2.3.4.8", "1.2.3.4", 1, 9, "", 2000, bytes(range(32))
 DECLARED = (
     WireDeclaration(0, 900, bytes(range(32)), ENTRY),
     WireDeclaration(7, 70000, bytes(32), ENTRY_7),
+    WireDeclaration.announce(8, ENTRY_7),  # listed before it is encoded
 )
 
 MESSAGES: list[tuple[str, Message]] = [
@@ -109,6 +110,7 @@ def test_a_wire_declaration_has_its_golden_signed_value() -> None:
                 ["1.2.3.4.1", "1.2.3.4", 1, 2, "1.2.840.10008.1.2.1", 1000, bytes(32)],
             ],
             [7, 70000, bytes(32), ["1.2.3.4.8", "1.2.3.4", 1, 9, "", 2000, bytes(range(32))]],
+            [8, 0, b"", ["1.2.3.4.8", "1.2.3.4", 1, 9, "", 2000, bytes(range(32))]],
         ],
     }
     assert envelope.payload == canonical.encode(payload)
