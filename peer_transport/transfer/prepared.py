@@ -107,6 +107,14 @@ class PreparedStudy:
             self._spool.close()
 
     @property
+    def total_size(self) -> int:
+        """Bytes of the study's files: exact once every instance is declared, until then
+        the bound the manifest signs."""
+        if self.complete:
+            return sum(d.entry.size for d in self.declared.values())
+        return self.manifest.total_size
+
+    @property
     def complete(self) -> bool:
         return len(self.declared) == self.manifest.count
 
