@@ -174,7 +174,11 @@ class PreparedStudy:
             reading = asyncio.ensure_future(asyncio.to_thread(read_all))
         try:
             while True:
-                while len(running) < self._ahead:
+                # While the reader still rewrites files, it keeps a core: every slice is
+                # listed (and can be hurried) sooner, the first one comes as soon.
+                reading_now = reading is not None and not reading.done()
+                limit = max(1, self._ahead - 1) if reading_now else self._ahead
+                while len(running) < limit:
                     index = self._next(set(running.values()))
                     if index is None:
                         break

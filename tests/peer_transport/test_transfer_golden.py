@@ -16,6 +16,7 @@ from crypto.identity import Identity
 from peer_transport.transfer.errors import MalformedMessage
 from peer_transport.transfer.manifest import (
     MANIFEST_TYPE,
+    MAX_DECLARATIONS,
     Manifest,
     ManifestEntry,
     WireBatch,
@@ -114,3 +115,11 @@ def test_a_wire_declaration_has_its_golden_signed_value() -> None:
         ],
     }
     assert envelope.payload == canonical.encode(payload)
+
+
+def test_a_full_batch_of_declarations_with_the_longest_uids_fits_one_control_message() -> None:
+    uid = "1." + "9" * 62  # 64 characters, the longest a DICOM UID may be
+    entry = ManifestEntry(uid, uid, 2**31, 2**31, uid, 1 << 30, bytes(32))
+    full = [WireDeclaration(i, 1 << 30, bytes(32), entry) for i in range(MAX_DECLARATIONS)]
+    message = Declare(TID, sign_wires(SIGNER, TID, uid, full))
+    assert Declare.from_wire(message.to_wire()) == message  # within MAX_CONTROL_MESSAGE
