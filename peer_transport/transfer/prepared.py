@@ -82,6 +82,9 @@ class PreparedStudy:
         # ahead of the encoder): listed to the receiver at once.
         self.announced: dict[int, WireDeclaration] = {}
         self._reader: _Reader | None = None
+        if not wires:  # entries known before encoding (a store's records): listed at once
+            for index, entry in enumerate(manifest.entries):
+                self.announced[index] = WireDeclaration.announce(index, entry)
         for index, wire in enumerate(wires or ()):
             self._wires[index] = wire
             entry = manifest.entries[index]

@@ -50,6 +50,8 @@ class StudySender:
         self.study = study
         self.link = link
         self.protocol = Sender(study.manifest, study.wire, study.signed, study.sign_wires)
+        for announced in study.announced.values():  # entries known before encoding
+            self.protocol.announce(announced)
         for declaration in study.declared.values():  # encoded before (from_files)
             self.protocol.declare(declaration)
         self._inbox: asyncio.Queue[Message] = asyncio.Queue(INBOX_LIMIT)
