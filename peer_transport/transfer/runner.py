@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import logging
 import time
@@ -516,7 +517,9 @@ async def send_study(
         spool.close()
     if audit is not None:
         wire_bytes = sum(d.wire_size for d in study.declared.values())
-        SentRecord(manifest, state, wire_bytes).write(audit, peer=peer, now=clock())
+        # The bytes sent as: exact once every entry was declared, else the signed bound.
+        sent = dataclasses.replace(manifest, total_size=study.total_size)
+        SentRecord(sent, state, wire_bytes).write(audit, peer=peer, now=clock())
     return state
 
 
