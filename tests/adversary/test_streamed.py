@@ -778,3 +778,30 @@ def _run_until(
             return stored
         now += 0.1
     raise AssertionError("the condition never held within the step budget")
+
+
+@pytest.mark.parametrize(
+    ("count", "total", "reason"),
+    [
+        (3, 1 << 30, "gave 2 files where 3 were offered"),
+        (1, 1 << 30, "more than the 1 files offered"),
+        (2, 100, "over the 100 bytes offered"),
+    ],
+)
+async def test_a_sender_whose_files_break_what_it_signed_for_fails_the_share(
+    count: int, total: int, reason: str
+) -> None:
+    files = ct_series(2, seed=46, size=64)
+    spool = SenderSpool()
+    try:
+
+        async def share() -> None:
+            study = await PreparedStudy.from_source(
+                iter(files), PEER, spool, count=count, total=total, source=b""
+            )
+            await study.encode()
+
+        with pytest.raises(wirecodec.BadInstance, match=reason):
+            await share()
+    finally:
+        spool.close()
