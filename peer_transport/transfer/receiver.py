@@ -435,6 +435,9 @@ class Receiver:
             self.spool.append_sealed(WIRES_FILE, message.data)
         if dropped:
             self._persist()
+        if len(self.done) == self.manifest.count and self.state is State.RUNNING:
+            self._finish()  # the last entries named instances the store already holds
+            return refused
         self._check_end()
         return refused
 

@@ -805,3 +805,23 @@ async def test_a_sender_whose_files_break_what_it_signed_for_fails_the_share(
             await share()
     finally:
         spool.close()
+
+
+def test_a_study_the_store_already_holds_completes_at_its_declarations(tmp_path: Path) -> None:
+    # The entries come after the offer: instances the store holds are known only then,
+    # and when they are the last ones the transfer ends there (nothing is requested).
+    signed, wires = _study(3, seed=47)
+    held = {_entry_of(w).sha256 for w in wires[1:]}
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), have=held.__contains__, window=8)
+    receiver.accept()
+    stored = _run(receiver, _sender(signed, wires))
+    assert sorted(stored) == [0]  # only the one the store lacked was fetched
+    assert receiver.state is State.COMPLETE
+    assert receiver.chunks_requested == chunk_count(len(wires[0]), SMALL_CHUNK)
+    everything = {_entry_of(w).sha256 for w in wires}
+    again = Receiver(signed, Spool(tmp_path / "again"), have=everything.__contains__)
+    again.accept()
+    tid = again.manifest.transfer_id
+    again.declare(_signed_wires(tid, [_declaration(i, w) for i, w in enumerate(wires)]), 0.0)
+    assert again.state is State.COMPLETE
+    assert again.chunks_requested == 0
