@@ -319,6 +319,8 @@ class Receiver:
 
     def resume_transfer(self) -> None:
         self.machine.fire(Event.RESUME)
+        if len(self.done) == self.manifest.count:
+            self._finish()  # the last entries, declared while paused, were all held
 
     def cancel(self, reason: str = "cancelled by the receiver") -> Cancel:
         self.machine.fire(Event.CANCEL)
