@@ -185,7 +185,13 @@ def _offer_time(files: list[bytes], cache: wirecodec.PixelCache | None) -> float
         try:
             started = time.perf_counter()
             study = await PreparedStudy.from_source(
-                iter(files), Identity.generate(), spool, cache=cache
+                iter(files),
+                Identity.generate(),
+                spool,
+                count=len(files),
+                total=sum(map(len, files)),
+                source=b"",
+                cache=cache,
             )
             await study.encode()  # the whole study, as a sender ends up doing
             return time.perf_counter() - started

@@ -322,7 +322,7 @@ class RuntimeNode:
                 "study still streaming in",
                 "",
                 len({e.series_instance_uid for e in m.entries}),
-                len(m.entries),
+                m.count,
             )
             for m in self.runtime.transfers.incoming()
             if m.study_instance_uid not in stored

@@ -149,7 +149,7 @@ def _sent(
     """Sender-side estimate: instances whose chunks were all sent, in manifest order."""
     budget = chunks_sent
     done_bytes = done = 0
-    for index, entry in enumerate(manifest.entries):
+    for index in range(manifest.count):
         if index not in declared:
             break
         count = declared[index].chunk_count(manifest.chunk_size)
@@ -157,11 +157,13 @@ def _sent(
             break
         budget -= count
         done += 1
-        done_bytes += entry.size
-    total = manifest.total_size
+        done_bytes += declared[index].entry.size
+    total = manifest.total_size  # the signed bound until every entry is declared
+    if len(declared) == manifest.count:
+        total = sum(d.entry.size for d in declared.values())
     rate = done_bytes / elapsed if elapsed > 0 else 0.0
     eta = (total - done_bytes) / rate if rate > 0 else None
-    return Progress(done_bytes, total, done, len(manifest.entries), rate, eta)
+    return Progress(done_bytes, total, done, manifest.count, rate, eta)
 
 
 class TransferTracker:

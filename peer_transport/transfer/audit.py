@@ -50,7 +50,7 @@ class SentRecord:
             study_uid=manifest.study_instance_uid,
             peer=peer,
             details={
-                "instances": len(manifest.entries),
+                "instances": manifest.count,
                 "bytes": manifest.total_size,
                 "wire_bytes": self.wire_bytes,
                 "outcome": self.outcome.value,

@@ -96,7 +96,7 @@ def encode_instance(
             wirecodec.Encoding.RAW, len(data), encoded.sha256, bytes(data)
         )
         wire = encoded.to_wire()
-    return wire, WireDeclaration(0, len(wire), wire_digest(wire))
+    return wire, WireDeclaration(0, len(wire), wire_digest(wire), entry)
 
 
 def prepare_instance(

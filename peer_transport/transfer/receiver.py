@@ -1,10 +1,13 @@
 """The receiving side of one study transfer, sans-IO: messages in, requests out, time
 passed in.
 
-The receiver *pulls*: it skips instances it already has (same hash), then requests
-chunks of the wire encodings the sender has declared (:meth:`Receiver.declare`: signed
-by the manifest's signer, for this transfer, each within the expansion budget, never
-contradicting an earlier one), at most ``window`` chunks outstanding (the window is
+The manifest names the study, the instance count and a bound on their bytes; each
+instance's entry (UIDs, size, hash) and wire encoding come in the sender's signed
+declarations (:meth:`Receiver.declare`: signed by the manifest's signer, for this
+transfer and study, each within the expansion budget, the entries within ``count``
+and ``total``, one index per UID, never contradicting an earlier one). The receiver
+*pulls*: it skips instances it already has (same hash), then requests chunks of the
+declared wire encodings, at most ``window`` chunks outstanding (the window is
 the credit; a request is the application-level ack of what came before it). Every
 chunk carries its own BLAKE2b hash; a damaged chunk is rejected and requested again,
 never written. A chunk nobody asked for, or one that does not fit the declared size,
@@ -51,7 +54,7 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from crypto import canonical
@@ -71,6 +74,7 @@ from peer_transport.transfer.instance import decode_part
 from peer_transport.transfer.machine import TERMINAL, Event, Machine, State
 from peer_transport.transfer.manifest import (
     Manifest,
+    ManifestEntry,
     WireDeclaration,
     open_wires,
     wire_digest,
@@ -124,6 +128,7 @@ class Receiver:
         state_every: float = 0.0,
     ) -> None:
         self.sender_key, self.manifest = Manifest.open(signed_manifest)
+        self._have = have
         self.spool = spool
         self.window = window
         self.timeout = timeout
@@ -144,6 +149,10 @@ class Receiver:
         # part received before a restart, the declaration it was received under.
         self.wires: dict[int, WireDeclaration] = {}
         self._session: dict[int, WireDeclaration] = {}  # declared since this receiver began
+        self._uids: dict[str, int] = {}  # SOP Instance UID -> index, as declared this run
+        self._session_bytes = 0  # sum of the sizes declared this run: at most the total
+        self._view: Manifest | None = None
+        self._view_at = (0, 0)
         self.refused: dict[int, DecompressionBomb] = {}  # declared over budget: never fetched
         self.failure: RemoteTransferError | None = None  # why it failed, when it did here
         self.parts_redeclared = 0  # partial parts dropped: the sender encodes them otherwise
@@ -157,10 +166,34 @@ class Receiver:
         self._rate = 0.0
         self._last: tuple[float, int] | None = None
         self._restore(signed_manifest)
-        for i, entry in enumerate(self.manifest.entries):
-            if i not in self.done and have(entry.sha256):
-                self.done.add(i)  # already in the store: never requested
-                self._partials.pop(i, None)  # stored after the last state rewrite
+        for i, d in self.wires.items():
+            self._skip_if_held(i, d.entry)
+
+    def _skip_if_held(self, index: int, entry: ManifestEntry) -> None:
+        if index not in self.done and self._have(entry.sha256):
+            self.done.add(index)  # already in the store: never requested
+            self._partials.pop(index, None)  # stored after the last state rewrite
+            self.ready.discard(index)
+            self.spool.drop_part(index)
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    @property
+    def entries(self) -> dict[int, ManifestEntry]:
+        """The entries known: this run's declarations over those restored."""
+        known = {i: d.entry for i, d in self.wires.items()}
+        known.update((i, d.entry) for i, d in self._session.items())
+        return known
+
+    def view(self) -> Manifest:
+        """The manifest with the entries declared so far (in index order), for display."""
+        if self._view is None or self._view_at != (len(self.wires), len(self._session)):
+            known = self.entries
+            self._view = replace(self.manifest, entries=tuple(known[i] for i in sorted(known)))
+            self._view_at = (len(self.wires), len(self._session))
+        return self._view
 
     # persistence
 
@@ -173,7 +206,7 @@ class Receiver:
             state = canonical.decode(raw, MAX_MANIFEST_SIZE)
             if state["id"] != self.manifest.transfer_id:
                 raise ValueError("state of another transfer")
-            total = len(self.manifest.entries)
+            total = self.manifest.count
             self.done = {i for i in state["done"] if 0 <= i < total}
             self._restore_wires()
             journal = self.spool.load_clear(JOURNAL_FILE) or b""
@@ -198,14 +231,20 @@ class Receiver:
         partial parts. Each is checked again as when it came."""
         for record in self.spool.load_sealed(WIRES_FILE):
             try:
-                signer, transfer_id, declarations = open_wires(record)
-            except MalformedMessage:
+                batch = open_wires(record)
+            except RemoteTransferError:
                 continue
-            if signer != self.sender_key or transfer_id != self.manifest.transfer_id:
+            if (
+                batch.signer != self.sender_key
+                or batch.transfer_id != self.manifest.transfer_id
+                or batch.study_uid != self.manifest.study_instance_uid
+            ):
                 continue
-            for d in declarations:
-                if d.index < len(self.manifest.entries) and within_budget(
-                    self.manifest.entries[d.index].size, d.wire_size
+            for d in batch.declarations:
+                if (
+                    d.encoded
+                    and d.index < self.manifest.count
+                    and within_budget(d.entry.size, d.wire_size)
                 ):
                     self.wires[d.index] = d
 
@@ -265,7 +304,7 @@ class Receiver:
 
     def accept(self) -> None:
         self.machine.fire(Event.ACCEPT)
-        if len(self.done) == len(self.manifest.entries):
+        if len(self.done) == self.manifest.count:
             self._finish()
 
     def _finish(self) -> None:
@@ -280,6 +319,8 @@ class Receiver:
 
     def resume_transfer(self) -> None:
         self.machine.fire(Event.RESUME)
+        if len(self.done) == self.manifest.count:
+            self._finish()  # the last entries, declared while paused, were all held
 
     def cancel(self, reason: str = "cancelled by the receiver") -> Cancel:
         self.machine.fire(Event.CANCEL)
@@ -289,17 +330,27 @@ class Receiver:
 
     def prioritise(self, index: int) -> None:
         """Fetch this instance next (the slice on screen), ahead of the series order."""
-        if not 0 <= index < len(self.manifest.entries):
+        if not 0 <= index < self.manifest.count:
             raise LocalTransferError(f"instance {index} is not in this study")
         if index in self._priority:
             self._priority.remove(index)
         self._priority.insert(0, index)
 
-    def index_of(self, sop_instance_uid: str) -> int:
-        for i, entry in enumerate(self.manifest.entries):
+    def find(self, sop_instance_uid: str) -> int | None:
+        """The index of an instance declared so far (None: not declared, or not in it)."""
+        index = self._uids.get(sop_instance_uid)
+        if index is not None:
+            return index
+        for i, entry in self.entries.items():
             if entry.sop_instance_uid == sop_instance_uid:
                 return i
-        raise LocalTransferError(f"instance {sop_instance_uid} is not in this study")
+        return None
+
+    def index_of(self, sop_instance_uid: str) -> int:
+        index = self.find(sop_instance_uid)
+        if index is None:
+            raise LocalTransferError(f"instance {sop_instance_uid} is not declared in this study")
+        return index
 
     # declarations
 
@@ -308,9 +359,11 @@ class Receiver:
         never requested, the rest of the study still comes).
 
         Raises (after failing the transfer; the caller drops the peer)
-        :class:`MalformedMessage` for a bad signature, shape or index, and
-        :class:`ManifestMismatch` for a declaration signed by another key than the
-        manifest, naming another transfer, or contradicting an earlier one.
+        :class:`MalformedMessage` for a bad signature, shape or an index past ``count``,
+        :class:`DecompressionBomb` for entries over ``total`` (or an instance over the
+        per-instance cap), and :class:`ManifestMismatch` for a declaration signed by
+        another key than the manifest, naming another transfer or study, repeating an
+        instance UID under another index, or contradicting an earlier one.
         """
         try:
             return self._declare(message, now)
@@ -321,45 +374,61 @@ class Receiver:
     def _declare(self, message: Declare, now: float) -> list[DecompressionBomb]:
         if self.state in TERMINAL:
             return []
-        signer, transfer_id, declarations = open_wires(message.data)
-        if signer != self.sender_key:
+        batch = open_wires(message.data)
+        if batch.signer != self.sender_key:
             raise ManifestMismatch(
                 "a wire declaration is signed by another key than the study manifest: refused"
             )
-        if transfer_id != self.manifest.transfer_id or message.transfer_id != transfer_id:
+        tid = self.manifest.transfer_id
+        if batch.transfer_id != tid or message.transfer_id != tid:
             raise ManifestMismatch("a wire declaration names another transfer: refused")
+        if batch.study_uid != self.manifest.study_instance_uid:
+            raise ManifestMismatch("a wire declaration names another study: refused")
         refused: list[DecompressionBomb] = []
         fresh = False
         dropped = False
-        for d in declarations:
-            if d.index >= len(self.manifest.entries):
+        for d in batch.declarations:
+            if d.index >= self.manifest.count:
                 raise MalformedMessage(
-                    f"wire declaration for instance {d.index}, not in the manifest"
+                    f"wire declaration for instance {d.index}: the manifest has "
+                    f"{self.manifest.count}"
                 )
             known = self._session.get(d.index)
             if known is not None:
-                if known != d:
+                if known.entry != d.entry or (known.encoded and d.encoded and known != d):
                     raise ManifestMismatch(
                         f"the sender declared instance {d.index} twice, differently: its "
-                        "encoding changed under the transfer; refused"
+                        "entry or encoding changed under the transfer; refused"
                     )
-                continue
+                if known.encoded or not d.encoded:
+                    continue  # nothing new
+            else:
+                self._take_entry(d)
             self._session[d.index] = d
             fresh = True
-            entry = self.manifest.entries[d.index]
+            saved = self.wires.get(d.index)
+            if saved is not None and saved.entry != d.entry:
+                # Received (or stored) before a restart under an entry the restarted
+                # sender contradicts (its de-identification is not what it was): fetched
+                # again as declared now, never taken as it was.
+                self._forget(d.index)
+                self.done.discard(d.index)
+                self._first = min(self._first, d.index)
+                del self.wires[d.index]
+                saved, dropped = None, True
+            self._skip_if_held(d.index, d.entry)
+            if not d.encoded:
+                continue  # listed; its encoding is declared later
             try:
-                d.check_budget(entry)
+                d.check_budget()
             except DecompressionBomb as exc:
                 self.refused[d.index] = exc
                 refused.append(exc)
                 continue
-            saved = self.wires.get(d.index)
             if saved is not None and saved != d and d.index not in self.ready:
                 # Received in part under an earlier declaration (before a restart): the
                 # sender encodes it otherwise now, so those bytes are of no use.
-                self._partials.pop(d.index, None)
-                self.spool.drop_part(d.index)
-                self.parts_redeclared += 1
+                self._forget(d.index)
                 dropped = True
             if saved is None or d.index not in self.ready:
                 self.wires[d.index] = d  # a complete part is checked as it was received
@@ -368,8 +437,33 @@ class Receiver:
             self.spool.append_sealed(WIRES_FILE, message.data)
         if dropped:
             self._persist()
+        if len(self.done) == self.manifest.count and self.state is State.RUNNING:
+            self._finish()  # the last entries named instances the store already holds
+            return refused
         self._check_end()
         return refused
+
+    def _take_entry(self, d: WireDeclaration) -> None:
+        """A first declaration of ``d.index`` this run: held to the manifest's word."""
+        uid = d.entry.sop_instance_uid
+        if self._uids.setdefault(uid, d.index) != d.index:
+            raise ManifestMismatch(
+                f"the sender declared instance {uid} twice, as instances "
+                f"{self._uids[uid]} and {d.index}: refused"
+            )
+        self._session_bytes += d.entry.size
+        if self._session_bytes > self.manifest.total_size:
+            raise DecompressionBomb(
+                f"the sender's declared instances add up to over the "
+                f"{self.manifest.total_size} bytes its manifest signed for: refused"
+            )
+
+    def _forget(self, index: int) -> None:
+        """Drop what was received of ``index``: it is fetched whole, as declared now."""
+        self._partials.pop(index, None)
+        self.ready.discard(index)
+        self.spool.drop_part(index)
+        self.parts_redeclared += 1
 
     def _fail(self, error: RemoteTransferError) -> None:
         if self.failure is None:
@@ -379,13 +473,18 @@ class Receiver:
 
     def _check_end(self) -> None:
         """Everything not refused is stored: the transfer fails with the first refusal."""
-        if self.refused and len(self.done) + len(self.refused.keys() - self.done) == len(
-            self.manifest.entries
+        if self.refused and len(self.done) + len(self.refused.keys() - self.done) == (
+            self.manifest.count
         ):
             self._fail(next(iter(self.refused.values())))
 
+    def _encoded(self, index: int) -> bool:
+        """The sender declared its encoding this run."""
+        known = self._session.get(index)
+        return known is not None and known.encoded
+
     def _fetchable(self, index: int) -> bool:
-        return index in self._session and index not in self.refused
+        return self._encoded(index) and index not in self.refused
 
     # requests
 
@@ -393,7 +492,7 @@ class Receiver:
         seen = set()
         while self._first in self.done:  # instances before it are all done: skip them
             self._first += 1
-        rest = range(self._first, len(self.manifest.entries))
+        rest = range(self._first, self.manifest.count)
         for index in itertools.chain(self._priority, list(self._partials), rest):
             if index not in seen:
                 seen.add(index)
@@ -454,7 +553,7 @@ class Receiver:
         """The instance to hurry now: the one on screen when it is not declared (once),
         or, after ``timeout`` with nothing to fetch and nothing heard, the first one not
         declared (the sender encodes it next, or declares it again: a batch was lost)."""
-        waiting = [i for i in self._priority if i not in self.done and i not in self._session]
+        waiting = [i for i in self._priority if i not in self.done and not self._encoded(i)]
         if waiting and waiting[0] != self._hurried:
             return waiting[0]
         assert self._news_at is not None  # noqa: S101 -- set by poll
@@ -463,8 +562,8 @@ class Receiver:
             and now - self._news_at >= self.timeout
             and now - self._hurry_at >= self.timeout
         ):
-            for index in range(self._first, len(self.manifest.entries)):
-                if index not in self.done and index not in self._session:
+            for index in range(self._first, self.manifest.count):
+                if index not in self.done and not self._encoded(index):
                     return index
         return None
 
@@ -487,7 +586,7 @@ class Receiver:
                 f"chunk {chunk.seq} of instance {chunk.index} was not requested "
                 "(duplicate, out of place or already verified); ignored"
             )
-        entry = self.manifest.entries[chunk.index]
+        entry = self.wires[chunk.index].entry
         size = self.manifest.chunk_size
         expected = min(size, self.wires[chunk.index].wire_size - chunk.seq * size)
         if len(chunk.data) != expected:
@@ -536,7 +635,7 @@ class Receiver:
             raise wirecodec.CorruptInstance("its wire bytes differ from the sender's declaration")
         return decode_part(
             part,
-            self.manifest.entries[index],
+            declared.entry,
             self.manifest.study_instance_uid,
             declared.wire_size,
         )
@@ -547,11 +646,11 @@ class Receiver:
         The instance is requested again from scratch; the second failure fails the
         transfer (:class:`ManifestMismatch`).
         """
-        entry = self.manifest.entries[index]
+        entry = self.wires[index].entry
         self.ready.discard(index)
         self._partials.pop(index, None)
         self.spool.drop_part(index)
-        if index in self._session:  # fetched again as declared now
+        if self._encoded(index):  # fetched again as declared now
             self.wires[index] = self._session[index]
         self._attempts[index] = self._attempts.get(index, 0) + 1
         self._persist()
@@ -602,26 +701,30 @@ class Receiver:
         if self._state_saved_at is None or now - self._state_saved_at >= self.state_every:
             self.save_state()
             self._state_saved_at = now
-        size = self.manifest.entries[index].size
+        size = self.wires[index].entry.size
         if self._last is not None and now > self._last[0]:
             instant = size / (now - self._last[0])
             self._rate = instant if self._rate == 0 else 0.8 * self._rate + 0.2 * instant
         self._last = (now, size)
-        if len(self.done) == len(self.manifest.entries):
+        if len(self.done) == self.manifest.count:
             self._finish()
             return Finished(self.manifest.transfer_id)
         self._check_end()
         return None
 
     def progress(self) -> Progress:
-        entries = self.manifest.entries
-        done_bytes = sum(entries[i].size for i in self.done)
+        """Bytes against the signed bound until every entry is declared, then exact."""
+        known = self.entries
+        done_bytes = sum(known[i].size for i in self.done if i in known)
         total = self.manifest.total_size
+        if len(known) == self.manifest.count:
+            total = sum(e.size for e in known.values())
         eta = (total - done_bytes) / self._rate if self._rate > 0 else None
-        return Progress(done_bytes, total, len(self.done), len(entries), self._rate, eta)
+        count = self.manifest.count
+        return Progress(done_bytes, total, len(self.done), count, self._rate, eta)
 
     def missing(self) -> Sequence[int]:
-        return [i for i in range(len(self.manifest.entries)) if i not in self.done]
+        return [i for i in range(self.manifest.count) if i not in self.done]
 
 
 def resume_request(spool: Spool, sender_key: bytes) -> ResumeRequest | None:

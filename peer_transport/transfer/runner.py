@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import logging
 import time
@@ -64,7 +65,12 @@ from peer_transport.transfer.messages import (
     OfferPart,
     from_wire,
 )
-from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.prepared import (
+    PreparedStudy,
+    deidentified_bound,
+    series_rows,
+    source_digest,
+)
 from peer_transport.transfer.progress import Progress
 from peer_transport.transfer.receiver import (
     DEFAULT_TIMEOUT,
@@ -138,6 +144,7 @@ class StudyReceiver:
         self._pending: set[asyncio.Task[None]] = set()
         self._over = False  # run() has returned: chunks are no longer spooled
         self._stored: dict[int, asyncio.Event] = {}
+        self._declared = asyncio.Event()  # set at each declaration taken (and at the end)
         self._wake = asyncio.Event()
         self._started = asyncio.Event()
         # One worker decodes, one stores: an instance decodes while the one before is
@@ -152,8 +159,9 @@ class StudyReceiver:
 
     @property
     def manifest(self) -> Manifest | None:
-        """The signed manifest, once the offer is taken (None while waiting for it)."""
-        return None if self.protocol is None else self.protocol.manifest
+        """The signed manifest, once the offer is taken (None while waiting for it), with
+        the entries declared so far (``Receiver.view``)."""
+        return None if self.protocol is None else self.protocol.view()
 
     @property
     def state(self) -> State:
@@ -196,6 +204,7 @@ class StudyReceiver:
             self._failure = self._failure or exc
             self._drop(exc)
         else:
+            self._declared.set()
             for bomb in refused:
                 log.warning("%s", bomb)
         self._wake.set()
@@ -236,10 +245,17 @@ class StudyReceiver:
     # viewer
 
     async def instance(self, sop_instance_uid: str) -> None:
-        """Move an instance to the front of the queue and wait until it is stored."""
+        """Move an instance to the front of the queue and wait until it is stored (its
+        entry may not be declared yet: then it waits for that first).
+
+        Raises LocalTransferError when the transfer ends without declaring it."""
         await self._started.wait()
         assert self.protocol is not None  # noqa: S101 -- set before _started
-        index = self.protocol.index_of(sop_instance_uid)
+        while (index := self.protocol.find(sop_instance_uid)) is None:
+            if self._over or self.protocol.state not in ACTIVE:
+                raise LocalTransferError(f"instance {sop_instance_uid} is not in this study")
+            self._declared.clear()
+            await self._declared.wait()
         if index in self.protocol.done:
             return
         self.protocol.prioritise(index)
@@ -279,6 +295,7 @@ class StudyReceiver:
                 await task
         finally:
             self._over = True
+            self._declared.set()  # a viewer waiting for an entry learns it never came
             for task in pending:  # cancelled or failed: stop touching the spool
                 task.cancel()
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -458,9 +475,11 @@ async def send_study(
     """Offer a stored study over ``link`` and serve it until the peer has it all.
 
     ``prepare`` may rewrite the files first (de-identification for sharing): it
-    gets the files one at a time as an iterator and yields them rewritten (it runs
-    in a worker thread); they are parsed and hashed, not encoded, before the offer.
-    Without it the manifest comes from the store's records alone. The wire encodings
+    gets the files one at a time, in series order, as an iterator and yields them
+    rewritten (it runs in worker threads, one file at a time); the offer waits for the
+    first one only (its study UID), the rest are rewritten as they are encoded and
+    their entries declared with their encodings. Without it the entries come from
+    the store's records. The wire encodings
     are made while the study is served, into a sealed :class:`SenderSpool` under
     ``spool_dir`` (the system temp directory when None), deleted after.
     """
@@ -473,9 +492,17 @@ async def send_study(
         if prepare is None:
             study = PreparedStudy.from_store(source, study_uid, identity, spool, cache=cache)
         else:
+            rows = series_rows(source, study_uid)
             files = prepare(source.read_instance(r.sop_instance_uid) for r in rows)
             study = await PreparedStudy.from_source(
-                iter(files), identity, spool, deidentified=True, cache=cache
+                iter(files),
+                identity,
+                spool,
+                count=len(rows),
+                total=deidentified_bound(rows),
+                source=source_digest(rows),
+                deidentified=True,
+                cache=cache,
             )
         manifest = study.manifest
         sender = StudySender(study, link)
@@ -490,7 +517,9 @@ async def send_study(
         spool.close()
     if audit is not None:
         wire_bytes = sum(d.wire_size for d in study.declared.values())
-        SentRecord(manifest, state, wire_bytes).write(audit, peer=peer, now=clock())
+        # The bytes sent as: exact once every entry was declared, else the signed bound.
+        sent = dataclasses.replace(manifest, total_size=study.total_size)
+        SentRecord(sent, state, wire_bytes).write(audit, peer=peer, now=clock())
     return state
 
 

@@ -64,6 +64,7 @@ class Sender:
         self._source = source
         self._sign_wires = sign_wires
         self.declared: dict[int, WireDeclaration] = {}
+        self.announced: dict[int, WireDeclaration] = {}  # entries listed before encoding
         self._unsent: dict[int, None] = {}  # declared, waiting for the next batch (ordered)
         self._declared_at = float("-inf")
         self.hurried: int | None = None  # for the encoder: encode this instance next
@@ -76,7 +77,7 @@ class Sender:
         """The signed manifest, in parts, to send on the control channel. Every
         declaration made so far goes again with the next :meth:`declarations`."""
         self._offered_at, self._requested_since_offer = now, False
-        self._unsent = dict.fromkeys(sorted(self.declared))
+        self._unsent = dict.fromkeys(sorted(self.declared.keys() | self.announced.keys()))
         self._declared_at = float("-inf")
         return offer_parts(self.signed, self.manifest.transfer_id)
 
@@ -88,6 +89,13 @@ class Sender:
             raise LocalTransferError(f"instance {declaration.index} was encoded twice, differently")
         self.declared[declaration.index] = declaration
         self._unsent[declaration.index] = None
+
+    def announce(self, declaration: WireDeclaration) -> None:
+        """Instance ``declaration.index``'s entry is known (its file de-identified), its
+        encoding not yet: list it in the next batch, so the receiver can show it."""
+        if declaration.index not in self.declared:
+            self.announced[declaration.index] = declaration
+            self._unsent[declaration.index] = None
 
     def next_declaration_at(self) -> float | None:
         """When :meth:`declarations` has something to send (None: nothing waits)."""
@@ -110,7 +118,10 @@ class Sender:
             Declare(
                 self.manifest.transfer_id,
                 self._sign_wires(
-                    [self.declared[i] for i in pending[start : start + MAX_DECLARATIONS]]
+                    [
+                        self.declared.get(i) or self.announced[i]
+                        for i in pending[start : start + MAX_DECLARATIONS]
+                    ]
                 ),
             )
             for start in range(0, len(pending), MAX_DECLARATIONS)
@@ -163,7 +174,7 @@ class Sender:
             self.machine.fire(Event.ACCEPT)
         self.machine.fire(Event.DATA)
         self._requested_since_offer = True
-        if not 0 <= message.index < len(self.manifest.entries):
+        if not 0 <= message.index < self.manifest.count:
             raise MalformedMessage(f"request for instance {message.index}, not in the manifest")
         declaration = self.declared.get(message.index)
         if declaration is None:
@@ -184,7 +195,7 @@ class Sender:
         return out
 
     def _hurry(self, index: int) -> None:
-        if not 0 <= index < len(self.manifest.entries) or self.machine.state not in (
+        if not 0 <= index < self.manifest.count or self.machine.state not in (
             State.OFFERED,
             State.RUNNING,
         ):

@@ -50,6 +50,8 @@ class StudySender:
         self.study = study
         self.link = link
         self.protocol = Sender(study.manifest, study.wire, study.signed, study.sign_wires)
+        for announced in study.announced.values():  # entries known before encoding
+            self.protocol.announce(announced)
         for declaration in study.declared.values():  # encoded before (from_files)
             self.protocol.declare(declaration)
         self._inbox: asyncio.Queue[Message] = asyncio.Queue(INBOX_LIMIT)
@@ -77,6 +79,10 @@ class StudySender:
         self.protocol.declare(self.study.declared[index])
         self._wake.set()
 
+    def _announced(self, index: int) -> None:
+        self.protocol.announce(self.study.announced[index])
+        self._wake.set()
+
     async def _offer(self, parts: Sequence[OfferPart]) -> None:
         for part in parts:
             await self.link.send_control(part.to_wire())
@@ -95,7 +101,7 @@ class StudySender:
         """
         loop = asyncio.get_running_loop()
         await self._offer(self.protocol.offer(loop.time()))
-        encoder = loop.create_task(self.study.encode(self._declared))
+        encoder = loop.create_task(self.study.encode(self._declared, self._announced))
         encoder.add_done_callback(lambda _t: self._wake.set())
         heard = loop.time()
         try:

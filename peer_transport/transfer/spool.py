@@ -15,6 +15,7 @@ import secrets
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -224,6 +225,14 @@ class SenderSpool:
         self._fd = os.open(self.root / "wires", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self._slots: list[tuple[int, int]] = []  # (offset, sealed length)
         self._end = 0
+        # A worker thread of a cancelled sender may still put or get after close(): the
+        # lock and the flag keep it off a descriptor number the system gave out again.
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalTransferError(f"the outgoing spool in {self.root} is closed")
 
     @staticmethod
     def _nonce(slot: int) -> bytes:
@@ -231,18 +240,22 @@ class SenderSpool:
 
     def put(self, wire: bytes) -> int:
         """Append one wire encoding; returns its slot."""
-        slot = len(self._slots)
-        sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            wire, None, self._nonce(slot), self._key
-        )
-        os.pwrite(self._fd, sealed, self._end)
-        self._slots.append((self._end, len(sealed)))
-        self._end += len(sealed)
-        return slot
+        with self._lock:
+            self._check_open()
+            slot = len(self._slots)
+            sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+                wire, None, self._nonce(slot), self._key
+            )
+            os.pwrite(self._fd, sealed, self._end)
+            self._slots.append((self._end, len(sealed)))
+            self._end += len(sealed)
+            return slot
 
     def get(self, slot: int) -> bytes:
-        offset, length = self._slots[slot]
-        sealed = os.pread(self._fd, length, offset)
+        with self._lock:
+            self._check_open()
+            offset, length = self._slots[slot]
+            sealed = os.pread(self._fd, length, offset)
         try:
             wire: bytes = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
                 sealed, None, self._nonce(slot), self._key
@@ -254,8 +267,11 @@ class SenderSpool:
         return wire
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -11,6 +11,7 @@ the sender encodes it the same way again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
 import threading
@@ -27,20 +28,22 @@ from node.dicom import wirecodec
 from peer_transport.errors import RemoteProtocolError
 from peer_transport.transfer import prepared as prepared_module
 from peer_transport.transfer.errors import DecompressionBomb, MalformedMessage, ManifestMismatch
+from peer_transport.transfer.instance import describe_entry, prepare_instance
 from peer_transport.transfer.instance import encode_instance as real_encode
-from peer_transport.transfer.instance import prepare_instance
 from peer_transport.transfer.machine import State
 from peer_transport.transfer.manifest import (
     Manifest,
+    ManifestEntry,
     WireDeclaration,
     build_manifest,
     chunk_count,
+    open_wires,
     sign_wires,
     wire_digest,
 )
 from peer_transport.transfer.messages import Declare, Hurry, Request, from_wire
 from peer_transport.transfer.prepared import PreparedStudy
-from peer_transport.transfer.receiver import Receiver
+from peer_transport.transfer.receiver import WIRES_FILE, Receiver
 from peer_transport.transfer.runner import StudyReceiver, StudySender
 from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.spool import SenderSpool, Spool
@@ -50,12 +53,14 @@ pytestmark = pytest.mark.timeout(90)
 
 PEER = Identity.generate()
 SMALL_CHUNK = 1024  # several chunks per instance: a restart lands inside one
+_STUDY_OF: dict[bytes, str] = {}  # study UID of each manifest _study signed, by transfer id
 
 
 def _study(n: int, seed: int, size: int = 64) -> tuple[bytes, list[bytes]]:
     """(signed manifest, wire encodings in manifest order) of ``n`` generated CT slices."""
     prepared = [prepare_instance(f) for f in ct_series(n, seed=seed, size=size)]
     manifest = build_manifest([p[0] for p in prepared], prepared[0][1], chunk_size=SMALL_CHUNK)
+    _STUDY_OF[manifest.transfer_id] = manifest.study_instance_uid
     wire_of = {p[0].sop_instance_uid: p[2] for p in prepared}
     return manifest.sign(PEER), [wire_of[e.sop_instance_uid] for e in manifest.entries]
 
@@ -69,16 +74,29 @@ def _sender(
         manifest,
         wires.__getitem__,
         signed,
-        lambda ds: sign_wires(identity, manifest.transfer_id, ds),
+        lambda ds: sign_wires(identity, manifest.transfer_id, manifest.study_instance_uid, ds),
     )
     for index, wire in enumerate(wires):
         if index != skip:
-            sender.declare(WireDeclaration(index, len(wire), wire_digest(wire)))
+            sender.declare(_declaration(index, wire))
     return sender
 
 
+def _entry_of(wire: bytes) -> ManifestEntry:
+    """The entry of an honest wire encoding (decoded and described again)."""
+    data = wirecodec.decode(wirecodec.WireInstance.from_wire(wire, len(wire)))
+    return describe_entry(data)[0]
+
+
 def _declaration(index: int, wire: bytes) -> WireDeclaration:
-    return WireDeclaration(index, len(wire), wire_digest(wire))
+    return WireDeclaration(index, len(wire), wire_digest(wire), _entry_of(wire))
+
+
+def _signed_wires(
+    tid: bytes, declarations: list[WireDeclaration], identity: Identity = PEER, study: str = ""
+) -> Declare:
+    """A "wire" message for transfer ``tid`` of the study in ``_study``'s manifests."""
+    return Declare(tid, sign_wires(identity, tid, study or _STUDY_OF[tid], declarations))
 
 
 def _run(
@@ -119,11 +137,11 @@ def test_a_declaration_over_budget_refuses_its_instance_before_any_chunk_and_the
     tid = receiver.manifest.transfer_id
     # Instance 1 declared as 2 GiB on the wire for a file of a few KB: padding the
     # receiver would spool and read back whole. Signed by the manifest's own signer.
-    padded = WireDeclaration(1, 2 << 30, bytes(32))
+    padded = WireDeclaration(1, 2 << 30, bytes(32), _entry_of(wires[1]))
     declared = [_declaration(0, wires[0]), padded, _declaration(2, wires[2])]
-    [refused] = receiver.declare(Declare(tid, sign_wires(PEER, tid, declared)), 0.0)
+    [refused] = receiver.declare(_signed_wires(tid, declared), 0.0)
     assert isinstance(refused, DecompressionBomb)
-    assert receiver.manifest.entries[1].sop_instance_uid in str(refused)
+    assert padded.entry.sop_instance_uid in str(refused)
 
     honest = _sender(signed, wires, skip=1)
     asked: set[int] = set()
@@ -160,18 +178,143 @@ def test_a_forged_foreign_or_contradicting_declaration_fails_the_transfer(
     tid = receiver.manifest.transfer_id
     honest = [_declaration(0, wires[0])]
     if forgery == "another key":
-        message = Declare(tid, sign_wires(Identity.generate(), tid, honest))
+        message = _signed_wires(tid, honest, identity=Identity.generate())
     elif forgery == "another transfer":
-        message = Declare(tid, sign_wires(PEER, bytes(16), honest))
+        study = receiver.manifest.study_instance_uid
+        message = Declare(tid, sign_wires(PEER, bytes(16), study, honest))
     else:
-        receiver.declare(Declare(tid, sign_wires(PEER, tid, honest)), 0.0)
-        other = WireDeclaration(0, len(wires[0]), bytes(32))
-        message = Declare(tid, sign_wires(PEER, tid, [other]))
+        receiver.declare(_signed_wires(tid, honest), 0.0)
+        other = dataclasses.replace(honest[0], digest=bytes(32))
+        message = _signed_wires(tid, [other])
     with pytest.raises(ManifestMismatch):
         receiver.declare(message, 0.0)
     assert receiver.state is State.FAILED
     assert isinstance(receiver.failure, ManifestMismatch)
     assert receiver.poll(1.0) == []
+
+
+# -- streamed entries: each one signed with its declaration, held to the manifest's word ------
+
+
+def _refused_entry(tmp_path: Path, forgery: str) -> tuple[Receiver, Exception]:
+    """A receiver that took instance 0 honestly, then the ``forgery`` about instance 1."""
+    signed, wires = _study(2, seed=40)
+    if forgery == "over the total":  # the manifest signs 1 byte less than the entries
+        manifest = Manifest.open(signed)[1]
+        entries = [_entry_of(w) for w in wires]
+        tight = dataclasses.replace(manifest, total_size=sum(e.size for e in entries) - 1)
+        _STUDY_OF[tight.transfer_id] = tight.study_instance_uid
+        signed = tight.sign(PEER)
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), window=8, timeout=1.0)
+    receiver.accept()
+    tid = receiver.manifest.transfer_id
+    first, second = _declaration(0, wires[0]), _declaration(1, wires[1])
+    assert receiver.declare(_signed_wires(tid, [first]), 0.0) == []
+    if forgery == "repeated UID":  # instance 1 claims instance 0's UID
+        entry = dataclasses.replace(second.entry, sop_instance_uid=first.entry.sop_instance_uid)
+        second = dataclasses.replace(second, entry=entry)
+    elif forgery == "another entry for index 0":  # same encoding, another file's hash
+        second = dataclasses.replace(
+            first, entry=dataclasses.replace(first.entry, sha256=bytes(32))
+        )
+    elif forgery == "past the count":
+        second = dataclasses.replace(second, index=2)
+    elif forgery == "encoded under another entry than announced":
+        listed = WireDeclaration.announce(1, second.entry)
+        assert receiver.declare(_signed_wires(tid, [listed]), 0.0) == []
+        assert receiver.view().entries[1] == second.entry  # listed before it is encoded
+        entry = dataclasses.replace(second.entry, instance_number=99)
+        second = dataclasses.replace(second, entry=entry)
+    if forgery == "another study":
+        message = _signed_wires(tid, [second], study="1.2.3.4")
+    else:
+        message = _signed_wires(tid, [second])
+    with pytest.raises((ManifestMismatch, MalformedMessage, DecompressionBomb)) as caught:
+        receiver.declare(message, 0.0)
+    return receiver, caught.value
+
+
+@pytest.mark.parametrize(
+    ("forgery", "error", "reason"),
+    [
+        ("another study", ManifestMismatch, "another study"),
+        ("repeated UID", ManifestMismatch, "twice, as instances 0 and 1"),
+        ("another entry for index 0", ManifestMismatch, "twice, differently"),
+        ("encoded under another entry than announced", ManifestMismatch, "twice, differently"),
+        ("past the count", MalformedMessage, "the manifest has 2"),
+        ("over the total", DecompressionBomb, "bytes its manifest signed for"),
+    ],
+)
+def test_an_entry_the_manifest_did_not_sign_for_fails_the_transfer(
+    tmp_path: Path, forgery: str, error: type[Exception], reason: str
+) -> None:
+    receiver, refused = _refused_entry(tmp_path, forgery)
+    assert isinstance(refused, error)
+    assert reason in str(refused)
+    assert receiver.state is State.FAILED
+    assert receiver.failure is refused
+    assert receiver.poll(1.0) == []  # instance 0, declared honestly before, is not fetched
+    # Only the honest batches were kept for a resume; the refused one never reached the spool.
+    honest = 2 if forgery.startswith("encoded under") else 1
+    assert len(list(Spool(tmp_path / "spool").load_sealed(WIRES_FILE))) == honest
+
+
+async def test_an_entry_repeating_a_uid_costs_the_sender_its_connection(tmp_path: Path) -> None:
+    study = await PreparedStudy.from_files(ct_series(3, seed=41, size=64), PEER)
+
+    class Repeating(MemoryLink):
+        """Declares instance 1 under instance 0's UID (instead of the honest batch)."""
+
+        async def send_control(self, data: bytes) -> None:
+            message = from_wire(data)
+            if isinstance(message, Declare):
+                batch = open_wires(message.data)
+                first, second = batch.declarations[0], batch.declarations[1]
+                entry = dataclasses.replace(
+                    second.entry, sop_instance_uid=first.entry.sop_instance_uid
+                )
+                forged = [first, dataclasses.replace(second, entry=entry)]
+                tid = message.transfer_id
+                data = Declare(tid, sign_wires(PEER, tid, batch.study_uid, forged)).to_wire()
+            await super().send_control(data)
+
+    a, b = Repeating(), _DroppingLink()
+    a.peer, b.peer = b, a
+    receiver = StudyReceiver(b, tmp_path / "spool", MemoryStore(), "peer-a")
+    sender = StudySender(study, a)
+    a.attach(sender.on_control, lambda _d: None)
+    b.attach(receiver.on_control, receiver.on_bulk)
+    serving = asyncio.ensure_future(sender.run())
+    try:
+        with pytest.raises(ManifestMismatch, match="twice, as instances"):
+            await asyncio.wait_for(receiver.run(), 30)
+        assert [type(e) for e in b.dropped] == [ManifestMismatch]
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        for link in (a, b):
+            if link.pump is not None:
+                link.pump.cancel()
+
+
+def test_progress_counts_the_signed_count_and_bound_until_the_entries_arrive(
+    tmp_path: Path,
+) -> None:
+    signed, wires = _study(3, seed=42)
+    manifest = Manifest.open(signed)[1]
+    loose = dataclasses.replace(manifest, total_size=manifest.total_size + 5000)
+    _STUDY_OF[loose.transfer_id] = loose.study_instance_uid
+    receiver = Receiver(loose.sign(PEER), Spool(tmp_path / "spool"))
+    receiver.accept()
+    before = receiver.progress()
+    assert (before.instances_total, before.bytes_total) == (3, manifest.total_size + 5000)
+    tid = loose.transfer_id
+    receiver.declare(_signed_wires(tid, [_declaration(i, w) for i, w in enumerate(wires)]), 0.0)
+    after = receiver.progress()
+    assert (after.instances_total, after.bytes_total) == (3, manifest.total_size)  # exact now
+    assert [e.sop_instance_uid for e in receiver.view().entries] == [
+        _entry_of(w).sop_instance_uid for w in wires
+    ]
 
 
 def test_a_declaration_out_of_the_manifest_or_malformed_fails_the_transfer(
@@ -181,8 +324,8 @@ def test_a_declaration_out_of_the_manifest_or_malformed_fails_the_transfer(
     receiver = Receiver(signed, Spool(tmp_path / "spool"), window=8, timeout=1.0)
     receiver.accept()
     tid = receiver.manifest.transfer_id
-    with pytest.raises(MalformedMessage, match="not in the manifest"):
-        receiver.declare(Declare(tid, sign_wires(PEER, tid, [_declaration(2, wires[0])])), 0.0)
+    with pytest.raises(MalformedMessage, match="the manifest has 2"):
+        receiver.declare(_signed_wires(tid, [_declaration(2, wires[0])]), 0.0)
     assert receiver.state is State.FAILED
     with pytest.raises(MalformedMessage):
         Declare.from_wire(Declare(tid, b"x" * (17 * 1024)).to_wire())
@@ -205,8 +348,10 @@ class _Contradicting(MemoryLink):
         await super().send_control(data)
         message = from_wire(data)
         if isinstance(message, Declare):
-            other = WireDeclaration(0, 1000, bytes(32))
-            forged = Declare(message.transfer_id, sign_wires(PEER, message.transfer_id, [other]))
+            batch = open_wires(message.data)
+            other = dataclasses.replace(batch.declarations[0], index=0, digest=bytes(32))
+            tid = message.transfer_id
+            forged = Declare(tid, sign_wires(PEER, tid, batch.study_uid, [other]))
             await super().send_control(forged.to_wire())
 
 
@@ -238,7 +383,10 @@ def test_a_sender_refuses_a_request_for_an_instance_it_has_not_declared() -> Non
     signed, wires = _study(3, seed=25)
     manifest = Manifest.open(signed)[1]
     sender = Sender(
-        manifest, wires.__getitem__, signed, lambda ds: sign_wires(PEER, manifest.transfer_id, ds)
+        manifest,
+        wires.__getitem__,
+        signed,
+        lambda ds: sign_wires(PEER, manifest.transfer_id, manifest.study_instance_uid, ds),
     )
     sender.declare(_declaration(0, wires[0]))
     assert sender.receive(Request(manifest.transfer_id, 0, (0,)))  # declared: served
@@ -278,9 +426,10 @@ async def test_the_first_slice_is_delivered_before_the_last_one_is_encoded(
             return digest
 
     spool = SenderSpool(tmp_path / "out")
-    study = await PreparedStudy.from_source(iter(files), PEER, spool, ahead=2)
+    study = await PreparedStudy.from_source(
+        iter(files), PEER, spool, count=len(files), total=1 << 30, source=b"", ahead=2
+    )
     assert study.declared == {}  # signed and offered before anything is encoded
-    assert [e.sop_instance_uid for e in study.manifest.entries] == uids  # series order
     a, b = MemoryLink(), MemoryLink()
     a.peer, b.peer = b, a
     store = Store()
@@ -331,7 +480,9 @@ def test_the_receiver_hurries_the_instance_on_screen_and_a_stalled_one(tmp_path:
         receiver.manifest,
         wires.__getitem__,
         signed,
-        lambda ds: sign_wires(PEER, receiver.manifest.transfer_id, ds),
+        lambda ds: sign_wires(
+            PEER, receiver.manifest.transfer_id, receiver.manifest.study_instance_uid, ds
+        ),
     )
     receiver.prioritise(3)
     assert Hurry(receiver.manifest.transfer_id, 3) in receiver.poll(0.0)
@@ -459,3 +610,218 @@ async def test_a_file_found_bad_while_encoding_cancels_the_transfer_and_says_why
     assert last not in {
         str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID) for d in received.by_hash.values()
     }
+
+
+# -- a de-identified share streams too: its entries come as its files are rewritten ----------
+
+
+def _stored_study(tmp_path: Path, n: int, seed: int) -> tuple[Any, str]:
+    from node.dicom.store import Store
+
+    store = Store.open(tmp_path / "store", bytes(range(32)))
+    study_uid = ""
+    for data in ct_series(n, seed=seed, size=64):
+        study_uid = store.add_bytes(data, source="test").study_uid
+    return store, study_uid
+
+
+async def test_the_first_instance_of_a_deidentified_share_arrives_before_the_last_is_deidentified(
+    tmp_path: Path,
+) -> None:
+    from node.dicom import sharing
+    from node.dicom.deid import PseudonymMap
+    from peer_transport.transfer.runner import receive_study, send_study
+
+    store, study_uid = _stored_study(tmp_path, 6, seed=43)
+    events: list[str] = []
+    first_stored = threading.Event()
+    pseudonyms = PseudonymMap()
+    pseudonyms.burned_in_checked = True  # generated CT: nothing burned in
+    real = sharing.deidentifier(pseudonyms, tmp_path / "map", bytes(32))
+
+    def slow_deidentifier(files: Any) -> Any:
+        # The last file waits (bounded) until the first instance is stored: a sender that
+        # de-identifies the whole study before it offers never gets there in order.
+        def counted() -> Any:
+            for i, data in enumerate(files):
+                if i == 5:
+                    first_stored.wait(30)
+                events.append(f"reading {i}")
+                yield data
+
+        for i, out in enumerate(real(counted())):
+            events.append(f"deidentified {i}")
+            yield out
+
+    class Store(MemoryStore):
+        def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
+            events.append("stored")
+            first_stored.set()
+            return super().add_bytes(data, source=source, warm=warm)
+
+    a, b = MemoryLink(), MemoryLink()
+    a.peer, b.peer = b, a
+    received = Store()
+    receiving = asyncio.ensure_future(receive_study(b, received, tmp_path / "in", peer="a"))
+    await asyncio.sleep(0)  # the receiver listens before the offer goes out
+    try:
+        await asyncio.wait_for(
+            send_study(
+                a,
+                store,
+                study_uid,
+                PEER,
+                peer="b",
+                prepare=slow_deidentifier,
+                spool_dir=tmp_path / "out",
+            ),
+            60,
+        )
+        await asyncio.wait_for(receiving, 30)
+    finally:
+        receiving.cancel()
+        store.close()
+        for link in (a, b):
+            if link.pump is not None:
+                link.pump.cancel()
+    assert len(received.by_hash) == 6
+    assert events.index("stored") < events.index("deidentified 5")
+    originals = {hashlib.sha256(d).hexdigest() for d in ct_series(6, seed=43, size=64)}
+    assert not originals & received.by_hash.keys()  # what arrived is the de-identified copy
+    for data in received.by_hash.values():
+        assert pydicom.dcmread(io.BytesIO(data)).PatientIdentityRemoved == "YES"
+
+
+async def test_a_restarted_deidentifying_sender_offers_the_same_transfer_and_entries(
+    tmp_path: Path,
+) -> None:
+    from node.dicom import sharing
+    from node.dicom.deid import PseudonymMap
+    from peer_transport.transfer.prepared import deidentified_bound, series_rows, source_digest
+
+    store, study_uid = _stored_study(tmp_path, 4, seed=44)
+    pseudonyms = PseudonymMap()  # one consult's map: kept, so each run loads the same
+    pseudonyms.burned_in_checked = True
+
+    async def run() -> tuple[bytes, list[WireDeclaration]]:
+        rows = series_rows(store, study_uid)
+        prepare = sharing.deidentifier(pseudonyms, tmp_path / "map", bytes(32))
+        files = prepare(store.read_instance(r.sop_instance_uid) for r in rows)
+        spool = SenderSpool(tmp_path / "out")
+        try:
+            study = await PreparedStudy.from_source(
+                iter(files),
+                PEER,
+                spool,
+                count=len(rows),
+                total=deidentified_bound(rows),
+                source=source_digest(rows),
+                deidentified=True,
+            )
+            await study.encode()
+            return study.manifest.transfer_id, [study.declared[i] for i in range(len(rows))]
+        finally:
+            spool.close()
+
+    first, again = await run(), await run()
+    store.close()
+    assert first[0] == again[0]  # the receiver resumes the transfer it has
+    assert [d.entry for d in first[1]] == [d.entry for d in again[1]]  # UIDs, dates, hashes
+    assert first[1] == again[1]
+
+
+def test_a_restarted_receiver_fetches_again_an_instance_the_sender_now_describes_otherwise(
+    tmp_path: Path,
+) -> None:
+    # A sender whose de-identification is not the same after a restart (a date shifted
+    # otherwise) declares another entry for an instance the receiver stored before: it
+    # is fetched again as declared now, never taken as it was.
+    signed, wires = _study(2, seed=45)
+    loose = dataclasses.replace(Manifest.open(signed)[1], total_size=1 << 20)  # a bound
+    _STUDY_OF[loose.transfer_id] = loose.study_instance_uid
+    signed = loose.sign(PEER)
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), window=64, timeout=1.0)
+    receiver.accept()
+    sender = _sender(signed, wires, skip=1)
+    stored = _run_until(receiver, sender, lambda: 0 in receiver.done)
+    assert 0 in stored  # then the receiver is killed (-9): nothing more is called on it
+
+    ds = pydicom.dcmread(io.BytesIO(wirecodec.decode(wirecodec.WireInstance.from_wire(wires[0]))))
+    ds.StudyDate = "19990101"
+    out = io.BytesIO()
+    ds.save_as(out)
+    changed = prepare_instance(out.getvalue())[2]
+    revived = Receiver.resume(Spool(tmp_path / "spool"), window=64, timeout=1.0)
+    revived.accept()
+    assert 0 in revived.done
+    again = _run(revived, _sender(signed, [changed, wires[1]]))
+    assert revived.state is State.COMPLETE
+    assert sorted(again) == [0, 1]  # instance 0 came again, in its new form
+    assert hashlib.sha256(again[0]).digest() == _entry_of(changed).sha256
+
+
+def _run_until(
+    receiver: Receiver, sender: Sender, done: Callable[[], bool], steps: int = 200
+) -> dict[int, bytes]:
+    stored: dict[int, bytes] = {}
+    now = 0.0
+    for _ in range(steps):
+        for declaration in sender.declarations(now, flush=True):
+            receiver.declare(declaration, now)
+        for message in receiver.poll(now):
+            for chunk in sender.receive(message):
+                index = receiver.receive(chunk, now)
+                if index is not None:
+                    stored[index] = receiver.assemble(index)
+                    receiver.stored(index, now)
+        if done():
+            return stored
+        now += 0.1
+    raise AssertionError("the condition never held within the step budget")
+
+
+@pytest.mark.parametrize(
+    ("count", "total", "reason"),
+    [
+        (3, 1 << 30, "gave 2 files where 3 were offered"),
+        (1, 1 << 30, "more than the 1 files offered"),
+        (2, 100, "over the 100 bytes offered"),
+    ],
+)
+async def test_a_sender_whose_files_break_what_it_signed_for_fails_the_share(
+    count: int, total: int, reason: str
+) -> None:
+    files = ct_series(2, seed=46, size=64)
+    spool = SenderSpool()
+    try:
+
+        async def share() -> None:
+            study = await PreparedStudy.from_source(
+                iter(files), PEER, spool, count=count, total=total, source=b""
+            )
+            await study.encode()
+
+        with pytest.raises(wirecodec.BadInstance, match=reason):
+            await share()
+    finally:
+        spool.close()
+
+
+def test_a_study_the_store_already_holds_completes_at_its_declarations(tmp_path: Path) -> None:
+    # The entries come after the offer: instances the store holds are known only then,
+    # and when they are the last ones the transfer ends there (nothing is requested).
+    signed, wires = _study(3, seed=47)
+    held = {_entry_of(w).sha256 for w in wires[1:]}
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), have=held.__contains__, window=8)
+    receiver.accept()
+    stored = _run(receiver, _sender(signed, wires))
+    assert sorted(stored) == [0]  # only the one the store lacked was fetched
+    assert receiver.state is State.COMPLETE
+    assert receiver.chunks_requested == chunk_count(len(wires[0]), SMALL_CHUNK)
+    everything = {_entry_of(w).sha256 for w in wires}
+    again = Receiver(signed, Spool(tmp_path / "again"), have=everything.__contains__)
+    again.accept()
+    tid = again.manifest.transfer_id
+    again.declare(_signed_wires(tid, [_declaration(i, w) for i, w in enumerate(wires)]), 0.0)
+    assert again.state is State.COMPLETE
+    assert again.chunks_requested == 0

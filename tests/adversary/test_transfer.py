@@ -81,8 +81,13 @@ def _file(data: bytes, **changes: object) -> bytes:
 PEER = Identity.generate()  # the trusted peer that signs what these tests send
 
 
+_ENTRIES: dict[bytes, tuple[ManifestEntry, ...]] = {}  # what _sender declares, by transfer id
+
+
 def _signed(entries: list[ManifestEntry], study: str, identity: Identity = PEER) -> bytes:
-    return build_manifest(entries, study, chunk_size=CHUNK_SIZE).sign(identity)
+    manifest = build_manifest(entries, study, chunk_size=CHUNK_SIZE)
+    _ENTRIES[manifest.transfer_id] = manifest.entries
+    return manifest.sign(identity)
 
 
 def _sender(signed: bytes, wires: list[bytes], identity: Identity = PEER) -> Sender:
@@ -92,10 +97,11 @@ def _sender(signed: bytes, wires: list[bytes], identity: Identity = PEER) -> Sen
         opened,
         wires.__getitem__,
         signed,
-        lambda ds: sign_wires(identity, opened.transfer_id, ds),
+        lambda ds: sign_wires(identity, opened.transfer_id, opened.study_instance_uid, ds),
     )
+    entries = _ENTRIES[opened.transfer_id]
     for index, wire in enumerate(wires):
-        sender.declare(WireDeclaration(index, len(wire), wire_digest(wire)))
+        sender.declare(WireDeclaration(index, len(wire), wire_digest(wire), entries[index]))
     return sender
 
 
@@ -203,19 +209,36 @@ def _hostile_entry(entry: ManifestEntry, **changes: str) -> ManifestEntry:
         {"study": "../../victim"},
     ],
 )
-def test_a_manifest_with_hostile_uids_is_refused_when_opened(
+def test_a_manifest_or_entry_with_hostile_uids_is_refused_when_opened(
     tmp_path: Path, changes: dict[str, str]
 ) -> None:
     sender = Identity.generate()
     files = ct_series(2, seed=3, size=64)
     entries = [prepare_instance(f)[0] for f in files]
     study = str(pydicom.dcmread(io.BytesIO(files[0])).StudyInstanceUID)
+    hostile_study = "study" in changes
     study = changes.pop("study", study)
     entries[1] = _hostile_entry(entries[1], **changes)
     signed = _signed(entries, study, sender)
+    if hostile_study:
+        with pytest.raises(MalformedMessage, match="UID"):
+            Receiver(signed, Spool(tmp_path / "spool"))
+        assert not list((tmp_path / "spool").iterdir())  # nothing written, not even the manifest
+        return
+    # An entry comes signed with its wire declaration: refused there, the transfer
+    # fails, and neither the declaration nor any byte of an instance is kept.
+    receiver = Receiver(signed, Spool(tmp_path / "spool"))
+    receiver.accept()
+    [declare] = _sender(signed, [b"w" * 100] * 2, sender).declarations(0.0, flush=True)
     with pytest.raises(MalformedMessage, match="UID"):
-        Receiver(signed, Spool(tmp_path / "spool"))
-    assert not list((tmp_path / "spool").iterdir())  # nothing written, not even the manifest
+        receiver.declare(declare, 0.0)
+    assert receiver.state is State.FAILED
+    assert receiver.poll(1.0) == []
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == [
+        "journal",
+        "manifest",
+        "state",
+    ]
 
 
 def test_an_export_never_writes_outside_its_folder_whatever_the_stored_uids(
@@ -311,7 +334,9 @@ def test_a_declaration_padding_a_small_instance_to_a_huge_wire_encoding_is_refus
     receiver = Receiver(signed, Spool(tmp_path / "spool"))
     receiver.accept()
     tid = receiver.manifest.transfer_id
-    padded = Declare(tid, sign_wires(PEER, tid, [WireDeclaration(0, 2 << 30, bytes(32))]))
+    padded = Declare(
+        tid, sign_wires(PEER, tid, "1.2.3", [WireDeclaration(0, 2 << 30, bytes(32), entry)])
+    )
     [refused] = receiver.declare(padded, 0.0)
     assert "limits" in str(refused)
     assert receiver.poll(0.0) == []  # never requested

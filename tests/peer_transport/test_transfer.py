@@ -95,10 +95,13 @@ class Offer:
             self.manifest,
             self.wires.__getitem__,
             self.signed,
-            lambda ds: sign_wires(self.identity, self.manifest.transfer_id, ds),
+            lambda ds: sign_wires(
+                self.identity, self.manifest.transfer_id, self.manifest.study_instance_uid, ds
+            ),
         )
         for index, wire in enumerate(self.wires):
-            sender.declare(WireDeclaration(index, len(wire), wire_digest(wire)))
+            entry = self.manifest.entries[index]
+            sender.declare(WireDeclaration(index, len(wire), wire_digest(wire), entry))
         return sender
 
 

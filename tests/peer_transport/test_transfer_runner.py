@@ -330,7 +330,9 @@ async def _peak_traced_transfer(tmp_path: Path, n: int) -> tuple[int, int]:
     spool = SenderSpool(tmp_path / f"out{n}")
     tracemalloc.start()
     try:
-        study = await PreparedStudy.from_source(_slices(n), Identity.generate(), spool)
+        study = await PreparedStudy.from_source(
+            _slices(n), Identity.generate(), spool, count=n, total=n << 20, source=b""
+        )
         a, b = _memory_pair()
         store = HashStore()
         receiver = StudyReceiver(b, tmp_path / f"in{n}", store, "peer-a")

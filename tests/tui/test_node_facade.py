@@ -242,7 +242,9 @@ async def test_a_streaming_study_lists_every_slice_and_the_one_on_screen_comes_f
         shared_uid = neuro.transfers.incoming()[0].study_instance_uid
         assert shared_uid == answer.consults()[0].study_uid  # so Home's enter can open it
         [study] = [s for s in answer.studies() if s.study_uid == shared_uid]
-        assert study.instance_count == slices
+        assert study.instance_count == slices  # the signed count, before any entry
+        # Each slice is listed as its de-identified file is read, ahead of its encoding.
+        await wait_for(lambda: any(len(m.entries) == slices for m in neuro.transfers.incoming()))
         [series] = answer.series(shared_uid)
         refs = answer.instances(series.series_uid)
         assert len(refs) == slices  # before the transfer ends
