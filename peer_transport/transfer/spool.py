@@ -15,6 +15,7 @@ import secrets
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -213,6 +214,11 @@ class SenderSpool:
     behind in the 0700 directory is unreadable (the files may hold PHI when the
     study is not de-identified); :meth:`close` deletes it. Directories left by
     a process that no longer runs are removed when the next spool is made.
+
+    Worker threads read and write it, and one may still run after a cancelled send
+    closed it (a thread is not stopped by cancelling its task): after :meth:`close`,
+    ``put`` and ``get`` raise instead of touching the file descriptor, whose number
+    the next spool (the peer fetched again) is likely to be given.
     """
 
     def __init__(self, parent: Path | None = None) -> None:
@@ -224,6 +230,8 @@ class SenderSpool:
         self._fd = os.open(self.root / "wires", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self._slots: list[tuple[int, int]] = []  # (offset, sealed length)
         self._end = 0
+        self._lock = threading.Lock()  # the descriptor is not closed under a reader/writer
+        self._closed = False
 
     @staticmethod
     def _nonce(slot: int) -> bytes:
@@ -231,18 +239,22 @@ class SenderSpool:
 
     def put(self, wire: bytes) -> int:
         """Append one wire encoding; returns its slot."""
-        slot = len(self._slots)
-        sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            wire, None, self._nonce(slot), self._key
-        )
-        os.pwrite(self._fd, sealed, self._end)
-        self._slots.append((self._end, len(sealed)))
-        self._end += len(sealed)
+        with self._lock:
+            self._check_open()
+            slot = len(self._slots)
+            sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+                wire, None, self._nonce(slot), self._key
+            )
+            os.pwrite(self._fd, sealed, self._end)
+            self._slots.append((self._end, len(sealed)))
+            self._end += len(sealed)
         return slot
 
     def get(self, slot: int) -> bytes:
-        offset, length = self._slots[slot]
-        sealed = os.pread(self._fd, length, offset)
+        with self._lock:
+            self._check_open()
+            offset, length = self._slots[slot]
+            sealed = os.pread(self._fd, length, offset)
         try:
             wire: bytes = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
                 sealed, None, self._nonce(slot), self._key
@@ -253,9 +265,16 @@ class SenderSpool:
             ) from exc
         return wire
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalTransferError("the outgoing spool is closed: its transfer has ended")
+
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -378,6 +378,30 @@ def test_sender_spool_seals_what_it_keeps_and_leaves_nothing_behind(tmp_path: Pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_closed_sender_spool_is_not_written_through_a_reused_descriptor(
+    tmp_path: Path,
+) -> None:
+    """A send cancelled while a worker thread still spools for it (cancelling a task does
+    not stop its thread), then served again at once: the new spool is likely to get the
+    old one's descriptor number. The old thread's late write must not land in it."""
+    from peer_transport.transfer.errors import LocalTransferError
+
+    old = SenderSpool(tmp_path)
+    old.put(b"first " * 100)
+    old.close()  # the cancelled send
+    new = SenderSpool(tmp_path)  # the peer fetched again
+    wire = b"the new transfer's encoding " * 50
+    slot = new.put(wire)
+    with contextlib.suppress(LocalTransferError):
+        old.put(b"late " * 500)  # the old describe/encode thread, still running
+    assert new.get(slot) == wire  # not overwritten
+    with pytest.raises(LocalTransferError, match="closed"):
+        old.put(b"late " * 500)
+    with pytest.raises(LocalTransferError, match="closed"):
+        old.get(0)
+    new.close()
+
+
 async def test_a_cancel_while_an_instance_is_read_back_does_not_fetch_it_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
