@@ -14,6 +14,7 @@ runtime; the protocol, not this module, is what the screens read.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -278,7 +279,6 @@ class RuntimeNode:
         self._notes: deque[str] = deque(maxlen=MAX_NOTIFICATIONS)
         self._patients: dict[str, str] = {}
         self._ages: dict[str, str] = {}  # study uid -> PatientAge as stored (read once)
-        self._fetching: set[str] = set()  # consult ids whose study is being pulled
         self._originals: dict[str, str] = {}  # consult id -> original study (requesting side)
 
     # -- status and studies ---------------------------------------------------------
@@ -696,20 +696,24 @@ class RuntimeNode:
             raise ActionError("only the consultant's node fetches the study of a consult")
         if case.state not in cases.SERVABLE:
             raise ActionError(refusal(case.state, Event.START_TRANSFER, tui=True))
-        if case.request.id in self._fetching:
+        # The desk's own record, not one kept here: it lets a fetch go in the same step
+        # as its spool, so f pressed right after a cancel fetches again.
+        try:
+            started = rt.consulting.studies.start_fetch(case.request.id)
+        except (ConsultError, NodeError) as exc:
+            raise ActionError(str(exc)) from exc
+        if started is None:
             return f"the study of consult {consult_id[:8]} is already being fetched"
-        self._fetching.add(case.request.id)
+        outcome = started
 
         async def pull() -> None:
             try:
-                done = await rt.consulting.studies.fetch(case.request.id)
+                done = await asyncio.shield(outcome)
                 rt.notify(
                     f"Study of consult {consult_id[:8]} received: {done.instances_done} images"
                 )
             except (ConsultError, NodeError, TransportError) as exc:
                 rt.notify(f"Fetching the study of consult {consult_id[:8]} failed: {exc}")
-            finally:
-                self._fetching.discard(case.request.id)
 
         rt.spawn(pull())
         return f"fetching the study of consult {consult_id[:8]} (see Transfers)"

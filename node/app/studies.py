@@ -209,21 +209,7 @@ class StudyDesk:
         fetch and gets its progress too. What was verified stays in the consult's spool
         until the study is complete, for the next attempt.
         """
-        rt = self.rt
-        consult_id = rt.consults.resolve(consult_id)
-        fetch = self.fetching.get(consult_id)
-        if fetch is None:
-            state = rt.consults.get(consult_id).state
-            if state not in SERVABLE:
-                raise IllegalTransition(  # in the user's words, with the command to run
-                    state.value,
-                    Event.START_TRANSFER.value,
-                    refusal(state, Event.START_TRANSFER, consult_id[:8]),
-                )
-            cases.requester_key(rt, consult_id)  # raises now for a consult with no signed request
-            fetch = self.fetching[consult_id] = _Fetch(asyncio.get_running_loop().create_future())
-            fetch.result.add_done_callback(_retrieved)
-            rt.spawn(self._fetch(consult_id, fetch))
+        fetch = self._fetch_of(self.rt.consults.resolve(consult_id))[0]
         if on_progress is not None:
             fetch.listeners.append(on_progress)
         try:
@@ -231,6 +217,36 @@ class StudyDesk:
         finally:
             if on_progress in fetch.listeners:
                 fetch.listeners.remove(on_progress)
+
+    def start_fetch(self, consult_id: str) -> asyncio.Future[Progress] | None:
+        """Consultant side: start fetching a consult's study in the background, unless a
+        fetch of it runs already; the new fetch's outcome, or None when one was running.
+        Raises as :meth:`fetch`.
+
+        Synchronous, and answered from :attr:`fetching` alone: a fetch that has ended
+        (cancelled, failed) is let go in the same step as its spool, so a fetch asked for
+        right after it starts anew instead of joining the one that is over."""
+        fetch, new = self._fetch_of(self.rt.consults.resolve(consult_id))
+        return fetch.result if new else None
+
+    def _fetch_of(self, consult_id: str) -> tuple[_Fetch, bool]:
+        """The fetch running for the consult, or a new one started; and whether it is new."""
+        rt = self.rt
+        fetch = self.fetching.get(consult_id)
+        if fetch is not None:
+            return fetch, False
+        state = rt.consults.get(consult_id).state
+        if state not in SERVABLE:
+            raise IllegalTransition(  # in the user's words, with the command to run
+                state.value,
+                Event.START_TRANSFER.value,
+                refusal(state, Event.START_TRANSFER, consult_id[:8]),
+            )
+        cases.requester_key(rt, consult_id)  # raises now for a consult with no signed request
+        fetch = self.fetching[consult_id] = _Fetch(asyncio.get_running_loop().create_future())
+        fetch.result.add_done_callback(_retrieved)
+        rt.spawn(self._fetch(consult_id, fetch))
+        return fetch, True
 
     async def _fetch(self, consult_id: str, fetch: _Fetch) -> None:
         try:

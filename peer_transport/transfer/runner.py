@@ -385,6 +385,10 @@ class StudyReceiver:
             log.warning("instance %d of the transfer was not stored: %s", index, failure)
             self.conflicts.append(failure)
             failure = None  # counted as done: fetching it again would not change it
+        if failure is not None and receiver.state not in ACTIVE:
+            # Cancelled while it was read: the cancel dropped its part under the reader.
+            # Nothing is fetched again and the spool is not written: it is going away.
+            return
         if failure is not None:
             error = receiver.reject_part(index, failure)
             if isinstance(error, ManifestMismatch):

@@ -214,6 +214,11 @@ class SenderSpool:
     behind in the 0700 directory is unreadable (the files may hold PHI when the
     study is not de-identified); :meth:`close` deletes it. Directories left by
     a process that no longer runs are removed when the next spool is made.
+
+    Worker threads read and write it, and one may still run after a cancelled send
+    closed it (a thread is not stopped by cancelling its task): after :meth:`close`,
+    ``put`` and ``get`` raise instead of touching the file descriptor, whose number
+    the next spool (the peer fetched again) is likely to be given.
     """
 
     def __init__(self, parent: Path | None = None) -> None:
@@ -225,14 +230,8 @@ class SenderSpool:
         self._fd = os.open(self.root / "wires", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self._slots: list[tuple[int, int]] = []  # (offset, sealed length)
         self._end = 0
-        # A worker thread of a cancelled sender may still put or get after close(): the
-        # lock and the flag keep it off a descriptor number the system gave out again.
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the descriptor is not closed under a reader/writer
         self._closed = False
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise LocalTransferError(f"the outgoing spool in {self.root} is closed")
 
     @staticmethod
     def _nonce(slot: int) -> bytes:
@@ -265,6 +264,10 @@ class SenderSpool:
                 f"the outgoing spool in {self.root} was damaged on disk; send the study again"
             ) from exc
         return wire
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LocalTransferError("the outgoing spool is closed: its transfer has ended")
 
     def close(self) -> None:
         with self._lock:

@@ -378,3 +378,80 @@ def test_sender_spool_seals_what_it_keeps_and_leaves_nothing_behind(tmp_path: Pa
     orphan.mkdir()
     SenderSpool(tmp_path).close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_closed_sender_spool_is_not_written_through_a_reused_descriptor(
+    tmp_path: Path,
+) -> None:
+    """A send cancelled while a worker thread still spools for it (cancelling a task does
+    not stop its thread), then served again at once: the new spool is likely to get the
+    old one's descriptor number. The old thread's late write must not land in it."""
+    from peer_transport.transfer.errors import LocalTransferError
+
+    old = SenderSpool(tmp_path)
+    old.put(b"first " * 100)
+    old.close()  # the cancelled send
+    new = SenderSpool(tmp_path)  # the peer fetched again
+    wire = b"the new transfer's encoding " * 50
+    slot = new.put(wire)
+    with contextlib.suppress(LocalTransferError):
+        old.put(b"late " * 500)  # the old describe/encode thread, still running
+    assert new.get(slot) == wire  # not overwritten
+    with pytest.raises(LocalTransferError, match="closed"):
+        old.put(b"late " * 500)
+    with pytest.raises(LocalTransferError, match="closed"):
+        old.get(0)
+    new.close()
+
+
+async def test_a_cancel_while_an_instance_is_read_back_does_not_fetch_it_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel drops the spool's parts, also the one a worker is reading back: that
+    read fails, and it is the cancel's doing, not damage. The instance is not rejected
+    (no "fetching it again", no journal rewritten into a spool that is going away)."""
+    import logging
+    import threading
+
+    from peer_transport.transfer import TransferCancelled
+    from peer_transport.transfer.receiver import JOURNAL_FILE
+
+    reading, go_on = threading.Event(), threading.Event()
+    verify = StudyReceiver._verify
+    held: list[int] = []
+
+    def held_verify(receiver: Any, index: int) -> bytes | Exception:
+        held.append(index)
+        reading.set()
+        go_on.wait(20)  # bounded: released by the test right after its cancel
+        return verify(receiver, index)
+
+    monkeypatch.setattr(StudyReceiver, "_verify", staticmethod(held_verify))
+    files = ct_series(4, seed=13, size=64)
+    study = await PreparedStudy.from_files(files, Identity.generate())
+    a, b = _memory_pair()
+    receiver = StudyReceiver(b, tmp_path / "spool", MemoryStore(), "peer-a")
+    sender = StudySender(study, a)
+    a.on_control, b.on_control, b.on_bulk = sender.on_control, receiver.on_control, receiver.on_bulk
+    b.start()
+    caplog.set_level(logging.INFO, logger="peer_transport.transfer.runner")
+    receiving = asyncio.create_task(receiver.run())
+    serving = asyncio.create_task(sender.run())
+    try:
+        await asyncio.wait_for(asyncio.to_thread(reading.wait, 20), 20)
+        assert receiver.protocol is not None
+        assert receiver.protocol.spool.has_part(held[0])
+        receiver.cancel()  # drops the part being read
+        assert not receiver.protocol.spool.has_part(held[0])
+        journal = (tmp_path / "spool" / JOURNAL_FILE).read_bytes()
+        go_on.set()
+        with pytest.raises(TransferCancelled):
+            await asyncio.wait_for(receiving, 20)  # waits for the read's outcome first
+        assert await asyncio.wait_for(serving, 20) is State.CANCELLED
+    finally:
+        go_on.set()
+        assert b.pump is not None
+        b.pump.cancel()
+    assert receiver.protocol._attempts == {}
+    assert not [r for r in caplog.records if "fetching it again" in r.getMessage()]
+    assert (tmp_path / "spool" / JOURNAL_FILE).read_bytes() == journal

@@ -538,6 +538,40 @@ async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
         await neuro.stop()
 
 
+async def test_fetching_again_as_soon_as_a_cancelled_fetch_has_ended_starts_a_new_one(
+    tmp_path: Path,
+) -> None:
+    """f pressed the moment a cancelled fetch is over (its spool removed, the desk free)
+    fetches again. The facade used to keep its own "being fetched" set, emptied only when
+    its waiting task next ran: a press in between was answered "already being fetched"
+    and nothing came (the flaky end of the pause/cancel test above)."""
+    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=8, rows=64)
+    try:
+        consult_id = await accepted(ask, answer, neuro, study_uid)
+        answer.fetch(consult_id)
+        await wait_for(lambda: [t.state for t in answer.transfers()] == ["running"], SLOW)
+        assert "is paused" in answer.pause_transfer(consult_id)
+        desk = neuro.consulting.studies
+        again: list[str] = []
+
+        def fetch_again(_result: object) -> None:
+            # Runs in the loop iteration after the fetch ended: the desk has let it go and
+            # its spool is gone, but the facade's own waiter has not run yet.
+            assert consult_id not in desk.fetching
+            assert not desk.spool_of(consult_id).exists()
+            again.append(answer.fetch(consult_id))
+
+        desk.fetching[consult_id].result.add_done_callback(fetch_again)
+        answer.cancel_transfer(consult_id)
+        await wait_for(lambda: bool(again), SLOW)
+        assert again[0].startswith("fetching the study"), again[0]
+        await wait_for(lambda: "complete" in [t.state for t in answer.transfers()], SLOW)
+        assert len(neuro.store.instances(answer.consults()[0].study_uid)) == 8
+    finally:
+        await rural.stop()
+        await neuro.stop()
+
+
 async def test_a_verified_requester_not_in_the_directory_shows_verified(node: NodeRuntime) -> None:
     """The worklist's trust badge comes from the trust store, not only from the peer
     directory: a hospital verified by safety number whose record this node never looked
