@@ -9,6 +9,7 @@ again is bounded by what was in flight.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import random
@@ -112,8 +113,7 @@ class Study:
     chunks: int  # chunks of the whole study on the wire
 
 
-def _ct_study(sender: Home, root: Path, slices: int, seed: int) -> Study:
-    files = [p.read_bytes() for p in generate_ct(root / "ct", slices=slices, rows=512, seed=seed)]
+def _ct_study(sender: Home, files: list[bytes]) -> Study:
     with closing(open_store(sender.home, sender.identity)) as store:
         uids = {store.add_bytes(f, source="test").study_uid for f in files}
     chunks = sum(chunk_count(len(prepare_instance(f)[2]), CHUNK_SIZE) for f in files)
@@ -253,12 +253,31 @@ def _send(sender: Home, receiver: Home, study: Study, reoffer: bool = True) -> N
 SLICES = 48  # of 512 x 512 CT, about three chunks each on the wire
 
 
-def _two_homes_and_a_study(tmp_path: Path) -> tuple[int, Home, Home, Study]:
+CT_SEED = 0  # the CT's pixels; each test's own random seed picks where it kills
+
+
+@pytest.fixture(scope="session")
+def ct_files(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> list[bytes]:
+    """The CT every process-kill test sends, generated once per run: its 48 slices of
+    512 x 512 cost more CPU than sending them. The xdist workers share one copy (in the
+    run's temporary directory, written under a lock, complete once ``done`` exists)."""
+    root = tmp_path_factory.getbasetemp()
+    root = root if worker_id == "master" else root.parent
+    folder = root / f"transfer-faults-ct-{SLICES}"
+    with open(root / "transfer-faults-ct.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "done").exists():
+            generate_ct(folder, slices=SLICES, rows=512, seed=CT_SEED)
+            (folder / "done").touch()
+    return [p.read_bytes() for p in sorted(folder.glob("CT*.dcm"))]
+
+
+def _two_homes_and_a_study(tmp_path: Path, files: list[bytes]) -> tuple[int, Home, Home, Study]:
     """A random seed; a sender and a receiver that trust each other; a CT study to send."""
     seed = random.randrange(1 << 16)
     sender, receiver = _make_home(tmp_path, "rural"), _make_home(tmp_path, "neuro")
     _introduce(sender, receiver)
-    return seed, sender, receiver, _ct_study(sender, tmp_path, SLICES, seed)
+    return seed, sender, receiver, _ct_study(sender, files)
 
 
 def _kill_point(seed: int, study: Study) -> int:
@@ -269,10 +288,10 @@ def _kill_point(seed: int, study: Study) -> int:
 
 
 def test_receiver_killed_and_restarted_asks_for_its_transfer_and_resends_at_most_the_window(
-    tmp_path: Path,
+    tmp_path: Path, ct_files: list[bytes]
 ) -> None:
     """The sender never re-offers on its own here: the restarted fetch must ask."""
-    seed, sender, receiver, study = _two_homes_and_a_study(tmp_path)
+    seed, sender, receiver, study = _two_homes_and_a_study(tmp_path, ct_files)
     kill_at = _kill_point(seed, study)
     why = f"seed {seed}, receiver killed after {kill_at} of {SLICES} instances"
     with processes() as procs:
@@ -291,10 +310,10 @@ def test_receiver_killed_and_restarted_asks_for_its_transfer_and_resends_at_most
 
 
 def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing(
-    tmp_path: Path,
+    tmp_path: Path, ct_files: list[bytes]
 ) -> None:
     """The operator's way today: `send` is stopped too, and both are run again."""
-    seed, sender, receiver, study = _two_homes_and_a_study(tmp_path)
+    seed, sender, receiver, study = _two_homes_and_a_study(tmp_path, ct_files)
     kill_at = _kill_point(seed, study)
     why = f"seed {seed}, receiver killed after {kill_at} of {SLICES} instances"
     with processes() as procs:
@@ -315,8 +334,10 @@ def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing
     assert sent <= study.chunks + DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
 
 
-def test_sender_killed_mid_transfer_and_restarted_the_receiver_resumes(tmp_path: Path) -> None:
-    seed, sender, receiver, study = _two_homes_and_a_study(tmp_path)
+def test_sender_killed_mid_transfer_and_restarted_the_receiver_resumes(
+    tmp_path: Path, ct_files: list[bytes]
+) -> None:
+    seed, sender, receiver, study = _two_homes_and_a_study(tmp_path, ct_files)
     kill_at = _kill_point(seed, study)
     # Killed by its own count of chunks sent (printed before each leaves), not by what the
     # receiver has stored: a receiver slower to store than the sender to send could

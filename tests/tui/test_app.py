@@ -19,7 +19,10 @@ from tui.screens.viewer import ViewerScreen
 from tui.widgets.consult_panel import ConsultPanel
 from tui.widgets.image_view import ImageView
 
-SIZE = (150, 45)
+# Most tests look at what a screen does, not how it is laid out: the smallest screen
+# that shows it all renders fastest. FULL is for the tests that need the panels unfolded.
+SIZE = (100, 30)
+FULL = (150, 45)
 
 
 def make_node(**kw: int) -> InMemoryNode:
@@ -267,7 +270,7 @@ async def test_remote_cursor_and_annotation_appear_and_own_cursor_is_coalesced()
 async def test_chat_report_finalise_and_author_only_removal() -> None:
     node = make_node()
     app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=FULL) as pilot:
         viewer = await open_viewer(pilot, node)
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         panel = viewer.query_one(ConsultPanel)
@@ -431,7 +434,7 @@ async def test_the_share_form_offers_only_verified_peers_checks_fields_and_sends
 
     node = make_node()
     app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=FULL) as pilot:
         await pilot.press("f3")
         await pilot.pause()
         await pilot.press("s")

@@ -10,7 +10,7 @@ from tui.memory import InMemoryNode
 async def test_o_on_home_cycles_the_availability() -> None:
     node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
-    async with app.run_test(size=(150, 45)) as pilot:
+    async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("o")
         await app.workers.wait_for_complete()
         await pilot.pause()

@@ -17,7 +17,7 @@ async def test_banner_stays_until_k_acknowledges_the_outbox_report_by_name() -> 
     node = InMemoryNode(Identity.generate())
     node.alerts.append(CriticalAlert("c-2", 1, time.time() - 600))
     app = RadmeshApp(node)
-    async with app.run_test(size=(150, 45)) as pilot:
+    async with app.run_test(size=(100, 30)) as pilot:
         banner = app.screen.query_one("#critical", Static)
         assert banner.display
         shown = str(banner.render())
@@ -45,7 +45,7 @@ async def test_an_empty_name_does_not_acknowledge_a_critical_result() -> None:
     node = InMemoryNode(Identity.generate())
     node.alerts.append(CriticalAlert("c-2", 0, time.time()))
     app = RadmeshApp(node)
-    async with app.run_test(size=(150, 45)) as pilot:
+    async with app.run_test(size=(100, 30)) as pilot:
         app.screen.query_one("#worklist", DataTable).move_cursor(row=1)
         await pilot.press("k")
         await pilot.pause()
@@ -61,7 +61,7 @@ async def test_f8_marks_the_report_critical_before_f9_signs_it() -> None:
 
     node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
-    async with app.run_test(size=(150, 45)) as pilot:
+    async with app.run_test(size=(100, 30)) as pilot:
         viewer = await open_viewer(pilot, node)
         viewer.view.focus()
         await pilot.press("f8")

@@ -20,7 +20,7 @@ from tui.screens.viewer import ViewerScreen
 from tui.widgets.image_view import ImageView
 from tui.widgets.overlay import OverlayBar
 
-SIZE = (150, 45)
+SIZE = (100, 30)  # what the screens do, not their layout: the smallest screen renders fastest
 CONSULT = "feed0000feed0000feed0000feed0000"
 
 

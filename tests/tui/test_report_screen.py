@@ -67,7 +67,7 @@ async def test_v_on_an_outbox_consult_shows_its_report_literally() -> None:
 async def test_v_without_a_report_says_none_arrived() -> None:
     node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
-    async with app.run_test(size=(150, 45)) as pilot:
+    async with app.run_test(size=(100, 30)) as pilot:
         app.screen.query_one("#worklist", DataTable).move_cursor(row=1)
         await pilot.press("v")
         await pilot.pause()
@@ -89,7 +89,7 @@ def test_an_unverified_report_is_shown_as_a_warning_without_its_content() -> Non
 async def test_e_on_a_reported_inbox_consult_adds_a_signed_addendum() -> None:
     node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
-    async with app.run_test(size=(150, 45)) as pilot:
+    async with app.run_test(size=(100, 30)) as pilot:
         await pilot.press("e")  # c-1 is only offered: nothing signed to amend
         await pilot.pause()
         assert not isinstance(app.screen, TextPrompt)

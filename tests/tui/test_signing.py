@@ -21,7 +21,7 @@ from tui.memory import SERIES_UID, InMemoryNode
 from tui.screens.sign_preview import SignPreview
 from tui.screens.viewer import ViewerScreen
 
-SIZE = (150, 45)
+SIZE = (100, 30)  # what the screens do, not their layout: the smallest screen renders fastest
 KEYS = {" ": "space", "\n": "enter", ":": "colon", ".": "full_stop"}
 
 

@@ -26,7 +26,7 @@ from tui.screens.viewer import ViewerScreen
 from tui.widgets.consult_panel import ConsultPanel
 from tui.widgets.image_view import ImageView
 
-SIZE = (150, 45)
+SIZE = (100, 30)  # what the viewer does, not its layout: the smallest screen renders fastest
 CONSULT = "feed0000feed0000feed0000feed0000"
 
 
