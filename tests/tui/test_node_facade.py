@@ -315,10 +315,16 @@ async def test_the_consultant_accepts_fetches_and_opens_the_study_from_the_workl
             assert len(viewer.instances) == slices
             await wait_for(lambda: [t.state for t in answer.transfers()] == ["complete"], 60)
             await pilot.press("q")
-            await pilot.pause(1.2)  # one Home refresh
-            [bar] = app.screen.query(ProgressBar)
-            assert bar.total is not None
-            assert bar.progress == bar.total > 1
+
+            def bar_full() -> bool:  # after a Home refresh (once a second; later under load)
+                bars = list(app.screen.query(ProgressBar))
+                return (
+                    len(bars) == 1
+                    and bars[0].total is not None
+                    and bars[0].progress == bars[0].total > 1
+                )
+
+            await wait_for(bar_full, 10)
             assert f"{slices}/{slices} images" in svg_text(app)
         kinds = [r.kind for r in neuro.audit.records()]
         assert "view" in kinds
