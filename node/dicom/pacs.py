@@ -42,10 +42,19 @@ class PacsUnavailable(NodeError):
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: every socket is held until all are picked
+    (two picks in a row, each released before the next, may get the same port)."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((LOOPBACK, 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 def orthanc_binary() -> str:
@@ -154,7 +163,7 @@ def orthanc_server(
     if remote:
         raise PacsUnavailable(f"modalities {remote} are not on loopback: this Orthanc is local")
     directory.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port = free_port(), free_port()
+    http_port, dicom_port = free_ports(2)
     config_path = directory / "orthanc.json"
     config = _config(directory, http_port, dicom_port, ae_title, modalities)
     (directory / "loopback-only.lua").write_text(LOOPBACK_ONLY_LUA)

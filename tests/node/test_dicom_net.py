@@ -217,3 +217,12 @@ def test_stop_releases_the_port() -> None:
     listener.stop()
     with pytest.raises(DicomPeerError):
         echo("127.0.0.1", port, NODE_AE, timeout=2)
+
+
+def test_free_ports_are_distinct_while_picked_together() -> None:
+    # Orthanc once got the same port for HTTP and DICOM (two picks, each released
+    # before the next) and refused to start: the picks hold their sockets until all are made.
+    from node.dicom.pacs import free_ports
+
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
