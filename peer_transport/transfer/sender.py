@@ -21,6 +21,7 @@ asker loses nothing by waiting for an offer.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Sequence
 
 from peer_transport.transfer.errors import LocalTransferError, MalformedMessage
@@ -42,6 +43,9 @@ from peer_transport.transfer.messages import (
 
 REOFFER_MIN_INTERVAL = 1.0  # seconds between offers for resume requests with no request between
 DECLARE_EVERY = 0.1  # seconds between declaration batches (a full batch goes at once)
+# Times one instance is declared again for a receiver's hurry: a lost batch needs one; a
+# flood of hurries would otherwise turn each small message into a signed batch of 32.
+REDECLARE_LIMIT = 3
 
 
 class Sender:
@@ -66,6 +70,7 @@ class Sender:
         self.declared: dict[int, WireDeclaration] = {}
         self.announced: dict[int, WireDeclaration] = {}  # entries listed before encoding
         self._unsent: dict[int, None] = {}  # declared, waiting for the next batch (ordered)
+        self._redeclared: collections.Counter[int] = collections.Counter()
         self._declared_at = float("-inf")
         self.hurried: int | None = None  # for the encoder: encode this instance next
         self._cached: tuple[int, bytes] | None = None
@@ -204,6 +209,13 @@ class Sender:
             self.hurried = index
             return
         # Declared, yet the receiver asks: the batch it was in got lost. Declare that
-        # stretch again, at most one batch per hurry.
-        again = [i for i in range(index, index + MAX_DECLARATIONS) if i in self.declared]
+        # stretch again, at most one batch per hurry and REDECLARE_LIMIT times an instance.
+        again = [
+            i
+            for i in range(index, index + MAX_DECLARATIONS)
+            if i in self.declared
+            and i not in self._unsent
+            and self._redeclared[i] < REDECLARE_LIMIT
+        ]
+        self._redeclared.update(again)
         self._unsent.update(dict.fromkeys(again))

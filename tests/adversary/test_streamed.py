@@ -27,6 +27,7 @@ from crypto.identity import Identity
 from node.dicom import wirecodec
 from peer_transport.errors import RemoteProtocolError
 from peer_transport.transfer import prepared as prepared_module
+from peer_transport.transfer import sender as sender_module
 from peer_transport.transfer.errors import DecompressionBomb, MalformedMessage, ManifestMismatch
 from peer_transport.transfer.instance import describe_entry, prepare_instance
 from peer_transport.transfer.instance import encode_instance as real_encode
@@ -501,6 +502,35 @@ def test_the_receiver_hurries_the_instance_on_screen_and_a_stalled_one(tmp_path:
     [again] = sender.declarations(6.05, flush=True)
     receiver.declare(again, 6.05)
     assert any(isinstance(m, Request) and m.index == 0 for m in receiver.poll(6.1))
+
+
+def test_a_flood_of_hurries_is_not_amplified_into_signed_batches(tmp_path: Path) -> None:
+    """A hostile receiver hurries declared instances over and over: each re-declaration
+    is a signed batch of up to 32, so the sender declares an instance again at most
+    REDECLARE_LIMIT times, ignores hurries out of range, and still serves the study."""
+    signed, wires = _study(4, seed=31)
+    receiver = Receiver(signed, Spool(tmp_path / "spool"), window=8, timeout=1.0)
+    receiver.accept()
+    sender = _sender(signed, wires)
+    tid = receiver.manifest.transfer_id
+    for declaration in sender.declarations(0.0, flush=True):
+        receiver.declare(declaration, 0.0)
+    resent = 0
+    for round_ in range(200):
+        for index in (0, 2, -1, 4, 10**9):
+            sender.receive(Hurry(tid, index))
+        resent += sum(len(d.data) for d in sender.declarations(1.0 + round_, flush=True))
+    [first_again] = _sender(signed, wires).declarations(0.0, flush=True)
+    assert 0 < resent <= sender_module.REDECLARE_LIMIT * len(first_again.data)
+    # The rest carries on: the receiver's requests are served, the study arrives whole.
+    for _ in range(50):
+        requests = [m for m in receiver.poll(300.0) if isinstance(m, Request)]
+        if not requests:
+            break
+        for request in requests:
+            for chunk in sender.receive(request):
+                receiver.receive(chunk, 300.0)
+    assert sorted(receiver.ready | receiver.done) == [0, 1, 2, 3]
 
 
 # -- resume: a partial part is kept only for the same encoding -------------------------------
