@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, Unpack
 
 from crypto.errors import CryptoError
 from crypto.identity import NodeId
@@ -34,7 +34,7 @@ from registry.errors import RegistryError, StaleRecord
 from registry.limits import MailboxUsage
 from registry.records import NodeRecord, require_newer
 from registry.storage import KickListener, MailListener, MailOffer, node_key, parse_node
-from registry.store import Stored, _tags, tag_patterns
+from registry.store import SearchFilters, Stored, record_row, search_sql
 
 try:
     import asyncpg
@@ -262,15 +262,7 @@ class PostgresStore:
                 "wire = EXCLUDED.wire, avail = EXCLUDED.avail "
                 # Two first records of one node at once: the higher sequence wins.
                 "WHERE records.seq < EXCLUDED.seq",
-                str(record.node_id),
-                record.sequence,
-                record.expires_at,
-                record.availability.value in ("online", "on_call"),
-                _tags(record.subspecialties),
-                _tags(record.jurisdictions),
-                _tags(record.languages),
-                record.to_wire(),
-                record.availability.value,
+                *record_row(record),
             )
             if _rows(status) == 0:
                 raise StaleRecord(
@@ -278,27 +270,8 @@ class PostgresStore:
                     "registry instance stored just now: publish with a higher sequence number"
                 )
 
-    async def search(
-        self,
-        now: int,
-        *,
-        subspecialty: str = "",
-        jurisdiction: str = "",
-        language: str = "",
-        availability: tuple[str, ...] = (),
-        after: str = "",
-        limit: int = 50,
-    ) -> list[bytes]:
-        sql = "SELECT wire FROM records WHERE expires_at > $1 AND node_id > $2"
-        params: list[object] = [now, after]
-        for column, pattern in tag_patterns(subspecialty, jurisdiction, language):
-            params.append(pattern)  # backslash is PostgreSQL's default LIKE escape
-            sql += f" AND {column} LIKE ${len(params)}"
-        if availability:
-            params.append(list(availability))
-            sql += f" AND avail = ANY(${len(params)}::text[])"
-        params.append(limit)
-        sql += f" ORDER BY node_id LIMIT ${len(params)}"
+    async def search(self, now: int, **filters: Unpack[SearchFilters]) -> list[bytes]:
+        sql, params = search_sql(now, filters, postgres=True)
         rows = await self._pool.fetch(sql, *params)
         return [bytes(r["wire"]) for r in rows]
 

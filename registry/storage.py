@@ -19,12 +19,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, Unpack
 
 from crypto.identity import NodeId
 from registry.limits import MailboxQuota, RateLimiter
 from registry.records import NodeRecord
-from registry.store import RegistryDB, Stored
+from registry.store import RegistryDB, SearchFilters, Stored
 
 T = TypeVar("T")
 
@@ -77,17 +77,7 @@ class RegistryStore(Protocol):
     async def known_since(self, node_id: NodeId, since: int) -> bool: ...
     async def record_count(self) -> int: ...
     async def put(self, record: NodeRecord, now: int) -> None: ...
-    async def search(
-        self,
-        now: int,
-        *,
-        subspecialty: str = "",
-        jurisdiction: str = "",
-        language: str = "",
-        availability: tuple[str, ...] = (),
-        after: str = "",
-        limit: int = 50,
-    ) -> list[bytes]: ...
+    async def search(self, now: int, **filters: Unpack[SearchFilters]) -> list[bytes]: ...
     async def count(self, now: int) -> int: ...
 
     # mailbox
@@ -162,28 +152,8 @@ class SqliteStore:
     async def put(self, record: NodeRecord, now: int) -> None:
         await self._run(lambda: self.db.put(record, now))
 
-    async def search(
-        self,
-        now: int,
-        *,
-        subspecialty: str = "",
-        jurisdiction: str = "",
-        language: str = "",
-        availability: tuple[str, ...] = (),
-        after: str = "",
-        limit: int = 50,
-    ) -> list[bytes]:
-        return await self._run(
-            lambda: self.db.search(
-                now,
-                subspecialty=subspecialty,
-                jurisdiction=jurisdiction,
-                language=language,
-                availability=availability,
-                after=after,
-                limit=limit,
-            )
-        )
+    async def search(self, now: int, **filters: Unpack[SearchFilters]) -> list[bytes]:
+        return await self._run(lambda: self.db.search(now, **filters))
 
     async def count(self, now: int) -> int:
         return await self._run(lambda: self.db.count(now))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from crypto.identity import NodeId
 from node.core.db import connect
@@ -55,15 +56,68 @@ def _tags(values: tuple[str, ...]) -> str:
     return "|" + "|".join(v.lower().replace("|", "") for v in values) + "|"
 
 
-def tag_patterns(subspecialty: str, jurisdiction: str, language: str) -> list[tuple[str, str]]:
-    """(column, LIKE pattern) for each filter given: the whole item between its bars, with
-    LIKE's wildcards and the backslash escaped (a search for "n_uro" is not a wildcard)."""
-    patterns = []
-    for column, value in (("subs", subspecialty), ("jur", jurisdiction), ("lang", language)):
+def record_row(record: NodeRecord) -> tuple[str, int, int, bool, str, str, str, bytes, str]:
+    """A verified record as both stores keep it: (node_id, seq, expires_at, online, subs,
+    jur, lang, wire, avail), the columns of their ``records`` tables in that order."""
+    return (
+        str(record.node_id),
+        record.sequence,
+        record.expires_at,
+        record.availability.value in ("online", "on_call"),
+        _tags(record.subspecialties),
+        _tags(record.jurisdictions),
+        _tags(record.languages),
+        record.to_wire(),
+        record.availability.value,
+    )
+
+
+class SearchFilters(TypedDict, total=False):
+    """What a record search may ask (every filter given must match); ``after`` and
+    ``limit`` page through the matches in node id order."""
+
+    subspecialty: str
+    jurisdiction: str
+    language: str
+    availability: tuple[str, ...]  # any of these values
+    after: str  # the last node id of the previous page
+    limit: int  # 50 when not given
+
+
+def search_sql(now: int, filters: SearchFilters, *, postgres: bool) -> tuple[str, list[object]]:
+    """The one search of current records: (SQL, parameters) in either store's dialect.
+
+    Each filter is the whole item between its bars, with LIKE's wildcards and the
+    backslash escaped (a search for "n_uro" is not a wildcard). The dialects differ in
+    three places, all here: placeholders (``?``, or ``$n``); the LIKE escape (SQLite has
+    none unless ESCAPE names it, PostgreSQL's default is the backslash); "any of" (SQLite
+    ``IN (?, ?)``, PostgreSQL one array parameter)."""
+    params: list[object] = []
+
+    def param(value: object) -> str:
+        params.append(value)
+        return f"${len(params)}" if postgres else "?"
+
+    where = f"expires_at > {param(now)} AND node_id > {param(filters.get('after', ''))}"
+    escape = "" if postgres else " ESCAPE '\\'"
+    tags = (
+        ("subs", filters.get("subspecialty", "")),
+        ("jur", filters.get("jurisdiction", "")),
+        ("lang", filters.get("language", "")),
+    )
+    for column, value in tags:
         if value:
-            escaped = value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            patterns.append((column, f"%|{escaped}|%"))
-    return patterns
+            value = value.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where += f" AND {column} LIKE {param(f'%|{value}|%')}{escape}"
+    availability = filters.get("availability", ())
+    if availability and postgres:
+        where += f" AND avail = ANY({param(list(availability))}::text[])"
+    elif availability:
+        where += f" AND avail IN ({', '.join(param(a) for a in availability)})"
+    limit = param(filters.get("limit", 50))
+    # Only placeholders and fixed column names go into the text; every value is a parameter.
+    sql = f"SELECT wire FROM records WHERE {where} ORDER BY node_id LIMIT {limit}"  # noqa: S608
+    return sql, params
 
 
 @dataclass(frozen=True)
@@ -142,41 +196,12 @@ class RegistryDB:
             "INSERT OR REPLACE INTO records "
             "(node_id, seq, expires_at, online, subs, jur, lang, wire, avail) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                str(record.node_id),
-                record.sequence,
-                record.expires_at,
-                int(record.availability.value in ("online", "on_call")),
-                _tags(record.subspecialties),
-                _tags(record.jurisdictions),
-                _tags(record.languages),
-                record.to_wire(),
-                record.availability.value,
-            ),
+            record_row(record),
         )
 
-    def search(
-        self,
-        now: int,
-        *,
-        subspecialty: str = "",
-        jurisdiction: str = "",
-        language: str = "",
-        availability: tuple[str, ...] = (),
-        after: str = "",
-        limit: int = 50,
-    ) -> list[bytes]:
-        """Current records matching every filter; ``availability`` is any of its values."""
-        sql = "SELECT wire FROM records WHERE expires_at > ? AND node_id > ?"
-        params: list[object] = [now, after]
-        for column, pattern in tag_patterns(subspecialty, jurisdiction, language):
-            sql += f" AND {column} LIKE ? ESCAPE '\\'"
-            params.append(pattern)
-        if availability:
-            sql += f" AND avail IN ({', '.join('?' * len(availability))})"
-            params.extend(availability)
-        sql += " ORDER BY node_id LIMIT ?"
-        params.append(limit)
+    def search(self, now: int, **filters: Unpack[SearchFilters]) -> list[bytes]:
+        """Current records matching every filter (:func:`search_sql`)."""
+        sql, params = search_sql(now, filters, postgres=False)
         return [bytes(row[0]) for row in self._db.execute(sql, params)]
 
     def count(self, now: int) -> int:
