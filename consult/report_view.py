@@ -13,7 +13,7 @@ from consult import report_text
 from consult.addenda import verify_addendum
 from consult.alerts import ReportAck
 from consult.errors import BadReport, ConsultError
-from consult.report import verify_report
+from consult.report import Report, verify_report
 from consult.requests import Role
 from consult.store import ConsultDB
 from crypto.identity import NodeId
@@ -30,6 +30,21 @@ def _ack_lines(ack: ReportAck | None) -> tuple[str, ...]:
     return (f"{kind}, acknowledged{by}, {ack.time_to_ack or 0} s after it arrived",)
 
 
+def checked_report(db: ConsultDB, consult_id: str) -> Report | BadReport | None:
+    """The consult's signed report checked again now (this consult; on the requesting node,
+    signed by the consultant the case was sent to): the report, why it does not verify,
+    or None when this node holds none."""
+    wire = db.report_wire(consult_id)
+    if wire is None:
+        return None
+    info = db.info(consult_id)
+    consultant = info.peer_id if info.role is Role.REQUESTER else None
+    try:
+        return verify_report(wire, consult_id=consult_id, consultant=consultant)
+    except BadReport as exc:
+        return exc
+
+
 def report_view(
     db: ConsultDB, consult_id: str, *, trust: str = ""
 ) -> list[report_text.Section] | None:
@@ -37,15 +52,11 @@ def report_view(
 
     ``trust`` is this node's trust in the author's key (verified, organisation,
     unverified), shown next to the author's name and short id."""
-    wire = db.report_wire(consult_id)
-    if wire is None:
+    report = checked_report(db, consult_id)
+    if report is None:
         return None
-    info = db.info(consult_id)
-    consultant = info.peer_id if info.role is Role.REQUESTER else None
-    try:
-        report = verify_report(wire, consult_id=consult_id, consultant=consultant)
-    except BadReport as exc:
-        return report_text.unverified_sections(consult_id, str(exc))
+    if isinstance(report, BadReport):
+        return report_text.unverified_sections(consult_id, str(report))
     sections = report_text.report_sections(report, report_text.Signature(True, ""), trust=trust)
     sections.append(report_text.Section("Acknowledgement", _ack_lines(db.report_ack(consult_id))))
     return sections + addenda_sections(db, consult_id, report.author)

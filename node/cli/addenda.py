@@ -15,6 +15,7 @@ from typing import Any
 
 from consult.store import ConsultDB
 from node.cli.identity import home_of
+from node.cli.ids import consult_command
 
 
 def cmd_addendum(args: argparse.Namespace) -> int:
@@ -37,9 +38,10 @@ def cmd_addendum(args: argparse.Namespace) -> int:
 
 
 def register_into(csub: Any) -> None:
-    p = csub.add_parser(
-        "addendum", help="amend the report this node signed (a signed report is final)"
+    p = consult_command(
+        csub,
+        "addendum",
+        "amend the report this node signed (a signed report is final)",
+        cmd_addendum,
     )
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
     p.add_argument("--text", required=True, help="what the addendum adds or corrects")
-    p.set_defaults(handler=cmd_addendum)

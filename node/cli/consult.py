@@ -39,7 +39,7 @@ from crypto.identity import Identity, NodeId
 from node.cli.addenda import register_into as register_addenda
 from node.cli.guests import register_into as register_guests
 from node.cli.identity import home_of
-from node.cli.ids import known_ids, resolve_id
+from node.cli.ids import consult_command, known_ids, resolve_id
 from node.cli.transfer import add_sharing_options
 from node.core.audit import AuditKind, open_audit
 from node.core.config import NodeConfig, NodeHome
@@ -572,27 +572,11 @@ def _print_peer_text(text: str) -> None:
     print(printable(text, multiline=True), end="" if text.endswith("\n") else "\n")
 
 
-def _checked_report(db: ConsultDB, consult_id: str) -> Report | BadReport | None:
-    """The consult's signed report checked again now (the sender's key, this consult): the
-    report, why it does not verify, or None when this node holds none."""
-    from consult.report import verify_report
-
-    wire = db.report_wire(consult_id)
-    if wire is None:
-        return None
-    info = db.info(consult_id)
-    consultant = info.peer_id if info.role is Role.REQUESTER else None
-    try:
-        return verify_report(wire, consult_id=consult_id, consultant=consultant)
-    except BadReport as exc:
-        return exc
-
-
 def _report_sections(db: ConsultDB, consult_id: str) -> list[report_text.Section] | None:
     from consult import report_text
-    from consult.report_view import addenda_sections
+    from consult.report_view import addenda_sections, checked_report
 
-    report = _checked_report(db, consult_id)
+    report = checked_report(db, consult_id)
     if report is None:
         return None
     if isinstance(report, BadReport):
@@ -624,12 +608,12 @@ def _audit_report_export(home: NodeHome, consult_id: str, report: Report, out: P
 def cmd_export(args: argparse.Namespace) -> int:
     from consult import report_text
     from consult.report import Report
-    from consult.report_view import addenda_sections
+    from consult.report_view import addenda_sections, checked_report
 
     home = home_of(args)
     with _open_db(home) as db:
         consult_id = db.resolve(args.id)
-        report = _checked_report(db, consult_id)
+        report = checked_report(db, consult_id)
         addenda = (
             addenda_sections(db, consult_id, report.author) if isinstance(report, Report) else []
         )
@@ -759,24 +743,21 @@ def register(sub: Any) -> None:
         ("accept", cmd_accept, "take a consult offered to this node"),
         ("decline", cmd_decline, "decline a consult offered to this node"),
     ):
-        p = csub.add_parser(name, help=text)
-        p.add_argument("id", help="consult id (a unique prefix is enough)")
+        p = consult_command(csub, name, text, handler)
         p.add_argument("--reason", default="", help="a note for the requester")
         p.add_argument("--out", metavar="FILE", help="also write the signed response to FILE")
-        p.set_defaults(handler=handler)
 
-    p = csub.add_parser("fetch", help="pull the study of a consult this node accepted")
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
-    p.set_defaults(handler=cmd_fetch)
+    consult_command(csub, "fetch", "pull the study of a consult this node accepted", cmd_fetch)
 
-    p = csub.add_parser("withdraw", help="cancel a request of this node; consultants are told")
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p = consult_command(
+        csub, "withdraw", "cancel a request of this node; consultants are told", cmd_withdraw
+    )
     p.add_argument("--reason", default="", help="a note for the consultants")
     p.add_argument("--out", metavar="FILE", help="also write the signed withdrawal to FILE")
-    p.set_defaults(handler=cmd_withdraw)
 
-    p = csub.add_parser("report", help="sign and send the report of a consult in review")
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p = consult_command(
+        csub, "report", "sign and send the report of a consult in review", cmd_report
+    )
     p.add_argument("--impression", required=True, help="the conclusion")
     p.add_argument("--text", default="", help="the findings")
     p.add_argument(
@@ -785,42 +766,31 @@ def register(sub: Any) -> None:
         help="a finding that needs action now: delivered first, pages the hospital until "
         "a named person acknowledges it",
     )
-    p.set_defaults(handler=cmd_report)
 
-    p = csub.add_parser("ack", help="acknowledge the report this node received")
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p = consult_command(csub, "ack", "acknowledge the report this node received", cmd_ack)
     p.add_argument("--by", default="", help='who takes it on, e.g. "Dr Name" (critical: required)')
-    p.set_defaults(handler=cmd_ack)
 
     p = csub.add_parser("stats", help="turnaround per priority: median time to report")
     p.set_defaults(handler=cmd_stats)
 
-    p = csub.add_parser("review", help="score the report this node received (QA)")
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p = consult_command(csub, "review", "score the report this node received (QA)", cmd_review)
     p.add_argument("--score", required=True, choices=list(SCORES), help="agree, or discrepancy")
     p.add_argument("--comment", default="", help="what differs, for the report's author")
-    p.set_defaults(handler=cmd_review)
 
-    p = csub.add_parser(
-        "show", help="one consult: details, audited history, peer reviews, the report"
+    consult_command(
+        csub, "show", "one consult: details, audited history, peer reviews, the report", cmd_show
     )
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
-    p.set_defaults(handler=cmd_show)
 
-    p = csub.add_parser("export", help="write the consult's signed report to a file")
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p = consult_command(csub, "export", "write the consult's signed report to a file", cmd_export)
     p.add_argument(
         "--out", required=True, metavar="FILE", help="plain text, or HTML if FILE ends in .html"
     )
-    p.set_defaults(handler=cmd_export)
 
     for name, handler, text in (
         ("pin", cmd_pin, "keep this consult's study past the [retention] window"),
         ("unpin", cmd_unpin, "let [retention] purge this consult's study again"),
     ):
-        p = csub.add_parser(name, help=text)
-        p.add_argument("id", help="consult id (a unique prefix is enough)")
-        p.set_defaults(handler=handler)
+        consult_command(csub, name, text, handler)
 
     register_guests(csub)  # invite, guests, approve-guest
     register_addenda(csub)  # addendum

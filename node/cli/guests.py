@@ -15,7 +15,7 @@ from typing import Any
 
 from crypto.identity import NodeId
 from node.cli.identity import home_of
-from node.cli.ids import known_ids, resolve_id
+from node.cli.ids import consult_command, known_ids, resolve_id
 from node.core.config import NodeHome
 from node.core.display import printable
 from node.core.keystore import load_identity
@@ -89,28 +89,27 @@ def cmd_guests(args: argparse.Namespace) -> int:
 
 def register_into(csub: Any) -> None:
     """Add the guest subcommands to ``radmesh consult``."""
-    p = csub.add_parser(
-        "invite", help="propose a guest (a trusted peer) for the consult's live session"
+    p = consult_command(
+        csub,
+        "invite",
+        "propose a guest (a trusted peer) for the consult's live session",
+        cmd_invite,
     )
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
     p.add_argument("--guest", required=True, metavar="PEER", help="node id (or its short id)")
-    p.set_defaults(handler=cmd_invite)
 
-    p = csub.add_parser("guests", help="guests of the consult's live session, who approved")
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
-    p.set_defaults(handler=cmd_guests)
-
-    p = csub.add_parser(
-        "approve-guest", help="approve (or --refuse) a guest the other party proposed"
+    consult_command(
+        csub, "guests", "guests of the consult's live session, who approved", cmd_guests
     )
-    p.add_argument("id", help="consult id (a unique prefix is enough)")
+
+    p = consult_command(
+        csub, "approve-guest", "approve (or --refuse) a guest the other party proposed", cmd_approve
+    )
     p.add_argument("--guest", required=True, metavar="PEER", help="node id (or its short id)")
     p.add_argument(
         "--refuse",
         action="store_true",
         help="refuse it; after approving, this takes the guest out of the session",
     )
-    p.set_defaults(handler=cmd_approve)
 
 
 __all__ = ["register_into"]

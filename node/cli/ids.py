@@ -1,11 +1,14 @@
 """Node ids as a person types them: the full id, or the short id `radmesh peers` prints
-when exactly one known peer's id starts with it; and the peer directory and trust store
-of a home, opened for one command."""
+when exactly one known peer's id starts with it; the subcommands that name a consult by
+its id (or a unique prefix of it); and the peer directory and trust store of a home,
+opened for one command."""
 
 from __future__ import annotations
 
+import argparse
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from crypto.errors import InvalidNodeId
 from crypto.identity import NodeId
@@ -20,6 +23,17 @@ if TYPE_CHECKING:
 SHORT_ID_LEN = 7  # NodeId.short(): what `radmesh peers` prints
 FULL_ID_LEN = 56
 _MISREAD = str.maketrans("018", "OIB")  # as NodeId.parse reads them
+
+
+def consult_command(
+    csub: Any, name: str, text: str, handler: Callable[[argparse.Namespace], int]
+) -> Any:
+    """A ``radmesh consult`` subcommand whose first argument is a consult's id (a unique
+    prefix is enough: the consult database resolves it); returns its parser."""
+    p = csub.add_parser(name, help=text)
+    p.add_argument("id", help="consult id (a unique prefix is enough)")
+    p.set_defaults(handler=handler)
+    return p
 
 
 def open_trust(home: NodeHome) -> TrustStore:
