@@ -50,6 +50,7 @@ from crypto.errors import CryptoError
 from crypto.identity import Identity, verify_signature
 from node.core.db import connect, connect_read_only, transaction
 from node.core.errors import NodeError
+from node.core.private import write_private
 
 if TYPE_CHECKING:
     from node.core.config import NodeHome
@@ -244,17 +245,6 @@ class HighWaterMark:
         ):
             raise AuditError("the audit high-water mark is damaged: bad fields")
         return cls(seq, head, time_ms, sig)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
 
 
 class AuditLog:
@@ -452,7 +442,7 @@ class AuditLog:
                 current = self._read_high_water()
                 if current is not None and current.seq >= mark.seq:
                     return
-            _write_atomically(self.hwm_path, mark.to_bytes())
+            write_private(self.hwm_path, mark.to_bytes())
 
     def records(
         self,

@@ -11,6 +11,7 @@ from crypto import keyfile
 from crypto.errors import EncodingError, WrongPassphrase
 from crypto.identity import Identity
 from node.core.errors import KeyFileError
+from node.core.private import write_private
 
 PASSPHRASE_ENV = "RADMESH_PASSPHRASE"  # noqa: S105 - an env var name
 PLAIN_WARNING = (
@@ -21,14 +22,7 @@ PLAIN_WARNING = (
 
 def _write_private(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
+    write_private(path, data)
 
 
 def save_identity(

@@ -26,6 +26,18 @@ def restrict_umask() -> None:
     os.umask(os.umask(PRIVATE_UMASK) | PRIVATE_UMASK)
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data``, 0600, atomically: written beside it as ``NAME.tmp``,
+    synced, then renamed over it, so a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
 def private_dir(path: Path) -> Path:
     """Create ``path`` (and missing parents) 0700; an existing ``path`` is set to 0700."""
     path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)

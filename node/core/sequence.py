@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator
 
 from node.core.config import NodeHome
+from node.core.private import write_private
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,7 @@ class RecordSequence:
             return 0
 
     def _write(self, value: int) -> None:
-        tmp = self.path.with_name(SEQUENCE_NAME + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, f"{value}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+        write_private(self.path, f"{value}\n".encode())
 
     def next(self, now: int) -> int:
         """A new sequence, above every one handed out before and at least ``now``."""

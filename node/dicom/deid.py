@@ -60,7 +60,6 @@ import enum
 import hashlib
 import hmac
 import io
-import os
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -81,6 +80,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
 from node.core.errors import NodeError
+from node.core.private import write_private
 
 ANNEX_E_EDITION = "dicomfields_2026c"
 MAP_MAX_BYTES = 64 * 1024 * 1024
@@ -338,13 +338,7 @@ class PseudonymMap:
     def persist(self, path: Path, key: bytes) -> None:
         """Write atomically (temp file, fsync, rename), mode 0600."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(self.to_bytes(key))
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
+        write_private(path, self.to_bytes(key))
 
     @classmethod
     def load(cls, path: Path, key: bytes) -> PseudonymMap:

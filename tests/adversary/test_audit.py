@@ -322,7 +322,7 @@ def test_a_writer_between_anothers_commit_and_its_mark_waits_for_the_mark(
     home, identity = make_home(tmp_path, "node", "", [])
     first, second = open_audit(home, identity), open_audit(home, identity)
     between, go_on = threading.Event(), threading.Event()
-    write = audit_module._write_atomically
+    write = audit_module.write_private
 
     def held_after_commit(path: Path, data: bytes) -> None:
         if not between.is_set():  # the first writer: committed, its mark not yet written
@@ -330,7 +330,7 @@ def test_a_writer_between_anothers_commit_and_its_mark_waits_for_the_mark(
             go_on.wait(10)
         write(path, data)
 
-    monkeypatch.setattr(audit_module, "_write_atomically", held_after_commit)
+    monkeypatch.setattr(audit_module, "write_private", held_after_commit)
     first.append(AuditKind.IMPORT, now=time.time(), details={"n": 1})
     signer = threading.Thread(target=first.checkpoint, args=(time.time(),))
     signer.start()
