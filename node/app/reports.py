@@ -226,18 +226,24 @@ class ReportDesk:
             + f" after {(done.time_to_ack or 0) // 60} min"
         )
 
+    def _held_report(self, consult_id: str, role: Role, task: str) -> tuple[str, bytes]:
+        """The consult's full id and the signed report this node holds as ``role`` (signed
+        it as the consultant, received it as the requester); else an error saying who may
+        do ``task``."""
+        consult_id = self.rt.consults.resolve(consult_id)
+        wire = self.rt.consults.report_wire(consult_id)
+        if self.rt.consults.info(consult_id).role is not role or wire is None:
+            raise _no_report(consult_id, role, task)
+        return consult_id, wire
+
     async def send_addendum(self, consult_id: str, text: str) -> tuple[Addendum, str]:
         """Sign an addendum to the report this node signed for the consult, keep it, and send
         it to the requesting node after the earlier ones (all are sent again when the report
         is re-sent). Returns the addendum and how it was delivered."""
         rt = self.rt
-        consult_id = rt.consults.resolve(consult_id)
-        report_wire = rt.consults.report_wire(consult_id)
-        if rt.consults.info(consult_id).role is not Role.CONSULTANT or report_wire is None:
-            raise LocalConsultError(
-                f"consult {consult_id[:8]} has no report signed by this node: only the "
-                "consultant who signed the report adds an addendum to it"
-            )
+        consult_id, report_wire = self._held_report(
+            consult_id, Role.CONSULTANT, "adds an addendum to it"
+        )
         addendum = Addendum(
             consult_id=consult_id,
             report_sha256=report_digest(report_wire),
@@ -380,18 +386,11 @@ class ReportDesk:
         Returns (how the author was told, seconds from arrival to acknowledgement).
         """
         rt = self.rt
-        consult_id = rt.consults.resolve(consult_id)
-        report_wire = rt.consults.report_wire(consult_id)
+        task = "acknowledges the report it got back"
+        consult_id, report_wire = self._held_report(consult_id, Role.REQUESTER, task)
         row = rt.consults.report_ack(consult_id)
-        if (
-            rt.consults.info(consult_id).role is not Role.REQUESTER
-            or report_wire is None
-            or row is None
-        ):
-            raise LocalConsultError(
-                f"consult {consult_id[:8]} has no report received by this node: only the "
-                "requesting node acknowledges the report it got back"
-            )
+        if row is None:
+            raise _no_report(consult_id, Role.REQUESTER, task)
         by = " ".join(by.split())
         if row.critical and not by:
             raise LocalConsultError(
@@ -420,13 +419,9 @@ class ReportDesk:
         """The QA step: a second reader here scores the received report; the signed review
         is kept and audited here and sent to the report's author. Returns how."""
         rt = self.rt
-        consult_id = rt.consults.resolve(consult_id)
-        report = rt.consults.report_wire(consult_id)
-        if rt.consults.info(consult_id).role is not Role.REQUESTER or report is None:
-            raise LocalConsultError(
-                f"consult {consult_id[:8]} has no report received by this node: only the "
-                "requesting node reviews the report it got back"
-            )
+        consult_id, report = self._held_report(
+            consult_id, Role.REQUESTER, "reviews the report it got back"
+        )
         review = PeerReview(
             consult_id,
             PeerReview.digest(report),
@@ -505,6 +500,17 @@ class ReportDesk:
 # A report begins the review of a study the consultant already holds; it never finishes
 # a fetch that is still running (that waits for the study).
 _HOLDS_STUDY = frozenset({Event.BEGIN_REVIEW})
+
+
+def _no_report(consult_id: str, role: Role, task: str) -> LocalConsultError:
+    held, who = (
+        ("signed by", "the consultant who signed the report")
+        if role is Role.CONSULTANT
+        else ("received by", "the requesting node")
+    )
+    return LocalConsultError(
+        f"consult {consult_id[:8]} has no report {held} this node: only {who} {task}"
+    )
 
 
 def _relinker(rt: NodeRuntime, consult_id: str) -> Callable[[str], str]:
