@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -520,23 +520,39 @@ def _contexts(items: Sequence[_Outgoing]) -> list[Any]:
     return [build_context(sop, [ts]) for sop, ts in wanted]
 
 
-def _associate(
-    host: str, port: int, called_ae: str, calling_ae: str, contexts: list[Any], timeout: float
-) -> Any:
-    ae = AE(ae_title=calling_ae)
+@contextmanager
+def association(
+    ae: AE, host: str, port: int, called_ae: str, timeout: float, hint: str, **kwargs: Any
+) -> Iterator[Any]:
+    """``ae`` associated with ``called_ae@host:port``, every timeout ``timeout`` seconds;
+    afterwards released (when still up) and ``ae`` shut down, however the block ended. A
+    refused or failed association is a :class:`DicomPeerError` ending with ``hint``."""
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    assoc = ae.associate(host, port, contexts=contexts, ae_title=called_ae)
+    assoc = ae.associate(host, port, ae_title=called_ae, **kwargs)
     if not assoc.is_established:
         ae.shutdown()
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise DicomPeerError(
-            f"association with {called_ae}@{host}:{port} {reason}: check the host, port and "
-            f"called AE title, and that the peer accepts calling AE {calling_ae!r}"
-        )
-    return ae, assoc
+        raise DicomPeerError(f"association with {called_ae}@{host}:{port} {reason}: {hint}")
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
+def _scu(
+    host: str, port: int, called_ae: str, calling_ae: str, contexts: list[Any], timeout: float
+) -> AbstractContextManager[Any]:
+    hint = (
+        "check the host, port and called AE title, and that the peer accepts calling AE "
+        f"{calling_ae!r}"
+    )
+    ae = AE(ae_title=calling_ae)
+    return association(ae, host, port, called_ae, timeout, hint, contexts=contexts)
 
 
 def send_to_pacs(
@@ -554,15 +570,10 @@ def send_to_pacs(
         return SendReport()
     # Stream data set bytes unchanged from the (in-memory) file instead of re-encoding.
     _config.STORE_SEND_CHUNKED_DATASET = True
-    ae, assoc = _associate(host, port, called_ae, calling_ae, _contexts(items), timeout)
     results: list[InstanceResult] = []
-    try:
+    with _scu(host, port, called_ae, calling_ae, _contexts(items), timeout) as assoc:
         for item in items:
             results.append(_send_one(assoc, item))
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
     return SendReport(tuple(results))
 
 
@@ -584,15 +595,8 @@ def echo(
     host: str, port: int, called_ae: str, calling_ae: str = "RADMESH", *, timeout: float = 10.0
 ) -> int:
     """C-ECHO the peer; returns the DIMSE status (0 is success)."""
-    ae, assoc = _associate(
-        host, port, called_ae, calling_ae, [build_context(VERIFICATION)], timeout
-    )
-    try:
+    with _scu(host, port, called_ae, calling_ae, [build_context(VERIFICATION)], timeout) as assoc:
         status = assoc.send_c_echo()
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
     if "Status" not in status:
         raise DicomPeerError(f"no C-ECHO response from {called_ae}@{host}:{port}")
     code: int = int(status.Status)

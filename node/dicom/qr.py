@@ -24,6 +24,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -49,6 +50,7 @@ from node.dicom.net import (
     STATUS_SUCCESS,
     DicomNetError,
     DicomPeerError,
+    association,
 )
 
 log = logging.getLogger(__name__)
@@ -189,22 +191,16 @@ def _over_cap(address: str, what: str) -> None:
     log.warning("aborted the association with the PACS at %s: it sent %s", address, what)
 
 
-def _associate(pacs: PacsAddress, ae: AE, timeout: float, **kwargs: Any) -> Any:
+def _association(
+    pacs: PacsAddress, ae: AE, timeout: float, **kwargs: Any
+) -> AbstractContextManager[Any]:
+    """An association with the PACS, metered (:func:`~node.dicom.net.association`)."""
     meter_client(ae, (MAX_PDU_BYTES, MAX_INSTANCE_BYTES), _over_cap)
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    assoc = ae.associate(pacs.host, pacs.port, ae_title=pacs.ae_title, **kwargs)
-    if not assoc.is_established:
-        ae.shutdown()
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise DicomPeerError(
-            f"association with {pacs.ae_title}@{pacs.host}:{pacs.port} {reason}: check "
-            "[dicom] pacs_host, pacs_port and pacs_ae_title, and that the PACS knows this "
-            f"node as a modality with AE title {pacs.calling_ae!r}"
-        )
-    return assoc
+    hint = (
+        "check [dicom] pacs_host, pacs_port and pacs_ae_title, and that the PACS knows this "
+        f"node as a modality with AE title {pacs.calling_ae!r}"
+    )
+    return association(ae, pacs.host, pacs.port, pacs.ae_title, timeout, hint, **kwargs)
 
 
 def find_studies(
@@ -219,11 +215,10 @@ def find_studies(
     query.check()
     ae = AE(ae_title=pacs.calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = _associate(pacs, ae, timeout)
     matches: list[StudyMatch] = []
     truncated = False
     deadline = time.monotonic() + max_seconds
-    try:
+    with _association(pacs, ae, timeout) as assoc:
         for status, identifier in assoc.send_c_find(
             query.identifier(), StudyRootQueryRetrieveInformationModelFind
         ):
@@ -252,10 +247,6 @@ def find_studies(
                     f"the PACS {pacs.ae_title} refused the query (status 0x{code:04X}); "
                     "check that it allows queries from this node's AE title"
                 )
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
     return QueryResult(tuple(matches), truncated)
 
 
@@ -320,17 +311,12 @@ def move_study(
     identifier = _study_identifier(study_uid)
     ae = AE(ae_title=pacs.calling_ae)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = _associate(pacs, ae, timeout)
     report = RetrieveReport()
-    try:
+    with _association(pacs, ae, timeout) as assoc:
         responses = assoc.send_c_move(
             identifier, destination_ae, StudyRootQueryRetrieveInformationModelMove
         )
         return _run_retrieve(pacs, assoc, responses, report, progress)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
 
 
 def _raw_data_set(event: Any) -> bytes:
@@ -412,14 +398,10 @@ def get_study(
         roles.append(build_role(str(context.abstract_syntax), scp_role=True))
     report = RetrieveReport()
     receiver = _GetReceiver(sink, study_uid, pacs.ae_title, report)
-    assoc = _associate(pacs, ae, timeout, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, receiver)])
-    try:
+    handlers = [(evt.EVT_C_STORE, receiver)]
+    with _association(pacs, ae, timeout, ext_neg=roles, evt_handlers=handlers) as assoc:
         responses = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
         return _run_retrieve(pacs, assoc, responses, report, progress)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
 
 
 __all__ = [
