@@ -91,14 +91,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     home = home_of(args)
     config = home.load_config().dicom
-    host = args.host or config.pacs_host
-    port = args.port or config.pacs_port
-    aet = args.aet or config.pacs_ae_title
-    if not (host and port and aet):
-        raise DicomNetError(
-            "no PACS to send to: set [dicom] pacs_host, pacs_port and pacs_ae_title in "
-            "config.toml, or pass --host, --port and --aet"
-        )
+    pacs = _pacs_address(config, args, "no PACS to send to")
+    host, port, aet = pacs.host, pacs.port, pacs.ae_title
     identity = load_identity(home.key_path)
     store = open_store(home, identity)
     try:
@@ -130,7 +124,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 # -- query / retrieve (issue 16) ------------------------------------------------------------
 
 
-def _pacs_address(config: DicomConfig, args: argparse.Namespace) -> PacsAddress:
+def _pacs_address(
+    config: DicomConfig, args: argparse.Namespace, missing: str = "no PACS configured"
+) -> PacsAddress:
+    """The PACS named by --host, --port and --aet, each defaulting to [dicom]."""
     from node.dicom.net import DicomNetError
     from node.dicom.qr import PacsAddress
 
@@ -139,7 +136,7 @@ def _pacs_address(config: DicomConfig, args: argparse.Namespace) -> PacsAddress:
     aet = args.aet or config.pacs_ae_title
     if not (host and port and aet):
         raise DicomNetError(
-            "no PACS configured: set [dicom] pacs_host, pacs_port and pacs_ae_title in "
+            f"{missing}: set [dicom] pacs_host, pacs_port and pacs_ae_title in "
             "config.toml, or pass --host, --port and --aet"
         )
     return PacsAddress(host, port, aet, config.ae_title)
