@@ -27,7 +27,7 @@ import weakref
 from collections.abc import Callable, Sequence
 
 from peer_transport.errors import ConnectTimeout, LocalProtocolError
-from peer_transport.rtc import CHANNELS, RtcOptions, dtls_fingerprint
+from peer_transport.rtc import CHANNELS, RtcOptions, SdpPair
 
 _NAME_LINE = "a=x-radmesh-memory:"
 
@@ -77,7 +77,7 @@ class MemoryNetwork:
         return f"MemoryNetwork(presence_loss={self.presence_loss}, delay={self.presence_delay})"
 
 
-class MemoryLink:
+class MemoryLink(SdpPair):
     """One end of a memory link (see the module docstring); a ``rtc.Link``."""
 
     def __init__(
@@ -86,6 +86,7 @@ class MemoryLink:
         on_message: Callable[[str, bytes], None],
         on_down: Callable[[str], None],
     ) -> None:
+        super().__init__()
         self._network = network
         self._on_message = on_message
         self._on_down = on_down
@@ -97,17 +98,7 @@ class MemoryLink:
         self._down = False
         self._partitioned = False
         self._presence = itertools.cycle(network.presence_loss or (False,))
-        self.local_sdp = ""
-        self.remote_sdp = ""
         network._links[self._token] = self
-
-    @property
-    def local_fingerprint(self) -> str:
-        return dtls_fingerprint(self.local_sdp)
-
-    @property
-    def remote_fingerprint(self) -> str:
-        return dtls_fingerprint(self.remote_sdp)
 
     @property
     def is_down(self) -> bool:
@@ -118,15 +109,13 @@ class MemoryLink:
         return self.local_sdp
 
     async def accept_offer(self, sdp: str) -> str:
-        dtls_fingerprint(sdp)
-        self.remote_sdp = sdp
+        self._take_remote(sdp)
         self._expected = _token(sdp)
         self.local_sdp = _sdp("answer", self._token, self._fingerprint)
         return self.local_sdp
 
     async def accept_answer(self, sdp: str) -> None:
-        dtls_fingerprint(sdp)
-        self.remote_sdp = sdp
+        self._take_remote(sdp)
         token = _token(sdp)
         peer = self._network._links.get(token) if token is not None else None
         if peer is None or peer._expected != self._token or peer._down or self._down:

@@ -125,6 +125,27 @@ def dtls_fingerprint(sdp: str) -> str:
     return found.pop()
 
 
+class SdpPair:
+    """The offer and answer a link exchanged, and the DTLS fingerprint each carries (the
+    session handshake binds both). The peer's SDP is checked before it is kept."""
+
+    def __init__(self) -> None:
+        self.local_sdp = ""
+        self.remote_sdp = ""
+
+    @property
+    def local_fingerprint(self) -> str:
+        return dtls_fingerprint(self.local_sdp)
+
+    @property
+    def remote_fingerprint(self) -> str:
+        return dtls_fingerprint(self.remote_sdp)
+
+    def _take_remote(self, sdp: str) -> None:
+        dtls_fingerprint(sdp)  # size capped, exactly one fingerprint: else refused here
+        self.remote_sdp = sdp
+
+
 def _configuration(options: RtcOptions) -> RTCConfiguration:
     servers = [
         RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
@@ -134,7 +155,7 @@ def _configuration(options: RtcOptions) -> RTCConfiguration:
     return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
 
-class RtcLink:
+class RtcLink(SdpPair):
     """One WebRTC peer connection with radmesh's four channels.
 
     ``on_message(channel, data)`` is called for each incoming message;
@@ -147,6 +168,7 @@ class RtcLink:
         on_message: Callable[[str, bytes], None],
         on_down: Callable[[str], None],
     ) -> None:
+        super().__init__()
         self._pc = RTCPeerConnection(_configuration(options))
         self._on_message = on_message
         self._on_down = on_down
@@ -165,8 +187,6 @@ class RtcLink:
             channel.on("close", lambda: self._went_down("data channel closed"))
             self.channels[name] = channel
         self._pc.on("connectionstatechange", self._state_changed)
-        self.local_sdp = ""
-        self.remote_sdp = ""
 
     def _receiver(self, name: str) -> Callable[[Any], None]:
         def receive(data: Any) -> None:
@@ -185,14 +205,6 @@ class RtcLink:
             self._down = True
             self._on_down(reason)
 
-    @property
-    def local_fingerprint(self) -> str:
-        return dtls_fingerprint(self.local_sdp)
-
-    @property
-    def remote_fingerprint(self) -> str:
-        return dtls_fingerprint(self.remote_sdp)
-
     async def create_offer(self) -> str:
         await self._pc.setLocalDescription(await self._pc.createOffer())
         self.local_sdp = self._pc.localDescription.sdp
@@ -200,16 +212,14 @@ class RtcLink:
 
     async def accept_offer(self, sdp: str) -> str:
         """Take the peer's (already verified) offer; return our answer SDP."""
-        dtls_fingerprint(sdp)
-        self.remote_sdp = sdp
+        self._take_remote(sdp)
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         await self._pc.setLocalDescription(await self._pc.createAnswer())
         self.local_sdp = self._pc.localDescription.sdp
         return self.local_sdp
 
     async def accept_answer(self, sdp: str) -> None:
-        dtls_fingerprint(sdp)
-        self.remote_sdp = sdp
+        self._take_remote(sdp)
         await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
 
     async def wait_open(self, limit: float) -> None:
