@@ -565,6 +565,9 @@ _IMPRESSION = Code("121073", "DCM", "Impression")
 _KEY_IMAGES_TITLE = Code("113000", "DCM", "Of Interest")  # CID 7010 (KOS titles)
 UTF8 = "ISO_IR 192"
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+SR_SERIES = 9901  # the report's SR and its addenda: one series, so a PACS shows them together
+KOS_SERIES = 9902  # the key images beside it
+MANUFACTURER = "radmesh"
 
 
 def _scoord_points(outline: Outline) -> tuple[hd.sr.GraphicTypeValues, list[Point]]:
@@ -818,8 +821,8 @@ def export_sr(
     *,
     relink_uid: Callable[[str], str],
     patient: PatientStudy,
-    series_number: int = 9901,
-    manufacturer: str = "radmesh",
+    series_number: int = SR_SERIES,
+    manufacturer: str = MANUFACTURER,
     institution: str = "",
 ) -> bytes:
     """A TID 1500 Measurement Report (Comprehensive SR, Part 10 bytes) under the real study.
@@ -852,8 +855,8 @@ def export_key_images(
     *,
     relink_uid: Callable[[str], str],
     patient: PatientStudy,
-    series_number: int = 9902,
-    manufacturer: str = "radmesh",
+    series_number: int = KOS_SERIES,
+    manufacturer: str = MANUFACTURER,
     institution: str = "",
 ) -> bytes | None:
     """The report's key images as a Key Object Selection ("Of Interest"), or None if none."""
@@ -903,8 +906,8 @@ def export_addendum_sr(
     *,
     relink_uid: Callable[[str], str],
     patient: PatientStudy,
-    series_number: int = 9901,
-    manufacturer: str = "radmesh",
+    series_number: int = SR_SERIES,
+    manufacturer: str = MANUFACTURER,
     institution: str = "",
 ) -> bytes:
     """An addendum as a new Comprehensive SR in the report's SR series, same study: a new

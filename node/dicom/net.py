@@ -524,13 +524,9 @@ def _contexts(items: Sequence[_Outgoing]) -> list[Any]:
 def association(
     ae: AE, host: str, port: int, called_ae: str, timeout: float, hint: str, **kwargs: Any
 ) -> Iterator[Any]:
-    """``ae`` associated with ``called_ae@host:port``, every timeout ``timeout`` seconds;
-    afterwards released (when still up) and ``ae`` shut down, however the block ended. A
-    refused or failed association is a :class:`DicomPeerError` ending with ``hint``."""
-    ae.acse_timeout = timeout
-    ae.dimse_timeout = timeout
-    ae.network_timeout = timeout
-    ae.connection_timeout = timeout
+    """``ae`` associated with ``called_ae@host:port`` (every timeout ``timeout`` s), released
+    and shut down however the block ends; a refusal is a DicomPeerError ending ``hint``."""
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     assoc = ae.associate(host, port, ae_title=called_ae, **kwargs)
     if not assoc.is_established:
         ae.shutdown()
