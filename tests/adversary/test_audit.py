@@ -318,11 +318,11 @@ def test_a_writer_between_anothers_commit_and_its_mark_waits_for_the_mark(
     refused to sign (two `radmesh import` runs on a new home: one exited 1). Now the mark
     is raised under its lock, taken before the COMMIT, and read under it."""
     from node.core import audit as audit_module
+    from node.core.private import write_private as write
 
     home, identity = make_home(tmp_path, "node", "", [])
     first, second = open_audit(home, identity), open_audit(home, identity)
     between, go_on = threading.Event(), threading.Event()
-    write = audit_module.write_private
 
     def held_after_commit(path: Path, data: bytes) -> None:
         if not between.is_set():  # the first writer: committed, its mark not yet written
