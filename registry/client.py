@@ -245,13 +245,9 @@ class RegistryConnection:
     ``async for msg in conn`` yields :class:`wsproto.Deliver` frames; ``msg.sender``
     is only the registry's claim. Open ``msg.data`` with ``open_sealed``.
 
-    It stops for good, with the reason in ``stopped``, when the registry says another
-    socket took its place (:class:`wsproto.Replaced`: the same key connected twice):
-    reconnecting would take the place back and the two would take turns forever. Then
-    the iteration ends, and ``send``, ``wait_ready`` and ``receive`` raise
-    :class:`KeyInUse`. Only the registry writes on this socket (TLS in production), and
-    the frame counts only after this node's ``Auth``: a relayed message is data, and a
-    Replaced before the challenge is a broken registry, retried like any other.
+    It stops for good (``stopped``: why; iteration ends; calls raise :class:`KeyInUse`)
+    when its registry, after this node's ``Auth``, says another socket with this key took
+    its place (:class:`wsproto.Replaced`): reconnecting would take it back, forever.
     """
 
     client: RegistryClient
@@ -303,7 +299,6 @@ class RegistryConnection:
         return self._ready.is_set() and not self.stopped
 
     async def wait_ready(self) -> None:
-        """Until authenticated; :class:`KeyInUse` once stopped for good."""
         try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
             async with asyncio.timeout(self.connect_timeout):
                 await self._ready.wait()  # set on stopping too, to wake the waiters
@@ -312,25 +307,20 @@ class RegistryConnection:
         if self.stopped:
             raise KeyInUse(self.client.url)
 
-    def _fail_pending(self, reason: str | RegistryError) -> None:
-        def error() -> RegistryError:
-            return (
-                RegistryUnavailable(self.client.url, reason) if isinstance(reason, str) else reason
-            )
-
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error())
+    def _fail_pending(self, reason: str) -> None:
+        url = self.client.url
+        for future in [*self._pending.values(), self._turn]:
+            if future is not None and not future.done():
+                future.set_exception(
+                    KeyInUse(url) if self.stopped else RegistryUnavailable(url, reason)
+                )
         self._pending.clear()
-        if self._turn is not None and not self._turn.done():
-            self._turn.set_exception(error())
 
     def _stop(self, exc: KeyInUse) -> None:
         """Give up for good: wake every waiter with ``exc`` and end the iteration."""
         self.stopped = self.last_error = str(exc)
         log.warning("%s", exc)
-        self._ws = None
-        self._fail_pending(exc)
+        self._fail_pending(self.stopped)
         self._ready.set()  # wait_ready sees ``stopped``
         with contextlib.suppress(asyncio.QueueFull):  # full: receive sees it once empty
             self._inbox.put_nowait(None)
@@ -429,22 +419,19 @@ class RegistryConnection:
             return await self._turn
 
     async def receive(self) -> wsproto.Deliver:
-        """The next relayed message; wrap in ``asyncio.timeout`` to bound the wait. Once
-        stopped for good, what arrived before is still handed out, then :class:`KeyInUse`."""
-        if self.stopped and self._inbox.empty():
-            raise KeyInUse(self.client.url)
-        message = await self._inbox.get()
-        if message is None:
+        """The next relayed message; wrap in ``asyncio.timeout`` to bound the wait."""
+        if not (self.stopped and self._inbox.empty()):
+            message = await self._inbox.get()
+            if message is not None:
+                return message
             self._inbox.put_nowait(None)  # for any other reader (there is room: just taken)
-            raise KeyInUse(self.client.url)
-        return message
+        raise KeyInUse(self.client.url)
 
     def __aiter__(self) -> AsyncIterator[wsproto.Deliver]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[wsproto.Deliver]:
-        """Relayed messages until closed or stopped for good."""
-        while not self._closed:
+        while not self._closed:  # or stopped for good
             try:
                 yield await self.receive()
             except KeyInUse:
