@@ -354,8 +354,7 @@ class NodeRuntime:
                 await publish_catching_up(client, self._own_record(), self._record_after)
             conn = self._registry_sockets.get(url)
             if conn is None:
-                # One per registry from the first try on, connected or not: it reconnects
-                # by itself, and a second socket with this key would take its place.
+                # Kept from the first try (it reconnects): a second would replace it.
                 conn = self._registry_sockets[url] = client.connect()
                 conn.start()
                 pump = partial(self._pump, url, conn)
@@ -372,7 +371,8 @@ class NodeRuntime:
     async def _registry_loop(self, url: str) -> None:
         """Re-publish before the record expires; retry an unreachable registry soon."""
         while True:
-            await asyncio.sleep(RECORD_TTL / 4 if self.registry_state[url] == "connected" else 5)
+            soon = self.registry_state[url].startswith("unreachable")  # not when stopped
+            await asyncio.sleep(5 if soon else RECORD_TTL / 4)
             await self._registry_step(url)
 
     async def _turn_loop(self, url: str) -> None:
