@@ -25,6 +25,7 @@ import aiohttp
 from crypto.identity import Identity, NodeId
 from registry import wsproto
 from registry.errors import (
+    KeyInUse,
     RecordError,
     RegistryError,
     RegistryUnavailable,
@@ -243,13 +244,17 @@ class RegistryConnection:
 
     ``async for msg in conn`` yields :class:`wsproto.Deliver` frames; ``msg.sender``
     is only the registry's claim. Open ``msg.data`` with ``open_sealed``.
+
+    It stops for good (``stopped``: why; iteration ends; calls raise :class:`KeyInUse`)
+    when its registry, after this node's ``Auth``, says another socket with this key took
+    its place (:class:`wsproto.Replaced`): reconnecting would take it back, forever.
     """
 
     client: RegistryClient
     identity: Identity
     max_backoff: float = 10.0
     connect_timeout: float = 10.0
-    _inbox: asyncio.Queue[wsproto.Deliver] = field(
+    _inbox: asyncio.Queue[wsproto.Deliver | None] = field(
         default_factory=lambda: asyncio.Queue(INBOX_SIZE)
     )
     _ws: aiohttp.ClientWebSocketResponse | None = None
@@ -261,11 +266,17 @@ class RegistryConnection:
     _turn: asyncio.Future[wsproto.TurnCredentials] | None = None
     last_error: str = ""
     connects: int = 0
+    stopped: str = ""  # why it stopped reconnecting for good ("" while it keeps trying)
 
     async def __aenter__(self) -> RegistryConnection:
-        self._task = asyncio.create_task(self._run())
+        self.start()
         await self.wait_ready()
         return self
+
+    def start(self) -> None:
+        """Start connecting (and reconnecting) in the background; once only."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
@@ -285,22 +296,34 @@ class RegistryConnection:
     @property
     def ready(self) -> bool:
         """True while the socket is open and authenticated."""
-        return self._ready.is_set()
+        return self._ready.is_set() and not self.stopped
 
     async def wait_ready(self) -> None:
         try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
             async with asyncio.timeout(self.connect_timeout):
-                await self._ready.wait()
+                await self._ready.wait()  # set on stopping too, to wake the waiters
         except TimeoutError as exc:
             raise RegistryUnavailable(self.client.url, self.last_error or "timeout") from exc
+        if self.stopped:
+            raise KeyInUse(self.client.url)
 
     def _fail_pending(self, reason: str) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(RegistryUnavailable(self.client.url, reason))
+        url = self.client.url
+        for future in [*self._pending.values(), self._turn]:
+            if future is not None and not future.done():
+                future.set_exception(
+                    KeyInUse(url) if self.stopped else RegistryUnavailable(url, reason)
+                )
         self._pending.clear()
-        if self._turn is not None and not self._turn.done():
-            self._turn.set_exception(RegistryUnavailable(self.client.url, reason))
+
+    def _stop(self, exc: KeyInUse) -> None:
+        """Give up for good: wake every waiter with ``exc`` and end the iteration."""
+        self.stopped = self.last_error = str(exc)
+        log.warning("%s", exc)
+        self._fail_pending(self.stopped)
+        self._ready.set()  # wait_ready sees ``stopped``
+        with contextlib.suppress(asyncio.QueueFull):  # full: receive sees it once empty
+            self._inbox.put_nowait(None)
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -308,6 +331,9 @@ class RegistryConnection:
             try:
                 await self._session_once()
                 backoff = 0.1
+            except KeyInUse as exc:
+                self._stop(exc)
+                return
             except (aiohttp.ClientError, TimeoutError, RegistryError, ConnectionError) as exc:
                 self.last_error = str(exc) or type(exc).__name__
                 log.debug("registry %s connection failed: %s", self.client.url, self.last_error)
@@ -335,6 +361,8 @@ class RegistryConnection:
             auth = wsproto.sign_challenge(self.identity, challenge.challenge, self.client.url)
             await ws.send_bytes(wsproto.to_wire(auth))
             ready = _frame(await ws.receive(timeout=self.connect_timeout))
+            if isinstance(ready, wsproto.Replaced):  # another socket came in while we signed
+                raise KeyInUse(self.client.url)
             if isinstance(ready, wsproto.Error):
                 raise RegistryError(f"registry refused authentication: {ready.error}")
             if not isinstance(ready, wsproto.Ready) or ready.node_id != self.identity.node_id:
@@ -366,6 +394,8 @@ class RegistryConnection:
                 self._turn.set_exception(RemoteRegistryError(self.client.url, 0, frame.error))
         elif isinstance(frame, wsproto.TurnCredentials) and self._turn and not self._turn.done():
             self._turn.set_result(frame)
+        elif isinstance(frame, wsproto.Replaced):
+            raise KeyInUse(self.client.url)
 
     async def send(self, to: NodeId, sealed: bytes) -> str:
         """Relay a sealed envelope; returns "delivered" or "stored" (in the mailbox)."""
@@ -390,14 +420,22 @@ class RegistryConnection:
 
     async def receive(self) -> wsproto.Deliver:
         """The next relayed message; wrap in ``asyncio.timeout`` to bound the wait."""
-        return await self._inbox.get()
+        if not (self.stopped and self._inbox.empty()):
+            message = await self._inbox.get()
+            if message is not None:
+                return message
+            self._inbox.put_nowait(None)  # for any other reader (there is room: just taken)
+        raise KeyInUse(self.client.url)
 
     def __aiter__(self) -> AsyncIterator[wsproto.Deliver]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[wsproto.Deliver]:
-        while not self._closed:
-            yield await self._inbox.get()
+        while not self._closed:  # or stopped for good
+            try:
+                yield await self.receive()
+            except KeyInUse:
+                return
 
 
 def _b64(text: str) -> bytes:

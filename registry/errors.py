@@ -56,6 +56,23 @@ class RegistryUnavailable(RegistryError):
         self.url = url
 
 
+class KeyInUse(RegistryError):
+    """A registry closed this node's socket because another socket authenticated with the
+    same node key: the node stops using that registry rather than fight over it."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(
+            f"another process is connected to registry {url} with this node's key, so the "
+            "registry closed this socket and this node stopped using that registry (LAN peers and "
+            "open connections still work). Started twice? Stop the other copy, then restart "
+            "this one. If not, the key may be stolen: note it (`radmesh id --show-key`), have "
+            "your organisation revoke it (`radmesh org revoke ORG_DIR --node-key KEY`), then make "
+            "a new identity with `radmesh init --force` (it rewrites the config: keep a copy; "
+            "peers verify the new id again)"
+        )
+        self.url = url
+
+
 class RemoteRegistryError(RegistryError):
     """A registry answered with an error status."""
 

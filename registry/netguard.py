@@ -10,7 +10,8 @@ connection whose first request is not complete within the header timeout
 Every frame the registry writes to one signaling socket goes through that
 socket's :class:`Outbox`: a bounded queue drained by one task with a timeout per
 write. A peer that stops reading fills its own queue and is dropped; whoever
-was relaying to it never waits on it.
+was relaying to it never waits on it. A socket another took the place of is
+*retired*: its peer is told why in one last frame, then the socket closes.
 """
 
 from __future__ import annotations
@@ -270,6 +271,7 @@ class Outbox:
     (its reader is too slow). The writer task gives each write ``timeout``
     seconds; a write that takes longer drops the socket too. A dropped socket's
     unsent frames go to ``on_drop`` (the registry keeps relayed ones for later).
+    ``retire`` closes it like ``drop`` but writes one last frame first.
     """
 
     def __init__(
@@ -286,7 +288,10 @@ class Outbox:
         self.ws = ws
         self._transport = transport
         self._timeout = timeout
-        self._queue: asyncio.Queue[tuple[bytes, Relayed | None]] = asyncio.Queue(size)
+        # (frame, the message it relays, last: close the socket once it is written)
+        self._queue: asyncio.Queue[tuple[bytes, Relayed | None, bool]] = asyncio.Queue(size)
+        self._retiring = False
+        self._close_code = 1000
         self._writing: Relayed | None = None
         self._on_drop = on_drop
         self._on_sent = on_sent
@@ -299,7 +304,7 @@ class Outbox:
         if self.dropped or self.ws.closed:
             return False
         try:
-            self._queue.put_nowait((frame, relayed))
+            self._queue.put_nowait((frame, relayed, False))
         except asyncio.QueueFull:
             self.drop("its reader is too slow: its send queue is full")
             return False
@@ -311,7 +316,7 @@ class Outbox:
             return False
         try:
             async with asyncio.timeout(self._timeout):
-                await self._queue.put((frame, relayed))
+                await self._queue.put((frame, relayed, False))
         except TimeoutError:
             self.drop("its reader is too slow: its send queue stayed full")
             return False
@@ -319,21 +324,36 @@ class Outbox:
 
     async def _run(self) -> None:
         while True:
-            frame, relayed = await self._queue.get()
+            frame, relayed, last = await self._queue.get()
             self._writing = relayed
             try:
                 async with asyncio.timeout(self._timeout):
                     await self.ws.send_bytes(frame)
             except TimeoutError:
                 self.drop(f"its reader is too slow: a write took over {self._timeout:g} s")
+                self._abort()  # a retiring socket is dropped already: abort it all the same
                 return
             except (ConnectionError, RuntimeError):
                 self.drop("the connection broke")
+                self._abort()
                 return
             self._writing = None
             self._queue.task_done()
             if relayed is not None:
                 self._on_sent(relayed)
+            if last:
+                await self._close_after_last()
+                return
+
+    async def _close_after_last(self) -> None:
+        """The closing handshake after the last frame, so it is read before the close (an
+        abort would discard it from the send buffer); a peer that does not answer in time
+        is aborted."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self.ws.close(code=self._close_code, message=b"replaced")
+        except (TimeoutError, ConnectionError, RuntimeError):
+            self._abort()
 
     async def drain(self) -> None:
         """Wait until every queued frame is written."""
@@ -357,10 +377,28 @@ class Outbox:
         self.dropped = reason
         log.info("dropped a signaling socket: %s", reason)
         unsent = self._unsent()
-        if self._transport is not None:
-            self._transport.abort()
+        self._abort()
         if asyncio.current_task() is not self._task:
             self._task.cancel()
+        self._on_drop(unsent)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def retire(self, last: bytes, reason: str, code: int) -> None:
+        """Close the socket because another took its place, telling its peer why: ``last``
+        is written after the frame being written now, then the socket closes with
+        ``code``. Frames still queued are not sent: they go to ``on_drop`` like a dropped
+        socket's (the registry keeps them for the socket that took this one's place)."""
+        if self.dropped:
+            return
+        self.dropped = reason
+        self._retiring = True
+        self._close_code = code
+        log.info("closing a signaling socket: %s", reason)
+        unsent = self._unsent()
+        self._queue.put_nowait((last, None, True))  # emptied just now: there is room
         self._on_drop(unsent)
 
     async def close(self) -> None:
@@ -368,6 +406,9 @@ class Outbox:
         written goes to ``on_drop`` like a dropped socket's."""
         already = bool(self.dropped)
         self.dropped = self.dropped or "closed"
+        if self._retiring:  # its last frame and close, each bounded by the write timeout
+            await asyncio.wait([self._task])
+            return
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

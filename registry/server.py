@@ -156,6 +156,8 @@ class RegistryServer:
             else None,
         )
         self.connections: dict[NodeId, Outbox] = {}
+        self.accepted = 0  # signaling sockets authenticated so far (status, tests)
+        self.replaced = 0  # of those, closed because a newer one took their place
         self._runner: web.AppRunner | None = None
         self._purger: asyncio.Task[None] | None = None
         self.app = self._build_app()
@@ -448,10 +450,11 @@ class RegistryServer:
         try:
             node_id = await self._authenticate(ws)
             outbox = self._outbox(ws, request.transport, node_id, self.client_address(request))
+            self.accepted += 1
             old = self.connections.get(node_id)
             self.connections[node_id] = outbox
             if old is not None:
-                old.drop("replaced by a newer connection")
+                self._retire(old, "replaced by a newer connection")
             await self.store.connected(node_id)
             pending = await self.store.mailbox_peek(node_id, self.now())
             # Only now may mail be queued to it: nothing goes out before Ready (a client
@@ -593,8 +596,28 @@ class RegistryServer:
     def _taken_elsewhere(self, node_id: NodeId, instance: str) -> None:
         """The node connected to another instance: one socket per node, the newest."""
         outbox = self.connections.get(node_id)
-        if outbox is not None:
-            outbox.drop("replaced by a newer connection to another registry instance")
+        if outbox is not None and not outbox.dropped:
+            self._spawn(self._retire_if_elsewhere(node_id, outbox))
+
+    async def _retire_if_elsewhere(self, node_id: NodeId, outbox: Outbox) -> None:
+        """A kick can be stale: the node left the other instance and came back here
+        meanwhile (its socket here is then the newest). Retiring is for good on the node's
+        side, so it takes the presence table to agree that the node is held elsewhere."""
+        try:
+            elsewhere = await self.store.online_elsewhere(node_id)
+        except Exception as exc:  # the database went away: close it, and let it come back
+            log.warning("could not check where a node is connected: %s", exc)
+            outbox.drop("replaced by a newer connection to another registry instance, perhaps")
+            return
+        if elsewhere and self.connections.get(node_id) is outbox:
+            self._retire(outbox, "replaced by a newer connection to another registry instance")
+
+    def _retire(self, outbox: Outbox, reason: str) -> None:
+        """One socket per node, the newest: the older is told why (a node started twice
+        stops reconnecting instead of taking the place back forever), then closed."""
+        if not outbox.dropped:
+            self.replaced += 1
+        outbox.retire(wsproto.to_wire(wsproto.Replaced()), reason, wsproto.CLOSE_REPLACED)
 
     async def _poll_loop(self) -> None:
         """Mail for connected nodes that no notification announced (a LISTEN connection

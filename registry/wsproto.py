@@ -25,6 +25,7 @@ AUTH_DOMAIN = b"radmesh/registry-auth/v1"
 CHALLENGE_SIZE = 32
 MAX_SEALED = 64 * 1024
 MAX_FRAME = MAX_SEALED + 1024
+CLOSE_REPLACED = 4001  # WebSocket close code after Replaced (4000-4999: the application's)
 
 
 def normalise_url(url: str) -> str:
@@ -250,10 +251,47 @@ class Error(_Frame):
         )
 
 
-Frame = Challenge | Auth | Ready | Send | Deliver | Ack | TurnRequest | TurnCredentials | Error
+@dataclass(frozen=True)
+class Replaced(_Frame):
+    """Registry to node: another socket authenticated with this node's key and took this
+    one's place; this one closes next. Its receiver should stop reconnecting."""
+
+    T: ClassVar[str] = "replaced"
+
+    def body(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def parse(cls, m: dict[str, Any]) -> Replaced:
+        return cls()
+
+
+Frame = (
+    Challenge
+    | Auth
+    | Ready
+    | Send
+    | Deliver
+    | Ack
+    | TurnRequest
+    | TurnCredentials
+    | Error
+    | Replaced
+)
 _KINDS: dict[str, type[Frame]] = {
     k.T: k
-    for k in (Challenge, Auth, Ready, Send, Deliver, Ack, TurnRequest, TurnCredentials, Error)
+    for k in (
+        Challenge,
+        Auth,
+        Ready,
+        Send,
+        Deliver,
+        Ack,
+        TurnRequest,
+        TurnCredentials,
+        Error,
+        Replaced,
+    )
 }
 
 

@@ -56,7 +56,7 @@ from registry.client import (
     publish_catching_up,
 )
 from registry.directory import MdnsFinder, PeerDirectory, RegistryFinder
-from registry.errors import RegistryError, RemoteRegistryError, StaleRecord
+from registry.errors import KeyInUse, RegistryError, RemoteRegistryError, StaleRecord
 from registry.lan import LanEndpoint
 from registry.limits import StrangerGate
 from registry.mdns import LanDiscovery
@@ -139,6 +139,7 @@ class NodeRuntime:
         self.supervisor = Supervisor()  # restarts a receive loop that crashed
         self.notifications: asyncio.Queue[str] = asyncio.Queue(QUEUE_SIZE)
         self.registry_connections: dict[str, RegistryConnection] = {}
+        self._registry_sockets: dict[str, RegistryConnection] = {}  # started, ready or not
         self.registry_state: dict[str, str] = {}
         self._turn: dict[str, tuple[IceServer, float]] = {}  # registry -> (server, expiry)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -274,7 +275,7 @@ class NodeRuntime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.transport.close()
-        for conn in self.registry_connections.values():
+        for conn in self._registry_sockets.values():
             await conn.close()
         await self.registries.close()
         if self.discovery is not None:
@@ -351,12 +352,18 @@ class NodeRuntime:
             # A refusal is logged; the socket (relay, mailbox, TURN) opens all the same.
             with contextlib.suppress(StaleRecord):
                 await publish_catching_up(client, self._own_record(), self._record_after)
-            if url not in self.registry_connections:
-                conn = client.connect()
-                await conn.__aenter__()
-                self.registry_connections[url] = conn
-                self.spawn(self.supervisor.run(f"registry {url} pump", partial(self._pump, conn)))
+            conn = self._registry_sockets.get(url)
+            if conn is None:
+                # Kept from the first try (it reconnects): a second would replace it.
+                conn = self._registry_sockets[url] = client.connect()
+                conn.start()
+                pump = partial(self._pump, url, conn)
+                self.spawn(self.supervisor.run(f"registry {url} pump", pump))
+            await conn.wait_ready()
+            self.registry_connections[url] = conn  # for sending, once it has connected
             self.registry_state[url] = "connected"
+        except KeyInUse as exc:
+            self.registry_state[url] = f"stopped: {exc}"
         except RegistryError as exc:
             self.registry_state[url] = f"unreachable: {exc}"
             log.warning("registry %s: %s", url, exc)
@@ -364,7 +371,8 @@ class NodeRuntime:
     async def _registry_loop(self, url: str) -> None:
         """Re-publish before the record expires; retry an unreachable registry soon."""
         while True:
-            await asyncio.sleep(RECORD_TTL / 4 if self.registry_state[url] == "connected" else 5)
+            soon = self.registry_state[url].startswith("unreachable")  # not when stopped
+            await asyncio.sleep(5 if soon else RECORD_TTL / 4)
             await self._registry_step(url)
 
     async def _turn_loop(self, url: str) -> None:
@@ -395,9 +403,12 @@ class NodeRuntime:
                 )
             await asyncio.sleep(wait)
 
-    async def _pump(self, conn: RegistryConnection) -> None:
+    async def _pump(self, url: str, conn: RegistryConnection) -> None:
         async for message in conn:
             await self.router.feed(message.data)
+        if conn.stopped:  # another process holds this node's key at that registry
+            self.registry_state[url] = f"stopped: {conn.stopped}"
+            self.notify(f"Registry {url}: {conn.stopped}")
 
     # -- trust changes ------------------------------------------------------------------
     def _trust_changed(self) -> None:
@@ -572,6 +583,8 @@ class NodeRuntime:
     def _registry_status(self, url: str) -> str:
         """What the last publish said, unless the signaling socket is down right now."""
         conn = self.registry_connections.get(url)
+        if conn is not None and conn.stopped:
+            return f"stopped: {conn.stopped}"
         if conn is not None and not conn.ready:
             return f"reconnecting: {conn.last_error or 'socket closed'}"
         return self.registry_state[url]

@@ -61,6 +61,7 @@ FRAMES = [
     wsproto.TurnRequest(),
     wsproto.TurnCredentials("1800000000:alice", "secret", 600, ("turn:192.0.2.1:3478",)),
     wsproto.Error("not authenticated", "sign the challenge first", 5),
+    wsproto.Replaced(),
 ]
 
 

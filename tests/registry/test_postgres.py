@@ -329,19 +329,20 @@ async def test_turn_and_publish_rates_are_shared_by_instances(pg_url: str, clock
 
 
 async def test_a_node_keeps_one_socket_across_instances(pg_url: str) -> None:
+    """The same key on two instances: the older socket is told (through the other
+    instance's notification) and stops reconnecting; the newer keeps the node."""
     async with instances(pg_url, limits=FAST) as (a, b):
-        first = RegistryClient(a.url, BOB).connect(max_backoff=30)
+        first = RegistryClient(a.url, BOB).connect(max_backoff=0.1)
         await first.__aenter__()
         try:
             await wait_for(lambda: BOB.node_id in a.connections)
             second = await connected(b.url, BOB)
             try:
+                async with asyncio.timeout(10):
+                    await first._task  # type: ignore[misc]  # it ends: nothing reconnects
+                assert "another process is connected" in first.stopped
+                assert (first.connects, a.replaced, b.replaced) == (1, 1, 0)
                 await wait_for(lambda: BOB.node_id not in a.connections)
-                # The replaced client is the node's stale socket: it goes away. Left
-                # running, it would reconnect within ~0.1 s and take the node back from
-                # b (the newest socket wins), and the canary could go either way.
-                await closed(first)
-                await wait_for(lambda: BOB.node_id in b.connections)
                 alice = await connected(a.url, ALICE)
                 try:
                     assert await alice.send(BOB.node_id, b"canary") == "delivered"
@@ -349,10 +350,31 @@ async def test_a_node_keeps_one_socket_across_instances(pg_url: str) -> None:
                         assert (await second.receive()).data == b"canary"
                 finally:
                     await closed(alice)
+                # BOB authenticated once on each instance: the older came back no more.
+                assert (a.accepted, b.accepted) == (2, 1)  # a: first, then alice
+                assert (second.connects, second.stopped) == (1, "")
             finally:
                 await closed(second)
         finally:
             await closed(first)
+
+
+async def test_a_stale_kick_does_not_stop_a_node_that_came_back(pg_url: str) -> None:
+    """A kick about a socket on another instance arrives after the node came back here
+    (the presence table names this instance): its socket here is the newest and stays."""
+    async with instances(pg_url, limits=FAST) as (a, _b):
+        conn = await connected(a.url, BOB)
+        try:
+            a._taken_elsewhere(BOB.node_id, "another-instance")
+            await asyncio.gather(*a._background)  # the presence check, done
+            assert (a.replaced, conn.stopped) == (0, "")
+            async with RegistryClient(a.url, ALICE) as client, client.connect() as alice:
+                assert await alice.send(BOB.node_id, b"canary") == "delivered"
+            async with asyncio.timeout(10):
+                assert (await conn.receive()).data == b"canary"
+            assert conn.connects == 1
+        finally:
+            await closed(conn)
 
 
 # Registry processes ---------------------------------------------------------------------------

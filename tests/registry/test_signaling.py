@@ -16,7 +16,7 @@ from crypto.envelope import ReplayGuard, open_sealed, seal
 from crypto.identity import Identity
 from registry import wsproto
 from registry.client import RegistryClient, RegistryConnection
-from registry.errors import RegistryUnavailable, RemoteRegistryError
+from registry.errors import KeyInUse, RegistryUnavailable, RemoteRegistryError
 from registry.limits import MailboxQuota
 from registry.server import Limits, RegistryServer, TurnConfig
 from tests.node.test_runtime import wait_for
@@ -235,6 +235,40 @@ async def test_turn_refused_when_not_configured(live_registry: RegistryServer) -
     async with RegistryClient(live_registry.url, ALICE) as a:
         with pytest.raises(RemoteRegistryError, match="no TURN"):
             await a.turn_credentials()
+
+
+async def test_a_node_key_connected_twice_stops_the_older_socket_for_good(
+    live_registry: RegistryServer,
+) -> None:
+    """The node started twice: the registry tells the older socket why it closes, the
+    older stops reconnecting (before, each took the place back from the other every
+    0.1-10 s, forever) and says what to do; the newer keeps its place."""
+    url = live_registry.url
+    await _publish(url, BOB)
+    async with RegistryClient(url, ALICE) as a1, RegistryClient(url, ALICE) as a2:
+        older = a1.connect(max_backoff=0.1)
+        await older.__aenter__()
+        try:
+            async with a2.connect(max_backoff=0.1) as newer:
+                async with asyncio.timeout(10):
+                    await older._task  # type: ignore[misc]  # it ends: nothing reconnects
+                assert "another process is connected" in older.stopped
+                assert "`radmesh init --force`" in older.stopped  # what to do about it
+                assert (older.ready, older.connects) == (False, 1)
+                with pytest.raises(KeyInUse):
+                    await older.send(BOB.node_id, b"x")
+                async with asyncio.timeout(5):
+                    assert [m async for m in older] == []  # a node's pump ends, not hangs
+                # The canary, relayed after all that: the newer socket holds the node.
+                async with RegistryClient(url, BOB) as b, b.connect() as bob:
+                    assert await bob.send(ALICE.node_id, b"canary") == "delivered"
+                    async with asyncio.timeout(5):
+                        assert (await newer.receive()).data == b"canary"
+                assert (newer.ready, newer.connects, newer.stopped) == (True, 1, "")
+                # Three sockets authenticated in all (older, newer, bob), one replaced.
+                assert (live_registry.accepted, live_registry.replaced) == (3, 1)
+        finally:
+            await older.close()
 
 
 class _Socket:
