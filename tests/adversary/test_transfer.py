@@ -61,7 +61,7 @@ from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.spool import SPOOL_KEY_PURPOSE, Spool
 from tests.node.test_runtime import make_home, request_from, started
 from tests.peer_transport.helpers import mesh
-from tests.peer_transport.test_transfer_runner import MemoryStore, _memory_pair
+from tests.peer_transport.transfer_links import MemoryStore, attached, memory_pair, serving
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -383,20 +383,13 @@ async def test_a_bomb_costs_the_sender_its_connection_not_the_receiver_its_memor
         conn_b = await b.accept(10)
         link_a, link_b = ChannelLink(conn_a), ChannelLink(conn_b)
         store = MemoryStore()
-        receiver = StudyReceiver(link_b, tmp_path / "spool", store, "peer-a")
-        sender = StudySender(prepared, link_a)
-        link_a.attach(sender.on_control, lambda _d: None)
-        link_b.attach(receiver.on_control, receiver.on_bulk)
-        serving = asyncio.ensure_future(sender.run())
-        try:
+        sender, receiver = attached(prepared, link_a, link_b, tmp_path / "spool", store)
+        async with serving(sender):
             with pytest.raises(RemoteTransferError, match="65535x65535"):
                 await asyncio.wait_for(receiver.run(), 30)
             # The receiver dropped the peer, as it does for a malformed frame.
             assert conn_b.closed
             assert isinstance(conn_b.error, DecompressionBomb)
-        finally:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
     assert not store.by_hash
 
 
@@ -478,21 +471,13 @@ async def test_bytes_of_another_stored_study_sent_under_a_manifest_uid_are_refus
     prepared = PreparedStudy(manifest, sender_identity, wires=[wire])
     with Store.open(tmp_path / "store", KEY) as store:
         original = store.add_bytes(victim, source="import")
-        link_a, link_b = _memory_pair()
-        receiver = StudyReceiver(link_b, tmp_path / "spool", store, "peer:attacker")
-        sender = StudySender(prepared, link_a)
-        link_a.attach(sender.on_control, lambda _d: None)
-        link_b.attach(receiver.on_control, receiver.on_bulk)
-        serving = asyncio.ensure_future(sender.run())
-        try:
+        link_a, link_b = memory_pair()
+        sender, receiver = attached(
+            prepared, link_a, link_b, tmp_path / "spool", store, "peer:attacker"
+        )
+        async with serving(sender, link_a, link_b):
             with pytest.raises(ManifestMismatch, match="carry instance"):
                 await asyncio.wait_for(receiver.run(), 30)
-        finally:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
-            for link in (link_a, link_b):
-                if link.pump is not None:
-                    link.pump.cancel()
         kept = store.read_instance(original.sop_instance_uid)
         assert hashlib.sha256(kept).hexdigest() == original.content_hash
         assert not store.has_instance(cover_entry.sop_instance_uid)
@@ -520,7 +505,7 @@ async def test_a_shared_instance_whose_uid_is_taken_here_is_reported_not_overwri
     audit = _Audit()
     with Store.open(tmp_path / "store", KEY) as store:
         original = store.add_bytes(held, source="import")
-        link_a, link_b = _memory_pair()
+        link_a, link_b = memory_pair()
         sender = StudySender(prepared, link_a)
         link_a.attach(sender.on_control, lambda _d: None)
         receivers: list[StudyReceiver] = []
@@ -535,15 +520,8 @@ async def test_a_shared_instance_whose_uid_is_taken_here_is_reported_not_overwri
             )
         )
         await asyncio.sleep(0)  # the receiver is attached before the offer goes out
-        serving = asyncio.ensure_future(sender.run())
-        try:
+        async with serving(sender, link_a, link_b):
             progress = await asyncio.wait_for(receiving, 30)
-        finally:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
-            for link in (link_a, link_b):
-                if link.pump is not None:
-                    link.pump.cancel()
         assert progress.instances_done == 3
         kept = store.read_instance(original.sop_instance_uid)
         assert hashlib.sha256(kept).hexdigest() == original.content_hash

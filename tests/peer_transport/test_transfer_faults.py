@@ -46,6 +46,7 @@ from registry.directory import PeerDirectory
 from registry.records import NodeRecord
 from registry.trust import TrustStore
 from tests.peer_transport.helpers import kill_link, mesh
+from tests.peer_transport.transfer_links import MemoryStore
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRESS = re.compile(r"\] (\d+)/(\d+) ")
@@ -364,19 +365,6 @@ def test_sender_killed_mid_transfer_and_restarted_the_receiver_resumes(
         sent = first + sending.bulk_sent
     assert _stored(receiver, study) == study.by_hash, why
     assert sent <= study.chunks + DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.by_hash: dict[str, bytes] = {}
-
-    def has_hash(self, content_hash: str) -> bool:
-        return content_hash in self.by_hash
-
-    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        self.by_hash[digest] = data
-        return digest
 
 
 class CountingLink(ChannelLink):
