@@ -51,7 +51,15 @@ from crypto.identity import Identity, NodeId
 from node.app import consults
 from node.app.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
-from tests.consult.test_live import CONSULT, SOP, introduce, key, start_node, wait_for
+from tests.consult.test_live import (
+    CONSULT,
+    SOP,
+    introduce,
+    key,
+    live_session,
+    start_node,
+    wait_for,
+)
 from tests.node.test_runtime import request_from
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -549,10 +557,7 @@ async def test_over_aiortc_an_edit_past_a_cap_drops_its_sender_and_honest_chat_s
     monkeypatch.setattr(shared, "MAX_ANNOTATIONS_PER_AUTHOR", 20)  # a flood that fits a test
     monkeypatch.setattr(shared, "MAX_DOCUMENT", 32 * 1024)
     a, b, c = trio
-    live_a = a.live_hub().open(CONSULT)
-    await a.live_hub().invite(CONSULT, key(b))
-    await a.live_hub().invite(CONSULT, key(c))
-    live_b, live_c = b.live_hub().sessions[CONSULT], c.live_hub().sessions[CONSULT]
+    live_a, live_b, live_c = await live_session(a, b, c)
     await wait_for(lambda: live_b.is_bound(key(c)) and live_c.is_bound(key(b)))
     to_b = a.live_hub()._links[key(b)]
 

@@ -9,10 +9,10 @@ from textual import events
 
 from consult.presence import Cursor
 from consult.shared import AnnotationKind
-from crypto.identity import Identity
+from tests.tui.pilots import make_node, open_viewer, svg_text
 from tui.app import RadmeshApp
 from tui.imaging import PRESETS, Window
-from tui.memory import STUDY_UID, InMemoryNode
+from tui.memory import STUDY_UID
 from tui.screens.help import HelpScreen
 from tui.screens.peers import VerifyScreen
 from tui.screens.viewer import ViewerScreen
@@ -23,24 +23,6 @@ from tui.widgets.image_view import ImageView
 # that shows it all renders fastest. FULL is for the tests that need the panels unfolded.
 SIZE = (100, 30)
 FULL = (150, 45)
-
-
-def make_node(**kw: int) -> InMemoryNode:
-    return InMemoryNode(Identity.generate(), **kw)
-
-
-async def open_viewer(pilot, node: InMemoryNode, live: bool = True) -> ViewerScreen:  # type: ignore[no-untyped-def]
-    app = pilot.app
-    study = node.studies()[0]
-    screen = ViewerScreen(node, study, live=live)
-    await app.push_screen(screen)
-    await app.workers.wait_for_complete()
-    await pilot.pause()
-    return screen
-
-
-def svg_text(app: RadmeshApp) -> str:
-    return app.export_screenshot().replace("&#160;", " ")
 
 
 async def test_home_shows_identity_worklist_and_transfers() -> None:

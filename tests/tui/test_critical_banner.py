@@ -57,7 +57,7 @@ async def test_an_empty_name_does_not_acknowledge_a_critical_result() -> None:
 
 
 async def test_f8_marks_the_report_critical_before_f9_signs_it() -> None:
-    from tests.tui.test_app import open_viewer
+    from tests.tui.pilots import open_viewer
 
     node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)

@@ -4,6 +4,7 @@ answers the other party's proposals; peer-written text is shown as typed, never 
 from __future__ import annotations
 
 from crypto.identity import Identity
+from tests.tui.pilots import svg_text
 from tui.app import RadmeshApp
 from tui.facade import GuestProposal
 from tui.memory import InMemoryNode
@@ -14,10 +15,6 @@ from tui.screens.viewer import ViewerScreen
 
 SIZE = (100, 30)  # what the screens do, not their layout: the smallest screen renders fastest
 FULL = (150, 45)  # the help page lists every key only when it has the room
-
-
-def svg_text(app: RadmeshApp) -> str:
-    return app.export_screenshot().replace("&#160;", " ")
 
 
 async def test_g_in_the_live_viewer_proposes_a_verified_peer_as_a_guest() -> None:

@@ -7,34 +7,16 @@ import re
 
 from textual.widgets import DataTable, OptionList, TextArea
 
-from crypto.identity import Identity
+from tests.tui.pilots import make_node, open_viewer, svg_text
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem
-from tui.memory import InMemoryNode
 from tui.screens.home import site_cell, study_cell, worklist_columns
-from tui.screens.viewer import ViewerScreen
 from tui.widgets.consult_panel import ConsultPanel
 from tui.widgets.image_view import ImageView
 from tui.widgets.overlay import OverlayBar
 
 SMALL = (80, 24)
 LARGE = (200, 55)
-
-
-def make_node() -> InMemoryNode:
-    return InMemoryNode(Identity.generate())
-
-
-def svg_text(app: RadmeshApp) -> str:
-    return app.export_screenshot().replace("&#160;", " ")
-
-
-async def open_viewer(pilot, node: InMemoryNode) -> ViewerScreen:  # type: ignore[no-untyped-def]
-    screen = ViewerScreen(node, node.studies()[0], live=True)
-    await pilot.app.push_screen(screen)
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    return screen
 
 
 def worklist_keys(app: RadmeshApp) -> list[str]:

@@ -16,10 +16,10 @@ from consult.report_draft import (
 )
 from consult.shared import Annotation, AnnotationKind
 from crypto.identity import Identity
+from tests.tui.pilots import open_viewer
 from tui.app import RadmeshApp
 from tui.memory import SERIES_UID, InMemoryNode
 from tui.screens.sign_preview import SignPreview
-from tui.screens.viewer import ViewerScreen
 
 SIZE = (100, 30)  # what the screens do, not their layout: the smallest screen renders fastest
 KEYS = {" ": "space", "\n": "enter", ":": "colon", ".": "full_stop"}
@@ -27,15 +27,6 @@ KEYS = {" ": "space", "\n": "enter", ":": "colon", ".": "full_stop"}
 
 def keys(text: str) -> list[str]:
     return [KEYS.get(ch, ch) for ch in text]
-
-
-async def open_viewer(pilot) -> ViewerScreen:  # type: ignore[no-untyped-def]
-    node = pilot.app.node
-    screen = ViewerScreen(node, node.studies()[0], live=True)
-    await pilot.app.push_screen(screen)
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    return screen
 
 
 def make() -> tuple[InMemoryNode, RadmeshApp]:

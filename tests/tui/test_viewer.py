@@ -18,6 +18,7 @@ from consult.live import LiveConsult
 from consult.presence import Cursor, Viewport
 from consult.shared import AnnotationKind
 from crypto.identity import Identity
+from tests.tui.pilots import make_node, open_viewer, svg_text
 from tui.app import RadmeshApp
 from tui.dicom_frame import frame_from_dataset
 from tui.facade import Frame
@@ -45,22 +46,6 @@ async def wait_for(predicate: Callable[[], object], within: float = 5.0) -> None
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
-
-
-def make_node(**kw: int) -> InMemoryNode:
-    return InMemoryNode(Identity.generate(), **kw)
-
-
-async def open_viewer(pilot, node: InMemoryNode) -> ViewerScreen:  # type: ignore[no-untyped-def]
-    screen = ViewerScreen(node, node.studies()[0], live=True)
-    await pilot.app.push_screen(screen)
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    return screen
-
-
-def svg_text(app: RadmeshApp) -> str:
-    return app.export_screenshot().replace("&#160;", " ")
 
 
 def other(live: LiveConsult) -> object:
@@ -309,10 +294,7 @@ async def test_a_real_multi_frame_file_opens_with_every_frame_reachable(tmp_path
     node = OneMultiFrameFile(Identity.generate(), slices=1)
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        screen = ViewerScreen(node, node.studies()[0])
-        await app.push_screen(screen)
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        screen = await open_viewer(pilot, node, live=False)
         assert "Im 1/1  Fr 1/3" in svg_text(app)
         await pilot.press("end")
         await app.workers.wait_for_complete()
