@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -51,6 +50,7 @@ from crypto.identity import Identity, NodeId
 from node.app import consults
 from node.app.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
+from tests.consult import test_live as consult_live
 from tests.consult.test_live import (
     CONSULT,
     SOP,
@@ -64,15 +64,8 @@ from tests.node.test_runtime import request_from
 
 # --- fixtures -------------------------------------------------------------------------------
 
-
-@pytest.fixture
-async def trio(tmp_path: Path, registry: str) -> AsyncIterator[list[NodeRuntime]]:
-    """Three trusted nodes: a (requesting hospital), b (consultant), c (a third node)."""
-    nodes = [await start_node(tmp_path, name, registry) for name in ("ana", "ben", "cai")]
-    introduce(nodes)
-    yield nodes
-    for node in nodes:
-        await node.stop()
+# Three trusted nodes: a (requesting hospital), b (consultant), c (a third node).
+trio = consult_live.trio
 
 
 def consult_between(requester: NodeRuntime, consultant: NodeRuntime) -> str:

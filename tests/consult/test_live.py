@@ -28,10 +28,10 @@ from consult.presence import Cursor, Presence, Viewport
 from consult.shared import Annotation, AnnotationKind
 from crypto.identity import Identity
 from node.app.runtime import NodeRuntime
-from node.core.config import NetworkConfig, NodeConfig, NodeHome
-from node.core.keystore import save_identity
+from node.core.config import NodeHome
 from peer_transport.connection import TransportOptions
 from peer_transport.rtc import RtcOptions, restrict_host_addresses
+from tests.node.test_runtime import new_home
 
 FAST = TransportOptions(rtc=RtcOptions(ice_servers=()), connect_timeout=10.0, backoff_initial=0.2)
 CONSULT = "c0ffee00c0ffee00c0ffee00c0ffee00"
@@ -42,18 +42,7 @@ SOP = "2.25.42"
 
 
 def make_home(root: Path, name: str, registry: str = "") -> tuple[NodeHome, Identity]:
-    home = NodeHome(root / name)
-    identity = Identity.generate()
-    save_identity(home.key_path, identity, None)
-    home.save_config(
-        NodeConfig(
-            display_name=name,
-            network=NetworkConfig(
-                registries=[registry] if registry else [], mdns=False, listen_host="127.0.0.1"
-            ),
-        )
-    )
-    return home, identity
+    return new_home(root, name, registry)
 
 
 async def start_node(root: Path, name: str, registry: str = "") -> NodeRuntime:

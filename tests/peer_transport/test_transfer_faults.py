@@ -289,14 +289,24 @@ def _kill_point(seed: int, study: Study) -> int:
 
 
 def _receiver_killed(
-    procs: list[NodeProcess], sender: Home, receiver: Home, study: Study, kill_at: int, **send: bool
-) -> tuple[NodeProcess, NodeProcess]:
-    """A fetch and a send started, the fetch killed once ``kill_at`` instances are stored."""
+    procs: list[NodeProcess],
+    sender: Home,
+    receiver: Home,
+    study: Study,
+    kill_at: int,
+    why: str,
+    **send: bool,
+) -> NodeProcess:
+    """A fetch and a send started, the fetch killed once ``kill_at`` instances are stored:
+    every instance its store lists is whole and verifies, and some are still missing.
+    Returns the send, still running."""
     procs.append(fetching := _fetch(receiver, sender))
     procs.append(sending := _send(sender, receiver, study, **send))
     fetching.wait_until(lambda: fetching.instances_done >= kill_at, 60, "half stored")
     fetching.kill()
-    return fetching, sending
+    before = _stored(receiver, study)
+    assert kill_at <= len(before) < SLICES, why
+    return sending
 
 
 def _finished(fetching: NodeProcess, sending: NodeProcess, why: str) -> int:
@@ -321,9 +331,7 @@ def test_receiver_killed_and_restarted_asks_for_its_transfer_and_resends_at_most
     kill_at = _kill_point(seed, study)
     why = f"seed {seed}, receiver killed after {kill_at} of {SLICES} instances"
     with processes() as procs:
-        _, sending = _receiver_killed(procs, sender, receiver, study, kill_at, reoffer=False)
-        before = _stored(receiver, study)  # every listed instance is whole and verifies
-        assert kill_at <= len(before) < SLICES, why
+        sending = _receiver_killed(procs, sender, receiver, study, kill_at, why, reoffer=False)
         procs.append(fetching := _fetch(receiver, sender))
         sent = _finished(fetching, sending, why)
     _all_stored_and_at_most_a_window_resent(receiver, study, sent, why)
@@ -337,11 +345,9 @@ def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing
     kill_at = _kill_point(seed, study)
     why = f"seed {seed}, receiver killed after {kill_at} of {SLICES} instances"
     with processes() as procs:
-        _, sending = _receiver_killed(procs, sender, receiver, study, kill_at)
+        sending = _receiver_killed(procs, sender, receiver, study, kill_at, why)
         sending.kill()
         first = sending.bulk_sent
-        before = _stored(receiver, study)  # every listed instance is whole and verifies
-        assert kill_at <= len(before) < SLICES, why
         procs.append(fetching := _fetch(receiver, sender))
         procs.append(sending := _send(sender, receiver, study))
         sent = first + _finished(fetching, sending, why)

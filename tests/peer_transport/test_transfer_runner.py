@@ -24,7 +24,13 @@ from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.progress import Progress
 from peer_transport.transfer.runner import StudyReceiver, StudySender, receive_study
 from peer_transport.transfer.spool import SenderSpool
-from tests.peer_transport.transfer_links import MemoryLink, MemoryStore, attached, memory_pair
+from tests.peer_transport.transfer_links import (
+    MemoryLink,
+    MemoryStore,
+    attached,
+    memory_pair,
+    pumps_stopped,
+)
 
 
 async def test_in_memory_transfer_stores_every_instance_and_reports_progress(
@@ -35,15 +41,9 @@ async def test_in_memory_transfer_stores_every_instance_and_reports_progress(
     a, b = memory_pair()
     store = MemoryStore()
     seen: list[Progress] = []
-    receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a", seen.append)
-    sender = StudySender(study, a)
-    a.on_control, b.on_control, b.on_bulk = sender.on_control, receiver.on_control, receiver.on_bulk
-    b.start()
-    try:
+    sender, receiver = attached(study, a, b, tmp_path / "spool", store, on_progress=seen.append)
+    with pumps_stopped(a, b):
         progress, state = await asyncio.wait_for(asyncio.gather(receiver.run(), sender.run()), 20)
-    finally:
-        assert b.pump is not None
-        b.pump.cancel()
     assert state is State.COMPLETE
     assert sorted(store.by_hash.values()) == sorted(files)
     assert progress.instances_done == 5
@@ -283,16 +283,9 @@ async def _peak_traced_transfer(tmp_path: Path, n: int) -> tuple[int, int]:
         )
         a, b = memory_pair()
         store = HashStore()
-        receiver = StudyReceiver(b, tmp_path / f"in{n}", store, "peer-a")
-        sender = StudySender(study, a)
-        a.on_control, b.on_control = sender.on_control, receiver.on_control
-        b.on_bulk = receiver.on_bulk
-        b.start()
-        try:
+        sender, receiver = attached(study, a, b, tmp_path / f"in{n}", store)
+        with pumps_stopped(a, b):
             await asyncio.wait_for(asyncio.gather(receiver.run(), sender.run()), 60)
-        finally:
-            assert b.pump is not None
-            b.pump.cancel()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -378,10 +371,7 @@ async def test_a_cancel_while_an_instance_is_read_back_does_not_fetch_it_again(
     files = ct_series(4, seed=13, size=64)
     study = await PreparedStudy.from_files(files, Identity.generate())
     a, b = memory_pair()
-    receiver = StudyReceiver(b, tmp_path / "spool", MemoryStore(), "peer-a")
-    sender = StudySender(study, a)
-    a.on_control, b.on_control, b.on_bulk = sender.on_control, receiver.on_control, receiver.on_bulk
-    b.start()
+    sender, receiver = attached(study, a, b, tmp_path / "spool", MemoryStore())
     caplog.set_level(logging.INFO, logger="peer_transport.transfer.runner")
     receiving = asyncio.create_task(receiver.run())
     serving = asyncio.create_task(sender.run())
@@ -398,8 +388,9 @@ async def test_a_cancel_while_an_instance_is_read_back_does_not_fetch_it_again(
         assert await asyncio.wait_for(serving, 20) is State.CANCELLED
     finally:
         go_on.set()
-        assert b.pump is not None
-        b.pump.cancel()
+        for link in (a, b):
+            assert link.pump is not None
+            link.pump.cancel()
     assert receiver.protocol._attempts == {}
     assert not [r for r in caplog.records if "fetching it again" in r.getMessage()]
     assert (tmp_path / "spool" / JOURNAL_FILE).read_bytes() == journal

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from peer_transport.transfer.prepared import PreparedStudy
-from peer_transport.transfer.runner import InstanceStore, StudyReceiver
+from peer_transport.transfer.runner import InstanceStore, ProgressCallback, StudyReceiver
 from peer_transport.transfer.serving import StudySender, TransferLink
 
 
@@ -84,9 +84,12 @@ def attached(
     spool_dir: Path,
     store: InstanceStore,
     source: str = "peer-a",
+    on_progress: ProgressCallback | None = None,
+    **options: Any,
 ) -> tuple[StudySender, StudyReceiver]:
-    """A sender of ``study`` and a receiver into ``store``, each attached to its link."""
-    receiver = StudyReceiver(receiver_link, spool_dir, store, source)
+    """A sender of ``study`` and a receiver into ``store`` (with ``options``, such as its
+    window), each attached to its link."""
+    receiver = StudyReceiver(receiver_link, spool_dir, store, source, on_progress, **options)
     sender = StudySender(study, sender_link)
     sender_link.attach(sender.on_control, lambda _d: None)
     receiver_link.attach(receiver.on_control, receiver.on_bulk)
