@@ -693,9 +693,11 @@ def test_a_state_vector_past_its_cap_is_refused_before_parsing() -> None:
 # --- admission withdrawn while in the session ---------------------------------------------
 
 
-async def guest_in_session(a: NodeRuntime, b: NodeRuntime, c: NodeRuntime) -> tuple[str]:
+async def guest_in_session(
+    a: NodeRuntime, b: NodeRuntime, c: NodeRuntime
+) -> tuple[str, LiveConsult, LiveConsult, LiveConsult]:
     """a (hospital) and b (consultant) in a live session on their consult, with c a guest
-    both approved; returns the consult id."""
+    both approved; returns the consult id and a's, b's and c's sessions."""
     consult_id = consult_between(a, b)
     a.live_hub().open(consult_id)
     await a.live_hub().invite(consult_id, key(b))
@@ -709,7 +711,7 @@ async def guest_in_session(a: NodeRuntime, b: NodeRuntime, c: NodeRuntime) -> tu
     await wait_for(lambda: live_a.is_bound(key(c)) and live_c.is_bound(key(a)))
     live_c.say("guest here")
     await wait_for(lambda: "guest here" in texts(live_a) and "guest here" in texts(live_b))
-    return (consult_id,)
+    return consult_id, live_a, live_b, live_c
 
 
 def message_refusals(node: NodeRuntime, peer: NodeRuntime) -> list[str]:
@@ -721,9 +723,7 @@ async def test_a_guest_refused_after_approval_is_dropped_at_its_next_live_messag
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    (consult_id,) = await guest_in_session(a, b, c)
-    live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
-    live_c = c.live_hub().sessions[consult_id]
+    consult_id, live_a, live_b, live_c = await guest_in_session(a, b, c)
     # The hospital takes its approval back; b's database has the refusal (the live.refuse
     # handler's first step) and nothing has taken c out of b's session yet: admission was
     # only checked when c was bound, so c's messages kept flowing in.
@@ -744,9 +744,7 @@ async def test_a_withdrawn_consult_keeps_nobody_in_either_partys_live_session(
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    (consult_id,) = await guest_in_session(a, b, c)
-    live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
-    live_c = c.live_hub().sessions[consult_id]
+    consult_id, live_a, live_b, live_c = await guest_in_session(a, b, c)
     assert await a.consulting.withdraw(consult_id) == []
     # The hospital's own session lets nobody stay in; the consultant's, once told.
     assert not live_a.is_bound(key(b))
@@ -769,8 +767,7 @@ async def test_a_party_still_in_a_session_whose_consult_closed_is_refused_at_its
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    (consult_id,) = await guest_in_session(a, b, c)
-    live_b = b.live_hub().sessions[consult_id]
+    consult_id, _, live_b, _ = await guest_in_session(a, b, c)
     # The consult expires on the consultant's node (its deadline passed); nothing took the
     # hospital out of b's session: its next message is refused there and it is dropped.
     b.consults.expire_due(b.now() + 10 * 3600)

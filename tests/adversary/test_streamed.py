@@ -55,6 +55,7 @@ from tests.peer_transport.transfer_links import (
     memory_pair,
     pumps_stopped,
     serving,
+    wire_sender,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -78,12 +79,7 @@ def _sender(
 ) -> Sender:
     """A sender that has encoded and declares every instance (but ``skip``)."""
     manifest = Manifest.open(signed)[1]
-    sender = Sender(
-        manifest,
-        wires.__getitem__,
-        signed,
-        lambda ds: sign_wires(identity, manifest.transfer_id, manifest.study_instance_uid, ds),
-    )
+    sender = wire_sender(manifest, signed, wires, identity)
     for index, wire in enumerate(wires):
         if index != skip:
             sender.declare(_declaration(index, wire))
@@ -368,12 +364,7 @@ async def test_a_contradicting_declaration_costs_the_sender_its_connection(tmp_p
 def test_a_sender_refuses_a_request_for_an_instance_it_has_not_declared() -> None:
     signed, wires = _study(3, seed=25)
     manifest = Manifest.open(signed)[1]
-    sender = Sender(
-        manifest,
-        wires.__getitem__,
-        signed,
-        lambda ds: sign_wires(PEER, manifest.transfer_id, manifest.study_instance_uid, ds),
-    )
+    sender = wire_sender(manifest, signed, wires, PEER)
     sender.declare(_declaration(0, wires[0]))
     assert sender.receive(Request(manifest.transfer_id, 0, (0,)))  # declared: served
     with pytest.raises(MalformedMessage, match="not declared"):
@@ -456,14 +447,7 @@ def test_the_receiver_hurries_the_instance_on_screen_and_a_stalled_one(tmp_path:
     signed, wires = _study(4, seed=28)
     receiver = Receiver(signed, Spool(tmp_path / "spool"), window=8, timeout=1.0)
     receiver.accept()
-    sender = Sender(
-        receiver.manifest,
-        wires.__getitem__,
-        signed,
-        lambda ds: sign_wires(
-            PEER, receiver.manifest.transfer_id, receiver.manifest.study_instance_uid, ds
-        ),
-    )
+    sender = wire_sender(receiver.manifest, signed, wires, PEER)
     receiver.prioritise(3)
     assert Hurry(receiver.manifest.transfer_id, 3) in receiver.poll(0.0)
     assert not any(isinstance(m, Hurry) for m in receiver.poll(0.1))  # once per instance

@@ -61,7 +61,13 @@ from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.spool import SPOOL_KEY_PURPOSE, Spool
 from tests.node.test_runtime import make_home, request_from, started
 from tests.peer_transport.helpers import mesh
-from tests.peer_transport.transfer_links import MemoryStore, attached, memory_pair, serving
+from tests.peer_transport.transfer_links import (
+    MemoryStore,
+    attached,
+    memory_pair,
+    serving,
+    wire_sender,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -93,12 +99,7 @@ def _signed(entries: list[ManifestEntry], study: str, identity: Identity = PEER)
 def _sender(signed: bytes, wires: list[bytes], identity: Identity = PEER) -> Sender:
     """A sender of ``signed`` that has encoded (and declares) every instance as ``wires``."""
     opened = Manifest.open(signed)[1]
-    sender = Sender(
-        opened,
-        wires.__getitem__,
-        signed,
-        lambda ds: sign_wires(identity, opened.transfer_id, opened.study_instance_uid, ds),
-    )
+    sender = wire_sender(opened, signed, wires, identity)
     entries = _ENTRIES[opened.transfer_id]
     for index, wire in enumerate(wires):
         sender.declare(WireDeclaration(index, len(wire), wire_digest(wire), entries[index]))

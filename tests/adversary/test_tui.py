@@ -35,7 +35,7 @@ from node.core.display import MAX_LINE_CHARS, PrintableFormatter, peer_label, pr
 from node.demo.phantom import generate_ct
 from registry.records import NodeRecord
 from tests.consult.test_live import wait_for
-from tests.tui.pilots import open_viewer
+from tests.tui.pilots import open_viewer, press
 from tests.tui.test_node_facade import consult_pair, form_to
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem, PeerInfo, SeriesInfo, StudyInfo, TransferInfo
@@ -244,8 +244,7 @@ async def test_markup_and_escapes_in_peers_studies_and_series() -> None:
     node = HostileNode(home=False)
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE, notifications=True) as pilot:
-        await pilot.press("f4")
-        await pilot.pause()
+        await press(pilot, "f4")
         text = screen_text(app)
         assert "INST Please read [/]" in text
         assert "SUB Please read [/]" in text
@@ -255,8 +254,7 @@ async def test_markup_and_escapes_in_peers_studies_and_series() -> None:
         text = " ".join(line.strip(" │╭╮╰╯─") for line in screen_lines(app))
         assert f"Verify Dr Victim ({KEY_A.short()}, verified) INST Please read [/]" in text
         assert ESC not in text
-        await pilot.press("n", "f3")
-        await pilot.pause()
+        await press(pilot, "n", "f3")
         text = screen_text(app)
         assert "DESC Please read [/]" in text
         assert "SERIES Please read [/] urgently" in text
@@ -310,8 +308,7 @@ async def test_two_peers_publishing_the_same_name_are_told_apart_with_their_trus
         assert KEY_A.short() != KEY_B.short()
         assert f"Dr Victim ({KEY_A.short()}, verified)" in text
         assert f"Dr Victim ({KEY_B.short()}, unverified)" in text
-        await pilot.press("f4")
-        await pilot.pause()
+        await press(pilot, "f4")
         rows = [line for line in screen_lines(app) if "Dr Victim" in line]
         assert len(rows) == 2
         a = next(r for r in rows if KEY_A.short() in r)

@@ -1,17 +1,21 @@
 """A study transfer between two links in one test: an in-memory link pair and store, the
-sender and receiver attached to them, and the sender served until the test is done."""
+sender and receiver attached to them, and the sender served until the test is done; and
+the sans-IO sender of a signed manifest."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from crypto.identity import Identity
+from peer_transport.transfer.manifest import Manifest, sign_wires
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.runner import InstanceStore, ProgressCallback, StudyReceiver
+from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.serving import StudySender, TransferLink
 
 
@@ -118,3 +122,16 @@ async def serving(sender: StudySender, *links: object) -> AsyncIterator[asyncio.
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def wire_sender(
+    manifest: Manifest, signed: bytes, wires: Sequence[bytes], identity: Identity
+) -> Sender:
+    """The sans-IO sender of ``signed`` (``manifest``, opened) whose wire encodings are
+    ``wires``, its declarations signed by ``identity``; it has declared nothing yet."""
+    return Sender(
+        manifest,
+        wires.__getitem__,
+        signed,
+        lambda ds: sign_wires(identity, manifest.transfer_id, manifest.study_instance_uid, ds),
+    )

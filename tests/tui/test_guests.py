@@ -4,7 +4,7 @@ answers the other party's proposals; peer-written text is shown as typed, never 
 from __future__ import annotations
 
 from crypto.identity import Identity
-from tests.tui.pilots import svg_text
+from tests.tui.pilots import press, svg_text
 from tui.app import RadmeshApp
 from tui.facade import GuestProposal
 from tui.memory import InMemoryNode
@@ -24,8 +24,7 @@ async def test_g_in_the_live_viewer_proposes_a_verified_peer_as_a_guest() -> Non
         await app.push_screen(ViewerScreen(node, node.studies()[0], live=True))
         await app.workers.wait_for_complete()
         await pilot.pause()
-        await pilot.press("g")
-        await pilot.pause()
+        await press(pilot, "g")
         assert isinstance(app.screen, GuestPicker)
         shown = svg_text(app)
         assert "Dr Neuro" in shown  # verified
@@ -45,16 +44,13 @@ async def test_g_in_a_viewer_without_a_live_consult_says_why_and_escape_cancels(
         viewer = ViewerScreen(node, node.studies()[0], live=False)
         await app.push_screen(viewer)
         await pilot.pause()
-        await pilot.press("g")
-        await pilot.pause()
+        await press(pilot, "g")
         assert app.screen is viewer
         assert "guests join a live consult" in viewer.message
         await app.push_screen(ViewerScreen(node, node.studies()[0], live=True))
         await pilot.pause()
-        await pilot.press("g")
-        await pilot.pause()
-        await pilot.press("escape")
-        await pilot.pause()
+        await press(pilot, "g")
+        await press(pilot, "escape")
     assert not [a for a in node.actions if a[0] == "propose-guest"]
 
 
@@ -69,8 +65,7 @@ async def test_g_on_home_approves_and_refuses_the_other_partys_proposals() -> No
         await pilot.pause()
         assert isinstance(app.screen, HomeScreen)
         assert "2 guest proposal(s) wait for your answer" in svg_text(app)
-        await pilot.press("g")
-        await pilot.pause()
+        await press(pilot, "g")
         assert isinstance(app.screen, GuestAnswers)
         shown = svg_text(app)
         assert "[b]Dr Surgeon[/b]" in shown  # the peer's text as typed, not rendered as markup
@@ -80,8 +75,7 @@ async def test_g_on_home_approves_and_refuses_the_other_partys_proposals() -> No
         await pilot.pause()
         assert ("approve-guest", "c-1", "GUEST-ONE") in node.actions
         assert "1 guest proposal(s) wait for your answer" in svg_text(app)
-        await pilot.press("g")
-        await pilot.pause()
+        await press(pilot, "g")
         await pilot.press("r")
         await app.workers.wait_for_complete()
         await pilot.pause()

@@ -7,7 +7,7 @@ import re
 
 from textual.widgets import DataTable, OptionList, TextArea
 
-from tests.tui.pilots import make_node, open_viewer, svg_text
+from tests.tui.pilots import make_node, open_viewer, press, svg_text
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem
 from tui.screens.home import site_cell, study_cell, worklist_columns
@@ -46,8 +46,7 @@ async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> 
         await pilot.pause()
         assert panel.size.width > 0
         assert 20 <= viewer.view.size.width < 74
-        await pilot.press("t")
-        await pilot.pause()
+        await press(pilot, "t")
         assert panel.size.width == 0
         assert viewer.view.size.width >= 74
 
@@ -58,8 +57,7 @@ async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> 
         await pilot.press("n", "o", "r", "m")
         assert node.session.report_text() == "norm"
         assert viewer.series_index == 0  # "n" went into the report, not to the next series
-        await pilot.press("escape")
-        await pilot.pause()
+        await press(pilot, "escape")
         assert viewer.view.has_focus
         assert panel.size.width == 0
 

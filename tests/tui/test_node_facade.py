@@ -17,7 +17,7 @@ from consult.shared import AnnotationKind
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct, random_study
 from tests.consult.test_live import introduce, start_node, wait_for
-from tests.tui.pilots import open_viewer, svg_text
+from tests.tui.pilots import open_viewer, press, svg_text
 from tui.app import RadmeshApp
 from tui.facade import ActionError, ConsultForm, ConsultItem
 from tui.node_facade import LiveSessionView, RuntimeNode
@@ -75,8 +75,7 @@ async def test_the_app_lists_a_stored_study_and_opens_it_in_the_viewer(
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert str(node.identity.node_id)[:7] in svg_text(app)
-        await pilot.press("f3")
-        await pilot.pause()
+        await press(pilot, "f3")
         assert "PATIENT-0001" in svg_text(app)
         await pilot.press("enter")
         await app.workers.wait_for_complete()
@@ -268,8 +267,7 @@ async def test_opening_a_study_writes_a_view_audit_record(
     [study] = facade.studies()
     app = RadmeshApp(facade)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f3")
-        await pilot.pause()
+        await press(pilot, "f3")
         await pilot.press("enter")
         await app.workers.wait_for_complete()
     [view] = node.audit.records(study_uid=study.study_uid, kind="view")

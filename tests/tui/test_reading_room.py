@@ -14,7 +14,7 @@ from textual.widget import Widget
 from consult.live import LiveConsult
 from consult.shared import AnnotationKind
 from crypto.identity import Identity
-from tests.tui.pilots import make_node, open_viewer
+from tests.tui.pilots import make_node, open_viewer, press
 from tui import imaging
 from tui.app import RadmeshApp
 from tui.facade import Frame, SeriesInfo
@@ -65,8 +65,7 @@ async def test_a_length_measured_with_the_keyboard_alone_is_listed_and_drawn_at_
         preview = [m for m in viewer.view.marks if m.kind == "length"]
         assert [m.points for m in preview] == [(start, viewer.kb)]  # a line to the cursor
         assert preview[0].label.endswith(" mm")
-        await pilot.press("space")
-        await pilot.pause()
+        await press(pilot, "space")
         assert viewer.index == slice_before  # arrows moved the cursor, not the slice
         (length,) = alone.annotations()
         assert length.kind is AnnotationKind.LENGTH
@@ -104,8 +103,7 @@ async def test_every_tool_works_from_the_keyboard_and_draws_its_value() -> None:
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node)
         await pilot.press("G", "space", "l", "l", "l", "space", "k", "k", "space")
-        await pilot.press("E", "space", "L", "J", "space")
-        await pilot.pause()
+        await press(pilot, "E", "space", "L", "J", "space")
         angle, roi = node.session.annotations()
         assert angle.kind is AnnotationKind.ANGLE
         assert roi.kind is AnnotationKind.ELLIPSE
@@ -129,8 +127,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         report = viewer.query_one("#report")
         assert border(report) == "heavy"  # the focused pane stands out
         assert border(viewer.view) == "round"
-        await pilot.press(*[("space" if ch == " " else ch) for ch in sentence])
-        await pilot.pause()
+        await press(pilot, *[("space" if ch == " " else ch) for ch in sentence])
         assert node.session.report_text() == sentence
         # i (invert), f (follow), M (length), n (series), p (present), 1-8 presets, x, q:
         assert not viewer.view.invert
@@ -140,8 +137,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         assert (viewer.index, viewer.series_index, viewer.view.window, viewer.view.zoom) == state
         assert viewer.is_attached  # q did not close it
 
-        await pilot.press("escape")
-        await pilot.pause()
+        await press(pilot, "escape")
         assert border(viewer.view) == "heavy"
         assert viewer.view.has_focus
         assert mode_line(viewer).startswith("VIEW")
@@ -149,8 +145,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         await pilot.press("c")
         assert viewer.query_one("#chat-input").has_focus
         assert mode_line(viewer).startswith("CHAT")
-        await pilot.press("o", "k", "space", "i", "f", "enter")
-        await pilot.pause()
+        await press(pilot, "o", "k", "space", "i", "f", "enter")
         assert [m.text for m in node.session.chat()] == ["ok if"]
         assert "ok if" in str(viewer.query_one("#chat-log").render())
         assert not viewer.view.invert

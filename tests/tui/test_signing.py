@@ -16,7 +16,7 @@ from consult.report_draft import (
 )
 from consult.shared import Annotation, AnnotationKind
 from crypto.identity import Identity
-from tests.tui.pilots import open_viewer
+from tests.tui.pilots import open_viewer, press
 from tui.app import RadmeshApp
 from tui.memory import SERIES_UID, InMemoryNode
 from tui.screens.sign_preview import SignPreview
@@ -108,12 +108,10 @@ async def test_f9_previews_both_sections_and_measurement_escape_edits_enter_send
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot)
         measure(node, 0.0, slice_no=3)
-        await pilot.press("r", *keys("Findings\nno bleed.\nImpression\nnormal study."))
-        await pilot.pause()
+        await press(pilot, "r", *keys("Findings\nno bleed.\nImpression\nnormal study."))
         assert split_report(node.session.report_text()) == ("no bleed.", "normal study.")
 
-        await pilot.press("f9")
-        await pilot.pause()
+        await press(pilot, "f9")
         preview = app.screen
         assert isinstance(preview, SignPreview)
         assert "Findings:\n  no bleed." in preview.text
@@ -131,12 +129,10 @@ async def test_f9_previews_both_sections_and_measurement_escape_edits_enter_send
         await pilot.pause()
         assert split_report(node.session.report_text())[1] == "normal study. ok"
 
-        await pilot.press("f8", "f9")
-        await pilot.pause()
+        await press(pilot, "f8", "f9")
         assert isinstance(app.screen, SignPreview)
         assert "Critical:   YES" in app.screen.text
-        await pilot.press("enter")
-        await pilot.pause()
+        await press(pilot, "enter")
         assert app.screen is viewer
         assert node.session.finalised()
         assert node.live.critical
@@ -154,14 +150,12 @@ async def test_a_duplicate_measurement_is_said_in_the_preview_and_not_sent() -> 
         kept = measure(node, 0.0)
         twin = measure(node, 0.2)  # the same length again, a fraction of a pixel off
         other = measure(node, 30.0)
-        await pilot.press("f9")
-        await pilot.pause()
+        await press(pilot, "f9")
         preview = app.screen
         assert isinstance(preview, SignPreview)
         assert "Duplicates not sent:" in preview.text
         assert preview.text.count("length 21.0 mm") == 3  # two sent, one said dropped
-        await pilot.press("y")
-        await pilot.pause()
+        await press(pilot, "y")
         assert node.live.sent[0][2] == frozenset({twin.id})
         assert kept.id not in node.live.sent[0][2]
         assert other.id not in node.live.sent[0][2]

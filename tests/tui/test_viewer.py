@@ -18,7 +18,7 @@ from consult.live import LiveConsult
 from consult.presence import Cursor, Viewport
 from consult.shared import AnnotationKind
 from crypto.identity import Identity
-from tests.tui.pilots import make_node, open_viewer, svg_text
+from tests.tui.pilots import make_node, open_viewer, press, svg_text
 from tui.app import RadmeshApp
 from tui.dicom_frame import frame_from_dataset
 from tui.facade import Frame
@@ -127,8 +127,7 @@ async def test_follow_without_a_live_consult_says_what_to_do() -> None:
         screen = ViewerScreen(node, node.studies()[0], live=False)
         await app.push_screen(screen)
         await pilot.pause()
-        await pilot.press("f")
-        await pilot.pause()
+        await press(pilot, "f")
         assert "following needs a live consult" in svg_text(app)
 
 
@@ -139,8 +138,7 @@ async def test_in_memory_session_follows_a_remote_presenter() -> None:
         viewer = await open_viewer(pilot, node)
         neuro = node.live.join("Dr Neuro", "#ff00ff")
         neuro.viewport(Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
-        await pilot.press("f")
-        await pilot.pause()
+        await press(pilot, "f")
         assert viewer.index == 3
         assert node.session.following()
         neuro.viewport(Viewport(SERIES_UID, 9, 400.0, 40.0))
@@ -202,8 +200,7 @@ async def test_clicking_near_an_annotation_selects_it_and_only_the_author_remove
         await click_image_point(pilot, viewer, (30.0, 20.0))  # on the middle of their line
         assert panel.selected == theirs.id
         assert "▶" in str(panel.query_one("#annotations").render())
-        await pilot.press("x")
-        await pilot.pause()
+        await press(pilot, "x")
         assert len(node.session.annotations()) == 2
         assert f"only the author, Dr Neuro ({neuro.node[:7]}, verified), can remove" in svg_text(
             app
@@ -211,14 +208,12 @@ async def test_clicking_near_an_annotation_selects_it_and_only_the_author_remove
 
         await click_image_point(pilot, viewer, (90.0, 90.0))
         assert panel.selected == mine.id
-        await pilot.press("delete")
-        await pilot.pause()
+        await press(pilot, "delete")
         assert [a.id for a in node.session.annotations()] == [theirs.id]
 
         await click_image_point(pilot, viewer, (110.0, 30.0))  # nothing near: no selection
         assert panel.selected is None
-        await pilot.press("x")
-        await pilot.pause()
+        await press(pilot, "x")
         assert "select an annotation first" in svg_text(app)
 
 
