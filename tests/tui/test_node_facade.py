@@ -227,13 +227,8 @@ async def test_a_streaming_study_lists_every_slice_and_the_one_on_screen_comes_f
     tmp_path: Path,
 ) -> None:
     slices = 40
-    async with consult_pair(tmp_path, slices=slices, rows=256) as (
-        _,
-        neuro,
-        ask,
-        answer,
-        study_uid,
-    ):
+    async with consult_pair(tmp_path, slices=slices, rows=256) as pair:
+        _, neuro, ask, answer, study_uid = pair
         consult_id = await accepted(ask, answer, neuro, study_uid)
         answer.fetch(consult_id)
         await wait_for(lambda: bool(neuro.transfers.incoming()))
@@ -282,13 +277,8 @@ async def test_the_consultant_accepts_fetches_and_opens_the_study_from_the_workl
     from textual.widgets import DataTable, ProgressBar
 
     slices = 30
-    async with consult_pair(tmp_path, slices=slices, rows=256) as (
-        _,
-        neuro,
-        ask,
-        answer,
-        study_uid,
-    ):
+    async with consult_pair(tmp_path, slices=slices, rows=256) as pair:
+        _, neuro, ask, answer, study_uid = pair
         await ask.request_consult(form_to(neuro, study_uid))
         await wait_for(lambda: bool(answer.consults()))
         app = RadmeshApp(answer)
@@ -496,13 +486,8 @@ async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
     tmp_path: Path,
 ) -> None:
     slices = 40
-    async with consult_pair(tmp_path, slices=slices, rows=256) as (
-        rural,
-        neuro,
-        ask,
-        answer,
-        study_uid,
-    ):
+    async with consult_pair(tmp_path, slices=slices, rows=256) as pair:
+        rural, neuro, ask, answer, study_uid = pair
         consult_id = await accepted(ask, answer, neuro, study_uid)
         with pytest.raises(ActionError, match="press f to fetch it"):
             answer.pause_transfer(consult_id)
