@@ -103,6 +103,22 @@ def _signed_wires(
     return Declare(tid, sign_wires(identity, tid, study or _STUDY_OF[tid], declarations))
 
 
+def _declare(receiver: Receiver, sender: Sender, now: float) -> None:
+    """The sender's declarations due at ``now``, taken by the receiver."""
+    for declaration in sender.declarations(now, flush=True):
+        receiver.declare(declaration, now)
+
+
+def _exchange(receiver: Receiver, sender: Sender, now: float, stored: dict[int, bytes]) -> None:
+    """The receiver's requests at ``now`` answered; each instance they complete stored."""
+    for message in receiver.poll(now):
+        for chunk in sender.receive(message):
+            index = receiver.receive(chunk, now)
+            if index is not None:
+                stored[index] = receiver.assemble(index)
+                receiver.stored(index, now)
+
+
 def _run(
     receiver: Receiver,
     sender: Sender,
@@ -113,16 +129,10 @@ def _run(
     """Drive the pair until the receiver stops being active; the instances stored."""
     stored: dict[int, bytes] = {}
     for _ in range(steps):
-        for declaration in sender.declarations(now, flush=True):
-            receiver.declare(declaration, now)
+        _declare(receiver, sender, now)
         if receiver.state not in (State.RUNNING, State.PAUSED):
             return stored
-        for message in receiver.poll(now):
-            for chunk in sender.receive(message):
-                index = receiver.receive(chunk, now)
-                if index is not None:
-                    stored[index] = receiver.assemble(index)
-                    receiver.stored(index, now)
+        _exchange(receiver, sender, now, stored)
         on_step()
         now += 0.1
     raise AssertionError("the transfer did not end within the step budget")
@@ -476,8 +486,7 @@ def test_a_flood_of_hurries_is_not_amplified_into_signed_batches(tmp_path: Path)
     receiver.accept()
     sender = _sender(signed, wires)
     tid = receiver.manifest.transfer_id
-    for declaration in sender.declarations(0.0, flush=True):
-        receiver.declare(declaration, 0.0)
+    _declare(receiver, sender, 0.0)
     resent = 0
     for round_ in range(200):
         for index in (0, 2, -1, 4, 10**9):
@@ -755,14 +764,8 @@ def _run_until(
     stored: dict[int, bytes] = {}
     now = 0.0
     for _ in range(steps):
-        for declaration in sender.declarations(now, flush=True):
-            receiver.declare(declaration, now)
-        for message in receiver.poll(now):
-            for chunk in sender.receive(message):
-                index = receiver.receive(chunk, now)
-                if index is not None:
-                    stored[index] = receiver.assemble(index)
-                    receiver.stored(index, now)
+        _declare(receiver, sender, now)
+        _exchange(receiver, sender, now, stored)
         if done():
             return stored
         now += 0.1

@@ -394,6 +394,18 @@ async def test_a_bomb_costs_the_sender_its_connection_not_the_receiver_its_memor
     assert not store.by_hash
 
 
+def _refused_as_a_bomb(tmp_path: Path, data: bytes, match: str) -> Receiver:
+    """``data`` sent alone, sans-IO: the receiver refuses it as a decompression bomb
+    (``match`` in the reason) before storing it. Returns the receiver."""
+    entry, study, wire = prepare_instance(data)
+    signed = _signed([entry], study)
+    receiver = Receiver(signed, Spool(tmp_path / "spool"))
+    with pytest.raises(RemoteTransferError, match=match) as refused:
+        _drive(receiver, _sender(signed, [wire]))
+    assert type(refused.value).__name__ == "DecompressionBomb"
+    return receiver
+
+
 def _with_frame_header(name: str, marker: bytes, at: int, value: bytes) -> bytes:
     data = bytearray(_pydicom_sample(name).read_bytes())
     where = data.find(marker)
@@ -413,12 +425,7 @@ def test_a_stored_format_frame_claiming_more_than_its_data_set_is_refused_before
     tmp_path: Path, name: str, marker: bytes, at: int, value: bytes
 ) -> None:
     data = _with_frame_header(name, marker, at, value)
-    entry, study, wire = prepare_instance(data)
-    signed = _signed([entry], study)
-    receiver = Receiver(signed, Spool(tmp_path / "spool"))
-    with pytest.raises(RemoteTransferError, match="65535x65535") as refused:
-        _drive(receiver, _sender(signed, [wire]))
-    assert type(refused.value).__name__ == "DecompressionBomb"
+    receiver = _refused_as_a_bomb(tmp_path, data, "65535x65535")
     assert receiver.state is State.FAILED
 
 
@@ -427,12 +434,7 @@ def test_a_data_set_declaring_gigapixel_frames_is_refused_before_storing(tmp_pat
     # would allocate 800 GiB to show it.
     data = _file(_pydicom_sample("JPEG2000.dcm").read_bytes(), NumberOfFrames=100)
     data = _file(data, Rows=65535, Columns=65535)
-    entry, study, wire = prepare_instance(data)
-    signed = _signed([entry], study)
-    receiver = Receiver(signed, Spool(tmp_path / "spool"))
-    with pytest.raises(RemoteTransferError, match="would decode to") as refused:
-        _drive(receiver, _sender(signed, [wire]))
-    assert type(refused.value).__name__ == "DecompressionBomb"
+    _refused_as_a_bomb(tmp_path, data, "would decode to")
 
 
 def test_an_honest_sender_of_a_blank_image_still_gets_through_the_expansion_limit(

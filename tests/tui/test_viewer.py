@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from textual.pilot import Pilot
 
 from consult.live import LiveConsult
 from consult.presence import Cursor, Viewport
@@ -152,13 +154,21 @@ async def test_in_memory_session_follows_a_remote_presenter() -> None:
         assert not node.session.following()
 
 
-async def test_the_participants_panel_shows_who_presents_and_who_follows() -> None:
+@asynccontextmanager
+async def viewer_with_neuro() -> AsyncIterator[
+    tuple[InMemoryNode, MemoryPeer, RadmeshApp, Pilot[None], ViewerScreen]
+]:
+    """The live viewer, Dr Neuro (the verified PEER-NEURO of the directory) in its session."""
     node = make_node()
     neuro = node.live.join("Dr Neuro", "#ff00ff")
     node.rekey("PEER-NEURO", neuro.node)  # before the viewer reads the directory
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+        yield node, neuro, app, pilot, await open_viewer(pilot, node)
+
+
+async def test_the_participants_panel_shows_who_presents_and_who_follows() -> None:
+    async with viewer_with_neuro() as (node, neuro, _, pilot, viewer):
         surg = node.live.join("Dr Surg", "#00ffff")
         surg.viewport(Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
         neuro.viewport(Viewport(SERIES_UID, 3, 400.0, 40.0), following=True)
@@ -182,12 +192,7 @@ async def click_image_point(pilot, viewer: ViewerScreen, point: tuple[float, flo
 
 
 async def test_clicking_near_an_annotation_selects_it_and_only_the_author_removes_it() -> None:
-    node = make_node()
-    neuro = node.live.join("Dr Neuro", "#ff00ff")
-    node.rekey("PEER-NEURO", neuro.node)  # before the viewer reads the directory
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_with_neuro() as (node, neuro, app, pilot, viewer):
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         panel = viewer.query_one(ConsultPanel)
         theirs = neuro.live.add_annotation(
