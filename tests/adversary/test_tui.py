@@ -249,8 +249,7 @@ async def test_markup_and_escapes_in_peers_studies_and_series() -> None:
         assert "INST Please read [/]" in text
         assert "SUB Please read [/]" in text
         assert_clean(text)
-        await pilot.press("v")  # the verify dialog names the peer too
-        await pilot.pause()
+        await press(pilot, "v")  # the verify dialog names the peer too
         text = " ".join(line.strip(" │╭╮╰╯─") for line in screen_lines(app))
         assert f"Verify Dr Victim ({KEY_A.short()}, verified) INST Please read [/]" in text
         assert ESC not in text
@@ -502,8 +501,7 @@ async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_d
         b.cursor(Cursor(sop, 0, 40.0, 40.0))  # the canary, sent after: drawn
         await node.live.settle()
         viewer.view.focus()
-        await pilot.press("f")  # follow the presenter: the one with such numbers was dropped
-        await pilot.pause()
+        await press(pilot, "f")  # follow the presenter: the one with such numbers was dropped
         assert app.is_running
         refused = refusals(node)
         assert len(refused) == 3, refused

@@ -45,8 +45,7 @@ async def test_timers_that_fire_while_the_app_tears_down_do_nothing() -> None:
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         home = app.screen
-        await pilot.press("f3")  # home stays installed, not current
-        await pilot.pause()
+        await press(pilot, "f3")  # home stays installed, not current
         viewer = await open_viewer(pilot, node, live=False)
     assert not home.query("#identity")  # torn down, as when the timer raced the shutdown
     home._tick()  # type: ignore[attr-defined]
@@ -273,8 +272,7 @@ async def test_chat_report_finalise_and_author_only_removal() -> None:
         assert panel.selected == theirs.id
         assert len(node.session.annotations()) == 1  # not ours: refused, and said so
         assert "only the author" in svg_text(app)
-        await pilot.press("f9")  # a preview first; enter signs and sends
-        await pilot.pause()
+        await press(pilot, "f9")  # a preview first; enter signs and sends
         assert not node.session.finalised()
         await press(pilot, "enter")
         assert node.session.finalised()

@@ -122,8 +122,7 @@ async def test_p_opens_current_and_prior_linked_by_position(node: NodeRuntime) -
         assert screen.prior.index != start
         await press(pilot, "t")
         assert screen.query_one("#pane-current").has_class("hidden")
-        await pilot.press("v")  # no report for the prior on this node: says so
-        await pilot.pause()
+        await press(pilot, "v")  # no report for the prior on this node: says so
         assert any("no report" in str(n.message) for n in app._notifications)
         text = app.export_screenshot()
         assert "PRIOR" in text

@@ -25,8 +25,7 @@ async def test_banner_stays_until_k_acknowledges_the_outbox_report_by_name() -> 
         assert "CRITICAL RESULT: consult c-2, escalation 1" in shown
         assert "press k" in shown
 
-        await pilot.press("k")  # the inbox request is selected: nothing to acknowledge
-        await pilot.pause()
+        await press(pilot, "k")  # the inbox request is selected: nothing to acknowledge
         assert not any(a[0] == "ack" for a in node.actions)
         assert banner.display
 
@@ -65,8 +64,7 @@ async def test_f8_marks_the_report_critical_before_f9_signs_it() -> None:
         viewer.view.focus()
         await press(pilot, "f8")
         assert "CRITICAL" in viewer.message
-        await pilot.press("f9", "enter")  # the preview, then sign and send
-        await pilot.pause()
+        await press(pilot, "f9", "enter")  # the preview, then sign and send
         assert node.session.finalised()
         assert node.live.critical
 

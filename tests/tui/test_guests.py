@@ -81,8 +81,7 @@ async def test_g_on_home_approves_and_refuses_the_other_partys_proposals() -> No
         await pilot.pause()
         assert ("refuse-guest", "c-1", "GUEST-TWO") in node.actions
         assert "guest proposal(s)" not in svg_text(app)
-        await pilot.press("g")  # nothing left to answer: says so, no dialog
-        await pilot.pause()
+        await press(pilot, "g")  # nothing left to answer: says so, no dialog
         assert isinstance(app.screen, HomeScreen)
 
 

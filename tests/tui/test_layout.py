@@ -42,16 +42,14 @@ async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> 
         assert "HU -1000  pos" in viewer.query_one("#overlay-bottom", OverlayBar).text
         assert (viewer.view.size, viewer.view.frames_rendered) == (size, drawn)  # no jump
 
-        await pilot.press("t")  # the consult panel, beside a narrower image
-        await pilot.pause()
+        await press(pilot, "t")  # the consult panel, beside a narrower image
         assert panel.size.width > 0
         assert 20 <= viewer.view.size.width < 74
         await press(pilot, "t")
         assert panel.size.width == 0
         assert viewer.view.size.width >= 74
 
-        await pilot.press("r")  # typing the report is one key away, even folded
-        await pilot.pause()
+        await press(pilot, "r")  # typing the report is one key away, even folded
         report = viewer.query_one("#report", TextArea)
         assert report.has_focus
         await pilot.press("n", "o", "r", "m")
@@ -61,8 +59,7 @@ async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> 
         assert viewer.view.has_focus
         assert panel.size.width == 0
 
-        await pilot.press("s")  # the series list, picked from and folded again
-        await pilot.pause()
+        await press(pilot, "s")  # the series list, picked from and folded again
         assert series.has_focus
         assert series.size.width > 0
         await pilot.press("down", "enter")
@@ -82,8 +79,7 @@ async def test_at_200x55_the_series_list_and_the_panel_sit_beside_a_wide_image()
         assert panel.size.width >= 40
         assert series.size.width >= 20
         assert viewer.view.size.width >= 110
-        await pilot.press("t")  # nothing to fold at this width: said, not done
-        await pilot.pause()
+        await press(pilot, "t")  # nothing to fold at this width: said, not done
         assert "always shown at this width" in viewer.message
         assert panel.size.width >= 40
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from crypto.identity import Identity
-from tests.tui.pilots import make_node, open_viewer
+from tests.tui.pilots import make_node, open_viewer, press
 from tui.app import RadmeshApp
 from tui.facade import Frame, StudyInfo
 from tui.memory import InMemoryNode
@@ -160,8 +160,7 @@ async def test_the_keyboard_cursor_shows_the_value_under_it() -> None:
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot, node, live=False)
-        await pilot.press("M")  # a tool: the keyboard cursor appears in the middle
-        await pilot.pause()
+        await press(pilot, "M")  # a tool: the keyboard cursor appears in the middle
         assert viewer.kb is not None
         assert viewer.view.frame is not None
         hu = pixel_value(viewer.view.frame, viewer.kb)

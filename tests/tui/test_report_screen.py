@@ -40,8 +40,7 @@ async def test_v_on_an_outbox_consult_shows_its_report_literally() -> None:
     node.reports["c-2"] = sections_for(author)
     app = RadmeshApp(node)
     async with app.run_test(size=(150, 50)) as pilot:
-        await pilot.press("v")  # the inbox request is selected: no report to read there
-        await pilot.pause()
+        await press(pilot, "v")  # the inbox request is selected: no report to read there
         assert not isinstance(app.screen, ReportScreen)
 
         app.screen.query_one("#worklist", DataTable).move_cursor(row=1)  # the outbox consult
@@ -88,8 +87,7 @@ async def test_e_on_a_reported_inbox_consult_adds_a_signed_addendum() -> None:
     node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("e")  # c-1 is only offered: nothing signed to amend
-        await pilot.pause()
+        await press(pilot, "e")  # c-1 is only offered: nothing signed to amend
         assert not isinstance(app.screen, TextPrompt)
 
         node.states["c-1"] = "reported"

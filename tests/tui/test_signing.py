@@ -119,14 +119,12 @@ async def test_f9_previews_both_sections_and_measurement_escape_edits_enter_send
         assert "length 21.0 mm (image 3)" in preview.text
         assert "Critical:   no" in preview.text
 
-        await pilot.press("escape")  # back to editing: nothing signed or sent
-        await pilot.pause()
+        await press(pilot, "escape")  # back to editing: nothing signed or sent
         assert app.screen is viewer
         assert not node.session.finalised()
         assert node.live.sent == []
         assert viewer.query_one("#report").has_focus
-        await pilot.press(*keys(" ok"))  # still typing into the impression
-        await pilot.pause()
+        await press(pilot, *keys(" ok"))  # still typing into the impression
         assert split_report(node.session.report_text())[1] == "normal study. ok"
 
         await press(pilot, "f8", "f9")
@@ -137,8 +135,7 @@ async def test_f9_previews_both_sections_and_measurement_escape_edits_enter_send
         assert node.session.finalised()
         assert node.live.critical
         assert node.live.sent == [("no bleed.", "normal study. ok", frozenset())]
-        await pilot.press("f9")  # signed already: no second preview, no second send
-        await pilot.pause()
+        await press(pilot, "f9")  # signed already: no second preview, no second send
         assert app.screen is viewer
         assert len(node.live.sent) == 1
 
@@ -165,15 +162,13 @@ async def test_ctrl_t_inserts_the_template_skeleton_into_an_empty_report_only() 
     node, app = make()
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot)
-        await pilot.press("r", "ctrl+t")  # the study is a CT CHEST
-        await pilot.pause()
+        await press(pilot, "r", "ctrl+t")  # the study is a CT CHEST
         findings, _impression = split_report(node.session.report_text())
         assert findings.startswith("Lungs:")
         assert "Mediastinum" in findings
         assert viewer.query_one("#report", TextArea).text == node.session.report_text()
         before = node.session.report_text()
-        await pilot.press("ctrl+t")  # not twice: the report is not empty any more
-        await pilot.pause()
+        await press(pilot, "ctrl+t")  # not twice: the report is not empty any more
         assert node.session.report_text() == before
         assert "empty report only" in viewer.message
 

@@ -81,8 +81,7 @@ async def test_a_follower_takes_the_presenters_slices_until_they_scroll_themselv
         await wait_for(lambda: viewer.index == 7 and viewer.series_index == 1)
         assert viewer.view.zoom == 2.0
 
-        await pilot.press("j")  # the follower moves on their own: no longer following
-        await pilot.pause()
+        await press(pilot, "j")  # the follower moves on their own: no longer following
         assert viewer.index == 8
         assert not follower.presence.following
         await wait_for(lambda: not other(presenter).following)  # type: ignore[attr-defined]
