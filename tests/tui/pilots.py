@@ -3,6 +3,8 @@ its first study, keys pressed and the screen's text read back."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from textual.pilot import Pilot
@@ -41,3 +43,15 @@ async def press(pilot: Pilot[Any], *keys: str) -> None:
     """Presses ``keys``, then lets the app handle what they set off."""
     await pilot.press(*keys)
     await pilot.pause()
+
+
+@asynccontextmanager
+async def viewer_app(
+    size: tuple[int, int],
+) -> AsyncIterator[tuple[InMemoryNode, RadmeshApp, Pilot[None], ViewerScreen]]:
+    """A new in-memory node's app run at ``size``, its live viewer open on the first study:
+    the node, the app, the pilot and the viewer."""
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=size) as pilot:
+        yield node, app, pilot, await open_viewer(pilot, node)

@@ -9,7 +9,7 @@ from textual import events
 
 from consult.presence import Cursor
 from consult.shared import AnnotationKind
-from tests.tui.pilots import make_node, open_viewer, press, svg_text
+from tests.tui.pilots import make_node, open_viewer, press, svg_text, viewer_app
 from tui.app import RadmeshApp
 from tui.imaging import PRESETS, Window
 from tui.memory import STUDY_UID
@@ -168,10 +168,7 @@ async def click_image(pilot, x: int, y: int) -> None:  # type: ignore[no-untyped
 async def test_each_annotation_tool_adds_a_measured_annotation(
     key: str, kind: AnnotationKind, clicks: list[tuple[int, int]], value: str | None
 ) -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, _, pilot, viewer):
         await pilot.press(key)
         for x, y in clicks:
             await click_image(pilot, x, y)
@@ -188,10 +185,7 @@ async def test_each_annotation_tool_adds_a_measured_annotation(
 
 
 async def test_length_is_in_mm_using_pixel_spacing() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, _, pilot, viewer):
         await pilot.press("M")
         await click_image(pilot, 40, 12)
         await click_image(pilot, 50, 12)
@@ -219,10 +213,7 @@ async def test_arrow_asks_for_its_text() -> None:
 
 
 async def test_remote_cursor_and_annotation_appear_and_own_cursor_is_coalesced() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, app, pilot, viewer):
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         neuro = node.live.join("Dr Neuro", "#ff00ff")
         neuro.cursor(Cursor(sop, 0, 60.0, 60.0))
@@ -247,10 +238,7 @@ async def test_remote_cursor_and_annotation_appear_and_own_cursor_is_coalesced()
 
 
 async def test_chat_report_finalise_and_author_only_removal() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=FULL) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(FULL) as (node, app, pilot, viewer):
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         panel = viewer.query_one(ConsultPanel)
         await pilot.click("#chat-input")

@@ -7,7 +7,7 @@ import re
 
 from textual.widgets import DataTable, OptionList, TextArea
 
-from tests.tui.pilots import make_node, open_viewer, press, svg_text
+from tests.tui.pilots import make_node, press, svg_text, viewer_app
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem
 from tui.screens.home import site_cell, study_cell, worklist_columns
@@ -25,10 +25,7 @@ def worklist_keys(app: RadmeshApp) -> list[str]:
 
 
 async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SMALL) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SMALL) as (node, app, pilot, viewer):
         panel, series = viewer.query_one(ConsultPanel), viewer.query_one("#series", OptionList)
         assert not panel.display or panel.size.width == 0
         assert series.size.width == 0
@@ -71,10 +68,7 @@ async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> 
 
 
 async def test_at_200x55_the_series_list_and_the_panel_sit_beside_a_wide_image() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=LARGE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(LARGE) as (_, _, pilot, viewer):
         panel, series = viewer.query_one(ConsultPanel), viewer.query_one("#series", OptionList)
         assert panel.size.width >= 40
         assert series.size.width >= 20

@@ -14,7 +14,7 @@ from textual.widget import Widget
 from consult.live import LiveConsult
 from consult.shared import AnnotationKind
 from crypto.identity import Identity
-from tests.tui.pilots import make_node, open_viewer, press
+from tests.tui.pilots import make_node, open_viewer, press, viewer_app
 from tui import imaging
 from tui.app import RadmeshApp
 from tui.facade import Frame, SeriesInfo
@@ -98,10 +98,7 @@ async def test_a_length_clicked_in_a_session_alone_is_listed_and_drawn_at_once()
 
 
 async def test_every_tool_works_from_the_keyboard_and_draws_its_value() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, _, pilot, viewer):
         await pilot.press("G", "space", "l", "l", "l", "space", "k", "k", "space")
         await press(pilot, "E", "space", "L", "J", "space")
         angle, roi = node.session.annotations()
@@ -113,10 +110,7 @@ async def test_every_tool_works_from_the_keyboard_and_draws_its_value() -> None:
 
 
 async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, _, pilot, viewer):
         assert viewer.view.has_focus
         assert mode_line(viewer).startswith("VIEW")
         state = (viewer.index, viewer.series_index, viewer.view.window, viewer.view.zoom)

@@ -20,7 +20,7 @@ from consult.live import LiveConsult
 from consult.presence import Cursor, Viewport
 from consult.shared import AnnotationKind
 from crypto.identity import Identity
-from tests.tui.pilots import make_node, open_viewer, press, svg_text
+from tests.tui.pilots import make_node, open_viewer, press, svg_text, viewer_app
 from tui.app import RadmeshApp
 from tui.dicom_frame import frame_from_dataset
 from tui.facade import Frame
@@ -133,10 +133,7 @@ async def test_follow_without_a_live_consult_says_what_to_do() -> None:
 
 
 async def test_in_memory_session_follows_a_remote_presenter() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, app, pilot, viewer):
         neuro = node.live.join("Dr Neuro", "#ff00ff")
         neuro.viewport(Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
         await press(pilot, "f")
