@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -341,6 +341,27 @@ async def signaling_relay(sock: Path, ready: asyncio.Event, lifetime: float) -> 
         await asyncio.sleep(lifetime)
 
 
+@contextlib.asynccontextmanager
+async def relaying(sock: Path, lifetime: float) -> AsyncIterator[dict[str, Any]]:
+    """The signaling relay on ``sock``, and a dict for the node processes the caller starts:
+    on the way out any still running is killed, and the relay stopped (also used by
+    tests/peer_transport/test_netns.py)."""
+    ready = asyncio.Event()
+    relay = asyncio.ensure_future(signaling_relay(sock, ready, lifetime))
+    await ready.wait()
+    procs: dict[str, Any] = {}
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        relay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay
+
+
 async def _spawn(link: Link, side: str, config: dict[str, Any], work: Path) -> Any:
     path = work / f"node-{side}.json"
     path.write_text(json.dumps(config))
@@ -357,12 +378,8 @@ async def _radmesh(
     work = work / sender
     work.mkdir()
     sock = work / "signal.sock"
-    ready = asyncio.Event()
-    relay = asyncio.ensure_future(signaling_relay(sock, ready, RUN_TIMEOUT))
-    await ready.wait()
     ids = {"a": Identity.generate(), "b": Identity.generate()}
-    procs: dict[str, Any] = {}
-    try:
+    async with relaying(sock, RUN_TIMEOUT) as procs:
         receiver = "raw-receive" if sender == "raw-send" else "receive"
         for side, role, other in (("b", receiver, "a"), ("a", sender, "b")):
             (work / side).mkdir()
@@ -383,14 +400,6 @@ async def _radmesh(
             if proc.returncode != 0:
                 raise RuntimeError(f"node {side} failed: {stderr.decode()[-3000:]}")
             out[side] = json.loads(stdout.decode().strip().splitlines()[-1])
-    finally:
-        for proc in procs.values():
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        relay.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay
     return {**out["a"], **out["b"]}
 
 

@@ -98,21 +98,38 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _record(
+    identity: Identity,
+    i: int,
+    now: int,
+    languages: tuple[str, ...],
+    endpoints: tuple[str, ...] = (),
+) -> NodeRecord:
+    """The bench's record number ``i``: a French hospital's, one of four subspecialties."""
+    return NodeRecord.create(
+        identity,
+        now=now,
+        sequence=1,
+        display_name=f"Dr {i}",
+        institution="Bench Hospital",
+        country="FR",
+        subspecialties=(("neuro", "msk", "chest", "paediatric")[i % 4],),
+        jurisdictions=("FR",),
+        languages=languages,
+        endpoints=endpoints,
+    )
+
+
 def _fill(db_path: Path) -> list[str]:
     db = RegistryDB(db_path)
     now = int(time.time())
     ids = []
     for i in range(RECORDS):
         identity = Identity(i.to_bytes(4, "big") * 8)
-        record = NodeRecord.create(
+        record = _record(
             identity,
-            now=now,
-            sequence=1,
-            display_name=f"Dr {i}",
-            institution="Bench Hospital",
-            country="FR",
-            subspecialties=(("neuro", "msk", "chest", "paediatric")[i % 4],),
-            jurisdictions=("FR",),
+            i,
+            now,
             languages=("fr", "en"),
             endpoints=(f"lan:http://127.0.0.1:{10000 + i % 50000}",),
         )
@@ -299,18 +316,7 @@ def _start_instance(db: str) -> tuple[subprocess.Popen[str], str]:
 def _signed_records(count: int) -> list[bytes]:
     now = int(time.time())
     return [
-        NodeRecord.create(
-            Identity(os.urandom(32)),
-            now=now,
-            sequence=1,
-            display_name=f"Dr {i}",
-            institution="Bench Hospital",
-            country="FR",
-            subspecialties=(("neuro", "msk", "chest", "paediatric")[i % 4],),
-            jurisdictions=("FR",),
-            languages=("fr",),
-        ).to_wire()
-        for i in range(count)
+        _record(Identity(os.urandom(32)), i, now, languages=("fr",)).to_wire() for i in range(count)
     ]
 
 

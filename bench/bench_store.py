@@ -37,22 +37,24 @@ def _copy_baseline(files: list[Path], out: Path) -> float:
     return time.perf_counter() - start
 
 
-def _multiframe(path: Path, frames: int) -> Path:
+def multiframe(path: Path, frames: int, rows: int = 512, seed: int = 1) -> Path:
+    """A multi-frame grayscale word secondary capture of ``frames`` random ``rows`` x
+    ``rows`` 12-bit frames, written to ``path`` (also used by tests/node/test_import.py)."""
     ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # multi-frame grayscale word SC
     ds.SOPInstanceUID = generate_uid()
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "OT"
-    ds.Rows = ds.Columns = 512
+    ds.Rows = ds.Columns = rows
     ds.NumberOfFrames = frames
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
-    rng = np.random.default_rng(1)
-    ds.PixelData = rng.integers(0, 4096, (frames, 512, 512), dtype="<u2").tobytes()
+    rng = np.random.default_rng(seed)
+    ds.PixelData = rng.integers(0, 4096, (frames, rows, rows), dtype="<u2").tobytes()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -80,7 +82,7 @@ def main() -> None:
                 store.read_instance(r.sop_instance_uid)
             read_s = time.perf_counter() - start
 
-            big = _multiframe(root / "mf.dcm", frames=200)  # 100 MiB, 100 chunks
+            big = multiframe(root / "mf.dcm", frames=200)  # 100 MiB, 100 chunks
             uid = store.add_file(big, source="bench").sop_instance_uid
             frame_bytes = 512 * 512 * 2
             first_frame = big.stat().st_size - 200 * frame_bytes  # native pixels end the file

@@ -550,6 +550,15 @@ def main() -> None:
         raw = asyncio.run(_parent("raw", None, -1))
         return raw["bytes"] / raw["seconds"]
 
+    def sent_then_raw(study: PreparedStudy, before: float) -> tuple[dict[str, float], float, float]:
+        """``study`` sent (and closed), then the raw channel measured again: the run, the
+        raw rate after it, and the mean of the raw rates around it."""
+        res = asyncio.run(_parent("study", study, -1))
+        study.close()
+        after = raw_rate()
+        print(f"raw aiortc data channel, 2 processes: {after / 1e6:.2f} MB/s")
+        return res, after, (before + after) / 2
+
     print(f"event loop: {loop_name}")
     before = raw_rate()
     print(f"raw aiortc data channel, 2 processes: {before / 1e6:.2f} MB/s")
@@ -557,12 +566,8 @@ def main() -> None:
     ct, encode_s = _study(_ct_stream(200, seed=1), 200)
     ct_bytes = ct.total_size
     wire = _wire_bytes(ct)
-    res = asyncio.run(_parent("study", ct, -1))
-    ct.close()
+    res, after, raw = sent_then_raw(ct, before)
     rate = res["bytes"] / res["seconds"]
-    after = raw_rate()
-    print(f"raw aiortc data channel, 2 processes: {after / 1e6:.2f} MB/s")
-    raw = (before + after) / 2
     print(
         f"CT 200x512x512 ({ct_bytes / 1e6:.0f} MB, wire {wire / 1e6:.0f} MB, "
         f"encode+verify {encode_s:.1f} s before offering): {rate / 1e6:.2f} MB/s original "
@@ -570,12 +575,8 @@ def main() -> None:
     )
 
     noise, encode_s = _study((bench_codec.random_instance(s) for s in range(60)), 60)
-    res = asyncio.run(_parent("study", noise, -1))
-    noise.close()
+    res, _, raw = sent_then_raw(noise, after)
     rate = res["bytes"] / res["seconds"]
-    again = raw_rate()
-    print(f"raw aiortc data channel, 2 processes: {again / 1e6:.2f} MB/s")
-    raw = (after + again) / 2
     print(
         f"incompressible 60x512x512 (encode {encode_s:.1f} s): {rate / 1e6:.2f} MB/s "
         f"= {rate / raw:.2f}x raw (goal >= 0.8x)"

@@ -61,6 +61,21 @@ async def _three_dicom_receipts(runtime: NodeRuntime) -> list[bytes]:
     return files
 
 
+def _home_with_one_import(tmp_path: Path) -> tuple[NodeHome, Identity]:
+    """A home whose audit log holds one import record."""
+    home, identity = make_home(tmp_path, "n", "", [])
+    with open_audit(home, identity) as audit:
+        audit.append("import", now=time.time(), study_uid="1.2.3")
+    return home, identity
+
+
+def _tamper(home: NodeHome, *statements: str) -> None:
+    """``statements`` run on the home's audit database, as someone with its file would."""
+    with sqlite3.connect(home.data_dir / AUDIT_NAME, isolation_level=None) as db:
+        for statement in statements:
+            db.execute(statement)
+
+
 def _verify(home: NodeHome, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     code = main(["--home", str(home.root), "audit", "verify"])
     return code, capsys.readouterr().out
@@ -92,17 +107,13 @@ async def test_a_stopped_node_has_signed_every_record_and_a_cut_tail_is_named(
     _no_phi(home)
 
     # Cut the last record and the checkpoint that covered it: the chain alone still holds.
-    with sqlite3.connect(home.data_dir / AUDIT_NAME, isolation_level=None) as db:
-        db.execute("DELETE FROM records WHERE seq = 3")
-        db.execute("DELETE FROM checkpoints WHERE seq >= 3")
+    _tamper(home, "DELETE FROM records WHERE seq = 3", "DELETE FROM checkpoints WHERE seq >= 3")
     code, out = _verify(home, capsys)
     assert code != 0
     assert "records 3 to 3 were cut from the tail" in out
 
     # Delete everything: rows, then the whole database file.
-    with sqlite3.connect(home.data_dir / AUDIT_NAME, isolation_level=None) as db:
-        db.execute("DELETE FROM records")
-        db.execute("DELETE FROM checkpoints")
+    _tamper(home, "DELETE FROM records", "DELETE FROM checkpoints")
     code, out = _verify(home, capsys)
     assert code != 0
     assert "all 3 record(s) were removed" in out
@@ -131,9 +142,7 @@ async def test_a_running_node_signs_new_records_on_its_timer(tmp_path: Path) -> 
 def test_deleting_the_high_water_mark_is_detected_and_blocks_signing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    home, identity = make_home(tmp_path, "n", "", [])
-    with open_audit(home, identity) as audit:
-        audit.append("import", now=time.time(), study_uid="1.2.3")
+    home, identity = _home_with_one_import(tmp_path)
     assert _verify(home, capsys)[0] == 0
     (home.root / "audit.hwm").unlink()
     code, out = _verify(home, capsys)
@@ -151,9 +160,7 @@ def test_deleting_the_high_water_mark_is_detected_and_blocks_signing(
 def test_a_forged_high_water_mark_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    home, identity = make_home(tmp_path, "n", "", [])
-    with open_audit(home, identity) as audit:
-        audit.append("import", now=time.time(), study_uid="1.2.3")
+    home, _ = _home_with_one_import(tmp_path)
     other = NodeHome(tmp_path / "other")
     with open_audit(other, Identity.generate()) as audit:
         audit.append("import", now=time.time(), study_uid="1.2.3")
@@ -288,9 +295,7 @@ def test_doctor_reports_the_audit_state_and_a_cut_log(
     line = next(x for x in out.splitlines() if "audit log" in x)
     assert line.startswith("[ok  ]")
     assert "3 record(s), last checkpoint 0 min ago, high-water mark at record 3" in line
-    with sqlite3.connect(home.data_dir / AUDIT_NAME, isolation_level=None) as db:
-        db.execute("DELETE FROM records WHERE seq = 3")
-        db.execute("DELETE FROM checkpoints")
+    _tamper(home, "DELETE FROM records WHERE seq = 3", "DELETE FROM checkpoints")
     assert main(["--home", str(home.root), "doctor"]) == 1
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if "audit log" in x)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -51,20 +50,22 @@ from crypto.identity import Identity, NodeId
 from node.app import consults
 from node.app.runtime import NodeRuntime
 from peer_transport.errors import RemoteError
-from tests.consult.test_live import CONSULT, SOP, introduce, key, start_node, wait_for
+from tests.consult import test_live as consult_live
+from tests.consult.test_live import (
+    CONSULT,
+    SOP,
+    introduce,
+    key,
+    live_session,
+    start_node,
+    wait_for,
+)
 from tests.node.test_runtime import request_from
 
 # --- fixtures -------------------------------------------------------------------------------
 
-
-@pytest.fixture
-async def trio(tmp_path: Path, registry: str) -> AsyncIterator[list[NodeRuntime]]:
-    """Three trusted nodes: a (requesting hospital), b (consultant), c (a third node)."""
-    nodes = [await start_node(tmp_path, name, registry) for name in ("ana", "ben", "cai")]
-    introduce(nodes)
-    yield nodes
-    for node in nodes:
-        await node.stop()
+# Three trusted nodes: a (requesting hospital), b (consultant), c (a third node).
+trio = consult_live.trio
 
 
 def consult_between(requester: NodeRuntime, consultant: NodeRuntime) -> str:
@@ -549,10 +550,7 @@ async def test_over_aiortc_an_edit_past_a_cap_drops_its_sender_and_honest_chat_s
     monkeypatch.setattr(shared, "MAX_ANNOTATIONS_PER_AUTHOR", 20)  # a flood that fits a test
     monkeypatch.setattr(shared, "MAX_DOCUMENT", 32 * 1024)
     a, b, c = trio
-    live_a = a.live_hub().open(CONSULT)
-    await a.live_hub().invite(CONSULT, key(b))
-    await a.live_hub().invite(CONSULT, key(c))
-    live_b, live_c = b.live_hub().sessions[CONSULT], c.live_hub().sessions[CONSULT]
+    live_a, live_b, live_c = await live_session(a, b, c)
     await wait_for(lambda: live_b.is_bound(key(c)) and live_c.is_bound(key(b)))
     to_b = a.live_hub()._links[key(b)]
 
@@ -695,9 +693,11 @@ def test_a_state_vector_past_its_cap_is_refused_before_parsing() -> None:
 # --- admission withdrawn while in the session ---------------------------------------------
 
 
-async def guest_in_session(a: NodeRuntime, b: NodeRuntime, c: NodeRuntime) -> tuple[str]:
+async def guest_in_session(
+    a: NodeRuntime, b: NodeRuntime, c: NodeRuntime
+) -> tuple[str, LiveConsult, LiveConsult, LiveConsult]:
     """a (hospital) and b (consultant) in a live session on their consult, with c a guest
-    both approved; returns the consult id."""
+    both approved; returns the consult id and a's, b's and c's sessions."""
     consult_id = consult_between(a, b)
     a.live_hub().open(consult_id)
     await a.live_hub().invite(consult_id, key(b))
@@ -711,7 +711,7 @@ async def guest_in_session(a: NodeRuntime, b: NodeRuntime, c: NodeRuntime) -> tu
     await wait_for(lambda: live_a.is_bound(key(c)) and live_c.is_bound(key(a)))
     live_c.say("guest here")
     await wait_for(lambda: "guest here" in texts(live_a) and "guest here" in texts(live_b))
-    return (consult_id,)
+    return consult_id, live_a, live_b, live_c
 
 
 def message_refusals(node: NodeRuntime, peer: NodeRuntime) -> list[str]:
@@ -723,9 +723,7 @@ async def test_a_guest_refused_after_approval_is_dropped_at_its_next_live_messag
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    (consult_id,) = await guest_in_session(a, b, c)
-    live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
-    live_c = c.live_hub().sessions[consult_id]
+    consult_id, live_a, live_b, live_c = await guest_in_session(a, b, c)
     # The hospital takes its approval back; b's database has the refusal (the live.refuse
     # handler's first step) and nothing has taken c out of b's session yet: admission was
     # only checked when c was bound, so c's messages kept flowing in.
@@ -746,9 +744,7 @@ async def test_a_withdrawn_consult_keeps_nobody_in_either_partys_live_session(
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    (consult_id,) = await guest_in_session(a, b, c)
-    live_a, live_b = a.live_hub().sessions[consult_id], b.live_hub().sessions[consult_id]
-    live_c = c.live_hub().sessions[consult_id]
+    consult_id, live_a, live_b, live_c = await guest_in_session(a, b, c)
     assert await a.consulting.withdraw(consult_id) == []
     # The hospital's own session lets nobody stay in; the consultant's, once told.
     assert not live_a.is_bound(key(b))
@@ -771,8 +767,7 @@ async def test_a_party_still_in_a_session_whose_consult_closed_is_refused_at_its
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    (consult_id,) = await guest_in_session(a, b, c)
-    live_b = b.live_hub().sessions[consult_id]
+    consult_id, _, live_b, _ = await guest_in_session(a, b, c)
     # The consult expires on the consultant's node (its deadline passed); nothing took the
     # hospital out of b's session: its next message is refused there and it is dropped.
     b.consults.expire_due(b.now() + 10 * 3600)

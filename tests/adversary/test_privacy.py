@@ -11,10 +11,8 @@ saying NO or a person's confirmation. Every way a study leaves the node
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import io
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nacl.pwhash
@@ -46,9 +44,9 @@ from node.dicom.deid import (
 )
 from node.dicom.sharing import BurnedInRefused, QuestionNamesPatient
 from node.dicom.store import open_store
-from peer_transport.rtc import restrict_host_addresses
 from tests.dcmtk import generated_ct, require_dcmtk, storescu
-from tests.node.test_runtime import FAST, make_home, started
+from tests.node.pair import two_trusted_nodes
+from tests.node.test_runtime import FAST, make_home
 from tui.facade import ActionError, ConsultForm
 from tui.node_facade import RuntimeNode
 
@@ -232,25 +230,6 @@ def _us_series(count: int) -> list[bytes]:
         ds.save_as(buf, enforce_file_format=True)
         out.append(buf.getvalue())
     return out
-
-
-@contextlib.asynccontextmanager
-async def two_trusted_nodes(tmp_path: Path) -> AsyncIterator[tuple[NodeRuntime, NodeRuntime]]:
-    restrict_host_addresses(["127.0.0.1"])
-    home_a, alice = make_home(tmp_path, "rural", "", [])
-    home_b, bob = make_home(tmp_path, "neuro", "", ["neuro"])
-    a, b = await started(home_a, alice), await started(home_b, bob)
-    try:
-        assert a.record is not None
-        assert b.record is not None
-        a.directory.remember(b.record, "test", a.now())
-        b.directory.remember(a.record, "test", b.now())
-        a.trust.mark_verified(bob.node_id, a.now())
-        b.trust.mark_verified(alice.node_id, b.now())
-        yield a, b
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 async def _send(a: NodeRuntime, b: NodeRuntime, study_uid: str, **flags: object) -> str:

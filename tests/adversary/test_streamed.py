@@ -45,10 +45,18 @@ from peer_transport.transfer.manifest import (
 from peer_transport.transfer.messages import Declare, Hurry, Request, from_wire
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.receiver import WIRES_FILE, Receiver
-from peer_transport.transfer.runner import StudyReceiver, StudySender
 from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.spool import SenderSpool, Spool
-from tests.peer_transport.test_transfer_runner import MemoryLink, MemoryStore
+from tests.peer_transport.transfer_links import (
+    MemoryLink,
+    MemoryStore,
+    attached,
+    joined,
+    memory_pair,
+    pumps_stopped,
+    serving,
+    wire_sender,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -71,12 +79,7 @@ def _sender(
 ) -> Sender:
     """A sender that has encoded and declares every instance (but ``skip``)."""
     manifest = Manifest.open(signed)[1]
-    sender = Sender(
-        manifest,
-        wires.__getitem__,
-        signed,
-        lambda ds: sign_wires(identity, manifest.transfer_id, manifest.study_instance_uid, ds),
-    )
+    sender = wire_sender(manifest, signed, wires, identity)
     for index, wire in enumerate(wires):
         if index != skip:
             sender.declare(_declaration(index, wire))
@@ -100,6 +103,22 @@ def _signed_wires(
     return Declare(tid, sign_wires(identity, tid, study or _STUDY_OF[tid], declarations))
 
 
+def _declare(receiver: Receiver, sender: Sender, now: float) -> None:
+    """The sender's declarations due at ``now``, taken by the receiver."""
+    for declaration in sender.declarations(now, flush=True):
+        receiver.declare(declaration, now)
+
+
+def _exchange(receiver: Receiver, sender: Sender, now: float, stored: dict[int, bytes]) -> None:
+    """The receiver's requests at ``now`` answered; each instance they complete stored."""
+    for message in receiver.poll(now):
+        for chunk in sender.receive(message):
+            index = receiver.receive(chunk, now)
+            if index is not None:
+                stored[index] = receiver.assemble(index)
+                receiver.stored(index, now)
+
+
 def _run(
     receiver: Receiver,
     sender: Sender,
@@ -110,16 +129,10 @@ def _run(
     """Drive the pair until the receiver stops being active; the instances stored."""
     stored: dict[int, bytes] = {}
     for _ in range(steps):
-        for declaration in sender.declarations(now, flush=True):
-            receiver.declare(declaration, now)
+        _declare(receiver, sender, now)
         if receiver.state not in (State.RUNNING, State.PAUSED):
             return stored
-        for message in receiver.poll(now):
-            for chunk in sender.receive(message):
-                index = receiver.receive(chunk, now)
-                if index is not None:
-                    stored[index] = receiver.assemble(index)
-                    receiver.stored(index, now)
+        _exchange(receiver, sender, now, stored)
         on_step()
         now += 0.1
     raise AssertionError("the transfer did not end within the step budget")
@@ -279,23 +292,12 @@ async def test_an_entry_repeating_a_uid_costs_the_sender_its_connection(tmp_path
                 data = Declare(tid, sign_wires(PEER, tid, batch.study_uid, forged)).to_wire()
             await super().send_control(data)
 
-    a, b = Repeating(), _DroppingLink()
-    a.peer, b.peer = b, a
-    receiver = StudyReceiver(b, tmp_path / "spool", MemoryStore(), "peer-a")
-    sender = StudySender(study, a)
-    a.attach(sender.on_control, lambda _d: None)
-    b.attach(receiver.on_control, receiver.on_bulk)
-    serving = asyncio.ensure_future(sender.run())
-    try:
+    a, b = joined(Repeating(), _DroppingLink())
+    sender, receiver = attached(study, a, b, tmp_path / "spool", MemoryStore())
+    async with serving(sender, a, b):
         with pytest.raises(ManifestMismatch, match="twice, as instances"):
             await asyncio.wait_for(receiver.run(), 30)
         assert [type(e) for e in b.dropped] == [ManifestMismatch]
-    finally:
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
-        for link in (a, b):
-            if link.pump is not None:
-                link.pump.cancel()
 
 
 def test_progress_counts_the_signed_count_and_bound_until_the_entries_arrive(
@@ -358,37 +360,21 @@ class _Contradicting(MemoryLink):
 
 async def test_a_contradicting_declaration_costs_the_sender_its_connection(tmp_path: Path) -> None:
     study = await PreparedStudy.from_files(ct_series(3, seed=24, size=64), PEER)
-    a, b = _Contradicting(), _DroppingLink()
-    a.peer, b.peer = b, a
+    a, b = joined(_Contradicting(), _DroppingLink())
     store = MemoryStore()
-    receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a")
-    sender = StudySender(study, a)
-    a.attach(sender.on_control, lambda _d: None)
-    b.attach(receiver.on_control, receiver.on_bulk)
-    serving = asyncio.ensure_future(sender.run())
-    try:
+    sender, receiver = attached(study, a, b, tmp_path / "spool", store)
+    async with serving(sender, a, b):
         with pytest.raises(ManifestMismatch, match="twice, differently"):
             await asyncio.wait_for(receiver.run(), 30)
         assert len(b.dropped) == 1
         assert isinstance(b.dropped[0], ManifestMismatch)
-    finally:
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
-        for link in (a, b):
-            if link.pump is not None:
-                link.pump.cancel()
     assert not store.by_hash  # nothing was fetched on the word of a declaration it took back
 
 
 def test_a_sender_refuses_a_request_for_an_instance_it_has_not_declared() -> None:
     signed, wires = _study(3, seed=25)
     manifest = Manifest.open(signed)[1]
-    sender = Sender(
-        manifest,
-        wires.__getitem__,
-        signed,
-        lambda ds: sign_wires(PEER, manifest.transfer_id, manifest.study_instance_uid, ds),
-    )
+    sender = wire_sender(manifest, signed, wires, PEER)
     sender.declare(_declaration(0, wires[0]))
     assert sender.receive(Request(manifest.transfer_id, 0, (0,)))  # declared: served
     with pytest.raises(MalformedMessage, match="not declared"):
@@ -431,20 +417,14 @@ async def test_the_first_slice_is_delivered_before_the_last_one_is_encoded(
         iter(files), PEER, spool, count=len(files), total=1 << 30, source=b"", ahead=2
     )
     assert study.declared == {}  # signed and offered before anything is encoded
-    a, b = MemoryLink(), MemoryLink()
-    a.peer, b.peer = b, a
+    a, b = memory_pair()
     store = Store()
-    receiver = StudyReceiver(b, tmp_path / "in", store, "peer-a")
-    sender = StudySender(study, a)
-    a.attach(sender.on_control, lambda _d: None)
-    b.attach(receiver.on_control, receiver.on_bulk)
-    try:
-        await asyncio.wait_for(asyncio.gather(receiver.run(), sender.run()), 60)
-    finally:
-        spool.close()
-        for link in (a, b):
-            if link.pump is not None:
-                link.pump.cancel()
+    sender, receiver = attached(study, a, b, tmp_path / "in", store)
+    with pumps_stopped(a, b):
+        try:
+            await asyncio.wait_for(asyncio.gather(receiver.run(), sender.run()), 60)
+        finally:
+            spool.close()
     assert len(store.by_hash) == len(files)
     assert events.index(("stored", uids[0])) < events.index(("encoded", uids[-1]))
 
@@ -477,14 +457,7 @@ def test_the_receiver_hurries_the_instance_on_screen_and_a_stalled_one(tmp_path:
     signed, wires = _study(4, seed=28)
     receiver = Receiver(signed, Spool(tmp_path / "spool"), window=8, timeout=1.0)
     receiver.accept()
-    sender = Sender(
-        receiver.manifest,
-        wires.__getitem__,
-        signed,
-        lambda ds: sign_wires(
-            PEER, receiver.manifest.transfer_id, receiver.manifest.study_instance_uid, ds
-        ),
-    )
+    sender = wire_sender(receiver.manifest, signed, wires, PEER)
     receiver.prioritise(3)
     assert Hurry(receiver.manifest.transfer_id, 3) in receiver.poll(0.0)
     assert not any(isinstance(m, Hurry) for m in receiver.poll(0.1))  # once per instance
@@ -513,8 +486,7 @@ def test_a_flood_of_hurries_is_not_amplified_into_signed_batches(tmp_path: Path)
     receiver.accept()
     sender = _sender(signed, wires)
     tid = receiver.manifest.transfer_id
-    for declaration in sender.declarations(0.0, flush=True):
-        receiver.declare(declaration, 0.0)
+    _declare(receiver, sender, 0.0)
     resent = 0
     for round_ in range(200):
         for index in (0, 2, -1, 4, 10**9):
@@ -619,24 +591,21 @@ async def test_a_file_found_bad_while_encoding_cancels_the_transfer_and_says_why
             return data[:-1000] if sop_instance_uid == last else data  # changed on disk
 
         store.read_instance = read_instance  # type: ignore[method-assign]
-        a, b = MemoryLink(), MemoryLink()
-        a.peer, b.peer = b, a
+        a, b = memory_pair()
         received = MemoryStore()
         receiving = asyncio.ensure_future(receive_study(b, received, tmp_path / "in", peer="a"))
         await asyncio.sleep(0)  # the receiver listens before the offer goes out
-        try:
-            with pytest.raises(wirecodec.BadInstance, match="truncated"):
-                await asyncio.wait_for(
-                    send_study(a, store, study_uid, PEER, peer="b", spool_dir=tmp_path / "out"),
-                    30,
-                )
-            with pytest.raises(TransferCancelled):
-                await asyncio.wait_for(receiving, 30)
-        finally:
-            receiving.cancel()
-            for link in (a, b):
-                if link.pump is not None:
-                    link.pump.cancel()
+        with pumps_stopped(a, b):
+            try:
+                with pytest.raises(wirecodec.BadInstance, match="truncated"):
+                    await asyncio.wait_for(
+                        send_study(a, store, study_uid, PEER, peer="b", spool_dir=tmp_path / "out"),
+                        30,
+                    )
+                with pytest.raises(TransferCancelled):
+                    await asyncio.wait_for(receiving, 30)
+            finally:
+                receiving.cancel()
     assert last not in {
         str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID) for d in received.by_hash.values()
     }
@@ -689,8 +658,7 @@ async def test_the_first_instance_of_a_deidentified_share_arrives_before_the_las
             first_stored.set()
             return super().add_bytes(data, source=source, warm=warm)
 
-    a, b = MemoryLink(), MemoryLink()
-    a.peer, b.peer = b, a
+    a, b = memory_pair()
     received = Store()
     receiving = asyncio.ensure_future(receive_study(b, received, tmp_path / "in", peer="a"))
     await asyncio.sleep(0)  # the receiver listens before the offer goes out
@@ -796,14 +764,8 @@ def _run_until(
     stored: dict[int, bytes] = {}
     now = 0.0
     for _ in range(steps):
-        for declaration in sender.declarations(now, flush=True):
-            receiver.declare(declaration, now)
-        for message in receiver.poll(now):
-            for chunk in sender.receive(message):
-                index = receiver.receive(chunk, now)
-                if index is not None:
-                    stored[index] = receiver.assemble(index)
-                    receiver.stored(index, now)
+        _declare(receiver, sender, now)
+        _exchange(receiver, sender, now, stored)
         if done():
             return stored
         now += 0.1

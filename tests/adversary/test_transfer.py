@@ -61,7 +61,13 @@ from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.spool import SPOOL_KEY_PURPOSE, Spool
 from tests.node.test_runtime import make_home, request_from, started
 from tests.peer_transport.helpers import mesh
-from tests.peer_transport.test_transfer_runner import MemoryStore, _memory_pair
+from tests.peer_transport.transfer_links import (
+    MemoryStore,
+    attached,
+    memory_pair,
+    serving,
+    wire_sender,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -93,12 +99,7 @@ def _signed(entries: list[ManifestEntry], study: str, identity: Identity = PEER)
 def _sender(signed: bytes, wires: list[bytes], identity: Identity = PEER) -> Sender:
     """A sender of ``signed`` that has encoded (and declares) every instance as ``wires``."""
     opened = Manifest.open(signed)[1]
-    sender = Sender(
-        opened,
-        wires.__getitem__,
-        signed,
-        lambda ds: sign_wires(identity, opened.transfer_id, opened.study_instance_uid, ds),
-    )
+    sender = wire_sender(opened, signed, wires, identity)
     entries = _ENTRIES[opened.transfer_id]
     for index, wire in enumerate(wires):
         sender.declare(WireDeclaration(index, len(wire), wire_digest(wire), entries[index]))
@@ -383,21 +384,26 @@ async def test_a_bomb_costs_the_sender_its_connection_not_the_receiver_its_memor
         conn_b = await b.accept(10)
         link_a, link_b = ChannelLink(conn_a), ChannelLink(conn_b)
         store = MemoryStore()
-        receiver = StudyReceiver(link_b, tmp_path / "spool", store, "peer-a")
-        sender = StudySender(prepared, link_a)
-        link_a.attach(sender.on_control, lambda _d: None)
-        link_b.attach(receiver.on_control, receiver.on_bulk)
-        serving = asyncio.ensure_future(sender.run())
-        try:
+        sender, receiver = attached(prepared, link_a, link_b, tmp_path / "spool", store)
+        async with serving(sender):
             with pytest.raises(RemoteTransferError, match="65535x65535"):
                 await asyncio.wait_for(receiver.run(), 30)
             # The receiver dropped the peer, as it does for a malformed frame.
             assert conn_b.closed
             assert isinstance(conn_b.error, DecompressionBomb)
-        finally:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
     assert not store.by_hash
+
+
+def _refused_as_a_bomb(tmp_path: Path, data: bytes, match: str) -> Receiver:
+    """``data`` sent alone, sans-IO: the receiver refuses it as a decompression bomb
+    (``match`` in the reason) before storing it. Returns the receiver."""
+    entry, study, wire = prepare_instance(data)
+    signed = _signed([entry], study)
+    receiver = Receiver(signed, Spool(tmp_path / "spool"))
+    with pytest.raises(RemoteTransferError, match=match) as refused:
+        _drive(receiver, _sender(signed, [wire]))
+    assert type(refused.value).__name__ == "DecompressionBomb"
+    return receiver
 
 
 def _with_frame_header(name: str, marker: bytes, at: int, value: bytes) -> bytes:
@@ -419,12 +425,7 @@ def test_a_stored_format_frame_claiming_more_than_its_data_set_is_refused_before
     tmp_path: Path, name: str, marker: bytes, at: int, value: bytes
 ) -> None:
     data = _with_frame_header(name, marker, at, value)
-    entry, study, wire = prepare_instance(data)
-    signed = _signed([entry], study)
-    receiver = Receiver(signed, Spool(tmp_path / "spool"))
-    with pytest.raises(RemoteTransferError, match="65535x65535") as refused:
-        _drive(receiver, _sender(signed, [wire]))
-    assert type(refused.value).__name__ == "DecompressionBomb"
+    receiver = _refused_as_a_bomb(tmp_path, data, "65535x65535")
     assert receiver.state is State.FAILED
 
 
@@ -433,12 +434,7 @@ def test_a_data_set_declaring_gigapixel_frames_is_refused_before_storing(tmp_pat
     # would allocate 800 GiB to show it.
     data = _file(_pydicom_sample("JPEG2000.dcm").read_bytes(), NumberOfFrames=100)
     data = _file(data, Rows=65535, Columns=65535)
-    entry, study, wire = prepare_instance(data)
-    signed = _signed([entry], study)
-    receiver = Receiver(signed, Spool(tmp_path / "spool"))
-    with pytest.raises(RemoteTransferError, match="would decode to") as refused:
-        _drive(receiver, _sender(signed, [wire]))
-    assert type(refused.value).__name__ == "DecompressionBomb"
+    _refused_as_a_bomb(tmp_path, data, "would decode to")
 
 
 def test_an_honest_sender_of_a_blank_image_still_gets_through_the_expansion_limit(
@@ -478,21 +474,13 @@ async def test_bytes_of_another_stored_study_sent_under_a_manifest_uid_are_refus
     prepared = PreparedStudy(manifest, sender_identity, wires=[wire])
     with Store.open(tmp_path / "store", KEY) as store:
         original = store.add_bytes(victim, source="import")
-        link_a, link_b = _memory_pair()
-        receiver = StudyReceiver(link_b, tmp_path / "spool", store, "peer:attacker")
-        sender = StudySender(prepared, link_a)
-        link_a.attach(sender.on_control, lambda _d: None)
-        link_b.attach(receiver.on_control, receiver.on_bulk)
-        serving = asyncio.ensure_future(sender.run())
-        try:
+        link_a, link_b = memory_pair()
+        sender, receiver = attached(
+            prepared, link_a, link_b, tmp_path / "spool", store, "peer:attacker"
+        )
+        async with serving(sender, link_a, link_b):
             with pytest.raises(ManifestMismatch, match="carry instance"):
                 await asyncio.wait_for(receiver.run(), 30)
-        finally:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
-            for link in (link_a, link_b):
-                if link.pump is not None:
-                    link.pump.cancel()
         kept = store.read_instance(original.sop_instance_uid)
         assert hashlib.sha256(kept).hexdigest() == original.content_hash
         assert not store.has_instance(cover_entry.sop_instance_uid)
@@ -520,7 +508,7 @@ async def test_a_shared_instance_whose_uid_is_taken_here_is_reported_not_overwri
     audit = _Audit()
     with Store.open(tmp_path / "store", KEY) as store:
         original = store.add_bytes(held, source="import")
-        link_a, link_b = _memory_pair()
+        link_a, link_b = memory_pair()
         sender = StudySender(prepared, link_a)
         link_a.attach(sender.on_control, lambda _d: None)
         receivers: list[StudyReceiver] = []
@@ -535,15 +523,8 @@ async def test_a_shared_instance_whose_uid_is_taken_here_is_reported_not_overwri
             )
         )
         await asyncio.sleep(0)  # the receiver is attached before the offer goes out
-        serving = asyncio.ensure_future(sender.run())
-        try:
+        async with serving(sender, link_a, link_b):
             progress = await asyncio.wait_for(receiving, 30)
-        finally:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
-            for link in (link_a, link_b):
-                if link.pump is not None:
-                    link.pump.cancel()
         assert progress.instances_done == 3
         kept = store.read_instance(original.sop_instance_uid)
         assert hashlib.sha256(kept).hexdigest() == original.content_hash

@@ -35,6 +35,7 @@ from node.core.display import MAX_LINE_CHARS, PrintableFormatter, peer_label, pr
 from node.demo.phantom import generate_ct
 from registry.records import NodeRecord
 from tests.consult.test_live import wait_for
+from tests.tui.pilots import open_viewer, press
 from tests.tui.test_node_facade import consult_pair, form_to
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem, PeerInfo, SeriesInfo, StudyInfo, TransferInfo
@@ -243,19 +244,16 @@ async def test_markup_and_escapes_in_peers_studies_and_series() -> None:
     node = HostileNode(home=False)
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE, notifications=True) as pilot:
-        await pilot.press("f4")
-        await pilot.pause()
+        await press(pilot, "f4")
         text = screen_text(app)
         assert "INST Please read [/]" in text
         assert "SUB Please read [/]" in text
         assert_clean(text)
-        await pilot.press("v")  # the verify dialog names the peer too
-        await pilot.pause()
+        await press(pilot, "v")  # the verify dialog names the peer too
         text = " ".join(line.strip(" │╭╮╰╯─") for line in screen_lines(app))
         assert f"Verify Dr Victim ({KEY_A.short()}, verified) INST Please read [/]" in text
         assert ESC not in text
-        await pilot.press("n", "f3")
-        await pilot.pause()
+        await press(pilot, "n", "f3")
         text = screen_text(app)
         assert "DESC Please read [/]" in text
         assert "SERIES Please read [/] urgently" in text
@@ -273,10 +271,7 @@ async def test_markup_and_escapes_in_the_live_consult_panel_and_image_labels() -
     node = HostileNode(home=False, studies=False)
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE, notifications=True) as pilot:
-        viewer = ViewerScreen(node, node.studies()[0], live=True)
-        await app.push_screen(viewer)
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        viewer = await open_viewer(pilot, node)
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         peer = node.live.join(hostile("PNAME"), "#ff00ff", ID_A)  # cut to 100 characters
         peer.live.say(hostile("CHAT"))
@@ -312,8 +307,7 @@ async def test_two_peers_publishing_the_same_name_are_told_apart_with_their_trus
         assert KEY_A.short() != KEY_B.short()
         assert f"Dr Victim ({KEY_A.short()}, verified)" in text
         assert f"Dr Victim ({KEY_B.short()}, unverified)" in text
-        await pilot.press("f4")
-        await pilot.pause()
+        await press(pilot, "f4")
         rows = [line for line in screen_lines(app) if "Dr Victim" in line]
         assert len(rows) == 2
         a = next(r for r in rows if KEY_A.short() in r)
@@ -490,10 +484,7 @@ async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_d
     node = HostileNode(home=False, studies=False)
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        viewer = ViewerScreen(node, node.studies()[0], live=True)
-        await app.push_screen(viewer)
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        viewer = await open_viewer(pilot, node)
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         node.live.join("Dr A", "link file:///etc/passwd", ID_A)  # sent cut to 16 characters
         b = node.live.join("Dr B", "not a colour", ID_B)
@@ -510,8 +501,7 @@ async def test_nan_points_and_style_strings_from_a_peer_do_not_take_the_viewer_d
         b.cursor(Cursor(sop, 0, 40.0, 40.0))  # the canary, sent after: drawn
         await node.live.settle()
         viewer.view.focus()
-        await pilot.press("f")  # follow the presenter: the one with such numbers was dropped
-        await pilot.pause()
+        await press(pilot, "f")  # follow the presenter: the one with such numbers was dropped
         assert app.is_running
         refused = refusals(node)
         assert len(refused) == 3, refused
@@ -537,10 +527,7 @@ async def test_huge_but_finite_points_from_a_peer_do_not_take_the_viewer_down() 
     node = HostileNode(home=False, studies=False)
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        viewer = ViewerScreen(node, node.studies()[0], live=True)
-        await app.push_screen(viewer)
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        viewer = await open_viewer(pilot, node)
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         huge = (
             (AnnotationKind.LENGTH, ((-1e308, 5.0), (1e308, 5.0))),
@@ -612,8 +599,7 @@ def test_cli_studies_errors_and_log_lines_carry_no_raw_escapes(
 
 async def test_a_stored_request_with_markup_opens_in_the_consultants_tui(tmp_path: Path) -> None:
     """The reported crash: the request is kept, so the TUI died at every start."""
-    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=1, rows=32)
-    try:
+    async with consult_pair(tmp_path, slices=1, rows=32) as (rural, neuro, ask, answer, study_uid):
         question = "Please read [/] urgently [@click=app.quit]x[/] [link=file:///etc/passwd]y"
         outcome = await ask.request_consult(replace(form_to(neuro, study_uid), question=question))
         neuro_id = neuro.identity.node_id
@@ -629,6 +615,3 @@ async def test_a_stored_request_with_markup_opens_in_the_consultants_tui(tmp_pat
             assert "Please read [/] urgently [@click=app.quit]x[/]" in text
             assert f"{rural.config.display_name} ({rural_id.short()}, verified)" in text
             assert app.is_running
-    finally:
-        await rural.stop()
-        await neuro.stop()

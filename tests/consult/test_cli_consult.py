@@ -31,20 +31,27 @@ def state_of(home: Path, consult_id: str) -> State:
         return db.get(db.resolve(consult_id)).state
 
 
-def test_request_import_accept_round_trip(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def requested(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, Path, str, Path]:
+    """A new hospital home (FR) that asked a new neuro specialist's home a stat question
+    offline: the two homes, the consult id and the request file it wrote."""
     hospital, specialist = tmp_path / "hospital", tmp_path / "specialist"
     init(hospital, capsys, "--jurisdictions", "FR")
     specialist_id = init(specialist, capsys, "--subspecialties", "neuro")
-    request_file, response_file = tmp_path / "req.bin", tmp_path / "resp.bin"
+    request_file = tmp_path / "req.bin"
     code, out, _ = run(
         hospital, capsys, "request", "--study", "2.25.1", "--question", "Bleed?",
         "--priority", "stat", "--subspecialty", "neuro", "--jurisdiction", "FR",
         "--to", str(specialist_id), "--out", str(request_file),
     )  # fmt: skip
     assert code == 0
-    consult_id = out.split()[1]
+    return hospital, specialist, out.split()[1], request_file
+
+
+def test_request_import_accept_round_trip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hospital, specialist, consult_id, request_file = requested(tmp_path, capsys)
+    response_file = tmp_path / "resp.bin"
     assert state_of(hospital, consult_id) == State.OFFERED
 
     assert run(specialist, capsys, "import", str(request_file))[0] == 0

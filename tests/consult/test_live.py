@@ -28,10 +28,10 @@ from consult.presence import Cursor, Presence, Viewport
 from consult.shared import Annotation, AnnotationKind
 from crypto.identity import Identity
 from node.app.runtime import NodeRuntime
-from node.core.config import NetworkConfig, NodeConfig, NodeHome
-from node.core.keystore import save_identity
+from node.core.config import NodeHome
 from peer_transport.connection import TransportOptions
 from peer_transport.rtc import RtcOptions, restrict_host_addresses
+from tests.node.test_runtime import new_home
 
 FAST = TransportOptions(rtc=RtcOptions(ice_servers=()), connect_timeout=10.0, backoff_initial=0.2)
 CONSULT = "c0ffee00c0ffee00c0ffee00c0ffee00"
@@ -42,18 +42,7 @@ SOP = "2.25.42"
 
 
 def make_home(root: Path, name: str, registry: str = "") -> tuple[NodeHome, Identity]:
-    home = NodeHome(root / name)
-    identity = Identity.generate()
-    save_identity(home.key_path, identity, None)
-    home.save_config(
-        NodeConfig(
-            display_name=name,
-            network=NetworkConfig(
-                registries=[registry] if registry else [], mdns=False, listen_host="127.0.0.1"
-            ),
-        )
-    )
-    return home, identity
+    return new_home(root, name, registry)
 
 
 async def start_node(root: Path, name: str, registry: str = "") -> NodeRuntime:
@@ -94,6 +83,17 @@ def key(node: NodeRuntime) -> bytes:
     return node.identity.public_key
 
 
+async def live_session(
+    host: NodeRuntime, *guests: NodeRuntime, title: str = ""
+) -> list[LiveConsult]:
+    """CONSULT opened on ``host``, who invites each of ``guests`` in turn: each one's live
+    session, the host's first."""
+    sessions = [host.live_hub().open(CONSULT, title)]
+    for guest in guests:
+        await host.live_hub().invite(CONSULT, key(guest))
+    return sessions + [guest.live_hub().sessions[CONSULT] for guest in guests]
+
+
 def sees(live: LiveConsult, node: NodeRuntime) -> bool:
     return any(p.node == str(node.identity.node_id) for p in live.participants())
 
@@ -105,10 +105,8 @@ async def test_three_participants_share_annotations_chat_report_and_cursors(
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    live_a = a.live_hub().open(CONSULT, "head CT")
-    await a.live_hub().invite(CONSULT, key(b))
-    await a.live_hub().invite(CONSULT, key(c))  # c is told about b and connects to it too
-    live_b, live_c = b.live_hub().sessions[CONSULT], c.live_hub().sessions[CONSULT]
+    # c is told about b and connects to it too
+    live_a, live_b, live_c = await live_session(a, b, c, title="head CT")
     await wait_for(lambda: live_b.is_bound(key(c)) and live_c.is_bound(key(b)))
 
     spacing = PixelSpacing(0.5, 0.5)
@@ -146,8 +144,7 @@ async def test_a_late_joiner_receives_a_state_larger_than_one_frame(
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    live_a = a.live_hub().open(CONSULT)
-    await a.live_hub().invite(CONSULT, key(b))
+    live_a, _ = await live_session(a, b)
     for i in range(600):
         live_a.add_annotation(
             AnnotationKind.ARROW, SOP, i % 40, ((i, i), (i + 5, i + 9)), text=f"finding {i}"
@@ -165,9 +162,7 @@ async def test_a_late_joiner_receives_a_state_larger_than_one_frame(
 
 async def test_a_silent_participant_is_shown_gone_within_5_s(trio: list[NodeRuntime]) -> None:
     a, b, _ = trio
-    live_a = a.live_hub().open(CONSULT)
-    await a.live_hub().invite(CONSULT, key(b))
-    live_b = b.live_hub().sessions[CONSULT]
+    live_a, live_b = await live_session(a, b)
     await wait_for(lambda: sees(live_a, b))
     # b's process hangs: it stops sending presence, its connection stays up.
     assert live_b._tick is not None
@@ -179,8 +174,7 @@ async def test_a_silent_participant_is_shown_gone_within_5_s(trio: list[NodeRunt
 
 async def test_a_participant_whose_node_stops_is_gone_at_once(trio: list[NodeRuntime]) -> None:
     a, b, _ = trio
-    live_a = a.live_hub().open(CONSULT)
-    await a.live_hub().invite(CONSULT, key(b))
+    live_a, _ = await live_session(a, b)
     await wait_for(lambda: sees(live_a, b))
     await b.live_hub().leave(CONSULT)
     await wait_for(lambda: not sees(live_a, b), within=2.0)
@@ -190,10 +184,8 @@ async def test_a_participant_whose_connection_drops_is_gone_within_5_s(
     trio: list[NodeRuntime],
 ) -> None:
     a, b, _ = trio
-    live_a = a.live_hub().open(CONSULT)
-    await a.live_hub().invite(CONSULT, key(b))
+    live_a, b_live = await live_session(a, b)
     await wait_for(lambda: sees(live_a, b))
-    b_live = b.live_hub().sessions[CONSULT]
     assert b_live._tick is not None
     b_live._tick.cancel()  # no goodbye: the process is gone, not leaving
     await b.transport.close()
@@ -206,10 +198,7 @@ async def test_followers_take_the_presenters_viewport_until_they_move(
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    live_a = a.live_hub().open(CONSULT)
-    await a.live_hub().invite(CONSULT, key(b))
-    await a.live_hub().invite(CONSULT, key(c))
-    live_b, live_c = b.live_hub().sessions[CONSULT], c.live_hub().sessions[CONSULT]
+    live_a, live_b, live_c = await live_session(a, b, c)
     first = Viewport("2.25.7", 12, 80, 40)
     live_a.set_viewport(first)
     live_a.present(True)
@@ -302,9 +291,7 @@ def test_invite_round_trip_and_caps() -> None:
 
 async def test_edits_made_apart_merge_when_the_peer_reconnects(trio: list[NodeRuntime]) -> None:
     a, b, _ = trio
-    live_a = a.live_hub().open(CONSULT)
-    await a.live_hub().invite(CONSULT, key(b))
-    live_b = b.live_hub().sessions[CONSULT]
+    live_a, live_b = await live_session(a, b)
     live_a.set_report_text("Findings: ")
     live_a.add_annotation(AnnotationKind.POINT, SOP, 0, ((1, 1),))
     await wait_for(lambda: live_b.report_text() == "Findings: " and live_b.annotations())
@@ -333,10 +320,7 @@ async def test_a_modified_client_cannot_delete_anothers_annotation_over_the_netw
     trio: list[NodeRuntime],
 ) -> None:
     a, b, c = trio
-    live_a = a.live_hub().open(CONSULT)
-    await a.live_hub().invite(CONSULT, key(b))
-    await a.live_hub().invite(CONSULT, key(c))
-    live_b, live_c = b.live_hub().sessions[CONSULT], c.live_hub().sessions[CONSULT]
+    live_a, live_b, live_c = await live_session(a, b, c)
     mark = live_a.add_annotation(AnnotationKind.POINT, SOP, 0, ((4, 4),), text="a's finding")
     await wait_for(lambda: all(s.annotations() for s in (live_b, live_c)))
     await wait_for(lambda: live_b.is_bound(key(c)) and live_c.is_bound(key(b)))

@@ -28,6 +28,7 @@ from consult.report import (
 )
 from crypto.envelope import SignedEnvelope
 from crypto.identity import Identity
+from tests.consult.test_sr import items as content_items
 
 CONSULTANT = Identity(bytes([7]) * 32)
 AT = 1_800_000_000
@@ -167,15 +168,6 @@ PATIENT = PatientStudy(
 )
 
 
-def walk(items: pydicom.Sequence) -> list[pydicom.Dataset]:
-    found = []
-    for item in items:
-        found.append(item)
-        if "ContentSequence" in item:
-            found.extend(walk(item.ContentSequence))
-    return found
-
-
 def test_sr_files_under_the_real_study_with_text_and_measurements() -> None:
     report, mapping, ct = make_report()
     data = export_sr(report, relink_uid=mapping.__getitem__, patient=PATIENT)
@@ -187,9 +179,9 @@ def test_sr_files_under_the_real_study_with_text_and_measurements() -> None:
     assert sr.CompletionFlag == "COMPLETE"
     assert sr.VerificationFlag == "VERIFIED"  # by the signer, whose signature was checked
     assert sr.VerifyingObserverSequence[0].VerifyingObserverName == "Martin^Claire^^Dr"
-    items = walk(sr.ContentSequence)
+    tree = content_items(sr.ContentSequence)
     texts = {
-        i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in items if "TextValue" in i
+        i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in tree if "TextValue" in i
     }
     assert texts["Finding"] == report.text
     assert texts["Impression"] == report.impression
@@ -198,14 +190,14 @@ def test_sr_files_under_the_real_study_with_text_and_measurements() -> None:
             float(i.MeasuredValueSequence[0].NumericValue),
             i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue,
         )
-        for i in items
+        for i in tree
         if i.ValueType == "NUM"
     }
     assert numbers["Length"][0] == pytest.approx(report.measurements[0].value, rel=1e-6)
     assert numbers["Length"][1] == "mm"
     assert numbers["Mean"][1] == "[hnsf'U]"
     images = {
-        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items if i.ValueType == "IMAGE"
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in tree if i.ValueType == "IMAGE"
     }
     assert images == {ct.SOPInstanceUID}
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]

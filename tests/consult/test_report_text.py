@@ -19,7 +19,7 @@ from crypto.identity import Identity
 from node.core.audit import open_audit
 from node.core.config import NodeHome
 from node.core.keystore import load_identity
-from tests.consult.test_cli_consult import init, run
+from tests.consult.test_cli_consult import init, requested, run
 
 AT = 1_800_000_000
 CONSULT = "c0ffee00" * 4
@@ -93,16 +93,8 @@ def test_peer_text_is_cleaned_of_terminal_controls_and_escaped_in_html() -> None
 
 
 def _accepted_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Path, str]:
-    hospital, specialist = tmp_path / "hospital", tmp_path / "specialist"
-    init(hospital, capsys, "--jurisdictions", "FR")
-    specialist_id = init(specialist, capsys, "--subspecialties", "neuro")
-    request_file, response_file = tmp_path / "req.bin", tmp_path / "resp.bin"
-    _, out, _ = run(
-        hospital, capsys, "request", "--study", "2.25.1", "--question", "Bleed?",
-        "--priority", "stat", "--subspecialty", "neuro", "--jurisdiction", "FR",
-        "--to", str(specialist_id), "--out", str(request_file),
-    )  # fmt: skip
-    consult_id = out.split()[1]
+    hospital, specialist, consult_id, request_file = requested(tmp_path, capsys)
+    response_file = tmp_path / "resp.bin"
     assert run(specialist, capsys, "import", str(request_file))[0] == 0
     assert run(specialist, capsys, "accept", consult_id, "--out", str(response_file))[0] == 0
     assert run(hospital, capsys, "import", str(response_file))[0] == 0

@@ -17,7 +17,8 @@ from node.app.consults import Terms
 from node.app.runtime import NodeRuntime
 from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
-from tests.node.test_runtime import FAST, make_home, wait_for
+from peer_transport.rtc import restrict_host_addresses
+from tests.node.test_runtime import FAST, make_home, started, wait_for
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,27 @@ async def accepted_consult(
         await wait_for(lambda: bool(b.consults.cases()))
         await b.consulting.respond(request.id, Event.ACCEPT)
         yield Pair(a, b, rural_home, neuro_home, rural, neuro, study_uid, request, share)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@asynccontextmanager
+async def two_trusted_nodes(tmp_path: Path) -> AsyncIterator[tuple[NodeRuntime, NodeRuntime]]:
+    """A hospital ("rural") and a consultant ("neuro") node on loopback, each knowing the
+    other's LAN record (as if found by mDNS) and having verified its key; no registry."""
+    restrict_host_addresses(["127.0.0.1"])
+    home_a, alice = make_home(tmp_path, "rural", "", [])
+    home_b, bob = make_home(tmp_path, "neuro", "", ["neuro"])
+    a, b = await started(home_a, alice), await started(home_b, bob)
+    try:
+        assert a.record is not None
+        assert b.record is not None
+        a.directory.remember(b.record, "test", a.now())
+        b.directory.remember(a.record, "test", b.now())
+        a.trust.mark_verified(bob.node_id, a.now())
+        b.trust.mark_verified(alice.node_id, b.now())
+        yield a, b
     finally:
         await a.stop()
         await b.stop()

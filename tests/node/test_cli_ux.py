@@ -239,8 +239,7 @@ async def test_tui_pressing_a_twice_and_f_too_early_say_what_to_press(tmp_path: 
     from tests.tui.test_node_facade import consult_pair, form_to
     from tui.facade import ActionError
 
-    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=2, rows=32)
-    try:
+    async with consult_pair(tmp_path, slices=2, rows=32) as (_, neuro, ask, answer, study_uid):
         await ask.request_consult(form_to(neuro, study_uid))
         await wait_for(lambda: bool(answer.consults()))
         consult_id = answer.consults()[0].consult_id
@@ -255,6 +254,3 @@ async def test_tui_pressing_a_twice_and_f_too_early_say_what_to_press(tmp_path: 
         with pytest.raises(ActionError) as twice:
             await answer.respond(consult_id, True)  # a again
         assert str(twice.value) == "This consult is already accepted; press f to fetch the study."
-    finally:
-        await rural.stop()
-        await neuro.stop()

@@ -24,8 +24,9 @@ from tests.node.test_runtime import wait_for
 REPEAT = 300  # seconds, the default [alerts] critical_repeat_minutes
 
 
-def _pager(tmp_path: Path) -> tuple[Path, Path]:
-    """A tiny paging hook that appends its arguments, one call per line, to a file."""
+def _paging(rt: NodeRuntime, tmp_path: Path) -> Path:
+    """``rt`` pages critical results through a tiny hook that appends its arguments, one
+    call per line, to a file: that file."""
     calls = tmp_path / "pager-calls.txt"
     script = tmp_path / "pager.py"
     script.write_text(
@@ -34,7 +35,8 @@ def _pager(tmp_path: Path) -> tuple[Path, Path]:
         "    out.write(' '.join(sys.argv[1:]) + '\\n')\n"
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    return script, calls
+    rt.config.alerts.critical_command = [sys.executable, str(script), "{consult}"]
+    return calls
 
 
 def _calls(calls: Path) -> list[str]:
@@ -98,10 +100,9 @@ async def _noted(rt: NodeRuntime, text: str) -> None:
 async def test_critical_result_pages_escalates_until_acknowledged_by_name(
     tmp_path: Path, registry: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pager, calls = _pager(tmp_path)
     pair = await _hospital_and_neuro(tmp_path, registry)
     hospital, neuro = pair.hospital, pair.neuro
-    hospital.config.alerts.critical_command = [sys.executable, str(pager), "{consult}"]
+    calls = _paging(hospital, tmp_path)
     try:
         consult_id = await _reported(pair, critical=True, cli=True)
         hospital_alerts, neuro_alerts = hospital.alerts, neuro.alerts
@@ -238,10 +239,9 @@ async def test_finalising_in_the_tui_with_critical_pages_the_hospital(
 ) -> None:
     from tui.node_facade import LiveSessionView, RuntimeNode
 
-    pager, calls = _pager(tmp_path)
     pair = await _hospital_and_neuro(tmp_path, registry)
     hospital, neuro = pair.hospital, pair.neuro
-    hospital.config.alerts.critical_command = [sys.executable, str(pager), "{consult}"]
+    calls = _paging(hospital, tmp_path)
     try:
         request, _, _ = await hospital.consulting.request_consult(
             pair.neuro_id.public_key,

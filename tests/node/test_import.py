@@ -7,15 +7,13 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pydicom.encaps
 import pytest
 from pydicom.data import get_testdata_files
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import node.dicom.store as store_module
+from bench.bench_store import multiframe
 from node.dicom.importer import ImportSummary, import_paths
 from node.dicom.store import Store
 
@@ -105,36 +103,11 @@ def test_every_imported_sample_reads_back_byte_exact(
             )
 
 
-def _multiframe(path: Path, frames: int, rows: int) -> Path:
-    rng = np.random.default_rng(7)
-    ds = Dataset()
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # multi-frame grayscale word SC
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "OT"
-    ds.Rows = ds.Columns = rows
-    ds.NumberOfFrames = frames
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = rng.integers(0, 4096, (frames, rows, rows), dtype="<u2").tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
-
-
 def test_reading_part_of_an_instance_decrypts_only_the_chunks_covering_it(
     tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store_module, "CHUNK_SIZE", 8192)
-    path = _multiframe(tmp_path / "mf.dcm", frames=40, rows=64)  # 8 KiB frames, ~40 chunks
+    path = multiframe(tmp_path / "mf.dcm", frames=40, rows=64, seed=7)  # 8 KiB frames, ~40 chunks
     uid = store.add_file(path, source="test").sop_instance_uid
     decrypted: list[int] = []
     original = store_module.BlobReader._decrypt

@@ -27,6 +27,7 @@ from node.dicom.qr import PacsAddress, StudyQuery, find_studies, move_study
 from tests.dcmtk import free_port
 from tests.node.test_runtime import FAST, make_home, wait_for
 from tests.orthanc import orthanc_server
+from tests.tui.pilots import press
 from tui.app import RadmeshApp
 from tui.node_facade import RuntimeNode
 from tui.screens.compare import CompareScreen
@@ -166,14 +167,12 @@ async def test_a_prior_from_the_pacs_travels_with_the_consult_and_is_linked(
     # The consultant's viewer: p on the current study opens both, linked.
     app = RadmeshApp(RuntimeNode(net.neuro))
     async with app.run_test(size=(160, 45)) as pilot:
-        await pilot.press("f3")
-        await pilot.pause()
+        await press(pilot, "f3")
         studies = app.screen
         assert isinstance(studies, StudiesScreen)
         row = [s.study_uid for s in studies.studies].index(shared_current)
         studies.query_one("#studies").move_cursor(row=row)  # type: ignore[attr-defined]
-        await pilot.press("p")
-        await pilot.pause()
+        await press(pilot, "p")
         assert isinstance(app.screen, CompareScreen)
         assert app.screen.prior.study.study_uid == shared_prior
 

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,21 +30,21 @@ FAST = TransportOptions(
 REAL = replace(FAST, link=RtcLink)
 
 
-def make_home(root: Path, name: str, registry: str, subs: list[str]) -> tuple[NodeHome, Identity]:
+def new_home(root: Path, name: str, registry: str = "", **config: Any) -> tuple[NodeHome, Identity]:
+    """A home named ``name`` under ``root`` with a new key: its network on 127.0.0.1 only,
+    mDNS off, on ``registry`` (if any); ``config``, the rest of its NodeConfig."""
     home = NodeHome(root / name)
     identity = Identity.generate()
     save_identity(home.key_path, identity, None)
-    home.save_config(
-        NodeConfig(
-            display_name=name,
-            subspecialties=subs,
-            jurisdictions=["IE"],
-            network=NetworkConfig(
-                registries=[registry] if registry else [], mdns=False, listen_host="127.0.0.1"
-            ),
-        )
+    network = NetworkConfig(
+        registries=[registry] if registry else [], mdns=False, listen_host="127.0.0.1"
     )
+    home.save_config(NodeConfig(display_name=name, network=network, **config))
     return home, identity
+
+
+def make_home(root: Path, name: str, registry: str, subs: list[str]) -> tuple[NodeHome, Identity]:
+    return new_home(root, name, registry, subspecialties=subs, jurisdictions=["IE"])
 
 
 def request_from(identity: Identity, now: int) -> ConsultRequest:

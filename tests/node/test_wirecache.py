@@ -23,7 +23,7 @@ from node.dicom.wirecache import CacheWarmer, WireCache
 from node.dicom.wirecodec import CodedPixels, Encoding, WireInstance
 from peer_transport import transfer as tr
 from peer_transport.transfer.runner import StudyReceiver, send_study
-from tests.peer_transport.test_transfer_runner import MemoryStore, _memory_pair
+from tests.peer_transport.transfer_links import MemoryStore, memory_pair
 
 
 def _local_test_files() -> list[str]:
@@ -291,7 +291,7 @@ async def test_send_study_uses_the_stores_cache_for_a_deidentified_share(
                 copies.append(deidentify(data, share))
                 yield copies[-1]
 
-        a, b = _memory_pair()
+        a, b = memory_pair()
         received = MemoryStore()
         receiver = StudyReceiver(b, tmp_path / "spool", received, "peer:a")
         b.attach(receiver.on_control, receiver.on_bulk)

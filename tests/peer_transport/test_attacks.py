@@ -70,17 +70,26 @@ class FingerprintLiar(Transport):
         return link.local_fingerprint, "sha-256 " + ":".join(["AB"] * 32)
 
 
+async def _calling_it_fails(
+    m: Mesh, kind: type[Transport], cause: type[Exception]
+) -> tuple[Transport, PeerConnection]:
+    """A victim with an honest peer calls a ``kind`` node: the handshake fails for
+    ``cause``, and the honest peer is still served. Returns the victim and that peer."""
+    victim, honest_conn = await _victim_with_honest_peer(m)
+    liar = await m.node(kind)
+    m.trust(victim, liar)
+    with pytest.raises(HandshakeFailed) as failed:
+        await victim.connect(liar.identity.public_key)
+    assert isinstance(failed.value.__cause__, cause)
+    await _still_serves(honest_conn)
+    return victim, honest_conn
+
+
 async def test_a_peer_proving_the_wrong_identity_is_refused(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with mesh() as m:
-        victim, honest_conn = await _victim_with_honest_peer(m)
-        impostor = await m.node(Impostor)
-        m.trust(victim, impostor)
-        with pytest.raises(HandshakeFailed) as failed:
-            await victim.connect(impostor.identity.public_key)
-        assert isinstance(failed.value.__cause__, WrongIdentity)
-        await _still_serves(honest_conn)
+        victim, honest_conn = await _calling_it_fails(m, Impostor, WrongIdentity)
 
         # The other direction: the impostor calls the victim.
         caplog.set_level(logging.WARNING)
@@ -95,13 +104,7 @@ async def test_a_peer_proving_the_wrong_identity_is_refused(
 
 async def test_a_mismatched_dtls_fingerprint_is_refused() -> None:
     async with mesh() as m:
-        victim, honest_conn = await _victim_with_honest_peer(m)
-        liar = await m.node(FingerprintLiar)
-        m.trust(victim, liar)
-        with pytest.raises(HandshakeFailed) as failed:
-            await victim.connect(liar.identity.public_key)
-        assert isinstance(failed.value.__cause__, FingerprintMismatch)
-        await _still_serves(honest_conn)
+        await _calling_it_fails(m, FingerprintLiar, FingerprintMismatch)
 
 
 async def test_a_replayed_offer_is_refused_before_any_webrtc_work(

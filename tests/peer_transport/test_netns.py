@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_netns import signaling_relay
+from bench.bench_netns import relaying
 from crypto.identity import Identity
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.system, pytest.mark.slow]
@@ -66,12 +66,8 @@ async def test_two_nodes_in_separate_namespaces_connect_over_veth(
     namespaces: dict[str, str], tmp_path: Path
 ) -> None:
     sock = tmp_path / "signal.sock"
-    ready = asyncio.Event()
-    relay = asyncio.ensure_future(signaling_relay(sock, ready, 120))
-    await ready.wait()
     ids = {side: Identity.generate() for side in ADDRESSES}
-    procs = {}
-    try:
+    async with relaying(sock, 120) as procs:
         for side, role in (("b", "responder"), ("a", "initiator")):
             other = "a" if side == "b" else "b"
             procs[side] = await asyncio.create_subprocess_exec(
@@ -86,14 +82,6 @@ async def test_two_nodes_in_separate_namespaces_connect_over_veth(
             out, err = await asyncio.wait_for(proc.communicate(), 60)
             assert proc.returncode == 0, err.decode()[-3000:]
             outputs[side] = json.loads(out.decode().strip().splitlines()[-1])
-    finally:
-        for proc in procs.values():
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        relay.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay
     assert outputs["a"]["reply"] == "secapseman ssorca"
     assert outputs["a"]["pair"] == ["host", "host"]
     assert outputs["b"]["bulk_chunks"] == 16

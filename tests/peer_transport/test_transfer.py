@@ -31,7 +31,6 @@ from peer_transport.transfer.manifest import (
     WireDeclaration,
     build_manifest,
     chunk_count,
-    sign_wires,
     wire_digest,
 )
 from peer_transport.transfer.messages import (
@@ -54,6 +53,7 @@ from peer_transport.transfer.progress import Progress
 from peer_transport.transfer.receiver import Receiver, resume_request
 from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.spool import Spool
+from tests.peer_transport.transfer_links import wire_sender
 
 SMALL_CHUNK = 4096  # several chunks per small instance, so chunking is exercised
 
@@ -91,14 +91,7 @@ class Offer:
 
     def sender(self) -> Sender:
         """A sender that has encoded (declared) every instance."""
-        sender = Sender(
-            self.manifest,
-            self.wires.__getitem__,
-            self.signed,
-            lambda ds: sign_wires(
-                self.identity, self.manifest.transfer_id, self.manifest.study_instance_uid, ds
-            ),
-        )
+        sender = wire_sender(self.manifest, self.signed, self.wires, self.identity)
         for index, wire in enumerate(self.wires):
             entry = self.manifest.entries[index]
             sender.declare(WireDeclaration(index, len(wire), wire_digest(wire), entry))

@@ -46,6 +46,7 @@ from registry.directory import PeerDirectory
 from registry.records import NodeRecord
 from registry.trust import TrustStore
 from tests.peer_transport.helpers import kill_link, mesh
+from tests.peer_transport.transfer_links import MemoryStore
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRESS = re.compile(r"\] (\d+)/(\d+) ")
@@ -287,6 +288,41 @@ def _kill_point(seed: int, study: Study) -> int:
     return random.Random(seed).randint(int(DEFAULT_WINDOW / per_instance) + 2, SLICES - 8)
 
 
+def _receiver_killed(
+    procs: list[NodeProcess],
+    sender: Home,
+    receiver: Home,
+    study: Study,
+    kill_at: int,
+    why: str,
+    **send: bool,
+) -> NodeProcess:
+    """A fetch and a send started, the fetch killed once ``kill_at`` instances are stored:
+    every instance its store lists is whole and verifies, and some are still missing.
+    Returns the send, still running."""
+    procs.append(fetching := _fetch(receiver, sender))
+    procs.append(sending := _send(sender, receiver, study, **send))
+    fetching.wait_until(lambda: fetching.instances_done >= kill_at, 60, "half stored")
+    fetching.kill()
+    before = _stored(receiver, study)
+    assert kill_at <= len(before) < SLICES, why
+    return sending
+
+
+def _finished(fetching: NodeProcess, sending: NodeProcess, why: str) -> int:
+    """The chunks the (restarted) send sent, once both processes finished well."""
+    assert fetching.finish(25) == 0, f"{why}\n{fetching.log}"
+    assert sending.finish(20) == 0, f"{why}\n{sending.log}"
+    return sending.bulk_sent
+
+
+def _all_stored_and_at_most_a_window_resent(
+    receiver: Home, study: Study, sent: int, why: str
+) -> None:
+    assert _stored(receiver, study) == study.by_hash, why
+    assert sent <= study.chunks + DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
+
+
 def test_receiver_killed_and_restarted_asks_for_its_transfer_and_resends_at_most_the_window(
     tmp_path: Path, ct_files: list[bytes]
 ) -> None:
@@ -295,18 +331,10 @@ def test_receiver_killed_and_restarted_asks_for_its_transfer_and_resends_at_most
     kill_at = _kill_point(seed, study)
     why = f"seed {seed}, receiver killed after {kill_at} of {SLICES} instances"
     with processes() as procs:
+        sending = _receiver_killed(procs, sender, receiver, study, kill_at, why, reoffer=False)
         procs.append(fetching := _fetch(receiver, sender))
-        procs.append(sending := _send(sender, receiver, study, reoffer=False))
-        fetching.wait_until(lambda: fetching.instances_done >= kill_at, 60, "half stored")
-        fetching.kill()
-        before = _stored(receiver, study)  # every listed instance is whole and verifies
-        assert kill_at <= len(before) < SLICES, why
-        procs.append(fetching := _fetch(receiver, sender))
-        assert fetching.finish(25) == 0, f"{why}\n{fetching.log}"
-        assert sending.finish(20) == 0, f"{why}\n{sending.log}"
-        sent = sending.bulk_sent
-    assert _stored(receiver, study) == study.by_hash, why
-    assert sent <= study.chunks + DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
+        sent = _finished(fetching, sending, why)
+    _all_stored_and_at_most_a_window_resent(receiver, study, sent, why)
 
 
 def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing(
@@ -317,21 +345,13 @@ def test_both_commands_run_again_after_a_receiver_kill_send_only_what_is_missing
     kill_at = _kill_point(seed, study)
     why = f"seed {seed}, receiver killed after {kill_at} of {SLICES} instances"
     with processes() as procs:
-        procs.append(fetching := _fetch(receiver, sender))
-        procs.append(sending := _send(sender, receiver, study))
-        fetching.wait_until(lambda: fetching.instances_done >= kill_at, 60, "half stored")
-        fetching.kill()
+        sending = _receiver_killed(procs, sender, receiver, study, kill_at, why)
         sending.kill()
         first = sending.bulk_sent
-        before = _stored(receiver, study)  # every listed instance is whole and verifies
-        assert kill_at <= len(before) < SLICES, why
         procs.append(fetching := _fetch(receiver, sender))
         procs.append(sending := _send(sender, receiver, study))
-        assert fetching.finish(25) == 0, f"{why}\n{fetching.log}"
-        assert sending.finish(20) == 0, f"{why}\n{sending.log}"
-        sent = first + sending.bulk_sent
-    assert _stored(receiver, study) == study.by_hash, why
-    assert sent <= study.chunks + DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
+        sent = first + _finished(fetching, sending, why)
+    _all_stored_and_at_most_a_window_resent(receiver, study, sent, why)
 
 
 def test_sender_killed_mid_transfer_and_restarted_the_receiver_resumes(
@@ -359,24 +379,8 @@ def test_sender_killed_mid_transfer_and_restarted_the_receiver_resumes(
         assert first < study.chunks, why
         assert len(_stored(receiver, study)) < SLICES, why
         procs.append(sending := _send(sender, receiver, study))
-        assert fetching.finish(25) == 0, f"{why}\n{fetching.log}"
-        assert sending.finish(20) == 0, f"{why}\n{sending.log}"
-        sent = first + sending.bulk_sent
-    assert _stored(receiver, study) == study.by_hash, why
-    assert sent <= study.chunks + DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.by_hash: dict[str, bytes] = {}
-
-    def has_hash(self, content_hash: str) -> bool:
-        return content_hash in self.by_hash
-
-    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        self.by_hash[digest] = data
-        return digest
+        sent = first + _finished(fetching, sending, why)
+    _all_stored_and_at_most_a_window_resent(receiver, study, sent, why)
 
 
 class CountingLink(ChannelLink):

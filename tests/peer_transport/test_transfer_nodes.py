@@ -11,26 +11,16 @@ import pytest
 from bench.bench_codec import ct_series
 from node.app.sending import progress_line, send_to_peer
 from node.cli.transfer import fetch_from_peer
-from peer_transport.rtc import restrict_host_addresses
 from peer_transport.transfer.machine import State
 from peer_transport.transfer.progress import Progress
-from tests.node.test_runtime import make_home, started
+from tests.node.pair import two_trusted_nodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
 
 async def test_send_and_fetch_between_two_trusted_nodes(tmp_path: Path) -> None:
-    restrict_host_addresses(["127.0.0.1"])
-    home_a, alice = make_home(tmp_path, "rural", "", [])
-    home_b, bob = make_home(tmp_path, "neuro", "", ["neuro"])
-    a, b = await started(home_a, alice), await started(home_b, bob)
-    try:
-        assert a.record is not None
-        assert b.record is not None
-        a.directory.remember(b.record, "test", a.now())  # as if found by mDNS
-        b.directory.remember(a.record, "test", b.now())
-        a.trust.mark_verified(bob.node_id, a.now())
-        b.trust.mark_verified(alice.node_id, b.now())
+    async with two_trusted_nodes(tmp_path) as (a, b):
+        alice, bob = a.identity, b.identity
         files = ct_series(6, seed=51, size=256)
         study_uid = {a.store.add_bytes(f, source="test").study_uid for f in files}.pop()
         shown = io.StringIO()
@@ -45,9 +35,6 @@ async def test_send_and_fetch_between_two_trusted_nodes(tmp_path: Path) -> None:
         assert "6/6" in shown.getvalue()
         assert [r.peer for r in a.audit.records(kind="transfer")] == [str(bob.node_id)]
         assert [r.peer for r in b.audit.records(kind="receive")] == [str(alice.node_id)]
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 def test_progress_line_shows_bar_counts_rate_and_eta() -> None:

@@ -20,7 +20,7 @@ from peer_transport.transfer.machine import State
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.receiver import Receiver
 from peer_transport.transfer.runner import COMMIT_DEPTH, StudyReceiver, StudySender
-from tests.peer_transport.test_transfer_runner import MemoryStore, _memory_pair
+from tests.peer_transport.transfer_links import MemoryStore, memory_pair
 
 INSTANCES = 8
 
@@ -83,7 +83,7 @@ async def test_a_stalled_store_holds_the_decoder_at_commit_depth_instances(
 
     files = ct_series(INSTANCES, seed=21, size=64)
     study = await PreparedStudy.from_files(files, Identity.generate())
-    a, b = _memory_pair()
+    a, b = memory_pair()
     store = HeldStore()
     receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a")
     sender = StudySender(study, a)

@@ -24,56 +24,13 @@ from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.progress import Progress
 from peer_transport.transfer.runner import StudyReceiver, StudySender, receive_study
 from peer_transport.transfer.spool import SenderSpool
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.by_hash: dict[str, bytes] = {}
-
-    def has_hash(self, content_hash: str) -> bool:
-        return content_hash in self.by_hash
-
-    def add_bytes(self, data: bytes, *, source: str, warm: bool = True) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        self.by_hash[digest] = data
-        return digest
-
-
-class MemoryLink:
-    """In-memory link with a bounded bulk queue: send_bulk waits when it is full."""
-
-    def __init__(self) -> None:
-        self.peer: MemoryLink | None = None
-        self.on_control: Any = None
-        self.on_bulk: Any = None
-        self.bulk_queue: asyncio.Queue[bytes] = asyncio.Queue(8)
-        self.pump: asyncio.Task[None] | None = None
-
-    async def send_control(self, data: bytes) -> None:
-        assert self.peer is not None
-        self.peer.on_control(data)
-
-    async def send_bulk(self, data: bytes) -> None:
-        assert self.peer is not None
-        await self.peer.bulk_queue.put(data)
-
-    def attach(self, on_control: Any, on_bulk: Any) -> None:
-        self.on_control, self.on_bulk = on_control, on_bulk
-        if self.pump is None:
-            self.start()
-
-    def start(self) -> None:
-        async def deliver() -> None:
-            while True:
-                self.on_bulk(await self.bulk_queue.get())
-
-        self.pump = asyncio.create_task(deliver())
-
-
-def _memory_pair() -> tuple[MemoryLink, MemoryLink]:
-    a, b = MemoryLink(), MemoryLink()
-    a.peer, b.peer = b, a
-    return a, b
+from tests.peer_transport.transfer_links import (
+    MemoryLink,
+    MemoryStore,
+    attached,
+    memory_pair,
+    pumps_stopped,
+)
 
 
 async def test_in_memory_transfer_stores_every_instance_and_reports_progress(
@@ -81,18 +38,12 @@ async def test_in_memory_transfer_stores_every_instance_and_reports_progress(
 ) -> None:
     files = ct_series(5, seed=11, size=128)
     study = await PreparedStudy.from_files(files, Identity.generate())
-    a, b = _memory_pair()
+    a, b = memory_pair()
     store = MemoryStore()
     seen: list[Progress] = []
-    receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a", seen.append)
-    sender = StudySender(study, a)
-    a.on_control, b.on_control, b.on_bulk = sender.on_control, receiver.on_control, receiver.on_bulk
-    b.start()
-    try:
+    sender, receiver = attached(study, a, b, tmp_path / "spool", store, on_progress=seen.append)
+    with pumps_stopped(a, b):
         progress, state = await asyncio.wait_for(asyncio.gather(receiver.run(), sender.run()), 20)
-    finally:
-        assert b.pump is not None
-        b.pump.cancel()
     assert state is State.COMPLETE
     assert sorted(store.by_hash.values()) == sorted(files)
     assert progress.instances_done == 5
@@ -116,7 +67,7 @@ async def test_a_received_study_is_stored_unwarmed_under_its_peers_source(
     # names the peer for audit and retention, and the store no longer reads it.
     files = ct_series(3, seed=12, size=64)
     study = await PreparedStudy.from_files(files, Identity.generate())
-    a, b = _memory_pair()
+    a, b = memory_pair()
     store = RecordingStore()
     seen: list[StudyReceiver] = []
     receiving = asyncio.create_task(
@@ -152,10 +103,7 @@ async def test_real_aiortc_loopback_transfers_a_ct_study_byte_exact(tmp_path: Pa
     study = await PreparedStudy.from_files(files, Identity.generate())
     pc_a, link_a, pc_b, link_b = await rtc_link.pair()
     store = MemoryStore()
-    receiver = StudyReceiver(link_b, tmp_path / "spool", store, "peer-a")
-    sender = StudySender(study, link_a)
-    link_a.attach(sender.on_control, lambda _d: None)
-    link_b.attach(receiver.on_control, receiver.on_bulk)
+    sender, receiver = attached(study, link_a, link_b, tmp_path / "spool", store)
     try:
         wanted = study.manifest.entries[-1].sop_instance_uid
         progress, state, _ = await asyncio.wait_for(
@@ -180,7 +128,7 @@ async def test_receiver_crash_mid_transfer_resumes_and_resends_at_most_the_windo
     window = 4
     sent = 0
     for attempt in range(2):
-        a, b = _memory_pair()
+        a, b = memory_pair()
         halfway = asyncio.Event()
 
         def note(p: Progress, halfway: asyncio.Event = halfway) -> None:
@@ -233,7 +181,7 @@ async def test_restarted_receiver_gets_its_transfer_back_from_the_sender_still_r
             b.on_control = b.on_bulk = lambda _data: None
             receiving.cancel()
 
-    a, b = _memory_pair()
+    a, b = memory_pair()
     first = StudyReceiver(b, tmp_path / "spool", store, "peer-a", note, window=4, sender_key=key)
     sender = StudySender(study, a)
     a.on_control, b.on_control, b.on_bulk = sender.on_control, first.on_control, first.on_bulk
@@ -277,7 +225,7 @@ async def test_study_moves_between_two_real_stores_and_both_audit_logs_record_it
         AuditLog.open(tmp_path / "b.audit", bob) as audit_b,
     ):
         study_uid = {store_a.add_bytes(f, source="test").study_uid for f in files}.pop()
-        a, b = _memory_pair()
+        a, b = memory_pair()
         receiving = asyncio.create_task(
             receive_study(b, store_b, tmp_path / "spool", peer="alice", audit=audit_b)
         )
@@ -333,18 +281,11 @@ async def _peak_traced_transfer(tmp_path: Path, n: int) -> tuple[int, int]:
         study = await PreparedStudy.from_source(
             _slices(n), Identity.generate(), spool, count=n, total=n << 20, source=b""
         )
-        a, b = _memory_pair()
+        a, b = memory_pair()
         store = HashStore()
-        receiver = StudyReceiver(b, tmp_path / f"in{n}", store, "peer-a")
-        sender = StudySender(study, a)
-        a.on_control, b.on_control = sender.on_control, receiver.on_control
-        b.on_bulk = receiver.on_bulk
-        b.start()
-        try:
+        sender, receiver = attached(study, a, b, tmp_path / f"in{n}", store)
+        with pumps_stopped(a, b):
             await asyncio.wait_for(asyncio.gather(receiver.run(), sender.run()), 60)
-        finally:
-            assert b.pump is not None
-            b.pump.cancel()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -429,11 +370,8 @@ async def test_a_cancel_while_an_instance_is_read_back_does_not_fetch_it_again(
     monkeypatch.setattr(StudyReceiver, "_verify", staticmethod(held_verify))
     files = ct_series(4, seed=13, size=64)
     study = await PreparedStudy.from_files(files, Identity.generate())
-    a, b = _memory_pair()
-    receiver = StudyReceiver(b, tmp_path / "spool", MemoryStore(), "peer-a")
-    sender = StudySender(study, a)
-    a.on_control, b.on_control, b.on_bulk = sender.on_control, receiver.on_control, receiver.on_bulk
-    b.start()
+    a, b = memory_pair()
+    sender, receiver = attached(study, a, b, tmp_path / "spool", MemoryStore())
     caplog.set_level(logging.INFO, logger="peer_transport.transfer.runner")
     receiving = asyncio.create_task(receiver.run())
     serving = asyncio.create_task(sender.run())
@@ -450,8 +388,9 @@ async def test_a_cancel_while_an_instance_is_read_back_does_not_fetch_it_again(
         assert await asyncio.wait_for(serving, 20) is State.CANCELLED
     finally:
         go_on.set()
-        assert b.pump is not None
-        b.pump.cancel()
+        for link in (a, b):
+            assert link.pump is not None
+            link.pump.cancel()
     assert receiver.protocol._attempts == {}
     assert not [r for r in caplog.records if "fetching it again" in r.getMessage()]
     assert (tmp_path / "spool" / JOURNAL_FILE).read_bytes() == journal

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,15 @@ async def node(home: NodeHome, identity: Identity) -> NodeRuntime:
     return runtime
 
 
+@asynccontextmanager
+async def running(home: NodeHome, identity: Identity) -> AsyncIterator[NodeRuntime]:
+    runtime = await node(home, identity)
+    try:
+        yield runtime
+    finally:
+        await runtime.stop()
+
+
 async def cli(home: NodeHome, *args: str) -> int:
     return await asyncio.to_thread(main, ["--home", str(home.root), *args])
 
@@ -63,8 +73,7 @@ async def test_cli_publish_does_not_lock_the_running_node_out(
     tmp_path: Path, server: RegistryServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     home, identity = make_home(tmp_path, "neuro", server.url, ["neuro"])
-    rt = await node(home, identity)
-    try:
+    async with running(home, identity) as rt:
         await wait_for(lambda: rt.registry_state.get(server.url) == "connected")
         # With its own endpoints the CLI signs the record itself, beside the running node.
         assert await cli(home, "registry", "publish", "--endpoint", "lan:http://127.0.0.1:9") == 0
@@ -77,16 +86,13 @@ async def test_cli_publish_does_not_lock_the_running_node_out(
         assert mine.sequence > by_cli.sequence
         assert f"lan:{rt.lan_url}" in mine.endpoints
         assert not [r for r in caplog.records if "stale" in r.getMessage()]
-    finally:
-        await rt.stop()
 
 
 async def test_cli_publish_without_endpoints_asks_the_running_node(
     tmp_path: Path, server: RegistryServer
 ) -> None:
     home, identity = make_home(tmp_path, "neuro", server.url, ["neuro"])
-    rt = await node(home, identity)
-    try:
+    async with running(home, identity) as rt:
         await wait_for(lambda: rt.registry_state.get(server.url) == "connected")
         before = held(server, identity).sequence
         assert await cli(home, "registry", "publish", "--availability", "on_call") == 0
@@ -94,8 +100,6 @@ async def test_cli_publish_without_endpoints_asks_the_running_node(
         assert record.sequence > before
         assert f"lan:{rt.lan_url}" in record.endpoints
         assert record.availability is Availability.ON_CALL
-    finally:
-        await rt.stop()
 
 
 async def test_a_home_whose_sequence_went_backwards_catches_up_by_itself(
@@ -107,8 +111,7 @@ async def test_a_home_whose_sequence_went_backwards_catches_up_by_itself(
     async with RegistryClient(server.url) as client:
         await client.publish(NodeRecord.create(identity, now=int(time.time()), sequence=ahead))
     caplog.set_level(logging.WARNING, logger="registry.client")
-    rt = await node(home, identity)
-    try:
+    async with running(home, identity) as rt:
         assert rt.registry_state.get(server.url) == "connected"
         assert server.url in rt.registry_connections  # relay, mailbox and TURN work
         mine = held(server, identity)
@@ -118,16 +121,13 @@ async def test_a_home_whose_sequence_went_backwards_catches_up_by_itself(
         warning = [r.getMessage() for r in caplog.records if "newer than ours" in r.getMessage()]
         assert warning
         assert "Republishing" in warning[0]
-    finally:
-        await rt.stop()
 
 
 async def test_availability_set_on_the_running_node_is_published_at_once(
     tmp_path: Path, server: RegistryServer
 ) -> None:
     home, identity = make_home(tmp_path, "neuro", server.url, ["neuro"])
-    rt = await node(home, identity)
-    try:
+    async with running(home, identity) as rt:
         await wait_for(lambda: rt.registry_state.get(server.url) == "connected")
         assert held(server, identity).availability is Availability.ONLINE
         assert await cli(home, "status", "--set", "on-call") == 0
@@ -138,8 +138,6 @@ async def test_availability_set_on_the_running_node_is_published_at_once(
             on_call = await client.search(SearchQuery(on_call=True))
         assert identity.node_id not in {r.node_id for r in online}
         assert identity.node_id in {r.node_id for r in on_call}
-    finally:
-        await rt.stop()
     assert await cli(home, "status", "--set", "away") == 0  # no node runs: saved for later
     assert home.load_config().availability == "away"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -241,20 +242,27 @@ def test_fuzz_http_inputs_get_json_4xx_never_5xx(tmp_path: Path) -> None:
 # TLS served directly (`registry run --tls-cert/--tls-key`) ------------------------------
 
 
-async def _tls_registry(tmp_path: Path, clock: Clock, host: str) -> tuple[RegistryServer, Path]:
+@asynccontextmanager
+async def _tls_registry(
+    tmp_path: Path, clock: Clock, host: str
+) -> AsyncIterator[tuple[RegistryServer, Path]]:
+    """A registry serving TLS on 127.0.0.1 with a certificate for ``host``: the server
+    and its CA's certificate; stopped on the way out."""
     pki = make_pki(tmp_path / "pki", host)
     server = RegistryServer(
         tmp_path / "registry.db", clock=clock, tls=server_tls_context(pki.cert, pki.key)
     )
     await server.start("127.0.0.1", 0)
-    return server, pki.ca
+    try:
+        yield server, pki.ca
+    finally:
+        await server.stop()
 
 
 async def test_tls_registry_serves_https_and_wss_to_a_node_that_trusts_its_ca(
     tmp_path: Path, clock: Clock
 ) -> None:
-    server, ca = await _tls_registry(tmp_path, clock, "127.0.0.1")
-    try:
+    async with _tls_registry(tmp_path, clock, "127.0.0.1") as (server, ca):
         assert server.url.startswith("https://127.0.0.1:")
         async with RegistryClient(server.url, IDS[0], ca_file=str(ca)) as client:
             assert (await client.health())["status"] == "ok"
@@ -263,38 +271,30 @@ async def test_tls_registry_serves_https_and_wss_to_a_node_that_trusts_its_ca(
             async with RegistryConnection(client, IDS[0], connect_timeout=5.0) as socket:
                 assert socket.connects == 1  # authenticated over wss://
                 assert await socket.send(IDS[0].node_id, b"to myself") == "delivered"
-    finally:
-        await server.stop()
 
 
 async def test_tls_registry_is_refused_without_its_ca_and_says_how_to_trust_it(
     tmp_path: Path, clock: Clock
 ) -> None:
-    server, _ = await _tls_registry(tmp_path, clock, "127.0.0.1")
-    try:
+    async with _tls_registry(tmp_path, clock, "127.0.0.1") as (server, _):
         async with RegistryClient(server.url) as client:
             with pytest.raises(RegistryUnavailable) as info:
                 await client.health()
         assert "certificate is not trusted" in str(info.value)
         assert "registry add URL --ca FILE" in str(info.value)
         assert server.connections == {}
-    finally:
-        await server.stop()
 
 
 async def test_a_trusted_ca_does_not_vouch_for_another_host_name(
     tmp_path: Path, clock: Clock
 ) -> None:
     # Signed by the CA the node trusts, but for another name: the host name is checked.
-    server, ca = await _tls_registry(tmp_path, clock, "registry.example.org")
-    try:
+    async with _tls_registry(tmp_path, clock, "registry.example.org") as (server, ca):
         async with RegistryClient(server.url, ca_file=str(ca)) as client:
             with pytest.raises(RegistryUnavailable) as info:
                 await client.health()
         assert "not trusted" in str(info.value)
         assert "127.0.0.1" in str(info.value)  # OpenSSL names the mismatch
-    finally:
-        await server.stop()
 
 
 def test_unusable_tls_files_are_refused_with_their_names(tmp_path: Path) -> None:

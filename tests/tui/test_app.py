@@ -9,10 +9,10 @@ from textual import events
 
 from consult.presence import Cursor
 from consult.shared import AnnotationKind
-from crypto.identity import Identity
+from tests.tui.pilots import make_node, open_viewer, press, svg_text, viewer_app
 from tui.app import RadmeshApp
 from tui.imaging import PRESETS, Window
-from tui.memory import STUDY_UID, InMemoryNode
+from tui.memory import STUDY_UID
 from tui.screens.help import HelpScreen
 from tui.screens.peers import VerifyScreen
 from tui.screens.viewer import ViewerScreen
@@ -23,24 +23,6 @@ from tui.widgets.image_view import ImageView
 # that shows it all renders fastest. FULL is for the tests that need the panels unfolded.
 SIZE = (100, 30)
 FULL = (150, 45)
-
-
-def make_node(**kw: int) -> InMemoryNode:
-    return InMemoryNode(Identity.generate(), **kw)
-
-
-async def open_viewer(pilot, node: InMemoryNode, live: bool = True) -> ViewerScreen:  # type: ignore[no-untyped-def]
-    app = pilot.app
-    study = node.studies()[0]
-    screen = ViewerScreen(node, study, live=live)
-    await app.push_screen(screen)
-    await app.workers.wait_for_complete()
-    await pilot.pause()
-    return screen
-
-
-def svg_text(app: RadmeshApp) -> str:
-    return app.export_screenshot().replace("&#160;", " ")
 
 
 async def test_home_shows_identity_worklist_and_transfers() -> None:
@@ -63,8 +45,7 @@ async def test_timers_that_fire_while_the_app_tears_down_do_nothing() -> None:
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
         home = app.screen
-        await pilot.press("f3")  # home stays installed, not current
-        await pilot.pause()
+        await press(pilot, "f3")  # home stays installed, not current
         viewer = await open_viewer(pilot, node, live=False)
     assert not home.query("#identity")  # torn down, as when the timer raced the shutdown
     home._tick()  # type: ignore[attr-defined]
@@ -85,8 +66,7 @@ async def test_studies_screen_opens_the_study_in_the_viewer() -> None:
     node = make_node()
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f3")
-        await pilot.pause()
+        await press(pilot, "f3")
         assert "ANON-0001" in svg_text(app)
         await pilot.press("enter")
         await app.workers.wait_for_complete()
@@ -188,10 +168,7 @@ async def click_image(pilot, x: int, y: int) -> None:  # type: ignore[no-untyped
 async def test_each_annotation_tool_adds_a_measured_annotation(
     key: str, kind: AnnotationKind, clicks: list[tuple[int, int]], value: str | None
 ) -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, _, pilot, viewer):
         await pilot.press(key)
         for x, y in clicks:
             await click_image(pilot, x, y)
@@ -208,10 +185,7 @@ async def test_each_annotation_tool_adds_a_measured_annotation(
 
 
 async def test_length_is_in_mm_using_pixel_spacing() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, _, pilot, viewer):
         await pilot.press("M")
         await click_image(pilot, 40, 12)
         await click_image(pilot, 50, 12)
@@ -232,18 +206,14 @@ async def test_arrow_asks_for_its_text() -> None:
         await pilot.press("A")
         await click_image(pilot, 40, 12)
         await click_image(pilot, 46, 16)
-        await pilot.press(*"bleed", "enter")
-        await pilot.pause()
+        await press(pilot, *"bleed", "enter")
         (a,) = node.session.annotations()
         assert a.kind == AnnotationKind.ARROW
         assert a.text == "bleed"
 
 
 async def test_remote_cursor_and_annotation_appear_and_own_cursor_is_coalesced() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, app, pilot, viewer):
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         neuro = node.live.join("Dr Neuro", "#ff00ff")
         neuro.cursor(Cursor(sop, 0, 60.0, 60.0))
@@ -268,10 +238,7 @@ async def test_remote_cursor_and_annotation_appear_and_own_cursor_is_coalesced()
 
 
 async def test_chat_report_finalise_and_author_only_removal() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=FULL) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(FULL) as (node, app, pilot, viewer):
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         panel = viewer.query_one(ConsultPanel)
         await pilot.click("#chat-input")
@@ -284,22 +251,18 @@ async def test_chat_report_finalise_and_author_only_removal() -> None:
         assert [m.text for m in node.session.chat()] == ["agree", "see slice 3"]
         assert "see slice 3" in svg_text(app)
         await pilot.click("#report")
-        await pilot.press(*"No bleed.")
-        await pilot.pause()
+        await press(pilot, *"No bleed.")
         assert node.session.report_text() == "No bleed."
         theirs = neuro.live.add_annotation(AnnotationKind.POINT, sop, 0, ((3.0, 3.0),))
         await node.live.settle()
         viewer.view.focus()
-        await pilot.press("right_square_bracket", "x")
-        await pilot.pause()
+        await press(pilot, "right_square_bracket", "x")
         assert panel.selected == theirs.id
         assert len(node.session.annotations()) == 1  # not ours: refused, and said so
         assert "only the author" in svg_text(app)
-        await pilot.press("f9")  # a preview first; enter signs and sends
-        await pilot.pause()
+        await press(pilot, "f9")  # a preview first; enter signs and sends
         assert not node.session.finalised()
-        await pilot.press("enter")
-        await pilot.pause()
+        await press(pilot, "enter")
         assert node.session.finalised()
         assert "FINAL" in svg_text(app)
 
@@ -308,19 +271,15 @@ async def test_peers_search_and_verify_with_the_safety_number() -> None:
     node = make_node()
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f4")
-        await pilot.pause()
-        await pilot.press("slash", *"msk")
-        await pilot.pause()
+        await press(pilot, "f4")
+        await press(pilot, "slash", *"msk")
         svg = svg_text(app)
         assert "Dr Bones" in svg
         assert "Dr Neuro" not in svg
-        await pilot.press("enter", "v")
-        await pilot.pause()
+        await press(pilot, "enter", "v")
         assert isinstance(app.screen, VerifyScreen)
         assert node.safety_number("PEER-MSK") in svg_text(app)
-        await pilot.press("y")
-        await pilot.pause()
+        await press(pilot, "y")
         assert next(p for p in node.peers() if p.node_id == "PEER-MSK").trust == "verified"
         assert "verified" in svg_text(app)
 
@@ -363,13 +322,11 @@ async def test_home_accepts_declines_with_a_reason_and_fetches_an_inbox_request(
         await worklist_row(pilot, 0)  # c-1, incoming STAT
         await pilot.press("a")
         await app.workers.wait_for_complete()
-        await pilot.press("d")
-        await pilot.pause()
+        await press(pilot, "d")
         assert isinstance(app.screen, TextPrompt)
         await pilot.press(*"out of my field", "enter")
         await app.workers.wait_for_complete()
-        await pilot.press("f", "z", "c")
-        await pilot.pause()
+        await press(pilot, "f", "z", "c")
         assert node.actions == [
             ("accept", "c-1", ""),
             ("decline", "c-1", "out of my field"),
@@ -402,8 +359,7 @@ async def test_withdraw_applies_to_the_outbox_and_accept_only_to_the_inbox() -> 
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         await worklist_row(pilot, 1)  # c-2, outgoing
-        await pilot.press("a", "f", "z", "c")
-        await pilot.pause()
+        await press(pilot, "a", "f", "z", "c")
         assert node.actions == []
         assert "select a request in your inbox" in toasts(app)
         await pilot.press("w")
@@ -435,32 +391,25 @@ async def test_the_share_form_offers_only_verified_peers_checks_fields_and_sends
     node = make_node()
     app = RadmeshApp(node)
     async with app.run_test(size=FULL) as pilot:
-        await pilot.press("f3")
-        await pilot.pause()
-        await pilot.press("s")
-        await pilot.pause()
+        await press(pilot, "f3")
+        await press(pilot, "s")
         form = app.screen
         assert isinstance(form, ShareScreen)
         assert [p.node_id for p in form.trusted] == ["PEER-NEURO"]  # Dr Bones is unverified
-        await pilot.press("ctrl+s")
-        await pilot.pause()
+        await press(pilot, "ctrl+s")
         assert "Pick the consultant" in svg_text(app)
         # Keyboard only: open the peer list, take the first peer, then the question.
-        await pilot.press("enter", "down", "enter")
-        await pilot.pause()
+        await press(pilot, "enter", "down", "enter")
         assert form.query_one("#peer", Select).value == "PEER-NEURO"
         assert "Dr Bones" not in svg_text(app)
-        await pilot.press("ctrl+s")
-        await pilot.pause()
+        await press(pilot, "ctrl+s")
         assert "Write the clinical question" in svg_text(app)
         form.query_one("#question").focus()
-        await pilot.press(*"bleed?", "tab", "tab")
-        await pilot.pause()
+        await press(pilot, *"bleed?", "tab", "tab")
         deadline = form.query_one("#deadline", Input)
         deadline.focus()
         deadline.value = ""
-        await pilot.press(*"soon", "ctrl+s")
-        await pilot.pause()
+        await press(pilot, *"soon", "ctrl+s")
         assert "deadline is a number of hours" in svg_text(app)
         assert node.actions == []
         deadline.value = ""
@@ -476,8 +425,7 @@ async def test_opening_a_study_records_a_view() -> None:
     node = make_node()
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f3")
-        await pilot.pause()
+        await press(pilot, "f3")
         assert node.views == []
         await pilot.press("enter")
         await app.workers.wait_for_complete()

@@ -13,6 +13,7 @@ import pytest
 from node.app.runtime import NodeRuntime
 from tests.consult.test_live import start_node
 from tests.dcmtk import generated_ct
+from tests.tui.pilots import press
 from tui.app import RadmeshApp
 from tui.facade import SeriesInfo, StudyInfo
 from tui.linking import linked_index, nearest, slice_location
@@ -93,15 +94,13 @@ async def test_p_opens_current_and_prior_linked_by_position(node: NodeRuntime) -
     _import(node, "20250302", z0=1.0, step=2.5, count=12)  # 1..28.5 mm
     app = RadmeshApp(RuntimeNode(node))
     async with app.run_test(size=(160, 45)) as pilot:
-        await pilot.press("f3")
-        await pilot.pause()
+        await press(pilot, "f3")
         studies = app.screen
         assert isinstance(studies, StudiesScreen)
         studies.query_one("#studies").move_cursor(  # type: ignore[attr-defined]
             row=[s.study_uid for s in studies.studies].index(current)
         )
-        await pilot.press("p")
-        await pilot.pause()
+        await press(pilot, "p")
         screen = app.screen
         assert isinstance(screen, CompareScreen)
 
@@ -112,22 +111,18 @@ async def test_p_opens_current_and_prior_linked_by_position(node: NodeRuntime) -
             return screen.current.slices[screen.current.index].location
 
         for _ in range(3):
-            await pilot.press("j")
-            await pilot.pause()
+            await press(pilot, "j")
             here, there = current_z(), prior_z()
             assert here is not None
             assert there is not None
             assert abs(there - here) <= 1.25  # the nearest prior slice, by position
         start = screen.prior.index
         await pilot.press("o")  # take the two on screen as one level, then step
-        await pilot.press("k")
-        await pilot.pause()
+        await press(pilot, "k")
         assert screen.prior.index != start
-        await pilot.press("t")
-        await pilot.pause()
+        await press(pilot, "t")
         assert screen.query_one("#pane-current").has_class("hidden")
-        await pilot.press("v")  # no report for the prior on this node: says so
-        await pilot.pause()
+        await press(pilot, "v")  # no report for the prior on this node: says so
         assert any("no report" in str(n.message) for n in app._notifications)
         text = app.export_screenshot()
         assert "PRIOR" in text
@@ -138,10 +133,8 @@ async def test_p_without_a_prior_says_so(node: NodeRuntime) -> None:
     _import(node, "20261120", z0=0.0, step=5.0, count=3)
     app = RadmeshApp(RuntimeNode(node))
     async with app.run_test(size=(120, 40)) as pilot:
-        await pilot.press("f3")
-        await pilot.pause()
-        await pilot.press("p")
-        await pilot.pause()
+        await press(pilot, "f3")
+        await press(pilot, "p")
         assert not isinstance(app.screen, CompareScreen)
         assert any("no earlier study" in str(n.message) for n in app._notifications)
 
@@ -154,21 +147,17 @@ async def test_the_share_form_offers_the_patients_earlier_studies(node: NodeRunt
     current = _import(node, "20261120", z0=0.0, step=5.0, count=2)
     app = RadmeshApp(RuntimeNode(node))
     async with app.run_test(size=(160, 50)) as pilot:
-        await pilot.press("f3")
-        await pilot.pause()
+        await press(pilot, "f3")
         studies = app.screen
         assert isinstance(studies, StudiesScreen)
-        await pilot.press("s")
-        await pilot.pause()
+        await press(pilot, "s")
         assert isinstance(app.screen, ShareScreen)
         assert not app.screen.query("#priors")  # nothing earlier: nothing offered
-        await pilot.press("escape")
-        await pilot.pause()
+        await press(pilot, "escape")
         _import(node, "20250302", z0=0.0, step=5.0, count=2)
         studies.reload()
         row = [s.study_uid for s in studies.studies].index(current)
         studies.query_one("#studies").move_cursor(row=row)  # type: ignore[attr-defined]
-        await pilot.press("s")
-        await pilot.pause()
+        await press(pilot, "s")
         box = app.screen.query_one("#priors", Checkbox)
         assert "1 earlier" in str(box.label)

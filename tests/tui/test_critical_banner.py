@@ -8,6 +8,7 @@ from dataclasses import replace
 from textual.widgets import DataTable, Input, Static
 
 from crypto.identity import Identity
+from tests.tui.pilots import press
 from tui.app import RadmeshApp
 from tui.facade import CriticalAlert
 from tui.memory import InMemoryNode
@@ -24,14 +25,12 @@ async def test_banner_stays_until_k_acknowledges_the_outbox_report_by_name() -> 
         assert "CRITICAL RESULT: consult c-2, escalation 1" in shown
         assert "press k" in shown
 
-        await pilot.press("k")  # the inbox request is selected: nothing to acknowledge
-        await pilot.pause()
+        await press(pilot, "k")  # the inbox request is selected: nothing to acknowledge
         assert not any(a[0] == "ack" for a in node.actions)
         assert banner.display
 
         app.screen.query_one("#worklist", DataTable).move_cursor(row=1)  # the outbox consult
-        await pilot.press("k")
-        await pilot.pause()
+        await press(pilot, "k")
         app.screen.query_one(Input).value = "Dr Aoife Byrne"
         await pilot.press("enter")
         await app.workers.wait_for_complete()
@@ -47,8 +46,7 @@ async def test_an_empty_name_does_not_acknowledge_a_critical_result() -> None:
     app = RadmeshApp(node)
     async with app.run_test(size=(100, 30)) as pilot:
         app.screen.query_one("#worklist", DataTable).move_cursor(row=1)
-        await pilot.press("k")
-        await pilot.pause()
+        await press(pilot, "k")
         await pilot.press("enter")
         await app.workers.wait_for_complete()
         await pilot.pause()
@@ -57,18 +55,16 @@ async def test_an_empty_name_does_not_acknowledge_a_critical_result() -> None:
 
 
 async def test_f8_marks_the_report_critical_before_f9_signs_it() -> None:
-    from tests.tui.test_app import open_viewer
+    from tests.tui.pilots import open_viewer
 
     node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=(100, 30)) as pilot:
         viewer = await open_viewer(pilot, node)
         viewer.view.focus()
-        await pilot.press("f8")
-        await pilot.pause()
+        await press(pilot, "f8")
         assert "CRITICAL" in viewer.message
-        await pilot.press("f9", "enter")  # the preview, then sign and send
-        await pilot.pause()
+        await press(pilot, "f9", "enter")  # the preview, then sign and send
         assert node.session.finalised()
         assert node.live.critical
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from rich.cells import cell_len
 from textual.app import App, ComposeResult
+from textual.pilot import Pilot
 
 from node.cli import main
 from tui import graphics
@@ -17,6 +20,7 @@ from tui.graphics import GraphicsError, Mode, choose
 from tui.imaging import Window
 from tui.memory import phantom_slice
 from tui.widgets.image_view import ImageView, Mark
+from tui.widgets.protocol_image import KittyImage, SixelImage
 
 TTY = {"TERM": "xterm-256color"}
 
@@ -156,10 +160,11 @@ async def test_sixel_mode_paints_the_image_and_keeps_text_in_a_band_below() -> N
         assert "Im 1/1" not in "\n".join(lines[:rows])
 
 
-@pytest.mark.parametrize("mode", ["kitty", "sixel"])
-async def test_a_redraw_with_the_same_pixels_does_not_send_the_image_again(
+@asynccontextmanager
+async def painted_once(
     mode: Mode, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> AsyncIterator[tuple[Pilot[None], ImageView, KittyImage | SixelImage]]:
+    """The view drawn in ``mode`` (its output thrown away): one image sent so far."""
     monkeypatch.setattr(sys, "__stdout__", io.StringIO())
     app = ViewApp(mode)
     async with app.run_test(size=(40, 12)) as pilot:
@@ -168,14 +173,25 @@ async def test_a_redraw_with_the_same_pixels_does_not_send_the_image_again(
         images = view._kitty or view._sixel
         assert images is not None
         assert images.images_sent == 1
+        yield pilot, view, images
+
+
+async def redrawn(pilot: Pilot[None], view: ImageView) -> None:
+    view.redraw()
+    await pilot.pause()
+
+
+@pytest.mark.parametrize("mode", ["kitty", "sixel"])
+async def test_a_redraw_with_the_same_pixels_does_not_send_the_image_again(
+    mode: Mode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with painted_once(mode, monkeypatch) as (pilot, view, images):
         view.overlay_lines = ("Im 1/1  x 12.0 mm",)  # what a mouse move over the image changes
-        view.redraw()
-        await pilot.pause()
+        await redrawn(pilot, view)
         assert images.images_sent == 1
         assert "x 12.0 mm" in "\n".join(lines_of(view))
         view.window = Window(400, 1800)  # new pixels: a new image
-        view.redraw()
-        await pilot.pause()
+        await redrawn(pilot, view)
         assert images.images_sent == 2
 
 
@@ -183,18 +199,10 @@ async def test_a_redraw_with_the_same_pixels_does_not_send_the_image_again(
 async def test_a_cursor_moving_over_a_picture_does_not_send_it_again(
     mode: Mode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sys, "__stdout__", io.StringIO())
-    app = ViewApp(mode)
-    async with app.run_test(size=(40, 12)) as pilot:
-        await pilot.pause()
-        view = app.query_one(ImageView)
-        images = view._kitty or view._sixel
-        assert images is not None
-        assert images.images_sent == 1
+    async with painted_once(mode, monkeypatch) as (pilot, view, images):
         for x in (10.0, 20.0, 40.0):  # a remote participant's cursor moving
             view.marks = (Mark("cursor", ((x, 30.0),), "#ff00ff", "Dr Neuro"),)
-            view.redraw()
-            await pilot.pause()
+            await redrawn(pilot, view)
         assert images.images_sent == 1
         text = "\n".join(lines_of(view))
         if mode == "kitty":  # the cursor is a cell over the image, beside its name
@@ -210,8 +218,7 @@ async def test_a_cursor_moving_over_a_picture_does_not_send_it_again(
         else:  # named in the band under the picture
             assert "cursors: +Dr Neuro" in text
         view.marks = (Mark("arrow", ((5.0, 5.0), (30.0, 30.0)), "#ffff00"),)
-        view.redraw()  # an annotation is drawn into the picture: a new one goes out
-        await pilot.pause()
+        await redrawn(pilot, view)  # an annotation is drawn into the picture: a new one goes out
         assert images.images_sent == 2
 
 

@@ -4,6 +4,7 @@ answers the other party's proposals; peer-written text is shown as typed, never 
 from __future__ import annotations
 
 from crypto.identity import Identity
+from tests.tui.pilots import press, svg_text
 from tui.app import RadmeshApp
 from tui.facade import GuestProposal
 from tui.memory import InMemoryNode
@@ -16,10 +17,6 @@ SIZE = (100, 30)  # what the screens do, not their layout: the smallest screen r
 FULL = (150, 45)  # the help page lists every key only when it has the room
 
 
-def svg_text(app: RadmeshApp) -> str:
-    return app.export_screenshot().replace("&#160;", " ")
-
-
 async def test_g_in_the_live_viewer_proposes_a_verified_peer_as_a_guest() -> None:
     node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
@@ -27,8 +24,7 @@ async def test_g_in_the_live_viewer_proposes_a_verified_peer_as_a_guest() -> Non
         await app.push_screen(ViewerScreen(node, node.studies()[0], live=True))
         await app.workers.wait_for_complete()
         await pilot.pause()
-        await pilot.press("g")
-        await pilot.pause()
+        await press(pilot, "g")
         assert isinstance(app.screen, GuestPicker)
         shown = svg_text(app)
         assert "Dr Neuro" in shown  # verified
@@ -48,16 +44,13 @@ async def test_g_in_a_viewer_without_a_live_consult_says_why_and_escape_cancels(
         viewer = ViewerScreen(node, node.studies()[0], live=False)
         await app.push_screen(viewer)
         await pilot.pause()
-        await pilot.press("g")
-        await pilot.pause()
+        await press(pilot, "g")
         assert app.screen is viewer
         assert "guests join a live consult" in viewer.message
         await app.push_screen(ViewerScreen(node, node.studies()[0], live=True))
         await pilot.pause()
-        await pilot.press("g")
-        await pilot.pause()
-        await pilot.press("escape")
-        await pilot.pause()
+        await press(pilot, "g")
+        await press(pilot, "escape")
     assert not [a for a in node.actions if a[0] == "propose-guest"]
 
 
@@ -72,8 +65,7 @@ async def test_g_on_home_approves_and_refuses_the_other_partys_proposals() -> No
         await pilot.pause()
         assert isinstance(app.screen, HomeScreen)
         assert "2 guest proposal(s) wait for your answer" in svg_text(app)
-        await pilot.press("g")
-        await pilot.pause()
+        await press(pilot, "g")
         assert isinstance(app.screen, GuestAnswers)
         shown = svg_text(app)
         assert "[b]Dr Surgeon[/b]" in shown  # the peer's text as typed, not rendered as markup
@@ -83,15 +75,13 @@ async def test_g_on_home_approves_and_refuses_the_other_partys_proposals() -> No
         await pilot.pause()
         assert ("approve-guest", "c-1", "GUEST-ONE") in node.actions
         assert "1 guest proposal(s) wait for your answer" in svg_text(app)
-        await pilot.press("g")
-        await pilot.pause()
+        await press(pilot, "g")
         await pilot.press("r")
         await app.workers.wait_for_complete()
         await pilot.pause()
         assert ("refuse-guest", "c-1", "GUEST-TWO") in node.actions
         assert "guest proposal(s)" not in svg_text(app)
-        await pilot.press("g")  # nothing left to answer: says so, no dialog
-        await pilot.pause()
+        await press(pilot, "g")  # nothing left to answer: says so, no dialog
         assert isinstance(app.screen, HomeScreen)
 
 

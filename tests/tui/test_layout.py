@@ -7,12 +7,10 @@ import re
 
 from textual.widgets import DataTable, OptionList, TextArea
 
-from crypto.identity import Identity
+from tests.tui.pilots import make_node, press, svg_text, viewer_app
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem
-from tui.memory import InMemoryNode
 from tui.screens.home import site_cell, study_cell, worklist_columns
-from tui.screens.viewer import ViewerScreen
 from tui.widgets.consult_panel import ConsultPanel
 from tui.widgets.image_view import ImageView
 from tui.widgets.overlay import OverlayBar
@@ -21,32 +19,13 @@ SMALL = (80, 24)
 LARGE = (200, 55)
 
 
-def make_node() -> InMemoryNode:
-    return InMemoryNode(Identity.generate())
-
-
-def svg_text(app: RadmeshApp) -> str:
-    return app.export_screenshot().replace("&#160;", " ")
-
-
-async def open_viewer(pilot, node: InMemoryNode) -> ViewerScreen:  # type: ignore[no-untyped-def]
-    screen = ViewerScreen(node, node.studies()[0], live=True)
-    await pilot.app.push_screen(screen)
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    return screen
-
-
 def worklist_keys(app: RadmeshApp) -> list[str]:
     table = app.screen.query_one("#worklist", DataTable)
     return [str(key.value) for key in table.columns]
 
 
 async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SMALL) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SMALL) as (node, app, pilot, viewer):
         panel, series = viewer.query_one(ConsultPanel), viewer.query_one("#series", OptionList)
         assert not panel.display or panel.size.width == 0
         assert series.size.width == 0
@@ -60,29 +39,24 @@ async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> 
         assert "HU -1000  pos" in viewer.query_one("#overlay-bottom", OverlayBar).text
         assert (viewer.view.size, viewer.view.frames_rendered) == (size, drawn)  # no jump
 
-        await pilot.press("t")  # the consult panel, beside a narrower image
-        await pilot.pause()
+        await press(pilot, "t")  # the consult panel, beside a narrower image
         assert panel.size.width > 0
         assert 20 <= viewer.view.size.width < 74
-        await pilot.press("t")
-        await pilot.pause()
+        await press(pilot, "t")
         assert panel.size.width == 0
         assert viewer.view.size.width >= 74
 
-        await pilot.press("r")  # typing the report is one key away, even folded
-        await pilot.pause()
+        await press(pilot, "r")  # typing the report is one key away, even folded
         report = viewer.query_one("#report", TextArea)
         assert report.has_focus
         await pilot.press("n", "o", "r", "m")
         assert node.session.report_text() == "norm"
         assert viewer.series_index == 0  # "n" went into the report, not to the next series
-        await pilot.press("escape")
-        await pilot.pause()
+        await press(pilot, "escape")
         assert viewer.view.has_focus
         assert panel.size.width == 0
 
-        await pilot.press("s")  # the series list, picked from and folded again
-        await pilot.pause()
+        await press(pilot, "s")  # the series list, picked from and folded again
         assert series.has_focus
         assert series.size.width > 0
         await pilot.press("down", "enter")
@@ -94,16 +68,12 @@ async def test_at_80x24_the_image_takes_the_width_and_the_panels_fold_away() -> 
 
 
 async def test_at_200x55_the_series_list_and_the_panel_sit_beside_a_wide_image() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=LARGE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(LARGE) as (_, _, pilot, viewer):
         panel, series = viewer.query_one(ConsultPanel), viewer.query_one("#series", OptionList)
         assert panel.size.width >= 40
         assert series.size.width >= 20
         assert viewer.view.size.width >= 110
-        await pilot.press("t")  # nothing to fold at this width: said, not done
-        await pilot.pause()
+        await press(pilot, "t")  # nothing to fold at this width: said, not done
         assert "always shown at this width" in viewer.message
         assert panel.size.width >= 40
 

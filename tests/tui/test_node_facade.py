@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from consult.shared import AnnotationKind
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct, random_study
 from tests.consult.test_live import introduce, start_node, wait_for
+from tests.tui.pilots import open_viewer, press, svg_text
 from tui.app import RadmeshApp
 from tui.facade import ActionError, ConsultForm, ConsultItem
 from tui.node_facade import LiveSessionView, RuntimeNode
@@ -41,10 +43,6 @@ def import_ct(runtime: NodeRuntime, root: Path, slices: int = 4) -> list[Path]:
     for path in paths:
         runtime.store.add_file(path, source="test")
     return paths
-
-
-def svg_text(app: RadmeshApp) -> str:
-    return app.export_screenshot().replace("&#160;", " ")
 
 
 async def test_the_facade_reads_studies_and_frames_from_the_store(
@@ -77,8 +75,7 @@ async def test_the_app_lists_a_stored_study_and_opens_it_in_the_viewer(
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert str(node.identity.node_id)[:7] in svg_text(app)
-        await pilot.press("f3")
-        await pilot.pause()
+        await press(pilot, "f3")
         assert "PATIENT-0001" in svg_text(app)
         await pilot.press("enter")
         await app.workers.wait_for_complete()
@@ -99,10 +96,7 @@ async def test_a_remote_participants_annotation_and_cursor_appear_in_the_tui(
         study = facade.studies()[0]
         app = RadmeshApp(facade)
         async with app.run_test(size=SIZE) as pilot:
-            screen = ViewerScreen(facade, study, live=True)
-            await app.push_screen(screen)
-            await app.workers.wait_for_complete()
-            await pilot.pause()
+            screen = await open_viewer(pilot, facade)
             session = screen.session
             assert isinstance(session, LiveSessionView)
             await node.live_hub().invite(session.consult_id, remote.identity.public_key)
@@ -134,18 +128,29 @@ async def test_a_remote_participants_annotation_and_cursor_appear_in_the_tui(
         await remote.stop()
 
 
+@asynccontextmanager
 async def consult_pair(
     tmp_path: Path, slices: int, rows: int
-) -> tuple[NodeRuntime, NodeRuntime, RuntimeNode, RuntimeNode, str]:
+) -> AsyncIterator[tuple[NodeRuntime, NodeRuntime, RuntimeNode, RuntimeNode, str]]:
     """A requesting node with a CT and a consultant, each verified by the other, the
-    services running; returns (rural, neuro, their facades, the study uid)."""
+    services running; gives (rural, neuro, their facades, the study uid), and stops
+    both nodes on the way out."""
 
     rural = await start_node(tmp_path, "rural")
-    neuro = await start_node(tmp_path, "neuro")
-    introduce([rural, neuro])
-    for path in generate_ct(tmp_path / "ct", slices=slices, rows=rows, study=random_study(5)):
-        rural.store.add_file(path, source="test")
-    return rural, neuro, RuntimeNode(rural), RuntimeNode(neuro), rural.store.studies()[0].study_uid
+    try:
+        neuro = await start_node(tmp_path, "neuro")
+    except BaseException:
+        await rural.stop()
+        raise
+    try:
+        introduce([rural, neuro])
+        for path in generate_ct(tmp_path / "ct", slices=slices, rows=rows, study=random_study(5)):
+            rural.store.add_file(path, source="test")
+        study_uid = rural.store.studies()[0].study_uid
+        yield rural, neuro, RuntimeNode(rural), RuntimeNode(neuro), study_uid
+    finally:
+        await rural.stop()
+        await neuro.stop()
 
 
 async def accepted(ask: RuntimeNode, answer: RuntimeNode, neuro: NodeRuntime, study: str) -> str:
@@ -165,8 +170,7 @@ def form_to(peer: NodeRuntime, study_uid: str, priority: str = "stat") -> Consul
 
 
 async def test_request_accept_fetch_and_transfers_through_the_facades(tmp_path: Path) -> None:
-    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=3, rows=64)
-    try:
+    async with consult_pair(tmp_path, slices=3, rows=64) as (rural, neuro, ask, answer, study_uid):
         outcome = await ask.request_consult(form_to(neuro, study_uid))
         assert "delivered (LAN)" in outcome
         await wait_for(lambda: bool(answer.consults()))
@@ -190,14 +194,10 @@ async def test_request_accept_fetch_and_transfers_through_the_facades(tmp_path: 
         [sent] = ask.transfers()
         assert (sent.direction, sent.done_instances, sent.total_instances) == ("out", 3, 3)
         assert answer.consults()[0].state == "in_review"
-    finally:
-        await rural.stop()
-        await neuro.stop()
 
 
 async def test_decline_with_a_reason_and_withdraw_reach_the_other_node(tmp_path: Path) -> None:
-    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=1, rows=32)
-    try:
+    async with consult_pair(tmp_path, slices=1, rows=32) as (rural, neuro, ask, answer, study_uid):
         await ask.request_consult(form_to(neuro, study_uid))
         await ask.request_consult(form_to(neuro, study_uid, "routine"))
         await wait_for(lambda: len(answer.consults()) == 2)
@@ -208,14 +208,10 @@ async def test_decline_with_a_reason_and_withdraw_reach_the_other_node(tmp_path:
             await answer.withdraw(first.consult_id)
         assert "every consultant told" in await ask.withdraw(first.consult_id)
         await wait_for(lambda: neuro.consults.get(first.consult_id).state.value == "withdrawn")
-    finally:
-        await rural.stop()
-        await neuro.stop()
 
 
 async def test_the_share_form_never_sends_to_an_unverified_peer(tmp_path: Path) -> None:
-    rural, neuro, ask, _, study_uid = await consult_pair(tmp_path, slices=1, rows=32)
-    try:
+    async with consult_pair(tmp_path, slices=1, rows=32) as (rural, _, ask, _, study_uid):
         stranger = await start_node(tmp_path, "stranger")
         try:
             assert stranger.record is not None
@@ -225,17 +221,14 @@ async def test_the_share_form_never_sends_to_an_unverified_peer(tmp_path: Path) 
             assert not rural.consults.cases()
         finally:
             await stranger.stop()
-    finally:
-        await rural.stop()
-        await neuro.stop()
 
 
 async def test_a_streaming_study_lists_every_slice_and_the_one_on_screen_comes_first(
     tmp_path: Path,
 ) -> None:
     slices = 40
-    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=slices, rows=256)
-    try:
+    async with consult_pair(tmp_path, slices=slices, rows=256) as pair:
+        _, neuro, ask, answer, study_uid = pair
         consult_id = await accepted(ask, answer, neuro, study_uid)
         answer.fetch(consult_id)
         await wait_for(lambda: bool(neuro.transfers.incoming()))
@@ -259,9 +252,6 @@ async def test_a_streaming_study_lists_every_slice_and_the_one_on_screen_comes_f
         await wait_for(lambda: [t.state for t in answer.transfers()] == ["complete"], 60)
         assert all(r.present for r in answer.instances(series.series_uid))
         assert answer.load_frame(last.sop_uid) is not None
-    finally:
-        await rural.stop()
-        await neuro.stop()
 
 
 async def test_opening_a_study_writes_a_view_audit_record(
@@ -272,8 +262,7 @@ async def test_opening_a_study_writes_a_view_audit_record(
     [study] = facade.studies()
     app = RadmeshApp(facade)
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f3")
-        await pilot.pause()
+        await press(pilot, "f3")
         await pilot.press("enter")
         await app.workers.wait_for_complete()
     [view] = node.audit.records(study_uid=study.study_uid, kind="view")
@@ -288,8 +277,8 @@ async def test_the_consultant_accepts_fetches_and_opens_the_study_from_the_workl
     from textual.widgets import DataTable, ProgressBar
 
     slices = 30
-    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=slices, rows=256)
-    try:
+    async with consult_pair(tmp_path, slices=slices, rows=256) as pair:
+        _, neuro, ask, answer, study_uid = pair
         await ask.request_consult(form_to(neuro, study_uid))
         await wait_for(lambda: bool(answer.consults()))
         app = RadmeshApp(answer)
@@ -328,9 +317,6 @@ async def test_the_consultant_accepts_fetches_and_opens_the_study_from_the_workl
             assert f"{slices}/{slices} images" in svg_text(app)
         kinds = [r.kind for r in neuro.audit.records()]
         assert "view" in kinds
-    finally:
-        await rural.stop()
-        await neuro.stop()
 
 
 async def shared_and_fetched(
@@ -364,8 +350,7 @@ async def test_the_hospital_joins_the_consult_session_on_its_original_study(
     on its own UIDs, and the shared state only ever holds the pseudonyms."""
     from consult.presence import Viewport
 
-    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=3, rows=64)
-    try:
+    async with consult_pair(tmp_path, slices=3, rows=64) as (rural, neuro, ask, answer, study_uid):
         item = await shared_and_fetched(rural, neuro, ask, answer, study_uid)
         shared_uid = item.study_uid
         # The same slice on each side: the hospital's original, the consultant's pseudonym.
@@ -441,9 +426,6 @@ async def test_the_hospital_joins_the_consult_session_on_its_original_study(
             states = [(p.cursor, p.viewport) for p in live.participants()]
             assert {c.sop_instance_uid for c, _ in states if c is not None} == {p_sop}
             assert {v.series_uid for _, v in states if v is not None} == {p_series}
-    finally:
-        await rural.stop()
-        await neuro.stop()
 
 
 async def test_the_hospitals_viewer_shows_the_consultants_marks_on_its_own_slices(
@@ -456,8 +438,7 @@ async def test_the_hospitals_viewer_shows_the_consultants_marks_on_its_own_slice
 
     from consult.presence import Viewport
 
-    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=3, rows=64)
-    try:
+    async with consult_pair(tmp_path, slices=3, rows=64) as (rural, neuro, ask, answer, study_uid):
         item = await shared_and_fetched(rural, neuro, ask, answer, study_uid)
         consultant = answer.open_session(item.study_uid)
         assert isinstance(consultant, LiveSessionView)
@@ -499,17 +480,14 @@ async def test_the_hospitals_viewer_shows_the_consultants_marks_on_its_own_slice
             await pilot.press("f")
             await wait_for(lambda: screen.index == 2)
             assert "Im 3/3" in svg_text(app)
-    finally:
-        await rural.stop()
-        await neuro.stop()
 
 
 async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
     tmp_path: Path,
 ) -> None:
     slices = 40
-    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=slices, rows=256)
-    try:
+    async with consult_pair(tmp_path, slices=slices, rows=256) as pair:
+        rural, neuro, ask, answer, study_uid = pair
         consult_id = await accepted(ask, answer, neuro, study_uid)
         with pytest.raises(ActionError, match="press f to fetch it"):
             answer.pause_transfer(consult_id)
@@ -539,9 +517,6 @@ async def test_the_consultant_pauses_goes_on_and_cancels_an_incoming_study(
         await wait_for(lambda: "complete" in [t.state for t in answer.transfers()], 60)
         shared = answer.consults()[0].study_uid
         assert len(neuro.store.instances(shared)) == slices
-    finally:
-        await rural.stop()
-        await neuro.stop()
 
 
 async def test_fetching_again_as_soon_as_a_cancelled_fetch_has_ended_starts_a_new_one(
@@ -551,8 +526,7 @@ async def test_fetching_again_as_soon_as_a_cancelled_fetch_has_ended_starts_a_ne
     fetches again. The facade used to keep its own "being fetched" set, emptied only when
     its waiting task next ran: a press in between was answered "already being fetched"
     and nothing came (the flaky end of the pause/cancel test above)."""
-    rural, neuro, ask, answer, study_uid = await consult_pair(tmp_path, slices=8, rows=64)
-    try:
+    async with consult_pair(tmp_path, slices=8, rows=64) as (_, neuro, ask, answer, study_uid):
         consult_id = await accepted(ask, answer, neuro, study_uid)
         answer.fetch(consult_id)
         await wait_for(lambda: [t.state for t in answer.transfers()] == ["running"], SLOW)
@@ -573,9 +547,6 @@ async def test_fetching_again_as_soon_as_a_cancelled_fetch_has_ended_starts_a_ne
         assert again[0].startswith("fetching the study"), again[0]
         await wait_for(lambda: "complete" in [t.state for t in answer.transfers()], SLOW)
         assert len(neuro.store.instances(answer.consults()[0].study_uid)) == 8
-    finally:
-        await rural.stop()
-        await neuro.stop()
 
 
 async def test_a_verified_requester_not_in_the_directory_shows_verified(node: NodeRuntime) -> None:

@@ -15,11 +15,11 @@ import pytest
 
 from consult.presence import Cursor
 from tests.consult.test_live import start_node, wait_for
-from tests.tui.test_node_facade import SIZE, import_ct, svg_text
+from tests.tui.pilots import open_viewer, svg_text
+from tests.tui.test_node_facade import SIZE, import_ct
 from tui.app import RadmeshApp
 from tui.node_facade import RuntimeNode
 from tui.node_thread import NodeStopped, NodeThread, ThreadedNode, ThreadedSession
-from tui.screens.viewer import ViewerScreen
 
 
 @pytest.fixture
@@ -85,13 +85,9 @@ async def test_a_peers_cursor_and_chat_reach_the_viewer_on_the_ui_thread(
                 assert b.record is not None
                 on.call(a.directory.remember, b.record, "test", a.now())
                 on.call(a.trust.mark_verified, b.identity.node_id, a.now())
-            study = threaded.studies()[0]
             app = RadmeshApp(threaded)
             async with app.run_test(size=SIZE) as pilot:
-                screen = ViewerScreen(threaded, study, live=True)
-                await app.push_screen(screen)
-                await app.workers.wait_for_complete()
-                await pilot.pause()
+                screen = await open_viewer(pilot, threaded)
                 session = screen.session
                 assert isinstance(session, ThreadedSession)
                 delivered: list[threading.Thread] = []

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from crypto.identity import Identity
+from tests.tui.pilots import make_node, open_viewer, press
 from tui.app import RadmeshApp
 from tui.facade import Frame, StudyInfo
 from tui.memory import InMemoryNode
@@ -106,18 +107,6 @@ def test_age_sex_and_date_as_a_viewer_prints_them() -> None:
     assert "\x1b" not in age_sex("\x1b[2J067Y", "F")  # peer text: no control characters
 
 
-def make_node() -> InMemoryNode:
-    return InMemoryNode(Identity.generate())
-
-
-async def open_viewer(pilot, node: InMemoryNode, live: bool = False) -> ViewerScreen:  # type: ignore[no-untyped-def]
-    screen = ViewerScreen(node, node.studies()[0], live=live)
-    await pilot.app.push_screen(screen)
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    return screen
-
-
 def texts(viewer: ViewerScreen) -> tuple[str, str, str, str]:
     return (
         viewer.query_one("#overlay-top", OverlayBar).text,
@@ -131,7 +120,7 @@ async def test_the_overlay_shows_the_study_the_slice_and_the_orientation() -> No
     node = make_node()
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+        viewer = await open_viewer(pilot, node, live=False)
         top, bottom, left, right = texts(viewer)
         for shown in ("ANON-0001", "67Y F", "Acc ANON-ACC-1", "2026-01-01", "CT CHEST"):
             assert shown in top
@@ -153,7 +142,7 @@ async def test_the_value_under_the_pointer_is_shown_without_redrawing_the_image(
     node = make_node()
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+        viewer = await open_viewer(pilot, node, live=False)
         shown = viewer.view.frame
         assert shown is not None
         drawn = viewer.view.frames_rendered
@@ -170,9 +159,8 @@ async def test_the_keyboard_cursor_shows_the_value_under_it() -> None:
     node = make_node()
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
-        await pilot.press("M")  # a tool: the keyboard cursor appears in the middle
-        await pilot.pause()
+        viewer = await open_viewer(pilot, node, live=False)
+        await press(pilot, "M")  # a tool: the keyboard cursor appears in the middle
         assert viewer.kb is not None
         assert viewer.view.frame is not None
         hu = pixel_value(viewer.view.frame, viewer.kb)
@@ -199,7 +187,7 @@ async def test_dicom_text_on_the_overlay_is_shown_literally() -> None:
     node = MarkupNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+        viewer = await open_viewer(pilot, node, live=False)
         top = texts(viewer)[0]
         assert "[b]CT[/] [@click=app.quit]x[/]" in top
         assert "Acc [/]" in top

@@ -3,14 +3,18 @@ and listed at once; r/c/Esc focus and the mode line; each series its own window 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import numpy as np
+from textual.pilot import Pilot
 from textual.widget import Widget
 
 from consult.live import LiveConsult
 from consult.shared import AnnotationKind
 from crypto.identity import Identity
+from tests.tui.pilots import make_node, open_viewer, press, viewer_app
 from tui import imaging
 from tui.app import RadmeshApp
 from tui.facade import Frame, SeriesInfo
@@ -22,18 +26,6 @@ from tui.widgets.overlay import OverlayBar
 
 SIZE = (100, 30)  # what the screens do, not their layout: the smallest screen renders fastest
 CONSULT = "feed0000feed0000feed0000feed0000"
-
-
-def make_node() -> InMemoryNode:
-    return InMemoryNode(Identity.generate())
-
-
-async def open_viewer(pilot, node: InMemoryNode, live: bool = True) -> ViewerScreen:  # type: ignore[no-untyped-def]
-    screen = ViewerScreen(node, node.studies()[0], live=live)
-    await pilot.app.push_screen(screen)
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    return screen
 
 
 def image_text(viewer: ViewerScreen) -> str:
@@ -49,74 +41,66 @@ def mode_line(viewer: ViewerScreen) -> str:
     return str(viewer.query_one("#mode").render())
 
 
-async def test_a_length_measured_with_the_keyboard_alone_is_listed_and_drawn_at_once() -> None:
-    # A real live session with nobody else in it.
+@asynccontextmanager
+async def alone_in_a_session() -> AsyncIterator[tuple[LiveConsult, Pilot[None], ViewerScreen]]:
+    """A real live session with nobody else in it, and the viewer open in it."""
     alone = LiveConsult(CONSULT, Identity.generate(), "Dr Ana", "#ff00ff")
     node = make_node()
     node.session = LiveSessionView(alone)
     app = RadmeshApp(node)
     try:
         async with app.run_test(size=SIZE) as pilot:
-            viewer = await open_viewer(pilot, node)
-            slice_before = viewer.index
-            await pilot.press("M")  # length tool: the keyboard cursor appears
-            assert viewer.kb is not None
-            start = viewer.kb
-            await pilot.press("space", *["right"] * 5, "shift+down")
-            preview = [m for m in viewer.view.marks if m.kind == "length"]
-            assert [m.points for m in preview] == [(start, viewer.kb)]  # a line to the cursor
-            assert preview[0].label.endswith(" mm")
-            await pilot.press("space")
-            await pilot.pause()
-            assert viewer.index == slice_before  # arrows moved the cursor, not the slice
-            (length,) = alone.annotations()
-            assert length.kind is AnnotationKind.LENGTH
-            assert length.points[0] == start
-            assert length.points[1][0] > start[0]
-            assert length.points[1][1] > start[1]
-            value = f"{length.values['length_mm']:.1f} mm"
-            listed = str(viewer.query_one("#annotations").render())
-            assert f"length {value}" in listed  # in the list at once
-            assert value in image_text(viewer)  # and drawn beside the mark on the image
-            assert viewer.kb is not None  # the tool stays for the next measurement
-            await pilot.press("escape")  # Esc cancels the tool and its cursor
-            assert viewer.tool == ""
-            assert viewer.kb is None
-            assert all(m.kind != "kbcursor" for m in viewer.view.marks)
+            yield alone, pilot, await open_viewer(pilot, node)
     finally:
         await alone.close()
+
+
+async def test_a_length_measured_with_the_keyboard_alone_is_listed_and_drawn_at_once() -> None:
+    async with alone_in_a_session() as (alone, pilot, viewer):
+        slice_before = viewer.index
+        await pilot.press("M")  # length tool: the keyboard cursor appears
+        assert viewer.kb is not None
+        start = viewer.kb
+        await pilot.press("space", *["right"] * 5, "shift+down")
+        preview = [m for m in viewer.view.marks if m.kind == "length"]
+        assert [m.points for m in preview] == [(start, viewer.kb)]  # a line to the cursor
+        assert preview[0].label.endswith(" mm")
+        await press(pilot, "space")
+        assert viewer.index == slice_before  # arrows moved the cursor, not the slice
+        (length,) = alone.annotations()
+        assert length.kind is AnnotationKind.LENGTH
+        assert length.points[0] == start
+        assert length.points[1][0] > start[0]
+        assert length.points[1][1] > start[1]
+        value = f"{length.values['length_mm']:.1f} mm"
+        listed = str(viewer.query_one("#annotations").render())
+        assert f"length {value}" in listed  # in the list at once
+        assert value in image_text(viewer)  # and drawn beside the mark on the image
+        assert viewer.kb is not None  # the tool stays for the next measurement
+        await pilot.press("escape")  # Esc cancels the tool and its cursor
+        assert viewer.tool == ""
+        assert viewer.kb is None
+        assert all(m.kind != "kbcursor" for m in viewer.view.marks)
 
 
 async def test_a_length_clicked_in_a_session_alone_is_listed_and_drawn_at_once() -> None:
-    alone = LiveConsult(CONSULT, Identity.generate(), "Dr Ana", "#ff00ff")
-    node = make_node()
-    node.session = LiveSessionView(alone)
-    app = RadmeshApp(node)
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            viewer = await open_viewer(pilot, node)
-            await pilot.press("M")
-            geom = viewer.view.geometry()
-            assert geom is not None
-            for point in ((30.0, 40.0), (90.0, 40.0)):
-                await pilot.click(ImageView, offset=geom.image_to_cell(point))
-            await pilot.pause()
-            (length,) = alone.annotations()
-            value = f"{length.values['length_mm']:.1f} mm"
-            assert f"length {value}" in str(viewer.query_one("#annotations").render())
-            assert value in image_text(viewer)
-    finally:
-        await alone.close()
+    async with alone_in_a_session() as (alone, pilot, viewer):
+        await pilot.press("M")
+        geom = viewer.view.geometry()
+        assert geom is not None
+        for point in ((30.0, 40.0), (90.0, 40.0)):
+            await pilot.click(ImageView, offset=geom.image_to_cell(point))
+        await pilot.pause()
+        (length,) = alone.annotations()
+        value = f"{length.values['length_mm']:.1f} mm"
+        assert f"length {value}" in str(viewer.query_one("#annotations").render())
+        assert value in image_text(viewer)
 
 
 async def test_every_tool_works_from_the_keyboard_and_draws_its_value() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, _, pilot, viewer):
         await pilot.press("G", "space", "l", "l", "l", "space", "k", "k", "space")
-        await pilot.press("E", "space", "L", "J", "space")
-        await pilot.pause()
+        await press(pilot, "E", "space", "L", "J", "space")
         angle, roi = node.session.annotations()
         assert angle.kind is AnnotationKind.ANGLE
         assert roi.kind is AnnotationKind.ELLIPSE
@@ -126,10 +110,7 @@ async def test_every_tool_works_from_the_keyboard_and_draws_its_value() -> None:
 
 
 async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, _, pilot, viewer):
         assert viewer.view.has_focus
         assert mode_line(viewer).startswith("VIEW")
         state = (viewer.index, viewer.series_index, viewer.view.window, viewer.view.zoom)
@@ -140,8 +121,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         report = viewer.query_one("#report")
         assert border(report) == "heavy"  # the focused pane stands out
         assert border(viewer.view) == "round"
-        await pilot.press(*[("space" if ch == " " else ch) for ch in sentence])
-        await pilot.pause()
+        await press(pilot, *[("space" if ch == " " else ch) for ch in sentence])
         assert node.session.report_text() == sentence
         # i (invert), f (follow), M (length), n (series), p (present), 1-8 presets, x, q:
         assert not viewer.view.invert
@@ -151,8 +131,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         assert (viewer.index, viewer.series_index, viewer.view.window, viewer.view.zoom) == state
         assert viewer.is_attached  # q did not close it
 
-        await pilot.press("escape")
-        await pilot.pause()
+        await press(pilot, "escape")
         assert border(viewer.view) == "heavy"
         assert viewer.view.has_focus
         assert mode_line(viewer).startswith("VIEW")
@@ -160,8 +139,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         await pilot.press("c")
         assert viewer.query_one("#chat-input").has_focus
         assert mode_line(viewer).startswith("CHAT")
-        await pilot.press("o", "k", "space", "i", "f", "enter")
-        await pilot.pause()
+        await press(pilot, "o", "k", "space", "i", "f", "enter")
         assert [m.text for m in node.session.chat()] == ["ok if"]
         assert "ok if" in str(viewer.query_one("#chat-log").render())
         assert not viewer.view.invert

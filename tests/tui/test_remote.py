@@ -18,6 +18,7 @@ from node.app import control
 from node.cli import main
 from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
+from tests.tui.pilots import press
 from tui.app import RadmeshApp
 from tui.facade import ActionError, ConsultItem, Frame, NodeStatus
 from tui.imaging import Window
@@ -113,8 +114,7 @@ async def test_the_app_on_the_running_node_opens_a_study(
         app = RadmeshApp(node)
         async with app.run_test(size=(140, 42)) as pilot:
             await pilot.pause()
-            await pilot.press("f3")
-            await pilot.pause()
+            await press(pilot, "f3")
             await pilot.press("enter")
             viewer = app.screen
             assert isinstance(viewer, ViewerScreen)

@@ -9,6 +9,7 @@ from textual.widgets import DataTable, Input, Static
 from consult import report_text
 from crypto.identity import Identity
 from tests.consult.test_report_text import make_report
+from tests.tui.pilots import press
 from tui.app import RadmeshApp
 from tui.facade import ReportSection
 from tui.memory import InMemoryNode
@@ -39,13 +40,11 @@ async def test_v_on_an_outbox_consult_shows_its_report_literally() -> None:
     node.reports["c-2"] = sections_for(author)
     app = RadmeshApp(node)
     async with app.run_test(size=(150, 50)) as pilot:
-        await pilot.press("v")  # the inbox request is selected: no report to read there
-        await pilot.pause()
+        await press(pilot, "v")  # the inbox request is selected: no report to read there
         assert not isinstance(app.screen, ReportScreen)
 
         app.screen.query_one("#worklist", DataTable).move_cursor(row=1)  # the outbox consult
-        await pilot.press("v")
-        await pilot.pause()
+        await press(pilot, "v")
         assert isinstance(app.screen, ReportScreen)
         shown = str(app.screen.query_one("#report-text", Static).render())
         assert f"Dr [red]Mallory[/red] (node {author.node_id.short()}, verified)" in shown
@@ -59,8 +58,7 @@ async def test_v_on_an_outbox_consult_shows_its_report_literally() -> None:
         assert "CRITICAL result, NOT acknowledged yet" in shown
         assert app.is_running  # [@click=app.quit] bound nothing
 
-        await pilot.press("escape")
-        await pilot.pause()
+        await press(pilot, "escape")
         assert not isinstance(app.screen, ReportScreen)
 
 
@@ -69,8 +67,7 @@ async def test_v_without_a_report_says_none_arrived() -> None:
     app = RadmeshApp(node)
     async with app.run_test(size=(100, 30)) as pilot:
         app.screen.query_one("#worklist", DataTable).move_cursor(row=1)
-        await pilot.press("v")
-        await pilot.pause()
+        await press(pilot, "v")
         assert not isinstance(app.screen, ReportScreen)
 
 
@@ -90,14 +87,12 @@ async def test_e_on_a_reported_inbox_consult_adds_a_signed_addendum() -> None:
     node = InMemoryNode(Identity.generate())
     app = RadmeshApp(node)
     async with app.run_test(size=(100, 30)) as pilot:
-        await pilot.press("e")  # c-1 is only offered: nothing signed to amend
-        await pilot.pause()
+        await press(pilot, "e")  # c-1 is only offered: nothing signed to amend
         assert not isinstance(app.screen, TextPrompt)
 
         node.states["c-1"] = "reported"
         app.screen.refresh_data()  # type: ignore[attr-defined]
-        await pilot.press("e")
-        await pilot.pause()
+        await press(pilot, "e")
         app.screen.query_one(Input).value = "Correction: [b]right[/b] side."
         await pilot.press("enter")
         await app.workers.wait_for_complete()
@@ -115,8 +110,7 @@ async def test_the_report_screen_lists_addenda_under_the_report() -> None:
     app = RadmeshApp(node)
     async with app.run_test(size=(150, 60)) as pilot:
         app.screen.query_one("#worklist", DataTable).move_cursor(row=1)
-        await pilot.press("v")
-        await pilot.pause()
+        await press(pilot, "v")
         shown = str(app.screen.query_one("#report-text", Static).render())
         assert shown.index("Addendum 1") > shown.index("Impression")
         assert f"Right, {MARKUP}" in shown

@@ -16,10 +16,10 @@ from consult.report_draft import (
 )
 from consult.shared import Annotation, AnnotationKind
 from crypto.identity import Identity
+from tests.tui.pilots import open_viewer, press
 from tui.app import RadmeshApp
 from tui.memory import SERIES_UID, InMemoryNode
 from tui.screens.sign_preview import SignPreview
-from tui.screens.viewer import ViewerScreen
 
 SIZE = (100, 30)  # what the screens do, not their layout: the smallest screen renders fastest
 KEYS = {" ": "space", "\n": "enter", ":": "colon", ".": "full_stop"}
@@ -27,15 +27,6 @@ KEYS = {" ": "space", "\n": "enter", ":": "colon", ".": "full_stop"}
 
 def keys(text: str) -> list[str]:
     return [KEYS.get(ch, ch) for ch in text]
-
-
-async def open_viewer(pilot) -> ViewerScreen:  # type: ignore[no-untyped-def]
-    node = pilot.app.node
-    screen = ViewerScreen(node, node.studies()[0], live=True)
-    await pilot.app.push_screen(screen)
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    return screen
 
 
 def make() -> tuple[InMemoryNode, RadmeshApp]:
@@ -117,12 +108,10 @@ async def test_f9_previews_both_sections_and_measurement_escape_edits_enter_send
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot)
         measure(node, 0.0, slice_no=3)
-        await pilot.press("r", *keys("Findings\nno bleed.\nImpression\nnormal study."))
-        await pilot.pause()
+        await press(pilot, "r", *keys("Findings\nno bleed.\nImpression\nnormal study."))
         assert split_report(node.session.report_text()) == ("no bleed.", "normal study.")
 
-        await pilot.press("f9")
-        await pilot.pause()
+        await press(pilot, "f9")
         preview = app.screen
         assert isinstance(preview, SignPreview)
         assert "Findings:\n  no bleed." in preview.text
@@ -130,28 +119,23 @@ async def test_f9_previews_both_sections_and_measurement_escape_edits_enter_send
         assert "length 21.0 mm (image 3)" in preview.text
         assert "Critical:   no" in preview.text
 
-        await pilot.press("escape")  # back to editing: nothing signed or sent
-        await pilot.pause()
+        await press(pilot, "escape")  # back to editing: nothing signed or sent
         assert app.screen is viewer
         assert not node.session.finalised()
         assert node.live.sent == []
         assert viewer.query_one("#report").has_focus
-        await pilot.press(*keys(" ok"))  # still typing into the impression
-        await pilot.pause()
+        await press(pilot, *keys(" ok"))  # still typing into the impression
         assert split_report(node.session.report_text())[1] == "normal study. ok"
 
-        await pilot.press("f8", "f9")
-        await pilot.pause()
+        await press(pilot, "f8", "f9")
         assert isinstance(app.screen, SignPreview)
         assert "Critical:   YES" in app.screen.text
-        await pilot.press("enter")
-        await pilot.pause()
+        await press(pilot, "enter")
         assert app.screen is viewer
         assert node.session.finalised()
         assert node.live.critical
         assert node.live.sent == [("no bleed.", "normal study. ok", frozenset())]
-        await pilot.press("f9")  # signed already: no second preview, no second send
-        await pilot.pause()
+        await press(pilot, "f9")  # signed already: no second preview, no second send
         assert app.screen is viewer
         assert len(node.live.sent) == 1
 
@@ -163,14 +147,12 @@ async def test_a_duplicate_measurement_is_said_in_the_preview_and_not_sent() -> 
         kept = measure(node, 0.0)
         twin = measure(node, 0.2)  # the same length again, a fraction of a pixel off
         other = measure(node, 30.0)
-        await pilot.press("f9")
-        await pilot.pause()
+        await press(pilot, "f9")
         preview = app.screen
         assert isinstance(preview, SignPreview)
         assert "Duplicates not sent:" in preview.text
         assert preview.text.count("length 21.0 mm") == 3  # two sent, one said dropped
-        await pilot.press("y")
-        await pilot.pause()
+        await press(pilot, "y")
         assert node.live.sent[0][2] == frozenset({twin.id})
         assert kept.id not in node.live.sent[0][2]
         assert other.id not in node.live.sent[0][2]
@@ -180,15 +162,13 @@ async def test_ctrl_t_inserts_the_template_skeleton_into_an_empty_report_only() 
     node, app = make()
     async with app.run_test(size=SIZE) as pilot:
         viewer = await open_viewer(pilot)
-        await pilot.press("r", "ctrl+t")  # the study is a CT CHEST
-        await pilot.pause()
+        await press(pilot, "r", "ctrl+t")  # the study is a CT CHEST
         findings, _impression = split_report(node.session.report_text())
         assert findings.startswith("Lungs:")
         assert "Mediastinum" in findings
         assert viewer.query_one("#report", TextArea).text == node.session.report_text()
         before = node.session.report_text()
-        await pilot.press("ctrl+t")  # not twice: the report is not empty any more
-        await pilot.pause()
+        await press(pilot, "ctrl+t")  # not twice: the report is not empty any more
         assert node.session.report_text() == before
         assert "empty report only" in viewer.message
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,7 @@ from consult.presence import Cursor
 from crypto.identity import Identity
 from node.cli import main
 from tui.app import RadmeshApp
-from tui.facade import Frame
+from tui.facade import Frame, InstanceRef
 from tui.halfblock import UPPER_HALF, HalfBlockRenderer
 from tui.imaging import Window
 from tui.memory import InMemoryNode, phantom_slice
@@ -77,18 +79,22 @@ async def wait_until(pilot: Pilot[None], ready: object, what: str) -> None:
         await pilot.pause(0.02)
 
 
-def live_node() -> InMemoryNode:
+@asynccontextmanager
+async def live_view() -> AsyncIterator[tuple[InMemoryNode, Pilot[None], ImageView, InstanceRef]]:
+    """The viewer open on a live consult with one peer in it, its first slice shown: the
+    node, the pilot, the image view and the slice."""
     node = InMemoryNode(Identity.generate(), slices=4, size=128)
     node.live.join("Dr Peer", "#ff8700")  # called inside the test's event loop
-    return node
-
-
-async def open_viewer(app: RadmeshApp, pilot: Pilot[None], node: InMemoryNode) -> ViewerScreen:
-    viewer = ViewerScreen(node, node.studies()[0], live=True)
-    await app.push_screen(viewer)
-    await wait_until(pilot, lambda: viewer.is_attached and viewer.view.frame is not None, "slice")
-    await pilot.pause()
-    return viewer
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = ViewerScreen(node, node.studies()[0], live=True)
+        await app.push_screen(viewer)
+        await wait_until(
+            pilot, lambda: viewer.is_attached and viewer.view.frame is not None, "slice"
+        )
+        await pilot.pause()
+        assert viewer.current is not None
+        yield node, pilot, viewer.view, viewer.current
 
 
 # --- the renderer: compact output, same picture -------------------------------------------
@@ -134,13 +140,7 @@ def test_on_256_colours_cells_merge_into_the_palette_colour_rich_would_write() -
 
 
 async def test_a_remote_cursor_move_rebuilds_and_repaints_only_the_rows_it_crosses() -> None:
-    node = live_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(app, pilot, node)
-        view = viewer.view
-        ref = viewer.current
-        assert ref is not None
+    async with live_view() as (node, pilot, view, ref):
         node.live.peers[0].cursor(Cursor(ref.sop_uid, 0, 40.0, 64.0))
         await wait_until(pilot, lambda: any(m.kind == "cursor" for m in view.marks), "cursor")
         await pilot.pause()
@@ -167,13 +167,7 @@ async def test_a_remote_cursor_move_rebuilds_and_repaints_only_the_rows_it_cross
 async def test_the_image_after_many_changes_is_the_one_a_full_render_draws() -> None:
     """Row by row updates leave no stale cell: after cursor moves, marks and a new window,
     the view holds what rendering everything again gives."""
-    node = live_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(app, pilot, node)
-        view = viewer.view
-        ref = viewer.current
-        assert ref is not None
+    async with live_view() as (node, pilot, view, ref):
         for x in (20.0, 60.0, 100.0):
             node.live.peers[0].cursor(Cursor(ref.sop_uid, 0, x, 30.0 + x / 2))
             await pilot.pause()

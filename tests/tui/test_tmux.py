@@ -41,8 +41,8 @@ def wait_for(session: str, text: str) -> str:
     raise AssertionError(f"{text!r} never appeared; screen was:\n{screen}")
 
 
-@pytest.fixture
-def session(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def new_home(tmp_path: Path) -> Path:
+    """``radmesh init`` of a home named "Tmux Node" under ``tmp_path``."""
     home = tmp_path / "home"
     subprocess.run(
         [str(RADMESH), "--home", str(home), "init", "--name", "Tmux Node", "--no-passphrase"],
@@ -55,6 +55,12 @@ def session(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     config = node_home.load_config()
     config.network.listen_host, config.network.mdns = "127.0.0.1", False
     node_home.save_config(config)
+    return home
+
+
+@pytest.fixture
+def session(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    home = new_home(tmp_path)
     name = f"radmesh-test-{uuid.uuid4().hex[:8]}"
     yield name, home
     subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True, timeout=10)

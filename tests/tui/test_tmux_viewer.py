@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from node.demo.phantom import generate_ct
-from tests.tui.test_tmux import RADMESH, tmux, wait_for
+from tests.tui.test_tmux import RADMESH, new_home, tmux, wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,13 +25,7 @@ pytestmark = [
 
 @pytest.fixture
 def study(tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
-    home = tmp_path / "home"
-    subprocess.run(
-        [str(RADMESH), "--home", str(home), "init", "--name", "Tmux Node", "--no-passphrase"],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    home = new_home(tmp_path)
     generate_ct(tmp_path / "ct", slices=4, rows=64)
     subprocess.run(  # the study in the home's store, as a PACS or `radmesh import` puts it
         [str(RADMESH), "--home", str(home), "import", str(tmp_path / "ct")],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from textual.pilot import Pilot
 
 from consult.live import LiveConsult
 from consult.presence import Cursor, Viewport
 from consult.shared import AnnotationKind
 from crypto.identity import Identity
+from tests.tui.pilots import make_node, open_viewer, press, svg_text, viewer_app
 from tui.app import RadmeshApp
 from tui.dicom_frame import frame_from_dataset
 from tui.facade import Frame
@@ -45,22 +48,6 @@ async def wait_for(predicate: Callable[[], object], within: float = 5.0) -> None
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
-
-
-def make_node(**kw: int) -> InMemoryNode:
-    return InMemoryNode(Identity.generate(), **kw)
-
-
-async def open_viewer(pilot, node: InMemoryNode) -> ViewerScreen:  # type: ignore[no-untyped-def]
-    screen = ViewerScreen(node, node.studies()[0], live=True)
-    await pilot.app.push_screen(screen)
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    return screen
-
-
-def svg_text(app: RadmeshApp) -> str:
-    return app.export_screenshot().replace("&#160;", " ")
 
 
 def other(live: LiveConsult) -> object:
@@ -94,8 +81,7 @@ async def test_a_follower_takes_the_presenters_slices_until_they_scroll_themselv
         await wait_for(lambda: viewer.index == 7 and viewer.series_index == 1)
         assert viewer.view.zoom == 2.0
 
-        await pilot.press("j")  # the follower moves on their own: no longer following
-        await pilot.pause()
+        await press(pilot, "j")  # the follower moves on their own: no longer following
         assert viewer.index == 8
         assert not follower.presence.following
         await wait_for(lambda: not other(presenter).following)  # type: ignore[attr-defined]
@@ -142,20 +128,15 @@ async def test_follow_without_a_live_consult_says_what_to_do() -> None:
         screen = ViewerScreen(node, node.studies()[0], live=False)
         await app.push_screen(screen)
         await pilot.pause()
-        await pilot.press("f")
-        await pilot.pause()
+        await press(pilot, "f")
         assert "following needs a live consult" in svg_text(app)
 
 
 async def test_in_memory_session_follows_a_remote_presenter() -> None:
-    node = make_node()
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_app(SIZE) as (node, app, pilot, viewer):
         neuro = node.live.join("Dr Neuro", "#ff00ff")
         neuro.viewport(Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
-        await pilot.press("f")
-        await pilot.pause()
+        await press(pilot, "f")
         assert viewer.index == 3
         assert node.session.following()
         neuro.viewport(Viewport(SERIES_UID, 9, 400.0, 40.0))
@@ -169,13 +150,21 @@ async def test_in_memory_session_follows_a_remote_presenter() -> None:
         assert not node.session.following()
 
 
-async def test_the_participants_panel_shows_who_presents_and_who_follows() -> None:
+@asynccontextmanager
+async def viewer_with_neuro() -> AsyncIterator[
+    tuple[InMemoryNode, MemoryPeer, RadmeshApp, Pilot[None], ViewerScreen]
+]:
+    """The live viewer, Dr Neuro (the verified PEER-NEURO of the directory) in its session."""
     node = make_node()
     neuro = node.live.join("Dr Neuro", "#ff00ff")
     node.rekey("PEER-NEURO", neuro.node)  # before the viewer reads the directory
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+        yield node, neuro, app, pilot, await open_viewer(pilot, node)
+
+
+async def test_the_participants_panel_shows_who_presents_and_who_follows() -> None:
+    async with viewer_with_neuro() as (node, neuro, _, pilot, viewer):
         surg = node.live.join("Dr Surg", "#00ffff")
         surg.viewport(Viewport(SERIES_UID, 3, 400.0, 40.0), presenting=True)
         neuro.viewport(Viewport(SERIES_UID, 3, 400.0, 40.0), following=True)
@@ -199,12 +188,7 @@ async def click_image_point(pilot, viewer: ViewerScreen, point: tuple[float, flo
 
 
 async def test_clicking_near_an_annotation_selects_it_and_only_the_author_removes_it() -> None:
-    node = make_node()
-    neuro = node.live.join("Dr Neuro", "#ff00ff")
-    node.rekey("PEER-NEURO", neuro.node)  # before the viewer reads the directory
-    app = RadmeshApp(node)
-    async with app.run_test(size=SIZE) as pilot:
-        viewer = await open_viewer(pilot, node)
+    async with viewer_with_neuro() as (node, neuro, app, pilot, viewer):
         sop = viewer.current.sop_uid  # type: ignore[union-attr]
         panel = viewer.query_one(ConsultPanel)
         theirs = neuro.live.add_annotation(
@@ -217,8 +201,7 @@ async def test_clicking_near_an_annotation_selects_it_and_only_the_author_remove
         await click_image_point(pilot, viewer, (30.0, 20.0))  # on the middle of their line
         assert panel.selected == theirs.id
         assert "▶" in str(panel.query_one("#annotations").render())
-        await pilot.press("x")
-        await pilot.pause()
+        await press(pilot, "x")
         assert len(node.session.annotations()) == 2
         assert f"only the author, Dr Neuro ({neuro.node[:7]}, verified), can remove" in svg_text(
             app
@@ -226,14 +209,12 @@ async def test_clicking_near_an_annotation_selects_it_and_only_the_author_remove
 
         await click_image_point(pilot, viewer, (90.0, 90.0))
         assert panel.selected == mine.id
-        await pilot.press("delete")
-        await pilot.pause()
+        await press(pilot, "delete")
         assert [a.id for a in node.session.annotations()] == [theirs.id]
 
         await click_image_point(pilot, viewer, (110.0, 30.0))  # nothing near: no selection
         assert panel.selected is None
-        await pilot.press("x")
-        await pilot.pause()
+        await press(pilot, "x")
         assert "select an annotation first" in svg_text(app)
 
 
@@ -309,10 +290,7 @@ async def test_a_real_multi_frame_file_opens_with_every_frame_reachable(tmp_path
     node = OneMultiFrameFile(Identity.generate(), slices=1)
     app = RadmeshApp(node)
     async with app.run_test(size=SIZE) as pilot:
-        screen = ViewerScreen(node, node.studies()[0])
-        await app.push_screen(screen)
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        screen = await open_viewer(pilot, node, live=False)
         assert "Im 1/1  Fr 1/3" in svg_text(app)
         await pilot.press("end")
         await app.workers.wait_for_complete()
