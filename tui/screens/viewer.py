@@ -17,7 +17,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Footer, Header, Input, OptionList, Static, TextArea
+from textual.widgets import Header, Input, OptionList, Static, TextArea
 from textual.worker import Worker, WorkType
 
 from consult import measure, report_draft
@@ -30,6 +30,7 @@ from tui.imaging import Point
 from tui.screens.prompt import TextPrompt
 from tui.screens.sign_preview import SignPreview
 from tui.widgets.consult_panel import ConsultPanel, describe, mark_label
+from tui.widgets.footer import Footer
 from tui.widgets.image_view import ImageView, Mark
 from tui.widgets.overlay import (
     EdgeMarker,
