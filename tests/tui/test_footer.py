@@ -43,3 +43,7 @@ async def test_the_footer_drops_letter_keys_while_the_chat_has_them_else_stays_p
         await pilot.press("escape")
         await pilot.pause()
         assert "i" in keys(footer)
+        # The keys change twice and the screen closes before its footer catches up.
+        await pilot.press("c", "escape", "q")
+        await pilot.pause()
+        assert app.screen is not viewer

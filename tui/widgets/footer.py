@@ -31,6 +31,8 @@ class Footer(widgets.Footer):
         )
 
     async def recompose(self) -> None:
+        if not self.is_attached:  # its screen went away before this ran
+            return
         shown = self._what_it_shows()
         if shown == self._shown:
             return
