@@ -184,7 +184,9 @@ class MemoryLink(SdpPair):
         self._down = True
         self._open.set()
         peer = self._peer
-        if peer is not None:  # after whatever this side sent before closing
+        # After whatever this side sent before closing; across a partition the close is
+        # lost too (the peer notices the silence, as over a lost path).
+        if peer is not None and not self._partitioned:
             asyncio.get_running_loop().call_soon(peer._went_down, "data channel closed")
 
 

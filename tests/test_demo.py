@@ -11,6 +11,7 @@ from consult.shared import AnnotationKind
 from node.app.studies import StudyDesk
 from node.demo import story as demo
 from node.demo.phantom import HAEMATOMA, head_hu
+from tests.consult.test_live import wait_for
 
 
 @pytest.mark.slow
@@ -77,6 +78,12 @@ async def test_the_story_holds_together_for_a_radiologist(tmp_path: Path) -> Non
         tail, head = marks[AnnotationKind.ARROW].points
         assert hu[round(head[1]), round(head[0])] == HAEMATOMA.hu  # the arrow's head is on it
         assert hu[round(tail[1]), round(tail[0])] < 50  # and it comes from the brain
+        # A loaded machine can stall a connection past its heartbeat: the surgeon, dropped
+        # from the presence, is heard again at the next heartbeat after the reconnection.
+        await wait_for(
+            lambda: demo.NEUROSURG.name in {p.name for p in staged.neuroradiologist.participants()},
+            20,
+        )
         surgeon = {p.name: p for p in staged.neuroradiologist.participants()}
         assert surgeon[demo.NEUROSURG.name].following
         assert surgeon[demo.NEURORAD.name].presenting

@@ -398,6 +398,10 @@ def _decode_pixels(layout: PixelLayout, frames: tuple[bytes, ...]) -> np.ndarray
     out = np.empty(per_frame * layout.frames, dtype=dtype)
     shift = dtype.type(layout.shift)
     for i, stream in enumerate(frames):
+        # CharLS spends about 5 s of CPU on a stream cut short before its end-of-image
+        # marker, whatever the image size: a peer's truncated frames would each cost that.
+        if stream[-2:] != b"\xff\xd9":
+            raise CorruptInstance(f"JPEG-LS frame {i} does not end with an end-of-image marker")
         try:  # imagecodecs' CharLS releases the GIL: the event loop feeding SCTP keeps running
             decoded = imagecodecs.jpegls_decode(stream)
         except Exception as exc:  # CharLS raises its own error types

@@ -69,6 +69,15 @@ def test_a_truncated_jpegls_stream_is_refused(keep: float) -> None:
         wirecodec.decode(dataclasses.replace(wire, frames=(cut,)))
 
 
+def test_a_truncated_jpegls_stream_with_its_end_marker_put_back_is_refused() -> None:
+    _, wire = _ct_wire()
+    frame = wire.frames[0]
+    with pytest.raises(CorruptInstance, match="damaged"):  # by CharLS, now handed it
+        wirecodec.decode(
+            dataclasses.replace(wire, frames=(frame[: len(frame) // 2] + b"\xff\xd9",))
+        )
+
+
 def test_a_truncated_zstd_residual_is_refused() -> None:
     _, wire = _ct_wire()
     with pytest.raises(CorruptInstance):

@@ -122,3 +122,16 @@ async def test_a_partition_is_silent_and_a_failure_is_seen_on_both_ends() -> Non
     await b.until(lambda: bool(b.downs))
     assert a.got == b.got == []
     assert a.downs == b.downs == ["cable cut"]
+
+
+async def test_a_close_across_a_partition_is_lost_too() -> None:
+    """A frozen peer that gives up and closes is not heard: the other side has only its
+    silence to go by (test_connection's frozen peer must be noticed by its heartbeat)."""
+    a, b = await _pair(MemoryNetwork())
+    b.link.partition()
+    await b.link.close()
+    canary = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(canary.set_result, None)  # after a close's news
+    await canary
+    assert a.downs == []
+    assert not a.link.is_down

@@ -17,12 +17,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Static
+from textual.widgets import Static
 
 from tui import imaging, safe_text
 from tui.facade import Frame, InstanceRef, NodeFacade, SeriesInfo, StudyInfo
 from tui.linking import linked_index
 from tui.screens.report import ReportScreen
+from tui.widgets.footer import Footer
 from tui.widgets.image_view import ImageView
 
 SIDE_BY_SIDE_MIN_WIDTH = 100  # narrower: one study at a time, t flips

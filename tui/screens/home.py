@@ -12,7 +12,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
+from textual.widgets import DataTable, Header, ProgressBar, Static
 from textual.worker import WorkType
 
 from tui import safe_text
@@ -20,6 +20,7 @@ from tui.facade import ActionError, ConsultItem, GuestProposal, NodeFacade, Tran
 from tui.safe_text import MAX_LINE_CHARS, MAX_NAME_CHARS
 from tui.screens.peers import TRUST_MARK
 from tui.screens.prompt import TextPrompt
+from tui.widgets.footer import Footer
 from tui.widgets.overlay import age_sex
 
 PRIORITY_STYLE = {"stat": "bold white on red", "urgent": "bold black on yellow", "routine": "green"}

@@ -7,11 +7,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import DataTable, Header, Input, Static
 
 from tui import safe_text
 from tui.facade import NodeFacade, PeerInfo
 from tui.safe_text import MAX_NAME_CHARS
+from tui.widgets.footer import Footer
 
 SHORT_ID_CHARS = 7
 

@@ -6,7 +6,7 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import DataTable, Header, Static
 
 from tui import safe_text
 from tui.facade import NodeFacade, StudyInfo
@@ -14,6 +14,7 @@ from tui.safe_text import MAX_LINE_CHARS, MAX_NAME_CHARS
 from tui.screens.compare import CompareScreen, priors_of
 from tui.screens.share import ShareScreen
 from tui.screens.viewer import ViewerScreen
+from tui.widgets.footer import Footer
 
 
 class StudiesScreen(Screen[None]):

@@ -7,7 +7,7 @@ keys and the same slice; the drawing is in tui/widgets and the maths in tui/imag
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 from textual import events, on
@@ -17,7 +17,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Footer, Header, Input, OptionList, Static, TextArea
+from textual.widgets import Header, Input, OptionList, Static, TextArea
 from textual.worker import Worker, WorkType
 
 from consult import measure, report_draft
@@ -30,6 +30,7 @@ from tui.imaging import Point
 from tui.screens.prompt import TextPrompt
 from tui.screens.sign_preview import SignPreview
 from tui.widgets.consult_panel import ConsultPanel, describe, mark_label
+from tui.widgets.footer import Footer
 from tui.widgets.image_view import ImageView, Mark
 from tui.widgets.overlay import (
     EdgeMarker,
@@ -308,10 +309,35 @@ class ViewerScreen(Screen[None]):
     def _poll_loading(self) -> None:
         if not self.is_attached:  # the app is closing; the widgets may be gone already
             return
+        self._catch_up_listing()
         # Not while a load is under way: restarting it would only cancel it (and its waiters).
         busy = self._loading is not None and not self._loading.is_finished
         if self.view.waiting and self.current is not None and not busy:
             self.load_current()
+
+    def _catch_up_listing(self) -> None:
+        """A study still streaming in lists its slices as the sender reads them: a series
+        opened before they were all listed takes in the rest as they come, and the slice on
+        screen stays the one shown."""
+        if all(ref.present for ref in self.instances):
+            return  # stored: nothing more to list
+        refs = self.node.instances(self.series_list[self.series_index].series_uid)
+        if [(r.sop_uid, r.present) for r in refs] == [
+            (r.sop_uid, r.present) for r in self.instances
+        ]:
+            return
+        frames = Counter(ref.sop_uid for ref, _ in self.slices)  # multi-frame ones expanded
+        at = self.slices[self.index] if self.slices else None
+        self.instances = refs
+        self.slices = [
+            (ref, f) for ref in refs for f in range(max(1, ref.frames, frames[ref.sop_uid]))
+        ]
+        if at is not None:
+            key = (at[0].sop_uid, at[1])
+            self.index = next(
+                (i for i, (ref, f) in enumerate(self.slices) if (ref.sop_uid, f) == key), 0
+            )
+        self._show_overlay()
 
     # drawing
     def update_view(self) -> None:
