@@ -79,6 +79,7 @@ def peer() -> tuple[RTCPeerConnection, ChannelLink]:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # never aiortc's public STUN
     control = pc.createDataChannel("control", negotiated=True, id=0)
     bulk = pc.createDataChannel("bulk", negotiated=True, id=1)
+    tuned(pc)
     return pc, ChannelLink(control, bulk)
 
 
@@ -95,38 +96,17 @@ def socket_buffers(pc: RTCPeerConnection, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
-def delayed_sacks(every: int, delay: float = 0.01) -> Callable[[], None]:
-    """Experiment (``BENCH_DELAYED_SACK=N``): aiortc acknowledges every SCTP packet;
-    acknowledge every Nth instead (at once on a gap or a duplicate, and at most
-    ``delay`` seconds late otherwise, RFC 9260 6.2). Patches aiortc in this process;
-    returns what undoes it. ``BENCH_STUDY_SACK=N`` does it for the study runs only."""
-    from aiortc import rtcsctptransport
+def tuned(pc: RTCPeerConnection) -> None:
+    """``BENCH_LEVERS=acks,...``: the receive-path levers of :mod:`peer_transport.sctp`
+    on this peer connection (the study runs of :func:`ratios` set it per variant; the
+    raw baseline never does)."""
+    levers = set(filter(None, os.environ.get("BENCH_LEVERS", "").split(",")))
+    from peer_transport import sctp
 
-    cls = rtcsctptransport.RTCSctpTransport
-    send_sack = cls._send_sack
-
-    async def maybe_sack(self: Any) -> None:
-        self._bench_unacked = getattr(self, "_bench_unacked", 0) + 1
-        if self._bench_unacked >= every or self._sack_misordered or self._sack_duplicates:
-            self._bench_unacked = 0
-            await send_sack(self)
-            return
-        if getattr(self, "_bench_timer", None) is None:
-
-            def late() -> None:
-                self._bench_timer = None
-                if self._sack_needed:
-                    self._bench_unacked = 0
-                    self._bench_flush = asyncio.ensure_future(send_sack(self))
-
-            self._bench_timer = asyncio.get_running_loop().call_later(delay, late)
-
-    cls._send_sack = maybe_sack  # type: ignore[method-assign]
-
-    def undo() -> None:
-        cls._send_sack = send_sack  # type: ignore[method-assign]
-
-    return undo
+    if "acks" in levers:
+        sctp.delay_acks(pc.sctp)
+    if "reasm" in levers:
+        sctp.quick_reassembly(pc.sctp)
 
 
 def _tune(pc: RTCPeerConnection, mode: str) -> None:
@@ -311,17 +291,7 @@ def _peak_rss_mb() -> float:
 
 async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str, float]:
     loopback_only()
-    env = dict(os.environ)
-    sacks = os.environ.get("BENCH_STUDY_SACK")
-    undo = None
-    if sacks and mode == "study":
-        env["BENCH_DELAYED_SACK"] = sacks
-        undo = delayed_sacks(int(sacks))
-    try:
-        return await _run_parent(mode, study, want, env)
-    finally:
-        if undo is not None:
-            undo()
+    return await _run_parent(mode, study, want, dict(os.environ))
 
 
 async def _run_parent(
@@ -602,14 +572,17 @@ def main() -> None:
     )
 
 
-def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
+def ratios(slices: int, rounds: int, levers: str = "") -> None:
     """Alternate raw and study runs on one prepared CT: each study's ratio against the
     mean of the raw runs either side of it (the machine is shared: ratios, not rates).
 
-    ``python -m bench.bench_transfer --ratio SLICES ROUNDS [SACKS]``; with SACKS, each
-    round also runs the study with SCTP acknowledging every SACKS-th packet
-    (:func:`delayed_sacks`, study processes only). ``BENCH_PROFILE=DIR`` writes cProfile
-    stats of both processes of each study run there. ``BENCH_STORE=real`` has the
+    ``python -m bench.bench_transfer --ratio SLICES ROUNDS [VARIANTS]``: VARIANTS is
+    a ``/``-separated list of lever sets (``acks`` = :func:`peer_transport.sctp.delay_acks`,
+    ``reasm`` = :func:`peer_transport.sctp.quick_reassembly`, ``acks,reasm`` both;
+    ``stock`` = none), each run as a study variant in every round (both study
+    processes, never the raw baseline); without it, ``stock`` only.
+    ``BENCH_PROFILE=DIR`` writes cProfile stats (CPU time) of both processes of each
+    study run there. ``BENCH_STORE=real`` has the
     receiver store into a real ``node.dicom.store.Store`` (sealed, fsynced) instead of
     only counting. ``BENCH_BEFORE_TREE=DIR`` adds a
     study run whose receiver is the checkout in DIR (``git archive main``, this bench
@@ -639,11 +612,11 @@ def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
         if variant == "before":
             os.environ["BENCH_RECEIVER_TREE"] = str(before_tree)
         elif variant != "stock":
-            os.environ["BENCH_STUDY_SACK"] = str(sacks)
+            os.environ["BENCH_LEVERS"] = variant
         res: dict[str, float] = _profiled(
             f"sender-{variant}", lambda: asyncio.run(_parent("study", ct, -1))
         )
-        os.environ.pop("BENCH_STUDY_SACK", None)
+        os.environ.pop("BENCH_LEVERS", None)
         os.environ.pop("BENCH_RECEIVER_TREE", None)
         print(
             f"  study ({variant}): {wire / res['seconds'] / 1e6:.2f} MB/s on the wire; CPU s "
@@ -654,8 +627,7 @@ def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
         )
         return res
 
-    variants = (["before"] if before_tree else []) + ["stock"]
-    variants += [f"sack every {sacks}"] if sacks else []
+    variants = (["before"] if before_tree else []) + (levers or "stock").split("/")
     found: dict[str, list[float]] = {v: [] for v in variants}
     before = raw_rate()
     for _ in range(rounds):
@@ -673,7 +645,7 @@ def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
     ct.close()
     for variant, got in found.items():
         print(
-            f"{variant}: {statistics.mean(got):.2f}x raw over {rounds} runs "
+            f"{variant}: median {statistics.median(got):.2f}x raw over {rounds} runs "
             f"(min {min(got):.2f}, max {max(got):.2f}; goal >= 3x)"
         )
 
@@ -684,7 +656,7 @@ def _profiled(name: str, run: Callable[[], Any]) -> Any:
         return run()
     import cProfile
 
-    profile = cProfile.Profile()
+    profile = cProfile.Profile(time.process_time)  # CPU, not wall: the machine is shared
     try:
         return profile.runcall(run)
     finally:
@@ -692,8 +664,6 @@ def _profiled(name: str, run: Callable[[], Any]) -> Any:
 
 
 if __name__ == "__main__":
-    if os.environ.get("BENCH_DELAYED_SACK"):
-        delayed_sacks(int(os.environ["BENCH_DELAYED_SACK"]))
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         _use_uvloop()
         mode, want = sys.argv[2], int(sys.argv[3])
@@ -702,7 +672,7 @@ if __name__ == "__main__":
         else:
             asyncio.run(_child(mode, want))
     elif len(sys.argv) in (4, 5) and sys.argv[1] == "--ratio":
-        ratios(*map(int, sys.argv[2:]))
+        ratios(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
     elif len(sys.argv) in (2, 3) and sys.argv[1] == "--first-slice":
         _print_first_slice(*map(int, sys.argv[2:]))
     else:
