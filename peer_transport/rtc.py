@@ -171,7 +171,7 @@ class RtcLink:
             channel.on("close", lambda: self._went_down("data channel closed"))
             self.channels[name] = channel
         sctp.delay_acks(self._pc.sctp)  # created with the first data channel
-        sctp.quick_reassembly(self._pc.sctp)
+        sctp.quick_receive(self._pc.sctp)
         self._pc.on("connectionstatechange", self._state_changed)
         self.local_sdp = ""
         self.remote_sdp = ""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiortc
@@ -32,7 +33,14 @@ def test_an_untested_aiortc_version_is_refused_by_name(monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize(
-    "name", ["_send_sack", "_handle_data", "_receive_forward_tsn_chunk", "_receive_data_chunk"]
+    "name",
+    [
+        "_send_sack",
+        "_handle_data",
+        "_receive_forward_tsn_chunk",
+        "_receive_data_chunk",
+        "_mark_received",
+    ],
 )
 def test_a_moved_private_method_is_refused_by_name(
     monkeypatch: pytest.MonkeyPatch, name: str
@@ -178,7 +186,7 @@ async def _tuned_pair() -> tuple[Any, Any, Any, Any, list[Any]]:
     states = []
     for pc in (pc_a, pc_b):
         states.append(sctp.delay_acks(pc.sctp))
-        sctp.quick_reassembly(pc.sctp)
+        sctp.quick_receive(pc.sctp)
     return pc_a, link_a, pc_b, link_b, states
 
 
@@ -239,10 +247,37 @@ async def test_levers_touch_only_the_connection_they_are_given() -> None:
     pc_a, _link_a, pc_b, _link_b = await rtc_link.pair()
     try:
         sctp.delay_acks(pc_a.sctp)
-        sctp.quick_reassembly(pc_a.sctp)
+        sctp.quick_receive(pc_a.sctp)
         assert "_send_sack" in vars(pc_a.sctp)
         assert "_send_sack" not in vars(pc_b.sctp)  # the stock baseline stays stock
         assert "_get_inbound_stream" not in vars(pc_b.sctp)
+        assert "_mark_received" not in vars(pc_b.sctp)
         assert stock.RTCSctpTransport._send_sack.__qualname__ == "RTCSctpTransport._send_sack"
     finally:
         await _close(pc_a, pc_b)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_in_order_mark_shortcut_ends_where_aiortc_does(seed: int) -> None:
+    rng = random.Random(seed)
+    start = rng.choice([5, stock.SCTP_TSN_MODULO - 20])  # across the TSN wrap too
+    tsns = [(start + 1 + i) % stock.SCTP_TSN_MODULO for i in range(60)]
+    for _ in range(rng.randrange(0, 5)):  # some out of order
+        i, j = rng.randrange(len(tsns)), rng.randrange(len(tsns))
+        tsns[i], tsns[j] = tsns[j], tsns[i]
+    for _ in range(rng.randrange(0, 5)):  # some twice
+        i = rng.randrange(len(tsns))
+        tsns.insert(rng.randrange(i, len(tsns)), tsns[i])
+
+    def fresh() -> Any:
+        return SimpleNamespace(
+            _last_received_tsn=start, _sack_misordered=set(), _sack_duplicates=[]
+        )
+
+    ours, theirs = fresh(), fresh()
+    quick = sctp._quick_mark(ours)
+    for tsn in tsns:
+        assert quick(tsn) == stock.RTCSctpTransport._mark_received(theirs, tsn)
+        assert vars(ours) == vars(theirs)
+    if start == 5:  # (aiortc's own path sorts TSNs without the wrap: it can stall there)
+        assert ours._last_received_tsn == start + 60
