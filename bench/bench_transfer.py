@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +222,11 @@ async def _child(mode: str, want: int) -> dict[str, float]:
                 if p.instances_done * 10 >= p.instances_total:
                     streaming.set()
 
-            receiver = StudyReceiver(link, Path(tmp) / "spool", store, "bench", note, window=window)
+            kind = StudyReceiver
+            if "procdecode" in os.environ.get("BENCH_LEVERS", "").split(","):
+                kind = ProcessDecodeReceiver
+                ProcessDecodeReceiver.start_pool()
+            receiver = kind(link, Path(tmp) / "spool", store, "bench", note, window=window)
             link.attach(receiver.on_control, receiver.on_bulk)
             run = asyncio.create_task(receiver.run())
             await receiver._started.wait()
@@ -250,6 +255,49 @@ async def _child(mode: str, want: int) -> dict[str, float]:
     await asyncio.sleep(0.5)
     await pc.close()
     return result
+
+
+class ProcessDecodeReceiver(StudyReceiver):
+    """Experiment (``BENCH_LEVERS=procdecode``): each instance decodes in a worker
+    process instead of the receiver's decode thread (whose JPEG-LS and zstd calls
+    already release the GIL); the thread reads the spooled part, checks its wire digest
+    and waits for the process. Exceptions come back pickled, the same checks hold."""
+
+    pool: ProcessPoolExecutor | None = None
+
+    @classmethod
+    def start_pool(cls) -> None:
+        import multiprocessing
+
+        cls.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        cls.pool.submit(int).result()  # the worker is up (and has imported) before timing
+
+    @staticmethod
+    def _verify(receiver: Any, index: int) -> bytes | Exception:
+        from node.dicom import wirecodec
+        from peer_transport.transfer.errors import RemoteTransferError
+        from peer_transport.transfer.instance import decode_part
+        from peer_transport.transfer.manifest import wire_digest
+
+        assert ProcessDecodeReceiver.pool is not None
+        try:
+            partial = receiver._partials[index]
+            chunks = [
+                (*receiver._extent(index, seq), partial.verified[seq])
+                for seq in range(partial.count)
+            ]
+            part = receiver.spool.read_part(index, chunks)
+            declared = receiver.wires[index]
+            if len(part) != declared.wire_size or wire_digest(part) != declared.digest:
+                raise wirecodec.CorruptInstance("its wire bytes differ from the declaration")
+            uid = receiver.manifest.study_instance_uid
+            job = ProcessDecodeReceiver.pool.submit(
+                decode_part, part, declared.entry, uid, declared.wire_size
+            )
+            data: bytes = job.result()
+            return data
+        except (wirecodec.WireCodecError, OSError, RemoteTransferError) as exc:
+            return exc
 
 
 _RSS_TRACE: list[tuple[int, int]] = []
@@ -581,7 +629,8 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
     ``python -m bench.bench_transfer --ratio SLICES ROUNDS [VARIANTS]``: VARIANTS is
     a ``/``-separated list of lever sets (``acks`` = :func:`peer_transport.sctp.delay_acks`,
     ``quick`` = :func:`peer_transport.sctp.quick_receive`, ``rcvbuf`` = a 2 MiB
-    kernel receive buffer (:func:`socket_buffers`), combined with commas;
+    kernel receive buffer (:func:`socket_buffers`), ``procdecode`` =
+    :class:`ProcessDecodeReceiver`, combined with commas;
     ``stock`` = none), each run as a study variant in every round (both study
     processes, never the raw baseline); without it, ``stock`` only.
     ``BENCH_PROFILE=DIR`` writes cProfile stats of both processes of each
