@@ -15,8 +15,8 @@ ICE: one offer, one answer. It has no ICE restart either, so a reconnect is a
 new :class:`RtcLink`.
 
 Each link's SCTP association acknowledges every second packet instead of every one
-and reassembles messages without rescanning them per fragment
-(:mod:`peer_transport.sctp`; figures in README.md, Benchmarks).
+(:func:`peer_transport.sctp.delay_acks`, RFC 9260 6.2; figures in README.md,
+Benchmarks).
 """
 
 from __future__ import annotations
@@ -171,7 +171,6 @@ class RtcLink:
             channel.on("close", lambda: self._went_down("data channel closed"))
             self.channels[name] = channel
         sctp.delay_acks(self._pc.sctp)  # created with the first data channel
-        sctp.quick_receive(self._pc.sctp)
         self._pc.on("connectionstatechange", self._state_changed)
         self.local_sdp = ""
         self.remote_sdp = ""
