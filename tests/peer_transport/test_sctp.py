@@ -101,7 +101,7 @@ async def test_every_second_packet_is_acknowledged() -> None:
     for _ in range(6):
         await transport.packet(acks)
     assert len(transport.sacks) == 3
-    assert acks.delayed == 3
+    assert (acks.packets, acks.sent, acks.delayed) == (6, 3, 3)
 
 
 async def test_a_gap_or_a_duplicate_is_acknowledged_at_once() -> None:
@@ -310,4 +310,4 @@ async def test_an_rtc_link_acknowledges_every_second_packet_and_delivers_every_b
     assert got == sent
     acks = sctp.delay_acks(b._pc.sctp)  # the state RtcLink installed (not a second one)
     assert acks.delayed > 0
-    assert acks.sent < 20 * 60 * 1024 // 1100  # fewer SACKs than DATA packets
+    assert acks.sent < acks.packets  # some packets shared a SACK (a gap gets its own)
