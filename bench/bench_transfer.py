@@ -8,7 +8,9 @@ on the fly (2000 noisy 512x512 CT slices), never held in memory at once.
 Run: ``python -m bench transfer``; ``python -m bench.bench_transfer --first-slice [N]``
 for the first slice after ``send_study`` of a study never encoded (streamed offers).
 Also home of a bare aiortc data-channel pair on 127.0.0.1 used by the transfer runner's
-loopback test.
+loopback test. The study runs of ``main`` use the SCTP setting of the node's own links
+(delayed acknowledgements, :mod:`peer_transport.sctp`); the raw channel they are
+compared with is stock aiortc. ``--ratio`` measures the levers one by one.
 
 Stand-in until peer_transport/connection.py (handshake, encryption, heartbeat)
 lands: two negotiated channels, ``control`` and ``bulk``, and a
@@ -560,6 +562,16 @@ def _print_first_slice(slices: int = 200) -> None:
     )
 
 
+def _node_study(study: PreparedStudy, want: int) -> dict[str, float]:
+    """A study run with the SCTP settings of the node's own links (RtcLink: delayed
+    acknowledgements); the raw baseline it is compared with stays stock aiortc."""
+    os.environ["BENCH_LEVERS"] = "acks"
+    try:
+        return asyncio.run(_parent("study", study, want))
+    finally:
+        os.environ.pop("BENCH_LEVERS", None)
+
+
 def main() -> None:
     loop_name = _use_uvloop()
     _print_first_slice()
@@ -577,7 +589,7 @@ def main() -> None:
     ct, encode_s = _study(_ct_stream(200, seed=1), 200)
     ct_bytes = ct.total_size
     wire = _wire_bytes(ct)
-    res = asyncio.run(_parent("study", ct, -1))
+    res = _node_study(ct, -1)
     ct.close()
     rate = res["bytes"] / res["seconds"]
     after = raw_rate()
@@ -590,7 +602,7 @@ def main() -> None:
     )
 
     noise, encode_s = _study((bench_codec.random_instance(s) for s in range(60)), 60)
-    res = asyncio.run(_parent("study", noise, -1))
+    res = _node_study(noise, -1)
     noise.close()
     rate = res["bytes"] / res["seconds"]
     again = raw_rate()
@@ -602,7 +614,7 @@ def main() -> None:
     )
 
     big, encode_s = _study(_ct_stream(500, seed=2), 500)
-    res = asyncio.run(_parent("study", big, 400))
+    res = _node_study(big, 400)
     big.close()
     print(
         f"CT 500 slices: slice 400 asked for mid-transfer ({res['asked_after']:.0f} slices in), "
@@ -611,7 +623,7 @@ def main() -> None:
     )
 
     huge, encode_s = _study(_ct_stream(2000, seed=3), 2000)
-    res = asyncio.run(_parent("study", huge, -1))
+    res = _node_study(huge, -1)
     huge.close()
     print(
         f"CT 2000x512x512 ({huge.total_size / 1e9:.2f} GB, wire "
