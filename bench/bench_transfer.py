@@ -8,7 +8,9 @@ on the fly (2000 noisy 512x512 CT slices), never held in memory at once.
 Run: ``python -m bench transfer``; ``python -m bench.bench_transfer --first-slice [N]``
 for the first slice after ``send_study`` of a study never encoded (streamed offers).
 Also home of a bare aiortc data-channel pair on 127.0.0.1 used by the transfer runner's
-loopback test.
+loopback test. The study runs of ``main`` use the SCTP setting of the node's own links
+(delayed acknowledgements, :mod:`peer_transport.sctp`); the raw channel they are
+compared with is stock aiortc. ``--ratio`` measures the levers one by one.
 
 Stand-in until peer_transport/connection.py (handshake, encryption, heartbeat)
 lands: two negotiated channels, ``control`` and ``bulk``, and a
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,7 @@ def peer() -> tuple[RTCPeerConnection, ChannelLink]:
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # never aiortc's public STUN
     control = pc.createDataChannel("control", negotiated=True, id=0)
     bulk = pc.createDataChannel("bulk", negotiated=True, id=1)
+    tuned(pc)
     return pc, ChannelLink(control, bulk)
 
 
@@ -95,42 +99,23 @@ def socket_buffers(pc: RTCPeerConnection, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
-def delayed_sacks(every: int, delay: float = 0.01) -> Callable[[], None]:
-    """Experiment (``BENCH_DELAYED_SACK=N``): aiortc acknowledges every SCTP packet;
-    acknowledge every Nth instead (at once on a gap or a duplicate, and at most
-    ``delay`` seconds late otherwise, RFC 9260 6.2). Patches aiortc in this process;
-    returns what undoes it. ``BENCH_STUDY_SACK=N`` does it for the study runs only."""
-    from aiortc import rtcsctptransport
+def tuned(pc: RTCPeerConnection) -> None:
+    """``BENCH_LEVERS=acks,...``: the receive-path levers of :mod:`peer_transport.sctp`
+    on this peer connection (the study runs of :func:`ratios` set it per variant; the
+    raw baseline never does)."""
+    levers = set(filter(None, os.environ.get("BENCH_LEVERS", "").split(",")))
+    from peer_transport import sctp
 
-    cls = rtcsctptransport.RTCSctpTransport
-    send_sack = cls._send_sack
-
-    async def maybe_sack(self: Any) -> None:
-        self._bench_unacked = getattr(self, "_bench_unacked", 0) + 1
-        if self._bench_unacked >= every or self._sack_misordered or self._sack_duplicates:
-            self._bench_unacked = 0
-            await send_sack(self)
-            return
-        if getattr(self, "_bench_timer", None) is None:
-
-            def late() -> None:
-                self._bench_timer = None
-                if self._sack_needed:
-                    self._bench_unacked = 0
-                    self._bench_flush = asyncio.ensure_future(send_sack(self))
-
-            self._bench_timer = asyncio.get_running_loop().call_later(delay, late)
-
-    cls._send_sack = maybe_sack  # type: ignore[method-assign]
-
-    def undo() -> None:
-        cls._send_sack = send_sack  # type: ignore[method-assign]
-
-    return undo
+    if "acks" in levers:
+        sctp.delay_acks(pc.sctp)
+    if "quick" in levers:
+        sctp.quick_receive(pc.sctp)
 
 
 def _tune(pc: RTCPeerConnection, mode: str) -> None:
     size = int(os.environ.get("BENCH_RCVBUF", "0"))
+    if "rcvbuf" in os.environ.get("BENCH_LEVERS", "").split(","):
+        size = size or 2 << 20
     if size and (mode == "study" or os.environ.get("BENCH_RCVBUF_RAW")):
         socket_buffers(pc, size)
 
@@ -239,7 +224,11 @@ async def _child(mode: str, want: int) -> dict[str, float]:
                 if p.instances_done * 10 >= p.instances_total:
                     streaming.set()
 
-            receiver = StudyReceiver(link, Path(tmp) / "spool", store, "bench", note, window=window)
+            kind = StudyReceiver
+            if "procdecode" in os.environ.get("BENCH_LEVERS", "").split(","):
+                kind = ProcessDecodeReceiver
+                ProcessDecodeReceiver.start_pool()
+            receiver = kind(link, Path(tmp) / "spool", store, "bench", note, window=window)
             link.attach(receiver.on_control, receiver.on_bulk)
             run = asyncio.create_task(receiver.run())
             await receiver._started.wait()
@@ -268,6 +257,49 @@ async def _child(mode: str, want: int) -> dict[str, float]:
     await asyncio.sleep(0.5)
     await pc.close()
     return result
+
+
+class ProcessDecodeReceiver(StudyReceiver):
+    """Experiment (``BENCH_LEVERS=procdecode``): each instance decodes in a worker
+    process instead of the receiver's decode thread (whose JPEG-LS and zstd calls
+    already release the GIL); the thread reads the spooled part, checks its wire digest
+    and waits for the process. Exceptions come back pickled, the same checks hold."""
+
+    pool: ProcessPoolExecutor | None = None
+
+    @classmethod
+    def start_pool(cls) -> None:
+        import multiprocessing
+
+        cls.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        cls.pool.submit(int).result()  # the worker is up (and has imported) before timing
+
+    @staticmethod
+    def _verify(receiver: Any, index: int) -> bytes | Exception:
+        from node.dicom import wirecodec
+        from peer_transport.transfer.errors import RemoteTransferError
+        from peer_transport.transfer.instance import decode_part
+        from peer_transport.transfer.manifest import wire_digest
+
+        assert ProcessDecodeReceiver.pool is not None
+        try:
+            partial = receiver._partials[index]
+            chunks = [
+                (*receiver._extent(index, seq), partial.verified[seq])
+                for seq in range(partial.count)
+            ]
+            part = receiver.spool.read_part(index, chunks)
+            declared = receiver.wires[index]
+            if len(part) != declared.wire_size or wire_digest(part) != declared.digest:
+                raise wirecodec.CorruptInstance("its wire bytes differ from the declaration")
+            uid = receiver.manifest.study_instance_uid
+            job = ProcessDecodeReceiver.pool.submit(
+                decode_part, part, declared.entry, uid, declared.wire_size
+            )
+            data: bytes = job.result()
+            return data
+        except (wirecodec.WireCodecError, OSError, RemoteTransferError) as exc:
+            return exc
 
 
 _RSS_TRACE: list[tuple[int, int]] = []
@@ -311,17 +343,7 @@ def _peak_rss_mb() -> float:
 
 async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str, float]:
     loopback_only()
-    env = dict(os.environ)
-    sacks = os.environ.get("BENCH_STUDY_SACK")
-    undo = None
-    if sacks and mode == "study":
-        env["BENCH_DELAYED_SACK"] = sacks
-        undo = delayed_sacks(int(sacks))
-    try:
-        return await _run_parent(mode, study, want, env)
-    finally:
-        if undo is not None:
-            undo()
+    return await _run_parent(mode, study, want, dict(os.environ))
 
 
 async def _run_parent(
@@ -540,6 +562,16 @@ def _print_first_slice(slices: int = 200) -> None:
     )
 
 
+def _node_study(study: PreparedStudy, want: int) -> dict[str, float]:
+    """A study run with the SCTP settings of the node's own links (RtcLink: delayed
+    acknowledgements); the raw baseline it is compared with stays stock aiortc."""
+    os.environ["BENCH_LEVERS"] = "acks"
+    try:
+        return asyncio.run(_parent("study", study, want))
+    finally:
+        os.environ.pop("BENCH_LEVERS", None)
+
+
 def main() -> None:
     loop_name = _use_uvloop()
     _print_first_slice()
@@ -553,7 +585,7 @@ def main() -> None:
     def sent_then_raw(study: PreparedStudy, before: float) -> tuple[dict[str, float], float, float]:
         """``study`` sent (and closed), then the raw channel measured again: the run, the
         raw rate after it, and the mean of the raw rates around it."""
-        res = asyncio.run(_parent("study", study, -1))
+        res = _node_study(study, -1)
         study.close()
         after = raw_rate()
         print(f"raw aiortc data channel, 2 processes: {after / 1e6:.2f} MB/s")
@@ -583,7 +615,7 @@ def main() -> None:
     )
 
     big, encode_s = _study(_ct_stream(500, seed=2), 500)
-    res = asyncio.run(_parent("study", big, 400))
+    res = _node_study(big, 400)
     big.close()
     print(
         f"CT 500 slices: slice 400 asked for mid-transfer ({res['asked_after']:.0f} slices in), "
@@ -592,7 +624,7 @@ def main() -> None:
     )
 
     huge, encode_s = _study(_ct_stream(2000, seed=3), 2000)
-    res = asyncio.run(_parent("study", huge, -1))
+    res = _node_study(huge, -1)
     huge.close()
     print(
         f"CT 2000x512x512 ({huge.total_size / 1e9:.2f} GB, wire "
@@ -603,14 +635,19 @@ def main() -> None:
     )
 
 
-def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
+def ratios(slices: int, rounds: int, levers: str = "") -> None:
     """Alternate raw and study runs on one prepared CT: each study's ratio against the
     mean of the raw runs either side of it (the machine is shared: ratios, not rates).
 
-    ``python -m bench.bench_transfer --ratio SLICES ROUNDS [SACKS]``; with SACKS, each
-    round also runs the study with SCTP acknowledging every SACKS-th packet
-    (:func:`delayed_sacks`, study processes only). ``BENCH_PROFILE=DIR`` writes cProfile
-    stats of both processes of each study run there. ``BENCH_STORE=real`` has the
+    ``python -m bench.bench_transfer --ratio SLICES ROUNDS [VARIANTS]``: VARIANTS is
+    a ``/``-separated list of lever sets (``acks`` = :func:`peer_transport.sctp.delay_acks`,
+    ``quick`` = :func:`peer_transport.sctp.quick_receive`, ``rcvbuf`` = a 2 MiB
+    kernel receive buffer (:func:`socket_buffers`), ``procdecode`` =
+    :class:`ProcessDecodeReceiver`, combined with commas;
+    ``stock`` = none), each run as a study variant in every round (both study
+    processes, never the raw baseline); without it, ``stock`` only.
+    ``BENCH_PROFILE=DIR`` writes cProfile stats of both processes of each
+    study run there. ``BENCH_STORE=real`` has the
     receiver store into a real ``node.dicom.store.Store`` (sealed, fsynced) instead of
     only counting. ``BENCH_BEFORE_TREE=DIR`` adds a
     study run whose receiver is the checkout in DIR (``git archive main``, this bench
@@ -640,11 +677,11 @@ def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
         if variant == "before":
             os.environ["BENCH_RECEIVER_TREE"] = str(before_tree)
         elif variant != "stock":
-            os.environ["BENCH_STUDY_SACK"] = str(sacks)
+            os.environ["BENCH_LEVERS"] = variant
         res: dict[str, float] = _profiled(
             f"sender-{variant}", lambda: asyncio.run(_parent("study", ct, -1))
         )
-        os.environ.pop("BENCH_STUDY_SACK", None)
+        os.environ.pop("BENCH_LEVERS", None)
         os.environ.pop("BENCH_RECEIVER_TREE", None)
         print(
             f"  study ({variant}): {wire / res['seconds'] / 1e6:.2f} MB/s on the wire; CPU s "
@@ -655,16 +692,23 @@ def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
         )
         return res
 
-    variants = (["before"] if before_tree else []) + ["stock"]
-    variants += [f"sack every {sacks}"] if sacks else []
+    variants = (["before"] if before_tree else []) + (levers or "stock").split("/")
     found: dict[str, list[float]] = {v: [] for v in variants}
+    # The machine is shared and the raw rate swings between rounds: each variant's rate
+    # against the first variant's in the same round, and the CPU each spends per wire
+    # MB (both processes), are steadier figures for a lever than the ratio to raw.
+    against: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     before = raw_rate()
     for _ in range(rounds):
         results = {v: study(v) for v in variants}
         after = raw_rate()
         raw = (before + after) / 2
+        first = results[variants[0]]
         for variant, res in results.items():
             found[variant].append(res["bytes"] / res["seconds"] / raw)
+            against[variant].append(first["seconds"] / res["seconds"])
+            cpu[variant].append((res["sender_cpu"] / wire * 1e6, res["cpu"] / wire * 1e6))
         print(
             f"raw {before / 1e6:.2f} / {after / 1e6:.2f} MB/s: "
             + ", ".join(f"{v} {found[v][-1]:.2f}x raw" for v in variants),
@@ -674,8 +718,12 @@ def ratios(slices: int, rounds: int, sacks: int = 0) -> None:
     ct.close()
     for variant, got in found.items():
         print(
-            f"{variant}: {statistics.mean(got):.2f}x raw over {rounds} runs "
-            f"(min {min(got):.2f}, max {max(got):.2f}; goal >= 3x)"
+            f"{variant}: median {statistics.median(got):.2f}x raw over {rounds} runs "
+            f"(min {min(got):.2f}, max {max(got):.2f}; goal >= 3x); "
+            f"{statistics.median(against[variant]):.2f}x the rate of {variants[0]} "
+            f"(min {min(against[variant]):.2f}, max {max(against[variant]):.2f}); "
+            f"CPU s per wire MB sender {statistics.median(c[0] for c in cpu[variant]):.3f}, "
+            f"receiver {statistics.median(c[1] for c in cpu[variant]):.3f}"
         )
 
 
@@ -693,8 +741,6 @@ def _profiled(name: str, run: Callable[[], Any]) -> Any:
 
 
 if __name__ == "__main__":
-    if os.environ.get("BENCH_DELAYED_SACK"):
-        delayed_sacks(int(os.environ["BENCH_DELAYED_SACK"]))
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         _use_uvloop()
         mode, want = sys.argv[2], int(sys.argv[3])
@@ -703,7 +749,7 @@ if __name__ == "__main__":
         else:
             asyncio.run(_child(mode, want))
     elif len(sys.argv) in (4, 5) and sys.argv[1] == "--ratio":
-        ratios(*map(int, sys.argv[2:]))
+        ratios(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:])
     elif len(sys.argv) in (2, 3) and sys.argv[1] == "--first-slice":
         _print_first_slice(*map(int, sys.argv[2:]))
     else:

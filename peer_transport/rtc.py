@@ -1,4 +1,5 @@
-"""The aiortc wrapper: the only module in radmesh that imports aiortc (and aioice).
+"""The aiortc wrapper: with :mod:`peer_transport.sctp` (its SCTP receive-path adapter),
+the only module in radmesh that imports aiortc (and aioice).
 
 :class:`RtcLink` is one RTCPeerConnection with four negotiated data channels:
 
@@ -12,6 +13,10 @@ an empty list is allowed, aiortc's public Google STUN default is never used.
 aiortc gathers every candidate before the SDP is final, so there is no trickle
 ICE: one offer, one answer. It has no ICE restart either, so a reconnect is a
 new :class:`RtcLink`.
+
+Each link's SCTP association acknowledges every second packet instead of every one
+(:func:`peer_transport.sctp.delay_acks`, RFC 9260 6.2; figures in README.md,
+Benchmarks).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from aiortc import (
 )
 from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
+from peer_transport import sctp
 from peer_transport.errors import ConnectTimeout, LocalProtocolError, RemoteProtocolError
 
 log = logging.getLogger(__name__)
@@ -186,6 +192,7 @@ class RtcLink(SdpPair):
             channel.on("message", self._receiver(name))
             channel.on("close", lambda: self._went_down("data channel closed"))
             self.channels[name] = channel
+        sctp.delay_acks(self._pc.sctp)  # created with the first data channel
         self._pc.on("connectionstatechange", self._state_changed)
 
     def _receiver(self, name: str) -> Callable[[Any], None]:
