@@ -22,7 +22,7 @@ from peer_transport.transfer.machine import State
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.progress import Progress
 from peer_transport.transfer.runner import StudyReceiver, StudySender
-from tests.peer_transport.test_transfer_runner import MemoryStore
+from tests.peer_transport.transfer_links import MemoryStore
 
 # -- the import-time checks -------------------------------------------------------------
 
