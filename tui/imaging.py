@@ -345,10 +345,11 @@ def draw_ellipse(
     h, w = rgb.shape[:2]
     n = int(min(4 * (w + h), max(16, 2 * math.pi * max(rx, ry) * 1.5)))
     t = np.linspace(0.0, 2 * math.pi, n, endpoint=False)
-    x = np.floor(center[0] + rx * np.cos(t)).astype(np.intp)
-    y = np.floor(center[1] + ry * np.sin(t)).astype(np.intp)
-    ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
-    rgb[y[ok], x[ok]] = color
+    with np.errstate(over="ignore", invalid="ignore"):  # a peer's huge radius: inf, NaN
+        x = np.floor(center[0] + rx * np.cos(t))
+        y = np.floor(center[1] + ry * np.sin(t))
+    ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)  # false for inf and NaN: cast only these
+    rgb[y[ok].astype(np.intp), x[ok].astype(np.intp)] = color
 
 
 def draw_cross(rgb: npt.NDArray[np.uint8], p: Point, color: RGB, arm: int = 2) -> None:
