@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from rich.cells import cell_len
 from rich.console import OverflowMethod
 from rich.table import Table
 from rich.text import Text
@@ -224,8 +225,14 @@ class OverlayBar(Static):
     """
 
     text = ""  # what it shows, as one plain string (tests and screen readers)
+    _shown: tuple[object, ...] | None = None
 
     def show(self, left: str, centre: str, right: str, notes: tuple[str, ...] = ()) -> None:
+        # The same text again (every slice step shows the same view line) changes nothing:
+        # an update would lay the screen out again and repaint the bar.
+        if self._shown == (left, centre, right, notes):
+            return
+        self._shown = (left, centre, right, notes)
         self.text = "\n".join(["  ".join((left, centre, right)), *notes])
         fixed = self.has_class("-fixed")
         table = Table.grid(expand=True)
@@ -234,7 +241,16 @@ class OverlayBar(Static):
         if note or fixed:
             overflow: OverflowMethod = "ellipsis" if fixed else "fold"
             table.add_row(Text(note, style=OVERLAY_STYLE, end="", no_wrap=fixed, overflow=overflow))
-        self.update(table)
+        # Laying the screen out again costs more than drawing the bar: only when its height
+        # may change (below: a fixed height; above: one line that stays one line does not).
+        same_height = fixed or (self.size.height == 1 and self.one_line(left, centre, right, notes))
+        self.update(table, layout=not same_height)
+
+    def one_line(self, left: str, centre: str, right: str, notes: tuple[str, ...]) -> bool:
+        """Whether the texts surely fit on one line at this width (each side in its half of
+        what the centre letter leaves; a cell of padding either side of it, one spare)."""
+        half = (self.content_size.width - max(1, cell_len(centre)) - 4) // 2 - 1
+        return not notes and cell_len(left) <= half and cell_len(right) <= half
 
 
 class EdgeMarker(Static):
@@ -246,8 +262,12 @@ class EdgeMarker(Static):
     """
 
     text = ""
+    _shown: str | None = None
 
     def show(self, letters: str) -> None:
+        if letters == self._shown:  # as above: no layout, no repaint of the whole edge
+            return
+        self._shown = letters
         self.text = letters
         self.update(Text(letters, end=""))
 
