@@ -186,6 +186,7 @@ async def test_the_image_after_many_changes_is_the_one_a_full_render_draws() -> 
         await pilot.pause()
         incremental = cells(view._strips)
         view._keys = None  # forget what the terminal has: everything is rendered again
+        view._renderer = HalfBlockRenderer()  # and built again: no row kept from before
         view.redraw()
         assert cells(view._strips) == incremental
 
