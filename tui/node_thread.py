@@ -250,7 +250,9 @@ class ThreadedSession:
     presenter; annotations; following), each a hop to the node's loop: while someone is
     subscribed, a read is answered from the last one until the session says it changed
     or this side edits it (own cursor moves do not call back), so a repaint costs one hop
-    per kind of read at most, and none when nothing changed."""
+    per kind of read at most, and none when nothing changed. Own viewport changes (every
+    slice step) are not edits the reads show (:meth:`set_viewport`): scrolling in a
+    consult costs the node's loop no read."""
 
     def __init__(self, view: LiveSessionView, node: NodeThread) -> None:
         self._view, self._node = view, node
@@ -337,7 +339,14 @@ class ThreadedSession:
         self._call(self._view.finalise, critical, drop)
 
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
-        self._post(lambda: self._view.set_viewport(viewport, by_user=by_user))
+        """Posted on every slice step. What the reads show stays as it was: the UI reads
+        the presenter's viewport, never its own, unless the move stops this side following
+        (a move by the user, while following or not known not to): only then are the reads
+        asked again (the session also calls back)."""
+        known = self._cache.get("following")
+        if by_user and (known is None or known[0] != self._version or known[1]):
+            self._changed()
+        self._node.post(lambda: self._view.set_viewport(viewport, by_user=by_user))
 
     def set_tool(self, tool: str) -> None:
         self._post(self._view.set_tool, tool)
