@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
@@ -18,7 +19,13 @@ from tests.consult.test_live import start_node, wait_for
 from tests.tui.test_node_facade import SIZE, import_ct, svg_text
 from tui.app import RadmeshApp
 from tui.node_facade import RuntimeNode
-from tui.node_thread import NodeStopped, NodeThread, ThreadedNode, ThreadedSession
+from tui.node_thread import (
+    SWITCH_INTERVAL,
+    NodeStopped,
+    NodeThread,
+    ThreadedNode,
+    ThreadedSession,
+)
 from tui.screens.viewer import ViewerScreen
 
 
@@ -279,3 +286,20 @@ async def test_own_slice_steps_cost_the_node_no_read_unless_they_stop_following(
     session.set_viewport(5, by_user=True)  # type: ignore[arg-type]
     assert session.following() is False  # read again after the move: it stopped following
     stop()
+
+
+def test_the_gil_is_handed_over_sooner_while_a_node_thread_runs() -> None:
+    before = sys.getswitchinterval()
+    first, second = NodeThread("one"), NodeThread("two")
+    try:
+        first.start()
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL))
+        second.start()
+        first.stop()  # another still runs: still short
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL))
+    finally:
+        first.stop()
+        second.stop()
+    assert sys.getswitchinterval() == before  # as it was once none runs
+    second.stop()  # stopping again changes nothing
+    assert sys.getswitchinterval() == before
