@@ -290,6 +290,7 @@ class ImageView(Widget, can_focus=True):
         """Whether a half-block paint would show what the last one did (and remember what
         this one shows, when not)."""
         if self.mode != "halfblock" or not self.caching:
+            self._painted = None  # what is painted now is not what a caching paint shows
             return False
         state = (
             self.window, self.invert, self.zoom, self.center, self.marks, self.overlay_lines,
