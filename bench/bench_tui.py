@@ -24,14 +24,20 @@ loops use uvloop, as the radmesh command does.
 Frames come from memory (precomputed), so the figures are the UI's own: key
 handling, the numpy pipeline, half-block strips and compositing.
 
-Measured here (2 cores, load average 4-12 from other work, so every figure moves a
-lot from run to run; four runs): keystroke p95 during the transfer 159-428 ms with the
-node on the app's loop, 113-228 ms on its own thread, 187-260 ms in its own process;
-transfer ratio 0.40-1.10 (one round each), 0.61-0.74 (medians of three), 0.64-0.83.
-Neither goal is met under that load by any of the three: the UI's and the node's
-Python share one GIL in a thread and compete for the same two loaded cores in a
-process. One facade read (a hop to the node's loop) during the transfer: p50 2-4 ms,
-p95 17-24 ms; live-session reads are cached between changes (tui.node_thread).
+Measured here (2 cores; run alternately with the code before issue 18 item 2's second
+pass, load average 0.6-2.2): the app thread's CPU per keystroke 9-12 ms (before: 23-31 ms
+in a paired count without a transfer); keystroke p95 during the transfer on the node thread
+20-23 ms (before 41-43), the transfer in the TUI at 0.74-0.79 of headless (before 0.58-0.67),
+with the node in its own process 0.91-0.95 (before 0.73-0.78). Three paired runs of the
+node-thread rounds alone (load 2-4.5): 0.85-1.16 (before 0.75-0.88). Under other helpers'
+load (4-12) every figure moves a lot: ratio 0.73-1.10, p95 34-53 ms. In its own process
+the node now keeps its rate; on the thread, the UI's ~10 ms per key (a key every ~40 ms:
+about a quarter of a core) also holds the GIL the node needs to answer packets in time
+(hence a 1 ms switch interval: in three paired runs of the same code, 5 ms gave 0.64-0.77
+and 1 ms 0.79-1.09), so 0.9 there needs about half of that per key.
+Where the 9-12 ms go: Textual's compositor and message handling about 60%, the slice's
+pixels and half-block rows about 20%, the rest the viewer's overlay and marks. One facade
+read (a hop to the node's loop) during the transfer: p50 1-3 ms, p95 3-6 ms.
 """
 
 from __future__ import annotations
