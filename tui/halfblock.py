@@ -18,12 +18,15 @@ What goes to the terminal is what costs over SSH: Textual writes every segment a
   also merge into one segment instead of repeating the same escape code.
 
 The image is built row by row (:meth:`HalfBlockRenderer.row`) so a view can rebuild only
-the rows that changed.
+the rows that changed. :meth:`HalfBlockRenderer.rows` also keeps the rows it built, by their
+keys (bounded: at most ``MAX_CACHED_SEGMENTS`` segments, oldest out first): a row seen
+before, in this slice or another (the air above a body, a slice scrolled back to), is the
+same ``Strip`` again, which Textual's own per-strip caches then also know.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +40,7 @@ from node.core.display import printable
 
 UPPER_HALF = "▀"
 MAX_CACHED_STYLES = 200_000
+MAX_CACHED_SEGMENTS = 100_000  # rows kept by rows(): about 10 MB at most
 CUBE_LEVELS = (0, 95, 135, 175, 215, 255)  # the xterm 256-colour cube's steps
 
 Label = tuple[str, Style]
@@ -98,6 +102,8 @@ class HalfBlockRenderer:
         self._styles: dict[int, Style] = {}
         self._segments: dict[int, Segment] = {}
         self._numbers: dict[int, int] = {}
+        self._rows: dict[bytes, Strip] = {}  # keys of a row (no labels) -> its strip, oldest first
+        self._row_segments = 0  # segments in self._rows
 
     def configure(self, *, palette: bool, compact: bool) -> bool:
         """Switch palette/compact; True if that changed (keys from before mean nothing now)."""
@@ -106,6 +112,8 @@ class HalfBlockRenderer:
         self.palette, self.compact = palette, compact
         self._styles.clear()
         self._segments.clear()
+        self._rows.clear()
+        self._row_segments = 0
         return True
 
     def _split(self, key: int) -> tuple[int, int]:
@@ -175,6 +183,41 @@ class HalfBlockRenderer:
             ],
             width,
         )
+
+    def rows(
+        self, keys: Keys, ys: Sequence[int], labels: Mapping[int, Mapping[int, Label]]
+    ) -> list[Strip]:
+        """Rows ``ys`` of ``keys`` (no :meth:`prepare` needed), each with its row's labels
+        (row -> column -> text cell): as :meth:`row` builds them, a row without labels from
+        the rows kept when it was built before."""
+        kept = self._rows
+        out: list[Strip | None] = []
+        build: list[int] = []
+        for i, y in enumerate(ys):
+            strip = None if labels.get(y) else kept.pop(keys[y].tobytes(), None)
+            if strip is not None:
+                kept[keys[y].tobytes()] = strip  # the newest again
+            else:
+                build.append(i)
+            out.append(strip)
+        if build:
+            self.prepare(keys[[ys[i] for i in build]])
+            for i in build:
+                y = ys[i]
+                row_labels = labels.get(y)
+                strip = out[i] = self.row(keys[y], row_labels)
+                if not row_labels:
+                    self._keep(keys[y].tobytes(), strip)
+        return [strip for strip in out if strip is not None]
+
+    def _keep(self, key: bytes, strip: Strip) -> None:
+        kept = self._rows
+        if key in kept:
+            return
+        kept[key] = strip
+        self._row_segments += len(strip)
+        while self._row_segments > MAX_CACHED_SEGMENTS and kept:
+            self._row_segments -= len(kept.pop(next(iter(kept))))
 
     def strips(
         self,

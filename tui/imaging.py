@@ -59,9 +59,13 @@ PRESETS: tuple[tuple[str, Window], ...] = (
 
 def modality_lut(stored: npt.NDArray[Any], slope: float = 1.0, intercept: float = 0.0) -> Floats:
     """Stored values to modality units (HU for CT): ``stored * slope + intercept``."""
-    out = stored.astype(np.float32, copy=True)
+    # One pass where one will do (the same float32 operations as a copy, then *=, then +=).
     if slope != 1.0:
-        out *= np.float32(slope)
+        out: Floats = np.multiply(stored, np.float32(slope), dtype=np.float32)
+    elif intercept != 0.0:
+        return np.add(stored, np.float32(intercept), dtype=np.float32)  # type: ignore[no-any-return]
+    else:
+        return stored.astype(np.float32, copy=True)
     if intercept != 0.0:
         out += np.float32(intercept)
     return out

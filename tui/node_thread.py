@@ -19,6 +19,9 @@ The other way: live-session changes reach the UI through the UI loop's
 an exception no caller awaits on the node's loop (a background task, a posted call)
 is shown in the UI as an error. Never ``App.call_from_thread`` from the node's side:
 it blocks the node until the UI answers, and the UI may be waiting on the node.
+
+While a node thread runs, the GIL's switch interval is 1 ms (``SWITCH_INTERVAL``), not
+Python's 5: the node answers the packets that arrive while the UI paints sooner.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import contextlib
 import contextvars
 import itertools
 import logging
+import sys
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -47,6 +51,14 @@ _closed_ok = contextlib.suppress(RuntimeError)
 CALL_TIMEOUT = 30.0  # seconds the UI waits for one answer from the node's loop
 STOP_TIMEOUT = 30.0  # seconds to stop the node (its connections close) and join the thread
 MAX_EARLY_ERRORS = 20  # errors kept until the UI can show them
+# The UI and the node share one GIL: a thread that wants it waits until the holder has run
+# this long (Python's default is 5 ms). A packet arriving while the UI paints then waits
+# 1 ms, not 5, for the node to answer it; a transfer's pace is that of its acknowledgements
+# (issue 18 item 2: with 5 ms, a transfer in the TUI ran at 0.64-0.77 of headless in three
+# paired runs, with 1 ms at 0.79-1.09).
+SWITCH_INTERVAL = 0.001
+_switch = threading.Lock()
+_switch_users: list[float] = []  # the interval before the first NodeThread, per running one
 
 
 class NodeStopped(f.ActionError):
@@ -67,6 +79,7 @@ class NodeThread:
         self._early: deque[str] = deque(maxlen=MAX_EARLY_ERRORS)
         self._show: tuple[asyncio.AbstractEventLoop, Callable[[str], None], Any] | None = None
         self._lock = threading.Lock()
+        self._switched = False  # this start() shortened the GIL's switch interval
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -96,6 +109,11 @@ class NodeThread:
                 self._finish(loop)
 
         self._thread = threading.Thread(target=main, name=self._name, daemon=True)
+        with _switch:
+            if not self._switched:
+                _switch_users.append(sys.getswitchinterval())
+                sys.setswitchinterval(min(SWITCH_INTERVAL, _switch_users[0]))
+                self._switched = True
         self._thread.start()
         ready.wait(STOP_TIMEOUT)
         return self
@@ -104,6 +122,7 @@ class NodeThread:
         """Stop the loop (what is still running is cancelled and awaited) and join."""
         thread, loop = self._thread, self._loop
         if thread is None or loop is None:
+            self._unswitch()
             return
         if thread.is_alive():
             if threading.current_thread() is thread:
@@ -113,6 +132,16 @@ class NodeThread:
             thread.join(STOP_TIMEOUT)
             if thread.is_alive():
                 log.warning("the node's thread did not stop within %.0f s", STOP_TIMEOUT)
+        self._unswitch()
+
+    def _unswitch(self) -> None:
+        """The GIL's switch interval as it was, once the last running NodeThread stopped."""
+        with _switch:
+            if self._switched:
+                self._switched = False
+                before = _switch_users.pop()
+                if not _switch_users:
+                    sys.setswitchinterval(before)
 
     def __enter__(self) -> NodeThread:
         return self.start()
@@ -250,7 +279,9 @@ class ThreadedSession:
     presenter; annotations; following), each a hop to the node's loop: while someone is
     subscribed, a read is answered from the last one until the session says it changed
     or this side edits it (own cursor moves do not call back), so a repaint costs one hop
-    per kind of read at most, and none when nothing changed."""
+    per kind of read at most, and none when nothing changed. Own viewport changes (every
+    slice step) are not edits the reads show (:meth:`set_viewport`): scrolling in a
+    consult costs the node's loop no read."""
 
     def __init__(self, view: LiveSessionView, node: NodeThread) -> None:
         self._view, self._node = view, node
@@ -337,7 +368,14 @@ class ThreadedSession:
         self._call(self._view.finalise, critical, drop)
 
     def set_viewport(self, viewport: Viewport, *, by_user: bool = True) -> None:
-        self._post(lambda: self._view.set_viewport(viewport, by_user=by_user))
+        """Posted on every slice step. What the reads show stays as it was: the UI reads
+        the presenter's viewport, never its own, unless the move stops this side following
+        (a move by the user, while following or not known not to): only then are the reads
+        asked again (the session also calls back)."""
+        known = self._cache.get("following")
+        if by_user and (known is None or known[0] != self._version or known[1]):
+            self._changed()
+        self._node.post(lambda: self._view.set_viewport(viewport, by_user=by_user))
 
     def set_tool(self, tool: str) -> None:
         self._post(self._view.set_tool, tool)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from rich.style import Style
 
+from tui import halfblock
 from tui.halfblock import UPPER_HALF, HalfBlockRenderer, label_cells
 
 
@@ -53,3 +55,42 @@ def test_labels_replace_cells_and_are_clipped_to_the_width() -> None:
     (strip,) = HalfBlockRenderer().strips(rgb, labels)
     assert "".join(s.text for s in strip) == UPPER_HALF * 2 + "al"
     assert strip.cell_length == 4
+
+
+def test_rows_kept_by_their_keys_are_the_rows_built_afresh() -> None:
+    """rows() hands back a row it built before when its keys come again (another slice,
+    the same air above the body), and what it hands back is what a fresh renderer builds."""
+    rng = np.random.default_rng(7)
+    frames = [rng.integers(0, 4, (8, 6, 3), dtype=np.uint8) * 60 for _ in range(3)]
+    frames.append(frames[0].copy())  # scrolled back to the first slice
+    frames[2][:2] = frames[1][:2]  # and a slice whose top row is the one before's
+    renderer = HalfBlockRenderer()
+    shown = []
+    for rgb in frames:
+        keys = renderer.keys(rgb)
+        shown.append(renderer.rows(keys, range(keys.shape[0]), {}))
+    for rgb, strips in zip(frames, shown, strict=True):
+        assert strips == HalfBlockRenderer().strips(rgb)
+    assert shown[3][2] is shown[0][2]  # the same row again: the same strip
+    assert shown[2][0] is shown[1][0]
+
+
+def test_a_row_with_a_label_is_built_with_it_and_not_kept() -> None:
+    rgb = np.zeros((2, 4, 3), dtype=np.uint8)
+    renderer = HalfBlockRenderer()
+    keys = renderer.keys(rgb)
+    tag = Style(color="yellow")
+    (labelled,) = renderer.rows(keys, [0], {0: {1: ("x", tag)}})
+    assert "".join(s.text for s in labelled) == " x  "
+    (plain,) = renderer.rows(keys, [0], {})
+    assert "".join(s.text for s in plain) == "    "
+
+
+def test_rows_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(halfblock, "MAX_CACHED_SEGMENTS", 10)
+    renderer = HalfBlockRenderer()
+    for value in range(40):  # forty different rows of one segment each
+        rgb = np.full((2, 3, 3), value, dtype=np.uint8)
+        renderer.rows(renderer.keys(rgb), [0], {})
+    assert len(renderer._rows) == 10
+    assert renderer._row_segments == 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
@@ -19,7 +20,13 @@ from tests.tui.pilots import open_viewer, svg_text
 from tests.tui.test_node_facade import SIZE, import_ct
 from tui.app import RadmeshApp
 from tui.node_facade import RuntimeNode
-from tui.node_thread import NodeStopped, NodeThread, ThreadedNode, ThreadedSession
+from tui.node_thread import (
+    SWITCH_INTERVAL,
+    NodeStopped,
+    NodeThread,
+    ThreadedNode,
+    ThreadedSession,
+)
 
 
 @pytest.fixture
@@ -230,3 +237,65 @@ async def test_session_reads_are_cached_until_the_session_or_the_ui_changes_it(
     session.participants()
     session.participants()
     assert view.reads == 5  # nobody listens for changes: every read asks the node
+
+
+class ViewportView(CountingView):
+    """With viewports and following, as LiveSessionView has them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.viewports: list[object] = []
+        self.follows = False
+
+    def set_viewport(self, viewport: object, *, by_user: bool = True) -> None:
+        self.viewports.append(viewport)
+        if by_user and self.follows:
+            self.follows = False  # a move of one's own stops following: the session says so
+            for listener in list(self.listeners):
+                listener()
+
+    def following(self) -> bool:
+        return self.follows
+
+
+async def test_own_slice_steps_cost_the_node_no_read_unless_they_stop_following(
+    node_thread: NodeThread,
+) -> None:
+    view = ViewportView()
+    session = ThreadedSession(view, node_thread)  # type: ignore[arg-type]
+    changed = asyncio.Event()
+    stop = session.subscribe(changed.set)
+    assert session.following() is False
+    session.participants()
+    reads = view.reads
+    for index in range(5):  # five slice steps, each telling the session where we are
+        session.set_viewport(index, by_user=True)  # type: ignore[arg-type]
+        session.participants()
+        assert session.following() is False
+    assert node_thread.call(lambda: list(view.viewports)) == [0, 1, 2, 3, 4]  # all went out
+    assert view.reads == reads  # and no read was asked for again
+
+    node_thread.call(lambda: setattr(view, "follows", True))
+    node_thread.call(view.peer_moved, Cursor("2.25.1", 0, 1.0, 2.0))  # a change: read again
+    await asyncio.wait_for(changed.wait(), 10)
+    assert session.following() is True
+    session.set_viewport(5, by_user=True)  # type: ignore[arg-type]
+    assert session.following() is False  # read again after the move: it stopped following
+    stop()
+
+
+def test_the_gil_is_handed_over_sooner_while_a_node_thread_runs() -> None:
+    before = sys.getswitchinterval()
+    first, second = NodeThread("one"), NodeThread("two")
+    try:
+        first.start()
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL))
+        second.start()
+        first.stop()  # another still runs: still short
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL))
+    finally:
+        first.stop()
+        second.stop()
+    assert sys.getswitchinterval() == before  # as it was once none runs
+    second.stop()  # stopping again changes nothing
+    assert sys.getswitchinterval() == before

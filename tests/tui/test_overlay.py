@@ -3,11 +3,15 @@ the cursor; the pure functions first, then the overlay on screen."""
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from rich.cells import cell_len
+from rich.console import Console
+from rich.table import Table
 
 from crypto.identity import Identity
 from tests.tui.pilots import make_node, open_viewer, press
@@ -20,8 +24,11 @@ from tui.widgets.overlay import (
     EdgeMarker,
     Markers,
     OverlayBar,
+    _bar,
+    _TopBar,
     age_sex,
     direction_letters,
+    one_line_segments,
     orientation_markers,
     pixel_value,
     slice_location,
@@ -194,3 +201,62 @@ async def test_dicom_text_on_the_overlay_is_shown_literally() -> None:
         assert "\x1b" not in top
         assert "\x07" not in top
         assert app.is_running
+
+
+BAR_TEXTS = [
+    ("ANON-0001  67Y F  Acc ANON-ACC-1  2026-01-01  CT CHEST", "A", "Se 1 Axial 5mm  Im 3/12"),
+    ("", "", ""),
+    ("x", "LPS", "Im 120/120  SL -1234.5 mm  ST 0.6 mm"),
+    (" leading space", "P", "internal  double  spaces"),
+    ("é wide ünïcode", "R", "y"),
+]
+
+
+@pytest.mark.parametrize("width", [12, 40, 71, 100, 204])
+@pytest.mark.parametrize(("left", "centre", "right"), BAR_TEXTS)
+def test_the_bar_above_drawn_directly_is_the_grid_rich_lays_out(
+    width: int, left: str, centre: str, right: str
+) -> None:
+    """One line that fits is drawn without a table, segment for segment what the table
+    draws; anything else (too long, trailing spaces Rich would strip) is the table."""
+    console = Console(width=width, file=io.StringIO(), color_system="truecolor")
+    options = console.options.update_width(width)
+    for r in (right, right + " ", right * 9):
+        grid = Table.grid(expand=True)
+        grid.add_row(_bar(left, centre, r, wrap=True))
+        drawn = list(console.render(_TopBar(left, centre, r, grid), options))
+        assert drawn == list(console.render(grid, options))
+        fast = one_line_segments(left, centre, r, width)
+        assert fast is None or fast == drawn
+        if r.endswith(" ") or cell_len(r) > width // 2:
+            assert fast is None
+    # The real bar at the real width takes the direct way.
+    if width == 204 and centre:
+        assert one_line_segments(left, centre, right, width) is not None
+
+
+async def test_a_slice_step_repaints_the_bar_above_without_laying_the_screen_out() -> None:
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=(232, 64)) as pilot:
+        viewer = await open_viewer(pilot, node)
+        layouts: list[object] = []
+        refresh_layout = viewer._refresh_layout
+
+        def counted(*args: object, **kwargs: object) -> None:
+            layouts.append(args)
+            refresh_layout(*args, **kwargs)  # type: ignore[arg-type]
+
+        viewer._refresh_layout = counted  # type: ignore[method-assign]
+        bar = viewer.query_one("#overlay-top", OverlayBar)
+        await pilot.press("j")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "Im 2/12" in texts(viewer)[0]
+        painted = "".join(segment.text for segment in bar.render_line(0))
+        assert "Im 2/12" in painted  # the bar shows the new slice
+        assert layouts == []  # and nothing was laid out again for it
+        bar.show("a text far too long to fit on one line " * 12, "A", "Im 2/12")
+        await pilot.pause()
+        assert layouts  # the bar now takes more lines: the screen is laid out again
+        assert bar.size.height > 1

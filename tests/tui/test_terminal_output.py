@@ -180,6 +180,7 @@ async def test_the_image_after_many_changes_is_the_one_a_full_render_draws() -> 
         await pilot.pause()
         incremental = cells(view._strips)
         view._keys = None  # forget what the terminal has: everything is rendered again
+        view._renderer = HalfBlockRenderer()  # and built again: no row kept from before
         view.redraw()
         assert cells(view._strips) == incremental
 
@@ -335,3 +336,34 @@ def test_radmesh_tui_low_bandwidth_reaches_the_app(
         monkeypatch.setenv("RADMESH_LOW_BANDWIDTH", env)
     assert main(["--home", home, "tui", *argv]) == 0
     assert opened == [expected]
+
+
+class ViewApp(App[None]):
+    def compose(self) -> ComposeResult:
+        yield ImageView(id="image", mode="halfblock", low_bandwidth=False)
+
+
+async def test_a_redraw_of_what_is_shown_paints_nothing_and_a_change_paints() -> None:
+    """A slice step paints, then the screen redraws with the slice's marks: when those are
+    the same, that second redraw builds nothing."""
+    frames = slices(2)
+    app = ViewApp()
+    async with app.run_test(size=(60, 30)) as pilot:
+        view = app.query_one(ImageView)
+        view.show(frames[0])
+        await pilot.pause()
+        painted, built = view.frames_rendered, view.strips_rendered
+        view.redraw()
+        view.show(frames[0])
+        assert (view.frames_rendered, view.strips_rendered) == (painted, built)
+        view.marks = (Mark("point", ((20.0, 20.0),), "#ff0000"),)
+        view.redraw()  # a mark: a paint, and the rows under it
+        assert view.frames_rendered == painted + 1
+        assert view.strips_rendered > built
+        view.marks = ()
+        view.show(frames[1])
+        assert view.frames_rendered == painted + 2
+        shown = cells(view._strips)
+        view._keys, view._renderer = None, HalfBlockRenderer()  # everything again, afresh
+        view.redraw()
+        assert cells(view._strips) == shown

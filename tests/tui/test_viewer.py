@@ -298,3 +298,44 @@ async def test_a_real_multi_frame_file_opens_with_every_frame_reachable(tmp_path
         assert "Fr 3/3" in svg_text(app)
         assert screen.view.frame is not None
         assert (screen.view.frame.pixels == frames[2]).all()
+
+
+# --- reading ahead ------------------------------------------------------------------------------
+
+
+class CountingNode(InMemoryNode):
+    """Records every frame read (from the worker threads too)."""
+
+    def __init__(self) -> None:
+        super().__init__(Identity.generate())
+        self.reads: list[tuple[str, int]] = []
+
+    def load_frame(self, sop_uid: str, frame: int = 0) -> Frame | None:
+        self.reads.append((sop_uid, frame))
+        return super().load_frame(sop_uid, frame)
+
+
+async def test_slices_ahead_are_read_in_one_go_and_a_step_shows_them_at_once() -> None:
+    node = CountingNode()
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = ViewerScreen(node, node.studies()[0])
+        await app.push_screen(screen)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        keys = [(ref.sop_uid, f) for ref, f in screen.slices]
+        assert len(keys) == 12
+        assert node.reads == keys[:9]  # the first slice, then eight ahead in one go
+        loading = screen._loading
+        for index in range(1, 6):
+            await pilot.press("j")
+            assert screen.index == index
+            assert screen.view.frame is screen._cache[keys[index]]  # shown at once
+        assert screen._loading is loading  # no load of its own for any of them
+        await app.workers.wait_for_complete()
+        # Three left ahead of slice 5: the rest of the series was read, each slice once.
+        assert node.reads == keys
+        await pilot.press("k")  # back: what is behind is read only when it is not kept
+        await app.workers.wait_for_complete()
+        assert node.reads == keys
+        assert screen.view.frame is screen._cache[keys[4]]

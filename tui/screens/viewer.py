@@ -44,6 +44,7 @@ CURSOR_PERIOD = 0.05  # own cursor goes out at most 20 times a second
 CINE_PERIOD = 0.1
 LOADING_POLL = 0.5
 FRAME_CACHE = 64
+READ_AHEAD = 8  # slices read in one go ahead of the one shown, the way the user is going
 TRUST_REFRESH = 5.0  # seconds between reads of the peers' trust for the participant list
 # Below this many columns the series list and the consult panel fold away (s and t, or r/c,
 # bring them back) and the image takes the width they leave.
@@ -265,6 +266,7 @@ class ViewerScreen(Screen[None]):
         cached = self._cache.get(key)
         if cached is not None:
             self._show(key, cached)
+            self._read_ahead()
             return
 
         async def load() -> None:
@@ -287,6 +289,44 @@ class ViewerScreen(Screen[None]):
             self._expand_frames(key[0], frame.frames)
         if self.current is not None and (self.current.sop_uid, self.frame_no) == key:
             self._show(key, frame)
+        if frame is not None:
+            self._read_ahead()
+
+    _ahead: Worker[None] | None = None  # the read-ahead under way
+    _last_index = 0  # the slice shown before: which way the user is going
+
+    def _read_ahead(self) -> None:
+        """The next READ_AHEAD slices the way the user is going, read into the cache in one
+        go on a worker thread (again once half of them were shown): a step then shows its frame
+        at once, without a worker, a thread hop and a wait per key. Its errors are left to
+        the slice's own load, when the user gets there."""
+        step = -1 if self.index < self._last_index else 1
+        self._last_index = self.index
+        if self._ahead is not None and not self._ahead.is_finished:
+            return
+        indices = range(self.index + step, self.index + step * (READ_AHEAD + 1), step)
+        ahead = [self.slices[i] for i in indices if 0 <= i < len(self.slices)]
+        keys = [(ref.sop_uid, f) for ref, f in ahead if (ref.sop_uid, f) not in self._cache]
+        if not keys or len(ahead) - len(keys) >= READ_AHEAD // 2:
+            return
+        node = self.node
+
+        def read() -> list[tuple[tuple[str, int], Frame]]:  # on a worker thread
+            frames = ((key, node.load_frame(*key)) for key in keys)
+            return [(key, frame) for key, frame in frames if frame is not None]
+
+        async def store() -> None:
+            read_ahead = await self.app.run_blocking(read)  # type: ignore[attr-defined]
+            if not self.is_attached:
+                return
+            for key, frame in read_ahead:
+                self._cache[key] = frame
+                self._expand_frames(key[0], frame.frames)
+            while len(self._cache) > FRAME_CACHE:
+                self._cache.popitem(last=False)
+
+        work: WorkType[None] = store
+        self._ahead = self.run_worker(work, group="ahead", exit_on_error=False)
 
     def _expand_frames(self, sop_uid: str, frames: int) -> None:
         """A multi-frame instance we knew as one slice: its frames become slices in place."""

@@ -153,6 +153,11 @@ class ImageView(Widget, can_focus=True):
         self._base_for: tuple[object, ...] | None = None
         self._base: npt.NDArray[np.uint8] | None = None
         self._shown: Frame | None = None
+        self._modality_of: Frame | None = None  # the frame self._modality was computed from
+        # What the last half-block paint showed (frame, modality, the rest of the state): a
+        # redraw of the same (a slice step paints, then the screen redraws with its marks)
+        # does nothing.
+        self._painted: tuple[object, ...] | None = None
         self._last_show = -math.inf
         self._last_paint = -math.inf
         self._scrolling_until = -math.inf
@@ -179,7 +184,9 @@ class ImageView(Widget, can_focus=True):
                 self._scrolling_until = now + REST_S
             self._shown, self._last_show = frame, now
         self.frame = frame
-        self._modality = frame.modality() if frame is not None else None
+        if frame is not self._modality_of or (frame is not None and self._modality is None):
+            self._modality = frame.modality() if frame is not None else None
+            self._modality_of = frame
         self.waiting = frame is None
         self.redraw()
 
@@ -236,14 +243,17 @@ class ImageView(Widget, can_focus=True):
 
     def _paint(self) -> None:
         now = self._clock()
-        self._last_paint = now
-        self.frames_rendered += 1
-        self._coarse = (
+        coarse = (
             self.low_bandwidth
             and self.caching
             and self.mode == "halfblock"
             and now < self._scrolling_until
         )
+        if self._unchanged(coarse):
+            return
+        self._last_paint = now
+        self.frames_rendered += 1
+        self._coarse = coarse
         if self._coarse and self._rest is None:
             self._rest = self.set_timer(self._scrolling_until - now, self._at_rest)
         width, height = self.size
@@ -276,6 +286,28 @@ class ImageView(Widget, can_focus=True):
         else:
             self._update_cells(rgb, by_row)
 
+    def _unchanged(self, coarse: bool) -> bool:
+        """Whether a half-block paint would show what the last one did (and remember what
+        this one shows, when not)."""
+        if self.mode != "halfblock" or not self.caching:
+            self._painted = None  # what is painted now is not what a caching paint shows
+            return False
+        state = (
+            self.window, self.invert, self.zoom, self.center, self.marks, self.overlay_lines,
+            self.waiting, self.size, coarse, self._colour_system(),
+        )  # fmt: skip
+        last = self._painted
+        if (
+            last is not None
+            and self._keys is not None
+            and last[0] is self.frame
+            and last[1] is self._modality
+            and last[2] == state
+        ):
+            return True
+        self._painted = (self.frame, self._modality, state)
+        return False
+
     def _canvas(
         self, width: int, height: int, rows: int
     ) -> tuple[npt.NDArray[np.uint8], dict[tuple[int, int], Label]]:
@@ -286,8 +318,10 @@ class ImageView(Widget, can_focus=True):
         if geom is None or self._modality is None:
             rgb = np.zeros((ch * rows, cw * width, 3), dtype=np.uint8)
         else:
-            rgb = self._pixels(self._modality, geom).copy()
-            self._draw_marks(rgb, geom, labels, width)
+            rgb = self._pixels(self._modality, geom)
+            if self.marks:  # drawn on a copy: the slice's pixels are kept for the next paint
+                rgb = rgb.copy()
+                self._draw_marks(rgb, geom, labels, width)
         text_top = rows if self.mode == "sixel" else 0
         if self.mode == "sixel":
             labels.clear()  # nothing shows on top of a sixel picture: names go in the band
@@ -332,7 +366,6 @@ class ImageView(Widget, can_focus=True):
         palette = self.caching and self._colour_system() == "256"
         switched = renderer.configure(palette=palette, compact=self.caching)
         keys = renderer.keys(rgb)
-        renderer.prepare(keys)
         height = keys.shape[0]
         old = self._keys
         if (
@@ -343,7 +376,7 @@ class ImageView(Widget, can_focus=True):
             or self._signatures
             or len(self._strips) != height
         ):
-            self._strips = [renderer.row(keys[y], by_row.get(y)) for y in range(height)]
+            self._strips = renderer.rows(keys, range(height), by_row)
             self.strips_rendered += height
             self._keys, self._signatures = keys, []
             self._row_labels = [by_row.get(y, {}) for y in range(height)]
@@ -351,7 +384,7 @@ class ImageView(Widget, can_focus=True):
             return
         changed = keys != old
         rows_changed = changed.any(axis=1)
-        regions = []
+        regions, rebuilt = [], []
         for y in range(height):
             before, after = self._row_labels[y], by_row.get(y, {})
             cols = np.flatnonzero(changed[y]).tolist() if rows_changed[y] else []
@@ -359,11 +392,13 @@ class ImageView(Widget, can_focus=True):
                 cols += [c for c in before.keys() | after.keys() if before.get(c) != after.get(c)]
             if not cols:
                 continue
-            self._strips[y] = renderer.row(keys[y], after or None)
+            rebuilt.append(y)
             self._row_labels[y] = after
-            self.strips_rendered += 1
             x0, x1 = min(cols), max(cols)
             regions.append(Region(x0, y, x1 - x0 + 1, 1))
+        for y, strip in zip(rebuilt, renderer.rows(keys, rebuilt, by_row), strict=True):
+            self._strips[y] = strip
+        self.strips_rendered += len(rebuilt)
         self._keys = keys
         if regions:
             self.refresh(*regions)

@@ -13,11 +13,17 @@ consultant's node these are the de-identified values the store holds.
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rich.console import OverflowMethod
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, OverflowMethod, RenderResult
+from rich.measure import Measurement
+from rich.segment import Segment
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
@@ -211,6 +217,75 @@ def _bar(left: str, centre: str, right: str, wrap: bool) -> Table:
     return grid
 
 
+_BAR_STYLE = Style.parse(OVERLAY_STYLE)
+_BOLD = Style.parse("bold")
+
+
+@functools.lru_cache(maxsize=32)
+def _columns(width: int, centre: str) -> tuple[int, int] | None:
+    """The widths of the left and right text columns of the bar above the image at this
+    width, as Rich lays out :func:`_bar` (None: not the five cells expected)."""
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    grid = Table.grid(expand=True)
+    grid.add_row(_bar("", centre, "", wrap=True))
+    lines = console.render_lines(grid, console.options.update_width(width), pad=False)
+    line = lines[0] if len(lines) == 1 else []
+    styles = [_BAR_STYLE, Style(), _BOLD, Style(), _BAR_STYLE]
+    if (
+        [segment.style for segment in line] != styles
+        or [segment.text.strip() for segment in line] != ["", "", centre, "", ""]
+        or any(not segment.text for segment in line)
+        or sum(len(segment.text) for segment in line) != width
+    ):
+        return None
+    return len(line[0].text), len(line[4].text)
+
+
+def one_line_segments(left: str, centre: str, right: str, width: int) -> list[Segment] | None:
+    """The bar above the image as Rich draws :func:`_bar` (in a grid) when both texts fit
+    their columns, without laying a table out; None when they may not (or hold anything
+    but printable text): then only the table says how it wraps."""
+    columns = _columns(width, centre)
+    if (
+        columns is None
+        or not (left + centre + right).isprintable()
+        or right != right.rstrip()  # Rich strips these when it justifies
+        or centre != centre.strip()
+    ):
+        return None
+    left_cells, right_cells = cell_len(left), cell_len(right)
+    if left_cells > columns[0] or right_cells > columns[1] or len(centre) != cell_len(centre):
+        return None
+    return [
+        Segment(left + " " * (columns[0] - left_cells), _BAR_STYLE),
+        Segment(" ", Style()),
+        Segment(centre or " ", _BOLD),
+        Segment(" ", Style()),
+        Segment(" " * (columns[1] - right_cells) + right, _BAR_STYLE),
+        Segment.line(),
+    ]
+
+
+class _TopBar:
+    """The bar above the image: one line drawn directly when it fits (a slice step changes
+    its text, and a table costs more to lay out than the rest of the screen's update), else
+    the grid."""
+
+    def __init__(self, left: str, centre: str, right: str, table: Table) -> None:
+        self.texts = (left, centre, right)
+        self.table = table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        segments = one_line_segments(*self.texts, options.max_width)
+        if segments is None:
+            yield self.table
+        else:
+            yield from segments
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self.table)
+
+
 class OverlayBar(Static):
     """Overlay text above or below the image (the text is never markup).
 
@@ -224,8 +299,14 @@ class OverlayBar(Static):
     """
 
     text = ""  # what it shows, as one plain string (tests and screen readers)
+    _shown: tuple[object, ...] | None = None
 
     def show(self, left: str, centre: str, right: str, notes: tuple[str, ...] = ()) -> None:
+        # The same text again (every slice step shows the same view line) changes nothing:
+        # an update would lay the screen out again and repaint the bar.
+        if self._shown == (left, centre, right, notes):
+            return
+        self._shown = (left, centre, right, notes)
         self.text = "\n".join(["  ".join((left, centre, right)), *notes])
         fixed = self.has_class("-fixed")
         table = Table.grid(expand=True)
@@ -234,7 +315,16 @@ class OverlayBar(Static):
         if note or fixed:
             overflow: OverflowMethod = "ellipsis" if fixed else "fold"
             table.add_row(Text(note, style=OVERLAY_STYLE, end="", no_wrap=fixed, overflow=overflow))
-        self.update(table)
+        if fixed:  # its height is fixed: laying the screen out again would change nothing
+            self.update(table, layout=False)
+        elif notes:
+            self.update(table)
+        else:
+            # One line that stays one line: no layout (it costs more than drawing the bar).
+            fits = one_line_segments(left, centre, right, self.content_size.width) is not None
+            self.update(
+                _TopBar(left, centre, right, table), layout=not (fits and self.size.height == 1)
+            )
 
 
 class EdgeMarker(Static):
@@ -246,8 +336,12 @@ class EdgeMarker(Static):
     """
 
     text = ""
+    _shown: str | None = None
 
     def show(self, letters: str) -> None:
+        if letters == self._shown:  # as above: no layout, no repaint of the whole edge
+            return
+        self._shown = letters
         self.text = letters
         self.update(Text(letters, end=""))
 
