@@ -115,7 +115,10 @@ async def test_the_presenter_broadcasts_viewport_and_tool_coalesced(
         # The follower on the last slice has had every update the burst caused (they arrive
         # in order), so the count below is the whole burst's, not what left in 0.3 s.
         await wait_for(lambda: (v := follower.presence.me.viewport) and v.slice_index == 20)
-        assert link.presence_sent - sent < 5  # coalesced, not one message per step
+        # Coalesced, not one message per step (20): the burst's tick and the last slice's
+        # load give 2 on a quiet machine; a loaded one adds a heartbeat or a load finishing
+        # in another tick (5 seen under the whole suite at load 6).
+        assert link.presence_sent - sent < 8
 
         await pilot.press("p")  # stop presenting
         await wait_for(lambda: not other(follower).presenting)  # type: ignore[attr-defined]
