@@ -33,9 +33,8 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Workers: the tests mostly wait on sockets and child processes, so more workers than cores
-# pays (on 2 cores, a clean clone: 4 workers 3:15, 6 workers 2:24-2:55, 8 workers 2:47);
-# `make pytest PYTEST_WORKERS=0` runs them in one process.
-PYTEST_WORKERS ?= 6
+# pays; `make pytest PYTEST_WORKERS=0` runs them in one process.
+PYTEST_WORKERS ?= 4
 
 # The tests start many interpreters (xdist workers, the CLI, nodes): each reuses the compiled
 # bytecode the first one writes instead of compiling the sources again, even where the
