@@ -150,13 +150,13 @@ async def test_a_late_joiner_receives_a_state_larger_than_one_frame(
             AnnotationKind.ARROW, SOP, i % 40, ((i, i), (i + 5, i + 9)), text=f"finding {i}"
         )
     live_b = b.live_hub().sessions[CONSULT]
-    await wait_for(lambda: len(live_b.annotations()) == 600)
+    await wait_for(lambda: len(live_b.annotations()) == 600, 30)  # 600 edits over aiortc
     live_b.say("joining the third reader")
     assert len(live_a.state.full_update()) > 2 * FRAGMENT_SIZE
 
     await b.live_hub().invite(CONSULT, key(c))
     live_c = c.live_hub().sessions[CONSULT]
-    await wait_for(lambda: len(live_c.annotations()) == 600 and len(live_c.chat()) == 1)
+    await wait_for(lambda: len(live_c.annotations()) == 600 and len(live_c.chat()) == 1, 30)
     assert live_c.state.snapshot() == live_a.state.snapshot()
 
 
