@@ -268,6 +268,33 @@ class PreparedStudy:
         return study
 
     @classmethod
+    async def from_rewritten(
+        cls,
+        source: Any,
+        study_uid: str,
+        prepare: Callable[[Iterable[bytes]], Iterable[bytes]],
+        identity: Identity,
+        spool: SenderSpool,
+        cache: wirecodec.PixelCache | None = None,
+    ) -> PreparedStudy:
+        """A stored study rewritten by ``prepare`` (de-identification for sharing) as it
+        is encoded, in series order (:meth:`from_source`): bounded by the stored sizes,
+        its transfer id the digest of what it is rewritten from, so a restarted sender
+        with the same ``prepare`` offers the same transfer."""
+        rows = series_rows(source, study_uid)
+        files = prepare(source.read_instance(r.sop_instance_uid) for r in rows)
+        return await cls.from_source(
+            iter(files),
+            identity,
+            spool,
+            count=len(rows),
+            total=deidentified_bound(rows),
+            source=source_digest(rows),
+            deidentified=True,
+            cache=cache,
+        )
+
+    @classmethod
     def from_store(
         cls,
         source: Any,

@@ -67,9 +67,6 @@ from peer_transport.transfer.messages import (
 )
 from peer_transport.transfer.prepared import (
     PreparedStudy,
-    deidentified_bound,
-    series_rows,
-    source_digest,
 )
 from peer_transport.transfer.progress import Progress
 from peer_transport.transfer.receiver import (
@@ -496,17 +493,8 @@ async def send_study(
         if prepare is None:
             study = PreparedStudy.from_store(source, study_uid, identity, spool, cache=cache)
         else:
-            rows = series_rows(source, study_uid)
-            files = prepare(source.read_instance(r.sop_instance_uid) for r in rows)
-            study = await PreparedStudy.from_source(
-                iter(files),
-                identity,
-                spool,
-                count=len(rows),
-                total=deidentified_bound(rows),
-                source=source_digest(rows),
-                deidentified=True,
-                cache=cache,
+            study = await PreparedStudy.from_rewritten(
+                source, study_uid, prepare, identity, spool, cache=cache
             )
         manifest = study.manifest
         sender = StudySender(study, link)

@@ -695,29 +695,19 @@ async def test_a_restarted_deidentifying_sender_offers_the_same_transfer_and_ent
 ) -> None:
     from node.dicom import sharing
     from node.dicom.deid import PseudonymMap
-    from peer_transport.transfer.prepared import deidentified_bound, series_rows, source_digest
 
     store, study_uid = _stored_study(tmp_path, 4, seed=44)
     pseudonyms = PseudonymMap()  # one consult's map: kept, so each run loads the same
     pseudonyms.burned_in_checked = True
 
     async def run() -> tuple[bytes, list[WireDeclaration]]:
-        rows = series_rows(store, study_uid)
         prepare = sharing.deidentifier(pseudonyms, tmp_path / "map", bytes(32))
-        files = prepare(store.read_instance(r.sop_instance_uid) for r in rows)
         spool = SenderSpool(tmp_path / "out")
         try:
-            study = await PreparedStudy.from_source(
-                iter(files),
-                PEER,
-                spool,
-                count=len(rows),
-                total=deidentified_bound(rows),
-                source=source_digest(rows),
-                deidentified=True,
-            )
+            study = await PreparedStudy.from_rewritten(store, study_uid, prepare, PEER, spool)
             await study.encode()
-            return study.manifest.transfer_id, [study.declared[i] for i in range(len(rows))]
+            manifest = study.manifest
+            return manifest.transfer_id, [study.declared[i] for i in range(manifest.count)]
         finally:
             spool.close()
 
