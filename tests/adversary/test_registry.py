@@ -314,3 +314,28 @@ def test_turn_credentials_are_short_lived() -> None:
     assert TurnConfig("s", ("turn:127.0.0.1:3478",)).ttl <= 3600
     with pytest.raises(ValueError, match="lifetime"):
         TurnConfig("s", ("turn:127.0.0.1:3478",), ttl=30 * 24 * 3600)
+
+
+# A search's filters are a stranger's text: LIKE wildcards, the tag separator and SQL
+# quoting in them match nothing but themselves, in either store's dialect.
+HOSTILE_FILTERS = ("ne_ro", "neur%", "%", "_", "\\", "neuro|fr", "|", "' OR '1'='1", "neuro' --")
+
+
+@pytest.mark.parametrize("value", HOSTILE_FILTERS)
+def test_a_search_filter_is_never_a_pattern_or_sql(tmp_path: Path, value: str) -> None:
+    from registry.store import RegistryDB, search_sql
+
+    for postgres in (False, True):
+        sql, _ = search_sql(NOW, {"subspecialty": value, "language": value}, postgres=postgres)
+        benign, _ = search_sql(NOW, {"subspecialty": "x", "language": "x"}, postgres=postgres)
+        assert sql == benign  # the value changes a parameter, never the statement
+    db = RegistryDB(tmp_path / "registry.db")
+    try:
+        honest = Identity.generate()
+        db.put(make_record(honest, subs=("neuro",), lang=("fr",)), NOW)
+        assert len(db.search(NOW, subspecialty="neuro")) == 1  # canary: the record is found
+        assert db.search(NOW, subspecialty=value) == []
+        assert db.search(NOW, language=value) == []
+        assert db.search(NOW, jurisdiction=value) == []
+    finally:
+        db.close()

@@ -618,3 +618,35 @@ async def test_a_stored_request_with_markup_opens_in_the_consultants_tui(tmp_pat
             assert "Please read [/] urgently [@click=app.quit]x[/]" in text
             assert f"{rural.config.display_name} ({rural_id.short()}, verified)" in text
             assert app.is_running
+
+
+# The bar above the image has a fast path that builds its segments by hand instead of
+# through Rich (tui.widgets.overlay.one_line_segments): a peer's study text must not reach
+# the terminal through it as an escape, a bidi override or a line longer than the bar.
+HOSTILE_BAR_TEXT = (
+    "\x1b[2J\x1b]52;c;cHduZWQ=\x07",
+    "PATIENT\u202eFDP.exe",
+    "[bold red]not markup[/]",
+    "\u200b" * 10,
+    "頭部CT" * 40,
+    "x" * 500,
+    "tab\there",
+    "line\nbreak",
+)
+
+
+@pytest.mark.parametrize("text", HOSTILE_BAR_TEXT)
+def test_the_top_bars_fast_path_never_passes_a_hostile_text_through(text: str) -> None:
+    from rich.cells import cell_len
+
+    from tui.widgets.overlay import one_line_segments
+
+    width = 120
+    for left, centre, right in ((text, "A", "Se 2"), ("PATIENT", "A", text), (text, "", text)):
+        segments = one_line_segments(left, centre, right, width)
+        if segments is None:  # the table path, which takes the sanitised text
+            continue
+        drawn = "".join(s.text for s in segments if not s.control)
+        assert drawn.rstrip("\n").isprintable()
+        assert cell_len(drawn.rstrip("\n")) == width
+    assert one_line_segments("PATIENT", "A", "Se 2", width) is not None  # canary: it is used
