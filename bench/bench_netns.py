@@ -48,6 +48,7 @@ from typing import Any
 import pydicom
 
 from crypto.identity import Identity
+from node.core.children import stop
 from node.demo.phantom import generate_ct
 from node.dicom.store import Store
 from peer_transport import frames as fr
@@ -142,12 +143,7 @@ def background(argv: Sequence[str], log: Path) -> Iterator[subprocess.Popen[byte
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc, 10)
 
 
 def wait_listening(link: Link, side: str, port: int, timeout: float = 20) -> None:

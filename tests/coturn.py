@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node.core.children import die_with_parent
+from node.core.children import die_with_parent, stop
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,4 @@ def coturn_server(directory: Path, secret: str, relay_ports: tuple[int, int]) ->
         time.sleep(0.3)
         yield Coturn(port, log, proc)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop(proc, 5)

@@ -23,7 +23,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from node.core.children import die_with_parent
+from node.core.children import die_with_parent, stop
 from node.demo.phantom import head_hu
 
 LOOPBACK = "127.0.0.1"
@@ -156,12 +156,7 @@ def storescp(directory: Path, ae_title: str = "STORESCP") -> Iterator[StoreSCP]:
         wait_for_port(port)
         yield StoreSCP(port, ae_title, directory, process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop(process, 10)
 
 
 # Sample files that ship inside pydicom (no download), one per transfer syntax family.

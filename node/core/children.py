@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import subprocess
 from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
@@ -37,4 +38,16 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
     return in_child
 
 
-__all__ = ["die_with_parent"]
+def stop(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Stop a helper server in order: SIGTERM, up to ``timeout`` seconds to exit, then
+    SIGKILL (and as long again to be reaped)."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+
+
+__all__ = ["die_with_parent", "stop"]

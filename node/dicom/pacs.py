@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from node.core.children import die_with_parent
+from node.core.children import die_with_parent, stop
 from node.core.errors import NodeError
 
 LOOPBACK = "127.0.0.1"
@@ -182,12 +182,7 @@ def orthanc_server(
         _wait_until_up(server, log_path)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        stop(process, 15)
 
 
 def _wait_until_up(server: Orthanc, log_path: Path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from node.core.children import die_with_parent
+from node.core.children import die_with_parent, stop
 
 __all__ = ["postgres_cluster", "require_postgres"]
 
@@ -135,10 +135,5 @@ def postgres_cluster() -> Iterator[str]:
         yield f"postgresql://radmesh@127.0.0.1:{port}"
     finally:
         if process is not None:
-            process.terminate()
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+            stop(process, 20)
         shutil.rmtree(root, ignore_errors=True)
