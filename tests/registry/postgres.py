@@ -62,7 +62,6 @@ def postgres_cluster() -> Iterator[str]:
     if account is not None:
         os.chown(root, *account)
         uid, gid = account
-    port = _free_port()
     process: subprocess.Popen[bytes] | None = None
     try:
         subprocess.run(
@@ -86,8 +85,28 @@ def postgres_cluster() -> Iterator[str]:
             group=gid,
             extra_groups=None if uid is None else [],
         )
-        log = (root / "postgres.log").open("wb")
-        process = subprocess.Popen(
+        # A port picked free can be taken before postgres binds it (the suite opens many
+        # sockets at once): a start refused with "Address already in use" tries another.
+        for _attempt in range(3):
+            port = _free_port()
+            process = _start(bindir, data, root, port, uid, gid)
+            if _ready(process, bindir, root, port):
+                break
+            stop(process, 20)
+        else:
+            raise RuntimeError("PostgreSQL lost its port to another socket three times")
+        yield f"postgresql://radmesh@127.0.0.1:{port}"
+    finally:
+        if process is not None:
+            stop(process, 20)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _start(
+    bindir: Path, data: Path, root: Path, port: int, uid: int | None, gid: int | None
+) -> subprocess.Popen[bytes]:
+    with (root / "postgres.log").open("wb") as log:
+        return subprocess.Popen(
             [
                 str(bindir / "postgres"),
                 "-D",
@@ -115,25 +134,26 @@ def postgres_cluster() -> Iterator[str]:
             group=gid,
             extra_groups=None if uid is None else [],
         )
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    "PostgreSQL exited at start: " + (root / "postgres.log").read_text()[-2000:]
-                )
-            # Listening is not ready: until recovery ends it answers "starting up".
-            ready = subprocess.run(
-                [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)],
-                check=False,
-                timeout=10,
-            )
-            if ready.returncode == 0:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("PostgreSQL did not accept connections within 60 s")
-            time.sleep(0.1)
-        yield f"postgresql://radmesh@127.0.0.1:{port}"
-    finally:
-        if process is not None:
-            stop(process, 20)
-        shutil.rmtree(root, ignore_errors=True)
+
+
+def _ready(process: subprocess.Popen[bytes], bindir: Path, root: Path, port: int) -> bool:
+    """True once the cluster accepts connections; False if it lost its port to another
+    socket; raises for any other failure to start."""
+    deadline = time.monotonic() + 60
+    while True:
+        if process.poll() is not None:
+            said = (root / "postgres.log").read_text()[-2000:]
+            if "Address already in use" in said:
+                return False
+            raise RuntimeError("PostgreSQL exited at start: " + said)
+        # Listening is not ready: until recovery ends it answers "starting up".
+        ready = subprocess.run(
+            [str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)],
+            check=False,
+            timeout=10,
+        )
+        if ready.returncode == 0:
+            return True
+        if time.monotonic() > deadline:
+            raise RuntimeError("PostgreSQL did not accept connections within 60 s")
+        time.sleep(0.1)
