@@ -110,6 +110,11 @@ def tuned(pc: RTCPeerConnection) -> None:
         sctp.delay_acks(pc.sctp)
     if "quick" in levers:
         sctp.quick_receive(pc.sctp)
+    if "big" in levers:  # a fixed 16 KiB packet on both sides, no search (an upper bound)
+        sctp.widen_dtls(pc.sctp.transport, writes=True)  # type: ignore[union-attr]
+        sctp.set_packet_size(pc.sctp, sctp.RECORD_MAX)
+    if "pmtu" in levers:  # the path MTU search (RFC 8899) the node's links run
+        sctp.path_mtu(pc.sctp)
 
 
 def _tune(pc: RTCPeerConnection, mode: str) -> None:
