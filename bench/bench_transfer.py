@@ -569,8 +569,9 @@ def _print_first_slice(slices: int = 200) -> None:
 
 def _node_study(study: PreparedStudy, want: int) -> dict[str, float]:
     """A study run with the SCTP settings of the node's own links (RtcLink: delayed
-    acknowledgements); the raw baseline it is compared with stays stock aiortc."""
-    os.environ["BENCH_LEVERS"] = "acks"
+    acknowledgements, the path MTU search); the raw baseline it is compared with stays
+    stock aiortc."""
+    os.environ["BENCH_LEVERS"] = "acks,pmtu"
     try:
         return asyncio.run(_parent("study", study, want))
     finally:

@@ -1,4 +1,5 @@
-"""Cheaper receiving for aiortc's pure-Python SCTP, on radmesh's own connections only.
+"""Cheaper SCTP for aiortc's pure-Python stack, on radmesh's own connections only:
+fewer acknowledgements, and larger packets where the path carries them.
 
 aiortc's SCTP (``aiortc.rtcsctptransport``) acknowledges every packet it receives: one
 SACK chunk per ~1.2 KB DATA packet, each serialised, DTLS-encrypted and sent by the
@@ -13,6 +14,26 @@ duplicate or a FORWARD TSN); :class:`peer_transport.rtc.RtcLink` uses it.
 that rescanned a message for each of its fragments, and a sort of the gap set for
 every in-order chunk); it measured no faster end to end, so links do not use it: it
 stays as a lever of the bench (``BENCH_LEVERS=acks,quick``).
+
+Packets: aiortc cuts every message into DATA chunks of at most 1,160 bytes
+(``USERDATA_MAX_LENGTH``, a module constant sized for any path), and each one costs a
+Python SCTP packet, a DTLS record and a UDP send on both sides. :class:`PathMtu` runs
+RFC 8899's packetization-layer path MTU search (the decisions are sans-IO in
+:mod:`peer_transport.pmtu`; section 6.2.1 for SCTP, RFC 8261 section 5 for SCTP over
+DTLS): probes are a HEARTBEAT padded with a PAD chunk (RFC 4820), sent with DF set,
+and a size is used once the peer's HEARTBEAT-ACK confirms its probe.
+:func:`set_packet_size` makes one association fragment at its own size (aiortc's
+methods that read the constant are bound to it again with their own globals), and
+:func:`widen_dtls` lets its DTLS transport read and write records up to 2^14 bytes
+(aiortc reads ``recv(1500)``: OpenSSL keeps the rest of a larger record for the next
+reads, which shifts every later datagram, so a stock aiortc peer must never get one:
+a node probes only a peer that announced it reads large records). On loopback (MTU
+65,536) and jumbo-frame LANs packets grow to 16 KiB and 8.9 KB; on a 1,500-byte path
+to 1,384 bytes; nothing else changes.
+
+Why one module: it is aiortc's SCTP adapter, the one place besides
+:mod:`peer_transport.rtc` that touches aiortc; every private attribute it relies on is
+checked here, together, when it is imported.
 
 This relies on aiortc's private attributes, so every one of them is checked when this
 module is imported (:func:`_check_aiortc`); a version of aiortc that renamed or
@@ -332,7 +353,7 @@ def _widened(function: Any) -> Any:
 
 
 def _check_sizing() -> None:
-    """What :func:`widen_dtls` and :class:`PacketSize` rely on: the DTLS transport reads
+    """What :func:`widen_dtls` and :func:`set_packet_size` rely on: the DTLS transport reads
     (``_recv_next``: ``self._ssl.recv(1500)``) and writes (``_write_ssl``:
     ``self._ssl.bio_read(1500)``) with one 1500 constant each; the SCTP transport sizes
     its DATA chunks through the module constant in ``_send`` (and its congestion steps
@@ -385,9 +406,10 @@ def widen_dtls(dtls: Any, *, writes: bool) -> None:
     aiortc reads one record per datagram with ``recv(1500)``; OpenSSL keeps the rest of
     a larger record and hands it out on the following reads, so the peer's next
     datagrams come out shifted. A node must widen its reads before it tells the peer it
-    may probe (:class:`PacketSize` announces only then). Writes read the memory BIO with
-    ``bio_read(1500)``, which would cut a larger record across two datagrams; they are
-    widened once the handshake is over (its flights keep aiortc's 1500-byte reads).
+    may probe (:class:`PathMtu` widens them when it starts). Writes read the memory BIO
+    with ``bio_read(1500)``, which would cut a larger record across two datagrams;
+    :class:`PathMtu` widens them before its first probe, after the handshake (whose
+    flights keep aiortc's reads) and only towards a peer that announced.
     """
     if not isinstance(dtls, _dtls.RTCDtlsTransport):
         raise TypeError(f"expected an aiortc RTCDtlsTransport, got {type(dtls).__name__}")
@@ -502,7 +524,8 @@ def probe_packet(transport: Any, size: int, info: bytes) -> bytes:
     header = struct.pack(
         "!HHL", transport._local_port, transport._remote_port, transport._remote_verification_tag
     )
-    checksum = _sctp.crc32c(header + b"\x00\x00\x00\x00" + chunks)
+    crc32c: Callable[[bytes], int] = getattr(_sctp, "crc32c")  # noqa: B009 (not exported)
+    checksum = crc32c(header + b"\x00\x00\x00\x00" + chunks)
     return header + struct.pack("<L", checksum) + chunks
 
 
@@ -537,11 +560,13 @@ class PathMtu:
         self._timer: asyncio.TimerHandle | None = None
         self._announce_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.stepped = asyncio.Event()  # set after each step of the search (tests wait on it)
         widen_dtls(transport.transport, writes=False)
-        self._receive = transport._receive_chunk
-        self._set_state = transport._set_state
-        transport._receive_chunk = self._receive_chunk
-        transport._set_state = self._state_set
+        target: Any = transport  # instance attributes over aiortc's methods
+        self._receive = target._receive_chunk
+        self._set_state = target._set_state
+        target._receive_chunk = self._receive_chunk
+        target._set_state = self._state_set
         self._wrap_t3()
 
     @property
@@ -552,7 +577,6 @@ class PathMtu:
     def _state_set(self, state: Any) -> None:
         self._set_state(state)
         if state == self.transport.State.ESTABLISHED:
-            widen_dtls(self.transport.transport, writes=True)
             self.can_probe = set_dont_fragment(self.transport, DF_PROBE)
             self._announce()
         elif state == self.transport.State.CLOSED:
@@ -599,6 +623,7 @@ class PathMtu:
         info = dict(chunk.params).get(HEARTBEAT_INFO, b"")
         if info == ANNOUNCE + self.nonce:
             self.heard = True
+            self.stepped.set()
         elif info.startswith(PROBE + self.nonce) and len(info) == len(PROBE) + 12:
             (size,) = struct.unpack("!I", info[-4:])
             self._apply(self.search.acked(size))
@@ -608,6 +633,8 @@ class PathMtu:
         self._apply(self.search.timer())
 
     def _apply(self, step: Step) -> None:
+        if step.probe is not None or step.size > BASE_PACKET:
+            widen_dtls(self.transport.transport, writes=True)  # never for a stock peer
         if step.size != self._applied:
             self._resize(step.size)
         if step.probe is not None:
@@ -619,6 +646,7 @@ class PathMtu:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = asyncio.get_running_loop().call_later(step.timer, self._expired)
+        self.stepped.set()
 
     _applied = BASE_PACKET
 
