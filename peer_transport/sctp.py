@@ -535,11 +535,13 @@ class PathMtu:
     Its DTLS transport reads records of any size at once; once the association is
     established the node announces that (a HEARTBEAT with :data:`ANNOUNCE`, repeated
     until acknowledged) and, when the peer announced the same, probes larger sizes
-    (:class:`peer_transport.pmtu.PmtuSearch`) with DF set on its sockets; a confirmed
-    size becomes this association's packet size (:func:`set_packet_size`).
+    (:class:`peer_transport.pmtu.PmtuSearch`) with DF set on its sockets (Linux
+    ``IP_PMTUDISC_PROBE``, from the first probe on: elsewhere nothing is probed); a
+    confirmed size becomes this association's packet size (:func:`set_packet_size`).
     :data:`BLACK_HOLE_TIMEOUTS` retransmission timeouts in a row without progress at a
     size above the base drop it back to the base, and the packets already sent larger
-    are retransmitted with DF cleared (RFC 9260 7.3: the kernel fragments them).
+    are retransmitted with DF cleared (RFC 9260 7.3: the kernel fragments them); at
+    the base size with DF set (a path under 1,254 bytes), DF is cleared.
     A stock aiortc peer never announces: nothing larger than aiortc's own packets is
     ever sent to it.
     """
@@ -550,7 +552,8 @@ class PathMtu:
         self.transport: Any = transport
         self.search = PmtuSearch(BASE_PACKET, sizes)
         self.nonce = os.urandom(8)
-        self.can_probe = False  # DF could be set on every socket
+        self.can_probe = False  # DF can be set on the sockets (Linux)
+        self.df: int | None = None  # the IP_MTU_DISCOVER mode set, None: the kernel's default
         self.peer_ready = False  # the peer announced (it reads records of any size)
         self.heard = False  # the peer acknowledged our announcement
         self.announcements = 0
@@ -577,7 +580,7 @@ class PathMtu:
     def _state_set(self, state: Any) -> None:
         self._set_state(state)
         if state == self.transport.State.ESTABLISHED:
-            self.can_probe = set_dont_fragment(self.transport, DF_PROBE)
+            self.can_probe = _LINUX and bool(_sockets(self.transport))
             self._announce()
         elif state == self.transport.State.CLOSED:
             self._stop()
@@ -640,8 +643,8 @@ class PathMtu:
         if step.probe is not None:
             self.probes.append(step.probe)
             info = PROBE + self.nonce + struct.pack("!I", step.probe)
-            set_dont_fragment(self.transport, DF_PROBE)
-            self._spawn(probe_packet(self.transport, step.probe, info))
+            if self._dont_fragment(DF_PROBE):  # else the probe is lost: its timer says so
+                self._spawn(probe_packet(self.transport, step.probe, info))
         if step.timer is not None:
             if self._timer is not None:
                 self._timer.cancel()
@@ -656,7 +659,7 @@ class PathMtu:
         set_packet_size(self.transport, size)
         self._wrap_t3()
         if smaller:  # packets already sent larger go out fragmented (RFC 9260 7.3)
-            set_dont_fragment(self.transport, DF_DONT)
+            self._dont_fragment(DF_DONT)
         log.debug("SCTP: packet size %d on %x", size, id(self.transport))
 
     def _wrap_t3(self) -> None:
@@ -668,20 +671,30 @@ class PathMtu:
 
         self.transport._t3_expired = t3_expired
 
+    def _dont_fragment(self, mode: int) -> bool:
+        if self.df != mode:
+            if not set_dont_fragment(self.transport, mode):
+                return False
+            self.df = mode
+        return True
+
     def _stalled(self) -> None:
-        if self._applied == BASE_PACKET:
-            return
+        if self._applied == BASE_PACKET and self.df != DF_PROBE:
+            return  # aiortc's own packets, sent as aiortc sends them
         mark = self.transport._last_sacked_tsn
         self.stalls = self.stalls + 1 if mark == self._stall_mark else 1
         self._stall_mark = mark
-        if self.stalls >= BLACK_HOLE_TIMEOUTS:
-            log.info(
-                "SCTP: %d-byte packets keep being lost; back to %d bytes",
-                self._applied,
-                BASE_PACKET,
-            )
-            self.stalls = 0
-            self._apply(self.search.black_hole())
+        if self.stalls < BLACK_HOLE_TIMEOUTS:
+            return
+        self.stalls = 0
+        if self._applied == BASE_PACKET:  # a path under aiortc's own size (IPv4 only):
+            log.info("SCTP: %d-byte packets keep being lost; DF cleared", BASE_PACKET)
+            self._dont_fragment(DF_DONT)  # DF was ours: let the kernel fragment them
+            return
+        log.info(
+            "SCTP: %d-byte packets keep being lost; back to %d bytes", self._applied, BASE_PACKET
+        )
+        self._apply(self.search.black_hole())
 
 
 def path_mtu(transport: Any) -> PathMtu:

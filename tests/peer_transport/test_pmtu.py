@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import random
+import shutil
 import socket
-from collections.abc import Awaitable, Callable
+import subprocess
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -408,3 +414,72 @@ async def test_a_study_moves_byte_exact_over_large_packets_and_resumes(tmp_path:
             assert 3 <= len(store.by_hash) < len(files)
     assert sorted(store.by_hash.values()) == sorted(files)
     assert sent <= total_chunks + window
+
+
+# -- the kernel's own MTU: lo inside a network namespace ------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def _namespace(mtu: int) -> Iterator[str]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("ip not found: install the Debian package iproute2")
+    name = f"rm-pmtu-{uuid.uuid4().hex[:6]}"
+    try:
+        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot create a network namespace here: {exc.stderr.decode()}")
+    try:
+        subprocess.run(
+            ["ip", "-n", name, "link", "set", "lo", "up", "mtu", str(mtu)],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+        yield name
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            subprocess.run(["ip", "netns", "del", name], check=True, timeout=10)
+
+
+def _in_namespace(name: str, mode: str) -> dict[str, Any]:
+    run = subprocess.run(
+        ["ip", "netns", "exec", name, sys.executable, "-m", f"{__package__}.pmtu_netns_peer", mode],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=80,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    result: dict[str, Any] = json.loads(run.stdout.decode().splitlines()[-1])
+    return result
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_1500_byte_link_confirms_1384_and_never_sends_more() -> None:
+    with _namespace(1500) as name:
+        got = _in_namespace(name, "static")
+    assert got["confirmed"] == 1384  # 4000-byte probes: DF set, the kernel refused them
+    assert got["probes"] == [1384] + [4000] * MAX_PROBES
+    assert got["exact"]
+    assert got["largest"] == 1384 + GCM
+    assert got["over_mtu"] == 0
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_link_shrinking_mid_transfer_falls_back_and_completes() -> None:
+    with _namespace(65536) as name:
+        got = _in_namespace(name, "shrink")
+    assert got["confirmed"] == 16384
+    assert got["largest_before"] == 16384 + GCM
+    assert got["black_holes"] == 1
+    assert got["size"] == BASE
+    assert got["exact"]
+    assert got["over_mtu"] > 0  # the packets already sent at 16 KiB, resent fragmented
