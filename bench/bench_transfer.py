@@ -9,8 +9,9 @@ Run: ``python -m bench transfer``; ``python -m bench.bench_transfer --first-slic
 for the first slice after ``send_study`` of a study never encoded (streamed offers).
 Also home of a bare aiortc data-channel pair on 127.0.0.1 used by the transfer runner's
 loopback test. The study runs of ``main`` use the SCTP setting of the node's own links
-(delayed acknowledgements, :mod:`peer_transport.sctp`); the raw channel they are
-compared with is stock aiortc. ``--ratio`` measures the levers one by one.
+(delayed acknowledgements and the path MTU search, :mod:`peer_transport.sctp`); the raw
+channel they are compared with is stock aiortc. ``--ratio`` measures the levers one by
+one.
 
 Stand-in until peer_transport/connection.py (handshake, encryption, heartbeat)
 lands: two negotiated channels, ``control`` and ``bulk``, and a
@@ -647,7 +648,9 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
 
     ``python -m bench.bench_transfer --ratio SLICES ROUNDS [VARIANTS]``: VARIANTS is
     a ``/``-separated list of lever sets (``acks`` = :func:`peer_transport.sctp.delay_acks`,
-    ``quick`` = :func:`peer_transport.sctp.quick_receive`, ``rcvbuf`` = a 2 MiB
+    ``quick`` = :func:`peer_transport.sctp.quick_receive`, ``pmtu`` = the path MTU
+    search of :class:`peer_transport.sctp.PathMtu` (16 KiB packets on loopback),
+    ``big`` = 16 KiB packets without a search, ``rcvbuf`` = a 2 MiB
     kernel receive buffer (:func:`socket_buffers`), ``procdecode`` =
     :class:`ProcessDecodeReceiver`, combined with commas;
     ``stock`` = none), each run as a study variant in every round (both study
