@@ -67,7 +67,7 @@ import aiortc
 from aiortc import rtcdtlstransport as _dtls
 from aiortc import rtcsctptransport as _sctp
 
-from peer_transport.pmtu import PROBE_SIZES, PmtuSearch, Step
+from peer_transport.pmtu import PROBE_SIZES, PROBE_TIMEOUT, PmtuSearch, Step
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +454,7 @@ PROBE = b"radmesh-pmtu/1 probe"  # HEARTBEAT info of a probe: + 8-byte nonce + s
 HEARTBEAT_INFO = 1  # RFC 9260 3.3.5 Heartbeat Info parameter
 PAD_CHUNK = 0x84  # RFC 4820; top bits 10: a receiver that does not know it skips it
 BLACK_HOLE_TIMEOUTS = 2  # T3 expiries in a row without progress above the base size
+ANNOUNCEMENTS = 10  # announcements sent (one per PROBE_TIMEOUT) until the peer acks one
 # Linux: IP_MTU_DISCOVER / IPV6_MTU_DISCOVER; PROBE = set DF, ignore the kernel's own
 # path MTU (the search is ours); DONT = let the kernel fragment (retransmissions of
 # packets sent at a size that has since failed, RFC 9260 7.3).
@@ -510,17 +511,19 @@ def set_dont_fragment(transport: Any, mode: int) -> bool:
     return done
 
 
-def probe_packet(transport: Any, size: int, info: bytes) -> bytes:
+def probe_packet(transport: Any, size: int | None, info: bytes) -> bytes:
     """An SCTP packet of exactly ``size`` bytes: a HEARTBEAT carrying ``info``, then a
     PAD chunk (RFC 4820) filling the rest; the peer echoes the info in a small
-    HEARTBEAT-ACK and skips the PAD (aiortc's parser drops unknown chunk types)."""
+    HEARTBEAT-ACK and skips the PAD (aiortc's parser drops unknown chunk types).
+    With ``size`` None, the HEARTBEAT alone."""
     heartbeat = _sctp.HeartbeatChunk()
     heartbeat.params = [(HEARTBEAT_INFO, info)]
     chunks = bytes(heartbeat)
-    pad = size - _sctp.SCTP_COMMON_HEADER_LENGTH - len(chunks)
-    if pad < 4 or pad % 4:
-        raise ValueError(f"no PAD chunk makes a {size}-byte probe")
-    chunks += struct.pack("!BBH", PAD_CHUNK, 0, pad) + bytes(pad - 4)
+    if size is not None:
+        pad = size - _sctp.SCTP_COMMON_HEADER_LENGTH - len(chunks)
+        if pad < 4 or pad % 4:
+            raise ValueError(f"no PAD chunk makes a {size}-byte probe")
+        chunks += struct.pack("!BBH", PAD_CHUNK, 0, pad) + bytes(pad - 4)
     header = struct.pack(
         "!HHL", transport._local_port, transport._remote_port, transport._remote_verification_tag
     )
@@ -557,7 +560,7 @@ class PathMtu:
         self.peer_ready = False  # the peer announced (it reads records of any size)
         self.heard = False  # the peer acknowledged our announcement
         self.announcements = 0
-        self.probes: list[int] = []  # sizes probed, in order (tests read it)
+        self.probes: list[int] = []  # the last sizes probed, in order (tests read it)
         self.stalls = 0
         self._stall_mark: Any = None
         self._timer: asyncio.TimerHandle | None = None
@@ -602,13 +605,12 @@ class PathMtu:
 
     def _announce(self) -> None:
         self._announce_timer = None
-        if self.heard or self.announcements >= 3 * 3:
+        if self.heard or self.announcements >= ANNOUNCEMENTS:
             return
         self.announcements += 1
-        size = _sctp.SCTP_COMMON_HEADER_LENGTH + 4 + 4 + len(ANNOUNCE) + 8
-        self._spawn(probe_packet(self.transport, size + (-size % 4) + 4, ANNOUNCE + self.nonce))
+        self._spawn(probe_packet(self.transport, None, ANNOUNCE + self.nonce))
         loop = asyncio.get_running_loop()
-        self._announce_timer = loop.call_later(1.0, self._announce)
+        self._announce_timer = loop.call_later(PROBE_TIMEOUT, self._announce)
 
     async def _receive_chunk(self, chunk: Any) -> None:
         if isinstance(chunk, _sctp.HeartbeatAckChunk):
@@ -642,6 +644,7 @@ class PathMtu:
             self._resize(step.size)
         if step.probe is not None:
             self.probes.append(step.probe)
+            del self.probes[:-32]  # a search every 10 minutes for days: the last ones
             info = PROBE + self.nonce + struct.pack("!I", step.probe)
             if self._dont_fragment(DF_PROBE):  # else the probe is lost: its timer says so
                 self._spawn(probe_packet(self.transport, step.probe, info))

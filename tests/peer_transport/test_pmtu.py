@@ -290,6 +290,14 @@ async def test_on_loopback_both_sides_confirm_a_whole_record_and_data_uses_it() 
         assert await _bulk(link_a, link_b, messages) == messages
         assert max(path_a.sizes) == 16384 + GCM  # full-size DATA packets went out
         assert len(path_a.sizes) < sum(map(len, messages)) / 4000  # not 1,200-byte ones
+        # another connection in the same process (a bench's raw baseline) stays stock
+        pc_c, link_c, pc_d, link_d, _, (path_c, _path_d) = await _pair(pmtu_a=False, pmtu_b=False)
+        try:
+            assert await _bulk(link_c, link_d, messages[:10]) == messages[:10]
+            assert max(path_c.sizes) == BASE - 1 + GCM  # aiortc's 1,188-byte DATA packets
+            assert "_send" not in vars(pc_c.sctp)
+        finally:
+            await _close(pc_c, pc_d)
     finally:
         await _close(pc_a, pc_b)
 
