@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from crypto.statetable import TransitionTable
+from peer_transport.errors import LocalProtocolError
 
 # SCTP packet sizes probed, smallest first: fits a 1,500-byte Ethernet path under IPv6,
 # UDP and the largest DTLS overhead (CBC: 65 bytes); fits 4,000-byte tunnels; fits a
@@ -35,7 +36,7 @@ PROBE_TIMEOUT = 1.0  # seconds a probe waits for its HEARTBEAT-ACK
 RAISE_AFTER = 600.0  # seconds before searching again (RFC 8899 PMTU_RAISE_TIMER)
 
 
-class PmtuError(Exception):
+class PmtuError(LocalProtocolError):
     """A PMTU search event that is not allowed in the search's state (a bug in the caller)."""
 
 
