@@ -9,8 +9,9 @@ Run: ``python -m bench transfer``; ``python -m bench.bench_transfer --first-slic
 for the first slice after ``send_study`` of a study never encoded (streamed offers).
 Also home of a bare aiortc data-channel pair on 127.0.0.1 used by the transfer runner's
 loopback test. The study runs of ``main`` use the SCTP setting of the node's own links
-(delayed acknowledgements, :mod:`peer_transport.sctp`); the raw channel they are
-compared with is stock aiortc. ``--ratio`` measures the levers one by one.
+(delayed acknowledgements and the path MTU search, :mod:`peer_transport.sctp`); the raw
+channel they are compared with is stock aiortc. ``--ratio`` measures the levers one by
+one.
 
 Stand-in until peer_transport/connection.py (handshake, encryption, heartbeat)
 lands: two negotiated channels, ``control`` and ``bulk``, and a
@@ -110,6 +111,11 @@ def tuned(pc: RTCPeerConnection) -> None:
         sctp.delay_acks(pc.sctp)
     if "quick" in levers:
         sctp.quick_receive(pc.sctp)
+    if "big" in levers:  # a fixed 16 KiB packet on both sides, no search (an upper bound)
+        sctp.widen_dtls(pc.sctp.transport, writes=True)  # type: ignore[union-attr]
+        sctp.set_packet_size(pc.sctp, sctp.RECORD_MAX)
+    if "pmtu" in levers:  # the path MTU search (RFC 8899) the node's links run
+        sctp.path_mtu(pc.sctp)
 
 
 def _tune(pc: RTCPeerConnection, mode: str) -> None:
@@ -564,8 +570,9 @@ def _print_first_slice(slices: int = 200) -> None:
 
 def _node_study(study: PreparedStudy, want: int) -> dict[str, float]:
     """A study run with the SCTP settings of the node's own links (RtcLink: delayed
-    acknowledgements); the raw baseline it is compared with stays stock aiortc."""
-    os.environ["BENCH_LEVERS"] = "acks"
+    acknowledgements, the path MTU search); the raw baseline it is compared with stays
+    stock aiortc."""
+    os.environ["BENCH_LEVERS"] = "acks,pmtu"
     try:
         return asyncio.run(_parent("study", study, want))
     finally:
@@ -641,7 +648,9 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
 
     ``python -m bench.bench_transfer --ratio SLICES ROUNDS [VARIANTS]``: VARIANTS is
     a ``/``-separated list of lever sets (``acks`` = :func:`peer_transport.sctp.delay_acks`,
-    ``quick`` = :func:`peer_transport.sctp.quick_receive`, ``rcvbuf`` = a 2 MiB
+    ``quick`` = :func:`peer_transport.sctp.quick_receive`, ``pmtu`` = the path MTU
+    search of :class:`peer_transport.sctp.PathMtu` (16 KiB packets on loopback),
+    ``big`` = 16 KiB packets without a search, ``rcvbuf`` = a 2 MiB
     kernel receive buffer (:func:`socket_buffers`), ``procdecode`` =
     :class:`ProcessDecodeReceiver`, combined with commas;
     ``stock`` = none), each run as a study variant in every round (both study

@@ -1,4 +1,5 @@
-"""Cheaper receiving for aiortc's pure-Python SCTP, on radmesh's own connections only.
+"""Cheaper SCTP for aiortc's pure-Python stack, on radmesh's own connections only:
+fewer acknowledgements, and larger packets where the path carries them.
 
 aiortc's SCTP (``aiortc.rtcsctptransport``) acknowledges every packet it receives: one
 SACK chunk per ~1.2 KB DATA packet, each serialised, DTLS-encrypted and sent by the
@@ -13,6 +14,26 @@ duplicate or a FORWARD TSN); :class:`peer_transport.rtc.RtcLink` uses it.
 that rescanned a message for each of its fragments, and a sort of the gap set for
 every in-order chunk); it measured no faster end to end, so links do not use it: it
 stays as a lever of the bench (``BENCH_LEVERS=acks,quick``).
+
+Packets: aiortc cuts every message into DATA chunks of at most 1,160 bytes
+(``USERDATA_MAX_LENGTH``, a module constant sized for any path), and each one costs a
+Python SCTP packet, a DTLS record and a UDP send on both sides. :class:`PathMtu` runs
+RFC 8899's packetization-layer path MTU search (the decisions are sans-IO in
+:mod:`peer_transport.pmtu`; section 6.2.1 for SCTP, RFC 8261 section 5 for SCTP over
+DTLS): probes are a HEARTBEAT padded with a PAD chunk (RFC 4820), sent with DF set,
+and a size is used once the peer's HEARTBEAT-ACK confirms its probe.
+:func:`set_packet_size` makes one association fragment at its own size (aiortc's
+methods that read the constant are bound to it again with their own globals), and
+:func:`widen_dtls` lets its DTLS transport read and write records up to 2^14 bytes
+(aiortc reads ``recv(1500)``: OpenSSL keeps the rest of a larger record for the next
+reads, which shifts every later datagram, so a stock aiortc peer must never get one:
+a node probes only a peer that announced it reads large records). On loopback (MTU
+65,536) and jumbo-frame LANs packets grow to 16 KiB and 8.9 KB; on a 1,500-byte path
+to 1,384 bytes; nothing else changes.
+
+Why one module: it is aiortc's SCTP adapter, the one place besides
+:mod:`peer_transport.rtc` that touches aiortc; every private attribute it relies on is
+checked here, together, when it is imported.
 
 This relies on aiortc's private attributes, so every one of them is checked when this
 module is imported (:func:`_check_aiortc`); a version of aiortc that renamed or
@@ -34,11 +55,19 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
+import socket
+import struct
+import sys
+import types
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiortc
+from aiortc import rtcdtlstransport as _dtls
 from aiortc import rtcsctptransport as _sctp
+
+from peer_transport.pmtu import PROBE_SIZES, PROBE_TIMEOUT, PmtuSearch, Step
 
 log = logging.getLogger(__name__)
 
@@ -285,4 +314,408 @@ def delay_acks(transport: Any) -> _DelayedAcks:
     return state
 
 
-__all__ = ["ACK_DELAY", "ACK_EVERY", "AiortcChanged", "delay_acks", "quick_receive"]
+# --- Per-association packet size (used by peer_transport.pmtu's search) ---------------
+
+DTLS_READ = 1500  # the datagram/record size aiortc's DTLS transport reads and writes
+RECORD_MAX = 16384  # largest DTLS record plaintext (RFC 6347: 2^14), so largest SCTP packet
+_WIDE_READ = 1 << 16  # what a widened DTLS transport reads: a whole record, any size
+_SIZED = "USERDATA_MAX_LENGTH"  # aiortc's module constant: user data per DATA chunk
+
+
+def user_data_room(packet: int) -> int:
+    """User data per DATA chunk in an SCTP packet of ``packet`` bytes (aiortc's formula)."""
+    room = packet - _sctp.SCTP_COMMON_HEADER_LENGTH - _sctp.SCTP_DATA_CHUNK_HEADER_LENGTH
+    return room // 4 * 4
+
+
+def _sized_methods() -> dict[str, Any]:
+    """Every RTCSctpTransport method that reads ``USERDATA_MAX_LENGTH`` (its fragmenting,
+    burst limit, cwnd steps), except ``__init__`` (the initial cwnd, set once)."""
+    found = {}
+    for name, member in vars(_sctp.RTCSctpTransport).items():
+        code = getattr(member, "__code__", None)
+        if code is not None and _SIZED in code.co_names and name != "__init__":
+            found[name] = member
+    return found
+
+
+def _widened(function: Any) -> Any:
+    """``function`` with its one ``1500`` constant (a read size) raised to a whole record."""
+    code = function.__code__
+    consts = tuple(_WIDE_READ if c == DTLS_READ else c for c in code.co_consts)
+    return types.FunctionType(
+        code.replace(co_consts=consts),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+
+
+def _check_sizing() -> None:
+    """What :func:`widen_dtls` and :func:`set_packet_size` rely on: the DTLS transport reads
+    (``_recv_next``: ``self._ssl.recv(1500)``) and writes (``_write_ssl``:
+    ``self._ssl.bio_read(1500)``) with one 1500 constant each; the SCTP transport sizes
+    its DATA chunks through the module constant in ``_send`` (and its congestion steps
+    in ``_transmit``, ``_receive_sack_chunk``, ``_t3_expired``); HEARTBEAT and
+    HEARTBEAT-ACK chunks, ``crc32c``, the DTLS ``_send_data`` and the SCTP
+    ``_receive_chunk``/``_set_state`` exist."""
+    version = getattr(aiortc, "__version__", "0.0")
+    dtls = _dtls.RTCDtlsTransport
+    for name, uses in (("_recv_next", "recv"), ("_write_ssl", "bio_read")):
+        code = getattr(getattr(dtls, name, None), "__code__", None)
+        if code is None or code.co_consts.count(DTLS_READ) != 1 or uses not in code.co_names:
+            raise AiortcChanged(
+                f"aiortc {version}: RTCDtlsTransport.{name} no longer calls {uses}() with "
+                f"one {DTLS_READ}-byte size; peer_transport/sctp.py needs re-checking"
+            )
+    sized = _sized_methods()
+    if not {"_send", "_transmit", "_receive_sack_chunk", "_t3_expired"} <= set(sized):
+        raise AiortcChanged(
+            f"aiortc {version}: RTCSctpTransport no longer sizes DATA chunks and its "
+            f"congestion window through {_SIZED} (found in {sorted(sized)}); "
+            "peer_transport/sctp.py needs re-checking"
+        )
+    cls = _sctp.RTCSctpTransport
+    for owner, name in (
+        (dtls, "_send_data"),
+        (cls, "_receive_chunk"),
+        (cls, "_receive_sack_chunk"),
+    ):
+        if not inspect.iscoroutinefunction(getattr(owner, name, None)):
+            raise AiortcChanged(f"aiortc {version}: {owner.__name__}.{name} is gone")
+    if not all(
+        hasattr(_sctp, n)
+        for n in ("HeartbeatChunk", "HeartbeatAckChunk", "crc32c", "SCTP_MAX_PACKET_LENGTH")
+    ) or not callable(getattr(cls, "_set_state", None)):
+        raise AiortcChanged(
+            f"aiortc {version}: rtcsctptransport no longer has HeartbeatChunk, "
+            "HeartbeatAckChunk, crc32c, SCTP_MAX_PACKET_LENGTH or _set_state; "
+            "peer_transport/sctp.py needs re-checking"
+        )
+
+
+_check_sizing()
+BASE_PACKET = int(_sctp.SCTP_MAX_PACKET_LENGTH)  # aiortc's fixed size: fits any path
+_SIZED_METHODS = _sized_methods()
+
+
+def widen_dtls(dtls: Any, *, writes: bool) -> None:
+    """Let one RTCDtlsTransport read (and with ``writes``, send) records over 1500 bytes.
+
+    aiortc reads one record per datagram with ``recv(1500)``; OpenSSL keeps the rest of
+    a larger record and hands it out on the following reads, so the peer's next
+    datagrams come out shifted. A node must widen its reads before it tells the peer it
+    may probe (:class:`PathMtu` widens them when it starts). Writes read the memory BIO
+    with ``bio_read(1500)``, which would cut a larger record across two datagrams;
+    :class:`PathMtu` widens them before its first probe, after the handshake (whose
+    flights keep aiortc's reads) and only towards a peer that announced.
+    """
+    if not isinstance(dtls, _dtls.RTCDtlsTransport):
+        raise TypeError(f"expected an aiortc RTCDtlsTransport, got {type(dtls).__name__}")
+    target: Any = dtls
+    if "_recv_next" not in target.__dict__:
+        target._recv_next = types.MethodType(_widened(_dtls.RTCDtlsTransport._recv_next), dtls)
+    if writes and "_write_ssl" not in target.__dict__:
+        target._write_ssl = types.MethodType(_widened(_dtls.RTCDtlsTransport._write_ssl), dtls)
+
+
+def set_packet_size(transport: Any, packet: int) -> None:
+    """Fragment this RTCSctpTransport's messages into packets of ``packet`` bytes.
+
+    aiortc reads one module constant for the user data per DATA chunk, its burst limit
+    and its congestion-window steps (RFC 9260 counts those in MTUs). Each method that
+    reads it is bound to this transport again with its own copy of the module globals
+    in which the constant is this size: other connections keep aiortc's. Back at
+    :data:`BASE_PACKET` the instance's copies are removed.
+    """
+    if not isinstance(transport, _sctp.RTCSctpTransport):
+        raise TypeError(f"expected an aiortc RTCSctpTransport, got {type(transport).__name__}")
+    if not BASE_PACKET <= packet <= RECORD_MAX:
+        raise ValueError(f"SCTP packet size {packet} is outside {BASE_PACKET}..{RECORD_MAX}")
+    target: Any = transport
+    if packet == BASE_PACKET:
+        for name in _SIZED_METHODS:
+            target.__dict__.pop(name, None)
+        return
+    names = dict(next(iter(_SIZED_METHODS.values())).__globals__)
+    names[_SIZED] = user_data_room(packet)
+    for name, function in _SIZED_METHODS.items():
+        sized = types.FunctionType(
+            function.__code__, names, function.__name__, function.__defaults__, function.__closure__
+        )
+        setattr(target, name, types.MethodType(sized, transport))
+
+
+# --- The path MTU search on one association (RFC 8899 6.2.1, RFC 8261 5) -------------
+
+ANNOUNCE = b"radmesh-pmtu/1 reads records of any size"  # HEARTBEAT info: may be probed
+PROBE = b"radmesh-pmtu/1 probe"  # HEARTBEAT info of a probe: + 8-byte nonce + size
+HEARTBEAT_INFO = 1  # RFC 9260 3.3.5 Heartbeat Info parameter
+PAD_CHUNK = 0x84  # RFC 4820; top bits 10: a receiver that does not know it skips it
+BLACK_HOLE_TIMEOUTS = 2  # T3 expiries in a row without progress above the base size
+ANNOUNCEMENTS = 10  # announcements sent (one per PROBE_TIMEOUT) until the peer acks one
+# Linux: IP_MTU_DISCOVER / IPV6_MTU_DISCOVER; PROBE = set DF, ignore the kernel's own
+# path MTU (the search is ours); DONT = let the kernel fragment (retransmissions of
+# packets sent at a size that has since failed, RFC 9260 7.3).
+# Python's socket module does not name them; elsewhere than Linux nothing is probed.
+_LINUX = sys.platform == "linux"
+_MTU_DISCOVER = {
+    socket.AF_INET: (socket.IPPROTO_IP, 10 if _LINUX else None),
+    socket.AF_INET6: (socket.IPPROTO_IPV6, 23 if _LINUX else None),
+}
+DF_PROBE, DF_DONT = 3, 0  # IP_PMTUDISC_PROBE, IP_PMTUDISC_DONT (same for IPv6)
+
+
+def _check_search() -> None:
+    """:class:`PathMtu` reads the ports and the peer's verification tag to build a probe
+    packet, and reaches the ICE sockets through the DTLS and ICE transports."""
+    version = getattr(aiortc, "__version__", "0.0")
+    names = _sctp.RTCSctpTransport.__init__.__code__.co_names
+    wanted = {"_local_port", "_remote_port", "_remote_verification_tag", "_last_sacked_tsn"}
+    if not wanted <= set(names) or "_sent_queue" not in names:
+        raise AiortcChanged(
+            f"aiortc {version}: RTCSctpTransport no longer keeps {sorted(wanted)}; "
+            "peer_transport/sctp.py needs re-checking"
+        )
+
+
+_check_search()
+
+
+def _sockets(transport: Any) -> list[socket.socket]:
+    """The UDP sockets under one association (host, server-reflexive and TURN)."""
+    found = []
+    with contextlib.suppress(AttributeError):
+        for protocol in transport.transport.transport._connection._protocols:
+            sock = protocol.transport.get_extra_info("socket")
+            if sock is not None:
+                found.append(sock)
+    return found
+
+
+def set_dont_fragment(transport: Any, mode: int) -> bool:
+    """Set IP_MTU_DISCOVER ``mode`` on the association's sockets; False where the
+    platform has no such option (no probing there: a probe must not be fragmented)."""
+    sockets = _sockets(transport)
+    done = bool(sockets)
+    for sock in sockets:
+        level, option = _MTU_DISCOVER.get(sock.family, (0, None))
+        if option is None:
+            done = False
+            continue
+        try:
+            sock.setsockopt(level, option, mode)
+        except OSError:
+            done = False
+    return done
+
+
+def probe_packet(transport: Any, size: int | None, info: bytes) -> bytes:
+    """An SCTP packet of exactly ``size`` bytes: a HEARTBEAT carrying ``info``, then a
+    PAD chunk (RFC 4820) filling the rest; the peer echoes the info in a small
+    HEARTBEAT-ACK and skips the PAD (aiortc's parser drops unknown chunk types).
+    With ``size`` None, the HEARTBEAT alone."""
+    heartbeat = _sctp.HeartbeatChunk()
+    heartbeat.params = [(HEARTBEAT_INFO, info)]
+    chunks = bytes(heartbeat)
+    if size is not None:
+        pad = size - _sctp.SCTP_COMMON_HEADER_LENGTH - len(chunks)
+        if pad < 4 or pad % 4:
+            raise ValueError(f"no PAD chunk makes a {size}-byte probe")
+        chunks += struct.pack("!BBH", PAD_CHUNK, 0, pad) + bytes(pad - 4)
+    header = struct.pack(
+        "!HHL", transport._local_port, transport._remote_port, transport._remote_verification_tag
+    )
+    crc32c: Callable[[bytes], int] = getattr(_sctp, "crc32c")  # noqa: B009 (not exported)
+    checksum = crc32c(header + b"\x00\x00\x00\x00" + chunks)
+    return header + struct.pack("<L", checksum) + chunks
+
+
+class PathMtu:
+    """Path MTU discovery on one RTCSctpTransport (``pc.sctp``), before it connects.
+
+    Its DTLS transport reads records of any size at once; once the association is
+    established the node announces that (a HEARTBEAT with :data:`ANNOUNCE`, repeated
+    until acknowledged) and, when the peer announced the same, probes larger sizes
+    (:class:`peer_transport.pmtu.PmtuSearch`) with DF set on its sockets (Linux
+    ``IP_PMTUDISC_PROBE``, from the first probe on: elsewhere nothing is probed); a
+    confirmed size becomes this association's packet size (:func:`set_packet_size`).
+    :data:`BLACK_HOLE_TIMEOUTS` retransmission timeouts in a row without progress at a
+    size above the base drop it back to the base, and the packets already sent larger
+    are retransmitted with DF cleared (RFC 9260 7.3: the kernel fragments them); at
+    the base size with DF set (a path under 1,254 bytes), DF is cleared.
+    A stock aiortc peer never announces: nothing larger than aiortc's own packets is
+    ever sent to it.
+    """
+
+    def __init__(self, transport: Any, sizes: tuple[int, ...] = PROBE_SIZES) -> None:
+        if not isinstance(transport, _sctp.RTCSctpTransport):
+            raise TypeError(f"expected an aiortc RTCSctpTransport, got {type(transport).__name__}")
+        self.transport: Any = transport
+        self.search = PmtuSearch(BASE_PACKET, sizes)
+        self.nonce = os.urandom(8)
+        self.can_probe = False  # DF can be set on the sockets (Linux)
+        self.df: int | None = None  # the IP_MTU_DISCOVER mode set, None: the kernel's default
+        self.peer_ready = False  # the peer announced (it reads records of any size)
+        self.heard = False  # the peer acknowledged our announcement
+        self.announcements = 0
+        self.probes: list[int] = []  # the last sizes probed, in order (tests read it)
+        self.stalls = 0
+        self._stall_mark: Any = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._announce_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stepped = asyncio.Event()  # set after each step of the search (tests wait on it)
+        widen_dtls(transport.transport, writes=False)
+        target: Any = transport  # instance attributes over aiortc's methods
+        self._receive = target._receive_chunk
+        self._set_state = target._set_state
+        target._receive_chunk = self._receive_chunk
+        target._set_state = self._state_set
+        self._wrap_t3()
+
+    @property
+    def size(self) -> int:
+        """The packet size data uses now."""
+        return self.search.size
+
+    def _state_set(self, state: Any) -> None:
+        self._set_state(state)
+        if state == self.transport.State.ESTABLISHED:
+            self.can_probe = _LINUX and bool(_sockets(self.transport))
+            self._announce()
+        elif state == self.transport.State.CLOSED:
+            self._stop()
+
+    def _stop(self) -> None:
+        for timer in (self._timer, self._announce_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._announce_timer = None
+
+    def _spawn(self, packet: bytes) -> None:
+        task = asyncio.ensure_future(self._send(packet))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, packet: bytes) -> None:
+        with contextlib.suppress(ConnectionError):  # the DTLS transport closed meanwhile
+            await self.transport.transport._send_data(packet)
+
+    def _announce(self) -> None:
+        self._announce_timer = None
+        if self.heard or self.announcements >= ANNOUNCEMENTS:
+            return
+        self.announcements += 1
+        self._spawn(probe_packet(self.transport, None, ANNOUNCE + self.nonce))
+        loop = asyncio.get_running_loop()
+        self._announce_timer = loop.call_later(PROBE_TIMEOUT, self._announce)
+
+    async def _receive_chunk(self, chunk: Any) -> None:
+        if isinstance(chunk, _sctp.HeartbeatAckChunk):
+            self._heartbeat_ack(chunk)
+        elif isinstance(chunk, _sctp.HeartbeatChunk):
+            info = dict(chunk.params).get(HEARTBEAT_INFO, b"")
+            if info.startswith(ANNOUNCE) and not self.peer_ready:
+                self.peer_ready = True
+                log.debug("SCTP: the peer reads large records; probing: %s", self.can_probe)
+                if self.can_probe:
+                    self._apply(self.search.peer_ready())
+        await self._receive(chunk)
+
+    def _heartbeat_ack(self, chunk: Any) -> None:
+        info = dict(chunk.params).get(HEARTBEAT_INFO, b"")
+        if info == ANNOUNCE + self.nonce:
+            self.heard = True
+            self.stepped.set()
+        elif info.startswith(PROBE + self.nonce) and len(info) == len(PROBE) + 12:
+            (size,) = struct.unpack("!I", info[-4:])
+            self._apply(self.search.acked(size))
+
+    def _expired(self) -> None:
+        self._timer = None
+        self._apply(self.search.timer())
+
+    def _apply(self, step: Step) -> None:
+        if step.probe is not None or step.size > BASE_PACKET:
+            widen_dtls(self.transport.transport, writes=True)  # never for a stock peer
+        if step.size != self._applied:
+            self._resize(step.size)
+        if step.probe is not None:
+            self.probes.append(step.probe)
+            del self.probes[:-32]  # a search every 10 minutes for days: the last ones
+            info = PROBE + self.nonce + struct.pack("!I", step.probe)
+            if self._dont_fragment(DF_PROBE):  # else the probe is lost: its timer says so
+                self._spawn(probe_packet(self.transport, step.probe, info))
+        if step.timer is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(step.timer, self._expired)
+        self.stepped.set()
+
+    _applied = BASE_PACKET
+
+    def _resize(self, size: int) -> None:
+        smaller = size < self._applied
+        self._applied = size
+        set_packet_size(self.transport, size)
+        self._wrap_t3()
+        if smaller:  # packets already sent larger go out fragmented (RFC 9260 7.3)
+            self._dont_fragment(DF_DONT)
+        log.debug("SCTP: packet size %d on %x", size, id(self.transport))
+
+    def _wrap_t3(self) -> None:
+        expired = self.transport._t3_expired  # aiortc's, or its sized copy
+
+        def t3_expired() -> None:
+            expired()
+            self._stalled()
+
+        self.transport._t3_expired = t3_expired
+
+    def _dont_fragment(self, mode: int) -> bool:
+        if self.df != mode:
+            if not set_dont_fragment(self.transport, mode):
+                return False
+            self.df = mode
+        return True
+
+    def _stalled(self) -> None:
+        if self._applied == BASE_PACKET and self.df != DF_PROBE:
+            return  # aiortc's own packets, sent as aiortc sends them
+        mark = self.transport._last_sacked_tsn
+        self.stalls = self.stalls + 1 if mark == self._stall_mark else 1
+        self._stall_mark = mark
+        if self.stalls < BLACK_HOLE_TIMEOUTS:
+            return
+        self.stalls = 0
+        if self._applied == BASE_PACKET:  # a path under aiortc's own size (IPv4 only):
+            log.info("SCTP: %d-byte packets keep being lost; DF cleared", BASE_PACKET)
+            self._dont_fragment(DF_DONT)  # DF was ours: let the kernel fragment them
+            return
+        log.info(
+            "SCTP: %d-byte packets keep being lost; back to %d bytes", self._applied, BASE_PACKET
+        )
+        self._apply(self.search.black_hole())
+
+
+def path_mtu(transport: Any) -> PathMtu:
+    """Start :class:`PathMtu` on this RTCSctpTransport (``pc.sctp``) before it connects."""
+    return PathMtu(transport)
+
+
+__all__ = [
+    "ACK_DELAY",
+    "ACK_EVERY",
+    "BASE_PACKET",
+    "RECORD_MAX",
+    "AiortcChanged",
+    "PathMtu",
+    "delay_acks",
+    "path_mtu",
+    "quick_receive",
+    "set_packet_size",
+    "user_data_room",
+    "widen_dtls",
+]
