@@ -195,6 +195,7 @@ class RtcLink(SdpPair):
             channel.on("close", lambda: self._went_down("data channel closed"))
             self.channels[name] = channel
         sctp.delay_acks(self._pc.sctp)  # created with the first data channel
+        sctp.mark_in_serial_order(self._pc.sctp)
         self.path_mtu = sctp.path_mtu(self._pc.sctp)
         self._pc.on("connectionstatechange", self._state_changed)
 

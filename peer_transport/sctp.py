@@ -140,7 +140,13 @@ def _check_aiortc() -> None:
         or "reassembly" not in stream.__init__.__code__.co_names
         or not all(
             hasattr(_sctp, flag)
-            for flag in ("SCTP_DATA_FIRST_FRAG", "SCTP_DATA_LAST_FRAG", "tsn_plus_one")
+            for flag in (
+                "SCTP_DATA_FIRST_FRAG",
+                "SCTP_DATA_LAST_FRAG",
+                "tsn_plus_one",
+                "uint32_gt",
+                "uint32_gte",
+            )
         )
     ):
         raise AiortcChanged(
@@ -249,32 +255,52 @@ class _TailStream(_sctp.InboundStream):
         return super().pop_messages()
 
 
-def _quick_mark(target: Any) -> Callable[[int], bool]:
-    """``target._mark_received``, with the in-order case short-cut (see :func:`quick_receive`)."""
-    slow = _sctp.RTCSctpTransport._mark_received
-    next_tsn = _sctp.tsn_plus_one
+def _serial_mark(target: Any) -> Callable[[int], bool]:
+    """``target._mark_received`` in TSN serial-number order (RFC 9260 1.6, RFC 1982).
+
+    aiortc's sorts the misordered TSNs as plain integers to advance the cumulative TSN:
+    once they straddle the wrap from 2^32-1 to 0, the sort puts 0 first, the next TSN
+    expected is never at the head, and the cumulative TSN stops for good (the peer
+    retransmits forever; the link dies). Here the cumulative TSN advances while its
+    successor is in the set, which is also the in-order case's whole cost.
+    """
+    plus_one = _sctp.tsn_plus_one
+    gte: Callable[[int, int], bool] = getattr(_sctp, "uint32_gte")  # noqa: B009 (not exported)
+    gt: Callable[[int, int], bool] = getattr(_sctp, "uint32_gt")  # noqa: B009
 
     def mark_received(tsn: int) -> bool:
-        if (
-            not target._sack_misordered
-            and not target._sack_duplicates
-            and tsn == next_tsn(target._last_received_tsn)
-        ):
-            target._last_received_tsn = tsn
-            return False
-        duplicate: bool = slow(target, tsn)
-        return duplicate
+        last = target._last_received_tsn
+        misordered: set[int] = target._sack_misordered
+        if gte(last, tsn) or tsn in misordered:
+            target._sack_duplicates.append(tsn)
+            return True
+        misordered.add(tsn)
+        while plus_one(last) in misordered:
+            last = plus_one(last)
+        target._last_received_tsn = last
+        if target._sack_duplicates:
+            target._sack_duplicates = [x for x in target._sack_duplicates if gt(x, last)]
+        target._sack_misordered = {x for x in misordered if gt(x, last)}
+        return False
 
     return mark_received
+
+
+def mark_in_serial_order(transport: Any) -> None:
+    """Fix aiortc's cumulative-TSN stall across the 2^32 wrap on this transport
+    (:func:`_serial_mark`); the association's initial TSN is random, so a long transfer
+    crosses the wrap now and then, and a loss or reordering there stalled it."""
+    if not isinstance(transport, _sctp.RTCSctpTransport):
+        raise TypeError(f"expected an aiortc RTCSctpTransport, got {type(transport).__name__}")
+    target: Any = transport  # an instance attribute over aiortc's method
+    target._mark_received = _serial_mark(target)
 
 
 def quick_receive(transport: Any) -> None:
     """Cheaper bookkeeping per received DATA chunk on this transport (``pc.sctp``).
 
     Reassembly through :class:`_TailStream`; and ``_mark_received`` without its
-    per-packet sort and two list rebuilds when the chunk is simply the next TSN and
-    nothing is missing or duplicated (``_last_received_tsn`` advances by one, which is
-    what aiortc's own path ends with then). Anything else takes aiortc's path.
+    per-packet sort (:func:`_serial_mark`, which links use too).
     """
     if not isinstance(transport, _sctp.RTCSctpTransport):
         raise TypeError(f"expected an aiortc RTCSctpTransport, got {type(transport).__name__}")
@@ -290,7 +316,7 @@ def quick_receive(transport: Any) -> None:
         return stream
 
     target._get_inbound_stream = get_inbound_stream
-    target._mark_received = _quick_mark(target)
+    target._mark_received = _serial_mark(target)
 
 
 def delay_acks(transport: Any) -> _DelayedAcks:
@@ -713,6 +739,7 @@ __all__ = [
     "AiortcChanged",
     "PathMtu",
     "delay_acks",
+    "mark_in_serial_order",
     "path_mtu",
     "quick_receive",
     "set_packet_size",

@@ -258,30 +258,59 @@ async def test_levers_touch_only_the_connection_they_are_given() -> None:
         await _close(pc_a, pc_b)
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_the_in_order_mark_shortcut_ends_where_aiortc_does(seed: int) -> None:
-    rng = random.Random(seed)
-    start = rng.choice([5, stock.SCTP_TSN_MODULO - 20])  # across the TSN wrap too
-    tsns = [(start + 1 + i) % stock.SCTP_TSN_MODULO for i in range(60)]
+def _arrivals(rng: random.Random, start: int, count: int) -> list[int]:
+    """TSNs after ``start`` (mod 2^32), some swapped and some twice: what a lossy path gives."""
+    tsns = [(start + 1 + i) % stock.SCTP_TSN_MODULO for i in range(count)]
     for _ in range(rng.randrange(0, 5)):  # some out of order
         i, j = rng.randrange(len(tsns)), rng.randrange(len(tsns))
         tsns[i], tsns[j] = tsns[j], tsns[i]
     for _ in range(rng.randrange(0, 5)):  # some twice
         i = rng.randrange(len(tsns))
         tsns.insert(rng.randrange(i, len(tsns)), tsns[i])
+    return tsns
 
-    def fresh() -> Any:
-        return SimpleNamespace(
-            _last_received_tsn=start, _sack_misordered=set(), _sack_duplicates=[]
-        )
 
-    ours, theirs = fresh(), fresh()
-    quick = sctp._quick_mark(ours)
-    for tsn in tsns:
-        assert quick(tsn) == stock.RTCSctpTransport._mark_received(theirs, tsn)
+def _marks(start: int) -> Any:
+    return SimpleNamespace(_last_received_tsn=start, _sack_misordered=set(), _sack_duplicates=[])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_serial_mark_ends_where_aiortc_does_away_from_the_wrap(seed: int) -> None:
+    rng = random.Random(seed)
+    ours, theirs = _marks(5), _marks(5)
+    mark = sctp._serial_mark(ours)
+    for tsn in _arrivals(rng, 5, 60):
+        assert mark(tsn) == stock.RTCSctpTransport._mark_received(theirs, tsn)
         assert vars(ours) == vars(theirs)
-    if start == 5:  # (aiortc's own path sorts TSNs without the wrap: it can stall there)
-        assert ours._last_received_tsn == start + 60
+    assert ours._last_received_tsn == 5 + 60
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_serial_mark_advances_across_the_tsn_wrap(seed: int) -> None:
+    rng = random.Random(seed)
+    start = stock.SCTP_TSN_MODULO - 20
+    ours = _marks(start)
+    mark = sctp._serial_mark(ours)
+    tsns = _arrivals(rng, start, 60)
+    seen: set[int] = set()
+    for tsn in tsns:
+        assert mark(tsn) == (tsn in seen)  # a duplicate is told as one, nothing else
+        seen.add(tsn)
+    assert ours._last_received_tsn == 40  # 19 before the wrap, then 0..40
+    assert ours._sack_misordered == set()
+
+
+def test_aiortc_itself_stalls_at_the_wrap_where_the_serial_mark_does_not() -> None:
+    """The bug the serial mark fixes: TSNs 0 and 1 arrive before 2^32-1 (a reordering
+    across the wrap); aiortc's cumulative TSN never moves past 2^32-2 again."""
+    top = stock.SCTP_TSN_MODULO - 1
+    theirs, ours = _marks(top - 1), _marks(top - 1)
+    mark = sctp._serial_mark(ours)
+    for tsn in (0, 1, top, 2):
+        stock.RTCSctpTransport._mark_received(theirs, tsn)
+        mark(tsn)
+    assert theirs._last_received_tsn == top - 1
+    assert ours._last_received_tsn == 2
 
 
 @pytest.mark.webrtc
