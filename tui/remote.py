@@ -1,34 +1,38 @@
-"""The TUI on a node that already runs in another process (issue 19 item 9).
+"""The TUI on the home's node, which runs in another process (issues 19 item 9, 18 item 2).
 
-A hospital runs its node headless (`radmesh node run`); a person opens `radmesh tui` on
-the same home to look at it. One node per home holds the key and the network, so the
-TUI does not start a second one: it becomes a client of the running node's control
-socket (:mod:`node.app.control`: same user only, checked both ways). Every call of the
-:class:`~tui.facade.NodeFacade` protocol is one ``tui.call`` operation that the node runs
-on its own :class:`~tui.node_facade.RuntimeNode`; values travel as msgpack, the facade's
-dataclasses and frames' pixel arrays encoded here. The transport runs in the node's
-process, not on the UI's loop.
-
-Live sessions are not reachable this way yet (a live session needs a stream of events,
-the control socket answers requests): the viewer opens without the live panel and says
-so. Opening the TUI on a home whose node does not run still runs the node inside it.
+One node per home holds the key and the network; `radmesh tui` is a client of its
+control socket (:mod:`node.app.control`: same user only, checked both ways), whether the
+node was started by the user (`radmesh node run`) or by the TUI itself as its child
+(:mod:`node.cli.tui`). Every call of the :class:`~tui.facade.NodeFacade` protocol is one
+``tui.call`` operation that the node runs on its own :class:`~tui.node_facade.RuntimeNode`;
+values travel as msgpack, the facade's dataclasses and frames' pixel arrays encoded here.
+A live session is one long-lived ``tui.session`` connection (:mod:`tui.remote_session`).
+The transport runs in the node's process: the UI and the network share no GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from node.app.control import ask
+from node.app.control import ControlError, ask, open_stream
 from node.core.config import NodeHome
 from tui import facade as f
+from tui import remote_session
 from tui.imaging import Window
+from tui.remote_session import RemoteSession
 from tui.session import SessionView
+
+if TYPE_CHECKING:
+    from node.app.operations import Operation
+    from node.app.runtime import NodeRuntime
+    from tui.node_facade import RuntimeNode
 
 # A frame is one answer: a 4k x 4k 16-bit radiograph is 32 MiB. The node is this user's
 # own (checked on the socket), so the cap guards against a runaway, not an attacker.
@@ -87,19 +91,44 @@ def decode(value: Any) -> Any:
     return value
 
 
-def operation() -> Callable[[Any, dict[str, Any], Any], Awaitable[Any]]:
-    """The ``tui.call`` operation for one node's control table: one RuntimeNode for all
-    its calls, so its notifications and pseudonym labels stay the same across them."""
-    from tui.node_facade import RuntimeNode
+def operations() -> dict[str, Operation]:
+    """The TUI's operations for one node's control table (``tui.call``, ``tui.session``),
+    on one RuntimeNode, so its notifications and pseudonym labels stay the same across
+    calls and sessions."""
+    facades: dict[int, RuntimeNode] = {}
 
-    facade: RuntimeNode | None = None
+    def facade(rt: NodeRuntime) -> RuntimeNode:
+        from tui.node_facade import RuntimeNode
+
+        if id(rt) not in facades:
+            facades.clear()  # one runtime per control table; a new one (tests) starts afresh
+            facades[id(rt)] = RuntimeNode(rt)
+        return facades[id(rt)]
+
+    return {OPERATION: operation(facade), remote_session.OPERATION: remote_session.stream(facade)}
+
+
+def operation(
+    facade: Callable[[Any], Any] | None = None,
+) -> Callable[[Any, dict[str, Any], Any], Awaitable[Any]]:
+    """The ``tui.call`` operation, on ``facade(runtime)`` (by default one RuntimeNode for
+    all its calls)."""
+    made: list[Any] = []
+
+    def own(rt: Any) -> Any:
+        from tui.node_facade import RuntimeNode
+
+        if not made:
+            made.append(RuntimeNode(rt))
+        return made[0]
+
+    get = facade or own
 
     async def call(rt: Any, args: dict[str, Any], emit: Any) -> Any:
-        nonlocal facade
         method = args.get("method")
         if method not in CALLS:
             return {"refused": f"{method!r} is not something the TUI asks a node"}
-        node = facade = facade or RuntimeNode(rt)
+        node = get(rt)
         try:
             result = getattr(node, method)(*decode(list(args.get("args", []))))
             if asyncio.iscoroutine(result):
@@ -115,24 +144,61 @@ class RemoteNode:
     """:class:`~tui.facade.NodeFacade` over the home's running node. Calls block for one
     round trip on the local socket (a millisecond or two); the node does the work."""
 
-    def __init__(self, home: NodeHome) -> None:
+    def __init__(self, home: NodeHome, *, stopped: Callable[[], str | None] | None = None) -> None:
+        """``stopped``: why the node is gone (its process exited), or None while it runs;
+        asked when a call fails, so the error says what happened."""
         self.home = home
+        self._stopped = stopped or (lambda: None)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="radmesh-remote-node", daemon=True
         )
         self._thread.start()
         self._notes: list[str] = []
+        self._show: Callable[[str], None] | None = None
+        self._sessions: list[RemoteSession] = []
 
     def close(self) -> None:
+        for session in self._sessions:
+            session.close()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
+    def show_errors(self, show: Callable[[str], None]) -> None:
+        """Errors nobody awaits (a live session that closed, a refused edit): ``show``
+        runs on the calling (UI) loop."""
+        ui = asyncio.get_running_loop()
+
+        def on_ui(text: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the UI has gone
+                ui.call_soon_threadsafe(show, text)
+
+        self._show = on_ui
+
+    def _error(self, text: str) -> None:
+        if self._show is not None:
+            self._show(text)
+
+    def gone(self) -> f.ActionError:
+        why = self._stopped()
+        return f.ActionError(
+            f"the node of this home stopped ({why}): quit (ctrl+q) and run `radmesh tui` again"
+            if why
+            else "the node of this home stopped: start it again, then the TUI"
+        )
+
     async def _ask(self, method: str, args: tuple[Any, ...]) -> Any:
         request = {"method": method, "args": encode(list(args))}
-        running, reply = await ask(self.home, OPERATION, request, lambda _: None, limit=MAX_ANSWER)
+        try:
+            running, reply = await ask(
+                self.home, OPERATION, request, lambda _: None, limit=MAX_ANSWER
+            )
+        except ControlError as exc:
+            if self._stopped():
+                raise self.gone() from exc
+            raise f.ActionError(str(exc)) from exc
         if not running:
-            raise f.ActionError("the node of this home stopped: start it again, then the TUI")
+            raise self.gone()
         if "action_error" in reply:
             raise f.ActionError(reply["action_error"])
         if "refused" in reply:
@@ -188,10 +254,26 @@ class RemoteNode:
         self._call("mark_verified", peer_node_id)
 
     def open_session(self, study_uid: str) -> SessionView | None:
-        note = "Live sessions open in the TUI that runs the node; this one is attached to it"
-        if note not in self._notes:
-            self._notes.append(note)
-        return None
+        async def opening() -> tuple[Any, Any] | None:
+            return await open_stream(
+                self.home,
+                remote_session.OPERATION,
+                {"study_uid": study_uid},
+                limit=remote_session.MAX_SNAPSHOT,
+            )
+
+        try:
+            future = asyncio.run_coroutine_threadsafe(opening(), self._loop)
+            opened = future.result(CALL_TIMEOUT)
+        except ControlError as exc:
+            self._notes.append(f"The live session did not open: {exc}")
+            return None
+        if opened is None:
+            raise self.gone()
+        session = RemoteSession(opened[0], opened[1], self._loop, self._error)
+        session.wait_open()
+        self._sessions.append(session)
+        return session
 
     def record_view(self, study_uid: str, live: bool) -> None:
         self._call("record_view", study_uid, live)
