@@ -13,6 +13,7 @@ The transport runs in the node's process: the UI and the network share no GIL.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import threading
@@ -159,10 +160,15 @@ class RemoteNode:
         self._sessions: list[RemoteSession] = []
 
     def close(self) -> None:
-        for session in self._sessions:
-            session.close()
+        async def sessions_closed() -> None:
+            await asyncio.gather(*(s.aclose() for s in self._sessions))
+
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            asyncio.run_coroutine_threadsafe(sessions_closed(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def show_errors(self, show: Callable[[str], None]) -> None:
         """Errors nobody awaits (a live session that closed, a refused edit): ``show``

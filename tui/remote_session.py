@@ -405,6 +405,7 @@ class RemoteSession:
         self._own_cursor: tuple[Cursor | None] | None = None  # set here, not yet echoed
         self._own_following: bool | None = None
         self.closed = ""
+        self._task: asyncio.Task[None] | None = None
         self._reader = asyncio.run_coroutine_threadsafe(self._read(), loop)
 
     def wait_open(self, timeout: float = CALL_TIMEOUT) -> None:
@@ -415,6 +416,7 @@ class RemoteSession:
             raise ActionError(f"the live session closed: {self.closed}")
 
     async def _read(self) -> None:
+        self._task = asyncio.current_task()
         try:
             while (payload := await self._channel.recv()) is not None:
                 message = decode_from_node(payload)
@@ -467,8 +469,11 @@ class RemoteSession:
         for deliver in list(self._listeners):
             deliver()
 
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._reader.cancel)
+    async def aclose(self) -> None:
+        """On the network loop: stop reading and close the connection."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
     # -- reads -------------------------------------------------------------------------
     def participants(self) -> list[Participant]:
