@@ -43,6 +43,8 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
         print(f"  registry {url}: {state}")
     print("Ctrl-C stops it; radmesh commands on this home run on it.", flush=True)
     try:
+        if getattr(args, "for_tui", False):  # the notifications are the TUI's to show
+            await stop.wait()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):  # not wait_for: it can lose a notification
@@ -81,4 +83,6 @@ def register(sub: Any) -> None:
     )
     run.add_argument("--listen", metavar="HOST", help="LAN endpoint address for this run")
     run.add_argument("--no-mdns", action="store_true", help="no mDNS discovery for this run")
+    # `radmesh tui`'s child: notifications stay queued for the TUI, not printed to the log
+    run.add_argument("--for-tui", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_node_run)

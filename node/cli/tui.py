@@ -174,7 +174,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
     if node_running(home):  # the user's own node: attach, and leave it running
         run_app(home, _low_bandwidth(args))
         return 0
-    argv = ["--home", str(home.root), "node", "run"]
+    argv = ["--home", str(home.root), "node", "run", "--for-tui"]
     if args.listen is not None:
         argv += ["--listen", args.listen]
     if args.no_mdns:
