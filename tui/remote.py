@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 MAX_ANSWER = 256 * 1024 * 1024
 CALL_TIMEOUT = 60.0  # seconds for one call; a fetch or a request answers well within it
 OPERATION = "tui.call"
+WATCH_SECONDS = 1.0  # how often a TUI looks whether the node process it started still runs
 # What a TUI may ask the running node: the NodeFacade protocol, nothing else.
 CALLS = frozenset(
     {
@@ -150,6 +151,7 @@ class RemoteNode:
         asked when a call fails, so the error says what happened."""
         self.home = home
         self._stopped = stopped or (lambda: None)
+        self._own_child = stopped is not None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="radmesh-remote-node", daemon=True
@@ -180,6 +182,16 @@ class RemoteNode:
                 ui.call_soon_threadsafe(show, text)
 
         self._show = on_ui
+        if self._own_child:
+            asyncio.run_coroutine_threadsafe(self._watch(), self._loop)
+
+    async def _watch(self) -> None:
+        """Say once, unasked, that the node's process ended (the TUI started it)."""
+        while True:  # polled: the process is this one's child, not the loop's
+            if self._stopped():
+                self._error(str(self.gone()))
+                return
+            await asyncio.sleep(WATCH_SECONDS)
 
     def _error(self, text: str) -> None:
         if self._show is not None:
