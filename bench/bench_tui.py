@@ -16,28 +16,15 @@ Run: ``python -m bench tui``. Figures are printed; goals are not asserted.
     same node, no app running in this process), alternated over rounds so the
     machine's other load hits both alike. Goal (issue 18 item 2): ratio >= 0.9.
 
-(b) and (c) are measured three ways: ben's node on the app's own loop (how `radmesh
-tui` ran before issue 18 item 2), on its own thread (tui.node_thread, now), and in
-its own process (an attached TUI beside `radmesh node run`), for comparison. Both
-loops use uvloop, as the radmesh command does.
+(b) and (c) are measured with ben's node in its own process, as `radmesh tui` runs it
+(issue 18 item 2: the node a child `radmesh node run`, the app attached to it; before,
+the node ran on a thread of the app's process and shared its GIL: 0.70-0.79 of headless).
+Both loops use uvloop, as the radmesh command does.
 
 Frames come from memory (precomputed), so the figures are the UI's own: key
 handling, the numpy pipeline, half-block strips and compositing.
 
-Measured here (2 cores; run alternately with the code before issue 18 item 2's second
-pass, load average 0.6-2.2): the app thread's CPU per keystroke 9-12 ms (before: 23-31 ms
-in a paired count without a transfer); keystroke p95 during the transfer on the node thread
-20-23 ms (before 41-43), the transfer in the TUI at 0.74-0.79 of headless (before 0.58-0.67),
-with the node in its own process 0.91-0.95 (before 0.73-0.78). Three paired runs of the
-node-thread rounds alone (load 2-4.5): 0.85-1.16 (before 0.75-0.88). Under other helpers'
-load (4-12) every figure moves a lot: ratio 0.73-1.10, p95 34-53 ms. In its own process
-the node now keeps its rate; on the thread, the UI's ~10 ms per key (a key every ~40 ms:
-about a quarter of a core) also holds the GIL the node needs to answer packets in time
-(hence a 1 ms switch interval: in three paired runs of the same code, 5 ms gave 0.64-0.77
-and 1 ms 0.79-1.09), so 0.9 there needs about half of that per key.
-Where the 9-12 ms go: Textual's compositor and message handling about 60%, the slice's
-pixels and half-block rows about 20%, the rest the viewer's overlay and marks. One facade
-read (a hop to the node's loop) during the transfer: p50 1-3 ms, p95 3-6 ms.
+Measured here (2 cores): see the figures in the last commit that changed this file.
 """
 
 from __future__ import annotations
@@ -65,10 +52,7 @@ from registry.records import NodeRecord
 from tui.app import RadmeshApp
 from tui.facade import Frame
 from tui.memory import InMemoryNode
-from tui.node_facade import LiveSessionView
-from tui.node_thread import NodeThread, ThreadedSession
 from tui.screens.viewer import ViewerScreen
-from tui.session import SessionView
 from tui.widgets.image_view import ImageView
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +65,6 @@ KEYS = 120
 KEY_GAP_S = 0.03  # between single keystrokes: no overlap between measurements
 ROUNDS = 3  # headless, then TUI, this many times
 HEADLESS_S = 4.0
-HOPS = 200
 RATIO_GOAL = 0.9  # the TUI's transfer within 10% of headless (issue 18 item 2)
 T = TypeVar("T")
 
@@ -138,19 +121,8 @@ class PaintProbe:
         return None
 
 
-class LiveNode(PrecomputedNode):
-    """The same frames, with a live session on a real node (ThreadedSession)."""
-
-    def __init__(self, session: SessionView) -> None:
-        super().__init__()
-        self.threaded = session
-
-    def open_session(self, study_uid: str) -> SessionView | None:
-        return self.threaded
-
-
 async def open_viewer(app: RadmeshApp, node: PrecomputedNode) -> tuple[ViewerScreen, PaintProbe]:
-    screen = ViewerScreen(node, node.studies()[0], live=isinstance(node, LiveNode))
+    screen = ViewerScreen(node, node.studies()[0], live=False)
     await app.push_screen(screen)
     deadline = time.monotonic() + 10
     while screen.view.frame is None:
@@ -243,25 +215,6 @@ def report(label: str, latencies: Pressed) -> None:
     )
 
 
-class Receiver:
-    """ben's side of the bulk stream in this process: counts what arrives (on whichever
-    loop ben runs)."""
-
-    def __init__(self, b: NodeRuntime) -> None:
-        self.b = b
-        self.received = 0
-
-    async def listen(self, peer: bytes) -> None:  # on ben's loop
-        incoming = await until_connected(self.b, peer)
-        incoming.set_receiver("bulk", self.on_bulk)
-
-    def on_bulk(self, data: bytes) -> None:
-        self.received += len(data)
-
-    async def count(self) -> int:
-        return self.received
-
-
 async def rate(count: Callable[[], Awaitable[int]], during: Awaitable[T]) -> tuple[float, T]:
     """MB/s ben received while ``during`` ran, and what it gave."""
     started, before = time.perf_counter(), await count()
@@ -349,40 +302,6 @@ async def peer(root: Path, name: str) -> None:
         await node.stop()
 
 
-async def with_sender(
-    root: Path, ben: NodeRuntime, on: NodeThread | None
-) -> tuple[Child, Receiver]:
-    """ana (in its own process) streaming to ben; ben's side on ``on``, or on this loop."""
-    ana = await Child.spawn(root, "ana")
-    assert ben.record is not None
-    receiver = Receiver(ben)
-
-    async def ben_side() -> None:
-        trust(ben, [ana.record.to_wire().hex()])
-
-    await (on.arun(ben_side()) if on is not None else ben_side())
-    await ana.ask("trust", ben.record)
-    await ana.ask("send", ben.record)
-    listen = receiver.listen(ana.record.public_key)
-    await (on.arun(listen) if on is not None else listen)
-    await asyncio.sleep(1.0)  # past the connection's start
-    return ana, receiver
-
-
-async def in_one_loop(app: RadmeshApp, node: PrecomputedNode, root: Path) -> None:
-    """Before issue 18 item 2: ben's node in the app's own loop, as `radmesh tui` ran it."""
-    ben = await start(root, "ben1")
-    try:
-        ana, receiver = await with_sender(root / "one", ben, None)
-        alone, _ = await rate(receiver.count, asyncio.sleep(HEADLESS_S))
-        tui, latencies = await rate(receiver.count, keystrokes(app, node))
-        report("transfer in the app's loop (before)", latencies)
-        transfer("in the app's loop (before)", [(alone, tui)])
-        await ana.close()
-    finally:
-        await ben.stop()
-
-
 async def alternate(
     node: PrecomputedNode, count: Callable[[], Awaitable[int]]
 ) -> tuple[list[tuple[float, float]], Pressed]:
@@ -415,62 +334,8 @@ def transfer(where: str, rates: list[tuple[float, float]]) -> None:
     )
 
 
-async def on_node_thread(root: Path, node: PrecomputedNode) -> None:
-    """Now: ben's node (the TUI's) on a NodeThread, the app on this loop."""
-    with NodeThread("ben") as ben_thread:
-        ben = await ben_thread.arun(start(root, "ben2"))
-        try:
-            ana, receiver = await with_sender(root / "threaded", ben, ben_thread)
-            rates, latencies = await alternate(node, receiver.count)
-            report("transfer on the node thread (now)", latencies)
-            transfer("on its own thread (now)", rates)
-            hops = await hop_times(ben_thread)
-            await live_keystrokes(ben_thread, ben, ana, receiver)
-            print(
-                f"  (d) one call from the UI to the node's loop (a facade read) during the "
-                f"transfer: p50 {pct(hops, 0.5):.2f} ms p95 {pct(hops, 0.95):.2f} ms "
-                f"max {max(hops):.2f} ms"
-            )
-            await ana.close()
-        finally:
-            await ben_thread.arun(ben.stop())
-
-
-async def live_keystrokes(
-    thread: NodeThread, ben: NodeRuntime, ana: Child, receiver: Receiver
-) -> None:
-    """(b) in a live session with ana (its cursor and presence flow while the transfer
-    runs; the transport then keeps the bulk window short, so the rate is not compared)."""
-    consult = "bench" * 6 + "tu"
-    live = thread.call(lambda: ben.live_hub().open(consult, "bench", "2.25.1"))
-
-    async def invite() -> None:
-        await ben.live_hub().invite(consult, ana.record.public_key)
-
-    await thread.arun(invite())
-    node = LiveNode(ThreadedSession(LiveSessionView(live), thread))
-    app = RadmeshApp(node)
-    async with app.run_test(headless=True, size=APP_SIZE):
-        await asyncio.sleep(0.2)
-        tui, latencies = await rate(receiver.count, keystrokes(app, node))
-    peers = thread.call(lambda: len(live.participants()))
-    report(f"live session ({peers} in it), {tui:.1f} MB/s", latencies)
-
-
-async def hop_times(thread: NodeThread) -> list[float]:
-    """How long the UI waits for one ThreadedNode read: a call that does nothing."""
-    hops = []
-    for _ in range(HOPS):
-        started = time.perf_counter()
-        thread.call(int)
-        hops.append((time.perf_counter() - started) * 1000)
-        await asyncio.sleep(0.01)
-    return hops
-
-
 async def in_a_process(root: Path, node: PrecomputedNode) -> None:
-    """For comparison: ben's node in its own process (as `radmesh node run` beside an
-    attached TUI), the app alone in this one."""
+    """ben's node in its own process (as `radmesh tui` runs it), the app alone in this one."""
     ana, ben = await Child.spawn(root, "ana"), await Child.spawn(root, "ben")
     try:
         await ana.ask("trust", ben.record)
@@ -483,8 +348,8 @@ async def in_a_process(root: Path, node: PrecomputedNode) -> None:
             return int(await ben.ask("count"))
 
         rates, latencies = await alternate(node, count)
-        report("transfer in another process", latencies)
-        transfer("in its own process (for comparison)", rates)
+        report("transfer, the node in its process", latencies)
+        transfer("in its own process", rates)
     finally:
         await ana.close()
         await ben.close()
@@ -500,8 +365,6 @@ async def run(root: Path) -> None:
         await scrolling(app, node)
         idle = await keystrokes(app, node)
         report("idle", idle)
-        await in_one_loop(app, node, root)
-    await on_node_thread(root, node)
     await in_a_process(root / "process", node)
     print(f"  load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end")
 
