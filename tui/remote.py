@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 MAX_ANSWER = 256 * 1024 * 1024
 CALL_TIMEOUT = 60.0  # seconds for one call; a fetch or a request answers well within it
 OPERATION = "tui.call"
+MAX_NOTES = 20  # errors of this side kept among the notifications
 WATCH_SECONDS = 1.0  # how often a TUI looks whether the node process it started still runs
 # What a TUI may ask the running node: the NodeFacade protocol, nothing else.
 CALLS = frozenset(
@@ -58,6 +59,25 @@ _TYPES: dict[str, type[Any]] = {
         f.CriticalAlert, f.PeerInfo, f.TransferInfo, f.ConsultForm, f.GuestProposal,
         f.ReportSection, Window,
     )
+}  # fmt: skip
+
+
+class NodeGone(f.ActionError):
+    """The home's node stopped under the TUI; the text says what to do."""
+
+
+# What the screens read when the node has gone: nothing, and a status that says so.
+WHEN_GONE: dict[str, Callable[[NodeGone], Any]] = {
+    "status": lambda exc: f.NodeStatus("", "the node stopped", "", (("node", str(exc), False),)),
+    **{
+        read: lambda exc: []
+        for read in (
+            "studies", "series", "instances", "consults", "peers", "transfers",
+            "notifications", "guest_proposals", "critical_alerts",
+        )
+    },
+    "load_frame": lambda exc: None,
+    "report": lambda exc: None,
 }  # fmt: skip
 
 
@@ -151,6 +171,7 @@ class RemoteNode:
         asked when a call fails, so the error says what happened."""
         self.home = home
         self._stopped = stopped or (lambda: None)
+        self._said_gone = False
         self._own_child = stopped is not None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -164,6 +185,10 @@ class RemoteNode:
     def close(self) -> None:
         async def sessions_closed() -> None:
             await asyncio.gather(*(s.aclose() for s in self._sessions))
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in others:  # the watch, a call the UI gave up on
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         with contextlib.suppress(concurrent.futures.TimeoutError):
             asyncio.run_coroutine_threadsafe(sessions_closed(), self._loop).result(5)
@@ -194,12 +219,15 @@ class RemoteNode:
             await asyncio.sleep(WATCH_SECONDS)
 
     def _error(self, text: str) -> None:
+        """Shown now if the app listens, and kept among the notifications either way."""
+        self._notes.append(text)
+        del self._notes[:-MAX_NOTES]
         if self._show is not None:
             self._show(text)
 
-    def gone(self) -> f.ActionError:
+    def gone(self) -> NodeGone:
         why = self._stopped()
-        return f.ActionError(
+        return NodeGone(
             f"the node of this home stopped ({why}): quit (ctrl+q) and run `radmesh tui` again"
             if why
             else "the node of this home stopped: start it again, then the TUI"
@@ -211,10 +239,15 @@ class RemoteNode:
             running, reply = await ask(
                 self.home, OPERATION, request, lambda _: None, limit=MAX_ANSWER
             )
-        except ControlError as exc:
+        except (ControlError, OSError, asyncio.IncompleteReadError) as exc:
             if self._stopped():
                 raise self.gone() from exc
-            raise f.ActionError(str(exc)) from exc
+            if isinstance(exc, ControlError):
+                raise f.ActionError(str(exc)) from exc
+            raise f.ActionError(
+                f"the node's control socket failed ({exc}): if the node stopped, start it "
+                "again, then the TUI"
+            ) from exc
         if not running:
             raise self.gone()
         if "action_error" in reply:
@@ -224,8 +257,18 @@ class RemoteNode:
         return decode(reply["value"])
 
     def _call(self, method: str, *args: Any) -> Any:
+        """One call; a read on a node that has gone is empty (the screens stay up, the
+        error is shown once), an action raises what happened."""
         future = asyncio.run_coroutine_threadsafe(self._ask(method, args), self._loop)
-        return future.result(CALL_TIMEOUT)
+        try:
+            return future.result(CALL_TIMEOUT)
+        except NodeGone as exc:
+            if method not in WHEN_GONE:
+                raise
+            if not self._own_child and not self._said_gone:  # else the watch says it
+                self._said_gone = True
+                self._error(str(exc))
+            return WHEN_GONE[method](exc)
 
     async def _acall(self, method: str, *args: Any) -> Any:
         future = asyncio.run_coroutine_threadsafe(self._ask(method, args), self._loop)
@@ -283,14 +326,15 @@ class RemoteNode:
         try:
             future = asyncio.run_coroutine_threadsafe(opening(), self._loop)
             opened = future.result(CALL_TIMEOUT)
-        except ControlError as exc:
-            self._notes.append(f"The live session did not open: {exc}")
+            if opened is None:
+                raise self.gone()
+            session = RemoteSession(opened[0], opened[1], self._loop, self._error)
+            self._sessions.append(session)  # closed with the node, whatever happens next
+            session.wait_open()
+        except (ControlError, OSError, f.ActionError, concurrent.futures.TimeoutError) as exc:
+            # the viewer opens without the live panel, and says why
+            self._error(f"The live session did not open: {exc or 'the node did not answer'}")
             return None
-        if opened is None:
-            raise self.gone()
-        session = RemoteSession(opened[0], opened[1], self._loop, self._error)
-        session.wait_open()
-        self._sessions.append(session)
         return session
 
     def record_view(self, study_uid: str, live: bool) -> None:

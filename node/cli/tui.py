@@ -71,7 +71,8 @@ class NodeChild:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with open(fd, "ab") as out:
             process = subprocess.Popen(  # noqa: S603 - this interpreter, our own module
-                [sys.executable, "-m", "node.cli", *argv],
+                # -P: not the working directory's `node` package (a checkout there), ours
+                [sys.executable, "-P", "-m", "node.cli", *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -18,7 +18,8 @@ from node.app.runtime import NodeRuntime
 from node.cli.node import with_tui_operation
 from tests.consult.test_live import FAST
 from tests.node.test_runtime import new_home
-from tui.remote_session import MAX_EDIT, MAX_SNAPSHOT, OPERATION, Edit, Result, decode_from_node
+from tui.remote_session import OPERATION
+from tui.session_wire import MAX_EDIT, MAX_SNAPSHOT, Edit, Result, decode_from_node
 
 STUDY = "2.25.4242"
 

@@ -181,7 +181,9 @@ def test_a_call_after_the_child_node_died_says_what_to_do(tmp_path: Path) -> Non
         child.process.kill()
         child.process.wait(10)
         with pytest.raises(ActionError, match=r"exited with code -9.*ctrl\+q.*radmesh tui"):
-            node.studies()
+            node.fetch("0" * 32)  # an action says what happened
+        assert node.studies() == []  # a read is empty: the screens stay up
+        assert "exited with code -9" in str(node.status().lines)
     finally:
         node.close()
         child.stop()

@@ -24,15 +24,8 @@ from tests.tui.test_node_facade import SIZE, import_ct
 from tui.app import RadmeshApp
 from tui.facade import ActionError
 from tui.remote import RemoteNode
-from tui.remote_session import (
-    Edit,
-    RemoteSession,
-    Result,
-    SessionWireError,
-    Snapshot,
-    decode_from_node,
-    pace,
-)
+from tui.remote_session import RemoteSession, pace
+from tui.session_wire import Edit, Result, SessionWireError, Snapshot, decode_from_node
 
 
 def test_a_snapshot_and_a_result_cross_the_wire_and_come_back_equal() -> None:
@@ -190,6 +183,6 @@ async def test_a_child_that_dies_closes_the_live_session_with_what_to_do(
         await wait_for(lambda: bool(session.closed))
         await wait_for(lambda: any("live session closed" in s for s in shown))
         with pytest.raises(ActionError, match=r"exited with code -9.*ctrl\+q"):
-            await asyncio.to_thread(node.studies)
+            await asyncio.to_thread(node.fetch, "0" * 32)
     finally:
         node.close()
