@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -42,17 +43,23 @@ from typing import TypeVar
 
 from textual.strip import Strip
 
-from bench.bench_live import pct, saturate, start
-from bench.live_peer import trust
+from bench.bench_live import pct, saturate
+from bench.live_peer import OPTIONS, trust
+from consult.live import LiveConsult
+from consult.presence import Cursor
 from crypto.identity import Identity
 from node.app.runtime import NodeRuntime
+from node.core.config import NetworkConfig, NodeConfig, NodeHome
+from node.core.keystore import save_identity
 from peer_transport.connection import PeerConnection, install_event_loop_policy
 from peer_transport.rtc import restrict_host_addresses
 from registry.records import NodeRecord
 from tui.app import RadmeshApp
 from tui.facade import Frame
 from tui.memory import InMemoryNode
+from tui.remote import RemoteNode
 from tui.screens.viewer import ViewerScreen
+from tui.session import SessionView
 from tui.widgets.image_view import ImageView
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +72,7 @@ KEYS = 120
 KEY_GAP_S = 0.03  # between single keystrokes: no overlap between measurements
 ROUNDS = 3  # headless, then TUI, this many times
 HEADLESS_S = 4.0
+LIVE_CONSULT = "bench" * 6 + "tu"
 RATIO_GOAL = 0.9  # the TUI's transfer within 10% of headless (issue 18 item 2)
 T = TypeVar("T")
 
@@ -122,7 +130,7 @@ class PaintProbe:
 
 
 async def open_viewer(app: RadmeshApp, node: PrecomputedNode) -> tuple[ViewerScreen, PaintProbe]:
-    screen = ViewerScreen(node, node.studies()[0], live=False)
+    screen = ViewerScreen(node, node.studies()[0], live=isinstance(node, LiveNode))
     await app.push_screen(screen)
     deadline = time.monotonic() + 10
     while screen.view.frame is None:
@@ -272,9 +280,40 @@ class Child:
             await self.proc.wait()
 
 
+async def attachable(root: Path, name: str) -> NodeRuntime:
+    """A bench node (as bench.live_peer.start) whose control socket a TUI attaches to, as
+    `radmesh node run` serves it."""
+    from node.cli.node import with_tui_operation
+
+    restrict_host_addresses(["127.0.0.1"])
+    home = NodeHome(root / name)
+    identity = Identity.generate()
+    save_identity(home.key_path, identity, None, warn=False)
+    network = NetworkConfig(mdns=False, listen_host="127.0.0.1")
+    home.save_config(NodeConfig(display_name=name, network=network))
+    node = NodeRuntime(
+        home, identity, transport_options=OPTIONS, control=True, operations=with_tui_operation()
+    )
+    await node.start()
+    return node
+
+
+async def wiggle(live: LiveConsult, stop: asyncio.Event) -> None:
+    """A peer's cursor going round at 20 Hz, as the demo's surgeon's (bounded: 10 min)."""
+    for step in range(12_000):
+        if stop.is_set():
+            return
+        angle = step * 0.1
+        live.move_cursor(
+            Cursor("2.25.1", 0, 256 + 100 * math.cos(angle), 256 + 80 * math.sin(angle))
+        )
+        await asyncio.sleep(0.05)
+
+
 async def peer(root: Path, name: str) -> None:
-    """A :class:`Child`'s main."""
-    node = await start(root, name)
+    """A :class:`Child`'s main; ``live REC``: open a session on study 2.25.1 and invite
+    that node; ``wiggle``: move this node's cursor in the session it joined."""
+    node = await attachable(root, name)
     stop, received = asyncio.Event(), [0]
     pumps: list[asyncio.Future[None]] = []
 
@@ -294,6 +333,16 @@ async def peer(root: Path, name: str) -> None:
                 pumps.append(asyncio.ensure_future(saturate(conn, stop)))
             elif cmd == "listen" and other is not None:
                 (await until_connected(node, other.public_key)).set_receiver("bulk", on_bulk)
+            elif cmd == "live" and other is not None:
+                node.live_hub().open(LIVE_CONSULT, "bench", "2.25.1")
+                await node.live_hub().invite(LIVE_CONSULT, other.public_key)
+            elif cmd == "wiggle":
+                deadline = time.monotonic() + 30
+                while LIVE_CONSULT not in node.live_hub().sessions:
+                    assert time.monotonic() < deadline, "the invite never came"
+                    await asyncio.sleep(0.05)
+                live = node.live_hub().sessions[LIVE_CONSULT]
+                pumps.append(asyncio.ensure_future(wiggle(live, stop)))
             print(received[0] if cmd == "count" else "ok", flush=True)
     finally:
         stop.set()
@@ -350,9 +399,45 @@ async def in_a_process(root: Path, node: PrecomputedNode) -> None:
         rates, latencies = await alternate(node, count)
         report("transfer, the node in its process", latencies)
         transfer("in its own process", rates)
+        await live_keystrokes(root / "ben", ana, ben, count)
     finally:
         await ana.close()
         await ben.close()
+
+
+class LiveNode(PrecomputedNode):
+    """The same frames, with the live session of the node in the other process."""
+
+    def __init__(self, session: SessionView) -> None:
+        super().__init__()
+        self.remote_session = session
+
+    def open_session(self, study_uid: str) -> SessionView | None:
+        return self.remote_session
+
+
+async def live_keystrokes(
+    home: Path, ana: Child, ben: Child, count: Callable[[], Awaitable[int]]
+) -> None:
+    """(b) in a live session with ana, its cursor going round at 20 Hz, the transfer on:
+    the TUI holds the session over ben's control socket (tui.remote_session), as the demo
+    does. The transport keeps the bulk window short in a session, so the rate is shown,
+    not compared."""
+    await ben.ask("live", ana.record)
+    await ana.ask("wiggle")
+    remote = RemoteNode(NodeHome(home))
+    try:
+        session = await asyncio.to_thread(remote.open_session, "2.25.1")
+        assert session is not None, remote.notifications()
+        node = LiveNode(session)
+        app = RadmeshApp(node)
+        async with app.run_test(headless=True, size=APP_SIZE):
+            await asyncio.sleep(0.5)
+            tui, latencies = await rate(count, keystrokes(app, node))
+        peers = len(session.participants())
+        report(f"live session ({peers} in it), {tui:.1f} MB/s", latencies)
+    finally:
+        await asyncio.to_thread(remote.close)
 
 
 async def run(root: Path) -> None:
