@@ -70,7 +70,7 @@ SCROLL_HZ = 30
 SCROLL_S = 4.0
 KEYS = 120
 KEY_GAP_S = 0.03  # between single keystrokes: no overlap between measurements
-ROUNDS = 3  # headless, then TUI, this many times
+ROUNDS = 5  # headless, then TUI, this many times (other load moves single rounds a lot)
 HEADLESS_S = 4.0
 LIVE_CONSULT = "bench" * 6 + "tu"
 RATIO_GOAL = 0.9  # the TUI's transfer within 10% of headless (issue 18 item 2)
@@ -371,15 +371,18 @@ async def alternate(
 
 
 def transfer(where: str, rates: list[tuple[float, float]]) -> None:
+    """The ratio of the median rates, and the median of each round's own ratio (a round's
+    two halves are seconds apart: the machine's other load moves them less)."""
     alone = statistics.median(r for r, _ in rates)
     tui = statistics.median(r for _, r in rates)
     ratio = tui / alone
-    verdict = "meets" if ratio >= RATIO_GOAL else "MISSES"
+    paired = statistics.median(t / h for h, t in rates)
+    verdict = "meets" if min(ratio, paired) >= RATIO_GOAL else "MISSES"
     runs = ", ".join(f"{h:.2f}/{t:.2f}" for h, t in rates)
     print(
         f"  (c) transfer, ben's node {where}: headless {alone:.2f} MB/s, in the TUI while keys "
-        f"are pressed {tui:.2f} MB/s: ratio {ratio:.2f} ({verdict} >= {RATIO_GOAL}); "
-        f"headless/TUI per round: {runs}"
+        f"are pressed {tui:.2f} MB/s: ratio {ratio:.2f}, median of the rounds' ratios "
+        f"{paired:.2f} ({verdict} >= {RATIO_GOAL}); headless/TUI per round: {runs}"
     )
 
 

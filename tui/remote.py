@@ -329,6 +329,7 @@ class RemoteNode:
             if opened is None:
                 raise self.gone()
             session = RemoteSession(opened[0], opened[1], self._loop, self._error)
+            self._sessions = [s for s in self._sessions if not s.closed]
             self._sessions.append(session)  # closed with the node, whatever happens next
             session.wait_open()
         except (ControlError, OSError, f.ActionError, concurrent.futures.TimeoutError) as exc:

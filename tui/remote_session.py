@@ -206,7 +206,7 @@ class RemoteSession:
         except (ControlError, ConnectionError) as exc:
             self._close(str(exc))
         except asyncio.CancelledError:
-            self._close("the viewer closed")
+            self._close("the viewer closed it", say=False)
             raise
         finally:
             self._channel.close()
@@ -232,7 +232,8 @@ class RemoteSession:
         elif waiter is not None:
             waiter.set_result(result.value)
 
-    def _close(self, why: str) -> None:
+    def _close(self, why: str, *, say: bool = True) -> None:
+        """``say``: show the error (not when this side closed the session)."""
         if self.closed:
             return
         self.closed = why
@@ -240,7 +241,8 @@ class RemoteSession:
             waiter.set_exception(LocalConsultError(f"the live session closed: {why}"))
         self._waiting.clear()
         self._first.set()
-        self._on_error(f"the live session closed: {why}")
+        if say:
+            self._on_error(f"the live session closed: {why}")
         self._changed()
 
     def _changed(self) -> None:
@@ -391,9 +393,14 @@ class RemoteSession:
         self._listeners.append(deliver)
 
         def stop() -> None:
+            """The viewer closed: with its last listener gone, so is the connection (a
+            viewer opened again opens the session again)."""
             gone.set()
             with contextlib.suppress(ValueError):
                 self._listeners.remove(deliver)
+            if not self._listeners:
+                with contextlib.suppress(RuntimeError):  # the network loop has stopped
+                    asyncio.run_coroutine_threadsafe(self.aclose(), self._loop)
 
         return stop
 

@@ -313,6 +313,10 @@ class Channel:
         return self._writer.is_closing()
 
 
+# How a stream ends that is no crash of the node: refused, or the client went away.
+_STREAM_ENDS: tuple[type[Exception], ...] = (*USER_ERRORS, ConnectionError)
+
+
 @dataclass(frozen=True)
 class Stream:
     """An operation that keeps its connection: ``serve(runtime, args, channel)`` answers
@@ -392,7 +396,7 @@ class ControlServer:
         self.streams.add(channel)
         try:
             await stream.serve(self.runtime, request.args, channel)
-        except USER_ERRORS as exc:
+        except _STREAM_ENDS as exc:
             if not channel.answered:
                 writer.write(Failure(str(exc)).to_wire())
             else:

@@ -11,9 +11,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from consult.errors import LocalConsultError
 from consult.presence import Cursor, Participant, Viewport
-from consult.shared import AnnotationKind
+from consult.shared import MAX_CHAT_CHARS, MAX_LABEL_CHARS, AnnotationKind
 from node.app.runtime import NodeRuntime
+from node.cli.node import with_tui_operation
 from node.cli.tui import NodeChild
 from node.core.config import NetworkConfig, NodeConfig, NodeHome
 from node.core.keystore import load_identity
@@ -186,3 +188,54 @@ async def test_a_child_that_dies_closes_the_live_session_with_what_to_do(
             await asyncio.to_thread(node.fetch, "0" * 32)
     finally:
         node.close()
+
+
+@pytest.fixture
+async def attachable(tmp_path: Path) -> AsyncIterator[NodeRuntime]:
+    """A node in this process that serves the TUI's operations (as `radmesh node run`)."""
+    home, identity = new_home(tmp_path, "cai")
+    runtime = NodeRuntime(
+        home, identity, transport_options=FAST, control=True, operations=with_tui_operation()
+    )
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+async def test_the_viewer_closing_closes_its_session_connection(attachable: NodeRuntime) -> None:
+    assert attachable.control is not None
+    node = RemoteNode(attachable.home)
+    try:
+        session = await asyncio.to_thread(node.open_session, "2.25.77")
+        assert isinstance(session, RemoteSession)
+        assert len(attachable.control.streams) == 1
+        stop = session.subscribe(lambda: None)  # the viewer on screen
+        session.set_report_text("Impression: normal")
+        await wait_for(lambda: session.report_text() == "Impression: normal")  # the echo
+        stop()  # the viewer closed
+        await wait_for(lambda: not attachable.control.streams)  # the node let it go
+        assert session.closed
+        notes = await asyncio.to_thread(node.notifications)
+        assert not any("closed" in n for n in notes)  # not an error
+    finally:
+        await asyncio.to_thread(node.close)
+
+
+async def test_an_edit_the_session_refuses_is_the_sessions_error(attachable: NodeRuntime) -> None:
+    node = RemoteNode(attachable.home)
+    try:
+        session = await asyncio.to_thread(node.open_session, "2.25.78")
+        assert isinstance(session, RemoteSession)
+        with pytest.raises(LocalConsultError, match="limited to"):
+            await asyncio.to_thread(
+                session.add_annotation, AnnotationKind.POINT, "2.25.9", 0, ((1.0, 2.0),),
+                text="x" * (MAX_LABEL_CHARS + 1),
+            )  # fmt: skip
+        unsent = await asyncio.to_thread(session.say, "y" * (MAX_CHAT_CHARS + 1))
+        assert unsent.text == ""  # not sent, and said so
+        notes = await asyncio.to_thread(node.notifications)
+        assert any("was not sent" in n for n in notes)
+        said = await asyncio.to_thread(session.say, "canary")  # the connection stayed up
+        assert said.text == "canary"
+    finally:
+        await asyncio.to_thread(node.close)
