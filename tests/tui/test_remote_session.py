@@ -203,17 +203,18 @@ async def attachable(tmp_path: Path) -> AsyncIterator[NodeRuntime]:
 
 
 async def test_the_viewer_closing_closes_its_session_connection(attachable: NodeRuntime) -> None:
-    assert attachable.control is not None
+    control = attachable.control
+    assert control is not None
     node = RemoteNode(attachable.home)
     try:
         session = await asyncio.to_thread(node.open_session, "2.25.77")
         assert isinstance(session, RemoteSession)
-        assert len(attachable.control.streams) == 1
+        assert len(control.streams) == 1
         stop = session.subscribe(lambda: None)  # the viewer on screen
         session.set_report_text("Impression: normal")
         await wait_for(lambda: session.report_text() == "Impression: normal")  # the echo
         stop()  # the viewer closed
-        await wait_for(lambda: not attachable.control.streams)  # the node let it go
+        await wait_for(lambda: not control.streams)  # the node let it go
         assert session.closed
         notes = await asyncio.to_thread(node.notifications)
         assert not any("closed" in n for n in notes)  # not an error
