@@ -24,7 +24,15 @@ Both loops use uvloop, as the radmesh command does.
 Frames come from memory (precomputed), so the figures are the UI's own: key
 handling, the numpy pipeline, half-block strips and compositing.
 
-Measured here (2 cores): see the figures in the last commit that changed this file.
+Measured here (2 cores, other helpers' load 3-7, three runs of five rounds each, the node
+in its own process): keystroke p95 during the transfer 34.8 / 25.5 / 20.8 ms, in a live
+session with a peer's cursor at 20 Hz 76.1 / 12.7 / 21.7 ms (idle 9-17 ms; the app
+thread's CPU 11 ms per key). Transfer ratio 0.95 / 0.69 / 0.68 (medians of the rounds'
+own ratios 0.78 / 0.92 / 0.69): short of 0.9 under that load, where the headless rate
+alone moved from 6.9 to 22.9 MB/s between rounds. ana, ben and the app share the two
+cores here: the app's ~11 ms per key is CPU the two nodes lack (in three A/B runs,
+renicing the app by 5 did not raise the ratio and put the keystroke p95 at 65-71 ms).
+Before (the node on a thread of the app's process, load 0.6-2.2): 0.70-0.79, p95 29 ms.
 """
 
 from __future__ import annotations
