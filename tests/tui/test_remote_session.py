@@ -39,6 +39,22 @@ def test_a_snapshot_and_a_result_cross_the_wire_and_come_back_equal() -> None:
     assert decode_from_node(Result(3, error="too long").to_wire()) == Result(3, None, "too long")
 
 
+def test_the_session_frames_bytes_are_pinned() -> None:
+    """A change to the wire shows here (msgpack maps, field names as the codec writes them)."""
+    # {"edit": "say", "seq": 1, "args": ["hi"]}
+    edit = "83 a4 65646974 a3 736179 a3 736571 01 a4 61726773 91 a2 6869"
+    # {"result": 2, "error": "no"}
+    result = "82 a6 726573756c74 02 a5 6572726f72 a2 6e6f"
+    # {"snapshot": {"report_text": "x", "finalised": true}}
+    snapshot = "81 a8 736e617073686f74 82 ab 7265706f72745f74657874 a1 78 a9 66696e616c69736564 c3"
+    assert Edit(1, "say", ("hi",)).to_wire() == bytes.fromhex(edit)
+    assert Result(2, error="no").to_wire() == bytes.fromhex(result)
+    parts = {"report_text": "x", "finalised": True}
+    assert Snapshot(parts).to_wire() == bytes.fromhex(snapshot)
+    assert Edit.from_wire(bytes.fromhex(edit)) == Edit(1, "say", ("hi",))
+    assert decode_from_node(bytes.fromhex(snapshot)) == Snapshot(parts)
+
+
 def test_an_edit_is_refused_by_name_or_shape() -> None:
     edit = Edit(1, "move_cursor", ({"sop_instance_uid": "2.25.9", "frame": 0, "x": 1.0, "y": 2.0},))
     assert Edit.from_wire(edit.to_wire()).parsed() == ((Cursor("2.25.9", 0, 1.0, 2.0),), {})
