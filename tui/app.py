@@ -31,7 +31,7 @@ NODE_ERROR_SECONDS = 30.0
 
 @runtime_checkable
 class ShowsErrors(Protocol):
-    """A node running beside the app (tui.node_thread) whose errors nobody awaits: the
+    """A node running beside the app (tui.remote) whose errors nobody awaits: the
     app shows them, or they would only reach a log nobody reads while the app is up."""
 
     def show_errors(self, show: Callable[[str], None]) -> None: ...

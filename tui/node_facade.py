@@ -1,7 +1,7 @@
 """``NodeFacade`` and ``SessionView`` backed by a running :class:`~node.app.runtime.NodeRuntime`.
 
-Everything here runs on the node's event loop (under `radmesh tui` that is its own
-thread's: :mod:`tui.node_thread` hops each call there), except
+Everything here runs on the node's event loop (under `radmesh tui` that is in the
+node's own process, reached through its control socket: :mod:`tui.remote`), except
 :meth:`RuntimeNode.load_frame`, which the viewer runs on a worker thread (the store
 is thread-safe). Studies come from the node's encrypted store,
 consults from its consult database plus the live sessions it was invited to,

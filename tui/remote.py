@@ -1,40 +1,47 @@
-"""The TUI on a node that already runs in another process (issue 19 item 9).
+"""The TUI on the home's node, which runs in another process (issues 19 item 9, 18 item 2).
 
-A hospital runs its node headless (`radmesh node run`); a person opens `radmesh tui` on
-the same home to look at it. One node per home holds the key and the network, so the
-TUI does not start a second one: it becomes a client of the running node's control
-socket (:mod:`node.app.control`: same user only, checked both ways). Every call of the
-:class:`~tui.facade.NodeFacade` protocol is one ``tui.call`` operation that the node runs
-on its own :class:`~tui.node_facade.RuntimeNode`; values travel as msgpack, the facade's
-dataclasses and frames' pixel arrays encoded here. The transport runs in the node's
-process, not on the UI's loop.
-
-Live sessions are not reachable this way yet (a live session needs a stream of events,
-the control socket answers requests): the viewer opens without the live panel and says
-so. Opening the TUI on a home whose node does not run still runs the node inside it.
+One node per home holds the key and the network; `radmesh tui` is a client of its
+control socket (:mod:`node.app.control`: same user only, checked both ways), whether the
+node was started by the user (`radmesh node run`) or by the TUI itself as its child
+(:mod:`node.cli.tui`). Every call of the :class:`~tui.facade.NodeFacade` protocol is one
+``tui.call`` operation that the node runs on its own :class:`~tui.node_facade.RuntimeNode`;
+values travel as msgpack, the facade's dataclasses and frames' pixel arrays encoded here.
+A live session is one long-lived ``tui.session`` connection (:mod:`tui.remote_session`).
+The transport runs in the node's process: the UI and the network share no GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from node.app.control import ask
+from node.app.control import ControlError, ask, open_stream
 from node.core.config import NodeHome
 from tui import facade as f
+from tui import remote_session
 from tui.imaging import Window
+from tui.remote_session import RemoteSession
 from tui.session import SessionView
+
+if TYPE_CHECKING:
+    from node.app.operations import Operation
+    from node.app.runtime import NodeRuntime
+    from tui.node_facade import RuntimeNode
 
 # A frame is one answer: a 4k x 4k 16-bit radiograph is 32 MiB. The node is this user's
 # own (checked on the socket), so the cap guards against a runaway, not an attacker.
 MAX_ANSWER = 256 * 1024 * 1024
 CALL_TIMEOUT = 60.0  # seconds for one call; a fetch or a request answers well within it
 OPERATION = "tui.call"
+MAX_NOTES = 20  # errors of this side kept among the notifications
+WATCH_SECONDS = 1.0  # how often a TUI looks whether the node process it started still runs
 # What a TUI may ask the running node: the NodeFacade protocol, nothing else.
 CALLS = frozenset(
     {
@@ -52,6 +59,25 @@ _TYPES: dict[str, type[Any]] = {
         f.CriticalAlert, f.PeerInfo, f.TransferInfo, f.ConsultForm, f.GuestProposal,
         f.ReportSection, Window,
     )
+}  # fmt: skip
+
+
+class NodeGone(f.ActionError):
+    """The home's node stopped under the TUI; the text says what to do."""
+
+
+# What the screens read when the node has gone: nothing, and a status that says so.
+WHEN_GONE: dict[str, Callable[[NodeGone], Any]] = {
+    "status": lambda exc: f.NodeStatus("", "the node stopped", "", (("node", str(exc), False),)),
+    **{
+        read: lambda exc: []
+        for read in (
+            "studies", "series", "instances", "consults", "peers", "transfers",
+            "notifications", "guest_proposals", "critical_alerts",
+        )
+    },
+    "load_frame": lambda exc: None,
+    "report": lambda exc: None,
 }  # fmt: skip
 
 
@@ -87,19 +113,44 @@ def decode(value: Any) -> Any:
     return value
 
 
-def operation() -> Callable[[Any, dict[str, Any], Any], Awaitable[Any]]:
-    """The ``tui.call`` operation for one node's control table: one RuntimeNode for all
-    its calls, so its notifications and pseudonym labels stay the same across them."""
-    from tui.node_facade import RuntimeNode
+def operations() -> dict[str, Operation]:
+    """The TUI's operations for one node's control table (``tui.call``, ``tui.session``),
+    on one RuntimeNode, so its notifications and pseudonym labels stay the same across
+    calls and sessions."""
+    facades: dict[int, RuntimeNode] = {}
 
-    facade: RuntimeNode | None = None
+    def facade(rt: NodeRuntime) -> RuntimeNode:
+        from tui.node_facade import RuntimeNode
+
+        if id(rt) not in facades:
+            facades.clear()  # one runtime per control table; a new one (tests) starts afresh
+            facades[id(rt)] = RuntimeNode(rt)
+        return facades[id(rt)]
+
+    return {OPERATION: operation(facade), remote_session.OPERATION: remote_session.stream(facade)}
+
+
+def operation(
+    facade: Callable[[Any], Any] | None = None,
+) -> Callable[[Any, dict[str, Any], Any], Awaitable[Any]]:
+    """The ``tui.call`` operation, on ``facade(runtime)`` (by default one RuntimeNode for
+    all its calls)."""
+    made: list[Any] = []
+
+    def own(rt: Any) -> Any:
+        from tui.node_facade import RuntimeNode
+
+        if not made:
+            made.append(RuntimeNode(rt))
+        return made[0]
+
+    get = facade or own
 
     async def call(rt: Any, args: dict[str, Any], emit: Any) -> Any:
-        nonlocal facade
         method = args.get("method")
         if method not in CALLS:
             return {"refused": f"{method!r} is not something the TUI asks a node"}
-        node = facade = facade or RuntimeNode(rt)
+        node = get(rt)
         try:
             result = getattr(node, method)(*decode(list(args.get("args", []))))
             if asyncio.iscoroutine(result):
@@ -115,24 +166,90 @@ class RemoteNode:
     """:class:`~tui.facade.NodeFacade` over the home's running node. Calls block for one
     round trip on the local socket (a millisecond or two); the node does the work."""
 
-    def __init__(self, home: NodeHome) -> None:
+    def __init__(self, home: NodeHome, *, stopped: Callable[[], str | None] | None = None) -> None:
+        """``stopped``: why the node is gone (its process exited), or None while it runs;
+        asked when a call fails, so the error says what happened."""
         self.home = home
+        self._stopped = stopped or (lambda: None)
+        self._said_gone = False
+        self._own_child = stopped is not None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="radmesh-remote-node", daemon=True
         )
         self._thread.start()
         self._notes: list[str] = []
+        self._show: Callable[[str], None] | None = None
+        self._sessions: list[RemoteSession] = []
 
     def close(self) -> None:
+        async def sessions_closed() -> None:
+            await asyncio.gather(*(s.aclose() for s in self._sessions))
+            others = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in others:  # the watch, a call the UI gave up on
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            asyncio.run_coroutine_threadsafe(sessions_closed(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def show_errors(self, show: Callable[[str], None]) -> None:
+        """Errors nobody awaits (a live session that closed, a refused edit): ``show``
+        runs on the calling (UI) loop."""
+        ui = asyncio.get_running_loop()
+
+        def on_ui(text: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the UI has gone
+                ui.call_soon_threadsafe(show, text)
+
+        self._show = on_ui
+        if self._own_child:
+            asyncio.run_coroutine_threadsafe(self._watch(), self._loop)
+
+    async def _watch(self) -> None:
+        """Say once, unasked, that the node's process ended (the TUI started it)."""
+        while True:  # polled: the process is this one's child, not the loop's
+            if self._stopped():
+                self._error(str(self.gone()))
+                return
+            await asyncio.sleep(WATCH_SECONDS)
+
+    def _error(self, text: str) -> None:
+        """Shown now if the app listens, and kept among the notifications either way."""
+        self._notes.append(text)
+        del self._notes[:-MAX_NOTES]
+        if self._show is not None:
+            self._show(text)
+
+    def gone(self) -> NodeGone:
+        why = self._stopped()
+        return NodeGone(
+            f"the node of this home stopped ({why}): quit (ctrl+q) and run `radmesh tui` again"
+            if why
+            else "the node of this home stopped: start it again, then the TUI"
+        )
 
     async def _ask(self, method: str, args: tuple[Any, ...]) -> Any:
         request = {"method": method, "args": encode(list(args))}
-        running, reply = await ask(self.home, OPERATION, request, lambda _: None, limit=MAX_ANSWER)
+        try:
+            running, reply = await ask(
+                self.home, OPERATION, request, lambda _: None, limit=MAX_ANSWER
+            )
+        except (ControlError, OSError, asyncio.IncompleteReadError) as exc:
+            if self._stopped():
+                raise self.gone() from exc
+            if isinstance(exc, ControlError):
+                raise f.ActionError(str(exc)) from exc
+            raise f.ActionError(
+                f"the node's control socket failed ({exc}): if the node stopped, start it "
+                "again, then the TUI"
+            ) from exc
         if not running:
-            raise f.ActionError("the node of this home stopped: start it again, then the TUI")
+            raise self.gone()
         if "action_error" in reply:
             raise f.ActionError(reply["action_error"])
         if "refused" in reply:
@@ -140,8 +257,18 @@ class RemoteNode:
         return decode(reply["value"])
 
     def _call(self, method: str, *args: Any) -> Any:
+        """One call; a read on a node that has gone is empty (the screens stay up, the
+        error is shown once), an action raises what happened."""
         future = asyncio.run_coroutine_threadsafe(self._ask(method, args), self._loop)
-        return future.result(CALL_TIMEOUT)
+        try:
+            return future.result(CALL_TIMEOUT)
+        except NodeGone as exc:
+            if method not in WHEN_GONE:
+                raise
+            if not self._own_child and not self._said_gone:  # else the watch says it
+                self._said_gone = True
+                self._error(str(exc))
+            return WHEN_GONE[method](exc)
 
     async def _acall(self, method: str, *args: Any) -> Any:
         future = asyncio.run_coroutine_threadsafe(self._ask(method, args), self._loop)
@@ -188,10 +315,28 @@ class RemoteNode:
         self._call("mark_verified", peer_node_id)
 
     def open_session(self, study_uid: str) -> SessionView | None:
-        note = "Live sessions open in the TUI that runs the node; this one is attached to it"
-        if note not in self._notes:
-            self._notes.append(note)
-        return None
+        async def opening() -> tuple[Any, Any] | None:
+            return await open_stream(
+                self.home,
+                remote_session.OPERATION,
+                {"study_uid": study_uid},
+                limit=remote_session.MAX_SNAPSHOT,
+            )
+
+        try:
+            future = asyncio.run_coroutine_threadsafe(opening(), self._loop)
+            opened = future.result(CALL_TIMEOUT)
+            if opened is None:
+                raise self.gone()
+            session = RemoteSession(opened[0], opened[1], self._loop, self._error)
+            self._sessions = [s for s in self._sessions if not s.closed]
+            self._sessions.append(session)  # closed with the node, whatever happens next
+            session.wait_open()
+        except (ControlError, OSError, f.ActionError, concurrent.futures.TimeoutError) as exc:
+            # the viewer opens without the live panel, and says why
+            self._error(f"The live session did not open: {exc or 'the node did not answer'}")
+            return None
+        return session
 
     def record_view(self, study_uid: str, live: bool) -> None:
         self._call("record_view", study_uid, live)

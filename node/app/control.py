@@ -23,6 +23,11 @@ when the socket's directory or an existing socket file is another user's, and
 says what to do. Frames are a 4-byte length and msgpack, capped before parsing: a
 :class:`ControlRequest` one way; :class:`Progress` lines, then an :class:`Answer` or a
 :class:`Failure`, the other.
+
+A :class:`Stream` operation keeps its connection after the :class:`Answer` (the TUI's
+live session, :mod:`tui.remote_session`): both ends then send frames of that
+operation's own protocol on it (:class:`Channel`, each frame capped before it is read),
+until either closes it. The node closes every stream when it stops.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -263,6 +268,68 @@ def _same_user(writer: asyncio.StreamWriter) -> bool:
     return _peer_uid(sock) == os.getuid()
 
 
+class Channel:
+    """One control connection kept open by a :class:`Stream` operation: length-prefixed
+    frames both ways, each capped before it is read. ``send`` waits while the other end
+    does not read (the socket's buffer is the only queue)."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int
+    ) -> None:
+        self._reader, self._writer, self.limit = reader, writer, limit
+        self.answered = False
+
+    async def recv(self) -> bytes | None:
+        """The next frame's payload; None when the other end closed the connection.
+        ControlError for a frame over ``limit`` (nothing of it is read)."""
+        try:
+            return await _read_frame(self._reader, self.limit)
+        except asyncio.IncompleteReadError:
+            return None
+
+    async def send(self, payload: bytes) -> None:
+        self.write(payload)
+        await self._writer.drain()
+
+    def write(self, payload: bytes) -> None:
+        """Queue one frame without waiting (for small frames sent in order from callbacks)."""
+        self._writer.write(struct.pack(">I", len(payload)) + payload)
+
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the socket."""
+        return self._writer.transport.get_write_buffer_size()
+
+    async def answer(self, result: Any) -> None:
+        """The node's side: the stream is open (the client's :func:`open_stream` returns)."""
+        self.answered = True
+        self._writer.write(Answer(result).to_wire())
+        await self._writer.drain()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._writer.is_closing()
+
+
+# How a stream ends that is no crash of the node: refused, or the client went away.
+_STREAM_ENDS: tuple[type[Exception], ...] = (*USER_ERRORS, ConnectionError)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """An operation that keeps its connection: ``serve(runtime, args, channel)`` answers
+    with :meth:`Channel.answer`, then talks on the channel until either end closes it.
+    Called as a plain operation (a node brought up for one command), it refuses."""
+
+    serve: Callable[[NodeRuntime, dict[str, Any], Channel], Awaitable[None]]
+    limit: int = MAX_REQUEST  # the largest frame the client may send on it
+
+    async def __call__(self, rt: NodeRuntime, args: dict[str, Any], emit: Emit) -> Any:
+        raise ControlError("this operation needs a running node: start `radmesh node run`")
+
+
 @dataclass
 class ControlServer:
     """Runs ``operations`` (:data:`node.app.operations.OPERATIONS`) for local commands on a
@@ -272,6 +339,7 @@ class ControlServer:
     operations: Mapping[str, Operation]
     server: asyncio.AbstractServer | None = None
     listener: socket.socket | None = None
+    streams: set[Channel] = field(default_factory=set)
 
     def bind(self) -> None:
         """Take the socket before the node starts anything (a squatted socket stops the
@@ -286,6 +354,8 @@ class ControlServer:
 
     async def close(self) -> None:
         bound = self.server is not None or self.listener is not None
+        for channel in list(self.streams):  # an attached TUI's sessions end with the node
+            channel.close()
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
@@ -303,6 +373,10 @@ class ControlServer:
                 return
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 request = ControlRequest.from_wire(await _read_frame(reader, MAX_REQUEST))
+            operation = self.operations.get(request.op) if request is not None else None
+            if request is not None and isinstance(operation, Stream):
+                await self._stream(operation, request, reader, writer)
+                return
             reply = await self._run(request, lambda line: writer.write(Progress(line).to_wire()))
             writer.write(reply.to_wire())
             await writer.drain()
@@ -310,6 +384,29 @@ class ControlServer:
             log.warning("control socket: request dropped: %r", exc)
         finally:
             writer.close()
+
+    async def _stream(
+        self,
+        stream: Stream,
+        request: ControlRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        channel = Channel(reader, writer, stream.limit)
+        self.streams.add(channel)
+        try:
+            await stream.serve(self.runtime, request.args, channel)
+        except _STREAM_ENDS as exc:
+            if not channel.answered:
+                writer.write(Failure(str(exc)).to_wire())
+            else:
+                log.warning("control stream %s closed: %s", request.op, exc)
+        except Exception as exc:
+            log.exception("control stream %s failed", request.op)
+            if not channel.answered:
+                writer.write(Failure(f"the running node failed: {exc!r}").to_wire())
+        finally:
+            self.streams.discard(channel)
 
     async def _run(self, request: ControlRequest | None, emit: Emit) -> Answer | Failure:
         if request is None or request.op not in self.operations:
@@ -329,25 +426,9 @@ async def ask(
 ) -> tuple[bool, Any]:
     """(True, result) from the home's running node, or (False, None) if none runs.
     ``limit``: the largest answer read (the TUI asks for whole frames)."""
-    path = socket_path(home)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with _reachable(path) as where:
-            sock.connect(where)  # local and listening, or refused at once
-    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
-        sock.close()
-        return False, None  # no node runs (a socket file left by a crash refuses)
-    except OSError:
-        sock.close()
-        raise
-    uid = _peer_uid(sock)
-    if uid != os.getuid():
-        sock.close()
-        raise ControlError(
-            f"the control socket {path} is served by a process of another user (uid {uid}), "
-            "not by this home's node: nothing was sent to it. Stop that process, then run "
-            "`radmesh doctor --fix`"
-        )
+    sock = await _connect(home)
+    if sock is None:
+        return False, None
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     try:
         writer.write(ControlRequest(op, args).to_wire())
@@ -369,6 +450,56 @@ async def ask(
         writer.close()
 
 
+async def _connect(home: NodeHome) -> socket.socket | None:
+    path = socket_path(home)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _reachable(path) as where:
+            sock.connect(where)  # local and listening, or refused at once
+    except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
+        sock.close()
+        return None  # no node runs (a socket file left by a crash refuses)
+    except OSError:
+        sock.close()
+        raise
+    uid = _peer_uid(sock)
+    if uid != os.getuid():
+        sock.close()
+        raise ControlError(
+            f"the control socket {path} is served by a process of another user (uid {uid}), "
+            "not by this home's node: nothing was sent to it. Stop that process, then run "
+            "`radmesh doctor --fix`"
+        )
+    return sock
+
+
+async def open_stream(
+    home: NodeHome, op: str, args: dict[str, Any], *, limit: int
+) -> tuple[Any, Channel] | None:
+    """Open the :class:`Stream` operation ``op`` on the home's running node: its answer and
+    the channel (frames up to ``limit`` read from it), or None if no node runs."""
+    sock = await _connect(home)
+    if sock is None:
+        return None
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    channel = Channel(reader, writer, limit)
+    try:
+        writer.write(ControlRequest(op, args).to_wire())
+        await writer.drain()
+        payload = await channel.recv()
+        if payload is None:
+            raise ControlError("the running node closed the control connection: see its log")
+        reply = decode_reply(payload)
+        if isinstance(reply, Failure):
+            raise ControlError(reply.error)
+        if not isinstance(reply, Answer):
+            raise ControlError("the running node sent progress where a stream opens")
+    except BaseException:
+        channel.close()
+        raise
+    return reply.result, channel
+
+
 async def ask_running(
     home: NodeHome, op: str, args: dict[str, Any], emit: Emit
 ) -> tuple[bool, Any]:
@@ -379,6 +510,7 @@ async def ask_running(
 
 __all__ = [
     "Answer",
+    "Channel",
     "ControlError",
     "ControlMessage",
     "ControlRequest",
@@ -389,8 +521,10 @@ __all__ = [
     "HomeLock",
     "Progress",
     "Reply",
+    "Stream",
     "ask",
     "ask_running",
     "decode_reply",
+    "open_stream",
     "socket_path",
 ]

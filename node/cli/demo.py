@@ -11,10 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from crypto.safety import safety_number
 from node.cli.tui import add_low_bandwidth
-from node.core.config import NodeConfig
+from node.core.config import NodeConfig, NodeHome
 
 if TYPE_CHECKING:
     pass
+
+
+READY = "tui.ready"  # written under the demo directory once the request waits
+STARTUP_SECONDS = 300.0  # the registry, three nodes, the CT and the request (Orthanc too)
 
 
 def run_interactive(
@@ -22,46 +26,67 @@ def run_interactive(
 ) -> int:
     """Send the STAT request, then open the TUI as the neuroradiologist: the request waits
     in the worklist; once accepted and fetched, the scripted surgeon joins a live session.
-    The demo's nodes and the surgeon run on their own thread (tui.node_thread), the TUI
-    on this one, as `radmesh tui` runs its node."""
-    import asyncio
-
-    from node.demo.story import DemoNetwork, send_request, surgeon_when_ready
-    from tui.app import RadmeshApp
-    from tui.node_facade import RuntimeNode
-    from tui.node_thread import NodeThread, ThreadedNode
+    The demo's registry, nodes and surgeon run in a child process (``demo --serve``; its
+    steps go to demo.log), the TUI in this one attached to the neuroradiologist's node,
+    as `radmesh tui` runs its node."""
+    from node.cli.tui import NodeChild, node_running, run_app
+    from node.core.errors import NodeError
+    from node.demo.story import NEURORAD
 
     shutil.rmtree(root, ignore_errors=True)
-    net = DemoNetwork(root)
-    surgeon: asyncio.Future[None] | None = None
+    root.mkdir(parents=True)
+    home = NodeHome(root / NEURORAD.key)
+    argv = ["demo", "--serve", "--dir", str(root), "--slices", str(slices), "--rows", str(rows)]
+    if not with_pacs:
+        argv.append("--no-pacs")
+    log = root / "demo.log"
+    print(f"staging the case (registry, three nodes, the CT, the STAT request; steps in {log})")
+    try:
+        child = NodeChild.start(
+            home,
+            argv,
+            log=log,
+            ready=lambda: (root / READY).exists() and node_running(home),
+            within=STARTUP_SECONDS,
+        )
+    except (NodeError, OSError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        run_app(home, low_bandwidth, child)
+    finally:
+        child.stop()
+    print(f"demo stopped; its files are under {root} (the scripted steps: {log})")
+    return 0
 
-    async def stop_surgeon() -> None:
+
+async def serve(root: Path, *, slices: int, rows: int, with_pacs: bool) -> int:
+    """``demo --serve``: the interactive demo's network, until SIGTERM (the TUI quit)."""
+    import asyncio
+    import contextlib
+
+    from node.cli.node import with_tui_operation
+    from node.demo.story import NEURORAD, DemoNetwork, send_request, surgeon_when_ready
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    net = DemoNetwork(root, tui_role=NEURORAD.key, tui_operations=with_tui_operation())
+    surgeon: asyncio.Future[None] | None = None
+    try:
+        await net.start(with_pacs=with_pacs)
+        requested = await send_request(net, slices=slices, rows=rows)
+        net.say("the request waits in the neuroradiologist's worklist: the TUI opens")
+        (root / READY).touch()
+        surgeon = asyncio.ensure_future(surgeon_when_ready(net, requested, rows))
+        await stop.wait()
+    finally:
         if surgeon is not None:
             surgeon.cancel()
-            await asyncio.gather(surgeon, return_exceptions=True)
-
-    with NodeThread("radmesh-demo") as thread:
-        try:
-            thread.run(net.start(with_pacs=with_pacs))
-            requested = thread.run(send_request(net, slices=slices, rows=rows))
-            net.say(
-                "opening the TUI as the neuroradiologist: the request waits in the worklist "
-                "(a accept, f fetch, enter open; ? help, ctrl+q quit)"
-            )
-            # The scripted surgeon's steps go to a file while the TUI owns the terminal
-            # (printed there, they were drawn over the screen).
-            with (root / "demo.log").open("a") as steps:
-                net.out = steps
-                surgeon = thread.call(
-                    asyncio.ensure_future, surgeon_when_ready(net, requested, rows)
-                )
-                node = ThreadedNode(RuntimeNode(net.nodes["neurorad"]), thread)
-                asyncio.run(RadmeshApp(node, low_bandwidth=low_bandwidth).run_async())
-        finally:
-            thread.run(stop_surgeon())
-            net.out = sys.stdout
-            thread.run(net.stop())
-    print(f"demo stopped; its files are under {root} (the scripted steps: {root / 'demo.log'})")
+            with contextlib.suppress(asyncio.CancelledError):
+                await surgeon
+        await net.stop()
     return 0
 
 
@@ -81,6 +106,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from node.demo.story import ROLES, demo_home
 
     root = Path(args.dir).resolve()
+    if args.serve:
+        import asyncio
+
+        return asyncio.run(
+            serve(root, slices=args.slices, rows=args.rows, with_pacs=not args.no_pacs)
+        )
     if args.headless or args.interactive:
         _hangup_stops_the_demo()
     if args.headless:
@@ -140,6 +171,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="stage the case and open the TUI as the neuroradiologist (what `make demo` runs)",
     )
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # --interactive's
     p.add_argument("--slices", type=int, default=40, help="CT slices in the demo study")
     p.add_argument("--rows", type=int, default=512, help="CT matrix size (rows = columns)")
     p.add_argument("--no-pacs", action="store_true", help="do not start Orthanc as the PACS")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +22,13 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
 
     home = home_of(args)
     home.require()
+    config = home.load_config()
+    if getattr(args, "listen", None) is not None:  # `radmesh tui`'s options, for this run
+        config.network = dataclasses.replace(config.network, listen_host=args.listen)
+    if getattr(args, "no_mdns", False):
+        config.network = dataclasses.replace(config.network, mdns=False)
     runtime = NodeRuntime(
-        home, load_identity(home.key_path), control=True, operations=with_tui_operation()
+        home, load_identity(home.key_path), config, control=True, operations=with_tui_operation()
     )
     await runtime.start()  # its services too: serve fetches, file reports, resume fetches
     stop = stop or asyncio.Event()
@@ -37,6 +43,8 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
         print(f"  registry {url}: {state}")
     print("Ctrl-C stops it; radmesh commands on this home run on it.", flush=True)
     try:
+        if getattr(args, "for_tui", False):  # the notifications are the TUI's to show
+            await stop.wait()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):  # not wait_for: it can lose a notification
@@ -49,12 +57,12 @@ async def run_node(args: argparse.Namespace, stop: asyncio.Event | None = None) 
 
 
 def with_tui_operation() -> dict[str, Operation]:
-    """The control table with the operation `radmesh tui` on this home attaches through
-    (:mod:`tui.remote`)."""
+    """The control table with the operations `radmesh tui` on this home attaches through
+    (:mod:`tui.remote`: its calls and its live sessions)."""
     from node.app.operations import OPERATIONS
     from tui import remote
 
-    return {**OPERATIONS, remote.OPERATION: remote.operation()}
+    return {**OPERATIONS, **remote.operations()}
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:
@@ -73,4 +81,8 @@ def register(sub: Any) -> None:
         help="run until Ctrl-C: registries, LAN endpoint, mDNS, DICOM listener, peers",
         description="Run the node: publish to registries, accept peers, receive from the PACS.",
     )
+    run.add_argument("--listen", metavar="HOST", help="LAN endpoint address for this run")
+    run.add_argument("--no-mdns", action="store_true", help="no mDNS discovery for this run")
+    # `radmesh tui`'s child: notifications stay queued for the TUI, not printed to the log
+    run.add_argument("--for-tui", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_node_run)

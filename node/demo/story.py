@@ -25,7 +25,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,6 +43,7 @@ from node.core.config import NetworkConfig, NodeConfig, NodeHome
 from node.demo.phantom import DemoPatient, DemoStudy, collection_span, generate_ct
 from node.core.errors import NodeError
 from node.core.keystore import load_identity, save_identity
+from node.app.operations import OPERATIONS, Operation
 from node.app.runtime import NodeRuntime
 from peer_transport.connection import TransportOptions
 from peer_transport.errors import TransportError
@@ -121,6 +122,10 @@ class DemoNetwork:
     # The case in a few lines, printed once the scenario is over (run_headless).
     summary: list[str] = field(default_factory=list)
     _started: float = field(default_factory=time.monotonic)
+    # The interactive demo: this role's node answers a TUI in another process on its
+    # control socket, with these operations (node.cli.node.with_tui_operation).
+    tui_role: str = ""
+    tui_operations: Mapping[str, Operation] = field(default_factory=dict)
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self._started:6.2f}s] {text}", file=self.out, flush=True)
@@ -159,11 +164,14 @@ class DemoNetwork:
                 config.dicom.pacs_port = self.pacs_server.dicom_port
                 config.dicom.pacs_ae_title = self.pacs_server.ae_title
             home.save_config(config)
+            tui = role.key == self.tui_role
             runtime = NodeRuntime(
                 home,
                 identity,
                 config,
                 transport_options=TransportOptions(rtc=RtcOptions(ice_servers=())),
+                control=tui,
+                operations=self.tui_operations if tui else OPERATIONS,
             )
             await runtime.start()
             runtime.live_hub()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from node.app import control
 from node.cli import main
+from node.cli.tui import NodeChild, NodeStartFailed, node_running
 from node.core.config import NodeHome
 from node.demo.phantom import generate_ct
 from tests.tui.pilots import press
@@ -96,8 +98,6 @@ def test_the_facade_reads_the_running_nodes_store(
         original = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in files}
         assert np.array_equal(frame.pixels, pydicom.dcmread(original[refs[0].sop_uid]).pixel_array)
         assert node.consults() == []
-        assert node.open_session(study.study_uid) is None  # live: in the node's own TUI
-        assert any("Live sessions open" in n for n in node.notifications())
         with pytest.raises(ActionError, match="no consult request"):  # as the node said it
             node.fetch("0" * 32)
     finally:
@@ -135,3 +135,55 @@ def test_radmesh_tui_on_a_running_home_attaches_instead_of_refusing(
     monkeypatch.setattr(RadmeshApp, "run", lambda self: opened.append(type(self.node).__name__))
     assert main(["--home", str(home.root), "tui"]) == 0
     assert opened == ["RemoteNode"]
+    assert node_running(home)  # the user's own node: left running
+
+
+@pytest.mark.slow
+def test_radmesh_tui_runs_its_node_as_a_child_and_stops_it_on_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "home"
+    init = ["init", "--name", "Day Node", "--country", "IE", "--no-passphrase", "--no-mdns"]
+    assert main(["--home", str(root), *init]) == 0
+    home = NodeHome(root)
+    seen: list[tuple[str, bool, int]] = []
+
+    def run(app: RadmeshApp) -> None:  # what the app would see, while it would run
+        node = app.node
+        assert isinstance(node, RemoteNode)
+        seen.append((node.status().display_name, node_running(home), os.getpid()))
+
+    monkeypatch.setattr(RadmeshApp, "run", run)
+    assert main(["--home", str(root), "tui"]) == 0
+    assert seen == [("Day Node", True, os.getpid())]  # the app here, the node elsewhere
+    assert not node_running(home)  # stopped with the app
+    assert "running" in (home.data_dir / "tui-node.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_child_node_that_cannot_start_is_an_error_naming_its_log(tmp_path: Path) -> None:
+    root = tmp_path / "home"
+    assert main(["--home", str(root), "init", "--name", "X", "--no-passphrase"]) == 0
+    home = NodeHome(root)
+    with pytest.raises(NodeStartFailed, match=r"exited with code \d+; see .*tui-node\.log"):
+        NodeChild.start(home, ["--home", str(root), "no-such-command"])
+
+
+@pytest.mark.slow
+def test_a_call_after_the_child_node_died_says_what_to_do(tmp_path: Path) -> None:
+    root = tmp_path / "home"
+    assert main(["--home", str(root), "init", "--name", "X", "--no-passphrase", "--no-mdns"]) == 0
+    home = NodeHome(root)
+    child = NodeChild.start(home, ["--home", str(root), "node", "run", "--no-mdns"])
+    node = RemoteNode(home, stopped=child.exited)
+    try:
+        assert node.status().display_name == "X"
+        child.process.kill()
+        child.process.wait(10)
+        with pytest.raises(ActionError, match=r"exited with code -9.*ctrl\+q.*radmesh tui"):
+            node.fetch("0" * 32)  # an action says what happened
+        assert node.studies() == []  # a read is empty: the screens stay up
+        assert "exited with code -9" in str(node.status().lines)
+    finally:
+        node.close()
+        child.stop()

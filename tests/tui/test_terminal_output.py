@@ -326,10 +326,10 @@ def test_radmesh_tui_low_bandwidth_reaches_the_app(
     assert main(["--home", home, *init]) == 0
     opened: list[bool] = []
 
-    async def run_async(self: RadmeshApp) -> None:  # the app as `radmesh tui` built it
+    def run(self: RadmeshApp) -> None:  # the app as `radmesh tui` built it
         opened.append(self.low_bandwidth)
 
-    monkeypatch.setattr(RadmeshApp, "run_async", run_async)
+    monkeypatch.setattr(RadmeshApp, "run", run)
     monkeypatch.setenv("RADMESH_GRAPHICS", "halfblock")
     monkeypatch.delenv("RADMESH_LOW_BANDWIDTH", raising=False)
     if env is not None:

@@ -210,8 +210,11 @@ class HomeScreen(Screen[None]):
     def _tick(self) -> None:
         # Another screen is up (it refreshes on resume), or the app is closing and tearing the
         # widgets down under the timer: a query would then find nothing.
-        if self.is_attached and self.is_current and self._snapshot() != self._shown:
-            self.refresh_data()
+        try:
+            if self.is_attached and self.is_current and self._snapshot() != self._shown:
+                self.refresh_data()
+        except ActionError:
+            pass  # the node stopped: the app shows that error by itself (tui.remote)
 
     def _snapshot(self) -> tuple[object, ...]:
         """What the screen shows: redrawn only when this changed (each redraw rewrites the
