@@ -403,7 +403,10 @@ async def _kill_link(conn: PeerConnection) -> None:
     await kill_link(conn)
 
 
-WINDOW = 16  # chunks in flight, so a chunk is answered well within the request timeout
+# Chunks in flight: a study of SERIES slices (three chunks each) spans three windows, and a
+# chunk is answered well within the request timeout.
+WINDOW = 4
+SERIES = 4
 REQUEST_TIMEOUT = 2.0
 
 
@@ -446,7 +449,7 @@ async def test_connections_killed_at_random_points_every_study_completes_byte_ex
         m.trust(a, b)
         conns = (await a.connect(b.identity.public_key), await b.accept(10))
         for n in range(transfers):
-            files = ct_series(8, seed=seed + n, size=512)
+            files = ct_series(SERIES, seed=seed + n, size=512)
             study = await PreparedStudy.from_files(files, a.identity)
             total = sum(d.chunk_count(study.manifest.chunk_size) for d in study.declared.values())
             kill_at = rng.randint(1, total)
