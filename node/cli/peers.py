@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crypto.errors import InvalidNodeId
-from crypto.identity import NodeId
+from crypto.identity import Identity, NodeId
 from crypto.safety import safety_number
 from node.app import control
 from node.cli.identity import home_of
@@ -140,9 +140,16 @@ def _confirm(prompt: str) -> bool:
     return input(prompt).strip().lower() in ("y", "yes")
 
 
-def _audit_trust(home: NodeHome, event: str, peer: str | None, **details: str | int) -> None:
-    """A trust change is an audit record (who, what, which peer); signed on close."""
-    identity = load_identity(home.key_path)
+def _audit_trust(
+    home: NodeHome,
+    event: str,
+    peer: str | None,
+    identity: Identity | None = None,
+    **details: str | int,
+) -> None:
+    """A trust change is an audit record (who, what, which peer); signed on close.
+    ``identity``: the node's, when the command has unlocked it already (asked once)."""
+    identity = identity or load_identity(home.key_path)
     with open_audit(home, identity) as audit:
         audit.append(
             AuditKind.TRUST, now=time.time(), peer=peer, details={"event": event, **details}
@@ -162,7 +169,7 @@ def cmd_trust_verify(args: argparse.Namespace) -> int:
         print("Not verified. Nothing changed.")
         return 1
     open_trust(home).mark_verified(peer_id, _now(), method="safety-number")
-    _audit_trust(home, "verify", str(peer_id), method="safety-number")
+    _audit_trust(home, "verify", str(peer_id), me, method="safety-number")
     print(f"{peer_id.short()} is now verified.")
     return 0
 

@@ -534,6 +534,7 @@ async def receive_study(
     sender_key: bytes | None = None,
     expect_study: str | None = None,
     spool_key: bytes | None = None,
+    window: int = DEFAULT_WINDOW,
 ) -> Progress:
     """Fetch the study ``link``'s peer offers into ``store``; audit the outcome.
 
@@ -544,6 +545,7 @@ async def receive_study(
     at once instead of waiting for the sender to offer again. ``spool_key`` seals the
     spool (a node passes ``identity.derive_key(transfer.SPOOL_KEY_PURPOSE)``; without
     one the spool is sealed with a key that lives only as long as this process).
+    ``window`` is the chunks in flight (tests set it small, so a small study spans many).
     """
     receiver = StudyReceiver(
         link,
@@ -554,6 +556,7 @@ async def receive_study(
         sender_key=sender_key,
         expect_study=expect_study,
         spool_key=spool_key,
+        window=window,
     )
     if on_receiver is not None:  # lets a caller read the manifest and steer (the viewer)
         on_receiver(receiver)

@@ -11,6 +11,7 @@ import pytest
 from crypto import keyfile
 from crypto.identity import NodeId
 from node.cli import main
+from node.core import keystore
 
 # Argon2id at its minimum cost: the key file format is the same, the tests are fast.
 CHEAP_KDF = keyfile.KdfCost(nacl.pwhash.argon2id.OPSLIMIT_MIN, nacl.pwhash.argon2id.MEMLIMIT_MIN)
@@ -43,6 +44,31 @@ def test_init_with_passphrase_then_id(
     assert _node_id(capsys.readouterr().out) == created
     assert b"s3cret" not in (home / "identity.key").read_bytes()
     assert "neuro" in (home / "config.toml").read_text()
+
+
+def test_trust_verify_unlocks_the_key_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The safety number and the audit record of the change are one unlock of the key: one
+    passphrase prompt, one Argon2id (it asked twice)."""
+    monkeypatch.setenv("RADMESH_PASSPHRASE", "s3cret pass")
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["--home", str(b), "init", "--name", "Dr B"]) == 0
+    peer = _node_id(capsys.readouterr().out)
+    assert main(["--home", str(a), "init", "--name", "Dr A"]) == 0
+    capsys.readouterr()
+    asked: list[str] = []
+
+    def prompt(prompt: str = "") -> str | None:
+        asked.append(prompt)
+        return "s3cret pass"
+
+    monkeypatch.setattr(keystore, "passphrase_from_env_or_prompt", prompt)
+    assert main(["--home", str(a), "trust", "verify", str(peer), "--yes"]) == 0
+    assert f"{peer.short()} is now verified." in capsys.readouterr().out
+    assert len(asked) == 1
+    assert main(["--home", str(a), "audit", "show"]) == 0
+    assert "trust" in capsys.readouterr().out
 
 
 def test_wrong_passphrase_is_a_clear_error(

@@ -40,7 +40,6 @@ from peer_transport.transfer.manifest import chunk_count
 from peer_transport.transfer.messages import CHUNK_SIZE
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.progress import Progress
-from peer_transport.transfer.receiver import DEFAULT_WINDOW
 from peer_transport.transfer.runner import StudyReceiver, StudySender
 from registry.directory import PeerDirectory
 from registry.records import NodeRecord
@@ -237,7 +236,8 @@ def _listening(port: int) -> bool:
 
 
 def _fetch(receiver: Home, sender: Home) -> NodeProcess:
-    proc = NodeProcess(receiver, "fetch", "--from", sender.node_id, "--wait", "60")
+    env = {"RADMESH_TEST_WINDOW": str(FETCH_WINDOW)}
+    proc = NodeProcess(receiver, "fetch", "--from", sender.node_id, "--wait", "60", env=env)
     proc.wait_until(lambda: _listening(receiver.port), 20, "listening")
     return proc
 
@@ -251,7 +251,10 @@ def _send(sender: Home, receiver: Home, study: Study, reoffer: bool = True) -> N
 
 # -- tests -----------------------------------------------------------------------------------
 
-SLICES = 48  # of 512 x 512 CT, about three chunks each on the wire
+SLICES = 16  # of 512 x 512 CT, three chunks each on the wire: six windows
+# The fetch's window (chunks in flight; the node's is receiver.DEFAULT_WINDOW): small, so
+# that a small study spans several and a kill can leave more than one window to resend.
+FETCH_WINDOW = 8
 
 
 CT_SEED = 0  # the CT's pixels; each test's own random seed picks where it kills
@@ -259,9 +262,9 @@ CT_SEED = 0  # the CT's pixels; each test's own random seed picks where it kills
 
 @pytest.fixture(scope="session")
 def ct_files(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> list[bytes]:
-    """The CT every process-kill test sends, generated once per run: its 48 slices of
-    512 x 512 cost more CPU than sending them. The xdist workers share one copy (in the
-    run's temporary directory, written under a lock, complete once ``done`` exists)."""
+    """The CT every process-kill test sends, generated once per run: the xdist workers
+    share one copy (in the run's temporary directory, written under a lock, complete once
+    ``done`` exists)."""
     root = tmp_path_factory.getbasetemp()
     root = root if worker_id == "master" else root.parent
     folder = root / f"transfer-faults-ct-{SLICES}"
@@ -285,7 +288,7 @@ def _kill_point(seed: int, study: Study) -> int:
     """Instances stored before the kill: late enough that starting over would resend more
     than the window, early enough to leave work to resume."""
     per_instance = study.chunks / SLICES
-    return random.Random(seed).randint(int(DEFAULT_WINDOW / per_instance) + 2, SLICES - 8)
+    return random.Random(seed).randint(int(FETCH_WINDOW / per_instance) + 2, SLICES - 8)
 
 
 def _receiver_killed(
@@ -320,7 +323,7 @@ def _all_stored_and_at_most_a_window_resent(
     receiver: Home, study: Study, sent: int, why: str
 ) -> None:
     assert _stored(receiver, study) == study.by_hash, why
-    assert sent <= study.chunks + DEFAULT_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
+    assert sent <= study.chunks + FETCH_WINDOW, f"{why}: {sent} of {study.chunks} chunks"
 
 
 def test_receiver_killed_and_restarted_asks_for_its_transfer_and_resends_at_most_the_window(
@@ -400,7 +403,10 @@ async def _kill_link(conn: PeerConnection) -> None:
     await kill_link(conn)
 
 
-WINDOW = 16  # chunks in flight, so a chunk is answered well within the request timeout
+# Chunks in flight: a study of SERIES slices (three chunks each) spans three windows, and a
+# chunk is answered well within the request timeout.
+WINDOW = 4
+SERIES = 4
 REQUEST_TIMEOUT = 2.0
 
 
@@ -443,7 +449,7 @@ async def test_connections_killed_at_random_points_every_study_completes_byte_ex
         m.trust(a, b)
         conns = (await a.connect(b.identity.public_key), await b.accept(10))
         for n in range(transfers):
-            files = ct_series(8, seed=seed + n, size=512)
+            files = ct_series(SERIES, seed=seed + n, size=512)
             study = await PreparedStudy.from_files(files, a.identity)
             total = sum(d.chunk_count(study.manifest.chunk_size) for d in study.declared.values())
             kill_at = rng.randint(1, total)

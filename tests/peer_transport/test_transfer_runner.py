@@ -99,7 +99,7 @@ async def test_files_from_two_studies_are_refused() -> None:
 
 @pytest.mark.slow
 async def test_real_aiortc_loopback_transfers_a_ct_study_byte_exact(tmp_path: Path) -> None:
-    files = ct_series(12, seed=21, size=512)
+    files = ct_series(6, seed=21, size=512)  # 18 chunks
     study = await PreparedStudy.from_files(files, Identity.generate())
     pc_a, link_a, pc_b, link_b = await rtc_link.pair()
     store = MemoryStore()
