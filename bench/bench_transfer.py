@@ -13,8 +13,9 @@ loopback test. The study runs of ``main`` use the SCTP setting of the node's own
 channel they are compared with is stock aiortc. ``--ratio`` measures the levers one by
 one.
 
-Stand-in until peer_transport/connection.py (handshake, encryption, heartbeat)
-lands: two negotiated channels, ``control`` and ``bulk``, and a
+The link is a stand-in for peer_transport/connection.py without its handshake,
+per-channel encryption and heartbeat (libsodium's secretbox costs little next to
+the SCTP): two negotiated channels, ``control`` and ``bulk``, and a
 :class:`ChannelLink` that gives the transfer runner ``send_control`` and a
 ``send_bulk`` that waits on ``bufferedamountlow`` (backpressure).
 """
