@@ -24,14 +24,9 @@ from aiortc import rtcsctptransport as stock
 
 from bench import bench_transfer as rtc_link
 from bench.bench_codec import ct_series
-from crypto.identity import Identity
 from peer_transport import pmtu, sctp
 from peer_transport.pmtu import MAX_PROBES, PmtuError, PmtuSearch, State
-from peer_transport.transfer.machine import State as TransferState
-from peer_transport.transfer.prepared import PreparedStudy
-from peer_transport.transfer.progress import Progress
-from peer_transport.transfer.runner import StudyReceiver, StudySender
-from tests.peer_transport.transfer_links import MemoryStore
+from tests.peer_transport.transfer_links import crash_then_resume
 
 BASE = sctp.BASE_PACKET
 SIZES = pmtu.PROBE_SIZES
@@ -382,46 +377,17 @@ async def test_a_black_hole_mid_transfer_falls_back_and_the_transfer_completes()
 @pytest.mark.webrtc
 async def test_a_study_moves_byte_exact_over_large_packets_and_resumes(tmp_path: Path) -> None:
     """A receiver dies halfway; a new connection (searching again) finishes the study."""
-    files = ct_series(8, seed=63, size=512)
-    study = await PreparedStudy.from_files(files, Identity.generate())
-    total_chunks = sum(d.chunk_count(study.manifest.chunk_size) for d in study.declared.values())
-    store = MemoryStore()
-    window, sent = 4, 0
-    for attempt in range(2):
-        pc_a, link_a, pc_b, link_b, (a, b), (path_a, _) = await _pair()
+    paths = []
+
+    async def connect() -> Any:
+        pc_a, link_a, pc_b, link_b, (a, _b), (path_a, _) = await _pair()
         assert a is not None
-        assert b is not None
         await _settled(a, State.DONE)
-        halfway = asyncio.Event()
+        paths.append(path_a)
+        return link_a, link_b, lambda: _close(pc_a, pc_b)
 
-        def note(p: Progress, halfway: asyncio.Event = halfway) -> None:
-            if p.instances_done >= 3:
-                halfway.set()
-
-        receiver = StudyReceiver(link_b, tmp_path / "spool", store, "peer-a", note, window=window)
-        sender = StudySender(study, link_a)
-        link_a.attach(sender.on_control, lambda _d: None)
-        link_b.attach(receiver.on_control, receiver.on_bulk)
-        tasks = [asyncio.create_task(receiver.run()), asyncio.create_task(sender.run())]
-        try:
-            if attempt == 0:
-                await asyncio.wait_for(halfway.wait(), 60)
-            else:
-                progress, state = await asyncio.wait_for(asyncio.gather(*tasks), 60)
-                assert state is TransferState.COMPLETE
-                assert isinstance(progress, Progress)
-                assert progress.instances_done == len(files)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await _close(pc_a, pc_b)
-        sent += sender.protocol.chunks_sent
-        assert max(path_a.sizes) == 16384 + GCM
-        if attempt == 0:
-            assert 3 <= len(store.by_hash) < len(files)
-    assert sorted(store.by_hash.values()) == sorted(files)
-    assert sent <= total_chunks + window
+    await crash_then_resume(tmp_path, ct_series(8, seed=63, size=512), connect)
+    assert [max(path.sizes) for path in paths] == [16384 + GCM] * 2
 
 
 # -- the kernel's own MTU: lo inside a network namespace ------------------------------------

@@ -7,13 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from crypto.identity import Identity
+from peer_transport.transfer.machine import State
 from peer_transport.transfer.manifest import Manifest, sign_wires
 from peer_transport.transfer.prepared import PreparedStudy
+from peer_transport.transfer.progress import Progress
 from peer_transport.transfer.runner import InstanceStore, ProgressCallback, StudyReceiver
 from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.serving import StudySender, TransferLink
@@ -98,6 +100,53 @@ def attached(
     sender_link.attach(sender.on_control, lambda _d: None)
     receiver_link.attach(receiver.on_control, receiver.on_bulk)
     return sender, receiver
+
+
+# A fresh connection: its two links and how to close it.
+Connect = Callable[
+    [], Awaitable[tuple[AttachableLink, AttachableLink, Callable[[], Awaitable[None]]]]
+]
+
+
+async def crash_then_resume(
+    tmp_path: Path, files: Sequence[bytes], connect: Connect, *, window: int = 4
+) -> None:
+    """``files`` as a study over a connection from ``connect()``: the receiver dies once
+    three instances are stored; a second connection finishes the study, resending at
+    most ``window`` chunks; the store then holds exactly ``files``."""
+    study = await PreparedStudy.from_files(list(files), Identity.generate())
+    total_chunks = sum(d.chunk_count(study.manifest.chunk_size) for d in study.declared.values())
+    store, sent = MemoryStore(), 0
+    for attempt in range(2):
+        link_a, link_b, close = await connect()
+        halfway = asyncio.Event()
+
+        def note(p: Progress, halfway: asyncio.Event = halfway) -> None:
+            if p.instances_done >= 3:
+                halfway.set()
+
+        sender, receiver = attached(
+            study, link_a, link_b, tmp_path / "spool", store, "peer-a", note, window=window
+        )
+        tasks = [asyncio.create_task(receiver.run()), asyncio.create_task(sender.run())]
+        try:
+            if attempt == 0:
+                await asyncio.wait_for(halfway.wait(), 60)  # then the receiver "crashes"
+            else:
+                progress, state = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                assert state is State.COMPLETE
+                assert isinstance(progress, Progress)
+                assert progress.instances_done == len(files)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await close()
+        sent += sender.protocol.chunks_sent
+        if attempt == 0:
+            assert 3 <= len(store.by_hash) < len(files)
+    assert sorted(store.by_hash.values()) == sorted(files)
+    assert sent <= total_chunks + window
 
 
 @contextlib.contextmanager
