@@ -7,32 +7,16 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import msgpack
 import pytest
 
 from node.app.control import Channel, open_stream
 from node.app.runtime import NodeRuntime
-from node.cli.node import with_tui_operation
-from tests.consult.test_live import FAST
-from tests.node.test_runtime import new_home
 from tui.remote_session import OPERATION
 from tui.session_wire import MAX_EDIT, MAX_SNAPSHOT, Edit, Result, decode_from_node
 
 STUDY = "2.25.4242"
-
-
-@pytest.fixture
-async def node(tmp_path: Path) -> AsyncIterator[NodeRuntime]:
-    home, identity = new_home(tmp_path, "ana")
-    runtime = NodeRuntime(
-        home, identity, transport_options=FAST, control=True, operations=with_tui_operation()
-    )
-    await runtime.start()
-    yield runtime
-    await runtime.stop()
 
 
 async def session(node: NodeRuntime) -> Channel:
@@ -68,26 +52,26 @@ BAD = {
 
 @pytest.mark.parametrize("what", sorted(BAD))
 async def test_a_malformed_session_frame_closes_that_connection_only(
-    node: NodeRuntime, what: str, caplog: pytest.LogCaptureFixture
+    attachable: NodeRuntime, what: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    channel = await session(node)
+    channel = await session(attachable)
     with caplog.at_level(logging.WARNING, logger="node.app.control"):
         await channel.send(BAD[what])
         assert await closed_by_node(channel), what
     assert any("control stream tui.session closed" in r.getMessage() for r in caplog.records)
-    await canary(node)
+    await canary(attachable)
 
 
 async def test_an_oversized_session_frame_is_refused_before_it_is_read(
-    node: NodeRuntime, caplog: pytest.LogCaptureFixture
+    attachable: NodeRuntime, caplog: pytest.LogCaptureFixture
 ) -> None:
-    channel = await session(node)
+    channel = await session(attachable)
     with caplog.at_level(logging.WARNING, logger="node.app.control"):
         channel._writer.write(struct.pack(">I", MAX_EDIT + 1))  # the length only: never sent
         await channel._writer.drain()
         assert await closed_by_node(channel)
     assert any("exceeds the" in r.getMessage() for r in caplog.records)
-    await canary(node)
+    await canary(attachable)
 
 
 async def canary(node: NodeRuntime) -> None:
