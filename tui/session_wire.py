@@ -245,6 +245,7 @@ class Edit:
         if not (
             isinstance(raw, dict)
             and set(raw) == {"edit", "seq", "args"}
+            and isinstance(raw["edit"], str)
             and raw["edit"] in EDITS
             and type(raw["seq"]) is int
             and isinstance(raw["args"], list)

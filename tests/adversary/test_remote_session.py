@@ -47,6 +47,10 @@ BAD = {
     "wrong argument types": packed({"edit": "move_cursor", "seq": 1, "args": [{"x": "far"}]}),
     "too many arguments": packed({"edit": "say", "seq": 1, "args": ["a", "b"]}),
     "a map key that is not text": b"\x81\x01\x02",
+    "an edit name that is a list": packed({"edit": ["say"], "seq": 1, "args": ["x"]}),
+    "points that are not numbers": packed(
+        {"edit": "add_annotation", "seq": 1, "args": ["arrow", "1.2", 0, [["a", "b"]], "", {}]}
+    ),
 }
 
 
