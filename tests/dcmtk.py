@@ -25,6 +25,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from node.core.children import die_with_parent, stop
 from node.demo.phantom import head_hu
+from tests.ports import free_port
 
 LOOPBACK = "127.0.0.1"
 TOOL_TIMEOUT = 60.0
@@ -35,13 +36,6 @@ def require_dcmtk(*tools: str) -> None:
     for tool in tools or ("echoscu", "storescu", "storescp"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} not found: install the Debian package dcmtk")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
 from tests.tlscerts import make_pki
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -80,12 +80,6 @@ def commands(blocks: list[str]) -> list[Command]:
             pending = ""
         assert not pending, f"block {number} ends in a continuation line"
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _editor(tmp_path: Path) -> str:

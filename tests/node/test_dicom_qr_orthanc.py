@@ -20,9 +20,10 @@ from node.core.config import NodeHome
 from node.core.keystore import load_identity
 from node.demo.phantom import generate_ct, generate_mr, random_study
 from node.dicom.store import open_store
-from tests.dcmtk import dataset_part, free_port
+from tests.dcmtk import dataset_part
 from tests.node.test_runtime import make_home
 from tests.orthanc import Orthanc, orthanc_server
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 

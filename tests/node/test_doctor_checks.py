@@ -10,8 +10,9 @@ from pathlib import Path
 from node.app.runtime import NodeRuntime
 from node.cli.doctor import Check, run_checks
 from node.core.config import NodeConfig, NodeHome
-from tests.dcmtk import free_port, storescp
+from tests.dcmtk import storescp
 from tests.node.test_runtime import FAST, make_home
+from tests.ports import free_port
 
 
 def _named(checks: list[Check], name: str) -> Check:

@@ -24,9 +24,9 @@ from node.app.errors import RuntimeError_
 from node.app.runtime import NodeRuntime
 from node.demo.phantom import generate_ct, random_study
 from node.dicom.qr import PacsAddress, StudyQuery, find_studies, move_study
-from tests.dcmtk import free_port
 from tests.node.test_runtime import FAST, make_home, wait_for
 from tests.orthanc import orthanc_server
+from tests.ports import free_port
 from tests.tui.pilots import press
 from tui.app import RadmeshApp
 from tui.node_facade import RuntimeNode

@@ -46,6 +46,7 @@ from registry.records import NodeRecord
 from registry.trust import TrustStore
 from tests.peer_transport.helpers import kill_link, mesh
 from tests.peer_transport.transfer_links import MemoryStore
+from tests.ports import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRESS = re.compile(r"\] (\d+)/(\d+) ")
@@ -65,13 +66,6 @@ class Home:
     @property
     def node_id(self) -> str:
         return str(self.identity.node_id)
-
-
-def _free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _make_home(root: Path, name: str) -> Home:

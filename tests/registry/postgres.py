@@ -8,7 +8,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from node.core.children import die_with_parent, stop
+from tests.ports import free_port as _free_port
 
 __all__ = ["postgres_cluster", "require_postgres"]
 
@@ -32,12 +32,6 @@ def require_postgres() -> Path:
     if not found[-1]:
         pytest.skip("PostgreSQL not found: install the Debian package postgresql")
     return Path(found[-1]).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _account() -> tuple[int, int] | None:

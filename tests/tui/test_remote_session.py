@@ -4,7 +4,6 @@ pacing, and the whole path through a real `radmesh node run` child and a real pe
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from node.core.config import NetworkConfig, NodeConfig, NodeHome
 from node.core.keystore import load_identity
 from tests.consult.test_live import FAST, start_node, wait_for
 from tests.node.test_runtime import new_home
+from tests.ports import free_port
 from tests.tui.pilots import open_viewer, svg_text
 from tests.tui.test_node_facade import SIZE, import_ct
 from tui.app import RadmeshApp
@@ -100,13 +100,6 @@ async def test_a_slow_tui_gets_one_frame_of_the_latest_state_not_a_queue() -> No
     finally:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
