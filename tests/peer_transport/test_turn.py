@@ -51,7 +51,11 @@ async def test_relay_only_connection_carries_data_through_coturn(
     coturn: Coturn, tmp_path: Path
 ) -> None:
     turn = await _registry_minted_ice_server(coturn, tmp_path)
-    options = replace(REAL, rtc=RtcOptions(ice_servers=(turn,), relay_only=True))
+    # Relay-only ICE waits on coturn's allocations and permissions: 0.5 s on a quiet
+    # machine, once over the suite's 10 s in a clean-clone run with every worker busy.
+    options = replace(
+        REAL, rtc=RtcOptions(ice_servers=(turn,), relay_only=True), connect_timeout=30.0
+    )
     async with mesh(real=True) as m:
         a, b = await m.node(options=options), await m.node(options=options)
         m.trust(a, b)
