@@ -58,9 +58,12 @@ def test_the_viewer_fills_the_terminal_and_shows_its_overlay(
     tmux("send-keys", "-t", name, "F3")
     wait_for(name, "AX HEAD")
     tmux("send-keys", "-t", name, "Enter")
-    screen = wait_for(name, "Im 1/4")
+    wait_for(name, "Im 1/4")
+    # the slice's own facts (window, zoom, orientation) come with its pixels, which the
+    # node sends a moment after the viewer opened on the slice list
+    screen = wait_for(name, "zoom 1.00")
     assert image_width(screen) >= narrowest
-    for shown in ("PATIENT-0001  M", "Se 2 AX HEAD", "SL", "ST ", "W ", "zoom 1.00", "VIEW"):
+    for shown in ("PATIENT-0001  M", "Se 2 AX HEAD", "Im 1/4", "SL", "ST ", "W ", "VIEW"):
         assert shown in screen
     lines = screen.splitlines()
     middle = next(x for x in lines if " R┃" in x or x.startswith("R┃"))  # the left edge
