@@ -344,7 +344,7 @@ def delay_acks(transport: Any) -> _DelayedAcks:
 
 DTLS_READ = 1500  # the datagram/record size aiortc's DTLS transport reads and writes
 RECORD_MAX = 16384  # largest DTLS record plaintext (RFC 6347: 2^14), so largest SCTP packet
-_WIDE_READ = 1 << 16  # what a widened DTLS transport reads: a whole record, any size
+_WIDE_READ = 13 + RECORD_MAX + 2048  # a whole DTLS record: header, 2^14 of data, expansion
 _SIZED = "USERDATA_MAX_LENGTH"  # aiortc's module constant: user data per DATA chunk
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from crypto import canonical
 from crypto.errors import CryptoError
@@ -90,6 +90,17 @@ class _Frame:
 
     def to_wire(self) -> bytes:
         return canonical.encode({"t": self.T, **self.body()})
+
+
+class _Bare(_Frame):
+    """A frame that says one thing by its type alone and carries nothing else."""
+
+    def body(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def parse(cls, m: dict[str, Any]) -> Self:
+        return cls()
 
 
 @dataclass(frozen=True)
@@ -181,15 +192,8 @@ class Ack(_Frame):
 
 
 @dataclass(frozen=True)
-class TurnRequest(_Frame):
+class TurnRequest(_Bare):
     T: ClassVar[str] = "turn?"
-
-    def body(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def parse(cls, m: dict[str, Any]) -> TurnRequest:
-        return cls()
 
 
 @dataclass(frozen=True)
@@ -252,18 +256,11 @@ class Error(_Frame):
 
 
 @dataclass(frozen=True)
-class Replaced(_Frame):
+class Replaced(_Bare):
     """Registry to node: another socket authenticated with this node's key and took this
     one's place; this one closes next. Its receiver should stop reconnecting."""
 
     T: ClassVar[str] = "replaced"
-
-    def body(self) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def parse(cls, m: dict[str, Any]) -> Replaced:
-        return cls()
 
 
 Frame = (

@@ -9,7 +9,6 @@ base size). A confirmation of any other size, or of the wrong shape, changes not
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from typing import Any
 
@@ -18,7 +17,8 @@ from aiortc import rtcsctptransport as stock
 
 from peer_transport import sctp
 from peer_transport.pmtu import State
-from tests.peer_transport.test_pmtu import BASE, GCM, _bulk, _close, _messages, _pair, _settled
+from tests.peer_transport.pmtu_links import bulk, random_messages, settled, until
+from tests.peer_transport.test_pmtu import BASE, GCM, _close, _pair
 
 pytestmark = pytest.mark.webrtc
 
@@ -39,17 +39,11 @@ async def test_a_forged_confirmation_of_a_size_the_path_drops_ends_in_a_fallback
     pc_a, link_a, pc_b, link_b, (a, _b), (path_a, _path_b) = await _pair(mtu=mtu)
     try:
         assert a is not None
-        async with asyncio.timeout(20):  # the peer waits for the probe it cannot see
-            while a.search.probing != 8876:
-                a.stepped.clear()
-                await a.stepped.wait()
+        await until(a, lambda: a.search.probing == 8876)  # a probe the peer cannot see
         await _forge_ack(pc_b, _probe_info(a, 8876))
-        async with asyncio.timeout(10):
-            while a.size != 8876:
-                a.stepped.clear()
-                await a.stepped.wait()
-        messages = _messages(30, seed=21)
-        assert await _bulk(link_a, link_b, messages) == messages  # every byte, in order
+        await until(a, lambda: a.size == 8876, limit=10)
+        messages = random_messages(30, seed=21)
+        assert await bulk(link_a, link_b, messages) == messages  # every byte, in order
         assert a.search.black_holes == 1
         assert a.size == BASE
         assert path_a.dropped  # the lie cost some lost packets, nothing more
@@ -61,7 +55,7 @@ async def test_confirmations_of_other_sizes_or_shapes_change_nothing() -> None:
     pc_a, link_a, pc_b, link_b, (a, _b), _paths = await _pair(mtu=1384 + GCM + 20)
     try:
         assert a is not None
-        await _settled(a, State.DONE)
+        await settled(a, State.DONE)
         assert a.size == 1384
         forged = [
             _probe_info(a, 16384),  # a size nobody probes now
@@ -71,8 +65,8 @@ async def test_confirmations_of_other_sizes_or_shapes_change_nothing() -> None:
         ]
         for info in forged:
             await _forge_ack(pc_b, info)
-        canary = _messages(3, seed=22)  # after the forgeries, on the same association
-        assert await _bulk(link_a, link_b, canary) == canary
+        canary = random_messages(3, seed=22)  # after the forgeries, on the same association
+        assert await bulk(link_a, link_b, canary) == canary
         assert a.size == 1384
         assert a.search.state is State.DONE
         assert a.search.confirmed == 1  # 1,384 only, confirmed by the real path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import subprocess
 import sys
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from bench import bench_transfer as rtc_link
 from peer_transport import sctp
 from peer_transport.pmtu import State
+from tests.peer_transport.pmtu_links import bulk, random_messages, settled
 
 
 def _received_sizes(pc: Any) -> list[int]:
@@ -36,13 +36,6 @@ def _received_sizes(pc: Any) -> list[int]:
     return sizes
 
 
-async def _until(search: sctp.PathMtu, state: State) -> None:
-    async with asyncio.timeout(20):
-        while search.search.state is not state or search.search.probing is not None:
-            search.stepped.clear()
-            await search.stepped.wait()
-
-
 async def main(mode: str) -> dict[str, Any]:
     rtc_link.loopback_only()
     pc_a, link_a = rtc_link.peer()
@@ -52,27 +45,17 @@ async def main(mode: str) -> dict[str, Any]:
     await rtc_link.finish(pc_a, await rtc_link.answer(pc_b, await rtc_link.offer(pc_a)))
     async with asyncio.timeout(15):
         await asyncio.gather(rtc_link.wait_open(link_a), rtc_link.wait_open(link_b))
-    await _until(a, State.DONE)
+    await settled(a, State.DONE)
     confirmed = a.size
-    rng = random.Random(1)
-    messages = [rng.randbytes(rng.randrange(1, 64 * 1024)) for _ in range(60)]
-    got: list[bytes] = []
-    done = asyncio.Event()
+    messages = random_messages(60, seed=1)
     before_shrink: list[int] = []
 
-    def on_bulk(data: bytes) -> None:
-        got.append(data)
-        if len(got) == 10 and mode == "shrink":
-            before_shrink.extend(arrived)
-            arrived.clear()
-            subprocess.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True, timeout=10)
-        if len(got) == len(messages):
-            done.set()
+    def shrink() -> None:
+        before_shrink.extend(arrived)
+        arrived.clear()
+        subprocess.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True, timeout=10)
 
-    link_b.attach(lambda _d: None, on_bulk)
-    for data in messages:
-        await link_a.send_bulk(data)
-    await asyncio.wait_for(done.wait(), 60)
+    got = await bulk(link_a, link_b, messages, at=(10, shrink) if mode == "shrink" else None)
     result = {
         "confirmed": confirmed,
         "probes": a.probes,

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -26,6 +25,10 @@ from bench import bench_transfer as rtc_link
 from bench.bench_codec import ct_series
 from peer_transport import pmtu, sctp
 from peer_transport.pmtu import MAX_PROBES, PmtuError, PmtuSearch, State
+from tests.peer_transport.pmtu_links import bulk as _bulk
+from tests.peer_transport.pmtu_links import random_messages as _messages
+from tests.peer_transport.pmtu_links import settled as _settled
+from tests.peer_transport.pmtu_links import until as _until
 from tests.peer_transport.transfer_links import crash_then_resume
 
 BASE = sctp.BASE_PACKET
@@ -228,44 +231,10 @@ async def _pair(
     return pc_a, link_a, pc_b, link_b, searches, paths
 
 
-async def _until(search: sctp.PathMtu, done: Callable[[], bool], limit: float = 20) -> None:
-    """Wait (bounded) until ``done()``, looking again after each step of the search."""
-    async with asyncio.timeout(limit):
-        while not done():
-            search.stepped.clear()
-            await search.stepped.wait()
-
-
-async def _settled(search: sctp.PathMtu, state: State) -> None:
-    """Wait until the search reaches ``state`` with no probe in flight."""
-    await _until(search, lambda: search.search.state is state and search.search.probing is None)
-
-
 async def _close(*pcs: Any) -> None:
     for pc in pcs:
         with contextlib.suppress(Exception):
             await pc.close()
-
-
-async def _bulk(link_a: Any, link_b: Any, messages: list[bytes]) -> list[bytes]:
-    got: list[bytes] = []
-    done = asyncio.Event()
-
-    def on_bulk(data: bytes) -> None:
-        got.append(data)
-        if len(got) == len(messages):
-            done.set()
-
-    link_b.attach(lambda _d: None, on_bulk)
-    for data in messages:
-        await link_a.send_bulk(data)
-    await asyncio.wait_for(done.wait(), 60)
-    return got
-
-
-def _messages(count: int, seed: int) -> list[bytes]:
-    rng = random.Random(seed)
-    return [rng.randbytes(rng.randrange(1, 64 * 1024)) for _ in range(count)]
 
 
 @pytest.mark.webrtc
@@ -347,20 +316,11 @@ async def test_a_black_hole_mid_transfer_falls_back_and_the_transfer_completes()
         await _settled(a, State.DONE)
         assert a.size == 16384
         messages = _messages(60, seed=11)
-        got: list[bytes] = []
-        done = asyncio.Event()
 
-        def on_bulk(data: bytes) -> None:
-            got.append(data)
-            if len(got) == 10:
-                path_a.mtu = 1500  # the path shrinks under a transfer in full flight
-            if len(got) == len(messages):
-                done.set()
+        def shrink() -> None:
+            path_a.mtu = 1500  # the path shrinks under a transfer in full flight
 
-        link_b.attach(lambda _d: None, on_bulk)
-        for data in messages:
-            await link_a.send_bulk(data)
-        await asyncio.wait_for(done.wait(), 60)
+        got = await _bulk(link_a, link_b, messages, at=(10, shrink))
         assert got == messages
         assert a.search.black_holes == 1
         assert a.size == BASE
