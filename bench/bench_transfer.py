@@ -31,6 +31,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -190,7 +191,7 @@ def _use_uvloop() -> str:
     return "uvloop"
 
 
-async def _child(mode: str, want: int) -> dict[str, float]:
+async def _child(mode: str, want: int) -> dict[str, Any]:
     """Receiver process: SDP over stdin/stdout, results as one JSON line."""
     loopback_only()
     pc, link = peer()
@@ -199,8 +200,10 @@ async def _child(mode: str, want: int) -> dict[str, float]:
     await wait_open(link)
     _tune(pc, mode)
     loop = asyncio.get_running_loop()
-    result: dict[str, float] = {}
+    result: dict[str, Any] = {}
     cpu = _cpu()
+    threads = _ThreadCpu()
+    sampling = loop.create_task(threads.sample())
     if mode == "raw":
         done = loop.create_future()
         got = [0, 0.0]
@@ -232,10 +235,21 @@ async def _child(mode: str, want: int) -> dict[str, float]:
                     streaming.set()
 
             kind = StudyReceiver
-            if "procdecode" in os.environ.get("BENCH_LEVERS", "").split(","):
+            levers = os.environ.get("BENCH_LEVERS", "").split(",")
+            if "procdecode" in levers:
                 kind = ProcessDecodeReceiver
                 ProcessDecodeReceiver.start_pool()
-            receiver = kind(link, Path(tmp) / "spool", store, "bench", note, window=window)
+            # verifyN: N decoding threads (verify1 is the receiver before 2 threads)
+            verifiers = [int(lever[6:]) for lever in levers if lever[:6] == "verify"]
+            receiver = kind(
+                link,
+                Path(tmp) / "spool",
+                store,
+                "bench",
+                note,
+                window=window,
+                threads=verifiers[-1] if verifiers else None,
+            )
             link.attach(receiver.on_control, receiver.on_bulk)
             run = asyncio.create_task(receiver.run())
             await receiver._started.wait()
@@ -260,6 +274,8 @@ async def _child(mode: str, want: int) -> dict[str, float]:
             result["rejected"] = receiver.protocol.chunks_rejected
     result["rss_mb"] = _peak_rss_mb()
     result["cpu"] = _cpu() - cpu  # from the channels' opening on
+    sampling.cancel()
+    result["threads"] = threads.totals()
     print(json.dumps(result), flush=True)
     await asyncio.sleep(0.5)
     await pc.close()
@@ -309,6 +325,48 @@ class ProcessDecodeReceiver(StudyReceiver):
             return exc
 
 
+class _ThreadCpu:
+    """CPU seconds of each of this process's threads (Linux ``/proc/self/task``, 10 ms
+    ticks), by thread name (``MainThread`` runs the event loop; a pool's threads are
+    summed under its prefix, ``transfer-verify``), sampled every 50 ms so that a worker
+    thread that exits before the end is counted up to its last sample."""
+
+    def __init__(self) -> None:
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._first = self._read()
+        self._last = dict(self._first)
+
+    def _read(self) -> dict[int, tuple[str, float]]:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        found: dict[int, tuple[str, float]] = {}
+        with contextlib.suppress(OSError):
+            for task in Path("/proc/self/task").iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    tid = int(task.name)
+                    name = names.get(tid) or self._last_name(tid)
+                    found[tid] = (name, (int(fields[11]) + int(fields[12])) / self._tick)
+        return found
+
+    def _last_name(self, tid: int) -> str:
+        last = getattr(self, "_last", {}).get(tid)
+        return "other" if last is None else last[0]
+
+    async def sample(self) -> None:
+        while True:
+            self._last.update(self._read())
+            await asyncio.sleep(0.05)
+
+    def totals(self) -> dict[str, float]:
+        self._last.update(self._read())
+        out: dict[str, float] = {}
+        for tid, (name, seconds) in self._last.items():
+            group = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name
+            before = self._first.get(tid, (name, 0.0))[1]
+            out[group] = out.get(group, 0.0) + seconds - before
+        return out
+
+
 _RSS_TRACE: list[tuple[int, int]] = []
 
 
@@ -348,14 +406,14 @@ def _peak_rss_mb() -> float:
     return float(_rss_mb("VmHWM")) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str, float]:
+async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str, Any]:
     loopback_only()
     return await _run_parent(mode, study, want, dict(os.environ))
 
 
 async def _run_parent(
     mode: str, study: PreparedStudy | None, want: int, env: dict[str, str]
-) -> dict[str, float]:
+) -> dict[str, Any]:
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.bench_transfer", "--child", mode, str(want),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
@@ -382,7 +440,7 @@ async def _run_parent(
         sender = StudySender(study, link)
         link.attach(sender.on_control, lambda _d: None)
         await asyncio.wait_for(sender.run(), 600)
-    result: dict[str, float] = json.loads(await asyncio.wait_for(child.stdout.readline(), 60))
+    result: dict[str, Any] = json.loads(await asyncio.wait_for(child.stdout.readline(), 60))
     result["sender_cpu"] = _cpu() - cpu
     result["udp_drops"] = _udp_drops() - drops
     result["parent_rss_mb"] = parent_rss
@@ -569,7 +627,7 @@ def _print_first_slice(slices: int = 200) -> None:
     )
 
 
-def _node_study(study: PreparedStudy, want: int) -> dict[str, float]:
+def _node_study(study: PreparedStudy, want: int) -> dict[str, Any]:
     """A study run with the SCTP settings of the node's own links (RtcLink: delayed
     acknowledgements, the path MTU search); the raw baseline it is compared with stays
     stock aiortc."""
@@ -588,9 +646,9 @@ def main() -> None:
     # mean of the two measurements next to it.
     def raw_rate() -> float:
         raw = asyncio.run(_parent("raw", None, -1))
-        return raw["bytes"] / raw["seconds"]
+        return float(raw["bytes"] / raw["seconds"])
 
-    def sent_then_raw(study: PreparedStudy, before: float) -> tuple[dict[str, float], float, float]:
+    def sent_then_raw(study: PreparedStudy, before: float) -> tuple[dict[str, Any], float, float]:
         """``study`` sent (and closed), then the raw channel measured again: the run, the
         raw rate after it, and the mean of the raw rates around it."""
         res = _node_study(study, -1)
@@ -653,7 +711,9 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
     search of :class:`peer_transport.sctp.PathMtu` (16 KiB packets on loopback),
     ``big`` = 16 KiB packets without a search, ``rcvbuf`` = a 2 MiB
     kernel receive buffer (:func:`socket_buffers`), ``procdecode`` =
-    :class:`ProcessDecodeReceiver`, combined with commas;
+    :class:`ProcessDecodeReceiver`, ``verifyN`` = a receiver decoding on N threads
+    (``verify1``: one, as before; default :func:`~peer_transport.transfer.runner.verify_threads`),
+    combined with commas;
     ``stock`` = none), each run as a study variant in every round (both study
     processes, never the raw baseline); without it, ``stock`` only.
     ``BENCH_PROFILE=DIR`` writes cProfile stats of both processes of each
@@ -679,16 +739,16 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
             f"receiver {raw['cpu'] / raw['bytes'] * 1e6:.3f}; UDP drops {raw['udp_drops']:.0f}",
             flush=True,
         )
-        return raw["bytes"] / raw["seconds"]
+        return float(raw["bytes"] / raw["seconds"])
 
     before_tree = os.environ.pop("BENCH_BEFORE_TREE", None)
 
-    def study(variant: str) -> dict[str, float]:
+    def study(variant: str) -> dict[str, Any]:
         if variant == "before":
             os.environ["BENCH_RECEIVER_TREE"] = str(before_tree)
         elif variant != "stock":
             os.environ["BENCH_LEVERS"] = variant
-        res: dict[str, float] = _profiled(
+        res: dict[str, Any] = _profiled(
             f"sender-{variant}", lambda: asyncio.run(_parent("study", ct, -1))
         )
         os.environ.pop("BENCH_LEVERS", None)
@@ -697,7 +757,8 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
             f"  study ({variant}): {wire / res['seconds'] / 1e6:.2f} MB/s on the wire; CPU s "
             f"per wire MB sender {res['sender_cpu'] / wire * 1e6:.3f}, receiver "
             f"{res['cpu'] / wire * 1e6:.3f}; UDP drops {res['udp_drops']:.0f}; "
-            f"rerequested {res['rerequested']:.0f}",
+            f"rerequested {res['rerequested']:.0f}; receiver threads per wire MB: "
+            + ", ".join(f"{name} {sec / wire * 1e6:.3f}" for name, sec in _busy(res["threads"])),
             flush=True,
         )
         return res
@@ -709,6 +770,7 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
     # MB (both processes), are steadier figures for a lever than the ratio to raw.
     against: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    threads: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     before = raw_rate()
     for _ in range(rounds):
         results = {v: study(v) for v in variants}
@@ -719,13 +781,16 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
             found[variant].append(res["bytes"] / res["seconds"] / raw)
             against[variant].append(first["seconds"] / res["seconds"])
             cpu[variant].append((res["sender_cpu"] / wire * 1e6, res["cpu"] / wire * 1e6))
+            threads[variant].append(res["threads"])
         print(
             f"raw {before / 1e6:.2f} / {after / 1e6:.2f} MB/s: "
-            + ", ".join(f"{v} {found[v][-1]:.2f}x raw" for v in variants),
+            + ", ".join(f"{v} {found[v][-1]:.2f}x raw" for v in variants)
+            + "; load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
             flush=True,
         )
         before = after
     ct.close()
+    per = 1e6 / wire  # seconds per wire MB
     for variant, got in found.items():
         print(
             f"{variant}: median {statistics.median(got):.2f}x raw over {rounds} runs "
@@ -733,8 +798,18 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
             f"{statistics.median(against[variant]):.2f}x the rate of {variants[0]} "
             f"(min {min(against[variant]):.2f}, max {max(against[variant]):.2f}); "
             f"CPU s per wire MB sender {statistics.median(c[0] for c in cpu[variant]):.3f}, "
-            f"receiver {statistics.median(c[1] for c in cpu[variant]):.3f}"
+            f"receiver {statistics.median(c[1] for c in cpu[variant]):.3f} (threads: "
+            + ", ".join(
+                f"{name} {statistics.median(t.get(name, 0.0) for t in threads[variant]) * per:.3f}"
+                for name, _ in _busy(threads[variant][0])
+            )
+            + ")"
         )
+
+
+def _busy(threads: dict[str, float]) -> list[tuple[str, float]]:
+    """The receiver's threads that used CPU (10 ms or more), busiest first."""
+    return sorted(((n, s) for n, s in threads.items() if s >= 0.01), key=lambda t: -t[1])
 
 
 def _profiled(name: str, run: Callable[[], Any]) -> Any:

@@ -13,11 +13,16 @@ Received chunks are verified and written to the spool as they arrive (nothing
 queues in memory), and instances go to an :class:`InstanceStore`
 (``node.dicom.store.Store`` fits: ``has_hash(hex)`` and ``add_bytes(data, source=...,
 warm=False)``: what arrives from a peer is not coded into the wire cache while the
-receiver is busy) only after their hash is verified. Decoding runs in one worker
-thread and storing (a sealed write and an fsync per instance) in another, so the
-event loop keeps receiving, the next instance decodes while the last one is
-fsynced, and at most COMMIT_DEPTH decoded instances are in memory. The receiver's
-memory does not grow with the study.
+receiver is busy) only after their hash is verified. Decoding runs in worker
+threads (:func:`verify_threads`: one per core, two on a two-core machine; JPEG-LS,
+zstd, the hashes and the spool's cipher release the GIL) and storing (a sealed write
+and an fsync per instance) in another, so the event loop keeps receiving, instances
+decode side by side while the last one is fsynced, and at most ``commit_depth``
+(the decoding threads plus one) decoded instances are in memory. The receiver's
+memory does not grow with the study. Instances are stored in the order their decoding
+ends, which need not be series order: each is committed on its own (the store's
+atomic write, then :meth:`Receiver.stored`), and a restart asks the store for what it
+holds, so the order changes nothing for resume or for what a crash leaves.
 
 The sender streams too (:class:`~peer_transport.transfer.prepared.PreparedStudy`): it
 offers the signed manifest before encoding anything, then encodes in series order
@@ -34,6 +39,7 @@ import ctypes.util
 import dataclasses
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,11 +90,26 @@ POLL_INTERVAL = 0.05
 STATE_EVERY = 1.0  # seconds between rewrites of the spool's state file while storing
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 _M_MMAP_THRESHOLD = -3
-COMMIT_DEPTH = 2  # instances between "fully received" and "stored": decoding or storing
+MAX_VERIFY_THREADS = 4  # past this the event loop feeding SCTP is the bound, not decoding
 # Bytes of wire declarations kept that come between the offer and the receiver's start
 # (all of a 100,000-instance study declared at once is about 5 MiB); past it, dropped
 # ones are recovered by hurries.
 EARLY_DECLARATIONS = 8 << 20
+
+
+def verify_threads() -> int:
+    """Threads a receiver decodes and checks instances on: one per core this process may
+    run on, at most MAX_VERIFY_THREADS.
+
+    JPEG-LS decoding is about two thirds of a receiver's CPU and releases the GIL, so
+    one thread caps a receiver near 20 wire MB/s however many cores are idle; on two
+    cores, two decoders overlap with each other and with the event loop.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_VERIFY_THREADS, cores))
 
 
 class InstanceStore(Protocol):
@@ -115,6 +136,7 @@ class StudyReceiver:
         sender_key: bytes | None = None,
         expect_study: str | None = None,
         spool_key: bytes | None = None,
+        threads: int | None = None,
     ) -> None:
         self.link = link
         self.spool_dir = spool_dir
@@ -144,12 +166,15 @@ class StudyReceiver:
         self._declared = asyncio.Event()  # set at each declaration taken (and at the end)
         self._wake = asyncio.Event()
         self._started = asyncio.Event()
-        # One worker decodes, one stores: an instance decodes while the one before is
-        # fsynced. COMMIT_DEPTH instances at most between the two bounds memory, and one
-        # decoder keeps the GIL mostly with the event loop that feeds SCTP.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="transfer-verify")
+        # ``threads`` workers decode (verify_threads() when None), one stores: instances
+        # decode while the one before is fsynced. At most ``commit_depth`` instances
+        # between "fully received" and "stored" (decoding, decoded, or being stored)
+        # bound memory: one per decoder and the one in the store.
+        self.threads = verify_threads() if threads is None else max(1, threads)
+        self.commit_depth = self.threads + 1
+        self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="transfer-verify")
         self._store_executor = ThreadPoolExecutor(1, thread_name_prefix="transfer-store")
-        self._committing = asyncio.Semaphore(COMMIT_DEPTH)
+        self._committing = asyncio.Semaphore(self.commit_depth)
         _return_large_blocks()
 
     # what the screen reads
@@ -352,7 +377,7 @@ class StudyReceiver:
         return None
 
     async def _verify_and_store(self, receiver: Receiver, index: int) -> Exception | None:
-        # Decoded only when its turn to be stored is near: at most COMMIT_DEPTH decoded
+        # Decoded only when its turn to be stored is near: at most commit_depth decoded
         # instances wait in memory, however many are fully received.
         loop = asyncio.get_running_loop()
         async with self._committing:

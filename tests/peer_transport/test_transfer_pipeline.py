@@ -1,9 +1,10 @@
-"""The receiver's decode/store pipeline holds at most COMMIT_DEPTH decoded instances.
+"""The receiver's decode/store pipeline holds at most ``commit_depth`` decoded instances.
 
-Decoding runs in one worker thread and storing in another (an instance decodes while
-the one before is sealed and fsynced). Between the two, decoded instances are whole
-files in memory: this is where the receiver's memory could grow with the study if the
-store fell behind, so the bound is checked here with a store that does not return.
+Decoding runs in worker threads (one or more) and storing in another (instances decode
+while the one before is sealed and fsynced). Between the two, decoded instances are
+whole files in memory: this is where the receiver's memory could grow with the study if
+the store fell behind, so the bound is checked here with a store that does not return,
+with one decoding thread and with three.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from crypto.identity import Identity
 from peer_transport.transfer.machine import State
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.receiver import Receiver
-from peer_transport.transfer.runner import COMMIT_DEPTH, StudyReceiver, StudySender
+from peer_transport.transfer.runner import StudyReceiver, StudySender, verify_threads
 from tests.peer_transport.transfer_links import MemoryStore, memory_pair
 
 INSTANCES = 8
@@ -61,8 +62,13 @@ class Held:
             self.now -= 1
 
 
-async def test_a_stalled_store_holds_the_decoder_at_commit_depth_instances(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_receiver_decodes_on_a_thread_per_core_within_bounds() -> None:
+    assert 1 <= verify_threads() <= 4
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+async def test_a_stalled_store_holds_the_decoders_at_commit_depth_instances(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
 ) -> None:
     held = Held()
     verify, store_one = StudyReceiver._verify, StudyReceiver._store
@@ -85,7 +91,9 @@ async def test_a_stalled_store_holds_the_decoder_at_commit_depth_instances(
     study = await PreparedStudy.from_files(files, Identity.generate())
     a, b = memory_pair()
     store = HeldStore()
-    receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a")
+    receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a", threads=threads)
+    depth = receiver.commit_depth
+    assert depth == threads + 1  # one instance per decoder, and the one being stored
     sender = StudySender(study, a)
     a.on_control, b.on_control, b.on_bulk = sender.on_control, receiver.on_control, receiver.on_bulk
     b.start()
@@ -100,15 +108,19 @@ async def test_a_stalled_store_holds_the_decoder_at_commit_depth_instances(
         assert receiver.protocol is not None
         assert len(receiver.protocol.ready) == INSTANCES
         await asyncio.sleep(0)  # the last commit tasks take their first step
-        # A canary through the one decode thread: every decode handed to it so far is done.
+        # A canary on every decode thread at once (each waits for all the others, so each
+        # thread holds one): every decode handed to them before it is done.
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(receiver._executor, lambda: None)
+        barrier = threading.Barrier(threads)
+        await asyncio.gather(
+            *(loop.run_in_executor(receiver._executor, barrier.wait, 10) for _ in range(threads))
+        )
 
-        # The first instance is in the store, the next one decoded behind it (the
+        # The first instance is in the store, the next ones decoded behind it (the
         # overlap), and no other instance was decoded into memory.
         assert store.adds == 1
-        assert held.decoded == COMMIT_DEPTH
-        assert held.now == COMMIT_DEPTH
+        assert held.decoded == depth
+        assert held.now == depth
     finally:
         store.release.set()
         progress, state = await asyncio.wait_for(run, 30)
@@ -117,4 +129,4 @@ async def test_a_stalled_store_holds_the_decoder_at_commit_depth_instances(
     assert state is State.COMPLETE
     assert progress.instances_done == INSTANCES
     assert sorted(store.by_hash.values()) == sorted(files)
-    assert held.most == COMMIT_DEPTH
+    assert held.most == depth
