@@ -201,7 +201,7 @@ async def _child(mode: str, want: int) -> dict[str, Any]:
     _tune(pc, mode)
     loop = asyncio.get_running_loop()
     result: dict[str, Any] = {}
-    cpu = _cpu()
+    cpu, sys_cpu, faults = _cpu(), _usage().ru_stime, _usage().ru_minflt
     threads = _ThreadCpu()
     sampling = loop.create_task(threads.sample())
     if mode == "raw":
@@ -250,6 +250,11 @@ async def _child(mode: str, want: int) -> dict[str, Any]:
                 window=window,
                 threads=verifiers[-1] if verifiers else None,
             )
+            for lever in levers:  # mmapK: glibc's mmap threshold at K KiB
+                if lever[:4] == "mmap":
+                    import ctypes
+
+                    ctypes.CDLL("libc.so.6").mallopt(-3, int(lever[4:]) << 10)  # M_MMAP_THRESHOLD
             link.attach(receiver.on_control, receiver.on_bulk)
             run = asyncio.create_task(receiver.run())
             await receiver._started.wait()
@@ -274,6 +279,8 @@ async def _child(mode: str, want: int) -> dict[str, Any]:
             result["rejected"] = receiver.protocol.chunks_rejected
     result["rss_mb"] = _peak_rss_mb()
     result["cpu"] = _cpu() - cpu  # from the channels' opening on
+    result["sys_cpu"] = _usage().ru_stime - sys_cpu  # in the kernel (page faults, syscalls)
+    result["faults"] = _usage().ru_minflt - faults
     sampling.cancel()
     result["threads"] = threads.totals()
     print(json.dumps(result), flush=True)
@@ -459,9 +466,13 @@ def _udp_drops() -> int:
     return int(dict(zip(names, values, strict=True)).get("RcvbufErrors", 0))
 
 
+def _usage() -> resource.struct_rusage:
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+
 def _cpu() -> float:
     """CPU seconds of this process and its threads (not of the receiver child)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    usage = _usage()
     return usage.ru_utime + usage.ru_stime
 
 
@@ -713,7 +724,8 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
     kernel receive buffer (:func:`socket_buffers`), ``procdecode`` =
     :class:`ProcessDecodeReceiver`, ``verifyN`` = a receiver decoding on N threads
     (``verify1``: one, as before; default :func:`~peer_transport.transfer.runner.verify_threads`),
-    combined with commas;
+    ``mmapK`` = glibc's mmap threshold at K KiB in the receiver (``mmap128``: as before;
+    default :data:`~peer_transport.transfer.runner.LARGE_BLOCK`), combined with commas;
     ``stock`` = none), each run as a study variant in every round (both study
     processes, never the raw baseline); without it, ``stock`` only.
     ``BENCH_PROFILE=DIR`` writes cProfile stats of both processes of each
@@ -756,7 +768,9 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
         print(
             f"  study ({variant}): {wire / res['seconds'] / 1e6:.2f} MB/s on the wire; CPU s "
             f"per wire MB sender {res['sender_cpu'] / wire * 1e6:.3f}, receiver "
-            f"{res['cpu'] / wire * 1e6:.3f}; UDP drops {res['udp_drops']:.0f}; "
+            f"{res['cpu'] / wire * 1e6:.3f} (in the kernel {res['sys_cpu'] / wire * 1e6:.3f}, "
+            f"{res['faults'] / slices:.0f} page faults per slice); "
+            f"UDP drops {res['udp_drops']:.0f}; "
             f"rerequested {res['rerequested']:.0f}; receiver threads per wire MB: "
             + ", ".join(f"{name} {sec / wire * 1e6:.3f}" for name, sec in _busy(res["threads"])),
             flush=True,

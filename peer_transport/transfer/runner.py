@@ -90,6 +90,7 @@ POLL_INTERVAL = 0.05
 STATE_EVERY = 1.0  # seconds between rewrites of the spool's state file while storing
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 _M_MMAP_THRESHOLD = -3
+LARGE_BLOCK = 4 << 20  # blocks from this size on are mmapped (and returned when freed)
 MAX_VERIFY_THREADS = 4  # past this the event loop feeding SCTP is the bound, not decoding
 # Bytes of wire declarations kept that come between the offer and the receiver's start
 # (all of a 100,000-instance study declared at once is about 5 MiB); past it, dropped
@@ -457,18 +458,24 @@ class StudyReceiver:
 
 @functools.cache  # find_library runs ldconfig: once per process is enough
 def _return_large_blocks() -> None:
-    """Have glibc give every large block (decoded instances) back to the system when freed.
+    """Have glibc give every large block (a big decoded instance) back to the system when
+    freed, and reuse the heap for the common sizes.
 
-    By default glibc raises its mmap threshold after the first large free, so the
-    half-megabyte buffers of each decoded instance then come from the heaps of the
-    worker thread and the event loop, which fragment and keep growing the RSS over
-    a long study. A fixed threshold keeps them in mmap. No-op off glibc.
+    By default glibc raises its mmap threshold after each large free (up to 32 MiB), so
+    the buffers of big instances then come from the heaps of the worker threads and the
+    event loop, which fragment and keep growing the RSS over a long study. A fixed
+    threshold stops that. At 128 KiB every half-megabyte buffer of a CT slice (the part
+    read back, its frames, the decoded file) was mmapped and zero-filled anew: 300 page
+    faults per slice and about a tenth of the receiver's CPU. At LARGE_BLOCK those come
+    from the heaps and are reused (110 faults per slice; the receiver's RSS over a
+    1000-slice study stays flat, 102-106 MB against 101-103), and only instances past
+    it are mmapped. No-op off glibc.
     """
     name = ctypes.util.find_library("c")
     if name is None:
         return
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK)
 
 
 # -- node-level helpers: a store and an audit log at each end ------------------------------
