@@ -13,16 +13,11 @@ Received chunks are verified and written to the spool as they arrive (nothing
 queues in memory), and instances go to an :class:`InstanceStore`
 (``node.dicom.store.Store`` fits: ``has_hash(hex)`` and ``add_bytes(data, source=...,
 warm=False)``: what arrives from a peer is not coded into the wire cache while the
-receiver is busy) only after their hash is verified. Decoding runs in worker
-threads (:func:`verify_threads`: one per core, two on a two-core machine; JPEG-LS,
-zstd, the hashes and the spool's cipher release the GIL) and storing (a sealed write
-and an fsync per instance) in another, so the event loop keeps receiving, instances
-decode side by side while the last one is fsynced, and at most ``commit_depth``
-(the decoding threads plus one) decoded instances are in memory. The receiver's
-memory does not grow with the study. Instances are stored in the order their decoding
-ends, which need not be series order: each is committed on its own (the store's
-atomic write, then :meth:`Receiver.stored`), and a restart asks the store for what it
-holds, so the order changes nothing for resume or for what a crash leaves.
+receiver is busy) only after their hash is verified. Decoding runs in worker threads
+(:func:`verify_threads`), storing (a sealed write, an fsync) in another: the event loop
+keeps receiving, at most ``commit_depth`` decoded instances are in memory, however long
+the study. Instances are stored as their decoding ends (each committed on its own; a
+restart asks the store what it holds), not always in series order.
 
 The sender streams too (:class:`~peer_transport.transfer.prepared.PreparedStudy`): it
 offers the signed manifest before encoding anything, then encodes in series order
@@ -89,8 +84,7 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.05
 STATE_EVERY = 1.0  # seconds between rewrites of the spool's state file while storing
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
-_M_MMAP_THRESHOLD = -3
-LARGE_BLOCK = 4 << 20  # blocks from this size on are mmapped (and returned when freed)
+_M_MMAP_THRESHOLD, LARGE_BLOCK = -3, 4 << 20  # blocks from 4 MiB on are mmapped by glibc
 MAX_VERIFY_THREADS = 4  # past this the event loop feeding SCTP is the bound, not decoding
 # Bytes of wire declarations kept that come between the offer and the receiver's start
 # (all of a 100,000-instance study declared at once is about 5 MiB); past it, dropped
@@ -99,18 +93,10 @@ EARLY_DECLARATIONS = 8 << 20
 
 
 def verify_threads() -> int:
-    """Threads a receiver decodes and checks instances on: one per core this process may
-    run on, at most MAX_VERIFY_THREADS.
-
-    JPEG-LS decoding is about two thirds of a receiver's CPU and releases the GIL, so
-    one thread caps a receiver near 20 wire MB/s however many cores are idle; on two
-    cores, two decoders overlap with each other and with the event loop.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_VERIFY_THREADS, cores))
+    """Threads a receiver decodes on: one per core, at most MAX_VERIFY_THREADS (JPEG-LS,
+    zstd, hashes and cipher release the GIL; one thread capped it near 20 wire MB/s)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_VERIFY_THREADS, cores or 1))
 
 
 class InstanceStore(Protocol):
@@ -167,10 +153,7 @@ class StudyReceiver:
         self._declared = asyncio.Event()  # set at each declaration taken (and at the end)
         self._wake = asyncio.Event()
         self._started = asyncio.Event()
-        # ``threads`` workers decode (verify_threads() when None), one stores: instances
-        # decode while the one before is fsynced. At most ``commit_depth`` instances
-        # between "fully received" and "stored" (decoding, decoded, or being stored)
-        # bound memory: one per decoder and the one in the store.
+        # Instances decoding, decoded or being stored: one per decoder and one in the store.
         self.threads = verify_threads() if threads is None else max(1, threads)
         self.commit_depth = self.threads + 1
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="transfer-verify")
@@ -458,18 +441,12 @@ class StudyReceiver:
 
 @functools.cache  # find_library runs ldconfig: once per process is enough
 def _return_large_blocks() -> None:
-    """Have glibc give every large block (a big decoded instance) back to the system when
-    freed, and reuse the heap for the common sizes.
+    """Have glibc give every block of LARGE_BLOCK or more back to the system when freed.
 
-    By default glibc raises its mmap threshold after each large free (up to 32 MiB), so
-    the buffers of big instances then come from the heaps of the worker threads and the
-    event loop, which fragment and keep growing the RSS over a long study. A fixed
-    threshold stops that. At 128 KiB every half-megabyte buffer of a CT slice (the part
-    read back, its frames, the decoded file) was mmapped and zero-filled anew: 300 page
-    faults per slice and about a tenth of the receiver's CPU. At LARGE_BLOCK those come
-    from the heaps and are reused (110 faults per slice; the receiver's RSS over a
-    1000-slice study stays flat, 102-106 MB against 101-103), and only instances past
-    it are mmapped. No-op off glibc.
+    By default glibc raises its mmap threshold after each large free (to 32 MiB), and
+    big instances come from the threads' heaps, which fragment and grow the RSS over a
+    long study. At 128 KiB (before) a CT slice's buffers were mmapped and zero-filled
+    anew: 300 page faults per slice, a tenth of the receiver's CPU. No-op off glibc.
     """
     name = ctypes.util.find_library("c")
     if name is None:
