@@ -531,7 +531,9 @@ class Receiver:
             partial = self._partials.get(index)
             if partial is None:
                 if busy >= MAX_ACTIVE_INSTANCES and index not in self._priority:
-                    continue
+                    # Past the priorities and the parts begun: every later index is new
+                    # too, so none can start (scanning on cost a pass over the study).
+                    break
                 partial = _Partial(self.wires[index].chunk_count(self.manifest.chunk_size))
                 self._partials[index] = partial
                 busy += 1

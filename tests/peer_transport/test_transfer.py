@@ -50,7 +50,7 @@ from peer_transport.transfer.messages import (
     to_wire,
 )
 from peer_transport.transfer.progress import Progress
-from peer_transport.transfer.receiver import Receiver, resume_request
+from peer_transport.transfer.receiver import MAX_ACTIVE_INSTANCES, Receiver, resume_request
 from peer_transport.transfer.sender import Sender
 from peer_transport.transfer.spool import Spool
 from tests.peer_transport.transfer_links import wire_sender
@@ -280,6 +280,22 @@ def test_prioritised_instance_overtakes_the_queue(tmp_path: Path) -> None:
     assert rest.order.index(last) <= 3
     assert rest.order.index(last) < rest.order.index(last - 1)
     assert {**first.stored, **rest.stored} == dict(enumerate(offer.originals))
+
+
+def test_at_most_max_active_instances_are_begun_at_once_save_the_one_on_screen(
+    tmp_path: Path,
+) -> None:
+    offer = _offer(ct_series(MAX_ACTIVE_INSTANCES + 4, seed=5, size=32), Identity.generate())
+    receiver = Receiver(offer.signed, Spool(tmp_path), window=100_000, timeout=1.0)
+    receiver.accept()
+    _declare(receiver, offer.sender(), 0.0)
+    begun = {r.index for r in receiver.poll(0.0) if isinstance(r, Request)}
+    assert begun == set(range(MAX_ACTIVE_INSTANCES))  # the window has room for them all
+    last = len(offer.wires) - 1
+    receiver.prioritise(last)
+    again = {r.index for r in receiver.poll(0.1) if isinstance(r, Request)}
+    assert last in again
+    assert again <= begun | {last}  # the rest of what was begun, and nothing else new
 
 
 def test_receiver_killed_mid_transfer_resumes_from_its_spool(offer: Offer, tmp_path: Path) -> None:
