@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -251,6 +252,9 @@ async def _child(mode: str, want: int) -> dict[str, Any]:
                 threads=verifiers[-1] if verifiers else None,
             )
             for lever in levers:  # mmapK: glibc's mmap threshold at K KiB
+                if lever[:4] == "nice":  # niceN: decoding threads at nice N (experiment)
+                    executor: Any = receiver._executor
+                    executor._initializer = functools.partial(_nice, int(lever[4:]))
                 if lever[:4] == "mmap":
                     import ctypes
 
@@ -287,6 +291,10 @@ async def _child(mode: str, want: int) -> dict[str, Any]:
     await asyncio.sleep(0.5)
     await pc.close()
     return result
+
+
+def _nice(value: int) -> None:
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)  # this thread only
 
 
 class ProcessDecodeReceiver(StudyReceiver):
