@@ -23,6 +23,9 @@ The sender streams too (:class:`~peer_transport.transfer.prepared.PreparedStudy`
 offers the signed manifest before encoding anything, then encodes in series order
 (``ahead`` at a time, into a sealed spool) while it serves, declaring each encoding as
 it is made; the receiver fetches what is declared.
+
+Why one module: the receiver's run loop, its commit pipeline (threads, memory bound,
+failures) and the helpers that put a store and an audit log at each end are one flow.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ STATE_EVERY = 1.0  # seconds between rewrites of the spool's state file while st
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 _M_MMAP_THRESHOLD, LARGE_BLOCK = -3, 4 << 20  # blocks from 4 MiB on are mmapped by glibc
 MAX_VERIFY_THREADS = 4  # past this the event loop feeding SCTP is the bound, not decoding
+COMMIT_BYTES = 64 << 20  # decoded bytes in memory past two instances (big ones: two at most)
 # Bytes of wire declarations kept that come between the offer and the receiver's start
 # (all of a 100,000-instance study declared at once is about 5 MiB); past it, dropped
 # ones are recovered by hurries.
@@ -158,7 +162,7 @@ class StudyReceiver:
         self.commit_depth = self.threads + 1
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="transfer-verify")
         self._store_executor = ThreadPoolExecutor(1, thread_name_prefix="transfer-store")
-        self._committing = asyncio.Semaphore(self.commit_depth)
+        self._admit, self._freed, self._held = asyncio.Lock(), asyncio.Event(), (0, 0)
         _return_large_blocks()
 
     # what the screen reads
@@ -361,10 +365,19 @@ class StudyReceiver:
         return None
 
     async def _verify_and_store(self, receiver: Receiver, index: int) -> Exception | None:
-        # Decoded only when its turn to be stored is near: at most commit_depth decoded
-        # instances wait in memory, however many are fully received.
+        # Decoded only when its turn to be stored is near, in the order taken: at most
+        # commit_depth instances in memory however many are fully received, and past two
+        # (one decoder's bound) only while their sizes add up to COMMIT_BYTES or less.
         loop = asyncio.get_running_loop()
-        async with self._committing:
+        size = receiver.wires[index].entry.size
+        async with self._admit:
+            while self._held[0] >= 2 and (
+                self._held[0] >= self.commit_depth or self._held[1] + size > COMMIT_BYTES
+            ):
+                self._freed.clear()
+                await self._freed.wait()
+            self._held = (self._held[0] + 1, self._held[1] + size)
+        try:
             verify = functools.partial(self._verify, receiver, index)
             data = await loop.run_in_executor(self._executor, verify)
             if isinstance(data, Exception):
@@ -372,6 +385,9 @@ class StudyReceiver:
             return await loop.run_in_executor(
                 self._store_executor, functools.partial(self._store, data)
             )
+        finally:
+            self._held = (self._held[0] - 1, self._held[1] - size)
+            self._freed.set()
 
     def _drop(self, error: RemoteTransferError) -> None:
         """The sender misbehaved: it loses its connection (``ChannelLink.drop``)."""

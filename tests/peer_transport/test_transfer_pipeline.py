@@ -4,7 +4,7 @@ Decoding runs in worker threads (one or more) and storing in another (instances 
 while the one before is sealed and fsynced). Between the two, decoded instances are
 whole files in memory: this is where the receiver's memory could grow with the study if
 the store fell behind, so the bound is checked here with a store that does not return,
-with one decoding thread and with three.
+with one decoding thread and with three, and in bytes for big instances.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 
 from bench.bench_codec import ct_series
 from crypto.identity import Identity
+from peer_transport.transfer import runner
 from peer_transport.transfer.machine import State
 from peer_transport.transfer.prepared import PreparedStudy
 from peer_transport.transfer.receiver import Receiver
@@ -66,10 +67,12 @@ def test_a_receiver_decodes_on_a_thread_per_core_within_bounds() -> None:
     assert 1 <= verify_threads() <= 4
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(("threads", "big"), [(1, False), (3, False), (3, True)])
 async def test_a_stalled_store_holds_the_decoders_at_commit_depth_instances(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int, big: bool
 ) -> None:
+    if big:  # instances too big to hold more than two of at once, whatever the threads
+        monkeypatch.setattr(runner, "COMMIT_BYTES", 1)
     held = Held()
     verify, store_one = StudyReceiver._verify, StudyReceiver._store
 
@@ -92,8 +95,8 @@ async def test_a_stalled_store_holds_the_decoders_at_commit_depth_instances(
     a, b = memory_pair()
     store = HeldStore()
     receiver = StudyReceiver(b, tmp_path / "spool", store, "peer-a", threads=threads)
-    depth = receiver.commit_depth
-    assert depth == threads + 1  # one instance per decoder, and the one being stored
+    assert receiver.commit_depth == threads + 1  # one per decoder, and the one being stored
+    depth = 2 if big else receiver.commit_depth
     sender = StudySender(study, a)
     a.on_control, b.on_control, b.on_bulk = sender.on_control, receiver.on_control, receiver.on_bulk
     b.start()
