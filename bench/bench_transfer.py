@@ -166,6 +166,9 @@ async def pair() -> tuple[RTCPeerConnection, ChannelLink, RTCPeerConnection, Cha
 
 RAW_BYTES = 48 << 20
 RAW_MESSAGE = 60 * 1024
+# Stock aiortc's association now and then stalls for good (once in ~40 raw runs here):
+# that run is dropped after RAW_TIMEOUT seconds and measured again.
+RAW_TIMEOUT, RAW_ATTEMPTS = 60, 3
 
 
 class CountingStore:
@@ -423,7 +426,14 @@ def _peak_rss_mb() -> float:
 
 async def _parent(mode: str, study: PreparedStudy | None, want: int) -> dict[str, Any]:
     loopback_only()
-    return await _run_parent(mode, study, want, dict(os.environ))
+    for attempt in range(RAW_ATTEMPTS if mode == "raw" else 1):
+        try:
+            return await _run_parent(mode, study, want, dict(os.environ))
+        except TimeoutError:
+            if attempt + 1 == RAW_ATTEMPTS or mode != "raw":
+                raise
+            print("  raw: the stock channel stalled (no progress); measured again", flush=True)
+    raise AssertionError("unreachable")
 
 
 async def _run_parent(
@@ -434,6 +444,17 @@ async def _run_parent(
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
         cwd=env.get("BENCH_RECEIVER_TREE"),  # the receiver of another checkout (before/after)
     )  # fmt: skip
+    try:
+        return await _talk(child, mode, study, want)
+    finally:
+        if child.returncode is None:  # a stalled run: its receiver is not left behind
+            child.kill()
+            await child.wait()
+
+
+async def _talk(
+    child: asyncio.subprocess.Process, mode: str, study: PreparedStudy | None, want: int
+) -> dict[str, Any]:
     assert child.stdin is not None
     assert child.stdout is not None
     cpu, drops, parent_rss = _cpu(), _udp_drops(), _rss_mb()
@@ -449,7 +470,7 @@ async def _run_parent(
         payload = os.urandom(RAW_MESSAGE)
         for _ in range(RAW_BYTES // RAW_MESSAGE + 1):
             await link.send_bulk(payload)
-        await asyncio.wait_for(done.wait(), 300)
+        await asyncio.wait_for(done.wait(), RAW_TIMEOUT)
     else:
         assert study is not None
         sender = StudySender(study, link)
