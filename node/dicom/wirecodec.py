@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import io
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from enum import StrEnum
@@ -459,8 +460,14 @@ def decode(wire: WireInstance) -> bytes:
 # -- encoding -----------------------------------------------------------------------------
 
 
+# warnings.catch_warnings swaps the process's filter list and puts back what it saw:
+# two threads in it at once (the receiver's decoders, the sender's encoders) left an
+# "ignore every warning" filter behind for good. Parsing holds the GIL anyway.
+_PARSING = threading.Lock()
+
+
 def parse_dicom(data: bytes) -> pydicom.Dataset:
-    with warnings.catch_warnings():
+    with _PARSING, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return pydicom.dcmread(io.BytesIO(data), defer_size=256, force=False)

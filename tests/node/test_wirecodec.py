@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -170,3 +171,21 @@ def test_from_wire_checks_size_before_parsing_and_rejects_bad_shapes() -> None:
         WireInstance.from_wire(msgpack.packb([1, "jpegls", 1, b"x" * 32, b"", None, []]))
     with pytest.raises(CorruptInstance):
         WireInstance.from_wire(b"\xc1garbage")
+
+
+def test_parsing_in_several_threads_leaves_the_warning_filters_as_they_were() -> None:
+    # The receiver decodes (and parses) on several threads, the sender encodes on several.
+    files = ct_series(4, seed=9, size=32)
+    before = list(warnings.filters)
+
+    def parse() -> None:
+        for _ in range(150):
+            for data in files:
+                wirecodec.parse_dicom(data)
+
+    threads = [threading.Thread(target=parse) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert warnings.filters == before
