@@ -270,15 +270,9 @@ async def _child(mode: str, want: int) -> dict[str, Any]:
                 ProcessDecodeReceiver.start_pool()
             # verifyN: N decoding threads (verify1 is the receiver before 2 threads)
             verifiers = [int(lever[6:]) for lever in levers if lever[:6] == "verify"]
-            receiver = kind(
-                link,
-                Path(tmp) / "spool",
-                store,
-                "bench",
-                note,
-                window=window,
-                threads=verifiers[-1] if verifiers else None,
-            )
+            # (a receiver of before threads were given has no such parameter)
+            given: dict[str, Any] = {"threads": verifiers[-1]} if verifiers else {}
+            receiver = kind(link, Path(tmp) / "spool", store, "bench", note, window=window, **given)
             for lever in levers:  # mmapK: glibc's mmap threshold at K KiB
                 if lever[:4] == "nice":  # niceN: decoding threads at nice N (experiment)
                     executor: Any = receiver._executor
@@ -787,7 +781,8 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
     receiver store into a real ``node.dicom.store.Store`` (sealed, fsynced) instead of
     only counting. ``BENCH_BEFORE_TREE=DIR`` adds a
     study run whose receiver is the checkout in DIR (``git archive main``, this bench
-    copied in): the receiver's code before and after, in the same run.
+    copied in): the receiver's code before and after, in the same run, with the levers
+    in ``BENCH_BEFORE_LEVERS`` (none when unset).
     """
     print(f"event loop: {_use_uvloop()}")
     ct, encode_s = _study(_ct_stream(slices, seed=1), slices)
@@ -808,10 +803,12 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
         return float(raw["bytes"] / raw["seconds"])
 
     before_tree = os.environ.pop("BENCH_BEFORE_TREE", None)
+    before_levers = os.environ.pop("BENCH_BEFORE_LEVERS", "")
 
     def study(variant: str) -> dict[str, Any]:
         if variant == "before":
             os.environ["BENCH_RECEIVER_TREE"] = str(before_tree)
+            os.environ["BENCH_LEVERS"] = before_levers
         elif variant != "stock":
             os.environ["BENCH_LEVERS"] = variant
         res: dict[str, Any] = _profiled(
