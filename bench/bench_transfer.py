@@ -19,30 +19,37 @@ the SCTP): two negotiated channels, ``control`` and ``bulk``, and a
 :class:`ChannelLink` that gives the transfer runner ``send_control`` and a
 ``send_bulk`` that waits on ``bufferedamountlow`` (backpressure).
 
-Where the receiver's CPU goes (``--ratio`` prints it per thread, per wire MB; the 200-slice
-CT, 33 MB on the wire). Decoding in one thread, before: verify 0.051 s, event loop
-0.020, store 0.002, the process 0.074 (0.007-0.010 in the kernel, 300 page faults per
-slice); one verify thread at 0.05 s per MB caps the receiver near 20 wire MB/s. The verify
-path, one thread alone (ms per wire MB): JPEG-LS 32-34, reading the sealed part back 2.0,
-SHA-256 of the file 2.3, parsing it (pydicom) 2.3 + UIDs 0.8 + pixel check 0.5, BLAKE2b
-of the wire 1.4, msgpack 0.4, zstd 0.1; all but msgpack, pydicom and the copies release
-the GIL (about 4 ms held). The event loop's own share of a chunk (digest, seal, pwrite,
-journal) is about 3 ms of its 17-20; the rest is aiortc's SCTP and DTLS. Now: two verify
-threads on two cores (:func:`peer_transport.transfer.runner.verify_threads`), the file
-decoded in place (one buffer, no join), glibc's mmap threshold at 4 MiB rather than
-128 KiB (half-megabyte buffers reused, not mmapped and zero-filled: 120-180 page faults
-per slice, 0.003-0.005 s in the kernel), and a poll that no longer walks the study:
-verify 0.048 (both threads), event loop 0.017, store 0.002, the process 0.070.
+Where the receiver's CPU goes (``--ratio`` prints it per thread, per wire MB, for the
+200-slice CT, 33 MB on the wire). Before (commit 1096020, decoding in one thread): verify
+0.058 s, event loop 0.023, store 0.003, the whole process 0.084, 558 page faults per
+slice; one verify thread at 0.05-0.06 s per MB capped the receiver near 18-20 wire MB/s.
+The verify path alone, one thread (ms per wire MB): JPEG-LS 32-34, reading the sealed
+part back 2.0, SHA-256 of the file 2.3, pydicom's parse 2.3 + UIDs 0.8 + pixel check 0.5,
+BLAKE2b of the wire 1.4, msgpack 0.4, zstd 0.1, joining the file 0.4 (2.5 with its page
+faults); all but msgpack, pydicom and the copies release the GIL (about 4 ms held). The
+event loop's own share of a chunk (digest, seal, pwrite, journal) is about 3 ms of its
+17-23; the rest is aiortc's SCTP and DTLS. Now: a verify thread per core
+(:func:`peer_transport.transfer.runner.verify_threads`: two here), the file decoded in
+place (one buffer, no per-frame arrays, no join), glibc's mmap threshold at 4 MiB, not
+128 KiB (a slice's half-megabyte buffers reused, not mmapped and zero-filled anew: 120-160
+faults per slice), a poll that no longer walks the study: verify 0.051 (both threads),
+event loop 0.019, store 0.003, the process 0.075 (0.048 / 0.017 / 0.002 / 0.070 in a
+quieter run).
 
-``--ratio 200 6 acks,pmtu,verify1,mmap128/acks,pmtu`` (one thread and the old threshold
-against now, alternated in one run; both have the in-place decode and the poll fix),
-2 December 2026, load 1.2-1.7 (the bench's own two processes are ~1.5 of it; another
-helper's CPU work ran at times): x raw before / now per round, wire MB/s now:
+A/B in one run, alternated round by round, 2 December 2026; x raw before / now per round
+(now's wire MB/s), load as the rounds ended (the bench's two processes are ~1.5 of it;
+another helper's CPU work ran at times). ``BENCH_BEFORE_TREE=<1096020 checkout>
+BENCH_BEFORE_LEVERS=acks,pmtu --ratio 200 6 acks,pmtu``, load 1.6-2.2, raw 8.9-19.3 MB/s:
+4.19 / 5.49 (18.5), 3.12 / 5.02 (23.5), 3.96 / 3.89 (17.4), 3.83 / 4.85 (17.0),
+2.62 / 4.21 (19.6), 2.72 / 3.67 (20.4); median 3.48x (min 2.62) before, 4.53x (min 3.67)
+now; now 1.33x the rate of before (min 0.98). ``--ratio 200 6
+acks,pmtu,verify1,mmap128/acks,pmtu`` (one thread and the old threshold against now,
+both with the in-place decode and the poll fix), load 1.2-1.7, raw 10.6-16.8 MB/s:
 3.48 / 4.77 (20.0), 4.05 / 5.08 (19.3), 3.97 / 4.84 (20.3), 3.39 / 4.04 (18.9),
-3.90 / 4.32 (20.8), 3.08 / 4.35 (23.1); median 3.69x (min 3.08) before, 4.56x (min 4.04)
-now, now 1.24x the rate of before (min 1.11, max 1.41); raw 10.6-16.8 MB/s. ``python -m
-bench transfer`` right after (load 1.6-2.1): the 1.05 GB study at 56.6 MB/s with the
-receiver's peak RSS 106 MB (goal < 300 MB); the 200-slice study 3.03x raw in that run.
+3.90 / 4.32 (20.8), 3.08 / 4.35 (23.1); median 3.69x (min 3.08) against 4.56x (min 4.04),
+1.24x the rate (min 1.11). ``python -m bench transfer`` (load 1.6-2.1): the 1.05 GB study
+at 56.6 MB/s, the receiver's peak RSS 106 MB (goal < 300 MB). Decoding threads at nice 5
+(lever ``nice5``): 0.82-1.17x the rate of nice 0 over 8 rounds, not kept.
 """
 
 from __future__ import annotations
