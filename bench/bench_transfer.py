@@ -48,8 +48,10 @@ both with the in-place decode and the poll fix), load 1.2-1.7, raw 10.6-16.8 MB/
 3.48 / 4.77 (20.0), 4.05 / 5.08 (19.3), 3.97 / 4.84 (20.3), 3.39 / 4.04 (18.9),
 3.90 / 4.32 (20.8), 3.08 / 4.35 (23.1); median 3.69x (min 3.08) against 4.56x (min 4.04),
 1.24x the rate (min 1.11). ``python -m bench transfer`` (load 1.6-2.1): the 1.05 GB study
-at 56.6 MB/s, the receiver's peak RSS 106 MB (goal < 300 MB). Decoding threads at nice 5
-(lever ``nice5``): 0.82-1.17x the rate of nice 0 over 8 rounds, not kept.
+at 56.6 MB/s, the receiver's peak RSS 106 MB (goal < 300 MB). All of these ran the
+decoding threads at nice 0. Then at nice 5 (lever ``nice5``, now the default) against 0:
+1.13x the rate (1.04-1.45) over 3 rounds, 1.11x (0.85-1.22) over 5, 1.29x (0.70-1.50)
+over 6, ahead in 10 of the 14 (load 1.1-2.4, raw 8.3-17 MB/s: a busy machine).
 """
 
 from __future__ import annotations
@@ -281,7 +283,7 @@ async def _child(mode: str, want: int) -> dict[str, Any]:
             given: dict[str, Any] = {"threads": verifiers[-1]} if verifiers else {}
             receiver = kind(link, Path(tmp) / "spool", store, "bench", note, window=window, **given)
             for lever in levers:  # mmapK: glibc's mmap threshold at K KiB
-                if lever[:4] == "nice":  # niceN: decoding threads at nice N (experiment)
+                if lever[:4] == "nice":  # niceN: decoding threads at nice N
                     executor: Any = receiver._executor
                     executor._initializer = functools.partial(_nice, int(lever[4:]))
                 if lever[:4] == "mmap":
@@ -780,7 +782,9 @@ def ratios(slices: int, rounds: int, levers: str = "") -> None:
     :class:`ProcessDecodeReceiver`, ``verifyN`` = a receiver decoding on N threads
     (``verify1``: one, as before; default :func:`~peer_transport.transfer.runner.verify_threads`),
     ``mmapK`` = glibc's mmap threshold at K KiB in the receiver (``mmap128``: as before;
-    default :data:`~peer_transport.transfer.runner.LARGE_BLOCK`), combined with commas;
+    default :data:`~peer_transport.transfer.runner.LARGE_BLOCK`), ``niceN`` = decoding
+    threads at nice N (``nice0``: as before; default
+    :data:`~peer_transport.transfer.runner.DECODE_NICE`), combined with commas;
     ``stock`` = none), each run as a study variant in every round (both study
     processes, never the raw baseline); without it, ``stock`` only.
     ``BENCH_PROFILE=DIR`` writes cProfile stats of both processes of each

@@ -10,6 +10,8 @@ with one decoding thread and with three, and in bytes for big instances.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -133,3 +135,20 @@ async def test_a_stalled_store_holds_the_decoders_at_commit_depth_instances(
     assert progress.instances_done == INSTANCES
     assert sorted(store.by_hash.values()) == sorted(files)
     assert held.most == depth
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is Linux's")
+async def test_decoding_threads_run_below_the_event_loop(tmp_path: Path) -> None:
+    _a, b = memory_pair()
+    receiver = StudyReceiver(b, tmp_path / "spool", MemoryStore(), "peer-a", threads=2)
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    try:
+        decoder = await asyncio.get_running_loop().run_in_executor(receiver._executor, own_nice)
+    finally:
+        receiver._executor.shutdown()
+    assert decoder == min(19, loop_nice + runner.DECODE_NICE)
+    assert own_nice() == loop_nice  # the event loop's thread is left as it was
