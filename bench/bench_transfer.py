@@ -21,8 +21,8 @@ the SCTP): two negotiated channels, ``control`` and ``bulk``, and a
 
 Where the receiver's CPU goes (``--ratio`` prints it per thread, per wire MB, for the
 200-slice CT, 33 MB on the wire). Before (commit 1096020, decoding in one thread): verify
-0.058 s, event loop 0.023, store 0.003, the whole process 0.084, 558 page faults per
-slice; one verify thread at 0.05-0.06 s per MB capped the receiver near 18-20 wire MB/s.
+0.049-0.058 s, event loop 0.019-0.023, store 0.003, the whole process 0.072-0.084, 558
+page faults per slice; one verify thread at 0.05 s per MB capped it near 20 wire MB/s.
 The verify path alone, one thread (ms per wire MB): JPEG-LS 32-34, reading the sealed
 part back 2.0, SHA-256 of the file 2.3, pydicom's parse 2.3 + UIDs 0.8 + pixel check 0.5,
 BLAKE2b of the wire 1.4, msgpack 0.4, zstd 0.1, joining the file 0.4 (2.5 with its page
@@ -32,13 +32,24 @@ event loop's own share of a chunk (digest, seal, pwrite, journal) is about 3 ms 
 (:func:`peer_transport.transfer.runner.verify_threads`: two here), the file decoded in
 place (one buffer, no per-frame arrays, no join), glibc's mmap threshold at 4 MiB, not
 128 KiB (a slice's half-megabyte buffers reused, not mmapped and zero-filled anew: 120-160
-faults per slice), a poll that no longer walks the study: verify 0.051 (both threads),
-event loop 0.019, store 0.003, the process 0.075 (0.048 / 0.017 / 0.002 / 0.070 in a
-quieter run).
+faults per slice), a poll that no longer walks the study, decoding threads at nice 5
+(:data:`~peer_transport.transfer.runner.DECODE_NICE`: the event loop gets a core first):
+verify 0.044-0.051 (both threads), event loop 0.015-0.019, store 0.002-0.003, the process
+0.063-0.075.
 
-A/B in one run, alternated round by round, 2 December 2026; x raw before / now per round
-(now's wire MB/s), load as the rounds ended (the bench's two processes are ~1.5 of it;
-another helper's CPU work ran at times). ``BENCH_BEFORE_TREE=<1096020 checkout>
+A/B in one run, alternated round by round, 2 December 2026, the final code:
+``BENCH_BEFORE_TREE=<1096020 checkout> BENCH_BEFORE_LEVERS=acks,pmtu --ratio 200 6
+acks,pmtu,nice0/acks,pmtu``, load 1.1-1.9 (the bench's own two processes are ~1.5 of it),
+raw 12.4-22.8 MB/s; x raw per round before / now with decoders at nice 0 / now (now's
+wire MB/s): 2.91 / 3.33 / 3.55 (24.9), 3.43 / 4.49 / 4.02 (21.5), 3.88 / 4.45 / 4.21
+(17.8), 2.73 / 3.78 / 4.03 (23.3), 2.73 / 3.60 / 3.68 (25.9), 2.97 / 3.72 / 3.99 (26.6);
+median 2.94x (min 2.73) before, 4.00x (min 3.55) now, 1.28x the rate of before (min 1.08,
+max 1.47). Per wire MB in that run: before verify 0.049, loop 0.019, store 0.003, process
+0.072 (558 faults per slice); now 0.044 / 0.015 / 0.002 / 0.063 (116-159 faults).
+
+Earlier runs, decoders at nice 0 (the default then), on a busier machine; x raw before /
+now per round (now's wire MB/s), load as the rounds ended (another helper's CPU work ran
+at times). ``BENCH_BEFORE_TREE=<1096020 checkout>
 BENCH_BEFORE_LEVERS=acks,pmtu --ratio 200 6 acks,pmtu``, load 1.6-2.2, raw 8.9-19.3 MB/s:
 4.19 / 5.49 (18.5), 3.12 / 5.02 (23.5), 3.96 / 3.89 (17.4), 3.83 / 4.85 (17.0),
 2.62 / 4.21 (19.6), 2.72 / 3.67 (20.4); median 3.48x (min 2.62) before, 4.53x (min 3.67)
