@@ -46,6 +46,9 @@ wire MB/s): 2.91 / 3.33 / 3.55 (24.9), 3.43 / 4.49 / 4.02 (21.5), 3.88 / 4.45 / 
 median 2.94x (min 2.73) before, 4.00x (min 3.55) now, 1.28x the rate of before (min 1.08,
 max 1.47). Per wire MB in that run: before verify 0.049, loop 0.019, store 0.003, process
 0.072 (558 faults per slice); now 0.044 / 0.015 / 0.002 / 0.063 (116-159 faults).
+``python -m bench transfer`` right after (load 1.5-1.7): the 200-slice study 5.22x raw
+(81.4 MB/s, RSS 103 MB), the 1.05 GB study at 63.4 MB/s with the receiver's peak RSS
+107 MB (goal < 300 MB).
 
 Earlier runs, decoders at nice 0 (the default then), on a busier machine; x raw before /
 now per round (now's wire MB/s), load as the rounds ended (another helper's CPU work ran
