@@ -91,7 +91,7 @@ STATE_EVERY = 1.0  # seconds between rewrites of the spool's state file while st
 RESUME_ASKS = 6  # times a restarted receiver asks for its transfer before it only waits
 _M_MMAP_THRESHOLD, LARGE_BLOCK = -3, 4 << 20  # blocks from 4 MiB on are mmapped by glibc
 MAX_VERIFY_THREADS = 4  # past this the event loop feeding SCTP is the bound, not decoding
-DECODE_NICE = 5  # decoding threads' niceness, above the event loop's
+DECODE_NICE = 5  # decoding threads' niceness, added to the event loop's
 COMMIT_BYTES = 64 << 20  # decoded bytes in memory past two instances (big ones: two at most)
 # Bytes of wire declarations kept that come between the offer and the receiver's start
 # (all of a 100,000-instance study declared at once is about 5 MiB); past it, dropped
@@ -107,13 +107,14 @@ def verify_threads() -> int:
 
 
 def _yield_to_the_loop() -> None:
-    """Run this decoding thread at nice DECODE_NICE (Linux: a thread's own priority), so
+    """Run this decoding thread DECODE_NICE nicer than the loop (Linux: a thread's own), so
     the event loop feeding SCTP gets a core first: when decoders take its CPU, SACKs
     and window updates wait and the flow stalls (1.11-1.29x the rate over 14 rounds, in
     10 of them ahead); decoding then uses what the loop leaves."""
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
+            tid = threading.get_native_id()  # relative: a node run under nice stays lower
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + DECODE_NICE)
 
 
 class InstanceStore(Protocol):
