@@ -65,13 +65,16 @@ def palette_colour(number: int) -> Color:
 
 
 def palette_numbers(rgb: npt.NDArray[np.uint8], cache: dict[int, int]) -> Keys:
-    """xterm-256 colour number of each pixel (h, w), as Rich downgrades truecolor: greys to
-    the grey ramp (26 levels, black and white from the cube), colours to the cube."""
-    r = rgb[..., 0].astype(np.int64)
-    g = rgb[..., 1].astype(np.int64)
-    b = rgb[..., 2].astype(np.int64)
+    """xterm-256 colour number of each pixel (h, w) of an RGB (h, w, 3) or grey (h, w) image,
+    as Rich downgrades truecolor: greys to the grey ramp (26 levels, black and white from the
+    cube), colours to the cube."""
+    r = (rgb if rgb.ndim == 2 else rgb[..., 0]).astype(np.int64)
     level = np.rint(r * (25.0 / 255.0)).astype(np.int64)
     numbers: Keys = np.where(level == 0, 16, np.where(level == 25, 231, 231 + level))
+    if rgb.ndim == 2:
+        return numbers
+    g = rgb[..., 1].astype(np.int64)
+    b = rgb[..., 2].astype(np.int64)
     coloured = (r != g) | (g != b)
     if coloured.any():
         packed = (r[coloured] << 16) | (g[coloured] << 8) | b[coloured]
@@ -135,17 +138,21 @@ class HalfBlockRenderer:
         return " " if up == low and self.compact else UPPER_HALF
 
     def keys(self, rgb: npt.NDArray[np.uint8]) -> Keys:
-        """Packed (upper, lower) colour per cell, shape (h // 2, w)."""
+        """Packed (upper, lower) colour per cell, shape (h // 2, w), of an RGB (h, w, 3) or a
+        grey (h, w) image (the same keys as its RGB)."""
         h = rgb.shape[0] - rgb.shape[0] % 2
         if self.palette:
             numbers = palette_numbers(rgb[:h], self._numbers)
             paired: Keys = (numbers[0::2] << 8) | numbers[1::2]
             return paired
-        packed = (
-            (rgb[:h, :, 0].astype(np.int64) << 16)
-            | (rgb[:h, :, 1].astype(np.int64) << 8)
-            | rgb[:h, :, 2].astype(np.int64)
-        )
+        if rgb.ndim == 2:
+            packed = rgb[:h].astype(np.int64) * 0x010101
+        else:
+            packed = (
+                (rgb[:h, :, 0].astype(np.int64) << 16)
+                | (rgb[:h, :, 1].astype(np.int64) << 8)
+                | rgb[:h, :, 2].astype(np.int64)
+            )
         result: Keys = (packed[0::2] << 24) | packed[1::2]
         return result
 

@@ -128,7 +128,6 @@ class ImageView(Widget, can_focus=True):
         self._sixel = SixelImage() if self.mode == "sixel" else None
         self._image_rows = 0
         self.frame: Frame | None = None
-        self._modality: npt.NDArray[np.float32] | None = None
         self.window = Window(40, 400)
         self.invert = False
         self.zoom = 1.0
@@ -149,12 +148,12 @@ class ImageView(Widget, can_focus=True):
         self._keys: Keys | None = None
         self._signatures: list[object] = []
         self._row_labels: list[dict[int, Label]] = []
-        # The slice's pixels before marks, for the frame and view they were computed for.
+        # The slice's grey pixels before marks, for the frame and view they were computed for.
         self._base_for: tuple[object, ...] | None = None
         self._base: npt.NDArray[np.uint8] | None = None
         self._shown: Frame | None = None
-        self._modality_of: Frame | None = None  # the frame self._modality was computed from
-        # What the last half-block paint showed (frame, modality, the rest of the state): a
+        self._pixels_of: Frame | None = None  # the frame whose pixels are drawn (show's)
+        # What the last half-block paint showed (frame, pixels, the rest of the state): a
         # redraw of the same (a slice step paints, then the screen redraws with its marks)
         # does nothing.
         self._painted: tuple[object, ...] | None = None
@@ -183,10 +182,7 @@ class ImageView(Widget, can_focus=True):
             ):
                 self._scrolling_until = now + REST_S
             self._shown, self._last_show = frame, now
-        self.frame = frame
-        if frame is not self._modality_of or (frame is not None and self._modality is None):
-            self._modality = frame.modality() if frame is not None else None
-            self._modality_of = frame
+        self.frame = self._pixels_of = frame
         self.waiting = frame is None
         self.redraw()
 
@@ -261,18 +257,18 @@ class ImageView(Widget, can_focus=True):
             self._strips, self._keys, self._signatures = [], None, []
             return
         rows = self._image_rows = self.image_rows()
-        rgb, labels = self._canvas(width, height, rows)
+        pixels, labels = self._canvas(width, height, rows)
         by_row = labels_by_row(labels, height, width)
         if self._kitty is not None:
             kitty = self._kitty
-            lines = kitty.lines(rgb, (width, rows))
+            lines = kitty.lines(imaging.to_rgb(pixels), (width, rows))
 
             def kitty_row(y: int) -> Strip:
                 return kitty.row(lines, y, width, by_row.get(y))
 
             self._update_rows([kitty.images_sent] * height, by_row, kitty_row)
         elif self._sixel is not None:
-            self._sixel.encode(rgb)
+            self._sixel.encode(imaging.to_rgb(pixels))
             sent = self._sixel.images_sent
             band = self._renderer.keys(np.zeros((2 * (height - rows), width, 3), np.uint8))
             self._renderer.prepare(band)
@@ -284,7 +280,7 @@ class ImageView(Widget, can_focus=True):
 
             self._update_rows([sent] * rows + [None] * (height - rows), by_row, sixel_row)
         else:
-            self._update_cells(rgb, by_row)
+            self._update_cells(pixels, by_row)
 
     def _unchanged(self, coarse: bool) -> bool:
         """Whether a half-block paint would show what the last one did (and remember what
@@ -301,27 +297,29 @@ class ImageView(Widget, can_focus=True):
             last is not None
             and self._keys is not None
             and last[0] is self.frame
-            and last[1] is self._modality
+            and last[1] is self._pixels_of
             and last[2] == state
         ):
             return True
-        self._painted = (self.frame, self._modality, state)
+        self._painted = (self.frame, self._pixels_of, state)
         return False
 
     def _canvas(
         self, width: int, height: int, rows: int
     ) -> tuple[npt.NDArray[np.uint8], dict[tuple[int, int], Label]]:
-        """The picture with its marks drawn in, and the text cells to put over it."""
+        """The picture with its marks drawn in (RGB, or grey (h, w) when it has none), and
+        the text cells to put over it."""
         cw, ch = self.cell_pixels
         geom = self.geometry()
         labels: dict[tuple[int, int], Label] = {}
-        if geom is None or self._modality is None:
-            rgb = np.zeros((ch * rows, cw * width, 3), dtype=np.uint8)
+        pixels: npt.NDArray[np.uint8]
+        if geom is None or self._pixels_of is None:
+            pixels = np.zeros((ch * rows, cw * width), dtype=np.uint8)
         else:
-            rgb = self._pixels(self._modality, geom)
+            pixels = self._pixels(self._pixels_of, geom)
             if self.marks:  # drawn on a copy: the slice's pixels are kept for the next paint
-                rgb = rgb.copy()
-                self._draw_marks(rgb, geom, labels, width)
+                pixels = imaging.to_rgb(pixels)
+                self._draw_marks(pixels, geom, labels, width)
         text_top = rows if self.mode == "sixel" else 0
         if self.mode == "sixel":
             labels.clear()  # nothing shows on top of a sixel picture: names go in the band
@@ -332,12 +330,12 @@ class ImageView(Widget, can_focus=True):
             labels.update(
                 label_cells(text, rows // 2, max(0, (width - len(text)) // 2), LOADING_STYLE, width)
             )
-        return rgb, labels
+        return pixels, labels
 
-    def _pixels(self, modality: npt.NDArray[np.float32], geom: Geometry) -> npt.NDArray[np.uint8]:
-        """The slice on the display grid, before marks: computed again only when the frame,
-        the window or the geometry changed (a cursor moving changes none of them)."""
-        key = (modality, geom, self.window, self.invert, self._coarse)
+    def _pixels(self, frame: Frame, geom: Geometry) -> npt.NDArray[np.uint8]:
+        """The slice on the display grid in grey, before marks: computed again only when the
+        frame, the window or the geometry changed (a cursor moving changes none of them)."""
+        key = (frame, geom, self.window, self.invert, self._coarse)
         base = self._base
         if (
             base is None
@@ -350,22 +348,24 @@ class ImageView(Widget, can_focus=True):
             # stands for; picking one of them shows that one's noise, and noise is what
             # makes neighbouring cells differ and cost their own escape codes).
             resample: imaging.Resample = "box" if self.caching else "nearest"
-            grey = imaging.render_grey(modality, geom, self.window, self.invert, resample)
+            grey = imaging.render_grey_stored(
+                frame.pixels, frame.slope, frame.intercept, geom, self.window, self.invert, resample
+            )
             if self._coarse:
                 grey = imaging.blocks(grey, COARSE_BLOCK)
-            base = self._base = imaging.to_rgb(grey)
+            base = self._base = grey
             self._base_for = key
         return base
 
     def _update_cells(
-        self, rgb: npt.NDArray[np.uint8], by_row: dict[int, dict[int, Label]]
+        self, pixels: npt.NDArray[np.uint8], by_row: dict[int, dict[int, Label]]
     ) -> None:
         """Half-blocks: rebuild and refresh only the cells that changed (per row, the span
         from the first changed cell to the last)."""
         renderer = self._renderer
         palette = self.caching and self._colour_system() == "256"
         switched = renderer.configure(palette=palette, compact=self.caching)
-        keys = renderer.keys(rgb)
+        keys = renderer.keys(pixels)
         height = keys.shape[0]
         old = self._keys
         if (
