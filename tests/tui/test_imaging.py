@@ -151,11 +151,11 @@ def test_resampling_from_stored_values_is_bit_for_bit_the_lut_then_resample(
     dtype: type, slope: float, intercept: float
 ) -> None:
     rng = np.random.default_rng(11)
-    kind = np.dtype(dtype)
-    if kind.kind == "f":
+    stored: np.ndarray
+    if np.dtype(dtype).kind == "f":
         stored = rng.normal(0, 500, (97, 130)).astype(dtype)
     else:
-        info = np.iinfo(kind)
+        info = np.iinfo(dtype)
         low, high = max(int(info.min), -40_000), min(int(info.max), 70_000)
         stored = rng.integers(low, high, (97, 130), endpoint=True).astype(dtype)
     modality = imaging.modality_lut(stored, slope, intercept)
