@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,6 +34,7 @@ import numpy.typing as npt
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
+from textual.filter import ANSIToTruecolor, LineFilter
 from textual.geometry import Region
 from textual.message import Message
 from textual.strip import Strip
@@ -501,6 +502,21 @@ class ImageView(Widget, can_focus=True):
         if y < len(self._strips):
             return self._strips[y]
         return Strip([Segment(" " * self.size.width)], self.size.width)
+
+    def get_line_filters(self) -> Sequence[LineFilter]:
+        """The app's line filters, but for the one turning ANSI colours into truecolor when
+        half-blocks have none to turn: their cells, labels and marks are RGB already, and the
+        border and background are checked (a theme may give those ANSI colours). It would
+        copy every segment of every row repainted (most of a slice step's CPU in the
+        compositor) to change nothing. kitty's and sixel's cells are left to it."""
+        filters = super().get_line_filters()
+        if self.mode != "halfblock":
+            return filters
+        base, background = self.background_colors
+        frame = [base, background, *(colour for _, colour in self.styles.border)]
+        if any(colour.ansi is not None for colour in frame):
+            return filters
+        return [f for f in filters if not isinstance(f, ANSIToTruecolor)]
 
     def on_resize(self, event: events.Resize) -> None:
         self.redraw()
