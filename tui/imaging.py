@@ -297,13 +297,14 @@ FLOAT32_EXACT = 2**24
 def stored_block_means(
     stored: npt.NDArray[Any], slope: float, intercept: float, block: int
 ) -> Floats | None:
-    """``block_means(modality_lut(stored, slope, intercept), block)`` bit for bit, from tile
-    sums of the stored values in integers, or None when that cannot be promised.
+    """``block_means(modality_lut(stored, slope, intercept), block)`` bit for bit, from the
+    tile sums of the stored values (no pass of the LUT over every pixel), or None when that
+    cannot be promised.
 
     It can when the LUT only adds an integer (slope 1, as CT's -1024) to small integers: each
     modality value is then an integer float32 holds exactly, and so is every partial sum of
     a tile while a tile's values cannot reach 2**24 in magnitude together, so the float32 sums
-    are exact integers, the integer sums plus block**2 intercepts, whatever their order."""
+    are exact integers: the stored values' sum plus block**2 intercepts, in any order."""
     if stored.dtype.kind not in "iu" or stored.dtype.itemsize > 2 or slope != 1.0:
         return None
     if not (math.isfinite(intercept) and float(intercept).is_integer()):
@@ -313,15 +314,15 @@ def stored_block_means(
     if largest * block * block > FLOAT32_EXACT:
         return None
     rows, cols = stored.shape[0] // block * block, stored.shape[1] // block * block
-    # Rows of tiles first (whole rows added: contiguous), then the columns of each tile.
-    by_rows = stored[0:rows:block, :cols].astype(np.int32)
-    for dy in range(1, block):
+    # Summed in float32 (exact, as said): the rows of each tile first (whole rows added,
+    # contiguous), then its columns.
+    by_rows = np.add(stored[0:rows:block, :cols], stored[1:rows:block, :cols], dtype=np.float32)
+    for dy in range(2, block):
         by_rows += stored[dy:rows:block, :cols]
-    sums = by_rows[:, 0::block].copy()
-    for dx in range(1, block):
-        sums += by_rows[:, dx::block]
-    sums += int(intercept) * block * block
-    total = sums.astype(np.float32)
+    total: Floats = np.add(by_rows[:, 0::block], by_rows[:, 1::block])
+    for dx in range(2, block):
+        total += by_rows[:, dx::block]
+    total += np.float32(int(intercept) * block * block)
     total *= np.float32(1.0 / (block * block))
     return total
 

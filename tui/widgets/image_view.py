@@ -384,11 +384,17 @@ class ImageView(Widget, can_focus=True):
             self.refresh()
             return
         changed = keys != old
-        rows_changed = changed.any(axis=1)
+        # Per row: whether any cell changed, and the first and last that did.
+        rows_changed = changed.any(axis=1).tolist()
+        firsts = changed.argmax(axis=1).tolist()
+        lasts = (changed.shape[1] - 1 - changed[:, ::-1].argmax(axis=1)).tolist()
+        labelled = {y for y in range(height) if self._row_labels[y]} | by_row.keys()
         regions, rebuilt = [], []
         for y in range(height):
+            if not rows_changed[y] and y not in labelled:
+                continue
             before, after = self._row_labels[y], by_row.get(y, {})
-            cols = np.flatnonzero(changed[y]).tolist() if rows_changed[y] else []
+            cols = [firsts[y], lasts[y]] if rows_changed[y] else []
             if before != after:
                 cols += [c for c in before.keys() | after.keys() if before.get(c) != after.get(c)]
             if not cols:
