@@ -355,15 +355,14 @@ async def test_the_heap_is_frozen_while_a_viewer_is_open_and_thawed_when_it_clos
     assert gc.get_freeze_count() == 0
     async with viewer_app(SIZE) as (node, app, pilot, viewer):
         assert HeapFreeze.holders == 1
-        frozen = gc.get_freeze_count()
-        assert frozen > 10_000  # the app, its widgets, the modules
+        assert gc.get_freeze_count() > 10_000  # the app, its widgets, the modules
         second = await open_viewer(pilot, node, live=False)  # one over the other: counted
         assert HeapFreeze.holders == 2
         app.pop_screen()
         await pilot.pause()
         assert not second.is_attached
         assert HeapFreeze.holders == 1
-        assert gc.get_freeze_count() >= frozen  # still held for the first viewer
+        assert gc.get_freeze_count() > 10_000  # still held for the first viewer
         app.pop_screen()
         await pilot.pause()
         assert not viewer.is_attached

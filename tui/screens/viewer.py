@@ -14,8 +14,9 @@ from typing import Any
 from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.geometry import Region
 from textual.screen import Screen
+from textual.strip import Strip
 from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Header, Input, OptionList, Static, TextArea
@@ -33,6 +34,7 @@ from tui.screens.sign_preview import SignPreview
 from tui.widgets.consult_panel import ConsultPanel, describe, mark_label
 from tui.widgets.footer import Footer
 from tui.widgets.image_view import ImageView, Mark
+from tui.widgets.kept import KeptHorizontal, KeptStatic, KeptVertical, kept_lines
 from tui.widgets.overlay import (
     EdgeMarker,
     OverlayBar,
@@ -188,23 +190,28 @@ class ViewerScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Header()
-        with Horizontal():
+        # Kept* (tui.widgets.kept): on a slice step only the image and the bar above it
+        # change; the rest hands the compositor the lines it gave it before.
+        with KeptHorizontal():
             yield OptionList(
                 *[safe_text.line(f"{s.number:>3} {s.modality} {s.description} "
                                  f"({s.instance_count})") for s in self.series_list],
                 id="series",
             )  # fmt: skip
-            with Vertical(id="image-area"):
+            with KeptVertical(id="image-area"):
                 yield OverlayBar(id="overlay-top")
-                with Horizontal(id="image-row"):
+                with KeptHorizontal(id="image-row"):
                     yield EdgeMarker(id="mark-left")
                     yield ImageView(id="image")
                     yield EdgeMarker(id="mark-right")
                 yield OverlayBar(id="overlay-bottom", classes="-fixed")
             if self.session is not None:
                 yield ConsultPanel(self.session, self._trust_of)
-        yield Static(MODES["image"], id="mode")
+        yield KeptStatic(MODES["image"], id="mode")
         yield Footer()
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        return kept_lines(self, crop, super().render_lines)  # tui.widgets.kept
 
     def _trust_of(self, node_id: str) -> str:
         """This node's trust in a participant's key, as the Peers screen shows it (read

@@ -26,12 +26,14 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
+from textual.geometry import Region
 from textual.strip import Strip
 from textual.widgets import Static
 
 from tui import imaging, safe_text
 from tui.facade import Frame, SeriesInfo, StudyInfo
 from tui.imaging import Point, Window
+from tui.widgets.kept import kept_lines
 
 # A component of a direction counts for a letter when it is at least this large: 0.1 is
 # about 6 degrees, so an oblique plane gets a second (and third) letter, noise does not.
@@ -344,6 +346,9 @@ class OverlayBar(Static):
                 _TopBar(left, centre, right, table), layout=not (fits and self.size.height == 1)
             )
 
+    def render_lines(self, crop: Region) -> list[Strip]:
+        return kept_lines(self, crop, super().render_lines)  # tui.widgets.kept
+
     def render_line(self, y: int) -> Strip:
         """A bar above the image that fits its one line is drawn straight from its segments,
         each over the widget's style: what Static's way through Rich (a console render, the
@@ -377,6 +382,9 @@ class EdgeMarker(Static):
 
     text = ""
     _shown: str | None = None
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        return kept_lines(self, crop, super().render_lines)  # tui.widgets.kept
 
     def show(self, letters: str) -> None:
         if letters == self._shown:  # as above: no layout, no repaint of the whole edge
