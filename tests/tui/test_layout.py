@@ -157,10 +157,11 @@ async def test_widgets_that_keep_their_lines_give_what_rendering_them_afresh_giv
         viewer = await open_viewer(pilot, node)
         kept = [
             viewer,
-            *viewer.query("KeptHorizontal, KeptVertical, KeptStatic, OverlayBar, EdgeMarker"),
+            *viewer.query("KeptHeader, KeptHorizontal, KeptVertical, KeptStatic"),
+            *viewer.query("OverlayBar, EdgeMarker"),
             viewer.query_one(Footer),
         ]
-        assert len(kept) == 10
+        assert len(kept) == 11
 
         def same_as_afresh(when: str) -> None:
             for widget in kept:

@@ -19,7 +19,7 @@ from textual.screen import Screen
 from textual.strip import Strip
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Header, Input, OptionList, Static, TextArea
+from textual.widgets import Input, OptionList, Static, TextArea
 from textual.worker import Worker, WorkType
 
 from consult import measure, report_draft
@@ -34,7 +34,7 @@ from tui.screens.sign_preview import SignPreview
 from tui.widgets.consult_panel import ConsultPanel, describe, mark_label
 from tui.widgets.footer import Footer
 from tui.widgets.image_view import ImageView, Mark
-from tui.widgets.kept import KeptHorizontal, KeptStatic, KeptVertical, kept_lines
+from tui.widgets.kept import KeptHeader, KeptHorizontal, KeptStatic, KeptVertical, kept_lines
 from tui.widgets.overlay import (
     EdgeMarker,
     OverlayBar,
@@ -189,7 +189,7 @@ class ViewerScreen(Screen[None]):
         self._frozen = False  # holds HeapFreeze while mounted
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield KeptHeader()
         # Kept* (tui.widgets.kept): on a slice step only the image and the bar above it
         # change; the rest hands the compositor the lines it gave it before.
         with KeptHorizontal():

@@ -22,7 +22,7 @@ from textual.containers import Horizontal, Vertical
 from textual.geometry import Region
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import Static
+from textual.widgets import Header, Static
 
 _KEPT = "_radmesh_kept_lines"
 
@@ -58,5 +58,10 @@ class KeptVertical(Vertical):
 
 
 class KeptStatic(Static):
+    def render_lines(self, crop: Region) -> list[Strip]:
+        return kept_lines(self, crop, super().render_lines)
+
+
+class KeptHeader(Header):
     def render_lines(self, crop: Region) -> list[Strip]:
         return kept_lines(self, crop, super().render_lines)
