@@ -33,6 +33,17 @@ alone moved from 6.9 to 22.9 MB/s between rounds. ana, ben and the app share the
 cores here: the app's ~11 ms per key is CPU the two nodes lack (in three A/B runs,
 renicing the app by 5 did not raise the ratio and put the keystroke p95 at 65-71 ms).
 Before (the node on a thread of the app's process, load 0.6-2.2): 0.70-0.79, p95 29 ms.
+
+The app's CPU per key, cut (issue 18 item 2; same machine, back to back, load 0.2-1.7):
+before 9.5 ms idle, 11.7 ms during the transfer, 14.5 ms in the live session (ratio 0.82,
+rounds' median 0.79); after 7.6-8.5 ms idle, 7.2-7.8 ms during the transfer, 6.5-10.1 ms
+live (ratio 0.89 / 0.72 / 0.79, rounds' medians 0.86 / 0.73 / 0.82 in three runs: the
+headless rate alone moved from 57 to 121 MB/s between rounds). Keystroke p95 7.0-8.0 ms
+idle, 11.5-13.4 ms during the transfer. Where it went, per step: the slice's grey from its
+stored values (no LUT pass over the image), half-block rows built in one numpy pass, no
+ANSI->truecolor filter over the image's RGB cells, the bar above the image drawn directly,
+the unchanged widgets' lines kept (tui.widgets.kept), and no full garbage collection pass
+over the app's heap (100 ms bursts) while a viewer is open.
 """
 
 from __future__ import annotations

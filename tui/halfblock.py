@@ -65,13 +65,16 @@ def palette_colour(number: int) -> Color:
 
 
 def palette_numbers(rgb: npt.NDArray[np.uint8], cache: dict[int, int]) -> Keys:
-    """xterm-256 colour number of each pixel (h, w), as Rich downgrades truecolor: greys to
-    the grey ramp (26 levels, black and white from the cube), colours to the cube."""
-    r = rgb[..., 0].astype(np.int64)
-    g = rgb[..., 1].astype(np.int64)
-    b = rgb[..., 2].astype(np.int64)
+    """xterm-256 colour number of each pixel (h, w) of an RGB (h, w, 3) or grey (h, w) image,
+    as Rich downgrades truecolor: greys to the grey ramp (26 levels, black and white from the
+    cube), colours to the cube."""
+    r = (rgb if rgb.ndim == 2 else rgb[..., 0]).astype(np.int64)
     level = np.rint(r * (25.0 / 255.0)).astype(np.int64)
     numbers: Keys = np.where(level == 0, 16, np.where(level == 25, 231, 231 + level))
+    if rgb.ndim == 2:
+        return numbers
+    g = rgb[..., 1].astype(np.int64)
+    b = rgb[..., 2].astype(np.int64)
     coloured = (r != g) | (g != b)
     if coloured.any():
         packed = (r[coloured] << 16) | (g[coloured] << 8) | b[coloured]
@@ -135,17 +138,21 @@ class HalfBlockRenderer:
         return " " if up == low and self.compact else UPPER_HALF
 
     def keys(self, rgb: npt.NDArray[np.uint8]) -> Keys:
-        """Packed (upper, lower) colour per cell, shape (h // 2, w)."""
+        """Packed (upper, lower) colour per cell, shape (h // 2, w), of an RGB (h, w, 3) or a
+        grey (h, w) image (the same keys as its RGB)."""
         h = rgb.shape[0] - rgb.shape[0] % 2
         if self.palette:
             numbers = palette_numbers(rgb[:h], self._numbers)
             paired: Keys = (numbers[0::2] << 8) | numbers[1::2]
             return paired
-        packed = (
-            (rgb[:h, :, 0].astype(np.int64) << 16)
-            | (rgb[:h, :, 1].astype(np.int64) << 8)
-            | rgb[:h, :, 2].astype(np.int64)
-        )
+        if rgb.ndim == 2:
+            packed = rgb[:h].astype(np.int64) * 0x010101
+        else:
+            packed = (
+                (rgb[:h, :, 0].astype(np.int64) << 16)
+                | (rgb[:h, :, 1].astype(np.int64) << 8)
+                | rgb[:h, :, 2].astype(np.int64)
+            )
         result: Keys = (packed[0::2] << 24) | packed[1::2]
         return result
 
@@ -163,26 +170,42 @@ class HalfBlockRenderer:
     def row(self, keys: npt.NDArray[np.int64], labels: Mapping[int, Label] | None = None) -> Strip:
         """One cell row from its keys (after :meth:`prepare`); ``labels``: column -> text cell."""
         width = len(keys)
-        styles, segments_of = self._styles, self._segments
+        segments_of = self._segments
         if labels:
             row_segments = [segments_of[k] for k in keys.tolist()]
             for col, (char, style) in labels.items():
                 if 0 <= col < width:
                     row_segments[col] = Segment(char[:1] or " ", style)
             return Strip(Segment.simplify(row_segments), width)
-        # Runs of equal cells become one segment: background and flat regions are cheap.
-        change = np.ones(width, dtype=bool)
-        change[1:] = keys[1:] != keys[:-1]
-        starts = np.flatnonzero(change).tolist()
-        run_keys = keys[starts].tolist()
-        ends = [*starts[1:], width]
-        return Strip(
-            [
-                segments_of[k] if e - s == 1 else Segment(segments_of[k].text * (e - s), styles[k])
-                for k, s, e in zip(run_keys, starts, ends, strict=True)
-            ],
-            width,
-        )
+        return self._plain_rows(keys[None, :])[0]
+
+    def _plain_rows(self, keys: Keys) -> list[Strip]:
+        """A row without labels for each row of ``keys`` (n, w), after :meth:`prepare`: runs
+        of equal cells become one segment (background and flat regions are cheap), found for
+        all the rows at once."""
+        width = keys.shape[1]
+        styles, segments_of = self._styles, self._segments
+        change = np.ones(keys.shape, dtype=bool)
+        change[:, 1:] = keys[:, 1:] != keys[:, :-1]
+        rows, cols = np.nonzero(change)  # row by row, left to right
+        all_keys, all_starts = keys[rows, cols].tolist(), cols.tolist()
+        out, at = [], 0
+        for count in np.count_nonzero(change, axis=1).tolist():
+            run_keys, starts = all_keys[at : at + count], all_starts[at : at + count]
+            at += count
+            ends = [*starts[1:], width]
+            out.append(
+                Strip(
+                    [
+                        segments_of[k]
+                        if e - s == 1
+                        else Segment(segments_of[k].text * (e - s), styles[k])
+                        for k, s, e in zip(run_keys, starts, ends, strict=True)
+                    ],
+                    width,
+                )
+            )
+        return out
 
     def rows(
         self, keys: Keys, ys: Sequence[int], labels: Mapping[int, Mapping[int, Label]]
@@ -202,12 +225,13 @@ class HalfBlockRenderer:
             out.append(strip)
         if build:
             self.prepare(keys[[ys[i] for i in build]])
+            plain = [i for i in build if not labels.get(ys[i])]
+            for i, strip in zip(plain, self._plain_rows(keys[[ys[i] for i in plain]]), strict=True):
+                out[i] = strip
+                self._keep(keys[ys[i]].tobytes(), strip)
             for i in build:
-                y = ys[i]
-                row_labels = labels.get(y)
-                strip = out[i] = self.row(keys[y], row_labels)
-                if not row_labels:
-                    self._keep(keys[y].tobytes(), strip)
+                if out[i] is None:
+                    out[i] = self.row(keys[ys[i]], labels.get(ys[i]))
         return [strip for strip in out if strip is not None]
 
     def _keep(self, key: bytes, strip: Strip) -> None:

@@ -14,9 +14,10 @@ so cell (col, row) holds display pixels (col, 2*row) and (col, 2*row+1).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -209,28 +210,73 @@ def resample(modality: Floats, geom: Geometry, mode: Resample = "nearest") -> tu
     cost: the image in tiles of the largest whole number of pixels a display pixel
     spans, each display pixel the mean of the tile under its centre.
     """
-    rows, cols = modality.shape
+    grid = _sampling(geom, *modality.shape)
+    if mode == "area" and grid.shrunk:
+        xs, ys = geom.sample_axes()
+        out = _area_average(modality, xs, ys, *geom.scale)
+    elif mode == "box" and grid.tiles is not None:
+        out = np.take(block_means(modality, grid.block), grid.tiles)
+    else:
+        out = np.take(modality, grid.pixels)
+    return out, grid.mask
+
+
+def resample_stored(
+    stored: npt.NDArray[Any],
+    slope: float,
+    intercept: float,
+    geom: Geometry,
+    mode: Resample = "nearest",
+) -> tuple[Floats, Any]:
+    """``resample(modality_lut(stored, slope, intercept), geom, mode)``, bit for bit, without
+    the LUT's pass over every pixel where that can be promised (on every slice step):
+    ``nearest`` puts only the pixels it shows through the LUT (the same float32 operations on
+    the same values); ``box`` sums each tile's stored values in integers when the float32
+    sums are exact integers too (:func:`stored_block_means`)."""
+    grid = _sampling(geom, *stored.shape)
+    if mode == "area" and grid.shrunk:
+        xs, ys = geom.sample_axes()
+        out = _area_average(modality_lut(stored, slope, intercept), xs, ys, *geom.scale)
+    elif mode == "box" and grid.tiles is not None:
+        means = stored_block_means(stored, slope, intercept, grid.block)
+        if means is None:
+            means = block_means(modality_lut(stored, slope, intercept), grid.block)
+        out = np.take(means, grid.tiles)
+    else:
+        out = modality_lut(np.take(stored, grid.pixels), slope, intercept)
+    return out, grid.mask
+
+
+class _Sampling(NamedTuple):
+    pixels: npt.NDArray[np.intp]  # the image pixel under each display pixel (flat index)
+    mask: npt.NDArray[np.bool_]  # where the image is
+    shrunk: bool  # less than one display pixel per image pixel along an axis
+    block: int  # box: the tile size
+    tiles: npt.NDArray[np.intp] | None  # box: the tile under each display pixel, or None
+
+
+@functools.lru_cache(maxsize=16)
+def _sampling(geom: Geometry, rows: int, cols: int) -> _Sampling:
+    """Where each display pixel samples an image of rows x cols (the same for every slice of
+    a series, so kept): a centre off the image takes the nearest edge pixel, and in the
+    ragged edge left out of the tiles the last tile."""
     xs, ys = geom.sample_axes()
     ix = np.floor(xs + 0.5).astype(np.intp)
     iy = np.floor(ys + 0.5).astype(np.intp)
-    okx = (ix >= 0) & (ix < cols)
-    oky = (iy >= 0) & (iy < rows)
-    mask = oky[:, None] & okx[None, :]
+    mask = ((iy >= 0) & (iy < rows))[:, None] & ((ix >= 0) & (ix < cols))[None, :]
+    ix, iy = np.clip(ix, 0, cols - 1), np.clip(iy, 0, rows - 1)
     sx, sy = geom.scale
     block = int(1 / max(sx, sy)) if sx < 1 and sy < 1 else 1
-    if mode == "area" and (sx < 1 or sy < 1):
-        out = _area_average(modality, xs, ys, sx, sy)
-    elif mode == "box" and block >= 2 and rows >= block and cols >= block:
-        # Each display pixel: the mean of the block x block tile under its centre.
-        means = block_means(modality, block)
-        by, bx = (
-            np.clip(iy // block, 0, means.shape[0] - 1),
-            np.clip(ix // block, 0, means.shape[1] - 1),
-        )
-        out = means[by[:, None], bx[None, :]]
-    else:
-        out = modality[np.clip(iy, 0, rows - 1)[:, None], np.clip(ix, 0, cols - 1)[None, :]]
-    return out, mask
+    tiles = None
+    if block >= 2 and rows >= block and cols >= block:
+        tile_rows, tile_cols = rows // block, cols // block
+        by, bx = np.minimum(iy // block, tile_rows - 1), np.minimum(ix // block, tile_cols - 1)
+        tiles = by[:, None] * tile_cols + bx[None, :]
+        tiles.flags.writeable = False
+    pixels = iy[:, None] * cols + ix[None, :]
+    for array in (pixels, mask):
+        array.flags.writeable = False  # shared by every call with this geometry
+    return _Sampling(pixels, mask, sx < 1 or sy < 1, block, tiles)
 
 
 def block_means(values: Floats, block: int) -> Floats:
@@ -240,6 +286,43 @@ def block_means(values: Floats, block: int) -> Floats:
     for dy in range(block):
         for dx in range(block):
             total += values[dy:rows:block, dx:cols:block]
+    total *= np.float32(1.0 / (block * block))
+    return total
+
+
+# float32 holds every integer up to this exactly: sums below it add without rounding.
+FLOAT32_EXACT = 2**24
+
+
+def stored_block_means(
+    stored: npt.NDArray[Any], slope: float, intercept: float, block: int
+) -> Floats | None:
+    """``block_means(modality_lut(stored, slope, intercept), block)`` bit for bit, from the
+    tile sums of the stored values (no pass of the LUT over every pixel), or None when that
+    cannot be promised.
+
+    It can when the LUT only adds an integer (slope 1, as CT's -1024) to small integers: each
+    modality value is then an integer float32 holds exactly, and so is every partial sum of
+    a tile while a tile's values cannot reach 2**24 in magnitude together, so the float32 sums
+    are exact integers: the stored values' sum plus block**2 intercepts, in any order."""
+    if stored.dtype.kind not in "iu" or stored.dtype.itemsize > 2 or slope != 1.0:
+        return None
+    if not (math.isfinite(intercept) and float(intercept).is_integer()):
+        return None
+    info = np.iinfo(stored.dtype)
+    largest = max(-int(info.min), int(info.max)) + abs(int(intercept))
+    if largest * block * block > FLOAT32_EXACT:
+        return None
+    rows, cols = stored.shape[0] // block * block, stored.shape[1] // block * block
+    # Summed in float32 (exact, as said): the rows of each tile first (whole rows added,
+    # contiguous), then its columns.
+    by_rows = np.add(stored[0:rows:block, :cols], stored[1:rows:block, :cols], dtype=np.float32)
+    for dy in range(2, block):
+        by_rows += stored[dy:rows:block, :cols]
+    total: Floats = np.add(by_rows[:, 0::block], by_rows[:, 1::block])
+    for dx in range(2, block):
+        total += by_rows[:, dx::block]
+    total += np.float32(int(intercept) * block * block)
     total *= np.float32(1.0 / (block * block))
     return total
 
@@ -280,7 +363,24 @@ def render_grey(
     mode: Resample = "nearest",
 ) -> Grey:
     """The display grid (h, w) in 0..255; outside the image is black."""
-    values, mask = resample(modality, geom, mode)
+    return _windowed(*resample(modality, geom, mode), window, invert)
+
+
+def render_grey_stored(
+    stored: npt.NDArray[Any],
+    slope: float,
+    intercept: float,
+    geom: Geometry,
+    window: Window,
+    invert: bool = False,
+    mode: Resample = "nearest",
+) -> Grey:
+    """:func:`render_grey` of ``modality_lut(stored, slope, intercept)``, bit for bit, with the
+    cheaper resampling of :func:`resample_stored`."""
+    return _windowed(*resample_stored(stored, slope, intercept, geom, mode), window, invert)
+
+
+def _windowed(values: Floats, mask: npt.NDArray[np.bool_], window: Window, invert: bool) -> Grey:
     grey = voi_linear(values, window, invert)
     grey[~mask] = 0
     return grey
@@ -299,8 +399,11 @@ def blocks(grey: Grey, size: int) -> Grey:
     return out
 
 
-def to_rgb(grey: Grey) -> npt.NDArray[np.uint8]:
-    return np.repeat(grey[:, :, None], 3, axis=2)
+def to_rgb(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Grey (h, w) as RGB (h, w, 3), a new array; RGB as it is."""
+    if pixels.ndim == 3:
+        return pixels
+    return np.repeat(pixels[:, :, None], 3, axis=2)
 
 
 # --- overlays, drawn in display pixels so half-blocks keep their precision ---

@@ -34,6 +34,15 @@ def test_each_cell_shows_the_upper_pixel_as_fg_and_the_lower_as_bg() -> None:
     assert strip.cell_length == 2
 
 
+@pytest.mark.parametrize("palette", [False, True])
+def test_a_grey_image_has_the_keys_of_its_rgb(palette: bool) -> None:
+    grey = np.random.default_rng(3).integers(0, 256, (9, 17)).astype(np.uint8)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    renderer = HalfBlockRenderer(palette=palette)
+    assert np.array_equal(renderer.keys(grey), renderer.keys(rgb))
+    assert [list(s) for s in renderer.strips(grey)] == [list(s) for s in renderer.strips(rgb)]
+
+
 def test_an_odd_last_pixel_row_is_dropped_not_misaligned() -> None:
     rgb = np.zeros((5, 3, 3), dtype=np.uint8)
     assert len(HalfBlockRenderer().strips(rgb)) == 2

@@ -114,6 +114,87 @@ def test_box_resampling_is_the_area_mean_when_tiles_fit_and_near_it_when_not() -
     assert np.abs(box - 40).std() < 0.5 * np.abs(img - 40).std()  # averaged, not picked
 
 
+def _resampled_by_hand(
+    modality: np.ndarray, geom: Geometry, mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """resample as first written: the display grid's sample points computed for each call,
+    box tiles picked by a 2-D index (the reference the kept and flat-indexed version meets)."""
+    rows, cols = modality.shape
+    xs, ys = geom.sample_axes()
+    ix, iy = np.floor(xs + 0.5).astype(np.intp), np.floor(ys + 0.5).astype(np.intp)
+    mask = ((iy >= 0) & (iy < rows))[:, None] & ((ix >= 0) & (ix < cols))[None, :]
+    sx, sy = geom.scale
+    block = int(1 / max(sx, sy)) if sx < 1 and sy < 1 else 1
+    if mode == "area" and (sx < 1 or sy < 1):
+        return imaging._area_average(modality, xs, ys, sx, sy), mask
+    if mode == "box" and block >= 2 and rows >= block and cols >= block:
+        means = imaging.block_means(modality, block)
+        by = np.clip(iy // block, 0, means.shape[0] - 1)
+        bx = np.clip(ix // block, 0, means.shape[1] - 1)
+        return means[by[:, None], bx[None, :]], mask
+    return modality[np.clip(iy, 0, rows - 1)[:, None], np.clip(ix, 0, cols - 1)[None, :]], mask
+
+
+@pytest.mark.parametrize(
+    ("dtype", "slope", "intercept"),
+    [
+        (np.int16, 1.0, -1024.0),  # CT: the integer path
+        (np.uint16, 1.0, 0.0),
+        (np.uint8, 1.0, 3.0),
+        (np.int16, 1.0, -1024.5),  # not an integer: the LUT first
+        (np.int16, 0.5, -1024.0),  # a slope: the LUT first
+        (np.int32, 1.0, -1024.0),  # too wide to promise exact sums
+        (np.float32, 1.0, 0.0),
+    ],
+)
+def test_resampling_from_stored_values_is_bit_for_bit_the_lut_then_resample(
+    dtype: type, slope: float, intercept: float
+) -> None:
+    rng = np.random.default_rng(11)
+    stored: np.ndarray
+    if np.dtype(dtype).kind == "f":
+        stored = rng.normal(0, 500, (97, 130)).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        low, high = max(int(info.min), -40_000), min(int(info.max), 70_000)
+        stored = rng.integers(low, high, (97, 130), endpoint=True).astype(dtype)
+    modality = imaging.modality_lut(stored, slope, intercept)
+    for cells, zoom, center in [
+        ((40, 12), 1.0, None),  # shrunk about 3x: box tiles
+        ((23, 9), 1.0, None),  # ragged tiles
+        ((200, 60), 1.0, None),  # magnified: nearest
+        ((60, 20), 3.0, (10.0, 90.0)),  # zoomed into a corner, partly off the image
+        ((60, 20), 0.3, None),  # zoomed out: black around the image
+        ((130, 25), 1.0, None),  # shrunk along one axis only: area averages
+    ]:
+        geom = Geometry.for_cells(stored.shape, cells, spacing=(0.7, 1.1), zoom=zoom, center=center)
+        for mode in ("nearest", "box", "area"):
+            expected, expected_mask = _resampled_by_hand(modality, geom, mode)
+            for values, mask in (
+                imaging.resample(modality, geom, mode),
+                imaging.resample_stored(stored, slope, intercept, geom, mode),
+            ):
+                assert values.dtype == np.float32
+                assert np.array_equal(mask, expected_mask)
+                # The same bits: the same float32 sums, not merely close ones.
+                assert np.array_equal(values.view(np.uint32), expected.view(np.uint32)), mode
+            grey = imaging.render_grey_stored(stored, slope, intercept, geom, Window(40, 400))
+            assert np.array_equal(grey, imaging.render_grey(modality, geom, Window(40, 400)))
+
+
+def test_tile_sums_in_integers_only_where_float32_would_sum_them_exactly() -> None:
+    ct = np.zeros((8, 8), dtype=np.int16)
+    assert imaging.stored_block_means(ct, 1.0, -1024.0, 4) is not None
+    assert imaging.stored_block_means(ct, 2.0, -1024.0, 4) is None  # a slope
+    assert imaging.stored_block_means(ct, 1.0, -0.5, 4) is None  # not an integer
+    assert imaging.stored_block_means(ct, 1.0, float("nan"), 4) is None
+    assert imaging.stored_block_means(ct.astype(np.int32), 1.0, 0.0, 4) is None  # too wide
+    assert imaging.stored_block_means(ct.astype(np.float32), 1.0, 0.0, 4) is None
+    # 23x23 tiles of int16 values could reach 2**24 together: float32 would round them.
+    assert imaging.stored_block_means(ct, 1.0, 0.0, 22) is not None
+    assert imaging.stored_block_means(ct, 1.0, 0.0, 23) is None
+
+
 def test_outside_the_image_is_black_when_zoomed_out() -> None:
     img = np.full((10, 10), 1000.0, dtype=np.float32)
     grey = imaging.render_grey(img, Geometry((10, 10), (20, 20), zoom=0.5), Window(0, 100))

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import re
 
+from textual.geometry import Region
+from textual.widget import Widget
 from textual.widgets import DataTable, OptionList, TextArea
 
-from tests.tui.pilots import make_node, press, svg_text, viewer_app
+from tests.tui.pilots import make_node, open_viewer, press, svg_text, viewer_app
 from tui.app import RadmeshApp
 from tui.facade import ConsultItem
 from tui.screens.home import site_cell, study_cell, worklist_columns
 from tui.widgets.consult_panel import ConsultPanel
+from tui.widgets.footer import Footer
 from tui.widgets.image_view import ImageView
 from tui.widgets.overlay import OverlayBar
 
@@ -141,3 +144,46 @@ def test_columns_at_each_width_fit_the_screen() -> None:
         keys = [c.key for c, _ in columns]
         assert {"priority", "question", "due"} <= set(keys)
         assert sum(w + 2 for _, w in columns) <= width
+
+
+async def test_widgets_that_keep_their_lines_give_what_rendering_them_afresh_gives() -> None:
+    """The screen, its containers, the bars and edge letters around the image and the key
+    bar hand the compositor the lines they gave it before while Textual marks none dirty
+    (tui.widgets.kept): after steps, focus moves, a theme, a narrow terminal and back, what
+    they give is what rendering them from nothing gives."""
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=(232, 64)) as pilot:
+        viewer = await open_viewer(pilot, node)
+        kept = [
+            viewer,
+            *viewer.query("KeptHeader, KeptHorizontal, KeptVertical, KeptStatic"),
+            *viewer.query("OverlayBar, EdgeMarker"),
+            viewer.query_one(Footer),
+        ]
+        assert len(kept) == 11
+
+        def same_as_afresh(when: str) -> None:
+            for widget in kept:
+                crop = Region(0, 0, *widget.outer_size)
+                given = [list(line) for line in widget.render_lines(crop)]
+                assert widget.render_lines(crop) is widget.render_lines(crop)  # kept
+                widget._styles_cache.clear()  # every line rendered again
+                afresh = [list(line) for line in Widget.render_lines(widget, crop)]
+                assert given == afresh, (when, widget)
+
+        same_as_afresh("opened")
+        for key in ("j", "j", "s", "escape", "i", "n"):
+            await press(pilot, key)
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            same_as_afresh(key)
+        app.theme = "textual-light"
+        await pilot.pause()
+        same_as_afresh("theme")
+        await pilot.resize_terminal(100, 30)
+        await pilot.pause()
+        same_as_afresh("narrow")
+        await pilot.resize_terminal(232, 64)
+        await pilot.pause()
+        same_as_afresh("wide again")

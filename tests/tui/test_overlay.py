@@ -3,6 +3,7 @@ the cursor; the pure functions first, then the overlay on screen."""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import replace
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from rich.cells import cell_len
 from rich.console import Console
+from rich.segment import Segment
 from rich.table import Table
 
 from crypto.identity import Identity
@@ -212,6 +214,10 @@ BAR_TEXTS = [
 ]
 
 
+def _same(table: Table) -> Table:
+    return table
+
+
 @pytest.mark.parametrize("width", [12, 40, 71, 100, 204])
 @pytest.mark.parametrize(("left", "centre", "right"), BAR_TEXTS)
 def test_the_bar_above_drawn_directly_is_the_grid_rich_lays_out(
@@ -224,7 +230,9 @@ def test_the_bar_above_drawn_directly_is_the_grid_rich_lays_out(
     for r in (right, right + " ", right * 9):
         grid = Table.grid(expand=True)
         grid.add_row(_bar(left, centre, r, wrap=True))
-        drawn = list(console.render(_TopBar(left, centre, r, grid), options))
+        drawn = list(
+            console.render(_TopBar(left, centre, r, functools.partial(_same, grid)), options)
+        )
         assert drawn == list(console.render(grid, options))
         fast = one_line_segments(left, centre, r, width)
         assert fast is None or fast == drawn
@@ -264,4 +272,38 @@ async def test_a_slice_step_repaints_the_bar_above_without_laying_the_screen_out
         bar.show("a text far too long to fit on one line " * 12, "A", "Im 2/12")
         await pilot.pause()
         assert layouts  # the bar now takes more lines: the screen is laid out again
+        assert bar.size.height > 1
+
+
+@pytest.mark.parametrize("theme", ["textual-dark", "textual-light"])
+async def test_the_bar_above_drawn_directly_is_the_line_static_draws(theme: str) -> None:
+    """A slice step changes the bar's text: the one line that fits is drawn straight from its
+    segments, segment for segment the line Static's way through Rich draws, and the bar goes
+    that way again when the text no longer fits one line."""
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=(232, 64)) as pilot:
+        app.theme = theme
+        viewer = await open_viewer(pilot, node)
+        bar = viewer.query_one("#overlay-top", OverlayBar)
+
+        def static_line() -> list[Segment]:
+            bar._render_content()  # Static's own rendering of what the bar holds now
+            return list(bar._render_cache.lines[0])
+
+        await pilot.press("j")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        shown = bar.render_line(0)
+        assert "Im 2/12" in shown.text
+        assert shown is bar._direct_line()  # drawn directly, not through Rich
+        assert list(shown) == static_line()
+        for left, centre, right in BAR_TEXTS:
+            bar.show(left, centre, right)
+            assert bar._direct_line() is not None
+            assert list(bar.render_line(0)) == static_line(), (left, centre, right)
+        bar.show("a text far too long to fit on one line " * 12, "A", "Im 2/12")
+        await pilot.pause()
+        assert bar._direct_line() is None
+        assert list(bar.render_line(0)) == static_line()
         assert bar.size.height > 1

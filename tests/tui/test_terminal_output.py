@@ -19,6 +19,8 @@ from rich.color import Color, ColorSystem
 from rich.console import Console
 from rich.style import Style
 from textual.app import App, ComposeResult
+from textual.filter import ANSIToTruecolor
+from textual.geometry import Region
 from textual.pilot import Pilot
 from textual.strip import Strip
 
@@ -183,6 +185,43 @@ async def test_the_image_after_many_changes_is_the_one_a_full_render_draws() -> 
         view._renderer = HalfBlockRenderer()  # and built again: no row kept from before
         view.redraw()
         assert cells(view._strips) == incremental
+
+
+@pytest.mark.parametrize("colours", ["truecolor", "256"])
+async def test_the_image_view_draws_no_colour_the_ansi_to_truecolor_filter_would_change(
+    colours: str,
+) -> None:
+    """The view leaves the app's ANSI->truecolor line filter out (it would copy every segment
+    of every row repainted): right only while nothing it draws has an ANSI colour, name tags,
+    marks, overlay text and its border included; an ANSI border brings the filter back."""
+    async with live_view() as (node, pilot, view, ref):
+        view._colour_system = lambda: colours  # type: ignore[method-assign]
+        node.live.peers[0].cursor(Cursor(ref.sop_uid, 0, 40.0, 64.0))
+        await wait_until(pilot, lambda: any(m.kind == "cursor" for m in view.marks), "cursor")
+        truecolor = next(f for f in view.app._filters if isinstance(f, ANSIToTruecolor))
+        assert truecolor.enabled
+        length = Mark("length", ((10.0, 10.0), (90.0, 100.0)), "#00ff00", "9 mm")
+
+        def shown() -> list[Strip]:
+            assert truecolor not in view.get_line_filters()
+            return view.render_lines(Region(0, 0, *view.outer_size))
+
+        frame = view.frame
+        for state in ("marks", "loading"):
+            if state == "marks":
+                view.marks, view.overlay_lines = (*view.marks, length), ("W 400 L 40", "INV")
+                view.redraw()
+            else:
+                view.show(None)
+            await pilot.pause()
+            _, background = view.background_colors
+            lines = shown()
+            assert any(len(line) > 1 for line in lines)  # cells, not a blank view
+            for line in lines:
+                assert list(line.apply_filter(truecolor, background)) == list(line), state
+        view.show(frame)
+        view.styles.border = ("round", "ansi_red")
+        assert truecolor in view.get_line_filters()
 
 
 # --- low bandwidth -----------------------------------------------------------------------

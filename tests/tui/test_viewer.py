@@ -4,6 +4,7 @@ multi-frame instances."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from tui.app import RadmeshApp
 from tui.dicom_frame import frame_from_dataset
 from tui.facade import Frame
 from tui.memory import SERIES2_UID, SERIES_UID, InMemoryNode, MemoryPeer
-from tui.screens.viewer import ViewerScreen
+from tui.screens.viewer import HeapFreeze, ViewerScreen
 from tui.widgets.consult_panel import ConsultPanel
 from tui.widgets.image_view import ImageView
 
@@ -342,3 +343,30 @@ async def test_slices_ahead_are_read_in_one_go_and_a_step_shows_them_at_once() -
         await app.workers.wait_for_complete()
         assert node.reads == keys
         assert screen.view.frame is screen._cache[keys[4]]
+
+
+# --- the heap while a viewer is open ------------------------------------------------------------
+
+
+async def test_the_heap_is_frozen_while_a_viewer_is_open_and_thawed_when_it_closes() -> None:
+    """A full garbage collection pass over the app's heap is a 100 ms burst of CPU: while a
+    viewer is open the objects from before it stay out of those passes, and go back in (to
+    be collected as before) when the last viewer closes, whether popped or the app quits."""
+    assert gc.get_freeze_count() == 0
+    async with viewer_app(SIZE) as (node, app, pilot, viewer):
+        assert HeapFreeze.holders == 1
+        assert gc.get_freeze_count() > 10_000  # the app, its widgets, the modules
+        second = await open_viewer(pilot, node, live=False)  # one over the other: counted
+        assert HeapFreeze.holders == 2
+        app.pop_screen()
+        await pilot.pause()
+        assert not second.is_attached
+        assert HeapFreeze.holders == 1
+        assert gc.get_freeze_count() > 10_000  # still held for the first viewer
+        app.pop_screen()
+        await pilot.pause()
+        assert not viewer.is_attached
+        assert (HeapFreeze.holders, gc.get_freeze_count()) == (0, 0)
+        await open_viewer(pilot, node, live=False)
+        assert HeapFreeze.holders == 1
+    assert (HeapFreeze.holders, gc.get_freeze_count()) == (0, 0)  # the app quit with it open

@@ -6,6 +6,7 @@ keys and the same slice; the drawing is in tui/widgets and the maths in tui/imag
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter, OrderedDict
 from typing import Any
@@ -13,11 +14,12 @@ from typing import Any
 from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.geometry import Region
 from textual.screen import Screen
+from textual.strip import Strip
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Header, Input, OptionList, Static, TextArea
+from textual.widgets import Input, OptionList, Static, TextArea
 from textual.worker import Worker, WorkType
 
 from consult import measure, report_draft
@@ -32,6 +34,7 @@ from tui.screens.sign_preview import SignPreview
 from tui.widgets.consult_panel import ConsultPanel, describe, mark_label
 from tui.widgets.footer import Footer
 from tui.widgets.image_view import ImageView, Mark
+from tui.widgets.kept import KeptHeader, KeptHorizontal, KeptStatic, KeptVertical, kept_lines
 from tui.widgets.overlay import (
     EdgeMarker,
     OverlayBar,
@@ -64,6 +67,32 @@ MODES = {
     "chat-input": "CHAT   enter sends   Esc back to the image",
     "series": "SERIES   ↑/↓ enter picks a series   Esc back to the image",
 }
+
+
+class HeapFreeze:
+    """While a viewer is open, the objects that were there before it (the app, Textual's CSS,
+    the modules: some 230,000) stay out of the garbage collector's full passes (``gc.freeze``).
+
+    A slice step makes short-lived objects (strips, segments, messages), and every few dozen
+    steps that set off a full pass over the whole heap: 100 ms of CPU at once (a tenth of the
+    app's CPU per key on average, and a burst a transfer on the same cores feels). Frozen
+    objects are still freed by reference counting; only cycles among them wait for the
+    viewer to close (then they are collected as before). Counted, for viewers open at once.
+    """
+
+    holders = 0
+
+    @classmethod
+    def hold(cls) -> None:
+        if cls.holders == 0:
+            gc.freeze()
+        cls.holders += 1
+
+    @classmethod
+    def release(cls) -> None:
+        cls.holders = max(0, cls.holders - 1)
+        if cls.holders == 0:
+            gc.unfreeze()
 
 
 class ViewerScreen(Screen[None]):
@@ -157,26 +186,32 @@ class ViewerScreen(Screen[None]):
         self._trust: dict[str, str] = {}
         self._loading: Worker[None] | None = None
         self._trust_at = float("-inf")
+        self._frozen = False  # holds HeapFreeze while mounted
 
     def compose(self) -> ComposeResult:
-        yield Header()
-        with Horizontal():
+        yield KeptHeader()
+        # Kept* (tui.widgets.kept): on a slice step only the image and the bar above it
+        # change; the rest hands the compositor the lines it gave it before.
+        with KeptHorizontal():
             yield OptionList(
                 *[safe_text.line(f"{s.number:>3} {s.modality} {s.description} "
                                  f"({s.instance_count})") for s in self.series_list],
                 id="series",
             )  # fmt: skip
-            with Vertical(id="image-area"):
+            with KeptVertical(id="image-area"):
                 yield OverlayBar(id="overlay-top")
-                with Horizontal(id="image-row"):
+                with KeptHorizontal(id="image-row"):
                     yield EdgeMarker(id="mark-left")
                     yield ImageView(id="image")
                     yield EdgeMarker(id="mark-right")
                 yield OverlayBar(id="overlay-bottom", classes="-fixed")
             if self.session is not None:
                 yield ConsultPanel(self.session, self._trust_of)
-        yield Static(MODES["image"], id="mode")
+        yield KeptStatic(MODES["image"], id="mode")
         yield Footer()
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        return kept_lines(self, crop, super().render_lines)  # tui.widgets.kept
 
     def _trust_of(self, node_id: str) -> str:
         """This node's trust in a participant's key, as the Peers screen shows it (read
@@ -198,6 +233,8 @@ class ViewerScreen(Screen[None]):
         return self.query_one(ImageView)
 
     def on_mount(self) -> None:
+        HeapFreeze.hold()
+        self._frozen = True
         self.query_one("#series", OptionList).styles.width = 28
         self._fit(self.app.size.width)
         self.view.focus()
@@ -209,6 +246,9 @@ class ViewerScreen(Screen[None]):
             self._follow_presenter()
 
     def on_unmount(self) -> None:
+        if self._frozen:
+            self._frozen = False
+            HeapFreeze.release()
         if self._unsubscribe is not None:
             self._unsubscribe()
 

@@ -13,6 +13,10 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from textual import widgets
+from textual.geometry import Region
+from textual.strip import Strip
+
+from tui.widgets.kept import kept_lines
 
 
 class Footer(widgets.Footer):
@@ -29,6 +33,9 @@ class Footer(widgets.Footer):
             for key, (_, binding, enabled, tooltip) in self.screen.active_bindings.items()
             if binding.show or key == palette
         )
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        return kept_lines(self, crop, super().render_lines)  # tui.widgets.kept
 
     async def recompose(self) -> None:
         if not self.is_attached:  # its screen went away before this ran

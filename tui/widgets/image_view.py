@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,6 +34,7 @@ import numpy.typing as npt
 from rich.segment import Segment
 from rich.style import Style
 from textual import events
+from textual.filter import ANSIToTruecolor, LineFilter
 from textual.geometry import Region
 from textual.message import Message
 from textual.strip import Strip
@@ -128,7 +129,6 @@ class ImageView(Widget, can_focus=True):
         self._sixel = SixelImage() if self.mode == "sixel" else None
         self._image_rows = 0
         self.frame: Frame | None = None
-        self._modality: npt.NDArray[np.float32] | None = None
         self.window = Window(40, 400)
         self.invert = False
         self.zoom = 1.0
@@ -149,12 +149,12 @@ class ImageView(Widget, can_focus=True):
         self._keys: Keys | None = None
         self._signatures: list[object] = []
         self._row_labels: list[dict[int, Label]] = []
-        # The slice's pixels before marks, for the frame and view they were computed for.
+        # The slice's grey pixels before marks, for the frame and view they were computed for.
         self._base_for: tuple[object, ...] | None = None
         self._base: npt.NDArray[np.uint8] | None = None
         self._shown: Frame | None = None
-        self._modality_of: Frame | None = None  # the frame self._modality was computed from
-        # What the last half-block paint showed (frame, modality, the rest of the state): a
+        self._pixels_of: Frame | None = None  # the frame whose pixels are drawn (show's)
+        # What the last half-block paint showed (frame, pixels, the rest of the state): a
         # redraw of the same (a slice step paints, then the screen redraws with its marks)
         # does nothing.
         self._painted: tuple[object, ...] | None = None
@@ -183,10 +183,7 @@ class ImageView(Widget, can_focus=True):
             ):
                 self._scrolling_until = now + REST_S
             self._shown, self._last_show = frame, now
-        self.frame = frame
-        if frame is not self._modality_of or (frame is not None and self._modality is None):
-            self._modality = frame.modality() if frame is not None else None
-            self._modality_of = frame
+        self.frame = self._pixels_of = frame
         self.waiting = frame is None
         self.redraw()
 
@@ -261,18 +258,18 @@ class ImageView(Widget, can_focus=True):
             self._strips, self._keys, self._signatures = [], None, []
             return
         rows = self._image_rows = self.image_rows()
-        rgb, labels = self._canvas(width, height, rows)
+        pixels, labels = self._canvas(width, height, rows)
         by_row = labels_by_row(labels, height, width)
         if self._kitty is not None:
             kitty = self._kitty
-            lines = kitty.lines(rgb, (width, rows))
+            lines = kitty.lines(imaging.to_rgb(pixels), (width, rows))
 
             def kitty_row(y: int) -> Strip:
                 return kitty.row(lines, y, width, by_row.get(y))
 
             self._update_rows([kitty.images_sent] * height, by_row, kitty_row)
         elif self._sixel is not None:
-            self._sixel.encode(rgb)
+            self._sixel.encode(imaging.to_rgb(pixels))
             sent = self._sixel.images_sent
             band = self._renderer.keys(np.zeros((2 * (height - rows), width, 3), np.uint8))
             self._renderer.prepare(band)
@@ -284,7 +281,7 @@ class ImageView(Widget, can_focus=True):
 
             self._update_rows([sent] * rows + [None] * (height - rows), by_row, sixel_row)
         else:
-            self._update_cells(rgb, by_row)
+            self._update_cells(pixels, by_row)
 
     def _unchanged(self, coarse: bool) -> bool:
         """Whether a half-block paint would show what the last one did (and remember what
@@ -301,27 +298,29 @@ class ImageView(Widget, can_focus=True):
             last is not None
             and self._keys is not None
             and last[0] is self.frame
-            and last[1] is self._modality
+            and last[1] is self._pixels_of
             and last[2] == state
         ):
             return True
-        self._painted = (self.frame, self._modality, state)
+        self._painted = (self.frame, self._pixels_of, state)
         return False
 
     def _canvas(
         self, width: int, height: int, rows: int
     ) -> tuple[npt.NDArray[np.uint8], dict[tuple[int, int], Label]]:
-        """The picture with its marks drawn in, and the text cells to put over it."""
+        """The picture with its marks drawn in (RGB, or grey (h, w) when it has none), and
+        the text cells to put over it."""
         cw, ch = self.cell_pixels
         geom = self.geometry()
         labels: dict[tuple[int, int], Label] = {}
-        if geom is None or self._modality is None:
-            rgb = np.zeros((ch * rows, cw * width, 3), dtype=np.uint8)
+        pixels: npt.NDArray[np.uint8]
+        if geom is None or self._pixels_of is None:
+            pixels = np.zeros((ch * rows, cw * width), dtype=np.uint8)
         else:
-            rgb = self._pixels(self._modality, geom)
+            pixels = self._pixels(self._pixels_of, geom)
             if self.marks:  # drawn on a copy: the slice's pixels are kept for the next paint
-                rgb = rgb.copy()
-                self._draw_marks(rgb, geom, labels, width)
+                pixels = imaging.to_rgb(pixels)
+                self._draw_marks(pixels, geom, labels, width)
         text_top = rows if self.mode == "sixel" else 0
         if self.mode == "sixel":
             labels.clear()  # nothing shows on top of a sixel picture: names go in the band
@@ -332,12 +331,12 @@ class ImageView(Widget, can_focus=True):
             labels.update(
                 label_cells(text, rows // 2, max(0, (width - len(text)) // 2), LOADING_STYLE, width)
             )
-        return rgb, labels
+        return pixels, labels
 
-    def _pixels(self, modality: npt.NDArray[np.float32], geom: Geometry) -> npt.NDArray[np.uint8]:
-        """The slice on the display grid, before marks: computed again only when the frame,
-        the window or the geometry changed (a cursor moving changes none of them)."""
-        key = (modality, geom, self.window, self.invert, self._coarse)
+    def _pixels(self, frame: Frame, geom: Geometry) -> npt.NDArray[np.uint8]:
+        """The slice on the display grid in grey, before marks: computed again only when the
+        frame, the window or the geometry changed (a cursor moving changes none of them)."""
+        key = (frame, geom, self.window, self.invert, self._coarse)
         base = self._base
         if (
             base is None
@@ -350,22 +349,24 @@ class ImageView(Widget, can_focus=True):
             # stands for; picking one of them shows that one's noise, and noise is what
             # makes neighbouring cells differ and cost their own escape codes).
             resample: imaging.Resample = "box" if self.caching else "nearest"
-            grey = imaging.render_grey(modality, geom, self.window, self.invert, resample)
+            grey = imaging.render_grey_stored(
+                frame.pixels, frame.slope, frame.intercept, geom, self.window, self.invert, resample
+            )
             if self._coarse:
                 grey = imaging.blocks(grey, COARSE_BLOCK)
-            base = self._base = imaging.to_rgb(grey)
+            base = self._base = grey
             self._base_for = key
         return base
 
     def _update_cells(
-        self, rgb: npt.NDArray[np.uint8], by_row: dict[int, dict[int, Label]]
+        self, pixels: npt.NDArray[np.uint8], by_row: dict[int, dict[int, Label]]
     ) -> None:
         """Half-blocks: rebuild and refresh only the cells that changed (per row, the span
         from the first changed cell to the last)."""
         renderer = self._renderer
         palette = self.caching and self._colour_system() == "256"
         switched = renderer.configure(palette=palette, compact=self.caching)
-        keys = renderer.keys(rgb)
+        keys = renderer.keys(pixels)
         height = keys.shape[0]
         old = self._keys
         if (
@@ -383,11 +384,17 @@ class ImageView(Widget, can_focus=True):
             self.refresh()
             return
         changed = keys != old
-        rows_changed = changed.any(axis=1)
+        # Per row: whether any cell changed, and the first and last that did.
+        rows_changed = changed.any(axis=1).tolist()
+        firsts = changed.argmax(axis=1).tolist()
+        lasts = (changed.shape[1] - 1 - changed[:, ::-1].argmax(axis=1)).tolist()
+        labelled = {y for y in range(height) if self._row_labels[y]} | by_row.keys()
         regions, rebuilt = [], []
         for y in range(height):
+            if not rows_changed[y] and y not in labelled:
+                continue
             before, after = self._row_labels[y], by_row.get(y, {})
-            cols = np.flatnonzero(changed[y]).tolist() if rows_changed[y] else []
+            cols = [firsts[y], lasts[y]] if rows_changed[y] else []
             if before != after:
                 cols += [c for c in before.keys() | after.keys() if before.get(c) != after.get(c)]
             if not cols:
@@ -501,6 +508,21 @@ class ImageView(Widget, can_focus=True):
         if y < len(self._strips):
             return self._strips[y]
         return Strip([Segment(" " * self.size.width)], self.size.width)
+
+    def get_line_filters(self) -> Sequence[LineFilter]:
+        """The app's line filters, but for the one turning ANSI colours into truecolor when
+        half-blocks have none to turn: their cells, labels and marks are RGB already, and the
+        border and background are checked (a theme may give those ANSI colours). It would
+        copy every segment of every row repainted (most of a slice step's CPU in the
+        compositor) to change nothing. kitty's and sixel's cells are left to it."""
+        filters = super().get_line_filters()
+        if self.mode != "halfblock":
+            return filters
+        base, background = self.background_colors
+        frame = [base, background, *(colour for _, colour in self.styles.border)]
+        if any(colour.ansi is not None for colour in frame):
+            return filters
+        return [f for f in filters if not isinstance(f, ANSIToTruecolor)]
 
     def on_resize(self, event: events.Resize) -> None:
         self.redraw()

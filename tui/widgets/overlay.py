@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rich.cells import cell_len
@@ -26,11 +26,14 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
+from textual.geometry import Region
+from textual.strip import Strip
 from textual.widgets import Static
 
 from tui import imaging, safe_text
 from tui.facade import Frame, SeriesInfo, StudyInfo
 from tui.imaging import Point, Window
+from tui.widgets.kept import kept_lines
 
 # A component of a direction counts for a letter when it is at least this large: 0.1 is
 # about 6 degrees, so an oblique plane gets a second (and third) letter, noise does not.
@@ -269,11 +272,18 @@ def one_line_segments(left: str, centre: str, right: str, width: int) -> list[Se
 class _TopBar:
     """The bar above the image: one line drawn directly when it fits (a slice step changes
     its text, and a table costs more to lay out than the rest of the screen's update), else
-    the grid."""
+    the grid (made when first needed)."""
 
-    def __init__(self, left: str, centre: str, right: str, table: Table) -> None:
+    def __init__(self, left: str, centre: str, right: str, table: Callable[[], Table]) -> None:
         self.texts = (left, centre, right)
-        self.table = table
+        self._table_of = table
+        self._table: Table | None = None
+
+    @property
+    def table(self) -> Table:
+        if self._table is None:
+            self._table = self._table_of()
+        return self._table
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         segments = one_line_segments(*self.texts, options.max_width)
@@ -300,6 +310,8 @@ class OverlayBar(Static):
 
     text = ""  # what it shows, as one plain string (tests and screen readers)
     _shown: tuple[object, ...] | None = None
+    _direct: tuple[str, str, str] | None = None  # the texts of a _TopBar shown, if one is
+    _line: tuple[object, Strip] | None = None  # the line drawn directly, and what for
 
     def show(self, left: str, centre: str, right: str, notes: tuple[str, ...] = ()) -> None:
         # The same text again (every slice step shows the same view line) changes nothing:
@@ -309,22 +321,55 @@ class OverlayBar(Static):
         self._shown = (left, centre, right, notes)
         self.text = "\n".join(["  ".join((left, centre, right)), *notes])
         fixed = self.has_class("-fixed")
-        table = Table.grid(expand=True)
-        table.add_row(_bar(left, centre, right, wrap=not fixed))
-        note = "  ·  ".join(safe_text.plain(n) for n in notes)
-        if note or fixed:
-            overflow: OverflowMethod = "ellipsis" if fixed else "fold"
-            table.add_row(Text(note, style=OVERLAY_STYLE, end="", no_wrap=fixed, overflow=overflow))
+
+        def table() -> Table:
+            grid = Table.grid(expand=True)
+            grid.add_row(_bar(left, centre, right, wrap=not fixed))
+            note = "  ·  ".join(safe_text.plain(n) for n in notes)
+            if note or fixed:
+                overflow: OverflowMethod = "ellipsis" if fixed else "fold"
+                grid.add_row(
+                    Text(note, style=OVERLAY_STYLE, end="", no_wrap=fixed, overflow=overflow)
+                )
+            return grid
+
+        self._direct = None
         if fixed:  # its height is fixed: laying the screen out again would change nothing
-            self.update(table, layout=False)
+            self.update(table(), layout=False)
         elif notes:
-            self.update(table)
+            self.update(table())
         else:
             # One line that stays one line: no layout (it costs more than drawing the bar).
             fits = one_line_segments(left, centre, right, self.content_size.width) is not None
+            self._direct = (left, centre, right)
             self.update(
                 _TopBar(left, centre, right, table), layout=not (fits and self.size.height == 1)
             )
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        return kept_lines(self, crop, super().render_lines)  # tui.widgets.kept
+
+    def render_line(self, y: int) -> Strip:
+        """A bar above the image that fits its one line is drawn straight from its segments,
+        each over the widget's style: what Static's way through Rich (a console render, the
+        style applied, the lines split and cropped) makes of it, at a fraction of the cost
+        (its text changes with every slice step). Anything else goes that way."""
+        line = self._direct_line() if y == 0 else None
+        return line if line is not None else super().render_line(y)
+
+    def _direct_line(self) -> Strip | None:
+        if self._direct is None:
+            return None
+        width = self.size.width
+        base = self.visual_style.rich_style
+        key = (self._direct, width, base)
+        if self._line is None or self._line[0] != key:
+            segments = one_line_segments(*self._direct, width)
+            if segments is None:
+                return None
+            line = [Segment(s.text, base + s.style) for s in segments if s.text != "\n"]
+            self._line = (key, Strip(line, width))
+        return self._line[1]
 
 
 class EdgeMarker(Static):
@@ -337,6 +382,9 @@ class EdgeMarker(Static):
 
     text = ""
     _shown: str | None = None
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        return kept_lines(self, crop, super().render_lines)  # tui.widgets.kept
 
     def show(self, letters: str) -> None:
         if letters == self._shown:  # as above: no layout, no repaint of the whole edge
