@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from textual.geometry import Region
+from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import DataTable, OptionList, TextArea
 
@@ -187,3 +188,28 @@ async def test_widgets_that_keep_their_lines_give_what_rendering_them_afresh_giv
         await pilot.resize_terminal(232, 64)
         await pilot.pause()
         same_as_afresh("wide again")
+
+
+def test_a_textual_without_dirty_lines_renders_every_time() -> None:
+    """kept_lines leans on Textual's private ``_styles_cache._dirty_lines``: if a Textual
+    release drops it, lines are rendered each time, never handed back stale."""
+    from tui.widgets.kept import kept_lines
+
+    class Bare:  # no _styles_cache at all, as a changed Textual might have
+        outer_size = size = (4, 1)
+        auto_links = False
+
+        def get_line_filters(self) -> list[object]:
+            return []
+
+    calls: list[Region] = []
+
+    def render(crop: Region) -> list[Strip]:
+        calls.append(crop)
+        return [Strip.blank(4)]
+
+    crop = Region(0, 0, 4, 1)
+    widget = Bare()
+    kept_lines(widget, crop, render)  # type: ignore[arg-type]
+    kept_lines(widget, crop, render)  # type: ignore[arg-type]
+    assert calls == [crop, crop]

@@ -35,10 +35,12 @@ def kept_lines(
     are the same."""
     key = (crop, widget.outer_size, widget.size, tuple(widget.get_line_filters()))
     kept: tuple[object, list[Strip]] | None = getattr(widget, _KEPT, None)
+    # Textual's own "render these again" (private: a Textual without it renders each time)
+    dirty = getattr(getattr(widget, "_styles_cache", None), "_dirty_lines", True)
     if (
         kept is not None
         and kept[0] == key
-        and not widget._styles_cache._dirty_lines  # Textual's own "render these again"
+        and not dirty
         and not (widget.auto_links and widget.hover_style.link_id)  # links restyled on hover
     ):
         return kept[1]
