@@ -46,6 +46,7 @@ TOTAL = 16 << 20  # bytes per throughput run
 ROUNDS = 2  # raw and radmesh alternate; the best of each counts (the machine is shared)
 CHUNK = fr.MAX_BULK_PAYLOAD
 PRESENCE_INTERVAL = 0.01
+PRESENCE_SAMPLES = 200
 # The raw baseline keeps as little queued as radmesh does (aiortc's SCTP slows down
 # with a deep queue: 1 MiB high water measured slower than this).
 RAW_HIGH_WATER = 192 << 10
@@ -141,19 +142,28 @@ async def _bulk_run(conn: PeerConnection) -> float:
 
 
 async def _presence_run(conn: PeerConnection) -> list[float]:
+    """Presence every PRESENCE_INTERVAL for PRESENCE_SAMPLES while bulk saturates the link.
+
+    The bulk runs until the samples are sent (bounded: at most 64 x TOTAL): with 16 KiB
+    packets one TOTAL takes a fraction of a second, and a fixed amount ended before the
+    first sample was sent (n=0)."""
     chunk = os.urandom(CHUNK)
+    stop = asyncio.Event()
 
     async def saturate() -> None:
-        for _ in range(TOTAL // CHUNK):
+        for _ in range(64 * TOTAL // CHUNK):
+            if stop.is_set():
+                return
             await conn.send_bulk(chunk)
 
     bulk = asyncio.ensure_future(saturate())
     await asyncio.sleep(0.3)
     sent = 0
-    while not bulk.done() and sent < 500:
+    while not bulk.done() and sent < PRESENCE_SAMPLES:
         conn.send_presence(struct.pack(">d", time.monotonic()))
         sent += 1
         await asyncio.sleep(PRESENCE_INTERVAL)
+    stop.set()
     await bulk
     await conn.send_live(b"report")
     latencies: list[float] = msgpack.unpackb(await _await_live(conn))
