@@ -151,3 +151,24 @@ def test_frames_swapped_between_positions_are_caught_by_the_hash() -> None:
     swapped = (wire.frames[1], wire.frames[0], *wire.frames[2:])
     with pytest.raises(CorruptInstance, match="hash"):
         wirecodec.decode(dataclasses.replace(wire, frames=swapped))
+
+
+@pytest.mark.parametrize("sample", ["u1", "<u2"])
+def test_a_jpegls_frame_of_another_sample_size_than_the_layout_is_refused(sample: str) -> None:
+    """The receiver decodes a frame straight into the file's own buffer when the layout's
+    samples are the file's: a peer's frame of the right dimensions but another sample size
+    (8 bits for a 12-bit layout, or 16 for an 8-bit one) is refused, never written there
+    as whatever CharLS made of it."""
+    _, wire = _ct_wire()
+    assert wire.layout is not None
+    if sample == "<u2":  # an 8-bit layout: a CT slice whose values fit 8 bits
+        rng = np.random.default_rng(13)
+        pixels = rng.integers(0, 200, size=(1, 64, 64)).astype("<u2")
+        data = _file(pixels, generate_uid(), generate_uid(), 0, bits_stored=12, signed=False)
+        wire = wirecodec.encode(data)
+        assert wire.layout is not None
+        assert wire.layout.precision <= 8
+    shape = (wire.layout.rows, wire.layout.columns)
+    other = imagecodecs.jpegls_encode(np.full(shape, 100, dtype=np.dtype(sample)))
+    with pytest.raises(CorruptInstance):
+        wirecodec.decode(dataclasses.replace(wire, frames=(other,)))
