@@ -168,7 +168,9 @@ def test_a_jpegls_frame_of_another_sample_size_than_the_layout_is_refused(sample
         wire = wirecodec.encode(data)
         assert wire.layout is not None
         assert wire.layout.precision <= 8
-    shape = (wire.layout.rows, wire.layout.columns)
-    other = imagecodecs.jpegls_encode(np.full(shape, 100, dtype=np.dtype(sample)))
+    layout = wire.layout
+    assert layout is not None
+    shape = (layout.rows, layout.columns)
+    other = bytes(imagecodecs.jpegls_encode(np.full(shape, 100, dtype=np.dtype(sample))))
     with pytest.raises(CorruptInstance):
         wirecodec.decode(dataclasses.replace(wire, frames=(other,)))
