@@ -114,7 +114,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         assert viewer.view.has_focus
         assert mode_line(viewer).startswith("VIEW")
         state = (viewer.index, viewer.series_index, viewer.view.window, viewer.view.zoom)
-        sentence = "Fine MIP in 2 cuts, no PE; follow up CT please x"
+        sentence = "Fine MIP in 2 cuts, no PE; jk: follow up CT please x"  # j, k: priority keys
         await pilot.press("r")
         assert viewer.query_one("#report").has_focus
         assert mode_line(viewer).startswith("REPORT")

@@ -113,8 +113,13 @@ class ViewerScreen(Screen[None]):
     """
     BINDINGS = [  # noqa: RUF012 - Textual's API
         # With a tool: the arrows/hjkl move the keyboard cursor (shift: 8 steps), space places.
-        Binding("j,down", "key_move(0, 1)", "next slice", show=False),
-        Binding("k,up", "key_move(0, -1)", "prev slice", show=False),
+        # j/k first (priority: no trip down to the focused widget and back up, about a
+        # sixth of a slice step's CPU); check_action hands them to a report or chat field.
+        # The arrows stay ordinary: the series list moves its highlight with them.
+        Binding("j", "key_move(0, 1)", "next slice", show=False, priority=True),
+        Binding("k", "key_move(0, -1)", "prev slice", show=False, priority=True),
+        Binding("down", "key_move(0, 1)", "next slice", show=False),
+        Binding("up", "key_move(0, -1)", "prev slice", show=False),
         Binding("h,left", "key_move(-1, 0)", "cursor left", show=False),
         Binding("l,right", "key_move(1, 0)", "cursor right", show=False),
         Binding("space", "place", "place point", show=False),
