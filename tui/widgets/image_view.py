@@ -153,8 +153,7 @@ class ImageView(Widget, can_focus=True):
         self._base_for: tuple[object, ...] | None = None
         self._base: npt.NDArray[np.uint8] | None = None
         self._shown: Frame | None = None
-        self._pixels_of: Frame | None = None  # the frame whose pixels are drawn (show's)
-        # What the last half-block paint showed (frame, pixels, the rest of the state): a
+        # What the last half-block paint showed (its frame and the rest of the state): a
         # redraw of the same (a slice step paints, then the screen redraws with its marks)
         # does nothing.
         self._painted: tuple[object, ...] | None = None
@@ -183,7 +182,7 @@ class ImageView(Widget, can_focus=True):
             ):
                 self._scrolling_until = now + REST_S
             self._shown, self._last_show = frame, now
-        self.frame = self._pixels_of = frame
+        self.frame = frame
         self.waiting = frame is None
         self.redraw()
 
@@ -298,11 +297,10 @@ class ImageView(Widget, can_focus=True):
             last is not None
             and self._keys is not None
             and last[0] is self.frame
-            and last[1] is self._pixels_of
-            and last[2] == state
+            and last[1] == state
         ):
             return True
-        self._painted = (self.frame, self._pixels_of, state)
+        self._painted = (self.frame, state)
         return False
 
     def _canvas(
@@ -314,10 +312,10 @@ class ImageView(Widget, can_focus=True):
         geom = self.geometry()
         labels: dict[tuple[int, int], Label] = {}
         pixels: npt.NDArray[np.uint8]
-        if geom is None or self._pixels_of is None:
+        if geom is None or self.frame is None:
             pixels = np.zeros((ch * rows, cw * width), dtype=np.uint8)
         else:
-            pixels = self._pixels(self._pixels_of, geom)
+            pixels = self._pixels(self.frame, geom)
             if self.marks:  # drawn on a copy: the slice's pixels are kept for the next paint
                 pixels = imaging.to_rgb(pixels)
                 self._draw_marks(pixels, geom, labels, width)
