@@ -162,7 +162,7 @@ async def test_widgets_that_keep_their_lines_give_what_rendering_them_afresh_giv
             *viewer.query("OverlayBar, EdgeMarker"),
             viewer.query_one(Footer),
         ]
-        assert len(kept) == 11
+        assert len(kept) == 12
 
         def same_as_afresh(when: str) -> None:
             for widget in kept:
@@ -188,6 +188,50 @@ async def test_widgets_that_keep_their_lines_give_what_rendering_them_afresh_giv
         await pilot.resize_terminal(232, 64)
         await pilot.pause()
         same_as_afresh("wide again")
+
+
+async def test_the_image_hands_over_what_textual_would_render_from_its_lines() -> None:
+    """ImageView gives the compositor its rows itself when Textual would add nothing to
+    them: after steps, marks, a theme, a focus move and a narrow terminal, every crop of
+    them is what Textual's styled rendering gives; with a border, Textual renders them."""
+    node = make_node()
+    app = RadmeshApp(node)
+    async with app.run_test(size=(232, 64)) as pilot:
+        viewer = await open_viewer(pilot, node)
+        view = viewer.view
+
+        def same_as_textual(when: str) -> None:
+            width, height = view.size
+            assert view._plain(), when
+            for crop in (
+                Region(0, 0, width, height),
+                Region(3, 2, width - 9, height // 2),  # a part, as an overlapping screen asks
+            ):
+                view._styles_cache.clear()
+                textual = [list(line) for line in Widget.render_lines(view, crop)]
+                assert [list(line) for line in view.render_lines(crop)] == textual, when
+
+        same_as_textual("opened")
+        for key in ("j", "j", "i", "l", "tab"):
+            await press(pilot, key)
+            await app.workers.wait_for_complete()
+            await pilot.pause()
+            same_as_textual(key)
+        app.theme = "textual-light"
+        await pilot.pause()
+        same_as_textual("theme")
+        await pilot.resize_terminal(100, 30)
+        await pilot.pause()
+        same_as_textual("narrow")
+
+        view.styles.border = ("round", "red")  # styled: Textual's own rendering again
+        await pilot.pause()
+        assert not view._plain()
+        crop = Region(0, 0, *view.outer_size)
+        assert [list(line) for line in view.render_lines(crop)] == [
+            list(line) for line in Widget.render_lines(view, crop)
+        ]
+        assert view.render_lines(crop)[0].text.startswith("╭")
 
 
 def test_a_textual_without_dirty_lines_renders_every_time() -> None:

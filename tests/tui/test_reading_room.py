@@ -120,7 +120,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         assert mode_line(viewer).startswith("REPORT")
         report = viewer.query_one("#report")
         assert border(report) == "heavy"  # the focused pane stands out
-        assert border(viewer.view) == "round"
+        assert border(viewer.query_one("#image-frame")) == "round"  # the frame around the image
         await press(pilot, *[("space" if ch == " " else ch) for ch in sentence])
         assert node.session.report_text() == sentence
         # i (invert), f (follow), M (length), n (series), p (present), 1-8 presets, x, q:
@@ -132,7 +132,7 @@ async def test_a_sentence_typed_after_r_goes_into_the_report_not_to_the_viewer()
         assert viewer.is_attached  # q did not close it
 
         await press(pilot, "escape")
-        assert border(viewer.view) == "heavy"
+        assert border(viewer.query_one("#image-frame")) == "heavy"
         assert viewer.view.has_focus
         assert mode_line(viewer).startswith("VIEW")
 

@@ -100,9 +100,11 @@ class ViewerScreen(Screen[None]):
     DEFAULT_CSS = """
     /* In the flow, not docked: docked to the bottom it sat under the Footer, unseen. */
     ViewerScreen #mode { height: 1; background: $accent; color: $text; }
-    /* Always a border, so focus changes its colour and weight, never the image size. */
-    ViewerScreen ImageView { border: round $panel; }
-    ViewerScreen ImageView:focus { border: heavy $accent; }
+    /* Always a border, so focus changes its colour and weight, never the image size. On a
+       frame around the image, not the image: a plain ImageView hands the compositor its
+       own lines (ImageView.render_lines). */
+    ViewerScreen #image-frame { border: round $panel; width: 1fr; }
+    ViewerScreen #image-frame:focus-within { border: heavy $accent; }
     ViewerScreen #series { border: round $panel; }
     ViewerScreen #series:focus { border: heavy $accent; }
     ViewerScreen #image-area { width: 1fr; }
@@ -207,7 +209,8 @@ class ViewerScreen(Screen[None]):
                 yield OverlayBar(id="overlay-top")
                 with KeptHorizontal(id="image-row"):
                     yield EdgeMarker(id="mark-left")
-                    yield ImageView(id="image")
+                    with KeptVertical(id="image-frame"):
+                        yield ImageView(id="image")
                     yield EdgeMarker(id="mark-right")
                 yield OverlayBar(id="overlay-bottom", classes="-fixed")
             if self.session is not None:
