@@ -19,6 +19,10 @@ blocks) while they arrive faster than that, and in full detail once they stop.
 It holds no study logic: the viewer screen gives it a frame, a window and the
 marks to draw; it reports slices to step, pointer moves, clicks and W/L drags
 as messages in image coordinates.
+
+Why one module: it is one widget, whose three ways of drawing share its caches, geometry
+and refresh bookkeeping; what can stand alone already does (tui.halfblock, tui.imaging,
+tui.graphics, tui.widgets.protocol_image).
 """
 
 from __future__ import annotations
@@ -508,13 +512,12 @@ class ImageView(Widget, can_focus=True):
         return Strip([Segment(" " * self.size.width)], self.size.width)
 
     def render_lines(self, crop: Region) -> list[Strip]:
-        """The rows as built, handed straight to the compositor when Textual would add
-        nothing to them (:meth:`_plain`): its styled path looks up the border, outline,
-        padding, tint, hatch and opacity again for every row repainted, a sixth of a slice
-        step's CPU, to give back the row it was given. Otherwise Textual renders them."""
+        """The rows as built, straight to the compositor when Textual would add nothing to
+        them (its styled path looks the border, padding, tint... up again for each row
+        repainted, a sixth of a slice step's CPU, to give back the row it was given)."""
         width = self.size.width
-        lines = [self.render_line(y) for y in crop.line_range] if self._plain() else None
-        if lines is None or any(line.cell_length != width for line in lines):
+        lines = [self.render_line(y) for y in crop.line_range]
+        if not self._plain() or any(line.cell_length != width for line in lines):
             return super().render_lines(crop)
         background = self.background_colors[1]
         for line_filter in self.get_line_filters():
@@ -523,20 +526,17 @@ class ImageView(Widget, can_focus=True):
         return lines if (x1, x2) == (0, width) else [line.crop(x1, x2) for line in lines]
 
     def _plain(self) -> bool:
-        """Whether Textual's rendering of a row would be the row itself: no border, outline,
-        padding, tint, hatch, text opacity or opacity, and no link to restyle on hover."""
+        """Whether Textual's rendering of a row is the row: nothing for it to add."""
         styles = self.styles
-        return (
-            not any(edge for edge, _ in styles.border)
-            and not any(edge for edge, _ in styles.outline)
-            and not any(styles.padding)
-            and not styles.tint.a
-            and styles.text_opacity == 1.0
-            and not (styles.has_rule("hatch") and styles.hatch != "none")
-            and self.opacity == 1.0
-            and self.border_title is None
-            and self.border_subtitle is None
-            and not (self.auto_links and self.hover_style.link_id)
+        return not (
+            any(edge for edge, _ in (*styles.border, *styles.outline))
+            or any(styles.padding)
+            or styles.tint.a
+            or styles.text_opacity != 1.0
+            or (styles.has_rule("hatch") and styles.hatch != "none")
+            or self.opacity != 1.0
+            or (self.border_title, self.border_subtitle) != (None, None)
+            or (self.auto_links and self.hover_style.link_id)
         )
 
     def get_line_filters(self) -> Sequence[LineFilter]:
