@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
+from rich.cells import cell_len
 from rich.color import Color, ColorSystem, ColorType
 from rich.color_triplet import ColorTriplet
 from rich.segment import Segment
@@ -172,10 +173,7 @@ class HalfBlockRenderer:
         width = len(keys)
         segments_of = self._segments
         if labels:
-            row_segments = [segments_of[k] for k in keys.tolist()]
-            for col, (char, style) in labels.items():
-                if 0 <= col < width:
-                    row_segments[col] = Segment(char[:1] or " ", style)
+            row_segments = with_labels([segments_of[k] for k in keys.tolist()], labels)
             return Strip(Segment.simplify(row_segments), width)
         return self._plain_rows(keys[None, :])[0]
 
@@ -273,7 +271,35 @@ def label_cells(
     """Cells for a short text label starting at (row, col), clipped to the width.
 
     Labels carry peer text (names, arrow texts): each cell is written to the terminal as
-    is, so control characters are replaced first (an ESC here would reach it raw).
+    is, so control characters are replaced first (an ESC here would reach it raw). A
+    double-width character takes two cells (the next is at +2), one of no width none.
     """
-    shown = printable(text[: max(0, width - col)])
-    return {(row, col + i): (ch, style) for i, ch in enumerate(shown) if 0 <= col + i < width}
+    cells: dict[tuple[int, int], Label] = {}
+    for ch in printable(text[: max(0, width - col)]):
+        size = cell_len(ch)
+        if col + size > width:
+            break
+        if size and col >= 0:
+            cells[(row, col)] = (ch, style)
+        col += size
+    return cells
+
+
+def with_labels(cells: list[Segment], labels: Mapping[int, Label]) -> list[Segment]:
+    """A row of one segment per cell with ``labels`` (column -> text cell) over it, exactly
+    as wide on the terminal: a double-width character covers the next cell too (a label
+    there gives way), and one with no room for it, or of no width, shows as a space."""
+    out: list[Segment | None] = list(cells)
+    width, covered = len(cells), -1
+    for col in sorted(labels):
+        if not 0 <= col < width or col == covered:
+            continue
+        char, style = labels[col]
+        char = char[:1] or " "
+        size = cell_len(char)
+        if size == 2 and col + 1 < width:
+            out[col + 1], covered = None, col + 1
+        elif size != 1:
+            char = " "
+        out[col] = Segment(char, style)
+    return [segment for segment in out if segment is not None]

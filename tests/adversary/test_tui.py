@@ -18,8 +18,12 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
+from rich.cells import cell_len
+from rich.segment import Segment
+from textual.geometry import Region
 
 from consult.errors import LocalConsultError
 from consult.presence import Cursor, Viewport
@@ -293,6 +297,36 @@ async def test_markup_and_escapes_in_the_live_consult_panel_and_image_labels() -
         assert "\nsecond line" in report
         labels = "".join(ch for strip in viewer.view._strips for seg in strip for ch in seg.text)
         assert_clean(labels)  # the tags drawn on the image
+
+
+async def test_hostile_and_double_width_names_on_the_image_reach_the_compositor_clean() -> None:
+    """The image hands the compositor its rows itself (ImageView.render_lines, no Textual
+    styling on the way): peers' names drawn on it (escapes, bidi overrides, double-width
+    text that would overflow a row counted a cell per character) arrive clean, and every
+    row is exactly the view's width."""
+    node = HostileNode(home=False, studies=False)
+    app = RadmeshApp(node)
+    async with app.run_test(size=SIZE) as pilot:
+        viewer = await open_viewer(pilot, node)
+        sop = viewer.current.sop_uid  # type: ignore[union-attr]
+        view = viewer.view
+        width = view.size.width
+        for i, name in enumerate((hostile("PNAME"), "頭部CT" * 40, "\u202eevil\x1b[2J")):
+            peer = node.live.join(name, "#ff00ff", Identity.generate())
+            peer.live.move_cursor(Cursor(sop, 0, 40.0 + 30 * i, 60.0 + 20 * i))
+        await node.live.settle()
+        for _ in range(100):  # bounded: the three name tags drawn, or give up after 2 s
+            if sum(m.kind == "cursor" for m in view.marks) == 3 and not view._pending:
+                break
+            await pilot.pause(0.02)
+        await pilot.pause()
+        assert view._plain()  # the direct path, not Textual's
+        lines = view.render_lines(Region(0, 0, width, view.size.height))
+        # the cells the terminal gives them, not the length the rows declare
+        assert [sum(cell_len(seg.text) for seg in line) for line in lines] == [width] * len(lines)
+        drawn = "".join(seg.text for line in lines for seg in line)
+        assert_clean(drawn)
+        assert "頭" in drawn  # the names are there, cut to fit, not dropped
 
 
 # --- one name, two keys ------------------------------------------------------------------------
@@ -650,3 +684,33 @@ def test_the_top_bars_fast_path_never_passes_a_hostile_text_through(text: str) -
         assert drawn.rstrip("\n").isprintable()
         assert cell_len(drawn.rstrip("\n")) == width
     assert one_line_segments("PATIENT", "A", "Se 2", width) is not None  # canary: it is used
+
+
+@pytest.mark.parametrize(
+    "name", ["頭部CT" * 40, "a\u0301\u200b" * 30, "x頭" * 9, "😀" * 3 + "\u202e", "頭"]
+)
+def test_double_and_zero_width_labels_keep_every_row_as_wide_as_the_view(name: str) -> None:
+    """A peer's name over half-blocks and over a kitty image: the row the terminal gets is
+    exactly the view's width whatever the name's characters' widths (each label starts on
+    the cell another may cover, and one lands on the last cell)."""
+    from rich.style import Style
+
+    from tui.halfblock import HalfBlockRenderer, label_cells, labels_by_row
+    from tui.widgets.protocol_image import PLACEHOLDER_CODEPOINTS, KittyImage
+
+    width, style = 30, Style(color="#ff00ff")
+    labels = {
+        **label_cells(name, 0, 3, style, width),
+        **label_cells(name, 0, 4, style, width),  # over the second half of a wide cell
+        **label_cells("頭", 0, width - 1, style, width),  # no room for two cells
+    }
+    row = labels_by_row(labels, 1, width)[0]
+    renderer = HalfBlockRenderer()
+    keys = renderer.keys(np.full((2, width), 90, dtype=np.uint8))
+    renderer.prepare(keys)
+    cell = "\U0010eeee" + "\u0305" * (PLACEHOLDER_CODEPOINTS - 1)  # kitty's, one cell wide
+    placeholder = Segment(cell * width, Style())
+    for strip in (renderer.row(keys[0], row), KittyImage.row([placeholder], 0, width, row)):
+        drawn = [seg.text for seg in strip]
+        assert sum(cell_len(text) for text in drawn) == width, drawn
+        assert_clean("".join(drawn))

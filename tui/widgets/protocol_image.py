@@ -25,7 +25,7 @@ from rich.style import Style
 from textual.geometry import Region
 from textual.strip import Strip
 
-from tui.halfblock import Label
+from tui.halfblock import Label, with_labels
 
 PLACEHOLDER_CODEPOINTS = 4  # placeholder + row, column and image-id diacritics
 _NULL = Style()
@@ -72,15 +72,9 @@ class KittyImage:
         text, style = segment.text.rstrip("\n"), segment.style
         if not marks:
             return Strip([Segment(text, style)], width)
-        pieces: list[Segment] = []
-        for col in range(width):
-            if col in marks:
-                char, label_style = marks[col]
-                pieces.append(Segment(char[:1] or " ", label_style))
-            else:
-                at = col * PLACEHOLDER_CODEPOINTS
-                pieces.append(Segment(text[at : at + PLACEHOLDER_CODEPOINTS], style))
-        return Strip(Segment.simplify(pieces), width)
+        step = PLACEHOLDER_CODEPOINTS
+        cells = [Segment(text[at : at + step], style) for at in range(0, width * step, step)]
+        return Strip(Segment.simplify(with_labels(cells, marks)), width)
 
     def strips(
         self,
