@@ -4,8 +4,10 @@ width and the worklist keeps priority, question and due time; at 200×55 everyth
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from textual.geometry import Region
+from textual.pilot import Pilot
 from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import DataTable, OptionList, TextArea
@@ -147,6 +149,26 @@ def test_columns_at_each_width_fit_the_screen() -> None:
         assert sum(w + 2 for _, w in columns) <= width
 
 
+async def through_changes(
+    app: RadmeshApp, pilot: Pilot[None], keys: tuple[str, ...], check: Callable[[str], None]
+) -> None:
+    """``check(when)`` once the viewer is open, after each key, a light theme, a narrow
+    terminal and a wide one again."""
+    check("opened")
+    for key in keys:
+        await press(pilot, key)
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        check(key)
+    app.theme = "textual-light"
+    await pilot.pause()
+    check("theme")
+    for when, size in (("narrow", (100, 30)), ("wide again", (232, 64))):
+        await pilot.resize_terminal(*size)
+        await pilot.pause()
+        check(when)
+
+
 async def test_widgets_that_keep_their_lines_give_what_rendering_them_afresh_gives() -> None:
     """The screen, its containers, the bars and edge letters around the image and the key
     bar hand the compositor the lines they gave it before while Textual marks none dirty
@@ -173,26 +195,12 @@ async def test_widgets_that_keep_their_lines_give_what_rendering_them_afresh_giv
                 afresh = [list(line) for line in Widget.render_lines(widget, crop)]
                 assert given == afresh, (when, widget)
 
-        same_as_afresh("opened")
-        for key in ("j", "j", "s", "escape", "i", "n"):
-            await press(pilot, key)
-            await app.workers.wait_for_complete()
-            await pilot.pause()
-            same_as_afresh(key)
-        app.theme = "textual-light"
-        await pilot.pause()
-        same_as_afresh("theme")
-        await pilot.resize_terminal(100, 30)
-        await pilot.pause()
-        same_as_afresh("narrow")
-        await pilot.resize_terminal(232, 64)
-        await pilot.pause()
-        same_as_afresh("wide again")
+        await through_changes(app, pilot, ("j", "j", "s", "escape", "i", "n"), same_as_afresh)
 
 
 async def test_the_image_hands_over_what_textual_would_render_from_its_lines() -> None:
     """ImageView gives the compositor its rows itself when Textual would add nothing to
-    them: after steps, marks, a theme, a focus move and a narrow terminal, every crop of
+    them: after steps, invert, focus moves, a theme and a narrow terminal, every crop of
     them is what Textual's styled rendering gives; with a border, Textual renders them."""
     node = make_node()
     app = RadmeshApp(node)
@@ -211,18 +219,7 @@ async def test_the_image_hands_over_what_textual_would_render_from_its_lines() -
                 textual = [list(line) for line in Widget.render_lines(view, crop)]
                 assert [list(line) for line in view.render_lines(crop)] == textual, when
 
-        same_as_textual("opened")
-        for key in ("j", "j", "i", "l", "tab"):
-            await press(pilot, key)
-            await app.workers.wait_for_complete()
-            await pilot.pause()
-            same_as_textual(key)
-        app.theme = "textual-light"
-        await pilot.pause()
-        same_as_textual("theme")
-        await pilot.resize_terminal(100, 30)
-        await pilot.pause()
-        same_as_textual("narrow")
+        await through_changes(app, pilot, ("j", "j", "i", "tab", "tab"), same_as_textual)
 
         view.styles.border = ("round", "red")  # styled: Textual's own rendering again
         await pilot.pause()
