@@ -355,7 +355,7 @@ def render_grey(
     mode: Resample = "nearest",
 ) -> Grey:
     """The display grid (h, w) in 0..255; outside the image is black."""
-    return _windowed(*resample(modality, geom, mode), window, invert)
+    return render_grey_stored(modality, 1.0, 0.0, geom, window, invert, mode)  # LUT: identity
 
 
 def render_grey_stored(
@@ -369,10 +369,7 @@ def render_grey_stored(
 ) -> Grey:
     """:func:`render_grey` of ``modality_lut(stored, slope, intercept)``, bit for bit, with the
     cheaper resampling of :func:`resample_stored`."""
-    return _windowed(*resample_stored(stored, slope, intercept, geom, mode), window, invert)
-
-
-def _windowed(values: Floats, mask: npt.NDArray[np.bool_], window: Window, invert: bool) -> Grey:
+    values, mask = resample_stored(stored, slope, intercept, geom, mode)
     grey = voi_linear(values, window, invert)
     grey[~mask] = 0
     return grey
